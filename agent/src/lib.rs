@@ -1,0 +1,442 @@
+//! Ferry's source-host agent: probes the host, enrolls, and replicates every local file
+//! system to a site or cloud manager, then keeps rescanning for changes.
+//!
+//! Layout: `probe` reads the host's configuration, `scan` walks and chunks a file
+//! system, `index` remembers what was sent, `sender` talks the ingest protocol.
+
+pub mod index;
+pub mod probe;
+pub mod scan;
+pub mod sender;
+
+use ferry_common::config::Secret;
+use ferry_common::pki::{IdentityFiles, Role};
+use ferry_proto::v1::{self as pb, ingest_client::IngestClient};
+use sender::{retry, Pending, SendError, Stats, Uploader};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Validated settings of `ferry-agent run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub state_dir: PathBuf,
+    pub manager: String,
+    pub token: Option<Secret>,
+    pub root: PathBuf,
+    pub name: Option<String>,
+    /// Exit once the first full pass is durable (tests, benchmarks, one-off copies).
+    pub once: bool,
+    pub rescan_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
+    #[error(transparent)]
+    Enroll(#[from] ferry_common::enroll::EnrollError),
+    #[error(transparent)]
+    Token(#[from] ferry_common::token::TokenError),
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error(transparent)]
+    Scan(#[from] scan::ScanError),
+    #[error("agent state {path}: {message}")]
+    State { path: String, message: String },
+    #[error("invalid system name: {0}")]
+    Name(String),
+    #[error("no local file system found under {0}")]
+    NoFileSystems(String),
+}
+
+/// Summary printed by `run --once`.
+#[derive(Debug, serde::Serialize)]
+pub struct Summary {
+    pub system: String,
+    pub durable_epoch: u64,
+    pub chunk_wire_bytes_total: u64,
+    pub chunk_wire_bytes_this_run: u64,
+    pub chunks_sent_this_run: u64,
+    pub chunks_skipped_this_run: u64,
+    pub files_sent_this_run: u64,
+    pub bytes_read_this_run: u64,
+}
+
+/// Stable id of a file system: its UUID, or a digest of its mount point.
+pub fn fs_id(fs: &probe::FsInfo) -> String {
+    match &fs.uuid {
+        Some(u) if !u.is_empty() => u.to_ascii_lowercase(),
+        _ => format!(
+            "mnt-{}",
+            &blake3::hash(fs.mount_point.as_bytes()).to_hex()[..16]
+        ),
+    }
+}
+
+fn state_err(path: &Path, e: impl std::fmt::Display) -> AgentError {
+    AgentError::State {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Runs the agent until shutdown (or, with `once`, until the first pass is durable).
+pub async fn run(
+    config: RunConfig,
+    shutdown: CancellationToken,
+) -> Result<Option<Summary>, AgentError> {
+    let host = probe::probe(&config.root)?;
+    let name = config
+        .name
+        .clone()
+        .unwrap_or_else(|| host.hostname.split('.').next().unwrap_or("").to_string());
+    ferry_common::pki::validate_name(&name).map_err(AgentError::Name)?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| state_err(&config.state_dir, e))?;
+    let files = IdentityFiles::new(&config.state_dir.join("identity"));
+    let token = config
+        .token
+        .as_ref()
+        .map(|t| ferry_common::token::JoinToken::parse(t.expose()))
+        .transpose()?;
+    ferry_common::enroll::ensure_enrolled(
+        &config.manager,
+        token.as_ref(),
+        Role::Agent,
+        &name,
+        &[],
+        &files,
+    )
+    .await?;
+    let channel = ferry_common::enroll::mtls_channel(&config.manager, &files)?;
+    let client = IngestClient::new(channel)
+        .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES);
+    let db =
+        sled::open(config.state_dir.join("db")).map_err(|e| state_err(&config.state_dir, e))?;
+    let meta = db
+        .open_tree("meta")
+        .map_err(|e| state_err(&config.state_dir, e))?;
+
+    let filesystems: Vec<(PathBuf, probe::FsInfo)> = host
+        .filesystems
+        .iter()
+        .filter(|f| probe::is_local_fstype(&f.fstype))
+        .map(|f| {
+            (
+                config.root.join(f.mount_point.trim_start_matches('/')),
+                f.clone(),
+            )
+        })
+        .collect();
+    if filesystems.is_empty() {
+        return Err(AgentError::NoFileSystems(config.root.display().to_string()));
+    }
+    let register = pb::RegisterRequest {
+        system: name.clone(),
+        probe_json: serde_json::to_vec(&host).unwrap_or_default(),
+        filesystems: filesystems
+            .iter()
+            .map(|(_, f)| pb::FileSystem {
+                fs_id: fs_id(f),
+                mount_point: f.mount_point.as_bytes().to_vec(),
+                fstype: f.fstype.clone(),
+                capacity_bytes: f.capacity_bytes,
+                used_bytes: f.used_bytes,
+                uuid: f.uuid.clone().unwrap_or_default(),
+                label: f.label.clone().unwrap_or_default(),
+                device: f.device.clone(),
+            })
+            .collect(),
+    };
+    let reg = retry("register", &shutdown, || {
+        let mut c = client.clone();
+        let r = register.clone();
+        async move { c.register(r).await.map(|r| r.into_inner()) }
+    })
+    .await?;
+    tracing::info!(system = %name, accepted = reg.accepted_epoch, durable = reg.durable_epoch, filesystems = filesystems.len(), "registered");
+
+    let get_u64 = |k: &str| {
+        meta.get(k)
+            .ok()
+            .flatten()
+            .and_then(|v| v.as_ref().try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+    };
+    let wire_before = get_u64("chunk_wire_bytes");
+    let next_epoch = Arc::new(AtomicU64::new(
+        get_u64("next_epoch").max(reg.accepted_epoch + 1).max(1),
+    ));
+    let accepted = Arc::new(AtomicU64::new(reg.accepted_epoch));
+    let durable = Arc::new(AtomicU64::new(reg.durable_epoch));
+    let stats = Arc::new(Stats::default());
+    let exclude = vec![config
+        .state_dir
+        .canonicalize()
+        .unwrap_or(config.state_dir.clone())];
+
+    let mut first = true;
+    let mut summary = Summary {
+        system: name.clone(),
+        durable_epoch: 0,
+        chunk_wire_bytes_total: 0,
+        chunk_wire_bytes_this_run: 0,
+        chunks_sent_this_run: 0,
+        chunks_skipped_this_run: 0,
+        files_sent_this_run: 0,
+        bytes_read_this_run: 0,
+    };
+    loop {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Pending>(2);
+        let app = tokio::spawn(sender::applier(
+            client.clone(),
+            rx,
+            accepted.clone(),
+            durable.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        let mut uploader = Uploader::new(client.clone(), stats.clone(), shutdown.clone());
+        let mut pass = Ok(());
+        for (path, fs) in &filesystems {
+            let ctx = PassCtx {
+                system: &name,
+                fs_id: fs_id(fs),
+                root: path.clone(),
+                used: fs.used_bytes,
+                initial: first,
+                db: &db,
+                meta: &meta,
+                next_epoch: &next_epoch,
+                accepted: accepted.load(Ordering::SeqCst),
+                exclude: exclude.clone(),
+            };
+            match pass_fs(ctx, &mut uploader, &tx).await {
+                Ok(st) => {
+                    summary.files_sent_this_run += st.files_sent;
+                    summary.bytes_read_this_run += st.bytes_read;
+                }
+                Err(e) => {
+                    pass = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let applied = app.await.unwrap_or(Err(SendError::Stopped));
+        let wire = stats.chunk_wire_bytes.load(Ordering::Relaxed);
+        let _ = meta.insert("chunk_wire_bytes", &(wire_before + wire).to_le_bytes());
+        let _ = meta.flush_async().await;
+        match pass.and(applied.map_err(AgentError::from)) {
+            Ok(()) => {}
+            Err(AgentError::Send(SendError::Stopped)) => return Ok(None),
+            Err(e) if matches!(&e, AgentError::Send(s) if s.is_fatal()) => return Err(e),
+            Err(e) => {
+                uploader.forget();
+                tracing::error!(error = %e, "replication pass failed; rescanning after a pause");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                }
+            }
+        }
+        first = false;
+        if config.once {
+            let target = next_epoch.load(Ordering::SeqCst) - 1;
+            let d = wait_durable(&client, &name, target, &shutdown).await?;
+            summary.durable_epoch = d;
+            summary.chunk_wire_bytes_this_run = wire;
+            summary.chunk_wire_bytes_total = wire_before + wire;
+            summary.chunks_sent_this_run = stats.chunks_sent.load(Ordering::Relaxed);
+            summary.chunks_skipped_this_run = stats.chunks_skipped.load(Ordering::Relaxed);
+            return Ok(Some(summary));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(config.rescan_interval) => {}
+        }
+    }
+}
+
+async fn wait_durable(
+    client: &sender::Client,
+    system: &str,
+    target: u64,
+    shutdown: &CancellationToken,
+) -> Result<u64, SendError> {
+    loop {
+        let p = retry("progress", shutdown, || {
+            let mut c = client.clone();
+            let req = pb::ProgressRequest {
+                system: system.to_string(),
+            };
+            async move { c.progress(req).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+        if p.durable_epoch >= target {
+            return Ok(p.durable_epoch);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(SendError::Stopped),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+struct PassCtx<'a> {
+    system: &'a str,
+    fs_id: String,
+    root: PathBuf,
+    used: u64,
+    initial: bool,
+    db: &'a sled::Db,
+    meta: &'a sled::Tree,
+    next_epoch: &'a Arc<AtomicU64>,
+    accepted: u64,
+    exclude: Vec<PathBuf>,
+}
+
+struct ChanSink(tokio::sync::mpsc::Sender<scan::Item>);
+
+impl scan::Sink for ChanSink {
+    fn send(&mut self, item: scan::Item) -> bool {
+        self.0.blocking_send(item).is_ok()
+    }
+}
+
+const BATCH_ENTRIES: usize = 4096;
+const BATCH_BYTES: u64 = 64 << 20;
+
+/// One pass over one file system: scan, upload what is missing, queue batches in order.
+async fn pass_fs(
+    ctx: PassCtx<'_>,
+    up: &mut Uploader,
+    tx: &tokio::sync::mpsc::Sender<Pending>,
+) -> Result<scan::ScanStats, AgentError> {
+    let index = index::Index::open(ctx.db, &ctx.fs_id).map_err(|e| state_err(&ctx.root, e))?;
+    let (itx, mut irx) = tokio::sync::mpsc::channel::<scan::Item>(64);
+    let (root, idx, accepted, exclude) = (
+        ctx.root.clone(),
+        index.clone(),
+        ctx.accepted,
+        ctx.exclude.clone(),
+    );
+    let scanner = std::thread::Builder::new()
+        .name("ferry-scan".into())
+        .stack_size(64 << 20)
+        .spawn(move || {
+            let mut sink = ChanSink(itx);
+            let mut s = scan::Scanner::new(&root, &idx, accepted, &mut sink, exclude)?;
+            s.run()?;
+            Ok::<_, scan::ScanError>(s.stats)
+        })
+        .map_err(|e| state_err(&ctx.root, e))?;
+    let phase = if ctx.initial {
+        "initial-sync"
+    } else {
+        "in-sync"
+    };
+    let mut done = 0u64;
+    let mut entries = Vec::new();
+    let mut records = Vec::new();
+    let mut batch_bytes = 0u64;
+    let mut newest = 0i64;
+    let mut result = Ok(());
+    while let Some(item) = irx.recv().await {
+        let step: Result<(), SendError> = async {
+            match item {
+                scan::Item::Chunk(f) => {
+                    batch_bytes += f.raw_len as u64;
+                    up.add(f).await?;
+                }
+                scan::Item::Progress(n) => done += n,
+                scan::Item::Entry(e, rec) => {
+                    newest = newest.max(e.mtime_sec * 1000 + (e.mtime_nsec / 1_000_000) as i64);
+                    if let Some(r) = rec {
+                        records.push((e.path.clone(), r));
+                    }
+                    entries.push(e);
+                    if entries.len() >= BATCH_ENTRIES || batch_bytes >= BATCH_BYTES {
+                        let progress = pb::FsProgress {
+                            fs_id: ctx.fs_id.clone(),
+                            phase: phase.into(),
+                            bytes_done: done,
+                            bytes_total: ctx.used.max(done),
+                        };
+                        queue(
+                            &ctx,
+                            up,
+                            tx,
+                            &index,
+                            std::mem::take(&mut entries),
+                            std::mem::take(&mut records),
+                            progress,
+                            newest,
+                        )
+                        .await?;
+                        batch_bytes = 0;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = step {
+            result = Err(e);
+            break;
+        }
+    }
+    drop(irx);
+    let stats = scanner
+        .join()
+        .map_err(|_| state_err(&ctx.root, "scanner thread panicked"))?;
+    result?;
+    let stats = stats?;
+    // The last batch of a pass marks the file system in sync once it is durable.
+    let progress = pb::FsProgress {
+        fs_id: ctx.fs_id.clone(),
+        phase: "in-sync".into(),
+        bytes_done: done,
+        bytes_total: done,
+    };
+    if ctx.initial || !entries.is_empty() {
+        queue(&ctx, up, tx, &index, entries, records, progress, newest).await?;
+    }
+    tracing::info!(fs = %ctx.fs_id, root = %ctx.root.display(), files = stats.files_sent, entries = stats.entries_sent, unchanged = stats.unchanged, bytes_read = stats.bytes_read, "pass done");
+    Ok(stats)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn queue(
+    ctx: &PassCtx<'_>,
+    up: &mut Uploader,
+    tx: &tokio::sync::mpsc::Sender<Pending>,
+    index: &index::Index,
+    entries: Vec<pb::Entry>,
+    records: Vec<(Vec<u8>, index::Record)>,
+    progress: pb::FsProgress,
+    newest_ms: i64,
+) -> Result<(), SendError> {
+    up.flush().await?;
+    let epoch = ctx.next_epoch.fetch_add(1, Ordering::SeqCst);
+    ctx.meta.insert("next_epoch", &(epoch + 1).to_le_bytes())?;
+    let batch = pb::Batch {
+        system: ctx.system.to_string(),
+        epoch,
+        fs_id: ctx.fs_id.clone(),
+        entries,
+        progress: Some(progress),
+        source_time_ms: newest_ms,
+    };
+    tx.send(Pending {
+        batch,
+        records,
+        index: index.clone(),
+    })
+    .await
+    .map_err(|_| SendError::Stopped)
+}

@@ -1,0 +1,2454 @@
+//! Probe: the agent's configuration reader (host name, OS, kernel, CPUs, memory,
+//! NICs, file systems) for the live host or for a tree given with `--root`.
+//!
+//! Everything under `root` is read the way a chroot would see it: symlinks
+//! with absolute targets are resolved inside the tree, never on the live host.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsString;
+use std::fs;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+/// What the probe found out about a system.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub fqdn: String,
+    pub os: OsInfo,
+    pub kernel: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub nics: Vec<Nic>,
+    pub filesystems: Vec<FsInfo>,
+}
+
+/// Operating system identity, normalised to os-release terms.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OsInfo {
+    /// "rhel", "debian", "suse" or "unknown".
+    pub family: String,
+    /// os-release `ID`: centos, rhel, ubuntu, debian, sles, ...
+    pub id: String,
+    /// os-release `VERSION_ID`, e.g. "5.6", "22.04", "12".
+    pub version: String,
+    pub pretty_name: String,
+}
+
+/// A network interface.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Nic {
+    pub name: String,
+    /// Lowercase colon-separated hardware address.
+    pub mac: Option<String>,
+    /// CIDR, e.g. "10.1.2.3/24".
+    pub addresses: Vec<String>,
+    /// "static", "dhcp" or "unknown".
+    pub config: String,
+}
+
+/// A local file system of the system.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FsInfo {
+    pub device: String,
+    /// Relative to the probed root, always starting with "/".
+    pub mount_point: String,
+    pub fstype: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub uuid: Option<String>,
+    pub label: Option<String>,
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountRow {
+    pub mount_id: u32,
+    pub parent_id: u32,
+    pub major: u32,
+    pub minor: u32,
+    /// Path inside the file system that is mounted (not "/" for bind mounts and btrfs subvolumes).
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("root {} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ProbeError + '_ {
+    move |source| ProbeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+const STATIC: &str = "static";
+const DHCP: &str = "dhcp";
+const UNKNOWN: &str = "unknown";
+
+/// Probes the system whose "/" is `root` ("/" for the live host).
+pub fn probe(root: &Path) -> Result<HostInfo, ProbeError> {
+    let meta = fs::metadata(root).map_err(io_err(root))?;
+    if !meta.is_dir() {
+        return Err(ProbeError::NotADirectory(root.to_path_buf()));
+    }
+    let root = fs::canonicalize(root).map_err(io_err(root))?;
+    let live = root == Path::new("/");
+
+    let hostname = probe_hostname(&root, live);
+    let fqdn = if hostname.contains('.') {
+        hostname.clone()
+    } else {
+        read_text(&root, "/etc/hosts")
+            .and_then(|hosts| fqdn_from_hosts(&hostname, &hosts))
+            .unwrap_or_else(|| hostname.clone())
+    };
+    let configured = config_nics(&root);
+    let nics = if live {
+        merge_live_nics(live_nics(), configured)
+    } else {
+        configured
+    };
+
+    Ok(HostInfo {
+        hostname,
+        fqdn,
+        os: probe_os(&root),
+        kernel: probe_kernel(&root, live),
+        cpus: probe_cpus(),
+        memory_bytes: probe_memory(),
+        nics,
+        filesystems: probe_filesystems(&root)?,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Reading files inside the root
+
+/// Resolves the absolute system path `rel` inside `root` like a chroot would,
+/// so an absolute symlink in an offline tree does not escape to the live host.
+fn resolve_in_root(root: &Path, rel: &str) -> PathBuf {
+    const MAX_LINKS: usize = 40;
+    let mut pending: Vec<OsString> = Vec::new();
+    push_components(&mut pending, Path::new(rel));
+    let mut resolved = PathBuf::new();
+    let mut links = 0;
+    while let Some(part) = pending.pop() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate = resolved.join(&part);
+        let full = root.join(&candidate);
+        // read_link fails for anything that is not a symlink, including missing paths.
+        match fs::read_link(&full) {
+            Ok(target) if links < MAX_LINKS => {
+                links += 1;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                push_components(&mut pending, &target);
+            }
+            _ => resolved = candidate,
+        }
+    }
+    root.join(resolved)
+}
+
+/// Pushes the components of `path` so that popping yields them in order.
+fn push_components(stack: &mut Vec<OsString>, path: &Path) {
+    let parts: Vec<OsString> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect();
+    stack.extend(parts.into_iter().rev());
+}
+
+/// Reads a text file of the system; None when it is absent or unreadable.
+fn read_text(root: &Path, rel: &str) -> Option<String> {
+    read_text_at(&resolve_in_root(root, rel))
+}
+
+fn read_text_at(path: &Path) -> Option<String> {
+    // SUSE's /etc/sysconfig/network is a directory where RHEL has a file.
+    if path.is_dir() {
+        return None;
+    }
+    match fs::read(path) {
+        Ok(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => {
+            // A config file we cannot read is treated as absent: the probe reports what it can.
+            tracing::warn!(path = %path.display(), error = %e, "cannot read configuration file");
+            None
+        }
+    }
+}
+
+/// Entries of a directory of the system, sorted by name, as (name, full path).
+fn list_dir(root: &Path, rel: &str) -> Vec<(String, PathBuf)> {
+    list_dir_at(&resolve_in_root(root, rel))
+}
+
+fn list_dir_at(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Parses shell-style `KEY=value` files (os-release, ifcfg, sysconfig, lsb-release).
+fn parse_shell_vars(text: &str) -> BTreeMap<String, String> {
+    let mut vars = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        if let Some((key, value)) = line.split_once('=') {
+            vars.insert(key.trim().to_string(), shell_unquote(value.trim()));
+        }
+    }
+    vars
+}
+
+/// Unquotes one shell word: "double" (with backslash escapes), 'single' or bare (up to a comment).
+fn shell_unquote(value: &str) -> String {
+    let mut out = String::new();
+    let mut chars = value.chars();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (None, c) if c.is_whitespace() => break,
+            (Some(q), c) if c == q => quote = None,
+            (Some('"') | None, '\\') => {
+                if let Some(next) = chars.next() {
+                    out.push(next);
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// First non-empty, non-comment word of a file such as /etc/hostname.
+fn first_word(text: &str) -> Option<String> {
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .and_then(|l| l.split_whitespace().next())
+        .map(str::to_string)
+}
+
+// ---------------------------------------------------------------------------
+// OS
+
+fn probe_os(root: &Path) -> OsInfo {
+    for rel in ["/etc/os-release", "/usr/lib/os-release"] {
+        if let Some(text) = read_text(root, rel) {
+            return os_from_os_release(&text);
+        }
+    }
+    // Older systems (CentOS 5, SLES 11, Ubuntu 10.04) predate os-release.
+    if let Some(text) = read_text(root, "/etc/redhat-release") {
+        return os_from_redhat_release(&text);
+    }
+    if let Some(text) = read_text(root, "/etc/SuSE-release") {
+        return os_from_suse_release(&text);
+    }
+    if let Some(text) = read_text(root, "/etc/lsb-release") {
+        let vars = parse_shell_vars(&text);
+        if let Some(id) = vars.get("DISTRIB_ID") {
+            let id = id.to_lowercase();
+            return OsInfo {
+                family: family_for(&id, ""),
+                version: vars.get("DISTRIB_RELEASE").cloned().unwrap_or_default(),
+                pretty_name: vars.get("DISTRIB_DESCRIPTION").cloned().unwrap_or_default(),
+                id,
+            };
+        }
+    }
+    if let Some(text) = read_text(root, "/etc/debian_version") {
+        return os_from_debian_version(&text);
+    }
+    OsInfo {
+        family: UNKNOWN.into(),
+        id: UNKNOWN.into(),
+        version: String::new(),
+        pretty_name: String::new(),
+    }
+}
+
+fn base_family(id: &str) -> Option<&'static str> {
+    match id {
+        "rhel" | "centos" | "fedora" | "rocky" | "almalinux" | "alma" | "ol" | "oracle"
+        | "scientific" | "amzn" | "cloudlinux" | "eurolinux" | "virtuozzo" => Some("rhel"),
+        "debian" | "ubuntu" | "linuxmint" | "raspbian" | "devuan" | "kali" | "pop" => {
+            Some("debian")
+        }
+        "sles"
+        | "sled"
+        | "sles_sap"
+        | "suse"
+        | "opensuse"
+        | "opensuse-leap"
+        | "opensuse-tumbleweed" => Some("suse"),
+        _ => None,
+    }
+}
+
+/// Family from `ID`, falling back to the words of `ID_LIKE` for derivatives.
+fn family_for(id: &str, id_like: &str) -> String {
+    base_family(id)
+        .or_else(|| id_like.split_whitespace().find_map(base_family))
+        .unwrap_or(UNKNOWN)
+        .to_string()
+}
+
+fn os_from_os_release(text: &str) -> OsInfo {
+    let vars = parse_shell_vars(text);
+    let get = |k: &str| vars.get(k).cloned().unwrap_or_default();
+    let id = get("ID").to_lowercase();
+    // os-release(5) defaults: PRETTY_NAME falls back to NAME (and VERSION), then "Linux".
+    let pretty_name = match vars.get("PRETTY_NAME") {
+        Some(p) => p.clone(),
+        None => format!("{} {}", get("NAME"), get("VERSION"))
+            .trim()
+            .to_string(),
+    };
+    let pretty_name = if pretty_name.is_empty() {
+        "Linux".to_string()
+    } else {
+        pretty_name
+    };
+    OsInfo {
+        family: family_for(&id, &get("ID_LIKE").to_lowercase()),
+        id: if id.is_empty() { "linux".into() } else { id },
+        version: get("VERSION_ID"),
+        pretty_name,
+    }
+}
+
+/// "CentOS release 5.6 (Final)", "Red Hat Enterprise Linux Server release 5.3 (Tikanga)".
+fn os_from_redhat_release(text: &str) -> OsInfo {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    let lower = line.to_lowercase();
+    let id = if lower.starts_with("centos") {
+        "centos"
+    } else if lower.starts_with("fedora") {
+        "fedora"
+    } else if lower.starts_with("rocky") {
+        "rocky"
+    } else if lower.starts_with("almalinux") {
+        "almalinux"
+    } else if lower.starts_with("scientific") {
+        "scientific"
+    } else if lower.starts_with("oracle") || lower.starts_with("enterprise linux") {
+        "ol"
+    } else {
+        "rhel"
+    };
+    let mut words = line.split_whitespace();
+    let version = words
+        .by_ref()
+        .find(|w| w.eq_ignore_ascii_case("release"))
+        .and_then(|_| words.next())
+        .unwrap_or("")
+        .to_string();
+    OsInfo {
+        family: "rhel".into(),
+        id: id.into(),
+        version,
+        pretty_name: line.to_string(),
+    }
+}
+
+/// "SUSE Linux Enterprise Server 11 (x86_64)\nVERSION = 11\nPATCHLEVEL = 4".
+fn os_from_suse_release(text: &str) -> OsInfo {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    let lower = line.to_lowercase();
+    let vars = parse_shell_vars(text);
+    let id = if lower.contains("opensuse") {
+        "opensuse"
+    } else if lower.contains("enterprise server") {
+        "sles"
+    } else if lower.contains("enterprise desktop") {
+        "sled"
+    } else {
+        "suse"
+    };
+    let mut version = vars.get("VERSION").cloned().unwrap_or_default();
+    // os-release spells SLES 11 SP4 as "11.4" and a GA release without a suffix.
+    if let Some(patch) = vars
+        .get("PATCHLEVEL")
+        .filter(|p| !p.is_empty() && *p != "0")
+    {
+        version = format!("{version}.{patch}");
+    }
+    OsInfo {
+        family: "suse".into(),
+        id: id.into(),
+        version,
+        pretty_name: line.to_string(),
+    }
+}
+
+/// "12.5" or "bookworm/sid"; os-release's VERSION_ID for Debian is the major number only.
+fn os_from_debian_version(text: &str) -> OsInfo {
+    let raw = text.trim();
+    let version = if raw.starts_with(|c: char| c.is_ascii_digit()) {
+        raw.split('.').next().unwrap_or(raw).to_string()
+    } else {
+        raw.to_string()
+    };
+    OsInfo {
+        family: "debian".into(),
+        id: "debian".into(),
+        version,
+        pretty_name: format!("Debian GNU/Linux {raw}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Host name, kernel, CPUs, memory
+
+fn probe_hostname(root: &Path, live: bool) -> String {
+    if let Some(name) = read_text(root, "/etc/hostname")
+        .as_deref()
+        .and_then(first_word)
+    {
+        return name;
+    }
+    if let Some(text) = read_text(root, "/etc/sysconfig/network") {
+        if let Some(name) = parse_shell_vars(&text)
+            .remove("HOSTNAME")
+            .filter(|h| !h.is_empty())
+        {
+            return name;
+        }
+    }
+    // SUSE before systemd kept it in /etc/HOSTNAME.
+    if let Some(name) = read_text(root, "/etc/HOSTNAME")
+        .as_deref()
+        .and_then(first_word)
+    {
+        return name;
+    }
+    if live {
+        return rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
+    }
+    String::new()
+}
+
+/// The dotted name on an /etc/hosts line that lists `hostname`, preferring `hostname.domain`.
+fn fqdn_from_hosts(hostname: &str, hosts: &str) -> Option<String> {
+    if hostname.is_empty() {
+        return None;
+    }
+    let prefix = format!("{}.", hostname.to_lowercase());
+    for line in hosts.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let names: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let mentions = names
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(hostname) || n.to_lowercase().starts_with(&prefix));
+        if !mentions {
+            continue;
+        }
+        let dotted = names
+            .iter()
+            .find(|n| n.to_lowercase().starts_with(&prefix))
+            .or_else(|| {
+                names
+                    .iter()
+                    .find(|n| n.contains('.') && !n.starts_with("localhost"))
+            });
+        if let Some(name) = dotted {
+            return Some((*name).to_string());
+        }
+    }
+    None
+}
+
+fn probe_kernel(root: &Path, live: bool) -> String {
+    if live {
+        return rustix::system::uname()
+            .release()
+            .to_string_lossy()
+            .into_owned();
+    }
+    let mut versions = Vec::new();
+    for dir in ["/lib/modules", "/usr/lib/modules"] {
+        versions.extend(
+            list_dir(root, dir)
+                .into_iter()
+                .filter(|(_, p)| p.is_dir())
+                .map(|(n, _)| n),
+        );
+    }
+    for (name, _) in list_dir(root, "/boot") {
+        if let Some(v) = name.strip_prefix("vmlinuz-") {
+            versions.push(v.to_string());
+        }
+    }
+    // Rescue kernels ("0-rescue-<machine-id>") are not what the system boots.
+    versions
+        .into_iter()
+        .filter(|v| !v.contains("rescue"))
+        .max_by(|a, b| compare_versions(a, b))
+        .unwrap_or_default()
+}
+
+/// Orders version strings by runs of digits (numerically) and letters, like rpmvercmp.
+fn compare_versions(a: &str, b: &str) -> Ordering {
+    let (xs, ys) = (version_chunks(a), version_chunks(b));
+    for (x, y) in xs.iter().zip(ys.iter()) {
+        let x_num = x.starts_with(|c: char| c.is_ascii_digit());
+        let y_num = y.starts_with(|c: char| c.is_ascii_digit());
+        let ord = match (x_num, y_num) {
+            (true, true) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            (true, false) => Ordering::Greater,
+            (false, true) => Ordering::Less,
+            (false, false) => x.cmp(y),
+        };
+        if ord != Ordering::Equal {
+            return ord;
+        }
+    }
+    xs.len().cmp(&ys.len())
+}
+
+/// Runs of digits or of letters; separators ('.', '-', '_') only delimit, as in rpmvercmp.
+fn version_chunks(s: &str) -> Vec<&str> {
+    let is_sep = |c: char| !c.is_ascii_alphanumeric();
+    let mut chunks = Vec::new();
+    let mut rest = s.trim_start_matches(is_sep);
+    while !rest.is_empty() {
+        let digits = rest.starts_with(|c: char| c.is_ascii_digit());
+        let end = rest
+            .find(|c: char| is_sep(c) || c.is_ascii_digit() != digits)
+            .unwrap_or(rest.len());
+        chunks.push(&rest[..end]);
+        rest = rest[end..].trim_start_matches(is_sep);
+    }
+    chunks
+}
+
+fn probe_cpus() -> u32 {
+    let from_cpuinfo = fs::read_to_string("/proc/cpuinfo")
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.starts_with("processor") && l.contains(':'))
+                .count()
+        })
+        .unwrap_or(0);
+    if from_cpuinfo > 0 {
+        return u32::try_from(from_cpuinfo).unwrap_or(u32::MAX);
+    }
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+}
+
+fn probe_memory() -> u64 {
+    let from_meminfo = fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    from_meminfo.unwrap_or_else(|| {
+        let info = rustix::system::sysinfo();
+        // totalram is a C unsigned long: widen before multiplying whatever its width.
+        u64::try_from(u128::from(info.totalram) * u128::from(info.mem_unit)).unwrap_or(u64::MAX)
+    })
+}
+
+// ---------------------------------------------------------------------------
+// NICs
+
+fn new_nic(name: &str) -> Nic {
+    Nic {
+        name: name.to_string(),
+        mac: None,
+        addresses: Vec::new(),
+        config: UNKNOWN.into(),
+    }
+}
+
+/// Merges `nic` into `nics` by name: a known config wins over "unknown", addresses are united.
+fn merge_nic(nics: &mut Vec<Nic>, nic: Nic) {
+    match nics.iter_mut().find(|n| n.name == nic.name) {
+        Some(existing) => {
+            if nic.config != UNKNOWN {
+                existing.config = nic.config;
+            }
+            if existing.mac.is_none() {
+                existing.mac = nic.mac;
+            }
+            for addr in nic.addresses {
+                if !existing.addresses.contains(&addr) {
+                    existing.addresses.push(addr);
+                }
+            }
+        }
+        None => nics.push(nic),
+    }
+}
+
+/// NICs as the system's network configuration files describe them.
+fn config_nics(root: &Path) -> Vec<Nic> {
+    let mut nics = Vec::new();
+    let sources = [
+        ifcfg_nics(root),
+        interfaces_nics(root),
+        netplan_nics(root),
+        nm_nics(root),
+    ];
+    for nic in sources.into_iter().flatten() {
+        if nic.name != "lo" && !nic.name.is_empty() {
+            merge_nic(&mut nics, nic);
+        }
+    }
+    nics.sort_by(|a, b| a.name.cmp(&b.name));
+    nics
+}
+
+/// Live NICs keep their live addresses and MACs; config files say static or DHCP, and give
+/// the addresses of an interface that is down.
+fn merge_live_nics(mut live: Vec<Nic>, configured: Vec<Nic>) -> Vec<Nic> {
+    for conf in configured {
+        let target = live.iter().position(|n| n.name == conf.name).or_else(|| {
+            // netplan and NetworkManager may match an interface by MAC under another name.
+            conf.mac
+                .as_ref()
+                .and_then(|mac| live.iter().position(|n| n.mac.as_ref() == Some(mac)))
+        });
+        if let Some(i) = target {
+            if live[i].addresses.is_empty() && conf.config == STATIC {
+                live[i].addresses = conf.addresses;
+            }
+            if conf.config != UNKNOWN {
+                live[i].config = conf.config;
+            }
+        }
+    }
+    live
+}
+
+fn normalize_mac(mac: &str) -> Option<String> {
+    let mac = mac.trim().to_lowercase();
+    let all_zero = mac.chars().all(|c| c == '0' || c == ':');
+    (!mac.is_empty() && !all_zero).then_some(mac)
+}
+
+fn netmask_to_prefix(mask: &str) -> Option<u32> {
+    mask.parse::<Ipv4Addr>()
+        .ok()
+        .map(|m| u32::from(m).count_ones())
+}
+
+/// Builds "addr/prefix" from an address and an optional prefix length or dotted netmask.
+/// Without either, IPv4 gets its classful default (as ipcalc does for ifcfg) and IPv6 gets /64.
+fn to_cidr(addr: &str, prefix: Option<&str>) -> Option<String> {
+    let addr = addr.trim();
+    if let Some((ip, len)) = addr.split_once('/') {
+        ip.parse::<IpAddr>().ok()?;
+        let len = if len.contains('.') {
+            netmask_to_prefix(len)?
+        } else {
+            len.parse().ok()?
+        };
+        return Some(format!("{ip}/{len}"));
+    }
+    let ip: IpAddr = addr.parse().ok()?;
+    let explicit = prefix
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .and_then(|p| {
+            if p.contains('.') {
+                netmask_to_prefix(p)
+            } else {
+                p.parse::<u32>().ok()
+            }
+        });
+    let len = explicit.unwrap_or(match ip {
+        IpAddr::V4(v4) => match v4.octets()[0] {
+            0..=127 => 8,
+            128..=191 => 16,
+            _ => 24,
+        },
+        IpAddr::V6(_) => 64,
+    });
+    Some(format!("{ip}/{len}"))
+}
+
+/// RHEL (`/etc/sysconfig/network-scripts`) and SUSE (`/etc/sysconfig/network`) ifcfg files.
+fn ifcfg_nics(root: &Path) -> Vec<Nic> {
+    const BACKUP_SUFFIXES: [&str; 9] = [
+        "~", ".bak", ".orig", ".old", ".rpmnew", ".rpmorig", ".rpmsave", ".swp", ".save",
+    ];
+    let mut nics = Vec::new();
+    for dir in ["/etc/sysconfig/network-scripts", "/etc/sysconfig/network"] {
+        for (fname, path) in list_dir(root, dir) {
+            let Some(suffix) = fname.strip_prefix("ifcfg-") else {
+                continue;
+            };
+            // initscripts ignores the same editor and package-manager leftovers.
+            if BACKUP_SUFFIXES.iter().any(|s| suffix.ends_with(s)) || suffix.contains("-range") {
+                continue;
+            }
+            let Some(text) = read_text_at(&path) else {
+                continue;
+            };
+            nics.push(parse_ifcfg(suffix, &text));
+        }
+    }
+    nics
+}
+
+fn parse_ifcfg(file_suffix: &str, text: &str) -> Nic {
+    let vars = parse_shell_vars(text);
+    let device = vars
+        .get("DEVICE")
+        .filter(|d| !d.is_empty())
+        .map_or(file_suffix, String::as_str);
+    // "eth0:1" is an IP alias: its addresses belong to eth0, its BOOTPROTO does not decide eth0's.
+    let (name, is_alias) = match device.split_once(':') {
+        Some((base, _)) => (base, true),
+        None => (device, false),
+    };
+    let mut nic = new_nic(name);
+    nic.mac = ["HWADDR", "MACADDR", "LLADDR"]
+        .iter()
+        .find_map(|k| vars.get(*k))
+        .and_then(|m| normalize_mac(m));
+    for (key, value) in &vars {
+        // IPADDR, IPADDR0..n (NetworkManager) and IPADDR_x (SUSE) each pair with their own mask.
+        let Some(tag) = key.strip_prefix("IPADDR") else {
+            continue;
+        };
+        if value.is_empty()
+            || !(tag.is_empty() || tag.starts_with('_') || tag.chars().all(|c| c.is_ascii_digit()))
+        {
+            continue;
+        }
+        let prefix = ["PREFIX", "PREFIXLEN", "NETMASK"]
+            .iter()
+            .find_map(|p| vars.get(&format!("{p}{tag}")))
+            .map(String::as_str);
+        nic.addresses.extend(to_cidr(value, prefix));
+    }
+    if let Some(v6) = vars.get("IPV6ADDR").filter(|v| !v.is_empty()) {
+        nic.addresses.extend(to_cidr(v6, None));
+    }
+    let proto = vars
+        .get("BOOTPROTO")
+        .map(|p| p.to_lowercase())
+        .unwrap_or_default();
+    nic.config = if is_alias {
+        UNKNOWN
+    } else if proto.starts_with("dhcp") || proto == "bootp" {
+        DHCP
+    } else if proto == "static"
+        || proto == "none"
+        || (proto.is_empty() && !nic.addresses.is_empty())
+    {
+        STATIC
+    } else {
+        UNKNOWN
+    }
+    .into();
+    nic
+}
+
+/// Debian's /etc/network/interfaces, following `source` and `source-directory`.
+fn interfaces_nics(root: &Path) -> Vec<Nic> {
+    let mut nics = Vec::new();
+    let mut queue = vec![resolve_in_root(root, "/etc/network/interfaces")];
+    let mut seen = BTreeSet::new();
+    while let Some(path) = queue.pop() {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        let Some(text) = read_text_at(&path) else {
+            continue;
+        };
+        let base = path.parent().unwrap_or(root).to_path_buf();
+        let (found, sources) = parse_interfaces(&text);
+        nics.extend(found);
+        for (directive, arg) in sources {
+            let target = if arg.starts_with('/') {
+                resolve_in_root(root, &arg)
+            } else {
+                base.join(&arg)
+            };
+            queue.extend(expand_source(&directive, &target).into_iter().rev());
+        }
+    }
+    nics
+}
+
+/// Files named by `source PATTERN` (a `*` in the last component) or `source-directory DIR`.
+fn expand_source(directive: &str, target: &Path) -> Vec<PathBuf> {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if directive == "source-directory" {
+        // run-parts names only: letters, digits, '_' and '-'.
+        return list_dir_at(target)
+            .into_iter()
+            .filter(|(n, _)| {
+                n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })
+            .map(|(_, p)| p)
+            .collect();
+    }
+    match name.split_once('*') {
+        Some((pre, post)) => {
+            let dir = target.parent().unwrap_or(Path::new("/"));
+            list_dir_at(dir)
+                .into_iter()
+                .filter(|(n, p)| n.starts_with(pre) && n.ends_with(post) && p.is_file())
+                .map(|(_, p)| p)
+                .collect()
+        }
+        None => vec![target.to_path_buf()],
+    }
+}
+
+/// Returns the NICs of one interfaces file and its (`source`|`source-directory`, path) lines.
+fn parse_interfaces(text: &str) -> (Vec<Nic>, Vec<(String, String)>) {
+    struct Stanza {
+        name: String,
+        inet6: bool,
+        method: String,
+        addrs: Vec<String>,
+        netmask: Option<String>,
+        mac: Option<String>,
+    }
+    fn finish(stanza: Option<Stanza>, nics: &mut Vec<(Nic, bool)>) {
+        let Some(s) = stanza else { return };
+        let mut nic = new_nic(&s.name);
+        nic.mac = s.mac;
+        nic.addresses = s
+            .addrs
+            .iter()
+            .filter_map(|a| to_cidr(a, s.netmask.as_deref()))
+            .collect();
+        nic.config = match s.method.as_str() {
+            "static" => STATIC,
+            "dhcp" => DHCP,
+            _ => UNKNOWN,
+        }
+        .into();
+        nics.push((nic, s.inet6));
+    }
+
+    let mut stanzas = Vec::new();
+    let mut sources = Vec::new();
+    let mut current: Option<Stanza> = None;
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some(&keyword) = words.first() else {
+            continue;
+        };
+        match keyword {
+            "iface" => {
+                finish(current.take(), &mut stanzas);
+                if words.len() >= 4 {
+                    current = Some(Stanza {
+                        name: words[1].to_string(),
+                        inet6: words[2] == "inet6",
+                        method: words[3].to_string(),
+                        addrs: Vec::new(),
+                        netmask: None,
+                        mac: None,
+                    });
+                }
+            }
+            "auto" | "mapping" | "rename" | "source" | "source-directory" => {
+                finish(current.take(), &mut stanzas);
+                if keyword.starts_with("source") && words.len() >= 2 {
+                    sources.push((keyword.to_string(), words[1].to_string()));
+                }
+            }
+            k if k.starts_with("allow-") => finish(current.take(), &mut stanzas),
+            "address" | "netmask" | "hwaddress" => {
+                let Some(stanza) = current.as_mut() else {
+                    continue;
+                };
+                // "hwaddress ether 00:11:..." or "hwaddress 00:11:..."
+                let Some(&value) = words.last().filter(|_| words.len() >= 2) else {
+                    continue;
+                };
+                match keyword {
+                    "address" => stanza.addrs.push(value.to_string()),
+                    "netmask" => stanza.netmask = Some(value.to_string()),
+                    _ => stanza.mac = normalize_mac(value),
+                }
+            }
+            _ => {}
+        }
+    }
+    finish(current, &mut stanzas);
+
+    // The IPv4 stanza decides static or DHCP; an inet6 one only when there is no IPv4 stanza.
+    let mut nics = Vec::new();
+    let (v4, v6): (Vec<_>, Vec<_>) = stanzas.into_iter().partition(|(_, inet6)| !inet6);
+    for (nic, _) in v4 {
+        merge_nic(&mut nics, nic);
+    }
+    for (mut nic, _) in v6 {
+        if nics
+            .iter()
+            .any(|n| n.name == nic.name && n.config != UNKNOWN)
+        {
+            nic.config = UNKNOWN.into();
+        }
+        merge_nic(&mut nics, nic);
+    }
+    (nics, sources)
+}
+
+fn netplan_nics(root: &Path) -> Vec<Nic> {
+    let mut nics = Vec::new();
+    for (name, path) in list_dir(root, "/etc/netplan") {
+        if !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            continue;
+        }
+        if let Some(text) = read_text_at(&path) {
+            for nic in parse_netplan(&text) {
+                merge_nic(&mut nics, nic);
+            }
+        }
+    }
+    nics
+}
+
+fn yaml_bool(v: &str) -> bool {
+    matches!(
+        v.trim().to_lowercase().as_str(),
+        "true" | "yes" | "on" | "y"
+    )
+}
+
+/// Strips a `#` comment that is outside quotes and starts a word.
+fn strip_yaml_comment(line: &str) -> &str {
+    let mut quote: Option<char> = None;
+    let mut prev_space = true;
+    for (i, c) in line.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '#') if prev_space => return &line[..i],
+            _ => {}
+        }
+        prev_space = c.is_whitespace();
+    }
+    line
+}
+
+/// Strips YAML quotes from a scalar.
+fn yaml_scalar(v: &str) -> String {
+    let v = v.trim();
+    for q in ['"', '\''] {
+        if let Some(inner) = v.strip_prefix(q) {
+            return inner.split(q).next().unwrap_or("").to_string();
+        }
+    }
+    v.to_string()
+}
+
+/// Splits `key: value`; returns None for a line that is not a mapping entry.
+fn yaml_key_value(content: &str) -> Option<(String, String)> {
+    for q in ['"', '\''] {
+        if let Some(rest) = content.strip_prefix(q) {
+            let (key, after) = rest.split_once(q)?;
+            let value = after.trim_start().strip_prefix(':')?;
+            return Some((key.to_string(), value.trim().to_string()));
+        }
+    }
+    if let Some(key) = content.strip_suffix(':') {
+        if !key.contains(": ") {
+            return Some((key.trim().to_string(), String::new()));
+        }
+    }
+    let (key, value) = content.split_once(": ")?;
+    Some((key.trim().to_string(), value.trim().to_string()))
+}
+
+/// Items of a flow sequence like `[10.0.0.5/24, "fe80::1/64"]`.
+fn yaml_flow_list(v: &str) -> Vec<String> {
+    let inner = v.trim().trim_start_matches('[').trim_end_matches(']');
+    inner
+        .split(',')
+        .map(yaml_scalar)
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A small line-based reader for netplan: it tracks the key path by indentation and only
+/// understands what the probe needs (dhcp4/dhcp6, addresses, macaddress, set-name).
+fn parse_netplan(text: &str) -> Vec<Nic> {
+    #[derive(Default)]
+    struct Iface {
+        dhcp4: bool,
+        dhcp6: bool,
+        addresses: Vec<String>,
+        mac: Option<String>,
+        set_name: Option<String>,
+    }
+    const SECTIONS: [&str; 5] = ["ethernets", "bonds", "bridges", "vlans", "wifis"];
+
+    fn apply(
+        ifaces: &mut Vec<(String, Iface)>,
+        path: &[String],
+        value: Option<&str>,
+        item: Option<&str>,
+    ) {
+        if path.len() < 3 || path[0] != "network" || !SECTIONS.contains(&path[1].as_str()) {
+            return;
+        }
+        let name = &path[2];
+        let index = match ifaces.iter().position(|(n, _)| n == name) {
+            Some(i) => i,
+            None => {
+                ifaces.push((name.clone(), Iface::default()));
+                ifaces.len() - 1
+            }
+        };
+        let iface = &mut ifaces[index].1;
+        let rest: Vec<&str> = path[3..].iter().map(String::as_str).collect();
+        match (rest.as_slice(), value, item) {
+            (["dhcp4"], Some(v), _) => iface.dhcp4 = yaml_bool(v),
+            (["dhcp6"], Some(v), _) => iface.dhcp6 = yaml_bool(v),
+            (["addresses"], Some(v), _) => iface.addresses.extend(yaml_flow_list(v)),
+            (["addresses"], None, Some(item)) => {
+                // "- 10.0.0.5/24" or, with options, "- "10.0.0.5/24":" followed by a mapping.
+                let key = yaml_key_value(item).map_or_else(|| yaml_scalar(item), |(k, _)| k);
+                iface.addresses.push(key);
+            }
+            (["macaddress"] | ["match", "macaddress"], Some(v), _) => {
+                iface.mac = normalize_mac(&yaml_scalar(v))
+            }
+            (["set-name"], Some(v), _) => iface.set_name = Some(yaml_scalar(v)),
+            ([], Some(v), _) if v.starts_with('{') => {
+                // Flow mapping "eth0: {dhcp4: true}".
+                for pair in v.trim_matches(|c| c == '{' || c == '}').split(',') {
+                    if let Some((k, v)) = pair.split_once(':') {
+                        let mut sub = path.to_vec();
+                        sub.push(k.trim().to_string());
+                        apply(ifaces, &sub, Some(v.trim()), None);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let mut ifaces: Vec<(String, Iface)> = Vec::new();
+    let mut stack: Vec<(usize, String)> = Vec::new();
+    for raw in text.lines() {
+        let line = strip_yaml_comment(raw).trim_end();
+        let content = line.trim_start();
+        if content.is_empty() || content == "---" {
+            continue;
+        }
+        let indent = line.len() - content.len();
+        if let Some(item) = content.strip_prefix("- ") {
+            // A sequence may sit at the same indentation as its key.
+            while stack.last().is_some_and(|(i, _)| *i > indent) {
+                stack.pop();
+            }
+            let path: Vec<String> = stack.iter().map(|(_, k)| k.clone()).collect();
+            apply(&mut ifaces, &path, None, Some(item.trim()));
+            continue;
+        }
+        while stack.last().is_some_and(|(i, _)| *i >= indent) {
+            stack.pop();
+        }
+        let Some((key, value)) = yaml_key_value(content) else {
+            continue;
+        };
+        let mut path: Vec<String> = stack.iter().map(|(_, k)| k.clone()).collect();
+        path.push(key.clone());
+        if value.is_empty() {
+            apply(&mut ifaces, &path, None, None);
+            stack.push((indent, key));
+        } else {
+            apply(&mut ifaces, &path, Some(&value), None);
+        }
+    }
+
+    ifaces
+        .into_iter()
+        .map(|(key, iface)| {
+            let mut nic = new_nic(iface.set_name.as_deref().unwrap_or(&key));
+            nic.mac = iface.mac;
+            nic.addresses = iface
+                .addresses
+                .iter()
+                .filter_map(|a| to_cidr(a, None))
+                .collect();
+            nic.config = if iface.dhcp4 {
+                DHCP
+            } else if !nic.addresses.is_empty() {
+                STATIC
+            } else if iface.dhcp6 {
+                DHCP
+            } else {
+                UNKNOWN
+            }
+            .into();
+            nic
+        })
+        .collect()
+}
+
+fn nm_nics(root: &Path) -> Vec<Nic> {
+    let mut nics = Vec::new();
+    for (name, path) in list_dir(root, "/etc/NetworkManager/system-connections") {
+        if name.starts_with('.') || name.ends_with('~') {
+            continue;
+        }
+        if let Some(nic) = read_text_at(&path).and_then(|t| parse_nmconnection(&t)) {
+            merge_nic(&mut nics, nic);
+        }
+    }
+    nics
+}
+
+/// Parses a NetworkManager keyfile; None for connections that are not interfaces (VPN, loopback).
+fn parse_nmconnection(text: &str) -> Option<Nic> {
+    let mut sections: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    let mut section = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_string();
+        } else if let Some((k, v)) = line.split_once('=') {
+            sections
+                .entry(section.clone())
+                .or_default()
+                .push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    let get = |sec: &str, key: &str| {
+        sections
+            .get(sec)
+            .and_then(|kv| kv.iter().find(|(k, _)| k == key))
+            .map(|(_, v)| v.as_str())
+    };
+    let conn_type = get("connection", "type").unwrap_or("");
+    if matches!(conn_type, "loopback" | "vpn" | "wireguard" | "tun") {
+        return None;
+    }
+    let name = get("connection", "interface-name").or_else(|| get("connection", "id"))?;
+    let mut nic = new_nic(name);
+    nic.mac = get("ethernet", "mac-address")
+        .or_else(|| get("802-3-ethernet", "mac-address"))
+        .and_then(normalize_mac);
+    for family in ["ipv4", "ipv6"] {
+        let Some(kv) = sections.get(family) else {
+            continue;
+        };
+        // address1=10.0.0.5/24,10.0.0.1 (current) or addresses1=10.0.0.5;24;10.0.0.1; (old).
+        let mut numbered: Vec<(u32, &str)> = kv
+            .iter()
+            .filter_map(|(k, v)| {
+                let n = k
+                    .strip_prefix("addresses")
+                    .or_else(|| k.strip_prefix("address"))?;
+                let n = if n.is_empty() { 0 } else { n.parse().ok()? };
+                Some((n, v.as_str()))
+            })
+            .collect();
+        numbered.sort_by_key(|(n, _)| *n);
+        for (_, value) in numbered {
+            let first = value.split(',').next().unwrap_or("");
+            let mut parts = first.split(';');
+            let addr = parts.next().unwrap_or("");
+            nic.addresses.extend(to_cidr(addr, parts.next()));
+        }
+    }
+    let method = |fam: &str| match get(fam, "method") {
+        Some("auto" | "dhcp") => DHCP,
+        Some("manual") => STATIC,
+        _ => UNKNOWN,
+    };
+    nic.config = match method("ipv4") {
+        UNKNOWN => method("ipv6"),
+        m => m,
+    }
+    .into();
+    Some(nic)
+}
+
+/// Live interfaces (except lo) with MACs from sysfs and addresses from `ip` or procfs.
+fn live_nics() -> Vec<Nic> {
+    let addresses = ip_command_addresses().unwrap_or_else(procfs_addresses);
+    let mut nics: Vec<Nic> = list_dir_at(Path::new("/sys/class/net"))
+        .into_iter()
+        .filter(|(name, _)| name != "lo")
+        .map(|(name, path)| {
+            let mut nic = new_nic(&name);
+            nic.mac = fs::read_to_string(path.join("address"))
+                .ok()
+                .and_then(|m| normalize_mac(&m));
+            nic.addresses = addresses.get(&name).cloned().unwrap_or_default();
+            nic
+        })
+        .collect();
+    nics.sort_by(|a, b| a.name.cmp(&b.name));
+    nics
+}
+
+fn ip_command_addresses() -> Option<BTreeMap<String, Vec<String>>> {
+    let out = Command::new("ip")
+        .args(["-o", "addr", "show"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| parse_ip_addr(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Parses `ip -o addr show`; link-scope addresses (fe80::, 169.254/16) are left out.
+fn parse_ip_addr(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.len() < 4 || !matches!(words[2], "inet" | "inet6") {
+            continue;
+        }
+        if words.windows(2).any(|w| w[0] == "scope" && w[1] == "link") {
+            continue;
+        }
+        let name = words[1].split('@').next().unwrap_or(words[1]);
+        map.entry(name.to_string())
+            .or_default()
+            .push(words[3].to_string());
+    }
+    map
+}
+
+/// Fallback when `ip` is missing: IPv4 from fib_trie + route, IPv6 from if_inet6.
+fn procfs_addresses() -> BTreeMap<String, Vec<String>> {
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let mut map = parse_fib_trie(&read("/proc/net/fib_trie"), &read("/proc/net/route"));
+    for (name, addrs) in parse_if_inet6(&read("/proc/net/if_inet6")) {
+        map.entry(name).or_default().extend(addrs);
+    }
+    map
+}
+
+/// Local IPv4 addresses from /proc/net/fib_trie, attributed to interfaces through the
+/// connected (gateway-less) routes of /proc/net/route, longest prefix first.
+fn parse_fib_trie(fib_trie: &str, route: &str) -> BTreeMap<String, Vec<String>> {
+    const RTF_GATEWAY: u32 = 0x2;
+    let hex_ip = |h: &str| {
+        u32::from_str_radix(h, 16)
+            .ok()
+            .map(|v| Ipv4Addr::from(v.to_ne_bytes()))
+    };
+    let routes: Vec<(String, u32, u32)> = route
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(3)?, 16).ok()?;
+            if flags & RTF_GATEWAY != 0 {
+                return None;
+            }
+            let dest = u32::from(hex_ip(f.get(1)?)?);
+            let mask = u32::from(hex_ip(f.get(7)?)?);
+            (mask != 0).then(|| (f[0].to_string(), dest, mask))
+        })
+        .collect();
+
+    let mut locals = BTreeSet::new();
+    let mut last: Option<Ipv4Addr> = None;
+    for line in fib_trie.lines() {
+        let t = line.trim();
+        if let Some(addr) = t.strip_prefix("|-- ") {
+            last = addr.trim().parse().ok();
+        } else if t.starts_with("/32 host LOCAL") {
+            locals.extend(last.filter(|a| !a.is_loopback()));
+        }
+    }
+
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for addr in locals {
+        let a = u32::from(addr);
+        let best = routes
+            .iter()
+            .filter(|(_, d, m)| a & m == *d)
+            .max_by_key(|(_, _, m)| m.count_ones());
+        if let Some((iface, _, mask)) = best {
+            map.entry(iface.clone())
+                .or_default()
+                .push(format!("{addr}/{}", mask.count_ones()));
+        }
+    }
+    map
+}
+
+/// Global IPv6 addresses from /proc/net/if_inet6: "addr-hex ifindex prefix-hex scope flags name".
+fn parse_if_inet6(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || f[3] != "00" {
+            continue; // not global scope
+        }
+        let (Ok(addr), Ok(prefix)) = (u128::from_str_radix(f[0], 16), u8::from_str_radix(f[2], 16))
+        else {
+            continue;
+        };
+        map.entry(f[5].to_string())
+            .or_default()
+            .push(format!("{}/{prefix}", Ipv6Addr::from(addr)));
+    }
+    map
+}
+
+// ---------------------------------------------------------------------------
+// File systems
+
+/// Local (replicable) file system types: ext2/3/4, xfs, btrfs, vfat, jfs, reiserfs etc.
+/// Not proc, sysfs, tmpfs, nfs, cifs, overlay, devtmpfs, cgroup...
+pub fn is_local_fstype(t: &str) -> bool {
+    // An allow-list: anything unknown (pseudo, network, FUSE, squashfs images) is not replicated.
+    matches!(
+        t,
+        "ext2"
+            | "ext3"
+            | "ext4"
+            | "ext4dev"
+            | "xfs"
+            | "btrfs"
+            | "vfat"
+            | "fat"
+            | "msdos"
+            | "exfat"
+            | "jfs"
+            | "reiserfs"
+            | "reiser4"
+            | "f2fs"
+            | "ntfs"
+            | "ntfs3"
+            | "fuseblk"
+            | "hfs"
+            | "hfsplus"
+            | "ufs"
+            | "minix"
+            | "nilfs2"
+            | "bcachefs"
+            | "zfs"
+    )
+}
+
+/// Formats 16 bytes as a lowercase 8-4-4-4-12 UUID; None when all zero (no UUID set).
+fn format_uuid(b: &[u8]) -> Option<String> {
+    if b.len() != 16 || b.iter().all(|&x| x == 0) {
+        return None;
+    }
+    let h = hex::encode(b);
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+/// A NUL-padded label; None when empty.
+fn nul_label(b: &[u8]) -> Option<String> {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    let label = String::from_utf8_lossy(&b[..end]).into_owned();
+    (!label.is_empty()).then_some(label)
+}
+
+/// UUID and label read straight from the superblock of a block device or image file
+/// (ext2/3/4, xfs, btrfs, vfat; None if unknown).
+pub fn read_fs_identity(dev: &Path) -> Result<(Option<String>, Option<String>), ProbeError> {
+    let file = fs::File::open(dev).map_err(io_err(dev))?;
+    // A device or image shorter than a superblock's offset simply is not that file system.
+    let read_at = |offset: u64, len: usize| -> Result<Option<Vec<u8>>, ProbeError> {
+        let mut buf = vec![0u8; len];
+        match file.read_exact_at(&mut buf, offset) {
+            Ok(()) => Ok(Some(buf)),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(io_err(dev)(e)),
+        }
+    };
+
+    if let Some(sb) = read_at(0, 512)? {
+        if &sb[0..4] == b"XFSB" {
+            return Ok((format_uuid(&sb[32..48]), nul_label(&sb[108..120])));
+        }
+        if let Some(id) = vfat_identity(&sb) {
+            return Ok(id);
+        }
+    }
+    if let Some(sb) = read_at(1024, 256)? {
+        if u16::from_le_bytes([sb[56], sb[57]]) == 0xEF53 {
+            return Ok((format_uuid(&sb[104..120]), nul_label(&sb[120..136])));
+        }
+    }
+    if let Some(sb) = read_at(65536, 0x12b + 256)? {
+        if &sb[64..72] == b"_BHRfS_M" {
+            return Ok((format_uuid(&sb[32..48]), nul_label(&sb[0x12b..0x12b + 256])));
+        }
+    }
+    Ok((None, None))
+}
+
+/// FAT boot sector: volume serial (shown by blkid as "ABCD-1234") and label.
+fn vfat_identity(sb: &[u8]) -> Option<(Option<String>, Option<String>)> {
+    if sb.len() < 512 || sb[510..512] != [0x55, 0xAA] {
+        return None;
+    }
+    // FAT32 keeps its extended BPB at 64, FAT12/16 at 36; 0x29 marks serial and label as valid.
+    let (sig, serial, label) = if &sb[82..87] == b"FAT32" {
+        (66, 67, 71)
+    } else if &sb[54..57] == b"FAT" {
+        (38, 39, 43)
+    } else {
+        return None;
+    };
+    if sb[sig] != 0x29 {
+        return Some((None, None));
+    }
+    let s = &sb[serial..serial + 4];
+    let uuid = format!("{:02X}{:02X}-{:02X}{:02X}", s[3], s[2], s[1], s[0]);
+    let label = String::from_utf8_lossy(&sb[label..label + 11])
+        .trim_end()
+        .to_string();
+    let label = (!label.is_empty() && label != "NO NAME").then_some(label);
+    Some((Some(uuid), label))
+}
+
+/// Undoes mountinfo's octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` backslash).
+fn unescape_octal(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let digits = &b[i + 1..i + 4];
+            if digits.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = digits
+                    .iter()
+                    .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+                if let Ok(byte) = u8::try_from(v) {
+                    out.push(byte);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+fn unescape_path(field: &str) -> PathBuf {
+    PathBuf::from(OsString::from_vec(unescape_octal(field)))
+}
+
+/// Parses /proc/self/mountinfo text; malformed lines are skipped.
+pub fn parse_mountinfo(text: &str) -> Vec<MountRow> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let (major, minor) = f.get(2)?.split_once(':')?;
+            // Optional fields (shared:N, master:N ...) run up to the "-" separator.
+            let sep = f.iter().skip(6).position(|x| *x == "-")? + 6;
+            Some(MountRow {
+                mount_id: f.first()?.parse().ok()?,
+                parent_id: f.get(1)?.parse().ok()?,
+                major: major.parse().ok()?,
+                minor: minor.parse().ok()?,
+                root: unescape_path(f.get(3)?),
+                mount_point: unescape_path(f.get(4)?),
+                fstype: f.get(sep + 1)?.to_string(),
+                source: String::from_utf8_lossy(&unescape_octal(f.get(sep + 2).unwrap_or(&"")))
+                    .into_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Mounts of local file systems at or below `root`, from /proc/self/mountinfo (handle octal
+/// escapes like \040 in paths), mount points made relative to root ("/" for root itself).
+/// Sorted by mount point. Skip a mount that is over-mounted by a later mount at the same point
+/// (take the last one in mountinfo order).
+///
+/// When `root` is a plain directory rather than a mount point, the local file system that
+/// contains it stands in as "/". Mounts of single files (container bind mounts of
+/// /etc/hosts and the like) are skipped.
+pub fn local_mounts(root: &Path) -> Result<Vec<FsInfo>, ProbeError> {
+    let root = fs::canonicalize(root).map_err(io_err(root))?;
+    let mountinfo = Path::new("/proc/self/mountinfo");
+    let bytes = fs::read(mountinfo).map_err(io_err(mountinfo))?;
+    let rows = parse_mountinfo(&String::from_utf8_lossy(&bytes));
+    let mut mounts = select_mounts(&rows, &root);
+    mounts.retain(|m| absolute_mount_point(&root, &m.mount_point).is_dir());
+    Ok(mounts)
+}
+
+fn absolute_mount_point(root: &Path, rel: &str) -> PathBuf {
+    root.join(rel.trim_start_matches('/'))
+}
+
+/// True when a later row covers `rows[i]`: a mount at the same point or at an ancestor
+/// directory that is not itself one of the mounts `rows[i]` sits on.
+fn is_hidden(rows: &[MountRow], by_id: &HashMap<u32, &MountRow>, i: usize) -> bool {
+    let mut ancestors = BTreeSet::new();
+    let mut parent = rows[i].parent_id;
+    while ancestors.len() < rows.len() && ancestors.insert(parent) {
+        match by_id.get(&parent) {
+            Some(p) => parent = p.parent_id,
+            None => break,
+        }
+    }
+    rows[i + 1..].iter().any(|later| {
+        rows[i].mount_point.starts_with(&later.mount_point) && !ancestors.contains(&later.mount_id)
+    })
+}
+
+/// The pure part of [`local_mounts`]: picks and relativises rows for a canonical `root`.
+fn select_mounts(rows: &[MountRow], root: &Path) -> Vec<FsInfo> {
+    let by_id: HashMap<u32, &MountRow> = rows.iter().map(|r| (r.mount_id, r)).collect();
+    // Visibility is quadratic, so it is checked only for rows that are otherwise wanted
+    // (hosts with containers can have thousands of mounts).
+    let visible = |want: &dyn Fn(&MountRow) -> bool| -> Vec<&MountRow> {
+        (0..rows.len())
+            .filter(|&i| want(&rows[i]) && !is_hidden(rows, &by_id, i))
+            .map(|i| &rows[i])
+            .collect()
+    };
+    let mut chosen = visible(&|r| is_local_fstype(&r.fstype) && r.mount_point.starts_with(root));
+
+    // A bind mount of part of a file system that is also mounted whole would be replicated
+    // twice. btrfs subvolumes share one device number and are distinct, so they stay.
+    let whole: BTreeSet<(u32, u32)> = chosen
+        .iter()
+        .filter(|r| r.root == Path::new("/") && r.fstype != "btrfs")
+        .map(|r| (r.major, r.minor))
+        .collect();
+    chosen.retain(|r| {
+        r.fstype == "btrfs" || r.root == Path::new("/") || !whole.contains(&(r.major, r.minor))
+    });
+    chosen.sort_by(|a, b| a.mount_point.cmp(&b.mount_point));
+    let mut seen_whole = BTreeSet::new();
+    chosen.retain(|r| {
+        r.fstype == "btrfs" || r.root != Path::new("/") || seen_whole.insert((r.major, r.minor))
+    });
+
+    let mut out: Vec<FsInfo> = chosen
+        .iter()
+        .map(|r| fs_info(r, r.mount_point.strip_prefix(root).unwrap_or(Path::new(""))))
+        .collect();
+    if !chosen.iter().any(|r| r.mount_point == root) {
+        // root is a directory, not a mount point: its containing file system is the system's "/".
+        let container = visible(&|r| root.starts_with(&r.mount_point))
+            .into_iter()
+            .max_by_key(|r| r.mount_point.components().count());
+        if let Some(r) = container.filter(|r| is_local_fstype(&r.fstype)) {
+            out.push(fs_info(r, Path::new("")));
+        }
+    }
+    out.sort_by(|a, b| a.mount_point.cmp(&b.mount_point));
+    out
+}
+
+fn fs_info(row: &MountRow, rel: &Path) -> FsInfo {
+    FsInfo {
+        device: row.source.clone(),
+        mount_point: format!("/{}", rel.to_string_lossy()),
+        fstype: row.fstype.clone(),
+        capacity_bytes: 0,
+        used_bytes: 0,
+        uuid: None,
+        label: None,
+    }
+}
+
+fn probe_filesystems(root: &Path) -> Result<Vec<FsInfo>, ProbeError> {
+    let mut list = local_mounts(root)?;
+    let mut by_uuid: Option<Vec<DevLink>> = None;
+    let mut by_label: Option<Vec<DevLink>> = None;
+    for fsi in &mut list {
+        let path = absolute_mount_point(root, &fsi.mount_point);
+        match rustix::fs::statvfs(&path) {
+            Ok(st) => {
+                fsi.capacity_bytes = st.f_blocks.saturating_mul(st.f_frsize);
+                fsi.used_bytes = st
+                    .f_blocks
+                    .saturating_sub(st.f_bfree)
+                    .saturating_mul(st.f_frsize);
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "statvfs failed"),
+        }
+        let st_dev = fs::metadata(&path).map(|m| m.dev()).ok();
+        // The mountinfo source may be an alias such as /dev/root;
+        // /dev/block/MAJ:MIN is udev's stable name for the same device.
+        let mut candidates = vec![PathBuf::from(&fsi.device)];
+        if let Some(dev) = st_dev {
+            candidates.push(PathBuf::from(format!(
+                "/dev/block/{}:{}",
+                rustix::fs::major(dev),
+                rustix::fs::minor(dev)
+            )));
+        }
+        let from_superblock =
+            candidates
+                .iter()
+                .filter(|c| c.is_absolute())
+                .find_map(|c| match read_fs_identity(c) {
+                    Ok((None, None)) => None,
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "superblock not readable, trying udev links");
+                        None
+                    }
+                });
+        if let Some((uuid, label)) = from_superblock {
+            fsi.uuid = uuid;
+            fsi.label = label;
+            continue;
+        }
+        // Without read access to the device (non-root agent), udev's symlinks still tell.
+        let device = Path::new(&fsi.device);
+        let uuids = by_uuid.get_or_insert_with(|| dev_links("/dev/disk/by-uuid"));
+        fsi.uuid = find_dev_link(uuids, device, st_dev);
+        let labels = by_label.get_or_insert_with(|| dev_links("/dev/disk/by-label"));
+        fsi.label = find_dev_link(labels, device, st_dev);
+    }
+    Ok(list)
+}
+
+/// A /dev/disk/by-* entry: its (decoded) name, target path and device number.
+struct DevLink {
+    name: String,
+    target: PathBuf,
+    rdev: Option<u64>,
+}
+
+fn dev_links(dir: &str) -> Vec<DevLink> {
+    list_dir_at(Path::new(dir))
+        .into_iter()
+        .filter_map(|(name, path)| {
+            let target = fs::canonicalize(&path).ok()?;
+            let rdev = fs::metadata(&target)
+                .ok()
+                .filter(|m| m.file_type().is_block_device())
+                .map(|m| m.rdev());
+            // udev escapes unsafe characters in names as \xHH.
+            let name = String::from_utf8_lossy(&unescape_udev(&name)).into_owned();
+            Some(DevLink { name, target, rdev })
+        })
+        .collect()
+}
+
+fn unescape_udev(name: &str) -> Vec<u8> {
+    let b = name.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i..].starts_with(b"\\x") && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&name[i + 2..i + 4], 16) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+fn find_dev_link(links: &[DevLink], device: &Path, st_dev: Option<u64>) -> Option<String> {
+    let canonical = fs::canonicalize(device).ok();
+    links
+        .iter()
+        .find(|l| {
+            (st_dev.is_some() && l.rdev == st_dev)
+                || canonical.as_deref() == Some(l.target.as_path())
+        })
+        .map(|l| l.name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    const CENTOS_IFCFG_ETH0: &str = "\
+DEVICE=eth0
+BOOTPROTO=static
+HWADDR=00:16:3E:AA:BB:CC
+IPADDR=10.1.2.3
+NETMASK=255.255.255.0
+ONBOOT=yes
+";
+
+    const UBUNTU_OS_RELEASE: &str = "\
+PRETTY_NAME=\"Ubuntu 22.04.4 LTS\"
+NAME=\"Ubuntu\"
+VERSION_ID=\"22.04\"
+ID=ubuntu
+ID_LIKE=debian
+";
+
+    const UBUNTU_NETPLAN: &str = "\
+# generated
+network:
+  version: 2
+  ethernets:
+    ens3:
+      dhcp4: true
+      match:
+        macaddress: 52:54:00:12:34:56
+      set-name: ens3
+    ens4:
+      dhcp4: no
+      addresses: [192.168.10.5/24, \"2001:db8::5/64\"]
+      nameservers:
+        addresses:
+        - 8.8.8.8
+    ens5:
+      addresses:
+      - 10.9.0.2/16
+      routes:
+        - to: default
+          via: 10.9.0.1
+";
+
+    const DEBIAN_OS_RELEASE: &str = "\
+PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"
+NAME=\"Debian GNU/Linux\"
+VERSION_ID=\"12\"
+ID=debian
+";
+
+    const DEBIAN_INTERFACES: &str = "\
+source /etc/network/interfaces.d/*
+
+auto lo
+iface lo inet loopback
+
+auto eth0
+iface eth0 inet static
+    address 10.0.0.7
+    netmask 255.255.255.0
+    gateway 10.0.0.1
+    hwaddress ether 02:00:00:00:00:07
+";
+
+    const SLES_OS_RELEASE: &str = "\
+NAME=\"SLES\"
+VERSION=\"15-SP5\"
+VERSION_ID=\"15.5\"
+PRETTY_NAME=\"SUSE Linux Enterprise Server 15 SP5\"
+ID=\"sles\"
+ID_LIKE=\"suse\"
+";
+
+    /// Writes `files` (system path, content) under a new temp dir.
+    fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, content) in files {
+            let full = dir.path().join(path.trim_start_matches('/'));
+            fs::create_dir_all(full.parent().unwrap()).unwrap();
+            fs::write(full, content).unwrap();
+        }
+        dir
+    }
+
+    fn nic<'a>(info: &'a HostInfo, name: &str) -> &'a Nic {
+        info.nics
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no nic {name}: {:?}", info.nics))
+    }
+
+    #[test]
+    fn centos5_tree() {
+        let t = tree(&[
+            ("/etc/redhat-release", "CentOS release 5.6 (Final)\n"),
+            (
+                "/etc/sysconfig/network",
+                "NETWORKING=yes\nHOSTNAME=web01.corp.example\nGATEWAY=10.1.2.1\n",
+            ),
+            (
+                "/etc/sysconfig/network-scripts/ifcfg-eth0",
+                CENTOS_IFCFG_ETH0,
+            ),
+            (
+                "/etc/sysconfig/network-scripts/ifcfg-eth0.bak",
+                "DEVICE=eth9\nBOOTPROTO=dhcp\n",
+            ),
+            (
+                "/etc/sysconfig/network-scripts/ifcfg-lo",
+                "DEVICE=lo\nIPADDR=127.0.0.1\nNETMASK=255.0.0.0\n",
+            ),
+            (
+                "/etc/sysconfig/network-scripts/ifcfg-eth1",
+                "DEVICE=eth1\nBOOTPROTO=dhcp\n",
+            ),
+            ("/lib/modules/2.6.18-238.el5/modules.dep", ""),
+            ("/lib/modules/2.6.18-238.19.1.el5/modules.dep", ""),
+            ("/boot/vmlinuz-2.6.18-194.el5", ""),
+        ]);
+        let info = probe(t.path()).unwrap();
+        assert_eq!(
+            info.os,
+            OsInfo {
+                family: "rhel".into(),
+                id: "centos".into(),
+                version: "5.6".into(),
+                pretty_name: "CentOS release 5.6 (Final)".into()
+            }
+        );
+        assert_eq!(info.hostname, "web01.corp.example");
+        assert_eq!(info.fqdn, "web01.corp.example");
+        assert_eq!(info.kernel, "2.6.18-238.19.1.el5");
+        assert_eq!(info.nics.len(), 2, "{:?}", info.nics);
+        let eth0 = nic(&info, "eth0");
+        assert_eq!(eth0.config, "static");
+        assert_eq!(eth0.addresses, vec!["10.1.2.3/24"]);
+        assert_eq!(eth0.mac.as_deref(), Some("00:16:3e:aa:bb:cc"));
+        assert_eq!(nic(&info, "eth1").config, "dhcp");
+        assert!(info.cpus > 0 && info.memory_bytes > 0);
+        assert!(info
+            .filesystems
+            .iter()
+            .all(|f| f.mount_point.starts_with('/')));
+        // The report is what goes on the wire as JSON.
+        let json = serde_json::to_string(&info).unwrap();
+        assert_eq!(serde_json::from_str::<HostInfo>(&json).unwrap(), info);
+    }
+
+    #[test]
+    fn rhel5_release_line() {
+        let os = os_from_redhat_release("Red Hat Enterprise Linux Server release 5.3 (Tikanga)\n");
+        assert_eq!(
+            (os.family.as_str(), os.id.as_str(), os.version.as_str()),
+            ("rhel", "rhel", "5.3")
+        );
+    }
+
+    #[test]
+    fn ubuntu2204_tree() {
+        let t = tree(&[
+            ("/usr/lib/os-release", UBUNTU_OS_RELEASE),
+            ("/etc/hostname", "ubu1\n"),
+            (
+                "/etc/hosts",
+                "127.0.0.1 localhost\n127.0.1.1 ubu1.example.net ubu1\n",
+            ),
+            ("/etc/netplan/50-cloud-init.yaml", UBUNTU_NETPLAN),
+            ("/boot/vmlinuz-5.15.0-105-generic", ""),
+            ("/boot/vmlinuz-5.15.0-91-generic", ""),
+        ]);
+        // Ubuntu's /etc/os-release is an absolute symlink; it must resolve inside the tree.
+        symlink("/usr/lib/os-release", t.path().join("etc/os-release")).unwrap();
+        let info = probe(t.path()).unwrap();
+        assert_eq!(info.os.family, "debian");
+        assert_eq!(info.os.id, "ubuntu");
+        assert_eq!(info.os.version, "22.04");
+        assert_eq!(info.os.pretty_name, "Ubuntu 22.04.4 LTS");
+        assert_eq!(info.hostname, "ubu1");
+        assert_eq!(info.fqdn, "ubu1.example.net");
+        assert_eq!(info.kernel, "5.15.0-105-generic");
+        let ens3 = nic(&info, "ens3");
+        assert_eq!(ens3.config, "dhcp");
+        assert_eq!(ens3.mac.as_deref(), Some("52:54:00:12:34:56"));
+        assert!(ens3.addresses.is_empty());
+        let ens4 = nic(&info, "ens4");
+        assert_eq!(ens4.config, "static");
+        assert_eq!(ens4.addresses, vec!["192.168.10.5/24", "2001:db8::5/64"]);
+        let ens5 = nic(&info, "ens5");
+        assert_eq!(
+            (ens5.config.as_str(), ens5.addresses.clone()),
+            ("static", vec!["10.9.0.2/16".to_string()])
+        );
+    }
+
+    #[test]
+    fn debian12_tree() {
+        let t = tree(&[
+            ("/etc/os-release", DEBIAN_OS_RELEASE),
+            ("/etc/debian_version", "12.5\n"),
+            ("/etc/hostname", "deb12\n"),
+            (
+                "/etc/hosts",
+                "127.0.0.1\tlocalhost\n10.0.0.7\tdeb12.lan deb12\n",
+            ),
+            ("/etc/network/interfaces", DEBIAN_INTERFACES),
+            (
+                "/etc/network/interfaces.d/eth1",
+                "allow-hotplug eth1\niface eth1 inet dhcp\n",
+            ),
+            ("/lib/modules/6.1.0-18-amd64/modules.dep", ""),
+            ("/lib/modules/6.1.0-9-amd64/modules.dep", ""),
+        ]);
+        let info = probe(t.path()).unwrap();
+        assert_eq!(
+            (
+                info.os.family.as_str(),
+                info.os.id.as_str(),
+                info.os.version.as_str()
+            ),
+            ("debian", "debian", "12")
+        );
+        assert_eq!(info.fqdn, "deb12.lan");
+        assert_eq!(info.kernel, "6.1.0-18-amd64");
+        let eth0 = nic(&info, "eth0");
+        assert_eq!(eth0.config, "static");
+        assert_eq!(eth0.addresses, vec!["10.0.0.7/24"]);
+        assert_eq!(eth0.mac.as_deref(), Some("02:00:00:00:00:07"));
+        assert_eq!(nic(&info, "eth1").config, "dhcp");
+        assert!(info.nics.iter().all(|n| n.name != "lo"));
+    }
+
+    #[test]
+    fn debian_without_os_release() {
+        let t = tree(&[("/etc/debian_version", "6.0.10\n")]);
+        let info = probe(t.path()).unwrap();
+        assert_eq!(
+            (info.os.family.as_str(), info.os.version.as_str()),
+            ("debian", "6")
+        );
+        assert_eq!(info.hostname, "");
+        assert_eq!(info.kernel, "");
+    }
+
+    #[test]
+    fn sles15_tree() {
+        let t = tree(&[
+            ("/etc/os-release", SLES_OS_RELEASE),
+            ("/etc/hostname", "sles15\n"),
+            (
+                "/etc/sysconfig/network/ifcfg-eth0",
+                "BOOTPROTO='static'\nSTARTMODE='auto'\nIPADDR='172.16.5.9/20'\n",
+            ),
+            (
+                "/etc/sysconfig/network/ifcfg-eth1",
+                "BOOTPROTO='dhcp4'\nSTARTMODE='auto'\n",
+            ),
+            (
+                "/etc/sysconfig/network/ifcfg-lo",
+                "IPADDR=127.0.0.1\nNETMASK=255.0.0.0\n",
+            ),
+            (
+                "/etc/sysconfig/network/config",
+                "NETCONFIG_DNS_POLICY=\"auto\"\n",
+            ),
+        ]);
+        let info = probe(t.path()).unwrap();
+        assert_eq!(
+            (
+                info.os.family.as_str(),
+                info.os.id.as_str(),
+                info.os.version.as_str()
+            ),
+            ("suse", "sles", "15.5")
+        );
+        assert_eq!(info.hostname, "sles15");
+        assert_eq!(info.fqdn, "sles15");
+        let eth0 = nic(&info, "eth0");
+        assert_eq!(
+            (eth0.config.as_str(), eth0.addresses.clone()),
+            ("static", vec!["172.16.5.9/20".to_string()])
+        );
+        assert_eq!(nic(&info, "eth1").config, "dhcp");
+        assert_eq!(info.nics.len(), 2);
+    }
+
+    #[test]
+    fn sles11_suse_release() {
+        let os = os_from_suse_release(
+            "SUSE Linux Enterprise Server 11 (x86_64)\nVERSION = 11\nPATCHLEVEL = 4\n",
+        );
+        assert_eq!(
+            (os.family.as_str(), os.id.as_str(), os.version.as_str()),
+            ("suse", "sles", "11.4")
+        );
+    }
+
+    #[test]
+    fn lsb_release_fallback() {
+        let t = tree(&[
+            (
+                "/etc/lsb-release",
+                "\
+DISTRIB_ID=Ubuntu
+DISTRIB_RELEASE=10.04
+DISTRIB_DESCRIPTION=\"Ubuntu 10.04.4 LTS\"
+",
+            ),
+            ("/etc/debian_version", "squeeze/sid\n"),
+        ]);
+        let os = probe_os(t.path());
+        assert_eq!(
+            (os.family.as_str(), os.id.as_str(), os.version.as_str()),
+            ("debian", "ubuntu", "10.04")
+        );
+    }
+
+    #[test]
+    fn nmconnection_keyfile() {
+        let nic = parse_nmconnection(
+            "\
+[connection]
+id=Wired
+type=ethernet
+interface-name=enp1s0
+
+[ethernet]
+mac-address=AA:BB:CC:00:11:22
+
+[ipv4]
+address1=192.0.2.10/24,192.0.2.1
+method=manual
+
+[ipv6]
+method=auto
+",
+        )
+        .unwrap();
+        assert_eq!(nic.name, "enp1s0");
+        assert_eq!(nic.config, "static");
+        assert_eq!(nic.addresses, vec!["192.0.2.10/24"]);
+        assert_eq!(nic.mac.as_deref(), Some("aa:bb:cc:00:11:22"));
+        let dhcp =
+            parse_nmconnection("[connection]\nid=eth0\ntype=ethernet\n[ipv4]\nmethod=auto\n")
+                .unwrap();
+        assert_eq!((dhcp.name.as_str(), dhcp.config.as_str()), ("eth0", "dhcp"));
+        assert!(parse_nmconnection("[connection]\nid=vpn1\ntype=vpn\n").is_none());
+    }
+
+    #[test]
+    fn ifcfg_alias_and_numbered_addresses() {
+        let nic = parse_ifcfg(
+            "eth0",
+            "\
+BOOTPROTO=none
+IPADDR0=10.0.0.2
+PREFIX0=28
+IPADDR1=10.0.1.2
+NETMASK1=255.255.0.0
+",
+        );
+        assert_eq!(nic.addresses, vec!["10.0.0.2/28", "10.0.1.2/16"]);
+        assert_eq!(nic.config, "static");
+        let alias = parse_ifcfg(
+            "eth0:1",
+            "DEVICE=eth0:1\nBOOTPROTO=static\nIPADDR=10.0.0.3\nNETMASK=255.255.255.0\n",
+        );
+        assert_eq!(
+            (alias.name.as_str(), alias.config.as_str()),
+            ("eth0", "unknown")
+        );
+    }
+
+    #[test]
+    fn interfaces_inet_decides_over_inet6() {
+        let (nics, sources) = parse_interfaces(
+            "\
+iface eth0 inet dhcp
+iface eth0 inet6 static
+    address 2001:db8::7/64
+iface eth1 inet6 static
+    address 2001:db8:1::7
+source-directory interfaces.d
+",
+        );
+        assert_eq!(nics[0].name, "eth0");
+        assert_eq!(nics[0].config, "dhcp");
+        assert_eq!(nics[0].addresses, vec!["2001:db8::7/64"]);
+        assert_eq!(nics[1].config, "static");
+        assert_eq!(nics[1].addresses, vec!["2001:db8:1::7/64"]);
+        assert_eq!(
+            sources,
+            vec![("source-directory".to_string(), "interfaces.d".to_string())]
+        );
+    }
+
+    #[test]
+    fn netplan_flow_mapping_and_quoted_keys() {
+        let nics = parse_netplan(
+            "\
+network:
+  ethernets:
+    eth0: {dhcp4: yes}
+    \"eth1\":
+      addresses:
+        - \"10.1.0.9/24\":
+            lifetime: 0
+  bonds:
+    bond0:
+      interfaces: [eth2, eth3]
+      dhcp4: false
+",
+        );
+        let names: Vec<(&str, &str)> = nics
+            .iter()
+            .map(|n| (n.name.as_str(), n.config.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            vec![("eth0", "dhcp"), ("eth1", "static"), ("bond0", "unknown")]
+        );
+        assert_eq!(nics[1].addresses, vec!["10.1.0.9/24"]);
+    }
+
+    #[test]
+    fn live_merge_uses_config_kind() {
+        let mut live = new_nic("ens3");
+        live.mac = Some("52:54:00:00:00:01".into());
+        let mut by_mac = new_nic("id0");
+        by_mac.mac = live.mac.clone();
+        by_mac.config = "dhcp".into();
+        let merged = merge_live_nics(vec![live], vec![by_mac]);
+        assert_eq!(merged[0].name, "ens3");
+        assert_eq!(merged[0].config, "dhcp");
+    }
+
+    #[test]
+    fn fqdn_lookup() {
+        let hosts =
+            "127.0.0.1 localhost.localdomain localhost app1\n10.0.0.5 app1.prod.corp app1\n";
+        assert_eq!(
+            fqdn_from_hosts("app1", hosts).as_deref(),
+            Some("app1.prod.corp")
+        );
+        assert_eq!(fqdn_from_hosts("app2", hosts), None);
+    }
+
+    #[test]
+    fn version_ordering() {
+        assert_eq!(
+            compare_versions("2.6.18-238.19.1.el5", "2.6.18-238.el5"),
+            Ordering::Greater
+        );
+        assert_eq!(
+            compare_versions("5.15.0-91-generic", "5.15.0-105-generic"),
+            Ordering::Less
+        );
+        assert_eq!(compare_versions("6.1.0", "6.1.0"), Ordering::Equal);
+    }
+
+    #[test]
+    fn symlinks_resolve_inside_root() {
+        let t = tree(&[("/usr/lib/os-release", "ID=fedora\nVERSION_ID=39\n")]);
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        symlink("/lib/os-release", t.path().join("etc/rel")).unwrap();
+        symlink("usr/lib", t.path().join("lib")).unwrap();
+        let text = read_text(t.path(), "/etc/rel").unwrap();
+        assert!(text.contains("fedora"));
+        // An absolute link to a path that only exists on the live host stays in the tree.
+        symlink("/proc/self/status", t.path().join("etc/escape")).unwrap();
+        assert_eq!(read_text(t.path(), "/etc/escape"), None);
+    }
+
+    const MOUNTINFO: &str = "\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard
+40 27 8:1 / /boot rw,relatime shared:2 master:3 - ext4 /dev/sda1 rw
+41 27 8:2 / /srv/my\\040data rw - xfs /dev/sda2 rw,attr2
+42 27 0:50 / /var/tmp rw - ext4 /dev/sdc1 rw
+43 27 0:51 / /var/tmp rw - tmpfs tmpfs rw
+44 27 8:3 / /mnt/tree rw - xfs /dev/sdb1 rw
+45 44 8:4 / /mnt/tree/boot rw - ext4 /dev/sdb2 rw
+46 44 0:52 / /mnt/tree/proc rw - proc proc rw
+47 44 8:5 / /mnt/tree/home rw - ext4 /dev/sdb3 rw
+48 44 8:6 / /mnt/tree/home rw - ext4 /dev/sdb4 rw
+49 44 254:0 /var/lib/docker/hosts /mnt/tree/etc/hosts rw - ext4 /dev/vda rw
+50 44 0:60 /@data /mnt/tree/data rw - btrfs /dev/sdd rw
+51 27 254:0 /srv /mnt/srvbind rw - ext4 /dev/vda rw
+bad line
+";
+
+    #[test]
+    fn mountinfo_parsing() {
+        let rows = parse_mountinfo(MOUNTINFO);
+        assert_eq!(rows.len(), 14);
+        assert_eq!(
+            rows[2],
+            MountRow {
+                mount_id: 40,
+                parent_id: 27,
+                major: 8,
+                minor: 1,
+                root: "/".into(),
+                mount_point: "/boot".into(),
+                fstype: "ext4".into(),
+                source: "/dev/sda1".into()
+            }
+        );
+        assert_eq!(rows[3].mount_point, Path::new("/srv/my data"));
+        assert_eq!(unescape_octal(r"a\011b\134c\012"), b"a\tb\\c\n");
+    }
+
+    #[test]
+    fn mount_selection() {
+        let rows = parse_mountinfo(MOUNTINFO);
+        let live = select_mounts(&rows, Path::new("/"));
+        let points: Vec<&str> = live.iter().map(|f| f.mount_point.as_str()).collect();
+        // /var/tmp's ext4 is over-mounted by tmpfs; /mnt/tree/home shows the later sdb4;
+        // binds of parts of /dev/vda (/srv, a hosts file) duplicate "/".
+        assert_eq!(
+            points,
+            vec![
+                "/",
+                "/boot",
+                "/mnt/tree",
+                "/mnt/tree/boot",
+                "/mnt/tree/data",
+                "/mnt/tree/home",
+                "/srv/my data"
+            ]
+        );
+        let tree = select_mounts(&rows, Path::new("/mnt/tree"));
+        let summary: Vec<(&str, &str, &str)> = tree
+            .iter()
+            .map(|f| (f.mount_point.as_str(), f.device.as_str(), f.fstype.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("/", "/dev/sdb1", "xfs"),
+                ("/boot", "/dev/sdb2", "ext4"),
+                ("/data", "/dev/sdd", "btrfs"),
+                ("/etc/hosts", "/dev/vda", "ext4"),
+                ("/home", "/dev/sdb4", "ext4"),
+            ]
+        );
+        // A plain directory takes the file system that contains it as its "/".
+        let plain = select_mounts(&rows, Path::new("/srv/other"));
+        assert_eq!(plain.len(), 1);
+        assert_eq!(
+            (plain[0].mount_point.as_str(), plain[0].device.as_str()),
+            ("/", "/dev/vda")
+        );
+    }
+
+    #[test]
+    fn live_local_mounts() {
+        let mounts = local_mounts(Path::new("/")).unwrap();
+        assert!(mounts
+            .iter()
+            .all(|m| m.mount_point.starts_with('/') && is_local_fstype(&m.fstype)));
+        let mut sorted = mounts.clone();
+        sorted.sort_by(|a, b| a.mount_point.cmp(&b.mount_point));
+        assert_eq!(mounts, sorted);
+    }
+
+    #[test]
+    fn live_probe() {
+        let info = probe(Path::new("/")).unwrap();
+        assert!(!info.kernel.is_empty());
+        assert!(info.cpus > 0 && info.memory_bytes > 0);
+        assert!(info.nics.iter().all(|n| n.name != "lo"));
+        assert!(matches!(
+            probe(Path::new("/proc/self/status")),
+            Err(ProbeError::NotADirectory(_))
+        ));
+    }
+
+    #[test]
+    fn fstypes() {
+        for t in ["ext4", "xfs", "btrfs", "vfat", "jfs", "reiserfs"] {
+            assert!(is_local_fstype(t), "{t}");
+        }
+        for t in [
+            "proc", "sysfs", "tmpfs", "nfs", "nfs4", "cifs", "overlay", "devtmpfs", "cgroup",
+            "squashfs",
+        ] {
+            assert!(!is_local_fstype(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn procfs_address_parsers() {
+        let fib = "\
+Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 172.17.0.0/16 2 0 2
+        |-- 172.17.0.0
+           /16 link UNICAST
+        |-- 172.17.0.2
+           /32 host LOCAL
+     |-- 127.0.0.1
+        /32 host LOCAL
+";
+        let route =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+eth0\t00000000\t010011AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+eth0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
+        if cfg!(target_endian = "little") {
+            let map = parse_fib_trie(fib, route);
+            assert_eq!(map.get("eth0"), Some(&vec!["172.17.0.2/16".to_string()]));
+        }
+        let v6 = "\
+20010db8000000000000000000000005 02 40 00 80 eth0
+fe800000000000000000000000000001 02 40 20 80 eth0
+";
+        assert_eq!(
+            parse_if_inet6(v6).get("eth0"),
+            Some(&vec!["2001:db8::5/64".to_string()])
+        );
+        let ip = "\
+1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever
+2: eth0    inet 10.0.0.4/24 brd 10.0.0.255 scope global eth0\\ x
+2: eth0    inet6 fe80::1/64 scope link \\ x
+";
+        let map = parse_ip_addr(ip);
+        assert_eq!(map.get("eth0"), Some(&vec!["10.0.0.4/24".to_string()]));
+    }
+
+    fn run(cmd: &mut Command) -> bool {
+        match cmd.status() {
+            Ok(s) => s.success(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => panic!("{cmd:?}: {e}"),
+        }
+    }
+
+    fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
+        let path = dir.join(name);
+        fs::File::create(&path).unwrap().set_len(size).unwrap();
+        path
+    }
+
+    #[test]
+    fn superblocks_from_mkfs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ext = sparse_file(dir.path(), "ext4.img", 16 << 20);
+        let uuid = "0b5c3a9e-7f41-4c2d-9a6e-1d2e3f405162";
+        if run(Command::new("mkfs.ext4")
+            .args(["-F", "-q", "-U", uuid, "-L", "rootfs"])
+            .arg(&ext))
+        {
+            assert_eq!(
+                read_fs_identity(&ext).unwrap(),
+                (Some(uuid.into()), Some("rootfs".into()))
+            );
+        } else {
+            eprintln!("mkfs.ext4 not available, ext4 superblock not checked");
+        }
+        let xfs = sparse_file(dir.path(), "xfs.img", 300 << 20);
+        let uuid = "6f1d2c3b-4a59-4e68-8c7d-9e0f1a2b3c4d";
+        if run(Command::new("mkfs.xfs")
+            .args(["-f", "-q", "-m", &format!("uuid={uuid}"), "-L", "lbl"])
+            .arg(&xfs))
+        {
+            assert_eq!(
+                read_fs_identity(&xfs).unwrap(),
+                (Some(uuid.into()), Some("lbl".into()))
+            );
+        } else {
+            eprintln!("mkfs.xfs not available, xfs superblock not checked");
+        }
+        let blank = sparse_file(dir.path(), "blank.img", 1 << 20);
+        assert_eq!(read_fs_identity(&blank).unwrap(), (None, None));
+        let tiny = sparse_file(dir.path(), "tiny.img", 100);
+        assert_eq!(read_fs_identity(&tiny).unwrap(), (None, None));
+        assert!(read_fs_identity(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn synthetic_btrfs_and_vfat_superblocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = vec![0u8; 65536 + 4096];
+        let sb = 65536;
+        img[sb + 32..sb + 48]
+            .copy_from_slice(&hex::decode("00112233445566778899aabbccddeeff").unwrap());
+        img[sb + 64..sb + 72].copy_from_slice(b"_BHRfS_M");
+        img[sb + 0x12b..sb + 0x12b + 4].copy_from_slice(b"data");
+        let path = dir.path().join("btrfs.img");
+        fs::write(&path, &img).unwrap();
+        assert_eq!(
+            read_fs_identity(&path).unwrap(),
+            (
+                Some("00112233-4455-6677-8899-aabbccddeeff".into()),
+                Some("data".into())
+            )
+        );
+
+        let mut boot = vec![0u8; 512];
+        boot[66] = 0x29;
+        boot[67..71].copy_from_slice(&[0x34, 0x12, 0xCD, 0xAB]);
+        boot[71..82].copy_from_slice(b"EFI        ");
+        boot[82..90].copy_from_slice(b"FAT32   ");
+        boot[510] = 0x55;
+        boot[511] = 0xAA;
+        let path = dir.path().join("vfat.img");
+        fs::write(&path, &boot).unwrap();
+        assert_eq!(
+            read_fs_identity(&path).unwrap(),
+            (Some("ABCD-1234".into()), Some("EFI".into()))
+        );
+    }
+}

@@ -1,0 +1,466 @@
+//! Walks one file system post-order (children before their directory) without crossing
+//! into other mounts, turns what changed into entries, and cuts file contents into
+//! content-defined chunks named by BLAKE3 and compressed with zstd.
+use crate::index::{Index, Record};
+use ferry_proto::v1::{ChunkFrame, ChunkRef, Entry, EntryKind, Segment, Xattr};
+use std::collections::HashMap;
+use std::io::{Read, Seek};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+pub const CDC_MIN: u32 = 16 * 1024;
+pub const CDC_AVG: u32 = 64 * 1024;
+pub const CDC_MAX: u32 = 256 * 1024;
+/// How often a file that keeps changing while read is re-read before it waits for the next scan.
+const TORN_RETRIES: usize = 3;
+
+/// What the scanner hands to the sender, in order.
+#[derive(Debug)]
+pub enum Item {
+    /// A chunk that an entry after it refers to.
+    Chunk(ChunkFrame),
+    /// A changed entry, with the index record to store once it is accepted.
+    Entry(Entry, Option<Record>),
+    /// Bytes of file data looked at so far.
+    Progress(u64),
+}
+
+/// Sink for scanner output; returns false when the receiver is gone.
+pub trait Sink {
+    fn send(&mut self, item: Item) -> bool;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("sender stopped")]
+    Stopped,
+}
+
+pub struct Scanner<'a, S: Sink> {
+    root: PathBuf,
+    dev: u64,
+    index: &'a Index,
+    /// Highest epoch accepted downstream: records at or below it are safely delivered.
+    accepted: u64,
+    sink: &'a mut S,
+    /// First path seen for each multiply-linked inode, and whether it was sent.
+    links: HashMap<u64, (Vec<u8>, bool)>,
+    /// Absolute paths never to replicate (the agent's own state).
+    exclude: Vec<PathBuf>,
+    pub stats: ScanStats,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScanStats {
+    pub entries_sent: u64,
+    pub files_sent: u64,
+    pub bytes_read: u64,
+    pub unchanged: u64,
+    pub skipped_sockets: u64,
+    pub torn: u64,
+}
+
+fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    if parent.is_empty() {
+        name.to_vec()
+    } else {
+        let mut p = Vec::with_capacity(parent.len() + 1 + name.len());
+        p.extend_from_slice(parent);
+        p.push(b'/');
+        p.extend_from_slice(name);
+        p
+    }
+}
+
+fn base(m: &std::fs::Metadata, path: Vec<u8>, kind: EntryKind) -> Entry {
+    Entry {
+        path,
+        kind: kind as i32,
+        mode: m.mode(),
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime_sec: m.mtime(),
+        mtime_nsec: m.mtime_nsec() as u32,
+        ..Default::default()
+    }
+}
+
+impl<'a, S: Sink> Scanner<'a, S> {
+    pub fn new(
+        root: &Path,
+        index: &'a Index,
+        accepted: u64,
+        sink: &'a mut S,
+        exclude: Vec<PathBuf>,
+    ) -> Result<Self, ScanError> {
+        let m = std::fs::symlink_metadata(root).map_err(|source| ScanError::Io {
+            path: root.display().to_string(),
+            source,
+        })?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            dev: m.dev(),
+            index,
+            accepted,
+            sink,
+            links: HashMap::new(),
+            exclude,
+            stats: ScanStats::default(),
+        })
+    }
+
+    fn abs(&self, rel: &[u8]) -> PathBuf {
+        if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(std::ffi::OsStr::from_bytes(rel))
+        }
+    }
+
+    fn emit(&mut self, item: Item) -> Result<(), ScanError> {
+        if self.sink.send(item) {
+            Ok(())
+        } else {
+            Err(ScanError::Stopped)
+        }
+    }
+
+    fn unchanged(&self, rel: &[u8], m: &std::fs::Metadata) -> bool {
+        self.index
+            .get(rel)
+            .is_some_and(|r| r.epoch <= self.accepted && r.matches(m))
+    }
+
+    /// Scans the whole file system; returns whether anything was sent.
+    pub fn run(&mut self) -> Result<bool, ScanError> {
+        let m = std::fs::symlink_metadata(&self.root).map_err(|source| ScanError::Io {
+            path: self.root.display().to_string(),
+            source,
+        })?;
+        self.dir(Vec::new(), &m)
+    }
+
+    /// Post-order: children first, then the directory itself when it or anything below changed.
+    fn dir(&mut self, rel: Vec<u8>, m: &std::fs::Metadata) -> Result<bool, ScanError> {
+        let abs = self.abs(&rel);
+        let mut names: Vec<Vec<u8>> = match std::fs::read_dir(&abs) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().as_bytes().to_vec())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(ScanError::Io {
+                    path: abs.display().to_string(),
+                    source,
+                })
+            }
+        };
+        names.sort();
+        let mut changed = false;
+        let mut children = Vec::with_capacity(names.len());
+        for name in names {
+            let child = join(&rel, &name);
+            let cabs = self.abs(&child);
+            if self.exclude.iter().any(|x| x == &cabs) {
+                continue;
+            }
+            let cm = match std::fs::symlink_metadata(&cabs) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(ScanError::Io {
+                        path: cabs.display().to_string(),
+                        source,
+                    })
+                }
+            };
+            let ft = cm.file_type();
+            if ft.is_socket() {
+                tracing::info!(path = %cabs.display(), "socket skipped");
+                self.stats.skipped_sockets += 1;
+                continue;
+            }
+            // A type change (file became directory, ...) needs the old entry gone first,
+            // because a directory's own entry only follows its children.
+            if ft.is_dir() {
+                if let Some(r) = self.index.get(&child) {
+                    if (r.mode & 0o170000) != 0o040000 {
+                        self.send_entry(
+                            Entry {
+                                path: child.clone(),
+                                kind: EntryKind::Delete as i32,
+                                ..Default::default()
+                            },
+                            None,
+                        )?;
+                    }
+                }
+            }
+            children.push(name);
+            let sent = if ft.is_dir() && cm.dev() == self.dev {
+                self.dir(child, &cm)?
+            } else if ft.is_dir() {
+                // A mount point of another file system: an empty directory here.
+                self.leaf_dir(child, &cm)?
+            } else {
+                self.leaf(child, &cm)?
+            };
+            changed |= sent;
+        }
+        if changed || !self.unchanged(&rel, m) {
+            let mut e = base(m, rel.clone(), EntryKind::Dir);
+            e.children = children;
+            e.xattrs = read_xattrs(&abs);
+            let rec = Record::from_meta(m, 0);
+            self.send_entry(e, Some(rec))?;
+            return Ok(true);
+        }
+        self.stats.unchanged += 1;
+        Ok(false)
+    }
+
+    fn leaf_dir(&mut self, rel: Vec<u8>, m: &std::fs::Metadata) -> Result<bool, ScanError> {
+        if self.unchanged(&rel, m) {
+            return Ok(false);
+        }
+        let mut e = base(m, rel, EntryKind::Dir);
+        e.xattrs = read_xattrs(&self.abs(&e.path));
+        self.send_entry(e, Some(Record::from_meta(m, 0)))?;
+        Ok(true)
+    }
+
+    fn send_entry(&mut self, e: Entry, rec: Option<Record>) -> Result<(), ScanError> {
+        self.stats.entries_sent += 1;
+        self.emit(Item::Entry(e, rec))
+    }
+
+    fn leaf(&mut self, rel: Vec<u8>, m: &std::fs::Metadata) -> Result<bool, ScanError> {
+        let ft = m.file_type();
+        if ft.is_file() && m.nlink() > 1 {
+            if let Some((first, first_sent)) = self.links.get(&m.ino()).cloned() {
+                if !first_sent && self.unchanged(&rel, m) {
+                    return Ok(false);
+                }
+                let mut e = base(m, rel, EntryKind::Hardlink);
+                e.link_target = first;
+                self.send_entry(e, Some(Record::from_meta(m, 0)))?;
+                return Ok(true);
+            }
+        }
+        if self.unchanged(&rel, m) {
+            if ft.is_file() && m.nlink() > 1 {
+                self.links.insert(m.ino(), (rel, false));
+            }
+            self.stats.unchanged += 1;
+            self.emit(Item::Progress(m.size()))?;
+            return Ok(false);
+        }
+        let abs = self.abs(&rel);
+        let mut e = if ft.is_symlink() {
+            let mut e = base(m, rel.clone(), EntryKind::Symlink);
+            match std::fs::read_link(&abs) {
+                Ok(t) => e.link_target = t.as_os_str().as_bytes().to_vec(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(source) => {
+                    return Err(ScanError::Io {
+                        path: abs.display().to_string(),
+                        source,
+                    })
+                }
+            }
+            e
+        } else if ft.is_fifo() {
+            base(m, rel.clone(), EntryKind::Fifo)
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let kind = if ft.is_char_device() {
+                EntryKind::Char
+            } else {
+                EntryKind::Block
+            };
+            let mut e = base(m, rel.clone(), kind);
+            e.rdev = m.rdev();
+            e
+        } else {
+            match self.file(rel.clone())? {
+                Some((e, m2)) => {
+                    if m2.nlink() > 1 {
+                        self.links.insert(m2.ino(), (rel.clone(), true));
+                    }
+                    self.stats.files_sent += 1;
+                    self.send_entry(e, Some(Record::from_meta(&m2, 0)))?;
+                    return Ok(true);
+                }
+                None => return Ok(false),
+            }
+        };
+        e.xattrs = read_link_xattrs(&abs);
+        self.send_entry(e, Some(Record::from_meta(m, 0)))?;
+        Ok(true)
+    }
+
+    /// Reads a regular file into chunks; re-reads it if it changed meanwhile.
+    fn file(&mut self, rel: Vec<u8>) -> Result<Option<(Entry, std::fs::Metadata)>, ScanError> {
+        let abs = self.abs(&rel);
+        let io = |source| ScanError::Io {
+            path: abs.display().to_string(),
+            source,
+        };
+        for _ in 0..TORN_RETRIES {
+            let f = match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(
+                    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOATIME).bits() as i32,
+                )
+                .open(&abs)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io(e)),
+            };
+            let before = f.metadata().map_err(io)?;
+            if !before.file_type().is_file() {
+                return Ok(None);
+            }
+            let mut e = base(&before, rel.clone(), EntryKind::File);
+            e.size = before.size();
+            e.segments = self.segments(&f, before.size()).map_err(io)?;
+            e.xattrs = read_fd_xattrs(&f);
+            let after = std::fs::symlink_metadata(&abs).map_err(io)?;
+            if after.ino() == before.ino()
+                && after.size() == before.size()
+                && after.mtime() == before.mtime()
+                && after.mtime_nsec() == before.mtime_nsec()
+                && after.ctime() == before.ctime()
+                && after.ctime_nsec() == before.ctime_nsec()
+            {
+                return Ok(Some((e, before)));
+            }
+            tracing::debug!(path = %abs.display(), "file changed while read, reading again");
+        }
+        self.stats.torn += 1;
+        tracing::warn!(path = %abs.display(), "file keeps changing while read; left for the next scan");
+        Ok(None)
+    }
+
+    /// Data runs of the file (holes skipped), each cut into chunks that are emitted.
+    fn segments(&mut self, f: &std::fs::File, size: u64) -> std::io::Result<Vec<Segment>> {
+        let mut out = Vec::new();
+        for (start, end) in data_runs(f, size)? {
+            let mut rd = f;
+            rd.seek(std::io::SeekFrom::Start(start))?;
+            let limited = rd.take(end - start);
+            let mut seg = Segment {
+                offset: start,
+                chunks: Vec::new(),
+            };
+            for chunk in fastcdc::v2020::StreamCDC::new(limited, CDC_MIN, CDC_AVG, CDC_MAX) {
+                let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+                let hash = blake3::hash(&chunk.data);
+                let len = chunk.data.len() as u32;
+                self.stats.bytes_read += len as u64;
+                seg.chunks.push(ChunkRef {
+                    hash: hash.as_bytes().to_vec(),
+                    len,
+                });
+                let frame = ChunkFrame {
+                    hash: hash.as_bytes().to_vec(),
+                    zdata: ferry_common::chunks::compress(&chunk.data),
+                    raw_len: len,
+                };
+                if !self.sink.send(Item::Chunk(frame))
+                    || !self.sink.send(Item::Progress(len as u64))
+                {
+                    return Err(std::io::Error::other("sender stopped"));
+                }
+            }
+            if !seg.chunks.is_empty() {
+                out.push(seg);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `[start, end)` runs of data, found with SEEK_DATA/SEEK_HOLE (whole file if unsupported).
+pub fn data_runs(f: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use rustix::fs::SeekFrom;
+    let mut runs = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let start = match rustix::fs::seek(f.as_fd(), SeekFrom::Data(off)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::OPNOTSUPP) => {
+                return Ok(vec![(0, size)])
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if start >= size {
+            break;
+        }
+        let end = match rustix::fs::seek(f.as_fd(), SeekFrom::Hole(start)) {
+            Ok(e) => e.min(size),
+            Err(_) => size,
+        };
+        runs.push((start, end));
+        off = end;
+    }
+    Ok(runs)
+}
+
+fn parse_names(list: &[u8]) -> impl Iterator<Item = &[u8]> {
+    list.split(|&b| b == 0).filter(|n| !n.is_empty())
+}
+
+fn read_fd_xattrs(f: &std::fs::File) -> Vec<Xattr> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let Ok(n) = rustix::fs::flistxattr(f, &mut buf[..]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for name in parse_names(&buf[..n]) {
+        let mut val = vec![0u8; 64 * 1024];
+        if let Ok(len) = rustix::fs::fgetxattr(f, name, &mut val[..]) {
+            val.truncate(len);
+            out.push(Xattr {
+                name: name.to_vec(),
+                value: val,
+            });
+        }
+    }
+    out
+}
+
+fn read_xattrs(p: &Path) -> Vec<Xattr> {
+    match std::fs::File::open(p) {
+        Ok(f) => read_fd_xattrs(&f),
+        Err(_) => read_link_xattrs(p),
+    }
+}
+
+fn read_link_xattrs(p: &Path) -> Vec<Xattr> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let Ok(n) = rustix::fs::llistxattr(p, &mut buf[..]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for name in parse_names(&buf[..n]) {
+        let mut val = vec![0u8; 64 * 1024];
+        if let Ok(len) = rustix::fs::lgetxattr(p, name, &mut val[..]) {
+            val.truncate(len);
+            out.push(Xattr {
+                name: name.to_vec(),
+                value: val,
+            });
+        }
+    }
+    out
+}

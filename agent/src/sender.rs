@@ -1,0 +1,231 @@
+//! The agent's side of the ingest protocol: asks which chunks the receiver lacks, sends
+//! only those, and hands batches to an in-order applier. Every call retries transient
+//! failures with jittered backoff, so a restarted site or cloud manager costs no data.
+use crate::index::{Index, Record};
+use ferry_common::backoff::Backoff;
+use ferry_common::error::is_transient;
+use ferry_proto::v1::{ingest_client::IngestClient, Batch, ChunkFrame, MissingChunksRequest};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("{what} refused by the manager: {message}")]
+    Refused {
+        what: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("stopped")]
+    Stopped,
+    #[error("agent state: {0}")]
+    State(#[from] sled::Error),
+}
+
+impl SendError {
+    /// Refusals that no retry will cure: the operator must act.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            SendError::Refused {
+                code: tonic::Code::Unauthenticated | tonic::Code::PermissionDenied,
+                ..
+            }
+        )
+    }
+}
+
+pub type Client = IngestClient<Channel>;
+
+/// Calls `f` until it succeeds, a non-transient error comes back, or shutdown.
+pub async fn retry<T, F, Fut>(
+    what: &'static str,
+    shutdown: &CancellationToken,
+    mut f: F,
+) -> Result<T, SendError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        let status = tokio::select! {
+            _ = shutdown.cancelled() => return Err(SendError::Stopped),
+            r = f() => match r {
+                Ok(v) => return Ok(v),
+                Err(s) => s,
+            },
+        };
+        if !is_transient(&status) {
+            return Err(SendError::Refused {
+                what,
+                code: status.code(),
+                message: status.message().to_string(),
+            });
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!(call = what, error = %status.message(), retry_in_ms = delay.as_millis() as u64, "manager unreachable, retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(SendError::Stopped),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Counters the agent keeps across restarts.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub chunk_wire_bytes: AtomicU64,
+    pub chunks_sent: AtomicU64,
+    pub chunks_skipped: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+/// Buffers chunks and uploads the ones the receiver lacks.
+pub struct Uploader {
+    client: Client,
+    pending: Vec<ChunkFrame>,
+    pending_bytes: usize,
+    known: HashSet<[u8; 32]>,
+    pub stats: Arc<Stats>,
+    shutdown: CancellationToken,
+}
+
+const FLUSH_BYTES: usize = 8 << 20;
+const KNOWN_CAP: usize = 1 << 20;
+
+impl Uploader {
+    pub fn new(client: Client, stats: Arc<Stats>, shutdown: CancellationToken) -> Self {
+        Self {
+            client,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            known: HashSet::new(),
+            stats,
+            shutdown,
+        }
+    }
+
+    pub async fn add(&mut self, frame: ChunkFrame) -> Result<(), SendError> {
+        let Ok(h) = <[u8; 32]>::try_from(frame.hash.as_slice()) else {
+            return Ok(());
+        };
+        if self.known.contains(&h) || self.pending.iter().any(|f| f.hash == frame.hash) {
+            self.stats.chunks_skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.pending_bytes += frame.zdata.len();
+        self.pending.push(frame);
+        if self.pending_bytes >= FLUSH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets what the receiver was believed to hold (after it reported a missing chunk).
+    pub fn forget(&mut self) {
+        self.known.clear();
+    }
+
+    pub async fn flush(&mut self) -> Result<(), SendError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let frames = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let hashes: Vec<Vec<u8>> = frames.iter().map(|f| f.hash.clone()).collect();
+        let client = self.client.clone();
+        let missing = retry("missing-chunks", &self.shutdown, || {
+            let mut c = client.clone();
+            let req = MissingChunksRequest {
+                hashes: hashes.clone(),
+            };
+            async move { c.missing_chunks(req).await.map(|r| r.into_inner().missing) }
+        })
+        .await?;
+        let mut send = Vec::with_capacity(missing.len());
+        for i in missing {
+            if let Some(f) = frames.get(i as usize) {
+                send.push(f.clone());
+            }
+        }
+        self.stats
+            .chunks_skipped
+            .fetch_add((frames.len() - send.len()) as u64, Ordering::Relaxed);
+        if !send.is_empty() {
+            let bytes: u64 = send.iter().map(|f| f.zdata.len() as u64).sum();
+            let n = send.len() as u64;
+            retry("put-chunks", &self.shutdown, || {
+                let mut c = client.clone();
+                let stream = tokio_stream::iter(send.clone());
+                async move { c.put_chunks(stream).await.map(|_| ()) }
+            })
+            .await?;
+            self.stats
+                .chunk_wire_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
+            self.stats.chunks_sent.fetch_add(n, Ordering::Relaxed);
+        }
+        if self.known.len() > KNOWN_CAP {
+            self.known.clear();
+        }
+        for f in &frames {
+            if let Ok(h) = <[u8; 32]>::try_from(f.hash.as_slice()) {
+                self.known.insert(h);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A batch ready to apply, with the index records it vouches for.
+#[derive(Debug)]
+pub struct Pending {
+    pub batch: Batch,
+    pub records: Vec<(Vec<u8>, Record)>,
+    pub index: Index,
+}
+
+/// Applies batches strictly in order; records each one's index entries once accepted.
+pub async fn applier(
+    client: Client,
+    mut rx: tokio::sync::mpsc::Receiver<Pending>,
+    accepted: Arc<AtomicU64>,
+    durable: Arc<AtomicU64>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(), SendError> {
+    while let Some(p) = rx.recv().await {
+        let batch = p.batch;
+        let epoch = batch.epoch;
+        let resp = retry("apply-batch", &shutdown, || {
+            let mut c = client.clone();
+            let b = batch.clone();
+            async move { c.apply_batch(b).await.map(|r| r.into_inner()) }
+        })
+        .await?;
+        let recs: Vec<(Vec<u8>, Record)> = p
+            .records
+            .into_iter()
+            .map(|(path, mut r)| {
+                r.epoch = epoch;
+                (path, r)
+            })
+            .collect();
+        p.index.put_all(&recs)?;
+        accepted.fetch_max(resp.accepted_epoch.max(epoch), Ordering::SeqCst);
+        durable.fetch_max(resp.durable_epoch, Ordering::SeqCst);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(
+            epoch,
+            entries = batch.entries.len(),
+            durable = resp.durable_epoch,
+            "batch accepted"
+        );
+    }
+    Ok(())
+}

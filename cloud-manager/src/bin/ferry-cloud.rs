@@ -1,0 +1,151 @@
+//! `ferry-cloud`: parses arguments, loads config, sets up tracing, binds the listener and
+//! calls `ferry_cloud_manager::run`; `token create` prints a join token.
+use clap::{Parser, Subcommand};
+use ferry_cloud_manager::config::{ServeConfig, ServeFile};
+use ferry_common::telemetry::LogFormat;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "ferry-cloud", version, about = "Ferry cloud manager")]
+struct Args {
+    /// Log format: plain or json.
+    #[arg(long, global = true, default_value = "plain")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the cloud manager.
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// gRPC listen address (agents, sites and operators).
+        #[arg(long)]
+        listen: Option<String>,
+        /// local, aws or azure.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Extra name or address for the server certificate (repeatable).
+        #[arg(long)]
+        san: Vec<String>,
+    },
+    /// Join tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print a one-time join token for a site manager or an agent.
+    Create {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// How long the token stays valid, in hours.
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    ferry_common::telemetry::init(args.log_format);
+    match args.cmd {
+        Cmd::Token {
+            cmd:
+                TokenCmd::Create {
+                    data_dir,
+                    ttl_hours,
+                },
+        } => {
+            let result = ferry_cloud_manager::load_ca(&data_dir)
+                .map_err(|e| e.to_string())
+                .and_then(|ca| {
+                    ferry_common::token::TokenStore::new(&data_dir)
+                        .create(
+                            &ca.fingerprint(),
+                            std::time::Duration::from_secs(ttl_hours * 3600),
+                        )
+                        .map_err(|e| e.to_string())
+                });
+            match result {
+                Ok(t) => {
+                    println!("{}", t.render());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ferry-cloud: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Serve {
+            config,
+            data_dir,
+            listen,
+            provider,
+            san,
+        } => {
+            let file = match config
+                .as_deref()
+                .map(ferry_common::config::load_toml::<ServeFile>)
+                .transpose()
+            {
+                Ok(f) => f.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("ferry-cloud: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let merged = ServeFile {
+                data_dir: data_dir.or(file.data_dir),
+                listen: listen.or(file.listen),
+                provider: provider.or(file.provider),
+                san: if san.is_empty() { file.san } else { san },
+                log_format: None,
+            };
+            let config = match ServeConfig::resolve(merged) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ferry-cloud: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            serve(config)
+        }
+    }
+}
+
+#[tokio::main]
+async fn serve(config: ServeConfig) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(&config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ferry-cloud: cannot listen on {}: {e}", config.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = ferry_common::shutdown::on_signals();
+    let run = ferry_cloud_manager::run(config, listener, shutdown.clone());
+    tokio::pin!(run);
+    let result = tokio::select! {
+        r = &mut run => r,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(ferry_common::shutdown::GRACE).await } => {
+            tracing::warn!("grace period over, stopping");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-cloud: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

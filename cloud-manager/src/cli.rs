@@ -1,0 +1,102 @@
+//! The `ferry` operator command: talks to the control API with the operator credentials.
+use crate::OperatorCredentials;
+use ferry_proto::v1 as pb;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot read credentials {path}: {message} (set --credentials or FERRY_CREDENTIALS)")]
+    Credentials { path: String, message: String },
+    #[error(transparent)]
+    Tls(#[from] ferry_common::tls::TlsError),
+    #[error("{}", .0.message())]
+    Api(#[from] tonic::Status),
+}
+
+/// Default place of the credentials when neither flag nor environment names one.
+pub const DEFAULT_CREDENTIALS: &str = "/var/lib/ferry/cloud/operator.toml";
+
+pub async fn connect(
+    path: &Path,
+) -> Result<pb::control_client::ControlClient<tonic::transport::Channel>, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CliError::Credentials {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let creds: OperatorCredentials = toml::from_str(&text).map_err(|e| CliError::Credentials {
+        path: path.display().to_string(),
+        message: e.message().to_string(),
+    })?;
+    let cfg =
+        ferry_common::tls::client_config(&creds.ca_pem, &creds.cert_pem, creds.key_pem.expose())?;
+    let ch = ferry_common::tls::channel(&creds.endpoint, cfg)?;
+    Ok(pb::control_client::ControlClient::new(ch))
+}
+
+pub fn credentials_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("FERRY_CREDENTIALS").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CREDENTIALS))
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+fn when(ms: i64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    let ago = (ferry_common::now_ms() - ms).max(0) / 1000;
+    format!("{ago}s ago")
+}
+
+/// A table of systems and their file systems for people.
+pub fn render_systems(systems: &[pb::SystemStatus]) -> String {
+    let mut out = String::new();
+    if systems.is_empty() {
+        return "no systems registered\n".into();
+    }
+    for s in systems {
+        out.push_str(&format!(
+            "{}  {}  epoch {}  durable {}  via {}\n",
+            s.name,
+            s.state,
+            s.durable_epoch,
+            when(s.last_durable_unix_ms),
+            if s.via.is_empty() { "-" } else { &s.via }
+        ));
+        for f in &s.filesystems {
+            out.push_str(&format!(
+                "  {:<12} {:<5} {:<36} {:<12} {} / {}  {}\n",
+                f.mount_point,
+                f.fstype,
+                f.uuid,
+                f.phase,
+                human_bytes(f.bytes_done),
+                human_bytes(f.bytes_total),
+                f.replica_path
+            ));
+        }
+    }
+    out
+}
+
+pub fn render_counters(c: &pb::Counters) -> String {
+    format!(
+        "chunks stored {} ({} raw, {} on the wire), duplicates sent {}, batches {}, file bytes written {}, refused requests {}\n",
+        c.chunks_stored,
+        human_bytes(c.chunk_raw_bytes),
+        human_bytes(c.chunk_wire_bytes),
+        c.chunks_duplicate,
+        c.batches_applied,
+        human_bytes(c.file_bytes_written),
+        c.refused_requests
+    )
+}

@@ -1,0 +1,456 @@
+//! The cloud manager's ingest and control logic, independent of gRPC: enrollment,
+//! registration, chunk intake, durable batch application, and status.
+use crate::apply;
+use crate::state::{Counters, FsRecord, State, SystemRecord};
+use crate::volumes::{self, Volumes};
+use ferry_common::chunks::{self, ChunkStore};
+use ferry_common::error::{ErrorKind, Kind};
+use ferry_common::pki::{Ca, Identity, Role};
+use ferry_common::token::TokenStore;
+use ferry_proto::v1 as pb;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    #[error(transparent)]
+    Store(#[from] ferry_common::store::StoreError),
+    #[error(transparent)]
+    Pki(#[from] ferry_common::pki::PkiError),
+    #[error(transparent)]
+    Token(#[from] ferry_common::token::TokenError),
+    #[error(transparent)]
+    Volume(#[from] volumes::VolumeError),
+    #[error(transparent)]
+    Apply(#[from] apply::ApplyError),
+    #[error(transparent)]
+    Chunk(#[from] chunks::ChunkError),
+    #[error("client certificate required: enroll with a join token first")]
+    Unauthenticated,
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("volume i/o: {0}")]
+    Io(String),
+}
+
+impl ErrorKind for CloudError {
+    fn kind(&self) -> Kind {
+        match self {
+            CloudError::Store(e) => e.kind(),
+            CloudError::Pki(e) => e.kind(),
+            CloudError::Token(e) => e.kind(),
+            CloudError::Volume(e) => e.kind(),
+            CloudError::Apply(e) => e.kind(),
+            CloudError::Chunk(e) => e.kind(),
+            CloudError::Unauthenticated => Kind::Unauthenticated,
+            CloudError::PermissionDenied(_) => Kind::PermissionDenied,
+            CloudError::NotFound(_) => Kind::NotFound,
+            CloudError::AlreadyExists(_) => Kind::AlreadyExists,
+            CloudError::Invalid(_) => Kind::InvalidArgument,
+            CloudError::Io(m) if m.contains("No space left") => Kind::ResourceExhausted,
+            CloudError::Io(_) => Kind::Internal,
+        }
+    }
+}
+
+pub type Result<T, E = CloudError> = std::result::Result<T, E>;
+
+/// Most hashes one MissingChunks call may ask about.
+const MAX_HASHES: usize = 65536;
+const MAX_ENTRIES: usize = 100_000;
+
+pub struct Cloud {
+    pub state: State,
+    pub chunks: ChunkStore,
+    pub volumes: Volumes,
+    pub tokens: TokenStore,
+    pub ca: Ca,
+    pub counters: Counters,
+    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for Cloud {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cloud").finish_non_exhaustive()
+    }
+}
+
+/// The identity a request must carry to write `system`: the agent itself, or a site
+/// relaying for it (sites check their agents' identities before they queue anything).
+pub fn authorize_system(peer: &Identity, system: &str) -> Result<()> {
+    match peer.role {
+        Role::Agent if peer.name == system => Ok(()),
+        Role::Site => Ok(()),
+        _ => Err(CloudError::PermissionDenied(format!(
+            "{peer} may not write system {system:?}"
+        ))),
+    }
+}
+
+pub fn require_ingest(peer: Option<&Identity>) -> Result<&Identity> {
+    match peer {
+        Some(id) if matches!(id.role, Role::Agent | Role::Site) => Ok(id),
+        Some(id) => Err(CloudError::PermissionDenied(format!(
+            "{id} may not use the ingest api"
+        ))),
+        None => Err(CloudError::Unauthenticated),
+    }
+}
+
+pub fn require_operator(peer: Option<&Identity>) -> Result<&Identity> {
+    match peer {
+        Some(id) if id.role == Role::Operator => Ok(id),
+        Some(id) => Err(CloudError::PermissionDenied(format!(
+            "{id} may not use the control api"
+        ))),
+        None => Err(CloudError::Unauthenticated),
+    }
+}
+
+impl Cloud {
+    pub fn new(
+        state: State,
+        chunks: ChunkStore,
+        volumes: Volumes,
+        tokens: TokenStore,
+        ca: Ca,
+    ) -> Result<Self> {
+        let counters = state.load_counters()?;
+        Ok(Self {
+            state,
+            chunks,
+            volumes,
+            tokens,
+            ca,
+            counters,
+            locks: Default::default(),
+        })
+    }
+
+    fn lock(&self, system: &str) -> Arc<Mutex<()>> {
+        let mut m = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(system.to_string()).or_default().clone()
+    }
+
+    /// Mounts every known volume (after a restart).
+    pub async fn mount_all(self: &Arc<Self>) -> Result<()> {
+        for sys in self.state.systems()? {
+            for fs in &sys.filesystems {
+                let (v, name, fs) = (self.volumes.clone(), sys.name.clone(), fs.clone());
+                blocking(move || v.ensure(&name, &fs).map_err(CloudError::from)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn enroll(&self, req: pb::EnrollRequest) -> Result<pb::EnrollResponse> {
+        let role = match req.role.as_str() {
+            "agent" => Role::Agent,
+            "site" => Role::Site,
+            other => {
+                return Err(CloudError::Invalid(format!(
+                    "cannot enroll role {other:?} (agent or site)"
+                )))
+            }
+        };
+        let identity = Identity::new(role, &req.name)?;
+        if role == Role::Agent && !req.sans.is_empty() {
+            return Err(CloudError::Invalid(
+                "agents do not serve: no subject alternative names".into(),
+            ));
+        }
+        for san in &req.sans {
+            let ok = san.parse::<std::net::IpAddr>().is_ok()
+                || (!san.is_empty()
+                    && san.len() < 254
+                    && san
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+            if !ok {
+                return Err(CloudError::Invalid(format!(
+                    "invalid subject alternative name {san:?}"
+                )));
+            }
+        }
+        let id = identity.to_string();
+        if self.state.is_enrolled(&id)? {
+            return Err(CloudError::AlreadyExists(format!(
+                "{id} is already enrolled"
+            )));
+        }
+        self.tokens.consume(&req.token)?;
+        let cert_pem = self.ca.sign_csr(&req.csr_pem, &identity, &req.sans)?;
+        self.state.mark_enrolled(&id)?;
+        tracing::info!(identity = %id, "enrolled");
+        Ok(pb::EnrollResponse {
+            cert_pem,
+            ca_pem: self.ca.pem().to_string(),
+        })
+    }
+
+    pub async fn register(
+        self: &Arc<Self>,
+        peer: &Identity,
+        req: pb::RegisterRequest,
+    ) -> Result<pb::RegisterResponse> {
+        authorize_system(peer, &req.system)?;
+        ferry_common::pki::validate_name(&req.system).map_err(CloudError::Invalid)?;
+        if req.filesystems.is_empty() || req.filesystems.len() > 64 {
+            return Err(CloudError::Invalid(
+                "a system registers 1 to 64 file systems".into(),
+            ));
+        }
+        let probe_json = String::from_utf8(req.probe_json)
+            .map_err(|_| CloudError::Invalid("probe is not utf-8 json".into()))?;
+        let lock = self.lock(&req.system);
+        let _g = lock.lock().await;
+        let mut rec = self
+            .state
+            .system(&req.system)?
+            .unwrap_or_else(|| SystemRecord {
+                name: req.system.clone(),
+                ..Default::default()
+            });
+        rec.probe_json = probe_json;
+        for fs in req.filesystems {
+            ferry_common::pki::validate_name(&fs.fs_id).map_err(CloudError::Invalid)?;
+            if !volumes::supported(&fs.fstype) {
+                return Err(volumes::VolumeError::Unsupported(fs.fstype).into());
+            }
+            if let Some(have) = rec.fs_mut(&fs.fs_id) {
+                have.mount_point = fs.mount_point;
+                have.used_bytes = fs.used_bytes;
+                continue;
+            }
+            rec.filesystems.push(FsRecord {
+                fs_id: fs.fs_id,
+                mount_point: fs.mount_point,
+                fstype: fs.fstype,
+                capacity_bytes: fs.capacity_bytes,
+                used_bytes: fs.used_bytes,
+                uuid: fs.uuid,
+                label: fs.label,
+                device: fs.device,
+                phase: "scanning".into(),
+                bytes_done: 0,
+                bytes_total: fs.used_bytes,
+            });
+        }
+        for fs in &rec.filesystems {
+            let (v, name, fs) = (self.volumes.clone(), rec.name.clone(), fs.clone());
+            blocking(move || v.ensure(&name, &fs).map_err(CloudError::from)).await?;
+        }
+        self.state.put_system(&rec)?;
+        self.state.store.flush()?;
+        tracing::info!(system = %rec.name, filesystems = rec.filesystems.len(), by = %peer, "system registered");
+        Ok(pb::RegisterResponse {
+            accepted_epoch: rec.durable_epoch,
+            durable_epoch: rec.durable_epoch,
+        })
+    }
+
+    pub fn missing(&self, req: &pb::MissingChunksRequest) -> Result<pb::MissingChunksResponse> {
+        if req.hashes.len() > MAX_HASHES {
+            return Err(CloudError::Invalid(format!(
+                "at most {MAX_HASHES} hashes per call"
+            )));
+        }
+        let mut missing = Vec::new();
+        for (i, h) in req.hashes.iter().enumerate() {
+            let h = chunks::hash_from_bytes(h)?;
+            if !self.chunks.has(&h) {
+                missing.push(i as u32);
+            }
+        }
+        Ok(pb::MissingChunksResponse { missing })
+    }
+
+    /// Verifies and stages one frame; duplicates are counted and dropped.
+    pub fn stage_frame(&self, f: &pb::ChunkFrame) -> Result<Option<chunks::Staged>> {
+        let hash = chunks::hash_from_bytes(&f.hash)?;
+        chunks::verify_frame(&hash, &f.zdata, f.raw_len)?;
+        Counters::add(&self.counters.chunk_wire_bytes, f.zdata.len() as u64);
+        if self.chunks.has(&hash) {
+            Counters::add(&self.counters.chunks_duplicate, 1);
+            return Ok(None);
+        }
+        Counters::add(&self.counters.chunk_raw_bytes, f.raw_len as u64);
+        Ok(Some(self.chunks.stage(hash, &f.zdata)?))
+    }
+
+    pub async fn commit_chunks(self: &Arc<Self>, staged: Vec<chunks::Staged>) -> Result<u64> {
+        let this = self.clone();
+        let n = blocking(move || this.chunks.commit(staged).map_err(CloudError::from)).await?;
+        Counters::add(&self.counters.chunks_stored, n as u64);
+        Ok(n as u64)
+    }
+
+    pub async fn apply_batch(
+        self: &Arc<Self>,
+        peer: &Identity,
+        batch: pb::Batch,
+    ) -> Result<pb::BatchResponse> {
+        authorize_system(peer, &batch.system)?;
+        if batch.entries.len() > MAX_ENTRIES {
+            return Err(CloudError::Invalid(format!(
+                "at most {MAX_ENTRIES} entries per batch"
+            )));
+        }
+        let lock = self.lock(&batch.system);
+        let _g = lock.lock().await;
+        let mut rec = self.state.system(&batch.system)?.ok_or_else(|| {
+            CloudError::NotFound(format!("system {:?} is not registered", batch.system))
+        })?;
+        if batch.epoch <= rec.durable_epoch {
+            return Ok(pb::BatchResponse {
+                accepted_epoch: rec.durable_epoch,
+                durable_epoch: rec.durable_epoch,
+            });
+        }
+        let fs = rec
+            .fs(&batch.fs_id)
+            .ok_or_else(|| {
+                CloudError::NotFound(format!(
+                    "system {} has no file system {:?}",
+                    batch.system, batch.fs_id
+                ))
+            })?
+            .clone();
+        let mnt = self.volumes.ensure(&batch.system, &fs)?;
+        let this = self.clone();
+        let entries = batch.entries;
+        let applied = blocking(move || -> Result<apply::Applied> {
+            let root = ferry_common::safepath::Root::open(&mnt).map_err(apply::ApplyError::from)?;
+            let applied = apply::apply(&root, &this.chunks, &entries)?;
+            rustix::fs::syncfs(root.fd())
+                .map_err(|e| CloudError::Io(std::io::Error::from(e).to_string()))?;
+            Ok(applied)
+        })
+        .await?;
+        Counters::add(&self.counters.batches_applied, 1);
+        Counters::add(&self.counters.file_bytes_written, applied.file_bytes);
+        rec.durable_epoch = batch.epoch;
+        rec.last_durable_ms = ferry_common::now_ms();
+        rec.last_source_ms = rec.last_source_ms.max(batch.source_time_ms);
+        rec.via = peer.to_string();
+        if let (Some(p), Some(f)) = (batch.progress.as_ref(), rec.fs_mut(&batch.fs_id)) {
+            f.phase = p.phase.clone();
+            f.bytes_done = p.bytes_done;
+            f.bytes_total = p.bytes_total;
+        }
+        self.state.put_system(&rec)?;
+        self.state.save_counters(&self.counters)?;
+        self.state.store.flush()?;
+        tracing::debug!(system = %rec.name, epoch = batch.epoch, entries = applied.entries, "epoch durable");
+        Ok(pb::BatchResponse {
+            accepted_epoch: rec.durable_epoch,
+            durable_epoch: rec.durable_epoch,
+        })
+    }
+
+    pub fn progress(&self, peer: &Identity, system: &str) -> Result<pb::ProgressResponse> {
+        authorize_system(peer, system)?;
+        let d = self
+            .state
+            .system(system)?
+            .map(|r| r.durable_epoch)
+            .unwrap_or(0);
+        Ok(pb::ProgressResponse {
+            accepted_epoch: d,
+            durable_epoch: d,
+        })
+    }
+
+    pub fn refused(&self) {
+        Counters::add(&self.counters.refused_requests, 1);
+    }
+
+    pub fn system_status(&self, rec: &SystemRecord) -> pb::SystemStatus {
+        let filesystems = rec
+            .filesystems
+            .iter()
+            .map(|f| pb::FsStatus {
+                fs_id: f.fs_id.clone(),
+                mount_point: String::from_utf8_lossy(&f.mount_point).into_owned(),
+                fstype: f.fstype.clone(),
+                uuid: f.uuid.clone(),
+                label: f.label.clone(),
+                capacity_bytes: f.capacity_bytes,
+                phase: f.phase.clone(),
+                bytes_done: f.bytes_done,
+                bytes_total: f.bytes_total,
+                replica_path: self
+                    .volumes
+                    .mount_point(&rec.name, &f.fs_id)
+                    .display()
+                    .to_string(),
+                image: self
+                    .volumes
+                    .image(&rec.name, &f.fs_id)
+                    .display()
+                    .to_string(),
+            })
+            .collect();
+        let lag_ms = if rec.last_source_ms > 0 {
+            (rec.last_source_ms - rec.last_durable_ms).max(0)
+        } else {
+            0
+        };
+        pb::SystemStatus {
+            name: rec.name.clone(),
+            state: rec.state().into(),
+            probe_json: rec.probe_json.clone(),
+            filesystems,
+            durable_epoch: rec.durable_epoch,
+            last_durable_unix_ms: rec.last_durable_ms,
+            via: rec.via.clone(),
+            lag_ms,
+        }
+    }
+
+    pub fn list(&self, name: &str) -> Result<Vec<pb::SystemStatus>> {
+        let recs = self.state.systems()?;
+        if !name.is_empty() && !recs.iter().any(|r| r.name == name) {
+            return Err(CloudError::NotFound(format!("no system named {name:?}")));
+        }
+        Ok(recs
+            .iter()
+            .filter(|r| name.is_empty() || r.name == name)
+            .map(|r| self.system_status(r))
+            .collect())
+    }
+
+    pub fn replica_path(&self, system: &str, mount_point: &str) -> Result<PathBuf> {
+        let rec = self
+            .state
+            .system(system)?
+            .ok_or_else(|| CloudError::NotFound(format!("no system named {system:?}")))?;
+        let fs = rec
+            .filesystems
+            .iter()
+            .find(|f| f.mount_point == mount_point.as_bytes())
+            .ok_or_else(|| {
+                CloudError::NotFound(format!(
+                    "system {system} has no file system mounted at {mount_point:?}"
+                ))
+            })?;
+        Ok(self.volumes.mount_point(system, &fs.fs_id))
+    }
+}
+
+/// Runs blocking file-system work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CloudError::Io(format!("worker failed: {e}")))?
+}

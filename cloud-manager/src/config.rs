@@ -1,0 +1,71 @@
+//! `ferry-cloud serve` settings: flags mirror the TOML keys, unknown keys are rejected,
+//! and everything is validated at load time.
+use ferry_common::config::ConfigError;
+use ferry_common::telemetry::LogFormat;
+use std::path::PathBuf;
+
+/// The file form of the settings; every key is optional so flags can fill the gaps.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeFile {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub san: Vec<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// Validated settings of the cloud manager.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: String,
+    pub provider: Provider,
+    /// Extra names and addresses for the server certificate.
+    pub san: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    Local,
+}
+
+impl Provider {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "local" => Ok(Provider::Local),
+            "aws" | "azure" => Err(ConfigError::Invalid {
+                key: "provider",
+                message: format!("provider {s} is not available in this build yet; use local"),
+            }),
+            other => Err(ConfigError::Invalid {
+                key: "provider",
+                message: format!("unknown provider {other:?} (local, aws or azure)"),
+            }),
+        }
+    }
+}
+
+impl ServeConfig {
+    pub fn resolve(file: ServeFile) -> Result<Self, ConfigError> {
+        let data_dir = file.data_dir.ok_or(ConfigError::Invalid {
+            key: "data_dir",
+            message: "is required".into(),
+        })?;
+        let listen = file.listen.unwrap_or_else(|| "127.0.0.1:7443".into());
+        listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| ConfigError::Invalid {
+                key: "listen",
+                message: format!("{listen:?} is not HOST:PORT with an IP address"),
+            })?;
+        let provider = Provider::parse(file.provider.as_deref().unwrap_or("local"))?;
+        Ok(Self {
+            data_dir,
+            listen,
+            provider,
+            san: file.san,
+        })
+    }
+}

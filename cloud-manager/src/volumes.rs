@@ -1,0 +1,206 @@
+//! Replica volumes on the local backend: for every source file system a sparse image of
+//! the same capacity, formatted with the source's type, UUID and label, loop-mounted
+//! under the data dir.
+use crate::state::FsRecord;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("file system type {0:?} is not supported for replica volumes (ext2, ext3, ext4, xfs, btrfs, vfat)")]
+    Unsupported(String),
+    #[error("volume {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {stderr}")]
+    Command { command: String, stderr: String },
+}
+
+impl ferry_common::error::ErrorKind for VolumeError {
+    fn kind(&self) -> ferry_common::error::Kind {
+        match self {
+            VolumeError::Unsupported(_) => ferry_common::error::Kind::InvalidArgument,
+            VolumeError::Io { source, .. } if source.raw_os_error() == Some(28) => {
+                ferry_common::error::Kind::ResourceExhausted
+            }
+            _ => ferry_common::error::Kind::Internal,
+        }
+    }
+}
+
+/// Smallest image we make: mkfs.xfs refuses file systems under 300 MiB.
+const MIN_XFS: u64 = 300 << 20;
+
+pub fn supported(fstype: &str) -> bool {
+    matches!(fstype, "ext2" | "ext3" | "ext4" | "xfs" | "btrfs" | "vfat")
+}
+
+fn run(cmd: &mut Command) -> Result<String, VolumeError> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| VolumeError::Command {
+        command: shown.clone(),
+        stderr: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(VolumeError::Command {
+            command: shown,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[derive(Debug, Clone)]
+pub struct Volumes {
+    root: PathBuf,
+}
+
+impl Volumes {
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            root: data_dir.join("volumes"),
+        }
+    }
+
+    pub fn image(&self, system: &str, fs_id: &str) -> PathBuf {
+        self.root.join(system).join(format!("{fs_id}.img"))
+    }
+
+    pub fn mount_point(&self, system: &str, fs_id: &str) -> PathBuf {
+        self.root.join(system).join(fs_id)
+    }
+
+    /// Creates, formats and mounts the volume as needed; returns where it is mounted.
+    pub fn ensure(&self, system: &str, fs: &FsRecord) -> Result<PathBuf, VolumeError> {
+        if !supported(&fs.fstype) {
+            return Err(VolumeError::Unsupported(fs.fstype.clone()));
+        }
+        let image = self.image(system, &fs.fs_id);
+        let mnt = self.mount_point(system, &fs.fs_id);
+        let io = |p: &Path| {
+            let p = p.display().to_string();
+            move |source| VolumeError::Io { path: p, source }
+        };
+        std::fs::create_dir_all(&mnt).map_err(io(&mnt))?;
+        if is_mounted(&mnt) {
+            return Ok(mnt);
+        }
+        if !image.exists() {
+            self.format(&image, fs)?;
+        }
+        let mut cmd = Command::new("mount");
+        cmd.arg("-t").arg(&fs.fstype);
+        // The source may be mounted on this very host with the same XFS UUID.
+        cmd.arg("-o").arg(if fs.fstype == "xfs" {
+            "loop,nouuid"
+        } else {
+            "loop"
+        });
+        cmd.arg(&image).arg(&mnt);
+        run(&mut cmd)?;
+        tracing::info!(system, fs_id = %fs.fs_id, mount = %mnt.display(), "volume mounted");
+        Ok(mnt)
+    }
+
+    fn format(&self, image: &Path, fs: &FsRecord) -> Result<(), VolumeError> {
+        let io = |source| VolumeError::Io {
+            path: image.display().to_string(),
+            source,
+        };
+        let mut size = fs
+            .capacity_bytes
+            .max(fs.used_bytes + fs.used_bytes / 10)
+            .max(64 << 20);
+        if fs.fstype == "xfs" {
+            size = size.max(MIN_XFS);
+        }
+        size = size.div_ceil(1 << 20) << 20;
+        let tmp = image.with_extension("img.tmp");
+        let f = std::fs::File::create(&tmp).map_err(io)?;
+        f.set_len(size).map_err(io)?;
+        drop(f);
+        let mut cmd = match fs.fstype.as_str() {
+            t @ ("ext2" | "ext3" | "ext4") => {
+                let mut c = Command::new(format!("mkfs.{t}"));
+                c.args(["-F", "-q"]);
+                if !fs.uuid.is_empty() {
+                    c.arg("-U").arg(&fs.uuid);
+                }
+                if !fs.label.is_empty() {
+                    c.arg("-L").arg(&fs.label);
+                }
+                c
+            }
+            "xfs" => {
+                let mut c = Command::new("mkfs.xfs");
+                c.args(["-f", "-q"]);
+                if !fs.uuid.is_empty() {
+                    c.arg("-m").arg(format!("uuid={}", fs.uuid));
+                }
+                if !fs.label.is_empty() {
+                    c.arg("-L").arg(&fs.label);
+                }
+                c
+            }
+            "btrfs" => {
+                let mut c = Command::new("mkfs.btrfs");
+                c.args(["-f", "-q"]);
+                if !fs.uuid.is_empty() {
+                    c.arg("-U").arg(&fs.uuid);
+                }
+                if !fs.label.is_empty() {
+                    c.arg("-L").arg(&fs.label);
+                }
+                c
+            }
+            "vfat" => {
+                let mut c = Command::new("mkfs.vfat");
+                if !fs.uuid.is_empty() {
+                    c.arg("-i").arg(fs.uuid.replace('-', ""));
+                }
+                if !fs.label.is_empty() {
+                    c.arg("-n").arg(&fs.label);
+                }
+                c
+            }
+            other => return Err(VolumeError::Unsupported(other.into())),
+        };
+        cmd.arg(&tmp);
+        run(&mut cmd)?;
+        std::fs::rename(&tmp, image).map_err(io)?;
+        tracing::info!(image = %image.display(), fstype = %fs.fstype, uuid = %fs.uuid, size, "volume formatted");
+        Ok(())
+    }
+
+    /// Unmounts every mounted volume (clean shutdown); loop devices go with them.
+    pub fn unmount_all(&self) {
+        let Ok(systems) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for sys in systems.flatten() {
+            let Ok(entries) = std::fs::read_dir(sys.path()) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() && is_mounted(&p) {
+                    if let Err(err) = run(Command::new("umount").arg(&p)) {
+                        tracing::warn!(mount = %p.display(), error = %err, "cannot unmount volume");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Whether `path` is a mount point (util-linux `mountpoint`).
+pub fn is_mounted(path: &Path) -> bool {
+    Command::new("mountpoint")
+        .arg("-q")
+        .arg(path)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}

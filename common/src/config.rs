@@ -1,0 +1,98 @@
+//! Config loading (TOML, unknown keys rejected) and the `Secret` type that never prints itself.
+use serde::de::DeserializeOwned;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Loads a TOML file into `T`; `T` should use `#[serde(deny_unknown_fields)]`.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.message().to_string(),
+    })
+}
+
+/// A secret string whose `Debug` and `Display` print a mask.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself; call sites are easy to audit.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("****")
+    }
+}
+
+/// Checks that a URL is `https://HOST:PORT`.
+pub fn validate_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| ConfigError::Invalid {
+            key,
+            message: format!("{url:?} must start with https://"),
+        })?;
+    let hostport = rest.trim_end_matches('/');
+    let ok = hostport
+        .rsplit_once(':')
+        .map(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        .unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            message: format!("{url:?} must be https://HOST:PORT"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_is_masked() {
+        let s = Secret::new("hunter2");
+        assert_eq!(format!("{s:?}"), "Secret(****)");
+        assert_eq!(format!("{s}"), "****");
+        assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn urls() {
+        assert!(validate_url("manager", "https://127.0.0.1:7443").is_ok());
+        assert!(validate_url("manager", "http://127.0.0.1:7443").is_err());
+        assert!(validate_url("manager", "https://host").is_err());
+    }
+}

@@ -1,0 +1,77 @@
+//! Client side of enrollment: present the join token once over a CA-pinned connection,
+//! keep the issued certificate, and build mTLS channels from it afterwards.
+use crate::pki::{IdentityFiles, PkiError, Role};
+use crate::tls::TlsError;
+use crate::token::JoinToken;
+use ferry_proto::v1::{enrollment_client::EnrollmentClient, EnrollRequest};
+use tonic::transport::Channel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("enrollment refused: {0}")]
+    Refused(String),
+    #[error("cannot reach {url} to enroll: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("not enrolled yet and no join token given (--token)")]
+    NoToken,
+}
+
+/// Enrolls with the manager at `url` unless `files` already hold an identity.
+pub async fn ensure_enrolled(
+    url: &str,
+    token: Option<&JoinToken>,
+    role: Role,
+    name: &str,
+    sans: &[String],
+    files: &IdentityFiles,
+) -> Result<(), EnrollError> {
+    if files.exists() {
+        return Ok(());
+    }
+    let token = token.ok_or(EnrollError::NoToken)?;
+    let (csr_pem, key_pem) = crate::pki::new_csr()?;
+    let channel = crate::tls::channel(
+        url,
+        crate::tls::pinned_client_config(&token.ca_fingerprint)?,
+    )?;
+    let mut client = EnrollmentClient::new(channel);
+    let req = EnrollRequest {
+        token: token.credential(),
+        role: role.as_str().into(),
+        name: name.into(),
+        csr_pem,
+        sans: sans.to_vec(),
+    };
+    let resp = match client.enroll(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+            return Err(EnrollError::Unreachable {
+                url: url.into(),
+                message: s.message().into(),
+            })
+        }
+        Err(s) => return Err(EnrollError::Refused(s.message().into())),
+    };
+    let der = crate::pki::pem_to_der(&resp.ca_pem)?;
+    if crate::pki::fingerprint(&der) != token.ca_fingerprint {
+        return Err(EnrollError::Refused(
+            "manager returned a ca that the token does not pin".into(),
+        ));
+    }
+    files.save(&resp.ca_pem, &resp.cert_pem, &key_pem)?;
+    tracing::info!(role = role.as_str(), name, "enrolled");
+    Ok(())
+}
+
+/// An mTLS channel to `url` with the enrolled identity in `files`.
+pub fn mtls_channel(url: &str, files: &IdentityFiles) -> Result<Channel, EnrollError> {
+    let (ca, cert, key) = files.load()?;
+    Ok(crate::tls::channel(
+        url,
+        crate::tls::client_config(&ca, &cert, &key)?,
+    )?)
+}

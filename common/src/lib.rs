@@ -1,0 +1,24 @@
+//! Shared pieces of Ferry's daemons: config, tracing, PKI and enrollment, TLS transport,
+//! shutdown, backoff, the chunk store, path safety and the one error-to-status mapping.
+
+pub mod backoff;
+pub mod chunks;
+pub mod config;
+pub mod enroll;
+pub mod entry;
+pub mod error;
+pub mod pki;
+pub mod safepath;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod tls;
+pub mod token;
+
+/// Current time as Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

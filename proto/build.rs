@@ -1,0 +1,15 @@
+//! Generates the ferry.v1 code with the vendored protoc, so no system protoc is needed.
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    std::env::set_var("PROTOC", protoc);
+    println!("cargo:rerun-if-changed=proto/ferry.proto");
+    let serde = "#[derive(serde::Serialize)]";
+    tonic_build::configure()
+        .type_attribute("ferry.v1.FsStatus", serde)
+        .type_attribute("ferry.v1.SystemStatus", serde)
+        .type_attribute("ferry.v1.Counters", serde)
+        .type_attribute("ferry.v1.SyncStatusResponse", serde)
+        .type_attribute("ferry.v1.ListSystemsResponse", serde)
+        .compile_protos(&["proto/ferry.proto"], &["proto"])?;
+    Ok(())
+}

@@ -1,0 +1,197 @@
+//! Drains the site's queue upstream in order: registrations, then for each batch the
+//! chunks upstream lacks, then the batch itself. An item leaves the queue only when the
+//! cloud manager has made it durable.
+use crate::relay::{QueueItem, Relay};
+use ferry_common::backoff::Backoff;
+use ferry_common::chunks;
+use ferry_common::error::is_transient;
+use ferry_proto::v1 as pb;
+use prost::Message;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+enum Outcome {
+    Done,
+    Retry(tonic::Status),
+    Poison(tonic::Status),
+}
+
+/// Runs until shutdown.
+pub async fn forward(relay: Arc<Relay>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::default();
+    loop {
+        let first = relay.queue.first().ok().flatten();
+        let Some((key, value)) = first else {
+            maybe_collect(&relay);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = relay.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+            continue;
+        };
+        let item = match QueueItem::decode(value.as_ref()) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, "undecodable queue item moved aside");
+                let _ = relay.dead.insert(key.clone(), value);
+                let _ = relay.queue.remove(key);
+                continue;
+            }
+        };
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            o = forward_one(&relay, &item) => o,
+        };
+        match outcome {
+            Outcome::Done => {
+                backoff.connected();
+                let _ = relay.queue.remove(&key);
+                let _ = relay.flush();
+            }
+            Outcome::Retry(s) => {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %s.message(), retry_in_ms = d.as_millis() as u64, queued = relay.queue_len(), "upstream unavailable, holding queue");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(d) => {}
+                }
+            }
+            Outcome::Poison(s) => {
+                tracing::error!(error = %s.message(), "upstream refused a queued item; kept in the dead-letter tree");
+                let _ = relay.dead.insert(key.clone(), value);
+                let _ = relay.queue.remove(&key);
+                let _ = relay.flush();
+            }
+        }
+    }
+}
+
+fn classify(s: tonic::Status) -> Outcome {
+    if is_transient(&s) || s.code() == tonic::Code::FailedPrecondition {
+        Outcome::Retry(s)
+    } else {
+        Outcome::Poison(s)
+    }
+}
+
+async fn forward_one(relay: &Relay, item: &QueueItem) -> Outcome {
+    let mut c = relay.client();
+    if let Some(r) = &item.register {
+        return match c.register(r.clone()).await {
+            Ok(_) => Outcome::Done,
+            Err(s) => classify(s),
+        };
+    }
+    let Some(batch) = &item.batch else {
+        return Outcome::Done;
+    };
+    let hashes: Vec<Vec<u8>> = batch
+        .entries
+        .iter()
+        .flat_map(|e| e.segments.iter())
+        .flat_map(|s| s.chunks.iter())
+        .map(|c| c.hash.clone())
+        .collect();
+    for group in hashes.chunks(4096) {
+        let missing = match c
+            .missing_chunks(pb::MissingChunksRequest {
+                hashes: group.to_vec(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().missing,
+            Err(s) => return classify(s),
+        };
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        for i in missing {
+            let Some(h) = group.get(i as usize) else {
+                continue;
+            };
+            let Ok(hash) = chunks::hash_from_bytes(h) else {
+                continue;
+            };
+            let raw_len = batch
+                .entries
+                .iter()
+                .flat_map(|e| e.segments.iter())
+                .flat_map(|s| s.chunks.iter())
+                .find(|c| &c.hash == h)
+                .map(|c| c.len)
+                .unwrap_or(0);
+            match relay.chunks.read_frame(&hash) {
+                Ok(zdata) => {
+                    bytes += zdata.len();
+                    frames.push(pb::ChunkFrame {
+                        hash: h.clone(),
+                        zdata,
+                        raw_len,
+                    });
+                }
+                Err(e) => {
+                    // Held upstream when the agent asked, and lost there since: nothing
+                    // here can supply it, so the batch cannot complete.
+                    return Outcome::Poison(tonic::Status::failed_precondition(e.to_string()));
+                }
+            }
+            if bytes >= 8 << 20 {
+                if let Err(s) = c
+                    .put_chunks(tokio_stream::iter(std::mem::take(&mut frames)))
+                    .await
+                {
+                    return classify(s);
+                }
+                bytes = 0;
+            }
+        }
+        if !frames.is_empty() {
+            if let Err(s) = c.put_chunks(tokio_stream::iter(frames)).await {
+                return classify(s);
+            }
+        }
+    }
+    match c.apply_batch(batch.clone()).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            let mut pos = relay.positions(&batch.system);
+            pos.durable = pos.durable.max(r.durable_epoch);
+            let _ = relay.set_positions(&batch.system, pos);
+            Outcome::Done
+        }
+        Err(s) => classify(s),
+    }
+}
+
+/// With the queue empty and no uploads for a while, local chunks have served their
+/// purpose: every batch that needed them is durable upstream.
+fn maybe_collect(relay: &Relay) {
+    if !relay.queue.is_empty() || relay.idle_for() < Duration::from_secs(60) {
+        return;
+    }
+    let root = relay.chunks.path(&[0; 32]);
+    let Some(root) = root.parent().and_then(|p| p.parent()) else {
+        return;
+    };
+    let Ok(dirs) = std::fs::read_dir(root) else {
+        return;
+    };
+    let mut n = 0;
+    for d in dirs.flatten() {
+        if d.file_name() == "tmp" {
+            continue;
+        }
+        if let Ok(files) = std::fs::read_dir(d.path()) {
+            for f in files.flatten() {
+                if std::fs::remove_file(f.path()).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+    }
+    if n > 0 {
+        tracing::info!(chunks = n, "relayed chunks collected");
+    }
+    relay.touch_put();
+}

@@ -1,0 +1,119 @@
+//! Ferry's site manager: a durable store-and-forward relay. It offers agents the same
+//! enrollment and ingest services as the cloud manager, persists every accepted batch
+//! (sled) and chunk (chunk store) before acknowledging, and forwards them upstream in
+//! order, so an upstream outage or a restart loses nothing.
+//!
+//! Layout: `relay` holds the queue and the services, `forward` drains it upstream.
+
+pub mod forward;
+pub mod relay;
+
+use ferry_common::config::Secret;
+use ferry_common::pki::{IdentityFiles, Role};
+use ferry_proto::v1 as pb;
+use ferry_proto::MAX_MESSAGE_BYTES;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Validated settings of `ferry-site serve`.
+#[derive(Debug, Clone)]
+pub struct SiteConfig {
+    pub data_dir: PathBuf,
+    pub upstream: String,
+    pub token: Option<Secret>,
+    pub name: String,
+    /// Extra names and addresses for the site's server certificate.
+    pub san: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error(transparent)]
+    Enroll(#[from] ferry_common::enroll::EnrollError),
+    #[error(transparent)]
+    Token(#[from] ferry_common::token::TokenError),
+    #[error(transparent)]
+    Pki(#[from] ferry_common::pki::PkiError),
+    #[error(transparent)]
+    Tls(#[from] ferry_common::tls::TlsError),
+    #[error(transparent)]
+    Relay(#[from] relay::RelayError),
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("grpc server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Serves agents on `listener` until `shutdown`.
+pub async fn run(
+    config: SiteConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), SiteError> {
+    let dir = &config.data_dir;
+    let io = |source| SiteError::DataDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let bound = listener.local_addr().map_err(io)?;
+    let files = IdentityFiles::new(&dir.join("identity"));
+    let token = config
+        .token
+        .as_ref()
+        .map(|t| ferry_common::token::JoinToken::parse(t.expose()))
+        .transpose()?;
+    let mut sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    if !bound.ip().is_unspecified() {
+        sans.push(bound.ip().to_string());
+    }
+    sans.extend(config.san.iter().cloned());
+    sans.sort();
+    sans.dedup();
+    ferry_common::enroll::ensure_enrolled(
+        &config.upstream,
+        token.as_ref(),
+        Role::Site,
+        &config.name,
+        &sans,
+        &files,
+    )
+    .await?;
+    let (ca, cert, key) = files.load()?;
+    let tls = ferry_common::tls::server_config(&ca, &cert, &key)?;
+    let upstream = ferry_common::enroll::mtls_channel(&config.upstream, &files)?;
+
+    let relay = Arc::new(relay::Relay::open(dir, upstream)?);
+    let tracker = tokio_util::task::TaskTracker::new();
+    tracker.spawn(forward::forward(relay.clone(), shutdown.clone()));
+    tracing::info!(listen = %bound, upstream = %config.upstream, queued = relay.queue_len(), "site manager serving");
+
+    let svc = relay::Service {
+        relay: relay.clone(),
+    };
+    let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .add_service(pb::enrollment_server::EnrollmentServer::new(svc.clone()))
+        .add_service(
+            pb::ingest_server::IngestServer::new(svc)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+        .await;
+    tracker.close();
+    tracker.wait().await;
+    relay.flush()?;
+    tracing::info!("site manager stopped");
+    Ok(result?)
+}

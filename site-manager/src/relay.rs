@@ -1,0 +1,389 @@
+//! The site's durable queue and its ingest and enrollment services. A batch is
+//! acknowledged to the agent only after it, and every chunk it needs, is on disk here.
+use ferry_common::chunks::{self, ChunkStore};
+use ferry_common::error::{to_status, ErrorKind, Kind};
+use ferry_common::pki::{Identity, Role};
+use ferry_common::store::Store;
+use ferry_common::tls::peer;
+use ferry_proto::v1::{
+    self as pb, enrollment_client::EnrollmentClient, ingest_client::IngestClient,
+};
+use prost::Message;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Store(#[from] ferry_common::store::StoreError),
+    #[error(transparent)]
+    Sled(#[from] sled::Error),
+    #[error(transparent)]
+    Chunk(#[from] chunks::ChunkError),
+    #[error(transparent)]
+    Entry(#[from] ferry_common::entry::EntryError),
+    #[error("client certificate required: enroll with a join token first")]
+    Unauthenticated,
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("chunk {0} is held neither here nor upstream")]
+    MissingChunk(String),
+}
+
+impl ErrorKind for RelayError {
+    fn kind(&self) -> Kind {
+        match self {
+            RelayError::Store(_) | RelayError::Sled(_) => Kind::Internal,
+            RelayError::Chunk(e) => e.kind(),
+            RelayError::Entry(e) => e.kind(),
+            RelayError::Unauthenticated => Kind::Unauthenticated,
+            RelayError::PermissionDenied(_) => Kind::PermissionDenied,
+            RelayError::Invalid(_) => Kind::InvalidArgument,
+            RelayError::MissingChunk(_) => Kind::FailedPrecondition,
+        }
+    }
+}
+
+type Result<T, E = RelayError> = std::result::Result<T, E>;
+
+/// Per-system positions: highest epoch queued here, highest known durable upstream.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Positions {
+    pub accepted: u64,
+    pub durable: u64,
+}
+
+pub struct Relay {
+    pub store: Store,
+    /// seq (u64 BE) -> encoded `QueueItem`.
+    pub queue: sled::Tree,
+    /// Batches upstream refused for good, kept for the operator.
+    pub dead: sled::Tree,
+    positions: sled::Tree,
+    pub chunks: ChunkStore,
+    pub upstream: Channel,
+    pub wake: tokio::sync::Notify,
+    last_put: std::sync::Mutex<Instant>,
+    order: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").finish_non_exhaustive()
+    }
+}
+
+/// What waits in the queue: a registration or a batch, in arrival order.
+#[derive(Clone, PartialEq, Message)]
+pub struct QueueItem {
+    #[prost(message, optional, tag = "1")]
+    pub register: Option<pb::RegisterRequest>,
+    #[prost(message, optional, tag = "2")]
+    pub batch: Option<pb::Batch>,
+}
+
+const UPSTREAM_QUICK: Duration = Duration::from_secs(5);
+
+impl Relay {
+    pub fn open(dir: &Path, upstream: Channel) -> Result<Self> {
+        let store = Store::open(&dir.join("db"))?;
+        Ok(Self {
+            queue: store.tree("queue")?,
+            dead: store.tree("dead")?,
+            positions: store.tree("positions")?,
+            chunks: ChunkStore::open(&dir.join("chunks"))?,
+            store,
+            upstream,
+            wake: tokio::sync::Notify::new(),
+            last_put: std::sync::Mutex::new(Instant::now()),
+            order: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn client(&self) -> IngestClient<Channel> {
+        IngestClient::new(self.upstream.clone())
+            .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        Ok(self.store.flush()?)
+    }
+
+    pub fn positions(&self, system: &str) -> Positions {
+        self.store
+            .get_json(&self.positions, system.as_bytes())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    pub fn set_positions(&self, system: &str, p: Positions) -> Result<()> {
+        Ok(self
+            .store
+            .put_json(&self.positions, system.as_bytes(), &p)?)
+    }
+
+    /// Appends to the queue and makes it durable before returning.
+    fn enqueue(&self, item: &QueueItem) -> Result<()> {
+        let seq = self.store.db().generate_id()?;
+        self.queue.insert(seq.to_be_bytes(), item.encode_to_vec())?;
+        self.store.flush()?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    pub fn touch_put(&self) {
+        *self.last_put.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        self.last_put
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+
+    /// Indexes of `hashes` held neither here nor (if reachable) upstream.
+    async fn missing(&self, hashes: &[Vec<u8>]) -> Result<Vec<u32>> {
+        let mut local_missing = Vec::new();
+        for (i, h) in hashes.iter().enumerate() {
+            if !self.chunks.has(&chunks::hash_from_bytes(h)?) {
+                local_missing.push(i as u32);
+            }
+        }
+        if local_missing.is_empty() {
+            return Ok(local_missing);
+        }
+        let ask: Vec<Vec<u8>> = local_missing
+            .iter()
+            .map(|&i| hashes[i as usize].clone())
+            .collect();
+        let mut c = self.client();
+        match tokio::time::timeout(
+            UPSTREAM_QUICK,
+            c.missing_chunks(pb::MissingChunksRequest { hashes: ask }),
+        )
+        .await
+        {
+            Ok(Ok(r)) => Ok(r
+                .into_inner()
+                .missing
+                .into_iter()
+                .filter_map(|j| local_missing.get(j as usize).copied())
+                .collect()),
+            _ => Ok(local_missing),
+        }
+    }
+}
+
+fn authorize(peer: Option<&Identity>, system: &str) -> Result<()> {
+    match peer {
+        None => Err(RelayError::Unauthenticated),
+        Some(id) if id.role == Role::Agent && id.name == system => Ok(()),
+        Some(id) if id.role == Role::Site => Ok(()),
+        Some(id) => Err(RelayError::PermissionDenied(format!(
+            "{id} may not write system {system:?}"
+        ))),
+    }
+}
+
+fn ingest_peer(peer: Option<&Identity>) -> Result<()> {
+    match peer {
+        None => Err(RelayError::Unauthenticated),
+        Some(id) if matches!(id.role, Role::Agent | Role::Site) => Ok(()),
+        Some(id) => Err(RelayError::PermissionDenied(format!(
+            "{id} may not use the ingest api"
+        ))),
+    }
+}
+
+/// The gRPC face of the relay.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub relay: Arc<Relay>,
+}
+
+fn who<T>(req: &Request<T>) -> Option<Identity> {
+    peer(req).and_then(|p| p.identity.clone())
+}
+
+fn fail(op: &str, who: Option<&Identity>, e: RelayError) -> Status {
+    tracing::warn!(op, peer = ?who.map(|i| i.to_string()), error = %e, "request refused");
+    to_status(&e)
+}
+
+#[tonic::async_trait]
+impl pb::enrollment_server::Enrollment for Service {
+    /// Enrollment needs the cloud manager: it is relayed as is.
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let mut c = EnrollmentClient::new(self.relay.upstream.clone());
+        c.enroll(req.into_inner()).await
+    }
+}
+
+#[tonic::async_trait]
+impl pb::ingest_server::Ingest for Service {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let id = who(&req);
+        let r = req.into_inner();
+        authorize(id.as_ref(), &r.system).map_err(|e| fail("register", id.as_ref(), e))?;
+        let mut pos = self.relay.positions(&r.system);
+        let mut c = self.relay.client();
+        match tokio::time::timeout(UPSTREAM_QUICK, c.register(r.clone())).await {
+            Ok(Ok(up)) => {
+                let up = up.into_inner();
+                pos.durable = pos.durable.max(up.durable_epoch);
+                pos.accepted = pos.accepted.max(up.accepted_epoch);
+                self.relay
+                    .set_positions(&r.system, pos)
+                    .map_err(|e| fail("register", id.as_ref(), e))?;
+            }
+            Ok(Err(s)) if !ferry_common::error::is_transient(&s) => return Err(s),
+            _ => {
+                // Upstream is away: queue the registration so it reaches the cloud first.
+                self.relay
+                    .enqueue(&QueueItem {
+                        register: Some(r.clone()),
+                        batch: None,
+                    })
+                    .map_err(|e| fail("register", id.as_ref(), e))?;
+            }
+        }
+        Ok(Response::new(pb::RegisterResponse {
+            accepted_epoch: pos.accepted,
+            durable_epoch: pos.durable,
+        }))
+    }
+
+    async fn missing_chunks(
+        &self,
+        req: Request<pb::MissingChunksRequest>,
+    ) -> Result<Response<pb::MissingChunksResponse>, Status> {
+        let id = who(&req);
+        ingest_peer(id.as_ref()).map_err(|e| fail("missing-chunks", id.as_ref(), e))?;
+        if req.get_ref().hashes.len() > 65536 {
+            return Err(fail(
+                "missing-chunks",
+                id.as_ref(),
+                RelayError::Invalid("at most 65536 hashes per call".into()),
+            ));
+        }
+        let missing = self
+            .relay
+            .missing(&req.get_ref().hashes)
+            .await
+            .map_err(|e| fail("missing-chunks", id.as_ref(), e))?;
+        Ok(Response::new(pb::MissingChunksResponse { missing }))
+    }
+
+    async fn put_chunks(
+        &self,
+        req: Request<Streaming<pb::ChunkFrame>>,
+    ) -> Result<Response<pb::PutChunksResponse>, Status> {
+        let id = who(&req);
+        ingest_peer(id.as_ref()).map_err(|e| fail("put-chunks", id.as_ref(), e))?;
+        let mut stream = req.into_inner();
+        let (mut staged, mut duplicate) = (Vec::new(), 0);
+        while let Some(f) = stream.message().await? {
+            self.relay.touch_put();
+            let step = (|| -> Result<Option<chunks::Staged>> {
+                let hash = chunks::hash_from_bytes(&f.hash)?;
+                chunks::verify_frame(&hash, &f.zdata, f.raw_len)?;
+                if self.relay.chunks.has(&hash) {
+                    return Ok(None);
+                }
+                Ok(Some(self.relay.chunks.stage(hash, &f.zdata)?))
+            })();
+            match step {
+                Ok(Some(s)) => staged.push(s),
+                Ok(None) => duplicate += 1,
+                Err(e) => return Err(fail("put-chunks", id.as_ref(), e)),
+            }
+        }
+        let store = self.relay.chunks.clone();
+        let stored = tokio::task::spawn_blocking(move || store.commit(staged))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| fail("put-chunks", id.as_ref(), e.into()))?;
+        self.relay.touch_put();
+        Ok(Response::new(pb::PutChunksResponse {
+            stored: stored as u64,
+            duplicate,
+        }))
+    }
+
+    async fn apply_batch(
+        &self,
+        req: Request<pb::Batch>,
+    ) -> Result<Response<pb::BatchResponse>, Status> {
+        let id = who(&req);
+        let batch = req.into_inner();
+        let r = async {
+            authorize(id.as_ref(), &batch.system)?;
+            ferry_common::pki::validate_name(&batch.system).map_err(RelayError::Invalid)?;
+            for e in &batch.entries {
+                ferry_common::entry::validate(e)?;
+            }
+            let hashes: Vec<Vec<u8>> = batch
+                .entries
+                .iter()
+                .flat_map(|e| e.segments.iter())
+                .flat_map(|s| s.chunks.iter())
+                .map(|c| c.hash.clone())
+                .collect();
+            for chunk in hashes.chunks(65536) {
+                if let Some(&i) = self.relay.missing(chunk).await?.first() {
+                    return Err(RelayError::MissingChunk(hex::encode(&chunk[i as usize])));
+                }
+            }
+            let _g = self.relay.order.lock().await;
+            let mut pos = self.relay.positions(&batch.system);
+            if batch.epoch > pos.accepted {
+                pos.accepted = batch.epoch;
+                self.relay.set_positions(&batch.system, pos)?;
+                self.relay.enqueue(&QueueItem {
+                    register: None,
+                    batch: Some(batch.clone()),
+                })?;
+            }
+            self.relay.touch_put();
+            Ok(pb::BatchResponse {
+                accepted_epoch: pos.accepted,
+                durable_epoch: pos.durable,
+            })
+        }
+        .await;
+        r.map(Response::new)
+            .map_err(|e| fail("apply-batch", id.as_ref(), e))
+    }
+
+    async fn progress(
+        &self,
+        req: Request<pb::ProgressRequest>,
+    ) -> Result<Response<pb::ProgressResponse>, Status> {
+        let id = who(&req);
+        let system = req.get_ref().system.clone();
+        authorize(id.as_ref(), &system).map_err(|e| fail("progress", id.as_ref(), e))?;
+        let p = self.relay.positions(&system);
+        Ok(Response::new(pb::ProgressResponse {
+            accepted_epoch: p.accepted,
+            durable_epoch: p.durable,
+        }))
+    }
+}
