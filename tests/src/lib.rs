@@ -1,1 +1,423 @@
-//! Stub
+//! Harness for Ferry's end-to-end tests: loop-mounted source file systems, feature-rich
+//! trees, the real daemons as child processes on loopback, and the checks (rsync,
+//! blkid, fsck) that say whether a replica matches its source.
+use anyhow::{anyhow, bail, Context, Result};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// Runs a command, failing with its stderr.
+pub fn sh(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn bash(script: &str) -> Result<String> {
+    sh(Command::new("bash").arg("-euc").arg(script))
+}
+
+/// A free loopback port (bound and released; the daemons rebind it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A file system image loop-mounted at `mnt`; unmounted and removed on drop.
+pub struct LoopFs {
+    pub image: PathBuf,
+    pub mnt: PathBuf,
+    pub fstype: String,
+    pub uuid: String,
+}
+
+impl LoopFs {
+    pub fn new(dir: &Path, name: &str, fstype: &str, uuid: &str, size_mb: u64) -> Result<Self> {
+        let image = dir.join(format!("{name}.img"));
+        let mnt = dir.join(name);
+        std::fs::create_dir_all(&mnt)?;
+        let f = std::fs::File::create(&image)?;
+        f.set_len(size_mb << 20)?;
+        drop(f);
+        match fstype {
+            "xfs" => sh(Command::new("mkfs.xfs")
+                .args(["-f", "-q", "-m"])
+                .arg(format!("uuid={uuid}"))
+                .arg(&image))?,
+            t => sh(Command::new(format!("mkfs.{t}"))
+                .args(["-F", "-q", "-U", uuid])
+                .arg(&image))?,
+        };
+        sh(Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&mnt))?;
+        Ok(Self {
+            image,
+            mnt,
+            fstype: fstype.into(),
+            uuid: uuid.into(),
+        })
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// Fills `root` with everything replication must keep: large, small and sparse files,
+/// hard links, symlinks (one dangling), a FIFO, a device node, xattrs, ACLs, setuid,
+/// setgid and sticky bits, numeric owners, non-UTF-8 names, empty and deep directories.
+pub fn populate(root: &Path, seed: u32) -> Result<()> {
+    let r = root.display();
+    bash(&format!(
+        r#"
+cd '{r}'
+mkdir -p etc var/www/html var/log home/alice empty/nested/deeper srv
+echo "host-{seed}" > etc/hostname
+printf 'NAME="Debian GNU/Linux"\nID=debian\nVERSION_ID="12"\nPRETTY_NAME="Debian GNU/Linux 12"\n' > etc/os-release
+head -c $((8*1024*1024 + {seed})) /dev/urandom > var/www/large.bin
+for i in $(seq 1 200); do echo "small file $i of {seed}" > var/www/html/page$i.html; done
+head -c 300000 /dev/urandom > var/www/html/medium.bin
+truncate -s 64M var/log/sparse.db
+printf 'head' | dd of=var/log/sparse.db conv=notrunc status=none
+head -c 100000 /dev/urandom | dd of=var/log/sparse.db bs=1M seek=20 conv=notrunc status=none
+printf 'tail' | dd of=var/log/sparse.db bs=1 seek=$((64*1024*1024 - 4)) conv=notrunc status=none
+ln var/www/html/page1.html var/www/hardlink1
+ln var/www/html/page1.html home/alice/hardlink2
+ln -s html/page2.html var/www/symlink
+ln -s /does/not/exist var/www/dangling
+mkfifo srv/fifo
+mknod srv/nulldev c 1 3
+mknod srv/blockdev b 7 200
+setfattr -n user.origin -v "seed-{seed}" var/www/html/page3.html
+setfattr -n trusted.ferry -v secret var/www/html/page4.html
+setfattr -n security.selinux -v "system_u:object_r:httpd_sys_content_t:s0" var/www/html/page5.html
+setfacl -m u:1234:rwx,g:5678:r-x var/www/html
+setfacl -d -m u:1234:rwx var/www/html
+touch usr-bin-suid && chmod 4755 usr-bin-suid
+mkdir -p shared && chmod 2775 shared
+mkdir -p tmp && chmod 1777 tmp
+chown -R 1234:5678 home/alice
+chown 4321:8765 var/www/html/page6.html
+touch -d '2001-02-03 04:05:06.123456789' var/www/html/page7.html
+touch "$(printf 'bad-\xff\xfe-name')"
+mkdir -p "$(printf 'dir-\xe9t\xe9')" && echo latin1 > "$(printf 'dir-\xe9t\xe9/fichier')"
+d=deep; for i in $(seq 1 40); do d="$d/level$i"; done; mkdir -p "$d" && echo bottom > "$d/file"
+"#
+    ))?;
+    Ok(())
+}
+
+/// rsync's itemized differences between a source and its replica (empty when identical).
+pub fn rsync_diff(src: &Path, dst: &Path) -> Result<String> {
+    sh(Command::new("rsync")
+        .args(["-naHAXc", "--delete", "--numeric-ids", "-i"])
+        .arg(format!("{}/", src.display()))
+        .arg(format!("{}/", dst.display())))
+}
+
+/// A daemon child process, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command, log: &Path) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("spawn {cmd:?}"))?;
+        Ok(Self {
+            child,
+            log: log.to_path_buf(),
+        })
+    }
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> Result<()> {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.child.id() as i32).ok_or_else(|| anyhow!("pid"))?,
+            rustix::process::Signal::TERM,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait()? {
+                if !st.success() {
+                    bail!("exited with {st}");
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("did not stop on sigterm")
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn wait_port(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} did not listen on {port}")
+}
+
+/// A cloud manager on loopback with its data dir.
+pub struct CloudMgr {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl CloudMgr {
+    pub fn start(dir: &Path) -> Result<Self> {
+        Self::start_on(dir, free_port())
+    }
+    pub fn start_on(dir: &Path, port: u16) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let proc = Proc::spawn(
+            Command::new(bin("ferry-cloud"))
+                .arg("serve")
+                .arg("--data-dir")
+                .arg(dir)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}")),
+            &dir.with_extension("log"),
+        )?;
+        wait_port(port, "ferry-cloud")?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            port,
+            proc,
+        })
+    }
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+    pub fn token(&self) -> Result<String> {
+        Ok(sh(Command::new(bin("ferry-cloud"))
+            .args(["token", "create", "--data-dir"])
+            .arg(&self.dir))?
+        .trim()
+        .to_string())
+    }
+    pub fn creds(&self) -> PathBuf {
+        self.dir.join("operator.toml")
+    }
+    /// `ferry ARGS --json`, parsed.
+    pub fn ferry_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = sh(Command::new(bin("ferry"))
+            .arg("--credentials")
+            .arg(self.creds())
+            .args(args)
+            .arg("--json"))?;
+        Ok(serde_json::from_str(&out)?)
+    }
+    pub fn replica_path(&self, system: &str, mount_point: &str) -> Result<PathBuf> {
+        let out = sh(Command::new(bin("ferry"))
+            .arg("--credentials")
+            .arg(self.creds())
+            .args(["replica", "path", system, mount_point]))?;
+        Ok(PathBuf::from(out.trim()))
+    }
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let v = self.ferry_json(&["sync", "status"])?;
+        v["counters"][name]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no counter {name}"))
+    }
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill9();
+        let port = self.port;
+        let dir = self.dir.clone();
+        *self = Self::start_on(&dir, port)?;
+        Ok(())
+    }
+}
+
+/// A site manager on loopback.
+pub struct SiteMgr {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub upstream: String,
+    pub proc: Proc,
+}
+
+impl SiteMgr {
+    pub fn start(dir: &Path, upstream: &str, token: Option<&str>) -> Result<Self> {
+        Self::start_on(dir, free_port(), upstream, token)
+    }
+    pub fn start_on(dir: &Path, port: u16, upstream: &str, token: Option<&str>) -> Result<Self> {
+        let mut cmd = Command::new(bin("ferry-site"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"));
+        cmd.arg("--upstream")
+            .arg(upstream)
+            .arg("--name")
+            .arg("site1");
+        if let Some(t) = token {
+            cmd.env("FERRY_TOKEN", t);
+        }
+        let proc = Proc::spawn(&mut cmd, &dir.with_extension("log"))?;
+        wait_port(port, "ferry-site")?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            port,
+            upstream: upstream.into(),
+            proc,
+        })
+    }
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+    pub fn restart(&mut self) -> Result<()> {
+        self.proc.kill9();
+        let (dir, port, up) = (self.dir.clone(), self.port, self.upstream.clone());
+        *self = Self::start_on(&dir, port, &up, None)?;
+        Ok(())
+    }
+}
+
+/// `ferry-agent run --once`, as a child process.
+pub fn agent_cmd(
+    state: &Path,
+    manager: &str,
+    token: Option<&str>,
+    root: &Path,
+    name: &str,
+) -> Command {
+    let mut cmd = Command::new(bin("ferry-agent"));
+    cmd.arg("run")
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--manager")
+        .arg(manager);
+    cmd.arg("--root")
+        .arg(root)
+        .arg("--name")
+        .arg(name)
+        .arg("--once");
+    if let Some(t) = token {
+        cmd.env("FERRY_TOKEN", t);
+    }
+    cmd
+}
+
+/// Runs an agent pass to completion and returns its JSON summary.
+pub fn agent_once(
+    state: &Path,
+    manager: &str,
+    token: Option<&str>,
+    root: &Path,
+    name: &str,
+) -> Result<serde_json::Value> {
+    let out = agent_cmd(state, manager, token, root, name).output()?;
+    if !out.status.success() {
+        bail!(
+            "agent {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// `blkid -o export` of an image: (TYPE, UUID).
+pub fn blkid(image: &Path) -> Result<(String, String)> {
+    let out = sh(Command::new("blkid")
+        .args(["-p", "-o", "export"])
+        .arg(image))?;
+    let get = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    Ok((get("TYPE"), get("UUID")))
+}
+
+/// A read-only consistency check of an unmounted image.
+pub fn fsck(image: &Path, fstype: &str) -> Result<()> {
+    match fstype {
+        "xfs" => sh(Command::new("xfs_repair").arg("-n").arg(image))?,
+        _ => sh(Command::new("e2fsck").arg("-fn").arg(image))?,
+    };
+    Ok(())
+}
+
+/// Polls until `f` holds or the deadline passes.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("timed out waiting for {what}")
+}
+
+/// A scratch directory under /tmp (tests run as root and mount things under it).
+pub fn scratch(name: &str) -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix(&format!("ferry-{name}-"))
+        .tempdir_in("/tmp")?)
+}
+
+impl Drop for CloudMgr {
+    fn drop(&mut self) {
+        if matches!(self.proc.child.try_wait(), Ok(None)) {
+            let _ = self.proc.stop();
+        }
+        // After a SIGKILL the volumes stay mounted: take them down with the test.
+        let _ = bash(&format!(
+            "grep -o ' {}/volumes/[^ ]*' /proc/self/mountinfo | while read m; do umount -l \"$m\"; done",
+            self.dir.display()
+        ));
+    }
+}

@@ -1,0 +1,126 @@
+//! End-to-end replication through a site manager into real volumes, and cross-system
+//! chunk dedup, with the real daemons.
+use anyhow::Result;
+use ferry_tests::*;
+
+#[test]
+fn three_systems_replicate_byte_identical_through_a_site() -> Result<()> {
+    let tmp = scratch("e2e")?;
+    let t = tmp.path();
+    let systems = [
+        ("web01", "ext4", "0a1b2c3d-0000-4000-8000-000000000001"),
+        ("app01", "xfs", "0a1b2c3d-0000-4000-8000-000000000002"),
+        ("db01", "ext3", "0a1b2c3d-0000-4000-8000-000000000003"),
+    ];
+    let mut sources = Vec::new();
+    for (i, (name, fstype, uuid)) in systems.iter().enumerate() {
+        let fs = LoopFs::new(t, name, fstype, uuid, 400)?;
+        populate(&fs.mnt, i as u32)?;
+        sources.push(fs);
+    }
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    for ((name, _, _), fs) in systems.iter().zip(&sources) {
+        let summary = agent_once(
+            &t.join(format!("agent-{name}")),
+            &site.url(),
+            Some(&cloud.token()?),
+            &fs.mnt,
+            name,
+        )?;
+        assert!(
+            summary["durable_epoch"].as_u64().unwrap_or(0) >= 1,
+            "{summary}"
+        );
+    }
+    // Status shows every system in sync with a durable epoch time.
+    let status = cloud.ferry_json(&["sync", "status"])?;
+    let listed = status["systems"].as_array().cloned().unwrap_or_default();
+    assert_eq!(listed.len(), 3, "{status}");
+    for s in &listed {
+        assert_eq!(s["state"], "in-sync", "{s}");
+        assert!(s["last_durable_unix_ms"].as_i64().unwrap_or(0) > 0, "{s}");
+        assert_eq!(s["via"], "site:site1", "{s}");
+    }
+    let show = cloud.ferry_json(&["systems", "show", "app01"])?;
+    assert_eq!(show["filesystems"][0]["fstype"], "xfs");
+    let mut images = Vec::new();
+    for ((name, fstype, uuid), fs) in systems.iter().zip(&sources) {
+        let replica = cloud.replica_path(name, "/")?;
+        let diff = rsync_diff(&fs.mnt, &replica)?;
+        assert!(diff.is_empty(), "{name} differs:\n{diff}");
+        // The sparse file stays sparse.
+        let used = std::fs::metadata(replica.join("var/log/sparse.db"))
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))?;
+        assert!(used * 512 < 4 << 20, "sparse file filled in: {used} blocks");
+        let image = cloud
+            .dir
+            .join("volumes")
+            .join(name)
+            .join(format!("{uuid}.img"));
+        images.push((image, fstype.to_string(), uuid.to_string()));
+    }
+    let mut cloud = cloud;
+    cloud.proc.stop()?;
+    for (image, fstype, uuid) in &images {
+        let (t, u) = blkid(image)?;
+        assert_eq!((&t, &u), (fstype, uuid), "{}", image.display());
+        fsck(image, fstype)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn identical_data_on_two_systems_crosses_the_wire_once() -> Result<()> {
+    let tmp = scratch("dedup")?;
+    let t = tmp.path();
+    let a = LoopFs::new(t, "a", "ext4", "0a1b2c3d-0000-4000-8000-0000000000aa", 600)?;
+    let b = LoopFs::new(t, "b", "ext4", "0a1b2c3d-0000-4000-8000-0000000000bb", 600)?;
+    bash(&format!(
+        "mkdir -p {a}/opt && for i in $(seq 1 20); do head -c 10485760 /dev/urandom > {a}/opt/blob$i; done && cp -a {a}/opt {b}/",
+        a = a.mnt.display(),
+        b = b.mnt.display()
+    ))?;
+    let data: u64 = 200 << 20;
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let sa = agent_once(
+        &t.join("agent-a"),
+        &site.url(),
+        Some(&cloud.token()?),
+        &a.mnt,
+        "sys-a",
+    )?;
+    let raw_after_a = cloud.counter("chunk_raw_bytes")?;
+    let sb = agent_once(
+        &t.join("agent-b"),
+        &site.url(),
+        Some(&cloud.token()?),
+        &b.mnt,
+        "sys-b",
+    )?;
+    let raw_after_b = cloud.counter("chunk_raw_bytes")?;
+    let wire_b = sb["chunk_wire_bytes_this_run"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        raw_after_a >= data,
+        "first system's data arrived: {raw_after_a}"
+    );
+    assert!(
+        raw_after_b - raw_after_a < data / 100,
+        "second system resent its data: {} bytes",
+        raw_after_b - raw_after_a
+    );
+    assert!(
+        wire_b < data / 100,
+        "second agent sent {wire_b} bytes: {sb}"
+    );
+    assert!(
+        sa["chunk_wire_bytes_this_run"].as_u64().unwrap_or(0) >= data,
+        "{sa}"
+    );
+    for (fs, name) in [(&a, "sys-a"), (&b, "sys-b")] {
+        let diff = rsync_diff(&fs.mnt, &cloud.replica_path(name, "/")?)?;
+        assert!(diff.is_empty(), "{name} differs:\n{diff}");
+    }
+    Ok(())
+}
