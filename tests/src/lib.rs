@@ -228,6 +228,9 @@ impl CloudMgr {
             &dir.with_extension("log"),
         )?;
         wait_port(port, "ferry-cloud")?;
+        wait_for("operator credentials", Duration::from_secs(30), || {
+            dir.join("operator.toml").exists()
+        })?;
         Ok(Self {
             dir: dir.to_path_buf(),
             port,

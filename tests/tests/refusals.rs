@@ -1,0 +1,356 @@
+//! Refusals: unenrolled and foreign clients, used and wrong tokens, impersonation,
+//! hostile paths, oversized and malformed frames. Each gets a clear error, and nothing
+//! lands outside the replica root.
+use anyhow::Result;
+use bytes::{Buf, BufMut, Bytes};
+use ferry_common::pki::{IdentityFiles, Role};
+use ferry_common::token::JoinToken;
+use ferry_proto::v1::{self as pb, ingest_client::IngestClient};
+use ferry_tests::*;
+use std::path::Path;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::Code;
+
+fn ca_pem(cloud: &CloudMgr) -> Result<String> {
+    Ok(std::fs::read_to_string(cloud.dir.join("pki/ca.pem"))?)
+}
+
+async fn enrolled_client(
+    cloud_url: &str,
+    token: &str,
+    name: &str,
+    dir: &Path,
+) -> Result<IngestClient<tonic::transport::Channel>> {
+    let files = IdentityFiles::new(dir);
+    let tok = JoinToken::parse(token)?;
+    ferry_common::enroll::ensure_enrolled(cloud_url, Some(&tok), Role::Agent, name, &[], &files)
+        .await?;
+    Ok(IngestClient::new(ferry_common::enroll::mtls_channel(
+        cloud_url, &files,
+    )?))
+}
+
+fn register(system: &str, uuid: &str) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        system: system.into(),
+        probe_json: b"{}".to_vec(),
+        filesystems: vec![pb::FileSystem {
+            fs_id: uuid.into(),
+            mount_point: b"/".to_vec(),
+            fstype: "ext4".into(),
+            capacity_bytes: 64 << 20,
+            used_bytes: 0,
+            uuid: uuid.into(),
+            label: String::new(),
+            device: "/dev/sda1".into(),
+        }],
+    }
+}
+
+fn entry(path: &[u8], kind: pb::EntryKind) -> pb::Entry {
+    pb::Entry {
+        path: path.to_vec(),
+        kind: kind as i32,
+        mode: 0o100644,
+        ..Default::default()
+    }
+}
+
+fn batch(system: &str, fs: &str, epoch: u64, entries: Vec<pb::Entry>) -> pb::Batch {
+    pb::Batch {
+        system: system.into(),
+        epoch,
+        fs_id: fs.into(),
+        entries,
+        ..Default::default()
+    }
+}
+
+/// Sends raw bytes as a gRPC message body, to test the server's decoder.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+struct RawEnc;
+struct RawDec;
+
+impl Encoder for RawEnc {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawDec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawEnc;
+    type Decoder = RawDec;
+    fn encoder(&mut self) -> RawEnc {
+        RawEnc
+    }
+    fn decoder(&mut self) -> RawDec {
+        RawDec
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_unauthorized_requests_are_refused() -> Result<()> {
+    let tmp = scratch("refuse")?;
+    let t = tmp.path();
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let outside = t.join("outside");
+    std::fs::create_dir_all(&outside)?;
+
+    // Unenrolled: TLS without a client certificate reaches no service but enrollment.
+    let anon = ferry_common::tls::channel(
+        &cloud.url(),
+        ferry_common::tls::anonymous_client_config(&ca_pem(&cloud)?)?,
+    )?;
+    let err = IngestClient::new(anon.clone())
+        .register(register("alpha", "0a1b2c3d-0000-4000-8000-00000000000a"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("enroll"), "{err:?}");
+    let err = pb::control_client::ControlClient::new(anon)
+        .list_systems(pb::ListSystemsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // A certificate from another CA does not get through the handshake.
+    let rogue = ferry_common::pki::Ca::load_or_create(&t.join("rogue"))?;
+    let (cert, key) = rogue.issue(
+        &ferry_common::pki::Identity::new(Role::Agent, "alpha")?,
+        &[],
+    )?;
+    let cfg = ferry_common::tls::client_config(&ca_pem(&cloud)?, &cert, &key)?;
+    let err = IngestClient::new(ferry_common::tls::channel(&cloud.url(), cfg)?)
+        .register(register("alpha", "0a1b2c3d-0000-4000-8000-00000000000a"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::Unknown),
+        "{err:?}"
+    );
+
+    // Enrollment: a token works once; a used, forged or wrongly pinned token fails clearly.
+    let token = cloud.token()?;
+    let mut alpha = enrolled_client(&cloud.url(), &token, "alpha", &t.join("alpha")).await?;
+    let again = enrolled_client(&cloud.url(), &token, "gamma", &t.join("gamma"))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        again.contains("join token is unknown, already used or expired"),
+        "{again}"
+    );
+    let tok = JoinToken::parse(&cloud.token()?)?;
+    let forged = format!(
+        "ferry1.{}.{}.{}",
+        tok.id,
+        "0".repeat(32),
+        tok.ca_fingerprint
+    );
+    let e = enrolled_client(&cloud.url(), &forged, "delta", &t.join("delta"))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("join token is unknown"), "{e}");
+    let wrong_pin = format!(
+        "ferry1.{}.{}.{}",
+        tok.id,
+        tok.secret.expose(),
+        "ab".repeat(32)
+    );
+    let e = enrolled_client(&cloud.url(), &wrong_pin, "delta", &t.join("delta2"))
+        .await
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(!e.is_empty(), "enrollment against an unpinned ca succeeded");
+    let dup = enrolled_client(&cloud.url(), &cloud.token()?, "alpha", &t.join("alpha2"))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(dup.contains("already enrolled"), "{dup}");
+    // The agent binary says the same in one line and exits non-zero.
+    let out = agent_cmd(
+        &t.join("reuse"),
+        &cloud.url(),
+        Some(&token),
+        &outside,
+        "epsilon",
+    )
+    .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already used"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Impersonation: alpha may not register or write beta.
+    let fs = "0a1b2c3d-0000-4000-8000-00000000000a";
+    let err = alpha.register(register("beta", fs)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    alpha.register(register("alpha", fs)).await?;
+    let err = alpha
+        .apply_batch(batch("beta", fs, 1, vec![entry(b"x", pb::EntryKind::File)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // Hostile paths.
+    for bad in [
+        &b"../escape"[..],
+        b"a/../../escape",
+        b"/etc/evil",
+        b"a//b",
+        b"x\0y",
+    ] {
+        let err = alpha
+            .apply_batch(batch("alpha", fs, 1, vec![entry(bad, pb::EntryKind::File)]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{:?}: {err:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    let mut hl = entry(b"stolen", pb::EntryKind::Hardlink);
+    hl.link_target = b"../../../etc/passwd".to_vec();
+    let err = alpha
+        .apply_batch(batch("alpha", fs, 1, vec![hl]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A symlink is stored as data, never followed by later writes.
+    let mut link = entry(b"link", pb::EntryKind::Symlink);
+    link.link_target = outside.as_os_str().as_encoded_bytes().to_vec();
+    alpha.apply_batch(batch("alpha", fs, 1, vec![link])).await?;
+    let err = alpha
+        .apply_batch(batch(
+            "alpha",
+            fs,
+            2,
+            vec![entry(b"link/pwned", pb::EntryKind::File)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("symlink"), "{err:?}");
+    let mut dir_over_link = entry(b"link/sub", pb::EntryKind::Dir);
+    dir_over_link.mode = 0o40755;
+    let err = alpha
+        .apply_batch(batch("alpha", fs, 2, vec![dir_over_link]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    // Oversized frame: refused by the size limit, not buffered.
+    let mut big = entry(b"big", pb::EntryKind::File);
+    big.xattrs.push(pb::Xattr {
+        name: b"user.big".to_vec(),
+        value: vec![7; 20 << 20],
+    });
+    let err = alpha
+        .apply_batch(batch("alpha", fs, 2, vec![big]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
+
+    // Malformed protobuf.
+    let files = IdentityFiles::new(&t.join("alpha"));
+    let mut grpc =
+        tonic::client::Grpc::new(ferry_common::enroll::mtls_channel(&cloud.url(), &files)?);
+    grpc.ready().await?;
+    let path = http::uri::PathAndQuery::from_static("/ferry.v1.Ingest/ApplyBatch");
+    let garbage = Bytes::from_static(b"\xff\xff\xff\xff\xff\x0f\x12\x99garbage");
+    let err = grpc
+        .unary(tonic::Request::new(garbage), path, RawCodec)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Internal | Code::InvalidArgument),
+        "{err:?}"
+    );
+
+    // The server is unharmed, and nothing escaped the replica root.
+    let replica = cloud.replica_path("alpha", "/")?;
+    let mut ok_file = entry(b"fine", pb::EntryKind::File);
+    ok_file.mtime_sec = 1_000_000;
+    alpha
+        .apply_batch(batch("alpha", fs, 3, vec![ok_file]))
+        .await?;
+    assert!(replica.join("fine").exists());
+    assert_eq!(
+        std::fs::read_dir(&outside)?.count(),
+        0,
+        "something was written outside the replica"
+    );
+    for name in ["escape", "evil", "pwned", "stolen"] {
+        assert!(
+            !t.join("cloud").join(name).exists() && !t.join(name).exists(),
+            "{name} escaped"
+        );
+    }
+    assert!(cloud.counter("refused_requests")? >= 10);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_site_refuses_hostile_frames_before_queueing_them() -> Result<()> {
+    let tmp = scratch("refuse-site")?;
+    let t = tmp.path();
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let mut alpha =
+        enrolled_client(&site.url(), &cloud.token()?, "alpha", &t.join("alpha")).await?;
+    let fs = "0a1b2c3d-0000-4000-8000-00000000000a";
+    alpha.register(register("alpha", fs)).await?;
+    let err = alpha.register(register("beta", fs)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = alpha
+        .apply_batch(batch(
+            "alpha",
+            fs,
+            1,
+            vec![entry(b"../escape", pb::EntryKind::File)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = alpha
+        .apply_batch(batch("beta", fs, 1, vec![entry(b"x", pb::EntryKind::File)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let anon = ferry_common::tls::channel(
+        &site.url(),
+        ferry_common::tls::anonymous_client_config(&ca_pem(&cloud)?)?,
+    )?;
+    let err = IngestClient::new(anon)
+        .register(register("alpha", fs))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    Ok(())
+}
