@@ -152,7 +152,6 @@ impl Proc {
             .append(true)
             .open(log)?;
         let child = cmd
-            .stdout(Stdio::null())
             .stderr(f)
             .spawn()
             .with_context(|| format!("spawn {cmd:?}"))?;
