@@ -246,11 +246,10 @@ fn set_meta_fd(fd: &OwnedFd, e: &Entry) -> Result<(), ApplyError> {
     rustix::fs::fchown(fd, u, g).map_err(io_at(p, "chown"))?;
     sync_xattrs(
         e,
-        |n| {
+        || {
             let mut buf = vec![0u8; 64 * 1024];
             let len = rustix::fs::flistxattr(fd, &mut buf[..])?;
             buf.truncate(len);
-            let _ = n;
             Ok(buf)
         },
         |n, v| rustix::fs::fsetxattr(fd, n, v, rustix::fs::XattrFlags::empty()),
@@ -302,13 +301,13 @@ fn set_meta_at(
 
 fn sync_xattrs(
     e: &Entry,
-    list: impl Fn(()) -> Result<Vec<u8>, Errno>,
+    list: impl Fn() -> Result<Vec<u8>, Errno>,
     set: impl Fn(&[u8], &[u8]) -> Result<(), Errno>,
     remove: impl Fn(&[u8]) -> Result<(), Errno>,
 ) -> Result<(), ApplyError> {
     let p = e.path.as_slice();
     let wanted: Vec<&Xattr> = e.xattrs.iter().collect();
-    if let Ok(existing) = list(()) {
+    if let Ok(existing) = list() {
         for name in existing.split(|&b| b == 0).filter(|n| !n.is_empty()) {
             if !wanted.iter().any(|x| x.name == name) {
                 let _ = remove(name);

@@ -67,13 +67,12 @@ pub fn validate(e: &Entry) -> Result<(), EntryError> {
                 }
             }
         }
-        EntryKind::Symlink => {
+        EntryKind::Symlink
             if e.link_target.is_empty()
                 || e.link_target.len() > safepath::MAX_PATH
-                || e.link_target.contains(&0)
-            {
-                return Err(invalid("malformed symlink target"));
-            }
+                || e.link_target.contains(&0) =>
+        {
+            return Err(invalid("malformed symlink target"));
         }
         EntryKind::Hardlink => {
             safepath::components(&e.link_target)?;

@@ -94,7 +94,7 @@ fn main() -> ExitCode {
     let listen = listen
         .or(file.listen)
         .unwrap_or_else(|| "0.0.0.0:7444".into());
-    let name = name.or(file.name).unwrap_or_else(|| rustix_hostname());
+    let name = name.or(file.name).unwrap_or_else(host_name);
     if let Err(e) = ferry_common::pki::validate_name(&name) {
         return fail(e, 2);
     }
@@ -108,7 +108,7 @@ fn main() -> ExitCode {
     serve(config, listen)
 }
 
-fn rustix_hostname() -> String {
+fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "site".into())

@@ -4,7 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Path of a workspace binary, next to the test executable's directory.

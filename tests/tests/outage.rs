@@ -36,7 +36,7 @@ fn site_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
     let cloud = CloudMgr::start(&t.join("cloud"))?;
     let mut site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
     let mut agent = Proc::spawn(
-        &mut agent_cmd(
+        agent_cmd(
             &t.join("agent"),
             &site.url(),
             Some(&cloud.token()?),
@@ -81,7 +81,7 @@ fn cloud_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
     let mut cloud = CloudMgr::start(&t.join("cloud"))?;
     let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
     let mut agent = Proc::spawn(
-        &mut agent_cmd(
+        agent_cmd(
             &t.join("agent"),
             &site.url(),
             Some(&cloud.token()?),
