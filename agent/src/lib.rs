@@ -231,9 +231,16 @@ pub async fn run(
         let wire = stats.chunk_wire_bytes.load(Ordering::Relaxed);
         let _ = meta.insert("chunk_wire_bytes", &(wire_before + wire).to_le_bytes());
         let _ = meta.flush_async().await;
-        match pass.and(applied.map_err(AgentError::from)) {
+        // A pass that stopped because the applier quit reports the applier's reason.
+        let outcome = match (pass, applied) {
+            (Err(AgentError::Send(SendError::Stopped)), Err(e)) => Err(AgentError::from(e)),
+            (p, a) => p.and(a.map_err(AgentError::from)),
+        };
+        match outcome {
             Ok(()) => {}
-            Err(AgentError::Send(SendError::Stopped)) => return Ok(None),
+            Err(AgentError::Send(SendError::Stopped)) if shutdown.is_cancelled() => {
+                return Ok(None)
+            }
             Err(e) if matches!(&e, AgentError::Send(s) if s.is_fatal()) => return Err(e),
             Err(e) => {
                 uploader.forget();

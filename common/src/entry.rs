@@ -1,7 +1,7 @@
 //! Checks a wire entry before anything touches a disk: its path (through `safepath`),
 //! kind, xattrs, segments and child names. Sites and the cloud manager both call it.
 use crate::safepath::{self, PathError};
-use ferry_proto::v1::{Entry, EntryKind};
+use ferry_proto::v1::{Batch, ChunkRef, Entry, EntryKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EntryError {
@@ -88,4 +88,13 @@ pub fn validate(e: &Entry) -> Result<(), EntryError> {
         _ => {}
     }
     Ok(())
+}
+
+/// Every chunk a batch refers to, in order (repeats included).
+pub fn chunk_refs(batch: &Batch) -> impl Iterator<Item = &ChunkRef> {
+    batch
+        .entries
+        .iter()
+        .flat_map(|e| e.segments.iter())
+        .flat_map(|s| s.chunks.iter())
 }

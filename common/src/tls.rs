@@ -353,3 +353,14 @@ pub fn channel(url: &str, config: Arc<ClientConfig>) -> Result<Channel, TlsError
     });
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
+
+/// The tonic server settings every Ferry daemon uses: no Nagle, HTTP/2 keepalives that
+/// notice dead peers, and windows sized for WAN round trips.
+pub fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(15)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+}

@@ -87,13 +87,10 @@ async fn forward_one(relay: &Relay, item: &QueueItem) -> Outcome {
     let Some(batch) = &item.batch else {
         return Outcome::Done;
     };
-    let hashes: Vec<Vec<u8>> = batch
-        .entries
-        .iter()
-        .flat_map(|e| e.segments.iter())
-        .flat_map(|s| s.chunks.iter())
-        .map(|c| c.hash.clone())
+    let lens: std::collections::HashMap<&[u8], u32> = ferry_common::entry::chunk_refs(batch)
+        .map(|c| (c.hash.as_slice(), c.len))
         .collect();
+    let hashes: Vec<Vec<u8>> = lens.keys().map(|h| h.to_vec()).collect();
     for group in hashes.chunks(4096) {
         let missing = match c
             .missing_chunks(pb::MissingChunksRequest {
@@ -113,14 +110,7 @@ async fn forward_one(relay: &Relay, item: &QueueItem) -> Outcome {
             let Ok(hash) = chunks::hash_from_bytes(h) else {
                 continue;
             };
-            let raw_len = batch
-                .entries
-                .iter()
-                .flat_map(|e| e.segments.iter())
-                .flat_map(|s| s.chunks.iter())
-                .find(|c| &c.hash == h)
-                .map(|c| c.len)
-                .unwrap_or(0);
+            let raw_len = lens.get(h.as_slice()).copied().unwrap_or(0);
             match relay.chunks.read_frame(&hash) {
                 Ok(zdata) => {
                     bytes += zdata.len();

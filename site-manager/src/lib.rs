@@ -97,12 +97,7 @@ pub async fn run(
         relay: relay.clone(),
     };
     let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
-    let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(15)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20))
+    let result = ferry_common::tls::grpc_server()
         .add_service(pb::enrollment_server::EnrollmentServer::new(svc.clone()))
         .add_service(
             pb::ingest_server::IngestServer::new(svc)

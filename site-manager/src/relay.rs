@@ -340,11 +340,7 @@ impl pb::ingest_server::Ingest for Service {
             for e in &batch.entries {
                 ferry_common::entry::validate(e)?;
             }
-            let hashes: Vec<Vec<u8>> = batch
-                .entries
-                .iter()
-                .flat_map(|e| e.segments.iter())
-                .flat_map(|s| s.chunks.iter())
+            let hashes: Vec<Vec<u8>> = ferry_common::entry::chunk_refs(&batch)
                 .map(|c| c.hash.clone())
                 .collect();
             for chunk in hashes.chunks(65536) {

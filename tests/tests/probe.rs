@@ -5,7 +5,10 @@ use ferry_tests::*;
 use std::process::Command;
 
 fn probe(root: &std::path::Path) -> Result<serde_json::Value> {
-    let out = sh(Command::new(bin("ferry-agent")).arg("probe").arg("--root").arg(root))?;
+    let out = sh(Command::new(bin("ferry-agent"))
+        .arg("probe")
+        .arg("--root")
+        .arg(root))?;
     Ok(serde_json::from_str(&out)?)
 }
 
@@ -13,7 +16,13 @@ fn probe(root: &std::path::Path) -> Result<serde_json::Value> {
 fn probe_reads_old_and_new_trees_with_their_file_systems() -> Result<()> {
     let tmp = scratch("probe")?;
     let t = tmp.path();
-    let centos = LoopFs::new(t, "centos5", "ext3", "0a1b2c3d-0000-4000-8000-0000000000e5", 64)?;
+    let centos = LoopFs::new(
+        t,
+        "centos5",
+        "ext3",
+        "0a1b2c3d-0000-4000-8000-0000000000e5",
+        64,
+    )?;
     bash(&format!(
         r#"cd {r} && mkdir -p etc/sysconfig/network-scripts lib/modules/2.6.18-238.el5 boot
 echo 'CentOS release 5.6 (Final)' > etc/redhat-release
@@ -37,7 +46,13 @@ printf 'DEVICE=eth0\nBOOTPROTO=static\nIPADDR=198.18.0.10\nNETMASK=255.255.255.0
     assert_eq!(fs["uuid"], "0a1b2c3d-0000-4000-8000-0000000000e5", "{p}");
     assert!(fs["capacity_bytes"].as_u64().unwrap_or(0) > 50 << 20, "{p}");
 
-    let debian = LoopFs::new(t, "debian", "xfs", "0a1b2c3d-0000-4000-8000-0000000000d1", 320)?;
+    let debian = LoopFs::new(
+        t,
+        "debian",
+        "xfs",
+        "0a1b2c3d-0000-4000-8000-0000000000d1",
+        320,
+    )?;
     bash(&format!(
         r#"cd {r} && mkdir -p etc/netplan boot
 printf 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\nVERSION_ID="12"\nID=debian\n' > etc/os-release
@@ -49,8 +64,20 @@ printf 'network:\n  version: 2\n  ethernets:\n    ens3:\n      dhcp4: true\n' > 
     let boot = debian.mnt.join("boot");
     let image = t.join("boot.img");
     std::fs::File::create(&image)?.set_len(64 << 20)?;
-    sh(Command::new("mkfs.ext4").args(["-F", "-q", "-U", "0a1b2c3d-0000-4000-8000-0000000000b0", "-L", "BOOT"]).arg(&image))?;
-    sh(Command::new("mount").args(["-o", "loop"]).arg(&image).arg(&boot))?;
+    sh(Command::new("mkfs.ext4")
+        .args([
+            "-F",
+            "-q",
+            "-U",
+            "0a1b2c3d-0000-4000-8000-0000000000b0",
+            "-L",
+            "BOOT",
+        ])
+        .arg(&image))?;
+    sh(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&boot))?;
     let p = probe(&debian.mnt);
     let _ = Command::new("umount").arg(&boot).status();
     let p = p?;
@@ -60,9 +87,15 @@ printf 'network:\n  version: 2\n  ethernets:\n    ens3:\n      dhcp4: true\n' > 
     assert_eq!(p["nics"][0]["config"], "dhcp", "{p}");
     let fss = p["filesystems"].as_array().cloned().unwrap_or_default();
     assert_eq!(fss.len(), 2, "{p}");
-    let bootfs = fss.iter().find(|f| f["mount_point"] == "/boot").expect("boot fs");
+    let bootfs = fss
+        .iter()
+        .find(|f| f["mount_point"] == "/boot")
+        .expect("boot fs");
     assert_eq!(bootfs["uuid"], "0a1b2c3d-0000-4000-8000-0000000000b0");
     assert_eq!(bootfs["label"], "BOOT");
-    assert_eq!(fss.iter().find(|f| f["mount_point"] == "/").expect("root")["fstype"], "xfs");
+    assert_eq!(
+        fss.iter().find(|f| f["mount_point"] == "/").expect("root")["fstype"],
+        "xfs"
+    );
     Ok(())
 }
