@@ -44,6 +44,9 @@ fn three_systems_replicate_byte_identical_through_a_site() -> Result<()> {
     }
     let show = cloud.ferry_json(&["systems", "show", "app01"])?;
     assert_eq!(show["filesystems"][0]["fstype"], "xfs");
+    // The probed configuration is kept with the system.
+    assert_eq!(show["probe"]["os"]["id"], "debian", "{show}");
+    assert_eq!(show["probe"]["hostname"], "host-1", "{show}");
     let mut images = Vec::new();
     for ((name, fstype, uuid), fs) in systems.iter().zip(&sources) {
         let replica = cloud.replica_path(name, "/")?;

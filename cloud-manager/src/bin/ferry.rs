@@ -64,6 +64,29 @@ enum ReplicaCmd {
     Path { system: String, mount_point: String },
 }
 
+/// JSON for people and scripts: the probe travels as a string, but is shown as the object it is.
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    let mut v = serde_json::to_value(v).unwrap_or_default();
+    expand_probe(&mut v);
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+fn expand_probe(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(serde_json::Value::String(s)) = m.get("probe_json") {
+                if let Ok(parsed) = serde_json::from_str::<serde_json::Value>(s) {
+                    m.remove("probe_json");
+                    m.insert("probe".into(), parsed);
+                }
+            }
+            m.values_mut().for_each(expand_probe);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(expand_probe),
+        _ => {}
+    }
+}
+
 async fn run(args: Args) -> Result<(), cli::CliError> {
     let mut client = cli::connect(&cli::credentials_path(args.credentials)).await?;
     match args.cmd {
@@ -75,10 +98,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 .await?
                 .into_inner();
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&r.systems).unwrap_or_default()
-                );
+                println!("{}", to_json(&r.systems));
             } else {
                 print!("{}", cli::render_systems(&r.systems));
             }
@@ -91,10 +111,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 .await?
                 .into_inner();
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&r.systems.first()).unwrap_or_default()
-                );
+                println!("{}", to_json(&r.systems.first()));
             } else {
                 print!("{}", cli::render_systems(&r.systems));
                 for s in &r.systems {
@@ -110,7 +127,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 .await?
                 .into_inner();
             if json {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                println!("{}", to_json(&r));
             } else {
                 print!("{}", cli::render_systems(&r.systems));
                 if let Some(c) = &r.counters {
