@@ -21,21 +21,20 @@ fn wire_total(summary: &serde_json::Value) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-#[test]
-fn site_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
-    let tmp = scratch("kill-site")?;
-    let t = tmp.path();
-    let src = LoopFs::new(
-        t,
-        "src",
-        "ext4",
-        "0a1b2c3d-0000-4000-8000-0000000000c1",
-        800,
-    )?;
+/// A source with the big tree, a cloud and a site manager, and an agent syncing through them.
+struct Sync {
+    src: LoopFs,
+    cloud: CloudMgr,
+    site: SiteMgr,
+    agent: Proc,
+}
+
+fn start_sync(t: &std::path::Path, fstype: &str, uuid: &str) -> Result<Sync> {
+    let src = LoopFs::new(t, "src", fstype, uuid, 800)?;
     big_tree(&src)?;
     let cloud = CloudMgr::start(&t.join("cloud"))?;
-    let mut site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
-    let mut agent = Proc::spawn(
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let agent = Proc::spawn(
         agent_cmd(
             &t.join("agent"),
             &site.url(),
@@ -46,6 +45,24 @@ fn site_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
         .stdout(std::process::Stdio::piped()),
         &t.join("agent.log"),
     )?;
+    Ok(Sync {
+        src,
+        cloud,
+        site,
+        agent,
+    })
+}
+
+#[test]
+fn site_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
+    let tmp = scratch("kill-site")?;
+    let t = tmp.path();
+    let Sync {
+        src,
+        cloud,
+        mut site,
+        mut agent,
+    } = start_sync(t, "ext4", "0a1b2c3d-0000-4000-8000-0000000000c1")?;
     // Kill once a good part has reached the site.
     let site_chunks = site.dir.join("chunks");
     wait_for(
@@ -76,21 +93,12 @@ fn site_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
 fn cloud_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
     let tmp = scratch("kill-cloud")?;
     let t = tmp.path();
-    let src = LoopFs::new(t, "src", "xfs", "0a1b2c3d-0000-4000-8000-0000000000c2", 800)?;
-    big_tree(&src)?;
-    let mut cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
-    let mut agent = Proc::spawn(
-        agent_cmd(
-            &t.join("agent"),
-            &site.url(),
-            Some(&cloud.token()?),
-            &src.mnt,
-            "victim",
-        )
-        .stdout(std::process::Stdio::piped()),
-        &t.join("agent.log"),
-    )?;
+    let Sync {
+        src,
+        mut cloud,
+        site: _site,
+        mut agent,
+    } = start_sync(t, "xfs", "0a1b2c3d-0000-4000-8000-0000000000c2")?;
     let cloud_chunks = cloud.dir.join("chunks");
     wait_for(
         "a third of the data at the cloud",
