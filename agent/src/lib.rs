@@ -428,7 +428,7 @@ async fn queue(
     progress: pb::FsProgress,
     newest_ms: i64,
 ) -> Result<(), SendError> {
-    up.flush().await?;
+    up.barrier().await?;
     let epoch = ctx.next_epoch.fetch_add(1, Ordering::SeqCst);
     ctx.meta.insert("next_epoch", &(epoch + 1).to_le_bytes())?;
     let batch = pb::Batch {

@@ -370,10 +370,12 @@ impl<'a, S: Sink> Scanner<'a, S> {
                     hash: hash.as_bytes().to_vec(),
                     len,
                 });
+                let (zdata, raw) = ferry_common::chunks::compress(&chunk.data);
                 let frame = ChunkFrame {
                     hash: hash.as_bytes().to_vec(),
-                    zdata: ferry_common::chunks::compress(&chunk.data),
+                    zdata,
                     raw_len: len,
+                    raw,
                 };
                 if !self.sink.send(Item::Chunk(frame))
                     || !self.sink.send(Item::Progress(len as u64))

@@ -85,18 +85,21 @@ pub struct Stats {
     pub batches: AtomicU64,
 }
 
-/// Buffers chunks and uploads the ones the receiver lacks.
+/// Buffers chunks and uploads the ones the receiver lacks, a few groups in flight at a
+/// time so the scanner never waits on one round trip.
 pub struct Uploader {
     client: Client,
     pending: Vec<ChunkFrame>,
     pending_bytes: usize,
     known: HashSet<[u8; 32]>,
+    inflight: tokio::task::JoinSet<Result<Vec<[u8; 32]>, SendError>>,
     pub stats: Arc<Stats>,
     shutdown: CancellationToken,
 }
 
 const FLUSH_BYTES: usize = 8 << 20;
 const KNOWN_CAP: usize = 1 << 20;
+const MAX_INFLIGHT: usize = 3;
 
 impl Uploader {
     pub fn new(client: Client, stats: Arc<Stats>, shutdown: CancellationToken) -> Self {
@@ -105,6 +108,7 @@ impl Uploader {
             pending: Vec::new(),
             pending_bytes: 0,
             known: HashSet::new(),
+            inflight: tokio::task::JoinSet::new(),
             stats,
             shutdown,
         }
@@ -131,55 +135,85 @@ impl Uploader {
         self.known.clear();
     }
 
+    /// Starts uploading what is buffered; waits only if too many uploads are in flight.
     pub async fn flush(&mut self) -> Result<(), SendError> {
-        if self.pending.is_empty() {
-            return Ok(());
+        if !self.pending.is_empty() {
+            let frames = std::mem::take(&mut self.pending);
+            self.pending_bytes = 0;
+            let (client, stats, shutdown) = (
+                self.client.clone(),
+                self.stats.clone(),
+                self.shutdown.clone(),
+            );
+            self.inflight.spawn(upload(client, frames, stats, shutdown));
         }
-        let frames = std::mem::take(&mut self.pending);
-        self.pending_bytes = 0;
-        let hashes: Vec<Vec<u8>> = frames.iter().map(|f| f.hash.clone()).collect();
-        let client = self.client.clone();
-        let missing = retry("missing-chunks", &self.shutdown, || {
-            let mut c = client.clone();
-            let req = MissingChunksRequest {
-                hashes: hashes.clone(),
-            };
-            async move { c.missing_chunks(req).await.map(|r| r.into_inner().missing) }
-        })
-        .await?;
-        let mut send = Vec::with_capacity(missing.len());
-        for i in missing {
-            if let Some(f) = frames.get(i as usize) {
-                send.push(f.clone());
-            }
-        }
-        self.stats
-            .chunks_skipped
-            .fetch_add((frames.len() - send.len()) as u64, Ordering::Relaxed);
-        if !send.is_empty() {
-            let bytes: u64 = send.iter().map(|f| f.zdata.len() as u64).sum();
-            let n = send.len() as u64;
-            retry("put-chunks", &self.shutdown, || {
-                let mut c = client.clone();
-                let stream = tokio_stream::iter(send.clone());
-                async move { c.put_chunks(stream).await.map(|_| ()) }
-            })
-            .await?;
-            self.stats
-                .chunk_wire_bytes
-                .fetch_add(bytes, Ordering::Relaxed);
-            self.stats.chunks_sent.fetch_add(n, Ordering::Relaxed);
-        }
-        if self.known.len() > KNOWN_CAP {
-            self.known.clear();
-        }
-        for f in &frames {
-            if let Ok(h) = <[u8; 32]>::try_from(f.hash.as_slice()) {
-                self.known.insert(h);
-            }
+        while self.inflight.len() >= MAX_INFLIGHT {
+            self.join_one().await?;
         }
         Ok(())
     }
+
+    /// Uploads everything buffered and waits until the receiver holds it all.
+    pub async fn barrier(&mut self) -> Result<(), SendError> {
+        self.flush().await?;
+        while !self.inflight.is_empty() {
+            self.join_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn join_one(&mut self) -> Result<(), SendError> {
+        let Some(done) = self.inflight.join_next().await else {
+            return Ok(());
+        };
+        let hashes = done.map_err(|_| SendError::Stopped)??;
+        if self.known.len() > KNOWN_CAP {
+            self.known.clear();
+        }
+        self.known.extend(hashes);
+        Ok(())
+    }
+}
+
+/// Asks which of `frames` the receiver lacks and sends those; returns every hash it now holds.
+async fn upload(
+    client: Client,
+    frames: Vec<ChunkFrame>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<Vec<[u8; 32]>, SendError> {
+    let hashes: Vec<Vec<u8>> = frames.iter().map(|f| f.hash.clone()).collect();
+    let missing = retry("missing-chunks", &shutdown, || {
+        let mut c = client.clone();
+        let req = MissingChunksRequest {
+            hashes: hashes.clone(),
+        };
+        async move { c.missing_chunks(req).await.map(|r| r.into_inner().missing) }
+    })
+    .await?;
+    let send: Vec<ChunkFrame> = missing
+        .iter()
+        .filter_map(|&i| frames.get(i as usize).cloned())
+        .collect();
+    stats
+        .chunks_skipped
+        .fetch_add((frames.len() - send.len()) as u64, Ordering::Relaxed);
+    if !send.is_empty() {
+        let bytes: u64 = send.iter().map(|f| f.zdata.len() as u64).sum();
+        let n = send.len() as u64;
+        retry("put-chunks", &shutdown, || {
+            let mut c = client.clone();
+            let stream = tokio_stream::iter(send.clone());
+            async move { c.put_chunks(stream).await.map(|_| ()) }
+        })
+        .await?;
+        stats.chunk_wire_bytes.fetch_add(bytes, Ordering::Relaxed);
+        stats.chunks_sent.fetch_add(n, Ordering::Relaxed);
+    }
+    Ok(frames
+        .iter()
+        .filter_map(|f| <[u8; 32]>::try_from(f.hash.as_slice()).ok())
+        .collect())
 }
 
 /// A batch ready to apply, with the index records it vouches for.

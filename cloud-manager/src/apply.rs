@@ -118,7 +118,13 @@ fn apply_one(root: &Root, chunks: &ChunkStore, e: &Entry) -> Result<u64, ApplyEr
                     let mut off = seg.offset;
                     for c in &seg.chunks {
                         let hash = ferry_common::chunks::hash_from_bytes(&c.hash)?;
-                        let raw = chunks.read_raw(&hash, c.len)?;
+                        let raw = chunks.read_raw(&hash)?;
+                        if raw.len() != c.len as usize {
+                            return Err(ApplyError::Invalid {
+                                path: show(path),
+                                message: "chunk length does not match".into(),
+                            });
+                        }
                         write_all_at(&fd, &raw, off).map_err(io_at(path, "write"))?;
                         off += raw.len() as u64;
                         written += raw.len() as u64;

@@ -276,14 +276,14 @@ impl Cloud {
     /// Verifies and stages one frame; duplicates are counted and dropped.
     pub fn stage_frame(&self, f: &pb::ChunkFrame) -> Result<Option<chunks::Staged>> {
         let hash = chunks::hash_from_bytes(&f.hash)?;
-        chunks::verify_frame(&hash, &f.zdata, f.raw_len)?;
+        chunks::verify_frame(&hash, &f.zdata, f.raw_len, f.raw)?;
         Counters::add(&self.counters.chunk_wire_bytes, f.zdata.len() as u64);
         if self.chunks.has(&hash) {
             Counters::add(&self.counters.chunks_duplicate, 1);
             return Ok(None);
         }
         Counters::add(&self.counters.chunk_raw_bytes, f.raw_len as u64);
-        Ok(Some(self.chunks.stage(hash, &f.zdata)?))
+        Ok(Some(self.chunks.stage(hash, &f.zdata, f.raw_len, f.raw)?))
     }
 
     pub async fn commit_chunks(self: &Arc<Self>, staged: Vec<chunks::Staged>) -> Result<u64> {

@@ -118,7 +118,8 @@ pub async fn run(
 
     let store = ferry_common::store::Store::open(&dir.join("db"))?;
     let state = state::State::open(store)?;
-    let chunks = ferry_common::chunks::ChunkStore::open(&dir.join("chunks"))?;
+    let chunks =
+        ferry_common::chunks::ChunkStore::open(&dir.join("chunks"), state.store.tree("chunks")?)?;
     let cloud = Arc::new(Cloud::new(
         state,
         chunks,

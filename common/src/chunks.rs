@@ -1,12 +1,17 @@
-//! Content-addressed chunk store: zstd frames named by the BLAKE3 of their raw bytes.
-//! Chunks are staged, made durable with one `syncfs`, and only then renamed into view,
-//! so a chunk that `has` reports is never lost by a crash.
+//! Content-addressed chunk store: frames (zstd, or raw when a chunk does not compress)
+//! named by the BLAKE3 of their raw bytes, appended to pack files and indexed in sled.
+//! A staged frame becomes visible only after its pack is synced and its index entry is
+//! flushed, so a chunk that `has` reports is never lost by a crash.
+use std::collections::HashMap;
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Largest raw chunk accepted from the wire (FastCDC's maximum is far below).
 pub const MAX_CHUNK: usize = 1 << 20;
+/// A pack is closed for appends beyond this size.
+const PACK_LIMIT: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
@@ -15,6 +20,8 @@ pub enum ChunkError {
         path: String,
         source: std::io::Error,
     },
+    #[error("chunk index: {0}")]
+    Index(#[from] sled::Error),
     #[error("malformed chunk: {0}")]
     Malformed(String),
     #[error("chunk {0} is not in the store")]
@@ -30,7 +37,7 @@ impl crate::error::ErrorKind for ChunkError {
             ChunkError::Malformed(_) => Kind::InvalidArgument,
             ChunkError::Missing(_) => Kind::FailedPrecondition,
             ChunkError::NoSpace(_) => Kind::ResourceExhausted,
-            ChunkError::Io { .. } => Kind::Internal,
+            ChunkError::Io { .. } | ChunkError::Index(_) => Kind::Internal,
         }
     }
 }
@@ -51,144 +58,356 @@ pub fn hash_from_bytes(b: &[u8]) -> Result<[u8; 32], ChunkError> {
         .map_err(|_| ChunkError::Malformed(format!("hash of {} bytes", b.len())))
 }
 
-/// Decompresses a frame, bounded by its declared size, and checks its name.
-pub fn verify_frame(hash: &[u8; 32], zdata: &[u8], raw_len: u32) -> Result<Vec<u8>, ChunkError> {
+/// The raw chunk inside a frame, bounded by its declared size.
+pub fn unframe(data: &[u8], raw_len: u32, raw: bool) -> Result<Vec<u8>, ChunkError> {
     if raw_len as usize > MAX_CHUNK {
         return Err(ChunkError::Malformed(format!(
             "chunk of {raw_len} bytes exceeds {MAX_CHUNK}"
         )));
     }
-    let raw = zstd::bulk::decompress(zdata, raw_len as usize)
-        .map_err(|e| ChunkError::Malformed(format!("bad zstd frame: {e}")))?;
-    if raw.len() != raw_len as usize {
+    let out = if raw {
+        data.to_vec()
+    } else {
+        zstd::bulk::decompress(data, raw_len as usize)
+            .map_err(|e| ChunkError::Malformed(format!("bad zstd frame: {e}")))?
+    };
+    if out.len() != raw_len as usize {
         return Err(ChunkError::Malformed("chunk length does not match".into()));
     }
-    if blake3::hash(&raw).as_bytes() != hash {
+    Ok(out)
+}
+
+/// Unframes a chunk from the wire and checks its name.
+pub fn verify_frame(
+    hash: &[u8; 32],
+    data: &[u8],
+    raw_len: u32,
+    raw: bool,
+) -> Result<Vec<u8>, ChunkError> {
+    let out = unframe(data, raw_len, raw)?;
+    if blake3::hash(&out).as_bytes() != hash {
         return Err(ChunkError::Malformed(
             "chunk content does not match its hash".into(),
         ));
     }
-    Ok(raw)
+    Ok(out)
 }
 
+/// Frames a raw chunk for the wire: zstd, unless that does not make it smaller.
+pub fn compress(raw: &[u8]) -> (Vec<u8>, bool) {
+    // Incompressible data costs a full zstd pass for nothing; a sample tells early.
+    if raw.len() > 8192 {
+        if let Ok(z) = zstd::bulk::compress(&raw[..4096], 1) {
+            if z.len() > 4096 - 4096 / 32 {
+                return (raw.to_vec(), true);
+            }
+        }
+    }
+    match zstd::bulk::compress(raw, 1) {
+        Ok(z) if z.len() < raw.len() => (z, false),
+        _ => (raw.to_vec(), true),
+    }
+}
+
+/// Where a frame lives: pack, offset, length, raw length, raw flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Location {
+    pack: u32,
+    offset: u64,
+    len: u32,
+    raw_len: u32,
+    raw: bool,
+}
+
+impl Location {
+    fn encode(&self) -> [u8; 21] {
+        let mut b = [0u8; 21];
+        b[..4].copy_from_slice(&self.pack.to_le_bytes());
+        b[4..12].copy_from_slice(&self.offset.to_le_bytes());
+        b[12..16].copy_from_slice(&self.len.to_le_bytes());
+        b[16..20].copy_from_slice(&self.raw_len.to_le_bytes());
+        b[20] = self.raw as u8;
+        b
+    }
+    fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != 21 {
+            return None;
+        }
+        Some(Self {
+            pack: u32::from_le_bytes(b[..4].try_into().ok()?),
+            offset: u64::from_le_bytes(b[4..12].try_into().ok()?),
+            len: u32::from_le_bytes(b[12..16].try_into().ok()?),
+            raw_len: u32::from_le_bytes(b[16..20].try_into().ok()?),
+            raw: b[20] != 0,
+        })
+    }
+}
+
+struct Writer {
+    id: u32,
+    file: Arc<std::fs::File>,
+    len: u64,
+}
+
+/// A stored frame.
 #[derive(Debug, Clone)]
-pub struct ChunkStore {
-    root: PathBuf,
+pub struct Frame {
+    pub data: Vec<u8>,
+    pub raw_len: u32,
+    pub raw: bool,
 }
 
-/// A chunk written to the staging area, not yet visible.
+#[derive(Clone)]
+pub struct ChunkStore {
+    dir: PathBuf,
+    index: sled::Tree,
+    writer: Arc<Mutex<Writer>>,
+    packs: Arc<RwLock<HashMap<u32, Arc<std::fs::File>>>>,
+}
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A frame appended to a pack, not yet visible.
 #[derive(Debug)]
 pub struct Staged {
-    tmp: PathBuf,
     hash: [u8; 32],
+    loc: Location,
+}
+
+fn pack_name(id: u32) -> String {
+    format!("{id:08}.pack")
 }
 
 impl ChunkStore {
-    /// Opens (creating) the store and drops any staging leftovers of a crash.
-    pub fn open(root: &Path) -> Result<Self, ChunkError> {
-        let tmp = root.join("tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    /// Opens the store in `dir` with its index in `index`. Appends go to a new pack, so
+    /// a torn tail of a crashed run is never built upon.
+    pub fn open(dir: &Path, index: sled::Tree) -> Result<Self, ChunkError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let mut packs = HashMap::new();
+        let mut max = 0;
+        for e in std::fs::read_dir(dir)
+            .map_err(|e| io_err(dir, e))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name
+                .strip_suffix(".pack")
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                let f = std::fs::File::open(e.path()).map_err(|err| io_err(&e.path(), err))?;
+                packs.insert(id, Arc::new(f));
+                max = max.max(id);
+            }
+        }
+        let writer = Self::new_pack(dir, max + 1)?;
+        packs.insert(writer.id, writer.file.clone());
         Ok(Self {
-            root: root.to_path_buf(),
+            dir: dir.to_path_buf(),
+            index,
+            writer: Arc::new(Mutex::new(writer)),
+            packs: Arc::new(RwLock::new(packs)),
         })
     }
 
-    pub fn path(&self, hash: &[u8; 32]) -> PathBuf {
-        let h = hex::encode(hash);
-        self.root.join(&h[..2]).join(&h)
+    fn new_pack(dir: &Path, id: u32) -> Result<Writer, ChunkError> {
+        let p = dir.join(pack_name(id));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&p)
+            .map_err(|e| io_err(&p, e))?;
+        let len = file.metadata().map_err(|e| io_err(&p, e))?.len();
+        Ok(Writer {
+            id,
+            file: Arc::new(file),
+            len,
+        })
     }
 
     pub fn has(&self, hash: &[u8; 32]) -> bool {
-        self.path(hash).exists()
+        self.index.contains_key(hash).unwrap_or(false)
     }
 
-    /// Writes a verified frame to the staging area.
-    pub fn stage(&self, hash: [u8; 32], zdata: &[u8]) -> Result<Staged, ChunkError> {
-        let tmp = self.root.join("tmp").join(format!(
-            "{}.{:08x}",
-            hex::encode(hash),
-            rand::random::<u32>()
-        ));
-        let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-        f.write_all(zdata).map_err(|e| io_err(&tmp, e))?;
-        Ok(Staged { tmp, hash })
+    /// Appends a verified frame to the current pack.
+    pub fn stage(
+        &self,
+        hash: [u8; 32],
+        data: &[u8],
+        raw_len: u32,
+        raw: bool,
+    ) -> Result<Staged, ChunkError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let offset = w.len;
+        (&*w.file)
+            .write_all(data)
+            .map_err(|e| io_err(&self.dir, e))?;
+        w.len += data.len() as u64;
+        Ok(Staged {
+            hash,
+            loc: Location {
+                pack: w.id,
+                offset,
+                len: data.len() as u32,
+                raw_len,
+                raw,
+            },
+        })
     }
 
-    /// Makes staged chunks durable (one `syncfs`) and then visible.
+    /// Makes staged frames durable (one `fdatasync` of the pack and one index flush),
+    /// then visible.
     pub fn commit(&self, staged: Vec<Staged>) -> Result<usize, ChunkError> {
         if staged.is_empty() {
             return Ok(0);
         }
-        let dir = std::fs::File::open(&self.root).map_err(|e| io_err(&self.root, e))?;
-        rustix::fs::syncfs(dir.as_fd()).map_err(|e| io_err(&self.root, e.into()))?;
-        let n = staged.len();
-        for s in staged {
-            let dest = self.path(&s.hash);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+        {
+            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            w.file.sync_data().map_err(|e| io_err(&self.dir, e))?;
+            if w.len >= PACK_LIMIT {
+                let next = Self::new_pack(&self.dir, w.id + 1)?;
+                self.packs
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(next.id, next.file.clone());
+                *w = next;
             }
-            std::fs::rename(&s.tmp, &dest).map_err(|e| io_err(&dest, e))?;
         }
-        Ok(n)
+        // A frame staged in a pack that was rotated meanwhile was synced by that rotation.
+        let mut b = sled::Batch::default();
+        for s in &staged {
+            b.insert(&s.hash[..], &s.loc.encode()[..]);
+        }
+        self.index.apply_batch(b)?;
+        self.index.flush()?;
+        Ok(staged.len())
     }
 
-    /// The stored zstd frame.
-    pub fn read_frame(&self, hash: &[u8; 32]) -> Result<Vec<u8>, ChunkError> {
-        let p = self.path(hash);
-        std::fs::read(&p).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                ChunkError::Missing(hex::encode(hash))
-            } else {
-                io_err(&p, e)
-            }
+    /// The stored frame.
+    pub fn read_frame(&self, hash: &[u8; 32]) -> Result<Frame, ChunkError> {
+        let loc = self
+            .index
+            .get(hash)?
+            .and_then(|v| Location::decode(&v))
+            .ok_or_else(|| ChunkError::Missing(hex::encode(hash)))?;
+        let file = self
+            .packs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&loc.pack)
+            .cloned()
+            .ok_or_else(|| ChunkError::Missing(hex::encode(hash)))?;
+        let mut data = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut data, loc.offset)
+            .map_err(|e| io_err(&self.dir.join(pack_name(loc.pack)), e))?;
+        Ok(Frame {
+            data,
+            raw_len: loc.raw_len,
+            raw: loc.raw,
         })
     }
 
-    /// The raw chunk, decompressed.
-    pub fn read_raw(&self, hash: &[u8; 32], raw_len: u32) -> Result<Vec<u8>, ChunkError> {
-        let z = self.read_frame(hash)?;
-        zstd::bulk::decompress(&z, raw_len as usize)
-            .map_err(|e| ChunkError::Malformed(format!("stored chunk {}: {e}", hex::encode(hash))))
+    /// The raw chunk.
+    pub fn read_raw(&self, hash: &[u8; 32]) -> Result<Vec<u8>, ChunkError> {
+        let f = self.read_frame(hash)?;
+        unframe(&f.data, f.raw_len, f.raw)
     }
 
-    pub fn remove(&self, hash: &[u8; 32]) {
-        let _ = std::fs::remove_file(self.path(hash));
+    /// Drops every chunk (a relay whose queue is empty no longer needs them).
+    pub fn clear(&self) -> Result<usize, ChunkError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let n = self.index.len();
+        self.index.clear()?;
+        self.index.flush()?;
+        let mut packs = self.packs.write().unwrap_or_else(|p| p.into_inner());
+        for id in packs.keys() {
+            let _ = std::fs::remove_file(self.dir.join(pack_name(*id)));
+        }
+        packs.clear();
+        let next = Self::new_pack(&self.dir, w.id + 1)?;
+        packs.insert(next.id, next.file.clone());
+        *w = next;
+        Ok(n)
     }
-}
 
-/// Compresses a raw chunk for the wire.
-pub fn compress(raw: &[u8]) -> Vec<u8> {
-    zstd::bulk::compress(raw, 1).unwrap_or_else(|_| raw.to_vec())
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn store(dir: &Path) -> ChunkStore {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        ChunkStore::open(dir, db.open_tree("chunks").unwrap()).unwrap()
+    }
+
     #[test]
     fn stage_commit_read() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ChunkStore::open(dir.path()).unwrap();
-        let raw = b"hello chunk".repeat(100);
+        let store = store(dir.path());
+        let text = b"hello chunk".repeat(1000);
+        let noise: Vec<u8> = (0..20000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        for raw in [text, noise] {
+            let hash = *blake3::hash(&raw).as_bytes();
+            let (z, is_raw) = compress(&raw);
+            assert_eq!(
+                verify_frame(&hash, &z, raw.len() as u32, is_raw).unwrap(),
+                raw
+            );
+            let staged = store.stage(hash, &z, raw.len() as u32, is_raw).unwrap();
+            assert!(!store.has(&hash));
+            store.commit(vec![staged]).unwrap();
+            assert!(store.has(&hash));
+            assert_eq!(store.read_raw(&hash).unwrap(), raw);
+        }
+        assert_eq!(store.clear().unwrap(), 2);
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn reopened_store_keeps_committed_chunks_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let raw = vec![3u8; 5000];
         let hash = *blake3::hash(&raw).as_bytes();
-        let z = compress(&raw);
-        assert_eq!(verify_frame(&hash, &z, raw.len() as u32).unwrap(), raw);
-        let staged = store.stage(hash, &z).unwrap();
-        assert!(!store.has(&hash));
-        store.commit(vec![staged]).unwrap();
-        assert!(store.has(&hash));
-        assert_eq!(store.read_raw(&hash, raw.len() as u32).unwrap(), raw);
+        let other = *blake3::hash(b"x").as_bytes();
+        {
+            let s = ChunkStore::open(dir.path(), db.open_tree("chunks").unwrap()).unwrap();
+            let (z, r) = compress(&raw);
+            let st = s.stage(hash, &z, 5000, r).unwrap();
+            s.commit(vec![st]).unwrap();
+            let _uncommitted = s.stage(other, b"x", 1, true).unwrap();
+        }
+        let s = ChunkStore::open(dir.path(), db.open_tree("chunks").unwrap()).unwrap();
+        assert_eq!(s.read_raw(&hash).unwrap(), raw);
+        assert!(!s.has(&other));
     }
 
     #[test]
     fn bad_frames_are_refused() {
         let raw = vec![7u8; 1000];
         let hash = *blake3::hash(&raw).as_bytes();
-        let z = compress(&raw);
-        assert!(verify_frame(&hash, &z, 999).is_err());
-        assert!(verify_frame(&[0; 32], &z, 1000).is_err());
-        assert!(verify_frame(&hash, b"not zstd", 1000).is_err());
-        assert!(verify_frame(&hash, &z, (MAX_CHUNK + 1) as u32).is_err());
+        let (z, r) = compress(&raw);
+        assert!(!r);
+        assert!(verify_frame(&hash, &z, 999, false).is_err());
+        assert!(verify_frame(&[0; 32], &z, 1000, false).is_err());
+        assert!(verify_frame(&hash, b"not zstd", 1000, false).is_err());
+        assert!(verify_frame(&hash, &z, (MAX_CHUNK + 1) as u32, false).is_err());
+        assert!(verify_frame(&hash, &raw[..999], 1000, true).is_err());
     }
 }

@@ -5,11 +5,12 @@ use crate::relay::{QueueItem, Relay};
 use ferry_common::backoff::Backoff;
 use ferry_common::chunks;
 use ferry_common::error::is_transient;
-use ferry_proto::v1 as pb;
+use ferry_proto::v1::{self as pb, ingest_client::IngestClient};
 use prost::Message;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 
 enum Outcome {
     Done,
@@ -87,60 +88,8 @@ async fn forward_one(relay: &Relay, item: &QueueItem) -> Outcome {
     let Some(batch) = &item.batch else {
         return Outcome::Done;
     };
-    let lens: std::collections::HashMap<&[u8], u32> = ferry_common::entry::chunk_refs(batch)
-        .map(|c| (c.hash.as_slice(), c.len))
-        .collect();
-    let hashes: Vec<Vec<u8>> = lens.keys().map(|h| h.to_vec()).collect();
-    for group in hashes.chunks(4096) {
-        let missing = match c
-            .missing_chunks(pb::MissingChunksRequest {
-                hashes: group.to_vec(),
-            })
-            .await
-        {
-            Ok(r) => r.into_inner().missing,
-            Err(s) => return classify(s),
-        };
-        let mut frames = Vec::new();
-        let mut bytes = 0;
-        for i in missing {
-            let Some(h) = group.get(i as usize) else {
-                continue;
-            };
-            let Ok(hash) = chunks::hash_from_bytes(h) else {
-                continue;
-            };
-            let raw_len = lens.get(h.as_slice()).copied().unwrap_or(0);
-            match relay.chunks.read_frame(&hash) {
-                Ok(zdata) => {
-                    bytes += zdata.len();
-                    frames.push(pb::ChunkFrame {
-                        hash: h.clone(),
-                        zdata,
-                        raw_len,
-                    });
-                }
-                Err(e) => {
-                    // Held upstream when the agent asked, and lost there since: nothing
-                    // here can supply it, so the batch cannot complete.
-                    return Outcome::Poison(tonic::Status::failed_precondition(e.to_string()));
-                }
-            }
-            if bytes >= 8 << 20 {
-                if let Err(s) = c
-                    .put_chunks(tokio_stream::iter(std::mem::take(&mut frames)))
-                    .await
-                {
-                    return classify(s);
-                }
-                bytes = 0;
-            }
-        }
-        if !frames.is_empty() {
-            if let Err(s) = c.put_chunks(tokio_stream::iter(frames)).await {
-                return classify(s);
-            }
-        }
+    if let Err(o) = push_chunks(relay, &mut c, batch).await {
+        return o;
     }
     match c.apply_batch(batch.clone()).await {
         Ok(r) => {
@@ -157,31 +106,134 @@ async fn forward_one(relay: &Relay, item: &QueueItem) -> Outcome {
 /// With the queue empty and no uploads for a while, local chunks have served their
 /// purpose: every batch that needed them is durable upstream.
 fn maybe_collect(relay: &Relay) {
-    if !relay.queue.is_empty() || relay.idle_for() < Duration::from_secs(60) {
+    if !relay.queue.is_empty()
+        || relay.chunks.is_empty()
+        || relay.idle_for() < Duration::from_secs(60)
+    {
         return;
     }
-    let root = relay.chunks.path(&[0; 32]);
-    let Some(root) = root.parent().and_then(|p| p.parent()) else {
-        return;
-    };
-    let Ok(dirs) = std::fs::read_dir(root) else {
-        return;
-    };
-    let mut n = 0;
-    for d in dirs.flatten() {
-        if d.file_name() == "tmp" {
-            continue;
-        }
-        if let Ok(files) = std::fs::read_dir(d.path()) {
-            for f in files.flatten() {
-                if std::fs::remove_file(f.path()).is_ok() {
-                    n += 1;
+    match relay.chunks.clear() {
+        Ok(n) => tracing::info!(chunks = n, "relayed chunks collected"),
+        Err(e) => tracing::warn!(error = %e, "cannot collect relayed chunks"),
+    }
+}
+
+/// Sends upstream every chunk of `batch` that it lacks, from the local store.
+async fn push_chunks(
+    relay: &Relay,
+    c: &mut IngestClient<Channel>,
+    batch: &pb::Batch,
+) -> Result<(), Outcome> {
+    let unique: std::collections::HashSet<&[u8]> = ferry_common::entry::chunk_refs(batch)
+        .map(|c| c.hash.as_slice())
+        .collect();
+    let hashes: Vec<Vec<u8>> = unique.into_iter().map(<[u8]>::to_vec).collect();
+    for group in hashes.chunks(4096) {
+        let missing = match c
+            .missing_chunks(pb::MissingChunksRequest {
+                hashes: group.to_vec(),
+            })
+            .await
+        {
+            Ok(r) => r.into_inner().missing,
+            Err(s) => return Err(classify(s)),
+        };
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        for i in missing {
+            let Some(h) = group.get(i as usize) else {
+                continue;
+            };
+            let Ok(hash) = chunks::hash_from_bytes(h) else {
+                continue;
+            };
+            match relay.chunks.read_frame(&hash) {
+                Ok(f) => {
+                    bytes += f.data.len();
+                    frames.push(pb::ChunkFrame {
+                        hash: h.clone(),
+                        zdata: f.data,
+                        raw_len: f.raw_len,
+                        raw: f.raw,
+                    });
                 }
+                Err(e) => {
+                    // Held upstream when the agent asked, and lost there since: nothing
+                    // here can supply it, so the batch cannot complete.
+                    return Err(Outcome::Poison(tonic::Status::failed_precondition(
+                        e.to_string(),
+                    )));
+                }
+            }
+            if bytes >= 8 << 20 {
+                if let Err(s) = c
+                    .put_chunks(tokio_stream::iter(std::mem::take(&mut frames)))
+                    .await
+                {
+                    return Err(classify(s));
+                }
+                bytes = 0;
+            }
+        }
+        if !frames.is_empty() {
+            if let Err(s) = c.put_chunks(tokio_stream::iter(frames)).await {
+                return Err(classify(s));
             }
         }
     }
-    if n > 0 {
-        tracing::info!(chunks = n, "relayed chunks collected");
-    }
-    relay.touch_put();
+    Ok(())
 }
+
+/// Uploads the chunks of the batches queued behind the head, so the cloud manager
+/// checks and stores chunks for the next batches while it applies the current one.
+pub async fn push_ahead(relay: Arc<Relay>, shutdown: CancellationToken) {
+    let mut cursor: Option<sled::IVec> = None;
+    let mut c = relay.client();
+    loop {
+        let head = relay.queue.first().ok().flatten().map(|(k, _)| k);
+        let from = match (&cursor, &head) {
+            (Some(cur), Some(h)) if cur > h => cur.clone(),
+            (_, Some(h)) => h.clone(),
+            (_, None) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        let ahead = relay
+            .queue
+            .range(head.clone().unwrap_or_default()..=from.clone())
+            .count();
+        let next = relay
+            .queue
+            .range((std::ops::Bound::Excluded(from), std::ops::Bound::Unbounded))
+            .next();
+        let Some(Ok((key, value))) = next.filter(|_| ahead <= LOOKAHEAD) else {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+            }
+        };
+        if let Ok(QueueItem {
+            batch: Some(batch), ..
+        }) = QueueItem::decode(value.as_ref())
+        {
+            let pushed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = push_chunks(&relay, &mut c, &batch) => r,
+            };
+            if pushed.is_err() {
+                // The head's own forwarding reports and retries; just wait a little.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        }
+        cursor = Some(key);
+    }
+}
+
+/// How many queued batches the chunk pusher may run ahead of the head.
+const LOOKAHEAD: usize = 4;

@@ -96,7 +96,7 @@ impl Relay {
             queue: store.tree("queue")?,
             dead: store.tree("dead")?,
             positions: store.tree("positions")?,
-            chunks: ChunkStore::open(&dir.join("chunks"))?,
+            chunks: ChunkStore::open(&dir.join("chunks"), store.tree("chunks")?)?,
             store,
             upstream,
             wake: tokio::sync::Notify::new(),
@@ -304,11 +304,13 @@ impl pb::ingest_server::Ingest for Service {
             self.relay.touch_put();
             let step = (|| -> Result<Option<chunks::Staged>> {
                 let hash = chunks::hash_from_bytes(&f.hash)?;
-                chunks::verify_frame(&hash, &f.zdata, f.raw_len)?;
+                chunks::verify_frame(&hash, &f.zdata, f.raw_len, f.raw)?;
                 if self.relay.chunks.has(&hash) {
                     return Ok(None);
                 }
-                Ok(Some(self.relay.chunks.stage(hash, &f.zdata)?))
+                Ok(Some(
+                    self.relay.chunks.stage(hash, &f.zdata, f.raw_len, f.raw)?,
+                ))
             })();
             match step {
                 Ok(Some(s)) => staged.push(s),
