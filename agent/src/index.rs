@@ -79,12 +79,15 @@ impl Record {
 #[derive(Debug, Clone)]
 pub struct Index {
     tree: sled::Tree,
+    /// inode -> path, to find the other names of hard-linked files.
+    inodes: sled::Tree,
 }
 
 impl Index {
     pub fn open(db: &sled::Db, fs_id: &str) -> Result<Self, sled::Error> {
         Ok(Self {
             tree: db.open_tree(format!("index:{fs_id}"))?,
+            inodes: db.open_tree(format!("inodes:{fs_id}"))?,
         })
     }
 
@@ -98,10 +101,24 @@ impl Index {
 
     pub fn put_all(&self, records: &[(Vec<u8>, Record)]) -> Result<(), sled::Error> {
         let mut b = sled::Batch::default();
+        let mut ino = sled::Batch::default();
         for (p, r) in records {
             b.insert(p.as_slice(), &r.encode()[..]);
+            if r.mode & 0o170000 == 0o100000 {
+                ino.insert(&r.ino.to_be_bytes()[..], p.as_slice());
+            }
         }
-        self.tree.apply_batch(b)
+        self.tree.apply_batch(b)?;
+        self.inodes.apply_batch(ino)
+    }
+
+    /// A path last recorded for inode `ino`.
+    pub fn path_of(&self, ino: u64) -> Option<Vec<u8>> {
+        self.inodes
+            .get(ino.to_be_bytes())
+            .ok()
+            .flatten()
+            .map(|v| v.to_vec())
     }
 
     pub fn remove(&self, path: &[u8]) -> Result<(), sled::Error> {

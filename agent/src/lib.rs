@@ -8,6 +8,7 @@ pub mod index;
 pub mod probe;
 pub mod scan;
 pub mod sender;
+pub mod watch;
 
 use ferry_common::config::Secret;
 use ferry_common::pki::{IdentityFiles, Role};
@@ -179,6 +180,10 @@ pub async fn run(
         .canonicalize()
         .unwrap_or(config.state_dir.clone())];
 
+    let (hint_tx, mut hint_rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = (!config.once).then(|| Arc::new(watch::Watcher::new(hint_tx, exclude.clone())));
+    let roots: Vec<PathBuf> = filesystems.iter().map(|(p, _)| p.clone()).collect();
+    let mut work = Work::Full;
     let mut first = true;
     let mut summary = Summary {
         system: name.clone(),
@@ -194,6 +199,8 @@ pub async fn run(
         let (tx, rx) = tokio::sync::mpsc::channel::<Pending>(2);
         let app = tokio::spawn(sender::applier(
             client.clone(),
+            meta.clone(),
+            wire_before,
             rx,
             accepted.clone(),
             durable.clone(),
@@ -202,8 +209,17 @@ pub async fn run(
         ));
         let mut uploader = Uploader::new(client.clone(), stats.clone(), shutdown.clone());
         let mut pass = Ok(());
-        for (path, fs) in &filesystems {
+        for (i, (path, fs)) in filesystems.iter().enumerate() {
+            let targets = match &work {
+                Work::Full => None,
+                Work::Dirs(d) => match d.get(&i) {
+                    Some(dirs) => Some(dirs.iter().cloned().collect::<Vec<_>>()),
+                    None => continue,
+                },
+            };
             let ctx = PassCtx {
+                targets,
+                watcher: watcher.clone(),
                 system: &name,
                 fs_id: fs_id(fs),
                 root: path.clone(),
@@ -243,8 +259,8 @@ pub async fn run(
             }
             Err(e) if matches!(&e, AgentError::Send(s) if s.is_fatal()) => return Err(e),
             Err(e) => {
-                uploader.forget();
                 tracing::error!(error = %e, "replication pass failed; rescanning after a pause");
+                work = Work::Full;
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
@@ -262,10 +278,66 @@ pub async fn run(
             summary.chunks_skipped_this_run = stats.chunks_skipped.load(Ordering::Relaxed);
             return Ok(Some(summary));
         }
-        tokio::select! {
+        // Wait for change hints; rescan everything on the timer, on lost events, and
+        // more often while the watch limit leaves directories unwatched.
+        let exhausted = watcher.as_ref().is_none_or(|w| w.exhausted());
+        let interval = if exhausted {
+            config.rescan_interval.min(FALLBACK_RESCAN)
+        } else {
+            config.rescan_interval
+        };
+        work = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(config.rescan_interval) => {}
+            _ = tokio::time::sleep(interval) => Work::Full,
+            Some(h) = hint_rx.recv() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                let mut hints = vec![h];
+                while let Ok(h) = hint_rx.try_recv() {
+                    hints.push(h);
+                }
+                Work::from_hints(hints, &roots)
+            }
+        };
+    }
+}
+
+/// How long hints gather before a pass starts: one pass per burst of changes.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Rescan period while some directories cannot be watched.
+const FALLBACK_RESCAN: Duration = Duration::from_secs(5);
+
+/// What the next pass looks at.
+#[derive(Debug)]
+enum Work {
+    Full,
+    /// Dirty directories (relative paths) per file system index.
+    Dirs(std::collections::HashMap<usize, std::collections::BTreeSet<Vec<u8>>>),
+}
+
+impl Work {
+    fn from_hints(hints: Vec<watch::Hint>, roots: &[PathBuf]) -> Self {
+        let mut dirs: std::collections::HashMap<usize, std::collections::BTreeSet<Vec<u8>>> =
+            Default::default();
+        for h in hints {
+            let watch::Hint::Dirty(abs) = h else {
+                return Work::Full;
+            };
+            // The file system whose root is the longest prefix owns the path.
+            let owner = roots
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| abs.starts_with(r))
+                .max_by_key(|(_, r)| r.components().count());
+            if let Some((i, r)) = owner {
+                if let Ok(rel) = abs.strip_prefix(r) {
+                    use std::os::unix::ffi::OsStrExt;
+                    dirs.entry(i)
+                        .or_default()
+                        .insert(rel.as_os_str().as_bytes().to_vec());
+                }
+            }
         }
+        Work::Dirs(dirs)
     }
 }
 
@@ -295,6 +367,9 @@ async fn wait_durable(
 }
 
 struct PassCtx<'a> {
+    /// Directories to scan shallowly; `None` scans the whole file system.
+    targets: Option<Vec<Vec<u8>>>,
+    watcher: Option<Arc<watch::Watcher>>,
     system: &'a str,
     fs_id: String,
     root: PathBuf,
@@ -332,13 +407,18 @@ async fn pass_fs(
         ctx.accepted,
         ctx.exclude.clone(),
     );
+    let (targets, watcher) = (ctx.targets.clone(), ctx.watcher.clone());
     let scanner = std::thread::Builder::new()
         .name("ferry-scan".into())
         .stack_size(64 << 20)
         .spawn(move || {
             let mut sink = ChanSink(itx);
-            let mut s = scan::Scanner::new(&root, &idx, accepted, &mut sink, exclude)?;
-            s.run()?;
+            let mut s = scan::Scanner::new(&root, &idx, accepted, &mut sink, exclude)?
+                .with_watcher(watcher.as_deref());
+            match targets {
+                None => s.run()?,
+                Some(dirs) => s.run_dirs(dirs)?,
+            };
             Ok::<_, scan::ScanError>(s.stats)
         })
         .map_err(|e| state_err(&ctx.root, e))?;

@@ -54,6 +54,11 @@ pub struct Scanner<'a, S: Sink> {
     links: HashMap<u64, (Vec<u8>, bool)>,
     /// Absolute paths never to replicate (the agent's own state).
     exclude: Vec<PathBuf>,
+    /// Shallow passes do not descend into directories the index vouches for: their own
+    /// change events bring them in.
+    shallow: bool,
+    visited: std::collections::HashSet<Vec<u8>>,
+    watcher: Option<&'a crate::watch::Watcher>,
     pub stats: ScanStats,
 }
 
@@ -112,8 +117,40 @@ impl<'a, S: Sink> Scanner<'a, S> {
             sink,
             links: HashMap::new(),
             exclude,
+            shallow: false,
+            visited: Default::default(),
+            watcher: None,
             stats: ScanStats::default(),
         })
+    }
+
+    /// Watches every directory the scan visits.
+    pub fn with_watcher(mut self, w: Option<&'a crate::watch::Watcher>) -> Self {
+        self.watcher = w;
+        self
+    }
+
+    /// Scans only `dirs` (relative paths), deepest first, without descending into
+    /// directories the index vouches for.
+    pub fn run_dirs(&mut self, mut dirs: Vec<Vec<u8>>) -> Result<bool, ScanError> {
+        self.shallow = true;
+        dirs.sort_by_key(|d| {
+            std::cmp::Reverse(d.iter().filter(|&&b| b == b'/').count() + usize::from(!d.is_empty()))
+        });
+        dirs.dedup();
+        let mut sent = false;
+        for rel in dirs {
+            if self.visited.contains(&rel) {
+                continue;
+            }
+            let Ok(m) = std::fs::symlink_metadata(self.abs(&rel)) else {
+                continue;
+            };
+            if m.is_dir() && m.dev() == self.dev {
+                sent |= self.dir(rel, &m)?;
+            }
+        }
+        Ok(sent)
     }
 
     fn abs(&self, rel: &[u8]) -> PathBuf {
@@ -150,6 +187,11 @@ impl<'a, S: Sink> Scanner<'a, S> {
     /// Post-order: children first, then the directory itself when it or anything below changed.
     fn dir(&mut self, rel: Vec<u8>, m: &std::fs::Metadata) -> Result<bool, ScanError> {
         let abs = self.abs(&rel);
+        self.visited.insert(rel.clone());
+        // Watch before listing, so nothing created meanwhile goes unseen.
+        if let Some(w) = self.watcher {
+            w.add(&abs);
+        }
         let mut names: Vec<Vec<u8>> = match std::fs::read_dir(&abs) {
             Ok(rd) => rd
                 .filter_map(|e| e.ok())
@@ -206,7 +248,11 @@ impl<'a, S: Sink> Scanner<'a, S> {
             }
             children.push(name);
             let sent = if ft.is_dir() && cm.dev() == self.dev {
-                self.dir(child, &cm)?
+                if self.shallow && self.unchanged(&child, &cm) {
+                    false
+                } else {
+                    self.dir(child, &cm)?
+                }
             } else if ft.is_dir() {
                 // A mount point of another file system: an empty directory here.
                 self.leaf_dir(child, &cm)?
@@ -253,6 +299,28 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 e.link_target = first;
                 self.send_entry(e, Some(Record::from_meta(m, 0)))?;
                 return Ok(true);
+            }
+        }
+        if ft.is_file() && m.nlink() > 1 {
+            // A new name for a file the replica already has under another name.
+            if let Some(other) = self.index.path_of(m.ino()) {
+                let same = other != rel
+                    && std::fs::symlink_metadata(self.abs(&other))
+                        .is_ok_and(|o| o.ino() == m.ino())
+                    && self
+                        .index
+                        .get(&other)
+                        .is_some_and(|r| r.epoch <= self.accepted && r.matches(m));
+                if same {
+                    self.links.insert(m.ino(), (other.clone(), false));
+                    if self.unchanged(&rel, m) {
+                        return Ok(false);
+                    }
+                    let mut e = base(m, rel, EntryKind::Hardlink);
+                    e.link_target = other;
+                    self.send_entry(e, Some(Record::from_meta(m, 0)))?;
+                    return Ok(true);
+                }
             }
         }
         if self.unchanged(&rel, m) {

@@ -227,6 +227,8 @@ pub struct Pending {
 /// Applies batches strictly in order; records each one's index entries once accepted.
 pub async fn applier(
     client: Client,
+    meta: sled::Tree,
+    wire_before: u64,
     mut rx: tokio::sync::mpsc::Receiver<Pending>,
     accepted: Arc<AtomicU64>,
     durable: Arc<AtomicU64>,
@@ -254,6 +256,9 @@ pub async fn applier(
         accepted.fetch_max(resp.accepted_epoch.max(epoch), Ordering::SeqCst);
         durable.fetch_max(resp.durable_epoch, Ordering::SeqCst);
         stats.batches.fetch_add(1, Ordering::Relaxed);
+        // Bytes sent so far survive a crash, so resends can be measured.
+        let sent = wire_before + stats.chunk_wire_bytes.load(Ordering::Relaxed);
+        meta.insert("chunk_wire_bytes", &sent.to_le_bytes())?;
         tracing::debug!(
             epoch,
             entries = batch.entries.len(),

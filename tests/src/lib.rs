@@ -351,6 +351,75 @@ pub fn agent_cmd(
     cmd
 }
 
+/// `ferry-agent run` that keeps following changes.
+pub fn agent_follow_cmd(
+    state: &Path,
+    manager: &str,
+    token: Option<&str>,
+    root: &Path,
+    name: &str,
+) -> Command {
+    let mut cmd = Command::new(bin("ferry-agent"));
+    cmd.arg("run")
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--manager")
+        .arg(manager);
+    cmd.arg("--root")
+        .arg(root)
+        .arg("--name")
+        .arg(name)
+        .arg("--rescan-interval")
+        .arg("600");
+    if let Some(t) = token {
+        cmd.env("FERRY_TOKEN", t);
+    }
+    cmd
+}
+
+/// Bytes the agent has sent over its whole life (kept in its state).
+pub fn agent_sent_bytes(state: &Path) -> u64 {
+    let db = match sled::Config::new().path(state.join("db")).open() {
+        Ok(db) => db,
+        Err(_) => return 0,
+    };
+    db.open_tree("meta")
+        .ok()
+        .and_then(|t| t.get("chunk_wire_bytes").ok().flatten())
+        .and_then(|v| v.as_ref().try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
+}
+
+/// A churn generator over `root/churn` and a few existing files: creates, appends,
+/// in-place overwrites, file and directory renames, deletes, chmod/chown/xattr changes
+/// and deep new trees. Runs `rounds` operations with a short pause between them.
+pub fn churn_script(root: &Path, rounds: u32, seed: u32) -> String {
+    format!(
+        r#"cd '{r}'; RANDOM={seed}; mkdir -p churn/dirs
+for i in $(seq 1 {rounds}); do
+  n=$((RANDOM % 11))
+  f=$(ls churn 2>/dev/null | grep '^f' | shuf -n1 --random-source=<(yes {seed}) 2>/dev/null || true)
+  d=$(ls churn/dirs 2>/dev/null | shuf -n1 --random-source=<(yes $i) 2>/dev/null || true)
+  case $n in
+    0|1) echo "created $i" > churn/f$i ;;
+    2) [ -n "$f" ] && echo "appended $i" >> "churn/$f" ;;
+    3) dd if=/dev/urandom of=var/www/large.bin bs=4096 count=1 seek=$((RANDOM % 2000)) conv=notrunc status=none ;;
+    4) [ -n "$f" ] && mv "churn/$f" "churn/f$i-renamed" ;;
+    5) mkdir -p churn/dirs/d$i/sub && echo "in dir $i" > churn/dirs/d$i/sub/file ;;
+    6) [ -n "$d" ] && mv "churn/dirs/$d" "churn/dirs/moved$i" ;;
+    7) [ -n "$f" ] && rm -f "churn/$f" ;;
+    8) [ -n "$f" ] && chmod $((RANDOM % 2 ? 600 : 755)) "churn/$f" && chown $((1000 + RANDOM % 5)):$((2000 + RANDOM % 5)) "churn/$f" ;;
+    9) [ -n "$f" ] && setfattr -n user.churn -v "v$i" "churn/$f" ;;
+    10) mkdir -p churn/deep$i/a/b/c/d/e && echo "deep $i" > churn/deep$i/a/b/c/d/e/leaf && echo top > churn/deep$i/top ;;
+  esac
+  sleep 0.02
+done
+true"#,
+        r = root.display()
+    )
+}
+
 /// Runs an agent pass to completion and returns its JSON summary.
 pub fn agent_once(
     state: &Path,

@@ -139,7 +139,10 @@ async fn hostile_and_unauthorized_requests_are_refused() -> Result<()> {
         .await
         .unwrap_err();
     assert!(
-        matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Cancelled),
+        matches!(
+            err.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ),
         "{err:?}"
     );
 
