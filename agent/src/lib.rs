@@ -198,17 +198,20 @@ pub async fn run(
     loop {
         let (tx, rx) = tokio::sync::mpsc::channel::<Pending>(2);
         let app = tokio::spawn(sender::applier(
-            client.clone(),
-            meta.clone(),
-            wire_before,
+            sender::Applier {
+                client: client.clone(),
+                meta: meta.clone(),
+                wire_before,
+                accepted: accepted.clone(),
+                durable: durable.clone(),
+                stats: stats.clone(),
+                shutdown: shutdown.clone(),
+            },
             rx,
-            accepted.clone(),
-            durable.clone(),
-            stats.clone(),
-            shutdown.clone(),
         ));
         let mut uploader = Uploader::new(client.clone(), stats.clone(), shutdown.clone());
         let mut pass = Ok(());
+        let mut retry_dirs: DirtyDirs = Default::default();
         for (i, (path, fs)) in filesystems.iter().enumerate() {
             let targets = match &work {
                 Work::Full => None,
@@ -232,9 +235,12 @@ pub async fn run(
                 exclude: exclude.clone(),
             };
             match pass_fs(ctx, &mut uploader, &tx).await {
-                Ok(st) => {
+                Ok((st, retry)) => {
                     summary.files_sent_this_run += st.files_sent;
                     summary.bytes_read_this_run += st.bytes_read;
+                    if !retry.is_empty() {
+                        retry_dirs.entry(i).or_default().extend(retry);
+                    }
                 }
                 Err(e) => {
                     pass = Err(e);
@@ -286,6 +292,27 @@ pub async fn run(
         } else {
             config.rescan_interval
         };
+        if !retry_dirs.is_empty() {
+            // Files that changed while read: look again soon even if no event comes.
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(TORN_RETRY) => {}
+            }
+            let mut hints = Vec::new();
+            while let Ok(h) = hint_rx.try_recv() {
+                hints.push(h);
+            }
+            work = match Work::from_hints(hints, &roots) {
+                Work::Dirs(mut d) => {
+                    for (i, dirs) in retry_dirs {
+                        d.entry(i).or_default().extend(dirs);
+                    }
+                    Work::Dirs(d)
+                }
+                Work::Full => Work::Full,
+            };
+            continue;
+        }
         work = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(interval) => Work::Full,
@@ -303,6 +330,10 @@ pub async fn run(
 
 /// How long hints gather before a pass starts: one pass per burst of changes.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Pause before reading files again that changed while read.
+const TORN_RETRY: Duration = Duration::from_millis(300);
+/// Dirty directories (relative paths) per file system index.
+type DirtyDirs = std::collections::HashMap<usize, std::collections::BTreeSet<Vec<u8>>>;
 /// Rescan period while some directories cannot be watched.
 const FALLBACK_RESCAN: Duration = Duration::from_secs(5);
 
@@ -310,8 +341,7 @@ const FALLBACK_RESCAN: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 enum Work {
     Full,
-    /// Dirty directories (relative paths) per file system index.
-    Dirs(std::collections::HashMap<usize, std::collections::BTreeSet<Vec<u8>>>),
+    Dirs(DirtyDirs),
 }
 
 impl Work {
@@ -398,7 +428,7 @@ async fn pass_fs(
     ctx: PassCtx<'_>,
     up: &mut Uploader,
     tx: &tokio::sync::mpsc::Sender<Pending>,
-) -> Result<scan::ScanStats, AgentError> {
+) -> Result<(scan::ScanStats, Vec<Vec<u8>>), AgentError> {
     let index = index::Index::open(ctx.db, &ctx.fs_id).map_err(|e| state_err(&ctx.root, e))?;
     let (itx, mut irx) = tokio::sync::mpsc::channel::<scan::Item>(64);
     let (root, idx, accepted, exclude) = (
@@ -419,7 +449,7 @@ async fn pass_fs(
                 None => s.run()?,
                 Some(dirs) => s.run_dirs(dirs)?,
             };
-            Ok::<_, scan::ScanError>(s.stats)
+            Ok::<_, scan::ScanError>((s.stats, s.retry))
         })
         .map_err(|e| state_err(&ctx.root, e))?;
     let phase = if ctx.initial {
@@ -482,7 +512,7 @@ async fn pass_fs(
         .join()
         .map_err(|_| state_err(&ctx.root, "scanner thread panicked"))?;
     result?;
-    let stats = stats?;
+    let (stats, retry) = stats?;
     // The last batch of a pass marks the file system in sync once it is durable.
     let progress = pb::FsProgress {
         fs_id: ctx.fs_id.clone(),
@@ -494,7 +524,7 @@ async fn pass_fs(
         queue(&ctx, up, tx, &index, entries, records, progress, newest).await?;
     }
     tracing::info!(fs = %ctx.fs_id, root = %ctx.root.display(), files = stats.files_sent, entries = stats.entries_sent, unchanged = stats.unchanged, bytes_read = stats.bytes_read, "pass done");
-    Ok(stats)
+    Ok((stats, retry))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -60,6 +60,8 @@ pub struct Scanner<'a, S: Sink> {
     visited: std::collections::HashSet<Vec<u8>>,
     watcher: Option<&'a crate::watch::Watcher>,
     pub stats: ScanStats,
+    /// Directories holding files that kept changing while read: scan them again soon.
+    pub retry: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -121,6 +123,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
             visited: Default::default(),
             watcher: None,
             stats: ScanStats::default(),
+            retry: Vec::new(),
         })
     }
 
@@ -414,7 +417,13 @@ impl<'a, S: Sink> Scanner<'a, S> {
             tracing::debug!(path = %abs.display(), "file changed while read, reading again");
         }
         self.stats.torn += 1;
-        tracing::warn!(path = %abs.display(), "file keeps changing while read; left for the next scan");
+        let parent = rel
+            .iter()
+            .rposition(|&b| b == b'/')
+            .map(|i| rel[..i].to_vec())
+            .unwrap_or_default();
+        self.retry.push(parent);
+        tracing::warn!(path = %abs.display(), "file keeps changing while read; read again shortly");
         Ok(None)
     }
 

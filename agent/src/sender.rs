@@ -224,17 +224,34 @@ pub struct Pending {
     pub index: Index,
 }
 
+/// What the in-order applier works with.
+#[derive(Clone)]
+pub struct Applier {
+    pub client: Client,
+    /// Agent state: the byte counter lives here.
+    pub meta: sled::Tree,
+    /// Bytes sent by earlier runs.
+    pub wire_before: u64,
+    pub accepted: Arc<AtomicU64>,
+    pub durable: Arc<AtomicU64>,
+    pub stats: Arc<Stats>,
+    pub shutdown: CancellationToken,
+}
+
 /// Applies batches strictly in order; records each one's index entries once accepted.
 pub async fn applier(
-    client: Client,
-    meta: sled::Tree,
-    wire_before: u64,
+    a: Applier,
     mut rx: tokio::sync::mpsc::Receiver<Pending>,
-    accepted: Arc<AtomicU64>,
-    durable: Arc<AtomicU64>,
-    stats: Arc<Stats>,
-    shutdown: CancellationToken,
 ) -> Result<(), SendError> {
+    let Applier {
+        client,
+        meta,
+        wire_before,
+        accepted,
+        durable,
+        stats,
+        shutdown,
+    } = a;
     while let Some(p) = rx.recv().await {
         let batch = p.batch;
         let epoch = batch.epoch;

@@ -194,9 +194,13 @@ impl Drop for Proc {
 }
 
 fn wait_port(port: u16, what: &str) -> Result<()> {
+    wait_port_at("127.0.0.1", port, what)
+}
+
+fn wait_port_at(host: &str, port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if std::net::TcpStream::connect((host, port)).is_ok() {
             return Ok(());
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -207,6 +211,7 @@ fn wait_port(port: u16, what: &str) -> Result<()> {
 /// A cloud manager on loopback with its data dir.
 pub struct CloudMgr {
     pub dir: PathBuf,
+    pub host: String,
     pub port: u16,
     pub proc: Proc,
 }
@@ -216,6 +221,10 @@ impl CloudMgr {
         Self::start_on(dir, free_port())
     }
     pub fn start_on(dir: &Path, port: u16) -> Result<Self> {
+        Self::start_at(dir, "127.0.0.1", port)
+    }
+    /// Listens on `host` (an address of this machine's namespace) instead of loopback.
+    pub fn start_at(dir: &Path, host: &str, port: u16) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let proc = Proc::spawn(
             Command::new(bin("ferry-cloud"))
@@ -223,21 +232,22 @@ impl CloudMgr {
                 .arg("--data-dir")
                 .arg(dir)
                 .arg("--listen")
-                .arg(format!("127.0.0.1:{port}")),
+                .arg(format!("{host}:{port}")),
             &dir.with_extension("log"),
         )?;
-        wait_port(port, "ferry-cloud")?;
+        wait_port_at(host, port, "ferry-cloud")?;
         wait_for("operator credentials", Duration::from_secs(30), || {
             dir.join("operator.toml").exists()
         })?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            host: host.to_string(),
             port,
             proc,
         })
     }
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.host, self.port)
     }
     pub fn token(&self) -> Result<String> {
         Ok(sh(Command::new(bin("ferry-cloud"))
@@ -273,9 +283,8 @@ impl CloudMgr {
     }
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill9();
-        let port = self.port;
-        let dir = self.dir.clone();
-        *self = Self::start_on(&dir, port)?;
+        let (port, dir, host) = (self.port, self.dir.clone(), self.host.clone());
+        *self = Self::start_at(&dir, &host, port)?;
         Ok(())
     }
 }
