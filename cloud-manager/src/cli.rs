@@ -72,6 +72,9 @@ pub fn render_systems(systems: &[pb::SystemStatus]) -> String {
             when(s.last_durable_unix_ms),
             if s.via.is_empty() { "-" } else { &s.via }
         ));
+        if !s.last_error.is_empty() {
+            out.push_str(&format!("  error: {}\n", s.last_error));
+        }
         for f in &s.filesystems {
             out.push_str(&format!(
                 "  {:<12} {:<5} {:<36} {:<12} {} / {}  {}\n",

@@ -39,6 +39,8 @@ pub enum CloudError {
     Invalid(String),
     #[error("volume i/o: {0}")]
     Io(String),
+    #[error("out of space: {0}")]
+    NoSpace(String),
 }
 
 impl ErrorKind for CloudError {
@@ -57,6 +59,7 @@ impl ErrorKind for CloudError {
             CloudError::Invalid(_) => Kind::InvalidArgument,
             CloudError::Io(m) if m.contains("No space left") => Kind::ResourceExhausted,
             CloudError::Io(_) => Kind::Internal,
+            CloudError::NoSpace(_) => Kind::ResourceExhausted,
         }
     }
 }
@@ -66,6 +69,8 @@ pub type Result<T, E = CloudError> = std::result::Result<T, E>;
 /// Most hashes one MissingChunks call may ask about.
 const MAX_HASHES: usize = 65536;
 const MAX_ENTRIES: usize = 100_000;
+/// Free space kept in the data dir beyond what a batch needs.
+const RESERVE: u64 = 32 << 20;
 
 pub struct Cloud {
     pub state: State,
@@ -74,6 +79,9 @@ pub struct Cloud {
     pub tokens: TokenStore,
     pub ca: Ca,
     pub counters: Counters,
+    /// Last storage failure, for the operator; cleared by the next durable batch.
+    pub last_error: std::sync::Mutex<String>,
+    data_dir: PathBuf,
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
@@ -117,6 +125,7 @@ pub fn require_operator(peer: Option<&Identity>) -> Result<&Identity> {
 
 impl Cloud {
     pub fn new(
+        data_dir: &std::path::Path,
         state: State,
         chunks: ChunkStore,
         volumes: Volumes,
@@ -131,6 +140,8 @@ impl Cloud {
             tokens,
             ca,
             counters,
+            last_error: Default::default(),
+            data_dir: data_dir.to_path_buf(),
             locks: Default::default(),
         })
     }
@@ -325,6 +336,12 @@ impl Cloud {
             })?
             .clone();
         let mnt = self.volumes.ensure(&batch.system, &fs)?;
+        if let Err(e) = self.check_space(&batch) {
+            rec.last_error = format!("epoch {}: {e}", batch.epoch);
+            self.state.put_system(&rec)?;
+            self.storage_error(&e);
+            return Err(e);
+        }
         let this = self.clone();
         let entries = batch.entries;
         let applied = blocking(move || -> Result<apply::Applied> {
@@ -334,7 +351,23 @@ impl Cloud {
                 .map_err(|e| CloudError::Io(std::io::Error::from(e).to_string()))?;
             Ok(applied)
         })
-        .await?;
+        .await;
+        let applied = match applied {
+            Ok(a) => a,
+            Err(e) => {
+                // Kept for the operator; the batch stays unacknowledged and is retried.
+                tracing::error!(system = %rec.name, epoch = batch.epoch, error = %e, "batch not applied");
+                rec.last_error = format!("epoch {}: {e}", batch.epoch);
+                self.state.put_system(&rec)?;
+                self.storage_error(&e);
+                return Err(e);
+            }
+        };
+        rec.last_error.clear();
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         Counters::add(&self.counters.batches_applied, 1);
         Counters::add(&self.counters.file_bytes_written, applied.file_bytes);
         rec.durable_epoch = batch.epoch;
@@ -367,6 +400,41 @@ impl Cloud {
             accepted_epoch: d,
             durable_epoch: d,
         })
+    }
+
+    /// Remembers a storage failure for `ferry sync status`.
+    pub fn storage_error(&self, e: &CloudError) {
+        if e.kind() == Kind::ResourceExhausted
+            || matches!(e, CloudError::Io(_) | CloudError::Chunk(_))
+        {
+            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
+        }
+    }
+
+    pub fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Refuses a batch whose data would not fit in the data dir: a sparse volume image
+    /// that cannot grow would fail inside its file system instead of cleanly here.
+    fn check_space(&self, batch: &pb::Batch) -> Result<()> {
+        let need: u64 = ferry_common::entry::chunk_refs(batch)
+            .map(|c| c.len as u64)
+            .sum::<u64>()
+            + RESERVE;
+        let st = rustix::fs::statvfs(&self.data_dir)
+            .map_err(|e| CloudError::Io(std::io::Error::from(e).to_string()))?;
+        let free = st.f_bavail * st.f_frsize;
+        if free < need {
+            return Err(CloudError::NoSpace(format!(
+                "data dir {} has {free} bytes free; the batch needs {need} (with reserve)",
+                self.data_dir.display()
+            )));
+        }
+        Ok(())
     }
 
     pub fn refused(&self) {
@@ -413,6 +481,7 @@ impl Cloud {
             last_durable_unix_ms: rec.last_durable_ms,
             via: rec.via.clone(),
             lag_ms,
+            last_error: rec.last_error.clone(),
         }
     }
 

@@ -87,14 +87,16 @@ impl pb::ingest_server::Ingest for Grpc {
             match self.cloud.stage_frame(&frame) {
                 Ok(Some(s)) => staged.push(s),
                 Ok(None) => duplicate += 1,
-                Err(e) => return Err(self.fail("put-chunks", who.as_ref(), e)),
+                Err(e) => {
+                    self.cloud.storage_error(&e);
+                    return Err(self.fail("put-chunks", who.as_ref(), e));
+                }
             }
         }
-        let stored = self
-            .cloud
-            .commit_chunks(staged)
-            .await
-            .map_err(|e| self.fail("put-chunks", who.as_ref(), e))?;
+        let stored = self.cloud.commit_chunks(staged).await.map_err(|e| {
+            self.cloud.storage_error(&e);
+            self.fail("put-chunks", who.as_ref(), e)
+        })?;
         Ok(Response::new(pb::PutChunksResponse { stored, duplicate }))
     }
 
@@ -147,6 +149,7 @@ impl pb::control_server::Control for Grpc {
             Response::new(pb::SyncStatusResponse {
                 systems,
                 counters: Some(self.cloud.counters.to_proto()),
+                last_error: self.cloud.last_error(),
             })
         })
         .map_err(|e| self.fail("sync-status", who.as_ref(), e))

@@ -121,6 +121,7 @@ pub async fn run(
     let chunks =
         ferry_common::chunks::ChunkStore::open(&dir.join("chunks"), state.store.tree("chunks")?)?;
     let cloud = Arc::new(Cloud::new(
+        dir,
         state,
         chunks,
         volumes::Volumes::new(dir),

@@ -28,6 +28,8 @@ pub struct SystemRecord {
     pub last_durable_ms: i64,
     pub last_source_ms: i64,
     pub via: String,
+    #[serde(default)]
+    pub last_error: String,
 }
 
 impl SystemRecord {

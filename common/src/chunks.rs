@@ -245,9 +245,11 @@ impl ChunkStore {
     ) -> Result<Staged, ChunkError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let offset = w.len;
-        (&*w.file)
-            .write_all(data)
-            .map_err(|e| io_err(&self.dir, e))?;
+        if let Err(e) = (&*w.file).write_all(data) {
+            // A partial append must not shift the offsets of the frames after it.
+            let _ = w.file.set_len(offset);
+            return Err(io_err(&self.dir, e));
+        }
         w.len += data.len() as u64;
         Ok(Staged {
             hash,

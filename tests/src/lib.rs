@@ -484,7 +484,10 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> R
 
 /// A scratch directory under /tmp (tests run as root and mount things under it).
 pub fn scratch(name: &str) -> Result<tempfile::TempDir> {
+    // FERRY_TEST_KEEP=1 keeps the directory (logs, state) for a post-mortem.
+    let keep = std::env::var_os("FERRY_TEST_KEEP").is_some();
     Ok(tempfile::Builder::new()
+        .keep(keep)
         .prefix(&format!("ferry-{name}-"))
         .tempdir_in("/tmp")?)
 }

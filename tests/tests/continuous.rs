@@ -145,3 +145,122 @@ fn dir_bytes(p: &Path) -> u64 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
 }
+
+#[test]
+fn watch_limit_falls_back_to_rescans_and_stays_correct() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let old = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")?;
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write("/proc/sys/fs/inotify/max_user_watches", self.0.trim());
+        }
+    }
+    let _restore = Restore(old);
+    std::fs::write("/proc/sys/fs/inotify/max_user_watches", "8")?;
+    let s = follow(
+        "watch-limit",
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-0000000000f3",
+    )?;
+    bash(&churn_script(&s.src.mnt, 150, 5))?;
+    // Rescans every few seconds instead of events.
+    let took = converged_within(&s.src.mnt, &s.replica, Duration::from_secs(15))?;
+    eprintln!("converged {took:?} by rescans");
+    bash(&format!(
+        "cd {} && echo later > late-file",
+        s.src.mnt.display()
+    ))?;
+    converged_within(&s.src.mnt, &s.replica, Duration::from_secs(15))?;
+    let log = s.agent.log_text();
+    assert_eq!(
+        log.matches("inotify watch limit reached").count(),
+        1,
+        "{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn full_cloud_disk_is_reported_and_replication_recovers_once_space_is_freed() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = scratch("disk-full")?;
+    let t = tmp.path();
+    let data = LoopFs::new(
+        t,
+        "clouddata",
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-0000000000d9",
+        600,
+    )?;
+    // Something else on the cloud's disk that the operator can delete later.
+    bash(&format!(
+        "head -c 350000000 /dev/zero > {}/ballast",
+        data.mnt.display()
+    ))?;
+    let src = LoopFs::new(
+        t,
+        "src",
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-0000000000da",
+        400,
+    )?;
+    populate(&src.mnt, 8)?;
+    let cloud = CloudMgr::start(&data.mnt.join("cloud"))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let state = t.join("agent");
+    let _agent = Proc::spawn(
+        &mut agent_follow_cmd(&state, &site.url(), Some(&cloud.token()?), &src.mnt, "full"),
+        &t.join("agent.log"),
+    )?;
+    wait_for("initial sync", Duration::from_secs(120), || {
+        cloud
+            .ferry_json(&["systems", "show", "full"])
+            .map(|v| v["state"] == "in-sync")
+            .unwrap_or(false)
+    })?;
+    let replica = cloud.replica_path("full", "/")?;
+    converged_within(&src.mnt, &replica, Duration::from_secs(10))?;
+    // More new data than the cloud's disk can take.
+    bash(&format!(
+        "mkdir -p {m}/bulk && for i in 1 2 3; do head -c 60000000 /dev/urandom > {m}/bulk/blob$i; done",
+        m = src.mnt.display()
+    ))?;
+    let mut status = serde_json::Value::Null;
+    wait_for(
+        "a clear out-of-space error",
+        Duration::from_secs(60),
+        || {
+            status = cloud.ferry_json(&["sync", "status"]).unwrap_or_default();
+            let text = status.to_string();
+            text.contains("out of space") || text.contains("No space left")
+        },
+    )?;
+    eprintln!("reported: {}", status["last_error"]);
+    // What was replicated before stays intact.
+    let before = sh(std::process::Command::new("rsync")
+        .args([
+            "-naHAXc",
+            "--delete",
+            "--numeric-ids",
+            "-i",
+            "--exclude=/bulk",
+        ])
+        .arg(format!("{}/", src.mnt.display()))
+        .arg(format!("{}/", replica.display())))?;
+    assert!(
+        before
+            .lines()
+            .all(|l| l.contains("./") && !l.starts_with(">f") || l.is_empty()),
+        "replica damaged:\n{before}"
+    );
+    // The operator frees space; replication continues by itself.
+    std::fs::remove_file(data.mnt.join("ballast"))?;
+    let took = converged_within(&src.mnt, &replica, Duration::from_secs(90))?;
+    eprintln!("recovered {took:?} after space was freed");
+    let after = cloud.ferry_json(&["sync", "status"])?;
+    assert_eq!(after["last_error"], "", "{after}");
+    drop(site);
+    drop(cloud);
+    Ok(())
+}

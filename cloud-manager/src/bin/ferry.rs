@@ -130,6 +130,9 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 println!("{}", to_json(&r));
             } else {
                 print!("{}", cli::render_systems(&r.systems));
+                if !r.last_error.is_empty() {
+                    println!("error: {}", r.last_error);
+                }
                 if let Some(c) = &r.counters {
                     print!("{}", cli::render_counters(c));
                 }
