@@ -487,7 +487,7 @@ pub fn scratch(name: &str) -> Result<tempfile::TempDir> {
     // FERRY_TEST_KEEP=1 keeps the directory (logs, state) for a post-mortem.
     let keep = std::env::var_os("FERRY_TEST_KEEP").is_some();
     Ok(tempfile::Builder::new()
-        .keep(keep)
+        .disable_cleanup(keep)
         .prefix(&format!("ferry-{name}-"))
         .tempdir_in("/tmp")?)
 }
