@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Incremental-sync benchmark (not a test): after an initial copy of the generated tree,
+# 1% of its files change (appends, 4 KiB in-place overwrites, 1-byte inserts at the
+# head); then time the second sync of ferry (agent -> site -> cloud, same agent state)
+# and of an rsync rerun to a loopback daemon, and report their bytes sent.
+# Needs root and the source image that initial_sync.sh makes. Usage: incremental_sync.sh [WORKDIR]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+W=${1:-/tmp/ferry-bench}
+B=${CARGO_TARGET_DIR:-$PWD/target}/release
+[ -f "$W/src.img" ] || { echo "run tests/bench/initial_sync.sh first" >&2; exit 1; }
+cargo build --release --workspace --bins >/dev/null
+
+cleanup() {
+  pkill -f "ferry-(cloud|site) serve --data-dir $W/inc-" 2>/dev/null || true
+  pkill -f "rsync --daemon --config=$W/inc-rsyncd.conf" 2>/dev/null || true
+  sleep 1
+  for m in $(grep -o " $W/inc[^ ]*" /proc/self/mountinfo | sort -r); do umount -l "$m" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+cleanup
+rm -rf "$W"/inc-*; mkdir -p "$W/inc-src" "$W/inc-rsyncdst"
+cp --sparse=always "$W/src.img" "$W/inc-src.img"
+mount -o loop,nouuid "$W/inc-src.img" "$W/inc-src" 2>/dev/null || mount -o loop "$W/inc-src.img" "$W/inc-src"
+truncate -s 3G "$W/inc-dst.img"; mkfs.ext4 -F -q "$W/inc-dst.img"; mount -o loop "$W/inc-dst.img" "$W/inc-rsyncdst"
+SRC="$W/inc-src"
+now() { date +%s.%N; }
+
+# Initial copies (not timed).
+"$B/ferry-cloud" serve --data-dir "$W/inc-cloud" --listen 127.0.0.1:18761 2>"$W/inc-cloud.log" &
+for _ in $(seq 1 100); do [ -f "$W/inc-cloud/operator.toml" ] && break; sleep 0.1; done
+FERRY_TOKEN=$("$B/ferry-cloud" token create --data-dir "$W/inc-cloud") \
+  "$B/ferry-site" serve --data-dir "$W/inc-site" --listen 127.0.0.1:18762 --upstream https://127.0.0.1:18761 --name bench 2>"$W/inc-site.log" &
+sleep 1
+FERRY_TOKEN=$("$B/ferry-cloud" token create --data-dir "$W/inc-cloud") \
+  "$B/ferry-agent" run --state-dir "$W/inc-agent" --manager https://127.0.0.1:18762 --root "$SRC" --name bench --once >/dev/null 2>"$W/inc-agent.log"
+cat > "$W/inc-rsyncd.conf" <<CONF
+pid file = $W/inc-rsyncd.pid
+port = 18763
+use chroot = no
+[dst]
+  path = $W/inc-rsyncdst
+  read only = no
+  uid = root
+  gid = root
+CONF
+rsync --daemon --config="$W/inc-rsyncd.conf"; sleep 1
+rsync -aHAXS "$SRC/" rsync://127.0.0.1:18763/dst/
+
+# Change 1% of the files.
+python3 - "$SRC" <<'PY'
+import os, random, sys
+root = sys.argv[1]; rnd = random.Random(7)
+files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if "lost+found" not in d)
+for i, p in enumerate(rnd.sample(files, len(files) // 100)):
+    kind = i % 3
+    if kind == 0:
+        with open(p, "ab") as f: f.write(b"appended line\n" * 8)
+    elif kind == 1:
+        size = os.path.getsize(p)
+        with open(p, "r+b") as f:
+            f.seek(rnd.randrange(max(size - 4096, 1))); f.write(os.urandom(4096))
+    else:
+        data = open(p, "rb").read()
+        open(p, "wb").write(b"!" + data)
+print("changed", len(files) // 100, "of", len(files), "files")
+PY
+sync; find "$SRC" -type f -exec cat {} + >/dev/null
+
+t0=$(now)
+summary=$("$B/ferry-agent" run --state-dir "$W/inc-agent" --manager https://127.0.0.1:18762 --root "$SRC" --name bench --once 2>>"$W/inc-agent.log")
+t1=$(now); ferry_s=$(echo "$t1 - $t0" | bc)
+ferry_bytes=$(echo "$summary" | python3 -c 'import json,sys; print(json.load(sys.stdin)["chunk_wire_bytes_this_run"])')
+t0=$(now); rs=$(rsync -aHAXS --stats "$SRC/" rsync://127.0.0.1:18763/dst/); t1=$(now)
+rsync_s=$(echo "$t1 - $t0" | bc)
+rsync_bytes=$(echo "$rs" | awk -F': ' '/Total bytes sent/ {gsub(/,/,"",$2); print $2}')
+replica=$(FERRY_CREDENTIALS="$W/inc-cloud/operator.toml" "$B/ferry" replica path bench /)
+diff=$(rsync -naHAXc --delete --numeric-ids -i "$SRC/" "$replica/" | wc -l)
+echo "| second sync after 1% of files changed | wall s | vs rsync | bytes sent | bytes vs rsync |"
+echo "|---|---|---|---|---|"
+echo "| rsync -aHAXS rerun to daemon | $rsync_s | 1.00 | $rsync_bytes | 1.00 |"
+echo "| ferry agent -> site -> cloud | $ferry_s | $(echo "scale=2; $ferry_s / $rsync_s" | bc) | $ferry_bytes | $(echo "scale=2; $ferry_bytes / $rsync_bytes" | bc) |"
+echo
+echo "ferry replica vs source: $diff rsync -c differences"
