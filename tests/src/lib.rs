@@ -335,32 +335,7 @@ impl SiteMgr {
     }
 }
 
-/// `ferry-agent run --once`, as a child process.
-pub fn agent_cmd(
-    state: &Path,
-    manager: &str,
-    token: Option<&str>,
-    root: &Path,
-    name: &str,
-) -> Command {
-    let mut cmd = Command::new(bin("ferry-agent"));
-    cmd.arg("run")
-        .arg("--state-dir")
-        .arg(state)
-        .arg("--manager")
-        .arg(manager);
-    cmd.arg("--root")
-        .arg(root)
-        .arg("--name")
-        .arg(name)
-        .arg("--once");
-    if let Some(t) = token {
-        cmd.env("FERRY_TOKEN", t);
-    }
-    cmd
-}
-
-/// `ferry-agent run` that keeps following changes.
+/// `ferry-agent run` for a source tree, following changes (rescans every 10 minutes).
 pub fn agent_follow_cmd(
     state: &Path,
     manager: &str,
@@ -383,6 +358,19 @@ pub fn agent_follow_cmd(
     if let Some(t) = token {
         cmd.env("FERRY_TOKEN", t);
     }
+    cmd
+}
+
+/// `ferry-agent run --once`: one full pass, then exit with a JSON summary.
+pub fn agent_cmd(
+    state: &Path,
+    manager: &str,
+    token: Option<&str>,
+    root: &Path,
+    name: &str,
+) -> Command {
+    let mut cmd = agent_follow_cmd(state, manager, token, root, name);
+    cmd.arg("--once");
     cmd
 }
 
@@ -468,6 +456,22 @@ pub fn fsck(image: &Path, fstype: &str) -> Result<()> {
         _ => sh(Command::new("e2fsck").arg("-fn").arg(image))?,
     };
     Ok(())
+}
+
+/// Waits until `replica` matches `src` (rsync -c), failing with the differences after `limit`.
+pub fn converged_within(src: &Path, replica: &Path, limit: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let diff = rsync_diff(src, replica)?;
+        if diff.is_empty() {
+            return Ok(start.elapsed());
+        }
+        anyhow::ensure!(
+            start.elapsed() < limit,
+            "replica still differs after {limit:?}:\n{diff}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Polls until `f` holds or the deadline passes.

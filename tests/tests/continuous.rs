@@ -3,25 +3,10 @@
 use anyhow::Result;
 use ferry_tests::*;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Watcher tests change global inotify state and load the machine: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn converged_within(src: &Path, replica: &Path, limit: Duration) -> Result<Duration> {
-    let start = Instant::now();
-    loop {
-        let diff = rsync_diff(src, replica)?;
-        if diff.is_empty() {
-            return Ok(start.elapsed());
-        }
-        anyhow::ensure!(
-            start.elapsed() < limit,
-            "replica still differs after {limit:?}:\n{diff}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 struct Setup {
     _tmp: tempfile::TempDir,

@@ -52,21 +52,6 @@ impl Drop for Link {
     }
 }
 
-fn converge(src: &std::path::Path, replica: &std::path::Path, limit: Duration) -> Result<Duration> {
-    let start = Instant::now();
-    loop {
-        let diff = rsync_diff(src, replica)?;
-        if diff.is_empty() {
-            return Ok(start.elapsed());
-        }
-        anyhow::ensure!(
-            start.elapsed() < limit,
-            "replica still differs after {limit:?}:\n{diff}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 #[test]
 fn site_to_cloud_partition_of_sixty_seconds_loses_nothing() -> Result<()> {
     let tmp = scratch("partition")?;
@@ -130,7 +115,7 @@ fn site_to_cloud_partition_of_sixty_seconds_loses_nothing() -> Result<()> {
             .unwrap_or(false)
     })?;
     let replica = cloud.replica_path("parted", "/")?;
-    converge(&src.mnt, &replica, Duration::from_secs(10))?;
+    converged_within(&src.mnt, &replica, Duration::from_secs(10))?;
     let epoch_before = cloud.ferry_json(&["systems", "show", "parted"])?["durable_epoch"]
         .as_u64()
         .unwrap_or(0);
@@ -158,7 +143,7 @@ fn site_to_cloud_partition_of_sixty_seconds_loses_nothing() -> Result<()> {
     std::thread::sleep(Duration::from_secs(60).saturating_sub(cut.elapsed()));
 
     link.set(true)?;
-    let took = converge(&src.mnt, &replica, Duration::from_secs(60))?;
+    let took = converged_within(&src.mnt, &replica, Duration::from_secs(60))?;
     eprintln!("caught up {took:?} after the link returned");
     Ok(())
 }
