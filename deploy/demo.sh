@@ -73,4 +73,4 @@ for s in "${systems[@]}"; do
 done
 echo
 echo "The daemons keep running. Try: FERRY_CREDENTIALS=$FERRY_CREDENTIALS $B/ferry systems list --json"
-echo "Stop and remove everything: deploy/demo.sh clean"
+echo "Stop and remove everything: ./deploy/demo.sh clean"
