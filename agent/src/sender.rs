@@ -90,6 +90,8 @@ pub struct Stats {
 pub struct Uploader {
     client: Client,
     pending: Vec<ChunkFrame>,
+    /// Hashes in `pending`, so a repeated chunk is found without a scan.
+    pending_hashes: HashSet<[u8; 32]>,
     pending_bytes: usize,
     known: HashSet<[u8; 32]>,
     inflight: tokio::task::JoinSet<Result<Vec<[u8; 32]>, SendError>>,
@@ -106,6 +108,7 @@ impl Uploader {
         Self {
             client,
             pending: Vec::new(),
+            pending_hashes: HashSet::new(),
             pending_bytes: 0,
             known: HashSet::new(),
             inflight: tokio::task::JoinSet::new(),
@@ -118,7 +121,7 @@ impl Uploader {
         let Ok(h) = <[u8; 32]>::try_from(frame.hash.as_slice()) else {
             return Ok(());
         };
-        if self.known.contains(&h) || self.pending.iter().any(|f| f.hash == frame.hash) {
+        if self.known.contains(&h) || !self.pending_hashes.insert(h) {
             self.stats.chunks_skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -139,6 +142,7 @@ impl Uploader {
     pub async fn flush(&mut self) -> Result<(), SendError> {
         if !self.pending.is_empty() {
             let frames = std::mem::take(&mut self.pending);
+            self.pending_hashes.clear();
             self.pending_bytes = 0;
             let (client, stats, shutdown) = (
                 self.client.clone(),

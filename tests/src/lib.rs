@@ -281,6 +281,20 @@ impl CloudMgr {
             .as_u64()
             .ok_or_else(|| anyhow!("no counter {name}"))
     }
+
+    /// Waits until `system` reports in-sync and its root replica matches `src`; returns
+    /// where the replica is mounted.
+    pub fn wait_in_sync(&self, system: &str, src: &Path) -> Result<PathBuf> {
+        wait_for("initial sync", Duration::from_secs(120), || {
+            self.ferry_json(&["systems", "show", system])
+                .map(|v| v["state"] == "in-sync")
+                .unwrap_or(false)
+        })?;
+        let replica = self.replica_path(system, "/")?;
+        converged_within(src, &replica, Duration::from_secs(10))?;
+        Ok(replica)
+    }
+
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill9();
         let (port, dir, host) = (self.port, self.dir.clone(), self.host.clone());

@@ -30,14 +30,7 @@ fn follow(name: &str, fstype: &str, uuid: &str) -> Result<Setup> {
         &mut agent_follow_cmd(&state, &site.url(), Some(&cloud.token()?), &src.mnt, "live"),
         &t.join("agent.log"),
     )?;
-    wait_for("initial sync", Duration::from_secs(120), || {
-        cloud
-            .ferry_json(&["systems", "show", "live"])
-            .map(|v| v["state"] == "in-sync")
-            .unwrap_or(false)
-    })?;
-    let replica = cloud.replica_path("live", "/")?;
-    converged_within(&src.mnt, &replica, Duration::from_secs(10))?;
+    let replica = cloud.wait_in_sync("live", &src.mnt)?;
     Ok(Setup {
         _tmp: tmp,
         src,
@@ -198,14 +191,7 @@ fn full_cloud_disk_is_reported_and_replication_recovers_once_space_is_freed() ->
         &mut agent_follow_cmd(&state, &site.url(), Some(&cloud.token()?), &src.mnt, "full"),
         &t.join("agent.log"),
     )?;
-    wait_for("initial sync", Duration::from_secs(120), || {
-        cloud
-            .ferry_json(&["systems", "show", "full"])
-            .map(|v| v["state"] == "in-sync")
-            .unwrap_or(false)
-    })?;
-    let replica = cloud.replica_path("full", "/")?;
-    converged_within(&src.mnt, &replica, Duration::from_secs(10))?;
+    let replica = cloud.wait_in_sync("full", &src.mnt)?;
     // More new data than the cloud's disk can take.
     bash(&format!(
         "mkdir -p {m}/bulk && for i in 1 2 3; do head -c 60000000 /dev/urandom > {m}/bulk/blob$i; done",

@@ -108,14 +108,7 @@ fn site_to_cloud_partition_of_sixty_seconds_loses_nothing() -> Result<()> {
         .arg(&src.mnt);
     agent_cmd.env("FERRY_TOKEN", cloud.token()?);
     let _agent = Proc::spawn(&mut agent_cmd, &t.join("agent.log"))?;
-    wait_for("initial sync", Duration::from_secs(120), || {
-        cloud
-            .ferry_json(&["systems", "show", "parted"])
-            .map(|v| v["state"] == "in-sync")
-            .unwrap_or(false)
-    })?;
-    let replica = cloud.replica_path("parted", "/")?;
-    converged_within(&src.mnt, &replica, Duration::from_secs(10))?;
+    let replica = cloud.wait_in_sync("parted", &src.mnt)?;
     let epoch_before = cloud.ferry_json(&["systems", "show", "parted"])?["durable_epoch"]
         .as_u64()
         .unwrap_or(0);
