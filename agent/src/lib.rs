@@ -4,6 +4,7 @@
 //! Layout: `probe` reads the host's configuration, `scan` walks and chunks a file
 //! system, `index` remembers what was sent, `sender` talks the ingest protocol.
 
+pub mod consistency;
 pub mod index;
 pub mod probe;
 pub mod scan;
@@ -31,6 +32,8 @@ pub struct RunConfig {
     /// Exit once the first full pass is durable (tests, benchmarks, one-off copies).
     pub once: bool,
     pub rescan_interval: Duration,
+    /// Systems marked as databases freeze each file system while a pass reads it.
+    pub consistency: consistency::Consistency,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,8 @@ pub enum AgentError {
     Name(String),
     #[error("no local file system found under {0}")]
     NoFileSystems(String),
+    #[error(transparent)]
+    Freeze(#[from] consistency::FreezeError),
 }
 
 /// Summary printed by `run --once`.
@@ -134,6 +139,11 @@ pub async fn run(
         .collect();
     if filesystems.is_empty() {
         return Err(AgentError::NoFileSystems(config.root.display().to_string()));
+    }
+    if config.consistency == consistency::Consistency::Fsfreeze {
+        for (path, _) in &filesystems {
+            consistency::thaw_leftover(path);
+        }
     }
     let register = pb::RegisterRequest {
         system: name.clone(),
@@ -233,6 +243,8 @@ pub async fn run(
                 next_epoch: &next_epoch,
                 accepted: accepted.load(Ordering::SeqCst),
                 exclude: exclude.clone(),
+                freeze: config.consistency == consistency::Consistency::Fsfreeze,
+                state_dir: config.state_dir.clone(),
             };
             match pass_fs(ctx, &mut uploader, &tx).await {
                 Ok((st, retry)) => {
@@ -410,6 +422,9 @@ struct PassCtx<'a> {
     next_epoch: &'a Arc<AtomicU64>,
     accepted: u64,
     exclude: Vec<PathBuf>,
+    /// Freeze the file system while the pass reads it.
+    freeze: bool,
+    state_dir: PathBuf,
 }
 
 struct ChanSink(tokio::sync::mpsc::Sender<scan::Item>);
@@ -438,10 +453,17 @@ async fn pass_fs(
         ctx.exclude.clone(),
     );
     let (targets, watcher) = (ctx.targets.clone(), ctx.watcher.clone());
+    // Thawed when the scanner is done reading, whatever way it ends.
+    let frozen = if ctx.freeze {
+        Some(consistency::freeze(&ctx.root, &ctx.state_dir)?)
+    } else {
+        None
+    };
     let scanner = std::thread::Builder::new()
         .name("ferry-scan".into())
         .stack_size(64 << 20)
         .spawn(move || {
+            let _frozen = frozen;
             let mut sink = ChanSink(itx);
             let mut s = scan::Scanner::new(&root, &idx, accepted, &mut sink, exclude)?
                 .with_watcher(watcher.as_deref());

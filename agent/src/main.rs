@@ -42,6 +42,9 @@ enum Cmd {
         /// Seconds between rescans.
         #[arg(long)]
         rescan_interval: Option<u64>,
+        /// For database systems: fsfreeze each file system while a pass reads it.
+        #[arg(long)]
+        consistency: Option<ferry_agent::consistency::Consistency>,
     },
     /// Print this host's configuration as JSON.
     Probe {
@@ -60,6 +63,7 @@ struct RunFile {
     root: Option<PathBuf>,
     name: Option<String>,
     rescan_interval: Option<u64>,
+    consistency: Option<ferry_agent::consistency::Consistency>,
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
             name,
             once,
             rescan_interval,
+            consistency,
         } => {
             let file: RunFile = match config
                 .as_deref()
@@ -118,6 +123,7 @@ fn main() -> ExitCode {
                         .unwrap_or(300)
                         .max(1),
                 ),
+                consistency: consistency.or(file.consistency).unwrap_or_default(),
             };
             run(config)
         }

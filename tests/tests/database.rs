@@ -1,0 +1,167 @@
+//! A PostgreSQL source under pgbench load, replicated with `--consistency fsfreeze`:
+//! the replicated data directory starts on the cloud side, its pgbench books balance,
+//! and it holds every transaction committed before the pass.
+use anyhow::{Context, Result};
+use ferry_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn pg_bin(name: &str) -> Result<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("postgresql is not installed (.ci/run installs it)")?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .collect();
+    versions.sort();
+    Ok(versions.pop().context("no postgresql version")?.join(name))
+}
+
+fn as_postgres(program: &Path) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).arg(program);
+    c
+}
+
+/// A PostgreSQL server on a unix socket only (no network); stopped on drop.
+struct Pg {
+    data: PathBuf,
+    sock: PathBuf,
+    port: u16,
+}
+
+impl Pg {
+    fn start(data: &Path, sock: &Path, port: u16) -> Result<Self> {
+        bash(&format!(
+            "mkdir -p {s} && chown postgres {s}",
+            s = sock.display()
+        ))?;
+        sh(as_postgres(&pg_bin("pg_ctl")?)
+            .arg("-D")
+            .arg(data)
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=",
+                sock.display()
+            ))
+            .arg("-l")
+            .arg(sock.join("postgres.log"))
+            .args(["-w", "-t", "120", "start"]))?;
+        Ok(Self {
+            data: data.to_path_buf(),
+            sock: sock.to_path_buf(),
+            port,
+        })
+    }
+    fn sql(&self, q: &str) -> Result<String> {
+        Ok(sh(as_postgres(&pg_bin("psql")?)
+            .arg("-h")
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string(), "-Atc", q, "postgres"]))?
+        .trim()
+        .to_string())
+    }
+    fn pgbench(&self) -> Result<Command> {
+        let mut c = as_postgres(&pg_bin("pgbench")?);
+        c.arg("-h")
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string()]);
+        Ok(c)
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        if let Ok(ctl) = pg_bin("pg_ctl") {
+            let _ = as_postgres(&ctl)
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
+
+#[test]
+fn running_postgres_replica_starts_consistent_with_committed_transactions() -> Result<()> {
+    let tmp = scratch("database")?;
+    let t = tmp.path();
+    bash(&format!("chmod 755 {}", t.display()))?;
+    let src = LoopFs::new(t, "db", "ext4", "0a1b2c3d-0000-4000-8000-0000000000db", 600)?;
+    let data = src.mnt.join("var/lib/postgresql/data");
+    bash(&format!(
+        "mkdir -p {d} && chown -R postgres {m}/var/lib/postgresql",
+        d = data.display(),
+        m = src.mnt.display()
+    ))?;
+    sh(as_postgres(&pg_bin("initdb")?)
+        .arg("-D")
+        .arg(&data)
+        .args(["-A", "trust", "-U", "postgres"]))?;
+    let pg = Pg::start(&data, &t.join("sock-src"), 5433)?;
+    sh(pg.pgbench()?.args(["-i", "-q", "-s", "2", "postgres"]))?;
+    let mut load = pg
+        .pgbench()?
+        .args(["-n", "-c", "2", "-T", "120", "postgres"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(3));
+    let before: u64 = pg.sql("select count(*) from pgbench_history")?.parse()?;
+    assert!(before > 0, "pgbench committed nothing");
+
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let mut agent = agent_cmd(
+        &t.join("agent"),
+        &cloud.url(),
+        Some(&cloud.token()?),
+        &src.mnt,
+        "pg01",
+    );
+    let out = agent.args(["--consistency", "fsfreeze"]).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "agent failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after: u64 = pg.sql("select count(*) from pgbench_history")?.parse()?;
+    let _ = load.kill();
+    let _ = load.wait();
+    drop(pg);
+
+    // Start the replica's copy as the cloud side would: a crash-consistent image.
+    let replica = cloud.replica_path("pg01", "/")?;
+    let restore = t.join("restore");
+    bash(&format!(
+        "cp -a {r}/var/lib/postgresql/data {d} && rm -f {d}/postmaster.pid && chown -R postgres {d}",
+        r = replica.display(),
+        d = restore.display()
+    ))?;
+    let copy = Pg::start(&restore, &t.join("sock-copy"), 5434)?;
+    let rows: u64 = copy.sql("select count(*) from pgbench_history")?.parse()?;
+    eprintln!(
+        "history rows: {before} before the pass, {rows} in the replica, {after} after the pass"
+    );
+    assert!(
+        rows >= before,
+        "the replica lost committed transactions: {rows} < {before}"
+    );
+    assert!(
+        rows <= after,
+        "the replica has rows the source never committed: {rows} > {after}"
+    );
+    for (table, column) in [
+        ("pgbench_accounts", "abalance"),
+        ("pgbench_tellers", "tbalance"),
+        ("pgbench_branches", "bbalance"),
+    ] {
+        let balanced = copy.sql(&format!(
+            "select (select coalesce(sum({column}), 0) from {table}) = (select coalesce(sum(delta), 0) from pgbench_history)"
+        ))?;
+        assert_eq!(
+            balanced, "t",
+            "{table} does not balance with pgbench_history in the replica"
+        );
+    }
+    Ok(())
+}
