@@ -5,6 +5,7 @@
 //! system, `index` remembers what was sent, `sender` talks the ingest protocol.
 
 pub mod consistency;
+pub mod gate;
 pub mod index;
 pub mod probe;
 pub mod scan;
@@ -170,6 +171,11 @@ pub async fn run(
     .await?;
     tracing::info!(system = %name, accepted = reg.accepted_epoch, durable = reg.durable_epoch, filesystems = filesystems.len(), "registered");
 
+    let gate = Arc::new(gate::Gate::new(client.clone(), &name));
+    gate.update(reg.settings.as_ref());
+    if !config.once {
+        tokio::spawn(gate.clone().follow(shutdown.clone()));
+    }
     let get_u64 = |k: &str| {
         meta.get(k)
             .ok()
@@ -215,11 +221,19 @@ pub async fn run(
                 accepted: accepted.clone(),
                 durable: durable.clone(),
                 stats: stats.clone(),
+                gate: gate.clone(),
                 shutdown: shutdown.clone(),
             },
             rx,
         ));
-        let mut uploader = Uploader::new(client.clone(), stats.clone(), shutdown.clone());
+        // A paused system starts no pass; changes pile up as dirty directories.
+        gate.wait_unpaused(&shutdown).await;
+        let mut uploader = Uploader::new(
+            client.clone(),
+            gate.clone(),
+            stats.clone(),
+            shutdown.clone(),
+        );
         let mut pass = Ok(());
         let mut retry_dirs: DirtyDirs = Default::default();
         for (i, (path, fs)) in filesystems.iter().enumerate() {

@@ -95,6 +95,7 @@ pub struct Uploader {
     pending_bytes: usize,
     known: HashSet<[u8; 32]>,
     inflight: tokio::task::JoinSet<Result<Vec<[u8; 32]>, SendError>>,
+    gate: Arc<crate::gate::Gate>,
     pub stats: Arc<Stats>,
     shutdown: CancellationToken,
 }
@@ -104,7 +105,12 @@ const KNOWN_CAP: usize = 1 << 20;
 const MAX_INFLIGHT: usize = 3;
 
 impl Uploader {
-    pub fn new(client: Client, stats: Arc<Stats>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        client: Client,
+        gate: Arc<crate::gate::Gate>,
+        stats: Arc<Stats>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             client,
             pending: Vec::new(),
@@ -112,6 +118,7 @@ impl Uploader {
             pending_bytes: 0,
             known: HashSet::new(),
             inflight: tokio::task::JoinSet::new(),
+            gate,
             stats,
             shutdown,
         }
@@ -144,12 +151,14 @@ impl Uploader {
             let frames = std::mem::take(&mut self.pending);
             self.pending_hashes.clear();
             self.pending_bytes = 0;
-            let (client, stats, shutdown) = (
+            let (client, gate, stats, shutdown) = (
                 self.client.clone(),
+                self.gate.clone(),
                 self.stats.clone(),
                 self.shutdown.clone(),
             );
-            self.inflight.spawn(upload(client, frames, stats, shutdown));
+            self.inflight
+                .spawn(upload(client, gate, frames, stats, shutdown));
         }
         while self.inflight.len() >= MAX_INFLIGHT {
             self.join_one().await?;
@@ -182,6 +191,7 @@ impl Uploader {
 /// Asks which of `frames` the receiver lacks and sends those; returns every hash it now holds.
 async fn upload(
     client: Client,
+    gate: Arc<crate::gate::Gate>,
     frames: Vec<ChunkFrame>,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
@@ -205,6 +215,7 @@ async fn upload(
     if !send.is_empty() {
         let bytes: u64 = send.iter().map(|f| f.zdata.len() as u64).sum();
         let n = send.len() as u64;
+        gate.admit(bytes, &shutdown).await;
         retry("put-chunks", &shutdown, || {
             let mut c = client.clone();
             let stream = tokio_stream::iter(send.clone());
@@ -239,6 +250,7 @@ pub struct Applier {
     pub accepted: Arc<AtomicU64>,
     pub durable: Arc<AtomicU64>,
     pub stats: Arc<Stats>,
+    pub gate: Arc<crate::gate::Gate>,
     pub shutdown: CancellationToken,
 }
 
@@ -254,6 +266,7 @@ pub async fn applier(
         accepted,
         durable,
         stats,
+        gate,
         shutdown,
     } = a;
     while let Some(p) = rx.recv().await {
@@ -274,6 +287,7 @@ pub async fn applier(
             })
             .collect();
         p.index.put_all(&recs)?;
+        gate.update(resp.settings.as_ref());
         accepted.fetch_max(resp.accepted_epoch.max(epoch), Ordering::SeqCst);
         durable.fetch_max(resp.durable_epoch, Ordering::SeqCst);
         stats.batches.fetch_add(1, Ordering::Relaxed);

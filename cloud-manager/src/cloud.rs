@@ -265,6 +265,7 @@ impl Cloud {
         Ok(pb::RegisterResponse {
             accepted_epoch: rec.durable_epoch,
             durable_epoch: rec.durable_epoch,
+            settings: Some(rec.settings()),
         })
     }
 
@@ -324,6 +325,7 @@ impl Cloud {
             return Ok(pb::BatchResponse {
                 accepted_epoch: rec.durable_epoch,
                 durable_epoch: rec.durable_epoch,
+                settings: Some(rec.settings()),
             });
         }
         let fs = rec
@@ -386,19 +388,17 @@ impl Cloud {
         Ok(pb::BatchResponse {
             accepted_epoch: rec.durable_epoch,
             durable_epoch: rec.durable_epoch,
+            settings: Some(rec.settings()),
         })
     }
 
     pub fn progress(&self, peer: &Identity, system: &str) -> Result<pb::ProgressResponse> {
         authorize_system(peer, system)?;
-        let d = self
-            .state
-            .system(system)?
-            .map(|r| r.durable_epoch)
-            .unwrap_or(0);
+        let rec = self.state.system(system)?.unwrap_or_default();
         Ok(pb::ProgressResponse {
-            accepted_epoch: d,
-            durable_epoch: d,
+            accepted_epoch: rec.durable_epoch,
+            durable_epoch: rec.durable_epoch,
+            settings: Some(rec.settings()),
         })
     }
 
@@ -482,6 +482,8 @@ impl Cloud {
             via: rec.via.clone(),
             lag_ms,
             last_error: rec.last_error.clone(),
+            paused: rec.paused,
+            rate_limit_bps: rec.rate_limit_bps,
         }
     }
 
@@ -495,6 +497,33 @@ impl Cloud {
             .filter(|r| name.is_empty() || r.name == name)
             .map(|r| self.system_status(r))
             .collect())
+    }
+
+    /// The operator pauses, resumes or limits a system; its agent learns it from the
+    /// next answer it gets.
+    pub async fn set_replication(
+        &self,
+        req: &pb::SetReplicationRequest,
+    ) -> Result<pb::SetReplicationResponse> {
+        let lock = self.lock(&req.system);
+        let _g = lock.lock().await;
+        let mut rec = self
+            .state
+            .system(&req.system)?
+            .ok_or_else(|| CloudError::NotFound(format!("no system named {:?}", req.system)))?;
+        if req.set_paused {
+            rec.paused = req.paused;
+        }
+        if req.set_rate_limit {
+            rec.rate_limit_bps = req.rate_limit_bps;
+        }
+        self.state.put_system(&rec)?;
+        self.state.store.flush()?;
+        tracing::info!(system = %rec.name, paused = rec.paused, rate_limit_bps = rec.rate_limit_bps, "replication settings changed");
+        Ok(pb::SetReplicationResponse {
+            paused: rec.paused,
+            rate_limit_bps: rec.rate_limit_bps,
+        })
     }
 
     pub fn replica_path(&self, system: &str, mount_point: &str) -> Result<PathBuf> {

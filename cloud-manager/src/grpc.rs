@@ -171,4 +171,18 @@ impl pb::control_server::Control for Grpc {
         })
         .map_err(|e| self.fail("replica-path", who.as_ref(), e))
     }
+
+    async fn set_replication(
+        &self,
+        req: Request<pb::SetReplicationRequest>,
+    ) -> Result<Response<pb::SetReplicationResponse>, Status> {
+        let who = identity(&req);
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.set_replication(req.get_ref()).await
+        }
+        .await;
+        r.map(Response::new)
+            .map_err(|e| self.fail("set-replication", who.as_ref(), e))
+    }
 }

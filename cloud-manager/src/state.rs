@@ -30,9 +30,22 @@ pub struct SystemRecord {
     pub via: String,
     #[serde(default)]
     pub last_error: String,
+    /// Set by the operator: the agent starts no pass while paused.
+    #[serde(default)]
+    pub paused: bool,
+    /// Set by the operator: bytes per second of chunk data; 0 for no limit.
+    #[serde(default)]
+    pub rate_limit_bps: u64,
 }
 
 impl SystemRecord {
+    pub fn settings(&self) -> ferry_proto::v1::Settings {
+        ferry_proto::v1::Settings {
+            paused: self.paused,
+            rate_limit_bps: self.rate_limit_bps,
+        }
+    }
+
     pub fn fs(&self, fs_id: &str) -> Option<&FsRecord> {
         self.filesystems.iter().find(|f| f.fs_id == fs_id)
     }

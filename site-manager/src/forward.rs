@@ -96,6 +96,7 @@ async fn forward_one(relay: &Relay, item: &QueueItem) -> Outcome {
             let r = r.into_inner();
             let mut pos = relay.positions(&batch.system);
             pos.durable = pos.durable.max(r.durable_epoch);
+            pos.learn(r.settings.as_ref());
             let _ = relay.set_positions(&batch.system, pos);
             Outcome::Done
         }

@@ -56,6 +56,27 @@ type Result<T, E = RelayError> = std::result::Result<T, E>;
 pub struct Positions {
     pub accepted: u64,
     pub durable: u64,
+    /// The operator's settings as upstream last answered them.
+    #[serde(default)]
+    pub paused: bool,
+    #[serde(default)]
+    pub rate_limit_bps: u64,
+}
+
+impl Positions {
+    /// Takes the settings from an upstream answer.
+    pub fn learn(&mut self, s: Option<&pb::Settings>) {
+        if let Some(s) = s {
+            self.paused = s.paused;
+            self.rate_limit_bps = s.rate_limit_bps;
+        }
+    }
+    pub fn settings(&self) -> Option<pb::Settings> {
+        Some(pb::Settings {
+            paused: self.paused,
+            rate_limit_bps: self.rate_limit_bps,
+        })
+    }
 }
 
 pub struct Relay {
@@ -250,6 +271,7 @@ impl pb::ingest_server::Ingest for Service {
                 let up = up.into_inner();
                 pos.durable = pos.durable.max(up.durable_epoch);
                 pos.accepted = pos.accepted.max(up.accepted_epoch);
+                pos.learn(up.settings.as_ref());
                 self.relay
                     .set_positions(&r.system, pos)
                     .map_err(|e| fail("register", id.as_ref(), e))?;
@@ -268,6 +290,7 @@ impl pb::ingest_server::Ingest for Service {
         Ok(Response::new(pb::RegisterResponse {
             accepted_epoch: pos.accepted,
             durable_epoch: pos.durable,
+            settings: pos.settings(),
         }))
     }
 
@@ -364,6 +387,7 @@ impl pb::ingest_server::Ingest for Service {
             Ok(pb::BatchResponse {
                 accepted_epoch: pos.accepted,
                 durable_epoch: pos.durable,
+                settings: pos.settings(),
             })
         }
         .await;
@@ -378,10 +402,22 @@ impl pb::ingest_server::Ingest for Service {
         let id = who(&req);
         let system = req.get_ref().system.clone();
         authorize(id.as_ref(), &system).map_err(|e| fail("progress", id.as_ref(), e))?;
-        let p = self.relay.positions(&system);
+        let mut p = self.relay.positions(&system);
+        // Fresh settings when upstream answers quickly; the last known ones otherwise.
+        let mut c = self.relay.client();
+        let req = pb::ProgressRequest {
+            system: system.clone(),
+        };
+        if let Ok(Ok(up)) = tokio::time::timeout(UPSTREAM_QUICK, c.progress(req)).await {
+            let up = up.into_inner();
+            p.durable = p.durable.max(up.durable_epoch);
+            p.learn(up.settings.as_ref());
+            let _ = self.relay.set_positions(&system, p);
+        }
         Ok(Response::new(pb::ProgressResponse {
             accepted_epoch: p.accepted,
             durable_epoch: p.durable,
+            settings: p.settings(),
         }))
     }
 }

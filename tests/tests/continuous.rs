@@ -235,3 +235,54 @@ fn full_cloud_disk_is_reported_and_replication_recovers_once_space_is_freed() ->
     drop(cloud);
     Ok(())
 }
+
+#[test]
+fn operator_pauses_resumes_and_rate_limits_a_system() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let s = follow("brakes", "ext4", "0a1b2c3d-0000-4000-8000-0000000000f4")?;
+    let ferry = |args: &[&str]| {
+        sh(std::process::Command::new(bin("ferry"))
+            .arg("--credentials")
+            .arg(s.cloud.creds())
+            .args(args))
+    };
+    let epoch = |c: &CloudMgr| -> u64 {
+        c.ferry_json(&["systems", "show", "live"])
+            .map(|v| v["durable_epoch"].as_u64().unwrap_or(0))
+            .unwrap_or(0)
+    };
+
+    ferry(&["sync", "pause", "live"])?;
+    assert_eq!(
+        s.cloud.ferry_json(&["systems", "show", "live"])?["paused"],
+        true
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let before = epoch(&s.cloud);
+    bash(&format!(
+        "cd {} && mkdir -p paused && echo held > paused/file",
+        s.src.mnt.display()
+    ))?;
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(epoch(&s.cloud), before, "a paused system replicated");
+    assert!(!rsync_diff(&s.src.mnt, &s.replica)?.is_empty());
+    ferry(&["sync", "resume", "live"])?;
+    converged_within(&s.src.mnt, &s.replica, Duration::from_secs(8))?;
+
+    // 1 MiB/s: 6 MiB of incompressible data cannot arrive in under ~6 s.
+    ferry(&["sync", "limit", "live", "1M"])?;
+    std::thread::sleep(Duration::from_secs(3));
+    bash(&format!(
+        "head -c 6291456 /dev/urandom > {}/limited.bin",
+        s.src.mnt.display()
+    ))?;
+    let start = std::time::Instant::now();
+    let took = converged_within(&s.src.mnt, &s.replica, Duration::from_secs(30))?;
+    eprintln!("6 MiB at 1 MiB/s converged in {:?}", start.elapsed());
+    assert!(
+        took >= Duration::from_secs(5),
+        "the rate limit was not applied: {took:?}"
+    );
+    ferry(&["sync", "limit", "live", "0"])?;
+    Ok(())
+}

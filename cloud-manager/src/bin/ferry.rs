@@ -56,6 +56,17 @@ enum SyncCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Stop a system's agent from replicating until resumed (changes are kept).
+    Pause { system: String },
+    /// Let a paused system replicate again.
+    Resume { system: String },
+    /// Limit the chunk data a system's agent sends, in bytes per second (K, M, G
+    /// suffixes; 0 removes the limit).
+    Limit {
+        system: String,
+        #[arg(value_parser = cli::parse_rate)]
+        rate: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -85,6 +96,13 @@ fn expand_probe(v: &mut serde_json::Value) {
         serde_json::Value::Array(a) => a.iter_mut().for_each(expand_probe),
         _ => {}
     }
+}
+
+async fn set(
+    client: &mut pb::control_client::ControlClient<tonic::transport::Channel>,
+    req: pb::SetReplicationRequest,
+) -> Result<pb::SetReplicationResponse, cli::CliError> {
+    Ok(client.set_replication(req).await?.into_inner())
 }
 
 async fn run(args: Args) -> Result<(), cli::CliError> {
@@ -137,6 +155,51 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                     print!("{}", cli::render_counters(c));
                 }
             }
+        }
+        Cmd::Sync {
+            cmd: SyncCmd::Pause { system },
+        } => {
+            let r = set(
+                &mut client,
+                pb::SetReplicationRequest {
+                    system,
+                    set_paused: true,
+                    paused: true,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            println!("paused: {}", r.paused);
+        }
+        Cmd::Sync {
+            cmd: SyncCmd::Resume { system },
+        } => {
+            let r = set(
+                &mut client,
+                pb::SetReplicationRequest {
+                    system,
+                    set_paused: true,
+                    paused: false,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            println!("paused: {}", r.paused);
+        }
+        Cmd::Sync {
+            cmd: SyncCmd::Limit { system, rate },
+        } => {
+            let r = set(
+                &mut client,
+                pb::SetReplicationRequest {
+                    system,
+                    set_rate_limit: true,
+                    rate_limit_bps: rate,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            println!("rate limit: {} bytes/s", r.rate_limit_bps);
         }
         Cmd::Replica {
             cmd:

@@ -1,0 +1,119 @@
+//! The operator's brakes on an agent: pause/resume and a rate limit on chunk data, as
+//! set through the control API and carried back in every manager answer.
+use ferry_proto::v1::{ingest_client::IngestClient, ProgressRequest, Settings};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// How often a paused agent asks whether it may go on.
+const PAUSE_POLL: Duration = Duration::from_secs(1);
+/// How often a running agent looks for new settings.
+const REFRESH: Duration = Duration::from_secs(2);
+
+pub struct Gate {
+    client: IngestClient<Channel>,
+    system: String,
+    paused: AtomicBool,
+    rate_bps: AtomicU64,
+    /// When the next byte may leave, under the rate limit.
+    next_send: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("paused", &self.paused.load(Ordering::Relaxed))
+            .field("rate_bps", &self.rate_bps.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gate {
+    pub fn new(client: IngestClient<Channel>, system: &str) -> Self {
+        Self {
+            client,
+            system: system.to_string(),
+            paused: AtomicBool::new(false),
+            rate_bps: AtomicU64::new(0),
+            next_send: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Takes the settings a manager answered with.
+    pub fn update(&self, s: Option<&Settings>) {
+        let Some(s) = s else { return };
+        if self.paused.swap(s.paused, Ordering::Relaxed) != s.paused {
+            tracing::info!(
+                paused = s.paused,
+                "replication {} by the operator",
+                if s.paused { "paused" } else { "resumed" }
+            );
+        }
+        if self.rate_bps.swap(s.rate_limit_bps, Ordering::Relaxed) != s.rate_limit_bps {
+            tracing::info!(
+                rate_limit_bps = s.rate_limit_bps,
+                "rate limit changed by the operator"
+            );
+        }
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Returns once replication is not paused (or on shutdown).
+    pub async fn wait_unpaused(&self, shutdown: &CancellationToken) {
+        while self.paused() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(PAUSE_POLL) => {}
+            }
+            self.refresh().await;
+        }
+    }
+
+    /// Asks the manager for the current settings.
+    pub async fn refresh(&self) {
+        let mut c = self.client.clone();
+        if let Ok(r) = c
+            .progress(ProgressRequest {
+                system: self.system.clone(),
+            })
+            .await
+        {
+            self.update(r.into_inner().settings.as_ref());
+        }
+    }
+
+    /// Keeps the settings fresh while the agent is idle between passes.
+    pub async fn follow(self: std::sync::Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(REFRESH) => self.refresh().await,
+            }
+        }
+    }
+
+    /// Waits as long as the rate limit asks before `bytes` more may be sent.
+    pub async fn admit(&self, bytes: u64, shutdown: &CancellationToken) {
+        self.wait_unpaused(shutdown).await;
+        let rate = self.rate_bps.load(Ordering::Relaxed);
+        if rate == 0 {
+            return;
+        }
+        // Pay before sending, so even a single burst keeps to the rate.
+        let until = {
+            let mut next = self.next_send.lock().unwrap_or_else(|p| p.into_inner());
+            *next =
+                (*next).max(Instant::now()) + Duration::from_secs_f64(bytes as f64 / rate as f64);
+            *next
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep_until(until.into()) => {}
+        }
+    }
+}
