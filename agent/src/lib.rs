@@ -497,7 +497,8 @@ async fn pass_fs(
     let mut entries = Vec::new();
     let mut records = Vec::new();
     let mut batch_bytes = 0u64;
-    let mut newest = 0i64;
+    // When this pass began to look: the changes it carries were seen by then.
+    let observed_ms = ferry_common::now_ms();
     let mut result = Ok(());
     while let Some(item) = irx.recv().await {
         let step: Result<(), SendError> = async {
@@ -508,7 +509,6 @@ async fn pass_fs(
                 }
                 scan::Item::Progress(n) => done += n,
                 scan::Item::Entry(e, rec) => {
-                    newest = newest.max(e.mtime_sec * 1000 + (e.mtime_nsec / 1_000_000) as i64);
                     if let Some(r) = rec {
                         records.push((e.path.clone(), r));
                     }
@@ -528,7 +528,7 @@ async fn pass_fs(
                             std::mem::take(&mut entries),
                             std::mem::take(&mut records),
                             progress,
-                            newest,
+                            observed_ms,
                         )
                         .await?;
                         batch_bytes = 0;
@@ -557,7 +557,17 @@ async fn pass_fs(
         bytes_total: done,
     };
     if ctx.initial || !entries.is_empty() {
-        queue(&ctx, up, tx, &index, entries, records, progress, newest).await?;
+        queue(
+            &ctx,
+            up,
+            tx,
+            &index,
+            entries,
+            records,
+            progress,
+            observed_ms,
+        )
+        .await?;
     }
     tracing::info!(fs = %ctx.fs_id, root = %ctx.root.display(), files = stats.files_sent, entries = stats.entries_sent, unchanged = stats.unchanged, bytes_read = stats.bytes_read, "pass done");
     Ok((stats, retry))
@@ -572,7 +582,7 @@ async fn queue(
     entries: Vec<pb::Entry>,
     records: Vec<(Vec<u8>, index::Record)>,
     progress: pb::FsProgress,
-    newest_ms: i64,
+    observed_ms: i64,
 ) -> Result<(), SendError> {
     up.barrier().await?;
     let epoch = ctx.next_epoch.fetch_add(1, Ordering::SeqCst);
@@ -583,7 +593,7 @@ async fn queue(
         fs_id: ctx.fs_id.clone(),
         entries,
         progress: Some(progress),
-        source_time_ms: newest_ms,
+        source_time_ms: observed_ms,
     };
     tx.send(Pending {
         batch,

@@ -374,7 +374,9 @@ impl Cloud {
         Counters::add(&self.counters.file_bytes_written, applied.file_bytes);
         rec.durable_epoch = batch.epoch;
         rec.last_durable_ms = ferry_common::now_ms();
-        rec.last_source_ms = rec.last_source_ms.max(batch.source_time_ms);
+        if batch.source_time_ms > 0 {
+            rec.lag_ms = (rec.last_durable_ms - batch.source_time_ms).max(0);
+        }
         rec.via = peer.to_string();
         if let (Some(p), Some(f)) = (batch.progress.as_ref(), rec.fs_mut(&batch.fs_id)) {
             f.phase = p.phase.clone();
@@ -467,11 +469,6 @@ impl Cloud {
                     .to_string(),
             })
             .collect();
-        let lag_ms = if rec.last_source_ms > 0 {
-            (rec.last_source_ms - rec.last_durable_ms).max(0)
-        } else {
-            0
-        };
         pb::SystemStatus {
             name: rec.name.clone(),
             state: rec.state().into(),
@@ -480,7 +477,7 @@ impl Cloud {
             durable_epoch: rec.durable_epoch,
             last_durable_unix_ms: rec.last_durable_ms,
             via: rec.via.clone(),
-            lag_ms,
+            lag_ms: rec.lag_ms,
             last_error: rec.last_error.clone(),
             paused: rec.paused,
             rate_limit_bps: rec.rate_limit_bps,

@@ -10,6 +10,8 @@ use std::path::PathBuf;
 pub struct ServeFile {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
+    /// Plain HTTP for `/metrics` and `/healthz`.
+    pub http: Option<String>,
     pub provider: Option<String>,
     #[serde(default)]
     pub san: Vec<String>,
@@ -21,6 +23,7 @@ pub struct ServeFile {
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub listen: String,
+    pub http: Option<String>,
     pub provider: Provider,
     /// Extra names and addresses for the server certificate.
     pub san: Vec<String>,
@@ -60,10 +63,18 @@ impl ServeConfig {
                 key: "listen",
                 message: format!("{listen:?} is not HOST:PORT with an IP address"),
             })?;
+        if let Some(http) = &file.http {
+            http.parse::<std::net::SocketAddr>()
+                .map_err(|_| ConfigError::Invalid {
+                    key: "http",
+                    message: format!("{http:?} is not HOST:PORT with an IP address"),
+                })?;
+        }
         let provider = Provider::parse(file.provider.as_deref().unwrap_or("local"))?;
         Ok(Self {
             data_dir,
             listen,
+            http: file.http,
             provider,
             san: file.san,
         })

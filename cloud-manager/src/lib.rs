@@ -10,6 +10,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod grpc;
+pub mod metrics;
 pub mod state;
 pub mod volumes;
 
@@ -78,12 +79,25 @@ pub fn load_ca(data_dir: &Path) -> Result<Ca, RunError> {
     Ok(Ca::load_or_create(&data_dir.join("pki"))?)
 }
 
+/// The sockets the cloud manager serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC over mTLS: agents, sites, operators.
+    pub grpc: TcpListener,
+    /// Plain HTTP for `/metrics` and `/healthz`.
+    pub http: Option<TcpListener>,
+}
+
 /// Serves until `shutdown` is cancelled, then unmounts the volumes.
 pub async fn run(
     config: ServeConfig,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let Listeners {
+        grpc: listener,
+        http,
+    } = listeners;
     let dir = &config.data_dir;
     let io = |source| RunError::DataDir {
         path: dir.display().to_string(),
@@ -132,6 +146,11 @@ pub async fn run(
     let grpc = grpc::Grpc {
         cloud: cloud.clone(),
     };
+    let tracker = tokio_util::task::TaskTracker::new();
+    if let Some(http) = http {
+        tracing::info!(listen = ?http.local_addr().ok(), "metrics on /metrics");
+        tracker.spawn(metrics::serve(http, cloud.clone(), shutdown.clone()));
+    }
     tracing::info!(listen = %bound, data_dir = %dir.display(), ca = %cloud.ca.fingerprint(), "cloud manager serving");
 
     let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
@@ -145,6 +164,8 @@ pub async fn run(
         .add_service(pb::control_server::ControlServer::new(grpc))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await;
+    tracker.close();
+    tracker.wait().await;
     cloud.state.save_counters(&cloud.counters)?;
     cloud.state.store.flush()?;
     cloud.volumes.unmount_all();

@@ -26,7 +26,9 @@ pub struct SystemRecord {
     pub filesystems: Vec<FsRecord>,
     pub durable_epoch: u64,
     pub last_durable_ms: i64,
-    pub last_source_ms: i64,
+    /// Change-to-durable time of the last durable batch.
+    #[serde(default)]
+    pub lag_ms: i64,
     pub via: String,
     #[serde(default)]
     pub last_error: String,

@@ -212,6 +212,8 @@ fn wait_port_at(host: &str, port: u16, what: &str) -> Result<()> {
 pub struct CloudMgr {
     pub dir: PathBuf,
     pub host: String,
+    /// Loopback port of `/metrics`.
+    pub http_port: u16,
     pub port: u16,
     pub proc: Proc,
 }
@@ -226,13 +228,16 @@ impl CloudMgr {
     /// Listens on `host` (an address of this machine's namespace) instead of loopback.
     pub fn start_at(dir: &Path, host: &str, port: u16) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
+        let http_port = free_port();
         let proc = Proc::spawn(
             Command::new(bin("ferry-cloud"))
                 .arg("serve")
                 .arg("--data-dir")
                 .arg(dir)
                 .arg("--listen")
-                .arg(format!("{host}:{port}")),
+                .arg(format!("{host}:{port}"))
+                .arg("--http")
+                .arg(format!("127.0.0.1:{http_port}")),
             &dir.with_extension("log"),
         )?;
         wait_port_at(host, port, "ferry-cloud")?;
@@ -242,6 +247,7 @@ impl CloudMgr {
         Ok(Self {
             dir: dir.to_path_buf(),
             host: host.to_string(),
+            http_port,
             port,
             proc,
         })
@@ -280,6 +286,17 @@ impl CloudMgr {
         v["counters"][name]
             .as_u64()
             .ok_or_else(|| anyhow!("no counter {name}"))
+    }
+
+    /// The Prometheus text from `/metrics`.
+    pub fn metrics(&self) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: ferry\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        anyhow::ensure!(out.starts_with("HTTP/1.1 200"), "metrics answered {out:?}");
+        Ok(out)
     }
 
     /// Waits until `system` reports in-sync and its root replica matches `src`; returns

@@ -27,6 +27,9 @@ enum Cmd {
         /// gRPC listen address (agents, sites and operators).
         #[arg(long)]
         listen: Option<String>,
+        /// Plain HTTP listen address for /metrics and /healthz.
+        #[arg(long)]
+        http: Option<String>,
         /// local, aws or azure.
         #[arg(long)]
         provider: Option<String>,
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
             config,
             data_dir,
             listen,
+            http,
             provider,
             san,
         } => {
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
             let merged = ServeFile {
                 data_dir: data_dir.or(file.data_dir),
                 listen: listen.or(file.listen),
+                http: http.or(file.http),
                 provider: provider.or(file.provider),
                 san: if san.is_empty() { file.san } else { san },
                 log_format: None,
@@ -131,8 +136,22 @@ async fn serve(config: ServeConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let http = match &config.http {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("ferry-cloud: cannot listen on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let shutdown = ferry_common::shutdown::on_signals();
-    let run = ferry_cloud_manager::run(config, listener, shutdown.clone());
+    let listeners = ferry_cloud_manager::Listeners {
+        grpc: listener,
+        http,
+    };
+    let run = ferry_cloud_manager::run(config, listeners, shutdown.clone());
     tokio::pin!(run);
     let result = tokio::select! {
         r = &mut run => r,
