@@ -14,6 +14,8 @@ pub enum VolumeError {
         path: String,
         source: std::io::Error,
     },
+    #[error("volume image {image} is attached to a loop device but not mounted here ({loops}); refusing to mount it twice")]
+    Busy { image: String, loops: String },
     #[error("{command} failed: {stderr}")]
     Command { command: String, stderr: String },
 }
@@ -25,6 +27,7 @@ impl ferry_common::error::ErrorKind for VolumeError {
             VolumeError::Io { source, .. } if source.raw_os_error() == Some(28) => {
                 ferry_common::error::Kind::ResourceExhausted
             }
+            VolumeError::Busy { .. } => ferry_common::error::Kind::Unavailable,
             _ => ferry_common::error::Kind::Internal,
         }
     }
@@ -89,6 +92,14 @@ impl Volumes {
         }
         if !image.exists() {
             self.format(&image, fs)?;
+        }
+        // A second mount of one image (XFS allows it with nouuid) would corrupt it.
+        let attached = run(Command::new("losetup").arg("-j").arg(&image))?;
+        if !attached.trim().is_empty() {
+            return Err(VolumeError::Busy {
+                image: image.display().to_string(),
+                loops: attached.trim().replace('\n', "; "),
+            });
         }
         let mut cmd = Command::new("mount");
         cmd.arg("-t").arg(&fs.fstype);

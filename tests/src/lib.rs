@@ -214,6 +214,8 @@ pub struct CloudMgr {
     pub host: String,
     /// Loopback port of `/metrics`.
     pub http_port: u16,
+    /// A restarted manager's old handle must not unmount the new one's volumes.
+    keep_mounts: bool,
     pub port: u16,
     pub proc: Proc,
 }
@@ -248,6 +250,7 @@ impl CloudMgr {
             dir: dir.to_path_buf(),
             host: host.to_string(),
             http_port,
+            keep_mounts: false,
             port,
             proc,
         })
@@ -315,6 +318,8 @@ impl CloudMgr {
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill9();
         let (port, dir, host) = (self.port, self.dir.clone(), self.host.clone());
+        // The killed manager's volumes stay mounted for the new one, as after a crash.
+        self.keep_mounts = true;
         *self = Self::start_at(&dir, &host, port)?;
         Ok(())
     }
@@ -531,6 +536,9 @@ impl Drop for CloudMgr {
     fn drop(&mut self) {
         if matches!(self.proc.child.try_wait(), Ok(None)) {
             let _ = self.proc.stop();
+        }
+        if self.keep_mounts {
+            return;
         }
         // After a SIGKILL the volumes stay mounted: take them down with the test.
         let _ = bash(&format!(
