@@ -38,20 +38,6 @@ pub fn credentials_path(flag: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CREDENTIALS))
 }
 
-/// `10M` → 10485760; plain numbers are bytes.
-pub fn parse_rate(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("invalid rate {s:?}: use bytes per second, e.g. 500K or 10M"))
-}
-
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -127,15 +113,4 @@ pub fn render_counters(c: &pb::Counters) -> String {
         human_bytes(c.file_bytes_written),
         c.refused_requests
     )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rates_parse() {
-        assert_eq!(super::parse_rate("500K"), Ok(500 << 10));
-        assert_eq!(super::parse_rate("2M"), Ok(2 << 20));
-        assert_eq!(super::parse_rate("0"), Ok(0));
-        assert!(super::parse_rate("fast").is_err());
-    }
 }

@@ -159,6 +159,8 @@ pub struct Frame {
 
 #[derive(Clone)]
 pub struct ChunkStore {
+    /// Bumped by every commit, so a caller can tell whether chunks arrived meanwhile.
+    generation: Arc<std::sync::atomic::AtomicU64>,
     dir: PathBuf,
     index: sled::Tree,
     writer: Arc<Mutex<Writer>>,
@@ -208,6 +210,7 @@ impl ChunkStore {
         let writer = Self::new_pack(dir, max + 1)?;
         packs.insert(writer.id, writer.file.clone());
         Ok(Self {
+            generation: Default::default(),
             dir: dir.to_path_buf(),
             index,
             writer: Arc::new(Mutex::new(writer)),
@@ -288,6 +291,8 @@ impl ChunkStore {
         }
         self.index.apply_batch(b)?;
         self.index.flush()?;
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(staged.len())
     }
 
@@ -321,6 +326,21 @@ impl ChunkStore {
         unframe(&f.data, f.raw_len, f.raw)
     }
 
+    /// Changes with every commit.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The names of every stored chunk.
+    pub fn hashes(&self) -> Vec<[u8; 32]> {
+        self.index
+            .iter()
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter_map(|k| k.as_ref().try_into().ok())
+            .collect()
+    }
+
     /// Drops every chunk (a relay whose queue is empty no longer needs them).
     pub fn clear(&self) -> Result<usize, ChunkError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -336,6 +356,16 @@ impl ChunkStore {
         packs.insert(next.id, next.file.clone());
         *w = next;
         Ok(n)
+    }
+
+    /// Bytes the packs take on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        let packs = self.packs.read().unwrap_or_else(|p| p.into_inner());
+        packs
+            .values()
+            .filter_map(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .sum()
     }
 
     pub fn len(&self) -> usize {

@@ -54,6 +54,20 @@ impl std::fmt::Display for Secret {
     }
 }
 
+/// `10M` → 10485760: a byte count with an optional K, M or G suffix (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {s:?}: use bytes with an optional K, M or G suffix"))
+}
+
 /// Checks that a URL is `https://HOST:PORT`.
 pub fn validate_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
     let rest = url
@@ -87,6 +101,14 @@ mod tests {
         assert_eq!(format!("{s:?}"), "Secret(****)");
         assert_eq!(format!("{s}"), "****");
         assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("500K"), Ok(500 << 10));
+        assert_eq!(parse_bytes("2M"), Ok(2 << 20));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert!(parse_bytes("fast").is_err());
     }
 
     #[test]

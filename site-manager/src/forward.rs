@@ -24,7 +24,7 @@ pub async fn forward(relay: Arc<Relay>, shutdown: CancellationToken) {
     loop {
         let first = relay.queue.first().ok().flatten();
         let Some((key, value)) = first else {
-            maybe_collect(&relay);
+            maybe_collect(&relay).await;
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = relay.wake.notified() => {}
@@ -106,15 +106,40 @@ async fn forward_one(relay: &Relay, item: &QueueItem) -> Outcome {
 
 /// With the queue empty and no uploads for a while, local chunks have served their
 /// purpose: every batch that needed them is durable upstream.
-fn maybe_collect(relay: &Relay) {
+async fn maybe_collect(relay: &Relay) {
+    // An empty queue means every queued batch reached the cloud, but an agent may be
+    // between uploading a batch's chunks and sending the batch. When agents are held
+    // back by a full spool, hand every spooled chunk to the cloud (which keeps it
+    // durably) before dropping it here; otherwise wait for a quiet minute.
+    let full = relay.spool_full().is_some();
     if !relay.queue.is_empty()
         || relay.chunks.is_empty()
-        || relay.idle_for() < Duration::from_secs(60)
+        || (!full && relay.idle_for() < Duration::from_secs(60))
     {
         return;
     }
+    let generation = relay.chunks.generation();
+    if full {
+        let hashes: Vec<Vec<u8>> = relay.chunks.hashes().iter().map(|h| h.to_vec()).collect();
+        let mut c = relay.client();
+        for group in hashes.chunks(4096) {
+            if let Err(o) = push_group(relay, &mut c, group).await {
+                if let Outcome::Retry(s) | Outcome::Poison(s) = o {
+                    tracing::warn!(error = %s.message(), "cannot hand spooled chunks upstream yet");
+                }
+                return;
+            }
+        }
+    }
+    if relay.chunks.generation() != generation || !relay.queue.is_empty() {
+        return;
+    }
     match relay.chunks.clear() {
-        Ok(n) => tracing::info!(chunks = n, "relayed chunks collected"),
+        Ok(n) => tracing::info!(
+            chunks = n,
+            spool_was_full = full,
+            "relayed chunks collected"
+        ),
         Err(e) => tracing::warn!(error = %e, "cannot collect relayed chunks"),
     }
 }
@@ -130,56 +155,66 @@ async fn push_chunks(
         .collect();
     let hashes: Vec<Vec<u8>> = unique.into_iter().map(<[u8]>::to_vec).collect();
     for group in hashes.chunks(4096) {
-        let missing = match c
-            .missing_chunks(pb::MissingChunksRequest {
-                hashes: group.to_vec(),
-            })
-            .await
-        {
-            Ok(r) => r.into_inner().missing,
-            Err(s) => return Err(classify(s)),
+        push_group(relay, c, group).await?;
+    }
+    Ok(())
+}
+
+/// Sends upstream those of `group` (at most 4096 hashes) that it lacks, from the local store.
+async fn push_group(
+    relay: &Relay,
+    c: &mut IngestClient<Channel>,
+    group: &[Vec<u8>],
+) -> Result<(), Outcome> {
+    let missing = match c
+        .missing_chunks(pb::MissingChunksRequest {
+            hashes: group.to_vec(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner().missing,
+        Err(s) => return Err(classify(s)),
+    };
+    let mut frames = Vec::new();
+    let mut bytes = 0;
+    for i in missing {
+        let Some(h) = group.get(i as usize) else {
+            continue;
         };
-        let mut frames = Vec::new();
-        let mut bytes = 0;
-        for i in missing {
-            let Some(h) = group.get(i as usize) else {
-                continue;
-            };
-            let Ok(hash) = chunks::hash_from_bytes(h) else {
-                continue;
-            };
-            match relay.chunks.read_frame(&hash) {
-                Ok(f) => {
-                    bytes += f.data.len();
-                    frames.push(pb::ChunkFrame {
-                        hash: h.clone(),
-                        zdata: f.data,
-                        raw_len: f.raw_len,
-                        raw: f.raw,
-                    });
-                }
-                Err(e) => {
-                    // Held upstream when the agent asked, and lost there since: nothing
-                    // here can supply it, so the batch cannot complete.
-                    return Err(Outcome::Poison(tonic::Status::failed_precondition(
-                        e.to_string(),
-                    )));
-                }
+        let Ok(hash) = chunks::hash_from_bytes(h) else {
+            continue;
+        };
+        match relay.chunks.read_frame(&hash) {
+            Ok(f) => {
+                bytes += f.data.len();
+                frames.push(pb::ChunkFrame {
+                    hash: h.clone(),
+                    zdata: f.data,
+                    raw_len: f.raw_len,
+                    raw: f.raw,
+                });
             }
-            if bytes >= 8 << 20 {
-                if let Err(s) = c
-                    .put_chunks(tokio_stream::iter(std::mem::take(&mut frames)))
-                    .await
-                {
-                    return Err(classify(s));
-                }
-                bytes = 0;
+            Err(e) => {
+                // Held upstream when the agent asked, and lost there since: nothing
+                // here can supply it, so the batch cannot complete.
+                return Err(Outcome::Poison(tonic::Status::failed_precondition(
+                    e.to_string(),
+                )));
             }
         }
-        if !frames.is_empty() {
-            if let Err(s) = c.put_chunks(tokio_stream::iter(frames)).await {
+        if bytes >= 8 << 20 {
+            if let Err(s) = c
+                .put_chunks(tokio_stream::iter(std::mem::take(&mut frames)))
+                .await
+            {
                 return Err(classify(s));
             }
+            bytes = 0;
+        }
+    }
+    if !frames.is_empty() {
+        if let Err(s) = c.put_chunks(tokio_stream::iter(frames)).await {
+            return Err(classify(s));
         }
     }
     Ok(())

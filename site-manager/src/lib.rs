@@ -26,6 +26,8 @@ pub struct SiteConfig {
     pub name: String,
     /// Extra names and addresses for the site's server certificate.
     pub san: Vec<String>,
+    /// Most bytes of chunks spooled on disk before agents are slowed.
+    pub spool_limit: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +90,7 @@ pub async fn run(
     let tls = ferry_common::tls::server_config(&ca, &cert, &key)?;
     let upstream = ferry_common::enroll::mtls_channel(&config.upstream, &files)?;
 
-    let relay = Arc::new(relay::Relay::open(dir, upstream)?);
+    let relay = Arc::new(relay::Relay::open(dir, upstream, config.spool_limit)?);
     let tracker = tokio_util::task::TaskTracker::new();
     tracker.spawn(forward::forward(relay.clone(), shutdown.clone()));
     tracker.spawn(forward::push_ahead(relay.clone(), shutdown.clone()));

@@ -42,6 +42,9 @@ enum Cmd {
         /// Extra name or address for the site's certificate (repeatable).
         #[arg(long)]
         san: Vec<String>,
+        /// Most chunk data spooled on disk (K, M, G suffixes) before agents are slowed.
+        #[arg(long, value_parser = ferry_common::config::parse_bytes)]
+        spool_limit: Option<u64>,
     },
 }
 
@@ -55,6 +58,7 @@ struct SiteFile {
     name: Option<String>,
     #[serde(default)]
     san: Vec<String>,
+    spool_limit: Option<u64>,
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         token,
         name,
         san,
+        spool_limit,
     } = args.cmd;
     let file: SiteFile = match config
         .as_deref()
@@ -104,9 +109,15 @@ fn main() -> ExitCode {
         token: token.map(Secret::new).or(file.token),
         name,
         san: if san.is_empty() { file.san } else { san },
+        spool_limit: spool_limit
+            .or(file.spool_limit)
+            .unwrap_or(DEFAULT_SPOOL_LIMIT),
     };
     serve(config, listen)
 }
+
+/// Chunk data a site keeps on disk while its upstream is slow or away.
+const DEFAULT_SPOOL_LIMIT: u64 = 20 << 30;
 
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -33,6 +33,10 @@ pub enum RelayError {
     Invalid(String),
     #[error("chunk {0} is held neither here nor upstream")]
     MissingChunk(String),
+    #[error(
+        "site spool is full ({used} of {limit} bytes); slowing agents until upstream drains it"
+    )]
+    SpoolFull { used: u64, limit: u64 },
 }
 
 impl ErrorKind for RelayError {
@@ -45,6 +49,7 @@ impl ErrorKind for RelayError {
             RelayError::PermissionDenied(_) => Kind::PermissionDenied,
             RelayError::Invalid(_) => Kind::InvalidArgument,
             RelayError::MissingChunk(_) => Kind::FailedPrecondition,
+            RelayError::SpoolFull { .. } => Kind::ResourceExhausted,
         }
     }
 }
@@ -89,6 +94,8 @@ pub struct Relay {
     pub chunks: ChunkStore,
     pub upstream: Channel,
     pub wake: tokio::sync::Notify,
+    /// Most bytes of relayed chunks kept on disk; beyond it agents are slowed.
+    pub spool_limit: u64,
     last_put: std::sync::Mutex<Instant>,
     order: tokio::sync::Mutex<()>,
 }
@@ -111,7 +118,7 @@ pub struct QueueItem {
 const UPSTREAM_QUICK: Duration = Duration::from_secs(5);
 
 impl Relay {
-    pub fn open(dir: &Path, upstream: Channel) -> Result<Self> {
+    pub fn open(dir: &Path, upstream: Channel, spool_limit: u64) -> Result<Self> {
         let store = Store::open(&dir.join("db"))?;
         Ok(Self {
             queue: store.tree("queue")?,
@@ -121,6 +128,7 @@ impl Relay {
             store,
             upstream,
             wake: tokio::sync::Notify::new(),
+            spool_limit,
             last_put: std::sync::Mutex::new(Instant::now()),
             order: tokio::sync::Mutex::new(()),
         })
@@ -161,6 +169,15 @@ impl Relay {
         self.store.flush()?;
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Whether the spool has room for more chunks.
+    pub fn spool_full(&self) -> Option<RelayError> {
+        let used = self.chunks.disk_bytes();
+        (used >= self.spool_limit).then_some(RelayError::SpoolFull {
+            used,
+            limit: self.spool_limit,
+        })
     }
 
     pub fn touch_put(&self) {
@@ -321,6 +338,10 @@ impl pb::ingest_server::Ingest for Service {
     ) -> Result<Response<pb::PutChunksResponse>, Status> {
         let id = who(&req);
         ingest_peer(id.as_ref()).map_err(|e| fail("put-chunks", id.as_ref(), e))?;
+        if let Some(full) = self.relay.spool_full() {
+            self.relay.wake.notify_one();
+            return Err(fail("put-chunks", id.as_ref(), full));
+        }
         let mut stream = req.into_inner();
         let (mut staged, mut duplicate) = (Vec::new(), 0);
         while let Some(f) = stream.message().await? {

@@ -338,9 +338,19 @@ impl SiteMgr {
         Self::start_on(dir, free_port(), upstream, token)
     }
     pub fn start_on(dir: &Path, port: u16, upstream: &str, token: Option<&str>) -> Result<Self> {
+        Self::start_with(dir, port, upstream, token, &[])
+    }
+    /// Like `start_on`, with extra `ferry-site serve` flags.
+    pub fn start_with(
+        dir: &Path,
+        port: u16,
+        upstream: &str,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut cmd = Command::new(bin("ferry-site"));
-        cmd.arg("serve")
-            .arg("--data-dir")
+        cmd.arg("serve").args(extra);
+        cmd.arg("--data-dir")
             .arg(dir)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"));

@@ -153,3 +153,61 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
 }
+
+#[test]
+fn a_full_site_spool_slows_the_agent_without_losing_anything() -> Result<()> {
+    const LIMIT: u64 = 24 << 20;
+    let tmp = scratch("spool")?;
+    let t = tmp.path();
+    let src = LoopFs::new(
+        t,
+        "src",
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-0000000000c3",
+        400,
+    )?;
+    bash(&format!(
+        "mkdir -p {m}/data && for i in $(seq 1 25); do head -c 4194304 /dev/urandom > {m}/data/blob$i; done",
+        m = src.mnt.display()
+    ))?;
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start_with(
+        &t.join("site"),
+        free_port(),
+        &cloud.url(),
+        Some(&cloud.token()?),
+        &["--spool-limit", "24M"],
+    )?;
+    let mut agent = Proc::spawn(
+        agent_cmd(
+            &t.join("agent"),
+            &site.url(),
+            Some(&cloud.token()?),
+            &src.mnt,
+            "spooled",
+        )
+        .stdout(std::process::Stdio::piped()),
+        &t.join("agent.log"),
+    )?;
+    // Watch the spool while the agent runs.
+    let spool = site.dir.join("chunks");
+    let mut peak = 0;
+    while agent.child.try_wait()?.is_none() {
+        peak = peak.max(dir_bytes(&spool));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = wait_agent(&mut agent)?;
+    let diff = rsync_diff(&src.mnt, &cloud.replica_path("spooled", "/")?)?;
+    assert!(diff.is_empty(), "replica differs:\n{diff}");
+    assert!(
+        site.proc.log_text().contains("site spool is full"),
+        "the spool never filled: peak {peak}"
+    );
+    // Three uploads of up to 8 MiB may be in flight when the limit is reached.
+    assert!(
+        peak <= LIMIT + (32 << 20),
+        "spool grew to {peak} bytes over a {LIMIT}-byte limit"
+    );
+    eprintln!("spool peak {peak} bytes; agent summary {out}");
+    Ok(())
+}

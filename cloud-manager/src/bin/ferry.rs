@@ -64,7 +64,7 @@ enum SyncCmd {
     /// suffixes; 0 removes the limit).
     Limit {
         system: String,
-        #[arg(value_parser = cli::parse_rate)]
+        #[arg(value_parser = ferry_common::config::parse_bytes)]
         rate: u64,
     },
 }
