@@ -157,33 +157,20 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
             }
         }
         Cmd::Sync {
-            cmd: SyncCmd::Pause { system },
+            cmd: cmd @ (SyncCmd::Pause { .. } | SyncCmd::Resume { .. }),
         } => {
-            let r = set(
-                &mut client,
-                pb::SetReplicationRequest {
-                    system,
-                    set_paused: true,
-                    paused: true,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            println!("paused: {}", r.paused);
-        }
-        Cmd::Sync {
-            cmd: SyncCmd::Resume { system },
-        } => {
-            let r = set(
-                &mut client,
-                pb::SetReplicationRequest {
-                    system,
-                    set_paused: true,
-                    paused: false,
-                    ..Default::default()
-                },
-            )
-            .await?;
+            let (system, paused) = match cmd {
+                SyncCmd::Pause { system } => (system, true),
+                SyncCmd::Resume { system } | SyncCmd::Limit { system, .. } => (system, false),
+                SyncCmd::Status { .. } => return Ok(()),
+            };
+            let req = pb::SetReplicationRequest {
+                system,
+                set_paused: true,
+                paused,
+                ..Default::default()
+            };
+            let r = set(&mut client, req).await?;
             println!("paused: {}", r.paused);
         }
         Cmd::Sync {
