@@ -19,6 +19,8 @@ pub struct Gate {
     rate_bps: AtomicU64,
     /// When the next byte may leave, under the rate limit.
     next_send: Mutex<Instant>,
+    /// Reported with every refresh.
+    lag: std::sync::Arc<crate::lag::Lag>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -31,13 +33,18 @@ impl std::fmt::Debug for Gate {
 }
 
 impl Gate {
-    pub fn new(client: IngestClient<Channel>, system: &str) -> Self {
+    pub fn new(
+        client: IngestClient<Channel>,
+        system: &str,
+        lag: std::sync::Arc<crate::lag::Lag>,
+    ) -> Self {
         Self {
             client,
             system: system.to_string(),
             paused: AtomicBool::new(false),
             rate_bps: AtomicU64::new(0),
             next_send: Mutex::new(Instant::now()),
+            lag,
         }
     }
 
@@ -74,16 +81,21 @@ impl Gate {
         }
     }
 
-    /// Asks the manager for the current settings.
+    /// Reports the lag and asks the manager for the current settings.
     pub async fn refresh(&self) {
         let mut c = self.client.clone();
+        let lag = self.lag.report();
         if let Ok(r) = c
             .progress(ProgressRequest {
                 system: self.system.clone(),
+                pending_since_ms: lag.pending_since_ms,
+                pending_bytes: lag.pending_bytes,
             })
             .await
         {
-            self.update(r.into_inner().settings.as_ref());
+            let r = r.into_inner();
+            self.lag.durable(r.durable_epoch);
+            self.update(r.settings.as_ref());
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod consistency;
 pub mod gate;
 pub mod index;
+pub mod lag;
 pub mod probe;
 pub mod scan;
 pub mod sender;
@@ -121,8 +122,13 @@ pub async fn run(
     let client = IngestClient::new(channel)
         .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES);
-    let db =
-        sled::open(config.state_dir.join("db")).map_err(|e| state_err(&config.state_dir, e))?;
+    // A small page cache: the index is read in path order, and RSS per file matters on
+    // hosts with millions of files.
+    let db = sled::Config::new()
+        .path(config.state_dir.join("db"))
+        .cache_capacity(SLED_CACHE)
+        .open()
+        .map_err(|e| state_err(&config.state_dir, e))?;
     let meta = db
         .open_tree("meta")
         .map_err(|e| state_err(&config.state_dir, e))?;
@@ -171,7 +177,8 @@ pub async fn run(
     .await?;
     tracing::info!(system = %name, accepted = reg.accepted_epoch, durable = reg.durable_epoch, filesystems = filesystems.len(), "registered");
 
-    let gate = Arc::new(gate::Gate::new(client.clone(), &name));
+    let lag = Arc::new(lag::Lag::default());
+    let gate = Arc::new(gate::Gate::new(client.clone(), &name, lag.clone()));
     gate.update(reg.settings.as_ref());
     if !config.once {
         tokio::spawn(gate.clone().follow(shutdown.clone()));
@@ -197,7 +204,8 @@ pub async fn run(
         .unwrap_or(config.state_dir.clone())];
 
     let (hint_tx, mut hint_rx) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = (!config.once).then(|| Arc::new(watch::Watcher::new(hint_tx, exclude.clone())));
+    let watcher = (!config.once)
+        .then(|| Arc::new(watch::Watcher::new(hint_tx, exclude.clone(), lag.clone())));
     let roots: Vec<PathBuf> = filesystems.iter().map(|(p, _)| p.clone()).collect();
     let mut work = Work::Full;
     let mut first = true;
@@ -220,6 +228,7 @@ pub async fn run(
                 wire_before,
                 accepted: accepted.clone(),
                 durable: durable.clone(),
+                lag: lag.clone(),
                 stats: stats.clone(),
                 gate: gate.clone(),
                 shutdown: shutdown.clone(),
@@ -236,6 +245,8 @@ pub async fn run(
         );
         let mut pass = Ok(());
         let mut retry_dirs: DirtyDirs = Default::default();
+        let seen_ms = lag.begin_pass();
+        let first_epoch = next_epoch.load(Ordering::SeqCst);
         for (i, (path, fs)) in filesystems.iter().enumerate() {
             let targets = match &work {
                 Work::Full => None,
@@ -259,6 +270,8 @@ pub async fn run(
                 exclude: exclude.clone(),
                 freeze: config.consistency == consistency::Consistency::Fsfreeze,
                 state_dir: config.state_dir.clone(),
+                seen_ms,
+                lag: &lag,
             };
             match pass_fs(ctx, &mut uploader, &tx).await {
                 Ok((st, retry)) => {
@@ -275,6 +288,8 @@ pub async fn run(
             }
         }
         drop(tx);
+        let last_epoch = next_epoch.load(Ordering::SeqCst) - 1;
+        lag.end_pass((last_epoch >= first_epoch).then_some(last_epoch));
         let applied = app.await.unwrap_or(Err(SendError::Stopped));
         let wire = stats.chunk_wire_bytes.load(Ordering::Relaxed);
         let _ = meta.insert("chunk_wire_bytes", &(wire_before + wire).to_le_bytes());
@@ -354,6 +369,7 @@ pub async fn run(
     }
 }
 
+const SLED_CACHE: u64 = 16 << 20;
 /// How long hints gather before a pass starts: one pass per burst of changes.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Pause before reading files again that changed while read.
@@ -408,6 +424,7 @@ async fn wait_durable(
             let mut c = client.clone();
             let req = pb::ProgressRequest {
                 system: system.to_string(),
+                ..Default::default()
             };
             async move { c.progress(req).await.map(|r| r.into_inner()) }
         })
@@ -439,6 +456,9 @@ struct PassCtx<'a> {
     /// Freeze the file system while the pass reads it.
     freeze: bool,
     state_dir: PathBuf,
+    /// When the changes this pass looks for were first noticed (0: not hinted).
+    seen_ms: i64,
+    lag: &'a lag::Lag,
 }
 
 struct ChanSink(tokio::sync::mpsc::Sender<scan::Item>);
@@ -497,21 +517,25 @@ async fn pass_fs(
     let mut entries = Vec::new();
     let mut records = Vec::new();
     let mut batch_bytes = 0u64;
-    // When this pass began to look: the changes it carries were seen by then.
-    let observed_ms = ferry_common::now_ms();
+    // When the changes this pass carries were noticed: their first hint, or now.
+    let observed_ms = if ctx.seen_ms > 0 {
+        ctx.seen_ms
+    } else {
+        ferry_common::now_ms()
+    };
     let mut result = Ok(());
     while let Some(item) = irx.recv().await {
         let step: Result<(), SendError> = async {
             match item {
                 scan::Item::Chunk(f) => {
                     batch_bytes += f.raw_len as u64;
+                    ctx.lag.found(ferry_common::now_ms(), f.raw_len as u64);
                     up.add(f).await?;
                 }
                 scan::Item::Progress(n) => done += n,
                 scan::Item::Entry(e, rec) => {
-                    if let Some(r) = rec {
-                        records.push((e.path.clone(), r));
-                    }
+                    ctx.lag.found(ferry_common::now_ms(), 0);
+                    index::ops_for(&e, rec, &mut records);
                     entries.push(e);
                     if entries.len() >= BATCH_ENTRIES || batch_bytes >= BATCH_BYTES {
                         let progress = pb::FsProgress {
@@ -525,10 +549,9 @@ async fn pass_fs(
                             up,
                             tx,
                             &index,
-                            std::mem::take(&mut entries),
-                            std::mem::take(&mut records),
+                            (std::mem::take(&mut entries), std::mem::take(&mut records)),
                             progress,
-                            observed_ms,
+                            (observed_ms, false),
                         )
                         .await?;
                         batch_bytes = 0;
@@ -562,10 +585,9 @@ async fn pass_fs(
             up,
             tx,
             &index,
-            entries,
-            records,
+            (entries, records),
             progress,
-            observed_ms,
+            (observed_ms, true),
         )
         .await?;
     }
@@ -573,16 +595,14 @@ async fn pass_fs(
     Ok((stats, retry))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn queue(
     ctx: &PassCtx<'_>,
     up: &mut Uploader,
     tx: &tokio::sync::mpsc::Sender<Pending>,
     index: &index::Index,
-    entries: Vec<pb::Entry>,
-    records: Vec<(Vec<u8>, index::Record)>,
+    (entries, records): (Vec<pb::Entry>, Vec<index::Op>),
     progress: pb::FsProgress,
-    observed_ms: i64,
+    (observed_ms, ends_pass): (i64, bool),
 ) -> Result<(), SendError> {
     up.barrier().await?;
     let epoch = ctx.next_epoch.fetch_add(1, Ordering::SeqCst);
@@ -594,10 +614,11 @@ async fn queue(
         entries,
         progress: Some(progress),
         source_time_ms: observed_ms,
+        ends_pass,
     };
     tx.send(Pending {
         batch,
-        records,
+        ops: records,
         index: index.clone(),
     })
     .await

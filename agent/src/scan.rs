@@ -59,6 +59,8 @@ pub struct Scanner<'a, S: Sink> {
     shallow: bool,
     visited: std::collections::HashSet<Vec<u8>>,
     watcher: Option<&'a crate::watch::Watcher>,
+    /// Renames sent in this pass, which the index learns only once they are accepted.
+    moved: Moved,
     pub stats: ScanStats,
     /// Directories holding files that kept changing while read: scan them again soon.
     pub retry: Vec<Vec<u8>>,
@@ -72,6 +74,106 @@ pub struct ScanStats {
     pub unchanged: u64,
     pub skipped_sockets: u64,
     pub torn: u64,
+    pub renames: u64,
+}
+
+/// The renames a pass has sent: lookups see the index as the replica will be after them.
+#[derive(Debug, Default)]
+struct Moved {
+    /// new path -> old path, for files.
+    files: HashMap<Vec<u8>, Vec<u8>>,
+    /// (old, new) for directories.
+    dirs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Old paths of files.
+    gone: std::collections::HashSet<Vec<u8>>,
+    /// Records of moved files whose content is as recorded.
+    fresh: HashMap<Vec<u8>, Record>,
+}
+
+/// `p` is `base` or lies below it.
+fn under(p: &[u8], base: &[u8]) -> bool {
+    p.starts_with(base) && (p.len() == base.len() || p[base.len()] == b'/')
+}
+
+/// The parent of a relative path ("" for a top-level name).
+fn parent_of(rel: &[u8]) -> &[u8] {
+    rel.iter()
+        .rposition(|&b| b == b'/')
+        .map(|i| &rel[..i])
+        .unwrap_or_default()
+}
+
+/// `p` and each of its ancestors, the root excluded.
+fn ancestors(mut p: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if p.is_empty() {
+            return None;
+        }
+        let cur = p;
+        p = parent_of(p);
+        Some(cur)
+    })
+}
+
+/// A rename found before a shallow pass.
+struct Candidate {
+    old: Vec<u8>,
+    new: Vec<u8>,
+    meta: std::fs::Metadata,
+}
+
+/// Keeps renames that do not nest in a moved directory, ordered so that a path is moved
+/// away before something else is moved onto it; cycles fall back to copies.
+fn order_renames(cands: Vec<Candidate>) -> Vec<Candidate> {
+    let dir_paths: std::collections::HashSet<Vec<u8>> = cands
+        .iter()
+        .filter(|c| c.meta.is_dir())
+        .flat_map(|c| [c.old.clone(), c.new.clone()])
+        .collect();
+    let nested = |c: &Candidate| {
+        [&c.old, &c.new].iter().any(|p| {
+            ancestors(parent_of(p)).any(|a| dir_paths.contains(a))
+                || under(&c.new, &c.old)
+                || under(&c.old, &c.new)
+        })
+    };
+    let cands: Vec<Candidate> = cands.into_iter().filter(|c| !nested(c)).collect();
+    let by_old: HashMap<&[u8], usize> = cands
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.old.as_slice(), i))
+        .collect();
+    // 0 pending, 1 on the current chain, 2 emitted, 3 dropped.
+    let mut state = vec![0u8; cands.len()];
+    let mut order = Vec::new();
+    for start in 0..cands.len() {
+        let mut chain = Vec::new();
+        let mut i = start;
+        // Follow "what sits at my destination must move first".
+        loop {
+            if state[i] != 0 {
+                break;
+            }
+            state[i] = 1;
+            chain.push(i);
+            match by_old.get(cands[i].new.as_slice()) {
+                Some(&j) => i = j,
+                None => break,
+            }
+        }
+        let cycle = state[i] == 1 && by_old.contains_key(cands[i].new.as_slice());
+        let blocked_by_drop = state[i] == 3;
+        for &k in chain.iter().rev() {
+            if cycle || blocked_by_drop {
+                state[k] = 3;
+            } else {
+                state[k] = 2;
+                order.push(k);
+            }
+        }
+    }
+    let mut slots: Vec<Option<Candidate>> = cands.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
 fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
@@ -122,6 +224,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
             shallow: false,
             visited: Default::default(),
             watcher: None,
+            moved: Moved::default(),
             stats: ScanStats::default(),
             retry: Vec::new(),
         })
@@ -141,7 +244,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
             std::cmp::Reverse(d.iter().filter(|&&b| b == b'/').count() + usize::from(!d.is_empty()))
         });
         dirs.dedup();
-        let mut sent = false;
+        let mut sent = self.send_renames(&dirs)?;
         for rel in dirs {
             if self.visited.contains(&rel) {
                 continue;
@@ -173,9 +276,115 @@ impl<'a, S: Sink> Scanner<'a, S> {
     }
 
     fn unchanged(&self, rel: &[u8], m: &std::fs::Metadata) -> bool {
-        self.index
-            .get(rel)
+        self.record(rel)
             .is_some_and(|r| r.epoch <= self.accepted && r.matches(m))
+    }
+
+    /// What the replica holds at `rel` as far as the index knows, after this pass's renames.
+    fn record(&self, rel: &[u8]) -> Option<Record> {
+        if let Some(r) = self.moved.fresh.get(rel) {
+            return Some(*r);
+        }
+        if let Some(old) = self.moved.files.get(rel) {
+            return self.index.get(old);
+        }
+        let into = self
+            .moved
+            .dirs
+            .iter()
+            .filter(|(_, new)| under(rel, new))
+            .max_by_key(|(_, new)| new.len());
+        if let Some((old, new)) = into {
+            let mut p = old.clone();
+            p.extend_from_slice(&rel[new.len()..]);
+            return self.index.get(&p);
+        }
+        if self.moved.gone.contains(rel) || self.moved.dirs.iter().any(|(old, _)| under(rel, old)) {
+            return None;
+        }
+        self.index.get(rel)
+    }
+
+    /// Inside a directory this pass moved: its subdirectories are walked (and watched
+    /// under their new names) even when the index vouches for them.
+    fn in_moved_dir(&self, rel: &[u8]) -> bool {
+        self.moved.dirs.iter().any(|(_, new)| under(rel, new))
+    }
+
+    /// Before a shallow pass: finds files and directories of `dirs` that the replica
+    /// holds under another name (same inode, old name gone) and sends them as renames.
+    fn send_renames(&mut self, dirs: &[Vec<u8>]) -> Result<bool, ScanError> {
+        let mut cands = Vec::new();
+        for d in dirs {
+            if !self.index.get(d).is_some_and(|r| r.is_dir()) {
+                continue;
+            }
+            let Ok(rd) = std::fs::read_dir(self.abs(d)) else {
+                continue;
+            };
+            for ent in rd.filter_map(|e| e.ok()) {
+                let new = join(d, ent.file_name().as_bytes());
+                if let Some(c) = self.rename_candidate(new) {
+                    cands.push(c);
+                }
+            }
+        }
+        let mut sent = false;
+        for c in order_renames(cands) {
+            let abs = self.abs(&c.new);
+            let mut e = base(&c.meta, c.new.clone(), EntryKind::Rename);
+            e.link_target = c.old.clone();
+            e.xattrs = read_link_xattrs(&abs);
+            let mut rec = None;
+            if c.meta.is_dir() {
+                self.moved.dirs.push((c.old.clone(), c.new.clone()));
+            } else {
+                let same = self.index.get(&c.old).is_some_and(|r| {
+                    r.size == c.meta.size() && r.mtime == (c.meta.mtime(), c.meta.mtime_nsec())
+                });
+                if same {
+                    let r = Record::from_meta(&c.meta, 0);
+                    self.moved.fresh.insert(c.new.clone(), r);
+                    rec = Some(r);
+                }
+                self.moved.files.insert(c.new.clone(), c.old.clone());
+                self.moved.gone.insert(c.old.clone());
+            }
+            tracing::debug!(from = %String::from_utf8_lossy(&c.old), to = %String::from_utf8_lossy(&c.new), "rename");
+            self.stats.renames += 1;
+            self.send_entry(e, rec)?;
+            sent = true;
+        }
+        Ok(sent)
+    }
+
+    /// `new` is a rename when the index knows its inode under an old name that the
+    /// source no longer has.
+    fn rename_candidate(&self, new: Vec<u8>) -> Option<Candidate> {
+        let abs = self.abs(&new);
+        if self.exclude.iter().any(|x| x == &abs) {
+            return None;
+        }
+        let m = std::fs::symlink_metadata(&abs).ok()?;
+        let plain_file = m.is_file() && m.nlink() == 1;
+        if m.dev() != self.dev || !(plain_file || m.is_dir()) {
+            return None;
+        }
+        if self.index.get(&new).is_some_and(|r| r.ino == m.ino()) {
+            return None;
+        }
+        let old = self.index.path_of(m.ino())?;
+        let r = self.index.get(&old)?;
+        let same_kind = (r.mode & 0o170000) == (m.mode() & 0o170000);
+        if old == new || r.ino != m.ino() || !same_kind || r.epoch > self.accepted {
+            return None;
+        }
+        match std::fs::symlink_metadata(self.abs(&old)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(o) if o.ino() != m.ino() => {}
+            _ => return None,
+        }
+        Some(Candidate { old, new, meta: m })
     }
 
     /// Scans the whole file system; returns whether anything was sent.
@@ -236,7 +445,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
             // A type change (file became directory, ...) needs the old entry gone first,
             // because a directory's own entry only follows its children.
             if ft.is_dir() {
-                if let Some(r) = self.index.get(&child) {
+                if let Some(r) = self.record(&child) {
                     if (r.mode & 0o170000) != 0o040000 {
                         self.send_entry(
                             Entry {
@@ -251,7 +460,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
             }
             children.push(name);
             let sent = if ft.is_dir() && cm.dev() == self.dev {
-                if self.shallow && self.unchanged(&child, &cm) {
+                if self.shallow && self.unchanged(&child, &cm) && !self.in_moved_dir(&child) {
                     false
                 } else {
                     self.dir(child, &cm)?
@@ -311,8 +520,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
                     && std::fs::symlink_metadata(self.abs(&other))
                         .is_ok_and(|o| o.ino() == m.ino())
                     && self
-                        .index
-                        .get(&other)
+                        .record(&other)
                         .is_some_and(|r| r.epoch <= self.accepted && r.matches(m));
                 if same {
                     self.links.insert(m.ino(), (other.clone(), false));
@@ -542,4 +750,52 @@ fn read_link_xattrs(p: &Path) -> Vec<Xattr> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(old: &str, new: &str, dir: bool) -> Candidate {
+        let meta = if dir {
+            std::fs::symlink_metadata("/").unwrap()
+        } else {
+            std::fs::metadata("/etc/hostname").unwrap()
+        };
+        Candidate {
+            old: old.as_bytes().to_vec(),
+            new: new.as_bytes().to_vec(),
+            meta,
+        }
+    }
+
+    fn pairs(v: Vec<Candidate>) -> Vec<(String, String)> {
+        v.into_iter()
+            .map(|c| {
+                (
+                    String::from_utf8(c.old).unwrap(),
+                    String::from_utf8(c.new).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn renames_are_ordered_and_cycles_and_nesting_fall_back() {
+        // `mv b c; mv a b`: b must move before a lands on it.
+        let got = pairs(order_renames(vec![
+            cand("a", "b", false),
+            cand("b", "c", false),
+        ]));
+        assert_eq!(got, [("b".into(), "c".into()), ("a".into(), "b".into())]);
+        // A swap is a cycle: both are copied instead.
+        assert!(order_renames(vec![cand("a", "b", false), cand("b", "a", false)]).is_empty());
+        // A rename inside a moved directory is left to the copy path; the directory moves.
+        let got = pairs(order_renames(vec![
+            cand("d", "e", true),
+            cand("d/x", "y", false),
+            cand("p", "q", false),
+        ]));
+        assert_eq!(got, [("d".into(), "e".into()), ("p".into(), "q".into())]);
+    }
 }

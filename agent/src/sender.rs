@@ -1,7 +1,7 @@
 //! The agent's side of the ingest protocol: asks which chunks the receiver lacks, sends
 //! only those, and hands batches to an in-order applier. Every call retries transient
 //! failures with jittered backoff, so a restarted site or cloud manager costs no data.
-use crate::index::{Index, Record};
+use crate::index::{Index, Op};
 use ferry_common::backoff::Backoff;
 use ferry_common::error::is_transient;
 use ferry_proto::v1::{ingest_client::IngestClient, Batch, ChunkFrame, MissingChunksRequest};
@@ -235,7 +235,7 @@ async fn upload(
 #[derive(Debug)]
 pub struct Pending {
     pub batch: Batch,
-    pub records: Vec<(Vec<u8>, Record)>,
+    pub ops: Vec<Op>,
     pub index: Index,
 }
 
@@ -249,6 +249,7 @@ pub struct Applier {
     pub wire_before: u64,
     pub accepted: Arc<AtomicU64>,
     pub durable: Arc<AtomicU64>,
+    pub lag: Arc<crate::lag::Lag>,
     pub stats: Arc<Stats>,
     pub gate: Arc<crate::gate::Gate>,
     pub shutdown: CancellationToken,
@@ -265,6 +266,7 @@ pub async fn applier(
         wire_before,
         accepted,
         durable,
+        lag,
         stats,
         gate,
         shutdown,
@@ -278,18 +280,11 @@ pub async fn applier(
             async move { c.apply_batch(b).await.map(|r| r.into_inner()) }
         })
         .await?;
-        let recs: Vec<(Vec<u8>, Record)> = p
-            .records
-            .into_iter()
-            .map(|(path, mut r)| {
-                r.epoch = epoch;
-                (path, r)
-            })
-            .collect();
-        p.index.put_all(&recs)?;
+        p.index.apply(&p.ops, epoch)?;
         gate.update(resp.settings.as_ref());
         accepted.fetch_max(resp.accepted_epoch.max(epoch), Ordering::SeqCst);
         durable.fetch_max(resp.durable_epoch, Ordering::SeqCst);
+        lag.durable(resp.durable_epoch);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         // Bytes sent so far survive a crash, so resends can be measured.
         let sent = wire_before + stats.chunk_wire_bytes.load(Ordering::Relaxed);

@@ -31,7 +31,11 @@ impl std::fmt::Debug for Watcher {
 
 impl Watcher {
     /// Starts an inotify watcher; without inotify the agent relies on rescans.
-    pub fn new(tx: UnboundedSender<Hint>, exclude: Vec<PathBuf>) -> Self {
+    pub fn new(
+        tx: UnboundedSender<Hint>,
+        exclude: Vec<PathBuf>,
+        lag: std::sync::Arc<crate::lag::Lag>,
+    ) -> Self {
         let overflow_logged = AtomicBool::new(false);
         let handler = move |res: notify::Result<notify::Event>| {
             let ev = match res {
@@ -43,6 +47,7 @@ impl Watcher {
                 }
             };
             if ev.need_rescan() {
+                lag.hint(ferry_common::now_ms());
                 if !overflow_logged.swap(true, Ordering::Relaxed) {
                     tracing::warn!("inotify queue overflowed; falling back to a rescan");
                 }
@@ -53,6 +58,7 @@ impl Watcher {
                 if exclude.iter().any(|x| p.starts_with(x)) {
                     continue;
                 }
+                lag.hint(ferry_common::now_ms());
                 if std::fs::symlink_metadata(&p)
                     .map(|m| m.is_dir())
                     .unwrap_or(false)

@@ -92,6 +92,10 @@ fn apply_one(root: &Root, chunks: &ChunkStore, e: &Entry) -> Result<u64, ApplyEr
         apply_dir(root, e)?;
         return Ok(0);
     }
+    if kind == EntryKind::Rename {
+        apply_rename(root, e)?;
+        return Ok(0);
+    }
     let (dir, name) = root
         .parent(path, true)?
         .ok_or_else(|| ApplyError::Invalid {
@@ -191,6 +195,48 @@ fn replace_at(dir: BorrowedFd<'_>, tmp: &[u8], name: &[u8]) -> Result<(), Errno>
             rustix::fs::renameat(dir, tmp, dir, name)
         }
         r => r,
+    }
+}
+
+/// Moves the old path over the new one, then sets the entry's metadata on it. A missing
+/// source is an error: the agent only sends renames of paths this replica holds.
+fn apply_rename(root: &Root, e: &Entry) -> Result<(), ApplyError> {
+    let path = e.path.as_slice();
+    let missing = || ApplyError::Invalid {
+        path: show(path),
+        message: format!("rename source {:?} is missing", show(&e.link_target)),
+    };
+    let (odir, oname) = root.parent(&e.link_target, false)?.ok_or_else(missing)?;
+    let st = match rustix::fs::statat(&odir, oname, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Err(missing()),
+        Err(err) => return Err(io_at(path, "stat")(err)),
+    };
+    let (ndir, nname) = root.parent(path, false)?.ok_or_else(missing)?;
+    match rustix::fs::renameat(&odir, oname, &ndir, nname) {
+        Err(Errno::ISDIR) | Err(Errno::NOTEMPTY) | Err(Errno::EXIST) | Err(Errno::NOTDIR) => {
+            safepath::remove_at(&ndir, nname).map_err(io_at(path, "remove"))?;
+            rustix::fs::renameat(&odir, oname, &ndir, nname).map_err(io_at(path, "rename"))?;
+        }
+        r => r.map_err(io_at(path, "rename"))?,
+    }
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory => {
+            let fd = safepath::open_dir_at(&ndir, nname).map_err(io_at(path, "open"))?;
+            set_meta_fd(&fd, e)
+        }
+        FileType::RegularFile => {
+            let fd = rustix::fs::openat(
+                &ndir,
+                nname,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io_at(path, "open"))?;
+            set_meta_fd(&fd, e)
+        }
+        FileType::Symlink => set_meta_at(ndir.as_fd(), nname, e, true),
+        _ => set_meta_at(ndir.as_fd(), nname, e, false),
     }
 }
 

@@ -72,6 +72,13 @@ pub fn render_systems(systems: &[pb::SystemStatus]) -> String {
             when(s.last_durable_unix_ms),
             if s.via.is_empty() { "-" } else { &s.via }
         ));
+        if s.lag_seconds > 0.0 || s.pending_bytes > 0 {
+            out.push_str(&format!(
+                "  lag {:.1}s  pending {}\n",
+                s.lag_seconds,
+                human_bytes(s.pending_bytes)
+            ));
+        }
         if s.paused || s.rate_limit_bps > 0 {
             out.push_str(&format!(
                 "  {}{}\n",

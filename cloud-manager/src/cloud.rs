@@ -83,6 +83,16 @@ pub struct Cloud {
     pub last_error: std::sync::Mutex<String>,
     data_dir: PathBuf,
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The agents' latest lag reports; refreshed every few seconds, so kept in memory.
+    reports: std::sync::Mutex<HashMap<String, LagReport>>,
+}
+
+/// What an agent last said about changes it has seen that are not yet durable.
+#[derive(Debug, Clone, Copy, Default)]
+struct LagReport {
+    pending_since_ms: i64,
+    pending_bytes: u64,
+    at_ms: i64,
 }
 
 impl std::fmt::Debug for Cloud {
@@ -143,6 +153,7 @@ impl Cloud {
             last_error: Default::default(),
             data_dir: data_dir.to_path_buf(),
             locks: Default::default(),
+            reports: Default::default(),
         })
     }
 
@@ -377,6 +388,16 @@ impl Cloud {
         if batch.source_time_ms > 0 {
             rec.lag_ms = (rec.last_durable_ms - batch.source_time_ms).max(0);
         }
+        if batch.ends_pass {
+            // Everything the agent had seen when this pass began is durable now; its
+            // next report says what is still pending.
+            if let Some(r) = self.reports_mut().get_mut(&rec.name) {
+                if r.pending_since_ms <= batch.source_time_ms {
+                    r.pending_since_ms = 0;
+                    r.pending_bytes = 0;
+                }
+            }
+        }
         rec.via = peer.to_string();
         if let (Some(p), Some(f)) = (batch.progress.as_ref(), rec.fs_mut(&batch.fs_id)) {
             f.phase = p.phase.clone();
@@ -394,9 +415,24 @@ impl Cloud {
         })
     }
 
-    pub fn progress(&self, peer: &Identity, system: &str) -> Result<pb::ProgressResponse> {
+    pub fn progress(
+        &self,
+        peer: &Identity,
+        req: &pb::ProgressRequest,
+    ) -> Result<pb::ProgressResponse> {
+        let system = req.system.as_str();
         authorize_system(peer, system)?;
         let rec = self.state.system(system)?.unwrap_or_default();
+        if !rec.name.is_empty() {
+            self.reports_mut().insert(
+                rec.name.clone(),
+                LagReport {
+                    pending_since_ms: req.pending_since_ms,
+                    pending_bytes: req.pending_bytes,
+                    at_ms: ferry_common::now_ms(),
+                },
+            );
+        }
         Ok(pb::ProgressResponse {
             accepted_epoch: rec.durable_epoch,
             durable_epoch: rec.durable_epoch,
@@ -443,7 +479,21 @@ impl Cloud {
         Counters::add(&self.counters.refused_requests, 1);
     }
 
+    fn reports_mut(&self) -> std::sync::MutexGuard<'_, HashMap<String, LagReport>> {
+        self.reports.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn system_status(&self, rec: &SystemRecord) -> pb::SystemStatus {
+        let report = self
+            .reports_mut()
+            .get(&rec.name)
+            .copied()
+            .unwrap_or_default();
+        let lag_seconds = if report.pending_since_ms > 0 {
+            (ferry_common::now_ms() - report.pending_since_ms).max(0) as f64 / 1000.0
+        } else {
+            0.0
+        };
         let filesystems = rec
             .filesystems
             .iter()
@@ -481,6 +531,9 @@ impl Cloud {
             last_error: rec.last_error.clone(),
             paused: rec.paused,
             rate_limit_bps: rec.rate_limit_bps,
+            lag_seconds,
+            pending_bytes: report.pending_bytes,
+            last_report_unix_ms: report.at_ms,
         }
     }
 

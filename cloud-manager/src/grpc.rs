@@ -120,7 +120,7 @@ impl pb::ingest_server::Ingest for Grpc {
     ) -> Result<Response<pb::ProgressResponse>, Status> {
         let who = identity(&req);
         let r = cloud::require_ingest(who.as_ref())
-            .and_then(|id| self.cloud.progress(id, &req.get_ref().system));
+            .and_then(|id| self.cloud.progress(id, req.get_ref()));
         r.map(Response::new)
             .map_err(|e| self.fail("progress", who.as_ref(), e))
     }

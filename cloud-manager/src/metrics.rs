@@ -115,7 +115,7 @@ pub fn render(cloud: &Cloud) -> String {
         );
     }
     let systems = cloud.list("").unwrap_or_default();
-    let gauges: [(&str, &str); 5] = [
+    let gauges: [(&str, &str); 7] = [
         ("ferry_system_durable_epoch", "Last durable epoch."),
         (
             "ferry_system_last_durable_timestamp_seconds",
@@ -123,6 +123,14 @@ pub fn render(cloud: &Cloud) -> String {
         ),
         (
             "ferry_system_lag_seconds",
+            "Seconds since the oldest change the agent has seen that is not yet durable.",
+        ),
+        (
+            "ferry_system_pending_bytes",
+            "File bytes of changes seen but not yet durable.",
+        ),
+        (
+            "ferry_system_last_batch_latency_seconds",
             "Change-to-durable time of the last durable batch.",
         ),
         (
@@ -140,8 +148,10 @@ pub fn render(cloud: &Cloud) -> String {
             let v = match i {
                 0 => s.durable_epoch as f64,
                 1 => s.last_durable_unix_ms as f64 / 1000.0,
-                2 => s.lag_ms as f64 / 1000.0,
-                3 => f64::from(u8::from(s.paused)),
+                2 => s.lag_seconds,
+                3 => s.pending_bytes as f64,
+                4 => s.lag_ms as f64 / 1000.0,
+                5 => f64::from(u8::from(s.paused)),
                 _ => s.rate_limit_bps as f64,
             };
             let _ = writeln!(out, "{name}{{system=\"{}\"}} {v}", label(&s.name));

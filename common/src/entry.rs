@@ -80,6 +80,21 @@ pub fn validate(e: &Entry) -> Result<(), EntryError> {
                 return Err(invalid("hard link without a target"));
             }
         }
+        EntryKind::Rename => {
+            safepath::components(&e.link_target)?;
+            if path.is_empty() || e.link_target.is_empty() {
+                return Err(invalid("the root cannot be renamed"));
+            }
+            if e.link_target == *path {
+                return Err(invalid("rename onto itself"));
+            }
+            // Moving a directory into itself would detach it; over an ancestor would
+            // remove the source first.
+            let under = |a: &[u8], b: &[u8]| a.starts_with(b) && a.get(b.len()) == Some(&b'/');
+            if under(path, &e.link_target) || under(&e.link_target, path) {
+                return Err(invalid("rename between a directory and its own subtree"));
+            }
+        }
         EntryKind::Dir => {
             for c in &e.children {
                 safepath::check_name(c)?;

@@ -426,8 +426,10 @@ impl pb::ingest_server::Ingest for Service {
         let mut p = self.relay.positions(&system);
         // Fresh settings when upstream answers quickly; the last known ones otherwise.
         let mut c = self.relay.client();
+        // The agent's lag report travels on to the cloud manager.
         let req = pb::ProgressRequest {
             system: system.clone(),
+            ..req.into_inner()
         };
         if let Ok(Ok(up)) = tokio::time::timeout(UPSTREAM_QUICK, c.progress(req)).await {
             let up = up.into_inner();

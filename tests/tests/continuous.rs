@@ -266,8 +266,33 @@ fn operator_pauses_resumes_and_rate_limits_a_system() -> Result<()> {
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(epoch(&s.cloud), before, "a paused system replicated");
     assert!(!rsync_diff(&s.src.mnt, &s.replica)?.is_empty());
+    // The change waits: lag counts from when the agent saw it, in the API and metrics.
+    let shown = s.cloud.ferry_json(&["systems", "show", "live"])?;
+    let lag = shown["lag_seconds"].as_f64().unwrap_or(0.0);
+    assert!((2.5..60.0).contains(&lag), "lag while paused: {shown}");
+    let metric = s.cloud.metrics()?;
+    let line = metric
+        .lines()
+        .find(|l| l.starts_with("ferry_system_lag_seconds{system=\"live\"}"))
+        .unwrap_or_default()
+        .to_string();
+    let value: f64 = line.rsplit(' ').next().unwrap_or("0").parse()?;
+    assert!(value >= 2.5, "metric while paused: {line}");
     ferry(&["sync", "resume", "live"])?;
     converged_within(&s.src.mnt, &s.replica, Duration::from_secs(8))?;
+    let lag_after = |c: &CloudMgr| {
+        c.ferry_json(&["systems", "show", "live"])
+            .map(|v| v["lag_seconds"].as_f64().unwrap_or(-1.0))
+            .unwrap_or(-1.0)
+    };
+    let t = std::time::Instant::now();
+    while lag_after(&s.cloud) != 0.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "lag stayed after catching up"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // 1 MiB/s: 6 MiB of incompressible data cannot arrive in under ~6 s.
     ferry(&["sync", "limit", "live", "1M"])?;
@@ -277,12 +302,70 @@ fn operator_pauses_resumes_and_rate_limits_a_system() -> Result<()> {
         s.src.mnt.display()
     ))?;
     let start = std::time::Instant::now();
-    let took = converged_within(&s.src.mnt, &s.replica, Duration::from_secs(30))?;
-    eprintln!("6 MiB at 1 MiB/s converged in {:?}", start.elapsed());
+    // Half way through, the bytes not yet durable show as pending.
+    std::thread::sleep(Duration::from_secs(3));
+    let mid = s.cloud.ferry_json(&["systems", "show", "live"])?;
+    assert!(
+        mid["pending_bytes"].as_u64().unwrap_or(0) > 0 && mid["lag_seconds"].as_f64() > Some(1.0),
+        "nothing pending during a rate-limited copy: {mid}"
+    );
+    converged_within(&s.src.mnt, &s.replica, Duration::from_secs(30))?;
+    let took = start.elapsed();
+    eprintln!("6 MiB at 1 MiB/s converged in {took:?}");
     assert!(
         took >= Duration::from_secs(5),
         "the rate limit was not applied: {took:?}"
     );
     ferry(&["sync", "limit", "live", "0"])?;
+    Ok(())
+}
+
+#[test]
+fn renames_travel_as_renames_not_as_copies() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let s = follow("renames", "ext4", "0a1b2c3d-0000-4000-8000-0000000000f5")?;
+    let m = s.src.mnt.display().to_string();
+    bash(&format!(
+        "cd {m} && mkdir -p big/sub dest && for i in $(seq 1 16); do head -c 1048576 /dev/urandom > big/sub/f$i; done \
+         && head -c 4194304 /dev/urandom > lone.bin && echo a > a && echo b > b && echo keep > victim"
+    ))?;
+    converged_within(&s.src.mnt, &s.replica, Duration::from_secs(10))?;
+    let written = |c: &CloudMgr| -> Result<u64> {
+        Ok(
+            c.ferry_json(&["sync", "status"])?["counters"]["file_bytes_written"]
+                .as_u64()
+                .unwrap_or(0),
+        )
+    };
+    let before = written(&s.cloud)?;
+    // A 16 MiB directory and a 4 MiB file move; nothing of their content is rewritten.
+    bash(&format!(
+        "cd {m} && mv big dest/big2 && mv lone.bin dest/lone2.bin"
+    ))?;
+    converged_within(&s.src.mnt, &s.replica, Duration::from_secs(5))?;
+    let moved = written(&s.cloud)? - before;
+    eprintln!("20 MiB renamed: {moved} file bytes written on the replica");
+    assert!(
+        moved < 1 << 20,
+        "renames were copied: {moved} bytes written"
+    );
+    assert_eq!(
+        std::fs::read(s.replica.join("dest/big2/sub/f7"))?,
+        std::fs::read(s.src.mnt.join("dest/big2/sub/f7"))?
+    );
+
+    // A swap is a cycle of renames, a rename onto an existing file replaces it, and a
+    // moved directory changed right after the move: all converge.
+    bash(&format!(
+        "cd {m} && mv a t && mv b a && mv t b && mv b victim && mv dest/big2 big3 \
+         && echo new >> big3/sub/f1 && rm big3/sub/f2 && mkdir big3/sub/deeper && echo d > big3/sub/deeper/x"
+    ))?;
+    converged_within(&s.src.mnt, &s.replica, Duration::from_secs(5))?;
+    // Changes inside the moved tree keep being seen under its new name.
+    std::thread::sleep(Duration::from_millis(500));
+    bash(&format!(
+        "cd {m} && echo later > big3/sub/deeper/y && rm big3/sub/f3"
+    ))?;
+    converged_within(&s.src.mnt, &s.replica, Duration::from_secs(5))?;
     Ok(())
 }
