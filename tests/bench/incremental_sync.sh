@@ -47,12 +47,15 @@ CONF
 rsync --daemon --config="$W/inc-rsyncd.conf"; sleep 1
 rsync -aHAXS "$SRC/" rsync://127.0.0.1:18763/dst/
 
-# Change 1% of the files.
-python3 - "$SRC" <<'PY'
+# Changes 1% of the files (seed $1) and lists them in $W/inc-changed.
+modify() {
+python3 - "$SRC" "$1" "$W/inc-changed" <<'PY'
 import os, random, sys
-root = sys.argv[1]; rnd = random.Random(7)
+root, seed, listing = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rnd = random.Random(seed)
 files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if "lost+found" not in d)
-for i, p in enumerate(rnd.sample(files, len(files) // 100)):
+chosen = rnd.sample(files, len(files) // 100)
+for i, p in enumerate(chosen):
     kind = i % 3
     if kind == 0:
         with open(p, "ab") as f: f.write(b"appended line\n" * 8)
@@ -63,22 +66,59 @@ for i, p in enumerate(rnd.sample(files, len(files) // 100)):
     else:
         data = open(p, "rb").read()
         open(p, "wb").write(b"!" + data)
-print("changed", len(files) // 100, "of", len(files), "files")
+open(listing, "w").write("\n".join(os.path.relpath(p, root) for p in chosen))
 PY
-sync; find "$SRC" -type f -exec cat {} + >/dev/null
+}
+rsync_rerun() { # prints seconds and bytes sent
+  local t0 t1 out
+  t0=$(now); out=$(rsync -aHAXS --stats "$SRC/" rsync://127.0.0.1:18763/dst/); t1=$(now)
+  echo "$(echo "$t1 - $t0" | bc) $(echo "$out" | awk -F': ' '/Total bytes sent/ {gsub(/,/,"",$2); print $2}')"
+}
+export FERRY_CREDENTIALS="$W/inc-cloud/operator.toml"
+wire() { "$B/ferry" sync status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["counters"]["chunk_wire_bytes"])'; }
+replica=$("$B/ferry" replica path bench /)
 
+# 1. A following agent (the normal case): time from the last change to the replica
+#    holding every changed file, against an rsync rerun.
+"$B/ferry-agent" run --state-dir "$W/inc-agent" --manager https://127.0.0.1:18762 --root "$SRC" --name bench 2>>"$W/inc-agent.log" &
+follow_pid=$!
+sleep 5
+w0=$(wire)
+modify 7
+t_end=$(now)
+python3 - "$SRC" "$replica" "$W/inc-changed" <<'PY'
+import sys, time
+src, rep, listing = sys.argv[1:]
+todo = open(listing).read().split("\n")
+deadline = time.monotonic() + 120
+while todo:
+    todo = [p for p in todo if open(src + "/" + p, "rb").read() != open(rep + "/" + p, "rb").read()]
+    if time.monotonic() > deadline: raise SystemExit("replica did not converge")
+    if todo: time.sleep(0.005)
+PY
+t_conv=$(now)
+follow_s=$(echo "$t_conv - $t_end" | bc)
+sleep 3
+follow_bytes=$(( $(wire) - w0 ))
+kill "$follow_pid"; wait "$follow_pid" || true
+sync; find "$SRC" -type f -exec cat {} + >/dev/null
+read -r rsync1_s rsync1_bytes < <(rsync_rerun)
+
+# 2. An agent that was down while the files changed: a full rescan against its index.
+modify 8
+sync; find "$SRC" -type f -exec cat {} + >/dev/null
 t0=$(now)
 summary=$("$B/ferry-agent" run --state-dir "$W/inc-agent" --manager https://127.0.0.1:18762 --root "$SRC" --name bench --once 2>>"$W/inc-agent.log")
-t1=$(now); ferry_s=$(echo "$t1 - $t0" | bc)
-ferry_bytes=$(echo "$summary" | python3 -c 'import json,sys; print(json.load(sys.stdin)["chunk_wire_bytes_this_run"])')
-t0=$(now); rs=$(rsync -aHAXS --stats "$SRC/" rsync://127.0.0.1:18763/dst/); t1=$(now)
-rsync_s=$(echo "$t1 - $t0" | bc)
-rsync_bytes=$(echo "$rs" | awk -F': ' '/Total bytes sent/ {gsub(/,/,"",$2); print $2}')
-replica=$(FERRY_CREDENTIALS="$W/inc-cloud/operator.toml" "$B/ferry" replica path bench /)
+t1=$(now); once_s=$(echo "$t1 - $t0" | bc)
+once_bytes=$(echo "$summary" | python3 -c 'import json,sys; print(json.load(sys.stdin)["chunk_wire_bytes_this_run"])')
+read -r rsync2_s rsync2_bytes < <(rsync_rerun)
 diff=$(rsync -naHAXc --delete --numeric-ids -i "$SRC/" "$replica/" | wc -l)
-echo "| second sync after 1% of files changed | wall s | vs rsync | bytes sent | bytes vs rsync |"
+ratio() { echo "scale=2; $1 / $2" | bc; }
+echo "| after 1% of files changed | wall s | vs rsync | bytes sent | bytes vs rsync |"
 echo "|---|---|---|---|---|"
-echo "| rsync -aHAXS rerun to daemon | $rsync_s | 1.00 | $rsync_bytes | 1.00 |"
-echo "| ferry agent -> site -> cloud | $ferry_s | $(echo "scale=2; $ferry_s / $rsync_s" | bc) | $ferry_bytes | $(echo "scale=2; $ferry_bytes / $rsync_bytes" | bc) |"
+echo "| rsync -aHAXS rerun to daemon (first change set) | $rsync1_s | 1.00 | $rsync1_bytes | 1.00 |"
+echo "| ferry, following agent: last change to replica | $follow_s | $(ratio "$follow_s" "$rsync1_s") | $follow_bytes | $(ratio "$follow_bytes" "$rsync1_bytes") |"
+echo "| rsync -aHAXS rerun to daemon (second change set) | $rsync2_s | 1.00 | $rsync2_bytes | 1.00 |"
+echo "| ferry, restarted agent (full rescan, --once) | $once_s | $(ratio "$once_s" "$rsync2_s") | $once_bytes | $(ratio "$once_bytes" "$rsync2_bytes") |"
 echo
 echo "ferry replica vs source: $diff rsync -c differences"
