@@ -163,6 +163,8 @@ pub async fn run(
                 fstype: f.fstype.clone(),
                 capacity_bytes: f.capacity_bytes,
                 used_bytes: f.used_bytes,
+                inodes_total: f.inodes_total,
+                inodes_used: f.inodes_used,
                 uuid: f.uuid.clone().unwrap_or_default(),
                 label: f.label.clone().unwrap_or_default(),
                 device: f.device.clone(),

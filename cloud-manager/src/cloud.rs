@@ -250,6 +250,7 @@ impl Cloud {
             if let Some(have) = rec.fs_mut(&fs.fs_id) {
                 have.mount_point = fs.mount_point;
                 have.used_bytes = fs.used_bytes;
+                have.inodes_used = fs.inodes_used;
                 continue;
             }
             rec.filesystems.push(FsRecord {
@@ -264,6 +265,8 @@ impl Cloud {
                 phase: "scanning".into(),
                 bytes_done: 0,
                 bytes_total: fs.used_bytes,
+                inodes_total: fs.inodes_total,
+                inodes_used: fs.inodes_used,
             });
         }
         for fs in &rec.filesystems {

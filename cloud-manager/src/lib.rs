@@ -9,6 +9,7 @@ pub mod apply;
 pub mod cli;
 pub mod cloud;
 pub mod config;
+pub mod customize;
 pub mod grpc;
 pub mod metrics;
 pub mod state;

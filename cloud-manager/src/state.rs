@@ -17,6 +17,10 @@ pub struct FsRecord {
     pub phase: String,
     pub bytes_done: u64,
     pub bytes_total: u64,
+    #[serde(default)]
+    pub inodes_total: u64,
+    #[serde(default)]
+    pub inodes_used: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

@@ -142,6 +142,15 @@ impl Volumes {
                 if !fs.label.is_empty() {
                     c.arg("-L").arg(&fs.label);
                 }
+                // As many inodes as the source: mkfs's default ratio can give fewer, and
+                // a replica of a tree of small files would run out of them.
+                if fs.inodes_total > 0 {
+                    c.arg("-N").arg(
+                        fs.inodes_total
+                            .max(fs.inodes_used + fs.inodes_used / 10)
+                            .to_string(),
+                    );
+                }
                 c
             }
             "xfs" => {

@@ -113,3 +113,34 @@ pub fn chunk_refs(batch: &Batch) -> impl Iterator<Item = &ChunkRef> {
         .flat_map(|e| e.segments.iter())
         .flat_map(|s| s.chunks.iter())
 }
+
+#[cfg(test)]
+mod rename_tests {
+    use super::*;
+
+    fn rename(from: &[u8], to: &[u8]) -> Entry {
+        Entry {
+            path: to.to_vec(),
+            link_target: from.to_vec(),
+            kind: EntryKind::Rename as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hostile_renames_are_refused() {
+        assert!(validate(&rename(b"a", b"b")).is_ok());
+        for (from, to) in [
+            (&b"../etc/passwd"[..], &b"x"[..]),
+            (b"a", b"/abs"),
+            (b"a", b""),
+            (b"", b"a"),
+            (b"a", b"a"),
+            (b"a", b"a/b"),
+            (b"a/b", b"a"),
+            (b"a\0b", b"c"),
+        ] {
+            assert!(validate(&rename(from, to)).is_err(), "{from:?} -> {to:?}");
+        }
+    }
+}

@@ -11,6 +11,7 @@ pub mod pki;
 pub mod safepath;
 pub mod shutdown;
 pub mod store;
+pub mod sysconf;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

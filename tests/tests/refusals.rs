@@ -43,6 +43,7 @@ fn register(system: &str, uuid: &str) -> pb::RegisterRequest {
             uuid: uuid.into(),
             label: String::new(),
             device: "/dev/sda1".into(),
+            ..Default::default()
         }],
     }
 }

@@ -37,6 +37,30 @@ enum Cmd {
         #[arg(long)]
         san: Vec<String>,
     },
+    /// Customize a system tree so it boots and works on a target (like virt-customize).
+    Customize {
+        /// The system's root directory (a replica or a copy of one).
+        #[arg(long)]
+        root: PathBuf,
+        /// local, aws or azure.
+        #[arg(long)]
+        target: String,
+        /// A source device and the UUID of its file system: /dev/sda1=UUID (repeatable).
+        #[arg(long = "fs", value_name = "DEVICE=UUID")]
+        fs: Vec<String>,
+        /// A system of the application: IP=FQDN (repeatable).
+        #[arg(long = "host", value_name = "IP=FQDN")]
+        hosts: Vec<String>,
+        /// A service that stays behind and its tunnel endpoint (repeatable).
+        #[arg(long = "service", value_name = "HOST:PORT=PROXY_HOST:PROXY_PORT")]
+        services: Vec<String>,
+        /// Show the diff; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Join tokens.
     Token {
         #[command(subcommand)]
@@ -60,6 +84,44 @@ fn main() -> ExitCode {
     let args = Args::parse();
     ferry_common::telemetry::init(args.log_format);
     match args.cmd {
+        Cmd::Customize {
+            root,
+            target,
+            fs,
+            hosts,
+            services,
+            dry_run,
+            json,
+        } => {
+            use ferry_cloud_manager::customize;
+            let plan = target
+                .parse()
+                .and_then(|t| customize::Plan::from_flags(t, &fs, &hosts, &services));
+            let plan = match plan {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("ferry-cloud: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match customize::run(&root, &plan, dry_run) {
+                Ok(report) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).unwrap_or_default()
+                        );
+                    } else {
+                        print!("{}", customize::render(&report));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ferry-cloud: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Token {
             cmd:
                 TokenCmd::Create {

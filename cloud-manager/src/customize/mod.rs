@@ -1,0 +1,288 @@
+//! The customization pipeline: small steps that make a replicated system tree boot and
+//! work on its target (mount table by UUID, hosts, DHCP networking, boot loader). Each
+//! step edits a staged view of the tree and reports what it changed; a dry run shows the
+//! unified diff and writes nothing; a second run changes nothing.
+pub mod boot;
+pub mod cmdline;
+pub mod fstab;
+pub mod hosts;
+pub mod net;
+pub mod os;
+pub mod tree;
+
+use serde::Serialize;
+use std::net::IpAddr;
+use std::path::Path;
+pub use tree::{Found, Tree};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CustomizeError {
+    #[error("tree: {0}")]
+    Tree(String),
+    #[error("writing {path}: {message}")]
+    Write { path: String, message: String },
+    #[error("invalid plan: {0}")]
+    Plan(String),
+}
+
+/// Where the system will run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    Local,
+    Aws,
+    Azure,
+}
+
+impl std::str::FromStr for Target {
+    type Err = CustomizeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" => Ok(Target::Local),
+            "aws" => Ok(Target::Aws),
+            "azure" => Ok(Target::Azure),
+            other => Err(CustomizeError::Plan(format!(
+                "unknown target {other:?} (local, aws or azure)"
+            ))),
+        }
+    }
+}
+
+impl Target {
+    /// The serial console the target's boot log goes to.
+    pub fn console(self) -> &'static str {
+        match self {
+            Target::Local | Target::Aws => "ttyS0,115200",
+            Target::Azure => "ttyS0,115200n8",
+        }
+    }
+}
+
+/// A service that stays in the enterprise and the local tunnel endpoint that replaces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceMap {
+    pub host: String,
+    pub port: u16,
+    pub proxy_host: String,
+    pub proxy_port: u16,
+}
+
+/// What the pipeline knows about the system and its application.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub target: Target,
+    /// Source device name -> file system UUID.
+    pub filesystems: Vec<(String, String)>,
+    /// Every system of the application: address and fully qualified name.
+    pub hosts: Vec<(IpAddr, String)>,
+    pub services: Vec<ServiceMap>,
+}
+
+impl Plan {
+    pub fn uuid_of(&self, device: &str) -> Option<&str> {
+        self.filesystems
+            .iter()
+            .find(|(d, _)| d == device)
+            .map(|(_, u)| u.as_str())
+    }
+
+    /// Parses `DEVICE=UUID`, `IP=FQDN` and `HOST:PORT=PROXY_HOST:PROXY_PORT` flags.
+    pub fn from_flags(
+        target: Target,
+        fs: &[String],
+        hosts: &[String],
+        services: &[String],
+    ) -> Result<Self, CustomizeError> {
+        let split = |s: &str, what: &str| {
+            s.split_once('=')
+                .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()))
+                .filter(|(a, b)| !a.is_empty() && !b.is_empty())
+                .ok_or_else(|| CustomizeError::Plan(format!("{what} {s:?}: expected A=B")))
+        };
+        let mut plan = Plan {
+            target,
+            filesystems: Vec::new(),
+            hosts: Vec::new(),
+            services: Vec::new(),
+        };
+        for f in fs {
+            let (dev, uuid) = split(f, "--fs")?;
+            if !dev.starts_with("/dev/") || !os::is_uuid(&uuid) {
+                return Err(CustomizeError::Plan(format!(
+                    "--fs {f:?}: expected /dev/NAME=UUID"
+                )));
+            }
+            plan.filesystems.push((dev, uuid.to_ascii_lowercase()));
+        }
+        for h in hosts {
+            let (ip, name) = split(h, "--host")?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| CustomizeError::Plan(format!("--host {h:?}: bad address")))?;
+            if !hosts::valid_name(&name) {
+                return Err(CustomizeError::Plan(format!("--host {h:?}: bad host name")));
+            }
+            plan.hosts.push((ip, name));
+        }
+        for s in services {
+            let (from, to) = split(s, "--service")?;
+            let ep = |e: &str| -> Result<(String, u16), CustomizeError> {
+                let (h, p) = e.rsplit_once(':').ok_or_else(|| {
+                    CustomizeError::Plan(format!("--service {s:?}: expected HOST:PORT"))
+                })?;
+                let port = p
+                    .parse()
+                    .map_err(|_| CustomizeError::Plan(format!("--service {s:?}: bad port")))?;
+                Ok((h.trim_matches(['[', ']']).to_string(), port))
+            };
+            let ((host, port), (proxy_host, proxy_port)) = (ep(&from)?, ep(&to)?);
+            plan.services.push(ServiceMap {
+                host,
+                port,
+                proxy_host,
+                proxy_port,
+            });
+        }
+        Ok(plan)
+    }
+}
+
+/// One thing a step did or declined to do.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Note {
+    pub step: &'static str,
+    pub path: String,
+    pub message: String,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub root: String,
+    pub os: os::OsInfo,
+    pub target: Target,
+    pub dry_run: bool,
+    /// Paths changed (or that would change, in a dry run).
+    pub changed: Vec<String>,
+    pub notes: Vec<Note>,
+    /// Unified diff of every change.
+    pub diff: String,
+}
+
+/// Collects the notes of a step.
+#[derive(Debug)]
+pub struct Ctx<'a> {
+    pub plan: &'a Plan,
+    pub os: &'a os::OsInfo,
+    pub notes: Vec<Note>,
+    step: &'static str,
+}
+
+impl Ctx<'_> {
+    pub fn note(&mut self, path: &str, message: impl Into<String>) {
+        self.notes.push(Note {
+            step: self.step,
+            path: path.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Reads a file for the step; a skipped one is noted and treated as absent.
+    pub fn read(&mut self, tree: &Tree, path: &str) -> Option<String> {
+        match tree.read(path) {
+            Found::Text(t) => Some(t),
+            Found::Missing => None,
+            Found::Skipped(why) => {
+                self.note(path, format!("skipped: {why}"));
+                None
+            }
+        }
+    }
+}
+
+type Step = fn(&mut Tree, &mut Ctx<'_>);
+
+/// The steps, in order.
+const STEPS: &[(&str, Step)] = &[
+    ("fstab", fstab::step),
+    ("hosts", hosts::step),
+    ("network", net::step),
+    ("boot", boot::step),
+];
+
+/// Runs every step on the tree at `root`; writes only when not `dry_run`.
+pub fn run(root: &Path, plan: &Plan, dry_run: bool) -> Result<Report, CustomizeError> {
+    let mut tree = Tree::open(root)?;
+    let os = os::detect(&tree);
+    let mut notes = Vec::new();
+    for (name, step) in STEPS {
+        let mut ctx = Ctx {
+            plan,
+            os: &os,
+            notes: Vec::new(),
+            step: name,
+        };
+        step(&mut tree, &mut ctx);
+        notes.extend(ctx.notes);
+    }
+    let mut diff = String::new();
+    let mut changed = Vec::new();
+    for (path, before, after) in tree.edits() {
+        changed.push(path.to_string());
+        diff.push_str(&unified_diff(
+            path,
+            before.unwrap_or(""),
+            after.unwrap_or(""),
+        ));
+    }
+    if !dry_run {
+        tree.commit()?;
+    }
+    Ok(Report {
+        root: root.display().to_string(),
+        os,
+        target: plan.target,
+        dry_run,
+        changed,
+        notes,
+        diff,
+    })
+}
+
+/// `diff -u` of one file, paths shown as a/… and b/….
+pub fn unified_diff(path: &str, before: &str, after: &str) -> String {
+    similar::TextDiff::from_lines(before, after)
+        .unified_diff()
+        .context_radius(3)
+        .header(&format!("a{path}"), &format!("b{path}"))
+        .to_string()
+}
+
+/// Human-readable summary of a report.
+pub fn render(report: &Report) -> String {
+    let mut out = format!(
+        "{} ({} {}) for {:?}{}\n",
+        report.root,
+        report.os.id,
+        report.os.version,
+        report.target,
+        if report.dry_run { ", dry run" } else { "" }
+    );
+    for p in &report.changed {
+        out.push_str(&format!(
+            "  {} {p}\n",
+            if report.dry_run {
+                "would change"
+            } else {
+                "changed"
+            }
+        ));
+    }
+    for n in &report.notes {
+        out.push_str(&format!("  [{}] {}: {}\n", n.step, n.path, n.message));
+    }
+    if report.dry_run {
+        out.push_str(&report.diff);
+    }
+    out
+}

@@ -1,0 +1,198 @@
+//! `ferry-cloud customize` on fixture trees of real distributions: golden diffs per
+//! step and target, idempotence, and hostile files (binary, huge, symlinked outside).
+use anyhow::{ensure, Result};
+use ferry_tests::*;
+use std::path::Path;
+use std::process::Command;
+
+/// (fixture, target, extra flags)
+const CASES: &[(&str, &str, &[&str])] = &[
+    (
+        "centos-5.3",
+        "aws",
+        &[
+            "--fs=/dev/sda2=3c1f0a6e-0000-4000-8000-000000000102",
+            "--fs=/dev/sda3=3c1f0a6e-0000-4000-8000-000000000103",
+            "--fs=/dev/sdb1=3c1f0a6e-0000-4000-8000-000000000104",
+            "--host=198.18.10.21=web1.corp.example",
+            "--host=198.18.10.22=db1.corp.example",
+        ],
+    ),
+    (
+        "ubuntu-22.04",
+        "azure",
+        &[
+            "--fs=/dev/sdb1=5d0c3b2a-0000-4000-8000-0000000000b2",
+            "--host=198.18.20.31=app1.corp.example",
+        ],
+    ),
+    (
+        "rhel-9",
+        "local",
+        &["--fs=/dev/sda1=7e6d5c4b-0000-4000-8000-0000000000c1"],
+    ),
+];
+
+fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/customize")
+}
+
+fn customize(root: &Path, target: &str, flags: &[&str], dry: bool) -> Result<serde_json::Value> {
+    let mut c = Command::new(bin("ferry-cloud"));
+    c.args(["customize", "--json", "--target", target, "--root"])
+        .arg(root)
+        .args(flags);
+    if dry {
+        c.arg("--dry-run");
+    }
+    let out = c.output()?;
+    ensure!(
+        out.status.success(),
+        "customize failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    ensure!(st.success(), "cp failed");
+    Ok(())
+}
+
+#[test]
+fn golden_diffs_then_a_second_run_changes_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for (name, target, flags) in CASES {
+        let tree = tmp.path().join(name);
+        copy_tree(&fixtures().join(name), &tree)?;
+        let dry = customize(&tree, target, flags, true)?;
+        let diff = dry["diff"].as_str().unwrap_or_default();
+        let golden = fixtures().join(format!("{name}.{target}.diff"));
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&golden, diff)?;
+        }
+        let want = std::fs::read_to_string(&golden)?;
+        assert_eq!(
+            diff, want,
+            "{name} for {target}: diff differs from {golden:?}"
+        );
+        // The dry run wrote nothing.
+        let untouched = Command::new("diff")
+            .arg("-r")
+            .arg(fixtures().join(name))
+            .arg(&tree)
+            .status()?;
+        assert!(untouched.success(), "{name}: the dry run changed the tree");
+
+        let applied = customize(&tree, target, flags, false)?;
+        assert_eq!(applied["changed"], dry["changed"], "{name}");
+        let again = customize(&tree, target, flags, false)?;
+        assert_eq!(
+            again["changed"].as_array().map(Vec::len),
+            Some(0),
+            "{name}: the second run changed {}",
+            again["changed"]
+        );
+        assert_eq!(again["diff"], "", "{name}");
+    }
+    Ok(())
+}
+
+#[test]
+fn hostile_files_are_skipped_with_a_note_and_nothing_is_written_outside() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let tree = tmp.path().join("tree");
+    let outside = tmp.path().join("outside-hosts");
+    std::fs::write(&outside, "10.0.0.1 precious\n")?;
+    std::fs::create_dir_all(tree.join("etc"))?;
+    std::fs::create_dir_all(tree.join("boot/grub"))?;
+    let mut garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
+    garbage.extend_from_slice(b"\0/dev/sda1 / ext4 defaults 0 1\n");
+    std::fs::write(tree.join("etc/fstab"), &garbage)?;
+    let big = "linux /vmlinuz root=/dev/sda1 quiet\n".repeat(300_000);
+    std::fs::write(tree.join("boot/grub/grub.cfg"), &big)?;
+    std::os::unix::fs::symlink(&outside, tree.join("etc/hosts"))?;
+    let r = customize(
+        &tree,
+        "aws",
+        &[
+            "--fs=/dev/sda1=3c1f0a6e-0000-4000-8000-000000000001",
+            "--host=198.18.1.1=a.corp",
+        ],
+        false,
+    )?;
+    let notes = r["notes"].to_string();
+    for want in ["binary content", "larger than", "symlink"] {
+        assert!(notes.contains(want), "no note about {want}: {notes}");
+    }
+    assert_eq!(std::fs::read(tree.join("etc/fstab"))?, garbage);
+    assert_eq!(
+        std::fs::read_to_string(tree.join("boot/grub/grub.cfg"))?,
+        big
+    );
+    assert_eq!(std::fs::read_to_string(&outside)?, "10.0.0.1 precious\n");
+    assert!(std::fs::symlink_metadata(tree.join("etc/hosts"))?
+        .file_type()
+        .is_symlink());
+
+    // /etc itself a symlink out of the tree: refused, nothing written there.
+    let tree2 = tmp.path().join("tree2");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere)?;
+    std::fs::create_dir_all(&tree2)?;
+    std::fs::write(elsewhere.join("fstab"), "/dev/sda1 / ext4 defaults 0 1\n")?;
+    std::os::unix::fs::symlink(&elsewhere, tree2.join("etc"))?;
+    customize(
+        &tree2,
+        "aws",
+        &[
+            "--fs=/dev/sda1=3c1f0a6e-0000-4000-8000-000000000001",
+            "--host=198.18.1.1=a.corp",
+        ],
+        false,
+    )?;
+    assert_eq!(
+        std::fs::read_to_string(elsewhere.join("fstab"))?,
+        "/dev/sda1 / ext4 defaults 0 1\n"
+    );
+    assert!(
+        !elsewhere.join("hosts").exists(),
+        "wrote through a symlinked /etc"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_flags_get_one_clear_line() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    for (flags, want) in [
+        (vec!["--target", "gcp"], "unknown target"),
+        (vec!["--target", "aws", "--fs", "sda1"], "expected A=B"),
+        (
+            vec!["--target", "aws", "--fs", "/dev/sda1=nope"],
+            "expected /dev/NAME=UUID",
+        ),
+        (
+            vec!["--target", "aws", "--host", "999.1.1.1=a"],
+            "bad address",
+        ),
+        (
+            vec!["--target", "aws", "--service", "db:x=127.0.0.1:1"],
+            "bad port",
+        ),
+    ] {
+        let out = Command::new(bin("ferry-cloud"))
+            .args(["customize", "--root"])
+            .arg(tmp.path())
+            .args(&flags)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flags:?}: {err}");
+        assert!(
+            err.contains(want) && err.lines().count() == 1,
+            "{flags:?}: {err}"
+        );
+    }
+    Ok(())
+}
