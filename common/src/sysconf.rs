@@ -142,13 +142,17 @@ fn os_from_os_release(text: &str) -> OsInfo {
     }
 }
 
-/// "CentOS release 5.6 (Final)", "Red Hat Enterprise Linux Server release 5.3 (Tikanga)".
-pub fn os_from_redhat_release(text: &str) -> OsInfo {
-    let line = text
-        .lines()
+/// The first non-empty line, trimmed.
+fn first_line(text: &str) -> &str {
+    text.lines()
         .map(str::trim)
         .find(|l| !l.is_empty())
-        .unwrap_or("");
+        .unwrap_or("")
+}
+
+/// "CentOS release 5.6 (Final)", "Red Hat Enterprise Linux Server release 5.3 (Tikanga)".
+pub fn os_from_redhat_release(text: &str) -> OsInfo {
+    let line = first_line(text);
     let lower = line.to_lowercase();
     let id = if lower.starts_with("centos") {
         "centos"
@@ -182,11 +186,7 @@ pub fn os_from_redhat_release(text: &str) -> OsInfo {
 
 /// "SUSE Linux Enterprise Server 11 (x86_64)\nVERSION = 11\nPATCHLEVEL = 4".
 pub fn os_from_suse_release(text: &str) -> OsInfo {
-    let line = text
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("");
+    let line = first_line(text);
     let lower = line.to_lowercase();
     let vars = parse_shell_vars(text);
     let id = if lower.contains("opensuse") {

@@ -286,3 +286,58 @@ pub fn render(report: &Report) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every file a step parses.
+    const PARSED: &[&str] = &[
+        "/etc/fstab",
+        "/etc/crypttab",
+        "/etc/hosts",
+        "/etc/sysconfig/network-scripts/ifcfg-eth0",
+        "/etc/sysconfig/network/ifcfg-eth1",
+        "/etc/network/interfaces",
+        "/etc/netplan/01.yaml",
+        "/etc/NetworkManager/system-connections/a.nmconnection",
+        "/etc/default/grub",
+        "/boot/grub/grub.cfg",
+        "/boot/grub/menu.lst",
+        "/boot/loader/entries/a.conf",
+        "/etc/os-release",
+    ];
+
+    fn plan() -> Plan {
+        Plan::from_flags(
+            Target::Aws,
+            &["/dev/sda1=3c1f0a6e-0000-4000-8000-000000000001".into()],
+            &["198.18.1.1=a.b.corp".into()],
+            &[],
+        )
+        .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, .. ProptestConfig::default() })]
+        /// Any content in any parsed file: no panic, and a second run changes nothing.
+        #[test]
+        fn every_parser_survives_any_text_and_is_idempotent(
+            texts in proptest::collection::vec(
+                "(?s)(iface eth0 inet static\n|  address 1.2.3.4\n|BOOTPROTO=static\n|IPADDR=1.2.3.4\n|network:\n  ethernets:\n    e0:\n      addresses:\n      - 1.2.3.4/24\n|\\[ipv4\\]\nmethod=manual\n|kernel /v root=/dev/sda1 quiet\n|linux /v ro\n|options root=/dev/sda1\n|GRUB_CMDLINE_LINUX=\"quiet\"\n|/dev/sda1 / xfs nobarrier 0 0\n|.{0,40}\n){0,6}",
+                PARSED.len(),
+            )
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            for (p, t) in PARSED.iter().zip(&texts) {
+                let f = dir.path().join(p.trim_start_matches('/'));
+                std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+                std::fs::write(f, t).unwrap();
+            }
+            run(dir.path(), &plan(), false).unwrap();
+            let again = run(dir.path(), &plan(), false).unwrap();
+            prop_assert!(again.changed.is_empty(), "second run changed {:?}:\n{}", again.changed, again.diff);
+        }
+    }
+}
