@@ -253,7 +253,7 @@ pub async fn run(
             let targets = match &work {
                 Work::Full => None,
                 Work::Dirs(d) => match d.get(&i) {
-                    Some(dirs) => Some(dirs.iter().cloned().collect::<Vec<_>>()),
+                    Some(dirs) => Some(dirs.clone()),
                     None => continue,
                 },
             };
@@ -279,8 +279,8 @@ pub async fn run(
                 Ok((st, retry)) => {
                     summary.files_sent_this_run += st.files_sent;
                     summary.bytes_read_this_run += st.bytes_read;
-                    if !retry.is_empty() {
-                        retry_dirs.entry(i).or_default().extend(retry);
+                    for dir in retry {
+                        retry_dirs.entry(i).or_default().insert(dir, None);
                     }
                 }
                 Err(e) => {
@@ -348,7 +348,10 @@ pub async fn run(
             work = match Work::from_hints(hints, &roots) {
                 Work::Dirs(mut d) => {
                     for (i, dirs) in retry_dirs {
-                        d.entry(i).or_default().extend(dirs);
+                        let into = d.entry(i).or_default();
+                        for (dir, names) in dirs {
+                            scan::mark(into, dir, names);
+                        }
                     }
                     Work::Dirs(d)
                 }
@@ -359,25 +362,43 @@ pub async fn run(
         work = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(interval) => Work::Full,
-            Some(h) = hint_rx.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
-                let mut hints = vec![h];
-                while let Ok(h) = hint_rx.try_recv() {
-                    hints.push(h);
-                }
-                Work::from_hints(hints, &roots)
-            }
+            Some(h) = hint_rx.recv() => Work::from_hints(gather(h, &mut hint_rx).await, &roots),
         };
     }
 }
 
 const SLED_CACHE: u64 = 16 << 20;
-/// How long hints gather before a pass starts: one pass per burst of changes.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// A burst of changes is over once no hint came for this long...
+const QUIET: Duration = Duration::from_millis(20);
+/// ... or once it has lasted this long: then a pass starts anyway.
+const GATHER_MAX: Duration = Duration::from_millis(150);
+
+/// Collects the hints of one burst, starting with `first`.
+async fn gather(
+    first: watch::Hint,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<watch::Hint>,
+) -> Vec<watch::Hint> {
+    let deadline = tokio::time::Instant::now() + GATHER_MAX;
+    let mut hints = vec![first];
+    loop {
+        let quiet_until = (tokio::time::Instant::now() + QUIET).min(deadline);
+        match tokio::time::timeout_at(quiet_until, rx.recv()).await {
+            Ok(Some(h)) => hints.push(h),
+            Ok(None) | Err(_) => break,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    while let Ok(h) = rx.try_recv() {
+        hints.push(h);
+    }
+    hints
+}
 /// Pause before reading files again that changed while read.
 const TORN_RETRY: Duration = Duration::from_millis(300);
-/// Dirty directories (relative paths) per file system index.
-type DirtyDirs = std::collections::HashMap<usize, std::collections::BTreeSet<Vec<u8>>>;
+/// Dirty directories (relative paths, with the names to look at) per file system index.
+type DirtyDirs = std::collections::HashMap<usize, scan::Dirty>;
 /// Rescan period while some directories cannot be watched.
 const FALLBACK_RESCAN: Duration = Duration::from_secs(5);
 
@@ -390,11 +411,13 @@ enum Work {
 
 impl Work {
     fn from_hints(hints: Vec<watch::Hint>, roots: &[PathBuf]) -> Self {
-        let mut dirs: std::collections::HashMap<usize, std::collections::BTreeSet<Vec<u8>>> =
-            Default::default();
+        use std::os::unix::ffi::OsStrExt;
+        let mut dirs: DirtyDirs = Default::default();
         for h in hints {
-            let watch::Hint::Dirty(abs) = h else {
-                return Work::Full;
+            let (abs, name) = match h {
+                watch::Hint::Rescan => return Work::Full,
+                watch::Hint::Dirty(abs) => (abs, None),
+                watch::Hint::Named(abs, name) => (abs, Some(name)),
             };
             // The file system whose root is the longest prefix owns the path.
             let owner = roots
@@ -404,10 +427,12 @@ impl Work {
                 .max_by_key(|(_, r)| r.components().count());
             if let Some((i, r)) = owner {
                 if let Ok(rel) = abs.strip_prefix(r) {
-                    use std::os::unix::ffi::OsStrExt;
-                    dirs.entry(i)
-                        .or_default()
-                        .insert(rel.as_os_str().as_bytes().to_vec());
+                    let names = name.map(|n| std::iter::once(n.as_bytes().to_vec()).collect());
+                    scan::mark(
+                        dirs.entry(i).or_default(),
+                        rel.as_os_str().as_bytes().to_vec(),
+                        names,
+                    );
                 }
             }
         }
@@ -443,7 +468,7 @@ async fn wait_durable(
 
 struct PassCtx<'a> {
     /// Directories to scan shallowly; `None` scans the whole file system.
-    targets: Option<Vec<Vec<u8>>>,
+    targets: Option<scan::Dirty>,
     watcher: Option<Arc<watch::Watcher>>,
     system: &'a str,
     fs_id: String,
@@ -481,6 +506,8 @@ async fn pass_fs(
     tx: &tokio::sync::mpsc::Sender<Pending>,
 ) -> Result<(scan::ScanStats, Vec<Vec<u8>>), AgentError> {
     let index = index::Index::open(ctx.db, &ctx.fs_id).map_err(|e| state_err(&ctx.root, e))?;
+    let started = std::time::Instant::now();
+    tracing::debug!(fs = %ctx.fs_id, dirs = ctx.targets.as_ref().map(|d| d.len()), "pass starts");
     let (itx, mut irx) = tokio::sync::mpsc::channel::<scan::Item>(64);
     let (root, idx, accepted, exclude) = (
         ctx.root.clone(),
@@ -503,10 +530,12 @@ async fn pass_fs(
             let mut sink = ChanSink(itx);
             let mut s = scan::Scanner::new(&root, &idx, accepted, &mut sink, exclude)?
                 .with_watcher(watcher.as_deref());
+            let t = std::time::Instant::now();
             match targets {
                 None => s.run()?,
                 Some(dirs) => s.run_dirs(dirs)?,
             };
+            tracing::debug!(ms = t.elapsed().as_millis() as u64, "walk done");
             Ok::<_, scan::ScanError>((s.stats, s.retry))
         })
         .map_err(|e| state_err(&ctx.root, e))?;
@@ -593,7 +622,7 @@ async fn pass_fs(
         )
         .await?;
     }
-    tracing::info!(fs = %ctx.fs_id, root = %ctx.root.display(), files = stats.files_sent, entries = stats.entries_sent, unchanged = stats.unchanged, bytes_read = stats.bytes_read, "pass done");
+    tracing::info!(fs = %ctx.fs_id, root = %ctx.root.display(), files = stats.files_sent, entries = stats.entries_sent, unchanged = stats.unchanged, bytes_read = stats.bytes_read, renames = stats.renames, ms = started.elapsed().as_millis() as u64, "pass done");
     Ok((stats, retry))
 }
 

@@ -61,6 +61,8 @@ pub struct Scanner<'a, S: Sink> {
     watcher: Option<&'a crate::watch::Watcher>,
     /// Renames sent in this pass, which the index learns only once they are accepted.
     moved: Moved,
+    /// Bytes looked at but not yet reported: one message per entry sent, not per file.
+    unreported: u64,
     pub stats: ScanStats,
     /// Directories holding files that kept changing while read: scan them again soon.
     pub retry: Vec<Vec<u8>>,
@@ -75,6 +77,29 @@ pub struct ScanStats {
     pub skipped_sockets: u64,
     pub torn: u64,
     pub renames: u64,
+}
+
+/// Directories a shallow pass looks at (relative paths), each with the names in it that
+/// events named, or `None` for all of them.
+pub type Dirty = std::collections::BTreeMap<Vec<u8>, Option<Names>>;
+/// Entry names within one directory.
+pub type Names = std::collections::BTreeSet<Vec<u8>>;
+
+/// Adds a directory (and the names in it) to look at.
+pub fn mark(d: &mut Dirty, dir: Vec<u8>, names: Option<Names>) {
+    match (d.entry(dir), names) {
+        (std::collections::btree_map::Entry::Vacant(v), n) => {
+            v.insert(n);
+        }
+        (std::collections::btree_map::Entry::Occupied(mut o), None) => {
+            o.insert(None);
+        }
+        (std::collections::btree_map::Entry::Occupied(mut o), Some(n)) => {
+            if let Some(have) = o.get_mut() {
+                have.extend(n);
+            }
+        }
+    }
 }
 
 /// The renames a pass has sent: lookups see the index as the replica will be after them.
@@ -225,6 +250,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
             visited: Default::default(),
             watcher: None,
             moved: Moved::default(),
+            unreported: 0,
             stats: ScanStats::default(),
             retry: Vec::new(),
         })
@@ -237,15 +263,16 @@ impl<'a, S: Sink> Scanner<'a, S> {
     }
 
     /// Scans only `dirs` (relative paths), deepest first, without descending into
-    /// directories the index vouches for.
-    pub fn run_dirs(&mut self, mut dirs: Vec<Vec<u8>>) -> Result<bool, ScanError> {
+    /// directories the index vouches for; where events named entries, only those are
+    /// looked at (the rest are listed, not examined).
+    pub fn run_dirs(&mut self, dirs: Dirty) -> Result<bool, ScanError> {
         self.shallow = true;
-        dirs.sort_by_key(|d| {
+        let mut order: Vec<(Vec<u8>, Option<Names>)> = dirs.into_iter().collect();
+        order.sort_by_key(|(d, _)| {
             std::cmp::Reverse(d.iter().filter(|&&b| b == b'/').count() + usize::from(!d.is_empty()))
         });
-        dirs.dedup();
-        let mut sent = self.send_renames(&dirs)?;
-        for rel in dirs {
+        let mut sent = self.send_renames(&order)?;
+        for (rel, names) in order {
             if self.visited.contains(&rel) {
                 continue;
             }
@@ -253,9 +280,10 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 continue;
             };
             if m.is_dir() && m.dev() == self.dev {
-                sent |= self.dir(rel, &m)?;
+                sent |= self.dir_in(rel, &m, names.as_ref())?;
             }
         }
+        self.report_progress()?;
         Ok(sent)
     }
 
@@ -313,18 +341,24 @@ impl<'a, S: Sink> Scanner<'a, S> {
 
     /// Before a shallow pass: finds files and directories of `dirs` that the replica
     /// holds under another name (same inode, old name gone) and sends them as renames.
-    fn send_renames(&mut self, dirs: &[Vec<u8>]) -> Result<bool, ScanError> {
+    fn send_renames(&mut self, dirs: &[(Vec<u8>, Option<Names>)]) -> Result<bool, ScanError> {
         let mut cands = Vec::new();
-        for d in dirs {
+        for (d, names) in dirs {
             if !self.index.get(d).is_some_and(|r| r.is_dir()) {
                 continue;
             }
-            let Ok(rd) = std::fs::read_dir(self.abs(d)) else {
-                continue;
+            let names: Vec<Vec<u8>> = match names {
+                Some(n) => n.iter().cloned().collect(),
+                None => match std::fs::read_dir(self.abs(d)) {
+                    Ok(rd) => rd
+                        .filter_map(|e| e.ok())
+                        .map(|e| e.file_name().as_bytes().to_vec())
+                        .collect(),
+                    Err(_) => continue,
+                },
             };
-            for ent in rd.filter_map(|e| e.ok()) {
-                let new = join(d, ent.file_name().as_bytes());
-                if let Some(c) = self.rename_candidate(new) {
+            for name in names {
+                if let Some(c) = self.rename_candidate(join(d, &name)) {
                     cands.push(c);
                 }
             }
@@ -393,11 +427,23 @@ impl<'a, S: Sink> Scanner<'a, S> {
             path: self.root.display().to_string(),
             source,
         })?;
-        self.dir(Vec::new(), &m)
+        let sent = self.dir(Vec::new(), &m)?;
+        self.report_progress()?;
+        Ok(sent)
     }
 
     /// Post-order: children first, then the directory itself when it or anything below changed.
     fn dir(&mut self, rel: Vec<u8>, m: &std::fs::Metadata) -> Result<bool, ScanError> {
+        self.dir_in(rel, m, None)
+    }
+
+    /// `dir`, examining only the children in `only` when given (the others are listed).
+    fn dir_in(
+        &mut self,
+        rel: Vec<u8>,
+        m: &std::fs::Metadata,
+        only: Option<&Names>,
+    ) -> Result<bool, ScanError> {
         let abs = self.abs(&rel);
         self.visited.insert(rel.clone());
         // Watch before listing, so nothing created meanwhile goes unseen.
@@ -421,6 +467,10 @@ impl<'a, S: Sink> Scanner<'a, S> {
         let mut changed = false;
         let mut children = Vec::with_capacity(names.len());
         for name in names {
+            if only.is_some_and(|o| !o.contains(&name)) {
+                children.push(name);
+                continue;
+            }
             let child = join(&rel, &name);
             let cabs = self.abs(&child);
             if self.exclude.iter().any(|x| x == &cabs) {
@@ -497,7 +547,17 @@ impl<'a, S: Sink> Scanner<'a, S> {
 
     fn send_entry(&mut self, e: Entry, rec: Option<Record>) -> Result<(), ScanError> {
         self.stats.entries_sent += 1;
+        self.report_progress()?;
         self.emit(Item::Entry(e, rec))
+    }
+
+    /// Hands over the bytes looked at since the last report.
+    fn report_progress(&mut self) -> Result<(), ScanError> {
+        let n = std::mem::take(&mut self.unreported);
+        if n > 0 {
+            self.emit(Item::Progress(n))?;
+        }
+        Ok(())
     }
 
     fn leaf(&mut self, rel: Vec<u8>, m: &std::fs::Metadata) -> Result<bool, ScanError> {
@@ -539,7 +599,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 self.links.insert(m.ino(), (rel, false));
             }
             self.stats.unchanged += 1;
-            self.emit(Item::Progress(m.size()))?;
+            self.unreported += m.size();
             return Ok(false);
         }
         let abs = self.abs(&rel);
@@ -662,9 +722,8 @@ impl<'a, S: Sink> Scanner<'a, S> {
                     raw_len: len,
                     raw,
                 };
-                if !self.sink.send(Item::Chunk(frame))
-                    || !self.sink.send(Item::Progress(len as u64))
-                {
+                self.unreported += len as u64;
+                if !self.sink.send(Item::Chunk(frame)) {
                     return Err(std::io::Error::other("sender stopped"));
                 }
             }

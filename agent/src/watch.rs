@@ -1,5 +1,5 @@
-//! Change hints from inotify: events only mark directories dirty; the index stays the
-//! truth. A queue overflow asks for a rescan; running out of watches switches the agent
+//! Change hints from inotify: events only name the directories and entries to look at;
+//! the index stays the truth. A queue overflow asks for a rescan; running out of watches switches the agent
 //! to periodic rescans (logged once).
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use std::path::{Path, PathBuf};
@@ -10,8 +10,10 @@ use tokio::sync::mpsc::UnboundedSender;
 /// What the watcher tells the replication loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hint {
-    /// Something in this directory (absolute path) changed.
+    /// This directory (absolute path) itself changed, or appeared: look at all of it.
     Dirty(PathBuf),
+    /// The entry `name` in directory `dir` (absolute) changed, appeared or went.
+    Named(PathBuf, std::ffi::OsString),
     /// Events were lost: only a rescan can tell what changed.
     Rescan,
 }
@@ -65,8 +67,8 @@ impl Watcher {
                 {
                     let _ = tx.send(Hint::Dirty(p.clone()));
                 }
-                if let Some(parent) = p.parent() {
-                    let _ = tx.send(Hint::Dirty(parent.to_path_buf()));
+                if let (Some(parent), Some(name)) = (p.parent(), p.file_name()) {
+                    let _ = tx.send(Hint::Named(parent.to_path_buf(), name.to_os_string()));
                 }
             }
         };

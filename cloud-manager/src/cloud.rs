@@ -362,9 +362,16 @@ impl Cloud {
         let entries = batch.entries;
         let applied = blocking(move || -> Result<apply::Applied> {
             let root = ferry_common::safepath::Root::open(&mnt).map_err(apply::ApplyError::from)?;
+            let t = std::time::Instant::now();
             let applied = apply::apply(&root, &this.chunks, &entries)?;
+            let apply_ms = t.elapsed().as_millis() as u64;
             rustix::fs::syncfs(root.fd())
                 .map_err(|e| CloudError::Io(std::io::Error::from(e).to_string()))?;
+            tracing::debug!(
+                apply_ms,
+                sync_ms = t.elapsed().as_millis() as u64 - apply_ms,
+                "batch applied"
+            );
             Ok(applied)
         })
         .await;

@@ -85,7 +85,7 @@ follow_pid=$!
 sleep 5
 w0=$(wire)
 modify 7
-t_end=$(now)
+t_end=$(now); echo "t_end $(date -u +%H:%M:%S.%N)" >&2
 python3 - "$SRC" "$replica" "$W/inc-changed" <<'PY'
 import sys, time
 src, rep, listing = sys.argv[1:]
