@@ -196,3 +196,136 @@ fn bad_flags_get_one_clear_line() -> Result<()> {
     }
     Ok(())
 }
+
+/// Runs a command chrooted in `root` the way the customizer does (private mounts).
+fn in_chroot(root: &Path, argv: &[&str]) -> Result<String> {
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--pid", "--fork", "--"])
+        .args([
+            "sh",
+            "-c",
+            r#"r=$1; shift; mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" && exec chroot "$r" "$@""#,
+            "sh",
+        ])
+        .arg(root)
+        .args(argv)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{argv:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn initrd_files(root: &Path) -> Result<String> {
+    let kver = std::fs::read_dir(root.join("usr/lib/modules"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no kernel in the tree"))??
+        .file_name();
+    let initrd = format!("/boot/initrd.img-{}", kver.to_string_lossy());
+    Ok(sh(Command::new("chroot")
+        .arg(root)
+        .args(["lsinitramfs", &initrd]))?)
+}
+
+#[test]
+fn a_real_debian_12_tree_gets_virtio_in_its_initrd_from_its_own_update_initramfs() -> Result<()> {
+    let cached = sh(&mut Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/debian12_tree.sh"),
+    ))?;
+    let tmp = scratch("debian12")?;
+    let tree = tmp.path().join("root");
+    copy_tree(Path::new(cached.trim()), &tree)?;
+    // A source tuned to its old hardware: the initrd holds only listed drivers.
+    let conf = tree.join("etc/initramfs-tools/initramfs.conf");
+    let text = std::fs::read_to_string(&conf)?.replace("MODULES=most", "MODULES=list");
+    std::fs::write(&conf, text)?;
+    in_chroot(&tree, &["update-initramfs", "-u"])?;
+    assert!(
+        !initrd_files(&tree)?.contains("virtio_blk.ko"),
+        "the source initrd already has virtio"
+    );
+
+    let r = customize(&tree, "local", &[], false)?;
+    assert!(
+        r["actions"].to_string().contains("update-initramfs"),
+        "no rebuild: {r}"
+    );
+    let files = initrd_files(&tree)?;
+    for m in [
+        "virtio_blk.ko",
+        "virtio_net.ko",
+        "virtio_pci.ko",
+        "virtio_scsi.ko",
+    ] {
+        assert!(files.contains(m), "{m} missing from the rebuilt initrd");
+    }
+    let again = customize(&tree, "local", &[], false)?;
+    assert_eq!(
+        again["changed"].as_array().map(Vec::len),
+        Some(0),
+        "{again}"
+    );
+    assert_eq!(
+        again["actions"].as_array().map(Vec::len),
+        Some(0),
+        "{again}"
+    );
+    // The chroot's mounts lived in their own namespace: none is left behind.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(
+        !mounts.contains(tree.to_str().unwrap_or("?")),
+        "mounts leaked"
+    );
+
+    // Retargeting to AWS adds the Xen and Nitro drivers and rebuilds again.
+    customize(&tree, "aws", &[], false)?;
+    let files = initrd_files(&tree)?;
+    for m in ["xen-blkfront.ko", "ena.ko"] {
+        assert!(files.contains(m), "{m} missing after retargeting to aws");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_guest_without_an_initrd_tool_is_reported_and_a_failing_tool_is_an_error() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let tree = tmp.path().join("root");
+    let kdir = tree.join("lib/modules/5.14.0-1");
+    std::fs::create_dir_all(&kdir)?;
+    std::fs::create_dir_all(tree.join("boot"))?;
+    std::fs::write(tree.join("boot/vmlinuz-5.14.0-1"), b"kernel")?;
+    std::fs::write(
+        kdir.join("modules.dep"),
+        "kernel/drivers/block/virtio_blk.ko.xz:\nkernel/drivers/net/virtio_net.ko.xz:\n",
+    )?;
+    std::fs::write(
+        kdir.join("modules.builtin"),
+        "kernel/drivers/virtio/virtio_pci.ko\n",
+    )?;
+    std::fs::create_dir_all(tree.join("etc"))?;
+    std::fs::write(tree.join("etc/os-release"), "ID=rhel\nVERSION_ID=9.3\n")?;
+    let r = customize(&tree, "local", &[], false)?;
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("no update-initramfs, dracut or mkinitrd"),
+        "{notes}"
+    );
+    assert!(notes.contains("has no virtio_scsi driver"), "{notes}");
+
+    // A dracut that cannot run in the tree: the run fails and says which command.
+    std::fs::create_dir_all(tree.join("usr/bin"))?;
+    std::fs::write(tree.join("usr/bin/dracut"), "#!/bin/sh\nexit 3\n")?;
+    let out = Command::new(bin("ferry-cloud"))
+        .args(["customize", "--target", "local", "--root"])
+        .arg(&tree)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a failed rebuild passed");
+    assert!(
+        err.contains("rebuild the initrd of 5.14.0-1 with dracut"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -54,6 +54,10 @@ enum Cmd {
         /// A service that stays behind and its tunnel endpoint (repeatable).
         #[arg(long = "service", value_name = "HOST:PORT=PROXY_HOST:PROXY_PORT")]
         services: Vec<String>,
+        /// An operator's file database directory (index.toml, objects/), added to the
+        /// built-in catalogue.
+        #[arg(long)]
+        filedb: Option<PathBuf>,
         /// Show the diff; write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -90,13 +94,15 @@ fn main() -> ExitCode {
             fs,
             hosts,
             services,
+            filedb,
             dry_run,
             json,
         } => {
             use ferry_cloud_manager::customize;
             let plan = target
                 .parse()
-                .and_then(|t| customize::Plan::from_flags(t, &fs, &hosts, &services));
+                .and_then(|t| customize::Plan::from_flags(t, &fs, &hosts, &services))
+                .map(|p| customize::Plan { filedb, ..p });
             let plan = match plan {
                 Ok(p) => p,
                 Err(e) => {

@@ -3,9 +3,12 @@
 //! step edits a staged view of the tree and reports what it changed; a dry run shows the
 //! unified diff and writes nothing; a second run changes nothing.
 pub mod boot;
+pub mod chroot;
 pub mod cmdline;
+pub mod filedb;
 pub mod fstab;
 pub mod hosts;
+pub mod kernel;
 pub mod net;
 pub mod os;
 pub mod tree;
@@ -23,6 +26,8 @@ pub enum CustomizeError {
     Write { path: String, message: String },
     #[error("invalid plan: {0}")]
     Plan(String),
+    #[error("{what}: {message}")]
+    Action { what: String, message: String },
 }
 
 /// Where the system will run.
@@ -76,6 +81,8 @@ pub struct Plan {
     /// Every system of the application: address and fully qualified name.
     pub hosts: Vec<(IpAddr, String)>,
     pub services: Vec<ServiceMap>,
+    /// The operator's file database directory, added to the built-in catalogue.
+    pub filedb: Option<std::path::PathBuf>,
 }
 
 impl Plan {
@@ -104,6 +111,7 @@ impl Plan {
             filesystems: Vec::new(),
             hosts: Vec::new(),
             services: Vec::new(),
+            filedb: None,
         };
         for f in fs {
             let (dev, uuid) = split(f, "--fs")?;
@@ -165,8 +173,17 @@ pub struct Report {
     /// Paths changed (or that would change, in a dry run).
     pub changed: Vec<String>,
     pub notes: Vec<Note>,
+    /// Commands run in the tree (or that would run, in a dry run).
+    pub actions: Vec<String>,
     /// Unified diff of every change.
     pub diff: String,
+}
+
+/// A command to run inside the tree once the edits are written.
+#[derive(Debug, Clone)]
+pub struct Action {
+    pub argv: Vec<String>,
+    pub why: String,
 }
 
 /// Collects the notes of a step.
@@ -175,10 +192,16 @@ pub struct Ctx<'a> {
     pub plan: &'a Plan,
     pub os: &'a os::OsInfo,
     pub notes: Vec<Note>,
+    pub actions: Vec<Action>,
     step: &'static str,
 }
 
 impl Ctx<'_> {
+    /// Asks for `argv` to run chrooted in the tree after the edits are written.
+    pub fn chroot(&mut self, argv: Vec<String>, why: String) {
+        self.actions.push(Action { argv, why });
+    }
+
     pub fn note(&mut self, path: &str, message: impl Into<String>) {
         self.notes.push(Note {
             step: self.step,
@@ -208,6 +231,7 @@ const STEPS: &[(&str, Step)] = &[
     ("hosts", hosts::step),
     ("network", net::step),
     ("boot", boot::step),
+    ("kernel", kernel::step),
 ];
 
 /// Runs every step on the tree at `root`; writes only when not `dry_run`.
@@ -215,15 +239,18 @@ pub fn run(root: &Path, plan: &Plan, dry_run: bool) -> Result<Report, CustomizeE
     let mut tree = Tree::open(root)?;
     let os = os::detect(&tree);
     let mut notes = Vec::new();
+    let mut actions = Vec::new();
     for (name, step) in STEPS {
         let mut ctx = Ctx {
             plan,
             os: &os,
             notes: Vec::new(),
+            actions: Vec::new(),
             step: name,
         };
         step(&mut tree, &mut ctx);
         notes.extend(ctx.notes);
+        actions.extend(ctx.actions);
     }
     let mut diff = String::new();
     let mut changed = Vec::new();
@@ -237,6 +264,12 @@ pub fn run(root: &Path, plan: &Plan, dry_run: bool) -> Result<Report, CustomizeE
     }
     if !dry_run {
         tree.commit()?;
+        for a in &actions {
+            chroot::run(root, &a.argv).map_err(|message| CustomizeError::Action {
+                what: a.why.clone(),
+                message,
+            })?;
+        }
     }
     Ok(Report {
         root: root.display().to_string(),
@@ -245,6 +278,7 @@ pub fn run(root: &Path, plan: &Plan, dry_run: bool) -> Result<Report, CustomizeE
         dry_run,
         changed,
         notes,
+        actions: actions.iter().map(|a| a.argv.join(" ")).collect(),
         diff,
     })
 }
@@ -280,6 +314,12 @@ pub fn render(report: &Report) -> String {
     }
     for n in &report.notes {
         out.push_str(&format!("  [{}] {}: {}\n", n.step, n.path, n.message));
+    }
+    for a in &report.actions {
+        out.push_str(&format!(
+            "  {} {a}\n",
+            if report.dry_run { "would run" } else { "ran" }
+        ));
     }
     if report.dry_run {
         out.push_str(&report.diff);

@@ -56,7 +56,29 @@ impl Tree {
         self.read_disk(path)
     }
 
+    /// Reads generated data (module lists) up to 16 MiB; not for files a step edits.
+    pub fn read_big(&self, path: &str) -> Found {
+        self.read_capped(path, 16 << 20)
+    }
+
+    /// Whether `path` exists in the tree (a symlink counts; it is not followed).
+    pub fn exists(&self, path: &str) -> bool {
+        if let Some((_, new)) = self.staged.get(path) {
+            return new.is_some();
+        }
+        match self.root.parent(rel(path), false) {
+            Ok(Some((dir, name))) => {
+                rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+            }
+            _ => false,
+        }
+    }
+
     fn read_disk(&self, path: &str) -> Found {
+        self.read_capped(path, MAX_CONFIG)
+    }
+
+    fn read_capped(&self, path: &str, cap: u64) -> Found {
         let parent = match self.root.parent(rel(path), false) {
             Ok(Some(p)) => p,
             Ok(None) => return Found::Skipped("the tree root is not a file".into()),
@@ -79,9 +101,9 @@ impl Tree {
             }
             _ => return Found::Skipped("not a regular file".into()),
         }
-        if st.st_size as u64 > MAX_CONFIG {
+        if st.st_size as u64 > cap {
             return Found::Skipped(format!(
-                "{} bytes is larger than the {MAX_CONFIG}-byte limit for configuration files",
+                "{} bytes is larger than the {cap}-byte limit for configuration files",
                 st.st_size
             ));
         }
@@ -96,7 +118,7 @@ impl Tree {
         };
         let mut buf = Vec::new();
         let mut f = std::fs::File::from(fd);
-        if let Err(e) = (&mut f).take(MAX_CONFIG + 1).read_to_end(&mut buf) {
+        if let Err(e) = (&mut f).take(cap + 1).read_to_end(&mut buf) {
             return Found::Skipped(format!("cannot read: {e}"));
         }
         if buf.contains(&0) {

@@ -1,0 +1,303 @@
+//! The file database: a versioned catalogue that maps (OS, version range, target) to the
+//! kernel drivers an image needs and the files to add, with file content stored by
+//! SHA-256. A default catalogue is built in; an operator's directory adds to it.
+//!
+//! Layout of a database directory: `index.toml` (same schema as the built-in one) and
+//! `objects/<sha256>` for content.
+use serde::Deserialize;
+use sha2::Digest;
+use std::path::{Path, PathBuf};
+
+/// The catalogue shipped with Ferry.
+const DEFAULT_INDEX: &str = include_str!("filedb-default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileDbError {
+    #[error("file database {path}: {message}")]
+    Index { path: String, message: String },
+    #[error("file database object {0}: {1}")]
+    Object(String, String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalogue {
+    /// Schema version; 1.
+    pub version: u32,
+    #[serde(default, rename = "entry")]
+    pub entries: Vec<Entry>,
+}
+
+/// One rule of the catalogue.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// os-release `ID` (centos, ubuntu, ...) or family (rhel, debian, suse); "*" for any.
+    pub os: String,
+    /// Comma-separated bounds, e.g. ">=5, <6"; empty for every version.
+    #[serde(default)]
+    pub versions: String,
+    /// local, aws, azure or "*".
+    pub target: String,
+    /// Kernel drivers the initrd must hold (module names, `-` and `_` alike).
+    #[serde(default)]
+    pub modules: Vec<String>,
+    /// Files to place in the tree.
+    #[serde(default)]
+    pub files: Vec<FileRef>,
+    /// Why the rule exists, shown in reports.
+    #[serde(default)]
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
+    /// Absolute path in the system tree.
+    pub path: String,
+    pub sha256: String,
+    #[serde(default = "default_mode")]
+    pub mode: u32,
+}
+
+fn default_mode() -> u32 {
+    0o644
+}
+
+/// What a system needs on a target, merged over every matching rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Needs {
+    pub modules: Vec<String>,
+    pub files: Vec<(String, String, u32)>,
+    pub notes: Vec<String>,
+}
+
+/// The built-in catalogue plus, optionally, an operator's database directory.
+#[derive(Debug, Clone)]
+pub struct FileDb {
+    entries: Vec<Entry>,
+    dir: Option<PathBuf>,
+}
+
+fn parse(text: &str, path: &str) -> Result<Catalogue, FileDbError> {
+    let c: Catalogue = toml::from_str(text).map_err(|e| FileDbError::Index {
+        path: path.into(),
+        message: e.to_string().lines().next().unwrap_or_default().to_string(),
+    })?;
+    if c.version != 1 {
+        return Err(FileDbError::Index {
+            path: path.into(),
+            message: format!("schema version {} is not supported (1 is)", c.version),
+        });
+    }
+    for e in &c.entries {
+        parse_bounds(&e.versions).map_err(|m| FileDbError::Index {
+            path: path.into(),
+            message: m,
+        })?;
+        for f in &e.files {
+            if !f.path.starts_with('/') || f.path.split('/').any(|c| c == "..") {
+                return Err(FileDbError::Index {
+                    path: path.into(),
+                    message: format!("file path {:?} must be absolute, without ..", f.path),
+                });
+            }
+            if f.sha256.len() != 64 || !f.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(FileDbError::Index {
+                    path: path.into(),
+                    message: format!("{:?} is not a SHA-256", f.sha256),
+                });
+            }
+        }
+    }
+    Ok(c)
+}
+
+impl FileDb {
+    /// The built-in catalogue, and the operator's directory when given.
+    pub fn open(dir: Option<&Path>) -> Result<Self, FileDbError> {
+        let mut entries = parse(DEFAULT_INDEX, "built-in")?.entries;
+        if let Some(d) = dir {
+            let index = d.join("index.toml");
+            match std::fs::read_to_string(&index) {
+                Ok(t) => entries.extend(parse(&t, &index.display().to_string())?.entries),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(FileDbError::Index {
+                        path: index.display().to_string(),
+                        message: e.to_string(),
+                    })
+                }
+            }
+        }
+        Ok(Self {
+            entries,
+            dir: dir.map(Path::to_path_buf),
+        })
+    }
+
+    /// Everything the rules say for this OS on this target.
+    pub fn lookup(&self, os_id: &str, family: &str, version: &str, target: &str) -> Needs {
+        let mut needs = Needs::default();
+        for e in &self.entries {
+            let os_ok = e.os == "*" || e.os == os_id || e.os == family;
+            let target_ok = e.target == "*" || e.target == target;
+            if !(os_ok && target_ok && version_matches(version, &e.versions)) {
+                continue;
+            }
+            for m in &e.modules {
+                let m = m.replace('-', "_");
+                if !needs.modules.contains(&m) {
+                    needs.modules.push(m);
+                }
+            }
+            for f in &e.files {
+                needs.files.retain(|(p, _, _)| p != &f.path);
+                needs.files.push((f.path.clone(), f.sha256.clone(), f.mode));
+            }
+            if !e.note.is_empty() {
+                needs.notes.push(e.note.clone());
+            }
+        }
+        needs
+    }
+
+    /// Content of an object, checked against its name.
+    pub fn object(&self, sha256: &str) -> Result<Vec<u8>, FileDbError> {
+        let dir = self.dir.as_ref().ok_or_else(|| {
+            FileDbError::Object(sha256.into(), "no file database directory given".into())
+        })?;
+        let data = std::fs::read(dir.join("objects").join(sha256))
+            .map_err(|e| FileDbError::Object(sha256.into(), e.to_string()))?;
+        let got = hex::encode(sha2::Sha256::digest(&data));
+        if got != sha256 {
+            return Err(FileDbError::Object(
+                sha256.into(),
+                format!("content hashes to {got}; the object is corrupt"),
+            ));
+        }
+        Ok(data)
+    }
+}
+
+/// Dotted numeric comparison: "5.10" > "5.9"; missing parts count as 0, a non-numeric
+/// part compares as text.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    let parts = |s: &str| -> Vec<String> { s.split(['.', '-', '_']).map(str::to_string).collect() };
+    let (pa, pb) = (parts(a), parts(b));
+    for i in 0..pa.len().max(pb.len()) {
+        let x = pa.get(i).map(String::as_str).unwrap_or("0");
+        let y = pb.get(i).map(String::as_str).unwrap_or("0");
+        let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            _ => x.cmp(y),
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    std::cmp::Ordering::Equal
+}
+
+fn parse_bounds(spec: &str) -> Result<Vec<(&str, &str)>, String> {
+    let mut out = Vec::new();
+    for b in spec.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+        let op = [">=", "<=", ">", "<", "="]
+            .into_iter()
+            .find(|op| b.starts_with(op))
+            .ok_or_else(|| format!("version bound {b:?} needs one of >= <= > < ="))?;
+        let v = b[op.len()..].trim();
+        if v.is_empty() {
+            return Err(format!("version bound {b:?} has no version"));
+        }
+        out.push((op, v));
+    }
+    Ok(out)
+}
+
+/// Whether `version` lies within every bound of `spec`.
+pub fn version_matches(version: &str, spec: &str) -> bool {
+    use std::cmp::Ordering::*;
+    let Ok(bounds) = parse_bounds(spec) else {
+        return false;
+    };
+    bounds.into_iter().all(|(op, v)| {
+        let o = compare_versions(version, v);
+        match op {
+            ">=" => o != Less,
+            "<=" => o != Greater,
+            ">" => o == Greater,
+            "<" => o == Less,
+            _ => o == Equal,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_tell_releases_apart() {
+        assert!(version_matches("5.3", ">=5, <5.5"));
+        assert!(!version_matches("5.6", ">=5, <5.5"));
+        assert!(version_matches("6.10", ">=6, <7"));
+        assert!(version_matches("12.04", "<14.04"));
+        assert!(!version_matches("22.04", "<14.04"));
+        assert!(version_matches("9.3", ""));
+        assert!(compare_versions("5.10", "5.9").is_gt());
+    }
+
+    #[test]
+    fn default_catalogue_answers_for_every_target() {
+        let db = FileDb::open(None).unwrap();
+        let local = db.lookup("debian", "debian", "12", "local");
+        assert!(
+            local.modules.contains(&"virtio_blk".to_string()),
+            "{local:?}"
+        );
+        let aws = db.lookup("rhel", "rhel", "9.3", "aws");
+        assert!(
+            aws.modules.contains(&"ena".to_string()) && aws.modules.contains(&"nvme".to_string())
+        );
+        let azure = db.lookup("sles", "suse", "15.5", "azure");
+        assert!(azure.modules.contains(&"hv_storvsc".to_string()));
+        let old = db.lookup("centos", "rhel", "5.3", "aws");
+        assert!(old.modules.contains(&"xen_blkfront".to_string()), "{old:?}");
+        assert!(
+            !old.modules.contains(&"ena".to_string()),
+            "CentOS 5 has no ENA driver"
+        );
+    }
+
+    #[test]
+    fn operator_entries_add_to_the_built_in_ones_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+        let body = b"#!/bin/sh\n";
+        let sum = hex::encode(sha2::Sha256::digest(body));
+        std::fs::write(dir.path().join("objects").join(&sum), body).unwrap();
+        std::fs::write(
+            dir.path().join("index.toml"),
+            format!(
+                "version = 1\n[[entry]]\nos = \"centos\"\nversions = \">=5, <6\"\ntarget = \"aws\"\nfiles = [{{ path = \"/sbin/x\", sha256 = \"{sum}\", mode = 0o755 }}]\n"
+            ),
+        )
+        .unwrap();
+        let db = FileDb::open(Some(dir.path())).unwrap();
+        let n = db.lookup("centos", "rhel", "5.6", "aws");
+        assert_eq!(n.files, vec![("/sbin/x".to_string(), sum.clone(), 0o755)]);
+        assert_eq!(db.object(&sum).unwrap(), body);
+        std::fs::write(dir.path().join("objects").join(&sum), b"tampered").unwrap();
+        assert!(db.object(&sum).unwrap_err().to_string().contains("corrupt"));
+        for bad in [
+            "version = 2\n",
+            "version = 1\n[[entry]]\nos = \"x\"\ntarget = \"aws\"\nversions = \"~5\"\n",
+            "version = 1\n[[entry]]\nos = \"x\"\ntarget = \"aws\"\nfiles = [{ path = \"../etc\", sha256 = \"00\" }]\n",
+            "version = 1\nbogus = 1\n",
+        ] {
+            std::fs::write(dir.path().join("index.toml"), bad).unwrap();
+            assert!(FileDb::open(Some(dir.path())).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Kernel file injection: the drivers the target needs (from the file database) go into
+//! every installed kernel's initrd, rebuilt with the guest's own tool (update-initramfs,
+//! dracut or mkinitrd) in a chroot. A stamp file records what the initrds were built
+//! for, so a second run rebuilds nothing. Without any tool, files from the database are
+//! the fallback, and the report says so.
+use super::filedb::FileDb;
+use super::{Ctx, Found, Tree};
+
+const STAMP: &str = "/etc/ferry/initrd.stamp";
+const INITRAMFS_MODULES: &str = "/etc/initramfs-tools/modules";
+const DRACUT_CONF: &str = "/etc/dracut.conf.d/90-ferry.conf";
+
+/// The guest's initrd builder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    UpdateInitramfs,
+    Dracut,
+    Mkinitrd,
+}
+
+impl Tool {
+    fn find(tree: &Tree) -> Option<(Self, &'static str)> {
+        const CANDIDATES: &[(Tool, &str)] = &[
+            (Tool::UpdateInitramfs, "/usr/sbin/update-initramfs"),
+            (Tool::UpdateInitramfs, "/sbin/update-initramfs"),
+            (Tool::Dracut, "/usr/bin/dracut"),
+            (Tool::Dracut, "/usr/sbin/dracut"),
+            (Tool::Dracut, "/sbin/dracut"),
+            (Tool::Mkinitrd, "/sbin/mkinitrd"),
+            (Tool::Mkinitrd, "/usr/sbin/mkinitrd"),
+        ];
+        CANDIDATES
+            .iter()
+            .find(|(_, p)| tree.exists(p))
+            .map(|(t, p)| (*t, *p))
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Tool::UpdateInitramfs => "update-initramfs",
+            Tool::Dracut => "dracut",
+            Tool::Mkinitrd => "mkinitrd",
+        }
+    }
+}
+
+/// Installed kernels: versions with both a modules directory and a kernel image.
+fn kernels(tree: &Tree) -> Vec<String> {
+    let mut out: Vec<String> = ["/lib/modules", "/usr/lib/modules"]
+        .iter()
+        .flat_map(|d| tree.list(d, |_| true))
+        .filter_map(|p| p.rsplit('/').next().map(str::to_string))
+        .filter(|v| tree.exists(&format!("/boot/vmlinuz-{v}")))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// How a kernel provides a driver.
+#[derive(Debug, PartialEq, Eq)]
+enum Has {
+    BuiltIn,
+    Module,
+    Missing,
+}
+
+fn lookup_module(tree: &Tree, kver: &str, name: &str) -> Has {
+    let norm = |s: &str| s.replace('-', "_");
+    let want = norm(name);
+    let base_is = |line: &str| {
+        let file = line.split(':').next().unwrap_or(line).trim();
+        let base = file.rsplit('/').next().unwrap_or(file);
+        let stem = base.split(".ko").next().unwrap_or(base);
+        norm(stem) == want
+    };
+    for dir in ["/lib/modules", "/usr/lib/modules"] {
+        if let Found::Text(t) = tree.read(&format!("{dir}/{kver}/modules.builtin")) {
+            if t.lines().any(base_is) {
+                return Has::BuiltIn;
+            }
+        }
+        if let Found::Text(t) = tree.read_big(&format!("{dir}/{kver}/modules.dep")) {
+            if t.lines().any(base_is) {
+                return Has::Module;
+            }
+        }
+    }
+    Has::Missing
+}
+
+pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
+    const PATH: &str = "/boot";
+    let db = match FileDb::open(ctx.plan.filedb.as_deref()) {
+        Ok(db) => db,
+        Err(e) => {
+            ctx.note(PATH, format!("file database unusable: {e}"));
+            return;
+        }
+    };
+    let target = match ctx.plan.target {
+        super::Target::Local => "local",
+        super::Target::Aws => "aws",
+        super::Target::Azure => "azure",
+    };
+    let needs = db.lookup(&ctx.os.id, &ctx.os.family, &ctx.os.version, target);
+    for n in &needs.notes {
+        ctx.note("filedb", n.clone());
+    }
+    let kvers = kernels(tree);
+    if kvers.is_empty() {
+        ctx.note(
+            PATH,
+            "no installed kernel found (/lib/modules/VERSION with /boot/vmlinuz-VERSION)",
+        );
+    }
+    // Drivers to put into the initrd: those each kernel has as modules.
+    let mut modules: Vec<String> = Vec::new();
+    for kv in &kvers {
+        for m in &needs.modules {
+            match lookup_module(tree, kv, m) {
+                Has::BuiltIn => {}
+                Has::Module => {
+                    if !modules.contains(m) {
+                        modules.push(m.clone());
+                    }
+                }
+                Has::Missing => ctx.note(
+                    PATH,
+                    format!("kernel {kv} has no {m} driver (neither built in nor a module)"),
+                ),
+            }
+        }
+    }
+    for (path, sha, mode) in &needs.files {
+        match db.object(sha) {
+            Ok(data) => match String::from_utf8(data) {
+                Ok(text) => {
+                    tree.write(path, text);
+                    ctx.note(path, format!("from the file database (mode {mode:o})"));
+                }
+                Err(_) => ctx.note(path, "binary files from the database are placed at imaging"),
+            },
+            Err(e) => ctx.note(path, format!("not placed: {e}")),
+        }
+    }
+    let Some((tool, tool_path)) = Tool::find(tree) else {
+        if !kvers.is_empty() {
+            ctx.note(
+                PATH,
+                "the guest has no update-initramfs, dracut or mkinitrd: its initrds are not rebuilt; only files from the file database can add drivers",
+            );
+        }
+        return;
+    };
+    if kvers.is_empty() {
+        return;
+    }
+    let stamp = format!(
+        "target={target} tool={} kernels={} modules={}\n",
+        tool.name(),
+        kvers.join(","),
+        modules.join(",")
+    );
+    let current = match tree.read(STAMP) {
+        Found::Text(t) => t,
+        _ => String::new(),
+    };
+    match tool {
+        Tool::UpdateInitramfs => {
+            let text = ctx.read(tree, INITRAMFS_MODULES).unwrap_or_default();
+            let have: Vec<&str> = text
+                .lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .map(|l| l.split_whitespace().next().unwrap_or(l))
+                .collect();
+            let add: Vec<&String> = modules
+                .iter()
+                .filter(|m| !have.iter().any(|h| h.replace('-', "_") == **m))
+                .collect();
+            if !add.is_empty() {
+                let mut out = text.clone();
+                if !out.is_empty() && !out.ends_with('\n') {
+                    out.push('\n');
+                }
+                out.push_str(&format!("# ferry: drivers for {target}\n"));
+                for m in add {
+                    out.push_str(m);
+                    out.push('\n');
+                }
+                tree.write(INITRAMFS_MODULES, out);
+            }
+        }
+        Tool::Dracut => {
+            let conf = format!(
+                "# Written by ferry: drivers for {target}.\nadd_drivers+=\" {} \"\n",
+                modules.join(" ")
+            );
+            tree.write(DRACUT_CONF, conf);
+        }
+        Tool::Mkinitrd => {}
+    }
+    if current == stamp {
+        return;
+    }
+    tree.write(STAMP, stamp);
+    for kv in &kvers {
+        let argv: Vec<String> = match tool {
+            Tool::UpdateInitramfs => vec![tool_path.into(), "-u".into(), "-k".into(), kv.clone()],
+            Tool::Dracut => {
+                let image = if ctx.os.family == "suse" {
+                    format!("/boot/initrd-{kv}")
+                } else {
+                    format!("/boot/initramfs-{kv}.img")
+                };
+                vec![tool_path.into(), "-f".into(), image, kv.clone()]
+            }
+            Tool::Mkinitrd => {
+                let mut a = vec![tool_path.to_string(), "-f".into()];
+                a.extend(modules.iter().map(|m| format!("--with={m}")));
+                a.push(format!("/boot/initrd-{kv}.img"));
+                a.push(kv.clone());
+                a
+            }
+        };
+        ctx.chroot(
+            argv,
+            format!("rebuild the initrd of {kv} with {}", tool.name()),
+        );
+    }
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Customization benchmark (not a test): the whole pipeline on a real Debian 12 tree
+# (debootstrap, cloud kernel, MODULES=most) for AWS, next to the guest's own
+# update-initramfs alone, which dominates it. Needs root. Usage: tests/bench/customize.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+B=${CARGO_TARGET_DIR:-$PWD/target}/release
+cargo build --release -p ferry-cloud-manager --bins >/dev/null
+SRC=$(tests/bench/debian12_tree.sh)
+W=$(mktemp -d /tmp/ferry-bench-customize.XXXX)
+trap 'rm -rf "$W"' EXIT
+cp -a "$SRC" "$W/root"
+chroot_run() {
+  unshare --mount --propagation private --pid --fork --net -- sh -c \
+    'r=$1; shift; mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" && exec chroot "$r" "$@"' \
+    sh "$W/root" "$@"
+}
+now() { date +%s.%N; }
+t0=$(now); chroot_run update-initramfs -u >/dev/null 2>&1; t1=$(now)
+alone=$(echo "$t1 - $t0" | bc)
+t0=$(now); "$B/ferry-cloud" customize --root "$W/root" --target aws --host 198.18.0.10=app.corp.example >/dev/null; t1=$(now)
+whole=$(echo "$t1 - $t0" | bc)
+t0=$(now); "$B/ferry-cloud" customize --root "$W/root" --target aws --host 198.18.0.10=app.corp.example >/dev/null; t1=$(now)
+again=$(echo "$t1 - $t0" | bc)
+echo "| Debian 12 tree, target aws | wall s |"
+echo "|---|---|"
+echo "| guest's update-initramfs -u alone | $alone |"
+echo "| ferry-cloud customize (whole pipeline, initrd rebuilt) | $whole |"
+echo "| second run (nothing to do) | $again |"
