@@ -224,9 +224,9 @@ fn initrd_files(root: &Path) -> Result<String> {
         .ok_or_else(|| anyhow::anyhow!("no kernel in the tree"))??
         .file_name();
     let initrd = format!("/boot/initrd.img-{}", kver.to_string_lossy());
-    Ok(sh(Command::new("chroot")
+    sh(Command::new("chroot")
         .arg(root)
-        .args(["lsinitramfs", &initrd]))?)
+        .args(["lsinitramfs", &initrd]))
 }
 
 #[test]
