@@ -24,6 +24,10 @@ const CASES: &[(&str, &str, &[&str])] = &[
         &[
             "--fs=/dev/sdb1=5d0c3b2a-0000-4000-8000-0000000000b2",
             "--host=198.18.20.31=app1.corp.example",
+            "--service=db1.corp.example:3306=127.0.0.1:3306",
+            "--service=pg.corp.example:5432=127.0.0.2:5432",
+            "--service=ldap.corp.example:389=127.0.0.1:50101",
+            "--service=198.18.20.2:53/udp=127.0.0.1:53",
         ],
     ),
     (

@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod chroot;
 pub mod cmdline;
+pub mod endpoints;
 pub mod filedb;
 pub mod fstab;
 pub mod hosts;
@@ -68,6 +69,8 @@ impl Target {
 pub struct ServiceMap {
     pub host: String,
     pub port: u16,
+    /// "TCP" or "UDP", as the service table spells it.
+    pub protocol: String,
     pub proxy_host: String,
     pub proxy_port: u16,
 }
@@ -134,6 +137,12 @@ impl Plan {
         }
         for s in services {
             let (from, to) = split(s, "--service")?;
+            // HOST:PORT/udp names a UDP service (DNS); TCP otherwise.
+            let (from, protocol) = match from.rsplit_once('/') {
+                Some((f, p)) if p.eq_ignore_ascii_case("udp") => (f.to_string(), "UDP"),
+                Some((f, p)) if p.eq_ignore_ascii_case("tcp") => (f.to_string(), "TCP"),
+                _ => (from, "TCP"),
+            };
             let ep = |e: &str| -> Result<(String, u16), CustomizeError> {
                 let (h, p) = e.rsplit_once(':').ok_or_else(|| {
                     CustomizeError::Plan(format!("--service {s:?}: expected HOST:PORT"))
@@ -144,9 +153,18 @@ impl Plan {
                 Ok((h.trim_matches(['[', ']']).to_string(), port))
             };
             let ((host, port), (proxy_host, proxy_port)) = (ep(&from)?, ep(&to)?);
+            if !hosts::valid_name(&host) && host.parse::<IpAddr>().is_err() {
+                return Err(CustomizeError::Plan(format!("--service {s:?}: bad host")));
+            }
+            if proxy_host.parse::<IpAddr>().is_err() {
+                return Err(CustomizeError::Plan(format!(
+                    "--service {s:?}: the proxy must be an address (the tunnel listens there)"
+                )));
+            }
             plan.services.push(ServiceMap {
                 host,
                 port,
+                protocol: protocol.into(),
                 proxy_host,
                 proxy_port,
             });
@@ -232,6 +250,7 @@ const STEPS: &[(&str, Step)] = &[
     ("network", net::step),
     ("boot", boot::step),
     ("kernel", kernel::step),
+    ("endpoints", endpoints::step),
 ];
 
 /// Runs every step on the tree at `root`; writes only when not `dry_run`.

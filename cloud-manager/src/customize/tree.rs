@@ -157,6 +157,32 @@ impl Tree {
         }
     }
 
+    /// Regular files below `dir`, depth first, never through a symlink or into another
+    /// kind of file; at most `max` of them.
+    pub fn walk(&self, dir: &str, max: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.trim_end_matches('/').to_string()];
+        while let Some(d) = stack.pop() {
+            for p in self.list(&d, |_| true) {
+                if out.len() >= max {
+                    return out;
+                }
+                let Ok(Some((parent, name))) = self.root.parent(rel(&p), false) else {
+                    continue;
+                };
+                match rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+                        FileType::Directory => stack.push(p),
+                        FileType::RegularFile => out.push(p),
+                        _ => {}
+                    },
+                    Err(_) => continue,
+                }
+            }
+        }
+        out
+    }
+
     /// Paths under `dir` (absolute within the tree) whose names pass `keep`, sorted.
     pub fn list(&self, dir: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
         let Ok(fd) = self.root.open_dir(rel(dir)) else {
