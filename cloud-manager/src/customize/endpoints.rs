@@ -218,7 +218,7 @@ pub fn rewrite(text: &str, services: &[ServiceMap]) -> (String, Vec<(usize, Stri
         }
     }
     // Later spans first, so earlier ones on the same line keep their offsets.
-    edits.sort_by(|a, b| (b.0, b.1.start).cmp(&(a.0, a.1.start)));
+    edits.sort_by_key(|e| std::cmp::Reverse((e.0, e.1.start)));
     edits.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
     for (i, span, new) in edits {
         lines[i].replace_range(span, &new);
