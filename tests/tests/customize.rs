@@ -35,6 +35,48 @@ const CASES: &[(&str, &str, &[&str])] = &[
         "local",
         &["--fs=/dev/sda1=7e6d5c4b-0000-4000-8000-0000000000c1"],
     ),
+    (
+        "centos-5.6",
+        "local",
+        &[
+            "--fs=/dev/hdb1=3c1f0a6e-0000-4000-8000-000000000561",
+            "--host=198.18.11.5=app56.corp.example",
+        ],
+    ),
+    (
+        "centos-6",
+        "aws",
+        &[
+            "--fs=/dev/sdb1=8d2c3a4b-0000-4000-8000-000000000604",
+            "--host=198.18.12.7=db6.corp.example",
+            "--host=198.18.12.8=web6.corp.example",
+        ],
+    ),
+    (
+        "ubuntu-12.04",
+        "aws",
+        &[
+            "--fs=/dev/sda5=2b3c4d5e-0000-4000-8000-000000001205",
+            "--fs=/dev/sdb1=2b3c4d5e-0000-4000-8000-000000001202",
+            "--host=198.18.13.9=web12.corp.example",
+        ],
+    ),
+    (
+        "debian-12",
+        "local",
+        &[
+            "--fs=/dev/sdb1=4c5d6e7f-0000-4000-8000-000000001202",
+            "--host=198.18.14.11=app14.corp.example",
+        ],
+    ),
+    (
+        "sles-15",
+        "azure",
+        &[
+            "--fs=/dev/sda2=6e7f8091-0000-4000-8000-000000001502",
+            "--fs=/dev/sdb1=6e7f8091-0000-4000-8000-000000001503",
+        ],
+    ),
 ];
 
 fn fixtures() -> std::path::PathBuf {

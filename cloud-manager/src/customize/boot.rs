@@ -12,6 +12,7 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
     let want = Want {
         target: ctx.plan.target,
         pin_eth_names: super::net::uses_eth_names(tree),
+        console: true,
     };
     for path in GRUB_LEGACY {
         edit_lines(tree, ctx, path, want, |l| {
@@ -103,14 +104,11 @@ fn grub_defaults(text: &str, want: Want, ctx: &mut Ctx<'_>) -> String {
                 } else {
                     Want {
                         pin_eth_names: false,
+                        console: false,
                         ..want
                     }
                 };
-                let new = if key == "GRUB_CMDLINE_LINUX" {
-                    cmdline::edit(&args, want, GRUB_DEFAULTS, ctx)
-                } else {
-                    strip_splash(&args)
-                };
+                let new = cmdline::edit(&args, want, GRUB_DEFAULTS, ctx);
                 if new == args {
                     out.push_str(line);
                 } else {
@@ -123,12 +121,8 @@ fn grub_defaults(text: &str, want: Want, ctx: &mut Ctx<'_>) -> String {
                 if v.split_whitespace().any(|t| t == "serial") {
                     out.push_str(line);
                 } else {
-                    let v = if v.trim().is_empty() {
-                        "serial console".to_string()
-                    } else {
-                        format!("serial {}", v.trim())
-                    };
-                    out.push_str(&format!("{key}=\"{v}\"\n"));
+                    // A graphical terminal shows nothing on a serial line.
+                    out.push_str(&format!("{key}=\"serial console\"\n"));
                 }
             }
             "GRUB_SERIAL_COMMAND" => {
@@ -152,16 +146,4 @@ fn grub_defaults(text: &str, want: Want, ctx: &mut Ctx<'_>) -> String {
         out.push_str("GRUB_SERIAL_COMMAND=\"serial --speed=115200 --unit=0 --word=8 --parity=no --stop=1\"\n");
     }
     out
-}
-
-fn strip_splash(args: &str) -> String {
-    let kept: Vec<&str> = args
-        .split_whitespace()
-        .filter(|w| *w != "rhgb" && *w != "quiet" && !w.starts_with("splash"))
-        .collect();
-    if kept.len() == args.split_whitespace().count() {
-        args.to_string()
-    } else {
-        kept.join(" ")
-    }
 }

@@ -9,6 +9,8 @@ pub struct Want {
     pub target: Target,
     /// The source names interfaces eth0, eth1, ...: keep those names.
     pub pin_eth_names: bool,
+    /// Add the serial console (once per command line that is always used).
+    pub console: bool,
 }
 
 /// Edits the arguments of one command line; returns it unchanged when nothing applies.
@@ -42,7 +44,7 @@ pub fn edit(args: &str, want: Want, path: &str, ctx: &mut Ctx<'_>) -> String {
             "dropped rhgb/quiet/splash: the boot log goes to the console",
         );
     }
-    if !words.iter().any(|w| w.starts_with("console=ttyS")) {
+    if want.console && !words.iter().any(|w| w.starts_with("console=ttyS")) {
         words.push("console=tty0".into());
         words.push(format!("console={}", want.target.console()));
         ctx.note(
