@@ -4,18 +4,17 @@
 //! Everything under `root` is read the way a chroot would see it: symlinks
 //! with absolute targets are resolved inside the tree, never on the live host.
 
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
-use ferry_common::sysconf::{parse_shell_vars, OsInfo};
+use ferry_common::sysconf::{compare_versions, parse_shell_vars, OsInfo};
 use serde::{Deserialize, Serialize};
 
 /// What the probe found out about a system.
@@ -29,18 +28,6 @@ pub struct HostInfo {
     pub memory_bytes: u64,
     pub nics: Vec<Nic>,
     pub filesystems: Vec<FsInfo>,
-}
-
-/// A network interface.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Nic {
-    pub name: String,
-    /// Lowercase colon-separated hardware address.
-    pub mac: Option<String>,
-    /// CIDR, e.g. "10.1.2.3/24".
-    pub addresses: Vec<String>,
-    /// "static", "dhcp" or "unknown".
-    pub config: String,
 }
 
 /// A local file system of the system.
@@ -93,9 +80,10 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ProbeError + '_ {
     }
 }
 
-const STATIC: &str = "static";
-const DHCP: &str = "dhcp";
-const UNKNOWN: &str = "unknown";
+use ferry_common::sysconf::net::{
+    ifcfg_device, merge_nic, new_nic, normalize_mac, parse_ifcfg, parse_interfaces, parse_netplan,
+    parse_nmconnection, Nic, IFCFG_DIRS, STATIC, UNKNOWN,
+};
 
 /// Probes the system whose "/" is `root` ("/" for the live host).
 pub fn probe(root: &Path) -> Result<HostInfo, ProbeError> {
@@ -269,13 +257,15 @@ fn probe_hostname(root: &Path, live: bool) -> String {
 
 /// The dotted name on an /etc/hosts line that lists `hostname`, preferring `hostname.domain`.
 fn fqdn_from_hosts(hostname: &str, hosts: &str) -> Option<String> {
+    use ferry_common::sysconf::hosts::{parse, Line};
     if hostname.is_empty() {
         return None;
     }
     let prefix = format!("{}.", hostname.to_lowercase());
-    for line in hosts.lines() {
-        let line = line.split('#').next().unwrap_or("");
-        let names: Vec<&str> = line.split_whitespace().skip(1).collect();
+    for line in parse(hosts) {
+        let Line::Entry { names, .. } = line else {
+            continue;
+        };
         let mentions = names
             .iter()
             .any(|n| n.eq_ignore_ascii_case(hostname) || n.to_lowercase().starts_with(&prefix));
@@ -291,7 +281,7 @@ fn fqdn_from_hosts(hostname: &str, hosts: &str) -> Option<String> {
                     .find(|n| n.contains('.') && !n.starts_with("localhost"))
             });
         if let Some(name) = dotted {
-            return Some((*name).to_string());
+            return Some(name.clone());
         }
     }
     None
@@ -326,44 +316,6 @@ fn probe_kernel(root: &Path, live: bool) -> String {
         .unwrap_or_default()
 }
 
-/// Orders version strings by runs of digits (numerically) and letters, like rpmvercmp.
-fn compare_versions(a: &str, b: &str) -> Ordering {
-    let (xs, ys) = (version_chunks(a), version_chunks(b));
-    for (x, y) in xs.iter().zip(ys.iter()) {
-        let x_num = x.starts_with(|c: char| c.is_ascii_digit());
-        let y_num = y.starts_with(|c: char| c.is_ascii_digit());
-        let ord = match (x_num, y_num) {
-            (true, true) => {
-                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
-                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
-            }
-            (true, false) => Ordering::Greater,
-            (false, true) => Ordering::Less,
-            (false, false) => x.cmp(y),
-        };
-        if ord != Ordering::Equal {
-            return ord;
-        }
-    }
-    xs.len().cmp(&ys.len())
-}
-
-/// Runs of digits or of letters; separators ('.', '-', '_') only delimit, as in rpmvercmp.
-fn version_chunks(s: &str) -> Vec<&str> {
-    let is_sep = |c: char| !c.is_ascii_alphanumeric();
-    let mut chunks = Vec::new();
-    let mut rest = s.trim_start_matches(is_sep);
-    while !rest.is_empty() {
-        let digits = rest.starts_with(|c: char| c.is_ascii_digit());
-        let end = rest
-            .find(|c: char| is_sep(c) || c.is_ascii_digit() != digits)
-            .unwrap_or(rest.len());
-        chunks.push(&rest[..end]);
-        rest = rest[end..].trim_start_matches(is_sep);
-    }
-    chunks
-}
-
 fn probe_cpus() -> u32 {
     let from_cpuinfo = fs::read_to_string("/proc/cpuinfo")
         .map(|t| {
@@ -395,35 +347,6 @@ fn probe_memory() -> u64 {
 
 // ---------------------------------------------------------------------------
 // NICs
-
-fn new_nic(name: &str) -> Nic {
-    Nic {
-        name: name.to_string(),
-        mac: None,
-        addresses: Vec::new(),
-        config: UNKNOWN.into(),
-    }
-}
-
-/// Merges `nic` into `nics` by name: a known config wins over "unknown", addresses are united.
-fn merge_nic(nics: &mut Vec<Nic>, nic: Nic) {
-    match nics.iter_mut().find(|n| n.name == nic.name) {
-        Some(existing) => {
-            if nic.config != UNKNOWN {
-                existing.config = nic.config;
-            }
-            if existing.mac.is_none() {
-                existing.mac = nic.mac;
-            }
-            for addr in nic.addresses {
-                if !existing.addresses.contains(&addr) {
-                    existing.addresses.push(addr);
-                }
-            }
-        }
-        None => nics.push(nic),
-    }
-}
 
 /// NICs as the system's network configuration files describe them.
 fn config_nics(root: &Path) -> Vec<Nic> {
@@ -465,68 +388,14 @@ fn merge_live_nics(mut live: Vec<Nic>, configured: Vec<Nic>) -> Vec<Nic> {
     live
 }
 
-fn normalize_mac(mac: &str) -> Option<String> {
-    let mac = mac.trim().to_lowercase();
-    let all_zero = mac.chars().all(|c| c == '0' || c == ':');
-    (!mac.is_empty() && !all_zero).then_some(mac)
-}
-
-fn netmask_to_prefix(mask: &str) -> Option<u32> {
-    mask.parse::<Ipv4Addr>()
-        .ok()
-        .map(|m| u32::from(m).count_ones())
-}
-
-/// Builds "addr/prefix" from an address and an optional prefix length or dotted netmask.
-/// Without either, IPv4 gets its classful default (as ipcalc does for ifcfg) and IPv6 gets /64.
-fn to_cidr(addr: &str, prefix: Option<&str>) -> Option<String> {
-    let addr = addr.trim();
-    if let Some((ip, len)) = addr.split_once('/') {
-        ip.parse::<IpAddr>().ok()?;
-        let len = if len.contains('.') {
-            netmask_to_prefix(len)?
-        } else {
-            len.parse().ok()?
-        };
-        return Some(format!("{ip}/{len}"));
-    }
-    let ip: IpAddr = addr.parse().ok()?;
-    let explicit = prefix
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .and_then(|p| {
-            if p.contains('.') {
-                netmask_to_prefix(p)
-            } else {
-                p.parse::<u32>().ok()
-            }
-        });
-    let len = explicit.unwrap_or(match ip {
-        IpAddr::V4(v4) => match v4.octets()[0] {
-            0..=127 => 8,
-            128..=191 => 16,
-            _ => 24,
-        },
-        IpAddr::V6(_) => 64,
-    });
-    Some(format!("{ip}/{len}"))
-}
-
 /// RHEL (`/etc/sysconfig/network-scripts`) and SUSE (`/etc/sysconfig/network`) ifcfg files.
 fn ifcfg_nics(root: &Path) -> Vec<Nic> {
-    const BACKUP_SUFFIXES: [&str; 9] = [
-        "~", ".bak", ".orig", ".old", ".rpmnew", ".rpmorig", ".rpmsave", ".swp", ".save",
-    ];
     let mut nics = Vec::new();
-    for dir in ["/etc/sysconfig/network-scripts", "/etc/sysconfig/network"] {
+    for dir in IFCFG_DIRS {
         for (fname, path) in list_dir(root, dir) {
-            let Some(suffix) = fname.strip_prefix("ifcfg-") else {
+            let Some(suffix) = ifcfg_device(&fname) else {
                 continue;
             };
-            // initscripts ignores the same editor and package-manager leftovers.
-            if BACKUP_SUFFIXES.iter().any(|s| suffix.ends_with(s)) || suffix.contains("-range") {
-                continue;
-            }
             let Some(text) = read_text_at(&path) else {
                 continue;
             };
@@ -534,61 +403,6 @@ fn ifcfg_nics(root: &Path) -> Vec<Nic> {
         }
     }
     nics
-}
-
-fn parse_ifcfg(file_suffix: &str, text: &str) -> Nic {
-    let vars = parse_shell_vars(text);
-    let device = vars
-        .get("DEVICE")
-        .filter(|d| !d.is_empty())
-        .map_or(file_suffix, String::as_str);
-    // "eth0:1" is an IP alias: its addresses belong to eth0, its BOOTPROTO does not decide eth0's.
-    let (name, is_alias) = match device.split_once(':') {
-        Some((base, _)) => (base, true),
-        None => (device, false),
-    };
-    let mut nic = new_nic(name);
-    nic.mac = ["HWADDR", "MACADDR", "LLADDR"]
-        .iter()
-        .find_map(|k| vars.get(*k))
-        .and_then(|m| normalize_mac(m));
-    for (key, value) in &vars {
-        // IPADDR, IPADDR0..n (NetworkManager) and IPADDR_x (SUSE) each pair with their own mask.
-        let Some(tag) = key.strip_prefix("IPADDR") else {
-            continue;
-        };
-        if value.is_empty()
-            || !(tag.is_empty() || tag.starts_with('_') || tag.chars().all(|c| c.is_ascii_digit()))
-        {
-            continue;
-        }
-        let prefix = ["PREFIX", "PREFIXLEN", "NETMASK"]
-            .iter()
-            .find_map(|p| vars.get(&format!("{p}{tag}")))
-            .map(String::as_str);
-        nic.addresses.extend(to_cidr(value, prefix));
-    }
-    if let Some(v6) = vars.get("IPV6ADDR").filter(|v| !v.is_empty()) {
-        nic.addresses.extend(to_cidr(v6, None));
-    }
-    let proto = vars
-        .get("BOOTPROTO")
-        .map(|p| p.to_lowercase())
-        .unwrap_or_default();
-    nic.config = if is_alias {
-        UNKNOWN
-    } else if proto.starts_with("dhcp") || proto == "bootp" {
-        DHCP
-    } else if proto == "static"
-        || proto == "none"
-        || (proto.is_empty() && !nic.addresses.is_empty())
-    {
-        STATIC
-    } else {
-        UNKNOWN
-    }
-    .into();
-    nic
 }
 
 /// Debian's /etc/network/interfaces, following `source` and `source-directory`.
@@ -648,101 +462,6 @@ fn expand_source(directive: &str, target: &Path) -> Vec<PathBuf> {
     }
 }
 
-/// Returns the NICs of one interfaces file and its (`source`|`source-directory`, path) lines.
-fn parse_interfaces(text: &str) -> (Vec<Nic>, Vec<(String, String)>) {
-    struct Stanza {
-        name: String,
-        inet6: bool,
-        method: String,
-        addrs: Vec<String>,
-        netmask: Option<String>,
-        mac: Option<String>,
-    }
-    fn finish(stanza: Option<Stanza>, nics: &mut Vec<(Nic, bool)>) {
-        let Some(s) = stanza else { return };
-        let mut nic = new_nic(&s.name);
-        nic.mac = s.mac;
-        nic.addresses = s
-            .addrs
-            .iter()
-            .filter_map(|a| to_cidr(a, s.netmask.as_deref()))
-            .collect();
-        nic.config = match s.method.as_str() {
-            "static" => STATIC,
-            "dhcp" => DHCP,
-            _ => UNKNOWN,
-        }
-        .into();
-        nics.push((nic, s.inet6));
-    }
-
-    let mut stanzas = Vec::new();
-    let mut sources = Vec::new();
-    let mut current: Option<Stanza> = None;
-    for line in text.lines() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let Some(&keyword) = words.first() else {
-            continue;
-        };
-        match keyword {
-            "iface" => {
-                finish(current.take(), &mut stanzas);
-                if words.len() >= 4 {
-                    current = Some(Stanza {
-                        name: words[1].to_string(),
-                        inet6: words[2] == "inet6",
-                        method: words[3].to_string(),
-                        addrs: Vec::new(),
-                        netmask: None,
-                        mac: None,
-                    });
-                }
-            }
-            "auto" | "mapping" | "rename" | "source" | "source-directory" => {
-                finish(current.take(), &mut stanzas);
-                if keyword.starts_with("source") && words.len() >= 2 {
-                    sources.push((keyword.to_string(), words[1].to_string()));
-                }
-            }
-            k if k.starts_with("allow-") => finish(current.take(), &mut stanzas),
-            "address" | "netmask" | "hwaddress" => {
-                let Some(stanza) = current.as_mut() else {
-                    continue;
-                };
-                // "hwaddress ether 00:11:..." or "hwaddress 00:11:..."
-                let Some(&value) = words.last().filter(|_| words.len() >= 2) else {
-                    continue;
-                };
-                match keyword {
-                    "address" => stanza.addrs.push(value.to_string()),
-                    "netmask" => stanza.netmask = Some(value.to_string()),
-                    _ => stanza.mac = normalize_mac(value),
-                }
-            }
-            _ => {}
-        }
-    }
-    finish(current, &mut stanzas);
-
-    // The IPv4 stanza decides static or DHCP; an inet6 one only when there is no IPv4 stanza.
-    let mut nics = Vec::new();
-    let (v4, v6): (Vec<_>, Vec<_>) = stanzas.into_iter().partition(|(_, inet6)| !inet6);
-    for (nic, _) in v4 {
-        merge_nic(&mut nics, nic);
-    }
-    for (mut nic, _) in v6 {
-        if nics
-            .iter()
-            .any(|n| n.name == nic.name && n.config != UNKNOWN)
-        {
-            nic.config = UNKNOWN.into();
-        }
-        merge_nic(&mut nics, nic);
-    }
-    (nics, sources)
-}
-
 fn netplan_nics(root: &Path) -> Vec<Nic> {
     let mut nics = Vec::new();
     for (name, path) in list_dir(root, "/etc/netplan") {
@@ -758,186 +477,6 @@ fn netplan_nics(root: &Path) -> Vec<Nic> {
     nics
 }
 
-fn yaml_bool(v: &str) -> bool {
-    matches!(
-        v.trim().to_lowercase().as_str(),
-        "true" | "yes" | "on" | "y"
-    )
-}
-
-/// Strips a `#` comment that is outside quotes and starts a word.
-fn strip_yaml_comment(line: &str) -> &str {
-    let mut quote: Option<char> = None;
-    let mut prev_space = true;
-    for (i, c) in line.char_indices() {
-        match (quote, c) {
-            (None, '"' | '\'') => quote = Some(c),
-            (Some(q), c) if c == q => quote = None,
-            (None, '#') if prev_space => return &line[..i],
-            _ => {}
-        }
-        prev_space = c.is_whitespace();
-    }
-    line
-}
-
-/// Strips YAML quotes from a scalar.
-fn yaml_scalar(v: &str) -> String {
-    let v = v.trim();
-    for q in ['"', '\''] {
-        if let Some(inner) = v.strip_prefix(q) {
-            return inner.split(q).next().unwrap_or("").to_string();
-        }
-    }
-    v.to_string()
-}
-
-/// Splits `key: value`; returns None for a line that is not a mapping entry.
-fn yaml_key_value(content: &str) -> Option<(String, String)> {
-    for q in ['"', '\''] {
-        if let Some(rest) = content.strip_prefix(q) {
-            let (key, after) = rest.split_once(q)?;
-            let value = after.trim_start().strip_prefix(':')?;
-            return Some((key.to_string(), value.trim().to_string()));
-        }
-    }
-    if let Some(key) = content.strip_suffix(':') {
-        if !key.contains(": ") {
-            return Some((key.trim().to_string(), String::new()));
-        }
-    }
-    let (key, value) = content.split_once(": ")?;
-    Some((key.trim().to_string(), value.trim().to_string()))
-}
-
-/// Items of a flow sequence like `[10.0.0.5/24, "fe80::1/64"]`.
-fn yaml_flow_list(v: &str) -> Vec<String> {
-    let inner = v.trim().trim_start_matches('[').trim_end_matches(']');
-    inner
-        .split(',')
-        .map(yaml_scalar)
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
-/// A small line-based reader for netplan: it tracks the key path by indentation and only
-/// understands what the probe needs (dhcp4/dhcp6, addresses, macaddress, set-name).
-fn parse_netplan(text: &str) -> Vec<Nic> {
-    #[derive(Default)]
-    struct Iface {
-        dhcp4: bool,
-        dhcp6: bool,
-        addresses: Vec<String>,
-        mac: Option<String>,
-        set_name: Option<String>,
-    }
-    const SECTIONS: [&str; 5] = ["ethernets", "bonds", "bridges", "vlans", "wifis"];
-
-    fn apply(
-        ifaces: &mut Vec<(String, Iface)>,
-        path: &[String],
-        value: Option<&str>,
-        item: Option<&str>,
-    ) {
-        if path.len() < 3 || path[0] != "network" || !SECTIONS.contains(&path[1].as_str()) {
-            return;
-        }
-        let name = &path[2];
-        let index = match ifaces.iter().position(|(n, _)| n == name) {
-            Some(i) => i,
-            None => {
-                ifaces.push((name.clone(), Iface::default()));
-                ifaces.len() - 1
-            }
-        };
-        let iface = &mut ifaces[index].1;
-        let rest: Vec<&str> = path[3..].iter().map(String::as_str).collect();
-        match (rest.as_slice(), value, item) {
-            (["dhcp4"], Some(v), _) => iface.dhcp4 = yaml_bool(v),
-            (["dhcp6"], Some(v), _) => iface.dhcp6 = yaml_bool(v),
-            (["addresses"], Some(v), _) => iface.addresses.extend(yaml_flow_list(v)),
-            (["addresses"], None, Some(item)) => {
-                // "- 10.0.0.5/24" or, with options, "- "10.0.0.5/24":" followed by a mapping.
-                let key = yaml_key_value(item).map_or_else(|| yaml_scalar(item), |(k, _)| k);
-                iface.addresses.push(key);
-            }
-            (["macaddress"] | ["match", "macaddress"], Some(v), _) => {
-                iface.mac = normalize_mac(&yaml_scalar(v))
-            }
-            (["set-name"], Some(v), _) => iface.set_name = Some(yaml_scalar(v)),
-            ([], Some(v), _) if v.starts_with('{') => {
-                // Flow mapping "eth0: {dhcp4: true}".
-                for pair in v.trim_matches(|c| c == '{' || c == '}').split(',') {
-                    if let Some((k, v)) = pair.split_once(':') {
-                        let mut sub = path.to_vec();
-                        sub.push(k.trim().to_string());
-                        apply(ifaces, &sub, Some(v.trim()), None);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    let mut ifaces: Vec<(String, Iface)> = Vec::new();
-    let mut stack: Vec<(usize, String)> = Vec::new();
-    for raw in text.lines() {
-        let line = strip_yaml_comment(raw).trim_end();
-        let content = line.trim_start();
-        if content.is_empty() || content == "---" {
-            continue;
-        }
-        let indent = line.len() - content.len();
-        if let Some(item) = content.strip_prefix("- ") {
-            // A sequence may sit at the same indentation as its key.
-            while stack.last().is_some_and(|(i, _)| *i > indent) {
-                stack.pop();
-            }
-            let path: Vec<String> = stack.iter().map(|(_, k)| k.clone()).collect();
-            apply(&mut ifaces, &path, None, Some(item.trim()));
-            continue;
-        }
-        while stack.last().is_some_and(|(i, _)| *i >= indent) {
-            stack.pop();
-        }
-        let Some((key, value)) = yaml_key_value(content) else {
-            continue;
-        };
-        let mut path: Vec<String> = stack.iter().map(|(_, k)| k.clone()).collect();
-        path.push(key.clone());
-        if value.is_empty() {
-            apply(&mut ifaces, &path, None, None);
-            stack.push((indent, key));
-        } else {
-            apply(&mut ifaces, &path, Some(&value), None);
-        }
-    }
-
-    ifaces
-        .into_iter()
-        .map(|(key, iface)| {
-            let mut nic = new_nic(iface.set_name.as_deref().unwrap_or(&key));
-            nic.mac = iface.mac;
-            nic.addresses = iface
-                .addresses
-                .iter()
-                .filter_map(|a| to_cidr(a, None))
-                .collect();
-            nic.config = if iface.dhcp4 {
-                DHCP
-            } else if !nic.addresses.is_empty() {
-                STATIC
-            } else if iface.dhcp6 {
-                DHCP
-            } else {
-                UNKNOWN
-            }
-            .into();
-            nic
-        })
-        .collect()
-}
-
 fn nm_nics(root: &Path) -> Vec<Nic> {
     let mut nics = Vec::new();
     for (name, path) in list_dir(root, "/etc/NetworkManager/system-connections") {
@@ -949,75 +488,6 @@ fn nm_nics(root: &Path) -> Vec<Nic> {
         }
     }
     nics
-}
-
-/// Parses a NetworkManager keyfile; None for connections that are not interfaces (VPN, loopback).
-fn parse_nmconnection(text: &str) -> Option<Nic> {
-    let mut sections: HashMap<String, Vec<(String, String)>> = HashMap::new();
-    let mut section = String::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            section = name.trim().to_string();
-        } else if let Some((k, v)) = line.split_once('=') {
-            sections
-                .entry(section.clone())
-                .or_default()
-                .push((k.trim().to_string(), v.trim().to_string()));
-        }
-    }
-    let get = |sec: &str, key: &str| {
-        sections
-            .get(sec)
-            .and_then(|kv| kv.iter().find(|(k, _)| k == key))
-            .map(|(_, v)| v.as_str())
-    };
-    let conn_type = get("connection", "type").unwrap_or("");
-    if matches!(conn_type, "loopback" | "vpn" | "wireguard" | "tun") {
-        return None;
-    }
-    let name = get("connection", "interface-name").or_else(|| get("connection", "id"))?;
-    let mut nic = new_nic(name);
-    nic.mac = get("ethernet", "mac-address")
-        .or_else(|| get("802-3-ethernet", "mac-address"))
-        .and_then(normalize_mac);
-    for family in ["ipv4", "ipv6"] {
-        let Some(kv) = sections.get(family) else {
-            continue;
-        };
-        // address1=10.0.0.5/24,10.0.0.1 (current) or addresses1=10.0.0.5;24;10.0.0.1; (old).
-        let mut numbered: Vec<(u32, &str)> = kv
-            .iter()
-            .filter_map(|(k, v)| {
-                let n = k
-                    .strip_prefix("addresses")
-                    .or_else(|| k.strip_prefix("address"))?;
-                let n = if n.is_empty() { 0 } else { n.parse().ok()? };
-                Some((n, v.as_str()))
-            })
-            .collect();
-        numbered.sort_by_key(|(n, _)| *n);
-        for (_, value) in numbered {
-            let first = value.split(',').next().unwrap_or("");
-            let mut parts = first.split(';');
-            let addr = parts.next().unwrap_or("");
-            nic.addresses.extend(to_cidr(addr, parts.next()));
-        }
-    }
-    let method = |fam: &str| match get(fam, "method") {
-        Some("auto" | "dhcp") => DHCP,
-        Some("manual") => STATIC,
-        _ => UNKNOWN,
-    };
-    nic.config = match method("ipv4") {
-        UNKNOWN => method("ipv6"),
-        m => m,
-    }
-    .into();
-    Some(nic)
 }
 
 /// Live interfaces (except lo) with MACs from sysfs and addresses from `ip` or procfs.
@@ -1529,6 +999,7 @@ fn find_dev_link(links: &[DevLink], device: &Path, st_dev: Option<u64>) -> Optio
 mod tests {
     use super::*;
     use ferry_common::sysconf::{os_from_redhat_release, os_from_suse_release};
+    use std::cmp::Ordering;
     use std::os::unix::fs::symlink;
 
     const CENTOS_IFCFG_ETH0: &str = "\

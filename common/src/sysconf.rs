@@ -1,6 +1,9 @@
 //! Parsers of system configuration files shared by the agent's probe and the cloud
 //! manager's customization: OS identity (os-release and the older release files) and
 //! shell-style `KEY=value` files.
+pub mod hosts;
+pub mod net;
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -228,4 +231,42 @@ fn os_from_debian_version(text: &str) -> OsInfo {
         version,
         pretty_name: format!("Debian GNU/Linux {raw}"),
     }
+}
+
+/// Orders version strings by runs of digits (numerically) and letters, like rpmvercmp.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    let (xs, ys) = (version_chunks(a), version_chunks(b));
+    for (x, y) in xs.iter().zip(ys.iter()) {
+        let x_num = x.starts_with(|c: char| c.is_ascii_digit());
+        let y_num = y.starts_with(|c: char| c.is_ascii_digit());
+        let ord = match (x_num, y_num) {
+            (true, true) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            (true, false) => std::cmp::Ordering::Greater,
+            (false, true) => std::cmp::Ordering::Less,
+            (false, false) => x.cmp(y),
+        };
+        if ord != std::cmp::Ordering::Equal {
+            return ord;
+        }
+    }
+    xs.len().cmp(&ys.len())
+}
+
+/// Runs of digits or of letters; separators ('.', '-', '_') only delimit, as in rpmvercmp.
+fn version_chunks(s: &str) -> Vec<&str> {
+    let is_sep = |c: char| !c.is_ascii_alphanumeric();
+    let mut chunks = Vec::new();
+    let mut rest = s.trim_start_matches(is_sep);
+    while !rest.is_empty() {
+        let digits = rest.starts_with(|c: char| c.is_ascii_digit());
+        let end = rest
+            .find(|c: char| is_sep(c) || c.is_ascii_digit() != digits)
+            .unwrap_or(rest.len());
+        chunks.push(&rest[..end]);
+        rest = rest[end..].trim_start_matches(is_sep);
+    }
+    chunks
 }

@@ -4,6 +4,7 @@
 //!
 //! Layout of a database directory: `index.toml` (same schema as the built-in one) and
 //! `objects/<sha256>` for content.
+use ferry_common::sysconf::compare_versions;
 use serde::Deserialize;
 use sha2::Digest;
 use std::path::{Path, PathBuf};
@@ -178,25 +179,6 @@ impl FileDb {
         }
         Ok(data)
     }
-}
-
-/// Dotted numeric comparison: "5.10" > "5.9"; missing parts count as 0, a non-numeric
-/// part compares as text.
-pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
-    let parts = |s: &str| -> Vec<String> { s.split(['.', '-', '_']).map(str::to_string).collect() };
-    let (pa, pb) = (parts(a), parts(b));
-    for i in 0..pa.len().max(pb.len()) {
-        let x = pa.get(i).map(String::as_str).unwrap_or("0");
-        let y = pb.get(i).map(String::as_str).unwrap_or("0");
-        let o = match (x.parse::<u64>(), y.parse::<u64>()) {
-            (Ok(x), Ok(y)) => x.cmp(&y),
-            _ => x.cmp(y),
-        };
-        if o != std::cmp::Ordering::Equal {
-            return o;
-        }
-    }
-    std::cmp::Ordering::Equal
 }
 
 fn parse_bounds(spec: &str) -> Result<Vec<(&str, &str)>, String> {
