@@ -11,6 +11,8 @@ pub enum CliError {
     Tls(#[from] ferry_common::tls::TlsError),
     #[error("{}", .0.message())]
     Api(#[from] tonic::Status),
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Default place of the credentials when neither flag nor environment names one.
@@ -30,7 +32,8 @@ pub async fn connect(
     let cfg =
         ferry_common::tls::client_config(&creds.ca_pem, &creds.cert_pem, creds.key_pem.expose())?;
     let ch = ferry_common::tls::channel(&creds.endpoint, cfg)?;
-    Ok(pb::control_client::ControlClient::new(ch))
+    Ok(pb::control_client::ControlClient::new(ch)
+        .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES))
 }
 
 pub fn credentials_path(flag: Option<PathBuf>) -> PathBuf {
@@ -120,4 +123,41 @@ pub fn render_counters(c: &pb::Counters) -> String {
         human_bytes(c.file_bytes_written),
         c.refused_requests
     )
+}
+
+/// File database entries for people.
+pub fn render_filedb(entries: &[pb::FileDbEntry]) -> String {
+    let mut out = String::new();
+    for e in entries {
+        out.push_str(&format!(
+            "{:>3}  {}  os {}  versions {}  target {}{}\n",
+            e.index,
+            if e.built_in { "built-in" } else { "operator" },
+            e.os,
+            if e.versions.is_empty() {
+                "any"
+            } else {
+                &e.versions
+            },
+            e.target,
+            if e.modules.is_empty() {
+                String::new()
+            } else {
+                format!("  modules {}", e.modules.join(","))
+            }
+        ));
+        for f in &e.files {
+            out.push_str(&format!(
+                "       {} ({}, mode {:o}, sha256 {})\n",
+                f.path,
+                human_bytes(f.size),
+                f.mode,
+                f.sha256
+            ));
+        }
+        if !e.note.is_empty() {
+            out.push_str(&format!("       {}\n", e.note));
+        }
+    }
+    out
 }

@@ -485,6 +485,74 @@ impl Cloud {
         Ok(())
     }
 
+    /// The operator's file database (added to the built-in catalogue).
+    pub fn filedb_dir(&self) -> PathBuf {
+        self.data_dir.join("filedb")
+    }
+
+    /// Adds an operator entry, with its files' content, to the file database.
+    pub async fn filedb_add(&self, req: pb::FileDbAddRequest) -> Result<pb::FileDbEntry> {
+        use crate::customize::filedb::{Entry, FileDb};
+        let e = req
+            .entry
+            .ok_or_else(|| CloudError::Invalid("file database entry missing".into()))?;
+        let entry = Entry {
+            os: e.os,
+            versions: e.versions,
+            target: e.target,
+            modules: e.modules,
+            files: Vec::new(),
+            note: e.note,
+        };
+        let contents = e
+            .files
+            .into_iter()
+            .map(|f| (f.path, if f.mode == 0 { 0o644 } else { f.mode }, f.content))
+            .collect();
+        let dir = self.filedb_dir();
+        let index = blocking(move || {
+            FileDb::add(&dir, entry, contents).map_err(|e| CloudError::Invalid(e.to_string()))
+        })
+        .await?;
+        tracing::info!(index, "file database entry added");
+        self.filedb_list()?
+            .entries
+            .into_iter()
+            .find(|e| e.index as usize == index)
+            .ok_or_else(|| CloudError::NotFound(format!("file database entry {index}")))
+    }
+
+    /// Every file database entry, built-in ones first.
+    pub fn filedb_list(&self) -> Result<pb::FileDbListResponse> {
+        let db = crate::customize::filedb::FileDb::open(Some(&self.filedb_dir()))
+            .map_err(|e| CloudError::Invalid(e.to_string()))?;
+        let entries = db
+            .entries()
+            .enumerate()
+            .map(|(i, (e, built_in))| pb::FileDbEntry {
+                index: i as u32,
+                built_in,
+                os: e.os.clone(),
+                versions: e.versions.clone(),
+                target: e.target.clone(),
+                modules: e.modules.clone(),
+                files: e
+                    .files
+                    .iter()
+                    .map(|f| pb::FileDbFile {
+                        path: f.path.clone(),
+                        mode: f.mode,
+                        content: Vec::new(),
+                        sha256: f.sha256.clone(),
+                        size: db.object_size(&f.sha256).unwrap_or(0),
+                    })
+                    .collect(),
+                note: e.note.clone(),
+            })
+            .collect();
+        Ok(pb::FileDbListResponse { entries })
+    }
+
     pub fn refused(&self) {
         Counters::add(&self.counters.refused_requests, 1);
     }

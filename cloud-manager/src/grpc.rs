@@ -185,4 +185,28 @@ impl pb::control_server::Control for Grpc {
         r.map(Response::new)
             .map_err(|e| self.fail("set-replication", who.as_ref(), e))
     }
+
+    async fn file_db_add(
+        &self,
+        req: Request<pb::FileDbAddRequest>,
+    ) -> Result<Response<pb::FileDbEntry>, Status> {
+        let who = identity(&req);
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.filedb_add(req.into_inner()).await
+        }
+        .await;
+        r.map(Response::new)
+            .map_err(|e| self.fail("filedb-add", who.as_ref(), e))
+    }
+
+    async fn file_db_list(
+        &self,
+        req: Request<pb::FileDbListRequest>,
+    ) -> Result<Response<pb::FileDbListResponse>, Status> {
+        let who = identity(&req);
+        let r = cloud::require_operator(who.as_ref()).and_then(|_| self.cloud.filedb_list());
+        r.map(Response::new)
+            .map_err(|e| self.fail("filedb-list", who.as_ref(), e))
+    }
 }

@@ -162,7 +162,10 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(pb::control_server::ControlServer::new(grpc))
+        .add_service(
+            pb::control_server::ControlServer::new(grpc)
+                .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await;
     tracker.close();

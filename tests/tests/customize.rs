@@ -375,3 +375,121 @@ fn a_guest_without_an_initrd_tool_is_reported_and_a_failing_tool_is_an_error() -
     );
     Ok(())
 }
+
+#[test]
+fn operator_file_database_entries_reach_the_customization() -> Result<()> {
+    let tmp = scratch("filedb")?;
+    let data = tmp.path().join("cloud");
+    let cloud = CloudMgr::start(&data)?;
+    let ferry = |args: &[&str]| {
+        Command::new(bin("ferry"))
+            .arg("--credentials")
+            .arg(cloud.creds())
+            .args(args)
+            .output()
+    };
+    // Binary content (a kernel, say) travels and lands byte for byte.
+    let local = tmp.path().join("xen-helper");
+    let payload: Vec<u8> = (0..70_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(&local, &payload)?;
+    let spec = format!("/usr/local/sbin/xen-helper={}:755", local.display());
+    let out = ferry(&[
+        "filedb",
+        "add",
+        "--os",
+        "centos",
+        "--versions",
+        ">=5, <6",
+        "--target",
+        "aws",
+        "--module",
+        "xen-blkfront",
+        "--file",
+        &spec,
+        "--note",
+        "CentOS 5 on Xen",
+        "--json",
+    ])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let added: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(added["built_in"], false);
+    assert_eq!(added["files"][0]["mode"], 0o755);
+    assert_eq!(added["files"][0]["size"], std::fs::metadata(&local)?.len());
+    let list: serde_json::Value =
+        serde_json::from_slice(&ferry(&["filedb", "list", "--json"])?.stdout)?;
+    let n = list.as_array().map(Vec::len).unwrap_or(0);
+    assert!(n >= 6, "built-in entries missing: {list}");
+    let index = added["index"].as_u64().unwrap_or(0).to_string();
+    let shown = ferry(&["filedb", "show", &index])?;
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("/usr/local/sbin/xen-helper"));
+
+    // Bad entries are refused with one clear line, and nothing is added.
+    for (args, want) in [
+        (
+            vec!["--os", "centos", "--versions", "~5", "--target", "aws"],
+            "needs one of",
+        ),
+        (
+            vec!["--os", "centos", "--target", "gcp"],
+            "is not local, aws, azure",
+        ),
+        (
+            vec![
+                "--os",
+                "centos",
+                "--target",
+                "aws",
+                "--file",
+                &format!("relative={}", local.display()),
+            ],
+            "must be absolute",
+        ),
+    ] {
+        let mut full = vec!["filedb", "add"];
+        full.extend(args.iter().copied());
+        let out = ferry(&full)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{full:?}: {err}"
+        );
+    }
+    let again: serde_json::Value =
+        serde_json::from_slice(&ferry(&["filedb", "list", "--json"])?.stdout)?;
+    assert_eq!(again.as_array().map(Vec::len), Some(n));
+
+    // The customizer places the file for CentOS 5.3 on AWS, from the manager's database.
+    let tree = tmp.path().join("centos");
+    copy_tree(&fixtures().join("centos-5.3"), &tree)?;
+    let db = data.join("filedb");
+    let r = customize(
+        &tree,
+        "aws",
+        &["--filedb", db.to_str().unwrap_or_default()],
+        false,
+    )?;
+    assert!(r["notes"].to_string().contains("CentOS 5 on Xen"), "{r}");
+    let placed = tree.join("usr/local/sbin/xen-helper");
+    assert_eq!(std::fs::read(&placed)?, payload);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&placed)?.permissions().mode() & 0o7777,
+        0o755
+    );
+    let again = customize(
+        &tree,
+        "aws",
+        &["--filedb", db.to_str().unwrap_or_default()],
+        false,
+    )?;
+    assert_eq!(
+        again["changed"].as_array().map(Vec::len),
+        Some(0),
+        "{again}"
+    );
+    Ok(())
+}

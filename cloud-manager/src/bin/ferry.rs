@@ -32,6 +32,70 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ReplicaCmd,
     },
+    /// The file database behind customization (drivers and boot files per OS and target).
+    Filedb {
+        #[command(subcommand)]
+        cmd: FiledbCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum FiledbCmd {
+    /// Add an entry: drivers and files for an OS, a version range and a target.
+    Add {
+        /// os-release ID (centos, ubuntu, ...), family (rhel, debian, suse) or *.
+        #[arg(long)]
+        os: String,
+        /// Version bounds, e.g. ">=5, <6"; every version when omitted.
+        #[arg(long, default_value = "")]
+        versions: String,
+        /// local, aws, azure or *.
+        #[arg(long)]
+        target: String,
+        /// A driver the initrd must hold (repeatable).
+        #[arg(long = "module")]
+        modules: Vec<String>,
+        /// A file to place in the tree: /PATH/IN/TREE=LOCAL_FILE[:OCTAL_MODE] (repeatable;
+        /// 16 MiB in all).
+        #[arg(long = "file", value_name = "PATH=LOCAL_FILE[:MODE]")]
+        files: Vec<String>,
+        #[arg(long, default_value = "")]
+        note: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every entry, built-in ones first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One entry by its index in the list.
+    Show {
+        index: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Reads `/PATH=LOCAL_FILE[:MODE]` into a file with content.
+fn filedb_file(spec: &str) -> Result<pb::FileDbFile, cli::CliError> {
+    let usage = |m: &str| cli::CliError::Usage(format!("--file {spec:?}: {m}"));
+    let (path, local) = spec
+        .split_once('=')
+        .ok_or_else(|| usage("expected /PATH/IN/TREE=LOCAL_FILE[:MODE]"))?;
+    let (local, mode) = match local.rsplit_once(':') {
+        Some((l, m)) if !m.is_empty() && m.chars().all(|c| c.is_digit(8)) => {
+            (l, u32::from_str_radix(m, 8).map_err(|_| usage("bad mode"))?)
+        }
+        _ => (local, 0o644),
+    };
+    let content = std::fs::read(local).map_err(|e| usage(&e.to_string()))?;
+    Ok(pb::FileDbFile {
+        path: path.to_string(),
+        mode,
+        content,
+        ..Default::default()
+    })
 }
 
 #[derive(Subcommand)]
@@ -203,6 +267,72 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 .await?
                 .into_inner();
             println!("{}", r.path);
+        }
+        Cmd::Filedb {
+            cmd:
+                FiledbCmd::Add {
+                    os,
+                    versions,
+                    target,
+                    modules,
+                    files,
+                    note,
+                    json,
+                },
+        } => {
+            let files = files
+                .iter()
+                .map(|f| filedb_file(f))
+                .collect::<Result<Vec<_>, _>>()?;
+            let entry = pb::FileDbEntry {
+                os,
+                versions,
+                target,
+                modules,
+                files,
+                note,
+                ..Default::default()
+            };
+            let r = client
+                .file_db_add(pb::FileDbAddRequest { entry: Some(entry) })
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", to_json(&r));
+            } else {
+                print!("{}", cli::render_filedb(std::slice::from_ref(&r)));
+            }
+        }
+        Cmd::Filedb {
+            cmd: FiledbCmd::List { json },
+        } => {
+            let r = client
+                .file_db_list(pb::FileDbListRequest {})
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", to_json(&r.entries));
+            } else {
+                print!("{}", cli::render_filedb(&r.entries));
+            }
+        }
+        Cmd::Filedb {
+            cmd: FiledbCmd::Show { index, json },
+        } => {
+            let r = client
+                .file_db_list(pb::FileDbListRequest {})
+                .await?
+                .into_inner();
+            let e = r
+                .entries
+                .into_iter()
+                .find(|e| e.index == index)
+                .ok_or_else(|| cli::CliError::Usage(format!("no file database entry {index}")))?;
+            if json {
+                println!("{}", to_json(&e));
+            } else {
+                print!("{}", cli::render_filedb(std::slice::from_ref(&e)));
+            }
         }
     }
     Ok(())

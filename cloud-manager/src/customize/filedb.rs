@@ -5,7 +5,7 @@
 //! Layout of a database directory: `index.toml` (same schema as the built-in one) and
 //! `objects/<sha256>` for content.
 use ferry_common::sysconf::compare_versions;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use std::path::{Path, PathBuf};
 
@@ -18,9 +18,11 @@ pub enum FileDbError {
     Index { path: String, message: String },
     #[error("file database object {0}: {1}")]
     Object(String, String),
+    #[error("file database entry: {0}")]
+    Invalid(String),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Catalogue {
     /// Schema version; 1.
@@ -30,7 +32,7 @@ pub struct Catalogue {
 }
 
 /// One rule of the catalogue.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
     /// os-release `ID` (centos, ubuntu, ...) or family (rhel, debian, suse); "*" for any.
@@ -51,7 +53,7 @@ pub struct Entry {
     pub note: String,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FileRef {
     /// Absolute path in the system tree.
@@ -77,6 +79,8 @@ pub struct Needs {
 #[derive(Debug, Clone)]
 pub struct FileDb {
     entries: Vec<Entry>,
+    /// How many of `entries` are built in (they come first).
+    built_in: usize,
     dir: Option<PathBuf>,
 }
 
@@ -118,6 +122,7 @@ impl FileDb {
     /// The built-in catalogue, and the operator's directory when given.
     pub fn open(dir: Option<&Path>) -> Result<Self, FileDbError> {
         let mut entries = parse(DEFAULT_INDEX, "built-in")?.entries;
+        let built_in = entries.len();
         if let Some(d) = dir {
             let index = d.join("index.toml");
             match std::fs::read_to_string(&index) {
@@ -133,8 +138,80 @@ impl FileDb {
         }
         Ok(Self {
             entries,
+            built_in,
             dir: dir.map(Path::to_path_buf),
         })
+    }
+
+    /// Every entry, built-in ones first, each with whether it is built in.
+    pub fn entries(&self) -> impl Iterator<Item = (&Entry, bool)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e, i < self.built_in))
+    }
+
+    /// Size of a stored object, if present.
+    pub fn object_size(&self, sha256: &str) -> Option<u64> {
+        let dir = self.dir.as_ref()?;
+        std::fs::metadata(dir.join("objects").join(sha256))
+            .ok()
+            .map(|m| m.len())
+    }
+
+    /// Adds an operator entry to the database at `dir`: the content of each file is
+    /// stored by hash first, then the index is rewritten (temp file, fsync, rename).
+    /// Returns the new entry's position among all entries.
+    pub fn add(
+        dir: &Path,
+        mut entry: Entry,
+        contents: Vec<(String, u32, Vec<u8>)>,
+    ) -> Result<usize, FileDbError> {
+        let invalid = |m: String| FileDbError::Invalid(m);
+        if entry.os.trim().is_empty() {
+            return Err(invalid(
+                "os is required (an os-release ID, a family, or *)".into(),
+            ));
+        }
+        if !["local", "aws", "azure", "*"].contains(&entry.target.as_str()) {
+            return Err(invalid(format!(
+                "target {:?} is not local, aws, azure or *",
+                entry.target
+            )));
+        }
+        parse_bounds(&entry.versions).map_err(invalid)?;
+        let objects = dir.join("objects");
+        std::fs::create_dir_all(&objects).map_err(|e| invalid(e.to_string()))?;
+        for (path, mode, data) in contents {
+            if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+                return Err(invalid(format!(
+                    "file path {path:?} must be absolute, without .."
+                )));
+            }
+            let sha = hex::encode(sha2::Sha256::digest(&data));
+            write_atomic(&objects.join(&sha), &data).map_err(|e| invalid(e.to_string()))?;
+            entry.files.push(FileRef {
+                path,
+                sha256: sha,
+                mode,
+            });
+        }
+        let index = dir.join("index.toml");
+        let mut cat = match std::fs::read_to_string(&index) {
+            Ok(t) => parse(&t, &index.display().to_string())?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Catalogue {
+                version: 1,
+                entries: Vec::new(),
+            },
+            Err(e) => return Err(invalid(e.to_string())),
+        };
+        cat.entries.push(entry);
+        let text = toml::to_string(&cat).map_err(|e| invalid(e.to_string()))?;
+        // The written index must read back exactly as the rules say.
+        parse(&text, &index.display().to_string())?;
+        write_atomic(&index, text.as_bytes()).map_err(|e| invalid(e.to_string()))?;
+        let built_in = parse(DEFAULT_INDEX, "built-in")?.entries.len();
+        Ok(built_in + cat.entries.len() - 1)
     }
 
     /// Everything the rules say for this OS on this target.
@@ -179,6 +256,19 @@ impl FileDb {
         }
         Ok(data)
     }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn parse_bounds(spec: &str) -> Result<Vec<(&str, &str)>, String> {

@@ -134,13 +134,10 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
     }
     for (path, sha, mode) in &needs.files {
         match db.object(sha) {
-            Ok(data) => match String::from_utf8(data) {
-                Ok(text) => {
-                    tree.write(path, text);
-                    ctx.note(path, format!("from the file database (mode {mode:o})"));
-                }
-                Err(_) => ctx.note(path, "binary files from the database are placed at imaging"),
-            },
+            Ok(data) => {
+                tree.place(path, data, *mode);
+                ctx.note(path, format!("from the file database (mode {mode:o})"));
+            }
             Err(e) => ctx.note(path, format!("not placed: {e}")),
         }
     }

@@ -28,6 +28,8 @@ pub struct Tree {
     path: PathBuf,
     /// Path -> (original content, new content or `None` to remove the file).
     staged: BTreeMap<String, (Option<String>, Option<String>)>,
+    /// Files placed whole (from the file database): path -> (content, mode).
+    placed: BTreeMap<String, (Vec<u8>, u32)>,
 }
 
 fn rel(path: &str) -> &[u8] {
@@ -41,6 +43,7 @@ impl Tree {
             root,
             path: path.to_path_buf(),
             staged: BTreeMap::new(),
+            placed: BTreeMap::new(),
         })
     }
 
@@ -199,6 +202,38 @@ impl Tree {
         out
     }
 
+    /// Stages a file placed whole, with its mode; one already there as given stages nothing.
+    pub fn place(&mut self, path: &str, content: Vec<u8>, mode: u32) {
+        if self.disk_bytes(path).as_ref() == Some(&(content.clone(), mode & 0o7777)) {
+            return;
+        }
+        self.placed
+            .insert(path.to_string(), (content, mode & 0o7777));
+    }
+
+    /// Paths of the files placed whole.
+    pub fn placed(&self) -> impl Iterator<Item = &str> {
+        self.placed.keys().map(String::as_str)
+    }
+
+    fn disk_bytes(&self, path: &str) -> Option<(Vec<u8>, u32)> {
+        let (dir, name) = self.root.parent(rel(path), false).ok()??;
+        let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return None;
+        }
+        let fd = rustix::fs::openat(
+            &dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let mut buf = Vec::new();
+        std::fs::File::from(fd).read_to_end(&mut buf).ok()?;
+        Some((buf, st.st_mode & 0o7777))
+    }
+
     /// The staged edits: (path, before, after), only those that change something.
     pub fn edits(&self) -> impl Iterator<Item = (&str, Option<&str>, Option<&str>)> {
         self.staged
@@ -210,17 +245,28 @@ impl Tree {
     /// Writes every staged edit: temp file beside the target, same owner and mode, fsync,
     /// rename.
     pub fn commit(&self) -> Result<(), CustomizeError> {
+        let fail = |path: &str, e: std::io::Error| CustomizeError::Write {
+            path: path.to_string(),
+            message: e.to_string(),
+        };
         for (path, _, content) in self.edits() {
-            self.commit_one(path, content)
-                .map_err(|e| CustomizeError::Write {
-                    path: path.to_string(),
-                    message: e.to_string(),
-                })?;
+            self.commit_one(path, content.map(str::as_bytes), None)
+                .map_err(|e| fail(path, e))?;
+        }
+        for (path, (content, mode)) in &self.placed {
+            self.commit_one(path, Some(content), Some(*mode))
+                .map_err(|e| fail(path, e))?;
         }
         Ok(())
     }
 
-    fn commit_one(&self, path: &str, content: Option<&str>) -> std::io::Result<()> {
+    /// Writes one file (or removes it, for `None`); `mode` overrides the mode it had.
+    fn commit_one(
+        &self,
+        path: &str,
+        content: Option<&[u8]>,
+        mode_override: Option<u32>,
+    ) -> std::io::Result<()> {
         let (dir, name) = self
             .root
             .parent(rel(path), true)
@@ -248,13 +294,13 @@ impl Tree {
         )?;
         let result = (|| {
             let mut f = std::fs::File::from(fd);
-            std::io::Write::write_all(&mut f, content.as_bytes())?;
+            std::io::Write::write_all(&mut f, content)?;
             rustix::fs::fchown(
                 &f,
                 uid.map(rustix::fs::Uid::from_raw),
                 gid.map(rustix::fs::Gid::from_raw),
             )?;
-            rustix::fs::fchmod(&f, Mode::from_raw_mode(mode))?;
+            rustix::fs::fchmod(&f, Mode::from_raw_mode(mode_override.unwrap_or(mode)))?;
             f.sync_all()?;
             rustix::fs::renameat(&dir, tmp.as_str(), &dir, name)?;
             Ok(())
