@@ -78,8 +78,8 @@ enum FiledbCmd {
 }
 
 /// Reads `/PATH=LOCAL_FILE[:MODE]` into a file with content.
-fn filedb_file(spec: &str) -> Result<pb::FileDbFile, cli::CliError> {
-    let usage = |m: &str| cli::CliError::Usage(format!("--file {spec:?}: {m}"));
+fn filedb_file(spec: &str) -> Result<pb::FileDbFile, String> {
+    let usage = |m: &str| format!("--file {spec:?}: {m}");
     let (path, local) = spec
         .split_once('=')
         .ok_or_else(|| usage("expected /PATH/IN/TREE=LOCAL_FILE[:MODE]"))?;
@@ -283,7 +283,8 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
             let files = files
                 .iter()
                 .map(|f| filedb_file(f))
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(cli::CliError::Usage)?;
             let entry = pb::FileDbEntry {
                 os,
                 versions,
