@@ -503,6 +503,7 @@ impl Cloud {
             modules: e.modules,
             files: Vec::new(),
             note: e.note,
+            replace_boot: e.replace_boot,
         };
         let contents = e
             .files
@@ -548,6 +549,7 @@ impl Cloud {
                     })
                     .collect(),
                 note: e.note.clone(),
+                replace_boot: e.replace_boot,
             })
             .collect();
         Ok(pb::FileDbListResponse { entries })

@@ -61,6 +61,10 @@ enum FiledbCmd {
         files: Vec<String>,
         #[arg(long, default_value = "")]
         note: String,
+        /// The target cannot boot this OS as it is: set /boot aside and use this entry's
+        /// /boot files instead.
+        #[arg(long)]
+        replace_boot: bool,
         #[arg(long)]
         json: bool,
     },
@@ -277,6 +281,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                     modules,
                     files,
                     note,
+                    replace_boot,
                     json,
                 },
         } => {
@@ -292,6 +297,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 modules,
                 files,
                 note,
+                replace_boot,
                 ..Default::default()
             };
             let r = client

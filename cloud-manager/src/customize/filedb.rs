@@ -51,6 +51,10 @@ pub struct Entry {
     /// Why the rule exists, shown in reports.
     #[serde(default)]
     pub note: String,
+    /// The target cannot boot this OS as it is: /boot is set aside and replaced by the
+    /// /boot files of the matching entries.
+    #[serde(default)]
+    pub replace_boot: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -73,6 +77,7 @@ pub struct Needs {
     pub modules: Vec<String>,
     pub files: Vec<(String, String, u32)>,
     pub notes: Vec<String>,
+    pub replace_boot: bool,
 }
 
 /// The built-in catalogue plus, optionally, an operator's database directory.
@@ -236,6 +241,7 @@ impl FileDb {
             if !e.note.is_empty() {
                 needs.notes.push(e.note.clone());
             }
+            needs.replace_boot |= e.replace_boot;
         }
         needs
     }

@@ -104,9 +104,6 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
         super::Target::Azure => "azure",
     };
     let needs = db.lookup(&ctx.os.id, &ctx.os.family, &ctx.os.version, target);
-    for n in &needs.notes {
-        ctx.note("filedb", n.clone());
-    }
     let kvers = kernels(tree);
     if kvers.is_empty() {
         ctx.note(
@@ -130,15 +127,6 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
                     format!("kernel {kv} has no {m} driver (neither built in nor a module)"),
                 ),
             }
-        }
-    }
-    for (path, sha, mode) in &needs.files {
-        match db.object(sha) {
-            Ok(data) => {
-                tree.place(path, data, *mode);
-                ctx.note(path, format!("from the file database (mode {mode:o})"));
-            }
-            Err(e) => ctx.note(path, format!("not placed: {e}")),
         }
     }
     let Some((tool, tool_path)) = Tool::find(tree) else {

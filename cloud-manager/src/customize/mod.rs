@@ -3,6 +3,7 @@
 //! step edits a staged view of the tree and reports what it changed; a dry run shows the
 //! unified diff and writes nothing; a second run changes nothing.
 pub mod boot;
+pub mod bootfiles;
 pub mod chroot;
 pub mod cmdline;
 pub mod endpoints;
@@ -248,6 +249,7 @@ const STEPS: &[(&str, Step)] = &[
     ("fstab", fstab::step),
     ("hosts", hosts::step),
     ("network", net::step),
+    ("filedb", bootfiles::step),
     ("boot", boot::step),
     ("kernel", kernel::step),
     ("endpoints", endpoints::step),

@@ -30,6 +30,8 @@ pub struct Tree {
     staged: BTreeMap<String, (Option<String>, Option<String>)>,
     /// Files placed whole (from the file database): path -> (content, mode).
     placed: BTreeMap<String, (Vec<u8>, u32)>,
+    /// Modes for staged text files that must not keep the mode they had.
+    modes: BTreeMap<String, u32>,
 }
 
 fn rel(path: &str) -> &[u8] {
@@ -44,6 +46,7 @@ impl Tree {
             path: path.to_path_buf(),
             staged: BTreeMap::new(),
             placed: BTreeMap::new(),
+            modes: BTreeMap::new(),
         })
     }
 
@@ -139,6 +142,12 @@ impl Tree {
         self.stage(path, Some(content));
     }
 
+    /// Stages new text for `path` with the given mode.
+    pub fn write_mode(&mut self, path: &str, content: String, mode: u32) {
+        self.modes.insert(path.to_string(), mode & 0o7777);
+        self.write(path, content);
+    }
+
     /// Stages the removal of `path`.
     pub fn remove(&mut self, path: &str) {
         self.stage(path, None);
@@ -216,7 +225,8 @@ impl Tree {
         self.placed.keys().map(String::as_str)
     }
 
-    fn disk_bytes(&self, path: &str) -> Option<(Vec<u8>, u32)> {
+    /// A file's bytes and mode as they are on disk (not staged).
+    pub fn disk_bytes(&self, path: &str) -> Option<(Vec<u8>, u32)> {
         let (dir, name) = self.root.parent(rel(path), false).ok()??;
         let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
@@ -250,8 +260,12 @@ impl Tree {
             message: e.to_string(),
         };
         for (path, _, content) in self.edits() {
-            self.commit_one(path, content.map(str::as_bytes), None)
-                .map_err(|e| fail(path, e))?;
+            self.commit_one(
+                path,
+                content.map(str::as_bytes),
+                self.modes.get(path).copied(),
+            )
+            .map_err(|e| fail(path, e))?;
         }
         for (path, (content, mode)) in &self.placed {
             self.commit_one(path, Some(content), Some(*mode))
