@@ -161,3 +161,27 @@ pub fn render_filedb(entries: &[pb::FileDbEntry]) -> String {
     }
     out
 }
+
+/// A customized copy for people: images, changes, notes and commands.
+pub fn render_prepared(r: &pb::PrepareSystemResponse, report: &serde_json::Value) -> String {
+    let mut out = format!("customized copy at epoch {}\n", r.epoch);
+    for i in &r.images {
+        out.push_str(&format!("  image {i}\n"));
+    }
+    let list = |k: &str| report[k].as_array().cloned().unwrap_or_default();
+    for c in list("changed") {
+        out.push_str(&format!("  changed {}\n", c.as_str().unwrap_or_default()));
+    }
+    for n in list("notes") {
+        out.push_str(&format!(
+            "  [{}] {}: {}\n",
+            n["step"].as_str().unwrap_or_default(),
+            n["path"].as_str().unwrap_or_default(),
+            n["message"].as_str().unwrap_or_default()
+        ));
+    }
+    for a in list("actions") {
+        out.push_str(&format!("  ran {}\n", a.as_str().unwrap_or_default()));
+    }
+    out
+}

@@ -485,6 +485,80 @@ impl Cloud {
         Ok(())
     }
 
+    /// Customizes a copy of a system's replica for a target (see `prepare`).
+    pub async fn prepare_system(
+        &self,
+        req: pb::PrepareSystemRequest,
+    ) -> Result<pb::PrepareSystemResponse> {
+        use crate::customize::{Plan, Target};
+        use crate::prepare;
+        let target: Target = req
+            .target
+            .parse()
+            .map_err(|e: crate::customize::CustomizeError| CloudError::Invalid(e.to_string()))?;
+        let services = Plan::from_flags(target, &[], &[], &req.services)
+            .map_err(|e| CloudError::Invalid(e.to_string()))?
+            .services;
+        let rec = self
+            .state
+            .system(&req.system)?
+            .ok_or_else(|| CloudError::NotFound(format!("no system named {:?}", req.system)))?;
+        let all = self.state.systems()?;
+        let mut plan = prepare::plan_for(&rec, &all, target, services);
+        plan.filedb = Some(self.filedb_dir());
+        let work = self.data_dir.join("prepared").join(&rec.name);
+        let prepare_err = |e: prepare::PrepareError| CloudError::Io(e.to_string());
+        // A consistent copy: no batch is applied to this system while its images are read.
+        let (images, epoch) = {
+            let lock = self.lock(&rec.name);
+            let _g = lock.lock().await;
+            let rec = self.state.system(&rec.name)?.unwrap_or(rec.clone());
+            let (work, volumes) = (work.clone(), self.volumes.clone());
+            let fss = rec.filesystems.clone();
+            let name = rec.name.clone();
+            let images = blocking(move || -> Result<Vec<(crate::state::FsRecord, PathBuf)>> {
+                if volumes::is_mounted(&work.join("root")) {
+                    let _ = std::process::Command::new("umount")
+                        .arg("-R")
+                        .arg(work.join("root"))
+                        .status();
+                }
+                let _ = std::fs::remove_dir_all(&work);
+                std::fs::create_dir_all(&work).map_err(|e| CloudError::Io(e.to_string()))?;
+                let mut out = Vec::new();
+                for fs in fss {
+                    let mnt = volumes.mount_point(&name, &fs.fs_id);
+                    if volumes::is_mounted(&mnt) {
+                        if let Ok(dir) = std::fs::File::open(&mnt) {
+                            let _ = rustix::fs::syncfs(&dir);
+                        }
+                    }
+                    let to = work.join(format!("{}.img", fs.fs_id));
+                    prepare::copy_image(&volumes.image(&name, &fs.fs_id), &to)
+                        .map_err(prepare_err)?;
+                    out.push((fs, to));
+                }
+                Ok(out)
+            })
+            .await?;
+            (images, rec.durable_epoch)
+        };
+        let (name, dry_run, images2) = (rec.name.clone(), req.dry_run, images.clone());
+        let report = blocking(move || {
+            prepare::customize_copies(&name, &work, &images2, &plan, dry_run).map_err(prepare_err)
+        })
+        .await?;
+        tracing::info!(system = %rec.name, epoch, target = %req.target, changed = report.changed.len(), "copy customized");
+        Ok(pb::PrepareSystemResponse {
+            epoch,
+            images: images
+                .iter()
+                .map(|(_, p)| p.display().to_string())
+                .collect(),
+            report_json: serde_json::to_string(&report).unwrap_or_default(),
+        })
+    }
+
     /// The operator's file database (added to the built-in catalogue).
     pub fn filedb_dir(&self) -> PathBuf {
         self.data_dir.join("filedb")

@@ -200,6 +200,20 @@ impl pb::control_server::Control for Grpc {
             .map_err(|e| self.fail("filedb-add", who.as_ref(), e))
     }
 
+    async fn prepare_system(
+        &self,
+        req: Request<pb::PrepareSystemRequest>,
+    ) -> Result<Response<pb::PrepareSystemResponse>, Status> {
+        let who = identity(&req);
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.prepare_system(req.into_inner()).await
+        }
+        .await;
+        r.map(Response::new)
+            .map_err(|e| self.fail("prepare-system", who.as_ref(), e))
+    }
+
     async fn file_db_list(
         &self,
         req: Request<pb::FileDbListRequest>,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod customize;
 pub mod grpc;
 pub mod metrics;
+pub mod prepare;
 pub mod state;
 pub mod volumes;
 

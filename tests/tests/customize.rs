@@ -493,3 +493,75 @@ fn operator_file_database_entries_reach_the_customization() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_replicated_system_is_customized_on_a_copy_while_its_replica_keeps_mirroring() -> Result<()> {
+    let tmp = scratch("prepare")?;
+    let t = tmp.path();
+    let src = LoopFs::new(
+        t,
+        "src",
+        "ext4",
+        "4c5d6e7f-0000-4000-8000-000000001201",
+        200,
+    )?;
+    copy_tree(&fixtures().join("debian-12/etc"), &src.mnt)?;
+    copy_tree(&fixtures().join("debian-12/boot"), &src.mnt)?;
+    std::fs::write(src.mnt.join("etc/hostname"), "app14\n")?;
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    agent_once(
+        &t.join("agent"),
+        &cloud.url(),
+        Some(&cloud.token()?),
+        &src.mnt,
+        "app14",
+    )?;
+    let replica = cloud.replica_path("app14", "/")?;
+    let interfaces = "etc/network/interfaces";
+    let before = std::fs::read_to_string(replica.join(interfaces))?;
+    assert!(before.contains("inet static"));
+
+    let r = cloud.ferry_json(&["systems", "customize", "app14", "--target", "local"])?;
+    let changed = r["report"]["changed"].to_string();
+    for want in ["/etc/network/interfaces", "/etc/hosts", "/etc/default/grub"] {
+        assert!(changed.contains(want), "{want} not customized: {r}");
+    }
+    // The system's own address and name come from its probe.
+    let image = r["images"][0].as_str().unwrap_or_default().to_string();
+    let look = t.join("look");
+    std::fs::create_dir_all(&look)?;
+    sh(Command::new("mount")
+        .args(["-o", "loop,ro"])
+        .arg(&image)
+        .arg(&look))?;
+    let hosts = std::fs::read_to_string(look.join("etc/hosts"));
+    let iface = std::fs::read_to_string(look.join(interfaces));
+    sh(Command::new("umount").arg(&look))?;
+    assert!(hosts?.contains("198.18.14.11 app14.corp.example app14.corp app14"));
+    assert!(iface?.contains("iface ens192 inet dhcp"));
+    // The replica itself is untouched and still follows its source.
+    assert_eq!(std::fs::read_to_string(replica.join(interfaces))?, before);
+    // An unknown system or target is refused with one clear line.
+    for (args, want) in [
+        (
+            vec!["systems", "customize", "nope", "--target", "local"],
+            "no system named",
+        ),
+        (
+            vec!["systems", "customize", "app14", "--target", "gcp"],
+            "unknown target",
+        ),
+    ] {
+        let out = Command::new(bin("ferry"))
+            .arg("--credentials")
+            .arg(cloud.creds())
+            .args(&args)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{args:?}: {err}"
+        );
+    }
+    Ok(())
+}

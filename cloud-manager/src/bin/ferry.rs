@@ -115,6 +115,21 @@ enum SystemsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Customize a copy of the system's replica for a target (the replica keeps
+    /// mirroring); prints the report and the customized images.
+    Customize {
+        name: String,
+        /// local, aws or azure.
+        #[arg(long)]
+        target: String,
+        /// A service that stays behind: HOST:PORT[/udp]=PROXY_HOST:PROXY_PORT (repeatable).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -203,6 +218,38 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 for s in &r.systems {
                     println!("{}", s.probe_json);
                 }
+            }
+        }
+        Cmd::Systems {
+            cmd:
+                SystemsCmd::Customize {
+                    name,
+                    target,
+                    services,
+                    dry_run,
+                    json,
+                },
+        } => {
+            let r = client
+                .prepare_system(pb::PrepareSystemRequest {
+                    system: name,
+                    target,
+                    services,
+                    dry_run,
+                })
+                .await?
+                .into_inner();
+            let report: serde_json::Value =
+                serde_json::from_str(&r.report_json).unwrap_or_default();
+            if json {
+                let out = serde_json::json!({
+                    "epoch": r.epoch,
+                    "images": r.images,
+                    "report": report,
+                });
+                println!("{}", to_json(&out));
+            } else {
+                print!("{}", cli::render_prepared(&r, &report));
             }
         }
         Cmd::Sync {
