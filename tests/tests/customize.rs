@@ -70,6 +70,21 @@ const CASES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "centos-5.3",
+        "local",
+        &["--fs=/dev/sda2=3c1f0a6e-0000-4000-8000-000000000102"],
+    ),
+    (
+        "centos-5.3",
+        "azure",
+        &["--fs=/dev/sda2=3c1f0a6e-0000-4000-8000-000000000102"],
+    ),
+    (
+        "debian-12",
+        "aws",
+        &["--fs=/dev/sdb1=4c5d6e7f-0000-4000-8000-000000001202"],
+    ),
+    (
         "sles-15",
         "azure",
         &[
@@ -110,7 +125,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 fn golden_diffs_then_a_second_run_changes_nothing() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     for (name, target, flags) in CASES {
-        let tree = tmp.path().join(name);
+        let tree = tmp.path().join(format!("{name}.{target}"));
         copy_tree(&fixtures().join(name), &tree)?;
         let dry = customize(&tree, target, flags, true)?;
         let diff = dry["diff"].as_str().unwrap_or_default();

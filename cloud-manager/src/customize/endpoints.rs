@@ -347,7 +347,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: ferry_common::proptest_cases(2000), .. ProptestConfig::default() })]
         #[test]
         fn any_text_survives_and_a_second_pass_changes_nothing(
             text in "(?s)(host ?[=:] ?\"?db\\.corp\"?\n|port ?[=:] ?5432\n|db\\.corp:5432|\\[s\\]\n|.{0,30}\n){0,8}"

@@ -228,7 +228,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: ferry_common::proptest_cases(2000), .. ProptestConfig::default() })]
         #[test]
         fn any_text_round_trips(text in "(?s).{0,400}") {
             prop_assert_eq!(render(&parse(&text)), text);

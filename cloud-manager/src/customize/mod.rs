@@ -381,7 +381,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 300, .. ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: ferry_common::proptest_cases(300), .. ProptestConfig::default() })]
         /// Any content in any parsed file: no panic, and a second run changes nothing.
         #[test]
         fn every_parser_survives_any_text_and_is_idempotent(
