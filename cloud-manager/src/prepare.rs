@@ -86,6 +86,36 @@ pub fn copy_image(from: &Path, to: &Path) -> Result<(), PrepareError> {
         .arg(to))
 }
 
+/// The UUID in a file system image's superblock (blkid), lowercase; `None` if it has none.
+pub fn image_uuid(image: &Path) -> Option<String> {
+    let out = Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "UUID"])
+        .arg(image)
+        .output()
+        .ok()?;
+    let u = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .to_ascii_lowercase();
+    (!u.is_empty()).then_some(u)
+}
+
+/// Writes `uuid` into an unmounted ext2/3/4 or XFS image, so the superblock agrees with
+/// the UUID= the customized fstab and boot loader name.
+pub fn set_image_uuid(image: &Path, fstype: &str, uuid: &str) -> Result<(), PrepareError> {
+    match fstype {
+        "ext2" | "ext3" | "ext4" => {
+            // tune2fs wants a clean, checked file system before changing the UUID.
+            let _ = Command::new("e2fsck").args(["-fy"]).arg(image).output();
+            run(Command::new("tune2fs").args(["-U", uuid]).arg(image))
+        }
+        "xfs" => run(Command::new("xfs_admin").args(["-U", uuid]).arg(image)),
+        other => Err(PrepareError::Command {
+            command: format!("set the UUID of a {other} image"),
+            message: "not supported for this file system type".into(),
+        }),
+    }
+}
+
 /// Unmounts what it mounted, innermost first, whatever happens.
 struct Mounts(Vec<PathBuf>);
 
@@ -100,8 +130,63 @@ impl Drop for Mounts {
 }
 
 /// Mounts the copied images as the system's tree under `work/root`, runs the pipeline,
-/// and unmounts them.
+/// unmounts them, and makes each image's superblock carry the UUID the plan uses (a file
+/// system that had none gets a new one).
 pub fn customize_copies(
+    system: &str,
+    work: &Path,
+    images: &[(FsRecord, PathBuf)],
+    plan: &Plan,
+    dry_run: bool,
+) -> Result<Report, PrepareError> {
+    let mut plan = plan.clone();
+    let mut wanted = Vec::new();
+    for (fs, image) in images {
+        let uuid = if fs.uuid.is_empty() {
+            let u = uuid_v4();
+            if fs.device.starts_with("/dev/") {
+                plan.filesystems.push((fs.device.clone(), u.clone()));
+            }
+            u
+        } else {
+            fs.uuid.to_ascii_lowercase()
+        };
+        wanted.push((fs.fstype.clone(), image.clone(), uuid));
+    }
+    let mut report = mount_and_run(system, work, images, &plan, dry_run)?;
+    for (fstype, image, uuid) in wanted {
+        if image_uuid(&image).as_deref() == Some(uuid.as_str()) {
+            continue;
+        }
+        if !dry_run {
+            set_image_uuid(&image, &fstype, &uuid)?;
+        }
+        report.notes.push(customize::Note {
+            step: "uuid",
+            path: image.display().to_string(),
+            message: format!("file system UUID set to {uuid}, as the mount table names it"),
+        });
+    }
+    Ok(report)
+}
+
+/// A random (version 4) UUID.
+fn uuid_v4() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn mount_and_run(
     system: &str,
     work: &Path,
     images: &[(FsRecord, PathBuf)],
@@ -138,4 +223,39 @@ pub fn customize_copies(
     let report = customize::run(&root, plan, dry_run)?;
     drop(mounts);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_is_written_into_ext4_and_xfs_images() {
+        let dir = tempfile::tempdir().unwrap();
+        for (fstype, size) in [("ext4", 64u64 << 20), ("xfs", 320 << 20)] {
+            let image = dir.path().join(format!("{fstype}.img"));
+            std::fs::File::create(&image)
+                .unwrap()
+                .set_len(size)
+                .unwrap();
+            let st = Command::new(format!("mkfs.{fstype}"))
+                .arg(if fstype == "xfs" { "-f" } else { "-F" })
+                .arg("-q")
+                .arg(&image)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            let before = image_uuid(&image).unwrap();
+            let want = uuid_v4();
+            assert_ne!(before, want);
+            set_image_uuid(&image, fstype, &want).unwrap();
+            assert_eq!(
+                image_uuid(&image).as_deref(),
+                Some(want.as_str()),
+                "{fstype}"
+            );
+        }
+        let err = set_image_uuid(&dir.path().join("x"), "vfat", &uuid_v4()).unwrap_err();
+        assert!(err.to_string().contains("not supported"));
+    }
 }

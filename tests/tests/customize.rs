@@ -543,6 +543,11 @@ fn a_replicated_system_is_customized_on_a_copy_while_its_replica_keeps_mirroring
     }
     // The system's own address and name come from its probe.
     let image = r["images"][0].as_str().unwrap_or_default().to_string();
+    // The copy's superblock carries the UUID the customized files name.
+    let uuid = sh(Command::new("blkid")
+        .args(["-p", "-o", "value", "-s", "UUID"])
+        .arg(&image))?;
+    assert_eq!(uuid.trim(), "4c5d6e7f-0000-4000-8000-000000001201");
     let look = t.join("look");
     std::fs::create_dir_all(&look)?;
     sh(Command::new("mount")
