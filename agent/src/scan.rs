@@ -10,9 +10,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-pub const CDC_MIN: u32 = 16 * 1024;
-pub const CDC_AVG: u32 = 64 * 1024;
-pub const CDC_MAX: u32 = 256 * 1024;
+/// Content-defined chunk sizes (min, average, max). Files up to `SMALL_CHUNKS_UP_TO`
+/// use small chunks, so an edit costs about 8 KiB on the wire; bigger files use large
+/// ones, so a big image does not cost a chunk record per 8 KiB.
+pub const CDC_SMALL: (u32, u32, u32) = (2 * 1024, 8 * 1024, 32 * 1024);
+pub const CDC_LARGE: (u32, u32, u32) = (16 * 1024, 64 * 1024, 256 * 1024);
+pub const SMALL_CHUNKS_UP_TO: u64 = 16 << 20;
 /// How often a file that keeps changing while read is re-read before it waits for the next scan.
 const TORN_RETRIES: usize = 3;
 
@@ -706,7 +709,12 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 offset: start,
                 chunks: Vec::new(),
             };
-            for chunk in fastcdc::v2020::StreamCDC::new(limited, CDC_MIN, CDC_AVG, CDC_MAX) {
+            let (min, avg, max) = if size <= SMALL_CHUNKS_UP_TO {
+                CDC_SMALL
+            } else {
+                CDC_LARGE
+            };
+            for chunk in fastcdc::v2020::StreamCDC::new(limited, min, avg, max) {
                 let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
                 let hash = blake3::hash(&chunk.data);
                 let len = chunk.data.len() as u32;

@@ -68,7 +68,7 @@ pub fn unframe(data: &[u8], raw_len: u32, raw: bool) -> Result<Vec<u8>, ChunkErr
     let out = if raw {
         data.to_vec()
     } else {
-        zstd::bulk::decompress(data, raw_len as usize)
+        zstd_decompress(data, raw_len as usize)
             .map_err(|e| ChunkError::Malformed(format!("bad zstd frame: {e}")))?
     };
     if out.len() != raw_len as usize {
@@ -93,17 +93,52 @@ pub fn verify_frame(
     Ok(out)
 }
 
+thread_local! {
+    // A zstd context costs more to set up than a small chunk costs to compress: one
+    // per thread, reused.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(1)?);
+        }
+        match c.as_mut() {
+            Some(c) => c.compress(data),
+            None => Err(std::io::Error::other("no zstd context")),
+        }
+    })
+}
+
+fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match d.as_mut() {
+            Some(d) => d.decompress(data, capacity),
+            None => Err(std::io::Error::other("no zstd context")),
+        }
+    })
+}
+
 /// Frames a raw chunk for the wire: zstd, unless that does not make it smaller.
 pub fn compress(raw: &[u8]) -> (Vec<u8>, bool) {
     // Incompressible data costs a full zstd pass for nothing; a sample tells early.
     if raw.len() > 8192 {
-        if let Ok(z) = zstd::bulk::compress(&raw[..4096], 1) {
+        if let Ok(z) = zstd_compress(&raw[..4096]) {
             if z.len() > 4096 - 4096 / 32 {
                 return (raw.to_vec(), true);
             }
         }
     }
-    match zstd::bulk::compress(raw, 1) {
+    match zstd_compress(raw) {
         Ok(z) if z.len() < raw.len() => (z, false),
         _ => (raw.to_vec(), true),
     }
