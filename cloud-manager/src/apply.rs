@@ -19,6 +19,8 @@ pub enum ApplyError {
     Entry(#[from] EntryError),
     #[error("entry {path:?}: {message}")]
     Invalid { path: String, message: String },
+    #[error("entry {path:?}: rename source {from:?} is missing")]
+    RenameSourceMissing { path: String, from: String },
     #[error("entry {path:?}: {op}: {errno}")]
     Io {
         path: String,
@@ -34,7 +36,9 @@ impl ferry_common::error::ErrorKind for ApplyError {
             ApplyError::Path(e) => e.kind(),
             ApplyError::Chunk(e) => e.kind(),
             ApplyError::Entry(e) => e.kind(),
-            ApplyError::Invalid { .. } => Kind::InvalidArgument,
+            ApplyError::Invalid { .. } | ApplyError::RenameSourceMissing { .. } => {
+                Kind::InvalidArgument
+            }
             ApplyError::Io { errno, .. } if errno.raw_os_error() == Some(28) => {
                 Kind::ResourceExhausted
             }
@@ -54,14 +58,20 @@ fn show(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
 
-/// Applies entries in order under `root`.
-pub fn apply(root: &Root, chunks: &ChunkStore, entries: &[Entry]) -> Result<Applied, ApplyError> {
+/// Applies entries in order under `root`. `resumed`: this batch was being applied when
+/// the manager stopped, so a rename whose source is gone may already be done.
+pub fn apply(
+    root: &Root,
+    chunks: &ChunkStore,
+    entries: &[Entry],
+    resumed: bool,
+) -> Result<Applied, ApplyError> {
     for e in entries {
         validate(e)?;
     }
     let mut done = Applied::default();
     for e in entries {
-        done.file_bytes += apply_one(root, chunks, e)?;
+        done.file_bytes += apply_one(root, chunks, e, resumed)?;
         done.entries += 1;
     }
     Ok(done)
@@ -79,7 +89,12 @@ fn tmp_name() -> Vec<u8> {
     format!(".ferry-{:016x}.tmp", rand::random::<u64>()).into_bytes()
 }
 
-fn apply_one(root: &Root, chunks: &ChunkStore, e: &Entry) -> Result<u64, ApplyError> {
+fn apply_one(
+    root: &Root,
+    chunks: &ChunkStore,
+    e: &Entry,
+    resumed: bool,
+) -> Result<u64, ApplyError> {
     let kind = EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified);
     let path = e.path.as_slice();
     if kind == EntryKind::Delete {
@@ -93,7 +108,13 @@ fn apply_one(root: &Root, chunks: &ChunkStore, e: &Entry) -> Result<u64, ApplyEr
         return Ok(0);
     }
     if kind == EntryKind::Rename {
-        apply_rename(root, e)?;
+        match apply_rename(root, e) {
+            Err(ApplyError::RenameSourceMissing { path, from }) if resumed => {
+                // Done before the stop (the entries after it in this batch set the rest).
+                tracing::info!(path, from, "rename already applied before a restart");
+            }
+            r => r?,
+        }
         return Ok(0);
     }
     let (dir, name) = root
@@ -202,9 +223,9 @@ fn replace_at(dir: BorrowedFd<'_>, tmp: &[u8], name: &[u8]) -> Result<(), Errno>
 /// source is an error: the agent only sends renames of paths this replica holds.
 fn apply_rename(root: &Root, e: &Entry) -> Result<(), ApplyError> {
     let path = e.path.as_slice();
-    let missing = || ApplyError::Invalid {
+    let missing = || ApplyError::RenameSourceMissing {
         path: show(path),
-        message: format!("rename source {:?} is missing", show(&e.link_target)),
+        from: show(&e.link_target),
     };
     let (odir, oname) = root.parent(&e.link_target, false)?.ok_or_else(missing)?;
     let st = match rustix::fs::statat(&odir, oname, AtFlags::SYMLINK_NOFOLLOW) {
@@ -370,4 +391,40 @@ fn sync_xattrs(
         set(&x.name, &x.value).map_err(io_at(p, "setxattr"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rename_is_strict_but_a_resumed_batch_may_find_it_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("root");
+        std::fs::create_dir_all(&tree).unwrap();
+        std::fs::write(tree.join("a"), b"content").unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let chunks =
+            ChunkStore::open(&dir.path().join("chunks"), db.open_tree("c").unwrap()).unwrap();
+        let root = Root::open(&tree).unwrap();
+        let rename = Entry {
+            path: b"b".to_vec(),
+            link_target: b"a".to_vec(),
+            kind: EntryKind::Rename as i32,
+            mode: 0o100640,
+            ..Default::default()
+        };
+        apply(&root, &chunks, std::slice::from_ref(&rename), false).unwrap();
+        assert_eq!(std::fs::read(tree.join("b")).unwrap(), b"content");
+        assert!(!tree.join("a").exists());
+        // Applied again in a normal batch: the missing source is an error...
+        let err = apply(&root, &chunks, std::slice::from_ref(&rename), false).unwrap_err();
+        assert!(
+            matches!(err, ApplyError::RenameSourceMissing { .. }),
+            "{err}"
+        );
+        // ... but the retry of a batch cut short by a restart goes on.
+        apply(&root, &chunks, std::slice::from_ref(&rename), true).unwrap();
+        assert_eq!(std::fs::read(tree.join("b")).unwrap(), b"content");
+    }
 }

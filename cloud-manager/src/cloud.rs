@@ -360,10 +360,13 @@ impl Cloud {
         }
         let this = self.clone();
         let entries = batch.entries;
+        // A retry of an epoch whose application was cut short may find some of its
+        // entries (renames) already done.
+        let resumed = self.state.begin_apply(&rec.name, batch.epoch)?;
         let applied = blocking(move || -> Result<apply::Applied> {
             let root = ferry_common::safepath::Root::open(&mnt).map_err(apply::ApplyError::from)?;
             let t = std::time::Instant::now();
-            let applied = apply::apply(&root, &this.chunks, &entries)?;
+            let applied = apply::apply(&root, &this.chunks, &entries, resumed)?;
             let apply_ms = t.elapsed().as_millis() as u64;
             rustix::fs::syncfs(root.fd())
                 .map_err(|e| CloudError::Io(std::io::Error::from(e).to_string()))?;

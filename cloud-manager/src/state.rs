@@ -163,4 +163,18 @@ impl State {
     pub fn save_counters(&self, c: &Counters) -> Result<(), StoreError> {
         self.store.put_json(&self.meta, b"counters", c)
     }
+
+    /// Records, durably, that `epoch` of `system` is being applied: if the manager dies
+    /// midway, the retry of that epoch knows some of its entries may already be done.
+    pub fn begin_apply(&self, system: &str, epoch: u64) -> Result<bool, StoreError> {
+        let key = format!("applying:{system}");
+        let before = self
+            .meta
+            .get(key.as_bytes())?
+            .and_then(|v| v.as_ref().try_into().ok())
+            .map(u64::from_be_bytes);
+        self.meta.insert(key.as_bytes(), &epoch.to_be_bytes())?;
+        self.store.flush()?;
+        Ok(before == Some(epoch))
+    }
 }
