@@ -65,28 +65,50 @@ enum Has {
     Missing,
 }
 
-fn lookup_module(tree: &Tree, kver: &str, name: &str) -> Has {
-    let norm = |s: &str| s.replace('-', "_");
-    let want = norm(name);
-    let base_is = |line: &str| {
-        let file = line.split(':').next().unwrap_or(line).trim();
-        let base = file.rsplit('/').next().unwrap_or(file);
-        let stem = base.split(".ko").next().unwrap_or(base);
-        norm(stem) == want
-    };
-    for dir in ["/lib/modules", "/usr/lib/modules"] {
-        if let Found::Text(t) = tree.read(&format!("{dir}/{kver}/modules.builtin")) {
-            if t.lines().any(base_is) {
-                return Has::BuiltIn;
+/// The drivers one kernel has: built in, and as modules (names with `_` for `-`).
+struct KernelModules {
+    builtin: std::collections::HashSet<String>,
+    modules: std::collections::HashSet<String>,
+}
+
+impl KernelModules {
+    /// Reads modules.builtin and modules.dep of `kver` once.
+    fn read(tree: &Tree, kver: &str) -> Self {
+        let names = |text: &str| -> std::collections::HashSet<String> {
+            text.lines()
+                .filter_map(|line| {
+                    let file = line.split(':').next()?.trim();
+                    let base = file.rsplit('/').next()?;
+                    let stem = base.split(".ko").next()?;
+                    (!stem.is_empty()).then(|| stem.replace('-', "_"))
+                })
+                .collect()
+        };
+        let mut k = KernelModules {
+            builtin: Default::default(),
+            modules: Default::default(),
+        };
+        for dir in ["/lib/modules", "/usr/lib/modules"] {
+            if let Found::Text(t) = tree.read(&format!("{dir}/{kver}/modules.builtin")) {
+                k.builtin.extend(names(&t));
+            }
+            if let Found::Text(t) = tree.read_big(&format!("{dir}/{kver}/modules.dep")) {
+                k.modules.extend(names(&t));
             }
         }
-        if let Found::Text(t) = tree.read_big(&format!("{dir}/{kver}/modules.dep")) {
-            if t.lines().any(base_is) {
-                return Has::Module;
-            }
+        k
+    }
+
+    fn has(&self, name: &str) -> Has {
+        let want = name.replace('-', "_");
+        if self.builtin.contains(&want) {
+            Has::BuiltIn
+        } else if self.modules.contains(&want) {
+            Has::Module
+        } else {
+            Has::Missing
         }
     }
-    Has::Missing
 }
 
 pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
@@ -114,8 +136,9 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
     // Drivers to put into the initrd: those each kernel has as modules.
     let mut modules: Vec<String> = Vec::new();
     for kv in &kvers {
+        let known = KernelModules::read(tree, kv);
         for m in &needs.modules {
-            match lookup_module(tree, kv, m) {
+            match known.has(m) {
                 Has::BuiltIn => {}
                 Has::Module => {
                     if !modules.contains(m) {
