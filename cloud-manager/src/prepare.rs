@@ -17,6 +17,8 @@ pub enum PrepareError {
     Command { command: String, message: String },
     #[error(transparent)]
     Customize(#[from] customize::CustomizeError),
+    #[error(transparent)]
+    Volume(#[from] crate::volumes::VolumeError),
 }
 
 /// The customization plan for `rec`, with every system of `all` in /etc/hosts.
@@ -63,19 +65,7 @@ fn host_of(rec: &SystemRecord) -> Option<(IpAddr, String)> {
 }
 
 fn run(cmd: &mut Command) -> Result<(), PrepareError> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().map_err(|e| PrepareError::Command {
-        command: shown.clone(),
-        message: e.to_string(),
-    })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(PrepareError::Command {
-            command: shown,
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    Ok(crate::volumes::run(cmd).map(drop)?)
 }
 
 /// Copies one volume image, keeping it sparse.

@@ -40,7 +40,8 @@ pub fn supported(fstype: &str) -> bool {
     matches!(fstype, "ext2" | "ext3" | "ext4" | "xfs" | "btrfs" | "vfat")
 }
 
-fn run(cmd: &mut Command) -> Result<String, VolumeError> {
+/// Runs a command; a failure carries the command and its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<String, VolumeError> {
     let shown = format!("{cmd:?}");
     let out = cmd.output().map_err(|e| VolumeError::Command {
         command: shown.clone(),

@@ -7,7 +7,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Largest configuration file a step reads; larger ones are refused with a report.
 pub const MAX_CONFIG: u64 = 1 << 20;
@@ -25,7 +25,6 @@ pub enum Found {
 #[derive(Debug)]
 pub struct Tree {
     root: Root,
-    path: PathBuf,
     /// Path -> (original content, new content or `None` to remove the file).
     staged: BTreeMap<String, (Option<String>, Option<String>)>,
     /// Files placed whole (from the file database): path -> (content, mode).
@@ -43,15 +42,10 @@ impl Tree {
         let root = Root::open(path).map_err(|e| CustomizeError::Tree(e.to_string()))?;
         Ok(Self {
             root,
-            path: path.to_path_buf(),
             staged: BTreeMap::new(),
             placed: BTreeMap::new(),
             modes: BTreeMap::new(),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Reads `path` (absolute within the tree, e.g. "/etc/fstab").
