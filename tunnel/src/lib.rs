@@ -1,12 +1,77 @@
-//! Ferry's tunnel roles; the crate holds the contract's command shape until the tunnels land.
+//! Ferry's tunnels (patent FIG. 5-6): the enterprise side dials out through the clone's
+//! gateway, runs SSH to the cloned app server, fetches its service table over SFTP and
+//! carries each listed TCP or UDP service back to the real server in the enterprise.
+pub mod app;
+pub mod config;
+pub mod enterprise;
+pub mod gateway;
+pub mod ini;
+pub mod keys;
+pub mod metrics;
+pub mod net;
 
-/// The three roles of `ferry-tunnel`, as the patent's FIG. 5 names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// Beside the enterprise services (tunneling module 113).
-    Enterprise,
-    /// At the clone's public edge (tunneling module 135).
-    Gateway,
-    /// On the cloned application server (530).
-    App,
+use config::AnyConfig;
+use std::path::PathBuf;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Channel window: sized so a 100 ms round trip can carry ~160 MB/s per channel.
+pub const WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest SSH packet; bigger packets mean fewer seals per byte.
+pub const MAX_PACKET: u32 = 65_535;
+
+/// AES-GCM first: hardware-accelerated, and the cipher the OpenSSH baseline uses.
+pub fn preferred() -> russh::Preferred {
+    russh::Preferred {
+        cipher: std::borrow::Cow::Borrowed(&[
+            russh::cipher::AES_128_GCM,
+            russh::cipher::AES_256_GCM,
+            russh::cipher::CHACHA20_POLY1305,
+        ]),
+        ..Default::default()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    App(#[from] app::AppError),
+    #[error(transparent)]
+    Enterprise(#[from] enterprise::EnterpriseError),
+    #[error("the {0} role needs a listener")]
+    NoListener(&'static str),
+}
+
+/// The sockets a role serves on, bound by the caller (port 0 in tests).
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// The gateway's public port or the app role's SSH port.
+    pub main: Option<TcpListener>,
+    pub metrics: Option<TcpListener>,
+}
+
+/// Runs the role the configuration describes until `shutdown`. `table_path` is where the
+/// app role's Table B lives: it serves that file over SFTP and re-reads it on requests.
+pub async fn run(
+    config: AnyConfig,
+    table_path: PathBuf,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), TunnelError> {
+    let m = metrics::Metrics::default();
+    if let Some(l) = listeners.metrics {
+        tokio::spawn(metrics::serve(l, m.clone(), shutdown.clone()));
+    }
+    match config {
+        AnyConfig::Gateway(g) => {
+            let l = listeners.main.ok_or(TunnelError::NoListener("gateway"))?;
+            gateway::run(g, l, m, shutdown).await;
+        }
+        AnyConfig::App(t) => {
+            let l = listeners.main.ok_or(TunnelError::NoListener("app"))?;
+            app::run(table_path, t, l, m, shutdown).await?;
+        }
+        AnyConfig::Enterprise(a) => enterprise::run(a, m, shutdown).await?,
+    }
+    Ok(())
 }
