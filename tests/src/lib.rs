@@ -1,6 +1,9 @@
 //! Harness for Ferry's end-to-end tests: loop-mounted source file systems, feature-rich
 //! trees, the real daemons as child processes on loopback, and the checks (rsync,
 //! blkid, fsck) that say whether a replica matches its source.
+pub mod netns;
+pub mod pg;
+
 use anyhow::{anyhow, bail, Context, Result};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

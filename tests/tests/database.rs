@@ -2,85 +2,9 @@
 //! the replicated data directory starts on the cloud side, its pgbench books balance,
 //! and it holds every transaction committed before the pass.
 use anyhow::{Context, Result};
+use ferry_tests::pg::{initdb, Pg};
 use ferry_tests::*;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
-
-fn pg_bin(name: &str) -> Result<PathBuf> {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .context("postgresql is not installed (.ci/run installs it)")?
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .collect();
-    versions.sort();
-    Ok(versions.pop().context("no postgresql version")?.join(name))
-}
-
-fn as_postgres(program: &Path) -> Command {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--"]).arg(program);
-    c
-}
-
-/// A PostgreSQL server on a unix socket only (no network); stopped on drop.
-struct Pg {
-    data: PathBuf,
-    sock: PathBuf,
-    port: u16,
-}
-
-impl Pg {
-    fn start(data: &Path, sock: &Path, port: u16) -> Result<Self> {
-        bash(&format!(
-            "mkdir -p {s} && chown postgres {s}",
-            s = sock.display()
-        ))?;
-        sh(as_postgres(&pg_bin("pg_ctl")?)
-            .arg("-D")
-            .arg(data)
-            .arg("-o")
-            .arg(format!(
-                "-p {port} -k {} -c listen_addresses=",
-                sock.display()
-            ))
-            .arg("-l")
-            .arg(sock.join("postgres.log"))
-            .args(["-w", "-t", "120", "start"]))?;
-        Ok(Self {
-            data: data.to_path_buf(),
-            sock: sock.to_path_buf(),
-            port,
-        })
-    }
-    fn sql(&self, q: &str) -> Result<String> {
-        Ok(sh(as_postgres(&pg_bin("psql")?)
-            .arg("-h")
-            .arg(&self.sock)
-            .args(["-p", &self.port.to_string(), "-Atc", q, "postgres"]))?
-        .trim()
-        .to_string())
-    }
-    fn pgbench(&self) -> Result<Command> {
-        let mut c = as_postgres(&pg_bin("pgbench")?);
-        c.arg("-h")
-            .arg(&self.sock)
-            .args(["-p", &self.port.to_string()]);
-        Ok(c)
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        if let Ok(ctl) = pg_bin("pg_ctl") {
-            let _ = as_postgres(&ctl)
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "immediate", "stop"])
-                .output();
-        }
-    }
-}
 
 #[test]
 fn running_postgres_replica_starts_consistent_with_committed_transactions() -> Result<()> {
@@ -89,15 +13,7 @@ fn running_postgres_replica_starts_consistent_with_committed_transactions() -> R
     bash(&format!("chmod 755 {}", t.display()))?;
     let src = LoopFs::new(t, "db", "ext4", "0a1b2c3d-0000-4000-8000-0000000000db", 600)?;
     let data = src.mnt.join("var/lib/postgresql/data");
-    bash(&format!(
-        "mkdir -p {d} && chown -R postgres {m}/var/lib/postgresql",
-        d = data.display(),
-        m = src.mnt.display()
-    ))?;
-    sh(as_postgres(&pg_bin("initdb")?)
-        .arg("-D")
-        .arg(&data)
-        .args(["-A", "trust", "-U", "postgres"]))?;
+    initdb(&data)?;
     let pg = Pg::start(&data, &t.join("sock-src"), 5433)?;
     sh(pg.pgbench()?.args(["-i", "-q", "-s", "2", "postgres"]))?;
     let mut load = pg
