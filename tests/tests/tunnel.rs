@@ -38,7 +38,8 @@ fn ferry_tunnel(ns: &Netns, role: &str, config: &Path) -> Command {
     c
 }
 
-fn table_a(s: &Scene, key: &Path, pin: &str) -> Result<PathBuf> {
+/// A Table A file; only the main enterprise process serves metrics.
+fn table_a(s: &Scene, key: &Path, pin: &str, metrics: bool) -> Result<PathBuf> {
     let p = s.dir.path().join(format!("table-a-{}.ini", rand::random::<u32>()));
     std::fs::write(
         &p,
@@ -48,9 +49,10 @@ fn table_a(s: &Scene, key: &Path, pin: &str) -> Result<PathBuf> {
              forward_tunnel_remote_destination_ip={APP}\nforward_tunnel_remote_destination_port=2222\n\
              is_first_establish_forward_tunnel=True\n\
              ssh_key_file={}\nhost_key={pin}\nservice_table={}\n\
-             keepalive_secs=2\nconnect_timeout_secs=3\nmetrics_listen=127.0.0.1:9101\n",
+             keepalive_secs=2\nconnect_timeout_secs=3\n{}",
             key.display(),
-            s.table().display()
+            s.table().display(),
+            if metrics { "metrics_listen=127.0.0.1:9101\n" } else { "" }
         ),
     )?;
     Ok(p)
@@ -177,7 +179,7 @@ impl Scene {
     }
 
     fn start_enterprise(&mut self) -> Result<()> {
-        let a = table_a(self, &self.keys().join("client_key"), &self.fingerprint)?;
+        let a = table_a(self, &self.keys().join("client_key"), &self.fingerprint, true)?;
         self.enterprise = Some(Proc::spawn(
             &mut ferry_tunnel(&self.ent, "enterprise", &a),
             &self.dir.path().join("enterprise.log"),
@@ -420,13 +422,14 @@ fn wrong_keys_foreign_forwards_and_outside_app_servers_are_refused_and_logged() 
         &s,
         &s.keys().join("client_key"),
         other_keys["host_key_fingerprint"].as_str().context("fp")?,
+        false,
     )?;
     let mut wrong_pin = Proc::spawn(
         &mut ferry_tunnel(&s.ent, "enterprise", &a),
         &s.dir.path().join("wrong-pin.log"),
     )?;
     // A client key the cloud manager did not issue: the app role refuses it.
-    let a = table_a(&s, &other.join("client_key"), &s.fingerprint)?;
+    let a = table_a(&s, &other.join("client_key"), &s.fingerprint, false)?;
     let mut wrong_key = Proc::spawn(
         &mut ferry_tunnel(&s.ent, "enterprise", &a),
         &s.dir.path().join("wrong-key.log"),
@@ -477,7 +480,7 @@ fn wrong_keys_foreign_forwards_and_outside_app_servers_are_refused_and_logged() 
         "refused forward request: not in the service table",
         "refused direct-tcpip",
         "refused exec",
-        "refused sftp open",
+        "refused sftp",
     ] {
         assert!(app.contains(refusal), "app log lacks {refusal:?}:\n{app}");
     }

@@ -593,6 +593,7 @@ impl russh_sftp::server::Handler for TableSftp {
         path: String,
     ) -> Result<russh_sftp::protocol::Attrs, Self::Error> {
         if !self.allowed(&path) {
+            tracing::warn!(path = %path, "refused sftp stat: only the service table is served");
             return Err(russh_sftp::protocol::StatusCode::PermissionDenied);
         }
         let md = std::fs::metadata(&self.path)
@@ -602,6 +603,23 @@ impl russh_sftp::server::Handler for TableSftp {
             ..Default::default()
         };
         Ok(russh_sftp::protocol::Attrs { id, attrs })
+    }
+
+    /// Clients resolve "." first; the answer names no real directory.
+    async fn realpath(
+        &mut self,
+        id: u32,
+        path: String,
+    ) -> Result<russh_sftp::protocol::Name, Self::Error> {
+        let name = if path == "." || path.is_empty() {
+            "/".to_string()
+        } else {
+            path
+        };
+        Ok(russh_sftp::protocol::Name {
+            id,
+            files: vec![russh_sftp::protocol::File::dummy(name)],
+        })
     }
 
     async fn lstat(
