@@ -410,7 +410,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), EnterpriseError> {
     let key = Arc::new(keys::load_private(&cfg.key_file)?);
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(15));
+    // A short cap: a failed dial costs little, and services are down until one succeeds.
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {
         match session(&cfg, key.clone(), &metrics, &mut backoff, &shutdown).await {
             Ok(()) => tracing::info!("tunnel session closed"),
