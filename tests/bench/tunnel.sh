@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench/tunnel}
 B=${CARGO_TARGET_DIR:-$PWD/target}/release
 cargo build --release -p ferry-tunnel >/dev/null
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)"
 
 cleanup() {
   pkill -f "ferry-tunnel .* --config $W/" 2>/dev/null || true
@@ -81,7 +81,7 @@ remote_ssh_ip=127.0.0.1
 remote_ssh_port=17550
 forward_tunnel_remote_destination_ip=127.0.0.1
 forward_tunnel_remote_destination_port=17022
-is_first_establish_forward_tunnel=True
+is_first_establish_forward_tunnel=${FERRY_FIRST_TUNNEL:-True}
 ssh_key_file=$W/keys/client_key
 host_key=$FP
 service_table=$W/table.ini
@@ -115,10 +115,12 @@ sleep 1
 $E1 ssh -N -F /dev/null -i "$W/ssh_client_key" -p 17023 -c aes128-gcm@openssh.com \
   -o Compression=no -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
   -L 127.0.0.1:35201:127.0.0.1:15201 -L 127.0.0.1:37000:127.0.0.1:17000 root@127.0.0.1 &
+up=
 for _ in $(seq 1 100); do
-  (exec 3<>/dev/tcp/127.0.0.1/27000) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/37000) 2>/dev/null && break
+  if (exec 3<>/dev/tcp/127.0.0.1/27000) 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/37000) 2>/dev/null; then up=1; break; fi
   sleep 0.2
 done
+[ -n "$up" ] || { echo "tunnels did not come up; see $W/*.log" >&2; exit 1; }
 sleep 1
 
 iperf() { # PORT STREAMS -> Gbit/s received
@@ -181,15 +183,15 @@ printf 'openssh  %s\n' "$(pingpong 37000)"
 printf 'ferry    %s\n' "$(pingpong 27000)"
 
 echo "== ping-pong beside bulk on another service (us), p50 p99"
-$E0 iperf3 -c 127.0.0.1 -p 35201 -t 8 >/dev/null & sleep 1
-printf 'openssh  %s\n' "$(pingpong 37000)"; wait
-$E0 iperf3 -c 127.0.0.1 -p 25201 -t 8 >/dev/null & sleep 1
-printf 'ferry    %s\n' "$(pingpong 27000)"; wait
+$E0 iperf3 -c 127.0.0.1 -p 35201 -t 8 >/dev/null & bulk=$!; sleep 1
+printf 'openssh  %s\n' "$(pingpong 37000)"; wait $bulk
+$E0 iperf3 -c 127.0.0.1 -p 25201 -t 8 >/dev/null & bulk=$!; sleep 1
+printf 'ferry    %s\n' "$(pingpong 27000)"; wait $bulk
 
 echo "== RSS (KiB), idle / 1000 idle connections"
 ferry_idle=$(rss_kb $FERRY_PIDS); ssh_idle=$(rss_kb $(ssh_pids))
-hold 27000 1000; sleep 5; ferry_busy=$(rss_kb $FERRY_PIDS); wait
-hold 37000 1000; sleep 5; ssh_busy=$(rss_kb $(ssh_pids)); wait
+hold 27000 1000; sleep 5; ferry_busy=$(rss_kb $FERRY_PIDS); wait $!
+hold 37000 1000; sleep 5; ssh_busy=$(rss_kb $(ssh_pids)); wait $!
 printf 'openssh  %s / %s\n' "$ssh_idle" "$ssh_busy"
 printf 'ferry    %s / %s\n' "$ferry_idle" "$ferry_busy"
 

@@ -1,7 +1,7 @@
 //! A PostgreSQL source under pgbench load, replicated with `--consistency fsfreeze`:
 //! the replicated data directory starts on the cloud side, its pgbench books balance,
 //! and it holds every transaction committed before the pass.
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ferry_tests::pg::{initdb, Pg};
 use ferry_tests::*;
 use std::time::Duration;

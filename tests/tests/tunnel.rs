@@ -40,7 +40,10 @@ fn ferry_tunnel(ns: &Netns, role: &str, config: &Path) -> Command {
 
 /// A Table A file; only the main enterprise process serves metrics.
 fn table_a(s: &Scene, key: &Path, pin: &str, metrics: bool) -> Result<PathBuf> {
-    let p = s.dir.path().join(format!("table-a-{}.ini", rand::random::<u32>()));
+    let p = s
+        .dir
+        .path()
+        .join(format!("table-a-{}.ini", rand::random::<u32>()));
     std::fs::write(
         &p,
         format!(
@@ -67,7 +70,13 @@ impl Scene {
         let gw_ns = Netns::new(&format!("{tag}pub"))?;
         let app_ns = Netns::new(&format!("{tag}prv"))?;
         let (_, gw_if) = veth(&format!("{tag}e"), Some(&ent), ENT, Some(&gw_ns), GW_PUBLIC)?;
-        veth(&format!("{tag}p"), Some(&gw_ns), GW_PRIVATE, Some(&app_ns), APP)?;
+        veth(
+            &format!("{tag}p"),
+            Some(&gw_ns),
+            GW_PRIVATE,
+            Some(&app_ns),
+            APP,
+        )?;
 
         // Enterprise services: PostgreSQL, dnsmasq, and a destination that never answers.
         let data = d.join("pgdata");
@@ -179,7 +188,12 @@ impl Scene {
     }
 
     fn start_enterprise(&mut self) -> Result<()> {
-        let a = table_a(self, &self.keys().join("client_key"), &self.fingerprint, true)?;
+        let a = table_a(
+            self,
+            &self.keys().join("client_key"),
+            &self.fingerprint,
+            true,
+        )?;
         self.enterprise = Some(Proc::spawn(
             &mut ferry_tunnel(&self.ent, "enterprise", &a),
             &self.dir.path().join("enterprise.log"),
@@ -239,7 +253,8 @@ fn psql_and_dns_reach_the_enterprise_only_through_the_tunnel() -> Result<()> {
     assert_eq!(s.psql(50100, "select v from t")?, "from the enterprise");
     s.psql(50100, "insert into t values ('from the clone')")?;
     assert_eq!(
-        s._pg.sql("select count(*) from t where v = 'from the clone'")?,
+        s._pg
+            .sql("select count(*) from t where v = 'from the clone'")?,
         "1"
     );
 
@@ -267,16 +282,27 @@ fn psql_and_dns_reach_the_enterprise_only_through_the_tunnel() -> Result<()> {
     wait_for("the new service", Duration::from_secs(20), || {
         s.psql(50102, "select v from t limit 1").is_ok()
     })?;
-    assert!(s.log("enterprise.log").contains("fetched the service table services=4"));
+    assert!(s
+        .log("enterprise.log")
+        .contains("fetched the service table services=4"));
 
     // Metrics on both sides count the traffic per service.
     let m = s.metrics(&s.app_ns, 9100)?;
-    assert!(counter(&m, "ferry_tunnel_connections_total{service=\"postgres\"}") >= 3.0, "{m}");
-    assert!(counter(&m, "ferry_tunnel_connections_total{service=\"dns\"}") >= 1.0, "{m}");
+    assert!(
+        counter(&m, "ferry_tunnel_connections_total{service=\"postgres\"}") >= 3.0,
+        "{m}"
+    );
+    assert!(
+        counter(&m, "ferry_tunnel_connections_total{service=\"dns\"}") >= 1.0,
+        "{m}"
+    );
     // The restarted enterprise side has counted only the new service so far.
     let m = s.metrics(&s.ent, 9101)?;
     assert!(
-        counter(&m, "ferry_tunnel_bytes_total{service=\"reporting\",direction=\"out\"}") > 0.0,
+        counter(
+            &m,
+            "ferry_tunnel_bytes_total{service=\"reporting\",direction=\"out\"}"
+        ) > 0.0,
         "{m}"
     );
     wait_for("a heartbeat rtt", Duration::from_secs(10), || {
@@ -300,7 +326,16 @@ impl Prober {
             let mut out = Vec::new();
             while !st.load(std::sync::atomic::Ordering::Relaxed) {
                 let ok = Command::new("ip")
-                    .args(["netns", "exec", &ns, "psql", "-h", "127.0.0.1", "-p", "50100"])
+                    .args([
+                        "netns",
+                        "exec",
+                        &ns,
+                        "psql",
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        "50100",
+                    ])
                     .args(["-U", "postgres", "-Atc", "select 1", "postgres"])
                     .env("PGCONNECT_TIMEOUT", "2")
                     .output()
@@ -325,13 +360,19 @@ fn only_failed_during(samples: &[(Instant, bool)], from: Instant, until: Instant
     for (t, ok) in samples {
         if *t < from || *t > until {
             if !ok {
-                bail!("psql failed outside the outage, {:?} after it started", t.saturating_duration_since(from));
+                bail!(
+                    "psql failed outside the outage, {:?} after it started",
+                    t.saturating_duration_since(from)
+                );
             }
         } else if !ok {
             failed_inside = true;
         }
     }
-    anyhow::ensure!(failed_inside, "the outage did not show (no failure during it)");
+    anyhow::ensure!(
+        failed_inside,
+        "the outage did not show (no failure during it)"
+    );
     anyhow::ensure!(
         samples.iter().any(|(t, ok)| *t > until && *ok),
         "no success after the outage"
@@ -389,12 +430,18 @@ fn link_cut_gateway_restart_and_a_silent_destination_do_not_break_the_tunnel() -
     s.gateway.as_mut().context("gateway")?.kill9();
     std::thread::sleep(Duration::from_secs(3));
     s.start_gateway()?;
-    wait_for("psql after the gateway restart", Duration::from_secs(30), || {
-        s.psql(50100, "select 1").is_ok()
-    })?;
+    wait_for(
+        "psql after the gateway restart",
+        Duration::from_secs(30),
+        || s.psql(50100, "select 1").is_ok(),
+    )?;
     let recovered = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    only_failed_during(&probe.finish(), kill, recovered + Duration::from_millis(500))?;
+    only_failed_during(
+        &probe.finish(),
+        kill,
+        recovered + Duration::from_millis(500),
+    )?;
     let m = s.metrics(&s.ent, 9101)?;
     assert!(counter(&m, "ferry_tunnel_reconnects_total") >= 2.0, "{m}");
     Ok(())
@@ -404,11 +451,10 @@ fn link_cut_gateway_restart_and_a_silent_destination_do_not_break_the_tunnel() -
 fn wrong_keys_foreign_forwards_and_outside_app_servers_are_refused_and_logged() -> Result<()> {
     let s = Scene::new("t3")?;
     let other = s.dir.path().join("other-keys");
-    let other_keys: serde_json::Value = serde_json::from_str(&sh(Command::new(bin(
-        "ferry-tunnel",
-    ))
-    .args(["keys", "--out"])
-    .arg(&other))?)?;
+    let other_keys: serde_json::Value =
+        serde_json::from_str(&sh(Command::new(bin("ferry-tunnel"))
+            .args(["keys", "--out"])
+            .arg(&other))?)?;
 
     // The gateway splices only to app servers of its own clone.
     let reply = s.ent.bash(&format!(
@@ -458,8 +504,16 @@ fn wrong_keys_foreign_forwards_and_outside_app_servers_are_refused_and_logged() 
             .output()
             .expect("ssh runs")
     };
-    let fwd = ssh(&["-N", "-R", "127.0.0.1:50999:127.0.0.1:22", &format!("ferry@{APP}")]);
-    assert!(!fwd.status.success(), "a forward outside the table was granted");
+    let fwd = ssh(&[
+        "-N",
+        "-R",
+        "127.0.0.1:50999:127.0.0.1:22",
+        &format!("ferry@{APP}"),
+    ]);
+    assert!(
+        !fwd.status.success(),
+        "a forward outside the table was granted"
+    );
     let direct = ssh(&["-W", &format!("{ENT}:5432"), &format!("ferry@{APP}")]);
     assert!(!direct.status.success(), "direct-tcpip was granted");
     let exec = ssh(&[&format!("ferry@{APP}"), "id"]);
@@ -474,7 +528,10 @@ fn wrong_keys_foreign_forwards_and_outside_app_servers_are_refused_and_logged() 
             k = s.keys().join("client_key").display()
         ))
         .output()?;
-    assert!(!sftp.status.success(), "sftp served a file other than the table");
+    assert!(
+        !sftp.status.success(),
+        "sftp served a file other than the table"
+    );
     let app = s.log("app.log");
     for refusal in [
         "refused forward request: not in the service table",

@@ -411,10 +411,7 @@ impl russh::server::Handler for Conn {
         match (name, self.sessions.remove(&channel)) {
             ("sftp", Some(ch)) => {
                 session.channel_success(channel)?;
-                let sftp = TableSftp {
-                    path: self.shared.table_path.clone(),
-                    data: None,
-                };
+                let sftp = TableSftp::new(self.shared.table_path.clone());
                 russh_sftp::server::run(ch.into_stream(), sftp).await;
             }
             _ => {
@@ -497,12 +494,17 @@ impl russh::server::Handler for Conn {
 }
 
 /// SFTP that serves one file, read-only: the service table.
-struct TableSftp {
+#[derive(Debug)]
+pub struct TableSftp {
     path: PathBuf,
     data: Option<Vec<u8>>,
 }
 
 impl TableSftp {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, data: None }
+    }
+
     fn allowed(&self, name: &str) -> bool {
         std::path::Path::new(name) == self.path
     }
@@ -686,7 +688,7 @@ pub async fn run(
         let cfg = config.clone();
         let stop = shutdown.clone();
         shared.tracker.spawn(async move {
-            match russh::server::run_stream(cfg, conn, handler).await {
+            match russh::server::run_stream(cfg, net::buffered(conn), handler).await {
                 Ok(running) => {
                     tokio::select! {
                         r = running => if let Err(e) = r {

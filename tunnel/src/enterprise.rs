@@ -291,7 +291,7 @@ async fn session(
     let ssh = Arc::new(client_config(cfg.keepalive));
     let mut handle = tokio::time::timeout(
         cfg.connect_timeout,
-        russh::client::connect_stream(ssh, stream, client),
+        russh::client::connect_stream(ssh, net::buffered(stream), client),
     )
     .await
     .map_err(|_| SessionError::Ssh("handshake timed out".into()))?

@@ -64,7 +64,7 @@ async fn handle(mut conn: TcpStream, peer: SocketAddr, cfg: &GatewayConfig, metr
                 &[("service", "first_tunnel")],
             );
             let label = target.to_string();
-            net::splice(conn, app, metrics, &label).await;
+            net::splice_tcp(conn, app, metrics, &label).await;
             tracing::info!(%peer, app = %target, "first tunnel closed");
         }
         Err(r) => {

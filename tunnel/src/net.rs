@@ -72,17 +72,106 @@ where
     );
 }
 
+/// Bytes gathered before one write: several SSH packets' worth.
+const COPY_BUF: usize = 256 * 1024;
+
+/// Copies until EOF. After each read it takes whatever else is already readable, so a
+/// burst of SSH packets becomes one write instead of one per packet.
 async fn copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W) -> u64 {
-    let mut buf = vec![0u8; 64 * 1024];
+    use futures::FutureExt;
+    let mut buf = vec![0u8; COPY_BUF];
     let mut total = 0u64;
     loop {
-        let n = match r.read(&mut buf).await {
+        let mut n = match r.read(&mut buf).await {
             Ok(0) | Err(_) => return total,
             Ok(n) => n,
         };
+        let mut eof = false;
+        while n < buf.len() {
+            match r.read(&mut buf[n..]).now_or_never() {
+                Some(Ok(0)) | Some(Err(_)) => {
+                    eof = true;
+                    break;
+                }
+                Some(Ok(m)) => n += m,
+                None => break,
+            }
+        }
         if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
             return total;
         }
         total += n as u64;
+        if eof {
+            return total;
+        }
     }
+}
+
+/// Reads the SSH transport through a buffer: russh reads each packet's length and body
+/// separately, which would be two or three syscalls per packet. Writes pass straight through.
+pub fn buffered<S: AsyncRead + AsyncWrite>(stream: S) -> tokio::io::BufReader<S> {
+    tokio::io::BufReader::with_capacity(COPY_BUF, stream)
+}
+
+/// Moves one direction of a TCP splice through a pipe with splice(2): the bytes never
+/// enter user space, which is most of what a gateway does.
+async fn splice_dir(from: &TcpStream, to: &TcpStream) -> std::io::Result<u64> {
+    use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
+    use tokio::io::Interest;
+    let (pr, pw) = pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+    let _ = rustix::pipe::fcntl_setpipe_size(&pw, 1 << 20);
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        let n = match from.try_io(Interest::READABLE, || {
+            Ok(splice(from, None, &pw, None, 1 << 20, flags)?)
+        }) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut left = n;
+        while left > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                Ok(splice(&pr, None, to, None, left, flags)?)
+            }) {
+                Ok(m) => left -= m,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        total += n as u64;
+    }
+}
+
+/// Splices two TCP streams both ways until both are done, passing half-closes on.
+pub async fn splice_tcp(a: TcpStream, b: TcpStream, metrics: &Metrics, label: &str) {
+    let half_close = |s: &TcpStream| {
+        let _ = socket2::SockRef::from(s).shutdown(std::net::Shutdown::Write);
+    };
+    let (u, d) = tokio::join!(
+        async {
+            let n = splice_dir(&a, &b).await.unwrap_or(0);
+            half_close(&b);
+            n
+        },
+        async {
+            let n = splice_dir(&b, &a).await.unwrap_or(0);
+            half_close(&a);
+            n
+        }
+    );
+    metrics.add(
+        "ferry_tunnel_bytes_total",
+        &[("service", label), ("direction", "in")],
+        u as f64,
+    );
+    metrics.add(
+        "ferry_tunnel_bytes_total",
+        &[("service", label), ("direction", "out")],
+        d as f64,
+    );
 }
