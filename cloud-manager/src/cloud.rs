@@ -509,6 +509,16 @@ impl Cloud {
         let all = self.state.systems()?;
         let mut plan = prepare::plan_for(&rec, &all, target, services);
         plan.filedb = Some(self.filedb_dir());
+        if !plan.services.is_empty() {
+            // The system reaches services that stay behind: its image gets the tunnel's
+            // app role, with keys issued here (DATA/tunnel/SYSTEM/client_key is the
+            // enterprise side's).
+            let dir = self.data_dir.join("tunnel").join(&rec.name);
+            plan.tunnel = Some(
+                crate::customize::TunnelInstall::issue(&dir)
+                    .map_err(|e| CloudError::Io(e.to_string()))?,
+            );
+        }
         let work = self.data_dir.join("prepared").join(&rec.name);
         let prepare_err = |e: prepare::PrepareError| CloudError::Io(e.to_string());
         // A consistent copy: no batch is applied to this system while its images are read.

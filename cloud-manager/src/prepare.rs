@@ -41,6 +41,7 @@ pub fn plan_for(
         hosts,
         services,
         filedb: None,
+        tunnel: None,
     }
 }
 

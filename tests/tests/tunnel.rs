@@ -29,7 +29,19 @@ struct Scene {
     gateway: Option<Proc>,
     _app: Proc,
     enterprise: Option<Proc>,
-    fingerprint: String,
+    /// The app role's host key pin, the enterprise side's key, and the table's path as
+    /// the app role sees it.
+    pin: String,
+    client_key: PathBuf,
+    table_remote: String,
+}
+
+/// Where the app role runs from.
+enum AppFrom {
+    /// The binary and a table written by the test.
+    Table,
+    /// Chrooted in an image tree that `ferry-cloud customize` installed it into.
+    Image(PathBuf),
 }
 
 fn ferry_tunnel(ns: &Netns, role: &str, config: &Path) -> Command {
@@ -40,6 +52,7 @@ fn ferry_tunnel(ns: &Netns, role: &str, config: &Path) -> Command {
 
 /// A Table A file; only the main enterprise process serves metrics.
 fn table_a(s: &Scene, key: &Path, pin: &str, metrics: bool) -> Result<PathBuf> {
+    let table = &s.table_remote;
     let p = s
         .dir
         .path()
@@ -51,10 +64,9 @@ fn table_a(s: &Scene, key: &Path, pin: &str, metrics: bool) -> Result<PathBuf> {
              remote_ssh_ip={GW_PUBLIC}\nremote_ssh_port=7550\n\
              forward_tunnel_remote_destination_ip={APP}\nforward_tunnel_remote_destination_port=2222\n\
              is_first_establish_forward_tunnel=True\n\
-             ssh_key_file={}\nhost_key={pin}\nservice_table={}\n\
+             ssh_key_file={}\nhost_key={pin}\nservice_table={table}\n\
              keepalive_secs=2\nconnect_timeout_secs=3\n{}",
             key.display(),
-            s.table().display(),
             if metrics { "metrics_listen=127.0.0.1:9101\n" } else { "" }
         ),
     )?;
@@ -63,6 +75,10 @@ fn table_a(s: &Scene, key: &Path, pin: &str, metrics: bool) -> Result<PathBuf> {
 
 impl Scene {
     fn new(tag: &str) -> Result<Self> {
+        Self::with_app(tag, AppFrom::Table)
+    }
+
+    fn with_app(tag: &str, from: AppFrom) -> Result<Self> {
         let dir = scratch(&format!("tunnel-{tag}"))?;
         let d = dir.path().to_path_buf();
         bash(&format!("chmod 755 {}", d.display()))?;
@@ -117,42 +133,66 @@ impl Scene {
             &d.join("blackhole.log"),
         )?;
 
-        let keys = sh(Command::new(bin("ferry-tunnel"))
-            .args(["keys", "--out"])
-            .arg(d.join("keys")))?;
-        let keys: serde_json::Value = serde_json::from_str(&keys)?;
-        let fingerprint = keys["host_key_fingerprint"]
-            .as_str()
-            .context("fingerprint")?
-            .to_string();
-        std::fs::create_dir_all(d.join("app"))?;
-        std::fs::write(
-            d.join("app/table.ini"),
-            format!(
-                "[ssh_tunnel]\n\
-                 ssh_config_file=/opt/denali/etc/ssh.config\n\
-                 listen_ip={APP}\nlisten_port=2222\n\
-                 host_key_file={k}/host_key\nauthorized_keys_file={k}/authorized_keys\n\
-                 keepalive_secs=2\nmetrics_listen=127.0.0.1:9100\n\
-                 [service_postgres_{ENT}_5432]\nname=postgres\nprotocol=TCP\n\
-                 real_server_ip={ENT}\nreal_server_port=5432\n\
-                 proxy_server_port=50100\nproxy_server_ip=127.0.0.1\n\
-                 [service_{ENT}_53]\nname=dns\nprotocol=UDP\n\
-                 real_server_ip=127.0.0.1\nreal_server_port=5353\n\
-                 proxy_server_port=53\nproxy_server_ip=127.0.0.1\n\
-                 [service_blackhole]\nprotocol=TCP\n\
-                 real_server_ip=127.0.0.1\nreal_server_port=6666\n\
-                 proxy_server_port=50666\nproxy_server_ip=127.0.0.1\n",
-                k = d.join("keys").display()
-            ),
-        )?;
+        let (app, pin, client_key, table_remote) = match from {
+            AppFrom::Table => {
+                let keys = sh(Command::new(bin("ferry-tunnel"))
+                    .args(["keys", "--out"])
+                    .arg(d.join("keys")))?;
+                let keys: serde_json::Value = serde_json::from_str(&keys)?;
+                let pin = keys["host_key_fingerprint"]
+                    .as_str()
+                    .context("fingerprint")?
+                    .to_string();
+                std::fs::create_dir_all(d.join("app"))?;
+                std::fs::write(
+                    d.join("app/table.ini"),
+                    format!(
+                        "[ssh_tunnel]\n\
+                         ssh_config_file=/opt/denali/etc/ssh.config\n\
+                         listen_ip={APP}\nlisten_port=2222\n\
+                         host_key_file={k}/host_key\nauthorized_keys_file={k}/authorized_keys\n\
+                         keepalive_secs=2\nmetrics_listen=127.0.0.1:9100\n\
+                         [service_postgres_{ENT}_5432]\nname=postgres\nprotocol=TCP\n\
+                         real_server_ip={ENT}\nreal_server_port=5432\n\
+                         proxy_server_port=50100\nproxy_server_ip=127.0.0.1\n\
+                         [service_{ENT}_53]\nname=dns\nprotocol=UDP\n\
+                         real_server_ip=127.0.0.1\nreal_server_port=5353\n\
+                         proxy_server_port=53\nproxy_server_ip=127.0.0.1\n\
+                         [service_blackhole]\nprotocol=TCP\n\
+                         real_server_ip=127.0.0.1\nreal_server_port=6666\n\
+                         proxy_server_port=50666\nproxy_server_ip=127.0.0.1\n",
+                        k = d.join("keys").display()
+                    ),
+                )?;
+                let app = Proc::spawn(
+                    &mut ferry_tunnel(&app_ns, "app", &d.join("app/table.ini")),
+                    &d.join("app.log"),
+                )?;
+                let table = d.join("app/table.ini").display().to_string();
+                (app, pin, d.join("keys/client_key"), table)
+            }
+            AppFrom::Image(root) => {
+                // The image's own binary, unit-less: run as its systemd unit would.
+                let app = Proc::spawn(
+                    app_ns.cmd("chroot").arg(&root).args([
+                        "/usr/local/sbin/ferry-tunnel",
+                        "app",
+                        "--config",
+                        "/etc/ferry/tunnel-services.ini",
+                    ]),
+                    &d.join("app.log"),
+                )?;
+                let keys = root.with_file_name("tunnel-keys");
+                let pin = std::fs::read_to_string(keys.join("host_key.pub"))?
+                    .trim()
+                    .to_string();
+                let table = "/etc/ferry/tunnel-services.ini".to_string();
+                (app, pin, keys.join("client_key"), table)
+            }
+        };
         std::fs::write(
             d.join("gateway.ini"),
             format!("[gateway]\nlisten_ip={GW_PUBLIC}\nlisten_port=7550\napp_servers={APP}:2222\n"),
-        )?;
-        let app = Proc::spawn(
-            &mut ferry_tunnel(&app_ns, "app", &d.join("app/table.ini")),
-            &d.join("app.log"),
         )?;
         let gateway = Proc::spawn(
             &mut ferry_tunnel(&gw_ns, "gateway", &d.join("gateway.ini")),
@@ -170,7 +210,9 @@ impl Scene {
             gateway: Some(gateway),
             _app: app,
             enterprise: None,
-            fingerprint,
+            pin,
+            client_key,
+            table_remote,
         };
         s.start_enterprise()?;
         wait_for("the tunnel to carry psql", Duration::from_secs(30), || {
@@ -188,12 +230,7 @@ impl Scene {
     }
 
     fn start_enterprise(&mut self) -> Result<()> {
-        let a = table_a(
-            self,
-            &self.keys().join("client_key"),
-            &self.fingerprint,
-            true,
-        )?;
+        let a = table_a(self, &self.client_key, &self.pin, true)?;
         self.enterprise = Some(Proc::spawn(
             &mut ferry_tunnel(&self.ent, "enterprise", &a),
             &self.dir.path().join("enterprise.log"),
@@ -475,7 +512,7 @@ fn wrong_keys_foreign_forwards_and_outside_app_servers_are_refused_and_logged() 
         &s.dir.path().join("wrong-pin.log"),
     )?;
     // A client key the cloud manager did not issue: the app role refuses it.
-    let a = table_a(&s, &other.join("client_key"), &s.fingerprint, false)?;
+    let a = table_a(&s, &other.join("client_key"), &s.pin, false)?;
     let mut wrong_key = Proc::spawn(
         &mut ferry_tunnel(&s.ent, "enterprise", &a),
         &s.dir.path().join("wrong-key.log"),
@@ -543,5 +580,62 @@ fn wrong_keys_foreign_forwards_and_outside_app_servers_are_refused_and_logged() 
     }
     // The legitimate session kept working through all of it.
     assert_eq!(s.psql(50100, "select v from t")?, "from the enterprise");
+    Ok(())
+}
+
+#[test]
+fn the_app_role_that_customize_installs_into_an_image_serves_from_it() -> Result<()> {
+    // A real Debian 12 tree, customized with two services that stay behind.
+    let cached = sh(&mut Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/debian12_tree.sh"),
+    ))?;
+    let tmp = scratch("tunnel-image")?;
+    let root = tmp.path().join("root");
+    sh(Command::new("cp").arg("-a").arg(cached.trim()).arg(&root))?;
+    let report = sh(Command::new(bin("ferry-cloud"))
+        .args(["customize", "--root"])
+        .arg(&root)
+        .args(["--target", "local", "--json", "--tunnel-keys"])
+        .arg(tmp.path().join("tunnel-keys"))
+        .args(["--service", &format!("{ENT}:5432=127.0.0.1:50100")])
+        .args(["--service", "127.0.0.1:5353/udp=127.0.0.1:53"]))?;
+    assert!(report.contains("tunnel app role on port 2222"), "{report}");
+    for f in [
+        "usr/local/sbin/ferry-tunnel",
+        "etc/ferry/tunnel/host_key",
+        "etc/ferry/tunnel/authorized_keys",
+        "etc/systemd/system/ferry-tunnel-app.service",
+        "etc/systemd/system/multi-user.target.d/ferry-tunnel-app.conf",
+    ] {
+        assert!(root.join(f).exists(), "{f} not installed");
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(root.join("etc/ferry/tunnel/host_key"))?.permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the host key is readable by others");
+    // The image's own binary validates the image's table, as its unit's check would.
+    let check = sh(Command::new("chroot").arg(&root).args([
+        "/usr/local/sbin/ferry-tunnel",
+        "check",
+        "--config",
+        "/etc/ferry/tunnel-services.ini",
+    ]))?;
+    assert!(
+        check.contains("UDP proxy 127.0.0.1:53 -> real 127.0.0.1:5353"),
+        "{check}"
+    );
+
+    // Run it from the image in cloud-private; the enterprise side uses the issued key.
+    let s = Scene::with_app("t4", AppFrom::Image(root.clone()))?;
+    assert_eq!(s.psql(50100, "select v from t")?, "from the enterprise");
+    let ans = sh(s.app_ns.cmd("dig").args([
+        "@127.0.0.1",
+        "-p",
+        "53",
+        "ldap.corp.example",
+        "+short",
+        "+time=2",
+    ]))?;
+    assert_eq!(ans.trim(), "198.18.60.7");
     Ok(())
 }

@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,8 +23,6 @@ use tokio_util::task::TaskTracker;
 
 /// How long opening a channel back to the enterprise side may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// A UDP session with no datagram either way for this long is closed.
-pub const UDP_IDLE: Duration = Duration::from_secs(60);
 /// Datagrams queued per UDP session before new ones are dropped.
 const UDP_QUEUE: usize = 256;
 
@@ -237,7 +234,7 @@ async fn udp_session(
     owner: Owner,
     sock: Arc<UdpSocket>,
     src: SocketAddr,
-    mut rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Bytes>,
 ) {
     let name = owner.service.name.clone();
     let open = owner
@@ -257,30 +254,13 @@ async fn udp_session(
     shared
         .metrics
         .inc("ferry_tunnel_connections_total", &[("service", &name)]);
-    let (mut r, mut w) = tokio::io::split(ch.into_stream());
-    let mut frame = vec![0u8; 65536];
-    loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(UDP_IDLE) => return,
-            d = rx.recv() => {
-                let Some(d) = d else { return };
-                let len = d.len() as u16;
-                if w.write_all(&len.to_be_bytes()).await.is_err() || w.write_all(&d).await.is_err() {
-                    return;
-                }
-                shared.metrics.add("ferry_tunnel_bytes_total", &[("service", &name), ("direction", "in")], d.len() as f64);
-            }
-            len = r.read_u16() => {
-                let Ok(len) = len else { return };
-                let len = usize::from(len);
-                if r.read_exact(&mut frame[..len]).await.is_err() {
-                    return;
-                }
-                let _ = sock.send_to(&frame[..len], src).await;
-                shared.metrics.add("ferry_tunnel_bytes_total", &[("service", &name), ("direction", "out")], len as f64);
-            }
-        }
+    let sink = crate::udp::Sink {
+        sock,
+        to: Some(src),
+    };
+    tokio::select! {
+        _ = crate::udp::relay(ch.into_stream(), crate::udp::Source::Queue(rx), sink, &shared.metrics, &name) => {}
+        _ = shared.shutdown.cancelled() => {}
     }
 }
 

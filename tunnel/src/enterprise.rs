@@ -14,7 +14,7 @@ use russh::{Channel, ChannelOpenFailure};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -204,7 +204,13 @@ impl russh::client::Handler for Client {
                 Ok(sock) => {
                     reply.accept().await;
                     metrics.inc("ferry_tunnel_connections_total", &[("service", &name)]);
-                    udp_relay(channel, sock, &metrics, &name).await;
+                    let sock = Arc::new(sock);
+                    let sink = crate::udp::Sink {
+                        sock: sock.clone(),
+                        to: None,
+                    };
+                    let source = crate::udp::Source::Socket(sock);
+                    crate::udp::relay(channel.into_stream(), source, sink, &metrics, &name).await;
                 }
                 Err(e) => {
                     tracing::warn!(service = %name, real = %service.real, error = %e, "cannot reach the real udp service");
@@ -213,35 +219,6 @@ impl russh::client::Handler for Client {
             }
         });
         Ok(())
-    }
-}
-
-/// Frames (u16 length + payload) from the channel become datagrams to the real service,
-/// and its answers come back framed; idle sessions end.
-async fn udp_relay(channel: Channel<Msg>, sock: UdpSocket, metrics: &Metrics, name: &str) {
-    let (mut r, mut w) = tokio::io::split(channel.into_stream());
-    let mut frame = vec![0u8; 65536];
-    let mut dgram = vec![0u8; 65536];
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(crate::app::UDP_IDLE) => return,
-            len = r.read_u16() => {
-                let Ok(len) = len else { return };
-                let len = usize::from(len);
-                if r.read_exact(&mut frame[..len]).await.is_err() {
-                    return;
-                }
-                let _ = sock.send(&frame[..len]).await;
-            }
-            n = sock.recv(&mut dgram) => {
-                let Ok(n) = n else { continue };
-                let Ok(len) = u16::try_from(n) else { continue };
-                if w.write_all(&len.to_be_bytes()).await.is_err() || w.write_all(&dgram[..n]).await.is_err() {
-                    return;
-                }
-                metrics.add("ferry_tunnel_bytes_total", &[("service", name), ("direction", "out")], n as f64);
-            }
-        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod ini;
 pub mod keys;
 pub mod metrics;
 pub mod net;
+pub mod udp;
 
 use config::AnyConfig;
 use std::path::PathBuf;

@@ -74,21 +74,34 @@ where
 
 /// Bytes gathered before one write: several SSH packets' worth.
 const COPY_BUF: usize = 256 * 1024;
+/// What an idle connection holds per direction while it waits for data.
+const IDLE_BUF: usize = 4096;
 
-/// Copies until EOF. After each read it takes whatever else is already readable, so a
-/// burst of SSH packets becomes one write instead of one per packet.
+/// Copies until EOF. A connection waits with a small buffer; when a read fills it, a
+/// burst is under way and a large one, allocated for the burst, takes whatever else is
+/// already readable, so a run of SSH packets becomes one write instead of one per packet.
 async fn copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W) -> u64 {
     use futures::FutureExt;
-    let mut buf = vec![0u8; COPY_BUF];
+    let mut small = [0u8; IDLE_BUF];
     let mut total = 0u64;
     loop {
-        let mut n = match r.read(&mut buf).await {
+        let n = match r.read(&mut small).await {
             Ok(0) | Err(_) => return total,
             Ok(n) => n,
         };
+        if n < IDLE_BUF {
+            if w.write_all(&small[..n]).await.is_err() || w.flush().await.is_err() {
+                return total;
+            }
+            total += n as u64;
+            continue;
+        }
+        let mut big = vec![0u8; COPY_BUF];
+        big[..n].copy_from_slice(&small[..n]);
+        let mut n = n;
         let mut eof = false;
-        while n < buf.len() {
-            match r.read(&mut buf[n..]).now_or_never() {
+        while n < big.len() {
+            match r.read(&mut big[n..]).now_or_never() {
                 Some(Ok(0)) | Some(Err(_)) => {
                     eof = true;
                     break;
@@ -97,7 +110,7 @@ async fn copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W)
                 None => break,
             }
         }
-        if w.write_all(&buf[..n]).await.is_err() || w.flush().await.is_err() {
+        if w.write_all(&big[..n]).await.is_err() || w.flush().await.is_err() {
             return total;
         }
         total += n as u64;

@@ -58,6 +58,10 @@ enum Cmd {
         /// built-in catalogue.
         #[arg(long)]
         filedb: Option<PathBuf>,
+        /// Install the tunnel's app role, with the keys in DIR (issued there if missing);
+        /// DIR/client_key is then the enterprise side's key.
+        #[arg(long, value_name = "DIR")]
+        tunnel_keys: Option<PathBuf>,
         /// Show the diff; write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
             hosts,
             services,
             filedb,
+            tunnel_keys,
             dry_run,
             json,
         } => {
@@ -102,7 +107,16 @@ fn main() -> ExitCode {
             let plan = target
                 .parse()
                 .and_then(|t| customize::Plan::from_flags(t, &fs, &hosts, &services))
-                .map(|p| customize::Plan { filedb, ..p });
+                .map(|p| customize::Plan { filedb, ..p })
+                .and_then(|p| {
+                    Ok(customize::Plan {
+                        tunnel: tunnel_keys
+                            .as_deref()
+                            .map(customize::TunnelInstall::issue)
+                            .transpose()?,
+                        ..p
+                    })
+                });
             let plan = match plan {
                 Ok(p) => p,
                 Err(e) => {

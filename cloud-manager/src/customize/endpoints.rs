@@ -227,9 +227,23 @@ pub fn rewrite(text: &str, services: &[ServiceMap]) -> (String, Vec<(usize, Stri
     (lines.concat(), changes)
 }
 
-/// The service table in the layout of the patent's Table B.
-pub fn service_table(services: &[ServiceMap]) -> String {
+/// Where the installed app role keeps its keys, binary and unit in the image.
+pub const TUNNEL_DIR: &str = "/etc/ferry/tunnel";
+pub const TUNNEL_BIN: &str = "/usr/local/sbin/ferry-tunnel";
+const UNIT: &str = "/etc/systemd/system/ferry-tunnel-app.service";
+/// A drop-in that makes multi-user.target want the unit: enabling without a symlink.
+const WANTS: &str = "/etc/systemd/system/multi-user.target.d/ferry-tunnel-app.conf";
+
+/// The service table in the layout of the patent's Table B; with `installed`, it starts
+/// with the `[ssh_tunnel]` section the installed app role reads.
+pub fn service_table(services: &[ServiceMap], installed: bool) -> String {
     let mut out = String::from("# Written by ferry: services that stay in the enterprise and their local\n# tunnel endpoints (Table B layout).\n");
+    if installed {
+        out.push_str(&format!(
+            "[ssh_tunnel]\nlisten_ip=0.0.0.0\nlisten_port={}\nhost_key_file={TUNNEL_DIR}/host_key\nauthorized_keys_file={TUNNEL_DIR}/authorized_keys\n",
+            ferry_tunnel::config::DEFAULT_APP_PORT
+        ));
+    }
     for s in services {
         let name = format!("{}_{}", s.host, s.port);
         out.push_str(&format!(
@@ -269,7 +283,70 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
             tree.write(&path, new);
         }
     }
-    tree.write(SERVICE_TABLE, service_table(&services));
+    let table = service_table(&services, ctx.plan.tunnel.is_some());
+    // The tunnel's own parser is the judge of the format.
+    if let Err(e) = ferry_tunnel::config::parse_table_b(&table) {
+        ctx.note(
+            SERVICE_TABLE,
+            format!("the tunnel would refuse this table: {e}"),
+        );
+    }
+    tree.write(SERVICE_TABLE, table);
+    if let Some(install) = ctx.plan.tunnel.clone() {
+        install_app_role(tree, ctx, &install);
+    }
+}
+
+/// Places the app role: keys, binary, and a systemd unit started at boot.
+fn install_app_role(tree: &mut Tree, ctx: &mut Ctx<'_>, install: &super::TunnelInstall) {
+    tree.write_mode(
+        &format!("{TUNNEL_DIR}/host_key"),
+        install.host_key.expose().to_string(),
+        0o600,
+    );
+    tree.write(
+        &format!("{TUNNEL_DIR}/authorized_keys"),
+        install.authorized_keys.clone(),
+    );
+    match install.binary.as_deref().map(std::fs::read) {
+        Some(Ok(bytes)) => tree.place(TUNNEL_BIN, bytes, 0o755),
+        Some(Err(e)) => ctx.note(
+            TUNNEL_BIN,
+            format!("cannot read the ferry-tunnel binary: {e}"),
+        ),
+        None => ctx.note(
+            TUNNEL_BIN,
+            "no ferry-tunnel binary beside the cloud manager: install it in the image by hand",
+        ),
+    }
+    if tree.exists("/lib/systemd/systemd") || tree.exists("/usr/lib/systemd/systemd") {
+        tree.write(
+            UNIT,
+            format!(
+                "[Unit]\nDescription=Ferry tunnel, app role (services that stay in the enterprise)\n\
+                 After=network-online.target\nWants=network-online.target\n\n\
+                 [Service]\nExecStart={TUNNEL_BIN} app --config {SERVICE_TABLE}\n\
+                 Restart=always\nRestartSec=2\n\n[Install]\nWantedBy=multi-user.target\n"
+            ),
+        );
+        tree.write(
+            WANTS,
+            "[Unit]\nWants=ferry-tunnel-app.service\n".to_string(),
+        );
+    } else {
+        ctx.note(
+            UNIT,
+            "no systemd in the guest: start the tunnel app role from its init scripts",
+        );
+    }
+    ctx.note(
+        SERVICE_TABLE,
+        format!(
+            "tunnel app role on port {}, host key {}",
+            ferry_tunnel::config::DEFAULT_APP_PORT,
+            install.host_public_key
+        ),
+    );
 }
 
 #[cfg(test)]

@@ -87,6 +87,55 @@ pub struct Plan {
     pub services: Vec<ServiceMap>,
     /// The operator's file database directory, added to the built-in catalogue.
     pub filedb: Option<std::path::PathBuf>,
+    /// Installs the tunnel's app role when the system uses services that stay behind.
+    #[serde(skip)]
+    pub tunnel: Option<TunnelInstall>,
+}
+
+/// The tunnel's app role for an image: the host key and the client keys the cloud
+/// manager issued, and the `ferry-tunnel` binary to place.
+#[derive(Clone)]
+pub struct TunnelInstall {
+    pub host_key: ferry_common::config::Secret,
+    pub host_public_key: String,
+    pub authorized_keys: String,
+    pub binary: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for TunnelInstall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelInstall")
+            .field("host_public_key", &self.host_public_key)
+            .field("binary", &self.binary)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TunnelInstall {
+    /// The keys in `dir` (issued there first if missing) and the `ferry-tunnel` binary
+    /// installed beside the running one, if there is one.
+    pub fn issue(dir: &Path) -> Result<Self, CustomizeError> {
+        let kerr =
+            |e: ferry_tunnel::keys::KeyError| CustomizeError::Plan(format!("tunnel keys: {e}"));
+        if !dir.join("host_key").exists() {
+            ferry_tunnel::keys::write_set(dir).map_err(kerr)?;
+        }
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| {
+                CustomizeError::Plan(format!("tunnel keys: {}: {e}", dir.join(name).display()))
+            })
+        };
+        let binary = std::env::current_exe()
+            .ok()
+            .and_then(|e| Some(e.parent()?.join("ferry-tunnel")))
+            .filter(|p| p.is_file());
+        Ok(Self {
+            host_key: ferry_common::config::Secret::new(read("host_key")?),
+            host_public_key: read("host_key.pub")?.trim().to_string(),
+            authorized_keys: read("authorized_keys")?,
+            binary,
+        })
+    }
 }
 
 impl Plan {
@@ -111,6 +160,7 @@ impl Plan {
                 .ok_or_else(|| CustomizeError::Plan(format!("{what} {s:?}: expected A=B")))
         };
         let mut plan = Plan {
+            tunnel: None,
             target,
             filesystems: Vec::new(),
             hosts: Vec::new(),
