@@ -78,44 +78,54 @@ const COPY_BUF: usize = 256 * 1024;
 const IDLE_BUF: usize = 4096;
 
 /// Copies until EOF. A connection waits with a small buffer; when a read fills it, a
-/// burst is under way and a large one, allocated for the burst, takes whatever else is
-/// already readable, so a run of SSH packets becomes one write instead of one per packet.
+/// burst is under way and a large buffer, kept until the burst ends, takes whatever else
+/// is already readable, so a run of SSH packets becomes one write instead of one each.
 async fn copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W) -> u64 {
     use futures::FutureExt;
     let mut small = [0u8; IDLE_BUF];
+    let mut big: Vec<u8> = Vec::new();
     let mut total = 0u64;
     loop {
-        let n = match r.read(&mut small).await {
-            Ok(0) | Err(_) => return total,
-            Ok(n) => n,
+        let mut n = if big.is_empty() {
+            let n = match r.read(&mut small).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => n,
+            };
+            if n == IDLE_BUF {
+                big = vec![0u8; COPY_BUF];
+                big[..n].copy_from_slice(&small);
+            }
+            n
+        } else {
+            match r.read(&mut big).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => n,
+            }
         };
-        if n < IDLE_BUF {
-            if w.write_all(&small[..n]).await.is_err() || w.flush().await.is_err() {
-                return total;
-            }
-            total += n as u64;
-            continue;
-        }
-        let mut big = vec![0u8; COPY_BUF];
-        big[..n].copy_from_slice(&small[..n]);
-        let mut n = n;
         let mut eof = false;
-        while n < big.len() {
-            match r.read(&mut big[n..]).now_or_never() {
-                Some(Ok(0)) | Some(Err(_)) => {
-                    eof = true;
-                    break;
+        if !big.is_empty() {
+            while n < big.len() {
+                match r.read(&mut big[n..]).now_or_never() {
+                    Some(Ok(0)) | Some(Err(_)) => {
+                        eof = true;
+                        break;
+                    }
+                    Some(Ok(m)) => n += m,
+                    None => break,
                 }
-                Some(Ok(m)) => n += m,
-                None => break,
             }
         }
-        if w.write_all(&big[..n]).await.is_err() || w.flush().await.is_err() {
+        let data = if big.is_empty() { &small[..n] } else { &big[..n] };
+        if w.write_all(data).await.is_err() || w.flush().await.is_err() {
             return total;
         }
         total += n as u64;
         if eof {
             return total;
+        }
+        if n < IDLE_BUF {
+            // The burst is over: an idle connection keeps only the small buffer.
+            big = Vec::new();
         }
     }
 }
