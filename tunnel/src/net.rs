@@ -115,7 +115,11 @@ async fn copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W)
                 }
             }
         }
-        let data = if big.is_empty() { &small[..n] } else { &big[..n] };
+        let data = if big.is_empty() {
+            &small[..n]
+        } else {
+            &big[..n]
+        };
         if w.write_all(data).await.is_err() || w.flush().await.is_err() {
             return total;
         }
