@@ -511,7 +511,16 @@ pub fn fsck(image: &Path, fstype: &str) -> Result<()> {
 pub fn converged_within(src: &Path, replica: &Path, limit: Duration) -> Result<Duration> {
     let start = Instant::now();
     loop {
-        let diff = rsync_diff(src, replica)?;
+        let diff = match rsync_diff(src, replica) {
+            Ok(d) => d,
+            // The replica is live: a file being applied can vanish under rsync (its
+            // temp file is renamed into place). That is "not yet", not a failure.
+            Err(e) if e.to_string().contains("vanished") && start.elapsed() < limit => {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if diff.is_empty() {
             return Ok(start.elapsed());
         }
