@@ -11,6 +11,7 @@ pub mod cloud;
 pub mod config;
 pub mod customize;
 pub mod grpc;
+pub mod image;
 pub mod metrics;
 pub mod prepare;
 pub mod state;

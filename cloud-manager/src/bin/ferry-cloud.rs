@@ -69,6 +69,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Disk images from file system images.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// Join tokens.
     Token {
         #[command(subcommand)]
@@ -86,6 +91,72 @@ enum TokenCmd {
         #[arg(long, default_value_t = 24)]
         ttl_hours: u64,
     },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Assemble a bootable qcow2 (MBR, GRUB for BIOS) from customized file system
+    /// images, then boot it once under QEMU before anything uses it.
+    Build {
+        /// A file system image and where it mounts: MOUNT=IMAGE (repeatable; one is /).
+        #[arg(long = "part", value_name = "MOUNT=IMAGE", required = true)]
+        parts: Vec<String>,
+        /// The qcow2 to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// local, aws or azure: sets the serial console.
+        #[arg(long, default_value = "local")]
+        target: String,
+        /// Skip the boot check (the image is then unverified).
+        #[arg(long)]
+        no_boot_check: bool,
+        /// Longest wait for a login prompt, in seconds.
+        #[arg(long, default_value_t = 300)]
+        boot_timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn image_build(
+    parts: &[String],
+    out: &std::path::Path,
+    target: &str,
+    boot_check: bool,
+    boot_timeout: u64,
+) -> anyhow::Result<serde_json::Value> {
+    use ferry_cloud_manager::{customize, image};
+    let target: customize::Target = target.parse()?;
+    let mut ps = Vec::new();
+    for p in parts {
+        let (mp, img) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--part {p:?}: expected MOUNT=IMAGE"))?;
+        ps.push(image::Part::probe(std::path::Path::new(img), mp)?);
+    }
+    let work = out.with_extension("work");
+    let made = image::assemble(&ps, out, &work, target.console())?;
+    let boot = if boot_check {
+        let log = out.with_extension("console.log");
+        Some(image::boot_check(
+            out,
+            &made.root_uuid,
+            &log,
+            std::time::Duration::from_secs(boot_timeout),
+        ))
+    } else {
+        None
+    };
+    let _ = std::fs::remove_dir_all(&work);
+    match boot {
+        Some(Err(e)) => {
+            // An image that failed its check is not left where it could be used.
+            let _ = std::fs::remove_file(out);
+            Err(e.into())
+        }
+        Some(Ok(report)) => Ok(serde_json::json!({ "image": made, "boot_check": report })),
+        None => Ok(serde_json::json!({ "image": made, "boot_check": null })),
+    }
 }
 
 fn main() -> ExitCode {
@@ -142,6 +213,38 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Image {
+            cmd:
+                ImageCmd::Build {
+                    parts,
+                    out,
+                    target,
+                    no_boot_check,
+                    boot_timeout,
+                    json,
+                },
+        } => match image_build(&parts, &out, &target, !no_boot_check, boot_timeout) {
+            Ok(v) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else {
+                    println!("image {}", out.display());
+                    match &v["boot_check"] {
+                        serde_json::Value::Null => println!("boot check: skipped"),
+                        b => println!(
+                            "boot check: login prompt after {:.0}s ({}), root by UUID",
+                            b["seconds"].as_f64().unwrap_or(0.0),
+                            b["accel"].as_str().unwrap_or("?")
+                        ),
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferry-cloud: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Token {
             cmd:
                 TokenCmd::Create {

@@ -1,0 +1,518 @@
+//! Disk images from customized file system images: an MBR laid out for the system's file
+//! systems, each file system placed at its partition's offset (sparse), GRUB installed for
+//! BIOS boot, and the result converted to qcow2. Then the boot check: every image boots
+//! once under QEMU, with a serial console, before any provider sees it.
+use crate::volumes::{run, VolumeError};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Command(#[from] VolumeError),
+    #[error("{path}: {message}")]
+    Io { path: PathBuf, message: String },
+    #[error("invalid layout: {0}")]
+    Layout(String),
+    #[error("no kernel in {0}: the image cannot boot")]
+    NoKernel(String),
+    #[error("boot check failed ({accel}, {seconds:.0}s): {reason}\n--- console (last lines) ---\n{console}")]
+    Boot {
+        accel: String,
+        seconds: f64,
+        reason: String,
+        console: String,
+    },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> ImageError + '_ {
+    move |e| ImageError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// One file system of the system: its image, where it mounts, and what blkid says of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Part {
+    pub image: PathBuf,
+    pub mount_point: String,
+    pub fstype: String,
+    pub uuid: String,
+    pub bytes: u64,
+}
+
+impl Part {
+    /// Reads the type and UUID from the image itself: the image is the truth.
+    pub fn probe(image: &Path, mount_point: &str) -> Result<Self, ImageError> {
+        let out = run(Command::new("blkid").args(["-o", "export"]).arg(image))?;
+        let field = |k: &str| {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(str::to_string)
+        };
+        let bytes = std::fs::metadata(image).map_err(io(image))?.len();
+        Ok(Self {
+            image: image.to_path_buf(),
+            mount_point: mount_point.to_string(),
+            fstype: field("TYPE").ok_or_else(|| {
+                ImageError::Layout(format!("{}: no file system", image.display()))
+            })?,
+            uuid: field("UUID").unwrap_or_default(),
+            bytes,
+        })
+    }
+}
+
+const SECTOR: u64 = 512;
+/// The first partition starts at 1 MiB: the gap holds GRUB's core image.
+const FIRST: u64 = 2048;
+
+/// The partitions in disk order: /boot (if separate) first, then /, then the rest.
+fn ordered(parts: &[Part]) -> Result<Vec<&Part>, ImageError> {
+    let mut v: Vec<&Part> = parts.iter().collect();
+    v.sort_by_key(|p| match p.mount_point.as_str() {
+        "/boot" => 0,
+        "/" => 1,
+        _ => 2,
+    });
+    if !v.iter().any(|p| p.mount_point == "/") {
+        return Err(ImageError::Layout("no root file system".into()));
+    }
+    if v.len() > 4 {
+        return Err(ImageError::Layout(format!(
+            "{} file systems: an MBR holds 4 primary partitions (GPT is not built yet)",
+            v.len()
+        )));
+    }
+    Ok(v)
+}
+
+/// Partition start and size in sectors, each rounded up to a MiB.
+fn layout(parts: &[&Part]) -> Vec<(u64, u64)> {
+    let mut at = FIRST;
+    parts
+        .iter()
+        .map(|p| {
+            let size = p.bytes.div_ceil(1 << 20) * ((1 << 20) / SECTOR);
+            let r = (at, size);
+            at += size;
+            r
+        })
+        .collect()
+}
+
+/// A loop device over one partition's byte range of the disk file (no udev here, so no
+/// partition nodes: an offset loop stands in for one); detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn attach(disk: &Path, start: u64, size: u64) -> Result<Self, ImageError> {
+        let dev = run(Command::new("losetup")
+            .args(["--show", "-f", "-o"])
+            .arg((start * SECTOR).to_string())
+            .arg("--sizelimit")
+            .arg((size * SECTOR).to_string())
+            .arg(disk))?;
+        Ok(Self(dev.trim().to_string()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A mount that is undone on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The newest kernel in a boot directory and its initrd (Debian or RHEL naming).
+fn kernel_in(boot: &Path) -> Result<(String, String), ImageError> {
+    let mut kernels: Vec<String> = std::fs::read_dir(boot)
+        .map_err(io(boot))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with("vmlinuz-") && !n.contains("rescue"))
+        .collect();
+    kernels.sort_by(|a, b| ferry_common::sysconf::compare_versions(&a[8..], &b[8..]));
+    let k = kernels
+        .pop()
+        .ok_or_else(|| ImageError::NoKernel(boot.display().to_string()))?;
+    let ver = &k[8..];
+    let initrd = [format!("initrd.img-{ver}"), format!("initramfs-{ver}.img")]
+        .into_iter()
+        .find(|i| boot.join(i).exists())
+        .ok_or_else(|| ImageError::NoKernel(format!("{} (no initrd for {k})", boot.display())))?;
+    Ok((k, initrd))
+}
+
+/// The GRUB configuration Ferry writes when the guest has none of its own.
+fn grub_cfg(prefix: &str, kernel: &str, initrd: &str, root_uuid: &str, console: &str) -> String {
+    format!(
+        "# Written by ferry: the guest had no GRUB configuration.\n\
+         serial --unit=0 --speed=115200\nterminal_input serial console\nterminal_output serial console\n\
+         set timeout=1\n\
+         menuentry 'ferry' {{\n  linux {prefix}/{kernel} root=UUID={root_uuid} ro console=tty0 console={console}\n  initrd {prefix}/{initrd}\n}}\n"
+    )
+}
+
+/// What `assemble` made.
+#[derive(Debug, Clone, Serialize)]
+pub struct Assembled {
+    pub image: PathBuf,
+    pub virtual_bytes: u64,
+    pub disk_bytes: u64,
+    pub kernel: String,
+    pub root_uuid: String,
+    /// True when the guest's own grub.cfg is used; false when Ferry wrote one.
+    pub guest_grub_cfg: bool,
+}
+
+/// Builds `out` (qcow2) from the file system images. `console` is the target's serial
+/// console (`ttyS0,115200`). The images are read, never changed, except that a boot
+/// file system without a grub.cfg gets Ferry's in the copy placed on the disk.
+pub fn assemble(
+    parts: &[Part],
+    out: &Path,
+    work: &Path,
+    console: &str,
+) -> Result<Assembled, ImageError> {
+    let parts = ordered(parts)?;
+    let spans = layout(&parts);
+    std::fs::create_dir_all(work).map_err(io(work))?;
+    let raw = work.join("disk.raw");
+    let _ = std::fs::remove_file(&raw);
+    let total = spans.last().map(|(s, n)| s + n).unwrap_or(FIRST) * SECTOR;
+    std::fs::File::create(&raw)
+        .and_then(|f| f.set_len(total))
+        .map_err(io(&raw))?;
+    let mut script = String::from("label: dos\n");
+    let boot_index = parts
+        .iter()
+        .position(|p| p.mount_point == "/boot")
+        .unwrap_or_else(|| parts.iter().position(|p| p.mount_point == "/").unwrap_or(0));
+    for (i, (start, size)) in spans.iter().enumerate() {
+        let boot = if i == boot_index { ", bootable" } else { "" };
+        script.push_str(&format!("start={start}, size={size}, type=83{boot}\n"));
+    }
+    let mut sfdisk = Command::new("sfdisk");
+    sfdisk
+        .args(["-q", "--no-reread", "--no-tell-kernel"])
+        .arg(&raw);
+    run_with_stdin(&mut sfdisk, &script)?;
+    for (p, (start, _)) in parts.iter().zip(&spans) {
+        run(Command::new("dd")
+            .arg(format!("if={}", p.image.display()))
+            .arg(format!("of={}", raw.display()))
+            .args(["bs=1M", "conv=sparse,notrunc", "status=none"])
+            .arg(format!("seek={}", start * SECTOR / (1 << 20))))?;
+    }
+    let root_uuid = parts
+        .iter()
+        .find(|p| p.mount_point == "/")
+        .map(|p| p.uuid.clone())
+        .unwrap_or_default();
+    let boot_part = parts[boot_index];
+    // Inside the boot file system: /boot/... on the root fs, or /... on a separate /boot.
+    let prefix = if boot_part.mount_point == "/boot" {
+        ""
+    } else {
+        "/boot"
+    };
+    let (start, size) = spans[boot_index];
+    let (kernel, guest_grub_cfg) = {
+        let lo = Loop::attach(&raw, start, size)?;
+        let mnt = work.join("mnt");
+        std::fs::create_dir_all(&mnt).map_err(io(&mnt))?;
+        run(Command::new("mount").arg(&lo.0).arg(&mnt))?;
+        let _m = Mounted(mnt.clone());
+        let boot_dir = mnt.join(prefix.trim_start_matches('/'));
+        let (kernel, initrd) = kernel_in(&boot_dir)?;
+        let cfg = boot_dir.join("grub/grub.cfg");
+        let guest = cfg.exists();
+        if !guest {
+            std::fs::create_dir_all(boot_dir.join("grub")).map_err(io(&boot_dir))?;
+            std::fs::write(
+                &cfg,
+                grub_cfg(prefix, &kernel, &initrd, &root_uuid, console),
+            )
+            .map_err(io(&cfg))?;
+        }
+        (kernel, guest)
+    };
+    // GRUB's core image finds the boot file system by UUID and reads its grub.cfg; the
+    // MBR's boot code loads it from the gap before the first partition.
+    let early = work.join("early.cfg");
+    std::fs::write(
+        &early,
+        format!(
+            "search --no-floppy --fs-uuid --set=root {u}\nset prefix=($root){prefix}/grub\nconfigfile ($root){prefix}/grub/grub.cfg\n",
+            u = boot_part.uuid
+        ),
+    )
+    .map_err(io(&early))?;
+    let core = work.join("core.img");
+    run(Command::new("grub-mkimage")
+        .args(["-O", "i386-pc", "-o"])
+        .arg(&core)
+        .arg("-c")
+        .arg(&early)
+        .args(["-p", &format!("{prefix}/grub")])
+        .args([
+            "biosdisk",
+            "part_msdos",
+            "ext2",
+            "xfs",
+            "search",
+            "search_fs_uuid",
+            "configfile",
+            "normal",
+            "linux",
+            "serial",
+            "terminal",
+            "echo",
+        ]))?;
+    let core_len = std::fs::metadata(&core).map_err(io(&core))?.len();
+    if core_len > (FIRST - 1) * SECTOR {
+        return Err(ImageError::Layout(format!(
+            "GRUB's core image is {core_len} bytes: more than the gap before the first partition"
+        )));
+    }
+    run(Command::new("dd")
+        .arg("if=/usr/lib/grub/i386-pc/boot.img")
+        .arg(format!("of={}", raw.display()))
+        .args(["bs=440", "count=1", "conv=notrunc", "status=none"]))?;
+    run(Command::new("dd")
+        .arg(format!("if={}", core.display()))
+        .arg(format!("of={}", raw.display()))
+        .args(["bs=512", "seek=1", "conv=notrunc", "status=none"]))?;
+    run(Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(out))?;
+    let _ = std::fs::remove_file(&raw);
+    let disk_bytes =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(out).map_err(io(out))?) * 512;
+    Ok(Assembled {
+        image: out.to_path_buf(),
+        virtual_bytes: total,
+        disk_bytes,
+        kernel,
+        root_uuid,
+        guest_grub_cfg,
+    })
+}
+
+fn run_with_stdin(cmd: &mut Command, input: &str) -> Result<String, ImageError> {
+    use std::io::Write;
+    let shown = format!("{cmd:?}");
+    let fail = |stderr: String| {
+        ImageError::Command(VolumeError::Command {
+            command: shown.clone(),
+            stderr,
+        })
+    };
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(e.to_string()))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// What the boot check saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootReport {
+    /// "kvm" or "tcg".
+    pub accel: String,
+    /// Why KVM was not used, when it was not.
+    pub kvm_note: Option<String>,
+    pub seconds: f64,
+    /// The kernel command line named the root file system by UUID.
+    pub root_by_uuid: bool,
+    pub console_log: PathBuf,
+}
+
+/// Console lines that mean the boot failed, and why.
+const FAILURES: &[(&str, &str)] = &[
+    ("Kernel panic", "kernel panic"),
+    ("You are in emergency mode", "systemd emergency mode"),
+    (
+        "Give root password for maintenance",
+        "emergency mode (a file system failed)",
+    ),
+    ("ALERT!", "the initrd could not find the root file system"),
+    (
+        "Gave up waiting for root",
+        "the initrd could not find the root file system",
+    ),
+    ("emulation failure", "the CPU emulation failed"),
+];
+
+fn tail(text: &str, lines: usize) -> String {
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// One boot attempt: Ok(seconds) at the login prompt, Err(reason) otherwise.
+fn boot_once(image: &Path, accel: &str, log: &Path, timeout: Duration) -> Result<f64, String> {
+    let _ = std::fs::remove_file(log);
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel", accel, "-m", "1024", "-smp", "1", "-display", "none",
+    ])
+    .args(["-no-reboot", "-nic", "none"])
+    .arg("-serial")
+    .arg(format!("file:{}", log.display()))
+    .arg("-drive")
+    // snapshot=on: the check never changes the image it approves.
+    .arg(format!(
+        "file={},if=virtio,format=qcow2,snapshot=on",
+        image.display()
+    ));
+    if accel == "kvm" {
+        cmd.args(["-cpu", "max"]);
+    }
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start qemu: {e}"))?;
+    let start = Instant::now();
+    let result = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+        if text.contains("login:") {
+            break Ok(start.elapsed().as_secs_f64());
+        }
+        if let Some((_, why)) = FAILURES.iter().find(|(m, _)| text.contains(m)) {
+            break Err(why.to_string());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            break Err(format!("qemu exited ({st}): {}", err.trim()));
+        }
+        if start.elapsed() > timeout {
+            break Err(format!("no login prompt within {}s", timeout.as_secs()));
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+/// Boots the image once and requires a login prompt with the root file system named by
+/// UUID. KVM is tried first when /dev/kvm exists; nested KVM fails on some hosts (an
+/// emulation failure, a hang), so a KVM failure is retried under TCG, and the report
+/// says which was used and why.
+pub fn boot_check(
+    image: &Path,
+    root_uuid: &str,
+    log: &Path,
+    timeout: Duration,
+) -> Result<BootReport, ImageError> {
+    let mut kvm_note = None;
+    let mut accels = vec!["tcg"];
+    if Path::new("/dev/kvm").exists() && std::env::var("FERRY_QEMU_ACCEL").as_deref() != Ok("tcg") {
+        accels.insert(0, "kvm");
+    } else {
+        kvm_note = Some("no /dev/kvm (or FERRY_QEMU_ACCEL=tcg)".to_string());
+    }
+    let mut last = None;
+    for accel in accels {
+        let started = Instant::now();
+        match boot_once(image, accel, log, timeout) {
+            Ok(seconds) => {
+                let text =
+                    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+                let root_by_uuid = text.lines().any(|l| {
+                    l.contains("Command line:") && l.contains(&format!("root=UUID={root_uuid}"))
+                });
+                if !root_by_uuid {
+                    return Err(ImageError::Boot {
+                        accel: accel.into(),
+                        seconds,
+                        reason: format!("the kernel was not told root=UUID={root_uuid}"),
+                        console: tail(&text, 40),
+                    });
+                }
+                return Ok(BootReport {
+                    accel: accel.into(),
+                    kvm_note,
+                    seconds,
+                    root_by_uuid,
+                    console_log: log.to_path_buf(),
+                });
+            }
+            Err(reason) => {
+                let text =
+                    String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+                tracing::warn!(accel, %reason, "boot check attempt failed");
+                if accel == "kvm" {
+                    kvm_note = Some(format!("kvm: {reason}"));
+                }
+                last = Some(ImageError::Boot {
+                    accel: accel.into(),
+                    seconds: started.elapsed().as_secs_f64(),
+                    reason,
+                    console: tail(&text, 40),
+                });
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| ImageError::Layout("no accelerator to try".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(mp: &str, mib: u64) -> Part {
+        Part {
+            image: PathBuf::from("/x"),
+            mount_point: mp.into(),
+            fstype: "ext4".into(),
+            uuid: "u".into(),
+            bytes: mib << 20,
+        }
+    }
+
+    #[test]
+    fn boot_comes_first_and_partitions_are_mib_aligned() {
+        let parts = [part("/var", 3), part("/", 10), part("/boot", 1)];
+        let o = ordered(&parts).unwrap();
+        let names: Vec<_> = o.iter().map(|p| p.mount_point.as_str()).collect();
+        assert_eq!(names, ["/boot", "/", "/var"]);
+        assert_eq!(layout(&o), [(2048, 2048), (4096, 20480), (24576, 6144)]);
+        assert!(ordered(&[part("/var", 1)]).is_err());
+        let five: Vec<_> = ["/", "/a", "/b", "/c", "/d"]
+            .iter()
+            .map(|m| part(m, 1))
+            .collect();
+        assert!(ordered(&five).is_err());
+    }
+}

@@ -1,0 +1,111 @@
+//! Disk images from a real Debian 12 tree: customized, put in an ext4 file system with a
+//! known UUID, assembled (MBR, GRUB for BIOS) into qcow2, and booted once under QEMU to
+//! a login prompt with the root file system named by UUID. A broken fstab fails the
+//! boot check, shows the console, and leaves no image behind.
+use anyhow::{ensure, Result};
+use ferry_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const UUID: &str = "5a1c0de0-0000-4000-8000-00000000d12e";
+
+/// A customized copy of the cached Debian 12 tree, made into an ext4 image.
+fn root_image(dir: &Path, edit: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let cached = sh(&mut Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/debian12_tree.sh"),
+    ))?;
+    let tree = dir.join("root");
+    sh(Command::new("cp").arg("-a").arg(cached.trim()).arg(&tree))?;
+    // The login prompt is on the serial console; a password is not needed to see it.
+    std::fs::write(tree.join("etc/hostname"), "ferry-image-test\n")?;
+    sh(Command::new(bin("ferry-cloud"))
+        .args(["customize", "--root"])
+        .arg(&tree)
+        .args(["--target", "local", "--json"]))?;
+    edit(&tree)?;
+    let img = dir.join("root.img");
+    sh(Command::new("truncate").args(["-s", "2G"]).arg(&img))?;
+    sh(Command::new("mkfs.ext4")
+        .args(["-q", "-U", UUID, "-d"])
+        .arg(&tree)
+        .arg(&img))?;
+    Ok(img)
+}
+
+fn build(img: &Path, out: &Path) -> std::process::Output {
+    Command::new(bin("ferry-cloud"))
+        .args([
+            "image",
+            "build",
+            "--json",
+            "--boot-timeout",
+            "240",
+            "--part",
+        ])
+        .arg(format!("/={}", img.display()))
+        .arg("--out")
+        .arg(out)
+        .output()
+        .expect("ferry-cloud runs")
+}
+
+#[test]
+fn a_customized_debian_12_image_boots_to_login_with_root_by_uuid() -> Result<()> {
+    let tmp = scratch("image")?;
+    let img = root_image(tmp.path(), |_| Ok(()))?;
+    let out = tmp.path().join("web01.qcow2");
+    let r = build(&img, &out);
+    ensure!(
+        r.status.success(),
+        "build failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout)?;
+    assert_eq!(v["boot_check"]["root_by_uuid"], true, "{v}");
+    let accel = v["boot_check"]["accel"].as_str().unwrap_or_default();
+    assert!(accel == "kvm" || accel == "tcg", "{v}");
+    eprintln!(
+        "boot check: {accel}, {:.1}s; kvm: {}",
+        v["boot_check"]["seconds"], v["boot_check"]["kvm_note"]
+    );
+    assert_eq!(v["image"]["root_uuid"], UUID);
+    // qcow2, and sparse: far smaller on disk than the 2 GiB it holds.
+    let info = sh(Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&out))?;
+    let info: serde_json::Value = serde_json::from_str(&info)?;
+    assert_eq!(info["format"], "qcow2");
+    assert!(info["virtual-size"].as_u64().unwrap_or(0) > 2 << 30);
+    assert!(
+        v["image"]["disk_bytes"].as_u64().unwrap_or(u64::MAX) < 1 << 30,
+        "{v}"
+    );
+    // The check boots a snapshot: the image is as it was built.
+    let console = std::fs::read_to_string(tmp.path().join("web01.console.log"))?;
+    assert!(console.contains("ferry-image-test login:"), "{console}");
+    Ok(())
+}
+
+#[test]
+fn a_broken_fstab_fails_the_boot_check_and_leaves_no_image() -> Result<()> {
+    let tmp = scratch("image-broken")?;
+    let img = root_image(tmp.path(), |tree| {
+        let fstab = tree.join("etc/fstab");
+        let mut t = std::fs::read_to_string(&fstab).unwrap_or_default();
+        t.push_str("UUID=0badf00d-0000-4000-8000-000000000000 /data ext4 defaults 0 2\n");
+        std::fs::write(fstab, t)?;
+        Ok(())
+    })?;
+    let out = tmp.path().join("broken.qcow2");
+    let r = build(&img, &out);
+    assert!(!r.status.success(), "a broken image passed the boot check");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("boot check failed"), "{err}");
+    assert!(err.contains("emergency"), "{err}");
+    assert!(
+        err.contains("--- console"),
+        "the console is not shown: {err}"
+    );
+    assert!(!out.exists(), "a failed image was left behind");
+    Ok(())
+}
