@@ -185,3 +185,34 @@ pub fn render_prepared(r: &pb::PrepareSystemResponse, report: &serde_json::Value
     }
     out
 }
+
+/// `ferry image list`: one line per image, with its boot check.
+pub fn render_images(images: &[pb::ImageInfo]) -> String {
+    let mut out = format!(
+        "{:<32} {:<12} {:<6} {:>6} {:>9} {:>9}  {}\n",
+        "ID", "SYSTEM", "TARGET", "EPOCH", "SIZE", "ON DISK", "BOOT CHECK"
+    );
+    for i in images {
+        let boot: serde_json::Value =
+            serde_json::from_str(&i.boot_check_json).unwrap_or(serde_json::Value::Null);
+        let check = match boot {
+            serde_json::Value::Null => "skipped".to_string(),
+            b => format!(
+                "login in {:.0}s ({})",
+                b["seconds"].as_f64().unwrap_or(0.0),
+                b["accel"].as_str().unwrap_or("?")
+            ),
+        };
+        out.push_str(&format!(
+            "{:<32} {:<12} {:<6} {:>6} {:>8}M {:>8}M  {}\n",
+            i.id,
+            i.system,
+            i.target,
+            i.epoch,
+            i.virtual_bytes >> 20,
+            i.disk_bytes >> 20,
+            check
+        ));
+    }
+    out
+}

@@ -41,6 +41,8 @@ pub enum CloudError {
     Io(String),
     #[error("out of space: {0}")]
     NoSpace(String),
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl ErrorKind for CloudError {
@@ -60,11 +62,29 @@ impl ErrorKind for CloudError {
             CloudError::Io(m) if m.contains("No space left") => Kind::ResourceExhausted,
             CloudError::Io(_) => Kind::Internal,
             CloudError::NoSpace(_) => Kind::ResourceExhausted,
+            CloudError::Failed(_) => Kind::FailedPrecondition,
         }
     }
 }
 
 pub type Result<T, E = CloudError> = std::result::Result<T, E>;
+
+/// Longest wait for an image's login prompt in the boot check (TCG is slow).
+const BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn image_info(r: crate::state::ImageRecord) -> pb::ImageInfo {
+    pb::ImageInfo {
+        id: r.id,
+        system: r.system,
+        target: r.target,
+        epoch: r.epoch,
+        path: r.path,
+        virtual_bytes: r.virtual_bytes,
+        disk_bytes: r.disk_bytes,
+        boot_check_json: r.boot_check_json,
+        created_unix_ms: r.created_unix_ms,
+    }
+}
 
 /// Most hashes one MissingChunks call may ask about.
 const MAX_HASHES: usize = 65536;
@@ -570,6 +590,113 @@ impl Cloud {
                 .collect(),
             report_json: serde_json::to_string(&report).unwrap_or_default(),
         })
+    }
+
+    /// Prepares the system's copy, assembles its qcow2 and boot-checks it. The image is
+    /// kept (and recorded) only if it boots.
+    pub async fn build_image(&self, req: pb::BuildImageRequest) -> Result<pb::ImageInfo> {
+        let target: crate::customize::Target = req
+            .target
+            .parse()
+            .map_err(|e: crate::customize::CustomizeError| CloudError::Invalid(e.to_string()))?;
+        let prepared = self
+            .prepare_system(pb::PrepareSystemRequest {
+                system: req.system.clone(),
+                target: req.target.clone(),
+                services: req.services.clone(),
+                dry_run: false,
+            })
+            .await?;
+        let rec = self
+            .state
+            .system(&req.system)?
+            .ok_or_else(|| CloudError::NotFound(format!("no system named {:?}", req.system)))?;
+        let id = format!("{}-e{}-{}", rec.name, prepared.epoch, req.target);
+        let dir = self.data_dir.join("images");
+        let out = dir.join(format!("{id}.qcow2"));
+        let work = dir.join(format!("{id}.work"));
+        let log = dir.join(format!("{id}.console.log"));
+        let (images, check) = (prepared.images.clone(), !req.skip_boot_check);
+        let fss = rec.filesystems.clone();
+        let (made, boot) = blocking(move || -> Result<_> {
+            std::fs::create_dir_all(&dir).map_err(|e| CloudError::Io(e.to_string()))?;
+            let mut parts = Vec::new();
+            for img in &images {
+                let path = PathBuf::from(img);
+                let fs_id = path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default();
+                let fs = fss
+                    .iter()
+                    .find(|f| f.fs_id == fs_id)
+                    .ok_or_else(|| CloudError::Io(format!("{img}: no file system record")))?;
+                let mp = String::from_utf8_lossy(&fs.mount_point).into_owned();
+                parts.push(
+                    crate::image::Part::probe(&path, &mp)
+                        .map_err(|e| CloudError::Failed(e.to_string()))?,
+                );
+            }
+            let made = crate::image::assemble(&parts, &out, &work, target.console())
+                .map_err(|e| CloudError::Failed(e.to_string()));
+            let _ = std::fs::remove_dir_all(&work);
+            let made = made?;
+            let boot = if check {
+                match crate::image::boot_check(&out, &made.root_uuid, &log, BOOT_TIMEOUT) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        // Never keep an image that does not boot.
+                        let _ = std::fs::remove_file(&out);
+                        return Err(CloudError::Failed(e.to_string()));
+                    }
+                }
+            } else {
+                None
+            };
+            Ok((made, boot))
+        })
+        .await?;
+        let rec = crate::state::ImageRecord {
+            id,
+            system: rec.name.clone(),
+            target: req.target.clone(),
+            epoch: prepared.epoch,
+            path: made.image.display().to_string(),
+            virtual_bytes: made.virtual_bytes,
+            disk_bytes: made.disk_bytes,
+            boot_check_json: boot
+                .map(|b| serde_json::to_string(&b).unwrap_or_default())
+                .unwrap_or_default(),
+            created_unix_ms: ferry_common::now_ms(),
+        };
+        self.state.put_image(&rec)?;
+        tracing::info!(image = %rec.id, system = %rec.system, checked = check, "image built");
+        Ok(image_info(rec))
+    }
+
+    pub fn list_images(&self) -> Result<pb::ListImagesResponse> {
+        let mut images: Vec<_> = self.state.images()?.into_iter().map(image_info).collect();
+        images.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(pb::ListImagesResponse { images })
+    }
+
+    pub fn delete_image(&self, id: &str) -> Result<pb::DeleteImageResponse> {
+        let rec = self
+            .state
+            .delete_image(id)?
+            .ok_or_else(|| CloudError::NotFound(format!("no image {id:?}")))?;
+        for p in [
+            PathBuf::from(&rec.path),
+            PathBuf::from(&rec.path).with_extension("console.log"),
+        ] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(CloudError::Io(format!("{}: {e}", p.display()))),
+            }
+        }
+        tracing::info!(image = %id, "image deleted");
+        Ok(pb::DeleteImageResponse {})
     }
 
     /// The operator's file database (added to the built-in catalogue).

@@ -200,6 +200,41 @@ impl pb::control_server::Control for Grpc {
             .map_err(|e| self.fail("filedb-add", who.as_ref(), e))
     }
 
+    async fn build_image(
+        &self,
+        req: Request<pb::BuildImageRequest>,
+    ) -> Result<Response<pb::ImageInfo>, Status> {
+        let who = identity(&req);
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.build_image(req.into_inner()).await
+        }
+        .await;
+        r.map(Response::new)
+            .map_err(|e| self.fail("build-image", who.as_ref(), e))
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let who = identity(&req);
+        let r = cloud::require_operator(who.as_ref()).and_then(|_| self.cloud.list_images());
+        r.map(Response::new)
+            .map_err(|e| self.fail("list-images", who.as_ref(), e))
+    }
+
+    async fn delete_image(
+        &self,
+        req: Request<pb::DeleteImageRequest>,
+    ) -> Result<Response<pb::DeleteImageResponse>, Status> {
+        let who = identity(&req);
+        let r = cloud::require_operator(who.as_ref())
+            .and_then(|_| self.cloud.delete_image(&req.get_ref().id));
+        r.map(Response::new)
+            .map_err(|e| self.fail("delete-image", who.as_ref(), e))
+    }
+
     async fn prepare_system(
         &self,
         req: Request<pb::PrepareSystemRequest>,

@@ -112,6 +112,21 @@ pub struct State {
     systems: sled::Tree,
     enrolled: sled::Tree,
     meta: sled::Tree,
+    images: sled::Tree,
+}
+
+/// A built disk image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub id: String,
+    pub system: String,
+    pub target: String,
+    pub epoch: u64,
+    pub path: String,
+    pub virtual_bytes: u64,
+    pub disk_bytes: u64,
+    pub boot_check_json: String,
+    pub created_unix_ms: i64,
 }
 
 impl State {
@@ -120,6 +135,7 @@ impl State {
             systems: store.tree("systems")?,
             enrolled: store.tree("enrolled")?,
             meta: store.tree("meta")?,
+            images: store.tree("images")?,
             store,
         })
     }
@@ -141,6 +157,29 @@ impl State {
             }
         }
         Ok(out)
+    }
+
+    pub fn put_image(&self, rec: &ImageRecord) -> Result<(), StoreError> {
+        self.store.put_json(&self.images, rec.id.as_bytes(), rec)?;
+        self.store.flush()
+    }
+
+    pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.images.iter() {
+            let (k, _) = kv?;
+            if let Some(r) = self.store.get_json(&self.images, &k)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn delete_image(&self, id: &str) -> Result<Option<ImageRecord>, StoreError> {
+        let rec = self.store.get_json(&self.images, id.as_bytes())?;
+        self.images.remove(id.as_bytes())?;
+        self.store.flush()?;
+        Ok(rec)
     }
 
     pub fn is_enrolled(&self, identity: &str) -> Result<bool, StoreError> {

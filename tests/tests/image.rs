@@ -109,3 +109,59 @@ fn a_broken_fstab_fails_the_boot_check_and_leaves_no_image() -> Result<()> {
     assert!(!out.exists(), "a failed image was left behind");
     Ok(())
 }
+
+#[test]
+fn a_replicated_debian_12_system_becomes_a_boot_checked_image_through_the_api() -> Result<()> {
+    let tmp = scratch("image-api")?;
+    let t = tmp.path();
+    let cached = sh(&mut Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/debian12_tree.sh"),
+    ))?;
+    let src = LoopFs::new(t, "src", "ext4", UUID, 1200)?;
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", cached.trim()))
+        .arg(&src.mnt))?;
+    std::fs::write(src.mnt.join("etc/hostname"), "web01\n")?;
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    agent_once(
+        &t.join("agent"),
+        &cloud.url(),
+        Some(&cloud.token()?),
+        &src.mnt,
+        "web01",
+    )?;
+
+    let img = cloud.ferry_json(&["image", "build", "web01", "--target", "local"])?;
+    assert_eq!(img["system"], "web01");
+    assert_eq!(img["boot_check"]["root_by_uuid"], true, "{img}");
+    let path = PathBuf::from(img["path"].as_str().unwrap_or_default());
+    assert!(path.exists(), "{img}");
+    let console = std::fs::read_to_string(path.with_extension("console.log"))?;
+    assert!(console.contains("web01 login:"), "{console}");
+    // The replica is untouched: it is still the source's, not the customized copy.
+    let replica = cloud.replica_path("web01", "/")?;
+    assert_eq!(rsync_diff(&src.mnt, &replica)?, "");
+
+    let list = cloud.ferry_json(&["image", "list"])?;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let id = img["id"].as_str().unwrap_or_default().to_string();
+    let out = Command::new(bin("ferry"))
+        .env("FERRY_CREDENTIALS", cloud.creds())
+        .args(["image", "delete", &id])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!path.exists(), "the image file outlived its record");
+    assert_eq!(cloud.ferry_json(&["image", "list"])?, serde_json::json!([]));
+    let again = Command::new(bin("ferry"))
+        .env("FERRY_CREDENTIALS", cloud.creds())
+        .args(["image", "delete", &id])
+        .output()?;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no image"));
+    Ok(())
+}

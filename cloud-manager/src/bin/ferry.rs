@@ -37,6 +37,38 @@ enum Cmd {
         #[command(subcommand)]
         cmd: FiledbCmd,
     },
+    /// Disk images, boot-checked before they are kept.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Customize a copy of a system's replica, assemble its qcow2 and boot it once under
+    /// QEMU (applications, and building all their systems, come with the app model).
+    Build {
+        system: String,
+        /// local, aws or azure.
+        #[arg(long, default_value = "local")]
+        target: String,
+        /// A service that stays behind: HOST:PORT[/udp]=PROXY_HOST:PROXY_PORT (repeatable).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Keep the image without booting it first (it is then unverified).
+        #[arg(long)]
+        no_boot_check: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Built images.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image and its file.
+    Delete { id: String },
 }
 
 #[derive(Subcommand)]
@@ -159,6 +191,16 @@ enum ReplicaCmd {
 }
 
 /// JSON for people and scripts: the probe travels as a string, but is shown as the object it is.
+/// An image as JSON, with its boot check report expanded.
+fn image_json(i: &pb::ImageInfo) -> serde_json::Value {
+    let mut v = serde_json::to_value(i).unwrap_or_default();
+    v["boot_check"] = serde_json::from_str(&i.boot_check_json).unwrap_or(serde_json::Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("boot_check_json");
+    }
+    v
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     let mut v = serde_json::to_value(v).unwrap_or_default();
     expand_probe(&mut v);
@@ -302,6 +344,53 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
             )
             .await?;
             println!("rate limit: {} bytes/s", r.rate_limit_bps);
+        }
+        Cmd::Image {
+            cmd:
+                ImageCmd::Build {
+                    system,
+                    target,
+                    services,
+                    no_boot_check,
+                    json,
+                },
+        } => {
+            let r = client
+                .build_image(pb::BuildImageRequest {
+                    system,
+                    target,
+                    services,
+                    skip_boot_check: no_boot_check,
+                })
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", to_json(&image_json(&r)));
+            } else {
+                print!("{}", cli::render_images(std::slice::from_ref(&r)));
+            }
+        }
+        Cmd::Image {
+            cmd: ImageCmd::List { json },
+        } => {
+            let r = client
+                .list_images(pb::ListImagesRequest {})
+                .await?
+                .into_inner();
+            if json {
+                let v: Vec<_> = r.images.iter().map(image_json).collect();
+                println!("{}", to_json(&v));
+            } else {
+                print!("{}", cli::render_images(&r.images));
+            }
+        }
+        Cmd::Image {
+            cmd: ImageCmd::Delete { id },
+        } => {
+            client
+                .delete_image(pb::DeleteImageRequest { id: id.clone() })
+                .await?;
+            println!("deleted {id}");
         }
         Cmd::Replica {
             cmd:
