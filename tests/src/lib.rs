@@ -36,6 +36,14 @@ pub fn bash(script: &str) -> Result<String> {
     sh(Command::new("bash").arg("-euc").arg(script))
 }
 
+/// The cached real Debian 12 tree (debootstrap with the cloud kernel), made on first use.
+pub fn debian12_tree() -> Result<PathBuf> {
+    let out = sh(&mut Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/debian12_tree.sh"),
+    ))?;
+    Ok(PathBuf::from(out.trim()))
+}
+
 /// A free loopback port (bound and released; the daemons rebind it).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -11,11 +11,9 @@ const UUID: &str = "5a1c0de0-0000-4000-8000-00000000d12e";
 
 /// A customized copy of the cached Debian 12 tree, made into an ext4 image.
 fn root_image(dir: &Path, edit: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
-    let cached = sh(&mut Command::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/debian12_tree.sh"),
-    ))?;
+    let cached = debian12_tree()?;
     let tree = dir.join("root");
-    sh(Command::new("cp").arg("-a").arg(cached.trim()).arg(&tree))?;
+    sh(Command::new("cp").arg("-a").arg(&cached).arg(&tree))?;
     // The login prompt is on the serial console; a password is not needed to see it.
     std::fs::write(tree.join("etc/hostname"), "ferry-image-test\n")?;
     sh(Command::new(bin("ferry-cloud"))
@@ -114,13 +112,11 @@ fn a_broken_fstab_fails_the_boot_check_and_leaves_no_image() -> Result<()> {
 fn a_replicated_debian_12_system_becomes_a_boot_checked_image_through_the_api() -> Result<()> {
     let tmp = scratch("image-api")?;
     let t = tmp.path();
-    let cached = sh(&mut Command::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/debian12_tree.sh"),
-    ))?;
+    let cached = debian12_tree()?;
     let src = LoopFs::new(t, "src", "ext4", UUID, 1200)?;
     sh(Command::new("cp")
         .arg("-a")
-        .arg(format!("{}/.", cached.trim()))
+        .arg(format!("{}/.", cached.display()))
         .arg(&src.mnt))?;
     std::fs::write(src.mnt.join("etc/hostname"), "web01\n")?;
     let cloud = CloudMgr::start(&t.join("cloud"))?;

@@ -586,12 +586,10 @@ fn wrong_keys_foreign_forwards_and_outside_app_servers_are_refused_and_logged() 
 #[test]
 fn the_app_role_that_customize_installs_into_an_image_serves_from_it() -> Result<()> {
     // A real Debian 12 tree, customized with two services that stay behind.
-    let cached = sh(&mut Command::new(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/debian12_tree.sh"),
-    ))?;
+    let cached = debian12_tree()?;
     let tmp = scratch("tunnel-image")?;
     let root = tmp.path().join("root");
-    sh(Command::new("cp").arg("-a").arg(cached.trim()).arg(&root))?;
+    sh(Command::new("cp").arg("-a").arg(&cached).arg(&root))?;
     let report = sh(Command::new(bin("ferry-cloud"))
         .args(["customize", "--root"])
         .arg(&root)

@@ -121,16 +121,8 @@ fn current(slot: &Slot) -> Option<Owner> {
 
 async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, slot: Slot) {
     loop {
-        let (conn, peer) = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((conn, peer)) = net::accept(&listener, &shared.shutdown).await else {
+            return;
         };
         let Some(owner) = current(&slot) else {
             // No enterprise session right now: fail fast rather than hang the client.
@@ -490,6 +482,17 @@ impl TableSftp {
     }
 }
 
+/// The attributes the table's SFTP reports: its size, nothing else.
+fn size_attrs(id: u32, size: Option<u64>) -> russh_sftp::protocol::Attrs {
+    russh_sftp::protocol::Attrs {
+        id,
+        attrs: russh_sftp::protocol::FileAttributes {
+            size,
+            ..Default::default()
+        },
+    }
+}
+
 fn status(id: u32) -> russh_sftp::protocol::Status {
     russh_sftp::protocol::Status {
         id,
@@ -562,11 +565,7 @@ impl russh_sftp::server::Handler for TableSftp {
         id: u32,
         _handle: String,
     ) -> Result<russh_sftp::protocol::Attrs, Self::Error> {
-        let attrs = russh_sftp::protocol::FileAttributes {
-            size: self.data.as_ref().map(|d| d.len() as u64),
-            ..Default::default()
-        };
-        Ok(russh_sftp::protocol::Attrs { id, attrs })
+        Ok(size_attrs(id, self.data.as_ref().map(|d| d.len() as u64)))
     }
 
     async fn stat(
@@ -580,11 +579,7 @@ impl russh_sftp::server::Handler for TableSftp {
         }
         let md = std::fs::metadata(&self.path)
             .map_err(|_| russh_sftp::protocol::StatusCode::NoSuchFile)?;
-        let attrs = russh_sftp::protocol::FileAttributes {
-            size: Some(md.len()),
-            ..Default::default()
-        };
-        Ok(russh_sftp::protocol::Attrs { id, attrs })
+        Ok(size_attrs(id, Some(md.len())))
     }
 
     /// Clients resolve "." first; the answer names no real directory.
@@ -647,16 +642,8 @@ pub async fn run(
     });
     tracing::info!(listen = %table.listen, services = table.services.len(), "app role ready");
     loop {
-        let (conn, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((conn, peer)) = net::accept(&listener, &shutdown).await else {
+            break;
         };
         net::tune(&conn, table.keepalive);
         let handler = Conn {

@@ -90,16 +90,8 @@ pub async fn run(
     let tracker = TaskTracker::new();
     tracing::info!(listen = %cfg.listen, app_servers = ?cfg.app_servers, "gateway ready");
     loop {
-        let (conn, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((conn, peer)) = net::accept(&listener, &shutdown).await else {
+            break;
         };
         let cfg = cfg.clone();
         let m = metrics.clone();

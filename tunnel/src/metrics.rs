@@ -56,16 +56,8 @@ impl Metrics {
 /// Serves `GET /metrics` until shutdown; one short request per connection.
 pub async fn serve(listener: TcpListener, metrics: Metrics, shutdown: CancellationToken) {
     loop {
-        let (mut conn, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let Some((mut conn, _)) = crate::net::accept(&listener, &shutdown).await else {
+            return;
         };
         let m = metrics.clone();
         tokio::spawn(async move {

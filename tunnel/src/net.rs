@@ -5,6 +5,40 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+/// The next connection, or None once `shutdown` fires. Accept errors (EMFILE, aborted
+/// handshakes) are logged and retried after a pause instead of ending the listener.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(c) => return Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+/// Adds a finished splice's byte counts under the service's name.
+fn count(metrics: &Metrics, service: &str, up: u64, down: u64) {
+    metrics.add(
+        "ferry_tunnel_bytes_total",
+        &[("service", service), ("direction", "in")],
+        up as f64,
+    );
+    metrics.add(
+        "ferry_tunnel_bytes_total",
+        &[("service", service), ("direction", "out")],
+        down as f64,
+    );
+}
+
 /// The first tunnel's request line: the app server the enterprise side wants.
 pub const HELLO: &str = "FERRY-TUNNEL/1 CONNECT";
 const MAX_LINE: usize = 256;
@@ -60,16 +94,7 @@ where
         n
     };
     let (u, d) = tokio::join!(up, down);
-    metrics.add(
-        "ferry_tunnel_bytes_total",
-        &[("service", service), ("direction", "in")],
-        u as f64,
-    );
-    metrics.add(
-        "ferry_tunnel_bytes_total",
-        &[("service", service), ("direction", "out")],
-        d as f64,
-    );
+    count(metrics, service, u, d);
 }
 
 /// Bytes gathered before one write: several SSH packets' worth.
