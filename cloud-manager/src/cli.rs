@@ -216,3 +216,27 @@ pub fn render_images(images: &[pb::ImageInfo]) -> String {
     }
     out
 }
+
+/// `ferry app list|show`: one block per application.
+pub fn render_apps(apps: &[pb::AppInfo]) -> String {
+    let mut out = String::new();
+    for a in apps {
+        out.push_str(&format!(
+            "app {} (provider {}{})\n",
+            a.name,
+            a.provider,
+            if a.load_balancer {
+                ", load balancer"
+            } else {
+                ""
+            }
+        ));
+        for s in &a.systems {
+            out.push_str(&format!("  system {} {}\n", s.system, s.visibility));
+        }
+        for s in &a.services {
+            out.push_str(&format!("  service {s}\n"));
+        }
+    }
+    out
+}

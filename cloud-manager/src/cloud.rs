@@ -72,6 +72,21 @@ pub type Result<T, E = CloudError> = std::result::Result<T, E>;
 /// Longest wait for an image's login prompt in the boot check (TCG is slow).
 const BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
+fn app_info(r: crate::state::AppRecord) -> pb::AppInfo {
+    pb::AppInfo {
+        name: r.name,
+        systems: r
+            .systems
+            .into_iter()
+            .map(|(system, visibility)| pb::AppSystem { system, visibility })
+            .collect(),
+        services: r.services,
+        load_balancer: r.load_balancer,
+        provider: r.provider,
+        created_unix_ms: r.created_unix_ms,
+    }
+}
+
 fn image_info(r: crate::state::ImageRecord) -> pb::ImageInfo {
     pb::ImageInfo {
         id: r.id,
@@ -83,6 +98,7 @@ fn image_info(r: crate::state::ImageRecord) -> pb::ImageInfo {
         disk_bytes: r.disk_bytes,
         boot_check_json: r.boot_check_json,
         created_unix_ms: r.created_unix_ms,
+        app: r.app,
     }
 }
 
@@ -595,6 +611,14 @@ impl Cloud {
     /// Prepares the system's copy, assembles its qcow2 and boot-checks it. The image is
     /// kept (and recorded) only if it boots.
     pub async fn build_image(&self, req: pb::BuildImageRequest) -> Result<pb::ImageInfo> {
+        self.build_image_for(req, "").await
+    }
+
+    async fn build_image_for(
+        &self,
+        req: pb::BuildImageRequest,
+        app: &str,
+    ) -> Result<pb::ImageInfo> {
         let target: crate::customize::Target = req
             .target
             .parse()
@@ -611,7 +635,11 @@ impl Cloud {
             .state
             .system(&req.system)?
             .ok_or_else(|| CloudError::NotFound(format!("no system named {:?}", req.system)))?;
-        let id = format!("{}-e{}-{}", rec.name, prepared.epoch, req.target);
+        let id = if app.is_empty() {
+            format!("{}-e{}-{}", rec.name, prepared.epoch, req.target)
+        } else {
+            format!("{app}.{}-e{}-{}", rec.name, prepared.epoch, req.target)
+        };
         let dir = self.data_dir.join("images");
         let out = dir.join(format!("{id}.qcow2"));
         let work = dir.join(format!("{id}.work"));
@@ -668,10 +696,145 @@ impl Cloud {
                 .map(|b| serde_json::to_string(&b).unwrap_or_default())
                 .unwrap_or_default(),
             created_unix_ms: ferry_common::now_ms(),
+            app: app.to_string(),
         };
         self.state.put_image(&rec)?;
         tracing::info!(image = %rec.id, system = %rec.system, checked = check, "image built");
         Ok(image_info(rec))
+    }
+
+    /// Records an application after checking its systems exist and its services parse;
+    /// services without a proxy get one (TCP: 127.0.0.1 from port 50100 up; UDP: the
+    /// same port on 127.0.0.1, since resolvers cannot name a port).
+    pub fn create_app(&self, req: pb::AppInfo) -> Result<pb::AppInfo> {
+        ferry_common::pki::validate_name(&req.name).map_err(CloudError::Invalid)?;
+        if self.state.app(&req.name)?.is_some() {
+            return Err(CloudError::AlreadyExists(format!(
+                "app {:?} exists",
+                req.name
+            )));
+        }
+        if req.systems.is_empty() {
+            return Err(CloudError::Invalid(
+                "an app needs at least one --system".into(),
+            ));
+        }
+        let mut systems = Vec::new();
+        for s in &req.systems {
+            if self.state.system(&s.system)?.is_none() {
+                return Err(CloudError::NotFound(format!(
+                    "no system named {:?}",
+                    s.system
+                )));
+            }
+            if s.visibility != "public" && s.visibility != "private" {
+                return Err(CloudError::Invalid(format!(
+                    "system {}: visibility must be public or private, not {:?}",
+                    s.system, s.visibility
+                )));
+            }
+            if systems
+                .iter()
+                .any(|(n, _): &(String, String)| n == &s.system)
+            {
+                return Err(CloudError::Invalid(format!(
+                    "system {} listed twice",
+                    s.system
+                )));
+            }
+            systems.push((s.system.clone(), s.visibility.clone()));
+        }
+        let provider = if req.provider.is_empty() {
+            "local".to_string()
+        } else {
+            req.provider.clone()
+        };
+        provider
+            .parse::<crate::customize::Target>()
+            .map_err(|e| CloudError::Invalid(e.to_string()))?;
+        let mut services = Vec::new();
+        let mut next_port = 50100;
+        for s in &req.services {
+            let full = if s.contains('=') {
+                s.clone()
+            } else {
+                let (hostport, udp) = match s.rsplit_once('/') {
+                    Some((h, p)) if p.eq_ignore_ascii_case("udp") => (h, true),
+                    _ => (s.as_str(), false),
+                };
+                let port = hostport
+                    .rsplit_once(':')
+                    .map(|(_, p)| p)
+                    .unwrap_or_default();
+                if udp {
+                    format!("{s}=127.0.0.1:{port}")
+                } else {
+                    next_port += 1;
+                    format!("{s}=127.0.0.1:{}", next_port - 1)
+                }
+            };
+            crate::customize::Plan::from_flags(
+                crate::customize::Target::Local,
+                &[],
+                &[],
+                std::slice::from_ref(&full),
+            )
+            .map_err(|e| CloudError::Invalid(e.to_string()))?;
+            services.push(full);
+        }
+        let rec = crate::state::AppRecord {
+            name: req.name.clone(),
+            systems,
+            services,
+            load_balancer: req.load_balancer,
+            provider,
+            created_unix_ms: ferry_common::now_ms(),
+        };
+        self.state.put_app(&rec)?;
+        tracing::info!(app = %rec.name, systems = rec.systems.len(), "app created");
+        Ok(app_info(rec))
+    }
+
+    pub fn list_apps(&self) -> Result<pb::ListAppsResponse> {
+        let apps = self.state.apps()?.into_iter().map(app_info).collect();
+        Ok(pb::ListAppsResponse { apps })
+    }
+
+    /// Removes an application and every image built for it.
+    pub fn delete_app(&self, name: &str) -> Result<pb::DeleteAppResponse> {
+        if self.state.app(name)?.is_none() {
+            return Err(CloudError::NotFound(format!("no app {name:?}")));
+        }
+        let mut images_deleted = Vec::new();
+        for img in self.state.images()?.into_iter().filter(|i| i.app == name) {
+            self.delete_image(&img.id)?;
+            images_deleted.push(img.id);
+        }
+        self.state.delete_app(name)?;
+        tracing::info!(app = %name, images = images_deleted.len(), "app deleted");
+        Ok(pb::DeleteAppResponse { images_deleted })
+    }
+
+    /// Builds (and boot-checks) the image of each of the app's systems, in order.
+    pub async fn build_app_images(
+        &self,
+        req: pb::BuildAppImagesRequest,
+    ) -> Result<pb::ListImagesResponse> {
+        let app = self
+            .state
+            .app(&req.app)?
+            .ok_or_else(|| CloudError::NotFound(format!("no app {:?}", req.app)))?;
+        let mut images = Vec::new();
+        for (system, _) in &app.systems {
+            let r = pb::BuildImageRequest {
+                system: system.clone(),
+                target: app.provider.clone(),
+                services: app.services.clone(),
+                skip_boot_check: req.skip_boot_check,
+            };
+            images.push(self.build_image_for(r, &app.name).await?);
+        }
+        Ok(pb::ListImagesResponse { images })
     }
 
     pub fn list_images(&self) -> Result<pb::ListImagesResponse> {

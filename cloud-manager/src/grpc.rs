@@ -235,6 +235,49 @@ impl pb::control_server::Control for Grpc {
             .map_err(|e| self.fail("delete-image", who.as_ref(), e))
     }
 
+    async fn create_app(&self, req: Request<pb::AppInfo>) -> Result<Response<pb::AppInfo>, Status> {
+        let who = identity(&req);
+        let r = cloud::require_operator(who.as_ref())
+            .and_then(|_| self.cloud.create_app(req.into_inner()));
+        r.map(Response::new)
+            .map_err(|e| self.fail("create-app", who.as_ref(), e))
+    }
+
+    async fn list_apps(
+        &self,
+        req: Request<pb::ListAppsRequest>,
+    ) -> Result<Response<pb::ListAppsResponse>, Status> {
+        let who = identity(&req);
+        let r = cloud::require_operator(who.as_ref()).and_then(|_| self.cloud.list_apps());
+        r.map(Response::new)
+            .map_err(|e| self.fail("list-apps", who.as_ref(), e))
+    }
+
+    async fn delete_app(
+        &self,
+        req: Request<pb::DeleteAppRequest>,
+    ) -> Result<Response<pb::DeleteAppResponse>, Status> {
+        let who = identity(&req);
+        let r = cloud::require_operator(who.as_ref())
+            .and_then(|_| self.cloud.delete_app(&req.get_ref().name));
+        r.map(Response::new)
+            .map_err(|e| self.fail("delete-app", who.as_ref(), e))
+    }
+
+    async fn build_app_images(
+        &self,
+        req: Request<pb::BuildAppImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let who = identity(&req);
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.build_app_images(req.into_inner()).await
+        }
+        .await;
+        r.map(Response::new)
+            .map_err(|e| self.fail("build-app-images", who.as_ref(), e))
+    }
+
     async fn prepare_system(
         &self,
         req: Request<pb::PrepareSystemRequest>,

@@ -113,6 +113,7 @@ pub struct State {
     enrolled: sled::Tree,
     meta: sled::Tree,
     images: sled::Tree,
+    apps: sled::Tree,
 }
 
 /// A built disk image.
@@ -127,6 +128,20 @@ pub struct ImageRecord {
     pub disk_bytes: u64,
     pub boot_check_json: String,
     pub created_unix_ms: i64,
+    #[serde(default)]
+    pub app: String,
+}
+
+/// An application: its systems (public or private), services and provider.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppRecord {
+    pub name: String,
+    /// (system, "public" | "private")
+    pub systems: Vec<(String, String)>,
+    pub services: Vec<String>,
+    pub load_balancer: bool,
+    pub provider: String,
+    pub created_unix_ms: i64,
 }
 
 impl State {
@@ -136,6 +151,7 @@ impl State {
             enrolled: store.tree("enrolled")?,
             meta: store.tree("meta")?,
             images: store.tree("images")?,
+            apps: store.tree("apps")?,
             store,
         })
     }
@@ -149,10 +165,18 @@ impl State {
     }
 
     pub fn systems(&self) -> Result<Vec<SystemRecord>, StoreError> {
+        self.list(&self.systems)
+    }
+
+    /// Every record of a tree of JSON values, in key order.
+    fn list<T: serde::de::DeserializeOwned>(
+        &self,
+        tree: &sled::Tree,
+    ) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
-        for kv in self.systems.iter() {
+        for kv in tree.iter() {
             let (k, _) = kv?;
-            if let Some(r) = self.store.get_json(&self.systems, &k)? {
+            if let Some(r) = self.store.get_json(tree, &k)? {
                 out.push(r);
             }
         }
@@ -165,14 +189,7 @@ impl State {
     }
 
     pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.images.iter() {
-            let (k, _) = kv?;
-            if let Some(r) = self.store.get_json(&self.images, &k)? {
-                out.push(r);
-            }
-        }
-        Ok(out)
+        self.list(&self.images)
     }
 
     pub fn delete_image(&self, id: &str) -> Result<Option<ImageRecord>, StoreError> {
@@ -180,6 +197,24 @@ impl State {
         self.images.remove(id.as_bytes())?;
         self.store.flush()?;
         Ok(rec)
+    }
+
+    pub fn app(&self, name: &str) -> Result<Option<AppRecord>, StoreError> {
+        self.store.get_json(&self.apps, name.as_bytes())
+    }
+
+    pub fn put_app(&self, rec: &AppRecord) -> Result<(), StoreError> {
+        self.store.put_json(&self.apps, rec.name.as_bytes(), rec)?;
+        self.store.flush()
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppRecord>, StoreError> {
+        self.list(&self.apps)
+    }
+
+    pub fn delete_app(&self, name: &str) -> Result<(), StoreError> {
+        self.apps.remove(name.as_bytes())?;
+        self.store.flush()
     }
 
     pub fn is_enrolled(&self, identity: &str) -> Result<bool, StoreError> {

@@ -108,8 +108,17 @@ fn a_broken_fstab_fails_the_boot_check_and_leaves_no_image() -> Result<()> {
     Ok(())
 }
 
+/// `ferry` with the cloud manager's operator credentials; fails with its stderr.
+fn ferry(cloud: &CloudMgr, args: &[&str]) -> std::process::Output {
+    Command::new(bin("ferry"))
+        .env("FERRY_CREDENTIALS", cloud.creds())
+        .args(args)
+        .output()
+        .expect("ferry runs")
+}
+
 #[test]
-fn a_replicated_debian_12_system_becomes_a_boot_checked_image_through_the_api() -> Result<()> {
+fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() -> Result<()> {
     let tmp = scratch("image-api")?;
     let t = tmp.path();
     let cached = debian12_tree()?;
@@ -128,8 +137,61 @@ fn a_replicated_debian_12_system_becomes_a_boot_checked_image_through_the_api() 
         "web01",
     )?;
 
-    let img = cloud.ferry_json(&["image", "build", "web01", "--target", "local"])?;
+    // The application: one public system and a database that stays behind.
+    let app = cloud.ferry_json(&[
+        "app",
+        "create",
+        "shop",
+        "--system",
+        "web01:public",
+        "--service",
+        "198.18.60.1:5432",
+    ])?;
+    assert_eq!(app["systems"][0]["visibility"], "public");
+    assert_eq!(
+        app["services"][0], "198.18.60.1:5432=127.0.0.1:50100",
+        "{app}"
+    );
+    assert_eq!(
+        cloud.ferry_json(&["app", "show", "shop"])?["provider"],
+        "local"
+    );
+    for (args, why) in [
+        (
+            vec!["app", "create", "shop", "--system", "web01:public"],
+            "exists",
+        ),
+        (
+            vec!["app", "create", "x", "--system", "nope:public"],
+            "no system",
+        ),
+        (
+            vec!["app", "create", "x", "--system", "web01:open"],
+            "public or private",
+        ),
+        (
+            vec![
+                "app",
+                "create",
+                "x",
+                "--system",
+                "web01:public",
+                "--provider",
+                "gcp",
+            ],
+            "unknown target",
+        ),
+    ] {
+        let out = ferry(&cloud, &args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+
+    let imgs = cloud.ferry_json(&["image", "build", "shop"])?;
+    let img = &imgs[0];
     assert_eq!(img["system"], "web01");
+    assert_eq!(img["app"], "shop");
     assert_eq!(img["boot_check"]["root_by_uuid"], true, "{img}");
     let path = PathBuf::from(img["path"].as_str().unwrap_or_default());
     assert!(path.exists(), "{img}");
@@ -139,25 +201,38 @@ fn a_replicated_debian_12_system_becomes_a_boot_checked_image_through_the_api() 
     let replica = cloud.replica_path("web01", "/")?;
     assert_eq!(rsync_diff(&src.mnt, &replica)?, "");
 
-    let list = cloud.ferry_json(&["image", "list"])?;
-    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
-    let id = img["id"].as_str().unwrap_or_default().to_string();
-    let out = Command::new(bin("ferry"))
-        .env("FERRY_CREDENTIALS", cloud.creds())
-        .args(["image", "delete", &id])
-        .output()?;
+    // A system's own image, unchecked, beside the app's; deleting the app removes only
+    // the app's image.
+    let single = cloud.ferry_json(&["image", "build", "web01", "--no-boot-check"])?;
+    assert_eq!(single[0]["boot_check"], serde_json::Value::Null);
+    assert_eq!(
+        cloud
+            .ferry_json(&["image", "list"])?
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    let out = ferry(&cloud, &["app", "delete", "shop"]);
     ensure!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!path.exists(), "the image file outlived its record");
+    assert!(!path.exists(), "the app's image outlived the app");
+    let left = cloud.ferry_json(&["image", "list"])?;
+    assert_eq!(left.as_array().map(Vec::len), Some(1), "{left}");
+    let id = left[0]["id"].as_str().unwrap_or_default().to_string();
+    let out = ferry(&cloud, &["image", "delete", &id]);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(cloud.ferry_json(&["image", "list"])?, serde_json::json!([]));
-    let again = Command::new(bin("ferry"))
-        .env("FERRY_CREDENTIALS", cloud.creds())
-        .args(["image", "delete", &id])
-        .output()?;
-    assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("no image"));
+    assert!(
+        String::from_utf8_lossy(&ferry(&cloud, &["image", "delete", &id]).stderr)
+            .contains("no image")
+    );
+    assert_eq!(cloud.ferry_json(&["app", "list"])?, serde_json::json!([]));
     Ok(())
 }

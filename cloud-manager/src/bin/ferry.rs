@@ -37,6 +37,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: FiledbCmd,
     },
+    /// Applications: systems (public or private), services that stay behind, provider.
+    App {
+        #[command(subcommand)]
+        cmd: AppCmd,
+    },
     /// Disk images, boot-checked before they are kept.
     Image {
         #[command(subcommand)]
@@ -45,11 +50,49 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum AppCmd {
+    /// Define an application from replicated systems.
+    Create {
+        name: String,
+        /// A system and its visibility: SYSTEM:public or SYSTEM:private (repeatable).
+        #[arg(long = "system", value_name = "SYSTEM:public|private", required = true)]
+        systems: Vec<String>,
+        /// A service that stays in the enterprise: HOST:PORT[/udp][=PROXY_HOST:PROXY_PORT]
+        /// (repeatable; a proxy is assigned when none is given).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Put a load balancer in front of the public systems.
+        #[arg(long)]
+        load_balancer: bool,
+        /// local, aws or azure.
+        #[arg(long, default_value = "local")]
+        provider: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One application.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every application.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an application and its images.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
 enum ImageCmd {
-    /// Customize a copy of a system's replica, assemble its qcow2 and boot it once under
-    /// QEMU (applications, and building all their systems, come with the app model).
+    /// For an application, every system's image (for its provider, with its services);
+    /// for a system, its image. Each is a customized copy of the replica, assembled into
+    /// a qcow2 and booted once under QEMU before it is kept.
     Build {
-        system: String,
+        /// An application or a system.
+        name: String,
         /// local, aws or azure.
         #[arg(long, default_value = "local")]
         target: String,
@@ -348,27 +391,114 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
         Cmd::Image {
             cmd:
                 ImageCmd::Build {
-                    system,
+                    name,
                     target,
                     services,
                     no_boot_check,
                     json,
                 },
         } => {
-            let r = client
-                .build_image(pb::BuildImageRequest {
-                    system,
-                    target,
+            let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
+            let images = if apps.apps.iter().any(|a| a.name == name) {
+                client
+                    .build_app_images(pb::BuildAppImagesRequest {
+                        app: name,
+                        skip_boot_check: no_boot_check,
+                    })
+                    .await?
+                    .into_inner()
+                    .images
+            } else {
+                vec![client
+                    .build_image(pb::BuildImageRequest {
+                        system: name,
+                        target,
+                        services,
+                        skip_boot_check: no_boot_check,
+                    })
+                    .await?
+                    .into_inner()]
+            };
+            if json {
+                let v: Vec<_> = images.iter().map(image_json).collect();
+                println!("{}", to_json(&v));
+            } else {
+                print!("{}", cli::render_images(&images));
+            }
+        }
+        Cmd::App {
+            cmd:
+                AppCmd::Create {
+                    name,
+                    systems,
                     services,
-                    skip_boot_check: no_boot_check,
+                    load_balancer,
+                    provider,
+                    json,
+                },
+        } => {
+            let mut list = Vec::new();
+            for s in systems {
+                let (system, visibility) = s.split_once(':').ok_or_else(|| {
+                    cli::CliError::Usage(format!(
+                        "--system {s:?}: expected SYSTEM:public or SYSTEM:private"
+                    ))
+                })?;
+                list.push(pb::AppSystem {
+                    system: system.to_string(),
+                    visibility: visibility.to_string(),
+                });
+            }
+            let app = client
+                .create_app(pb::AppInfo {
+                    name,
+                    systems: list,
+                    services,
+                    load_balancer,
+                    provider,
+                    created_unix_ms: 0,
                 })
                 .await?
                 .into_inner();
             if json {
-                println!("{}", to_json(&image_json(&r)));
+                println!("{}", to_json(&app));
             } else {
-                print!("{}", cli::render_images(std::slice::from_ref(&r)));
+                print!("{}", cli::render_apps(std::slice::from_ref(&app)));
             }
+        }
+        Cmd::App {
+            cmd: AppCmd::Show { name, json },
+        } => {
+            let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
+            let app = apps
+                .apps
+                .into_iter()
+                .find(|a| a.name == name)
+                .ok_or_else(|| cli::CliError::Usage(format!("no app {name:?}")))?;
+            if json {
+                println!("{}", to_json(&app));
+            } else {
+                print!("{}", cli::render_apps(std::slice::from_ref(&app)));
+            }
+        }
+        Cmd::App {
+            cmd: AppCmd::List { json },
+        } => {
+            let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
+            if json {
+                println!("{}", to_json(&apps.apps));
+            } else {
+                print!("{}", cli::render_apps(&apps.apps));
+            }
+        }
+        Cmd::App {
+            cmd: AppCmd::Delete { name },
+        } => {
+            let r = client
+                .delete_app(pb::DeleteAppRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            println!("deleted {name} and {} image(s)", r.images_deleted.len());
         }
         Cmd::Image {
             cmd: ImageCmd::List { json },
