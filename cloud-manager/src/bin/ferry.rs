@@ -234,6 +234,15 @@ enum ReplicaCmd {
 }
 
 /// JSON for people and scripts: the probe travels as a string, but is shown as the object it is.
+/// Prints `v` as JSON (`--json`) or as its rendered text.
+fn print_as<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce() -> String) {
+    if json {
+        println!("{}", to_json(v));
+    } else {
+        print!("{}", text());
+    }
+}
+
 /// An image as JSON, with its boot check report expanded.
 fn image_json(i: &pb::ImageInfo) -> serde_json::Value {
     let mut v = serde_json::to_value(i).unwrap_or_default();
@@ -283,11 +292,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 .list_systems(pb::ListSystemsRequest::default())
                 .await?
                 .into_inner();
-            if json {
-                println!("{}", to_json(&r.systems));
-            } else {
-                print!("{}", cli::render_systems(&r.systems));
-            }
+            print_as(json, &r.systems, || cli::render_systems(&r.systems));
         }
         Cmd::Systems {
             cmd: SystemsCmd::Show { name, json },
@@ -460,11 +465,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 })
                 .await?
                 .into_inner();
-            if json {
-                println!("{}", to_json(&app));
-            } else {
-                print!("{}", cli::render_apps(std::slice::from_ref(&app)));
-            }
+            print_as(json, &app, || cli::render_apps(std::slice::from_ref(&app)));
         }
         Cmd::App {
             cmd: AppCmd::Show { name, json },
@@ -475,21 +476,13 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 .into_iter()
                 .find(|a| a.name == name)
                 .ok_or_else(|| cli::CliError::Usage(format!("no app {name:?}")))?;
-            if json {
-                println!("{}", to_json(&app));
-            } else {
-                print!("{}", cli::render_apps(std::slice::from_ref(&app)));
-            }
+            print_as(json, &app, || cli::render_apps(std::slice::from_ref(&app)));
         }
         Cmd::App {
             cmd: AppCmd::List { json },
         } => {
             let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
-            if json {
-                println!("{}", to_json(&apps.apps));
-            } else {
-                print!("{}", cli::render_apps(&apps.apps));
-            }
+            print_as(json, &apps.apps, || cli::render_apps(&apps.apps));
         }
         Cmd::App {
             cmd: AppCmd::Delete { name },
@@ -570,11 +563,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 .file_db_add(pb::FileDbAddRequest { entry: Some(entry) })
                 .await?
                 .into_inner();
-            if json {
-                println!("{}", to_json(&r));
-            } else {
-                print!("{}", cli::render_filedb(std::slice::from_ref(&r)));
-            }
+            print_as(json, &r, || cli::render_filedb(std::slice::from_ref(&r)));
         }
         Cmd::Filedb {
             cmd: FiledbCmd::List { json },
@@ -583,11 +572,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 .file_db_list(pb::FileDbListRequest {})
                 .await?
                 .into_inner();
-            if json {
-                println!("{}", to_json(&r.entries));
-            } else {
-                print!("{}", cli::render_filedb(&r.entries));
-            }
+            print_as(json, &r.entries, || cli::render_filedb(&r.entries));
         }
         Cmd::Filedb {
             cmd: FiledbCmd::Show { index, json },
@@ -601,11 +586,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 .into_iter()
                 .find(|e| e.index == index)
                 .ok_or_else(|| cli::CliError::Usage(format!("no file database entry {index}")))?;
-            if json {
-                println!("{}", to_json(&e));
-            } else {
-                print!("{}", cli::render_filedb(std::slice::from_ref(&e)));
-            }
+            print_as(json, &e, || cli::render_filedb(std::slice::from_ref(&e)));
         }
     }
     Ok(())
