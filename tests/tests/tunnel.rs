@@ -123,6 +123,20 @@ impl Scene {
             ]),
             &d.join("dnsmasq.log"),
         )?;
+        // dnsmasq answers before anything depends on it.
+        wait_for("dnsmasq", Duration::from_secs(20), || {
+            ent.cmd("dig")
+                .args([
+                    "@127.0.0.1",
+                    "-p",
+                    "5353",
+                    "ldap.corp.example",
+                    "+short",
+                    "+time=1",
+                ])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "198.18.60.7")
+        })?;
         let blackhole = Proc::spawn(
             ent.cmd("python3").args([
                 "-c",
@@ -301,7 +315,7 @@ fn psql_and_dns_reach_the_enterprise_only_through_the_tunnel() -> Result<()> {
             .app_ns
             .cmd("dig")
             .args(["@127.0.0.1", "-p", "53", "ldap.corp.example", "+short"])
-            .args(["+time=2", "+tries=1"]))?;
+            .args(["+time=3", "+tries=2"]))?;
         assert_eq!(ans.trim(), "198.18.60.7");
     }
 
