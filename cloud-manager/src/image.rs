@@ -375,6 +375,21 @@ fn tail(text: &str, lines: usize) -> String {
     v[v.len().saturating_sub(lines)..].join("\n")
 }
 
+/// Why KVM failed earlier in this process: later boot checks go straight to TCG instead
+/// of paying for the same failure (or hang) again.
+static KVM_FAILED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+/// Under KVM a kernel prints within seconds; silence this long means a hung guest.
+const KVM_FIRST_OUTPUT: Duration = Duration::from_secs(30);
+
+/// Whether a failed attempt is KVM's fault (nested KVM aborts, emulation failures,
+/// hangs) rather than the guest's.
+fn kvm_fault(reason: &str) -> bool {
+    reason.starts_with("qemu exited")
+        || reason.starts_with("cannot start qemu")
+        || reason.contains("emulation failed")
+        || reason.starts_with("no console output")
+}
+
 /// One boot attempt: Ok(seconds) at the login prompt, Err(reason) otherwise.
 fn boot_once(image: &Path, accel: &str, log: &Path, timeout: Duration) -> Result<f64, String> {
     let _ = std::fs::remove_file(log);
@@ -419,6 +434,12 @@ fn boot_once(image: &Path, accel: &str, log: &Path, timeout: Duration) -> Result
         if start.elapsed() > timeout {
             break Err(format!("no login prompt within {}s", timeout.as_secs()));
         }
+        if accel == "kvm" && text.is_empty() && start.elapsed() > KVM_FIRST_OUTPUT {
+            break Err(format!(
+                "no console output within {}s (hung guest)",
+                KVM_FIRST_OUTPUT.as_secs()
+            ));
+        }
     };
     let _ = child.kill();
     let _ = child.wait();
@@ -437,7 +458,12 @@ pub fn boot_check(
 ) -> Result<BootReport, ImageError> {
     let mut kvm_note = None;
     let mut accels = vec!["tcg"];
-    if Path::new("/dev/kvm").exists() && std::env::var("FERRY_QEMU_ACCEL").as_deref() != Ok("tcg") {
+    let earlier = KVM_FAILED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(why) = earlier {
+        kvm_note = Some(format!("kvm failed earlier in this process ({why})"));
+    } else if Path::new("/dev/kvm").exists()
+        && std::env::var("FERRY_QEMU_ACCEL").as_deref() != Ok("tcg")
+    {
         accels.insert(0, "kvm");
     } else {
         kvm_note = Some("no /dev/kvm (or FERRY_QEMU_ACCEL=tcg)".to_string());
@@ -472,15 +498,20 @@ pub fn boot_check(
                 let text =
                     String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
                 tracing::warn!(accel, %reason, "boot check attempt failed");
-                if accel == "kvm" {
-                    kvm_note = Some(format!("kvm: {reason}"));
-                }
-                last = Some(ImageError::Boot {
+                let err = ImageError::Boot {
                     accel: accel.into(),
                     seconds: started.elapsed().as_secs_f64(),
-                    reason,
+                    reason: reason.clone(),
                     console: tail(&text, 40),
-                });
+                };
+                // A guest that fails is the image's fault, whatever ran it; only a
+                // failure of KVM itself is worth a retry under TCG.
+                if accel != "kvm" || !kvm_fault(&reason) {
+                    return Err(err);
+                }
+                kvm_note = Some(format!("kvm: {reason}"));
+                *KVM_FAILED.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                last = Some(err);
             }
         }
     }
