@@ -120,6 +120,8 @@ impl Scene {
                 "--no-hosts",
                 "--host-record=ldap.corp.example,198.18.60.7",
                 "--log-facility=-",
+                // Its default pid file is shared: parallel instances would refuse to start.
+                &format!("--pid-file={}", d.join("dnsmasq.pid").display()),
             ]),
             &d.join("dnsmasq.log"),
         )?;
