@@ -642,8 +642,6 @@ impl Cloud {
         };
         let dir = self.data_dir.join("images");
         let out = dir.join(format!("{id}.qcow2"));
-        let work = dir.join(format!("{id}.work"));
-        let log = dir.join(format!("{id}.console.log"));
         let (images, check) = (prepared.images.clone(), !req.skip_boot_check);
         let fss = rec.filesystems.clone();
         let (made, boot) = blocking(move || -> Result<_> {
@@ -665,22 +663,9 @@ impl Cloud {
                         .map_err(|e| CloudError::Failed(e.to_string()))?,
                 );
             }
-            let made = crate::image::assemble(&parts, &out, &work, target.console())
-                .map_err(|e| CloudError::Failed(e.to_string()));
-            let _ = std::fs::remove_dir_all(&work);
-            let made = made?;
-            let boot = if check {
-                match crate::image::boot_check(&out, &made.root_uuid, &log, BOOT_TIMEOUT) {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        // Never keep an image that does not boot.
-                        let _ = std::fs::remove_file(&out);
-                        return Err(CloudError::Failed(e.to_string()));
-                    }
-                }
-            } else {
-                None
-            };
+            let timeout = check.then_some(BOOT_TIMEOUT);
+            let (made, boot) = crate::image::build(&parts, &out, target.console(), timeout)
+                .map_err(|e| CloudError::Failed(e.to_string()))?;
             Ok((made, boot))
         })
         .await?;

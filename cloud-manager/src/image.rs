@@ -518,6 +518,36 @@ pub fn boot_check(
     Err(last.unwrap_or_else(|| ImageError::Layout("no accelerator to try".into())))
 }
 
+/// Assembles `out` and, with `boot_timeout`, boot-checks it. The work directory is always
+/// removed, and an image that fails its check is deleted: it is never left where it
+/// could be used. The console log goes beside the image (`ID.console.log`).
+pub fn build(
+    parts: &[Part],
+    out: &Path,
+    console: &str,
+    boot_timeout: Option<Duration>,
+) -> Result<(Assembled, Option<BootReport>), ImageError> {
+    let work = out.with_extension("work");
+    let made = assemble(parts, out, &work, console);
+    let _ = std::fs::remove_dir_all(&work);
+    let made = made?;
+    let Some(timeout) = boot_timeout else {
+        return Ok((made, None));
+    };
+    match boot_check(
+        out,
+        &made.root_uuid,
+        &out.with_extension("console.log"),
+        timeout,
+    ) {
+        Ok(report) => Ok((made, Some(report))),
+        Err(e) => {
+            let _ = std::fs::remove_file(out);
+            Err(e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

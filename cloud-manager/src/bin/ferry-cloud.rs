@@ -134,29 +134,9 @@ fn image_build(
             .ok_or_else(|| anyhow::anyhow!("--part {p:?}: expected MOUNT=IMAGE"))?;
         ps.push(image::Part::probe(std::path::Path::new(img), mp)?);
     }
-    let work = out.with_extension("work");
-    let made = image::assemble(&ps, out, &work, target.console())?;
-    let boot = if boot_check {
-        let log = out.with_extension("console.log");
-        Some(image::boot_check(
-            out,
-            &made.root_uuid,
-            &log,
-            std::time::Duration::from_secs(boot_timeout),
-        ))
-    } else {
-        None
-    };
-    let _ = std::fs::remove_dir_all(&work);
-    match boot {
-        Some(Err(e)) => {
-            // An image that failed its check is not left where it could be used.
-            let _ = std::fs::remove_file(out);
-            Err(e.into())
-        }
-        Some(Ok(report)) => Ok(serde_json::json!({ "image": made, "boot_check": report })),
-        None => Ok(serde_json::json!({ "image": made, "boot_check": null })),
-    }
+    let timeout = boot_check.then(|| std::time::Duration::from_secs(boot_timeout));
+    let (made, report) = image::build(&ps, out, target.console(), timeout)?;
+    Ok(serde_json::json!({ "image": made, "boot_check": report }))
 }
 
 fn main() -> ExitCode {
