@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("ferry.v1.ImageInfo", serde)
         .type_attribute("ferry.v1.AppInfo", serde)
         .type_attribute("ferry.v1.AppSystem", serde)
+        .type_attribute("ferry.v1.CloneInfo", serde)
+        .type_attribute("ferry.v1.InstanceInfo", serde)
         .type_attribute("ferry.v1.FileDbFile", serde)
         .field_attribute("ferry.v1.FileDbFile.content", "#[serde(skip)]")
         .compile_protos(&["proto/ferry.proto"], &["proto"])?;

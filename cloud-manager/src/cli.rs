@@ -240,3 +240,35 @@ pub fn render_apps(apps: &[pb::AppInfo]) -> String {
     }
     out
 }
+
+/// `ferry clone list|show`: one block per clone, one line per instance.
+pub fn render_clones(clones: &[pb::CloneInfo]) -> String {
+    let mut out = String::new();
+    for c in clones {
+        out.push_str(&format!(
+            "clone {} of {} ({}, {}) network {} subnets {}\n",
+            c.name,
+            c.app,
+            c.provider,
+            c.state,
+            c.network,
+            c.subnets.join(",")
+        ));
+        for i in &c.instances {
+            out.push_str(&format!(
+                "  {:<16} {:<8} {:<10} private {:<15} public {:<15} {} {:.0}s\n",
+                i.system,
+                i.visibility,
+                i.state,
+                i.private_ip,
+                if i.public_ip.is_empty() { "-" } else { &i.public_ip },
+                i.accel,
+                i.boot_seconds
+            ));
+        }
+        for w in &c.warnings {
+            out.push_str(&format!("  warning: {w}\n"));
+        }
+    }
+    out
+}

@@ -117,7 +117,12 @@ pub struct Cloud {
     pub counters: Counters,
     /// Last storage failure, for the operator; cleared by the next durable batch.
     pub last_error: std::sync::Mutex<String>,
-    data_dir: PathBuf,
+    /// The embedded provider: clones as QEMU processes in network namespaces.
+    pub local: Arc<crate::provider::local::Local>,
+    /// One clone operation at a time: addresses and indexes are allocated from the
+    /// records of the others.
+    pub(crate) clone_ops: Mutex<()>,
+    pub(crate) data_dir: PathBuf,
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// The agents' latest lag reports; refreshed every few seconds, so kept in memory.
     reports: std::sync::Mutex<HashMap<String, LagReport>>,
@@ -177,6 +182,7 @@ impl Cloud {
         volumes: Volumes,
         tokens: TokenStore,
         ca: Ca,
+        local: crate::provider::local::LocalConfig,
     ) -> Result<Self> {
         let counters = state.load_counters()?;
         Ok(Self {
@@ -187,6 +193,8 @@ impl Cloud {
             ca,
             counters,
             last_error: Default::default(),
+            local: Arc::new(crate::provider::local::Local::new(local)),
+            clone_ops: Mutex::new(()),
             data_dir: data_dir.to_path_buf(),
             locks: Default::default(),
             reports: Default::default(),
@@ -643,6 +651,10 @@ impl Cloud {
         let dir = self.data_dir.join("images");
         let out = dir.join(format!("{id}.qcow2"));
         let (images, check) = (prepared.images.clone(), !req.skip_boot_check);
+        let kernel_args: Vec<String> = serde_json::from_str::<serde_json::Value>(&prepared.report_json)
+            .ok()
+            .and_then(|r| serde_json::from_value(r["kernel_args"].clone()).ok())
+            .unwrap_or_default();
         let fss = rec.filesystems.clone();
         let (made, boot) = blocking(move || -> Result<_> {
             std::fs::create_dir_all(&dir).map_err(|e| CloudError::Io(e.to_string()))?;
@@ -664,7 +676,7 @@ impl Cloud {
                 );
             }
             let timeout = check.then_some(BOOT_TIMEOUT);
-            let (made, boot) = crate::image::build(&parts, &out, target.console(), timeout)
+            let (made, boot) = crate::image::build(&parts, &out, target.console(), &kernel_args, timeout)
                 .map_err(|e| CloudError::Failed(e.to_string()))?;
             Ok((made, boot))
         })
@@ -790,6 +802,19 @@ impl Cloud {
         if self.state.app(name)?.is_none() {
             return Err(CloudError::NotFound(format!("no app {name:?}")));
         }
+        let clones: Vec<String> = self
+            .state
+            .clones()?
+            .into_iter()
+            .filter(|c| c.app == name)
+            .map(|c| c.name)
+            .collect();
+        if !clones.is_empty() {
+            return Err(CloudError::Failed(format!(
+                "app {name} has clones ({}): terminate them first",
+                clones.join(", ")
+            )));
+        }
         let mut images_deleted = Vec::new();
         for img in self.state.images()?.into_iter().filter(|i| i.app == name) {
             self.delete_image(&img.id)?;
@@ -829,6 +854,11 @@ impl Cloud {
     }
 
     pub fn delete_image(&self, id: &str) -> Result<pb::DeleteImageResponse> {
+        if let Some(clone) = self.image_in_use(id)? {
+            return Err(CloudError::Failed(format!(
+                "image {id} is in use by clone {clone}: terminate the clone first"
+            )));
+        }
         let rec = self
             .state
             .delete_image(id)?

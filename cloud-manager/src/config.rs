@@ -15,6 +15,10 @@ pub struct ServeFile {
     pub provider: Option<String>,
     #[serde(default)]
     pub san: Vec<String>,
+    /// Local provider: prefix of host resource names (bridge, namespaces, veths).
+    pub clone_prefix: Option<String>,
+    /// Local provider: the range public addresses come from.
+    pub public_cidr: Option<String>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -27,6 +31,8 @@ pub struct ServeConfig {
     pub provider: Provider,
     /// Extra names and addresses for the server certificate.
     pub san: Vec<String>,
+    /// The local provider's settings.
+    pub local: crate::provider::local::LocalConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +77,18 @@ impl ServeConfig {
                 })?;
         }
         let provider = Provider::parse(file.provider.as_deref().unwrap_or("local"))?;
+        use crate::provider::local::{LocalConfig, DEFAULT_PREFIX, DEFAULT_PUBLIC_CIDR};
+        let local = LocalConfig::new(
+            data_dir.join("clones"),
+            file.clone_prefix.as_deref().unwrap_or(DEFAULT_PREFIX),
+            file.public_cidr.as_deref().unwrap_or(DEFAULT_PUBLIC_CIDR),
+        )
+        .map_err(|e| ConfigError::Invalid {
+            key: "clone_prefix/public_cidr",
+            message: e.to_string(),
+        })?;
         Ok(Self {
+            local,
             data_dir,
             listen,
             http: file.http,

@@ -278,6 +278,72 @@ impl pb::control_server::Control for Grpc {
             .map_err(|e| self.fail("build-app-images", who.as_ref(), e))
     }
 
+    async fn create_clone(
+        &self,
+        req: Request<pb::CreateCloneRequest>,
+    ) -> Result<Response<pb::CloneInfo>, Status> {
+        let who = identity(&req);
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.create_clone(req.into_inner()).await
+        }
+        .await;
+        r.map(Response::new)
+            .map_err(|e| self.fail("create-clone", who.as_ref(), e))
+    }
+
+    async fn list_clones(
+        &self,
+        req: Request<pb::ListClonesRequest>,
+    ) -> Result<Response<pb::ListClonesResponse>, Status> {
+        let who = identity(&req);
+        let r = cloud::require_operator(who.as_ref()).and_then(|_| self.cloud.list_clones());
+        r.map(Response::new)
+            .map_err(|e| self.fail("list-clones", who.as_ref(), e))
+    }
+
+    async fn suspend_clone(
+        &self,
+        req: Request<pb::CloneRequest>,
+    ) -> Result<Response<pb::CloneInfo>, Status> {
+        let who = identity(&req);
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.suspend_clone(&req.get_ref().name).await
+        }
+        .await;
+        r.map(Response::new)
+            .map_err(|e| self.fail("suspend-clone", who.as_ref(), e))
+    }
+
+    async fn resume_clone(
+        &self,
+        req: Request<pb::CloneRequest>,
+    ) -> Result<Response<pb::CloneInfo>, Status> {
+        let who = identity(&req);
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.resume_clone(&req.get_ref().name).await
+        }
+        .await;
+        r.map(Response::new)
+            .map_err(|e| self.fail("resume-clone", who.as_ref(), e))
+    }
+
+    async fn terminate_clone(
+        &self,
+        req: Request<pb::CloneRequest>,
+    ) -> Result<Response<pb::CloneInfo>, Status> {
+        let who = identity(&req);
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.terminate_clone(&req.get_ref().name).await
+        }
+        .await;
+        r.map(Response::new)
+            .map_err(|e| self.fail("terminate-clone", who.as_ref(), e))
+    }
+
     async fn prepare_system(
         &self,
         req: Request<pb::PrepareSystemRequest>,

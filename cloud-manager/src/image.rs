@@ -156,12 +156,20 @@ fn kernel_in(boot: &Path) -> Result<(String, String), ImageError> {
 }
 
 /// The GRUB configuration Ferry writes when the guest has none of its own.
-fn grub_cfg(prefix: &str, kernel: &str, initrd: &str, root_uuid: &str, console: &str) -> String {
+fn grub_cfg(
+    prefix: &str,
+    kernel: &str,
+    initrd: &str,
+    root_uuid: &str,
+    console: &str,
+    extra: &[String],
+) -> String {
+    let extra: String = extra.iter().map(|a| format!(" {a}")).collect();
     format!(
         "# Written by ferry: the guest had no GRUB configuration.\n\
          serial --unit=0 --speed=115200\nterminal_input serial console\nterminal_output serial console\n\
          set timeout=1\n\
-         menuentry 'ferry' {{\n  linux {prefix}/{kernel} root=UUID={root_uuid} ro console=tty0 console={console}\n  initrd {prefix}/{initrd}\n}}\n"
+         menuentry 'ferry' {{\n  linux {prefix}/{kernel} root=UUID={root_uuid} ro console=tty0 console={console}{extra}\n  initrd {prefix}/{initrd}\n}}\n"
     )
 }
 
@@ -178,13 +186,15 @@ pub struct Assembled {
 }
 
 /// Builds `out` (qcow2) from the file system images. `console` is the target's serial
-/// console (`ttyS0,115200`). The images are read, never changed, except that a boot
+/// console (`ttyS0,115200`); `extra` are kernel arguments the customization asked for
+/// (pinned NIC names), used when Ferry writes the boot configuration. The images are read, never changed, except that a boot
 /// file system without a grub.cfg gets Ferry's in the copy placed on the disk.
 pub fn assemble(
     parts: &[Part],
     out: &Path,
     work: &Path,
     console: &str,
+    extra: &[String],
 ) -> Result<Assembled, ImageError> {
     let parts = ordered(parts)?;
     let spans = layout(&parts);
@@ -243,7 +253,7 @@ pub fn assemble(
             std::fs::create_dir_all(boot_dir.join("grub")).map_err(io(&boot_dir))?;
             std::fs::write(
                 &cfg,
-                grub_cfg(prefix, &kernel, &initrd, &root_uuid, console),
+                grub_cfg(prefix, &kernel, &initrd, &root_uuid, console, extra),
             )
             .map_err(io(&cfg))?;
         }
@@ -383,64 +393,117 @@ const KVM_FIRST_OUTPUT: Duration = Duration::from_secs(30);
 
 /// Whether a failed attempt is KVM's fault (nested KVM aborts, emulation failures,
 /// hangs) rather than the guest's.
-fn kvm_fault(reason: &str) -> bool {
+pub fn kvm_fault(reason: &str) -> bool {
     reason.starts_with("qemu exited")
         || reason.starts_with("cannot start qemu")
         || reason.contains("emulation failed")
         || reason.starts_with("no console output")
 }
 
+/// The accelerators to try, best first, and why KVM is not among them when it is not.
+pub fn accel_order() -> (Vec<&'static str>, Option<String>) {
+    let earlier = KVM_FAILED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(why) = earlier {
+        (
+            vec!["tcg"],
+            Some(format!("kvm failed earlier in this process ({why})")),
+        )
+    } else if Path::new("/dev/kvm").exists()
+        && std::env::var("FERRY_QEMU_ACCEL").as_deref() != Ok("tcg")
+    {
+        (vec!["kvm", "tcg"], None)
+    } else {
+        (
+            vec!["tcg"],
+            Some("no /dev/kvm (or FERRY_QEMU_ACCEL=tcg)".to_string()),
+        )
+    }
+}
+
+/// Records that KVM failed, so later boots in this process go straight to TCG.
+pub fn remember_kvm_failure(reason: &str) {
+    *KVM_FAILED.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
+}
+
+/// The QEMU arguments for an accelerator.
+pub fn accel_args(accel: &str) -> Vec<&'static str> {
+    match accel {
+        "kvm" => vec!["-accel", "kvm", "-cpu", "max"],
+        _ => vec!["-accel", "tcg"],
+    }
+}
+
+/// Watches a serial console log until the guest reaches a login prompt (Ok with the
+/// seconds it took) or fails (Err with why). `exited` says whether QEMU is gone and why.
+pub fn wait_for_login(
+    log: &Path,
+    accel: &str,
+    timeout: Duration,
+    mut exited: impl FnMut() -> Option<String>,
+) -> Result<f64, String> {
+    let start = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+        if text.contains("login:") {
+            return Ok(start.elapsed().as_secs_f64());
+        }
+        if let Some((_, why)) = FAILURES.iter().find(|(m, _)| text.contains(m)) {
+            return Err(why.to_string());
+        }
+        if let Some(why) = exited() {
+            return Err(format!("qemu exited ({why})"));
+        }
+        if start.elapsed() > timeout {
+            return Err(format!("no login prompt within {}s", timeout.as_secs()));
+        }
+        if accel == "kvm" && text.is_empty() && start.elapsed() > KVM_FIRST_OUTPUT {
+            return Err(format!(
+                "no console output within {}s (hung guest)",
+                KVM_FIRST_OUTPUT.as_secs()
+            ));
+        }
+    }
+}
+
+/// The last lines of a console log, for an error message.
+pub fn console_tail(log: &Path, lines: usize) -> String {
+    tail(
+        &String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()),
+        lines,
+    )
+}
+
 /// One boot attempt: Ok(seconds) at the login prompt, Err(reason) otherwise.
 fn boot_once(image: &Path, accel: &str, log: &Path, timeout: Duration) -> Result<f64, String> {
     let _ = std::fs::remove_file(log);
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-accel", accel, "-m", "1024", "-smp", "1", "-display", "none",
-    ])
-    .args(["-no-reboot", "-nic", "none"])
-    .arg("-serial")
-    .arg(format!("file:{}", log.display()))
-    .arg("-drive")
-    // snapshot=on: the check never changes the image it approves.
-    .arg(format!(
-        "file={},if=virtio,format=qcow2,snapshot=on",
-        image.display()
-    ));
-    if accel == "kvm" {
-        cmd.args(["-cpu", "max"]);
-    }
+    cmd.args(accel_args(accel))
+        .args(["-m", "1024", "-smp", "1", "-display", "none"])
+        .args(["-no-reboot", "-nic", "none"])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .arg("-drive")
+        // snapshot=on: the check never changes the image it approves.
+        .arg(format!(
+            "file={},if=virtio,format=qcow2,snapshot=on",
+            image.display()
+        ));
     let mut child = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot start qemu: {e}"))?;
-    let start = Instant::now();
-    let result = loop {
-        std::thread::sleep(Duration::from_millis(250));
-        let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
-        if text.contains("login:") {
-            break Ok(start.elapsed().as_secs_f64());
-        }
-        if let Some((_, why)) = FAILURES.iter().find(|(m, _)| text.contains(m)) {
-            break Err(why.to_string());
-        }
-        if let Ok(Some(st)) = child.try_wait() {
+    let result = wait_for_login(log, accel, timeout, || match child.try_wait() {
+        Ok(Some(st)) => {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {
                 let _ = std::io::Read::read_to_string(&mut e, &mut err);
             }
-            break Err(format!("qemu exited ({st}): {}", err.trim()));
+            Some(format!("{st}: {}", err.trim()))
         }
-        if start.elapsed() > timeout {
-            break Err(format!("no login prompt within {}s", timeout.as_secs()));
-        }
-        if accel == "kvm" && text.is_empty() && start.elapsed() > KVM_FIRST_OUTPUT {
-            break Err(format!(
-                "no console output within {}s (hung guest)",
-                KVM_FIRST_OUTPUT.as_secs()
-            ));
-        }
-    };
+        _ => None,
+    });
     let _ = child.kill();
     let _ = child.wait();
     result
@@ -456,18 +519,7 @@ pub fn boot_check(
     log: &Path,
     timeout: Duration,
 ) -> Result<BootReport, ImageError> {
-    let mut kvm_note = None;
-    let mut accels = vec!["tcg"];
-    let earlier = KVM_FAILED.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    if let Some(why) = earlier {
-        kvm_note = Some(format!("kvm failed earlier in this process ({why})"));
-    } else if Path::new("/dev/kvm").exists()
-        && std::env::var("FERRY_QEMU_ACCEL").as_deref() != Ok("tcg")
-    {
-        accels.insert(0, "kvm");
-    } else {
-        kvm_note = Some("no /dev/kvm (or FERRY_QEMU_ACCEL=tcg)".to_string());
-    }
+    let (accels, mut kvm_note) = accel_order();
     let mut last = None;
     for accel in accels {
         let started = Instant::now();
@@ -510,7 +562,7 @@ pub fn boot_check(
                     return Err(err);
                 }
                 kvm_note = Some(format!("kvm: {reason}"));
-                *KVM_FAILED.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                remember_kvm_failure(&reason);
                 last = Some(err);
             }
         }
@@ -525,10 +577,11 @@ pub fn build(
     parts: &[Part],
     out: &Path,
     console: &str,
+    extra: &[String],
     boot_timeout: Option<Duration>,
 ) -> Result<(Assembled, Option<BootReport>), ImageError> {
     let work = out.with_extension("work");
-    let made = assemble(parts, out, &work, console);
+    let made = assemble(parts, out, &work, console, extra);
     let _ = std::fs::remove_dir_all(&work);
     let made = made?;
     let Some(timeout) = boot_timeout else {

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod cli;
+pub mod clones;
 pub mod cloud;
 pub mod config;
 pub mod customize;
@@ -14,6 +15,7 @@ pub mod grpc;
 pub mod image;
 pub mod metrics;
 pub mod prepare;
+pub mod provider;
 pub mod state;
 pub mod volumes;
 
@@ -144,8 +146,12 @@ pub async fn run(
         volumes::Volumes::new(dir),
         ferry_common::token::TokenStore::new(dir),
         ca,
+        config.local.clone(),
     )?);
     cloud.mount_all().await?;
+    if let Err(e) = cloud.reconcile_clones().await {
+        tracing::error!(error = %e, "cannot reconcile clones with their providers");
+    }
     let grpc = grpc::Grpc {
         cloud: cloud.clone(),
     };

@@ -48,21 +48,53 @@ pub fn plan_for(
 /// A system's address and name from its probe: the first IPv4 address of a NIC
 /// (static ones first), and its FQDN (or host name).
 fn host_of(rec: &SystemRecord) -> Option<(IpAddr, String)> {
+    address_of(rec).map(|a| (IpAddr::V4(a.ip), a.name))
+}
+
+/// Where a system lives in the enterprise network, from its probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    /// The FQDN, or the host name.
+    pub name: String,
+    pub hostname: String,
+}
+
+/// The first IPv4 address of a NIC (static ones first) with its prefix length, and the
+/// system's names.
+pub fn address_of(rec: &SystemRecord) -> Option<Address> {
     let probe: serde_json::Value = serde_json::from_str(&rec.probe_json).ok()?;
     let name = [probe["fqdn"].as_str(), probe["hostname"].as_str()]
         .into_iter()
         .flatten()
         .find(|n| customize::hosts::valid_name(n))?
         .to_string();
+    let hostname = probe["hostname"]
+        .as_str()
+        .filter(|n| customize::hosts::valid_name(n))
+        .unwrap_or(&name)
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     let nics = probe["nics"].as_array()?;
     let mut ordered: Vec<&serde_json::Value> = nics.iter().collect();
     ordered.sort_by_key(|n| n["config"].as_str() != Some("static"));
-    let ip = ordered
+    let (ip, prefix) = ordered
         .iter()
         .flat_map(|n| n["addresses"].as_array().into_iter().flatten())
-        .filter_map(|a| a.as_str()?.split('/').next()?.parse::<IpAddr>().ok())
-        .find(|ip| ip.is_ipv4() && !ip.is_loopback())?;
-    Some((ip, name))
+        .filter_map(|a| {
+            let (ip, len) = a.as_str()?.split_once('/')?;
+            Some((ip.parse::<std::net::Ipv4Addr>().ok()?, len.parse::<u8>().ok()?))
+        })
+        .find(|(ip, _)| !ip.is_loopback())?;
+    Some(Address {
+        ip,
+        prefix,
+        name,
+        hostname,
+    })
 }
 
 fn run(cmd: &mut Command) -> Result<(), PrepareError> {

@@ -114,6 +114,7 @@ pub struct State {
     meta: sled::Tree,
     images: sled::Tree,
     apps: sled::Tree,
+    clones: sled::Tree,
 }
 
 /// A built disk image.
@@ -144,6 +145,46 @@ pub struct AppRecord {
     pub created_unix_ms: i64,
 }
 
+/// One instance of a clone: a system launched from its image.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct InstanceRecord {
+    pub system: String,
+    pub visibility: String,
+    pub hostname: String,
+    pub image: String,
+    pub image_path: String,
+    pub state: String,
+    /// The enterprise address and prefix length the system keeps.
+    pub private_ip: String,
+    pub prefix: u8,
+    pub public_ip: String,
+    pub mac: String,
+    pub accel: String,
+    pub accel_note: String,
+    pub boot_seconds: f64,
+    pub provider_id: String,
+}
+
+/// A clone of an application: its network and instances on one provider.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct CloneRecord {
+    pub name: String,
+    pub app: String,
+    pub provider: String,
+    pub state: String,
+    /// Enterprise subnets, CIDR, each with the gateway address the clone's network uses.
+    pub subnets: Vec<(String, String)>,
+    /// Provider resources (local: the network namespace).
+    pub network: String,
+    /// A small number unique among live clones (local: names the host-side veth).
+    pub index: u32,
+    pub instances: Vec<InstanceRecord>,
+    pub load_balancer_ip: String,
+    pub created_unix_ms: i64,
+    pub create_seconds: f64,
+    pub warnings: Vec<String>,
+}
+
 impl State {
     pub fn open(store: Store) -> Result<Self, StoreError> {
         Ok(Self {
@@ -152,6 +193,7 @@ impl State {
             meta: store.tree("meta")?,
             images: store.tree("images")?,
             apps: store.tree("apps")?,
+            clones: store.tree("clones")?,
             store,
         })
     }
@@ -214,6 +256,24 @@ impl State {
 
     pub fn delete_app(&self, name: &str) -> Result<(), StoreError> {
         self.apps.remove(name.as_bytes())?;
+        self.store.flush()
+    }
+
+    pub fn clone_record(&self, name: &str) -> Result<Option<CloneRecord>, StoreError> {
+        self.store.get_json(&self.clones, name.as_bytes())
+    }
+
+    pub fn put_clone(&self, rec: &CloneRecord) -> Result<(), StoreError> {
+        self.store.put_json(&self.clones, rec.name.as_bytes(), rec)?;
+        self.store.flush()
+    }
+
+    pub fn clones(&self) -> Result<Vec<CloneRecord>, StoreError> {
+        self.list(&self.clones)
+    }
+
+    pub fn delete_clone(&self, name: &str) -> Result<(), StoreError> {
+        self.clones.remove(name.as_bytes())?;
         self.store.flush()
     }
 

@@ -36,6 +36,13 @@ enum Cmd {
         /// Extra name or address for the server certificate (repeatable).
         #[arg(long)]
         san: Vec<String>,
+        /// Local provider: prefix of host resource names (default ferry: bridge
+        /// ferry-pub, namespaces ferry-CLONE).
+        #[arg(long)]
+        clone_prefix: Option<String>,
+        /// Local provider: range of public addresses (default 198.19.0.0/16).
+        #[arg(long)]
+        public_cidr: Option<String>,
     },
     /// Customize a system tree so it boots and works on a target (like virt-customize).
     Customize {
@@ -113,6 +120,10 @@ enum ImageCmd {
         /// Longest wait for a login prompt, in seconds.
         #[arg(long, default_value_t = 300)]
         boot_timeout: u64,
+        /// An extra kernel argument for the boot configuration Ferry writes when the
+        /// guest has none (repeatable), e.g. net.ifnames=0.
+        #[arg(long = "kernel-arg")]
+        kernel_args: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -124,6 +135,7 @@ fn image_build(
     target: &str,
     boot_check: bool,
     boot_timeout: u64,
+    kernel_args: &[String],
 ) -> anyhow::Result<serde_json::Value> {
     use ferry_cloud_manager::{customize, image};
     let target: customize::Target = target.parse()?;
@@ -135,7 +147,7 @@ fn image_build(
         ps.push(image::Part::probe(std::path::Path::new(img), mp)?);
     }
     let timeout = boot_check.then(|| std::time::Duration::from_secs(boot_timeout));
-    let (made, report) = image::build(&ps, out, target.console(), timeout)?;
+    let (made, report) = image::build(&ps, out, target.console(), kernel_args, timeout)?;
     Ok(serde_json::json!({ "image": made, "boot_check": report }))
 }
 
@@ -201,9 +213,17 @@ fn main() -> ExitCode {
                     target,
                     no_boot_check,
                     boot_timeout,
+                    kernel_args,
                     json,
                 },
-        } => match image_build(&parts, &out, &target, !no_boot_check, boot_timeout) {
+        } => match image_build(
+            &parts,
+            &out,
+            &target,
+            !no_boot_check,
+            boot_timeout,
+            &kernel_args,
+        ) {
             Ok(v) => {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -260,6 +280,8 @@ fn main() -> ExitCode {
             http,
             provider,
             san,
+            clone_prefix,
+            public_cidr,
         } => {
             let file = match config
                 .as_deref()
@@ -278,6 +300,8 @@ fn main() -> ExitCode {
                 http: http.or(file.http),
                 provider: provider.or(file.provider),
                 san: if san.is_empty() { file.san } else { san },
+                clone_prefix: clone_prefix.or(file.clone_prefix),
+                public_cidr: public_cidr.or(file.public_cidr),
                 log_format: None,
             };
             let config = match ServeConfig::resolve(merged) {

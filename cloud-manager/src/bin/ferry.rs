@@ -47,6 +47,54 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+    /// Clones: running copies of a whole application, one instance per system.
+    Clone {
+        #[command(subcommand)]
+        cmd: CloneCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CloneCmd {
+    /// Launch a clone of an application from its newest images; waits until every
+    /// instance reached userspace.
+    Create {
+        app: String,
+        /// The clone's name (default APP-N).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every clone: state, instances and addresses.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One clone.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause every instance (memory and disks stay).
+    Suspend {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue paused instances and start stopped ones.
+    Resume {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the clone: instances, disks and network.
+    Terminate {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -282,6 +330,56 @@ async fn set(
     Ok(client.set_replication(req).await?.into_inner())
 }
 
+async fn clone_cmd(
+    client: &mut pb::control_client::ControlClient<tonic::transport::Channel>,
+    cmd: CloneCmd,
+) -> Result<(), cli::CliError> {
+    let one = |json: bool, c: &pb::CloneInfo| {
+        print_as(json, c, || cli::render_clones(std::slice::from_ref(c)))
+    };
+    match cmd {
+        CloneCmd::Create { app, name, json } => {
+            let c = client
+                .create_clone(pb::CreateCloneRequest {
+                    app,
+                    name: name.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            one(json, &c);
+        }
+        CloneCmd::List { json } => {
+            let r = client.list_clones(pb::ListClonesRequest {}).await?.into_inner();
+            print_as(json, &r.clones, || cli::render_clones(&r.clones));
+        }
+        CloneCmd::Show { name, json } => {
+            let r = client.list_clones(pb::ListClonesRequest {}).await?.into_inner();
+            let c = r
+                .clones
+                .into_iter()
+                .find(|c| c.name == name)
+                .ok_or_else(|| cli::CliError::Usage(format!("no clone {name:?}")))?;
+            one(json, &c);
+        }
+        CloneCmd::Suspend { name, json } => {
+            let c = client.suspend_clone(pb::CloneRequest { name }).await?.into_inner();
+            one(json, &c);
+        }
+        CloneCmd::Resume { name, json } => {
+            let c = client.resume_clone(pb::CloneRequest { name }).await?.into_inner();
+            one(json, &c);
+        }
+        CloneCmd::Terminate { name, json } => {
+            let c = client
+                .terminate_clone(pb::CloneRequest { name })
+                .await?
+                .into_inner();
+            one(json, &c);
+        }
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<(), cli::CliError> {
     let mut client = cli::connect(&cli::credentials_path(args.credentials)).await?;
     match args.cmd {
@@ -515,6 +613,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                 .await?;
             println!("deleted {id}");
         }
+        Cmd::Clone { cmd } => clone_cmd(&mut client, cmd).await?,
         Cmd::Replica {
             cmd:
                 ReplicaCmd::Path {

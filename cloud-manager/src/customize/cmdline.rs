@@ -3,6 +3,9 @@
 //! serial console, no splash, and pinned `eth0` names where the source used them.
 use super::{Ctx, Target};
 
+/// The arguments that keep the kernel's classic NIC names (eth0, eth1, …).
+pub const PIN_ETH_ARGS: [&str; 2] = ["net.ifnames=0", "biosdevname=0"];
+
 /// What the command line of the target needs.
 #[derive(Debug, Clone, Copy)]
 pub struct Want {
@@ -53,7 +56,7 @@ pub fn edit(args: &str, want: Want, path: &str, ctx: &mut Ctx<'_>) -> String {
         );
     }
     if want.pin_eth_names {
-        for pin in ["net.ifnames=0", "biosdevname=0"] {
+        for pin in PIN_ETH_ARGS {
             let key = pin.split('=').next().unwrap_or(pin);
             if !words.iter().any(|w| w.split('=').next() == Some(key)) {
                 words.push(pin.into());

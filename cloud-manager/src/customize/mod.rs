@@ -246,6 +246,9 @@ pub struct Report {
     pub actions: Vec<String>,
     /// Unified diff of every change.
     pub diff: String,
+    /// Kernel arguments the target needs, for a boot configuration Ferry writes itself
+    /// (a guest without one of its own).
+    pub kernel_args: Vec<String>,
 }
 
 /// A command to run inside the tree once the edits are written.
@@ -323,6 +326,11 @@ pub fn run(root: &Path, plan: &Plan, dry_run: bool) -> Result<Report, CustomizeE
         notes.extend(ctx.notes);
         actions.extend(ctx.actions);
     }
+    let kernel_args = if net::uses_eth_names(&tree) {
+        cmdline::PIN_ETH_ARGS.map(String::from).to_vec()
+    } else {
+        Vec::new()
+    };
     let mut diff = String::new();
     let mut changed = Vec::new();
     for (path, before, after) in tree.edits() {
@@ -351,6 +359,7 @@ pub fn run(root: &Path, plan: &Plan, dry_run: bool) -> Result<Report, CustomizeE
         notes,
         actions: actions.iter().map(|a| a.argv.join(" ")).collect(),
         diff,
+        kernel_args,
     })
 }
 

@@ -1,0 +1,297 @@
+//! Clones of applications: the control logic behind `ferry clone` (create from the
+//! app's newest images, list, suspend, resume, terminate) and the reconciliation of the
+//! stored clones against their provider when the cloud manager starts.
+use crate::cloud::{blocking, Cloud, CloudError, Result};
+use crate::provider::{self, Provider, ProviderError};
+use crate::state::{CloneRecord, InstanceRecord};
+use ferry_proto::v1 as pb;
+use std::sync::Arc;
+use std::time::Instant;
+
+impl From<ProviderError> for CloudError {
+    fn from(e: ProviderError) -> Self {
+        match e {
+            ProviderError::Invalid(m) => CloudError::Invalid(m),
+            ProviderError::Exhausted(m) => CloudError::NoSpace(m),
+            ProviderError::Unavailable(_) => CloudError::Failed(e.to_string()),
+            other => CloudError::Failed(other.to_string()),
+        }
+    }
+}
+
+pub fn clone_info(r: &CloneRecord) -> pb::CloneInfo {
+    pb::CloneInfo {
+        name: r.name.clone(),
+        app: r.app.clone(),
+        provider: r.provider.clone(),
+        state: r.state.clone(),
+        instances: r
+            .instances
+            .iter()
+            .map(|i| pb::InstanceInfo {
+                system: i.system.clone(),
+                visibility: i.visibility.clone(),
+                image: i.image.clone(),
+                state: i.state.clone(),
+                private_ip: i.private_ip.clone(),
+                public_ip: i.public_ip.clone(),
+                mac: i.mac.clone(),
+                accel: i.accel.clone(),
+                accel_note: i.accel_note.clone(),
+                boot_seconds: i.boot_seconds,
+                console_log: String::new(),
+                provider_id: i.provider_id.clone(),
+            })
+            .collect(),
+        subnets: r.subnets.iter().map(|(c, _)| c.clone()).collect(),
+        load_balancer_ip: r.load_balancer_ip.clone(),
+        created_unix_ms: r.created_unix_ms,
+        create_seconds: r.create_seconds,
+        network: r.network.clone(),
+        warnings: r.warnings.clone(),
+    }
+}
+
+impl Cloud {
+    fn provider_for(&self, name: &str) -> Result<Arc<dyn Provider>> {
+        match name {
+            "local" => Ok(self.local.clone()),
+            other => Err(ProviderError::Unavailable(other.to_string()).into()),
+        }
+    }
+
+    fn with_console(&self, mut info: pb::CloneInfo) -> pb::CloneInfo {
+        for i in &mut info.instances {
+            i.console_log = self
+                .local
+                .clone_dir(&info.name)
+                .join(format!("{}.console.log", i.system))
+                .display()
+                .to_string();
+        }
+        info
+    }
+
+    /// Launches a clone of `req.app`: one instance per system from its newest image.
+    pub async fn create_clone(&self, req: pb::CreateCloneRequest) -> Result<pb::CloneInfo> {
+        let app = self
+            .state
+            .app(&req.app)?
+            .ok_or_else(|| CloudError::NotFound(format!("no app {:?}", req.app)))?;
+        let _ops = self.clone_ops.lock().await;
+        let others = self.state.clones()?;
+        let name = if req.name.is_empty() {
+            (1..)
+                .map(|n| format!("{}-{n}", app.name))
+                .find(|n| !others.iter().any(|c| &c.name == n))
+                .unwrap_or_default()
+        } else {
+            req.name.clone()
+        };
+        ferry_common::pki::validate_name(&name).map_err(CloudError::Invalid)?;
+        if name.len() > 40 {
+            return Err(CloudError::Invalid(format!(
+                "clone name {name:?} is longer than 40 characters"
+            )));
+        }
+        if others.iter().any(|c| c.name == name) {
+            return Err(CloudError::AlreadyExists(format!("clone {name:?} exists")));
+        }
+        let provider = self.provider_for(&app.provider)?;
+        let images = self.state.images()?;
+        let mut rec = CloneRecord {
+            name: name.clone(),
+            app: app.name.clone(),
+            provider: app.provider.clone(),
+            state: "creating".into(),
+            created_unix_ms: ferry_common::now_ms(),
+            ..Default::default()
+        };
+        for (system, visibility) in &app.systems {
+            let img = images
+                .iter()
+                .filter(|i| i.app == app.name && &i.system == system)
+                .max_by_key(|i| (i.epoch, i.created_unix_ms))
+                .ok_or_else(|| {
+                    CloudError::Failed(format!(
+                        "system {system} of app {} has no image: run `ferry image build {}` first",
+                        app.name, app.name
+                    ))
+                })?;
+            if img.boot_check_json.is_empty() {
+                rec.warnings.push(format!(
+                    "image {} was not boot-checked (built with --no-boot-check)",
+                    img.id
+                ));
+            }
+            let sys = self
+                .state
+                .system(system)?
+                .ok_or_else(|| CloudError::NotFound(format!("no system named {system:?}")))?;
+            let addr = crate::prepare::address_of(&sys).ok_or_else(|| {
+                CloudError::Failed(format!(
+                    "system {system}: its probe names no IPv4 address and host name, so its clone would have no enterprise address"
+                ))
+            })?;
+            rec.instances.push(InstanceRecord {
+                system: system.clone(),
+                visibility: visibility.clone(),
+                hostname: addr.hostname,
+                image: img.id.clone(),
+                image_path: img.path.clone(),
+                state: "pending".into(),
+                private_ip: addr.ip.to_string(),
+                prefix: addr.prefix,
+                ..Default::default()
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = rec.instances.iter().find(|i| !seen.insert(&i.private_ip)) {
+            return Err(CloudError::Invalid(format!(
+                "two systems of app {} have the address {}",
+                app.name, dup.private_ip
+            )));
+        }
+        rec.subnets = provider::subnets(&rec.instances)?;
+        // Recorded before anything exists, so a crash mid-way leaves a record that the
+        // next start reconciles (and `terminate` can clean up).
+        self.state.put_clone(&rec)?;
+        let started = Instant::now();
+        let p = provider.clone();
+        let result = blocking(move || {
+            let r = p.create(&mut rec, &others);
+            Ok((rec, r))
+        })
+        .await?;
+        let (mut rec, r) = result;
+        if let Err(e) = r {
+            // The provider removed what it made; so goes the record.
+            self.state.delete_clone(&name)?;
+            tracing::warn!(clone = %name, error = %e, "clone creation failed");
+            return Err(e.into());
+        }
+        rec.create_seconds = started.elapsed().as_secs_f64();
+        self.state.put_clone(&rec)?;
+        tracing::info!(clone = %name, app = %rec.app, seconds = rec.create_seconds, "clone running");
+        Ok(self.with_console(clone_info(&rec)))
+    }
+
+    /// Every clone, as the last observation left it.
+    pub fn list_clones(&self) -> Result<pb::ListClonesResponse> {
+        Ok(pb::ListClonesResponse {
+            clones: self
+                .state
+                .clones()?
+                .iter()
+                .map(|c| self.with_console(clone_info(c)))
+                .collect(),
+        })
+    }
+
+    fn clone_rec(&self, name: &str) -> Result<CloneRecord> {
+        self.state
+            .clone_record(name)?
+            .ok_or_else(|| CloudError::NotFound(format!("no clone {name:?}")))
+    }
+
+    /// Runs a provider operation on a stored clone and stores the result.
+    async fn clone_op(
+        &self,
+        name: &str,
+        what: &'static str,
+        op: fn(&dyn Provider, &mut CloneRecord) -> std::result::Result<(), ProviderError>,
+    ) -> Result<pb::CloneInfo> {
+        let _ops = self.clone_ops.lock().await;
+        let rec = self.clone_rec(name)?;
+        let provider = self.provider_for(&rec.provider)?;
+        let (mut rec, r) = blocking(move || {
+            let mut rec = rec;
+            let r = op(provider.as_ref(), &mut rec);
+            Ok((rec, r))
+        })
+        .await?;
+        if let Err(e) = r {
+            // What the provider has now is the truth, even after a failure.
+            let p = self.provider_for(&rec.provider)?;
+            let _ = p.observe(&mut rec);
+            self.state.put_clone(&rec)?;
+            return Err(e.into());
+        }
+        self.state.put_clone(&rec)?;
+        tracing::info!(clone = %name, state = %rec.state, "clone {what}");
+        Ok(self.with_console(clone_info(&rec)))
+    }
+
+    pub async fn suspend_clone(&self, name: &str) -> Result<pb::CloneInfo> {
+        self.clone_op(name, "suspended", |p, r| p.suspend(r)).await
+    }
+
+    pub async fn resume_clone(&self, name: &str) -> Result<pb::CloneInfo> {
+        self.clone_op(name, "resumed", |p, r| p.resume(r)).await
+    }
+
+    /// Removes the clone's resources, then its record.
+    pub async fn terminate_clone(&self, name: &str) -> Result<pb::CloneInfo> {
+        let _ops = self.clone_ops.lock().await;
+        let mut rec = self.clone_rec(name)?;
+        let provider = self.provider_for(&rec.provider)?;
+        let r2 = rec.clone();
+        blocking(move || Ok(provider.terminate(&r2)?)).await?;
+        self.state.delete_clone(name)?;
+        rec.state = "terminated".into();
+        for i in &mut rec.instances {
+            i.state = "terminated".into();
+        }
+        tracing::info!(clone = %name, "clone terminated");
+        Ok(clone_info(&rec))
+    }
+
+    /// Brings every stored clone's state in line with its provider: after a restart an
+    /// instance may have stopped, or a creation may have been cut short.
+    pub async fn reconcile_clones(&self) -> Result<()> {
+        let _ops = self.clone_ops.lock().await;
+        for rec in self.state.clones()? {
+            let Ok(provider) = self.provider_for(&rec.provider) else {
+                continue;
+            };
+            let name = rec.name.clone();
+            let before = rec.state.clone();
+            let rec = blocking(move || {
+                let mut rec = rec;
+                if rec.state == "creating" {
+                    // Cut short by a crash: nothing of it can be trusted.
+                    provider.terminate(&rec)?;
+                    rec.state = "terminated".into();
+                } else {
+                    provider.observe(&mut rec)?;
+                }
+                Ok(rec)
+            })
+            .await;
+            match rec {
+                Ok(rec) if rec.state == "terminated" => {
+                    self.state.delete_clone(&name)?;
+                    tracing::warn!(clone = %name, "clone creation was interrupted; its resources were removed");
+                }
+                Ok(rec) => {
+                    if rec.state != before {
+                        tracing::warn!(clone = %name, was = %before, now = %rec.state, "clone state changed while the cloud manager was away");
+                    }
+                    self.state.put_clone(&rec)?;
+                }
+                Err(e) => tracing::error!(clone = %name, error = %e, "cannot reconcile clone"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an image is in use by a clone (its overlays depend on it).
+    pub fn image_in_use(&self, id: &str) -> Result<Option<String>> {
+        Ok(self
+            .state
+            .clones()?
+            .into_iter()
+            .find(|c| c.instances.iter().any(|i| i.image == id))
+            .map(|c| c.name))
+    }
+}

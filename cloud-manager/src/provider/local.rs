@@ -1,0 +1,647 @@
+//! The local provider: each clone gets a network namespace with a bridge carrying the
+//! application's enterprise subnets (so systems keep their addresses), dnsmasq handing
+//! each instance its enterprise address by MAC, a veth to the host's public bridge with
+//! one public address per public system (NATed to its enterprise address, as an elastic
+//! IP is), and one QEMU process per system on a copy-on-write overlay of its image.
+//! QEMU and dnsmasq are daemons: clones outlive the cloud manager, which finds them again
+//! by pid file and command line.
+use super::{clone_state, hosts, mac_for, network, parse_cidr, qmp, Provider, ProviderError};
+use crate::image;
+use crate::state::{CloneRecord, InstanceRecord};
+use crate::volumes::run;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Settings of the local provider.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// DATA/clones: one directory per clone (overlays, consoles, pid files).
+    pub dir: PathBuf,
+    /// Names host resources: `PREFIX-pub` (bridge), `PREFIX-CLONE` (netns), `PREFIXvN`.
+    pub prefix: String,
+    /// Public addresses; the first host address is the host bridge's.
+    pub public_cidr: (Ipv4Addr, u8),
+    pub memory_mib: u32,
+    pub boot_timeout: Duration,
+}
+
+pub const DEFAULT_PREFIX: &str = "ferry";
+pub const DEFAULT_PUBLIC_CIDR: &str = "198.19.0.0/16";
+
+impl LocalConfig {
+    /// Checks the prefix (interface names are at most 15 bytes) and the public range.
+    pub fn new(dir: PathBuf, prefix: &str, public_cidr: &str) -> Result<Self, ProviderError> {
+        if prefix.is_empty()
+            || prefix.len() > 8
+            || !prefix.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(ProviderError::Invalid(format!(
+                "clone prefix {prefix:?}: 1 to 8 letters or digits"
+            )));
+        }
+        let (ip, len) = parse_cidr(public_cidr)
+            .filter(|(_, l)| (8..=29).contains(l))
+            .ok_or_else(|| {
+                ProviderError::Invalid(format!(
+                    "public range {public_cidr:?}: expected a.b.c.d/len with len 8 to 29"
+                ))
+            })?;
+        Ok(Self {
+            dir,
+            prefix: prefix.to_string(),
+            public_cidr: (network(ip, len), len),
+            memory_mib: 1024,
+            boot_timeout: Duration::from_secs(600),
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Local {
+    cfg: LocalConfig,
+}
+
+/// Inside each clone's namespace: the enterprise bridge and the public side.
+const BRIDGE: &str = "br0";
+const PUBLIC_IF: &str = "pub0";
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> ProviderError + '_ {
+    move |e| ProviderError::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl Local {
+    pub fn new(cfg: LocalConfig) -> Self {
+        Self { cfg }
+    }
+
+    pub fn config(&self) -> &LocalConfig {
+        &self.cfg
+    }
+
+    /// The host bridge every clone's public side hangs off.
+    pub fn public_bridge(&self) -> String {
+        format!("{}-pub", self.cfg.prefix)
+    }
+
+    fn bridge_ip(&self) -> Ipv4Addr {
+        let (net, len) = self.cfg.public_cidr;
+        hosts(net, len).next().unwrap_or(net)
+    }
+
+    pub fn netns(&self, clone: &str) -> String {
+        format!("{}-{clone}", self.cfg.prefix)
+    }
+
+    fn host_veth(&self, index: u32) -> String {
+        format!("{}v{index}", self.cfg.prefix)
+    }
+
+    pub fn clone_dir(&self, clone: &str) -> PathBuf {
+        self.cfg.dir.join(clone)
+    }
+
+    /// `ip netns exec NS PROGRAM`.
+    fn in_ns(&self, ns: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]);
+        c
+    }
+
+    /// The mark QEMU carries on its command line, so a pid is never mistaken for another
+    /// process after a reboot reused it.
+    fn marker(&self, clone: &str, system: &str) -> String {
+        format!("ferry:{}:{system}", self.netns(clone))
+    }
+
+    /// The process in `pid_file` if it is alive and its command line holds `marker`.
+    fn live_pid(pid_file: &Path, marker: &str) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        cmdline.contains(marker).then_some(pid)
+    }
+
+    /// Kills a daemon found by pid file and marker, and waits until it is gone.
+    fn kill(pid_file: &Path, marker: &str) {
+        let Some(pid) = Self::live_pid(pid_file, marker) else {
+            return;
+        };
+        if let Some(p) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_file(pid_file);
+    }
+
+    /// Public addresses for the public systems and a free index, avoiding other clones'.
+    fn allocate(&self, rec: &mut CloneRecord, others: &[CloneRecord]) -> Result<(), ProviderError> {
+        let taken: Vec<String> = others
+            .iter()
+            .flat_map(|c| {
+                c.instances
+                    .iter()
+                    .map(|i| i.public_ip.clone())
+                    .chain([c.load_balancer_ip.clone()])
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
+        let (net, len) = self.cfg.public_cidr;
+        let mut free = hosts(net, len)
+            .skip(1)
+            .map(|ip| ip.to_string())
+            .filter(|ip| !taken.contains(ip));
+        for inst in rec.instances.iter_mut().filter(|i| i.visibility == "public") {
+            inst.public_ip = free.next().ok_or_else(|| {
+                ProviderError::Exhausted(format!(
+                    "no public address left in {}/{len}",
+                    self.cfg.public_cidr.0
+                ))
+            })?;
+        }
+        rec.index = (1..100_000)
+            .find(|n| !others.iter().any(|c| c.index == *n))
+            .ok_or_else(|| ProviderError::Exhausted("no clone index left".into()))?;
+        rec.network = self.netns(&rec.name);
+        Ok(())
+    }
+
+    /// The host's public bridge, made once.
+    fn ensure_public_bridge(&self) -> Result<(), ProviderError> {
+        let br = self.public_bridge();
+        if Path::new("/sys/class/net").join(&br).exists() {
+            return Ok(());
+        }
+        run(Command::new("ip").args(["link", "add", &br, "type", "bridge"]))?;
+        run(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("{}/{}", self.bridge_ip(), self.cfg.public_cidr.1),
+            "dev",
+            &br,
+        ]))?;
+        run(Command::new("ip").args(["link", "set", &br, "up"]))?;
+        Ok(())
+    }
+
+    /// The NAT and forwarding rules: a public address reaches only its own system, a
+    /// private system is reachable only from inside the clone.
+    fn nft_rules(rec: &CloneRecord) -> String {
+        let public: Vec<&InstanceRecord> = rec
+            .instances
+            .iter()
+            .filter(|i| !i.public_ip.is_empty())
+            .collect();
+        let mut pre = String::new();
+        let mut post = String::new();
+        let mut fwd = String::new();
+        for i in &public {
+            pre += &format!(
+                "    iifname \"{PUBLIC_IF}\" ip daddr {} dnat to {}\n",
+                i.public_ip, i.private_ip
+            );
+            post += &format!(
+                "    oifname \"{PUBLIC_IF}\" ip saddr {} snat to {}\n",
+                i.private_ip, i.public_ip
+            );
+            fwd += &format!(
+                "    iifname \"{PUBLIC_IF}\" oifname \"{BRIDGE}\" ip daddr {} ct status dnat accept\n    iifname \"{BRIDGE}\" oifname \"{PUBLIC_IF}\" ip saddr {} accept\n",
+                i.private_ip, i.private_ip
+            );
+        }
+        format!(
+            "table ip ferry {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n{pre}  }}\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{post}  }}\n  chain forward {{\n    type filter hook forward priority filter; policy drop;\n    ct state established,related accept\n    iifname \"{BRIDGE}\" oifname \"{BRIDGE}\" accept\n{fwd}  }}\n}}\n"
+        )
+    }
+
+    /// The namespace, bridge, router addresses, DHCP, public side and rules.
+    fn create_network(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
+        let ns = &rec.network;
+        let dir = self.clone_dir(&rec.name);
+        run(Command::new("ip").args(["netns", "add", ns]))?;
+        let ip_n = |args: &[&str]| -> Result<String, ProviderError> {
+            Ok(run(Command::new("ip").args(["-n", ns]).args(args))?)
+        };
+        ip_n(&["link", "set", "lo", "up"])?;
+        ip_n(&["link", "add", BRIDGE, "type", "bridge"])?;
+        ip_n(&["link", "set", BRIDGE, "up"])?;
+        for (cidr, gw) in &rec.subnets {
+            let len = cidr.split('/').nth(1).unwrap_or("24");
+            ip_n(&["addr", "add", &format!("{gw}/{len}"), "dev", BRIDGE])?;
+        }
+        run(self
+            .in_ns(ns, "sysctl")
+            .args(["-qw", "net.ipv4.ip_forward=1"]))?;
+        self.ensure_public_bridge()?;
+        let veth = self.host_veth(rec.index);
+        run(Command::new("ip").args([
+            "link", "add", &veth, "type", "veth", "peer", "name", PUBLIC_IF, "netns", ns,
+        ]))?;
+        run(Command::new("ip").args(["link", "set", &veth, "master", &self.public_bridge(), "up"]))?;
+        ip_n(&["link", "set", PUBLIC_IF, "up"])?;
+        let len = self.cfg.public_cidr.1;
+        for ip in rec
+            .instances
+            .iter()
+            .map(|i| &i.public_ip)
+            .chain([&rec.load_balancer_ip])
+            .filter(|ip| !ip.is_empty())
+        {
+            ip_n(&["addr", "add", &format!("{ip}/{len}"), "dev", PUBLIC_IF])?;
+        }
+        let rules = dir.join("nft.conf");
+        std::fs::write(&rules, Self::nft_rules(rec)).map_err(io(&rules))?;
+        run(self.in_ns(ns, "nft").arg("-f").arg(&rules))?;
+        // DHCP hands each MAC its enterprise address and name; the router is the
+        // bridge's address in that subnet. DNS stays off: /etc/hosts names the systems.
+        let mut dnsmasq = self.in_ns(ns, "dnsmasq");
+        dnsmasq
+            .args(["--conf-file=/dev/null", "--port=0", "--bind-interfaces"])
+            .arg(format!("--interface={BRIDGE}"))
+            .args(["--except-interface=lo", "--dhcp-authoritative", "--log-dhcp"])
+            .args(["--user=root", "--group=root"])
+            .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
+            .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+            .arg(format!("--log-facility={}", dir.join("dnsmasq.log").display()));
+        for (cidr, _) in &rec.subnets {
+            if let Some((net, len)) = parse_cidr(cidr) {
+                let mask = Ipv4Addr::from(if len == 0 { 0 } else { u32::MAX << (32 - len) });
+                dnsmasq.arg(format!("--dhcp-range={net},static,{mask},12h"));
+            }
+        }
+        for i in &rec.instances {
+            dnsmasq.arg(format!(
+                "--dhcp-host={},{},{},infinite",
+                i.mac, i.private_ip, i.hostname
+            ));
+        }
+        run(&mut dnsmasq)?;
+        Ok(())
+    }
+
+    fn paths(&self, clone: &str, system: &str) -> InstancePaths {
+        let d = self.clone_dir(clone);
+        InstancePaths {
+            overlay: d.join(format!("{system}.qcow2")),
+            pid: d.join(format!("{system}.pid")),
+            qmp: d.join(format!("{system}.qmp")),
+            console: d.join(format!("{system}.console.log")),
+        }
+    }
+
+    /// The tap name of the n-th instance (inside the clone's namespace).
+    fn tap(n: usize) -> String {
+        format!("tap{n}")
+    }
+
+    /// Starts one instance's QEMU (daemonized) and returns its pid.
+    fn start_qemu(
+        &self,
+        rec: &CloneRecord,
+        n: usize,
+        accel: &str,
+    ) -> Result<i32, ProviderError> {
+        let inst = &rec.instances[n];
+        let p = self.paths(&rec.name, &inst.system);
+        let ns = &rec.network;
+        let tap = Self::tap(n);
+        // A tap left from an earlier run of this instance is reused.
+        let _ = run(Command::new("ip").args(["-n", ns, "tuntap", "add", "dev", &tap, "mode", "tap"]));
+        run(Command::new("ip").args(["-n", ns, "link", "set", &tap, "master", BRIDGE, "up"]))?;
+        let _ = std::fs::remove_file(&p.console);
+        let _ = std::fs::remove_file(&p.qmp);
+        let mut cmd = self.in_ns(ns, "qemu-system-x86_64");
+        cmd.arg("-name")
+            .arg(self.marker(&rec.name, &inst.system))
+            .args(image::accel_args(accel))
+            .args(["-m", &self.cfg.memory_mib.to_string(), "-smp", "1"])
+            .args(["-display", "none", "-daemonize"])
+            .arg("-pidfile")
+            .arg(&p.pid)
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", p.qmp.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", p.console.display()))
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=qcow2", p.overlay.display()))
+            .arg("-netdev")
+            .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=n0,mac={}", inst.mac));
+        run(&mut cmd).map_err(|e| ProviderError::Instance {
+            system: inst.system.clone(),
+            message: e.to_string(),
+        })?;
+        Self::live_pid(&p.pid, &self.marker(&rec.name, &inst.system)).ok_or_else(|| {
+            ProviderError::Instance {
+                system: inst.system.clone(),
+                message: "qemu started but its pid file names no live process".into(),
+            }
+        })
+    }
+
+    /// Starts an instance and waits for its login prompt; a KVM failure is retried under
+    /// TCG (and remembered). Returns (accel, note, seconds, pid).
+    fn boot(&self, rec: &CloneRecord, n: usize) -> Result<(String, String, f64, i32), ProviderError> {
+        let inst = &rec.instances[n];
+        let p = self.paths(&rec.name, &inst.system);
+        let marker = self.marker(&rec.name, &inst.system);
+        let (accels, mut note) = image::accel_order();
+        let mut last = None;
+        for accel in accels {
+            let pid = match self.start_qemu(rec, n, accel) {
+                Ok(pid) => pid,
+                Err(e) if accel == "kvm" => {
+                    note = Some(format!("kvm: {e}"));
+                    image::remember_kvm_failure(&e.to_string());
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let waited = image::wait_for_login(&p.console, accel, self.cfg.boot_timeout, || {
+                Self::live_pid(&p.pid, &marker)
+                    .is_none()
+                    .then(|| "the process is gone".to_string())
+            });
+            match waited {
+                Ok(secs) => return Ok((accel.into(), note.unwrap_or_default(), secs, pid)),
+                Err(reason) => {
+                    let err = ProviderError::Boot {
+                        system: inst.system.clone(),
+                        accel: accel.into(),
+                        reason: reason.clone(),
+                        console: image::console_tail(&p.console, 30),
+                    };
+                    Self::kill(&p.pid, &marker);
+                    if accel != "kvm" || !image::kvm_fault(&reason) {
+                        return Err(err);
+                    }
+                    tracing::warn!(system = %inst.system, %reason, "kvm failed; retrying under tcg");
+                    note = Some(format!("kvm: {reason}"));
+                    image::remember_kvm_failure(&reason);
+                    last = Some(err);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| ProviderError::Invalid("no accelerator to try".into())))
+    }
+
+    /// Boots the given instances in parallel and records what each did.
+    fn boot_all(&self, rec: &mut CloneRecord, which: &[usize]) -> Result<(), ProviderError> {
+        let snapshot = rec.clone();
+        let results: Vec<(usize, Result<_, ProviderError>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = which
+                .iter()
+                .map(|&n| {
+                    let snap = &snapshot;
+                    (n, s.spawn(move || self.boot(snap, n)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(n, h)| {
+                    (
+                        n,
+                        h.join().unwrap_or_else(|_| {
+                            Err(ProviderError::Invalid("boot thread panicked".into()))
+                        }),
+                    )
+                })
+                .collect()
+        });
+        let mut first_err = None;
+        for (n, r) in results {
+            let inst = &mut rec.instances[n];
+            match r {
+                Ok((accel, note, secs, pid)) => {
+                    inst.accel = accel;
+                    inst.accel_note = note;
+                    inst.boot_seconds = secs;
+                    inst.provider_id = pid.to_string();
+                    inst.state = "running".into();
+                }
+                Err(e) => {
+                    inst.state = "failed".into();
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn create_inner(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        let dir = self.clone_dir(&rec.name);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        for inst in &rec.instances {
+            let p = self.paths(&rec.name, &inst.system);
+            // A copy-on-write overlay: the clone writes there, the image stays as built.
+            run(Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(&inst.image_path)
+                .arg(&p.overlay))
+            .map_err(|e| ProviderError::Instance {
+                system: inst.system.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        self.create_network(rec)?;
+        let all: Vec<usize> = (0..rec.instances.len()).collect();
+        self.boot_all(rec, &all)
+    }
+
+    /// The state of one instance from its process and QMP.
+    fn observe_instance(&self, rec: &CloneRecord, inst: &InstanceRecord) -> String {
+        let p = self.paths(&rec.name, &inst.system);
+        if Self::live_pid(&p.pid, &self.marker(&rec.name, &inst.system)).is_none() {
+            return "stopped".into();
+        }
+        match qmp::command(&p.qmp, "query-status") {
+            Ok(v) => match v["status"].as_str() {
+                Some("running") => "running".into(),
+                Some("paused") => "suspended".into(),
+                Some(other) => other.to_string(),
+                None => "unknown".into(),
+            },
+            Err(e) => {
+                tracing::warn!(system = %inst.system, error = %e, "qmp query failed");
+                "unknown".into()
+            }
+        }
+    }
+
+    fn qmp_all(&self, rec: &mut CloneRecord, cmd: &str, state: &str) -> Result<(), ProviderError> {
+        for inst in rec.instances.iter_mut() {
+            let p = self.paths(&rec.name, &inst.system);
+            qmp::command(&p.qmp, cmd).map_err(|message| ProviderError::Instance {
+                system: inst.system.clone(),
+                message,
+            })?;
+            inst.state = state.into();
+        }
+        Ok(())
+    }
+}
+
+struct InstancePaths {
+    overlay: PathBuf,
+    pid: PathBuf,
+    qmp: PathBuf,
+    console: PathBuf,
+}
+
+impl Provider for Local {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn create(&self, rec: &mut CloneRecord, others: &[CloneRecord]) -> Result<(), ProviderError> {
+        for inst in rec.instances.iter_mut() {
+            inst.mac = mac_for(&rec.name, &inst.system);
+            inst.state = "booting".into();
+        }
+        self.allocate(rec, others)?;
+        if Path::new("/run/netns").join(&rec.network).exists() {
+            return Err(ProviderError::Invalid(format!(
+                "network namespace {} exists already: another clone of that name is running",
+                rec.network
+            )));
+        }
+        let made = self.create_inner(rec);
+        if let Err(e) = made {
+            tracing::warn!(clone = %rec.name, error = %e, "clone creation failed; removing what was made");
+            if let Err(e2) = self.terminate(rec) {
+                tracing::error!(clone = %rec.name, error = %e2, "cleanup after a failed creation failed");
+            }
+            return Err(e);
+        }
+        rec.state = clone_state(&rec.instances).into();
+        Ok(())
+    }
+
+    fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        self.qmp_all(rec, "stop", "suspended")?;
+        rec.state = clone_state(&rec.instances).into();
+        Ok(())
+    }
+
+    fn resume(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        self.observe(rec)?;
+        let mut stopped = Vec::new();
+        for (n, inst) in rec.instances.clone().iter().enumerate() {
+            match inst.state.as_str() {
+                "suspended" => {
+                    let p = self.paths(&rec.name, &inst.system);
+                    qmp::command(&p.qmp, "cont").map_err(|message| ProviderError::Instance {
+                        system: inst.system.clone(),
+                        message,
+                    })?;
+                    rec.instances[n].state = "running".into();
+                }
+                "stopped" | "failed" => stopped.push(n),
+                _ => {}
+            }
+        }
+        if !stopped.is_empty() {
+            if !Path::new("/run/netns").join(&rec.network).exists() {
+                return Err(ProviderError::Invalid(format!(
+                    "the clone's network {} is gone; terminate the clone and create it again",
+                    rec.network
+                )));
+            }
+            self.boot_all(rec, &stopped)?;
+        }
+        rec.state = clone_state(&rec.instances).into();
+        Ok(())
+    }
+
+    fn terminate(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
+        let dir = self.clone_dir(&rec.name);
+        for inst in &rec.instances {
+            let p = self.paths(&rec.name, &inst.system);
+            Self::kill(&p.pid, &self.marker(&rec.name, &inst.system));
+        }
+        Self::kill(&dir.join("dnsmasq.pid"), &dir.display().to_string());
+        Self::kill(&dir.join("gateway.pid"), &dir.display().to_string());
+        if !rec.network.is_empty() && Path::new("/run/netns").join(&rec.network).exists() {
+            run(Command::new("ip").args(["netns", "del", &rec.network]))?;
+        }
+        let veth = self.host_veth(rec.index);
+        if rec.index > 0 && Path::new("/sys/class/net").join(&veth).exists() {
+            run(Command::new("ip").args(["link", "del", &veth]))?;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&dir)(e)),
+        }
+        // The host bridge goes with the last clone.
+        let br = self.public_bridge();
+        let ports = Path::new("/sys/class/net").join(&br).join("brif");
+        if std::fs::read_dir(&ports).is_ok_and(|mut d| d.next().is_none()) {
+            run(Command::new("ip").args(["link", "del", &br]))?;
+        }
+        Ok(())
+    }
+
+    fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        let states: Vec<String> = rec
+            .instances
+            .iter()
+            .map(|i| self.observe_instance(rec, i))
+            .collect();
+        for (inst, s) in rec.instances.iter_mut().zip(states) {
+            inst.state = s;
+            if inst.state == "stopped" {
+                inst.provider_id.clear();
+            }
+        }
+        rec.state = clone_state(&rec.instances).into();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_addresses_reach_only_their_own_system() {
+        let rec = CloneRecord {
+            instances: vec![
+                InstanceRecord {
+                    system: "web".into(),
+                    private_ip: "198.18.70.10".into(),
+                    public_ip: "198.19.0.2".into(),
+                    ..Default::default()
+                },
+                InstanceRecord {
+                    system: "db".into(),
+                    private_ip: "198.18.70.20".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let r = Local::nft_rules(&rec);
+        assert!(r.contains("ip daddr 198.19.0.2 dnat to 198.18.70.10"), "{r}");
+        assert!(!r.contains("198.18.70.20"), "{r}");
+        assert!(r.contains("policy drop"), "{r}");
+        assert!(LocalConfig::new("/x".into(), "a-b", DEFAULT_PUBLIC_CIDR).is_err());
+        assert!(LocalConfig::new("/x".into(), "ferry", "198.19.0.0/31").is_err());
+        let c = LocalConfig::new("/x".into(), "ferry", "198.19.4.7/16").unwrap();
+        assert_eq!(c.public_cidr.0.to_string(), "198.19.0.0");
+    }
+}

@@ -1,0 +1,180 @@
+//! Providers run clones: a network carrying the application's enterprise subnets and one
+//! instance per system, launched from its image. `local` (QEMU in a network namespace per
+//! clone) is the embedded default; the trait is what aws and azure implement too.
+pub mod local;
+pub mod qmp;
+
+use crate::state::{CloneRecord, InstanceRecord};
+use std::net::Ipv4Addr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error(transparent)]
+    Command(#[from] crate::volumes::VolumeError),
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("instance {system} did not reach userspace ({accel}): {reason}\n--- console (last lines) ---\n{console}")]
+    Boot {
+        system: String,
+        accel: String,
+        reason: String,
+        console: String,
+    },
+    #[error("instance {system}: {message}")]
+    Instance { system: String, message: String },
+    #[error("provider {0} is not available in this build yet; use local")]
+    Unavailable(String),
+}
+
+/// What every provider does with a clone. Calls block; the caller runs them off the
+/// async runtime. Each leaves the record describing what exists.
+pub trait Provider: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    /// Creates the clone's network and instances (the record names the systems, images
+    /// and enterprise addresses) and waits until every instance reached userspace. On
+    /// error, everything this call created is removed again.
+    fn create(&self, rec: &mut CloneRecord, others: &[CloneRecord]) -> Result<(), ProviderError>;
+    /// Stops the instances' CPUs; their memory and disks stay.
+    fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError>;
+    /// Continues suspended instances and starts stopped ones again.
+    fn resume(&self, rec: &mut CloneRecord) -> Result<(), ProviderError>;
+    /// Removes every resource of the clone; resources already gone are not an error.
+    fn terminate(&self, rec: &CloneRecord) -> Result<(), ProviderError>;
+    /// Sets each instance's state from what the provider has.
+    fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError>;
+}
+
+/// The clone's state from its instances' states.
+pub fn clone_state(instances: &[InstanceRecord]) -> &'static str {
+    let all = |s: &str| !instances.is_empty() && instances.iter().all(|i| i.state == s);
+    if all("running") {
+        "running"
+    } else if all("suspended") {
+        "suspended"
+    } else {
+        "degraded"
+    }
+}
+
+/// Parses `a.b.c.d/len`.
+pub fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, len) = cidr.split_once('/')?;
+    let len: u8 = len.parse().ok()?;
+    (len <= 32).then_some(())?;
+    Some((ip.parse().ok()?, len))
+}
+
+fn mask(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    }
+}
+
+/// The network address of `ip/len`.
+pub fn network(ip: Ipv4Addr, len: u8) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(ip) & mask(len))
+}
+
+/// Host addresses of `net/len` in order, from the first (the network and broadcast
+/// addresses excluded).
+pub fn hosts(net: Ipv4Addr, len: u8) -> impl Iterator<Item = Ipv4Addr> {
+    let base = u32::from(net) & mask(len);
+    let size = 1u64 << (32 - u32::from(len));
+    (1..size.saturating_sub(1)).map(move |i| Ipv4Addr::from(base + i as u32))
+}
+
+/// The enterprise subnets of the instances, each with the first host address no system
+/// uses (the clone network's router, DHCP server and tunnel gateway side).
+pub fn subnets(instances: &[InstanceRecord]) -> Result<Vec<(String, String)>, ProviderError> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let used: Vec<Ipv4Addr> = instances
+        .iter()
+        .filter_map(|i| i.private_ip.parse().ok())
+        .collect();
+    for i in instances {
+        let ip: Ipv4Addr = i.private_ip.parse().map_err(|_| {
+            ProviderError::Invalid(format!(
+                "system {}: no IPv4 enterprise address known (its probe lists none)",
+                i.system
+            ))
+        })?;
+        if i.prefix == 0 || i.prefix > 30 {
+            return Err(ProviderError::Invalid(format!(
+                "system {}: prefix /{} leaves no room for a router",
+                i.system, i.prefix
+            )));
+        }
+        let cidr = format!("{}/{}", network(ip, i.prefix), i.prefix);
+        if out.iter().any(|(c, _)| c == &cidr) {
+            continue;
+        }
+        let gw = hosts(network(ip, i.prefix), i.prefix)
+            .find(|h| !used.contains(h))
+            .ok_or_else(|| {
+                ProviderError::Exhausted(format!("subnet {cidr} has no free address for a router"))
+            })?;
+        out.push((cidr, gw.to_string()));
+    }
+    for (a, _) in &out {
+        for (b, _) in &out {
+            let (Some((na, la)), Some((nb, lb))) = (parse_cidr(a), parse_cidr(b)) else {
+                continue;
+            };
+            if a != b && network(na, la.min(lb)) == network(nb, la.min(lb)) {
+                return Err(ProviderError::Invalid(format!(
+                    "subnets {a} and {b} overlap: the systems' probes disagree on prefixes"
+                )));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A stable locally administered MAC for an instance of a clone.
+pub fn mac_for(clone: &str, system: &str) -> String {
+    let h = blake3::hash(format!("{clone}/{system}").as_bytes());
+    let b = h.as_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(system: &str, ip: &str, prefix: u8) -> InstanceRecord {
+        InstanceRecord {
+            system: system.into(),
+            private_ip: ip.into(),
+            prefix,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn routers_take_the_first_address_no_system_uses() {
+        let s = subnets(&[
+            inst("web", "198.18.70.1", 24),
+            inst("db", "198.18.70.20", 24),
+            inst("ldap", "198.18.71.9", 24),
+        ])
+        .unwrap();
+        assert_eq!(
+            s,
+            [
+                ("198.18.70.0/24".to_string(), "198.18.70.2".to_string()),
+                ("198.18.71.0/24".to_string(), "198.18.71.1".to_string())
+            ]
+        );
+        assert!(subnets(&[inst("a", "10.0.0.1", 24), inst("b", "10.0.0.9", 16)]).is_err());
+        assert!(subnets(&[inst("a", "", 24)]).is_err());
+        assert!(subnets(&[inst("a", "10.0.0.1", 31)]).is_err());
+        assert_eq!(hosts("10.0.0.0".parse().unwrap(), 30).count(), 2);
+        assert_ne!(mac_for("a", "web"), mac_for("b", "web"));
+    }
+}
