@@ -261,7 +261,11 @@ pub fn render_clones(clones: &[pb::CloneInfo]) -> String {
                 i.visibility,
                 i.state,
                 i.private_ip,
-                if i.public_ip.is_empty() { "-" } else { &i.public_ip },
+                if i.public_ip.is_empty() {
+                    "-"
+                } else {
+                    &i.public_ip
+                },
                 i.accel,
                 i.boot_seconds
             ));

@@ -651,10 +651,11 @@ impl Cloud {
         let dir = self.data_dir.join("images");
         let out = dir.join(format!("{id}.qcow2"));
         let (images, check) = (prepared.images.clone(), !req.skip_boot_check);
-        let kernel_args: Vec<String> = serde_json::from_str::<serde_json::Value>(&prepared.report_json)
-            .ok()
-            .and_then(|r| serde_json::from_value(r["kernel_args"].clone()).ok())
-            .unwrap_or_default();
+        let kernel_args: Vec<String> =
+            serde_json::from_str::<serde_json::Value>(&prepared.report_json)
+                .ok()
+                .and_then(|r| serde_json::from_value(r["kernel_args"].clone()).ok())
+                .unwrap_or_default();
         let fss = rec.filesystems.clone();
         let (made, boot) = blocking(move || -> Result<_> {
             std::fs::create_dir_all(&dir).map_err(|e| CloudError::Io(e.to_string()))?;
@@ -676,8 +677,9 @@ impl Cloud {
                 );
             }
             let timeout = check.then_some(BOOT_TIMEOUT);
-            let (made, boot) = crate::image::build(&parts, &out, target.console(), &kernel_args, timeout)
-                .map_err(|e| CloudError::Failed(e.to_string()))?;
+            let (made, boot) =
+                crate::image::build(&parts, &out, target.console(), &kernel_args, timeout)
+                    .map_err(|e| CloudError::Failed(e.to_string()))?;
             Ok((made, boot))
         })
         .await?;

@@ -86,7 +86,10 @@ pub fn address_of(rec: &SystemRecord) -> Option<Address> {
         .flat_map(|n| n["addresses"].as_array().into_iter().flatten())
         .filter_map(|a| {
             let (ip, len) = a.as_str()?.split_once('/')?;
-            Some((ip.parse::<std::net::Ipv4Addr>().ok()?, len.parse::<u8>().ok()?))
+            Some((
+                ip.parse::<std::net::Ipv4Addr>().ok()?,
+                len.parse::<u8>().ok()?,
+            ))
         })
         .find(|(ip, _)| !ip.is_loopback())?;
     Some(Address {

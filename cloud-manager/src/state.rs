@@ -264,7 +264,8 @@ impl State {
     }
 
     pub fn put_clone(&self, rec: &CloneRecord) -> Result<(), StoreError> {
-        self.store.put_json(&self.clones, rec.name.as_bytes(), rec)?;
+        self.store
+            .put_json(&self.clones, rec.name.as_bytes(), rec)?;
         self.store.flush()
     }
 

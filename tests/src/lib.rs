@@ -229,9 +229,16 @@ pub struct CloudMgr {
     keep_mounts: bool,
     pub port: u16,
     pub proc: Proc,
+    /// Extra `serve` flags, kept for restarts.
+    extra: Vec<String>,
 }
 
 impl CloudMgr {
+    /// On loopback with extra `serve` flags.
+    pub fn start_args(dir: &Path, extra: &[&str]) -> Result<Self> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_full(dir, "127.0.0.1", free_port(), extra)
+    }
     pub fn start(dir: &Path) -> Result<Self> {
         Self::start_on(dir, free_port())
     }
@@ -240,6 +247,9 @@ impl CloudMgr {
     }
     /// Listens on `host` (an address of this machine's namespace) instead of loopback.
     pub fn start_at(dir: &Path, host: &str, port: u16) -> Result<Self> {
+        Self::start_full(dir, host, port, Vec::new())
+    }
+    fn start_full(dir: &Path, host: &str, port: u16, extra: Vec<String>) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let http_port = free_port();
         let proc = Proc::spawn(
@@ -250,7 +260,8 @@ impl CloudMgr {
                 .arg("--listen")
                 .arg(format!("{host}:{port}"))
                 .arg("--http")
-                .arg(format!("127.0.0.1:{http_port}")),
+                .arg(format!("127.0.0.1:{http_port}"))
+                .args(&extra),
             &dir.with_extension("log"),
         )?;
         wait_port_at(host, port, "ferry-cloud")?;
@@ -264,6 +275,7 @@ impl CloudMgr {
             keep_mounts: false,
             port,
             proc,
+            extra,
         })
     }
     pub fn url(&self) -> String {
@@ -331,7 +343,7 @@ impl CloudMgr {
         let (port, dir, host) = (self.port, self.dir.clone(), self.host.clone());
         // The killed manager's volumes stay mounted for the new one, as after a crash.
         self.keep_mounts = true;
-        *self = Self::start_at(&dir, &host, port)?;
+        *self = Self::start_full(&dir, &host, port, self.extra.clone())?;
         Ok(())
     }
 }

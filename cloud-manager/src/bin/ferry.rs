@@ -349,11 +349,17 @@ async fn clone_cmd(
             one(json, &c);
         }
         CloneCmd::List { json } => {
-            let r = client.list_clones(pb::ListClonesRequest {}).await?.into_inner();
+            let r = client
+                .list_clones(pb::ListClonesRequest {})
+                .await?
+                .into_inner();
             print_as(json, &r.clones, || cli::render_clones(&r.clones));
         }
         CloneCmd::Show { name, json } => {
-            let r = client.list_clones(pb::ListClonesRequest {}).await?.into_inner();
+            let r = client
+                .list_clones(pb::ListClonesRequest {})
+                .await?
+                .into_inner();
             let c = r
                 .clones
                 .into_iter()
@@ -362,11 +368,17 @@ async fn clone_cmd(
             one(json, &c);
         }
         CloneCmd::Suspend { name, json } => {
-            let c = client.suspend_clone(pb::CloneRequest { name }).await?.into_inner();
+            let c = client
+                .suspend_clone(pb::CloneRequest { name })
+                .await?
+                .into_inner();
             one(json, &c);
         }
         CloneCmd::Resume { name, json } => {
-            let c = client.resume_clone(pb::CloneRequest { name }).await?.into_inner();
+            let c = client
+                .resume_clone(pb::CloneRequest { name })
+                .await?
+                .into_inner();
             one(json, &c);
         }
         CloneCmd::Terminate { name, json } => {

@@ -120,7 +120,11 @@ impl Local {
 
     /// The process in `pid_file` if it is alive and its command line holds `marker`.
     fn live_pid(pid_file: &Path, marker: &str) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+        let pid: i32 = std::fs::read_to_string(pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         cmdline.contains(marker).then_some(pid)
@@ -163,7 +167,11 @@ impl Local {
             .skip(1)
             .map(|ip| ip.to_string())
             .filter(|ip| !taken.contains(ip));
-        for inst in rec.instances.iter_mut().filter(|i| i.visibility == "public") {
+        for inst in rec
+            .instances
+            .iter_mut()
+            .filter(|i| i.visibility == "public")
+        {
             inst.public_ip = free.next().ok_or_else(|| {
                 ProviderError::Exhausted(format!(
                     "no public address left in {}/{len}",
@@ -249,7 +257,14 @@ impl Local {
         run(Command::new("ip").args([
             "link", "add", &veth, "type", "veth", "peer", "name", PUBLIC_IF, "netns", ns,
         ]))?;
-        run(Command::new("ip").args(["link", "set", &veth, "master", &self.public_bridge(), "up"]))?;
+        run(Command::new("ip").args([
+            "link",
+            "set",
+            &veth,
+            "master",
+            &self.public_bridge(),
+            "up",
+        ]))?;
         ip_n(&["link", "set", PUBLIC_IF, "up"])?;
         let len = self.cfg.public_cidr.1;
         for ip in rec
@@ -270,11 +285,18 @@ impl Local {
         dnsmasq
             .args(["--conf-file=/dev/null", "--port=0", "--bind-interfaces"])
             .arg(format!("--interface={BRIDGE}"))
-            .args(["--except-interface=lo", "--dhcp-authoritative", "--log-dhcp"])
+            .args([
+                "--except-interface=lo",
+                "--dhcp-authoritative",
+                "--log-dhcp",
+            ])
             .args(["--user=root", "--group=root"])
             .arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display()))
             .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
-            .arg(format!("--log-facility={}", dir.join("dnsmasq.log").display()));
+            .arg(format!(
+                "--log-facility={}",
+                dir.join("dnsmasq.log").display()
+            ));
         for (cidr, _) in &rec.subnets {
             if let Some((net, len)) = parse_cidr(cidr) {
                 let mask = Ipv4Addr::from(if len == 0 { 0 } else { u32::MAX << (32 - len) });
@@ -307,18 +329,14 @@ impl Local {
     }
 
     /// Starts one instance's QEMU (daemonized) and returns its pid.
-    fn start_qemu(
-        &self,
-        rec: &CloneRecord,
-        n: usize,
-        accel: &str,
-    ) -> Result<i32, ProviderError> {
+    fn start_qemu(&self, rec: &CloneRecord, n: usize, accel: &str) -> Result<i32, ProviderError> {
         let inst = &rec.instances[n];
         let p = self.paths(&rec.name, &inst.system);
         let ns = &rec.network;
         let tap = Self::tap(n);
         // A tap left from an earlier run of this instance is reused.
-        let _ = run(Command::new("ip").args(["-n", ns, "tuntap", "add", "dev", &tap, "mode", "tap"]));
+        let _ =
+            run(Command::new("ip").args(["-n", ns, "tuntap", "add", "dev", &tap, "mode", "tap"]));
         run(Command::new("ip").args(["-n", ns, "link", "set", &tap, "master", BRIDGE, "up"]))?;
         let _ = std::fs::remove_file(&p.console);
         let _ = std::fs::remove_file(&p.qmp);
@@ -335,7 +353,10 @@ impl Local {
             .arg("-serial")
             .arg(format!("file:{}", p.console.display()))
             .arg("-drive")
-            .arg(format!("file={},if=virtio,format=qcow2", p.overlay.display()))
+            .arg(format!(
+                "file={},if=virtio,format=qcow2",
+                p.overlay.display()
+            ))
             .arg("-netdev")
             .arg(format!("tap,id=n0,ifname={tap},script=no,downscript=no"))
             .arg("-device")
@@ -354,7 +375,11 @@ impl Local {
 
     /// Starts an instance and waits for its login prompt; a KVM failure is retried under
     /// TCG (and remembered). Returns (accel, note, seconds, pid).
-    fn boot(&self, rec: &CloneRecord, n: usize) -> Result<(String, String, f64, i32), ProviderError> {
+    fn boot(
+        &self,
+        rec: &CloneRecord,
+        n: usize,
+    ) -> Result<(String, String, f64, i32), ProviderError> {
         let inst = &rec.instances[n];
         let p = self.paths(&rec.name, &inst.system);
         let marker = self.marker(&rec.name, &inst.system);
@@ -445,6 +470,7 @@ impl Local {
     fn create_inner(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
         let dir = self.clone_dir(&rec.name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        self.create_network(rec)?;
         for inst in &rec.instances {
             let p = self.paths(&rec.name, &inst.system);
             // A copy-on-write overlay: the clone writes there, the image stays as built.
@@ -457,7 +483,6 @@ impl Local {
                 message: e.to_string(),
             })?;
         }
-        self.create_network(rec)?;
         let all: Vec<usize> = (0..rec.instances.len()).collect();
         self.boot_all(rec, &all)
     }
@@ -636,7 +661,10 @@ mod tests {
             ..Default::default()
         };
         let r = Local::nft_rules(&rec);
-        assert!(r.contains("ip daddr 198.19.0.2 dnat to 198.18.70.10"), "{r}");
+        assert!(
+            r.contains("ip daddr 198.19.0.2 dnat to 198.18.70.10"),
+            "{r}"
+        );
         assert!(!r.contains("198.18.70.20"), "{r}");
         assert!(r.contains("policy drop"), "{r}");
         assert!(LocalConfig::new("/x".into(), "a-b", DEFAULT_PUBLIC_CIDR).is_err());

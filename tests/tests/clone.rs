@@ -1,0 +1,383 @@
+//! Clones on the local provider, end to end: two real Debian 12 systems (a web app and a
+//! private database service) are replicated by the agent, customized, imaged and
+//! boot-checked, then launched as two clones side by side under QEMU, each in its own
+//! network with the enterprise addresses; the web app answers on its public address,
+//! the private system only inside its clone. Suspend, resume, a cloud manager restart
+//! with an instance gone, terminate, and a creation that fails half-way.
+use anyhow::{ensure, Result};
+use ferry_tests::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const WEB_UUID: &str = "7a0c5a53-8c53-4b55-8d7e-3f1c2d9e0a11";
+const DB_UUID: &str = "7a0c5a53-8c53-4b55-8d7e-3f1c2d9e0a22";
+const WEB_IP: &str = "198.18.70.10";
+const DB_IP: &str = "198.18.70.20";
+
+/// The web app: systemd socket activation on port 80, one bash process per request. It
+/// reports who and where it is, and asks the database service by its /etc/hosts name.
+const WEB_APP: &str = r#"#!/bin/bash
+read -r request
+while IFS= read -r h && [ "${h%$'\r'}" != "" ]; do :; done
+db=$(timeout 5 bash -c 'exec 3<>/dev/tcp/db/7000; head -n1 <&3' 2>&1 | tr -d '\r')
+body="host=$(hostname) ips=$(hostname -I | tr -d ' ') boot=$(cat /proc/sys/kernel/random/boot_id) db=[$db] hosts_db=$(getent hosts db | awk '{print $1}')"
+printf 'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s\n' $((${#body}+1)) "$body"
+"#;
+
+const DB_APP: &str = "#!/bin/bash\necho \"db-ok $(cat /proc/sys/kernel/random/boot_id)\"\n";
+
+/// Adds a socket-activated service (`Accept=yes`) on `port` running `script`.
+fn socket_service(root: &Path, name: &str, port: u16, script: &str) -> Result<()> {
+    let bin = root.join(format!("usr/local/bin/{name}"));
+    std::fs::create_dir_all(bin.parent().unwrap_or(root))?;
+    std::fs::write(&bin, script)?;
+    sh(Command::new("chmod").arg("755").arg(&bin))?;
+    let units = root.join("etc/systemd/system");
+    std::fs::create_dir_all(units.join("sockets.target.wants"))?;
+    std::fs::write(
+        units.join(format!("{name}.socket")),
+        format!(
+            "[Socket]\nListenStream={port}\nAccept=yes\n\n[Install]\nWantedBy=sockets.target\n"
+        ),
+    )?;
+    std::fs::write(
+        units.join(format!("{name}@.service")),
+        format!("[Service]\nExecStart=/usr/local/bin/{name}\nStandardInput=socket\nStandardOutput=socket\n"),
+    )?;
+    std::os::unix::fs::symlink(
+        format!("/etc/systemd/system/{name}.socket"),
+        units.join(format!("sockets.target.wants/{name}.socket")),
+    )?;
+    Ok(())
+}
+
+/// A source system: the cached Debian 12 tree with a static enterprise address on eth0.
+fn source(t: &Path, name: &str, uuid: &str, ip: &str) -> Result<LoopFs> {
+    let src = LoopFs::new(t, name, "ext4", uuid, 1200)?;
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", debian12_tree()?.display()))
+        .arg(&src.mnt))?;
+    std::fs::write(src.mnt.join("etc/hostname"), format!("{name}\n"))?;
+    std::fs::write(
+        src.mnt.join("etc/network/interfaces"),
+        format!("source /etc/network/interfaces.d/*\nauto lo\niface lo inet loopback\nauto eth0\niface eth0 inet static\n  address {ip}/24\n  gateway 198.18.70.1\n"),
+    )?;
+    Ok(src)
+}
+
+/// Removes whatever a failed run left: QEMU and dnsmasq of this test's prefix, its
+/// namespaces and its host bridge.
+struct Leftovers {
+    prefix: String,
+    data: String,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let _ = bash(&format!(
+            "pkill -9 -f '[f]erry:{p}-' || true
+             pkill -9 -f '[d]nsmasq.*{d}' || true
+             sleep 0.5
+             for ns in $(ip netns list | awk '{{print $1}}' | grep '^{p}-'); do ip netns del $ns; done
+             ip link del {p}-pub 2>/dev/null || true",
+            p = self.prefix,
+            d = self.data
+        ));
+    }
+}
+
+/// `curl` from this machine (or from a namespace): the body, or the error.
+fn http(netns: Option<&str>, url: &str) -> std::result::Result<String, String> {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "curl"]);
+            c
+        }
+        None => Command::new("curl"),
+    };
+    let out = c
+        .args(["-sS", "--max-time", "4", url])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn field<'a>(body: &'a str, key: &str) -> &'a str {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_default()
+}
+
+fn web_of(clone: &serde_json::Value) -> (String, String) {
+    let web = &clone["instances"][0];
+    (
+        web["public_ip"].as_str().unwrap_or_default().to_string(),
+        web["provider_id"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+fn ferry_err(cloud: &CloudMgr, args: &[&str]) -> String {
+    let out = Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(args)
+        .output()
+        .expect("ferry runs");
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
+#[test]
+fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<()> {
+    let tmp = scratch("clone")?;
+    let t = tmp.path();
+    let prefix = format!("fc{}", std::process::id() % 100_000);
+    let data = t.join("cloud");
+    let _leftovers = Leftovers {
+        prefix: prefix.clone(),
+        data: data.display().to_string(),
+    };
+    let web = source(t, "web", WEB_UUID, WEB_IP)?;
+    socket_service(&web.mnt, "shop-web", 80, WEB_APP)?;
+    let db = source(t, "db", DB_UUID, DB_IP)?;
+    socket_service(&db.mnt, "shop-db", 7000, DB_APP)?;
+
+    let mut cloud = CloudMgr::start_args(
+        &data,
+        &["--clone-prefix", &prefix, "--public-cidr", "198.19.77.0/24"],
+    )?;
+    let token = cloud.token()?;
+    for (src, name) in [(&web, "web"), (&db, "db")] {
+        agent_once(
+            &t.join(format!("agent-{name}")),
+            &cloud.url(),
+            Some(&token),
+            &src.mnt,
+            name,
+        )?;
+    }
+    cloud.ferry_json(&[
+        "app",
+        "create",
+        "shop",
+        "--system",
+        "web:public",
+        "--system",
+        "db:private",
+    ])?;
+    assert!(
+        ferry_err(&cloud, &["clone", "create", "shop"]).contains("ferry image build shop"),
+        "a clone without images must say how to get them"
+    );
+    let images = cloud.ferry_json(&["image", "build", "shop"])?;
+    assert_eq!(images.as_array().map(Vec::len), Some(2), "{images}");
+
+    // Clone a: both instances reach userspace with their enterprise addresses.
+    let a = cloud.ferry_json(&["clone", "create", "shop", "--name", "a"])?;
+    assert_eq!(a["state"], "running", "{a}");
+    assert_eq!(a["subnets"], serde_json::json!(["198.18.70.0/24"]), "{a}");
+    let inst = a["instances"].as_array().cloned().unwrap_or_default();
+    assert_eq!(inst.len(), 2, "{a}");
+    assert_eq!(
+        (inst[0]["system"].as_str(), inst[0]["private_ip"].as_str()),
+        (Some("web"), Some(WEB_IP))
+    );
+    assert_eq!(
+        (inst[1]["system"].as_str(), inst[1]["private_ip"].as_str()),
+        (Some("db"), Some(DB_IP))
+    );
+    assert_eq!(
+        inst[1]["public_ip"], "",
+        "a private system got a public address: {a}"
+    );
+    for i in &inst {
+        assert_eq!(i["state"], "running", "{a}");
+        assert!(
+            ["kvm", "tcg"].contains(&i["accel"].as_str().unwrap_or_default()),
+            "{a}"
+        );
+    }
+    let (pub_a, _) = web_of(&a);
+    assert!(pub_a.starts_with("198.19.77."), "{a}");
+    let ns_a = format!("{prefix}-a");
+    assert!(netns_exists(&ns_a));
+
+    // Its web app answers on the public address, from the enterprise address, and
+    // reaches the private database by its /etc/hosts name inside the clone.
+    let mut body_a = String::new();
+    wait_for("the web app of clone a", Duration::from_secs(60), || {
+        http(None, &format!("http://{pub_a}/"))
+            .map(|b| body_a = b)
+            .is_ok()
+    })?;
+    assert_eq!(field(&body_a, "host"), "web", "{body_a}");
+    assert!(field(&body_a, "ips").contains(WEB_IP), "{body_a}");
+    assert_eq!(field(&body_a, "hosts_db"), DB_IP, "{body_a}");
+    assert!(body_a.contains("db=[db-ok "), "{body_a}");
+
+    // Clone b, side by side with the same addresses.
+    let b = cloud.ferry_json(&["clone", "create", "shop", "--name", "b"])?;
+    assert_eq!(b["state"], "running", "{b}");
+    let (pub_b, _) = web_of(&b);
+    assert_ne!(pub_a, pub_b);
+    assert_eq!(b["instances"][1]["private_ip"], DB_IP);
+    let body_b = http(None, &format!("http://{pub_b}/")).map_err(anyhow::Error::msg)?;
+    assert_eq!(field(&body_b, "host"), "web", "{body_b}");
+    // Each web reaches its own clone's database: different machines, same address.
+    let db_boot = |body: &str| {
+        body.split("db=[db-ok ")
+            .nth(1)
+            .unwrap_or("")
+            .split(']')
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_ne!(field(&body_a, "boot"), field(&body_b, "boot"));
+    assert_ne!(db_boot(&body_a), db_boot(&body_b), "{body_a}\n{body_b}");
+    assert!(!db_boot(&body_b).is_empty(), "{body_b}");
+
+    // Private means private: from outside, over the public network, with a route
+    // pointed at the clone, neither the database nor the web's enterprise address is
+    // reachable; only the web's public address is. Nor is another port behind it.
+    let outsider = netns::Netns::new("outsider")?;
+    let veth = format!("{prefix}o");
+    bash(&format!(
+        "ip link add {veth} type veth peer name eth0 netns {o}
+         ip link set {veth} master {prefix}-pub up
+         ip -n {o} addr add 198.19.77.250/24 dev eth0
+         ip -n {o} link set eth0 up
+         ip -n {o} route add 198.18.70.0/24 via {pub_a}",
+        o = outsider.name
+    ))?;
+    let from_outside =
+        http(Some(&outsider.name), &format!("http://{pub_a}/")).map_err(anyhow::Error::msg)?;
+    assert_eq!(field(&from_outside, "host"), "web");
+    for url in [format!("http://{DB_IP}:7000/"), format!("http://{WEB_IP}/")] {
+        assert!(
+            http(Some(&outsider.name), &url).is_err(),
+            "{url} reachable from outside its clone"
+        );
+    }
+    assert!(http(None, &format!("http://{pub_a}:7000/")).is_err());
+
+    // Suspend pauses clone a only; resume continues the same boot.
+    let s = cloud.ferry_json(&["clone", "suspend", "a"])?;
+    assert_eq!(s["state"], "suspended", "{s}");
+    assert!(
+        http(None, &format!("http://{pub_a}/")).is_err(),
+        "a suspended clone answered"
+    );
+    assert!(http(None, &format!("http://{pub_b}/")).is_ok());
+    let r = cloud.ferry_json(&["clone", "resume", "a"])?;
+    assert_eq!(r["state"], "running", "{r}");
+    let again = http(None, &format!("http://{pub_a}/")).map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        field(&again, "boot"),
+        field(&body_a, "boot"),
+        "resume rebooted the guest"
+    );
+
+    // The cloud manager goes away; meanwhile clone b's database dies. On restart the
+    // stored clones are reconciled with what runs.
+    let db_b_pid: i32 = b["instances"][1]["provider_id"]
+        .as_str()
+        .unwrap_or("")
+        .parse()?;
+    cloud.proc.kill9();
+    sh(Command::new("kill").args(["-9", &db_b_pid.to_string()]))?;
+    cloud.restart()?;
+    let shown = cloud.ferry_json(&["clone", "show", "b"])?;
+    assert_eq!(shown["state"], "degraded", "{shown}");
+    assert_eq!(shown["instances"][0]["state"], "running", "{shown}");
+    assert_eq!(shown["instances"][1]["state"], "stopped", "{shown}");
+    assert_eq!(
+        cloud.ferry_json(&["clone", "show", "a"])?["state"],
+        "running"
+    );
+    assert!(cloud
+        .proc
+        .log_text()
+        .contains("clone state changed while the cloud manager was away"));
+    let r = cloud.ferry_json(&["clone", "resume", "b"])?;
+    assert_eq!(r["state"], "running", "{r}");
+    let mut after = String::new();
+    wait_for(
+        "clone b's web reaching its restarted db",
+        Duration::from_secs(30),
+        || {
+            http(None, &format!("http://{pub_b}/"))
+                .map(|b| after = b)
+                .is_ok_and(|_| !db_boot(&after).is_empty())
+        },
+    )?;
+    assert_ne!(
+        db_boot(&after),
+        db_boot(&body_b),
+        "the database did not boot again"
+    );
+
+    // Images and the app are protected while clones use them.
+    let img = images[1]["id"].as_str().unwrap_or_default().to_string();
+    assert!(ferry_err(&cloud, &["image", "delete", &img]).contains("in use by clone"));
+    assert!(ferry_err(&cloud, &["app", "delete", "shop"]).contains("terminate them first"));
+
+    // Terminating a leaves b running, and nothing of a behind.
+    let gone = cloud.ferry_json(&["clone", "terminate", "a"])?;
+    assert_eq!(gone["state"], "terminated");
+    assert!(!netns_exists(&ns_a));
+    assert!(!data.join("clones/a").exists());
+    assert!(bash(&format!("pgrep -f '[f]erry:{ns_a}:' || true"))?
+        .trim()
+        .is_empty());
+    assert!(http(None, &format!("http://{pub_a}/")).is_err());
+    assert_eq!(
+        field(
+            &http(None, &format!("http://{pub_b}/")).map_err(anyhow::Error::msg)?,
+            "host"
+        ),
+        "web"
+    );
+    let list = cloud.ferry_json(&["clone", "list"])?;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    cloud.ferry_json(&["clone", "terminate", "b"])?;
+    drop(outsider);
+
+    // A creation that fails half-way (the database's image is lost after the network
+    // is up) says why and leaves nothing: no record, namespace, process or directory.
+    let db_image = images[1]["path"].as_str().unwrap_or_default().to_string();
+    std::fs::remove_file(&db_image)?;
+    let err = ferry_err(&cloud, &["clone", "create", "shop", "--name", "c"]);
+    assert!(
+        err.contains("instance db") && err.contains(&db_image),
+        "{err}"
+    );
+    assert!(!netns_exists(&format!("{prefix}-c")));
+    assert!(!data.join("clones/c").exists());
+    assert_eq!(cloud.ferry_json(&["clone", "list"])?, serde_json::json!([]));
+    ensure!(
+        bash(&format!(
+            "pgrep -f '[f]erry:{prefix}-' || true; pgrep -f '[d]nsmasq.*{}' || true",
+            data.display()
+        ))?
+        .trim()
+        .is_empty(),
+        "processes left behind"
+    );
+    assert!(
+        !Path::new(&format!("/sys/class/net/{prefix}-pub")).exists(),
+        "the host bridge outlived the last clone"
+    );
+    Ok(())
+}
