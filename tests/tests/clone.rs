@@ -157,8 +157,8 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
         &data,
         &["--clone-prefix", &prefix, "--public-cidr", "198.19.77.0/24"],
     )?;
-    let token = cloud.token()?;
     for (src, name) in [(&web, "web"), (&db, "db")] {
+        let token = cloud.token()?;
         agent_once(
             &t.join(format!("agent-{name}")),
             &cloud.url(),
