@@ -49,6 +49,7 @@ pub fn clone_info(r: &CloneRecord) -> pb::CloneInfo {
         create_seconds: r.create_seconds,
         network: r.network.clone(),
         warnings: r.warnings.clone(),
+        tunnel_gateway: r.tunnel_gateway.clone(),
     }
 }
 
@@ -105,6 +106,7 @@ impl Cloud {
             provider: app.provider.clone(),
             state: "creating".into(),
             created_unix_ms: ferry_common::now_ms(),
+            needs_gateway: !app.services.is_empty(),
             ..Default::default()
         };
         for (system, visibility) in &app.systems {
@@ -283,6 +285,73 @@ impl Cloud {
             }
         }
         Ok(())
+    }
+
+    /// Table A and the client key for the enterprise side of a clone's tunnel.
+    pub fn tunnel_connect(
+        &self,
+        req: pb::TunnelConnectRequest,
+    ) -> Result<pb::TunnelConnectResponse> {
+        let rec = self.clone_rec(&req.clone)?;
+        if rec.tunnel_gateway.is_empty() {
+            return Err(CloudError::Failed(format!(
+                "clone {} has no tunnel gateway: its app lists no services that stay behind (ferry app create --service)",
+                rec.name
+            )));
+        }
+        let inst = if req.system.is_empty() {
+            rec.instances.first()
+        } else {
+            rec.instances.iter().find(|i| i.system == req.system)
+        }
+        .ok_or_else(|| {
+            CloudError::NotFound(format!("clone {} has no system {:?}", rec.name, req.system))
+        })?;
+        if req.key_path.is_empty() || !req.key_path.starts_with('/') {
+            return Err(CloudError::Invalid(
+                "key_path must be the absolute path where the client key will be kept".into(),
+            ));
+        }
+        let keys = self.data_dir.join("tunnel").join(&inst.system);
+        let read = |name: &str| {
+            std::fs::read_to_string(keys.join(name)).map_err(|e| {
+                CloudError::Failed(format!(
+                    "system {}: no tunnel key {name} ({e}); was its image built with the app's services?",
+                    inst.system
+                ))
+            })
+        };
+        let host_pub = ferry_tunnel::keys::load_authorized(&keys.join("host_key.pub"))
+            .map_err(|e| CloudError::Failed(format!("system {}: {e}", inst.system)))?;
+        let fingerprint = host_pub
+            .first()
+            .map(ferry_tunnel::keys::fingerprint)
+            .ok_or_else(|| CloudError::Failed("host_key.pub holds no key".into()))?;
+        let (gw_ip, gw_port) = rec.tunnel_gateway.rsplit_once(':').unwrap_or_default();
+        let port = ferry_tunnel::config::DEFAULT_APP_PORT;
+        let table_a = format!(
+            "# Table A for clone {clone}, app server {system}: written by `ferry tunnel connect`\n\
+             remote_ssh_ip={gw_ip}\nremote_ssh_port={gw_port}\n\
+             forward_tunnel_remote_destination_ip={ip}\nforward_tunnel_remote_destination_port={port}\n\
+             is_first_establish_forward_tunnel=True\n\
+             ssh_key_file={key}\nhost_key={fingerprint}\n",
+            clone = rec.name,
+            system = inst.system,
+            ip = inst.private_ip,
+            key = req.key_path,
+        );
+        // What is handed out must be what the enterprise side accepts.
+        ferry_tunnel::config::parse_any(&table_a)
+            .map_err(|e| CloudError::Failed(format!("table a: {e}")))?;
+        tracing::info!(clone = %rec.name, system = %inst.system, "tunnel connection details issued");
+        Ok(pb::TunnelConnectResponse {
+            table_a,
+            client_key: read("client_key")?,
+            gateway: rec.tunnel_gateway.clone(),
+            app_server: format!("{}:{port}", inst.private_ip),
+            system: inst.system.clone(),
+            host_key_fingerprint: fingerprint,
+        })
     }
 
     /// Whether an image is in use by a clone (its overlays depend on it).

@@ -344,6 +344,17 @@ impl pb::control_server::Control for Grpc {
             .map_err(|e| self.fail("terminate-clone", who.as_ref(), e))
     }
 
+    async fn tunnel_connect(
+        &self,
+        req: Request<pb::TunnelConnectRequest>,
+    ) -> Result<Response<pb::TunnelConnectResponse>, Status> {
+        let who = identity(&req);
+        let r = cloud::require_operator(who.as_ref())
+            .and_then(|_| self.cloud.tunnel_connect(req.into_inner()));
+        r.map(Response::new)
+            .map_err(|e| self.fail("tunnel-connect", who.as_ref(), e))
+    }
+
     async fn prepare_system(
         &self,
         req: Request<pb::PrepareSystemRequest>,

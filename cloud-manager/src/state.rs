@@ -183,6 +183,12 @@ pub struct CloneRecord {
     pub created_unix_ms: i64,
     pub create_seconds: f64,
     pub warnings: Vec<String>,
+    /// The app has services that stay behind: the clone gets a tunnel gateway.
+    #[serde(default)]
+    pub needs_gateway: bool,
+    /// The gateway's public `IP:PORT`, once it exists.
+    #[serde(default)]
+    pub tunnel_gateway: String,
 }
 
 impl State {

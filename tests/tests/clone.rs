@@ -167,6 +167,21 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
             name,
         )?;
     }
+    // The database that stays in the enterprise (here: this machine's loopback).
+    let pg_port = free_port();
+    let pg = pg::Pg::start_in(
+        None,
+        &{
+            let d = t.join("pgdata");
+            pg::initdb(&d)?;
+            d
+        },
+        &t.join("pgsock"),
+        pg_port,
+        "127.0.0.1",
+    )?;
+    pg.sql("create table t(v text); insert into t values ('from the enterprise')")?;
+    let service = format!("127.0.0.1:{pg_port}={WEB_IP}:50100");
     cloud.ferry_json(&[
         "app",
         "create",
@@ -175,6 +190,8 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
         "web:public",
         "--system",
         "db:private",
+        "--service",
+        &service,
     ])?;
     assert!(
         ferry_err(&cloud, &["clone", "create", "shop"]).contains("ferry image build shop"),
@@ -226,6 +243,56 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     assert_eq!(field(&body_a, "hosts_db"), DB_IP, "{body_a}");
     assert!(body_a.contains("db=[db-ok "), "{body_a}");
 
+    // The services that stay behind reach the booted clone: the enterprise side gets
+    // Table A from `ferry tunnel connect`, dials the clone's gateway, and psql inside the
+    // clone's network reaches the enterprise database through the web server's app role.
+    let gw_a = a["tunnel_gateway"].as_str().unwrap_or_default().to_string();
+    assert!(
+        gw_a.starts_with("198.19.77.") && gw_a.ends_with(":7550"),
+        "{a}"
+    );
+    let ent_dir = t.join("enterprise-a");
+    let conn = cloud.ferry_json(&[
+        "tunnel",
+        "connect",
+        "a",
+        "--out",
+        &ent_dir.display().to_string(),
+    ])?;
+    assert_eq!(conn["gateway"], gw_a.as_str(), "{conn}");
+    assert_eq!(conn["app_server"], format!("{WEB_IP}:2222"), "{conn}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(ent_dir.join("client_key"))?.permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "the client key is readable by others");
+    let mut enterprise = Proc::spawn(
+        Command::new(bin("ferry-tunnel"))
+            .args(["enterprise", "--config"])
+            .arg(ent_dir.join("table-a.ini")),
+        &t.join("enterprise-a.log"),
+    )?;
+    let psql_in = |ns: &str| -> Result<String> {
+        sh(pg::as_postgres(Some(ns), &pg::pg_bin("psql")?).args([
+            "-h",
+            WEB_IP,
+            "-p",
+            "50100",
+            "-U",
+            "postgres",
+            "-Atc",
+            "select v from t",
+            "postgres",
+        ]))
+    };
+    let mut got = String::new();
+    let reached = wait_for(
+        "psql through the tunnel into clone a",
+        Duration::from_secs(90),
+        || psql_in(&ns_a).map(|o| got = o).is_ok(),
+    );
+    ensure!(reached.is_ok(), "no tunnel: {}", enterprise.log_text());
+    assert_eq!(got.trim(), "from the enterprise");
+
     // Clone b, side by side with the same addresses.
     let b = cloud.ferry_json(&["clone", "create", "shop", "--name", "b"])?;
     assert_eq!(b["state"], "running", "{b}");
@@ -247,6 +314,15 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     assert_ne!(field(&body_a, "boot"), field(&body_b, "boot"));
     assert_ne!(db_boot(&body_a), db_boot(&body_b), "{body_a}\n{body_b}");
     assert!(!db_boot(&body_b).is_empty(), "{body_b}");
+
+    // Clone b has its own gateway, and no enterprise side dialed it: its web server's
+    // proxy carries nothing, and clone a's tunnel does not leak into it.
+    assert_ne!(b["tunnel_gateway"], a["tunnel_gateway"]);
+    assert!(
+        psql_in(&format!("{prefix}-b")).is_err(),
+        "clone b reached the enterprise through clone a's tunnel"
+    );
+    enterprise.stop()?;
 
     // Private means private: from outside, over the public network, with a route
     // pointed at the clone, neither the database nor the web's enterprise address is

@@ -52,6 +52,29 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CloneCmd,
     },
+    /// Tunnels from the enterprise to a clone (services that stay behind).
+    Tunnel {
+        #[command(subcommand)]
+        cmd: TunnelCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TunnelCmd {
+    /// Write what the enterprise side needs to reach a clone: DIR/table-a.ini (the
+    /// clone's gateway and app server, the pinned host key) and DIR/client_key (0600).
+    /// Then run `ferry-tunnel enterprise --config DIR/table-a.ini` beside the services.
+    Connect {
+        clone: String,
+        /// The app server (default: the app's first system).
+        #[arg(long)]
+        system: Option<String>,
+        /// Directory for table-a.ini and client_key.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -626,6 +649,53 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
             println!("deleted {id}");
         }
         Cmd::Clone { cmd } => clone_cmd(&mut client, cmd).await?,
+        Cmd::Tunnel {
+            cmd:
+                TunnelCmd::Connect {
+                    clone,
+                    system,
+                    out,
+                    json,
+                },
+        } => {
+            let io = |e: std::io::Error| cli::CliError::Usage(format!("{}: {e}", out.display()));
+            std::fs::create_dir_all(&out).map_err(io)?;
+            let out = std::fs::canonicalize(&out).map_err(io)?;
+            let key_path = out.join("client_key");
+            let r = client
+                .tunnel_connect(pb::TunnelConnectRequest {
+                    clone,
+                    system: system.unwrap_or_default(),
+                    key_path: key_path.display().to_string(),
+                })
+                .await?
+                .into_inner();
+            ferry_common::pki::write_private(&key_path, &r.client_key)
+                .map_err(|e| cli::CliError::Usage(e.to_string()))?;
+            let table = out.join("table-a.ini");
+            std::fs::write(&table, &r.table_a).map_err(io)?;
+            if json {
+                let v = serde_json::json!({
+                    "table_a": table,
+                    "client_key": key_path,
+                    "gateway": r.gateway,
+                    "app_server": r.app_server,
+                    "system": r.system,
+                    "host_key": r.host_key_fingerprint,
+                });
+                println!("{}", to_json(&v));
+            } else {
+                println!(
+                    "wrote {} (gateway {}, app server {} = {}, host key {})\nrun beside the services: ferry-tunnel enterprise --config {}",
+                    table.display(),
+                    r.gateway,
+                    r.system,
+                    r.app_server,
+                    r.host_key_fingerprint,
+                    table.display()
+                );
+            }
+        }
         Cmd::Replica {
             cmd:
                 ReplicaCmd::Path {

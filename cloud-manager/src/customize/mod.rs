@@ -111,6 +111,14 @@ impl std::fmt::Debug for TunnelInstall {
     }
 }
 
+/// The `ferry-tunnel` binary installed beside the running one, if there is one.
+pub fn tunnel_binary() -> Option<std::path::PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("ferry-tunnel")))
+        .filter(|p| p.is_file())
+}
+
 impl TunnelInstall {
     /// The keys in `dir` (issued there first if missing) and the `ferry-tunnel` binary
     /// installed beside the running one, if there is one.
@@ -125,10 +133,7 @@ impl TunnelInstall {
                 CustomizeError::Plan(format!("tunnel keys: {}: {e}", dir.join(name).display()))
             })
         };
-        let binary = std::env::current_exe()
-            .ok()
-            .and_then(|e| Some(e.parent()?.join("ferry-tunnel")))
-            .filter(|p| p.is_file());
+        let binary = tunnel_binary();
         Ok(Self {
             host_key: ferry_common::config::Secret::new(read("host_key")?),
             host_public_key: read("host_key.pub")?.trim().to_string(),

@@ -65,6 +65,13 @@ pub struct Local {
 
 /// Inside each clone's namespace: the enterprise bridge and the public side.
 const BRIDGE: &str = "br0";
+/// The tunnel gateway's port on its public address.
+pub const GATEWAY_PORT: u16 = 7550;
+
+/// The address part of `IP:PORT` ("" when empty).
+fn gateway_ip(hostport: &str) -> &str {
+    hostport.rsplit_once(':').map_or("", |(ip, _)| ip)
+}
 const PUBLIC_IF: &str = "pub0";
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ProviderError + '_ {
@@ -155,10 +162,10 @@ impl Local {
         let taken: Vec<String> = others
             .iter()
             .flat_map(|c| {
-                c.instances
-                    .iter()
-                    .map(|i| i.public_ip.clone())
-                    .chain([c.load_balancer_ip.clone()])
+                c.instances.iter().map(|i| i.public_ip.clone()).chain([
+                    c.load_balancer_ip.clone(),
+                    gateway_ip(&c.tunnel_gateway).to_string(),
+                ])
             })
             .filter(|s| !s.is_empty())
             .collect();
@@ -178,6 +185,15 @@ impl Local {
                     self.cfg.public_cidr.0
                 ))
             })?;
+        }
+        if rec.needs_gateway {
+            let ip = free.next().ok_or_else(|| {
+                ProviderError::Exhausted(format!(
+                    "no public address left in {}/{len} for the tunnel gateway",
+                    self.cfg.public_cidr.0
+                ))
+            })?;
+            rec.tunnel_gateway = format!("{ip}:{GATEWAY_PORT}");
         }
         rec.index = (1..100_000)
             .find(|n| !others.iter().any(|c| c.index == *n))
@@ -271,7 +287,11 @@ impl Local {
             .instances
             .iter()
             .map(|i| &i.public_ip)
-            .chain([&rec.load_balancer_ip])
+            .map(String::as_str)
+            .chain([
+                rec.load_balancer_ip.as_str(),
+                gateway_ip(&rec.tunnel_gateway),
+            ])
             .filter(|ip| !ip.is_empty())
         {
             ip_n(&["addr", "add", &format!("{ip}/{len}"), "dev", PUBLIC_IF])?;
@@ -310,7 +330,85 @@ impl Local {
             ));
         }
         run(&mut dnsmasq)?;
+        if rec.needs_gateway {
+            self.start_gateway(rec)?;
+        }
         Ok(())
+    }
+
+    /// The clone's tunnel gateway (`ferry-tunnel gateway`) on its public address, allowed
+    /// to reach only this clone's app servers.
+    fn start_gateway(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
+        let dir = self.clone_dir(&rec.name);
+        let binary = crate::customize::tunnel_binary().ok_or_else(|| {
+            ProviderError::Invalid("no ferry-tunnel binary beside ferry-cloud".into())
+        })?;
+        let (ip, port) = rec
+            .tunnel_gateway
+            .rsplit_once(':')
+            .ok_or_else(|| ProviderError::Invalid("no gateway address allocated".into()))?;
+        let servers: Vec<String> = rec
+            .instances
+            .iter()
+            .map(|i| {
+                format!(
+                    "{}:{}",
+                    i.private_ip,
+                    ferry_tunnel::config::DEFAULT_APP_PORT
+                )
+            })
+            .collect();
+        let conf = dir.join("gateway.ini");
+        std::fs::write(
+            &conf,
+            format!(
+                "# Written by ferry-cloud for clone {}\n[gateway]\nlisten_ip={ip}\nlisten_port={port}\napp_servers={}\n",
+                rec.name,
+                servers.join(",")
+            ),
+        )
+        .map_err(io(&conf))?;
+        let log_path = dir.join("gateway.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(&log_path))?;
+        let err_log = log.try_clone().map_err(io(&log_path))?;
+        let mut cmd = self.in_ns(&rec.network, &binary.display().to_string());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd
+            .args(["gateway", "--config"])
+            .arg(&conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err_log)
+            .spawn()
+            .map_err(io(&binary))?;
+        let pid_file = dir.join("gateway.pid");
+        std::fs::write(&pid_file, child.id().to_string()).map_err(io(&pid_file))?;
+        // The gateway outlives this process like the instances do; it is found again by
+        // its pid file and configuration path.
+        drop(child);
+        for _ in 0..100 {
+            let up = run(self
+                .in_ns(&rec.network, "ss")
+                .args(["-Htln", &format!("src {ip}")]))
+            .is_ok_and(|o| o.contains(&format!(":{port}")));
+            if up {
+                return Ok(());
+            }
+            if Self::live_pid(&pid_file, &dir.display().to_string()).is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(ProviderError::Invalid(format!(
+            "the tunnel gateway did not start: {}",
+            std::fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .trim()
+        )))
     }
 
     fn paths(&self, clone: &str, system: &str) -> InstancePaths {
@@ -578,6 +676,12 @@ impl Provider for Local {
                 "stopped" | "failed" => stopped.push(n),
                 _ => {}
             }
+        }
+        let dir = self.clone_dir(&rec.name);
+        if rec.needs_gateway
+            && Self::live_pid(&dir.join("gateway.pid"), &dir.display().to_string()).is_none()
+        {
+            self.start_gateway(rec)?;
         }
         if !stopped.is_empty() {
             if !Path::new("/run/netns").join(&rec.network).exists() {
