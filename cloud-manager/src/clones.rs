@@ -107,6 +107,11 @@ impl Cloud {
             state: "creating".into(),
             created_unix_ms: ferry_common::now_ms(),
             needs_gateway: !app.services.is_empty(),
+            load_balancer_ports: if app.load_balancer {
+                app.load_balancer_ports.clone()
+            } else {
+                Vec::new()
+            },
             ..Default::default()
         };
         for (system, visibility) in &app.systems {

@@ -84,6 +84,11 @@ fn app_info(r: crate::state::AppRecord) -> pb::AppInfo {
         load_balancer: r.load_balancer,
         provider: r.provider,
         created_unix_ms: r.created_unix_ms,
+        load_balancer_ports: r
+            .load_balancer_ports
+            .iter()
+            .map(|p| u32::from(*p))
+            .collect(),
     }
 }
 
@@ -781,11 +786,36 @@ impl Cloud {
             .map_err(|e| CloudError::Invalid(e.to_string()))?;
             services.push(full);
         }
+        let mut load_balancer_ports = Vec::new();
+        for p in &req.load_balancer_ports {
+            match u16::try_from(*p) {
+                Ok(p) if p > 0 && !load_balancer_ports.contains(&p) => load_balancer_ports.push(p),
+                _ => {
+                    return Err(CloudError::Invalid(format!(
+                        "load balancer port {p}: expected 1 to 65535, once each"
+                    )))
+                }
+            }
+        }
+        if req.load_balancer && load_balancer_ports.is_empty() {
+            load_balancer_ports.push(80);
+        }
+        if !req.load_balancer && !load_balancer_ports.is_empty() {
+            return Err(CloudError::Invalid(
+                "--lb-port needs --load-balancer".into(),
+            ));
+        }
+        if req.load_balancer && !systems.iter().any(|(_, v)| v == "public") {
+            return Err(CloudError::Invalid(
+                "a load balancer fronts the public systems, and this app has none".into(),
+            ));
+        }
         let rec = crate::state::AppRecord {
             name: req.name.clone(),
             systems,
             services,
             load_balancer: req.load_balancer,
+            load_balancer_ports,
             provider,
             created_unix_ms: ferry_common::now_ms(),
         };

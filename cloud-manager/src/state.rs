@@ -141,6 +141,8 @@ pub struct AppRecord {
     pub systems: Vec<(String, String)>,
     pub services: Vec<String>,
     pub load_balancer: bool,
+    #[serde(default)]
+    pub load_balancer_ports: Vec<u16>,
     pub provider: String,
     pub created_unix_ms: i64,
 }
@@ -183,6 +185,9 @@ pub struct CloneRecord {
     pub created_unix_ms: i64,
     pub create_seconds: f64,
     pub warnings: Vec<String>,
+    /// Ports the clone's load balancer serves; empty for none.
+    #[serde(default)]
+    pub load_balancer_ports: Vec<u16>,
     /// The app has services that stay behind: the clone gets a tunnel gateway.
     #[serde(default)]
     pub needs_gateway: bool,

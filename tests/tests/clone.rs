@@ -192,6 +192,7 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
         "db:private",
         "--service",
         &service,
+        "--load-balancer",
     ])?;
     assert!(
         ferry_err(&cloud, &["clone", "create", "shop"]).contains("ferry image build shop"),
@@ -242,6 +243,25 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     assert!(field(&body_a, "ips").contains(WEB_IP), "{body_a}");
     assert_eq!(field(&body_a, "hosts_db"), DB_IP, "{body_a}");
     assert!(body_a.contains("db=[db-ok "), "{body_a}");
+
+    // The load balancer fronts the public tier on an address of its own.
+    let lb_a = a["load_balancer_ip"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(lb_a.starts_with("198.19.77.") && lb_a != pub_a, "{a}");
+    let mut via_lb = String::new();
+    wait_for(
+        "the load balancer of clone a",
+        Duration::from_secs(30),
+        || {
+            http(None, &format!("http://{lb_a}/"))
+                .map(|b| via_lb = b)
+                .is_ok()
+        },
+    )?;
+    assert_eq!(field(&via_lb, "host"), "web", "{via_lb}");
+    assert_eq!(field(&via_lb, "boot"), field(&body_a, "boot"), "{via_lb}");
 
     // The services that stay behind reach the booted clone: the enterprise side gets
     // Table A from `ferry tunnel connect`, dials the clone's gateway, and psql inside the

@@ -135,6 +135,9 @@ enum AppCmd {
         /// Put a load balancer in front of the public systems.
         #[arg(long)]
         load_balancer: bool,
+        /// A TCP port the load balancer serves (repeatable; default 80).
+        #[arg(long = "lb-port")]
+        lb_ports: Vec<u32>,
         /// local, aws or azure.
         #[arg(long, default_value = "local")]
         provider: String,
@@ -571,6 +574,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                     systems,
                     services,
                     load_balancer,
+                    lb_ports,
                     provider,
                     json,
                 },
@@ -595,6 +599,7 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
                     load_balancer,
                     provider,
                     created_unix_ms: 0,
+                    load_balancer_ports: lb_ports,
                 })
                 .await?
                 .into_inner();

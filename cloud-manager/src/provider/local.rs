@@ -186,6 +186,14 @@ impl Local {
                 ))
             })?;
         }
+        if !rec.load_balancer_ports.is_empty() {
+            rec.load_balancer_ip = free.next().ok_or_else(|| {
+                ProviderError::Exhausted(format!(
+                    "no public address left in {}/{len} for the load balancer",
+                    self.cfg.public_cidr.0
+                ))
+            })?;
+        }
         if rec.needs_gateway {
             let ip = free.next().ok_or_else(|| {
                 ProviderError::Exhausted(format!(
@@ -330,9 +338,60 @@ impl Local {
             ));
         }
         run(&mut dnsmasq)?;
-        if rec.needs_gateway {
+        self.start_edge(rec)?;
+        Ok(())
+    }
+
+    /// The daemons at the clone's public edge that are not running: the tunnel gateway
+    /// and the load balancer.
+    fn start_edge(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
+        let dir = self.clone_dir(&rec.name);
+        let mark = dir.display().to_string();
+        if rec.needs_gateway && Self::live_pid(&dir.join("gateway.pid"), &mark).is_none() {
             self.start_gateway(rec)?;
         }
+        if !rec.load_balancer_ports.is_empty()
+            && Self::live_pid(&dir.join("haproxy.pid"), &mark).is_none()
+        {
+            self.start_load_balancer(rec)?;
+        }
+        Ok(())
+    }
+
+    /// HAProxy's configuration: each port balanced round-robin over the public systems,
+    /// with health checks so a stopped instance is skipped.
+    fn haproxy_cfg(rec: &CloneRecord, dir: &Path) -> String {
+        let mut c = format!(
+            "# Written by ferry-cloud for clone {}\nglobal\n  daemon\n  pidfile {}\n  maxconn 4096\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n",
+            rec.name,
+            dir.join("haproxy.pid").display()
+        );
+        for port in &rec.load_balancer_ports {
+            c += &format!(
+                "\nfrontend port_{port}\n  bind {}:{port}\n  default_backend public_{port}\n\nbackend public_{port}\n  balance roundrobin\n",
+                rec.load_balancer_ip
+            );
+            for i in rec.instances.iter().filter(|i| i.visibility == "public") {
+                c += &format!(
+                    "  server {} {}:{port} check inter 2s fall 2 rise 1\n",
+                    i.system, i.private_ip
+                );
+            }
+        }
+        c
+    }
+
+    fn start_load_balancer(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
+        let dir = self.clone_dir(&rec.name);
+        let conf = dir.join("haproxy.cfg");
+        std::fs::write(&conf, Self::haproxy_cfg(rec, &dir)).map_err(io(&conf))?;
+        run(self
+            .in_ns(&rec.network, "haproxy")
+            .arg("-c")
+            .arg("-q")
+            .arg("-f")
+            .arg(&conf))?;
+        run(self.in_ns(&rec.network, "haproxy").arg("-f").arg(&conf))?;
         Ok(())
     }
 
@@ -677,12 +736,6 @@ impl Provider for Local {
                 _ => {}
             }
         }
-        let dir = self.clone_dir(&rec.name);
-        if rec.needs_gateway
-            && Self::live_pid(&dir.join("gateway.pid"), &dir.display().to_string()).is_none()
-        {
-            self.start_gateway(rec)?;
-        }
         if !stopped.is_empty() {
             if !Path::new("/run/netns").join(&rec.network).exists() {
                 return Err(ProviderError::Invalid(format!(
@@ -692,6 +745,7 @@ impl Provider for Local {
             }
             self.boot_all(rec, &stopped)?;
         }
+        self.start_edge(rec)?;
         rec.state = clone_state(&rec.instances).into();
         Ok(())
     }
@@ -704,6 +758,7 @@ impl Provider for Local {
         }
         Self::kill(&dir.join("dnsmasq.pid"), &dir.display().to_string());
         Self::kill(&dir.join("gateway.pid"), &dir.display().to_string());
+        Self::kill(&dir.join("haproxy.pid"), &dir.display().to_string());
         if !rec.network.is_empty() && Path::new("/run/netns").join(&rec.network).exists() {
             run(Command::new("ip").args(["netns", "del", &rec.network]))?;
         }
