@@ -92,6 +92,60 @@ fn app_info(r: crate::state::AppRecord) -> pb::AppInfo {
     }
 }
 
+/// The real endpoint and protocol of a service spec (`HOST:PORT[/udp][=PROXY]`), which
+/// names it in the app's table.
+fn service_key(spec: &str) -> String {
+    spec.split('=').next().unwrap_or(spec).to_ascii_lowercase()
+}
+
+/// Adds services to an app's table. A TCP service without a proxy gets the next free
+/// port on 127.0.0.1 from 50100; a UDP one the same port as the real service (resolvers
+/// cannot be told a port). Each is checked by the customization's own parser.
+fn add_services(services: &mut Vec<String>, new: &[String]) -> Result<()> {
+    let proxy_port = |spec: &str| -> Option<u16> {
+        let proxy = spec.split_once('=')?.1;
+        proxy.rsplit_once(':')?.1.parse().ok()
+    };
+    for s in new {
+        if services.iter().any(|e| service_key(e) == service_key(s)) {
+            return Err(CloudError::AlreadyExists(format!(
+                "service {} is in the table already",
+                service_key(s)
+            )));
+        }
+        let full = if s.contains('=') {
+            s.clone()
+        } else {
+            let (hostport, udp) = match s.rsplit_once('/') {
+                Some((h, p)) if p.eq_ignore_ascii_case("udp") => (h, true),
+                _ => (s.as_str(), false),
+            };
+            let port = hostport
+                .rsplit_once(':')
+                .map(|(_, p)| p)
+                .unwrap_or_default();
+            if udp {
+                format!("{s}=127.0.0.1:{port}")
+            } else {
+                let used: Vec<u16> = services.iter().filter_map(|e| proxy_port(e)).collect();
+                let free = (50100..=u16::MAX)
+                    .find(|p| !used.contains(p))
+                    .ok_or_else(|| CloudError::Invalid("no proxy port left".into()))?;
+                format!("{s}=127.0.0.1:{free}")
+            }
+        };
+        crate::customize::Plan::from_flags(
+            crate::customize::Target::Local,
+            &[],
+            &[],
+            std::slice::from_ref(&full),
+        )
+        .map_err(|e| CloudError::Invalid(e.to_string()))?;
+        services.push(full);
+    }
+    Ok(())
+}
+
 fn image_info(r: crate::state::ImageRecord) -> pb::ImageInfo {
     pb::ImageInfo {
         id: r.id,
@@ -757,35 +811,7 @@ impl Cloud {
             .parse::<crate::customize::Target>()
             .map_err(|e| CloudError::Invalid(e.to_string()))?;
         let mut services = Vec::new();
-        let mut next_port = 50100;
-        for s in &req.services {
-            let full = if s.contains('=') {
-                s.clone()
-            } else {
-                let (hostport, udp) = match s.rsplit_once('/') {
-                    Some((h, p)) if p.eq_ignore_ascii_case("udp") => (h, true),
-                    _ => (s.as_str(), false),
-                };
-                let port = hostport
-                    .rsplit_once(':')
-                    .map(|(_, p)| p)
-                    .unwrap_or_default();
-                if udp {
-                    format!("{s}=127.0.0.1:{port}")
-                } else {
-                    next_port += 1;
-                    format!("{s}=127.0.0.1:{}", next_port - 1)
-                }
-            };
-            crate::customize::Plan::from_flags(
-                crate::customize::Target::Local,
-                &[],
-                &[],
-                std::slice::from_ref(&full),
-            )
-            .map_err(|e| CloudError::Invalid(e.to_string()))?;
-            services.push(full);
-        }
+        add_services(&mut services, &req.services)?;
         let mut load_balancer_ports = Vec::new();
         for p in &req.load_balancer_ports {
             match u16::try_from(*p) {
@@ -822,6 +848,31 @@ impl Cloud {
         self.state.put_app(&rec)?;
         tracing::info!(app = %rec.name, systems = rec.systems.len(), "app created");
         Ok(app_info(rec))
+    }
+
+    /// The operator's edit of an app's service table (`ferry tunnel services`): removes,
+    /// then adds. Images built afterwards carry the new table; running clones keep the
+    /// one their images have.
+    pub fn edit_services(&self, req: pb::EditServicesRequest) -> Result<pb::AppInfo> {
+        let mut app = self
+            .state
+            .app(&req.app)?
+            .ok_or_else(|| CloudError::NotFound(format!("no app {:?}", req.app)))?;
+        for r in &req.remove {
+            let before = app.services.len();
+            app.services.retain(|e| service_key(e) != service_key(r));
+            if app.services.len() == before {
+                return Err(CloudError::NotFound(format!(
+                    "service {} is not in the table of app {}",
+                    service_key(r),
+                    app.name
+                )));
+            }
+        }
+        add_services(&mut app.services, &req.add)?;
+        self.state.put_app(&app)?;
+        tracing::info!(app = %app.name, services = app.services.len(), "service table edited");
+        Ok(app_info(app))
     }
 
     pub fn list_apps(&self) -> Result<pb::ListAppsResponse> {

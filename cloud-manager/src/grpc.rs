@@ -355,6 +355,17 @@ impl pb::control_server::Control for Grpc {
             .map_err(|e| self.fail("tunnel-connect", who.as_ref(), e))
     }
 
+    async fn edit_services(
+        &self,
+        req: Request<pb::EditServicesRequest>,
+    ) -> Result<Response<pb::AppInfo>, Status> {
+        let who = identity(&req);
+        let r = cloud::require_operator(who.as_ref())
+            .and_then(|_| self.cloud.edit_services(req.into_inner()));
+        r.map(Response::new)
+            .map_err(|e| self.fail("edit-services", who.as_ref(), e))
+    }
+
     async fn prepare_system(
         &self,
         req: Request<pb::PrepareSystemRequest>,

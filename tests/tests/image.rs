@@ -1,7 +1,7 @@
 //! Disk images from a real Debian 12 tree: customized, put in an ext4 file system with a
 //! known UUID, assembled (MBR, GRUB for BIOS) into qcow2, and booted once under QEMU to
 //! a login prompt with the root file system named by UUID. A broken fstab fails the
-//! boot check, shows the console, and leaves no image behind.
+//! boot check, shows the console, and leaves no image behind; so does a missing kernel.
 use anyhow::{ensure, Result};
 use ferry_tests::*;
 use std::path::{Path, PathBuf};
@@ -108,6 +108,35 @@ fn a_broken_fstab_fails_the_boot_check_and_leaves_no_image() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn a_system_without_a_kernel_is_refused_before_booting_and_leaves_nothing() -> Result<()> {
+    let tmp = scratch("image-nokernel")?;
+    let img = root_image(tmp.path(), |tree| {
+        for e in std::fs::read_dir(tree.join("boot"))?.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("vmlinuz") || n.starts_with("initrd") {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
+    })?;
+    let out = tmp.path().join("nokernel.qcow2");
+    let r = build(&img, &out);
+    assert!(!r.status.success(), "an image without a kernel was built");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("no kernel in"), "{err}");
+    assert!(!out.exists(), "an image without a kernel was left behind");
+    assert!(
+        !out.with_extension("work").exists(),
+        "the work directory was left behind"
+    );
+    ensure!(
+        !bash("losetup -a")?.contains(&tmp.path().display().to_string()),
+        "a loop device was left attached"
+    );
+    Ok(())
+}
+
 /// `ferry` with the cloud manager's operator credentials; fails with its stderr.
 fn ferry(cloud: &CloudMgr, args: &[&str]) -> std::process::Output {
     Command::new(bin("ferry"))
@@ -188,6 +217,48 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
         assert!(err.contains(why), "{args:?}: {err}");
     }
 
+    // The operator edits the service table: an added service gets the next proxy port,
+    // a duplicate or an unknown removal is refused, and the images built next carry it.
+    let table = cloud.ferry_json(&["tunnel", "services", "shop", "--add", "198.18.60.2:389"])?;
+    assert_eq!(
+        table,
+        serde_json::json!([
+            "198.18.60.1:5432=127.0.0.1:50100",
+            "198.18.60.2:389=127.0.0.1:50101"
+        ])
+    );
+    for (args, why) in [
+        (
+            vec!["tunnel", "services", "shop", "--add", "198.18.60.2:389"],
+            "already",
+        ),
+        (
+            vec!["tunnel", "services", "shop", "--remove", "198.18.60.9:1"],
+            "not in the table",
+        ),
+        (vec!["tunnel", "services", "nope"], "no app"),
+    ] {
+        let out = ferry(&cloud, &args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    let table = cloud.ferry_json(&[
+        "tunnel",
+        "services",
+        "shop",
+        "--remove",
+        "198.18.60.1:5432",
+        "--add",
+        "198.18.60.3:53/udp",
+    ])?;
+    assert_eq!(
+        table,
+        serde_json::json!([
+            "198.18.60.2:389=127.0.0.1:50101",
+            "198.18.60.3:53/udp=127.0.0.1:53"
+        ])
+    );
     let imgs = cloud.ferry_json(&["image", "build", "shop"])?;
     let img = &imgs[0];
     assert_eq!(img["system"], "web01");
@@ -197,6 +268,22 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     assert!(path.exists(), "{img}");
     let console = std::fs::read_to_string(path.with_extension("console.log"))?;
     assert!(console.contains("web01 login:"), "{console}");
+    // The image's Table B is the edited one (read from the customized copy it was made of).
+    let copy = t.join("cloud/prepared/web01").join(format!("{UUID}.img"));
+    let mnt = t.join("copy");
+    std::fs::create_dir_all(&mnt)?;
+    sh(Command::new("mount")
+        .args(["-o", "ro,loop"])
+        .arg(&copy)
+        .arg(&mnt))?;
+    let table_b = std::fs::read_to_string(mnt.join("etc/ferry/tunnel-services.ini"));
+    sh(Command::new("umount").arg(&mnt))?;
+    let table_b = table_b?;
+    assert!(
+        table_b.contains("real_server_port=389") && table_b.contains("protocol=UDP"),
+        "{table_b}"
+    );
+    assert!(!table_b.contains("real_server_port=5432"), "{table_b}");
     // The replica is untouched: it is still the source's, not the customized copy.
     let replica = cloud.replica_path("web01", "/")?;
     assert_eq!(rsync_diff(&src.mnt, &replica)?, "");

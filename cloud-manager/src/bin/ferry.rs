@@ -61,6 +61,19 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum TunnelCmd {
+    /// Show or edit an app's service table (what its images' Table B lists). Images
+    /// built afterwards carry the change: run `ferry image build APP` after editing.
+    Services {
+        app: String,
+        /// Add HOST:PORT[/udp][=PROXY_HOST:PROXY_PORT] (repeatable).
+        #[arg(long)]
+        add: Vec<String>,
+        /// Remove the service with this real endpoint, HOST:PORT[/udp] (repeatable).
+        #[arg(long)]
+        remove: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write what the enterprise side needs to reach a clone: DIR/table-a.ini (the
     /// clone's gateway and app server, the pinned host key) and DIR/client_key (0600).
     /// Then run `ferry-tunnel enterprise --config DIR/table-a.ini` beside the services.
@@ -654,6 +667,35 @@ async fn run(args: Args) -> Result<(), cli::CliError> {
             println!("deleted {id}");
         }
         Cmd::Clone { cmd } => clone_cmd(&mut client, cmd).await?,
+        Cmd::Tunnel {
+            cmd:
+                TunnelCmd::Services {
+                    app,
+                    add,
+                    remove,
+                    json,
+                },
+        } => {
+            let a = if add.is_empty() && remove.is_empty() {
+                let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
+                apps.apps
+                    .into_iter()
+                    .find(|a| a.name == app)
+                    .ok_or_else(|| cli::CliError::Usage(format!("no app {app:?}")))?
+            } else {
+                client
+                    .edit_services(pb::EditServicesRequest {
+                        app: app.clone(),
+                        add,
+                        remove,
+                    })
+                    .await?
+                    .into_inner()
+            };
+            print_as(json, &a.services, || {
+                a.services.iter().map(|s| format!("{s}\n")).collect()
+            });
+        }
         Cmd::Tunnel {
             cmd:
                 TunnelCmd::Connect {
