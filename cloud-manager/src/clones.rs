@@ -54,14 +54,26 @@ pub fn clone_info(r: &CloneRecord) -> pb::CloneInfo {
 }
 
 impl Cloud {
-    fn provider_for(&self, name: &str) -> Result<Arc<dyn Provider>> {
+    /// The aws provider, loaded from the default AWS configuration on first use.
+    pub(crate) async fn aws(&self) -> Arc<crate::provider::aws::Aws> {
+        self.aws
+            .get_or_init(|| async { Arc::new(crate::provider::aws::Aws::load().await) })
+            .await
+            .clone()
+    }
+
+    async fn provider_for(&self, name: &str) -> Result<Arc<dyn Provider>> {
         match name {
             "local" => Ok(self.local.clone()),
+            "aws" => Ok(self.aws().await),
             other => Err(ProviderError::Unavailable(other.to_string()).into()),
         }
     }
 
     fn with_console(&self, mut info: pb::CloneInfo) -> pb::CloneInfo {
+        if info.provider != "local" {
+            return info;
+        }
         for i in &mut info.instances {
             i.console_log = self
                 .local
@@ -98,7 +110,7 @@ impl Cloud {
         if others.iter().any(|c| c.name == name) {
             return Err(CloudError::AlreadyExists(format!("clone {name:?} exists")));
         }
-        let provider = self.provider_for(&app.provider)?;
+        let provider = self.provider_for(&app.provider).await?;
         let images = self.state.images()?;
         let mut rec = CloneRecord {
             name: name.clone(),
@@ -117,7 +129,7 @@ impl Cloud {
         for (system, visibility) in &app.systems {
             let img = images
                 .iter()
-                .filter(|i| i.app == app.name && &i.system == system)
+                .filter(|i| i.app == app.name && &i.system == system && i.target == app.provider)
                 .max_by_key(|i| (i.epoch, i.created_unix_ms))
                 .ok_or_else(|| {
                     CloudError::Failed(format!(
@@ -125,6 +137,12 @@ impl Cloud {
                         app.name, app.name
                     ))
                 })?;
+            if app.provider == "aws" && img.provider_image.is_empty() {
+                return Err(CloudError::Failed(format!(
+                    "image {} is not registered on aws: run `ferry image build {}`",
+                    img.id, app.name
+                )));
+            }
             if img.boot_check_json.is_empty() {
                 rec.warnings.push(format!(
                     "image {} was not boot-checked (built with --no-boot-check)",
@@ -146,6 +164,7 @@ impl Cloud {
                 hostname: addr.hostname,
                 image: img.id.clone(),
                 image_path: img.path.clone(),
+                provider_image: img.provider_image.clone(),
                 state: "pending".into(),
                 private_ip: addr.ip.to_string(),
                 prefix: addr.prefix,
@@ -210,7 +229,7 @@ impl Cloud {
     ) -> Result<pb::CloneInfo> {
         let _ops = self.clone_ops.lock().await;
         let rec = self.clone_rec(name)?;
-        let provider = self.provider_for(&rec.provider)?;
+        let provider = self.provider_for(&rec.provider).await?;
         let (mut rec, r) = blocking(move || {
             let mut rec = rec;
             let r = op(provider.as_ref(), &mut rec);
@@ -219,7 +238,7 @@ impl Cloud {
         .await?;
         if let Err(e) = r {
             // What the provider has now is the truth, even after a failure.
-            let p = self.provider_for(&rec.provider)?;
+            let p = self.provider_for(&rec.provider).await?;
             let _ = p.observe(&mut rec);
             self.state.put_clone(&rec)?;
             return Err(e.into());
@@ -241,7 +260,7 @@ impl Cloud {
     pub async fn terminate_clone(&self, name: &str) -> Result<pb::CloneInfo> {
         let _ops = self.clone_ops.lock().await;
         let mut rec = self.clone_rec(name)?;
-        let provider = self.provider_for(&rec.provider)?;
+        let provider = self.provider_for(&rec.provider).await?;
         let r2 = rec.clone();
         blocking(move || Ok(provider.terminate(&r2)?)).await?;
         self.state.delete_clone(name)?;
@@ -258,7 +277,7 @@ impl Cloud {
     pub async fn reconcile_clones(&self) -> Result<()> {
         let _ops = self.clone_ops.lock().await;
         for rec in self.state.clones()? {
-            let Ok(provider) = self.provider_for(&rec.provider) else {
+            let Ok(provider) = self.provider_for(&rec.provider).await else {
                 continue;
             };
             let name = rec.name.clone();

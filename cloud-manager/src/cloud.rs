@@ -158,6 +158,10 @@ fn image_info(r: crate::state::ImageRecord) -> pb::ImageInfo {
         boot_check_json: r.boot_check_json,
         created_unix_ms: r.created_unix_ms,
         app: r.app,
+        provider_image: r.provider_image,
+        provider_snapshot: r.provider_snapshot,
+        parent_snapshot: r.parent_snapshot,
+        uploaded_bytes: r.uploaded_bytes,
     }
 }
 
@@ -178,6 +182,8 @@ pub struct Cloud {
     pub last_error: std::sync::Mutex<String>,
     /// The embedded provider: clones as QEMU processes in network namespaces.
     pub local: Arc<crate::provider::local::Local>,
+    /// The aws provider, made on first use from the default AWS configuration chain.
+    pub(crate) aws: tokio::sync::OnceCell<Arc<crate::provider::aws::Aws>>,
     /// One clone operation at a time: addresses and indexes are allocated from the
     /// records of the others.
     pub(crate) clone_ops: Mutex<()>,
@@ -253,6 +259,7 @@ impl Cloud {
             counters,
             last_error: Default::default(),
             local: Arc::new(crate::provider::local::Local::new(local)),
+            aws: tokio::sync::OnceCell::new(),
             clone_ops: Mutex::new(()),
             data_dir: data_dir.to_path_buf(),
             locks: Default::default(),
@@ -742,7 +749,7 @@ impl Cloud {
             Ok((made, boot))
         })
         .await?;
-        let rec = crate::state::ImageRecord {
+        let mut rec = crate::state::ImageRecord {
             id,
             system: rec.name.clone(),
             target: req.target.clone(),
@@ -755,7 +762,37 @@ impl Cloud {
                 .unwrap_or_default(),
             created_unix_ms: ferry_common::now_ms(),
             app: app.to_string(),
+            ..Default::default()
         };
+        if target == crate::customize::Target::Aws {
+            // Registered only once it booted here; the previous image of the system is
+            // the parent, so only changed blocks are uploaded.
+            let parent = self
+                .state
+                .images()?
+                .into_iter()
+                .filter(|i| {
+                    i.system == rec.system
+                        && i.target == rec.target
+                        && !i.provider_snapshot.is_empty()
+                })
+                .max_by_key(|i| i.created_unix_ms);
+            let aws = self.aws().await;
+            let path = rec.path.clone();
+            let registered = blocking(move || {
+                let mut rec = rec;
+                aws.register_image(&mut rec, parent.as_ref())?;
+                Ok(rec)
+            })
+            .await;
+            rec = match registered {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+            };
+        }
         self.state.put_image(&rec)?;
         tracing::info!(image = %rec.id, system = %rec.system, checked = check, "image built");
         Ok(image_info(rec))
@@ -881,7 +918,7 @@ impl Cloud {
     }
 
     /// Removes an application and every image built for it.
-    pub fn delete_app(&self, name: &str) -> Result<pb::DeleteAppResponse> {
+    pub async fn delete_app(&self, name: &str) -> Result<pb::DeleteAppResponse> {
         if self.state.app(name)?.is_none() {
             return Err(CloudError::NotFound(format!("no app {name:?}")));
         }
@@ -900,7 +937,7 @@ impl Cloud {
         }
         let mut images_deleted = Vec::new();
         for img in self.state.images()?.into_iter().filter(|i| i.app == name) {
-            self.delete_image(&img.id)?;
+            self.delete_image(&img.id).await?;
             images_deleted.push(img.id);
         }
         self.state.delete_app(name)?;
@@ -936,11 +973,24 @@ impl Cloud {
         Ok(pb::ListImagesResponse { images })
     }
 
-    pub fn delete_image(&self, id: &str) -> Result<pb::DeleteImageResponse> {
+    pub async fn delete_image(&self, id: &str) -> Result<pb::DeleteImageResponse> {
         if let Some(clone) = self.image_in_use(id)? {
             return Err(CloudError::Failed(format!(
                 "image {id} is in use by clone {clone}: terminate the clone first"
             )));
+        }
+        let found = self
+            .state
+            .images()?
+            .into_iter()
+            .find(|i| i.id == id)
+            .ok_or_else(|| CloudError::NotFound(format!("no image {id:?}")))?;
+        if !found.provider_image.is_empty() || !found.provider_snapshot.is_empty() {
+            // The provider's copy goes first: a record is dropped only once nothing of it
+            // is left to pay for.
+            let aws = self.aws().await;
+            let f = found.clone();
+            blocking(move || Ok(aws.deregister_image(&f)?)).await?;
         }
         let rec = self
             .state
@@ -949,6 +999,7 @@ impl Cloud {
         for p in [
             PathBuf::from(&rec.path),
             PathBuf::from(&rec.path).with_extension("console.log"),
+            PathBuf::from(&rec.path).with_extension("blocks"),
         ] {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}

@@ -229,8 +229,11 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::DeleteImageRequest>,
     ) -> Result<Response<pb::DeleteImageResponse>, Status> {
         let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref())
-            .and_then(|_| self.cloud.delete_image(&req.get_ref().id));
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.delete_image(&req.get_ref().id).await
+        }
+        .await;
         r.map(Response::new)
             .map_err(|e| self.fail("delete-image", who.as_ref(), e))
     }
@@ -258,8 +261,11 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::DeleteAppRequest>,
     ) -> Result<Response<pb::DeleteAppResponse>, Status> {
         let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref())
-            .and_then(|_| self.cloud.delete_app(&req.get_ref().name));
+        let r = async {
+            cloud::require_operator(who.as_ref())?;
+            self.cloud.delete_app(&req.get_ref().name).await
+        }
+        .await;
         r.map(Response::new)
             .map_err(|e| self.fail("delete-app", who.as_ref(), e))
     }

@@ -118,7 +118,7 @@ pub struct State {
 }
 
 /// A built disk image.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ImageRecord {
     pub id: String,
     pub system: String,
@@ -131,6 +131,18 @@ pub struct ImageRecord {
     pub created_unix_ms: i64,
     #[serde(default)]
     pub app: String,
+    /// The provider's image (aws: the AMI id); empty on local.
+    #[serde(default)]
+    pub provider_image: String,
+    /// The provider's disk snapshot behind it (aws: the EBS snapshot id).
+    #[serde(default)]
+    pub provider_snapshot: String,
+    /// The snapshot this one was made incrementally from, if any.
+    #[serde(default)]
+    pub parent_snapshot: String,
+    /// Bytes uploaded to the provider for this image (changed blocks only).
+    #[serde(default)]
+    pub uploaded_bytes: u64,
 }
 
 /// An application: its systems (public or private), services and provider.
@@ -165,6 +177,9 @@ pub struct InstanceRecord {
     pub accel_note: String,
     pub boot_seconds: f64,
     pub provider_id: String,
+    /// The provider's image the instance runs (aws: the AMI id).
+    #[serde(default)]
+    pub provider_image: String,
 }
 
 /// A clone of an application: its network and instances on one provider.

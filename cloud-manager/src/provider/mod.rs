@@ -1,6 +1,7 @@
 //! Providers run clones: a network carrying the application's enterprise subnets and one
 //! instance per system, launched from its image. `local` (QEMU in a network namespace per
 //! clone) is the embedded default; the trait is what aws and azure implement too.
+pub mod aws;
 pub mod local;
 pub mod qmp;
 
@@ -28,6 +29,8 @@ pub enum ProviderError {
     Instance { system: String, message: String },
     #[error("provider {0} is not available in this build yet; use local")]
     Unavailable(String),
+    #[error("{call}: {message}")]
+    Api { call: &'static str, message: String },
 }
 
 /// What every provider does with a clone. Calls block; the caller runs them off the

@@ -1,0 +1,991 @@
+//! The aws provider. Images: the boot-checked disk goes into an EBS snapshot through the
+//! EBS direct APIs, sending only the 512 KiB blocks that differ from the parent snapshot
+//! (the previous image of the same system), then `RegisterImage`. Clones: a VPC with the
+//! enterprise range, its subnets, a private and a public security group, one instance
+//! per system at its enterprise address, an Elastic IP per public system and an NLB for
+//! the load balancer option. Every resource is tagged `ferry:clone`, and teardown finds
+//! them by tag, so a creation cut short leaves nothing behind once it is cleaned up.
+//! Credentials, region and endpoint come from the default AWS chain.
+use super::{clone_state, network, parse_cidr, Provider, ProviderError};
+use crate::state::{CloneRecord, ImageRecord};
+use aws_sdk_ec2::types as ec2t;
+use aws_sdk_elasticloadbalancingv2::types as elbt;
+use futures::StreamExt;
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+/// The EBS direct APIs' block size.
+pub const BLOCK: usize = 512 * 1024;
+const TAG_CLONE: &str = "ferry:clone";
+const TAG_IMAGE: &str = "ferry:image";
+/// Uploads in flight.
+const PARALLEL: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct Aws {
+    ec2: aws_sdk_ec2::Client,
+    ebs: aws_sdk_ebs::Client,
+    elb: aws_sdk_elasticloadbalancingv2::Client,
+    instance_type: String,
+    rt: tokio::runtime::Handle,
+}
+
+fn api<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> ProviderError {
+    move |e| ProviderError::Api {
+        call: what,
+        message: e.to_string(),
+    }
+}
+
+fn sdk_err<E, R>(what: &'static str) -> impl Fn(aws_sdk_ec2::error::SdkError<E, R>) -> ProviderError
+where
+    E: std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    move |e| ProviderError::Api {
+        call: what,
+        message: format!("{}", aws_sdk_ec2::error::DisplayErrorContext(&e)),
+    }
+}
+
+fn tag(key: &str, value: &str) -> ec2t::Tag {
+    ec2t::Tag::builder().key(key).value(value).build()
+}
+
+fn tags(kind: ec2t::ResourceType, clone: &str) -> ec2t::TagSpecification {
+    ec2t::TagSpecification::builder()
+        .resource_type(kind)
+        .tags(tag(TAG_CLONE, clone))
+        .tags(tag("Name", &format!("ferry-{clone}")))
+        .build()
+}
+
+fn by_clone(clone: &str) -> ec2t::Filter {
+    ec2t::Filter::builder()
+        .name(format!("tag:{TAG_CLONE}"))
+        .values(clone)
+        .build()
+}
+
+/// The smallest range holding every subnet, which the VPC gets (AWS allows /16 to /28).
+pub fn vpc_cidr(subnets: &[(String, String)]) -> Result<String, ProviderError> {
+    let nets: Vec<(std::net::Ipv4Addr, u8)> =
+        subnets.iter().filter_map(|(c, _)| parse_cidr(c)).collect();
+    let Some(&(first, mut len)) = nets.first() else {
+        return Err(ProviderError::Invalid("no subnets".into()));
+    };
+    for &(n, l) in &nets {
+        len = len.min(l);
+        while len > 0 && network(first, len) != network(n, len) {
+            len -= 1;
+        }
+    }
+    if len < 16 {
+        return Err(ProviderError::Invalid(format!(
+            "the systems' subnets span a /{len}, wider than a VPC's /16"
+        )));
+    }
+    Ok(format!("{}/{len}", network(first, len)))
+}
+
+/// The blocks of a raw disk that must be sent: those that differ from the parent's
+/// (by BLAKE3), or without a parent those that are not all zero. Returns each block's
+/// hash (for the next image's comparison) and the indexes to send.
+pub fn changed_blocks(
+    raw: &Path,
+    parent: Option<&[[u8; 32]]>,
+) -> std::io::Result<(Vec<[u8; 32]>, Vec<usize>)> {
+    let mut f = std::fs::File::open(raw)?;
+    let mut buf = vec![0u8; BLOCK];
+    let zero = *blake3::hash(&vec![0u8; BLOCK]).as_bytes();
+    let (mut hashes, mut send) = (Vec::new(), Vec::new());
+    loop {
+        let mut n = 0;
+        while n < BLOCK {
+            let r = f.read(&mut buf[n..])?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        if n == 0 {
+            break;
+        }
+        buf[n..].fill(0);
+        let h = *blake3::hash(&buf).as_bytes();
+        let i = hashes.len();
+        let differs = match parent {
+            Some(p) => p.get(i).copied().unwrap_or(zero) != h,
+            None => h != zero,
+        };
+        if differs {
+            send.push(i);
+        }
+        hashes.push(h);
+        if n < BLOCK {
+            break;
+        }
+    }
+    Ok((hashes, send))
+}
+
+fn read_hashes(path: &Path) -> Option<Vec<[u8; 32]>> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(
+        bytes
+            .chunks_exact(32)
+            .map(|c| {
+                let mut h = [0u8; 32];
+                h.copy_from_slice(c);
+                h
+            })
+            .collect(),
+    )
+}
+
+impl Aws {
+    /// Loads the default AWS configuration (environment, profile, instance role).
+    pub async fn load() -> Self {
+        let conf = aws_config::load_from_env().await;
+        Self {
+            ec2: aws_sdk_ec2::Client::new(&conf),
+            ebs: aws_sdk_ebs::Client::new(&conf),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(&conf),
+            instance_type: std::env::var("FERRY_AWS_INSTANCE_TYPE")
+                .unwrap_or_else(|_| "t3.small".into()),
+            rt: tokio::runtime::Handle::current(),
+        }
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// Uploads `img`'s disk into an EBS snapshot (incrementally from `parent` when it has
+    /// one of the same size) and registers an AMI. Fills the record's provider fields.
+    pub fn register_image(
+        &self,
+        img: &mut ImageRecord,
+        parent: Option<&ImageRecord>,
+    ) -> Result<(), ProviderError> {
+        let qcow = Path::new(&img.path);
+        let raw = qcow.with_extension("raw");
+        crate::volumes::run(
+            std::process::Command::new("qemu-img")
+                .args(["convert", "-O", "raw"])
+                .arg(qcow)
+                .arg(&raw),
+        )?;
+        let r = self.block_on(self.upload_and_register(img, parent, &raw));
+        let _ = std::fs::remove_file(&raw);
+        r
+    }
+
+    async fn upload_and_register(
+        &self,
+        img: &mut ImageRecord,
+        parent: Option<&ImageRecord>,
+        raw: &Path,
+    ) -> Result<(), ProviderError> {
+        let gib = img.virtual_bytes.div_ceil(1 << 30).max(1);
+        let parent = parent.filter(|p| {
+            !p.provider_snapshot.is_empty() && p.virtual_bytes.div_ceil(1 << 30).max(1) <= gib
+        });
+        let parent_hashes =
+            parent.and_then(|p| read_hashes(&Path::new(&p.path).with_extension("blocks")));
+        // Without the parent's block list, send everything (as a first image).
+        let parent = parent.filter(|_| parent_hashes.is_some());
+        let (hashes, send) =
+            changed_blocks(raw, parent_hashes.as_deref()).map_err(|e| ProviderError::Io {
+                path: raw.display().to_string(),
+                message: e.to_string(),
+            })?;
+        let started = self
+            .ebs
+            .start_snapshot()
+            .volume_size(gib as i64)
+            .set_parent_snapshot_id(parent.map(|p| p.provider_snapshot.clone()))
+            .description(format!("ferry image {}", img.id))
+            .tags(
+                aws_sdk_ebs::types::Tag::builder()
+                    .key(TAG_IMAGE)
+                    .value(&img.id)
+                    .build(),
+            )
+            .timeout(60)
+            .send()
+            .await
+            .map_err(|e| ProviderError::Api {
+                call: "StartSnapshot",
+                message: format!("{}", aws_sdk_ebs::error::DisplayErrorContext(&e)),
+            })?;
+        let snapshot = started.snapshot_id().unwrap_or_default().to_string();
+        let sent = futures::stream::iter(send.iter().copied())
+            .map(|i| self.put_block(&snapshot, raw, i))
+            .buffer_unordered(PARALLEL)
+            .collect::<Vec<_>>()
+            .await;
+        if let Some(e) = sent.into_iter().find_map(Result::err) {
+            // An unfinished snapshot is of no use: AWS deletes it after its timeout, and
+            // it is never registered.
+            let _ = self
+                .ec2
+                .delete_snapshot()
+                .snapshot_id(&snapshot)
+                .send()
+                .await;
+            return Err(e);
+        }
+        self.ebs
+            .complete_snapshot()
+            .snapshot_id(&snapshot)
+            .changed_blocks_count(send.len() as i32)
+            .send()
+            .await
+            .map_err(|e| ProviderError::Api {
+                call: "CompleteSnapshot",
+                message: format!("{}", aws_sdk_ebs::error::DisplayErrorContext(&e)),
+            })?;
+        let registered = self
+            .ec2
+            .register_image()
+            .name(format!("ferry-{}", img.id))
+            .description(format!("ferry image {} (system {})", img.id, img.system))
+            .architecture(ec2t::ArchitectureValues::X8664)
+            .virtualization_type("hvm")
+            .root_device_name("/dev/xvda")
+            .ena_support(true)
+            .boot_mode(ec2t::BootModeValues::LegacyBios)
+            .block_device_mappings(
+                ec2t::BlockDeviceMapping::builder()
+                    .device_name("/dev/xvda")
+                    .ebs(
+                        ec2t::EbsBlockDevice::builder()
+                            .snapshot_id(&snapshot)
+                            .volume_type(ec2t::VolumeType::Gp3)
+                            .delete_on_termination(true)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .send()
+            .await;
+        let ami = match registered {
+            Ok(r) => r.image_id().unwrap_or_default().to_string(),
+            Err(e) => {
+                let _ = self
+                    .ec2
+                    .delete_snapshot()
+                    .snapshot_id(&snapshot)
+                    .send()
+                    .await;
+                return Err(sdk_err("RegisterImage")(e));
+            }
+        };
+        let blocks_path = Path::new(&img.path).with_extension("blocks");
+        std::fs::write(&blocks_path, hashes.concat()).map_err(|e| ProviderError::Io {
+            path: blocks_path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        img.provider_image = ami;
+        img.provider_snapshot = snapshot;
+        img.parent_snapshot = parent
+            .map(|p| p.provider_snapshot.clone())
+            .unwrap_or_default();
+        img.uploaded_bytes = (send.len() * BLOCK) as u64;
+        tracing::info!(image = %img.id, ami = %img.provider_image, snapshot = %img.provider_snapshot,
+            blocks = send.len(), of = hashes.len(), parent = %img.parent_snapshot, "image registered on aws");
+        Ok(())
+    }
+
+    async fn put_block(
+        &self,
+        snapshot: &str,
+        raw: &Path,
+        index: usize,
+    ) -> Result<(), ProviderError> {
+        let mut data = vec![0u8; BLOCK];
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(raw).map_err(|e| ProviderError::Io {
+                path: raw.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let mut n = 0;
+            while n < BLOCK {
+                match f.read_at(&mut data[n..], (index * BLOCK + n) as u64) {
+                    Ok(0) => break,
+                    Ok(r) => n += r,
+                    Err(e) => {
+                        return Err(ProviderError::Io {
+                            path: raw.display().to_string(),
+                            message: e.to_string(),
+                        })
+                    }
+                }
+            }
+        }
+        use base64::Engine;
+        use sha2::Digest;
+        let checksum =
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&data));
+        self.ebs
+            .put_snapshot_block()
+            .snapshot_id(snapshot)
+            .block_index(index as i32)
+            .data_length(BLOCK as i32)
+            .checksum(checksum)
+            .checksum_algorithm(aws_sdk_ebs::types::ChecksumAlgorithm::ChecksumAlgorithmSha256)
+            .block_data(aws_sdk_ebs::primitives::ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| ProviderError::Api {
+                call: "PutSnapshotBlock",
+                message: format!("{}", aws_sdk_ebs::error::DisplayErrorContext(&e)),
+            })?;
+        Ok(())
+    }
+
+    /// Deregisters an image's AMI and deletes its snapshot; what is gone already is fine.
+    pub fn deregister_image(&self, img: &ImageRecord) -> Result<(), ProviderError> {
+        self.block_on(async {
+            if !img.provider_image.is_empty() {
+                if let Err(e) = self
+                    .ec2
+                    .deregister_image()
+                    .image_id(&img.provider_image)
+                    .send()
+                    .await
+                {
+                    let e = sdk_err("DeregisterImage")(e);
+                    if !e.to_string().contains("NotFound") {
+                        return Err(e);
+                    }
+                }
+            }
+            if !img.provider_snapshot.is_empty() {
+                if let Err(e) = self
+                    .ec2
+                    .delete_snapshot()
+                    .snapshot_id(&img.provider_snapshot)
+                    .send()
+                    .await
+                {
+                    let e = sdk_err("DeleteSnapshot")(e);
+                    if !e.to_string().contains("NotFound") {
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn create_async(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        let name = rec.name.clone();
+        let cidr = vpc_cidr(&rec.subnets)?;
+        let vpc = self
+            .ec2
+            .create_vpc()
+            .cidr_block(&cidr)
+            .tag_specifications(tags(ec2t::ResourceType::Vpc, &name))
+            .send()
+            .await
+            .map_err(sdk_err("CreateVpc"))?
+            .vpc()
+            .and_then(|v| v.vpc_id())
+            .unwrap_or_default()
+            .to_string();
+        rec.network = vpc.clone();
+        let mut subnet_of = Vec::new();
+        for (sn, _) in &rec.subnets {
+            let id = self
+                .ec2
+                .create_subnet()
+                .vpc_id(&vpc)
+                .cidr_block(sn)
+                .tag_specifications(tags(ec2t::ResourceType::Subnet, &name))
+                .send()
+                .await
+                .map_err(sdk_err("CreateSubnet"))?
+                .subnet()
+                .and_then(|s| s.subnet_id())
+                .unwrap_or_default()
+                .to_string();
+            subnet_of.push((sn.clone(), id));
+        }
+        let public = rec.instances.iter().any(|i| i.visibility == "public");
+        if public {
+            let igw = self
+                .ec2
+                .create_internet_gateway()
+                .tag_specifications(tags(ec2t::ResourceType::InternetGateway, &name))
+                .send()
+                .await
+                .map_err(sdk_err("CreateInternetGateway"))?
+                .internet_gateway()
+                .and_then(|g| g.internet_gateway_id())
+                .unwrap_or_default()
+                .to_string();
+            self.ec2
+                .attach_internet_gateway()
+                .internet_gateway_id(&igw)
+                .vpc_id(&vpc)
+                .send()
+                .await
+                .map_err(sdk_err("AttachInternetGateway"))?;
+            let tables = self
+                .ec2
+                .describe_route_tables()
+                .filters(ec2t::Filter::builder().name("vpc-id").values(&vpc).build())
+                .send()
+                .await
+                .map_err(sdk_err("DescribeRouteTables"))?;
+            if let Some(rt) = tables
+                .route_tables()
+                .first()
+                .and_then(|t| t.route_table_id())
+            {
+                self.ec2
+                    .create_route()
+                    .route_table_id(rt)
+                    .destination_cidr_block("0.0.0.0/0")
+                    .gateway_id(&igw)
+                    .send()
+                    .await
+                    .map_err(sdk_err("CreateRoute"))?;
+            }
+        }
+        // Private systems: reachable from inside the VPC only. Public ones: from anywhere.
+        let mut groups = Vec::new();
+        for (kind, from) in [("private", cidr.as_str()), ("public", "0.0.0.0/0")] {
+            let gid = self
+                .ec2
+                .create_security_group()
+                .group_name(format!("ferry-{name}-{kind}"))
+                .description(format!("ferry clone {name}: {kind} systems"))
+                .vpc_id(&vpc)
+                .tag_specifications(tags(ec2t::ResourceType::SecurityGroup, &name))
+                .send()
+                .await
+                .map_err(sdk_err("CreateSecurityGroup"))?
+                .group_id()
+                .unwrap_or_default()
+                .to_string();
+            let mut perm = ec2t::IpPermission::builder()
+                .ip_protocol("-1")
+                .ip_ranges(ec2t::IpRange::builder().cidr_ip(&cidr).build());
+            if from != cidr {
+                perm = perm.ip_ranges(ec2t::IpRange::builder().cidr_ip(from).build());
+            }
+            self.ec2
+                .authorize_security_group_ingress()
+                .group_id(&gid)
+                .ip_permissions(perm.build())
+                .send()
+                .await
+                .map_err(sdk_err("AuthorizeSecurityGroupIngress"))?;
+            groups.push(gid);
+        }
+        for inst in rec.instances.iter_mut() {
+            let subnet = rec
+                .subnets
+                .iter()
+                .zip(&subnet_of)
+                .find(|((c, _), _)| {
+                    parse_cidr(c).is_some_and(|(n, l)| {
+                        inst.private_ip.parse().is_ok_and(|ip| network(ip, l) == n)
+                    })
+                })
+                .map(|(_, (_, id))| id.clone())
+                .unwrap_or_default();
+            let group = if inst.visibility == "public" {
+                &groups[1]
+            } else {
+                &groups[0]
+            };
+            let run = self
+                .ec2
+                .run_instances()
+                .image_id(&inst.provider_image)
+                .instance_type(ec2t::InstanceType::from(self.instance_type.as_str()))
+                .min_count(1)
+                .max_count(1)
+                .subnet_id(&subnet)
+                .private_ip_address(&inst.private_ip)
+                .security_group_ids(group)
+                .tag_specifications(tags(ec2t::ResourceType::Instance, &name))
+                .send()
+                .await
+                .map_err(|e| ProviderError::Instance {
+                    system: inst.system.clone(),
+                    message: sdk_err("RunInstances")(e).to_string(),
+                })?;
+            inst.provider_id = run
+                .instances()
+                .first()
+                .and_then(|i| i.instance_id())
+                .unwrap_or_default()
+                .to_string();
+            inst.accel = "aws".into();
+            inst.mac.clear();
+        }
+        self.wait_states(rec, &["running"]).await?;
+        for inst in rec
+            .instances
+            .iter_mut()
+            .filter(|i| i.visibility == "public")
+        {
+            let eip = self
+                .ec2
+                .allocate_address()
+                .domain(ec2t::DomainType::Vpc)
+                .tag_specifications(tags(ec2t::ResourceType::ElasticIp, &name))
+                .send()
+                .await
+                .map_err(sdk_err("AllocateAddress"))?;
+            self.ec2
+                .associate_address()
+                .set_allocation_id(eip.allocation_id().map(str::to_string))
+                .instance_id(&inst.provider_id)
+                .send()
+                .await
+                .map_err(sdk_err("AssociateAddress"))?;
+            inst.public_ip = eip.public_ip().unwrap_or_default().to_string();
+        }
+        if !rec.load_balancer_ports.is_empty() {
+            self.create_load_balancer(rec, &vpc, &subnet_of).await?;
+        }
+        Ok(())
+    }
+
+    async fn create_load_balancer(
+        &self,
+        rec: &mut CloneRecord,
+        vpc: &str,
+        subnets: &[(String, String)],
+    ) -> Result<(), ProviderError> {
+        let lb = self
+            .elb
+            .create_load_balancer()
+            .name(format!("ferry-{}", rec.name))
+            .r#type(elbt::LoadBalancerTypeEnum::Network)
+            .scheme(elbt::LoadBalancerSchemeEnum::InternetFacing)
+            .set_subnets(Some(subnets.iter().map(|(_, id)| id.clone()).collect()))
+            .send()
+            .await
+            .map_err(api("CreateLoadBalancer"))?;
+        let lb = lb
+            .load_balancers()
+            .first()
+            .cloned()
+            .unwrap_or_else(|| elbt::LoadBalancer::builder().build());
+        let lb_arn = lb.load_balancer_arn().unwrap_or_default().to_string();
+        for port in rec.load_balancer_ports.clone() {
+            let tg = self
+                .elb
+                .create_target_group()
+                .name(format!("ferry-{}-{port}", rec.name))
+                .protocol(elbt::ProtocolEnum::Tcp)
+                .port(i32::from(port))
+                .vpc_id(vpc)
+                .target_type(elbt::TargetTypeEnum::Instance)
+                .send()
+                .await
+                .map_err(api("CreateTargetGroup"))?;
+            let tg_arn = tg
+                .target_groups()
+                .first()
+                .and_then(|t| t.target_group_arn())
+                .unwrap_or_default()
+                .to_string();
+            let mut reg = self.elb.register_targets().target_group_arn(&tg_arn);
+            for i in rec.instances.iter().filter(|i| i.visibility == "public") {
+                reg = reg.targets(
+                    elbt::TargetDescription::builder()
+                        .id(&i.provider_id)
+                        .port(i32::from(port))
+                        .build(),
+                );
+            }
+            reg.send().await.map_err(api("RegisterTargets"))?;
+            self.elb
+                .create_listener()
+                .load_balancer_arn(&lb_arn)
+                .protocol(elbt::ProtocolEnum::Tcp)
+                .port(i32::from(port))
+                .default_actions(
+                    elbt::Action::builder()
+                        .r#type(elbt::ActionTypeEnum::Forward)
+                        .target_group_arn(&tg_arn)
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(api("CreateListener"))?;
+        }
+        rec.load_balancer_ip = lb.dns_name().unwrap_or_default().to_string();
+        Ok(())
+    }
+
+    /// Each instance's state by its id (`stopped` when the provider no longer has it).
+    async fn states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
+        let ids: Vec<String> = rec
+            .instances
+            .iter()
+            .map(|i| i.provider_id.clone())
+            .filter(|i| !i.is_empty())
+            .collect();
+        let mut found = std::collections::HashMap::new();
+        if !ids.is_empty() {
+            let d = self
+                .ec2
+                .describe_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+                .map_err(sdk_err("DescribeInstances"))?;
+            for i in d.reservations().iter().flat_map(|r| r.instances()) {
+                let state = match i.state().and_then(|s| s.name()) {
+                    Some(ec2t::InstanceStateName::Running) => "running",
+                    Some(ec2t::InstanceStateName::Pending) => "booting",
+                    Some(ec2t::InstanceStateName::Stopped | ec2t::InstanceStateName::Stopping) => {
+                        "suspended"
+                    }
+                    _ => "stopped",
+                };
+                found.insert(
+                    i.instance_id().unwrap_or_default().to_string(),
+                    state.to_string(),
+                );
+            }
+        }
+        Ok(rec
+            .instances
+            .iter()
+            .map(|i| {
+                found
+                    .get(&i.provider_id)
+                    .cloned()
+                    .unwrap_or_else(|| "stopped".into())
+            })
+            .collect())
+    }
+
+    async fn wait_states(&self, rec: &mut CloneRecord, want: &[&str]) -> Result<(), ProviderError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+        loop {
+            let states = self.states(rec).await?;
+            for (i, s) in rec.instances.iter_mut().zip(&states) {
+                i.state = s.clone();
+            }
+            if states.iter().all(|s| want.contains(&s.as_str())) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(ProviderError::Invalid(format!(
+                    "instances did not reach {want:?} within 10 minutes: {states:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn terminate_async(&self, name: &str) -> Result<(), ProviderError> {
+        // The load balancer and its target groups, by name.
+        if let Ok(lbs) = self
+            .elb
+            .describe_load_balancers()
+            .names(format!("ferry-{name}"))
+            .send()
+            .await
+        {
+            for lb in lbs.load_balancers() {
+                let arn = lb.load_balancer_arn().unwrap_or_default();
+                self.elb
+                    .delete_load_balancer()
+                    .load_balancer_arn(arn)
+                    .send()
+                    .await
+                    .map_err(api("DeleteLoadBalancer"))?;
+            }
+        }
+        if let Ok(tgs) = self.elb.describe_target_groups().send().await {
+            for tg in tgs.target_groups() {
+                let n = tg.target_group_name().unwrap_or_default();
+                if n.strip_prefix(&format!("ferry-{name}-"))
+                    .is_some_and(|p| p.parse::<u16>().is_ok())
+                {
+                    self.elb
+                        .delete_target_group()
+                        .target_group_arn(tg.target_group_arn().unwrap_or_default())
+                        .send()
+                        .await
+                        .map_err(api("DeleteTargetGroup"))?;
+                }
+            }
+        }
+        let addrs = self
+            .ec2
+            .describe_addresses()
+            .filters(by_clone(name))
+            .send()
+            .await
+            .map_err(sdk_err("DescribeAddresses"))?;
+        for a in addrs.addresses() {
+            if let Some(assoc) = a.association_id() {
+                self.ec2
+                    .disassociate_address()
+                    .association_id(assoc)
+                    .send()
+                    .await
+                    .map_err(sdk_err("DisassociateAddress"))?;
+            }
+            self.ec2
+                .release_address()
+                .set_allocation_id(a.allocation_id().map(str::to_string))
+                .send()
+                .await
+                .map_err(sdk_err("ReleaseAddress"))?;
+        }
+        let insts = self
+            .ec2
+            .describe_instances()
+            .filters(by_clone(name))
+            .send()
+            .await
+            .map_err(sdk_err("DescribeInstances"))?;
+        let live: Vec<String> = insts
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter(|i| {
+                i.state().and_then(|s| s.name()) != Some(&ec2t::InstanceStateName::Terminated)
+            })
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect();
+        if !live.is_empty() {
+            self.ec2
+                .terminate_instances()
+                .set_instance_ids(Some(live.clone()))
+                .send()
+                .await
+                .map_err(sdk_err("TerminateInstances"))?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+            loop {
+                let d = self
+                    .ec2
+                    .describe_instances()
+                    .set_instance_ids(Some(live.clone()))
+                    .send()
+                    .await
+                    .map_err(sdk_err("DescribeInstances"))?;
+                let done = d
+                    .reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .all(|i| {
+                        i.state().and_then(|s| s.name())
+                            == Some(&ec2t::InstanceStateName::Terminated)
+                    });
+                if done || tokio::time::Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+        let vpcs = self
+            .ec2
+            .describe_vpcs()
+            .filters(by_clone(name))
+            .send()
+            .await
+            .map_err(sdk_err("DescribeVpcs"))?;
+        for vpc in vpcs.vpcs() {
+            let vpc_id = vpc.vpc_id().unwrap_or_default();
+            let in_vpc = ec2t::Filter::builder()
+                .name("vpc-id")
+                .values(vpc_id)
+                .build();
+            let sgs = self
+                .ec2
+                .describe_security_groups()
+                .filters(in_vpc.clone())
+                .send()
+                .await
+                .map_err(sdk_err("DescribeSecurityGroups"))?;
+            for g in sgs
+                .security_groups()
+                .iter()
+                .filter(|g| g.group_name() != Some("default"))
+            {
+                self.ec2
+                    .delete_security_group()
+                    .set_group_id(g.group_id().map(str::to_string))
+                    .send()
+                    .await
+                    .map_err(sdk_err("DeleteSecurityGroup"))?;
+            }
+            let igws = self
+                .ec2
+                .describe_internet_gateways()
+                .filters(
+                    ec2t::Filter::builder()
+                        .name("attachment.vpc-id")
+                        .values(vpc_id)
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(sdk_err("DescribeInternetGateways"))?;
+            for g in igws.internet_gateways() {
+                let id = g.internet_gateway_id().unwrap_or_default();
+                self.ec2
+                    .detach_internet_gateway()
+                    .internet_gateway_id(id)
+                    .vpc_id(vpc_id)
+                    .send()
+                    .await
+                    .map_err(sdk_err("DetachInternetGateway"))?;
+                self.ec2
+                    .delete_internet_gateway()
+                    .internet_gateway_id(id)
+                    .send()
+                    .await
+                    .map_err(sdk_err("DeleteInternetGateway"))?;
+            }
+            let subnets = self
+                .ec2
+                .describe_subnets()
+                .filters(in_vpc)
+                .send()
+                .await
+                .map_err(sdk_err("DescribeSubnets"))?;
+            for s in subnets.subnets() {
+                self.ec2
+                    .delete_subnet()
+                    .set_subnet_id(s.subnet_id().map(str::to_string))
+                    .send()
+                    .await
+                    .map_err(sdk_err("DeleteSubnet"))?;
+            }
+            self.ec2
+                .delete_vpc()
+                .vpc_id(vpc_id)
+                .send()
+                .await
+                .map_err(sdk_err("DeleteVpc"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Provider for Aws {
+    fn name(&self) -> &'static str {
+        "aws"
+    }
+
+    fn create(&self, rec: &mut CloneRecord, _others: &[CloneRecord]) -> Result<(), ProviderError> {
+        if rec.needs_gateway {
+            rec.warnings.push(
+                "the tunnel gateway is not started on aws yet; use a local clone for tunneled services".into(),
+            );
+        }
+        let made = self.block_on(self.create_async(rec));
+        if let Err(e) = made {
+            tracing::warn!(clone = %rec.name, error = %e, "aws clone creation failed; removing what was made");
+            if let Err(e2) = self.terminate(rec) {
+                tracing::error!(clone = %rec.name, error = %e2, "cleanup after a failed creation failed");
+            }
+            return Err(e);
+        }
+        rec.state = clone_state(&rec.instances).into();
+        Ok(())
+    }
+
+    fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        self.block_on(async {
+            let ids: Vec<String> = rec
+                .instances
+                .iter()
+                .map(|i| i.provider_id.clone())
+                .collect();
+            self.ec2
+                .stop_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+                .map_err(sdk_err("StopInstances"))?;
+            self.wait_states(rec, &["suspended"]).await
+        })?;
+        rec.state = clone_state(&rec.instances).into();
+        Ok(())
+    }
+
+    fn resume(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        self.block_on(async {
+            let ids: Vec<String> = rec
+                .instances
+                .iter()
+                .map(|i| i.provider_id.clone())
+                .collect();
+            self.ec2
+                .start_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+                .map_err(sdk_err("StartInstances"))?;
+            self.wait_states(rec, &["running"]).await
+        })?;
+        rec.state = clone_state(&rec.instances).into();
+        Ok(())
+    }
+
+    fn terminate(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
+        self.block_on(self.terminate_async(&rec.name))
+    }
+
+    fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        let states = self.block_on(self.states(rec))?;
+        for (i, s) in rec.instances.iter_mut().zip(states) {
+            i.state = s;
+        }
+        rec.state = clone_state(&rec.instances).into();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vpc_covers_every_subnet() {
+        let s = |v: &[&str]| -> Vec<(String, String)> {
+            v.iter().map(|c| (c.to_string(), String::new())).collect()
+        };
+        assert_eq!(vpc_cidr(&s(&["198.18.70.0/24"])).unwrap(), "198.18.70.0/24");
+        assert_eq!(
+            vpc_cidr(&s(&["198.18.70.0/24", "198.18.71.0/24"])).unwrap(),
+            "198.18.70.0/23"
+        );
+        assert!(vpc_cidr(&s(&["10.0.0.0/24", "11.0.0.0/24"])).is_err());
+    }
+
+    #[test]
+    fn only_changed_blocks_are_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("d.raw");
+        let mut data = vec![0u8; BLOCK * 4];
+        data[BLOCK] = 1;
+        std::fs::write(&raw, &data).unwrap();
+        let (h1, send1) = changed_blocks(&raw, None).unwrap();
+        assert_eq!((h1.len(), send1), (4, vec![1]));
+        data[3 * BLOCK + 7] = 9;
+        data[BLOCK] = 0;
+        std::fs::write(&raw, &data).unwrap();
+        let (_, send2) = changed_blocks(&raw, Some(&h1)).unwrap();
+        assert_eq!(send2, vec![1, 3], "a block that became zero is sent too");
+    }
+}

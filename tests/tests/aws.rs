@@ -1,0 +1,334 @@
+//! The aws provider against moto's server (PyPI `moto[server]`, started here): two real
+//! Debian 12 systems replicated by the agent are imaged, boot-checked under QEMU, and
+//! uploaded into EBS snapshots with the EBS direct APIs, then registered as AMIs; a
+//! second image of a changed system sends only changed blocks. A clone gets its own VPC
+//! with the enterprise range, instances at the enterprise addresses, an Elastic IP for
+//! the public system only and an NLB target group. Every assertion reads moto's own
+//! Describe answers (through boto3), not Ferry's.
+use anyhow::{bail, Context, Result};
+use ferry_tests::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const WEB_UUID: &str = "7a0c5a53-8c53-4b55-8d7e-3f1c2d9e0b11";
+const DB_UUID: &str = "7a0c5a53-8c53-4b55-8d7e-3f1c2d9e0b22";
+const BLOCK: u64 = 512 * 1024;
+
+fn venv() -> PathBuf {
+    PathBuf::from(
+        std::env::var("FERRY_MOTO_VENV").unwrap_or_else(|_| "/var/cache/ferry-tests/moto".into()),
+    )
+}
+
+/// moto's server on a loopback port; stopped on drop.
+struct Moto {
+    url: String,
+    _proc: Proc,
+}
+
+impl Moto {
+    fn start(dir: &Path) -> Result<Self> {
+        let port = free_port();
+        let proc = Proc::spawn(
+            Command::new(venv().join("bin/moto_server")).args([
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ]),
+            &dir.join("moto.log"),
+        )
+        .context("moto_server (.ci/run installs it in a venv)")?;
+        wait_for("moto", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })?;
+        Ok(Self {
+            url: format!("http://127.0.0.1:{port}"),
+            _proc: proc,
+        })
+    }
+
+    /// Runs a boto3 script against moto with `ec2`, `ebs` and `elb` clients; the script
+    /// sets `out`, which comes back as JSON.
+    fn ask(&self, script: &str) -> Result<Value> {
+        let program = format!(
+            "import boto3, json\n\
+             kw = dict(endpoint_url={url:?}, region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n\
+             ec2 = boto3.client('ec2', **kw); ebs = boto3.client('ebs', **kw); elb = boto3.client('elbv2', **kw)\n\
+             def tagged(name): return [{{'Name': 'tag:ferry:clone', 'Values': [name]}}]\n\
+             out = None\n{script}\nprint(json.dumps(out, default=str))\n",
+            url = self.url
+        );
+        let out = sh(Command::new(venv().join("bin/python"))
+            .arg("-c")
+            .arg(program))?;
+        Ok(serde_json::from_str(out.trim())?)
+    }
+}
+
+fn source(t: &Path, name: &str, uuid: &str, ip: &str) -> Result<LoopFs> {
+    let src = LoopFs::new(t, name, "ext4", uuid, 1200)?;
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", debian12_tree()?.display()))
+        .arg(&src.mnt))?;
+    std::fs::write(src.mnt.join("etc/hostname"), format!("{name}\n"))?;
+    std::fs::write(
+        src.mnt.join("etc/network/interfaces"),
+        format!("auto lo\niface lo inet loopback\nauto eth0\niface eth0 inet static\n  address {ip}/24\n"),
+    )?;
+    Ok(src)
+}
+
+fn ferry_err(cloud: &CloudMgr, args: &[&str]) -> String {
+    let out = Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(args)
+        .output()
+        .expect("ferry runs");
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()> {
+    let tmp = scratch("aws")?;
+    let t = tmp.path();
+    let moto = Moto::start(t)?;
+    // The cloud manager reads the default AWS chain: endpoint, region, keys. No instance
+    // metadata lookups: nothing leaves loopback.
+    for (k, v) in [
+        ("AWS_ENDPOINT_URL", moto.url.as_str()),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ] {
+        std::env::set_var(k, v);
+    }
+    let web = source(t, "web", WEB_UUID, "198.18.80.10")?;
+    let db = source(t, "db", DB_UUID, "198.18.80.20")?;
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let agent = |src: &LoopFs, name: &str| -> Result<()> {
+        let token = cloud.token()?;
+        agent_once(
+            &t.join(format!("agent-{name}")),
+            &cloud.url(),
+            Some(&token),
+            &src.mnt,
+            name,
+        )?;
+        Ok(())
+    };
+    agent(&web, "web")?;
+    agent(&db, "db")?;
+    cloud.ferry_json(&[
+        "app",
+        "create",
+        "shop",
+        "--provider",
+        "aws",
+        "--system",
+        "web:public",
+        "--system",
+        "db:private",
+        "--load-balancer",
+    ])?;
+
+    // Images: boot-checked here, then uploaded and registered.
+    let images = cloud.ferry_json(&["image", "build", "shop"])?;
+    let (web_img, db_img) = (&images[0], &images[1]);
+    for img in [web_img, db_img] {
+        assert_eq!(img["boot_check"]["root_by_uuid"], true, "{img}");
+        assert!(s(&img["provider_image"]).starts_with("ami-"), "{img}");
+        assert!(s(&img["provider_snapshot"]).starts_with("snap-"), "{img}");
+        assert_eq!(img["parent_snapshot"], "", "{img}");
+    }
+    let full = web_img["uploaded_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        full > 100 * BLOCK,
+        "a first image sends its whole content: {web_img}"
+    );
+    let seen = moto.ask(&format!(
+        "i = ec2.describe_images(ImageIds=['{ami}'])['Images'][0]\n\
+         sn = ec2.describe_snapshots(SnapshotIds=['{snap}'])['Snapshots'][0]\n\
+         blocks = ebs.list_snapshot_blocks(SnapshotId='{snap}', MaxResults=10000)['Blocks']\n\
+         out = dict(name=i['Name'], state=i['State'], size=sn['VolumeSize'], snap_state=sn['State'], blocks=len(blocks))",
+        ami = s(&web_img["provider_image"]),
+        snap = s(&web_img["provider_snapshot"]),
+    ))?;
+    assert_eq!(
+        seen["name"],
+        format!("ferry-{}", s(&web_img["id"])),
+        "{seen}"
+    );
+    assert_eq!(seen["snap_state"], "completed", "{seen}");
+    assert_eq!(
+        seen["size"].as_u64(),
+        Some(
+            web_img["virtual_bytes"]
+                .as_u64()
+                .unwrap_or(0)
+                .div_ceil(1 << 30)
+        ),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["blocks"].as_u64(),
+        Some(full / BLOCK),
+        "moto holds what was sent: {seen}"
+    );
+
+    // A changed system: the next image sends only the blocks that changed since the
+    // parent snapshot.
+    std::fs::write(web.mnt.join("etc/motd"), "changed after the first image\n")?;
+    agent(&web, "web")?;
+    let again = cloud.ferry_json(&["image", "build", "web", "--target", "aws"])?;
+    let inc = &again[0];
+    assert_eq!(
+        inc["parent_snapshot"], web_img["provider_snapshot"],
+        "{inc}"
+    );
+    let inc_bytes = inc["uploaded_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        inc_bytes > 0 && inc_bytes * 4 < full,
+        "incremental {inc_bytes} vs full {full}"
+    );
+    let inc_blocks = moto.ask(&format!(
+        "out = len(ebs.list_snapshot_blocks(SnapshotId='{}', MaxResults=10000)['Blocks'])",
+        s(&inc["provider_snapshot"])
+    ))?;
+    assert_eq!(inc_blocks.as_u64(), Some(inc_bytes / BLOCK));
+    println!("aws upload: full {full} bytes, incremental {inc_bytes} bytes");
+
+    // A clone: its own VPC with the enterprise range, the enterprise addresses, a public
+    // address on the public system only, the load balancer's target group.
+    let a = cloud.ferry_json(&["clone", "create", "shop", "--name", "a"])?;
+    assert_eq!(a["state"], "running", "{a}");
+    let web_id = s(&a["instances"][0]["provider_id"]);
+    let db_id = s(&a["instances"][1]["provider_id"]);
+    let got = moto.ask(&format!(
+        "vpcs = ec2.describe_vpcs(Filters=tagged('a'))['Vpcs']\n\
+         inst = [i for r in ec2.describe_instances(Filters=tagged('a'))['Reservations'] for i in r['Instances']]\n\
+         tg = elb.describe_target_groups(Names=['ferry-a-80'])['TargetGroups'][0]\n\
+         health = elb.describe_target_health(TargetGroupArn=tg['TargetGroupArn'])['TargetHealthDescriptions']\n\
+         out = dict(cidrs=[v['CidrBlock'] for v in vpcs],\n\
+           inst={{i['InstanceId']: dict(ip=i['PrivateIpAddress'], public=i.get('PublicIpAddress'), image=i['ImageId'], state=i['State']['Name']) for i in inst}},\n\
+           targets=[h['Target']['Id'] for h in health],\n\
+           lbs=[l['DNSName'] for l in elb.describe_load_balancers(Names=['ferry-a'])['LoadBalancers']])"
+    ))?;
+    assert_eq!(got["cidrs"], serde_json::json!(["198.18.80.0/24"]), "{got}");
+    assert_eq!(got["inst"][&web_id]["ip"], "198.18.80.10", "{got}");
+    assert_eq!(got["inst"][&db_id]["ip"], "198.18.80.20", "{got}");
+    assert_eq!(
+        got["inst"][&web_id]["image"], web_img["provider_image"],
+        "{got}"
+    );
+    assert_eq!(
+        got["inst"][&web_id]["public"], a["instances"][0]["public_ip"],
+        "{got}"
+    );
+    assert!(got["inst"][&web_id]["public"].is_string(), "{got}");
+    assert!(
+        got["inst"][&db_id]["public"].is_null(),
+        "a private system got a public address: {got}"
+    );
+    assert_eq!(got["targets"], serde_json::json!([web_id]), "{got}");
+    assert_eq!(a["load_balancer_ip"], got["lbs"][0], "{got}");
+
+    let state = |id: &str| -> Result<String> {
+        Ok(s(&moto.ask(&format!(
+            "out = ec2.describe_instances(InstanceIds=['{id}'])['Reservations'][0]['Instances'][0]['State']['Name']"
+        ))?))
+    };
+    assert_eq!(
+        cloud.ferry_json(&["clone", "suspend", "a"])?["state"],
+        "suspended"
+    );
+    assert_eq!(state(&web_id)?, "stopped");
+    assert_eq!(
+        cloud.ferry_json(&["clone", "resume", "a"])?["state"],
+        "running"
+    );
+    assert_eq!(state(&db_id)?, "running");
+
+    // A provider error half-way (the db's AMI vanished outside Ferry): a clear error,
+    // and moto lists nothing left of the clone.
+    moto.ask(&format!(
+        "ec2.deregister_image(ImageId='{}')",
+        s(&db_img["provider_image"])
+    ))?;
+    let err = ferry_err(&cloud, &["clone", "create", "shop", "--name", "b"]);
+    assert!(
+        err.contains("instance db") && err.contains("RunInstances"),
+        "{err}"
+    );
+    let left = moto.ask(
+        "inst = [i for r in ec2.describe_instances(Filters=tagged('b'))['Reservations'] for i in r['Instances'] if i['State']['Name'] != 'terminated']\n\
+         out = dict(vpcs=len(ec2.describe_vpcs(Filters=tagged('b'))['Vpcs']), inst=len(inst),\n\
+           eips=len(ec2.describe_addresses(Filters=tagged('b'))['Addresses']),\n\
+           sgs=len([g for g in ec2.describe_security_groups()['SecurityGroups'] if g['GroupName'].startswith('ferry-b-')]),\n\
+           lbs=len([l for l in elb.describe_load_balancers()['LoadBalancers'] if l['LoadBalancerName'] == 'ferry-b']))",
+    )?;
+    assert_eq!(
+        left,
+        serde_json::json!({"vpcs": 0, "inst": 0, "eips": 0, "sgs": 0, "lbs": 0})
+    );
+    assert!(cloud
+        .ferry_json(&["clone", "list"])?
+        .as_array()
+        .is_some_and(|c| c.len() == 1));
+
+    // Terminate: nothing of clone a is left either.
+    assert_eq!(
+        cloud.ferry_json(&["clone", "terminate", "a"])?["state"],
+        "terminated"
+    );
+    let left = moto.ask(
+        "inst = [i for r in ec2.describe_instances(Filters=tagged('a'))['Reservations'] for i in r['Instances'] if i['State']['Name'] != 'terminated']\n\
+         out = dict(vpcs=len(ec2.describe_vpcs(Filters=tagged('a'))['Vpcs']), inst=len(inst),\n\
+           eips=len(ec2.describe_addresses()['Addresses']),\n\
+           lbs=len(elb.describe_load_balancers()['LoadBalancers']), tgs=len(elb.describe_target_groups()['TargetGroups']))",
+    )?;
+    assert_eq!(
+        left,
+        serde_json::json!({"vpcs": 0, "inst": 0, "eips": 0, "lbs": 0, "tgs": 0})
+    );
+
+    // Deleting the app deregisters its AMIs and deletes their snapshots; so does
+    // deleting the system's own image.
+    let out = Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(["app", "delete", "shop"])
+        .output()?;
+    if !out.status.success() {
+        bail!("app delete: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(["image", "delete", &s(&inc["id"])])
+        .output()?;
+    if !out.status.success() {
+        bail!("image delete: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let ours: Vec<String> = [web_img, db_img, inc]
+        .iter()
+        .map(|i| s(&i["provider_snapshot"]))
+        .collect();
+    let left = moto.ask(&format!(
+        "ours = {ours:?}\n\
+         out = dict(images=[i['ImageId'] for i in ec2.describe_images(Owners=['self'])['Images'] if i['Name'].startswith('ferry-')],\n\
+           snaps=[x['SnapshotId'] for x in ec2.describe_snapshots(OwnerIds=['self'])['Snapshots'] if x['SnapshotId'] in ours])"
+    ))?;
+    assert_eq!(left, serde_json::json!({"images": [], "snaps": []}));
+    Ok(())
+}
