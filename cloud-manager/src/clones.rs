@@ -119,6 +119,7 @@ impl Cloud {
             state: "creating".into(),
             created_unix_ms: ferry_common::now_ms(),
             needs_gateway: !app.services.is_empty(),
+            instance_type: req.instance_type.clone(),
             load_balancer_ports: if app.load_balancer {
                 app.load_balancer_ports.clone()
             } else {

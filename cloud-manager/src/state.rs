@@ -206,6 +206,9 @@ pub struct CloneRecord {
     /// The app has services that stay behind: the clone gets a tunnel gateway.
     #[serde(default)]
     pub needs_gateway: bool,
+    /// aws: the instance type asked for at creation; empty for the default.
+    #[serde(default)]
+    pub instance_type: String,
     /// The gateway's public `IP:PORT`, once it exists.
     #[serde(default)]
     pub tunnel_gateway: String,

@@ -32,12 +32,10 @@ impl Moto {
     fn start(dir: &Path) -> Result<Self> {
         let port = free_port();
         let proc = Proc::spawn(
-            Command::new(venv().join("bin/moto_server")).args([
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ]),
+            Command::new(venv().join("bin/moto_server"))
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                // Like AWS, refuse instance types that do not exist.
+                .env("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "true"),
             &dir.join("moto.log"),
         )
         .context("moto_server (.ci/run installs it in a venv)")?;
@@ -115,7 +113,7 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
     }
     let web = source(t, "web", WEB_UUID, "198.18.80.10")?;
     let db = source(t, "db", DB_UUID, "198.18.80.20")?;
-    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let mut cloud = CloudMgr::start(&t.join("cloud"))?;
     let agent = |src: &LoopFs, name: &str| -> Result<()> {
         let token = cloud.token()?;
         agent_once(
@@ -220,7 +218,7 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
          tg = elb.describe_target_groups(Names=['ferry-a-80'])['TargetGroups'][0]\n\
          health = elb.describe_target_health(TargetGroupArn=tg['TargetGroupArn'])['TargetHealthDescriptions']\n\
          out = dict(cidrs=[v['CidrBlock'] for v in vpcs],\n\
-           inst={{i['InstanceId']: dict(ip=i['PrivateIpAddress'], public=i.get('PublicIpAddress'), image=i['ImageId'], state=i['State']['Name']) for i in inst}},\n\
+           inst={{i['InstanceId']: dict(ip=i['PrivateIpAddress'], public=i.get('PublicIpAddress'), image=i['ImageId'], type=i['InstanceType'], state=i['State']['Name']) for i in inst}},\n\
            targets=[h['Target']['Id'] for h in health],\n\
            lbs=[l['DNSName'] for l in elb.describe_load_balancers(Names=['ferry-a'])['LoadBalancers']])"
     ))?;
@@ -259,15 +257,29 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
     );
     assert_eq!(state(&db_id)?, "running");
 
-    // A provider error half-way (the db's AMI vanished outside Ferry): a clear error,
-    // and moto lists nothing left of the clone.
-    moto.ask(&format!(
-        "ec2.deregister_image(ImageId='{}')",
-        s(&db_img["provider_image"])
-    ))?;
-    let err = ferry_err(&cloud, &["clone", "create", "shop", "--name", "b"]);
+    // The cloud manager restarts and reconciles clone a with what moto reports.
+    cloud.restart()?;
+    assert_eq!(
+        cloud.ferry_json(&["clone", "show", "a"])?["state"],
+        "running"
+    );
+    // A provider error half-way: an instance type AWS does not have, so RunInstances
+    // fails after the VPC, subnets, gateway and security groups exist. The error is
+    // clear, and moto lists nothing left of the clone.
+    let err = ferry_err(
+        &cloud,
+        &[
+            "clone",
+            "create",
+            "shop",
+            "--name",
+            "b",
+            "--instance-type",
+            "t3.bogus",
+        ],
+    );
     assert!(
-        err.contains("instance db") && err.contains("RunInstances"),
+        err.contains("RunInstances") && err.contains("t3.bogus"),
         "{err}"
     );
     let left = moto.ask(

@@ -99,6 +99,9 @@ enum CloneCmd {
         /// The clone's name (default APP-N).
         #[arg(long)]
         name: Option<String>,
+        /// aws: the instance type of its instances (default t3.small).
+        #[arg(long)]
+        instance_type: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -377,11 +380,17 @@ async fn clone_cmd(
         print_as(json, c, || cli::render_clones(std::slice::from_ref(c)))
     };
     match cmd {
-        CloneCmd::Create { app, name, json } => {
+        CloneCmd::Create {
+            app,
+            name,
+            instance_type,
+            json,
+        } => {
             let c = client
                 .create_clone(pb::CreateCloneRequest {
                     app,
                     name: name.unwrap_or_default(),
+                    instance_type: instance_type.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

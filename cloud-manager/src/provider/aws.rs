@@ -148,6 +148,7 @@ impl Aws {
     /// Loads the default AWS configuration (environment, profile, instance role).
     pub async fn load() -> Self {
         let conf = aws_config::load_from_env().await;
+        tracing::info!(region = ?conf.region(), "aws provider configured from the default chain");
         Self {
             ec2: aws_sdk_ec2::Client::new(&conf),
             ebs: aws_sdk_ebs::Client::new(&conf),
@@ -509,7 +510,11 @@ impl Aws {
                 .ec2
                 .run_instances()
                 .image_id(&inst.provider_image)
-                .instance_type(ec2t::InstanceType::from(self.instance_type.as_str()))
+                .instance_type(ec2t::InstanceType::from(if rec.instance_type.is_empty() {
+                    self.instance_type.as_str()
+                } else {
+                    rec.instance_type.as_str()
+                }))
                 .min_count(1)
                 .max_count(1)
                 .subnet_id(&subnet)
