@@ -49,6 +49,17 @@ where
     }
 }
 
+/// The base of the clone's load balancer and target group names: ELBv2 names hold at
+/// most 32 characters, so a long clone name is replaced by its hash (the tags keep it).
+pub fn elb_base(clone: &str) -> String {
+    let plain = format!("ferry-{clone}");
+    if plain.len() + 6 <= 32 {
+        plain
+    } else {
+        format!("ferry-{}", &blake3::hash(clone.as_bytes()).to_hex()[..16])
+    }
+}
+
 fn tag(key: &str, value: &str) -> ec2t::Tag {
     ec2t::Tag::builder().key(key).value(value).build()
 }
@@ -574,7 +585,7 @@ impl Aws {
         let lb = self
             .elb
             .create_load_balancer()
-            .name(format!("ferry-{}", rec.name))
+            .name(elb_base(&rec.name))
             .r#type(elbt::LoadBalancerTypeEnum::Network)
             .scheme(elbt::LoadBalancerSchemeEnum::InternetFacing)
             .set_subnets(Some(subnets.iter().map(|(_, id)| id.clone()).collect()))
@@ -591,7 +602,7 @@ impl Aws {
             let tg = self
                 .elb
                 .create_target_group()
-                .name(format!("ferry-{}-{port}", rec.name))
+                .name(format!("{}-{port}", elb_base(&rec.name)))
                 .protocol(elbt::ProtocolEnum::Tcp)
                 .port(i32::from(port))
                 .vpc_id(vpc)
@@ -702,7 +713,7 @@ impl Aws {
         if let Ok(lbs) = self
             .elb
             .describe_load_balancers()
-            .names(format!("ferry-{name}"))
+            .names(elb_base(name))
             .send()
             .await
         {
@@ -719,7 +730,7 @@ impl Aws {
         if let Ok(tgs) = self.elb.describe_target_groups().send().await {
             for tg in tgs.target_groups() {
                 let n = tg.target_group_name().unwrap_or_default();
-                if n.strip_prefix(&format!("ferry-{name}-"))
+                if n.strip_prefix(&format!("{}-", elb_base(name)))
                     .is_some_and(|p| p.parse::<u16>().is_ok())
                 {
                     self.elb
@@ -976,6 +987,9 @@ mod tests {
             "198.18.70.0/23"
         );
         assert!(vpc_cidr(&s(&["10.0.0.0/24", "11.0.0.0/24"])).is_err());
+        assert_eq!(elb_base("a"), "ferry-a");
+        let long = elb_base(&"x".repeat(40));
+        assert!(long.len() + 6 <= 32 && long != elb_base(&"y".repeat(40)));
     }
 
     #[test]
