@@ -44,6 +44,22 @@ pub fn debian12_tree() -> Result<PathBuf> {
     Ok(PathBuf::from(out.trim()))
 }
 
+/// A source system on a loop-mounted ext4 (1.2 GB, `uuid`): the cached Debian 12 tree,
+/// named `name`, with a static enterprise address `ip/24` on eth0.
+pub fn debian12_source(dir: &Path, name: &str, uuid: &str, ip: &str) -> Result<LoopFs> {
+    let src = LoopFs::new(dir, name, "ext4", uuid, 1200)?;
+    sh(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", debian12_tree()?.display()))
+        .arg(&src.mnt))?;
+    std::fs::write(src.mnt.join("etc/hostname"), format!("{name}\n"))?;
+    std::fs::write(
+        src.mnt.join("etc/network/interfaces"),
+        format!("source /etc/network/interfaces.d/*\nauto lo\niface lo inet loopback\nauto eth0\niface eth0 inet static\n  address {ip}/24\n"),
+    )?;
+    Ok(src)
+}
+
 /// A free loopback port (bound and released; the daemons rebind it).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

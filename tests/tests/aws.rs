@@ -66,20 +66,6 @@ impl Moto {
     }
 }
 
-fn source(t: &Path, name: &str, uuid: &str, ip: &str) -> Result<LoopFs> {
-    let src = LoopFs::new(t, name, "ext4", uuid, 1200)?;
-    sh(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", debian12_tree()?.display()))
-        .arg(&src.mnt))?;
-    std::fs::write(src.mnt.join("etc/hostname"), format!("{name}\n"))?;
-    std::fs::write(
-        src.mnt.join("etc/network/interfaces"),
-        format!("auto lo\niface lo inet loopback\nauto eth0\niface eth0 inet static\n  address {ip}/24\n"),
-    )?;
-    Ok(src)
-}
-
 fn ferry_err(cloud: &CloudMgr, args: &[&str]) -> String {
     let out = Command::new(bin("ferry"))
         .arg("--credentials")
@@ -111,8 +97,8 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
     ] {
         std::env::set_var(k, v);
     }
-    let web = source(t, "web", WEB_UUID, "198.18.80.10")?;
-    let db = source(t, "db", DB_UUID, "198.18.80.20")?;
+    let web = debian12_source(t, "web", WEB_UUID, "198.18.80.10")?;
+    let db = debian12_source(t, "db", DB_UUID, "198.18.80.20")?;
     let mut cloud = CloudMgr::start(&t.join("cloud"))?;
     let agent = |src: &LoopFs, name: &str| -> Result<()> {
         let token = cloud.token()?;
@@ -212,16 +198,16 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
     assert_eq!(a["state"], "running", "{a}");
     let web_id = s(&a["instances"][0]["provider_id"]);
     let db_id = s(&a["instances"][1]["provider_id"]);
-    let got = moto.ask(&format!(
+    let got = moto.ask(
         "vpcs = ec2.describe_vpcs(Filters=tagged('a'))['Vpcs']\n\
          inst = [i for r in ec2.describe_instances(Filters=tagged('a'))['Reservations'] for i in r['Instances']]\n\
          tg = elb.describe_target_groups(Names=['ferry-a-80'])['TargetGroups'][0]\n\
          health = elb.describe_target_health(TargetGroupArn=tg['TargetGroupArn'])['TargetHealthDescriptions']\n\
          out = dict(cidrs=[v['CidrBlock'] for v in vpcs],\n\
-           inst={{i['InstanceId']: dict(ip=i['PrivateIpAddress'], public=i.get('PublicIpAddress'), image=i['ImageId'], type=i['InstanceType'], state=i['State']['Name']) for i in inst}},\n\
+           inst={i['InstanceId']: dict(ip=i['PrivateIpAddress'], public=i.get('PublicIpAddress'), image=i['ImageId'], type=i['InstanceType'], state=i['State']['Name']) for i in inst},\n\
            targets=[h['Target']['Id'] for h in health],\n\
            lbs=[l['DNSName'] for l in elb.describe_load_balancers(Names=['ferry-a'])['LoadBalancers']])"
-    ))?;
+    )?;
     assert_eq!(got["cidrs"], serde_json::json!(["198.18.80.0/24"]), "{got}");
     assert_eq!(got["inst"][&web_id]["ip"], "198.18.80.10", "{got}");
     assert_eq!(got["inst"][&db_id]["ip"], "198.18.80.20", "{got}");

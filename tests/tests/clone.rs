@@ -52,21 +52,6 @@ fn socket_service(root: &Path, name: &str, port: u16, script: &str) -> Result<()
     Ok(())
 }
 
-/// A source system: the cached Debian 12 tree with a static enterprise address on eth0.
-fn source(t: &Path, name: &str, uuid: &str, ip: &str) -> Result<LoopFs> {
-    let src = LoopFs::new(t, name, "ext4", uuid, 1200)?;
-    sh(Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", debian12_tree()?.display()))
-        .arg(&src.mnt))?;
-    std::fs::write(src.mnt.join("etc/hostname"), format!("{name}\n"))?;
-    std::fs::write(
-        src.mnt.join("etc/network/interfaces"),
-        format!("source /etc/network/interfaces.d/*\nauto lo\niface lo inet loopback\nauto eth0\niface eth0 inet static\n  address {ip}/24\n  gateway 198.18.70.1\n"),
-    )?;
-    Ok(src)
-}
-
 /// Removes whatever a failed run left: QEMU and dnsmasq of this test's prefix, its
 /// namespaces and its host bridge.
 struct Leftovers {
@@ -148,9 +133,9 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
         prefix: prefix.clone(),
         data: data.display().to_string(),
     };
-    let web = source(t, "web", WEB_UUID, WEB_IP)?;
+    let web = debian12_source(t, "web", WEB_UUID, WEB_IP)?;
     socket_service(&web.mnt, "shop-web", 80, WEB_APP)?;
-    let db = source(t, "db", DB_UUID, DB_IP)?;
+    let db = debian12_source(t, "db", DB_UUID, DB_IP)?;
     socket_service(&db.mnt, "shop-db", 7000, DB_APP)?;
 
     let mut cloud = CloudMgr::start_args(

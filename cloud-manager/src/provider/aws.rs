@@ -708,6 +708,34 @@ impl Aws {
         }
     }
 
+    /// Starts (resume) or stops (suspend) every instance and waits until they are there.
+    async fn power(&self, rec: &mut CloneRecord, on: bool) -> Result<(), ProviderError> {
+        let ids: Vec<String> = rec
+            .instances
+            .iter()
+            .map(|i| i.provider_id.clone())
+            .collect();
+        if on {
+            self.ec2
+                .start_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+                .map_err(sdk_err("StartInstances"))?;
+        } else {
+            self.ec2
+                .stop_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+                .map_err(sdk_err("StopInstances"))?;
+        }
+        self.wait_states(rec, &[if on { "running" } else { "suspended" }])
+            .await?;
+        rec.state = clone_state(&rec.instances).into();
+        Ok(())
+    }
+
     async fn terminate_async(&self, name: &str) -> Result<(), ProviderError> {
         // The load balancer and its target groups, by name.
         if let Ok(lbs) = self
@@ -909,53 +937,15 @@ impl Provider for Aws {
             );
         }
         let made = self.block_on(self.create_async(rec));
-        if let Err(e) = made {
-            tracing::warn!(clone = %rec.name, error = %e, "aws clone creation failed; removing what was made");
-            if let Err(e2) = self.terminate(rec) {
-                tracing::error!(clone = %rec.name, error = %e2, "cleanup after a failed creation failed");
-            }
-            return Err(e);
-        }
-        rec.state = clone_state(&rec.instances).into();
-        Ok(())
+        super::settle(self, rec, made)
     }
 
     fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        self.block_on(async {
-            let ids: Vec<String> = rec
-                .instances
-                .iter()
-                .map(|i| i.provider_id.clone())
-                .collect();
-            self.ec2
-                .stop_instances()
-                .set_instance_ids(Some(ids))
-                .send()
-                .await
-                .map_err(sdk_err("StopInstances"))?;
-            self.wait_states(rec, &["suspended"]).await
-        })?;
-        rec.state = clone_state(&rec.instances).into();
-        Ok(())
+        self.block_on(self.power(rec, false))
     }
 
     fn resume(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        self.block_on(async {
-            let ids: Vec<String> = rec
-                .instances
-                .iter()
-                .map(|i| i.provider_id.clone())
-                .collect();
-            self.ec2
-                .start_instances()
-                .set_instance_ids(Some(ids))
-                .send()
-                .await
-                .map_err(sdk_err("StartInstances"))?;
-            self.wait_states(rec, &["running"]).await
-        })?;
-        rec.state = clone_state(&rec.instances).into();
-        Ok(())
+        self.block_on(self.power(rec, true))
     }
 
     fn terminate(&self, rec: &CloneRecord) -> Result<(), ProviderError> {

@@ -702,15 +702,7 @@ impl Provider for Local {
             )));
         }
         let made = self.create_inner(rec);
-        if let Err(e) = made {
-            tracing::warn!(clone = %rec.name, error = %e, "clone creation failed; removing what was made");
-            if let Err(e2) = self.terminate(rec) {
-                tracing::error!(clone = %rec.name, error = %e2, "cleanup after a failed creation failed");
-            }
-            return Err(e);
-        }
-        rec.state = clone_state(&rec.instances).into();
-        Ok(())
+        super::settle(self, rec, made)
     }
 
     fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {

@@ -51,6 +51,25 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError>;
 }
 
+/// Finishes a creation: on error, everything of the clone is removed before the error
+/// is returned (a failed cleanup is logged; the error that matters is the first);
+/// on success, the clone's state follows its instances'.
+pub fn settle(
+    provider: &dyn Provider,
+    rec: &mut CloneRecord,
+    made: Result<(), ProviderError>,
+) -> Result<(), ProviderError> {
+    if let Err(e) = made {
+        tracing::warn!(clone = %rec.name, provider = provider.name(), error = %e, "clone creation failed; removing what was made");
+        if let Err(e2) = provider.terminate(rec) {
+            tracing::error!(clone = %rec.name, error = %e2, "cleanup after a failed creation failed");
+        }
+        return Err(e);
+    }
+    rec.state = clone_state(&rec.instances).into();
+    Ok(())
+}
+
 /// The clone's state from its instances' states.
 pub fn clone_state(instances: &[InstanceRecord]) -> &'static str {
     let all = |s: &str| !instances.is_empty() && instances.iter().all(|i| i.state == s);
