@@ -167,6 +167,24 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     )?;
     pg.sql("create table t(v text); insert into t values ('from the enterprise')")?;
     let service = format!("127.0.0.1:{pg_port}={WEB_IP}:50100");
+    // And the enterprise DNS (dnsmasq), over the tunnel's UDP path.
+    let dns_port = free_port();
+    let _dns = Proc::spawn(
+        Command::new("dnsmasq").args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            &format!("--port={dns_port}"),
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--host-record=ldap.corp.example,198.18.60.7",
+            "--log-facility=-",
+            &format!("--pid-file={}", t.join("dnsmasq-ent.pid").display()),
+        ]),
+        &t.join("dnsmasq-ent.log"),
+    )?;
+    let dns_service = format!("127.0.0.1:{dns_port}/udp={WEB_IP}:53");
     cloud.ferry_json(&[
         "app",
         "create",
@@ -177,6 +195,8 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
         "db:private",
         "--service",
         &service,
+        "--service",
+        &dns_service,
         "--load-balancer",
     ])?;
     assert!(
@@ -297,6 +317,28 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     );
     ensure!(reached.is_ok(), "no tunnel: {}", enterprise.log_text());
     assert_eq!(got.trim(), "from the enterprise");
+    let mut answer = String::new();
+    wait_for(
+        "dig through the tunnel into clone a",
+        Duration::from_secs(30),
+        || {
+            sh(Command::new("ip").args([
+                "netns",
+                "exec",
+                &ns_a,
+                "dig",
+                "+short",
+                "+time=2",
+                "+tries=2",
+                "-p",
+                "53",
+                &format!("@{WEB_IP}"),
+                "ldap.corp.example",
+            ]))
+            .map(|o| answer = o)
+            .is_ok_and(|_| answer.trim() == "198.18.60.7")
+        },
+    )?;
 
     // Clone b, side by side with the same addresses.
     let b = cloud.ferry_json(&["clone", "create", "shop", "--name", "b"])?;
