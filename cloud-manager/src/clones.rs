@@ -41,6 +41,7 @@ pub fn clone_info(r: &CloneRecord) -> pb::CloneInfo {
                 boot_seconds: i.boot_seconds,
                 console_log: String::new(),
                 provider_id: i.provider_id.clone(),
+                size: i.size.clone(),
             })
             .collect(),
         subnets: r.subnets.iter().map(|(c, _)| c.clone()).collect(),
@@ -159,7 +160,11 @@ impl Cloud {
                     "system {system}: its probe names no IPv4 address and host name, so its clone would have no enterprise address"
                 ))
             })?;
+            let probe: serde_json::Value =
+                serde_json::from_str(&sys.probe_json).unwrap_or_default();
             rec.instances.push(InstanceRecord {
+                source_cpus: probe["cpus"].as_u64().unwrap_or(0) as u32,
+                source_memory_bytes: probe["memory_bytes"].as_u64().unwrap_or(0),
                 system: system.clone(),
                 visibility: visibility.clone(),
                 hostname: addr.hostname,

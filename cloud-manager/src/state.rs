@@ -180,6 +180,14 @@ pub struct InstanceRecord {
     /// The provider's image the instance runs (aws: the AMI id).
     #[serde(default)]
     pub provider_image: String,
+    /// The source system's CPUs and memory, from its probe (0 when unknown).
+    #[serde(default)]
+    pub source_cpus: u32,
+    #[serde(default)]
+    pub source_memory_bytes: u64,
+    /// What the instance got (aws: the instance type; local: vCPUs and memory).
+    #[serde(default)]
+    pub size: String,
 }
 
 /// A clone of an application: its network and instances on one provider.

@@ -215,6 +215,10 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         got["inst"][&web_id]["image"], web_img["provider_image"],
         "{got}"
     );
+    // Sized from the source's probe (CPUs, memory), and moto ran what Ferry reports.
+    let size = s(&a["instances"][0]["size"]);
+    assert!(size.starts_with("t3.") || size.starts_with("m5."), "{a}");
+    assert_eq!(got["inst"][&web_id]["type"], size.as_str(), "{got}");
     assert_eq!(
         got["inst"][&web_id]["public"], a["instances"][0]["public_ip"],
         "{got}"

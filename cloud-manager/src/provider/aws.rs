@@ -49,6 +49,30 @@ where
     }
 }
 
+/// General-purpose instance types, smallest first: (name, vCPUs, GiB).
+const SIZES: &[(&str, u32, u64)] = &[
+    ("t3.small", 2, 2),
+    ("t3.medium", 2, 4),
+    ("t3.large", 2, 8),
+    ("t3.xlarge", 4, 16),
+    ("t3.2xlarge", 8, 32),
+    ("m5.4xlarge", 16, 64),
+    ("m5.8xlarge", 32, 128),
+    ("m5.12xlarge", 48, 192),
+    ("m5.16xlarge", 64, 256),
+    ("m5.24xlarge", 96, 384),
+];
+
+/// The smallest instance type with at least the source's CPUs and memory (right-sizing,
+/// as the source ran); the largest listed when the source is bigger still.
+pub fn instance_type_for(cpus: u32, memory_bytes: u64) -> &'static str {
+    SIZES
+        .iter()
+        .find(|(_, c, gib)| *c >= cpus && gib << 30 >= memory_bytes)
+        .or(SIZES.last())
+        .map_or("t3.small", |(n, _, _)| *n)
+}
+
 /// The base of the clone's load balancer and target group names: ELBv2 names hold at
 /// most 32 characters, so a long clone name is replaced by its hash (the tags keep it).
 pub fn elb_base(clone: &str) -> String {
@@ -512,6 +536,13 @@ impl Aws {
                 })
                 .map(|(_, (_, id))| id.clone())
                 .unwrap_or_default();
+            inst.size = if !rec.instance_type.is_empty() {
+                rec.instance_type.clone()
+            } else if inst.source_cpus > 0 && inst.source_memory_bytes > 0 {
+                instance_type_for(inst.source_cpus, inst.source_memory_bytes).to_string()
+            } else {
+                self.instance_type.clone()
+            };
             let group = if inst.visibility == "public" {
                 &groups[1]
             } else {
@@ -521,11 +552,7 @@ impl Aws {
                 .ec2
                 .run_instances()
                 .image_id(&inst.provider_image)
-                .instance_type(ec2t::InstanceType::from(if rec.instance_type.is_empty() {
-                    self.instance_type.as_str()
-                } else {
-                    rec.instance_type.as_str()
-                }))
+                .instance_type(ec2t::InstanceType::from(inst.size.as_str()))
                 .min_count(1)
                 .max_count(1)
                 .subnet_id(&subnet)
@@ -978,6 +1005,11 @@ mod tests {
         );
         assert!(vpc_cidr(&s(&["10.0.0.0/24", "11.0.0.0/24"])).is_err());
         assert_eq!(elb_base("a"), "ferry-a");
+        assert_eq!(instance_type_for(1, 512 << 20), "t3.small");
+        assert_eq!(instance_type_for(2, 3 << 30), "t3.medium");
+        assert_eq!(instance_type_for(4, 24 << 30), "t3.2xlarge");
+        assert_eq!(instance_type_for(6, 1 << 30), "t3.2xlarge");
+        assert_eq!(instance_type_for(500, 1 << 40), "m5.24xlarge");
         let long = elb_base(&"x".repeat(40));
         assert!(long.len() + 6 <= 32 && long != elb_base(&"y".repeat(40)));
     }

@@ -612,6 +612,7 @@ impl Local {
                     inst.accel = accel;
                     inst.accel_note = note;
                     inst.boot_seconds = secs;
+                    inst.size = format!("1 vCPU, {} MiB", self.cfg.memory_mib);
                     inst.provider_id = pid.to_string();
                     inst.state = "running".into();
                 }
