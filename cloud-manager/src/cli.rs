@@ -256,7 +256,7 @@ pub fn render_clones(clones: &[pb::CloneInfo]) -> String {
         ));
         for i in &c.instances {
             out.push_str(&format!(
-                "  {:<16} {:<8} {:<10} private {:<15} public {:<15} {} {:.0}s\n",
+                "  {:<16} {:<8} {:<10} private {:<15} public {:<15} {} {} {:.0}s\n",
                 i.system,
                 i.visibility,
                 i.state,
@@ -266,9 +266,16 @@ pub fn render_clones(clones: &[pb::CloneInfo]) -> String {
                 } else {
                     &i.public_ip
                 },
+                i.size,
                 i.accel,
                 i.boot_seconds
             ));
+        }
+        if !c.tunnel_gateway.is_empty() {
+            out.push_str(&format!("  tunnel gateway {}\n", c.tunnel_gateway));
+        }
+        if !c.load_balancer_ip.is_empty() {
+            out.push_str(&format!("  load balancer {}\n", c.load_balancer_ip));
         }
         for w in &c.warnings {
             out.push_str(&format!("  warning: {w}\n"));
