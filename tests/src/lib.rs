@@ -316,6 +316,17 @@ impl CloudMgr {
             .arg("--json"))?;
         Ok(serde_json::from_str(&out)?)
     }
+    /// `ferry ARGS`, which must fail; returns what it said on stderr.
+    pub fn ferry_fails(&self, args: &[&str]) -> String {
+        let out = Command::new(bin("ferry"))
+            .arg("--credentials")
+            .arg(self.creds())
+            .args(args)
+            .output()
+            .expect("ferry runs");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
     pub fn replica_path(&self, system: &str, mount_point: &str) -> Result<PathBuf> {
         let out = sh(Command::new(bin("ferry"))
             .arg("--credentials")

@@ -66,17 +66,6 @@ impl Moto {
     }
 }
 
-fn ferry_err(cloud: &CloudMgr, args: &[&str]) -> String {
-    let out = Command::new(bin("ferry"))
-        .arg("--credentials")
-        .arg(cloud.creds())
-        .args(args)
-        .output()
-        .expect("ferry runs");
-    assert!(!out.status.success(), "{args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn s(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
@@ -256,18 +245,15 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
     // A provider error half-way: an instance type AWS does not have, so RunInstances
     // fails after the VPC, subnets, gateway and security groups exist. The error is
     // clear, and moto lists nothing left of the clone.
-    let err = ferry_err(
-        &cloud,
-        &[
-            "clone",
-            "create",
-            "shop",
-            "--name",
-            "b",
-            "--instance-type",
-            "t3.bogus",
-        ],
-    );
+    let err = cloud.ferry_fails(&[
+        "clone",
+        "create",
+        "shop",
+        "--name",
+        "b",
+        "--instance-type",
+        "t3.bogus",
+    ]);
     assert!(
         err.contains("RunInstances") && err.contains("t3.bogus"),
         "{err}"

@@ -108,17 +108,6 @@ fn web_of(clone: &serde_json::Value) -> (String, String) {
     )
 }
 
-fn ferry_err(cloud: &CloudMgr, args: &[&str]) -> String {
-    let out = Command::new(bin("ferry"))
-        .arg("--credentials")
-        .arg(cloud.creds())
-        .args(args)
-        .output()
-        .expect("ferry runs");
-    assert!(!out.status.success(), "{args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
 }
@@ -200,7 +189,9 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
         "--load-balancer",
     ])?;
     assert!(
-        ferry_err(&cloud, &["clone", "create", "shop"]).contains("ferry image build shop"),
+        cloud
+            .ferry_fails(&["clone", "create", "shop"])
+            .contains("ferry image build shop"),
         "a clone without images must say how to get them"
     );
     let images = cloud.ferry_json(&["image", "build", "shop"])?;
@@ -453,8 +444,12 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
 
     // Images and the app are protected while clones use them.
     let img = images[1]["id"].as_str().unwrap_or_default().to_string();
-    assert!(ferry_err(&cloud, &["image", "delete", &img]).contains("in use by clone"));
-    assert!(ferry_err(&cloud, &["app", "delete", "shop"]).contains("terminate them first"));
+    assert!(cloud
+        .ferry_fails(&["image", "delete", &img])
+        .contains("in use by clone"));
+    assert!(cloud
+        .ferry_fails(&["app", "delete", "shop"])
+        .contains("terminate them first"));
 
     // Terminating a leaves b running, and nothing of a behind.
     let gone = cloud.ferry_json(&["clone", "terminate", "a"])?;
@@ -481,7 +476,7 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     // is up) says why and leaves nothing: no record, namespace, process or directory.
     let db_image = images[1]["path"].as_str().unwrap_or_default().to_string();
     std::fs::remove_file(&db_image)?;
-    let err = ferry_err(&cloud, &["clone", "create", "shop", "--name", "c"]);
+    let err = cloud.ferry_fails(&["clone", "create", "shop", "--name", "c"]);
     assert!(
         err.contains("instance db") && err.contains(&db_image),
         "{err}"
