@@ -752,8 +752,11 @@ impl Provider for Local {
         Self::kill(&dir.join("dnsmasq.pid"), &dir.display().to_string());
         Self::kill(&dir.join("gateway.pid"), &dir.display().to_string());
         Self::kill(&dir.join("haproxy.pid"), &dir.display().to_string());
-        if !rec.network.is_empty() && Path::new("/run/netns").join(&rec.network).exists() {
-            run(Command::new("ip").args(["netns", "del", &rec.network]))?;
+        // Named from the clone, not from the record: a creation cut short by a crash was
+        // stored before its network was named.
+        let ns = self.netns(&rec.name);
+        if Path::new("/run/netns").join(&ns).exists() {
+            run(Command::new("ip").args(["netns", "del", &ns]))?;
         }
         let veth = self.host_veth(rec.index);
         if rec.index > 0 && Path::new("/sys/class/net").join(&veth).exists() {
