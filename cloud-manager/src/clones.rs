@@ -78,8 +78,7 @@ impl Cloud {
         for i in &mut info.instances {
             i.console_log = self
                 .local
-                .clone_dir(&info.name)
-                .join(format!("{}.console.log", i.system))
+                .console_log(&info.name, &i.system)
                 .display()
                 .to_string();
         }

@@ -327,7 +327,7 @@ impl Local {
             ));
         for (cidr, _) in &rec.subnets {
             if let Some((net, len)) = parse_cidr(cidr) {
-                let mask = Ipv4Addr::from(if len == 0 { 0 } else { u32::MAX << (32 - len) });
+                let mask = Ipv4Addr::from(super::mask(len));
                 dnsmasq.arg(format!("--dhcp-range={net},static,{mask},12h"));
             }
         }
@@ -470,13 +470,18 @@ impl Local {
         )))
     }
 
+    /// Where an instance's serial console is logged.
+    pub fn console_log(&self, clone: &str, system: &str) -> PathBuf {
+        self.clone_dir(clone).join(format!("{system}.console.log"))
+    }
+
     fn paths(&self, clone: &str, system: &str) -> InstancePaths {
         let d = self.clone_dir(clone);
         InstancePaths {
             overlay: d.join(format!("{system}.qcow2")),
             pid: d.join(format!("{system}.pid")),
             qmp: d.join(format!("{system}.qmp")),
-            console: d.join(format!("{system}.console.log")),
+            console: self.console_log(clone, system),
         }
     }
 

@@ -90,7 +90,8 @@ pub fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
     Some((ip.parse().ok()?, len))
 }
 
-fn mask(len: u8) -> u32 {
+/// The netmask of a prefix length, as a number.
+pub fn mask(len: u8) -> u32 {
     if len == 0 {
         0
     } else {
