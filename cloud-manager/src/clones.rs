@@ -63,10 +63,26 @@ impl Cloud {
             .clone()
     }
 
+    /// The azure provider, made on first use; an error when it is not configured.
+    pub(crate) async fn azure(
+        &self,
+    ) -> std::result::Result<Arc<crate::provider::azure::Azure>, ProviderError> {
+        let cfg = self.providers.azure.clone().ok_or_else(|| {
+            ProviderError::Invalid(
+                "the azure provider is not configured: give ferry-cloud serve an [azure] section or --azure-subscription, --azure-resource-group and --azure-location".into(),
+            )
+        })?;
+        self.azure
+            .get_or_try_init(|| async { crate::provider::azure::Azure::load(cfg).map(Arc::new) })
+            .await
+            .cloned()
+    }
+
     async fn provider_for(&self, name: &str) -> Result<Arc<dyn Provider>> {
         match name {
             "local" => Ok(self.local.clone()),
             "aws" => Ok(self.aws().await),
+            "azure" => Ok(self.azure().await?),
             other => Err(ProviderError::Unavailable(other.to_string()).into()),
         }
     }
@@ -138,10 +154,10 @@ impl Cloud {
                         app.name, app.name
                     ))
                 })?;
-            if app.provider == "aws" && img.provider_image.is_empty() {
+            if app.provider != "local" && img.provider_image.is_empty() {
                 return Err(CloudError::Failed(format!(
-                    "image {} is not registered on aws: run `ferry image build {}`",
-                    img.id, app.name
+                    "image {} is not registered on {}: run `ferry image build {}`",
+                    img.id, app.provider, app.name
                 )));
             }
             if img.boot_check_json.is_empty() {

@@ -184,6 +184,10 @@ pub struct Cloud {
     pub local: Arc<crate::provider::local::Local>,
     /// The aws provider, made on first use from the default AWS configuration chain.
     pub(crate) aws: tokio::sync::OnceCell<Arc<crate::provider::aws::Aws>>,
+    /// The azure provider, made on first use from its settings and the default Azure
+    /// credential chain.
+    pub(crate) azure: tokio::sync::OnceCell<Arc<crate::provider::azure::Azure>>,
+    pub(crate) providers: crate::provider::Settings,
     /// One clone operation at a time: addresses and indexes are allocated from the
     /// records of the others.
     pub(crate) clone_ops: Mutex<()>,
@@ -247,7 +251,7 @@ impl Cloud {
         volumes: Volumes,
         tokens: TokenStore,
         ca: Ca,
-        local: crate::provider::local::LocalConfig,
+        providers: crate::provider::Settings,
     ) -> Result<Self> {
         let counters = state.load_counters()?;
         Ok(Self {
@@ -258,8 +262,10 @@ impl Cloud {
             ca,
             counters,
             last_error: Default::default(),
-            local: Arc::new(crate::provider::local::Local::new(local)),
+            local: Arc::new(crate::provider::local::Local::new(providers.local.clone())),
             aws: tokio::sync::OnceCell::new(),
+            azure: tokio::sync::OnceCell::new(),
+            providers,
             clone_ops: Mutex::new(()),
             data_dir: data_dir.to_path_buf(),
             locks: Default::default(),
@@ -792,6 +798,23 @@ impl Cloud {
                     return Err(e);
                 }
             };
+        } else if target == crate::customize::Target::Azure {
+            // Registered only once it booted here.
+            let azure = self.azure().await?;
+            let path = rec.path.clone();
+            let registered = blocking(move || {
+                let mut rec = rec;
+                azure.register_image(&mut rec)?;
+                Ok(rec)
+            })
+            .await;
+            rec = match registered {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+            };
         }
         self.state.put_image(&rec)?;
         tracing::info!(image = %rec.id, system = %rec.system, checked = check, "image built");
@@ -840,7 +863,7 @@ impl Cloud {
             systems.push((s.system.clone(), s.visibility.clone()));
         }
         let provider = if req.provider.is_empty() {
-            "local".to_string()
+            self.providers.default.clone()
         } else {
             req.provider.clone()
         };
@@ -988,9 +1011,14 @@ impl Cloud {
         if !found.provider_image.is_empty() || !found.provider_snapshot.is_empty() {
             // The provider's copy goes first: a record is dropped only once nothing of it
             // is left to pay for.
-            let aws = self.aws().await;
             let f = found.clone();
-            blocking(move || Ok(aws.deregister_image(&f)?)).await?;
+            if found.target == "azure" {
+                let azure = self.azure().await?;
+                blocking(move || Ok(azure.deregister_image(&f)?)).await?;
+            } else {
+                let aws = self.aws().await;
+                blocking(move || Ok(aws.deregister_image(&f)?)).await?;
+            }
         }
         let rec = self
             .state

@@ -20,6 +20,8 @@ pub struct ServeFile {
     /// Local provider: the range public addresses come from.
     pub public_cidr: Option<String>,
     pub log_format: Option<LogFormat>,
+    /// The azure provider's subscription, resource group, location and endpoint.
+    pub azure: Option<crate::provider::azure::AzureConfig>,
 }
 
 /// Validated settings of the cloud manager.
@@ -28,31 +30,41 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub listen: String,
     pub http: Option<String>,
-    pub provider: Provider,
     /// Extra names and addresses for the server certificate.
     pub san: Vec<String>,
-    /// The local provider's settings.
-    pub local: crate::provider::local::LocalConfig,
+    /// The providers' settings and the default for new apps.
+    pub providers: crate::provider::Settings,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Provider {
-    Local,
-}
-
-impl Provider {
-    pub fn parse(s: &str) -> Result<Self, ConfigError> {
-        match s {
-            "local" => Ok(Provider::Local),
-            "aws" | "azure" => Err(ConfigError::Invalid {
-                key: "provider",
-                message: format!("provider {s} is not available in this build yet; use local"),
-            }),
-            other => Err(ConfigError::Invalid {
-                key: "provider",
-                message: format!("unknown provider {other:?} (local, aws or azure)"),
-            }),
+/// The `[azure]` settings with the `--azure-*` flags over them; none when neither
+/// names anything.
+pub fn merge_azure(file: Option<crate::provider::azure::AzureConfig>, flags: [Option<String>; 4]) -> Option<crate::provider::azure::AzureConfig> {
+    if file.is_none() && flags.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut c = file.unwrap_or_default();
+    let [sub, rg, loc, endpoint] = flags;
+    for (slot, flag) in [
+        (&mut c.subscription_id, sub),
+        (&mut c.resource_group, rg),
+        (&mut c.location, loc),
+        (&mut c.endpoint, endpoint),
+    ] {
+        if let Some(v) = flag {
+            *slot = v;
         }
+    }
+    Some(c)
+}
+
+/// Checks a provider name.
+fn provider(s: &str) -> Result<String, ConfigError> {
+    match s {
+        "local" | "aws" | "azure" => Ok(s.to_string()),
+        other => Err(ConfigError::Invalid {
+            key: "provider",
+            message: format!("unknown provider {other:?} (local, aws or azure)"),
+        }),
     }
 }
 
@@ -76,7 +88,18 @@ impl ServeConfig {
                     message: format!("{http:?} is not HOST:PORT with an IP address"),
                 })?;
         }
-        let provider = Provider::parse(file.provider.as_deref().unwrap_or("local"))?;
+        let provider = provider(file.provider.as_deref().unwrap_or("local"))?;
+        if let Some(az) = &file.azure {
+            az.validate().map_err(|message| ConfigError::Invalid {
+                key: "azure",
+                message,
+            })?;
+        } else if provider == "azure" {
+            return Err(ConfigError::Invalid {
+                key: "azure",
+                message: "the azure provider needs a subscription, resource group and location ([azure] or --azure-*)".into(),
+            });
+        }
         use crate::provider::local::{LocalConfig, DEFAULT_PREFIX, DEFAULT_PUBLIC_CIDR};
         let local = LocalConfig::new(
             data_dir.join("clones"),
@@ -88,11 +111,14 @@ impl ServeConfig {
             message: e.to_string(),
         })?;
         Ok(Self {
-            local,
+            providers: crate::provider::Settings {
+                default: provider,
+                local,
+                azure: file.azure,
+            },
             data_dir,
             listen,
             http: file.http,
-            provider,
             san: file.san,
         })
     }

@@ -146,7 +146,7 @@ pub async fn run(
         volumes::Volumes::new(dir),
         ferry_common::token::TokenStore::new(dir),
         ca,
-        config.local.clone(),
+        config.providers.clone(),
     )?);
     cloud.mount_all().await?;
     if let Err(e) = cloud.reconcile_clones().await {

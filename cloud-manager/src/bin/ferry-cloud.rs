@@ -43,6 +43,20 @@ enum Cmd {
         /// Local provider: range of public addresses (default 198.19.0.0/16).
         #[arg(long)]
         public_cidr: Option<String>,
+        /// Azure provider: the subscription id (credentials come from the default
+        /// Azure chain: AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET, managed
+        /// identity, az login).
+        #[arg(long)]
+        azure_subscription: Option<String>,
+        /// Azure provider: the resource group everything goes in.
+        #[arg(long)]
+        azure_resource_group: Option<String>,
+        /// Azure provider: the location (region), e.g. westeurope.
+        #[arg(long)]
+        azure_location: Option<String>,
+        /// Azure provider: the Resource Manager endpoint (sovereign clouds).
+        #[arg(long)]
+        azure_endpoint: Option<String>,
     },
     /// Customize a system tree so it boots and works on a target (like virt-customize).
     Customize {
@@ -282,6 +296,10 @@ fn main() -> ExitCode {
             san,
             clone_prefix,
             public_cidr,
+            azure_subscription,
+            azure_resource_group,
+            azure_location,
+            azure_endpoint,
         } => {
             let file = match config
                 .as_deref()
@@ -303,6 +321,15 @@ fn main() -> ExitCode {
                 clone_prefix: clone_prefix.or(file.clone_prefix),
                 public_cidr: public_cidr.or(file.public_cidr),
                 log_format: None,
+                azure: ferry_cloud_manager::config::merge_azure(
+                    file.azure,
+                    [
+                        azure_subscription,
+                        azure_resource_group,
+                        azure_location,
+                        azure_endpoint,
+                    ],
+                ),
             };
             let config = match ServeConfig::resolve(merged) {
                 Ok(c) => c,

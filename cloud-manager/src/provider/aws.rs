@@ -63,14 +63,9 @@ const SIZES: &[(&str, u32, u64)] = &[
     ("m5.24xlarge", 96, 384),
 ];
 
-/// The smallest instance type with at least the source's CPUs and memory (right-sizing,
-/// as the source ran); the largest listed when the source is bigger still.
+/// The smallest instance type with at least the source's CPUs and memory.
 pub fn instance_type_for(cpus: u32, memory_bytes: u64) -> &'static str {
-    SIZES
-        .iter()
-        .find(|(_, c, gib)| *c >= cpus && gib << 30 >= memory_bytes)
-        .or(SIZES.last())
-        .map_or("t3.small", |(n, _, _)| *n)
+    super::size_for(SIZES, cpus, memory_bytes)
 }
 
 /// The base of the clone's load balancer and target group names: ELBv2 names hold at
@@ -105,23 +100,7 @@ fn by_clone(clone: &str) -> ec2t::Filter {
 
 /// The smallest range holding every subnet, which the VPC gets (AWS allows /16 to /28).
 pub fn vpc_cidr(subnets: &[(String, String)]) -> Result<String, ProviderError> {
-    let nets: Vec<(std::net::Ipv4Addr, u8)> =
-        subnets.iter().filter_map(|(c, _)| parse_cidr(c)).collect();
-    let Some(&(first, mut len)) = nets.first() else {
-        return Err(ProviderError::Invalid("no subnets".into()));
-    };
-    for &(n, l) in &nets {
-        len = len.min(l);
-        while len > 0 && network(first, len) != network(n, len) {
-            len -= 1;
-        }
-    }
-    if len < 16 {
-        return Err(ProviderError::Invalid(format!(
-            "the systems' subnets span a /{len}, wider than a VPC's /16"
-        )));
-    }
-    Ok(format!("{}/{len}", network(first, len)))
+    super::covering_cidr(subnets, 16, "VPC")
 }
 
 /// The blocks of a raw disk that must be sent: those that differ from the parent's

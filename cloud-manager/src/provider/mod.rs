@@ -2,11 +2,22 @@
 //! instance per system, launched from its image. `local` (QEMU in a network namespace per
 //! clone) is the embedded default; the trait is what aws and azure implement too.
 pub mod aws;
+pub mod azure;
 pub mod local;
 pub mod qmp;
 
 use crate::state::{CloneRecord, InstanceRecord};
 use std::net::Ipv4Addr;
+
+/// The providers' settings, from `ferry-cloud serve`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The provider of apps created without `--provider`.
+    pub default: String,
+    pub local: local::LocalConfig,
+    /// Present when the azure provider is configured.
+    pub azure: Option<azure::AzureConfig>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -80,6 +91,41 @@ pub fn clone_state(instances: &[InstanceRecord]) -> &'static str {
     } else {
         "degraded"
     }
+}
+
+/// The smallest of `sizes` (name, vCPUs, GiB; smallest first) that holds the source's
+/// CPUs and memory (right-sizing, as the source ran); the largest when it is bigger still.
+pub fn size_for(sizes: &[(&'static str, u32, u64)], cpus: u32, memory_bytes: u64) -> &'static str {
+    sizes
+        .iter()
+        .find(|(_, c, gib)| *c >= cpus && gib << 30 >= memory_bytes)
+        .or(sizes.last())
+        .map_or("", |(n, _, _)| *n)
+}
+
+/// The smallest range holding every subnet: what a clone's VPC or VNet gets. Ranges
+/// wider than `/widest` are refused, naming the `what`.
+pub fn covering_cidr(
+    subnets: &[(String, String)],
+    widest: u8,
+    what: &str,
+) -> Result<String, ProviderError> {
+    let nets: Vec<(Ipv4Addr, u8)> = subnets.iter().filter_map(|(c, _)| parse_cidr(c)).collect();
+    let Some(&(first, mut len)) = nets.first() else {
+        return Err(ProviderError::Invalid("no subnets".into()));
+    };
+    for &(n, l) in &nets {
+        len = len.min(l);
+        while len > 0 && network(first, len) != network(n, len) {
+            len -= 1;
+        }
+    }
+    if len < widest {
+        return Err(ProviderError::Invalid(format!(
+            "the systems' subnets span a /{len}, wider than a {what}'s /{widest}"
+        )));
+    }
+    Ok(format!("{}/{len}", network(first, len)))
 }
 
 /// Parses `a.b.c.d/len`.

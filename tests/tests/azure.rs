@@ -1,0 +1,398 @@
+//! The azure provider against the REST contract: a fake Resource Manager
+//! (`tests/fixtures/azure/fake_arm.py`) serves the operations Ferry uses and checks
+//! every request against the Azure REST API specs' own examples (path, api-version,
+//! body keys), and upload disks are page blobs in Azurite (npm), written through the
+//! SAS URL the fake hands out. Two real Debian 12 systems replicated by the agent are
+//! imaged, boot-checked under QEMU, uploaded as fixed VHDs and registered as images;
+//! the upload reads back bit-identical. A clone gets its own VNet with the enterprise
+//! range, NICs at the enterprise addresses and a public IP on the public system only.
+//! Credentials go through the real client-credentials flow of the default chain.
+use anyhow::{bail, Context, Result};
+use ferry_tests::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const WEB_UUID: &str = "7a0c5a53-8c53-4b55-8d7e-3f1c2d9e0c11";
+const DB_UUID: &str = "7a0c5a53-8c53-4b55-8d7e-3f1c2d9e0c22";
+const SUB: &str = "00000000-0000-4000-8000-00000000f0e1";
+const RG: &str = "ferry-test";
+const TENANT: &str = "11111111-2222-4333-8444-555555555555";
+const CLIENT_ID: &str = "ferry-test-app";
+const CLIENT_SECRET: &str = "s3cret-never-logged-9f2c";
+/// Azurite's well-known development account.
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+fn cache() -> PathBuf {
+    PathBuf::from("/var/cache/ferry-tests")
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/azure")
+}
+
+/// Azurite's blob service and the fake Resource Manager in front of it.
+struct Azure {
+    arm: String,
+    _azurite: Proc,
+    _fake: Proc,
+}
+
+impl Azure {
+    fn start(dir: &Path) -> Result<Self> {
+        let blob_port = free_port();
+        let azurite = Proc::spawn(
+            Command::new(cache().join("azurite/node_modules/.bin/azurite-blob"))
+                .args(["--blobHost", "127.0.0.1", "--blobPort"])
+                .arg(blob_port.to_string())
+                .arg("--location")
+                .arg(dir.join("azurite"))
+                .args(["--skipApiVersionCheck", "--disableProductStyleUrl"]),
+            &dir.join("azurite.log"),
+        )
+        .context("azurite (.ci/run installs it with npm)")?;
+        wait_for("azurite", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", blob_port)).is_ok()
+        })?;
+        let port = free_port();
+        let conn = format!(
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:{blob_port}/devstoreaccount1;"
+        );
+        let fake = Proc::spawn(
+            Command::new(cache().join("azure/bin/python"))
+                .arg(fixtures().join("fake_arm.py"))
+                .arg("--port")
+                .arg(port.to_string())
+                .arg("--examples")
+                .arg(fixtures().join("examples"))
+                .args(["--azurite", &conn])
+                .args(["--subscription", SUB, "--resource-group", RG])
+                .args(["--tenant", TENANT, "--client-id", CLIENT_ID])
+                .args(["--client-secret", CLIENT_SECRET]),
+            &dir.join("fake_arm.log"),
+        )
+        .context("the fake Resource Manager (.ci/run makes its venv)")?;
+        wait_for("fake arm", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })?;
+        Ok(Self {
+            arm: format!("http://127.0.0.1:{port}"),
+            _azurite: azurite,
+            _fake: fake,
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        let out = sh(Command::new("curl").args(["-sfS", &format!("{}{path}", self.arm)]))?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    fn state(&self) -> Result<Value> {
+        self.get("/_fake/state")
+    }
+
+    /// The resources of the resource group tagged with this clone.
+    fn of_clone(&self, clone: &str) -> Result<Vec<Value>> {
+        Ok(self.state()?["resources"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r["tags"]["ferry-clone"] == clone)
+            .collect())
+    }
+}
+
+fn s(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+/// The SHA-256 of a qcow2 image's content, padded to whole MiB like the VHD.
+fn raw_sha256(qcow: &str, dir: &Path) -> Result<(String, u64)> {
+    let raw = dir.join("readback.raw");
+    sh(Command::new("qemu-img")
+        .args(["convert", "-O", "raw", qcow])
+        .arg(&raw))?;
+    let f = std::fs::OpenOptions::new().write(true).open(&raw)?;
+    let len = f.metadata()?.len().div_ceil(1 << 20) << 20;
+    f.set_len(len)?;
+    drop(f);
+    let out = sh(Command::new("sha256sum").arg(&raw))?;
+    std::fs::remove_file(&raw)?;
+    Ok((out.split_whitespace().next().unwrap_or("").to_string(), len))
+}
+
+#[test]
+fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
+    let tmp = scratch("azure")?;
+    let t = tmp.path();
+    let az = Azure::start(t)?;
+    // The default chain's environment credential, against the fake identity platform:
+    // nothing leaves loopback.
+    for (k, v) in [
+        ("AZURE_TENANT_ID", TENANT),
+        ("AZURE_CLIENT_ID", CLIENT_ID),
+        ("AZURE_CLIENT_SECRET", CLIENT_SECRET),
+        ("AZURE_AUTHORITY_HOST", az.arm.as_str()),
+    ] {
+        std::env::set_var(k, v);
+    }
+    let web = debian12_source(t, "web", WEB_UUID, "198.18.90.10")?;
+    let db = debian12_source(t, "db", DB_UUID, "198.18.90.20")?;
+    let arm = az.arm.clone();
+    let mut cloud = CloudMgr::start_args(
+        &t.join("cloud"),
+        &[
+            "--provider",
+            "azure",
+            "--azure-subscription",
+            SUB,
+            "--azure-resource-group",
+            RG,
+            "--azure-location",
+            "westeurope",
+            "--azure-endpoint",
+            &arm,
+        ],
+    )?;
+    for (src, name) in [(&web, "web"), (&db, "db")] {
+        let token = cloud.token()?;
+        agent_once(
+            &t.join(format!("agent-{name}")),
+            &cloud.url(),
+            Some(&token),
+            &src.mnt,
+            name,
+        )?;
+    }
+    // No --provider: the serve default (azure) applies.
+    let app = cloud.ferry_json(&[
+        "app",
+        "create",
+        "shop",
+        "--system",
+        "web:public",
+        "--system",
+        "db:private",
+        "--load-balancer",
+    ])?;
+    assert_eq!(app["provider"], "azure", "{app}");
+
+    // Images: boot-checked here, uploaded into a managed disk, registered.
+    let images = cloud.ferry_json(&["image", "build", "shop"])?;
+    for img in images.as_array().context("images")? {
+        assert_eq!(img["boot_check"]["root_by_uuid"], true, "{img}");
+        let name = format!("ferry-image-{}", s(&img["id"]));
+        assert_eq!(
+            s(&img["provider_image"]),
+            format!("/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Compute/images/{name}"),
+        );
+        // Read back from Azurite: the data part is the image, bit for bit, and the
+        // footer says fixed VHD of that size.
+        let blob = az.get(&format!("/_fake/blob/{name}"))?;
+        let (sha, len) = raw_sha256(&s(&img["path"]), t)?;
+        assert_eq!(blob["data_sha256"], sha.as_str(), "{blob}");
+        assert_eq!(blob["size"].as_u64(), Some(len + 512), "{blob}");
+        assert_eq!(blob["footer_cookie"], "conectix", "{blob}");
+        assert_eq!(blob["footer_disk_type"], 2, "fixed: {blob}");
+        assert_eq!(blob["footer_current_size"].as_u64(), Some(len), "{blob}");
+        // Zero ranges are not sent.
+        let sent = img["uploaded_bytes"].as_u64().unwrap_or(0);
+        assert!(sent > 0 && sent < len, "sent {sent} of {len}");
+        println!("azure upload: {sent} of {len} bytes");
+    }
+    let st = az.state()?;
+    let find = |name: &str| -> Value {
+        st["resources"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let web_image = find(&format!("ferry-image-{}", s(&images[0]["id"])));
+    // The upload disk's access was revoked before the image was made (the fake refuses
+    // otherwise), and the image points at it.
+    assert!(
+        st["log"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|e| e["op"] == "Disks_RevokeAccess")),
+        "{st}"
+    );
+    assert_eq!(web_image["type"], "Microsoft.Compute/disks", "{web_image}");
+
+    // A clone: its own VNet with the enterprise range, NICs at the enterprise
+    // addresses, a public IP on the public system only.
+    let a = cloud.ferry_json(&["clone", "create", "shop", "--name", "a"])?;
+    assert_eq!(a["state"], "running", "{a}");
+    let inst = |c: &Value, sys: &str| -> Value {
+        c["instances"]
+            .as_array()
+            .and_then(|i| i.iter().find(|i| i["system"] == sys).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let (web_i, db_i) = (inst(&a, "web"), inst(&a, "db"));
+    assert_eq!(web_i["private_ip"], "198.18.90.10", "{a}");
+    assert_eq!(db_i["private_ip"], "198.18.90.20", "{a}");
+    assert!(s(&web_i["public_ip"]).starts_with("198.18.250."), "{a}");
+    assert_eq!(db_i["public_ip"], "", "{a}");
+    assert!(
+        a["warnings"].to_string().contains("load balancer"),
+        "the missing load balancer is said: {a}"
+    );
+    let st = az.state()?;
+    let res = |name: &str| -> Value {
+        st["resources"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let vnet = res("ferry-a-vnet");
+    assert_eq!(
+        vnet["properties"]["addressSpace"]["addressPrefixes"],
+        serde_json::json!(["198.18.90.0/24"]),
+        "{vnet}"
+    );
+    for (sys, ip) in [("web", "198.18.90.10"), ("db", "198.18.90.20")] {
+        let nic = res(&format!("ferry-a-{sys}-nic"));
+        let conf = &nic["properties"]["ipConfigurations"][0]["properties"];
+        assert_eq!(conf["privateIPAddress"], ip, "{nic}");
+        assert_eq!(conf["privateIPAllocationMethod"], "Static", "{nic}");
+        assert_eq!(
+            conf["publicIPAddress"].is_object(),
+            sys == "web",
+            "a public IP on the public system only: {nic}"
+        );
+        let vm = res(&format!("ferry-a-{sys}"));
+        assert_eq!(
+            vm["properties"]["hardwareProfile"]["vmSize"],
+            inst(&a, sys)["size"],
+            "{vm}"
+        );
+        assert_eq!(
+            vm["properties"]["storageProfile"]["osDisk"]["createOption"],
+            "Attach",
+            "{vm}"
+        );
+        assert_eq!(s(&inst(&a, sys)["provider_id"]), s(&vm["id"]));
+    }
+    assert_eq!(
+        res("ferry-a-web-ip")["properties"]["ipAddress"],
+        web_i["public_ip"]
+    );
+    assert!(res("ferry-a-db-ip").is_null());
+
+    // Suspend deallocates, resume starts; a restarted manager reconciles.
+    let power = |sys: &str| -> Result<String> {
+        let st = az.state()?;
+        Ok(st["resources"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == format!("ferry-a-{sys}")))
+            .map(|r| s(&r["power"]))
+            .unwrap_or_default())
+    };
+    assert_eq!(
+        cloud.ferry_json(&["clone", "suspend", "a"])?["state"],
+        "suspended"
+    );
+    assert_eq!(power("web")?, "deallocated");
+    assert_eq!(
+        cloud.ferry_json(&["clone", "resume", "a"])?["state"],
+        "running"
+    );
+    assert_eq!(power("db")?, "running");
+    cloud.restart()?;
+    assert_eq!(
+        cloud.ferry_json(&["clone", "show", "a"])?["state"],
+        "running"
+    );
+
+    // A provider error half-way: a VM size the region does not offer, refused after
+    // the network, the NICs and the disk copies exist. The error is clear and nothing
+    // of the clone is left.
+    let err = cloud.ferry_fails(&[
+        "clone",
+        "create",
+        "shop",
+        "--name",
+        "b",
+        "--instance-type",
+        "Standard_Bogus",
+    ]);
+    assert!(
+        err.contains("VirtualMachines_CreateOrUpdate") && err.contains("Standard_Bogus"),
+        "{err}"
+    );
+    assert_eq!(az.of_clone("b")?, Vec::<Value>::new());
+    assert!(az.state()?["log"]
+        .as_array()
+        .is_some_and(|l| l.iter().any(|e| e["op"] == "VirtualMachines_CreateOrUpdate"
+            && e["status"] == 400)));
+
+    // Terminate: nothing of clone a is left.
+    assert_eq!(
+        cloud.ferry_json(&["clone", "terminate", "a"])?["state"],
+        "terminated"
+    );
+    assert_eq!(az.of_clone("a")?, Vec::<Value>::new());
+
+    // Deleting the app removes its images and upload disks: the resource group is
+    // empty, through ARM's own listing.
+    let out = Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(["app", "delete", "shop"])
+        .output()?;
+    if !out.status.success() {
+        bail!("app delete: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let token = sh(Command::new("curl").args([
+        "-sfS",
+        "-d",
+        &format!("grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}&scope=x"),
+        &format!("{arm}/{TENANT}/oauth2/v2.0/token"),
+    ]))?;
+    let token: Value = serde_json::from_str(&token)?;
+    let listed = sh(Command::new("curl").args([
+        "-sfS",
+        "-H",
+        &format!("Authorization: Bearer {}", s(&token["access_token"])),
+        &format!("{arm}/subscriptions/{SUB}/resourceGroups/{RG}/resources?api-version=2021-04-01"),
+    ]))?;
+    let listed: Value = serde_json::from_str(&listed)?;
+    assert_eq!(listed["value"], serde_json::json!([]), "{listed}");
+
+    // Every request kept to the specs' examples, and the secrets stayed out of the log.
+    let st = az.state()?;
+    assert_eq!(st["violations"], serde_json::json!([]), "{st}");
+    let ops: std::collections::BTreeSet<String> = st["log"]
+        .as_array()
+        .context("log")?
+        .iter()
+        .filter_map(|e| e["op"].as_str().map(str::to_string))
+        .collect();
+    for op in [
+        "token",
+        "Disks_CreateOrUpdate",
+        "Disks_GrantAccess",
+        "Disks_RevokeAccess",
+        "Images_CreateOrUpdate",
+        "VirtualNetworks_CreateOrUpdate",
+        "NetworkSecurityGroups_CreateOrUpdate",
+        "PublicIPAddresses_CreateOrUpdate",
+        "NetworkInterfaces_CreateOrUpdate",
+        "VirtualMachines_CreateOrUpdate",
+        "VirtualMachines_Deallocate",
+        "VirtualMachines_Start",
+        "VirtualMachines_InstanceView",
+        "VirtualMachines_Delete",
+        "Images_Delete",
+        "Disks_Delete",
+    ] {
+        assert!(ops.contains(op), "{op} was never called: {ops:?}");
+    }
+    let log = std::fs::read_to_string(t.join("cloud.log"))?;
+    assert!(!log.contains(CLIENT_SECRET), "the client secret is logged");
+    assert!(!log.contains("sig="), "a SAS signature is logged");
+    Ok(())
+}
