@@ -38,7 +38,10 @@ pub struct ServeConfig {
 
 /// The `[azure]` settings with the `--azure-*` flags over them; none when neither
 /// names anything.
-pub fn merge_azure(file: Option<crate::provider::azure::AzureConfig>, flags: [Option<String>; 4]) -> Option<crate::provider::azure::AzureConfig> {
+pub fn merge_azure(
+    file: Option<crate::provider::azure::AzureConfig>,
+    flags: [Option<String>; 4],
+) -> Option<crate::provider::azure::AzureConfig> {
     if file.is_none() && flags.iter().all(Option::is_none) {
         return None;
     }
@@ -121,5 +124,40 @@ impl ServeConfig {
             http: file.http,
             san: file.san,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(toml: &str) -> ServeFile {
+        toml::from_str(toml).unwrap()
+    }
+
+    #[test]
+    fn azure_settings_are_checked_at_load() {
+        let err = ServeConfig::resolve(file("data_dir = \"/d\"\nprovider = \"azure\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("azure") && err.contains("resource group"),
+            "{err}"
+        );
+        let err = ServeConfig::resolve(file(
+            "data_dir = \"/d\"\n[azure]\nsubscription_id = \"s\"\nresource_group = \"a/b\"\nlocation = \"x\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("resource_group"), "{err}");
+        assert!(toml::from_str::<ServeFile>("[azure]\nsubscription = \"s\"\n").is_err());
+        let ok = ServeConfig::resolve(file(
+            "data_dir = \"/d\"\nprovider = \"azure\"\n[azure]\nsubscription_id = \"s\"\nresource_group = \"rg\"\nlocation = \"westeurope\"\n",
+        ))
+        .unwrap();
+        assert_eq!(ok.providers.default, "azure");
+        let flags = merge_azure(None, [Some("s".into()), None, None, None]).unwrap();
+        assert_eq!(flags.subscription_id, "s");
+        assert!(merge_azure(None, [None, None, None, None]).is_none());
     }
 }

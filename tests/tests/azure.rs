@@ -203,23 +203,27 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
         assert!(sent > 0 && sent < len, "sent {sent} of {len}");
         println!("azure upload: {sent} of {len} bytes");
     }
+    // The image points at its upload disk, whose access was revoked first (the fake
+    // refuses an image on a disk still uploading).
     let st = az.state()?;
-    let find = |name: &str| -> Value {
+    let of_type = |name: &str, kind: &str| -> Value {
         st["resources"]
             .as_array()
-            .and_then(|r| r.iter().find(|r| r["name"] == name).cloned())
+            .and_then(|r| {
+                r.iter()
+                    .find(|r| r["name"] == name && r["type"] == kind)
+                    .cloned()
+            })
             .unwrap_or(Value::Null)
     };
-    let web_image = find(&format!("ferry-image-{}", s(&images[0]["id"])));
-    // The upload disk's access was revoked before the image was made (the fake refuses
-    // otherwise), and the image points at it.
-    assert!(
-        st["log"]
-            .as_array()
-            .is_some_and(|l| l.iter().any(|e| e["op"] == "Disks_RevokeAccess")),
-        "{st}"
-    );
-    assert_eq!(web_image["type"], "Microsoft.Compute/disks", "{web_image}");
+    let web_name = format!("ferry-image-{}", s(&images[0]["id"]));
+    let image = of_type(&web_name, "Microsoft.Compute/images");
+    let disk = of_type(&web_name, "Microsoft.Compute/disks");
+    let os_disk = &image["properties"]["storageProfile"]["osDisk"];
+    assert_eq!(os_disk["managedDisk"]["id"], disk["id"], "{image}");
+    assert_eq!(os_disk["managedDisk"]["id"], images[0]["provider_snapshot"]);
+    assert_eq!(os_disk["osState"], "Specialized", "{image}");
+    assert_eq!(disk["properties"]["diskState"], "Unattached", "{disk}");
 
     // A clone: its own VNet with the enterprise range, NICs at the enterprise
     // addresses, a public IP on the public system only.
@@ -270,8 +274,7 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
             "{vm}"
         );
         assert_eq!(
-            vm["properties"]["storageProfile"]["osDisk"]["createOption"],
-            "Attach",
+            vm["properties"]["storageProfile"]["osDisk"]["createOption"], "Attach",
             "{vm}"
         );
         assert_eq!(s(&inst(&a, sys)["provider_id"]), s(&vm["id"]));
@@ -324,10 +327,9 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
         "{err}"
     );
     assert_eq!(az.of_clone("b")?, Vec::<Value>::new());
-    assert!(az.state()?["log"]
-        .as_array()
-        .is_some_and(|l| l.iter().any(|e| e["op"] == "VirtualMachines_CreateOrUpdate"
-            && e["status"] == 400)));
+    assert!(az.state()?["log"].as_array().is_some_and(|l| l
+        .iter()
+        .any(|e| e["op"] == "VirtualMachines_CreateOrUpdate" && e["status"] == 400)));
 
     // Terminate: nothing of clone a is left.
     assert_eq!(

@@ -154,8 +154,8 @@ enum AppCmd {
         /// A TCP port the load balancer serves (repeatable; default 80).
         #[arg(long = "lb-port")]
         lb_ports: Vec<u32>,
-        /// local, aws or azure.
-        #[arg(long, default_value = "local")]
+        /// local, aws or azure (default: the cloud manager's `serve --provider`).
+        #[arg(long, default_value = "")]
         provider: String,
         #[arg(long)]
         json: bool,

@@ -182,19 +182,33 @@ pub fn reserved_conflicts(instances: &[InstanceRecord]) -> Vec<String> {
         .collect()
 }
 
-/// The ranges of a file worth sending: `PAGE_RANGE` pieces that are not all zero (a new
-/// upload disk reads as zeros). Offsets and lengths are multiples of 512.
+/// Zero detection granularity: ext4 scatters metadata over the disk, so whole 4 MiB
+/// pieces are rarely all zero while most of their 64 KiB pieces are.
+const ZERO_GRAIN: usize = 64 << 10;
+
+/// The ranges of a file worth sending: runs of `ZERO_GRAIN` pieces that are not all
+/// zero (a new upload disk reads as zeros), each at most `PAGE_RANGE` long. Offsets
+/// and lengths are multiples of 512 when the file's length is.
 pub fn nonzero_ranges(path: &Path) -> std::io::Result<Vec<(u64, usize)>> {
     let mut f = std::fs::File::open(path)?;
     let len = f.metadata()?.len();
-    let mut out = Vec::new();
+    let mut out: Vec<(u64, usize)> = Vec::new();
     let mut buf = vec![0u8; PAGE_RANGE];
     let mut off = 0u64;
     while off < len {
         let n = (len - off).min(PAGE_RANGE as u64) as usize;
         f.read_exact(&mut buf[..n])?;
-        if buf[..n].iter().any(|b| *b != 0) {
-            out.push((off, n));
+        for (i, piece) in buf[..n].chunks(ZERO_GRAIN).enumerate() {
+            if piece.iter().all(|b| *b == 0) {
+                continue;
+            }
+            let at = off + (i * ZERO_GRAIN) as u64;
+            match out.last_mut() {
+                Some((start, l)) if *start + *l as u64 == at && *l + piece.len() <= PAGE_RANGE => {
+                    *l += piece.len();
+                }
+                _ => out.push((at, piece.len())),
+            }
         }
         off += n as u64;
     }
@@ -210,7 +224,8 @@ impl Azure {
         let endpoint = if cfg.endpoint.is_empty() {
             compute::DEFAULT_ENDPOINT.clone()
         } else {
-            azure_core::Url::parse(&cfg.endpoint).map_err(|e| ProviderError::Invalid(e.to_string()))?
+            azure_core::Url::parse(&cfg.endpoint)
+                .map_err(|e| ProviderError::Invalid(e.to_string()))?
         };
         let compute = compute::Client::builder(credential.clone())
             .endpoint(endpoint.clone())
@@ -324,7 +339,11 @@ impl Azure {
         }
     }
 
-    async fn get_json(&self, call: &'static str, url: &str) -> Result<(u16, Value, Option<u64>), ProviderError> {
+    async fn get_json(
+        &self,
+        call: &'static str,
+        url: &str,
+    ) -> Result<(u16, Value, Option<u64>), ProviderError> {
         let token = self.token().await?;
         let r = self
             .http
@@ -346,7 +365,11 @@ impl Azure {
             call,
             message: format!("polling the operation: {}", e.without_url()),
         })?;
-        Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), retry))
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            retry,
+        ))
     }
 
     async fn poll_operation(&self, call: &'static str, url: &str) -> Result<(), ProviderError> {
@@ -362,7 +385,9 @@ impl Azure {
                         message: format!(
                             "{}: {}",
                             body["error"]["code"].as_str().unwrap_or(state),
-                            body["error"]["message"].as_str().unwrap_or("operation failed")
+                            body["error"]["message"]
+                                .as_str()
+                                .unwrap_or("operation failed")
                         ),
                     })
                 }
@@ -391,7 +416,9 @@ impl Azure {
                         message: format!(
                             "{status} {}: {}",
                             body["error"]["code"].as_str().unwrap_or("error"),
-                            body["error"]["message"].as_str().unwrap_or("operation failed")
+                            body["error"]["message"]
+                                .as_str()
+                                .unwrap_or("operation failed")
                         ),
                     })
                 }
@@ -418,7 +445,11 @@ impl Azure {
         r
     }
 
-    async fn upload_and_register(&self, img: &mut ImageRecord, vhd: &Path) -> Result<(), ProviderError> {
+    async fn upload_and_register(
+        &self,
+        img: &mut ImageRecord,
+        vhd: &Path,
+    ) -> Result<(), ProviderError> {
         let size = std::fs::metadata(vhd)
             .map_err(|e| ProviderError::Io {
                 path: vhd.display().to_string(),
@@ -443,7 +474,8 @@ impl Azure {
         let c = self.compute.disks_client();
         self.call(
             "Disks_CreateOrUpdate",
-            c.create_or_update(self.sub(), self.rg(), &name, disk).send(),
+            c.create_or_update(self.sub(), self.rg(), &name, disk)
+                .send(),
         )
         .await?;
         let sent = self.upload(&name, vhd).await;
@@ -538,7 +570,13 @@ impl Azure {
         Ok(ranges.iter().map(|(_, n)| *n as u64).sum())
     }
 
-    async fn put_pages(&self, sas: &azure_core::Url, vhd: &Path, off: u64, len: usize) -> Result<(), ProviderError> {
+    async fn put_pages(
+        &self,
+        sas: &azure_core::Url,
+        vhd: &Path,
+        off: u64,
+        len: usize,
+    ) -> Result<(), ProviderError> {
         let path = vhd.to_path_buf();
         let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let mut f = std::fs::File::open(&path)?;
@@ -562,7 +600,10 @@ impl Azure {
                 .http
                 .put(url.clone())
                 .header("x-ms-page-write", "update")
-                .header("x-ms-range", format!("bytes={off}-{}", off + len as u64 - 1))
+                .header(
+                    "x-ms-range",
+                    format!("bytes={off}-{}", off + len as u64 - 1),
+                )
                 .header("x-ms-version", BLOB_VERSION)
                 .header("content-length", len)
                 .body(data.clone())
@@ -589,7 +630,10 @@ impl Azure {
     async fn remove_image(&self, name: &str) {
         let c = self.compute.images_client();
         if let Err(e) = self
-            .delete("Images_Delete", c.delete(self.rg(), name, self.sub()).send())
+            .delete(
+                "Images_Delete",
+                c.delete(self.rg(), name, self.sub()).send(),
+            )
             .await
         {
             tracing::warn!(image = name, error = %e, "image cleanup");
@@ -608,11 +652,17 @@ impl Azure {
         let name = image_name(&img.id);
         self.block_on(async {
             let c = self.compute.images_client();
-            self.delete("Images_Delete", c.delete(self.rg(), &name, self.sub()).send())
-                .await?;
+            self.delete(
+                "Images_Delete",
+                c.delete(self.rg(), &name, self.sub()).send(),
+            )
+            .await?;
             let d = self.compute.disks_client();
-            self.delete("Disks_Delete", d.delete(self.sub(), self.rg(), &name).send())
-                .await
+            self.delete(
+                "Disks_Delete",
+                d.delete(self.sub(), self.rg(), &name).send(),
+            )
+            .await
         })
     }
 
@@ -675,7 +725,11 @@ impl Azure {
                 .await?;
         }
         self.wait_states(rec, &["running"]).await?;
-        for inst in rec.instances.iter_mut().filter(|i| i.visibility == "public") {
+        for inst in rec
+            .instances
+            .iter_mut()
+            .filter(|i| i.visibility == "public")
+        {
             let got = self
                 .call(
                     "PublicIPAddresses_Get",
@@ -717,7 +771,9 @@ impl Azure {
                         .is_ok_and(|ip| network(ip, l) == net)
                 })
             })
-            .ok_or_else(|| ProviderError::Invalid(format!("system {sys}: no subnet holds its address")))?;
+            .ok_or_else(|| {
+                ProviderError::Invalid(format!("system {sys}: no subnet holds its address"))
+            })?;
         let mut ipconf = json!({
             "privateIPAllocationMethod": "Static",
             "privateIPAddress": inst.private_ip,
@@ -757,11 +813,7 @@ impl Azure {
                 .send(),
         )
         .await?;
-        let source = self.id(
-            "Microsoft.Compute",
-            "disks",
-            &image_name(&inst.image),
-        );
+        let source = self.id("Microsoft.Compute", "disks", &image_name(&inst.image));
         let disk: compute::models::Disk = model(
             "Disks_CreateOrUpdate",
             json!({"location": self.cfg.location, "tags": tags,
@@ -982,13 +1034,24 @@ fn fixed_vhd(qcow: &Path, vhd: &Path) -> Result<(), ProviderError> {
         path: raw.display().to_string(),
         message: e.to_string(),
     };
-    let f = std::fs::OpenOptions::new().write(true).open(&raw).map_err(io)?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .map_err(io)?;
     let len = f.metadata().map_err(io)?.len();
     f.set_len(len.div_ceil(1 << 20) * (1 << 20)).map_err(io)?;
     drop(f);
     crate::volumes::run(
         std::process::Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size=on"])
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vpc",
+                "-o",
+                "subformat=fixed,force_size=on",
+            ])
             .arg(&raw)
             .arg(vhd),
     )?;
@@ -1078,13 +1141,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("d.vhd");
         let mut data = vec![0u8; PAGE_RANGE * 3 + 512];
-        data[PAGE_RANGE + 7] = 1;
-        data[PAGE_RANGE * 3 + 3] = 2;
+        // One byte in the second 4 MiB piece; the whole third piece and the footer.
+        data[PAGE_RANGE + ZERO_GRAIN + 7] = 1;
+        for b in &mut data[PAGE_RANGE * 2..] {
+            *b = 3;
+        }
         std::fs::write(&p, &data).unwrap();
+        let r = nonzero_ranges(&p).unwrap();
         assert_eq!(
-            nonzero_ranges(&p).unwrap(),
-            [(PAGE_RANGE as u64, PAGE_RANGE), ((PAGE_RANGE * 3) as u64, 512)]
+            r,
+            [
+                ((PAGE_RANGE + ZERO_GRAIN) as u64, ZERO_GRAIN),
+                ((PAGE_RANGE * 2) as u64, PAGE_RANGE),
+                ((PAGE_RANGE * 3) as u64, 512)
+            ]
         );
+        assert!(r
+            .iter()
+            .all(|(o, l)| o % 512 == 0 && l % 512 == 0 && *l <= PAGE_RANGE));
     }
 
     #[test]
@@ -1096,7 +1170,10 @@ mod tests {
         )
         .unwrap();
         let back = serde_json::to_value(&d).unwrap();
-        assert_eq!(back["properties"]["creationData"]["uploadSizeBytes"], 1049088);
+        assert_eq!(
+            back["properties"]["creationData"]["uploadSizeBytes"],
+            1049088
+        );
         assert_eq!(back["properties"]["creationData"]["createOption"], "Upload");
         assert!(model::<compute::models::Disk>("x", json!({"properties": 3})).is_err());
     }
