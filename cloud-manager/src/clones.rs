@@ -186,6 +186,7 @@ impl Cloud {
                 image: img.id.clone(),
                 image_path: img.path.clone(),
                 provider_image: img.provider_image.clone(),
+                firmware: img.firmware.clone(),
                 state: "pending".into(),
                 private_ip: addr.ip.to_string(),
                 prefix: addr.prefix,

@@ -162,6 +162,12 @@ fn image_info(r: crate::state::ImageRecord) -> pb::ImageInfo {
         provider_snapshot: r.provider_snapshot,
         parent_snapshot: r.parent_snapshot,
         uploaded_bytes: r.uploaded_bytes,
+        firmware: if r.firmware.is_empty() {
+            "bios".into()
+        } else {
+            r.firmware
+        },
+        boot_loader: r.boot_loader,
     }
 }
 
@@ -768,6 +774,8 @@ impl Cloud {
                 .unwrap_or_default(),
             created_unix_ms: ferry_common::now_ms(),
             app: app.to_string(),
+            firmware: made.firmware.as_str().into(),
+            boot_loader: made.boot_loader.clone(),
             ..Default::default()
         };
         if target == crate::customize::Target::Aws {

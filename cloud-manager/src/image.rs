@@ -1,7 +1,10 @@
-//! Disk images from customized file system images: an MBR laid out for the system's file
-//! systems, each file system placed at its partition's offset (sparse), GRUB installed for
-//! BIOS boot, and the result converted to qcow2. Then the boot check: every image boots
-//! once under QEMU, with a serial console, before any provider sees it.
+//! Disk images from customized file system images, laid out for the firmware the source
+//! booted with: an MBR with GRUB in the gap for BIOS, or a GPT with the EFI system
+//! partition first for UEFI. Each file system is placed at its partition's offset
+//! (sparse) and the result converted to qcow2. The guest's own GRUB is used when it has
+//! one (its EFI loader, or its i386-pc modules), the host's otherwise. Then the boot
+//! check: every image boots once under QEMU (OVMF for UEFI), with a serial console,
+//! before any provider sees it.
 use crate::volumes::{run, VolumeError};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -69,21 +72,69 @@ impl Part {
 const SECTOR: u64 = 512;
 /// The first partition starts at 1 MiB: the gap holds GRUB's core image.
 const FIRST: u64 = 2048;
+/// Where a UEFI system mounts its EFI system partition.
+pub const ESP_MOUNT: &str = "/boot/efi";
+/// The UEFI firmware QEMU boots EFI images with (Debian's ovmf).
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+/// UEFI's fallback loader, which boots a disk whose NVRAM entries stayed behind.
+const FALLBACK: &str = "EFI/BOOT/BOOTX64.EFI";
 
-/// The partitions in disk order: /boot (if separate) first, then /, then the rest.
-fn ordered(parts: &[Part]) -> Result<Vec<&Part>, ImageError> {
+/// How the machine starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// BIOS: an MBR, GRUB's core image in the gap before the first partition.
+    Bios,
+    /// UEFI: a GPT, the EFI system partition first, the fallback loader on it.
+    Efi,
+}
+
+impl Firmware {
+    /// UEFI when the system has an EFI system partition (vfat at /boot/efi), as the
+    /// source booted; BIOS otherwise.
+    pub fn of(parts: &[Part]) -> Self {
+        if parts
+            .iter()
+            .any(|p| p.mount_point == ESP_MOUNT && p.fstype == "vfat")
+        {
+            Firmware::Efi
+        } else {
+            Firmware::Bios
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Efi => "efi",
+        }
+    }
+
+    /// QEMU's firmware arguments.
+    pub fn qemu_args(self) -> Vec<&'static str> {
+        match self {
+            Firmware::Bios => Vec::new(),
+            Firmware::Efi => vec!["-bios", OVMF],
+        }
+    }
+}
+
+/// The partitions in disk order: the EFI system partition (UEFI), /boot (if separate),
+/// then /, then the rest. An MBR holds four.
+fn ordered(parts: &[Part], firmware: Firmware) -> Result<Vec<&Part>, ImageError> {
     let mut v: Vec<&Part> = parts.iter().collect();
     v.sort_by_key(|p| match p.mount_point.as_str() {
-        "/boot" => 0,
-        "/" => 1,
-        _ => 2,
+        ESP_MOUNT => 0,
+        "/boot" => 1,
+        "/" => 2,
+        _ => 3,
     });
     if !v.iter().any(|p| p.mount_point == "/") {
         return Err(ImageError::Layout("no root file system".into()));
     }
-    if v.len() > 4 {
+    if firmware == Firmware::Bios && v.len() > 4 {
         return Err(ImageError::Layout(format!(
-            "{} file systems: an MBR holds 4 primary partitions (GPT is not built yet)",
+            "{} file systems: a BIOS system's MBR holds 4 primary partitions",
             v.len()
         )));
     }
@@ -183,12 +234,100 @@ pub struct Assembled {
     pub root_uuid: String,
     /// True when the guest's own grub.cfg is used; false when Ferry wrote one.
     pub guest_grub_cfg: bool,
+    pub firmware: Firmware,
+    /// Which boot loader starts the image, and whose it is (the guest's or the host's).
+    pub boot_loader: String,
 }
+
+/// A GRUB platform directory (kernel.img, moddep.lst, modules) of the guest's own GRUB
+/// in the mounted boot file system `root`, if it has one: `usr/lib/grub/PLATFORM`, or the copy grub-install puts
+/// in `boot/grub/PLATFORM`. GRUB legacy and systems without GRUB have none.
+fn guest_grub_dir(root: &Path, platform: &str) -> Option<PathBuf> {
+    [
+        root.join("usr/lib/grub").join(platform),
+        root.join("grub").join(platform),
+        root.join("boot/grub").join(platform),
+    ]
+    .into_iter()
+    .find(|d| d.join("kernel.img").is_file() && d.join("moddep.lst").is_file())
+}
+
+/// Copies a GRUB platform directory aside (the file system it is on is unmounted before
+/// GRUB is built).
+fn copy_dir(from: &Path, to: &Path) -> Result<(), ImageError> {
+    std::fs::create_dir_all(to).map_err(io(to))?;
+    for e in std::fs::read_dir(from).map_err(io(from))?.flatten() {
+        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            std::fs::copy(e.path(), to.join(e.file_name())).map_err(io(&e.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `name` in `dir`, matched as FAT matches it (case-insensitively).
+fn find_ci(dir: &Path, name: &str) -> Option<PathBuf> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+        })
+}
+
+/// The guest's own EFI loader in a copy of its ESP's `EFI` directory: the fallback
+/// loader if it is there already (`Ok`), else a vendor's GRUB (`EFI/VENDOR/grubx64.efi`,
+/// which reads its grub.cfg beside it) to copy there (`Err`).
+fn guest_efi_loader(efi: &Path) -> Option<Result<PathBuf, PathBuf>> {
+    if let Some(f) = find_ci(efi, "BOOT").and_then(|b| find_ci(&b, "BOOTX64.EFI")) {
+        return Some(Ok(f));
+    }
+    let mut vendors: Vec<PathBuf> = std::fs::read_dir(efi)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    vendors.sort();
+    vendors
+        .iter()
+        .find_map(|v| find_ci(v, "grubx64.efi"))
+        .map(Err)
+}
+
+/// An mtools command on the FAT file system `offset` bytes into `disk`: user space, so
+/// no vfat driver is needed where the image is built.
+fn mtools(tool: &str, disk: &Path, offset: u64) -> Command {
+    let mut c = Command::new(tool);
+    c.env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{offset}", disk.display()));
+    c
+}
+
+/// GRUB's modules for a core image that finds the boot file system by UUID.
+const GRUB_MODULES: &[&str] = &[
+    "ext2",
+    "xfs",
+    "fat",
+    "search",
+    "search_fs_uuid",
+    "configfile",
+    "normal",
+    "linux",
+    "serial",
+    "terminal",
+    "echo",
+];
 
 /// Builds `out` (qcow2) from the file system images. `console` is the target's serial
 /// console (`ttyS0,115200`); `extra` are kernel arguments the customization asked for
-/// (pinned NIC names), used when Ferry writes the boot configuration. The images are read, never changed, except that a boot
-/// file system without a grub.cfg gets Ferry's in the copy placed on the disk.
+/// (pinned NIC names), used when Ferry writes the boot configuration. The images are
+/// read, never changed, except in the copies placed on the disk: a boot file system
+/// without a grub.cfg gets Ferry's, and an EFI system partition without the fallback
+/// loader gets one.
 pub fn assemble(
     parts: &[Part],
     out: &Path,
@@ -196,23 +335,38 @@ pub fn assemble(
     console: &str,
     extra: &[String],
 ) -> Result<Assembled, ImageError> {
-    let parts = ordered(parts)?;
+    let firmware = Firmware::of(parts);
+    let parts = ordered(parts, firmware)?;
     let spans = layout(&parts);
     std::fs::create_dir_all(work).map_err(io(work))?;
     let raw = work.join("disk.raw");
     let _ = std::fs::remove_file(&raw);
-    let total = spans.last().map(|(s, n)| s + n).unwrap_or(FIRST) * SECTOR;
+    // A GPT keeps a backup header at the end of the disk: a MiB is left for it.
+    let tail = if firmware == Firmware::Efi { FIRST } else { 0 };
+    let total = (spans.last().map(|(s, n)| s + n).unwrap_or(FIRST) + tail) * SECTOR;
     std::fs::File::create(&raw)
         .and_then(|f| f.set_len(total))
         .map_err(io(&raw))?;
-    let mut script = String::from("label: dos\n");
     let boot_index = parts
         .iter()
         .position(|p| p.mount_point == "/boot")
         .unwrap_or_else(|| parts.iter().position(|p| p.mount_point == "/").unwrap_or(0));
-    for (i, (start, size)) in spans.iter().enumerate() {
-        let boot = if i == boot_index { ", bootable" } else { "" };
-        script.push_str(&format!("start={start}, size={size}, type=83{boot}\n"));
+    let mut script = String::from(match firmware {
+        Firmware::Bios => "label: dos\n",
+        Firmware::Efi => "label: gpt\n",
+    });
+    for (i, (p, (start, size))) in parts.iter().zip(&spans).enumerate() {
+        let kind = match (firmware, p.mount_point.as_str()) {
+            (Firmware::Efi, ESP_MOUNT) => "U",
+            (Firmware::Efi, _) => "L",
+            (Firmware::Bios, _) => "83",
+        };
+        let boot = if firmware == Firmware::Bios && i == boot_index {
+            ", bootable"
+        } else {
+            ""
+        };
+        script.push_str(&format!("start={start}, size={size}, type={kind}{boot}\n"));
     }
     let mut sfdisk = Command::new("sfdisk");
     sfdisk
@@ -238,8 +392,13 @@ pub fn assemble(
     } else {
         "/boot"
     };
+    let platform = match firmware {
+        Firmware::Bios => "i386-pc",
+        Firmware::Efi => "x86_64-efi",
+    };
+    let guest_modules = work.join(format!("guest-{platform}"));
     let (start, size) = spans[boot_index];
-    let (kernel, guest_grub_cfg) = {
+    let (kernel, guest_grub_cfg, guest_grub) = {
         let lo = Loop::attach(&raw, start, size)?;
         let mnt = work.join("mnt");
         std::fs::create_dir_all(&mnt).map_err(io(&mnt))?;
@@ -257,10 +416,21 @@ pub fn assemble(
             )
             .map_err(io(&cfg))?;
         }
-        (kernel, guest)
+        // The guest's own GRUB modules, when it has them: its grub.cfg may load more
+        // of them, and a core image of another GRUB version cannot.
+        let found = guest_grub_dir(&mnt, platform);
+        if let Some(dir) = &found {
+            copy_dir(dir, &guest_modules)?;
+        }
+        (kernel, guest, found.is_some())
     };
-    // GRUB's core image finds the boot file system by UUID and reads its grub.cfg; the
-    // MBR's boot code loads it from the gap before the first partition.
+    let modules = if guest_grub {
+        guest_modules.clone()
+    } else {
+        PathBuf::from("/usr/lib/grub").join(platform)
+    };
+    let whose = if guest_grub { "guest's" } else { "host's" };
+    // GRUB's core image finds the boot file system by UUID and reads its grub.cfg.
     let early = work.join("early.cfg");
     std::fs::write(
         &early,
@@ -271,40 +441,77 @@ pub fn assemble(
     )
     .map_err(io(&early))?;
     let core = work.join("core.img");
-    run(Command::new("grub-mkimage")
-        .args(["-O", "i386-pc", "-o"])
-        .arg(&core)
-        .arg("-c")
-        .arg(&early)
-        .args(["-p", &format!("{prefix}/grub")])
-        .args([
-            "biosdisk",
-            "part_msdos",
-            "ext2",
-            "xfs",
-            "search",
-            "search_fs_uuid",
-            "configfile",
-            "normal",
-            "linux",
-            "serial",
-            "terminal",
-            "echo",
-        ]))?;
-    let core_len = std::fs::metadata(&core).map_err(io(&core))?.len();
-    if core_len > (FIRST - 1) * SECTOR {
-        return Err(ImageError::Layout(format!(
-            "GRUB's core image is {core_len} bytes: more than the gap before the first partition"
-        )));
-    }
-    run(Command::new("dd")
-        .arg("if=/usr/lib/grub/i386-pc/boot.img")
-        .arg(format!("of={}", raw.display()))
-        .args(["bs=440", "count=1", "conv=notrunc", "status=none"]))?;
-    run(Command::new("dd")
-        .arg(format!("if={}", core.display()))
-        .arg(format!("of={}", raw.display()))
-        .args(["bs=512", "seek=1", "conv=notrunc", "status=none"]))?;
+    let mkimage = |format: &str, out: &Path, extra_modules: &[&str]| {
+        run(Command::new("grub-mkimage")
+            .arg("-d")
+            .arg(&modules)
+            .args(["-O", format, "-o"])
+            .arg(out)
+            .arg("-c")
+            .arg(&early)
+            .args(["-p", &format!("{prefix}/grub")])
+            .args(extra_modules)
+            .args(GRUB_MODULES))
+    };
+    let boot_loader = match firmware {
+        Firmware::Bios => {
+            // The MBR's boot code loads the core image from the gap before the first
+            // partition.
+            mkimage("i386-pc", &core, &["biosdisk", "part_msdos"])?;
+            let core_len = std::fs::metadata(&core).map_err(io(&core))?.len();
+            if core_len > (FIRST - 1) * SECTOR {
+                return Err(ImageError::Layout(format!(
+                    "GRUB's core image is {core_len} bytes: more than the gap before the first partition"
+                )));
+            }
+            run(Command::new("dd")
+                .arg(format!("if={}", modules.join("boot.img").display()))
+                .arg(format!("of={}", raw.display()))
+                .args(["bs=440", "count=1", "conv=notrunc", "status=none"]))?;
+            run(Command::new("dd")
+                .arg(format!("if={}", core.display()))
+                .arg(format!("of={}", raw.display()))
+                .args(["bs=512", "seek=1", "conv=notrunc", "status=none"]))?;
+            format!("GRUB for BIOS in the MBR gap, from the {whose} i386-pc modules")
+        }
+        Firmware::Efi => {
+            let off = spans[0].0 * SECTOR;
+            // The ESP's EFI directory, read out to look for the guest's loaders (an ESP
+            // without one has nothing to read).
+            let esp = work.join("esp");
+            std::fs::create_dir_all(&esp).map_err(io(&esp))?;
+            let _ = run(mtools("mcopy", &raw, off)
+                .args(["-s", "-n", "::/EFI"])
+                .arg(&esp));
+            // NVRAM boot entries do not travel with a disk: without the fallback loader
+            // the firmware finds nothing to boot.
+            let place = |loader: &Path| -> Result<(), ImageError> {
+                for dir in ["::/EFI", "::/EFI/BOOT"] {
+                    // Already there is fine; the copy below fails clearly otherwise.
+                    let _ = run(mtools("mmd", &raw, off).arg(dir));
+                }
+                run(mtools("mcopy", &raw, off)
+                    .arg("-o")
+                    .arg(loader)
+                    .arg(format!("::/{FALLBACK}")))?;
+                Ok(())
+            };
+            match guest_efi_loader(&esp.join("EFI")) {
+                Some(Ok(_)) => format!("the guest's {FALLBACK}"),
+                Some(Err(l)) => {
+                    place(&l)?;
+                    let rel = l.strip_prefix(&esp).unwrap_or(&l).display().to_string();
+                    format!("the guest's {rel}, copied to {FALLBACK}")
+                }
+                None => {
+                    let built = work.join("BOOTX64.EFI");
+                    mkimage("x86_64-efi", &built, &["part_gpt", "part_msdos"])?;
+                    place(&built)?;
+                    format!("GRUB for UEFI as {FALLBACK}, from the {whose} x86_64-efi modules")
+                }
+            }
+        }
+    };
     run(Command::new("qemu-img")
         .args(["convert", "-O", "qcow2"])
         .arg(&raw)
@@ -319,6 +526,8 @@ pub fn assemble(
         kernel,
         root_uuid,
         guest_grub_cfg,
+        firmware,
+        boot_loader,
     })
 }
 
@@ -475,10 +684,17 @@ pub fn console_tail(log: &Path, lines: usize) -> String {
 }
 
 /// One boot attempt: Ok(seconds) at the login prompt, Err(reason) otherwise.
-fn boot_once(image: &Path, accel: &str, log: &Path, timeout: Duration) -> Result<f64, String> {
+fn boot_once(
+    image: &Path,
+    firmware: Firmware,
+    accel: &str,
+    log: &Path,
+    timeout: Duration,
+) -> Result<f64, String> {
     let _ = std::fs::remove_file(log);
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(accel_args(accel))
+        .args(firmware.qemu_args())
         .args(["-m", "1024", "-smp", "1", "-display", "none"])
         .args(["-no-reboot", "-nic", "none"])
         .arg("-serial")
@@ -515,6 +731,7 @@ fn boot_once(image: &Path, accel: &str, log: &Path, timeout: Duration) -> Result
 /// says which was used and why.
 pub fn boot_check(
     image: &Path,
+    firmware: Firmware,
     root_uuid: &str,
     log: &Path,
     timeout: Duration,
@@ -523,7 +740,7 @@ pub fn boot_check(
     let mut last = None;
     for accel in accels {
         let started = Instant::now();
-        match boot_once(image, accel, log, timeout) {
+        match boot_once(image, firmware, accel, log, timeout) {
             Ok(seconds) => {
                 let text =
                     String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
@@ -589,6 +806,7 @@ pub fn build(
     };
     match boot_check(
         out,
+        made.firmware,
         &made.root_uuid,
         &out.with_extension("console.log"),
         timeout,
@@ -618,15 +836,26 @@ mod tests {
     #[test]
     fn boot_comes_first_and_partitions_are_mib_aligned() {
         let parts = [part("/var", 3), part("/", 10), part("/boot", 1)];
-        let o = ordered(&parts).unwrap();
+        let o = ordered(&parts, Firmware::Bios).unwrap();
         let names: Vec<_> = o.iter().map(|p| p.mount_point.as_str()).collect();
         assert_eq!(names, ["/boot", "/", "/var"]);
         assert_eq!(layout(&o), [(2048, 2048), (4096, 20480), (24576, 6144)]);
-        assert!(ordered(&[part("/var", 1)]).is_err());
+        assert!(ordered(&[part("/var", 1)], Firmware::Bios).is_err());
         let five: Vec<_> = ["/", "/a", "/b", "/c", "/d"]
             .iter()
             .map(|m| part(m, 1))
             .collect();
-        assert!(ordered(&five).is_err());
+        assert!(ordered(&five, Firmware::Bios).is_err());
+        // UEFI: a GPT holds them all, the EFI system partition first.
+        let mut efi = five.clone();
+        efi.push(Part {
+            fstype: "vfat".into(),
+            ..part(ESP_MOUNT, 1)
+        });
+        assert_eq!(Firmware::of(&efi), Firmware::Efi);
+        assert_eq!(Firmware::of(&five), Firmware::Bios);
+        let o = ordered(&efi, Firmware::Efi).unwrap();
+        assert_eq!(o[0].mount_point, ESP_MOUNT);
+        assert_eq!(o[1].mount_point, "/");
     }
 }

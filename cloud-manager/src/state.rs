@@ -143,6 +143,12 @@ pub struct ImageRecord {
     /// Bytes uploaded to the provider for this image (changed blocks only).
     #[serde(default)]
     pub uploaded_bytes: u64,
+    /// `bios` or `efi`; empty (older records) is bios.
+    #[serde(default)]
+    pub firmware: String,
+    /// Which boot loader starts the image, and whose it is.
+    #[serde(default)]
+    pub boot_loader: String,
 }
 
 /// An application: its systems (public or private), services and provider.
@@ -188,6 +194,9 @@ pub struct InstanceRecord {
     /// What the instance got (aws: the instance type; local: vCPUs and memory).
     #[serde(default)]
     pub size: String,
+    /// The image's firmware: `efi`, or `bios` (also when empty).
+    #[serde(default)]
+    pub firmware: String,
 }
 
 /// A clone of an application: its network and instances on one provider.

@@ -1,6 +1,8 @@
 //! Disk images from a real Debian 12 tree: customized, put in an ext4 file system with a
 //! known UUID, assembled (MBR, GRUB for BIOS) into qcow2, and booted once under QEMU to
-//! a login prompt with the root file system named by UUID. A broken fstab fails the
+//! a login prompt with the root file system named by UUID. A UEFI system (an EFI system
+//! partition at /boot/efi) gets a GPT and boots under OVMF, with the guest's own GRUB
+//! as the fallback loader, or Ferry's when the guest has none. A broken fstab fails the
 //! boot check, shows the console, and leaves no image behind; so does a missing kernel.
 use anyhow::{ensure, Result};
 use ferry_tests::*;
@@ -31,20 +33,78 @@ fn root_image(dir: &Path, edit: impl FnOnce(&Path) -> Result<()>) -> Result<Path
 }
 
 fn build(img: &Path, out: &Path) -> std::process::Output {
-    Command::new(bin("ferry-cloud"))
-        .args([
-            "image",
-            "build",
-            "--json",
-            "--boot-timeout",
-            "240",
-            "--part",
-        ])
-        .arg(format!("/={}", img.display()))
-        .arg("--out")
+    build_parts(&[format!("/={}", img.display())], out)
+}
+
+fn build_parts(parts: &[String], out: &Path) -> std::process::Output {
+    let mut cmd = Command::new(bin("ferry-cloud"));
+    cmd.args(["image", "build", "--json", "--boot-timeout", "300"]);
+    for p in parts {
+        cmd.arg("--part").arg(p);
+    }
+    cmd.arg("--out")
         .arg(out)
         .output()
         .expect("ferry-cloud runs")
+}
+
+/// Debian's own signed GRUB for UEFI, as a Debian guest has it on its ESP.
+const DEBIAN_GRUB_EFI: &str = "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed";
+const ESP_ID: &str = "ABCD1234";
+
+/// An EFI system partition as `grub-install` leaves it on a Debian guest, with
+/// `vendor` set (EFI/debian/grubx64.efi and the grub.cfg beside it that finds the root
+/// file system), or without any loader. Either way there is no fallback loader: the
+/// NVRAM entry that named the vendor's loader stayed on the source machine.
+fn esp_image(dir: &Path, name: &str, vendor: bool) -> Result<PathBuf> {
+    let img = dir.join(format!("{name}.img"));
+    sh(Command::new("truncate").args(["-s", "64M"]).arg(&img))?;
+    sh(Command::new("mkfs.vfat").args(["-i", ESP_ID]).arg(&img))?;
+    if vendor {
+        let cfg = dir.join(format!("{name}.grub.cfg"));
+        std::fs::write(
+            &cfg,
+            format!("search.fs_uuid {UUID} root\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n"),
+        )?;
+        // mtools: this host's kernel may have no vfat driver.
+        let m = |tool: &str| {
+            let mut c = Command::new(tool);
+            c.env("MTOOLS_SKIP_CHECK", "1").arg("-i").arg(&img);
+            c
+        };
+        sh(m("mmd").args(["::/EFI", "::/EFI/debian"]))?;
+        sh(m("mcopy")
+            .arg(DEBIAN_GRUB_EFI)
+            .arg("::/EFI/debian/grubx64.efi"))?;
+        sh(m("mcopy").arg(&cfg).arg("::/EFI/debian/grub.cfg"))?;
+    }
+    Ok(img)
+}
+
+/// The built disk's partition table (sfdisk's JSON) and the bytes of a file on its
+/// EFI system partition (the first partition).
+fn efi_disk(out: &Path, dir: &Path, file: &str) -> Result<(serde_json::Value, Vec<u8>)> {
+    let raw = dir.join("efi-check.raw");
+    sh(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(out)
+        .arg(&raw))?;
+    let table: serde_json::Value =
+        serde_json::from_str(&sh(Command::new("sfdisk").arg("--json").arg(&raw))?)?;
+    let start = table["partitiontable"]["partitions"][0]["start"]
+        .as_u64()
+        .unwrap_or(0)
+        * 512;
+    let got = dir.join("efi-check.file");
+    let _ = std::fs::remove_file(&got);
+    sh(Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(format!("{}@@{start}", raw.display()))
+        .arg(format!("::/{file}"))
+        .arg(&got))?;
+    std::fs::remove_file(&raw)?;
+    Ok((table, std::fs::read(&got)?))
 }
 
 #[test]
@@ -321,5 +381,82 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
             .contains("no image")
     );
     assert_eq!(cloud.ferry_json(&["app", "list"])?, serde_json::json!([]));
+    Ok(())
+}
+
+#[test]
+fn a_uefi_system_gets_a_gpt_and_boots_with_its_own_grub_as_the_fallback_loader() -> Result<()> {
+    let tmp = scratch("image-efi")?;
+    let t = tmp.path();
+    // The source mounts its ESP the way Debian's installer writes it.
+    let img = root_image(t, |tree| {
+        std::fs::create_dir_all(tree.join("boot/efi"))?;
+        let fstab = std::fs::read_to_string(tree.join("etc/fstab"))?;
+        std::fs::write(
+            tree.join("etc/fstab"),
+            format!("{fstab}UUID=ABCD-1234 /boot/efi vfat umask=0077 0 1\n"),
+        )?;
+        Ok(())
+    })?;
+    let root = format!("/={}", img.display());
+
+    // The guest's own GRUB: Debian's signed grubx64.efi becomes the fallback loader.
+    let esp = esp_image(t, "esp", true)?;
+    let out = t.join("efi.qcow2");
+    let r = build_parts(
+        &[root.clone(), format!("/boot/efi={}", esp.display())],
+        &out,
+    );
+    ensure!(
+        r.status.success(),
+        "build failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout)?;
+    assert_eq!(v["image"]["firmware"], "efi", "{v}");
+    assert!(
+        v["image"]["boot_loader"]
+            .as_str()
+            .is_some_and(|l| l.contains("guest's EFI/debian/grubx64.efi")),
+        "{v}"
+    );
+    assert_eq!(v["boot_check"]["root_by_uuid"], true, "{v}");
+    let (table, loader) = efi_disk(&out, t, "EFI/BOOT/BOOTX64.EFI")?;
+    assert_eq!(table["partitiontable"]["label"], "gpt", "{table}");
+    assert_eq!(
+        table["partitiontable"]["partitions"][0]["type"], "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+        "the EFI system partition comes first: {table}"
+    );
+    assert!(
+        loader == std::fs::read(DEBIAN_GRUB_EFI)?,
+        "the fallback loader is the guest's GRUB, byte for byte"
+    );
+    // OVMF and GRUB write escape sequences: not all of it is UTF-8.
+    let console = String::from_utf8_lossy(&std::fs::read(t.join("efi.console.log"))?).into_owned();
+    assert!(console.contains("ferry-image-test login:"), "{console}");
+    eprintln!(
+        "uefi boot check (guest grub): {}, {:.1}s",
+        v["boot_check"]["accel"], v["boot_check"]["seconds"]
+    );
+
+    // No loader at all on the ESP: Ferry builds GRUB for UEFI there, and it boots too.
+    let bare = esp_image(t, "bare", false)?;
+    let out = t.join("efi-bare.qcow2");
+    let r = build_parts(&[root, format!("/boot/efi={}", bare.display())], &out);
+    ensure!(
+        r.status.success(),
+        "build failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout)?;
+    assert!(
+        v["image"]["boot_loader"]
+            .as_str()
+            .is_some_and(|l| l.contains("host's x86_64-efi")),
+        "{v}"
+    );
+    assert_eq!(v["boot_check"]["root_by_uuid"], true, "{v}");
+    let (_, loader) = efi_disk(&out, t, "EFI/BOOT/BOOTX64.EFI")?;
+    assert_eq!(&loader[..2], b"MZ", "a PE/COFF EFI application");
     Ok(())
 }

@@ -271,7 +271,11 @@ impl Aws {
             .virtualization_type("hvm")
             .root_device_name("/dev/xvda")
             .ena_support(true)
-            .boot_mode(ec2t::BootModeValues::LegacyBios)
+            .boot_mode(if img.firmware == "efi" {
+                ec2t::BootModeValues::Uefi
+            } else {
+                ec2t::BootModeValues::LegacyBios
+            })
             .block_device_mappings(
                 ec2t::BlockDeviceMapping::builder()
                     .device_name("/dev/xvda")

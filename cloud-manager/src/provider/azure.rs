@@ -458,6 +458,7 @@ impl Azure {
             .len();
         let name = image_name(&img.id);
         let disk_id = self.id("Microsoft.Compute", "disks", &name);
+        let generation = hyper_v_generation(&img.firmware);
         let disk: compute::models::Disk = model(
             "Disks_CreateOrUpdate",
             json!({
@@ -466,7 +467,7 @@ impl Azure {
                 "sku": {"name": "Standard_LRS"},
                 "properties": {
                     "osType": "Linux",
-                    "hyperVGeneration": "V1",
+                    "hyperVGeneration": generation,
                     "creationData": {"createOption": "Upload", "uploadSizeBytes": size}
                 }
             }),
@@ -486,20 +487,22 @@ impl Azure {
                 return Err(e);
             }
         };
-        let image: compute::models::Image = model(
-            "Images_CreateOrUpdate",
-            json!({
-                "location": self.cfg.location,
-                "tags": {"ferry-image": img.id, "ferry-system": img.system},
-                "properties": {
-                    "storageProfile": {"osDisk": {
-                        "osType": "Linux",
-                        "osState": "Specialized",
-                        "managedDisk": {"id": disk_id}
-                    }}
-                }
-            }),
-        )?;
+        let mut body = json!({
+            "location": self.cfg.location,
+            "tags": {"ferry-image": img.id, "ferry-system": img.system},
+            "properties": {
+                "storageProfile": {"osDisk": {
+                    "osType": "Linux",
+                    "osState": "Specialized",
+                    "managedDisk": {"id": disk_id}
+                }}
+            }
+        });
+        // Generation 1 (BIOS) is the default; a UEFI image must say it is generation 2.
+        if generation == "V2" {
+            body["properties"]["hyperVGeneration"] = json!("V2");
+        }
+        let image: compute::models::Image = model("Images_CreateOrUpdate", body)?;
         let made = self
             .call(
                 "Images_CreateOrUpdate",
@@ -818,7 +821,8 @@ impl Azure {
             "Disks_CreateOrUpdate",
             json!({"location": self.cfg.location, "tags": tags,
                    "sku": {"name": "Standard_LRS"},
-                   "properties": {"osType": "Linux", "hyperVGeneration": "V1",
+                   "properties": {"osType": "Linux",
+                       "hyperVGeneration": hyper_v_generation(&inst.firmware),
                        "creationData": {"createOption": "Copy", "sourceResourceId": source}}}),
         )?;
         self.call(
@@ -1003,6 +1007,15 @@ impl Azure {
             .await?;
         }
         Ok(())
+    }
+}
+
+/// Azure's VM generation for a firmware: V2 boots UEFI, V1 BIOS.
+fn hyper_v_generation(firmware: &str) -> &'static str {
+    if firmware == "efi" {
+        "V2"
+    } else {
+        "V1"
     }
 }
 

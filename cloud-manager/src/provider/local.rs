@@ -506,6 +506,7 @@ impl Local {
         cmd.arg("-name")
             .arg(self.marker(&rec.name, &inst.system))
             .args(image::accel_args(accel))
+            .args(firmware_of(inst).qemu_args())
             .args(["-m", &self.cfg.memory_mib.to_string(), "-smp", "1"])
             .args(["-display", "none", "-daemonize"])
             .arg("-pidfile")
@@ -795,6 +796,15 @@ impl Provider for Local {
         }
         rec.state = clone_state(&rec.instances).into();
         Ok(())
+    }
+}
+
+/// The firmware an instance boots with, from its image.
+fn firmware_of(inst: &InstanceRecord) -> image::Firmware {
+    if inst.firmware == "efi" {
+        image::Firmware::Efi
+    } else {
+        image::Firmware::Bios
     }
 }
 
