@@ -110,7 +110,15 @@ fn efi_disk(out: &Path, dir: &Path, file: &str) -> Result<(serde_json::Value, Ve
 #[test]
 fn a_customized_debian_12_image_boots_to_login_with_root_by_uuid() -> Result<()> {
     let tmp = scratch("image")?;
-    let img = root_image(tmp.path(), |_| Ok(()))?;
+    // The guest has GRUB for BIOS installed (grub-pc-bin's modules): its own modules
+    // build the core image, so they match whatever its grub.cfg loads.
+    let img = root_image(tmp.path(), |tree| {
+        std::fs::create_dir_all(tree.join("usr/lib/grub"))?;
+        sh(Command::new("cp")
+            .args(["-a", "/usr/lib/grub/i386-pc"])
+            .arg(tree.join("usr/lib/grub/")))?;
+        Ok(())
+    })?;
     let out = tmp.path().join("web01.qcow2");
     let r = build(&img, &out);
     ensure!(
@@ -127,6 +135,13 @@ fn a_customized_debian_12_image_boots_to_login_with_root_by_uuid() -> Result<()>
         v["boot_check"]["seconds"], v["boot_check"]["kvm_note"]
     );
     assert_eq!(v["image"]["root_uuid"], UUID);
+    assert_eq!(v["image"]["firmware"], "bios", "{v}");
+    assert!(
+        v["image"]["boot_loader"]
+            .as_str()
+            .is_some_and(|l| l.contains("guest's i386-pc")),
+        "{v}"
+    );
     // qcow2, and sparse: far smaller on disk than the 2 GiB it holds.
     let info = sh(Command::new("qemu-img")
         .args(["info", "--output=json"])
@@ -324,6 +339,14 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     assert_eq!(img["system"], "web01");
     assert_eq!(img["app"], "shop");
     assert_eq!(img["boot_check"]["root_by_uuid"], true, "{img}");
+    // The guest has no GRUB of its own: the host's builds the core image.
+    assert_eq!(img["firmware"], "bios", "{img}");
+    assert!(
+        img["boot_loader"]
+            .as_str()
+            .is_some_and(|l| l.contains("host's i386-pc")),
+        "{img}"
+    );
     let path = PathBuf::from(img["path"].as_str().unwrap_or_default());
     assert!(path.exists(), "{img}");
     let console = std::fs::read_to_string(path.with_extension("console.log"))?;
