@@ -28,6 +28,18 @@ pub struct HostInfo {
     pub memory_bytes: u64,
     pub nics: Vec<Nic>,
     pub filesystems: Vec<FsInfo>,
+    #[serde(default)]
+    pub boot: BootInfo,
+}
+
+/// How the system boots, so its image can be laid out the same way.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BootInfo {
+    /// `efi` or `bios` on the live host; empty for an offline tree.
+    pub firmware: String,
+    /// `gpt` or `dos`, of the disk that holds "/"; empty when unknown (an offline tree,
+    /// a loop or device-mapper device).
+    pub partition_table: String,
 }
 
 /// A local file system of the system.
@@ -109,6 +121,7 @@ pub fn probe(root: &Path) -> Result<HostInfo, ProbeError> {
         configured
     };
 
+    let filesystems = probe_filesystems(&root)?;
     Ok(HostInfo {
         hostname,
         fqdn,
@@ -117,8 +130,57 @@ pub fn probe(root: &Path) -> Result<HostInfo, ProbeError> {
         cpus: probe_cpus(),
         memory_bytes: probe_memory(),
         nics,
-        filesystems: probe_filesystems(&root)?,
+        boot: probe_boot(live, &filesystems),
+        filesystems,
     })
+}
+
+fn probe_boot(live: bool, filesystems: &[FsInfo]) -> BootInfo {
+    let firmware = match (live, Path::new("/sys/firmware/efi").exists()) {
+        (false, _) => "",
+        (true, true) => "efi",
+        (true, false) => "bios",
+    };
+    let partition_table = filesystems
+        .iter()
+        .find(|f| f.mount_point == "/")
+        .and_then(|f| parent_disk(&f.device))
+        .and_then(|d| {
+            let mut head = [0u8; 1024];
+            let mut f = fs::File::open(d).ok()?;
+            std::io::Read::read_exact(&mut f, &mut head).ok()?;
+            partition_table(&head)
+        })
+        .unwrap_or_default();
+    BootInfo {
+        firmware: firmware.into(),
+        partition_table: partition_table.into(),
+    }
+}
+
+/// The whole disk a partition belongs to (`/dev/sda1` gives `/dev/sda`), through sysfs;
+/// none for a device that is not a partition.
+fn parent_disk(device: &str) -> Option<PathBuf> {
+    let dev = fs::canonicalize(device).ok()?;
+    let name = dev.file_name()?.to_str()?.to_string();
+    let sys = fs::canonicalize(format!("/sys/class/block/{name}")).ok()?;
+    if !sys.join("partition").exists() {
+        return None;
+    }
+    let disk = sys.parent()?.file_name()?.to_str()?.to_string();
+    Some(PathBuf::from("/dev").join(disk))
+}
+
+/// The partition table in a disk's first two sectors: GPT's header signature in sector
+/// 1 (its protective MBR also carries the boot signature), else an MBR's.
+pub fn partition_table(head: &[u8; 1024]) -> Option<&'static str> {
+    if &head[512..520] == b"EFI PART" {
+        Some("gpt")
+    } else if head[510..512] == [0x55, 0xAA] {
+        Some("dos")
+    } else {
+        None
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -998,6 +1060,39 @@ fn find_dev_link(links: &[DevLink], device: &Path, st_dev: Option<u64>) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_tables_are_told_apart_by_their_signatures() {
+        let mut head = [0u8; 1024];
+        assert_eq!(partition_table(&head), None);
+        head[510] = 0x55;
+        head[511] = 0xAA;
+        assert_eq!(partition_table(&head), Some("dos"));
+        head[512..520].copy_from_slice(b"EFI PART");
+        assert_eq!(partition_table(&head), Some("gpt"));
+        // A real disk file laid out by sfdisk.
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d.raw");
+        fs::File::create(&disk).unwrap().set_len(4 << 20).unwrap();
+        for (label, want) in [("gpt", "gpt"), ("dos", "dos")] {
+            let mut c = Command::new("sfdisk")
+                .args(["-q", "--no-reread", "--no-tell-kernel"])
+                .arg(&disk)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::io::Write::write_all(
+                c.stdin.as_mut().unwrap(),
+                format!("label: {label}\nstart=2048, size=2048\n").as_bytes(),
+            )
+            .unwrap();
+            drop(c.stdin.take());
+            assert!(c.wait().unwrap().success());
+            let mut head = [0u8; 1024];
+            std::io::Read::read_exact(&mut fs::File::open(&disk).unwrap(), &mut head).unwrap();
+            assert_eq!(partition_table(&head), Some(want));
+        }
+    }
     use ferry_common::sysconf::{os_from_redhat_release, os_from_suse_release};
     use std::cmp::Ordering;
     use std::os::unix::fs::symlink;

@@ -735,6 +735,11 @@ impl Cloud {
                 .and_then(|r| serde_json::from_value(r["kernel_args"].clone()).ok())
                 .unwrap_or_default();
         let fss = rec.filesystems.clone();
+        // The source disk's partition table, as its probe read it (gpt, dos, or unknown).
+        let source_table = serde_json::from_str::<serde_json::Value>(&rec.probe_json)
+            .ok()
+            .and_then(|p| p["boot"]["partition_table"].as_str().map(str::to_string))
+            .unwrap_or_default();
         let (made, boot) = blocking(move || -> Result<_> {
             std::fs::create_dir_all(&dir).map_err(|e| CloudError::Io(e.to_string()))?;
             let mut parts = Vec::new();
@@ -755,9 +760,15 @@ impl Cloud {
                 );
             }
             let timeout = check.then_some(BOOT_TIMEOUT);
-            let (made, boot) =
-                crate::image::build(&parts, &out, target.console(), &kernel_args, timeout)
-                    .map_err(|e| CloudError::Failed(e.to_string()))?;
+            let (made, boot) = crate::image::build(
+                &parts,
+                &out,
+                target.console(),
+                &kernel_args,
+                &source_table,
+                timeout,
+            )
+            .map_err(|e| CloudError::Failed(e.to_string()))?;
             Ok((made, boot))
         })
         .await?;

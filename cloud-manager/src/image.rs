@@ -119,9 +119,34 @@ impl Firmware {
     }
 }
 
+/// The partition table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Table {
+    Dos,
+    Gpt,
+}
+
+impl Table {
+    /// Laid out like the source disk: a GPT for UEFI, for a source disk that had one
+    /// (`source` is what its probe read: `gpt`, `dos` or nothing), and for more file
+    /// systems than an MBR's four primary partitions; an MBR otherwise.
+    pub fn for_disk(firmware: Firmware, source: &str, partitions: usize) -> Self {
+        if firmware == Firmware::Efi || source == "gpt" || partitions > 4 {
+            Table::Gpt
+        } else {
+            Table::Dos
+        }
+    }
+}
+
+/// GPT type of the BIOS boot partition, where GRUB's core image lives on a BIOS disk
+/// with a GPT (the GPT itself fills the gap an MBR leaves).
+const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+
 /// The partitions in disk order: the EFI system partition (UEFI), /boot (if separate),
-/// then /, then the rest. An MBR holds four.
-fn ordered(parts: &[Part], firmware: Firmware) -> Result<Vec<&Part>, ImageError> {
+/// then /, then the rest.
+fn ordered(parts: &[Part]) -> Result<Vec<&Part>, ImageError> {
     let mut v: Vec<&Part> = parts.iter().collect();
     v.sort_by_key(|p| match p.mount_point.as_str() {
         ESP_MOUNT => 0,
@@ -132,18 +157,12 @@ fn ordered(parts: &[Part], firmware: Firmware) -> Result<Vec<&Part>, ImageError>
     if !v.iter().any(|p| p.mount_point == "/") {
         return Err(ImageError::Layout("no root file system".into()));
     }
-    if firmware == Firmware::Bios && v.len() > 4 {
-        return Err(ImageError::Layout(format!(
-            "{} file systems: a BIOS system's MBR holds 4 primary partitions",
-            v.len()
-        )));
-    }
     Ok(v)
 }
 
-/// Partition start and size in sectors, each rounded up to a MiB.
-fn layout(parts: &[&Part]) -> Vec<(u64, u64)> {
-    let mut at = FIRST;
+/// Partition start and size in sectors from `first`, each rounded up to a MiB.
+fn layout(parts: &[&Part], first: u64) -> Vec<(u64, u64)> {
+    let mut at = first;
     parts
         .iter()
         .map(|p| {
@@ -235,6 +254,7 @@ pub struct Assembled {
     /// True when the guest's own grub.cfg is used; false when Ferry wrote one.
     pub guest_grub_cfg: bool,
     pub firmware: Firmware,
+    pub table: Table,
     /// Which boot loader starts the image, and whose it is (the guest's or the host's).
     pub boot_loader: String,
 }
@@ -334,15 +354,19 @@ pub fn assemble(
     work: &Path,
     console: &str,
     extra: &[String],
+    source_table: &str,
 ) -> Result<Assembled, ImageError> {
     let firmware = Firmware::of(parts);
-    let parts = ordered(parts, firmware)?;
-    let spans = layout(&parts);
+    let parts = ordered(parts)?;
+    let table = Table::for_disk(firmware, source_table, parts.len());
+    // BIOS with a GPT: a 1 MiB BIOS boot partition comes first, for GRUB's core image.
+    let bios_gpt = firmware == Firmware::Bios && table == Table::Gpt;
+    let spans = layout(&parts, if bios_gpt { 2 * FIRST } else { FIRST });
     std::fs::create_dir_all(work).map_err(io(work))?;
     let raw = work.join("disk.raw");
     let _ = std::fs::remove_file(&raw);
     // A GPT keeps a backup header at the end of the disk: a MiB is left for it.
-    let tail = if firmware == Firmware::Efi { FIRST } else { 0 };
+    let tail = if table == Table::Gpt { FIRST } else { 0 };
     let total = (spans.last().map(|(s, n)| s + n).unwrap_or(FIRST) + tail) * SECTOR;
     std::fs::File::create(&raw)
         .and_then(|f| f.set_len(total))
@@ -351,17 +375,20 @@ pub fn assemble(
         .iter()
         .position(|p| p.mount_point == "/boot")
         .unwrap_or_else(|| parts.iter().position(|p| p.mount_point == "/").unwrap_or(0));
-    let mut script = String::from(match firmware {
-        Firmware::Bios => "label: dos\n",
-        Firmware::Efi => "label: gpt\n",
+    let mut script = String::from(match table {
+        Table::Dos => "label: dos\n",
+        Table::Gpt => "label: gpt\n",
     });
+    if bios_gpt {
+        script.push_str(&format!("start={FIRST}, size={FIRST}, type={BIOS_BOOT}\n"));
+    }
     for (i, (p, (start, size))) in parts.iter().zip(&spans).enumerate() {
-        let kind = match (firmware, p.mount_point.as_str()) {
-            (Firmware::Efi, ESP_MOUNT) => "U",
-            (Firmware::Efi, _) => "L",
-            (Firmware::Bios, _) => "83",
+        let kind = match (table, p.mount_point.as_str()) {
+            (Table::Gpt, ESP_MOUNT) if firmware == Firmware::Efi => "U",
+            (Table::Gpt, _) => "L",
+            (Table::Dos, _) => "83",
         };
-        let boot = if firmware == Firmware::Bios && i == boot_index {
+        let boot = if table == Table::Dos && i == boot_index {
             ", bootable"
         } else {
             ""
@@ -456,23 +483,30 @@ pub fn assemble(
     let boot_loader = match firmware {
         Firmware::Bios => {
             // The MBR's boot code loads the core image from the gap before the first
-            // partition.
-            mkimage("i386-pc", &core, &["biosdisk", "part_msdos"])?;
+            // partition (MBR), or from the BIOS boot partition (GPT).
+            mkimage("i386-pc", &core, &["biosdisk", "part_msdos", "part_gpt"])?;
+            let (at, room) = if bios_gpt {
+                (FIRST, FIRST)
+            } else {
+                (1, FIRST - 1)
+            };
             let core_len = std::fs::metadata(&core).map_err(io(&core))?.len();
-            if core_len > (FIRST - 1) * SECTOR {
+            if core_len > room * SECTOR {
                 return Err(ImageError::Layout(format!(
-                    "GRUB's core image is {core_len} bytes: more than the gap before the first partition"
+                    "GRUB's core image is {core_len} bytes: more than the {room} sectors it has"
                 )));
             }
-            run(Command::new("dd")
-                .arg(format!("if={}", modules.join("boot.img").display()))
-                .arg(format!("of={}", raw.display()))
-                .args(["bs=440", "count=1", "conv=notrunc", "status=none"]))?;
-            run(Command::new("dd")
-                .arg(format!("if={}", core.display()))
-                .arg(format!("of={}", raw.display()))
-                .args(["bs=512", "seek=1", "conv=notrunc", "status=none"]))?;
-            format!("GRUB for BIOS in the MBR gap, from the {whose} i386-pc modules")
+            let mut boot = std::fs::read(modules.join("boot.img")).map_err(io(&modules))?;
+            let mut core_img = std::fs::read(&core).map_err(io(&core))?;
+            place_core(&mut boot, &mut core_img, at)?;
+            write_at(&raw, 0, &boot[..440])?;
+            write_at(&raw, at * SECTOR, &core_img)?;
+            let place = if bios_gpt {
+                "the BIOS boot partition"
+            } else {
+                "the MBR gap"
+            };
+            format!("GRUB for BIOS in {place}, from the {whose} i386-pc modules")
         }
         Firmware::Efi => {
             let off = spans[0].0 * SECTOR;
@@ -527,8 +561,35 @@ pub fn assemble(
         root_uuid,
         guest_grub_cfg,
         firmware,
+        table,
         boot_loader,
     })
+}
+
+/// Points GRUB's boot sector and the first sector of its core image (diskboot) at a
+/// core image placed at sector `at`: what grub-bios-setup does. `boot.img` keeps the
+/// core's first sector at 0x5c; diskboot's block list (at the end of its sector) the
+/// start of the rest.
+fn place_core(boot: &mut [u8], core: &mut [u8], at: u64) -> Result<(), ImageError> {
+    if boot.len() < 512 || core.len() < 512 {
+        return Err(ImageError::Layout(
+            "GRUB's boot or core image is too short".into(),
+        ));
+    }
+    boot[0x5c..0x64].copy_from_slice(&at.to_le_bytes());
+    core[0x1f4..0x1fc].copy_from_slice(&(at + 1).to_le_bytes());
+    Ok(())
+}
+
+/// Writes `data` into `file` at byte `offset`, leaving the rest as it is.
+fn write_at(file: &Path, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+    use std::io::{Seek, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .map_err(io(file))?;
+    f.seek(std::io::SeekFrom::Start(offset)).map_err(io(file))?;
+    f.write_all(data).map_err(io(file))
 }
 
 fn run_with_stdin(cmd: &mut Command, input: &str) -> Result<String, ImageError> {
@@ -795,10 +856,11 @@ pub fn build(
     out: &Path,
     console: &str,
     extra: &[String],
+    source_table: &str,
     boot_timeout: Option<Duration>,
 ) -> Result<(Assembled, Option<BootReport>), ImageError> {
     let work = out.with_extension("work");
-    let made = assemble(parts, out, &work, console, extra);
+    let made = assemble(parts, out, &work, console, extra, source_table);
     let _ = std::fs::remove_dir_all(&work);
     let made = made?;
     let Some(timeout) = boot_timeout else {
@@ -836,16 +898,23 @@ mod tests {
     #[test]
     fn boot_comes_first_and_partitions_are_mib_aligned() {
         let parts = [part("/var", 3), part("/", 10), part("/boot", 1)];
-        let o = ordered(&parts, Firmware::Bios).unwrap();
+        let o = ordered(&parts).unwrap();
         let names: Vec<_> = o.iter().map(|p| p.mount_point.as_str()).collect();
         assert_eq!(names, ["/boot", "/", "/var"]);
-        assert_eq!(layout(&o), [(2048, 2048), (4096, 20480), (24576, 6144)]);
-        assert!(ordered(&[part("/var", 1)], Firmware::Bios).is_err());
+        assert_eq!(
+            layout(&o, 2048),
+            [(2048, 2048), (4096, 20480), (24576, 6144)]
+        );
+        assert!(ordered(&[part("/var", 1)]).is_err());
         let five: Vec<_> = ["/", "/a", "/b", "/c", "/d"]
             .iter()
             .map(|m| part(m, 1))
             .collect();
-        assert!(ordered(&five, Firmware::Bios).is_err());
+        // More file systems than an MBR holds, a GPT source, UEFI: a GPT.
+        assert_eq!(Table::for_disk(Firmware::Bios, "", 5), Table::Gpt);
+        assert_eq!(Table::for_disk(Firmware::Bios, "gpt", 1), Table::Gpt);
+        assert_eq!(Table::for_disk(Firmware::Efi, "dos", 2), Table::Gpt);
+        assert_eq!(Table::for_disk(Firmware::Bios, "dos", 4), Table::Dos);
         // UEFI: a GPT holds them all, the EFI system partition first.
         let mut efi = five.clone();
         efi.push(Part {
@@ -854,8 +923,24 @@ mod tests {
         });
         assert_eq!(Firmware::of(&efi), Firmware::Efi);
         assert_eq!(Firmware::of(&five), Firmware::Bios);
-        let o = ordered(&efi, Firmware::Efi).unwrap();
+        let o = ordered(&efi).unwrap();
         assert_eq!(o[0].mount_point, ESP_MOUNT);
         assert_eq!(o[1].mount_point, "/");
+    }
+
+    #[test]
+    fn the_core_image_is_found_where_it_is_placed() {
+        let mut boot = vec![0u8; 512];
+        let mut core = vec![0u8; 1024];
+        place_core(&mut boot, &mut core, 2048).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(boot[0x5c..0x64].try_into().unwrap()),
+            2048
+        );
+        assert_eq!(
+            u64::from_le_bytes(core[0x1f4..0x1fc].try_into().unwrap()),
+            2049
+        );
+        assert!(place_core(&mut [0u8; 10], &mut core, 1).is_err());
     }
 }

@@ -37,8 +37,13 @@ fn build(img: &Path, out: &Path) -> std::process::Output {
 }
 
 fn build_parts(parts: &[String], out: &Path) -> std::process::Output {
+    build_with(parts, out, &[])
+}
+
+fn build_with(parts: &[String], out: &Path, extra: &[&str]) -> std::process::Output {
     let mut cmd = Command::new(bin("ferry-cloud"));
-    cmd.args(["image", "build", "--json", "--boot-timeout", "300"]);
+    cmd.args(["image", "build", "--json", "--boot-timeout", "300"])
+        .args(extra);
     for p in parts {
         cmd.arg("--part").arg(p);
     }
@@ -481,5 +486,51 @@ fn a_uefi_system_gets_a_gpt_and_boots_with_its_own_grub_as_the_fallback_loader()
     assert_eq!(v["boot_check"]["root_by_uuid"], true, "{v}");
     let (_, loader) = efi_disk(&out, t, "EFI/BOOT/BOOTX64.EFI")?;
     assert_eq!(&loader[..2], b"MZ", "a PE/COFF EFI application");
+    Ok(())
+}
+
+#[test]
+fn a_bios_system_from_a_gpt_disk_gets_a_bios_boot_partition_and_boots() -> Result<()> {
+    let tmp = scratch("image-bios-gpt")?;
+    let t = tmp.path();
+    let img = root_image(t, |_| Ok(()))?;
+    let out = t.join("gpt.qcow2");
+    let r = build_with(
+        &[format!("/={}", img.display())],
+        &out,
+        &["--partition-table", "gpt"],
+    );
+    ensure!(
+        r.status.success(),
+        "build failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout)?;
+    assert_eq!(v["image"]["firmware"], "bios", "{v}");
+    assert_eq!(v["image"]["table"], "gpt", "{v}");
+    assert!(
+        v["image"]["boot_loader"]
+            .as_str()
+            .is_some_and(|l| l.contains("BIOS boot partition")),
+        "{v}"
+    );
+    assert_eq!(v["boot_check"]["root_by_uuid"], true, "{v}");
+    let raw = t.join("gpt.raw");
+    sh(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&out)
+        .arg(&raw))?;
+    let table: serde_json::Value =
+        serde_json::from_str(&sh(Command::new("sfdisk").arg("--json").arg(&raw))?)?;
+    let parts = &table["partitiontable"]["partitions"];
+    assert_eq!(table["partitiontable"]["label"], "gpt", "{table}");
+    assert_eq!(
+        parts[0]["type"], "21686148-6449-6E6F-744E-656564454649",
+        "a BIOS boot partition first: {table}"
+    );
+    assert_eq!(
+        parts[1]["type"], "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
+        "{table}"
+    );
     Ok(())
 }

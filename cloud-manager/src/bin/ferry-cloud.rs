@@ -138,6 +138,10 @@ enum ImageCmd {
         /// guest has none (repeatable), e.g. net.ifnames=0.
         #[arg(long = "kernel-arg")]
         kernel_args: Vec<String>,
+        /// The source disk's partition table, gpt or dos: a GPT source gets a GPT
+        /// (with a BIOS boot partition when it boots by BIOS).
+        #[arg(long, default_value = "")]
+        partition_table: String,
         #[arg(long)]
         json: bool,
     },
@@ -150,6 +154,7 @@ fn image_build(
     boot_check: bool,
     boot_timeout: u64,
     kernel_args: &[String],
+    partition_table: &str,
 ) -> anyhow::Result<serde_json::Value> {
     use ferry_cloud_manager::{customize, image};
     let target: customize::Target = target.parse()?;
@@ -161,7 +166,14 @@ fn image_build(
         ps.push(image::Part::probe(std::path::Path::new(img), mp)?);
     }
     let timeout = boot_check.then(|| std::time::Duration::from_secs(boot_timeout));
-    let (made, report) = image::build(&ps, out, target.console(), kernel_args, timeout)?;
+    let (made, report) = image::build(
+        &ps,
+        out,
+        target.console(),
+        kernel_args,
+        partition_table,
+        timeout,
+    )?;
     Ok(serde_json::json!({ "image": made, "boot_check": report }))
 }
 
@@ -228,6 +240,7 @@ fn main() -> ExitCode {
                     no_boot_check,
                     boot_timeout,
                     kernel_args,
+                    partition_table,
                     json,
                 },
         } => match image_build(
@@ -237,6 +250,7 @@ fn main() -> ExitCode {
             !no_boot_check,
             boot_timeout,
             &kernel_args,
+            &partition_table,
         ) {
             Ok(v) => {
                 if json {
