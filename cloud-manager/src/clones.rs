@@ -330,6 +330,20 @@ impl Cloud {
                 Err(e) => tracing::error!(clone = %name, error = %e, "cannot reconcile clone"),
             }
         }
+        if self.providers.azure.is_some() {
+            // An image build cut short leaves an upload disk no record names; it would
+            // cost money forever.
+            let known: std::collections::HashSet<String> =
+                self.state.images()?.into_iter().map(|i| i.id).collect();
+            match self.azure().await {
+                Ok(azure) => {
+                    if let Err(e) = blocking(move || Ok(azure.sweep_images(&known)?)).await {
+                        tracing::error!(error = %e, "cannot sweep azure upload disks");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "azure provider unusable"),
+            }
+        }
         Ok(())
     }
 

@@ -225,6 +225,67 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
     assert_eq!(os_disk["osState"], "Specialized", "{image}");
     assert_eq!(disk["properties"]["diskState"], "Unattached", "{disk}");
 
+    // A build killed mid-upload leaves an upload disk that no record names (and that
+    // would cost money forever); the restarted cloud manager removes it, closing its
+    // upload first as Azure requires.
+    std::fs::write(web.mnt.join("etc/motd"), "changed after the first image\n")?;
+    let token = cloud.token()?;
+    agent_once(
+        &t.join("agent-web"),
+        &cloud.url(),
+        Some(&token),
+        &web.mnt,
+        "web",
+    )?;
+    let grants = |az: &Azure| -> Result<usize> {
+        Ok(az.state()?["log"]
+            .as_array()
+            .map(|l| l.iter().filter(|e| e["op"] == "Disks_GrantAccess").count())
+            .unwrap_or(0))
+    };
+    let before = grants(&az)?;
+    let mut build = Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(["image", "build", "web", "--target", "azure", "--json"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    wait_for("the upload to start", Duration::from_secs(600), || {
+        grants(&az).is_ok_and(|n| n > before)
+    })?;
+    cloud.restart()?;
+    let _ = build.wait();
+    let known: Vec<String> = cloud
+        .ferry_json(&["image", "list"])?
+        .as_array()
+        .context("images")?
+        .iter()
+        .map(|i| format!("ferry-image-{}", s(&i["id"])))
+        .collect();
+    assert_eq!(known.len(), 2, "the cut build left no record: {known:?}");
+    let st = az.state()?;
+    let disks: Vec<String> = st["resources"]
+        .as_array()
+        .context("resources")?
+        .iter()
+        .filter(|r| r["type"] == "Microsoft.Compute/disks")
+        .map(|r| s(&r["name"]))
+        .collect();
+    let mut sorted = known.clone();
+    sorted.sort();
+    let mut disks_sorted = disks.clone();
+    disks_sorted.sort();
+    assert_eq!(disks_sorted, sorted, "only recorded images keep disks");
+    let orphan_deleted = st["log"].as_array().is_some_and(|l| {
+        l.iter().any(|e| {
+            e["op"] == "Disks_Delete"
+                && e["status"] == 202
+                && !known.iter().any(|k| s(&e["path"]).ends_with(k.as_str()))
+        })
+    });
+    assert!(orphan_deleted, "the orphan disk was deleted: {st}");
+
     // A clone: its own VNet with the enterprise range, NICs at the enterprise
     // addresses, a public IP on the public system only.
     let a = cloud.ferry_json(&["clone", "create", "shop", "--name", "a"])?;

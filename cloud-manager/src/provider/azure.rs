@@ -631,6 +631,15 @@ impl Azure {
     /// Deletes an image's managed image and its upload disk (best effort: used on the
     /// way out of a failed registration).
     async fn remove_image(&self, name: &str) {
+        // A disk still open for upload cannot be deleted; closing it first is harmless
+        // when it is not.
+        let d = self.compute.disks_client();
+        let _ = self
+            .call(
+                "Disks_RevokeAccess",
+                d.revoke_access(self.sub(), self.rg(), name).send(),
+            )
+            .await;
         let c = self.compute.images_client();
         if let Err(e) = self
             .delete(
@@ -648,6 +657,38 @@ impl Azure {
         {
             tracing::warn!(disk = name, error = %e, "disk cleanup");
         }
+    }
+
+    /// Removes the managed images and upload disks of Ferry images no record names (a
+    /// build cut short by a crash). Returns the images removed.
+    pub fn sweep_images(
+        &self,
+        known: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, ProviderError> {
+        self.block_on(async {
+            let mut pages = self
+                .compute
+                .disks_client()
+                .list_by_resource_group(self.sub(), self.rg())
+                .into_stream();
+            let mut orphans = Vec::new();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| api_err("Disks_ListByResourceGroup", &e))?;
+                for disk in page.value {
+                    let v = serde_json::to_value(&disk).unwrap_or(Value::Null);
+                    if let Some(id) = v["tags"]["ferry-image"].as_str() {
+                        if !known.contains(id) && v["name"] == image_name(id).as_str() {
+                            orphans.push(id.to_string());
+                        }
+                    }
+                }
+            }
+            for id in &orphans {
+                tracing::warn!(image = %id, "removing an azure upload disk no image record names");
+                self.remove_image(&image_name(id)).await;
+            }
+            Ok(orphans)
+        })
     }
 
     /// Removes the managed image and its disk of a Ferry image.
