@@ -789,41 +789,41 @@ impl Cloud {
             boot_loader: made.boot_loader.clone(),
             ..Default::default()
         };
-        if target == crate::customize::Target::Aws {
-            // Registered only once it booted here; the previous image of the system is
-            // the parent, so only changed blocks are uploaded.
-            let parent = self
-                .state
-                .images()?
-                .into_iter()
-                .filter(|i| {
-                    i.system == rec.system
-                        && i.target == rec.target
-                        && !i.provider_snapshot.is_empty()
-                })
-                .max_by_key(|i| i.created_unix_ms);
-            let aws = self.aws().await;
+        type Register = Box<
+            dyn FnOnce(
+                    &mut crate::state::ImageRecord,
+                ) -> std::result::Result<(), crate::provider::ProviderError>
+                + Send,
+        >;
+        let register: Option<Register> = match target {
+            crate::customize::Target::Aws => {
+                // The previous image of the system is the parent, so only changed blocks
+                // are uploaded.
+                let parent = self
+                    .state
+                    .images()?
+                    .into_iter()
+                    .filter(|i| {
+                        i.system == rec.system
+                            && i.target == rec.target
+                            && !i.provider_snapshot.is_empty()
+                    })
+                    .max_by_key(|i| i.created_unix_ms);
+                let aws = self.aws().await;
+                Some(Box::new(move |r| aws.register_image(r, parent.as_ref())))
+            }
+            crate::customize::Target::Azure => {
+                let azure = self.azure().await?;
+                Some(Box::new(move |r| azure.register_image(r)))
+            }
+            crate::customize::Target::Local => None,
+        };
+        if let Some(register) = register {
+            // Registered only once it booted here; an image that fails it is removed.
             let path = rec.path.clone();
             let registered = blocking(move || {
                 let mut rec = rec;
-                aws.register_image(&mut rec, parent.as_ref())?;
-                Ok(rec)
-            })
-            .await;
-            rec = match registered {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(e);
-                }
-            };
-        } else if target == crate::customize::Target::Azure {
-            // Registered only once it booted here.
-            let azure = self.azure().await?;
-            let path = rec.path.clone();
-            let registered = blocking(move || {
-                let mut rec = rec;
-                azure.register_image(&mut rec)?;
+                register(&mut rec)?;
                 Ok(rec)
             })
             .await;

@@ -316,6 +316,18 @@ impl CloudMgr {
             .arg("--json"))?;
         Ok(serde_json::from_str(&out)?)
     }
+    /// Replicates the system at `root` once with an agent enrolled by a fresh join token
+    /// (tokens are single-use), its state in `work/agent-NAME`.
+    pub fn replicate(&self, work: &Path, root: &Path, name: &str) -> Result<serde_json::Value> {
+        let token = self.token()?;
+        agent_once(
+            &work.join(format!("agent-{name}")),
+            &self.url(),
+            Some(&token),
+            root,
+            name,
+        )
+    }
     /// `ferry ARGS`, which must fail; returns what it said on stderr.
     pub fn ferry_fails(&self, args: &[&str]) -> String {
         let out = Command::new(bin("ferry"))

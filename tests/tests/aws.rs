@@ -90,14 +90,7 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
     let db = debian12_source(t, "db", DB_UUID, "198.18.80.20")?;
     let mut cloud = CloudMgr::start(&t.join("cloud"))?;
     let agent = |src: &LoopFs, name: &str| -> Result<()> {
-        let token = cloud.token()?;
-        agent_once(
-            &t.join(format!("agent-{name}")),
-            &cloud.url(),
-            Some(&token),
-            &src.mnt,
-            name,
-        )?;
+        cloud.replicate(t, &src.mnt, name)?;
         Ok(())
     };
     agent(&web, "web")?;

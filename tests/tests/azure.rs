@@ -158,14 +158,7 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
         ],
     )?;
     for (src, name) in [(&web, "web"), (&db, "db")] {
-        let token = cloud.token()?;
-        agent_once(
-            &t.join(format!("agent-{name}")),
-            &cloud.url(),
-            Some(&token),
-            &src.mnt,
-            name,
-        )?;
+        cloud.replicate(t, &src.mnt, name)?;
     }
     // No --provider: the serve default (azure) applies.
     let app = cloud.ferry_json(&[
@@ -229,14 +222,7 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
     // would cost money forever); the restarted cloud manager removes it, closing its
     // upload first as Azure requires.
     std::fs::write(web.mnt.join("etc/motd"), "changed after the first image\n")?;
-    let token = cloud.token()?;
-    agent_once(
-        &t.join("agent-web"),
-        &cloud.url(),
-        Some(&token),
-        &web.mnt,
-        "web",
-    )?;
+    cloud.replicate(t, &web.mnt, "web")?;
     let grants = |az: &Azure| -> Result<usize> {
         Ok(az.state()?["log"]
             .as_array()

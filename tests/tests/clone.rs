@@ -132,14 +132,7 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
         &["--clone-prefix", &prefix, "--public-cidr", "198.19.77.0/24"],
     )?;
     for (src, name) in [(&web, "web"), (&db, "db")] {
-        let token = cloud.token()?;
-        agent_once(
-            &t.join(format!("agent-{name}")),
-            &cloud.url(),
-            Some(&token),
-            &src.mnt,
-            name,
-        )?;
+        cloud.replicate(t, &src.mnt, name)?;
     }
     // The database that stays in the enterprise (here: this machine's loopback).
     let pg_port = free_port();

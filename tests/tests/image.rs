@@ -53,6 +53,25 @@ fn build_with(parts: &[String], out: &Path, extra: &[&str]) -> std::process::Out
         .expect("ferry-cloud runs")
 }
 
+/// A build that must succeed, with its JSON report, and the boot loader it names
+/// checked to contain `loader`.
+fn built(r: std::process::Output, loader: &str) -> Result<serde_json::Value> {
+    ensure!(
+        r.status.success(),
+        "build failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout)?;
+    assert_eq!(v["boot_check"]["root_by_uuid"], true, "{v}");
+    assert!(
+        v["image"]["boot_loader"]
+            .as_str()
+            .is_some_and(|l| l.contains(loader)),
+        "{v}"
+    );
+    Ok(v)
+}
+
 /// Debian's own signed GRUB for UEFI, as a Debian guest has it on its ESP.
 const DEBIAN_GRUB_EFI: &str = "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed";
 const ESP_ID: &str = "ABCD1234";
@@ -125,14 +144,7 @@ fn a_customized_debian_12_image_boots_to_login_with_root_by_uuid() -> Result<()>
         Ok(())
     })?;
     let out = tmp.path().join("web01.qcow2");
-    let r = build(&img, &out);
-    ensure!(
-        r.status.success(),
-        "build failed: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&r.stdout)?;
-    assert_eq!(v["boot_check"]["root_by_uuid"], true, "{v}");
+    let v = built(build(&img, &out), "guest's i386-pc")?;
     let accel = v["boot_check"]["accel"].as_str().unwrap_or_default();
     assert!(accel == "kvm" || accel == "tcg", "{v}");
     eprintln!(
@@ -141,12 +153,6 @@ fn a_customized_debian_12_image_boots_to_login_with_root_by_uuid() -> Result<()>
     );
     assert_eq!(v["image"]["root_uuid"], UUID);
     assert_eq!(v["image"]["firmware"], "bios", "{v}");
-    assert!(
-        v["image"]["boot_loader"]
-            .as_str()
-            .is_some_and(|l| l.contains("guest's i386-pc")),
-        "{v}"
-    );
     // qcow2, and sparse: far smaller on disk than the 2 GiB it holds.
     let info = sh(Command::new("qemu-img")
         .args(["info", "--output=json"])
@@ -431,24 +437,14 @@ fn a_uefi_system_gets_a_gpt_and_boots_with_its_own_grub_as_the_fallback_loader()
     // The guest's own GRUB: Debian's signed grubx64.efi becomes the fallback loader.
     let esp = esp_image(t, "esp", true)?;
     let out = t.join("efi.qcow2");
-    let r = build_parts(
-        &[root.clone(), format!("/boot/efi={}", esp.display())],
-        &out,
-    );
-    ensure!(
-        r.status.success(),
-        "build failed: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&r.stdout)?;
+    let v = built(
+        build_parts(
+            &[root.clone(), format!("/boot/efi={}", esp.display())],
+            &out,
+        ),
+        "guest's EFI/debian/grubx64.efi",
+    )?;
     assert_eq!(v["image"]["firmware"], "efi", "{v}");
-    assert!(
-        v["image"]["boot_loader"]
-            .as_str()
-            .is_some_and(|l| l.contains("guest's EFI/debian/grubx64.efi")),
-        "{v}"
-    );
-    assert_eq!(v["boot_check"]["root_by_uuid"], true, "{v}");
     let (table, loader) = efi_disk(&out, t, "EFI/BOOT/BOOTX64.EFI")?;
     assert_eq!(table["partitiontable"]["label"], "gpt", "{table}");
     assert_eq!(
@@ -470,20 +466,10 @@ fn a_uefi_system_gets_a_gpt_and_boots_with_its_own_grub_as_the_fallback_loader()
     // No loader at all on the ESP: Ferry builds GRUB for UEFI there, and it boots too.
     let bare = esp_image(t, "bare", false)?;
     let out = t.join("efi-bare.qcow2");
-    let r = build_parts(&[root, format!("/boot/efi={}", bare.display())], &out);
-    ensure!(
-        r.status.success(),
-        "build failed: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&r.stdout)?;
-    assert!(
-        v["image"]["boot_loader"]
-            .as_str()
-            .is_some_and(|l| l.contains("host's x86_64-efi")),
-        "{v}"
-    );
-    assert_eq!(v["boot_check"]["root_by_uuid"], true, "{v}");
+    built(
+        build_parts(&[root, format!("/boot/efi={}", bare.display())], &out),
+        "host's x86_64-efi",
+    )?;
     let (_, loader) = efi_disk(&out, t, "EFI/BOOT/BOOTX64.EFI")?;
     assert_eq!(&loader[..2], b"MZ", "a PE/COFF EFI application");
     Ok(())
@@ -495,26 +481,16 @@ fn a_bios_system_from_a_gpt_disk_gets_a_bios_boot_partition_and_boots() -> Resul
     let t = tmp.path();
     let img = root_image(t, |_| Ok(()))?;
     let out = t.join("gpt.qcow2");
-    let r = build_with(
-        &[format!("/={}", img.display())],
-        &out,
-        &["--partition-table", "gpt"],
-    );
-    ensure!(
-        r.status.success(),
-        "build failed: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&r.stdout)?;
+    let v = built(
+        build_with(
+            &[format!("/={}", img.display())],
+            &out,
+            &["--partition-table", "gpt"],
+        ),
+        "BIOS boot partition",
+    )?;
     assert_eq!(v["image"]["firmware"], "bios", "{v}");
     assert_eq!(v["image"]["table"], "gpt", "{v}");
-    assert!(
-        v["image"]["boot_loader"]
-            .as_str()
-            .is_some_and(|l| l.contains("BIOS boot partition")),
-        "{v}"
-    );
-    assert_eq!(v["boot_check"]["root_by_uuid"], true, "{v}");
     let raw = t.join("gpt.raw");
     sh(Command::new("qemu-img")
         .args(["convert", "-O", "raw"])

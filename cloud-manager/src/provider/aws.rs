@@ -6,7 +6,7 @@
 //! the load balancer option. Every resource is tagged `ferry:clone`, and teardown finds
 //! them by tag, so a creation cut short leaves nothing behind once it is cleaned up.
 //! Credentials, region and endpoint come from the default AWS chain.
-use super::{clone_state, network, parse_cidr, Provider, ProviderError};
+use super::{network, parse_cidr, CloudApi, ProviderError};
 use crate::state::{CloneRecord, ImageRecord};
 use aws_sdk_ec2::types as ec2t;
 use aws_sdk_elasticloadbalancingv2::types as elbt;
@@ -557,7 +557,7 @@ impl Aws {
             inst.accel = "aws".into();
             inst.mac.clear();
         }
-        self.wait_states(rec, &["running"]).await?;
+        super::wait_states(self, rec, &["running"]).await?;
         for inst in rec
             .instances
             .iter_mut()
@@ -656,7 +656,7 @@ impl Aws {
     }
 
     /// Each instance's state by its id (`stopped` when the provider no longer has it).
-    async fn states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
+    async fn instance_states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
         let ids: Vec<String> = rec
             .instances
             .iter()
@@ -699,27 +699,8 @@ impl Aws {
             .collect())
     }
 
-    async fn wait_states(&self, rec: &mut CloneRecord, want: &[&str]) -> Result<(), ProviderError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-        loop {
-            let states = self.states(rec).await?;
-            for (i, s) in rec.instances.iter_mut().zip(&states) {
-                i.state = s.clone();
-            }
-            if states.iter().all(|s| want.contains(&s.as_str())) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(ProviderError::Invalid(format!(
-                    "instances did not reach {want:?} within 10 minutes: {states:?}"
-                )));
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    }
-
-    /// Starts (resume) or stops (suspend) every instance and waits until they are there.
-    async fn power(&self, rec: &mut CloneRecord, on: bool) -> Result<(), ProviderError> {
+    /// Starts (resume) or stops (suspend) every instance.
+    async fn start_stop(&self, rec: &CloneRecord, on: bool) -> Result<(), ProviderError> {
         let ids: Vec<String> = rec
             .instances
             .iter()
@@ -740,9 +721,6 @@ impl Aws {
                 .await
                 .map_err(sdk_err("StopInstances"))?;
         }
-        self.wait_states(rec, &[if on { "running" } else { "suspended" }])
-            .await?;
-        rec.state = clone_state(&rec.instances).into();
         Ok(())
     }
 
@@ -935,40 +913,29 @@ impl Aws {
     }
 }
 
-impl Provider for Aws {
-    fn name(&self) -> &'static str {
+impl CloudApi for Aws {
+    fn cloud(&self) -> &'static str {
         "aws"
     }
 
-    fn create(&self, rec: &mut CloneRecord, _others: &[CloneRecord]) -> Result<(), ProviderError> {
-        if rec.needs_gateway {
-            rec.warnings.push(
-                "the tunnel gateway is not started on aws yet; use a local clone for tunneled services".into(),
-            );
-        }
-        let made = self.block_on(self.create_async(rec));
-        super::settle(self, rec, made)
+    fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
     }
 
-    fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        self.block_on(self.power(rec, false))
+    async fn launch(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        self.create_async(rec).await
     }
 
-    fn resume(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        self.block_on(self.power(rec, true))
+    async fn power(&self, rec: &CloneRecord, on: bool) -> Result<(), ProviderError> {
+        self.start_stop(rec, on).await
     }
 
-    fn terminate(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
-        self.block_on(self.terminate_async(&rec.name))
+    async fn teardown(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
+        self.terminate_async(&rec.name).await
     }
 
-    fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        let states = self.block_on(self.states(rec))?;
-        for (i, s) in rec.instances.iter_mut().zip(states) {
-            i.state = s;
-        }
-        rec.state = clone_state(&rec.instances).into();
-        Ok(())
+    async fn states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
+        self.instance_states(rec).await
     }
 }
 

@@ -8,7 +8,7 @@
 //! users and keys), which managed images used as a VM source cannot be.
 //! Every name derives from the clone's record, so teardown needs no listing.
 //! Credentials come from the default Azure chain (environment, managed identity, CLI).
-use super::{clone_state, network, parse_cidr, Provider, ProviderError};
+use super::{network, parse_cidr, CloudApi, ProviderError};
 use crate::state::{CloneRecord, ImageRecord, InstanceRecord};
 use azure_core::auth::TokenCredential;
 use azure_mgmt_compute::package_2024_07_01 as compute;
@@ -768,7 +768,7 @@ impl Azure {
             self.create_instance(&n, &tags, &subnet_cidrs, &rec.instance_type, inst)
                 .await?;
         }
-        self.wait_states(rec, &["running"]).await?;
+        super::wait_states(self, rec, &["running"]).await?;
         for inst in rec
             .instances
             .iter_mut()
@@ -920,7 +920,7 @@ impl Azure {
     }
 
     /// Each instance's state, from its instance view's power state.
-    async fn states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
+    async fn instance_states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
         let n = Names(&rec.name);
         let mut out = Vec::new();
         for inst in &rec.instances {
@@ -951,29 +951,9 @@ impl Azure {
         Ok(out)
     }
 
-    async fn wait_states(&self, rec: &mut CloneRecord, want: &[&str]) -> Result<(), ProviderError> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(900);
-        loop {
-            let states = self.states(rec).await?;
-            for (i, s) in rec.instances.iter_mut().zip(&states) {
-                i.state = s.clone();
-            }
-            if states.iter().all(|s| want.contains(&s.as_str())) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(ProviderError::Invalid(format!(
-                    "instances did not reach {want:?} within 15 minutes: {states:?}"
-                )));
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    }
-
-    /// Starts (resume) or deallocates (suspend) every instance and waits for it.
-    async fn power(&self, rec: &mut CloneRecord, on: bool) -> Result<(), ProviderError> {
-        let clone = rec.name.clone();
-        let n = Names(&clone);
+    /// Starts (resume) or deallocates (suspend) every instance.
+    async fn start_stop(&self, rec: &CloneRecord, on: bool) -> Result<(), ProviderError> {
+        let n = Names(&rec.name);
         let c = self.compute.virtual_machines_client();
         for inst in &rec.instances {
             if on {
@@ -991,9 +971,6 @@ impl Azure {
                 .await?;
             }
         }
-        self.wait_states(rec, &[if on { "running" } else { "suspended" }])
-            .await?;
-        rec.state = clone_state(&rec.instances).into();
         Ok(())
     }
 
@@ -1113,40 +1090,29 @@ fn fixed_vhd(qcow: &Path, vhd: &Path) -> Result<(), ProviderError> {
     Ok(())
 }
 
-impl Provider for Azure {
-    fn name(&self) -> &'static str {
+impl CloudApi for Azure {
+    fn cloud(&self) -> &'static str {
         "azure"
     }
 
-    fn create(&self, rec: &mut CloneRecord, _others: &[CloneRecord]) -> Result<(), ProviderError> {
-        if rec.needs_gateway {
-            rec.warnings.push(
-                "the tunnel gateway is not started on azure yet; use a local clone for tunneled services".into(),
-            );
-        }
-        let made = self.block_on(self.create_async(rec));
-        super::settle(self, rec, made)
+    fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
     }
 
-    fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        self.block_on(self.power(rec, false))
+    async fn launch(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        self.create_async(rec).await
     }
 
-    fn resume(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        self.block_on(self.power(rec, true))
+    async fn power(&self, rec: &CloneRecord, on: bool) -> Result<(), ProviderError> {
+        self.start_stop(rec, on).await
     }
 
-    fn terminate(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
-        self.block_on(self.terminate_async(rec))
+    async fn teardown(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
+        self.terminate_async(rec).await
     }
 
-    fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        let states = self.block_on(self.states(rec))?;
-        for (i, s) in rec.instances.iter_mut().zip(states) {
-            i.state = s;
-        }
-        rec.state = clone_state(&rec.instances).into();
-        Ok(())
+    async fn states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
+        self.instance_states(rec).await
     }
 }
 

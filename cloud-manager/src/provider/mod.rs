@@ -62,6 +62,98 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError>;
 }
 
+/// A provider whose clones live behind a cloud's API (aws, azure): creation, power and
+/// teardown are API calls, and each instance's state is what the API reports. The
+/// `Provider` impl below runs them on the runtime and does the waiting for both.
+#[allow(async_fn_in_trait)] // the futures are run with block_on, never spawned
+pub trait CloudApi: Send + Sync + std::fmt::Debug {
+    fn cloud(&self) -> &'static str;
+    fn runtime(&self) -> &tokio::runtime::Handle;
+    /// Makes the clone's network and instances, and waits until they run.
+    async fn launch(&self, rec: &mut CloneRecord) -> Result<(), ProviderError>;
+    /// Asks every instance to start (`on`) or stop; `wait_states` waits for it.
+    async fn power(&self, rec: &CloneRecord, on: bool) -> Result<(), ProviderError>;
+    /// Removes everything of the clone; what is gone already is not an error.
+    async fn teardown(&self, rec: &CloneRecord) -> Result<(), ProviderError>;
+    /// Each instance's state, in the record's order.
+    async fn states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError>;
+}
+
+/// Polls a cloud until every instance is in one of `want` (15 minutes at most),
+/// keeping the record's instance states current.
+pub async fn wait_states<P: CloudApi + ?Sized>(
+    p: &P,
+    rec: &mut CloneRecord,
+    want: &[&str],
+) -> Result<(), ProviderError> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(900);
+    loop {
+        let states = p.states(rec).await?;
+        for (i, s) in rec.instances.iter_mut().zip(&states) {
+            i.state = s.clone();
+        }
+        if states.iter().all(|s| want.contains(&s.as_str())) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ProviderError::Invalid(format!(
+                "instances did not reach {want:?} within 15 minutes: {states:?}"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+/// Starts or stops a clone's instances and waits until all of them are there.
+async fn switch<P: CloudApi + ?Sized>(
+    p: &P,
+    rec: &mut CloneRecord,
+    on: bool,
+) -> Result<(), ProviderError> {
+    p.power(rec, on).await?;
+    wait_states(p, rec, &[if on { "running" } else { "suspended" }]).await?;
+    rec.state = clone_state(&rec.instances).into();
+    Ok(())
+}
+
+impl<T: CloudApi> Provider for T {
+    fn name(&self) -> &'static str {
+        self.cloud()
+    }
+
+    fn create(&self, rec: &mut CloneRecord, _others: &[CloneRecord]) -> Result<(), ProviderError> {
+        if rec.needs_gateway {
+            rec.warnings.push(format!(
+                "the tunnel gateway is not started on {} yet; use a local clone for tunneled services",
+                self.cloud()
+            ));
+        }
+        let made = self.runtime().block_on(self.launch(rec));
+        settle(self, rec, made)
+    }
+
+    fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        self.runtime().block_on(switch(self, rec, false))
+    }
+
+    fn resume(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        self.runtime().block_on(switch(self, rec, true))
+    }
+
+    fn terminate(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
+        self.runtime().block_on(self.teardown(rec))
+    }
+
+    fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        let states = self.runtime().block_on(self.states(rec))?;
+        for (i, s) in rec.instances.iter_mut().zip(states) {
+            i.state = s;
+        }
+        rec.state = clone_state(&rec.instances).into();
+        Ok(())
+    }
+}
+
 /// Finishes a creation: on error, everything of the clone is removed before the error
 /// is returned (a failed cleanup is logged; the error that matters is the first);
 /// on success, the clone's state follows its instances'.
