@@ -259,17 +259,24 @@ pub struct Assembled {
     pub boot_loader: String,
 }
 
-/// A GRUB platform directory (kernel.img, moddep.lst, modules) of the guest's own GRUB
-/// in the mounted boot file system `root`, if it has one: `usr/lib/grub/PLATFORM`, or the copy grub-install puts
-/// in `boot/grub/PLATFORM`. GRUB legacy and systems without GRUB have none.
-fn guest_grub_dir(root: &Path, platform: &str) -> Option<PathBuf> {
-    [
-        root.join("usr/lib/grub").join(platform),
-        root.join("grub").join(platform),
-        root.join("boot/grub").join(platform),
-    ]
-    .into_iter()
-    .find(|d| d.join("kernel.img").is_file() && d.join("moddep.lst").is_file())
+/// A GRUB platform directory (kernel.img, moddep.lst, modules) in the system's boot file
+/// system mounted at `mnt`, and where it is in the system: the guest's package
+/// (`/usr/lib/grub/PLATFORM`), or `/boot/grub/PLATFORM`, where grub-install copies them
+/// and where the file database puts them for a guest whose GRUB is too old. GRUB legacy
+/// and systems without GRUB have none.
+fn system_grub_dir(mnt: &Path, boot_prefix: &str, platform: &str) -> Option<(PathBuf, String)> {
+    let on_boot_fs = if boot_prefix.is_empty() {
+        vec![("grub", "/boot/grub")]
+    } else {
+        vec![
+            ("usr/lib/grub", "/usr/lib/grub"),
+            ("boot/grub", "/boot/grub"),
+        ]
+    };
+    on_boot_fs
+        .into_iter()
+        .map(|(rel, shown)| (mnt.join(rel).join(platform), format!("{shown}/{platform}")))
+        .find(|(d, _)| d.join("kernel.img").is_file() && d.join("moddep.lst").is_file())
 }
 
 /// Copies a GRUB platform directory aside (the file system it is on is unmounted before
@@ -443,20 +450,24 @@ pub fn assemble(
             )
             .map_err(io(&cfg))?;
         }
-        // The guest's own GRUB modules, when it has them: its grub.cfg may load more
+        // The system's own GRUB modules, when it has them: its grub.cfg may load more
         // of them, and a core image of another GRUB version cannot.
-        let found = guest_grub_dir(&mnt, platform);
-        if let Some(dir) = &found {
+        let found = system_grub_dir(&mnt, prefix, platform);
+        if let Some((dir, _)) = &found {
             copy_dir(dir, &guest_modules)?;
         }
-        (kernel, guest, found.is_some())
+        (kernel, guest, found.map(|(_, shown)| shown))
     };
-    let modules = if guest_grub {
-        guest_modules.clone()
-    } else {
-        PathBuf::from("/usr/lib/grub").join(platform)
+    let (modules, whose) = match &guest_grub {
+        Some(shown) => (
+            guest_modules.clone(),
+            format!("the system's {platform} modules ({shown})"),
+        ),
+        None => (
+            PathBuf::from("/usr/lib/grub").join(platform),
+            format!("the host's {platform} modules"),
+        ),
     };
-    let whose = if guest_grub { "guest's" } else { "host's" };
     // GRUB's core image finds the boot file system by UUID and reads its grub.cfg.
     let early = work.join("early.cfg");
     std::fs::write(
@@ -506,7 +517,7 @@ pub fn assemble(
             } else {
                 "the MBR gap"
             };
-            format!("GRUB for BIOS in {place}, from the {whose} i386-pc modules")
+            format!("GRUB for BIOS in {place}, from {whose}")
         }
         Firmware::Efi => {
             let off = spans[0].0 * SECTOR;
@@ -541,7 +552,7 @@ pub fn assemble(
                     let built = work.join("BOOTX64.EFI");
                     mkimage("x86_64-efi", &built, &["part_gpt", "part_msdos"])?;
                     place(&built)?;
-                    format!("GRUB for UEFI as {FALLBACK}, from the {whose} x86_64-efi modules")
+                    format!("GRUB for UEFI as {FALLBACK}, from {whose}")
                 }
             }
         }

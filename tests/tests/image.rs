@@ -144,7 +144,10 @@ fn a_customized_debian_12_image_boots_to_login_with_root_by_uuid() -> Result<()>
         Ok(())
     })?;
     let out = tmp.path().join("web01.qcow2");
-    let v = built(build(&img, &out), "guest's i386-pc")?;
+    let v = built(
+        build(&img, &out),
+        "the system's i386-pc modules (/usr/lib/grub/i386-pc)",
+    )?;
     let accel = v["boot_check"]["accel"].as_str().unwrap_or_default();
     assert!(accel == "kvm" || accel == "tcg", "{v}");
     eprintln!(
@@ -345,17 +348,48 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
             "198.18.60.3:53/udp=127.0.0.1:53"
         ])
     );
+    // The guest has no GRUB 2 of its own (as with GRUB legacy): the operator's file
+    // database supplies GRUB's modules, placed in /boot/grub/i386-pc.
+    let mut add = Command::new(bin("ferry"));
+    add.arg("--credentials").arg(cloud.creds()).args([
+        "filedb",
+        "add",
+        "--os",
+        "debian",
+        "--versions",
+        ">=12",
+        "--target",
+        "local",
+        "--note",
+        "GRUB 2 for BIOS, for a guest whose own GRUB is too old",
+    ]);
+    let mut modules = 0;
+    for e in std::fs::read_dir("/usr/lib/grub/i386-pc")?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".mod") || name.ends_with(".lst") || name.ends_with(".img") {
+            add.arg("--file")
+                .arg(format!("/boot/grub/i386-pc/{name}={}", e.path().display()));
+            modules += 1;
+        }
+    }
+    let out = add.output()?;
+    ensure!(
+        out.status.success(),
+        "filedb add: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(modules > 100, "{modules} GRUB files");
     let imgs = cloud.ferry_json(&["image", "build", "shop"])?;
     let img = &imgs[0];
     assert_eq!(img["system"], "web01");
     assert_eq!(img["app"], "shop");
     assert_eq!(img["boot_check"]["root_by_uuid"], true, "{img}");
-    // The guest has no GRUB of its own: the host's builds the core image.
+    // The file database's modules build the core image, and it boots.
     assert_eq!(img["firmware"], "bios", "{img}");
     assert!(
         img["boot_loader"]
             .as_str()
-            .is_some_and(|l| l.contains("host's i386-pc")),
+            .is_some_and(|l| l.contains("the system's i386-pc modules (/boot/grub/i386-pc)")),
         "{img}"
     );
     let path = PathBuf::from(img["path"].as_str().unwrap_or_default());
@@ -487,7 +521,7 @@ fn a_bios_system_from_a_gpt_disk_gets_a_bios_boot_partition_and_boots() -> Resul
             &out,
             &["--partition-table", "gpt"],
         ),
-        "BIOS boot partition",
+        "BIOS boot partition, from the host's i386-pc modules",
     )?;
     assert_eq!(v["image"]["firmware"], "bios", "{v}");
     assert_eq!(v["image"]["table"], "gpt", "{v}");
