@@ -285,6 +285,45 @@ impl Cloud {
     }
 
     /// Mounts every known volume (after a restart).
+    /// Removes what image builds cut short by a crash left in `DATA/images` (disks,
+    /// VHDs, raw copies, work directories): every entry that belongs to no image record.
+    /// Runs at start, when no build is in progress. Returns what was removed.
+    pub fn sweep_image_files(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.data_dir.join("images");
+        let known: Vec<String> = self
+            .state
+            .images()?
+            .into_iter()
+            .map(|i| format!("{}.", i.id))
+            .collect();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(CloudError::Io(format!("{}: {e}", dir.display()))),
+        };
+        let mut removed = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if known.iter().any(|k| name.starts_with(k.as_str())) {
+                continue;
+            }
+            let path = e.path();
+            let gone = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match gone {
+                Ok(()) => {
+                    tracing::warn!(path = %path.display(), "removed what an unfinished image build left");
+                    removed.push(path);
+                }
+                Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot remove"),
+            }
+        }
+        Ok(removed)
+    }
+
     pub async fn mount_all(self: &Arc<Self>) -> Result<()> {
         for sys in self.state.systems()? {
             for fs in &sys.filesystems {

@@ -149,6 +149,9 @@ pub async fn run(
         config.providers.clone(),
     )?);
     cloud.mount_all().await?;
+    if let Err(e) = cloud.sweep_image_files() {
+        tracing::error!(error = %e, "cannot sweep unfinished image files");
+    }
     if let Err(e) = cloud.reconcile_clones().await {
         tracing::error!(error = %e, "cannot reconcile clones with their providers");
     }

@@ -250,6 +250,16 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
         .map(|i| format!("ferry-image-{}", s(&i["id"])))
         .collect();
     assert_eq!(known.len(), 2, "the cut build left no record: {known:?}");
+    // Nor any file: only the recorded images' files are left on the manager's disk.
+    for e in std::fs::read_dir(t.join("cloud/images"))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(
+            known
+                .iter()
+                .any(|k| name.starts_with(&format!("{}.", &k["ferry-image-".len()..]))),
+            "{name} was left by the cut build"
+        );
+    }
     let st = az.state()?;
     let disks: Vec<String> = st["resources"]
         .as_array()
