@@ -314,9 +314,9 @@ impl Azure {
         // An accepted request's result is at Location; a created or updated resource's
         // status is at its Azure-AsyncOperation.
         match (status, location, op) {
-            (202, Some(loc), _) => self.poll_location(call, &loc).await,
+            (202, Some(loc), _) => self.poll(call, &loc, true).await,
             (_, _, Some(op)) => {
-                self.poll_operation(call, &op).await?;
+                self.poll(call, &op, false).await?;
                 Ok(body)
             }
             _ => Ok(body),
@@ -372,56 +372,36 @@ impl Azure {
         ))
     }
 
-    async fn poll_operation(&self, call: &'static str, url: &str) -> Result<(), ProviderError> {
+    /// Polls a long-running operation until it ends. `by_location`: the URL answers
+    /// 202 while it runs and the result when done (accepted requests); otherwise it is an
+    /// Azure-AsyncOperation status (`InProgress`, then `Succeeded`). Returns the result.
+    async fn poll(
+        &self,
+        call: &'static str,
+        url: &str,
+        by_location: bool,
+    ) -> Result<Value, ProviderError> {
         let deadline = tokio::time::Instant::now() + LRO_DEADLINE;
         loop {
             let (status, body, retry) = self.get_json(call, url).await?;
             let state = body["status"].as_str().unwrap_or("");
-            match (status, state) {
-                (200, "Succeeded") => return Ok(()),
-                (200, "Failed" | "Canceled") | (400.., _) => {
-                    return Err(ProviderError::Api {
-                        call,
-                        message: format!(
-                            "{}: {}",
-                            body["error"]["code"].as_str().unwrap_or(state),
-                            body["error"]["message"]
-                                .as_str()
-                                .unwrap_or("operation failed")
-                        ),
-                    })
-                }
-                _ => {}
-            }
-            if tokio::time::Instant::now() > deadline {
+            let failed = match (by_location, status, state) {
+                (true, 200 | 201 | 204, _) | (false, 200, "Succeeded") => return Ok(body),
+                (true, 202, _) => false,
+                (true, ..) | (false, 400.., _) | (false, 200, "Failed" | "Canceled") => true,
+                (false, ..) => false,
+            };
+            if failed {
                 return Err(ProviderError::Api {
                     call,
-                    message: "the operation did not finish within 30 minutes".into(),
+                    message: format!(
+                        "{status} {}: {}",
+                        body["error"]["code"].as_str().unwrap_or(state),
+                        body["error"]["message"]
+                            .as_str()
+                            .unwrap_or("operation failed")
+                    ),
                 });
-            }
-            tokio::time::sleep(Duration::from_secs(retry.unwrap_or(2).clamp(1, 10))).await;
-        }
-    }
-
-    async fn poll_location(&self, call: &'static str, url: &str) -> Result<Value, ProviderError> {
-        let deadline = tokio::time::Instant::now() + LRO_DEADLINE;
-        loop {
-            let (status, body, retry) = self.get_json(call, url).await?;
-            match status {
-                200 | 201 | 204 => return Ok(body),
-                202 => {}
-                _ => {
-                    return Err(ProviderError::Api {
-                        call,
-                        message: format!(
-                            "{status} {}: {}",
-                            body["error"]["code"].as_str().unwrap_or("error"),
-                            body["error"]["message"]
-                                .as_str()
-                                .unwrap_or("operation failed")
-                        ),
-                    })
-                }
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(ProviderError::Api {
@@ -438,10 +418,9 @@ impl Azure {
     pub fn register_image(&self, img: &mut ImageRecord) -> Result<(), ProviderError> {
         let qcow = std::path::PathBuf::from(&img.path);
         let vhd = qcow.with_extension("vhd");
-        let made = fixed_vhd(&qcow, &vhd);
+        let made = fixed_vhd(&qcow, img.virtual_bytes, &vhd);
         let r = made.and_then(|()| self.block_on(self.upload_and_register(img, &vhd)));
         let _ = std::fs::remove_file(&vhd);
-        let _ = std::fs::remove_file(qcow.with_extension("raw"));
         r
     }
 
@@ -1051,42 +1030,27 @@ fn power_state(view: &Value) -> &'static str {
     }
 }
 
-/// Writes `qcow` as a fixed VHD at `vhd`, its size rounded up to whole MiB as Azure
-/// requires of uploaded disks.
-fn fixed_vhd(qcow: &Path, vhd: &Path) -> Result<(), ProviderError> {
-    let raw = qcow.with_extension("raw");
-    crate::volumes::run(
-        std::process::Command::new("qemu-img")
-            .args(["convert", "-O", "raw"])
-            .arg(qcow)
-            .arg(&raw),
-    )?;
-    let io = |e: std::io::Error| ProviderError::Io {
-        path: raw.display().to_string(),
-        message: e.to_string(),
-    };
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&raw)
-        .map_err(io)?;
-    let len = f.metadata().map_err(io)?.len();
-    f.set_len(len.div_ceil(1 << 20) * (1 << 20)).map_err(io)?;
-    drop(f);
+/// Writes `qcow` as a fixed VHD at `vhd`, in one pass. Azure takes only whole MiB, which
+/// every disk `image::assemble` lays out is (its partitions and gaps are MiB-aligned).
+fn fixed_vhd(qcow: &Path, virtual_bytes: u64, vhd: &Path) -> Result<(), ProviderError> {
+    if virtual_bytes == 0 || !virtual_bytes.is_multiple_of(1 << 20) {
+        return Err(ProviderError::Invalid(format!(
+            "{}: {virtual_bytes} bytes is not a whole number of MiB, which Azure requires",
+            qcow.display()
+        )));
+    }
     crate::volumes::run(
         std::process::Command::new("qemu-img")
             .args([
                 "convert",
-                "-f",
-                "raw",
                 "-O",
                 "vpc",
                 "-o",
                 "subformat=fixed,force_size=on",
             ])
-            .arg(&raw)
+            .arg(qcow)
             .arg(vhd),
     )?;
-    let _ = std::fs::remove_file(&raw);
     Ok(())
 }
 
