@@ -23,9 +23,72 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// How long one command of a test may run (`FERRY_TEST_CMD_TIMEOUT`, seconds): a hung
+/// command fails its test with what it printed, instead of stalling the whole run.
+fn command_limit() -> Duration {
+    let secs = std::env::var("FERRY_TEST_CMD_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1200);
+    Duration::from_secs(secs)
+}
+
+/// `Command::output` with a deadline: past it the command is killed and the error
+/// carries what it had printed on stderr.
+pub fn output(cmd: &mut Command) -> Result<std::process::Output> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let limit = command_limit();
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            // A grandchild may still hold stderr open: wait for it briefly only.
+            std::thread::sleep(Duration::from_millis(500));
+            let stderr = if err.is_finished() {
+                err.join().unwrap_or_default()
+            } else {
+                b"(stderr still held open by a child process)".to_vec()
+            };
+            bail!(
+                "{cmd:?} did not finish within {}s; it printed: {}",
+                limit.as_secs(),
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    })
+}
+
 /// Runs a command, failing with its stderr.
 pub fn sh(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+    let out = output(cmd)?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -330,12 +393,13 @@ impl CloudMgr {
     }
     /// `ferry ARGS`, which must fail; returns what it said on stderr.
     pub fn ferry_fails(&self, args: &[&str]) -> String {
-        let out = Command::new(bin("ferry"))
-            .arg("--credentials")
-            .arg(self.creds())
-            .args(args)
-            .output()
-            .expect("ferry runs");
+        let out = output(
+            Command::new(bin("ferry"))
+                .arg("--credentials")
+                .arg(self.creds())
+                .args(args),
+        )
+        .expect("ferry runs");
         assert!(!out.status.success(), "{args:?} succeeded");
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
@@ -533,7 +597,7 @@ pub fn agent_once(
     root: &Path,
     name: &str,
 ) -> Result<serde_json::Value> {
-    let out = agent_cmd(state, manager, token, root, name).output()?;
+    let out = output(&mut agent_cmd(state, manager, token, root, name))?;
     if !out.status.success() {
         bail!(
             "agent {name} failed: {}",
