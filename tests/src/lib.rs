@@ -36,7 +36,6 @@ fn command_limit() -> Duration {
 /// `Command::output` with a deadline: past it the command is killed and the error
 /// carries what it had printed on stderr.
 pub fn output(cmd: &mut Command) -> Result<std::process::Output> {
-    use std::io::Read;
     use std::process::Stdio;
     let mut child = cmd
         .stdin(Stdio::null())
@@ -44,17 +43,8 @@ pub fn output(cmd: &mut Command) -> Result<std::process::Output> {
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawn {cmd:?}"))?;
-    let drain = |r: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut r) = r {
-                let _ = r.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
-    let err = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
     let limit = command_limit();
     let deadline = Instant::now() + limit;
     let status = loop {
@@ -83,6 +73,17 @@ pub fn output(cmd: &mut Command) -> Result<std::process::Output> {
         status,
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
+    })
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain<R: std::io::Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut buf);
+        }
+        buf
     })
 }
 
