@@ -369,7 +369,7 @@ pub async fn run(
 
 const SLED_CACHE: u64 = 16 << 20;
 /// A burst of changes is over once no hint came for this long...
-const QUIET: Duration = Duration::from_millis(20);
+const QUIET: Duration = Duration::from_millis(10);
 /// ... or once it has lasted this long: then a pass starts anyway.
 const GATHER_MAX: Duration = Duration::from_millis(150);
 

@@ -1,6 +1,6 @@
 //! Walks one file system post-order (children before their directory) without crossing
 //! into other mounts, turns what changed into entries, and cuts file contents into
-//! content-defined chunks named by BLAKE3 and compressed with zstd.
+//! content-defined chunks named by BLAKE3 (compressed later, only if they are sent).
 use crate::index::{Index, Record};
 use ferry_proto::v1::{ChunkFrame, ChunkRef, Entry, EntryKind, Segment, Xattr};
 use std::collections::HashMap;
@@ -723,12 +723,12 @@ impl<'a, S: Sink> Scanner<'a, S> {
                     hash: hash.as_bytes().to_vec(),
                     len,
                 });
-                let (zdata, raw) = ferry_common::chunks::compress(&chunk.data);
+                // Left raw: the uploader compresses only what the receiver lacks.
                 let frame = ChunkFrame {
                     hash: hash.as_bytes().to_vec(),
-                    zdata,
+                    zdata: chunk.data,
                     raw_len: len,
-                    raw,
+                    raw: true,
                 };
                 self.unreported += len as u64;
                 if !self.sink.send(Item::Chunk(frame)) {

@@ -100,7 +100,9 @@ pub struct Uploader {
     shutdown: CancellationToken,
 }
 
-const FLUSH_BYTES: usize = 8 << 20;
+/// Chunks go out in groups this big while the scan goes on, so little is left for the
+/// barrier at the end of a batch.
+const FLUSH_BYTES: usize = 1 << 20;
 const KNOWN_CAP: usize = 1 << 20;
 const MAX_INFLIGHT: usize = 3;
 
@@ -212,6 +214,11 @@ async fn upload(
     stats
         .chunks_skipped
         .fetch_add((frames.len() - send.len()) as u64, Ordering::Relaxed);
+    // Off the scanner's thread, and only for chunks that go out.
+    let send: Vec<ChunkFrame> =
+        tokio::task::spawn_blocking(move || send.into_iter().map(compressed).collect())
+            .await
+            .map_err(|_| SendError::Stopped)?;
     if !send.is_empty() {
         let bytes: u64 = send.iter().map(|f| f.zdata.len() as u64).sum();
         let n = send.len() as u64;
@@ -229,6 +236,15 @@ async fn upload(
         .iter()
         .filter_map(|f| <[u8; 32]>::try_from(f.hash.as_slice()).ok())
         .collect())
+}
+
+/// A frame the scanner left raw, compressed for the wire (zstd unless that does not help).
+fn compressed(f: ChunkFrame) -> ChunkFrame {
+    if !f.raw {
+        return f;
+    }
+    let (zdata, raw) = ferry_common::chunks::compress(&f.zdata);
+    ChunkFrame { zdata, raw, ..f }
 }
 
 /// A batch ready to apply, with the index records it vouches for.

@@ -70,11 +70,102 @@ pub fn apply(
         validate(e)?;
     }
     let mut done = Applied::default();
-    for e in entries {
-        done.file_bytes += apply_one(root, chunks, e, resumed)?;
-        done.entries += 1;
+    let mut rest = entries;
+    while !rest.is_empty() {
+        let n = files_and_dirs(rest);
+        let (run, after) = rest.split_at(n.max(1));
+        if n >= PARALLEL_FROM {
+            done.file_bytes += apply_run(root, chunks, run)?;
+        } else {
+            for e in run {
+                done.file_bytes += apply_one(root, chunks, e, resumed)?;
+            }
+        }
+        done.entries += run.len() as u64;
+        rest = after;
     }
     Ok(done)
+}
+
+/// Runs shorter than this are applied one entry at a time.
+const PARALLEL_FROM: usize = 16;
+
+/// How many leading entries are regular files and directories with distinct paths:
+/// such a run can have its files written in parallel.
+fn files_and_dirs(entries: &[Entry]) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    entries
+        .iter()
+        .take_while(|e| {
+            matches!(
+                EntryKind::try_from(e.kind),
+                Ok(EntryKind::File) | Ok(EntryKind::Dir)
+            ) && seen.insert(e.path.as_slice())
+        })
+        .count()
+}
+
+/// Applies a run of files and directories: the files on a few threads, then the
+/// directories in order. Equivalent to one at a time because the agent sends a
+/// directory after everything inside it (its prune and its times come last either way)
+/// and no path repeats in a run.
+fn apply_run(root: &Root, chunks: &ChunkStore, run: &[Entry]) -> Result<u64, ApplyError> {
+    let files: Vec<&Entry> = run
+        .iter()
+        .filter(|e| e.kind == EntryKind::File as i32)
+        .collect();
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4);
+    let t = std::time::Instant::now();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let written = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| -> Result<u64, ApplyError> {
+                    let mut bytes = 0;
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(e) = files.get(i) else {
+                            return Ok(bytes);
+                        };
+                        match apply_one(root, chunks, e, false) {
+                            Ok(n) => bytes += n,
+                            Err(err) => {
+                                // The others stop too: the batch is retried as a whole.
+                                next.store(files.len(), std::sync::atomic::Ordering::Relaxed);
+                                return Err(err);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ApplyError::Invalid {
+                        path: String::new(),
+                        message: "an apply worker panicked".into(),
+                    })
+                })
+            })
+            .sum::<Result<u64, ApplyError>>()
+    })?;
+    let files_ms = t.elapsed().as_millis() as u64;
+    for e in run.iter().filter(|e| e.kind == EntryKind::Dir as i32) {
+        apply_dir(root, e)?;
+    }
+    tracing::debug!(
+        files = files.len(),
+        workers,
+        files_ms,
+        dirs_ms = t.elapsed().as_millis() as u64 - files_ms,
+        "run applied"
+    );
+    Ok(written)
 }
 
 fn io_at<'a>(path: &'a [u8], op: &'static str) -> impl Fn(Errno) -> ApplyError + 'a {
@@ -426,5 +517,89 @@ mod tests {
         // ... but the retry of a batch cut short by a restart goes on.
         apply(&root, &chunks, std::slice::from_ref(&rename), true).unwrap();
         assert_eq!(std::fs::read(tree.join("b")).unwrap(), b"content");
+    }
+
+    #[test]
+    fn a_run_of_files_written_in_parallel_ends_like_one_at_a_time() {
+        use ferry_proto::v1::{ChunkRef, Segment};
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("root");
+        std::fs::create_dir_all(tree.join("d1")).unwrap();
+        std::fs::write(tree.join("d1/stale"), b"gone after the batch").unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let chunks =
+            ChunkStore::open(&dir.path().join("chunks"), db.open_tree("c").unwrap()).unwrap();
+        let root = Root::open(&tree).unwrap();
+        let (uid, gid) = (
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
+        );
+        // Post-order, as the agent sends it: each directory after its files.
+        let mut entries = Vec::new();
+        let mut want = Vec::new();
+        for d in 1..=3 {
+            let mut children = Vec::new();
+            for f in 0..12 {
+                let name = format!("f{f:02}");
+                let data = format!("file {d}/{f} ").repeat(100 * (f + 1)).into_bytes();
+                let hash = *blake3::hash(&data).as_bytes();
+                let (z, raw) = ferry_common::chunks::compress(&data);
+                let staged = chunks.stage(hash, &z, data.len() as u32, raw).unwrap();
+                chunks.commit(vec![staged]).unwrap();
+                let path = format!("d{d}/{name}").into_bytes();
+                entries.push(Entry {
+                    path: path.clone(),
+                    kind: EntryKind::File as i32,
+                    mode: 0o100640,
+                    uid,
+                    gid,
+                    size: data.len() as u64,
+                    mtime_sec: 1_600_000_000 + f as i64,
+                    segments: vec![Segment {
+                        offset: 0,
+                        chunks: vec![ChunkRef {
+                            hash: hash.to_vec(),
+                            len: data.len() as u32,
+                        }],
+                    }],
+                    ..Default::default()
+                });
+                want.push((path, data));
+                children.push(name.into_bytes());
+            }
+            entries.push(Entry {
+                path: format!("d{d}").into_bytes(),
+                kind: EntryKind::Dir as i32,
+                mode: 0o40750,
+                uid,
+                gid,
+                mtime_sec: 1_500_000_000 + d,
+                children,
+                ..Default::default()
+            });
+        }
+        assert!(files_and_dirs(&entries) >= PARALLEL_FROM);
+        let done = apply(&root, &chunks, &entries, false).unwrap();
+        assert_eq!(done.entries, entries.len() as u64);
+        for (path, data) in &want {
+            let p = tree.join(String::from_utf8_lossy(path).as_ref());
+            assert_eq!(&std::fs::read(&p).unwrap(), data, "{}", p.display());
+        }
+        for d in 1..=3 {
+            let m = std::fs::metadata(tree.join(format!("d{d}"))).unwrap();
+            // The directory's times were set after its files were renamed into it.
+            assert_eq!(m.mtime(), 1_500_000_000 + d);
+            assert_eq!(m.mode() & 0o7777, 0o750);
+            let names = std::fs::read_dir(tree.join(format!("d{d}")))
+                .unwrap()
+                .count();
+            assert_eq!(names, 12, "only the listed children remain (no temp files)");
+        }
+        assert!(!tree.join("d1/stale").exists());
+        // A repeated path ends the run: the second write of it waits for the first.
+        let mut twice = entries[..2].to_vec();
+        twice.push(entries[0].clone());
+        assert_eq!(files_and_dirs(&twice), 2);
     }
 }

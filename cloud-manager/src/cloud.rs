@@ -486,6 +486,7 @@ impl Cloud {
         batch: pb::Batch,
     ) -> Result<pb::BatchResponse> {
         authorize_system(peer, &batch.system)?;
+        let started = std::time::Instant::now();
         if batch.entries.len() > MAX_ENTRIES {
             return Err(CloudError::Invalid(format!(
                 "at most {MAX_ENTRIES} entries per batch"
@@ -524,6 +525,7 @@ impl Cloud {
         // A retry of an epoch whose application was cut short may find some of its
         // entries (renames) already done.
         let resumed = self.state.begin_apply(&rec.name, batch.epoch)?;
+        let begun_ms = started.elapsed().as_millis() as u64;
         let applied = blocking(move || -> Result<apply::Applied> {
             let root = ferry_common::safepath::Root::open(&mnt).map_err(apply::ApplyError::from)?;
             let t = std::time::Instant::now();
@@ -532,6 +534,7 @@ impl Cloud {
             rustix::fs::syncfs(root.fd())
                 .map_err(|e| CloudError::Io(std::io::Error::from(e).to_string()))?;
             tracing::debug!(
+                begun_ms,
                 apply_ms,
                 sync_ms = t.elapsed().as_millis() as u64 - apply_ms,
                 "batch applied"

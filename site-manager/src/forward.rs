@@ -1,6 +1,6 @@
 //! Drains the site's queue upstream in order: registrations, then for each batch the
 //! chunks upstream lacks, then the batch itself. An item leaves the queue only when the
-//! cloud manager has made it durable.
+//! cloud manager has made it durable. Chunks also go upstream as they arrive.
 use crate::relay::{QueueItem, Relay};
 use ferry_common::backoff::Backoff;
 use ferry_common::chunks;
@@ -88,11 +88,19 @@ async fn forward_one(relay: &Relay, item: &QueueItem) -> Outcome {
     let Some(batch) = &item.batch else {
         return Outcome::Done;
     };
+    let started = std::time::Instant::now();
     if let Err(o) = push_chunks(relay, &mut c, batch).await {
         return o;
     }
+    let pushed_ms = started.elapsed().as_millis() as u64;
     match c.apply_batch(batch.clone()).await {
         Ok(r) => {
+            tracing::debug!(
+                epoch = batch.epoch,
+                pushed_ms,
+                durable_ms = started.elapsed().as_millis() as u64,
+                "batch forwarded"
+            );
             let r = r.into_inner();
             let mut pos = relay.positions(&batch.system);
             pos.durable = pos.durable.max(r.durable_epoch);
@@ -166,6 +174,7 @@ async fn push_group(
     c: &mut IngestClient<Channel>,
     group: &[Vec<u8>],
 ) -> Result<(), Outcome> {
+    let _one_at_a_time = relay.push_lock.lock().await;
     let missing = match c
         .missing_chunks(pb::MissingChunksRequest {
             hashes: group.to_vec(),
@@ -268,6 +277,38 @@ pub async fn push_ahead(relay: Arc<Relay>, shutdown: CancellationToken) {
             }
         }
         cursor = Some(key);
+    }
+}
+
+/// Write-through: sends chunks on to the cloud manager as agents upload them, so the
+/// batch that needs them finds them there and its forwarding costs one question instead
+/// of an upload. Best effort: forwarding a batch still sends whatever is missing.
+pub async fn push_fresh(relay: Arc<Relay>, shutdown: CancellationToken) {
+    let Some(mut rx) = relay.take_fresh() else {
+        return;
+    };
+    let mut c = relay.client();
+    loop {
+        let mut hashes = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            h = rx.recv() => match h {
+                Some(h) => h,
+                None => return,
+            },
+        };
+        while let Ok(more) = rx.try_recv() {
+            hashes.extend(more);
+        }
+        for group in hashes.chunks(4096) {
+            let pushed = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = push_group(&relay, &mut c, group) => r,
+            };
+            if pushed.is_err() {
+                // Upstream is away; the batches' own forwarding retries.
+                break;
+            }
+        }
     }
 }
 

@@ -98,6 +98,12 @@ pub struct Relay {
     pub spool_limit: u64,
     last_put: std::sync::Mutex<Instant>,
     order: tokio::sync::Mutex<()>,
+    /// Held while chunks go upstream, so the write-through and a batch's forwarding
+    /// never send the same chunk twice.
+    pub push_lock: tokio::sync::Mutex<()>,
+    /// Hashes of chunks just stored, for the write-through to upstream.
+    fresh: tokio::sync::mpsc::Sender<Vec<Vec<u8>>>,
+    fresh_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Vec<Vec<u8>>>>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -116,10 +122,13 @@ pub struct QueueItem {
 }
 
 const UPSTREAM_QUICK: Duration = Duration::from_secs(5);
+/// Uploads waiting for the write-through; more are left to the batches' forwarding.
+const FRESH_QUEUE: usize = 64;
 
 impl Relay {
     pub fn open(dir: &Path, upstream: Channel, spool_limit: u64) -> Result<Self> {
         let store = Store::open(&dir.join("db"))?;
+        let (fresh, fresh_rx) = tokio::sync::mpsc::channel(FRESH_QUEUE);
         Ok(Self {
             queue: store.tree("queue")?,
             dead: store.tree("dead")?,
@@ -131,7 +140,18 @@ impl Relay {
             spool_limit,
             last_put: std::sync::Mutex::new(Instant::now()),
             order: tokio::sync::Mutex::new(()),
+            push_lock: tokio::sync::Mutex::new(()),
+            fresh,
+            fresh_rx: std::sync::Mutex::new(Some(fresh_rx)),
         })
+    }
+
+    /// The receiving end of the write-through queue (once).
+    pub fn take_fresh(&self) -> Option<tokio::sync::mpsc::Receiver<Vec<Vec<u8>>>> {
+        self.fresh_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub fn client(&self) -> IngestClient<Channel> {
@@ -343,7 +363,7 @@ impl pb::ingest_server::Ingest for Service {
             return Err(fail("put-chunks", id.as_ref(), full));
         }
         let mut stream = req.into_inner();
-        let (mut staged, mut duplicate) = (Vec::new(), 0);
+        let (mut staged, mut duplicate, mut fresh) = (Vec::new(), 0, Vec::new());
         while let Some(f) = stream.message().await? {
             self.relay.touch_put();
             let step = (|| -> Result<Option<chunks::Staged>> {
@@ -357,7 +377,10 @@ impl pb::ingest_server::Ingest for Service {
                 ))
             })();
             match step {
-                Ok(Some(s)) => staged.push(s),
+                Ok(Some(s)) => {
+                    staged.push(s);
+                    fresh.push(f.hash);
+                }
                 Ok(None) => duplicate += 1,
                 Err(e) => return Err(fail("put-chunks", id.as_ref(), e)),
             }
@@ -368,6 +391,10 @@ impl pb::ingest_server::Ingest for Service {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| fail("put-chunks", id.as_ref(), e.into()))?;
         self.relay.touch_put();
+        // Best effort: when the queue is full, forwarding the batch sends them.
+        if !fresh.is_empty() {
+            let _ = self.relay.fresh.try_send(fresh);
+        }
         Ok(Response::new(pb::PutChunksResponse {
             stored: stored as u64,
             duplicate,
@@ -380,6 +407,7 @@ impl pb::ingest_server::Ingest for Service {
     ) -> Result<Response<pb::BatchResponse>, Status> {
         let id = who(&req);
         let batch = req.into_inner();
+        let started = std::time::Instant::now();
         let r = async {
             authorize(id.as_ref(), &batch.system)?;
             ferry_common::pki::validate_name(&batch.system).map_err(RelayError::Invalid)?;
@@ -394,6 +422,7 @@ impl pb::ingest_server::Ingest for Service {
                     return Err(RelayError::MissingChunk(hex::encode(&chunk[i as usize])));
                 }
             }
+            let checked_ms = started.elapsed().as_millis() as u64;
             let _g = self.relay.order.lock().await;
             let mut pos = self.relay.positions(&batch.system);
             if batch.epoch > pos.accepted {
@@ -405,6 +434,12 @@ impl pb::ingest_server::Ingest for Service {
                 })?;
             }
             self.relay.touch_put();
+            tracing::debug!(
+                epoch = batch.epoch,
+                checked_ms,
+                queued_ms = started.elapsed().as_millis() as u64,
+                "batch queued"
+            );
             Ok(pb::BatchResponse {
                 accepted_epoch: pos.accepted,
                 durable_epoch: pos.durable,

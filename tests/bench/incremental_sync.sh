@@ -47,11 +47,16 @@ CONF
 rsync --daemon --config="$W/inc-rsyncd.conf"; sleep 1
 rsync -aHAXS "$SRC/" rsync://127.0.0.1:18763/dst/
 
-# Changes 1% of the files (seed $1) and lists them in $W/inc-changed.
+# Changes 1% of the files (seed $1) and lists them in $W/inc-changed. With a replica
+# ($2), it then waits in the same process until the replica holds every changed file and
+# prints the seconds from the last change: no process start-up falls in the measured
+# window, and the poll stats replica files (reading one only once its mtime matches the
+# source's), so it does not take a core away from what it measures.
+PY=$(python3 -c 'import sys; print(sys.executable)')
 modify() {
-python3 - "$SRC" "$1" "$W/inc-changed" <<'PY'
-import os, random, sys
-root, seed, listing = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+"$PY" - "$SRC" "$1" "$W/inc-changed" "${2:-}" <<'PY'
+import os, random, sys, time
+root, seed, listing, replica = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 rnd = random.Random(seed)
 files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if "lost+found" not in d)
 chosen = rnd.sample(files, len(files) // 100)
@@ -66,7 +71,25 @@ for i, p in enumerate(chosen):
     else:
         data = open(p, "rb").read()
         open(p, "wb").write(b"!" + data)
-open(listing, "w").write("\n".join(os.path.relpath(p, root) for p in chosen))
+t_end = time.monotonic()
+rel = [os.path.relpath(p, root) for p in chosen]
+open(listing, "w").write("\n".join(rel))
+if not replica:
+    raise SystemExit(0)
+mtime = {r: os.stat(os.path.join(root, r)).st_mtime_ns for r in rel}
+def holds(r):
+    try:
+        if os.stat(os.path.join(replica, r)).st_mtime_ns != mtime[r]:
+            return False
+        return open(os.path.join(replica, r), "rb").read() == open(os.path.join(root, r), "rb").read()
+    except FileNotFoundError:
+        return False
+todo = list(rel)
+while todo:
+    todo = [r for r in todo if not holds(r)]
+    if time.monotonic() - t_end > 120: raise SystemExit("replica did not converge")
+    if todo: time.sleep(0.002)
+print("%.3f" % (time.monotonic() - t_end))
 PY
 }
 rsync_rerun() { # prints seconds and bytes sent
@@ -84,20 +107,7 @@ replica=$("$B/ferry" replica path bench /)
 follow_pid=$!
 sleep 5
 w0=$(wire)
-modify 7
-t_end=$(now); echo "t_end $(date -u +%H:%M:%S.%N)" >&2
-python3 - "$SRC" "$replica" "$W/inc-changed" <<'PY'
-import sys, time
-src, rep, listing = sys.argv[1:]
-todo = open(listing).read().split("\n")
-deadline = time.monotonic() + 120
-while todo:
-    todo = [p for p in todo if open(src + "/" + p, "rb").read() != open(rep + "/" + p, "rb").read()]
-    if time.monotonic() > deadline: raise SystemExit("replica did not converge")
-    if todo: time.sleep(0.005)
-PY
-t_conv=$(now)
-follow_s=$(echo "$t_conv - $t_end" | bc)
+follow_s=$(modify 7 "$replica")
 sleep 3
 follow_bytes=$(( $(wire) - w0 ))
 kill "$follow_pid"; wait "$follow_pid" || true
