@@ -469,6 +469,9 @@ impl Cloud {
             Counters::add(&self.counters.chunks_duplicate, 1);
             return Ok(None);
         }
+        // A chunk store that hits ENOSPC mid-write leaves its index behind; the reserve
+        // keeps that from happening, and the sender retries once space is freed.
+        self.ensure_room(f.zdata.len() as u64, "a chunk")?;
         Counters::add(&self.counters.chunk_raw_bytes, f.raw_len as u64);
         Ok(Some(self.chunks.stage(hash, &f.zdata, f.raw_len, f.raw)?))
     }
@@ -638,14 +641,19 @@ impl Cloud {
     fn check_space(&self, batch: &pb::Batch) -> Result<()> {
         let need: u64 = ferry_common::entry::chunk_refs(batch)
             .map(|c| c.len as u64)
-            .sum::<u64>()
-            + RESERVE;
+            .sum::<u64>();
+        self.ensure_room(need, "the batch")
+    }
+
+    /// Refuses to write `need` bytes for `what` unless the data dir keeps its reserve.
+    fn ensure_room(&self, need: u64, what: &str) -> Result<()> {
+        let need = need + RESERVE;
         let st = rustix::fs::statvfs(&self.data_dir)
             .map_err(|e| CloudError::Io(std::io::Error::from(e).to_string()))?;
         let free = st.f_bavail * st.f_frsize;
         if free < need {
             return Err(CloudError::NoSpace(format!(
-                "data dir {} has {free} bytes free; the batch needs {need} (with reserve)",
+                "data dir {} has {free} bytes free; {what} needs {need} (with reserve)",
                 self.data_dir.display()
             )));
         }
