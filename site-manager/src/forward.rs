@@ -130,7 +130,7 @@ async fn maybe_collect(relay: &Relay) {
     if full {
         let hashes: Vec<Vec<u8>> = relay.chunks.hashes().iter().map(|h| h.to_vec()).collect();
         let mut c = relay.client();
-        for group in hashes.chunks(4096) {
+        for group in hashes.chunks(GROUP) {
             if let Err(o) = push_group(relay, &mut c, group).await {
                 if let Outcome::Retry(s) | Outcome::Poison(s) = o {
                     tracing::warn!(error = %s.message(), "cannot hand spooled chunks upstream yet");
@@ -162,13 +162,13 @@ async fn push_chunks(
         .map(|c| c.hash.as_slice())
         .collect();
     let hashes: Vec<Vec<u8>> = unique.into_iter().map(<[u8]>::to_vec).collect();
-    for group in hashes.chunks(4096) {
+    for group in hashes.chunks(GROUP) {
         push_group(relay, c, group).await?;
     }
     Ok(())
 }
 
-/// Sends upstream those of `group` (at most 4096 hashes) that it lacks, from the local store.
+/// Sends upstream those of `group` (at most `GROUP` hashes) that it lacks, from the local store.
 async fn push_group(
     relay: &Relay,
     c: &mut IngestClient<Channel>,
@@ -299,7 +299,7 @@ pub async fn push_fresh(relay: Arc<Relay>, shutdown: CancellationToken) {
         while let Ok(more) = rx.try_recv() {
             hashes.extend(more);
         }
-        for group in hashes.chunks(4096) {
+        for group in hashes.chunks(GROUP) {
             let pushed = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = push_group(&relay, &mut c, group) => r,
@@ -314,3 +314,6 @@ pub async fn push_fresh(relay: Arc<Relay>, shutdown: CancellationToken) {
 
 /// How many queued batches the chunk pusher may run ahead of the head.
 const LOOKAHEAD: usize = 4;
+
+/// Most hashes one upstream MissingChunks question carries.
+const GROUP: usize = 4096;
