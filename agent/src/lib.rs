@@ -488,11 +488,15 @@ struct PassCtx<'a> {
     lag: &'a lag::Lag,
 }
 
-struct ChanSink(tokio::sync::mpsc::Sender<scan::Item>);
+/// The scanner's way out, with the time it spent waiting on the uploader.
+struct ChanSink(tokio::sync::mpsc::Sender<scan::Item>, Duration);
 
 impl scan::Sink for ChanSink {
     fn send(&mut self, item: scan::Item) -> bool {
-        self.0.blocking_send(item).is_ok()
+        let t = std::time::Instant::now();
+        let ok = self.0.blocking_send(item).is_ok();
+        self.1 += t.elapsed();
+        ok
     }
 }
 
@@ -527,7 +531,7 @@ async fn pass_fs(
         .stack_size(64 << 20)
         .spawn(move || {
             let _frozen = frozen;
-            let mut sink = ChanSink(itx);
+            let mut sink = ChanSink(itx, Duration::ZERO);
             let mut s = scan::Scanner::new(&root, &idx, accepted, &mut sink, exclude)?
                 .with_watcher(watcher.as_deref());
             let t = std::time::Instant::now();
@@ -535,8 +539,13 @@ async fn pass_fs(
                 None => s.run()?,
                 Some(dirs) => s.run_dirs(dirs)?,
             };
-            tracing::debug!(ms = t.elapsed().as_millis() as u64, "walk done");
-            Ok::<_, scan::ScanError>((s.stats, s.retry))
+            let (stats, retry) = (s.stats, s.retry);
+            tracing::debug!(
+                ms = t.elapsed().as_millis() as u64,
+                waited_ms = sink.1.as_millis() as u64,
+                "walk done"
+            );
+            Ok::<_, scan::ScanError>((stats, retry))
         })
         .map_err(|e| state_err(&ctx.root, e))?;
     let phase = if ctx.initial {

@@ -453,6 +453,25 @@ impl<'a, S: Sink> Scanner<'a, S> {
         if let Some(w) = self.watcher {
             w.add(&abs);
         }
+        // No name came or went since the replica got this directory: no listing, and the
+        // replica's children stay as they are. Its times alone cannot tell (a change in
+        // the same clock tick keeps them), so every named child must be known and there.
+        if let Some(only) = only {
+            if self.unchanged(&rel, m) && !self.in_moved_dir(&rel) && self.all_known(&rel, only) {
+                let mut changed = false;
+                for name in only {
+                    changed |= self.child(&rel, name)?.unwrap_or(false);
+                }
+                if !changed {
+                    self.stats.unchanged += 1;
+                    return Ok(false);
+                }
+                let mut e = base(m, rel, EntryKind::DirMeta);
+                e.xattrs = read_xattrs(&abs);
+                self.send_entry(e, Some(Record::from_meta(m, 0)))?;
+                return Ok(true);
+            }
+        }
         let mut names: Vec<Vec<u8>> = match std::fs::read_dir(&abs) {
             Ok(rd) => rd
                 .filter_map(|e| e.ok())
@@ -474,57 +493,10 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 children.push(name);
                 continue;
             }
-            let child = join(&rel, &name);
-            let cabs = self.abs(&child);
-            if self.exclude.iter().any(|x| x == &cabs) {
-                continue;
+            if let Some(sent) = self.child(&rel, &name)? {
+                changed |= sent;
+                children.push(name);
             }
-            let cm = match std::fs::symlink_metadata(&cabs) {
-                Ok(m) => m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    return Err(ScanError::Io {
-                        path: cabs.display().to_string(),
-                        source,
-                    })
-                }
-            };
-            let ft = cm.file_type();
-            if ft.is_socket() {
-                tracing::info!(path = %cabs.display(), "socket skipped");
-                self.stats.skipped_sockets += 1;
-                continue;
-            }
-            // A type change (file became directory, ...) needs the old entry gone first,
-            // because a directory's own entry only follows its children.
-            if ft.is_dir() {
-                if let Some(r) = self.record(&child) {
-                    if (r.mode & 0o170000) != 0o040000 {
-                        self.send_entry(
-                            Entry {
-                                path: child.clone(),
-                                kind: EntryKind::Delete as i32,
-                                ..Default::default()
-                            },
-                            None,
-                        )?;
-                    }
-                }
-            }
-            children.push(name);
-            let sent = if ft.is_dir() && cm.dev() == self.dev {
-                if self.shallow && self.unchanged(&child, &cm) && !self.in_moved_dir(&child) {
-                    false
-                } else {
-                    self.dir(child, &cm)?
-                }
-            } else if ft.is_dir() {
-                // A mount point of another file system: an empty directory here.
-                self.leaf_dir(child, &cm)?
-            } else {
-                self.leaf(child, &cm)?
-            };
-            changed |= sent;
         }
         if changed || !self.unchanged(&rel, m) {
             let mut e = base(m, rel.clone(), EntryKind::Dir);
@@ -536,6 +508,69 @@ impl<'a, S: Sink> Scanner<'a, S> {
         }
         self.stats.unchanged += 1;
         Ok(false)
+    }
+
+    /// Whether every one of `names` in `rel` is in the index and still on disk.
+    fn all_known(&self, rel: &[u8], names: &Names) -> bool {
+        names.iter().all(|n| {
+            let child = join(rel, n);
+            self.record(&child).is_some() && std::fs::symlink_metadata(self.abs(&child)).is_ok()
+        })
+    }
+
+    /// Looks at the child `name` of directory `rel`: whether anything was sent, or `None`
+    /// when the directory's listing leaves it out (gone, excluded, a socket).
+    fn child(&mut self, rel: &[u8], name: &[u8]) -> Result<Option<bool>, ScanError> {
+        let child = join(rel, name);
+        let cabs = self.abs(&child);
+        if self.exclude.iter().any(|x| x == &cabs) {
+            return Ok(None);
+        }
+        let cm = match std::fs::symlink_metadata(&cabs) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ScanError::Io {
+                    path: cabs.display().to_string(),
+                    source,
+                })
+            }
+        };
+        let ft = cm.file_type();
+        if ft.is_socket() {
+            tracing::info!(path = %cabs.display(), "socket skipped");
+            self.stats.skipped_sockets += 1;
+            return Ok(None);
+        }
+        // A type change (file became directory, ...) needs the old entry gone first,
+        // because a directory's own entry only follows its children.
+        if ft.is_dir() {
+            if let Some(r) = self.record(&child) {
+                if (r.mode & 0o170000) != 0o040000 {
+                    self.send_entry(
+                        Entry {
+                            path: child.clone(),
+                            kind: EntryKind::Delete as i32,
+                            ..Default::default()
+                        },
+                        None,
+                    )?;
+                }
+            }
+        }
+        let sent = if ft.is_dir() && cm.dev() == self.dev {
+            if self.shallow && self.unchanged(&child, &cm) && !self.in_moved_dir(&child) {
+                false
+            } else {
+                self.dir(child, &cm)?
+            }
+        } else if ft.is_dir() {
+            // A mount point of another file system: an empty directory here.
+            self.leaf_dir(child, &cm)?
+        } else {
+            self.leaf(child, &cm)?
+        };
+        Ok(Some(sent))
     }
 
     fn leaf_dir(&mut self, rel: Vec<u8>, m: &std::fs::Metadata) -> Result<bool, ScanError> {
@@ -864,5 +899,93 @@ mod tests {
             cand("p", "q", false),
         ]));
         assert_eq!(got, [("d".into(), "e".into()), ("p".into(), "q".into())]);
+    }
+
+    impl Sink for Vec<Item> {
+        fn send(&mut self, item: Item) -> bool {
+            self.push(item);
+            true
+        }
+    }
+
+    /// Scans (all of it, or the `dirty` directories), records what was sent as accepted
+    /// in epoch 1, and returns the kinds and paths of the entries.
+    fn pass(root: &Path, index: &Index, dirty: Option<Dirty>) -> Vec<(EntryKind, String)> {
+        let mut items = Vec::new();
+        let mut s = Scanner::new(root, index, 1, &mut items, Vec::new()).unwrap();
+        match dirty {
+            None => s.run().unwrap(),
+            Some(d) => s.run_dirs(d).unwrap(),
+        };
+        let mut ops = Vec::new();
+        let mut out = Vec::new();
+        for item in items {
+            if let Item::Entry(e, rec) = item {
+                crate::index::ops_for(&e, rec, &mut ops);
+                let kind = EntryKind::try_from(e.kind).unwrap();
+                out.push((kind, String::from_utf8(e.path).unwrap()));
+            }
+        }
+        index.apply(&ops, 1).unwrap();
+        out
+    }
+
+    fn named(dir: &str, name: &str) -> Dirty {
+        let mut d = Dirty::new();
+        mark(
+            &mut d,
+            dir.as_bytes().to_vec(),
+            Some(std::iter::once(name.as_bytes().to_vec()).collect()),
+        );
+        d
+    }
+
+    #[test]
+    fn a_changed_file_sends_its_directory_metadata_and_a_new_name_sends_the_listing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/a"), b"one").unwrap();
+        std::fs::write(root.join("d/b"), b"two").unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let index = Index::open(&db, "fs").unwrap();
+        assert_eq!(pass(root, &index, None).len(), 4, "a, b, d and the root");
+
+        // A write inside: no name came or went, so no listing and no prune.
+        std::fs::write(root.join("d/a"), b"one, longer").unwrap();
+        let sent = pass(root, &index, Some(named("d", "a")));
+        assert_eq!(
+            sent,
+            [
+                (EntryKind::File, "d/a".into()),
+                (EntryKind::DirMeta, "d".into())
+            ]
+        );
+
+        // A new name changes the directory: its entry lists every child again.
+        std::fs::write(root.join("d/c"), b"three").unwrap();
+        let mut items = Vec::new();
+        let mut s = Scanner::new(root, &index, 1, &mut items, Vec::new()).unwrap();
+        s.run_dirs(named("d", "c")).unwrap();
+        let dir = items.iter().find_map(|i| match i {
+            Item::Entry(e, _) if e.path == b"d" => Some(e.clone()),
+            _ => None,
+        });
+        let dir = dir.expect("the directory is sent");
+        assert_eq!(dir.kind, EntryKind::Dir as i32);
+        assert_eq!(dir.children, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        let mut ops = Vec::new();
+        for item in items {
+            if let Item::Entry(e, rec) = item {
+                crate::index::ops_for(&e, rec, &mut ops);
+            }
+        }
+        index.apply(&ops, 1).unwrap();
+
+        // A name gone is a listing too, even if the directory's times did not move.
+        std::fs::remove_file(root.join("d/b")).unwrap();
+        let sent = pass(root, &index, Some(named("d", "b")));
+        assert_eq!(sent, [(EntryKind::Dir, "d".into())]);
+        assert!(index.get(b"d/b").is_none(), "the prune reached the index");
     }
 }

@@ -99,7 +99,7 @@ fn files_and_dirs(entries: &[Entry]) -> usize {
         .take_while(|e| {
             matches!(
                 EntryKind::try_from(e.kind),
-                Ok(EntryKind::File) | Ok(EntryKind::Dir)
+                Ok(EntryKind::File) | Ok(EntryKind::Dir) | Ok(EntryKind::DirMeta)
             ) && seen.insert(e.path.as_slice())
         })
         .count()
@@ -155,7 +155,7 @@ fn apply_run(root: &Root, chunks: &ChunkStore, run: &[Entry]) -> Result<u64, App
             .sum::<Result<u64, ApplyError>>()
     })?;
     let files_ms = t.elapsed().as_millis() as u64;
-    for e in run.iter().filter(|e| e.kind == EntryKind::Dir as i32) {
+    for e in run.iter().filter(|e| e.kind != EntryKind::File as i32) {
         apply_dir(root, e)?;
     }
     tracing::debug!(
@@ -194,7 +194,7 @@ fn apply_one(
         }
         return Ok(0);
     }
-    if kind == EntryKind::Dir {
+    if matches!(kind, EntryKind::Dir | EntryKind::DirMeta) {
         apply_dir(root, e)?;
         return Ok(0);
     }
@@ -373,11 +373,15 @@ fn apply_dir(root: &Root, e: &Entry) -> Result<(), ApplyError> {
             safepath::open_dir_at(&dir, name).map_err(io_at(path, "open"))?
         }
     };
-    // Children the source no longer has (and temp files of a crash) go.
-    let keep: std::collections::HashSet<&[u8]> = e.children.iter().map(|c| c.as_slice()).collect();
-    for child in safepath::list_dir(&fd).map_err(io_at(path, "list"))? {
-        if !keep.contains(child.as_slice()) {
-            safepath::remove_at(&fd, &child).map_err(io_at(path, "prune"))?;
+    // Children the source no longer has (and temp files of a crash) go; a metadata
+    // entry leaves them alone.
+    if e.kind == EntryKind::Dir as i32 {
+        let keep: std::collections::HashSet<&[u8]> =
+            e.children.iter().map(|c| c.as_slice()).collect();
+        for child in safepath::list_dir(&fd).map_err(io_at(path, "list"))? {
+            if !keep.contains(child.as_slice()) {
+                safepath::remove_at(&fd, &child).map_err(io_at(path, "prune"))?;
+            }
         }
     }
     set_meta_fd(&fd, e)
@@ -601,5 +605,48 @@ mod tests {
         let mut twice = entries[..2].to_vec();
         twice.push(entries[0].clone());
         assert_eq!(files_and_dirs(&twice), 2);
+    }
+
+    #[test]
+    fn a_directory_metadata_entry_sets_times_and_keeps_every_child() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("root");
+        std::fs::create_dir_all(tree.join("d/sub")).unwrap();
+        std::fs::write(tree.join("d/kept"), b"not in any list").unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let chunks =
+            ChunkStore::open(&dir.path().join("chunks"), db.open_tree("c").unwrap()).unwrap();
+        let root = Root::open(&tree).unwrap();
+        let meta = Entry {
+            path: b"d".to_vec(),
+            kind: EntryKind::DirMeta as i32,
+            mode: 0o40705,
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            mtime_sec: 1_400_000_000,
+            ..Default::default()
+        };
+        apply(&root, &chunks, std::slice::from_ref(&meta), false).unwrap();
+        let m = std::fs::metadata(tree.join("d")).unwrap();
+        assert_eq!((m.mtime(), m.mode() & 0o7777), (1_400_000_000, 0o705));
+        assert!(tree.join("d/kept").is_file() && tree.join("d/sub").is_dir());
+        // The root's own metadata may come this way too; a list of children may not.
+        let root_meta = Entry {
+            path: Vec::new(),
+            ..meta.clone()
+        };
+        apply(&root, &chunks, &[root_meta], false).unwrap();
+        assert_eq!(std::fs::metadata(&tree).unwrap().mtime(), 1_400_000_000);
+        let listed = Entry {
+            children: vec![b"kept".to_vec()],
+            ..meta
+        };
+        let err = apply(&root, &chunks, &[listed], false).unwrap_err();
+        assert!(err.to_string().contains("no children"), "{err}");
+        assert!(
+            tree.join("d/sub").is_dir(),
+            "a refused entry prunes nothing"
+        );
     }
 }

@@ -36,7 +36,7 @@ pub fn validate(e: &Entry) -> Result<(), EntryError> {
         message: m.into(),
     };
     let kind = EntryKind::try_from(e.kind).map_err(|_| invalid("unknown entry kind"))?;
-    if path.is_empty() && kind != EntryKind::Dir {
+    if path.is_empty() && !matches!(kind, EntryKind::Dir | EntryKind::DirMeta) {
         return Err(invalid("the root can only be a directory"));
     }
     if e.xattrs.len() > MAX_XATTRS {
@@ -99,6 +99,11 @@ pub fn validate(e: &Entry) -> Result<(), EntryError> {
             for c in &e.children {
                 safepath::check_name(c)?;
             }
+        }
+        EntryKind::DirMeta if !e.children.is_empty() || !e.segments.is_empty() => {
+            return Err(invalid(
+                "a directory's metadata entry carries no children or data",
+            ));
         }
         _ => {}
     }

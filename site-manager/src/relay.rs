@@ -386,11 +386,17 @@ impl pb::ingest_server::Ingest for Service {
             }
         }
         let store = self.relay.chunks.clone();
+        let t = std::time::Instant::now();
         let stored = tokio::task::spawn_blocking(move || store.commit(staged))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| fail("put-chunks", id.as_ref(), e.into()))?;
         self.relay.touch_put();
+        tracing::debug!(
+            stored,
+            commit_ms = t.elapsed().as_millis() as u64,
+            "chunks stored"
+        );
         // Best effort: when the queue is full, forwarding the batch sends them.
         if !fresh.is_empty() {
             let _ = self.relay.fresh.try_send(fresh);
