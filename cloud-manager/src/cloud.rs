@@ -444,20 +444,31 @@ impl Cloud {
         })
     }
 
-    pub fn missing(&self, req: &pb::MissingChunksRequest) -> Result<pb::MissingChunksResponse> {
+    pub async fn missing(
+        self: &Arc<Self>,
+        req: pb::MissingChunksRequest,
+    ) -> Result<pb::MissingChunksResponse> {
         if req.hashes.len() > MAX_HASHES {
             return Err(CloudError::Invalid(format!(
                 "at most {MAX_HASHES} hashes per call"
             )));
         }
-        let mut missing = Vec::new();
-        for (i, h) in req.hashes.iter().enumerate() {
-            let h = chunks::hash_from_bytes(h)?;
-            if !self.chunks.has(&h) {
-                missing.push(i as u32);
-            }
-        }
-        Ok(pb::MissingChunksResponse { missing })
+        let hashes = req
+            .hashes
+            .iter()
+            .map(|h| chunks::hash_from_bytes(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = self.chunks.clone();
+        let missing = if req.durable {
+            blocking(move || Ok(store.missing_durably(&hashes)?)).await?
+        } else {
+            (0..hashes.len())
+                .filter(|&i| !store.has(&hashes[i]))
+                .collect()
+        };
+        Ok(pb::MissingChunksResponse {
+            missing: missing.into_iter().map(|i| i as u32).collect(),
+        })
     }
 
     /// Verifies and stages one frame; duplicates are counted and dropped.
@@ -476,9 +487,10 @@ impl Cloud {
         Ok(Some(self.chunks.stage(hash, &f.zdata, f.raw_len, f.raw)?))
     }
 
-    pub async fn commit_chunks(self: &Arc<Self>, staged: Vec<chunks::Staged>) -> Result<u64> {
+    /// Makes staged chunks readable; they are synced once someone is told they are held.
+    pub async fn publish_chunks(self: &Arc<Self>, staged: Vec<chunks::Staged>) -> Result<u64> {
         let this = self.clone();
-        let n = blocking(move || this.chunks.commit(staged).map_err(CloudError::from)).await?;
+        let n = blocking(move || this.chunks.publish(staged).map_err(CloudError::from)).await?;
         Counters::add(&self.counters.chunks_stored, n as u64);
         Ok(n as u64)
     }

@@ -68,7 +68,10 @@ impl pb::ingest_server::Ingest for Grpc {
         req: Request<pb::MissingChunksRequest>,
     ) -> Result<Response<pb::MissingChunksResponse>, Status> {
         let who = identity(&req);
-        let r = cloud::require_ingest(who.as_ref()).and_then(|_| self.cloud.missing(req.get_ref()));
+        let r = match cloud::require_ingest(who.as_ref()) {
+            Ok(_) => self.cloud.missing(req.into_inner()).await,
+            Err(e) => Err(e),
+        };
         r.map(Response::new)
             .map_err(|e| self.fail("missing-chunks", who.as_ref(), e))
     }
@@ -93,7 +96,7 @@ impl pb::ingest_server::Ingest for Grpc {
                 }
             }
         }
-        let stored = self.cloud.commit_chunks(staged).await.map_err(|e| {
+        let stored = self.cloud.publish_chunks(staged).await.map_err(|e| {
             self.cloud.storage_error(&e);
             self.fail("put-chunks", who.as_ref(), e)
         })?;

@@ -159,6 +159,7 @@ pub async fn run(
         cloud: cloud.clone(),
     };
     let tracker = tokio_util::task::TaskTracker::new();
+    tracker.spawn(cloud.chunks.clone().sync_behind(shutdown.clone()));
     if let Some(http) = http {
         tracing::info!(listen = ?http.local_addr().ok(), "metrics on /metrics");
         tracker.spawn(metrics::serve(http, cloud.clone(), shutdown.clone()));

@@ -1,7 +1,8 @@
 //! Content-addressed chunk store: frames (zstd, or raw when a chunk does not compress)
 //! named by the BLAKE3 of their raw bytes, appended to pack files and indexed in sled.
-//! A staged frame becomes visible only after its pack is synced and its index entry is
-//! flushed, so a chunk that `has` reports is never lost by a crash.
+//! A staged frame is published (readable, but lost by a crash) and later synced (pack
+//! `fdatasync`, index flushed) by a task behind the uploads, so no upload waits on the
+//! disk. Whoever promises a peer that a chunk is held syncs first.
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -12,6 +13,8 @@ use std::sync::{Arc, Mutex, RwLock};
 pub const MAX_CHUNK: usize = 1 << 20;
 /// A pack is closed for appends beyond this size.
 const PACK_LIMIT: u64 = 1 << 30;
+/// Published frames beyond this many are synced at once, whoever asks.
+const UNSYNCED_MAX: usize = 1 << 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
@@ -194,10 +197,14 @@ pub struct Frame {
 
 #[derive(Clone)]
 pub struct ChunkStore {
-    /// Bumped by every commit, so a caller can tell whether chunks arrived meanwhile.
+    /// Bumped by every publish, so a caller can tell whether chunks arrived meanwhile.
     generation: Arc<std::sync::atomic::AtomicU64>,
     dir: PathBuf,
     index: sled::Tree,
+    /// Published frames not yet in the index: readable here, gone after a crash.
+    unsynced: Arc<Mutex<HashMap<[u8; 32], Location>>>,
+    /// Wakes `sync_behind` after a publish.
+    published: Arc<tokio::sync::Notify>,
     writer: Arc<Mutex<Writer>>,
     packs: Arc<RwLock<HashMap<u32, Arc<std::fs::File>>>>,
 }
@@ -248,6 +255,8 @@ impl ChunkStore {
             generation: Default::default(),
             dir: dir.to_path_buf(),
             index,
+            unsynced: Default::default(),
+            published: Default::default(),
             writer: Arc::new(Mutex::new(writer)),
             packs: Arc::new(RwLock::new(packs)),
         })
@@ -269,8 +278,34 @@ impl ChunkStore {
         })
     }
 
+    /// Whether the chunk is here, synced or only published.
     pub fn has(&self, hash: &[u8; 32]) -> bool {
-        self.index.contains_key(hash).unwrap_or(false)
+        self.unsynced_mut().contains_key(hash) || self.index.contains_key(hash).unwrap_or(false)
+    }
+
+    fn unsynced_mut(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Location>> {
+        self.unsynced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Which of `hashes` (by position) are not here. An answer is a promise to keep the
+    /// others, so the ones only published are synced first.
+    pub fn missing_durably(&self, hashes: &[[u8; 32]]) -> Result<Vec<usize>, ChunkError> {
+        let mut missing = Vec::new();
+        let mut unsynced = false;
+        {
+            let pending = self.unsynced_mut();
+            for (i, h) in hashes.iter().enumerate() {
+                if pending.contains_key(h) {
+                    unsynced = true;
+                } else if !self.index.contains_key(h)? {
+                    missing.push(i);
+                }
+            }
+        }
+        if unsynced {
+            self.sync()?;
+        }
+        Ok(missing)
     }
 
     /// Appends a verified frame to the current pack.
@@ -301,15 +336,57 @@ impl ChunkStore {
         })
     }
 
-    /// Makes staged frames durable (one `fdatasync` of the pack and one index flush),
-    /// then visible.
-    pub fn commit(&self, staged: Vec<Staged>) -> Result<usize, ChunkError> {
-        if staged.is_empty() {
+    /// Makes staged frames readable (and `has` true) without waiting for the disk; a
+    /// crash before the next `sync` forgets them.
+    pub fn publish(&self, staged: Vec<Staged>) -> Result<usize, ChunkError> {
+        let n = staged.len();
+        let over = {
+            let mut pending = self.unsynced_mut();
+            pending.extend(staged.into_iter().map(|s| (s.hash, s.loc)));
+            pending.len() > UNSYNCED_MAX
+        };
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if over {
+            self.sync()?;
+        }
+        self.published.notify_one();
+        Ok(n)
+    }
+
+    /// Syncs published frames soon after they arrive, one sync at a time (uploads that
+    /// come meanwhile share the next one), and once more on shutdown.
+    pub async fn sync_behind(self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            let stopping = tokio::select! {
+                _ = self.published.notified() => false,
+                _ = shutdown.cancelled() => true,
+            };
+            let store = self.clone();
+            match tokio::task::spawn_blocking(move || store.sync()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot sync the chunk store yet"),
+                Err(e) => tracing::warn!(error = %e, "chunk store sync failed"),
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Makes every published frame durable: one `fdatasync` of the pack and one index
+    /// flush. Returns how many frames it moved into the index.
+    pub fn sync(&self) -> Result<usize, ChunkError> {
+        // Taken before the pack is synced: every frame in it was written before.
+        let batch: Vec<([u8; 32], Location)> =
+            self.unsynced_mut().iter().map(|(h, l)| (*h, *l)).collect();
+        if batch.is_empty() {
             return Ok(0);
         }
         {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             w.file.sync_data().map_err(|e| io_err(&self.dir, e))?;
+            // Only a synced pack is ever rotated out, so older packs need no sync here.
             if w.len >= PACK_LIMIT {
                 let next = Self::new_pack(&self.dir, w.id + 1)?;
                 self.packs
@@ -319,25 +396,38 @@ impl ChunkStore {
                 *w = next;
             }
         }
-        // A frame staged in a pack that was rotated meanwhile was synced by that rotation.
         let mut b = sled::Batch::default();
-        for s in &staged {
-            b.insert(&s.hash[..], &s.loc.encode()[..]);
+        for (h, loc) in &batch {
+            b.insert(&h[..], &loc.encode()[..]);
         }
         self.index.apply_batch(b)?;
         self.index.flush()?;
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(staged.len())
+        // Readable from both places until now, so no reader misses one meanwhile.
+        let mut pending = self.unsynced_mut();
+        for (h, _) in &batch {
+            pending.remove(h);
+        }
+        Ok(batch.len())
+    }
+
+    /// Publishes and syncs staged frames.
+    pub fn commit(&self, staged: Vec<Staged>) -> Result<usize, ChunkError> {
+        let n = self.publish(staged)?;
+        self.sync()?;
+        Ok(n)
     }
 
     /// The stored frame.
     pub fn read_frame(&self, hash: &[u8; 32]) -> Result<Frame, ChunkError> {
-        let loc = self
-            .index
-            .get(hash)?
-            .and_then(|v| Location::decode(&v))
-            .ok_or_else(|| ChunkError::Missing(hex::encode(hash)))?;
+        let published = self.unsynced_mut().get(hash).copied();
+        let loc = match published {
+            Some(loc) => loc,
+            None => self
+                .index
+                .get(hash)?
+                .and_then(|v| Location::decode(&v))
+                .ok_or_else(|| ChunkError::Missing(hex::encode(hash)))?,
+        };
         let file = self
             .packs
             .read()
@@ -361,25 +451,34 @@ impl ChunkStore {
         unframe(&f.data, f.raw_len, f.raw)
     }
 
-    /// Changes with every commit.
+    /// Changes with every publish.
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The names of every stored chunk.
     pub fn hashes(&self) -> Vec<[u8; 32]> {
-        self.index
-            .iter()
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter_map(|k| k.as_ref().try_into().ok())
-            .collect()
+        let mut all: std::collections::HashSet<[u8; 32]> =
+            self.unsynced_mut().keys().copied().collect();
+        all.extend(
+            self.index
+                .iter()
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter_map(|k| <[u8; 32]>::try_from(k.as_ref()).ok()),
+        );
+        all.into_iter().collect()
     }
 
     /// Drops every chunk (a relay whose queue is empty no longer needs them).
     pub fn clear(&self) -> Result<usize, ChunkError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let n = self.index.len();
+        let n = {
+            let mut pending = self.unsynced_mut();
+            let n = self.index.len() + pending.len();
+            pending.clear();
+            n
+        };
         self.index.clear()?;
         self.index.flush()?;
         let mut packs = self.packs.write().unwrap_or_else(|p| p.into_inner());
@@ -404,11 +503,11 @@ impl ChunkStore {
     }
 
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.index.len() + self.unsynced_mut().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.index.is_empty() && self.unsynced_mut().is_empty()
     }
 }
 
@@ -463,6 +562,39 @@ mod tests {
         let s = ChunkStore::open(dir.path(), db.open_tree("chunks").unwrap()).unwrap();
         assert_eq!(s.read_raw(&hash).unwrap(), raw);
         assert!(!s.has(&other));
+    }
+
+    #[test]
+    fn published_chunks_are_readable_at_once_and_durable_once_promised() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let frame = |raw: &[u8]| (*blake3::hash(raw).as_bytes(), raw.to_vec());
+        let (a, raw_a) = frame(b"kept once promised");
+        let (b, raw_b) = frame(b"published, never promised");
+        let absent = *blake3::hash(b"never sent").as_bytes();
+        {
+            let s = ChunkStore::open(dir.path(), db.open_tree("chunks").unwrap()).unwrap();
+            let staged = vec![
+                s.stage(a, &raw_a, raw_a.len() as u32, true).unwrap(),
+                s.stage(b, &raw_b, raw_b.len() as u32, true).unwrap(),
+            ];
+            let generation = s.generation();
+            assert_eq!(s.publish(staged).unwrap(), 2);
+            assert!(s.generation() > generation);
+            assert!(s.has(&a) && s.has(&b) && s.len() == 2);
+            assert_eq!(s.read_raw(&b).unwrap(), raw_b);
+            // Asking about `a` for a peer that will rely on it syncs what is published.
+            assert_eq!(s.missing_durably(&[absent, a]).unwrap(), [0]);
+            let (c, raw_c) = frame(b"after the promise");
+            let staged = s.stage(c, &raw_c, raw_c.len() as u32, true).unwrap();
+            s.publish(vec![staged]).unwrap();
+            assert!(s.has(&c));
+        }
+        // A crash forgets what was only published; what was promised stays.
+        let s = ChunkStore::open(dir.path(), db.open_tree("chunks").unwrap()).unwrap();
+        assert_eq!(s.read_raw(&a).unwrap(), raw_a);
+        assert_eq!(s.read_raw(&b).unwrap(), raw_b, "synced along with a");
+        assert!(!s.has(blake3::hash(b"after the promise").as_bytes()));
     }
 
     #[test]

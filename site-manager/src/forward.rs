@@ -131,7 +131,7 @@ async fn maybe_collect(relay: &Relay) {
         let hashes: Vec<Vec<u8>> = relay.chunks.hashes().iter().map(|h| h.to_vec()).collect();
         let mut c = relay.client();
         for group in hashes.chunks(GROUP) {
-            if let Err(o) = push_group(relay, &mut c, group).await {
+            if let Err(o) = push_group(relay, &mut c, group, true).await {
                 if let Outcome::Retry(s) | Outcome::Poison(s) = o {
                     tracing::warn!(error = %s.message(), "cannot hand spooled chunks upstream yet");
                 }
@@ -163,27 +163,32 @@ async fn push_chunks(
         .collect();
     let hashes: Vec<Vec<u8>> = unique.into_iter().map(<[u8]>::to_vec).collect();
     for group in hashes.chunks(GROUP) {
-        push_group(relay, c, group).await?;
+        push_group(relay, c, group, false).await?;
     }
     Ok(())
 }
 
-/// Sends upstream those of `group` (at most `GROUP` hashes) that it lacks, from the local store.
+/// Sends upstream those of `group` (at most `GROUP` hashes) that it lacks, from the
+/// local store. `durable`: the local copies are dropped next, so upstream must hold the
+/// whole group durably before this returns.
 async fn push_group(
     relay: &Relay,
     c: &mut IngestClient<Channel>,
     group: &[Vec<u8>],
+    durable: bool,
 ) -> Result<(), Outcome> {
     let _one_at_a_time = relay.push_lock.lock().await;
-    let missing = match c
-        .missing_chunks(pb::MissingChunksRequest {
-            hashes: group.to_vec(),
-        })
-        .await
-    {
+    let ask = |durable| pb::MissingChunksRequest {
+        hashes: group.to_vec(),
+        durable,
+    };
+    let missing = match c.missing_chunks(ask(durable)).await {
         Ok(r) => r.into_inner().missing,
         Err(s) => return Err(classify(s)),
     };
+    if missing.is_empty() {
+        return Ok(());
+    }
     let mut frames = Vec::new();
     let mut bytes = 0;
     for i in missing {
@@ -224,6 +229,18 @@ async fn push_group(
     if !frames.is_empty() {
         if let Err(s) = c.put_chunks(tokio_stream::iter(frames)).await {
             return Err(classify(s));
+        }
+    }
+    if durable {
+        // Uploaded chunks are only published upstream; asking again syncs them.
+        match c.missing_chunks(ask(true)).await {
+            Ok(r) if r.get_ref().missing.is_empty() => {}
+            Ok(_) => {
+                return Err(Outcome::Retry(tonic::Status::unavailable(
+                    "upstream lost chunks it was just sent",
+                )))
+            }
+            Err(s) => return Err(classify(s)),
         }
     }
     Ok(())
@@ -302,7 +319,7 @@ pub async fn push_fresh(relay: Arc<Relay>, shutdown: CancellationToken) {
         for group in hashes.chunks(GROUP) {
             let pushed = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = push_group(&relay, &mut c, group) => r,
+                r = push_group(&relay, &mut c, group, false) => r,
             };
             if pushed.is_err() {
                 // Upstream is away; the batches' own forwarding retries.

@@ -95,6 +95,7 @@ pub async fn run(
     tracker.spawn(forward::forward(relay.clone(), shutdown.clone()));
     tracker.spawn(forward::push_ahead(relay.clone(), shutdown.clone()));
     tracker.spawn(forward::push_fresh(relay.clone(), shutdown.clone()));
+    tracker.spawn(relay.chunks.clone().sync_behind(shutdown.clone()));
     tracing::info!(listen = %bound, upstream = %config.upstream, queued = relay.queue_len(), "site manager serving");
 
     let svc = relay::Service {

@@ -37,12 +37,14 @@ pub enum RelayError {
         "site spool is full ({used} of {limit} bytes); slowing agents until upstream drains it"
     )]
     SpoolFull { used: u64, limit: u64 },
+    #[error("a background task failed: {0}")]
+    Task(String),
 }
 
 impl ErrorKind for RelayError {
     fn kind(&self) -> Kind {
         match self {
-            RelayError::Store(_) | RelayError::Sled(_) => Kind::Internal,
+            RelayError::Store(_) | RelayError::Sled(_) | RelayError::Task(_) => Kind::Internal,
             RelayError::Chunk(e) => e.kind(),
             RelayError::Entry(e) => e.kind(),
             RelayError::Unauthenticated => Kind::Unauthenticated,
@@ -211,8 +213,9 @@ impl Relay {
             .elapsed()
     }
 
-    /// Indexes of `hashes` held neither here nor (if reachable) upstream.
-    async fn missing(&self, hashes: &[Vec<u8>]) -> Result<Vec<u32>> {
+    /// Indexes of `hashes` held neither here nor (if reachable) upstream. `durable`: the
+    /// caller relies on upstream's copies, so upstream makes them durable first.
+    async fn missing(&self, hashes: &[Vec<u8>], durable: bool) -> Result<Vec<u32>> {
         let mut local_missing = Vec::new();
         for (i, h) in hashes.iter().enumerate() {
             if !self.chunks.has(&chunks::hash_from_bytes(h)?) {
@@ -229,7 +232,10 @@ impl Relay {
         let mut c = self.client();
         match tokio::time::timeout(
             UPSTREAM_QUICK,
-            c.missing_chunks(pb::MissingChunksRequest { hashes: ask }),
+            c.missing_chunks(pb::MissingChunksRequest {
+                hashes: ask,
+                durable,
+            }),
         )
         .await
         {
@@ -346,7 +352,7 @@ impl pb::ingest_server::Ingest for Service {
         }
         let missing = self
             .relay
-            .missing(&req.get_ref().hashes)
+            .missing(&req.get_ref().hashes, false)
             .await
             .map_err(|e| fail("missing-chunks", id.as_ref(), e))?;
         Ok(Response::new(pb::MissingChunksResponse { missing }))
@@ -385,18 +391,16 @@ impl pb::ingest_server::Ingest for Service {
                 Err(e) => return Err(fail("put-chunks", id.as_ref(), e)),
             }
         }
+        // Published, not synced: a batch that refers to them syncs them before it is
+        // accepted (a crash meanwhile costs a resend, not data).
         let store = self.relay.chunks.clone();
         let t = std::time::Instant::now();
-        let stored = tokio::task::spawn_blocking(move || store.commit(staged))
+        let stored = tokio::task::spawn_blocking(move || store.publish(staged))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| fail("put-chunks", id.as_ref(), e.into()))?;
         self.relay.touch_put();
-        tracing::debug!(
-            stored,
-            commit_ms = t.elapsed().as_millis() as u64,
-            "chunks stored"
-        );
+        tracing::debug!(stored, ms = t.elapsed().as_millis() as u64, "chunks stored");
         // Best effort: when the queue is full, forwarding the batch sends them.
         if !fresh.is_empty() {
             let _ = self.relay.fresh.try_send(fresh);
@@ -424,10 +428,15 @@ impl pb::ingest_server::Ingest for Service {
                 .map(|c| c.hash.clone())
                 .collect();
             for chunk in hashes.chunks(65536) {
-                if let Some(&i) = self.relay.missing(chunk).await?.first() {
+                if let Some(&i) = self.relay.missing(chunk, true).await?.first() {
                     return Err(RelayError::MissingChunk(hex::encode(&chunk[i as usize])));
                 }
             }
+            // The batch is spooled only with every chunk it needs from here on disk.
+            let store = self.relay.chunks.clone();
+            tokio::task::spawn_blocking(move || store.sync())
+                .await
+                .map_err(|e| RelayError::Task(e.to_string()))??;
             let checked_ms = started.elapsed().as_millis() as u64;
             let _g = self.relay.order.lock().await;
             let mut pos = self.relay.positions(&batch.system);
