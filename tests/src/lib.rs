@@ -693,3 +693,46 @@ impl Drop for CloudMgr {
         ));
     }
 }
+
+/// An agent identity enrolled at `cloud_url` (a cloud or site manager) with a join
+/// token, and an Ingest client that presents it.
+pub async fn enrolled_client(
+    cloud_url: &str,
+    token: &str,
+    name: &str,
+    dir: &Path,
+) -> Result<ferry_proto::v1::ingest_client::IngestClient<tonic::transport::Channel>> {
+    let files = ferry_common::pki::IdentityFiles::new(dir);
+    let tok = ferry_common::token::JoinToken::parse(token)?;
+    ferry_common::enroll::ensure_enrolled(
+        cloud_url,
+        Some(&tok),
+        ferry_common::pki::Role::Agent,
+        name,
+        &[],
+        &files,
+    )
+    .await?;
+    Ok(ferry_proto::v1::ingest_client::IngestClient::new(
+        ferry_common::enroll::mtls_channel(cloud_url, &files)?,
+    ))
+}
+
+/// Registration of `system` with one 64 MiB ext4 file system whose UUID is `uuid`.
+pub fn register(system: &str, uuid: &str) -> ferry_proto::v1::RegisterRequest {
+    ferry_proto::v1::RegisterRequest {
+        system: system.into(),
+        probe_json: b"{}".to_vec(),
+        filesystems: vec![ferry_proto::v1::FileSystem {
+            fs_id: uuid.into(),
+            mount_point: b"/".to_vec(),
+            fstype: "ext4".into(),
+            capacity_bytes: 64 << 20,
+            used_bytes: 0,
+            uuid: uuid.into(),
+            label: String::new(),
+            device: "/dev/sda1".into(),
+            ..Default::default()
+        }],
+    }
+}

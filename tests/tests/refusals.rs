@@ -15,39 +15,6 @@ fn ca_pem(cloud: &CloudMgr) -> Result<String> {
     Ok(std::fs::read_to_string(cloud.dir.join("pki/ca.pem"))?)
 }
 
-async fn enrolled_client(
-    cloud_url: &str,
-    token: &str,
-    name: &str,
-    dir: &Path,
-) -> Result<IngestClient<tonic::transport::Channel>> {
-    let files = IdentityFiles::new(dir);
-    let tok = JoinToken::parse(token)?;
-    ferry_common::enroll::ensure_enrolled(cloud_url, Some(&tok), Role::Agent, name, &[], &files)
-        .await?;
-    Ok(IngestClient::new(ferry_common::enroll::mtls_channel(
-        cloud_url, &files,
-    )?))
-}
-
-fn register(system: &str, uuid: &str) -> pb::RegisterRequest {
-    pb::RegisterRequest {
-        system: system.into(),
-        probe_json: b"{}".to_vec(),
-        filesystems: vec![pb::FileSystem {
-            fs_id: uuid.into(),
-            mount_point: b"/".to_vec(),
-            fstype: "ext4".into(),
-            capacity_bytes: 64 << 20,
-            used_bytes: 0,
-            uuid: uuid.into(),
-            label: String::new(),
-            device: "/dev/sda1".into(),
-            ..Default::default()
-        }],
-    }
-}
-
 fn entry(path: &[u8], kind: pb::EntryKind) -> pb::Entry {
     pb::Entry {
         path: path.to_vec(),

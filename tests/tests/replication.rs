@@ -1,6 +1,7 @@
-//! End-to-end replication through a site manager into real volumes, and cross-system
-//! chunk dedup, with the real daemons.
+//! End-to-end replication through a site manager into real volumes, cross-system chunk
+//! dedup, and the site writing chunks through to the cloud, with the real daemons.
 use anyhow::Result;
+use ferry_proto::v1 as pb;
 use ferry_tests::*;
 
 #[test]
@@ -125,5 +126,65 @@ fn identical_data_on_two_systems_crosses_the_wire_once() -> Result<()> {
         let diff = rsync_diff(&fs.mnt, &cloud.replica_path(name, "/")?)?;
         assert!(diff.is_empty(), "{name} differs:\n{diff}");
     }
+    Ok(())
+}
+
+/// Which of `hashes` the manager behind `c` says it lacks.
+async fn lacks(
+    c: &mut pb::ingest_client::IngestClient<tonic::transport::Channel>,
+    hashes: &[Vec<u8>],
+    durable: bool,
+) -> Result<Vec<u32>> {
+    let req = pb::MissingChunksRequest {
+        hashes: hashes.to_vec(),
+        durable,
+    };
+    Ok(c.missing_chunks(req).await?.into_inner().missing)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_writes_chunks_through_before_their_batch_and_the_cloud_keeps_what_it_promised(
+) -> Result<()> {
+    let tmp = scratch("write-through")?;
+    let t = tmp.path();
+    let mut cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let mut agent =
+        enrolled_client(&site.url(), &cloud.token()?, "alpha", &t.join("alpha")).await?;
+    agent
+        .register(register("alpha", "0a1b2c3d-0000-4000-8000-0000000000a1"))
+        .await?;
+    let frames: Vec<pb::ChunkFrame> = (0..3)
+        .map(|_| {
+            let data: Vec<u8> = (0..65536).map(|_| rand::random::<u8>()).collect();
+            pb::ChunkFrame {
+                hash: blake3::hash(&data).as_bytes().to_vec(),
+                raw_len: data.len() as u32,
+                zdata: data,
+                raw: true,
+            }
+        })
+        .collect();
+    let hashes: Vec<Vec<u8>> = frames.iter().map(|f| f.hash.clone()).collect();
+    let cloud_id = t.join("probe");
+    let mut probe = enrolled_client(&cloud.url(), &cloud.token()?, "probe", &cloud_id).await?;
+    assert_eq!(lacks(&mut probe, &hashes, false).await?, [0, 1, 2]);
+
+    // Uploaded to the site, and no batch refers to them yet: the cloud gets them anyway.
+    agent.put_chunks(tokio_stream::iter(frames)).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lacks(&mut probe, &hashes, false).await?.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the site did not write the chunks through within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Promised to a peer that keeps no copy: the chunks outlive a SIGKILL of the cloud.
+    assert!(lacks(&mut probe, &hashes, true).await?.is_empty());
+    cloud.restart()?;
+    let mut probe = enrolled_client(&cloud.url(), &cloud.token()?, "probe", &cloud_id).await?;
+    assert!(lacks(&mut probe, &hashes, false).await?.is_empty());
     Ok(())
 }
