@@ -492,16 +492,43 @@ fn sync_xattrs(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_rename_is_strict_but_a_resumed_batch_may_find_it_done() {
+    /// A replica tree holding `files`, with an empty chunk store beside it.
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        tree: std::path::PathBuf,
+        chunks: ChunkStore,
+        root: Root,
+    }
+
+    fn fixture(files: &[(&str, &[u8])]) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let tree = dir.path().join("root");
         std::fs::create_dir_all(&tree).unwrap();
-        std::fs::write(tree.join("a"), b"content").unwrap();
+        for (path, data) in files {
+            let p = tree.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, data).unwrap();
+        }
         let db = sled::Config::new().temporary(true).open().unwrap();
         let chunks =
             ChunkStore::open(&dir.path().join("chunks"), db.open_tree("c").unwrap()).unwrap();
         let root = Root::open(&tree).unwrap();
+        Fixture {
+            _dir: dir,
+            tree,
+            chunks,
+            root,
+        }
+    }
+
+    #[test]
+    fn a_rename_is_strict_but_a_resumed_batch_may_find_it_done() {
+        let Fixture {
+            _dir,
+            tree,
+            chunks,
+            root,
+        } = fixture(&[("a", b"content")]);
         let rename = Entry {
             path: b"b".to_vec(),
             link_target: b"a".to_vec(),
@@ -527,14 +554,12 @@ mod tests {
     fn a_run_of_files_written_in_parallel_ends_like_one_at_a_time() {
         use ferry_proto::v1::{ChunkRef, Segment};
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let tree = dir.path().join("root");
-        std::fs::create_dir_all(tree.join("d1")).unwrap();
-        std::fs::write(tree.join("d1/stale"), b"gone after the batch").unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let chunks =
-            ChunkStore::open(&dir.path().join("chunks"), db.open_tree("c").unwrap()).unwrap();
-        let root = Root::open(&tree).unwrap();
+        let Fixture {
+            _dir,
+            tree,
+            chunks,
+            root,
+        } = fixture(&[("d1/stale", b"gone after the batch")]);
         let (uid, gid) = (
             rustix::process::getuid().as_raw(),
             rustix::process::getgid().as_raw(),
@@ -610,14 +635,13 @@ mod tests {
     #[test]
     fn a_directory_metadata_entry_sets_times_and_keeps_every_child() {
         use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        let tree = dir.path().join("root");
-        std::fs::create_dir_all(tree.join("d/sub")).unwrap();
-        std::fs::write(tree.join("d/kept"), b"not in any list").unwrap();
-        let db = sled::Config::new().temporary(true).open().unwrap();
-        let chunks =
-            ChunkStore::open(&dir.path().join("chunks"), db.open_tree("c").unwrap()).unwrap();
-        let root = Root::open(&tree).unwrap();
+        let Fixture {
+            _dir,
+            tree,
+            chunks,
+            root,
+        } = fixture(&[("d/kept", b"not in any list")]);
+        std::fs::create_dir(tree.join("d/sub")).unwrap();
         let meta = Entry {
             path: b"d".to_vec(),
             kind: EntryKind::DirMeta as i32,

@@ -7,7 +7,6 @@ use ferry_common::pki::{IdentityFiles, Role};
 use ferry_common::token::JoinToken;
 use ferry_proto::v1::{self as pb, ingest_client::IngestClient};
 use ferry_tests::*;
-use std::path::Path;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Code;
 
