@@ -205,6 +205,9 @@ pub struct ChunkStore {
     unsynced: Arc<Mutex<HashMap<[u8; 32], Location>>>,
     /// Wakes `sync_behind` after a publish.
     published: Arc<tokio::sync::Notify>,
+    /// Held through a whole sync, so `clear` never runs between its snapshot and its
+    /// index writes (which would point the index at removed packs).
+    syncing: Arc<Mutex<()>>,
     writer: Arc<Mutex<Writer>>,
     packs: Arc<RwLock<HashMap<u32, Arc<std::fs::File>>>>,
 }
@@ -257,6 +260,7 @@ impl ChunkStore {
             index,
             unsynced: Default::default(),
             published: Default::default(),
+            syncing: Default::default(),
             writer: Arc::new(Mutex::new(writer)),
             packs: Arc::new(RwLock::new(packs)),
         })
@@ -377,6 +381,7 @@ impl ChunkStore {
     /// Makes every published frame durable: one `fdatasync` of the pack and one index
     /// flush. Returns how many frames it moved into the index.
     pub fn sync(&self) -> Result<usize, ChunkError> {
+        let _one = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         // Taken before the pack is synced: every frame in it was written before.
         let batch: Vec<([u8; 32], Location)> =
             self.unsynced_mut().iter().map(|(h, l)| (*h, *l)).collect();
@@ -472,6 +477,7 @@ impl ChunkStore {
 
     /// Drops every chunk (a relay whose queue is empty no longer needs them).
     pub fn clear(&self) -> Result<usize, ChunkError> {
+        let _no_sync = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let n = {
             let mut pending = self.unsynced_mut();

@@ -8,14 +8,16 @@ use std::time::Duration;
 /// Watcher tests change global inotify state and load the machine: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Fields drop in this order: the agent stops writing before the managers go, the
+/// volumes are unmounted, and the scratch directory is removed last.
 struct Setup {
-    _tmp: tempfile::TempDir,
-    src: LoopFs,
-    cloud: CloudMgr,
-    site: SiteMgr,
     agent: Proc,
+    site: SiteMgr,
+    cloud: CloudMgr,
+    src: LoopFs,
     state: std::path::PathBuf,
     replica: std::path::PathBuf,
+    _tmp: tempfile::TempDir,
 }
 
 fn follow(name: &str, fstype: &str, uuid: &str) -> Result<Setup> {
