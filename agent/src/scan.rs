@@ -486,7 +486,12 @@ impl<'a, S: Sink> Scanner<'a, S> {
             }
         };
         names.sort();
-        let mut changed = false;
+        // A named entry the replica has and the source lost: only this directory's list
+        // removes it, even when the removal left the directory's times as they were.
+        let mut changed = only.is_some_and(|o| {
+            o.iter()
+                .any(|n| names.binary_search(n).is_err() && self.record(&join(&rel, n)).is_some())
+        });
         let mut children = Vec::with_capacity(names.len());
         for name in names {
             if only.is_some_and(|o| !o.contains(&name)) {
@@ -982,8 +987,12 @@ mod tests {
         }
         index.apply(&ops, 1).unwrap();
 
-        // A name gone is a listing too, even if the directory's times did not move.
+        // A name gone is a listing too, even if the directory's times did not move (as
+        // when the removal came in the clock tick of the index's record).
         std::fs::remove_file(root.join("d/b")).unwrap();
+        let now = std::fs::symlink_metadata(root.join("d")).unwrap();
+        let same_tick = crate::index::Op::Put(b"d".to_vec(), Record::from_meta(&now, 0));
+        index.apply(&[same_tick], 1).unwrap();
         let sent = pass(root, &index, Some(named("d", "b")));
         assert_eq!(sent, [(EntryKind::Dir, "d".into())]);
         assert!(index.get(b"d/b").is_none(), "the prune reached the index");

@@ -201,10 +201,10 @@ async fn upload(
     let hashes: Vec<Vec<u8>> = frames.iter().map(|f| f.hash.clone()).collect();
     let missing = retry("missing-chunks", &shutdown, || {
         let mut c = client.clone();
-        // Not `durable`: until its batch is durable, the agent can read them again.
+        // Until its batch is durable, the agent can read them again.
         let req = MissingChunksRequest {
             hashes: hashes.clone(),
-            durable: false,
+            asker_keeps_copy: true,
         };
         async move { c.missing_chunks(req).await.map(|r| r.into_inner().missing) }
     })

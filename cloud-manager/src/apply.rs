@@ -75,7 +75,7 @@ pub fn apply(
         let n = files_and_dirs(rest);
         let (run, after) = rest.split_at(n.max(1));
         if n >= PARALLEL_FROM {
-            done.file_bytes += apply_run(root, chunks, run)?;
+            done.file_bytes += apply_run(root, chunks, run, resumed)?;
         } else {
             for e in run {
                 done.file_bytes += apply_one(root, chunks, e, resumed)?;
@@ -109,7 +109,12 @@ fn files_and_dirs(entries: &[Entry]) -> usize {
 /// directories in order. Equivalent to one at a time because the agent sends a
 /// directory after everything inside it (its prune and its times come last either way)
 /// and no path repeats in a run.
-fn apply_run(root: &Root, chunks: &ChunkStore, run: &[Entry]) -> Result<u64, ApplyError> {
+fn apply_run(
+    root: &Root,
+    chunks: &ChunkStore,
+    run: &[Entry],
+    resumed: bool,
+) -> Result<u64, ApplyError> {
     let files: Vec<&Entry> = run
         .iter()
         .filter(|e| e.kind == EntryKind::File as i32)
@@ -156,7 +161,7 @@ fn apply_run(root: &Root, chunks: &ChunkStore, run: &[Entry]) -> Result<u64, App
     })?;
     let files_ms = t.elapsed().as_millis() as u64;
     for e in run.iter().filter(|e| e.kind != EntryKind::File as i32) {
-        apply_dir(root, e)?;
+        apply_dir(root, e, resumed)?;
     }
     tracing::debug!(
         files = files.len(),
@@ -180,6 +185,16 @@ fn tmp_name() -> Vec<u8> {
     format!(".ferry-{:016x}.tmp", rand::random::<u64>()).into_bytes()
 }
 
+/// A name `tmp_name` makes.
+fn is_tmp_name(name: &[u8]) -> bool {
+    name.len() == 27
+        && name.starts_with(b".ferry-")
+        && name.ends_with(b".tmp")
+        && name[7..23]
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+}
+
 fn apply_one(
     root: &Root,
     chunks: &ChunkStore,
@@ -195,7 +210,7 @@ fn apply_one(
         return Ok(0);
     }
     if matches!(kind, EntryKind::Dir | EntryKind::DirMeta) {
-        apply_dir(root, e)?;
+        apply_dir(root, e, resumed)?;
         return Ok(0);
     }
     if kind == EntryKind::Rename {
@@ -352,7 +367,8 @@ fn apply_rename(root: &Root, e: &Entry) -> Result<(), ApplyError> {
     }
 }
 
-fn apply_dir(root: &Root, e: &Entry) -> Result<(), ApplyError> {
+/// `resumed`: a crash may have left temp files of this batch's writes here.
+fn apply_dir(root: &Root, e: &Entry, resumed: bool) -> Result<(), ApplyError> {
     let path = e.path.as_slice();
     let fd = match root.parent(path, true)? {
         None => root.open_dir(b"")?,
@@ -374,12 +390,18 @@ fn apply_dir(root: &Root, e: &Entry) -> Result<(), ApplyError> {
         }
     };
     // Children the source no longer has (and temp files of a crash) go; a metadata
-    // entry leaves them alone.
-    if e.kind == EntryKind::Dir as i32 {
+    // entry leaves the children alone, and after a crash takes only temp files away.
+    let is_meta = e.kind == EntryKind::DirMeta as i32;
+    if !is_meta || resumed {
         let keep: std::collections::HashSet<&[u8]> =
             e.children.iter().map(|c| c.as_slice()).collect();
         for child in safepath::list_dir(&fd).map_err(io_at(path, "list"))? {
-            if !keep.contains(child.as_slice()) {
+            let stale = if is_meta {
+                is_tmp_name(&child)
+            } else {
+                !keep.contains(child.as_slice())
+            };
+            if stale {
                 safepath::remove_at(&fd, &child).map_err(io_at(path, "prune"))?;
             }
         }
@@ -664,7 +686,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&tree).unwrap().mtime(), 1_400_000_000);
         let listed = Entry {
             children: vec![b"kept".to_vec()],
-            ..meta
+            ..meta.clone()
         };
         let err = apply(&root, &chunks, &[listed], false).unwrap_err();
         assert!(err.to_string().contains("no children"), "{err}");
@@ -672,5 +694,13 @@ mod tests {
             tree.join("d/sub").is_dir(),
             "a refused entry prunes nothing"
         );
+        // The retry of a batch a crash cut short also takes the crash's temp files away.
+        let leftover = tree.join("d").join(String::from_utf8(tmp_name()).unwrap());
+        std::fs::write(&leftover, b"half written").unwrap();
+        apply(&root, &chunks, std::slice::from_ref(&meta), false).unwrap();
+        assert!(leftover.exists(), "no listing outside a resumed batch");
+        apply(&root, &chunks, std::slice::from_ref(&meta), true).unwrap();
+        assert!(!leftover.exists());
+        assert!(tree.join("d/kept").is_file() && tree.join("d/sub").is_dir());
     }
 }

@@ -197,7 +197,7 @@ pub struct Frame {
 
 #[derive(Clone)]
 pub struct ChunkStore {
-    /// Bumped by every publish, so a caller can tell whether chunks arrived meanwhile.
+    /// Bumped by every append and publish, so a caller can tell whether chunks arrived.
     generation: Arc<std::sync::atomic::AtomicU64>,
     dir: PathBuf,
     index: sled::Tree,
@@ -328,6 +328,9 @@ impl ChunkStore {
             return Err(io_err(&self.dir, e));
         }
         w.len += data.len() as u64;
+        // Under the writer's lock, so `clear` sees every append before it.
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Staged {
             hash,
             loc: Location {
@@ -388,11 +391,28 @@ impl ChunkStore {
         if batch.is_empty() {
             return Ok(0);
         }
+        // Without the writer's lock, so uploads go on appending meanwhile.
+        let file = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .file
+            .clone();
+        if let Err(e) = file.sync_data() {
+            // The kernel reports a failed writeback once: a later sync that succeeds
+            // proves nothing about these frames, so they are forgotten and sent again.
+            let mut pending = self.unsynced_mut();
+            for (h, _) in &batch {
+                pending.remove(h);
+            }
+            return Err(io_err(&self.dir, e));
+        }
         {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            w.file.sync_data().map_err(|e| io_err(&self.dir, e))?;
-            // Only a synced pack is ever rotated out, so older packs need no sync here.
+            // Only a synced pack is rotated out (once a GiB, under the lock), so older
+            // packs need no sync here.
             if w.len >= PACK_LIMIT {
+                w.file.sync_data().map_err(|e| io_err(&self.dir, e))?;
                 let next = Self::new_pack(&self.dir, w.id + 1)?;
                 self.packs
                     .write()
@@ -456,7 +476,7 @@ impl ChunkStore {
         unframe(&f.data, f.raw_len, f.raw)
     }
 
-    /// Changes with every publish.
+    /// Changes with every append and every publish.
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -475,10 +495,15 @@ impl ChunkStore {
         all.into_iter().collect()
     }
 
-    /// Drops every chunk (a relay whose queue is empty no longer needs them).
-    pub fn clear(&self) -> Result<usize, ChunkError> {
+    /// Drops every chunk (a relay whose queue is empty no longer needs them), unless a
+    /// frame was staged or published since `generation` returned `seen`: an upload in
+    /// progress must not end up pointing at a removed pack. `None` when it did not clear.
+    pub fn clear(&self, seen: u64) -> Result<Option<usize>, ChunkError> {
         let _no_sync = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if self.generation() != seen {
+            return Ok(None);
+        }
         let n = {
             let mut pending = self.unsynced_mut();
             let n = self.index.len() + pending.len();
@@ -495,7 +520,7 @@ impl ChunkStore {
         let next = Self::new_pack(&self.dir, w.id + 1)?;
         packs.insert(next.id, next.file.clone());
         *w = next;
-        Ok(n)
+        Ok(Some(n))
     }
 
     /// Bytes the packs take on disk.
@@ -547,7 +572,17 @@ mod tests {
             assert!(store.has(&hash));
             assert_eq!(store.read_raw(&hash).unwrap(), raw);
         }
-        assert_eq!(store.clear().unwrap(), 2);
+        let raw = b"staged after the look";
+        let seen = store.generation();
+        store
+            .stage(*blake3::hash(raw).as_bytes(), raw, raw.len() as u32, true)
+            .unwrap();
+        assert_eq!(
+            store.clear(seen).unwrap(),
+            None,
+            "an upload came in meanwhile"
+        );
+        assert_eq!(store.clear(store.generation()).unwrap(), Some(2));
         assert!(store.is_empty());
     }
 

@@ -139,11 +139,12 @@ async fn maybe_collect(relay: &Relay) {
             }
         }
     }
-    if relay.chunks.generation() != generation || !relay.queue.is_empty() {
+    if !relay.queue.is_empty() {
         return;
     }
-    match relay.chunks.clear() {
-        Ok(n) => tracing::info!(
+    match relay.chunks.clear(generation) {
+        Ok(None) => {}
+        Ok(Some(n)) => tracing::info!(
             chunks = n,
             spool_was_full = full,
             "relayed chunks collected"
@@ -178,9 +179,9 @@ async fn push_group(
     durable: bool,
 ) -> Result<(), Outcome> {
     let _one_at_a_time = relay.push_lock.lock().await;
-    let ask = |durable| pb::MissingChunksRequest {
+    let ask = |durable: bool| pb::MissingChunksRequest {
         hashes: group.to_vec(),
-        durable,
+        asker_keeps_copy: !durable,
     };
     let missing = match c.missing_chunks(ask(durable)).await {
         Ok(r) => r.into_inner().missing,

@@ -234,7 +234,7 @@ impl Relay {
             UPSTREAM_QUICK,
             c.missing_chunks(pb::MissingChunksRequest {
                 hashes: ask,
-                durable,
+                asker_keeps_copy: !durable,
             }),
         )
         .await

@@ -137,7 +137,7 @@ async fn lacks(
 ) -> Result<Vec<u32>> {
     let req = pb::MissingChunksRequest {
         hashes: hashes.to_vec(),
-        durable,
+        asker_keeps_copy: !durable,
     };
     Ok(c.missing_chunks(req).await?.into_inner().missing)
 }
