@@ -455,21 +455,33 @@ impl<'a, S: Sink> Scanner<'a, S> {
         }
         // No name came or went since the replica got this directory: no listing, and the
         // replica's children stay as they are. Its times alone cannot tell (a change in
-        // the same clock tick keeps them), so every named child must be known and there.
+        // the same clock tick keeps them), so every named child must be known and still
+        // listable; if one is not, the list goes after all, without looking again.
+        let mut changed = false;
+        let mut examined: Option<(&Names, Names)> = None;
         if let Some(only) = only {
             if self.unchanged(&rel, m) && !self.in_moved_dir(&rel) && self.all_known(&rel, only) {
-                let mut changed = false;
+                let mut unlisted = Names::new();
                 for name in only {
-                    changed |= self.child(&rel, name)?.unwrap_or(false);
+                    match self.child(&rel, name)? {
+                        Some(sent) => changed |= sent,
+                        None => {
+                            unlisted.insert(name.clone());
+                        }
+                    }
                 }
-                if !changed {
-                    self.stats.unchanged += 1;
-                    return Ok(false);
+                if unlisted.is_empty() {
+                    if !changed {
+                        self.stats.unchanged += 1;
+                        return Ok(false);
+                    }
+                    let mut e = base(m, rel, EntryKind::DirMeta);
+                    e.xattrs = read_xattrs(&abs);
+                    self.send_entry(e, Some(Record::from_meta(m, 0)))?;
+                    return Ok(true);
                 }
-                let mut e = base(m, rel, EntryKind::DirMeta);
-                e.xattrs = read_xattrs(&abs);
-                self.send_entry(e, Some(Record::from_meta(m, 0)))?;
-                return Ok(true);
+                changed = true;
+                examined = Some((only, unlisted));
             }
         }
         let mut names: Vec<Vec<u8>> = match std::fs::read_dir(&abs) {
@@ -488,12 +500,20 @@ impl<'a, S: Sink> Scanner<'a, S> {
         names.sort();
         // A named entry the replica has and the source lost: only this directory's list
         // removes it, even when the removal left the directory's times as they were.
-        let mut changed = only.is_some_and(|o| {
+        changed |= only.is_some_and(|o| {
             o.iter()
                 .any(|n| names.binary_search(n).is_err() && self.record(&join(&rel, n)).is_some())
         });
         let mut children = Vec::with_capacity(names.len());
         for name in names {
+            if let Some((done, unlisted)) = &examined {
+                if done.contains(&name) {
+                    if !unlisted.contains(&name) {
+                        children.push(name);
+                    }
+                    continue;
+                }
+            }
             if only.is_some_and(|o| !o.contains(&name)) {
                 children.push(name);
                 continue;
@@ -515,12 +535,9 @@ impl<'a, S: Sink> Scanner<'a, S> {
         Ok(false)
     }
 
-    /// Whether every one of `names` in `rel` is in the index and still on disk.
+    /// Whether the index knows every one of `names` in `rel`.
     fn all_known(&self, rel: &[u8], names: &Names) -> bool {
-        names.iter().all(|n| {
-            let child = join(rel, n);
-            self.record(&child).is_some() && std::fs::symlink_metadata(self.abs(&child)).is_ok()
-        })
+        names.iter().all(|n| self.record(&join(rel, n)).is_some())
     }
 
     /// Looks at the child `name` of directory `rel`: whether anything was sent, or `None`
@@ -914,8 +931,8 @@ mod tests {
     }
 
     /// Scans (all of it, or the `dirty` directories), records what was sent as accepted
-    /// in epoch 1, and returns the kinds and paths of the entries.
-    fn pass(root: &Path, index: &Index, dirty: Option<Dirty>) -> Vec<(EntryKind, String)> {
+    /// in epoch 1, and returns the entries.
+    fn pass(root: &Path, index: &Index, dirty: Option<Dirty>) -> Vec<Entry> {
         let mut items = Vec::new();
         let mut s = Scanner::new(root, index, 1, &mut items, Vec::new()).unwrap();
         match dirty {
@@ -927,12 +944,21 @@ mod tests {
         for item in items {
             if let Item::Entry(e, rec) = item {
                 crate::index::ops_for(&e, rec, &mut ops);
-                let kind = EntryKind::try_from(e.kind).unwrap();
-                out.push((kind, String::from_utf8(e.path).unwrap()));
+                out.push(e);
             }
         }
         index.apply(&ops, 1).unwrap();
         out
+    }
+
+    fn kinds(entries: &[Entry]) -> Vec<(EntryKind, String)> {
+        entries
+            .iter()
+            .map(|e| {
+                let kind = EntryKind::try_from(e.kind).unwrap();
+                (kind, String::from_utf8(e.path.clone()).unwrap())
+            })
+            .collect()
     }
 
     fn named(dir: &str, name: &str) -> Dirty {
@@ -960,7 +986,7 @@ mod tests {
         std::fs::write(root.join("d/a"), b"one, longer").unwrap();
         let sent = pass(root, &index, Some(named("d", "a")));
         assert_eq!(
-            sent,
+            kinds(&sent),
             [
                 (EntryKind::File, "d/a".into()),
                 (EntryKind::DirMeta, "d".into())
@@ -969,23 +995,13 @@ mod tests {
 
         // A new name changes the directory: its entry lists every child again.
         std::fs::write(root.join("d/c"), b"three").unwrap();
-        let mut items = Vec::new();
-        let mut s = Scanner::new(root, &index, 1, &mut items, Vec::new()).unwrap();
-        s.run_dirs(named("d", "c")).unwrap();
-        let dir = items.iter().find_map(|i| match i {
-            Item::Entry(e, _) if e.path == b"d" => Some(e.clone()),
-            _ => None,
-        });
-        let dir = dir.expect("the directory is sent");
+        let sent = pass(root, &index, Some(named("d", "c")));
+        let dir = sent
+            .iter()
+            .find(|e| e.path == b"d")
+            .expect("the directory is sent");
         assert_eq!(dir.kind, EntryKind::Dir as i32);
         assert_eq!(dir.children, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
-        let mut ops = Vec::new();
-        for item in items {
-            if let Item::Entry(e, rec) = item {
-                crate::index::ops_for(&e, rec, &mut ops);
-            }
-        }
-        index.apply(&ops, 1).unwrap();
 
         // A name gone is a listing too, even if the directory's times did not move (as
         // when the removal came in the clock tick of the index's record).
@@ -994,7 +1010,8 @@ mod tests {
         let same_tick = crate::index::Op::Put(b"d".to_vec(), Record::from_meta(&now, 0));
         index.apply(&[same_tick], 1).unwrap();
         let sent = pass(root, &index, Some(named("d", "b")));
-        assert_eq!(sent, [(EntryKind::Dir, "d".into())]);
+        assert_eq!(kinds(&sent), [(EntryKind::Dir, "d".into())]);
+        assert_eq!(sent[0].children, [b"a".to_vec(), b"c".to_vec()]);
         assert!(index.get(b"d/b").is_none(), "the prune reached the index");
     }
 }

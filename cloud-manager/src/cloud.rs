@@ -459,13 +459,8 @@ impl Cloud {
             .map(|h| chunks::hash_from_bytes(h))
             .collect::<Result<Vec<_>, _>>()?;
         let store = self.chunks.clone();
-        let missing = if req.asker_keeps_copy {
-            (0..hashes.len())
-                .filter(|&i| !store.has(&hashes[i]))
-                .collect()
-        } else {
-            blocking(move || Ok(store.missing_durably(&hashes)?)).await?
-        };
+        let promise = !req.asker_keeps_copy;
+        let missing = blocking(move || Ok(store.missing(&hashes, promise)?)).await?;
         Ok(pb::MissingChunksResponse {
             missing: missing.into_iter().map(|i| i as u32).collect(),
         })

@@ -291,9 +291,9 @@ impl ChunkStore {
         self.unsynced.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Which of `hashes` (by position) are not here. An answer is a promise to keep the
-    /// others, so the ones only published are synced first.
-    pub fn missing_durably(&self, hashes: &[[u8; 32]]) -> Result<Vec<usize>, ChunkError> {
+    /// Which of `hashes` (by position) are not here. `promise`: the asker will rely on
+    /// this store keeping the others, so the ones only published are synced first.
+    pub fn missing(&self, hashes: &[[u8; 32]], promise: bool) -> Result<Vec<usize>, ChunkError> {
         let mut missing = Vec::new();
         let mut unsynced = false;
         {
@@ -306,7 +306,7 @@ impl ChunkStore {
                 }
             }
         }
-        if unsynced {
+        if unsynced && promise {
             self.sync()?;
         }
         Ok(missing)
@@ -625,7 +625,8 @@ mod tests {
             assert!(s.has(&a) && s.has(&b) && s.len() == 2);
             assert_eq!(s.read_raw(&b).unwrap(), raw_b);
             // Asking about `a` for a peer that will rely on it syncs what is published.
-            assert_eq!(s.missing_durably(&[absent, a]).unwrap(), [0]);
+            assert_eq!(s.missing(&[absent, a], false).unwrap(), [0]);
+            assert_eq!(s.missing(&[absent, a], true).unwrap(), [0]);
             let (c, raw_c) = frame(b"after the promise");
             let staged = s.stage(c, &raw_c, raw_c.len() as u32, true).unwrap();
             s.publish(vec![staged]).unwrap();

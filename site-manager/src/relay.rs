@@ -216,12 +216,17 @@ impl Relay {
     /// Indexes of `hashes` held neither here nor (if reachable) upstream. `durable`: the
     /// caller relies on upstream's copies, so upstream makes them durable first.
     async fn missing(&self, hashes: &[Vec<u8>], durable: bool) -> Result<Vec<u32>> {
-        let mut local_missing = Vec::new();
-        for (i, h) in hashes.iter().enumerate() {
-            if !self.chunks.has(&chunks::hash_from_bytes(h)?) {
-                local_missing.push(i as u32);
-            }
-        }
+        let parsed = hashes
+            .iter()
+            .map(|h| chunks::hash_from_bytes(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Here the caller syncs before it relies on them (see `apply_batch`).
+        let local_missing: Vec<u32> = self
+            .chunks
+            .missing(&parsed, false)?
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
         if local_missing.is_empty() {
             return Ok(local_missing);
         }

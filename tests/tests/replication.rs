@@ -57,6 +57,18 @@ fn three_systems_replicate_byte_identical_through_a_site() -> Result<()> {
         let used = std::fs::metadata(replica.join("var/log/sparse.db"))
             .map(|m| std::os::unix::fs::MetadataExt::blocks(&m))?;
         assert!(used * 512 < 4 << 20, "sparse file filled in: {used} blocks");
+        // An ext4 replica is mounted so a rename over a file does not start its
+        // writeback (each batch ends with one syncfs instead).
+        let mounted = std::fs::read_to_string("/proc/self/mountinfo")?
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(replica.to_str().unwrap_or_default()))
+            .map(str::to_string)
+            .unwrap_or_default();
+        assert_eq!(
+            mounted.contains("noauto_da_alloc"),
+            *fstype == "ext4",
+            "{name}: {mounted}"
+        );
         let image = cloud
             .dir
             .join("volumes")
