@@ -109,15 +109,21 @@ pub async fn run(
         .as_ref()
         .map(|t| ferry_common::token::JoinToken::parse(t.expose()))
         .transpose()?;
-    ferry_common::enroll::ensure_enrolled(
-        &config.manager,
-        token.as_ref(),
-        Role::Agent,
-        &name,
-        &[],
-        &files,
-    )
-    .await?;
+    let enroll = || {
+        let token = token.as_ref();
+        ferry_common::enroll::ensure_enrolled(
+            &config.manager,
+            token,
+            Role::Agent,
+            &name,
+            &[],
+            &files,
+        )
+    };
+    match ferry_common::enroll::retry_while_unreachable(&shutdown, enroll).await {
+        Err(ferry_common::enroll::EnrollError::Stopped) => return Ok(None),
+        r => r?,
+    }
     let channel = ferry_common::enroll::mtls_channel(&config.manager, &files)?;
     let client = IngestClient::new(channel)
         .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
@@ -566,36 +572,53 @@ async fn pass_fs(
     let mut result = Ok(());
     while let Some(item) = irx.recv().await {
         let step: Result<(), SendError> = async {
-            match item {
+            let unit = match item {
                 scan::Item::Chunk(f) => {
                     batch_bytes += f.raw_len as u64;
                     ctx.lag.found(ferry_common::now_ms(), f.raw_len as u64);
-                    up.add(f).await?;
+                    return up.add(f).await;
                 }
-                scan::Item::Progress(n) => done += n,
-                scan::Item::Entry(e, rec) => {
-                    ctx.lag.found(ferry_common::now_ms(), 0);
+                scan::Item::Progress(n) => {
+                    done += n;
+                    return Ok(());
+                }
+                scan::Item::Entry(e, rec) => vec![(e, rec)],
+                scan::Item::Group(unit) => unit,
+            };
+            ctx.lag.found(ferry_common::now_ms(), 0);
+            // A group is never cut: a batch ends only between items, and before a group
+            // that would take it past its size.
+            let mut unit = Some(unit);
+            loop {
+                let cut = match &unit {
+                    Some(u) => !entries.is_empty() && entries.len() + u.len() > BATCH_ENTRIES,
+                    None => entries.len() >= BATCH_ENTRIES || batch_bytes >= BATCH_BYTES,
+                };
+                if cut {
+                    let progress = pb::FsProgress {
+                        fs_id: ctx.fs_id.clone(),
+                        phase: phase.into(),
+                        bytes_done: done,
+                        bytes_total: ctx.used.max(done),
+                    };
+                    queue(
+                        &ctx,
+                        up,
+                        tx,
+                        &index,
+                        (std::mem::take(&mut entries), std::mem::take(&mut records)),
+                        progress,
+                        (observed_ms, false),
+                    )
+                    .await?;
+                    batch_bytes = 0;
+                }
+                let Some(u) = unit.take() else {
+                    break;
+                };
+                for (e, rec) in u {
                     index::ops_for(&e, rec, &mut records);
                     entries.push(e);
-                    if entries.len() >= BATCH_ENTRIES || batch_bytes >= BATCH_BYTES {
-                        let progress = pb::FsProgress {
-                            fs_id: ctx.fs_id.clone(),
-                            phase: phase.into(),
-                            bytes_done: done,
-                            bytes_total: ctx.used.max(done),
-                        };
-                        queue(
-                            &ctx,
-                            up,
-                            tx,
-                            &index,
-                            (std::mem::take(&mut entries), std::mem::take(&mut records)),
-                            progress,
-                            (observed_ms, false),
-                        )
-                        .await?;
-                        batch_bytes = 0;
-                    }
                 }
             }
             Ok(())

@@ -26,6 +26,9 @@ pub enum Item {
     Chunk(ChunkFrame),
     /// A changed entry, with the index record to store once it is accepted.
     Entry(Entry, Option<Record>),
+    /// Entries that must reach the replica in one batch: a hard-link group's content
+    /// under one name, its other names as links, and the times of their directories.
+    Group(Vec<(Entry, Option<Record>)>),
     /// Bytes of file data looked at so far.
     Progress(u64),
 }
@@ -53,8 +56,11 @@ pub struct Scanner<'a, S: Sink> {
     /// Highest epoch accepted downstream: records at or below it are safely delivered.
     accepted: u64,
     sink: &'a mut S,
-    /// First path seen for each multiply-linked inode, and whether it was sent.
-    links: HashMap<u64, (Vec<u8>, bool)>,
+    /// Hard-link groups met in this pass, by inode.
+    links: HashMap<u64, Group>,
+    /// Other names of inodes that lost a name in this pass (a shallow pass looks at them
+    /// too: a change made through the lost name reached them without an event).
+    followups: Dirty,
     /// Absolute paths never to replicate (the agent's own state).
     exclude: Vec<PathBuf>,
     /// Shallow passes do not descend into directories the index vouches for: their own
@@ -80,6 +86,19 @@ pub struct ScanStats {
     pub skipped_sockets: u64,
     pub torn: u64,
     pub renames: u64,
+}
+
+/// A hard-link group met in this pass.
+#[derive(Debug)]
+struct Group {
+    /// The name whose replica the group's other names are linked to.
+    anchor: Vec<u8>,
+    /// The inode as the anchor's replica holds it.
+    rec: Record,
+    /// The content went out under `anchor` in this pass (else the index vouched for it).
+    sent: bool,
+    /// Names sent as links to `anchor` in this pass.
+    linked: std::collections::HashSet<Vec<u8>>,
 }
 
 /// Directories a shallow pass looks at (relative paths), each with the names in it that
@@ -248,6 +267,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
             accepted,
             sink,
             links: HashMap::new(),
+            followups: Dirty::new(),
             exclude,
             shallow: false,
             visited: Default::default(),
@@ -286,8 +306,53 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 sent |= self.dir_in(rel, &m, names.as_ref())?;
             }
         }
+        // Each round looks only at names still linked to an inode that lost one; a few
+        // rounds cover a lost name found while following up.
+        for _ in 0..3 {
+            for (rel, names) in std::mem::take(&mut self.followups) {
+                let Ok(m) = std::fs::symlink_metadata(self.abs(&rel)) else {
+                    continue;
+                };
+                if m.is_dir() && m.dev() == self.dev {
+                    sent |= self.dir_in(rel, &m, names.as_ref())?;
+                }
+            }
+        }
         self.report_progress()?;
         Ok(sent)
+    }
+
+    /// `path`, which the replica holds as `r`, is gone from the source or is another
+    /// inode now. Before that, the inode may have changed through this name, and no
+    /// event reports that for its other names (or, for a directory, for the names its
+    /// files have outside it): a shallow pass looks at them as well.
+    fn left_group(&mut self, path: &[u8], r: Record) {
+        if !self.shallow {
+            return; // a full pass looks at every name anyway
+        }
+        let files = if r.is_dir() {
+            self.index.files_under(path).unwrap_or_default()
+        } else if r.renamable() {
+            vec![(path.to_vec(), r)]
+        } else {
+            return;
+        };
+        for (_, f) in files {
+            for other in self.index.names_of(f.ino) {
+                if !under(&other, path) {
+                    let name = other
+                        .rsplit(|&b| b == b'/')
+                        .next()
+                        .unwrap_or(&other)
+                        .to_vec();
+                    mark(
+                        &mut self.followups,
+                        parent_of(&other).to_vec(),
+                        Some(std::iter::once(name).collect()),
+                    );
+                }
+            }
+        }
     }
 
     fn abs(&self, rel: &[u8]) -> PathBuf {
@@ -498,12 +563,30 @@ impl<'a, S: Sink> Scanner<'a, S> {
             }
         };
         names.sort();
+        let candidates: Vec<Vec<u8>> = match only {
+            Some(o) => o.iter().cloned().collect(),
+            // A shallow pass lists a directory no event named entries of: what the
+            // index has there and the listing lacks is gone.
+            None if self.shallow => {
+                let known = self.index.children(&rel).unwrap_or_default();
+                known.into_iter().map(|(n, _)| n).collect()
+            }
+            None => Vec::new(),
+        };
+        let gone: Vec<(Vec<u8>, Record)> = candidates
+            .into_iter()
+            .filter(|n| names.binary_search(n).is_err())
+            .filter_map(|n| {
+                let path = join(&rel, &n);
+                Some((path.clone(), self.record(&path)?))
+            })
+            .collect();
         // A named entry the replica has and the source lost: only this directory's list
         // removes it, even when the removal left the directory's times as they were.
-        changed |= only.is_some_and(|o| {
-            o.iter()
-                .any(|n| names.binary_search(n).is_err() && self.record(&join(&rel, n)).is_some())
-        });
+        changed |= only.is_some() && !gone.is_empty();
+        for (path, r) in gone {
+            self.left_group(&path, r);
+        }
         let mut children = Vec::with_capacity(names.len());
         for name in names {
             if let Some((done, unlisted)) = &examined {
@@ -550,7 +633,12 @@ impl<'a, S: Sink> Scanner<'a, S> {
         }
         let cm = match std::fs::symlink_metadata(&cabs) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(r) = self.record(&child).filter(|_| self.shallow) {
+                    self.left_group(&child, r);
+                }
+                return Ok(None);
+            }
             Err(source) => {
                 return Err(ScanError::Io {
                     path: cabs.display().to_string(),
@@ -558,6 +646,11 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 })
             }
         };
+        if self.shallow {
+            if let Some(r) = self.record(&child).filter(|r| r.ino != cm.ino()) {
+                self.left_group(&child, r);
+            }
+        }
         let ft = cm.file_type();
         if ft.is_socket() {
             tracing::info!(path = %cabs.display(), "socket skipped");
@@ -623,41 +716,9 @@ impl<'a, S: Sink> Scanner<'a, S> {
     fn leaf(&mut self, rel: Vec<u8>, m: &std::fs::Metadata) -> Result<bool, ScanError> {
         let ft = m.file_type();
         if ft.is_file() && m.nlink() > 1 {
-            if let Some((first, first_sent)) = self.links.get(&m.ino()).cloned() {
-                if !first_sent && self.unchanged(&rel, m) {
-                    return Ok(false);
-                }
-                let mut e = base(m, rel, EntryKind::Hardlink);
-                e.link_target = first;
-                self.send_entry(e, Some(Record::from_meta(m, 0)))?;
-                return Ok(true);
-            }
-        }
-        if ft.is_file() && m.nlink() > 1 {
-            // A new name for a file the replica already has under another name.
-            if let Some(other) = self.index.path_of(m.ino()) {
-                let same = other != rel
-                    && std::fs::symlink_metadata(self.abs(&other))
-                        .is_ok_and(|o| o.ino() == m.ino())
-                    && self
-                        .record(&other)
-                        .is_some_and(|r| r.epoch <= self.accepted && r.matches(m));
-                if same {
-                    self.links.insert(m.ino(), (other.clone(), false));
-                    if self.unchanged(&rel, m) {
-                        return Ok(false);
-                    }
-                    let mut e = base(m, rel, EntryKind::Hardlink);
-                    e.link_target = other;
-                    self.send_entry(e, Some(Record::from_meta(m, 0)))?;
-                    return Ok(true);
-                }
-            }
+            return self.linked_file(rel, m);
         }
         if self.unchanged(&rel, m) {
-            if ft.is_file() && m.nlink() > 1 {
-                self.links.insert(m.ino(), (rel, false));
-            }
             self.stats.unchanged += 1;
             self.unreported += m.size();
             return Ok(false);
@@ -690,9 +751,6 @@ impl<'a, S: Sink> Scanner<'a, S> {
         } else {
             match self.file(rel.clone())? {
                 Some((e, m2)) => {
-                    if m2.nlink() > 1 {
-                        self.links.insert(m2.ino(), (rel.clone(), true));
-                    }
                     self.stats.files_sent += 1;
                     self.send_entry(e, Some(Record::from_meta(&m2, 0)))?;
                     return Ok(true);
@@ -702,6 +760,90 @@ impl<'a, S: Sink> Scanner<'a, S> {
         };
         e.xattrs = read_link_xattrs(&abs);
         self.send_entry(e, Some(Record::from_meta(m, 0)))?;
+        Ok(true)
+    }
+
+    /// One name of a file with several links. A group is one unit on the replica: when
+    /// the inode changed, its content goes once, under this name, and every other name
+    /// the index knows that still is this inode on the source goes with it as a link, in
+    /// the same batch. A name that has become another inode (an editor's rewrite) is
+    /// left out: the group splits exactly there. Names met later in the pass are linked
+    /// to the same one.
+    fn linked_file(&mut self, rel: Vec<u8>, m: &std::fs::Metadata) -> Result<bool, ScanError> {
+        if let Some(g) = self.links.get(&m.ino()) {
+            if g.anchor == rel || g.linked.contains(&rel) || (!g.sent && self.unchanged(&rel, m)) {
+                return Ok(false);
+            }
+            let mut e = base(m, rel.clone(), EntryKind::Hardlink);
+            e.link_target = g.anchor.clone();
+            let rec = g.rec;
+            if let Some(g) = self.links.get_mut(&m.ino()) {
+                g.linked.insert(rel);
+            }
+            self.send_entry(e, Some(rec))?;
+            return Ok(true);
+        }
+        if let Some(rec) = self.record(&rel).filter(|_| self.unchanged(&rel, m)) {
+            let linked = Default::default();
+            let g = Group {
+                anchor: rel,
+                rec,
+                sent: false,
+                linked,
+            };
+            self.links.insert(m.ino(), g);
+            self.stats.unchanged += 1;
+            self.unreported += m.size();
+            return Ok(false);
+        }
+        let Some((e, m2)) = self.file(rel.clone())? else {
+            return Ok(false);
+        };
+        self.stats.files_sent += 1;
+        let rec = Record::from_meta(&m2, 0);
+        let mut unit = vec![(e, Some(rec))];
+        let mut linked = std::collections::HashSet::new();
+        let mut dirs = std::collections::BTreeSet::new();
+        if m2.nlink() > 1 {
+            for other in self.index.names_of(m2.ino()) {
+                let oabs = self.abs(&other);
+                let same = std::fs::symlink_metadata(&oabs).is_ok_and(|o| {
+                    o.ino() == m2.ino() && o.dev() == self.dev && o.file_type().is_file()
+                });
+                if other == rel || !same || self.exclude.contains(&oabs) {
+                    continue;
+                }
+                let mut l = base(&m2, other.clone(), EntryKind::Hardlink);
+                l.link_target = rel.clone();
+                unit.push((l, Some(rec)));
+                dirs.insert(parent_of(&other).to_vec());
+                linked.insert(other);
+            }
+        }
+        // Replacing a name moves its directory's times on the replica: put them back
+        // (this name's own directory sends its entry after its children anyway).
+        dirs.remove(parent_of(&rel));
+        for d in dirs {
+            let dabs = self.abs(&d);
+            if let Some(dm) = std::fs::symlink_metadata(&dabs)
+                .ok()
+                .filter(|dm| dm.is_dir())
+            {
+                let mut e = base(&dm, d, EntryKind::DirMeta);
+                e.xattrs = read_xattrs(&dabs);
+                unit.push((e, None));
+            }
+        }
+        let g = Group {
+            anchor: rel,
+            rec,
+            sent: true,
+            linked,
+        };
+        self.links.insert(m2.ino(), g);
+        self.stats.entries_sent += unit.len() as u64;
+        self.report_progress()?;
+        self.emit(Item::Group(unit))?;
         Ok(true)
     }
 
@@ -942,7 +1084,12 @@ mod tests {
         let mut ops = Vec::new();
         let mut out = Vec::new();
         for item in items {
-            if let Item::Entry(e, rec) = item {
+            let unit = match item {
+                Item::Entry(e, rec) => vec![(e, rec)],
+                Item::Group(unit) => unit,
+                Item::Chunk(_) | Item::Progress(_) => Vec::new(),
+            };
+            for (e, rec) in unit {
                 crate::index::ops_for(&e, rec, &mut ops);
                 out.push(e);
             }
@@ -1013,5 +1160,134 @@ mod tests {
         assert_eq!(kinds(&sent), [(EntryKind::Dir, "d".into())]);
         assert_eq!(sent[0].children, [b"a".to_vec(), b"c".to_vec()]);
         assert!(index.get(b"d/b").is_none(), "the prune reached the index");
+    }
+
+    fn hardlinks(entries: &[Entry]) -> Vec<(String, String)> {
+        entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Hardlink as i32)
+            .map(|e| {
+                (
+                    String::from_utf8(e.path.clone()).unwrap(),
+                    String::from_utf8(e.link_target.clone()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_hard_link_group_travels_whole_and_splits_where_the_source_does() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for d in ["d1", "d2"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("d1/a"), b"one").unwrap();
+        std::fs::hard_link(root.join("d1/a"), root.join("d2/b")).unwrap();
+        std::fs::hard_link(root.join("d1/a"), root.join("c")).unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let index = Index::open(&db, "fs").unwrap();
+        let sent = pass(root, &index, None);
+        let files: Vec<_> = sent
+            .iter()
+            .filter(|e| e.kind == EntryKind::File as i32)
+            .collect();
+        assert_eq!(files.len(), 1, "the content goes once: {:?}", kinds(&sent));
+        let anchor = String::from_utf8(files[0].path.clone()).unwrap();
+        let links = hardlinks(&sent);
+        assert_eq!(links.len(), 2);
+        assert!(links.iter().all(|(_, to)| *to == anchor));
+
+        // Appended through d2/b: the content goes under that name, the other two names
+        // follow as links in the same unit, and their directories' times are put back.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("d2/b"))
+            .unwrap()
+            .write_all(b" two")
+            .unwrap();
+        let sent = pass(root, &index, Some(named("d2", "b")));
+        assert_eq!(
+            kinds(&sent),
+            [
+                (EntryKind::File, "d2/b".into()),
+                (EntryKind::Hardlink, "c".into()),
+                (EntryKind::Hardlink, "d1/a".into()),
+                (EntryKind::DirMeta, "".into()),
+                (EntryKind::DirMeta, "d1".into()),
+                (EntryKind::DirMeta, "d2".into()),
+            ]
+        );
+        assert!(hardlinks(&sent).iter().all(|(_, to)| to == "d2/b"));
+
+        // A metadata change through another name: the same unit, from that name.
+        std::fs::set_permissions(
+            root.join("c"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o4750),
+        )
+        .unwrap();
+        let sent = pass(root, &index, Some(named("", "c")));
+        assert_eq!(sent[0].kind, EntryKind::File as i32);
+        assert_eq!(sent[0].mode & 0o7777, 0o4750);
+        assert_eq!(
+            hardlinks(&sent),
+            [("d1/a".into(), "c".into()), ("d2/b".into(), "c".into())]
+        );
+
+        // An editor's rewrite of d1/a gives it a new inode: only that name leaves.
+        std::fs::write(root.join("d1/.a.swp"), b"rewritten").unwrap();
+        std::fs::rename(root.join("d1/.a.swp"), root.join("d1/a")).unwrap();
+        let mut dirty = named("d1", "a");
+        mark(
+            &mut dirty,
+            b"d1".to_vec(),
+            Some([b".a.swp".to_vec()].into()),
+        );
+        let sent = pass(root, &index, Some(dirty));
+        // (The rest of the group is looked at again: it may have changed through d1/a.)
+        assert!(
+            hardlinks(&sent)
+                .iter()
+                .all(|(from, to)| from != "d1/a" && to != "d1/a"),
+            "{:?}",
+            kinds(&sent)
+        );
+        assert!(sent
+            .iter()
+            .any(|e| e.path == b"d1/a" && e.kind == EntryKind::File as i32));
+        let ino = std::fs::metadata(root.join("c")).unwrap().ino();
+        assert_eq!(index.names_of(ino), [b"c".to_vec(), b"d2/b".to_vec()]);
+        let sent = pass(root, &index, Some(named("d1", "a")));
+        assert!(sent.is_empty(), "the split is recorded: {:?}", kinds(&sent));
+
+        // A new link to the rest of the group brings the group along.
+        std::fs::hard_link(root.join("c"), root.join("d1/new")).unwrap();
+        let sent = pass(root, &index, Some(named("d1", "new")));
+        assert_eq!(
+            hardlinks(&sent),
+            [
+                ("c".into(), "d1/new".into()),
+                ("d2/b".into(), "d1/new".into())
+            ]
+        );
+        // Changed through a name that is then removed: no event names the other names,
+        // yet the pass looks at them and sends the new content under one of them.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("d2/b"))
+            .unwrap()
+            .write_all(b" three")
+            .unwrap();
+        std::fs::remove_file(root.join("d2/b")).unwrap();
+        let sent = pass(root, &index, Some(named("d2", "b")));
+        let file = sent
+            .iter()
+            .find(|e| e.kind == EntryKind::File as i32)
+            .unwrap_or_else(|| panic!("no content sent: {:?}", kinds(&sent)));
+        assert_eq!(file.size, b"one two three".len() as u64);
+        assert_eq!(hardlinks(&sent).len(), 1, "{:?}", kinds(&sent));
+        // And a full pass after quiet finds nothing to send.
+        assert!(pass(root, &index, None).is_empty());
     }
 }

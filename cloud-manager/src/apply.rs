@@ -69,6 +69,9 @@ pub fn apply(
     for e in entries {
         validate(e)?;
     }
+    if resumed {
+        sweep_temp_files(root, entries)?;
+    }
     let mut done = Applied::default();
     let mut rest = entries;
     while !rest.is_empty() {
@@ -85,6 +88,32 @@ pub fn apply(
         rest = after;
     }
     Ok(done)
+}
+
+/// A batch cut short by a crash may have left temp files beside any of its entries;
+/// its directories' own entries may come in a later batch, so they are swept here.
+fn sweep_temp_files(root: &Root, entries: &[Entry]) -> Result<(), ApplyError> {
+    let parents: std::collections::BTreeSet<&[u8]> = entries
+        .iter()
+        .map(|e| {
+            let p = e.path.as_slice();
+            p.iter()
+                .rposition(|&b| b == b'/')
+                .map_or(&p[..0], |i| &p[..i])
+        })
+        .collect();
+    for dir in parents {
+        // A directory the batch has not made yet holds nothing of it.
+        let Ok(fd) = root.open_dir(dir) else {
+            continue;
+        };
+        for child in safepath::list_dir(&fd).map_err(io_at(dir, "list"))? {
+            if is_tmp_name(&child) {
+                safepath::remove_at(&fd, &child).map_err(io_at(dir, "remove"))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs shorter than this are applied one entry at a time.
@@ -297,6 +326,14 @@ fn apply_one(
             }
         }
         replace_at(dir.as_fd(), &tmp, name).map_err(io_at(path, "rename"))?;
+        if kind == EntryKind::Hardlink {
+            // A rename onto another name of the same inode does nothing and keeps the
+            // temp name (a link sent again, or a batch applied again after a crash).
+            match rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(err) => return Err(io_at(path, "unlink")(err)),
+            }
+        }
         Ok(written)
     })();
     if result.is_err() {
@@ -543,6 +580,30 @@ mod tests {
         }
     }
 
+    /// A file entry of `data` in one chunk, the chunk stored.
+    fn stored_file(chunks: &ChunkStore, path: &[u8], data: &[u8]) -> Entry {
+        use ferry_proto::v1::{ChunkRef, Segment};
+        let hash = *blake3::hash(data).as_bytes();
+        let (z, raw) = ferry_common::chunks::compress(data);
+        let staged = chunks.stage(hash, &z, data.len() as u32, raw).unwrap();
+        chunks.commit(vec![staged]).unwrap();
+        Entry {
+            path: path.to_vec(),
+            kind: EntryKind::File as i32,
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            size: data.len() as u64,
+            segments: vec![Segment {
+                offset: 0,
+                chunks: vec![ChunkRef {
+                    hash: hash.to_vec(),
+                    len: data.len() as u32,
+                }],
+            }],
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn a_rename_is_strict_but_a_resumed_batch_may_find_it_done() {
         let Fixture {
@@ -574,7 +635,6 @@ mod tests {
 
     #[test]
     fn a_run_of_files_written_in_parallel_ends_like_one_at_a_time() {
-        use ferry_proto::v1::{ChunkRef, Segment};
         use std::os::unix::fs::MetadataExt;
         let Fixture {
             _dir,
@@ -594,27 +654,11 @@ mod tests {
             for f in 0..12 {
                 let name = format!("f{f:02}");
                 let data = format!("file {d}/{f} ").repeat(100 * (f + 1)).into_bytes();
-                let hash = *blake3::hash(&data).as_bytes();
-                let (z, raw) = ferry_common::chunks::compress(&data);
-                let staged = chunks.stage(hash, &z, data.len() as u32, raw).unwrap();
-                chunks.commit(vec![staged]).unwrap();
                 let path = format!("d{d}/{name}").into_bytes();
                 entries.push(Entry {
-                    path: path.clone(),
-                    kind: EntryKind::File as i32,
                     mode: 0o100640,
-                    uid,
-                    gid,
-                    size: data.len() as u64,
                     mtime_sec: 1_600_000_000 + f as i64,
-                    segments: vec![Segment {
-                        offset: 0,
-                        chunks: vec![ChunkRef {
-                            hash: hash.to_vec(),
-                            len: data.len() as u32,
-                        }],
-                    }],
-                    ..Default::default()
+                    ..stored_file(&chunks, &path, &data)
                 });
                 want.push((path, data));
                 children.push(name.into_bytes());
@@ -702,5 +746,66 @@ mod tests {
         apply(&root, &chunks, std::slice::from_ref(&meta), true).unwrap();
         assert!(!leftover.exists());
         assert!(tree.join("d/kept").is_file() && tree.join("d/sub").is_dir());
+    }
+    #[test]
+    fn a_hard_link_group_is_relinked_to_the_new_inode_and_a_repeat_leaves_no_temp_file() {
+        use std::os::unix::fs::MetadataExt;
+        let Fixture {
+            _dir,
+            tree,
+            chunks,
+            root,
+        } = fixture(&[("a", b"old"), ("d/keep", b"x")]);
+        std::fs::hard_link(tree.join("a"), tree.join("d/b")).unwrap();
+        let data = b"old, appended through b".to_vec();
+        let group = vec![
+            Entry {
+                mode: 0o104755,
+                mtime_sec: 1_700_000_000,
+                xattrs: vec![Xattr {
+                    name: b"user.shared".to_vec(),
+                    value: b"on the inode".to_vec(),
+                }],
+                ..stored_file(&chunks, b"d/b", &data)
+            },
+            Entry {
+                path: b"a".to_vec(),
+                kind: EntryKind::Hardlink as i32,
+                link_target: b"d/b".to_vec(),
+                ..Default::default()
+            },
+        ];
+        let check = || {
+            let (a, b) = (
+                std::fs::metadata(tree.join("a")).unwrap(),
+                std::fs::metadata(tree.join("d/b")).unwrap(),
+            );
+            assert_eq!((a.ino(), a.nlink()), (b.ino(), 2), "one inode, two names");
+            assert_eq!(std::fs::read(tree.join("a")).unwrap(), data);
+            assert_eq!(a.mode() & 0o7777, 0o4755, "setuid on the shared inode");
+            let mut v = [0u8; 64];
+            let n = rustix::fs::getxattr(tree.join("a").as_path(), "user.shared", &mut v).unwrap();
+            assert_eq!(&v[..n], b"on the inode");
+            let names: Vec<_> = std::fs::read_dir(&tree)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names.len(), 2, "a and d, no temp file: {names:?}");
+        };
+        apply(&root, &chunks, &group, false).unwrap();
+        check();
+        // The same batch applied again after a crash: the same end state.
+        apply(&root, &chunks, &group, true).unwrap();
+        check();
+        // A link that already is one: nothing changes, no temp file stays.
+        apply(&root, &chunks, &group[1..], false).unwrap();
+        check();
+        // A crash mid-write left a temp file beside d/b; the batch applied again after
+        // the restart sweeps it, though d's own entry is not in this batch.
+        let leftover = tree.join("d").join(String::from_utf8(tmp_name()).unwrap());
+        std::fs::write(&leftover, b"half of the content").unwrap();
+        apply(&root, &chunks, &group, true).unwrap();
+        assert!(!leftover.exists());
+        check();
     }
 }

@@ -18,6 +18,34 @@ pub enum EnrollError {
     Unreachable { url: String, message: String },
     #[error("not enrolled yet and no join token given (--token)")]
     NoToken,
+    #[error("stopped before the manager could be reached to enroll")]
+    Stopped,
+}
+
+/// Runs an enrollment `attempt` again, with jittered, capped backoff, for as long as the
+/// manager cannot be reached (a daemon may well start before its manager), until
+/// `shutdown`.
+pub async fn retry_while_unreachable<F, Fut>(
+    shutdown: &tokio_util::sync::CancellationToken,
+    mut attempt: F,
+) -> Result<(), EnrollError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), EnrollError>>,
+{
+    let mut backoff = crate::backoff::Backoff::default();
+    loop {
+        let err = match attempt().await {
+            Err(e @ EnrollError::Unreachable { .. }) => e,
+            r => return r,
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot enroll yet, retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Err(EnrollError::Stopped),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 /// Enrolls with the manager at `url` unless `files` already hold an identity.

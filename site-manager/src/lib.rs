@@ -77,15 +77,14 @@ pub async fn run(
     sans.extend(config.san.iter().cloned());
     sans.sort();
     sans.dedup();
-    ferry_common::enroll::ensure_enrolled(
-        &config.upstream,
-        token.as_ref(),
-        Role::Site,
-        &config.name,
-        &sans,
-        &files,
-    )
-    .await?;
+    let enroll = || {
+        let (url, token) = (&config.upstream, token.as_ref());
+        ferry_common::enroll::ensure_enrolled(url, token, Role::Site, &config.name, &sans, &files)
+    };
+    match ferry_common::enroll::retry_while_unreachable(&shutdown, enroll).await {
+        Err(ferry_common::enroll::EnrollError::Stopped) => return Ok(()),
+        r => r?,
+    }
     let (ca, cert, key) = files.load()?;
     let tls = ferry_common::tls::server_config(&ca, &cert, &key)?;
     let upstream = ferry_common::enroll::mtls_channel(&config.upstream, &files)?;

@@ -1,6 +1,7 @@
 //! Harness for Ferry's end-to-end tests: loop-mounted source file systems, feature-rich
 //! trees, the real daemons as child processes on loopback, and the checks (rsync,
 //! blkid, fsck) that say whether a replica matches its source.
+pub mod churn;
 pub mod netns;
 pub mod pg;
 
@@ -225,9 +226,36 @@ d=deep; for i in $(seq 1 40); do d="$d/level$i"; done; mkdir -p "$d" && echo bot
 /// rsync's itemized differences between a source and its replica (empty when identical).
 pub fn rsync_diff(src: &Path, dst: &Path) -> Result<String> {
     sh(Command::new("rsync")
-        .args(["-naHAXc", "--delete", "--numeric-ids", "-i"])
+        .args(["-naHAXcx", "--delete", "--numeric-ids", "-i"])
         .arg(format!("{}/", src.display()))
         .arg(format!("{}/", dst.display())))
+}
+
+/// The hard-link groups under `root`: the names of each file with more than one link,
+/// as sets of relative paths (what must be one inode on a replica as on its source).
+pub fn link_groups(root: &Path) -> Result<std::collections::BTreeSet<Vec<PathBuf>>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut by_ino: std::collections::HashMap<u64, Vec<PathBuf>> = Default::default();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let m = e.metadata()?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() && m.nlink() > 1 {
+                let rel = e.path().strip_prefix(root)?.to_path_buf();
+                by_ino.entry(m.ino()).or_default().push(rel);
+            }
+        }
+    }
+    Ok(by_ino
+        .into_values()
+        .map(|mut v| {
+            v.sort();
+            v
+        })
+        .collect())
 }
 
 /// A daemon child process, killed on drop.
@@ -562,13 +590,13 @@ pub fn agent_sent_bytes(state: &Path) -> u64 {
 }
 
 /// A churn generator over `root/churn` and a few existing files: creates, appends,
-/// in-place overwrites, file and directory renames, deletes, chmod/chown/xattr changes
-/// and deep new trees. Runs `rounds` operations with a short pause between them.
+/// in-place overwrites, file and directory renames, deletes, chmod/chown/xattr changes,
+/// deep new trees, new hard links and editor-style saves (which split a link group). Runs `rounds` operations with a short pause between them.
 pub fn churn_script(root: &Path, rounds: u32, seed: u32) -> String {
     format!(
         r#"cd '{r}'; RANDOM={seed}; mkdir -p churn/dirs
 for i in $(seq 1 {rounds}); do
-  n=$((RANDOM % 11))
+  n=$((RANDOM % 13))
   f=$(ls churn 2>/dev/null | grep '^f' | shuf -n1 --random-source=<(yes {seed}) 2>/dev/null || true)
   d=$(ls churn/dirs 2>/dev/null | shuf -n1 --random-source=<(yes $i) 2>/dev/null || true)
   case $n in
@@ -582,6 +610,8 @@ for i in $(seq 1 {rounds}); do
     8) [ -n "$f" ] && chmod $((RANDOM % 2 ? 600 : 755)) "churn/$f" && chown $((1000 + RANDOM % 5)):$((2000 + RANDOM % 5)) "churn/$f" ;;
     9) [ -n "$f" ] && setfattr -n user.churn -v "v$i" "churn/$f" ;;
     10) mkdir -p churn/deep$i/a/b/c/d/e && echo "deep $i" > churn/deep$i/a/b/c/d/e/leaf && echo top > churn/deep$i/top ;;
+    11) [ -n "$f" ] && ln "churn/$f" "churn/f$i-link" ;;
+    12) [ -n "$f" ] && cp -p "churn/$f" "churn/.$f.swp" && echo "saved $i" >> "churn/.$f.swp" && mv "churn/.$f.swp" "churn/$f" ;;
   esac
   sleep 0.02
 done
@@ -735,4 +765,47 @@ pub fn register(system: &str, uuid: &str) -> ferry_proto::v1::RegisterRequest {
             ..Default::default()
         }],
     }
+}
+
+/// An agent following a populated source file system through a site manager to a cloud
+/// manager, the replica in sync. Fields drop in this order: the agent stops writing
+/// before the managers go, the volumes are unmounted, and the scratch directory is
+/// removed last.
+pub struct Following {
+    pub agent: Proc,
+    pub site: SiteMgr,
+    pub cloud: CloudMgr,
+    pub src: LoopFs,
+    pub state: std::path::PathBuf,
+    pub replica: std::path::PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+pub fn follow(name: &str, fstype: &str, uuid: &str) -> Result<Following> {
+    follow_sized(name, fstype, uuid, 400)
+}
+
+/// `follow` on a source file system of `size_mb`.
+pub fn follow_sized(name: &str, fstype: &str, uuid: &str, size_mb: u64) -> Result<Following> {
+    let tmp = scratch(name)?;
+    let t = tmp.path().to_path_buf();
+    let src = LoopFs::new(&t, "src", fstype, uuid, size_mb)?;
+    populate(&src.mnt, 3)?;
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let state = t.join("agent");
+    let agent = Proc::spawn(
+        &mut agent_follow_cmd(&state, &site.url(), Some(&cloud.token()?), &src.mnt, "live"),
+        &t.join("agent.log"),
+    )?;
+    let replica = cloud.wait_in_sync("live", &src.mnt)?;
+    Ok(Following {
+        _tmp: tmp,
+        src,
+        cloud,
+        site,
+        agent,
+        state,
+        replica,
+    })
 }

@@ -8,42 +8,6 @@ use std::time::Duration;
 /// Watcher tests change global inotify state and load the machine: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Fields drop in this order: the agent stops writing before the managers go, the
-/// volumes are unmounted, and the scratch directory is removed last.
-struct Setup {
-    agent: Proc,
-    site: SiteMgr,
-    cloud: CloudMgr,
-    src: LoopFs,
-    state: std::path::PathBuf,
-    replica: std::path::PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-fn follow(name: &str, fstype: &str, uuid: &str) -> Result<Setup> {
-    let tmp = scratch(name)?;
-    let t = tmp.path().to_path_buf();
-    let src = LoopFs::new(&t, "src", fstype, uuid, 400)?;
-    populate(&src.mnt, 3)?;
-    let cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
-    let state = t.join("agent");
-    let agent = Proc::spawn(
-        &mut agent_follow_cmd(&state, &site.url(), Some(&cloud.token()?), &src.mnt, "live"),
-        &t.join("agent.log"),
-    )?;
-    let replica = cloud.wait_in_sync("live", &src.mnt)?;
-    Ok(Setup {
-        _tmp: tmp,
-        src,
-        cloud,
-        site,
-        agent,
-        state,
-        replica,
-    })
-}
-
 #[test]
 fn churn_propagates_within_five_seconds() -> Result<()> {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
