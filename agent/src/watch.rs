@@ -69,7 +69,11 @@ impl Drop for Watcher {
 impl Watcher {
     /// Starts an inotify watcher on the current tokio runtime; without inotify the agent
     /// relies on rescans.
-    pub fn new(tx: UnboundedSender<Hint>, exclude: Vec<PathBuf>, lag: Arc<crate::lag::Lag>) -> Self {
+    pub fn new(
+        tx: UnboundedSender<Hint>,
+        exclude: Vec<PathBuf>,
+        lag: Arc<crate::lag::Lag>,
+    ) -> Self {
         let paths: Paths = Arc::default();
         let started = Inotify::init().and_then(|i| {
             let watches = i.watches();
@@ -93,7 +97,9 @@ impl Watcher {
                         lag.hint(ferry_common::now_ms());
                         if ev.mask.contains(EventMask::Q_OVERFLOW) {
                             if !std::mem::replace(&mut overflow_logged, true) {
-                                tracing::warn!("inotify queue overflowed; falling back to a rescan");
+                                tracing::warn!(
+                                    "inotify queue overflowed; falling back to a rescan"
+                                );
                             }
                             let _ = tx.send(Hint::Rescan);
                             continue;
@@ -107,7 +113,10 @@ impl Watcher {
                             continue;
                         };
                         drop(map);
-                        let path = ev.name.as_ref().map_or_else(|| dir.clone(), |n| dir.join(n));
+                        let path = ev
+                            .name
+                            .as_ref()
+                            .map_or_else(|| dir.clone(), |n| dir.join(n));
                         if exclude.iter().any(|x| path.starts_with(x)) {
                             continue;
                         }
@@ -210,7 +219,11 @@ mod tests {
         let root = t.path().canonicalize().unwrap();
         std::fs::create_dir_all(root.join("a/sub")).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let w = Watcher::new(tx, vec![root.join("state")], Arc::new(crate::lag::Lag::default()));
+        let w = Watcher::new(
+            tx,
+            vec![root.join("state")],
+            Arc::new(crate::lag::Lag::default()),
+        );
         for d in ["", "a", "a/sub"] {
             w.add(&root.join(d));
         }
@@ -219,15 +232,26 @@ mod tests {
         w.add(&root.join("b"));
         w.add(&root.join("b/sub"));
         let got = next(&mut rx).await;
-        assert!(got.contains(&Hint::Named(root.clone(), "a".into())), "{got:?}");
+        assert!(
+            got.contains(&Hint::Named(root.clone(), "a".into())),
+            "{got:?}"
+        );
         assert!(got.contains(&Hint::Dirty(root.join("b"))), "{got:?}");
         std::fs::write(root.join("b/sub/f"), b"x").unwrap();
         std::fs::write(root.join("b/g"), b"x").unwrap();
         let got = next(&mut rx).await;
-        assert!(got.contains(&Hint::Named(root.join("b/sub"), "f".into())), "{got:?}");
-        assert!(got.contains(&Hint::Named(root.join("b"), "g".into())), "{got:?}");
         assert!(
-            !got.iter().any(|h| matches!(h, Hint::Named(p, _) | Hint::Dirty(p) if p.starts_with(root.join("a")))),
+            got.contains(&Hint::Named(root.join("b/sub"), "f".into())),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(&Hint::Named(root.join("b"), "g".into())),
+            "{got:?}"
+        );
+        assert!(
+            !got.iter().any(
+                |h| matches!(h, Hint::Named(p, _) | Hint::Dirty(p) if p.starts_with(root.join("a")))
+            ),
             "{got:?}"
         );
         // Excluded paths stay quiet; a removed directory's watch is forgotten.
@@ -236,10 +260,17 @@ mod tests {
         std::fs::write(root.join("state/x"), b"x").unwrap();
         std::fs::remove_dir_all(root.join("b")).unwrap();
         let got = next(&mut rx).await;
-        assert!(!got.iter().any(|h| matches!(h, Hint::Named(p, _) if p.ends_with("state"))), "{got:?}");
+        assert!(
+            !got.iter()
+                .any(|h| matches!(h, Hint::Named(p, _) if p.ends_with("state"))),
+            "{got:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         let left: Vec<PathBuf> = w.paths.lock().unwrap().values().cloned().collect();
-        assert!(!left.iter().any(|p| p.starts_with(root.join("b"))), "{left:?}");
+        assert!(
+            !left.iter().any(|p| p.starts_with(root.join("b"))),
+            "{left:?}"
+        );
     }
 
     #[test]
@@ -250,10 +281,17 @@ mod tests {
             vec![Hint::Named(d.clone(), "f".into())]
         );
         assert_eq!(
-            hints(d.clone(), Some("s".into()), EventMask::CREATE | EventMask::ISDIR),
+            hints(
+                d.clone(),
+                Some("s".into()),
+                EventMask::CREATE | EventMask::ISDIR
+            ),
             vec![Hint::Dirty(d.join("s")), Hint::Named(d.clone(), "s".into())]
         );
-        assert_eq!(hints(d.clone(), None, EventMask::ATTRIB | EventMask::ISDIR), vec![Hint::Dirty(d.clone())]);
+        assert_eq!(
+            hints(d.clone(), None, EventMask::ATTRIB | EventMask::ISDIR),
+            vec![Hint::Dirty(d.clone())]
+        );
         assert_eq!(hints(d, None, EventMask::IGNORED), vec![]);
     }
 }
