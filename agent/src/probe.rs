@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
-use ferry_common::sysconf::{compare_versions, parse_shell_vars, OsInfo};
+use ferry_sysconf::{compare_versions, parse_shell_vars, OsInfo};
 use serde::{Deserialize, Serialize};
 
 /// What the probe found out about a system.
@@ -92,7 +92,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ProbeError + '_ {
     }
 }
 
-use ferry_common::sysconf::net::{
+use ferry_sysconf::net::{
     ifcfg_device, merge_nic, new_nic, normalize_mac, parse_ifcfg, parse_interfaces, parse_netplan,
     parse_nmconnection, Nic, IFCFG_DIRS, STATIC, UNKNOWN,
 };
@@ -280,7 +280,7 @@ fn first_word(text: &str) -> Option<String> {
 // OS
 
 fn probe_os(root: &Path) -> OsInfo {
-    ferry_common::sysconf::detect_os(|rel| read_text(root, rel))
+    ferry_sysconf::detect_os(|rel| read_text(root, rel))
 }
 
 // ---------------------------------------------------------------------------
@@ -319,7 +319,7 @@ fn probe_hostname(root: &Path, live: bool) -> String {
 
 /// The dotted name on an /etc/hosts line that lists `hostname`, preferring `hostname.domain`.
 fn fqdn_from_hosts(hostname: &str, hosts: &str) -> Option<String> {
-    use ferry_common::sysconf::hosts::{parse, Line};
+    use ferry_sysconf::hosts::{parse, Line};
     if hostname.is_empty() {
         return None;
     }
@@ -1093,7 +1093,7 @@ mod tests {
             assert_eq!(partition_table(&head), Some(want));
         }
     }
-    use ferry_common::sysconf::{os_from_redhat_release, os_from_suse_release};
+    use ferry_sysconf::{os_from_redhat_release, os_from_suse_release};
     use std::cmp::Ordering;
     use std::os::unix::fs::symlink;
 

@@ -2,7 +2,7 @@
 //! app's newest images, list, suspend, resume, terminate) and the reconciliation of the
 //! stored clones against their provider when the cloud manager starts.
 use crate::cloud::{blocking, Cloud, CloudError, Result};
-use crate::provider::{self, Provider, ProviderError};
+use ferry_provider::{self, Provider, ProviderError};
 use crate::state::{CloneRecord, InstanceRecord};
 use ferry_proto::v1 as pb;
 use std::sync::Arc;
@@ -56,24 +56,26 @@ pub fn clone_info(r: &CloneRecord) -> pb::CloneInfo {
 
 impl Cloud {
     /// The aws provider, loaded from the default AWS configuration on first use.
-    pub(crate) async fn aws(&self) -> Arc<crate::provider::aws::Aws> {
+    #[cfg(feature = "aws")]
+    pub(crate) async fn aws(&self) -> Arc<ferry_provider_aws::Aws> {
         self.aws
-            .get_or_init(|| async { Arc::new(crate::provider::aws::Aws::load().await) })
+            .get_or_init(|| async { Arc::new(ferry_provider_aws::Aws::load().await) })
             .await
             .clone()
     }
 
     /// The azure provider, made on first use; an error when it is not configured.
+    #[cfg(feature = "azure")]
     pub(crate) async fn azure(
         &self,
-    ) -> std::result::Result<Arc<crate::provider::azure::Azure>, ProviderError> {
+    ) -> std::result::Result<Arc<ferry_provider_azure::Azure>, ProviderError> {
         let cfg = self.providers.azure.clone().ok_or_else(|| {
             ProviderError::Invalid(
                 "the azure provider is not configured: give ferry-cloud serve an [azure] section or --azure-subscription, --azure-resource-group and --azure-location".into(),
             )
         })?;
         self.azure
-            .get_or_try_init(|| async { crate::provider::azure::Azure::load(cfg).map(Arc::new) })
+            .get_or_try_init(|| async { ferry_provider_azure::Azure::load(cfg).map(Arc::new) })
             .await
             .cloned()
     }
@@ -81,7 +83,9 @@ impl Cloud {
     async fn provider_for(&self, name: &str) -> Result<Arc<dyn Provider>> {
         match name {
             "local" => Ok(self.local.clone()),
+            #[cfg(feature = "aws")]
             "aws" => Ok(self.aws().await),
+            #[cfg(feature = "azure")]
             "azure" => Ok(self.azure().await?),
             other => Err(ProviderError::Unavailable(other.to_string()).into()),
         }
@@ -330,6 +334,7 @@ impl Cloud {
                 Err(e) => tracing::error!(clone = %name, error = %e, "cannot reconcile clone"),
             }
         }
+        #[cfg(feature = "azure")]
         if self.providers.azure.is_some() {
             // An image build cut short leaves an upload disk no record names; it would
             // cost money forever.
@@ -381,14 +386,14 @@ impl Cloud {
                 ))
             })
         };
-        let host_pub = ferry_tunnel::keys::load_authorized(&keys.join("host_key.pub"))
+        let host_pub = ferry_tunnel_config::keys::load_authorized(&keys.join("host_key.pub"))
             .map_err(|e| CloudError::Failed(format!("system {}: {e}", inst.system)))?;
         let fingerprint = host_pub
             .first()
-            .map(ferry_tunnel::keys::fingerprint)
+            .map(ferry_tunnel_config::keys::fingerprint)
             .ok_or_else(|| CloudError::Failed("host_key.pub holds no key".into()))?;
         let (gw_ip, gw_port) = rec.tunnel_gateway.rsplit_once(':').unwrap_or_default();
-        let port = ferry_tunnel::config::DEFAULT_APP_PORT;
+        let port = ferry_tunnel_config::config::DEFAULT_APP_PORT;
         let table_a = format!(
             "# Table A for clone {clone}, app server {system}: written by `ferry tunnel connect`\n\
              remote_ssh_ip={gw_ip}\nremote_ssh_port={gw_port}\n\
@@ -401,7 +406,7 @@ impl Cloud {
             key = req.key_path,
         );
         // What is handed out must be what the enterprise side accepts.
-        ferry_tunnel::config::parse_any(&table_a)
+        ferry_tunnel_config::config::parse_any(&table_a)
             .map_err(|e| CloudError::Failed(format!("table a: {e}")))?;
         tracing::info!(clone = %rec.name, system = %inst.system, "tunnel connection details issued");
         Ok(pb::TunnelConnectResponse {

@@ -134,8 +134,8 @@ fn add_services(services: &mut Vec<String>, new: &[String]) -> Result<()> {
                 format!("{s}=127.0.0.1:{free}")
             }
         };
-        crate::customize::Plan::from_flags(
-            crate::customize::Target::Local,
+        ferry_customize::Plan::from_flags(
+            ferry_customize::Target::Local,
             &[],
             &[],
             std::slice::from_ref(&full),
@@ -187,13 +187,15 @@ pub struct Cloud {
     /// Last storage failure, for the operator; cleared by the next durable batch.
     pub last_error: std::sync::Mutex<String>,
     /// The embedded provider: clones as QEMU processes in network namespaces.
-    pub local: Arc<crate::provider::local::Local>,
+    pub local: Arc<ferry_provider::local::Local>,
     /// The aws provider, made on first use from the default AWS configuration chain.
-    pub(crate) aws: tokio::sync::OnceCell<Arc<crate::provider::aws::Aws>>,
+    #[cfg(feature = "aws")]
+    pub(crate) aws: tokio::sync::OnceCell<Arc<ferry_provider_aws::Aws>>,
     /// The azure provider, made on first use from its settings and the default Azure
     /// credential chain.
-    pub(crate) azure: tokio::sync::OnceCell<Arc<crate::provider::azure::Azure>>,
-    pub(crate) providers: crate::provider::Settings,
+    #[cfg(feature = "azure")]
+    pub(crate) azure: tokio::sync::OnceCell<Arc<ferry_provider_azure::Azure>>,
+    pub(crate) providers: ferry_provider::Settings,
     /// One clone operation at a time: addresses and indexes are allocated from the
     /// records of the others.
     pub(crate) clone_ops: Mutex<()>,
@@ -257,7 +259,7 @@ impl Cloud {
         volumes: Volumes,
         tokens: TokenStore,
         ca: Ca,
-        providers: crate::provider::Settings,
+        providers: ferry_provider::Settings,
     ) -> Result<Self> {
         let counters = state.load_counters()?;
         Ok(Self {
@@ -268,8 +270,10 @@ impl Cloud {
             ca,
             counters,
             last_error: Default::default(),
-            local: Arc::new(crate::provider::local::Local::new(providers.local.clone())),
+            local: Arc::new(ferry_provider::local::Local::new(providers.local.clone())),
+            #[cfg(feature = "aws")]
             aws: tokio::sync::OnceCell::new(),
+            #[cfg(feature = "azure")]
             azure: tokio::sync::OnceCell::new(),
             providers,
             clone_ops: Mutex::new(()),
@@ -672,12 +676,12 @@ impl Cloud {
         &self,
         req: pb::PrepareSystemRequest,
     ) -> Result<pb::PrepareSystemResponse> {
-        use crate::customize::{Plan, Target};
+        use ferry_customize::{Plan, Target};
         use crate::prepare;
         let target: Target = req
             .target
             .parse()
-            .map_err(|e: crate::customize::CustomizeError| CloudError::Invalid(e.to_string()))?;
+            .map_err(|e: ferry_customize::CustomizeError| CloudError::Invalid(e.to_string()))?;
         let services = Plan::from_flags(target, &[], &[], &req.services)
             .map_err(|e| CloudError::Invalid(e.to_string()))?
             .services;
@@ -694,7 +698,7 @@ impl Cloud {
             // enterprise side's).
             let dir = self.data_dir.join("tunnel").join(&rec.name);
             plan.tunnel = Some(
-                crate::customize::TunnelInstall::issue(&dir)
+                ferry_customize::TunnelInstall::issue(&dir)
                     .map_err(|e| CloudError::Io(e.to_string()))?,
             );
         }
@@ -762,10 +766,10 @@ impl Cloud {
         req: pb::BuildImageRequest,
         app: &str,
     ) -> Result<pb::ImageInfo> {
-        let target: crate::customize::Target = req
+        let target: ferry_customize::Target = req
             .target
             .parse()
-            .map_err(|e: crate::customize::CustomizeError| CloudError::Invalid(e.to_string()))?;
+            .map_err(|e: ferry_customize::CustomizeError| CloudError::Invalid(e.to_string()))?;
         let prepared = self
             .prepare_system(pb::PrepareSystemRequest {
                 system: req.system.clone(),
@@ -812,12 +816,12 @@ impl Cloud {
                     .ok_or_else(|| CloudError::Io(format!("{img}: no file system record")))?;
                 let mp = String::from_utf8_lossy(&fs.mount_point).into_owned();
                 parts.push(
-                    crate::image::Part::probe(&path, &mp)
+                    ferry_image::Part::probe(&path, &mp)
                         .map_err(|e| CloudError::Failed(e.to_string()))?,
                 );
             }
             let timeout = check.then_some(BOOT_TIMEOUT);
-            let (made, boot) = crate::image::build(
+            let (made, boot) = ferry_image::build(
                 &parts,
                 &out,
                 target.console(),
@@ -849,11 +853,12 @@ impl Cloud {
         type Register = Box<
             dyn FnOnce(
                     &mut crate::state::ImageRecord,
-                ) -> std::result::Result<(), crate::provider::ProviderError>
+                ) -> std::result::Result<(), ferry_provider::ProviderError>
                 + Send,
         >;
         let register: Option<Register> = match target {
-            crate::customize::Target::Aws => {
+            #[cfg(feature = "aws")]
+            ferry_customize::Target::Aws => {
                 // The previous image of the system is the parent, so only changed blocks
                 // are uploaded.
                 let parent = self
@@ -869,11 +874,16 @@ impl Cloud {
                 let aws = self.aws().await;
                 Some(Box::new(move |r| aws.register_image(r, parent.as_ref())))
             }
-            crate::customize::Target::Azure => {
+            #[cfg(feature = "azure")]
+            ferry_customize::Target::Azure => {
                 let azure = self.azure().await?;
                 Some(Box::new(move |r| azure.register_image(r)))
             }
-            crate::customize::Target::Local => None,
+            ferry_customize::Target::Local => None,
+            #[allow(unreachable_patterns)] // every target is built in by default
+            other => {
+                return Err(ferry_provider::ProviderError::Unavailable(format!("{other:?}").to_lowercase()).into())
+            }
         };
         if let Some(register) = register {
             // Registered only once it booted here; an image that fails it is removed.
@@ -944,7 +954,7 @@ impl Cloud {
             req.provider.clone()
         };
         provider
-            .parse::<crate::customize::Target>()
+            .parse::<ferry_customize::Target>()
             .map_err(|e| CloudError::Invalid(e.to_string()))?;
         let mut services = Vec::new();
         add_services(&mut services, &req.services)?;
@@ -1088,12 +1098,20 @@ impl Cloud {
             // The provider's copy goes first: a record is dropped only once nothing of it
             // is left to pay for.
             let f = found.clone();
-            if found.target == "azure" {
-                let azure = self.azure().await?;
-                blocking(move || Ok(azure.deregister_image(&f)?)).await?;
-            } else {
-                let aws = self.aws().await;
-                blocking(move || Ok(aws.deregister_image(&f)?)).await?;
+            match found.target.as_str() {
+                #[cfg(feature = "azure")]
+                "azure" => {
+                    let azure = self.azure().await?;
+                    blocking(move || Ok(azure.deregister_image(&f)?)).await?;
+                }
+                #[cfg(feature = "aws")]
+                "aws" => {
+                    let aws = self.aws().await;
+                    blocking(move || Ok(aws.deregister_image(&f)?)).await?;
+                }
+                other => {
+                    return Err(ferry_provider::ProviderError::Unavailable(other.into()).into())
+                }
             }
         }
         let rec = self
@@ -1122,7 +1140,7 @@ impl Cloud {
 
     /// Adds an operator entry, with its files' content, to the file database.
     pub async fn filedb_add(&self, req: pb::FileDbAddRequest) -> Result<pb::FileDbEntry> {
-        use crate::customize::filedb::{Entry, FileDb};
+        use ferry_customize::filedb::{Entry, FileDb};
         let e = req
             .entry
             .ok_or_else(|| CloudError::Invalid("file database entry missing".into()))?;
@@ -1155,7 +1173,7 @@ impl Cloud {
 
     /// Every file database entry, built-in ones first.
     pub fn filedb_list(&self) -> Result<pb::FileDbListResponse> {
-        let db = crate::customize::filedb::FileDb::open(Some(&self.filedb_dir()))
+        let db = ferry_customize::filedb::FileDb::open(Some(&self.filedb_dir()))
             .map_err(|e| CloudError::Invalid(e.to_string()))?;
         let entries = db
             .entries()

@@ -21,7 +21,7 @@ pub struct ServeFile {
     pub public_cidr: Option<String>,
     pub log_format: Option<LogFormat>,
     /// The azure provider's subscription, resource group, location and endpoint.
-    pub azure: Option<crate::provider::azure::AzureConfig>,
+    pub azure: Option<ferry_provider::AzureConfig>,
 }
 
 /// Validated settings of the cloud manager.
@@ -33,15 +33,15 @@ pub struct ServeConfig {
     /// Extra names and addresses for the server certificate.
     pub san: Vec<String>,
     /// The providers' settings and the default for new apps.
-    pub providers: crate::provider::Settings,
+    pub providers: ferry_provider::Settings,
 }
 
 /// The `[azure]` settings with the `--azure-*` flags over them; none when neither
 /// names anything.
 pub fn merge_azure(
-    file: Option<crate::provider::azure::AzureConfig>,
+    file: Option<ferry_provider::AzureConfig>,
     flags: [Option<String>; 4],
-) -> Option<crate::provider::azure::AzureConfig> {
+) -> Option<ferry_provider::AzureConfig> {
     if file.is_none() && flags.iter().all(Option::is_none) {
         return None;
     }
@@ -60,10 +60,15 @@ pub fn merge_azure(
     Some(c)
 }
 
-/// Checks a provider name.
+/// Checks a provider name: one this build has.
 fn provider(s: &str) -> Result<String, ConfigError> {
     match s {
-        "local" | "aws" | "azure" => Ok(s.to_string()),
+        "local" => Ok(s.to_string()),
+        "aws" | "azure" if crate::built_in(s) => Ok(s.to_string()),
+        "aws" | "azure" => Err(ConfigError::Invalid {
+            key: "provider",
+            message: format!("provider {s:?} is not in this build (cargo feature {s:?} of ferry-cloud-manager)"),
+        }),
         other => Err(ConfigError::Invalid {
             key: "provider",
             message: format!("unknown provider {other:?} (local, aws or azure)"),
@@ -103,7 +108,7 @@ impl ServeConfig {
                 message: "the azure provider needs a subscription, resource group and location ([azure] or --azure-*)".into(),
             });
         }
-        use crate::provider::local::{LocalConfig, DEFAULT_PREFIX, DEFAULT_PUBLIC_CIDR};
+        use ferry_provider::local::{LocalConfig, DEFAULT_PREFIX, DEFAULT_PUBLIC_CIDR};
         let local = LocalConfig::new(
             data_dir.join("clones"),
             file.clone_prefix.as_deref().unwrap_or(DEFAULT_PREFIX),
@@ -114,7 +119,7 @@ impl ServeConfig {
             message: e.to_string(),
         })?;
         Ok(Self {
-            providers: crate::provider::Settings {
+            providers: ferry_provider::Settings {
                 default: provider,
                 local,
                 azure: file.azure,

@@ -2,11 +2,9 @@
 //! state of every system, and serves the operator's control API.
 //!
 //! Layout: `cloud` holds the logic, `grpc` its network face, `apply` writes entries into
-//! volumes, `volumes` makes and mounts them, `state` is the sled schema, `cli` is the
-//! `ferry` operator command.
+//! volumes, `volumes` makes and mounts them, `state` is the sled schema.
 
 pub mod apply;
-pub mod cli;
 pub mod clones;
 pub mod cloud;
 pub mod config;
@@ -21,6 +19,7 @@ pub mod volumes;
 
 use crate::cloud::{Cloud, CloudError};
 use crate::config::ServeConfig;
+use ferry_common::config::OperatorCredentials;
 use ferry_common::pki::{Ca, Identity, Role};
 use ferry_proto::v1 as pb;
 use ferry_proto::MAX_MESSAGE_BYTES;
@@ -28,6 +27,17 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// Whether the cloud provider `name` (aws, azure) was built in: each is a cargo feature,
+/// both on by default; the embedded local provider always is.
+pub fn built_in(name: &str) -> bool {
+    match name {
+        "local" => true,
+        "aws" => cfg!(feature = "aws"),
+        "azure" => cfg!(feature = "azure"),
+        _ => false,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -48,16 +58,6 @@ pub enum RunError {
     Chunk(#[from] ferry_common::chunks::ChunkError),
     #[error("grpc server: {0}")]
     Serve(#[from] tonic::transport::Error),
-}
-
-/// What `ferry` needs to reach the control API, written to `DIR/operator.toml` (0600).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OperatorCredentials {
-    pub endpoint: String,
-    pub ca_pem: String,
-    pub cert_pem: String,
-    pub key_pem: ferry_common::config::Secret,
 }
 
 fn hostname() -> String {

@@ -3,7 +3,7 @@
 //! copies are mounted as the system's tree, the customization pipeline runs on it with a
 //! plan drawn from the registry (file system UUIDs, every system's address and name),
 //! and the copies are unmounted again, ready for imaging.
-use crate::customize::{self, Plan, Report, Target};
+use ferry_customize::{self as customize, Plan, Report, Target};
 use crate::state::{FsRecord, SystemRecord};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ pub enum PrepareError {
     Customize(#[from] customize::CustomizeError),
     #[error(transparent)]
     Volume(#[from] crate::volumes::VolumeError),
+    #[error(transparent)]
+    Tool(#[from] ferry_common::cmd::CommandError),
 }
 
 /// The customization plan for `rec`, with every system of `all` in /etc/hosts.
@@ -101,7 +103,7 @@ pub fn address_of(rec: &SystemRecord) -> Option<Address> {
 }
 
 fn run(cmd: &mut Command) -> Result<(), PrepareError> {
-    Ok(crate::volumes::run(cmd).map(drop)?)
+    Ok(ferry_common::cmd::run(cmd).map(drop)?)
 }
 
 /// Copies one volume image, keeping it sparse.

@@ -2,6 +2,7 @@
 //! the same capacity, formatted with the source's type, UUID and label, loop-mounted
 //! under the data dir.
 use crate::state::FsRecord;
+use ferry_common::cmd::{run, CommandError};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -16,8 +17,8 @@ pub enum VolumeError {
     },
     #[error("volume image {image} is attached to a loop device but not mounted here ({loops}); refusing to mount it twice")]
     Busy { image: String, loops: String },
-    #[error("{command} failed: {stderr}")]
-    Command { command: String, stderr: String },
+    #[error(transparent)]
+    Command(#[from] CommandError),
 }
 
 impl ferry_common::error::ErrorKind for VolumeError {
@@ -38,22 +39,6 @@ const MIN_XFS: u64 = 300 << 20;
 
 pub fn supported(fstype: &str) -> bool {
     matches!(fstype, "ext2" | "ext3" | "ext4" | "xfs" | "btrfs" | "vfat")
-}
-
-/// Runs a command; a failure carries the command and its stderr.
-pub(crate) fn run(cmd: &mut Command) -> Result<String, VolumeError> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().map_err(|e| VolumeError::Command {
-        command: shown.clone(),
-        stderr: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(VolumeError::Command {
-            command: shown,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[derive(Debug, Clone)]

@@ -27,6 +27,17 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     })
 }
 
+/// What `ferry` needs to reach the control API, written by the cloud manager to
+/// `DIR/operator.toml` (0600).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorCredentials {
+    pub endpoint: String,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: Secret,
+}
+
 /// A secret string whose `Debug` and `Display` print a mask.
 #[derive(Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(transparent)]

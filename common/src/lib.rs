@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod chunks;
+pub mod cmd;
 pub mod config;
 pub mod enroll;
 pub mod entry;
@@ -11,7 +12,6 @@ pub mod pki;
 pub mod safepath;
 pub mod shutdown;
 pub mod store;
-pub mod sysconf;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

@@ -2,14 +2,13 @@
 //! gateway, runs SSH to the cloned app server, fetches its service table over SFTP and
 //! carries each listed TCP or UDP service back to the real server in the enterprise.
 pub mod app;
-pub mod config;
 pub mod enterprise;
 pub mod gateway;
-pub mod ini;
-pub mod keys;
 pub mod metrics;
 pub mod net;
 pub mod udp;
+
+pub use ferry_tunnel_config::{config, ini, keys};
 
 use config::AnyConfig;
 use std::path::PathBuf;

@@ -156,7 +156,8 @@ fn image_build(
     kernel_args: &[String],
     partition_table: &str,
 ) -> anyhow::Result<serde_json::Value> {
-    use ferry_cloud_manager::{customize, image};
+    use ferry_customize as customize;
+    use ferry_image as image;
     let target: customize::Target = target.parse()?;
     let mut ps = Vec::new();
     for p in parts {
@@ -192,7 +193,7 @@ fn main() -> ExitCode {
             dry_run,
             json,
         } => {
-            use ferry_cloud_manager::customize;
+            use ferry_customize as customize;
             let plan = target
                 .parse()
                 .and_then(|t| customize::Plan::from_flags(t, &fs, &hosts, &services))

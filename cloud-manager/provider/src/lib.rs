@@ -1,12 +1,12 @@
 //! Providers run clones: a network carrying the application's enterprise subnets and one
 //! instance per system, launched from its image. `local` (QEMU in a network namespace per
-//! clone) is the embedded default; the trait is what aws and azure implement too.
-pub mod aws;
-pub mod azure;
+//! clone) is the embedded default; the trait is what aws and azure (crates of their own,
+//! `ferry-provider-aws` and `ferry-provider-azure`) implement too.
 pub mod local;
 pub mod qmp;
+pub mod records;
 
-use crate::state::{CloneRecord, InstanceRecord};
+use records::{CloneRecord, InstanceRecord};
 use std::net::Ipv4Addr;
 
 /// The providers' settings, from `ferry-cloud serve`.
@@ -16,13 +16,50 @@ pub struct Settings {
     pub default: String,
     pub local: local::LocalConfig,
     /// Present when the azure provider is configured.
-    pub azure: Option<azure::AzureConfig>,
+    pub azure: Option<AzureConfig>,
+}
+
+/// Where the provider works: `[azure]` in the config file or the `--azure-*` flags.
+#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
+    pub subscription_id: String,
+    pub resource_group: String,
+    pub location: String,
+    /// The Resource Manager endpoint; the public cloud's when empty.
+    #[serde(default)]
+    pub endpoint: String,
+}
+
+impl AzureConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, v) in [
+            ("subscription_id", &self.subscription_id),
+            ("resource_group", &self.resource_group),
+            ("location", &self.location),
+        ] {
+            if v.is_empty() {
+                return Err(format!("azure {key} is required"));
+            }
+            if !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
+            {
+                return Err(format!("azure {key} {v:?} has characters ARM names refuse"));
+            }
+        }
+        if !self.endpoint.is_empty() {
+            url::Url::parse(&self.endpoint)
+                .map_err(|e| format!("azure endpoint {:?}: {e}", self.endpoint))?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
     #[error(transparent)]
-    Command(#[from] crate::volumes::VolumeError),
+    Command(#[from] ferry_common::cmd::CommandError),
     #[error("{path}: {message}")]
     Io { path: String, message: String },
     #[error("{0}")]
@@ -38,7 +75,7 @@ pub enum ProviderError {
     },
     #[error("instance {system}: {message}")]
     Instance { system: String, message: String },
-    #[error("provider {0} is not available in this build yet; use local")]
+    #[error("provider {0} is not in this build (the ferry-cloud-manager feature of that name); use local")]
     Unavailable(String),
     #[error("{call}: {message}")]
     Api { call: &'static str, message: String },

@@ -3,7 +3,7 @@
 //! `cmdline` makes, so the image boots with its root found by UUID and a serial console.
 use super::cmdline::{self, Want};
 use super::{Ctx, Tree};
-use ferry_common::sysconf::shell_unquote;
+use ferry_sysconf::shell_unquote;
 
 const GRUB_LEGACY: &[&str] = &["/boot/grub/menu.lst", "/boot/grub/grub.conf"];
 const GRUB_DEFAULTS: &str = "/etc/default/grub";

@@ -111,29 +111,21 @@ impl std::fmt::Debug for TunnelInstall {
     }
 }
 
-/// The `ferry-tunnel` binary installed beside the running one, if there is one.
-pub fn tunnel_binary() -> Option<std::path::PathBuf> {
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.join("ferry-tunnel")))
-        .filter(|p| p.is_file())
-}
-
 impl TunnelInstall {
     /// The keys in `dir` (issued there first if missing) and the `ferry-tunnel` binary
     /// installed beside the running one, if there is one.
     pub fn issue(dir: &Path) -> Result<Self, CustomizeError> {
         let kerr =
-            |e: ferry_tunnel::keys::KeyError| CustomizeError::Plan(format!("tunnel keys: {e}"));
+            |e: ferry_tunnel_config::keys::KeyError| CustomizeError::Plan(format!("tunnel keys: {e}"));
         if !dir.join("host_key").exists() {
-            ferry_tunnel::keys::write_set(dir).map_err(kerr)?;
+            ferry_tunnel_config::keys::write_set(dir).map_err(kerr)?;
         }
         let read = |name: &str| {
             std::fs::read_to_string(dir.join(name)).map_err(|e| {
                 CustomizeError::Plan(format!("tunnel keys: {}: {e}", dir.join(name).display()))
             })
         };
-        let binary = tunnel_binary();
+        let binary = ferry_tunnel_config::tunnel_binary();
         Ok(Self {
             host_key: ferry_common::config::Secret::new(read("host_key")?),
             host_public_key: read("host_key.pub")?.trim().to_string(),

@@ -36,7 +36,7 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: crate::proptest_cases(2000), .. ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: ferry_common::proptest_cases(2000), .. ProptestConfig::default() })]
         #[test]
         fn any_text_round_trips(text in "(?s).{0,400}") {
             let back: String = parse(&text).into_iter().map(|l| match l {

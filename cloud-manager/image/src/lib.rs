@@ -5,7 +5,7 @@
 //! one (its EFI loader, or its i386-pc modules), the host's otherwise. Then the boot
 //! check: every image boots once under QEMU (OVMF for UEFI), with a serial console,
 //! before any provider sees it.
-use crate::volumes::{run, VolumeError};
+use ferry_common::cmd::{run, run_with_stdin, CommandError};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(transparent)]
-    Command(#[from] VolumeError),
+    Command(#[from] CommandError),
     #[error("{path}: {message}")]
     Io { path: PathBuf, message: String },
     #[error("invalid layout: {0}")]
@@ -213,7 +213,7 @@ fn kernel_in(boot: &Path) -> Result<(String, String), ImageError> {
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .filter(|n| n.starts_with("vmlinuz-") && !n.contains("rescue"))
         .collect();
-    kernels.sort_by(|a, b| ferry_common::sysconf::compare_versions(&a[8..], &b[8..]));
+    kernels.sort_by(|a, b| ferry_sysconf::compare_versions(&a[8..], &b[8..]));
     let k = kernels
         .pop()
         .ok_or_else(|| ImageError::NoKernel(boot.display().to_string()))?;
@@ -406,7 +406,7 @@ pub fn assemble(
     sfdisk
         .args(["-q", "--no-reread", "--no-tell-kernel"])
         .arg(&raw);
-    run_with_stdin(&mut sfdisk, &script)?;
+    run_with_stdin(&mut sfdisk, Some(&script))?;
     for (p, (start, _)) in parts.iter().zip(&spans) {
         run(Command::new("dd")
             .arg(format!("if={}", p.image.display()))
@@ -601,35 +601,6 @@ fn write_at(file: &Path, offset: u64, data: &[u8]) -> Result<(), ImageError> {
         .map_err(io(file))?;
     f.seek(std::io::SeekFrom::Start(offset)).map_err(io(file))?;
     f.write_all(data).map_err(io(file))
-}
-
-fn run_with_stdin(cmd: &mut Command, input: &str) -> Result<String, ImageError> {
-    use std::io::Write;
-    let shown = format!("{cmd:?}");
-    let fail = |stderr: String| {
-        ImageError::Command(VolumeError::Command {
-            command: shown.clone(),
-            stderr,
-        })
-    };
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(e.to_string()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(input.as_bytes())
-            .map_err(|e| fail(e.to_string()))?;
-    }
-    let out = child.wait_with_output().map_err(|e| fail(e.to_string()))?;
-    if !out.status.success() {
-        return Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// What the boot check saw.

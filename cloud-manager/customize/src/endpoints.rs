@@ -241,7 +241,7 @@ pub fn service_table(services: &[ServiceMap], installed: bool) -> String {
     if installed {
         out.push_str(&format!(
             "[ssh_tunnel]\nlisten_ip=0.0.0.0\nlisten_port={}\nhost_key_file={TUNNEL_DIR}/host_key\nauthorized_keys_file={TUNNEL_DIR}/authorized_keys\n",
-            ferry_tunnel::config::DEFAULT_APP_PORT
+            ferry_tunnel_config::config::DEFAULT_APP_PORT
         ));
     }
     for s in services {
@@ -285,7 +285,7 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
     }
     let table = service_table(&services, ctx.plan.tunnel.is_some());
     // The tunnel's own parser is the judge of the format.
-    if let Err(e) = ferry_tunnel::config::parse_table_b(&table) {
+    if let Err(e) = ferry_tunnel_config::config::parse_table_b(&table) {
         ctx.note(
             SERVICE_TABLE,
             format!("the tunnel would refuse this table: {e}"),
@@ -343,7 +343,7 @@ fn install_app_role(tree: &mut Tree, ctx: &mut Ctx<'_>, install: &super::TunnelI
         SERVICE_TABLE,
         format!(
             "tunnel app role on port {}, host key {}",
-            ferry_tunnel::config::DEFAULT_APP_PORT,
+            ferry_tunnel_config::config::DEFAULT_APP_PORT,
             install.host_public_key
         ),
     );

@@ -6,9 +6,9 @@
 //! QEMU and dnsmasq are daemons: clones outlive the cloud manager, which finds them again
 //! by pid file and command line.
 use super::{clone_state, hosts, mac_for, network, parse_cidr, qmp, Provider, ProviderError};
-use crate::image;
-use crate::state::{CloneRecord, InstanceRecord};
-use crate::volumes::run;
+use ferry_image as image;
+use crate::records::{CloneRecord, InstanceRecord};
+use ferry_common::cmd::run;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -327,7 +327,7 @@ impl Local {
             ));
         for (cidr, _) in &rec.subnets {
             if let Some((net, len)) = parse_cidr(cidr) {
-                let mask = Ipv4Addr::from(super::mask(len));
+                let mask = Ipv4Addr::from(crate::mask(len));
                 dnsmasq.arg(format!("--dhcp-range={net},static,{mask},12h"));
             }
         }
@@ -399,7 +399,7 @@ impl Local {
     /// to reach only this clone's app servers.
     fn start_gateway(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
         let dir = self.clone_dir(&rec.name);
-        let binary = crate::customize::tunnel_binary().ok_or_else(|| {
+        let binary = ferry_tunnel_config::tunnel_binary().ok_or_else(|| {
             ProviderError::Invalid("no ferry-tunnel binary beside ferry-cloud".into())
         })?;
         let (ip, port) = rec
@@ -413,7 +413,7 @@ impl Local {
                 format!(
                     "{}:{}",
                     i.private_ip,
-                    ferry_tunnel::config::DEFAULT_APP_PORT
+                    ferry_tunnel_config::config::DEFAULT_APP_PORT
                 )
             })
             .collect();
@@ -709,7 +709,7 @@ impl Provider for Local {
             )));
         }
         let made = self.create_inner(rec);
-        super::settle(self, rec, made)
+        crate::settle(self, rec, made)
     }
 
     fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {

@@ -6,8 +6,8 @@
 //! the load balancer option. Every resource is tagged `ferry:clone`, and teardown finds
 //! them by tag, so a creation cut short leaves nothing behind once it is cleaned up.
 //! Credentials, region and endpoint come from the default AWS chain.
-use super::{network, parse_cidr, CloudApi, ProviderError};
-use crate::state::{CloneRecord, ImageRecord};
+use ferry_provider::records::{CloneRecord, ImageRecord};
+use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
 use aws_sdk_ec2::types as ec2t;
 use aws_sdk_elasticloadbalancingv2::types as elbt;
 use futures::StreamExt;
@@ -65,7 +65,7 @@ const SIZES: &[(&str, u32, u64)] = &[
 
 /// The smallest instance type with at least the source's CPUs and memory.
 pub fn instance_type_for(cpus: u32, memory_bytes: u64) -> &'static str {
-    super::size_for(SIZES, cpus, memory_bytes)
+    ferry_provider::size_for(SIZES, cpus, memory_bytes)
 }
 
 /// The base of the clone's load balancer and target group names: ELBv2 names hold at
@@ -100,7 +100,7 @@ fn by_clone(clone: &str) -> ec2t::Filter {
 
 /// The smallest range holding every subnet, which the VPC gets (AWS allows /16 to /28).
 pub fn vpc_cidr(subnets: &[(String, String)]) -> Result<String, ProviderError> {
-    super::covering_cidr(subnets, 16, "VPC")
+    ferry_provider::covering_cidr(subnets, 16, "VPC")
 }
 
 /// The blocks of a raw disk that must be sent: those that differ from the parent's
@@ -186,7 +186,7 @@ impl Aws {
     ) -> Result<(), ProviderError> {
         let qcow = Path::new(&img.path);
         let raw = qcow.with_extension("raw");
-        crate::volumes::run(
+        ferry_common::cmd::run(
             std::process::Command::new("qemu-img")
                 .args(["convert", "-O", "raw"])
                 .arg(qcow)
@@ -557,7 +557,7 @@ impl Aws {
             inst.accel = "aws".into();
             inst.mac.clear();
         }
-        super::wait_states(self, rec, &["running"]).await?;
+        ferry_provider::wait_states(self, rec, &["running"]).await?;
         for inst in rec
             .instances
             .iter_mut()

@@ -1,9 +1,9 @@
 //! The OS of a tree, through the shared release-file parser.
 use super::{Found, Tree};
-pub use ferry_common::sysconf::OsInfo;
+pub use ferry_sysconf::OsInfo;
 
 pub fn detect(tree: &Tree) -> OsInfo {
-    ferry_common::sysconf::detect_os(|p| match tree.read(p) {
+    ferry_sysconf::detect_os(|p| match tree.read(p) {
         Found::Text(t) => Some(t),
         _ => None,
     })

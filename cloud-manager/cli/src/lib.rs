@@ -1,7 +1,9 @@
 //! The `ferry` operator command: talks to the control API with the operator credentials.
-use crate::OperatorCredentials;
+use ferry_common::config::OperatorCredentials;
 use ferry_proto::v1 as pb;
 use std::path::{Path, PathBuf};
+
+pub mod commands;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -18,9 +20,11 @@ pub enum CliError {
 /// Default place of the credentials when neither flag nor environment names one.
 pub const DEFAULT_CREDENTIALS: &str = "/var/lib/ferry/cloud/operator.toml";
 
-pub async fn connect(
-    path: &Path,
-) -> Result<pb::control_client::ControlClient<tonic::transport::Channel>, CliError> {
+/// A client of the control API.
+pub type Client = pb::control_client::ControlClient<tonic::transport::Channel>;
+
+/// Connects to the control API with the operator credentials at `path`.
+pub async fn connect(path: &Path) -> Result<Client, CliError> {
     let text = std::fs::read_to_string(path).map_err(|e| CliError::Credentials {
         path: path.display().to_string(),
         message: e.to_string(),

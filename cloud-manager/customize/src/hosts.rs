@@ -4,7 +4,7 @@
 //! Entries for other hosts and comments are kept; the generated lines sit between
 //! markers so a second run finds them and changes nothing.
 use super::{Ctx, Tree};
-use ferry_common::sysconf::hosts::{parse, Line};
+use ferry_sysconf::hosts::{parse, Line};
 use std::net::IpAddr;
 
 const BEGIN: &str = "# BEGIN ferry: systems of this application";

@@ -4,7 +4,7 @@
 //!
 //! Layout of a database directory: `index.toml` (same schema as the built-in one) and
 //! `objects/<sha256>` for content.
-use ferry_common::sysconf::compare_versions;
+use ferry_sysconf::compare_versions;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use std::path::{Path, PathBuf};

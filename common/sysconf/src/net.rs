@@ -746,7 +746,7 @@ mod tests {
     const FRAGMENTS: &str = "(?s)(BOOTPROTO=static\n|IPADDR=198.18.1.2\n|HWADDR=00:11:22:33:44:55\n|iface eth0 inet static\n|  address 198.18.1.2/24\n|auto eth0\n|network:\n  ethernets:\n    e0:\n      addresses:\n      - 198.18.1.2/24\n      dhcp4: false\n|\\[ipv4\\]\nmethod=manual\naddress1=198.18.1.2/24\n|\\[ethernet\\]\nmac-address=00:11:22:33:44:55\n|.{0,30}\n){0,8}";
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: crate::proptest_cases(1000), .. ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: ferry_common::proptest_cases(1000), .. ProptestConfig::default() })]
         /// The readers never panic, and each edit, applied twice, equals applying it once.
         #[test]
         fn readers_survive_and_edits_are_idempotent(text in FRAGMENTS) {

@@ -8,8 +8,9 @@
 //! users and keys), which managed images used as a VM source cannot be.
 //! Every name derives from the clone's record, so teardown needs no listing.
 //! Credentials come from the default Azure chain (environment, managed identity, CLI).
-use super::{network, parse_cidr, CloudApi, ProviderError};
-use crate::state::{CloneRecord, ImageRecord, InstanceRecord};
+pub use ferry_provider::AzureConfig;
+use ferry_provider::records::{CloneRecord, ImageRecord, InstanceRecord};
+use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
 use azure_core::auth::TokenCredential;
 use azure_mgmt_compute::package_2024_07_01 as compute;
 use azure_mgmt_network::package_2024_03 as netapi;
@@ -30,43 +31,6 @@ const PARALLEL: usize = 8;
 const BLOB_VERSION: &str = "2023-11-03";
 /// Long-running operations give up after this long.
 const LRO_DEADLINE: Duration = Duration::from_secs(1800);
-
-/// Where the provider works: `[azure]` in the config file or the `--azure-*` flags.
-#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AzureConfig {
-    pub subscription_id: String,
-    pub resource_group: String,
-    pub location: String,
-    /// The Resource Manager endpoint; the public cloud's when empty.
-    #[serde(default)]
-    pub endpoint: String,
-}
-
-impl AzureConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        for (key, v) in [
-            ("subscription_id", &self.subscription_id),
-            ("resource_group", &self.resource_group),
-            ("location", &self.location),
-        ] {
-            if v.is_empty() {
-                return Err(format!("azure {key} is required"));
-            }
-            if !v
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
-            {
-                return Err(format!("azure {key} {v:?} has characters ARM names refuse"));
-            }
-        }
-        if !self.endpoint.is_empty() {
-            azure_core::Url::parse(&self.endpoint)
-                .map_err(|e| format!("azure endpoint {:?}: {e}", self.endpoint))?;
-        }
-        Ok(())
-    }
-}
 
 #[derive(Clone)]
 pub struct Azure {
@@ -126,7 +90,7 @@ const SIZES: &[(&str, u32, u64)] = &[
 
 /// The smallest VM size that holds the source's CPUs and memory.
 pub fn vm_size_for(cpus: u32, memory_bytes: u64) -> &'static str {
-    super::size_for(SIZES, cpus, memory_bytes)
+    ferry_provider::size_for(SIZES, cpus, memory_bytes)
 }
 
 /// Resource names of one clone; all derive from the clone's and systems' names.
@@ -170,7 +134,7 @@ pub fn reserved_conflicts(instances: &[InstanceRecord]) -> Vec<String> {
         .filter_map(|i| {
             let ip: std::net::Ipv4Addr = i.private_ip.parse().ok()?;
             let net = u32::from(network(ip, i.prefix));
-            let last = net | !super::mask(i.prefix);
+            let last = net | !ferry_provider::mask(i.prefix);
             let off = u32::from(ip) - net;
             (off < 4 || u32::from(ip) == last).then(|| {
                 format!(
@@ -696,7 +660,7 @@ impl Azure {
         if !clash.is_empty() {
             return Err(ProviderError::Invalid(clash.join("; ")));
         }
-        let cidr = super::covering_cidr(&rec.subnets, 8, "VNet")?;
+        let cidr = ferry_provider::covering_cidr(&rec.subnets, 8, "VNet")?;
         let tags = json!({"ferry-clone": rec.name});
         let net = self.network.clone();
         // Private systems: the VNet's default rules (virtual network in, nothing from
@@ -747,7 +711,7 @@ impl Azure {
             self.create_instance(&n, &tags, &subnet_cidrs, &rec.instance_type, inst)
                 .await?;
         }
-        super::wait_states(self, rec, &["running"]).await?;
+        ferry_provider::wait_states(self, rec, &["running"]).await?;
         for inst in rec
             .instances
             .iter_mut()
@@ -1039,7 +1003,7 @@ fn fixed_vhd(qcow: &Path, virtual_bytes: u64, vhd: &Path) -> Result<(), Provider
             qcow.display()
         )));
     }
-    crate::volumes::run(
+    ferry_common::cmd::run(
         std::process::Command::new("qemu-img")
             .args([
                 "convert",

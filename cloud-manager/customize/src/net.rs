@@ -3,7 +3,7 @@
 //! old MAC is no longer required, and persistent-net udev rules go. The cloud's DHCP
 //! hands out the address the system had (the clone keeps its enterprise subnet).
 use super::{Ctx, Tree};
-use ferry_common::sysconf::net::{self, IFCFG_DIRS};
+use ferry_sysconf::net::{self, IFCFG_DIRS};
 const UDEV_RULES: &[&str] = &[
     "/etc/udev/rules.d/70-persistent-net.rules",
     "/etc/udev/rules.d/75-persistent-net-generator.rules",

@@ -1,0 +1,863 @@
+//! The `ferry` commands: clap types, and one function per noun that calls the control API.
+use crate::{
+    render_apps, render_clones, render_counters, render_filedb, render_images, render_prepared,
+    render_systems, CliError, Client,
+};
+use clap::{Parser, Subcommand};
+use ferry_proto::v1 as pb;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Operate a Ferry cloud manager")]
+pub struct Args {
+    /// Operator credentials written by `ferry-cloud serve` (DIR/operator.toml).
+    #[arg(long, global = true)]
+    pub credentials: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Replicated systems.
+    Systems {
+        #[command(subcommand)]
+        cmd: SystemsCmd,
+    },
+    /// Replication state.
+    Sync {
+        #[command(subcommand)]
+        cmd: SyncCmd,
+    },
+    /// Replica volumes.
+    Replica {
+        #[command(subcommand)]
+        cmd: ReplicaCmd,
+    },
+    /// The file database behind customization (drivers and boot files per OS and target).
+    Filedb {
+        #[command(subcommand)]
+        cmd: FiledbCmd,
+    },
+    /// Applications: systems (public or private), services that stay behind, provider.
+    App {
+        #[command(subcommand)]
+        cmd: AppCmd,
+    },
+    /// Disk images, boot-checked before they are kept.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    /// Clones: running copies of a whole application, one instance per system.
+    Clone {
+        #[command(subcommand)]
+        cmd: CloneCmd,
+    },
+    /// Tunnels from the enterprise to a clone (services that stay behind).
+    Tunnel {
+        #[command(subcommand)]
+        cmd: TunnelCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TunnelCmd {
+    /// Show or edit an app's service table (what its images' Table B lists). Images
+    /// built afterwards carry the change: run `ferry image build APP` after editing.
+    Services {
+        app: String,
+        /// Add HOST:PORT[/udp][=PROXY_HOST:PROXY_PORT] (repeatable).
+        #[arg(long)]
+        add: Vec<String>,
+        /// Remove the service with this real endpoint, HOST:PORT[/udp] (repeatable).
+        #[arg(long)]
+        remove: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write what the enterprise side needs to reach a clone: DIR/table-a.ini (the
+    /// clone's gateway and app server, the pinned host key) and DIR/client_key (0600).
+    /// Then run `ferry-tunnel enterprise --config DIR/table-a.ini` beside the services.
+    Connect {
+        clone: String,
+        /// The app server (default: the app's first system).
+        #[arg(long)]
+        system: Option<String>,
+        /// Directory for table-a.ini and client_key.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CloneCmd {
+    /// Launch a clone of an application from its newest images; waits until every
+    /// instance reached userspace.
+    Create {
+        app: String,
+        /// The clone's name (default APP-N).
+        #[arg(long)]
+        name: Option<String>,
+        /// aws: the instance type of its instances (default t3.small).
+        #[arg(long)]
+        instance_type: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every clone: state, instances and addresses.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One clone.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause every instance (memory and disks stay).
+    Suspend {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue paused instances and start stopped ones.
+    Resume {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the clone: instances, disks and network.
+    Terminate {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AppCmd {
+    /// Define an application from replicated systems.
+    Create {
+        name: String,
+        /// A system and its visibility: SYSTEM:public or SYSTEM:private (repeatable).
+        #[arg(long = "system", value_name = "SYSTEM:public|private", required = true)]
+        systems: Vec<String>,
+        /// A service that stays in the enterprise: HOST:PORT[/udp][=PROXY_HOST:PROXY_PORT]
+        /// (repeatable; a proxy is assigned when none is given).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Put a load balancer in front of the public systems.
+        #[arg(long)]
+        load_balancer: bool,
+        /// A TCP port the load balancer serves (repeatable; default 80).
+        #[arg(long = "lb-port")]
+        lb_ports: Vec<u32>,
+        /// local, aws or azure (default: the cloud manager's `serve --provider`).
+        #[arg(long, default_value = "")]
+        provider: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One application.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every application.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an application and its images.
+    Delete { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum ImageCmd {
+    /// For an application, every system's image (for its provider, with its services);
+    /// for a system, its image. Each is a customized copy of the replica, assembled into
+    /// a qcow2 and booted once under QEMU before it is kept.
+    Build {
+        /// An application or a system.
+        name: String,
+        /// local, aws or azure.
+        #[arg(long, default_value = "local")]
+        target: String,
+        /// A service that stays behind: HOST:PORT[/udp]=PROXY_HOST:PROXY_PORT (repeatable).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        /// Keep the image without booting it first (it is then unverified).
+        #[arg(long)]
+        no_boot_check: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Built images.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image and its file.
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum FiledbCmd {
+    /// Add an entry: drivers and files for an OS, a version range and a target.
+    Add {
+        /// os-release ID (centos, ubuntu, ...), family (rhel, debian, suse) or *.
+        #[arg(long)]
+        os: String,
+        /// Version bounds, e.g. ">=5, <6"; every version when omitted.
+        #[arg(long, default_value = "")]
+        versions: String,
+        /// local, aws, azure or *.
+        #[arg(long)]
+        target: String,
+        /// A driver the initrd must hold (repeatable).
+        #[arg(long = "module")]
+        modules: Vec<String>,
+        /// A file to place in the tree: /PATH/IN/TREE=LOCAL_FILE[:OCTAL_MODE] (repeatable;
+        /// 16 MiB in all).
+        #[arg(long = "file", value_name = "PATH=LOCAL_FILE[:MODE]")]
+        files: Vec<String>,
+        #[arg(long, default_value = "")]
+        note: String,
+        /// The target cannot boot this OS as it is: set /boot aside and use this entry's
+        /// /boot files instead.
+        #[arg(long)]
+        replace_boot: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every entry, built-in ones first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One entry by its index in the list.
+    Show {
+        index: u32,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SystemsCmd {
+    /// Every system with its file systems and state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One system, including its probed configuration.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Customize a copy of the system's replica for a target (the replica keeps
+    /// mirroring); prints the report and the customized images.
+    Customize {
+        name: String,
+        /// local, aws or azure.
+        #[arg(long)]
+        target: String,
+        /// A service that stays behind: HOST:PORT[/udp]=PROXY_HOST:PROXY_PORT (repeatable).
+        #[arg(long = "service")]
+        services: Vec<String>,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SyncCmd {
+    /// Progress of every system plus the transfer counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a system's agent from replicating until resumed (changes are kept).
+    Pause { system: String },
+    /// Let a paused system replicate again.
+    Resume { system: String },
+    /// Limit the chunk data a system's agent sends, in bytes per second (K, M, G
+    /// suffixes; 0 removes the limit).
+    Limit {
+        system: String,
+        #[arg(value_parser = ferry_common::config::parse_bytes)]
+        rate: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ReplicaCmd {
+    /// Where a system's file system is mounted on the cloud manager.
+    Path { system: String, mount_point: String },
+}
+
+/// Connects with the operator credentials and runs the command.
+pub async fn run(args: Args) -> Result<(), CliError> {
+    let mut client = crate::connect(&crate::credentials_path(args.credentials)).await?;
+    let client = &mut client;
+    match args.cmd {
+        Cmd::Systems { cmd } => systems(client, cmd).await,
+        Cmd::Sync { cmd } => sync(client, cmd).await,
+        Cmd::Replica { cmd } => replica(client, cmd).await,
+        Cmd::Filedb { cmd } => filedb(client, cmd).await,
+        Cmd::App { cmd } => app(client, cmd).await,
+        Cmd::Image { cmd } => image(client, cmd).await,
+        Cmd::Clone { cmd } => clone(client, cmd).await,
+        Cmd::Tunnel { cmd } => tunnel(client, cmd).await,
+    }
+}
+
+/// `ferry systems list|show|customize`.
+pub async fn systems(client: &mut Client, cmd: SystemsCmd) -> Result<(), CliError> {
+    match cmd {
+        SystemsCmd::List { json } => {
+            let r = client
+                .list_systems(pb::ListSystemsRequest::default())
+                .await?
+                .into_inner();
+            print_as(json, &r.systems, || render_systems(&r.systems));
+        }
+        SystemsCmd::Show { name, json } => {
+            let r = client
+                .list_systems(pb::ListSystemsRequest { name })
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", to_json(&r.systems.first()));
+            } else {
+                print!("{}", render_systems(&r.systems));
+                for s in &r.systems {
+                    println!("{}", s.probe_json);
+                }
+            }
+        }
+        SystemsCmd::Customize {
+            name,
+            target,
+            services,
+            dry_run,
+            json,
+        } => {
+            let req = pb::PrepareSystemRequest {
+                system: name,
+                target,
+                services,
+                dry_run,
+            };
+            customize(client, req, json).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `ferry systems customize`: prepares the copy and prints its report.
+async fn customize(
+    client: &mut Client,
+    req: pb::PrepareSystemRequest,
+    json: bool,
+) -> Result<(), CliError> {
+    let r = client.prepare_system(req).await?.into_inner();
+    let report: serde_json::Value = serde_json::from_str(&r.report_json).unwrap_or_default();
+    if json {
+        let out = serde_json::json!({
+            "epoch": r.epoch,
+            "images": r.images,
+            "report": report,
+        });
+        println!("{}", to_json(&out));
+    } else {
+        print!("{}", render_prepared(&r, &report));
+    }
+    Ok(())
+}
+
+/// `ferry sync status|pause|resume|limit`.
+pub async fn sync(client: &mut Client, cmd: SyncCmd) -> Result<(), CliError> {
+    match cmd {
+        SyncCmd::Status { json } => {
+            let r = client
+                .sync_status(pb::SyncStatusRequest {})
+                .await?
+                .into_inner();
+            if json {
+                println!("{}", to_json(&r));
+            } else {
+                print!("{}", render_systems(&r.systems));
+                if !r.last_error.is_empty() {
+                    println!("error: {}", r.last_error);
+                }
+                if let Some(c) = &r.counters {
+                    print!("{}", render_counters(c));
+                }
+            }
+        }
+        SyncCmd::Pause { system } => set_paused(client, system, true).await?,
+        SyncCmd::Resume { system } => set_paused(client, system, false).await?,
+        SyncCmd::Limit { system, rate } => {
+            let r = set(
+                client,
+                pb::SetReplicationRequest {
+                    system,
+                    set_rate_limit: true,
+                    rate_limit_bps: rate,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            println!("rate limit: {} bytes/s", r.rate_limit_bps);
+        }
+    }
+    Ok(())
+}
+
+/// `ferry sync pause|resume`: sets whether the system's agent replicates.
+async fn set_paused(client: &mut Client, system: String, paused: bool) -> Result<(), CliError> {
+    let req = pb::SetReplicationRequest {
+        system,
+        set_paused: true,
+        paused,
+        ..Default::default()
+    };
+    let r = set(client, req).await?;
+    println!("paused: {}", r.paused);
+    Ok(())
+}
+
+/// `ferry replica path`.
+pub async fn replica(client: &mut Client, cmd: ReplicaCmd) -> Result<(), CliError> {
+    match cmd {
+        ReplicaCmd::Path {
+            system,
+            mount_point,
+        } => {
+            let r = client
+                .replica_path(pb::ReplicaPathRequest {
+                    system,
+                    mount_point,
+                })
+                .await?
+                .into_inner();
+            println!("{}", r.path);
+        }
+    }
+    Ok(())
+}
+
+/// `ferry filedb add|list|show`.
+pub async fn filedb(client: &mut Client, cmd: FiledbCmd) -> Result<(), CliError> {
+    match cmd {
+        FiledbCmd::Add {
+            os,
+            versions,
+            target,
+            modules,
+            files,
+            note,
+            replace_boot,
+            json,
+        } => {
+            let files = files
+                .iter()
+                .map(|f| filedb_file(f))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(CliError::Usage)?;
+            let entry = pb::FileDbEntry {
+                os,
+                versions,
+                target,
+                modules,
+                files,
+                note,
+                replace_boot,
+                ..Default::default()
+            };
+            let r = client
+                .file_db_add(pb::FileDbAddRequest { entry: Some(entry) })
+                .await?
+                .into_inner();
+            print_as(json, &r, || render_filedb(std::slice::from_ref(&r)));
+        }
+        FiledbCmd::List { json } => {
+            let r = client
+                .file_db_list(pb::FileDbListRequest {})
+                .await?
+                .into_inner();
+            print_as(json, &r.entries, || render_filedb(&r.entries));
+        }
+        FiledbCmd::Show { index, json } => {
+            let r = client
+                .file_db_list(pb::FileDbListRequest {})
+                .await?
+                .into_inner();
+            let e = r
+                .entries
+                .into_iter()
+                .find(|e| e.index == index)
+                .ok_or_else(|| CliError::Usage(format!("no file database entry {index}")))?;
+            print_as(json, &e, || render_filedb(std::slice::from_ref(&e)));
+        }
+    }
+    Ok(())
+}
+
+/// `ferry app create|show|list|delete`.
+pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
+    match cmd {
+        AppCmd::Create {
+            name,
+            systems,
+            services,
+            load_balancer,
+            lb_ports,
+            provider,
+            json,
+        } => {
+            let app = client
+                .create_app(pb::AppInfo {
+                    name,
+                    systems: app_systems(&systems)?,
+                    services,
+                    load_balancer,
+                    provider,
+                    created_unix_ms: 0,
+                    load_balancer_ports: lb_ports,
+                })
+                .await?
+                .into_inner();
+            print_as(json, &app, || render_apps(std::slice::from_ref(&app)));
+        }
+        AppCmd::Show { name, json } => {
+            let app = find_app(client, &name).await?;
+            print_as(json, &app, || render_apps(std::slice::from_ref(&app)));
+        }
+        AppCmd::List { json } => {
+            let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
+            print_as(json, &apps.apps, || render_apps(&apps.apps));
+        }
+        AppCmd::Delete { name } => {
+            let r = client
+                .delete_app(pb::DeleteAppRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            println!("deleted {name} and {} image(s)", r.images_deleted.len());
+        }
+    }
+    Ok(())
+}
+
+/// Reads `--system SYSTEM:public|private` arguments into an app's systems.
+fn app_systems(systems: &[String]) -> Result<Vec<pb::AppSystem>, CliError> {
+    let mut list = Vec::new();
+    for s in systems {
+        let (system, visibility) = s.split_once(':').ok_or_else(|| {
+            CliError::Usage(format!(
+                "--system {s:?}: expected SYSTEM:public or SYSTEM:private"
+            ))
+        })?;
+        list.push(pb::AppSystem {
+            system: system.to_string(),
+            visibility: visibility.to_string(),
+        });
+    }
+    Ok(list)
+}
+
+/// The application called `name`, or a usage error.
+async fn find_app(client: &mut Client, name: &str) -> Result<pb::AppInfo, CliError> {
+    let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
+    apps.apps
+        .into_iter()
+        .find(|a| a.name == name)
+        .ok_or_else(|| CliError::Usage(format!("no app {name:?}")))
+}
+
+/// `ferry image build|list|delete`.
+pub async fn image(client: &mut Client, cmd: ImageCmd) -> Result<(), CliError> {
+    match cmd {
+        ImageCmd::Build {
+            name,
+            target,
+            services,
+            no_boot_check,
+            json,
+        } => {
+            let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
+            let images = if apps.apps.iter().any(|a| a.name == name) {
+                client
+                    .build_app_images(pb::BuildAppImagesRequest {
+                        app: name,
+                        skip_boot_check: no_boot_check,
+                    })
+                    .await?
+                    .into_inner()
+                    .images
+            } else {
+                vec![client
+                    .build_image(pb::BuildImageRequest {
+                        system: name,
+                        target,
+                        services,
+                        skip_boot_check: no_boot_check,
+                    })
+                    .await?
+                    .into_inner()]
+            };
+            print_images(json, &images);
+        }
+        ImageCmd::List { json } => {
+            let r = client
+                .list_images(pb::ListImagesRequest {})
+                .await?
+                .into_inner();
+            print_images(json, &r.images);
+        }
+        ImageCmd::Delete { id } => {
+            client
+                .delete_image(pb::DeleteImageRequest { id: id.clone() })
+                .await?;
+            println!("deleted {id}");
+        }
+    }
+    Ok(())
+}
+
+/// `ferry clone create|list|show|suspend|resume|terminate`.
+pub async fn clone(client: &mut Client, cmd: CloneCmd) -> Result<(), CliError> {
+    let one = |json: bool, c: &pb::CloneInfo| {
+        print_as(json, c, || render_clones(std::slice::from_ref(c)))
+    };
+    match cmd {
+        CloneCmd::Create {
+            app,
+            name,
+            instance_type,
+            json,
+        } => {
+            let c = client
+                .create_clone(pb::CreateCloneRequest {
+                    app,
+                    name: name.unwrap_or_default(),
+                    instance_type: instance_type.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            one(json, &c);
+        }
+        CloneCmd::List { json } => {
+            let r = client
+                .list_clones(pb::ListClonesRequest {})
+                .await?
+                .into_inner();
+            print_as(json, &r.clones, || render_clones(&r.clones));
+        }
+        CloneCmd::Show { name, json } => one(json, &find_clone(client, &name).await?),
+        CloneCmd::Suspend { name, json } => {
+            let c = client
+                .suspend_clone(pb::CloneRequest { name })
+                .await?
+                .into_inner();
+            one(json, &c);
+        }
+        CloneCmd::Resume { name, json } => {
+            let c = client
+                .resume_clone(pb::CloneRequest { name })
+                .await?
+                .into_inner();
+            one(json, &c);
+        }
+        CloneCmd::Terminate { name, json } => {
+            let c = client
+                .terminate_clone(pb::CloneRequest { name })
+                .await?
+                .into_inner();
+            one(json, &c);
+        }
+    }
+    Ok(())
+}
+
+/// The clone called `name`, or a usage error.
+async fn find_clone(client: &mut Client, name: &str) -> Result<pb::CloneInfo, CliError> {
+    let r = client
+        .list_clones(pb::ListClonesRequest {})
+        .await?
+        .into_inner();
+    r.clones
+        .into_iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| CliError::Usage(format!("no clone {name:?}")))
+}
+
+/// `ferry tunnel services|connect`.
+pub async fn tunnel(client: &mut Client, cmd: TunnelCmd) -> Result<(), CliError> {
+    match cmd {
+        TunnelCmd::Services {
+            app,
+            add,
+            remove,
+            json,
+        } => {
+            let a = if add.is_empty() && remove.is_empty() {
+                find_app(client, &app).await?
+            } else {
+                client
+                    .edit_services(pb::EditServicesRequest { app, add, remove })
+                    .await?
+                    .into_inner()
+            };
+            print_as(json, &a.services, || {
+                a.services.iter().map(|s| format!("{s}\n")).collect()
+            });
+        }
+        TunnelCmd::Connect {
+            clone,
+            system,
+            out,
+            json,
+        } => tunnel_connect(client, clone, system, out, json).await?,
+    }
+    Ok(())
+}
+
+/// `ferry tunnel connect`: writes OUT/table-a.ini and OUT/client_key, prints where.
+async fn tunnel_connect(
+    client: &mut Client,
+    clone: String,
+    system: Option<String>,
+    out: PathBuf,
+    json: bool,
+) -> Result<(), CliError> {
+    let io = |e: std::io::Error| CliError::Usage(format!("{}: {e}", out.display()));
+    std::fs::create_dir_all(&out).map_err(io)?;
+    let out = std::fs::canonicalize(&out).map_err(io)?;
+    let key_path = out.join("client_key");
+    let r = client
+        .tunnel_connect(pb::TunnelConnectRequest {
+            clone,
+            system: system.unwrap_or_default(),
+            key_path: key_path.display().to_string(),
+        })
+        .await?
+        .into_inner();
+    ferry_common::pki::write_private(&key_path, &r.client_key)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let table = out.join("table-a.ini");
+    std::fs::write(&table, &r.table_a).map_err(io)?;
+    if json {
+        let v = serde_json::json!({
+            "table_a": table,
+            "client_key": key_path,
+            "gateway": r.gateway,
+            "app_server": r.app_server,
+            "system": r.system,
+            "host_key": r.host_key_fingerprint,
+        });
+        println!("{}", to_json(&v));
+    } else {
+        println!(
+            "wrote {} (gateway {}, app server {} = {}, host key {})\nrun beside the services: ferry-tunnel enterprise --config {}",
+            table.display(),
+            r.gateway,
+            r.system,
+            r.app_server,
+            r.host_key_fingerprint,
+            table.display()
+        );
+    }
+    Ok(())
+}
+
+/// Reads `/PATH=LOCAL_FILE[:MODE]` into a file with content.
+fn filedb_file(spec: &str) -> Result<pb::FileDbFile, String> {
+    let usage = |m: &str| format!("--file {spec:?}: {m}");
+    let (path, local) = spec
+        .split_once('=')
+        .ok_or_else(|| usage("expected /PATH/IN/TREE=LOCAL_FILE[:MODE]"))?;
+    let (local, mode) = match local.rsplit_once(':') {
+        Some((l, m)) if !m.is_empty() && m.chars().all(|c| c.is_digit(8)) => {
+            (l, u32::from_str_radix(m, 8).map_err(|_| usage("bad mode"))?)
+        }
+        _ => (local, 0o644),
+    };
+    let content = std::fs::read(local).map_err(|e| usage(&e.to_string()))?;
+    Ok(pb::FileDbFile {
+        path: path.to_string(),
+        mode,
+        content,
+        ..Default::default()
+    })
+}
+
+/// Prints `v` as JSON (`--json`) or as its rendered text.
+fn print_as<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce() -> String) {
+    if json {
+        println!("{}", to_json(v));
+    } else {
+        print!("{}", text());
+    }
+}
+
+/// Prints images as JSON (`--json`, boot checks expanded) or as a table.
+fn print_images(json: bool, images: &[pb::ImageInfo]) {
+    if json {
+        let v: Vec<_> = images.iter().map(image_json).collect();
+        println!("{}", to_json(&v));
+    } else {
+        print!("{}", render_images(images));
+    }
+}
+
+/// An image as JSON, with its boot check report expanded.
+fn image_json(i: &pb::ImageInfo) -> serde_json::Value {
+    let mut v = serde_json::to_value(i).unwrap_or_default();
+    v["boot_check"] = serde_json::from_str(&i.boot_check_json).unwrap_or(serde_json::Value::Null);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("boot_check_json");
+    }
+    v
+}
+
+/// JSON for people and scripts: the probe travels as a string, but is shown as the object it is.
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    let mut v = serde_json::to_value(v).unwrap_or_default();
+    expand_probe(&mut v);
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+/// Replaces every `probe_json` string that parses with a `probe` object, at any depth.
+fn expand_probe(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if let Some(serde_json::Value::String(s)) = m.get("probe_json") {
+                if let Ok(parsed) = serde_json::from_str::<serde_json::Value>(s) {
+                    m.remove("probe_json");
+                    m.insert("probe".into(), parsed);
+                }
+            }
+            m.values_mut().for_each(expand_probe);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(expand_probe),
+        _ => {}
+    }
+}
+
+/// Changes a system's replication settings.
+async fn set(
+    client: &mut Client,
+    req: pb::SetReplicationRequest,
+) -> Result<pb::SetReplicationResponse, CliError> {
+    Ok(client.set_replication(req).await?.into_inner())
+}

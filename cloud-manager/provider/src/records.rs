@@ -1,0 +1,103 @@
+//! The records providers act on, kept by the cloud manager's state: a built image, a
+//! clone and its instances. A provider leaves each describing what exists.
+use serde::{Deserialize, Serialize};
+
+/// A built disk image.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ImageRecord {
+    pub id: String,
+    pub system: String,
+    pub target: String,
+    pub epoch: u64,
+    pub path: String,
+    pub virtual_bytes: u64,
+    pub disk_bytes: u64,
+    pub boot_check_json: String,
+    pub created_unix_ms: i64,
+    #[serde(default)]
+    pub app: String,
+    /// The provider's image (aws: the AMI id); empty on local.
+    #[serde(default)]
+    pub provider_image: String,
+    /// The provider's disk snapshot behind it (aws: the EBS snapshot id).
+    #[serde(default)]
+    pub provider_snapshot: String,
+    /// The snapshot this one was made incrementally from, if any.
+    #[serde(default)]
+    pub parent_snapshot: String,
+    /// Bytes uploaded to the provider for this image (changed blocks only).
+    #[serde(default)]
+    pub uploaded_bytes: u64,
+    /// `bios` or `efi`; empty (older records) is bios.
+    #[serde(default)]
+    pub firmware: String,
+    /// Which boot loader starts the image, and whose it is.
+    #[serde(default)]
+    pub boot_loader: String,
+}
+
+/// One instance of a clone: a system launched from its image.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct InstanceRecord {
+    pub system: String,
+    pub visibility: String,
+    pub hostname: String,
+    pub image: String,
+    pub image_path: String,
+    pub state: String,
+    /// The enterprise address and prefix length the system keeps.
+    pub private_ip: String,
+    pub prefix: u8,
+    pub public_ip: String,
+    pub mac: String,
+    pub accel: String,
+    pub accel_note: String,
+    pub boot_seconds: f64,
+    pub provider_id: String,
+    /// The provider's image the instance runs (aws: the AMI id).
+    #[serde(default)]
+    pub provider_image: String,
+    /// The source system's CPUs and memory, from its probe (0 when unknown).
+    #[serde(default)]
+    pub source_cpus: u32,
+    #[serde(default)]
+    pub source_memory_bytes: u64,
+    /// What the instance got (aws: the instance type; local: vCPUs and memory).
+    #[serde(default)]
+    pub size: String,
+    /// The image's firmware: `efi`, or `bios` (also when empty).
+    #[serde(default)]
+    pub firmware: String,
+}
+
+/// A clone of an application: its network and instances on one provider.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct CloneRecord {
+    pub name: String,
+    pub app: String,
+    pub provider: String,
+    pub state: String,
+    /// Enterprise subnets, CIDR, each with the gateway address the clone's network uses.
+    pub subnets: Vec<(String, String)>,
+    /// Provider resources (local: the network namespace).
+    pub network: String,
+    /// A small number unique among live clones (local: names the host-side veth).
+    pub index: u32,
+    pub instances: Vec<InstanceRecord>,
+    pub load_balancer_ip: String,
+    pub created_unix_ms: i64,
+    pub create_seconds: f64,
+    pub warnings: Vec<String>,
+    /// Ports the clone's load balancer serves; empty for none.
+    #[serde(default)]
+    pub load_balancer_ports: Vec<u16>,
+    /// The app has services that stay behind: the clone gets a tunnel gateway.
+    #[serde(default)]
+    pub needs_gateway: bool,
+    /// aws: the instance type asked for at creation; empty for the default.
+    #[serde(default)]
+    pub instance_type: String,
+    /// The gateway's public `IP:PORT`, once it exists.
+    #[serde(default)]
+    pub tunnel_gateway: String,
+}
