@@ -2,9 +2,9 @@
 //! app's newest images, list, suspend, resume, terminate) and the reconciliation of the
 //! stored clones against their provider when the cloud manager starts.
 use crate::cloud::{blocking, Cloud, CloudError, Result};
-use ferry_provider::{self, Provider, ProviderError};
 use crate::state::{CloneRecord, InstanceRecord};
 use ferry_proto::v1 as pb;
+use ferry_provider::{self as provider, Provider, ProviderError};
 use std::sync::Arc;
 use std::time::Instant;
 

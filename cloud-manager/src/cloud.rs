@@ -676,8 +676,8 @@ impl Cloud {
         &self,
         req: pb::PrepareSystemRequest,
     ) -> Result<pb::PrepareSystemResponse> {
-        use ferry_customize::{Plan, Target};
         use crate::prepare;
+        use ferry_customize::{Plan, Target};
         let target: Target = req
             .target
             .parse()
@@ -882,7 +882,10 @@ impl Cloud {
             ferry_customize::Target::Local => None,
             #[allow(unreachable_patterns)] // every target is built in by default
             other => {
-                return Err(ferry_provider::ProviderError::Unavailable(format!("{other:?}").to_lowercase()).into())
+                return Err(ferry_provider::ProviderError::Unavailable(
+                    format!("{other:?}").to_lowercase(),
+                )
+                .into())
             }
         };
         if let Some(register) = register {
@@ -1097,15 +1100,16 @@ impl Cloud {
         if !found.provider_image.is_empty() || !found.provider_snapshot.is_empty() {
             // The provider's copy goes first: a record is dropped only once nothing of it
             // is left to pay for.
-            let f = found.clone();
             match found.target.as_str() {
                 #[cfg(feature = "azure")]
                 "azure" => {
+                    let f = found.clone();
                     let azure = self.azure().await?;
                     blocking(move || Ok(azure.deregister_image(&f)?)).await?;
                 }
                 #[cfg(feature = "aws")]
                 "aws" => {
+                    let f = found.clone();
                     let aws = self.aws().await;
                     blocking(move || Ok(aws.deregister_image(&f)?)).await?;
                 }

@@ -67,7 +67,9 @@ fn provider(s: &str) -> Result<String, ConfigError> {
         "aws" | "azure" if crate::built_in(s) => Ok(s.to_string()),
         "aws" | "azure" => Err(ConfigError::Invalid {
             key: "provider",
-            message: format!("provider {s:?} is not in this build (cargo feature {s:?} of ferry-cloud-manager)"),
+            message: format!(
+                "provider {s:?} is not in this build (cargo feature {s:?} of ferry-cloud-manager)"
+            ),
         }),
         other => Err(ConfigError::Invalid {
             key: "provider",

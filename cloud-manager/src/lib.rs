@@ -8,12 +8,9 @@ pub mod apply;
 pub mod clones;
 pub mod cloud;
 pub mod config;
-pub mod customize;
 pub mod grpc;
-pub mod image;
 pub mod metrics;
 pub mod prepare;
-pub mod provider;
 pub mod state;
 pub mod volumes;
 
@@ -31,12 +28,9 @@ use tokio_util::sync::CancellationToken;
 /// Whether the cloud provider `name` (aws, azure) was built in: each is a cargo feature,
 /// both on by default; the embedded local provider always is.
 pub fn built_in(name: &str) -> bool {
-    match name {
-        "local" => true,
-        "aws" => cfg!(feature = "aws"),
-        "azure" => cfg!(feature = "azure"),
-        _ => false,
-    }
+    name == "local"
+        || (name == "aws" && cfg!(feature = "aws"))
+        || (name == "azure" && cfg!(feature = "azure"))
 }
 
 #[derive(Debug, thiserror::Error)]

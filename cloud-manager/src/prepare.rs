@@ -3,8 +3,8 @@
 //! copies are mounted as the system's tree, the customization pipeline runs on it with a
 //! plan drawn from the registry (file system UUIDs, every system's address and name),
 //! and the copies are unmounted again, ready for imaging.
-use ferry_customize::{self as customize, Plan, Report, Target};
 use crate::state::{FsRecord, SystemRecord};
+use ferry_customize::{self as customize, Plan, Report, Target};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;

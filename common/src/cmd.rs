@@ -59,10 +59,19 @@ mod tests {
     #[test]
     fn output_input_and_failures() {
         assert_eq!(run(Command::new("echo").arg("hi")).unwrap(), "hi\n");
-        assert_eq!(run_with_stdin(&mut Command::new("cat"), Some("x\n")).unwrap(), "x\n");
+        assert_eq!(
+            run_with_stdin(&mut Command::new("cat"), Some("x\n")).unwrap(),
+            "x\n"
+        );
         let e = run(Command::new("sh").args(["-c", "echo bad >&2; exit 3"])).unwrap_err();
-        assert!(matches!(&e, CommandError::Failed { stderr, .. } if stderr == "bad"), "{e}");
+        assert!(
+            matches!(&e, CommandError::Failed { stderr, .. } if stderr == "bad"),
+            "{e}"
+        );
         let e = run(&mut Command::new("/nonexistent/tool")).unwrap_err();
-        assert!(matches!(&e, CommandError::Start { source, .. } if source.kind() == std::io::ErrorKind::NotFound), "{e}");
+        assert!(
+            matches!(&e, CommandError::Start { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{e}"
+        );
     }
 }

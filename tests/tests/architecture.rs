@@ -7,7 +7,8 @@ use std::process::Command;
 
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(env!("CARGO_MANIFEST_DIR")).args(["--offline", "--locked"]);
+    c.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--offline", "--locked"]);
     c
 }
 
@@ -85,7 +86,11 @@ fn crates_keep_the_dependency_rules() -> Result<()> {
             broken.push(format!("{krate} depends on the cloud SDK crate {s}"));
         }
     }
-    anyhow::ensure!(broken.is_empty(), "dependency rules broken:\n{}", broken.join("\n"));
+    anyhow::ensure!(
+        broken.is_empty(),
+        "dependency rules broken:\n{}",
+        broken.join("\n")
+    );
     Ok(())
 }
 
@@ -93,7 +98,15 @@ fn crates_keep_the_dependency_rules() -> Result<()> {
 fn linked(features: &[&str]) -> Result<BTreeSet<String>> {
     let text = output(
         cargo()
-            .args(["tree", "-p", "ferry-cloud-manager", "-e", "normal", "--prefix", "none"])
+            .args([
+                "tree",
+                "-p",
+                "ferry-cloud-manager",
+                "-e",
+                "normal",
+                "--prefix",
+                "none",
+            ])
             .args(["--format", "{p}"])
             .args(features),
     )?;
@@ -111,10 +124,16 @@ fn the_cloud_manager_builds_without_the_cloud_sdks() -> Result<()> {
         full.contains("aws-sdk-ec2") && full.contains("azure_core"),
         "the default build lost a provider: {full:?}"
     );
-    anyhow::ensure!(!full.contains("russh-sftp"), "the cloud manager links the tunnel daemon");
+    anyhow::ensure!(
+        !full.contains("russh-sftp"),
+        "the cloud manager links the tunnel daemon"
+    );
     let bare = linked(&["--no-default-features"])?;
     let sdks: Vec<&String> = bare.iter().filter(|d| is_sdk(d)).collect();
-    anyhow::ensure!(sdks.is_empty(), "--no-default-features still links {sdks:?}");
+    anyhow::ensure!(
+        sdks.is_empty(),
+        "--no-default-features still links {sdks:?}"
+    );
     let aws = linked(&["--no-default-features", "--features", "aws"])?;
     anyhow::ensure!(
         aws.contains("aws-sdk-ec2") && !aws.iter().any(|d| d.starts_with("azure_")),

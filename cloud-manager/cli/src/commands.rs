@@ -528,7 +528,7 @@ pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
             let app = client
                 .create_app(pb::AppInfo {
                     name,
-                    systems: app_systems(&systems)?,
+                    systems: app_systems(&systems).map_err(CliError::Usage)?,
                     services,
                     load_balancer,
                     provider,
@@ -559,14 +559,12 @@ pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
 }
 
 /// Reads `--system SYSTEM:public|private` arguments into an app's systems.
-fn app_systems(systems: &[String]) -> Result<Vec<pb::AppSystem>, CliError> {
+fn app_systems(systems: &[String]) -> Result<Vec<pb::AppSystem>, String> {
     let mut list = Vec::new();
     for s in systems {
-        let (system, visibility) = s.split_once(':').ok_or_else(|| {
-            CliError::Usage(format!(
-                "--system {s:?}: expected SYSTEM:public or SYSTEM:private"
-            ))
-        })?;
+        let (system, visibility) = s
+            .split_once(':')
+            .ok_or_else(|| format!("--system {s:?}: expected SYSTEM:public or SYSTEM:private"))?;
         list.push(pb::AppSystem {
             system: system.to_string(),
             visibility: visibility.to_string(),

@@ -115,8 +115,9 @@ impl TunnelInstall {
     /// The keys in `dir` (issued there first if missing) and the `ferry-tunnel` binary
     /// installed beside the running one, if there is one.
     pub fn issue(dir: &Path) -> Result<Self, CustomizeError> {
-        let kerr =
-            |e: ferry_tunnel_config::keys::KeyError| CustomizeError::Plan(format!("tunnel keys: {e}"));
+        let kerr = |e: ferry_tunnel_config::keys::KeyError| {
+            CustomizeError::Plan(format!("tunnel keys: {e}"))
+        };
         if !dir.join("host_key").exists() {
             ferry_tunnel_config::keys::write_set(dir).map_err(kerr)?;
         }

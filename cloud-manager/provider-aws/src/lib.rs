@@ -6,10 +6,10 @@
 //! the load balancer option. Every resource is tagged `ferry:clone`, and teardown finds
 //! them by tag, so a creation cut short leaves nothing behind once it is cleaned up.
 //! Credentials, region and endpoint come from the default AWS chain.
-use ferry_provider::records::{CloneRecord, ImageRecord};
-use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
 use aws_sdk_ec2::types as ec2t;
 use aws_sdk_elasticloadbalancingv2::types as elbt;
+use ferry_provider::records::{CloneRecord, ImageRecord};
+use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
 use futures::StreamExt;
 use std::io::Read;
 use std::path::Path;

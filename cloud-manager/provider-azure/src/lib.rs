@@ -8,12 +8,12 @@
 //! users and keys), which managed images used as a VM source cannot be.
 //! Every name derives from the clone's record, so teardown needs no listing.
 //! Credentials come from the default Azure chain (environment, managed identity, CLI).
-pub use ferry_provider::AzureConfig;
-use ferry_provider::records::{CloneRecord, ImageRecord, InstanceRecord};
-use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
 use azure_core::auth::TokenCredential;
 use azure_mgmt_compute::package_2024_07_01 as compute;
 use azure_mgmt_network::package_2024_03 as netapi;
+use ferry_provider::records::{CloneRecord, ImageRecord, InstanceRecord};
+pub use ferry_provider::AzureConfig;
+use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::io::{Read, Seek, SeekFrom};

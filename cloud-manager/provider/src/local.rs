@@ -6,9 +6,9 @@
 //! QEMU and dnsmasq are daemons: clones outlive the cloud manager, which finds them again
 //! by pid file and command line.
 use super::{clone_state, hosts, mac_for, network, parse_cidr, qmp, Provider, ProviderError};
-use ferry_image as image;
 use crate::records::{CloneRecord, InstanceRecord};
 use ferry_common::cmd::run;
+use ferry_image as image;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
