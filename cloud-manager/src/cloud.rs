@@ -37,8 +37,18 @@ pub enum CloudError {
     AlreadyExists(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("volume i/o: {0}")]
-    Io(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Prepare(#[from] prepare::PrepareError),
+    #[error(transparent)]
+    Customize(#[from] ferry_customize::CustomizeError),
+    #[error("worker thread failed: {0}")]
+    Worker(#[source] tokio::task::JoinError),
     #[error("out of space: {0}")]
     NoSpace(String),
     #[error("{0}")]
@@ -59,8 +69,10 @@ impl ErrorKind for CloudError {
             CloudError::NotFound(_) => Kind::NotFound,
             CloudError::AlreadyExists(_) => Kind::AlreadyExists,
             CloudError::Invalid(_) => Kind::InvalidArgument,
-            CloudError::Io(m) if m.contains("No space left") => Kind::ResourceExhausted,
-            CloudError::Io(_) => Kind::Internal,
+            CloudError::Io { .. } | CloudError::Prepare(_) | CloudError::Customize(_) => {
+                ferry_common::error::io_kind(self)
+            }
+            CloudError::Worker(_) => Kind::Internal,
             CloudError::NoSpace(_) => Kind::ResourceExhausted,
             CloudError::Failed(_) => Kind::FailedPrecondition,
         }
@@ -303,7 +315,12 @@ impl Cloud {
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(CloudError::Io(format!("{}: {e}", dir.display()))),
+            Err(source) => {
+                return Err(CloudError::Io {
+                    path: dir.display().to_string(),
+                    source,
+                })
+            }
         };
         let mut removed = Vec::new();
         for e in entries.flatten() {
@@ -545,8 +562,10 @@ impl Cloud {
             let t = std::time::Instant::now();
             let applied = apply::apply(&root, &this.chunks, &entries, resumed)?;
             let apply_ms = t.elapsed().as_millis() as u64;
-            rustix::fs::syncfs(root.fd())
-                .map_err(|e| CloudError::Io(std::io::Error::from(e).to_string()))?;
+            rustix::fs::syncfs(root.fd()).map_err(|e| CloudError::Io {
+                path: mnt.display().to_string(),
+                source: e.into(),
+            })?;
             tracing::debug!(
                 begun_ms,
                 apply_ms,
@@ -634,7 +653,7 @@ impl Cloud {
     /// Remembers a storage failure for `ferry sync status`.
     pub fn storage_error(&self, e: &CloudError) {
         if e.kind() == Kind::ResourceExhausted
-            || matches!(e, CloudError::Io(_) | CloudError::Chunk(_))
+            || matches!(e, CloudError::Io { .. } | CloudError::Chunk(_))
         {
             *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e.to_string();
         }
@@ -659,8 +678,10 @@ impl Cloud {
     /// Refuses to write `need` bytes for `what` unless the data dir keeps its reserve.
     fn ensure_room(&self, need: u64, what: &str) -> Result<()> {
         let need = need + RESERVE;
-        let st = rustix::fs::statvfs(&self.data_dir)
-            .map_err(|e| CloudError::Io(std::io::Error::from(e).to_string()))?;
+        let st = rustix::fs::statvfs(&self.data_dir).map_err(|e| CloudError::Io {
+            path: self.data_dir.display().to_string(),
+            source: e.into(),
+        })?;
         let free = st.f_bavail * st.f_frsize;
         if free < need {
             return Err(CloudError::NoSpace(format!(
@@ -697,13 +718,9 @@ impl Cloud {
             // app role, with keys issued here (DATA/tunnel/SYSTEM/client_key is the
             // enterprise side's).
             let dir = self.data_dir.join("tunnel").join(&rec.name);
-            plan.tunnel = Some(
-                ferry_customize::TunnelInstall::issue(&dir)
-                    .map_err(|e| CloudError::Io(e.to_string()))?,
-            );
+            plan.tunnel = Some(ferry_customize::TunnelInstall::issue(&dir)?);
         }
         let work = self.data_dir.join("prepared").join(&rec.name);
-        let prepare_err = |e: prepare::PrepareError| CloudError::Io(e.to_string());
         // A consistent copy: no batch is applied to this system while its images are read.
         let (images, epoch) = {
             let lock = self.lock(&rec.name);
@@ -720,7 +737,10 @@ impl Cloud {
                         .status();
                 }
                 let _ = std::fs::remove_dir_all(&work);
-                std::fs::create_dir_all(&work).map_err(|e| CloudError::Io(e.to_string()))?;
+                std::fs::create_dir_all(&work).map_err(|source| CloudError::Io {
+                    path: work.display().to_string(),
+                    source,
+                })?;
                 let mut out = Vec::new();
                 for fs in fss {
                     let mnt = volumes.mount_point(&name, &fs.fs_id);
@@ -731,7 +751,7 @@ impl Cloud {
                     }
                     let to = work.join(format!("{}.img", fs.fs_id));
                     prepare::copy_image(&volumes.image(&name, &fs.fs_id), &to)
-                        .map_err(prepare_err)?;
+                        ?;
                     out.push((fs, to));
                 }
                 Ok(out)
@@ -741,7 +761,7 @@ impl Cloud {
         };
         let (name, dry_run, images2) = (rec.name.clone(), req.dry_run, images.clone());
         let report = blocking(move || {
-            prepare::customize_copies(&name, &work, &images2, &plan, dry_run).map_err(prepare_err)
+            prepare::customize_copies(&name, &work, &images2, &plan, dry_run).map_err(CloudError::from)
         })
         .await?;
         tracing::info!(system = %rec.name, epoch, target = %req.target, changed = report.changed.len(), "copy customized");
@@ -802,7 +822,10 @@ impl Cloud {
             .and_then(|p| p["boot"]["partition_table"].as_str().map(str::to_string))
             .unwrap_or_default();
         let (made, boot) = blocking(move || -> Result<_> {
-            std::fs::create_dir_all(&dir).map_err(|e| CloudError::Io(e.to_string()))?;
+            std::fs::create_dir_all(&dir).map_err(|source| CloudError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
             let mut parts = Vec::new();
             for img in &images {
                 let path = PathBuf::from(img);
@@ -813,7 +836,7 @@ impl Cloud {
                 let fs = fss
                     .iter()
                     .find(|f| f.fs_id == fs_id)
-                    .ok_or_else(|| CloudError::Io(format!("{img}: no file system record")))?;
+                    .ok_or_else(|| CloudError::Failed(format!("{img}: no file system record")))?;
                 let mp = String::from_utf8_lossy(&fs.mount_point).into_owned();
                 parts.push(
                     ferry_image::Part::probe(&path, &mp)
@@ -1130,7 +1153,12 @@ impl Cloud {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(CloudError::Io(format!("{}: {e}", p.display()))),
+                Err(source) => {
+                    return Err(CloudError::Io {
+                        path: p.display().to_string(),
+                        source,
+                    })
+                }
             }
         }
         tracing::info!(image = %id, "image deleted");
@@ -1332,5 +1360,5 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| CloudError::Io(format!("worker failed: {e}")))?
+        .map_err(CloudError::Worker)?
 }

@@ -1,5 +1,6 @@
-//! gRPC faces of the cloud manager. Each call checks the caller's identity and maps
-//! errors to statuses through `ferry_common::error::to_status`, nowhere else.
+//! gRPC faces of the cloud manager, the only code that speaks the wire types to callers:
+//! ingest calls check the caller's role each, the control API is checked once by
+//! `operator_only`, and errors become statuses through `fail` (`to_status`), nowhere else.
 use crate::cloud::{self, Cloud, CloudError};
 use ferry_common::error::{to_status, ErrorKind, Kind};
 use ferry_common::pki::Identity;
@@ -17,18 +18,47 @@ fn identity<T>(req: &Request<T>) -> Option<Identity> {
     peer(req).and_then(|p| p.identity.clone())
 }
 
+/// Logs a failed or refused call (refusals also count in the metrics) and maps it to its
+/// status: the one way an error leaves the cloud manager.
+fn fail(cloud: &Cloud, op: &str, who: Option<&Identity>, e: CloudError) -> Status {
+    if matches!(
+        e.kind(),
+        Kind::InvalidArgument | Kind::PermissionDenied | Kind::Unauthenticated
+    ) {
+        cloud.refused();
+        tracing::warn!(op, peer = ?who.map(|i| i.to_string()), error = %e, "request refused");
+    } else {
+        tracing::warn!(op, peer = ?who.map(|i| i.to_string()), error = %e, "request failed");
+    }
+    to_status(&e)
+}
+
+/// The control API is the operator's alone: one check in front of every call.
+pub fn operator_only(
+    cloud: Arc<Cloud>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let who = identity(&req);
+        match cloud::require_operator(who.as_ref()) {
+            Ok(_) => Ok(req),
+            Err(e) => Err(fail(&cloud, "control", who.as_ref(), e)),
+        }
+    }
+}
+
 impl Grpc {
     fn fail(&self, op: &str, who: Option<&Identity>, e: CloudError) -> Status {
-        if matches!(
-            e.kind(),
-            Kind::InvalidArgument | Kind::PermissionDenied | Kind::Unauthenticated
-        ) {
-            self.cloud.refused();
-            tracing::warn!(op, peer = ?who.map(|i| i.to_string()), error = %e, "request refused");
-        } else {
-            tracing::warn!(op, peer = ?who.map(|i| i.to_string()), error = %e, "request failed");
-        }
-        to_status(&e)
+        fail(&self.cloud, op, who, e)
+    }
+
+    /// A call's result as its answer.
+    fn reply<T>(
+        &self,
+        op: &str,
+        who: Option<Identity>,
+        r: Result<T, CloudError>,
+    ) -> Result<Response<T>, Status> {
+        r.map(Response::new).map_err(|e| self.fail(op, who.as_ref(), e))
     }
 }
 
@@ -40,10 +70,8 @@ impl pb::enrollment_server::Enrollment for Grpc {
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let cloud = self.cloud.clone();
         let r = req.into_inner();
-        cloud::blocking(move || cloud.enroll(r))
-            .await
-            .map(Response::new)
-            .map_err(|e| self.fail("enroll", None, e))
+        let r = cloud::blocking(move || cloud.enroll(r)).await;
+        self.reply("enroll", None, r)
     }
 }
 
@@ -59,8 +87,7 @@ impl pb::ingest_server::Ingest for Grpc {
             self.cloud.register(id, req.into_inner()).await
         }
         .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("register", who.as_ref(), e))
+        self.reply("register", who, r)
     }
 
     async fn missing_chunks(
@@ -72,8 +99,7 @@ impl pb::ingest_server::Ingest for Grpc {
             Ok(_) => self.cloud.missing(req.into_inner()).await,
             Err(e) => Err(e),
         };
-        r.map(Response::new)
-            .map_err(|e| self.fail("missing-chunks", who.as_ref(), e))
+        self.reply("missing-chunks", who, r)
     }
 
     async fn put_chunks(
@@ -113,8 +139,7 @@ impl pb::ingest_server::Ingest for Grpc {
             self.cloud.apply_batch(id, req.into_inner()).await
         }
         .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("apply-batch", who.as_ref(), e))
+        self.reply("apply-batch", who, r)
     }
 
     async fn progress(
@@ -124,69 +149,52 @@ impl pb::ingest_server::Ingest for Grpc {
         let who = identity(&req);
         let r = cloud::require_ingest(who.as_ref())
             .and_then(|id| self.cloud.progress(id, req.get_ref()));
-        r.map(Response::new)
-            .map_err(|e| self.fail("progress", who.as_ref(), e))
+        self.reply("progress", who, r)
     }
 }
 
+/// Every call here passed `operator_only` first.
 #[tonic::async_trait]
 impl pb::control_server::Control for Grpc {
     async fn list_systems(
         &self,
         req: Request<pb::ListSystemsRequest>,
     ) -> Result<Response<pb::ListSystemsResponse>, Status> {
-        let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref())
-            .and_then(|_| self.cloud.list(&req.get_ref().name));
-        r.map(|systems| Response::new(pb::ListSystemsResponse { systems }))
-            .map_err(|e| self.fail("list-systems", who.as_ref(), e))
+        let r = self.cloud.list(&req.get_ref().name);
+        let r = r.map(|systems| pb::ListSystemsResponse { systems });
+        self.reply("list-systems", identity(&req), r)
     }
 
     async fn sync_status(
         &self,
         req: Request<pb::SyncStatusRequest>,
     ) -> Result<Response<pb::SyncStatusResponse>, Status> {
-        let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref()).and_then(|_| self.cloud.list(""));
-        r.map(|systems| {
-            Response::new(pb::SyncStatusResponse {
-                systems,
-                counters: Some(self.cloud.counters.to_proto()),
-                last_error: self.cloud.last_error(),
-            })
-        })
-        .map_err(|e| self.fail("sync-status", who.as_ref(), e))
+        let r = self.cloud.list("").map(|systems| pb::SyncStatusResponse {
+            systems,
+            counters: Some(self.cloud.counters.to_proto()),
+            last_error: self.cloud.last_error(),
+        });
+        self.reply("sync-status", identity(&req), r)
     }
 
     async fn replica_path(
         &self,
         req: Request<pb::ReplicaPathRequest>,
     ) -> Result<Response<pb::ReplicaPathResponse>, Status> {
-        let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref()).and_then(|_| {
-            self.cloud
-                .replica_path(&req.get_ref().system, &req.get_ref().mount_point)
+        let q = req.get_ref();
+        let r = self.cloud.replica_path(&q.system, &q.mount_point);
+        let r = r.map(|p| pb::ReplicaPathResponse {
+            path: p.display().to_string(),
         });
-        r.map(|p| {
-            Response::new(pb::ReplicaPathResponse {
-                path: p.display().to_string(),
-            })
-        })
-        .map_err(|e| self.fail("replica-path", who.as_ref(), e))
+        self.reply("replica-path", identity(&req), r)
     }
 
     async fn set_replication(
         &self,
         req: Request<pb::SetReplicationRequest>,
     ) -> Result<Response<pb::SetReplicationResponse>, Status> {
-        let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.set_replication(req.get_ref()).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("set-replication", who.as_ref(), e))
+        let r = self.cloud.set_replication(req.get_ref()).await;
+        self.reply("set-replication", identity(&req), r)
     }
 
     async fn file_db_add(
@@ -194,13 +202,8 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::FileDbAddRequest>,
     ) -> Result<Response<pb::FileDbEntry>, Status> {
         let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.filedb_add(req.into_inner()).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("filedb-add", who.as_ref(), e))
+        let r = self.cloud.filedb_add(req.into_inner()).await;
+        self.reply("filedb-add", who, r)
     }
 
     async fn build_image(
@@ -208,69 +211,44 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::BuildImageRequest>,
     ) -> Result<Response<pb::ImageInfo>, Status> {
         let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.build_image(req.into_inner()).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("build-image", who.as_ref(), e))
+        let r = self.cloud.build_image(req.into_inner()).await;
+        self.reply("build-image", who, r)
     }
 
     async fn list_images(
         &self,
         req: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref()).and_then(|_| self.cloud.list_images());
-        r.map(Response::new)
-            .map_err(|e| self.fail("list-images", who.as_ref(), e))
+        self.reply("list-images", identity(&req), self.cloud.list_images())
     }
 
     async fn delete_image(
         &self,
         req: Request<pb::DeleteImageRequest>,
     ) -> Result<Response<pb::DeleteImageResponse>, Status> {
-        let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.delete_image(&req.get_ref().id).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("delete-image", who.as_ref(), e))
+        let r = self.cloud.delete_image(&req.get_ref().id).await;
+        self.reply("delete-image", identity(&req), r)
     }
 
     async fn create_app(&self, req: Request<pb::AppInfo>) -> Result<Response<pb::AppInfo>, Status> {
         let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref())
-            .and_then(|_| self.cloud.create_app(req.into_inner()));
-        r.map(Response::new)
-            .map_err(|e| self.fail("create-app", who.as_ref(), e))
+        let r = self.cloud.create_app(req.into_inner());
+        self.reply("create-app", who, r)
     }
 
     async fn list_apps(
         &self,
         req: Request<pb::ListAppsRequest>,
     ) -> Result<Response<pb::ListAppsResponse>, Status> {
-        let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref()).and_then(|_| self.cloud.list_apps());
-        r.map(Response::new)
-            .map_err(|e| self.fail("list-apps", who.as_ref(), e))
+        self.reply("list-apps", identity(&req), self.cloud.list_apps())
     }
 
     async fn delete_app(
         &self,
         req: Request<pb::DeleteAppRequest>,
     ) -> Result<Response<pb::DeleteAppResponse>, Status> {
-        let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.delete_app(&req.get_ref().name).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("delete-app", who.as_ref(), e))
+        let r = self.cloud.delete_app(&req.get_ref().name).await;
+        self.reply("delete-app", identity(&req), r)
     }
 
     async fn build_app_images(
@@ -278,13 +256,8 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::BuildAppImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
         let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.build_app_images(req.into_inner()).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("build-app-images", who.as_ref(), e))
+        let r = self.cloud.build_app_images(req.into_inner()).await;
+        self.reply("build-app-images", who, r)
     }
 
     async fn create_clone(
@@ -292,65 +265,39 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::CreateCloneRequest>,
     ) -> Result<Response<pb::CloneInfo>, Status> {
         let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.create_clone(req.into_inner()).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("create-clone", who.as_ref(), e))
+        let r = self.cloud.create_clone(req.into_inner()).await;
+        self.reply("create-clone", who, r)
     }
 
     async fn list_clones(
         &self,
         req: Request<pb::ListClonesRequest>,
     ) -> Result<Response<pb::ListClonesResponse>, Status> {
-        let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref()).and_then(|_| self.cloud.list_clones());
-        r.map(Response::new)
-            .map_err(|e| self.fail("list-clones", who.as_ref(), e))
+        self.reply("list-clones", identity(&req), self.cloud.list_clones())
     }
 
     async fn suspend_clone(
         &self,
         req: Request<pb::CloneRequest>,
     ) -> Result<Response<pb::CloneInfo>, Status> {
-        let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.suspend_clone(&req.get_ref().name).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("suspend-clone", who.as_ref(), e))
+        let r = self.cloud.suspend_clone(&req.get_ref().name).await;
+        self.reply("suspend-clone", identity(&req), r)
     }
 
     async fn resume_clone(
         &self,
         req: Request<pb::CloneRequest>,
     ) -> Result<Response<pb::CloneInfo>, Status> {
-        let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.resume_clone(&req.get_ref().name).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("resume-clone", who.as_ref(), e))
+        let r = self.cloud.resume_clone(&req.get_ref().name).await;
+        self.reply("resume-clone", identity(&req), r)
     }
 
     async fn terminate_clone(
         &self,
         req: Request<pb::CloneRequest>,
     ) -> Result<Response<pb::CloneInfo>, Status> {
-        let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.terminate_clone(&req.get_ref().name).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("terminate-clone", who.as_ref(), e))
+        let r = self.cloud.terminate_clone(&req.get_ref().name).await;
+        self.reply("terminate-clone", identity(&req), r)
     }
 
     async fn tunnel_connect(
@@ -358,10 +305,8 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::TunnelConnectRequest>,
     ) -> Result<Response<pb::TunnelConnectResponse>, Status> {
         let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref())
-            .and_then(|_| self.cloud.tunnel_connect(req.into_inner()));
-        r.map(Response::new)
-            .map_err(|e| self.fail("tunnel-connect", who.as_ref(), e))
+        let r = self.cloud.tunnel_connect(req.into_inner());
+        self.reply("tunnel-connect", who, r)
     }
 
     async fn edit_services(
@@ -369,10 +314,8 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::EditServicesRequest>,
     ) -> Result<Response<pb::AppInfo>, Status> {
         let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref())
-            .and_then(|_| self.cloud.edit_services(req.into_inner()));
-        r.map(Response::new)
-            .map_err(|e| self.fail("edit-services", who.as_ref(), e))
+        let r = self.cloud.edit_services(req.into_inner());
+        self.reply("edit-services", who, r)
     }
 
     async fn prepare_system(
@@ -380,22 +323,14 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::PrepareSystemRequest>,
     ) -> Result<Response<pb::PrepareSystemResponse>, Status> {
         let who = identity(&req);
-        let r = async {
-            cloud::require_operator(who.as_ref())?;
-            self.cloud.prepare_system(req.into_inner()).await
-        }
-        .await;
-        r.map(Response::new)
-            .map_err(|e| self.fail("prepare-system", who.as_ref(), e))
+        let r = self.cloud.prepare_system(req.into_inner()).await;
+        self.reply("prepare-system", who, r)
     }
 
     async fn file_db_list(
         &self,
         req: Request<pb::FileDbListRequest>,
     ) -> Result<Response<pb::FileDbListResponse>, Status> {
-        let who = identity(&req);
-        let r = cloud::require_operator(who.as_ref()).and_then(|_| self.cloud.filedb_list());
-        r.map(Response::new)
-            .map_err(|e| self.fail("filedb-list", who.as_ref(), e))
+        self.reply("filedb-list", identity(&req), self.cloud.filedb_list())
     }
 }

@@ -168,10 +168,11 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             pb::control_server::ControlServer::new(grpc)
                 .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES),
-        )
+            grpc::operator_only(cloud.clone()),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await;
     tracker.close();

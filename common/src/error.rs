@@ -20,6 +20,21 @@ pub trait ErrorKind: Display {
     fn kind(&self) -> Kind;
 }
 
+/// What an error that wraps I/O is: out of space (`ENOSPC` anywhere in its chain of
+/// sources) is `ResourceExhausted`, anything else `Internal`.
+pub fn io_kind(err: &(dyn std::error::Error + 'static)) -> Kind {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::StorageFull {
+                return Kind::ResourceExhausted;
+            }
+        }
+        cur = e.source();
+    }
+    Kind::Internal
+}
+
 /// Maps an error to a `tonic::Status`; the message is the error's display text.
 pub fn to_status<E: ErrorKind + ?Sized>(err: &E) -> tonic::Status {
     let msg = err.to_string();
@@ -33,6 +48,24 @@ pub fn to_status<E: ErrorKind + ?Sized>(err: &E) -> tonic::Status {
         Kind::ResourceExhausted => tonic::Status::resource_exhausted(msg),
         Kind::Unavailable => tonic::Status::unavailable(msg),
         Kind::Internal => tonic::Status::internal(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("wrapped")]
+    struct Wrapped(#[source] std::io::Error);
+
+    #[test]
+    fn a_full_disk_is_found_by_its_errno_anywhere_in_the_chain() {
+        let full = || std::io::Error::from_raw_os_error(28);
+        assert_eq!(io_kind(&full()), Kind::ResourceExhausted);
+        assert_eq!(io_kind(&Wrapped(full())), Kind::ResourceExhausted);
+        let other = Wrapped(std::io::Error::other("No space left on device (just text)"));
+        assert_eq!(io_kind(&other), Kind::Internal);
     }
 }
 
