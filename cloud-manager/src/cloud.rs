@@ -44,7 +44,7 @@ pub enum CloudError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Prepare(#[from] prepare::PrepareError),
+    Prepare(#[from] crate::prepare::PrepareError),
     #[error(transparent)]
     Customize(#[from] ferry_customize::CustomizeError),
     #[error("worker thread failed: {0}")]
@@ -750,8 +750,7 @@ impl Cloud {
                         }
                     }
                     let to = work.join(format!("{}.img", fs.fs_id));
-                    prepare::copy_image(&volumes.image(&name, &fs.fs_id), &to)
-                        ?;
+                    prepare::copy_image(&volumes.image(&name, &fs.fs_id), &to)?;
                     out.push((fs, to));
                 }
                 Ok(out)
@@ -761,7 +760,8 @@ impl Cloud {
         };
         let (name, dry_run, images2) = (rec.name.clone(), req.dry_run, images.clone());
         let report = blocking(move || {
-            prepare::customize_copies(&name, &work, &images2, &plan, dry_run).map_err(CloudError::from)
+            prepare::customize_copies(&name, &work, &images2, &plan, dry_run)
+                .map_err(CloudError::from)
         })
         .await?;
         tracing::info!(system = %rec.name, epoch, target = %req.target, changed = report.changed.len(), "copy customized");

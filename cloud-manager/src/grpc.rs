@@ -34,6 +34,7 @@ fn fail(cloud: &Cloud, op: &str, who: Option<&Identity>, e: CloudError) -> Statu
 }
 
 /// The control API is the operator's alone: one check in front of every call.
+#[allow(clippy::result_large_err)] // tonic's interceptor answers with a `Status`
 pub fn operator_only(
     cloud: Arc<Cloud>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
@@ -52,13 +53,15 @@ impl Grpc {
     }
 
     /// A call's result as its answer.
+    #[allow(clippy::result_large_err)] // what every tonic handler returns
     fn reply<T>(
         &self,
         op: &str,
         who: Option<Identity>,
         r: Result<T, CloudError>,
     ) -> Result<Response<T>, Status> {
-        r.map(Response::new).map_err(|e| self.fail(op, who.as_ref(), e))
+        r.map(Response::new)
+            .map_err(|e| self.fail(op, who.as_ref(), e))
     }
 }
 

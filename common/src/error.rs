@@ -51,6 +51,19 @@ pub fn to_status<E: ErrorKind + ?Sized>(err: &E) -> tonic::Status {
     }
 }
 
+/// Whether a status from a peer is worth retrying (the peer or the link is down).
+pub fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Aborted
+            | tonic::Code::ResourceExhausted
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,17 +80,4 @@ mod tests {
         let other = Wrapped(std::io::Error::other("No space left on device (just text)"));
         assert_eq!(io_kind(&other), Kind::Internal);
     }
-}
-
-/// Whether a status from a peer is worth retrying (the peer or the link is down).
-pub fn is_transient(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
-            | tonic::Code::Aborted
-            | tonic::Code::ResourceExhausted
-    )
 }

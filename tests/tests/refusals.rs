@@ -1,7 +1,7 @@
 //! Refusals: unenrolled and foreign clients, used and wrong tokens, impersonation,
 //! hostile paths, oversized and malformed frames. Each gets a clear error, and nothing
 //! lands outside the replica root.
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use bytes::{Buf, BufMut, Bytes};
 use ferry_common::pki::{IdentityFiles, Role};
 use ferry_common::token::JoinToken;
@@ -116,6 +116,36 @@ async fn hostile_and_unauthorized_requests_are_refused() -> Result<()> {
     // Enrollment: a token works once; a used, forged or wrongly pinned token fails clearly.
     let token = cloud.token()?;
     let mut alpha = enrolled_client(&cloud.url(), &token, "alpha", &t.join("alpha")).await?;
+    // An agent's certificate opens no control call: the operator check stands in front
+    // of the whole service, reads and changes alike.
+    let files = IdentityFiles::new(&t.join("alpha"));
+    let mut control = pb::control_client::ControlClient::new(ferry_common::enroll::mtls_channel(
+        &cloud.url(),
+        &files,
+    )?);
+    let refused = [
+        control
+            .list_systems(pb::ListSystemsRequest::default())
+            .await
+            .err(),
+        control.list_apps(pb::ListAppsRequest {}).await.err(),
+        control
+            .delete_image(pb::DeleteImageRequest { id: "x".into() })
+            .await
+            .err(),
+        control
+            .terminate_clone(pb::CloneRequest { name: "x".into() })
+            .await
+            .err(),
+    ];
+    for err in refused {
+        let err = err.context("an agent used the control api")?;
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert!(
+            err.message().contains("may not use the control api"),
+            "{err:?}"
+        );
+    }
     let again = enrolled_client(&cloud.url(), &token, "gamma", &t.join("gamma"))
         .await
         .err()
