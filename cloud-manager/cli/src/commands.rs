@@ -634,25 +634,19 @@ pub async fn image(client: &mut Client, cmd: ImageCmd) -> Result<(), CliError> {
 
 /// `ferry clone create|list|show|suspend|resume|terminate`.
 pub async fn clone(client: &mut Client, cmd: CloneCmd) -> Result<(), CliError> {
-    let one = |json: bool, c: &pb::CloneInfo| {
-        print_as(json, c, || render_clones(std::slice::from_ref(c)))
-    };
-    match cmd {
+    let (json, c) = match cmd {
         CloneCmd::Create {
             app,
             name,
             instance_type,
             json,
         } => {
-            let c = client
-                .create_clone(pb::CreateCloneRequest {
-                    app,
-                    name: name.unwrap_or_default(),
-                    instance_type: instance_type.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
-            one(json, &c);
+            let req = pb::CreateCloneRequest {
+                app,
+                name: name.unwrap_or_default(),
+                instance_type: instance_type.unwrap_or_default(),
+            };
+            (json, client.create_clone(req).await?.into_inner())
         }
         CloneCmd::List { json } => {
             let r = client
@@ -660,30 +654,23 @@ pub async fn clone(client: &mut Client, cmd: CloneCmd) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             print_as(json, &r.clones, || render_clones(&r.clones));
+            return Ok(());
         }
-        CloneCmd::Show { name, json } => one(json, &find_clone(client, &name).await?),
+        CloneCmd::Show { name, json } => (json, find_clone(client, &name).await?),
         CloneCmd::Suspend { name, json } => {
-            let c = client
-                .suspend_clone(pb::CloneRequest { name })
-                .await?
-                .into_inner();
-            one(json, &c);
+            let req = pb::CloneRequest { name };
+            (json, client.suspend_clone(req).await?.into_inner())
         }
         CloneCmd::Resume { name, json } => {
-            let c = client
-                .resume_clone(pb::CloneRequest { name })
-                .await?
-                .into_inner();
-            one(json, &c);
+            let req = pb::CloneRequest { name };
+            (json, client.resume_clone(req).await?.into_inner())
         }
         CloneCmd::Terminate { name, json } => {
-            let c = client
-                .terminate_clone(pb::CloneRequest { name })
-                .await?
-                .into_inner();
-            one(json, &c);
+            let req = pb::CloneRequest { name };
+            (json, client.terminate_clone(req).await?.into_inner())
         }
-    }
+    };
+    print_as(json, &c, || render_clones(std::slice::from_ref(&c)));
     Ok(())
 }
 
