@@ -790,6 +790,7 @@ impl Cloud {
             .target
             .parse()
             .map_err(|e: ferry_customize::CustomizeError| CloudError::Invalid(e.to_string()))?;
+        built_in(&req.target)?; // before minutes of customizing and boot checking
         let prepared = self
             .prepare_system(pb::PrepareSystemRequest {
                 system: req.system.clone(),
@@ -982,6 +983,7 @@ impl Cloud {
         provider
             .parse::<ferry_customize::Target>()
             .map_err(|e| CloudError::Invalid(e.to_string()))?;
+        built_in(&provider)?;
         let mut services = Vec::new();
         add_services(&mut services, &req.services)?;
         let mut load_balancer_ports = Vec::new();
@@ -1355,6 +1357,14 @@ impl Cloud {
 }
 
 /// Runs blocking file-system work off the async threads.
+/// Refuses a provider or target this build was made without (a cargo feature).
+fn built_in(name: &str) -> Result<()> {
+    if crate::built_in(name) {
+        return Ok(());
+    }
+    Err(ferry_provider::ProviderError::Unavailable(name.to_string()).into())
+}
+
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {

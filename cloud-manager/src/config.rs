@@ -138,6 +138,22 @@ impl ServeConfig {
 mod tests {
     use super::*;
 
+    /// Run in both builds by CI: with and without the cloud providers' features.
+    #[test]
+    fn a_provider_left_out_of_the_build_is_refused_by_name() {
+        for p in ["aws", "azure"] {
+            match provider(p) {
+                Ok(name) => assert!(crate::built_in(p) && name == p),
+                Err(e) => {
+                    assert!(!crate::built_in(p), "{e}");
+                    assert!(e.to_string().contains("not in this build"), "{e}");
+                }
+            }
+        }
+        assert_eq!(provider("local").unwrap(), "local");
+        assert!(provider("gcp").is_err());
+    }
+
     fn file(toml: &str) -> ServeFile {
         toml::from_str(toml).unwrap()
     }
