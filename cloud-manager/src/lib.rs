@@ -1,25 +1,33 @@
 //! Ferry's cloud manager: receives replicated file systems into real volumes, keeps the
 //! state of every system, and serves the operator's control API.
 //!
-//! Layout: `cloud` holds the logic, `grpc` its network face, `apply` writes entries into
-//! volumes, `volumes` makes and mounts them, `state` is the sled schema.
+//! Layout: the services (`ingest`, `replication`, `apps`, `images`, `clones`) take
+//! domain types and own their records; `cloud` wires them together; `grpc` is their
+//! network face and the only speaker of wire types; `apply` writes entries into
+//! replicas, `volumes` makes and mounts them, `prepare` customizes copies, `providers`
+//! reaches local, aws and azure, `state` is the sled schema.
 
 pub mod apply;
+pub mod apps;
 pub mod clones;
 pub mod cloud;
 pub mod config;
+pub mod error;
 pub mod grpc;
+pub mod images;
+pub mod ingest;
 pub mod metrics;
 pub mod prepare;
+pub mod providers;
+pub mod replication;
 pub mod state;
 pub mod volumes;
 
-use crate::cloud::{Cloud, CloudError};
+use crate::cloud::Cloud;
 use crate::config::ServeConfig;
+use crate::error::CloudError;
 use ferry_common::config::OperatorCredentials;
 use ferry_common::pki::{Ca, Identity, Role};
-use ferry_proto::v1 as pb;
-use ferry_proto::MAX_MESSAGE_BYTES;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -130,56 +138,32 @@ pub async fn run(
     ferry_common::pki::write_private(&dir.join("operator.toml"), &creds_text)?;
 
     let store = ferry_common::store::Store::open(&dir.join("db"))?;
-    let state = state::State::open(store)?;
     let chunks =
-        ferry_common::chunks::ChunkStore::open(&dir.join("chunks"), state.store.tree("chunks")?)?;
+        ferry_common::chunks::ChunkStore::open(&dir.join("chunks"), store.tree("chunks")?)?;
+    let fingerprint = ca.fingerprint();
     let cloud = Arc::new(Cloud::new(
         dir,
-        state,
-        chunks,
-        volumes::Volumes::new(dir),
-        ferry_common::token::TokenStore::new(dir),
-        ca,
-        config.providers.clone(),
+        cloud::Parts {
+            store,
+            chunks,
+            volumes: Arc::new(volumes::Volumes::new(dir)),
+            tokens: ferry_common::token::TokenStore::new(dir),
+            ca,
+            providers: providers::Providers::new(config.providers.clone()),
+        },
     )?);
-    cloud.mount_all().await?;
-    if let Err(e) = cloud.sweep_image_files() {
-        tracing::error!(error = %e, "cannot sweep unfinished image files");
-    }
-    if let Err(e) = cloud.reconcile_clones().await {
-        tracing::error!(error = %e, "cannot reconcile clones with their providers");
-    }
-    let grpc = grpc::Grpc {
-        cloud: cloud.clone(),
-    };
+    cloud.start().await?;
     let tracker = tokio_util::task::TaskTracker::new();
-    tracker.spawn(cloud.chunks.clone().sync_behind(shutdown.clone()));
+    tracker.spawn(cloud.ingest.chunks.clone().sync_behind(shutdown.clone()));
     if let Some(http) = http {
         tracing::info!(listen = ?http.local_addr().ok(), "metrics on /metrics");
         tracker.spawn(metrics::serve(http, cloud.clone(), shutdown.clone()));
     }
-    tracing::info!(listen = %bound, data_dir = %dir.display(), ca = %cloud.ca.fingerprint(), "cloud manager serving");
-
-    let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
-    let result = ferry_common::tls::grpc_server()
-        .add_service(pb::enrollment_server::EnrollmentServer::new(grpc.clone()))
-        .add_service(
-            pb::ingest_server::IngestServer::new(grpc.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            pb::control_server::ControlServer::new(grpc)
-                .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES),
-            grpc::operator_only(cloud.clone()),
-        ))
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await;
+    tracing::info!(listen = %bound, data_dir = %dir.display(), ca = %fingerprint, "cloud manager serving");
+    let result = grpc::serve(cloud.clone(), listener, tls, shutdown).await;
     tracker.close();
     tracker.wait().await;
-    cloud.state.save_counters(&cloud.counters)?;
-    cloud.state.store.flush()?;
-    cloud.volumes.unmount_all();
+    cloud.stop()?;
     tracing::info!("cloud manager stopped");
     Ok(result?)
 }

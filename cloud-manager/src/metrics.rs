@@ -70,7 +70,7 @@ fn label(v: &str) -> String {
 /// The metrics text: transfer counters and per-system replication state.
 pub fn render(cloud: &Cloud) -> String {
     let mut out = String::new();
-    let c = cloud.counters.to_proto();
+    let c = cloud.counters.snapshot();
     let counters = [
         (
             "ferry_chunk_wire_bytes_total",
@@ -114,7 +114,7 @@ pub fn render(cloud: &Cloud) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
         );
     }
-    let systems = cloud.list("").unwrap_or_default();
+    let systems = cloud.replication.list("").unwrap_or_default();
     let gauges: [(&str, &str); 7] = [
         ("ferry_system_durable_epoch", "Last durable epoch."),
         (
@@ -145,16 +145,17 @@ pub fn render(cloud: &Cloud) -> String {
     for (i, (name, help)) in gauges.iter().enumerate() {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         for s in &systems {
+            let r = &s.record;
             let v = match i {
-                0 => s.durable_epoch as f64,
-                1 => s.last_durable_unix_ms as f64 / 1000.0,
+                0 => r.durable_epoch as f64,
+                1 => r.last_durable_ms as f64 / 1000.0,
                 2 => s.lag_seconds,
-                3 => s.pending_bytes as f64,
-                4 => s.lag_ms as f64 / 1000.0,
-                5 => f64::from(u8::from(s.paused)),
-                _ => s.rate_limit_bps as f64,
+                3 => s.report.pending_bytes as f64,
+                4 => r.lag_ms as f64 / 1000.0,
+                5 => f64::from(u8::from(r.paused)),
+                _ => r.rate_limit_bps as f64,
             };
-            let _ = writeln!(out, "{name}{{system=\"{}\"}} {v}", label(&s.name));
+            let _ = writeln!(out, "{name}{{system=\"{}\"}} {v}", label(&r.name));
         }
     }
     let fs_gauges = [
@@ -168,7 +169,7 @@ pub fn render(cloud: &Cloud) -> String {
     for (i, (name, help)) in fs_gauges.iter().enumerate() {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         for s in &systems {
-            for f in &s.filesystems {
+            for f in &s.record.filesystems {
                 let v = match i {
                     0 => f.bytes_done as f64,
                     1 => f.bytes_total.saturating_sub(f.bytes_done) as f64,
@@ -177,8 +178,8 @@ pub fn render(cloud: &Cloud) -> String {
                 let _ = writeln!(
                     out,
                     "{name}{{system=\"{}\",mount_point=\"{}\"}} {v}",
-                    label(&s.name),
-                    label(&f.mount_point)
+                    label(&s.record.name),
+                    label(&String::from_utf8_lossy(&f.mount_point))
                 );
             }
         }

@@ -1,5 +1,5 @@
-//! The cloud manager's durable state in sled: systems, their file systems and progress,
-//! enrolled identities, and the transfer counters.
+//! The cloud manager's durable state in sled: one tree of records per service (systems,
+//! apps, images, clones) and ingest's meta tree (enrolled identities, counters).
 use ferry_common::store::{Store, StoreError};
 pub use ferry_provider::records::{CloneRecord, ImageRecord, InstanceRecord};
 use serde::{Deserialize, Serialize};
@@ -46,8 +46,8 @@ pub struct SystemRecord {
 }
 
 impl SystemRecord {
-    pub fn settings(&self) -> ferry_proto::v1::Settings {
-        ferry_proto::v1::Settings {
+    pub fn settings(&self) -> Settings {
+        Settings {
             paused: self.paused,
             rate_limit_bps: self.rate_limit_bps,
         }
@@ -76,6 +76,28 @@ impl SystemRecord {
     }
 }
 
+/// What the operator set for a system's replication; its agent learns it from every
+/// answer it gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The agent starts no pass while paused.
+    pub paused: bool,
+    /// Bytes per second of chunk data; 0 for no limit.
+    pub rate_limit_bps: u64,
+}
+
+/// The counters' values at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterValues {
+    pub chunk_wire_bytes: u64,
+    pub chunk_raw_bytes: u64,
+    pub chunks_stored: u64,
+    pub chunks_duplicate: u64,
+    pub batches_applied: u64,
+    pub file_bytes_written: u64,
+    pub refused_requests: u64,
+}
+
 /// Transfer counters, persisted with every durable batch.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Counters {
@@ -92,9 +114,9 @@ impl Counters {
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }
-    pub fn to_proto(&self) -> ferry_proto::v1::Counters {
+    pub fn snapshot(&self) -> CounterValues {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        ferry_proto::v1::Counters {
+        CounterValues {
             chunk_wire_bytes: g(&self.chunk_wire_bytes),
             chunk_raw_bytes: g(&self.chunk_raw_bytes),
             chunks_stored: g(&self.chunks_stored),
@@ -106,16 +128,92 @@ impl Counters {
     }
 }
 
-/// Typed access to the trees.
+/// A record kept under its name in a tree of its own.
+pub trait Keyed: Serialize + serde::de::DeserializeOwned {
+    fn key(&self) -> &str;
+}
+
+impl Keyed for SystemRecord {
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+impl Keyed for AppRecord {
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+impl Keyed for ImageRecord {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+impl Keyed for CloneRecord {
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+
+/// One sled tree of JSON records, owned by the service that writes them. `put` and
+/// `remove` flush before they return when the tree is `durable`; the systems tree is
+/// flushed by its writers together with what else a batch changed.
 #[derive(Debug, Clone)]
-pub struct State {
-    pub store: Store,
-    systems: sled::Tree,
-    enrolled: sled::Tree,
-    meta: sled::Tree,
-    images: sled::Tree,
-    apps: sled::Tree,
-    clones: sled::Tree,
+pub struct Records<T> {
+    store: Store,
+    tree: sled::Tree,
+    durable: bool,
+    kind: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: Keyed> Records<T> {
+    pub fn open(store: &Store, name: &str, durable: bool) -> Result<Self, StoreError> {
+        Ok(Self {
+            tree: store.tree(name)?,
+            store: store.clone(),
+            durable,
+            kind: std::marker::PhantomData,
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<T>, StoreError> {
+        self.store.get_json(&self.tree, key.as_bytes())
+    }
+
+    pub fn put(&self, rec: &T) -> Result<(), StoreError> {
+        self.store.put_json(&self.tree, rec.key().as_bytes(), rec)?;
+        self.flush_if_durable()
+    }
+
+    /// Removes a record; returns what it held.
+    pub fn remove(&self, key: &str) -> Result<Option<T>, StoreError> {
+        let rec = self.get(key)?;
+        self.tree.remove(key.as_bytes())?;
+        self.flush_if_durable()?;
+        Ok(rec)
+    }
+
+    /// Every record, in key order.
+    pub fn all(&self) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.iter() {
+            let (k, _) = kv?;
+            if let Some(r) = self.store.get_json(&self.tree, &k)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush()
+    }
+
+    fn flush_if_durable(&self) -> Result<(), StoreError> {
+        if self.durable {
+            self.store.flush()?;
+        }
+        Ok(())
+    }
 }
 
 /// An application: its systems (public or private), services and provider.
@@ -132,97 +230,22 @@ pub struct AppRecord {
     pub created_unix_ms: i64,
 }
 
-impl State {
-    pub fn open(store: Store) -> Result<Self, StoreError> {
+/// What ingest keeps beside the systems: enrolled identities, the counters, and the
+/// epoch being applied per system.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    store: Store,
+    enrolled: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Meta {
+    pub fn open(store: &Store) -> Result<Self, StoreError> {
         Ok(Self {
-            systems: store.tree("systems")?,
             enrolled: store.tree("enrolled")?,
             meta: store.tree("meta")?,
-            images: store.tree("images")?,
-            apps: store.tree("apps")?,
-            clones: store.tree("clones")?,
-            store,
+            store: store.clone(),
         })
-    }
-
-    pub fn system(&self, name: &str) -> Result<Option<SystemRecord>, StoreError> {
-        self.store.get_json(&self.systems, name.as_bytes())
-    }
-
-    pub fn put_system(&self, rec: &SystemRecord) -> Result<(), StoreError> {
-        self.store.put_json(&self.systems, rec.name.as_bytes(), rec)
-    }
-
-    pub fn systems(&self) -> Result<Vec<SystemRecord>, StoreError> {
-        self.list(&self.systems)
-    }
-
-    /// Every record of a tree of JSON values, in key order.
-    fn list<T: serde::de::DeserializeOwned>(
-        &self,
-        tree: &sled::Tree,
-    ) -> Result<Vec<T>, StoreError> {
-        let mut out = Vec::new();
-        for kv in tree.iter() {
-            let (k, _) = kv?;
-            if let Some(r) = self.store.get_json(tree, &k)? {
-                out.push(r);
-            }
-        }
-        Ok(out)
-    }
-
-    pub fn put_image(&self, rec: &ImageRecord) -> Result<(), StoreError> {
-        self.store.put_json(&self.images, rec.id.as_bytes(), rec)?;
-        self.store.flush()
-    }
-
-    pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
-        self.list(&self.images)
-    }
-
-    pub fn delete_image(&self, id: &str) -> Result<Option<ImageRecord>, StoreError> {
-        let rec = self.store.get_json(&self.images, id.as_bytes())?;
-        self.images.remove(id.as_bytes())?;
-        self.store.flush()?;
-        Ok(rec)
-    }
-
-    pub fn app(&self, name: &str) -> Result<Option<AppRecord>, StoreError> {
-        self.store.get_json(&self.apps, name.as_bytes())
-    }
-
-    pub fn put_app(&self, rec: &AppRecord) -> Result<(), StoreError> {
-        self.store.put_json(&self.apps, rec.name.as_bytes(), rec)?;
-        self.store.flush()
-    }
-
-    pub fn apps(&self) -> Result<Vec<AppRecord>, StoreError> {
-        self.list(&self.apps)
-    }
-
-    pub fn delete_app(&self, name: &str) -> Result<(), StoreError> {
-        self.apps.remove(name.as_bytes())?;
-        self.store.flush()
-    }
-
-    pub fn clone_record(&self, name: &str) -> Result<Option<CloneRecord>, StoreError> {
-        self.store.get_json(&self.clones, name.as_bytes())
-    }
-
-    pub fn put_clone(&self, rec: &CloneRecord) -> Result<(), StoreError> {
-        self.store
-            .put_json(&self.clones, rec.name.as_bytes(), rec)?;
-        self.store.flush()
-    }
-
-    pub fn clones(&self) -> Result<Vec<CloneRecord>, StoreError> {
-        self.list(&self.clones)
-    }
-
-    pub fn delete_clone(&self, name: &str) -> Result<(), StoreError> {
-        self.clones.remove(name.as_bytes())?;
-        self.store.flush()
     }
 
     pub fn is_enrolled(&self, identity: &str) -> Result<bool, StoreError> {
@@ -258,5 +281,9 @@ impl State {
         self.meta.insert(key.as_bytes(), &epoch.to_be_bytes())?;
         self.store.flush()?;
         Ok(before == Some(epoch))
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.store.flush()
     }
 }

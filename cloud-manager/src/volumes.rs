@@ -41,6 +41,64 @@ pub fn supported(fstype: &str) -> bool {
     matches!(fstype, "ext2" | "ext3" | "ext4" | "xfs" | "btrfs" | "vfat")
 }
 
+/// Where the services keep replicas. `Volumes` (loop-mounted images: needs root and
+/// runs mkfs and mount) is the real one; unit tests use plain directories.
+pub trait VolumeStore: std::fmt::Debug + Send + Sync {
+    /// Makes the replica of `fs` ready to write; returns the directory it is seen at.
+    fn ensure(&self, system: &str, fs: &FsRecord) -> Result<PathBuf, VolumeError>;
+    /// Where the replica of a file system is seen.
+    fn mount_point(&self, system: &str, fs_id: &str) -> PathBuf;
+    /// The file holding the replica's file system.
+    fn image(&self, system: &str, fs_id: &str) -> PathBuf;
+    /// Releases every replica (clean shutdown).
+    fn unmount_all(&self);
+}
+
+impl VolumeStore for Volumes {
+    fn ensure(&self, system: &str, fs: &FsRecord) -> Result<PathBuf, VolumeError> {
+        Volumes::ensure(self, system, fs)
+    }
+    fn mount_point(&self, system: &str, fs_id: &str) -> PathBuf {
+        Volumes::mount_point(self, system, fs_id)
+    }
+    fn image(&self, system: &str, fs_id: &str) -> PathBuf {
+        Volumes::image(self, system, fs_id)
+    }
+    fn unmount_all(&self) {
+        Volumes::unmount_all(self)
+    }
+}
+
+/// Replicas as plain directories, for unit tests of the services without root.
+#[cfg(test)]
+#[derive(Debug)]
+pub struct DirVolumes {
+    pub root: PathBuf,
+}
+
+#[cfg(test)]
+impl VolumeStore for DirVolumes {
+    fn ensure(&self, system: &str, fs: &FsRecord) -> Result<PathBuf, VolumeError> {
+        if !supported(&fs.fstype) {
+            return Err(VolumeError::Unsupported(fs.fstype.clone()));
+        }
+        let dir = self.mount_point(system, &fs.fs_id);
+        std::fs::create_dir_all(&dir).map_err(|source| VolumeError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Ok(dir)
+    }
+    fn mount_point(&self, system: &str, fs_id: &str) -> PathBuf {
+        self.root.join(system).join(fs_id)
+    }
+    fn image(&self, system: &str, fs_id: &str) -> PathBuf {
+        self.root.join(system).join(format!("{fs_id}.img"))
+    }
+    fn unmount_all(&self) {}
+}
+
+/// Loop-mounted volume images under `DATA/volumes`.
 #[derive(Debug, Clone)]
 pub struct Volumes {
     root: PathBuf,

@@ -1,7 +1,7 @@
 //! Checks a wire entry before anything touches a disk: its path (through `safepath`),
 //! kind, xattrs, segments and child names. Sites and the cloud manager both call it.
 use crate::safepath::{self, PathError};
-use ferry_proto::v1::{Batch, ChunkRef, Entry, EntryKind};
+use ferry_proto::v1::{ChunkRef, Entry, EntryKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EntryError {
@@ -110,10 +110,9 @@ pub fn validate(e: &Entry) -> Result<(), EntryError> {
     Ok(())
 }
 
-/// Every chunk a batch refers to, in order (repeats included).
-pub fn chunk_refs(batch: &Batch) -> impl Iterator<Item = &ChunkRef> {
-    batch
-        .entries
+/// Every chunk a batch's entries refer to, in order (repeats included).
+pub fn chunk_refs(entries: &[Entry]) -> impl Iterator<Item = &ChunkRef> {
+    entries
         .iter()
         .flat_map(|e| e.segments.iter())
         .flat_map(|s| s.chunks.iter())

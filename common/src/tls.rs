@@ -61,6 +61,9 @@ fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// A server's TLS settings, as `server_config` makes them.
+pub type ServerTls = Arc<ServerConfig>;
+
 /// Server side: presents `cert_pem` followed by the CA (so enrolling peers can pin it),
 /// and verifies client certificates against the CA. A client without a certificate
 /// is let through the handshake; every call but enrollment then refuses it.

@@ -159,7 +159,7 @@ async fn push_chunks(
     c: &mut IngestClient<Channel>,
     batch: &pb::Batch,
 ) -> Result<(), Outcome> {
-    let unique: std::collections::HashSet<&[u8]> = ferry_common::entry::chunk_refs(batch)
+    let unique: std::collections::HashSet<&[u8]> = ferry_common::entry::chunk_refs(&batch.entries)
         .map(|c| c.hash.as_slice())
         .collect();
     let hashes: Vec<Vec<u8>> = unique.into_iter().map(<[u8]>::to_vec).collect();

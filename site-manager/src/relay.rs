@@ -429,7 +429,7 @@ impl pb::ingest_server::Ingest for Service {
             for e in &batch.entries {
                 ferry_common::entry::validate(e)?;
             }
-            let hashes: Vec<Vec<u8>> = ferry_common::entry::chunk_refs(&batch)
+            let hashes: Vec<Vec<u8>> = ferry_common::entry::chunk_refs(&batch.entries)
                 .map(|c| c.hash.clone())
                 .collect();
             for chunk in hashes.chunks(65536) {

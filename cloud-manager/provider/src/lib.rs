@@ -97,6 +97,10 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn terminate(&self, rec: &CloneRecord) -> Result<(), ProviderError>;
     /// Sets each instance's state from what the provider has.
     fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError>;
+    /// Where an instance's serial console is logged on this host, if it is.
+    fn console_log(&self, _clone: &str, _system: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 /// A provider whose clones live behind a cloud's API (aws, azure): creation, power and

@@ -696,6 +696,10 @@ impl Provider for Local {
         "local"
     }
 
+    fn console_log(&self, clone: &str, system: &str) -> Option<PathBuf> {
+        Some(Local::console_log(self, clone, system))
+    }
+
     fn create(&self, rec: &mut CloneRecord, others: &[CloneRecord]) -> Result<(), ProviderError> {
         for inst in rec.instances.iter_mut() {
             inst.mac = mac_for(&rec.name, &inst.system);

@@ -1,0 +1,220 @@
+//! The apps service: applications (their systems, public or private, the services that
+//! stay in the enterprise, the load balancer and the provider), owned in their own tree.
+use crate::error::{built_in, CloudError, Result};
+use crate::replication::Replication;
+use crate::state::{AppRecord, Records};
+use std::sync::Arc;
+
+/// What the operator asks for in `ferry app create`.
+#[derive(Debug, Clone, Default)]
+pub struct AppSpec {
+    pub name: String,
+    /// (system, "public" | "private")
+    pub systems: Vec<(String, String)>,
+    pub services: Vec<String>,
+    pub load_balancer: bool,
+    pub load_balancer_ports: Vec<u32>,
+    /// Empty: the manager's default provider.
+    pub provider: String,
+}
+
+#[derive(Debug)]
+pub struct Apps {
+    apps: Records<AppRecord>,
+    replication: Arc<Replication>,
+    default_provider: String,
+}
+
+/// The real endpoint and protocol of a service spec (`HOST:PORT[/udp][=PROXY]`), which
+/// names it in the app's table.
+fn service_key(spec: &str) -> String {
+    spec.split('=').next().unwrap_or(spec).to_ascii_lowercase()
+}
+
+/// Adds services to an app's table. A TCP service without a proxy gets the next free
+/// port on 127.0.0.1 from 50100; a UDP one the same port as the real service (resolvers
+/// cannot be told a port). Each is checked by the customization's own parser.
+fn add_services(services: &mut Vec<String>, new: &[String]) -> Result<()> {
+    let proxy_port = |spec: &str| -> Option<u16> {
+        let proxy = spec.split_once('=')?.1;
+        proxy.rsplit_once(':')?.1.parse().ok()
+    };
+    for s in new {
+        if services.iter().any(|e| service_key(e) == service_key(s)) {
+            return Err(CloudError::AlreadyExists(format!(
+                "service {} is in the table already",
+                service_key(s)
+            )));
+        }
+        let full = if s.contains('=') {
+            s.clone()
+        } else {
+            let (hostport, udp) = match s.rsplit_once('/') {
+                Some((h, p)) if p.eq_ignore_ascii_case("udp") => (h, true),
+                _ => (s.as_str(), false),
+            };
+            let port = hostport
+                .rsplit_once(':')
+                .map(|(_, p)| p)
+                .unwrap_or_default();
+            if udp {
+                format!("{s}=127.0.0.1:{port}")
+            } else {
+                let used: Vec<u16> = services.iter().filter_map(|e| proxy_port(e)).collect();
+                let free = (50100..=u16::MAX)
+                    .find(|p| !used.contains(p))
+                    .ok_or_else(|| CloudError::Invalid("no proxy port left".into()))?;
+                format!("{s}=127.0.0.1:{free}")
+            }
+        };
+        ferry_customize::Plan::from_flags(
+            ferry_customize::Target::Local,
+            &[],
+            &[],
+            std::slice::from_ref(&full),
+        )
+        .map_err(|e| CloudError::Invalid(e.to_string()))?;
+        services.push(full);
+    }
+    Ok(())
+}
+
+/// The load balancer's ports: each 1 to 65535, once; 80 when it is asked for without.
+fn load_balancer_ports(spec: &AppSpec) -> Result<Vec<u16>> {
+    let mut ports = Vec::new();
+    for p in &spec.load_balancer_ports {
+        match u16::try_from(*p) {
+            Ok(p) if p > 0 && !ports.contains(&p) => ports.push(p),
+            _ => {
+                return Err(CloudError::Invalid(format!(
+                    "load balancer port {p}: expected 1 to 65535, once each"
+                )))
+            }
+        }
+    }
+    if spec.load_balancer && ports.is_empty() {
+        ports.push(80);
+    }
+    if !spec.load_balancer && !ports.is_empty() {
+        return Err(CloudError::Invalid(
+            "--lb-port needs --load-balancer".into(),
+        ));
+    }
+    if spec.load_balancer && !spec.systems.iter().any(|(_, v)| v == "public") {
+        return Err(CloudError::Invalid(
+            "a load balancer fronts the public systems, and this app has none".into(),
+        ));
+    }
+    Ok(ports)
+}
+
+impl Apps {
+    pub fn new(
+        apps: Records<AppRecord>,
+        replication: Arc<Replication>,
+        default_provider: String,
+    ) -> Self {
+        Self {
+            apps,
+            replication,
+            default_provider,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<AppRecord>> {
+        Ok(self.apps.get(name)?)
+    }
+
+    /// The record of an app that must exist.
+    pub fn require(&self, name: &str) -> Result<AppRecord> {
+        self.get(name)?
+            .ok_or_else(|| CloudError::NotFound(format!("no app {name:?}")))
+    }
+
+    pub fn list(&self) -> Result<Vec<AppRecord>> {
+        Ok(self.apps.all()?)
+    }
+
+    /// Records an application after checking its systems exist and its services parse;
+    /// services without a proxy get one (TCP: 127.0.0.1 from port 50100 up; UDP: the
+    /// same port on 127.0.0.1, since resolvers cannot name a port).
+    pub fn create(&self, spec: AppSpec) -> Result<AppRecord> {
+        ferry_common::pki::validate_name(&spec.name).map_err(CloudError::Invalid)?;
+        if self.get(&spec.name)?.is_some() {
+            return Err(CloudError::AlreadyExists(format!(
+                "app {:?} exists",
+                spec.name
+            )));
+        }
+        if spec.systems.is_empty() {
+            return Err(CloudError::Invalid(
+                "an app needs at least one --system".into(),
+            ));
+        }
+        let mut systems: Vec<(String, String)> = Vec::new();
+        for (system, visibility) in &spec.systems {
+            self.replication.require(system)?;
+            if visibility != "public" && visibility != "private" {
+                return Err(CloudError::Invalid(format!(
+                    "system {system}: visibility must be public or private, not {visibility:?}"
+                )));
+            }
+            if systems.iter().any(|(n, _)| n == system) {
+                return Err(CloudError::Invalid(format!("system {system} listed twice")));
+            }
+            systems.push((system.clone(), visibility.clone()));
+        }
+        let provider = if spec.provider.is_empty() {
+            self.default_provider.clone()
+        } else {
+            spec.provider.clone()
+        };
+        provider
+            .parse::<ferry_customize::Target>()
+            .map_err(|e| CloudError::Invalid(e.to_string()))?;
+        built_in(&provider)?;
+        let mut services = Vec::new();
+        add_services(&mut services, &spec.services)?;
+        let load_balancer_ports = load_balancer_ports(&spec)?;
+        let rec = AppRecord {
+            name: spec.name,
+            systems,
+            services,
+            load_balancer: spec.load_balancer,
+            load_balancer_ports,
+            provider,
+            created_unix_ms: ferry_common::now_ms(),
+        };
+        self.apps.put(&rec)?;
+        tracing::info!(app = %rec.name, systems = rec.systems.len(), "app created");
+        Ok(rec)
+    }
+
+    /// The operator's edit of an app's service table (`ferry tunnel services`): removes,
+    /// then adds. Images built afterwards carry the new table; running clones keep the
+    /// one their images have.
+    pub fn edit_services(&self, app: &str, add: &[String], remove: &[String]) -> Result<AppRecord> {
+        let mut app = self.require(app)?;
+        for r in remove {
+            let before = app.services.len();
+            app.services.retain(|e| service_key(e) != service_key(r));
+            if app.services.len() == before {
+                return Err(CloudError::NotFound(format!(
+                    "service {} is not in the table of app {}",
+                    service_key(r),
+                    app.name
+                )));
+            }
+        }
+        add_services(&mut app.services, add)?;
+        self.apps.put(&app)?;
+        tracing::info!(app = %app.name, services = app.services.len(), "service table edited");
+        Ok(app)
+    }
+
+    /// Forgets an app; the caller removed its images and checked it has no clones.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        self.apps.remove(name)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,449 @@
+//! gRPC faces of the cloud manager, the only code that speaks the wire types: each call
+//! turns its request into the service's domain types (`wire`), ingest calls check the
+//! caller's role each, the control API is checked once by `operator_only`, and errors
+//! become statuses through `fail` (`to_status`), nowhere else.
+mod wire;
+
+use crate::cloud::Cloud;
+use crate::error::{CloudError, Result};
+use crate::ingest::require_ingest;
+use crate::replication::SettingsChange;
+use ferry_common::error::{to_status, ErrorKind, Kind};
+use ferry_common::pki::{Identity, Role};
+use ferry_common::tls::peer;
+use ferry_proto::v1 as pb;
+use ferry_proto::MAX_MESSAGE_BYTES;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+#[derive(Debug, Clone)]
+pub struct Grpc {
+    pub cloud: Arc<Cloud>,
+}
+
+fn identity<T>(req: &Request<T>) -> Option<Identity> {
+    peer(req).and_then(|p| p.identity.clone())
+}
+
+/// Logs a failed or refused call (refusals also count in the metrics) and maps it to its
+/// status: the one way an error leaves the cloud manager.
+fn fail(cloud: &Cloud, op: &str, who: Option<&Identity>, e: CloudError) -> Status {
+    if matches!(
+        e.kind(),
+        Kind::InvalidArgument | Kind::PermissionDenied | Kind::Unauthenticated
+    ) {
+        cloud.refused();
+        tracing::warn!(op, peer = ?who.map(|i| i.to_string()), error = %e, "request refused");
+    } else {
+        tracing::warn!(op, peer = ?who.map(|i| i.to_string()), error = %e, "request failed");
+    }
+    to_status(&e)
+}
+
+/// The caller of a control call: an operator.
+pub fn require_operator(peer: Option<&Identity>) -> Result<&Identity> {
+    match peer {
+        Some(id) if id.role == Role::Operator => Ok(id),
+        Some(id) => Err(CloudError::PermissionDenied(format!(
+            "{id} may not use the control api"
+        ))),
+        None => Err(CloudError::Unauthenticated),
+    }
+}
+
+/// The control API is the operator's alone: one check in front of every call.
+#[allow(clippy::result_large_err)] // tonic's interceptor answers with a `Status`
+pub fn operator_only(
+    cloud: Arc<Cloud>,
+) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
+    move |req: Request<()>| {
+        let who = identity(&req);
+        match require_operator(who.as_ref()) {
+            Ok(_) => Ok(req),
+            Err(e) => Err(fail(&cloud, "control", who.as_ref(), e)),
+        }
+    }
+}
+
+/// Serves the three APIs over mTLS on `listener` until `shutdown`.
+pub async fn serve(
+    cloud: Arc<Cloud>,
+    listener: tokio::net::TcpListener,
+    tls: ferry_common::tls::ServerTls,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let grpc = Grpc {
+        cloud: cloud.clone(),
+    };
+    let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
+    ferry_common::tls::grpc_server()
+        .add_service(pb::enrollment_server::EnrollmentServer::new(grpc.clone()))
+        .add_service(
+            pb::ingest_server::IngestServer::new(grpc.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            pb::control_server::ControlServer::new(grpc)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            operator_only(cloud),
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await
+}
+
+impl Grpc {
+    fn fail(&self, op: &str, who: Option<&Identity>, e: CloudError) -> Status {
+        fail(&self.cloud, op, who, e)
+    }
+
+    /// A call's result as its answer.
+    #[allow(clippy::result_large_err)] // what every tonic handler returns
+    fn reply<T, W: Into<T>>(
+        &self,
+        op: &str,
+        who: Option<Identity>,
+        r: Result<W, CloudError>,
+    ) -> Result<Response<T>, Status> {
+        r.map(|w| Response::new(w.into()))
+            .map_err(|e| self.fail(op, who.as_ref(), e))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::enrollment_server::Enrollment for Grpc {
+    async fn enroll(
+        &self,
+        req: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let cloud = self.cloud.clone();
+        let r = req.into_inner().into();
+        let r = crate::error::blocking(move || cloud.ingest.enroll(r)).await;
+        self.reply("enroll", None, r)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::ingest_server::Ingest for Grpc {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let who = identity(&req);
+        let r = async {
+            let id = require_ingest(who.as_ref())?;
+            self.cloud
+                .ingest
+                .register(id, req.into_inner().into())
+                .await
+        }
+        .await;
+        self.reply("register", who, r)
+    }
+
+    async fn missing_chunks(
+        &self,
+        req: Request<pb::MissingChunksRequest>,
+    ) -> Result<Response<pb::MissingChunksResponse>, Status> {
+        let who = identity(&req);
+        let r = async {
+            require_ingest(who.as_ref())?;
+            let hashes = wire::hashes(req.get_ref())?;
+            let keeps = req.get_ref().asker_keeps_copy;
+            let missing = self.cloud.ingest.missing(hashes, keeps).await?;
+            Ok(pb::MissingChunksResponse { missing })
+        }
+        .await;
+        self.reply("missing-chunks", who, r)
+    }
+
+    async fn put_chunks(
+        &self,
+        req: Request<Streaming<pb::ChunkFrame>>,
+    ) -> Result<Response<pb::PutChunksResponse>, Status> {
+        let who = identity(&req);
+        require_ingest(who.as_ref()).map_err(|e| self.fail("put-chunks", who.as_ref(), e))?;
+        let ingest = &self.cloud.ingest;
+        let mut stream = req.into_inner();
+        let mut staged = Vec::new();
+        let mut duplicate = 0;
+        while let Some(frame) = stream.message().await? {
+            match wire::frame(frame).and_then(|f| ingest.stage_frame(&f)) {
+                Ok(Some(s)) => staged.push(s),
+                Ok(None) => duplicate += 1,
+                Err(e) => {
+                    ingest.storage_error(&e);
+                    return Err(self.fail("put-chunks", who.as_ref(), e));
+                }
+            }
+        }
+        let stored = ingest.publish_chunks(staged).await.map_err(|e| {
+            ingest.storage_error(&e);
+            self.fail("put-chunks", who.as_ref(), e)
+        })?;
+        Ok(Response::new(pb::PutChunksResponse { stored, duplicate }))
+    }
+
+    async fn apply_batch(
+        &self,
+        req: Request<pb::Batch>,
+    ) -> Result<Response<pb::BatchResponse>, Status> {
+        let who = identity(&req);
+        let r = async {
+            let id = require_ingest(who.as_ref())?;
+            self.cloud
+                .ingest
+                .apply_batch(id, req.into_inner().into())
+                .await
+        }
+        .await;
+        self.reply("apply-batch", who, r)
+    }
+
+    async fn progress(
+        &self,
+        req: Request<pb::ProgressRequest>,
+    ) -> Result<Response<pb::ProgressResponse>, Status> {
+        let who = identity(&req);
+        let q = req.get_ref();
+        let r = require_ingest(who.as_ref()).and_then(|id| {
+            (self.cloud.ingest).progress(id, &q.system, q.pending_since_ms, q.pending_bytes)
+        });
+        self.reply("progress", who, r)
+    }
+}
+
+/// Every call here passed `operator_only` first.
+#[tonic::async_trait]
+impl pb::control_server::Control for Grpc {
+    async fn list_systems(
+        &self,
+        req: Request<pb::ListSystemsRequest>,
+    ) -> Result<Response<pb::ListSystemsResponse>, Status> {
+        let r = self.cloud.replication.list(&req.get_ref().name);
+        let r = r.map(|s| pb::ListSystemsResponse {
+            systems: s.into_iter().map(Into::into).collect(),
+        });
+        self.reply("list-systems", identity(&req), r)
+    }
+
+    async fn sync_status(
+        &self,
+        req: Request<pb::SyncStatusRequest>,
+    ) -> Result<Response<pb::SyncStatusResponse>, Status> {
+        let replication = &self.cloud.replication;
+        let r = replication.list("").map(|s| pb::SyncStatusResponse {
+            systems: s.into_iter().map(Into::into).collect(),
+            counters: Some(self.cloud.counters.snapshot().into()),
+            last_error: replication.last_error(),
+        });
+        self.reply("sync-status", identity(&req), r)
+    }
+
+    async fn replica_path(
+        &self,
+        req: Request<pb::ReplicaPathRequest>,
+    ) -> Result<Response<pb::ReplicaPathResponse>, Status> {
+        let q = req.get_ref();
+        let r = self
+            .cloud
+            .replication
+            .replica_path(&q.system, &q.mount_point);
+        let r = r.map(|p| pb::ReplicaPathResponse {
+            path: p.display().to_string(),
+        });
+        self.reply("replica-path", identity(&req), r)
+    }
+
+    async fn set_replication(
+        &self,
+        req: Request<pb::SetReplicationRequest>,
+    ) -> Result<Response<pb::SetReplicationResponse>, Status> {
+        let q = req.get_ref();
+        let change = SettingsChange {
+            paused: q.set_paused.then_some(q.paused),
+            rate_limit_bps: q.set_rate_limit.then_some(q.rate_limit_bps),
+        };
+        let r = self.cloud.replication.set(&q.system, change).await;
+        let r = r.map(|s| pb::SetReplicationResponse {
+            paused: s.paused,
+            rate_limit_bps: s.rate_limit_bps,
+        });
+        self.reply("set-replication", identity(&req), r)
+    }
+
+    async fn file_db_add(
+        &self,
+        req: Request<pb::FileDbAddRequest>,
+    ) -> Result<Response<pb::FileDbEntry>, Status> {
+        let who = identity(&req);
+        let r = async {
+            let (entry, contents) = wire::filedb_add(req.into_inner())?;
+            self.cloud.images.filedb_add(entry, contents).await
+        }
+        .await;
+        self.reply("filedb-add", who, r)
+    }
+
+    async fn file_db_list(
+        &self,
+        req: Request<pb::FileDbListRequest>,
+    ) -> Result<Response<pb::FileDbListResponse>, Status> {
+        let r = self
+            .cloud
+            .images
+            .filedb_list()
+            .map(|l| pb::FileDbListResponse {
+                entries: l.into_iter().map(Into::into).collect(),
+            });
+        self.reply("filedb-list", identity(&req), r)
+    }
+
+    async fn prepare_system(
+        &self,
+        req: Request<pb::PrepareSystemRequest>,
+    ) -> Result<Response<pb::PrepareSystemResponse>, Status> {
+        let who = identity(&req);
+        let r = self.cloud.images.prepare(req.into_inner().into()).await;
+        self.reply("prepare-system", who, r)
+    }
+
+    async fn build_image(
+        &self,
+        req: Request<pb::BuildImageRequest>,
+    ) -> Result<Response<pb::ImageInfo>, Status> {
+        let who = identity(&req);
+        let q = req.into_inner();
+        let spec = crate::images::PrepareSpec {
+            system: q.system,
+            target: q.target,
+            services: q.services,
+            dry_run: false,
+        };
+        let r = self.cloud.images.build(spec, q.skip_boot_check, "").await;
+        self.reply("build-image", who, r.map(wire::image))
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let r = self.cloud.images.list().map(wire::images);
+        self.reply("list-images", identity(&req), r)
+    }
+
+    async fn delete_image(
+        &self,
+        req: Request<pb::DeleteImageRequest>,
+    ) -> Result<Response<pb::DeleteImageResponse>, Status> {
+        let r = self.cloud.delete_image(&req.get_ref().id).await;
+        let r = r.map(|()| pb::DeleteImageResponse {});
+        self.reply("delete-image", identity(&req), r)
+    }
+
+    async fn create_app(&self, req: Request<pb::AppInfo>) -> Result<Response<pb::AppInfo>, Status> {
+        let who = identity(&req);
+        let r = self.cloud.apps.create(req.into_inner().into());
+        self.reply("create-app", who, r)
+    }
+
+    async fn list_apps(
+        &self,
+        req: Request<pb::ListAppsRequest>,
+    ) -> Result<Response<pb::ListAppsResponse>, Status> {
+        let r = self.cloud.apps.list().map(|a| pb::ListAppsResponse {
+            apps: a.into_iter().map(Into::into).collect(),
+        });
+        self.reply("list-apps", identity(&req), r)
+    }
+
+    async fn delete_app(
+        &self,
+        req: Request<pb::DeleteAppRequest>,
+    ) -> Result<Response<pb::DeleteAppResponse>, Status> {
+        let r = self.cloud.delete_app(&req.get_ref().name).await;
+        let r = r.map(|images_deleted| pb::DeleteAppResponse { images_deleted });
+        self.reply("delete-app", identity(&req), r)
+    }
+
+    async fn edit_services(
+        &self,
+        req: Request<pb::EditServicesRequest>,
+    ) -> Result<Response<pb::AppInfo>, Status> {
+        let q = req.get_ref();
+        let r = self.cloud.apps.edit_services(&q.app, &q.add, &q.remove);
+        self.reply("edit-services", identity(&req), r)
+    }
+
+    async fn build_app_images(
+        &self,
+        req: Request<pb::BuildAppImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let q = req.get_ref();
+        let r = self.cloud.build_app_images(&q.app, q.skip_boot_check).await;
+        self.reply("build-app-images", identity(&req), r.map(wire::images))
+    }
+
+    async fn create_clone(
+        &self,
+        req: Request<pb::CreateCloneRequest>,
+    ) -> Result<Response<pb::CloneInfo>, Status> {
+        let q = req.get_ref();
+        let r = (self.cloud)
+            .create_clone(&q.app, &q.name, &q.instance_type)
+            .await;
+        self.reply("create-clone", identity(&req), r)
+    }
+
+    async fn list_clones(
+        &self,
+        req: Request<pb::ListClonesRequest>,
+    ) -> Result<Response<pb::ListClonesResponse>, Status> {
+        let r = self
+            .cloud
+            .clones
+            .list()
+            .await
+            .map(|c| pb::ListClonesResponse {
+                clones: c.into_iter().map(Into::into).collect(),
+            });
+        self.reply("list-clones", identity(&req), r)
+    }
+
+    async fn suspend_clone(
+        &self,
+        req: Request<pb::CloneRequest>,
+    ) -> Result<Response<pb::CloneInfo>, Status> {
+        let r = self.cloud.clones.suspend(&req.get_ref().name).await;
+        self.reply("suspend-clone", identity(&req), r)
+    }
+
+    async fn resume_clone(
+        &self,
+        req: Request<pb::CloneRequest>,
+    ) -> Result<Response<pb::CloneInfo>, Status> {
+        let r = self.cloud.clones.resume(&req.get_ref().name).await;
+        self.reply("resume-clone", identity(&req), r)
+    }
+
+    async fn terminate_clone(
+        &self,
+        req: Request<pb::CloneRequest>,
+    ) -> Result<Response<pb::CloneInfo>, Status> {
+        let r = self.cloud.clones.terminate(&req.get_ref().name).await;
+        self.reply("terminate-clone", identity(&req), r)
+    }
+
+    async fn tunnel_connect(
+        &self,
+        req: Request<pb::TunnelConnectRequest>,
+    ) -> Result<Response<pb::TunnelConnectResponse>, Status> {
+        let q = req.get_ref();
+        let r = self
+            .cloud
+            .clones
+            .tunnel_connect(&q.clone, &q.system, &q.key_path);
+        self.reply("tunnel-connect", identity(&req), r)
+    }
+}

@@ -1,0 +1,375 @@
+//! Wire types to domain types and back: the one place the services' types meet `pb::`.
+use crate::apps::AppSpec;
+use crate::clones::{CloneView, TunnelDetails};
+use crate::error::{CloudError, Result};
+use crate::images::{FileContent, FileDbListing, PrepareSpec, Prepared};
+use crate::ingest::{
+    Ack, Batch, Enrolled, Enrollment, Frame, FsReport, PassProgress, Registration,
+};
+use crate::replication::SystemStatus;
+use crate::state::{AppRecord, CounterValues, ImageRecord, Settings};
+use ferry_common::chunks::hash_from_bytes;
+use ferry_proto::v1 as pb;
+
+impl From<pb::EnrollRequest> for Enrollment {
+    fn from(r: pb::EnrollRequest) -> Self {
+        Self {
+            token: r.token,
+            role: r.role,
+            name: r.name,
+            csr_pem: r.csr_pem,
+            sans: r.sans,
+        }
+    }
+}
+
+impl From<Enrolled> for pb::EnrollResponse {
+    fn from(e: Enrolled) -> Self {
+        Self {
+            cert_pem: e.cert_pem,
+            ca_pem: e.ca_pem,
+        }
+    }
+}
+
+impl From<pb::RegisterRequest> for Registration {
+    fn from(r: pb::RegisterRequest) -> Self {
+        Self {
+            system: r.system,
+            probe_json: r.probe_json,
+            filesystems: r
+                .filesystems
+                .into_iter()
+                .map(|f| FsReport {
+                    fs_id: f.fs_id,
+                    mount_point: f.mount_point,
+                    fstype: f.fstype,
+                    capacity_bytes: f.capacity_bytes,
+                    used_bytes: f.used_bytes,
+                    uuid: f.uuid,
+                    label: f.label,
+                    device: f.device,
+                    inodes_total: f.inodes_total,
+                    inodes_used: f.inodes_used,
+                })
+                .collect(),
+        }
+    }
+}
+
+pub fn settings(s: Settings) -> pb::Settings {
+    pb::Settings {
+        paused: s.paused,
+        rate_limit_bps: s.rate_limit_bps,
+    }
+}
+
+/// The (accepted, durable, settings) every epoch-bearing answer carries: the cloud
+/// accepts only what is durable.
+macro_rules! ack_into {
+    ($($t:ty),*) => {$(
+        impl From<Ack> for $t {
+            fn from(a: Ack) -> Self {
+                Self {
+                    accepted_epoch: a.durable_epoch,
+                    durable_epoch: a.durable_epoch,
+                    settings: Some(settings(a.settings)),
+                }
+            }
+        }
+    )*};
+}
+ack_into!(
+    pb::RegisterResponse,
+    pb::BatchResponse,
+    pb::ProgressResponse
+);
+
+pub fn hashes(r: &pb::MissingChunksRequest) -> Result<Vec<[u8; 32]>> {
+    if r.hashes.len() > crate::ingest::MAX_HASHES {
+        return Err(CloudError::Invalid(format!(
+            "at most {} hashes per call",
+            crate::ingest::MAX_HASHES
+        )));
+    }
+    Ok(r.hashes
+        .iter()
+        .map(|h| hash_from_bytes(h))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+pub fn frame(f: pb::ChunkFrame) -> Result<Frame> {
+    Ok(Frame {
+        hash: hash_from_bytes(&f.hash)?,
+        zdata: f.zdata,
+        raw_len: f.raw_len,
+        raw: f.raw,
+    })
+}
+
+impl From<pb::Batch> for Batch {
+    fn from(b: pb::Batch) -> Self {
+        Self {
+            system: b.system,
+            epoch: b.epoch,
+            fs_id: b.fs_id,
+            entries: b.entries,
+            progress: b.progress.map(|p| PassProgress {
+                phase: p.phase,
+                bytes_done: p.bytes_done,
+                bytes_total: p.bytes_total,
+            }),
+            source_time_ms: b.source_time_ms,
+            ends_pass: b.ends_pass,
+        }
+    }
+}
+
+impl From<SystemStatus> for pb::SystemStatus {
+    fn from(s: SystemStatus) -> Self {
+        let rec = s.record;
+        let state = rec.state().into();
+        let filesystems = rec
+            .filesystems
+            .iter()
+            .zip(s.replicas)
+            .map(|(f, (replica, image))| pb::FsStatus {
+                fs_id: f.fs_id.clone(),
+                mount_point: String::from_utf8_lossy(&f.mount_point).into_owned(),
+                fstype: f.fstype.clone(),
+                uuid: f.uuid.clone(),
+                label: f.label.clone(),
+                capacity_bytes: f.capacity_bytes,
+                phase: f.phase.clone(),
+                bytes_done: f.bytes_done,
+                bytes_total: f.bytes_total,
+                replica_path: replica.display().to_string(),
+                image: image.display().to_string(),
+            })
+            .collect();
+        pb::SystemStatus {
+            name: rec.name,
+            state,
+            probe_json: rec.probe_json,
+            filesystems,
+            durable_epoch: rec.durable_epoch,
+            last_durable_unix_ms: rec.last_durable_ms,
+            via: rec.via,
+            lag_ms: rec.lag_ms,
+            last_error: rec.last_error,
+            paused: rec.paused,
+            rate_limit_bps: rec.rate_limit_bps,
+            lag_seconds: s.lag_seconds,
+            pending_bytes: s.report.pending_bytes,
+            last_report_unix_ms: s.report.at_ms,
+        }
+    }
+}
+
+impl From<CounterValues> for pb::Counters {
+    fn from(c: CounterValues) -> Self {
+        Self {
+            chunk_wire_bytes: c.chunk_wire_bytes,
+            chunk_raw_bytes: c.chunk_raw_bytes,
+            chunks_stored: c.chunks_stored,
+            chunks_duplicate: c.chunks_duplicate,
+            batches_applied: c.batches_applied,
+            file_bytes_written: c.file_bytes_written,
+            refused_requests: c.refused_requests,
+        }
+    }
+}
+
+pub fn filedb_add(
+    r: pb::FileDbAddRequest,
+) -> Result<(ferry_customize::filedb::Entry, Vec<FileContent>)> {
+    let e = r
+        .entry
+        .ok_or_else(|| CloudError::Invalid("file database entry missing".into()))?;
+    let entry = ferry_customize::filedb::Entry {
+        os: e.os,
+        versions: e.versions,
+        target: e.target,
+        modules: e.modules,
+        files: Vec::new(),
+        note: e.note,
+        replace_boot: e.replace_boot,
+    };
+    let contents = e
+        .files
+        .into_iter()
+        .map(|f| (f.path, if f.mode == 0 { 0o644 } else { f.mode }, f.content))
+        .collect();
+    Ok((entry, contents))
+}
+
+impl From<FileDbListing> for pb::FileDbEntry {
+    fn from(l: FileDbListing) -> Self {
+        let e = l.entry;
+        Self {
+            index: l.index as u32,
+            built_in: l.built_in,
+            files: e
+                .files
+                .iter()
+                .zip(l.sizes)
+                .map(|(f, size)| pb::FileDbFile {
+                    path: f.path.clone(),
+                    mode: f.mode,
+                    content: Vec::new(),
+                    sha256: f.sha256.clone(),
+                    size,
+                })
+                .collect(),
+            os: e.os,
+            versions: e.versions,
+            target: e.target,
+            modules: e.modules,
+            note: e.note,
+            replace_boot: e.replace_boot,
+        }
+    }
+}
+
+pub fn image(r: ImageRecord) -> pb::ImageInfo {
+    pb::ImageInfo {
+        id: r.id,
+        system: r.system,
+        target: r.target,
+        epoch: r.epoch,
+        path: r.path,
+        virtual_bytes: r.virtual_bytes,
+        disk_bytes: r.disk_bytes,
+        boot_check_json: r.boot_check_json,
+        created_unix_ms: r.created_unix_ms,
+        app: r.app,
+        provider_image: r.provider_image,
+        provider_snapshot: r.provider_snapshot,
+        parent_snapshot: r.parent_snapshot,
+        uploaded_bytes: r.uploaded_bytes,
+        firmware: if r.firmware.is_empty() {
+            "bios".into()
+        } else {
+            r.firmware
+        },
+        boot_loader: r.boot_loader,
+    }
+}
+
+pub fn images(v: Vec<ImageRecord>) -> pb::ListImagesResponse {
+    pb::ListImagesResponse {
+        images: v.into_iter().map(image).collect(),
+    }
+}
+
+impl From<pb::PrepareSystemRequest> for PrepareSpec {
+    fn from(r: pb::PrepareSystemRequest) -> Self {
+        Self {
+            system: r.system,
+            target: r.target,
+            services: r.services,
+            dry_run: r.dry_run,
+        }
+    }
+}
+
+impl From<Prepared> for pb::PrepareSystemResponse {
+    fn from(p: Prepared) -> Self {
+        Self {
+            epoch: p.epoch,
+            images: p.images.iter().map(|p| p.display().to_string()).collect(),
+            report_json: serde_json::to_string(&p.report).unwrap_or_default(),
+        }
+    }
+}
+
+impl From<pb::AppInfo> for AppSpec {
+    fn from(r: pb::AppInfo) -> Self {
+        Self {
+            name: r.name,
+            systems: r
+                .systems
+                .into_iter()
+                .map(|s| (s.system, s.visibility))
+                .collect(),
+            services: r.services,
+            load_balancer: r.load_balancer,
+            load_balancer_ports: r.load_balancer_ports,
+            provider: r.provider,
+        }
+    }
+}
+
+impl From<AppRecord> for pb::AppInfo {
+    fn from(r: AppRecord) -> Self {
+        Self {
+            name: r.name,
+            systems: r
+                .systems
+                .into_iter()
+                .map(|(system, visibility)| pb::AppSystem { system, visibility })
+                .collect(),
+            services: r.services,
+            load_balancer: r.load_balancer,
+            provider: r.provider,
+            created_unix_ms: r.created_unix_ms,
+            load_balancer_ports: r
+                .load_balancer_ports
+                .iter()
+                .map(|p| u32::from(*p))
+                .collect(),
+        }
+    }
+}
+
+impl From<CloneView> for pb::CloneInfo {
+    fn from(v: CloneView) -> Self {
+        let r = v.record;
+        Self {
+            instances: r
+                .instances
+                .iter()
+                .zip(v.console_logs)
+                .map(|(i, console)| pb::InstanceInfo {
+                    system: i.system.clone(),
+                    visibility: i.visibility.clone(),
+                    image: i.image.clone(),
+                    state: i.state.clone(),
+                    private_ip: i.private_ip.clone(),
+                    public_ip: i.public_ip.clone(),
+                    mac: i.mac.clone(),
+                    accel: i.accel.clone(),
+                    accel_note: i.accel_note.clone(),
+                    boot_seconds: i.boot_seconds,
+                    console_log: console.map(|p| p.display().to_string()).unwrap_or_default(),
+                    provider_id: i.provider_id.clone(),
+                    size: i.size.clone(),
+                })
+                .collect(),
+            subnets: r.subnets.into_iter().map(|(c, _)| c).collect(),
+            name: r.name,
+            app: r.app,
+            provider: r.provider,
+            state: r.state,
+            load_balancer_ip: r.load_balancer_ip,
+            created_unix_ms: r.created_unix_ms,
+            create_seconds: r.create_seconds,
+            network: r.network,
+            warnings: r.warnings,
+            tunnel_gateway: r.tunnel_gateway,
+        }
+    }
+}
+
+impl From<TunnelDetails> for pb::TunnelConnectResponse {
+    fn from(t: TunnelDetails) -> Self {
+        Self {
+            table_a: t.table_a,
+            client_key: t.client_key,
+            gateway: t.gateway,
+            app_server: t.app_server,
+            system: t.system,
+            host_key_fingerprint: t.host_key_fingerprint,
+        }
+    }
+}

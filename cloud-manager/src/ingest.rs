@@ -1,0 +1,478 @@
+//! The ingest service: enrollment, registration, chunk intake and the durable
+//! application of batches, epoch by epoch, into the replicas.
+use crate::apply;
+use crate::error::{blocking, CloudError, Result};
+use crate::replication::{LagReport, Replication};
+use crate::state::{Counters, FsRecord, Meta, Settings, SystemRecord};
+use crate::volumes::{self, VolumeStore};
+use ferry_common::chunks::{self, ChunkStore};
+use ferry_common::pki::{Ca, Identity, Role};
+use ferry_common::token::TokenStore;
+use ferry_proto::v1::Entry;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Most hashes one MissingChunks call may ask about.
+pub const MAX_HASHES: usize = 65536;
+/// Most entries in one batch.
+pub const MAX_ENTRIES: usize = 100_000;
+/// Free space kept in the data dir beyond what a batch needs.
+const RESERVE: u64 = 32 << 20;
+
+/// A request for a certificate with a join token.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    pub token: String,
+    pub role: String,
+    pub name: String,
+    pub csr_pem: String,
+    pub sans: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Enrolled {
+    pub cert_pem: String,
+    pub ca_pem: String,
+}
+
+/// A file system as its agent describes it at registration.
+#[derive(Debug, Clone, Default)]
+pub struct FsReport {
+    pub fs_id: String,
+    pub mount_point: Vec<u8>,
+    pub fstype: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub uuid: String,
+    pub label: String,
+    pub device: String,
+    pub inodes_total: u64,
+    pub inodes_used: u64,
+}
+
+/// A system's registration: its probe and its file systems.
+#[derive(Debug, Clone, Default)]
+pub struct Registration {
+    pub system: String,
+    pub probe_json: Vec<u8>,
+    pub filesystems: Vec<FsReport>,
+}
+
+/// One chunk as it arrived: its claimed hash and its (maybe compressed) bytes.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub hash: [u8; 32],
+    pub zdata: Vec<u8>,
+    pub raw_len: u32,
+    pub raw: bool,
+}
+
+/// Where a file system's pass stands, as the agent counts it.
+#[derive(Debug, Clone, Default)]
+pub struct PassProgress {
+    pub phase: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// One epoch of one file system. Its entries are the replication format itself (shared
+/// by agent, site and cloud, checked by `ferry_common::entry`): moved here, not copied.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub system: String,
+    pub epoch: u64,
+    pub fs_id: String,
+    pub entries: Vec<Entry>,
+    pub progress: Option<PassProgress>,
+    /// When the agent saw the oldest change in the batch (0: unknown).
+    pub source_time_ms: i64,
+    /// The last batch of a pass.
+    pub ends_pass: bool,
+}
+
+/// The answer to every ingest call that names a system: how far it is durable, and what
+/// the operator set for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ack {
+    pub durable_epoch: u64,
+    pub settings: Settings,
+}
+
+impl Ack {
+    fn of(rec: &SystemRecord) -> Self {
+        Self {
+            durable_epoch: rec.durable_epoch,
+            settings: rec.settings(),
+        }
+    }
+}
+
+/// The identity a request must carry to write `system`: the agent itself, or a site
+/// relaying for it (sites check their agents' identities before they queue anything).
+pub fn authorize_system(peer: &Identity, system: &str) -> Result<()> {
+    match peer.role {
+        Role::Agent if peer.name == system => Ok(()),
+        Role::Site => Ok(()),
+        _ => Err(CloudError::PermissionDenied(format!(
+            "{peer} may not write system {system:?}"
+        ))),
+    }
+}
+
+/// The caller of an ingest call: an enrolled agent or site.
+pub fn require_ingest(peer: Option<&Identity>) -> Result<&Identity> {
+    match peer {
+        Some(id) if matches!(id.role, Role::Agent | Role::Site) => Ok(id),
+        Some(id) => Err(CloudError::PermissionDenied(format!(
+            "{id} may not use the ingest api"
+        ))),
+        None => Err(CloudError::Unauthenticated),
+    }
+}
+
+pub struct Ingest {
+    replication: Arc<Replication>,
+    meta: Meta,
+    pub chunks: ChunkStore,
+    tokens: TokenStore,
+    pub ca: Ca,
+    counters: Arc<Counters>,
+    data_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Ingest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingest").finish_non_exhaustive()
+    }
+}
+
+impl Ingest {
+    pub fn new(
+        replication: Arc<Replication>,
+        meta: Meta,
+        chunks: ChunkStore,
+        tokens: TokenStore,
+        ca: Ca,
+        counters: Arc<Counters>,
+        data_dir: PathBuf,
+    ) -> Self {
+        Self {
+            replication,
+            meta,
+            chunks,
+            tokens,
+            ca,
+            counters,
+            data_dir,
+        }
+    }
+
+    fn volumes(&self) -> &Arc<dyn VolumeStore> {
+        self.replication.volumes()
+    }
+
+    /// Signs a certificate for an agent or a site that holds a valid join token.
+    pub fn enroll(&self, req: Enrollment) -> Result<Enrolled> {
+        let role = match req.role.as_str() {
+            "agent" => Role::Agent,
+            "site" => Role::Site,
+            other => {
+                return Err(CloudError::Invalid(format!(
+                    "cannot enroll role {other:?} (agent or site)"
+                )))
+            }
+        };
+        let identity = Identity::new(role, &req.name)?;
+        if role == Role::Agent && !req.sans.is_empty() {
+            return Err(CloudError::Invalid(
+                "agents do not serve: no subject alternative names".into(),
+            ));
+        }
+        for san in &req.sans {
+            let ok = san.parse::<std::net::IpAddr>().is_ok()
+                || (!san.is_empty()
+                    && san.len() < 254
+                    && san
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+            if !ok {
+                return Err(CloudError::Invalid(format!(
+                    "invalid subject alternative name {san:?}"
+                )));
+            }
+        }
+        let id = identity.to_string();
+        if self.meta.is_enrolled(&id)? {
+            return Err(CloudError::AlreadyExists(format!(
+                "{id} is already enrolled"
+            )));
+        }
+        self.tokens.consume(&req.token)?;
+        let cert_pem = self.ca.sign_csr(&req.csr_pem, &identity, &req.sans)?;
+        self.meta.mark_enrolled(&id)?;
+        tracing::info!(identity = %id, "enrolled");
+        Ok(Enrolled {
+            cert_pem,
+            ca_pem: self.ca.pem().to_string(),
+        })
+    }
+
+    /// Records a system and its file systems (a re-register updates them) and makes
+    /// their replicas ready.
+    pub async fn register(&self, peer: &Identity, req: Registration) -> Result<Ack> {
+        authorize_system(peer, &req.system)?;
+        ferry_common::pki::validate_name(&req.system).map_err(CloudError::Invalid)?;
+        if req.filesystems.is_empty() || req.filesystems.len() > 64 {
+            return Err(CloudError::Invalid(
+                "a system registers 1 to 64 file systems".into(),
+            ));
+        }
+        let probe_json = String::from_utf8(req.probe_json)
+            .map_err(|_| CloudError::Invalid("probe is not utf-8 json".into()))?;
+        let lock = self.replication.lock(&req.system);
+        let _g = lock.lock().await;
+        let mut rec = self
+            .replication
+            .system(&req.system)?
+            .unwrap_or_else(|| SystemRecord {
+                name: req.system.clone(),
+                ..Default::default()
+            });
+        rec.probe_json = probe_json;
+        for fs in req.filesystems {
+            ferry_common::pki::validate_name(&fs.fs_id).map_err(CloudError::Invalid)?;
+            if !volumes::supported(&fs.fstype) {
+                return Err(volumes::VolumeError::Unsupported(fs.fstype).into());
+            }
+            if let Some(have) = rec.fs_mut(&fs.fs_id) {
+                have.mount_point = fs.mount_point;
+                have.used_bytes = fs.used_bytes;
+                have.inodes_used = fs.inodes_used;
+                continue;
+            }
+            rec.filesystems.push(FsRecord {
+                fs_id: fs.fs_id,
+                mount_point: fs.mount_point,
+                fstype: fs.fstype,
+                capacity_bytes: fs.capacity_bytes,
+                used_bytes: fs.used_bytes,
+                uuid: fs.uuid,
+                label: fs.label,
+                device: fs.device,
+                phase: "scanning".into(),
+                bytes_done: 0,
+                bytes_total: fs.used_bytes,
+                inodes_total: fs.inodes_total,
+                inodes_used: fs.inodes_used,
+            });
+        }
+        for fs in &rec.filesystems {
+            let (v, name, fs) = (self.volumes().clone(), rec.name.clone(), fs.clone());
+            blocking(move || v.ensure(&name, &fs).map_err(CloudError::from)).await?;
+        }
+        let systems = self.replication.records();
+        systems.put(&rec)?;
+        systems.flush()?;
+        tracing::info!(system = %rec.name, filesystems = rec.filesystems.len(), by = %peer, "system registered");
+        Ok(Ack::of(&rec))
+    }
+
+    /// Which of `hashes` the store lacks (their indexes). Unless the asker keeps its own
+    /// copy, the ones held are promised to stay until its batch is durable.
+    pub async fn missing(&self, hashes: Vec<[u8; 32]>, asker_keeps_copy: bool) -> Result<Vec<u32>> {
+        if hashes.len() > MAX_HASHES {
+            return Err(CloudError::Invalid(format!(
+                "at most {MAX_HASHES} hashes per call"
+            )));
+        }
+        let store = self.chunks.clone();
+        let missing = blocking(move || Ok(store.missing(&hashes, !asker_keeps_copy)?)).await?;
+        Ok(missing.into_iter().map(|i| i as u32).collect())
+    }
+
+    /// Verifies and stages one frame; duplicates are counted and dropped.
+    pub fn stage_frame(&self, f: &Frame) -> Result<Option<chunks::Staged>> {
+        chunks::verify_frame(&f.hash, &f.zdata, f.raw_len, f.raw)?;
+        Counters::add(&self.counters.chunk_wire_bytes, f.zdata.len() as u64);
+        if self.chunks.has(&f.hash) {
+            Counters::add(&self.counters.chunks_duplicate, 1);
+            return Ok(None);
+        }
+        // A chunk store that hits ENOSPC mid-write leaves its index behind; the reserve
+        // keeps that from happening, and the sender retries once space is freed.
+        self.ensure_room(f.zdata.len() as u64, "a chunk")?;
+        Counters::add(&self.counters.chunk_raw_bytes, f.raw_len as u64);
+        Ok(Some(self.chunks.stage(f.hash, &f.zdata, f.raw_len, f.raw)?))
+    }
+
+    /// Makes staged chunks readable; they are synced once someone is told they are held.
+    pub async fn publish_chunks(&self, staged: Vec<chunks::Staged>) -> Result<u64> {
+        let store = self.chunks.clone();
+        let n = blocking(move || store.publish(staged).map_err(CloudError::from)).await?;
+        Counters::add(&self.counters.chunks_stored, n as u64);
+        Ok(n as u64)
+    }
+
+    /// Remembers a storage failure for the operator (see `Replication::storage_error`).
+    pub fn storage_error(&self, e: &CloudError) {
+        self.replication.storage_error(e);
+    }
+
+    /// Applies one epoch of one file system and makes it durable. An epoch at or below
+    /// the durable one is acknowledged without being applied again.
+    pub async fn apply_batch(&self, peer: &Identity, batch: Batch) -> Result<Ack> {
+        authorize_system(peer, &batch.system)?;
+        let started = std::time::Instant::now();
+        if batch.entries.len() > MAX_ENTRIES {
+            return Err(CloudError::Invalid(format!(
+                "at most {MAX_ENTRIES} entries per batch"
+            )));
+        }
+        let lock = self.replication.lock(&batch.system);
+        let _g = lock.lock().await;
+        let mut rec = self.replication.system(&batch.system)?.ok_or_else(|| {
+            CloudError::NotFound(format!("system {:?} is not registered", batch.system))
+        })?;
+        if batch.epoch <= rec.durable_epoch {
+            return Ok(Ack::of(&rec));
+        }
+        let fs = rec
+            .fs(&batch.fs_id)
+            .ok_or_else(|| {
+                CloudError::NotFound(format!(
+                    "system {} has no file system {:?}",
+                    batch.system, batch.fs_id
+                ))
+            })?
+            .clone();
+        let systems = self.replication.records();
+        let mnt = self.volumes().ensure(&batch.system, &fs)?;
+        if let Err(e) = self.check_space(&batch.entries) {
+            rec.last_error = format!("epoch {}: {e}", batch.epoch);
+            systems.put(&rec)?;
+            self.storage_error(&e);
+            return Err(e);
+        }
+        // A retry of an epoch whose application was cut short may find some of its
+        // entries (renames) already done.
+        let resumed = self.meta.begin_apply(&rec.name, batch.epoch)?;
+        let begun_ms = started.elapsed().as_millis() as u64;
+        let (store, entries) = (self.chunks.clone(), batch.entries);
+        let applied =
+            blocking(move || apply_durably(&mnt, &store, &entries, resumed, begun_ms)).await;
+        let applied = match applied {
+            Ok(a) => a,
+            Err(e) => {
+                // Kept for the operator; the batch stays unacknowledged and is retried.
+                tracing::error!(system = %rec.name, epoch = batch.epoch, error = %e, "batch not applied");
+                rec.last_error = format!("epoch {}: {e}", batch.epoch);
+                systems.put(&rec)?;
+                self.storage_error(&e);
+                return Err(e);
+            }
+        };
+        rec.last_error.clear();
+        self.replication.clear_storage_error();
+        Counters::add(&self.counters.batches_applied, 1);
+        Counters::add(&self.counters.file_bytes_written, applied.file_bytes);
+        rec.durable_epoch = batch.epoch;
+        rec.last_durable_ms = ferry_common::now_ms();
+        if batch.source_time_ms > 0 {
+            rec.lag_ms = (rec.last_durable_ms - batch.source_time_ms).max(0);
+        }
+        if batch.ends_pass {
+            self.replication
+                .pass_durable(&rec.name, batch.source_time_ms);
+        }
+        rec.via = peer.to_string();
+        if let (Some(p), Some(f)) = (batch.progress, rec.fs_mut(&batch.fs_id)) {
+            f.phase = p.phase;
+            f.bytes_done = p.bytes_done;
+            f.bytes_total = p.bytes_total;
+        }
+        systems.put(&rec)?;
+        self.meta.save_counters(&self.counters)?;
+        systems.flush()?;
+        tracing::debug!(system = %rec.name, epoch = batch.epoch, entries = applied.entries, "epoch durable");
+        Ok(Ack::of(&rec))
+    }
+
+    /// An agent's report of what it has seen but not yet sent durably.
+    pub fn progress(
+        &self,
+        peer: &Identity,
+        system: &str,
+        pending_since_ms: i64,
+        pending_bytes: u64,
+    ) -> Result<Ack> {
+        authorize_system(peer, system)?;
+        let rec = self.replication.system(system)?.unwrap_or_default();
+        if !rec.name.is_empty() {
+            self.replication.report(
+                &rec.name,
+                LagReport {
+                    pending_since_ms,
+                    pending_bytes,
+                    at_ms: ferry_common::now_ms(),
+                },
+            );
+        }
+        Ok(Ack::of(&rec))
+    }
+
+    /// Refuses a batch whose data would not fit in the data dir: a sparse volume image
+    /// that cannot grow would fail inside its file system instead of cleanly here.
+    fn check_space(&self, entries: &[Entry]) -> Result<()> {
+        let need: u64 = ferry_common::entry::chunk_refs(entries)
+            .map(|c| c.len as u64)
+            .sum::<u64>();
+        self.ensure_room(need, "the batch")
+    }
+
+    /// Refuses to write `need` bytes for `what` unless the data dir keeps its reserve.
+    fn ensure_room(&self, need: u64, what: &str) -> Result<()> {
+        let need = need + RESERVE;
+        let st = rustix::fs::statvfs(&self.data_dir).map_err(|e| CloudError::Io {
+            path: self.data_dir.display().to_string(),
+            source: e.into(),
+        })?;
+        let free = st.f_bavail * st.f_frsize;
+        if free < need {
+            return Err(CloudError::NoSpace(format!(
+                "data dir {} has {free} bytes free; {what} needs {need} (with reserve)",
+                self.data_dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn save_counters(&self) -> Result<()> {
+        self.meta.save_counters(&self.counters)?;
+        Ok(self.meta.flush()?)
+    }
+}
+
+/// Applies entries into the replica at `mnt` and syncs its file system.
+fn apply_durably(
+    mnt: &std::path::Path,
+    store: &ChunkStore,
+    entries: &[Entry],
+    resumed: bool,
+    begun_ms: u64,
+) -> Result<apply::Applied> {
+    let root = ferry_common::safepath::Root::open(mnt).map_err(apply::ApplyError::from)?;
+    let t = std::time::Instant::now();
+    let applied = apply::apply(&root, store, entries, resumed)?;
+    let apply_ms = t.elapsed().as_millis() as u64;
+    rustix::fs::syncfs(root.fd()).map_err(|e| CloudError::Io {
+        path: mnt.display().to_string(),
+        source: e.into(),
+    })?;
+    tracing::debug!(
+        begun_ms,
+        apply_ms,
+        sync_ms = t.elapsed().as_millis() as u64 - apply_ms,
+        "batch applied"
+    );
+    Ok(applied)
+}
