@@ -167,3 +167,6 @@ pub async fn run(
     tracing::info!("cloud manager stopped");
     Ok(result?)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,414 @@
+//! Ingest and replication: registration, epochs, lag bookkeeping, operator settings.
+use super::*;
+use crate::error::CloudError;
+use crate::ingest::{Enrollment, Frame, PassProgress};
+use crate::replication::SettingsChange;
+use ferry_common::error::{ErrorKind, Kind};
+
+fn kind<T: std::fmt::Debug>(r: Result<T, CloudError>) -> Kind {
+    r.unwrap_err().kind()
+}
+
+#[tokio::test]
+async fn registration_records_the_system_and_readies_its_replica() {
+    let h = harness();
+    let ack = register(&h, "web01", "10.0.0.5/24").await;
+    assert_eq!(ack.durable_epoch, 0);
+    let status = h.cloud.replication.list("web01").unwrap();
+    assert_eq!(status[0].record.state(), "scanning");
+    assert!(status[0].replicas[0].0.is_dir());
+}
+
+#[tokio::test]
+async fn an_agent_writes_only_its_own_system_and_a_site_relays_for_any() {
+    let h = harness();
+    let reg = Registration {
+        system: "web01".into(),
+        probe_json: b"{}".to_vec(),
+        filesystems: vec![root_fs()],
+    };
+    let r = h.cloud.ingest.register(&agent("db01"), reg.clone()).await;
+    assert_eq!(kind(r), Kind::PermissionDenied);
+    assert!(h.cloud.replication.system("web01").unwrap().is_none());
+    h.cloud.ingest.register(&site(), reg).await.unwrap();
+    let r = h
+        .cloud
+        .ingest
+        .apply_batch(&agent("db01"), batch("web01", 1, vec![]))
+        .await;
+    assert_eq!(kind(r), Kind::PermissionDenied);
+    h.cloud
+        .ingest
+        .apply_batch(&site(), batch("web01", 1, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(
+        h.cloud.replication.require("web01").unwrap().via,
+        "site:site1"
+    );
+}
+
+#[tokio::test]
+async fn a_registration_with_no_or_too_many_file_systems_stores_nothing() {
+    let h = harness();
+    for n in [0, 65] {
+        let reg = Registration {
+            system: "web01".into(),
+            probe_json: b"{}".to_vec(),
+            filesystems: (0..n)
+                .map(|i| FsReport {
+                    fs_id: format!("fs{i}"),
+                    ..root_fs()
+                })
+                .collect(),
+        };
+        let r = h.cloud.ingest.register(&agent("web01"), reg).await;
+        assert_eq!(kind(r), Kind::InvalidArgument, "{n} file systems");
+    }
+    assert!(h.cloud.replication.all().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_unsupported_file_system_type_is_refused_before_anything_is_stored() {
+    let h = harness();
+    let reg = Registration {
+        system: "web01".into(),
+        probe_json: b"{}".to_vec(),
+        filesystems: vec![FsReport {
+            fstype: "zfs".into(),
+            ..root_fs()
+        }],
+    };
+    let r = h.cloud.ingest.register(&agent("web01"), reg).await;
+    assert_eq!(kind(r), Kind::InvalidArgument);
+    assert!(h.cloud.replication.system("web01").unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_probe_that_is_not_utf8_is_refused() {
+    let h = harness();
+    let reg = Registration {
+        system: "web01".into(),
+        probe_json: vec![0xff, 0xfe],
+        filesystems: vec![root_fs()],
+    };
+    let r = h.cloud.ingest.register(&agent("web01"), reg).await;
+    assert_eq!(kind(r), Kind::InvalidArgument);
+}
+
+#[tokio::test]
+async fn a_re_registration_keeps_the_durable_epoch_and_updates_usage() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let ingest = &h.cloud.ingest;
+    ingest
+        .apply_batch(&agent("web01"), batch("web01", 1, vec![dir_entry("a")]))
+        .await
+        .unwrap();
+    let reg = Registration {
+        system: "web01".into(),
+        probe_json: probe("web01", "10.0.0.5/24"),
+        filesystems: vec![FsReport {
+            used_bytes: 5 << 20,
+            ..root_fs()
+        }],
+    };
+    let ack = ingest.register(&agent("web01"), reg).await.unwrap();
+    assert_eq!(ack.durable_epoch, 1);
+    let rec = h.cloud.replication.require("web01").unwrap();
+    assert_eq!(rec.filesystems.len(), 1);
+    assert_eq!(rec.filesystems[0].used_bytes, 5 << 20);
+}
+
+#[tokio::test]
+async fn a_batch_for_an_unknown_system_or_file_system_is_not_found() {
+    let h = harness();
+    let ingest = &h.cloud.ingest;
+    let r = ingest
+        .apply_batch(&agent("web01"), batch("web01", 1, vec![]))
+        .await;
+    assert_eq!(kind(r), Kind::NotFound);
+    register(&h, "web01", "10.0.0.5/24").await;
+    let mut b = batch("web01", 1, vec![]);
+    b.fs_id = "var".into();
+    assert_eq!(
+        kind(ingest.apply_batch(&agent("web01"), b).await),
+        Kind::NotFound
+    );
+    assert_eq!(
+        h.cloud.replication.require("web01").unwrap().durable_epoch,
+        0
+    );
+}
+
+#[tokio::test]
+async fn epochs_become_durable_in_order_and_write_the_replica() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    for (epoch, dir) in [(1, "a"), (2, "a/b"), (3, "c")] {
+        let ack = (h.cloud.ingest)
+            .apply_batch(&agent("web01"), batch("web01", epoch, vec![dir_entry(dir)]))
+            .await
+            .unwrap();
+        assert_eq!(ack.durable_epoch, epoch);
+    }
+    let replica = h.cloud.replication.replica_path("web01", "/").unwrap();
+    assert!(replica.join("a/b").is_dir() && replica.join("c").is_dir());
+    assert_eq!(h.cloud.counters.snapshot().batches_applied, 3);
+}
+
+#[tokio::test]
+async fn a_replayed_epoch_is_acknowledged_without_being_applied_again() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let ingest = &h.cloud.ingest;
+    let b = batch("web01", 1, vec![dir_entry("a")]);
+    ingest
+        .apply_batch(&agent("web01"), b.clone())
+        .await
+        .unwrap();
+    let replica = h.cloud.replication.replica_path("web01", "/").unwrap();
+    std::fs::remove_dir(replica.join("a")).unwrap();
+    let ack = ingest.apply_batch(&agent("web01"), b).await.unwrap();
+    assert_eq!(ack.durable_epoch, 1);
+    assert!(!replica.join("a").exists(), "epoch 1 was applied twice");
+    assert_eq!(h.cloud.counters.snapshot().batches_applied, 1);
+}
+
+#[tokio::test]
+async fn a_batch_over_the_entry_limit_is_refused() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let entries = vec![dir_entry("a"); crate::ingest::MAX_ENTRIES + 1];
+    let r = (h.cloud.ingest)
+        .apply_batch(&agent("web01"), batch("web01", 1, entries))
+        .await;
+    assert_eq!(kind(r), Kind::InvalidArgument);
+}
+
+#[tokio::test]
+async fn a_bad_entry_is_kept_as_the_systems_error_until_a_batch_is_durable() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let ingest = &h.cloud.ingest;
+    let bad = Entry {
+        path: b"../escape".to_vec(),
+        ..dir_entry("x")
+    };
+    assert!(ingest
+        .apply_batch(&agent("web01"), batch("web01", 1, vec![bad]))
+        .await
+        .is_err());
+    let rec = h.cloud.replication.require("web01").unwrap();
+    assert!(rec.last_error.starts_with("epoch 1:"), "{}", rec.last_error);
+    assert_eq!(rec.durable_epoch, 0);
+    ingest
+        .apply_batch(&agent("web01"), batch("web01", 1, vec![dir_entry("a")]))
+        .await
+        .unwrap();
+    assert_eq!(h.cloud.replication.require("web01").unwrap().last_error, "");
+}
+
+#[tokio::test]
+async fn a_durable_batch_records_its_change_to_durable_latency_and_pass_progress() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let mut b = batch("web01", 1, vec![]);
+    b.source_time_ms = ferry_common::now_ms() - 5000;
+    b.progress = Some(PassProgress {
+        phase: "in-sync".into(),
+        bytes_done: 10,
+        bytes_total: 10,
+    });
+    h.cloud
+        .ingest
+        .apply_batch(&agent("web01"), b)
+        .await
+        .unwrap();
+    let rec = h.cloud.replication.require("web01").unwrap();
+    assert!(rec.lag_ms >= 5000, "{}", rec.lag_ms);
+    assert_eq!(rec.state(), "in-sync");
+    assert_eq!(rec.filesystems[0].bytes_done, 10);
+}
+
+#[tokio::test]
+async fn pending_changes_count_as_lag_until_the_pass_that_covers_them_is_durable() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let ingest = &h.cloud.ingest;
+    let seen = ferry_common::now_ms() - 2000;
+    ingest
+        .progress(&agent("web01"), "web01", seen, 123)
+        .unwrap();
+    let s = h.cloud.replication.list("web01").unwrap().remove(0);
+    assert_eq!(s.report.pending_bytes, 123);
+    assert!(s.lag_seconds >= 2.0, "{}", s.lag_seconds);
+    // A pass that began before the change was seen does not cover it.
+    let mut b = batch("web01", 1, vec![]);
+    (b.source_time_ms, b.ends_pass) = (seen - 1, true);
+    ingest.apply_batch(&agent("web01"), b).await.unwrap();
+    assert_eq!(
+        h.cloud.replication.list("web01").unwrap()[0]
+            .report
+            .pending_bytes,
+        123
+    );
+    let mut b = batch("web01", 2, vec![]);
+    (b.source_time_ms, b.ends_pass) = (seen, true);
+    ingest.apply_batch(&agent("web01"), b).await.unwrap();
+    let s = h.cloud.replication.list("web01").unwrap().remove(0);
+    assert_eq!((s.report.pending_bytes, s.lag_seconds), (0, 0.0));
+}
+
+#[tokio::test]
+async fn a_report_for_an_unknown_system_is_answered_and_not_kept() {
+    let h = harness();
+    let ack = h.cloud.ingest.progress(&site(), "ghost", 1, 1).unwrap();
+    assert_eq!(ack.durable_epoch, 0);
+    assert!(h.cloud.replication.list("").unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn pause_and_rate_limit_reach_the_agent_in_every_answer() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let change = SettingsChange {
+        paused: Some(true),
+        rate_limit_bps: None,
+    };
+    let set = h.cloud.replication.set("web01", change).await.unwrap();
+    assert!(set.paused && set.rate_limit_bps == 0);
+    let ingest = &h.cloud.ingest;
+    assert!(
+        ingest
+            .progress(&agent("web01"), "web01", 0, 0)
+            .unwrap()
+            .settings
+            .paused
+    );
+    assert!(register(&h, "web01", "10.0.0.5/24").await.settings.paused);
+    let b = batch("web01", 1, vec![]);
+    assert!(
+        ingest
+            .apply_batch(&agent("web01"), b.clone())
+            .await
+            .unwrap()
+            .settings
+            .paused
+    );
+    // The limit changes alone; the pause stays.
+    let change = SettingsChange {
+        paused: None,
+        rate_limit_bps: Some(1 << 20),
+    };
+    h.cloud.replication.set("web01", change).await.unwrap();
+    let replay = ingest.apply_batch(&agent("web01"), b).await.unwrap();
+    assert_eq!(
+        (replay.settings.paused, replay.settings.rate_limit_bps),
+        (true, 1 << 20)
+    );
+    let unpause = SettingsChange {
+        paused: Some(false),
+        rate_limit_bps: None,
+    };
+    let s = h.cloud.replication.set("web01", unpause).await.unwrap();
+    assert_eq!((s.paused, s.rate_limit_bps), (false, 1 << 20));
+}
+
+#[tokio::test]
+async fn settings_and_paths_of_an_unknown_system_are_not_found() {
+    let h = harness();
+    let r = h
+        .cloud
+        .replication
+        .set("ghost", SettingsChange::default())
+        .await;
+    assert_eq!(kind(r), Kind::NotFound);
+    register(&h, "web01", "10.0.0.5/24").await;
+    assert_eq!(
+        kind(h.cloud.replication.replica_path("web01", "/var")),
+        Kind::NotFound
+    );
+    assert_eq!(kind(h.cloud.replication.list("ghost")), Kind::NotFound);
+    let p = h.cloud.replication.replica_path("web01", "/").unwrap();
+    assert!(p.ends_with("web01/root"));
+}
+
+#[tokio::test]
+async fn missing_chunks_are_named_by_index_and_the_ask_is_bounded() {
+    let h = harness();
+    let ingest = &h.cloud.ingest;
+    let data = b"chunk";
+    let hash = *blake3::hash(data).as_bytes();
+    let (z, raw) = ferry_common::chunks::compress(data);
+    let frame = Frame {
+        hash,
+        zdata: z,
+        raw_len: data.len() as u32,
+        raw,
+    };
+    let staged = ingest.stage_frame(&frame).unwrap().unwrap();
+    assert_eq!(ingest.publish_chunks(vec![staged]).await.unwrap(), 1);
+    // Sent again: counted as a duplicate, not stored twice.
+    assert!(ingest.stage_frame(&frame).unwrap().is_none());
+    assert_eq!(h.cloud.counters.snapshot().chunks_duplicate, 1);
+    let missing = ingest
+        .missing(vec![[7; 32], hash, [9; 32]], true)
+        .await
+        .unwrap();
+    assert_eq!(missing, vec![0, 2]);
+    let r = ingest
+        .missing(vec![[0; 32]; crate::ingest::MAX_HASHES + 1], true)
+        .await;
+    assert_eq!(kind(r), Kind::InvalidArgument);
+}
+
+#[tokio::test]
+async fn a_frame_whose_bytes_do_not_match_its_hash_is_refused() {
+    let h = harness();
+    let (z, raw) = ferry_common::chunks::compress(b"real");
+    let frame = Frame {
+        hash: *blake3::hash(b"claimed").as_bytes(),
+        zdata: z,
+        raw_len: 4,
+        raw,
+    };
+    assert!(h.cloud.ingest.stage_frame(&frame).is_err());
+    assert_eq!(h.cloud.counters.snapshot().chunk_raw_bytes, 0);
+}
+
+#[test]
+fn enrollment_takes_a_valid_token_once_and_checks_role_and_names() {
+    let h = harness();
+    let ingest = &h.cloud.ingest;
+    let token = ferry_common::token::TokenStore::new(h.dir.path())
+        .create(&ingest.ca.fingerprint(), std::time::Duration::from_secs(60))
+        .unwrap();
+    let (csr_pem, _key) = ferry_common::pki::new_csr().unwrap();
+    let ask = |role: &str, sans: &[&str]| Enrollment {
+        token: token.credential(),
+        role: role.into(),
+        name: "web01".into(),
+        csr_pem: csr_pem.clone(),
+        sans: sans.iter().map(|s| s.to_string()).collect(),
+    };
+    assert_eq!(
+        kind(ingest.enroll(ask("operator", &[]))),
+        Kind::InvalidArgument
+    );
+    assert_eq!(
+        kind(ingest.enroll(ask("agent", &["web01"]))),
+        Kind::InvalidArgument
+    );
+    assert_eq!(
+        kind(ingest.enroll(ask("site", &["bad name"]))),
+        Kind::InvalidArgument
+    );
+    // A wrong secret under the right id is refused and spends nothing.
+    let mut forged = ask("agent", &[]);
+    forged.token = format!("{}.{}", token.id, "0".repeat(32));
+    assert_eq!(kind(ingest.enroll(forged)), Kind::PermissionDenied);
+    let got = ingest.enroll(ask("agent", &[])).unwrap();
+    assert!(got.cert_pem.contains("BEGIN CERTIFICATE"));
+    assert_eq!(kind(ingest.enroll(ask("agent", &[]))), Kind::AlreadyExists);
+}

@@ -1,0 +1,219 @@
+//! Unit tests of the orchestration core: the services wired as `run` wires them, with
+//! replicas in plain directories and a scripted provider, so they need no root.
+mod apps_clones;
+mod ingest;
+
+use crate::cloud::{Cloud, Parts};
+use crate::ingest::{Batch, FsReport, Registration};
+use crate::providers::Providers;
+use crate::state::{CloneRecord, ImageRecord, Records};
+use crate::volumes::DirVolumes;
+use ferry_common::pki::{Ca, Identity, Role};
+use ferry_proto::v1::{Entry, EntryKind};
+use ferry_provider::{Provider, ProviderError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// What the scripted provider does and saw.
+#[derive(Debug, Default)]
+pub struct Script {
+    /// Creation fails with this message.
+    pub fail_create: Option<String>,
+    /// Suspend fails with this message.
+    pub fail_suspend: Option<String>,
+    /// `observe` reports every instance in this state.
+    pub observed: Option<String>,
+    pub created: Vec<String>,
+    pub terminated: Vec<String>,
+}
+
+/// A provider that keeps clones in memory and does what its script says.
+#[derive(Debug, Default)]
+pub struct Scripted(pub Mutex<Script>);
+
+impl Scripted {
+    fn script(&self) -> std::sync::MutexGuard<'_, Script> {
+        self.0.lock().unwrap()
+    }
+}
+
+fn set_state(rec: &mut CloneRecord, state: &str) {
+    rec.state = state.into();
+    for i in &mut rec.instances {
+        i.state = state.into();
+    }
+}
+
+impl Provider for Scripted {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+    fn create(&self, rec: &mut CloneRecord, _others: &[CloneRecord]) -> Result<(), ProviderError> {
+        let mut s = self.script();
+        if let Some(m) = &s.fail_create {
+            return Err(ProviderError::Invalid(m.clone()));
+        }
+        s.created.push(rec.name.clone());
+        set_state(rec, "running");
+        Ok(())
+    }
+    fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        if let Some(m) = &self.script().fail_suspend {
+            return Err(ProviderError::Invalid(m.clone()));
+        }
+        set_state(rec, "suspended");
+        Ok(())
+    }
+    fn resume(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        set_state(rec, "running");
+        Ok(())
+    }
+    fn terminate(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
+        self.script().terminated.push(rec.name.clone());
+        Ok(())
+    }
+    fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+        if let Some(state) = self.script().observed.clone() {
+            set_state(rec, &state);
+        }
+        Ok(())
+    }
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub cloud: Cloud,
+    pub provider: Arc<Scripted>,
+    pub store: ferry_common::store::Store,
+}
+
+/// A cloud manager over a fresh data dir; its "local" provider is scripted.
+pub fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ferry_common::store::Store::open(&dir.path().join("db")).unwrap();
+    let chunks = ferry_common::chunks::ChunkStore::open(
+        &dir.path().join("chunks"),
+        store.tree("chunks").unwrap(),
+    )
+    .unwrap();
+    let provider = Arc::new(Scripted::default());
+    let local =
+        ferry_provider::local::LocalConfig::new(dir.path().join("clones"), "ft", "198.19.0.0/16")
+            .unwrap();
+    let settings = ferry_provider::Settings {
+        default: "local".into(),
+        local,
+        azure: None,
+    };
+    let ready: HashMap<String, Arc<dyn Provider>> =
+        [("local".to_string(), provider.clone() as Arc<dyn Provider>)].into();
+    let cloud = Cloud::new(
+        dir.path(),
+        Parts {
+            store: store.clone(),
+            chunks,
+            volumes: Arc::new(DirVolumes {
+                root: dir.path().join("volumes"),
+            }),
+            tokens: ferry_common::token::TokenStore::new(dir.path()),
+            ca: Ca::load_or_create(&dir.path().join("pki")).unwrap(),
+            providers: Providers::with(settings, ready),
+        },
+    )
+    .unwrap();
+    Harness {
+        dir,
+        cloud,
+        provider,
+        store,
+    }
+}
+
+pub fn agent(name: &str) -> Identity {
+    Identity::new(Role::Agent, name).unwrap()
+}
+
+pub fn site() -> Identity {
+    Identity::new(Role::Site, "site1").unwrap()
+}
+
+/// A probe naming the system's enterprise address.
+pub fn probe(hostname: &str, cidr: &str) -> Vec<u8> {
+    serde_json::json!({
+        "hostname": hostname,
+        "cpus": 2,
+        "memory_bytes": 1u64 << 30,
+        "nics": [{"name": "eth0", "config": "static", "addresses": [cidr]}],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+pub fn root_fs() -> FsReport {
+    FsReport {
+        fs_id: "root".into(),
+        mount_point: b"/".to_vec(),
+        fstype: "ext4".into(),
+        capacity_bytes: 1 << 30,
+        used_bytes: 1 << 20,
+        ..Default::default()
+    }
+}
+
+/// Registers `name` (one ext4 root file system) as its own agent.
+pub async fn register(h: &Harness, name: &str, cidr: &str) -> crate::ingest::Ack {
+    let reg = Registration {
+        system: name.into(),
+        probe_json: probe(name, cidr),
+        filesystems: vec![root_fs()],
+    };
+    h.cloud.ingest.register(&agent(name), reg).await.unwrap()
+}
+
+/// An empty directory entry at `path`.
+pub fn dir_entry(path: &str) -> Entry {
+    Entry {
+        path: path.as_bytes().to_vec(),
+        kind: EntryKind::Dir as i32,
+        mode: 0o40755,
+        uid: rustix::process::getuid().as_raw(),
+        gid: rustix::process::getgid().as_raw(),
+        ..Default::default()
+    }
+}
+
+/// Epoch `epoch` of `system`'s root file system, holding `entries`.
+pub fn batch(system: &str, epoch: u64, entries: Vec<Entry>) -> Batch {
+    Batch {
+        system: system.into(),
+        epoch,
+        fs_id: "root".into(),
+        entries,
+        ..Default::default()
+    }
+}
+
+/// Records an image of `system` for `app`, as a finished build would.
+pub fn image(h: &Harness, app: &str, system: &str, epoch: u64) -> ImageRecord {
+    let rec = ImageRecord {
+        id: format!("{app}.{system}-e{epoch}-local"),
+        system: system.into(),
+        target: "local".into(),
+        epoch,
+        path: h
+            .dir
+            .path()
+            .join(format!("{system}.qcow2"))
+            .display()
+            .to_string(),
+        boot_check_json: "{}".into(),
+        created_unix_ms: ferry_common::now_ms(),
+        app: app.into(),
+        ..Default::default()
+    };
+    Records::<ImageRecord>::open(&h.store, "images", true)
+        .unwrap()
+        .put(&rec)
+        .unwrap();
+    rec
+}
