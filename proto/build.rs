@@ -17,6 +17,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("ferry.v1.CloneInfo", serde)
         .type_attribute("ferry.v1.InstanceInfo", serde)
         .type_attribute("ferry.v1.FileDbFile", serde)
+        .type_attribute("ferry.v1.Probe", serde)
+        .type_attribute("ferry.v1.OsInfo", serde)
+        .type_attribute("ferry.v1.Nic", serde)
+        .type_attribute("ferry.v1.ProbedFs", serde)
+        .type_attribute("ferry.v1.BootInfo", serde)
         .field_attribute("ferry.v1.FileDbFile.content", "#[serde(skip)]")
         .compile_protos(&["proto/ferry.proto"], &["proto"])?;
     Ok(())

@@ -160,7 +160,7 @@ pub async fn run(
     }
     let register = pb::RegisterRequest {
         system: name.clone(),
-        probe_json: serde_json::to_vec(&host).unwrap_or_default(),
+        probe: Some(host.clone().into()),
         filesystems: filesystems
             .iter()
             .map(|(_, f)| pb::FileSystem {

@@ -15,49 +15,8 @@ use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
 use ferry_sysconf::{compare_versions, parse_shell_vars, OsInfo};
-use serde::{Deserialize, Serialize};
 
-/// What the probe found out about a system.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct HostInfo {
-    pub hostname: String,
-    pub fqdn: String,
-    pub os: OsInfo,
-    pub kernel: String,
-    pub cpus: u32,
-    pub memory_bytes: u64,
-    pub nics: Vec<Nic>,
-    pub filesystems: Vec<FsInfo>,
-    #[serde(default)]
-    pub boot: BootInfo,
-}
-
-/// How the system boots, so its image can be laid out the same way.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct BootInfo {
-    /// `efi` or `bios` on the live host; empty for an offline tree.
-    pub firmware: String,
-    /// `gpt` or `dos`, of the disk that holds "/"; empty when unknown (an offline tree,
-    /// a loop or device-mapper device).
-    pub partition_table: String,
-}
-
-/// A local file system of the system.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FsInfo {
-    pub device: String,
-    /// Relative to the probed root, always starting with "/".
-    pub mount_point: String,
-    pub fstype: String,
-    pub capacity_bytes: u64,
-    pub used_bytes: u64,
-    #[serde(default)]
-    pub inodes_total: u64,
-    #[serde(default)]
-    pub inodes_used: u64,
-    pub uuid: Option<String>,
-    pub label: Option<String>,
-}
+pub use ferry_sysconf::host::{BootInfo, FsInfo, HostInfo};
 
 /// One line of /proc/self/mountinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]

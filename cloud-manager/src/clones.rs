@@ -159,11 +159,9 @@ impl Clones {
                     "system {system}: its probe names no IPv4 address and host name, so its clone would have no enterprise address"
                 ))
             })?;
-            let probe: serde_json::Value =
-                serde_json::from_str(&sys.probe_json).unwrap_or_default();
             rec.instances.push(InstanceRecord {
-                source_cpus: probe["cpus"].as_u64().unwrap_or(0) as u32,
-                source_memory_bytes: probe["memory_bytes"].as_u64().unwrap_or(0),
+                source_cpus: sys.probe.cpus,
+                source_memory_bytes: sys.probe.memory_bytes,
                 system: system.clone(),
                 visibility: visibility.clone(),
                 hostname: addr.hostname,

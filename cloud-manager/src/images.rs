@@ -290,10 +290,7 @@ impl Images {
         let kernel_args = prepared.report.kernel_args.clone();
         let fss = sys.filesystems.clone();
         // The source disk's partition table, as its probe read it (gpt, dos, or unknown).
-        let source_table = serde_json::from_str::<serde_json::Value>(&sys.probe_json)
-            .ok()
-            .and_then(|p| p["boot"]["partition_table"].as_str().map(str::to_string))
-            .unwrap_or_default();
+        let source_table = sys.probe.boot.partition_table.clone();
         blocking(move || {
             std::fs::create_dir_all(&dir).map_err(|source| CloudError::Io {
                 path: dir.display().to_string(),

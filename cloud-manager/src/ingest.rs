@@ -9,6 +9,7 @@ use ferry_common::chunks::{self, ChunkStore};
 use ferry_common::pki::{Ca, Identity, Role};
 use ferry_common::token::TokenStore;
 use ferry_proto::v1::Entry;
+use ferry_sysconf::host::HostInfo;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -54,7 +55,7 @@ pub struct FsReport {
 #[derive(Debug, Clone, Default)]
 pub struct Registration {
     pub system: String,
-    pub probe_json: Vec<u8>,
+    pub probe: HostInfo,
     pub filesystems: Vec<FsReport>,
 }
 
@@ -227,8 +228,6 @@ impl Ingest {
                 "a system registers 1 to 64 file systems".into(),
             ));
         }
-        let probe_json = String::from_utf8(req.probe_json)
-            .map_err(|_| CloudError::Invalid("probe is not utf-8 json".into()))?;
         let lock = self.replication.lock(&req.system);
         let _g = lock.lock().await;
         let mut rec = self
@@ -238,7 +237,7 @@ impl Ingest {
                 name: req.system.clone(),
                 ..Default::default()
             });
-        rec.probe_json = probe_json;
+        rec.probe = req.probe;
         for fs in req.filesystems {
             ferry_common::pki::validate_name(&fs.fs_id).map_err(CloudError::Invalid)?;
             if !volumes::supported(&fs.fstype) {

@@ -66,28 +66,25 @@ pub struct Address {
 /// The first IPv4 address of a NIC (static ones first) with its prefix length, and the
 /// system's names.
 pub fn address_of(rec: &SystemRecord) -> Option<Address> {
-    let probe: serde_json::Value = serde_json::from_str(&rec.probe_json).ok()?;
-    let name = [probe["fqdn"].as_str(), probe["hostname"].as_str()]
+    let probe = &rec.probe;
+    let name = [probe.fqdn.as_str(), probe.hostname.as_str()]
         .into_iter()
-        .flatten()
         .find(|n| customize::hosts::valid_name(n))?
         .to_string();
-    let hostname = probe["hostname"]
-        .as_str()
+    let hostname = Some(probe.hostname.as_str())
         .filter(|n| customize::hosts::valid_name(n))
         .unwrap_or(&name)
         .split('.')
         .next()
         .unwrap_or_default()
         .to_string();
-    let nics = probe["nics"].as_array()?;
-    let mut ordered: Vec<&serde_json::Value> = nics.iter().collect();
-    ordered.sort_by_key(|n| n["config"].as_str() != Some("static"));
+    let mut ordered: Vec<_> = probe.nics.iter().collect();
+    ordered.sort_by_key(|n| n.config != "static");
     let (ip, prefix) = ordered
         .iter()
-        .flat_map(|n| n["addresses"].as_array().into_iter().flatten())
+        .flat_map(|n| n.addresses.iter())
         .filter_map(|a| {
-            let (ip, len) = a.as_str()?.split_once('/')?;
+            let (ip, len) = a.split_once('/')?;
             Some((
                 ip.parse::<std::net::Ipv4Addr>().ok()?,
                 len.parse::<u8>().ok()?,

@@ -2,7 +2,8 @@
 //! apps, images, clones) and ingest's meta tree (enrolled identities, counters).
 use ferry_common::store::{Store, StoreError};
 pub use ferry_provider::records::{CloneRecord, ImageRecord, InstanceRecord};
-use serde::{Deserialize, Serialize};
+use ferry_sysconf::host::HostInfo;
+use serde::{Deserialize, Deserializer, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -27,7 +28,10 @@ pub struct FsRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct SystemRecord {
     pub name: String,
-    pub probe_json: String,
+    /// What the agent's probe found (records from before the probe was typed kept it
+    /// as JSON text under `probe_json`).
+    #[serde(default, alias = "probe_json", deserialize_with = "probe_compat")]
+    pub probe: HostInfo,
     pub filesystems: Vec<FsRecord>,
     pub durable_epoch: u64,
     pub last_durable_ms: i64,
@@ -43,6 +47,20 @@ pub struct SystemRecord {
     /// Set by the operator: bytes per second of chunk data; 0 for no limit.
     #[serde(default)]
     pub rate_limit_bps: u64,
+}
+
+/// A probe as a typed record, or as the JSON text older records hold.
+fn probe_compat<'de, D: Deserializer<'de>>(d: D) -> Result<HostInfo, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Typed(Box<HostInfo>),
+        Text(String),
+    }
+    Ok(match Stored::deserialize(d)? {
+        Stored::Typed(h) => *h,
+        Stored::Text(t) => serde_json::from_str(&t).unwrap_or_default(),
+    })
 }
 
 impl SystemRecord {

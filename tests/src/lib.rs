@@ -752,7 +752,7 @@ pub async fn enrolled_client(
 pub fn register(system: &str, uuid: &str) -> ferry_proto::v1::RegisterRequest {
     ferry_proto::v1::RegisterRequest {
         system: system.into(),
-        probe_json: b"{}".to_vec(),
+        probe: None,
         filesystems: vec![ferry_proto::v1::FileSystem {
             fs_id: uuid.into(),
             mount_point: b"/".to_vec(),

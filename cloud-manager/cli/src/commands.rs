@@ -340,7 +340,7 @@ pub async fn systems(client: &mut Client, cmd: SystemsCmd) -> Result<(), CliErro
             } else {
                 print!("{}", render_systems(&r.systems));
                 for s in &r.systems {
-                    println!("{}", s.probe_json);
+                    println!("{}", to_json(&s.probe));
                 }
             }
         }
@@ -815,28 +815,9 @@ fn image_json(i: &pb::ImageInfo) -> serde_json::Value {
     v
 }
 
-/// JSON for people and scripts: the probe travels as a string, but is shown as the object it is.
+/// JSON for people and scripts.
 fn to_json<T: serde::Serialize>(v: &T) -> String {
-    let mut v = serde_json::to_value(v).unwrap_or_default();
-    expand_probe(&mut v);
-    serde_json::to_string_pretty(&v).unwrap_or_default()
-}
-
-/// Replaces every `probe_json` string that parses with a `probe` object, at any depth.
-fn expand_probe(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::Object(m) => {
-            if let Some(serde_json::Value::String(s)) = m.get("probe_json") {
-                if let Ok(parsed) = serde_json::from_str::<serde_json::Value>(s) {
-                    m.remove("probe_json");
-                    m.insert("probe".into(), parsed);
-                }
-            }
-            m.values_mut().for_each(expand_probe);
-        }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(expand_probe),
-        _ => {}
-    }
+    serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
 /// Changes a system's replication settings.

@@ -36,7 +36,7 @@ impl From<pb::RegisterRequest> for Registration {
     fn from(r: pb::RegisterRequest) -> Self {
         Self {
             system: r.system,
-            probe_json: r.probe_json,
+            probe: r.probe.map(Into::into).unwrap_or_default(),
             filesystems: r
                 .filesystems
                 .into_iter()
@@ -150,7 +150,7 @@ impl From<SystemStatus> for pb::SystemStatus {
         pb::SystemStatus {
             name: rec.name,
             state,
-            probe_json: rec.probe_json,
+            probe: Some(rec.probe.into()),
             filesystems,
             durable_epoch: rec.durable_epoch,
             last_durable_unix_ms: rec.last_durable_ms,

@@ -24,7 +24,7 @@ async fn an_agent_writes_only_its_own_system_and_a_site_relays_for_any() {
     let h = harness();
     let reg = Registration {
         system: "web01".into(),
-        probe_json: b"{}".to_vec(),
+        probe: HostInfo::default(),
         filesystems: vec![root_fs()],
     };
     let r = h.cloud.ingest.register(&agent("db01"), reg.clone()).await;
@@ -54,7 +54,7 @@ async fn a_registration_with_no_or_too_many_file_systems_stores_nothing() {
     for n in [0, 65] {
         let reg = Registration {
             system: "web01".into(),
-            probe_json: b"{}".to_vec(),
+            probe: HostInfo::default(),
             filesystems: (0..n)
                 .map(|i| FsReport {
                     fs_id: format!("fs{i}"),
@@ -73,7 +73,7 @@ async fn an_unsupported_file_system_type_is_refused_before_anything_is_stored() 
     let h = harness();
     let reg = Registration {
         system: "web01".into(),
-        probe_json: b"{}".to_vec(),
+        probe: HostInfo::default(),
         filesystems: vec![FsReport {
             fstype: "zfs".into(),
             ..root_fs()
@@ -85,15 +85,27 @@ async fn an_unsupported_file_system_type_is_refused_before_anything_is_stored() 
 }
 
 #[tokio::test]
-async fn a_probe_that_is_not_utf8_is_refused() {
+async fn the_probe_is_kept_typed_and_records_that_kept_it_as_text_still_load() {
     let h = harness();
-    let reg = Registration {
-        system: "web01".into(),
-        probe_json: vec![0xff, 0xfe],
-        filesystems: vec![root_fs()],
-    };
-    let r = h.cloud.ingest.register(&agent("web01"), reg).await;
-    assert_eq!(kind(r), Kind::InvalidArgument);
+    register(&h, "web01", "10.0.0.5/24").await;
+    let rec = h.cloud.replication.require("web01").unwrap();
+    assert_eq!(rec.probe.nics[0].addresses, ["10.0.0.5/24"]);
+    let addr = crate::prepare::address_of(&rec).unwrap();
+    assert_eq!((addr.ip.to_string(), addr.prefix), ("10.0.0.5".into(), 24));
+    // A record written before the probe was typed held it as JSON text.
+    let old = serde_json::json!({
+        "name": "db01",
+        "probe_json": serde_json::to_string(&probe("db01", "10.0.0.6/24")).unwrap(),
+        "filesystems": [],
+        "durable_epoch": 4,
+        "last_durable_ms": 0,
+        "via": "",
+    });
+    let rec: crate::state::SystemRecord = serde_json::from_value(old).unwrap();
+    assert_eq!(
+        (rec.probe.hostname.as_str(), rec.durable_epoch),
+        ("db01", 4)
+    );
 }
 
 #[tokio::test]
@@ -107,7 +119,7 @@ async fn a_re_registration_keeps_the_durable_epoch_and_updates_usage() {
         .unwrap();
     let reg = Registration {
         system: "web01".into(),
-        probe_json: probe("web01", "10.0.0.5/24"),
+        probe: probe("web01", "10.0.0.5/24"),
         filesystems: vec![FsReport {
             used_bytes: 5 << 20,
             ..root_fs()

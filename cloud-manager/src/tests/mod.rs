@@ -11,6 +11,7 @@ use crate::volumes::DirVolumes;
 use ferry_common::pki::{Ca, Identity, Role};
 use ferry_proto::v1::{Entry, EntryKind};
 use ferry_provider::{Provider, ProviderError};
+use ferry_sysconf::host::HostInfo;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -138,15 +139,19 @@ pub fn site() -> Identity {
 }
 
 /// A probe naming the system's enterprise address.
-pub fn probe(hostname: &str, cidr: &str) -> Vec<u8> {
-    serde_json::json!({
-        "hostname": hostname,
-        "cpus": 2,
-        "memory_bytes": 1u64 << 30,
-        "nics": [{"name": "eth0", "config": "static", "addresses": [cidr]}],
-    })
-    .to_string()
-    .into_bytes()
+pub fn probe(hostname: &str, cidr: &str) -> HostInfo {
+    HostInfo {
+        hostname: hostname.into(),
+        cpus: 2,
+        memory_bytes: 1 << 30,
+        nics: vec![ferry_sysconf::net::Nic {
+            name: "eth0".into(),
+            config: "static".into(),
+            addresses: vec![cidr.into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 pub fn root_fs() -> FsReport {
@@ -164,7 +169,7 @@ pub fn root_fs() -> FsReport {
 pub async fn register(h: &Harness, name: &str, cidr: &str) -> crate::ingest::Ack {
     let reg = Registration {
         system: name.into(),
-        probe_json: probe(name, cidr),
+        probe: probe(name, cidr),
         filesystems: vec![root_fs()],
     };
     h.cloud.ingest.register(&agent(name), reg).await.unwrap()

@@ -1,6 +1,7 @@
 //! Parsers of system configuration files shared by the agent's probe and the cloud
 //! manager's customization: OS identity (os-release and the older release files) and
 //! shell-style `KEY=value` files.
+pub mod host;
 pub mod hosts;
 pub mod net;
 
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 const UNKNOWN: &str = "unknown";
 
 /// Operating system identity, normalised to os-release terms.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct OsInfo {
     /// "rhel", "debian", "suse" or "unknown".
     pub family: String,

@@ -11,7 +11,7 @@ pub const DHCP: &str = "dhcp";
 pub const UNKNOWN: &str = "unknown";
 
 /// A network interface.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Nic {
     pub name: String,
     /// Lowercase colon-separated hardware address.
