@@ -1,188 +1,261 @@
-//! Prometheus metrics (`/metrics`) and a liveness probe (`/healthz`) on the optional
-//! `--http` listener: a deliberately small HTTP/1.1 responder, read-only.
+//! Prometheus metrics of the cloud manager on the optional `--http` listener: transfer
+//! counters and per-system replication state, read from the cloud at each scrape and
+//! served with `/healthz` by `ferry_common::metrics`.
 use crate::cloud::Cloud;
-use std::fmt::Write as _;
+use crate::replication::SystemStatus;
+use crate::state::{CounterValues, FsRecord};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Serves until shutdown.
 pub async fn serve(listener: TcpListener, cloud: Arc<Cloud>, shutdown: CancellationToken) {
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let cloud = cloud.clone();
-        tokio::spawn(async move {
-            if let Err(e) =
-                tokio::time::timeout(Duration::from_secs(5), handle(stream, &cloud)).await
-            {
-                tracing::debug!(error = %e, "metrics request timed out");
-            }
-        });
+    ferry_common::metrics::serve(listener, Arc::new(registry(cloud)), shutdown).await
+}
+
+/// A registry holding the cloud's collector.
+fn registry(cloud: Arc<Cloud>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(CloudCollector { cloud }));
+    registry
+}
+
+/// Reads the cloud's counters and systems at scrape time, so nothing is kept in step.
+struct CloudCollector {
+    cloud: Arc<Cloud>,
+}
+
+impl fmt::Debug for CloudCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CloudCollector").finish_non_exhaustive()
     }
 }
 
-async fn handle(mut stream: TcpStream, cloud: &Cloud) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 || buf.len() > 8192 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// One gauge family with one series per `(labels, value)`.
+fn gauge<'a, N: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels<'a>, N)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
     }
-    let line = String::from_utf8_lossy(&buf);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", render(cloud)),
-        ("GET", "/healthz") => ("200 OK", "ok\n".to_string()),
-        ("GET", _) => ("404 Not Found", "not found\n".to_string()),
-        _ => ("405 Method Not Allowed", "method not allowed\n".to_string()),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    Ok(())
 }
 
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+impl Collector for CloudCollector {
+    fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+        let systems = self.cloud.replication.list("").unwrap_or_default();
+        encode_state(encoder, &self.cloud.counters.snapshot(), &systems)
+    }
 }
 
-/// The metrics text: transfer counters and per-system replication state.
-pub fn render(cloud: &Cloud) -> String {
-    let mut out = String::new();
-    let c = cloud.counters.snapshot();
+/// The metrics of one reading of the counters and systems.
+fn encode_state(
+    mut encoder: DescriptorEncoder,
+    c: &CounterValues,
+    systems: &[SystemStatus],
+) -> fmt::Result {
+    // The encoder appends `_total` to counter names.
     let counters = [
         (
-            "ferry_chunk_wire_bytes_total",
+            "ferry_chunk_wire_bytes",
             "Chunk bytes received over the wire (compressed).",
             c.chunk_wire_bytes,
         ),
         (
-            "ferry_chunk_raw_bytes_total",
+            "ferry_chunk_raw_bytes",
             "Raw bytes of the chunks stored.",
             c.chunk_raw_bytes,
         ),
+        ("ferry_chunks_stored", "Chunks stored.", c.chunks_stored),
         (
-            "ferry_chunks_stored_total",
-            "Chunks stored.",
-            c.chunks_stored,
-        ),
-        (
-            "ferry_chunks_duplicate_total",
+            "ferry_chunks_duplicate",
             "Chunks sent although already held.",
             c.chunks_duplicate,
         ),
         (
-            "ferry_batches_applied_total",
+            "ferry_batches_applied",
             "Batches made durable.",
             c.batches_applied,
         ),
         (
-            "ferry_file_bytes_written_total",
+            "ferry_file_bytes_written",
             "File bytes written into replica volumes.",
             c.file_bytes_written,
         ),
         (
-            "ferry_refused_requests_total",
+            "ferry_refused_requests",
             "Requests refused as invalid or unauthorized.",
             c.refused_requests,
         ),
     ];
     for (name, help, v) in counters {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-        );
+        let counter = ConstCounter::new(v);
+        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
     }
-    let systems = cloud.replication.list("").unwrap_or_default();
-    let gauges: [(&str, &str); 7] = [
-        ("ferry_system_durable_epoch", "Last durable epoch."),
-        (
-            "ferry_system_last_durable_timestamp_seconds",
-            "When the last epoch became durable.",
-        ),
-        (
-            "ferry_system_lag_seconds",
-            "Seconds since the oldest change the agent has seen that is not yet durable.",
-        ),
-        (
-            "ferry_system_pending_bytes",
-            "File bytes of changes seen but not yet durable.",
-        ),
-        (
-            "ferry_system_last_batch_latency_seconds",
-            "Change-to-durable time of the last durable batch.",
-        ),
-        (
-            "ferry_system_paused",
-            "1 while the operator has paused the system.",
-        ),
-        (
-            "ferry_system_rate_limit_bytes",
-            "Operator rate limit in bytes per second (0: none).",
-        ),
-    ];
-    for (i, (name, help)) in gauges.iter().enumerate() {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for s in &systems {
-            let r = &s.record;
-            let v = match i {
-                0 => r.durable_epoch as f64,
-                1 => r.last_durable_ms as f64 / 1000.0,
-                2 => s.lag_seconds,
-                3 => s.report.pending_bytes as f64,
-                4 => r.lag_ms as f64 / 1000.0,
-                5 => f64::from(u8::from(r.paused)),
-                _ => r.rate_limit_bps as f64,
-            };
-            let _ = writeln!(out, "{name}{{system=\"{}\"}} {v}", label(&r.name));
+
+    let by_system = |v: fn(&SystemStatus) -> u64| {
+        systems
+            .iter()
+            .map(move |s| (vec![("system", s.record.name.as_str())], v(s)))
+    };
+    let by_system_f = |v: fn(&SystemStatus) -> f64| {
+        systems
+            .iter()
+            .map(move |s| (vec![("system", s.record.name.as_str())], v(s)))
+    };
+    let e = &mut encoder;
+    gauge(
+        e,
+        "ferry_system_durable_epoch",
+        "Last durable epoch.",
+        by_system(|s| s.record.durable_epoch),
+    )?;
+    gauge(
+        e,
+        "ferry_system_last_durable_timestamp_seconds",
+        "When the last epoch became durable.",
+        by_system_f(|s| s.record.last_durable_ms as f64 / 1000.0),
+    )?;
+    gauge(
+        e,
+        "ferry_system_lag_seconds",
+        "Seconds since the oldest change the agent has seen that is not yet durable.",
+        by_system_f(|s| s.lag_seconds),
+    )?;
+    gauge(
+        e,
+        "ferry_system_pending_bytes",
+        "File bytes of changes seen but not yet durable.",
+        by_system(|s| s.report.pending_bytes),
+    )?;
+    gauge(
+        e,
+        "ferry_system_last_batch_latency_seconds",
+        "Change-to-durable time of the last durable batch.",
+        by_system_f(|s| s.record.lag_ms as f64 / 1000.0),
+    )?;
+    gauge(
+        e,
+        "ferry_system_paused",
+        "1 while the operator has paused the system.",
+        by_system(|s| u64::from(s.record.paused)),
+    )?;
+    gauge(
+        e,
+        "ferry_system_rate_limit_bytes",
+        "Operator rate limit in bytes per second (0: none).",
+        by_system(|s| s.record.rate_limit_bps),
+    )?;
+
+    // Mount points are bytes on the wire from the agent; labels are text.
+    let mounts: Vec<Vec<String>> = systems
+        .iter()
+        .map(|s| {
+            (s.record.filesystems.iter())
+                .map(|f| String::from_utf8_lossy(&f.mount_point).into_owned())
+                .collect()
+        })
+        .collect();
+    let by_fs = |v: fn(&FsRecord) -> u64| {
+        systems.iter().zip(&mounts).flat_map(move |(s, m)| {
+            s.record.filesystems.iter().zip(m).map(move |(f, mount)| {
+                let labels = vec![
+                    ("system", s.record.name.as_str()),
+                    ("mount_point", mount.as_str()),
+                ];
+                (labels, v(f))
+            })
+        })
+    };
+    gauge(
+        e,
+        "ferry_fs_bytes_done",
+        "Bytes of the current pass done.",
+        by_fs(|f| f.bytes_done),
+    )?;
+    gauge(
+        e,
+        "ferry_fs_pending_bytes",
+        "Bytes of the current pass not yet sent.",
+        by_fs(|f| f.bytes_total.saturating_sub(f.bytes_done)),
+    )?;
+    gauge(
+        e,
+        "ferry_fs_in_sync",
+        "1 when the file system is in sync.",
+        by_fs(|f| u64::from(f.phase == "in-sync")),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fixed counters and systems in place of a cloud.
+    #[derive(Debug)]
+    struct Fixed(CounterValues, Vec<SystemStatus>);
+
+    impl Collector for Fixed {
+        fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+            encode_state(encoder, &self.0, &self.1)
         }
     }
-    let fs_gauges = [
-        ("ferry_fs_bytes_done", "Bytes of the current pass done."),
-        (
-            "ferry_fs_pending_bytes",
-            "Bytes of the current pass not yet sent.",
-        ),
-        ("ferry_fs_in_sync", "1 when the file system is in sync."),
-    ];
-    for (i, (name, help)) in fs_gauges.iter().enumerate() {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for s in &systems {
-            for f in &s.record.filesystems {
-                let v = match i {
-                    0 => f.bytes_done as f64,
-                    1 => f.bytes_total.saturating_sub(f.bytes_done) as f64,
-                    _ => f64::from(u8::from(f.phase == "in-sync")),
-                };
-                let _ = writeln!(
-                    out,
-                    "{name}{{system=\"{}\",mount_point=\"{}\"}} {v}",
-                    label(&s.record.name),
-                    label(&String::from_utf8_lossy(&f.mount_point))
-                );
-            }
+
+    #[test]
+    fn names_stay_as_scraped() {
+        let counters = CounterValues {
+            chunk_wire_bytes: 5,
+            refused_requests: 2,
+            ..Default::default()
+        };
+        let system = SystemStatus {
+            record: crate::state::SystemRecord {
+                name: "live \"db\"".into(),
+                durable_epoch: 7,
+                paused: true,
+                filesystems: vec![FsRecord {
+                    mount_point: b"/".to_vec(),
+                    bytes_done: 3,
+                    bytes_total: 10,
+                    phase: "in-sync".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            report: Default::default(),
+            lag_seconds: 1.5,
+            replicas: Vec::new(),
+        };
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Fixed(counters, vec![system])));
+        let text = ferry_common::metrics::render(&registry).unwrap();
+        for line in [
+            "ferry_chunk_wire_bytes_total 5",
+            "ferry_refused_requests_total 2",
+            "ferry_chunks_stored_total 0",
+            r#"ferry_system_durable_epoch{system="live \"db\""} 7"#,
+            r#"ferry_system_lag_seconds{system="live \"db\""} 1.5"#,
+            r#"ferry_system_paused{system="live \"db\""} 1"#,
+            r#"ferry_fs_pending_bytes{system="live \"db\"",mount_point="/"} 7"#,
+            r#"ferry_fs_in_sync{system="live \"db\"",mount_point="/"} 1"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
         }
     }
-    out
 }

@@ -1,5 +1,6 @@
 //! Shared pieces of Ferry's daemons: config, tracing, PKI and enrollment, TLS transport,
-//! shutdown, backoff, the chunk store, path safety and the one error-to-status mapping.
+//! shutdown, backoff, the chunk store, path safety, the one error-to-status mapping and
+//! the one Prometheus exporter.
 
 pub mod backoff;
 pub mod chunks;
@@ -8,6 +9,7 @@ pub mod config;
 pub mod enroll;
 pub mod entry;
 pub mod error;
+pub mod metrics;
 pub mod pki;
 pub mod safepath;
 pub mod shutdown;

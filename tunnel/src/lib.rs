@@ -60,7 +60,11 @@ pub async fn run(
 ) -> Result<(), TunnelError> {
     let m = metrics::Metrics::default();
     if let Some(l) = listeners.metrics {
-        tokio::spawn(metrics::serve(l, m.clone(), shutdown.clone()));
+        tokio::spawn(ferry_common::metrics::serve(
+            l,
+            m.registry(),
+            shutdown.clone(),
+        ));
     }
     match config {
         AnyConfig::Gateway(g) => {
