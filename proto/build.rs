@@ -23,6 +23,43 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("ferry.v1.ProbedFs", serde)
         .type_attribute("ferry.v1.BootInfo", serde)
         .field_attribute("ferry.v1.FileDbFile.content", "#[serde(skip)]")
+        // Enum fields print by their short names (`public`, `in-sync`), not numbers.
+        .field_attribute(
+            "ferry.v1.InstanceInfo.visibility",
+            r#"#[serde(serialize_with = "crate::serialize_short::<crate::v1::Visibility, _>")]"#,
+        )
+        .field_attribute(
+            "ferry.v1.InstanceInfo.state",
+            r#"#[serde(serialize_with = "crate::serialize_short::<crate::v1::InstanceState, _>")]"#,
+        )
+        .field_attribute(
+            "ferry.v1.CloneInfo.provider",
+            r#"#[serde(serialize_with = "crate::serialize_short::<crate::v1::Target, _>")]"#,
+        )
+        .field_attribute(
+            "ferry.v1.CloneInfo.state",
+            r#"#[serde(serialize_with = "crate::serialize_short::<crate::v1::CloneState, _>")]"#,
+        )
+        .field_attribute(
+            "ferry.v1.AppSystem.visibility",
+            r#"#[serde(serialize_with = "crate::serialize_short::<crate::v1::Visibility, _>")]"#,
+        )
+        .field_attribute(
+            "ferry.v1.AppInfo.provider",
+            r#"#[serde(serialize_with = "crate::serialize_short::<crate::v1::Target, _>")]"#,
+        )
+        .field_attribute(
+            "ferry.v1.ImageInfo.target",
+            r#"#[serde(serialize_with = "crate::serialize_short::<crate::v1::Target, _>")]"#,
+        )
+        .field_attribute(
+            "ferry.v1.ImageInfo.firmware",
+            r#"#[serde(serialize_with = "crate::serialize_short::<crate::v1::Firmware, _>")]"#,
+        )
+        .field_attribute(
+            "ferry.v1.SystemStatus.state",
+            r#"#[serde(serialize_with = "crate::serialize_short::<crate::v1::SystemState, _>")]"#,
+        )
         .compile_protos(&["proto/ferry.proto"], &["proto"])?;
     Ok(())
 }

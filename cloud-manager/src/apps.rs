@@ -2,27 +2,26 @@
 //! stay in the enterprise, the load balancer and the provider), owned in their own tree.
 use crate::error::{built_in, CloudError, Result};
 use crate::replication::Replication;
-use crate::state::{AppRecord, Records};
+use crate::state::{AppRecord, Records, Target, Visibility};
 use std::sync::Arc;
 
 /// What the operator asks for in `ferry app create`.
 #[derive(Debug, Clone, Default)]
 pub struct AppSpec {
     pub name: String,
-    /// (system, "public" | "private")
-    pub systems: Vec<(String, String)>,
+    pub systems: Vec<(String, Visibility)>,
     pub services: Vec<String>,
     pub load_balancer: bool,
     pub load_balancer_ports: Vec<u32>,
-    /// Empty: the manager's default provider.
-    pub provider: String,
+    /// None: the manager's default provider.
+    pub provider: Option<Target>,
 }
 
 #[derive(Debug)]
 pub struct Apps {
     apps: Records<AppRecord>,
     replication: Arc<Replication>,
-    default_provider: String,
+    default_provider: Target,
 }
 
 /// The real endpoint and protocol of a service spec (`HOST:PORT[/udp][=PROXY]`), which
@@ -100,7 +99,7 @@ fn load_balancer_ports(spec: &AppSpec) -> Result<Vec<u16>> {
             "--lb-port needs --load-balancer".into(),
         ));
     }
-    if spec.load_balancer && !spec.systems.iter().any(|(_, v)| v == "public") {
+    if spec.load_balancer && !spec.systems.iter().any(|(_, v)| *v == Visibility::Public) {
         return Err(CloudError::Invalid(
             "a load balancer fronts the public systems, and this app has none".into(),
         ));
@@ -112,7 +111,7 @@ impl Apps {
     pub fn new(
         apps: Records<AppRecord>,
         replication: Arc<Replication>,
-        default_provider: String,
+        default_provider: Target,
     ) -> Self {
         Self {
             apps,
@@ -151,28 +150,16 @@ impl Apps {
                 "an app needs at least one --system".into(),
             ));
         }
-        let mut systems: Vec<(String, String)> = Vec::new();
+        let mut systems: Vec<(String, Visibility)> = Vec::new();
         for (system, visibility) in &spec.systems {
             self.replication.require(system)?;
-            if visibility != "public" && visibility != "private" {
-                return Err(CloudError::Invalid(format!(
-                    "system {system}: visibility must be public or private, not {visibility:?}"
-                )));
-            }
             if systems.iter().any(|(n, _)| n == system) {
                 return Err(CloudError::Invalid(format!("system {system} listed twice")));
             }
-            systems.push((system.clone(), visibility.clone()));
+            systems.push((system.clone(), *visibility));
         }
-        let provider = if spec.provider.is_empty() {
-            self.default_provider.clone()
-        } else {
-            spec.provider.clone()
-        };
-        provider
-            .parse::<ferry_customize::Target>()
-            .map_err(|e| CloudError::Invalid(e.to_string()))?;
-        built_in(&provider)?;
+        let provider = spec.provider.unwrap_or(self.default_provider);
+        built_in(provider)?;
         let mut services = Vec::new();
         add_services(&mut services, &spec.services)?;
         let load_balancer_ports = load_balancer_ports(&spec)?;

@@ -4,7 +4,9 @@
 use crate::error::{blocking, CloudError, Result};
 use crate::providers::Providers;
 use crate::replication::Replication;
-use crate::state::{AppRecord, CloneRecord, ImageRecord, InstanceRecord, Records};
+use crate::state::{
+    AppRecord, CloneRecord, CloneState, ImageRecord, InstanceRecord, InstanceState, Records, Target,
+};
 use ferry_provider::{self as provider, Provider, ProviderError};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,7 +65,7 @@ impl Clones {
     }
 
     async fn view(&self, record: CloneRecord) -> CloneView {
-        let provider = self.providers.get(&record.provider).await.ok();
+        let provider = self.providers.get(record.provider).await.ok();
         let console_logs = record
             .instances
             .iter()
@@ -141,7 +143,7 @@ impl Clones {
                         app.name, app.name
                     ))
                 })?;
-            if app.provider != "local" && img.provider_image.is_empty() {
+            if app.provider != Target::Local && img.provider_image.is_empty() {
                 return Err(CloudError::Failed(format!(
                     "image {} is not registered on {}: run `ferry image build {}`",
                     img.id, app.provider, app.name
@@ -163,13 +165,13 @@ impl Clones {
                 source_cpus: sys.probe.cpus,
                 source_memory_bytes: sys.probe.memory_bytes,
                 system: system.clone(),
-                visibility: visibility.clone(),
+                visibility: *visibility,
                 hostname: addr.hostname,
                 image: img.id.clone(),
                 image_path: img.path.clone(),
                 provider_image: img.provider_image.clone(),
-                firmware: img.firmware.clone(),
-                state: "pending".into(),
+                firmware: img.firmware,
+                state: InstanceState::Pending,
                 private_ip: addr.ip.to_string(),
                 prefix: addr.prefix,
                 ..Default::default()
@@ -197,12 +199,12 @@ impl Clones {
         let _ops = self.ops.lock().await;
         let others = self.clones.all()?;
         let name = Self::name_for(app, name, &others)?;
-        let provider = self.providers.get(&app.provider).await?;
+        let provider = self.providers.get(app.provider).await?;
         let mut rec = CloneRecord {
             name: name.clone(),
             app: app.name.clone(),
-            provider: app.provider.clone(),
-            state: "creating".into(),
+            provider: app.provider,
+            state: CloneState::Creating,
             created_unix_ms: ferry_common::now_ms(),
             needs_gateway: !app.services.is_empty(),
             instance_type: instance_type.to_string(),
@@ -260,7 +262,7 @@ impl Clones {
     ) -> Result<CloneView> {
         let _ops = self.ops.lock().await;
         let rec = self.require(name)?;
-        let provider = self.providers.get(&rec.provider).await?;
+        let provider = self.providers.get(rec.provider).await?;
         let p = provider.clone();
         let (mut rec, r) = blocking(move || {
             let mut rec = rec;
@@ -295,13 +297,13 @@ impl Clones {
     pub async fn terminate(&self, name: &str) -> Result<CloneView> {
         let _ops = self.ops.lock().await;
         let mut rec = self.require(name)?;
-        let provider = self.providers.get(&rec.provider).await?;
+        let provider = self.providers.get(rec.provider).await?;
         let r2 = rec.clone();
         blocking(move || Ok(provider.terminate(&r2)?)).await?;
         self.clones.remove(name)?;
-        rec.state = "terminated".into();
+        rec.state = CloneState::Terminated;
         for i in &mut rec.instances {
-            i.state = "terminated".into();
+            i.state = InstanceState::Terminated;
         }
         tracing::info!(clone = %name, "clone terminated");
         Ok(CloneView {
@@ -316,16 +318,16 @@ impl Clones {
     pub async fn reconcile(&self, images: std::collections::HashSet<String>) -> Result<()> {
         let _ops = self.ops.lock().await;
         for rec in self.clones.all()? {
-            let Ok(provider) = self.providers.get(&rec.provider).await else {
+            let Ok(provider) = self.providers.get(rec.provider).await else {
                 continue;
             };
-            let (name, before) = (rec.name.clone(), rec.state.clone());
+            let (name, before) = (rec.name.clone(), rec.state);
             let rec = blocking(move || {
                 let mut rec = rec;
-                if rec.state == "creating" {
+                if rec.state == CloneState::Creating {
                     // Cut short by a crash: nothing of it can be trusted.
                     provider.terminate(&rec)?;
-                    rec.state = "terminated".into();
+                    rec.state = CloneState::Terminated;
                 } else {
                     provider.observe(&mut rec)?;
                 }
@@ -333,7 +335,7 @@ impl Clones {
             })
             .await;
             match rec {
-                Ok(rec) if rec.state == "terminated" => {
+                Ok(rec) if rec.state == CloneState::Terminated => {
                     self.clones.remove(&name)?;
                     tracing::warn!(clone = %name, "clone creation was interrupted; its resources were removed");
                 }

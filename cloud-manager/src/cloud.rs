@@ -69,7 +69,7 @@ impl Cloud {
             apps: Apps::new(
                 Records::open(&store, "apps", true)?,
                 replication.clone(),
-                providers.default_name().to_string(),
+                providers.default_target(),
             ),
             images: Images::new(
                 Records::open(&store, "images", true)?,
@@ -118,7 +118,7 @@ impl Cloud {
         for (system, _) in &app.systems {
             let spec = PrepareSpec {
                 system: system.clone(),
-                target: app.provider.clone(),
+                target: app.provider,
                 services: app.services.clone(),
                 dry_run: false,
             };

@@ -1,6 +1,7 @@
 //! `ferry-cloud serve` settings: flags mirror the TOML keys, unknown keys are rejected,
 //! and everything is validated at load time.
 use ferry_common::config::ConfigError;
+use ferry_common::names::{Target, UnknownName};
 use ferry_common::telemetry::LogFormat;
 use std::path::PathBuf;
 
@@ -61,21 +62,20 @@ pub fn merge_azure(
 }
 
 /// Checks a provider name: one this build has.
-fn provider(s: &str) -> Result<String, ConfigError> {
-    match s {
-        "local" => Ok(s.to_string()),
-        "aws" | "azure" if crate::built_in(s) => Ok(s.to_string()),
-        "aws" | "azure" => Err(ConfigError::Invalid {
+fn provider(s: &str) -> Result<Target, ConfigError> {
+    let target: Target = s.parse().map_err(|e: UnknownName| ConfigError::Invalid {
+        key: "provider",
+        message: e.to_string(),
+    })?;
+    if !crate::built_in(target) {
+        return Err(ConfigError::Invalid {
             key: "provider",
             message: format!(
                 "provider {s:?} is not in this build (cargo feature {s:?} of ferry-cloud-manager)"
             ),
-        }),
-        other => Err(ConfigError::Invalid {
-            key: "provider",
-            message: format!("unknown provider {other:?} (local, aws or azure)"),
-        }),
+        });
     }
+    Ok(target)
 }
 
 impl ServeConfig {
@@ -104,7 +104,7 @@ impl ServeConfig {
                 key: "azure",
                 message,
             })?;
-        } else if provider == "azure" {
+        } else if provider == Target::Azure {
             return Err(ConfigError::Invalid {
                 key: "azure",
                 message: "the azure provider needs a subscription, resource group and location ([azure] or --azure-*)".into(),
@@ -141,16 +141,16 @@ mod tests {
     /// Run in both builds by CI: with and without the cloud providers' features.
     #[test]
     fn a_provider_left_out_of_the_build_is_refused_by_name() {
-        for p in ["aws", "azure"] {
+        for (p, target) in [("aws", Target::Aws), ("azure", Target::Azure)] {
             match provider(p) {
-                Ok(name) => assert!(crate::built_in(p) && name == p),
+                Ok(t) => assert!(crate::built_in(target) && t == target),
                 Err(e) => {
-                    assert!(!crate::built_in(p), "{e}");
+                    assert!(!crate::built_in(target), "{e}");
                     assert!(e.to_string().contains("not in this build"), "{e}");
                 }
             }
         }
-        assert_eq!(provider("local").unwrap(), "local");
+        assert_eq!(provider("local").unwrap(), Target::Local);
         assert!(provider("gcp").is_err());
     }
 
@@ -178,7 +178,7 @@ mod tests {
             "data_dir = \"/d\"\nprovider = \"azure\"\n[azure]\nsubscription_id = \"s\"\nresource_group = \"rg\"\nlocation = \"westeurope\"\n",
         ))
         .unwrap();
-        assert_eq!(ok.providers.default, "azure");
+        assert_eq!(ok.providers.default, Target::Azure);
         let flags = merge_azure(None, [Some("s".into()), None, None, None]).unwrap();
         assert_eq!(flags.subscription_id, "s");
         assert!(merge_azure(None, [None, None, None, None]).is_none());

@@ -98,9 +98,9 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 /// Refuses a provider or target this build was made without (a cargo feature).
-pub fn built_in(name: &str) -> Result<()> {
-    if crate::built_in(name) {
+pub fn built_in(target: ferry_common::names::Target) -> Result<()> {
+    if crate::built_in(target) {
         return Ok(());
     }
-    Err(ProviderError::Unavailable(name.to_string()).into())
+    Err(ProviderError::Unavailable(target.to_string()).into())
 }

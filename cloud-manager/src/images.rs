@@ -19,7 +19,7 @@ const BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 #[derive(Debug, Clone)]
 pub struct PrepareSpec {
     pub system: String,
-    pub target: String,
+    pub target: Target,
     /// Services that stay in the enterprise (`HOST:PORT[/udp]=PROXY`).
     pub services: Vec<String>,
     pub dry_run: bool,
@@ -63,12 +63,6 @@ impl std::fmt::Debug for Images {
 }
 
 type Register = Box<dyn FnOnce(&mut ImageRecord) -> std::result::Result<(), ProviderError> + Send>;
-
-fn parse_target(target: &str) -> Result<Target> {
-    target
-        .parse()
-        .map_err(|e: ferry_customize::CustomizeError| CloudError::Invalid(e.to_string()))
-}
 
 impl Images {
     pub fn new(
@@ -138,7 +132,7 @@ impl Images {
 
     /// Customizes a copy of a system's replica for a target (see `prepare`).
     pub async fn prepare(&self, spec: PrepareSpec) -> Result<Prepared> {
-        let target = parse_target(&spec.target)?;
+        let target = spec.target;
         let services = Plan::from_flags(target, &[], &[], &spec.services)
             .map_err(|e| CloudError::Invalid(e.to_string()))?
             .services;
@@ -220,8 +214,8 @@ impl Images {
         skip_boot_check: bool,
         app: &str,
     ) -> Result<ImageRecord> {
-        let target = parse_target(&spec.target)?;
-        built_in(&spec.target)?; // before minutes of customizing and boot checking
+        let target = spec.target;
+        built_in(target)?; // before minutes of customizing and boot checking
         let prepared = self
             .prepare(PrepareSpec {
                 dry_run: false,
@@ -239,7 +233,7 @@ impl Images {
         let mut rec = ImageRecord {
             id,
             system: sys.name.clone(),
-            target: spec.target.clone(),
+            target,
             epoch: prepared.epoch,
             path: made.image.display().to_string(),
             virtual_bytes: made.virtual_bytes,
@@ -249,7 +243,7 @@ impl Images {
                 .unwrap_or_default(),
             created_unix_ms: ferry_common::now_ms(),
             app: app.to_string(),
-            firmware: made.firmware.as_str().into(),
+            firmware: made.firmware,
             boot_loader: made.boot_loader.clone(),
             ..Default::default()
         };
@@ -365,18 +359,18 @@ impl Images {
             .get(id)?
             .ok_or_else(|| CloudError::NotFound(format!("no image {id:?}")))?;
         if !found.provider_image.is_empty() || !found.provider_snapshot.is_empty() {
-            match found.target.as_str() {
+            match found.target {
                 #[cfg(feature = "azure")]
-                "azure" => {
+                Target::Azure => {
                     let azure = self.providers.azure().await?;
                     blocking(move || Ok(azure.deregister_image(&found)?)).await?;
                 }
                 #[cfg(feature = "aws")]
-                "aws" => {
+                Target::Aws => {
                     let aws = self.providers.aws().await;
                     blocking(move || Ok(aws.deregister_image(&found)?)).await?;
                 }
-                other => return Err(ProviderError::Unavailable(other.into()).into()),
+                other => return Err(ProviderError::Unavailable(other.to_string()).into()),
             }
         }
         let rec = self

@@ -35,10 +35,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Whether the cloud provider `name` (aws, azure) was built in: each is a cargo feature,
 /// both on by default; the embedded local provider always is.
-pub fn built_in(name: &str) -> bool {
-    name == "local"
-        || (name == "aws" && cfg!(feature = "aws"))
-        || (name == "azure" && cfg!(feature = "azure"))
+pub fn built_in(target: ferry_common::names::Target) -> bool {
+    use ferry_common::names::Target;
+    match target {
+        Target::Local => true,
+        Target::Aws => cfg!(feature = "aws"),
+        Target::Azure => cfg!(feature = "azure"),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

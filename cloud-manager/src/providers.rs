@@ -1,14 +1,15 @@
 //! The providers this build has, made on first use: local (always), aws and azure
 //! (cargo features). Images and clones reach them by name through here only.
 use crate::error::Result;
+use ferry_common::names::Target;
 use ferry_provider::{Provider, ProviderError, Settings};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 pub struct Providers {
     settings: Settings,
-    /// Ready providers by name: the embedded local one, or stand-ins given by tests.
-    ready: HashMap<String, Arc<dyn Provider>>,
+    /// Ready providers: the embedded local one, or stand-ins given by tests.
+    ready: HashMap<Target, Arc<dyn Provider>>,
     /// The aws provider, made on first use from the default AWS configuration chain.
     #[cfg(feature = "aws")]
     aws: tokio::sync::OnceCell<Arc<ferry_provider_aws::Aws>>,
@@ -30,11 +31,11 @@ impl Providers {
     pub fn new(settings: Settings) -> Self {
         let local: Arc<dyn Provider> =
             Arc::new(ferry_provider::local::Local::new(settings.local.clone()));
-        Self::with(settings, [("local".to_string(), local)].into())
+        Self::with(settings, [(Target::Local, local)].into())
     }
 
     /// Providers where `ready` stands in for the named ones (tests give a fake local).
-    pub fn with(settings: Settings, ready: HashMap<String, Arc<dyn Provider>>) -> Self {
+    pub fn with(settings: Settings, ready: HashMap<Target, Arc<dyn Provider>>) -> Self {
         Self {
             settings,
             ready,
@@ -46,8 +47,8 @@ impl Providers {
     }
 
     /// The provider of apps created without `--provider`.
-    pub fn default_name(&self) -> &str {
-        &self.settings.default
+    pub fn default_target(&self) -> Target {
+        self.settings.default
     }
 
     /// Whether the azure provider is configured.
@@ -55,16 +56,17 @@ impl Providers {
         self.settings.azure.is_some()
     }
 
-    /// The provider named `name`, made now if it is the first use.
-    pub async fn get(&self, name: &str) -> Result<Arc<dyn Provider>> {
-        if let Some(p) = self.ready.get(name) {
+    /// The provider of `target`, made now if it is the first use.
+    pub async fn get(&self, target: Target) -> Result<Arc<dyn Provider>> {
+        if let Some(p) = self.ready.get(&target) {
             return Ok(p.clone());
         }
-        match name {
+        match target {
             #[cfg(feature = "aws")]
-            "aws" => Ok(self.aws().await),
+            Target::Aws => Ok(self.aws().await),
             #[cfg(feature = "azure")]
-            "azure" => Ok(self.azure().await?),
+            Target::Azure => Ok(self.azure().await?),
+            #[allow(unreachable_patterns)] // with both clouds built in
             other => Err(ProviderError::Unavailable(other.to_string()).into()),
         }
     }

@@ -1,7 +1,20 @@
 //! The cloud manager's durable state in sled: one tree of records per service (systems,
 //! apps, images, clones) and ingest's meta tree (enrolled identities, counters).
 use ferry_common::store::{Store, StoreError};
-pub use ferry_provider::records::{CloneRecord, ImageRecord, InstanceRecord};
+pub use ferry_provider::records::{
+    CloneRecord, CloneState, Firmware, ImageRecord, InstanceRecord, InstanceState, Target,
+    Visibility,
+};
+
+ferry_common::named_enum! {
+    /// The least advanced replication phase of a system's file systems.
+    pub enum SystemState ("system state") {
+        Registered => "registered",
+        Scanning => "scanning",
+        InitialSync => "initial-sync",
+        InSync => "in-sync",
+    }
+}
 use ferry_sysconf::host::HostInfo;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,7 +91,7 @@ impl SystemRecord {
         self.filesystems.iter_mut().find(|f| f.fs_id == fs_id)
     }
     /// The least advanced phase of any file system.
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> SystemState {
         let rank = |p: &str| match p {
             "scanning" => 0,
             "initial-sync" => 1,
@@ -86,10 +99,10 @@ impl SystemRecord {
             _ => 3,
         };
         match self.filesystems.iter().map(|f| rank(&f.phase)).min() {
-            Some(0) => "scanning",
-            Some(1) => "initial-sync",
-            Some(2) => "in-sync",
-            _ => "registered",
+            Some(0) => SystemState::Scanning,
+            Some(1) => SystemState::InitialSync,
+            Some(2) => SystemState::InSync,
+            _ => SystemState::Registered,
         }
     }
 }
@@ -238,13 +251,12 @@ impl<T: Keyed> Records<T> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AppRecord {
     pub name: String,
-    /// (system, "public" | "private")
-    pub systems: Vec<(String, String)>,
+    pub systems: Vec<(String, Visibility)>,
     pub services: Vec<String>,
     pub load_balancer: bool,
     #[serde(default)]
     pub load_balancer_ports: Vec<u16>,
-    pub provider: String,
+    pub provider: Target,
     pub created_unix_ms: i64,
 }
 

@@ -4,7 +4,9 @@ use crate::{
     render_systems, CliError, Client,
 };
 use clap::{Parser, Subcommand};
+use ferry_common::names::Target;
 use ferry_proto::v1 as pb;
+use ferry_proto::ShortName;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -157,8 +159,8 @@ pub enum AppCmd {
         #[arg(long = "lb-port")]
         lb_ports: Vec<u32>,
         /// local, aws or azure (default: the cloud manager's `serve --provider`).
-        #[arg(long, default_value = "")]
-        provider: String,
+        #[arg(long)]
+        provider: Option<Target>,
         #[arg(long)]
         json: bool,
     },
@@ -187,7 +189,7 @@ pub enum ImageCmd {
         name: String,
         /// local, aws or azure.
         #[arg(long, default_value = "local")]
-        target: String,
+        target: Target,
         /// A service that stays behind: HOST:PORT[/udp]=PROXY_HOST:PROXY_PORT (repeatable).
         #[arg(long = "service")]
         services: Vec<String>,
@@ -267,7 +269,7 @@ pub enum SystemsCmd {
         name: String,
         /// local, aws or azure.
         #[arg(long)]
-        target: String,
+        target: Target,
         /// A service that stays behind: HOST:PORT[/udp]=PROXY_HOST:PROXY_PORT (repeatable).
         #[arg(long = "service")]
         services: Vec<String>,
@@ -353,7 +355,7 @@ pub async fn systems(client: &mut Client, cmd: SystemsCmd) -> Result<(), CliErro
         } => {
             let req = pb::PrepareSystemRequest {
                 system: name,
-                target,
+                target: wire_target(target),
                 services,
                 dry_run,
             };
@@ -531,7 +533,7 @@ pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
                     systems: app_systems(&systems).map_err(CliError::Usage)?,
                     services,
                     load_balancer,
-                    provider,
+                    provider: provider.map_or(0, wire_target),
                     created_unix_ms: 0,
                     load_balancer_ports: lb_ports,
                 })
@@ -558,6 +560,11 @@ pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
     Ok(())
 }
 
+/// A target as the wire names it.
+fn wire_target(t: Target) -> i32 {
+    pb::Target::from_short(t.as_str()).map_or(0, Into::into)
+}
+
 /// Reads `--system SYSTEM:public|private` arguments into an app's systems.
 fn app_systems(systems: &[String]) -> Result<Vec<pb::AppSystem>, String> {
     let mut list = Vec::new();
@@ -565,9 +572,12 @@ fn app_systems(systems: &[String]) -> Result<Vec<pb::AppSystem>, String> {
         let (system, visibility) = s
             .split_once(':')
             .ok_or_else(|| format!("--system {s:?}: expected SYSTEM:public or SYSTEM:private"))?;
+        let v = pb::Visibility::from_short(visibility).ok_or_else(|| {
+            format!("--system {s:?}: visibility must be public or private, not {visibility:?}")
+        })?;
         list.push(pb::AppSystem {
             system: system.to_string(),
-            visibility: visibility.to_string(),
+            visibility: v.into(),
         });
     }
     Ok(list)
@@ -606,7 +616,7 @@ pub async fn image(client: &mut Client, cmd: ImageCmd) -> Result<(), CliError> {
                 vec![client
                     .build_image(pb::BuildImageRequest {
                         system: name,
-                        target,
+                        target: wire_target(target),
                         services,
                         skip_boot_check: no_boot_check,
                     })

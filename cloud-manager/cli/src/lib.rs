@@ -1,5 +1,6 @@
 //! The `ferry` operator command: talks to the control API with the operator credentials.
 use ferry_common::config::OperatorCredentials;
+use ferry_proto::short_name;
 use ferry_proto::v1 as pb;
 use std::path::{Path, PathBuf};
 
@@ -74,7 +75,7 @@ pub fn render_systems(systems: &[pb::SystemStatus]) -> String {
         out.push_str(&format!(
             "{}  {}  epoch {}  durable {}  via {}\n",
             s.name,
-            s.state,
+            short_name::<pb::SystemState>(s.state),
             s.durable_epoch,
             when(s.last_durable_unix_ms),
             if s.via.is_empty() { "-" } else { &s.via }
@@ -211,7 +212,7 @@ pub fn render_images(images: &[pb::ImageInfo]) -> String {
             "{:<32} {:<12} {:<6} {:>6} {:>8}M {:>8}M  {}\n",
             i.id,
             i.system,
-            i.target,
+            short_name::<pb::Target>(i.target),
             i.epoch,
             i.virtual_bytes >> 20,
             i.disk_bytes >> 20,
@@ -228,7 +229,7 @@ pub fn render_apps(apps: &[pb::AppInfo]) -> String {
         out.push_str(&format!(
             "app {} (provider {}{})\n",
             a.name,
-            a.provider,
+            short_name::<pb::Target>(a.provider),
             if a.load_balancer {
                 ", load balancer"
             } else {
@@ -236,7 +237,11 @@ pub fn render_apps(apps: &[pb::AppInfo]) -> String {
             }
         ));
         for s in &a.systems {
-            out.push_str(&format!("  system {} {}\n", s.system, s.visibility));
+            out.push_str(&format!(
+                "  system {} {}\n",
+                s.system,
+                short_name::<pb::Visibility>(s.visibility)
+            ));
         }
         for s in &a.services {
             out.push_str(&format!("  service {s}\n"));
@@ -253,8 +258,8 @@ pub fn render_clones(clones: &[pb::CloneInfo]) -> String {
             "clone {} of {} ({}, {}) network {} subnets {}\n",
             c.name,
             c.app,
-            c.provider,
-            c.state,
+            short_name::<pb::Target>(c.provider),
+            short_name::<pb::CloneState>(c.state),
             c.network,
             c.subnets.join(",")
         ));
@@ -262,8 +267,8 @@ pub fn render_clones(clones: &[pb::CloneInfo]) -> String {
             out.push_str(&format!(
                 "  {:<16} {:<8} {:<10} private {:<15} public {:<15} {} {} {:.0}s\n",
                 i.system,
-                i.visibility,
-                i.state,
+                short_name::<pb::Visibility>(i.visibility),
+                short_name::<pb::InstanceState>(i.state),
                 i.private_ip,
                 if i.public_ip.is_empty() {
                     "-"

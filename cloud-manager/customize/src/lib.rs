@@ -30,40 +30,12 @@ pub enum CustomizeError {
     Plan(String),
     #[error("{what}: {message}")]
     Action { what: String, message: String },
+    #[error(transparent)]
+    Target(#[from] ferry_common::names::UnknownName),
 }
 
 /// Where the system will run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    Local,
-    Aws,
-    Azure,
-}
-
-impl std::str::FromStr for Target {
-    type Err = CustomizeError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "local" => Ok(Target::Local),
-            "aws" => Ok(Target::Aws),
-            "azure" => Ok(Target::Azure),
-            other => Err(CustomizeError::Plan(format!(
-                "unknown target {other:?} (local, aws or azure)"
-            ))),
-        }
-    }
-}
-
-impl Target {
-    /// The serial console the target's boot log goes to.
-    pub fn console(self) -> &'static str {
-        match self {
-            Target::Local | Target::Aws => "ttyS0,115200",
-            Target::Azure => "ttyS0,115200n8",
-        }
-    }
-}
+pub use ferry_common::names::Target;
 
 /// A service that stays in the enterprise and the local tunnel endpoint that replaces it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

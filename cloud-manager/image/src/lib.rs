@@ -79,11 +79,13 @@ pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 /// UEFI's fallback loader, which boots a disk whose NVRAM entries stayed behind.
 const FALLBACK: &str = "EFI/BOOT/BOOTX64.EFI";
 
-/// How the machine starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// How the machine starts. Records from before firmware was kept hold "" for BIOS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Firmware {
     /// BIOS: an MBR, GRUB's core image in the gap before the first partition.
+    #[default]
+    #[serde(alias = "")]
     Bios,
     /// UEFI: a GPT, the EFI system partition first, the fallback loader on it.
     Efi,

@@ -8,7 +8,7 @@
 //! Credentials, region and endpoint come from the default AWS chain.
 use aws_sdk_ec2::types as ec2t;
 use aws_sdk_elasticloadbalancingv2::types as elbt;
-use ferry_provider::records::{CloneRecord, ImageRecord};
+use ferry_provider::records::{CloneRecord, Firmware, ImageRecord, InstanceState, Visibility};
 use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
 use futures::StreamExt;
 use std::io::Read;
@@ -271,7 +271,7 @@ impl Aws {
             .virtualization_type("hvm")
             .root_device_name("/dev/xvda")
             .ena_support(true)
-            .boot_mode(if img.firmware == "efi" {
+            .boot_mode(if img.firmware == Firmware::Efi {
                 ec2t::BootModeValues::Uefi
             } else {
                 ec2t::BootModeValues::LegacyBios
@@ -434,7 +434,10 @@ impl Aws {
                 .to_string();
             subnet_of.push((sn.clone(), id));
         }
-        let public = rec.instances.iter().any(|i| i.visibility == "public");
+        let public = rec
+            .instances
+            .iter()
+            .any(|i| i.visibility == Visibility::Public);
         if public {
             let igw = self
                 .ec2
@@ -526,7 +529,7 @@ impl Aws {
             } else {
                 self.instance_type.clone()
             };
-            let group = if inst.visibility == "public" {
+            let group = if inst.visibility == Visibility::Public {
                 &groups[1]
             } else {
                 &groups[0]
@@ -557,11 +560,11 @@ impl Aws {
             inst.accel = "aws".into();
             inst.mac.clear();
         }
-        ferry_provider::wait_states(self, rec, &["running"]).await?;
+        ferry_provider::wait_states(self, rec, &[InstanceState::Running]).await?;
         for inst in rec
             .instances
             .iter_mut()
-            .filter(|i| i.visibility == "public")
+            .filter(|i| i.visibility == Visibility::Public)
         {
             let eip = self
                 .ec2
@@ -627,7 +630,11 @@ impl Aws {
                 .unwrap_or_default()
                 .to_string();
             let mut reg = self.elb.register_targets().target_group_arn(&tg_arn);
-            for i in rec.instances.iter().filter(|i| i.visibility == "public") {
+            for i in rec
+                .instances
+                .iter()
+                .filter(|i| i.visibility == Visibility::Public)
+            {
                 reg = reg.targets(
                     elbt::TargetDescription::builder()
                         .id(&i.provider_id)
@@ -656,7 +663,10 @@ impl Aws {
     }
 
     /// Each instance's state by its id (`stopped` when the provider no longer has it).
-    async fn instance_states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
+    async fn instance_states(
+        &self,
+        rec: &CloneRecord,
+    ) -> Result<Vec<InstanceState>, ProviderError> {
         let ids: Vec<String> = rec
             .instances
             .iter()
@@ -674,17 +684,14 @@ impl Aws {
                 .map_err(sdk_err("DescribeInstances"))?;
             for i in d.reservations().iter().flat_map(|r| r.instances()) {
                 let state = match i.state().and_then(|s| s.name()) {
-                    Some(ec2t::InstanceStateName::Running) => "running",
-                    Some(ec2t::InstanceStateName::Pending) => "booting",
+                    Some(ec2t::InstanceStateName::Running) => InstanceState::Running,
+                    Some(ec2t::InstanceStateName::Pending) => InstanceState::Booting,
                     Some(ec2t::InstanceStateName::Stopped | ec2t::InstanceStateName::Stopping) => {
-                        "suspended"
+                        InstanceState::Suspended
                     }
-                    _ => "stopped",
+                    _ => InstanceState::Stopped,
                 };
-                found.insert(
-                    i.instance_id().unwrap_or_default().to_string(),
-                    state.to_string(),
-                );
+                found.insert(i.instance_id().unwrap_or_default().to_string(), state);
             }
         }
         Ok(rec
@@ -693,8 +700,8 @@ impl Aws {
             .map(|i| {
                 found
                     .get(&i.provider_id)
-                    .cloned()
-                    .unwrap_or_else(|| "stopped".into())
+                    .copied()
+                    .unwrap_or(InstanceState::Stopped)
             })
             .collect())
     }
@@ -934,7 +941,7 @@ impl CloudApi for Aws {
         self.terminate_async(&rec.name).await
     }
 
-    async fn states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
+    async fn states(&self, rec: &CloneRecord) -> Result<Vec<InstanceState>, ProviderError> {
         self.instance_states(rec).await
     }
 }

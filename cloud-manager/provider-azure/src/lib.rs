@@ -11,7 +11,9 @@
 use azure_core::auth::TokenCredential;
 use azure_mgmt_compute::package_2024_07_01 as compute;
 use azure_mgmt_network::package_2024_03 as netapi;
-use ferry_provider::records::{CloneRecord, ImageRecord, InstanceRecord};
+use ferry_provider::records::{
+    CloneRecord, Firmware, ImageRecord, InstanceRecord, InstanceState, Visibility,
+};
 pub use ferry_provider::AzureConfig;
 use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
 use futures::StreamExt;
@@ -401,7 +403,7 @@ impl Azure {
             .len();
         let name = image_name(&img.id);
         let disk_id = self.id("Microsoft.Compute", "disks", &name);
-        let generation = hyper_v_generation(&img.firmware);
+        let generation = hyper_v_generation(img.firmware);
         let disk: compute::models::Disk = model(
             "Disks_CreateOrUpdate",
             json!({
@@ -711,11 +713,11 @@ impl Azure {
             self.create_instance(&n, &tags, &subnet_cidrs, &rec.instance_type, inst)
                 .await?;
         }
-        ferry_provider::wait_states(self, rec, &["running"]).await?;
+        ferry_provider::wait_states(self, rec, &[InstanceState::Running]).await?;
         for inst in rec
             .instances
             .iter_mut()
-            .filter(|i| i.visibility == "public")
+            .filter(|i| i.visibility == Visibility::Public)
         {
             let got = self
                 .call(
@@ -767,7 +769,7 @@ impl Azure {
             "subnet": {"id": format!("{}/subnets/{}",
                 self.id("Microsoft.Network", "virtualNetworks", &n.vnet()), subnet_name(subnet))}
         });
-        let public = inst.visibility == "public";
+        let public = inst.visibility == Visibility::Public;
         if public {
             let pip: netapi::models::PublicIpAddress = model(
                 "PublicIPAddresses_CreateOrUpdate",
@@ -806,7 +808,7 @@ impl Azure {
             json!({"location": self.cfg.location, "tags": tags,
                    "sku": {"name": "Standard_LRS"},
                    "properties": {"osType": "Linux",
-                       "hyperVGeneration": hyper_v_generation(&inst.firmware),
+                       "hyperVGeneration": hyper_v_generation(inst.firmware),
                        "creationData": {"createOption": "Copy", "sourceResourceId": source}}}),
         )?;
         self.call(
@@ -863,7 +865,10 @@ impl Azure {
     }
 
     /// Each instance's state, from its instance view's power state.
-    async fn instance_states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
+    async fn instance_states(
+        &self,
+        rec: &CloneRecord,
+    ) -> Result<Vec<InstanceState>, ProviderError> {
         let n = Names(&rec.name);
         let mut out = Vec::new();
         for inst in &rec.instances {
@@ -875,7 +880,7 @@ impl Azure {
                 .await;
             let view = match r {
                 Err(e) if is_not_found(&e) => {
-                    out.push("stopped".to_string());
+                    out.push(InstanceState::Stopped);
                     continue;
                 }
                 Err(e) => return Err(api_err("VirtualMachines_InstanceView", &e)),
@@ -889,7 +894,7 @@ impl Azure {
                     serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null)
                 }
             };
-            out.push(power_state(&view).to_string());
+            out.push(power_state(&view));
         }
         Ok(out)
     }
@@ -972,8 +977,8 @@ impl Azure {
 }
 
 /// Azure's VM generation for a firmware: V2 boots UEFI, V1 BIOS.
-fn hyper_v_generation(firmware: &str) -> &'static str {
-    if firmware == "efi" {
+fn hyper_v_generation(firmware: Firmware) -> &'static str {
+    if firmware == Firmware::Efi {
         "V2"
     } else {
         "V1"
@@ -981,16 +986,16 @@ fn hyper_v_generation(firmware: &str) -> &'static str {
 }
 
 /// An instance view's power state as a clone instance state.
-fn power_state(view: &Value) -> &'static str {
+fn power_state(view: &Value) -> InstanceState {
     let codes: Vec<&str> = view["statuses"]
         .as_array()
         .map(|s| s.iter().filter_map(|s| s["code"].as_str()).collect())
         .unwrap_or_default();
     match codes.iter().find_map(|c| c.strip_prefix("PowerState/")) {
-        Some("running") => "running",
-        Some("starting") => "booting",
-        Some("deallocated" | "deallocating" | "stopped" | "stopping") => "suspended",
-        _ => "stopped",
+        Some("running") => InstanceState::Running,
+        Some("starting") => InstanceState::Booting,
+        Some("deallocated" | "deallocating" | "stopped" | "stopping") => InstanceState::Suspended,
+        _ => InstanceState::Stopped,
     }
 }
 
@@ -1039,7 +1044,7 @@ impl CloudApi for Azure {
         self.terminate_async(rec).await
     }
 
-    async fn states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError> {
+    async fn states(&self, rec: &CloneRecord) -> Result<Vec<InstanceState>, ProviderError> {
         self.instance_states(rec).await
     }
 }
@@ -1070,10 +1075,19 @@ mod tests {
     #[test]
     fn power_states_map_to_instance_states() {
         let v = |code: &str| json!({"statuses": [{"code": "ProvisioningState/succeeded"}, {"code": code}]});
-        assert_eq!(power_state(&v("PowerState/running")), "running");
-        assert_eq!(power_state(&v("PowerState/deallocated")), "suspended");
-        assert_eq!(power_state(&v("PowerState/starting")), "booting");
-        assert_eq!(power_state(&json!({})), "stopped");
+        assert_eq!(
+            power_state(&v("PowerState/running")),
+            InstanceState::Running
+        );
+        assert_eq!(
+            power_state(&v("PowerState/deallocated")),
+            InstanceState::Suspended
+        );
+        assert_eq!(
+            power_state(&v("PowerState/starting")),
+            InstanceState::Booting
+        );
+        assert_eq!(power_state(&json!({})), InstanceState::Stopped);
     }
 
     #[test]

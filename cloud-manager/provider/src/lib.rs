@@ -6,14 +6,14 @@ pub mod local;
 pub mod qmp;
 pub mod records;
 
-use records::{CloneRecord, InstanceRecord};
+use records::{CloneRecord, CloneState, InstanceRecord, InstanceState};
 use std::net::Ipv4Addr;
 
 /// The providers' settings, from `ferry-cloud serve`.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The provider of apps created without `--provider`.
-    pub default: String,
+    pub default: records::Target,
     pub local: local::LocalConfig,
     /// Present when the azure provider is configured.
     pub azure: Option<AzureConfig>,
@@ -117,7 +117,7 @@ pub trait CloudApi: Send + Sync + std::fmt::Debug {
     /// Removes everything of the clone; what is gone already is not an error.
     async fn teardown(&self, rec: &CloneRecord) -> Result<(), ProviderError>;
     /// Each instance's state, in the record's order.
-    async fn states(&self, rec: &CloneRecord) -> Result<Vec<String>, ProviderError>;
+    async fn states(&self, rec: &CloneRecord) -> Result<Vec<InstanceState>, ProviderError>;
 }
 
 /// Polls a cloud until every instance is in one of `want` (15 minutes at most),
@@ -125,15 +125,15 @@ pub trait CloudApi: Send + Sync + std::fmt::Debug {
 pub async fn wait_states<P: CloudApi + ?Sized>(
     p: &P,
     rec: &mut CloneRecord,
-    want: &[&str],
+    want: &[InstanceState],
 ) -> Result<(), ProviderError> {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(900);
     loop {
         let states = p.states(rec).await?;
         for (i, s) in rec.instances.iter_mut().zip(&states) {
-            i.state = s.clone();
+            i.state = *s;
         }
-        if states.iter().all(|s| want.contains(&s.as_str())) {
+        if states.iter().all(|s| want.contains(s)) {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
@@ -152,8 +152,13 @@ async fn switch<P: CloudApi + ?Sized>(
     on: bool,
 ) -> Result<(), ProviderError> {
     p.power(rec, on).await?;
-    wait_states(p, rec, &[if on { "running" } else { "suspended" }]).await?;
-    rec.state = clone_state(&rec.instances).into();
+    let want = if on {
+        InstanceState::Running
+    } else {
+        InstanceState::Suspended
+    };
+    wait_states(p, rec, &[want]).await?;
+    rec.state = clone_state(&rec.instances);
     Ok(())
 }
 
@@ -190,7 +195,7 @@ impl<T: CloudApi> Provider for T {
         for (i, s) in rec.instances.iter_mut().zip(states) {
             i.state = s;
         }
-        rec.state = clone_state(&rec.instances).into();
+        rec.state = clone_state(&rec.instances);
         Ok(())
     }
 }
@@ -210,19 +215,19 @@ pub fn settle(
         }
         return Err(e);
     }
-    rec.state = clone_state(&rec.instances).into();
+    rec.state = clone_state(&rec.instances);
     Ok(())
 }
 
 /// The clone's state from its instances' states.
-pub fn clone_state(instances: &[InstanceRecord]) -> &'static str {
-    let all = |s: &str| !instances.is_empty() && instances.iter().all(|i| i.state == s);
-    if all("running") {
-        "running"
-    } else if all("suspended") {
-        "suspended"
+pub fn clone_state(instances: &[InstanceRecord]) -> CloneState {
+    let all = |s| !instances.is_empty() && instances.iter().all(|i| i.state == s);
+    if all(InstanceState::Running) {
+        CloneState::Running
+    } else if all(InstanceState::Suspended) {
+        CloneState::Suspended
     } else {
-        "degraded"
+        CloneState::Degraded
     }
 }
 

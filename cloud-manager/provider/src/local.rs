@@ -6,7 +6,7 @@
 //! QEMU and dnsmasq are daemons: clones outlive the cloud manager, which finds them again
 //! by pid file and command line.
 use super::{clone_state, hosts, mac_for, network, parse_cidr, qmp, Provider, ProviderError};
-use crate::records::{CloneRecord, InstanceRecord};
+use crate::records::{CloneRecord, InstanceRecord, InstanceState, Visibility};
 use ferry_common::cmd::run;
 use ferry_image as image;
 use std::net::Ipv4Addr;
@@ -177,7 +177,7 @@ impl Local {
         for inst in rec
             .instances
             .iter_mut()
-            .filter(|i| i.visibility == "public")
+            .filter(|i| i.visibility == Visibility::Public)
         {
             inst.public_ip = free.next().ok_or_else(|| {
                 ProviderError::Exhausted(format!(
@@ -371,7 +371,11 @@ impl Local {
                 "\nfrontend port_{port}\n  bind {}:{port}\n  default_backend public_{port}\n\nbackend public_{port}\n  balance roundrobin\n",
                 rec.load_balancer_ip
             );
-            for i in rec.instances.iter().filter(|i| i.visibility == "public") {
+            for i in rec
+                .instances
+                .iter()
+                .filter(|i| i.visibility == Visibility::Public)
+            {
                 c += &format!(
                     "  server {} {}:{port} check inter 2s fall 2 rise 1\n",
                     i.system, i.private_ip
@@ -620,10 +624,10 @@ impl Local {
                     inst.boot_seconds = secs;
                     inst.size = format!("1 vCPU, {} MiB", self.cfg.memory_mib);
                     inst.provider_id = pid.to_string();
-                    inst.state = "running".into();
+                    inst.state = InstanceState::Running;
                 }
                 Err(e) => {
-                    inst.state = "failed".into();
+                    inst.state = InstanceState::Failed;
                     first_err.get_or_insert(e);
                 }
             }
@@ -652,33 +656,39 @@ impl Local {
     }
 
     /// The state of one instance from its process and QMP.
-    fn observe_instance(&self, rec: &CloneRecord, inst: &InstanceRecord) -> String {
+    fn observe_instance(&self, rec: &CloneRecord, inst: &InstanceRecord) -> InstanceState {
         let p = self.paths(&rec.name, &inst.system);
         if Self::live_pid(&p.pid, &self.marker(&rec.name, &inst.system)).is_none() {
-            return "stopped".into();
+            return InstanceState::Stopped;
         }
         match qmp::command(&p.qmp, "query-status") {
             Ok(v) => match v["status"].as_str() {
-                Some("running") => "running".into(),
-                Some("paused") => "suspended".into(),
-                Some(other) => other.to_string(),
-                None => "unknown".into(),
+                Some("running") => InstanceState::Running,
+                Some("paused") => InstanceState::Suspended,
+                // shutdown, guest-panicked, internal-error, io-error, ...
+                Some(_) => InstanceState::Failed,
+                None => InstanceState::Unknown,
             },
             Err(e) => {
                 tracing::warn!(system = %inst.system, error = %e, "qmp query failed");
-                "unknown".into()
+                InstanceState::Unknown
             }
         }
     }
 
-    fn qmp_all(&self, rec: &mut CloneRecord, cmd: &str, state: &str) -> Result<(), ProviderError> {
+    fn qmp_all(
+        &self,
+        rec: &mut CloneRecord,
+        cmd: &str,
+        state: InstanceState,
+    ) -> Result<(), ProviderError> {
         for inst in rec.instances.iter_mut() {
             let p = self.paths(&rec.name, &inst.system);
             qmp::command(&p.qmp, cmd).map_err(|message| ProviderError::Instance {
                 system: inst.system.clone(),
                 message,
             })?;
-            inst.state = state.into();
+            inst.state = state;
         }
         Ok(())
     }
@@ -703,7 +713,7 @@ impl Provider for Local {
     fn create(&self, rec: &mut CloneRecord, others: &[CloneRecord]) -> Result<(), ProviderError> {
         for inst in rec.instances.iter_mut() {
             inst.mac = mac_for(&rec.name, &inst.system);
-            inst.state = "booting".into();
+            inst.state = InstanceState::Booting;
         }
         self.allocate(rec, others)?;
         if Path::new("/run/netns").join(&rec.network).exists() {
@@ -717,8 +727,8 @@ impl Provider for Local {
     }
 
     fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        self.qmp_all(rec, "stop", "suspended")?;
-        rec.state = clone_state(&rec.instances).into();
+        self.qmp_all(rec, "stop", InstanceState::Suspended)?;
+        rec.state = clone_state(&rec.instances);
         Ok(())
     }
 
@@ -726,16 +736,16 @@ impl Provider for Local {
         self.observe(rec)?;
         let mut stopped = Vec::new();
         for (n, inst) in rec.instances.clone().iter().enumerate() {
-            match inst.state.as_str() {
-                "suspended" => {
+            match inst.state {
+                InstanceState::Suspended => {
                     let p = self.paths(&rec.name, &inst.system);
                     qmp::command(&p.qmp, "cont").map_err(|message| ProviderError::Instance {
                         system: inst.system.clone(),
                         message,
                     })?;
-                    rec.instances[n].state = "running".into();
+                    rec.instances[n].state = InstanceState::Running;
                 }
-                "stopped" | "failed" => stopped.push(n),
+                InstanceState::Stopped | InstanceState::Failed => stopped.push(n),
                 _ => {}
             }
         }
@@ -749,7 +759,7 @@ impl Provider for Local {
             self.boot_all(rec, &stopped)?;
         }
         self.start_edge(rec)?;
-        rec.state = clone_state(&rec.instances).into();
+        rec.state = clone_state(&rec.instances);
         Ok(())
     }
 
@@ -787,25 +797,25 @@ impl Provider for Local {
     }
 
     fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        let states: Vec<String> = rec
+        let states: Vec<InstanceState> = rec
             .instances
             .iter()
             .map(|i| self.observe_instance(rec, i))
             .collect();
         for (inst, s) in rec.instances.iter_mut().zip(states) {
             inst.state = s;
-            if inst.state == "stopped" {
+            if inst.state == InstanceState::Stopped {
                 inst.provider_id.clear();
             }
         }
-        rec.state = clone_state(&rec.instances).into();
+        rec.state = clone_state(&rec.instances);
         Ok(())
     }
 }
 
 /// The firmware an instance boots with, from its image.
 fn firmware_of(inst: &InstanceRecord) -> image::Firmware {
-    if inst.firmware == "efi" {
+    if inst.firmware == image::Firmware::Efi {
         image::Firmware::Efi
     } else {
         image::Firmware::Bios

@@ -1,13 +1,56 @@
 //! The records providers act on, kept by the cloud manager's state: a built image, a
 //! clone and its instances. A provider leaves each describing what exists.
+use ferry_common::named_enum;
+pub use ferry_common::names::Target;
+pub use ferry_image::Firmware;
 use serde::{Deserialize, Serialize};
+
+named_enum! {
+    /// Whether a system of an app is reachable from outside its clone.
+    #[derive(Default)]
+    pub enum Visibility ("visibility") {
+        Public => "public",
+        #[default]
+        Private => "private",
+    }
+}
+
+named_enum! {
+    /// Where a clone stands, from its instances' states.
+    #[derive(Default)]
+    pub enum CloneState ("clone state") {
+        #[default]
+        Creating => "creating",
+        Running => "running",
+        Suspended => "suspended",
+        Degraded => "degraded",
+        Terminated => "terminated",
+    }
+}
+
+named_enum! {
+    /// Where an instance stands, as its provider reports it.
+    #[derive(Default)]
+    pub enum InstanceState ("instance state") {
+        #[default]
+        Pending => "pending",
+        Booting => "booting",
+        Running => "running",
+        Suspended => "suspended",
+        Stopped => "stopped",
+        Failed => "failed",
+        Terminated => "terminated",
+        /// Alive, but its state could not be read.
+        Unknown => "unknown",
+    }
+}
 
 /// A built disk image.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ImageRecord {
     pub id: String,
     pub system: String,
-    pub target: String,
+    pub target: Target,
     pub epoch: u64,
     pub path: String,
     pub virtual_bytes: u64,
@@ -30,7 +73,7 @@ pub struct ImageRecord {
     pub uploaded_bytes: u64,
     /// `bios` or `efi`; empty (older records) is bios.
     #[serde(default)]
-    pub firmware: String,
+    pub firmware: Firmware,
     /// Which boot loader starts the image, and whose it is.
     #[serde(default)]
     pub boot_loader: String,
@@ -40,11 +83,11 @@ pub struct ImageRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct InstanceRecord {
     pub system: String,
-    pub visibility: String,
+    pub visibility: Visibility,
     pub hostname: String,
     pub image: String,
     pub image_path: String,
-    pub state: String,
+    pub state: InstanceState,
     /// The enterprise address and prefix length the system keeps.
     pub private_ip: String,
     pub prefix: u8,
@@ -67,7 +110,7 @@ pub struct InstanceRecord {
     pub size: String,
     /// The image's firmware: `efi`, or `bios` (also when empty).
     #[serde(default)]
-    pub firmware: String,
+    pub firmware: Firmware,
 }
 
 /// A clone of an application: its network and instances on one provider.
@@ -75,8 +118,8 @@ pub struct InstanceRecord {
 pub struct CloneRecord {
     pub name: String,
     pub app: String,
-    pub provider: String,
-    pub state: String,
+    pub provider: Target,
+    pub state: CloneState,
     /// Enterprise subnets, CIDR, each with the gateway address the clone's network uses.
     pub subnets: Vec<(String, String)>,
     /// Provider resources (local: the network namespace).

@@ -196,6 +196,7 @@ fn main() -> ExitCode {
             use ferry_customize as customize;
             let plan = target
                 .parse()
+                .map_err(customize::CustomizeError::from)
                 .and_then(|t| customize::Plan::from_flags(t, &fs, &hosts, &services))
                 .map(|p| customize::Plan { filedb, ..p })
                 .and_then(|p| {

@@ -305,7 +305,11 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::PrepareSystemRequest>,
     ) -> Result<Response<pb::PrepareSystemResponse>, Status> {
         let who = identity(&req);
-        let r = self.cloud.images.prepare(req.into_inner().into()).await;
+        let r = async {
+            let spec = req.into_inner().try_into()?;
+            self.cloud.images.prepare(spec).await
+        }
+        .await;
         self.reply("prepare-system", who, r)
     }
 
@@ -314,14 +318,17 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::BuildImageRequest>,
     ) -> Result<Response<pb::ImageInfo>, Status> {
         let who = identity(&req);
-        let q = req.into_inner();
-        let spec = crate::images::PrepareSpec {
-            system: q.system,
-            target: q.target,
-            services: q.services,
-            dry_run: false,
-        };
-        let r = self.cloud.images.build(spec, q.skip_boot_check, "").await;
+        let r = async {
+            let q = req.into_inner();
+            let spec = crate::images::PrepareSpec {
+                system: q.system,
+                target: wire::target(q.target)?,
+                services: q.services,
+                dry_run: false,
+            };
+            self.cloud.images.build(spec, q.skip_boot_check, "").await
+        }
+        .await;
         self.reply("build-image", who, r.map(wire::image))
     }
 
@@ -344,7 +351,10 @@ impl pb::control_server::Control for Grpc {
 
     async fn create_app(&self, req: Request<pb::AppInfo>) -> Result<Response<pb::AppInfo>, Status> {
         let who = identity(&req);
-        let r = self.cloud.apps.create(req.into_inner().into());
+        let r = req
+            .into_inner()
+            .try_into()
+            .and_then(|s| self.cloud.apps.create(s));
         self.reply("create-app", who, r)
     }
 

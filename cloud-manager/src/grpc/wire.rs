@@ -7,9 +7,40 @@ use crate::ingest::{
     Ack, Batch, Enrolled, Enrollment, Frame, FsReport, PassProgress, Registration,
 };
 use crate::replication::SystemStatus;
-use crate::state::{AppRecord, CounterValues, ImageRecord, Settings};
+use crate::state::{AppRecord, CounterValues, ImageRecord, Settings, Target};
 use ferry_common::chunks::hash_from_bytes;
+use ferry_common::names::UnknownName;
 use ferry_proto::v1 as pb;
+use ferry_proto::ShortName;
+use std::str::FromStr;
+
+/// A service's enum as its wire value (the two share their short names).
+fn wire<E: ShortName + Into<i32>>(name: &str) -> i32 {
+    E::from_short(name).map_or(0, Into::into)
+}
+
+/// A wire enum's value as the service's enum; `None` when unspecified.
+fn domain<E, D>(v: i32, what: &str) -> Result<Option<D>>
+where
+    E: ShortName + TryFrom<i32>,
+    D: FromStr<Err = UnknownName>,
+{
+    let e = E::try_from(v).map_err(|_| CloudError::Invalid(format!("unknown {what} {v}")))?;
+    if e.short().is_empty() {
+        return Ok(None);
+    }
+    let d = e
+        .short()
+        .parse()
+        .map_err(|e: UnknownName| CloudError::Invalid(e.to_string()))?;
+    Ok(Some(d))
+}
+
+/// The target a request names; it must name one.
+pub fn target(v: i32) -> Result<Target> {
+    domain::<pb::Target, _>(v, "target")?
+        .ok_or_else(|| CloudError::Invalid("a target is required (local, aws or azure)".into()))
+}
 
 impl From<pb::EnrollRequest> for Enrollment {
     fn from(r: pb::EnrollRequest) -> Self {
@@ -128,7 +159,7 @@ impl From<pb::Batch> for Batch {
 impl From<SystemStatus> for pb::SystemStatus {
     fn from(s: SystemStatus) -> Self {
         let rec = s.record;
-        let state = rec.state().into();
+        let state = wire::<pb::SystemState>(rec.state().as_str());
         let filesystems = rec
             .filesystems
             .iter()
@@ -235,7 +266,7 @@ pub fn image(r: ImageRecord) -> pb::ImageInfo {
     pb::ImageInfo {
         id: r.id,
         system: r.system,
-        target: r.target,
+        target: wire::<pb::Target>(r.target.as_str()),
         epoch: r.epoch,
         path: r.path,
         virtual_bytes: r.virtual_bytes,
@@ -247,11 +278,7 @@ pub fn image(r: ImageRecord) -> pb::ImageInfo {
         provider_snapshot: r.provider_snapshot,
         parent_snapshot: r.parent_snapshot,
         uploaded_bytes: r.uploaded_bytes,
-        firmware: if r.firmware.is_empty() {
-            "bios".into()
-        } else {
-            r.firmware
-        },
+        firmware: wire::<pb::Firmware>(r.firmware.as_str()),
         boot_loader: r.boot_loader,
     }
 }
@@ -262,14 +289,15 @@ pub fn images(v: Vec<ImageRecord>) -> pb::ListImagesResponse {
     }
 }
 
-impl From<pb::PrepareSystemRequest> for PrepareSpec {
-    fn from(r: pb::PrepareSystemRequest) -> Self {
-        Self {
+impl TryFrom<pb::PrepareSystemRequest> for PrepareSpec {
+    type Error = CloudError;
+    fn try_from(r: pb::PrepareSystemRequest) -> Result<Self> {
+        Ok(Self {
             system: r.system,
-            target: r.target,
+            target: target(r.target)?,
             services: r.services,
             dry_run: r.dry_run,
-        }
+        })
     }
 }
 
@@ -283,20 +311,28 @@ impl From<Prepared> for pb::PrepareSystemResponse {
     }
 }
 
-impl From<pb::AppInfo> for AppSpec {
-    fn from(r: pb::AppInfo) -> Self {
-        Self {
+impl TryFrom<pb::AppInfo> for AppSpec {
+    type Error = CloudError;
+    fn try_from(r: pb::AppInfo) -> Result<Self> {
+        let mut systems = Vec::new();
+        for s in r.systems {
+            let visibility =
+                domain::<pb::Visibility, _>(s.visibility, "visibility")?.ok_or_else(|| {
+                    CloudError::Invalid(format!(
+                        "system {}: visibility must be public or private",
+                        s.system
+                    ))
+                })?;
+            systems.push((s.system, visibility));
+        }
+        Ok(Self {
             name: r.name,
-            systems: r
-                .systems
-                .into_iter()
-                .map(|s| (s.system, s.visibility))
-                .collect(),
+            systems,
             services: r.services,
             load_balancer: r.load_balancer,
             load_balancer_ports: r.load_balancer_ports,
-            provider: r.provider,
-        }
+            provider: domain::<pb::Target, _>(r.provider, "provider")?,
+        })
     }
 }
 
@@ -307,11 +343,14 @@ impl From<AppRecord> for pb::AppInfo {
             systems: r
                 .systems
                 .into_iter()
-                .map(|(system, visibility)| pb::AppSystem { system, visibility })
+                .map(|(system, v)| pb::AppSystem {
+                    system,
+                    visibility: wire::<pb::Visibility>(v.as_str()),
+                })
                 .collect(),
             services: r.services,
             load_balancer: r.load_balancer,
-            provider: r.provider,
+            provider: wire::<pb::Target>(r.provider.as_str()),
             created_unix_ms: r.created_unix_ms,
             load_balancer_ports: r
                 .load_balancer_ports
@@ -332,9 +371,9 @@ impl From<CloneView> for pb::CloneInfo {
                 .zip(v.console_logs)
                 .map(|(i, console)| pb::InstanceInfo {
                     system: i.system.clone(),
-                    visibility: i.visibility.clone(),
+                    visibility: wire::<pb::Visibility>(i.visibility.as_str()),
                     image: i.image.clone(),
-                    state: i.state.clone(),
+                    state: wire::<pb::InstanceState>(i.state.as_str()),
                     private_ip: i.private_ip.clone(),
                     public_ip: i.public_ip.clone(),
                     mac: i.mac.clone(),
@@ -349,8 +388,8 @@ impl From<CloneView> for pb::CloneInfo {
             subnets: r.subnets.into_iter().map(|(c, _)| c).collect(),
             name: r.name,
             app: r.app,
-            provider: r.provider,
-            state: r.state,
+            provider: wire::<pb::Target>(r.provider.as_str()),
+            state: wire::<pb::CloneState>(r.state.as_str()),
             load_balancer_ip: r.load_balancer_ip,
             created_unix_ms: r.created_unix_ms,
             create_seconds: r.create_seconds,

@@ -3,6 +3,7 @@ use super::*;
 use crate::error::CloudError;
 use crate::ingest::{Enrollment, Frame, PassProgress};
 use crate::replication::SettingsChange;
+use crate::state::SystemState;
 use ferry_common::error::{ErrorKind, Kind};
 
 fn kind<T: std::fmt::Debug>(r: Result<T, CloudError>) -> Kind {
@@ -15,7 +16,7 @@ async fn registration_records_the_system_and_readies_its_replica() {
     let ack = register(&h, "web01", "10.0.0.5/24").await;
     assert_eq!(ack.durable_epoch, 0);
     let status = h.cloud.replication.list("web01").unwrap();
-    assert_eq!(status[0].record.state(), "scanning");
+    assert_eq!(status[0].record.state(), SystemState::Scanning);
     assert!(status[0].replicas[0].0.is_dir());
 }
 
@@ -239,7 +240,7 @@ async fn a_durable_batch_records_its_change_to_durable_latency_and_pass_progress
         .unwrap();
     let rec = h.cloud.replication.require("web01").unwrap();
     assert!(rec.lag_ms >= 5000, "{}", rec.lag_ms);
-    assert_eq!(rec.state(), "in-sync");
+    assert_eq!(rec.state(), SystemState::InSync);
     assert_eq!(rec.filesystems[0].bytes_done, 10);
 }
 

@@ -6,7 +6,7 @@ mod ingest;
 use crate::cloud::{Cloud, Parts};
 use crate::ingest::{Batch, FsReport, Registration};
 use crate::providers::Providers;
-use crate::state::{CloneRecord, ImageRecord, Records};
+use crate::state::{CloneRecord, ImageRecord, InstanceState, Records, Target};
 use crate::volumes::DirVolumes;
 use ferry_common::pki::{Ca, Identity, Role};
 use ferry_proto::v1::{Entry, EntryKind};
@@ -23,7 +23,7 @@ pub struct Script {
     /// Suspend fails with this message.
     pub fail_suspend: Option<String>,
     /// `observe` reports every instance in this state.
-    pub observed: Option<String>,
+    pub observed: Option<InstanceState>,
     pub created: Vec<String>,
     pub terminated: Vec<String>,
 }
@@ -38,11 +38,11 @@ impl Scripted {
     }
 }
 
-fn set_state(rec: &mut CloneRecord, state: &str) {
-    rec.state = state.into();
+fn set_state(rec: &mut CloneRecord, state: InstanceState) {
     for i in &mut rec.instances {
-        i.state = state.into();
+        i.state = state;
     }
+    rec.state = ferry_provider::clone_state(&rec.instances);
 }
 
 impl Provider for Scripted {
@@ -55,18 +55,18 @@ impl Provider for Scripted {
             return Err(ProviderError::Invalid(m.clone()));
         }
         s.created.push(rec.name.clone());
-        set_state(rec, "running");
+        set_state(rec, InstanceState::Running);
         Ok(())
     }
     fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
         if let Some(m) = &self.script().fail_suspend {
             return Err(ProviderError::Invalid(m.clone()));
         }
-        set_state(rec, "suspended");
+        set_state(rec, InstanceState::Suspended);
         Ok(())
     }
     fn resume(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        set_state(rec, "running");
+        set_state(rec, InstanceState::Running);
         Ok(())
     }
     fn terminate(&self, rec: &CloneRecord) -> Result<(), ProviderError> {
@@ -74,8 +74,8 @@ impl Provider for Scripted {
         Ok(())
     }
     fn observe(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
-        if let Some(state) = self.script().observed.clone() {
-            set_state(rec, &state);
+        if let Some(state) = self.script().observed {
+            set_state(rec, state);
         }
         Ok(())
     }
@@ -102,12 +102,12 @@ pub fn harness() -> Harness {
         ferry_provider::local::LocalConfig::new(dir.path().join("clones"), "ft", "198.19.0.0/16")
             .unwrap();
     let settings = ferry_provider::Settings {
-        default: "local".into(),
+        default: Target::Local,
         local,
         azure: None,
     };
-    let ready: HashMap<String, Arc<dyn Provider>> =
-        [("local".to_string(), provider.clone() as Arc<dyn Provider>)].into();
+    let ready: HashMap<Target, Arc<dyn Provider>> =
+        [(Target::Local, provider.clone() as Arc<dyn Provider>)].into();
     let cloud = Cloud::new(
         dir.path(),
         Parts {
@@ -203,7 +203,7 @@ pub fn image(h: &Harness, app: &str, system: &str, epoch: u64) -> ImageRecord {
     let rec = ImageRecord {
         id: format!("{app}.{system}-e{epoch}-local"),
         system: system.into(),
-        target: "local".into(),
+        target: Target::Local,
         epoch,
         path: h
             .dir
