@@ -4,6 +4,7 @@
 //! Layout: `cloud` holds the logic, `grpc` its network face, `apply` writes entries into
 //! volumes, `volumes` makes and mounts them, `state` is the sled schema.
 
+pub mod admin;
 pub mod apply;
 pub mod clones;
 pub mod cloud;
