@@ -103,87 +103,12 @@ pub async fn run(
         .unwrap_or_else(|| host.hostname.split('.').next().unwrap_or("").to_string());
     ferry_common::pki::validate_name(&name).map_err(AgentError::Name)?;
     std::fs::create_dir_all(&config.state_dir).map_err(|e| state_err(&config.state_dir, e))?;
-    let files = IdentityFiles::new(&config.state_dir.join("identity"));
-    let token = config
-        .token
-        .as_ref()
-        .map(|t| ferry_common::token::JoinToken::parse(t.expose()))
-        .transpose()?;
-    let enroll = || {
-        let token = token.as_ref();
-        ferry_common::enroll::ensure_enrolled(
-            &config.manager,
-            token,
-            Role::Agent,
-            &name,
-            &[],
-            &files,
-        )
+    let Some(client) = connect(&config, &name, &shutdown).await? else {
+        return Ok(None);
     };
-    match ferry_common::enroll::retry_while_unreachable(&shutdown, enroll).await {
-        Err(ferry_common::enroll::EnrollError::Stopped) => return Ok(None),
-        r => r?,
-    }
-    let channel = ferry_common::enroll::mtls_channel(&config.manager, &files)?;
-    let client = IngestClient::new(channel)
-        .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES);
-    // A small page cache: the index is read in path order, and RSS per file matters on
-    // hosts with millions of files.
-    let db = sled::Config::new()
-        .path(config.state_dir.join("db"))
-        .cache_capacity(SLED_CACHE)
-        .open()
-        .map_err(|e| state_err(&config.state_dir, e))?;
-    let meta = db
-        .open_tree("meta")
-        .map_err(|e| state_err(&config.state_dir, e))?;
-
-    let filesystems: Vec<(PathBuf, probe::FsInfo)> = host
-        .filesystems
-        .iter()
-        .filter(|f| probe::is_local_fstype(&f.fstype))
-        .map(|f| {
-            (
-                config.root.join(f.mount_point.trim_start_matches('/')),
-                f.clone(),
-            )
-        })
-        .collect();
-    if filesystems.is_empty() {
-        return Err(AgentError::NoFileSystems(config.root.display().to_string()));
-    }
-    if config.consistency == consistency::Consistency::Fsfreeze {
-        for (path, _) in &filesystems {
-            consistency::thaw_leftover(path);
-        }
-    }
-    let register = pb::RegisterRequest {
-        system: name.clone(),
-        probe: Some(host.clone().into()),
-        filesystems: filesystems
-            .iter()
-            .map(|(_, f)| pb::FileSystem {
-                fs_id: fs_id(f),
-                mount_point: f.mount_point.as_bytes().to_vec(),
-                fstype: f.fstype.clone(),
-                capacity_bytes: f.capacity_bytes,
-                used_bytes: f.used_bytes,
-                inodes_total: f.inodes_total,
-                inodes_used: f.inodes_used,
-                uuid: f.uuid.clone().unwrap_or_default(),
-                label: f.label.clone().unwrap_or_default(),
-                device: f.device.clone(),
-            })
-            .collect(),
-    };
-    let reg = retry("register", &shutdown, || {
-        let mut c = client.clone();
-        let r = register.clone();
-        async move { c.register(r).await.map(|r| r.into_inner()) }
-    })
-    .await?;
-    tracing::info!(system = %name, accepted = reg.accepted_epoch, durable = reg.durable_epoch, filesystems = filesystems.len(), "registered");
+    let (db, meta) = open_state(&config.state_dir)?;
+    let filesystems = local_filesystems(&config, &host)?;
+    let reg = register(&client, &name, &host, &filesystems, &shutdown).await?;
 
     let lag = Arc::new(lag::Lag::default());
     let gate = Arc::new(gate::Gate::new(client.clone(), &name, lag.clone()));
@@ -215,8 +140,6 @@ pub async fn run(
     let watcher = (!config.once)
         .then(|| Arc::new(watch::Watcher::new(hint_tx, exclude.clone(), lag.clone())));
     let roots: Vec<PathBuf> = filesystems.iter().map(|(p, _)| p.clone()).collect();
-    let mut work = Work::Full;
-    let mut first = true;
     let mut summary = Summary {
         system: name.clone(),
         durable_epoch: 0,
@@ -227,36 +150,226 @@ pub async fn run(
         files_sent_this_run: 0,
         bytes_read_this_run: 0,
     };
+    let r = Replicator {
+        config: &config,
+        name,
+        client,
+        db,
+        meta,
+        filesystems,
+        lag,
+        gate,
+        wire_before,
+        next_epoch,
+        accepted,
+        durable,
+        stats,
+        exclude,
+        watcher,
+        shutdown,
+    };
+    let mut work = Work::Full;
+    let mut first = true;
     loop {
+        let (outcome, retry_dirs, wire) = r.pass(&work, first, &mut summary).await;
+        match outcome {
+            Ok(()) => {}
+            Err(AgentError::Send(SendError::Stopped)) if r.shutdown.is_cancelled() => {
+                return Ok(None)
+            }
+            Err(e) if matches!(&e, AgentError::Send(s) if s.is_fatal()) => return Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, "replication pass failed; rescanning after a pause");
+                work = Work::Full;
+                tokio::select! {
+                    _ = r.shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                }
+            }
+        }
+        first = false;
+        if r.config.once {
+            return r.finish_once(summary, wire).await.map(Some);
+        }
+        match r.next_work(retry_dirs, &mut hint_rx, &roots).await {
+            Some(w) => work = w,
+            None => return Ok(None),
+        }
+    }
+}
+
+/// Enrolls (waiting while the manager is unreachable) and opens the mTLS client;
+/// `None` when shut down first.
+async fn connect(
+    config: &RunConfig,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<sender::Client>, AgentError> {
+    let files = IdentityFiles::new(&config.state_dir.join("identity"));
+    let token = config
+        .token
+        .as_ref()
+        .map(|t| ferry_common::token::JoinToken::parse(t.expose()))
+        .transpose()?;
+    let enroll = || {
+        let token = token.as_ref();
+        ferry_common::enroll::ensure_enrolled(
+            &config.manager,
+            token,
+            Role::Agent,
+            name,
+            &[],
+            &files,
+        )
+    };
+    match ferry_common::enroll::retry_while_unreachable(shutdown, enroll).await {
+        Err(ferry_common::enroll::EnrollError::Stopped) => return Ok(None),
+        r => r?,
+    }
+    let channel = ferry_common::enroll::mtls_channel(&config.manager, &files)?;
+    let client = IngestClient::new(channel)
+        .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES);
+    Ok(Some(client))
+}
+
+/// Opens the agent's index database and its `meta` tree.
+fn open_state(state_dir: &Path) -> Result<(sled::Db, sled::Tree), AgentError> {
+    // A small page cache: the index is read in path order, and RSS per file matters on
+    // hosts with millions of files.
+    let db = sled::Config::new()
+        .path(state_dir.join("db"))
+        .cache_capacity(SLED_CACHE)
+        .open()
+        .map_err(|e| state_err(state_dir, e))?;
+    let meta = db.open_tree("meta").map_err(|e| state_err(state_dir, e))?;
+    Ok((db, meta))
+}
+
+/// The local file systems to replicate, each with its path under `root`; thaws any
+/// left frozen by an earlier run.
+fn local_filesystems(
+    config: &RunConfig,
+    host: &probe::HostInfo,
+) -> Result<Vec<(PathBuf, probe::FsInfo)>, AgentError> {
+    let filesystems: Vec<(PathBuf, probe::FsInfo)> = host
+        .filesystems
+        .iter()
+        .filter(|f| probe::is_local_fstype(&f.fstype))
+        .map(|f| {
+            (
+                config.root.join(f.mount_point.trim_start_matches('/')),
+                f.clone(),
+            )
+        })
+        .collect();
+    if filesystems.is_empty() {
+        return Err(AgentError::NoFileSystems(config.root.display().to_string()));
+    }
+    if config.consistency == consistency::Consistency::Fsfreeze {
+        for (path, _) in &filesystems {
+            consistency::thaw_leftover(path);
+        }
+    }
+    Ok(filesystems)
+}
+
+/// Registers the system and its file systems; the reply carries the epochs to resume from.
+async fn register(
+    client: &sender::Client,
+    name: &str,
+    host: &probe::HostInfo,
+    filesystems: &[(PathBuf, probe::FsInfo)],
+    shutdown: &CancellationToken,
+) -> Result<pb::RegisterResponse, SendError> {
+    let register = pb::RegisterRequest {
+        system: name.to_string(),
+        probe: Some(host.clone().into()),
+        filesystems: filesystems
+            .iter()
+            .map(|(_, f)| pb::FileSystem {
+                fs_id: fs_id(f),
+                mount_point: f.mount_point.as_bytes().to_vec(),
+                fstype: f.fstype.clone(),
+                capacity_bytes: f.capacity_bytes,
+                used_bytes: f.used_bytes,
+                inodes_total: f.inodes_total,
+                inodes_used: f.inodes_used,
+                uuid: f.uuid.clone().unwrap_or_default(),
+                label: f.label.clone().unwrap_or_default(),
+                device: f.device.clone(),
+            })
+            .collect(),
+    };
+    let reg = retry("register", shutdown, || {
+        let mut c = client.clone();
+        let r = register.clone();
+        async move { c.register(r).await.map(|r| r.into_inner()) }
+    })
+    .await?;
+    tracing::info!(system = %name, accepted = reg.accepted_epoch, durable = reg.durable_epoch, filesystems = filesystems.len(), "registered");
+    Ok(reg)
+}
+
+/// What the passes of one run share.
+struct Replicator<'a> {
+    config: &'a RunConfig,
+    name: String,
+    client: sender::Client,
+    db: sled::Db,
+    meta: sled::Tree,
+    filesystems: Vec<(PathBuf, probe::FsInfo)>,
+    lag: Arc<lag::Lag>,
+    gate: Arc<gate::Gate>,
+    /// Bytes sent by earlier runs.
+    wire_before: u64,
+    next_epoch: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+    durable: Arc<AtomicU64>,
+    stats: Arc<Stats>,
+    exclude: Vec<PathBuf>,
+    watcher: Option<Arc<watch::Watcher>>,
+    shutdown: CancellationToken,
+}
+
+impl Replicator<'_> {
+    /// One pass over the file systems `work` names. Returns its outcome, the
+    /// directories to read again, and the wire bytes this run has sent.
+    async fn pass(
+        &self,
+        work: &Work,
+        first: bool,
+        summary: &mut Summary,
+    ) -> (Result<(), AgentError>, DirtyDirs, u64) {
         let (tx, rx) = tokio::sync::mpsc::channel::<Pending>(2);
         let app = tokio::spawn(sender::applier(
             sender::Applier {
-                client: client.clone(),
-                meta: meta.clone(),
-                wire_before,
-                accepted: accepted.clone(),
-                durable: durable.clone(),
-                lag: lag.clone(),
-                stats: stats.clone(),
-                gate: gate.clone(),
-                shutdown: shutdown.clone(),
+                client: self.client.clone(),
+                meta: self.meta.clone(),
+                wire_before: self.wire_before,
+                accepted: self.accepted.clone(),
+                durable: self.durable.clone(),
+                lag: self.lag.clone(),
+                stats: self.stats.clone(),
+                gate: self.gate.clone(),
+                shutdown: self.shutdown.clone(),
             },
             rx,
         ));
         // A paused system starts no pass; changes pile up as dirty directories.
-        gate.wait_unpaused(&shutdown).await;
+        self.gate.wait_unpaused(&self.shutdown).await;
         let mut uploader = Uploader::new(
-            client.clone(),
-            gate.clone(),
-            stats.clone(),
-            shutdown.clone(),
+            self.client.clone(),
+            self.gate.clone(),
+            self.stats.clone(),
+            self.shutdown.clone(),
         );
         let mut pass = Ok(());
         let mut retry_dirs: DirtyDirs = Default::default();
-        let seen_ms = lag.begin_pass();
-        let first_epoch = next_epoch.load(Ordering::SeqCst);
-        for (i, (path, fs)) in filesystems.iter().enumerate() {
-            let targets = match &work {
+        let seen_ms = self.lag.begin_pass();
+        let first_epoch = self.next_epoch.load(Ordering::SeqCst);
+        for (i, (path, fs)) in self.filesystems.iter().enumerate() {
+            let targets = match work {
                 Work::Full => None,
                 Work::Dirs(d) => match d.get(&i) {
                     Some(dirs) => Some(dirs.clone()),
@@ -265,21 +378,21 @@ pub async fn run(
             };
             let ctx = PassCtx {
                 targets,
-                watcher: watcher.clone(),
-                system: &name,
+                watcher: self.watcher.clone(),
+                system: &self.name,
                 fs_id: fs_id(fs),
                 root: path.clone(),
                 used: fs.used_bytes,
                 initial: first,
-                db: &db,
-                meta: &meta,
-                next_epoch: &next_epoch,
-                accepted: accepted.load(Ordering::SeqCst),
-                exclude: exclude.clone(),
-                freeze: config.consistency == consistency::Consistency::Fsfreeze,
-                state_dir: config.state_dir.clone(),
+                db: &self.db,
+                meta: &self.meta,
+                next_epoch: &self.next_epoch,
+                accepted: self.accepted.load(Ordering::SeqCst),
+                exclude: self.exclude.clone(),
+                freeze: self.config.consistency == consistency::Consistency::Fsfreeze,
+                state_dir: self.config.state_dir.clone(),
                 seen_ms,
-                lag: &lag,
+                lag: &self.lag,
             };
             match pass_fs(ctx, &mut uploader, &tx).await {
                 Ok((st, retry)) => {
@@ -296,62 +409,61 @@ pub async fn run(
             }
         }
         drop(tx);
-        let last_epoch = next_epoch.load(Ordering::SeqCst) - 1;
-        lag.end_pass((last_epoch >= first_epoch).then_some(last_epoch));
+        let last_epoch = self.next_epoch.load(Ordering::SeqCst) - 1;
+        self.lag
+            .end_pass((last_epoch >= first_epoch).then_some(last_epoch));
         let applied = app.await.unwrap_or(Err(SendError::Stopped));
-        let wire = stats.chunk_wire_bytes.load(Ordering::Relaxed);
-        let _ = meta.insert("chunk_wire_bytes", &(wire_before + wire).to_le_bytes());
-        let _ = meta.flush_async().await;
+        let wire = self.stats.chunk_wire_bytes.load(Ordering::Relaxed);
+        let _ = self
+            .meta
+            .insert("chunk_wire_bytes", &(self.wire_before + wire).to_le_bytes());
+        let _ = self.meta.flush_async().await;
         // A pass that stopped because the applier quit reports the applier's reason.
         let outcome = match (pass, applied) {
             (Err(AgentError::Send(SendError::Stopped)), Err(e)) => Err(AgentError::from(e)),
             (p, a) => p.and(a.map_err(AgentError::from)),
         };
-        match outcome {
-            Ok(()) => {}
-            Err(AgentError::Send(SendError::Stopped)) if shutdown.is_cancelled() => {
-                return Ok(None)
-            }
-            Err(e) if matches!(&e, AgentError::Send(s) if s.is_fatal()) => return Err(e),
-            Err(e) => {
-                tracing::error!(error = %e, "replication pass failed; rescanning after a pause");
-                work = Work::Full;
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
-                }
-            }
-        }
-        first = false;
-        if config.once {
-            let target = next_epoch.load(Ordering::SeqCst) - 1;
-            let d = wait_durable(&client, &name, target, &shutdown).await?;
-            summary.durable_epoch = d;
-            summary.chunk_wire_bytes_this_run = wire;
-            summary.chunk_wire_bytes_total = wire_before + wire;
-            summary.chunks_sent_this_run = stats.chunks_sent.load(Ordering::Relaxed);
-            summary.chunks_skipped_this_run = stats.chunks_skipped.load(Ordering::Relaxed);
-            return Ok(Some(summary));
-        }
+        (outcome, retry_dirs, wire)
+    }
+
+    /// With `once`: waits until everything sent is durable and completes the summary.
+    async fn finish_once(&self, mut summary: Summary, wire: u64) -> Result<Summary, AgentError> {
+        let target = self.next_epoch.load(Ordering::SeqCst) - 1;
+        let d = wait_durable(&self.client, &self.name, target, &self.shutdown).await?;
+        summary.durable_epoch = d;
+        summary.chunk_wire_bytes_this_run = wire;
+        summary.chunk_wire_bytes_total = self.wire_before + wire;
+        summary.chunks_sent_this_run = self.stats.chunks_sent.load(Ordering::Relaxed);
+        summary.chunks_skipped_this_run = self.stats.chunks_skipped.load(Ordering::Relaxed);
+        Ok(summary)
+    }
+
+    /// Waits for what the next pass should look at; `None` once shut down.
+    async fn next_work(
+        &self,
+        retry_dirs: DirtyDirs,
+        hint_rx: &mut tokio::sync::mpsc::UnboundedReceiver<watch::Hint>,
+        roots: &[PathBuf],
+    ) -> Option<Work> {
         // Wait for change hints; rescan everything on the timer, on lost events, and
         // more often while the watch limit leaves directories unwatched.
-        let exhausted = watcher.as_ref().is_none_or(|w| w.exhausted());
+        let exhausted = self.watcher.as_ref().is_none_or(|w| w.exhausted());
         let interval = if exhausted {
-            config.rescan_interval.min(FALLBACK_RESCAN)
+            self.config.rescan_interval.min(FALLBACK_RESCAN)
         } else {
-            config.rescan_interval
+            self.config.rescan_interval
         };
         if !retry_dirs.is_empty() {
             // Files that changed while read: look again soon even if no event comes.
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(None),
+                _ = self.shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(TORN_RETRY) => {}
             }
             let mut hints = Vec::new();
             while let Ok(h) = hint_rx.try_recv() {
                 hints.push(h);
             }
-            work = match Work::from_hints(hints, &roots) {
+            return Some(match Work::from_hints(hints, roots) {
                 Work::Dirs(mut d) => {
                     for (i, dirs) in retry_dirs {
                         let into = d.entry(i).or_default();
@@ -362,14 +474,13 @@ pub async fn run(
                     Work::Dirs(d)
                 }
                 Work::Full => Work::Full,
-            };
-            continue;
+            });
         }
-        work = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(interval) => Work::Full,
-            Some(h) = hint_rx.recv() => Work::from_hints(gather(h, &mut hint_rx).await, &roots),
-        };
+        tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            _ = tokio::time::sleep(interval) => Some(Work::Full),
+            Some(h) = hint_rx.recv() => Some(Work::from_hints(gather(h, hint_rx).await, roots)),
+        }
     }
 }
 
@@ -509,16 +620,22 @@ impl scan::Sink for ChanSink {
 const BATCH_ENTRIES: usize = 4096;
 const BATCH_BYTES: u64 = 64 << 20;
 
-/// One pass over one file system: scan, upload what is missing, queue batches in order.
-async fn pass_fs(
-    ctx: PassCtx<'_>,
-    up: &mut Uploader,
-    tx: &tokio::sync::mpsc::Sender<Pending>,
-) -> Result<(scan::ScanStats, Vec<Vec<u8>>), AgentError> {
-    let index = index::Index::open(ctx.db, &ctx.fs_id).map_err(|e| state_err(&ctx.root, e))?;
-    let started = std::time::Instant::now();
-    tracing::debug!(fs = %ctx.fs_id, dirs = ctx.targets.as_ref().map(|d| d.len()), "pass starts");
-    let (itx, mut irx) = tokio::sync::mpsc::channel::<scan::Item>(64);
+/// What the scanner thread hands back once it is done.
+type ScanOutcome = Result<(scan::ScanStats, Vec<Vec<u8>>), scan::ScanError>;
+
+/// Starts the scanner thread of one pass (freezing the file system first if asked);
+/// its items arrive on the returned channel.
+fn spawn_scanner(
+    ctx: &PassCtx<'_>,
+    index: &index::Index,
+) -> Result<
+    (
+        tokio::sync::mpsc::Receiver<scan::Item>,
+        std::thread::JoinHandle<ScanOutcome>,
+    ),
+    AgentError,
+> {
+    let (itx, irx) = tokio::sync::mpsc::channel::<scan::Item>(64);
     let (root, idx, accepted, exclude) = (
         ctx.root.clone(),
         index.clone(),
@@ -554,6 +671,19 @@ async fn pass_fs(
             Ok::<_, scan::ScanError>((stats, retry))
         })
         .map_err(|e| state_err(&ctx.root, e))?;
+    Ok((irx, scanner))
+}
+
+/// One pass over one file system: scan, upload what is missing, queue batches in order.
+async fn pass_fs(
+    ctx: PassCtx<'_>,
+    up: &mut Uploader,
+    tx: &tokio::sync::mpsc::Sender<Pending>,
+) -> Result<(scan::ScanStats, Vec<Vec<u8>>), AgentError> {
+    let index = index::Index::open(ctx.db, &ctx.fs_id).map_err(|e| state_err(&ctx.root, e))?;
+    let started = std::time::Instant::now();
+    tracing::debug!(fs = %ctx.fs_id, dirs = ctx.targets.as_ref().map(|d| d.len()), "pass starts");
+    let (mut irx, scanner) = spawn_scanner(&ctx, &index)?;
     let phase = if ctx.initial {
         "initial-sync"
     } else {

@@ -7,6 +7,7 @@
 //! replicas, `volumes` makes and mounts them, `prepare` customizes copies, `providers`
 //! reaches local, aws and azure, `state` is the sled schema.
 
+pub mod admin;
 pub mod apply;
 pub mod apps;
 pub mod clones;

@@ -9,6 +9,8 @@ use super::{Ctx, Found, Tree};
 const STAMP: &str = "/etc/ferry/initrd.stamp";
 const INITRAMFS_MODULES: &str = "/etc/initramfs-tools/modules";
 const DRACUT_CONF: &str = "/etc/dracut.conf.d/90-ferry.conf";
+/// Where this step's notes point.
+const PATH: &str = "/boot";
 
 /// The guest's initrd builder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +114,6 @@ impl KernelModules {
 }
 
 pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
-    const PATH: &str = "/boot";
     let db = match FileDb::open(ctx.plan.filedb.as_deref()) {
         Ok(db) => db,
         Err(e) => {
@@ -133,25 +134,7 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
             "no installed kernel found (/lib/modules/VERSION with /boot/vmlinuz-VERSION)",
         );
     }
-    // Drivers to put into the initrd: those each kernel has as modules.
-    let mut modules: Vec<String> = Vec::new();
-    for kv in &kvers {
-        let known = KernelModules::read(tree, kv);
-        for m in &needs.modules {
-            match known.has(m) {
-                Has::BuiltIn => {}
-                Has::Module => {
-                    if !modules.contains(m) {
-                        modules.push(m.clone());
-                    }
-                }
-                Has::Missing => ctx.note(
-                    PATH,
-                    format!("kernel {kv} has no {m} driver (neither built in nor a module)"),
-                ),
-            }
-        }
-    }
+    let modules = initrd_modules(tree, ctx, &kvers, &needs.modules);
     let Some((tool, tool_path)) = Tool::find(tree) else {
         if !kvers.is_empty() {
             ctx.note(
@@ -174,6 +157,52 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
         Found::Text(t) => t,
         _ => String::new(),
     };
+    write_tool_config(tree, ctx, tool, target, &modules);
+    if current == stamp {
+        return;
+    }
+    tree.write(STAMP, stamp);
+    rebuild_initrds(ctx, tool, tool_path, &kvers, &modules);
+}
+
+/// The drivers to put into the initrd: those each kernel has as modules. A driver a
+/// kernel lacks altogether is noted.
+fn initrd_modules(
+    tree: &Tree,
+    ctx: &mut Ctx<'_>,
+    kvers: &[String],
+    needs: &[String],
+) -> Vec<String> {
+    let mut modules: Vec<String> = Vec::new();
+    for kv in kvers {
+        let known = KernelModules::read(tree, kv);
+        for m in needs {
+            match known.has(m) {
+                Has::BuiltIn => {}
+                Has::Module => {
+                    if !modules.contains(m) {
+                        modules.push(m.clone());
+                    }
+                }
+                Has::Missing => ctx.note(
+                    PATH,
+                    format!("kernel {kv} has no {m} driver (neither built in nor a module)"),
+                ),
+            }
+        }
+    }
+    modules
+}
+
+/// Tells the guest's tool which drivers to include (update-initramfs' modules list,
+/// a dracut config); mkinitrd takes them as arguments instead.
+fn write_tool_config(
+    tree: &mut Tree,
+    ctx: &mut Ctx<'_>,
+    tool: Tool,
+    target: &str,
+    modules: &[String],
+) {
     match tool {
         Tool::UpdateInitramfs => {
             let text = ctx.read(tree, INITRAMFS_MODULES).unwrap_or_default();
@@ -209,11 +238,17 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
         }
         Tool::Mkinitrd => {}
     }
-    if current == stamp {
-        return;
-    }
-    tree.write(STAMP, stamp);
-    for kv in &kvers {
+}
+
+/// Queues a rebuild of every kernel's initrd with the guest's tool, in a chroot.
+fn rebuild_initrds(
+    ctx: &mut Ctx<'_>,
+    tool: Tool,
+    tool_path: &str,
+    kvers: &[String],
+    modules: &[String],
+) {
+    for kv in kvers {
         let argv: Vec<String> = match tool {
             Tool::UpdateInitramfs => vec![tool_path.into(), "-u".into(), "-k".into(), kv.clone()],
             Tool::Dracut => {

@@ -384,38 +384,7 @@ pub fn assemble(
         .iter()
         .position(|p| p.mount_point == "/boot")
         .unwrap_or_else(|| parts.iter().position(|p| p.mount_point == "/").unwrap_or(0));
-    let mut script = String::from(match table {
-        Table::Dos => "label: dos\n",
-        Table::Gpt => "label: gpt\n",
-    });
-    if bios_gpt {
-        script.push_str(&format!("start={FIRST}, size={FIRST}, type={BIOS_BOOT}\n"));
-    }
-    for (i, (p, (start, size))) in parts.iter().zip(&spans).enumerate() {
-        let kind = match (table, p.mount_point.as_str()) {
-            (Table::Gpt, ESP_MOUNT) if firmware == Firmware::Efi => "U",
-            (Table::Gpt, _) => "L",
-            (Table::Dos, _) => "83",
-        };
-        let boot = if table == Table::Dos && i == boot_index {
-            ", bootable"
-        } else {
-            ""
-        };
-        script.push_str(&format!("start={start}, size={size}, type={kind}{boot}\n"));
-    }
-    let mut sfdisk = Command::new("sfdisk");
-    sfdisk
-        .args(["-q", "--no-reread", "--no-tell-kernel"])
-        .arg(&raw);
-    run_with_stdin(&mut sfdisk, Some(&script))?;
-    for (p, (start, _)) in parts.iter().zip(&spans) {
-        run(Command::new("dd")
-            .arg(format!("if={}", p.image.display()))
-            .arg(format!("of={}", raw.display()))
-            .args(["bs=1M", "conv=sparse,notrunc", "status=none"])
-            .arg(format!("seek={}", start * SECTOR / (1 << 20))))?;
-    }
+    write_partitions(&raw, &parts, &spans, table, firmware, bios_gpt, boot_index)?;
     let root_uuid = parts
         .iter()
         .find(|p| p.mount_point == "/")
@@ -433,33 +402,15 @@ pub fn assemble(
         Firmware::Efi => "x86_64-efi",
     };
     let guest_modules = work.join(format!("guest-{platform}"));
-    let (start, size) = spans[boot_index];
-    let (kernel, guest_grub_cfg, guest_grub) = {
-        let lo = Loop::attach(&raw, start, size)?;
-        let mnt = work.join("mnt");
-        std::fs::create_dir_all(&mnt).map_err(io(&mnt))?;
-        run(Command::new("mount").arg(&lo.0).arg(&mnt))?;
-        let _m = Mounted(mnt.clone());
-        let boot_dir = mnt.join(prefix.trim_start_matches('/'));
-        let (kernel, initrd) = kernel_in(&boot_dir)?;
-        let cfg = boot_dir.join("grub/grub.cfg");
-        let guest = cfg.exists();
-        if !guest {
-            std::fs::create_dir_all(boot_dir.join("grub")).map_err(io(&boot_dir))?;
-            std::fs::write(
-                &cfg,
-                grub_cfg(prefix, &kernel, &initrd, &root_uuid, console, extra),
-            )
-            .map_err(io(&cfg))?;
-        }
-        // The system's own GRUB modules, when it has them: its grub.cfg may load more
-        // of them, and a core image of another GRUB version cannot.
-        let found = system_grub_dir(&mnt, prefix, platform);
-        if let Some((dir, _)) = &found {
-            copy_dir(dir, &guest_modules)?;
-        }
-        (kernel, guest, found.map(|(_, shown)| shown))
-    };
+    let (kernel, guest_grub_cfg, guest_grub) = read_boot_fs(
+        &raw,
+        spans[boot_index],
+        work,
+        prefix,
+        platform,
+        &guest_modules,
+        |kernel: &str, initrd: &str| grub_cfg(prefix, kernel, initrd, &root_uuid, console, extra),
+    )?;
     let (modules, whose) = match &guest_grub {
         Some(shown) => (
             guest_modules.clone(),
@@ -480,84 +431,14 @@ pub fn assemble(
         ),
     )
     .map_err(io(&early))?;
-    let core = work.join("core.img");
-    let mkimage = |format: &str, out: &Path, extra_modules: &[&str]| {
-        run(Command::new("grub-mkimage")
-            .arg("-d")
-            .arg(&modules)
-            .args(["-O", format, "-o"])
-            .arg(out)
-            .arg("-c")
-            .arg(&early)
-            .args(["-p", &format!("{prefix}/grub")])
-            .args(extra_modules)
-            .args(GRUB_MODULES))
+    let grub = Grub {
+        modules,
+        early,
+        prefix,
     };
     let boot_loader = match firmware {
-        Firmware::Bios => {
-            // The MBR's boot code loads the core image from the gap before the first
-            // partition (MBR), or from the BIOS boot partition (GPT).
-            mkimage("i386-pc", &core, &["biosdisk", "part_msdos", "part_gpt"])?;
-            let (at, room) = if bios_gpt {
-                (FIRST, FIRST)
-            } else {
-                (1, FIRST - 1)
-            };
-            let core_len = std::fs::metadata(&core).map_err(io(&core))?.len();
-            if core_len > room * SECTOR {
-                return Err(ImageError::Layout(format!(
-                    "GRUB's core image is {core_len} bytes: more than the {room} sectors it has"
-                )));
-            }
-            let mut boot = std::fs::read(modules.join("boot.img")).map_err(io(&modules))?;
-            let mut core_img = std::fs::read(&core).map_err(io(&core))?;
-            place_core(&mut boot, &mut core_img, at)?;
-            write_at(&raw, 0, &boot[..440])?;
-            write_at(&raw, at * SECTOR, &core_img)?;
-            let place = if bios_gpt {
-                "the BIOS boot partition"
-            } else {
-                "the MBR gap"
-            };
-            format!("GRUB for BIOS in {place}, from {whose}")
-        }
-        Firmware::Efi => {
-            let off = spans[0].0 * SECTOR;
-            // The ESP's EFI directory, read out to look for the guest's loaders (an ESP
-            // without one has nothing to read).
-            let esp = work.join("esp");
-            std::fs::create_dir_all(&esp).map_err(io(&esp))?;
-            let _ = run(mtools("mcopy", &raw, off)
-                .args(["-s", "-n", "::/EFI"])
-                .arg(&esp));
-            // NVRAM boot entries do not travel with a disk: without the fallback loader
-            // the firmware finds nothing to boot.
-            let place = |loader: &Path| -> Result<(), ImageError> {
-                for dir in ["::/EFI", "::/EFI/BOOT"] {
-                    // Already there is fine; the copy below fails clearly otherwise.
-                    let _ = run(mtools("mmd", &raw, off).arg(dir));
-                }
-                run(mtools("mcopy", &raw, off)
-                    .arg("-o")
-                    .arg(loader)
-                    .arg(format!("::/{FALLBACK}")))?;
-                Ok(())
-            };
-            match guest_efi_loader(&esp.join("EFI")) {
-                Some(Ok(_)) => format!("the guest's {FALLBACK}"),
-                Some(Err(l)) => {
-                    place(&l)?;
-                    let rel = l.strip_prefix(&esp).unwrap_or(&l).display().to_string();
-                    format!("the guest's {rel}, copied to {FALLBACK}")
-                }
-                None => {
-                    let built = work.join("BOOTX64.EFI");
-                    mkimage("x86_64-efi", &built, &["part_gpt", "part_msdos"])?;
-                    place(&built)?;
-                    format!("GRUB for UEFI as {FALLBACK}, from {whose}")
-                }
-            }
-        }
+        Firmware::Bios => bios_loader(&grub, &work.join("core.img"), &raw, bios_gpt, &whose)?,
+        Firmware::Efi => efi_loader(&grub, work, &raw, spans[0].0 * SECTOR, &whose)?,
     };
     run(Command::new("qemu-img")
         .args(["convert", "-O", "qcow2"])
@@ -576,6 +457,194 @@ pub fn assemble(
         firmware,
         table,
         boot_loader,
+    })
+}
+
+/// Writes the partition table to `raw` (sfdisk) and copies each file system image
+/// into its span.
+fn write_partitions(
+    raw: &Path,
+    parts: &[&Part],
+    spans: &[(u64, u64)],
+    table: Table,
+    firmware: Firmware,
+    bios_gpt: bool,
+    boot_index: usize,
+) -> Result<(), ImageError> {
+    let mut script = String::from(match table {
+        Table::Dos => "label: dos\n",
+        Table::Gpt => "label: gpt\n",
+    });
+    if bios_gpt {
+        script.push_str(&format!("start={FIRST}, size={FIRST}, type={BIOS_BOOT}\n"));
+    }
+    for (i, (p, (start, size))) in parts.iter().zip(spans).enumerate() {
+        let kind = match (table, p.mount_point.as_str()) {
+            (Table::Gpt, ESP_MOUNT) if firmware == Firmware::Efi => "U",
+            (Table::Gpt, _) => "L",
+            (Table::Dos, _) => "83",
+        };
+        let boot = if table == Table::Dos && i == boot_index {
+            ", bootable"
+        } else {
+            ""
+        };
+        script.push_str(&format!("start={start}, size={size}, type={kind}{boot}\n"));
+    }
+    let mut sfdisk = Command::new("sfdisk");
+    sfdisk
+        .args(["-q", "--no-reread", "--no-tell-kernel"])
+        .arg(raw);
+    run_with_stdin(&mut sfdisk, Some(&script))?;
+    for (p, (start, _)) in parts.iter().zip(spans) {
+        run(Command::new("dd")
+            .arg(format!("if={}", p.image.display()))
+            .arg(format!("of={}", raw.display()))
+            .args(["bs=1M", "conv=sparse,notrunc", "status=none"])
+            .arg(format!("seek={}", start * SECTOR / (1 << 20))))?;
+    }
+    Ok(())
+}
+
+/// Mounts the boot file system (`span` of `raw`) and finds its kernel. Writes Ferry's
+/// grub.cfg (`ferry_cfg` of the kernel and initrd) there when the guest has none, and
+/// copies the system's own GRUB modules to `guest_modules`. Returns the kernel, whether
+/// the guest had a grub.cfg, and where its modules were found.
+fn read_boot_fs(
+    raw: &Path,
+    (start, size): (u64, u64),
+    work: &Path,
+    prefix: &str,
+    platform: &str,
+    guest_modules: &Path,
+    ferry_cfg: impl FnOnce(&str, &str) -> String,
+) -> Result<(String, bool, Option<String>), ImageError> {
+    let lo = Loop::attach(raw, start, size)?;
+    let mnt = work.join("mnt");
+    std::fs::create_dir_all(&mnt).map_err(io(&mnt))?;
+    run(Command::new("mount").arg(&lo.0).arg(&mnt))?;
+    let _m = Mounted(mnt.clone());
+    let boot_dir = mnt.join(prefix.trim_start_matches('/'));
+    let (kernel, initrd) = kernel_in(&boot_dir)?;
+    let cfg = boot_dir.join("grub/grub.cfg");
+    let guest = cfg.exists();
+    if !guest {
+        std::fs::create_dir_all(boot_dir.join("grub")).map_err(io(&boot_dir))?;
+        std::fs::write(&cfg, ferry_cfg(&kernel, &initrd)).map_err(io(&cfg))?;
+    }
+    // The system's own GRUB modules, when it has them: its grub.cfg may load more
+    // of them, and a core image of another GRUB version cannot.
+    let found = system_grub_dir(&mnt, prefix, platform);
+    if let Some((dir, _)) = &found {
+        copy_dir(dir, guest_modules)?;
+    }
+    Ok((kernel, guest, found.map(|(_, shown)| shown)))
+}
+
+/// What GRUB images are built from: a module directory and the early config.
+struct Grub<'a> {
+    modules: PathBuf,
+    early: PathBuf,
+    prefix: &'a str,
+}
+
+impl Grub<'_> {
+    fn mkimage(
+        &self,
+        format: &str,
+        out: &Path,
+        extra_modules: &[&str],
+    ) -> Result<String, CommandError> {
+        run(Command::new("grub-mkimage")
+            .arg("-d")
+            .arg(&self.modules)
+            .args(["-O", format, "-o"])
+            .arg(out)
+            .arg("-c")
+            .arg(&self.early)
+            .args(["-p", &format!("{}/grub", self.prefix)])
+            .args(extra_modules)
+            .args(GRUB_MODULES))
+    }
+}
+
+/// Installs GRUB for BIOS: the MBR's boot code loads the core image from the gap
+/// before the first partition (MBR), or from the BIOS boot partition (GPT).
+fn bios_loader(
+    grub: &Grub<'_>,
+    core: &Path,
+    raw: &Path,
+    bios_gpt: bool,
+    whose: &str,
+) -> Result<String, ImageError> {
+    let modules = &grub.modules;
+    grub.mkimage("i386-pc", core, &["biosdisk", "part_msdos", "part_gpt"])?;
+    let (at, room) = if bios_gpt {
+        (FIRST, FIRST)
+    } else {
+        (1, FIRST - 1)
+    };
+    let core_len = std::fs::metadata(core).map_err(io(core))?.len();
+    if core_len > room * SECTOR {
+        return Err(ImageError::Layout(format!(
+            "GRUB's core image is {core_len} bytes: more than the {room} sectors it has"
+        )));
+    }
+    let mut boot = std::fs::read(modules.join("boot.img")).map_err(io(modules))?;
+    let mut core_img = std::fs::read(core).map_err(io(core))?;
+    place_core(&mut boot, &mut core_img, at)?;
+    write_at(raw, 0, &boot[..440])?;
+    write_at(raw, at * SECTOR, &core_img)?;
+    let place = if bios_gpt {
+        "the BIOS boot partition"
+    } else {
+        "the MBR gap"
+    };
+    Ok(format!("GRUB for BIOS in {place}, from {whose}"))
+}
+
+/// Makes the ESP at byte `off` of `raw` bootable without NVRAM entries: the guest's
+/// fallback loader, its vendor GRUB copied there, or a GRUB built here.
+fn efi_loader(
+    grub: &Grub<'_>,
+    work: &Path,
+    raw: &Path,
+    off: u64,
+    whose: &str,
+) -> Result<String, ImageError> {
+    // The ESP's EFI directory, read out to look for the guest's loaders (an ESP
+    // without one has nothing to read).
+    let esp = work.join("esp");
+    std::fs::create_dir_all(&esp).map_err(io(&esp))?;
+    let _ = run(mtools("mcopy", raw, off)
+        .args(["-s", "-n", "::/EFI"])
+        .arg(&esp));
+    // NVRAM boot entries do not travel with a disk: without the fallback loader
+    // the firmware finds nothing to boot.
+    let place = |loader: &Path| -> Result<(), ImageError> {
+        for dir in ["::/EFI", "::/EFI/BOOT"] {
+            // Already there is fine; the copy below fails clearly otherwise.
+            let _ = run(mtools("mmd", raw, off).arg(dir));
+        }
+        run(mtools("mcopy", raw, off)
+            .arg("-o")
+            .arg(loader)
+            .arg(format!("::/{FALLBACK}")))?;
+        Ok(())
+    };
+    Ok(match guest_efi_loader(&esp.join("EFI")) {
+        Some(Ok(_)) => format!("the guest's {FALLBACK}"),
+        Some(Err(l)) => {
+            place(&l)?;
+            let rel = l.strip_prefix(&esp).unwrap_or(&l).display().to_string();
+            format!("the guest's {rel}, copied to {FALLBACK}")
+        }
+        None => {
+            let built = work.join("BOOTX64.EFI");
+            grub.mkimage("x86_64-efi", &built, &["part_gpt", "part_msdos"])?;
+            place(&built)?;
+            format!("GRUB for UEFI as {FALLBACK}, from {whose}")
+        }
     })
 }
 

@@ -8,7 +8,9 @@
 //! Credentials, region and endpoint come from the default AWS chain.
 use aws_sdk_ec2::types as ec2t;
 use aws_sdk_elasticloadbalancingv2::types as elbt;
-use ferry_provider::records::{CloneRecord, Firmware, ImageRecord, InstanceState, Visibility};
+use ferry_provider::records::{
+    CloneRecord, Firmware, ImageRecord, InstanceRecord, InstanceState, Visibility,
+};
 use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
 use futures::StreamExt;
 use std::io::Read;
@@ -46,6 +48,14 @@ where
     move |e| ProviderError::Api {
         call: what,
         message: format!("{}", aws_sdk_ec2::error::DisplayErrorContext(&e)),
+    }
+}
+
+/// A deletion's outcome where what is gone already counts as deleted.
+fn gone_is_fine<T>(r: Result<T, ProviderError>) -> Result<(), ProviderError> {
+    match r {
+        Err(e) if !e.to_string().contains("NotFound") => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -89,6 +99,11 @@ fn tags(kind: ec2t::ResourceType, clone: &str) -> ec2t::TagSpecification {
         .tags(tag(TAG_CLONE, clone))
         .tags(tag("Name", &format!("ferry-{clone}")))
         .build()
+}
+
+/// Whether EC2 reports the instance terminated.
+fn is_terminated(i: &ec2t::Instance) -> bool {
+    i.state().and_then(|s| s.name()) == Some(&ec2t::InstanceStateName::Terminated)
 }
 
 fn by_clone(clone: &str) -> ec2t::Filter {
@@ -244,12 +259,7 @@ impl Aws {
         if let Some(e) = sent.into_iter().find_map(Result::err) {
             // An unfinished snapshot is of no use: AWS deletes it after its timeout, and
             // it is never registered.
-            let _ = self
-                .ec2
-                .delete_snapshot()
-                .snapshot_id(&snapshot)
-                .send()
-                .await;
+            self.discard_snapshot(&snapshot).await;
             return Err(e);
         }
         self.ebs
@@ -262,6 +272,29 @@ impl Aws {
                 call: "CompleteSnapshot",
                 message: format!("{}", aws_sdk_ebs::error::DisplayErrorContext(&e)),
             })?;
+        let ami = self.register_ami(img, &snapshot).await?;
+        let blocks_path = Path::new(&img.path).with_extension("blocks");
+        std::fs::write(&blocks_path, hashes.concat()).map_err(|e| ProviderError::Io {
+            path: blocks_path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        img.provider_image = ami;
+        img.provider_snapshot = snapshot;
+        img.parent_snapshot = parent
+            .map(|p| p.provider_snapshot.clone())
+            .unwrap_or_default();
+        img.uploaded_bytes = (send.len() * BLOCK) as u64;
+        tracing::info!(image = %img.id, ami = %img.provider_image, snapshot = %img.provider_snapshot,
+            blocks = send.len(), of = hashes.len(), parent = %img.parent_snapshot, "image registered on aws");
+        Ok(())
+    }
+
+    /// Registers an AMI booting from `snapshot`; the snapshot is deleted if that fails.
+    async fn register_ami(
+        &self,
+        img: &ImageRecord,
+        snapshot: &str,
+    ) -> Result<String, ProviderError> {
         let registered = self
             .ec2
             .register_image()
@@ -281,7 +314,7 @@ impl Aws {
                     .device_name("/dev/xvda")
                     .ebs(
                         ec2t::EbsBlockDevice::builder()
-                            .snapshot_id(&snapshot)
+                            .snapshot_id(snapshot)
                             .volume_type(ec2t::VolumeType::Gp3)
                             .delete_on_termination(true)
                             .build(),
@@ -290,32 +323,23 @@ impl Aws {
             )
             .send()
             .await;
-        let ami = match registered {
-            Ok(r) => r.image_id().unwrap_or_default().to_string(),
+        match registered {
+            Ok(r) => Ok(r.image_id().unwrap_or_default().to_string()),
             Err(e) => {
-                let _ = self
-                    .ec2
-                    .delete_snapshot()
-                    .snapshot_id(&snapshot)
-                    .send()
-                    .await;
-                return Err(sdk_err("RegisterImage")(e));
+                self.discard_snapshot(snapshot).await;
+                Err(sdk_err("RegisterImage")(e))
             }
-        };
-        let blocks_path = Path::new(&img.path).with_extension("blocks");
-        std::fs::write(&blocks_path, hashes.concat()).map_err(|e| ProviderError::Io {
-            path: blocks_path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        img.provider_image = ami;
-        img.provider_snapshot = snapshot;
-        img.parent_snapshot = parent
-            .map(|p| p.provider_snapshot.clone())
-            .unwrap_or_default();
-        img.uploaded_bytes = (send.len() * BLOCK) as u64;
-        tracing::info!(image = %img.id, ami = %img.provider_image, snapshot = %img.provider_snapshot,
-            blocks = send.len(), of = hashes.len(), parent = %img.parent_snapshot, "image registered on aws");
-        Ok(())
+        }
+    }
+
+    /// Deletes a snapshot that will never be registered; failing to is left to AWS.
+    async fn discard_snapshot(&self, snapshot: &str) {
+        let _ = self
+            .ec2
+            .delete_snapshot()
+            .snapshot_id(snapshot)
+            .send()
+            .await;
     }
 
     async fn put_block(
@@ -370,32 +394,24 @@ impl Aws {
     pub fn deregister_image(&self, img: &ImageRecord) -> Result<(), ProviderError> {
         self.block_on(async {
             if !img.provider_image.is_empty() {
-                if let Err(e) = self
-                    .ec2
-                    .deregister_image()
-                    .image_id(&img.provider_image)
-                    .send()
-                    .await
-                {
-                    let e = sdk_err("DeregisterImage")(e);
-                    if !e.to_string().contains("NotFound") {
-                        return Err(e);
-                    }
-                }
+                gone_is_fine(
+                    self.ec2
+                        .deregister_image()
+                        .image_id(&img.provider_image)
+                        .send()
+                        .await
+                        .map_err(sdk_err("DeregisterImage")),
+                )?;
             }
             if !img.provider_snapshot.is_empty() {
-                if let Err(e) = self
-                    .ec2
-                    .delete_snapshot()
-                    .snapshot_id(&img.provider_snapshot)
-                    .send()
-                    .await
-                {
-                    let e = sdk_err("DeleteSnapshot")(e);
-                    if !e.to_string().contains("NotFound") {
-                        return Err(e);
-                    }
-                }
+                gone_is_fine(
+                    self.ec2
+                        .delete_snapshot()
+                        .snapshot_id(&img.provider_snapshot)
+                        .send()
+                        .await
+                        .map_err(sdk_err("DeleteSnapshot")),
+                )?;
             }
             Ok(())
         })
@@ -439,77 +455,9 @@ impl Aws {
             .iter()
             .any(|i| i.visibility == Visibility::Public);
         if public {
-            let igw = self
-                .ec2
-                .create_internet_gateway()
-                .tag_specifications(tags(ec2t::ResourceType::InternetGateway, &name))
-                .send()
-                .await
-                .map_err(sdk_err("CreateInternetGateway"))?
-                .internet_gateway()
-                .and_then(|g| g.internet_gateway_id())
-                .unwrap_or_default()
-                .to_string();
-            self.ec2
-                .attach_internet_gateway()
-                .internet_gateway_id(&igw)
-                .vpc_id(&vpc)
-                .send()
-                .await
-                .map_err(sdk_err("AttachInternetGateway"))?;
-            let tables = self
-                .ec2
-                .describe_route_tables()
-                .filters(ec2t::Filter::builder().name("vpc-id").values(&vpc).build())
-                .send()
-                .await
-                .map_err(sdk_err("DescribeRouteTables"))?;
-            if let Some(rt) = tables
-                .route_tables()
-                .first()
-                .and_then(|t| t.route_table_id())
-            {
-                self.ec2
-                    .create_route()
-                    .route_table_id(rt)
-                    .destination_cidr_block("0.0.0.0/0")
-                    .gateway_id(&igw)
-                    .send()
-                    .await
-                    .map_err(sdk_err("CreateRoute"))?;
-            }
+            self.route_to_internet(&name, &vpc).await?;
         }
-        // Private systems: reachable from inside the VPC only. Public ones: from anywhere.
-        let mut groups = Vec::new();
-        for (kind, from) in [("private", cidr.as_str()), ("public", "0.0.0.0/0")] {
-            let gid = self
-                .ec2
-                .create_security_group()
-                .group_name(format!("ferry-{name}-{kind}"))
-                .description(format!("ferry clone {name}: {kind} systems"))
-                .vpc_id(&vpc)
-                .tag_specifications(tags(ec2t::ResourceType::SecurityGroup, &name))
-                .send()
-                .await
-                .map_err(sdk_err("CreateSecurityGroup"))?
-                .group_id()
-                .unwrap_or_default()
-                .to_string();
-            let mut perm = ec2t::IpPermission::builder()
-                .ip_protocol("-1")
-                .ip_ranges(ec2t::IpRange::builder().cidr_ip(&cidr).build());
-            if from != cidr {
-                perm = perm.ip_ranges(ec2t::IpRange::builder().cidr_ip(from).build());
-            }
-            self.ec2
-                .authorize_security_group_ingress()
-                .group_id(&gid)
-                .ip_permissions(perm.build())
-                .send()
-                .await
-                .map_err(sdk_err("AuthorizeSecurityGroupIngress"))?;
-            groups.push(gid);
-        }
+        let groups = self.create_security_groups(&name, &vpc, &cidr).await?;
         for inst in rec.instances.iter_mut() {
             let subnet = rec
                 .subnets
@@ -522,43 +470,8 @@ impl Aws {
                 })
                 .map(|(_, (_, id))| id.clone())
                 .unwrap_or_default();
-            inst.size = if !rec.instance_type.is_empty() {
-                rec.instance_type.clone()
-            } else if inst.source_cpus > 0 && inst.source_memory_bytes > 0 {
-                instance_type_for(inst.source_cpus, inst.source_memory_bytes).to_string()
-            } else {
-                self.instance_type.clone()
-            };
-            let group = if inst.visibility == Visibility::Public {
-                &groups[1]
-            } else {
-                &groups[0]
-            };
-            let run = self
-                .ec2
-                .run_instances()
-                .image_id(&inst.provider_image)
-                .instance_type(ec2t::InstanceType::from(inst.size.as_str()))
-                .min_count(1)
-                .max_count(1)
-                .subnet_id(&subnet)
-                .private_ip_address(&inst.private_ip)
-                .security_group_ids(group)
-                .tag_specifications(tags(ec2t::ResourceType::Instance, &name))
-                .send()
-                .await
-                .map_err(|e| ProviderError::Instance {
-                    system: inst.system.clone(),
-                    message: sdk_err("RunInstances")(e).to_string(),
-                })?;
-            inst.provider_id = run
-                .instances()
-                .first()
-                .and_then(|i| i.instance_id())
-                .unwrap_or_default()
-                .to_string();
-            inst.accel = "aws".into();
-            inst.mac.clear();
+            self.run_instance(&name, &rec.instance_type, &subnet, &groups, inst)
+                .await?;
         }
         ferry_provider::wait_states(self, rec, &[InstanceState::Running]).await?;
         for inst in rec
@@ -586,6 +499,140 @@ impl Aws {
         if !rec.load_balancer_ports.is_empty() {
             self.create_load_balancer(rec, &vpc, &subnet_of).await?;
         }
+        Ok(())
+    }
+
+    /// An internet gateway for the VPC, and the default route through it.
+    async fn route_to_internet(&self, name: &str, vpc: &str) -> Result<(), ProviderError> {
+        let igw = self
+            .ec2
+            .create_internet_gateway()
+            .tag_specifications(tags(ec2t::ResourceType::InternetGateway, name))
+            .send()
+            .await
+            .map_err(sdk_err("CreateInternetGateway"))?
+            .internet_gateway()
+            .and_then(|g| g.internet_gateway_id())
+            .unwrap_or_default()
+            .to_string();
+        self.ec2
+            .attach_internet_gateway()
+            .internet_gateway_id(&igw)
+            .vpc_id(vpc)
+            .send()
+            .await
+            .map_err(sdk_err("AttachInternetGateway"))?;
+        let tables = self
+            .ec2
+            .describe_route_tables()
+            .filters(ec2t::Filter::builder().name("vpc-id").values(vpc).build())
+            .send()
+            .await
+            .map_err(sdk_err("DescribeRouteTables"))?;
+        if let Some(rt) = tables
+            .route_tables()
+            .first()
+            .and_then(|t| t.route_table_id())
+        {
+            self.ec2
+                .create_route()
+                .route_table_id(rt)
+                .destination_cidr_block("0.0.0.0/0")
+                .gateway_id(&igw)
+                .send()
+                .await
+                .map_err(sdk_err("CreateRoute"))?;
+        }
+        Ok(())
+    }
+
+    /// The clone's two security groups, private then public.
+    async fn create_security_groups(
+        &self,
+        name: &str,
+        vpc: &str,
+        cidr: &str,
+    ) -> Result<Vec<String>, ProviderError> {
+        // Private systems: reachable from inside the VPC only. Public ones: from anywhere.
+        let mut groups = Vec::new();
+        for (kind, from) in [("private", cidr), ("public", "0.0.0.0/0")] {
+            let gid = self
+                .ec2
+                .create_security_group()
+                .group_name(format!("ferry-{name}-{kind}"))
+                .description(format!("ferry clone {name}: {kind} systems"))
+                .vpc_id(vpc)
+                .tag_specifications(tags(ec2t::ResourceType::SecurityGroup, name))
+                .send()
+                .await
+                .map_err(sdk_err("CreateSecurityGroup"))?
+                .group_id()
+                .unwrap_or_default()
+                .to_string();
+            let mut perm = ec2t::IpPermission::builder()
+                .ip_protocol("-1")
+                .ip_ranges(ec2t::IpRange::builder().cidr_ip(cidr).build());
+            if from != cidr {
+                perm = perm.ip_ranges(ec2t::IpRange::builder().cidr_ip(from).build());
+            }
+            self.ec2
+                .authorize_security_group_ingress()
+                .group_id(&gid)
+                .ip_permissions(perm.build())
+                .send()
+                .await
+                .map_err(sdk_err("AuthorizeSecurityGroupIngress"))?;
+            groups.push(gid);
+        }
+        Ok(groups)
+    }
+
+    /// One system's instance in `subnet`, sized as asked or from its source.
+    async fn run_instance(
+        &self,
+        name: &str,
+        instance_type: &str,
+        subnet: &str,
+        groups: &[String],
+        inst: &mut InstanceRecord,
+    ) -> Result<(), ProviderError> {
+        inst.size = if !instance_type.is_empty() {
+            instance_type.to_string()
+        } else if inst.source_cpus > 0 && inst.source_memory_bytes > 0 {
+            instance_type_for(inst.source_cpus, inst.source_memory_bytes).to_string()
+        } else {
+            self.instance_type.clone()
+        };
+        let group = if inst.visibility == Visibility::Public {
+            &groups[1]
+        } else {
+            &groups[0]
+        };
+        let run = self
+            .ec2
+            .run_instances()
+            .image_id(&inst.provider_image)
+            .instance_type(ec2t::InstanceType::from(inst.size.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(subnet)
+            .private_ip_address(&inst.private_ip)
+            .security_group_ids(group)
+            .tag_specifications(tags(ec2t::ResourceType::Instance, name))
+            .send()
+            .await
+            .map_err(|e| ProviderError::Instance {
+                system: inst.system.clone(),
+                message: sdk_err("RunInstances")(e).to_string(),
+            })?;
+        inst.provider_id = run
+            .instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .unwrap_or_default()
+            .to_string();
+        inst.accel = "aws".into();
+        inst.mac.clear();
         Ok(())
     }
 
@@ -732,7 +779,24 @@ impl Aws {
     }
 
     async fn terminate_async(&self, name: &str) -> Result<(), ProviderError> {
-        // The load balancer and its target groups, by name.
+        self.delete_load_balancer(name).await?;
+        self.release_addresses(name).await?;
+        self.terminate_instances(name).await?;
+        let vpcs = self
+            .ec2
+            .describe_vpcs()
+            .filters(by_clone(name))
+            .send()
+            .await
+            .map_err(sdk_err("DescribeVpcs"))?;
+        for vpc in vpcs.vpcs() {
+            self.delete_vpc(vpc.vpc_id().unwrap_or_default()).await?;
+        }
+        Ok(())
+    }
+
+    /// The load balancer and its target groups, by name.
+    async fn delete_load_balancer(&self, name: &str) -> Result<(), ProviderError> {
         if let Ok(lbs) = self
             .elb
             .describe_load_balancers()
@@ -765,6 +829,11 @@ impl Aws {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The clone's elastic IPs, detached first.
+    async fn release_addresses(&self, name: &str) -> Result<(), ProviderError> {
         let addrs = self
             .ec2
             .describe_addresses()
@@ -788,6 +857,11 @@ impl Aws {
                 .await
                 .map_err(sdk_err("ReleaseAddress"))?;
         }
+        Ok(())
+    }
+
+    /// Terminates the clone's instances and waits (up to ten minutes) until they are.
+    async fn terminate_instances(&self, name: &str) -> Result<(), ProviderError> {
         let insts = self
             .ec2
             .describe_instances()
@@ -799,123 +873,114 @@ impl Aws {
             .reservations()
             .iter()
             .flat_map(|r| r.instances())
-            .filter(|i| {
-                i.state().and_then(|s| s.name()) != Some(&ec2t::InstanceStateName::Terminated)
-            })
+            .filter(|i| !is_terminated(i))
             .filter_map(|i| i.instance_id().map(str::to_string))
             .collect();
-        if !live.is_empty() {
-            self.ec2
-                .terminate_instances()
+        if live.is_empty() {
+            return Ok(());
+        }
+        self.ec2
+            .terminate_instances()
+            .set_instance_ids(Some(live.clone()))
+            .send()
+            .await
+            .map_err(sdk_err("TerminateInstances"))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+        loop {
+            let d = self
+                .ec2
+                .describe_instances()
                 .set_instance_ids(Some(live.clone()))
                 .send()
                 .await
-                .map_err(sdk_err("TerminateInstances"))?;
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-            loop {
-                let d = self
-                    .ec2
-                    .describe_instances()
-                    .set_instance_ids(Some(live.clone()))
-                    .send()
-                    .await
-                    .map_err(sdk_err("DescribeInstances"))?;
-                let done = d
-                    .reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .all(|i| {
-                        i.state().and_then(|s| s.name())
-                            == Some(&ec2t::InstanceStateName::Terminated)
-                    });
-                if done || tokio::time::Instant::now() > deadline {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                .map_err(sdk_err("DescribeInstances"))?;
+            let done = d
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .all(is_terminated);
+            if done || tokio::time::Instant::now() > deadline {
+                break;
             }
+            tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        let vpcs = self
+        Ok(())
+    }
+
+    /// One VPC of the clone with its security groups, internet gateways and subnets.
+    async fn delete_vpc(&self, vpc_id: &str) -> Result<(), ProviderError> {
+        let in_vpc = ec2t::Filter::builder()
+            .name("vpc-id")
+            .values(vpc_id)
+            .build();
+        let sgs = self
             .ec2
-            .describe_vpcs()
-            .filters(by_clone(name))
+            .describe_security_groups()
+            .filters(in_vpc.clone())
             .send()
             .await
-            .map_err(sdk_err("DescribeVpcs"))?;
-        for vpc in vpcs.vpcs() {
-            let vpc_id = vpc.vpc_id().unwrap_or_default();
-            let in_vpc = ec2t::Filter::builder()
-                .name("vpc-id")
-                .values(vpc_id)
-                .build();
-            let sgs = self
-                .ec2
-                .describe_security_groups()
-                .filters(in_vpc.clone())
-                .send()
-                .await
-                .map_err(sdk_err("DescribeSecurityGroups"))?;
-            for g in sgs
-                .security_groups()
-                .iter()
-                .filter(|g| g.group_name() != Some("default"))
-            {
-                self.ec2
-                    .delete_security_group()
-                    .set_group_id(g.group_id().map(str::to_string))
-                    .send()
-                    .await
-                    .map_err(sdk_err("DeleteSecurityGroup"))?;
-            }
-            let igws = self
-                .ec2
-                .describe_internet_gateways()
-                .filters(
-                    ec2t::Filter::builder()
-                        .name("attachment.vpc-id")
-                        .values(vpc_id)
-                        .build(),
-                )
-                .send()
-                .await
-                .map_err(sdk_err("DescribeInternetGateways"))?;
-            for g in igws.internet_gateways() {
-                let id = g.internet_gateway_id().unwrap_or_default();
-                self.ec2
-                    .detach_internet_gateway()
-                    .internet_gateway_id(id)
-                    .vpc_id(vpc_id)
-                    .send()
-                    .await
-                    .map_err(sdk_err("DetachInternetGateway"))?;
-                self.ec2
-                    .delete_internet_gateway()
-                    .internet_gateway_id(id)
-                    .send()
-                    .await
-                    .map_err(sdk_err("DeleteInternetGateway"))?;
-            }
-            let subnets = self
-                .ec2
-                .describe_subnets()
-                .filters(in_vpc)
-                .send()
-                .await
-                .map_err(sdk_err("DescribeSubnets"))?;
-            for s in subnets.subnets() {
-                self.ec2
-                    .delete_subnet()
-                    .set_subnet_id(s.subnet_id().map(str::to_string))
-                    .send()
-                    .await
-                    .map_err(sdk_err("DeleteSubnet"))?;
-            }
+            .map_err(sdk_err("DescribeSecurityGroups"))?;
+        for g in sgs
+            .security_groups()
+            .iter()
+            .filter(|g| g.group_name() != Some("default"))
+        {
             self.ec2
-                .delete_vpc()
+                .delete_security_group()
+                .set_group_id(g.group_id().map(str::to_string))
+                .send()
+                .await
+                .map_err(sdk_err("DeleteSecurityGroup"))?;
+        }
+        let igws = self
+            .ec2
+            .describe_internet_gateways()
+            .filters(
+                ec2t::Filter::builder()
+                    .name("attachment.vpc-id")
+                    .values(vpc_id)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(sdk_err("DescribeInternetGateways"))?;
+        for g in igws.internet_gateways() {
+            let id = g.internet_gateway_id().unwrap_or_default();
+            self.ec2
+                .detach_internet_gateway()
+                .internet_gateway_id(id)
                 .vpc_id(vpc_id)
                 .send()
                 .await
-                .map_err(sdk_err("DeleteVpc"))?;
+                .map_err(sdk_err("DetachInternetGateway"))?;
+            self.ec2
+                .delete_internet_gateway()
+                .internet_gateway_id(id)
+                .send()
+                .await
+                .map_err(sdk_err("DeleteInternetGateway"))?;
         }
+        let subnets = self
+            .ec2
+            .describe_subnets()
+            .filters(in_vpc)
+            .send()
+            .await
+            .map_err(sdk_err("DescribeSubnets"))?;
+        for s in subnets.subnets() {
+            self.ec2
+                .delete_subnet()
+                .set_subnet_id(s.subnet_id().map(str::to_string))
+                .send()
+                .await
+                .map_err(sdk_err("DeleteSubnet"))?;
+        }
+        self.ec2
+            .delete_vpc()
+            .vpc_id(vpc_id)
+            .send()
+            .await
+            .map_err(sdk_err("DeleteVpc"))?;
         Ok(())
     }
 }

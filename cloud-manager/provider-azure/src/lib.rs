@@ -740,14 +740,14 @@ impl Azure {
         Ok(())
     }
 
-    /// One system: its public IP (public systems), NIC, copy of the image's disk and VM.
-    async fn create_instance(
+    /// One system's NIC in the subnet that holds its address, behind the NSG of its
+    /// visibility; a public system gets a public IP on it first.
+    async fn create_nic(
         &self,
         n: &Names<'_>,
         tags: &Value,
         subnets: &[String],
-        size: &str,
-        inst: &mut InstanceRecord,
+        inst: &InstanceRecord,
     ) -> Result<(), ProviderError> {
         let sys = inst.system.clone();
         let net = self.network.clone();
@@ -802,6 +802,20 @@ impl Azure {
                 .send(),
         )
         .await?;
+        Ok(())
+    }
+
+    /// One system: its public IP (public systems), NIC, copy of the image's disk and VM.
+    async fn create_instance(
+        &self,
+        n: &Names<'_>,
+        tags: &Value,
+        subnets: &[String],
+        size: &str,
+        inst: &mut InstanceRecord,
+    ) -> Result<(), ProviderError> {
+        let sys = inst.system.clone();
+        self.create_nic(n, tags, subnets, inst).await?;
         let source = self.id("Microsoft.Compute", "disks", &image_name(&inst.image));
         let disk: compute::models::Disk = model(
             "Disks_CreateOrUpdate",

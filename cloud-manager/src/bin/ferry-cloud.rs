@@ -1,7 +1,8 @@
-//! `ferry-cloud`: parses arguments, loads config, sets up tracing, binds the listener and
-//! calls `ferry_cloud_manager::run`; `token create` prints a join token.
+//! `ferry-cloud`: parses arguments, sets up tracing, binds the listeners and calls into
+//! `ferry_cloud_manager` (`admin` for the subcommands, `run` to serve).
 use clap::{Parser, Subcommand};
-use ferry_cloud_manager::config::{ServeConfig, ServeFile};
+use ferry_cloud_manager::admin;
+use ferry_cloud_manager::config::ServeConfig;
 use ferry_common::telemetry::LogFormat;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -147,35 +148,23 @@ enum ImageCmd {
     },
 }
 
-fn image_build(
-    parts: &[String],
-    out: &std::path::Path,
-    target: &str,
-    boot_check: bool,
-    boot_timeout: u64,
-    kernel_args: &[String],
-    partition_table: &str,
-) -> anyhow::Result<serde_json::Value> {
-    use ferry_customize as customize;
-    use ferry_image as image;
-    let target: customize::Target = target.parse()?;
-    let mut ps = Vec::new();
-    for p in parts {
-        let (mp, img) = p
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--part {p:?}: expected MOUNT=IMAGE"))?;
-        ps.push(image::Part::probe(std::path::Path::new(img), mp)?);
+/// Reports a failure the way every subcommand does, with the exit code given.
+fn fail(e: impl std::fmt::Display, code: ExitCode) -> ExitCode {
+    eprintln!("ferry-cloud: {e}");
+    code
+}
+
+/// Prints a result as pretty JSON (one line added), or `text` as it is.
+fn show(json: bool, value: &impl serde::Serialize, text: impl FnOnce() -> String) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    } else {
+        print!("{}", text());
     }
-    let timeout = boot_check.then(|| std::time::Duration::from_secs(boot_timeout));
-    let (made, report) = image::build(
-        &ps,
-        out,
-        target.console(),
-        kernel_args,
-        partition_table,
-        timeout,
-    )?;
-    Ok(serde_json::json!({ "image": made, "boot_check": report }))
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -193,44 +182,20 @@ fn main() -> ExitCode {
             dry_run,
             json,
         } => {
-            use ferry_customize as customize;
-            let plan = target
-                .parse()
-                .map_err(customize::CustomizeError::from)
-                .and_then(|t| customize::Plan::from_flags(t, &fs, &hosts, &services))
-                .map(|p| customize::Plan { filedb, ..p })
-                .and_then(|p| {
-                    Ok(customize::Plan {
-                        tunnel: tunnel_keys
-                            .as_deref()
-                            .map(customize::TunnelInstall::issue)
-                            .transpose()?,
-                        ..p
-                    })
-                });
-            let plan = match plan {
+            let plan = match admin::customize_plan(
+                &target,
+                &fs,
+                &hosts,
+                &services,
+                filedb,
+                tunnel_keys.as_deref(),
+            ) {
                 Ok(p) => p,
-                Err(e) => {
-                    eprintln!("ferry-cloud: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(e) => return fail(e, ExitCode::from(2)),
             };
-            match customize::run(&root, &plan, dry_run) {
-                Ok(report) => {
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string_pretty(&report).unwrap_or_default()
-                        );
-                    } else {
-                        print!("{}", customize::render(&report));
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ferry-cloud: {e}");
-                    ExitCode::FAILURE
-                }
+            match ferry_customize::run(&root, &plan, dry_run) {
+                Ok(report) => show(json, &report, || ferry_customize::render(&report)),
+                Err(e) => fail(e, ExitCode::FAILURE),
             }
         }
         Cmd::Image {
@@ -245,7 +210,7 @@ fn main() -> ExitCode {
                     partition_table,
                     json,
                 },
-        } => match image_build(
+        } => match admin::image_build(
             &parts,
             &out,
             &target,
@@ -254,26 +219,8 @@ fn main() -> ExitCode {
             &kernel_args,
             &partition_table,
         ) {
-            Ok(v) => {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                } else {
-                    println!("image {}", out.display());
-                    match &v["boot_check"] {
-                        serde_json::Value::Null => println!("boot check: skipped"),
-                        b => println!(
-                            "boot check: login prompt after {:.0}s ({}), root by UUID",
-                            b["seconds"].as_f64().unwrap_or(0.0),
-                            b["accel"].as_str().unwrap_or("?")
-                        ),
-                    }
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("ferry-cloud: {e}");
-                ExitCode::FAILURE
-            }
+            Ok(v) => show(json, &v, || format!("{}\n", admin::image_summary(&out, &v))),
+            Err(e) => fail(e, ExitCode::FAILURE),
         },
         Cmd::Token {
             cmd:
@@ -281,28 +228,13 @@ fn main() -> ExitCode {
                     data_dir,
                     ttl_hours,
                 },
-        } => {
-            let result = ferry_cloud_manager::load_ca(&data_dir)
-                .map_err(|e| e.to_string())
-                .and_then(|ca| {
-                    ferry_common::token::TokenStore::new(&data_dir)
-                        .create(
-                            &ca.fingerprint(),
-                            std::time::Duration::from_secs(ttl_hours * 3600),
-                        )
-                        .map_err(|e| e.to_string())
-                });
-            match result {
-                Ok(t) => {
-                    println!("{}", t.render());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("ferry-cloud: {e}");
-                    ExitCode::FAILURE
-                }
+        } => match admin::create_token(&data_dir, ttl_hours) {
+            Ok(t) => {
+                println!("{}", t.render());
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => fail(e, ExitCode::FAILURE),
+        },
         Cmd::Serve {
             config,
             data_dir,
@@ -317,44 +249,26 @@ fn main() -> ExitCode {
             azure_location,
             azure_endpoint,
         } => {
-            let file = match config
-                .as_deref()
-                .map(ferry_common::config::load_toml::<ServeFile>)
-                .transpose()
-            {
-                Ok(f) => f.unwrap_or_default(),
-                Err(e) => {
-                    eprintln!("ferry-cloud: {e}");
-                    return ExitCode::from(2);
-                }
+            let flags = admin::ServeFlags {
+                config,
+                data_dir,
+                listen,
+                http,
+                provider,
+                san,
+                clone_prefix,
+                public_cidr,
+                azure: [
+                    azure_subscription,
+                    azure_resource_group,
+                    azure_location,
+                    azure_endpoint,
+                ],
             };
-            let merged = ServeFile {
-                data_dir: data_dir.or(file.data_dir),
-                listen: listen.or(file.listen),
-                http: http.or(file.http),
-                provider: provider.or(file.provider),
-                san: if san.is_empty() { file.san } else { san },
-                clone_prefix: clone_prefix.or(file.clone_prefix),
-                public_cidr: public_cidr.or(file.public_cidr),
-                log_format: None,
-                azure: ferry_cloud_manager::config::merge_azure(
-                    file.azure,
-                    [
-                        azure_subscription,
-                        azure_resource_group,
-                        azure_location,
-                        azure_endpoint,
-                    ],
-                ),
-            };
-            let config = match ServeConfig::resolve(merged) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("ferry-cloud: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            serve(config)
+            match admin::serve_config(flags) {
+                Ok(config) => serve(config),
+                Err(e) => fail(e, ExitCode::from(2)),
+            }
         }
     }
 }
@@ -364,18 +278,15 @@ async fn serve(config: ServeConfig) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(&config.listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("ferry-cloud: cannot listen on {}: {e}", config.listen);
-            return ExitCode::FAILURE;
+            let e = format!("cannot listen on {}: {e}", config.listen);
+            return fail(e, ExitCode::FAILURE);
         }
     };
     let http = match &config.http {
         None => None,
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => Some(l),
-            Err(e) => {
-                eprintln!("ferry-cloud: cannot listen on {addr}: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(e) => return fail(format!("cannot listen on {addr}: {e}"), ExitCode::FAILURE),
         },
     };
     let shutdown = ferry_common::shutdown::on_signals();
@@ -383,20 +294,8 @@ async fn serve(config: ServeConfig) -> ExitCode {
         grpc: listener,
         http,
     };
-    let run = ferry_cloud_manager::run(config, listeners, shutdown.clone());
-    tokio::pin!(run);
-    let result = tokio::select! {
-        r = &mut run => r,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(ferry_common::shutdown::GRACE).await } => {
-            tracing::warn!("grace period over, stopping");
-            Ok(())
-        }
-    };
-    match result {
+    match admin::serve(config, listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ferry-cloud: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fail(e, ExitCode::FAILURE),
     }
 }

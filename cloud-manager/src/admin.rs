@@ -1,0 +1,155 @@
+//! What `ferry-cloud`'s subcommands do (serve settings, join tokens, customize plans,
+//! image builds), so the binary only parses arguments and calls in here.
+use crate::config::{ServeConfig, ServeFile};
+use crate::{Listeners, RunError};
+use ferry_common::config::ConfigError;
+use ferry_customize as customize;
+use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
+
+/// `serve`'s flags; each one given wins over the config file's key.
+#[derive(Debug, Default)]
+pub struct ServeFlags {
+    pub config: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub http: Option<String>,
+    pub provider: Option<String>,
+    pub san: Vec<String>,
+    pub clone_prefix: Option<String>,
+    pub public_cidr: Option<String>,
+    /// `--azure-subscription`, `--azure-resource-group`, `--azure-location`,
+    /// `--azure-endpoint`.
+    pub azure: [Option<String>; 4],
+}
+
+/// Loads the config file (if any), puts the flags over it and validates the result.
+pub fn serve_config(flags: ServeFlags) -> Result<ServeConfig, ConfigError> {
+    let file = flags
+        .config
+        .as_deref()
+        .map(ferry_common::config::load_toml::<ServeFile>)
+        .transpose()?
+        .unwrap_or_default();
+    let merged = ServeFile {
+        data_dir: flags.data_dir.or(file.data_dir),
+        listen: flags.listen.or(file.listen),
+        http: flags.http.or(file.http),
+        provider: flags.provider.or(file.provider),
+        san: if flags.san.is_empty() {
+            file.san
+        } else {
+            flags.san
+        },
+        clone_prefix: flags.clone_prefix.or(file.clone_prefix),
+        public_cidr: flags.public_cidr.or(file.public_cidr),
+        log_format: None,
+        azure: crate::config::merge_azure(file.azure, flags.azure),
+    };
+    ServeConfig::resolve(merged)
+}
+
+/// Runs the cloud manager until it stops on its own, or until the grace period after
+/// `shutdown` is over.
+pub async fn serve(
+    config: ServeConfig,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let run = crate::run(config, listeners, shutdown.clone());
+    tokio::pin!(run);
+    tokio::select! {
+        r = &mut run => r,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(ferry_common::shutdown::GRACE).await } => {
+            tracing::warn!("grace period over, stopping");
+            Ok(())
+        }
+    }
+}
+
+/// A one-time join token for a site manager or an agent, valid for `ttl_hours`.
+pub fn create_token(
+    data_dir: &Path,
+    ttl_hours: u64,
+) -> Result<ferry_common::token::JoinToken, String> {
+    crate::load_ca(data_dir)
+        .map_err(|e| e.to_string())
+        .and_then(|ca| {
+            ferry_common::token::TokenStore::new(data_dir)
+                .create(
+                    &ca.fingerprint(),
+                    std::time::Duration::from_secs(ttl_hours * 3600),
+                )
+                .map_err(|e| e.to_string())
+        })
+}
+
+/// The plan `customize`'s flags describe; with `tunnel_keys`, the tunnel's keys are
+/// issued there if missing.
+pub fn customize_plan(
+    target: &str,
+    fs: &[String],
+    hosts: &[String],
+    services: &[String],
+    filedb: Option<PathBuf>,
+    tunnel_keys: Option<&Path>,
+) -> Result<customize::Plan, customize::CustomizeError> {
+    target
+        .parse()
+        .map_err(customize::CustomizeError::from)
+        .and_then(|t| customize::Plan::from_flags(t, fs, hosts, services))
+        .map(|p| customize::Plan { filedb, ..p })
+        .and_then(|p| {
+            Ok(customize::Plan {
+                tunnel: tunnel_keys
+                    .map(customize::TunnelInstall::issue)
+                    .transpose()?,
+                ..p
+            })
+        })
+}
+
+/// Builds a disk image from `MOUNT=IMAGE` parts and boots it once (unless
+/// `boot_check` is off); returns the image and the boot check's report.
+pub fn image_build(
+    parts: &[String],
+    out: &Path,
+    target: &str,
+    boot_check: bool,
+    boot_timeout: u64,
+    kernel_args: &[String],
+    partition_table: &str,
+) -> anyhow::Result<serde_json::Value> {
+    use ferry_image as image;
+    let target: customize::Target = target.parse()?;
+    let mut ps = Vec::new();
+    for p in parts {
+        let (mp, img) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--part {p:?}: expected MOUNT=IMAGE"))?;
+        ps.push(image::Part::probe(Path::new(img), mp)?);
+    }
+    let timeout = boot_check.then(|| std::time::Duration::from_secs(boot_timeout));
+    let (made, report) = image::build(
+        &ps,
+        out,
+        target.console(),
+        kernel_args,
+        partition_table,
+        timeout,
+    )?;
+    Ok(serde_json::json!({ "image": made, "boot_check": report }))
+}
+
+/// The text `image build` prints for the result of [`image_build`].
+pub fn image_summary(out: &Path, v: &serde_json::Value) -> String {
+    let check = match &v["boot_check"] {
+        serde_json::Value::Null => "boot check: skipped".to_string(),
+        b => format!(
+            "boot check: login prompt after {:.0}s ({}), root by UUID",
+            b["seconds"].as_f64().unwrap_or(0.0),
+            b["accel"].as_str().unwrap_or("?")
+        ),
+    };
+    format!("image {}\n{check}", out.display())
+}
