@@ -67,6 +67,13 @@ fn encode_state(
     c: &CounterValues,
     systems: &[SystemStatus],
 ) -> fmt::Result {
+    encode_counters(&mut encoder, c)?;
+    encode_systems(&mut encoder, systems)?;
+    encode_filesystems(&mut encoder, systems)
+}
+
+/// The transfer counters.
+fn encode_counters(encoder: &mut DescriptorEncoder, c: &CounterValues) -> fmt::Result {
     // The encoder appends `_total` to counter names.
     let counters = [
         (
@@ -105,7 +112,11 @@ fn encode_state(
         let counter = ConstCounter::new(v);
         counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
     }
+    Ok(())
+}
 
+/// One gauge per system for each of its replication figures.
+fn encode_systems(encoder: &mut DescriptorEncoder, systems: &[SystemStatus]) -> fmt::Result {
     let by_system = |v: fn(&SystemStatus) -> u64| {
         systems
             .iter()
@@ -116,7 +127,7 @@ fn encode_state(
             .iter()
             .map(move |s| (vec![("system", s.record.name.as_str())], v(s)))
     };
-    let e = &mut encoder;
+    let e = encoder;
     gauge(
         e,
         "ferry_system_durable_epoch",
@@ -159,7 +170,11 @@ fn encode_state(
         "Operator rate limit in bytes per second (0: none).",
         by_system(|s| s.record.rate_limit_bps),
     )?;
+    Ok(())
+}
 
+/// One gauge per file system for each of its pass figures.
+fn encode_filesystems(e: &mut DescriptorEncoder, systems: &[SystemStatus]) -> fmt::Result {
     // Mount points are bytes on the wire from the agent; labels are text.
     let mounts: Vec<Vec<String>> = systems
         .iter()
