@@ -11,7 +11,7 @@ use aws_sdk_elasticloadbalancingv2::types as elbt;
 use ferry_provider::records::{
     CloneRecord, Firmware, ImageRecord, InstanceRecord, InstanceState, Visibility,
 };
-use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
+use ferry_provider::{holds, CloudApi, ProviderError};
 use futures::StreamExt;
 use std::io::Read;
 use std::path::Path;
@@ -114,8 +114,8 @@ fn by_clone(clone: &str) -> ec2t::Filter {
 }
 
 /// The smallest range holding every subnet, which the VPC gets (AWS allows /16 to /28).
-pub fn vpc_cidr(subnets: &[(String, String)]) -> Result<String, ProviderError> {
-    ferry_provider::covering_cidr(subnets, 16, "VPC")
+pub fn vpc_cidr(subnets: &[(ipnet::Ipv4Net, std::net::Ipv4Addr)]) -> Result<String, ProviderError> {
+    Ok(ferry_provider::covering_cidr(subnets, 16, "VPC")?.to_string())
 }
 
 /// The blocks of a raw disk that must be sent: those that differ from the parent's
@@ -439,7 +439,7 @@ impl Aws {
                 .ec2
                 .create_subnet()
                 .vpc_id(&vpc)
-                .cidr_block(sn)
+                .cidr_block(sn.to_string())
                 .tag_specifications(tags(ec2t::ResourceType::Subnet, &name))
                 .send()
                 .await
@@ -448,7 +448,7 @@ impl Aws {
                 .and_then(|s| s.subnet_id())
                 .unwrap_or_default()
                 .to_string();
-            subnet_of.push((sn.clone(), id));
+            subnet_of.push((*sn, id));
         }
         let public = rec
             .instances
@@ -463,11 +463,7 @@ impl Aws {
                 .subnets
                 .iter()
                 .zip(&subnet_of)
-                .find(|((c, _), _)| {
-                    parse_cidr(c).is_some_and(|(n, l)| {
-                        inst.private_ip.parse().is_ok_and(|ip| network(ip, l) == n)
-                    })
-                })
+                .find(|((net, _), _)| holds(net, &inst.private_ip))
                 .map(|(_, (_, id))| id.clone())
                 .unwrap_or_default();
             self.run_instance(&name, &rec.instance_type, &subnet, &groups, inst)
@@ -640,7 +636,7 @@ impl Aws {
         &self,
         rec: &mut CloneRecord,
         vpc: &str,
-        subnets: &[(String, String)],
+        subnets: &[(ipnet::Ipv4Net, String)],
     ) -> Result<(), ProviderError> {
         let lb = self
             .elb
@@ -1017,8 +1013,10 @@ mod tests {
 
     #[test]
     fn the_vpc_covers_every_subnet() {
-        let s = |v: &[&str]| -> Vec<(String, String)> {
-            v.iter().map(|c| (c.to_string(), String::new())).collect()
+        let s = |v: &[&str]| -> Vec<(ipnet::Ipv4Net, std::net::Ipv4Addr)> {
+            v.iter()
+                .map(|c| (c.parse().unwrap(), std::net::Ipv4Addr::UNSPECIFIED))
+                .collect()
         };
         assert_eq!(vpc_cidr(&s(&["198.18.70.0/24"])).unwrap(), "198.18.70.0/24");
         assert_eq!(

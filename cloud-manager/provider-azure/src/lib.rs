@@ -15,7 +15,7 @@ use ferry_provider::records::{
     CloneRecord, Firmware, ImageRecord, InstanceRecord, InstanceState, Visibility,
 };
 pub use ferry_provider::AzureConfig;
-use ferry_provider::{network, parse_cidr, CloudApi, ProviderError};
+use ferry_provider::{holds, CloudApi, ProviderError};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use std::io::{Read, Seek, SeekFrom};
@@ -135,13 +135,12 @@ pub fn reserved_conflicts(instances: &[InstanceRecord]) -> Vec<String> {
         .iter()
         .filter_map(|i| {
             let ip: std::net::Ipv4Addr = i.private_ip.parse().ok()?;
-            let net = u32::from(network(ip, i.prefix));
-            let last = net | !ferry_provider::mask(i.prefix);
-            let off = u32::from(ip) - net;
-            (off < 4 || u32::from(ip) == last).then(|| {
+            let net = ipnet::Ipv4Net::new(ip, i.prefix).ok()?.trunc();
+            let off = u32::from(ip) - u32::from(net.network());
+            (off < 4 || ip == net.broadcast()).then(|| {
                 format!(
-                    "system {} is at {}, which Azure reserves in {}/{} (the first four and the last address)",
-                    i.system, i.private_ip, std::net::Ipv4Addr::from(net), i.prefix
+                    "system {} is at {}, which Azure reserves in {net} (the first four and the last address)",
+                    i.system, i.private_ip
                 )
             })
         })
@@ -662,7 +661,7 @@ impl Azure {
         if !clash.is_empty() {
             return Err(ProviderError::Invalid(clash.join("; ")));
         }
-        let cidr = ferry_provider::covering_cidr(&rec.subnets, 8, "VNet")?;
+        let cidr = ferry_provider::covering_cidr(&rec.subnets, 8, "VNet")?.to_string();
         let tags = json!({"ferry-clone": rec.name});
         let net = self.network.clone();
         // Private systems: the VNet's default rules (virtual network in, nothing from
@@ -693,7 +692,9 @@ impl Azure {
             .subnets
             .iter()
             .enumerate()
-            .map(|(i, (c, _))| json!({"name": subnet_name(i), "properties": {"addressPrefix": c}}))
+            .map(|(i, (c, _))| {
+                json!({"name": subnet_name(i), "properties": {"addressPrefix": c.to_string()}})
+            })
             .collect();
         let vnet: netapi::models::VirtualNetwork = model(
             "VirtualNetworks_CreateOrUpdate",
@@ -708,7 +709,7 @@ impl Azure {
         )
         .await?;
         rec.network = self.id("Microsoft.Network", "virtualNetworks", &n.vnet());
-        let subnet_cidrs: Vec<String> = rec.subnets.iter().map(|(c, _)| c.clone()).collect();
+        let subnet_cidrs: Vec<ipnet::Ipv4Net> = rec.subnets.iter().map(|(c, _)| *c).collect();
         for inst in rec.instances.iter_mut() {
             self.create_instance(&n, &tags, &subnet_cidrs, &rec.instance_type, inst)
                 .await?;
@@ -746,20 +747,14 @@ impl Azure {
         &self,
         n: &Names<'_>,
         tags: &Value,
-        subnets: &[String],
+        subnets: &[ipnet::Ipv4Net],
         inst: &InstanceRecord,
     ) -> Result<(), ProviderError> {
         let sys = inst.system.clone();
         let net = self.network.clone();
         let subnet = subnets
             .iter()
-            .position(|c| {
-                parse_cidr(c).is_some_and(|(net, l)| {
-                    inst.private_ip
-                        .parse()
-                        .is_ok_and(|ip| network(ip, l) == net)
-                })
-            })
+            .position(|net| holds(net, &inst.private_ip))
             .ok_or_else(|| {
                 ProviderError::Invalid(format!("system {sys}: no subnet holds its address"))
             })?;
@@ -810,7 +805,7 @@ impl Azure {
         &self,
         n: &Names<'_>,
         tags: &Value,
-        subnets: &[String],
+        subnets: &[ipnet::Ipv4Net],
         size: &str,
         inst: &mut InstanceRecord,
     ) -> Result<(), ProviderError> {

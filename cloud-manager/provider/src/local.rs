@@ -5,10 +5,11 @@
 //! IP is), and one QEMU process per system on a copy-on-write overlay of its image.
 //! QEMU and dnsmasq are daemons: clones outlive the cloud manager, which finds them again
 //! by pid file and command line.
-use super::{clone_state, hosts, mac_for, network, parse_cidr, qmp, Provider, ProviderError};
+use super::{clone_state, mac_for, qmp, Provider, ProviderError};
 use crate::records::{CloneRecord, InstanceRecord, InstanceState, Visibility};
 use ferry_common::cmd::run;
 use ferry_image as image;
+use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,7 +23,7 @@ pub struct LocalConfig {
     /// Names host resources: `PREFIX-pub` (bridge), `PREFIX-CLONE` (netns), `PREFIXvN`.
     pub prefix: String,
     /// Public addresses; the first host address is the host bridge's.
-    pub public_cidr: (Ipv4Addr, u8),
+    pub public_cidr: Ipv4Net,
     pub memory_mib: u32,
     pub boot_timeout: Duration,
 }
@@ -41,8 +42,10 @@ impl LocalConfig {
                 "clone prefix {prefix:?}: 1 to 8 letters or digits"
             )));
         }
-        let (ip, len) = parse_cidr(public_cidr)
-            .filter(|(_, l)| (8..=29).contains(l))
+        let net = public_cidr
+            .parse::<Ipv4Net>()
+            .ok()
+            .filter(|n| (8..=29).contains(&n.prefix_len()))
             .ok_or_else(|| {
                 ProviderError::Invalid(format!(
                     "public range {public_cidr:?}: expected a.b.c.d/len with len 8 to 29"
@@ -51,7 +54,7 @@ impl LocalConfig {
         Ok(Self {
             dir,
             prefix: prefix.to_string(),
-            public_cidr: (network(ip, len), len),
+            public_cidr: net.trunc(),
             memory_mib: 1024,
             boot_timeout: Duration::from_secs(600),
         })
@@ -96,8 +99,8 @@ impl Local {
     }
 
     fn bridge_ip(&self) -> Ipv4Addr {
-        let (net, len) = self.cfg.public_cidr;
-        hosts(net, len).next().unwrap_or(net)
+        let net = self.cfg.public_cidr;
+        net.hosts().next().unwrap_or(net.network())
     }
 
     pub fn netns(&self, clone: &str) -> String {
@@ -169,8 +172,9 @@ impl Local {
             })
             .filter(|s| !s.is_empty())
             .collect();
-        let (net, len) = self.cfg.public_cidr;
-        let mut free = hosts(net, len)
+        let net = self.cfg.public_cidr;
+        let mut free = net
+            .hosts()
             .skip(1)
             .map(|ip| ip.to_string())
             .filter(|ip| !taken.contains(ip));
@@ -180,25 +184,20 @@ impl Local {
             .filter(|i| i.visibility == Visibility::Public)
         {
             inst.public_ip = free.next().ok_or_else(|| {
-                ProviderError::Exhausted(format!(
-                    "no public address left in {}/{len}",
-                    self.cfg.public_cidr.0
-                ))
+                ProviderError::Exhausted(format!("no public address left in {net}"))
             })?;
         }
         if !rec.load_balancer_ports.is_empty() {
             rec.load_balancer_ip = free.next().ok_or_else(|| {
                 ProviderError::Exhausted(format!(
-                    "no public address left in {}/{len} for the load balancer",
-                    self.cfg.public_cidr.0
+                    "no public address left in {net} for the load balancer"
                 ))
             })?;
         }
         if rec.needs_gateway {
             let ip = free.next().ok_or_else(|| {
                 ProviderError::Exhausted(format!(
-                    "no public address left in {}/{len} for the tunnel gateway",
-                    self.cfg.public_cidr.0
+                    "no public address left in {net} for the tunnel gateway"
                 ))
             })?;
             rec.tunnel_gateway = format!("{ip}:{GATEWAY_PORT}");
@@ -220,7 +219,7 @@ impl Local {
         run(Command::new("ip").args([
             "addr",
             "add",
-            &format!("{}/{}", self.bridge_ip(), self.cfg.public_cidr.1),
+            &format!("{}/{}", self.bridge_ip(), self.cfg.public_cidr.prefix_len()),
             "dev",
             &br,
         ]))?;
@@ -269,8 +268,8 @@ impl Local {
         ip_n(&["link", "set", "lo", "up"])?;
         ip_n(&["link", "add", BRIDGE, "type", "bridge"])?;
         ip_n(&["link", "set", BRIDGE, "up"])?;
-        for (cidr, gw) in &rec.subnets {
-            let len = cidr.split('/').nth(1).unwrap_or("24");
+        for (net, gw) in &rec.subnets {
+            let len = net.prefix_len();
             ip_n(&["addr", "add", &format!("{gw}/{len}"), "dev", BRIDGE])?;
         }
         run(self
@@ -290,7 +289,7 @@ impl Local {
             "up",
         ]))?;
         ip_n(&["link", "set", PUBLIC_IF, "up"])?;
-        let len = self.cfg.public_cidr.1;
+        let len = self.cfg.public_cidr.prefix_len();
         for ip in rec
             .instances
             .iter()
@@ -325,11 +324,9 @@ impl Local {
                 "--log-facility={}",
                 dir.join("dnsmasq.log").display()
             ));
-        for (cidr, _) in &rec.subnets {
-            if let Some((net, len)) = parse_cidr(cidr) {
-                let mask = Ipv4Addr::from(crate::mask(len));
-                dnsmasq.arg(format!("--dhcp-range={net},static,{mask},12h"));
-            }
+        for (net, _) in &rec.subnets {
+            let (base, mask) = (net.network(), net.netmask());
+            dnsmasq.arg(format!("--dhcp-range={base},static,{mask},12h"));
         }
         for i in &rec.instances {
             dnsmasq.arg(format!(
@@ -854,6 +851,6 @@ mod tests {
         assert!(LocalConfig::new("/x".into(), "a-b", DEFAULT_PUBLIC_CIDR).is_err());
         assert!(LocalConfig::new("/x".into(), "ferry", "198.19.0.0/31").is_err());
         let c = LocalConfig::new("/x".into(), "ferry", "198.19.4.7/16").unwrap();
-        assert_eq!(c.public_cidr.0.to_string(), "198.19.0.0");
+        assert_eq!(c.public_cidr.to_string(), "198.19.0.0/16");
     }
 }

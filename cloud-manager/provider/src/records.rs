@@ -120,8 +120,8 @@ pub struct CloneRecord {
     pub app: String,
     pub provider: Target,
     pub state: CloneState,
-    /// Enterprise subnets, CIDR, each with the gateway address the clone's network uses.
-    pub subnets: Vec<(String, String)>,
+    /// Enterprise subnets, each with the gateway address the clone's network uses.
+    pub subnets: Vec<(ipnet::Ipv4Net, std::net::Ipv4Addr)>,
     /// Provider resources (local: the network namespace).
     pub network: String,
     /// A small number unique among live clones (local: names the host-side veth).

@@ -385,7 +385,7 @@ impl From<CloneView> for pb::CloneInfo {
                     size: i.size.clone(),
                 })
                 .collect(),
-            subnets: r.subnets.into_iter().map(|(c, _)| c).collect(),
+            subnets: r.subnets.iter().map(|(c, _)| c.to_string()).collect(),
             name: r.name,
             app: r.app,
             provider: wire::<pb::Target>(r.provider.as_str()),
