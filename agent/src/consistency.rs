@@ -1,6 +1,7 @@
 //! Consistent copies of systems marked as databases: the file system is frozen
 //! (`fsfreeze`) while a pass reads it, so the replica is a crash-consistent image that
 //! the database recovers from like after a power cut, with every committed transaction.
+use ferry_common::cmd::CommandError;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,8 +32,12 @@ impl std::str::FromStr for Consistency {
 pub enum FreezeError {
     #[error("cannot freeze {0}: it holds the agent's own state (use a state dir on another file system)")]
     OwnState(String),
-    #[error("cannot freeze {path}: {message}")]
-    Failed { path: String, message: String },
+    #[error("cannot freeze {path}: {source}")]
+    Failed {
+        path: String,
+        #[source]
+        source: CommandError,
+    },
 }
 
 /// A frozen file system; thawed when dropped, on every exit path of a pass.
@@ -41,17 +46,8 @@ pub struct Frozen {
     mount: PathBuf,
 }
 
-fn fsfreeze(flag: &str, mount: &Path) -> Result<(), String> {
-    let out = Command::new("fsfreeze")
-        .arg(flag)
-        .arg(mount)
-        .output()
-        .map_err(|e| format!("fsfreeze: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
+fn fsfreeze(flag: &str, mount: &Path) -> Result<(), CommandError> {
+    ferry_common::cmd::run(Command::new("fsfreeze").arg(flag).arg(mount)).map(drop)
 }
 
 /// Freezes the file system mounted at `mount`. Refuses the one that holds `state_dir`:
@@ -61,9 +57,9 @@ pub fn freeze(mount: &Path, state_dir: &Path) -> Result<Frozen, FreezeError> {
     if dev(mount).is_some() && dev(mount) == dev(state_dir) {
         return Err(FreezeError::OwnState(mount.display().to_string()));
     }
-    fsfreeze("-f", mount).map_err(|message| FreezeError::Failed {
+    fsfreeze("-f", mount).map_err(|source| FreezeError::Failed {
         path: mount.display().to_string(),
-        message,
+        source,
     })?;
     tracing::debug!(mount = %mount.display(), "file system frozen");
     Ok(Frozen {

@@ -50,8 +50,20 @@ pub enum AgentError {
     Send(#[from] SendError),
     #[error(transparent)]
     Scan(#[from] scan::ScanError),
-    #[error("agent state {path}: {message}")]
-    State { path: String, message: String },
+    #[error("agent state {path}: {source}")]
+    State {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent state {path}: {source}")]
+    Db {
+        path: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("scan of {0}: the scanner thread panicked")]
+    ScannerPanicked(String),
     #[error("invalid system name: {0}")]
     Name(String),
     #[error("no local file system found under {0}")]
@@ -84,10 +96,17 @@ pub fn fs_id(fs: &probe::FsInfo) -> String {
     }
 }
 
-fn state_err(path: &Path, e: impl std::fmt::Display) -> AgentError {
+fn state_err(path: &Path, source: std::io::Error) -> AgentError {
     AgentError::State {
         path: path.display().to_string(),
-        message: e.to_string(),
+        source,
+    }
+}
+
+fn db_err(path: &Path, source: sled::Error) -> AgentError {
+    AgentError::Db {
+        path: path.display().to_string(),
+        source,
     }
 }
 
@@ -241,8 +260,8 @@ fn open_state(state_dir: &Path) -> Result<(sled::Db, sled::Tree), AgentError> {
         .path(state_dir.join("db"))
         .cache_capacity(SLED_CACHE)
         .open()
-        .map_err(|e| state_err(state_dir, e))?;
-    let meta = db.open_tree("meta").map_err(|e| state_err(state_dir, e))?;
+        .map_err(|e| db_err(state_dir, e))?;
+    let meta = db.open_tree("meta").map_err(|e| db_err(state_dir, e))?;
     Ok((db, meta))
 }
 
@@ -680,7 +699,7 @@ async fn pass_fs(
     up: &mut Uploader,
     tx: &tokio::sync::mpsc::Sender<Pending>,
 ) -> Result<(scan::ScanStats, Vec<Vec<u8>>), AgentError> {
-    let index = index::Index::open(ctx.db, &ctx.fs_id).map_err(|e| state_err(&ctx.root, e))?;
+    let index = index::Index::open(ctx.db, &ctx.fs_id).map_err(|e| db_err(&ctx.root, e))?;
     let started = std::time::Instant::now();
     tracing::debug!(fs = %ctx.fs_id, dirs = ctx.targets.as_ref().map(|d| d.len()), "pass starts");
     let (mut irx, scanner) = spawn_scanner(&ctx, &index)?;
@@ -762,7 +781,7 @@ async fn pass_fs(
     drop(irx);
     let stats = scanner
         .join()
-        .map_err(|_| state_err(&ctx.root, "scanner thread panicked"))?;
+        .map_err(|_| AgentError::ScannerPanicked(ctx.root.display().to_string()))?;
     result?;
     let (stats, retry) = stats?;
     // The last batch of a pass marks the file system in sync once it is durable.

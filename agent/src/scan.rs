@@ -914,7 +914,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 CDC_LARGE
             };
             for chunk in fastcdc::v2020::StreamCDC::new(limited, min, avg, max) {
-                let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+                let chunk = chunk.map_err(std::io::Error::from)?;
                 let hash = blake3::hash(&chunk.data);
                 let len = chunk.data.len() as u32;
                 self.stats.bytes_read += len as u64;

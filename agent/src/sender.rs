@@ -14,11 +14,11 @@ use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    #[error("{what} refused by the manager: {message}")]
+    #[error("{what} refused by the manager: {}", status.message())]
     Refused {
         what: &'static str,
-        code: tonic::Code,
-        message: String,
+        #[source]
+        status: Box<tonic::Status>,
     },
     #[error("stopped")]
     Stopped,
@@ -31,10 +31,11 @@ impl SendError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            SendError::Refused {
-                code: tonic::Code::Unauthenticated | tonic::Code::PermissionDenied,
-                ..
-            }
+            SendError::Refused { status, .. }
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                )
         )
     }
 }
@@ -63,8 +64,7 @@ where
         if !is_transient(&status) {
             return Err(SendError::Refused {
                 what,
-                code: status.code(),
-                message: status.message().to_string(),
+                status: Box::new(status),
             });
         }
         let delay = backoff.next_delay();

@@ -25,6 +25,7 @@ pub enum ApplyError {
     Io {
         path: String,
         op: &'static str,
+        #[source]
         errno: std::io::Error,
     },
 }

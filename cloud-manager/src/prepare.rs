@@ -13,8 +13,14 @@ use std::process::Command;
 pub enum PrepareError {
     #[error("system {0:?} has no replicated root file system")]
     NoRoot(String),
-    #[error("{command}: {message}")]
-    Command { command: String, message: String },
+    #[error("cannot set the UUID of a {0} image: not supported for this file system type")]
+    UnsupportedFs(String),
+    #[error("mkdir {}: {source}", path.display())]
+    Mkdir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Customize(#[from] customize::CustomizeError),
     #[error(transparent)]
@@ -134,10 +140,7 @@ pub fn set_image_uuid(image: &Path, fstype: &str, uuid: &str) -> Result<(), Prep
             run(Command::new("tune2fs").args(["-U", uuid]).arg(image))
         }
         "xfs" => run(Command::new("xfs_admin").args(["-U", uuid]).arg(image)),
-        other => Err(PrepareError::Command {
-            command: format!("set the UUID of a {other} image"),
-            message: "not supported for this file system type".into(),
-        }),
+        other => Err(PrepareError::UnsupportedFs(other.into())),
     }
 }
 
@@ -230,9 +233,9 @@ fn mount_and_run(
     let mut mounts = Mounts(Vec::new());
     for (fs, image) in ordered {
         let at = root.join(mount_point(fs).trim_start_matches('/'));
-        std::fs::create_dir_all(&at).map_err(|e| PrepareError::Command {
-            command: format!("mkdir {}", at.display()),
-            message: e.to_string(),
+        std::fs::create_dir_all(&at).map_err(|source| PrepareError::Mkdir {
+            path: at.clone(),
+            source,
         })?;
         let opts = if fs.fstype == "xfs" {
             "loop,nouuid"

@@ -21,25 +21,32 @@ pub enum ChunkError {
     #[error("chunk store {path}: {source}")]
     Io {
         path: String,
+        #[source]
         source: std::io::Error,
     },
     #[error("chunk index: {0}")]
     Index(#[from] sled::Error),
     #[error("malformed chunk: {0}")]
     Malformed(String),
+    #[error("malformed chunk: bad zstd frame: {0}")]
+    Frame(#[source] std::io::Error),
     #[error("chunk {0} is not in the store")]
     Missing(String),
-    #[error("chunk store is out of space: {0}")]
-    NoSpace(String),
+    #[error("chunk store is out of space: {path}")]
+    NoSpace {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl crate::error::ErrorKind for ChunkError {
     fn kind(&self) -> crate::error::Kind {
         use crate::error::Kind;
         match self {
-            ChunkError::Malformed(_) => Kind::InvalidArgument,
+            ChunkError::Malformed(_) | ChunkError::Frame(_) => Kind::InvalidArgument,
             ChunkError::Missing(_) => Kind::FailedPrecondition,
-            ChunkError::NoSpace(_) => Kind::ResourceExhausted,
+            ChunkError::NoSpace { .. } => Kind::ResourceExhausted,
             ChunkError::Io { .. } | ChunkError::Index(_) => Kind::Internal,
         }
     }
@@ -47,7 +54,10 @@ impl crate::error::ErrorKind for ChunkError {
 
 fn io_err(path: &Path, source: std::io::Error) -> ChunkError {
     if source.raw_os_error() == Some(28) {
-        return ChunkError::NoSpace(path.display().to_string());
+        return ChunkError::NoSpace {
+            path: path.display().to_string(),
+            source,
+        };
     }
     ChunkError::Io {
         path: path.display().to_string(),
@@ -71,8 +81,7 @@ pub fn unframe(data: &[u8], raw_len: u32, raw: bool) -> Result<Vec<u8>, ChunkErr
     let out = if raw {
         data.to_vec()
     } else {
-        zstd_decompress(data, raw_len as usize)
-            .map_err(|e| ChunkError::Malformed(format!("bad zstd frame: {e}")))?
+        zstd_decompress(data, raw_len as usize).map_err(ChunkError::Frame)?
     };
     if out.len() != raw_len as usize {
         return Err(ChunkError::Malformed("chunk length does not match".into()));

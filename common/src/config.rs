@@ -7,10 +7,15 @@ pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
     Read {
         path: String,
+        #[source]
         source: std::io::Error,
     },
-    #[error("invalid config {path}: {message}")]
-    Parse { path: String, message: String },
+    #[error("invalid config {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error("invalid setting {key}: {message}")]
     Invalid { key: &'static str, message: String },
 }
@@ -21,9 +26,9 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
         path: path.display().to_string(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
         path: path.display().to_string(),
-        message: e.message().to_string(),
+        source,
     })
 }
 

@@ -12,10 +12,16 @@ pub enum EnrollError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("enrollment refused: {0}")]
-    Refused(String),
-    #[error("cannot reach {url} to enroll: {message}")]
-    Unreachable { url: String, message: String },
+    #[error("enrollment refused: {}", .0.message())]
+    Refused(#[source] Box<tonic::Status>),
+    #[error("enrollment refused: the manager returned a ca that the token does not pin")]
+    CaMismatch,
+    #[error("cannot reach {url} to enroll: {}", source.message())]
+    Unreachable {
+        url: String,
+        #[source]
+        source: Box<tonic::Status>,
+    },
     #[error("not enrolled yet and no join token given (--token)")]
     NoToken,
     #[error("stopped before the manager could be reached to enroll")]
@@ -79,16 +85,14 @@ pub async fn ensure_enrolled(
         Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
             return Err(EnrollError::Unreachable {
                 url: url.into(),
-                message: s.message().into(),
+                source: Box::new(s),
             })
         }
-        Err(s) => return Err(EnrollError::Refused(s.message().into())),
+        Err(s) => return Err(EnrollError::Refused(Box::new(s))),
     };
     let der = crate::pki::pem_to_der(&resp.ca_pem)?;
     if crate::pki::fingerprint(&der) != token.ca_fingerprint {
-        return Err(EnrollError::Refused(
-            "manager returned a ca that the token does not pin".into(),
-        ));
+        return Err(EnrollError::CaMismatch);
     }
     files.save(&resp.ca_pem, &resp.cert_pem, &key_pem)?;
     tracing::info!(role = role.as_str(), name, "enrolled");

@@ -17,7 +17,11 @@ pub enum PkiError {
     #[error("certificate: {0}")]
     Cert(#[from] rcgen::Error),
     #[error("invalid certificate: {0}")]
-    Invalid(String),
+    Invalid(&'static str),
+    #[error("invalid certificate: {0}")]
+    Der(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    #[error("invalid certificate pem: {0}")]
+    Pem(#[source] std::io::Error),
     #[error("invalid identity {0:?}: expected ROLE:NAME with role agent, site, cloud or operator")]
     Identity(String),
 }
@@ -25,7 +29,9 @@ pub enum PkiError {
 impl crate::error::ErrorKind for PkiError {
     fn kind(&self) -> crate::error::Kind {
         match self {
-            PkiError::Identity(_) | PkiError::Invalid(_) => crate::error::Kind::InvalidArgument,
+            PkiError::Identity(_) | PkiError::Invalid(_) | PkiError::Der(_) | PkiError::Pem(_) => {
+                crate::error::Kind::InvalidArgument
+            }
             _ => crate::error::Kind::Internal,
         }
     }
@@ -86,14 +92,13 @@ impl Identity {
 
     /// Reads the identity from a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Self, PkiError> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| PkiError::Invalid(e.to_string()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(PkiError::Der)?;
         let cn = cert
             .subject()
             .iter_common_name()
             .next()
             .and_then(|c| c.as_str().ok())
-            .ok_or_else(|| PkiError::Invalid("no common name".into()))?;
+            .ok_or(PkiError::Invalid("no common name"))?;
         Self::parse(cn)
     }
 }
@@ -275,10 +280,8 @@ pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, PkiError> {
     let mut rd = pem.as_bytes();
     let first = rustls_pemfile::certs(&mut rd)
         .next()
-        .ok_or_else(|| PkiError::Invalid("no certificate in pem".into()))?;
-    first
-        .map(|c| c.to_vec())
-        .map_err(|e| PkiError::Invalid(e.to_string()))
+        .ok_or(PkiError::Invalid("no certificate in pem"))?;
+    first.map(|c| c.to_vec()).map_err(PkiError::Pem)
 }
 
 /// Where a daemon keeps its enrolled identity.

@@ -6,8 +6,12 @@ use std::path::Path;
 pub enum StoreError {
     #[error("state store: {0}")]
     Sled(#[from] sled::Error),
-    #[error("state store record {key}: {message}")]
-    Decode { key: String, message: String },
+    #[error("state store record {key}: {source}")]
+    Decode {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 impl crate::error::ErrorKind for StoreError {
@@ -44,9 +48,9 @@ impl Store {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
-                .map_err(|e| StoreError::Decode {
+                .map_err(|source| StoreError::Decode {
                     key: String::from_utf8_lossy(key).into_owned(),
-                    message: e.to_string(),
+                    source,
                 }),
         }
     }
@@ -57,9 +61,9 @@ impl Store {
         key: &[u8],
         value: &T,
     ) -> Result<(), StoreError> {
-        let v = serde_json::to_vec(value).map_err(|e| StoreError::Decode {
+        let v = serde_json::to_vec(value).map_err(|source| StoreError::Decode {
             key: String::from_utf8_lossy(key).into_owned(),
-            message: e.to_string(),
+            source,
         })?;
         tree.insert(key, v)?;
         Ok(())

@@ -21,12 +21,18 @@ use tonic::transport::{Channel, Endpoint};
 pub enum TlsError {
     #[error("tls setup: {0}")]
     Rustls(#[from] rustls::Error),
-    #[error("tls setup: {0}")]
-    Setup(String),
+    #[error("tls setup: client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("tls setup: bad {what} pem: {source}")]
+    Pem {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tls setup: no private key in pem")]
+    NoKey,
     #[error("invalid url {0:?}")]
     Url(String),
-    #[error("cannot connect to {url}: {message}")]
-    Connect { url: String, message: String },
 }
 
 impl crate::error::ErrorKind for TlsError {
@@ -43,14 +49,20 @@ fn certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let mut rd = pem.as_bytes();
     rustls_pemfile::certs(&mut rd)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Setup(format!("bad certificate pem: {e}")))
+        .map_err(|source| TlsError::Pem {
+            what: "certificate",
+            source,
+        })
 }
 
 fn key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
     let mut rd = pem.as_bytes();
     rustls_pemfile::private_key(&mut rd)
-        .map_err(|e| TlsError::Setup(format!("bad key pem: {e}")))?
-        .ok_or_else(|| TlsError::Setup("no private key in pem".into()))
+        .map_err(|source| TlsError::Pem {
+            what: "key",
+            source,
+        })?
+        .ok_or(TlsError::NoKey)
 }
 
 fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
@@ -75,8 +87,7 @@ pub fn server_config(
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
             .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::Setup(e.to_string()))?;
+            .build()?;
     let mut chain = certs(cert_pem)?;
     chain.extend(certs(ca_pem)?);
     let mut cfg = ServerConfig::builder_with_provider(provider())

@@ -111,7 +111,7 @@ impl TokenStore {
         };
         let text = toml::to_string(&record).map_err(|_| TokenError::Malformed)?;
         crate::pki::write_private(&self.dir.join("pending").join(&id), &text)
-            .map_err(|e| self.io(std::io::Error::other(e.to_string())))?;
+            .map_err(|e| self.io(std::io::Error::other(e)))?;
         Ok(JoinToken {
             id,
             secret: Secret::new(secret),

@@ -38,7 +38,7 @@ pub enum RelayError {
     )]
     SpoolFull { used: u64, limit: u64 },
     #[error("a background task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl ErrorKind for RelayError {
@@ -441,7 +441,7 @@ impl pb::ingest_server::Ingest for Service {
             let store = self.relay.chunks.clone();
             tokio::task::spawn_blocking(move || store.sync())
                 .await
-                .map_err(|e| RelayError::Task(e.to_string()))??;
+                .map_err(RelayError::Task)??;
             let checked_ms = started.elapsed().as_millis() as u64;
             let _g = self.relay.order.lock().await;
             let mut pos = self.relay.positions(&batch.system);

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use ferry_common::names::Target;
 use ferry_proto::v1 as pb;
 use ferry_proto::ShortName;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(name = "ferry", version, about = "Operate a Ferry cloud manager")]
@@ -474,8 +474,7 @@ pub async fn filedb(client: &mut Client, cmd: FiledbCmd) -> Result<(), CliError>
             let files = files
                 .iter()
                 .map(|f| filedb_file(f))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(CliError::Usage)?;
+                .collect::<Result<Vec<_>, _>>()?;
             let entry = pb::FileDbEntry {
                 os,
                 versions,
@@ -735,9 +734,12 @@ async fn tunnel_connect(
     out: PathBuf,
     json: bool,
 ) -> Result<(), CliError> {
-    let io = |e: std::io::Error| CliError::Usage(format!("{}: {e}", out.display()));
-    std::fs::create_dir_all(&out).map_err(io)?;
-    let out = std::fs::canonicalize(&out).map_err(io)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CliError::Io { path, source }
+    };
+    std::fs::create_dir_all(&out).map_err(io(&out))?;
+    let out = std::fs::canonicalize(&out).map_err(io(&out))?;
     let key_path = out.join("client_key");
     let r = client
         .tunnel_connect(pb::TunnelConnectRequest {
@@ -747,10 +749,9 @@ async fn tunnel_connect(
         })
         .await?
         .into_inner();
-    ferry_common::pki::write_private(&key_path, &r.client_key)
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+    ferry_common::pki::write_private(&key_path, &r.client_key)?;
     let table = out.join("table-a.ini");
-    std::fs::write(&table, &r.table_a).map_err(io)?;
+    std::fs::write(&table, &r.table_a).map_err(io(&table))?;
     if json {
         let v = serde_json::json!({
             "table_a": table,
@@ -776,8 +777,8 @@ async fn tunnel_connect(
 }
 
 /// Reads `/PATH=LOCAL_FILE[:MODE]` into a file with content.
-fn filedb_file(spec: &str) -> Result<pb::FileDbFile, String> {
-    let usage = |m: &str| format!("--file {spec:?}: {m}");
+fn filedb_file(spec: &str) -> Result<pb::FileDbFile, CliError> {
+    let usage = |m: &str| CliError::Usage(format!("--file {spec:?}: {m}"));
     let (path, local) = spec
         .split_once('=')
         .ok_or_else(|| usage("expected /PATH/IN/TREE=LOCAL_FILE[:MODE]"))?;
@@ -787,7 +788,10 @@ fn filedb_file(spec: &str) -> Result<pb::FileDbFile, String> {
         }
         _ => (local, 0o644),
     };
-    let content = std::fs::read(local).map_err(|e| usage(&e.to_string()))?;
+    let content = std::fs::read(local).map_err(|source| CliError::Io {
+        path: local.into(),
+        source,
+    })?;
     Ok(pb::FileDbFile {
         path: path.to_string(),
         mode,

@@ -8,14 +8,39 @@ pub mod commands;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("cannot read credentials {path}: {message} (set --credentials or FERRY_CREDENTIALS)")]
-    Credentials { path: String, message: String },
+    #[error("cannot read credentials {path}: {source} (set --credentials or FERRY_CREDENTIALS)")]
+    Credentials {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid credentials {path} (set --credentials or FERRY_CREDENTIALS): {source}")]
+    CredentialsSyntax {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pki(#[from] ferry_common::pki::PkiError),
     #[error(transparent)]
     Tls(#[from] ferry_common::tls::TlsError),
     #[error("{}", .0.message())]
-    Api(#[from] tonic::Status),
+    Api(#[source] Box<tonic::Status>),
     #[error("{0}")]
     Usage(String),
+}
+
+/// Boxed: a `Status` is large, and every call answers one.
+impl From<tonic::Status> for CliError {
+    fn from(status: tonic::Status) -> Self {
+        CliError::Api(Box::new(status))
+    }
 }
 
 /// Default place of the credentials when neither flag nor environment names one.
@@ -26,14 +51,15 @@ pub type Client = pb::control_client::ControlClient<tonic::transport::Channel>;
 
 /// Connects to the control API with the operator credentials at `path`.
 pub async fn connect(path: &Path) -> Result<Client, CliError> {
-    let text = std::fs::read_to_string(path).map_err(|e| CliError::Credentials {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::Credentials {
         path: path.display().to_string(),
-        message: e.to_string(),
+        source,
     })?;
-    let creds: OperatorCredentials = toml::from_str(&text).map_err(|e| CliError::Credentials {
-        path: path.display().to_string(),
-        message: e.message().to_string(),
-    })?;
+    let creds: OperatorCredentials =
+        toml::from_str(&text).map_err(|source| CliError::CredentialsSyntax {
+            path: path.display().to_string(),
+            source,
+        })?;
     let cfg =
         ferry_common::tls::client_config(&creds.ca_pem, &creds.cert_pem, creds.key_pem.expose())?;
     let ch = ferry_common::tls::channel(&creds.endpoint, cfg)?;

@@ -1,8 +1,8 @@
 //! Runs a guest's own tool inside its tree: in fresh mount, PID and network namespaces
 //! (so the bind mounts vanish with the process and the guest's scripts cannot reach the
 //! network), with /proc, /sys and /dev provided, under `chroot`.
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
 
 /// How much of a failed command's output the error keeps.
 const TAIL: usize = 2000;
@@ -11,12 +11,32 @@ const SCRIPT: &str = r#"r=$1; shift
 mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" || exit 97
 exec chroot "$r" "$@""#;
 
+#[derive(Debug, thiserror::Error)]
+pub enum ChrootError {
+    #[error("{}: {source}", path.display())]
+    Mountpoint {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start unshare: {0}")]
+    Start(#[source] std::io::Error),
+    /// The guest's tool ran and failed: its exit status and the end of its output.
+    #[error("{command} exited with {status}: {tail}")]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        tail: String,
+    },
+}
+
 /// Runs `argv` chrooted in `root`; the error carries the end of its output.
-pub fn run(root: &Path, argv: &[String]) -> Result<(), String> {
+pub fn run(root: &Path, argv: &[String]) -> Result<(), ChrootError> {
     for d in ["proc", "sys", "dev"] {
         let p = root.join(d);
         if std::fs::symlink_metadata(&p).is_err() {
-            std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            std::fs::create_dir_all(&p)
+                .map_err(|source| ChrootError::Mountpoint { path: p, source })?;
         }
     }
     let out = Command::new("unshare")
@@ -36,7 +56,7 @@ pub fn run(root: &Path, argv: &[String]) -> Result<(), String> {
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("LANG", "C")
         .output()
-        .map_err(|e| format!("cannot start unshare: {e}"))?;
+        .map_err(ChrootError::Start)?;
     if out.status.success() {
         return Ok(());
     }
@@ -50,10 +70,9 @@ pub fn run(root: &Path, argv: &[String]) -> Result<(), String> {
         .into_iter()
         .rev()
         .collect();
-    Err(format!(
-        "{} exited with {}: {}",
-        argv.join(" "),
-        out.status,
-        tail.trim()
-    ))
+    Err(ChrootError::Failed {
+        command: argv.join(" "),
+        status: out.status,
+        tail: tail.trim().to_string(),
+    })
 }

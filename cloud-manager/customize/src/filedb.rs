@@ -14,10 +14,32 @@ const DEFAULT_INDEX: &str = include_str!("filedb-default.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileDbError {
+    #[error("file database {path}: {source}")]
+    Syntax {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// An index that parses but breaks a rule of the catalogue.
     #[error("file database {path}: {message}")]
     Index { path: String, message: String },
+    #[error("file database {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("file database index: {0}")]
+    Encode(#[source] toml::ser::Error),
+    /// An object that is unavailable or corrupt, and why.
     #[error("file database object {0}: {1}")]
     Object(String, String),
+    #[error("file database object {sha256}: {source}")]
+    ObjectRead {
+        sha256: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("file database entry: {0}")]
     Invalid(String),
 }
@@ -90,9 +112,9 @@ pub struct FileDb {
 }
 
 fn parse(text: &str, path: &str) -> Result<Catalogue, FileDbError> {
-    let c: Catalogue = toml::from_str(text).map_err(|e| FileDbError::Index {
+    let c: Catalogue = toml::from_str(text).map_err(|source| FileDbError::Syntax {
         path: path.into(),
-        message: e.to_string().lines().next().unwrap_or_default().to_string(),
+        source,
     })?;
     if c.version != 1 {
         return Err(FileDbError::Index {
@@ -133,10 +155,10 @@ impl FileDb {
             match std::fs::read_to_string(&index) {
                 Ok(t) => entries.extend(parse(&t, &index.display().to_string())?.entries),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(FileDbError::Index {
-                        path: index.display().to_string(),
-                        message: e.to_string(),
+                Err(source) => {
+                    return Err(FileDbError::Io {
+                        path: index,
+                        source,
                     })
                 }
             }
@@ -186,7 +208,11 @@ impl FileDb {
         }
         parse_bounds(&entry.versions).map_err(invalid)?;
         let objects = dir.join("objects");
-        std::fs::create_dir_all(&objects).map_err(|e| invalid(e.to_string()))?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| FileDbError::Io { path, source }
+        };
+        std::fs::create_dir_all(&objects).map_err(io(&objects))?;
         for (path, mode, data) in contents {
             if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
                 return Err(invalid(format!(
@@ -194,7 +220,8 @@ impl FileDb {
                 )));
             }
             let sha = hex::encode(sha2::Sha256::digest(&data));
-            write_atomic(&objects.join(&sha), &data).map_err(|e| invalid(e.to_string()))?;
+            let object = objects.join(&sha);
+            write_atomic(&object, &data).map_err(io(&object))?;
             entry.files.push(FileRef {
                 path,
                 sha256: sha,
@@ -208,13 +235,13 @@ impl FileDb {
                 version: 1,
                 entries: Vec::new(),
             },
-            Err(e) => return Err(invalid(e.to_string())),
+            Err(e) => return Err(io(&index)(e)),
         };
         cat.entries.push(entry);
-        let text = toml::to_string(&cat).map_err(|e| invalid(e.to_string()))?;
+        let text = toml::to_string(&cat).map_err(FileDbError::Encode)?;
         // The written index must read back exactly as the rules say.
         parse(&text, &index.display().to_string())?;
-        write_atomic(&index, text.as_bytes()).map_err(|e| invalid(e.to_string()))?;
+        write_atomic(&index, text.as_bytes()).map_err(io(&index))?;
         let built_in = parse(DEFAULT_INDEX, "built-in")?.entries.len();
         Ok(built_in + cat.entries.len() - 1)
     }
@@ -251,8 +278,12 @@ impl FileDb {
         let dir = self.dir.as_ref().ok_or_else(|| {
             FileDbError::Object(sha256.into(), "no file database directory given".into())
         })?;
-        let data = std::fs::read(dir.join("objects").join(sha256))
-            .map_err(|e| FileDbError::Object(sha256.into(), e.to_string()))?;
+        let data = std::fs::read(dir.join("objects").join(sha256)).map_err(|source| {
+            FileDbError::ObjectRead {
+                sha256: sha256.into(),
+                source,
+            }
+        })?;
         let got = hex::encode(sha2::Sha256::digest(&data));
         if got != sha256 {
             return Err(FileDbError::Object(

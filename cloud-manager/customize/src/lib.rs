@@ -23,13 +23,29 @@ pub use tree::{Found, Tree};
 #[derive(Debug, thiserror::Error)]
 pub enum CustomizeError {
     #[error("tree: {0}")]
-    Tree(String),
-    #[error("writing {path}: {message}")]
-    Write { path: String, message: String },
+    Tree(#[source] ferry_common::safepath::PathError),
+    #[error("writing {path}: {source}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid plan: {0}")]
     Plan(String),
-    #[error("{what}: {message}")]
-    Action { what: String, message: String },
+    #[error("invalid plan: tunnel keys: {0}")]
+    TunnelKeys(#[source] ferry_tunnel_config::keys::KeyError),
+    #[error("invalid plan: tunnel keys: {}: {source}", path.display())]
+    TunnelKeyRead {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Action {
+        what: String,
+        #[source]
+        source: chroot::ChrootError,
+    },
     #[error(transparent)]
     Target(#[from] ferry_common::names::UnknownName),
 }
@@ -87,15 +103,15 @@ impl TunnelInstall {
     /// The keys in `dir` (issued there first if missing) and the `ferry-tunnel` binary
     /// installed beside the running one, if there is one.
     pub fn issue(dir: &Path) -> Result<Self, CustomizeError> {
-        let kerr = |e: ferry_tunnel_config::keys::KeyError| {
-            CustomizeError::Plan(format!("tunnel keys: {e}"))
-        };
         if !dir.join("host_key").exists() {
-            ferry_tunnel_config::keys::write_set(dir).map_err(kerr)?;
+            ferry_tunnel_config::keys::write_set(dir).map_err(CustomizeError::TunnelKeys)?;
         }
         let read = |name: &str| {
-            std::fs::read_to_string(dir.join(name)).map_err(|e| {
-                CustomizeError::Plan(format!("tunnel keys: {}: {e}", dir.join(name).display()))
+            std::fs::read_to_string(dir.join(name)).map_err(|source| {
+                CustomizeError::TunnelKeyRead {
+                    path: dir.join(name),
+                    source,
+                }
             })
         };
         let binary = ferry_tunnel_config::tunnel_binary();
@@ -314,9 +330,9 @@ pub fn run(root: &Path, plan: &Plan, dry_run: bool) -> Result<Report, CustomizeE
     if !dry_run {
         tree.commit()?;
         for a in &actions {
-            chroot::run(root, &a.argv).map_err(|message| CustomizeError::Action {
+            chroot::run(root, &a.argv).map_err(|source| CustomizeError::Action {
                 what: a.why.clone(),
-                message,
+                source,
             })?;
         }
     }

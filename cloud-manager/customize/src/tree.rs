@@ -39,7 +39,7 @@ fn rel(path: &str) -> &[u8] {
 
 impl Tree {
     pub fn open(path: &Path) -> Result<Self, CustomizeError> {
-        let root = Root::open(path).map_err(|e| CustomizeError::Tree(e.to_string()))?;
+        let root = Root::open(path).map_err(CustomizeError::Tree)?;
         Ok(Self {
             root,
             staged: BTreeMap::new(),
@@ -249,9 +249,9 @@ impl Tree {
     /// Writes every staged edit: temp file beside the target, same owner and mode, fsync,
     /// rename.
     pub fn commit(&self) -> Result<(), CustomizeError> {
-        let fail = |path: &str, e: std::io::Error| CustomizeError::Write {
+        let fail = |path: &str, source: std::io::Error| CustomizeError::Write {
             path: path.to_string(),
-            message: e.to_string(),
+            source,
         };
         for (path, _, content) in self.edits() {
             self.commit_one(

@@ -15,8 +15,12 @@ use std::time::{Duration, Instant};
 pub enum ImageError {
     #[error(transparent)]
     Command(#[from] CommandError),
-    #[error("{path}: {message}")]
-    Io { path: PathBuf, message: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid layout: {0}")]
     Layout(String),
     #[error("no kernel in {0}: the image cannot boot")]
@@ -31,9 +35,9 @@ pub enum ImageError {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ImageError + '_ {
-    move |e| ImageError::Io {
+    move |source| ImageError::Io {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        source,
     }
 }
 
