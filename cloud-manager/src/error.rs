@@ -77,6 +77,7 @@ impl ErrorKind for CloudError {
             CloudError::Provider(e) => match e {
                 ProviderError::Invalid(_) => Kind::InvalidArgument,
                 ProviderError::Exhausted(_) => Kind::ResourceExhausted,
+                ProviderError::Io { .. } => ferry_common::error::io_kind(self),
                 _ => Kind::FailedPrecondition,
             },
             CloudError::Worker(_) => Kind::Internal,

@@ -229,7 +229,7 @@ impl Aws {
         let (hashes, send) =
             changed_blocks(raw, parent_hashes.as_deref()).map_err(|e| ProviderError::Io {
                 path: raw.display().to_string(),
-                message: e.to_string(),
+                source: e,
             })?;
         let started = self
             .ebs
@@ -276,7 +276,7 @@ impl Aws {
         let blocks_path = Path::new(&img.path).with_extension("blocks");
         std::fs::write(&blocks_path, hashes.concat()).map_err(|e| ProviderError::Io {
             path: blocks_path.display().to_string(),
-            message: e.to_string(),
+            source: e,
         })?;
         img.provider_image = ami;
         img.provider_snapshot = snapshot;
@@ -353,7 +353,7 @@ impl Aws {
             use std::os::unix::fs::FileExt;
             let f = std::fs::File::open(raw).map_err(|e| ProviderError::Io {
                 path: raw.display().to_string(),
-                message: e.to_string(),
+                source: e,
             })?;
             let mut n = 0;
             while n < BLOCK {
@@ -363,7 +363,7 @@ impl Aws {
                     Err(e) => {
                         return Err(ProviderError::Io {
                             path: raw.display().to_string(),
-                            message: e.to_string(),
+                            source: e,
                         })
                     }
                 }

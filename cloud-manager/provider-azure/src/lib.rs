@@ -397,7 +397,7 @@ impl Azure {
         let size = std::fs::metadata(vhd)
             .map_err(|e| ProviderError::Io {
                 path: vhd.display().to_string(),
-                message: e.to_string(),
+                source: e,
             })?
             .len();
         let name = image_name(&img.id);
@@ -497,7 +497,7 @@ impl Azure {
         })?;
         let ranges = nonzero_ranges(vhd).map_err(|e| ProviderError::Io {
             path: vhd.display().to_string(),
-            message: e.to_string(),
+            source: e,
         })?;
         let results = futures::stream::iter(ranges.iter().copied())
             .map(|(off, len)| self.put_pages(&sas, vhd, off, len))
@@ -536,7 +536,7 @@ impl Azure {
         .map_err(|e| ProviderError::Invalid(e.to_string()))?
         .map_err(|e| ProviderError::Io {
             path: vhd.display().to_string(),
-            message: e.to_string(),
+            source: e,
         })?;
         let mut url = sas.clone();
         url.query_pairs_mut().append_pair("comp", "page");

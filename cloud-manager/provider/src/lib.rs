@@ -61,8 +61,12 @@ impl AzureConfig {
 pub enum ProviderError {
     #[error(transparent)]
     Command(#[from] ferry_common::cmd::CommandError),
-    #[error("{path}: {message}")]
-    Io { path: String, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]

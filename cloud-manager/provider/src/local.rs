@@ -80,7 +80,7 @@ const PUBLIC_IF: &str = "pub0";
 fn io(path: &Path) -> impl Fn(std::io::Error) -> ProviderError + '_ {
     move |e| ProviderError::Io {
         path: path.display().to_string(),
-        message: e.to_string(),
+        source: e,
     }
 }
 
