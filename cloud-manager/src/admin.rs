@@ -7,6 +7,21 @@ use ferry_customize as customize;
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
 
+/// What the one-shot subcommands can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error(transparent)]
+    Token(#[from] ferry_common::token::TokenError),
+    #[error(transparent)]
+    Target(#[from] ferry_common::names::UnknownName),
+    #[error("--part {0:?}: expected MOUNT=IMAGE")]
+    Part(String),
+    #[error(transparent)]
+    Image(#[from] ferry_image::ImageError),
+}
+
 /// `serve`'s flags; each one given wins over the config file's key.
 #[derive(Debug, Default)]
 pub struct ServeFlags {
@@ -71,17 +86,10 @@ pub async fn serve(
 pub fn create_token(
     data_dir: &Path,
     ttl_hours: u64,
-) -> Result<ferry_common::token::JoinToken, String> {
-    crate::load_ca(data_dir)
-        .map_err(|e| e.to_string())
-        .and_then(|ca| {
-            ferry_common::token::TokenStore::new(data_dir)
-                .create(
-                    &ca.fingerprint(),
-                    std::time::Duration::from_secs(ttl_hours * 3600),
-                )
-                .map_err(|e| e.to_string())
-        })
+) -> Result<ferry_common::token::JoinToken, AdminError> {
+    let ca = crate::load_ca(data_dir)?;
+    let ttl = std::time::Duration::from_secs(ttl_hours * 3600);
+    Ok(ferry_common::token::TokenStore::new(data_dir).create(&ca.fingerprint(), ttl)?)
 }
 
 /// The plan `customize`'s flags describe; with `tunnel_keys`, the tunnel's keys are
@@ -119,14 +127,14 @@ pub fn image_build(
     boot_timeout: u64,
     kernel_args: &[String],
     partition_table: &str,
-) -> anyhow::Result<serde_json::Value> {
+) -> Result<serde_json::Value, AdminError> {
     use ferry_image as image;
     let target: customize::Target = target.parse()?;
     let mut ps = Vec::new();
     for p in parts {
         let (mp, img) = p
             .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--part {p:?}: expected MOUNT=IMAGE"))?;
+            .ok_or_else(|| AdminError::Part(p.clone()))?;
         ps.push(image::Part::probe(Path::new(img), mp)?);
     }
     let timeout = boot_check.then(|| std::time::Duration::from_secs(boot_timeout));

@@ -108,6 +108,80 @@ impl Ack {
     }
 }
 
+/// Longest mount point a file system may register with.
+const MAX_MOUNT_POINT: usize = 4096;
+
+/// A mount point as the agent sends it: absolute and normalized (no `.`, `..` or empty
+/// component, no trailing slash), without NUL, at most 4 KiB. The cloud manager mounts
+/// copies of replicas at these paths, so anything else is refused at the door.
+pub fn check_mount_point(mp: &[u8]) -> Result<()> {
+    let shown = String::from_utf8_lossy(mp);
+    let refuse = |why: &str| Err(CloudError::Invalid(format!("mount point {shown:?}: {why}")));
+    if mp.len() > MAX_MOUNT_POINT {
+        return refuse("longer than 4 KiB");
+    }
+    if mp.contains(&0) {
+        return refuse("contains NUL");
+    }
+    if mp.first() != Some(&b'/') {
+        return refuse("not absolute");
+    }
+    if mp != b"/"
+        && mp[1..]
+            .split(|b| *b == b'/')
+            .any(|c| c.is_empty() || c == b"." || c == b"..")
+    {
+        return refuse("not normalized (empty, . or .. component)");
+    }
+    Ok(())
+}
+
+/// Checks a registration's file systems against each other and against what the
+/// system registered before; nothing is stored when one is refused.
+fn check_file_systems(rec: &SystemRecord, fss: &[FsReport]) -> Result<()> {
+    for (n, fs) in fss.iter().enumerate() {
+        ferry_common::pki::validate_name(&fs.fs_id).map_err(CloudError::Invalid)?;
+        if !volumes::supported(&fs.fstype) {
+            return Err(volumes::VolumeError::Unsupported(fs.fstype.clone()).into());
+        }
+        check_mount_point(&fs.mount_point)?;
+        let shown = String::from_utf8_lossy(&fs.mount_point);
+        if fss[..n].iter().any(|o| o.mount_point == fs.mount_point) {
+            return Err(CloudError::Invalid(format!(
+                "two file systems registered at {shown:?}"
+            )));
+        }
+        if fss[..n].iter().any(|o| o.fs_id == fs.fs_id) {
+            return Err(CloudError::Invalid(format!(
+                "file system {} registered twice",
+                fs.fs_id
+            )));
+        }
+        // A replica stays where it was first registered: a source that says otherwise
+        // later is refused, not followed.
+        if let Some(have) = rec.fs(&fs.fs_id) {
+            if have.mount_point != fs.mount_point {
+                return Err(CloudError::Invalid(format!(
+                    "file system {} is registered at {:?}; it cannot move to {shown:?}",
+                    fs.fs_id,
+                    String::from_utf8_lossy(&have.mount_point)
+                )));
+            }
+        }
+        if let Some(other) = rec
+            .filesystems
+            .iter()
+            .find(|o| o.fs_id != fs.fs_id && o.mount_point == fs.mount_point)
+        {
+            return Err(CloudError::Invalid(format!(
+                "{shown:?} is the mount point of file system {} already",
+                other.fs_id
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The identity a request must carry to write `system`: the agent itself, or a site
 /// relaying for it (sites check their agents' identities before they queue anything).
 pub fn authorize_system(peer: &Identity, system: &str) -> Result<()> {
@@ -237,14 +311,10 @@ impl Ingest {
                 name: req.system.clone(),
                 ..Default::default()
             });
+        check_file_systems(&rec, &req.filesystems)?;
         rec.probe = req.probe;
         for fs in req.filesystems {
-            ferry_common::pki::validate_name(&fs.fs_id).map_err(CloudError::Invalid)?;
-            if !volumes::supported(&fs.fstype) {
-                return Err(volumes::VolumeError::Unsupported(fs.fstype).into());
-            }
             if let Some(have) = rec.fs_mut(&fs.fs_id) {
-                have.mount_point = fs.mount_point;
                 have.used_bytes = fs.used_bytes;
                 have.inodes_used = fs.inodes_used;
                 continue;

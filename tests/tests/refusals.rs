@@ -206,7 +206,23 @@ async fn hostile_and_unauthorized_requests_are_refused() -> Result<()> {
     let fs = "0a1b2c3d-0000-4000-8000-00000000000a";
     let err = alpha.register(register("beta", fs)).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // A mount point that climbs out, or a symlink-shaped detour, is refused before
+    // anything is stored or mounted.
+    for hostile in [&b"/../../../etc"[..], b"data", b"/srv//x", b"/a\0b"] {
+        let mut req = register("alpha", fs);
+        req.filesystems[0].mount_point = hostile.to_vec();
+        let err = alpha.register(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("mount point"), "{err:?}");
+    }
+    let none = cloud.ferry_json(&["systems", "list"])?;
+    assert!(none.as_array().is_some_and(|a| a.is_empty()), "{none}");
     alpha.register(register("alpha", fs)).await?;
+    // Registered at /, the file system cannot be moved over /etc later.
+    let mut moved = register("alpha", fs);
+    moved.filesystems[0].mount_point = b"/etc".to_vec();
+    let err = alpha.register(moved).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let err = alpha
         .apply_batch(batch("beta", fs, 1, vec![entry(b"x", pb::EntryKind::File)]))
         .await

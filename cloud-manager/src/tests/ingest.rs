@@ -425,3 +425,90 @@ fn enrollment_takes_a_valid_token_once_and_checks_role_and_names() {
     assert!(got.cert_pem.contains("BEGIN CERTIFICATE"));
     assert_eq!(kind(ingest.enroll(ask("agent", &[]))), Kind::AlreadyExists);
 }
+
+#[tokio::test]
+async fn a_mount_point_that_is_not_absolute_and_normalized_is_refused_at_the_door() {
+    let h = harness();
+    let long = format!("/{}", "a".repeat(4096));
+    let hostile: [&[u8]; 9] = [
+        b"",
+        b"data",
+        b"/../../../etc",
+        b"/data/../etc",
+        b"/a//b",
+        b"/a/",
+        b"/./a",
+        b"/a\0b",
+        long.as_bytes(),
+    ];
+    for mp in hostile {
+        let reg = Registration {
+            system: "web01".into(),
+            probe: HostInfo::default(),
+            filesystems: vec![FsReport {
+                mount_point: mp.to_vec(),
+                ..root_fs()
+            }],
+        };
+        let r = h.cloud.ingest.register(&agent("web01"), reg).await;
+        assert_eq!(
+            kind(r),
+            Kind::InvalidArgument,
+            "{:?}",
+            String::from_utf8_lossy(mp)
+        );
+    }
+    assert!(h.cloud.replication.system("web01").unwrap().is_none());
+    for ok in [&b"/"[..], b"/var/lib/pgsql", b"/srv/data 1"] {
+        crate::ingest::check_mount_point(ok).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
+    let h = harness();
+    let var = FsReport {
+        fs_id: "var".into(),
+        mount_point: b"/var".to_vec(),
+        ..root_fs()
+    };
+    let twice = Registration {
+        system: "web01".into(),
+        probe: HostInfo::default(),
+        filesystems: vec![
+            var.clone(),
+            FsReport {
+                fs_id: "var2".into(),
+                ..var.clone()
+            },
+        ],
+    };
+    let r = h.cloud.ingest.register(&agent("web01"), twice).await;
+    assert_eq!(kind(r), Kind::InvalidArgument);
+    register(&h, "web01", "10.0.0.5/24").await;
+    // The root file system says it now mounts over /etc: refused, the record unchanged.
+    let moved = Registration {
+        system: "web01".into(),
+        probe: HostInfo::default(),
+        filesystems: vec![FsReport {
+            mount_point: b"/etc".to_vec(),
+            ..root_fs()
+        }],
+    };
+    let r = h.cloud.ingest.register(&agent("web01"), moved).await;
+    assert_eq!(kind(r), Kind::InvalidArgument);
+    let rec = h.cloud.replication.require("web01").unwrap();
+    assert_eq!(rec.filesystems[0].mount_point, b"/");
+    assert_eq!(rec.probe.hostname, "web01");
+    // Another file system may not take a mount point one already has.
+    let taken = Registration {
+        system: "web01".into(),
+        probe: HostInfo::default(),
+        filesystems: vec![FsReport {
+            fs_id: "other".into(),
+            ..root_fs()
+        }],
+    };
+    let r = h.cloud.ingest.register(&agent("web01"), taken).await;
+    assert_eq!(kind(r), Kind::InvalidArgument);
+}
