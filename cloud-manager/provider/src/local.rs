@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+/// How often the tunnel gateway is looked for on its port, 100 ms apart.
+const GATEWAY_START_POLLS: u32 = 600;
+
 /// Settings of the local provider.
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
@@ -450,7 +453,10 @@ impl Local {
         // The gateway outlives this process like the instances do; it is found again by
         // its pid file and configuration path.
         drop(child);
-        for _ in 0..100 {
+        // Under TCG the host's cores are busy with the clones' instances: the gateway
+        // gets time to start, and the error says whether it is still alive.
+        let mut alive = true;
+        for _ in 0..GATEWAY_START_POLLS {
             let up = run(self
                 .in_ns(&rec.network, "ss")
                 .args(["-Htln", &format!("src {ip}")]))
@@ -458,16 +464,21 @@ impl Local {
             if up {
                 return Ok(());
             }
-            if Self::live_pid(&pid_file, &dir.display().to_string()).is_none() {
+            alive = Self::live_pid(&pid_file, &dir.display().to_string()).is_some();
+            if !alive {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         Err(ProviderError::Invalid(format!(
-            "the tunnel gateway did not start: {}",
-            std::fs::read_to_string(&log_path)
-                .unwrap_or_default()
-                .trim()
+            "the tunnel gateway did not start: {} ({})",
+            if alive {
+                format!("not listening on {ip}:{port} after 60 s")
+            } else {
+                "it exited".to_string()
+            },
+            log.trim()
         )))
     }
 
