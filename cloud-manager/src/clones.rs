@@ -64,8 +64,10 @@ impl Clones {
         }
     }
 
-    async fn view(&self, record: CloneRecord) -> CloneView {
-        let provider = self.providers.get(record.provider).await.ok();
+    /// A record with its console logs. Only a provider that exists already is asked: a
+    /// listing must not load a cloud's configuration (local is the one with logs here).
+    fn view(&self, record: CloneRecord) -> CloneView {
+        let provider = self.providers.made(record.provider);
         let console_logs = record
             .instances
             .iter()
@@ -235,16 +237,17 @@ impl Clones {
         rec.create_seconds = started.elapsed().as_secs_f64();
         self.clones.put(&rec)?;
         tracing::info!(clone = %name, app = %rec.app, seconds = rec.create_seconds, "clone running");
-        Ok(self.view(rec).await)
+        Ok(self.view(rec))
     }
 
     /// Every clone, as the last observation left it.
-    pub async fn list(&self) -> Result<Vec<CloneView>> {
-        let mut out = Vec::new();
-        for c in self.clones.all()? {
-            out.push(self.view(c).await);
-        }
-        Ok(out)
+    pub fn list(&self) -> Result<Vec<CloneView>> {
+        Ok(self
+            .clones
+            .all()?
+            .into_iter()
+            .map(|c| self.view(c))
+            .collect())
     }
 
     fn require(&self, name: &str) -> Result<CloneRecord> {
@@ -282,7 +285,7 @@ impl Clones {
         }
         self.clones.put(&rec)?;
         tracing::info!(clone = %name, state = %rec.state, "clone {what}");
-        Ok(self.view(rec).await)
+        Ok(self.view(rec))
     }
 
     pub async fn suspend(&self, name: &str) -> Result<CloneView> {

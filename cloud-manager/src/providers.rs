@@ -56,6 +56,21 @@ impl Providers {
         self.settings.azure.is_some()
     }
 
+    /// The provider of `target` if it is made already (local always is); never makes one.
+    pub fn made(&self, target: Target) -> Option<Arc<dyn Provider>> {
+        if let Some(p) = self.ready.get(&target) {
+            return Some(p.clone());
+        }
+        match target {
+            #[cfg(feature = "aws")]
+            Target::Aws => self.aws.get().map(|p| p.clone() as Arc<dyn Provider>),
+            #[cfg(feature = "azure")]
+            Target::Azure => self.azure.get().map(|p| p.clone() as Arc<dyn Provider>),
+            #[allow(unreachable_patterns)] // with both clouds built in
+            _ => None,
+        }
+    }
+
     /// The provider of `target`, made now if it is the first use.
     pub async fn get(&self, target: Target) -> Result<Arc<dyn Provider>> {
         if let Some(p) = self.ready.get(&target) {

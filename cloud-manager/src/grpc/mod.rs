@@ -410,14 +410,9 @@ impl pb::control_server::Control for Grpc {
         &self,
         req: Request<pb::ListClonesRequest>,
     ) -> Result<Response<pb::ListClonesResponse>, Status> {
-        let r = self
-            .cloud
-            .clones
-            .list()
-            .await
-            .map(|c| pb::ListClonesResponse {
-                clones: c.into_iter().map(Into::into).collect(),
-            });
+        let r = self.cloud.clones.list().map(|c| pb::ListClonesResponse {
+            clones: c.into_iter().map(Into::into).collect(),
+        });
         self.reply("list-clones", identity(&req), r)
     }
 

@@ -116,13 +116,8 @@ ack_into!(
     pb::ProgressResponse
 );
 
+/// The hashes asked about; how many one call may ask about is the service's check.
 pub fn hashes(r: &pb::MissingChunksRequest) -> Result<Vec<[u8; 32]>> {
-    if r.hashes.len() > crate::ingest::MAX_HASHES {
-        return Err(CloudError::Invalid(format!(
-            "at most {} hashes per call",
-            crate::ingest::MAX_HASHES
-        )));
-    }
     Ok(r.hashes
         .iter()
         .map(|h| hash_from_bytes(h))

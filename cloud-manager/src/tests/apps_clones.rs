@@ -150,7 +150,7 @@ async fn a_clone_needs_an_image_of_every_system() {
         kind(h.cloud.create_clone("nope", "", "").await),
         Kind::NotFound
     );
-    assert!(h.cloud.clones.list().await.unwrap().is_empty());
+    assert!(h.cloud.clones.list().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -222,7 +222,7 @@ async fn a_failed_creation_leaves_no_record() {
     shop(&h).await;
     h.provider.script().fail_create = Some("no room".into());
     assert!(h.cloud.create_clone("shop", "", "").await.is_err());
-    assert!(h.cloud.clones.list().await.unwrap().is_empty());
+    assert!(h.cloud.clones.list().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -259,7 +259,7 @@ async fn after_a_failed_operation_the_record_holds_what_the_provider_has() {
     }
     assert!(h.cloud.clones.suspend("shop-1").await.is_err());
     assert_eq!(
-        h.cloud.clones.list().await.unwrap()[0].record.state,
+        h.cloud.clones.list().unwrap()[0].record.state,
         CloneState::Degraded
     );
 }
@@ -282,7 +282,7 @@ async fn a_restart_removes_interrupted_creations_and_observes_the_rest() {
         .unwrap();
     h.provider.script().observed = Some(InstanceState::Stopped);
     h.cloud.start().await.unwrap();
-    let left = h.cloud.clones.list().await.unwrap();
+    let left = h.cloud.clones.list().unwrap();
     assert_eq!(left.len(), 1);
     assert_eq!(
         (left[0].record.name.as_str(), left[0].record.state),
