@@ -36,27 +36,13 @@ pub struct Enrolled {
     pub ca_pem: String,
 }
 
-/// A file system as its agent describes it at registration.
-#[derive(Debug, Clone, Default)]
-pub struct FsReport {
-    pub fs_id: String,
-    pub mount_point: Vec<u8>,
-    pub fstype: String,
-    pub capacity_bytes: u64,
-    pub used_bytes: u64,
-    pub uuid: String,
-    pub label: String,
-    pub device: String,
-    pub inodes_total: u64,
-    pub inodes_used: u64,
-}
-
 /// A system's registration: its probe and its file systems.
 #[derive(Debug, Clone, Default)]
 pub struct Registration {
     pub system: String,
     pub probe: HostInfo,
-    pub filesystems: Vec<FsReport>,
+    /// As the agent describes them; their pass progress is the cloud's to keep.
+    pub filesystems: Vec<FsRecord>,
 }
 
 /// One chunk as it arrived: its claimed hash and its (maybe compressed) bytes.
@@ -138,7 +124,7 @@ pub fn check_mount_point(mp: &[u8]) -> Result<()> {
 
 /// Checks a registration's file systems against each other and against what the
 /// system registered before; nothing is stored when one is refused.
-fn check_file_systems(rec: &SystemRecord, fss: &[FsReport]) -> Result<()> {
+fn check_file_systems(rec: &SystemRecord, fss: &[FsRecord]) -> Result<()> {
     for (n, fs) in fss.iter().enumerate() {
         ferry_common::pki::validate_name(&fs.fs_id).map_err(CloudError::Invalid)?;
         if !volumes::supported(&fs.fstype) {
@@ -319,20 +305,12 @@ impl Ingest {
                 have.inodes_used = fs.inodes_used;
                 continue;
             }
+            // A new file system starts its first pass with nothing done.
             rec.filesystems.push(FsRecord {
-                fs_id: fs.fs_id,
-                mount_point: fs.mount_point,
-                fstype: fs.fstype,
-                capacity_bytes: fs.capacity_bytes,
-                used_bytes: fs.used_bytes,
-                uuid: fs.uuid,
-                label: fs.label,
-                device: fs.device,
                 phase: "scanning".into(),
                 bytes_done: 0,
                 bytes_total: fs.used_bytes,
-                inodes_total: fs.inodes_total,
-                inodes_used: fs.inodes_used,
+                ..fs
             });
         }
         for fs in &rec.filesystems {

@@ -3,11 +3,9 @@ use crate::apps::AppSpec;
 use crate::clones::{CloneView, TunnelDetails};
 use crate::error::{CloudError, Result};
 use crate::images::{FileContent, FileDbListing, PrepareSpec, Prepared};
-use crate::ingest::{
-    Ack, Batch, Enrolled, Enrollment, Frame, FsReport, PassProgress, Registration,
-};
+use crate::ingest::{Ack, Batch, Enrolled, Enrollment, Frame, PassProgress, Registration};
 use crate::replication::SystemStatus;
-use crate::state::{AppRecord, CounterValues, ImageRecord, Settings, Target};
+use crate::state::{AppRecord, CounterValues, FsRecord, ImageRecord, Settings, Target};
 use ferry_common::chunks::hash_from_bytes;
 use ferry_common::names::UnknownName;
 use ferry_proto::v1 as pb;
@@ -71,7 +69,7 @@ impl From<pb::RegisterRequest> for Registration {
             filesystems: r
                 .filesystems
                 .into_iter()
-                .map(|f| FsReport {
+                .map(|f| FsRecord {
                     fs_id: f.fs_id,
                     mount_point: f.mount_point,
                     fstype: f.fstype,
@@ -82,6 +80,7 @@ impl From<pb::RegisterRequest> for Registration {
                     device: f.device,
                     inodes_total: f.inodes_total,
                     inodes_used: f.inodes_used,
+                    ..Default::default()
                 })
                 .collect(),
         }

@@ -57,7 +57,7 @@ async fn a_registration_with_no_or_too_many_file_systems_stores_nothing() {
             system: "web01".into(),
             probe: HostInfo::default(),
             filesystems: (0..n)
-                .map(|i| FsReport {
+                .map(|i| FsRecord {
                     fs_id: format!("fs{i}"),
                     ..root_fs()
                 })
@@ -75,7 +75,7 @@ async fn an_unsupported_file_system_type_is_refused_before_anything_is_stored() 
     let reg = Registration {
         system: "web01".into(),
         probe: HostInfo::default(),
-        filesystems: vec![FsReport {
+        filesystems: vec![FsRecord {
             fstype: "zfs".into(),
             ..root_fs()
         }],
@@ -121,7 +121,7 @@ async fn a_re_registration_keeps_the_durable_epoch_and_updates_usage() {
     let reg = Registration {
         system: "web01".into(),
         probe: probe("web01", "10.0.0.5/24"),
-        filesystems: vec![FsReport {
+        filesystems: vec![FsRecord {
             used_bytes: 5 << 20,
             ..root_fs()
         }],
@@ -445,7 +445,7 @@ async fn a_mount_point_that_is_not_absolute_and_normalized_is_refused_at_the_doo
         let reg = Registration {
             system: "web01".into(),
             probe: HostInfo::default(),
-            filesystems: vec![FsReport {
+            filesystems: vec![FsRecord {
                 mount_point: mp.to_vec(),
                 ..root_fs()
             }],
@@ -467,7 +467,7 @@ async fn a_mount_point_that_is_not_absolute_and_normalized_is_refused_at_the_doo
 #[tokio::test]
 async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
     let h = harness();
-    let var = FsReport {
+    let var = FsRecord {
         fs_id: "var".into(),
         mount_point: b"/var".to_vec(),
         ..root_fs()
@@ -477,7 +477,7 @@ async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
         probe: HostInfo::default(),
         filesystems: vec![
             var.clone(),
-            FsReport {
+            FsRecord {
                 fs_id: "var2".into(),
                 ..var.clone()
             },
@@ -490,7 +490,7 @@ async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
     let moved = Registration {
         system: "web01".into(),
         probe: HostInfo::default(),
-        filesystems: vec![FsReport {
+        filesystems: vec![FsRecord {
             mount_point: b"/etc".to_vec(),
             ..root_fs()
         }],
@@ -504,7 +504,7 @@ async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
     let taken = Registration {
         system: "web01".into(),
         probe: HostInfo::default(),
-        filesystems: vec![FsReport {
+        filesystems: vec![FsRecord {
             fs_id: "other".into(),
             ..root_fs()
         }],

@@ -4,9 +4,9 @@ mod apps_clones;
 mod ingest;
 
 use crate::cloud::{Cloud, Parts};
-use crate::ingest::{Batch, FsReport, Registration};
+use crate::ingest::{Batch, Registration};
 use crate::providers::Providers;
-use crate::state::{CloneRecord, ImageRecord, InstanceState, Records, Target};
+use crate::state::{CloneRecord, FsRecord, ImageRecord, InstanceState, Records, Target};
 use crate::volumes::DirVolumes;
 use ferry_common::pki::{Ca, Identity, Role};
 use ferry_proto::v1::{Entry, EntryKind};
@@ -154,8 +154,8 @@ pub fn probe(hostname: &str, cidr: &str) -> HostInfo {
     }
 }
 
-pub fn root_fs() -> FsReport {
-    FsReport {
+pub fn root_fs() -> FsRecord {
+    FsRecord {
         fs_id: "root".into(),
         mount_point: b"/".to_vec(),
         fstype: "ext4".into(),
