@@ -331,7 +331,9 @@ impl<'a, S: Sink> Scanner<'a, S> {
             return; // a full pass looks at every name anyway
         }
         let files = if r.is_dir() {
-            self.index.files_under(path).unwrap_or_default()
+            self.index_path(path)
+                .and_then(|p| self.index.files_under(&p).ok())
+                .unwrap_or_default()
         } else if r.renamable() {
             vec![(path.to_vec(), r)]
         } else {
@@ -339,6 +341,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
         };
         for (_, f) in files {
             for other in self.index.names_of(f.ino) {
+                let other = self.current_path(&other);
                 if !under(&other, path) {
                     let name = other
                         .rsplit(|&b| b == b'/')
@@ -381,8 +384,14 @@ impl<'a, S: Sink> Scanner<'a, S> {
         if let Some(r) = self.moved.fresh.get(rel) {
             return Some(*r);
         }
+        self.index.get(&self.index_path(rel)?)
+    }
+
+    /// Where the index holds what the replica has at `rel` once this pass's renames are
+    /// applied; `None` when a rename took it away.
+    fn index_path(&self, rel: &[u8]) -> Option<Vec<u8>> {
         if let Some(old) = self.moved.files.get(rel) {
-            return self.index.get(old);
+            return Some(old.clone());
         }
         let into = self
             .moved
@@ -393,12 +402,39 @@ impl<'a, S: Sink> Scanner<'a, S> {
         if let Some((old, new)) = into {
             let mut p = old.clone();
             p.extend_from_slice(&rel[new.len()..]);
-            return self.index.get(&p);
+            return Some(p);
         }
         if self.moved.gone.contains(rel) || self.moved.dirs.iter().any(|(old, _)| under(rel, old)) {
             return None;
         }
-        self.index.get(rel)
+        Some(rel.to_vec())
+    }
+
+    /// Where the source has, after this pass's renames, what the index holds at `idx`:
+    /// the index learns the renames only once they are accepted.
+    fn current_path(&self, idx: &[u8]) -> Vec<u8> {
+        if let Some((new, _)) = self
+            .moved
+            .files
+            .iter()
+            .find(|(_, old)| old.as_slice() == idx)
+        {
+            return new.clone();
+        }
+        let from = self
+            .moved
+            .dirs
+            .iter()
+            .filter(|(old, _)| under(idx, old))
+            .max_by_key(|(old, _)| old.len());
+        match from {
+            Some((old, new)) => {
+                let mut p = new.clone();
+                p.extend_from_slice(&idx[old.len()..]);
+                p
+            }
+            None => idx.to_vec(),
+        }
     }
 
     /// Inside a directory this pass moved: its subdirectories are walked (and watched
@@ -567,8 +603,12 @@ impl<'a, S: Sink> Scanner<'a, S> {
             Some(o) => o.iter().cloned().collect(),
             // A shallow pass lists a directory no event named entries of: what the
             // index has there and the listing lacks is gone.
+            // (A directory this pass moved is known under its old name.)
             None if self.shallow => {
-                let known = self.index.children(&rel).unwrap_or_default();
+                let known = self
+                    .index_path(&rel)
+                    .and_then(|p| self.index.children(&p).ok())
+                    .unwrap_or_default();
                 known.into_iter().map(|(n, _)| n).collect()
             }
             None => Vec::new(),
@@ -806,6 +846,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
         let mut dirs = std::collections::BTreeSet::new();
         if m2.nlink() > 1 {
             for other in self.index.names_of(m2.ino()) {
+                let other = self.current_path(&other);
                 let oabs = self.abs(&other);
                 let same = std::fs::symlink_metadata(&oabs).is_ok_and(|o| {
                     o.ino() == m2.ino() && o.dev() == self.dev && o.file_type().is_file()
@@ -1288,6 +1329,70 @@ mod tests {
         assert_eq!(file.size, b"one two three".len() as u64);
         assert_eq!(hardlinks(&sent).len(), 1, "{:?}", kinds(&sent));
         // And a full pass after quiet finds nothing to send.
+        assert!(pass(root, &index, None).is_empty());
+    }
+
+    /// A name removed from a directory that moved in the same pass (its own events named
+    /// the old path, which the watch still had) still brings the group's other names along.
+    #[test]
+    fn a_name_lost_inside_a_moved_directory_brings_its_partners_along() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for d in ["p", "q/sub"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("p/f"), b"one").unwrap();
+        std::fs::hard_link(root.join("p/f"), root.join("q/l")).unwrap();
+        std::fs::hard_link(root.join("p/f"), root.join("q/sub/m")).unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let index = Index::open(&db, "fs").unwrap();
+        pass(root, &index, None);
+
+        // Written through q/l; q moves to q2; q2/l and then q2/sub go.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("q/l"))
+            .unwrap()
+            .write_all(b" two")
+            .unwrap();
+        std::fs::rename(root.join("q"), root.join("q2")).unwrap();
+        std::fs::remove_file(root.join("q2/l")).unwrap();
+        let mut dirty = named("", "q");
+        mark(&mut dirty, Vec::new(), Some([b"q2".to_vec()].into()));
+        mark(&mut dirty, b"q2".to_vec(), None);
+        mark(&mut dirty, b"q".to_vec(), Some([b"l".to_vec()].into()));
+        let sent = pass(root, &index, Some(dirty));
+        let file = sent
+            .iter()
+            .find(|e| e.kind == EntryKind::File as i32)
+            .unwrap_or_else(|| panic!("no content sent: {:?}", kinds(&sent)));
+        assert_eq!(file.size, b"one two".len() as u64, "{:?}", kinds(&sent));
+        let mut names: Vec<String> = hardlinks(&sent).into_iter().map(|(from, _)| from).collect();
+        names.push(String::from_utf8(file.path.clone()).unwrap());
+        names.sort();
+        assert_eq!(names, ["p/f", "q2/sub/m"], "{:?}", kinds(&sent));
+
+        // A whole directory holding one name goes from inside a moved directory.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("q2/sub/m"))
+            .unwrap()
+            .write_all(b" three")
+            .unwrap();
+        std::fs::rename(root.join("q2"), root.join("q3")).unwrap();
+        std::fs::remove_dir_all(root.join("q3/sub")).unwrap();
+        let mut dirty = named("", "q2");
+        mark(&mut dirty, Vec::new(), Some([b"q3".to_vec()].into()));
+        mark(&mut dirty, b"q3".to_vec(), None);
+        let sent = pass(root, &index, Some(dirty));
+        assert!(
+            sent.iter().any(|e| e.path == b"p/f"
+                && e.kind == EntryKind::File as i32
+                && e.size == b"one two three".len() as u64),
+            "{:?}",
+            kinds(&sent)
+        );
         assert!(pass(root, &index, None).is_empty());
     }
 }

@@ -440,7 +440,7 @@ impl Local {
         let err_log = log.try_clone().map_err(io(&log_path))?;
         let mut cmd = self.in_ns(&rec.network, &binary.display().to_string());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd
+        let mut child = cmd
             .args(["gateway", "--config"])
             .arg(&conf)
             .stdin(std::process::Stdio::null())
@@ -450,33 +450,37 @@ impl Local {
             .map_err(io(&binary))?;
         let pid_file = dir.join("gateway.pid");
         std::fs::write(&pid_file, child.id().to_string()).map_err(io(&pid_file))?;
-        // The gateway outlives this process like the instances do; it is found again by
-        // its pid file and configuration path.
-        drop(child);
-        // Under TCG the host's cores are busy with the clones' instances: the gateway
-        // gets time to start, and the error says whether it is still alive.
-        let mut alive = true;
+        // Under TCG the host's cores are busy with the clones' instances: the gateway gets
+        // time to start. Liveness comes from the child itself, not /proc/PID/cmdline, which
+        // reads empty while `ip netns exec` execs the gateway.
+        let mut exited = None;
         for _ in 0..GATEWAY_START_POLLS {
             let up = run(self
                 .in_ns(&rec.network, "ss")
                 .args(["-Htln", &format!("src {ip}")]))
             .is_ok_and(|o| o.contains(&format!(":{port}")));
             if up {
+                // The gateway outlives this process like the instances do; it is found
+                // again by its pid file and configuration path.
+                drop(child);
                 return Ok(());
             }
-            alive = Self::live_pid(&pid_file, &dir.display().to_string()).is_some();
-            if !alive {
+            exited = child.try_wait().map_err(io(&binary))?;
+            if exited.is_some() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        if exited.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         Err(ProviderError::Invalid(format!(
             "the tunnel gateway did not start: {} ({})",
-            if alive {
-                format!("not listening on {ip}:{port} after 60 s")
-            } else {
-                "it exited".to_string()
+            match exited {
+                Some(status) => format!("it exited with {status}"),
+                None => format!("not listening on {ip}:{port} after 60 s"),
             },
             log.trim()
         )))
