@@ -1,5 +1,6 @@
-//! The operator's brakes on an agent: pause/resume and a rate limit on chunk data, as
-//! set through the control API and carried back in every manager answer.
+//! What the managers' answers ask of an agent: the operator's pause/resume and rate
+//! limit on chunk data, and the replica's request for a resync pass after it refused a
+//! batch.
 use ferry_proto::v1::{ingest_client::IngestClient, ProgressRequest, Settings};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -21,6 +22,10 @@ pub struct Gate {
     next_send: Mutex<Instant>,
     /// Reported with every refresh.
     lag: std::sync::Arc<crate::lag::Lag>,
+    /// The epoch the replica refused (0: none), and the last one a resync pass answered.
+    resync_from: AtomicU64,
+    resynced: AtomicU64,
+    resync_wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Gate {
@@ -45,6 +50,9 @@ impl Gate {
             rate_bps: AtomicU64::new(0),
             next_send: Mutex::new(Instant::now()),
             lag,
+            resync_from: AtomicU64::new(0),
+            resynced: AtomicU64::new(0),
+            resync_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -64,6 +72,30 @@ impl Gate {
                 "rate limit changed by the operator"
             );
         }
+        let before = self.resync_from.swap(s.resync_from, Ordering::Relaxed);
+        if s.resync_from > before && s.resync_from > self.resynced.load(Ordering::Relaxed) {
+            tracing::warn!(
+                refused_epoch = s.resync_from,
+                "the replica refused a batch; sending everything again"
+            );
+            self.resync_wake.notify_one();
+        }
+    }
+
+    /// The refused epoch a resync pass has yet to answer.
+    pub fn resync_due(&self) -> Option<u64> {
+        let want = self.resync_from.load(Ordering::Relaxed);
+        (want > self.resynced.load(Ordering::Relaxed)).then_some(want)
+    }
+
+    /// A resync pass for `epoch` is queued.
+    pub fn resynced(&self, epoch: u64) {
+        self.resynced.fetch_max(epoch, Ordering::Relaxed);
+    }
+
+    /// Returns once the replica asks for a resync.
+    pub async fn resync_requested(&self) {
+        self.resync_wake.notified().await;
     }
 
     pub fn paused(&self) -> bool {

@@ -387,8 +387,12 @@ impl Replicator<'_> {
         let mut retry_dirs: DirtyDirs = Default::default();
         let seen_ms = self.lag.begin_pass();
         let first_epoch = self.next_epoch.load(Ordering::SeqCst);
+        // After the replica refused a batch, the whole of every file system goes again,
+        // as if nothing had been sent before.
+        let resync = self.gate.resync_due();
         for (i, (path, fs)) in self.filesystems.iter().enumerate() {
             let targets = match work {
+                _ if resync.is_some() => None,
                 Work::Full => None,
                 Work::Dirs(d) => match d.get(&i) {
                     Some(dirs) => Some(dirs.clone()),
@@ -406,12 +410,17 @@ impl Replicator<'_> {
                 db: &self.db,
                 meta: &self.meta,
                 next_epoch: &self.next_epoch,
-                accepted: self.accepted.load(Ordering::SeqCst),
+                accepted: if resync.is_some() {
+                    0
+                } else {
+                    self.accepted.load(Ordering::SeqCst)
+                },
                 exclude: self.exclude.clone(),
                 freeze: self.config.consistency == consistency::Consistency::Fsfreeze,
                 state_dir: self.config.state_dir.clone(),
                 seen_ms,
                 lag: &self.lag,
+                resync: resync.is_some(),
             };
             match pass_fs(ctx, &mut uploader, &tx).await {
                 Ok((st, retry)) => {
@@ -442,6 +451,10 @@ impl Replicator<'_> {
             (Err(AgentError::Send(SendError::Stopped)), Err(e)) => Err(AgentError::from(e)),
             (p, a) => p.and(a.map_err(AgentError::from)),
         };
+        if let (Some(epoch), Ok(())) = (resync, &outcome) {
+            tracing::info!(refused_epoch = epoch, "resync pass queued");
+            self.gate.resynced(epoch);
+        }
         (outcome, retry_dirs, wire)
     }
 
@@ -498,6 +511,7 @@ impl Replicator<'_> {
         tokio::select! {
             _ = self.shutdown.cancelled() => None,
             _ = tokio::time::sleep(interval) => Some(Work::Full),
+            _ = self.gate.resync_requested() => Some(Work::Full),
             Some(h) = hint_rx.recv() => Some(Work::from_hints(gather(h, hint_rx).await, roots)),
         }
     }
@@ -622,6 +636,8 @@ struct PassCtx<'a> {
     /// When the changes this pass looks for were first noticed (0: not hinted).
     seen_ms: i64,
     lag: &'a lag::Lag,
+    /// Trusts nothing recorded: the replica refused a batch.
+    resync: bool,
 }
 
 /// The scanner's way out, with the time it spent waiting on the uploader.
@@ -827,6 +843,7 @@ async fn queue(
         progress: Some(progress),
         source_time_ms: observed_ms,
         ends_pass,
+        resync: ctx.resync,
     };
     tx.send(Pending {
         batch,

@@ -302,6 +302,9 @@ impl<'a, S: Sink> Scanner<'a, S> {
             let Ok(m) = std::fs::symlink_metadata(self.abs(&rel)) else {
                 continue;
             };
+            // Inside a moved directory everything is looked at (and watched under its
+            // new name), not only what events named: its parent's walk skips it later.
+            let names = names.filter(|_| !self.in_moved_dir(&rel));
             if m.is_dir() && m.dev() == self.dev {
                 sent |= self.dir_in(rel, &m, names.as_ref())?;
             }
@@ -714,7 +717,11 @@ impl<'a, S: Sink> Scanner<'a, S> {
             }
         }
         let sent = if ft.is_dir() && cm.dev() == self.dev {
-            if self.shallow && self.unchanged(&child, &cm) && !self.in_moved_dir(&child) {
+            if self.visited.contains(&child) {
+                // Walked already in this pass (a changed directory inside a moved one):
+                // its entries went; its parent's times go after them.
+                true
+            } else if self.shallow && self.unchanged(&child, &cm) && !self.in_moved_dir(&child) {
                 false
             } else {
                 self.dir(child, &cm)?
@@ -739,9 +746,39 @@ impl<'a, S: Sink> Scanner<'a, S> {
     }
 
     fn send_entry(&mut self, e: Entry, rec: Option<Record>) -> Result<(), ScanError> {
+        match EntryKind::try_from(e.kind) {
+            Ok(EntryKind::Dir) => self.forget_groups_under(&e.path, Some(&e.children)),
+            Ok(EntryKind::Delete) => self.forget_groups_under(&e.path, None),
+            _ => {}
+        }
         self.stats.entries_sent += 1;
         self.report_progress()?;
         self.emit(Item::Entry(e, rec))
+    }
+
+    /// The entry about to go removes from the replica what lies at or under `path`
+    /// (outside `listed`, a directory's complete child list): a group anchored there
+    /// can no longer be linked to. That happens when a directory walked earlier in the
+    /// pass was moved away before its parent was listed.
+    fn forget_groups_under(&mut self, path: &[u8], listed: Option<&[Vec<u8>]>) {
+        self.links.retain(|_, g| {
+            if !under(&g.anchor, path) {
+                return true;
+            }
+            let kept = listed.is_some_and(|names| {
+                let rest = if path.is_empty() {
+                    &g.anchor[..]
+                } else {
+                    &g.anchor[path.len() + 1..]
+                };
+                let top = rest.split(|&b| b == b'/').next().unwrap_or_default();
+                names.iter().any(|n| n.as_slice() == top)
+            });
+            if !kept {
+                tracing::debug!(anchor = %String::from_utf8_lossy(&g.anchor), "group anchor leaves the replica in this pass");
+            }
+            kept
+        });
     }
 
     /// Hands over the bytes looked at since the last report.
@@ -816,6 +853,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
             }
             let mut e = base(m, rel.clone(), EntryKind::Hardlink);
             e.link_target = g.anchor.clone();
+            tracing::debug!(path = %String::from_utf8_lossy(&rel), anchor = %String::from_utf8_lossy(&g.anchor), sent = g.sent, "link to the group met earlier");
             let rec = g.rec;
             if let Some(g) = self.links.get_mut(&m.ino()) {
                 g.linked.insert(rel);
@@ -854,6 +892,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 if other == rel || !same || self.exclude.contains(&oabs) {
                     continue;
                 }
+                tracing::debug!(path = %String::from_utf8_lossy(&other), anchor = %String::from_utf8_lossy(&rel), "link sent with the group's content");
                 let mut l = base(&m2, other.clone(), EntryKind::Hardlink);
                 l.link_target = rel.clone();
                 unit.push((l, Some(rec)));
@@ -915,7 +954,12 @@ impl<'a, S: Sink> Scanner<'a, S> {
             e.size = before.size();
             e.segments = self.segments(&f, before.size()).map_err(io)?;
             e.xattrs = read_fd_xattrs(&f);
-            let after = std::fs::symlink_metadata(&abs).map_err(io)?;
+            // Gone meanwhile: the event of its removal or rename brings it in.
+            let after = match std::fs::symlink_metadata(&abs) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io(e)),
+            };
             if after.ino() == before.ino()
                 && after.size() == before.size()
                 && after.mtime() == before.mtime()
@@ -1394,5 +1438,87 @@ mod tests {
             kinds(&sent)
         );
         assert!(pass(root, &index, None).is_empty());
+    }
+
+    /// Collects items, and runs `hook` once the entry for `at` goes by (a change made
+    /// on the source while the pass runs).
+    struct HookSink {
+        items: Vec<Item>,
+        at: Vec<u8>,
+        hook: Option<Box<dyn FnOnce()>>,
+    }
+
+    impl Sink for HookSink {
+        fn send(&mut self, item: Item) -> bool {
+            if matches!(&item, Item::Entry(e, _) if e.path == self.at) {
+                if let Some(h) = self.hook.take() {
+                    h();
+                }
+            }
+            self.items.push(item);
+            true
+        }
+    }
+
+    /// A directory walked early in a pass and moved away before its parent is listed
+    /// leaves the replica with that listing: a link met later must not point into it.
+    #[test]
+    fn a_group_anchor_moved_away_during_the_pass_is_not_linked_to() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        for d in ["p/x", "q", "r"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("p/x/a"), b"one").unwrap();
+        std::fs::hard_link(root.join("p/x/a"), root.join("q/b")).unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let index = Index::open(&db, "fs").unwrap();
+        pass(&root, &index, None);
+
+        std::fs::write(root.join("p/x/z"), b"new").unwrap();
+        std::fs::hard_link(root.join("q/b"), root.join("q/c")).unwrap();
+        let mut dirty = Dirty::new();
+        mark(&mut dirty, b"p/x".to_vec(), None);
+        mark(&mut dirty, b"p".to_vec(), None);
+        mark(&mut dirty, b"q".to_vec(), Some([b"c".to_vec()].into()));
+        let moved = root.clone();
+        let mut sink = HookSink {
+            items: Vec::new(),
+            at: b"p/x/z".to_vec(),
+            hook: Some(Box::new(move || {
+                std::fs::rename(moved.join("p/x"), moved.join("r/x")).unwrap();
+            })),
+        };
+        let mut s = Scanner::new(&root, &index, 1, &mut sink, Vec::new()).unwrap();
+        s.run_dirs(dirty).unwrap();
+        let entries: Vec<Entry> = sink
+            .items
+            .into_iter()
+            .flat_map(|i| match i {
+                Item::Entry(e, _) => vec![e],
+                Item::Group(u) => u.into_iter().map(|(e, _)| e).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        let pruned = entries
+            .iter()
+            .position(|e| e.path == b"p" && e.kind == EntryKind::Dir as i32)
+            .unwrap_or_else(|| panic!("p is listed: {:?}", kinds(&entries)));
+        assert!(!entries[pruned].children.contains(&b"x".to_vec()));
+        let after = &entries[pruned..];
+        assert!(
+            !after
+                .iter()
+                .any(|e| e.kind == EntryKind::Hardlink as i32 && e.link_target == b"p/x/a"),
+            "a link into the pruned directory: {:?}",
+            kinds(&entries)
+        );
+        assert!(
+            after
+                .iter()
+                .any(|e| e.path == b"q/c" || e.link_target == b"q/c" || e.link_target == b"q/b"),
+            "q/c reached the replica: {:?}",
+            kinds(&entries)
+        );
     }
 }

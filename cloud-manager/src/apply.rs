@@ -21,6 +21,8 @@ pub enum ApplyError {
     Invalid { path: String, message: String },
     #[error("entry {path:?}: rename source {from:?} is missing")]
     RenameSourceMissing { path: String, from: String },
+    #[error("entry {path:?}: hard link target {target:?} is missing")]
+    LinkTargetMissing { path: String, target: String },
     #[error("entry {path:?}: {op}: {errno}")]
     Io {
         path: String,
@@ -37,9 +39,9 @@ impl ferry_common::error::ErrorKind for ApplyError {
             ApplyError::Path(e) => e.kind(),
             ApplyError::Chunk(e) => e.kind(),
             ApplyError::Entry(e) => e.kind(),
-            ApplyError::Invalid { .. } | ApplyError::RenameSourceMissing { .. } => {
-                Kind::InvalidArgument
-            }
+            ApplyError::Invalid { .. }
+            | ApplyError::RenameSourceMissing { .. }
+            | ApplyError::LinkTargetMissing { .. } => Kind::InvalidArgument,
             ApplyError::Io { errno, .. } if errno.raw_os_error() == Some(28) => {
                 Kind::ResourceExhausted
             }
@@ -306,8 +308,15 @@ fn apply_one(
                             path: show(path),
                             message: "hard link to the root".into(),
                         })?;
-                rustix::fs::linkat(&tdir, tname, &dir, tmp.as_slice(), AtFlags::empty())
-                    .map_err(io_at(path, "link"))?;
+                rustix::fs::linkat(&tdir, tname, &dir, tmp.as_slice(), AtFlags::empty()).map_err(
+                    |err| match err {
+                        Errno::NOENT => ApplyError::LinkTargetMissing {
+                            path: show(path),
+                            target: show(&e.link_target),
+                        },
+                        err => io_at(path, "link")(err),
+                    },
+                )?;
             }
             EntryKind::Fifo | EntryKind::Char | EntryKind::Block => {
                 let ft = match kind {

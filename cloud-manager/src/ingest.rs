@@ -75,6 +75,8 @@ pub struct Batch {
     pub source_time_ms: i64,
     /// The last batch of a pass.
     pub ends_pass: bool,
+    /// From a pass that trusted nothing the agent recorded.
+    pub resync: bool,
 }
 
 /// The answer to every ingest call that names a system: how far it is durable, and what
@@ -383,6 +385,11 @@ impl Ingest {
         if batch.epoch <= rec.durable_epoch {
             return Ok(Ack::of(&rec));
         }
+        // Batches built on what the replica refused would only diverge it further.
+        if rec.resync_from > 0 && !(batch.resync && batch.epoch > rec.resync_from) {
+            tracing::debug!(system = %rec.name, epoch = batch.epoch, resync_from = rec.resync_from, "batch dropped until the agent resyncs");
+            return Ok(Ack::of(&rec));
+        }
         let fs = rec
             .fs(&batch.fs_id)
             .ok_or_else(|| {
@@ -409,6 +416,20 @@ impl Ingest {
             blocking(move || apply_durably(&mnt, &store, &entries, resumed, begun_ms)).await;
         let applied = match applied {
             Ok(a) => a,
+            Err(e) if replica_disagrees(&e) => {
+                // The agent believed the replica held what it does not (or the other way
+                // round): only a pass that trusts nothing it recorded repairs that.
+                tracing::warn!(system = %rec.name, epoch = batch.epoch, error = %e, "replica disagrees with the agent; asking for a resync");
+                rec.resync_from = batch.epoch;
+                rec.resyncs += 1;
+                rec.last_error = format!(
+                    "epoch {}: {e}; the agent is sending everything again",
+                    batch.epoch
+                );
+                systems.put(&rec)?;
+                systems.flush()?;
+                return Ok(Ack::of(&rec));
+            }
             Err(e) => {
                 // Kept for the operator; the batch stays unacknowledged and is retried.
                 tracing::error!(system = %rec.name, epoch = batch.epoch, error = %e, "batch not applied");
@@ -419,6 +440,10 @@ impl Ingest {
             }
         };
         rec.last_error.clear();
+        if batch.resync && rec.resync_from > 0 {
+            tracing::info!(system = %rec.name, epoch = batch.epoch, refused = rec.resync_from, "resync pass reached the replica");
+            rec.resync_from = 0;
+        }
         self.replication.clear_storage_error();
         Counters::add(&self.counters.batches_applied, 1);
         Counters::add(&self.counters.file_bytes_written, applied.file_bytes);
@@ -496,6 +521,28 @@ impl Ingest {
     pub fn save_counters(&self) -> Result<()> {
         self.meta.save_counters(&self.counters)?;
         Ok(self.meta.flush()?)
+    }
+}
+
+/// The batch assumed a replica other than the one there: a rename or link source
+/// missing, a path that is not (or no longer) what the entry expects.
+fn replica_disagrees(e: &CloudError) -> bool {
+    use apply::ApplyError as A;
+    use ferry_common::safepath::PathError as P;
+    use std::io::ErrorKind as K;
+    match e {
+        CloudError::Apply(A::RenameSourceMissing { .. } | A::LinkTargetMissing { .. }) => true,
+        CloudError::Apply(A::Io { errno, .. } | A::Path(P::Io { source: errno, .. })) => {
+            matches!(
+                errno.kind(),
+                K::NotFound
+                    | K::NotADirectory
+                    | K::IsADirectory
+                    | K::AlreadyExists
+                    | K::DirectoryNotEmpty
+            )
+        }
+        _ => false,
     }
 }
 

@@ -54,6 +54,20 @@ fn gauge<'a, N: EncodeGaugeValue>(
     Ok(())
 }
 
+/// One counter family with one series per system.
+fn per_system_counter<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels<'a>, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 impl Collector for CloudCollector {
     fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
         let systems = self.cloud.replication.list("").unwrap_or_default();
@@ -170,6 +184,12 @@ fn encode_systems(encoder: &mut DescriptorEncoder, systems: &[SystemStatus]) -> 
         "Operator rate limit in bytes per second (0: none).",
         by_system(|s| s.record.rate_limit_bps),
     )?;
+    per_system_counter(
+        e,
+        "ferry_system_resyncs",
+        "Batches the replica refused as disagreeing with the agent, each answered by a resync pass.",
+        by_system(|s| s.record.resyncs),
+    )?;
     Ok(())
 }
 
@@ -241,6 +261,7 @@ mod tests {
                 name: "live \"db\"".into(),
                 durable_epoch: 7,
                 paused: true,
+                resyncs: 2,
                 filesystems: vec![FsRecord {
                     mount_point: b"/".to_vec(),
                     bytes_done: 3,
@@ -264,6 +285,7 @@ mod tests {
             r#"ferry_system_durable_epoch{system="live \"db\""} 7"#,
             r#"ferry_system_lag_seconds{system="live \"db\""} 1.5"#,
             r#"ferry_system_paused{system="live \"db\""} 1"#,
+            r#"ferry_system_resyncs_total{system="live \"db\""} 2"#,
             r#"ferry_fs_pending_bytes{system="live \"db\"",mount_point="/"} 7"#,
             r#"ferry_fs_in_sync{system="live \"db\"",mount_point="/"} 1"#,
         ] {

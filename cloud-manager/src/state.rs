@@ -60,6 +60,13 @@ pub struct SystemRecord {
     /// Set by the operator: bytes per second of chunk data; 0 for no limit.
     #[serde(default)]
     pub rate_limit_bps: u64,
+    /// Nonzero: the replica refused this epoch's batch because it disagreed with what the
+    /// agent believed it held; later batches are dropped until a resync pass arrives.
+    #[serde(default)]
+    pub resync_from: u64,
+    /// How many times the replica asked its agent for a resync.
+    #[serde(default)]
+    pub resyncs: u64,
 }
 
 /// A probe as a typed record, or as the JSON text older records hold.
@@ -81,6 +88,7 @@ impl SystemRecord {
         Settings {
             paused: self.paused,
             rate_limit_bps: self.rate_limit_bps,
+            resync_from: self.resync_from,
         }
     }
 
@@ -115,6 +123,8 @@ pub struct Settings {
     pub paused: bool,
     /// Bytes per second of chunk data; 0 for no limit.
     pub rate_limit_bps: u64,
+    /// Nonzero: the agent must send a pass that trusts nothing it recorded.
+    pub resync_from: u64,
 }
 
 /// The counters' values at one moment.

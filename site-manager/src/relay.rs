@@ -68,6 +68,9 @@ pub struct Positions {
     pub paused: bool,
     #[serde(default)]
     pub rate_limit_bps: u64,
+    /// The epoch the replica refused, until the agent's resync pass reaches it.
+    #[serde(default)]
+    pub resync_from: u64,
 }
 
 impl Positions {
@@ -76,12 +79,14 @@ impl Positions {
         if let Some(s) = s {
             self.paused = s.paused;
             self.rate_limit_bps = s.rate_limit_bps;
+            self.resync_from = s.resync_from;
         }
     }
     pub fn settings(&self) -> Option<pb::Settings> {
         Some(pb::Settings {
             paused: self.paused,
             rate_limit_bps: self.rate_limit_bps,
+            resync_from: self.resync_from,
         })
     }
 }

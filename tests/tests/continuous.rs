@@ -335,3 +335,35 @@ fn renames_travel_as_renames_not_as_copies() -> Result<()> {
     converged_within(&s.src.mnt, &s.replica, Duration::from_secs(5))?;
     Ok(())
 }
+
+/// A replica that lost something behind the agent's back (here a directory removed on
+/// the cloud side) refuses the batch that assumed it, and is repaired by a resync pass
+/// instead of being left to diverge while later batches pile on top.
+#[test]
+fn a_replica_that_disagrees_with_its_agent_is_repaired_by_a_resync() -> Result<()> {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let s = follow("resync", "ext4", "0a1b2c3d-0000-4000-8000-0000000000f6")?;
+    let m = s.src.mnt.display().to_string();
+    bash(&format!(
+        "cd {m} && mkdir -p d/sub && echo one > d/sub/f && echo two > d/g"
+    ))?;
+    converged_within(&s.src.mnt, &s.replica, Duration::from_secs(10))?;
+    std::fs::remove_dir_all(s.replica.join("d"))?;
+    // The agent sends a rename of a directory the replica no longer has.
+    bash(&format!("cd {m} && mv d e && echo three > e/h"))?;
+    let took = converged_within(&s.src.mnt, &s.replica, Duration::from_secs(30))?;
+    eprintln!("repaired {took:?} after the refused rename");
+    let status = s.cloud.ferry_json(&["sync", "status"])?;
+    let sys = &status["systems"][0];
+    assert_eq!(sys["resyncs"], 1, "{status}");
+    assert_eq!(sys["resync_from"].as_u64().unwrap_or(0), 0, "{status}");
+    assert_eq!(sys["last_error"], "", "{status}");
+    assert!(
+        s.agent.log_text().contains("sending everything again"),
+        "the agent never heard of the resync"
+    );
+    // Replication goes on as before afterwards.
+    bash(&format!("cd {m} && echo four > e/i && mv e/sub e/sub2"))?;
+    converged_within(&s.src.mnt, &s.replica, Duration::from_secs(10))?;
+    Ok(())
+}

@@ -127,6 +127,17 @@ pub fn render_systems(systems: &[pb::SystemStatus]) -> String {
         if !s.last_error.is_empty() {
             out.push_str(&format!("  error: {}\n", s.last_error));
         }
+        if s.resync_from > 0 {
+            out.push_str(&format!(
+                "  resyncing: the replica refused epoch {}; later batches wait for the agent's full pass\n",
+                s.resync_from
+            ));
+        } else if s.resyncs > 0 {
+            out.push_str(&format!(
+                "  resyncs: {} (batches the replica refused, each repaired by a full pass)\n",
+                s.resyncs
+            ));
+        }
         for f in &s.filesystems {
             out.push_str(&format!(
                 "  {:<12} {:<5} {:<36} {:<12} {} / {}  {}\n",

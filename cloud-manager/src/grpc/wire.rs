@@ -91,6 +91,7 @@ pub fn settings(s: Settings) -> pb::Settings {
     pb::Settings {
         paused: s.paused,
         rate_limit_bps: s.rate_limit_bps,
+        resync_from: s.resync_from,
     }
 }
 
@@ -146,6 +147,7 @@ impl From<pb::Batch> for Batch {
             }),
             source_time_ms: b.source_time_ms,
             ends_pass: b.ends_pass,
+            resync: b.resync,
         }
     }
 }
@@ -187,6 +189,8 @@ impl From<SystemStatus> for pb::SystemStatus {
             lag_seconds: s.lag_seconds,
             pending_bytes: s.report.pending_bytes,
             last_report_unix_ms: s.report.at_ms,
+            resyncs: rec.resyncs,
+            resync_from: rec.resync_from,
         }
     }
 }

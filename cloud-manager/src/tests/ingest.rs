@@ -188,6 +188,59 @@ async fn a_replayed_epoch_is_acknowledged_without_being_applied_again() {
     assert_eq!(h.cloud.counters.snapshot().batches_applied, 1);
 }
 
+/// A batch that assumes a replica other than the one there (a rename whose source the
+/// replica lacks) is not applied on top of it: the agent is asked for a resync, the
+/// batches built on its belief are dropped, and the resync pass repairs the replica.
+#[tokio::test]
+async fn a_replica_that_disagrees_asks_for_a_resync_and_drops_batches_until_it_comes() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let ingest = &h.cloud.ingest;
+    ingest
+        .apply_batch(&agent("web01"), batch("web01", 1, vec![dir_entry("a")]))
+        .await
+        .unwrap();
+    let replica = h.cloud.replication.replica_path("web01", "/").unwrap();
+    std::fs::remove_dir(replica.join("a")).unwrap();
+    let rename = Entry {
+        kind: EntryKind::Rename as i32,
+        link_target: b"a".to_vec(),
+        ..dir_entry("b")
+    };
+    let ack = ingest
+        .apply_batch(&agent("web01"), batch("web01", 2, vec![rename]))
+        .await
+        .unwrap();
+    assert_eq!(ack.durable_epoch, 1);
+    assert_eq!(ack.settings.resync_from, 2);
+    let rec = h.cloud.replication.require("web01").unwrap();
+    assert_eq!((rec.resync_from, rec.resyncs), (2, 1));
+    assert!(
+        rec.last_error.contains("sending everything again"),
+        "{}",
+        rec.last_error
+    );
+
+    // A batch from before the agent heard of it is dropped, not applied.
+    let ack = ingest
+        .apply_batch(&agent("web01"), batch("web01", 3, vec![dir_entry("c")]))
+        .await
+        .unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (1, 2));
+    assert!(!replica.join("c").exists());
+
+    // The resync pass is applied and ends the request.
+    let resync = Batch {
+        resync: true,
+        ..batch("web01", 4, vec![dir_entry("b"), dir_entry("c")])
+    };
+    let ack = ingest.apply_batch(&agent("web01"), resync).await.unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (4, 0));
+    assert!(replica.join("b").is_dir() && replica.join("c").is_dir());
+    let rec = h.cloud.replication.require("web01").unwrap();
+    assert_eq!((rec.resync_from, rec.last_error.as_str()), (0, ""));
+}
+
 #[tokio::test]
 async fn a_batch_over_the_entry_limit_is_refused() {
     let h = harness();
