@@ -472,6 +472,11 @@ impl<'a, S: Sink> Scanner<'a, S> {
         }
         let mut sent = false;
         for c in order_renames(cands) {
+            // A name this rename replaces left its inode's group: the other names may
+            // have changed through it (the rename hides that from `child`).
+            if let Some(r) = self.record(&c.new).filter(|r| r.ino != c.meta.ino()) {
+                self.left_group(&c.new, r);
+            }
             let abs = self.abs(&c.new);
             let mut e = base(&c.meta, c.new.clone(), EntryKind::Rename);
             e.link_target = c.old.clone();
@@ -1520,5 +1525,55 @@ mod tests {
             "q/c reached the replica: {:?}",
             kinds(&entries)
         );
+    }
+
+    /// A rename over one name of a group (an editor's save, or inode reuse making it look
+    /// like one) takes that name from the group: a change made through it before reaches
+    /// the group's other names.
+    #[test]
+    fn a_rename_over_a_linked_name_brings_the_rest_of_the_group_along() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for d in ["d", "e"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("d/a"), b"one").unwrap();
+        std::fs::hard_link(root.join("d/a"), root.join("e/b")).unwrap();
+        std::fs::write(root.join("d/c"), b"other").unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let index = Index::open(&db, "fs").unwrap();
+        pass(root, &index, None);
+
+        let t = rustix::fs::Timespec {
+            tv_sec: 1_500_000_000,
+            tv_nsec: 0,
+        };
+        let times = rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            root.join("d/a"),
+            &times,
+            rustix::fs::AtFlags::empty(),
+        )
+        .unwrap();
+        std::fs::rename(root.join("d/c"), root.join("d/a")).unwrap();
+        let mut dirty = named("d", "a");
+        mark(&mut dirty, b"d".to_vec(), Some([b"c".to_vec()].into()));
+        let sent = pass(root, &index, Some(dirty));
+        assert!(
+            sent.iter()
+                .any(|e| e.kind == EntryKind::Rename as i32 && e.path == b"d/a"),
+            "{:?}",
+            kinds(&sent)
+        );
+        let b = sent
+            .iter()
+            .find(|e| e.path == b"e/b")
+            .unwrap_or_else(|| panic!("e/b is not looked at: {:?}", kinds(&sent)));
+        assert_eq!(b.mtime_sec, 1_500_000_000);
+        assert!(pass(root, &index, None).is_empty());
     }
 }
