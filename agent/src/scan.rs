@@ -135,6 +135,9 @@ struct Moved {
     gone: std::collections::HashSet<Vec<u8>>,
     /// Records of moved files whose content is as recorded.
     fresh: HashMap<Vec<u8>, Record>,
+    /// Directories a rename took a name from or put one in: their times on the replica
+    /// moved, so their entries go even if nothing else changed in them.
+    touched: std::collections::HashSet<Vec<u8>>,
 }
 
 /// `p` is `base` or lies below it.
@@ -321,6 +324,22 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 }
             }
         }
+        // A directory a rename touched that no event brought in: its times go back.
+        let touched: Vec<Vec<u8>> = self
+            .moved
+            .touched
+            .iter()
+            .filter(|d| !self.visited.contains(*d))
+            .cloned()
+            .collect();
+        for d in touched {
+            let abs = self.abs(&d);
+            if let Some(m) = std::fs::symlink_metadata(&abs).ok().filter(|m| m.is_dir()) {
+                let mut e = base(&m, d, EntryKind::DirMeta);
+                e.xattrs = read_xattrs(&abs);
+                self.send_entry(e, None)?;
+            }
+        }
         self.report_progress()?;
         Ok(sent)
     }
@@ -496,6 +515,8 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 self.moved.files.insert(c.new.clone(), c.old.clone());
                 self.moved.gone.insert(c.old.clone());
             }
+            self.moved.touched.insert(parent_of(&c.old).to_vec());
+            self.moved.touched.insert(parent_of(&c.new).to_vec());
             tracing::debug!(from = %String::from_utf8_lossy(&c.old), to = %String::from_utf8_lossy(&c.new), "rename");
             self.stats.renames += 1;
             self.send_entry(e, rec)?;
@@ -580,7 +601,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
                     }
                 }
                 if unlisted.is_empty() {
-                    if !changed {
+                    if !changed && !self.moved.touched.contains(&rel) {
                         self.stats.unchanged += 1;
                         return Ok(false);
                     }
@@ -654,7 +675,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 children.push(name);
             }
         }
-        if changed || !self.unchanged(&rel, m) {
+        if changed || !self.unchanged(&rel, m) || self.moved.touched.contains(&rel) {
             let mut e = base(m, rel.clone(), EntryKind::Dir);
             e.children = children;
             e.xattrs = read_xattrs(&abs);
@@ -1575,5 +1596,39 @@ mod tests {
             .unwrap_or_else(|| panic!("e/b is not looked at: {:?}", kinds(&sent)));
         assert_eq!(b.mtime_sec, 1_500_000_000);
         assert!(pass(root, &index, None).is_empty());
+    }
+
+    /// A rename moves both directories' times on the replica; when the source's moved in
+    /// the clock tick of the index's records, only the rename knows, and both
+    /// directories' entries still follow it.
+    #[test]
+    fn a_rename_in_the_same_tick_still_restores_both_directories_times() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        for d in ["a", "b"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("a/f"), b"one").unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let index = Index::open(&db, "fs").unwrap();
+        pass(root, &index, None);
+        std::fs::rename(root.join("a/f"), root.join("b/f")).unwrap();
+        let same_tick: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|d| {
+                let now = std::fs::symlink_metadata(root.join(d)).unwrap();
+                crate::index::Op::Put(d.as_bytes().to_vec(), Record::from_meta(&now, 0))
+            })
+            .collect();
+        index.apply(&same_tick, 1).unwrap();
+        let mut dirty = named("a", "f");
+        mark(&mut dirty, b"b".to_vec(), Some([b"f".to_vec()].into()));
+        let sent = kinds(&pass(root, &index, Some(dirty)));
+        let at = |p: &str| sent.iter().position(|(_, q)| q == p);
+        let rename = at("b/f").unwrap_or_else(|| panic!("{sent:?}"));
+        for d in ["a", "b"] {
+            let dir = at(d).unwrap_or_else(|| panic!("{d} has no entry: {sent:?}"));
+            assert!(dir > rename, "{sent:?}");
+        }
     }
 }

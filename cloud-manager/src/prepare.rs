@@ -3,7 +3,9 @@
 //! copies are mounted as the system's tree, the customization pipeline runs on it with a
 //! plan drawn from the registry (file system UUIDs, every system's address and name),
 //! and the copies are unmounted again, ready for imaging.
+use crate::ingest;
 use crate::state::{FsRecord, SystemRecord};
+use ferry_common::guestmount::GuestMount;
 use ferry_customize::{self as customize, Plan, Report, Target};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,10 @@ pub enum PrepareError {
     Volume(#[from] crate::volumes::VolumeError),
     #[error(transparent)]
     Tool(#[from] ferry_common::cmd::CommandError),
+    #[error(transparent)]
+    Mount(#[from] ferry_common::guestmount::GuestMountError),
+    #[error(transparent)]
+    MountPoint(Box<crate::error::CloudError>),
 }
 
 /// The customization plan for `rec`, with every system of `all` in /etc/hosts.
@@ -144,15 +150,13 @@ pub fn set_image_uuid(image: &Path, fstype: &str, uuid: &str) -> Result<(), Prep
     }
 }
 
-/// Unmounts what it mounted, innermost first, whatever happens.
-struct Mounts(Vec<PathBuf>);
+/// The copies mounted as the tree, unmounted innermost first whatever happens.
+struct Mounts(Vec<GuestMount>);
 
 impl Drop for Mounts {
     fn drop(&mut self) {
-        for m in self.0.iter().rev() {
-            if let Err(e) = run(Command::new("umount").arg(m)) {
-                tracing::warn!(mount = %m.display(), error = %e, "cannot unmount a prepared copy");
-            }
+        while let Some(m) = self.0.pop() {
+            drop(m);
         }
     }
 }
@@ -230,23 +234,30 @@ fn mount_and_run(
         return Err(PrepareError::NoRoot(system.into()));
     }
     let root = work.join("root");
+    std::fs::create_dir_all(&root).map_err(|source| PrepareError::Mkdir {
+        path: root.clone(),
+        source,
+    })?;
+    let tree = ferry_common::safepath::Root::open(&root).map_err(|source| {
+        PrepareError::Mount(ferry_common::guestmount::GuestMountError::Place {
+            mount_point: "/".into(),
+            source,
+        })
+    })?;
     let mut mounts = Mounts(Vec::new());
     for (fs, image) in ordered {
-        let at = root.join(mount_point(fs).trim_start_matches('/'));
-        std::fs::create_dir_all(&at).map_err(|source| PrepareError::Mkdir {
-            path: at.clone(),
-            source,
-        })?;
-        let opts = if fs.fstype == "xfs" {
-            "loop,nouuid"
-        } else {
-            "loop"
-        };
-        run(Command::new("mount")
-            .args(["-t", &fs.fstype, "-o", opts])
-            .arg(image)
-            .arg(&at))?;
-        mounts.0.push(at);
+        // The registration checked each mount point; the guest's own tree is only
+        // looked at here, and a symlink on the way is refused.
+        ingest::check_mount_point(&fs.mount_point)
+            .map_err(|e| PrepareError::MountPoint(Box::new(e)))?;
+        let flags: &[&str] = if fs.fstype == "xfs" { &["nouuid"] } else { &[] };
+        mounts.0.push(GuestMount::new(
+            &tree,
+            &mount_point(fs),
+            image,
+            &fs.fstype,
+            flags,
+        )?);
     }
     let report = customize::run(&root, plan, dry_run)?;
     drop(mounts);

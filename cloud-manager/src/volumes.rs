@@ -132,6 +132,13 @@ impl Volumes {
         };
         std::fs::create_dir_all(&mnt).map_err(io(&mnt))?;
         if is_mounted(&mnt) {
+            // Mounted before replicas were contained: contain it now.
+            if !contained(&mnt) {
+                run(Command::new("mount")
+                    .args(["-o", &format!("remount,{CONTAINED}")])
+                    .arg(&mnt))?;
+                tracing::info!(system, fs_id = %fs.fs_id, "volume remounted nodev,nosuid,noexec");
+            }
             return Ok(mnt);
         }
         if !image.exists() {
@@ -150,11 +157,12 @@ impl Volumes {
         // The source may be mounted on this very host with the same XFS UUID. On ext4,
         // no flush on every rename over a file: each batch ends with one syncfs anyway,
         // and a batch cut short is applied again before it is acknowledged.
-        cmd.arg("-o").arg(match fs.fstype.as_str() {
+        let opts = match fs.fstype.as_str() {
             "xfs" => "loop,nouuid",
             "ext4" => "loop,noauto_da_alloc",
             _ => "loop",
-        });
+        };
+        cmd.arg("-o").arg(format!("{opts},{CONTAINED}"));
         cmd.arg(&image).arg(&mnt);
         run(&mut cmd)?;
         tracing::info!(system, fs_id = %fs.fs_id, mount = %mnt.display(), "volume mounted");
@@ -262,6 +270,16 @@ impl Volumes {
 }
 
 /// Whether `path` is a mount point (util-linux `mountpoint`).
+/// A replica holds the source's device nodes, setuid files and programs faithfully;
+/// none of them has any effect on this host.
+pub const CONTAINED: &str = "nodev,nosuid,noexec";
+
+/// Whether the file system at `mnt` is mounted with `CONTAINED`.
+fn contained(mnt: &Path) -> bool {
+    use rustix::fs::StatVfsMountFlags as F;
+    rustix::fs::statvfs(mnt).is_ok_and(|s| s.f_flag.contains(F::NODEV | F::NOSUID | F::NOEXEC))
+}
+
 pub fn is_mounted(path: &Path) -> bool {
     Command::new("mountpoint")
         .arg("-q")

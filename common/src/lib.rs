@@ -9,6 +9,7 @@ pub mod config;
 pub mod enroll;
 pub mod entry;
 pub mod error;
+pub mod guestmount;
 pub mod metrics;
 pub mod names;
 pub mod pki;

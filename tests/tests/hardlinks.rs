@@ -71,6 +71,22 @@ fn a_hard_link_group_stays_one_inode_through_changes_through_any_name() -> Resul
         "xattr on the setuid group",
         "setfattr -n user.late -v yes hl/suid-link",
     )?;
+    // The replica keeps the setuid bit faithfully, and its mount gives it no effect here.
+    let mode = bash(&format!(
+        "stat -c %a '{}'",
+        s.replica.join("hl/suid-link").display()
+    ))?;
+    assert_eq!(mode.trim(), "4755");
+    let opts = bash(&format!(
+        "findmnt -no OPTIONS --target '{}'",
+        s.replica.display()
+    ))?;
+    for want in ["nodev", "nosuid", "noexec"] {
+        assert!(
+            opts.split(',').any(|o| o.trim() == want),
+            "replica mounted {opts}"
+        );
+    }
     run(
         &s,
         "three names: one moved to another directory, one deleted",

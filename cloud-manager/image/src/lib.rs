@@ -25,6 +25,12 @@ pub enum ImageError {
     Layout(String),
     #[error("no kernel in {0}: the image cannot boot")]
     NoKernel(String),
+    /// The guest put a symlink (or something else) where a boot directory or file must
+    /// be: followed, it would lead outside the guest's file system.
+    #[error("guest path {0} is a symlink or not a {1}: refused")]
+    GuestPath(String, &'static str),
+    #[error("guest kernel or initrd name {0:?} has characters a boot loader line cannot carry")]
+    BadName(String),
     #[error("boot check failed ({accel}, {seconds:.0}s): {reason}\n--- console (last lines) ---\n{console}")]
     Boot {
         accel: String,
@@ -211,6 +217,38 @@ impl Drop for Mounted {
     }
 }
 
+/// `rel` under `mnt` is a real directory (or regular file), each component on the way
+/// too: a guest symlink there is refused, naming the guest path `shown`.
+fn guest_is(mnt: &Path, rel: &str, what: &'static str, shown: &str) -> Result<(), ImageError> {
+    let mut p = mnt.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').filter(|c| !c.is_empty()).collect();
+    for (i, c) in parts.iter().enumerate() {
+        p.push(c);
+        let m = std::fs::symlink_metadata(&p).map_err(io(&p))?;
+        let last = i + 1 == parts.len();
+        let ok = if last && what == "file" {
+            m.file_type().is_file()
+        } else {
+            m.file_type().is_dir()
+        };
+        if !ok {
+            return Err(ImageError::GuestPath(shown.to_string(), what));
+        }
+    }
+    Ok(())
+}
+
+/// A kernel or initrd name that can go on a GRUB `linux`/`initrd` line as it is.
+fn plain_name(n: &str) -> Result<(), ImageError> {
+    if n.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._+-~".contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(ImageError::BadName(n.to_string()))
+    }
+}
+
 /// The newest kernel in a boot directory and its initrd (Debian or RHEL naming).
 fn kernel_in(boot: &Path) -> Result<(String, String), ImageError> {
     let mut kernels: Vec<String> = std::fs::read_dir(boot)
@@ -226,8 +264,10 @@ fn kernel_in(boot: &Path) -> Result<(String, String), ImageError> {
     let ver = &k[8..];
     let initrd = [format!("initrd.img-{ver}"), format!("initramfs-{ver}.img")]
         .into_iter()
-        .find(|i| boot.join(i).exists())
+        .find(|i| std::fs::symlink_metadata(boot.join(i)).is_ok_and(|m| m.file_type().is_file()))
         .ok_or_else(|| ImageError::NoKernel(format!("{} (no initrd for {k})", boot.display())))?;
+    plain_name(&k)?;
+    plain_name(&initrd)?;
     Ok((k, initrd))
 }
 
@@ -282,7 +322,12 @@ fn system_grub_dir(mnt: &Path, boot_prefix: &str, platform: &str) -> Option<(Pat
     on_boot_fs
         .into_iter()
         .map(|(rel, shown)| (mnt.join(rel).join(platform), format!("{shown}/{platform}")))
-        .find(|(d, _)| d.join("kernel.img").is_file() && d.join("moddep.lst").is_file())
+        .find(|(d, _)| {
+            let file = |n| std::fs::symlink_metadata(d.join(n)).is_ok_and(|m| m.is_file());
+            std::fs::symlink_metadata(d).is_ok_and(|m| m.is_dir())
+                && file("kernel.img")
+                && file("moddep.lst")
+        })
 }
 
 /// Copies a GRUB platform directory aside (the file system it is on is unmounted before
@@ -526,13 +571,38 @@ fn read_boot_fs(
     let lo = Loop::attach(raw, start, size)?;
     let mnt = work.join("mnt");
     std::fs::create_dir_all(&mnt).map_err(io(&mnt))?;
-    run(Command::new("mount").arg(&lo.0).arg(&mnt))?;
+    // No guest symlink is followed on this mount (the checks below name the ones that
+    // matter), and nothing on it is a device or setuid here.
+    run(Command::new("mount")
+        .args(["-o", "nodev,nosuid,noexec,nosymfollow"])
+        .arg(&lo.0)
+        .arg(&mnt))?;
     let _m = Mounted(mnt.clone());
-    let boot_dir = mnt.join(prefix.trim_start_matches('/'));
+    let rel = prefix.trim_start_matches('/');
+    let shown = |p: &str| format!("{prefix}{p}");
+    guest_is(&mnt, rel, "directory", &shown(""))?;
+    let boot_dir = mnt.join(rel);
     let (kernel, initrd) = kernel_in(&boot_dir)?;
+    let grub = if rel.is_empty() {
+        "grub".to_string()
+    } else {
+        format!("{rel}/grub")
+    };
     let cfg = boot_dir.join("grub/grub.cfg");
-    let guest = cfg.exists();
+    let guest = match std::fs::symlink_metadata(&cfg) {
+        Ok(_) => guest_is(
+            &mnt,
+            &format!("{grub}/grub.cfg"),
+            "file",
+            &shown("/grub/grub.cfg"),
+        )
+        .map(|()| true)?,
+        Err(_) => false,
+    };
     if !guest {
+        if std::fs::symlink_metadata(boot_dir.join("grub")).is_ok() {
+            guest_is(&mnt, &grub, "directory", &shown("/grub"))?;
+        }
         std::fs::create_dir_all(boot_dir.join("grub")).map_err(io(&boot_dir))?;
         std::fs::write(&cfg, ferry_cfg(&kernel, &initrd)).map_err(io(&cfg))?;
     }

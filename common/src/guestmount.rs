@@ -1,0 +1,230 @@
+//! Mounts a file system image inside an untrusted tree (a guest's root) without following
+//! anything the guest put on the way: the mount point is reached one component at a
+//! time with `O_NOFOLLOW` (a symlink is an error naming it), and the mount and unmount go
+//! through descriptors (`/proc/self/fd/N`), so no path is resolved again afterwards.
+use crate::safepath::{self, PathError, Root};
+use rustix::fs::Mode;
+use rustix::mount::UnmountFlags;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestMountError {
+    #[error("mount point {mount_point:?} in the guest tree: {source}")]
+    Place {
+        mount_point: String,
+        #[source]
+        source: PathError,
+    },
+    #[error(transparent)]
+    Loop(#[from] crate::cmd::CommandError),
+    #[error("mount {device} ({fstype}) at {mount_point:?}: {source}")]
+    Mount {
+        device: String,
+        fstype: String,
+        mount_point: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A file system mounted `nodev,nosuid` inside a guest tree (its device nodes and setuid
+/// files stay inert on this host); unmounted, and its loop device freed, on drop.
+#[derive(Debug)]
+pub struct GuestMount {
+    /// The mounted file system's root (`None` once unmounted).
+    root: Option<OwnedFd>,
+    loop_device: String,
+    shown: String,
+}
+
+impl GuestMount {
+    /// Mounts `image` (on a new loop device) at `mount_point` (absolute, as the guest
+    /// names it) inside `tree`, making missing directories on the way.
+    pub fn new(
+        tree: &Root,
+        mount_point: &str,
+        image: &Path,
+        fstype: &str,
+        flags: &[&str],
+    ) -> Result<Self, GuestMountError> {
+        let place = |source| GuestMountError::Place {
+            mount_point: mount_point.to_string(),
+            source,
+        };
+        let rel = mount_point.trim_start_matches('/').as_bytes();
+        let at = make_dir_all(tree, rel).map_err(place)?;
+        let loop_device = crate::cmd::run(
+            Command::new("losetup")
+                .args(["--find", "--show", "--nooverlap"])
+                .arg(image),
+        )?
+        .trim()
+        .to_string();
+        let shown = format!("{mount_point} ({})", image.display());
+        let mount_err = |source: std::io::Error| GuestMountError::Mount {
+            device: loop_device.clone(),
+            fstype: fstype.to_string(),
+            mount_point: mount_point.to_string(),
+            source,
+        };
+        // The new mount API: the file system is made as a detached mount (its root is
+        // a descriptor we keep) and moved onto the descriptor of the mount point.
+        let mounted = (|| -> rustix::io::Result<OwnedFd> {
+            use rustix::mount as m;
+            let fs = m::fsopen(fstype, m::FsOpenFlags::FSOPEN_CLOEXEC)?;
+            m::fsconfig_set_string(&fs, "source", loop_device.as_str())?;
+            for flag in flags {
+                m::fsconfig_set_flag(&fs, *flag)?;
+            }
+            m::fsconfig_create(&fs)?;
+            let mnt = m::fsmount(
+                &fs,
+                m::FsMountFlags::FSMOUNT_CLOEXEC,
+                m::MountAttrFlags::MOUNT_ATTR_NODEV | m::MountAttrFlags::MOUNT_ATTR_NOSUID,
+            )?;
+            m::move_mount(
+                &mnt,
+                "",
+                &at,
+                "",
+                m::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH
+                    | m::MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+            )?;
+            Ok(mnt)
+        })();
+        match mounted {
+            Ok(root) => Ok(Self {
+                root: Some(root),
+                loop_device,
+                shown,
+            }),
+            Err(e) => {
+                detach(&loop_device);
+                Err(mount_err(e.into()))
+            }
+        }
+    }
+}
+
+impl Drop for GuestMount {
+    fn drop(&mut self) {
+        let Some(root) = self.root.take() else { return };
+        // Detached through the descriptor (which itself keeps the mount busy); the file
+        // system goes once the descriptor is closed, right after.
+        if let Err(e) = rustix::mount::unmount(fd_path(&root), UnmountFlags::DETACH) {
+            tracing::warn!(mount = %self.shown, error = %e, "cannot unmount a guest file system");
+            return;
+        }
+        drop(root);
+        detach(&self.loop_device);
+    }
+}
+
+fn detach(loop_device: &str) {
+    if let Err(e) = crate::cmd::run(Command::new("losetup").arg("-d").arg(loop_device)) {
+        tracing::warn!(device = loop_device, error = %e, "cannot free a loop device");
+    }
+}
+
+/// The magic link that resolves to exactly what `fd` refers to.
+fn fd_path(fd: &impl AsFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
+}
+
+/// Opens (making it and its parents where missing) the directory `rel` under `tree`,
+/// never following a symlink: one that stands where a directory is expected is an error.
+pub fn make_dir_all(tree: &Root, rel: &[u8]) -> Result<OwnedFd, PathError> {
+    let Some((dir, name)) = tree.parent(rel, true)? else {
+        return tree.open_dir(b"");
+    };
+    match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o755)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => {
+            return Err(PathError::Io {
+                path: String::from_utf8_lossy(rel).into_owned(),
+                source: e.into(),
+            })
+        }
+    }
+    safepath::open_dir_at(&dir, name).map_err(|e| match e {
+        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => PathError::Refused {
+            path: String::from_utf8_lossy(rel).into_owned(),
+            reason: "a symlink or not a directory where a directory is expected",
+        },
+        e => PathError::Io {
+            path: String::from_utf8_lossy(rel).into_owned(),
+            source: e.into(),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext4(dir: &Path) -> PathBuf {
+        let img = dir.join("fs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        img
+    }
+
+    fn mount_options(target: &Path) -> Option<String> {
+        let out = Command::new("findmnt")
+            .args(["-no", "OPTIONS", "--mountpoint"])
+            .arg(target)
+            .output()
+            .unwrap();
+        let o = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (!o.is_empty()).then_some(o)
+    }
+
+    /// Needs root (loop devices, mount), as the cloud manager does.
+    #[test]
+    fn a_guest_symlink_on_the_way_is_refused_and_a_real_path_is_mounted_inert() {
+        let t = tempfile::tempdir().unwrap();
+        let img = ext4(t.path());
+        let host = t.path().join("host-etc");
+        std::fs::create_dir_all(&host).unwrap();
+        let tree_dir = t.path().join("tree");
+        std::fs::create_dir_all(tree_dir.join("srv")).unwrap();
+        std::os::unix::fs::symlink(&host, tree_dir.join("data")).unwrap();
+        std::os::unix::fs::symlink(&host, tree_dir.join("opt")).unwrap();
+        let tree = Root::open(&tree_dir).unwrap();
+
+        for mp in ["/data", "/opt/inner"] {
+            let err = GuestMount::new(&tree, mp, &img, "ext4", &[]).unwrap_err();
+            assert!(err.to_string().contains("symlink"), "{mp}: {err}");
+            assert!(mount_options(&host).is_none(), "{mp} landed on the host");
+            assert!(!host.join("inner").exists());
+        }
+        assert!(
+            !String::from_utf8_lossy(&Command::new("losetup").arg("-a").output().unwrap().stdout)
+                .contains(&img.display().to_string()),
+            "a refused mount kept its loop device"
+        );
+
+        let m = GuestMount::new(&tree, "/srv/new/data", &img, "ext4", &[]).unwrap();
+        let at = tree_dir.join("srv/new/data");
+        let opts = mount_options(&at).expect("mounted in the tree");
+        assert!(opts.contains("nodev") && opts.contains("nosuid"), "{opts}");
+        assert!(at.join("lost+found").is_dir());
+        drop(m);
+        assert!(mount_options(&at).is_none(), "unmounted on drop");
+        assert!(
+            !String::from_utf8_lossy(&Command::new("losetup").arg("-a").output().unwrap().stdout)
+                .contains(&img.display().to_string()),
+            "loop device freed on drop"
+        );
+    }
+}
