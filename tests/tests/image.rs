@@ -544,3 +544,40 @@ fn a_bios_system_from_a_gpt_disk_gets_a_bios_boot_partition_and_boots() -> Resul
     );
     Ok(())
 }
+
+/// A guest whose boot/grub is a symlink to a host directory: the build refuses it by
+/// name and writes nothing there (a grub.cfg written through it would be host code).
+#[test]
+fn a_guest_boot_grub_symlinked_to_the_host_is_refused_and_nothing_is_written_there() -> Result<()> {
+    let tmp = scratch("image-hostile")?;
+    let host = tmp.path().join("host-dir");
+    std::fs::create_dir_all(&host)?;
+    std::fs::write(host.join("marker"), "host\n")?;
+    let host_for_tree = host.clone();
+    let img = root_image(tmp.path(), move |tree| {
+        if tree.join("boot/grub").exists() {
+            std::fs::remove_dir_all(tree.join("boot/grub"))?;
+        }
+        std::os::unix::fs::symlink(&host_for_tree, tree.join("boot/grub"))?;
+        Ok(())
+    })?;
+    let out = tmp.path().join("hostile.qcow2");
+    let r = build(&img, &out);
+    assert!(!r.status.success(), "an image was built through a guest symlink");
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("guest path /boot/grub is a symlink"),
+        "{err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&host)?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, ["marker"], "something was written into the host directory");
+    assert!(!out.exists());
+    ensure!(
+        !bash("losetup -a")?.contains(&tmp.path().display().to_string()),
+        "a loop device was left attached"
+    );
+    Ok(())
+}
