@@ -583,3 +583,132 @@ fn a_replicated_system_is_customized_on_a_copy_while_its_replica_keeps_mirroring
     }
     Ok(())
 }
+
+/// The guest's own initrd tool, made hostile: every escape it tries from its sandbox is
+/// refused or contained, and the host is as it was.
+#[test]
+fn a_hostile_initrd_tool_cannot_act_on_the_host() -> Result<()> {
+    let cached = debian12_tree()?;
+    let tmp = scratch("hostile-tool")?;
+    let tree = tmp.path().join("root");
+    copy_tree(&cached, &tree)?;
+    let secret = tmp.path().join("planted-secret");
+    std::fs::write(&secret, "host-only-secret-5f1d\n")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    let core_before = std::fs::read_to_string("/proc/sys/kernel/core_pattern")?;
+    // A disk of the host's, behind a loop device, holding known bytes.
+    let disk = tmp.path().join("host-disk.img");
+    std::fs::write(&disk, vec![0x5au8; 1 << 20])?;
+    let lodev = bash(&format!("losetup --find --show '{}'", disk.display()))?;
+    let lodev = lodev.trim().to_string();
+    let (maj_min, _) =
+        bash(&format!("stat -c '%t %T' {lodev}")).map(|s| (s.trim().to_string(), ()))?;
+    let (maj, min) = maj_min
+        .split_once(' ')
+        .map(|(a, b)| (u32::from_str_radix(a, 16), u32::from_str_radix(b, 16)))
+        .ok_or_else(|| anyhow::anyhow!("stat of {lodev}"))?;
+    let (maj, min) = (maj?, min?);
+    let hook = |body: &str| -> Result<()> {
+        let p = tree.join("usr/sbin/update-initramfs");
+        std::fs::write(&p, format!("#!/bin/bash\n{body}\n"))?;
+        bash(&format!("chmod 755 '{}'", p.display()))?;
+        Ok(())
+    };
+    let tries = format!(
+        r#"
+try() {{ if ( eval "$2" ) >/dev/null 2>&1; then echo "$1: DONE"; else echo "$1: refused"; fi; }}
+{{
+try core_pattern 'echo "|/bin/sh -c id" > /proc/sys/kernel/core_pattern'
+try host_disk 'for d in {lodev} /dev/loop*; do [ -b "$d" ] && echo x > "$d" && exit 0; done; exit 1'
+try mknod 'mknod /tmp/disk b {maj} {min} && echo x > /tmp/disk'
+try mount 'mount -t tmpfs none /mnt'
+try tcp 'exec 3<>/dev/tcp/127.0.0.1/{port} && echo hello >&3'
+try read_planted 'cat {secret} || cat /proc/1/root{secret}'
+try sysfs 'ls /sys/class/block | grep -q .'
+}} > /root/attacks.log
+exit 0
+"#,
+        secret = secret.display()
+    );
+    hook(&tries)?;
+    let r = customize(&tree, "local", &[], false)?;
+    let log = std::fs::read_to_string(tree.join("root/attacks.log"))?;
+    eprintln!("{log}");
+    assert!(!log.contains("DONE"), "an escape worked:\n{log}");
+    assert_eq!(log.lines().count(), 7, "{log}");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/core_pattern")?,
+        core_before
+    );
+    assert!(
+        std::fs::read(&disk)?.iter().all(|&b| b == 0x5a),
+        "the host disk was written"
+    );
+    assert!(
+        matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the listener got a connection"
+    );
+    let ran = &r["ran"][0];
+    assert!(
+        ran["sandbox"].as_str().unwrap_or("").contains("bwrap"),
+        "{r}"
+    );
+    assert_eq!(ran["status"], "exit 0", "{r}");
+    // The report keeps the end of the output, not the secret it never read.
+    assert!(!r.to_string().contains("host-only-secret"), "{r}");
+    // The log was written as the guest's root, through the sandbox's id mapping.
+    let owner = bash(&format!(
+        "stat -c %u:%g '{}'",
+        tree.join("root/attacks.log").display()
+    ))?;
+    assert_eq!(owner.trim(), "0:0");
+
+    // Unbounded ones end within the limits, with an error naming the tool.
+    let cases = [
+        ("loops forever", "while :; do :; done", "timeout after 3 s"),
+        (
+            "fork bomb",
+            "b() { b | b & }; b; sleep 100",
+            "timeout after 3 s",
+        ),
+        (
+            "1 GiB of output",
+            "head -c 1073741824 /dev/zero",
+            "bytes of output",
+        ),
+    ];
+    for (what, body, why) in cases {
+        hook(body)?;
+        // The hostile tool "succeeded" above: forget that, so it is run again.
+        let _ = std::fs::remove_file(tree.join("etc/ferry/initrd.stamp"));
+        let started = std::time::Instant::now();
+        let out = Command::new(bin("ferry-cloud"))
+            .args([
+                "customize",
+                "--target",
+                "local",
+                "--tool-timeout",
+                "3",
+                "--root",
+            ])
+            .arg(&tree)
+            .output()?;
+        let took = started.elapsed();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: passed");
+        assert!(
+            err.contains("update-initramfs") && err.contains(why),
+            "{what}: {err}"
+        );
+        assert!(
+            took < std::time::Duration::from_secs(60),
+            "{what}: took {took:?}"
+        );
+        let left = bash(&format!("pgrep -u {} | wc -l", 0x7000_0000u32))?;
+        assert_eq!(left.trim(), "0", "{what}: sandbox processes left behind");
+    }
+    bash(&format!("losetup -d {lodev}"))?;
+    Ok(())
+}

@@ -1,6 +1,6 @@
 //! Kernel file injection: the drivers the target needs (from the file database) go into
 //! every installed kernel's initrd, rebuilt with the guest's own tool (update-initramfs,
-//! dracut or mkinitrd) in a chroot. A stamp file records what the initrds were built
+//! dracut or mkinitrd) in its sandbox. A stamp file records what the initrds were built
 //! for, so a second run rebuilds nothing. Without any tool, files from the database are
 //! the fallback, and the report says so.
 use super::filedb::FileDb;
@@ -267,7 +267,7 @@ fn rebuild_initrds(
                 a
             }
         };
-        ctx.chroot(
+        ctx.in_guest(
             argv,
             format!("rebuild the initrd of {kv} with {}", tool.name()),
         );

@@ -4,7 +4,6 @@
 //! unified diff and writes nothing; a second run changes nothing.
 pub mod boot;
 pub mod bootfiles;
-pub mod chroot;
 pub mod cmdline;
 pub mod endpoints;
 pub mod filedb;
@@ -13,6 +12,7 @@ pub mod hosts;
 pub mod kernel;
 pub mod net;
 pub mod os;
+pub mod sandbox;
 pub mod tree;
 
 use serde::Serialize;
@@ -44,7 +44,7 @@ pub enum CustomizeError {
     Action {
         what: String,
         #[source]
-        source: chroot::ChrootError,
+        source: sandbox::SandboxError,
     },
     #[error(transparent)]
     Target(#[from] ferry_common::names::UnknownName),
@@ -78,6 +78,9 @@ pub struct Plan {
     /// Installs the tunnel's app role when the system uses services that stay behind.
     #[serde(skip)]
     pub tunnel: Option<TunnelInstall>,
+    /// What each guest tool may use in its sandbox.
+    #[serde(skip)]
+    pub limits: sandbox::Limits,
 }
 
 /// The tunnel's app role for an image: the host key and the client keys the cloud
@@ -147,6 +150,7 @@ impl Plan {
         };
         let mut plan = Plan {
             tunnel: None,
+            limits: sandbox::Limits::default(),
             target,
             filesystems: Vec::new(),
             hosts: Vec::new(),
@@ -230,6 +234,9 @@ pub struct Report {
     pub notes: Vec<Note>,
     /// Commands run in the tree (or that would run, in a dry run).
     pub actions: Vec<String>,
+    /// Each guest command as it ran: its sandbox, exit status, duration and the end of
+    /// its output.
+    pub ran: Vec<sandbox::Ran>,
     /// Unified diff of every change.
     pub diff: String,
     /// Kernel arguments the target needs, for a boot configuration Ferry writes itself
@@ -255,8 +262,9 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// Asks for `argv` to run chrooted in the tree after the edits are written.
-    pub fn chroot(&mut self, argv: Vec<String>, why: String) {
+    /// Asks for the guest's own `argv` to run in its tree, sandboxed, after the edits are
+    /// written.
+    pub fn in_guest(&mut self, argv: Vec<String>, why: String) {
         self.actions.push(Action { argv, why });
     }
 
@@ -327,13 +335,17 @@ pub fn run(root: &Path, plan: &Plan, dry_run: bool) -> Result<Report, CustomizeE
             after.unwrap_or(""),
         ));
     }
+    let mut ran = Vec::new();
     if !dry_run {
         tree.commit()?;
         for a in &actions {
-            chroot::run(root, &a.argv).map_err(|source| CustomizeError::Action {
-                what: a.why.clone(),
-                source,
+            let r = sandbox::run(root, &a.argv, &plan.limits).map_err(|source| {
+                CustomizeError::Action {
+                    what: a.why.clone(),
+                    source,
+                }
             })?;
+            ran.push(r);
         }
     }
     Ok(Report {
@@ -344,6 +356,7 @@ pub fn run(root: &Path, plan: &Plan, dry_run: bool) -> Result<Report, CustomizeE
         changed,
         notes,
         actions: actions.iter().map(|a| a.argv.join(" ")).collect(),
+        ran,
         diff,
         kernel_args,
     })
@@ -381,10 +394,15 @@ pub fn render(report: &Report) -> String {
     for n in &report.notes {
         out.push_str(&format!("  [{}] {}: {}\n", n.step, n.path, n.message));
     }
-    for a in &report.actions {
+    if report.dry_run {
+        for a in &report.actions {
+            out.push_str(&format!("  would run {a}\n"));
+        }
+    }
+    for r in &report.ran {
         out.push_str(&format!(
-            "  {} {a}\n",
-            if report.dry_run { "would run" } else { "ran" }
+            "  ran {}: {} in {:.1} s ({})\n",
+            r.command, r.status, r.seconds, r.sandbox
         ));
     }
     if report.dry_run {

@@ -84,6 +84,9 @@ enum Cmd {
         /// DIR/client_key is then the enterprise side's key.
         #[arg(long, value_name = "DIR")]
         tunnel_keys: Option<PathBuf>,
+        /// Seconds each guest tool (update-initramfs, dracut) may run in its sandbox.
+        #[arg(long, value_name = "SECS", default_value_t = 900)]
+        tool_timeout: u64,
         /// Show the diff; write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -179,6 +182,7 @@ fn main() -> ExitCode {
             services,
             filedb,
             tunnel_keys,
+            tool_timeout,
             dry_run,
             json,
         } => {
@@ -190,7 +194,10 @@ fn main() -> ExitCode {
                 filedb,
                 tunnel_keys.as_deref(),
             ) {
-                Ok(p) => p,
+                Ok(mut p) => {
+                    p.limits.timeout = std::time::Duration::from_secs(tool_timeout);
+                    p
+                }
                 Err(e) => return fail(e, ExitCode::from(2)),
             };
             match ferry_customize::run(&root, &plan, dry_run) {

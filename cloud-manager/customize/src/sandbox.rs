@@ -1,0 +1,503 @@
+//! Runs a guest's own tool (update-initramfs, dracut, mkinitrd) on its tree without any
+//! privilege on this host. The tool's root is host uid `SANDBOX_UID`, unprivileged; it
+//! sees the tree through idmapped mounts, so the guest's root-owned files are its own
+//! and what it writes is owned by the guest's root on disk. Bubblewrap gives it fresh
+//! user (no nested ones), mount, PID, network, IPC and UTS namespaces, a minimal /dev,
+//! its own /proc (whose /proc/sys is the host's root's, so not writable), no /sys, no
+//! capabilities, `no_new_privs`, and a seccomp filter refusing mounts, ptrace, kexec,
+//! modules, BPF, perf, raw I/O and keyrings. Limits: processes, address space, wall
+//! clock and captured output.
+use ferry_common::safepath::{PathError, Root};
+use rustix::mount as m;
+use serde::Serialize;
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The host uid (and gid) the sandbox's root is; the guest's ids 0..65535 map above it.
+/// Outside the ranges container managers hand out (systemd's end below 0x70000000).
+pub const SANDBOX_UID: u32 = 0x7000_0000;
+const ID_RANGE: u32 = 65_536;
+/// How much of a command's output a report and an error keep.
+const TAIL: usize = 4000;
+
+/// What a guest tool may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub timeout: Duration,
+    /// Bytes of stdout and stderr together; beyond it the tool is stopped.
+    pub output_bytes: u64,
+    /// Processes of the sandbox's user at once (a fork bomb stops there).
+    pub processes: u64,
+    /// Address space of each process.
+    pub memory_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(900),
+            output_bytes: 64 << 20,
+            processes: 1024,
+            memory_bytes: 4 << 30,
+        }
+    }
+}
+
+/// One guest command as it ran, for the customization report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Ran {
+    pub command: String,
+    pub sandbox: String,
+    /// `exit 0`, `exit 1`, `killed: timeout after 900 s`, ...
+    pub status: String,
+    pub seconds: f64,
+    /// The end of its output (stderr, then stdout).
+    pub tail: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox setup: {what}: {source}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sandbox setup: {0}")]
+    Path(#[from] PathError),
+    #[error("{} ended with {} after {:.1} s in the sandbox: {}", .0.command, .0.status, .0.seconds, .0.tail)]
+    Failed(Box<Ran>),
+}
+
+fn setup(what: &'static str) -> impl Fn(std::io::Error) -> SandboxError {
+    move |source| SandboxError::Setup { what, source }
+}
+
+fn errno(what: &'static str) -> impl Fn(rustix::io::Errno) -> SandboxError {
+    move |e| SandboxError::Setup {
+        what,
+        source: e.into(),
+    }
+}
+
+/// Runs `argv` as root of the guest tree at `root` (which may hold the guest's other
+/// file systems mounted inside it), contained as the module says.
+pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, SandboxError> {
+    let userns = id_map()?;
+    let view = IdmappedTree::new(root, &userns)?;
+    let seccomp = seccomp_program()?;
+    let tree = rustix::fs::open(
+        view.dir.path(),
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(errno("open the sandbox root"))?;
+    // bwrap names its sandbox's first process here, so its end can be waited for.
+    let (info_read, info_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(errno("make the sandbox's info pipe"))?;
+    let (tree_fd, seccomp_fd) = (tree.as_raw_fd(), seccomp.as_raw_fd());
+    let sandbox = format!(
+        "bwrap: root is host uid {SANDBOX_UID}, idmapped tree, no network, seccomp, at most {} processes and {} s",
+        limits.processes,
+        limits.timeout.as_secs()
+    );
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={SANDBOX_UID}"))
+        .arg(format!("--regid={SANDBOX_UID}"))
+        .args([
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+        ])
+        .arg("prlimit")
+        .arg(format!("--nproc={}", limits.processes))
+        .arg(format!("--as={}", limits.memory_bytes))
+        .args(["--core=0", "--"])
+        .args([
+            "bwrap",
+            "--unshare-all",
+            "--unshare-user",
+            "--disable-userns",
+        ])
+        .args([
+            "--die-with-parent",
+            "--new-session",
+            "--uid",
+            "0",
+            "--gid",
+            "0",
+        ])
+        .args(["--hostname", "ferry-sandbox", "--bind-fd"])
+        .arg(tree_fd.to_string())
+        .args(["/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run"])
+        .args(["--tmpfs", "/tmp", "--chdir", "/", "--seccomp"])
+        .arg(seccomp_fd.to_string())
+        .arg("--info-fd")
+        .arg(info_write.as_raw_fd().to_string())
+        .arg("--")
+        .args(argv)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LANG", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // The two descriptors are handed down by number; nothing else is.
+    let passed = [&tree, &seccomp, &info_write];
+    for fd in passed {
+        inheritable(fd, true)?;
+    }
+    let started = Instant::now();
+    let spawned = cmd.spawn();
+    for fd in passed {
+        inheritable(fd, false)?;
+    }
+    drop(info_write);
+    let child = spawned.map_err(setup("start setpriv and bwrap"))?;
+    let (status, tail) = supervise(child, limits)?;
+    wait_gone(info_read);
+    let ran = Ran {
+        command: argv.join(" "),
+        sandbox,
+        status,
+        seconds: started.elapsed().as_secs_f64(),
+        tail,
+    };
+    drop(view);
+    if ran.status == "exit 0" {
+        Ok(ran)
+    } else {
+        Err(SandboxError::Failed(Box::new(ran)))
+    }
+}
+
+fn inheritable(fd: &OwnedFd, on: bool) -> Result<(), SandboxError> {
+    let flags = if on {
+        rustix::io::FdFlags::empty()
+    } else {
+        rustix::io::FdFlags::CLOEXEC
+    };
+    rustix::io::fcntl_setfd(fd, flags).map_err(errno("pass a descriptor to the sandbox"))
+}
+
+/// Waits for the tool within the limits; its status in words and the tail of its output.
+fn supervise(
+    mut child: std::process::Child,
+    limits: &Limits,
+) -> Result<(String, String), SandboxError> {
+    let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let read = |pipe: Option<Box<dyn Read + Send>>| {
+        let total = total.clone();
+        std::thread::spawn(move || {
+            let mut kept: Vec<u8> = Vec::new();
+            let Some(mut pipe) = pipe else { return kept };
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                total.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > 2 * TAIL {
+                    kept.drain(..kept.len() - TAIL);
+                }
+            }
+            kept
+        })
+    };
+    let err = read(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let out = read(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limits.timeout;
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(setup("wait for the sandbox"))? {
+            break match s.code() {
+                Some(c) => format!("exit {c}"),
+                None => format!("killed by a signal ({s})"),
+            };
+        }
+        let overflow = total.load(std::sync::atomic::Ordering::Relaxed) > limits.output_bytes;
+        if overflow || Instant::now() >= deadline {
+            // bwrap dies with its parent chain, and its PID namespace with it.
+            let _ = child.kill();
+            let _ = child.wait();
+            break if overflow {
+                format!("killed: more than {} bytes of output", limits.output_bytes)
+            } else {
+                format!("killed: timeout after {} s", limits.timeout.as_secs())
+            };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut text = String::from_utf8_lossy(&err.join().unwrap_or_default()).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.join().unwrap_or_default()));
+    let tail: String = text
+        .chars()
+        .rev()
+        .take(TAIL)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    Ok((status, tail.trim().to_string()))
+}
+
+/// Waits (a few seconds at most) until the sandbox's first process, and so its PID
+/// namespace, is gone: a tool killed on a limit leaves nothing running.
+fn wait_gone(info: OwnedFd) {
+    let mut text = String::new();
+    let _ = std::fs::File::from(info).read_to_string(&mut text);
+    let pid = text
+        .split("\"child-pid\":")
+        .nth(1)
+        .and_then(|s| s.trim_start().split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<u32>().ok());
+    let Some(pid) = pid else { return };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A user namespace mapping the guest's ids 0..65535 to `SANDBOX_UID` and up, held by
+/// descriptor (the process that made it is gone).
+fn id_map() -> Result<OwnedFd, SandboxError> {
+    let mut holder = Command::new("unshare")
+        .args(["--user", "--", "sleep", "60"])
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(setup("start the id-map holder"))?;
+    let result = (|| {
+        let pid = holder.id();
+        let ours =
+            std::fs::read_link("/proc/self/ns/user").map_err(setup("read our user namespace"))?;
+        let ns_path = PathBuf::from(format!("/proc/{pid}/ns/user"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(&ns_path).map_err(setup("read the holder's namespace"))? == ours {
+            if Instant::now() > deadline {
+                return Err(SandboxError::Setup {
+                    what: "the id-map holder never left our user namespace",
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let map = format!("0 {SANDBOX_UID} {ID_RANGE}\n");
+        for file in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{pid}/{file}"), &map)
+                .map_err(setup("write the id map"))?;
+        }
+        rustix::fs::open(
+            &ns_path,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(errno("open the id-mapped namespace"))
+    })();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    result
+}
+
+/// The guest tree seen through idmapped mounts (each of its file systems), attached at a
+/// private directory; detached on drop.
+struct IdmappedTree {
+    dir: tempfile::TempDir,
+}
+
+impl IdmappedTree {
+    fn new(root: &Path, userns: &OwnedFd) -> Result<Self, SandboxError> {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-sandbox-")
+            .tempdir()
+            .map_err(setup("make the sandbox root"))?;
+        let tree = Root::open(root)?;
+        let view = Self { dir };
+        let clone = |from: &OwnedFd| -> Result<OwnedFd, SandboxError> {
+            let c = m::open_tree(
+                from,
+                "",
+                m::OpenTreeFlags::OPEN_TREE_CLONE
+                    | m::OpenTreeFlags::OPEN_TREE_CLOEXEC
+                    | m::OpenTreeFlags::AT_EMPTY_PATH,
+            )
+            .map_err(errno("clone a mount of the tree"))?;
+            composefs_ioctls::mount::mount_setattr_idmap(&c, userns).map_err(setup(
+                "idmap a mount of the tree (its file system must allow it)",
+            ))?;
+            Ok(c)
+        };
+        let top = clone(tree.fd())?;
+        m::move_mount(
+            &top,
+            "",
+            rustix::fs::CWD,
+            view.dir.path(),
+            m::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(errno("attach the idmapped tree"))?;
+        let inside = Root::open(view.dir.path())?;
+        for rel in submounts(root)? {
+            let from = tree.open_dir(rel.as_bytes())?;
+            let c = clone(&from)?;
+            let onto = inside.open_dir(rel.as_bytes())?;
+            m::move_mount(
+                &c,
+                "",
+                &onto,
+                "",
+                m::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH
+                    | m::MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+            )
+            .map_err(errno("attach an idmapped file system of the tree"))?;
+        }
+        Ok(view)
+    }
+}
+
+impl Drop for IdmappedTree {
+    fn drop(&mut self) {
+        if let Err(e) = m::unmount(self.dir.path(), m::UnmountFlags::DETACH) {
+            tracing::warn!(dir = %self.dir.path().display(), error = %e, "cannot detach the sandbox's tree");
+        }
+    }
+}
+
+/// Mount points strictly below `root` (relative, outermost first), from our mount table.
+fn submounts(root: &Path) -> Result<Vec<String>, SandboxError> {
+    let root = root.canonicalize().map_err(setup("resolve the tree"))?;
+    let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(setup("read mountinfo"))?;
+    let mut out: Vec<String> = table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .filter_map(|p| {
+            Path::new(&p)
+                .strip_prefix(&root)
+                .ok()
+                .map(|r| r.to_string_lossy().into_owned())
+        })
+        .filter(|r| !r.is_empty())
+        .collect();
+    out.sort_by_key(|r| r.matches('/').count());
+    out.dedup();
+    Ok(out)
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The seccomp filter, compiled for bwrap (`--seccomp FD`): these calls fail with EPERM.
+fn seccomp_program() -> Result<OwnedFd, SandboxError> {
+    let denied = [
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_open_tree,
+        libc::SYS_move_mount,
+        libc::SYS_fsopen,
+        libc::SYS_fsconfig,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_mount_setattr,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_iopl,
+        libc::SYS_ioperm,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_keyctl,
+        libc::SYS_setns,
+        libc::SYS_unshare,
+        libc::SYS_reboot,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_syslog,
+        libc::SYS_acct,
+        libc::SYS_userfaultfd,
+        libc::SYS_open_by_handle_at,
+    ];
+    let rules = denied.iter().map(|&n| (n, Vec::new())).collect();
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        std::env::consts::ARCH
+            .try_into()
+            .map_err(|e| SandboxError::Setup {
+                what: "seccomp for this architecture",
+                source: std::io::Error::other(e),
+            })?,
+    )
+    .map_err(|e| SandboxError::Setup {
+        what: "compile the seccomp filter",
+        source: std::io::Error::other(e),
+    })?;
+    let program: seccompiler::BpfProgram =
+        filter
+            .try_into()
+            .map_err(|e: seccompiler::BackendError| SandboxError::Setup {
+                what: "compile the seccomp filter",
+                source: std::io::Error::other(e),
+            })?;
+    let mut bytes = Vec::with_capacity(program.len() * 8);
+    for i in &program {
+        bytes.extend_from_slice(&i.code.to_ne_bytes());
+        bytes.push(i.jt);
+        bytes.push(i.jf);
+        bytes.extend_from_slice(&i.k.to_ne_bytes());
+    }
+    let mut f = tempfile::tempfile().map_err(setup("hold the seccomp filter"))?;
+    f.write_all(&bytes)
+        .map_err(setup("write the seccomp filter"))?;
+    f.rewind().map_err(setup("write the seccomp filter"))?;
+    Ok(OwnedFd::from(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape(r"/a\040b/c\134d"), "/a b/c\\d");
+        assert_eq!(unescape("/plain"), "/plain");
+    }
+}
