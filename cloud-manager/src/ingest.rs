@@ -146,13 +146,20 @@ fn check_file_systems(rec: &SystemRecord, fss: &[FsRecord]) -> Result<()> {
             )));
         }
         // A replica stays where it was first registered: a source that says otherwise
-        // later is refused, not followed.
+        // later is refused, not followed, unless the operator allowed that very move.
         if let Some(have) = rec.fs(&fs.fs_id) {
-            if have.mount_point != fs.mount_point {
+            let allowed = rec
+                .allowed_moves
+                .iter()
+                .any(|(id, to)| *id == fs.fs_id && *to == fs.mount_point);
+            if have.mount_point != fs.mount_point && !allowed {
                 return Err(CloudError::Invalid(format!(
-                    "file system {} is registered at {:?}; it cannot move to {shown:?}",
+                    "file system {} is registered at {:?}; it cannot move to {shown:?} \
+                     (if the source really moved it: ferry replica allow-move {} {} {shown})",
                     fs.fs_id,
-                    String::from_utf8_lossy(&have.mount_point)
+                    String::from_utf8_lossy(&have.mount_point),
+                    rec.name,
+                    fs.fs_id,
                 )));
             }
         }
@@ -305,6 +312,12 @@ impl Ingest {
             if let Some(have) = rec.fs_mut(&fs.fs_id) {
                 have.used_bytes = fs.used_bytes;
                 have.inodes_used = fs.inodes_used;
+                if have.mount_point != fs.mount_point {
+                    tracing::warn!(system = %rec.name, fs_id = %fs.fs_id, from = %String::from_utf8_lossy(&have.mount_point), to = %String::from_utf8_lossy(&fs.mount_point), "file system moved, as the operator allowed");
+                    have.mount_point = fs.mount_point.clone();
+                    rec.allowed_moves
+                        .retain(|(id, to)| !(*id == fs.fs_id && *to == fs.mount_point));
+                }
                 continue;
             }
             // A new file system starts its first pass with nothing done.

@@ -195,6 +195,30 @@ impl Replication {
         Ok(rec.settings())
     }
 
+    /// Lets `fs_id` register once at `mount_point` (checked as registrations are).
+    pub async fn allow_move(&self, system: &str, fs_id: &str, mount_point: Vec<u8>) -> Result<()> {
+        crate::ingest::check_mount_point(&mount_point)?;
+        let lock = self.lock(system);
+        let _g = lock.lock().await;
+        let mut rec = self.require(system)?;
+        if rec.fs(fs_id).is_none() {
+            return Err(CloudError::NotFound(format!(
+                "system {system} has no file system {fs_id:?}"
+            )));
+        }
+        if !rec
+            .allowed_moves
+            .iter()
+            .any(|(id, to)| id == fs_id && *to == mount_point)
+        {
+            rec.allowed_moves.push((fs_id.to_string(), mount_point.clone()));
+        }
+        self.systems.put(&rec)?;
+        self.systems.flush()?;
+        tracing::info!(system, fs_id, to = %String::from_utf8_lossy(&mount_point), "move of a file system allowed by the operator");
+        Ok(())
+    }
+
     /// Where the replica of the file system a system mounts at `mount_point` is seen.
     pub fn replica_path(&self, system: &str, mount_point: &str) -> Result<PathBuf> {
         let rec = self.require(system)?;

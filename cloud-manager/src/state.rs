@@ -67,6 +67,10 @@ pub struct SystemRecord {
     /// How many times the replica asked its agent for a resync.
     #[serde(default)]
     pub resyncs: u64,
+    /// Moves of a file system to another mount point the operator allowed, each taken
+    /// by the next registration that makes it: (fs_id, new mount point).
+    #[serde(default)]
+    pub allowed_moves: Vec<(String, Vec<u8>)>,
 }
 
 /// A probe as a typed record, or as the JSON text older records hold.

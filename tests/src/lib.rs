@@ -109,6 +109,14 @@ pub fn debian12_tree() -> Result<PathBuf> {
     Ok(PathBuf::from(out.trim()))
 }
 
+/// The cached Debian 12 tree with dracut in place of initramfs-tools (made once).
+pub fn debian12_dracut_tree() -> Result<PathBuf> {
+    let out = sh(&mut Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/debian12_dracut_tree.sh"),
+    ))?;
+    Ok(PathBuf::from(out.trim()))
+}
+
 /// A source system on a loop-mounted ext4 (1.2 GB, `uuid`): the cached Debian 12 tree,
 /// named `name`, with a static enterprise address `ip/24` on eth0.
 pub fn debian12_source(dir: &Path, name: &str, uuid: &str, ip: &str) -> Result<LoopFs> {

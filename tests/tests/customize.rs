@@ -712,3 +712,36 @@ exit 0
     bash(&format!("losetup -d {lodev}"))?;
     Ok(())
 }
+
+/// Debian 12 with dracut instead of initramfs-tools: the drivers reach the initrd its
+/// boot loader loads, through the guest's own dracut in the sandbox.
+#[test]
+fn a_debian_12_tree_with_dracut_gets_virtio_through_its_own_dracut_in_the_sandbox() -> Result<()> {
+    let cached = debian12_dracut_tree()?;
+    let tmp = scratch("debian12-dracut")?;
+    let tree = tmp.path().join("root");
+    copy_tree(&cached, &tree)?;
+    let r = customize(&tree, "aws", &[], false)?;
+    let ran = &r["ran"][0];
+    assert!(
+        ran["command"].as_str().unwrap_or("").contains("dracut"),
+        "{r}"
+    );
+    assert_eq!(ran["status"], "exit 0", "{r}");
+    assert!(
+        ran["sandbox"].as_str().unwrap_or("").contains("bwrap"),
+        "{r}"
+    );
+    let kver = std::fs::read_dir(tree.join("usr/lib/modules"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no kernel in the tree"))??
+        .file_name();
+    let files = sh(Command::new("chroot").arg(&tree).args([
+        "lsinitrd",
+        &format!("/boot/initrd.img-{}", kver.to_string_lossy()),
+    ]))?;
+    for m in ["virtio_blk.ko", "xen-blkfront.ko", "ena.ko"] {
+        assert!(files.contains(m), "{m} missing from the dracut initrd");
+    }
+    Ok(())
+}

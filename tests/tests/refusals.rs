@@ -370,3 +370,78 @@ async fn the_site_refuses_hostile_frames_before_queueing_them() -> Result<()> {
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     Ok(())
 }
+
+/// A source whose root holds `data -> /etc` and a second file system at `/data`: the
+/// customization of its copy refuses to place that file system, naming it, and nothing
+/// under the host's /etc changes or gets mounted over.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_symlink_where_a_file_system_mounts_is_refused_and_the_host_is_untouched(
+) -> Result<()> {
+    let tmp = scratch("symlink-mount")?;
+    let t = tmp.path();
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let (root_fs, data_fs) = (
+        "0a1b2c3d-0000-4000-8000-0000000000d1",
+        "0a1b2c3d-0000-4000-8000-0000000000d2",
+    );
+    let mut gamma =
+        enrolled_client(&cloud.url(), &cloud.token()?, "gamma", &t.join("gamma")).await?;
+    let mut req = register("gamma", root_fs);
+    let mut data = req.filesystems[0].clone();
+    data.fs_id = data_fs.into();
+    data.uuid = data_fs.into();
+    data.mount_point = b"/data".to_vec();
+    data.device = "/dev/sdb1".into();
+    req.filesystems.push(data);
+    gamma.register(req).await?;
+    let dir = |p: &[u8], children: &[&[u8]]| pb::Entry {
+        mode: 0o40755,
+        children: children.iter().map(|c| c.to_vec()).collect(),
+        ..entry(p, pb::EntryKind::Dir)
+    };
+    let link = pb::Entry {
+        link_target: b"/etc".to_vec(),
+        mode: 0o120777,
+        ..entry(b"data", pb::EntryKind::Symlink)
+    };
+    let etc = pb::Entry {
+        mode: 0o40755,
+        ..entry(b"etc", pb::EntryKind::Dir)
+    };
+    gamma
+        .apply_batch(batch(
+            "gamma",
+            root_fs,
+            1,
+            vec![etc, link, dir(b"", &[b"data", b"etc"])],
+        ))
+        .await?;
+    gamma
+        .apply_batch(batch("gamma", data_fs, 2, vec![dir(b"", &[])]))
+        .await?;
+    let before = bash("find /etc -xdev -type f -readable -print0 | sort -z | xargs -0 md5sum 2>/dev/null | md5sum")?;
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some("/etc"))
+        .count();
+    let err = cloud.ferry_fails(&["systems", "customize", "gamma", "--target", "local"]);
+    assert!(
+        err.contains("/data") && err.contains("symlink"),
+        "not refused by name: {err}"
+    );
+    let after = bash("find /etc -xdev -type f -readable -print0 | sort -z | xargs -0 md5sum 2>/dev/null | md5sum")?;
+    assert_eq!(before, after, "the host's /etc changed");
+    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some("/etc"))
+        .count();
+    assert_eq!(
+        mounts_before, mounts_after,
+        "something was mounted over /etc"
+    );
+    assert!(
+        !bash("losetup -a")?.contains(&t.display().to_string()),
+        "a loop device was left attached"
+    );
+    Ok(())
+}

@@ -304,6 +304,13 @@ pub enum SyncCmd {
 pub enum ReplicaCmd {
     /// Where a system's file system is mounted on the cloud manager.
     Path { system: String, mount_point: String },
+    /// Let a file system register once at another mount point: the source really moved
+    /// it (a moved mount point is otherwise refused).
+    AllowMove {
+        system: String,
+        fs_id: String,
+        mount_point: String,
+    },
 }
 
 /// Connects with the operator credentials and runs the command.
@@ -453,6 +460,20 @@ pub async fn replica(client: &mut Client, cmd: ReplicaCmd) -> Result<(), CliErro
                 .await?
                 .into_inner();
             println!("{}", r.path);
+        }
+        ReplicaCmd::AllowMove {
+            system,
+            fs_id,
+            mount_point,
+        } => {
+            client
+                .allow_move(pb::AllowMoveRequest {
+                    system: system.clone(),
+                    fs_id: fs_id.clone(),
+                    mount_point: mount_point.clone().into_bytes(),
+                })
+                .await?;
+            println!("{system}: {fs_id} may register at {mount_point} once");
         }
     }
     Ok(())

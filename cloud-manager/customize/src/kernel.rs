@@ -252,12 +252,21 @@ fn rebuild_initrds(
         let argv: Vec<String> = match tool {
             Tool::UpdateInitramfs => vec![tool_path.into(), "-u".into(), "-k".into(), kv.clone()],
             Tool::Dracut => {
-                let image = if ctx.os.family == "suse" {
-                    format!("/boot/initrd-{kv}")
-                } else {
-                    format!("/boot/initramfs-{kv}.img")
+                // Each family's own initrd name, the one its boot loader loads.
+                let image = match ctx.os.family.as_str() {
+                    "suse" => format!("/boot/initrd-{kv}"),
+                    "debian" => format!("/boot/initrd.img-{kv}"),
+                    _ => format!("/boot/initramfs-{kv}.img"),
                 };
-                vec![tool_path.into(), "-f".into(), image, kv.clone()]
+                // Host-only would size the initrd to the machine it is built on, which
+                // here is the sandbox on the cloud manager, not the target.
+                vec![
+                    tool_path.into(),
+                    "-f".into(),
+                    "--no-hostonly".into(),
+                    image,
+                    kv.clone(),
+                ]
             }
             Tool::Mkinitrd => {
                 let mut a = vec![tool_path.to_string(), "-f".into()];

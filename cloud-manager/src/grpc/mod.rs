@@ -273,6 +273,19 @@ impl pb::control_server::Control for Grpc {
         self.reply("set-replication", identity(&req), r)
     }
 
+    async fn allow_move(
+        &self,
+        req: Request<pb::AllowMoveRequest>,
+    ) -> Result<Response<pb::AllowMoveResponse>, Status> {
+        let who = identity(&req);
+        let q = req.into_inner();
+        let r = (self.cloud.replication)
+            .allow_move(&q.system, &q.fs_id, q.mount_point)
+            .await
+            .map(|()| pb::AllowMoveResponse {});
+        self.reply("allow-move", who, r)
+    }
+
     async fn file_db_add(
         &self,
         req: Request<pb::FileDbAddRequest>,

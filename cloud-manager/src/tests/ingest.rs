@@ -565,3 +565,50 @@ async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
     let r = h.cloud.ingest.register(&agent("web01"), taken).await;
     assert_eq!(kind(r), Kind::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_moved_file_system_registers_only_once_the_operator_allows_that_move() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let moved = |mp: &[u8]| Registration {
+        system: "web01".into(),
+        probe: probe("web01", "10.0.0.5/24"),
+        filesystems: vec![FsRecord {
+            mount_point: mp.to_vec(),
+            ..root_fs()
+        }],
+    };
+    let err = (h.cloud.ingest)
+        .register(&agent("web01"), moved(b"/srv"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("allow-move"), "{err}");
+    // Allowing another target, or a hostile one, lets nothing through.
+    (h.cloud.replication)
+        .allow_move("web01", "root", b"/opt".to_vec())
+        .await
+        .unwrap();
+    assert!(h.cloud.ingest.register(&agent("web01"), moved(b"/srv")).await.is_err());
+    assert_eq!(
+        kind(h.cloud.replication.allow_move("web01", "root", b"/../etc".to_vec()).await),
+        Kind::InvalidArgument
+    );
+    assert_eq!(
+        kind(h.cloud.replication.allow_move("web01", "nope", b"/srv".to_vec()).await),
+        Kind::NotFound
+    );
+    (h.cloud.replication)
+        .allow_move("web01", "root", b"/srv".to_vec())
+        .await
+        .unwrap();
+    h.cloud
+        .ingest
+        .register(&agent("web01"), moved(b"/srv"))
+        .await
+        .unwrap();
+    let rec = h.cloud.replication.require("web01").unwrap();
+    assert_eq!(rec.filesystems[0].mount_point, b"/srv");
+    assert_eq!(rec.allowed_moves, [("root".to_string(), b"/opt".to_vec())]);
+    // Allowed once: moving back is refused again.
+    assert!(h.cloud.ingest.register(&agent("web01"), moved(b"/")).await.is_err());
+}
