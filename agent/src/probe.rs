@@ -9,28 +9,14 @@ use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
+pub use ferry_sysconf::mountinfo::{parse_mountinfo, MountRow};
 use ferry_sysconf::{compare_versions, parse_shell_vars, OsInfo};
 
 pub use ferry_sysconf::host::{BootInfo, FsInfo, HostInfo};
-
-/// One line of /proc/self/mountinfo.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountRow {
-    pub mount_id: u32,
-    pub parent_id: u32,
-    pub major: u32,
-    pub minor: u32,
-    /// Path inside the file system that is mounted (not "/" for bind mounts and btrfs subvolumes).
-    pub root: PathBuf,
-    pub mount_point: PathBuf,
-    pub fstype: String,
-    pub source: String,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -756,58 +742,6 @@ fn vfat_identity(sb: &[u8]) -> Option<(Option<String>, Option<String>)> {
         .to_string();
     let label = (!label.is_empty() && label != "NO NAME").then_some(label);
     Some((Some(uuid), label))
-}
-
-/// Undoes mountinfo's octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` backslash).
-fn unescape_octal(field: &str) -> Vec<u8> {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            let digits = &b[i + 1..i + 4];
-            if digits.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                let v = digits
-                    .iter()
-                    .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
-                if let Ok(byte) = u8::try_from(v) {
-                    out.push(byte);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
-fn unescape_path(field: &str) -> PathBuf {
-    PathBuf::from(OsString::from_vec(unescape_octal(field)))
-}
-
-/// Parses /proc/self/mountinfo text; malformed lines are skipped.
-pub fn parse_mountinfo(text: &str) -> Vec<MountRow> {
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(' ').collect();
-            let (major, minor) = f.get(2)?.split_once(':')?;
-            // Optional fields (shared:N, master:N ...) run up to the "-" separator.
-            let sep = f.iter().skip(6).position(|x| *x == "-")? + 6;
-            Some(MountRow {
-                mount_id: f.first()?.parse().ok()?,
-                parent_id: f.get(1)?.parse().ok()?,
-                major: major.parse().ok()?,
-                minor: minor.parse().ok()?,
-                root: unescape_path(f.get(3)?),
-                mount_point: unescape_path(f.get(4)?),
-                fstype: f.get(sep + 1)?.to_string(),
-                source: String::from_utf8_lossy(&unescape_octal(f.get(sep + 2).unwrap_or(&"")))
-                    .into_owned(),
-            })
-        })
-        .collect()
 }
 
 /// Mounts of local file systems at or below `root`, from /proc/self/mountinfo (handle octal
@@ -1562,7 +1496,10 @@ bad line
             }
         );
         assert_eq!(rows[3].mount_point, Path::new("/srv/my data"));
-        assert_eq!(unescape_octal(r"a\011b\134c\012"), b"a\tb\\c\n");
+        assert_eq!(
+            ferry_sysconf::mountinfo::unescape_octal(r"a\011b\134c\012"),
+            b"a\tb\\c\n"
+        );
     }
 
     #[test]

@@ -309,11 +309,12 @@ impl Ingest {
         check_file_systems(&rec, &req.filesystems)?;
         rec.probe = req.probe;
         for fs in req.filesystems {
+            let name = rec.name.clone();
             if let Some(have) = rec.fs_mut(&fs.fs_id) {
                 have.used_bytes = fs.used_bytes;
                 have.inodes_used = fs.inodes_used;
                 if have.mount_point != fs.mount_point {
-                    tracing::warn!(system = %rec.name, fs_id = %fs.fs_id, from = %String::from_utf8_lossy(&have.mount_point), to = %String::from_utf8_lossy(&fs.mount_point), "file system moved, as the operator allowed");
+                    tracing::warn!(system = %name, fs_id = %fs.fs_id, from = %String::from_utf8_lossy(&have.mount_point), to = %String::from_utf8_lossy(&fs.mount_point), "file system moved, as the operator allowed");
                     have.mount_point = fs.mount_point.clone();
                     rec.allowed_moves
                         .retain(|(id, to)| !(*id == fs.fs_id && *to == fs.mount_point));

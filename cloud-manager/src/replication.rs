@@ -211,7 +211,8 @@ impl Replication {
             .iter()
             .any(|(id, to)| id == fs_id && *to == mount_point)
         {
-            rec.allowed_moves.push((fs_id.to_string(), mount_point.clone()));
+            rec.allowed_moves
+                .push((fs_id.to_string(), mount_point.clone()));
         }
         self.systems.put(&rec)?;
         self.systems.flush()?;

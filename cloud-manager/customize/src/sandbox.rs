@@ -380,12 +380,10 @@ impl Drop for IdmappedTree {
 fn submounts(root: &Path) -> Result<Vec<String>, SandboxError> {
     let root = root.canonicalize().map_err(setup("resolve the tree"))?;
     let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(setup("read mountinfo"))?;
-    let mut out: Vec<String> = table
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape)
-        .filter_map(|p| {
-            Path::new(&p)
+    let mut out: Vec<String> = ferry_sysconf::mountinfo::parse_mountinfo(&table)
+        .into_iter()
+        .filter_map(|row| {
+            row.mount_point
                 .strip_prefix(&root)
                 .ok()
                 .map(|r| r.to_string_lossy().into_owned())
@@ -395,25 +393,6 @@ fn submounts(root: &Path) -> Result<Vec<String>, SandboxError> {
     out.sort_by_key(|r| r.matches('/').count());
     out.dedup();
     Ok(out)
-}
-
-/// mountinfo writes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The seccomp filter, compiled for bwrap (`--seccomp FD`): these calls fail with EPERM.
@@ -489,15 +468,4 @@ fn seccomp_program() -> Result<OwnedFd, SandboxError> {
         .map_err(setup("write the seccomp filter"))?;
     f.rewind().map_err(setup("write the seccomp filter"))?;
     Ok(OwnedFd::from(f))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape(r"/a\040b/c\134d"), "/a b/c\\d");
-        assert_eq!(unescape("/plain"), "/plain");
-    }
 }

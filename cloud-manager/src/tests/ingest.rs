@@ -588,13 +588,28 @@ async fn a_moved_file_system_registers_only_once_the_operator_allows_that_move()
         .allow_move("web01", "root", b"/opt".to_vec())
         .await
         .unwrap();
-    assert!(h.cloud.ingest.register(&agent("web01"), moved(b"/srv")).await.is_err());
+    assert!(h
+        .cloud
+        .ingest
+        .register(&agent("web01"), moved(b"/srv"))
+        .await
+        .is_err());
     assert_eq!(
-        kind(h.cloud.replication.allow_move("web01", "root", b"/../etc".to_vec()).await),
+        kind(
+            h.cloud
+                .replication
+                .allow_move("web01", "root", b"/../etc".to_vec())
+                .await
+        ),
         Kind::InvalidArgument
     );
     assert_eq!(
-        kind(h.cloud.replication.allow_move("web01", "nope", b"/srv".to_vec()).await),
+        kind(
+            h.cloud
+                .replication
+                .allow_move("web01", "nope", b"/srv".to_vec())
+                .await
+        ),
         Kind::NotFound
     );
     (h.cloud.replication)
@@ -610,5 +625,10 @@ async fn a_moved_file_system_registers_only_once_the_operator_allows_that_move()
     assert_eq!(rec.filesystems[0].mount_point, b"/srv");
     assert_eq!(rec.allowed_moves, [("root".to_string(), b"/opt".to_vec())]);
     // Allowed once: moving back is refused again.
-    assert!(h.cloud.ingest.register(&agent("web01"), moved(b"/")).await.is_err());
+    assert!(h
+        .cloud
+        .ingest
+        .register(&agent("web01"), moved(b"/"))
+        .await
+        .is_err());
 }

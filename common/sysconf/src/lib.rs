@@ -3,6 +3,7 @@
 //! shell-style `KEY=value` files.
 pub mod host;
 pub mod hosts;
+pub mod mountinfo;
 pub mod net;
 
 use serde::{Deserialize, Serialize};
