@@ -239,12 +239,15 @@ fn mount_and_run(
         path: root.clone(),
         source,
     })?;
-    let tree = ferry_common::safepath::Root::open(&root).map_err(|source| {
-        PrepareError::Mount(ferry_common::guestmount::GuestMountError::Place {
-            mount_point: "/".into(),
-            source,
+    let open_tree = || {
+        ferry_common::safepath::Root::open(&root).map_err(|source| {
+            PrepareError::Mount(ferry_common::guestmount::GuestMountError::Place {
+                mount_point: "/".into(),
+                source,
+            })
         })
-    })?;
+    };
+    let mut tree = open_tree()?;
     let mut mounts = Mounts(Vec::new());
     for (fs, image) in ordered {
         // The registration checked each mount point; the guest's own tree is only
@@ -259,6 +262,11 @@ fn mount_and_run(
             &fs.fstype,
             flags,
         )?);
+        // The others go inside the guest's root file system, not the directory it
+        // covers: the tree is opened again once that is mounted.
+        if mount_point(fs) == "/" {
+            tree = open_tree()?;
+        }
     }
     let report = customize::run(&root, plan, dry_run)?;
     drop(mounts);

@@ -165,6 +165,7 @@ mod tests {
     use super::*;
 
     fn ext4(dir: &Path) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
         let img = dir.join("fs.img");
         std::fs::File::create(&img)
             .unwrap()
@@ -219,6 +220,14 @@ mod tests {
         let opts = mount_options(&at).expect("mounted in the tree");
         assert!(opts.contains("nodev") && opts.contains("nosuid"), "{opts}");
         assert!(at.join("lost+found").is_dir());
+        // A file system inside that one lands in it (seen through the tree's path).
+        let inner_img = ext4(&t.path().join("inner"));
+        let nested = Root::open(&tree_dir).unwrap();
+        let inner =
+            GuestMount::new(&nested, "/srv/new/data/inner", &inner_img, "ext4", &[]).unwrap();
+        assert!(mount_options(&at.join("inner")).is_some());
+        assert!(at.join("inner/lost+found").is_dir());
+        drop(inner);
         drop(m);
         assert!(mount_options(&at).is_none(), "unmounted on drop");
         assert!(
