@@ -680,7 +680,9 @@ exit 0
         ),
     ];
     for (what, body, why) in cases {
-        hook(body)?;
+        // Every process of the hook carries a mark, to be looked for afterwards.
+        let mark = format!("ferry-hostile-{}", std::process::id());
+        hook(&format!("exec -a {mark} /bin/bash -c '{body}'"))?;
         // The hostile tool "succeeded" above: forget that, so it is run again.
         let _ = std::fs::remove_file(tree.join("etc/ferry/initrd.stamp"));
         let started = std::time::Instant::now();
@@ -706,7 +708,7 @@ exit 0
             took < std::time::Duration::from_secs(60),
             "{what}: took {took:?}"
         );
-        let left = bash(&format!("pgrep -u {} | wc -l", 0x7000_0000u32))?;
+        let left = bash(&format!("pgrep -f '[{}]{}' | wc -l", &mark[..1], &mark[1..]))?;
         assert_eq!(left.trim(), "0", "{what}: sandbox processes left behind");
     }
     bash(&format!("losetup -d {lodev}"))?;

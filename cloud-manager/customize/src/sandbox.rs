@@ -1,5 +1,5 @@
 //! Runs a guest's own tool (update-initramfs, dracut, mkinitrd) on its tree without any
-//! privilege on this host. The tool's root is host uid `SANDBOX_UID`, unprivileged; it
+//! privilege on this host. The tool's root is an unprivileged host uid of its own; it
 //! sees the tree through idmapped mounts, so the guest's root-owned files are its own
 //! and what it writes is owned by the guest's root on disk. Bubblewrap gives it fresh
 //! user (no nested ones), mount, PID, network, IPC and UTS namespaces, a minimal /dev,
@@ -16,10 +16,20 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The host uid (and gid) the sandbox's root is; the guest's ids 0..65535 map above it.
-/// Outside the ranges container managers hand out (systemd's end below 0x70000000).
-pub const SANDBOX_UID: u32 = 0x7000_0000;
+/// The first host uid (and gid) a sandbox's root may be; the guest's ids 0..65535 map
+/// above it. Outside the ranges container managers hand out (systemd's end below
+/// 0x70000000).
+pub const SANDBOX_UID_BASE: u32 = 0x7000_0000;
 const ID_RANGE: u32 = 65_536;
+/// Ranges sandboxes take in turn, so two at once do not share a process limit.
+const SLOTS: u32 = 512;
+static NEXT_SLOT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// This run's host uid for the sandbox's root.
+fn sandbox_uid() -> u32 {
+    let n = NEXT_SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    SANDBOX_UID_BASE + (std::process::id().wrapping_mul(7).wrapping_add(n) % SLOTS) * ID_RANGE
+}
 /// How much of a command's output a report and an error keep.
 const TAIL: usize = 4000;
 
@@ -86,7 +96,8 @@ fn errno(what: &'static str) -> impl Fn(rustix::io::Errno) -> SandboxError {
 /// Runs `argv` as root of the guest tree at `root` (which may hold the guest's other
 /// file systems mounted inside it), contained as the module says.
 pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, SandboxError> {
-    let userns = id_map()?;
+    let uid = sandbox_uid();
+    let userns = id_map(uid)?;
     let view = IdmappedTree::new(root, &userns)?;
     let seccomp = seccomp_program()?;
     let tree = rustix::fs::open(
@@ -100,13 +111,13 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
         .map_err(errno("make the sandbox's info pipe"))?;
     let (tree_fd, seccomp_fd) = (tree.as_raw_fd(), seccomp.as_raw_fd());
     let sandbox = format!(
-        "bwrap: root is host uid {SANDBOX_UID}, idmapped tree, no network, seccomp, at most {} processes and {} s",
+        "bwrap: root is host uid {uid}, idmapped tree, no network, seccomp, at most {} processes and {} s",
         limits.processes,
         limits.timeout.as_secs()
     );
     let mut cmd = Command::new("setpriv");
-    cmd.arg(format!("--reuid={SANDBOX_UID}"))
-        .arg(format!("--regid={SANDBOX_UID}"))
+    cmd.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
         .args([
             "--clear-groups",
             "--inh-caps=-all",
@@ -272,9 +283,9 @@ fn wait_gone(info: OwnedFd) {
     }
 }
 
-/// A user namespace mapping the guest's ids 0..65535 to `SANDBOX_UID` and up, held by
+/// A user namespace mapping the guest's ids 0..65535 to `uid` and up, held by
 /// descriptor (the process that made it is gone).
-fn id_map() -> Result<OwnedFd, SandboxError> {
+fn id_map(uid: u32) -> Result<OwnedFd, SandboxError> {
     let mut holder = Command::new("unshare")
         .args(["--user", "--", "sleep", "60"])
         .stdin(Stdio::null())
@@ -295,7 +306,7 @@ fn id_map() -> Result<OwnedFd, SandboxError> {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let map = format!("0 {SANDBOX_UID} {ID_RANGE}\n");
+        let map = format!("0 {uid} {ID_RANGE}\n");
         for file in ["uid_map", "gid_map"] {
             std::fs::write(format!("/proc/{pid}/{file}"), &map)
                 .map_err(setup("write the id map"))?;
