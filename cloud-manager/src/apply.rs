@@ -213,6 +213,31 @@ fn io_at<'a>(path: &'a [u8], op: &'static str) -> impl Fn(Errno) -> ApplyError +
     }
 }
 
+/// Links `tmp` in `dir` to the inode at the entry's link target.
+fn link_at(root: &Root, e: &Entry, dir: &OwnedFd, tmp: &[u8]) -> Result<(), ApplyError> {
+    let missing = || ApplyError::LinkTargetMissing {
+        path: show(&e.path),
+        target: show(&e.link_target),
+    };
+    let (tdir, tname) = match root.parent(&e.link_target, false) {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Err(ApplyError::Invalid {
+                path: show(&e.path),
+                message: "hard link to the root".into(),
+            })
+        }
+        Err(PathError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(missing())
+        }
+        Err(err) => return Err(err.into()),
+    };
+    rustix::fs::linkat(&tdir, tname, dir, tmp, AtFlags::empty()).map_err(|err| match err {
+        Errno::NOENT => missing(),
+        err => io_at(&e.path, "link")(err),
+    })
+}
+
 fn tmp_name() -> Vec<u8> {
     format!(".ferry-{:016x}.tmp", rand::random::<u64>()).into_bytes()
 }
@@ -301,23 +326,7 @@ fn apply_one(
                     .map_err(io_at(path, "symlink"))?;
                 set_meta_at(dir.as_fd(), &tmp, e, true)?;
             }
-            EntryKind::Hardlink => {
-                let (tdir, tname) =
-                    root.parent(&e.link_target, false)?
-                        .ok_or_else(|| ApplyError::Invalid {
-                            path: show(path),
-                            message: "hard link to the root".into(),
-                        })?;
-                rustix::fs::linkat(&tdir, tname, &dir, tmp.as_slice(), AtFlags::empty()).map_err(
-                    |err| match err {
-                        Errno::NOENT => ApplyError::LinkTargetMissing {
-                            path: show(path),
-                            target: show(&e.link_target),
-                        },
-                        err => io_at(path, "link")(err),
-                    },
-                )?;
-            }
+            EntryKind::Hardlink => link_at(root, e, &dir, &tmp)?,
             EntryKind::Fifo | EntryKind::Char | EntryKind::Block => {
                 let ft = match kind {
                     EntryKind::Fifo => FileType::Fifo,

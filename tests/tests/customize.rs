@@ -708,7 +708,11 @@ exit 0
             took < std::time::Duration::from_secs(60),
             "{what}: took {took:?}"
         );
-        let left = bash(&format!("pgrep -f '[{}]{}' | wc -l", &mark[..1], &mark[1..]))?;
+        let left = bash(&format!(
+            "pgrep -f '[{}]{}' | wc -l",
+            &mark[..1],
+            &mark[1..]
+        ))?;
         assert_eq!(left.trim(), "0", "{what}: sandbox processes left behind");
     }
     bash(&format!("losetup -d {lodev}"))?;
