@@ -208,7 +208,12 @@ pub async fn run(
         }
         first = false;
         if r.config.once {
-            return r.finish_once(summary, wire).await.map(Some);
+            if r.finish_once(&mut summary, wire).await?.is_some() {
+                return Ok(Some(summary));
+            }
+            // The replica refused a batch: the resync pass comes next.
+            work = Work::Full;
+            continue;
         }
         match r.next_work(retry_dirs, &mut hint_rx, &roots).await {
             Some(w) => work = w,
@@ -420,7 +425,7 @@ impl Replicator<'_> {
                 state_dir: self.config.state_dir.clone(),
                 seen_ms,
                 lag: &self.lag,
-                resync: resync.is_some(),
+                resync_for: resync.unwrap_or(0),
             };
             match pass_fs(ctx, &mut uploader, &tx).await {
                 Ok((st, retry)) => {
@@ -459,15 +464,27 @@ impl Replicator<'_> {
     }
 
     /// With `once`: waits until everything sent is durable and completes the summary.
-    async fn finish_once(&self, mut summary: Summary, wire: u64) -> Result<Summary, AgentError> {
+    /// `None` when the replica asked for a resync instead: one more pass is due.
+    async fn finish_once(
+        &self,
+        summary: &mut Summary,
+        wire: u64,
+    ) -> Result<Option<()>, AgentError> {
         let target = self.next_epoch.load(Ordering::SeqCst) - 1;
-        let d = wait_durable(&self.client, &self.name, target, &self.shutdown).await?;
+        let until = Until {
+            target,
+            gate: &self.gate,
+            shutdown: &self.shutdown,
+        };
+        let Some(d) = wait_durable(&self.client, &self.name, until).await? else {
+            return Ok(None);
+        };
         summary.durable_epoch = d;
         summary.chunk_wire_bytes_this_run = wire;
         summary.chunk_wire_bytes_total = self.wire_before + wire;
         summary.chunks_sent_this_run = self.stats.chunks_sent.load(Ordering::Relaxed);
         summary.chunks_skipped_this_run = self.stats.chunks_skipped.load(Ordering::Relaxed);
-        Ok(summary)
+        Ok(Some(()))
     }
 
     /// Waits for what the next pass should look at; `None` once shut down.
@@ -590,12 +607,25 @@ impl Work {
     }
 }
 
+/// What `wait_durable` waits for, and what stops it early.
+struct Until<'a> {
+    target: u64,
+    gate: &'a gate::Gate,
+    shutdown: &'a CancellationToken,
+}
+
+/// The durable epoch once it reaches the target; `None` when the replica asks for a
+/// resync first (the target would never be reached).
 async fn wait_durable(
     client: &sender::Client,
     system: &str,
-    target: u64,
-    shutdown: &CancellationToken,
-) -> Result<u64, SendError> {
+    until: Until<'_>,
+) -> Result<Option<u64>, SendError> {
+    let Until {
+        target,
+        gate,
+        shutdown,
+    } = until;
     loop {
         let p = retry("progress", shutdown, || {
             let mut c = client.clone();
@@ -607,7 +637,11 @@ async fn wait_durable(
         })
         .await?;
         if p.durable_epoch >= target {
-            return Ok(p.durable_epoch);
+            return Ok(Some(p.durable_epoch));
+        }
+        gate.update(p.settings.as_ref());
+        if gate.resync_due().is_some() {
+            return Ok(None);
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Err(SendError::Stopped),
@@ -636,8 +670,8 @@ struct PassCtx<'a> {
     /// When the changes this pass looks for were first noticed (0: not hinted).
     seen_ms: i64,
     lag: &'a lag::Lag,
-    /// Trusts nothing recorded: the replica refused a batch.
-    resync: bool,
+    /// Nonzero: trusts nothing recorded, answering the replica's refusal of this epoch.
+    resync_for: u64,
 }
 
 /// The scanner's way out, with the time it spent waiting on the uploader.
@@ -843,7 +877,7 @@ async fn queue(
         progress: Some(progress),
         source_time_ms: observed_ms,
         ends_pass,
-        resync: ctx.resync,
+        resync_for: ctx.resync_for,
     };
     tx.send(Pending {
         batch,

@@ -788,16 +788,18 @@ impl<'a, S: Sink> Scanner<'a, S> {
     /// pass was moved away before its parent was listed.
     fn forget_groups_under(&mut self, path: &[u8], listed: Option<&[Vec<u8>]>) {
         self.links.retain(|_, g| {
-            if !under(&g.anchor, path) {
+            // The root holds everything; `under` speaks of paths below a name.
+            let rest = if path.is_empty() {
+                Some(&g.anchor[..])
+            } else if under(&g.anchor, path) {
+                g.anchor.get(path.len() + 1..)
+            } else {
                 return true;
-            }
+            };
             let kept = listed.is_some_and(|names| {
-                let rest = if path.is_empty() {
-                    &g.anchor[..]
-                } else {
-                    &g.anchor[path.len() + 1..]
-                };
-                let top = rest.split(|&b| b == b'/').next().unwrap_or_default();
+                let top = rest
+                    .and_then(|r| r.split(|&b| b == b'/').next())
+                    .unwrap_or_default();
                 names.iter().any(|n| n.as_slice() == top)
             });
             if !kept {

@@ -75,8 +75,9 @@ pub struct Batch {
     pub source_time_ms: i64,
     /// The last batch of a pass.
     pub ends_pass: bool,
-    /// From a pass that trusted nothing the agent recorded.
-    pub resync: bool,
+    /// Nonzero: from a pass that trusted nothing the agent recorded, answering the
+    /// refusal of this epoch.
+    pub resync_for: u64,
 }
 
 /// The answer to every ingest call that names a system: how far it is durable, and what
@@ -399,8 +400,9 @@ impl Ingest {
         if batch.epoch <= rec.durable_epoch {
             return Ok(Ack::of(&rec));
         }
-        // Batches built on what the replica refused would only diverge it further.
-        if rec.resync_from > 0 && !(batch.resync && batch.epoch > rec.resync_from) {
+        // Batches built on what the replica refused would only diverge it further; only
+        // the resync that answers this very refusal goes in.
+        if rec.resync_from > 0 && batch.resync_for != rec.resync_from {
             tracing::debug!(system = %rec.name, epoch = batch.epoch, resync_from = rec.resync_from, "batch dropped until the agent resyncs");
             return Ok(Ack::of(&rec));
         }
@@ -426,8 +428,11 @@ impl Ingest {
         let resumed = self.meta.begin_apply(&rec.name, batch.epoch)?;
         let begun_ms = started.elapsed().as_millis() as u64;
         let (store, entries) = (self.chunks.clone(), batch.entries);
+        // A resync pass is the truth about the tree: what stands in its way goes.
+        let replace = batch.resync_for > 0;
         let applied =
-            blocking(move || apply_durably(&mnt, &store, &entries, resumed, begun_ms)).await;
+            blocking(move || apply_durably(&mnt, &store, &entries, (resumed, replace), begun_ms))
+                .await;
         let applied = match applied {
             Ok(a) => a,
             Err(e) if replica_disagrees(&e) => {
@@ -435,6 +440,7 @@ impl Ingest {
                 // round): only a pass that trusts nothing it recorded repairs that.
                 tracing::warn!(system = %rec.name, epoch = batch.epoch, error = %e, "replica disagrees with the agent; asking for a resync");
                 rec.resync_from = batch.epoch;
+                rec.resynced_fs.clear();
                 rec.resyncs += 1;
                 rec.last_error = format!(
                     "epoch {}: {e}; the agent is sending everything again",
@@ -454,9 +460,19 @@ impl Ingest {
             }
         };
         rec.last_error.clear();
-        if batch.resync && rec.resync_from > 0 {
-            tracing::info!(system = %rec.name, epoch = batch.epoch, refused = rec.resync_from, "resync pass reached the replica");
-            rec.resync_from = 0;
+        if rec.resync_from > 0 && batch.ends_pass {
+            if !rec.resynced_fs.contains(&batch.fs_id) {
+                rec.resynced_fs.push(batch.fs_id.clone());
+            }
+            let all = rec
+                .filesystems
+                .iter()
+                .all(|f| rec.resynced_fs.contains(&f.fs_id));
+            if all {
+                tracing::info!(system = %rec.name, epoch = batch.epoch, refused = rec.resync_from, "resync pass reached the replica");
+                rec.resync_from = 0;
+                rec.resynced_fs.clear();
+            }
         }
         self.replication.clear_storage_error();
         Counters::add(&self.counters.batches_applied, 1);
@@ -545,7 +561,11 @@ fn replica_disagrees(e: &CloudError) -> bool {
     use ferry_common::safepath::PathError as P;
     use std::io::ErrorKind as K;
     match e {
-        CloudError::Apply(A::RenameSourceMissing { .. } | A::LinkTargetMissing { .. }) => true,
+        CloudError::Apply(
+            A::RenameSourceMissing { .. }
+            | A::LinkTargetMissing { .. }
+            | A::Path(P::NotDirectory { .. }),
+        ) => true,
         CloudError::Apply(A::Io { errno, .. } | A::Path(P::Io { source: errno, .. })) => {
             matches!(
                 errno.kind(),
@@ -565,10 +585,12 @@ fn apply_durably(
     mnt: &std::path::Path,
     store: &ChunkStore,
     entries: &[Entry],
-    resumed: bool,
+    (resumed, replace): (bool, bool),
     begun_ms: u64,
 ) -> Result<apply::Applied> {
-    let root = ferry_common::safepath::Root::open(mnt).map_err(apply::ApplyError::from)?;
+    let root = ferry_common::safepath::Root::open(mnt)
+        .map_err(apply::ApplyError::from)?
+        .replacing(replace);
     let t = std::time::Instant::now();
     let applied = apply::apply(&root, store, entries, resumed)?;
     let apply_ms = t.elapsed().as_millis() as u64;

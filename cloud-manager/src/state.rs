@@ -67,6 +67,9 @@ pub struct SystemRecord {
     /// How many times the replica asked its agent for a resync.
     #[serde(default)]
     pub resyncs: u64,
+    /// File systems whose resync pass has ended, for the request in `resync_from`.
+    #[serde(default)]
+    pub resynced_fs: Vec<String>,
     /// Moves of a file system to another mount point the operator allowed, each taken
     /// by the next registration that makes it: (fs_id, new mount point).
     #[serde(default)]

@@ -1,7 +1,7 @@
 //! The one place that checks paths from the wire: relative byte paths are validated,
 //! then resolved component by component with `openat(O_NOFOLLOW)` from the replica
 //! root, so neither `..`, absolute paths nor symlinks can lead a write outside it.
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
@@ -12,6 +12,9 @@ pub const MAX_NAME: usize = 255;
 pub enum PathError {
     #[error("refused path {path:?}: {reason}")]
     Refused { path: String, reason: &'static str },
+    /// Something other than a directory stands where the path needs one.
+    #[error("refused path {path:?}: a parent component is a symlink or not a directory")]
+    NotDirectory { path: String },
     #[error("path {path:?}: {source}")]
     Io {
         path: String,
@@ -22,7 +25,9 @@ pub enum PathError {
 impl crate::error::ErrorKind for PathError {
     fn kind(&self) -> crate::error::Kind {
         match self {
-            PathError::Refused { .. } => crate::error::Kind::InvalidArgument,
+            PathError::Refused { .. } | PathError::NotDirectory { .. } => {
+                crate::error::Kind::InvalidArgument
+            }
             PathError::Io { source, .. } if source.raw_os_error() == Some(28) => {
                 crate::error::Kind::ResourceExhausted
             }
@@ -80,6 +85,9 @@ pub fn check_name(name: &[u8]) -> Result<(), PathError> {
 #[derive(Debug)]
 pub struct Root {
     fd: OwnedFd,
+    /// Making a path replaces what stands where a directory must be (a pass that
+    /// trusts nothing is the truth about the tree); otherwise that is refused.
+    replace: bool,
 }
 
 impl Root {
@@ -93,7 +101,14 @@ impl Root {
             path: path.display().to_string(),
             source: e.into(),
         })?;
-        Ok(Self { fd })
+        Ok(Self { fd, replace: false })
+    }
+
+    /// With `on`, `parent(_, true)` removes a non-directory on the way and makes the
+    /// directory the path needs (never following a symlink: the link itself goes).
+    pub fn replacing(mut self, on: bool) -> Self {
+        self.replace = on;
+        self
     }
 
     pub fn fd(&self) -> &OwnedFd {
@@ -123,11 +138,34 @@ impl Root {
                     }
                     open_dir_at(cur.as_fd(), c).map_err(|e| io(path, e))?
                 }
+                Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::NOTDIR)
+                    if create && self.replace =>
+                {
+                    // Entries are applied on several threads: another may have made the
+                    // directory meanwhile. Only a non-directory is unlinked.
+                    match rustix::fs::statat(cur.as_fd(), *c, AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::Directory => {
+                            match rustix::fs::unlinkat(cur.as_fd(), *c, AtFlags::empty()) {
+                                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                                Err(e) => return Err(io(path, e)),
+                            }
+                        }
+                        Ok(_) | Err(rustix::io::Errno::NOENT) => {}
+                        Err(e) => return Err(io(path, e)),
+                    }
+                    match rustix::fs::mkdirat(cur.as_fd(), *c, Mode::from_raw_mode(0o700)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(io(path, e)),
+                    }
+                    open_dir_at(cur.as_fd(), c).map_err(|e| match e {
+                        rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR => {
+                            PathError::NotDirectory { path: show(path) }
+                        }
+                        e => io(path, e),
+                    })?
+                }
                 Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::NOTDIR) => {
-                    return Err(refused(
-                        path,
-                        "a parent component is a symlink or not a directory",
-                    ))
+                    return Err(PathError::NotDirectory { path: show(path) })
                 }
                 Err(e) => return Err(io(path, e)),
             };
@@ -229,12 +267,23 @@ mod tests {
         let root = Root::open(dir.path()).unwrap();
         assert!(matches!(
             root.parent(b"evil/x", true),
-            Err(PathError::Refused { .. })
+            Err(PathError::NotDirectory { .. })
         ));
         let (fd, name) = root.parent(b"new/deep/file", true).unwrap().unwrap();
         assert_eq!(name, b"file");
         drop(fd);
         assert!(dir.path().join("new/deep").is_dir());
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        // Replacing (a resync's truth), the link itself goes, never what it points to.
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        let root = root.replacing(true);
+        root.parent(b"evil/x", true).unwrap().unwrap();
+        root.parent(b"file/y", true).unwrap().unwrap();
+        assert!(std::fs::symlink_metadata(dir.path().join("evil"))
+            .unwrap()
+            .is_dir());
+        assert!(dir.path().join("file").is_dir());
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        assert!(root.parent(b"evil2/x", false).is_err());
     }
 }

@@ -380,6 +380,9 @@ impl pb::ingest_server::Ingest for Service {
         }
         let mut stream = req.into_inner();
         let (mut staged, mut duplicate, mut fresh) = (Vec::new(), 0, Vec::new());
+        // Checked after every frame, not only at the start: a long upload stops at the
+        // limit (what it brought so far is kept, the agent sends the rest later).
+        let mut full = None;
         while let Some(f) = stream.message().await? {
             self.relay.touch_put();
             let step = (|| -> Result<Option<chunks::Staged>> {
@@ -400,6 +403,10 @@ impl pb::ingest_server::Ingest for Service {
                 Ok(None) => duplicate += 1,
                 Err(e) => return Err(fail("put-chunks", id.as_ref(), e)),
             }
+            if let Some(f) = self.relay.spool_full() {
+                full = Some(f);
+                break;
+            }
         }
         // Published, not synced: a batch that refers to them syncs them before it is
         // accepted (a crash meanwhile costs a resend, not data).
@@ -414,6 +421,10 @@ impl pb::ingest_server::Ingest for Service {
         // Best effort: when the queue is full, forwarding the batch sends them.
         if !fresh.is_empty() {
             let _ = self.relay.fresh.try_send(fresh);
+        }
+        if let Some(full) = full {
+            self.relay.wake.notify_one();
+            return Err(fail("put-chunks", id.as_ref(), full));
         }
         Ok(Response::new(pb::PutChunksResponse {
             stored: stored as u64,

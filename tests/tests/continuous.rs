@@ -365,5 +365,13 @@ fn a_replica_that_disagrees_with_its_agent_is_repaired_by_a_resync() -> Result<(
     // Replication goes on as before afterwards.
     bash(&format!("cd {m} && echo four > e/i && mv e/sub e/sub2"))?;
     converged_within(&s.src.mnt, &s.replica, Duration::from_secs(10))?;
+    // A file where the replica should have a directory: the batch writing into it is
+    // refused, and the resync puts the directory back in its place.
+    std::fs::remove_dir_all(s.replica.join("e/sub2"))?;
+    std::fs::write(s.replica.join("e/sub2"), "not a directory")?;
+    bash(&format!("cd {m} && echo five > e/sub2/new"))?;
+    converged_within(&s.src.mnt, &s.replica, Duration::from_secs(30))?;
+    let status = s.cloud.ferry_json(&["sync", "status"])?;
+    assert_eq!(status["systems"][0]["resyncs"], 2, "{status}");
     Ok(())
 }

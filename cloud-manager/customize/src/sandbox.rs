@@ -7,11 +7,12 @@
 //! capabilities, `no_new_privs`, and a seccomp filter refusing mounts, ptrace, kexec,
 //! modules, BPF, perf, raw I/O and keyrings. Limits: processes, address space, wall
 //! clock and captured output.
+use command_fds::CommandFdExt;
 use ferry_common::safepath::{PathError, Root};
 use rustix::mount as m;
 use serde::Serialize;
 use std::io::{Read, Seek, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -101,15 +102,17 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
     let view = IdmappedTree::new(root, &userns)?;
     let seccomp = seccomp_program()?;
     let tree = rustix::fs::open(
-        view.dir.path(),
-        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+        view.root(),
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )
     .map_err(errno("open the sandbox root"))?;
     // bwrap names its sandbox's first process here, so its end can be waited for.
     let (info_read, info_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(errno("make the sandbox's info pipe"))?;
-    let (tree_fd, seccomp_fd) = (tree.as_raw_fd(), seccomp.as_raw_fd());
+    // Handed to this child only, at these numbers (they stay close-on-exec here, so no
+    // other process started meanwhile inherits them).
+    let (tree_fd, seccomp_fd, info_fd) = (3, 4, 5);
     let sandbox = format!(
         "bwrap: root is host uid {uid}, idmapped tree, no network, seccomp, at most {} processes and {} s",
         limits.processes,
@@ -148,7 +151,7 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
         .args(["--tmpfs", "/tmp", "--chdir", "/", "--seccomp"])
         .arg(seccomp_fd.to_string())
         .arg("--info-fd")
-        .arg(info_write.as_raw_fd().to_string())
+        .arg(info_fd.to_string())
         .arg("--")
         .args(argv)
         .env_clear()
@@ -158,16 +161,24 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // The two descriptors are handed down by number; nothing else is.
-    let passed = [&tree, &seccomp, &info_write];
-    for fd in passed {
-        inheritable(fd, true)?;
-    }
+    let mapping = |parent_fd, child_fd| command_fds::FdMapping {
+        parent_fd,
+        child_fd,
+    };
+    cmd.fd_mappings(vec![
+        mapping(tree, tree_fd),
+        mapping(seccomp, seccomp_fd),
+        mapping(info_write, info_fd),
+    ])
+    .map_err(|e| SandboxError::Setup {
+        what: "pass descriptors to the sandbox",
+        source: std::io::Error::other(e),
+    })?;
     let started = Instant::now();
     let spawned = cmd.spawn();
-    for fd in passed {
-        inheritable(fd, false)?;
-    }
-    drop(info_write);
+    // The command holds our copies of the descriptors: closed now, so the info pipe
+    // ends when bwrap does.
+    drop(cmd);
     let child = spawned.map_err(setup("start setpriv and bwrap"))?;
     let (status, tail) = supervise(child, limits)?;
     wait_gone(info_read);
@@ -184,15 +195,6 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
     } else {
         Err(SandboxError::Failed(Box::new(ran)))
     }
-}
-
-fn inheritable(fd: &OwnedFd, on: bool) -> Result<(), SandboxError> {
-    let flags = if on {
-        rustix::io::FdFlags::empty()
-    } else {
-        rustix::io::FdFlags::CLOEXEC
-    };
-    rustix::io::fcntl_setfd(fd, flags).map_err(errno("pass a descriptor to the sandbox"))
 }
 
 /// Waits for the tool within the limits; its status in words and the tail of its output.
@@ -323,10 +325,11 @@ fn id_map(uid: u32) -> Result<OwnedFd, SandboxError> {
     result
 }
 
-/// The guest tree seen through idmapped mounts (each of its file systems), attached at a
-/// private directory; detached on drop.
+/// The guest tree seen through idmapped mounts (each of its file systems), attached at
+/// `root` inside a directory only root can enter; detached on drop.
 struct IdmappedTree {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
 }
 
 impl IdmappedTree {
@@ -335,8 +338,13 @@ impl IdmappedTree {
             .prefix("ferry-sandbox-")
             .tempdir()
             .map_err(setup("make the sandbox root"))?;
+        let at = dir.path().join("root");
+        std::fs::create_dir(&at).map_err(setup("make the sandbox root"))?;
         let tree = Root::open(root)?;
-        let view = Self { dir };
+        let view = Self {
+            dir: Some(dir),
+            root: at,
+        };
         let clone = |from: &OwnedFd| -> Result<OwnedFd, SandboxError> {
             let c = m::open_tree(
                 from,
@@ -356,11 +364,11 @@ impl IdmappedTree {
             &top,
             "",
             rustix::fs::CWD,
-            view.dir.path(),
+            &view.root,
             m::MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
         )
         .map_err(errno("attach the idmapped tree"))?;
-        let inside = Root::open(view.dir.path())?;
+        let inside = Root::open(&view.root)?;
         for rel in submounts(root)? {
             let from = tree.open_dir(rel.as_bytes())?;
             let c = clone(&from)?;
@@ -379,10 +387,24 @@ impl IdmappedTree {
     }
 }
 
+impl IdmappedTree {
+    fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
 impl Drop for IdmappedTree {
     fn drop(&mut self) {
-        if let Err(e) = m::unmount(self.dir.path(), m::UnmountFlags::DETACH) {
-            tracing::warn!(dir = %self.dir.path().display(), error = %e, "cannot detach the sandbox's tree");
+        match m::unmount(&self.root, m::UnmountFlags::DETACH) {
+            // Not attached (set-up stopped before) or detached: the directory can go.
+            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Err(e) => {
+                tracing::warn!(dir = %self.root.display(), error = %e, "cannot detach the sandbox's tree; its directory is left in place");
+                // Removing it would walk into the guest's tree.
+                if let Some(d) = self.dir.take() {
+                    let _ = d.keep();
+                }
+            }
         }
     }
 }

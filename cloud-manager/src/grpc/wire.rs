@@ -147,7 +147,7 @@ impl From<pb::Batch> for Batch {
             }),
             source_time_ms: b.source_time_ms,
             ends_pass: b.ends_pass,
-            resync: b.resync,
+            resync_for: b.resync_for,
         }
     }
 }

@@ -229,13 +229,28 @@ async fn a_replica_that_disagrees_asks_for_a_resync_and_drops_batches_until_it_c
     assert_eq!((ack.durable_epoch, ack.settings.resync_from), (1, 2));
     assert!(!replica.join("c").exists());
 
-    // The resync pass is applied and ends the request.
-    let resync = Batch {
-        resync: true,
-        ..batch("web01", 4, vec![dir_entry("b"), dir_entry("c")])
+    // A resync answering another refusal is dropped too.
+    let stale = Batch {
+        resync_for: 1,
+        ends_pass: true,
+        ..batch("web01", 4, vec![dir_entry("c")])
     };
-    let ack = ingest.apply_batch(&agent("web01"), resync).await.unwrap();
-    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (4, 0));
+    let ack = ingest.apply_batch(&agent("web01"), stale).await.unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (1, 2));
+    // The resync pass is applied; the request ends with its last batch.
+    let first = Batch {
+        resync_for: 2,
+        ..batch("web01", 5, vec![dir_entry("b")])
+    };
+    let ack = ingest.apply_batch(&agent("web01"), first).await.unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (5, 2));
+    let last = Batch {
+        resync_for: 2,
+        ends_pass: true,
+        ..batch("web01", 6, vec![dir_entry("c")])
+    };
+    let ack = ingest.apply_batch(&agent("web01"), last).await.unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (6, 0));
     assert!(replica.join("b").is_dir() && replica.join("c").is_dir());
     let rec = h.cloud.replication.require("web01").unwrap();
     assert_eq!((rec.resync_from, rec.last_error.as_str()), (0, ""));
