@@ -788,15 +788,15 @@ impl<'a, S: Sink> Scanner<'a, S> {
     /// pass was moved away before its parent was listed.
     fn forget_groups_under(&mut self, path: &[u8], listed: Option<&[Vec<u8>]>) {
         self.links.retain(|_, g| {
-            // The root holds everything; `under` speaks of paths below a name.
-            let rest = if path.is_empty() {
-                Some(&g.anchor[..])
-            } else if under(&g.anchor, path) {
-                g.anchor.get(path.len() + 1..)
-            } else {
+            if !under(&g.anchor, path) {
                 return true;
-            };
+            }
             let kept = listed.is_some_and(|names| {
+                let rest = if path.is_empty() {
+                    Some(&g.anchor[..])
+                } else {
+                    g.anchor.get(path.len() + 1..)
+                };
                 let top = rest
                     .and_then(|r| r.split(|&b| b == b'/').next())
                     .unwrap_or_default();
