@@ -6,8 +6,14 @@
 # report) over that. Needs root. Usage: tests/bench/customize.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-B=${CARGO_TARGET_DIR:-$PWD/target}/release
-cargo build --release -p ferry-cloud-manager --bins >/dev/null
+# FERRY_BENCH_PROFILE=debug times a debug ferry-cloud (the guest's tool dominates).
+PROFILE=${FERRY_BENCH_PROFILE:-release}
+B=${CARGO_TARGET_DIR:-$PWD/target}/$PROFILE
+if [ "$PROFILE" = release ]; then
+  cargo build --release -p ferry-cloud-manager --bins >/dev/null
+else
+  cargo build -p ferry-cloud-manager --bins >/dev/null
+fi
 SRC=$(tests/bench/debian12_tree.sh)
 W=$(mktemp -d /tmp/ferry-bench-customize.XXXX)
 trap 'rm -rf "$W"' EXIT
