@@ -603,6 +603,14 @@ fn a_hostile_initrd_tool_cannot_act_on_the_host() -> Result<()> {
     std::fs::write(&disk, vec![0x5au8; 1 << 20])?;
     let lodev = bash(&format!("losetup --find --show '{}'", disk.display()))?;
     let lodev = lodev.trim().to_string();
+    /// Frees the test's loop device however the test ends.
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+    let _detach = Detach(lodev.clone());
     let (maj_min, _) =
         bash(&format!("stat -c '%t %T' {lodev}")).map(|s| (s.trim().to_string(), ()))?;
     let (maj, min) = maj_min
@@ -715,7 +723,6 @@ exit 0
         ))?;
         assert_eq!(left.trim(), "0", "{what}: sandbox processes left behind");
     }
-    bash(&format!("losetup -d {lodev}"))?;
     Ok(())
 }
 
