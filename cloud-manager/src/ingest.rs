@@ -149,11 +149,7 @@ fn check_file_systems(rec: &SystemRecord, fss: &[FsRecord]) -> Result<()> {
         // A replica stays where it was first registered: a source that says otherwise
         // later is refused, not followed, unless the operator allowed that very move.
         if let Some(have) = rec.fs(&fs.fs_id) {
-            let allowed = rec
-                .allowed_moves
-                .iter()
-                .any(|(id, to)| *id == fs.fs_id && *to == fs.mount_point);
-            if have.mount_point != fs.mount_point && !allowed {
+            if have.mount_point != fs.mount_point && !rec.move_allowed(&fs.fs_id, &fs.mount_point) {
                 return Err(CloudError::Invalid(format!(
                     "file system {} is registered at {:?}; it cannot move to {shown:?} \
                      (if the source really moved it: ferry replica allow-move {} {} {shown})",

@@ -206,11 +206,7 @@ impl Replication {
                 "system {system} has no file system {fs_id:?}"
             )));
         }
-        if !rec
-            .allowed_moves
-            .iter()
-            .any(|(id, to)| id == fs_id && *to == mount_point)
-        {
+        if !rec.move_allowed(fs_id, &mount_point) {
             rec.allowed_moves
                 .push((fs_id.to_string(), mount_point.clone()));
         }

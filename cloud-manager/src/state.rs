@@ -99,6 +99,13 @@ impl SystemRecord {
         }
     }
 
+    /// Whether the operator allowed `fs_id` to register at `mount_point`.
+    pub fn move_allowed(&self, fs_id: &str, mount_point: &[u8]) -> bool {
+        self.allowed_moves
+            .iter()
+            .any(|(id, to)| id == fs_id && to == mount_point)
+    }
+
     pub fn fs(&self, fs_id: &str) -> Option<&FsRecord> {
         self.filesystems.iter().find(|f| f.fs_id == fs_id)
     }

@@ -269,7 +269,6 @@ impl Volumes {
     }
 }
 
-/// Whether `path` is a mount point (util-linux `mountpoint`).
 /// A replica holds the source's device nodes, setuid files and programs faithfully;
 /// none of them has any effect on this host.
 pub const CONTAINED: &str = "nodev,nosuid,noexec";
@@ -280,6 +279,7 @@ fn contained(mnt: &Path) -> bool {
     rustix::fs::statvfs(mnt).is_ok_and(|s| s.f_flag.contains(F::NODEV | F::NOSUID | F::NOEXEC))
 }
 
+/// Whether `path` is a mount point (util-linux `mountpoint`).
 pub fn is_mounted(path: &Path) -> bool {
     Command::new("mountpoint")
         .arg("-q")

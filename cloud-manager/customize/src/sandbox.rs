@@ -160,7 +160,7 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // The two descriptors are handed down by number; nothing else is.
+    // The three descriptors are handed down by number; nothing else is.
     let mapping = |parent_fd, child_fd| command_fds::FdMapping {
         parent_fd,
         child_fd,
@@ -180,7 +180,7 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
     // ends when bwrap does.
     drop(cmd);
     let child = spawned.map_err(setup("start setpriv and bwrap"))?;
-    let (status, tail) = supervise(child, limits)?;
+    let (ok, status, tail) = supervise(child, limits)?;
     wait_gone(info_read);
     let ran = Ran {
         command: argv.join(" "),
@@ -190,18 +190,19 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
         tail,
     };
     drop(view);
-    if ran.status == "exit 0" {
+    if ok {
         Ok(ran)
     } else {
         Err(SandboxError::Failed(Box::new(ran)))
     }
 }
 
-/// Waits for the tool within the limits; its status in words and the tail of its output.
+/// Waits for the tool within the limits: whether it succeeded, its status in words and
+/// the tail of its output.
 fn supervise(
     mut child: std::process::Child,
     limits: &Limits,
-) -> Result<(String, String), SandboxError> {
+) -> Result<(bool, String, String), SandboxError> {
     let total = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let read = |pipe: Option<Box<dyn Read + Send>>| {
         let total = total.clone();
@@ -235,11 +236,11 @@ fn supervise(
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     );
     let deadline = Instant::now() + limits.timeout;
-    let status = loop {
+    let (ok, status) = loop {
         if let Some(s) = child.try_wait().map_err(setup("wait for the sandbox"))? {
             break match s.code() {
-                Some(c) => format!("exit {c}"),
-                None => format!("killed by a signal ({s})"),
+                Some(c) => (c == 0, format!("exit {c}")),
+                None => (false, format!("killed by a signal ({s})")),
             };
         }
         let overflow = total.load(std::sync::atomic::Ordering::Relaxed) > limits.output_bytes;
@@ -248,9 +249,15 @@ fn supervise(
             let _ = child.kill();
             let _ = child.wait();
             break if overflow {
-                format!("killed: more than {} bytes of output", limits.output_bytes)
+                (
+                    false,
+                    format!("killed: more than {} bytes of output", limits.output_bytes),
+                )
             } else {
-                format!("killed: timeout after {} s", limits.timeout.as_secs())
+                (
+                    false,
+                    format!("killed: timeout after {} s", limits.timeout.as_secs()),
+                )
             };
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -265,7 +272,7 @@ fn supervise(
         .into_iter()
         .rev()
         .collect();
-    Ok((status, tail.trim().to_string()))
+    Ok((ok, status, tail.trim().to_string()))
 }
 
 /// Waits (a few seconds at most) until the sandbox's first process, and so its PID
