@@ -758,3 +758,44 @@ fn a_debian_12_tree_with_dracut_gets_virtio_through_its_own_dracut_in_the_sandbo
     }
     Ok(())
 }
+
+/// /boot on a file system of its own inside the tree: the sandbox sees it through its
+/// own idmapped mount, and the rebuilt initrd lands there, owned by the guest's root.
+#[test]
+fn a_separate_boot_file_system_gets_its_initrd_rebuilt_through_the_sandbox() -> Result<()> {
+    let cached = debian12_tree()?;
+    let tmp = scratch("separate-boot")?;
+    let tree = tmp.path().join("root");
+    copy_tree(&cached, &tree)?;
+    let conf = tree.join("etc/initramfs-tools/initramfs.conf");
+    let text = std::fs::read_to_string(&conf)?.replace("MODULES=most", "MODULES=list");
+    std::fs::write(&conf, text)?;
+    in_chroot(&tree, &["update-initramfs", "-u"])?;
+    let img = tmp.path().join("boot.img");
+    bash(&format!(
+        "truncate -s 256M '{i}' && mkfs.ext4 -q -d '{t}/boot' '{i}' && rm -rf '{t}/boot'/* && mount -o loop '{i}' '{t}/boot'",
+        i = img.display(),
+        t = tree.display()
+    ))?;
+    /// Unmounts the tree's /boot however the test ends.
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _boot = Unmount(tree.join("boot"));
+    assert!(!initrd_files(&tree)?.contains("virtio_blk.ko"));
+    let r = customize(&tree, "local", &[], false)?;
+    assert_eq!(r["ran"][0]["status"], "exit 0", "{r}");
+    assert!(
+        initrd_files(&tree)?.contains("virtio_blk.ko"),
+        "the initrd on the separate /boot was not rebuilt"
+    );
+    let owner = bash(&format!(
+        "stat -c %u:%g {}/boot/initrd.img-*",
+        tree.display()
+    ))?;
+    assert_eq!(owner.trim(), "0:0");
+    Ok(())
+}

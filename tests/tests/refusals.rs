@@ -220,9 +220,29 @@ async fn hostile_and_unauthorized_requests_are_refused() -> Result<()> {
     alpha.register(register("alpha", fs)).await?;
     // Registered at /, the file system cannot be moved over /etc later.
     let mut moved = register("alpha", fs);
-    moved.filesystems[0].mount_point = b"/etc".to_vec();
-    let err = alpha.register(moved).await.unwrap_err();
+    moved.filesystems[0].mount_point = b"/srv".to_vec();
+    let err = alpha.register(moved.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("allow-move"), "{err:?}");
+    // The operator allows that one move (through the CLI), once; a hostile target is
+    // refused like a registration.
+    let allow = |to: &str| {
+        output(
+            std::process::Command::new(bin("ferry"))
+                .arg("--credentials")
+                .arg(cloud.creds())
+                .args(["replica", "allow-move", "alpha", fs, to]),
+        )
+    };
+    assert!(!allow("/../etc")?.status.success());
+    assert!(allow("/srv")?.status.success());
+    alpha.register(moved.clone()).await?;
+    assert!(
+        alpha.register(register("alpha", fs)).await.is_err(),
+        "moved back without being allowed"
+    );
+    assert!(allow("/")?.status.success());
+    alpha.register(register("alpha", fs)).await?;
     let err = alpha
         .apply_batch(batch("beta", fs, 1, vec![entry(b"x", pb::EntryKind::File)]))
         .await
