@@ -208,7 +208,7 @@ pub async fn run(
         }
         first = false;
         if r.config.once {
-            if r.finish_once(&mut summary, wire).await?.is_some() {
+            if r.finish_once(&mut summary, wire).await? {
                 return Ok(Some(summary));
             }
             // The replica refused a batch: the resync pass comes next.
@@ -464,27 +464,19 @@ impl Replicator<'_> {
     }
 
     /// With `once`: waits until everything sent is durable and completes the summary.
-    /// `None` when the replica asked for a resync instead: one more pass is due.
-    async fn finish_once(
-        &self,
-        summary: &mut Summary,
-        wire: u64,
-    ) -> Result<Option<()>, AgentError> {
+    /// False when the replica asked for a resync instead: one more pass is due.
+    async fn finish_once(&self, summary: &mut Summary, wire: u64) -> Result<bool, AgentError> {
         let target = self.next_epoch.load(Ordering::SeqCst) - 1;
-        let until = Until {
-            target,
-            gate: &self.gate,
-            shutdown: &self.shutdown,
-        };
-        let Some(d) = wait_durable(&self.client, &self.name, until).await? else {
-            return Ok(None);
+        let waited = wait_durable(&self.client, &self.name, target, &self.gate, &self.shutdown);
+        let Some(d) = waited.await? else {
+            return Ok(false);
         };
         summary.durable_epoch = d;
         summary.chunk_wire_bytes_this_run = wire;
         summary.chunk_wire_bytes_total = self.wire_before + wire;
         summary.chunks_sent_this_run = self.stats.chunks_sent.load(Ordering::Relaxed);
         summary.chunks_skipped_this_run = self.stats.chunks_skipped.load(Ordering::Relaxed);
-        Ok(Some(()))
+        Ok(true)
     }
 
     /// Waits for what the next pass should look at; `None` once shut down.
@@ -607,25 +599,15 @@ impl Work {
     }
 }
 
-/// What `wait_durable` waits for, and what stops it early.
-struct Until<'a> {
-    target: u64,
-    gate: &'a gate::Gate,
-    shutdown: &'a CancellationToken,
-}
-
 /// The durable epoch once it reaches the target; `None` when the replica asks for a
 /// resync first (the target would never be reached).
 async fn wait_durable(
     client: &sender::Client,
     system: &str,
-    until: Until<'_>,
+    target: u64,
+    gate: &gate::Gate,
+    shutdown: &CancellationToken,
 ) -> Result<Option<u64>, SendError> {
-    let Until {
-        target,
-        gate,
-        shutdown,
-    } = until;
     loop {
         let p = retry("progress", shutdown, || {
             let mut c = client.clone();
