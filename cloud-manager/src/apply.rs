@@ -93,6 +93,55 @@ pub fn apply(
     Ok(done)
 }
 
+/// What a batch's files take from a replica volume, at the least: `growth` once every
+/// file is in place, and `peak` while the file that needs most has its temp copy written
+/// and its old version still standing (every other file that shrinks done before it).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    pub growth: i64,
+    pub peak: i64,
+}
+
+/// The footprint of `entries` on the replica under `root`: new file data against the
+/// blocks the files they replace free (a name of a hard-link group frees nothing).
+pub fn footprint(root: &Root, entries: &[Entry]) -> Footprint {
+    let mut growth = 0i64;
+    let (mut freed, mut worst) = (0i64, 0i64);
+    for e in entries.iter().filter(|e| e.kind == EntryKind::File as i32) {
+        let new: i64 = e
+            .segments
+            .iter()
+            .flat_map(|s| s.chunks.iter())
+            .map(|c| i64::from(c.len))
+            .sum();
+        let old = replaced_blocks(root, &e.path) as i64;
+        growth += new - old;
+        let shrinks = (old - new).max(0);
+        freed += shrinks;
+        worst = worst.max(new + shrinks);
+    }
+    Footprint {
+        growth,
+        peak: worst - freed,
+    }
+}
+
+/// Bytes renaming a new file over `path` frees: a regular file's blocks, when that
+/// name is its only one.
+fn replaced_blocks(root: &Root, path: &[u8]) -> u64 {
+    let Ok(Some((dir, name))) = root.parent(path, false) else {
+        return 0;
+    };
+    match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st)
+            if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile && st.st_nlink == 1 =>
+        {
+            st.st_blocks as u64 * 512
+        }
+        _ => 0,
+    }
+}
+
 /// A batch cut short by a crash may have left temp files beside any of its entries;
 /// its directories' own entries may come in a later batch, so they are swept here.
 fn sweep_temp_files(root: &Root, entries: &[Entry]) -> Result<(), ApplyError> {
@@ -567,7 +616,7 @@ fn sync_xattrs(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A replica tree holding `files`, with an empty chunk store beside it.
@@ -600,7 +649,8 @@ mod tests {
     }
 
     /// A file entry of `data` in one chunk, the chunk stored.
-    fn stored_file(chunks: &ChunkStore, path: &[u8], data: &[u8]) -> Entry {
+    /// A file entry for `data`, its one chunk put in `chunks`.
+    pub(crate) fn stored_file(chunks: &ChunkStore, path: &[u8], data: &[u8]) -> Entry {
         use ferry_proto::v1::{ChunkRef, Segment};
         let hash = *blake3::hash(data).as_bytes();
         let (z, raw) = ferry_common::chunks::compress(data);
@@ -826,5 +876,31 @@ mod tests {
         apply(&root, &chunks, &group, true).unwrap();
         assert!(!leftover.exists());
         check();
+    }
+
+    #[test]
+    fn a_footprint_counts_new_data_against_what_the_files_it_replaces_free() {
+        let f = fixture(&[("same", &[1u8; 64 << 10]), ("linked", &[2u8; 64 << 10])]);
+        std::fs::hard_link(f.tree.join("linked"), f.tree.join("other")).unwrap();
+        let data = [9u8; 64 << 10];
+        let rewrite = stored_file(&f.chunks, b"same", &data);
+        let fresh = stored_file(&f.chunks, b"d/new", &data);
+        let over_link = stored_file(&f.chunks, b"linked", &data);
+        let size = (64i64) << 10;
+        // Rewriting a file of the same size takes nothing once done, but its new copy
+        // needs room while the old one stands.
+        assert_eq!(
+            footprint(&f.root, std::slice::from_ref(&rewrite)),
+            Footprint {
+                growth: 0,
+                peak: size
+            }
+        );
+        // A new file, and a name of a hard-link group (whose blocks stay), grow it.
+        assert_eq!(footprint(&f.root, &[fresh, over_link]).growth, 2 * size);
+        // A symlink where the file was frees nothing either.
+        std::os::unix::fs::symlink("same", f.tree.join("sym")).unwrap();
+        let via_link = stored_file(&f.chunks, b"sym", &data);
+        assert_eq!(footprint(&f.root, &[via_link]).growth, size);
     }
 }

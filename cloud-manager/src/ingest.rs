@@ -97,6 +97,10 @@ impl Ack {
     }
 }
 
+/// Largest source file system a replica volume is made for: a claim beyond it is refused
+/// at the door, not formatted (images are sparse, but their metadata is not free).
+pub const MAX_VOLUME: u64 = 64 << 40;
+
 /// Longest mount point a file system may register with.
 const MAX_MOUNT_POINT: usize = 4096;
 
@@ -135,6 +139,13 @@ fn check_file_systems(rec: &SystemRecord, fss: &[FsRecord]) -> Result<()> {
         }
         check_mount_point(&fs.mount_point)?;
         let shown = String::from_utf8_lossy(&fs.mount_point);
+        if fs.capacity_bytes > MAX_VOLUME || fs.used_bytes > MAX_VOLUME {
+            return Err(CloudError::Invalid(format!(
+                "file system {} at {shown:?}: capacity {} bytes is more than a replica \
+                 volume holds ({MAX_VOLUME})",
+                fs.fs_id, fs.capacity_bytes
+            )));
+        }
         if fss[..n].iter().any(|o| o.mount_point == fs.mount_point) {
             return Err(CloudError::Invalid(format!(
                 "two file systems registered at {shown:?}"
@@ -310,6 +321,8 @@ impl Ingest {
             if let Some(have) = rec.fs_mut(&fs.fs_id) {
                 have.used_bytes = fs.used_bytes;
                 have.inodes_used = fs.inodes_used;
+                // A source that grew gets a volume that grows with it (unless capped).
+                have.capacity_bytes = fs.capacity_bytes;
                 if have.mount_point != fs.mount_point {
                     tracing::warn!(system = %name, fs_id = %fs.fs_id, from = %String::from_utf8_lossy(&have.mount_point), to = %String::from_utf8_lossy(&fs.mount_point), "file system moved, as the operator allowed");
                     have.mount_point = fs.mount_point.clone();
@@ -426,9 +439,15 @@ impl Ingest {
         let (store, entries) = (self.chunks.clone(), batch.entries);
         // A resync pass is the truth about the tree: what stands in its way goes.
         let replace = batch.resync_for > 0;
-        let applied =
-            blocking(move || apply_durably(&mnt, &store, &entries, (resumed, replace), begun_ms))
-                .await;
+        let room = Room {
+            system: rec.name.clone(),
+            fs_id: fs.fs_id.clone(),
+            space: self.replication.space(&rec.name, &fs.fs_id).await?,
+        };
+        let applied = blocking(move || {
+            apply_durably(&mnt, &store, &entries, (resumed, replace), &room, begun_ms)
+        })
+        .await;
         let applied = match applied {
             Ok(a) => a,
             Err(e) if replica_disagrees(&e) => {
@@ -577,16 +596,40 @@ fn replica_disagrees(e: &CloudError) -> bool {
 }
 
 /// Applies entries into the replica at `mnt` and syncs its file system.
+/// A replica volume a batch goes to, and its room before the batch.
+struct Room {
+    system: String,
+    fs_id: String,
+    space: volumes::Space,
+}
+
+/// Applies a batch and syncs the volume. A batch that cannot fit is refused before
+/// anything is written: the system's other work goes on, and the operator can grow it.
 fn apply_durably(
     mnt: &std::path::Path,
     store: &ChunkStore,
     entries: &[Entry],
     (resumed, replace): (bool, bool),
+    room: &Room,
     begun_ms: u64,
 ) -> Result<apply::Applied> {
     let root = ferry_common::safepath::Root::open(mnt)
         .map_err(apply::ApplyError::from)?
         .replacing(replace);
+    let need = apply::footprint(&root, entries);
+    let need = need.growth.max(need.peak);
+    if need > room.space.free as i64 {
+        let Room {
+            system,
+            fs_id,
+            space,
+        } = room;
+        return Err(CloudError::NoSpace(format!(
+            "replica volume of {system}/{fs_id} ({} bytes) has {} bytes free; the batch \
+             needs {need} (grow it: ferry replica resize {system} {fs_id} SIZE)",
+            space.size, space.free
+        )));
+    }
     let t = std::time::Instant::now();
     let applied = apply::apply(&root, store, entries, resumed)?;
     let apply_ms = t.elapsed().as_millis() as u64;

@@ -3,7 +3,7 @@
 //! limit, status, and where each replica is seen.
 use crate::error::{CloudError, Result};
 use crate::state::{Records, Settings, SystemRecord};
-use crate::volumes::VolumeStore;
+use crate::volumes::{Space, VolumeError, VolumeStore};
 use ferry_common::error::{ErrorKind, Kind};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -26,8 +26,17 @@ pub struct SystemStatus {
     pub report: LagReport,
     /// Seconds since the oldest change not yet durable (0 when none is pending).
     pub lag_seconds: f64,
-    /// Per file system, in the record's order: (replica directory, volume image).
-    pub replicas: Vec<(PathBuf, PathBuf)>,
+    /// Per file system, in the record's order.
+    pub replicas: Vec<Replica>,
+}
+
+/// Where a file system's replica is seen and kept, and how full it is.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    pub path: PathBuf,
+    pub image: PathBuf,
+    /// `None` when the volume cannot be read (not mounted).
+    pub space: Option<Space>,
 }
 
 /// The operator's change to a system's replication; `None` leaves a setting as it is.
@@ -149,11 +158,10 @@ impl Replication {
         let replicas = rec
             .filesystems
             .iter()
-            .map(|f| {
-                (
-                    self.volumes.mount_point(&rec.name, &f.fs_id),
-                    self.volumes.image(&rec.name, &f.fs_id),
-                )
+            .map(|f| Replica {
+                path: self.volumes.mount_point(&rec.name, &f.fs_id),
+                image: self.volumes.image(&rec.name, &f.fs_id),
+                space: self.volumes.space(&rec.name, &f.fs_id).ok(),
             })
             .collect();
         SystemStatus {
@@ -214,6 +222,59 @@ impl Replication {
         self.systems.flush()?;
         tracing::info!(system, fs_id, to = %String::from_utf8_lossy(&mount_point), "move of a file system allowed by the operator");
         Ok(())
+    }
+
+    /// Sets the size of a file system's replica volume (the operator's cap) and grows
+    /// the volume to it now. Volumes only grow; `bytes` is rounded up to whole MiB.
+    pub async fn resize(&self, system: &str, fs_id: &str, bytes: u64) -> Result<Space> {
+        if bytes == 0 || bytes > crate::ingest::MAX_VOLUME {
+            return Err(CloudError::Invalid(format!(
+                "a replica volume is 1 byte to {} bytes",
+                crate::ingest::MAX_VOLUME
+            )));
+        }
+        let lock = self.lock(system);
+        let _g = lock.lock().await;
+        let mut rec = self.require(system)?;
+        let Some(fs) = rec.fs_mut(fs_id) else {
+            return Err(CloudError::NotFound(format!(
+                "system {system} has no file system {fs_id:?}"
+            )));
+        };
+        let have = self.space(system, fs_id).await?.size;
+        let mut wanted = fs.clone();
+        wanted.cap_bytes = bytes;
+        let want = crate::volumes::size_for(&wanted);
+        if want < have {
+            return Err(VolumeError::Shrink {
+                fs_id: fs_id.to_string(),
+                have,
+                want,
+            }
+            .into());
+        }
+        fs.cap_bytes = want;
+        let fs = fs.clone();
+        // Kept first: a grow cut short is finished by the next `ensure`.
+        self.systems.put(&rec)?;
+        self.systems.flush()?;
+        let (v, name) = (self.volumes.clone(), system.to_string());
+        crate::error::blocking(move || v.ensure(&name, &fs).map_err(CloudError::from)).await?;
+        let space = self.space(system, fs_id).await?;
+        tracing::info!(
+            system,
+            fs_id,
+            size = space.size,
+            free = space.free,
+            "replica volume resized by the operator"
+        );
+        Ok(space)
+    }
+
+    /// A replica volume's size and free space.
+    pub async fn space(&self, system: &str, fs_id: &str) -> Result<Space> {
+        let (v, name, id) = (self.volumes.clone(), system.to_string(), fs_id.to_string());
+        crate::error::blocking(move || v.space(&name, &id).map_err(CloudError::from)).await
     }
 
     /// Where the replica of the file system a system mounts at `mount_point` is seen.

@@ -36,6 +36,9 @@ pub struct FsRecord {
     pub inodes_total: u64,
     #[serde(default)]
     pub inodes_used: u64,
+    /// The operator's size for the replica volume; 0: the source's capacity.
+    #[serde(default)]
+    pub cap_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]

@@ -17,6 +17,10 @@ pub enum VolumeError {
     },
     #[error("volume image {image} is attached to a loop device but not mounted here ({loops}); refusing to mount it twice")]
     Busy { image: String, loops: String },
+    #[error("a replica volume only grows: {fs_id} is {have} bytes, {want} asked")]
+    Shrink { fs_id: String, have: u64, want: u64 },
+    #[error("a {0} replica volume cannot grow in place (ext2, ext3, ext4, xfs and btrfs can)")]
+    CannotGrow(String),
     #[error(transparent)]
     Command(#[from] CommandError),
 }
@@ -29,6 +33,9 @@ impl ferry_common::error::ErrorKind for VolumeError {
                 ferry_common::error::Kind::ResourceExhausted
             }
             VolumeError::Busy { .. } => ferry_common::error::Kind::Unavailable,
+            VolumeError::Shrink { .. } | VolumeError::CannotGrow(_) => {
+                ferry_common::error::Kind::InvalidArgument
+            }
             _ => ferry_common::error::Kind::Internal,
         }
     }
@@ -36,6 +43,29 @@ impl ferry_common::error::ErrorKind for VolumeError {
 
 /// Smallest image we make: mkfs.xfs refuses file systems under 300 MiB.
 const MIN_XFS: u64 = 300 << 20;
+
+/// How big a file system's replica volume is: the operator's cap when set, otherwise
+/// the source's capacity (with room for what it uses, should that be more), in whole MiB.
+pub fn size_for(fs: &FsRecord) -> u64 {
+    let mut size = if fs.cap_bytes > 0 {
+        fs.cap_bytes
+    } else {
+        fs.capacity_bytes
+            .max(fs.used_bytes + fs.used_bytes / 10)
+            .max(64 << 20)
+    };
+    if fs.fstype == "xfs" {
+        size = size.max(MIN_XFS);
+    }
+    size.div_ceil(1 << 20) << 20
+}
+
+/// A replica volume's size and what its file system has free (for unprivileged writers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Space {
+    pub size: u64,
+    pub free: u64,
+}
 
 pub fn supported(fstype: &str) -> bool {
     matches!(fstype, "ext2" | "ext3" | "ext4" | "xfs" | "btrfs" | "vfat")
@@ -50,6 +80,8 @@ pub trait VolumeStore: std::fmt::Debug + Send + Sync {
     fn mount_point(&self, system: &str, fs_id: &str) -> PathBuf;
     /// The file holding the replica's file system.
     fn image(&self, system: &str, fs_id: &str) -> PathBuf;
+    /// The volume's size and free space.
+    fn space(&self, system: &str, fs_id: &str) -> Result<Space, VolumeError>;
     /// Releases every replica (clean shutdown).
     fn unmount_all(&self);
 }
@@ -64,6 +96,9 @@ impl VolumeStore for Volumes {
     fn image(&self, system: &str, fs_id: &str) -> PathBuf {
         Volumes::image(self, system, fs_id)
     }
+    fn space(&self, system: &str, fs_id: &str) -> Result<Space, VolumeError> {
+        Volumes::space(self, system, fs_id)
+    }
     fn unmount_all(&self) {
         Volumes::unmount_all(self)
     }
@@ -74,6 +109,18 @@ impl VolumeStore for Volumes {
 #[derive(Debug)]
 pub struct DirVolumes {
     pub root: PathBuf,
+    /// Free bytes every volume reports (as if each were that much larger than its files).
+    pub free: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(test)]
+impl DirVolumes {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            free: std::sync::atomic::AtomicU64::new(u64::MAX / 4),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -94,6 +141,10 @@ impl VolumeStore for DirVolumes {
     }
     fn image(&self, system: &str, fs_id: &str) -> PathBuf {
         self.root.join(system).join(format!("{fs_id}.img"))
+    }
+    fn space(&self, _system: &str, _fs_id: &str) -> Result<Space, VolumeError> {
+        let free = self.free.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(Space { size: free, free })
     }
     fn unmount_all(&self) {}
 }
@@ -139,6 +190,7 @@ impl Volumes {
                     .arg(&mnt))?;
                 tracing::info!(system, fs_id = %fs.fs_id, "volume remounted nodev,nosuid,noexec");
             }
+            self.grow(&image, &mnt, fs)?;
             return Ok(mnt);
         }
         if !image.exists() {
@@ -166,7 +218,83 @@ impl Volumes {
         cmd.arg(&image).arg(&mnt);
         run(&mut cmd)?;
         tracing::info!(system, fs_id = %fs.fs_id, mount = %mnt.display(), "volume mounted");
+        self.grow(&image, &mnt, fs)?;
         Ok(mnt)
+    }
+
+    /// Grows a mounted volume to `size_for(fs)` (the source grew, or the operator raised
+    /// its cap): the image, its loop device, then the file system, all online. A marker
+    /// beside the image says a grow began, so one cut short is finished by the next call.
+    fn grow(&self, image: &Path, mnt: &Path, fs: &FsRecord) -> Result<(), VolumeError> {
+        let io = |source| VolumeError::Io {
+            path: image.display().to_string(),
+            source,
+        };
+        let marker = image.with_extension("img.growing");
+        let want = size_for(fs);
+        let have = std::fs::metadata(image).map_err(io)?.len();
+        if want <= have && !marker.exists() {
+            return Ok(());
+        }
+        if !matches!(
+            fs.fstype.as_str(),
+            "ext2" | "ext3" | "ext4" | "xfs" | "btrfs"
+        ) {
+            return Err(VolumeError::CannotGrow(fs.fstype.clone()));
+        }
+        let attached = run(Command::new("losetup").arg("-j").arg(image))?;
+        let Some(dev) = attached.lines().next().and_then(|l| l.split(':').next()) else {
+            return Err(io(std::io::Error::other("mounted, but on no loop device")));
+        };
+        std::fs::File::create(&marker)
+            .and_then(|m| m.sync_all())
+            .map_err(io)?;
+        if want > have {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(image)
+                .map_err(io)?;
+            f.set_len(want).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        run(Command::new("losetup").arg("-c").arg(dev))?;
+        // resize2fs takes the device; the others the mounted file system.
+        let mut resize = match fs.fstype.as_str() {
+            "xfs" => Command::new("xfs_growfs"),
+            "btrfs" => {
+                let mut c = Command::new("btrfs");
+                c.args(["filesystem", "resize", "max"]);
+                c
+            }
+            _ => Command::new("resize2fs"),
+        };
+        match fs.fstype.as_str() {
+            "xfs" | "btrfs" => resize.arg(mnt),
+            _ => resize.arg(dev),
+        };
+        run(&mut resize)?;
+        std::fs::remove_file(&marker).map_err(io)?;
+        tracing::info!(image = %image.display(), from = have, to = want.max(have), "volume grown");
+        Ok(())
+    }
+
+    pub fn space(&self, system: &str, fs_id: &str) -> Result<Space, VolumeError> {
+        let image = self.image(system, fs_id);
+        let mnt = self.mount_point(system, fs_id);
+        let size = std::fs::metadata(&image)
+            .map_err(|source| VolumeError::Io {
+                path: image.display().to_string(),
+                source,
+            })?
+            .len();
+        let st = rustix::fs::statvfs(&mnt).map_err(|e| VolumeError::Io {
+            path: mnt.display().to_string(),
+            source: e.into(),
+        })?;
+        Ok(Space {
+            size,
+            free: st.f_bavail * st.f_frsize,
+        })
     }
 
     fn format(&self, image: &Path, fs: &FsRecord) -> Result<(), VolumeError> {
@@ -174,14 +302,7 @@ impl Volumes {
             path: image.display().to_string(),
             source,
         };
-        let mut size = fs
-            .capacity_bytes
-            .max(fs.used_bytes + fs.used_bytes / 10)
-            .max(64 << 20);
-        if fs.fstype == "xfs" {
-            size = size.max(MIN_XFS);
-        }
-        size = size.div_ceil(1 << 20) << 20;
+        let size = size_for(fs);
         let tmp = image.with_extension("img.tmp");
         let f = std::fs::File::create(&tmp).map_err(io)?;
         f.set_len(size).map_err(io)?;

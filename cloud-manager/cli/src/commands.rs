@@ -311,6 +311,37 @@ pub enum ReplicaCmd {
         fs_id: String,
         mount_point: String,
     },
+    /// Set the size of a file system's replica volume (by default the source's capacity)
+    /// and grow it now; volumes only grow. SIZE takes K, M, G, T suffixes (powers of 1024).
+    Resize {
+        system: String,
+        fs_id: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+}
+
+/// `10G`, `512M`, `1T` or plain bytes; suffixes are powers of 1024.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown size suffix {c:?} (K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 20G)"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Connects with the operator credentials and runs the command.
@@ -445,7 +476,7 @@ async fn set_paused(client: &mut Client, system: String, paused: bool) -> Result
     Ok(())
 }
 
-/// `ferry replica path`.
+/// `ferry replica path|allow-move|resize`.
 pub async fn replica(client: &mut Client, cmd: ReplicaCmd) -> Result<(), CliError> {
     match cmd {
         ReplicaCmd::Path {
@@ -474,6 +505,24 @@ pub async fn replica(client: &mut Client, cmd: ReplicaCmd) -> Result<(), CliErro
                 })
                 .await?;
             println!("{system}: {fs_id} may register at {mount_point} once");
+        }
+        ReplicaCmd::Resize {
+            system,
+            fs_id,
+            size,
+        } => {
+            let r = client
+                .resize_replica(pb::ResizeReplicaRequest {
+                    system: system.clone(),
+                    fs_id: fs_id.clone(),
+                    size_bytes: size,
+                })
+                .await?
+                .into_inner();
+            println!(
+                "{system}: {fs_id} replica volume is {} bytes, {} free",
+                r.size_bytes, r.free_bytes
+            );
         }
     }
     Ok(())
@@ -861,4 +910,20 @@ async fn set(
     req: pb::SetReplicationRequest,
 ) -> Result<pb::SetReplicationResponse, CliError> {
     Ok(client.set_replication(req).await?.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_take_binary_suffixes_and_refuse_the_rest() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("20g"), Ok(20 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        for bad in ["", "G", "1.5G", "10X", "-1", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
 }

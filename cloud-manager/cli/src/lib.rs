@@ -140,13 +140,16 @@ pub fn render_systems(systems: &[pb::SystemStatus]) -> String {
         }
         for f in &s.filesystems {
             out.push_str(&format!(
-                "  {:<12} {:<5} {:<36} {:<12} {} / {}  {}\n",
+                "  {:<12} {:<12} {:<5} {:<36} {:<12} {} / {}  volume {}, {} free  {}\n",
+                f.fs_id,
                 f.mount_point,
                 f.fstype,
                 f.uuid,
                 f.phase,
                 human_bytes(f.bytes_done),
                 human_bytes(f.bytes_total),
+                human_bytes(f.volume_bytes),
+                human_bytes(f.volume_free_bytes),
                 f.replica_path
             ));
         }

@@ -286,6 +286,22 @@ impl pb::control_server::Control for Grpc {
         self.reply("allow-move", who, r)
     }
 
+    async fn resize_replica(
+        &self,
+        req: Request<pb::ResizeReplicaRequest>,
+    ) -> Result<Response<pb::ResizeReplicaResponse>, Status> {
+        let who = identity(&req);
+        let q = req.into_inner();
+        let r = (self.cloud.replication)
+            .resize(&q.system, &q.fs_id, q.size_bytes)
+            .await
+            .map(|s| pb::ResizeReplicaResponse {
+                size_bytes: s.size,
+                free_bytes: s.free,
+            });
+        self.reply("resize-replica", who, r)
+    }
+
     async fn file_db_add(
         &self,
         req: Request<pb::FileDbAddRequest>,

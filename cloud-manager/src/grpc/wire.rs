@@ -160,7 +160,7 @@ impl From<SystemStatus> for pb::SystemStatus {
             .filesystems
             .iter()
             .zip(s.replicas)
-            .map(|(f, (replica, image))| pb::FsStatus {
+            .map(|(f, replica)| pb::FsStatus {
                 fs_id: f.fs_id.clone(),
                 mount_point: String::from_utf8_lossy(&f.mount_point).into_owned(),
                 fstype: f.fstype.clone(),
@@ -170,8 +170,10 @@ impl From<SystemStatus> for pb::SystemStatus {
                 phase: f.phase.clone(),
                 bytes_done: f.bytes_done,
                 bytes_total: f.bytes_total,
-                replica_path: replica.display().to_string(),
-                image: image.display().to_string(),
+                replica_path: replica.path.display().to_string(),
+                image: replica.image.display().to_string(),
+                volume_bytes: replica.space.map_or(0, |s| s.size),
+                volume_free_bytes: replica.space.map_or(0, |s| s.free),
             })
             .collect();
         pb::SystemStatus {

@@ -17,7 +17,7 @@ async fn registration_records_the_system_and_readies_its_replica() {
     assert_eq!(ack.durable_epoch, 0);
     let status = h.cloud.replication.list("web01").unwrap();
     assert_eq!(status[0].record.state(), SystemState::Scanning);
-    assert!(status[0].replicas[0].0.is_dir());
+    assert!(status[0].replicas[0].path.is_dir());
 }
 
 #[tokio::test]
@@ -646,4 +646,65 @@ async fn a_moved_file_system_registers_only_once_the_operator_allows_that_move()
         .register(&agent("web01"), moved(b"/"))
         .await
         .is_err());
+}
+
+/// A batch whose files cannot fit in the replica volume is refused before anything is
+/// written, naming the way out; the same batch goes in once the volume has room.
+#[tokio::test]
+async fn a_batch_that_cannot_fit_its_volume_is_refused_before_anything_is_written() {
+    use std::sync::atomic::Ordering;
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let ingest = &h.cloud.ingest;
+    let data = vec![7u8; 64 << 10];
+    let file = crate::apply::tests::stored_file(&h.chunks, b"d/big", &data);
+    let b = batch("web01", 1, vec![dir_entry("d"), file]);
+    h.volumes.free.store(32 << 10, Ordering::Relaxed);
+    let err = ingest
+        .apply_batch(&agent("web01"), b.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Kind::ResourceExhausted, "{err}");
+    assert!(
+        err.to_string()
+            .contains("ferry replica resize web01 root SIZE"),
+        "{err}"
+    );
+    let replica = h.cloud.replication.replica_path("web01", "/").unwrap();
+    assert!(!replica.join("d").exists(), "nothing is written");
+    let rec = h.cloud.replication.require("web01").unwrap();
+    assert_eq!(rec.durable_epoch, 0);
+    assert!(
+        rec.last_error.contains("replica volume of web01/root"),
+        "{}",
+        rec.last_error
+    );
+    h.volumes.free.store(1 << 20, Ordering::Relaxed);
+    let ack = ingest.apply_batch(&agent("web01"), b).await.unwrap();
+    assert_eq!(ack.durable_epoch, 1);
+    assert_eq!(std::fs::read(replica.join("d/big")).unwrap(), data);
+}
+
+#[tokio::test]
+async fn a_replica_volume_only_grows_and_only_for_a_known_file_system() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let repl = &h.cloud.replication;
+    for (fs, size, want) in [
+        ("root", 0, Kind::InvalidArgument),
+        ("root", crate::ingest::MAX_VOLUME + 1, Kind::InvalidArgument),
+        ("root", 1 << 30, Kind::InvalidArgument),
+        ("nope", 1 << 30, Kind::NotFound),
+    ] {
+        let r = repl.resize("web01", fs, size).await;
+        assert_eq!(kind(r), want, "{fs} {size}");
+    }
+    // The directory volumes report more than 1 GiB already: that is a shrink.
+    let err = repl.resize("web01", "root", 1 << 30).await.unwrap_err();
+    assert!(err.to_string().contains("only grows"), "{err}");
+    assert_eq!(repl.require("web01").unwrap().filesystems[0].cap_bytes, 0);
+    assert_eq!(
+        kind(repl.resize("nobody", "root", 1 << 30).await),
+        Kind::NotFound
+    );
 }

@@ -83,6 +83,8 @@ impl Provider for Scripted {
 
 pub struct Harness {
     pub dir: tempfile::TempDir,
+    pub volumes: Arc<DirVolumes>,
+    pub chunks: ferry_common::chunks::ChunkStore,
     pub cloud: Cloud,
     pub provider: Arc<Scripted>,
     pub store: ferry_common::store::Store,
@@ -108,14 +110,13 @@ pub fn harness() -> Harness {
     };
     let ready: HashMap<Target, Arc<dyn Provider>> =
         [(Target::Local, provider.clone() as Arc<dyn Provider>)].into();
+    let volumes = Arc::new(DirVolumes::new(dir.path().join("volumes")));
     let cloud = Cloud::new(
         dir.path(),
         Parts {
             store: store.clone(),
-            chunks,
-            volumes: Arc::new(DirVolumes {
-                root: dir.path().join("volumes"),
-            }),
+            chunks: chunks.clone(),
+            volumes: volumes.clone(),
             tokens: ferry_common::token::TokenStore::new(dir.path()),
             ca: Ca::load_or_create(&dir.path().join("pki")).unwrap(),
             providers: Providers::with(settings, ready),
@@ -124,6 +125,8 @@ pub fn harness() -> Harness {
     .unwrap();
     Harness {
         dir,
+        volumes,
+        chunks,
         cloud,
         provider,
         store,
