@@ -1,13 +1,15 @@
-//! Drains the site's queue upstream in order: registrations, then for each batch the
-//! chunks upstream lacks, then the batch itself. An item leaves the queue only when the
-//! cloud manager has made it durable. Chunks also go upstream as they arrive.
+//! Drains the site's queues upstream, each system's in its own order and on its own:
+//! registrations, then for each batch the chunks upstream lacks, then the batch itself.
+//! An item leaves its queue only when the cloud manager has made it durable. Chunks also
+//! go upstream as they arrive.
 use crate::relay::{QueueItem, Relay};
 use ferry_common::backoff::Backoff;
 use ferry_common::chunks;
 use ferry_common::error::is_transient;
 use ferry_proto::v1::{self as pb, ingest_client::IngestClient};
 use prost::Message;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -18,24 +20,55 @@ enum Outcome {
     Poison(tonic::Status),
 }
 
-/// Runs until shutdown.
+/// Runs until shutdown: one forwarder per system with something queued, so a system
+/// upstream holds back (its volume full, say) delays no other.
 pub async fn forward(relay: Arc<Relay>, shutdown: CancellationToken) {
+    let running: Arc<Mutex<HashSet<String>>> = Default::default();
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        for system in relay.queued_systems() {
+            if lock(&running).insert(system.clone()) {
+                let (relay, running, stop) = (relay.clone(), running.clone(), shutdown.clone());
+                tracker.spawn(forward_system(relay, system, running, stop));
+            }
+        }
+        maybe_collect(&relay).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = relay.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+fn lock(m: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drains one system's queue in order, then ends (`running` says it is gone).
+async fn forward_system(
+    relay: Arc<Relay>,
+    system: String,
+    running: Arc<Mutex<HashSet<String>>>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Backoff::default();
     loop {
-        let first = relay.queue.first().ok().flatten();
-        let Some((key, value)) = first else {
-            maybe_collect(&relay).await;
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = relay.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        let Some((key, value)) = relay.head(&system) else {
+            // An item queued between the look and the leaving must not wait for the
+            // next round: look again once marked gone, and stay if it came.
+            lock(&running).remove(&system);
+            if relay.head(&system).is_none() || !lock(&running).insert(system.clone()) {
+                return;
             }
             continue;
         };
         let item = match QueueItem::decode(value.as_ref()) {
             Ok(i) => i,
             Err(e) => {
-                tracing::error!(error = %e, "undecodable queue item moved aside");
+                tracing::error!(system, error = %e, "undecodable queue item moved aside");
                 let _ = relay.dead.insert(key.clone(), value);
                 let _ = relay.queue.remove(key);
                 continue;
@@ -53,14 +86,14 @@ pub async fn forward(relay: Arc<Relay>, shutdown: CancellationToken) {
             }
             Outcome::Retry(s) => {
                 let d = backoff.next_delay();
-                tracing::warn!(error = %s.message(), retry_in_ms = d.as_millis() as u64, queued = relay.queue_len(), "upstream unavailable, holding queue");
+                tracing::warn!(system, error = %s.message(), retry_in_ms = d.as_millis() as u64, queued = relay.queue_len(), "upstream cannot take this system's next item yet; holding its queue");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(d) => {}
                 }
             }
             Outcome::Poison(s) => {
-                tracing::error!(error = %s.message(), "upstream refused a queued item; kept in the dead-letter tree");
+                tracing::error!(system, error = %s.message(), "upstream refused a queued item; kept in the dead-letter tree");
                 let _ = relay.dead.insert(key.clone(), value);
                 let _ = relay.queue.remove(&key);
                 let _ = relay.flush();
@@ -112,17 +145,17 @@ async fn forward_one(relay: &Relay, item: &QueueItem) -> Outcome {
     }
 }
 
-/// With the queue empty and no uploads for a while, local chunks have served their
-/// purpose: every batch that needed them is durable upstream.
+/// Drops the local chunks once they have served their purpose: with the queue empty
+/// and no uploads for a while, every batch that needed them is durable upstream.
 async fn maybe_collect(relay: &Relay) {
     // An empty queue means every queued batch reached the cloud, but an agent may be
     // between uploading a batch's chunks and sending the batch. When agents are held
     // back by a full spool, hand every spooled chunk to the cloud (which keeps it
-    // durably) before dropping it here; otherwise wait for a quiet minute.
+    // durably) and drop it here, queue or not: a system upstream holds back must not
+    // keep the spool full for the others. Otherwise wait for an empty, quiet minute.
     let full = relay.spool_full().is_some();
-    if !relay.queue.is_empty()
-        || relay.chunks.is_empty()
-        || (!full && relay.idle_for() < Duration::from_secs(60))
+    if relay.chunks.is_empty()
+        || (!full && (!relay.queue.is_empty() || relay.idle_for() < Duration::from_secs(60)))
     {
         return;
     }
@@ -138,9 +171,6 @@ async fn maybe_collect(relay: &Relay) {
                 return;
             }
         }
-    }
-    if !relay.queue.is_empty() {
-        return;
     }
     match relay.chunks.clear(generation) {
         Ok(None) => {}
@@ -247,54 +277,43 @@ async fn push_group(
     Ok(())
 }
 
-/// Uploads the chunks of the batches queued behind the head, so the cloud manager
-/// checks and stores chunks for the next batches while it applies the current one.
+/// Uploads the chunks of the batches queued behind each system's head, so the cloud
+/// manager checks and stores chunks for the next batches while it applies the current
+/// one (each head's own forwarding sends what its batch lacks).
 pub async fn push_ahead(relay: Arc<Relay>, shutdown: CancellationToken) {
-    let mut cursor: Option<sled::IVec> = None;
+    let mut pushed: HashSet<sled::IVec> = HashSet::new();
     let mut c = relay.client();
     loop {
-        let head = relay.queue.first().ok().flatten().map(|(k, _)| k);
-        let from = match (&cursor, &head) {
-            (Some(cur), Some(h)) if cur > h => cur.clone(),
-            (_, Some(h)) => h.clone(),
-            (_, None) => {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+        let mut did = false;
+        for system in relay.queued_systems() {
+            for (key, value) in relay.behind_head(&system, LOOKAHEAD) {
+                if pushed.contains(&key) {
+                    continue;
                 }
-            }
-        };
-        let ahead = relay
-            .queue
-            .range(head.clone().unwrap_or_default()..=from.clone())
-            .count();
-        let next = relay
-            .queue
-            .range((std::ops::Bound::Excluded(from), std::ops::Bound::Unbounded))
-            .next();
-        let Some(Ok((key, value))) = next.filter(|_| ahead <= LOOKAHEAD) else {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-            }
-        };
-        if let Ok(QueueItem {
-            batch: Some(batch), ..
-        }) = QueueItem::decode(value.as_ref())
-        {
-            let pushed = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = push_chunks(&relay, &mut c, &batch) => r,
-            };
-            if pushed.is_err() {
-                // The head's own forwarding reports and retries; just wait a little.
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                if let Ok(QueueItem {
+                    batch: Some(batch), ..
+                }) = QueueItem::decode(value.as_ref())
+                {
+                    let r = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = push_chunks(&relay, &mut c, &batch) => r,
+                    };
+                    if r.is_err() {
+                        // This system's head reports and retries; the others go on.
+                        break;
+                    }
                 }
+                pushed.insert(key);
+                did = true;
             }
         }
-        cursor = Some(key);
+        pushed.retain(|k| relay.queue.contains_key(k).unwrap_or(false));
+        if !did {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
     }
 }
 
@@ -330,7 +349,7 @@ pub async fn push_fresh(relay: Arc<Relay>, shutdown: CancellationToken) {
     }
 }
 
-/// How many queued batches the chunk pusher may run ahead of the head.
+/// How many queued batches of a system the chunk pusher may run ahead of its head.
 const LOOKAHEAD: usize = 4;
 
 /// Most hashes one upstream MissingChunks question carries.

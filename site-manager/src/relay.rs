@@ -93,7 +93,8 @@ impl Positions {
 
 pub struct Relay {
     pub store: Store,
-    /// seq (u64 BE) -> encoded `QueueItem`.
+    /// One queue per system: system name, NUL, seq (u64 BE) -> encoded `QueueItem`.
+    /// Each drains on its own, so a system upstream refuses for now holds no other.
     pub queue: sled::Tree,
     /// Batches upstream refused for good, kept for the operator.
     pub dead: sled::Tree,
@@ -132,11 +133,37 @@ const UPSTREAM_QUICK: Duration = Duration::from_secs(5);
 /// Uploads waiting for the write-through; more are left to the batches' forwarding.
 const FRESH_QUEUE: usize = 64;
 
+/// What every key of a system's queue starts with.
+fn queue_prefix(system: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(system.len() + 9);
+    k.extend_from_slice(system.as_bytes());
+    k.push(0);
+    k
+}
+
+/// The queue key of a system's item `seq`.
+fn queue_key(system: &str, seq: u64) -> Vec<u8> {
+    let mut k = queue_prefix(system);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+impl QueueItem {
+    /// The system the item belongs to.
+    pub fn system(&self) -> &str {
+        match (&self.register, &self.batch) {
+            (Some(r), _) => &r.system,
+            (None, Some(b)) => &b.system,
+            (None, None) => "",
+        }
+    }
+}
+
 impl Relay {
     pub fn open(dir: &Path, upstream: Channel, spool_limit: u64) -> Result<Self> {
         let store = Store::open(&dir.join("db"))?;
         let (fresh, fresh_rx) = tokio::sync::mpsc::channel(FRESH_QUEUE);
-        Ok(Self {
+        let relay = Self {
             queue: store.tree("queue")?,
             dead: store.tree("dead")?,
             positions: store.tree("positions")?,
@@ -150,7 +177,72 @@ impl Relay {
             push_lock: tokio::sync::Mutex::new(()),
             fresh,
             fresh_rx: std::sync::Mutex::new(Some(fresh_rx)),
-        })
+        };
+        relay.split_old_queue()?;
+        Ok(relay)
+    }
+
+    /// Moves items a site from before per-system queues kept (key: the seq alone) into
+    /// their system's queue, keeping their order. Safe to repeat after a crash.
+    fn split_old_queue(&self) -> Result<()> {
+        let old: Vec<(sled::IVec, sled::IVec)> = self
+            .queue
+            .iter()
+            .filter_map(|kv| kv.ok())
+            .filter(|(k, _)| k.len() == 8)
+            .collect();
+        for (k, v) in &old {
+            let Ok(item) = QueueItem::decode(v.as_ref()) else {
+                continue;
+            };
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(k);
+            self.queue
+                .insert(queue_key(item.system(), u64::from_be_bytes(seq)), v.clone())?;
+            self.queue.remove(k)?;
+        }
+        if !old.is_empty() {
+            self.store.flush()?;
+            tracing::info!(
+                items = old.len(),
+                "queued items moved to their systems' queues"
+            );
+        }
+        Ok(())
+    }
+
+    /// The oldest item of `system`'s queue.
+    pub fn head(&self, system: &str) -> Option<(sled::IVec, sled::IVec)> {
+        self.queue
+            .scan_prefix(queue_prefix(system))
+            .next()
+            .and_then(|kv| kv.ok())
+    }
+
+    /// A system's queued items after its head, oldest first, at most `n`.
+    pub fn behind_head(&self, system: &str, n: usize) -> Vec<(sled::IVec, sled::IVec)> {
+        self.queue
+            .scan_prefix(queue_prefix(system))
+            .skip(1)
+            .take(n)
+            .filter_map(|kv| kv.ok())
+            .collect()
+    }
+
+    /// Systems with something queued.
+    pub fn queued_systems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut from: Vec<u8> = Vec::new();
+        while let Some(Ok((k, _))) = self.queue.range(from.clone()..).next() {
+            let Some(end) = k.iter().position(|b| *b == 0) else {
+                break;
+            };
+            out.push(String::from_utf8_lossy(&k[..end]).into_owned());
+            // Past every key of this system: its name followed by 0x01.
+            from = k[..end].to_vec();
+            from.push(1);
+        }
+        out
     }
 
     /// The receiving end of the write-through queue (once).
@@ -192,7 +284,8 @@ impl Relay {
     /// Appends to the queue and makes it durable before returning.
     fn enqueue(&self, item: &QueueItem) -> Result<()> {
         let seq = self.store.db().generate_id()?;
-        self.queue.insert(seq.to_be_bytes(), item.encode_to_vec())?;
+        self.queue
+            .insert(queue_key(item.system(), seq), item.encode_to_vec())?;
         self.store.flush()?;
         self.wake.notify_one();
         Ok(())
@@ -513,5 +606,82 @@ impl pb::ingest_server::Ingest for Service {
             durable_epoch: p.durable,
             settings: p.settings(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay(dir: &Path) -> Relay {
+        let upstream = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        Relay::open(dir, upstream, 1 << 30).unwrap()
+    }
+
+    fn batch(system: &str, epoch: u64) -> QueueItem {
+        QueueItem {
+            register: None,
+            batch: Some(pb::Batch {
+                system: system.into(),
+                epoch,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn epoch(v: &[u8]) -> u64 {
+        QueueItem::decode(v).unwrap().batch.unwrap().epoch
+    }
+
+    #[tokio::test]
+    async fn each_system_has_its_own_queue_in_arrival_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = relay(dir.path());
+        for (system, e) in [("b", 1), ("a", 1), ("ab", 1), ("b", 2), ("a", 2), ("b", 3)] {
+            r.enqueue(&batch(system, e)).unwrap();
+        }
+        assert_eq!(r.queued_systems(), ["a", "ab", "b"]);
+        assert_eq!(epoch(&r.head("b").unwrap().1), 1);
+        let behind: Vec<u64> = r
+            .behind_head("b", 4)
+            .iter()
+            .map(|(_, v)| epoch(v))
+            .collect();
+        assert_eq!(behind, [2, 3]);
+        // "a" is not a prefix of "ab"'s queue.
+        assert_eq!(r.behind_head("a", 4).len(), 1);
+        // Taking a head off one queue leaves the others as they were.
+        let (k, _) = r.head("b").unwrap();
+        r.queue.remove(k).unwrap();
+        assert_eq!(epoch(&r.head("b").unwrap().1), 2);
+        assert_eq!(epoch(&r.head("a").unwrap().1), 1);
+        assert!(r.head("c").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_queue_kept_before_per_system_queues_is_split_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let r = relay(dir.path());
+            let register = QueueItem {
+                register: Some(pb::RegisterRequest {
+                    system: "a".into(),
+                    ..Default::default()
+                }),
+                batch: None,
+            };
+            for (seq, item) in [(5u64, register), (6, batch("b", 1)), (7, batch("a", 1))] {
+                r.queue
+                    .insert(seq.to_be_bytes(), item.encode_to_vec())
+                    .unwrap();
+            }
+            r.flush().unwrap();
+        }
+        let r = relay(dir.path());
+        assert_eq!(r.queued_systems(), ["a", "b"]);
+        let head = QueueItem::decode(r.head("a").unwrap().1.as_ref()).unwrap();
+        assert!(head.register.is_some(), "the registration stays first");
+        assert_eq!(epoch(&r.behind_head("a", 4)[0].1), 1);
+        assert_eq!(r.queue_len(), 3);
     }
 }
