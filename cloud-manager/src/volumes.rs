@@ -204,19 +204,7 @@ impl Volumes {
                 loops: attached.trim().replace('\n', "; "),
             });
         }
-        let mut cmd = Command::new("mount");
-        cmd.arg("-t").arg(&fs.fstype);
-        // The source may be mounted on this very host with the same XFS UUID. On ext4,
-        // no flush on every rename over a file: each batch ends with one syncfs anyway,
-        // and a batch cut short is applied again before it is acknowledged.
-        let opts = match fs.fstype.as_str() {
-            "xfs" => "loop,nouuid",
-            "ext4" => "loop,noauto_da_alloc",
-            _ => "loop",
-        };
-        cmd.arg("-o").arg(format!("{opts},{CONTAINED}"));
-        cmd.arg(&image).arg(&mnt);
-        run(&mut cmd)?;
+        mount(&image, &mnt, &fs.fstype)?;
         tracing::info!(system, fs_id = %fs.fs_id, mount = %mnt.display(), "volume mounted");
         self.grow(&image, &mnt, fs)?;
         Ok(mnt)
@@ -258,21 +246,28 @@ impl Volumes {
             f.sync_all().map_err(io)?;
         }
         run(Command::new("losetup").arg("-c").arg(dev))?;
-        // resize2fs takes the device; the others the mounted file system.
-        let mut resize = match fs.fstype.as_str() {
-            "xfs" => Command::new("xfs_growfs"),
-            "btrfs" => {
-                let mut c = Command::new("btrfs");
-                c.args(["filesystem", "resize", "max"]);
-                c
-            }
-            _ => Command::new("resize2fs"),
-        };
         match fs.fstype.as_str() {
-            "xfs" | "btrfs" => resize.arg(mnt),
-            _ => resize.arg(dev),
-        };
-        run(&mut resize)?;
+            "xfs" => {
+                run(Command::new("xfs_growfs").arg(mnt))?;
+            }
+            "btrfs" => {
+                run(Command::new("btrfs")
+                    .args(["filesystem", "resize", "max"])
+                    .arg(mnt))?;
+            }
+            ext => {
+                // Online growth needs CAP_SYS_RESOURCE, which a container may lack: then
+                // the volume grows offline (the system's lock keeps its writers away).
+                if let Err(e) = run(Command::new("resize2fs").arg(dev)) {
+                    tracing::warn!(image = %image.display(), error = %e, "online resize refused; resizing offline");
+                    run(Command::new("umount").arg(mnt))?;
+                    let offline = run(Command::new("e2fsck").args(["-f", "-p"]).arg(image))
+                        .and_then(|_| run(Command::new("resize2fs").arg(image)));
+                    mount(image, mnt, ext)?;
+                    offline?;
+                }
+            }
+        }
         std::fs::remove_file(&marker).map_err(io)?;
         tracing::info!(image = %image.display(), from = have, to = want.max(have), "volume grown");
         Ok(())
@@ -388,6 +383,26 @@ impl Volumes {
             }
         }
     }
+}
+
+/// Loop-mounts a volume image, contained.
+fn mount(image: &Path, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
+    // The source may be mounted on this very host with the same XFS UUID. On ext4, no
+    // flush on every rename over a file: each batch ends with one syncfs anyway, and a
+    // batch cut short is applied again before it is acknowledged.
+    let opts = match fstype {
+        "xfs" => "loop,nouuid",
+        "ext4" => "loop,noauto_da_alloc",
+        _ => "loop",
+    };
+    run(Command::new("mount")
+        .arg("-t")
+        .arg(fstype)
+        .arg("-o")
+        .arg(format!("{opts},{CONTAINED}"))
+        .arg(image)
+        .arg(mnt))?;
+    Ok(())
 }
 
 /// A replica holds the source's device nodes, setuid files and programs faithfully;

@@ -1,7 +1,9 @@
 //! Kill the site manager, then the cloud manager, with SIGKILL in the middle of an initial
-//! sync; restart each. The sync completes byte-identical without starting over.
+//! sync; restart each. The sync completes byte-identical without starting over. A system
+//! upstream holds back (its replica volume full) holds back no other at the site.
 use anyhow::Result;
 use ferry_tests::*;
+use std::process::Command;
 use std::time::Duration;
 
 const DATA: u64 = 240 << 20;
@@ -210,5 +212,128 @@ fn a_full_site_spool_slows_the_agent_without_losing_anything() -> Result<()> {
         "spool grew to {peak} bytes over a {LIMIT}-byte limit"
     );
     eprintln!("spool peak {peak} bytes; agent summary {out}");
+    Ok(())
+}
+
+/// Two systems replicate through one site. One file of the first is rewritten in place
+/// on its source, and its replica volume has no room for the new copy beside the old:
+/// that batch is refused before anything is written, the second system goes on through
+/// the same site meanwhile, and once the operator grows the volume the first catches up.
+#[test]
+fn a_system_whose_replica_volume_is_full_holds_back_only_itself() -> Result<()> {
+    let tmp = scratch("volume-full")?;
+    let t = tmp.path();
+    let full = LoopFs::new(
+        t,
+        "full",
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-0000000000d1",
+        100,
+    )?;
+    let other = LoopFs::new(
+        t,
+        "other",
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-0000000000d2",
+        100,
+    )?;
+    let db = full.mnt.join("db");
+    let fill = format!(
+        "head -c {} /dev/urandom | dd of={} conv=notrunc,fsync status=none",
+        55 << 20,
+        db.display()
+    );
+    bash(&fill)?;
+    populate(&other.mnt, 4)?;
+    let mut cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let mut agents = Vec::new();
+    for (src, name) in [(&full, "full"), (&other, "other")] {
+        agents.push(Proc::spawn(
+            &mut agent_follow_cmd(
+                &t.join(format!("agent-{name}")),
+                &site.url(),
+                Some(&cloud.token()?),
+                &src.mnt,
+                name,
+            ),
+            &t.join(format!("agent-{name}.log")),
+        )?);
+    }
+    let full_replica = cloud.wait_in_sync("full", &full.mnt)?;
+    let other_replica = cloud.wait_in_sync("other", &other.mnt)?;
+    let before = std::fs::read(full_replica.join("db"))?;
+
+    // Rewritten in place: the source needs no more room, the replica a second copy.
+    bash(&fill)?;
+    let show = |name: &str| cloud.ferry_json(&["systems", "show", name]);
+    let fs_id = show("full")?["filesystems"][0]["fs_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    wait_for("the full volume's refusal", Duration::from_secs(60), || {
+        show("full").is_ok_and(|v| {
+            v["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(&format!("replica volume of full/{fs_id}")))
+        })
+    })?;
+    let error = show("full")?["last_error"].to_string();
+    assert!(
+        error.contains(&format!("ferry replica resize full {fs_id} SIZE")),
+        "{error}"
+    );
+
+    // The other system goes on through the same site meanwhile.
+    bash(&format!(
+        "mkdir -p {m}/later && for i in $(seq 1 20); do head -c 65536 /dev/urandom > {m}/later/f$i; done",
+        m = other.mnt.display()
+    ))?;
+    converged_within(&other.mnt, &other_replica, Duration::from_secs(60))?;
+    // Nothing of the refused batch was written: the old copy is whole, no temp file.
+    assert_eq!(std::fs::read(full_replica.join("db"))?, before);
+    let names: Vec<_> = std::fs::read_dir(&full_replica)?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    assert!(
+        !names.iter().any(|n| n.to_string_lossy().ends_with(".tmp")),
+        "{names:?}"
+    );
+
+    // Shrinking is refused by name; growing is done online, and the system catches up.
+    let refused = cloud.ferry_fails(&["replica", "resize", "full", &fs_id, "50M"]);
+    assert!(refused.contains("only grows"), "{refused}");
+    let out = sh(Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(["replica", "resize", "full", &fs_id, "200M"]))?;
+    assert!(out.contains(&format!("is {} bytes", 200u64 << 20)), "{out}");
+    converged_within(&full.mnt, &full_replica, Duration::from_secs(120))?;
+    let v = show("full")?;
+    let fs = &v["filesystems"][0];
+    assert_eq!(fs["volume_bytes"].as_u64(), Some(200 << 20), "{v}");
+    assert!(fs["volume_free_bytes"].as_u64() > Some(60 << 20), "{v}");
+    wait_for("the error to clear", Duration::from_secs(30), || {
+        show("full").is_ok_and(|v| v["last_error"].as_str().unwrap_or("x").is_empty())
+    })?;
+    // The file system itself grew, not only its image.
+    let size = sh(Command::new("findmnt")
+        .args(["-bno", "SIZE"])
+        .arg(&full_replica))?;
+    assert!(size.trim().parse::<u64>()? > 150 << 20, "{size}");
+    // A grow cut short (its marker left beside the image) is finished at the next start.
+    let image = std::path::PathBuf::from(fs["image"].as_str().unwrap_or_default());
+    let marker = image.with_extension("img.growing");
+    std::fs::write(&marker, b"")?;
+    cloud.restart()?;
+    wait_for(
+        "the cut-short grow to finish",
+        Duration::from_secs(60),
+        || !marker.exists(),
+    )?;
+    converged_within(&full.mnt, &full_replica, Duration::from_secs(60))?;
+    for a in &mut agents {
+        a.stop()?;
+    }
     Ok(())
 }

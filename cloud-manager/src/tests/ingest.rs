@@ -708,3 +708,28 @@ async fn a_replica_volume_only_grows_and_only_for_a_known_file_system() {
         Kind::NotFound
     );
 }
+
+#[tokio::test]
+async fn a_file_system_larger_than_a_replica_volume_holds_is_refused_at_the_door() {
+    let h = harness();
+    let reg = Registration {
+        system: "web01".into(),
+        probe: probe("web01", "10.0.0.5/24"),
+        filesystems: vec![FsRecord {
+            capacity_bytes: crate::ingest::MAX_VOLUME + 1,
+            ..root_fs()
+        }],
+    };
+    let err = h
+        .cloud
+        .ingest
+        .register(&agent("web01"), reg)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), Kind::InvalidArgument);
+    assert!(
+        err.to_string().contains("more than a replica volume holds"),
+        "{err}"
+    );
+    assert!(h.cloud.replication.system("web01").unwrap().is_none());
+}
