@@ -311,6 +311,14 @@ fn a_real_debian_12_tree_gets_virtio_in_its_initrd_from_its_own_update_initramfs
         r["actions"].to_string().contains("update-initramfs"),
         "no rebuild: {r}"
     );
+    // It ran in a cgroup of its own, within its memory budget.
+    let ran = &r["ran"][0];
+    assert!(
+        ran["sandbox"].as_str().unwrap_or("").contains("cgroup v"),
+        "{r}"
+    );
+    let peak = ran["peak_memory_bytes"].as_u64().unwrap_or(0);
+    assert!(peak > 1 << 20 && peak <= 4 << 30, "{r}");
     let files = initrd_files(&tree)?;
     for m in [
         "virtio_blk.ko",
@@ -686,6 +694,13 @@ exit 0
             "head -c 1073741824 /dev/zero",
             "bytes of output",
         ),
+        // Ten processes of 100 MiB each, every one under its own address-space limit:
+        // together past the sandbox's 512 MiB.
+        (
+            "memory of many processes",
+            "for i in $(seq 10); do (x=$(head -c 104857600 /dev/zero | tr \\\\0 a); sleep 100) & done; wait",
+            "out of memory",
+        ),
     ];
     for (what, body, why) in cases {
         // Every process of the hook carries a mark, to be looked for afterwards.
@@ -701,6 +716,8 @@ exit 0
                 "local",
                 "--tool-timeout",
                 "3",
+                "--tool-memory-mib",
+                "512",
                 "--root",
             ])
             .arg(&tree)

@@ -4,6 +4,7 @@
 //! unified diff and writes nothing; a second run changes nothing.
 pub mod boot;
 pub mod bootfiles;
+pub mod cgroup;
 pub mod cmdline;
 pub mod endpoints;
 pub mod filedb;

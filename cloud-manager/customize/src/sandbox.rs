@@ -5,8 +5,9 @@
 //! user (no nested ones), mount, PID, network, IPC and UTS namespaces, a minimal /dev,
 //! its own /proc (whose /proc/sys is the host's root's, so not writable), no /sys, no
 //! capabilities, `no_new_privs`, and a seccomp filter refusing mounts, ptrace, kexec,
-//! modules, BPF, perf, raw I/O and keyrings. Limits: processes, address space, wall
-//! clock and captured output.
+//! modules, BPF, perf, raw I/O and keyrings. Limits: a cgroup of its own (memory,
+//! processes and CPU of all its processes together), per-process rlimits, wall clock
+//! and captured output.
 use command_fds::CommandFdExt;
 use ferry_common::safepath::{PathError, Root};
 use rustix::mount as m;
@@ -40,22 +41,31 @@ pub struct Limits {
     pub timeout: Duration,
     /// Bytes of stdout and stderr together; beyond it the tool is stopped.
     pub output_bytes: u64,
-    /// Processes of the sandbox's user at once (a fork bomb stops there).
+    /// Processes at once (a fork bomb stops there).
     pub processes: u64,
-    /// Address space of each process.
+    /// Memory of all its processes together (and the address space of each).
     pub memory_bytes: u64,
+    /// CPUs' worth of time it may take (the rest is the cloud manager's).
+    pub cpus: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
         Self {
             timeout: Duration::from_secs(900),
             output_bytes: 64 << 20,
             processes: 1024,
             memory_bytes: 4 << 30,
+            cpus: cores.saturating_sub(1).max(1),
         }
     }
 }
+
+/// Run as root before anything else: joins the cgroup (each `cgroup.procs` named
+/// before `--`), then becomes the rest of the command line.
+const JOIN_CGROUP: &str =
+    r#"while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#;
 
 /// One guest command as it ran, for the customization report.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -67,6 +77,8 @@ pub struct Ran {
     pub seconds: f64,
     /// The end of its output (stderr, then stdout).
     pub tail: String,
+    /// The most memory its processes used together (when it ran in a cgroup).
+    pub peak_memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +91,8 @@ pub enum SandboxError {
     },
     #[error("sandbox setup: {0}")]
     Path(#[from] PathError),
+    #[error("sandbox setup: {0}")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("{} ended with {} after {:.1} s in the sandbox: {}", .0.command, .0.status, .0.seconds, .0.tail)]
     Failed(Box<Ran>),
 }
@@ -113,12 +127,44 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
     // Handed to this child only, at these numbers (they stay close-on-exec here, so no
     // other process started meanwhile inherits them).
     let (tree_fd, seccomp_fd, info_fd) = (3, 4, 5);
+    let budget = crate::cgroup::Budget {
+        memory_bytes: limits.memory_bytes,
+        processes: limits.processes,
+        cpus: limits.cpus,
+    };
+    let cgroup = crate::cgroup::Cgroup::create(&format!("{}-{uid}", std::process::id()), &budget)?;
+    let held = match &cgroup {
+        Some(cg) => format!(
+            "{}: {} bytes of memory, {} processes, {} CPUs in all",
+            cg.describe(),
+            limits.memory_bytes,
+            limits.processes,
+            limits.cpus
+        ),
+        None => {
+            tracing::warn!(
+                "no writable cgroup controllers: guest tools are limited per process only"
+            );
+            format!(
+                "no cgroup: {} processes, {} bytes of address space each",
+                limits.processes, limits.memory_bytes
+            )
+        }
+    };
     let sandbox = format!(
-        "bwrap: root is host uid {uid}, idmapped tree, no network, seccomp, at most {} processes and {} s",
-        limits.processes,
+        "bwrap: root is host uid {uid}, idmapped tree, no network, seccomp; {held}; {} s",
         limits.timeout.as_secs()
     );
-    let mut cmd = Command::new("setpriv");
+    let mut cmd = match &cgroup {
+        Some(cg) => {
+            let mut c = Command::new("sh");
+            c.args(["-c", JOIN_CGROUP, "ferry-join-cgroup"])
+                .args(cg.procs_files())
+                .args(["--", "setpriv"]);
+            c
+        }
+        None => Command::new("setpriv"),
+    };
     cmd.arg(format!("--reuid={uid}"))
         .arg(format!("--regid={uid}"))
         .args([
@@ -180,14 +226,24 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
     // ends when bwrap does.
     drop(cmd);
     let child = spawned.map_err(setup("start setpriv and bwrap"))?;
-    let (ok, status, tail) = supervise(child, limits)?;
+    let (ok, mut status, tail) = supervise(child, limits)?;
     wait_gone(info_read);
+    let peak_memory_bytes = cgroup.as_ref().and_then(|c| c.peak_memory());
+    if !ok && cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0) {
+        status = format!(
+            "killed: out of memory ({} bytes for all its processes; {status})",
+            limits.memory_bytes
+        );
+    }
+    // Whatever is left in its cgroup is killed, and the cgroup removed.
+    drop(cgroup);
     let ran = Ran {
         command: argv.join(" "),
         sandbox,
         status,
         seconds: started.elapsed().as_secs_f64(),
         tail,
+        peak_memory_bytes,
     };
     drop(view);
     if ok {

@@ -87,6 +87,9 @@ enum Cmd {
         /// Seconds each guest tool (update-initramfs, dracut) may run in its sandbox.
         #[arg(long, value_name = "SECS", default_value_t = 900)]
         tool_timeout: u64,
+        /// Memory all of a guest tool's processes may use together, in MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 4096)]
+        tool_memory_mib: u64,
         /// Show the diff; write nothing.
         #[arg(long)]
         dry_run: bool,
@@ -183,6 +186,7 @@ fn main() -> ExitCode {
             filedb,
             tunnel_keys,
             tool_timeout,
+            tool_memory_mib,
             dry_run,
             json,
         } => {
@@ -196,6 +200,7 @@ fn main() -> ExitCode {
             ) {
                 Ok(mut p) => {
                     p.limits.timeout = std::time::Duration::from_secs(tool_timeout);
+                    p.limits.memory_bytes = tool_memory_mib << 20;
                     p
                 }
                 Err(e) => return fail(e, ExitCode::from(2)),
