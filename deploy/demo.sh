@@ -49,7 +49,7 @@ done
 port_c=17443; port_s=17444
 "$B/ferry-cloud" serve --data-dir "$DEMO/cloud" --listen 127.0.0.1:$port_c >"$DEMO/cloud.log" 2>&1 &
 for _ in $(seq 1 100); do [ -f "$DEMO/cloud/operator.toml" ] && break; sleep 0.1; done
-FERRY_TOKEN=$("$B/ferry-cloud" token create --data-dir "$DEMO/cloud") \
+FERRY_TOKEN=$("$B/ferry-cloud" token create --role site --name site1 --data-dir "$DEMO/cloud") \
   "$B/ferry-site" serve --data-dir "$DEMO/site" --listen 127.0.0.1:$port_s --upstream https://127.0.0.1:$port_c --name site1 >"$DEMO/site.log" 2>&1 &
 sleep 1
 for s in "${systems[@]}"; do

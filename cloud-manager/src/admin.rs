@@ -3,6 +3,7 @@
 use crate::config::{ServeConfig, ServeFile};
 use crate::{Listeners, RunError};
 use ferry_common::config::ConfigError;
+use ferry_common::token::Scope;
 use ferry_customize as customize;
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,8 @@ pub enum AdminError {
     Part(String),
     #[error(transparent)]
     Image(#[from] ferry_image::ImageError),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// `serve`'s flags; each one given wins over the config file's key.
@@ -86,10 +89,50 @@ pub async fn serve(
 pub fn create_token(
     data_dir: &Path,
     ttl_hours: u64,
+    scope: Result<Scope, String>,
 ) -> Result<ferry_common::token::JoinToken, AdminError> {
+    let scope = scope.map_err(AdminError::Invalid)?;
+    scope.validate().map_err(AdminError::Invalid)?;
+    if ttl_hours == 0 {
+        return Err(AdminError::Invalid("a token lives at least an hour".into()));
+    }
     let ca = crate::load_ca(data_dir)?;
     let ttl = std::time::Duration::from_secs(ttl_hours * 3600);
-    Ok(ferry_common::token::TokenStore::new(data_dir).create(&ca.fingerprint(), ttl)?)
+    Ok(ferry_common::token::TokenStore::new(data_dir).create(&ca.fingerprint(), ttl, scope)?)
+}
+
+/// The scope `token create`'s flags describe: `--system`/`--site` belong to agents,
+/// `--name`/`--relay` to sites.
+pub fn token_scope(
+    role: &str,
+    system: Option<String>,
+    site: Option<String>,
+    name: Option<String>,
+    relay: Vec<String>,
+) -> Result<Scope, String> {
+    match role {
+        "agent" if name.is_some() || !relay.is_empty() => Err(
+            "--name and --relay are for site tokens; an agent token takes --system and --site"
+                .into(),
+        ),
+        "site" if system.is_some() || site.is_some() => Err(
+            "--system and --site are for agent tokens; a site token takes --name and --relay"
+                .into(),
+        ),
+        "agent" => Ok(Scope {
+            role: "agent".into(),
+            name: system.unwrap_or_default(),
+            site: site.unwrap_or_default(),
+            systems: Vec::new(),
+        }),
+        "site" => Ok(Scope {
+            role: "site".into(),
+            name: name.unwrap_or_default(),
+            systems: relay,
+            site: String::new(),
+        }),
+        other => Err(format!("--role is agent or site, not {other:?}")),
+    }
 }
 
 /// The plan `customize`'s flags describe; with `tunnel_keys`, the tunnel's keys are

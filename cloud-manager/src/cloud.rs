@@ -88,9 +88,11 @@ impl Cloud {
         })
     }
 
-    /// What a (re)start does before serving: mount the replicas, remove what crashed
+    /// What a (re)start does before serving: keep sites relaying for the systems they
+    /// relayed for before bindings existed, mount the replicas, remove what crashed
     /// image builds left, and reconcile the clones with their providers.
     pub async fn start(&self) -> Result<()> {
+        self.ingest.bind_sites_of_old_systems()?;
         self.replication.mount_all().await?;
         if let Err(e) = self.images.sweep_files() {
             tracing::error!(error = %e, "cannot sweep unfinished image files");

@@ -7,7 +7,7 @@ use crate::state::{Counters, FsRecord, Meta, Settings, SystemRecord};
 use crate::volumes::{self, VolumeStore};
 use ferry_common::chunks::{self, ChunkStore};
 use ferry_common::pki::{Ca, Identity, Role};
-use ferry_common::token::TokenStore;
+use ferry_common::token::{Scope, TokenStore};
 use ferry_proto::v1::Entry;
 use ferry_sysconf::host::HostInfo;
 use std::path::PathBuf;
@@ -28,6 +28,8 @@ pub struct Enrollment {
     pub name: String,
     pub csr_pem: String,
     pub sans: Vec<String>,
+    /// The enrolled peer the request came through: a site relaying an agent's.
+    pub via: Option<Identity>,
 }
 
 #[derive(Debug, Clone)]
@@ -185,15 +187,40 @@ fn check_file_systems(rec: &SystemRecord, fss: &[FsRecord]) -> Result<()> {
     Ok(())
 }
 
-/// The identity a request must carry to write `system`: the agent itself, or a site
-/// relaying for it (sites check their agents' identities before they queue anything).
-pub fn authorize_system(peer: &Identity, system: &str) -> Result<()> {
-    match peer.role {
-        Role::Agent if peer.name == system => Ok(()),
-        Role::Site => Ok(()),
-        _ => Err(CloudError::PermissionDenied(format!(
-            "{peer} may not write system {system:?}"
-        ))),
+/// Checks a token's scope against the identity it is to enroll and the site the
+/// request came through; returns the site the new agent is bound to, if any.
+fn check_scope<'a>(
+    scope: &'a Scope,
+    identity: &Identity,
+    via: Option<&'a Identity>,
+) -> Result<Option<&'a str>> {
+    let refuse = |why: String| Err(CloudError::PermissionDenied(why));
+    let role = identity.role.as_str();
+    if scope.role() != role {
+        return refuse(format!(
+            "this join token enrolls {} {}, not {identity}",
+            if scope.role() == "agent" { "an" } else { "a" },
+            scope.role()
+        ));
+    }
+    if !scope.name.is_empty() && scope.name != identity.name {
+        return refuse(format!(
+            "this join token enrolls {role}:{}, not {identity}",
+            scope.name
+        ));
+    }
+    let via = via.filter(|v| v.role == Role::Site);
+    match (identity.role, via) {
+        (Role::Site, Some(v)) => refuse(format!(
+            "{identity} cannot enroll through {v}: sites enroll with the cloud manager"
+        )),
+        (_, Some(v)) if !scope.site.is_empty() && scope.site != v.name => refuse(format!(
+            "this join token enrolls {identity} through site:{}, not {v}",
+            scope.site
+        )),
+        (_, Some(v)) => Ok(Some(v.name.as_str())),
+        _ if !scope.site.is_empty() => Ok(Some(scope.site.as_str())),
+        _ => Ok(None),
     }
 }
 
@@ -249,6 +276,63 @@ impl Ingest {
         self.replication.volumes()
     }
 
+    /// The identity a request must carry to write `system`: the agent itself, or a site
+    /// bound to relay for it (sites check their agents' identities before they queue).
+    pub fn authorize(&self, peer: &Identity, system: &str) -> Result<()> {
+        match peer.role {
+            Role::Agent if peer.name == system => Ok(()),
+            Role::Site if self.meta.relays(&peer.name)?.iter().any(|s| s == system) => Ok(()),
+            Role::Site => Err(CloudError::PermissionDenied(format!(
+                "{peer} may not relay for system {system:?}: the site is not bound to it \
+                 (ferry sites bind {} {system})",
+                peer.name
+            ))),
+            _ => Err(CloudError::PermissionDenied(format!(
+                "{peer} may not write system {system:?}"
+            ))),
+        }
+    }
+
+    /// Lets a site relay for more systems (the operator's binding).
+    pub fn bind_site(&self, site: &str, systems: &[String]) -> Result<()> {
+        ferry_common::pki::validate_name(site).map_err(CloudError::Invalid)?;
+        for s in systems {
+            ferry_common::pki::validate_name(s).map_err(CloudError::Invalid)?;
+        }
+        self.meta.bind(site, systems)?;
+        tracing::info!(site, ?systems, "site bound to systems by the operator");
+        Ok(())
+    }
+
+    /// Every site's bindings.
+    pub fn sites(&self) -> Result<Vec<(String, Vec<String>)>> {
+        Ok(self.meta.all_relays()?)
+    }
+
+    /// Sites that relayed for a system before bindings existed keep relaying for it.
+    pub fn bind_sites_of_old_systems(&self) -> Result<()> {
+        if self.meta.flag("site-relays-v1")? {
+            return Ok(());
+        }
+        for rec in self.replication.all()? {
+            if let Some(site) = rec.via.strip_prefix("site:") {
+                self.meta.bind(site, std::slice::from_ref(&rec.name))?;
+            }
+        }
+        Ok(self.meta.set_flag("site-relays-v1")?)
+    }
+
+    /// Join tokens and their state (never their secrets).
+    pub fn tokens(&self) -> Result<Vec<ferry_common::token::TokenInfo>> {
+        Ok(self.tokens.list()?)
+    }
+
+    pub fn revoke_token(&self, id: &str) -> Result<()> {
+        self.tokens.revoke(id)?;
+        tracing::info!(token = id, "join token revoked");
+        Ok(())
+    }
+
     /// Signs a certificate for an agent or a site that holds a valid join token.
     pub fn enroll(&self, req: Enrollment) -> Result<Enrolled> {
         let role = match req.role.as_str() {
@@ -285,9 +369,16 @@ impl Ingest {
                 "{id} is already enrolled"
             )));
         }
+        let scope = self.tokens.check(&req.token)?;
+        let site = check_scope(&scope, &identity, req.via.as_ref())?;
         self.tokens.consume(&req.token)?;
         let cert_pem = self.ca.sign_csr(&req.csr_pem, &identity, &req.sans)?;
         self.meta.mark_enrolled(&id)?;
+        match (role, site) {
+            (Role::Site, _) => self.meta.bind(&identity.name, &scope.systems)?,
+            (_, Some(site)) => self.meta.bind(site, std::slice::from_ref(&identity.name))?,
+            _ => {}
+        }
         tracing::info!(identity = %id, "enrolled");
         Ok(Enrolled {
             cert_pem,
@@ -298,7 +389,7 @@ impl Ingest {
     /// Records a system and its file systems (a re-register updates them) and makes
     /// their replicas ready.
     pub async fn register(&self, peer: &Identity, req: Registration) -> Result<Ack> {
-        authorize_system(peer, &req.system)?;
+        self.authorize(peer, &req.system)?;
         ferry_common::pki::validate_name(&req.system).map_err(CloudError::Invalid)?;
         if req.filesystems.is_empty() || req.filesystems.len() > 64 {
             return Err(CloudError::Invalid(
@@ -394,7 +485,7 @@ impl Ingest {
     /// Applies one epoch of one file system and makes it durable. An epoch at or below
     /// the durable one is acknowledged without being applied again.
     pub async fn apply_batch(&self, peer: &Identity, batch: Batch) -> Result<Ack> {
-        authorize_system(peer, &batch.system)?;
+        self.authorize(peer, &batch.system)?;
         let started = std::time::Instant::now();
         if batch.entries.len() > MAX_ENTRIES {
             return Err(CloudError::Invalid(format!(
@@ -522,7 +613,7 @@ impl Ingest {
         pending_since_ms: i64,
         pending_bytes: u64,
     ) -> Result<Ack> {
-        authorize_system(peer, system)?;
+        self.authorize(peer, system)?;
         let rec = self.replication.system(system)?.unwrap_or_default();
         if !rec.name.is_empty() {
             self.replication.report(

@@ -294,6 +294,8 @@ pub struct Meta {
     store: Store,
     enrolled: sled::Tree,
     meta: sled::Tree,
+    /// Site name -> the systems it may relay for (JSON list).
+    relays: sled::Tree,
 }
 
 impl Meta {
@@ -301,6 +303,7 @@ impl Meta {
         Ok(Self {
             enrolled: store.tree("enrolled")?,
             meta: store.tree("meta")?,
+            relays: store.tree("site-relays")?,
             store: store.clone(),
         })
     }
@@ -312,6 +315,53 @@ impl Meta {
     pub fn mark_enrolled(&self, identity: &str) -> Result<(), StoreError> {
         self.enrolled
             .insert(identity.as_bytes(), &ferry_common::now_ms().to_be_bytes())?;
+        self.store.flush()
+    }
+
+    /// The systems `site` may relay for.
+    pub fn relays(&self, site: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .store
+            .get_json(&self.relays, site.as_bytes())?
+            .unwrap_or_default())
+    }
+
+    /// Every site with a binding, and its systems.
+    pub fn all_relays(&self) -> Result<Vec<(String, Vec<String>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.relays.iter() {
+            let (k, v) = kv?;
+            let systems: Vec<String> = serde_json::from_slice(&v).unwrap_or_default();
+            out.push((String::from_utf8_lossy(&k).into_owned(), systems));
+        }
+        Ok(out)
+    }
+
+    /// Lets `site` relay for `systems` too (durably).
+    pub fn bind(&self, site: &str, systems: &[String]) -> Result<(), StoreError> {
+        let mut have = self.relays(site)?;
+        let before = have.len();
+        for s in systems {
+            if !have.contains(s) {
+                have.push(s.clone());
+            }
+        }
+        if have.len() != before || systems.is_empty() {
+            have.sort();
+            self.store.put_json(&self.relays, site.as_bytes(), &have)?;
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// A flag kept in the meta tree (one-time migrations).
+    pub fn flag(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.meta.contains_key(format!("flag:{name}").as_bytes())?)
+    }
+
+    pub fn set_flag(&self, name: &str) -> Result<(), StoreError> {
+        self.meta
+            .insert(format!("flag:{name}").as_bytes(), &[1u8])?;
         self.store.flush()
     }
 

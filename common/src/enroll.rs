@@ -1,6 +1,6 @@
 //! Client side of enrollment: present the join token once over a CA-pinned connection,
 //! keep the issued certificate, and build mTLS channels from it afterwards.
-use crate::pki::{IdentityFiles, PkiError, Role};
+use crate::pki::{Identity, IdentityFiles, PkiError, Role};
 use crate::tls::TlsError;
 use crate::token::JoinToken;
 use ferry_proto::v1::{enrollment_client::EnrollmentClient, EnrollRequest};
@@ -26,6 +26,21 @@ pub enum EnrollError {
     NoToken,
     #[error("stopped before the manager could be reached to enroll")]
     Stopped,
+    #[error("{ours} enrolled with a {kept} manager, which a {ours_role} does not talk to")]
+    WrongManager {
+        ours: String,
+        ours_role: &'static str,
+        kept: &'static str,
+    },
+}
+
+/// The roles a daemon of `role` takes for its manager: a site talks to the cloud
+/// manager only; an agent to the cloud manager or a site.
+pub fn manager_roles(role: Role) -> &'static [Role] {
+    match role {
+        Role::Site => &[Role::Cloud],
+        _ => &[Role::Cloud, Role::Site],
+    }
 }
 
 /// Runs an enrollment `attempt` again, with jittered, capped backoff, for as long as the
@@ -68,10 +83,10 @@ pub async fn ensure_enrolled(
     }
     let token = token.ok_or(EnrollError::NoToken)?;
     let (csr_pem, key_pem) = crate::pki::new_csr()?;
-    let channel = crate::tls::channel(
-        url,
-        crate::tls::pinned_client_config(&token.ca_fingerprint)?,
-    )?;
+    // The token goes only to a manager of a role this daemon talks to.
+    let (config, seen) =
+        crate::tls::pinned_client_config(&token.ca_fingerprint, manager_roles(role))?;
+    let channel = crate::tls::channel(url, config)?;
     let mut client = EnrollmentClient::new(channel);
     let req = EnrollRequest {
         token: token.credential(),
@@ -95,15 +110,39 @@ pub async fn ensure_enrolled(
         return Err(EnrollError::CaMismatch);
     }
     files.save(&resp.ca_pem, &resp.cert_pem, &key_pem)?;
-    tracing::info!(role = role.as_str(), name, "enrolled");
+    let manager = *seen.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = manager {
+        files.save_manager_role(m)?;
+    }
+    tracing::info!(
+        role = role.as_str(),
+        name,
+        manager = manager.map(Role::as_str),
+        "enrolled"
+    );
     Ok(())
 }
 
-/// An mTLS channel to `url` with the enrolled identity in `files`.
+/// An mTLS channel to `url` with the enrolled identity in `files`, to a manager of the
+/// role it enrolled with (of a role its own talks to, for identities from before that
+/// was kept).
 pub fn mtls_channel(url: &str, files: &IdentityFiles) -> Result<Channel, EnrollError> {
     let (ca, cert, key) = files.load()?;
+    let ours = Identity::from_der(&crate::pki::pem_to_der(&cert)?)?;
+    let allowed = manager_roles(ours.role);
+    let roles = match files.manager_role()? {
+        Some(kept) if allowed.contains(&kept) => vec![kept],
+        Some(kept) => {
+            return Err(EnrollError::WrongManager {
+                ours: ours.to_string(),
+                ours_role: ours.role.as_str(),
+                kept: kept.as_str(),
+            })
+        }
+        None => allowed.to_vec(),
+    };
     Ok(crate::tls::channel(
         url,
-        crate::tls::client_config(&ca, &cert, &key)?,
+        crate::tls::client_config(&ca, &cert, &key, &roles)?,
     )?)
 }

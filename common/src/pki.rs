@@ -308,6 +308,22 @@ impl IdentityFiles {
         write_private(&self.dir.join("key.pem"), key_pem)?;
         write_private(&self.dir.join("cert.pem"), cert_pem)
     }
+    /// Keeps the role of the manager this identity enrolled with: later connections
+    /// accept only a manager of that role.
+    pub fn save_manager_role(&self, role: Role) -> Result<(), PkiError> {
+        write_private(&self.dir.join("manager-role"), role.as_str())
+    }
+    /// The role kept by `save_manager_role` (`None` for identities from before it).
+    pub fn manager_role(&self) -> Result<Option<Role>, PkiError> {
+        let path = self.dir.join("manager-role");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = read(&path)?;
+        Role::parse(text.trim())
+            .map(Some)
+            .ok_or_else(|| PkiError::Identity(format!("{}: {text:?}", path.display())))
+    }
     /// (ca, cert, key) PEM texts.
     pub fn load(&self) -> Result<(String, String, String), PkiError> {
         Ok((

@@ -1,6 +1,6 @@
 //! mTLS transport for tonic: rustls configs, the CA-pinning verifier used during
 //! enrollment, the accept loop that records each peer's identity, and client channels.
-use crate::pki::Identity;
+use crate::pki::{Identity, Role};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -98,15 +98,31 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// Client side after enrollment: trusts only the Ferry CA, presents our certificate.
+/// Client side after enrollment: trusts only the Ferry CA, and of its certificates only
+/// a server whose role is one of `roles` (a site's certificate cannot pose as the cloud
+/// manager); presents our certificate.
 pub fn client_config(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
+    roles: &[Role],
 ) -> Result<Arc<ClientConfig>, TlsError> {
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots(ca_pem)?),
+        provider(),
+    )
+    .build()?;
+    let verifier = ServerRole {
+        inner: Some(inner),
+        roles: roles.to_vec(),
+        pin: None,
+        seen: Default::default(),
+        provider: provider(),
+    };
     let mut cfg = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots(ca_pem)?)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(certs(cert_pem)?, key(key_pem)?)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
@@ -123,10 +139,18 @@ pub fn anonymous_client_config(ca_pem: &str) -> Result<Arc<ClientConfig>, TlsErr
 }
 
 /// Enrollment: trust the server only if its chain contains the CA whose SHA-256 the
-/// join token carries, and the leaf verifies against that CA for the host name.
-pub fn pinned_client_config(ca_fingerprint: &str) -> Result<Arc<ClientConfig>, TlsError> {
-    let verifier = PinnedCa {
-        fingerprint: ca_fingerprint.to_ascii_lowercase(),
+/// join token carries, the leaf verifies against that CA for the host name, and its role
+/// is one of `roles`. The role it had is kept in the returned cell.
+pub fn pinned_client_config(
+    ca_fingerprint: &str,
+    roles: &[Role],
+) -> Result<(Arc<ClientConfig>, SeenRole), TlsError> {
+    let seen = SeenRole::default();
+    let verifier = ServerRole {
+        inner: None,
+        roles: roles.to_vec(),
+        pin: Some(ca_fingerprint.to_ascii_lowercase()),
+        seen: seen.clone(),
         provider: provider(),
     };
     let mut cfg = ClientConfig::builder_with_provider(provider())
@@ -135,16 +159,25 @@ pub fn pinned_client_config(ca_fingerprint: &str) -> Result<Arc<ClientConfig>, T
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(cfg))
+    Ok((Arc::new(cfg), seen))
 }
 
+/// The role of the server a handshake verified.
+pub type SeenRole = Arc<std::sync::Mutex<Option<Role>>>;
+
+/// Verifies a server's chain (against the CA, or the CA the token pins), then that the
+/// identity in its certificate has one of the roles the client dialled.
 #[derive(Debug)]
-struct PinnedCa {
-    fingerprint: String,
+struct ServerRole {
+    /// The Ferry CA's verifier; `None` when the CA comes from the chain and `pin`.
+    inner: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    roles: Vec<Role>,
+    pin: Option<String>,
+    seen: SeenRole,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for PinnedCa {
+impl ServerCertVerifier for ServerRole {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -153,23 +186,46 @@ impl ServerCertVerifier for PinnedCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| crate::pki::fingerprint(c) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "server does not present the ca pinned by the join token".into(),
+        let verified = match (&self.inner, &self.pin) {
+            (Some(inner), _) => inner.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            )?,
+            (None, pin) => {
+                let pin = pin.as_deref().unwrap_or_default();
+                let ca = intermediates
+                    .iter()
+                    .find(|c| crate::pki::fingerprint(c) == pin)
+                    .ok_or_else(|| {
+                        rustls::Error::General(
+                            "server does not present the ca pinned by the join token".into(),
+                        )
+                    })?;
+                let mut roots = RootCertStore::empty();
+                roots.add(ca.clone().into_owned())?;
+                let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    self.provider.clone(),
                 )
-            })?;
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+                inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)?
+            }
+        };
+        let id = Identity::from_der(end_entity)
+            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        if !self.roles.contains(&id.role) {
+            let wanted: Vec<&str> = self.roles.iter().map(|r| r.as_str()).collect();
+            return Err(rustls::Error::General(format!(
+                "the server is {id}, not a {} manager",
+                wanted.join(" or ")
+            )));
+        }
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.role);
+        Ok(verified)
     }
 
     fn verify_tls12_signature(

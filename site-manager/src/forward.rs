@@ -5,7 +5,6 @@
 use crate::relay::{QueueItem, Relay};
 use ferry_common::backoff::Backoff;
 use ferry_common::chunks;
-use ferry_common::error::is_transient;
 use ferry_proto::v1::{self as pb, ingest_client::IngestClient};
 use prost::Message;
 use std::collections::HashSet;
@@ -102,11 +101,15 @@ async fn forward_system(
     }
 }
 
+/// Upstream's answer to an item. Only a refusal of the item itself as invalid, for good,
+/// sends it to the dead letters; anything else (unavailable, internal, storage, a
+/// permission the operator may still grant) is retried with backoff, and holds only
+/// this system's queue.
 fn classify(s: tonic::Status) -> Outcome {
-    if is_transient(&s) || s.code() == tonic::Code::FailedPrecondition {
-        Outcome::Retry(s)
-    } else {
-        Outcome::Poison(s)
+    use tonic::Code;
+    match s.code() {
+        Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented => Outcome::Poison(s),
+        _ => Outcome::Retry(s),
     }
 }
 
@@ -354,3 +357,35 @@ const LOOKAHEAD: usize = 4;
 
 /// Most hashes one upstream MissingChunks question carries.
 const GROUP: usize = 4096;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    #[test]
+    fn only_an_item_refused_as_invalid_is_dead_lettered() {
+        for code in [Code::InvalidArgument, Code::OutOfRange, Code::Unimplemented] {
+            assert!(
+                matches!(classify(Status::new(code, "x")), Outcome::Poison(_)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            Code::Internal,
+            Code::Unavailable,
+            Code::Unknown,
+            Code::ResourceExhausted,
+            Code::DataLoss,
+            Code::PermissionDenied,
+            Code::NotFound,
+            Code::FailedPrecondition,
+            Code::DeadlineExceeded,
+        ] {
+            assert!(
+                matches!(classify(Status::new(code, "x")), Outcome::Retry(_)),
+                "{code:?}"
+            );
+        }
+    }
+}

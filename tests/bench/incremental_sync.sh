@@ -29,7 +29,7 @@ now() { date +%s.%N; }
 # Initial copies (not timed).
 "$B/ferry-cloud" serve --data-dir "$W/inc-cloud" --listen 127.0.0.1:18761 2>"$W/inc-cloud.log" &
 for _ in $(seq 1 100); do [ -f "$W/inc-cloud/operator.toml" ] && break; sleep 0.1; done
-FERRY_TOKEN=$("$B/ferry-cloud" token create --data-dir "$W/inc-cloud") \
+FERRY_TOKEN=$("$B/ferry-cloud" token create --role site --name bench --data-dir "$W/inc-cloud") \
   "$B/ferry-site" serve --data-dir "$W/inc-site" --listen 127.0.0.1:18762 --upstream https://127.0.0.1:18761 --name bench 2>"$W/inc-site.log" &
 sleep 1
 FERRY_TOKEN=$("$B/ferry-cloud" token create --data-dir "$W/inc-cloud") \

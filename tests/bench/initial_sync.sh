@@ -70,7 +70,7 @@ rsync_bytes=$(echo "$rs" | awk -F': ' '/Total bytes sent/ {gsub(/,/,"",$2); prin
 rm -rf "$W/cloud" "$W/site" "$W/agent"
 "$B/ferry-cloud" serve --data-dir "$W/cloud" --listen 127.0.0.1:18731 2>"$W/cloud.log" &
 for _ in $(seq 1 100); do [ -f "$W/cloud/operator.toml" ] && break; sleep 0.1; done
-FERRY_TOKEN=$("$B/ferry-cloud" token create --data-dir "$W/cloud") \
+FERRY_TOKEN=$("$B/ferry-cloud" token create --role site --name bench --data-dir "$W/cloud") \
   "$B/ferry-site" serve --data-dir "$W/site" --listen 127.0.0.1:18732 --upstream https://127.0.0.1:18731 --name bench 2>"$W/site.log" &
 sleep 1; sync
 tok=$("$B/ferry-cloud" token create --data-dir "$W/cloud")

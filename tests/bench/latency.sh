@@ -29,7 +29,7 @@ mkdir -p "$W/lat-src/probe" "$W/lat-src/churn"
 
 "$B/ferry-cloud" serve --data-dir "$W/lat-cloud" --listen 127.0.0.1:18781 2>"$W/lat-cloud.log" &
 for _ in $(seq 1 100); do [ -f "$W/lat-cloud/operator.toml" ] && break; sleep 0.1; done
-FERRY_TOKEN=$("$B/ferry-cloud" token create --data-dir "$W/lat-cloud") \
+FERRY_TOKEN=$("$B/ferry-cloud" token create --role site --name bench --data-dir "$W/lat-cloud") \
   "$B/ferry-site" serve --data-dir "$W/lat-site" --listen 127.0.0.1:18782 --upstream https://127.0.0.1:18781 --name bench 2>"$W/lat-site.log" &
 sleep 1
 FERRY_TOKEN=$("$B/ferry-cloud" token create --data-dir "$W/lat-cloud") \

@@ -397,10 +397,20 @@ impl CloudMgr {
     pub fn url(&self) -> String {
         format!("https://{}:{}", self.host, self.port)
     }
+    /// A join token for an agent of any new name.
     pub fn token(&self) -> Result<String> {
+        self.token_with(&[])
+    }
+    /// A join token for the site manager `site1`, the tests' site.
+    pub fn site_token(&self) -> Result<String> {
+        self.token_with(&["--role", "site", "--name", "site1"])
+    }
+    /// `ferry-cloud token create` with these scope flags.
+    pub fn token_with(&self, scope: &[&str]) -> Result<String> {
         Ok(sh(Command::new(bin("ferry-cloud"))
             .args(["token", "create", "--data-dir"])
-            .arg(&self.dir))?
+            .arg(&self.dir)
+            .args(scope))?
         .trim()
         .to_string())
     }
@@ -740,17 +750,20 @@ pub async fn enrolled_client(
     name: &str,
     dir: &Path,
 ) -> Result<ferry_proto::v1::ingest_client::IngestClient<tonic::transport::Channel>> {
+    enrolled_as(ferry_common::pki::Role::Agent, cloud_url, token, name, dir).await
+}
+
+/// `enrolled_client` for any role (a rogue site, say).
+pub async fn enrolled_as(
+    role: ferry_common::pki::Role,
+    cloud_url: &str,
+    token: &str,
+    name: &str,
+    dir: &Path,
+) -> Result<ferry_proto::v1::ingest_client::IngestClient<tonic::transport::Channel>> {
     let files = ferry_common::pki::IdentityFiles::new(dir);
     let tok = ferry_common::token::JoinToken::parse(token)?;
-    ferry_common::enroll::ensure_enrolled(
-        cloud_url,
-        Some(&tok),
-        ferry_common::pki::Role::Agent,
-        name,
-        &[],
-        &files,
-    )
-    .await?;
+    ferry_common::enroll::ensure_enrolled(cloud_url, Some(&tok), role, name, &[], &files).await?;
     Ok(ferry_proto::v1::ingest_client::IngestClient::new(
         ferry_common::enroll::mtls_channel(cloud_url, &files)?,
     ))
@@ -800,7 +813,7 @@ pub fn follow_sized(name: &str, fstype: &str, uuid: &str, size_mb: u64) -> Resul
     let src = LoopFs::new(&t, "src", fstype, uuid, size_mb)?;
     populate(&src.mnt, 3)?;
     let cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
     let state = t.join("agent");
     let agent = Proc::spawn(
         &mut agent_follow_cmd(&state, &site.url(), Some(&cloud.token()?), &src.mnt, "live"),

@@ -151,7 +151,7 @@ fn full_cloud_disk_is_reported_and_replication_recovers_once_space_is_freed() ->
     )?;
     populate(&src.mnt, 8)?;
     let cloud = CloudMgr::start(&data.mnt.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
     let state = t.join("agent");
     let _agent = Proc::spawn(
         &mut agent_follow_cmd(&state, &site.url(), Some(&cloud.token()?), &src.mnt, "full"),

@@ -35,7 +35,7 @@ fn start_sync(t: &std::path::Path, fstype: &str, uuid: &str) -> Result<Sync> {
     let src = LoopFs::new(t, "src", fstype, uuid, 800)?;
     big_tree(&src)?;
     let cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
     let agent = Proc::spawn(
         agent_cmd(
             &t.join("agent"),
@@ -177,7 +177,7 @@ fn a_full_site_spool_slows_the_agent_without_losing_anything() -> Result<()> {
         &t.join("site"),
         free_port(),
         &cloud.url(),
-        Some(&cloud.token()?),
+        Some(&cloud.site_token()?),
         &["--spool-limit", "24M"],
     )?;
     let mut agent = Proc::spawn(
@@ -246,7 +246,7 @@ fn a_system_whose_replica_volume_is_full_holds_back_only_itself() -> Result<()> 
     bash(&fill)?;
     populate(&other.mnt, 4)?;
     let mut cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
     let mut agents = Vec::new();
     for (src, name) in [(&full, "full"), (&other, "other")] {
         agents.push(Proc::spawn(

@@ -82,7 +82,7 @@ fn site_to_cloud_partition_of_sixty_seconds_loses_nothing() -> Result<()> {
         .arg(t.join("site"))
         .arg("--upstream")
         .arg(cloud.url());
-    site_cmd.env("FERRY_TOKEN", cloud.token()?);
+    site_cmd.env("FERRY_TOKEN", cloud.site_token()?);
     let _site = Proc::spawn(&mut site_cmd, &t.join("site.log"))?;
     wait_for(
         "site manager in the namespace",

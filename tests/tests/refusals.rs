@@ -100,7 +100,7 @@ async fn hostile_and_unauthorized_requests_are_refused() -> Result<()> {
         &ferry_common::pki::Identity::new(Role::Agent, "alpha")?,
         &[],
     )?;
-    let cfg = ferry_common::tls::client_config(&ca_pem(&cloud)?, &cert, &key)?;
+    let cfg = ferry_common::tls::client_config(&ca_pem(&cloud)?, &cert, &key, &[Role::Cloud])?;
     let err = IngestClient::new(ferry_common::tls::channel(&cloud.url(), cfg)?)
         .register(register("alpha", "0a1b2c3d-0000-4000-8000-00000000000a"))
         .await
@@ -367,7 +367,7 @@ async fn the_site_refuses_hostile_frames_before_queueing_them() -> Result<()> {
     let tmp = scratch("refuse-site")?;
     let t = tmp.path();
     let cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
     let mut alpha =
         enrolled_client(&site.url(), &cloud.token()?, "alpha", &t.join("alpha")).await?;
     let fs = "0a1b2c3d-0000-4000-8000-00000000000a";
@@ -474,5 +474,199 @@ async fn a_root_symlink_where_a_file_system_mounts_is_refused_and_the_host_is_un
         !bash("losetup -a")?.contains(&t.join("cloud/prepared").display().to_string()),
         "a copy's loop device was left attached"
     );
+    Ok(())
+}
+
+/// A join token enrolls only the role and name it was made for; a site relays only for
+/// the systems bound to it; tokens are listed without their secrets and can be revoked.
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_enroll_only_their_scope_and_a_site_relays_only_for_its_systems() -> Result<()> {
+    let tmp = scratch("scoped-tokens")?;
+    let t = tmp.path();
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let victim_token = cloud.token_with(&["--system", "victim"])?;
+
+    // A real site manager given an agent's token is refused, says why and stops.
+    let out = std::process::Command::new("timeout")
+        .arg("30")
+        .arg(bin("ferry-site"))
+        .args(["serve", "--name", "site1", "--listen"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(t.join("site"))
+        .arg("--upstream")
+        .arg(cloud.url())
+        .env("FERRY_TOKEN", &victim_token)
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("enrolls an agent, not site:site1"), "{said}");
+    // Nor does it enroll another system's name.
+    let e = enrolled_client(&cloud.url(), &victim_token, "other", &t.join("other"))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("enrolls agent:victim, not agent:other"), "{e}");
+
+    // The refusals spent nothing: the system itself enrolls and writes its replica.
+    let mut victim =
+        enrolled_client(&cloud.url(), &victim_token, "victim", &t.join("victim")).await?;
+    let fs = "0a1b2c3d-0000-4000-8000-00000000001a";
+    victim.register(register("victim", fs)).await?;
+    let dir = |name: &[u8]| pb::Entry {
+        mode: 0o40755,
+        ..entry(name, pb::EntryKind::Dir)
+    };
+    victim
+        .apply_batch(batch("victim", fs, 1, vec![dir(b"kept")]))
+        .await?;
+
+    // A site with a token of its own, bound to nothing, cannot write it.
+    let rogue_token = cloud.token_with(&["--role", "site", "--name", "rogue"])?;
+    let mut rogue = enrolled_as(
+        Role::Site,
+        &cloud.url(),
+        &rogue_token,
+        "rogue",
+        &t.join("rogue"),
+    )
+    .await?;
+    let err = rogue
+        .apply_batch(batch("victim", fs, 2, vec![dir(b"planted")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("ferry sites bind rogue victim"),
+        "{err:?}"
+    );
+    let err = rogue
+        .register(register("victim", "0a1b2c3d-0000-4000-8000-00000000001b"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let replica = cloud.replica_path("victim", "/")?;
+    assert!(replica.join("kept").is_dir() && !replica.join("planted").exists());
+    let shown = cloud.ferry_json(&["systems", "show", "victim"])?;
+    assert_eq!(shown["durable_epoch"], 1, "{shown}");
+    assert_eq!(shown["filesystems"].as_array().map(Vec::len), Some(1));
+
+    // Tokens are listed with their scope, never their secret; a revoked one is spent.
+    let spare = JoinToken::parse(&cloud.token_with(&["--system", "spare"])?)?;
+    let list = cloud.ferry_json(&["token", "list"])?;
+    assert!(!list.to_string().contains(spare.secret.expose()), "{list}");
+    let state = |id: &str| {
+        list.as_array()
+            .and_then(|l| l.iter().find(|t| t["id"] == id))
+            .map(|t| (t["state"].clone(), t["role"].clone(), t["name"].clone()))
+    };
+    assert_eq!(
+        state(&spare.id),
+        Some(("pending".into(), "agent".into(), "spare".into()))
+    );
+    let rogue_id = JoinToken::parse(&rogue_token)?.id;
+    assert_eq!(
+        state(&rogue_id),
+        Some(("used".into(), "site".into(), "rogue".into()))
+    );
+    sh(std::process::Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(["token", "revoke", &spare.id]))?;
+    let e = enrolled_client(&cloud.url(), &spare.render(), "spare", &t.join("spare"))
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("unknown, already used or expired"), "{e}");
+
+    // Bound by the operator, the site may relay for the system.
+    sh(std::process::Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(["sites", "bind", "rogue", "victim"]))?;
+    rogue
+        .apply_batch(batch("victim", fs, 2, vec![dir(b"kept"), dir(b"relayed")]))
+        .await?;
+    assert!(replica.join("relayed").is_dir());
+    let sites = cloud.ferry_json(&["sites", "list"])?;
+    assert_eq!(sites[0]["name"], "rogue", "{sites}");
+    assert_eq!(sites[0]["systems"][0], "victim", "{sites}");
+    Ok(())
+}
+
+/// A site's certificate cannot pose as the cloud manager: an agent that enrolled with
+/// the cloud manager refuses a server presenting one, and a site will not send its
+/// token to one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_certificate_cannot_pose_as_the_cloud_manager() -> Result<()> {
+    let tmp = scratch("impostor")?;
+    let t = tmp.path();
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let src = t.join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("f"), b"one")?;
+    // The agent enrolls with the cloud manager itself and replicates once.
+    agent_once(
+        &t.join("agent"),
+        &cloud.url(),
+        Some(&cloud.token()?),
+        &src,
+        "direct",
+    )?;
+    let epoch = cloud.ferry_json(&["systems", "show", "direct"])?["durable_epoch"].clone();
+    // A real site manager, whose certificate is a site's, answers where it dials now.
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
+    std::fs::write(src.join("f"), b"two")?;
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg(bin("ferry-agent"))
+        .args(["run", "--once", "--name", "direct", "--state-dir"])
+        .arg(t.join("agent"))
+        .arg("--manager")
+        .arg(site.url())
+        .arg("--root")
+        .arg(&src)
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("the server is site:site1, not a cloud manager"),
+        "{said}"
+    );
+    let shown = cloud.ferry_json(&["systems", "show", "direct"])?;
+    assert_eq!(shown["durable_epoch"], epoch, "{shown}");
+    assert_eq!(
+        std::fs::read(cloud.replica_path("direct", "/")?.join("f"))?,
+        b"one"
+    );
+
+    // A second site pointed at the first as its upstream never sends its token.
+    let token = cloud.token_with(&["--role", "site", "--name", "site2"])?;
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg(bin("ferry-site"))
+        .args(["serve", "--name", "site2", "--listen"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(t.join("site2"))
+        .arg("--upstream")
+        .arg(site.url())
+        .env("FERRY_TOKEN", &token)
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("the server is site:site1, not a cloud manager"),
+        "{said}"
+    );
+    let id = JoinToken::parse(&token)?.id;
+    let list = cloud.ferry_json(&["token", "list"])?;
+    let state = list
+        .as_array()
+        .and_then(|l| l.iter().find(|t| t["id"] == id.as_str()))
+        .map(|t| t["state"].clone());
+    assert_eq!(state, Some("pending".into()), "{list}");
     Ok(())
 }

@@ -20,7 +20,7 @@ fn three_systems_replicate_byte_identical_through_a_site() -> Result<()> {
         sources.push(fs);
     }
     let cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
     for ((name, _, _), fs) in systems.iter().zip(&sources) {
         let summary = agent_once(
             &t.join(format!("agent-{name}")),
@@ -99,7 +99,7 @@ fn identical_data_on_two_systems_crosses_the_wire_once() -> Result<()> {
     ))?;
     let data: u64 = 200 << 20;
     let cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
     let sa = agent_once(
         &t.join("agent-a"),
         &site.url(),
@@ -160,7 +160,7 @@ async fn a_site_writes_chunks_through_before_their_batch_and_the_cloud_keeps_wha
     let tmp = scratch("write-through")?;
     let t = tmp.path();
     let mut cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.token()?))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
     let mut agent =
         enrolled_client(&site.url(), &cloud.token()?, "alpha", &t.join("alpha")).await?;
     agent

@@ -61,6 +61,42 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: TunnelCmd,
     },
+    /// Join tokens (made on the cloud manager with `ferry-cloud token create`).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// Site managers and the systems each may relay for.
+    Sites {
+        #[command(subcommand)]
+        cmd: SitesCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCmd {
+    /// Every token with its scope and state (never its secret).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token not used yet: it enrolls nothing from now on.
+    Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum SitesCmd {
+    /// Every site and the systems it may relay for.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a site relay for more systems.
+    Bind {
+        site: String,
+        #[arg(required = true)]
+        systems: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -357,6 +393,8 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Cmd::Image { cmd } => image(client, cmd).await,
         Cmd::Clone { cmd } => clone(client, cmd).await,
         Cmd::Tunnel { cmd } => tunnel(client, cmd).await,
+        Cmd::Token { cmd } => token(client, cmd).await,
+        Cmd::Sites { cmd } => sites(client, cmd).await,
     }
 }
 
@@ -763,6 +801,78 @@ async fn find_clone(client: &mut Client, name: &str) -> Result<pb::CloneInfo, Cl
         .into_iter()
         .find(|c| c.name == name)
         .ok_or_else(|| CliError::Usage(format!("no clone {name:?}")))
+}
+
+/// `ferry token list|revoke`.
+pub async fn token(client: &mut Client, cmd: TokenCmd) -> Result<(), CliError> {
+    match cmd {
+        TokenCmd::List { json } => {
+            let t = client
+                .list_tokens(pb::ListTokensRequest {})
+                .await?
+                .into_inner()
+                .tokens;
+            print_as(json, &t, || {
+                t.iter()
+                    .map(|t| {
+                        let scope = match (t.role.as_str(), t.name.as_str()) {
+                            (role, "") => format!("{role}:*"),
+                            (role, name) => format!("{role}:{name}"),
+                        };
+                        let extra = if !t.systems.is_empty() {
+                            format!("  relays {}", t.systems.join(","))
+                        } else if !t.site.is_empty() {
+                            format!("  via site:{}", t.site)
+                        } else {
+                            String::new()
+                        };
+                        let left = (t.expires_unix_ms - ferry_common::now_ms()) / 1000;
+                        let expiry = if left <= 0 {
+                            "expired".to_string()
+                        } else {
+                            format!("expires in {}h{:02}m", left / 3600, left % 3600 / 60)
+                        };
+                        format!("{}  {:<8} {:<20} {expiry}{extra}\n", t.id, t.state, scope)
+                    })
+                    .collect()
+            });
+        }
+        TokenCmd::Revoke { id } => {
+            client
+                .revoke_token(pb::RevokeTokenRequest { id: id.clone() })
+                .await?;
+            println!("token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+/// `ferry sites list|bind`.
+pub async fn sites(client: &mut Client, cmd: SitesCmd) -> Result<(), CliError> {
+    match cmd {
+        SitesCmd::List { json } => {
+            let s = client
+                .list_sites(pb::ListSitesRequest {})
+                .await?
+                .into_inner()
+                .sites;
+            print_as(json, &s, || {
+                s.iter()
+                    .map(|s| format!("site:{}  relays {}\n", s.name, s.systems.join(",")))
+                    .collect()
+            });
+        }
+        SitesCmd::Bind { site, systems } => {
+            client
+                .bind_site(pb::BindSiteRequest {
+                    site: site.clone(),
+                    systems: systems.clone(),
+                })
+                .await?;
+            println!("site:{site} may relay for {}", systems.join(", "));
+        }
+    }
+    Ok(())
 }
 
 /// `ferry tunnel services|connect`.

@@ -60,8 +60,12 @@ pub async fn connect(path: &Path) -> Result<Client, CliError> {
             path: path.display().to_string(),
             source,
         })?;
-    let cfg =
-        ferry_common::tls::client_config(&creds.ca_pem, &creds.cert_pem, creds.key_pem.expose())?;
+    let cfg = ferry_common::tls::client_config(
+        &creds.ca_pem,
+        &creds.cert_pem,
+        creds.key_pem.expose(),
+        &[ferry_common::pki::Role::Cloud],
+    )?;
     let ch = ferry_common::tls::channel(&creds.endpoint, cfg)?;
     Ok(pb::control_client::ControlClient::new(ch)
         .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES))

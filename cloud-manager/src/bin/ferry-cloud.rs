@@ -111,13 +111,29 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum TokenCmd {
-    /// Print a one-time join token for a site manager or an agent.
+    /// Print a one-time join token for an agent (by default) or a site manager.
     Create {
         #[arg(long)]
         data_dir: PathBuf,
         /// How long the token stays valid, in hours.
         #[arg(long, default_value_t = 24)]
         ttl_hours: u64,
+        /// What it enrolls: agent or site.
+        #[arg(long, default_value = "agent")]
+        role: String,
+        /// An agent token: the one system name it enrolls (any new name without it).
+        #[arg(long, value_name = "NAME")]
+        system: Option<String>,
+        /// An agent token: the site it comes through (that site may relay for it).
+        #[arg(long, value_name = "SITE")]
+        site: Option<String>,
+        /// A site token: the site's name (required).
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// A site token: a system it may relay for (repeatable; agents enrolling
+        /// through it and `ferry sites bind` add more).
+        #[arg(long, value_name = "SYSTEM")]
+        relay: Vec<String>,
     },
 }
 
@@ -239,8 +255,17 @@ fn main() -> ExitCode {
                 TokenCmd::Create {
                     data_dir,
                     ttl_hours,
+                    role,
+                    system,
+                    site,
+                    name,
+                    relay,
                 },
-        } => match admin::create_token(&data_dir, ttl_hours) {
+        } => match admin::create_token(
+            &data_dir,
+            ttl_hours,
+            admin::token_scope(&role, system, site, name, relay),
+        ) {
             Ok(t) => {
                 println!("{}", t.render());
                 ExitCode::SUCCESS

@@ -6,7 +6,7 @@ mod wire;
 
 use crate::cloud::Cloud;
 use crate::error::{CloudError, Result};
-use crate::ingest::require_ingest;
+use crate::ingest::{require_ingest, Enrollment};
 use crate::replication::SettingsChange;
 use ferry_common::error::{to_status, ErrorKind, Kind};
 use ferry_common::pki::{Identity, Role};
@@ -118,7 +118,11 @@ impl pb::enrollment_server::Enrollment for Grpc {
         req: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let cloud = self.cloud.clone();
-        let r = req.into_inner().into();
+        let via = identity(&req);
+        let r = Enrollment {
+            via,
+            ..req.into_inner().into()
+        };
         let r = crate::error::blocking(move || cloud.ingest.enroll(r)).await;
         self.reply("enroll", None, r)
     }
@@ -284,6 +288,52 @@ impl pb::control_server::Control for Grpc {
             .await
             .map(|()| pb::AllowMoveResponse {});
         self.reply("allow-move", who, r)
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let r = self.cloud.ingest.tokens().map(|t| pb::ListTokensResponse {
+            tokens: t.into_iter().map(wire::token_info).collect(),
+        });
+        self.reply("list-tokens", identity(&req), r)
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let who = identity(&req);
+        let r = (self.cloud.ingest)
+            .revoke_token(&req.get_ref().id)
+            .map(|()| pb::RevokeTokenResponse {});
+        self.reply("revoke-token", who, r)
+    }
+
+    async fn list_sites(
+        &self,
+        req: Request<pb::ListSitesRequest>,
+    ) -> Result<Response<pb::ListSitesResponse>, Status> {
+        let r = self.cloud.ingest.sites().map(|s| pb::ListSitesResponse {
+            sites: s
+                .into_iter()
+                .map(|(name, systems)| pb::SiteInfo { name, systems })
+                .collect(),
+        });
+        self.reply("list-sites", identity(&req), r)
+    }
+
+    async fn bind_site(
+        &self,
+        req: Request<pb::BindSiteRequest>,
+    ) -> Result<Response<pb::BindSiteResponse>, Status> {
+        let who = identity(&req);
+        let q = req.into_inner();
+        let r = (self.cloud.ingest)
+            .bind_site(&q.site, &q.systems)
+            .map(|()| pb::BindSiteResponse {});
+        self.reply("bind-site", who, r)
     }
 
     async fn resize_replica(

@@ -40,6 +40,19 @@ pub fn target(v: i32) -> Result<Target> {
         .ok_or_else(|| CloudError::Invalid("a target is required (local, aws or azure)".into()))
 }
 
+/// A token as the wire shows it.
+pub fn token_info(t: ferry_common::token::TokenInfo) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: t.id,
+        state: t.state,
+        role: t.scope.role().to_string(),
+        name: t.scope.name,
+        systems: t.scope.systems,
+        site: t.scope.site,
+        expires_unix_ms: t.expires_unix_ms,
+    }
+}
+
 impl From<pb::EnrollRequest> for Enrollment {
     fn from(r: pb::EnrollRequest) -> Self {
         Self {
@@ -48,6 +61,7 @@ impl From<pb::EnrollRequest> for Enrollment {
             name: r.name,
             csr_pem: r.csr_pem,
             sans: r.sans,
+            via: None,
         }
     }
 }

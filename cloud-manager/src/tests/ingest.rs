@@ -5,6 +5,7 @@ use crate::ingest::{Enrollment, Frame, PassProgress};
 use crate::replication::SettingsChange;
 use crate::state::SystemState;
 use ferry_common::error::{ErrorKind, Kind};
+use ferry_common::token::Scope;
 
 fn kind<T: std::fmt::Debug>(r: Result<T, CloudError>) -> Kind {
     r.unwrap_err().kind()
@@ -21,7 +22,7 @@ async fn registration_records_the_system_and_readies_its_replica() {
 }
 
 #[tokio::test]
-async fn an_agent_writes_only_its_own_system_and_a_site_relays_for_any() {
+async fn an_agent_writes_only_its_own_system_and_a_site_only_those_bound_to_it() {
     let h = harness();
     let reg = Registration {
         system: "web01".into(),
@@ -30,7 +31,17 @@ async fn an_agent_writes_only_its_own_system_and_a_site_relays_for_any() {
     };
     let r = h.cloud.ingest.register(&agent("db01"), reg.clone()).await;
     assert_eq!(kind(r), Kind::PermissionDenied);
+    let err = (h.cloud.ingest.register(&site(), reg.clone()).await).unwrap_err();
+    assert_eq!(err.kind(), Kind::PermissionDenied);
+    assert!(
+        err.to_string().contains("ferry sites bind site1 web01"),
+        "{err}"
+    );
     assert!(h.cloud.replication.system("web01").unwrap().is_none());
+    h.cloud
+        .ingest
+        .bind_site("site1", &["web01".to_string()])
+        .unwrap();
     h.cloud.ingest.register(&site(), reg).await.unwrap();
     let r = h
         .cloud
@@ -344,7 +355,11 @@ async fn pending_changes_count_as_lag_until_the_pass_that_covers_them_is_durable
 #[tokio::test]
 async fn a_report_for_an_unknown_system_is_answered_and_not_kept() {
     let h = harness();
-    let ack = h.cloud.ingest.progress(&site(), "ghost", 1, 1).unwrap();
+    let ack = h
+        .cloud
+        .ingest
+        .progress(&agent("ghost"), "ghost", 1, 1)
+        .unwrap();
     assert_eq!(ack.durable_epoch, 0);
     assert!(h.cloud.replication.list("").unwrap().is_empty());
 }
@@ -463,7 +478,11 @@ fn enrollment_takes_a_valid_token_once_and_checks_role_and_names() {
     let h = harness();
     let ingest = &h.cloud.ingest;
     let token = ferry_common::token::TokenStore::new(h.dir.path())
-        .create(&ingest.ca.fingerprint(), std::time::Duration::from_secs(60))
+        .create(
+            &ingest.ca.fingerprint(),
+            std::time::Duration::from_secs(60),
+            Scope::default(),
+        )
         .unwrap();
     let (csr_pem, _key) = ferry_common::pki::new_csr().unwrap();
     let ask = |role: &str, sans: &[&str]| Enrollment {
@@ -472,6 +491,7 @@ fn enrollment_takes_a_valid_token_once_and_checks_role_and_names() {
         name: "web01".into(),
         csr_pem: csr_pem.clone(),
         sans: sans.iter().map(|s| s.to_string()).collect(),
+        via: None,
     };
     assert_eq!(
         kind(ingest.enroll(ask("operator", &[]))),
@@ -732,4 +752,126 @@ async fn a_file_system_larger_than_a_replica_volume_holds_is_refused_at_the_door
         "{err}"
     );
     assert!(h.cloud.replication.system("web01").unwrap().is_none());
+}
+
+/// A token enrolls only the role and name it was made for, through the site it names;
+/// a site relays for what its token, its agents' enrollments and the operator bind.
+#[test]
+fn a_token_enrolls_only_its_scope_and_binds_sites_to_their_systems() {
+    let h = harness();
+    let ingest = &h.cloud.ingest;
+    let store = ferry_common::token::TokenStore::new(h.dir.path());
+    let make = |role: &str, name: &str, systems: &[&str], site: &str| {
+        store
+            .create(
+                &ingest.ca.fingerprint(),
+                std::time::Duration::from_secs(60),
+                Scope {
+                    role: role.into(),
+                    name: name.into(),
+                    systems: systems.iter().map(|s| s.to_string()).collect(),
+                    site: site.into(),
+                },
+            )
+            .unwrap()
+    };
+    let (csr_pem, _key) = ferry_common::pki::new_csr().unwrap();
+    let ask = |t: &ferry_common::token::JoinToken, role: &str, name: &str, via: Option<&str>| {
+        Enrollment {
+            token: t.credential(),
+            role: role.into(),
+            name: name.into(),
+            csr_pem: csr_pem.clone(),
+            sans: Vec::new(),
+            via: via.map(|v| Identity::new(Role::Site, v).unwrap()),
+        }
+    };
+    let refused = |e: Enrollment, says: &str| {
+        let err = ingest.enroll(e).unwrap_err();
+        assert_eq!(err.kind(), Kind::PermissionDenied, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    };
+    // An agent token is no site's, and no other system's.
+    let web01 = make("agent", "web01", &[], "");
+    refused(
+        ask(&web01, "site", "web01", None),
+        "enrolls an agent, not site:web01",
+    );
+    refused(
+        ask(&web01, "agent", "web02", None),
+        "enrolls agent:web01, not agent:web02",
+    );
+    // The refusals spent nothing.
+    ingest.enroll(ask(&web01, "agent", "web01", None)).unwrap();
+    // An unscoped token is an agent's too.
+    let any = make("", "", &[], "");
+    refused(ask(&any, "site", "site9", None), "not site:site9");
+    // A site token names its site and what it relays for.
+    let site1 = make("site", "site1", &["db01"], "");
+    refused(ask(&site1, "site", "site2", None), "not site:site2");
+    refused(
+        ask(&site1, "site", "site1", Some("site3")),
+        "sites enroll with the cloud manager",
+    );
+    ingest.enroll(ask(&site1, "site", "site1", None)).unwrap();
+    // An agent token bound to a site comes through that site only.
+    let app01 = make("agent", "app01", &[], "site1");
+    refused(
+        ask(&app01, "agent", "app01", Some("site2")),
+        "through site:site1",
+    );
+    ingest
+        .enroll(ask(&app01, "agent", "app01", Some("site1")))
+        .unwrap();
+    // An agent enrolled through a site binds it too.
+    ingest
+        .enroll(ask(&any, "agent", "web03", Some("site1")))
+        .unwrap();
+    let sites = ingest.sites().unwrap();
+    assert_eq!(
+        sites,
+        [(
+            "site1".to_string(),
+            vec!["app01".to_string(), "db01".into(), "web03".into()]
+        )]
+    );
+    let s1 = Identity::new(Role::Site, "site1").unwrap();
+    ingest.authorize(&s1, "web03").unwrap();
+    assert_eq!(kind(ingest.authorize(&s1, "web01")), Kind::PermissionDenied);
+}
+
+/// Sites that relayed for a system before bindings existed keep relaying for it.
+#[tokio::test]
+async fn sites_of_systems_from_before_bindings_are_bound_once_at_start() {
+    let h = harness();
+    let systems = h.cloud.replication.records();
+    for (name, via) in [("web01", "site:old"), ("db01", "agent:db01")] {
+        systems
+            .put(&crate::state::SystemRecord {
+                name: name.into(),
+                via: via.into(),
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    h.cloud.start().await.unwrap();
+    let old = Identity::new(Role::Site, "old").unwrap();
+    h.cloud.ingest.authorize(&old, "web01").unwrap();
+    assert_eq!(
+        kind(h.cloud.ingest.authorize(&old, "db01")),
+        Kind::PermissionDenied
+    );
+    // Once: a binding the operator changes later is not made again behind its back.
+    systems
+        .put(&crate::state::SystemRecord {
+            name: "app01".into(),
+            via: "site:old".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    h.cloud.start().await.unwrap();
+    assert_eq!(
+        kind(h.cloud.ingest.authorize(&old, "app01")),
+        Kind::PermissionDenied
+    );
 }
