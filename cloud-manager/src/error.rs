@@ -47,6 +47,8 @@ pub enum CloudError {
     Worker(#[source] tokio::task::JoinError),
     #[error("out of space: {0}")]
     NoSpace(String),
+    #[error("too many {0} at once; retry shortly")]
+    TooMany(&'static str),
     #[error("{0}")]
     Failed(String),
 }
@@ -81,7 +83,7 @@ impl ErrorKind for CloudError {
                 _ => Kind::FailedPrecondition,
             },
             CloudError::Worker(_) => Kind::Internal,
-            CloudError::NoSpace(_) => Kind::ResourceExhausted,
+            CloudError::NoSpace(_) | CloudError::TooMany(_) => Kind::ResourceExhausted,
             CloudError::Failed(_) => Kind::FailedPrecondition,
         }
     }

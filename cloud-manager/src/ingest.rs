@@ -235,8 +235,15 @@ pub fn require_ingest(peer: Option<&Identity>) -> Result<&Identity> {
     }
 }
 
+/// Enrollments taken per second, after a burst: a flood of guessed tokens costs its
+/// sender time, not the manager (each try is a CSR to parse and a token to look up).
+const ENROLLS_PER_SECOND: f64 = 5.0;
+const ENROLL_BURST: f64 = 20.0;
+
 pub struct Ingest {
     replication: Arc<Replication>,
+    /// Enrollments still allowed now, and when that was counted.
+    enroll_budget: std::sync::Mutex<(f64, std::time::Instant)>,
     meta: Meta,
     pub chunks: ChunkStore,
     tokens: TokenStore,
@@ -263,6 +270,7 @@ impl Ingest {
     ) -> Self {
         Self {
             replication,
+            enroll_budget: std::sync::Mutex::new((ENROLL_BURST, std::time::Instant::now())),
             meta,
             chunks,
             tokens,
@@ -333,8 +341,24 @@ impl Ingest {
         Ok(())
     }
 
+    /// Takes one enrollment from the budget, if it has one left.
+    fn enroll_allowed(&self) -> bool {
+        let mut b = self.enroll_budget.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(b.1).as_secs_f64() * ENROLLS_PER_SECOND;
+        *b = ((b.0 + refill).min(ENROLL_BURST), now);
+        if b.0 < 1.0 {
+            return false;
+        }
+        b.0 -= 1.0;
+        true
+    }
+
     /// Signs a certificate for an agent or a site that holds a valid join token.
     pub fn enroll(&self, req: Enrollment) -> Result<Enrolled> {
+        if !self.enroll_allowed() {
+            return Err(CloudError::TooMany("enrollments"));
+        }
         let role = match req.role.as_str() {
             "agent" => Role::Agent,
             "site" => Role::Site,

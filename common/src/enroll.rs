@@ -97,7 +97,17 @@ pub async fn ensure_enrolled(
     };
     let resp = match client.enroll(req).await {
         Ok(r) => r.into_inner(),
-        Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+        // Not reached, or turned away for now (a full house of anonymous peers, too
+        // many enrollments at once): tried again.
+        Err(s)
+            if matches!(
+                s.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+                    | tonic::Code::ResourceExhausted
+            ) =>
+        {
             return Err(EnrollError::Unreachable {
                 url: url.into(),
                 source: Box::new(s),

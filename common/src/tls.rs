@@ -277,10 +277,51 @@ pub fn peer<T>(req: &tonic::Request<T>) -> Option<&PeerInfo> {
     req.extensions().get::<PeerInfo>()
 }
 
-/// A server-side TLS connection with its verified peer.
+/// A server-side TLS connection with its verified peer. It holds its place among the
+/// server's connections; an anonymous one ends at its deadline whatever it is doing.
 pub struct PeerStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    _places: Vec<tokio::sync::OwnedSemaphorePermit>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl PeerStream {
+    /// An error once an anonymous connection has lived its time.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        let d = self.deadline.as_mut()?;
+        std::future::Future::poll(d.as_mut(), cx)
+            .is_ready()
+            .then(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "an anonymous connection lives at most its enrollment's time",
+                )
+            })
+    }
+}
+
+/// How many connections a server takes, and for how long an anonymous one.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Connections at once, handshakes included; more are closed at once.
+    pub connections: usize,
+    /// Of those, without a client certificate (they may only enroll).
+    pub anonymous: usize,
+    /// How long an anonymous connection may stay open.
+    pub anonymous_for: Duration,
+    pub handshake: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            connections: 1024,
+            anonymous: 32,
+            anonymous_for: Duration::from_secs(30),
+            handshake: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Connected for PeerStream {
@@ -296,7 +337,11 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -306,7 +351,11 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if let Some(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
@@ -327,14 +376,27 @@ impl AsyncWrite for PeerStream {
 }
 
 /// Accepts TCP connections, runs TLS handshakes off the accept loop (a slow or hostile
-/// client cannot stall others), and yields only completed connections.
+/// client cannot stall others), and yields only completed connections, within the
+/// default `ConnLimits`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
 ) -> impl futures::Stream<Item = Result<PeerStream, std::io::Error>> {
+    incoming_with(listener, config, ConnLimits::default(), shutdown)
+}
+
+/// `incoming` within `limits`.
+pub fn incoming_with(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    limits: ConnLimits,
+    shutdown: CancellationToken,
+) -> impl futures::Stream<Item = Result<PeerStream, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let all = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let anonymous = Arc::new(tokio::sync::Semaphore::new(limits.anonymous));
     tokio::spawn(async move {
         loop {
             let (tcp, addr) = tokio::select! {
@@ -348,11 +410,17 @@ pub fn incoming(
                     }
                 },
             };
+            // Beyond the limit a connection is closed before any work is done for it.
+            let Ok(place) = all.clone().try_acquire_owned() else {
+                tracing::debug!(peer = %addr, "too many connections; closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let anonymous = anonymous.clone();
             tokio::spawn(async move {
-                let hs = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                let hs = tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await;
                 let tls = match hs {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -370,10 +438,22 @@ pub fn incoming(
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|der| Identity::from_der(der).ok());
+                let mut places = vec![place];
+                let mut deadline = None;
+                if identity.is_none() {
+                    let Ok(anon) = anonymous.try_acquire_owned() else {
+                        tracing::debug!(peer = %addr, "too many anonymous connections; closed");
+                        return;
+                    };
+                    places.push(anon);
+                    deadline = Some(Box::pin(tokio::time::sleep(limits.anonymous_for)));
+                }
                 let _ = tx
                     .send(Ok(PeerStream {
                         inner: tls,
                         info: PeerInfo { addr, identity },
+                        _places: places,
+                        deadline,
                     }))
                     .await;
             });
@@ -425,12 +505,70 @@ pub fn channel(url: &str, config: Arc<ClientConfig>) -> Result<Channel, TlsError
 }
 
 /// The tonic server settings every Ferry daemon uses: no Nagle, HTTP/2 keepalives that
-/// notice dead peers, and windows sized for WAN round trips.
-pub fn grpc_server() -> tonic::transport::Server {
+/// notice dead peers, windows sized for WAN round trips, bounded streams, headers and
+/// call times, and the enrollment-only rule for anonymous peers.
+pub fn grpc_server() -> tonic::transport::Server<
+    tower::layer::util::Stack<EnrollOnlyWhenAnonymous, tower::layer::util::Identity>,
+> {
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(15)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
+        .max_concurrent_streams(64)
+        .concurrency_limit_per_connection(64)
+        .http2_max_header_list_size(Some(16 << 10))
+        .timeout(Duration::from_secs(30 * 60))
+        .layer(EnrollOnlyWhenAnonymous)
+}
+
+/// Answers a call from a peer without a client certificate with `UNAUTHENTICATED`
+/// unless it is an enrollment, from the connection's peer and the path alone: before
+/// any of the request's body is read or decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct EnrollOnlyWhenAnonymous;
+
+impl<S> tower::Layer<S> for EnrollOnlyWhenAnonymous {
+    type Service = EnrollOnly<S>;
+    fn layer(&self, inner: S) -> EnrollOnly<S> {
+        EnrollOnly { inner }
+    }
+}
+
+/// The service `EnrollOnlyWhenAnonymous` makes.
+#[derive(Debug, Clone)]
+pub struct EnrollOnly<S> {
+    inner: S,
+}
+
+/// The one service anonymous peers may call.
+const ENROLLMENT: &str = "/ferry.v1.Enrollment/";
+
+impl<S, B> tower::Service<http::Request<B>> for EnrollOnly<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::BoxBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        futures::future::Either<futures::future::Ready<Result<S::Response, S::Error>>, S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let known = req
+            .extensions()
+            .get::<PeerInfo>()
+            .is_some_and(|p| p.identity.is_some());
+        if known || req.uri().path().starts_with(ENROLLMENT) {
+            return futures::future::Either::Right(self.inner.call(req));
+        }
+        let status = tonic::Status::unauthenticated(
+            "client certificate required: enroll with a join token first",
+        );
+        futures::future::Either::Left(futures::future::ready(Ok(status.into_http())))
+    }
 }

@@ -670,3 +670,187 @@ async fn a_site_certificate_cannot_pose_as_the_cloud_manager() -> Result<()> {
     assert_eq!(state, Some("pending".into()), "{list}");
     Ok(())
 }
+
+/// The most the cloud manager's memory may grow while anonymous peers flood it.
+const FLOOD_RSS_BOUND: u64 = 256 << 20;
+
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb << 10)
+}
+
+/// Opens an anonymous HTTP/2 connection and starts a unary call to `path` whose one
+/// message says it is `len` bytes, then sends those bytes; returns once the server has
+/// answered (its status code) or the connection ended. The body is slices of one shared
+/// buffer, so many of these cost the test little memory.
+async fn anonymous_unary(port: u16, ca: &str, path: &str, len: usize) -> Option<String> {
+    let cfg = ferry_common::tls::anonymous_client_config(ca).ok()?;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let name = rustls_pki_types_name();
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    let (mut client, conn) = h2::client::handshake(tls).await.ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("https://127.0.0.1:{port}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .ok()?;
+    let (resp, mut send) = client.send_request(req, false).ok()?;
+    let mut head = vec![0u8];
+    head.extend_from_slice(&(len as u32).to_be_bytes());
+    send.send_data(bytes::Bytes::from(head), false).ok()?;
+    static MIB: std::sync::OnceLock<bytes::Bytes> = std::sync::OnceLock::new();
+    let mib = MIB.get_or_init(|| bytes::Bytes::from(vec![0x42u8; 1 << 20]));
+    let sender = tokio::spawn(async move {
+        for _ in 0..len >> 20 {
+            if send.send_data(mib.clone(), false).is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // The message stays open: a peer that never finishes its call.
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+        drop(send);
+    });
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(20), resp).await;
+    sender.abort();
+    match answer {
+        Ok(Ok(r)) => Some(
+            r.headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_string(),
+        ),
+        _ => None,
+    }
+}
+
+fn rustls_pki_types_name() -> tokio_rustls::rustls::pki_types::ServerName<'static> {
+    tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").expect("a name")
+}
+
+/// Anonymous peers get nowhere but enrollment, and get there slowly: 500 of them opening
+/// calls, among them sixty sending 16 MiB Ingest messages that never end, leave the
+/// cloud manager's memory within a bound while an enrolled agent replicates; guessed
+/// tokens are rate-limited.
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_floods_stay_bounded_and_enrolled_agents_go_on() -> Result<()> {
+    let tmp = scratch("anon-flood")?;
+    let t = tmp.path();
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let pid = cloud.proc.child.id();
+    let src = t.join("src");
+    bash(&format!(
+        "mkdir -p {m}/d && for i in $(seq 1 200); do head -c 20000 /dev/urandom > {m}/d/f$i; done",
+        m = src.display()
+    ))?;
+    let ca = ca_pem(&cloud)?;
+    // Enrolled and in sync before the flood.
+    agent_once(
+        &t.join("agent"),
+        &cloud.url(),
+        Some(&cloud.token()?),
+        &src,
+        "steady",
+    )?;
+    let before = rss(pid);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = |s: &std::sync::atomic::AtomicBool| s.load(std::sync::atomic::Ordering::Relaxed);
+    let admitted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut flood = Vec::new();
+    for i in 0..500 {
+        let (port, ca, stop) = (cloud.port, ca.clone(), stop.clone());
+        let (admitted, refused) = (admitted.clone(), refused.clone());
+        flood.push(tokio::spawn(async move {
+            let (path, len) = if i % 8 == 0 {
+                ("/ferry.v1.Ingest/ApplyBatch", 16 << 20)
+            } else {
+                ("/ferry.v1.Ingest/Register", 1 << 20)
+            };
+            while !stopped(&stop) {
+                match anonymous_unary(port, &ca, path, len).await.as_deref() {
+                    Some("0") => admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    _ => refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                };
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }));
+    }
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stopped(&stop) {
+                peak.fetch_max(rss(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // Let the flood build, then replicate through it.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let (work, url, token) = (t.join("agent"), cloud.url(), cloud.token()?);
+    let src2 = src.clone();
+    let replicated =
+        tokio::task::spawn_blocking(move || agent_once(&work, &url, Some(&token), &src2, "steady"))
+            .await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        f.await?;
+    }
+    sampler.await?;
+    replicated?;
+    let diff = rsync_diff(&src, &cloud.replica_path("steady", "/")?)?;
+    assert!(diff.is_empty(), "{diff}");
+    let (admitted, refused) = (
+        admitted.load(std::sync::atomic::Ordering::Relaxed),
+        refused.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert_eq!(admitted, 0, "an anonymous call got through");
+    assert!(refused >= 500, "{refused} refusals");
+    let grew = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(before);
+    eprintln!(
+        "cloud manager rss: {before} before, grew {grew} under the flood; {refused} refusals"
+    );
+    assert!(grew < FLOOD_RSS_BOUND, "rss grew {grew} bytes");
+
+    // Guessed tokens: past a burst, enrollments are refused for a while.
+    let mut limited = 0;
+    for i in 0..40 {
+        let guess = format!(
+            "ferry1.{:08x}.{}.{}",
+            i,
+            "0".repeat(32),
+            JoinToken::parse(&cloud.token()?)?.ca_fingerprint
+        );
+        let e = enrolled_client(
+            &cloud.url(),
+            &guess,
+            &format!("g{i}"),
+            &t.join(format!("g{i}")),
+        )
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        if e.contains("too many enrollments") {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "no enrollment was rate-limited");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    enrolled_client(&cloud.url(), &cloud.token()?, "late", &t.join("late")).await?;
+    Ok(())
+}
