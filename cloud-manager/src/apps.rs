@@ -26,7 +26,7 @@ pub struct Apps {
 
 /// The real endpoint and protocol of a service spec (`HOST:PORT[/udp][=PROXY]`), which
 /// names it in the app's table.
-fn service_key(spec: &str) -> String {
+pub fn service_key(spec: &str) -> String {
     spec.split('=').next().unwrap_or(spec).to_ascii_lowercase()
 }
 

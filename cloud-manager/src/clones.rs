@@ -250,7 +250,7 @@ impl Clones {
             .collect())
     }
 
-    fn require(&self, name: &str) -> Result<CloneRecord> {
+    pub fn require(&self, name: &str) -> Result<CloneRecord> {
         self.clones
             .get(name)?
             .ok_or_else(|| CloudError::NotFound(format!("no clone {name:?}")))
@@ -377,11 +377,14 @@ impl Clones {
 
     /// Table A and the client key for the enterprise side of a clone's tunnel;
     /// `key_path` is where that side will keep the key.
+    /// `allow`: the app's services that stay behind (`HOST:PORT[/udp]`), the only
+    /// destinations the enterprise side will connect to.
     pub fn tunnel_connect(
         &self,
         clone: &str,
         system: &str,
         key_path: &str,
+        allow: &[String],
     ) -> Result<TunnelDetails> {
         let rec = self.require(clone)?;
         if rec.tunnel_gateway.is_empty() {
@@ -425,10 +428,13 @@ impl Clones {
              remote_ssh_ip={gw_ip}\nremote_ssh_port={gw_port}\n\
              forward_tunnel_remote_destination_ip={ip}\nforward_tunnel_remote_destination_port={port}\n\
              is_first_establish_forward_tunnel=True\n\
-             ssh_key_file={key_path}\nhost_key={fingerprint}\n",
+             ssh_key_file={key_path}\nhost_key={fingerprint}\n\
+             # The enterprise services the clone may reach, whatever its own table says.\n\
+             allow={allow}\n",
             clone = rec.name,
             system = inst.system,
             ip = inst.private_ip,
+            allow = allow.join(","),
         );
         // What is handed out must be what the enterprise side accepts.
         ferry_tunnel_config::config::parse_any(&table_a)

@@ -173,6 +173,24 @@ impl Cloud {
     }
 
     /// Saves the counters and unmounts the replicas (clean shutdown).
+    /// The enterprise side's details for a clone's tunnel, allowing exactly the
+    /// services its app declares.
+    pub fn tunnel_connect(
+        &self,
+        clone: &str,
+        system: &str,
+        key_path: &str,
+    ) -> Result<crate::clones::TunnelDetails> {
+        let rec = self.clones.require(clone)?;
+        let app = self.apps.require(&rec.app)?;
+        let allow: Vec<String> = app
+            .services
+            .iter()
+            .map(|s| crate::apps::service_key(s))
+            .collect();
+        self.clones.tunnel_connect(clone, system, key_path, &allow)
+    }
+
     pub fn stop(&self) -> Result<()> {
         self.ingest.save_counters()?;
         self.replication.volumes().unmount_all();

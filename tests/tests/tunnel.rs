@@ -27,7 +27,7 @@ struct Scene {
     _dns: Proc,
     _blackhole: Proc,
     gateway: Option<Proc>,
-    _app: Proc,
+    app: Proc,
     enterprise: Option<Proc>,
     /// The app role's host key pin, the enterprise side's key, and the table's path as
     /// the app role sees it.
@@ -65,7 +65,8 @@ fn table_a(s: &Scene, key: &Path, pin: &str, metrics: bool) -> Result<PathBuf> {
              forward_tunnel_remote_destination_ip={APP}\nforward_tunnel_remote_destination_port=2222\n\
              is_first_establish_forward_tunnel=True\n\
              ssh_key_file={}\nhost_key={pin}\nservice_table={table}\n\
-             keepalive_secs=2\nconnect_timeout_secs=3\n{}",
+             keepalive_secs=2\nconnect_timeout_secs=3\n\
+             allow={ENT}:5432,127.0.0.1:5353/udp,127.0.0.1:6666\n{}",
             key.display(),
             if metrics { "metrics_listen=127.0.0.1:9101\n" } else { "" }
         ),
@@ -224,7 +225,7 @@ impl Scene {
             _dns: dns,
             _blackhole: blackhole,
             gateway: Some(gateway),
-            _app: app,
+            app,
             enterprise: None,
             pin,
             client_key,
@@ -595,6 +596,69 @@ fn wrong_keys_foreign_forwards_and_outside_app_servers_are_refused_and_logged() 
         assert!(app.contains(refusal), "app log lacks {refusal:?}:\n{app}");
     }
     // The legitimate session kept working through all of it.
+    assert_eq!(s.psql(50100, "select v from t")?, "from the enterprise");
+    Ok(())
+}
+
+/// The clone's own table, edited to point at an enterprise address Table A does not
+/// allow: nothing reaches it, the refusal is logged and counted, and the allowed
+/// services go on.
+#[test]
+fn a_clone_table_pointing_outside_the_allow_list_reaches_nothing() -> Result<()> {
+    let mut s = Scene::new("t5")?;
+    // An enterprise service no clone may reach; it writes down every connection.
+    let seen = s.dir.path().join("secret-connections.log");
+    let _secret = Proc::spawn(
+        s.ent.cmd("python3").args([
+            "-c",
+            &format!(
+                "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+                 s.bind(('127.0.0.1',7777))\ns.listen(10)\n\
+                 while True:\n    c,a=s.accept()\n    open('{}','a').write(str(a)+'\\n')\n    c.close()\n",
+                seen.display()
+            ),
+        ]),
+        &s.dir.path().join("secret.log"),
+    )?;
+    // The clone rewrites its table and restarts its tunnel role.
+    let mut table = std::fs::read_to_string(s.table())?;
+    table.push_str(
+        "[service_secret]\nprotocol=TCP\nreal_server_ip=127.0.0.1\nreal_server_port=7777\n\
+         proxy_server_port=50777\nproxy_server_ip=127.0.0.1\n",
+    );
+    std::fs::write(s.table(), table)?;
+    s.app.kill9();
+    s.app = Proc::spawn(
+        &mut ferry_tunnel(&s.app_ns, "app", &s.table()),
+        &s.dir.path().join("app2.log"),
+    )?;
+    if let Some(mut e) = s.enterprise.take() {
+        e.kill9();
+    }
+    s.start_enterprise()?;
+    wait_for(
+        "the tunnel to carry psql again",
+        Duration::from_secs(30),
+        || s.psql(50100, "select 1").is_ok(),
+    )?;
+    // The clone tries the secret service through its proxy port.
+    let tried = s
+        .app_ns
+        .bash("exec 3<>/dev/tcp/127.0.0.1/50777 && echo hello >&3 && sleep 1; echo tried");
+    assert!(tried.is_ok() || tried.is_err());
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        std::fs::read_to_string(&seen)
+            .unwrap_or_default()
+            .is_empty(),
+        "the secret service was reached"
+    );
+    let m = s.metrics(&s.ent, 9101)?;
+    assert!(
+        counter(&m, "ferry_tunnel_refused_total{reason=\"not_allowed\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(s.log("enterprise.log").contains("Table A does not allow"));
     assert_eq!(s.psql(50100, "select v from t")?, "from the enterprise");
     Ok(())
 }

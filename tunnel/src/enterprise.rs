@@ -53,6 +53,8 @@ type Table = Arc<RwLock<Option<ServiceTable>>>;
 struct Client {
     pin: String,
     table: Table,
+    /// Table A: what the enterprise lets the clone reach, whatever Table B says.
+    allowed: Arc<TableA>,
     metrics: Metrics,
     connect_timeout: Duration,
 }
@@ -65,6 +67,23 @@ impl Client {
     ) -> Option<crate::config::Service> {
         let t = self.table.read().unwrap_or_else(|e| e.into_inner());
         t.as_ref()?.find(protocol, addr?).cloned()
+    }
+
+    /// Whether Table A allows the service's real endpoint; a refusal is logged and
+    /// counted. A clone's table cannot point the tunnel anywhere else.
+    fn allowed(&self, service: &crate::config::Service) -> bool {
+        if self.allowed.allows(service) {
+            return true;
+        }
+        tracing::warn!(
+            service = %service.name,
+            real = %service.real,
+            protocol = service.protocol.as_str(),
+            "refused: the clone's table points at a destination Table A does not allow"
+        );
+        self.metrics
+            .inc("ferry_tunnel_refused_total", &[("reason", "not_allowed")]);
+        false
     }
 
     fn refuse(&self, what: &str) {
@@ -130,6 +149,12 @@ impl russh::client::Handler for Client {
                 .await;
             return Ok(());
         };
+        if !self.allowed(&service) {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
         let (metrics, timeout) = (self.metrics.clone(), self.connect_timeout);
         // Connect off the session loop: a slow destination must not stall the others.
         tokio::spawn(async move {
@@ -182,6 +207,12 @@ impl russh::client::Handler for Client {
                 .await;
             return Ok(());
         };
+        if !self.allowed(&service) {
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
             let name = service.name.clone();
@@ -224,7 +255,7 @@ impl russh::client::Handler for Client {
 
 /// One session: first tunnel, SSH, table fetch, forwards, then heartbeats until it ends.
 async fn session(
-    cfg: &TableA,
+    cfg: &Arc<TableA>,
     key: Arc<PrivateKey>,
     metrics: &Metrics,
     backoff: &mut Backoff,
@@ -262,6 +293,7 @@ async fn session(
     let client = Client {
         pin: cfg.host_key.fingerprint(),
         table: table.clone(),
+        allowed: cfg.clone(),
         metrics: metrics.clone(),
         connect_timeout: cfg.connect_timeout,
     };
@@ -285,6 +317,12 @@ async fn session(
     let services = fetched.services.clone();
     *table.write().unwrap_or_else(|e| e.into_inner()) = Some(fetched);
     for s in &services {
+        // The clone's table may list what the enterprise does not allow: not served.
+        if !cfg.allows(s) {
+            tracing::warn!(service = %s.name, real = %s.real, protocol = s.protocol.as_str(), "not serving a service Table A does not allow");
+            metrics.inc("ferry_tunnel_refused_total", &[("reason", "not_allowed")]);
+            continue;
+        }
         let ok = match s.protocol {
             Protocol::Tcp => handle
                 .tcpip_forward(s.proxy.ip().to_string(), u32::from(s.proxy.port()))
@@ -387,6 +425,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), EnterpriseError> {
     let key = Arc::new(keys::load_private(&cfg.key_file)?);
+    if cfg.allow.is_empty() {
+        tracing::error!(
+            "Table A has no allow= list: every destination the clone asks for will be refused"
+        );
+    }
+    let cfg = Arc::new(cfg);
     // A short cap: a failed dial costs little, and services are down until one succeeds.
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {

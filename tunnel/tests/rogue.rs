@@ -1,8 +1,9 @@
 //! A rogue app server (real SSH over loopback) that, once the enterprise side has fetched
-//! its table, opens channels naming addresses the table does not list. The enterprise
-//! side must refuse them, count the refusals, and still carry the listed service.
+//! its table, opens channels naming addresses the table does not list, and one its table
+//! lists but Table A does not allow. The enterprise side must refuse them, count the
+//! refusals, reach nothing it refused, and still carry the allowed service.
 use anyhow::{Context, Result};
-use ferry_tunnel::config::{HostKeyPin, HostPort, TableA};
+use ferry_tunnel::config::{Allowed, HostKeyPin, HostPort, Protocol, TableA};
 use ferry_tunnel::metrics::Metrics;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId};
@@ -79,6 +80,11 @@ impl russh::server::Handler for Rogue {
                 .channel_open_forwarded_streamlocal("ferry-udp/127.0.0.1:50100")
                 .await;
             let _ = report.send(("tcp endpoint as udp", r.is_ok()));
+            // Listed by the clone's own table, pointing where Table A does not allow.
+            let r = h
+                .channel_open_forwarded_tcpip("127.0.0.1", 50200, "127.0.0.1", 40002)
+                .await;
+            let _ = report.send(("listed, not allowed", r.is_ok()));
             // The listed endpoint: carried to the real service.
             match h
                 .channel_open_forwarded_tcpip("127.0.0.1", 50100, "127.0.0.1", 40001)
@@ -116,12 +122,24 @@ async fn the_enterprise_side_refuses_channels_for_addresses_not_in_its_table() -
             });
         }
     });
+    // An enterprise service the clone must never reach: it counts who connects.
+    let secret = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let secret_port = secret.local_addr()?.port();
+    let reached = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = reached.clone();
+    tokio::spawn(async move {
+        while secret.accept().await.is_ok() {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
     let table = dir.path().join("table.ini");
     std::fs::write(
         &table,
         format!(
             "[service_echo]\nprotocol=TCP\nreal_server_ip=127.0.0.1\nreal_server_port={echo_port}\n\
-             proxy_server_ip=127.0.0.1\nproxy_server_port=50100\n"
+             proxy_server_ip=127.0.0.1\nproxy_server_port=50100\n\
+             [service_secret]\nprotocol=TCP\nreal_server_ip=127.0.0.1\nreal_server_port={secret_port}\n\
+             proxy_server_ip=127.0.0.1\nproxy_server_port=50200\n"
         ),
     )?;
 
@@ -161,6 +179,11 @@ async fn the_enterprise_side_refuses_channels_for_addresses_not_in_its_table() -
         metrics_listen: None,
         keepalive: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
+        allow: vec![Allowed {
+            host: "127.0.0.1".into(),
+            port: echo_port,
+            protocol: Protocol::Tcp,
+        }],
     };
     let metrics = Metrics::default();
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -171,7 +194,7 @@ async fn the_enterprise_side_refuses_channels_for_addresses_not_in_its_table() -
     ));
 
     let mut seen = HashMap::new();
-    while seen.len() < 3 {
+    while seen.len() < 4 {
         let (what, accepted) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
             .await
             .context("the rogue never reported")?
@@ -183,10 +206,24 @@ async fn the_enterprise_side_refuses_channels_for_addresses_not_in_its_table() -
         !seen["tcp endpoint as udp"],
         "a protocol mix-up was accepted"
     );
+    assert!(
+        !seen["listed, not allowed"],
+        "a destination Table A does not allow was carried"
+    );
     assert!(seen["listed tcp"], "the listed service was not carried");
     assert_eq!(
         metrics.get("ferry_tunnel_refused_total", &[("reason", "not_in_table")]),
         2.0
+    );
+    // Once when the table was fetched (not served), once for the channel it opened.
+    assert_eq!(
+        metrics.get("ferry_tunnel_refused_total", &[("reason", "not_allowed")]),
+        2.0
+    );
+    assert_eq!(
+        reached.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the refused destination was connected to"
     );
     shutdown.cancel();
     run.await??;

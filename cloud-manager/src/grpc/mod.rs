@@ -524,10 +524,7 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::TunnelConnectRequest>,
     ) -> Result<Response<pb::TunnelConnectResponse>, Status> {
         let q = req.get_ref();
-        let r = self
-            .cloud
-            .clones
-            .tunnel_connect(&q.clone, &q.system, &q.key_path);
+        let r = self.cloud.tunnel_connect(&q.clone, &q.system, &q.key_path);
         self.reply("tunnel-connect", identity(&req), r)
     }
 }

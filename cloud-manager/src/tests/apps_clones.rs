@@ -321,8 +321,8 @@ async fn tunnel_details_need_a_gateway_and_an_absolute_key_path() {
     let r = h
         .cloud
         .clones
-        .tunnel_connect("shop-1", "", "/etc/ferry/key");
+        .tunnel_connect("shop-1", "", "/etc/ferry/key", &[]);
     assert_eq!(kind(r), Kind::FailedPrecondition);
-    let r = h.cloud.clones.tunnel_connect("nope", "", "/k");
+    let r = h.cloud.clones.tunnel_connect("nope", "", "/k", &[]);
     assert_eq!(kind(r), Kind::NotFound);
 }

@@ -120,6 +120,66 @@ pub struct TableA {
     pub metrics_listen: Option<SocketAddr>,
     pub keepalive: Duration,
     pub connect_timeout: Duration,
+    /// The enterprise services the clone may reach (`allow=host:port[/udp],…`), whatever
+    /// its Table B says; none when the key is absent.
+    pub allow: Vec<Allowed>,
+}
+
+/// One enterprise destination Table A allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    /// As the operator wrote it, lowercased.
+    pub host: String,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl TableA {
+    /// Whether `service`'s real endpoint is one the enterprise allows.
+    pub fn allows(&self, service: &Service) -> bool {
+        self.allow.iter().any(|a| {
+            a.protocol == service.protocol
+                && a.port == service.real.port
+                && a.host.eq_ignore_ascii_case(&service.real.host)
+        })
+    }
+}
+
+/// `allow=host:port[/udp],…`: the destinations Table A lets the tunnel reach.
+fn allow_list(e: &ini::Entry) -> Result<Vec<Allowed>, IniError> {
+    let mut out = Vec::new();
+    for item in e.value.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let bad = || {
+            err(
+                e.line,
+                format!("allow holds {item:?}, which is not HOST:PORT or HOST:PORT/udp"),
+            )
+        };
+        let (hostport, protocol) = match item.rsplit_once('/') {
+            Some((h, p)) if p.eq_ignore_ascii_case("udp") => (h, Protocol::Udp),
+            Some((h, p)) if p.eq_ignore_ascii_case("tcp") => (h, Protocol::Tcp),
+            Some(_) => return Err(bad()),
+            None => (item, Protocol::Tcp),
+        };
+        let (h, p) = hostport.rsplit_once(':').ok_or_else(bad)?;
+        let h = h.trim_start_matches('[').trim_end_matches(']');
+        let entry = ini::Entry {
+            key: "allow".into(),
+            value: h.to_string(),
+            line: e.line,
+        };
+        let host = host(&entry).map_err(|_| bad())?;
+        let port = match p.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return Err(bad()),
+        };
+        out.push(Allowed {
+            host: host.to_ascii_lowercase(),
+            port,
+            protocol,
+        });
+    }
+    Ok(out)
 }
 
 /// The app server's host key, pinned: either the whole public key or its SHA256 fingerprint.
@@ -185,6 +245,7 @@ pub const KEYS_TABLE_A: &[&str] = &[
     "metrics_listen",
     "keepalive_secs",
     "connect_timeout_secs",
+    "allow",
 ];
 
 pub const KEYS_SSH_TUNNEL: &[&str] = &[
@@ -432,6 +493,7 @@ fn parse_table_a(s: &Section) -> Result<TableA, IniError> {
         keepalive: opt(s, "keepalive_secs", |e| secs(e, 3600))?.unwrap_or(Duration::from_secs(10)),
         connect_timeout: opt(s, "connect_timeout_secs", |e| secs(e, 600))?
             .unwrap_or(Duration::from_secs(10)),
+        allow: opt(s, "allow", allow_list)?.unwrap_or_default(),
     })
 }
 
@@ -645,6 +707,49 @@ is_first_establish_forward_tunnel=True
         assert!(a.first_tunnel);
         assert_eq!(a.service_table, DEFAULT_SERVICE_TABLE);
         assert!(describe(&AnyConfig::Enterprise(a)).contains("gateway 192.168.1.171:7550"));
+    }
+
+    #[test]
+    fn table_a_allows_only_the_destinations_it_lists() {
+        let base = format!(
+            "{SEED_A}ssh_key_file=/k\nhost_key=SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n"
+        );
+        let AnyConfig::Enterprise(none) = parse_any(&base).unwrap() else {
+            panic!("not table a")
+        };
+        let svc = |host: &str, port: u16, protocol: Protocol| Service {
+            name: "s".into(),
+            protocol,
+            real: HostPort {
+                host: host.into(),
+                port,
+            },
+            proxy: "127.0.0.1:1".parse().unwrap(),
+            line: 1,
+        };
+        assert!(
+            !none.allows(&svc("db.corp", 5432, Protocol::Tcp)),
+            "nothing without allow="
+        );
+        let text = format!("{base}allow=DB.corp:5432, 10.0.0.2:53/udp,[fd00::1]:389\n");
+        let AnyConfig::Enterprise(a) = parse_any(&text).unwrap() else {
+            panic!("not table a")
+        };
+        assert!(a.allows(&svc("db.corp", 5432, Protocol::Tcp)));
+        assert!(a.allows(&svc("10.0.0.2", 53, Protocol::Udp)));
+        assert!(a.allows(&svc("fd00::1", 389, Protocol::Tcp)));
+        for (h, p, proto) in [
+            ("db.corp", 5433, Protocol::Tcp),
+            ("db.corp", 5432, Protocol::Udp),
+            ("10.0.0.2", 53, Protocol::Tcp),
+            ("evil.corp", 5432, Protocol::Tcp),
+        ] {
+            assert!(!a.allows(&svc(h, p, proto)), "{h}:{p}");
+        }
+        for bad in ["db.corp", "db.corp:0", "db.corp:5432/sctp", "a b:1"] {
+            let e = parse_any(&format!("{base}allow={bad}\n")).unwrap_err();
+            assert!(e.msg.contains("allow holds"), "{bad}: {e}");
+        }
     }
 
     #[test]
