@@ -37,6 +37,10 @@ pub enum RelayError {
         "site spool is full ({used} of {limit} bytes); slowing agents until upstream drains it"
     )]
     SpoolFull { used: u64, limit: u64 },
+    #[error(
+        "site data dir has {free} bytes free, less than the {reserve} it keeps for its queue; slowing agents until upstream drains the spool"
+    )]
+    NoRoom { free: u64, reserve: u64 },
     #[error("a background task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -51,7 +55,7 @@ impl ErrorKind for RelayError {
             RelayError::PermissionDenied(_) => Kind::PermissionDenied,
             RelayError::Invalid(_) => Kind::InvalidArgument,
             RelayError::MissingChunk(_) => Kind::FailedPrecondition,
-            RelayError::SpoolFull { .. } => Kind::ResourceExhausted,
+            RelayError::SpoolFull { .. } | RelayError::NoRoom { .. } => Kind::ResourceExhausted,
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct Relay {
     pub wake: tokio::sync::Notify,
     /// Most bytes of relayed chunks kept on disk; beyond it agents are slowed.
     pub spool_limit: u64,
+    /// The data dir, whose free space must not fall below `RESERVE`.
+    dir: std::path::PathBuf,
     last_put: std::sync::Mutex<Instant>,
     order: tokio::sync::Mutex<()>,
     /// Held while chunks go upstream, so the write-through and a batch's forwarding
@@ -130,6 +136,8 @@ pub struct QueueItem {
 }
 
 const UPSTREAM_QUICK: Duration = Duration::from_secs(5);
+/// Free space the data dir keeps beyond the spool, for the queue and its database.
+pub const RESERVE: u64 = 32 << 20;
 /// Uploads waiting for the write-through; more are left to the batches' forwarding.
 const FRESH_QUEUE: usize = 64;
 
@@ -172,6 +180,7 @@ impl Relay {
             upstream,
             wake: tokio::sync::Notify::new(),
             spool_limit,
+            dir: dir.to_path_buf(),
             last_put: std::sync::Mutex::new(Instant::now()),
             order: tokio::sync::Mutex::new(()),
             push_lock: tokio::sync::Mutex::new(()),
@@ -291,12 +300,22 @@ impl Relay {
         Ok(())
     }
 
-    /// Whether the spool has room for more chunks.
+    /// Whether the spool has room for more chunks: within its limit, and leaving the
+    /// data dir its reserve (so the queue can always be written).
     pub fn spool_full(&self) -> Option<RelayError> {
         let used = self.chunks.disk_bytes();
-        (used >= self.spool_limit).then_some(RelayError::SpoolFull {
-            used,
-            limit: self.spool_limit,
+        if used >= self.spool_limit {
+            return Some(RelayError::SpoolFull {
+                used,
+                limit: self.spool_limit,
+            });
+        }
+        let free = rustix::fs::statvfs(&self.dir)
+            .map(|st| st.f_bavail * st.f_frsize)
+            .unwrap_or(u64::MAX);
+        (free < RESERVE).then_some(RelayError::NoRoom {
+            free,
+            reserve: RESERVE,
         })
     }
 

@@ -215,6 +215,71 @@ fn a_full_site_spool_slows_the_agent_without_losing_anything() -> Result<()> {
     Ok(())
 }
 
+/// The site's own disk is smaller than what it relays and its spool has no limit of its
+/// own: the data dir keeps its reserve (agents are slowed, the spool is handed upstream
+/// and dropped), the disk never fills, and the replica converges.
+#[test]
+fn a_site_disk_smaller_than_the_data_keeps_its_reserve() -> Result<()> {
+    let tmp = scratch("site-disk")?;
+    let t = tmp.path();
+    let src = LoopFs::new(
+        t,
+        "src",
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-0000000000c4",
+        400,
+    )?;
+    bash(&format!(
+        "mkdir -p {m}/data && for i in $(seq 1 25); do head -c 4194304 /dev/urandom > {m}/data/blob$i; done",
+        m = src.mnt.display()
+    ))?;
+    let disk = LoopFs::new(
+        t,
+        "site",
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-0000000000c5",
+        96,
+    )?;
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start(&disk.mnt, &cloud.url(), Some(&cloud.site_token()?))?;
+    let mut agent = Proc::spawn(
+        agent_cmd(
+            &t.join("agent"),
+            &site.url(),
+            Some(&cloud.token()?),
+            &src.mnt,
+            "spooled",
+        )
+        .stdout(std::process::Stdio::piped()),
+        &t.join("agent.log"),
+    )?;
+    let free = || rustix::fs::statvfs(&disk.mnt).map_or(u64::MAX, |s| s.f_bavail * s.f_frsize);
+    let mut least = u64::MAX;
+    while agent.child.try_wait()?.is_none() {
+        least = least.min(free());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_agent(&mut agent)?;
+    let diff = rsync_diff(&src.mnt, &cloud.replica_path("spooled", "/")?)?;
+    assert!(diff.is_empty(), "replica differs:\n{diff}");
+    let log = site.proc.log_text();
+    assert!(
+        log.contains("less than the"),
+        "the reserve was never reached: least free {least}"
+    );
+    assert!(
+        !log.contains("No space left"),
+        "the site's disk filled:\n{log}"
+    );
+    // What one upload in flight may bring past the check, at most.
+    assert!(
+        least >= 16 << 20,
+        "the data dir went down to {least} bytes free"
+    );
+    eprintln!("least free on the site's disk: {least} bytes");
+    Ok(())
+}
+
 /// Two systems replicate through one site. One file of the first is rewritten in place
 /// on its source, and its replica volume has no room for the new copy beside the old:
 /// that batch is refused before anything is written, the second system goes on through
