@@ -2,7 +2,7 @@
 //! stay in the enterprise, the load balancer and the provider), owned in their own tree.
 use crate::error::{built_in, CloudError, Result};
 use crate::replication::Replication;
-use crate::state::{AppRecord, Records, Target, Visibility};
+use crate::state::{AppRecord, PublicPort, Records, Target, Visibility};
 use std::sync::Arc;
 
 /// What the operator asks for in `ferry app create`.
@@ -15,6 +15,9 @@ pub struct AppSpec {
     pub load_balancer_ports: Vec<u32>,
     /// None: the manager's default provider.
     pub provider: Option<Target>,
+    /// `[SYSTEM:]PORT[/udp]` the public systems open, and the CIDRs that may reach them.
+    pub public_ports: Vec<String>,
+    pub allow_from: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -28,6 +31,42 @@ pub struct Apps {
 /// names it in the app's table.
 pub fn service_key(spec: &str) -> String {
     spec.split('=').next().unwrap_or(spec).to_ascii_lowercase()
+}
+
+/// The app's public ports (each naming, if any, one of its public systems) and the CIDRs
+/// that may reach them.
+fn exposure(
+    spec: &AppSpec,
+    systems: &[(String, Visibility)],
+) -> Result<(Vec<PublicPort>, Vec<String>)> {
+    let mut ports = Vec::new();
+    for p in &spec.public_ports {
+        let port = PublicPort::parse(p).map_err(CloudError::Invalid)?;
+        if !port.system.is_empty()
+            && !systems
+                .iter()
+                .any(|(n, v)| *n == port.system && *v == Visibility::Public)
+        {
+            return Err(CloudError::Invalid(format!(
+                "public port {p}: {} is not a public system of the app",
+                port.system
+            )));
+        }
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    let mut allow = Vec::new();
+    for c in &spec.allow_from {
+        let net: ipnet::Ipv4Net = c.parse().map_err(|_| {
+            CloudError::Invalid(format!("--allow-from {c:?}: expected an IPv4 CIDR"))
+        })?;
+        let net = net.trunc().to_string();
+        if !allow.contains(&net) {
+            allow.push(net);
+        }
+    }
+    Ok((ports, allow))
 }
 
 /// Adds services to an app's table. A TCP service without a proxy gets the next free
@@ -163,6 +202,7 @@ impl Apps {
         let mut services = Vec::new();
         add_services(&mut services, &spec.services)?;
         let load_balancer_ports = load_balancer_ports(&spec)?;
+        let (public_ports, allow_from) = exposure(&spec, &systems)?;
         let rec = AppRecord {
             name: spec.name,
             systems,
@@ -171,7 +211,12 @@ impl Apps {
             load_balancer_ports,
             provider,
             created_unix_ms: ferry_common::now_ms(),
+            public_ports,
+            allow_from,
         };
+        for w in rec.warnings() {
+            tracing::warn!(app = %rec.name, "{w}");
+        }
         self.apps.put(&rec)?;
         tracing::info!(app = %rec.name, systems = rec.systems.len(), "app created");
         Ok(rec)

@@ -215,6 +215,8 @@ impl Clones {
             } else {
                 Vec::new()
             },
+            public_ports: app.public_ports.clone(),
+            allow_from: app.allow_from.clone(),
             ..Default::default()
         };
         self.instances(app, images, &mut rec)?;

@@ -2,8 +2,8 @@
 //! apps, images, clones) and ingest's meta tree (enrolled identities, counters).
 use ferry_common::store::{Store, StoreError};
 pub use ferry_provider::records::{
-    CloneRecord, CloneState, Firmware, ImageRecord, InstanceRecord, InstanceState, Target,
-    Visibility,
+    CloneRecord, CloneState, Firmware, ImageRecord, InstanceRecord, InstanceState, PublicPort,
+    Target, Visibility,
 };
 
 ferry_common::named_enum! {
@@ -285,6 +285,27 @@ pub struct AppRecord {
     pub load_balancer_ports: Vec<u16>,
     pub provider: Target,
     pub created_unix_ms: i64,
+    /// What its public systems open beyond the clone's network, and to whom.
+    #[serde(default)]
+    pub public_ports: Vec<PublicPort>,
+    #[serde(default)]
+    pub allow_from: Vec<String>,
+}
+
+impl AppRecord {
+    /// What the operator should know about the app as defined.
+    pub fn warnings(&self) -> Vec<String> {
+        let public = self.systems.iter().any(|(_, v)| *v == Visibility::Public);
+        let mut out = Vec::new();
+        if public && self.allow_from.is_empty() {
+            out.push(format!(
+                "app {}: its public systems accept nothing from outside their clone's network \
+                 until the app names who may reach them (--allow-from CIDR)",
+                self.name
+            ));
+        }
+        out
+    }
 }
 
 /// What ingest keeps beside the systems: enrolled identities, the counters, and the

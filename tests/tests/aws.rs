@@ -106,6 +106,10 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         "--system",
         "db:private",
         "--load-balancer",
+        "--public-port",
+        "web:22",
+        "--allow-from",
+        "203.0.113.0/24",
     ])?;
 
     // Images: boot-checked here, then uploaded and registered.
@@ -211,6 +215,29 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         "a private system got a public address: {got}"
     );
     assert_eq!(got["targets"], serde_json::json!([web_id]), "{got}");
+    // The public system opens its declared port and the load balancer's, from the
+    // declared CIDR only; the private one admits only the clone's network.
+    let sg = moto.ask(
+        "sgs = ec2.describe_security_groups(Filters=tagged('a'))['SecurityGroups']\n\
+         inst = [i for r in ec2.describe_instances(Filters=tagged('a'))['Reservations'] for i in r['Instances']]\n\
+         rules = lambda g: sorted(p['IpProtocol'] + ':' + str(p.get('FromPort', '')) + ':' + r['CidrIp'] for p in g['IpPermissions'] for r in p['IpRanges'])\n\
+         byid = {g['GroupId']: rules(g) for g in sgs}\n\
+         out = {i['InstanceId']: [byid.get(x['GroupId']) for x in i['SecurityGroups']] for i in inst}",
+    )?;
+    assert_eq!(
+        sg[&web_id],
+        serde_json::json!([[
+            "-1::198.18.80.0/24",
+            "tcp:22:203.0.113.0/24",
+            "tcp:80:203.0.113.0/24"
+        ]]),
+        "{sg}"
+    );
+    assert_eq!(
+        sg[&db_id],
+        serde_json::json!([["-1::198.18.80.0/24"]]),
+        "{sg}"
+    );
     assert_eq!(a["load_balancer_ip"], got["lbs"][0], "{got}");
 
     let state = |id: &str| -> Result<String> {

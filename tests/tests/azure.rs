@@ -170,6 +170,10 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
         "--system",
         "db:private",
         "--load-balancer",
+        "--public-port",
+        "web:22",
+        "--allow-from",
+        "203.0.113.0/24",
     ])?;
     assert_eq!(app["provider"], "azure", "{app}");
 
@@ -341,6 +345,36 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
         web_i["public_ip"]
     );
     assert!(res("ferry-a-db-ip").is_null());
+    // The public NSG opens the web system's declared port and the load balancer's, from
+    // the declared CIDR, to that system alone; nothing else comes in from outside.
+    let rules: Vec<String> = res("ferry-a-public")["properties"]["securityRules"]
+        .as_array()
+        .context("public nsg rules")?
+        .iter()
+        .map(|r| {
+            let p = &r["properties"];
+            format!(
+                "{} {} {}->{}:{}",
+                s(&p["access"]),
+                s(&p["protocol"]),
+                s(&p["sourceAddressPrefix"]),
+                s(&p["destinationAddressPrefix"]),
+                s(&p["destinationPortRange"])
+            )
+        })
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "Allow Tcp 203.0.113.0/24->198.18.90.10:22",
+            "Allow Tcp 203.0.113.0/24->198.18.90.10:80"
+        ],
+        "{rules:?}"
+    );
+    assert_eq!(
+        res("ferry-a-private")["properties"]["securityRules"],
+        serde_json::json!([])
+    );
 
     // Suspend deallocates, resume starts; a restarted manager reconciles.
     let power = |sys: &str| -> Result<String> {

@@ -197,6 +197,13 @@ pub enum AppCmd {
         /// local, aws or azure (default: the cloud manager's `serve --provider`).
         #[arg(long)]
         provider: Option<Target>,
+        /// A port the public systems open beyond the clone's network: PORT, or
+        /// SYSTEM:PORT for one of them; /udp for UDP (repeatable).
+        #[arg(long = "public-port", value_name = "[SYSTEM:]PORT[/udp]")]
+        public_ports: Vec<String>,
+        /// Who may reach those ports, a CIDR (repeatable; none: nobody outside).
+        #[arg(long = "allow-from", value_name = "CIDR")]
+        allow_from: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -632,6 +639,8 @@ pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
             load_balancer,
             lb_ports,
             provider,
+            public_ports,
+            allow_from,
             json,
         } => {
             let app = client
@@ -643,9 +652,15 @@ pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
                     provider: provider.map_or(0, wire_target),
                     created_unix_ms: 0,
                     load_balancer_ports: lb_ports,
+                    public_ports,
+                    allow_from,
+                    warnings: Vec::new(),
                 })
                 .await?
                 .into_inner();
+            for w in &app.warnings {
+                eprintln!("warning: {w}");
+            }
             print_as(json, &app, || render_apps(std::slice::from_ref(&app)));
         }
         AppCmd::Show { name, json } => {

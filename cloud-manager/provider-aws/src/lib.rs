@@ -101,6 +101,23 @@ fn tags(kind: ec2t::ResourceType, clone: &str) -> ec2t::TagSpecification {
         .build()
 }
 
+/// A clone's security groups: its private systems', and each public system's own.
+#[derive(Debug)]
+struct SecurityGroups {
+    private: String,
+    public: Vec<(String, String)>,
+}
+
+impl SecurityGroups {
+    /// The group of `system` (the private one unless it is public).
+    fn of(&self, system: &str) -> &str {
+        self.public
+            .iter()
+            .find(|(s, _)| s == system)
+            .map_or(self.private.as_str(), |(_, g)| g.as_str())
+    }
+}
+
 /// Whether EC2 reports the instance terminated.
 fn is_terminated(i: &ec2t::Instance) -> bool {
     i.state().and_then(|s| s.name()) == Some(&ec2t::InstanceStateName::Terminated)
@@ -457,7 +474,12 @@ impl Aws {
         if public {
             self.route_to_internet(&name, &vpc).await?;
         }
-        let groups = self.create_security_groups(&name, &vpc, &cidr).await?;
+        let groups = self.create_security_groups(rec, &vpc, &cidr).await?;
+        if public && rec.allow_from.is_empty() {
+            rec.warnings.push(
+                "the public systems accept nothing from outside the clone's network: the app names no --allow-from".into(),
+            );
+        }
         for inst in rec.instances.iter_mut() {
             let subnet = rec
                 .subnets
@@ -542,45 +564,82 @@ impl Aws {
         Ok(())
     }
 
-    /// The clone's two security groups, private then public.
+    /// The clone's security groups: one for its private systems (the clone's network
+    /// only), and one per public system that also opens that system's ports (the app's,
+    /// its own, the load balancer's) to the app's `allow_from` CIDRs, and nothing else.
     async fn create_security_groups(
+        &self,
+        rec: &CloneRecord,
+        vpc: &str,
+        cidr: &str,
+    ) -> Result<SecurityGroups, ProviderError> {
+        let name = &rec.name;
+        let private = self
+            .security_group(name, vpc, "private", "private systems", &[(cidr, None)])
+            .await?;
+        let mut public = Vec::new();
+        for inst in rec
+            .instances
+            .iter()
+            .filter(|i| i.visibility == Visibility::Public)
+        {
+            let mut rules: Vec<(&str, Option<(u16, bool)>)> = vec![(cidr, None)];
+            for port in rec.ports_for(&inst.system) {
+                for from in &rec.allow_from {
+                    rules.push((from.as_str(), Some(port)));
+                }
+            }
+            let kind = format!("public-{}", inst.system);
+            let what = format!("public system {}", inst.system);
+            let gid = self.security_group(name, vpc, &kind, &what, &rules).await?;
+            public.push((inst.system.clone(), gid));
+        }
+        Ok(SecurityGroups { private, public })
+    }
+
+    /// One security group admitting each rule's traffic: from a CIDR, every protocol
+    /// (`None`) or one port, TCP or UDP.
+    async fn security_group(
         &self,
         name: &str,
         vpc: &str,
-        cidr: &str,
-    ) -> Result<Vec<String>, ProviderError> {
-        // Private systems: reachable from inside the VPC only. Public ones: from anywhere.
-        let mut groups = Vec::new();
-        for (kind, from) in [("private", cidr), ("public", "0.0.0.0/0")] {
-            let gid = self
-                .ec2
-                .create_security_group()
-                .group_name(format!("ferry-{name}-{kind}"))
-                .description(format!("ferry clone {name}: {kind} systems"))
-                .vpc_id(vpc)
-                .tag_specifications(tags(ec2t::ResourceType::SecurityGroup, name))
-                .send()
-                .await
-                .map_err(sdk_err("CreateSecurityGroup"))?
-                .group_id()
-                .unwrap_or_default()
-                .to_string();
-            let mut perm = ec2t::IpPermission::builder()
-                .ip_protocol("-1")
-                .ip_ranges(ec2t::IpRange::builder().cidr_ip(cidr).build());
-            if from != cidr {
-                perm = perm.ip_ranges(ec2t::IpRange::builder().cidr_ip(from).build());
+        kind: &str,
+        what: &str,
+        rules: &[(&str, Option<(u16, bool)>)],
+    ) -> Result<String, ProviderError> {
+        let gid = self
+            .ec2
+            .create_security_group()
+            .group_name(format!("ferry-{name}-{kind}"))
+            .description(format!("ferry clone {name}: {what}"))
+            .vpc_id(vpc)
+            .tag_specifications(tags(ec2t::ResourceType::SecurityGroup, name))
+            .send()
+            .await
+            .map_err(sdk_err("CreateSecurityGroup"))?
+            .group_id()
+            .unwrap_or_default()
+            .to_string();
+        let perms = rules.iter().map(|(from, port)| {
+            let range = ec2t::IpRange::builder().cidr_ip(*from).build();
+            let perm = ec2t::IpPermission::builder().ip_ranges(range);
+            match port {
+                None => perm.ip_protocol("-1"),
+                Some((p, udp)) => perm
+                    .ip_protocol(if *udp { "udp" } else { "tcp" })
+                    .from_port(i32::from(*p))
+                    .to_port(i32::from(*p)),
             }
-            self.ec2
-                .authorize_security_group_ingress()
-                .group_id(&gid)
-                .ip_permissions(perm.build())
-                .send()
-                .await
-                .map_err(sdk_err("AuthorizeSecurityGroupIngress"))?;
-            groups.push(gid);
-        }
-        Ok(groups)
+            .build()
+        });
+        self.ec2
+            .authorize_security_group_ingress()
+            .group_id(&gid)
+            .set_ip_permissions(Some(perms.collect()))
+            .send()
+            .await
+            .map_err(sdk_err("AuthorizeSecurityGroupIngress"))?;
+        Ok(gid)
     }
 
     /// One system's instance in `subnet`, sized as asked or from its source.
@@ -589,7 +648,7 @@ impl Aws {
         name: &str,
         instance_type: &str,
         subnet: &str,
-        groups: &[String],
+        groups: &SecurityGroups,
         inst: &mut InstanceRecord,
     ) -> Result<(), ProviderError> {
         inst.size = if !instance_type.is_empty() {
@@ -599,11 +658,7 @@ impl Aws {
         } else {
             self.instance_type.clone()
         };
-        let group = if inst.visibility == Visibility::Public {
-            &groups[1]
-        } else {
-            &groups[0]
-        };
+        let group = groups.of(&inst.system);
         let run = self
             .ec2
             .run_instances()

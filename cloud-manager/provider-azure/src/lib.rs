@@ -663,15 +663,22 @@ impl Azure {
         }
         let cidr = ferry_provider::covering_cidr(&rec.subnets, 8, "VNet")?.to_string();
         let tags = json!({"ferry-clone": rec.name});
+        let public = rec
+            .instances
+            .iter()
+            .any(|i| i.visibility == Visibility::Public);
+        if public && rec.allow_from.is_empty() {
+            rec.warnings.push(
+                "the public systems accept nothing from outside the clone's network: the app names no --allow-from".into(),
+            );
+        }
         let net = self.network.clone();
         // Private systems: the VNet's default rules (virtual network in, nothing from
-        // the internet). Public ones: everything from anywhere, as on aws.
+        // the internet). Public ones: also each system's ports (the app's, its own, the
+        // load balancer's) from the app's allow_from CIDRs, to that system alone.
         for kind in ["private", "public"] {
             let rules = if kind == "public" {
-                json!([{"name": "allow-all-inbound", "properties": {
-                    "priority": 100, "direction": "Inbound", "access": "Allow", "protocol": "*",
-                    "sourceAddressPrefix": "*", "sourcePortRange": "*",
-                    "destinationAddressPrefix": "*", "destinationPortRange": "*"}}])
+                public_rules(rec)?
             } else {
                 json!([])
             };
@@ -983,6 +990,34 @@ impl Azure {
         }
         Ok(())
     }
+}
+
+/// The public NSG's rules: one per public system, port and allowed CIDR, each to that
+/// system's address only; nothing else from outside the VNet.
+fn public_rules(rec: &CloneRecord) -> Result<serde_json::Value, ProviderError> {
+    let mut rules = Vec::new();
+    for inst in rec
+        .instances
+        .iter()
+        .filter(|i| i.visibility == Visibility::Public)
+    {
+        for (port, udp) in rec.ports_for(&inst.system) {
+            for from in &rec.allow_from {
+                let priority = 100 + rules.len();
+                if priority > 4096 {
+                    return Err(ProviderError::Invalid(
+                        "more public port rules than an Azure NSG holds".into(),
+                    ));
+                }
+                let proto = if udp { "Udp" } else { "Tcp" };
+                rules.push(json!({"name": format!("allow-{}-{port}-{}-{}", inst.system, proto.to_lowercase(), rules.len()),
+                    "properties": {"priority": priority, "direction": "Inbound", "access": "Allow",
+                    "protocol": proto, "sourceAddressPrefix": from, "sourcePortRange": "*",
+                    "destinationAddressPrefix": inst.private_ip, "destinationPortRange": port.to_string()}}));
+            }
+        }
+    }
+    Ok(serde_json::Value::Array(rules))
 }
 
 /// Azure's VM generation for a firmware: V2 boots UEFI, V1 BIOS.

@@ -113,6 +113,48 @@ pub struct InstanceRecord {
     pub firmware: Firmware,
 }
 
+/// A port the public systems of a clone serve beyond their network: `[SYSTEM:]PORT[/udp]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct PublicPort {
+    /// Empty: every public system of the app.
+    pub system: String,
+    pub port: u16,
+    pub udp: bool,
+}
+
+impl PublicPort {
+    /// `443`, `web01:8443`, `dns:53/udp`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let bad = || format!("public port {spec:?}: expected [SYSTEM:]PORT[/udp]");
+        let (rest, udp) = match spec.rsplit_once('/') {
+            Some((r, p)) if p.eq_ignore_ascii_case("udp") => (r, true),
+            Some((r, p)) if p.eq_ignore_ascii_case("tcp") => (r, false),
+            Some(_) => return Err(bad()),
+            None => (spec, false),
+        };
+        let (system, port) = match rest.rsplit_once(':') {
+            Some((sys, port)) => {
+                ferry_common::pki::validate_name(sys).map_err(|_| bad())?;
+                (sys.to_string(), port)
+            }
+            None => (String::new(), rest),
+        };
+        match port.parse::<u16>() {
+            Ok(port) if port > 0 => Ok(Self { system, port, udp }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for PublicPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.system.is_empty() {
+            write!(f, "{}:", self.system)?;
+        }
+        write!(f, "{}{}", self.port, if self.udp { "/udp" } else { "" })
+    }
+}
+
 /// A clone of an application: its network and instances on one provider.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct CloneRecord {
@@ -143,4 +185,27 @@ pub struct CloneRecord {
     /// The gateway's public `IP:PORT`, once it exists.
     #[serde(default)]
     pub tunnel_gateway: String,
+    /// What the app opens on its public systems, and to whom (CIDRs; none: nobody
+    /// outside the clone's network).
+    #[serde(default)]
+    pub public_ports: Vec<PublicPort>,
+    #[serde(default)]
+    pub allow_from: Vec<String>,
+}
+
+impl CloneRecord {
+    /// The ports a public system serves beyond the clone's network: the app's own, the
+    /// system's, and the load balancer's (TCP).
+    pub fn ports_for(&self, system: &str) -> Vec<(u16, bool)> {
+        let mut out: Vec<(u16, bool)> = self
+            .public_ports
+            .iter()
+            .filter(|p| p.system.is_empty() || p.system == system)
+            .map(|p| (p.port, p.udp))
+            .chain(self.load_balancer_ports.iter().map(|p| (*p, false)))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }

@@ -346,13 +346,19 @@ impl TryFrom<pb::AppInfo> for AppSpec {
             load_balancer: r.load_balancer,
             load_balancer_ports: r.load_balancer_ports,
             provider: domain::<pb::Target, _>(r.provider, "provider")?,
+            public_ports: r.public_ports,
+            allow_from: r.allow_from,
         })
     }
 }
 
 impl From<AppRecord> for pb::AppInfo {
     fn from(r: AppRecord) -> Self {
+        let warnings = r.warnings();
         Self {
+            warnings,
+            public_ports: r.public_ports.iter().map(ToString::to_string).collect(),
+            allow_from: r.allow_from,
             name: r.name,
             systems: r
                 .systems

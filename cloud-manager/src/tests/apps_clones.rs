@@ -326,3 +326,54 @@ async fn tunnel_details_need_a_gateway_and_an_absolute_key_path() {
     let r = h.cloud.clones.tunnel_connect("nope", "", "/k", &[]);
     assert_eq!(kind(r), Kind::NotFound);
 }
+
+/// Public ports name the app's public systems (or all of them), sources are CIDRs, an
+/// app whose public systems nobody may reach says so, and clones carry what it opens.
+#[tokio::test]
+async fn public_ports_and_their_sources_are_checked_and_reach_the_clone() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    register(&h, "db01", "10.0.0.6/24").await;
+    let systems = [("web01", "public"), ("db01", "private")];
+    let with = |ports: &[&str], from: &[&str]| AppSpec {
+        public_ports: ports.iter().map(|s| s.to_string()).collect(),
+        allow_from: from.iter().map(|s| s.to_string()).collect(),
+        ..spec("shop", &systems)
+    };
+    for (ports, from, says) in [
+        (
+            &["db01:5432"][..],
+            &["10.9.0.0/16"][..],
+            "not a public system",
+        ),
+        (&["nobody:80"], &[], "not a public system"),
+        (&["0"], &[], "expected [SYSTEM:]PORT[/udp]"),
+        (&["80/sctp"], &[], "expected [SYSTEM:]PORT[/udp]"),
+        (&["443"], &["not-a-cidr"], "expected an IPv4 CIDR"),
+    ] {
+        let err = h.cloud.apps.create(with(ports, from)).unwrap_err();
+        assert_eq!(err.kind(), Kind::InvalidArgument, "{ports:?} {from:?}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+    // No sources: nobody outside may reach the public systems, and the app says so.
+    let closed = h.cloud.apps.create(with(&["443"], &[])).unwrap();
+    assert!(
+        closed.warnings()[0].contains("--allow-from"),
+        "{:?}",
+        closed.warnings()
+    );
+    h.cloud.delete_app("shop").await.unwrap();
+    let app = h
+        .cloud
+        .apps
+        .create(with(&["443", "web01:53/udp", "443"], &["203.0.113.7/24"]))
+        .unwrap();
+    assert!(app.warnings().is_empty());
+    assert_eq!(app.allow_from, ["203.0.113.0/24"]);
+    image(&h, "shop", "web01", 1);
+    image(&h, "shop", "db01", 1);
+    let view = h.cloud.create_clone("shop", "", "").await.unwrap();
+    let rec = &view.record;
+    assert_eq!(rec.allow_from, ["203.0.113.0/24"]);
+    assert_eq!(rec.ports_for("web01"), [(53, true), (443, false)]);
+}
