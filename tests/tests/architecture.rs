@@ -141,3 +141,103 @@ fn the_cloud_manager_builds_without_the_cloud_sdks() -> Result<()> {
     );
     Ok(())
 }
+
+/// The IAM actions the aws provider calls: every `ec2.`, `elb.` and `ebs.` client call
+/// in its source, by its API name.
+fn aws_calls() -> Result<BTreeSet<String>> {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../cloud-manager/provider-aws/src");
+    let services = [
+        ("ec2", "ec2"),
+        ("elb", "elasticloadbalancing"),
+        ("ebs", "ebs"),
+    ];
+    let mut out = BTreeSet::new();
+    for f in std::fs::read_dir(&dir)? {
+        let text = std::fs::read_to_string(f?.path())?;
+        let b = text.as_bytes();
+        for (client, service) in services {
+            let mut from = 0;
+            while let Some(at) = text[from..].find(client).map(|i| i + from) {
+                from = at + client.len();
+                let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+                if at > 0 && word(b[at - 1]) || b.get(from).copied().is_some_and(word) {
+                    continue;
+                }
+                let rest = text[from..].trim_start();
+                let Some(rest) = rest.strip_prefix('.') else {
+                    continue;
+                };
+                let rest = rest.trim_start();
+                let name: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if name.is_empty() || !rest[name.len()..].trim_start().starts_with('(') {
+                    continue;
+                }
+                let pascal: String = name
+                    .split('_')
+                    .map(|w| {
+                        let mut c = w.chars();
+                        c.next()
+                            .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                out.insert(format!("{service}:{pascal}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Actions a call needs beside its own: the tags a creation carries.
+const IMPLIED: &[&str] = &["ec2:CreateTags", "elasticloadbalancing:AddTags"];
+
+#[test]
+fn the_aws_policy_grants_exactly_what_ferry_calls_and_confines_changes_by_tag() -> Result<()> {
+    let calls = aws_calls()?;
+    anyhow::ensure!(
+        calls.contains("ec2:RunInstances") && calls.contains("ebs:PutSnapshotBlock"),
+        "the scan found too little: {calls:?}"
+    );
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/aws/iam-policy.json");
+    let policy: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let statements = policy["Statement"].as_array().context("statements")?;
+    let mut granted = BTreeSet::new();
+    let mut unscoped = Vec::new();
+    for st in statements {
+        let actions = st["Action"].as_array().context("actions")?;
+        let cond = st["Condition"].to_string();
+        let tagged = cond.contains("\"aws:RequestTag/ferry:managed\":\"true\"")
+            || cond.contains("\"aws:ResourceTag/ferry:managed\":\"true\"");
+        for a in actions {
+            let a = a.as_str().context("action")?.to_string();
+            let read = a
+                .split(':')
+                .nth(1)
+                .is_some_and(|v| v.starts_with("Describe"));
+            // The VPC's main route table is made by AWS, untagged; Ferry only adds the
+            // default route of a VPC it made.
+            let route = a == "ec2:CreateRoute" && st["Resource"] == "arn:aws:ec2:*:*:route-table/*";
+            if !(read || route || tagged) {
+                unscoped.push(a.clone());
+            }
+            granted.insert(a);
+        }
+    }
+    let missing: Vec<&String> = calls.difference(&granted).collect();
+    let unused: Vec<&String> = granted
+        .difference(&calls)
+        .filter(|a| !IMPLIED.contains(&a.as_str()))
+        .collect();
+    anyhow::ensure!(missing.is_empty(), "the policy lacks {missing:?}");
+    anyhow::ensure!(unused.is_empty(), "the policy grants unused {unused:?}");
+    anyhow::ensure!(
+        unscoped.is_empty(),
+        "these may act on resources Ferry did not make: {unscoped:?}"
+    );
+    Ok(())
+}

@@ -20,6 +20,8 @@ use std::time::Duration;
 /// The EBS direct APIs' block size.
 pub const BLOCK: usize = 512 * 1024;
 const TAG_CLONE: &str = "ferry:clone";
+/// On everything Ferry makes, so its IAM policy can confine it to its own resources.
+const TAG_MANAGED: &str = "ferry:managed";
 const TAG_IMAGE: &str = "ferry:image";
 /// Uploads in flight.
 const PARALLEL: usize = 8;
@@ -93,10 +95,15 @@ fn tag(key: &str, value: &str) -> ec2t::Tag {
     ec2t::Tag::builder().key(key).value(value).build()
 }
 
+fn elb_tag(key: &str, value: &str) -> elbt::Tag {
+    elbt::Tag::builder().key(key).value(value).build()
+}
+
 fn tags(kind: ec2t::ResourceType, clone: &str) -> ec2t::TagSpecification {
     ec2t::TagSpecification::builder()
         .resource_type(kind)
         .tags(tag(TAG_CLONE, clone))
+        .tags(tag(TAG_MANAGED, "true"))
         .tags(tag("Name", &format!("ferry-{clone}")))
         .build()
 }
@@ -260,6 +267,12 @@ impl Aws {
                     .value(&img.id)
                     .build(),
             )
+            .tags(
+                aws_sdk_ebs::types::Tag::builder()
+                    .key(TAG_MANAGED)
+                    .value("true")
+                    .build(),
+            )
             .timeout(60)
             .send()
             .await
@@ -317,6 +330,13 @@ impl Aws {
             .register_image()
             .name(format!("ferry-{}", img.id))
             .description(format!("ferry image {} (system {})", img.id, img.system))
+            .tag_specifications(
+                ec2t::TagSpecification::builder()
+                    .resource_type(ec2t::ResourceType::Image)
+                    .tags(tag(TAG_IMAGE, &img.id))
+                    .tags(tag(TAG_MANAGED, "true"))
+                    .build(),
+            )
             .architecture(ec2t::ArchitectureValues::X8664)
             .virtualization_type("hvm")
             .root_device_name("/dev/xvda")
@@ -700,6 +720,8 @@ impl Aws {
             .r#type(elbt::LoadBalancerTypeEnum::Network)
             .scheme(elbt::LoadBalancerSchemeEnum::InternetFacing)
             .set_subnets(Some(subnets.iter().map(|(_, id)| id.clone()).collect()))
+            .tags(elb_tag(TAG_CLONE, &rec.name))
+            .tags(elb_tag(TAG_MANAGED, "true"))
             .send()
             .await
             .map_err(api("CreateLoadBalancer"))?;
@@ -718,6 +740,8 @@ impl Aws {
                 .port(i32::from(port))
                 .vpc_id(vpc)
                 .target_type(elbt::TargetTypeEnum::Instance)
+                .tags(elb_tag(TAG_CLONE, &rec.name))
+                .tags(elb_tag(TAG_MANAGED, "true"))
                 .send()
                 .await
                 .map_err(api("CreateTargetGroup"))?;
