@@ -156,31 +156,24 @@ fn dir_bytes(p: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn a_full_site_spool_slows_the_agent_without_losing_anything() -> Result<()> {
-    const LIMIT: u64 = 24 << 20;
-    let tmp = scratch("spool")?;
-    let t = tmp.path();
-    let src = LoopFs::new(
-        t,
-        "src",
-        "ext4",
-        "0a1b2c3d-0000-4000-8000-0000000000c3",
-        400,
-    )?;
+/// A 400 MiB source holding 100 MiB of random blobs.
+fn blobs(t: &std::path::Path, uuid: &str) -> Result<LoopFs> {
+    let src = LoopFs::new(t, "src", "ext4", uuid, 400)?;
     bash(&format!(
         "mkdir -p {m}/data && for i in $(seq 1 25); do head -c 4194304 /dev/urandom > {m}/data/blob$i; done",
         m = src.mnt.display()
     ))?;
-    let cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start_with(
-        &t.join("site"),
-        free_port(),
-        &cloud.url(),
-        Some(&cloud.site_token()?),
-        &["--spool-limit", "24M"],
-    )?;
-    let mut agent = Proc::spawn(
+    Ok(src)
+}
+
+/// An agent replicating `src` once as system `spooled` through `site`.
+fn spooled_agent(
+    t: &std::path::Path,
+    site: &SiteMgr,
+    cloud: &CloudMgr,
+    src: &LoopFs,
+) -> Result<Proc> {
+    Proc::spawn(
         agent_cmd(
             &t.join("agent"),
             &site.url(),
@@ -190,7 +183,24 @@ fn a_full_site_spool_slows_the_agent_without_losing_anything() -> Result<()> {
         )
         .stdout(std::process::Stdio::piped()),
         &t.join("agent.log"),
+    )
+}
+
+#[test]
+fn a_full_site_spool_slows_the_agent_without_losing_anything() -> Result<()> {
+    const LIMIT: u64 = 24 << 20;
+    let tmp = scratch("spool")?;
+    let t = tmp.path();
+    let src = blobs(t, "0a1b2c3d-0000-4000-8000-0000000000c3")?;
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start_with(
+        &t.join("site"),
+        free_port(),
+        &cloud.url(),
+        Some(&cloud.site_token()?),
+        &["--spool-limit", "24M"],
     )?;
+    let mut agent = spooled_agent(t, &site, &cloud, &src)?;
     // Watch the spool while the agent runs.
     let spool = site.dir.join("chunks");
     let mut peak = 0;
@@ -222,17 +232,7 @@ fn a_full_site_spool_slows_the_agent_without_losing_anything() -> Result<()> {
 fn a_site_disk_smaller_than_the_data_keeps_its_reserve() -> Result<()> {
     let tmp = scratch("site-disk")?;
     let t = tmp.path();
-    let src = LoopFs::new(
-        t,
-        "src",
-        "ext4",
-        "0a1b2c3d-0000-4000-8000-0000000000c4",
-        400,
-    )?;
-    bash(&format!(
-        "mkdir -p {m}/data && for i in $(seq 1 25); do head -c 4194304 /dev/urandom > {m}/data/blob$i; done",
-        m = src.mnt.display()
-    ))?;
+    let src = blobs(t, "0a1b2c3d-0000-4000-8000-0000000000c4")?;
     let disk = LoopFs::new(
         t,
         "site",
@@ -242,17 +242,7 @@ fn a_site_disk_smaller_than_the_data_keeps_its_reserve() -> Result<()> {
     )?;
     let cloud = CloudMgr::start(&t.join("cloud"))?;
     let site = SiteMgr::start(&disk.mnt, &cloud.url(), Some(&cloud.site_token()?))?;
-    let mut agent = Proc::spawn(
-        agent_cmd(
-            &t.join("agent"),
-            &site.url(),
-            Some(&cloud.token()?),
-            &src.mnt,
-            "spooled",
-        )
-        .stdout(std::process::Stdio::piped()),
-        &t.join("agent.log"),
-    )?;
+    let mut agent = spooled_agent(t, &site, &cloud, &src)?;
     let free = || rustix::fs::statvfs(&disk.mnt).map_or(u64::MAX, |s| s.f_bavail * s.f_frsize);
     let mut least = u64::MAX;
     while agent.child.try_wait()?.is_none() {

@@ -477,6 +477,31 @@ async fn a_root_symlink_where_a_file_system_mounts_is_refused_and_the_host_is_un
     Ok(())
 }
 
+/// Runs `ferry-site serve` with a token (20 s at most); whether it stayed up, and what it
+/// said on stderr.
+fn site_serve(
+    dir: &std::path::Path,
+    name: &str,
+    upstream: &str,
+    token: &str,
+) -> Result<(bool, String)> {
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg(bin("ferry-site"))
+        .args(["serve", "--name", name, "--listen"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--upstream")
+        .arg(upstream)
+        .env("FERRY_TOKEN", token)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// A join token enrolls only the role and name it was made for; a site relays only for
 /// the systems bound to it; tokens are listed without their secrets and can be revoked.
 #[tokio::test(flavor = "multi_thread")]
@@ -487,19 +512,8 @@ async fn tokens_enroll_only_their_scope_and_a_site_relays_only_for_its_systems()
     let victim_token = cloud.token_with(&["--system", "victim"])?;
 
     // A real site manager given an agent's token is refused, says why and stops.
-    let out = std::process::Command::new("timeout")
-        .arg("30")
-        .arg(bin("ferry-site"))
-        .args(["serve", "--name", "site1", "--listen"])
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .arg("--data-dir")
-        .arg(t.join("site"))
-        .arg("--upstream")
-        .arg(cloud.url())
-        .env("FERRY_TOKEN", &victim_token)
-        .output()?;
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{said}");
+    let (ok, said) = site_serve(&t.join("site"), "site1", &cloud.url(), &victim_token)?;
+    assert!(!ok, "{said}");
     assert!(said.contains("enrolls an agent, not site:site1"), "{said}");
     // Nor does it enroll another system's name.
     let e = enrolled_client(&cloud.url(), &victim_token, "other", &t.join("other"))
@@ -644,19 +658,8 @@ async fn a_site_certificate_cannot_pose_as_the_cloud_manager() -> Result<()> {
 
     // A second site pointed at the first as its upstream never sends its token.
     let token = cloud.token_with(&["--role", "site", "--name", "site2"])?;
-    let out = std::process::Command::new("timeout")
-        .arg("20")
-        .arg(bin("ferry-site"))
-        .args(["serve", "--name", "site2", "--listen"])
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .arg("--data-dir")
-        .arg(t.join("site2"))
-        .arg("--upstream")
-        .arg(site.url())
-        .env("FERRY_TOKEN", &token)
-        .output()?;
-    let said = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{said}");
+    let (ok, said) = site_serve(&t.join("site2"), "site2", &site.url(), &token)?;
+    assert!(!ok, "{said}");
     assert!(
         said.contains("the server is site:site1, not a cloud manager"),
         "{said}"
