@@ -93,36 +93,37 @@ pub fn apply(
     Ok(done)
 }
 
-/// What a batch's files take from a replica volume, at the least: `growth` once every
-/// file is in place, and `peak` while the file that needs most has its temp copy written
-/// and its old version still standing (every other file that shrinks done before it).
+/// What a batch's files may take from a replica volume while it is applied: every file
+/// that grows grown first, then the temp copies of the largest rewrites (two are written
+/// at once) beside their old versions; new data in whole 4 KiB blocks.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Footprint {
-    pub growth: i64,
-    pub peak: i64,
+    pub need: u64,
 }
 
+/// Files are written in parallel runs of two.
+const AT_ONCE: usize = 2;
+
 /// The footprint of `entries` on the replica under `root`: new file data against the
-/// blocks the files they replace free (a name of a hard-link group frees nothing).
+/// blocks of the files they replace (a name of a hard-link group frees nothing).
 pub fn footprint(root: &Root, entries: &[Entry]) -> Footprint {
-    let mut growth = 0i64;
-    let (mut freed, mut worst) = (0i64, 0i64);
+    let mut growth = 0u64;
+    let mut kept: Vec<u64> = Vec::new();
     for e in entries.iter().filter(|e| e.kind == EntryKind::File as i32) {
-        let new: i64 = e
+        let data: u64 = e
             .segments
             .iter()
             .flat_map(|s| s.chunks.iter())
-            .map(|c| i64::from(c.len))
+            .map(|c| u64::from(c.len))
             .sum();
-        let old = replaced_blocks(root, &e.path) as i64;
-        growth += new - old;
-        let shrinks = (old - new).max(0);
-        freed += shrinks;
-        worst = worst.max(new + shrinks);
+        let new = data.div_ceil(4096) * 4096;
+        let old = replaced_blocks(root, &e.path);
+        growth += new.saturating_sub(old);
+        kept.push(new.min(old));
     }
+    kept.sort_unstable_by(|a, b| b.cmp(a));
     Footprint {
-        growth,
-        peak: worst - freed,
+        need: growth + kept.iter().take(AT_ONCE).sum::<u64>(),
     }
 }
 
@@ -886,21 +887,22 @@ pub(crate) mod tests {
         let rewrite = stored_file(&f.chunks, b"same", &data);
         let fresh = stored_file(&f.chunks, b"d/new", &data);
         let over_link = stored_file(&f.chunks, b"linked", &data);
-        let size = (64i64) << 10;
+        let size = 64u64 << 10;
         // Rewriting a file of the same size takes nothing once done, but its new copy
         // needs room while the old one stands.
-        assert_eq!(
-            footprint(&f.root, std::slice::from_ref(&rewrite)),
-            Footprint {
-                growth: 0,
-                peak: size
-            }
-        );
+        let need = |e: &[Entry]| footprint(&f.root, e).need;
+        assert_eq!(need(std::slice::from_ref(&rewrite)), size);
         // A new file, and a name of a hard-link group (whose blocks stay), grow it.
-        assert_eq!(footprint(&f.root, &[fresh, over_link]).growth, 2 * size);
+        assert_eq!(need(&[fresh.clone(), over_link]), 2 * size);
+        // Growth comes first, then the rewrite's copy: a new file and a rewrite of the
+        // same size need both.
+        assert_eq!(need(&[fresh, rewrite]), 2 * size);
         // A symlink where the file was frees nothing either.
         std::os::unix::fs::symlink("same", f.tree.join("sym")).unwrap();
         let via_link = stored_file(&f.chunks, b"sym", &data);
-        assert_eq!(footprint(&f.root, &[via_link]).growth, size);
+        assert_eq!(need(&[via_link]), size);
+        // Data counts in whole blocks.
+        let small = stored_file(&f.chunks, b"tiny", b"x");
+        assert_eq!(need(&[small]), 4096);
     }
 }

@@ -395,9 +395,25 @@ impl Ingest {
         }
         let scope = self.tokens.check(&req.token)?;
         let site = check_scope(&scope, &identity, req.via.as_ref())?;
-        self.tokens.consume(&req.token)?;
-        let cert_pem = self.ca.sign_csr(&req.csr_pem, &identity, &req.sans)?;
-        self.meta.mark_enrolled(&id)?;
+        if !self.meta.reserve_enrolled(&id)? {
+            return Err(CloudError::AlreadyExists(format!(
+                "{id} is already enrolled"
+            )));
+        }
+        // Signed first: a bad CSR spends no token. The certificate is handed out only
+        // once the token is consumed.
+        let signed = self
+            .ca
+            .sign_csr(&req.csr_pem, &identity, &req.sans)
+            .map_err(CloudError::from)
+            .and_then(|c| Ok(self.tokens.consume(&req.token).map(|()| c)?));
+        let cert_pem = match signed {
+            Ok(c) => c,
+            Err(e) => {
+                self.meta.release_enrolled(&id)?;
+                return Err(e);
+            }
+        };
         match (role, site) {
             (Role::Site, _) => self.meta.bind(&identity.name, &scope.systems)?,
             (_, Some(site)) => self.meta.bind(site, std::slice::from_ref(&identity.name))?,
@@ -540,8 +556,25 @@ impl Ingest {
             })?
             .clone();
         let systems = self.replication.records();
-        let mnt = self.volumes().ensure(&batch.system, &fs)?;
-        if let Err(e) = self.check_space(&batch.entries) {
+        let (v, name, f) = (self.volumes().clone(), rec.name.clone(), fs.clone());
+        let mnt = blocking(move || v.ensure(&name, &f).map_err(CloudError::from)).await?;
+        let room = Room {
+            system: rec.name.clone(),
+            fs_id: fs.fs_id.clone(),
+            space: self.replication.space(&rec.name, &fs.fs_id).await?,
+        };
+        // Both checks before anything is begun: a refused batch is not a resumed one
+        // when it comes again.
+        let entries = batch.entries;
+        let (entries, fits) = {
+            let m = mnt.clone();
+            blocking(move || {
+                let fits = fits_volume(&m, &entries, &room);
+                Ok((entries, fits))
+            })
+            .await?
+        };
+        if let Err(e) = self.check_space(&entries).and(fits) {
             rec.last_error = format!("epoch {}: {e}", batch.epoch);
             systems.put(&rec)?;
             self.storage_error(&e);
@@ -551,18 +584,12 @@ impl Ingest {
         // entries (renames) already done.
         let resumed = self.meta.begin_apply(&rec.name, batch.epoch)?;
         let begun_ms = started.elapsed().as_millis() as u64;
-        let (store, entries) = (self.chunks.clone(), batch.entries);
+        let store = self.chunks.clone();
         // A resync pass is the truth about the tree: what stands in its way goes.
         let replace = batch.resync_for > 0;
-        let room = Room {
-            system: rec.name.clone(),
-            fs_id: fs.fs_id.clone(),
-            space: self.replication.space(&rec.name, &fs.fs_id).await?,
-        };
-        let applied = blocking(move || {
-            apply_durably(&mnt, &store, &entries, (resumed, replace), &room, begun_ms)
-        })
-        .await;
+        let applied =
+            blocking(move || apply_durably(&mnt, &store, &entries, (resumed, replace), begun_ms))
+                .await;
         let applied = match applied {
             Ok(a) => a,
             Err(e) if replica_disagrees(&e) => {
@@ -718,22 +745,12 @@ struct Room {
     space: volumes::Space,
 }
 
-/// Applies a batch and syncs the volume. A batch that cannot fit is refused before
-/// anything is written: the system's other work goes on, and the operator can grow it.
-fn apply_durably(
-    mnt: &std::path::Path,
-    store: &ChunkStore,
-    entries: &[Entry],
-    (resumed, replace): (bool, bool),
-    room: &Room,
-    begun_ms: u64,
-) -> Result<apply::Applied> {
-    let root = ferry_common::safepath::Root::open(mnt)
-        .map_err(apply::ApplyError::from)?
-        .replacing(replace);
-    let need = apply::footprint(&root, entries);
-    let need = need.growth.max(need.peak);
-    if need > room.space.free as i64 {
+/// Refuses a batch that cannot fit in its replica volume: the system's other work goes
+/// on, and the operator can grow the volume.
+fn fits_volume(mnt: &std::path::Path, entries: &[Entry], room: &Room) -> Result<()> {
+    let root = ferry_common::safepath::Root::open(mnt).map_err(apply::ApplyError::from)?;
+    let need = apply::footprint(&root, entries).need;
+    if need > room.space.free {
         let Room {
             system,
             fs_id,
@@ -745,6 +762,20 @@ fn apply_durably(
             space.size, space.free
         )));
     }
+    Ok(())
+}
+
+/// Applies a batch and syncs the volume.
+fn apply_durably(
+    mnt: &std::path::Path,
+    store: &ChunkStore,
+    entries: &[Entry],
+    (resumed, replace): (bool, bool),
+    begun_ms: u64,
+) -> Result<apply::Applied> {
+    let root = ferry_common::safepath::Root::open(mnt)
+        .map_err(apply::ApplyError::from)?
+        .replacing(replace);
     let t = std::time::Instant::now();
     let applied = apply::apply(&root, store, entries, resumed)?;
     let apply_ms = t.elapsed().as_millis() as u64;

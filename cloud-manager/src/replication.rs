@@ -253,13 +253,33 @@ impl Replication {
             }
             .into());
         }
+        if !matches!(
+            fs.fstype.as_str(),
+            "ext2" | "ext3" | "ext4" | "xfs" | "btrfs"
+        ) {
+            return Err(VolumeError::CannotGrow(fs.fstype.clone()).into());
+        }
+        let before = fs.cap_bytes;
         fs.cap_bytes = want;
         let fs = fs.clone();
-        // Kept first: a grow cut short is finished by the next `ensure`.
+        // Kept first: a grow cut short is finished by the next `ensure`. A grow that
+        // fails for good gives the old cap back.
         self.systems.put(&rec)?;
         self.systems.flush()?;
-        let (v, name) = (self.volumes.clone(), system.to_string());
-        crate::error::blocking(move || v.ensure(&name, &fs).map_err(CloudError::from)).await?;
+        let (v, name, f) = (self.volumes.clone(), system.to_string(), fs.clone());
+        let grown = crate::error::blocking(move || {
+            v.ensure(&name, &f)?;
+            Ok(v.grow(&name, &f)?)
+        })
+        .await;
+        if let Err(e) = grown {
+            if let Some(f) = rec.fs_mut(fs_id) {
+                f.cap_bytes = before;
+            }
+            self.systems.put(&rec)?;
+            self.systems.flush()?;
+            return Err(e);
+        }
         let space = self.space(system, fs_id).await?;
         tracing::info!(
             system,
@@ -292,13 +312,18 @@ impl Replication {
         Ok(self.volumes.mount_point(system, &fs.fs_id))
     }
 
-    /// Mounts every known volume (after a restart).
+    /// Mounts every known volume (after a restart). One that cannot be mounted is
+    /// logged and left: the other systems are served, and its next batch tries again.
     pub async fn mount_all(&self) -> Result<()> {
         for sys in self.all()? {
             for fs in &sys.filesystems {
-                let (v, name, fs) = (self.volumes.clone(), sys.name.clone(), fs.clone());
-                crate::error::blocking(move || v.ensure(&name, &fs).map_err(CloudError::from))
-                    .await?;
+                let (v, name, f) = (self.volumes.clone(), sys.name.clone(), fs.clone());
+                let r =
+                    crate::error::blocking(move || v.ensure(&name, &f).map_err(CloudError::from))
+                        .await;
+                if let Err(e) = r {
+                    tracing::error!(system = %sys.name, fs_id = %fs.fs_id, error = %e, "cannot mount replica volume");
+                }
             }
         }
         Ok(())

@@ -317,6 +317,8 @@ pub struct Meta {
     meta: sled::Tree,
     /// Site name -> the systems it may relay for (JSON list).
     relays: sled::Tree,
+    /// Bindings are read, extended and written under it.
+    binding: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl Meta {
@@ -325,6 +327,7 @@ impl Meta {
             enrolled: store.tree("enrolled")?,
             meta: store.tree("meta")?,
             relays: store.tree("site-relays")?,
+            binding: Default::default(),
             store: store.clone(),
         })
     }
@@ -333,9 +336,26 @@ impl Meta {
         Ok(self.enrolled.contains_key(identity.as_bytes())?)
     }
 
-    pub fn mark_enrolled(&self, identity: &str) -> Result<(), StoreError> {
-        self.enrolled
-            .insert(identity.as_bytes(), &ferry_common::now_ms().to_be_bytes())?;
+    /// Takes `identity` for one enrollment: false if another has it already (two
+    /// enrollments of one name at once get one certificate).
+    pub fn reserve_enrolled(&self, identity: &str) -> Result<bool, StoreError> {
+        let taken = self
+            .enrolled
+            .compare_and_swap(
+                identity.as_bytes(),
+                None as Option<&[u8]>,
+                Some(&ferry_common::now_ms().to_be_bytes()[..]),
+            )?
+            .is_err();
+        if !taken {
+            self.store.flush()?;
+        }
+        Ok(!taken)
+    }
+
+    /// Gives back a reservation whose enrollment failed.
+    pub fn release_enrolled(&self, identity: &str) -> Result<(), StoreError> {
+        self.enrolled.remove(identity.as_bytes())?;
         self.store.flush()
     }
 
@@ -360,6 +380,7 @@ impl Meta {
 
     /// Lets `site` relay for `systems` too (durably).
     pub fn bind(&self, site: &str, systems: &[String]) -> Result<(), StoreError> {
+        let _one_at_a_time = self.binding.lock().unwrap_or_else(|p| p.into_inner());
         let mut have = self.relays(site)?;
         let before = have.len();
         for s in systems {

@@ -82,6 +82,8 @@ pub trait VolumeStore: std::fmt::Debug + Send + Sync {
     fn image(&self, system: &str, fs_id: &str) -> PathBuf;
     /// The volume's size and free space.
     fn space(&self, system: &str, fs_id: &str) -> Result<Space, VolumeError>;
+    /// Grows the mounted volume of `fs` to its size now; an error says why it cannot.
+    fn grow(&self, system: &str, fs: &FsRecord) -> Result<(), VolumeError>;
     /// Releases every replica (clean shutdown).
     fn unmount_all(&self);
 }
@@ -98,6 +100,9 @@ impl VolumeStore for Volumes {
     }
     fn space(&self, system: &str, fs_id: &str) -> Result<Space, VolumeError> {
         Volumes::space(self, system, fs_id)
+    }
+    fn grow(&self, system: &str, fs: &FsRecord) -> Result<(), VolumeError> {
+        self.grow_now(system, fs)
     }
     fn unmount_all(&self) {
         Volumes::unmount_all(self)
@@ -146,6 +151,9 @@ impl VolumeStore for DirVolumes {
         let free = self.free.load(std::sync::atomic::Ordering::Relaxed);
         Ok(Space { size: free, free })
     }
+    fn grow(&self, _system: &str, _fs: &FsRecord) -> Result<(), VolumeError> {
+        Ok(())
+    }
     fn unmount_all(&self) {}
 }
 
@@ -153,12 +161,16 @@ impl VolumeStore for DirVolumes {
 #[derive(Debug, Clone)]
 pub struct Volumes {
     root: PathBuf,
+    /// Images whose cut-short grow this process has tried to finish (once each: a grow
+    /// that fails for good must not be retried on every batch).
+    finishing: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
 }
 
 impl Volumes {
     pub fn new(data_dir: &Path) -> Self {
         Self {
             root: data_dir.join("volumes"),
+            finishing: Default::default(),
         }
     }
 
@@ -190,7 +202,14 @@ impl Volumes {
                     .arg(&mnt))?;
                 tracing::info!(system, fs_id = %fs.fs_id, "volume remounted nodev,nosuid,noexec");
             }
-            self.grow(&image, &mnt, fs)?;
+            // Mounted and in use: a real increase is worth a resize here; a grow cut short
+            // is finished once per process (then by the operator's resize).
+            let first = self
+                .finishing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(image.clone());
+            self.grow_or_warn(&image, &mnt, fs, first);
             return Ok(mnt);
         }
         if !image.exists() {
@@ -206,14 +225,38 @@ impl Volumes {
         }
         mount(&image, &mnt, &fs.fstype)?;
         tracing::info!(system, fs_id = %fs.fs_id, mount = %mnt.display(), "volume mounted");
-        self.grow(&image, &mnt, fs)?;
+        self.grow_or_warn(&image, &mnt, fs, true);
         Ok(mnt)
+    }
+
+    /// A volume that cannot grow now is still the replica, at its old size: replication
+    /// goes on, and the next `ensure` (or the operator's resize) tries again.
+    fn grow_or_warn(&self, image: &Path, mnt: &Path, fs: &FsRecord, finish: bool) {
+        if let Err(e) = self.grow(image, mnt, fs, finish) {
+            tracing::warn!(image = %image.display(), error = %e, "volume not grown; kept at its size");
+        }
+    }
+
+    /// Grows the mounted volume of `fs` to its size now (the operator's resize).
+    pub fn grow_now(&self, system: &str, fs: &FsRecord) -> Result<(), VolumeError> {
+        let (image, mnt) = (
+            self.image(system, &fs.fs_id),
+            self.mount_point(system, &fs.fs_id),
+        );
+        self.grow(&image, &mnt, fs, true)
     }
 
     /// Grows a mounted volume to `size_for(fs)` (the source grew, or the operator raised
     /// its cap): the image, its loop device, then the file system, all online. A marker
-    /// beside the image says a grow began, so one cut short is finished by the next call.
-    fn grow(&self, image: &Path, mnt: &Path, fs: &FsRecord) -> Result<(), VolumeError> {
+    /// beside the image says a grow began, so one cut short is finished by the next call
+    /// with `finish`.
+    fn grow(
+        &self,
+        image: &Path,
+        mnt: &Path,
+        fs: &FsRecord,
+        finish: bool,
+    ) -> Result<(), VolumeError> {
         let io = |source| VolumeError::Io {
             path: image.display().to_string(),
             source,
@@ -221,7 +264,7 @@ impl Volumes {
         let marker = image.with_extension("img.growing");
         let want = size_for(fs);
         let have = std::fs::metadata(image).map_err(io)?.len();
-        if want <= have && !marker.exists() {
+        if want <= have && !(finish && marker.exists()) {
             return Ok(());
         }
         if !matches!(
@@ -237,6 +280,12 @@ impl Volumes {
         std::fs::File::create(&marker)
             .and_then(|m| m.sync_all())
             .map_err(io)?;
+        // The marker must outlive a power cut that the longer image survives.
+        if let Some(dir) = marker.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
         if want > have {
             let f = std::fs::OpenOptions::new()
                 .write(true)
@@ -261,9 +310,15 @@ impl Volumes {
                 if let Err(e) = run(Command::new("resize2fs").arg(dev)) {
                     tracing::warn!(image = %image.display(), error = %e, "online resize refused; resizing offline");
                     run(Command::new("umount").arg(mnt))?;
-                    let offline = run(Command::new("e2fsck").args(["-f", "-p"]).arg(image))
-                        .and_then(|_| run(Command::new("resize2fs").arg(image)));
-                    mount(image, mnt, ext)?;
+                    let offline = fsck_ext(image).and_then(|()| {
+                        run(Command::new("resize2fs").arg(image))?;
+                        Ok(())
+                    });
+                    let mounted = mount(image, mnt, ext);
+                    if let Err(e) = &offline {
+                        tracing::error!(image = %image.display(), error = %e, "offline resize failed");
+                    }
+                    mounted?;
                     offline?;
                 }
             }
@@ -382,6 +437,27 @@ impl Volumes {
                 }
             }
         }
+    }
+}
+
+/// `e2fsck -f -p`: errors it corrected (exit 1) are fine; anything worse is not.
+fn fsck_ext(image: &Path) -> Result<(), VolumeError> {
+    let io = |source| VolumeError::Io {
+        path: image.display().to_string(),
+        source,
+    };
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(image)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(io)?;
+    match out.status.code() {
+        Some(0 | 1) => Ok(()),
+        code => Err(io(std::io::Error::other(format!(
+            "e2fsck -f -p exited {code:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))),
     }
 }
 

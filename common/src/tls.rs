@@ -358,7 +358,11 @@ impl AsyncWrite for PeerStream {
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        if let Some(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
@@ -368,7 +372,11 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if let Some(e) = this.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -544,6 +552,10 @@ pub struct EnrollOnly<S> {
 
 /// The one service anonymous peers may call.
 const ENROLLMENT: &str = "/ferry.v1.Enrollment/";
+
+/// The largest enrollment request a server decodes (a token, a name, a CSR, a few
+/// names): anonymous peers cannot make it buffer more.
+pub const ENROLL_MESSAGE_BYTES: usize = 64 << 10;
 
 impl<S, B> tower::Service<http::Request<B>> for EnrollOnly<S>
 where

@@ -285,10 +285,16 @@ async fn push_group(
 /// one (each head's own forwarding sends what its batch lacks).
 pub async fn push_ahead(relay: Arc<Relay>, shutdown: CancellationToken) {
     let mut pushed: HashSet<sled::IVec> = HashSet::new();
+    // A system whose push failed waits a little before its next try.
+    let mut failed: std::collections::HashMap<String, std::time::Instant> = Default::default();
     let mut c = relay.client();
     loop {
         let mut did = false;
+        failed.retain(|_, at| at.elapsed() < Duration::from_millis(500));
         for system in relay.queued_systems() {
+            if failed.contains_key(&system) {
+                continue;
+            }
             for (key, value) in relay.behind_head(&system, LOOKAHEAD) {
                 if pushed.contains(&key) {
                     continue;
@@ -303,6 +309,7 @@ pub async fn push_ahead(relay: Arc<Relay>, shutdown: CancellationToken) {
                     };
                     if r.is_err() {
                         // This system's head reports and retries; the others go on.
+                        failed.insert(system.clone(), std::time::Instant::now());
                         break;
                     }
                 }

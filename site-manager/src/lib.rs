@@ -102,7 +102,10 @@ pub async fn run(
     };
     let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
     let result = ferry_common::tls::grpc_server()
-        .add_service(pb::enrollment_server::EnrollmentServer::new(svc.clone()))
+        .add_service(
+            pb::enrollment_server::EnrollmentServer::new(svc.clone())
+                .max_decoding_message_size(ferry_common::tls::ENROLL_MESSAGE_BYTES),
+        )
         .add_service(
             pb::ingest_server::IngestServer::new(svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -372,13 +372,15 @@ impl Relay {
     }
 }
 
+/// Only the system's own agent writes through a site: sites talk to the cloud manager,
+/// never through each other (a site relaying through another would write under that
+/// one's bindings).
 fn authorize(peer: Option<&Identity>, system: &str) -> Result<()> {
     match peer {
         None => Err(RelayError::Unauthenticated),
         Some(id) if id.role == Role::Agent && id.name == system => Ok(()),
-        Some(id) if id.role == Role::Site => Ok(()),
         Some(id) => Err(RelayError::PermissionDenied(format!(
-            "{id} may not write system {system:?}"
+            "{id} may not write system {system:?} through this site"
         ))),
     }
 }
@@ -386,7 +388,7 @@ fn authorize(peer: Option<&Identity>, system: &str) -> Result<()> {
 fn ingest_peer(peer: Option<&Identity>) -> Result<()> {
     match peer {
         None => Err(RelayError::Unauthenticated),
-        Some(id) if matches!(id.role, Role::Agent | Role::Site) => Ok(()),
+        Some(id) if id.role == Role::Agent => Ok(()),
         Some(id) => Err(RelayError::PermissionDenied(format!(
             "{id} may not use the ingest api"
         ))),

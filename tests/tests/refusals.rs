@@ -398,6 +398,32 @@ async fn the_site_refuses_hostile_frames_before_queueing_them() -> Result<()> {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // Another site, enrolled with a token of its own, cannot relay through this one (it
+    // would write under this site's bindings).
+    let other = t.join("site2-id");
+    enrolled_as(
+        Role::Site,
+        &cloud.url(),
+        &cloud.token_with(&["--role", "site", "--name", "site2"])?,
+        "site2",
+        &other,
+    )
+    .await?;
+    let (ca, cert, key) = IdentityFiles::new(&other).load()?;
+    let cfg = ferry_common::tls::client_config(&ca, &cert, &key, &[Role::Site])?;
+    let mut via = IngestClient::new(ferry_common::tls::channel(&site.url(), cfg)?);
+    let err = via.register(register("alpha", fs)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = via
+        .apply_batch(batch(
+            "alpha",
+            fs,
+            9,
+            vec![entry(b"x", pb::EntryKind::File)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     Ok(())
 }
 

@@ -44,6 +44,15 @@ fn make_dir(path: &Path) -> Result<(), CgroupError> {
     }
 }
 
+/// Errors that mean this process may not manage cgroups here (a read-only cgroup file
+/// system, a delegated tree it does not own, a root that holds processes).
+fn unwritable(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EROFS | libc::EACCES | libc::EPERM | libc::EBUSY)
+    )
+}
+
 /// A run's cgroup, removed (its processes killed first) when dropped.
 #[derive(Debug)]
 pub struct Cgroup {
@@ -56,6 +65,16 @@ impl Cgroup {
     /// Makes the cgroup `name` with `budget`; `None` when this host offers no writable
     /// memory and pids controllers (then only the rlimits hold).
     pub fn create(name: &str, budget: &Budget) -> Result<Option<Self>, CgroupError> {
+        match Self::make(name, budget) {
+            Err(e) if unwritable(&e.source) => {
+                tracing::warn!(error = %e, "cgroup controllers listed but not writable here");
+                Ok(None)
+            }
+            r => r,
+        }
+    }
+
+    fn make(name: &str, budget: &Budget) -> Result<Option<Self>, CgroupError> {
         let root = Path::new(ROOT);
         let controllers = std::fs::read_to_string(root.join("cgroup.controllers"));
         if let Ok(c) = controllers {
@@ -72,12 +91,12 @@ impl Cgroup {
             write(&root.join("cgroup.subtree_control"), enable)?;
             make_dir(&parent)?;
             write(&parent.join("cgroup.subtree_control"), enable)?;
-            let dir = parent.join(name);
-            make_dir(&dir)?;
-            let cg = Cgroup {
-                dirs: vec![dir.clone()],
+            // The guard exists before the directory: whatever fails next, it goes.
+            let mut cg = Cgroup {
+                dirs: Vec::new(),
                 v2: true,
             };
+            let dir = cg.add(&parent, name)?;
             write(&dir.join("memory.max"), &budget.memory_bytes.to_string())?;
             if dir.join("memory.swap.max").exists() {
                 write(&dir.join("memory.swap.max"), "0")?;
@@ -97,18 +116,18 @@ impl Cgroup {
         {
             return Ok(None);
         }
-        let mut dirs = Vec::new();
+        let mut cg = Cgroup {
+            dirs: Vec::new(),
+            v2: false,
+        };
         for c in ["memory", "pids", "cpu"] {
             if !v1(c).join("cgroup.procs").exists() {
                 continue;
             }
             make_dir(&v1(c).join(PARENT))?;
-            let dir = v1(c).join(PARENT).join(name);
-            make_dir(&dir)?;
-            dirs.push(dir);
+            cg.add(&v1(c).join(PARENT), name)?;
         }
-        let cg = Cgroup { dirs, v2: false };
-        let memory = &cg.dirs[0];
+        let memory = cg.dirs[0].clone();
         let bytes = budget.memory_bytes.to_string();
         write(&memory.join("memory.limit_in_bytes"), &bytes)?;
         // With swap accounting, swap counts too.
@@ -122,6 +141,25 @@ impl Cgroup {
             write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
         }
         Ok(Some(cg))
+    }
+
+    /// Makes `parent/name` as one of this cgroup's directories. One left behind by an
+    /// earlier run is taken only if empty: a run never shares its cgroup.
+    fn add(&mut self, parent: &Path, name: &str) -> Result<PathBuf, CgroupError> {
+        let dir = parent.join(name);
+        make_dir(&dir)?;
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if !procs.trim().is_empty() {
+            return Err(CgroupError {
+                path: dir.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::ResourceBusy,
+                    "left by an earlier run and still holding processes",
+                ),
+            });
+        }
+        self.dirs.push(dir.clone());
+        Ok(dir)
     }
 
     /// The files a process writes its pid to, to join (before it starts anything).

@@ -78,7 +78,10 @@ pub async fn serve(
     };
     let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
     ferry_common::tls::grpc_server()
-        .add_service(pb::enrollment_server::EnrollmentServer::new(grpc.clone()))
+        .add_service(
+            pb::enrollment_server::EnrollmentServer::new(grpc.clone())
+                .max_decoding_message_size(ferry_common::tls::ENROLL_MESSAGE_BYTES),
+        )
         .add_service(
             pb::ingest_server::IngestServer::new(grpc.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
