@@ -93,20 +93,14 @@ pub fn apply(
     Ok(done)
 }
 
-/// What a batch's files may take from a replica volume while it is applied: every file
-/// that grows grown first, then the temp copies of the largest rewrites (two are written
-/// at once) beside their old versions; new data in whole 4 KiB blocks.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Footprint {
-    pub need: u64,
-}
-
 /// Files are written in parallel runs of two.
 const AT_ONCE: usize = 2;
 
-/// The footprint of `entries` on the replica under `root`: new file data against the
-/// blocks of the files they replace (a name of a hard-link group frees nothing).
-pub fn footprint(root: &Root, entries: &[Entry]) -> Footprint {
+/// What `entries` may take from the replica under `root` while they are applied: every
+/// file that grows grown first, then the temp copies of the largest rewrites (two are
+/// written at once) beside their old versions; new data in whole 4 KiB blocks against
+/// the blocks of the files replaced (a name of a hard-link group frees nothing).
+pub fn room_needed(root: &Root, entries: &[Entry]) -> u64 {
     let mut growth = 0u64;
     let mut kept: Vec<u64> = Vec::new();
     for e in entries.iter().filter(|e| e.kind == EntryKind::File as i32) {
@@ -122,9 +116,7 @@ pub fn footprint(root: &Root, entries: &[Entry]) -> Footprint {
         kept.push(new.min(old));
     }
     kept.sort_unstable_by(|a, b| b.cmp(a));
-    Footprint {
-        need: growth + kept.iter().take(AT_ONCE).sum::<u64>(),
-    }
+    growth + kept.iter().take(AT_ONCE).sum::<u64>()
 }
 
 /// Bytes renaming a new file over `path` frees: a regular file's blocks, when that
@@ -880,7 +872,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_footprint_counts_new_data_against_what_the_files_it_replaces_free() {
+    fn the_room_needed_counts_new_data_against_what_the_files_it_replaces_free() {
         let f = fixture(&[("same", &[1u8; 64 << 10]), ("linked", &[2u8; 64 << 10])]);
         std::fs::hard_link(f.tree.join("linked"), f.tree.join("other")).unwrap();
         let data = [9u8; 64 << 10];
@@ -890,7 +882,7 @@ pub(crate) mod tests {
         let size = 64u64 << 10;
         // Rewriting a file of the same size takes nothing once done, but its new copy
         // needs room while the old one stands.
-        let need = |e: &[Entry]| footprint(&f.root, e).need;
+        let need = |e: &[Entry]| room_needed(&f.root, e);
         assert_eq!(need(std::slice::from_ref(&rewrite)), size);
         // A new file, and a name of a hard-link group (whose blocks stay), grow it.
         assert_eq!(need(&[fresh.clone(), over_link]), 2 * size);

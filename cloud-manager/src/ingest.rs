@@ -388,6 +388,7 @@ impl Ingest {
             }
         }
         let id = identity.to_string();
+        // Said before anything about the token: the name is taken.
         if self.meta.is_enrolled(&id)? {
             return Err(CloudError::AlreadyExists(format!(
                 "{id} is already enrolled"
@@ -749,7 +750,7 @@ struct Room {
 /// on, and the operator can grow the volume.
 fn fits_volume(mnt: &std::path::Path, entries: &[Entry], room: &Room) -> Result<()> {
     let root = ferry_common::safepath::Root::open(mnt).map_err(apply::ApplyError::from)?;
-    let need = apply::footprint(&root, entries).need;
+    let need = apply::room_needed(&root, entries);
     if need > room.space.free {
         let Room {
             system,

@@ -2,7 +2,7 @@
 //! step and target, idempotence, and hostile files (binary, huge, symlinked outside).
 use anyhow::{ensure, Result};
 use ferry_tests::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// (fixture, target, extra flags)
@@ -290,17 +290,22 @@ fn initrd_files(root: &Path) -> Result<String> {
         .args(["lsinitramfs", &initrd]))
 }
 
-#[test]
-fn a_real_debian_12_tree_gets_virtio_in_its_initrd_from_its_own_update_initramfs() -> Result<()> {
-    let cached = debian12_tree()?;
-    let tmp = scratch("debian12")?;
-    let tree = tmp.path().join("root");
-    copy_tree(&cached, &tree)?;
-    // A source tuned to its old hardware: the initrd holds only listed drivers.
+/// A copy of the real Debian 12 tree under `dir/root`, tuned to its old hardware: its
+/// initrd rebuilt with only the drivers listed (so no virtio).
+fn listed_drivers_tree(dir: &Path) -> Result<PathBuf> {
+    let tree = dir.join("root");
+    copy_tree(&debian12_tree()?, &tree)?;
     let conf = tree.join("etc/initramfs-tools/initramfs.conf");
     let text = std::fs::read_to_string(&conf)?.replace("MODULES=most", "MODULES=list");
     std::fs::write(&conf, text)?;
     in_chroot(&tree, &["update-initramfs", "-u"])?;
+    Ok(tree)
+}
+
+#[test]
+fn a_real_debian_12_tree_gets_virtio_in_its_initrd_from_its_own_update_initramfs() -> Result<()> {
+    let tmp = scratch("debian12")?;
+    let tree = listed_drivers_tree(tmp.path())?;
     assert!(
         !initrd_files(&tree)?.contains("virtio_blk.ko"),
         "the source initrd already has virtio"
@@ -780,14 +785,8 @@ fn a_debian_12_tree_with_dracut_gets_virtio_through_its_own_dracut_in_the_sandbo
 /// own idmapped mount, and the rebuilt initrd lands there, owned by the guest's root.
 #[test]
 fn a_separate_boot_file_system_gets_its_initrd_rebuilt_through_the_sandbox() -> Result<()> {
-    let cached = debian12_tree()?;
     let tmp = scratch("separate-boot")?;
-    let tree = tmp.path().join("root");
-    copy_tree(&cached, &tree)?;
-    let conf = tree.join("etc/initramfs-tools/initramfs.conf");
-    let text = std::fs::read_to_string(&conf)?.replace("MODULES=most", "MODULES=list");
-    std::fs::write(&conf, text)?;
-    in_chroot(&tree, &["update-initramfs", "-u"])?;
+    let tree = listed_drivers_tree(tmp.path())?;
     let img = tmp.path().join("boot.img");
     bash(&format!(
         "truncate -s 256M '{i}' && mkfs.ext4 -q -d '{t}/boot' '{i}' && rm -rf '{t}/boot'/* && mount -o loop '{i}' '{t}/boot'",
