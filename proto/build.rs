@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("ferry.v1.FsStatus", serde)
         .type_attribute("ferry.v1.TokenInfo", serde)
         .type_attribute("ferry.v1.SiteInfo", serde)
+        .type_attribute("ferry.v1.Revocation", serde)
         .type_attribute("ferry.v1.SystemStatus", serde)
         .type_attribute("ferry.v1.Counters", serde)
         .type_attribute("ferry.v1.SyncStatusResponse", serde)

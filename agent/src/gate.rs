@@ -1,12 +1,11 @@
 //! What the managers' answers ask of an agent: the operator's pause/resume and rate
 //! limit on chunk data, and the replica's request for a resync pass after it refused a
 //! batch.
-use ferry_proto::v1::{ingest_client::IngestClient, ProgressRequest, Settings};
+use ferry_proto::v1::{ProgressRequest, Settings};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 /// How often a paused agent asks whether it may go on.
 const PAUSE_POLL: Duration = Duration::from_secs(1);
@@ -14,7 +13,7 @@ const PAUSE_POLL: Duration = Duration::from_secs(1);
 const REFRESH: Duration = Duration::from_secs(2);
 
 pub struct Gate {
-    client: IngestClient<Channel>,
+    client: crate::sender::Client,
     system: String,
     paused: AtomicBool,
     rate_bps: AtomicU64,
@@ -39,7 +38,7 @@ impl std::fmt::Debug for Gate {
 
 impl Gate {
     pub fn new(
-        client: IngestClient<Channel>,
+        client: crate::sender::Client,
         system: &str,
         lag: std::sync::Arc<crate::lag::Lag>,
     ) -> Self {

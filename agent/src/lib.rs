@@ -222,8 +222,8 @@ pub async fn run(
     }
 }
 
-/// Enrolls (waiting while the manager is unreachable) and opens the mTLS client;
-/// `None` when shut down first.
+/// Enrolls (waiting while the manager is unreachable), opens the mTLS client and keeps
+/// its certificate renewed; `None` when shut down first.
 async fn connect(
     config: &RunConfig,
     name: &str,
@@ -250,7 +250,16 @@ async fn connect(
         Err(ferry_common::enroll::EnrollError::Stopped) => return Ok(None),
         r => r?,
     }
-    let channel = ferry_common::enroll::mtls_channel(&config.manager, &files)?;
+    let channel = ferry_common::enroll::renewable_channel(&config.manager, &files)?;
+    // Renewed over the same link, through a site too, while replication goes on.
+    tokio::spawn(ferry_common::enroll::keep_renewed(
+        config.manager.clone(),
+        files,
+        Vec::new(),
+        channel.clone(),
+        |_| {},
+        shutdown.clone(),
+    ));
     let client = IngestClient::new(channel)
         .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES);

@@ -10,7 +10,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -40,7 +39,7 @@ impl SendError {
     }
 }
 
-pub type Client = IngestClient<Channel>;
+pub type Client = IngestClient<ferry_common::tls::SwapChannel>;
 
 /// Calls `f` until it succeeds, a non-transient error comes back, or shutdown.
 pub async fn retry<T, F, Fut>(
@@ -61,6 +60,15 @@ where
                 Err(s) => s,
             },
         };
+        if let Some(why) = ferry_common::tls::certificate_refused(&status) {
+            let message = format!(
+                "the manager refused this agent's certificate ({why}): enroll it again with a new join token (remove the state dir's identity/)"
+            );
+            return Err(SendError::Refused {
+                what,
+                status: Box::new(tonic::Status::unauthenticated(message)),
+            });
+        }
         if !is_transient(&status) {
             return Err(SendError::Refused {
                 what,

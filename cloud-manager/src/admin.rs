@@ -1,5 +1,5 @@
-//! What `ferry-cloud`'s subcommands do (serve settings, join tokens, customize plans,
-//! image builds), so the binary only parses arguments and calls in here.
+//! What `ferry-cloud`'s subcommands do (serve settings, join tokens, operators,
+//! customize plans, image builds), so the binary only parses arguments and calls in here.
 use crate::config::{ServeConfig, ServeFile};
 use crate::{Listeners, RunError};
 use ferry_common::config::ConfigError;
@@ -39,6 +39,8 @@ pub struct ServeFlags {
     /// `--azure-subscription`, `--azure-resource-group`, `--azure-location`,
     /// `--azure-endpoint`.
     pub azure: [Option<String>; 4],
+    pub cert_lifetime: Option<String>,
+    pub ca_lifetime: Option<String>,
 }
 
 /// Loads the config file (if any), puts the flags over it and validates the result.
@@ -63,6 +65,8 @@ pub fn serve_config(flags: ServeFlags) -> Result<ServeConfig, ConfigError> {
         public_cidr: flags.public_cidr.or(file.public_cidr),
         log_format: None,
         azure: crate::config::merge_azure(file.azure, flags.azure),
+        cert_lifetime: flags.cert_lifetime.or(file.cert_lifetime),
+        ca_lifetime: flags.ca_lifetime.or(file.ca_lifetime),
     };
     ServeConfig::resolve(merged)
 }
@@ -96,9 +100,66 @@ pub fn create_token(
     if ttl_hours == 0 {
         return Err(AdminError::Invalid("a token lives at least an hour".into()));
     }
-    let ca = crate::load_ca(data_dir)?;
+    let ca = crate::load_ca(data_dir, ferry_common::pki::Lifetimes::default().ca)?;
     let ttl = std::time::Duration::from_secs(ttl_hours * 3600);
     Ok(ferry_common::token::TokenStore::new(data_dir).create(&ca.fingerprint(), ttl, scope)?)
+}
+
+/// Issues a named operator its own certificate and writes its credentials to `out`
+/// (default `DIR/operators/NAME.toml`, never over an existing file): run as root on the
+/// cloud manager's host, where the CA's key is. Returns the file written.
+pub fn add_operator(
+    data_dir: &Path,
+    name: &str,
+    out: Option<PathBuf>,
+    endpoint: Option<String>,
+    lifetime: &str,
+) -> Result<PathBuf, AdminError> {
+    use ferry_common::pki::{Identity, Role};
+    let id = Identity::new(Role::Operator, name).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    let lifetime = ferry_common::config::parse_duration(lifetime).map_err(AdminError::Invalid)?;
+    if !data_dir.join("pki").join("ca.pem").exists() {
+        return Err(AdminError::Invalid(format!(
+            "{} has no ferry ca: start `ferry-cloud serve` with it first",
+            data_dir.display()
+        )));
+    }
+    let endpoint = match endpoint {
+        Some(e) => e,
+        None => std::fs::read_to_string(data_dir.join(crate::ENDPOINT_FILE))
+            .map(|s| s.trim().to_string())
+            .map_err(|e| {
+                AdminError::Invalid(format!(
+                    "the manager's endpoint is unknown ({e}): pass --endpoint https://HOST:PORT"
+                ))
+            })?,
+    };
+    ferry_common::config::validate_url("endpoint", &endpoint)
+        .map_err(|e| AdminError::Invalid(e.to_string()))?;
+    let out = out.unwrap_or_else(|| data_dir.join("operators").join(format!("{name}.toml")));
+    if out.exists() {
+        return Err(AdminError::Invalid(format!(
+            "{} exists: remove it first (the old certificate stays valid until it expires \
+             or `ferry operators revoke {name}`)",
+            out.display()
+        )));
+    }
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| RunError::DataDir {
+            path: parent.display().to_string(),
+            source,
+        })?;
+    }
+    let ca = crate::load_ca(data_dir, ferry_common::pki::Lifetimes::default().ca)?;
+    let (cert_pem, key) = ca.issue(&id, &[], lifetime).map_err(RunError::from)?;
+    let creds = ferry_common::config::OperatorCredentials {
+        endpoint,
+        ca_pem: ca.pem().into(),
+        cert_pem,
+        key_pem: ferry_common::config::Secret::new(key),
+    };
+    crate::write_credentials(&out, &creds)?;
+    Ok(out)
 }
 
 /// The scope `token create`'s flags describe: `--system`/`--site` belong to agents,

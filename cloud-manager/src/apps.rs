@@ -173,6 +173,16 @@ impl Apps {
         Ok(self.apps.all()?)
     }
 
+    /// The apps that include `system`.
+    pub fn using_system(&self, system: &str) -> Result<Vec<String>> {
+        Ok(self
+            .list()?
+            .into_iter()
+            .filter(|a| a.systems.iter().any(|(n, _)| n == system))
+            .map(|a| a.name)
+            .collect())
+    }
+
     /// Records an application after checking its systems exist and its services parse;
     /// services without a proxy get one (TCP: 127.0.0.1 from port 50100 up; UDP: the
     /// same port on 127.0.0.1, since resolvers cannot name a port).

@@ -25,6 +25,8 @@ pub struct Parts {
     pub volumes: Arc<dyn VolumeStore>,
     pub tokens: TokenStore,
     pub ca: Ca,
+    /// How long the certificates it issues live.
+    pub lifetime: std::time::Duration,
     pub providers: Providers,
 }
 
@@ -46,6 +48,7 @@ impl Cloud {
             volumes,
             tokens,
             ca,
+            lifetime,
             providers,
         } = parts;
         let meta = Meta::open(&store)?;
@@ -63,9 +66,10 @@ impl Cloud {
                 chunks,
                 tokens,
                 ca,
+                lifetime,
                 counters.clone(),
                 dir.clone(),
-            ),
+            )?,
             apps: Apps::new(
                 Records::open(&store, "apps", true)?,
                 replication.clone(),
@@ -172,7 +176,6 @@ impl Cloud {
         self.clones.create(&app, &images, name, instance_type).await
     }
 
-    /// Saves the counters and unmounts the replicas (clean shutdown).
     /// The enterprise side's details for a clone's tunnel, allowing exactly the
     /// services its app declares.
     pub fn tunnel_connect(
@@ -191,6 +194,30 @@ impl Cloud {
         self.clones.tunnel_connect(clone, system, key_path, &allow)
     }
 
+    /// Removes a system no app uses: revokes its agent, unbinds it from its sites,
+    /// voids its unused tokens, deletes its images no clone uses, its record and its
+    /// replica volumes. Returns what was done.
+    pub async fn remove_system(&self, name: &str) -> Result<Vec<String>> {
+        self.replication.require(name)?;
+        let apps = self.apps.using_system(name)?;
+        if !apps.is_empty() {
+            return Err(CloudError::Failed(format!(
+                "system {name} is part of app(s) {}: take it out or delete them first",
+                apps.join(", ")
+            )));
+        }
+        // Revoked first: from here on nothing the agent sends is taken.
+        let mut done = self.ingest.revoke_system(name)?;
+        for img in self.images.list()?.into_iter().filter(|i| i.system == name) {
+            self.delete_image(&img.id).await?;
+            done.push(format!("image {} deleted", img.id));
+        }
+        let volumes = self.replication.remove(name).await?;
+        done.push(format!("record and {volumes} replica volume(s) deleted"));
+        Ok(done)
+    }
+
+    /// Saves the counters and unmounts the replicas (clean shutdown).
     pub fn stop(&self) -> Result<()> {
         self.ingest.save_counters()?;
         self.replication.volumes().unmount_all();

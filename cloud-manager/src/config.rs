@@ -23,6 +23,11 @@ pub struct ServeFile {
     pub log_format: Option<LogFormat>,
     /// The azure provider's subscription, resource group, location and endpoint.
     pub azure: Option<ferry_provider::AzureConfig>,
+    /// How long the certificates issued to agents, sites, operators and the manager
+    /// itself live (default 30d); they are renewed when a third is left.
+    pub cert_lifetime: Option<String>,
+    /// How long the CA lives, set when it is created (default 3650d).
+    pub ca_lifetime: Option<String>,
 }
 
 /// Validated settings of the cloud manager.
@@ -35,6 +40,7 @@ pub struct ServeConfig {
     pub san: Vec<String>,
     /// The providers' settings and the default for new apps.
     pub providers: ferry_provider::Settings,
+    pub lifetimes: ferry_common::pki::Lifetimes,
 }
 
 /// The `[azure]` settings with the `--azure-*` flags over them; none when neither
@@ -80,6 +86,7 @@ fn provider(s: &str) -> Result<Target, ConfigError> {
 
 impl ServeConfig {
     pub fn resolve(file: ServeFile) -> Result<Self, ConfigError> {
+        let lifetimes = lifetimes(&file)?;
         let data_dir = file.data_dir.ok_or(ConfigError::Invalid {
             key: "data_dir",
             message: "is required".into(),
@@ -130,8 +137,39 @@ impl ServeConfig {
             listen,
             http: file.http,
             san: file.san,
+            lifetimes,
         })
     }
+}
+
+/// The certificate lifetimes: a leaf lives at least 10 s (it renews at a third left;
+/// less than an hour is for trying renewal out) and never longer than the CA.
+fn lifetimes(file: &ServeFile) -> Result<ferry_common::pki::Lifetimes, ConfigError> {
+    use ferry_common::config::parse_duration;
+    let mut l = ferry_common::pki::Lifetimes::default();
+    let invalid = |key, message| ConfigError::Invalid { key, message };
+    if let Some(s) = &file.cert_lifetime {
+        l.leaf = parse_duration(s).map_err(|m| invalid("cert_lifetime", m))?;
+    }
+    if let Some(s) = &file.ca_lifetime {
+        l.ca = parse_duration(s).map_err(|m| invalid("ca_lifetime", m))?;
+    }
+    if l.leaf < std::time::Duration::from_secs(10) {
+        return Err(invalid(
+            "cert_lifetime",
+            format!("{:?} is too short (at least 10s)", l.leaf),
+        ));
+    }
+    if l.leaf < std::time::Duration::from_secs(3600) {
+        tracing::warn!(lifetime = ?l.leaf, "certificates live less than an hour: every peer renews often");
+    }
+    if l.leaf > l.ca {
+        return Err(invalid(
+            "cert_lifetime",
+            "is longer than the ca's lifetime".into(),
+        ));
+    }
+    Ok(l)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! The ingest service: enrollment, registration, chunk intake and the durable
-//! application of batches, epoch by epoch, into the replicas.
+//! The ingest service: enrollment, renewal and revocation of identities, registration,
+//! chunk intake and the durable application of batches, epoch by epoch, into the
+//! replicas.
 use crate::apply;
 use crate::error::{blocking, CloudError, Result};
 use crate::replication::{LagReport, Replication};
@@ -7,6 +8,7 @@ use crate::state::{Counters, FsRecord, Meta, Settings, SystemRecord};
 use crate::volumes::{self, VolumeStore};
 use ferry_common::chunks::{self, ChunkStore};
 use ferry_common::pki::{Ca, Identity, Role};
+use ferry_common::revoke::Revoked;
 use ferry_common::token::{Scope, TokenStore};
 use ferry_proto::v1::Entry;
 use ferry_sysconf::host::HostInfo;
@@ -30,6 +32,16 @@ pub struct Enrollment {
     pub sans: Vec<String>,
     /// The enrolled peer the request came through: a site relaying an agent's.
     pub via: Option<Identity>,
+}
+
+/// A request for a new certificate of an identity already enrolled.
+#[derive(Debug, Clone)]
+pub struct Renewal {
+    pub csr_pem: String,
+    pub sans: Vec<String>,
+    /// From a site: the agent it renews for, and when that agent's certificate (the
+    /// one it showed the site) was issued.
+    pub agent: Option<(String, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -224,6 +236,24 @@ fn check_scope<'a>(
     }
 }
 
+/// Names and addresses a site may serve on.
+fn check_sans(sans: &[String]) -> Result<()> {
+    for san in sans {
+        let ok = san.parse::<std::net::IpAddr>().is_ok()
+            || (!san.is_empty()
+                && san.len() < 254
+                && san
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
+        if !ok {
+            return Err(CloudError::Invalid(format!(
+                "invalid subject alternative name {san:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The caller of an ingest call: an enrolled agent or site.
 pub fn require_ingest(peer: Option<&Identity>) -> Result<&Identity> {
     match peer {
@@ -248,6 +278,10 @@ pub struct Ingest {
     pub chunks: ChunkStore,
     tokens: TokenStore,
     pub ca: Ca,
+    /// How long the certificates it signs live.
+    pub lifetime: std::time::Duration,
+    /// Shared with the TLS verifier and the per-call gate.
+    pub revoked: Revoked,
     counters: Arc<Counters>,
     data_dir: PathBuf,
 }
@@ -259,25 +293,36 @@ impl std::fmt::Debug for Ingest {
 }
 
 impl Ingest {
+    #[allow(clippy::too_many_arguments)] // the parts, each named once here
     pub fn new(
         replication: Arc<Replication>,
         meta: Meta,
         chunks: ChunkStore,
         tokens: TokenStore,
         ca: Ca,
+        lifetime: std::time::Duration,
         counters: Arc<Counters>,
         data_dir: PathBuf,
-    ) -> Self {
-        Self {
+    ) -> Result<Self> {
+        let revoked = Revoked::default();
+        for (id, at) in meta.revocations()? {
+            match Identity::parse(&id) {
+                Ok(id) => revoked.insert(id, at),
+                Err(e) => tracing::error!(identity = %id, error = %e, "unreadable revocation"),
+            }
+        }
+        Ok(Self {
             replication,
             enroll_budget: std::sync::Mutex::new((ENROLL_BURST, std::time::Instant::now())),
             meta,
             chunks,
             tokens,
             ca,
+            lifetime,
+            revoked,
             counters,
             data_dir,
-        }
+        })
     }
 
     fn volumes(&self) -> &Arc<dyn VolumeStore> {
@@ -374,19 +419,7 @@ impl Ingest {
                 "agents do not serve: no subject alternative names".into(),
             ));
         }
-        for san in &req.sans {
-            let ok = san.parse::<std::net::IpAddr>().is_ok()
-                || (!san.is_empty()
-                    && san.len() < 254
-                    && san
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'));
-            if !ok {
-                return Err(CloudError::Invalid(format!(
-                    "invalid subject alternative name {san:?}"
-                )));
-            }
-        }
+        check_sans(&req.sans)?;
         let id = identity.to_string();
         // Said before anything about the token: the name is taken.
         if self.meta.is_enrolled(&id)? {
@@ -405,7 +438,7 @@ impl Ingest {
         // once the token is consumed.
         let signed = self
             .ca
-            .sign_csr(&req.csr_pem, &identity, &req.sans)
+            .sign_csr(&req.csr_pem, &identity, &req.sans, self.lifetime)
             .map_err(CloudError::from)
             .and_then(|c| Ok(self.tokens.consume(&req.token).map(|()| c)?));
         let cert_pem = match signed {
@@ -425,6 +458,113 @@ impl Ingest {
             cert_pem,
             ca_pem: self.ca.pem().to_string(),
         })
+    }
+
+    /// Signs a new certificate for an enrolled identity that renews before its
+    /// certificate ends: the caller's own, or an agent's its site relays. The identity
+    /// comes from the caller's certificate (or the site's binding), never the request.
+    pub fn renew(&self, caller: &Identity, req: Renewal) -> Result<Enrolled> {
+        let identity = match &req.agent {
+            None => caller.clone(),
+            Some((agent, issued)) => {
+                if caller.role != Role::Site {
+                    return Err(CloudError::PermissionDenied(format!(
+                        "{caller} may not renew another identity's certificate"
+                    )));
+                }
+                let agent = Identity::new(Role::Agent, agent)?;
+                self.authorize(caller, &agent.name)?;
+                let shown = ferry_common::pki::CertInfo {
+                    identity: agent.clone(),
+                    issued: *issued,
+                    expires: u64::MAX,
+                };
+                self.revoked
+                    .check(&shown)
+                    .map_err(|r| CloudError::PermissionDenied(r.to_string()))?;
+                agent
+            }
+        };
+        match identity.role {
+            Role::Cloud => {
+                return Err(CloudError::PermissionDenied(format!(
+                    "{identity} is not renewed over the network"
+                )))
+            }
+            Role::Site => check_sans(&req.sans)?,
+            _ if !req.sans.is_empty() => {
+                return Err(CloudError::Invalid(format!(
+                    "{identity} does not serve: no subject alternative names"
+                )))
+            }
+            _ => {}
+        }
+        let cert_pem = self
+            .ca
+            .sign_csr(&req.csr_pem, &identity, &req.sans, self.lifetime)?;
+        tracing::info!(%identity, by = %caller, "certificate renewed");
+        Ok(Enrolled {
+            cert_pem,
+            ca_pem: self.ca.pem().to_string(),
+        })
+    }
+
+    /// Voids every certificate of `identity` issued until now, durably, for every later
+    /// handshake and call.
+    pub fn revoke(&self, identity: &Identity) -> Result<()> {
+        let now = ferry_common::pki::unix_now();
+        self.meta.revoke(&identity.to_string(), now)?;
+        self.revoked.insert(identity.clone(), now);
+        tracing::warn!(%identity, "identity revoked");
+        Ok(())
+    }
+
+    /// Revokes a site and forgets its bindings; returns what was done.
+    pub fn revoke_site(&self, name: &str) -> Result<Vec<String>> {
+        let id = Identity::new(Role::Site, name)?;
+        let known = self.meta.is_enrolled(&id.to_string())? || !self.meta.relays(name)?.is_empty();
+        if !known {
+            return Err(CloudError::NotFound(format!("site {name:?}")));
+        }
+        self.revoke(&id)?;
+        let had = self.meta.unbind_site(name)?;
+        self.meta.release_enrolled(&id.to_string())?;
+        let mut done = vec![format!("{id} revoked: its certificates are refused")];
+        if !had.is_empty() {
+            done.push(format!("it relays no more for {}", had.join(", ")));
+        }
+        Ok(done)
+    }
+
+    /// Revokes an agent's identity and everything that let it or a site write its
+    /// system (bindings, unused tokens for it); returns what was done.
+    pub fn revoke_system(&self, name: &str) -> Result<Vec<String>> {
+        let id = Identity::new(Role::Agent, name)?;
+        self.revoke(&id)?;
+        let mut done = vec![format!("{id} revoked: its certificates are refused")];
+        let sites = self.meta.unbind_everywhere(name)?;
+        if !sites.is_empty() {
+            done.push(format!(
+                "sites no longer relaying for it: {}",
+                sites.join(", ")
+            ));
+        }
+        for t in self.tokens.list()? {
+            if t.state == "pending" && t.scope.role() == "agent" && t.scope.name == name {
+                self.tokens.revoke(&t.id)?;
+                done.push(format!("join token {} revoked", t.id));
+            }
+        }
+        self.meta.release_enrolled(&id.to_string())?;
+        self.meta.forget_system(name)?;
+        Ok(done)
+    }
+
+    /// Every revocation in force.
+    pub fn revocations(&self) -> Vec<(Identity, u64)> {
+        let mut all = self.revoked.list();
+        all.sort_by_key(|a| a.0.to_string());
+        all
     }
 
     /// Records a system and its file systems (a re-register updates them) and makes

@@ -85,9 +85,96 @@ fn server_names(config: &ServeConfig, bound: std::net::SocketAddr) -> Vec<String
     names
 }
 
-/// Creates the CA on first start.
-pub fn load_ca(data_dir: &Path) -> Result<Ca, RunError> {
-    Ok(Ca::load_or_create(&data_dir.join("pki"))?)
+/// Creates the CA on first start, to live `lifetime`.
+pub fn load_ca(data_dir: &Path, lifetime: std::time::Duration) -> Result<Ca, RunError> {
+    Ok(Ca::load_or_create(&data_dir.join("pki"), lifetime)?)
+}
+
+/// Where the manager says its control endpoint is, for `ferry-cloud operator add`.
+pub(crate) const ENDPOINT_FILE: &str = "endpoint";
+
+/// Writes `DIR/operator.toml` for the first operator, `admin`, the first time, or when
+/// the one there is unreadable, from another CA or expired. A good one is kept as it is
+/// (a new endpoint only changes that line): restarts mint nothing.
+fn ensure_admin_credentials(
+    dir: &Path,
+    ca: &Ca,
+    endpoint: &str,
+    lifetime: std::time::Duration,
+) -> Result<(), RunError> {
+    let path = dir.join("operator.toml");
+    let kept = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| toml::from_str::<OperatorCredentials>(&t).ok())
+        .filter(|c| c.ca_pem == ca.pem())
+        .filter(|c| {
+            ferry_common::pki::CertInfo::from_pem(&c.cert_pem)
+                .is_ok_and(|i| !i.expired(ferry_common::pki::unix_now()))
+        });
+    let creds = match kept {
+        Some(c) if c.endpoint == endpoint => return Ok(()),
+        Some(mut c) => {
+            c.endpoint = endpoint.to_string();
+            c
+        }
+        None => {
+            let (cert_pem, key) =
+                ca.issue(&Identity::new(Role::Operator, "admin")?, &[], lifetime)?;
+            tracing::info!(path = %path.display(), "operator credentials for operator:admin written");
+            OperatorCredentials {
+                endpoint: endpoint.to_string(),
+                ca_pem: ca.pem().into(),
+                cert_pem,
+                key_pem: ferry_common::config::Secret::new(key),
+            }
+        }
+    };
+    write_credentials(&path, &creds)
+}
+
+/// Writes operator credentials (0600, atomically).
+pub fn write_credentials(path: &Path, creds: &OperatorCredentials) -> Result<(), RunError> {
+    let text = toml::to_string(creds).map_err(|e| RunError::DataDir {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(ferry_common::pki::write_private(path, &text)?)
+}
+
+/// Issues the manager's own server certificate again whenever a third of its life is
+/// left, into the slot handshakes read, until `shutdown`.
+async fn renew_own_certificate(
+    cloud: Arc<Cloud>,
+    slot: Arc<ferry_common::tls::CertSlot>,
+    names: Vec<String>,
+    mut info: ferry_common::pki::CertInfo,
+    shutdown: CancellationToken,
+) {
+    let every = ferry_common::enroll::check_every(cloud.ingest.lifetime);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if !info.renewal_due(ferry_common::pki::unix_now()) {
+            continue;
+        }
+        let ca = &cloud.ingest.ca;
+        let renewed = Identity::new(Role::Cloud, "cloud")
+            .and_then(|id| ca.issue(&id, &names, cloud.ingest.lifetime))
+            .map_err(RunError::from)
+            .and_then(|(cert, key)| {
+                slot.replace(ca.pem(), &cert, &key)?;
+                Ok(ferry_common::pki::CertInfo::from_pem(&cert)?)
+            });
+        match renewed {
+            Ok(i) => {
+                tracing::info!(expires = i.expires, "server certificate renewed");
+                info = i;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot renew the server certificate"),
+        }
+    }
 }
 
 /// The sockets the cloud manager serves on, bound by the caller.
@@ -117,29 +204,32 @@ pub async fn run(
     std::fs::create_dir_all(dir).map_err(io)?;
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(io)?;
-    let ca = load_ca(dir)?;
+    let ca = load_ca(dir, config.lifetimes.ca)?;
     let bound = listener.local_addr().map_err(io)?;
+    let names = server_names(&config, bound);
     let (cert, key) = ca.issue(
         &Identity::new(Role::Cloud, "cloud")?,
-        &server_names(&config, bound),
+        &names,
+        config.lifetimes.leaf,
     )?;
-    let tls = ferry_common::tls::server_config(ca.pem(), &cert, &key)?;
+    let cert_info = ferry_common::pki::CertInfo::from_pem(&cert)?;
+    let slot = ferry_common::tls::CertSlot::new(ca.pem(), &cert, &key)?;
 
     let host = if bound.ip().is_unspecified() {
         "127.0.0.1".to_string()
     } else {
         bound.ip().to_string()
     };
-    let (op_cert, op_key) = ca.issue(&Identity::new(Role::Operator, "admin")?, &[])?;
-    let creds = OperatorCredentials {
-        endpoint: format!("https://{host}:{}", bound.port()),
-        ca_pem: ca.pem().into(),
-        cert_pem: op_cert,
-        key_pem: ferry_common::config::Secret::new(op_key),
-    };
-    let creds_text =
-        toml::to_string(&creds).map_err(|e| io(std::io::Error::other(e.to_string())))?;
-    ferry_common::pki::write_private(&dir.join("operator.toml"), &creds_text)?;
+    let endpoint = format!("https://{host}:{}", bound.port());
+    ensure_admin_credentials(dir, &ca, &endpoint, config.lifetimes.leaf)?;
+    std::fs::write(dir.join(ENDPOINT_FILE), format!("{endpoint}\n")).map_err(io)?;
+    let ca_left_days = ca.expires().saturating_sub(ferry_common::pki::unix_now()) / 86_400;
+    if ca_left_days < 90 {
+        tracing::warn!(
+            days = ca_left_days,
+            "the ferry ca expires soon: every identity ends with it"
+        );
+    }
 
     let store = ferry_common::store::Store::open(&dir.join("db"))?;
     let chunks =
@@ -153,11 +243,24 @@ pub async fn run(
             volumes: Arc::new(volumes::Volumes::new(dir)),
             tokens: ferry_common::token::TokenStore::new(dir),
             ca,
+            lifetime: config.lifetimes.leaf,
             providers: providers::Providers::new(config.providers.clone()),
         },
     )?);
     cloud.start().await?;
+    let tls = ferry_common::tls::server_config(
+        cloud.ingest.ca.pem(),
+        slot.clone(),
+        cloud.ingest.revoked.clone(),
+    )?;
     let tracker = tokio_util::task::TaskTracker::new();
+    tracker.spawn(renew_own_certificate(
+        cloud.clone(),
+        slot,
+        names,
+        cert_info,
+        shutdown.clone(),
+    ));
     tracker.spawn(cloud.ingest.chunks.clone().sync_behind(shutdown.clone()));
     if let Some(http) = http {
         tracing::info!(listen = ?http.local_addr().ok(), "metrics on /metrics");

@@ -291,6 +291,23 @@ impl Replication {
         Ok(space)
     }
 
+    /// Deletes a system's record and replica volumes, under its lock (no batch is being
+    /// applied meanwhile); returns how many volumes went.
+    pub async fn remove(&self, system: &str) -> Result<usize> {
+        let lock = self.lock(system);
+        let _g = lock.lock().await;
+        let rec = self.require(system)?;
+        for fs in &rec.filesystems {
+            let (v, name, id) = (self.volumes.clone(), system.to_string(), fs.fs_id.clone());
+            crate::error::blocking(move || v.remove(&name, &id).map_err(CloudError::from)).await?;
+        }
+        self.systems.remove(system)?;
+        self.systems.flush()?;
+        self.reports_mut().remove(system);
+        tracing::warn!(system, volumes = rec.filesystems.len(), "system removed");
+        Ok(rec.filesystems.len())
+    }
+
     /// A replica volume's size and free space.
     pub async fn space(&self, system: &str, fs_id: &str) -> Result<Space> {
         let (v, name, id) = (self.volumes.clone(), system.to_string(), fs_id.to_string());

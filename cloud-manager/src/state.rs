@@ -317,6 +317,8 @@ pub struct Meta {
     meta: sled::Tree,
     /// Site name -> the systems it may relay for (JSON list).
     relays: sled::Tree,
+    /// `ROLE:NAME` -> when it was revoked (Unix seconds, big-endian).
+    revoked: sled::Tree,
     /// Bindings are read, extended and written under it.
     binding: std::sync::Arc<std::sync::Mutex<()>>,
 }
@@ -327,6 +329,7 @@ impl Meta {
             enrolled: store.tree("enrolled")?,
             meta: store.tree("meta")?,
             relays: store.tree("site-relays")?,
+            revoked: store.tree("revoked")?,
             binding: Default::default(),
             store: store.clone(),
         })
@@ -394,6 +397,59 @@ impl Meta {
             self.store.flush()?;
         }
         Ok(())
+    }
+
+    /// Removes `system` from every site's bindings; returns the sites it was bound to.
+    pub fn unbind_everywhere(&self, system: &str) -> Result<Vec<String>, StoreError> {
+        let _one_at_a_time = self.binding.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sites = Vec::new();
+        for (site, mut systems) in self.all_relays()? {
+            if let Some(i) = systems.iter().position(|s| s == system) {
+                systems.remove(i);
+                self.store
+                    .put_json(&self.relays, site.as_bytes(), &systems)?;
+                sites.push(site);
+            }
+        }
+        self.store.flush()?;
+        Ok(sites)
+    }
+
+    /// Forgets a site's bindings; returns the systems it could relay for.
+    pub fn unbind_site(&self, site: &str) -> Result<Vec<String>, StoreError> {
+        let _one_at_a_time = self.binding.lock().unwrap_or_else(|p| p.into_inner());
+        let had = self.relays(site)?;
+        self.relays.remove(site.as_bytes())?;
+        self.store.flush()?;
+        Ok(had)
+    }
+
+    /// Records, durably, that the certificates of `identity` issued up to `at` are void.
+    pub fn revoke(&self, identity: &str, at: u64) -> Result<(), StoreError> {
+        self.revoked
+            .insert(identity.as_bytes(), &at.to_be_bytes())?;
+        self.store.flush()
+    }
+
+    /// Every revocation: (`ROLE:NAME`, when).
+    pub fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.revoked.iter() {
+            let (k, v) = kv?;
+            let at = v
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(u64::MAX);
+            out.push((String::from_utf8_lossy(&k).into_owned(), at));
+        }
+        Ok(out)
+    }
+
+    /// Forgets what ingest kept about a removed system (its apply marker).
+    pub fn forget_system(&self, system: &str) -> Result<(), StoreError> {
+        self.meta.remove(format!("applying:{system}").as_bytes())?;
+        self.store.flush()
     }
 
     /// A flag kept in the meta tree (one-time migrations).

@@ -86,6 +86,8 @@ pub trait VolumeStore: std::fmt::Debug + Send + Sync {
     fn grow(&self, system: &str, fs: &FsRecord) -> Result<(), VolumeError>;
     /// Releases every replica (clean shutdown).
     fn unmount_all(&self);
+    /// Unmounts and deletes a replica (its system is removed).
+    fn remove(&self, system: &str, fs_id: &str) -> Result<(), VolumeError>;
 }
 
 impl VolumeStore for Volumes {
@@ -106,6 +108,9 @@ impl VolumeStore for Volumes {
     }
     fn unmount_all(&self) {
         Volumes::unmount_all(self)
+    }
+    fn remove(&self, system: &str, fs_id: &str) -> Result<(), VolumeError> {
+        Volumes::remove(self, system, fs_id)
     }
 }
 
@@ -155,6 +160,16 @@ impl VolumeStore for DirVolumes {
         Ok(())
     }
     fn unmount_all(&self) {}
+    fn remove(&self, system: &str, fs_id: &str) -> Result<(), VolumeError> {
+        let dir = self.mount_point(system, fs_id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VolumeError::Io {
+                path: dir.display().to_string(),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Loop-mounted volume images under `DATA/volumes`.
@@ -416,6 +431,30 @@ impl Volumes {
         run(&mut cmd)?;
         std::fs::rename(&tmp, image).map_err(io)?;
         tracing::info!(image = %image.display(), fstype = %fs.fstype, uuid = %fs.uuid, size, "volume formatted");
+        Ok(())
+    }
+
+    /// Unmounts a volume and deletes its image and mount point; the system's directory
+    /// goes with its last volume.
+    pub fn remove(&self, system: &str, fs_id: &str) -> Result<(), VolumeError> {
+        let (image, mnt) = (self.image(system, fs_id), self.mount_point(system, fs_id));
+        if is_mounted(&mnt) {
+            run(Command::new("umount").arg(&mnt))?;
+        }
+        let gone = |p: &Path, r: std::io::Result<()>| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VolumeError::Io {
+                path: p.display().to_string(),
+                source: e,
+            }),
+            _ => Ok(()),
+        };
+        // Only an empty mount point: an unmount that did not happen leaves the replica.
+        gone(&mnt, std::fs::remove_dir(&mnt))?;
+        gone(&image, std::fs::remove_file(&image))?;
+        let marker = image.with_extension("img.growing");
+        gone(&marker, std::fs::remove_file(&marker))?;
+        let _ = std::fs::remove_dir(self.root.join(system));
+        tracing::info!(system, fs_id, "replica volume removed");
         Ok(())
     }
 

@@ -70,6 +70,24 @@ impl std::fmt::Display for Secret {
     }
 }
 
+/// `30d` → 30 days: a whole number with a suffix s, m, h or d.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration such as 90s, 15m, 12h or 30d");
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(secs) {
+        Some(t) if t > 0 => Ok(std::time::Duration::from_secs(t)),
+        _ => Err(bad()),
+    }
+}
+
 /// `10M` → 10485760: a byte count with an optional K, M or G suffix (powers of 1024).
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.chars().last() {

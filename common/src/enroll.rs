@@ -1,9 +1,12 @@
 //! Client side of enrollment: present the join token once over a CA-pinned connection,
-//! keep the issued certificate, and build mTLS channels from it afterwards.
+//! keep the issued certificate, build mTLS channels from it afterwards, and renew it
+//! over that link well before it expires.
 use crate::pki::{Identity, IdentityFiles, PkiError, Role};
+use crate::tls::SwapChannel;
 use crate::tls::TlsError;
 use crate::token::JoinToken;
-use ferry_proto::v1::{enrollment_client::EnrollmentClient, EnrollRequest};
+use ferry_proto::v1::{enrollment_client::EnrollmentClient, EnrollRequest, RenewRequest};
+use std::time::Duration;
 use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
@@ -155,4 +158,97 @@ pub fn mtls_channel(url: &str, files: &IdentityFiles) -> Result<Channel, EnrollE
         url,
         crate::tls::client_config(&ca, &cert, &key, &roles)?,
     )?)
+}
+
+/// How often a holder of a certificate that lives `lifetime` looks whether it is due
+/// for renewal.
+pub fn check_every(lifetime: Duration) -> Duration {
+    (lifetime / 30).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+/// An mTLS channel that `keep_renewed` can swap for a renewed identity's.
+pub fn renewable_channel(url: &str, files: &IdentityFiles) -> Result<SwapChannel, EnrollError> {
+    Ok(SwapChannel::new(mtls_channel(url, files)?))
+}
+
+/// Asks the manager behind `channel` for a new certificate for a new key, and keeps
+/// both (`IdentityFiles::save_renewed`). Returns the new certificate's dates.
+pub async fn renew(
+    channel: &SwapChannel,
+    files: &IdentityFiles,
+    sans: &[String],
+) -> Result<crate::pki::CertInfo, EnrollError> {
+    let (_, old_cert, _) = files.load()?;
+    let old = crate::pki::CertInfo::from_pem(&old_cert)?;
+    let (csr_pem, key_pem) = crate::pki::new_csr()?;
+    let req = RenewRequest {
+        csr_pem,
+        sans: sans.to_vec(),
+        ..Default::default()
+    };
+    let resp = EnrollmentClient::new(channel.clone())
+        .renew(req)
+        .await
+        .map_err(|s| EnrollError::Refused(Box::new(s)))?
+        .into_inner();
+    let new = crate::pki::CertInfo::from_pem(&resp.cert_pem)?;
+    // The manager's answer is checked like any peer's: our identity, a later end.
+    if new.identity != old.identity || new.expires < old.expires {
+        return Err(EnrollError::Pki(PkiError::Invalid(
+            "the renewed certificate is not ours, or ends sooner",
+        )));
+    }
+    files.save_renewed(&resp.cert_pem, &key_pem)?;
+    Ok(new)
+}
+
+/// Renews the identity in `files` whenever a third of its certificate's life is left,
+/// over `channel`, then swaps `channel` for one with the new certificate (calls under
+/// way finish on the old connection) and hands the new PEMs to `renewed` (a site's
+/// server certificate). Failures are retried at the next look; runs until `shutdown`.
+pub async fn keep_renewed(
+    url: String,
+    files: IdentityFiles,
+    sans: Vec<String>,
+    channel: SwapChannel,
+    renewed: impl Fn(&IdentityFiles) + Send,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let due = files
+            .load()
+            .map_err(EnrollError::from)
+            .and_then(|(_, cert, _)| Ok(crate::pki::CertInfo::from_pem(&cert)?));
+        let every = match &due {
+            Ok(info) => check_every(Duration::from_secs(
+                info.expires.saturating_sub(info.issued),
+            )),
+            Err(_) => Duration::from_secs(60),
+        };
+        match due {
+            Ok(info) if info.renewal_due(crate::pki::unix_now()) => {
+                let renewed_now = async {
+                    let new = renew(&channel, &files, &sans).await?;
+                    channel.replace(mtls_channel(&url, &files)?);
+                    Ok::<_, EnrollError>(new)
+                }
+                .await;
+                match renewed_now {
+                    Ok(new) => {
+                        renewed(&files);
+                        tracing::info!(identity = %new.identity, expires = new.expires, "certificate renewed");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, expires = info.expires, "cannot renew the certificate yet")
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "cannot read our certificate"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }

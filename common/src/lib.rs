@@ -13,6 +13,7 @@ pub mod guestmount;
 pub mod metrics;
 pub mod names;
 pub mod pki;
+pub mod revoke;
 pub mod safepath;
 pub mod shutdown;
 pub mod store;

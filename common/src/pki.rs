@@ -1,11 +1,13 @@
-//! Ferry's private CA: creation, signing of enrollment requests, and the identities
-//! that certificates carry (`ROLE:NAME` in the subject common name).
+//! Ferry's private CA: creation, signing of enrollment requests with explicit lifetimes,
+//! and the identities and validity that certificates carry (`ROLE:NAME` in the subject
+//! common name).
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
@@ -92,6 +94,44 @@ impl Identity {
 
     /// Reads the identity from a DER certificate.
     pub fn from_der(der: &[u8]) -> Result<Self, PkiError> {
+        Ok(CertInfo::from_der(der)?.identity)
+    }
+}
+
+/// A certificate is dated this much before it is issued, so that a peer whose clock is
+/// a little behind takes it at once; its issue time is `not_before` plus this.
+pub const BACKDATE: Duration = Duration::from_secs(300);
+
+/// How long the certificates the CA issues live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// Agents, sites, operators and the cloud manager's own server certificate.
+    pub leaf: Duration,
+    /// The CA itself, set when it is created.
+    pub ca: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            leaf: Duration::from_secs(30 * 86_400),
+            ca: Duration::from_secs(10 * 365 * 86_400),
+        }
+    }
+}
+
+/// Who a certificate speaks for and when it was valid, in Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub identity: Identity,
+    /// When it was issued (`not_before` plus `BACKDATE`).
+    pub issued: u64,
+    /// Its `not_after`.
+    pub expires: u64,
+}
+
+impl CertInfo {
+    pub fn from_der(der: &[u8]) -> Result<Self, PkiError> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(PkiError::Der)?;
         let cn = cert
             .subject()
@@ -99,8 +139,36 @@ impl Identity {
             .next()
             .and_then(|c| c.as_str().ok())
             .ok_or(PkiError::Invalid("no common name"))?;
-        Self::parse(cn)
+        let secs = |t: x509_parser::time::ASN1Time| u64::try_from(t.timestamp()).unwrap_or(0);
+        let validity = cert.validity();
+        Ok(Self {
+            identity: Identity::parse(cn)?,
+            issued: secs(validity.not_before).saturating_add(BACKDATE.as_secs()),
+            expires: secs(validity.not_after),
+        })
     }
+
+    pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
+        Self::from_der(&pem_to_der(pem)?)
+    }
+
+    /// Whether it is time to renew: a third of its life or less is left.
+    pub fn renewal_due(&self, now: u64) -> bool {
+        let life = self.expires.saturating_sub(self.issued);
+        now.saturating_add(life / 3) >= self.expires
+    }
+
+    pub fn expired(&self, now: u64) -> bool {
+        now >= self.expires
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl std::fmt::Display for Identity {
@@ -176,8 +244,8 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
 }
 
 impl Ca {
-    /// Loads the CA from `dir`, creating it on first use.
-    pub fn load_or_create(dir: &Path) -> Result<Self, PkiError> {
+    /// Loads the CA from `dir`, creating it on first use to live `lifetime`.
+    pub fn load_or_create(dir: &Path, lifetime: Duration) -> Result<Self, PkiError> {
         let io = |source| PkiError::Io {
             path: dir.display().to_string(),
             source,
@@ -193,6 +261,7 @@ impl Ca {
             params.distinguished_name = dn;
             params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
             params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            (params.not_before, params.not_after) = validity(lifetime, None);
             let cert = params.self_signed(&key)?;
             write_private(&key_path, &key.serialize_pem())?;
             write_private(&cert_path, &cert.pem())?;
@@ -218,34 +287,74 @@ impl Ca {
         fingerprint(&self.der)
     }
 
+    /// When the CA itself expires (Unix seconds).
+    pub fn expires(&self) -> u64 {
+        u64::try_from(self.params.not_after.unix_timestamp()).unwrap_or(0)
+    }
+
     fn issuer(&self) -> Result<rcgen::Certificate, PkiError> {
         Ok(self.params.clone().self_signed(&self.key)?)
     }
 
-    /// Issues a certificate for `identity`. The CSR only contributes its public key:
-    /// names and usages are the CA's decision.
+    /// Issues a certificate for `identity` that lives `lifetime` (never past the CA's
+    /// own end). The CSR only contributes its public key: names, usages and dates are
+    /// the CA's decision.
     pub fn sign_csr(
         &self,
         csr_pem: &str,
         identity: &Identity,
         sans: &[String],
+        lifetime: Duration,
     ) -> Result<String, PkiError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
-        csr.params = leaf_params(identity, sans)?;
+        csr.params = self.leaf_params(identity, sans, lifetime)?;
         let cert = csr.signed_by(&self.issuer()?, &self.key)?;
         Ok(cert.pem())
     }
 
-    /// Issues a key and certificate for `identity` (used for the cloud manager itself and operators).
+    /// Issues a key and certificate for `identity` (the cloud manager itself and
+    /// operators).
     pub fn issue(
         &self,
         identity: &Identity,
         sans: &[String],
+        lifetime: Duration,
     ) -> Result<(String, String), PkiError> {
         let key = KeyPair::generate()?;
-        let cert = leaf_params(identity, sans)?.signed_by(&key, &self.issuer()?, &self.key)?;
+        let cert = self.leaf_params(identity, sans, lifetime)?.signed_by(
+            &key,
+            &self.issuer()?,
+            &self.key,
+        )?;
         Ok((cert.pem(), key.serialize_pem()))
     }
+
+    fn leaf_params(
+        &self,
+        identity: &Identity,
+        sans: &[String],
+        lifetime: Duration,
+    ) -> Result<CertificateParams, PkiError> {
+        let mut params = leaf_params(identity, sans)?;
+        (params.not_before, params.not_after) = validity(lifetime, Some(self.params.not_after));
+        Ok(params)
+    }
+}
+
+/// `not_before` (backdated) and `not_after` for a certificate issued now to live
+/// `lifetime`, ending no later than `cap`.
+fn validity(
+    lifetime: Duration,
+    cap: Option<time::OffsetDateTime>,
+) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    // Whole seconds: certificates carry no fractions, and issue times are compared.
+    let now = time::OffsetDateTime::from_unix_timestamp(unix_now() as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let mut end = now + lifetime;
+    if let Some(cap) = cap {
+        end = end.min(cap);
+    }
+    (now - BACKDATE, end)
 }
 
 fn leaf_params(identity: &Identity, sans: &[String]) -> Result<CertificateParams, PkiError> {
@@ -324,8 +433,41 @@ impl IdentityFiles {
             .map(Some)
             .ok_or_else(|| PkiError::Identity(format!("{}: {text:?}", path.display())))
     }
+    /// Replaces the certificate and key with renewed ones. A crash at any point leaves
+    /// the old pair or the new one: both are written beside the old first, then the
+    /// key and the certificate are renamed over it in that order, and `load` finishes a
+    /// rename cut short.
+    pub fn save_renewed(&self, cert_pem: &str, key_pem: &str) -> Result<(), PkiError> {
+        write_private(&self.dir.join("key.next.pem"), key_pem)?;
+        write_private(&self.dir.join("cert.next.pem"), cert_pem)?;
+        self.finish_renewal()
+    }
+
+    fn finish_renewal(&self) -> Result<(), PkiError> {
+        let path = |n: &str| self.dir.join(n);
+        let io = |p: PathBuf| {
+            move |source| PkiError::Io {
+                path: p.display().to_string(),
+                source,
+            }
+        };
+        if !path("cert.next.pem").exists() {
+            // A key without its certificate: the renewal never finished writing.
+            let _ = std::fs::remove_file(path("key.next.pem"));
+            return Ok(());
+        }
+        if path("key.next.pem").exists() {
+            std::fs::rename(path("key.next.pem"), path("key.pem")).map_err(io(path("key.pem")))?;
+        }
+        std::fs::rename(path("cert.next.pem"), path("cert.pem")).map_err(io(path("cert.pem")))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(self.dir.clone()))
+    }
+
     /// (ca, cert, key) PEM texts.
     pub fn load(&self) -> Result<(String, String, String), PkiError> {
+        self.finish_renewal()?;
         Ok((
             read(&self.dir.join("ca.pem"))?,
             read(&self.dir.join("cert.pem"))?,
@@ -341,14 +483,54 @@ mod tests {
     #[test]
     fn ca_signs_csr_with_its_own_identity() {
         let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::load_or_create(dir.path()).unwrap();
-        let again = Ca::load_or_create(dir.path()).unwrap();
+        let life = Lifetimes::default();
+        let ca = Ca::load_or_create(dir.path(), life.ca).unwrap();
+        let again = Ca::load_or_create(dir.path(), Duration::from_secs(60)).unwrap();
         assert_eq!(ca.fingerprint(), again.fingerprint());
+        let now = unix_now();
+        assert!(
+            ca.expires().abs_diff(now + life.ca.as_secs()) < 5,
+            "the ca keeps its own end"
+        );
         let (csr, _key) = new_csr().unwrap();
         let id = Identity::new(Role::Agent, "web01").unwrap();
-        let pem = ca.sign_csr(&csr, &id, &[]).unwrap();
-        let der = pem_to_der(&pem).unwrap();
-        assert_eq!(Identity::from_der(&der).unwrap(), id);
+        let pem = ca.sign_csr(&csr, &id, &[], life.leaf).unwrap();
+        let info = CertInfo::from_pem(&pem).unwrap();
+        assert_eq!(info.identity, id);
+        assert!(info.issued.abs_diff(now) < 5);
+        assert_eq!(info.expires - info.issued, life.leaf.as_secs());
+        assert!(!info.renewal_due(now) && !info.expired(now));
+        assert!(info.renewal_due(info.expires - life.leaf.as_secs() / 3));
+        assert!(info.expired(info.expires));
+        // Never past the CA's end.
+        let (long, _) = ca.issue(&id, &[], life.ca * 2).unwrap();
+        assert_eq!(CertInfo::from_pem(&long).unwrap().expires, ca.expires());
+    }
+
+    #[test]
+    fn a_renewal_cut_short_leaves_a_matching_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = IdentityFiles::new(dir.path());
+        files.save("ca", "cert1", "key1").unwrap();
+        // Cut after the new key was written: the old pair stays.
+        write_private(&dir.path().join("key.next.pem"), "key2").unwrap();
+        assert_eq!(
+            files.load().unwrap(),
+            ("ca".into(), "cert1".into(), "key1".into())
+        );
+        // Cut between the two renames: the new pair is finished.
+        write_private(&dir.path().join("key.pem"), "key2").unwrap();
+        write_private(&dir.path().join("cert.next.pem"), "cert2").unwrap();
+        assert_eq!(
+            files.load().unwrap(),
+            ("ca".into(), "cert2".into(), "key2".into())
+        );
+        files.save_renewed("cert3", "key3").unwrap();
+        assert_eq!(
+            files.load().unwrap(),
+            ("ca".into(), "cert3".into(), "key3".into())
+        );
+        assert!(!dir.path().join("key.next.pem").exists());
     }
 
     #[test]

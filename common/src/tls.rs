@@ -1,6 +1,9 @@
 //! mTLS transport for tonic: rustls configs, the CA-pinning verifier used during
-//! enrollment, the accept loop that records each peer's identity, and client channels.
-use crate::pki::{Identity, Role};
+//! enrollment, the revocation-checking client verifier, a server certificate that can be
+//! replaced while serving, the accept loop that records each peer's certificate, and
+//! client channels (one that can be swapped for a renewed identity's).
+use crate::pki::{CertInfo, Identity, Role};
+use crate::revoke::Revoked;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -76,26 +79,128 @@ fn roots(ca_pem: &str) -> Result<RootCertStore, TlsError> {
 /// A server's TLS settings, as `server_config` makes them.
 pub type ServerTls = Arc<ServerConfig>;
 
-/// Server side: presents `cert_pem` followed by the CA (so enrolling peers can pin it),
-/// and verifies client certificates against the CA. A client without a certificate
-/// is let through the handshake; every call but enrollment then refuses it.
-pub fn server_config(
+/// The certificate a server presents, replaced in place when it is renewed: handshakes
+/// after the swap get the new one.
+#[derive(Debug)]
+pub struct CertSlot {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl CertSlot {
+    /// `cert_pem` followed by the CA (so enrolling peers can pin it), with its key.
+    pub fn new(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            current: std::sync::RwLock::new(certified(ca_pem, cert_pem, key_pem)?),
+        }))
+    }
+
+    pub fn replace(&self, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        let new = certified(ca_pem, cert_pem, key_pem)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(())
+    }
+}
+
+fn certified(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
-) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
-            .allow_unauthenticated()
-            .build()?;
+) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
     let mut chain = certs(cert_pem)?;
     chain.extend(certs(ca_pem)?);
+    let key = provider().key_provider.load_private_key(key(key_pem)?)?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(chain, key)))
+}
+
+impl rustls::server::ResolvesServerCert for CertSlot {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// Server side: presents the certificate in `cert`, and verifies client certificates
+/// against the CA, their dates and `revoked`. A client without a certificate is let
+/// through the handshake; every call but enrollment then refuses it.
+pub fn server_config(
+    ca_pem: &str,
+    cert: Arc<CertSlot>,
+    revoked: Revoked,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+        .allow_unauthenticated()
+        .build()?;
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key(key_pem)?)?;
+        .with_client_cert_verifier(Arc::new(NotRevoked { inner, revoked }))
+        .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The CA's client verifier (chain and dates), then the revocation list: a revoked
+/// certificate ends at the handshake.
+#[derive(Debug)]
+struct NotRevoked {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    revoked: Revoked,
+}
+
+impl rustls::server::danger::ClientCertVerifier for NotRevoked {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let info = CertInfo::from_der(end_entity)
+            .map_err(|e| rustls::Error::General(format!("client certificate: {e}")))?;
+        if let Err(refusal) = self.revoked.check(&info) {
+            tracing::warn!(%refusal, "client certificate refused");
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            ));
+        }
+        Ok(verified)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Client side after enrollment: trusts only the Ferry CA, and of its certificates only
@@ -270,6 +375,8 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     /// The identity of a verified client certificate; `None` for anonymous peers.
     pub identity: Option<Identity>,
+    /// That certificate's identity and dates.
+    pub cert: Option<CertInfo>,
 }
 
 /// Reads the peer from a request's extensions.
@@ -278,7 +385,8 @@ pub fn peer<T>(req: &tonic::Request<T>) -> Option<&PeerInfo> {
 }
 
 /// A server-side TLS connection with its verified peer. It holds its place among the
-/// server's connections; an anonymous one ends at its deadline whatever it is doing.
+/// server's connections; an anonymous one ends at its deadline whatever it is doing,
+/// and a certified one when its certificate expires.
 pub struct PeerStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
@@ -295,7 +403,7 @@ impl PeerStream {
             .then(|| {
                 std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "an anonymous connection lives at most its enrollment's time",
+                    "the connection outlived its peer's certificate or enrollment time",
                 )
             })
     }
@@ -440,14 +548,19 @@ pub fn incoming_with(
                         return;
                     }
                 };
-                let identity = tls
+                let cert = tls
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(|der| Identity::from_der(der).ok());
+                    .and_then(|der| CertInfo::from_der(der).ok());
+                let identity = cert.as_ref().map(|c| c.identity.clone());
                 let mut places = vec![place];
-                let mut deadline = None;
+                // A peer renews well before its certificate ends, then dials again.
+                let mut deadline = cert.as_ref().map(|c| {
+                    let left = c.expires.saturating_sub(crate::pki::unix_now());
+                    Box::pin(tokio::time::sleep(Duration::from_secs(left.min(1 << 32))))
+                });
                 if identity.is_none() {
                     let Ok(anon) = anonymous.try_acquire_owned() else {
                         tracing::debug!(peer = %addr, "too many anonymous connections; closed");
@@ -459,7 +572,11 @@ pub fn incoming_with(
                 let _ = tx
                     .send(Ok(PeerStream {
                         inner: tls,
-                        info: PeerInfo { addr, identity },
+                        info: PeerInfo {
+                            addr,
+                            identity,
+                            cert,
+                        },
                         _places: places,
                         deadline,
                     }))
@@ -514,8 +631,11 @@ pub fn channel(url: &str, config: Arc<ClientConfig>) -> Result<Channel, TlsError
 
 /// The tonic server settings every Ferry daemon uses: no Nagle, HTTP/2 keepalives that
 /// notice dead peers, windows sized for WAN round trips, bounded streams, headers and
-/// call times, and the enrollment-only rule for anonymous peers.
-pub fn grpc_server() -> tonic::transport::Server<
+/// call times, the enrollment-only rule for anonymous peers, and `revoked` checked on
+/// every call.
+pub fn grpc_server(
+    revoked: Revoked,
+) -> tonic::transport::Server<
     tower::layer::util::Stack<EnrollOnlyWhenAnonymous, tower::layer::util::Identity>,
 > {
     tonic::transport::Server::builder()
@@ -528,19 +648,25 @@ pub fn grpc_server() -> tonic::transport::Server<
         .concurrency_limit_per_connection(64)
         .http2_max_header_list_size(Some(16 << 10))
         .timeout(Duration::from_secs(30 * 60))
-        .layer(EnrollOnlyWhenAnonymous)
+        .layer(EnrollOnlyWhenAnonymous { revoked })
 }
 
 /// Answers a call from a peer without a client certificate with `UNAUTHENTICATED`
-/// unless it is an enrollment, from the connection's peer and the path alone: before
-/// any of the request's body is read or decoded.
-#[derive(Debug, Clone, Copy)]
-pub struct EnrollOnlyWhenAnonymous;
+/// unless it is an enrollment, and a call whose certificate was revoked or has expired
+/// since the handshake the same way: from the connection's peer and the path alone,
+/// before any of the request's body is read or decoded.
+#[derive(Debug, Clone)]
+pub struct EnrollOnlyWhenAnonymous {
+    pub revoked: Revoked,
+}
 
 impl<S> tower::Layer<S> for EnrollOnlyWhenAnonymous {
     type Service = EnrollOnly<S>;
     fn layer(&self, inner: S) -> EnrollOnly<S> {
-        EnrollOnly { inner }
+        EnrollOnly {
+            inner,
+            revoked: self.revoked.clone(),
+        }
     }
 }
 
@@ -548,6 +674,7 @@ impl<S> tower::Layer<S> for EnrollOnlyWhenAnonymous {
 #[derive(Debug, Clone)]
 pub struct EnrollOnly<S> {
     inner: S,
+    revoked: Revoked,
 }
 
 /// The one service anonymous peers may call.
@@ -571,16 +698,107 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let known = req
+        let cert = req
             .extensions()
             .get::<PeerInfo>()
-            .is_some_and(|p| p.identity.is_some());
-        if known || req.uri().path().starts_with(ENROLLMENT) {
-            return futures::future::Either::Right(self.inner.call(req));
+            .and_then(|p| p.cert.as_ref());
+        let refusal = match cert {
+            Some(c) => self
+                .revoked
+                .check_live(c, crate::pki::unix_now())
+                .err()
+                .map(|r| r.to_string()),
+            None if req.uri().path().starts_with(ENROLLMENT) => None,
+            None => Some("client certificate required: enroll with a join token first".into()),
+        };
+        match refusal {
+            None => futures::future::Either::Right(self.inner.call(req)),
+            Some(why) => {
+                let status = tonic::Status::unauthenticated(why);
+                futures::future::Either::Left(futures::future::ready(Ok(status.into_http())))
+            }
         }
-        let status = tonic::Status::unauthenticated(
-            "client certificate required: enroll with a join token first",
-        );
-        futures::future::Either::Left(futures::future::ready(Ok(status.into_http())))
+    }
+}
+
+/// Whether a call failed because the server refused our certificate at the handshake
+/// (revoked or expired): no retry helps, only a new enrollment. Says which.
+pub fn certificate_refused(status: &tonic::Status) -> Option<&'static str> {
+    use rustls::AlertDescription as A;
+    let said = |alert: &A| match alert {
+        A::CertificateRevoked => Some("revoked"),
+        A::CertificateExpired => Some("expired"),
+        _ => None,
+    };
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(e) = next {
+        if let Some(rustls::Error::AlertReceived(alert)) = e.downcast_ref() {
+            return said(alert);
+        }
+        // The TLS stream's reader hands the alert up as an io::Error with rustls's
+        // words in it.
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            if let Some(rustls::Error::AlertReceived(alert)) = inner.downcast_ref() {
+                return said(alert);
+            }
+            let text = inner.to_string();
+            for alert in [A::CertificateRevoked, A::CertificateExpired] {
+                if text.ends_with(&format!("alert: {alert:?}")) {
+                    return said(&alert);
+                }
+            }
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// A client channel that can be swapped for one made from a renewed identity: calls
+/// already running finish on the old connection, new calls take the new one. Cheap to
+/// clone; clones share the swap.
+#[derive(Debug, Clone)]
+pub struct SwapChannel {
+    current: Arc<std::sync::RwLock<Channel>>,
+    /// The channel `poll_ready` reserved a slot on, which `call` must use.
+    ready: Option<Channel>,
+}
+
+impl SwapChannel {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            current: Arc::new(std::sync::RwLock::new(channel)),
+            ready: None,
+        }
+    }
+
+    pub fn replace(&self, channel: Channel) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = channel;
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::BoxBody>> for SwapChannel {
+    type Response = http::Response<tonic::body::BoxBody>;
+    type Error = tonic::transport::Error;
+    type Future = tonic::transport::channel::ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        let current = &self.current;
+        let ready = self
+            .ready
+            .get_or_insert_with(|| current.read().unwrap_or_else(|p| p.into_inner()).clone());
+        tower::Service::poll_ready(ready, cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::BoxBody>) -> Self::Future {
+        let mut channel = self.ready.take().unwrap_or_else(|| {
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+        });
+        tower::Service::call(&mut channel, req)
     }
 }

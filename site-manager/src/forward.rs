@@ -5,13 +5,13 @@
 use crate::relay::{QueueItem, Relay};
 use ferry_common::backoff::Backoff;
 use ferry_common::chunks;
+use ferry_common::tls::SwapChannel;
 use ferry_proto::v1::{self as pb, ingest_client::IngestClient};
 use prost::Message;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 enum Outcome {
     Done,
@@ -189,7 +189,7 @@ async fn maybe_collect(relay: &Relay) {
 /// Sends upstream every chunk of `batch` that it lacks, from the local store.
 async fn push_chunks(
     relay: &Relay,
-    c: &mut IngestClient<Channel>,
+    c: &mut IngestClient<SwapChannel>,
     batch: &pb::Batch,
 ) -> Result<(), Outcome> {
     let unique: std::collections::HashSet<&[u8]> = ferry_common::entry::chunk_refs(&batch.entries)
@@ -207,7 +207,7 @@ async fn push_chunks(
 /// whole group durably before this returns.
 async fn push_group(
     relay: &Relay,
-    c: &mut IngestClient<Channel>,
+    c: &mut IngestClient<SwapChannel>,
     group: &[Vec<u8>],
     durable: bool,
 ) -> Result<(), Outcome> {
@@ -364,6 +364,36 @@ const LOOKAHEAD: usize = 4;
 
 /// Most hashes one upstream MissingChunks question carries.
 const GROUP: usize = 4096;
+
+/// How often the site fetches the cloud manager's revocations.
+const REVOCATIONS_EVERY: Duration = Duration::from_secs(15);
+
+/// Keeps `revoked` equal to the cloud manager's list, so that an agent revoked there
+/// is refused here too, at its next handshake or call.
+pub async fn follow_revocations(
+    upstream: SwapChannel,
+    revoked: ferry_common::revoke::Revoked,
+    shutdown: CancellationToken,
+) {
+    use ferry_proto::v1::enrollment_client::EnrollmentClient;
+    loop {
+        let mut c = EnrollmentClient::new(upstream.clone());
+        match c.revocations(pb::RevocationsRequest {}).await {
+            Ok(r) => {
+                let all = r.into_inner().revoked.into_iter().filter_map(|r| {
+                    let id = ferry_common::pki::Identity::parse(&r.identity).ok()?;
+                    Some((id, r.revoked_at))
+                });
+                revoked.replace(all);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot fetch revocations yet"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(REVOCATIONS_EVERY) => {}
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

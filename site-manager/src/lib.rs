@@ -86,22 +86,50 @@ pub async fn run(
         r => r?,
     }
     let (ca, cert, key) = files.load()?;
-    let tls = ferry_common::tls::server_config(&ca, &cert, &key)?;
-    let upstream = ferry_common::enroll::mtls_channel(&config.upstream, &files)?;
+    let slot = ferry_common::tls::CertSlot::new(&ca, &cert, &key)?;
+    let revoked = ferry_common::revoke::Revoked::default();
+    let tls = ferry_common::tls::server_config(&ca, slot.clone(), revoked.clone())?;
+    let upstream = ferry_common::enroll::renewable_channel(&config.upstream, &files)?;
 
-    let relay = Arc::new(relay::Relay::open(dir, upstream, config.spool_limit)?);
+    let relay = Arc::new(relay::Relay::open(
+        dir,
+        upstream.clone(),
+        config.spool_limit,
+    )?);
     let tracker = tokio_util::task::TaskTracker::new();
     tracker.spawn(forward::forward(relay.clone(), shutdown.clone()));
     tracker.spawn(forward::push_ahead(relay.clone(), shutdown.clone()));
     tracker.spawn(forward::push_fresh(relay.clone(), shutdown.clone()));
     tracker.spawn(relay.chunks.clone().sync_behind(shutdown.clone()));
+    // The site's own certificate serves agents and dials the cloud: both take the
+    // renewed one.
+    tracker.spawn(ferry_common::enroll::keep_renewed(
+        config.upstream.clone(),
+        files,
+        sans,
+        upstream.clone(),
+        move |files| match files.load() {
+            Ok((ca, cert, key)) => {
+                if let Err(e) = slot.replace(&ca, &cert, &key) {
+                    tracing::error!(error = %e, "cannot serve the renewed certificate");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the renewed certificate"),
+        },
+        shutdown.clone(),
+    ));
+    tracker.spawn(forward::follow_revocations(
+        upstream.clone(),
+        revoked.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(listen = %bound, upstream = %config.upstream, queued = relay.queue_len(), "site manager serving");
 
     let svc = relay::Service {
         relay: relay.clone(),
     };
     let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
-    let result = ferry_common::tls::grpc_server()
+    let result = ferry_common::tls::grpc_server(revoked)
         .add_service(
             pb::enrollment_server::EnrollmentServer::new(svc.clone())
                 .max_decoding_message_size(ferry_common::tls::ENROLL_MESSAGE_BYTES),

@@ -5,6 +5,7 @@ use ferry_common::error::{to_status, ErrorKind, Kind};
 use ferry_common::pki::{Identity, Role};
 use ferry_common::store::Store;
 use ferry_common::tls::peer;
+use ferry_common::tls::SwapChannel;
 use ferry_proto::v1::{
     self as pb, enrollment_client::EnrollmentClient, ingest_client::IngestClient,
 };
@@ -12,7 +13,6 @@ use prost::Message;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,8 @@ pub enum RelayError {
     Unauthenticated,
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("only agents renew through a site, and agents have no use for its revocations")]
+    NotAgent,
     #[error("{0}")]
     Invalid(String),
     #[error("chunk {0} is held neither here nor upstream")]
@@ -52,7 +54,7 @@ impl ErrorKind for RelayError {
             RelayError::Chunk(e) => e.kind(),
             RelayError::Entry(e) => e.kind(),
             RelayError::Unauthenticated => Kind::Unauthenticated,
-            RelayError::PermissionDenied(_) => Kind::PermissionDenied,
+            RelayError::PermissionDenied(_) | RelayError::NotAgent => Kind::PermissionDenied,
             RelayError::Invalid(_) => Kind::InvalidArgument,
             RelayError::MissingChunk(_) => Kind::FailedPrecondition,
             RelayError::SpoolFull { .. } | RelayError::NoRoom { .. } => Kind::ResourceExhausted,
@@ -104,7 +106,7 @@ pub struct Relay {
     pub dead: sled::Tree,
     positions: sled::Tree,
     pub chunks: ChunkStore,
-    pub upstream: Channel,
+    pub upstream: SwapChannel,
     pub wake: tokio::sync::Notify,
     /// Most bytes of relayed chunks kept on disk; beyond it agents are slowed.
     pub spool_limit: u64,
@@ -168,7 +170,7 @@ impl QueueItem {
 }
 
 impl Relay {
-    pub fn open(dir: &Path, upstream: Channel, spool_limit: u64) -> Result<Self> {
+    pub fn open(dir: &Path, upstream: SwapChannel, spool_limit: u64) -> Result<Self> {
         let store = Store::open(&dir.join("db"))?;
         let (fresh, fresh_rx) = tokio::sync::mpsc::channel(FRESH_QUEUE);
         let relay = Self {
@@ -262,7 +264,7 @@ impl Relay {
             .take()
     }
 
-    pub fn client(&self) -> IngestClient<Channel> {
+    pub fn client(&self) -> IngestClient<SwapChannel> {
         IngestClient::new(self.upstream.clone())
             .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
@@ -419,6 +421,35 @@ impl pb::enrollment_server::Enrollment for Service {
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let mut c = EnrollmentClient::new(self.relay.upstream.clone());
         c.enroll(req.into_inner()).await
+    }
+
+    /// An agent's renewal goes to the cloud manager with the agent's name and the
+    /// issue time of the certificate it connected with, both from its handshake.
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let cert = peer(&req).and_then(|p| p.cert.clone());
+        let Some(cert) = cert.filter(|c| c.identity.role == Role::Agent) else {
+            let e = RelayError::NotAgent;
+            return Err(fail("renew", who(&req).as_ref(), e));
+        };
+        let mut r = req.into_inner();
+        r.agent = cert.identity.name.clone();
+        r.agent_cert_issued = cert.issued;
+        let mut c = EnrollmentClient::new(self.relay.upstream.clone());
+        c.renew(r).await
+    }
+
+    async fn revocations(
+        &self,
+        req: Request<pb::RevocationsRequest>,
+    ) -> Result<Response<pb::RevocationsResponse>, Status> {
+        Err(fail(
+            "revocations",
+            who(&req).as_ref(),
+            RelayError::NotAgent,
+        ))
     }
 }
 
@@ -636,7 +667,7 @@ mod tests {
 
     fn relay(dir: &Path) -> Relay {
         let upstream = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
-        Relay::open(dir, upstream, 1 << 30).unwrap()
+        Relay::open(dir, SwapChannel::new(upstream), 1 << 30).unwrap()
     }
 
     fn batch(system: &str, epoch: u64) -> QueueItem {

@@ -95,10 +95,12 @@ async fn hostile_and_unauthorized_requests_are_refused() -> Result<()> {
     assert_eq!(err.code(), Code::Unauthenticated);
 
     // A certificate from another CA does not get through the handshake.
-    let rogue = ferry_common::pki::Ca::load_or_create(&t.join("rogue"))?;
+    let life = ferry_common::pki::Lifetimes::default();
+    let rogue = ferry_common::pki::Ca::load_or_create(&t.join("rogue"), life.ca)?;
     let (cert, key) = rogue.issue(
         &ferry_common::pki::Identity::new(Role::Agent, "alpha")?,
         &[],
+        life.leaf,
     )?;
     let cfg = ferry_common::tls::client_config(&ca_pem(&cloud)?, &cert, &key, &[Role::Cloud])?;
     let err = IngestClient::new(ferry_common::tls::channel(&cloud.url(), cfg)?)

@@ -71,6 +71,23 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: SitesCmd,
     },
+    /// Operators of the control API (added with `ferry-cloud operator add` on the
+    /// manager).
+    Operators {
+        #[command(subcommand)]
+        cmd: OperatorsCmd,
+    },
+    /// Every revoked identity and when it was revoked.
+    Revocations {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OperatorsCmd {
+    /// Revoke an operator: its certificates are refused from now on.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +114,8 @@ pub enum SitesCmd {
         #[arg(required = true)]
         systems: Vec<String>,
     },
+    /// Revoke a site: its certificates are refused and it relays for nothing.
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
@@ -306,6 +325,14 @@ pub enum SystemsCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Remove a system no app uses: its agent is revoked, and its replica, images and
+    /// record are deleted.
+    Remove {
+        name: String,
+        /// Yes, delete the replica.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Customize a copy of the system's replica for a target (the replica keeps
     /// mirroring); prints the report and the customized images.
     Customize {
@@ -402,10 +429,38 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Cmd::Tunnel { cmd } => tunnel(client, cmd).await,
         Cmd::Token { cmd } => token(client, cmd).await,
         Cmd::Sites { cmd } => sites(client, cmd).await,
+        Cmd::Operators {
+            cmd: OperatorsCmd::Revoke { name },
+        } => {
+            let r = client
+                .revoke_operator(pb::RevokeOperatorRequest { name })
+                .await?;
+            print_done(&r.into_inner().done);
+            Ok(())
+        }
+        Cmd::Revocations { json } => {
+            let r = client
+                .list_revoked(pb::RevocationsRequest {})
+                .await?
+                .into_inner()
+                .revoked;
+            print_as(json, &r, || {
+                r.iter()
+                    .map(|r| format!("{}  revoked at {} (Unix time)\n", r.identity, r.revoked_at))
+                    .collect()
+            });
+            Ok(())
+        }
     }
 }
 
-/// `ferry systems list|show|customize`.
+fn print_done(done: &[String]) {
+    for line in done {
+        println!("{line}");
+    }
+}
+
+/// `ferry systems list|show|remove|customize`.
 pub async fn systems(client: &mut Client, cmd: SystemsCmd) -> Result<(), CliError> {
     match cmd {
         SystemsCmd::List { json } => {
@@ -428,6 +483,17 @@ pub async fn systems(client: &mut Client, cmd: SystemsCmd) -> Result<(), CliErro
                     println!("{}", to_json(&s.probe));
                 }
             }
+        }
+        SystemsCmd::Remove { name, yes } => {
+            if !yes {
+                return Err(CliError::Usage(format!(
+                    "this deletes the replica of {name}: pass --yes to go ahead"
+                )));
+            }
+            let r = client
+                .remove_system(pb::RemoveSystemRequest { name })
+                .await?;
+            print_done(&r.into_inner().done);
         }
         SystemsCmd::Customize {
             name,
@@ -862,7 +928,7 @@ pub async fn token(client: &mut Client, cmd: TokenCmd) -> Result<(), CliError> {
     Ok(())
 }
 
-/// `ferry sites list|bind`.
+/// `ferry sites list|bind|revoke`.
 pub async fn sites(client: &mut Client, cmd: SitesCmd) -> Result<(), CliError> {
     match cmd {
         SitesCmd::List { json } => {
@@ -885,6 +951,10 @@ pub async fn sites(client: &mut Client, cmd: SitesCmd) -> Result<(), CliError> {
                 })
                 .await?;
             println!("site:{site} may relay for {}", systems.join(", "));
+        }
+        SitesCmd::Revoke { name } => {
+            let r = client.revoke_site(pb::RevokeSiteRequest { name }).await?;
+            print_done(&r.into_inner().done);
         }
     }
     Ok(())

@@ -39,6 +39,12 @@ pub enum CliError {
 /// Boxed: a `Status` is large, and every call answers one.
 impl From<tonic::Status> for CliError {
     fn from(status: tonic::Status) -> Self {
+        // A refused handshake says only "transport error" unless asked.
+        if let Some(why) = ferry_common::tls::certificate_refused(&status) {
+            return CliError::Usage(format!(
+                "the cloud manager refused this operator's certificate ({why})"
+            ));
+        }
         CliError::Api(Box::new(status))
     }
 }
@@ -49,26 +55,76 @@ pub const DEFAULT_CREDENTIALS: &str = "/var/lib/ferry/cloud/operator.toml";
 /// A client of the control API.
 pub type Client = pb::control_client::ControlClient<tonic::transport::Channel>;
 
-/// Connects to the control API with the operator credentials at `path`.
+/// Connects to the control API with the operator credentials at `path`, renewing their
+/// certificate first when a third of its life or less is left.
 pub async fn connect(path: &Path) -> Result<Client, CliError> {
+    let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| CliError::Credentials {
-        path: path.display().to_string(),
+        path: shown.clone(),
         source,
     })?;
-    let creds: OperatorCredentials =
+    let mut creds: OperatorCredentials =
         toml::from_str(&text).map_err(|source| CliError::CredentialsSyntax {
-            path: path.display().to_string(),
+            path: shown.clone(),
             source,
         })?;
+    let info = ferry_common::pki::CertInfo::from_pem(&creds.cert_pem)?;
+    let now = ferry_common::pki::unix_now();
+    if info.expired(now) {
+        return Err(CliError::Usage(format!(
+            "the certificate of {} in {shown} has expired: on the cloud manager, \
+             `ferry-cloud operator add {}` issues a new one",
+            info.identity, info.identity.name
+        )));
+    }
+    let mut ch = operator_channel(&creds)?;
+    if info.renewal_due(now) {
+        match renew(&ch, &mut creds, path).await {
+            Ok(until) => {
+                eprintln!(
+                    "ferry: renewed the certificate of {} in {shown} (until {until} Unix time)",
+                    info.identity
+                );
+                ch = operator_channel(&creds)?;
+            }
+            Err(e) => eprintln!("ferry: cannot renew the certificate in {shown} yet: {e}"),
+        }
+    }
+    Ok(pb::control_client::ControlClient::new(ch)
+        .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES))
+}
+
+fn operator_channel(creds: &OperatorCredentials) -> Result<tonic::transport::Channel, CliError> {
     let cfg = ferry_common::tls::client_config(
         &creds.ca_pem,
         &creds.cert_pem,
         creds.key_pem.expose(),
         &[ferry_common::pki::Role::Cloud],
     )?;
-    let ch = ferry_common::tls::channel(&creds.endpoint, cfg)?;
-    Ok(pb::control_client::ControlClient::new(ch)
-        .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES))
+    Ok(ferry_common::tls::channel(&creds.endpoint, cfg)?)
+}
+
+/// Gets a new certificate for a new key and rewrites the credentials file (0600,
+/// atomically); returns when the new one expires.
+async fn renew(
+    ch: &tonic::transport::Channel,
+    creds: &mut OperatorCredentials,
+    path: &Path,
+) -> Result<u64, CliError> {
+    let (csr_pem, key_pem) = ferry_common::pki::new_csr()?;
+    let r = pb::enrollment_client::EnrollmentClient::new(ch.clone())
+        .renew(pb::RenewRequest {
+            csr_pem,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let new = ferry_common::pki::CertInfo::from_pem(&r.cert_pem)?;
+    creds.cert_pem = r.cert_pem;
+    creds.key_pem = ferry_common::config::Secret::new(key_pem);
+    let text = toml::to_string(creds).map_err(|e| CliError::Usage(e.to_string()))?;
+    ferry_common::pki::write_private(path, &text)?;
+    Ok(new.expires)
 }
 
 pub fn credentials_path(flag: Option<PathBuf>) -> PathBuf {

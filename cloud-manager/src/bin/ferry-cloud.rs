@@ -58,6 +58,12 @@ enum Cmd {
         /// Azure provider: the Resource Manager endpoint (sovereign clouds).
         #[arg(long)]
         azure_endpoint: Option<String>,
+        /// How long issued certificates live (renewed when a third is left): 30d.
+        #[arg(long, value_name = "DURATION")]
+        cert_lifetime: Option<String>,
+        /// How long the CA lives, set when it is created: 3650d.
+        #[arg(long, value_name = "DURATION")]
+        ca_lifetime: Option<String>,
     },
     /// Customize a system tree so it boots and works on a target (like virt-customize).
     Customize {
@@ -106,6 +112,31 @@ enum Cmd {
     Token {
         #[command(subcommand)]
         cmd: TokenCmd,
+    },
+    /// Operators of the control API.
+    Operator {
+        #[command(subcommand)]
+        cmd: OperatorCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorCmd {
+    /// Issue a named operator its own certificate and write its credentials file (for
+    /// `ferry --credentials FILE`); `ferry operators revoke NAME` takes it back.
+    Add {
+        name: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where to write the credentials (default DATA_DIR/operators/NAME.toml).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The control endpoint (default: where the manager last said it listens).
+        #[arg(long, value_name = "URL")]
+        endpoint: Option<String>,
+        /// How long the certificate lives; `ferry` renews it when a third is left.
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        lifetime: String,
     },
 }
 
@@ -272,6 +303,22 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e, ExitCode::FAILURE),
         },
+        Cmd::Operator {
+            cmd:
+                OperatorCmd::Add {
+                    name,
+                    data_dir,
+                    out,
+                    endpoint,
+                    lifetime,
+                },
+        } => match admin::add_operator(&data_dir, &name, out, endpoint, &lifetime) {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e, ExitCode::FAILURE),
+        },
         Cmd::Serve {
             config,
             data_dir,
@@ -285,6 +332,8 @@ fn main() -> ExitCode {
             azure_resource_group,
             azure_location,
             azure_endpoint,
+            cert_lifetime,
+            ca_lifetime,
         } => {
             let flags = admin::ServeFlags {
                 config,
@@ -301,6 +350,8 @@ fn main() -> ExitCode {
                     azure_location,
                     azure_endpoint,
                 ],
+                cert_lifetime,
+                ca_lifetime,
             };
             match admin::serve_config(flags) {
                 Ok(config) => serve(config),

@@ -77,7 +77,7 @@ pub async fn serve(
         cloud: cloud.clone(),
     };
     let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
-    ferry_common::tls::grpc_server()
+    ferry_common::tls::grpc_server(cloud.ingest.revoked.clone())
         .add_service(
             pb::enrollment_server::EnrollmentServer::new(grpc.clone())
                 .max_decoding_message_size(ferry_common::tls::ENROLL_MESSAGE_BYTES),
@@ -128,6 +128,39 @@ impl pb::enrollment_server::Enrollment for Grpc {
         };
         let r = crate::error::blocking(move || cloud.ingest.enroll(r)).await;
         self.reply("enroll", None, r)
+    }
+
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let who = identity(&req);
+        let cloud = self.cloud.clone();
+        let r = match who.clone() {
+            None => Err(CloudError::Unauthenticated),
+            Some(caller) => {
+                let renewal = req.into_inner().into();
+                crate::error::blocking(move || cloud.ingest.renew(&caller, renewal)).await
+            }
+        };
+        self.reply("renew", who, r)
+    }
+
+    async fn revocations(
+        &self,
+        req: Request<pb::RevocationsRequest>,
+    ) -> Result<Response<pb::RevocationsResponse>, Status> {
+        let who = identity(&req);
+        let r = match &who {
+            Some(id) if matches!(id.role, Role::Site | Role::Operator) => {
+                Ok(wire::revocations(self.cloud.ingest.revocations()))
+            }
+            Some(id) => Err(CloudError::PermissionDenied(format!(
+                "{id} has no use for the revocation list"
+            ))),
+            None => Err(CloudError::Unauthenticated),
+        };
+        self.reply("revocations", who, r)
     }
 }
 
@@ -337,6 +370,62 @@ impl pb::control_server::Control for Grpc {
             .bind_site(&q.site, &q.systems)
             .map(|()| pb::BindSiteResponse {});
         self.reply("bind-site", who, r)
+    }
+
+    async fn remove_system(
+        &self,
+        req: Request<pb::RemoveSystemRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let who = identity(&req);
+        let r = self.cloud.remove_system(&req.get_ref().name).await;
+        self.reply(
+            "remove-system",
+            who,
+            r.map(|done| pb::RevokeResponse { done }),
+        )
+    }
+
+    async fn revoke_site(
+        &self,
+        req: Request<pb::RevokeSiteRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let who = identity(&req);
+        let r = self.cloud.ingest.revoke_site(&req.get_ref().name);
+        self.reply(
+            "revoke-site",
+            who,
+            r.map(|done| pb::RevokeResponse { done }),
+        )
+    }
+
+    async fn revoke_operator(
+        &self,
+        req: Request<pb::RevokeOperatorRequest>,
+    ) -> Result<Response<pb::RevokeResponse>, Status> {
+        let who = identity(&req);
+        let r = Identity::new(Role::Operator, &req.get_ref().name)
+            .map_err(CloudError::from)
+            .and_then(|id| {
+                // The last door to the control API stays with whoever holds it.
+                if who.as_ref() == Some(&id) {
+                    return Err(CloudError::Invalid(format!(
+                        "{id} cannot revoke itself: ask another operator"
+                    )));
+                }
+                self.cloud.ingest.revoke(&id)?;
+                Ok(pb::RevokeResponse {
+                    done: vec![format!("{id} revoked: its certificates are refused")],
+                })
+            });
+        self.reply("revoke-operator", who, r)
+    }
+
+    async fn list_revoked(
+        &self,
+        req: Request<pb::RevocationsRequest>,
+    ) -> Result<Response<pb::RevocationsResponse>, Status> {
+        let r = Ok(wire::revocations(self.cloud.ingest.revocations()));
+        self.reply("list-revoked", identity(&req), r)
     }
 
     async fn resize_replica(

@@ -3,11 +3,12 @@ use crate::apps::AppSpec;
 use crate::clones::{CloneView, TunnelDetails};
 use crate::error::{CloudError, Result};
 use crate::images::{FileContent, FileDbListing, PrepareSpec, Prepared};
-use crate::ingest::{Ack, Batch, Enrolled, Enrollment, Frame, PassProgress, Registration};
+use crate::ingest::{Ack, Batch, Enrolled, Enrollment, Frame, PassProgress, Registration, Renewal};
 use crate::replication::SystemStatus;
 use crate::state::{AppRecord, CounterValues, FsRecord, ImageRecord, Settings, Target};
 use ferry_common::chunks::hash_from_bytes;
 use ferry_common::names::UnknownName;
+use ferry_common::pki::Identity;
 use ferry_proto::v1 as pb;
 use ferry_proto::ShortName;
 use std::str::FromStr;
@@ -63,6 +64,29 @@ impl From<pb::EnrollRequest> for Enrollment {
             sans: r.sans,
             via: None,
         }
+    }
+}
+
+impl From<pb::RenewRequest> for Renewal {
+    fn from(r: pb::RenewRequest) -> Self {
+        Self {
+            csr_pem: r.csr_pem,
+            sans: r.sans,
+            agent: (!r.agent.is_empty()).then_some((r.agent, r.agent_cert_issued)),
+        }
+    }
+}
+
+/// The revocation list as sites and operators see it.
+pub fn revocations(all: Vec<(Identity, u64)>) -> pb::RevocationsResponse {
+    pb::RevocationsResponse {
+        revoked: all
+            .into_iter()
+            .map(|(id, at)| pb::Revocation {
+                identity: id.to_string(),
+                revoked_at: at,
+            })
+            .collect(),
     }
 }
 

@@ -8,7 +8,7 @@ use crate::ingest::{Batch, Registration};
 use crate::providers::Providers;
 use crate::state::{CloneRecord, FsRecord, ImageRecord, InstanceState, Records, Target};
 use crate::volumes::DirVolumes;
-use ferry_common::pki::{Ca, Identity, Role};
+use ferry_common::pki::{Ca, Identity, Lifetimes, Role};
 use ferry_proto::v1::{Entry, EntryKind};
 use ferry_provider::{Provider, ProviderError};
 use ferry_sysconf::host::HostInfo;
@@ -118,7 +118,8 @@ pub fn harness() -> Harness {
             chunks: chunks.clone(),
             volumes: volumes.clone(),
             tokens: ferry_common::token::TokenStore::new(dir.path()),
-            ca: Ca::load_or_create(&dir.path().join("pki")).unwrap(),
+            ca: Ca::load_or_create(&dir.path().join("pki"), Lifetimes::default().ca).unwrap(),
+            lifetime: Lifetimes::default().leaf,
             providers: Providers::with(settings, ready),
         },
     )
