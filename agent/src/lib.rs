@@ -127,7 +127,9 @@ pub async fn run(
     };
     let (db, meta) = open_state(&config.state_dir)?;
     let filesystems = local_filesystems(&config, &host)?;
-    let reg = register(&client, &name, &host, &filesystems, &shutdown).await?;
+    // No epoch ever built here: a first run, or an index that was lost.
+    let fresh = meta.get("next_epoch").ok().flatten().is_none();
+    let reg = register(&client, &name, &host, &filesystems, fresh, &shutdown).await?;
 
     let lag = Arc::new(lag::Lag::default());
     let gate = Arc::new(gate::Gate::new(client.clone(), &name, lag.clone()));
@@ -313,6 +315,7 @@ async fn register(
     name: &str,
     host: &probe::HostInfo,
     filesystems: &[(PathBuf, probe::FsInfo)],
+    fresh_state: bool,
     shutdown: &CancellationToken,
 ) -> Result<pb::RegisterResponse, SendError> {
     let register = pb::RegisterRequest {
@@ -333,6 +336,7 @@ async fn register(
                 device: f.device.clone(),
             })
             .collect(),
+        fresh_state,
     };
     let reg = retry("register", shutdown, || {
         let mut c = client.clone();
@@ -869,6 +873,7 @@ async fn queue(
         source_time_ms: observed_ms,
         ends_pass,
         resync_for: ctx.resync_for,
+        after_epoch: 0,
     };
     tx.send(Pending {
         batch,

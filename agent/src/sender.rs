@@ -298,7 +298,9 @@ pub async fn applier(
         shutdown,
     } = a;
     while let Some(p) = rx.recv().await {
-        let batch = p.batch;
+        let mut batch = p.batch;
+        // Batches go one at a time: the last one acknowledged is the one before.
+        batch.after_epoch = accepted.load(Ordering::SeqCst);
         let epoch = batch.epoch;
         let resp = retry("apply-batch", &shutdown, || {
             let mut c = client.clone();

@@ -57,6 +57,8 @@ pub struct Registration {
     pub probe: HostInfo,
     /// As the agent describes them; their pass progress is the cloud's to keep.
     pub filesystems: Vec<FsRecord>,
+    /// The agent's state is new: it knows nothing of what the replica holds.
+    pub fresh_state: bool,
 }
 
 /// One chunk as it arrived: its claimed hash and its (maybe compressed) bytes.
@@ -92,6 +94,8 @@ pub struct Batch {
     /// Nonzero: from a pass that trusted nothing the agent recorded, answering the
     /// refusal of this epoch.
     pub resync_for: u64,
+    /// The epoch the agent sent before this one (0: none known).
+    pub after_epoch: u64,
 }
 
 /// The answer to every ingest call that names a system: how far it is durable, and what
@@ -234,6 +238,16 @@ fn check_scope<'a>(
         _ if !scope.site.is_empty() => Ok(Some(scope.site.as_str())),
         _ => Ok(None),
     }
+}
+
+/// Makes the agent send everything again, trusting nothing it recorded: batches are
+/// dropped until that pass, answering `epoch`, has reached every file system.
+fn ask_resync(rec: &mut SystemRecord, epoch: u64, why: String) {
+    tracing::warn!(system = %rec.name, epoch, reason = %why, "asking the agent for a resync");
+    rec.resync_from = epoch;
+    rec.resynced_fs.clear();
+    rec.resyncs += 1;
+    rec.last_error = format!("{why}; the agent is sending everything again");
 }
 
 /// Names and addresses a site may serve on.
@@ -588,6 +602,16 @@ impl Ingest {
             });
         check_file_systems(&rec, &req.filesystems)?;
         rec.probe = req.probe;
+        if req.fresh_state && rec.durable_epoch > 0 && rec.resync_from == 0 {
+            // A lost agent index would otherwise leave whatever the source deleted
+            // meanwhile in the replica for good.
+            let durable = rec.durable_epoch;
+            ask_resync(
+                &mut rec,
+                durable,
+                "the agent's state is new: it sends everything again, and the replica drops what the source no longer has".into(),
+            );
+        }
         for fs in req.filesystems {
             let name = rec.name.clone();
             if let Some(have) = rec.fs_mut(&fs.fs_id) {
@@ -687,6 +711,18 @@ impl Ingest {
             tracing::debug!(system = %rec.name, epoch = batch.epoch, resync_from = rec.resync_from, "batch dropped until the agent resyncs");
             return Ok(Ack::of(&rec));
         }
+        // A batch whose predecessor never became durable here (lost, or dead-lettered
+        // on the way): what it builds on is missing, so everything goes again.
+        if batch.resync_for == 0 && batch.after_epoch > rec.durable_epoch {
+            let why = format!(
+                "epoch {}: the batches after epoch {} up to {} never arrived (lost or dead-lettered on the way)",
+                batch.epoch, rec.durable_epoch, batch.after_epoch
+            );
+            ask_resync(&mut rec, batch.epoch, why);
+            self.replication.records().put(&rec)?;
+            self.replication.records().flush()?;
+            return Ok(Ack::of(&rec));
+        }
         let fs = rec
             .fs(&batch.fs_id)
             .ok_or_else(|| {
@@ -736,14 +772,7 @@ impl Ingest {
             Err(e) if replica_disagrees(&e) => {
                 // The agent believed the replica held what it does not (or the other way
                 // round): only a pass that trusts nothing it recorded repairs that.
-                tracing::warn!(system = %rec.name, epoch = batch.epoch, error = %e, "replica disagrees with the agent; asking for a resync");
-                rec.resync_from = batch.epoch;
-                rec.resynced_fs.clear();
-                rec.resyncs += 1;
-                rec.last_error = format!(
-                    "epoch {}: {e}; the agent is sending everything again",
-                    batch.epoch
-                );
+                ask_resync(&mut rec, batch.epoch, format!("epoch {}: {e}", batch.epoch));
                 systems.put(&rec)?;
                 systems.flush()?;
                 return Ok(Ack::of(&rec));

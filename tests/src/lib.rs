@@ -785,6 +785,7 @@ pub fn register(system: &str, uuid: &str) -> ferry_proto::v1::RegisterRequest {
             device: "/dev/sda1".into(),
             ..Default::default()
         }],
+        fresh_state: false,
     }
 }
 

@@ -121,6 +121,7 @@ impl From<pb::RegisterRequest> for Registration {
                     ..Default::default()
                 })
                 .collect(),
+            fresh_state: r.fresh_state,
         }
     }
 }
@@ -186,6 +187,7 @@ impl From<pb::Batch> for Batch {
             source_time_ms: b.source_time_ms,
             ends_pass: b.ends_pass,
             resync_for: b.resync_for,
+            after_epoch: b.after_epoch,
         }
     }
 }

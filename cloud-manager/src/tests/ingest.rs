@@ -26,6 +26,7 @@ async fn an_agent_writes_only_its_own_system_and_a_site_only_those_bound_to_it()
     let h = harness();
     let reg = Registration {
         system: "web01".into(),
+        fresh_state: false,
         probe: HostInfo::default(),
         filesystems: vec![root_fs()],
     };
@@ -66,6 +67,7 @@ async fn a_registration_with_no_or_too_many_file_systems_stores_nothing() {
     for n in [0, 65] {
         let reg = Registration {
             system: "web01".into(),
+            fresh_state: false,
             probe: HostInfo::default(),
             filesystems: (0..n)
                 .map(|i| FsRecord {
@@ -85,6 +87,7 @@ async fn an_unsupported_file_system_type_is_refused_before_anything_is_stored() 
     let h = harness();
     let reg = Registration {
         system: "web01".into(),
+        fresh_state: false,
         probe: HostInfo::default(),
         filesystems: vec![FsRecord {
             fstype: "zfs".into(),
@@ -131,6 +134,7 @@ async fn a_re_registration_keeps_the_durable_epoch_and_updates_usage() {
         .unwrap();
     let reg = Registration {
         system: "web01".into(),
+        fresh_state: false,
         probe: probe("web01", "10.0.0.5/24"),
         filesystems: vec![FsRecord {
             used_bytes: 5 << 20,
@@ -265,6 +269,58 @@ async fn a_replica_that_disagrees_asks_for_a_resync_and_drops_batches_until_it_c
     assert!(replica.join("b").is_dir() && replica.join("c").is_dir());
     let rec = h.cloud.replication.require("web01").unwrap();
     assert_eq!((rec.resync_from, rec.last_error.as_str()), (0, ""));
+}
+
+/// A batch whose predecessor never arrived (lost or dead-lettered on the way) is not
+/// applied: the agent is asked for a resync. So is an agent whose state is new while
+/// the replica holds something.
+#[tokio::test]
+async fn an_epoch_gap_or_an_agent_with_new_state_asks_for_a_resync() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let ingest = &h.cloud.ingest;
+    let after = |epoch, after_epoch, name| Batch {
+        after_epoch,
+        ..batch("web01", epoch, vec![dir_entry(name)])
+    };
+    let ack = ingest.apply_batch(&agent("web01"), after(1, 0, "a")).await.unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (1, 0));
+    let ack = ingest.apply_batch(&agent("web01"), after(2, 1, "b")).await.unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (2, 0));
+    // Epoch 3 never came; 4 builds on it.
+    let ack = ingest.apply_batch(&agent("web01"), after(4, 3, "d")).await.unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (2, 4));
+    let replica = h.cloud.replication.replica_path("web01", "/").unwrap();
+    assert!(replica.join("b").is_dir() && !replica.join("d").exists());
+    let rec = h.cloud.replication.require("web01").unwrap();
+    assert!(rec.last_error.contains("never arrived"), "{}", rec.last_error);
+    // The resync pass itself builds on nothing and goes in.
+    let resync = Batch {
+        resync_for: 4,
+        ends_pass: true,
+        ..after(5, 4, "d")
+    };
+    let ack = ingest.apply_batch(&agent("web01"), resync).await.unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (5, 0));
+    assert!(replica.join("d").is_dir());
+
+    // An agent that lost its state registers: everything goes again.
+    let fresh = Registration {
+        system: "web01".into(),
+        fresh_state: true,
+        probe: HostInfo::default(),
+        filesystems: vec![root_fs()],
+    };
+    let ack = ingest.register(&agent("web01"), fresh.clone()).await.unwrap();
+    assert_eq!(ack.settings.resync_from, 5);
+    // A first run (nothing durable yet) is not asked for anything.
+    register(&h, "db01", "10.0.0.6/24").await;
+    let first = Registration {
+        system: "db01".into(),
+        ..fresh
+    };
+    let ack = ingest.register(&agent("db01"), first).await.unwrap();
+    assert_eq!(ack.settings.resync_from, 0);
 }
 
 #[tokio::test]
@@ -532,6 +588,7 @@ async fn a_mount_point_that_is_not_absolute_and_normalized_is_refused_at_the_doo
     for mp in hostile {
         let reg = Registration {
             system: "web01".into(),
+            fresh_state: false,
             probe: HostInfo::default(),
             filesystems: vec![FsRecord {
                 mount_point: mp.to_vec(),
@@ -562,6 +619,7 @@ async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
     };
     let twice = Registration {
         system: "web01".into(),
+        fresh_state: false,
         probe: HostInfo::default(),
         filesystems: vec![
             var.clone(),
@@ -577,6 +635,7 @@ async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
     // The root file system says it now mounts over /etc: refused, the record unchanged.
     let moved = Registration {
         system: "web01".into(),
+        fresh_state: false,
         probe: HostInfo::default(),
         filesystems: vec![FsRecord {
             mount_point: b"/etc".to_vec(),
@@ -591,6 +650,7 @@ async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
     // Another file system may not take a mount point one already has.
     let taken = Registration {
         system: "web01".into(),
+        fresh_state: false,
         probe: HostInfo::default(),
         filesystems: vec![FsRecord {
             fs_id: "other".into(),
@@ -607,6 +667,7 @@ async fn a_moved_file_system_registers_only_once_the_operator_allows_that_move()
     register(&h, "web01", "10.0.0.5/24").await;
     let moved = |mp: &[u8]| Registration {
         system: "web01".into(),
+        fresh_state: false,
         probe: probe("web01", "10.0.0.5/24"),
         filesystems: vec![FsRecord {
             mount_point: mp.to_vec(),
@@ -734,6 +795,7 @@ async fn a_file_system_larger_than_a_replica_volume_holds_is_refused_at_the_door
     let h = harness();
     let reg = Registration {
         system: "web01".into(),
+        fresh_state: false,
         probe: probe("web01", "10.0.0.5/24"),
         filesystems: vec![FsRecord {
             capacity_bytes: crate::ingest::MAX_VOLUME + 1,

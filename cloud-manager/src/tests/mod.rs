@@ -173,6 +173,7 @@ pub fn root_fs() -> FsRecord {
 pub async fn register(h: &Harness, name: &str, cidr: &str) -> crate::ingest::Ack {
     let reg = Registration {
         system: name.into(),
+        fresh_state: false,
         probe: probe(name, cidr),
         filesystems: vec![root_fs()],
     };
