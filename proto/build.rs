@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("ferry.v1.TokenInfo", serde)
         .type_attribute("ferry.v1.SiteInfo", serde)
         .type_attribute("ferry.v1.Revocation", serde)
+        .type_attribute("ferry.v1.DeadLetter", serde)
         .type_attribute("ferry.v1.SystemStatus", serde)
         .type_attribute("ferry.v1.Counters", serde)
         .type_attribute("ferry.v1.SyncStatusResponse", serde)

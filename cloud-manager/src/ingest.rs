@@ -34,6 +34,18 @@ pub struct Enrollment {
     pub via: Option<Identity>,
 }
 
+/// An item a site holds aside because this manager refused it for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub site: String,
+    pub system: String,
+    pub seq: u64,
+    pub kind: String,
+    pub epoch: u64,
+    pub entries: u64,
+    pub reason: String,
+}
+
 /// A request for a new certificate of an identity already enrolled.
 #[derive(Debug, Clone)]
 pub struct Renewal {
@@ -296,6 +308,8 @@ pub struct Ingest {
     pub lifetime: std::time::Duration,
     /// Shared with the TLS verifier and the per-call gate.
     pub revoked: Revoked,
+    /// Each site's dead letters, as it last reported them.
+    dead_letters: std::sync::Mutex<std::collections::BTreeMap<String, Vec<DeadLetter>>>,
     counters: Arc<Counters>,
     data_dir: PathBuf,
 }
@@ -334,6 +348,7 @@ impl Ingest {
             ca,
             lifetime,
             revoked,
+            dead_letters: Default::default(),
             counters,
             data_dir,
         })
@@ -572,6 +587,44 @@ impl Ingest {
         self.meta.release_enrolled(&id.to_string())?;
         self.meta.forget_system(name)?;
         Ok(done)
+    }
+
+    /// Takes a site's report of its dead letters (for systems it relays for; a site
+    /// cannot speak of others).
+    pub fn site_report(&self, peer: &Identity, letters: Vec<DeadLetter>) -> Result<()> {
+        if peer.role != Role::Site {
+            return Err(CloudError::PermissionDenied(format!(
+                "{peer} is not a site"
+            )));
+        }
+        let bound = self.meta.relays(&peer.name)?;
+        let letters: Vec<DeadLetter> = letters
+            .into_iter()
+            .filter(|l| bound.contains(&l.system))
+            .take(10_000)
+            .map(|l| DeadLetter {
+                site: peer.name.clone(),
+                reason: l.reason.chars().take(1024).collect(),
+                ..l
+            })
+            .collect();
+        let mut all = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
+        let before = all.get(&peer.name).map_or(0, Vec::len);
+        if letters.len() != before {
+            tracing::warn!(site = %peer.name, dead_letters = letters.len(), "site reports its dead letters");
+        }
+        if letters.is_empty() {
+            all.remove(&peer.name);
+        } else {
+            all.insert(peer.name.clone(), letters);
+        }
+        Ok(())
+    }
+
+    /// Every site's dead letters.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        let all = self.dead_letters.lock().unwrap_or_else(|p| p.into_inner());
+        all.values().flatten().cloned().collect()
     }
 
     /// Every revocation in force.

@@ -71,7 +71,8 @@ fn per_system_counter<'a>(
 impl Collector for CloudCollector {
     fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
         let systems = self.cloud.replication.list("").unwrap_or_default();
-        encode_state(encoder, &self.cloud.counters.snapshot(), &systems)
+        let dead = self.cloud.ingest.dead_letters();
+        encode_state(encoder, &self.cloud.counters.snapshot(), &systems, &dead)
     }
 }
 
@@ -80,10 +81,25 @@ fn encode_state(
     mut encoder: DescriptorEncoder,
     c: &CounterValues,
     systems: &[SystemStatus],
+    dead: &[crate::ingest::DeadLetter],
 ) -> fmt::Result {
     encode_counters(&mut encoder, c)?;
     encode_systems(&mut encoder, systems)?;
-    encode_filesystems(&mut encoder, systems)
+    encode_filesystems(&mut encoder, systems)?;
+    // One series per site and system that holds any.
+    let mut held: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+    for l in dead {
+        *held
+            .entry((l.site.as_str(), l.system.as_str()))
+            .or_default() += 1;
+    }
+    gauge(
+        &mut encoder,
+        "ferry_dead_letters",
+        "Items a site holds aside because this manager refused them for good.",
+        held.into_iter()
+            .map(|((site, system), n)| (vec![("site", site), ("system", system)], n)),
+    )
 }
 
 /// The transfer counters.
@@ -245,7 +261,16 @@ mod tests {
 
     impl Collector for Fixed {
         fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
-            encode_state(encoder, &self.0, &self.1)
+            let dead = [crate::ingest::DeadLetter {
+                site: "site1".into(),
+                system: "live \"db\"".into(),
+                seq: 4,
+                kind: "batch".into(),
+                epoch: 9,
+                entries: 1,
+                reason: "refused".into(),
+            }];
+            encode_state(encoder, &self.0, &self.1, &dead)
         }
     }
 
@@ -283,6 +308,7 @@ mod tests {
             "ferry_refused_requests_total 2",
             "ferry_chunks_stored_total 0",
             r#"ferry_system_durable_epoch{system="live \"db\""} 7"#,
+            r#"ferry_dead_letters{site="site1",system="live \"db\""} 1"#,
             r#"ferry_system_lag_seconds{system="live \"db\""} 1.5"#,
             r#"ferry_system_paused{system="live \"db\""} 1"#,
             r#"ferry_system_resyncs_total{system="live \"db\""} 2"#,

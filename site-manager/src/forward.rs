@@ -68,8 +68,8 @@ async fn forward_system(
             Ok(i) => i,
             Err(e) => {
                 tracing::error!(system, error = %e, "undecodable queue item moved aside");
-                let _ = relay.dead.insert(key.clone(), value);
-                let _ = relay.queue.remove(key);
+                let why = format!("undecodable queue item: {e}");
+                crate::deadletter::put(&relay, &key, value, &why);
                 continue;
             }
         };
@@ -93,9 +93,7 @@ async fn forward_system(
             }
             Outcome::Poison(s) => {
                 tracing::error!(system, error = %s.message(), "upstream refused a queued item; kept in the dead-letter tree");
-                let _ = relay.dead.insert(key.clone(), value);
-                let _ = relay.queue.remove(&key);
-                let _ = relay.flush();
+                crate::deadletter::put(&relay, &key, value, s.message());
             }
         }
     }
@@ -365,19 +363,21 @@ const LOOKAHEAD: usize = 4;
 /// Most hashes one upstream MissingChunks question carries.
 const GROUP: usize = 4096;
 
-/// How often the site fetches the cloud manager's revocations.
-const REVOCATIONS_EVERY: Duration = Duration::from_secs(15);
+/// How often the site fetches the cloud manager's revocations and reports its dead
+/// letters.
+const TALK_EVERY: Duration = Duration::from_secs(15);
 
-/// Keeps `revoked` equal to the cloud manager's list, so that an agent revoked there
-/// is refused here too, at its next handshake or call.
-pub async fn follow_revocations(
-    upstream: SwapChannel,
+/// Keeps `revoked` equal to the cloud manager's list (an agent revoked there is refused
+/// here too, at its next handshake or call), and tells the cloud manager the site's dead
+/// letters whenever they change.
+pub async fn talk_upstream(
+    relay: Arc<Relay>,
     revoked: ferry_common::revoke::Revoked,
     shutdown: CancellationToken,
 ) {
     use ferry_proto::v1::enrollment_client::EnrollmentClient;
     loop {
-        let mut c = EnrollmentClient::new(upstream.clone());
+        let mut c = EnrollmentClient::new(relay.upstream.clone());
         match c.revocations(pb::RevocationsRequest {}).await {
             Ok(r) => {
                 let all = r.into_inner().revoked.into_iter().filter_map(|r| {
@@ -388,9 +388,16 @@ pub async fn follow_revocations(
             }
             Err(e) => tracing::debug!(error = %e, "cannot fetch revocations yet"),
         }
+        let report = pb::SiteReportRequest {
+            dead_letters: crate::deadletter::list(&relay, &Default::default()),
+        };
+        if let Err(e) = relay.client().site_report(report).await {
+            tracing::debug!(error = %e, "cannot report dead letters yet");
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(REVOCATIONS_EVERY) => {}
+            _ = relay.dead_changed.notified() => {}
+            _ = tokio::time::sleep(TALK_EVERY) => {}
         }
     }
 }

@@ -5,6 +5,7 @@
 //!
 //! Layout: `relay` holds the queue and the services, `forward` drains it upstream.
 
+pub mod deadletter;
 pub mod forward;
 pub mod relay;
 
@@ -118,11 +119,13 @@ pub async fn run(
         },
         shutdown.clone(),
     ));
-    tracker.spawn(forward::follow_revocations(
-        upstream.clone(),
+    tracker.spawn(forward::talk_upstream(
+        relay.clone(),
         revoked.clone(),
         shutdown.clone(),
     ));
+    let admin = deadletter::bind(dir)?;
+    tracker.spawn(deadletter::serve(admin, relay.clone(), shutdown.clone()));
     tracing::info!(listen = %bound, upstream = %config.upstream, queued = relay.queue_len(), "site manager serving");
 
     let svc = relay::Service {

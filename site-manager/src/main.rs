@@ -46,6 +46,53 @@ enum Cmd {
         #[arg(long, value_parser = ferry_common::config::parse_bytes)]
         spool_limit: Option<u64>,
     },
+    /// What upstream refused for good: list it, put it back in its queue, or drop it
+    /// (talks to the running site through DATA_DIR/admin.sock).
+    Deadletter {
+        #[command(subcommand)]
+        cmd: DeadCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCmd {
+    List {
+        #[command(flatten)]
+        sel: Selection,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put them back in their system's queue, in their old place.
+    Retry {
+        #[command(flatten)]
+        sel: Selection,
+    },
+    /// Discard them (the cloud manager then asks the agent for a resync if it has not).
+    Drop {
+        #[command(flatten)]
+        sel: Selection,
+    },
+}
+
+#[derive(clap::Args)]
+struct Selection {
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Only this system's.
+    #[arg(long)]
+    system: Option<String>,
+    /// Only this one (with --system).
+    #[arg(long, requires = "system")]
+    seq: Option<u64>,
+}
+
+impl Selection {
+    fn wire(&self) -> ferry_proto::v1::DeadLetterSelection {
+        ferry_proto::v1::DeadLetterSelection {
+            system: self.system.clone().unwrap_or_default(),
+            seq: self.seq.unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Default, serde::Deserialize)]
@@ -69,6 +116,10 @@ fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
 fn main() -> ExitCode {
     let args = Args::parse();
     ferry_common::telemetry::init(args.log_format);
+    let cmd = match args.cmd {
+        Cmd::Deadletter { cmd } => return deadletter(cmd),
+        serve @ Cmd::Serve { .. } => serve,
+    };
     let Cmd::Serve {
         config,
         data_dir,
@@ -78,7 +129,10 @@ fn main() -> ExitCode {
         name,
         san,
         spool_limit,
-    } = args.cmd;
+    } = cmd
+    else {
+        return fail("unreachable", 2);
+    };
     let file: SiteFile = match config
         .as_deref()
         .map(ferry_common::config::load_toml)
@@ -142,4 +196,50 @@ async fn serve(config: SiteConfig, listen: String) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e, 1),
     }
+}
+
+/// `ferry-site deadletter list|retry|drop`.
+#[tokio::main(flavor = "current_thread")]
+async fn deadletter(cmd: DeadCmd) -> ExitCode {
+    use ferry_site_manager::deadletter;
+    let (sel, json) = match &cmd {
+        DeadCmd::List { sel, json } => (sel, *json),
+        DeadCmd::Retry { sel } | DeadCmd::Drop { sel } => (sel, false),
+    };
+    let mut client = match deadletter::connect(&sel.data_dir).await {
+        Ok(c) => c,
+        Err(e) => {
+            let sock = sel.data_dir.join(deadletter::SOCKET);
+            return fail(
+                format!(
+                    "cannot reach the site at {}: {e} (is it running?)",
+                    sock.display()
+                ),
+                1,
+            );
+        }
+    };
+    let r = match &cmd {
+        DeadCmd::List { .. } => client.list_dead_letters(sel.wire()).await,
+        DeadCmd::Retry { .. } => client.retry_dead_letters(sel.wire()).await,
+        DeadCmd::Drop { .. } => client.drop_dead_letters(sel.wire()).await,
+    };
+    let letters = match r {
+        Ok(r) => r.into_inner().letters,
+        Err(s) => return fail(s.message(), 1),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&letters).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let done = match cmd {
+        DeadCmd::List { .. } => "",
+        DeadCmd::Retry { .. } => "put back in their queues: ",
+        DeadCmd::Drop { .. } => "dropped: ",
+    };
+    print!("{done}{}", deadletter::render(&letters));
+    ExitCode::SUCCESS
 }

@@ -102,8 +102,12 @@ pub struct Relay {
     /// One queue per system: system name, NUL, seq (u64 BE) -> encoded `QueueItem`.
     /// Each drains on its own, so a system upstream refuses for now holds no other.
     pub queue: sled::Tree,
-    /// Batches upstream refused for good, kept for the operator.
+    /// Batches upstream refused for good, kept for the operator (same keys as `queue`).
     pub dead: sled::Tree,
+    /// Why each dead letter was refused (same keys).
+    pub dead_why: sled::Tree,
+    /// Woken when the dead letters change, so upstream hears of it at once.
+    pub dead_changed: tokio::sync::Notify,
     positions: sled::Tree,
     pub chunks: ChunkStore,
     pub upstream: SwapChannel,
@@ -176,6 +180,8 @@ impl Relay {
         let relay = Self {
             queue: store.tree("queue")?,
             dead: store.tree("dead")?,
+            dead_why: store.tree("dead-why")?,
+            dead_changed: tokio::sync::Notify::new(),
             positions: store.tree("positions")?,
             chunks: ChunkStore::open(&dir.join("chunks"), store.tree("chunks")?)?,
             store,
@@ -455,6 +461,15 @@ impl pb::enrollment_server::Enrollment for Service {
 
 #[tonic::async_trait]
 impl pb::ingest_server::Ingest for Service {
+    /// Sites report to the cloud manager, not to each other.
+    async fn site_report(
+        &self,
+        req: Request<pb::SiteReportRequest>,
+    ) -> Result<Response<pb::SiteReportResponse>, Status> {
+        let e = RelayError::PermissionDenied("a site takes no reports".into());
+        Err(fail("site-report", who(&req).as_ref(), e))
+    }
+
     async fn register(
         &self,
         req: Request<pb::RegisterRequest>,

@@ -550,6 +550,12 @@ pub async fn sync(client: &mut Client, cmd: SyncCmd) -> Result<(), CliError> {
                 if !r.last_error.is_empty() {
                     println!("error: {}", r.last_error);
                 }
+                for l in &r.dead_letters {
+                    println!(
+                        "dead letter at site:{}: {} seq {} ({} epoch {}): {}  (ferry-site deadletter list|retry|drop on the site)",
+                        l.site, l.system, l.seq, l.kind, l.epoch, l.reason
+                    );
+                }
                 if let Some(c) = &r.counters {
                     print!("{}", render_counters(c));
                 }

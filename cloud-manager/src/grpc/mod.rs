@@ -241,6 +241,18 @@ impl pb::ingest_server::Ingest for Grpc {
         self.reply("apply-batch", who, r)
     }
 
+    async fn site_report(
+        &self,
+        req: Request<pb::SiteReportRequest>,
+    ) -> Result<Response<pb::SiteReportResponse>, Status> {
+        let who = identity(&req);
+        let r = require_ingest(who.as_ref()).and_then(|id| {
+            let letters = req.into_inner().dead_letters;
+            (self.cloud.ingest).site_report(id, letters.into_iter().map(Into::into).collect())
+        });
+        self.reply("site-report", who, r.map(|()| pb::SiteReportResponse {}))
+    }
+
     async fn progress(
         &self,
         req: Request<pb::ProgressRequest>,
@@ -277,6 +289,9 @@ impl pb::control_server::Control for Grpc {
             systems: s.into_iter().map(Into::into).collect(),
             counters: Some(self.cloud.counters.snapshot().into()),
             last_error: replication.last_error(),
+            dead_letters: (self.cloud.ingest.dead_letters().into_iter())
+                .map(Into::into)
+                .collect(),
         });
         self.reply("sync-status", identity(&req), r)
     }

@@ -3,7 +3,9 @@ use crate::apps::AppSpec;
 use crate::clones::{CloneView, TunnelDetails};
 use crate::error::{CloudError, Result};
 use crate::images::{FileContent, FileDbListing, PrepareSpec, Prepared};
-use crate::ingest::{Ack, Batch, Enrolled, Enrollment, Frame, PassProgress, Registration, Renewal};
+use crate::ingest::{
+    Ack, Batch, DeadLetter, Enrolled, Enrollment, Frame, PassProgress, Registration, Renewal,
+};
 use crate::replication::SystemStatus;
 use crate::state::{AppRecord, CounterValues, FsRecord, ImageRecord, Settings, Target};
 use ferry_common::chunks::hash_from_bytes;
@@ -73,6 +75,34 @@ impl From<pb::RenewRequest> for Renewal {
             csr_pem: r.csr_pem,
             sans: r.sans,
             agent: (!r.agent.is_empty()).then_some((r.agent, r.agent_cert_issued)),
+        }
+    }
+}
+
+impl From<pb::DeadLetter> for DeadLetter {
+    fn from(l: pb::DeadLetter) -> Self {
+        Self {
+            site: l.site,
+            system: l.system,
+            seq: l.seq,
+            kind: l.kind,
+            epoch: l.epoch,
+            entries: l.entries,
+            reason: l.reason,
+        }
+    }
+}
+
+impl From<DeadLetter> for pb::DeadLetter {
+    fn from(l: DeadLetter) -> Self {
+        Self {
+            site: l.site,
+            system: l.system,
+            seq: l.seq,
+            kind: l.kind,
+            epoch: l.epoch,
+            entries: l.entries,
+            reason: l.reason,
         }
     }
 }

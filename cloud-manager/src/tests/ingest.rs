@@ -283,17 +283,30 @@ async fn an_epoch_gap_or_an_agent_with_new_state_asks_for_a_resync() {
         after_epoch,
         ..batch("web01", epoch, vec![dir_entry(name)])
     };
-    let ack = ingest.apply_batch(&agent("web01"), after(1, 0, "a")).await.unwrap();
+    let ack = ingest
+        .apply_batch(&agent("web01"), after(1, 0, "a"))
+        .await
+        .unwrap();
     assert_eq!((ack.durable_epoch, ack.settings.resync_from), (1, 0));
-    let ack = ingest.apply_batch(&agent("web01"), after(2, 1, "b")).await.unwrap();
+    let ack = ingest
+        .apply_batch(&agent("web01"), after(2, 1, "b"))
+        .await
+        .unwrap();
     assert_eq!((ack.durable_epoch, ack.settings.resync_from), (2, 0));
     // Epoch 3 never came; 4 builds on it.
-    let ack = ingest.apply_batch(&agent("web01"), after(4, 3, "d")).await.unwrap();
+    let ack = ingest
+        .apply_batch(&agent("web01"), after(4, 3, "d"))
+        .await
+        .unwrap();
     assert_eq!((ack.durable_epoch, ack.settings.resync_from), (2, 4));
     let replica = h.cloud.replication.replica_path("web01", "/").unwrap();
     assert!(replica.join("b").is_dir() && !replica.join("d").exists());
     let rec = h.cloud.replication.require("web01").unwrap();
-    assert!(rec.last_error.contains("never arrived"), "{}", rec.last_error);
+    assert!(
+        rec.last_error.contains("never arrived"),
+        "{}",
+        rec.last_error
+    );
     // The resync pass itself builds on nothing and goes in.
     let resync = Batch {
         resync_for: 4,
@@ -311,7 +324,10 @@ async fn an_epoch_gap_or_an_agent_with_new_state_asks_for_a_resync() {
         probe: HostInfo::default(),
         filesystems: vec![root_fs()],
     };
-    let ack = ingest.register(&agent("web01"), fresh.clone()).await.unwrap();
+    let ack = ingest
+        .register(&agent("web01"), fresh.clone())
+        .await
+        .unwrap();
     assert_eq!(ack.settings.resync_from, 5);
     // A first run (nothing durable yet) is not asked for anything.
     register(&h, "db01", "10.0.0.6/24").await;
