@@ -72,18 +72,24 @@ pub fn serve_config(flags: ServeFlags) -> Result<ServeConfig, ConfigError> {
 }
 
 /// Runs the cloud manager until it stops on its own, or until the grace period after
-/// `shutdown` is over.
+/// `shutdown` (or a failed state store) is over.
 pub async fn serve(
     config: ServeConfig,
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
-    let run = crate::run(config, listeners, shutdown.clone());
-    tokio::pin!(run);
+    let mut run = Box::pin(crate::run(config, listeners, shutdown.clone()));
+    let stop = ferry_common::shutdown::or_store_failure(&shutdown);
     tokio::select! {
         r = &mut run => r,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(ferry_common::shutdown::GRACE).await } => {
+        _ = async { stop.cancelled().await; tokio::time::sleep(ferry_common::shutdown::GRACE).await } => {
             tracing::warn!("grace period over, stopping");
+            if ferry_common::store::has_failed() {
+                // Left unfinished, never dropped: sled panics closing a log it cannot
+                // sync, and the process ends now anyway.
+                std::mem::forget(run);
+                return Err(RunError::StoreFailed);
+            }
             Ok(())
         }
     }

@@ -64,6 +64,8 @@ pub enum RunError {
     Chunk(#[from] ferry_common::chunks::ChunkError),
     #[error("grpc server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("the state store failed (see the log); stopped so that the manager is restarted")]
+    StoreFailed,
 }
 
 fn hostname() -> String {
@@ -248,6 +250,8 @@ pub async fn run(
         },
     )?);
     cloud.start().await?;
+    // From here on a failed store stops the manager as a signal would, then fails it.
+    let shutdown = ferry_common::shutdown::or_store_failure(&shutdown);
     let tls = ferry_common::tls::server_config(
         cloud.ingest.ca.pem(),
         slot.clone(),
@@ -270,6 +274,12 @@ pub async fn run(
     let result = grpc::serve(cloud.clone(), listener, tls, shutdown).await;
     tracker.close();
     tracker.wait().await;
+    if ferry_common::store::has_failed() {
+        cloud.replication.volumes().unmount_all();
+        // sled cannot close a log it cannot sync (it panics): the process ends anyway.
+        std::mem::forget(cloud);
+        return Err(RunError::StoreFailed);
+    }
     cloud.stop()?;
     tracing::info!("cloud manager stopped");
     Ok(result?)

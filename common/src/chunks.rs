@@ -25,7 +25,7 @@ pub enum ChunkError {
         source: std::io::Error,
     },
     #[error("chunk index: {0}")]
-    Index(#[from] sled::Error),
+    Index(#[source] sled::Error),
     #[error("malformed chunk: {0}")]
     Malformed(String),
     #[error("malformed chunk: bad zstd frame: {0}")]
@@ -52,12 +52,23 @@ impl crate::error::ErrorKind for ChunkError {
     }
 }
 
+impl From<sled::Error> for ChunkError {
+    fn from(e: sled::Error) -> Self {
+        crate::store::note_sled("chunk index", &e);
+        ChunkError::Index(e)
+    }
+}
+
 fn io_err(path: &Path, source: std::io::Error) -> ChunkError {
     if source.raw_os_error() == Some(28) {
         return ChunkError::NoSpace {
             path: path.display().to_string(),
             source,
         };
+    }
+    // A missing chunk file is the store's answer, not its failure.
+    if source.kind() != std::io::ErrorKind::NotFound {
+        crate::store::note_io("chunks", &source);
     }
     ChunkError::Io {
         path: path.display().to_string(),

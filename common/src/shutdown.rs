@@ -1,4 +1,5 @@
-//! The root cancellation token, cancelled by SIGTERM or SIGINT.
+//! The root cancellation token, cancelled by SIGTERM or SIGINT, and the one a daemon
+//! runs by, which a failed state store cancels too.
 use tokio_util::sync::CancellationToken;
 
 /// Returns a token that is cancelled on the first SIGTERM or SIGINT.
@@ -25,3 +26,18 @@ pub fn on_signals() -> CancellationToken {
 
 /// How long tasks get to finish after shutdown starts.
 pub const GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A token cancelled by `shutdown` or by the failure of a state store of this process
+/// (`store::failed`): the daemon then stops, and says so with an error.
+pub fn or_store_failure(shutdown: &CancellationToken) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let (s, failed, out) = (shutdown.clone(), crate::store::failed(), stop.clone());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = s.cancelled() => {}
+            _ = failed.cancelled() => {}
+        }
+        out.cancel();
+    });
+    stop
+}

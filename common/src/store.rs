@@ -1,17 +1,71 @@
-//! The `Store` over sled: typed JSON records in named trees, flushed on demand.
+//! The `Store` over sled: typed JSON records in named trees, flushed on demand; and the
+//! process-wide signal that a store failed for good (an I/O error: a disk that failed or
+//! went read-only), on which a daemon exits non-zero for its supervisor to restart it
+//! instead of failing every call.
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
+use tokio_util::sync::CancellationToken;
+
+/// Cancelled once any store of this process has failed.
+fn failure() -> &'static CancellationToken {
+    static FAILED: std::sync::OnceLock<CancellationToken> = std::sync::OnceLock::new();
+    FAILED.get_or_init(CancellationToken::new)
+}
+
+/// A token cancelled when a store of this process fails.
+pub fn failed() -> CancellationToken {
+    failure().clone()
+}
+
+pub fn has_failed() -> bool {
+    failure().is_cancelled()
+}
+
+/// Whether an I/O error means the disk under a store failed: a full disk is not that
+/// (the daemons refuse work and wait for room), anything else is.
+pub fn is_failure(e: &std::io::Error) -> bool {
+    e.raw_os_error() != Some(28)
+}
+
+/// Notes a store's I/O error: the first one fails the process's stores.
+pub fn note_io(what: &str, e: &std::io::Error) {
+    if is_failure(e) && !has_failed() {
+        tracing::error!(store = what, error = %e, "state store failed; stopping so that the daemon is restarted");
+        failure().cancel();
+    }
+}
+
+/// Notes a sled error (see `note_io`); corruption fails the store too.
+pub fn note_sled(what: &str, e: &sled::Error) {
+    match e {
+        sled::Error::Io(io) => note_io(what, io),
+        sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => {
+            if !has_failed() {
+                tracing::error!(store = what, error = %e, "state store corrupt; stopping");
+                failure().cancel();
+            }
+        }
+        _ => {}
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state store: {0}")]
-    Sled(#[from] sled::Error),
+    Sled(#[source] sled::Error),
     #[error("state store record {key}: {source}")]
     Decode {
         key: String,
         #[source]
         source: serde_json::Error,
     },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        note_sled("state", &e);
+        StoreError::Sled(e)
+    }
 }
 
 impl crate::error::ErrorKind for StoreError {

@@ -50,6 +50,8 @@ pub enum SiteError {
     },
     #[error("grpc server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("the site's state store failed (see the log); stopped so that it is restarted")]
+    StoreFailed,
 }
 
 /// Serves agents on `listener` until `shutdown`.
@@ -146,6 +148,11 @@ pub async fn run(
         .await;
     tracker.close();
     tracker.wait().await;
+    if ferry_common::store::has_failed() {
+        // sled cannot close a log it cannot sync (it panics): the process ends anyway.
+        std::mem::forget(relay);
+        return Err(SiteError::StoreFailed);
+    }
     relay.flush()?;
     tracing::info!("site manager stopped");
     Ok(result?)

@@ -188,10 +188,24 @@ async fn serve(config: SiteConfig, listen: String) -> ExitCode {
     let shutdown = ferry_common::shutdown::on_signals();
     let run = ferry_site_manager::run(config, listener, shutdown.clone());
     tokio::pin!(run);
+    let stop = ferry_common::shutdown::or_store_failure(&shutdown);
     let result = tokio::select! {
         r = &mut run => r,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(ferry_common::shutdown::GRACE).await } => Ok(()),
+        _ = async { stop.cancelled().await; tokio::time::sleep(ferry_common::shutdown::GRACE).await } => {
+            if ferry_common::store::has_failed() {
+                Err(ferry_site_manager::SiteError::StoreFailed)
+            } else {
+                Ok(())
+            }
+        }
     };
+    if ferry_common::store::has_failed() {
+        // Now, before anything closes the store: sled panics closing a log it cannot
+        // sync, and the supervisor restarts a clean process anyway.
+        let e = ferry_site_manager::SiteError::StoreFailed;
+        eprintln!("ferry-site: {}", result.err().unwrap_or(e));
+        std::process::exit(1);
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e, 1),

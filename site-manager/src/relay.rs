@@ -19,8 +19,8 @@ use tonic::{Request, Response, Status, Streaming};
 pub enum RelayError {
     #[error(transparent)]
     Store(#[from] ferry_common::store::StoreError),
-    #[error(transparent)]
-    Sled(#[from] sled::Error),
+    #[error("site queue: {0}")]
+    Sled(#[source] sled::Error),
     #[error(transparent)]
     Chunk(#[from] chunks::ChunkError),
     #[error(transparent)]
@@ -45,6 +45,13 @@ pub enum RelayError {
     NoRoom { free: u64, reserve: u64 },
     #[error("a background task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
+}
+
+impl From<sled::Error> for RelayError {
+    fn from(e: sled::Error) -> Self {
+        ferry_common::store::note_sled("site queue", &e);
+        RelayError::Sled(e)
+    }
 }
 
 impl ErrorKind for RelayError {

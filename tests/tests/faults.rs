@@ -185,3 +185,82 @@ async fn a_read_only_volume_is_retried_and_a_refused_batch_is_dead_lettered_then
     converged_within(&src, &replica, Duration::from_secs(60))?;
     Ok(())
 }
+
+/// The site's data dir goes read-only under it (what ext4 does after an I/O error): the
+/// site exits non-zero, so that its supervisor restarts it, instead of failing every
+/// call; restarted on a good disk it goes on, and nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_site_whose_store_fails_exits_non_zero_and_loses_nothing() -> Result<()> {
+    let tmp = scratch("store-fails")?;
+    let t = tmp.path();
+    let disk = LoopFs::new(
+        t,
+        "sitedisk",
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-00000000d15c",
+        256,
+    )?;
+    sh(Command::new("mount")
+        .args(["-o", "remount,errors=remount-ro"])
+        .arg(&disk.mnt))?;
+    let src = t.join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("before"), b"before")?;
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    // The site's data on the disk, its log beside (not on) it.
+    std::fs::create_dir_all(disk.mnt.join("site"))?;
+    let site_dir = t.join("site");
+    std::os::unix::fs::symlink(disk.mnt.join("site"), &site_dir)?;
+    let mut site = SiteMgr::start(&site_dir, &cloud.url(), Some(&cloud.site_token()?))?;
+    let mut agent = Proc::spawn(
+        &mut agent_follow_cmd(
+            &t.join("agent"),
+            &site.url(),
+            Some(&cloud.token()?),
+            &src,
+            "sturdy",
+        ),
+        &t.join("agent.log"),
+    )?;
+    let replica = cloud.wait_in_sync("sturdy", &src)?;
+
+    // ext4's own answer to an I/O error it found: the file system turns read-only.
+    let dev = sh(Command::new("findmnt")
+        .args(["-n", "-o", "SOURCE"])
+        .arg(&disk.mnt))?;
+    let dev = dev.trim().trim_start_matches("/dev/");
+    std::fs::write(format!("/sys/fs/ext4/{dev}/trigger_fs_error"), "1")?;
+    for i in 0..20 {
+        std::fs::write(src.join(format!("while-ro-{i}")), vec![b'x'; 50_000 + i])?;
+    }
+    let mut status = None;
+    wait_for("the site to exit", Duration::from_secs(60), || {
+        status = site.proc.child.try_wait().ok().flatten();
+        status.is_some()
+    })
+    .map_err(|e| {
+        let log = std::fs::read_to_string(site_dir.with_extension("log")).unwrap_or_default();
+        anyhow!("{e}: {}", &log[log.len().saturating_sub(3000)..])
+    })?;
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    let log = std::fs::read_to_string(site_dir.with_extension("log"))?;
+    assert!(log.contains("state store failed"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+
+    // The disk checked and mounted again, the restarted site goes on where it was.
+    sh(Command::new("umount").arg(&disk.mnt))?;
+    let _ = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&disk.image)
+        .status()?;
+    sh(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&disk.image)
+        .arg(&disk.mnt))?;
+    site.restart()?;
+    converged_within(&src, &replica, Duration::from_secs(90))?;
+    assert!(agent.child.try_wait()?.is_none(), "the agent gave up");
+    agent.stop()?;
+    site.proc.stop()?;
+    Ok(())
+}
