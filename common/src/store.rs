@@ -39,11 +39,9 @@ pub fn note_io(what: &str, e: &std::io::Error) {
 pub fn note_sled(what: &str, e: &sled::Error) {
     match e {
         sled::Error::Io(io) => note_io(what, io),
-        sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) => {
-            if !has_failed() {
-                tracing::error!(store = what, error = %e, "state store corrupt; stopping");
-                failure().cancel();
-            }
+        sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) if !has_failed() => {
+            tracing::error!(store = what, error = %e, "state store corrupt; stopping");
+            failure().cancel();
         }
         _ => {}
     }
