@@ -684,6 +684,66 @@ impl scan::Sink for ChanSink {
 const BATCH_ENTRIES: usize = 4096;
 const BATCH_BYTES: u64 = 64 << 20;
 
+/// Chunk references one entry carries at most (about 8 MiB of a 16 MiB message); a
+/// file with more goes in parts. FERRY_TEST_MAX_REFS lowers it, for tests only: a file
+/// that crosses the real limit holds over 12 GiB.
+fn max_refs() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("FERRY_TEST_MAX_REFS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(200_000)
+    })
+}
+
+/// Cuts a file entry with more than `max` chunk references into parts: returns every
+/// part but the last (in order), and leaves the last in `e`. Other entries stay whole.
+fn split_parts(e: &mut pb::Entry, max: usize) -> Vec<pb::Entry> {
+    let refs: usize = e.segments.iter().map(|s| s.chunks.len()).sum();
+    if e.kind != pb::EntryKind::File as i32 || refs <= max {
+        return Vec::new();
+    }
+    let mut parts: Vec<Vec<pb::Segment>> = vec![Vec::new()];
+    let mut in_part = 0;
+    for seg in std::mem::take(&mut e.segments) {
+        let mut offset = seg.offset;
+        let mut chunks = seg.chunks.into_iter().peekable();
+        while chunks.peek().is_some() {
+            if in_part == max {
+                parts.push(Vec::new());
+                in_part = 0;
+            }
+            let piece: Vec<pb::ChunkRef> = chunks.by_ref().take(max - in_part).collect();
+            in_part += piece.len();
+            let len: u64 = piece.iter().map(|c| u64::from(c.len)).sum();
+            if let Some(p) = parts.last_mut() {
+                p.push(pb::Segment {
+                    offset,
+                    chunks: piece,
+                });
+            }
+            offset += len;
+        }
+    }
+    let last = parts.pop().unwrap_or_default();
+    let early = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, segments)| pb::Entry {
+            segments,
+            part: i as u32,
+            more_parts: true,
+            ..e.clone()
+        })
+        .collect::<Vec<_>>();
+    e.part = early.len() as u32;
+    e.more_parts = false;
+    e.segments = last;
+    early
+}
+
 /// What the scanner thread hands back once it is done.
 type ScanOutcome = Result<(scan::ScanStats, Vec<Vec<u8>>), scan::ScanError>;
 
@@ -780,6 +840,48 @@ async fn pass_fs(
                 scan::Item::Group(unit) => unit,
             };
             ctx.lag.found(ferry_common::now_ms(), 0);
+            let progress = |done: u64| pb::FsProgress {
+                fs_id: ctx.fs_id.clone(),
+                phase: phase.into(),
+                bytes_done: done,
+                bytes_total: ctx.used.max(done),
+            };
+            // A file too large for one message: its first parts go first, each in a
+            // batch of its own; the last part stays in the unit, with its index records.
+            let mut unit = unit;
+            let early: Vec<pb::Entry> = unit
+                .iter_mut()
+                .flat_map(|(e, _)| split_parts(e, max_refs()))
+                .collect();
+            if !early.is_empty() {
+                let pending = (std::mem::take(&mut entries), std::mem::take(&mut records));
+                if !pending.0.is_empty() {
+                    queue(
+                        &ctx,
+                        up,
+                        tx,
+                        &index,
+                        pending,
+                        progress(done),
+                        (observed_ms, false),
+                    )
+                    .await?;
+                }
+                for part in early {
+                    let one = (vec![part], Vec::new());
+                    queue(
+                        &ctx,
+                        up,
+                        tx,
+                        &index,
+                        one,
+                        progress(done),
+                        (observed_ms, false),
+                    )
+                    .await?;
+                }
+                batch_bytes = 0;
+            }
             // A group is never cut: a batch ends only between items, and before a group
             // that would take it past its size.
             let mut unit = Some(unit);
@@ -789,19 +891,13 @@ async fn pass_fs(
                     None => entries.len() >= BATCH_ENTRIES || batch_bytes >= BATCH_BYTES,
                 };
                 if cut {
-                    let progress = pb::FsProgress {
-                        fs_id: ctx.fs_id.clone(),
-                        phase: phase.into(),
-                        bytes_done: done,
-                        bytes_total: ctx.used.max(done),
-                    };
                     queue(
                         &ctx,
                         up,
                         tx,
                         &index,
                         (std::mem::take(&mut entries), std::mem::take(&mut records)),
-                        progress,
+                        progress(done),
                         (observed_ms, false),
                     )
                     .await?;
@@ -882,4 +978,69 @@ async fn queue(
     })
     .await
     .map_err(|_| SendError::Stopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refs(n: usize, len: u32) -> Vec<pb::ChunkRef> {
+        (0..n)
+            .map(|i| pb::ChunkRef {
+                hash: vec![i as u8; 32],
+                len,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_file_over_the_limit_goes_in_parts_that_cover_it_in_order() {
+        let mut e = pb::Entry {
+            path: b"big".to_vec(),
+            kind: pb::EntryKind::File as i32,
+            size: 1 << 30,
+            // Two data runs with a hole between them.
+            segments: vec![
+                pb::Segment {
+                    offset: 0,
+                    chunks: refs(5, 100),
+                },
+                pb::Segment {
+                    offset: 10_000,
+                    chunks: refs(4, 10),
+                },
+            ],
+            ..Default::default()
+        };
+        let whole = e.clone();
+        let early = split_parts(&mut e, 3);
+        assert_eq!(early.len(), 2);
+        assert!(early.iter().all(|p| p.more_parts));
+        assert_eq!((e.part, e.more_parts), (2, false));
+        let all: Vec<&pb::Entry> = early.iter().chain(std::iter::once(&e)).collect();
+        for (i, p) in all.iter().enumerate() {
+            assert_eq!(p.part as usize, i);
+            assert_eq!((p.size, &p.path), (whole.size, &whole.path));
+            assert!(p.segments.iter().map(|s| s.chunks.len()).sum::<usize>() <= 3);
+        }
+        // Every byte at its offset, in order.
+        let placed = |entries: &[&pb::Entry]| -> Vec<(u64, u32)> {
+            let mut out = Vec::new();
+            for p in entries {
+                for s in &p.segments {
+                    let mut off = s.offset;
+                    for c in &s.chunks {
+                        out.push((off, c.len));
+                        off += u64::from(c.len);
+                    }
+                }
+            }
+            out
+        };
+        assert_eq!(placed(&all), placed(&[&whole]));
+        // Under the limit, or not a file: whole.
+        let mut small = whole.clone();
+        assert!(split_parts(&mut small, 9).is_empty());
+        assert_eq!(small, whole);
+    }
 }

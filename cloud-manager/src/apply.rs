@@ -111,6 +111,11 @@ pub fn room_needed(root: &Root, entries: &[Entry]) -> u64 {
             .map(|c| u64::from(c.len))
             .sum();
         let new = data.div_ceil(4096) * 4096;
+        if e.part > 0 || e.more_parts {
+            // A part adds to a file beside the old one, which stays until the last.
+            growth += new;
+            continue;
+        }
         let old = replaced_blocks(root, &e.path);
         growth += new.saturating_sub(old);
         kept.push(new.min(old));
@@ -294,6 +299,90 @@ fn is_tmp_name(name: &[u8]) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
 }
 
+/// Writes an entry's data segments into `fd` from the chunk store; returns the bytes.
+fn write_segments(fd: &OwnedFd, chunks: &ChunkStore, e: &Entry) -> Result<u64, ApplyError> {
+    let path = e.path.as_slice();
+    let mut written = 0;
+    for seg in &e.segments {
+        let mut off = seg.offset;
+        for c in &seg.chunks {
+            let hash = ferry_common::chunks::hash_from_bytes(&c.hash)?;
+            let raw = chunks.read_raw(&hash)?;
+            if raw.len() != c.len as usize {
+                return Err(ApplyError::Invalid {
+                    path: show(path),
+                    message: "chunk length does not match".into(),
+                });
+            }
+            write_all_at(fd, &raw, off).map_err(io_at(path, "write"))?;
+            off += raw.len() as u64;
+            written += raw.len() as u64;
+        }
+    }
+    Ok(written)
+}
+
+/// Where a file sent in parts is assembled: beside it, under a name of its own path's
+/// (so each part finds it), until the last part puts it in place.
+fn part_name(path: &[u8]) -> Vec<u8> {
+    let h = blake3::hash(path);
+    format!(".ferry-part-{}", &h.to_hex()[..16]).into_bytes()
+}
+
+/// Applies one part of a file sent in parts: part 0 starts it afresh, the others add
+/// to it, the last one sets its size and metadata and renames it over the file.
+fn apply_part(
+    root: &Root,
+    chunks: &ChunkStore,
+    e: &Entry,
+    resumed: bool,
+) -> Result<u64, ApplyError> {
+    let path = e.path.as_slice();
+    let (dir, name) = root
+        .parent(path, true)?
+        .ok_or_else(|| ApplyError::Invalid {
+            path: String::new(),
+            message: "the root can only be a directory".into(),
+        })?;
+    let staging = part_name(path);
+    let flags = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = if e.part == 0 {
+        // Whatever has the name goes: a fresh regular file of our own, linked nowhere.
+        match rustix::fs::unlinkat(&dir, staging.as_slice(), AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(err) => return Err(io_at(path, "remove part")(err)),
+        }
+        let fresh = flags | OFlags::CREATE | OFlags::EXCL;
+        rustix::fs::openat(&dir, staging.as_slice(), fresh, Mode::from_raw_mode(0o600))
+            .map_err(io_at(path, "create part"))?
+    } else {
+        match rustix::fs::openat(&dir, staging.as_slice(), flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // The last part of a batch applied again after a crash: already in place.
+            Err(Errno::NOENT) if resumed && !e.more_parts => {
+                tracing::info!(path = %show(path), "last part already applied before a restart");
+                return Ok(0);
+            }
+            // A missing start means the replica lost what the agent sent: resync.
+            Err(err) => return Err(io_at(path, "open part")(err)),
+        }
+    };
+    let st = rustix::fs::fstat(&fd).map_err(io_at(path, "stat part"))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink != 1 {
+        return Err(ApplyError::Invalid {
+            path: show(path),
+            message: "the file being assembled is not a lone regular file".into(),
+        });
+    }
+    let written = write_segments(&fd, chunks, e)?;
+    if !e.more_parts {
+        rustix::fs::ftruncate(&fd, e.size).map_err(io_at(path, "truncate"))?;
+        set_meta_fd(&fd, e)?;
+        replace_at(dir.as_fd(), &staging, name).map_err(io_at(path, "rename"))?;
+    }
+    Ok(written)
+}
+
 fn apply_one(
     root: &Root,
     chunks: &ChunkStore,
@@ -311,6 +400,9 @@ fn apply_one(
     if matches!(kind, EntryKind::Dir | EntryKind::DirMeta) {
         apply_dir(root, e, resumed)?;
         return Ok(0);
+    }
+    if kind == EntryKind::File && (e.part > 0 || e.more_parts) {
+        return apply_part(root, chunks, e, resumed);
     }
     if kind == EntryKind::Rename {
         match apply_rename(root, e) {
@@ -344,22 +436,7 @@ fn apply_one(
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(io_at(path, "create"))?;
-                for seg in &e.segments {
-                    let mut off = seg.offset;
-                    for c in &seg.chunks {
-                        let hash = ferry_common::chunks::hash_from_bytes(&c.hash)?;
-                        let raw = chunks.read_raw(&hash)?;
-                        if raw.len() != c.len as usize {
-                            return Err(ApplyError::Invalid {
-                                path: show(path),
-                                message: "chunk length does not match".into(),
-                            });
-                        }
-                        write_all_at(&fd, &raw, off).map_err(io_at(path, "write"))?;
-                        off += raw.len() as u64;
-                        written += raw.len() as u64;
-                    }
-                }
+                written += write_segments(&fd, chunks, e)?;
                 rustix::fs::ftruncate(&fd, e.size).map_err(io_at(path, "truncate"))?;
                 set_meta_fd(&fd, e)?;
             }

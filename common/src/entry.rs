@@ -51,6 +51,9 @@ pub fn validate(e: &Entry) -> Result<(), EntryError> {
             return Err(invalid("malformed xattr"));
         }
     }
+    if (e.part > 0 || e.more_parts) && kind != EntryKind::File {
+        return Err(invalid("only a file comes in parts"));
+    }
     match kind {
         EntryKind::Unspecified => return Err(invalid("entry kind missing")),
         EntryKind::File => {

@@ -200,3 +200,71 @@ async fn a_site_writes_chunks_through_before_their_batch_and_the_cloud_keeps_wha
     assert!(lacks(&mut probe, &hashes, false).await?.is_empty());
     Ok(())
 }
+
+/// A file with more chunk references than one message holds (over 12 GiB for real; the
+/// limit is lowered for the test) crosses agent, site and cloud in parts, each in a
+/// batch of its own, and lands byte-identical and sparse where its source is; a later
+/// change to it goes the same way; nothing of the assembly is left behind.
+#[test]
+fn a_file_too_large_for_one_message_replicates_in_parts() -> Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let tmp = scratch("parts")?;
+    let t = tmp.path();
+    let src = LoopFs::new(
+        t,
+        "src",
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-0000000b1a55",
+        400,
+    )?;
+    let big = src.mnt.join("var/lib/big.img");
+    std::fs::create_dir_all(big.parent().unwrap_or(&src.mnt))?;
+    let mut data = vec![0u8; 24 << 20];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+    let mut f = std::fs::File::create(&big)?;
+    f.write_all(&data)?;
+    // A hole, then more data: 2 GiB apparent, 40 MiB real.
+    f.seek(SeekFrom::Start(2 << 30))?;
+    f.write_all(&data[..16 << 20])?;
+    drop(f);
+    std::fs::write(src.mnt.join("small"), b"small")?;
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
+    let run = |token: Option<&str>| -> Result<()> {
+        let mut cmd = agent_cmd(&t.join("agent"), &site.url(), token, &src.mnt, "big");
+        let out = output(cmd.env("FERRY_TEST_MAX_REFS", "64"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    run(Some(&cloud.token()?))?;
+    let batches = cloud.counter("batches_applied")?;
+    assert!(
+        batches >= 6,
+        "{batches} batches: the file did not go in parts"
+    );
+    let replica = cloud.replica_path("big", "/")?;
+    let diff = rsync_diff(&src.mnt, &replica)?;
+    assert!(diff.is_empty(), "differs:\n{diff}");
+    let copy = replica.join("var/lib/big.img");
+    let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&copy)?) * 512;
+    assert!(used < 64 << 20, "the hole was filled in: {used} bytes used");
+
+    // Changed in the middle, it goes again in parts and matches.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&big)?;
+    f.seek(SeekFrom::Start(8 << 20))?;
+    f.write_all(&data[..1 << 20])?;
+    drop(f);
+    run(None)?;
+    let diff = rsync_diff(&src.mnt, &replica)?;
+    assert!(diff.is_empty(), "differs after a change:\n{diff}");
+    let left = bash(&format!(
+        "find '{}' -name '.ferry-part-*'",
+        replica.display()
+    ))?;
+    assert!(left.trim().is_empty(), "assembly left behind: {left}");
+    Ok(())
+}
