@@ -724,36 +724,72 @@ where
 /// Whether a call failed because the server refused our certificate at the handshake
 /// (revoked or expired): no retry helps, only a new enrollment. Says which.
 pub fn certificate_refused(status: &tonic::Status) -> Option<&'static str> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(e) = next {
+        if let Some(why) = refusal_in(e) {
+            return Some(why);
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// The certificate refusal an error carries, if any: a rustls alert, or the io::Error
+/// the TLS stream's reader wraps it in (with rustls's words in it).
+fn refusal_in(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     use rustls::AlertDescription as A;
     let said = |alert: &A| match alert {
         A::CertificateRevoked => Some("revoked"),
         A::CertificateExpired => Some("expired"),
         _ => None,
     };
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(status);
-    while let Some(e) = next {
-        if let Some(rustls::Error::AlertReceived(alert)) = e.downcast_ref() {
-            return said(alert);
-        }
-        // The TLS stream's reader hands the alert up as an io::Error with rustls's
-        // words in it.
-        if let Some(inner) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            if let Some(rustls::Error::AlertReceived(alert)) = inner.downcast_ref() {
-                return said(alert);
-            }
-            let text = inner.to_string();
-            for alert in [A::CertificateRevoked, A::CertificateExpired] {
-                if text.ends_with(&format!("alert: {alert:?}")) {
-                    return said(&alert);
-                }
-            }
-        }
-        next = e.source();
+    if let Some(rustls::Error::AlertReceived(alert)) = e.downcast_ref() {
+        return said(alert);
     }
-    None
+    let inner = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())?;
+    if let Some(rustls::Error::AlertReceived(alert)) = inner.downcast_ref() {
+        return said(alert);
+    }
+    let text = inner.to_string();
+    [A::CertificateRevoked, A::CertificateExpired]
+        .iter()
+        .find(|a| text.ends_with(&format!("alert: {a:?}")))
+        .and_then(said)
+}
+
+/// Why the server at `url` turns our certificate away, found with a handshake of our
+/// own and a read: TLS 1.3 tells a client only when it next reads, so a failed call
+/// may only say its connection went. `None` when it does not.
+pub async fn handshake_refusal(url: &str, config: Arc<ClientConfig>) -> Option<&'static str> {
+    use tokio::io::AsyncReadExt;
+    let hostport = url.strip_prefix("https://")?.trim_end_matches('/');
+    let (host, port) = hostport.rsplit_once(':')?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let server_name = ServerName::try_from(host.clone()).ok()?;
+    let probe = async {
+        let tcp = TcpStream::connect((host.as_str(), port.parse::<u16>().ok()?))
+            .await
+            .ok()?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let mut tls = match connector.connect(server_name, tcp).await {
+            Ok(t) => t,
+            Err(e) => return refusal_in(&e),
+        };
+        let mut byte = [0u8; 1];
+        match tls.read(&mut byte).await {
+            Err(e) => refusal_in(&e),
+            Ok(_) => None,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// A client channel that can be swapped for one made from a renewed identity: calls

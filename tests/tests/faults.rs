@@ -183,6 +183,19 @@ async fn a_read_only_volume_is_retried_and_a_refused_batch_is_dead_lettered_then
         .exists());
     std::fs::write(src.join("after-all"), b"three")?;
     converged_within(&src, &replica, Duration::from_secs(60))?;
+
+    // The agent loses its index while a file goes away at the source: started again, it
+    // is asked for a resync, and the replica drops the file too.
+    f.agent.stop()?;
+    std::fs::remove_dir_all(f.state.join("db"))?;
+    std::fs::remove_file(src.join("first-while-away"))?;
+    f.agent = Proc::spawn(
+        &mut agent_follow_cmd(&f.state, &f.site.url(), None, &src, "live"),
+        &f.state.with_extension("log"),
+    )?;
+    converged_within(&src, &replica, Duration::from_secs(60))?;
+    let shown = f.cloud.ferry_json(&["systems", "show", "live"])?;
+    assert!(shown["resyncs"].as_u64() > Some(1), "{shown}");
     Ok(())
 }
 

@@ -173,6 +173,18 @@ async fn certificates_renew_while_replicating_and_expired_ones_are_refused() -> 
         .matches("certificate renewed")
         .count();
     assert!(renewals >= 1, "the agent behind the site never renewed");
+    // A restart keeps the renewed identity: no token, and it still gets in.
+    a.stop()?;
+    a = Proc::spawn(
+        &mut agent_follow_cmd(&t.join("agent-a"), &cloud.url(), None, &src_a, "alpha"),
+        &t.join("agent-a.log"),
+    )?;
+    std::fs::write(src_a.join("data/after-restart"), b"restarted")?;
+    converged_within(
+        &src_a,
+        &cloud.replica_path("alpha", "/")?,
+        Duration::from_secs(30),
+    )?;
 
     // A certificate that has expired gets nowhere, on Ingest or Control.
     let ca = Ca::load_or_create(&cloud.dir.join("pki"), Lifetimes::default().ca)?;

@@ -416,9 +416,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Connects with the operator credentials and runs the command.
 pub async fn run(args: Args) -> Result<(), CliError> {
-    let mut client = crate::connect(&crate::credentials_path(args.credentials)).await?;
-    let client = &mut client;
-    match args.cmd {
+    let path = crate::credentials_path(args.credentials);
+    let mut client = crate::connect(&path).await?;
+    match dispatch(&mut client, args.cmd).await {
+        Err(e) => Err(crate::explain(e, &path).await),
+        ok => ok,
+    }
+}
+
+async fn dispatch(client: &mut Client, cmd: Cmd) -> Result<(), CliError> {
+    match cmd {
         Cmd::Systems { cmd } => systems(client, cmd).await,
         Cmd::Sync { cmd } => sync(client, cmd).await,
         Cmd::Replica { cmd } => replica(client, cmd).await,

@@ -94,14 +94,52 @@ pub async fn connect(path: &Path) -> Result<Client, CliError> {
         .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES))
 }
 
-fn operator_channel(creds: &OperatorCredentials) -> Result<tonic::transport::Channel, CliError> {
-    let cfg = ferry_common::tls::client_config(
+fn operator_config(
+    creds: &OperatorCredentials,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, CliError> {
+    Ok(ferry_common::tls::client_config(
         &creds.ca_pem,
         &creds.cert_pem,
         creds.key_pem.expose(),
         &[ferry_common::pki::Role::Cloud],
-    )?;
-    Ok(ferry_common::tls::channel(&creds.endpoint, cfg)?)
+    )?)
+}
+
+fn operator_channel(creds: &OperatorCredentials) -> Result<tonic::transport::Channel, CliError> {
+    Ok(ferry_common::tls::channel(
+        &creds.endpoint,
+        operator_config(creds)?,
+    )?)
+}
+
+/// A call that failed as if the connection went: asks the manager, with a handshake of
+/// our own, whether it turned our certificate away, and says so instead.
+pub async fn explain(err: CliError, path: &Path) -> CliError {
+    let CliError::Api(status) = &err else {
+        return err;
+    };
+    use tonic::Code;
+    if !matches!(
+        status.code(),
+        Code::Unknown | Code::Unavailable | Code::Cancelled
+    ) {
+        return err;
+    }
+    let creds = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| toml::from_str::<OperatorCredentials>(&t).ok());
+    let Some(creds) = creds else {
+        return err;
+    };
+    let Ok(cfg) = operator_config(&creds) else {
+        return err;
+    };
+    match ferry_common::tls::handshake_refusal(&creds.endpoint, cfg).await {
+        Some(why) => CliError::Usage(format!(
+            "the cloud manager refused this operator's certificate ({why})"
+        )),
+        None => err,
+    }
 }
 
 /// Gets a new certificate for a new key and rewrites the credentials file (0600,
