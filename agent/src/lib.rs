@@ -149,7 +149,9 @@ pub async fn run(
     let next_epoch = Arc::new(AtomicU64::new(
         get_u64("next_epoch").max(reg.accepted_epoch + 1).max(1),
     ));
-    let accepted = Arc::new(AtomicU64::new(reg.accepted_epoch));
+    let accepted = Arc::new(AtomicU64::new(
+        reg.accepted_epoch.max(get_u64("accepted_epoch")),
+    ));
     let durable = Arc::new(AtomicU64::new(reg.durable_epoch));
     let stats = Arc::new(Stats::default());
     let exclude = vec![config

@@ -62,7 +62,7 @@ where
         };
         if let Some(why) = ferry_common::tls::certificate_refused(&status) {
             let message = format!(
-                "the manager refused this agent's certificate ({why}): enroll it again with a new join token (remove the state dir's identity/)"
+                "the manager refused this agent's certificate ({why}): enroll it again with a join token made for its name (ferry-cloud token create --system NAME; remove the state dir's identity/ first)"
             );
             return Err(SendError::Refused {
                 what,
@@ -297,10 +297,19 @@ pub async fn applier(
         gate,
         shutdown,
     } = a;
+    let mut last_resync = 0;
     while let Some(p) = rx.recv().await {
         let mut batch = p.batch;
-        // Batches go one at a time: the last one acknowledged is the one before.
-        batch.after_epoch = accepted.load(Ordering::SeqCst);
+        // Batches go one at a time: the last one acknowledged is the one before. The
+        // first batch of a resync pass builds on nothing (the batches before it were
+        // acknowledged and dropped unapplied).
+        let starts_resync = batch.resync_for != 0 && batch.resync_for != last_resync;
+        last_resync = batch.resync_for;
+        batch.after_epoch = if starts_resync {
+            0
+        } else {
+            accepted.load(Ordering::SeqCst)
+        };
         let epoch = batch.epoch;
         let resp = retry("apply-batch", &shutdown, || {
             let mut c = client.clone();
@@ -311,6 +320,10 @@ pub async fn applier(
         p.index.apply(&p.ops, epoch)?;
         gate.update(resp.settings.as_ref());
         accepted.fetch_max(resp.accepted_epoch.max(epoch), Ordering::SeqCst);
+        // Kept across restarts: the next batch says what it follows whichever hop
+        // answers the registration.
+        let acked = accepted.load(Ordering::SeqCst);
+        meta.insert("accepted_epoch", &acked.to_le_bytes())?;
         durable.fetch_max(resp.durable_epoch, Ordering::SeqCst);
         lag.durable(resp.durable_epoch);
         stats.batches.fetch_add(1, Ordering::Relaxed);

@@ -23,6 +23,8 @@ pub enum ApplyError {
     RenameSourceMissing { path: String, from: String },
     #[error("entry {path:?}: hard link target {target:?} is missing")]
     LinkTargetMissing { path: String, target: String },
+    #[error("entry {path:?}: part {got} came where part {want} was due")]
+    PartOutOfOrder { path: String, want: u32, got: u32 },
     #[error("entry {path:?}: {op}: {errno}")]
     Io {
         path: String,
@@ -41,7 +43,8 @@ impl ferry_common::error::ErrorKind for ApplyError {
             ApplyError::Entry(e) => e.kind(),
             ApplyError::Invalid { .. }
             | ApplyError::RenameSourceMissing { .. }
-            | ApplyError::LinkTargetMissing { .. } => Kind::InvalidArgument,
+            | ApplyError::LinkTargetMissing { .. }
+            | ApplyError::PartOutOfOrder { .. } => Kind::InvalidArgument,
             ApplyError::Io { errno, .. } if errno.raw_os_error() == Some(28) => {
                 Kind::ResourceExhausted
             }
@@ -214,7 +217,7 @@ fn apply_run(
                         let Some(e) = files.get(i) else {
                             return Ok(bytes);
                         };
-                        match apply_one(root, chunks, e, false) {
+                        match apply_one(root, chunks, e, resumed) {
                             Ok(n) => bytes += n,
                             Err(err) => {
                                 // The others stop too: the batch is retried as a whole.
@@ -322,6 +325,28 @@ fn write_segments(fd: &OwnedFd, chunks: &ChunkStore, e: &Entry) -> Result<u64, A
     Ok(written)
 }
 
+/// Whole files this large may have been sent in parts before (a pass cut short, a file
+/// that shrank): what was assembled for them goes when they arrive whole.
+const ABANDONED_PARTS_FROM: u64 = 1 << 20;
+
+/// Removes the file being assembled for `path`, if there is one (ours: it carries the
+/// part mark).
+fn drop_abandoned_part(dir: BorrowedFd<'_>, path: &[u8]) {
+    let staging = part_name(path);
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    let Ok(fd) = rustix::fs::openat(dir, staging.as_slice(), flags, Mode::empty()) else {
+        return;
+    };
+    let mut buf = [0u8; 16];
+    if rustix::fs::fgetxattr(&fd, NEXT_PART, &mut buf).is_ok() {
+        let _ = rustix::fs::unlinkat(dir, staging.as_slice(), AtFlags::empty());
+        tracing::info!(path = %show(path), "abandoned parts removed");
+    }
+}
+
+/// The xattr on a file being assembled that names the part due next.
+const NEXT_PART: &str = "user.ferry.next-part";
+
 /// Where a file sent in parts is assembled: beside it, under a name of its own path's
 /// (so each part finds it), until the last part puts it in place.
 fn part_name(path: &[u8]) -> Vec<u8> {
@@ -347,8 +372,9 @@ fn apply_part(
     let staging = part_name(path);
     let flags = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = if e.part == 0 {
-        // Whatever has the name goes: a fresh regular file of our own, linked nowhere.
-        match rustix::fs::unlinkat(&dir, staging.as_slice(), AtFlags::empty()) {
+        // Whatever has the name goes (a directory too): a fresh regular file of our
+        // own, linked nowhere.
+        match safepath::remove_at(&dir, &staging) {
             Ok(()) | Err(Errno::NOENT) => {}
             Err(err) => return Err(io_at(path, "remove part")(err)),
         }
@@ -374,9 +400,35 @@ fn apply_part(
             message: "the file being assembled is not a lone regular file".into(),
         });
     }
+    // Parts come in order, each once (a batch applied again rewrites the same part):
+    // the file being assembled says which part is due next.
+    if e.part > 0 {
+        let mut buf = [0u8; 16];
+        let due = rustix::fs::fgetxattr(&fd, NEXT_PART, &mut buf)
+            .ok()
+            .and_then(|n| std::str::from_utf8(&buf[..n]).ok()?.parse::<u32>().ok())
+            .unwrap_or(0);
+        if e.part != due && !(resumed && e.part + 1 == due) {
+            return Err(ApplyError::PartOutOfOrder {
+                path: show(path),
+                want: due,
+                got: e.part,
+            });
+        }
+    }
     let written = write_segments(&fd, chunks, e)?;
-    if !e.more_parts {
+    if e.more_parts {
+        let next = (e.part + 1).to_string();
+        rustix::fs::fsetxattr(
+            &fd,
+            NEXT_PART,
+            next.as_bytes(),
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(io_at(path, "mark part"))?;
+    } else {
         rustix::fs::ftruncate(&fd, e.size).map_err(io_at(path, "truncate"))?;
+        // The entry's own xattrs replace the mark.
         set_meta_fd(&fd, e)?;
         replace_at(dir.as_fd(), &staging, name).map_err(io_at(path, "rename"))?;
     }
@@ -464,6 +516,9 @@ fn apply_one(
             }
         }
         replace_at(dir.as_fd(), &tmp, name).map_err(io_at(path, "rename"))?;
+        if kind == EntryKind::File && e.size >= ABANDONED_PARTS_FROM {
+            drop_abandoned_part(dir.as_fd(), path);
+        }
         if kind == EntryKind::Hardlink {
             // A rename onto another name of the same inode does nothing and keeps the
             // temp name (a link sent again, or a batch applied again after a crash).

@@ -198,7 +198,11 @@ impl Cloud {
     /// voids its unused tokens, deletes its images no clone uses, its record and its
     /// replica volumes. Returns what was done.
     pub async fn remove_system(&self, name: &str) -> Result<Vec<String>> {
-        self.replication.require(name)?;
+        // An agent that enrolled and never registered is removed too.
+        let record = self.replication.system(name)?.is_some();
+        if !record && !self.ingest.agent_enrolled(name)? {
+            return Err(CloudError::NotFound(format!("no system named {name:?}")));
+        }
         let apps = self.apps.using_system(name)?;
         if !apps.is_empty() {
             return Err(CloudError::Failed(format!(
@@ -212,8 +216,10 @@ impl Cloud {
             self.delete_image(&img.id).await?;
             done.push(format!("image {} deleted", img.id));
         }
-        let volumes = self.replication.remove(name).await?;
-        done.push(format!("record and {volumes} replica volume(s) deleted"));
+        if record {
+            let volumes = self.replication.remove(name).await?;
+            done.push(format!("record and {volumes} replica volume(s) deleted"));
+        }
         Ok(done)
     }
 

@@ -51,9 +51,10 @@ pub struct DeadLetter {
 pub struct Renewal {
     pub csr_pem: String,
     pub sans: Vec<String>,
-    /// From a site: the agent it renews for, and when that agent's certificate (the
-    /// one it showed the site) was issued.
-    pub agent: Option<(String, u64)>,
+    /// The renewing identity's signature over the CSR with its current key.
+    pub proof: Vec<u8>,
+    /// From a site: the certificate (DER) the agent it renews for connected with.
+    pub agent_cert: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -308,6 +309,8 @@ pub struct Ingest {
     pub lifetime: std::time::Duration,
     /// Shared with the TLS verifier and the per-call gate.
     pub revoked: Revoked,
+    /// Renewals and revocations, one at a time.
+    identities: std::sync::Mutex<()>,
     /// Each site's dead letters, as it last reported them.
     dead_letters: std::sync::Mutex<std::collections::BTreeMap<String, Vec<DeadLetter>>>,
     counters: Arc<Counters>,
@@ -348,6 +351,7 @@ impl Ingest {
             ca,
             lifetime,
             revoked,
+            identities: Default::default(),
             dead_letters: Default::default(),
             counters,
             data_dir,
@@ -450,19 +454,26 @@ impl Ingest {
         }
         check_sans(&req.sans)?;
         let id = identity.to_string();
-        // Said before anything about the token: the name is taken.
-        if self.meta.is_enrolled(&id)? {
-            return Err(CloudError::AlreadyExists(format!(
-                "{id} is already enrolled"
-            )));
-        }
+        let taken = || {
+            CloudError::AlreadyExists(format!(
+                "{id} is already enrolled: a join token made for that very name \
+                 (ferry-cloud token create --system or --name {}) enrolls it again",
+                identity.name
+            ))
+        };
         let scope = self.tokens.check(&req.token)?;
         let site = check_scope(&scope, &identity, req.via.as_ref())?;
-        if !self.meta.reserve_enrolled(&id)? {
-            return Err(CloudError::AlreadyExists(format!(
-                "{id} is already enrolled"
-            )));
+        // An identity whose certificate expired or whose key was lost enrolls again
+        // with a token for its own name only; its old certificates are revoked then.
+        let again = self.meta.is_enrolled(&id)?;
+        if again && scope.name != identity.name {
+            return Err(taken());
         }
+        if !again && !self.meta.reserve_enrolled(&id)? {
+            return Err(taken());
+        }
+        // Anything of it issued before now is revoked if this is an enrollment again.
+        let issued_from = ferry_common::pki::unix_now();
         // Signed first: a bad CSR spends no token. The certificate is handed out only
         // once the token is consumed.
         let signed = self
@@ -473,10 +484,17 @@ impl Ingest {
         let cert_pem = match signed {
             Ok(c) => c,
             Err(e) => {
-                self.meta.release_enrolled(&id)?;
+                if !again {
+                    self.meta.release_enrolled(&id)?;
+                }
                 return Err(e);
             }
         };
+        if again {
+            // Everything issued before this second; the new certificate is of this one.
+            self.revoke_at(&identity, issued_from.saturating_sub(1))?;
+            tracing::warn!(identity = %id, "enrolled again: its earlier certificates are revoked");
+        }
         match (role, site) {
             (Role::Site, _) => self.meta.bind(&identity.name, &scope.systems)?,
             (_, Some(site)) => self.meta.bind(site, std::slice::from_ref(&identity.name))?,
@@ -491,29 +509,47 @@ impl Ingest {
 
     /// Signs a new certificate for an enrolled identity that renews before its
     /// certificate ends: the caller's own, or an agent's its site relays. The identity
-    /// comes from the caller's certificate (or the site's binding), never the request.
-    pub fn renew(&self, caller: &Identity, req: Renewal) -> Result<Enrolled> {
-        let identity = match &req.agent {
-            None => caller.clone(),
-            Some((agent, issued)) => {
-                if caller.role != Role::Site {
+    /// comes from a certificate that verifies (the caller's, or the one the agent showed
+    /// its site), never from the request, and the request is signed by that
+    /// certificate's key. Serialised with revocations: a renewal under way when its
+    /// identity is revoked gets nothing.
+    pub fn renew(
+        &self,
+        caller: &ferry_common::pki::CertInfo,
+        caller_der: &[u8],
+        req: Renewal,
+    ) -> Result<Enrolled> {
+        let _one_at_a_time = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+        let now = ferry_common::pki::unix_now();
+        let refused =
+            |r: ferry_common::revoke::Refusal| CloudError::PermissionDenied(r.to_string());
+        self.revoked.check_live(caller, now).map_err(refused)?;
+        let (identity, holder) = match &req.agent_cert {
+            None => (caller.identity.clone(), caller_der),
+            Some(der) => {
+                if caller.identity.role != Role::Site {
                     return Err(CloudError::PermissionDenied(format!(
-                        "{caller} may not renew another identity's certificate"
+                        "{} may not renew another identity's certificate",
+                        caller.identity
                     )));
                 }
-                let agent = Identity::new(Role::Agent, agent)?;
-                self.authorize(caller, &agent.name)?;
-                let shown = ferry_common::pki::CertInfo {
-                    identity: agent.clone(),
-                    issued: *issued,
-                    expires: u64::MAX,
-                };
-                self.revoked
-                    .check(&shown)
-                    .map_err(|r| CloudError::PermissionDenied(r.to_string()))?;
-                agent
+                ferry_common::tls::verify_chain(self.ca.pem(), der).map_err(|e| {
+                    CloudError::PermissionDenied(format!("the agent's certificate: {e}"))
+                })?;
+                let agent = ferry_common::pki::CertInfo::from_der(der)?;
+                if agent.identity.role != Role::Agent {
+                    return Err(CloudError::PermissionDenied(format!(
+                        "{} is not an agent",
+                        agent.identity
+                    )));
+                }
+                self.revoked.check_live(&agent, now).map_err(refused)?;
+                self.authorize(&caller.identity, &agent.identity.name)?;
+                (agent.identity, der.as_slice())
             }
         };
+        ferry_common::pki::check_renewal_proof(holder, &req.csr_pem, &req.proof)
+            .map_err(|e| CloudError::PermissionDenied(format!("renewal of {identity}: {e}")))?;
         match identity.role {
             Role::Cloud => {
                 return Err(CloudError::PermissionDenied(format!(
@@ -528,24 +564,53 @@ impl Ingest {
             }
             _ => {}
         }
+        // A removed system or revoked site is not enrolled any more.
+        if identity.role != Role::Operator && !self.meta.is_enrolled(&identity.to_string())? {
+            return Err(CloudError::PermissionDenied(format!(
+                "{identity} is not enrolled (removed or revoked)"
+            )));
+        }
         let cert_pem = self
             .ca
             .sign_csr(&req.csr_pem, &identity, &req.sans, self.lifetime)?;
-        tracing::info!(%identity, by = %caller, "certificate renewed");
+        tracing::info!(%identity, by = %caller.identity, "certificate renewed");
         Ok(Enrolled {
             cert_pem,
             ca_pem: self.ca.pem().to_string(),
         })
     }
 
+    /// Whether a caller's certificate may still act now (checked again once a call's
+    /// body has arrived: it may have been revoked meanwhile).
+    pub fn check_live(&self, cert: Option<&ferry_common::pki::CertInfo>) -> Result<()> {
+        match cert {
+            None => Err(CloudError::Unauthenticated),
+            Some(c) => self
+                .revoked
+                .check_live(c, ferry_common::pki::unix_now())
+                .map_err(|r| CloudError::PermissionDenied(r.to_string())),
+        }
+    }
+
     /// Voids every certificate of `identity` issued until now, durably, for every later
     /// handshake and call.
     pub fn revoke(&self, identity: &Identity) -> Result<()> {
-        let now = ferry_common::pki::unix_now();
-        self.meta.revoke(&identity.to_string(), now)?;
-        self.revoked.insert(identity.clone(), now);
+        self.revoke_at(identity, ferry_common::pki::unix_now())
+    }
+
+    fn revoke_at(&self, identity: &Identity, at: u64) -> Result<()> {
+        let _one_at_a_time = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+        self.meta.revoke(&identity.to_string(), at)?;
+        self.revoked.insert(identity.clone(), at);
         tracing::warn!(%identity, "identity revoked");
         Ok(())
+    }
+
+    /// Whether an agent of that name is enrolled.
+    pub fn agent_enrolled(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .meta
+            .is_enrolled(&Identity::new(Role::Agent, name)?.to_string())?)
     }
 
     /// Revokes a site and forgets its bindings; returns what was done.
@@ -558,6 +623,7 @@ impl Ingest {
         self.revoke(&id)?;
         let had = self.meta.unbind_site(name)?;
         self.meta.release_enrolled(&id.to_string())?;
+        (self.dead_letters.lock().unwrap_or_else(|p| p.into_inner())).remove(name);
         let mut done = vec![format!("{id} revoked: its certificates are refused")];
         if !had.is_empty() {
             done.push(format!("it relays no more for {}", had.join(", ")));
@@ -590,8 +656,31 @@ impl Ingest {
     }
 
     /// Takes a site's report of its dead letters (for systems it relays for; a site
-    /// cannot speak of others).
-    pub fn site_report(&self, peer: &Identity, letters: Vec<DeadLetter>) -> Result<()> {
+    /// cannot speak of others). A batch dead-lettered beyond its system's durable epoch
+    /// is a gap the next batch may be long in showing: the agent is asked for a resync
+    /// now.
+    pub async fn site_report(&self, peer: &Identity, letters: Vec<DeadLetter>) -> Result<()> {
+        let kept = self.record_report(peer, letters)?;
+        for l in kept.iter().filter(|l| l.kind == "batch") {
+            let lock = self.replication.lock(&l.system);
+            let _g = lock.lock().await;
+            let Some(mut rec) = self.replication.system(&l.system)? else {
+                continue;
+            };
+            if l.epoch > rec.durable_epoch && rec.resync_from == 0 {
+                let why = format!(
+                    "epoch {} was dead-lettered at site {}: {}",
+                    l.epoch, peer.name, l.reason
+                );
+                ask_resync(&mut rec, l.epoch, why);
+                self.replication.records().put(&rec)?;
+                self.replication.records().flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record_report(&self, peer: &Identity, letters: Vec<DeadLetter>) -> Result<Vec<DeadLetter>> {
         if peer.role != Role::Site {
             return Err(CloudError::PermissionDenied(format!(
                 "{peer} is not a site"
@@ -616,9 +705,9 @@ impl Ingest {
         if letters.is_empty() {
             all.remove(&peer.name);
         } else {
-            all.insert(peer.name.clone(), letters);
+            all.insert(peer.name.clone(), letters.clone());
         }
-        Ok(())
+        Ok(letters)
     }
 
     /// Every site's dead letters.
@@ -766,7 +855,7 @@ impl Ingest {
         }
         // A batch whose predecessor never became durable here (lost, or dead-lettered
         // on the way): what it builds on is missing, so everything goes again.
-        if batch.resync_for == 0 && batch.after_epoch > rec.durable_epoch {
+        if batch.after_epoch > rec.durable_epoch {
             let why = format!(
                 "epoch {}: the batches after epoch {} up to {} never arrived (lost or dead-lettered on the way)",
                 batch.epoch, rec.durable_epoch, batch.after_epoch
@@ -944,6 +1033,7 @@ fn replica_disagrees(e: &CloudError) -> bool {
         CloudError::Apply(
             A::RenameSourceMissing { .. }
             | A::LinkTargetMissing { .. }
+            | A::PartOutOfOrder { .. }
             | A::Path(P::NotDirectory { .. }),
         ) => true,
         CloudError::Apply(A::Io { errno, .. } | A::Path(P::Io { source: errno, .. })) => {

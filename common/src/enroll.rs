@@ -178,10 +178,11 @@ pub async fn renew(
     files: &IdentityFiles,
     sans: &[String],
 ) -> Result<crate::pki::CertInfo, EnrollError> {
-    let (_, old_cert, _) = files.load()?;
+    let (_, old_cert, old_key) = files.load()?;
     let old = crate::pki::CertInfo::from_pem(&old_cert)?;
     let (csr_pem, key_pem) = crate::pki::new_csr()?;
     let req = RenewRequest {
+        proof: crate::pki::renewal_proof(&old_key, &csr_pem)?,
         csr_pem,
         sans: sans.to_vec(),
         ..Default::default()
@@ -192,10 +193,11 @@ pub async fn renew(
         .map_err(|s| EnrollError::Refused(Box::new(s)))?
         .into_inner();
     let new = crate::pki::CertInfo::from_pem(&resp.cert_pem)?;
-    // The manager's answer is checked like any peer's: our identity, a later end.
-    if new.identity != old.identity || new.expires < old.expires {
+    // The manager's answer is checked like any peer's: our identity, and not due
+    // for renewal itself (a shorter lifetime set since is taken).
+    if new.identity != old.identity || new.renewal_due(crate::pki::unix_now()) {
         return Err(EnrollError::Pki(PkiError::Invalid(
-            "the renewed certificate is not ours, or ends sooner",
+            "the renewed certificate is not ours, or is due for renewal already",
         )));
     }
     files.save_renewed(&resp.cert_pem, &key_pem)?;

@@ -230,7 +230,13 @@ pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
         path: path.display().to_string(),
         source,
     };
-    let tmp = path.with_extension("tmp");
+    // A name of its own: two writers of one file (two `ferry` runs renewing) each
+    // rename a whole file over it, never a mix.
+    let tmp = path.with_extension(format!(
+        "tmp.{}.{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -375,6 +381,46 @@ fn leaf_params(identity: &Identity, sans: &[String]) -> Result<CertificateParams
         Role::Agent | Role::Operator => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     Ok(params)
+}
+
+/// What a renewal's proof signs: the new CSR, under a label of its own.
+fn renewal_message(csr_pem: &str) -> Vec<u8> {
+    let mut m = b"ferry-renew-v1\0".to_vec();
+    m.extend_from_slice(csr_pem.as_bytes());
+    m
+}
+
+/// Signs a renewal's CSR with the current key (PKCS#8 PEM, ECDSA P-256): the proof that
+/// whoever asks holds it.
+pub fn renewal_proof(key_pem: &str, csr_pem: &str) -> Result<Vec<u8>, PkiError> {
+    let mut rd = key_pem.as_bytes();
+    let key = rustls_pemfile::private_key(&mut rd)
+        .map_err(PkiError::Pem)?
+        .ok_or(PkiError::Invalid("no private key in pem"))?;
+    let rustls::pki_types::PrivateKeyDer::Pkcs8(der) = key else {
+        return Err(PkiError::Invalid("the key is not pkcs8"));
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        der.secret_pkcs8_der(),
+        &rng,
+    )
+    .map_err(|_| PkiError::Invalid("the key is not an ecdsa p-256 key"))?;
+    let sig = pair
+        .sign(&rng, &renewal_message(csr_pem))
+        .map_err(|_| PkiError::Invalid("cannot sign"))?;
+    Ok(sig.as_ref().to_vec())
+}
+
+/// Whether `proof` is the signature of the key in `cert_der` over the renewal of
+/// `csr_pem`.
+pub fn check_renewal_proof(cert_der: &[u8], csr_pem: &str, proof: &[u8]) -> Result<(), PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(PkiError::Der)?;
+    let public = &cert.public_key().subject_public_key.data;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public)
+        .verify(&renewal_message(csr_pem), proof)
+        .map_err(|_| PkiError::Invalid("the renewal is not signed by the certificate's key"))
 }
 
 /// A fresh key and a CSR for it, both PEM.
@@ -531,6 +577,29 @@ mod tests {
             ("ca".into(), "cert3".into(), "key3".into())
         );
         assert!(!dir.path().join("key.next.pem").exists());
+    }
+
+    #[test]
+    fn a_renewal_proof_holds_only_for_the_key_of_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), Lifetimes::default().ca).unwrap();
+        let id = Identity::new(Role::Agent, "web01").unwrap();
+        let (cert, key) = ca.issue(&id, &[], Lifetimes::default().leaf).unwrap();
+        let (other_cert, _) = ca.issue(&id, &[], Lifetimes::default().leaf).unwrap();
+        let (csr, _) = new_csr().unwrap();
+        let proof = renewal_proof(&key, &csr).unwrap();
+        let der = pem_to_der(&cert).unwrap();
+        assert!(check_renewal_proof(&der, &csr, &proof).is_ok());
+        let (csr2, _) = new_csr().unwrap();
+        assert!(
+            check_renewal_proof(&der, &csr2, &proof).is_err(),
+            "another csr"
+        );
+        let other = pem_to_der(&other_cert).unwrap();
+        assert!(
+            check_renewal_proof(&other, &csr, &proof).is_err(),
+            "another key"
+        );
     }
 
     #[test]

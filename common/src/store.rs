@@ -21,10 +21,21 @@ pub fn has_failed() -> bool {
     failure().is_cancelled()
 }
 
-/// Whether an I/O error means the disk under a store failed: a full disk is not that
-/// (the daemons refuse work and wait for room), anything else is.
+/// Whether an I/O error means the disk under a store failed: an I/O error, a file
+/// system turned read-only or found corrupt, a device gone. A full disk or quota is not
+/// that (the daemons refuse work and wait for room), nor is running out of descriptors
+/// or memory.
 pub fn is_failure(e: &std::io::Error) -> bool {
-    e.raw_os_error() != Some(28)
+    const EIO: i32 = 5;
+    const ENXIO: i32 = 6;
+    const ENODEV: i32 = 19;
+    const EROFS: i32 = 30;
+    const EBADMSG: i32 = 74;
+    const EUCLEAN: i32 = 117;
+    matches!(
+        e.raw_os_error(),
+        Some(EIO | ENXIO | ENODEV | EROFS | EBADMSG | EUCLEAN)
+    )
 }
 
 /// Notes a store's I/O error: the first one fails the process's stores.

@@ -145,6 +145,16 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// Whether `der` is a certificate of the Ferry CA in `ca_pem`, valid now (chain and
+/// dates, as a server's handshake checks them).
+pub fn verify_chain(ca_pem: &str, der: &[u8]) -> Result<(), TlsError> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider())
+            .build()?;
+    verifier.verify_client_cert(&CertificateDer::from(der.to_vec()), &[], UnixTime::now())?;
+    Ok(())
+}
+
 /// The CA's client verifier (chain and dates), then the revocation list: a revoked
 /// certificate ends at the handshake.
 #[derive(Debug)]
@@ -377,6 +387,9 @@ pub struct PeerInfo {
     pub identity: Option<Identity>,
     /// That certificate's identity and dates.
     pub cert: Option<CertInfo>,
+    /// That certificate (DER): a site hands an agent's to the cloud manager with its
+    /// renewal.
+    pub cert_der: Option<Arc<Vec<u8>>>,
 }
 
 /// Reads the peer from a request's extensions.
@@ -548,12 +561,13 @@ pub fn incoming_with(
                         return;
                     }
                 };
-                let cert = tls
+                let der = tls
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(|der| CertInfo::from_der(der).ok());
+                    .map(|d| Arc::new(d.to_vec()));
+                let cert = der.as_ref().and_then(|d| CertInfo::from_der(d).ok());
                 let identity = cert.as_ref().map(|c| c.identity.clone());
                 let mut places = vec![place];
                 // A peer renews well before its certificate ends, then dials again.
@@ -576,6 +590,7 @@ pub fn incoming_with(
                             addr,
                             identity,
                             cert,
+                            cert_der: der,
                         },
                         _places: places,
                         deadline,
@@ -825,7 +840,12 @@ impl tower::Service<http::Request<tonic::body::BoxBody>> for SwapChannel {
         let ready = self
             .ready
             .get_or_insert_with(|| current.read().unwrap_or_else(|p| p.into_inner()).clone());
-        tower::Service::poll_ready(ready, cx)
+        let r = tower::Service::poll_ready(ready, cx);
+        if let Poll::Ready(Err(_)) = &r {
+            // A failed channel is not kept: the next call takes the current one.
+            self.ready = None;
+        }
+        r
     }
 
     fn call(&mut self, req: http::Request<tonic::body::BoxBody>) -> Self::Future {

@@ -16,6 +16,7 @@ pub const SOCKET: &str = "admin.sock";
 /// Moves a queue item aside with the reason upstream gave, durably, and says so
 /// upstream.
 pub fn put(relay: &Relay, key: &[u8], value: sled::IVec, why: &str) {
+    let _one_at_a_time = relay.dead_lock.lock().unwrap_or_else(|p| p.into_inner());
     let moved = (|| -> Result<(), RelayError> {
         relay.dead_why.insert(key, why.as_bytes())?;
         relay.dead.insert(key, value)?;
@@ -40,7 +41,7 @@ fn split_key(key: &[u8]) -> Option<(String, u64)> {
 }
 
 fn selected(sel: &pb::DeadLetterSelection, system: &str, seq: u64) -> bool {
-    (sel.system.is_empty() || sel.system == system) && (sel.seq == 0 || sel.seq == seq)
+    (sel.system.is_empty() || sel.system == system) && (!sel.has_seq || sel.seq == seq)
 }
 
 /// The dead letters `sel` names, oldest first per system.
@@ -89,7 +90,22 @@ fn take(
     sel: &pb::DeadLetterSelection,
     requeue: bool,
 ) -> Result<Vec<pb::DeadLetter>, RelayError> {
+    let _one_at_a_time = relay.dead_lock.lock().unwrap_or_else(|p| p.into_inner());
     let letters = list(relay, sel);
+    if requeue {
+        // A batch older than what the cloud holds would be acknowledged unapplied:
+        // retrying it would only look like a replay.
+        for l in letters.iter().filter(|l| l.kind == "batch") {
+            let durable = relay.positions(&l.system).durable;
+            if l.epoch <= durable {
+                return Err(RelayError::Invalid(format!(
+                    "{} seq {} (epoch {}) is superseded: the cloud manager holds epoch \
+                     {durable} of it (a resync replaced it); drop it instead",
+                    l.system, l.seq, l.epoch
+                )));
+            }
+        }
+    }
     for l in &letters {
         let mut key = l.system.as_bytes().to_vec();
         key.push(0);

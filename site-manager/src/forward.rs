@@ -380,11 +380,13 @@ pub async fn talk_upstream(
         let mut c = EnrollmentClient::new(relay.upstream.clone());
         match c.revocations(pb::RevocationsRequest {}).await {
             Ok(r) => {
-                let all = r.into_inner().revoked.into_iter().filter_map(|r| {
-                    let id = ferry_common::pki::Identity::parse(&r.identity).ok()?;
-                    Some((id, r.revoked_at))
-                });
-                revoked.replace(all);
+                let kept: Vec<(String, u64)> = (r.into_inner().revoked.into_iter())
+                    .map(|r| (r.identity, r.revoked_at))
+                    .collect();
+                if let Err(e) = relay.save_revocations(&kept) {
+                    tracing::warn!(error = %e, "cannot keep the revocations");
+                }
+                revoked.replace(relay.revocations());
             }
             Err(e) => tracing::debug!(error = %e, "cannot fetch revocations yet"),
         }

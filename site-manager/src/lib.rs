@@ -66,6 +66,9 @@ pub async fn run(
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
+    // Its queue, keys and admin socket are root's alone.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(io)?;
     let bound = listener.local_addr().map_err(io)?;
     let files = IdentityFiles::new(&dir.join("identity"));
     let token = config
@@ -99,6 +102,9 @@ pub async fn run(
         upstream.clone(),
         config.spool_limit,
     )?);
+    revoked.replace(relay.revocations());
+    // From here on a failed store stops the site as a signal would, then fails it.
+    let shutdown = ferry_common::shutdown::or_store_failure(&shutdown);
     let tracker = tokio_util::task::TaskTracker::new();
     tracker.spawn(forward::forward(relay.clone(), shutdown.clone()));
     tracker.spawn(forward::push_ahead(relay.clone(), shutdown.clone()));

@@ -91,6 +91,7 @@ impl Selection {
         ferry_proto::v1::DeadLetterSelection {
             system: self.system.clone().unwrap_or_default(),
             seq: self.seq.unwrap_or(0),
+            has_seq: self.seq.is_some(),
         }
     }
 }

@@ -116,6 +116,11 @@ pub struct Relay {
     /// Woken when the dead letters change, so upstream hears of it at once.
     pub dead_changed: tokio::sync::Notify,
     positions: sled::Tree,
+    /// The cloud manager's revocations as last fetched (so a site restarted while the
+    /// cloud is away still refuses what it revoked).
+    revocations: sled::Tree,
+    /// Dead letters are moved and put back one at a time.
+    pub dead_lock: std::sync::Mutex<()>,
     pub chunks: ChunkStore,
     pub upstream: SwapChannel,
     pub wake: tokio::sync::Notify,
@@ -190,6 +195,8 @@ impl Relay {
             dead_why: store.tree("dead-why")?,
             dead_changed: tokio::sync::Notify::new(),
             positions: store.tree("positions")?,
+            revocations: store.tree("revocations")?,
+            dead_lock: Default::default(),
             chunks: ChunkStore::open(&dir.join("chunks"), store.tree("chunks")?)?,
             store,
             upstream,
@@ -281,6 +288,25 @@ impl Relay {
         IngestClient::new(self.upstream.clone())
             .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
+    }
+
+    /// Keeps the revocations fetched from the cloud manager.
+    pub fn save_revocations(&self, all: &[(String, u64)]) -> Result<()> {
+        self.store.put_json(&self.revocations, b"all", &all)?;
+        self.flush()
+    }
+
+    /// The revocations kept by `save_revocations`.
+    pub fn revocations(&self) -> Vec<(ferry_common::pki::Identity, u64)> {
+        let kept: Vec<(String, u64)> = self
+            .store
+            .get_json(&self.revocations, b"all")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        kept.into_iter()
+            .filter_map(|(id, at)| Some((ferry_common::pki::Identity::parse(&id).ok()?, at)))
+            .collect()
     }
 
     pub fn queue_len(&self) -> usize {
@@ -442,14 +468,16 @@ impl pb::enrollment_server::Enrollment for Service {
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        let cert = peer(&req).and_then(|p| p.cert.clone());
-        let Some(cert) = cert.filter(|c| c.identity.role == Role::Agent) else {
+        let shown = peer(&req).and_then(|p| Some((p.cert.clone()?, p.cert_der.clone()?)));
+        let Some((cert, der)) = shown.filter(|(c, _)| c.identity.role == Role::Agent) else {
             let e = RelayError::NotAgent;
             return Err(fail("renew", who(&req).as_ref(), e));
         };
+        // The cloud manager checks the certificate and the agent's proof itself.
         let mut r = req.into_inner();
         r.agent = cert.identity.name.clone();
         r.agent_cert_issued = cert.issued;
+        r.agent_cert_der = der.to_vec();
         let mut c = EnrollmentClient::new(self.relay.upstream.clone());
         c.renew(r).await
     }

@@ -156,8 +156,8 @@ async fn a_read_only_volume_is_retried_and_a_refused_batch_is_dead_lettered_then
         .join("escaped")
         .exists());
 
-    // The unreadable one dropped by its seq; the batch retried, acknowledged as
-    // superseded by the resync, never applied: gone everywhere.
+    // The unreadable one dropped by its seq; the batch, superseded by the resync, is
+    // not retried (it would be acknowledged unapplied) but dropped: gone everywhere.
     let seq = letters[1]["seq"].to_string();
     let said = site_admin(&site_dir, "drop", &["--system", "live", "--seq", &seq])?;
     assert!(
@@ -168,8 +168,18 @@ async fn a_read_only_volume_is_retried_and_a_refused_batch_is_dead_lettered_then
         dead_letters(&site_dir, &[])?.as_array().map(Vec::len),
         Some(1)
     );
-    let said = site_admin(&site_dir, "retry", &[])?;
-    assert!(said.contains("put back"), "{said}");
+    let out = output(
+        Command::new(bin("ferry-site"))
+            .args(["deadletter", "retry", "--data-dir"])
+            .arg(&site_dir),
+    )?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("superseded"),
+        "{said}"
+    );
+    let said = site_admin(&site_dir, "drop", &["--system", "live"])?;
+    assert!(said.contains("dropped"), "{said}");
     wait_for("sync status to clear", Duration::from_secs(30), || {
         f.cloud
             .ferry_json(&["sync", "status"])

@@ -150,9 +150,11 @@ async fn renew(
     path: &Path,
 ) -> Result<u64, CliError> {
     let (csr_pem, key_pem) = ferry_common::pki::new_csr()?;
+    let proof = ferry_common::pki::renewal_proof(creds.key_pem.expose(), &csr_pem)?;
     let r = pb::enrollment_client::EnrollmentClient::new(ch.clone())
         .renew(pb::RenewRequest {
             csr_pem,
+            proof,
             ..Default::default()
         })
         .await?

@@ -136,11 +136,12 @@ impl pb::enrollment_server::Enrollment for Grpc {
     ) -> Result<Response<pb::EnrollResponse>, Status> {
         let who = identity(&req);
         let cloud = self.cloud.clone();
-        let r = match who.clone() {
+        let shown = peer(&req).and_then(|p| Some((p.cert.clone()?, p.cert_der.clone()?)));
+        let r = match shown {
             None => Err(CloudError::Unauthenticated),
-            Some(caller) => {
+            Some((cert, der)) => {
                 let renewal = req.into_inner().into();
-                crate::error::blocking(move || cloud.ingest.renew(&caller, renewal)).await
+                crate::error::blocking(move || cloud.ingest.renew(&cert, &der, renewal)).await
             }
         };
         self.reply("renew", who, r)
@@ -171,8 +172,11 @@ impl pb::ingest_server::Ingest for Grpc {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let who = identity(&req);
+        let cert = peer(&req).and_then(|p| p.cert.clone());
         let r = async {
             let id = require_ingest(who.as_ref())?;
+            // Revoked while its body was on the way?
+            self.cloud.ingest.check_live(cert.as_ref())?;
             self.cloud
                 .ingest
                 .register(id, req.into_inner().into())
@@ -230,8 +234,10 @@ impl pb::ingest_server::Ingest for Grpc {
         req: Request<pb::Batch>,
     ) -> Result<Response<pb::BatchResponse>, Status> {
         let who = identity(&req);
+        let cert = peer(&req).and_then(|p| p.cert.clone());
         let r = async {
             let id = require_ingest(who.as_ref())?;
+            self.cloud.ingest.check_live(cert.as_ref())?;
             self.cloud
                 .ingest
                 .apply_batch(id, req.into_inner().into())
@@ -246,10 +252,13 @@ impl pb::ingest_server::Ingest for Grpc {
         req: Request<pb::SiteReportRequest>,
     ) -> Result<Response<pb::SiteReportResponse>, Status> {
         let who = identity(&req);
-        let r = require_ingest(who.as_ref()).and_then(|id| {
+        let r = async {
+            let id = require_ingest(who.as_ref())?;
             let letters = req.into_inner().dead_letters;
-            (self.cloud.ingest).site_report(id, letters.into_iter().map(Into::into).collect())
-        });
+            let letters = letters.into_iter().map(Into::into).collect();
+            self.cloud.ingest.site_report(id, letters).await
+        }
+        .await;
         self.reply("site-report", who, r.map(|()| pb::SiteReportResponse {}))
     }
 

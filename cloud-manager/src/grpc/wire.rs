@@ -74,7 +74,8 @@ impl From<pb::RenewRequest> for Renewal {
         Self {
             csr_pem: r.csr_pem,
             sans: r.sans,
-            agent: (!r.agent.is_empty()).then_some((r.agent, r.agent_cert_issued)),
+            proof: r.proof,
+            agent_cert: (!r.agent_cert_der.is_empty()).then_some(r.agent_cert_der),
         }
     }
 }

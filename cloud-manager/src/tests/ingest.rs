@@ -307,14 +307,30 @@ async fn an_epoch_gap_or_an_agent_with_new_state_asks_for_a_resync() {
         "{}",
         rec.last_error
     );
-    // The resync pass itself builds on nothing and goes in.
-    let resync = Batch {
+    // The resync pass's first batch builds on nothing and goes in; a gap inside the
+    // pass asks for another.
+    let resync = |epoch, after_epoch, ends_pass| Batch {
         resync_for: 4,
-        ends_pass: true,
-        ..after(5, 4, "d")
+        ends_pass,
+        ..after(epoch, after_epoch, "d")
     };
-    let ack = ingest.apply_batch(&agent("web01"), resync).await.unwrap();
-    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (5, 0));
+    let ack = ingest
+        .apply_batch(&agent("web01"), resync(5, 0, false))
+        .await
+        .unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (5, 4));
+    let ack = ingest
+        .apply_batch(&agent("web01"), resync(7, 6, true))
+        .await
+        .unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (5, 7));
+    let again = Batch {
+        resync_for: 7,
+        ends_pass: true,
+        ..after(8, 0, "d")
+    };
+    let ack = ingest.apply_batch(&agent("web01"), again).await.unwrap();
+    assert_eq!((ack.durable_epoch, ack.settings.resync_from), (8, 0));
     assert!(replica.join("d").is_dir());
 
     // An agent that lost its state registers: everything goes again.
@@ -328,7 +344,7 @@ async fn an_epoch_gap_or_an_agent_with_new_state_asks_for_a_resync() {
         .register(&agent("web01"), fresh.clone())
         .await
         .unwrap();
-    assert_eq!(ack.settings.resync_from, 5);
+    assert_eq!(ack.settings.resync_from, 8);
     // A first run (nothing durable yet) is not asked for anything.
     register(&h, "db01", "10.0.0.6/24").await;
     let first = Registration {
@@ -583,7 +599,36 @@ fn enrollment_takes_a_valid_token_once_and_checks_role_and_names() {
     assert_eq!(kind(ingest.enroll(forged)), Kind::PermissionDenied);
     let got = ingest.enroll(ask("agent", &[])).unwrap();
     assert!(got.cert_pem.contains("BEGIN CERTIFICATE"));
-    assert_eq!(kind(ingest.enroll(ask("agent", &[]))), Kind::AlreadyExists);
+    // Spent.
+    assert_eq!(
+        kind(ingest.enroll(ask("agent", &[]))),
+        Kind::PermissionDenied
+    );
+    let store = ferry_common::token::TokenStore::new(h.dir.path());
+    let new_token = |name: &str| {
+        let scope = Scope {
+            name: name.into(),
+            ..Scope::default()
+        };
+        let ttl = std::time::Duration::from_secs(60);
+        store.create(&ingest.ca.fingerprint(), ttl, scope).unwrap()
+    };
+    // Any new name's token does not take a name enrolled already...
+    let again = |t: &ferry_common::token::JoinToken| Enrollment {
+        token: t.credential(),
+        ..ask("agent", &[])
+    };
+    assert_eq!(
+        kind(ingest.enroll(again(&new_token("")))),
+        Kind::AlreadyExists
+    );
+    // ...a token made for that very name does, and the old certificate is revoked.
+    let old = ferry_common::pki::CertInfo::from_pem(&got.cert_pem).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let renewed = ingest.enroll(again(&new_token("web01"))).unwrap();
+    let new = ferry_common::pki::CertInfo::from_pem(&renewed.cert_pem).unwrap();
+    assert!(ingest.revoked.check(&old).is_err());
+    assert!(ingest.revoked.check(&new).is_ok());
 }
 
 #[tokio::test]
@@ -952,4 +997,91 @@ async fn sites_of_systems_from_before_bindings_are_bound_once_at_start() {
         kind(h.cloud.ingest.authorize(&old, "app01")),
         Kind::PermissionDenied
     );
+}
+
+/// A renewal names no identity: it is the caller's own, or the agent whose certificate a
+/// site shows, bound to that site, signed with that certificate's key, not revoked.
+#[test]
+fn a_renewal_is_only_for_a_certificate_whose_key_signs_it() {
+    use crate::ingest::Renewal;
+    use ferry_common::pki::{new_csr, pem_to_der, renewal_proof, CertInfo};
+    let h = harness();
+    let ingest = &h.cloud.ingest;
+    let store = ferry_common::token::TokenStore::new(h.dir.path());
+    let enroll = |role: &str, name: &str, systems: &[&str]| {
+        let scope = Scope {
+            role: role.into(),
+            name: name.into(),
+            systems: systems.iter().map(|s| s.to_string()).collect(),
+            ..Scope::default()
+        };
+        let ttl = std::time::Duration::from_secs(60);
+        let token = store.create(&ingest.ca.fingerprint(), ttl, scope).unwrap();
+        let (csr_pem, key) = new_csr().unwrap();
+        let got = ingest
+            .enroll(Enrollment {
+                token: token.credential(),
+                role: role.into(),
+                name: name.into(),
+                csr_pem,
+                sans: Vec::new(),
+                via: None,
+            })
+            .unwrap();
+        let der = pem_to_der(&got.cert_pem).unwrap();
+        (CertInfo::from_der(&der).unwrap(), der, key)
+    };
+    let (site, site_der, site_key) = enroll("site", "site1", &["web01"]);
+    let (_, web_der, web_key) = enroll("agent", "web01", &[]);
+    let (_, db_der, db_key) = enroll("agent", "db01", &[]);
+    let relayed = |der: &[u8], key: &str| {
+        let (csr_pem, _) = new_csr().unwrap();
+        Renewal {
+            proof: renewal_proof(key, &csr_pem).unwrap(),
+            csr_pem,
+            sans: Vec::new(),
+            agent_cert: Some(der.to_vec()),
+        }
+    };
+    // The site relays web01's own signed request: web01 gets a certificate.
+    let got = ingest
+        .renew(&site, &site_der, relayed(&web_der, &web_key))
+        .unwrap();
+    assert_eq!(
+        CertInfo::from_pem(&got.cert_pem).unwrap().identity,
+        agent("web01")
+    );
+    // Signed by the site's key, not the agent's: refused.
+    let r = ingest.renew(&site, &site_der, relayed(&web_der, &site_key));
+    assert_eq!(kind(r), Kind::PermissionDenied);
+    // An agent the site is not bound to: refused.
+    let r = ingest.renew(&site, &site_der, relayed(&db_der, &db_key));
+    assert_eq!(kind(r), Kind::PermissionDenied);
+    // An agent cannot renew for another.
+    let db = CertInfo::from_der(&db_der).unwrap();
+    let r = ingest.renew(&db, &db_der, relayed(&web_der, &web_key));
+    assert_eq!(kind(r), Kind::PermissionDenied);
+    // Its own renewal, unsigned: refused; signed: done.
+    let (csr_pem, _) = new_csr().unwrap();
+    let unsigned = Renewal {
+        csr_pem: csr_pem.clone(),
+        sans: Vec::new(),
+        proof: Vec::new(),
+        agent_cert: None,
+    };
+    assert_eq!(
+        kind(ingest.renew(&db, &db_der, unsigned)),
+        Kind::PermissionDenied
+    );
+    let signed = Renewal {
+        proof: renewal_proof(&db_key, &csr_pem).unwrap(),
+        csr_pem,
+        sans: Vec::new(),
+        agent_cert: None,
+    };
+    assert!(ingest.renew(&db, &db_der, signed).is_ok());
+    // Revoked, web01 gets nothing through its site.
+    ingest.revoke(&agent("web01")).unwrap();
+    let r = ingest.renew(&site, &site_der, relayed(&web_der, &web_key));
+    assert_eq!(kind(r), Kind::PermissionDenied);
 }
