@@ -344,6 +344,14 @@ fn drop_abandoned_part(dir: BorrowedFd<'_>, path: &[u8]) {
     }
 }
 
+/// The directory (made as needed) and name where a non-directory entry goes.
+fn file_parent<'p>(root: &Root, path: &'p [u8]) -> Result<(OwnedFd, &'p [u8]), ApplyError> {
+    root.parent(path, true)?.ok_or_else(|| ApplyError::Invalid {
+        path: String::new(),
+        message: "the root can only be a directory".into(),
+    })
+}
+
 /// The xattr on a file being assembled that names the part due next.
 const NEXT_PART: &str = "user.ferry.next-part";
 
@@ -363,12 +371,7 @@ fn apply_part(
     resumed: bool,
 ) -> Result<u64, ApplyError> {
     let path = e.path.as_slice();
-    let (dir, name) = root
-        .parent(path, true)?
-        .ok_or_else(|| ApplyError::Invalid {
-            path: String::new(),
-            message: "the root can only be a directory".into(),
-        })?;
+    let (dir, name) = file_parent(root, path)?;
     let staging = part_name(path);
     let flags = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = if e.part == 0 {
@@ -466,12 +469,7 @@ fn apply_one(
         }
         return Ok(0);
     }
-    let (dir, name) = root
-        .parent(path, true)?
-        .ok_or_else(|| ApplyError::Invalid {
-            path: String::new(),
-            message: "the root can only be a directory".into(),
-        })?;
+    let (dir, name) = file_parent(root, path)?;
     let tmp = tmp_name();
     let result = (|| -> Result<u64, ApplyError> {
         let mut written = 0;

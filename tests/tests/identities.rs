@@ -87,25 +87,24 @@ async fn certificates_renew_while_replicating_and_expired_ones_are_refused() -> 
     let (src_a, src_b) = (t.join("src-a"), t.join("src-b"));
     write_tree(&src_a, "alpha")?;
     write_tree(&src_b, "beta")?;
-    let mut a = Proc::spawn(
-        &mut agent_follow_cmd(
-            &t.join("agent-a"),
-            &cloud.url(),
-            Some(&cloud.token()?),
-            &src_a,
-            "alpha",
-        ),
-        &t.join("agent-a.log"),
+    // An agent following `src` as `name` through `manager`, its state in `t/dir`.
+    let follower = |dir: &str, manager: &str, token: Option<&str>, src: &Path, name: &str| {
+        let mut cmd = agent_follow_cmd(&t.join(dir), manager, token, src, name);
+        Proc::spawn(&mut cmd, &t.join(format!("{dir}.log")))
+    };
+    let mut a = follower(
+        "agent-a",
+        &cloud.url(),
+        Some(&cloud.token()?),
+        &src_a,
+        "alpha",
     )?;
-    let mut b = Proc::spawn(
-        &mut agent_follow_cmd(
-            &t.join("agent-b"),
-            &site.url(),
-            Some(&cloud.token()?),
-            &src_b,
-            "beta",
-        ),
-        &t.join("agent-b.log"),
+    let mut b = follower(
+        "agent-b",
+        &site.url(),
+        Some(&cloud.token()?),
+        &src_b,
+        "beta",
     )?;
     wait_for("both systems registered", Duration::from_secs(30), || {
         cloud.replica_path("alpha", "/").is_ok() && cloud.replica_path("beta", "/").is_ok()
@@ -175,10 +174,7 @@ async fn certificates_renew_while_replicating_and_expired_ones_are_refused() -> 
     assert!(renewals >= 1, "the agent behind the site never renewed");
     // A restart keeps the renewed identity: no token, and it still gets in.
     a.stop()?;
-    a = Proc::spawn(
-        &mut agent_follow_cmd(&t.join("agent-a"), &cloud.url(), None, &src_a, "alpha"),
-        &t.join("agent-a.log"),
-    )?;
+    a = follower("agent-a", &cloud.url(), None, &src_a, "alpha")?;
     std::fs::write(src_a.join("data/after-restart"), b"restarted")?;
     converged_within(
         &src_a,
