@@ -472,8 +472,15 @@ impl Ingest {
         if !again && !self.meta.reserve_enrolled(&id)? {
             return Err(taken());
         }
-        // Anything of it issued before now is revoked if this is an enrollment again.
+        // Enrolling again revokes everything of it issued up to this second; the new
+        // certificate is of the next one (issue times are whole seconds).
         let issued_from = ferry_common::pki::unix_now();
+        if again {
+            let next = std::time::UNIX_EPOCH + std::time::Duration::from_secs(issued_from + 1);
+            if let Ok(wait) = next.duration_since(std::time::SystemTime::now()) {
+                std::thread::sleep(wait);
+            }
+        }
         // Signed first: a bad CSR spends no token. The certificate is handed out only
         // once the token is consumed.
         let signed = self
@@ -492,7 +499,7 @@ impl Ingest {
         };
         if again {
             // Everything issued before this second; the new certificate is of this one.
-            self.revoke_at(&identity, issued_from.saturating_sub(1))?;
+            self.revoke_at(&identity, issued_from)?;
             tracing::warn!(identity = %id, "enrolled again: its earlier certificates are revoked");
         }
         match (role, site) {

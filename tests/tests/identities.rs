@@ -276,6 +276,26 @@ async fn removed_systems_and_revoked_sites_and_operators_are_refused() -> Result
     let said = cloud.ferry_fails(&["systems", "remove", "gamma"]);
     assert!(said.contains("--yes"), "{said}");
 
+    // alpha's agent loses its identity (or lets it expire): any new name's token does
+    // not take its name back; a token made for it does, the replica stays, and the
+    // old certificate is revoked.
+    let state = t.join("agent-alpha");
+    let (ca_pem, old_cert, old_key) = IdentityFiles::new(&state.join("identity")).load()?;
+    std::fs::remove_dir_all(state.join("identity"))?;
+    std::fs::write(src.join("data/after-reenroll"), b"back")?;
+    let err = agent_once(&state, &cloud.url(), Some(&cloud.token()?), &src, "alpha")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("already enrolled"), "{err}");
+    let token = cloud.token_with(&["--system", "alpha"])?;
+    agent_once(&state, &cloud.url(), Some(&token), &src, "alpha")?;
+    let replica = cloud.replica_path("alpha", "/")?;
+    assert!(replica.join("data/f1").is_file() && replica.join("data/after-reenroll").is_file());
+    let cfg = ferry_common::tls::client_config(&ca_pem, &old_cert, &old_key, &[Role::Cloud])?;
+    let why = ferry_common::tls::handshake_refusal(&cloud.url(), cfg).await;
+    assert_eq!(why, Some("revoked"));
+
     let out = sh(Command::new(bin("ferry"))
         .arg("--credentials")
         .arg(cloud.creds())
