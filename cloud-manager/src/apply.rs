@@ -411,7 +411,10 @@ fn apply_part(
             .ok()
             .and_then(|n| std::str::from_utf8(&buf[..n]).ok()?.parse::<u32>().ok())
             .unwrap_or(0);
-        if e.part != due && !(resumed && e.part + 1 == due) {
+        // A batch applied again may find its part written (due one later) or, for the
+        // last part, the mark already replaced by the entry's own xattrs (due 0).
+        let again = resumed && (e.part + 1 == due || (!e.more_parts && due == 0));
+        if e.part != due && !again {
             return Err(ApplyError::PartOutOfOrder {
                 path: show(path),
                 want: due,

@@ -259,6 +259,7 @@ fn ask_resync(rec: &mut SystemRecord, epoch: u64, why: String) {
     tracing::warn!(system = %rec.name, epoch, reason = %why, "asking the agent for a resync");
     rec.resync_from = epoch;
     rec.resynced_fs.clear();
+    rec.resync_started = false;
     rec.resyncs += 1;
     rec.last_error = format!("{why}; the agent is sending everything again");
 }
@@ -473,7 +474,9 @@ impl Ingest {
             return Err(taken());
         }
         // Enrolling again revokes everything of it issued up to this second; the new
-        // certificate is of the next one (issue times are whole seconds).
+        // certificate is of the next one (issue times are whole seconds). No renewal by
+        // the old key gets in between: they wait for this.
+        let _no_renewals = again.then(|| self.identities.lock().unwrap_or_else(|p| p.into_inner()));
         let issued_from = ferry_common::pki::unix_now();
         if again {
             let next = std::time::UNIX_EPOCH + std::time::Duration::from_secs(issued_from + 1);
@@ -499,7 +502,7 @@ impl Ingest {
         };
         if again {
             // Everything issued before this second; the new certificate is of this one.
-            self.revoke_at(&identity, issued_from)?;
+            self.revoke_locked(&identity, issued_from)?;
             tracing::warn!(identity = %id, "enrolled again: its earlier certificates are revoked");
         }
         match (role, site) {
@@ -607,6 +610,11 @@ impl Ingest {
 
     fn revoke_at(&self, identity: &Identity, at: u64) -> Result<()> {
         let _one_at_a_time = self.identities.lock().unwrap_or_else(|p| p.into_inner());
+        self.revoke_locked(identity, at)
+    }
+
+    /// `revoke_at` for a caller that holds `identities`.
+    fn revoke_locked(&self, identity: &Identity, at: u64) -> Result<()> {
         self.meta.revoke(&identity.to_string(), at)?;
         self.revoked.insert(identity.clone(), at);
         tracing::warn!(%identity, "identity revoked");
@@ -668,9 +676,21 @@ impl Ingest {
     /// now.
     pub async fn site_report(&self, peer: &Identity, letters: Vec<DeadLetter>) -> Result<()> {
         let kept = self.record_report(peer, letters)?;
+        // The latest dead-lettered batch of each system.
+        let mut latest: std::collections::BTreeMap<&str, &DeadLetter> = Default::default();
         for l in kept.iter().filter(|l| l.kind == "batch") {
+            let e = latest.entry(l.system.as_str()).or_insert(l);
+            if l.epoch > e.epoch {
+                *e = l;
+            }
+        }
+        for l in latest.into_values() {
+            // A system busy applying is left to the gap its next batch shows, or to the
+            // next report: a report never waits behind an apply.
             let lock = self.replication.lock(&l.system);
-            let _g = lock.lock().await;
+            let Ok(_g) = lock.try_lock() else {
+                continue;
+            };
             let Some(mut rec) = self.replication.system(&l.system)? else {
                 continue;
             };
@@ -862,7 +882,11 @@ impl Ingest {
         }
         // A batch whose predecessor never became durable here (lost, or dead-lettered
         // on the way): what it builds on is missing, so everything goes again.
-        if batch.after_epoch > rec.durable_epoch {
+        // The first batch of the resync pass asked for builds on nothing, whatever it
+        // says (agents from before `after_epoch` in resyncs say the refused epoch).
+        let starts_resync =
+            batch.resync_for > 0 && batch.resync_for == rec.resync_from && !rec.resync_started;
+        if !starts_resync && batch.after_epoch > rec.durable_epoch {
             let why = format!(
                 "epoch {}: the batches after epoch {} up to {} never arrived (lost or dead-lettered on the way)",
                 batch.epoch, rec.durable_epoch, batch.after_epoch
@@ -936,6 +960,9 @@ impl Ingest {
             }
         };
         rec.last_error.clear();
+        if rec.resync_from > 0 && batch.resync_for == rec.resync_from {
+            rec.resync_started = true;
+        }
         if rec.resync_from > 0 && batch.ends_pass {
             if !rec.resynced_fs.contains(&batch.fs_id) {
                 rec.resynced_fs.push(batch.fs_id.clone());
@@ -947,6 +974,7 @@ impl Ingest {
             if all {
                 tracing::info!(system = %rec.name, epoch = batch.epoch, refused = rec.resync_from, "resync pass reached the replica");
                 rec.resync_from = 0;
+                rec.resync_started = false;
                 rec.resynced_fs.clear();
             }
         }

@@ -73,6 +73,10 @@ pub struct SystemRecord {
     /// File systems whose resync pass has ended, for the request in `resync_from`.
     #[serde(default)]
     pub resynced_fs: Vec<String>,
+    /// A batch of the resync pass asked for in `resync_from` has gone in: the pass's
+    /// later batches build on it (its first builds on nothing, whatever it says).
+    #[serde(default)]
+    pub resync_started: bool,
     /// Moves of a file system to another mount point the operator allowed, each taken
     /// by the next registration that makes it: (fs_id, new mount point).
     #[serde(default)]

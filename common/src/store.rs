@@ -32,10 +32,22 @@ pub fn is_failure(e: &std::io::Error) -> bool {
     const EROFS: i32 = 30;
     const EBADMSG: i32 = 74;
     const EUCLEAN: i32 = 117;
-    matches!(
-        e.raw_os_error(),
-        Some(EIO | ENXIO | ENODEV | EROFS | EBADMSG | EUCLEAN)
-    )
+    use std::io::ErrorKind as K;
+    match e.raw_os_error() {
+        Some(errno) => matches!(errno, EIO | ENXIO | ENODEV | EROFS | EBADMSG | EUCLEAN),
+        // sled hands on its writer's error as a copy without the errno: all but the
+        // kinds that say "no room" or "try again" are taken as the disk failing.
+        None => !matches!(
+            e.kind(),
+            K::StorageFull
+                | K::QuotaExceeded
+                | K::OutOfMemory
+                | K::NotFound
+                | K::Interrupted
+                | K::WouldBlock
+                | K::TimedOut
+        ),
+    }
 }
 
 /// Notes a store's I/O error: the first one fails the process's stores.
@@ -55,6 +67,30 @@ pub fn note_sled(what: &str, e: &sled::Error) {
             failure().cancel();
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod failure_tests {
+    #[test]
+    fn only_a_failing_disk_counts() {
+        use std::io::{Error, ErrorKind};
+        for errno in [5, 30, 117] {
+            assert!(
+                super::is_failure(&Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        for errno in [28, 122, 24, 12, 2] {
+            assert!(
+                !super::is_failure(&Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        // sled's copies of its writer's errors carry no errno.
+        let copy = |k| Error::new(k, "copied");
+        assert!(super::is_failure(&copy(ErrorKind::ReadOnlyFilesystem)));
+        assert!(!super::is_failure(&copy(ErrorKind::StorageFull)));
     }
 }
 

@@ -386,7 +386,9 @@ pub async fn talk_upstream(
                 if let Err(e) = relay.save_revocations(&kept) {
                     tracing::warn!(error = %e, "cannot keep the revocations");
                 }
-                revoked.replace(relay.revocations());
+                revoked.replace(kept.into_iter().filter_map(|(id, at)| {
+                    Some((ferry_common::pki::Identity::parse(&id).ok()?, at))
+                }));
             }
             Err(e) => tracing::debug!(error = %e, "cannot fetch revocations yet"),
         }

@@ -307,15 +307,16 @@ async fn an_epoch_gap_or_an_agent_with_new_state_asks_for_a_resync() {
         "{}",
         rec.last_error
     );
-    // The resync pass's first batch builds on nothing and goes in; a gap inside the
-    // pass asks for another.
+    // The resync pass's first batch builds on nothing and goes in, whatever it says (an
+    // agent from before resyncs said where it was); a gap inside the pass asks for
+    // another.
     let resync = |epoch, after_epoch, ends_pass| Batch {
         resync_for: 4,
         ends_pass,
         ..after(epoch, after_epoch, "d")
     };
     let ack = ingest
-        .apply_batch(&agent("web01"), resync(5, 0, false))
+        .apply_batch(&agent("web01"), resync(5, 4, false))
         .await
         .unwrap();
     assert_eq!((ack.durable_epoch, ack.settings.resync_from), (5, 4));
