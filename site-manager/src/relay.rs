@@ -462,21 +462,21 @@ impl pb::enrollment_server::Enrollment for Service {
         c.enroll(req.into_inner()).await
     }
 
-    /// An agent's renewal goes to the cloud manager with the agent's name and the
-    /// issue time of the certificate it connected with, both from its handshake.
+    /// An agent's renewal goes to the cloud manager with the certificate the agent
+    /// connected with, from its handshake.
     async fn renew(
         &self,
         req: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        let shown = peer(&req).and_then(|p| Some((p.cert.clone()?, p.cert_der.clone()?)));
-        let Some((cert, der)) = shown.filter(|(c, _)| c.identity.role == Role::Agent) else {
+        let agent = peer(&req)
+            .filter(|p| p.identity.as_ref().is_some_and(|i| i.role == Role::Agent))
+            .and_then(|p| p.cert_der.clone());
+        let Some(der) = agent else {
             let e = RelayError::NotAgent;
             return Err(fail("renew", who(&req).as_ref(), e));
         };
         // The cloud manager checks the certificate and the agent's proof itself.
         let mut r = req.into_inner();
-        r.agent = cert.identity.name.clone();
-        r.agent_cert_issued = cert.issued;
         r.agent_cert_der = der.to_vec();
         let mut c = EnrollmentClient::new(self.relay.upstream.clone());
         c.renew(r).await

@@ -109,16 +109,17 @@ async fn certificates_renew_while_replicating_and_expired_ones_are_refused() -> 
     wait_for("both systems registered", Duration::from_secs(30), || {
         cloud.replica_path("alpha", "/").is_ok() && cloud.replica_path("beta", "/").is_ok()
     })?;
-    converged_within(
-        &src_a,
-        &cloud.replica_path("alpha", "/")?,
-        Duration::from_secs(30),
-    )?;
-    converged_within(
-        &src_b,
-        &cloud.replica_path("beta", "/")?,
-        Duration::from_secs(30),
-    )?;
+    let both_converge = || -> Result<()> {
+        for (src, name) in [(&src_a, "alpha"), (&src_b, "beta")] {
+            converged_within(
+                src,
+                &cloud.replica_path(name, "/")?,
+                Duration::from_secs(30),
+            )?;
+        }
+        Ok(())
+    };
+    both_converge()?;
     let firsts = [
         cert_in(&t.join("agent-a/identity"))?,
         cert_in(&t.join("agent-b/identity"))?,
@@ -156,16 +157,7 @@ async fn certificates_renew_while_replicating_and_expired_ones_are_refused() -> 
             format!("{tag} after renewal\n").repeat(100),
         )?;
     }
-    converged_within(
-        &src_a,
-        &cloud.replica_path("alpha", "/")?,
-        Duration::from_secs(30),
-    )?;
-    converged_within(
-        &src_b,
-        &cloud.replica_path("beta", "/")?,
-        Duration::from_secs(30),
-    )?;
+    both_converge()?;
     let resent = cloud.counter("chunk_wire_bytes")? - wire;
     assert!(resent < 64 << 10, "{resent} bytes crossed after renewal");
     let renewals = std::fs::read_to_string(t.join("agent-b.log"))?
