@@ -347,6 +347,12 @@ async fn register(
     })
     .await?;
     tracing::info!(system = %name, accepted = reg.accepted_epoch, durable = reg.durable_epoch, filesystems = filesystems.len(), "registered");
+    // An agent serves nothing: it is ready once enrolled and registered, which is what
+    // an installer waiting on `systemctl start` wants to know.
+    ferry_common::notify::ready(&format!(
+        "registered as {name}, replicating {} file system(s)",
+        filesystems.len()
+    ));
     Ok(reg)
 }
 

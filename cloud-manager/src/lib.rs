@@ -271,6 +271,7 @@ pub async fn run(
         tracker.spawn(metrics::serve(http, cloud.clone(), shutdown.clone()));
     }
     tracing::info!(listen = %bound, data_dir = %dir.display(), ca = %fingerprint, "cloud manager serving");
+    ferry_common::notify::ready(&format!("serving on {bound}"));
     let result = grpc::serve(cloud.clone(), listener, tls, shutdown).await;
     tracker.close();
     tracker.wait().await;

@@ -52,6 +52,24 @@ pub fn run_with_stdin(cmd: &mut Command, input: Option<&str>) -> Result<String, 
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Joins each cgroup whose `cgroup.procs` is named before `--`, then becomes the rest of
+/// the command line: the shell writes its own pid, so the program starts inside.
+const JOIN_CGROUPS: &str =
+    r#"while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#;
+
+/// `program`, started inside the cgroups whose `cgroup.procs` files are given (as it is
+/// when there are none). Without `pre_exec`: this workspace has no unsafe code.
+pub fn in_cgroups(procs: &[std::path::PathBuf], program: &str) -> Command {
+    if procs.is_empty() {
+        return Command::new(program);
+    }
+    let mut c = Command::new("sh");
+    c.args(["-c", JOIN_CGROUPS, "ferry-join-cgroup"])
+        .args(procs)
+        .args(["--", program]);
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

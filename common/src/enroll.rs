@@ -65,6 +65,7 @@ where
         };
         let delay = backoff.next_delay();
         tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot enroll yet, retrying");
+        crate::notify::status(&format!("cannot enroll yet, retrying: {err}"));
         tokio::select! {
             _ = shutdown.cancelled() => return Err(EnrollError::Stopped),
             _ = tokio::time::sleep(delay) => {}

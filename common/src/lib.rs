@@ -12,6 +12,7 @@ pub mod error;
 pub mod guestmount;
 pub mod metrics;
 pub mod names;
+pub mod notify;
 pub mod pki;
 pub mod revoke;
 pub mod safepath;

@@ -19,6 +19,7 @@ pub fn on_signals() -> CancellationToken {
             _ = term.recv() => tracing::info!("sigterm received, shutting down"),
             _ = int.recv() => tracing::info!("sigint received, shutting down"),
         }
+        crate::notify::stopping();
         t.cancel();
     });
     token

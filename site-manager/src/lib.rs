@@ -139,6 +139,10 @@ pub async fn run(
     let svc = relay::Service {
         relay: relay.clone(),
     };
+    ferry_common::notify::ready(&format!(
+        "serving on {bound}, relaying to {}",
+        config.upstream
+    ));
     let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
     let result = ferry_common::tls::grpc_server(revoked)
         .add_service(

@@ -347,13 +347,87 @@ pub struct CloudMgr {
     pub proc: Proc,
     /// Extra `serve` flags, kept for restarts.
     extra: Vec<String>,
+    /// The cgroup a service manager would run it in (`start_as_service`).
+    service: Option<std::sync::Arc<ServiceCgroup>>,
+}
+
+/// A cgroup standing in for a systemd service's: the daemon starts inside it, and
+/// stopping the service kills everything still in it, as systemd's
+/// `KillMode=control-group` does (there is no systemd as PID 1 here).
+#[derive(Debug)]
+pub struct ServiceCgroup {
+    pub dir: PathBuf,
+}
+
+impl ServiceCgroup {
+    /// A fresh cgroup in the cgroup2 hierarchy.
+    pub fn new(name: &str) -> Result<Self> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let root = info
+            .lines()
+            .filter_map(|l| l.split_once(" - "))
+            .find(|(_, tail)| tail.starts_with("cgroup2 "))
+            .and_then(|(head, _)| head.split(' ').nth(4))
+            .ok_or_else(|| anyhow!("no cgroup2 hierarchy mounted"))?;
+        let dir = Path::new(root).join(format!("ferry-test-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+    pub fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+    /// `cmd`, started inside.
+    pub fn command(&self, cmd: &Command) -> Command {
+        let mut c = ferry_common::cmd::in_cgroups(
+            &[self.dir.join("cgroup.procs")],
+            &cmd.get_program().to_string_lossy(),
+        );
+        c.args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c
+    }
+    /// Kills everything inside and waits until it is empty.
+    pub fn kill_all(&self) -> Result<()> {
+        std::fs::write(self.dir.join("cgroup.kill"), "1")?;
+        wait_for(
+            "the service's cgroup to empty",
+            Duration::from_secs(20),
+            || self.pids().is_empty(),
+        )
+    }
+}
+
+impl Drop for ServiceCgroup {
+    fn drop(&mut self) {
+        let _ = self.kill_all();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 impl CloudMgr {
     /// On loopback with extra `serve` flags.
     pub fn start_args(dir: &Path, extra: &[&str]) -> Result<Self> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Self::start_full(dir, "127.0.0.1", free_port(), extra)
+        Self::start_full(dir, "127.0.0.1", free_port(), extra, None)
+    }
+    /// On loopback, inside `service` as under systemd: its restarts kill the whole
+    /// cgroup, as a service manager's stop does.
+    pub fn start_as_service(
+        dir: &Path,
+        extra: &[&str],
+        service: std::sync::Arc<ServiceCgroup>,
+    ) -> Result<Self> {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_full(dir, "127.0.0.1", free_port(), extra, Some(service))
     }
     pub fn start(dir: &Path) -> Result<Self> {
         Self::start_on(dir, free_port())
@@ -363,23 +437,31 @@ impl CloudMgr {
     }
     /// Listens on `host` (an address of this machine's namespace) instead of loopback.
     pub fn start_at(dir: &Path, host: &str, port: u16) -> Result<Self> {
-        Self::start_full(dir, host, port, Vec::new())
+        Self::start_full(dir, host, port, Vec::new(), None)
     }
-    fn start_full(dir: &Path, host: &str, port: u16, extra: Vec<String>) -> Result<Self> {
+    fn start_full(
+        dir: &Path,
+        host: &str,
+        port: u16,
+        extra: Vec<String>,
+        service: Option<std::sync::Arc<ServiceCgroup>>,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let http_port = free_port();
-        let proc = Proc::spawn(
-            Command::new(bin("ferry-cloud"))
-                .arg("serve")
-                .arg("--data-dir")
-                .arg(dir)
-                .arg("--listen")
-                .arg(format!("{host}:{port}"))
-                .arg("--http")
-                .arg(format!("127.0.0.1:{http_port}"))
-                .args(&extra),
-            &dir.with_extension("log"),
-        )?;
+        let mut serve = Command::new(bin("ferry-cloud"));
+        serve
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg(format!("{host}:{port}"))
+            .arg("--http")
+            .arg(format!("127.0.0.1:{http_port}"))
+            .args(&extra);
+        if let Some(service) = &service {
+            serve = service.command(&serve);
+        }
+        let proc = Proc::spawn(&mut serve, &dir.with_extension("log"))?;
         wait_port_at(host, port, "ferry-cloud")?;
         wait_for("operator credentials", Duration::from_secs(30), || {
             dir.join("operator.toml").exists()
@@ -392,6 +474,7 @@ impl CloudMgr {
             port,
             proc,
             extra,
+            service,
         })
     }
     pub fn url(&self) -> String {
@@ -488,12 +571,17 @@ impl CloudMgr {
         Ok(replica)
     }
 
+    /// Kills the manager (and, run as a service, everything left in its cgroup, as a
+    /// service manager does when its main process dies) and starts it again.
     pub fn restart(&mut self) -> Result<()> {
         self.proc.kill9();
+        if let Some(service) = &self.service {
+            service.kill_all()?;
+        }
         let (port, dir, host) = (self.port, self.dir.clone(), self.host.clone());
         // The killed manager's volumes stay mounted for the new one, as after a crash.
         self.keep_mounts = true;
-        *self = Self::start_full(&dir, &host, port, self.extra.clone())?;
+        *self = Self::start_full(&dir, &host, port, self.extra.clone(), self.service.clone())?;
         Ok(())
     }
 }

@@ -127,9 +127,13 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     let db = debian12_source(t, "db", DB_UUID, DB_IP)?;
     socket_service(&db.mnt, "shop-db", 7000, DB_APP)?;
 
-    let mut cloud = CloudMgr::start_args(
+    // Run as systemd would run it: a restart kills whatever is left in its cgroup, so
+    // the clones must live outside it.
+    let unit = std::sync::Arc::new(ServiceCgroup::new("clone")?);
+    let mut cloud = CloudMgr::start_as_service(
         &data,
         &["--clone-prefix", &prefix, "--public-cidr", "198.19.77.0/24"],
+        unit.clone(),
     )?;
     for (src, name) in [(&web, "web"), (&db, "db")] {
         cloud.replicate(t, &src.mnt, name)?;
@@ -396,15 +400,75 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
         "resume rebooted the guest"
     );
 
-    // The cloud manager goes away; meanwhile clone b's database dies. On restart the
-    // stored clones are reconciled with what runs.
+    // The cloud manager goes away, and with it everything in its service's cgroup;
+    // meanwhile clone b's database dies. Clone a's processes were never in that cgroup:
+    // they keep running, and on restart the stored clones are reconciled with what runs.
     let db_b_pid: i32 = b["instances"][1]["provider_id"]
         .as_str()
         .unwrap_or("")
         .parse()?;
-    cloud.proc.kill9();
+    let clone_a_dir = data.join("clones/a");
+    let pids_of_a = || -> Vec<(String, String)> {
+        [
+            "web.pid",
+            "db.pid",
+            "dnsmasq.pid",
+            "haproxy.pid",
+            "gateway.pid",
+        ]
+        .iter()
+        .map(|f| {
+            let pid = std::fs::read_to_string(clone_a_dir.join(f)).unwrap_or_default();
+            (f.to_string(), pid.trim().to_string())
+        })
+        .collect()
+    };
+    let before = pids_of_a();
+    assert!(
+        before.iter().all(|(_, p)| !p.is_empty()),
+        "clone a's pid files: {before:?}"
+    );
+    assert_eq!(
+        unit.pids(),
+        vec![cloud.proc.child.id() as i32],
+        "clone processes share the manager's cgroup"
+    );
     sh(Command::new("kill").args(["-9", &db_b_pid.to_string()]))?;
     cloud.restart()?;
+    for (file, pid) in pids_of_a() {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "{file}: {pid} did not survive the manager's restart"
+        );
+    }
+    assert_eq!(pids_of_a(), before, "clone a's processes were restarted");
+    // Under TCG the guests share two cores with the manager's start: give them time.
+    let mut kept = String::new();
+    wait_for(
+        "clone a's web after the restart",
+        Duration::from_secs(60),
+        || {
+            http(None, &format!("http://{pub_a}/"))
+                .map(|b| kept = b)
+                .is_ok()
+        },
+    )?;
+    assert_eq!(
+        field(&kept, "boot"),
+        field(&body_a, "boot"),
+        "clone a's web rebooted across the manager's restart"
+    );
+    let mut via_lb_kept = String::new();
+    wait_for(
+        "clone a's load balancer after the restart",
+        Duration::from_secs(30),
+        || {
+            http(None, &format!("http://{lb_a}/"))
+                .map(|b| via_lb_kept = b)
+                .is_ok()
+        },
+    )?;
+    assert_eq!(field(&via_lb_kept, "boot"), field(&body_a, "boot"));
     let shown = cloud.ferry_json(&["clone", "show", "b"])?;
     assert_eq!(shown["state"], "degraded", "{shown}");
     assert_eq!(shown["instances"][0]["state"], "running", "{shown}");

@@ -62,11 +62,6 @@ impl Default for Limits {
     }
 }
 
-/// Run as root before anything else: joins the cgroup (each `cgroup.procs` named
-/// before `--`), then becomes the rest of the command line.
-const JOIN_CGROUP: &str =
-    r#"while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#;
-
 /// One guest command as it ran, for the customization report.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Ran {
@@ -155,16 +150,11 @@ pub fn run(root: &Path, argv: &[String], limits: &Limits) -> Result<Ran, Sandbox
         "bwrap: root is host uid {uid}, idmapped tree, no network, seccomp; {held}; {} s",
         limits.timeout.as_secs()
     );
-    let mut cmd = match &cgroup {
-        Some(cg) => {
-            let mut c = Command::new("sh");
-            c.args(["-c", JOIN_CGROUP, "ferry-join-cgroup"])
-                .args(cg.procs_files())
-                .args(["--", "setpriv"]);
-            c
-        }
-        None => Command::new("setpriv"),
-    };
+    let procs = cgroup
+        .as_ref()
+        .map(|cg| cg.procs_files())
+        .unwrap_or_default();
+    let mut cmd = ferry_common::cmd::in_cgroups(&procs, "setpriv");
     cmd.arg(format!("--reuid={uid}"))
         .arg(format!("--regid={uid}"))
         .args([

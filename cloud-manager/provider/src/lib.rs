@@ -5,6 +5,7 @@
 pub mod local;
 pub mod qmp;
 pub mod records;
+pub mod scope;
 
 use ipnet::Ipv4Net;
 use records::{CloneRecord, CloneState, InstanceRecord, InstanceState};

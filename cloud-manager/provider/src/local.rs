@@ -3,10 +3,11 @@
 //! each instance its enterprise address by MAC, a veth to the host's public bridge with
 //! one public address per public system (NATed to its enterprise address, as an elastic
 //! IP is), and one QEMU process per system on a copy-on-write overlay of its image.
-//! QEMU and dnsmasq are daemons: clones outlive the cloud manager, which finds them again
-//! by pid file and command line.
+//! QEMU, dnsmasq, HAProxy and the gateway run outside the manager's cgroup (`scope`):
+//! clones outlive the cloud manager, which finds them again by pid file and command line.
 use super::{clone_state, mac_for, qmp, Provider, ProviderError};
 use crate::records::{CloneRecord, InstanceRecord, InstanceState, Visibility};
+use crate::scope::Placement;
 use ferry_common::cmd::run;
 use ferry_image as image;
 use ipnet::Ipv4Net;
@@ -67,6 +68,8 @@ impl LocalConfig {
 #[derive(Debug)]
 pub struct Local {
     cfg: LocalConfig,
+    /// Where clones' processes go: out of the manager's cgroup.
+    placement: Placement,
 }
 
 /// Inside each clone's namespace: the enterprise bridge and the public side.
@@ -89,7 +92,9 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> ProviderError + '_ {
 
 impl Local {
     pub fn new(cfg: LocalConfig) -> Self {
-        Self { cfg }
+        let placement = Placement::detect();
+        tracing::info!(?placement, "where clones' processes run");
+        Self { cfg, placement }
     }
 
     pub fn config(&self) -> &LocalConfig {
@@ -122,6 +127,14 @@ impl Local {
     fn in_ns(&self, ns: &str, program: &str) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns, program]);
+        c
+    }
+
+    /// `ip netns exec NS PROGRAM` for one of the clone's long-lived processes (`what`),
+    /// placed outside the manager's cgroup so that it outlives the manager.
+    fn daemon_in_ns(&self, rec: &CloneRecord, what: &str, program: &str) -> Command {
+        let mut c = self.placement.command(&self.netns(&rec.name), what, "ip");
+        c.args(["netns", "exec", &rec.network, program]);
         c
     }
 
@@ -311,7 +324,7 @@ impl Local {
         run(self.in_ns(ns, "nft").arg("-f").arg(&rules))?;
         // DHCP hands each MAC its enterprise address and name; the router is the
         // bridge's address in that subnet. DNS stays off: /etc/hosts names the systems.
-        let mut dnsmasq = self.in_ns(ns, "dnsmasq");
+        let mut dnsmasq = self.daemon_in_ns(rec, "dnsmasq", "dnsmasq");
         dnsmasq
             .args(["--conf-file=/dev/null", "--port=0", "--bind-interfaces"])
             .arg(format!("--interface={BRIDGE}"))
@@ -395,7 +408,10 @@ impl Local {
             .arg("-q")
             .arg("-f")
             .arg(&conf))?;
-        run(self.in_ns(&rec.network, "haproxy").arg("-f").arg(&conf))?;
+        run(self
+            .daemon_in_ns(rec, "haproxy", "haproxy")
+            .arg("-f")
+            .arg(&conf))?;
         Ok(())
     }
 
@@ -438,7 +454,7 @@ impl Local {
             .open(&log_path)
             .map_err(io(&log_path))?;
         let err_log = log.try_clone().map_err(io(&log_path))?;
-        let mut cmd = self.in_ns(&rec.network, &binary.display().to_string());
+        let mut cmd = self.daemon_in_ns(rec, "gateway", &binary.display().to_string());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd
             .args(["gateway", "--config"])
@@ -518,7 +534,7 @@ impl Local {
         run(Command::new("ip").args(["-n", ns, "link", "set", &tap, "master", BRIDGE, "up"]))?;
         let _ = std::fs::remove_file(&p.console);
         let _ = std::fs::remove_file(&p.qmp);
-        let mut cmd = self.in_ns(ns, "qemu-system-x86_64");
+        let mut cmd = self.daemon_in_ns(rec, &inst.system, "qemu-system-x86_64");
         cmd.arg("-name")
             .arg(self.marker(&rec.name, &inst.system))
             .args(image::accel_args(accel))
@@ -784,6 +800,7 @@ impl Provider for Local {
         Self::kill(&dir.join("dnsmasq.pid"), &dir.display().to_string());
         Self::kill(&dir.join("gateway.pid"), &dir.display().to_string());
         Self::kill(&dir.join("haproxy.pid"), &dir.display().to_string());
+        self.placement.remove(&self.netns(&rec.name));
         // Named from the clone, not from the record: a creation cut short by a crash was
         // stored before its network was named.
         let ns = self.netns(&rec.name);

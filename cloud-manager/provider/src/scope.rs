@@ -1,0 +1,174 @@
+//! Keeps a clone's processes (QEMU, dnsmasq, HAProxy, the tunnel gateway) out of the cloud
+//! manager's cgroup. A service manager stops or restarts a service by killing its cgroup,
+//! so a clone started from inside it would die with every restart of `ferry-cloud`. Under
+//! systemd each clone gets a transient scope in `ferry-clones.slice`; elsewhere a cgroup
+//! `ferry-clones/NETNS` in each hierarchy that tracks processes (cgroup2, and v1's
+//! `name=systemd`). The manager finds the processes again by pid file, as before.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where a clone's processes are placed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// systemd is PID 1: `systemd-run --scope`.
+    Systemd,
+    /// The roots of the hierarchies that track processes, where `ferry-clones/` can be
+    /// made.
+    Cgroups(Vec<PathBuf>),
+    /// Nothing to leave (no writable hierarchy): processes stay where the manager is.
+    Inherit,
+}
+
+/// The parent of the clones' cgroups in each hierarchy, and the clones' slice.
+const PARENT: &str = "ferry-clones";
+
+impl Placement {
+    /// What this host offers, looked up once at start.
+    pub fn detect() -> Self {
+        if Path::new("/run/systemd/system").is_dir() && on_path("systemd-run") {
+            return Self::Systemd;
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let roots: Vec<PathBuf> = tracking_hierarchies(&mountinfo)
+            .into_iter()
+            .filter(|root| make_dir(&root.join(PARENT)))
+            .collect();
+        if roots.is_empty() {
+            tracing::warn!("no writable cgroup hierarchy: clones stop when a service manager stops ferry-cloud");
+            Self::Inherit
+        } else {
+            Self::Cgroups(roots)
+        }
+    }
+
+    /// `program` started in the clone `group`'s scope or cgroups; `what` names the
+    /// process within the clone (a system, `dnsmasq`, ...).
+    pub fn command(&self, group: &str, what: &str, program: &str) -> Command {
+        match self {
+            Self::Systemd => {
+                let mut c = Command::new("systemd-run");
+                c.args(["--scope", "--quiet", "--collect"])
+                    .arg(format!("--slice={PARENT}.slice"))
+                    // Unique: the scope of an instance started before may linger a moment.
+                    .arg(format!("--unit={group}-{what}-{}", unique()))
+                    .args(["--", program]);
+                c
+            }
+            Self::Cgroups(roots) => {
+                let procs: Vec<PathBuf> = roots
+                    .iter()
+                    .map(|r| r.join(PARENT).join(group))
+                    .filter(|d| make_dir(d))
+                    .map(|d| d.join("cgroup.procs"))
+                    .collect();
+                ferry_common::cmd::in_cgroups(&procs, program)
+            }
+            Self::Inherit => Command::new(program),
+        }
+    }
+
+    /// Removes the clone's cgroups once its processes are gone (scopes go by themselves).
+    pub fn remove(&self, group: &str) {
+        if let Self::Cgroups(roots) = self {
+            for dir in roots.iter().map(|r| r.join(PARENT).join(group)) {
+                if let Err(e) = std::fs::remove_dir(&dir) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %dir.display(), error = %e, "cannot remove a clone's cgroup");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn unique() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default()
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+fn make_dir(dir: &Path) -> bool {
+    match std::fs::create_dir(dir) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => true,
+        Err(e) => {
+            tracing::debug!(path = %dir.display(), error = %e, "cgroup not usable");
+            false
+        }
+    }
+}
+
+/// Mount points of the cgroup2 hierarchy and of v1's `name=systemd` hierarchy, from
+/// `/proc/self/mountinfo` (fields: ... mount point (5th) ... ` - ` fstype source options).
+fn tracking_hierarchies(mountinfo: &str) -> Vec<PathBuf> {
+    let mut roots = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((head, tail)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(point) = head.split(' ').nth(4) else {
+            continue;
+        };
+        let mut tail = tail.split(' ');
+        let (fstype, options) = (tail.next(), tail.nth(1).unwrap_or(""));
+        let tracks = match fstype {
+            Some("cgroup2") => true,
+            Some("cgroup") => options.split(',').any(|o| o == "name=systemd"),
+            _ => false,
+        };
+        // Mount points escape spaces as \040; cgroup roots have none.
+        if tracks && !point.contains('\\') {
+            roots.push(PathBuf::from(point));
+        }
+    }
+    roots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hierarchies_that_track_processes_are_found() {
+        let info = "\
+35 25 0:30 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+36 35 0:31 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+37 35 0:32 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+38 35 0:33 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+";
+        assert_eq!(
+            tracking_hierarchies(info),
+            vec![
+                PathBuf::from("/sys/fs/cgroup/unified"),
+                PathBuf::from("/sys/fs/cgroup/systemd")
+            ]
+        );
+        let unified = "30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            tracking_hierarchies(unified),
+            vec![PathBuf::from("/sys/fs/cgroup")]
+        );
+    }
+
+    #[test]
+    fn a_systemd_host_gets_a_scope_per_process() {
+        let c = Placement::Systemd.command("ferry-a", "web", "ip");
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(c.get_program(), "systemd-run");
+        assert!(args.contains(&"--scope".to_string()), "{args:?}");
+        assert!(
+            args.contains(&"--slice=ferry-clones.slice".to_string()),
+            "{args:?}"
+        );
+        assert_eq!(args.last().map(String::as_str), Some("ip"));
+    }
+}
