@@ -4,6 +4,7 @@
 pub mod churn;
 pub mod netns;
 pub mod pg;
+pub mod syscalls;
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::net::TcpListener;

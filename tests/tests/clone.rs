@@ -52,8 +52,8 @@ fn socket_service(root: &Path, name: &str, port: u16, script: &str) -> Result<()
     Ok(())
 }
 
-/// Removes whatever a failed run left: QEMU and dnsmasq of this test's prefix, its
-/// namespaces and its host bridge.
+/// Removes whatever a failed run left: QEMU, dnsmasq, HAProxy and gateways of this
+/// test's prefix, their cgroups, its namespaces and its host bridge.
 struct Leftovers {
     prefix: String,
     data: String,
@@ -64,7 +64,10 @@ impl Drop for Leftovers {
         let _ = bash(&format!(
             "pkill -9 -f '[f]erry:{p}-' || true
              pkill -9 -f '[d]nsmasq.*{d}' || true
+             pkill -9 -f '[h]aproxy -f {d}' || true
+             pkill -9 -f '[g]ateway --config {d}' || true
              sleep 0.5
+             rmdir /sys/fs/cgroup/*/ferry-clones/{p}-* /sys/fs/cgroup/ferry-clones/{p}-* 2>/dev/null || true
              for ns in $(ip netns list | awk '{{print $1}}' | grep '^{p}-'); do ip netns del $ns; done
              ip link del {p}-pub 2>/dev/null || true",
             p = self.prefix,
@@ -543,8 +546,10 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     assert_eq!(cloud.ferry_json(&["clone", "list"])?, serde_json::json!([]));
     ensure!(
         bash(&format!(
-            "pgrep -f '[f]erry:{prefix}-' || true; pgrep -f '[d]nsmasq.*{}' || true",
-            data.display()
+            "pgrep -f '[f]erry:{prefix}-' || true; pgrep -f '[d]nsmasq.*{d}' || true
+             pgrep -f '[h]aproxy -f {d}' || true; pgrep -f '[g]ateway --config {d}' || true
+             ls -d /sys/fs/cgroup/*/ferry-clones/{prefix}-* /sys/fs/cgroup/ferry-clones/{prefix}-* 2>/dev/null || true",
+            d = data.display()
         ))?
         .trim()
         .is_empty(),

@@ -46,6 +46,15 @@ impl Chroot {
             .env("DEBIAN_FRONTEND", "noninteractive");
         c
     }
+    /// `sh -c SCRIPT` inside the root on the host's network: apt reaches the mirror.
+    fn run_online(&self, script: &str) -> Result<String> {
+        sh(Command::new("chroot")
+            .arg(&self.root)
+            .args(["/bin/sh", "-c", script])
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .with_context(|| format!("in the chroot: {script}"))
+    }
     fn run(&self, script: &str) -> Result<String> {
         sh(&mut self.sh(script)).with_context(|| format!("in the chroot: {script}"))
     }
@@ -132,7 +141,7 @@ fn the_debs_install_on_fresh_debian_and_replicate_with_their_example_configs() -
 
     // dpkg -i stops on the missing dependencies; apt-get -f install brings them.
     let _ = output(&mut chroot.sh("dpkg -i /tmp/debs/*.deb"))?;
-    chroot.run("apt-get update -qq && apt-get -f install -y -qq >/dev/null")?;
+    chroot.run_online("apt-get update -qq && apt-get -f install -y -qq >/dev/null")?;
     let status = chroot.run(
         "dpkg-query -W -f '${Package} ${Status}\\n' ferry-agent ferry-site ferry-cloud ferry-tunnel",
     )?;
@@ -274,7 +283,8 @@ fn the_debs_install_on_fresh_debian_and_replicate_with_their_example_configs() -
         agent.log_text(),
         std::fs::read_to_string(t.join("site.log")).unwrap_or_default()
     );
-    let replica = ferry("replica path pkg01 /srv/data")?;
+    // The agent's root is the system it replicates: /srv/data is that system's "/".
+    let replica = ferry("replica path pkg01 /")?;
     let replica = root.join(replica.trim().trim_start_matches('/'));
     converged_within(&data.mnt, &replica, Duration::from_secs(30))?;
     let via = ferry("systems show pkg01 --json")?;
