@@ -6,7 +6,12 @@
 #  - deploy/azure/ferry-cloud.json against a deploymentTemplate schema written here (no
 #    registry reachable from CI ships Azure's), its [expressions] parsed and resolved;
 #  - the boot scripts of both templates pass `bash -n`, and the cloud.toml each writes
-#    has only keys ferry-cloud accepts (ServeFile rejects unknown ones).
+#    has only keys ferry-cloud accepts (ServeFile rejects unknown ones) and the unit's
+#    data dir;
+#  - the boot scripts download ferry-tunnel's and ferry-cloud's .deb from their URL
+#    parameters and install both in one apt call (no apt repository has ferry-tunnel);
+#  - the READMEs' deploy commands pass every required parameter, and name the operator
+#    credentials where ferry-cloud writes them.
 # Usage: deploy/check-templates.sh [CLOUDFORMATION_YAML [ARM_JSON]] (default: the real ones).
 set -euo pipefail
 deploy=$(cd "$(dirname "$0")" && pwd)
@@ -37,7 +42,7 @@ else
 fi
 
 "$VENV/bin/python" - "$cfn" "$arm" "$deploy" <<'PY' || status=1
-import json, re, subprocess, sys, tomllib
+import json, re, shlex, subprocess, sys, tomllib
 from pathlib import Path
 
 import jsonschema
@@ -70,6 +75,18 @@ root = deploy.parent
 SERVE_KEYS = struct_fields(root / "cloud-manager/src/config.rs", "ServeFile")
 AZURE_KEYS = struct_fields(root / "cloud-manager/provider/src/lib.rs", "AzureConfig")
 
+# The unit's --data-dir overrides the TOML's; operators copy the TOML's into
+# `ferry-cloud token create --data-dir`, so the two must agree.
+DATA_DIR = "/var/lib/ferry/cloud"
+unit = (deploy / "systemd/ferry-cloud.service").read_text()
+m = re.search(r"^ExecStart=.*--data-dir[ =](\S+)", unit, re.M)
+if not m or m.group(1) != DATA_DIR:
+    fail(f"systemd/ferry-cloud.service: ExecStart --data-dir is {m and m.group(1)!r}, the templates use {DATA_DIR}")
+
+# ferry-cloud depends on ferry-tunnel: each .deb, with the sample URL of its parameter.
+DEBS = {"/tmp/ferry-tunnel.deb": "https://example.invalid/ferry-tunnel.deb",
+        "/tmp/ferry-cloud.deb": "https://example.invalid/ferry-cloud.deb"}
+
 
 def check_toml(where, text, provider):
     try:
@@ -82,8 +99,10 @@ def check_toml(where, text, provider):
     extra = set(conf.get("azure", {})) - AZURE_KEYS
     if extra:
         fail(f"{where}: cloud.toml [azure] keys ferry-cloud rejects: {sorted(extra)}")
-    if conf.get("data_dir") != "/var/lib/ferry" or conf.get("provider") != provider:
-        fail(f"{where}: cloud.toml must set data_dir /var/lib/ferry and provider {provider}")
+    if conf.get("data_dir") != DATA_DIR:
+        fail(f"{where}: cloud.toml data_dir is {conf.get('data_dir')!r}, must be {DATA_DIR!r} (the unit's --data-dir)")
+    if conf.get("provider") != provider:
+        fail(f"{where}: cloud.toml must set provider {provider}")
     if not str(conf.get("listen", "")).startswith("0.0.0.0:"):
         fail(f"{where}: cloud.toml must listen on 0.0.0.0:PORT")
     if provider == "azure" and set(conf.get("azure", {})) < {"subscription_id", "resource_group", "location"}:
@@ -94,6 +113,47 @@ def check_bash(where, script):
     r = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     if r.returncode:
         fail(f"{where}: bash -n: {r.stderr.strip()}")
+
+
+def check_install(where, script):
+    """Each .deb is fetched from its parameter's URL, then one apt call installs them
+    all: apt cannot resolve ferry-cloud's dependency on ferry-tunnel otherwise."""
+    cmds = []
+    for line in script.replace("\\\n", " ").splitlines():
+        if "curl" in line or "apt-get" in line:
+            try:
+                cmds.append(shlex.split(line, comments=True))
+            except ValueError:
+                pass
+    fetched = {}
+    for j, words in enumerate(cmds):
+        if words[:1] == ["curl"] and "-o" in words[:-1]:
+            fetched[words[words.index("-o") + 1]] = (j, [w for w in words if "://" in w])
+    for deb, url in DEBS.items():
+        if deb not in fetched:
+            fail(f"{where}: never downloads {deb}")
+        elif fetched[deb][1] != [url]:
+            fail(f"{where}: downloads {deb} from {fetched[deb][1]}, want its parameter's {url}")
+    installs = [(j, [w for w in words if w.endswith(".deb")]) for j, words in enumerate(cmds)
+                if words[:2] == ["apt-get", "install"] and any(w.endswith(".deb") for w in words)]
+    if len(installs) != 1 or sorted(installs[0][1]) != sorted(DEBS):
+        return fail(f"{where}: want one apt-get install of {' '.join(DEBS)}, "
+                    f"found {[debs for _, debs in installs]}")
+    if any(j > installs[0][0] for j, _ in fetched.values()):
+        fail(f"{where}: apt-get install runs before every .deb is downloaded")
+
+
+def check_readme(where, path, required):
+    """The deploy command passes every parameter without a default, and the operator
+    credentials are where ferry-cloud writes them (DATA_DIR/operator.toml)."""
+    text = path.read_text()
+    for name in sorted(required):
+        if not re.search(r"(?<![\w-])%s=" % re.escape(name), text):
+            fail(f"{where}: {path.name}'s deploy command lacks the required {name}=")
+    want = f"{DATA_DIR}/operator.toml"
+    paths = set(re.findall(r"(?:/[\w.-]+)*/?operator\.toml", text))
+    if paths != {want}:
+        fail(f"{where}: {path.name} must give the operator credentials as {want}, names {sorted(paths)}")
 
 
 # ---- AWS ------------------------------------------------------------------------------
@@ -171,6 +231,19 @@ def check_aws():
     before = len(problems)
     if "Default" in params.get("AllowFrom", {}):
         fail("aws: AllowFrom must have no default")
+    # Each URL lands in '…' in the boot script: the pattern must keep quotes out.
+    for url_param, deb in (("TunnelPackageUrl", "/tmp/ferry-tunnel.deb"), ("PackageUrl", "/tmp/ferry-cloud.deb")):
+        pattern = params.get(url_param, {}).get("AllowedPattern")
+        if url_param not in params or "Default" in params[url_param] or not pattern:
+            fail(f"aws: {url_param} must be a parameter with an AllowedPattern and no default")
+            continue
+        bad = [v for v in ("https://e.invalid/a'b.deb", 'https://e.invalid/a"b.deb',
+                           "https://e.invalid/a b.deb", "file:///a.deb", "")
+               if re.fullmatch(pattern, v)]
+        if not re.fullmatch(pattern, DEBS[deb]) or bad:
+            fail(f"aws: {url_param} AllowedPattern {pattern!r} must take {DEBS[deb]} and refuse {bad}")
+    check_readme("aws", deploy / "aws/README.md",
+                 {k for k, v in params.items() if "Default" not in v})
     for sg_name, sg in by_type("AWS::EC2::SecurityGroup").items():
         for rule in sg.get("Properties", {}).get("SecurityGroupIngress", []):
             if (rule.get("CidrIp") != {"Ref": "AllowFrom"} or "CidrIpv6" in rule
@@ -183,7 +256,8 @@ def check_aws():
 
     # The boot script, with each ${Param} given a sample value (${!x} is a literal ${x}).
     samples = {"DataVolumeSize": "200", "ListenPort": "7443",
-               "PackageUrl": "https://example.invalid/ferry-cloud.deb"}
+               "TunnelPackageUrl": DEBS["/tmp/ferry-tunnel.deb"],
+               "PackageUrl": DEBS["/tmp/ferry-cloud.deb"]}
     for inst_name, inst in by_type("AWS::EC2::Instance").items():
         user_data = inst.get("Properties", {}).get("UserData", {}).get("Fn::Base64", {})
         sub = user_data.get("Fn::Sub") if isinstance(user_data, dict) else None
@@ -196,13 +270,16 @@ def check_aws():
         script = re.sub(r"\$\{!", "${", re.sub(r"\$\{(?!!)([^}]+)\}",
                         lambda m: samples.get(m.group(1), "x"), sub))
         check_bash(f"aws: {inst_name} UserData", script)
+        check_install(f"aws: {inst_name} UserData", script)
         heredoc = re.search(r"cat > /etc/ferry/cloud\.toml <<EOF\n(.*?)\nEOF\n", script, re.S)
         if not heredoc:
             fail(f"aws: {inst_name} UserData writes no /etc/ferry/cloud.toml")
         else:
             check_toml(f"aws: {inst_name}", heredoc.group(1).replace("$ip", "10.0.0.5"), "aws")
     if len(problems) == before:
-        ok("aws: the listener is open to AllowFrom only, UserData passes bash -n, its cloud.toml has only known keys")
+        ok(f"aws: the listener is open to AllowFrom only, UserData passes bash -n, its cloud.toml has only known keys and data_dir {DATA_DIR}")
+        ok("aws: UserData downloads both .debs from PackageUrl/TunnelPackageUrl (quote-free patterns) and installs them in one apt call")
+        ok(f"aws: README.md passes every required parameter and names {DATA_DIR}/operator.toml")
 
 
 # ---- Azure: the deploymentTemplate schema (top level and resource envelope) ------------
@@ -642,6 +719,16 @@ def check_azure():
     # The listener, and only it, from allowFrom; SSH keys only.
     if "defaultValue" in tpl["parameters"].get("allowFrom", {}):
         fail("azure: allowFrom must have no default")
+    # ARM has no patterns: the description at least tells what the boot script accepts.
+    before = len(problems)
+    for url_param in ("tunnelPackageUrl", "packageUrl"):
+        p = tpl["parameters"].get(url_param, {})
+        if p.get("type") != "string" or "defaultValue" in p or not p.get("metadata", {}).get("description"):
+            fail(f"azure: {url_param} must be a string parameter with a description and no default")
+    check_readme("azure", deploy / "azure/README.md",
+                 {k for k, v in tpl["parameters"].items() if "defaultValue" not in v})
+    if len(problems) == before:
+        ok(f"azure: packageUrl/tunnelPackageUrl are described; README.md passes every required parameter and names {DATA_DIR}/operator.toml")
     for j, r in enumerate(resources):
         if r["type"].lower() == "microsoft.network/networksecuritygroups":
             for rule in r.get("properties", {}).get("securityRules", []):
@@ -677,7 +764,8 @@ def check_custom_data(vm, tpl):
     samples = {
         "parameters('listenPort')": "7443", "subscription().subscriptionId": "00000000-0000-0000-0000-000000000000",
         "resourceGroup().name": "ferry", "parameters('location')": "westeurope",
-        "parameters('dataDiskSizeGB')": "200", "parameters('packageUrl')": "https://example.invalid/ferry-cloud.deb",
+        "parameters('dataDiskSizeGB')": "200", "parameters('packageUrl')": DEBS["/tmp/ferry-cloud.deb"],
+        "parameters('tunnelPackageUrl')": DEBS["/tmp/ferry-tunnel.deb"],
     }
     values = [samples.get(unparse(a), "10.0.0.5") for a in args[1:]]
     text = "\n".join(lines).replace("{{", "\0").replace("}}", "\1")
@@ -699,15 +787,18 @@ def check_custom_data(vm, tpl):
     for path, content in files.items():
         if content.startswith("#!/bin/bash"):
             check_bash(f"azure: cloud-init {path}", content)
+            check_install(f"azure: cloud-init {path}", content)
             if path not in runcmd:
                 fail(f"azure: cloud-init writes {path} but runcmd never runs it")
     if len(problems) == before:
-        ok("azure: cloud-init parses, its scripts pass bash -n and run, its cloud.toml has only known keys")
+        ok(f"azure: cloud-init parses, its scripts pass bash -n and run, its cloud.toml has only known keys and data_dir {DATA_DIR}")
+        ok("azure: the setup script downloads both .debs from packageUrl/tunnelPackageUrl and installs them in one apt call")
 
 
 check_aws()
 check_azure()
 if problems:
+    sys.stdout.flush()  # keep the summary after the FAIL lines when piped
     print(f"check-templates: {len(problems)} problem(s)", file=sys.stderr)
     sys.exit(1)
 PY

@@ -3,8 +3,10 @@
 # .deb for ferry-agent, ferry-site, ferry-cloud (with the ferry CLI) and ferry-tunnel
 # (cargo-deb), .rpm for ferry-agent and ferry-tunnel (cargo-generate-rpm).
 # Usage: deploy/package.sh [--profile release|dev] [OUT]
-# `--profile dev` packages the debug build the tests already made (a release build of the
-# cloud SDKs takes most of an hour on 2 cores); what goes into a package is the same.
+# `--profile dev` packages the site and cloud managers from the debug build the tests
+# already made (a fresh release build of the cloud SDKs takes about half an hour on 2
+# cores; cargo-deb 3.8 warns that dev profiles are not for releases); what goes into a
+# package is the same.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=release
@@ -28,13 +30,26 @@ command -v cargo-generate-rpm >/dev/null || cargo install --locked --quiet cargo
 command -v dpkg-shlibdeps >/dev/null || apt-get install -y -qq dpkg-dev
 
 cargo build --profile "$profile" --workspace --bins
-# The manifests name target/release/...: point that at the profile packaged.
-built=$CARGO_TARGET_DIR/$dir
-for pkg in ferry-agent ferry-site-manager ferry-cloud-manager ferry-tunnel; do
-  cargo deb --no-build --no-strip --profile "$profile" -p "$pkg" -o "$out" >/dev/null
+# The agent and the tunnel are packaged static (musl, release): they run on source hosts
+# and inside cloned guests whose C library may be years older than this machine's.
+musl=x86_64-unknown-linux-musl
+rustup target add "$musl" >/dev/null 2>&1 || true
+command -v musl-gcc >/dev/null || apt-get install -y -qq musl-tools
+cargo build --release --target "$musl" -p ferry-agent -p ferry-tunnel
+rm -f "$out"/ferry-*.deb "$out"/ferry-*.rpm
+# The manifests name target/release/...: cargo-deb points that at the profile packaged,
+# or at the musl build.
+for pkg in ferry-site-manager ferry-cloud-manager; do
+  cargo deb --no-build --strip --profile "$profile" -p "$pkg" -o "$out" >/dev/null
+done
+# The release profile keeps line tables for backtraces; packages go without them
+# (cargo-generate-rpm does not strip).
+strip --strip-debug "$CARGO_TARGET_DIR/$musl/release/ferry-agent" "$CARGO_TARGET_DIR/$musl/release/ferry-tunnel"
+for pkg in ferry-agent ferry-tunnel; do
+  cargo deb --no-build --target "$musl" -p "$pkg" -o "$out" >/dev/null
 done
 for pkg in agent tunnel; do
-  cargo generate-rpm --profile "$profile" -p "$pkg" -o "$out" >/dev/null
+  cargo generate-rpm --target "$musl" -p "$pkg" -o "$out" >/dev/null
 done
-echo "packages from $built:"
+echo "packages (site and cloud from the $profile build in $CARGO_TARGET_DIR/$dir; agent and tunnel static):"
 ls -l "$out"/*.deb "$out"/*.rpm

@@ -125,6 +125,10 @@ pub async fn run(
     let Some(client) = connect(&config, &name, &shutdown).await? else {
         return Ok(None);
     };
+    // An agent serves nothing: it is ready once it holds its identity. Registering
+    // waits for the manager, and a package upgrade restarting the agent must not wait
+    // with it (`STATUS=` says when it registered).
+    ferry_common::notify::ready(&format!("enrolled as {name}; registering"));
     let (db, meta) = open_state(&config.state_dir)?;
     let filesystems = local_filesystems(&config, &host)?;
     // No epoch ever built here: a first run, or an index that was lost.
@@ -347,9 +351,7 @@ async fn register(
     })
     .await?;
     tracing::info!(system = %name, accepted = reg.accepted_epoch, durable = reg.durable_epoch, filesystems = filesystems.len(), "registered");
-    // An agent serves nothing: it is ready once enrolled and registered, which is what
-    // an installer waiting on `systemctl start` wants to know.
-    ferry_common::notify::ready(&format!(
+    ferry_common::notify::status(&format!(
         "registered as {name}, replicating {} file system(s)",
         filesystems.len()
     ));

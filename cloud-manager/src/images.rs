@@ -223,11 +223,12 @@ impl Images {
             })
             .await?;
         let sys = self.replication.require(&spec.system)?;
-        let id = if app.is_empty() {
+        let base = if app.is_empty() {
             format!("{}-e{}-{}", sys.name, prepared.epoch, spec.target)
         } else {
             format!("{app}.{}-e{}-{}", sys.name, prepared.epoch, spec.target)
         };
+        let id = self.unused_id(&base)?;
         let check = !skip_boot_check;
         let (made, boot) = self.assemble(&sys, &id, target, &prepared, check).await?;
         let mut rec = ImageRecord {
@@ -267,6 +268,21 @@ impl Images {
         self.images.put(&rec)?;
         tracing::info!(image = %rec.id, system = %rec.system, checked = check, "image built");
         Ok(rec)
+    }
+
+    /// `base`, or `base.N` if an image of that id exists: a build at an epoch already
+    /// imaged (the services changed, say) never rewrites a disk that clones run on.
+    fn unused_id(&self, base: &str) -> Result<String> {
+        let taken = |id: &str| -> Result<bool> {
+            let file = self.data_dir.join("images").join(format!("{id}.qcow2"));
+            Ok(self.images.get(id)?.is_some() || file.exists())
+        };
+        let (mut id, mut n) = (base.to_string(), 1);
+        while taken(&id)? {
+            n += 1;
+            id = format!("{base}.{n}");
+        }
+        Ok(id)
     }
 
     /// Assembles the prepared copies into `DATA/images/ID.qcow2` and boot-checks it.

@@ -1,5 +1,6 @@
 //! The daemons under a service manager: each tells `NOTIFY_SOCKET` it is ready only once
-//! it serves (a site that cannot enroll yet says why instead), says when it stops, and
+//! it serves (a site that cannot enroll yet says why instead; an agent once it holds its
+//! identity, and later that it registered), says when it stops, and
 //! the shipped systemd units pass `systemd-analyze verify`. There is no systemd as PID 1
 //! here: the test listens on the notify socket itself, as systemd would.
 use anyhow::{bail, ensure, Context, Result};
@@ -188,21 +189,29 @@ fn each_daemon_is_ready_only_when_it_serves_and_says_when_it_stops() -> Result<(
         agent_notify.seen,
         agent.log_text()
     );
+    // Ready once it holds its identity; it then says when it has registered.
+    ensure!(
+        agent_notify
+            .statuses()
+            .contains(&"enrolled as app01; registering"),
+        "{:?}",
+        agent_notify.seen
+    );
+    ensure!(
+        agent_notify.wait(
+            "STATUS=registered as app01, replicating 1 file system(s)",
+            Duration::from_secs(60)
+        )?,
+        "{:?}",
+        agent_notify.seen
+    );
     let shown = sh(Command::new(bin("ferry"))
         .arg("--credentials")
         .arg(cloud_dir.join("operator.toml"))
         .args(["systems", "show", "app01", "--json"]))?;
     ensure!(
         shown.contains("\"app01\""),
-        "ready, yet not registered: {shown}"
-    );
-    ensure!(
-        agent_notify
-            .statuses()
-            .iter()
-            .any(|s| s.starts_with("registered as app01")),
-        "{:?}",
-        agent_notify.seen
+        "said registered, yet not registered: {shown}"
     );
     agent.stop()?;
     ensure!(agent_notify.wait("STOPPING=1", Duration::from_secs(5))?);

@@ -641,6 +641,8 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     tracing::info!(listen = %table.listen, services = table.services.len(), "app role ready");
+    // Its keys are loaded and its listener bound: connections queue until accepted.
+    ferry_common::notify::ready("app role serving");
     loop {
         let Some((conn, peer)) = net::accept(&listener, &shutdown).await else {
             break;

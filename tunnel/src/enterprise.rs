@@ -431,6 +431,8 @@ pub async fn run(
         );
     }
     let cfg = Arc::new(cfg);
+    // Its key is loaded; it serves once a session is up, which may take a while.
+    ferry_common::notify::ready("enterprise role dialing its gateway");
     // A short cap: a failed dial costs little, and services are down until one succeeds.
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     loop {

@@ -89,6 +89,7 @@ pub async fn run(
 ) {
     let tracker = TaskTracker::new();
     tracing::info!(listen = %cfg.listen, app_servers = ?cfg.app_servers, "gateway ready");
+    ferry_common::notify::ready("gateway serving");
     loop {
         let Some((conn, peer)) = net::accept(&listener, &shutdown).await else {
             break;

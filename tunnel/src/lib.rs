@@ -66,12 +66,6 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    // The listeners were bound by the caller: connections queue until the role accepts.
-    ferry_common::notify::ready(match &config {
-        AnyConfig::Gateway(_) => "gateway serving",
-        AnyConfig::App(_) => "app role serving",
-        AnyConfig::Enterprise(_) => "enterprise role dialing its gateway",
-    });
     match config {
         AnyConfig::Gateway(g) => {
             let l = listeners.main.ok_or(TunnelError::NoListener("gateway"))?;

@@ -1,7 +1,8 @@
 //! Keeps a clone's processes (QEMU, dnsmasq, HAProxy, the tunnel gateway) out of the cloud
 //! manager's cgroup. A service manager stops or restarts a service by killing its cgroup,
 //! so a clone started from inside it would die with every restart of `ferry-cloud`. Under
-//! systemd each clone gets a transient scope in `ferry-clones.slice`; elsewhere a cgroup
+//! systemd each of a clone's processes gets a transient scope in `ferry.slice/ferry-clones.slice`
+//! (a dash nests slices); elsewhere a cgroup
 //! `ferry-clones/NETNS` in each hierarchy that tracks processes (cgroup2, and v1's
 //! `name=systemd`). The manager finds the processes again by pid file, as before.
 use std::path::{Path, PathBuf};
@@ -44,6 +45,13 @@ impl Placement {
     /// `program` started in the clone `group`'s scope or cgroups; `what` names the
     /// process within the clone (a system, `dnsmasq`, ...).
     pub fn command(&self, group: &str, what: &str, program: &str) -> Command {
+        let mut c = self.placed(group, what, program);
+        // The manager's notify socket is not theirs: a gateway would report as ferry-cloud.
+        c.env_remove("NOTIFY_SOCKET");
+        c
+    }
+
+    fn placed(&self, group: &str, what: &str, program: &str) -> Command {
         match self {
             Self::Systemd => {
                 let mut c = Command::new("systemd-run");
