@@ -32,8 +32,11 @@ clean() {
   pkill -f "(dnsmasq|haproxy|gateway).*$DEMO/" 2>/dev/null || true
   [ -d "$DEMO/src/db" ] && chroot "$DEMO/src/db" su postgres -c \
     "/usr/lib/postgresql/15/bin/pg_ctl -D /var/lib/postgresql/15/main -m fast stop" >/dev/null 2>&1 || true
-  for _ in $(seq 1 20); do pgrep -f "ferry-(agent|site|cloud) .*$DEMO/" >/dev/null || break; sleep 0.5; done
-  pkill -9 -f "ferry-(agent|site|cloud|tunnel) .*$DEMO/" 2>/dev/null || true
+  # Everything started with a path under $DEMO (daemons, QEMU, dnsmasq, gateways) is
+  # gone before its files are: QEMU takes a moment to stop on SIGTERM.
+  for _ in $(seq 1 40); do pgrep -f "$DEMO/" >/dev/null || break; sleep 0.5; done
+  pkill -9 -f "$DEMO/" 2>/dev/null || true
+  for _ in $(seq 1 20); do pgrep -f "$DEMO/" >/dev/null || break; sleep 0.5; done
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$PREFIX-" || true); do ip netns del "$ns"; done
   ip link del "$PREFIX-pub" 2>/dev/null || true
   rmdir /sys/fs/cgroup/*/ferry-clones/"$PREFIX"-* /sys/fs/cgroup/ferry-clones/"$PREFIX"-* 2>/dev/null || true

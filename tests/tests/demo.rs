@@ -91,13 +91,31 @@ fn the_readme_demo_migrates_clones_and_cleans_up() -> Result<()> {
     let cleaned = cleaned?;
     ensure!(cleaned.status.success(), "demo.sh clean failed");
     ensure!(!dir.exists(), "{} is still there", dir.display());
-    let left = bash(&format!(
-        "ip netns list | grep '^{prefix}-' || true; pgrep -f '[f]erry:{prefix}-' || true
-         pgrep -f '[{}' || true; grep ' {}/' /proc/self/mountinfo || true",
-        // `[/]tmp/...`: the pattern does not match this shell's own command line.
-        dir.display().to_string().replacen('/', "/]", 1),
-        dir.display()
-    ))?;
-    ensure!(left.trim().is_empty(), "left behind: {left}");
+    let path = dir.display().to_string();
+    let namespaces = sh(Command::new("ip").args(["netns", "list"]))?;
+    ensure!(
+        !namespaces
+            .lines()
+            .any(|l| l.starts_with(&format!("{prefix}-"))),
+        "namespaces left behind: {namespaces}"
+    );
+    // Read from /proc here: a shell running pgrep would carry the path itself.
+    let mut processes = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&path) || cmdline.contains(&format!("ferry:{prefix}-")) {
+            processes.push(format!(
+                "{}: {cmdline}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    ensure!(processes.is_empty(), "processes left behind: {processes:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    ensure!(
+        !mounts.contains(&format!(" {path}/")),
+        "mounts left behind under {path}"
+    );
     Ok(())
 }
