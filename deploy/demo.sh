@@ -66,9 +66,9 @@ wait_until() { # SECONDS WHAT COMMAND...
 }
 
 echo "Ferry demo: a two-tier application migrated and cloned on this machine."
-echo "About 15 minutes on 2 cores under TCG, once Ferry and the two systems are built"
-echo "(the first run builds them: Ferry in release, about 30 minutes; the systems with"
-echo "Debian's packages, about 5). Everything goes to $DEMO."
+echo "About 5 minutes on 2 cores under TCG (15 at most), once Ferry and the two systems"
+echo "are built (the first run builds them: Ferry in release, about 30 minutes on a fresh"
+echo "machine; the systems from Debian's packages, about a minute). Everything goes to $DEMO."
 
 step "installing what the demo needs (Debian packages)"
 need=()

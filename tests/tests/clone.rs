@@ -550,16 +550,15 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     assert!(!netns_exists(&format!("{prefix}-c")));
     assert!(!data.join("clones/c").exists());
     assert_eq!(cloud.ferry_json(&["clone", "list"])?, serde_json::json!([]));
-    ensure!(
-        bash(&format!(
+    let left = bash(&format!(
             "pgrep -f '[f]erry:{prefix}-' || true; pgrep -f '[d]nsmasq.*{d}' || true
              pgrep -f '[h]aproxy -f {d}' || true; pgrep -f '[g]ateway --config {d}' || true
              ls -d /sys/fs/cgroup/*/ferry-clones/{prefix}-* /sys/fs/cgroup/ferry-clones/{prefix}-* 2>/dev/null || true",
             d = data.display()
-        ))?
-        .trim()
-        .is_empty(),
-        "processes left behind"
+        ))?;
+    ensure!(
+        left.trim().is_empty(),
+        "processes or cgroups left behind: {left}"
     );
     assert!(
         !Path::new(&format!("/sys/class/net/{prefix}-pub")).exists(),

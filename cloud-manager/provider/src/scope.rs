@@ -79,10 +79,18 @@ impl Placement {
     pub fn remove(&self, group: &str) {
         if let Self::Cgroups(roots) = self {
             for dir in roots.iter().map(|r| r.join(PARENT).join(group)) {
-                if let Err(e) = std::fs::remove_dir(&dir) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(path = %dir.display(), error = %e, "cannot remove a clone's cgroup");
+                // A process just killed may keep its cgroup busy for a moment.
+                let mut tries = 0;
+                while let Err(e) = std::fs::remove_dir(&dir) {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        break;
                     }
+                    tries += 1;
+                    if tries >= 50 {
+                        tracing::warn!(path = %dir.display(), error = %e, "cannot remove a clone's cgroup");
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
                 }
             }
         }
