@@ -336,6 +336,33 @@ fn wait_port_at(host: &str, port: u16, what: &str) -> Result<()> {
     bail!("{what} did not listen on {port}")
 }
 
+/// The name the enterprise DNS of the tunnel scenarios answers, and its address.
+pub const ENTERPRISE_NAME: &str = "ldap.corp.example";
+pub const ENTERPRISE_ADDR: &str = "198.18.60.7";
+
+/// The enterprise DNS of the tunnel scenarios: dnsmasq on 127.0.0.1:`port` answering
+/// `ENTERPRISE_NAME`, its pid file and log in `dir`. `cmd` is `dnsmasq`, or dnsmasq
+/// inside a namespace.
+pub fn enterprise_dns(mut cmd: Command, dir: &Path, port: u16) -> Result<Proc> {
+    cmd.args([
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        &format!("--port={port}"),
+        "--listen-address=127.0.0.1",
+        "--bind-interfaces",
+        "--no-resolv",
+        "--no-hosts",
+        &format!("--host-record={ENTERPRISE_NAME},{ENTERPRISE_ADDR}"),
+        "--log-facility=-",
+        // Its default pid file is shared: parallel instances would refuse to start.
+        &format!(
+            "--pid-file={}",
+            dir.join(format!("dns-{port}.pid")).display()
+        ),
+    ]);
+    Proc::spawn(&mut cmd, &dir.join(format!("dns-{port}.log")))
+}
+
 /// A cloud manager on loopback with its data dir.
 pub struct CloudMgr {
     pub dir: PathBuf,

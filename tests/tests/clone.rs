@@ -158,21 +158,7 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     let service = format!("127.0.0.1:{pg_port}={WEB_IP}:50100");
     // And the enterprise DNS (dnsmasq), over the tunnel's UDP path.
     let dns_port = free_port();
-    let _dns = Proc::spawn(
-        Command::new("dnsmasq").args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            &format!("--port={dns_port}"),
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--no-resolv",
-            "--no-hosts",
-            "--host-record=ldap.corp.example,198.18.60.7",
-            "--log-facility=-",
-            &format!("--pid-file={}", t.join("dnsmasq-ent.pid").display()),
-        ]),
-        &t.join("dnsmasq-ent.log"),
-    )?;
+    let _dns = enterprise_dns(Command::new("dnsmasq"), t, dns_port)?;
     let dns_service = format!("127.0.0.1:{dns_port}/udp={WEB_IP}:53");
     cloud.ferry_json(&[
         "app",

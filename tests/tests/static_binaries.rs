@@ -157,20 +157,7 @@ fn the_static_tunnel_carries_tcp_and_udp_and_needs_no_newer_kernel_than_stated()
         ]),
         &d.join("echo.log"),
     )?;
-    let _dns = Proc::spawn(
-        Command::new("dnsmasq").args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            &format!("--port={dns}"),
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--no-resolv",
-            "--no-hosts",
-            "--host-record=ldap.corp.example,198.18.60.7",
-            &format!("--pid-file={}", d.join("dns.pid").display()),
-        ]),
-        &d.join("dns.log"),
-    )?;
+    let _dns = enterprise_dns(Command::new("dnsmasq"), d, dns)?;
     let keys: serde_json::Value = serde_json::from_str(&sh(Command::new(&tunnel)
         .args(["keys", "--out"])
         .arg(d.join("keys")))?)?;

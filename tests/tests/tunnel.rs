@@ -110,22 +110,7 @@ impl Scene {
             &format!("127.0.0.1,{ENT}"),
         )?;
         pg.sql("create table t(v text); insert into t values ('from the enterprise')")?;
-        let dns = Proc::spawn(
-            ent.cmd("dnsmasq").args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--port=5353",
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                "--no-resolv",
-                "--no-hosts",
-                "--host-record=ldap.corp.example,198.18.60.7",
-                "--log-facility=-",
-                // Its default pid file is shared: parallel instances would refuse to start.
-                &format!("--pid-file={}", d.join("dnsmasq.pid").display()),
-            ]),
-            &d.join("dnsmasq.log"),
-        )?;
+        let dns = enterprise_dns(ent.cmd("dnsmasq"), &d, 5353)?;
         // dnsmasq answers before anything depends on it.
         wait_for("dnsmasq", Duration::from_secs(20), || {
             ent.cmd("dig")
