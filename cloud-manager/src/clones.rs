@@ -13,6 +13,18 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Mutex;
 
+/// What the operator asks of a new clone beyond its app.
+#[derive(Debug, Clone, Default)]
+pub struct CloneSpec {
+    /// Empty: the app's next free `APP-N`.
+    pub name: String,
+    /// aws: the instance type of every instance; empty for right-sizing.
+    pub instance_type: String,
+    /// aws: a VPC (`vpc-…`), azure: a VNet (its name in the resource group or its id)
+    /// that exists already, to launch into; empty: the clone gets a network of its own.
+    pub network: String,
+}
+
 /// A clone as the operator sees it: its record, and where each instance's console is
 /// logged on this host (local clones only), in the record's order.
 #[derive(Debug, Clone)]
@@ -189,18 +201,45 @@ impl Clones {
         Ok(())
     }
 
+    /// On aws and azure, the public system whose image carries the tunnel gateway role;
+    /// a clone that would come up without the gateway its services need is refused.
+    fn gateway_of(app: &AppRecord, images: &[ImageRecord], rec: &CloneRecord) -> Result<String> {
+        let gw = app.gateway_system().ok_or_else(|| {
+            CloudError::Invalid(format!(
+                "app {} has services that stay behind: on {} the tunnel gateway runs on a public system, and the app has none (--system NAME:public)",
+                app.name, app.provider
+            ))
+        })?;
+        let image = rec
+            .instances
+            .iter()
+            .find(|i| i.system == gw)
+            .and_then(|i| images.iter().find(|img| img.id == i.image));
+        if !image.is_some_and(|img| img.tunnel_gateway) {
+            return Err(CloudError::Failed(format!(
+                "the image of system {gw} was built without the tunnel gateway: run `ferry image build {}`",
+                app.name
+            )));
+        }
+        Ok(gw.to_string())
+    }
+
     /// Launches a clone of `app`: one instance per system from its newest image among
     /// `images`. `name` may be empty (the app's next free `APP-N`).
     pub async fn create(
         &self,
         app: &AppRecord,
         images: &[ImageRecord],
-        name: &str,
-        instance_type: &str,
+        spec: &CloneSpec,
     ) -> Result<CloneView> {
         let _ops = self.ops.lock().await;
         let others = self.clones.all()?;
-        let name = Self::name_for(app, name, &others)?;
+        let name = Self::name_for(app, &spec.name, &others)?;
+        if app.provider == Target::Local && !spec.network.is_empty() {
+            return Err(CloudError::Invalid(
+                "local clones always get a network namespace of their own: --network is for aws and azure".into(),
+            ));
+        }
         let provider = self.providers.get(app.provider).await?;
         let mut rec = CloneRecord {
             name: name.clone(),
@@ -209,7 +248,8 @@ impl Clones {
             state: CloneState::Creating,
             created_unix_ms: ferry_common::now_ms(),
             needs_gateway: !app.services.is_empty(),
-            instance_type: instance_type.to_string(),
+            instance_type: spec.instance_type.clone(),
+            existing_network: spec.network.clone(),
             load_balancer_ports: if app.load_balancer {
                 app.load_balancer_ports.clone()
             } else {
@@ -220,6 +260,9 @@ impl Clones {
             ..Default::default()
         };
         self.instances(app, images, &mut rec)?;
+        if rec.needs_gateway && app.provider != Target::Local {
+            rec.gateway_system = Self::gateway_of(app, images, &rec)?;
+        }
         rec.subnets = provider::subnets(&rec.instances)?;
         // Recorded before anything exists, so a crash mid-way leaves a record that the
         // next start reconciles (and `terminate` can clean up).

@@ -2,7 +2,7 @@
 //! types; what spans services (an app's images and clones) is composed here. The gRPC
 //! layer (`grpc`) is the only code that turns wire types into these calls.
 use crate::apps::Apps;
-use crate::clones::{CloneView, Clones};
+use crate::clones::{CloneSpec, CloneView, Clones};
 use crate::error::{CloudError, Result};
 use crate::images::{Images, PrepareSpec};
 use crate::ingest::Ingest;
@@ -120,12 +120,34 @@ impl Cloud {
         skip_boot_check: bool,
     ) -> Result<Vec<ImageRecord>> {
         let app = self.apps.require(app)?;
+        // The gateway splices only to the app's own app servers.
+        let mut app_servers = Vec::new();
+        if app.gateway_system().is_some() {
+            for (system, _) in &app.systems {
+                let sys = self.replication.require(system)?;
+                let addr = crate::prepare::address_of(&sys).ok_or_else(|| {
+                    CloudError::Failed(format!(
+                        "system {system}: its probe names no IPv4 address, so the tunnel gateway cannot reach it"
+                    ))
+                })?;
+                app_servers.push(format!(
+                    "{}:{}",
+                    addr.ip,
+                    ferry_tunnel_config::config::DEFAULT_APP_PORT
+                ));
+            }
+        }
         let mut images = Vec::new();
         for (system, _) in &app.systems {
             let spec = PrepareSpec {
                 system: system.clone(),
                 target: app.provider,
                 services: app.services.clone(),
+                gateway: if app.gateway_system() == Some(system.as_str()) {
+                    app_servers.clone()
+                } else {
+                    Vec::new()
+                },
                 dry_run: false,
             };
             images.push(self.images.build(spec, skip_boot_check, &app.name).await?);
@@ -165,15 +187,10 @@ impl Cloud {
     }
 
     /// Launches a clone of an app from its newest images.
-    pub async fn create_clone(
-        &self,
-        app: &str,
-        name: &str,
-        instance_type: &str,
-    ) -> Result<CloneView> {
+    pub async fn create_clone(&self, app: &str, spec: &CloneSpec) -> Result<CloneView> {
         let app = self.apps.require(app)?;
         let images = self.images.list()?;
-        self.clones.create(&app, &images, name, instance_type).await
+        self.clones.create(&app, &images, spec).await
     }
 
     /// The enterprise side's details for a clone's tunnel, allowing exactly the

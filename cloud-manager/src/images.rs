@@ -22,6 +22,9 @@ pub struct PrepareSpec {
     pub target: Target,
     /// Services that stay in the enterprise (`HOST:PORT[/udp]=PROXY`).
     pub services: Vec<String>,
+    /// On a cloud target, this system carries its clones' tunnel gateway, which may
+    /// splice to these app servers (`IP:PORT`); empty: it does not.
+    pub gateway: Vec<String>,
     pub dry_run: bool,
 }
 
@@ -146,6 +149,7 @@ impl Images {
             // enterprise side's).
             let dir = self.data_dir.join("tunnel").join(&rec.name);
             plan.tunnel = Some(ferry_customize::TunnelInstall::issue(&dir)?);
+            plan.gateway = spec.gateway.clone();
         }
         let work = self.data_dir.join("prepared").join(&rec.name);
         let (images, epoch) = self.copy_replicas(&rec, &work).await?;
@@ -244,6 +248,7 @@ impl Images {
                 .unwrap_or_default(),
             created_unix_ms: ferry_common::now_ms(),
             app: app.to_string(),
+            tunnel_gateway: !spec.gateway.is_empty(),
             firmware: made.firmware,
             boot_loader: made.boot_loader.clone(),
             ..Default::default()

@@ -56,6 +56,7 @@ pub fn plan_for(
         services,
         filedb: None,
         tunnel: None,
+        gateway: Vec::new(),
         limits: Default::default(),
     }
 }

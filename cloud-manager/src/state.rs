@@ -297,6 +297,19 @@ pub struct AppRecord {
 }
 
 impl AppRecord {
+    /// The system whose image carries its cloud clones' tunnel gateway: the first public
+    /// one, when the app has services that stay behind and runs on aws or azure (local
+    /// clones run their gateway in the clone's namespace).
+    pub fn gateway_system(&self) -> Option<&str> {
+        if self.services.is_empty() || self.provider == Target::Local {
+            return None;
+        }
+        self.systems
+            .iter()
+            .find(|(_, v)| *v == Visibility::Public)
+            .map(|(n, _)| n.as_str())
+    }
+
     /// What the operator should know about the app as defined.
     pub fn warnings(&self) -> Vec<String> {
         let public = self.systems.iter().any(|(_, v)| *v == Visibility::Public);

@@ -3,8 +3,12 @@
 //! uploaded into EBS snapshots with the EBS direct APIs, then registered as AMIs; a
 //! second image of a changed system sends only changed blocks. A clone gets its own VPC
 //! with the enterprise range, instances at the enterprise addresses, an Elastic IP for
-//! the public system only and an NLB target group. Every assertion reads moto's own
-//! Describe answers (through boto3), not Ferry's.
+//! the public system only and an NLB target group. The app keeps a service in the
+//! enterprise: the public system's image carries the tunnel gateway role, its security
+//! group opens the gateway's port to the app's CIDR, and Table A dials its Elastic IP. A
+//! clone launched into the operator's VPC makes only its own subnet, route table and
+//! groups there, and takes only those away. Every assertion reads moto's own Describe
+//! answers (through boto3), not Ferry's.
 use anyhow::{bail, Context, Result};
 use ferry_tests::*;
 use serde_json::Value;
@@ -66,6 +70,23 @@ impl Moto {
     }
 }
 
+/// A file of an image's root file system (the first partition, at 1 MiB), read with
+/// debugfs from a raw copy; empty when there is no such file.
+fn file_in_image(qcow: &str, path: &str, t: &Path) -> Result<String> {
+    let raw = t.join("peek.raw");
+    sh(Command::new("qemu-img")
+        .args(["convert", "-O", "raw", qcow])
+        .arg(&raw))?;
+    let dev = sh(Command::new("losetup")
+        .args(["-r", "-f", "--show", "-o", "1048576"])
+        .arg(&raw))?;
+    let dev = dev.trim().to_string();
+    let out = output(Command::new("debugfs").args(["-R", &format!("cat {path}"), &dev]));
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    std::fs::remove_file(&raw)?;
+    Ok(String::from_utf8_lossy(&out?.stdout).into_owned())
+}
+
 fn s(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
 }
@@ -110,6 +131,10 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         "web:22",
         "--allow-from",
         "203.0.113.0/24",
+        // A service that stays in the enterprise: the clone's tunnel gateway runs on the
+        // public system (web), whose image carries the gateway role.
+        "--service",
+        "10.20.0.5:389=198.18.80.10:389",
     ])?;
 
     // Images: boot-checked here, then uploaded and registered.
@@ -121,6 +146,26 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         assert!(s(&img["provider_snapshot"]).starts_with("snap-"), "{img}");
         assert_eq!(img["parent_snapshot"], "", "{img}");
     }
+    // The public system's image carries the gateway role, splicing to the app's two
+    // app servers only; the private system's does not.
+    let gw = file_in_image(&s(&web_img["path"]), "/etc/ferry/tunnel-gateway.ini", t)?;
+    assert!(
+        gw.contains("listen_port=7550")
+            && gw.contains("app_servers=198.18.80.10:2222,198.18.80.20:2222"),
+        "{gw}"
+    );
+    let unit = file_in_image(
+        &s(&web_img["path"]),
+        "/etc/systemd/system/ferry-tunnel-gateway.service",
+        t,
+    )?;
+    assert!(
+        unit.contains("gateway --config /etc/ferry/tunnel-gateway.ini")
+            && unit.contains("User=nobody"),
+        "{unit}"
+    );
+    let none = file_in_image(&s(&db_img["path"]), "/etc/ferry/tunnel-gateway.ini", t)?;
+    assert!(none.is_empty(), "the private system got a gateway: {none}");
     let full = web_img["uploaded_bytes"].as_u64().unwrap_or(0);
     assert!(
         full > 100 * BLOCK,
@@ -229,10 +274,33 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         serde_json::json!([[
             "-1::198.18.80.0/24",
             "tcp:22:203.0.113.0/24",
+            "tcp:7550:203.0.113.0/24",
             "tcp:80:203.0.113.0/24"
         ]]),
         "{sg}"
     );
+    // The tunnel gateway is the public system's Elastic IP, port 7550, and Table A for
+    // the enterprise side dials it, then the app server at its enterprise address.
+    let web_public = s(&a["instances"][0]["public_ip"]);
+    assert_eq!(a["tunnel_gateway"], format!("{web_public}:7550"), "{a}");
+    let conn = t.join("tunnel-a");
+    sh(Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(["tunnel", "connect", "a", "--system", "db", "--out"])
+        .arg(&conn))?;
+    let table_a = std::fs::read_to_string(conn.join("table-a.ini"))?;
+    for line in [
+        format!("remote_ssh_ip={web_public}"),
+        "remote_ssh_port=7550".to_string(),
+        "forward_tunnel_remote_destination_ip=198.18.80.20".to_string(),
+        "allow=10.20.0.5:389".to_string(),
+    ] {
+        assert!(
+            table_a.lines().any(|l| l == line),
+            "{line} not in {table_a}"
+        );
+    }
     assert_eq!(
         sg[&db_id],
         serde_json::json!([["-1::198.18.80.0/24"]]),
@@ -293,6 +361,77 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         .ferry_json(&["clone", "list"])?
         .as_array()
         .is_some_and(|c| c.len() == 1));
+
+    // Into the operator's VPC: a wider range, an internet gateway, and a subnet of
+    // theirs for another range. The clone makes its subnet (and a route table through
+    // their gateway) and leaves their VPC, subnet and gateway when it goes.
+    let theirs = moto.ask(
+        "v = ec2.create_vpc(CidrBlock='198.18.0.0/16')['Vpc']['VpcId']\n\
+         g = ec2.create_internet_gateway()['InternetGateway']['InternetGatewayId']\n\
+         ec2.attach_internet_gateway(InternetGatewayId=g, VpcId=v)\n\
+         sn = ec2.create_subnet(VpcId=v, CidrBlock='198.18.99.0/24')['Subnet']['SubnetId']\n\
+         small = ec2.create_vpc(CidrBlock='10.77.0.0/16')['Vpc']['VpcId']\n\
+         out = dict(vpc=v, igw=g, subnet=sn, small=small)",
+    )?;
+    let err = cloud.ferry_fails(&[
+        "clone",
+        "create",
+        "shop",
+        "--name",
+        "x",
+        "--network",
+        &s(&theirs["small"]),
+    ]);
+    assert!(
+        err.contains("198.18.80.0/24 is outside") && err.contains("10.77.0.0/16"),
+        "{err}"
+    );
+    let c = cloud.ferry_json(&[
+        "clone",
+        "create",
+        "shop",
+        "--name",
+        "c",
+        "--network",
+        &s(&theirs["vpc"]),
+    ])?;
+    assert_eq!(c["state"], "running", "{c}");
+    assert_eq!(c["network"], theirs["vpc"], "{c}");
+    let placed = moto.ask(&format!(
+        "v = '{vpc}'\n\
+         inst = [i for r in ec2.describe_instances(Filters=tagged('c'))['Reservations'] for i in r['Instances']]\n\
+         subs = ec2.describe_subnets(Filters=tagged('c'))['Subnets']\n\
+         rts = ec2.describe_route_tables(Filters=tagged('c'))['RouteTables']\n\
+         out = dict(vpcs=sorted(set(i['VpcId'] for i in inst)), ips=sorted(i['PrivateIpAddress'] for i in inst),\n\
+           subs=[(x['VpcId'], x['CidrBlock']) for x in subs],\n\
+           routes=[(r.get('DestinationCidrBlock'), r.get('GatewayId')) for t in rts for r in t['Routes'] if r.get('GatewayId', '').startswith('igw-')],\n\
+           assoc=[a['SubnetId'] for t in rts for a in t['Associations']] == [x['SubnetId'] for x in subs])",
+        vpc = s(&theirs["vpc"])
+    ))?;
+    assert_eq!(
+        placed,
+        serde_json::json!({"vpcs": [s(&theirs["vpc"])], "ips": ["198.18.80.10", "198.18.80.20"],
+            "subs": [[s(&theirs["vpc"]), "198.18.80.0/24"]],
+            "routes": [["0.0.0.0/0", s(&theirs["igw"])]], "assoc": true})
+    );
+    assert_eq!(
+        cloud.ferry_json(&["clone", "terminate", "c"])?["state"],
+        "terminated"
+    );
+    let after = moto.ask(&format!(
+        "out = dict(vpc=len(ec2.describe_vpcs(VpcIds=['{vpc}'])['Vpcs']),\n\
+           subnets=sorted(x['CidrBlock'] for x in ec2.describe_subnets(Filters=[{{'Name': 'vpc-id', 'Values': ['{vpc}']}}])['Subnets']),\n\
+           igw=len(ec2.describe_internet_gateways(InternetGatewayIds=['{igw}'])['InternetGateways']),\n\
+           sgs=[g['GroupName'] for g in ec2.describe_security_groups(Filters=[{{'Name': 'vpc-id', 'Values': ['{vpc}']}}])['SecurityGroups']],\n\
+           rts=len(ec2.describe_route_tables(Filters=tagged('c'))['RouteTables']))",
+        vpc = s(&theirs["vpc"]),
+        igw = s(&theirs["igw"])
+    ))?;
+    assert_eq!(
+        after,
+        serde_json::json!({"vpc": 1, "subnets": ["198.18.99.0/24"], "igw": 1, "sgs": ["default"], "rts": 0}),
+        "the operator's VPC keeps what was theirs, and only that"
+    );
 
     // Terminate: nothing of clone a is left either.
     assert_eq!(

@@ -5,7 +5,9 @@
 //! SAS URL the fake hands out. Two real Debian 12 systems replicated by the agent are
 //! imaged, boot-checked under QEMU, uploaded as fixed VHDs and registered as images;
 //! the upload reads back bit-identical. A clone gets its own VNet with the enterprise
-//! range, NICs at the enterprise addresses and a public IP on the public system only.
+//! range, NICs at the enterprise addresses, a public IP on the public system only, the
+//! tunnel gateway's port on it, and a Standard load balancer in front of it; a clone
+//! launched into the operator's VNet makes and removes only its own subnet there.
 //! Credentials go through the real client-credentials flow of the default chain.
 use anyhow::{bail, Context, Result};
 use ferry_tests::*;
@@ -87,6 +89,31 @@ impl Azure {
     fn get(&self, path: &str) -> Result<Value> {
         let out = sh(Command::new("curl").args(["-sfS", &format!("{}{path}", self.arm)]))?;
         Ok(serde_json::from_str(&out)?)
+    }
+
+    /// A PUT as the operator's own tooling would make it (their VNet), with a token from
+    /// the fake identity platform.
+    fn put(&self, path: &str, body: &Value) -> Result<Value> {
+        let tok: Value = serde_json::from_str(&sh(Command::new("curl")
+            .args(["-sfS", "-X", "POST", "--data"])
+            .arg(format!(
+                "grant_type=client_credentials&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}&scope=https%3A%2F%2Fmanagement.azure.com%2F.default"
+            ))
+            .arg(format!("{}/{TENANT}/oauth2/v2.0/token", self.arm)))?)?;
+        let out = sh(Command::new("curl")
+            .args([
+                "-sfS",
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/json",
+                "-H",
+            ])
+            .arg(format!("Authorization: Bearer {}", s(&tok["access_token"])))
+            .arg("--data")
+            .arg(body.to_string())
+            .arg(format!("{}{path}", self.arm)))?;
+        Ok(serde_json::from_str(&out).unwrap_or(Value::Null))
     }
 
     fn state(&self) -> Result<Value> {
@@ -174,6 +201,9 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
         "web:22",
         "--allow-from",
         "203.0.113.0/24",
+        // A service that stays in the enterprise: the tunnel gateway runs on web.
+        "--service",
+        "10.20.0.5:389=198.18.90.10:389",
     ])?;
     assert_eq!(app["provider"], "azure", "{app}");
 
@@ -301,9 +331,10 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
     assert_eq!(db_i["private_ip"], "198.18.90.20", "{a}");
     assert!(s(&web_i["public_ip"]).starts_with("198.18.250."), "{a}");
     assert_eq!(db_i["public_ip"], "", "{a}");
-    assert!(
-        a["warnings"].to_string().contains("load balancer"),
-        "the missing load balancer is said: {a}"
+    assert_eq!(
+        a["tunnel_gateway"],
+        format!("{}:7550", s(&web_i["public_ip"])),
+        "{a}"
     );
     let st = az.state()?;
     let res = |name: &str| -> Value {
@@ -367,9 +398,46 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
         rules,
         [
             "Allow Tcp 203.0.113.0/24->198.18.90.10:22",
+            "Allow Tcp 203.0.113.0/24->198.18.90.10:7550",
             "Allow Tcp 203.0.113.0/24->198.18.90.10:80"
         ],
         "{rules:?}"
+    );
+    // The load balancer: Standard, its own public IP (the clone's load balancer
+    // address), the public system alone as its backend, a probe and rule for port 80.
+    let lb = res("ferry-a.lb");
+    assert_eq!(lb["sku"]["name"], "Standard", "{lb}");
+    let p = &lb["properties"];
+    let fe_ip = s(&p["frontendIPConfigurations"][0]["properties"]["publicIPAddress"]["id"]);
+    assert!(fe_ip.ends_with("/publicIPAddresses/ferry-a.lb-ip"), "{lb}");
+    assert_eq!(
+        a["load_balancer_ip"],
+        res("ferry-a.lb-ip")["properties"]["ipAddress"],
+        "{a}"
+    );
+    let backends: Vec<String> = p["backendAddressPools"][0]["properties"]
+        ["loadBalancerBackendAddresses"]
+        .as_array()
+        .context("backend addresses")?
+        .iter()
+        .map(|b| format!("{}={}", s(&b["name"]), s(&b["properties"]["ipAddress"])))
+        .collect();
+    assert_eq!(backends, ["web=198.18.90.10"], "{lb}");
+    let rule = &p["loadBalancingRules"][0]["properties"];
+    assert_eq!(
+        (
+            rule["frontendPort"].as_u64(),
+            rule["backendPort"].as_u64(),
+            s(&rule["protocol"])
+        ),
+        (Some(80), Some(80), "Tcp".to_string()),
+        "{lb}"
+    );
+    assert!(s(&rule["probe"]["id"]).ends_with("/probes/tcp-80"), "{lb}");
+    assert_eq!(
+        p["probes"][0]["properties"]["port"].as_u64(),
+        Some(80),
+        "{lb}"
     );
     let private = res("ferry-a-private");
     assert!(private.is_object(), "no private nsg");
@@ -434,8 +502,109 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
     );
     assert_eq!(az.of_clone("a")?, Vec::<Value>::new());
 
-    // Deleting the app removes its images and upload disks: the resource group is
-    // empty, through ARM's own listing.
+    // Into the operator's VNet (by its id): a wider space and a subnet of theirs for
+    // another range. The clone makes its own subnet there and removes only that.
+    let vnet_path = format!(
+        "/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Network/virtualNetworks/corp"
+    );
+    az.put(
+        &format!("{vnet_path}?api-version=2024-03-01"),
+        &serde_json::json!({"location": "westeurope", "properties": {
+            "addressSpace": {"addressPrefixes": ["198.18.0.0/16"]},
+            "subnets": [{"name": "theirs", "properties": {"addressPrefix": "198.18.99.0/24"}}]}}),
+    )?;
+    az.put(
+        &format!("/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Network/virtualNetworks/small?api-version=2024-03-01"),
+        &serde_json::json!({"location": "westeurope", "properties": {
+            "addressSpace": {"addressPrefixes": ["10.77.0.0/16"]}}}),
+    )?;
+    let err = cloud.ferry_fails(&[
+        "clone",
+        "create",
+        "shop",
+        "--name",
+        "x",
+        "--network",
+        "small",
+    ]);
+    assert!(
+        err.contains("198.18.90.0/24 is outside VNet small"),
+        "{err}"
+    );
+    let err = cloud.ferry_fails(&[
+        "clone",
+        "create",
+        "shop",
+        "--name",
+        "x",
+        "--network",
+        "../corp",
+    ]);
+    assert!(err.contains("--network"), "{err}");
+    let c = cloud.ferry_json(&[
+        "clone",
+        "create",
+        "shop",
+        "--name",
+        "c",
+        "--network",
+        &vnet_path,
+    ])?;
+    assert_eq!(c["state"], "running", "{c}");
+    assert_eq!(c["network"], vnet_path.as_str(), "{c}");
+    let corp = |st: &Value| -> Value {
+        st["resources"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == "corp").cloned())
+            .unwrap_or(Value::Null)
+    };
+    let subnet_names = |v: &Value| -> Vec<String> {
+        let mut n: Vec<String> = v["properties"]["subnets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| format!("{}={}", s(&x["name"]), s(&x["properties"]["addressPrefix"])))
+            .collect();
+        n.sort();
+        n
+    };
+    let st = az.state()?;
+    assert_eq!(
+        subnet_names(&corp(&st)),
+        ["ferry-c-0=198.18.90.0/24", "theirs=198.18.99.0/24"],
+        "{}",
+        corp(&st)
+    );
+    let nic = st["resources"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "ferry-c-web-nic").cloned())
+        .unwrap_or(Value::Null);
+    assert_eq!(
+        s(&nic["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"]),
+        format!("{vnet_path}/subnets/ferry-c-0"),
+        "{nic}"
+    );
+    assert!(
+        st["resources"]
+            .as_array()
+            .is_some_and(|r| !r.iter().any(|r| r["name"] == "ferry-c-vnet")),
+        "a VNet of its own was made"
+    );
+    assert_eq!(
+        cloud.ferry_json(&["clone", "terminate", "c"])?["state"],
+        "terminated"
+    );
+    assert_eq!(az.of_clone("c")?, Vec::<Value>::new());
+    let st = az.state()?;
+    assert_eq!(
+        subnet_names(&corp(&st)),
+        ["theirs=198.18.99.0/24"],
+        "{}",
+        corp(&st)
+    );
+
+    // Deleting the app removes its images and upload disks: the resource group holds
+    // only the operator's own VNets, through ARM's own listing.
     let out = Command::new(bin("ferry"))
         .arg("--credentials")
         .arg(cloud.creds())
@@ -458,7 +627,14 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
         &format!("{arm}/subscriptions/{SUB}/resourceGroups/{RG}/resources?api-version=2021-04-01"),
     ]))?;
     let listed: Value = serde_json::from_str(&listed)?;
-    assert_eq!(listed["value"], serde_json::json!([]), "{listed}");
+    let mut left: Vec<String> = listed["value"]
+        .as_array()
+        .context("listing")?
+        .iter()
+        .map(|r| s(&r["name"]))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["corp", "small"], "{listed}");
 
     // Every request kept to the specs' examples, and the secrets stayed out of the log.
     let st = az.state()?;
@@ -486,6 +662,11 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
         "VirtualMachines_Delete",
         "Images_Delete",
         "Disks_Delete",
+        "LoadBalancers_CreateOrUpdate",
+        "LoadBalancers_Delete",
+        "VirtualNetworks_Get",
+        "Subnets_CreateOrUpdate",
+        "Subnets_Delete",
     ] {
         assert!(ops.contains(op), "{op} was never called: {ops:?}");
     }

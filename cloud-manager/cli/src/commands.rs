@@ -161,6 +161,11 @@ pub enum CloneCmd {
         /// aws: the instance type of its instances (default t3.small).
         #[arg(long)]
         instance_type: Option<String>,
+        /// aws: an existing VPC (vpc-...), azure: an existing VNet (name or resource id)
+        /// to launch into: the clone's subnets and security groups are made there, and
+        /// removed with it; the network stays (default: a network of its own).
+        #[arg(long)]
+        network: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -850,12 +855,14 @@ pub async fn clone(client: &mut Client, cmd: CloneCmd) -> Result<(), CliError> {
             app,
             name,
             instance_type,
+            network,
             json,
         } => {
             let req = pb::CreateCloneRequest {
                 app,
                 name: name.unwrap_or_default(),
                 instance_type: instance_type.unwrap_or_default(),
+                network: network.unwrap_or_default(),
             };
             (json, client.create_clone(req).await?.into_inner())
         }

@@ -233,6 +233,10 @@ pub const TUNNEL_BIN: &str = "/usr/local/sbin/ferry-tunnel";
 const UNIT: &str = "/etc/systemd/system/ferry-tunnel-app.service";
 /// A drop-in that makes multi-user.target want the unit: enabling without a symlink.
 const WANTS: &str = "/etc/systemd/system/multi-user.target.d/ferry-tunnel-app.conf";
+/// The gateway role on a cloud clone's public system: its file, unit and drop-in.
+pub const GATEWAY_CONF: &str = "/etc/ferry/tunnel-gateway.ini";
+const GATEWAY_UNIT: &str = "/etc/systemd/system/ferry-tunnel-gateway.service";
+const GATEWAY_WANTS: &str = "/etc/systemd/system/multi-user.target.d/ferry-tunnel-gateway.conf";
 
 /// The service table in the layout of the patent's Table B; with `installed`, it starts
 /// with the `[ssh_tunnel]` section the installed app role reads.
@@ -294,7 +298,65 @@ pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
     tree.write(SERVICE_TABLE, table);
     if let Some(install) = ctx.plan.tunnel.clone() {
         install_app_role(tree, ctx, &install);
+        if !ctx.plan.gateway.is_empty() {
+            install_gateway_role(tree, ctx);
+        }
     }
+}
+
+/// The `[gateway]` file of a cloud clone's gateway role: it listens on every address at
+/// the gateway port and splices only to the app's own app servers.
+pub fn gateway_conf(app_servers: &[String]) -> String {
+    format!(
+        "# Written by ferry: this clone's tunnel gateway (the enterprise side dials it first).\n\
+         [gateway]\nlisten_ip=0.0.0.0\nlisten_port={}\napp_servers={}\n",
+        ferry_tunnel_config::config::DEFAULT_GATEWAY_PORT,
+        app_servers.join(",")
+    )
+}
+
+/// Places the gateway role beside the app role (same binary): on aws and azure a
+/// public system carries it, where local runs it in the clone's namespace. It needs no
+/// privilege, so it runs as nobody.
+fn install_gateway_role(tree: &mut Tree, ctx: &mut Ctx<'_>) {
+    let conf = gateway_conf(&ctx.plan.gateway);
+    if let Err(e) = ferry_tunnel_config::config::parse_any(&conf) {
+        ctx.note(
+            GATEWAY_CONF,
+            format!("the tunnel would refuse this gateway: {e}"),
+        );
+        return;
+    }
+    tree.write(GATEWAY_CONF, conf);
+    if tree.exists("/lib/systemd/systemd") || tree.exists("/usr/lib/systemd/systemd") {
+        tree.write(
+            GATEWAY_UNIT,
+            format!(
+                "[Unit]\nDescription=Ferry tunnel, gateway role (the clone's edge for the enterprise side)\n\
+                 After=network-online.target\nWants=network-online.target\n\n\
+                 [Service]\nExecStart={TUNNEL_BIN} gateway --config {GATEWAY_CONF}\n\
+                 User=nobody\nNoNewPrivileges=yes\nRestart=always\nRestartSec=2\n\n\
+                 [Install]\nWantedBy=multi-user.target\n"
+            ),
+        );
+        tree.write(
+            GATEWAY_WANTS,
+            "[Unit]\nWants=ferry-tunnel-gateway.service\n".to_string(),
+        );
+    } else {
+        ctx.note(
+            GATEWAY_UNIT,
+            "no systemd in the guest: start the tunnel gateway from its init scripts",
+        );
+    }
+    ctx.note(
+        GATEWAY_CONF,
+        format!(
+            "tunnel gateway on port {} for app servers {}",
+            ferry_tunnel_config::config::DEFAULT_GATEWAY_PORT,
+            ctx.plan.gateway.join(",")
+        ),
+    );
 }
 
 /// Places the app role: keys, binary, and a systemd unit started at boot.
@@ -362,6 +424,22 @@ mod tests {
             proxy_host: "127.0.0.1".into(),
             proxy_port: 50000,
         }]
+    }
+
+    #[test]
+    fn the_gateway_file_is_one_the_tunnel_reads() {
+        let servers = [
+            "198.18.80.10:2222".to_string(),
+            "198.18.80.20:2222".to_string(),
+        ];
+        let ferry_tunnel_config::config::AnyConfig::Gateway(g) =
+            ferry_tunnel_config::config::parse_any(&gateway_conf(&servers)).unwrap()
+        else {
+            panic!("not a gateway file")
+        };
+        assert_eq!(g.listen.to_string(), "0.0.0.0:7550");
+        let got: Vec<String> = g.app_servers.iter().map(ToString::to_string).collect();
+        assert_eq!(got, servers);
     }
 
     #[test]

@@ -79,6 +79,9 @@ pub struct Plan {
     /// Installs the tunnel's app role when the system uses services that stay behind.
     #[serde(skip)]
     pub tunnel: Option<TunnelInstall>,
+    /// On a cloud target, the clone's tunnel gateway runs on this (public) system: the
+    /// app servers (`IP:PORT`) it may splice to. Needs `tunnel` (the binary it places).
+    pub gateway: Vec<String>,
     /// What each guest tool may use in its sandbox.
     #[serde(skip)]
     pub limits: sandbox::Limits,
@@ -151,6 +154,7 @@ impl Plan {
         };
         let mut plan = Plan {
             tunnel: None,
+            gateway: Vec::new(),
             limits: sandbox::Limits::default(),
             target,
             filesystems: Vec::new(),

@@ -3,8 +3,11 @@
 //! (the previous image of the same system), then `RegisterImage`. Clones: a VPC with the
 //! enterprise range, its subnets, a private and a public security group, one instance
 //! per system at its enterprise address, an Elastic IP per public system and an NLB for
-//! the load balancer option. Every resource is tagged `ferry:clone`, and teardown finds
-//! them by tag, so a creation cut short leaves nothing behind once it is cleaned up.
+//! the load balancer option; the tunnel gateway's port on the public system that carries
+//! it. Launched into the operator's VPC instead (`--network`), a clone uses the subnets
+//! there that have its enterprise ranges exactly and makes the rest. Every resource made
+//! is tagged `ferry:clone`, and teardown finds them by tag (never the operator's VPC,
+//! subnets or gateway), so a creation cut short leaves nothing behind once cleaned up.
 //! Credentials, region and endpoint come from the default AWS chain.
 use aws_sdk_ec2::types as ec2t;
 use aws_sdk_elasticloadbalancingv2::types as elbt;
@@ -457,21 +460,35 @@ impl Aws {
     async fn create_async(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
         let name = rec.name.clone();
         let cidr = vpc_cidr(&rec.subnets)?;
-        let vpc = self
-            .ec2
-            .create_vpc()
-            .cidr_block(&cidr)
-            .tag_specifications(tags(ec2t::ResourceType::Vpc, &name))
-            .send()
-            .await
-            .map_err(sdk_err("CreateVpc"))?
-            .vpc()
-            .and_then(|v| v.vpc_id())
-            .unwrap_or_default()
-            .to_string();
+        let own = rec.existing_network.is_empty();
+        let vpc = if !own {
+            self.existing_vpc(&rec.existing_network, &rec.subnets)
+                .await?
+        } else {
+            self.ec2
+                .create_vpc()
+                .cidr_block(&cidr)
+                .tag_specifications(tags(ec2t::ResourceType::Vpc, &name))
+                .send()
+                .await
+                .map_err(sdk_err("CreateVpc"))?
+                .vpc()
+                .and_then(|v| v.vpc_id())
+                .unwrap_or_default()
+                .to_string()
+        };
         rec.network = vpc.clone();
         let mut subnet_of = Vec::new();
+        // The operator's own subnets, used where one has an enterprise range exactly.
+        let mut theirs = Vec::new();
         for (sn, _) in &rec.subnets {
+            if !own {
+                if let Some(id) = self.existing_subnet(&name, &vpc, sn).await? {
+                    theirs.push(id.clone());
+                    subnet_of.push((*sn, id));
+                    continue;
+                }
+            }
             let id = self
                 .ec2
                 .create_subnet()
@@ -491,8 +508,30 @@ impl Aws {
             .instances
             .iter()
             .any(|i| i.visibility == Visibility::Public);
-        if public {
+        if public && own {
             self.route_to_internet(&name, &vpc).await?;
+        } else if public {
+            let made: Vec<String> = subnet_of
+                .iter()
+                .map(|(_, id)| id.clone())
+                .filter(|id| !theirs.contains(id))
+                .collect();
+            self.route_made_subnets(&name, &vpc, &made).await?;
+            for inst in rec
+                .instances
+                .iter()
+                .filter(|i| i.visibility == Visibility::Public)
+            {
+                if let Some((_, id)) = subnet_of
+                    .iter()
+                    .find(|(net, id)| holds(net, &inst.private_ip) && theirs.contains(id))
+                {
+                    rec.warnings.push(format!(
+                        "public system {} is in your subnet {id}: its route table decides whether the internet reaches it",
+                        inst.system
+                    ));
+                }
+            }
         }
         let groups = self.create_security_groups(rec, &vpc, &cidr).await?;
         if public && rec.allow_from.is_empty() {
@@ -536,6 +575,150 @@ impl Aws {
         }
         if !rec.load_balancer_ports.is_empty() {
             self.create_load_balancer(rec, &vpc, &subnet_of).await?;
+        }
+        Ok(())
+    }
+
+    /// The operator's VPC, which must hold every enterprise subnet in one of its ranges.
+    async fn existing_vpc(
+        &self,
+        vpc: &str,
+        subnets: &[(ipnet::Ipv4Net, std::net::Ipv4Addr)],
+    ) -> Result<String, ProviderError> {
+        let found = self
+            .ec2
+            .describe_vpcs()
+            .vpc_ids(vpc)
+            .send()
+            .await
+            .map_err(sdk_err("DescribeVpcs"))?;
+        let v = found.vpcs().first().ok_or_else(|| {
+            ProviderError::Invalid(format!("no VPC {vpc} in this account and region"))
+        })?;
+        let ranges: Vec<ipnet::Ipv4Net> = v
+            .cidr_block_association_set()
+            .iter()
+            .filter(|a| {
+                a.cidr_block_state()
+                    .and_then(|s| s.state())
+                    .is_none_or(|s| *s == ec2t::VpcCidrBlockStateCode::Associated)
+            })
+            .filter_map(|a| a.cidr_block()?.parse().ok())
+            .chain(v.cidr_block().and_then(|c| c.parse().ok()))
+            .collect();
+        for (sn, _) in subnets {
+            if !ranges.iter().any(|r| r.contains(sn)) {
+                let have: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+                return Err(ProviderError::Invalid(format!(
+                    "the enterprise subnet {sn} is outside {vpc} ({}): add it to the VPC as a CIDR block, or launch without --network",
+                    have.join(", ")
+                )));
+            }
+        }
+        Ok(vpc.to_string())
+    }
+
+    /// The operator's subnet of exactly `net` in `vpc`, if there is one; one that
+    /// another clone made is refused (two clones at the same addresses in one VPC).
+    async fn existing_subnet(
+        &self,
+        name: &str,
+        vpc: &str,
+        net: &ipnet::Ipv4Net,
+    ) -> Result<Option<String>, ProviderError> {
+        let found = self
+            .ec2
+            .describe_subnets()
+            .filters(ec2t::Filter::builder().name("vpc-id").values(vpc).build())
+            .filters(
+                ec2t::Filter::builder()
+                    .name("cidr-block")
+                    .values(net.to_string())
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(sdk_err("DescribeSubnets"))?;
+        let Some(sub) = found.subnets().first() else {
+            return Ok(None);
+        };
+        let id = sub.subnet_id().unwrap_or_default().to_string();
+        if let Some(other) = sub
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some(TAG_CLONE))
+            .and_then(|t| t.value())
+            .filter(|o| *o != name)
+        {
+            return Err(ProviderError::Invalid(format!(
+                "subnet {id} ({net}) in {vpc} is clone {other}'s: two clones at the same addresses cannot share a VPC"
+            )));
+        }
+        Ok(Some(id))
+    }
+
+    /// In the operator's VPC: the subnets the clone made get a route table of their own
+    /// with the default route through the VPC's internet gateway (its main table and
+    /// its gateway stay as they are).
+    async fn route_made_subnets(
+        &self,
+        name: &str,
+        vpc: &str,
+        made: &[String],
+    ) -> Result<(), ProviderError> {
+        if made.is_empty() {
+            return Ok(());
+        }
+        let igws = self
+            .ec2
+            .describe_internet_gateways()
+            .filters(
+                ec2t::Filter::builder()
+                    .name("attachment.vpc-id")
+                    .values(vpc)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(sdk_err("DescribeInternetGateways"))?;
+        let igw = igws
+            .internet_gateways()
+            .first()
+            .and_then(|g| g.internet_gateway_id())
+            .ok_or_else(|| {
+                ProviderError::Invalid(format!(
+                    "{vpc} has no internet gateway, so its public systems could not be reached: attach one, or launch without --network"
+                ))
+            })?
+            .to_string();
+        let rt = self
+            .ec2
+            .create_route_table()
+            .vpc_id(vpc)
+            .tag_specifications(tags(ec2t::ResourceType::RouteTable, name))
+            .send()
+            .await
+            .map_err(sdk_err("CreateRouteTable"))?
+            .route_table()
+            .and_then(|t| t.route_table_id())
+            .unwrap_or_default()
+            .to_string();
+        self.ec2
+            .create_route()
+            .route_table_id(&rt)
+            .destination_cidr_block("0.0.0.0/0")
+            .gateway_id(&igw)
+            .send()
+            .await
+            .map_err(sdk_err("CreateRoute"))?;
+        for subnet in made {
+            self.ec2
+                .associate_route_table()
+                .route_table_id(&rt)
+                .subnet_id(subnet)
+                .send()
+                .await
+                .map_err(sdk_err("AssociateRouteTable"))?;
         }
         Ok(())
     }
@@ -857,6 +1040,7 @@ impl Aws {
         self.delete_load_balancer(name).await?;
         self.release_addresses(name).await?;
         self.terminate_instances(name).await?;
+        self.delete_tagged(name).await?;
         let vpcs = self
             .ec2
             .describe_vpcs()
@@ -978,6 +1162,66 @@ impl Aws {
                 break;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        Ok(())
+    }
+
+    /// What the clone made in any VPC, by its tag: security groups, route tables and
+    /// subnets. In the operator's VPC this is all of the clone; in its own VPC, what
+    /// `delete_vpc` would otherwise find.
+    async fn delete_tagged(&self, name: &str) -> Result<(), ProviderError> {
+        let sgs = self
+            .ec2
+            .describe_security_groups()
+            .filters(by_clone(name))
+            .send()
+            .await
+            .map_err(sdk_err("DescribeSecurityGroups"))?;
+        for g in sgs.security_groups() {
+            self.ec2
+                .delete_security_group()
+                .set_group_id(g.group_id().map(str::to_string))
+                .send()
+                .await
+                .map_err(sdk_err("DeleteSecurityGroup"))?;
+        }
+        let rts = self
+            .ec2
+            .describe_route_tables()
+            .filters(by_clone(name))
+            .send()
+            .await
+            .map_err(sdk_err("DescribeRouteTables"))?;
+        for rt in rts.route_tables() {
+            for a in rt.associations().iter().filter(|a| a.main() != Some(true)) {
+                self.ec2
+                    .disassociate_route_table()
+                    .set_association_id(a.route_table_association_id().map(str::to_string))
+                    .send()
+                    .await
+                    .map_err(sdk_err("DisassociateRouteTable"))?;
+            }
+            self.ec2
+                .delete_route_table()
+                .set_route_table_id(rt.route_table_id().map(str::to_string))
+                .send()
+                .await
+                .map_err(sdk_err("DeleteRouteTable"))?;
+        }
+        let subnets = self
+            .ec2
+            .describe_subnets()
+            .filters(by_clone(name))
+            .send()
+            .await
+            .map_err(sdk_err("DescribeSubnets"))?;
+        for sub in subnets.subnets() {
+            self.ec2
+                .delete_subnet()
+                .set_subnet_id(sub.subnet_id().map(str::to_string))
+                .send()
+                .await
+                .map_err(sdk_err("DeleteSubnet"))?;
         }
         Ok(())
     }

@@ -3,7 +3,9 @@
 //! SAS URL, zero ranges skipped, access revoked), and a managed image is registered on
 //! it. Clones: a VNet with the enterprise range and its subnets, a private and a public
 //! network security group, and per system a NIC at its enterprise address, a public IP
-//! for public systems, a copy of the image's disk and a VM booting from it. The copy is
+//! for public systems, a copy of the image's disk and a VM booting from it; a Standard
+//! public load balancer in front of the public systems when the app asks for one; the
+//! tunnel gateway's port on the public system that carries it. The copy is
 //! attached, not provisioned: a migrated system is specialized (no Azure agent, its own
 //! users and keys), which managed images used as a VM source cannot be.
 //! Every name derives from the clone's record, so teardown needs no listing.
@@ -116,6 +118,18 @@ impl Names<'_> {
     }
     fn disk(&self, system: &str) -> String {
         format!("ferry-{}-{system}-os", self.0)
+    }
+    /// The load balancer and its frontend's public IP: a '.' where systems' resources
+    /// have '-', so no system's name can make the same name.
+    fn lb(&self) -> String {
+        format!("ferry-{}.lb", self.0)
+    }
+    fn lb_ip(&self) -> String {
+        format!("ferry-{}.lb-ip", self.0)
+    }
+    /// A subnet the clone makes in the operator's VNet.
+    fn subnet(&self, i: usize) -> String {
+        format!("ferry-{}-{i}", self.0)
     }
 }
 
@@ -695,30 +709,44 @@ impl Azure {
             )
             .await?;
         }
-        let subnets: Vec<Value> = rec
+        let subnet_ids = if rec.existing_network.is_empty() {
+            let subnets: Vec<Value> = rec
+                .subnets
+                .iter()
+                .enumerate()
+                .map(|(i, (c, _))| {
+                    json!({"name": subnet_name(i), "properties": {"addressPrefix": c.to_string()}})
+                })
+                .collect();
+            let vnet: netapi::models::VirtualNetwork = model(
+                "VirtualNetworks_CreateOrUpdate",
+                json!({"location": self.cfg.location, "tags": tags, "properties": {
+                    "addressSpace": {"addressPrefixes": [cidr]}, "subnets": subnets}}),
+            )?;
+            self.call(
+                "VirtualNetworks_CreateOrUpdate",
+                net.virtual_networks_client()
+                    .create_or_update(self.rg(), n.vnet(), vnet, self.sub())
+                    .send(),
+            )
+            .await?;
+            rec.network = self.id("Microsoft.Network", "virtualNetworks", &n.vnet());
+            (0..rec.subnets.len())
+                .map(|i| format!("{}/subnets/{}", rec.network, subnet_name(i)))
+                .collect()
+        } else {
+            let (rg, vnet) = self.vnet_ref(&rec.existing_network)?;
+            rec.network = self.vnet_id(&rg, &vnet);
+            self.subnets_in(&n, &rg, &vnet, &rec.subnets).await?
+        };
+        let subnets: Vec<(ipnet::Ipv4Net, String)> = rec
             .subnets
             .iter()
-            .enumerate()
-            .map(|(i, (c, _))| {
-                json!({"name": subnet_name(i), "properties": {"addressPrefix": c.to_string()}})
-            })
+            .map(|(c, _)| *c)
+            .zip(subnet_ids)
             .collect();
-        let vnet: netapi::models::VirtualNetwork = model(
-            "VirtualNetworks_CreateOrUpdate",
-            json!({"location": self.cfg.location, "tags": tags, "properties": {
-                "addressSpace": {"addressPrefixes": [cidr]}, "subnets": subnets}}),
-        )?;
-        self.call(
-            "VirtualNetworks_CreateOrUpdate",
-            net.virtual_networks_client()
-                .create_or_update(self.rg(), n.vnet(), vnet, self.sub())
-                .send(),
-        )
-        .await?;
-        rec.network = self.id("Microsoft.Network", "virtualNetworks", &n.vnet());
-        let subnet_cidrs: Vec<ipnet::Ipv4Net> = rec.subnets.iter().map(|(c, _)| *c).collect();
         for inst in rec.instances.iter_mut() {
-            self.create_instance(&n, &tags, &subnet_cidrs, &rec.instance_type, inst)
+            self.create_instance(&n, &tags, &subnets, &rec.instance_type, inst)
                 .await?;
         }
         ferry_provider::wait_states(self, rec, &[InstanceState::Running]).await?;
@@ -741,11 +769,211 @@ impl Azure {
                 .to_string();
         }
         if !rec.load_balancer_ports.is_empty() {
-            rec.warnings.push(
-                "no load balancer on azure yet: each public system has its own public IP".into(),
-            );
+            rec.load_balancer_ip = self.create_load_balancer(&n, &tags, rec, &subnets).await?;
         }
         Ok(())
+    }
+
+    /// The resource group and name of the operator's VNet: a name in the manager's
+    /// resource group, or a VNet's id in this subscription.
+    fn vnet_ref(&self, existing: &str) -> Result<(String, String), ProviderError> {
+        let bad = || {
+            ProviderError::Invalid(format!(
+                "--network {existing:?}: a VNet's name in resource group {}, or /subscriptions/{}/resourceGroups/RG/providers/Microsoft.Network/virtualNetworks/NAME",
+                self.rg(),
+                self.sub()
+            ))
+        };
+        let plain = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 90
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
+        };
+        if !existing.contains('/') {
+            return plain(existing)
+                .then(|| (self.rg().to_string(), existing.to_string()))
+                .ok_or_else(bad);
+        }
+        let parts: Vec<&str> = existing.trim_start_matches('/').split('/').collect();
+        match parts.as_slice() {
+            ["subscriptions", sub, rg_word, rg, "providers", prov, kind, name]
+                if sub.eq_ignore_ascii_case(self.sub())
+                    && rg_word.eq_ignore_ascii_case("resourceGroups")
+                    && prov.eq_ignore_ascii_case("Microsoft.Network")
+                    && kind.eq_ignore_ascii_case("virtualNetworks")
+                    && plain(rg)
+                    && plain(name) =>
+            {
+                Ok((rg.to_string(), name.to_string()))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    fn vnet_id(&self, rg: &str, vnet: &str) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Network/virtualNetworks/{vnet}",
+            self.sub()
+        )
+    }
+
+    /// In the operator's VNet, which must hold every enterprise subnet in its address
+    /// space: the subnet of exactly each range where there is one, else one the clone
+    /// makes (`ferry-CLONE-I`). A subnet another clone made is refused: two clones at the
+    /// same addresses cannot share a VNet.
+    async fn subnets_in(
+        &self,
+        n: &Names<'_>,
+        rg: &str,
+        vnet: &str,
+        subnets: &[(ipnet::Ipv4Net, std::net::Ipv4Addr)],
+    ) -> Result<Vec<String>, ProviderError> {
+        let net = self.network.clone();
+        let got = self
+            .call(
+                "VirtualNetworks_Get",
+                net.virtual_networks_client()
+                    .get(rg, vnet, self.sub())
+                    .send(),
+            )
+            .await?;
+        let space: Vec<ipnet::Ipv4Net> = got["properties"]["addressSpace"]["addressPrefixes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str()?.parse().ok())
+            .collect();
+        let theirs = got["properties"]["subnets"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut ids = Vec::new();
+        for (i, (sn, _)) in subnets.iter().enumerate() {
+            if !space.iter().any(|r| r.contains(sn)) {
+                return Err(ProviderError::Invalid(format!(
+                    "the enterprise subnet {sn} is outside VNet {vnet}'s address space: add it there, or launch without --network"
+                )));
+            }
+            let found = theirs
+                .iter()
+                .find(|t| t["properties"]["addressPrefix"].as_str() == Some(&sn.to_string()));
+            if let Some(t) = found {
+                let name = t["name"].as_str().unwrap_or_default();
+                if name.starts_with("ferry-") && !name.starts_with(&format!("ferry-{}-", n.0)) {
+                    return Err(ProviderError::Invalid(format!(
+                        "subnet {name} ({sn}) of VNet {vnet} is another clone's: two clones at the same addresses cannot share a VNet"
+                    )));
+                }
+                ids.push(t["id"].as_str().unwrap_or_default().to_string());
+                continue;
+            }
+            let body: netapi::models::Subnet = model(
+                "Subnets_CreateOrUpdate",
+                json!({"properties": {"addressPrefix": sn.to_string()}}),
+            )?;
+            let made = self
+                .call(
+                    "Subnets_CreateOrUpdate",
+                    net.subnets_client()
+                        .create_or_update(rg, vnet, n.subnet(i), body, self.sub())
+                        .send(),
+                )
+                .await?;
+            ids.push(
+                made["id"].as_str().map(str::to_string).unwrap_or_else(|| {
+                    format!("{}/subnets/{}", self.vnet_id(rg, vnet), n.subnet(i))
+                }),
+            );
+        }
+        Ok(ids)
+    }
+
+    /// A Standard public load balancer in front of the public systems, by their
+    /// addresses in the clone's VNet: a TCP probe and rule per port. The public systems'
+    /// NSG already admits those ports from the app's allow_from (the client's address
+    /// reaches the VM), and Azure's probes from their own service tag.
+    async fn create_load_balancer(
+        &self,
+        n: &Names<'_>,
+        tags: &Value,
+        rec: &CloneRecord,
+        subnets: &[(ipnet::Ipv4Net, String)],
+    ) -> Result<String, ProviderError> {
+        let net = self.network.clone();
+        let pip: netapi::models::PublicIpAddress = model(
+            "PublicIPAddresses_CreateOrUpdate",
+            json!({"location": self.cfg.location, "tags": tags,
+                   "sku": {"name": "Standard"},
+                   "properties": {"publicIPAllocationMethod": "Static"}}),
+        )?;
+        self.call(
+            "PublicIPAddresses_CreateOrUpdate",
+            net.public_ip_addresses_client()
+                .create_or_update(self.rg(), n.lb_ip(), pip, self.sub())
+                .send(),
+        )
+        .await?;
+        let lb_id = self.id("Microsoft.Network", "loadBalancers", &n.lb());
+        let vnet_id = rec.network.clone();
+        let backends: Vec<Value> = rec
+            .instances
+            .iter()
+            .filter(|i| i.visibility == Visibility::Public)
+            .map(|i| {
+                let subnet = subnets
+                    .iter()
+                    .find(|(net, _)| holds(net, &i.private_ip))
+                    .map(|(_, id)| id.clone())
+                    .unwrap_or_default();
+                json!({"name": i.system, "properties": {
+                    "ipAddress": i.private_ip, "subnet": {"id": subnet}}})
+            })
+            .collect();
+        let (mut probes, mut rules) = (Vec::new(), Vec::new());
+        for port in &rec.load_balancer_ports {
+            let name = format!("tcp-{port}");
+            probes.push(json!({"name": name, "properties": {
+                "protocol": "Tcp", "port": port, "intervalInSeconds": 5, "numberOfProbes": 2}}));
+            rules.push(json!({"name": name, "properties": {
+                "frontendIPConfiguration": {"id": format!("{lb_id}/frontendIPConfigurations/frontend")},
+                "backendAddressPool": {"id": format!("{lb_id}/backendAddressPools/public-systems")},
+                "probe": {"id": format!("{lb_id}/probes/{name}")},
+                "protocol": "Tcp", "frontendPort": port, "backendPort": port,
+                "enableFloatingIP": false, "idleTimeoutInMinutes": 4}}));
+        }
+        let lb: netapi::models::LoadBalancer = model(
+            "LoadBalancers_CreateOrUpdate",
+            json!({"location": self.cfg.location, "tags": tags,
+                   "sku": {"name": "Standard"},
+                   "properties": {
+                       "frontendIPConfigurations": [{"name": "frontend", "properties": {
+                           "publicIPAddress": {"id": self.id("Microsoft.Network", "publicIPAddresses", &n.lb_ip())}}}],
+                       "backendAddressPools": [{"name": "public-systems", "properties": {
+                           "virtualNetwork": {"id": vnet_id},
+                           "loadBalancerBackendAddresses": backends}}],
+                       "probes": probes,
+                       "loadBalancingRules": rules}}),
+        )?;
+        self.call(
+            "LoadBalancers_CreateOrUpdate",
+            net.load_balancers_client()
+                .create_or_update(self.rg(), n.lb(), lb, self.sub())
+                .send(),
+        )
+        .await?;
+        let got = self
+            .call(
+                "PublicIPAddresses_Get",
+                net.public_ip_addresses_client()
+                    .get(self.rg(), n.lb_ip(), self.sub())
+                    .send(),
+            )
+            .await?;
+        Ok(got["properties"]["ipAddress"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
     }
 
     /// One system's NIC in the subnet that holds its address, behind the NSG of its
@@ -754,22 +982,21 @@ impl Azure {
         &self,
         n: &Names<'_>,
         tags: &Value,
-        subnets: &[ipnet::Ipv4Net],
+        subnets: &[(ipnet::Ipv4Net, String)],
         inst: &InstanceRecord,
     ) -> Result<(), ProviderError> {
         let sys = inst.system.clone();
         let net = self.network.clone();
-        let subnet = subnets
+        let (_, subnet) = subnets
             .iter()
-            .position(|net| holds(net, &inst.private_ip))
+            .find(|(net, _)| holds(net, &inst.private_ip))
             .ok_or_else(|| {
                 ProviderError::Invalid(format!("system {sys}: no subnet holds its address"))
             })?;
         let mut ipconf = json!({
             "privateIPAllocationMethod": "Static",
             "privateIPAddress": inst.private_ip,
-            "subnet": {"id": format!("{}/subnets/{}",
-                self.id("Microsoft.Network", "virtualNetworks", &n.vnet()), subnet_name(subnet))}
+            "subnet": {"id": subnet}
         });
         let public = inst.visibility == Visibility::Public;
         if public {
@@ -812,7 +1039,7 @@ impl Azure {
         &self,
         n: &Names<'_>,
         tags: &Value,
-        subnets: &[ipnet::Ipv4Net],
+        subnets: &[(ipnet::Ipv4Net, String)],
         size: &str,
         inst: &mut InstanceRecord,
     ) -> Result<(), ProviderError> {
@@ -972,13 +1199,42 @@ impl Azure {
             )
             .await?;
         }
+        // The load balancer names the VNet (its backend addresses) and its public IP.
         self.delete(
-            "VirtualNetworks_Delete",
-            net.virtual_networks_client()
-                .delete(self.rg(), n.vnet(), self.sub())
+            "LoadBalancers_Delete",
+            net.load_balancers_client()
+                .delete(self.rg(), n.lb(), self.sub())
                 .send(),
         )
         .await?;
+        self.delete(
+            "PublicIPAddresses_Delete",
+            net.public_ip_addresses_client()
+                .delete(self.rg(), n.lb_ip(), self.sub())
+                .send(),
+        )
+        .await?;
+        if rec.existing_network.is_empty() {
+            self.delete(
+                "VirtualNetworks_Delete",
+                net.virtual_networks_client()
+                    .delete(self.rg(), n.vnet(), self.sub())
+                    .send(),
+            )
+            .await?;
+        } else {
+            // The operator's VNet stays; the subnets the clone made there go.
+            let (rg, vnet) = self.vnet_ref(&rec.existing_network)?;
+            for i in 0..rec.subnets.len() {
+                self.delete(
+                    "Subnets_Delete",
+                    net.subnets_client()
+                        .delete(&rg, &vnet, n.subnet(i), self.sub())
+                        .send(),
+                )
+                .await?;
+            }
+        }
         for kind in ["private", "public"] {
             self.delete(
                 "NetworkSecurityGroups_Delete",

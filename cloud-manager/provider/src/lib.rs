@@ -174,14 +174,36 @@ impl<T: CloudApi> Provider for T {
     }
 
     fn create(&self, rec: &mut CloneRecord, _others: &[CloneRecord]) -> Result<(), ProviderError> {
-        if rec.needs_gateway {
-            rec.warnings.push(format!(
-                "the tunnel gateway is not started on {} yet; use a local clone for tunneled services",
+        if rec.needs_gateway && rec.gateway_system.is_empty() {
+            return Err(ProviderError::Invalid(format!(
+                "clone {}: its tunnel gateway needs a public system on {}",
+                rec.name,
                 self.cloud()
-            ));
+            )));
         }
         let made = self.runtime().block_on(self.launch(rec));
-        settle(self, rec, made)
+        settle(self, rec, made)?;
+        if rec.needs_gateway {
+            // The gateway role runs on that system's image; the enterprise side dials
+            // its public address (its security group or NSG opens the port, from the
+            // app's allow_from alone).
+            let ip = rec
+                .instances
+                .iter()
+                .find(|i| i.system == rec.gateway_system)
+                .map(|i| i.public_ip.clone())
+                .unwrap_or_default();
+            if ip.is_empty() {
+                rec.warnings.push(format!(
+                    "system {} got no public address: the tunnel gateway cannot be reached",
+                    rec.gateway_system
+                ));
+            } else {
+                rec.tunnel_gateway =
+                    format!("{ip}:{}", ferry_tunnel_config::config::DEFAULT_GATEWAY_PORT);
+            }
+        }
+        Ok(())
     }
 
     fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {

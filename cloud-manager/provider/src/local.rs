@@ -75,7 +75,7 @@ pub struct Local {
 /// Inside each clone's namespace: the enterprise bridge and the public side.
 const BRIDGE: &str = "br0";
 /// The tunnel gateway's port on its public address.
-pub const GATEWAY_PORT: u16 = 7550;
+pub const GATEWAY_PORT: u16 = ferry_tunnel_config::config::DEFAULT_GATEWAY_PORT;
 
 /// The address part of `IP:PORT` ("" when empty).
 fn gateway_ip(hostport: &str) -> &str {

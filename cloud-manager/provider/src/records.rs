@@ -77,6 +77,9 @@ pub struct ImageRecord {
     /// Which boot loader starts the image, and whose it is.
     #[serde(default)]
     pub boot_loader: String,
+    /// The image carries the tunnel's gateway role (a cloud clone's public system).
+    #[serde(default)]
+    pub tunnel_gateway: bool,
 }
 
 /// One instance of a clone: a system launched from its image.
@@ -179,12 +182,20 @@ pub struct CloneRecord {
     /// The app has services that stay behind: the clone gets a tunnel gateway.
     #[serde(default)]
     pub needs_gateway: bool,
+    /// aws and azure: the operator's VPC or VNet the clone was launched into (its
+    /// subnets and groups are the clone's; the network stays); empty: its own network.
+    #[serde(default)]
+    pub existing_network: String,
     /// aws: the instance type asked for at creation; empty for the default.
     #[serde(default)]
     pub instance_type: String,
     /// The gateway's public `IP:PORT`, once it exists.
     #[serde(default)]
     pub tunnel_gateway: String,
+    /// aws and azure: the public system whose image carries the tunnel gateway role;
+    /// empty on local (the gateway runs in the clone's namespace) and without services.
+    #[serde(default)]
+    pub gateway_system: String,
     /// What the app opens on its public systems, and to whom (CIDRs; none: nobody
     /// outside the clone's network).
     #[serde(default)]
@@ -195,7 +206,8 @@ pub struct CloneRecord {
 
 impl CloneRecord {
     /// The ports a public system serves beyond the clone's network: the app's own, the
-    /// system's, and the load balancer's (TCP).
+    /// system's, the load balancer's (TCP), and the tunnel gateway's on the system that
+    /// carries it.
     pub fn ports_for(&self, system: &str) -> Vec<(u16, bool)> {
         let mut out: Vec<(u16, bool)> = self
             .public_ports
@@ -203,6 +215,10 @@ impl CloneRecord {
             .filter(|p| p.system.is_empty() || p.system == system)
             .map(|p| (p.port, p.udp))
             .chain(self.load_balancer_ports.iter().map(|p| (*p, false)))
+            .chain(
+                (self.needs_gateway && self.gateway_system == system)
+                    .then_some((ferry_tunnel_config::config::DEFAULT_GATEWAY_PORT, false)),
+            )
             .collect();
         out.sort_unstable();
         out.dedup();

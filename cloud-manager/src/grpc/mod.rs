@@ -519,6 +519,7 @@ impl pb::control_server::Control for Grpc {
                 system: q.system,
                 target: wire::target(q.target)?,
                 services: q.services,
+                gateway: Vec::new(),
                 dry_run: false,
             };
             self.cloud.images.build(spec, q.skip_boot_check, "").await
@@ -595,9 +596,12 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::CreateCloneRequest>,
     ) -> Result<Response<pb::CloneInfo>, Status> {
         let q = req.get_ref();
-        let r = (self.cloud)
-            .create_clone(&q.app, &q.name, &q.instance_type)
-            .await;
+        let spec = crate::clones::CloneSpec {
+            name: q.name.clone(),
+            instance_type: q.instance_type.clone(),
+            network: q.network.clone(),
+        };
+        let r = self.cloud.create_clone(&q.app, &spec).await;
         self.reply("create-clone", identity(&req), r)
     }
 

@@ -367,6 +367,7 @@ impl TryFrom<pb::PrepareSystemRequest> for PrepareSpec {
             system: r.system,
             target: target(r.target)?,
             services: r.services,
+            gateway: Vec::new(),
             dry_run: r.dry_run,
         })
     }

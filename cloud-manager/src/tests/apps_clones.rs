@@ -9,6 +9,14 @@ fn kind<T: std::fmt::Debug>(r: Result<T, CloudError>) -> Kind {
     r.unwrap_err().kind()
 }
 
+/// A clone named `name` (empty: APP-N), nothing else asked.
+fn named(name: &str) -> crate::clones::CloneSpec {
+    crate::clones::CloneSpec {
+        name: name.to_string(),
+        ..Default::default()
+    }
+}
+
 fn spec(name: &str, systems: &[(&str, &str)]) -> AppSpec {
     AppSpec {
         name: name.into(),
@@ -144,10 +152,10 @@ async fn a_clone_needs_an_image_of_every_system() {
         .apps
         .create(spec("shop", &[("web01", "public")]))
         .unwrap();
-    let r = h.cloud.create_clone("shop", "", "").await;
+    let r = h.cloud.create_clone("shop", &named("")).await;
     assert_eq!(kind(r), Kind::FailedPrecondition);
     assert_eq!(
-        kind(h.cloud.create_clone("nope", "", "").await),
+        kind(h.cloud.create_clone("nope", &named("")).await),
         Kind::NotFound
     );
     assert!(h.cloud.clones.list().unwrap().is_empty());
@@ -158,7 +166,12 @@ async fn clones_are_named_after_their_app_and_run_from_the_newest_images() {
     let h = harness();
     shop(&h).await;
     let newer = image(&h, "shop", "web01", 7);
-    let first = h.cloud.create_clone("shop", "", "").await.unwrap().record;
+    let first = h
+        .cloud
+        .create_clone("shop", &named(""))
+        .await
+        .unwrap()
+        .record;
     assert_eq!(
         (first.name.as_str(), first.state),
         ("shop-1", CloneState::Running)
@@ -174,7 +187,12 @@ async fn clones_are_named_after_their_app_and_run_from_the_newest_images() {
     );
     assert_eq!(web.source_cpus, 2);
     assert_eq!(first.subnets.len(), 1);
-    let second = h.cloud.create_clone("shop", "", "").await.unwrap().record;
+    let second = h
+        .cloud
+        .create_clone("shop", &named(""))
+        .await
+        .unwrap()
+        .record;
     assert_eq!(second.name, "shop-2");
     assert_eq!(h.provider.script().created, ["shop-1", "shop-2"]);
 }
@@ -185,16 +203,16 @@ async fn a_clone_name_is_checked_before_anything_is_made() {
     shop(&h).await;
     let long = "x".repeat(41);
     assert_eq!(
-        kind(h.cloud.create_clone("shop", &long, "").await),
+        kind(h.cloud.create_clone("shop", &named(&long)).await),
         Kind::InvalidArgument
     );
     assert_eq!(
-        kind(h.cloud.create_clone("shop", "../x", "").await),
+        kind(h.cloud.create_clone("shop", &named("../x")).await),
         Kind::InvalidArgument
     );
-    h.cloud.create_clone("shop", "qa", "").await.unwrap();
+    h.cloud.create_clone("shop", &named("qa")).await.unwrap();
     assert_eq!(
-        kind(h.cloud.create_clone("shop", "qa", "").await),
+        kind(h.cloud.create_clone("shop", &named("qa")).await),
         Kind::AlreadyExists
     );
     assert_eq!(h.provider.script().created, ["qa"]);
@@ -210,7 +228,7 @@ async fn two_systems_with_one_address_cannot_be_cloned() {
     image(&h, "pair", "web01", 1);
     image(&h, "pair", "web02", 1);
     assert_eq!(
-        kind(h.cloud.create_clone("pair", "", "").await),
+        kind(h.cloud.create_clone("pair", &named("")).await),
         Kind::InvalidArgument
     );
     assert!(h.provider.script().created.is_empty());
@@ -221,7 +239,7 @@ async fn a_failed_creation_leaves_no_record() {
     let h = harness();
     shop(&h).await;
     h.provider.script().fail_create = Some("no room".into());
-    assert!(h.cloud.create_clone("shop", "", "").await.is_err());
+    assert!(h.cloud.create_clone("shop", &named("")).await.is_err());
     assert!(h.cloud.clones.list().unwrap().is_empty());
 }
 
@@ -229,7 +247,7 @@ async fn a_failed_creation_leaves_no_record() {
 async fn suspend_resume_and_terminate_move_a_clone_through_its_states() {
     let h = harness();
     shop(&h).await;
-    h.cloud.create_clone("shop", "", "").await.unwrap();
+    h.cloud.create_clone("shop", &named("")).await.unwrap();
     let clones = &h.cloud.clones;
     let c = clones.suspend("shop-1").await.unwrap().record;
     assert_eq!(c.state, CloneState::Suspended);
@@ -251,7 +269,7 @@ async fn suspend_resume_and_terminate_move_a_clone_through_its_states() {
 async fn after_a_failed_operation_the_record_holds_what_the_provider_has() {
     let h = harness();
     shop(&h).await;
-    h.cloud.create_clone("shop", "", "").await.unwrap();
+    h.cloud.create_clone("shop", &named("")).await.unwrap();
     {
         let mut s = h.provider.script();
         s.fail_suspend = Some("api down".into());
@@ -268,7 +286,7 @@ async fn after_a_failed_operation_the_record_holds_what_the_provider_has() {
 async fn a_restart_removes_interrupted_creations_and_observes_the_rest() {
     let h = harness();
     shop(&h).await;
-    h.cloud.create_clone("shop", "", "").await.unwrap();
+    h.cloud.create_clone("shop", &named("")).await.unwrap();
     let cut_short = CloneRecord {
         name: "shop-9".into(),
         app: "shop".into(),
@@ -295,7 +313,7 @@ async fn a_restart_removes_interrupted_creations_and_observes_the_rest() {
 async fn images_and_apps_in_use_by_a_clone_are_kept() {
     let h = harness();
     shop(&h).await;
-    let view = h.cloud.create_clone("shop", "", "").await.unwrap();
+    let view = h.cloud.create_clone("shop", &named("")).await.unwrap();
     let used = view.record.instances[0].image.clone();
     assert_eq!(
         kind(h.cloud.delete_image(&used).await),
@@ -317,7 +335,7 @@ async fn images_and_apps_in_use_by_a_clone_are_kept() {
 async fn tunnel_details_need_a_gateway_and_an_absolute_key_path() {
     let h = harness();
     shop(&h).await;
-    h.cloud.create_clone("shop", "", "").await.unwrap();
+    h.cloud.create_clone("shop", &named("")).await.unwrap();
     let r = h
         .cloud
         .clones
@@ -372,7 +390,7 @@ async fn public_ports_and_their_sources_are_checked_and_reach_the_clone() {
     assert_eq!(app.allow_from, ["203.0.113.0/24"]);
     image(&h, "shop", "web01", 1);
     image(&h, "shop", "db01", 1);
-    let view = h.cloud.create_clone("shop", "", "").await.unwrap();
+    let view = h.cloud.create_clone("shop", &named("")).await.unwrap();
     let rec = &view.record;
     assert_eq!(rec.allow_from, ["203.0.113.0/24"]);
     assert_eq!(rec.ports_for("web01"), [(53, true), (443, false)]);

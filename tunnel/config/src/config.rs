@@ -12,6 +12,8 @@ use std::time::Duration;
 pub const DEFAULT_SERVICE_TABLE: &str = "/etc/ferry/tunnel-services.ini";
 /// The app role's SSH port when the table does not say.
 pub const DEFAULT_APP_PORT: u16 = 2222;
+/// The gateway's port at a clone's public edge (the seed's `remote_ssh_port`).
+pub const DEFAULT_GATEWAY_PORT: u16 = 7550;
 /// The SSH user the enterprise side logs in as.
 pub const DEFAULT_USER: &str = "ferry";
 /// Prefix of the socket path that names a UDP service in a streamlocal forward.
