@@ -3,10 +3,10 @@
 # .deb for ferry-agent, ferry-site, ferry-cloud (with the ferry CLI) and ferry-tunnel
 # (cargo-deb), .rpm for ferry-agent and ferry-tunnel (cargo-generate-rpm).
 # Usage: deploy/package.sh [--profile release|dev] [OUT]
-# `--profile dev` packages the site and cloud managers from the debug build the tests
-# already made (a fresh release build of the cloud SDKs takes about half an hour on 2
-# cores; cargo-deb 3.8 warns that dev profiles are not for releases); what goes into a
-# package is the same.
+# `--profile dev` packages the debug builds (the tests' own, and a debug static build of
+# the agent and tunnel: a fresh release build of the cloud SDKs takes about half an hour
+# on 2 cores; cargo-deb 3.8 warns that dev profiles are not for releases); what goes into
+# a package is the same.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=release
@@ -30,12 +30,12 @@ command -v cargo-generate-rpm >/dev/null || cargo install --locked --quiet cargo
 command -v dpkg-shlibdeps >/dev/null || apt-get install -y -qq dpkg-dev
 
 cargo build --profile "$profile" --workspace --bins
-# The agent and the tunnel are packaged static (musl, release): they run on source hosts
-# and inside cloned guests whose C library may be years older than this machine's.
+# The agent and the tunnel are packaged static (musl): they run on source hosts and
+# inside cloned guests whose C library may be years older than this machine's.
 musl=x86_64-unknown-linux-musl
 rustup target add "$musl" >/dev/null 2>&1 || true
 command -v musl-gcc >/dev/null || apt-get install -y -qq musl-tools
-cargo build --release --target "$musl" -p ferry-agent -p ferry-tunnel
+cargo build --profile "$profile" --target "$musl" -p ferry-agent -p ferry-tunnel
 rm -f "$out"/ferry-*.deb "$out"/ferry-*.rpm
 # The manifests name target/release/...: cargo-deb points that at the profile packaged,
 # or at the musl build.
@@ -44,12 +44,12 @@ for pkg in ferry-site-manager ferry-cloud-manager; do
 done
 # The release profile keeps line tables for backtraces; packages go without them
 # (cargo-generate-rpm does not strip).
-strip --strip-debug "$CARGO_TARGET_DIR/$musl/release/ferry-agent" "$CARGO_TARGET_DIR/$musl/release/ferry-tunnel"
+strip --strip-debug "$CARGO_TARGET_DIR/$musl/$dir/ferry-agent" "$CARGO_TARGET_DIR/$musl/$dir/ferry-tunnel"
 for pkg in ferry-agent ferry-tunnel; do
-  cargo deb --no-build --target "$musl" -p "$pkg" -o "$out" >/dev/null
+  cargo deb --no-build --target "$musl" --profile "$profile" -p "$pkg" -o "$out" >/dev/null
 done
 for pkg in agent tunnel; do
-  cargo generate-rpm --target "$musl" -p "$pkg" -o "$out" >/dev/null
+  cargo generate-rpm --target "$musl" --profile "$profile" -p "$pkg" -o "$out" >/dev/null
 done
-echo "packages (site and cloud from the $profile build in $CARGO_TARGET_DIR/$dir; agent and tunnel static):"
+echo "packages (the $profile build in $CARGO_TARGET_DIR; agent and tunnel static, $musl):"
 ls -l "$out"/*.deb "$out"/*.rpm

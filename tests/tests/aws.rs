@@ -386,6 +386,10 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         err.contains("198.18.80.0/24 is outside") && err.contains("10.77.0.0/16"),
         "{err}"
     );
+    let left = moto.ask(
+        "out = len(ec2.describe_vpcs(Filters=tagged('x'))['Vpcs']) + len(ec2.describe_security_groups(Filters=tagged('x'))['SecurityGroups']) + len(ec2.describe_subnets(Filters=tagged('x'))['Subnets'])",
+    )?;
+    assert_eq!(left, serde_json::json!(0), "a refused clone left resources");
     let c = cloud.ferry_json(&[
         "clone",
         "create",

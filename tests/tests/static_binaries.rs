@@ -16,16 +16,24 @@ use std::time::Duration;
 /// The oldest kernel ARCHITECTURE.md states for the static agent and tunnel.
 const STATED: &str = "2.6.28";
 
+/// The static build of the tests' own profile (debug or release), as `deploy/package.sh`
+/// makes it for the packages.
 fn static_bin(name: &str) -> Result<PathBuf> {
-    let target = bin("ferry-cloud")
+    let dir = bin("ferry-cloud");
+    let profile = dir
+        .parent()
+        .and_then(Path::file_name)
+        .context("profile dir")?;
+    let target = dir
         .parent()
         .and_then(Path::parent)
         .context("target dir")?
-        .join("x86_64-unknown-linux-musl/release")
+        .join("x86_64-unknown-linux-musl")
+        .join(profile)
         .join(name);
     ensure!(
         target.exists(),
-        "no static {name} at {} (cargo build --release --target x86_64-unknown-linux-musl, as .ci/run does)",
+        "no static {name} at {} (deploy/package.sh --profile dev builds it, as .ci/run does)",
         target.display()
     );
     Ok(target)

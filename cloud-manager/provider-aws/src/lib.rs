@@ -669,28 +669,16 @@ impl Aws {
         if made.is_empty() {
             return Ok(());
         }
-        let igws = self
-            .ec2
-            .describe_internet_gateways()
-            .filters(
-                ec2t::Filter::builder()
-                    .name("attachment.vpc-id")
-                    .values(vpc)
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(sdk_err("DescribeInternetGateways"))?;
-        let igw = igws
-            .internet_gateways()
-            .first()
-            .and_then(|g| g.internet_gateway_id())
+        let igw = self
+            .internet_gateways(vpc)
+            .await?
+            .into_iter()
+            .next()
             .ok_or_else(|| {
                 ProviderError::Invalid(format!(
                     "{vpc} has no internet gateway, so its public systems could not be reached: attach one, or launch without --network"
                 ))
-            })?
-            .to_string();
+            })?;
         let rt = self
             .ec2
             .create_route_table()
@@ -721,6 +709,27 @@ impl Aws {
                 .map_err(sdk_err("AssociateRouteTable"))?;
         }
         Ok(())
+    }
+
+    /// The internet gateways attached to a VPC.
+    async fn internet_gateways(&self, vpc: &str) -> Result<Vec<String>, ProviderError> {
+        let igws = self
+            .ec2
+            .describe_internet_gateways()
+            .filters(
+                ec2t::Filter::builder()
+                    .name("attachment.vpc-id")
+                    .values(vpc)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(sdk_err("DescribeInternetGateways"))?;
+        Ok(igws
+            .internet_gateways()
+            .iter()
+            .filter_map(|g| g.internet_gateway_id().map(str::to_string))
+            .collect())
     }
 
     /// An internet gateway for the VPC, and the default route through it.
@@ -1251,20 +1260,8 @@ impl Aws {
                 .await
                 .map_err(sdk_err("DeleteSecurityGroup"))?;
         }
-        let igws = self
-            .ec2
-            .describe_internet_gateways()
-            .filters(
-                ec2t::Filter::builder()
-                    .name("attachment.vpc-id")
-                    .values(vpc_id)
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(sdk_err("DescribeInternetGateways"))?;
-        for g in igws.internet_gateways() {
-            let id = g.internet_gateway_id().unwrap_or_default();
+        for id in self.internet_gateways(vpc_id).await? {
+            let id = id.as_str();
             self.ec2
                 .detach_internet_gateway()
                 .internet_gateway_id(id)

@@ -676,6 +676,12 @@ impl Azure {
             return Err(ProviderError::Invalid(clash.join("; ")));
         }
         let cidr = ferry_provider::covering_cidr(&rec.subnets, 8, "VNet")?.to_string();
+        // The operator's VNet is named right before anything is made.
+        let existing = if rec.existing_network.is_empty() {
+            None
+        } else {
+            Some(self.vnet_ref(&rec.existing_network)?)
+        };
         let tags = json!({"ferry-clone": rec.name});
         let public = rec
             .instances
@@ -709,7 +715,10 @@ impl Azure {
             )
             .await?;
         }
-        let subnet_ids = if rec.existing_network.is_empty() {
+        let subnet_ids = if let Some((rg, vnet)) = existing {
+            rec.network = self.vnet_id(&rg, &vnet);
+            self.subnets_in(&n, &rg, &vnet, &rec.subnets).await?
+        } else {
             let subnets: Vec<Value> = rec
                 .subnets
                 .iter()
@@ -734,10 +743,6 @@ impl Azure {
             (0..rec.subnets.len())
                 .map(|i| format!("{}/subnets/{}", rec.network, subnet_name(i)))
                 .collect()
-        } else {
-            let (rg, vnet) = self.vnet_ref(&rec.existing_network)?;
-            rec.network = self.vnet_id(&rg, &vnet);
-            self.subnets_in(&n, &rg, &vnet, &rec.subnets).await?
         };
         let subnets: Vec<(ipnet::Ipv4Net, String)> = rec
             .subnets
@@ -772,6 +777,25 @@ impl Azure {
             rec.load_balancer_ip = self.create_load_balancer(&n, &tags, rec, &subnets).await?;
         }
         Ok(())
+    }
+
+    /// A static Standard public IP (a public system's, or the load balancer's).
+    async fn public_ip(&self, name: &str, tags: &Value) -> Result<(), ProviderError> {
+        let pip: netapi::models::PublicIpAddress = model(
+            "PublicIPAddresses_CreateOrUpdate",
+            json!({"location": self.cfg.location, "tags": tags,
+                   "sku": {"name": "Standard"},
+                   "properties": {"publicIPAllocationMethod": "Static"}}),
+        )?;
+        self.call(
+            "PublicIPAddresses_CreateOrUpdate",
+            self.network
+                .public_ip_addresses_client()
+                .create_or_update(self.rg(), name, pip, self.sub())
+                .send(),
+        )
+        .await
+        .map(drop)
     }
 
     /// The resource group and name of the operator's VNet: a name in the manager's
@@ -901,19 +925,7 @@ impl Azure {
         subnets: &[(ipnet::Ipv4Net, String)],
     ) -> Result<String, ProviderError> {
         let net = self.network.clone();
-        let pip: netapi::models::PublicIpAddress = model(
-            "PublicIPAddresses_CreateOrUpdate",
-            json!({"location": self.cfg.location, "tags": tags,
-                   "sku": {"name": "Standard"},
-                   "properties": {"publicIPAllocationMethod": "Static"}}),
-        )?;
-        self.call(
-            "PublicIPAddresses_CreateOrUpdate",
-            net.public_ip_addresses_client()
-                .create_or_update(self.rg(), n.lb_ip(), pip, self.sub())
-                .send(),
-        )
-        .await?;
+        self.public_ip(&n.lb_ip(), tags).await?;
         let lb_id = self.id("Microsoft.Network", "loadBalancers", &n.lb());
         let vnet_id = rec.network.clone();
         let backends: Vec<Value> = rec
@@ -1000,19 +1012,7 @@ impl Azure {
         });
         let public = inst.visibility == Visibility::Public;
         if public {
-            let pip: netapi::models::PublicIpAddress = model(
-                "PublicIPAddresses_CreateOrUpdate",
-                json!({"location": self.cfg.location, "tags": tags,
-                       "sku": {"name": "Standard"},
-                       "properties": {"publicIPAllocationMethod": "Static"}}),
-            )?;
-            self.call(
-                "PublicIPAddresses_CreateOrUpdate",
-                net.public_ip_addresses_client()
-                    .create_or_update(self.rg(), n.pip(&sys), pip, self.sub())
-                    .send(),
-            )
-            .await?;
+            self.public_ip(&n.pip(&sys), tags).await?;
             ipconf["publicIPAddress"] =
                 json!({"id": self.id("Microsoft.Network", "publicIPAddresses", &n.pip(&sys))});
         }
@@ -1222,9 +1222,9 @@ impl Azure {
                     .send(),
             )
             .await?;
-        } else {
-            // The operator's VNet stays; the subnets the clone made there go.
-            let (rg, vnet) = self.vnet_ref(&rec.existing_network)?;
+        } else if let Ok((rg, vnet)) = self.vnet_ref(&rec.existing_network) {
+            // The operator's VNet stays; the subnets the clone made there go. (A name
+            // that is no VNet's was refused before anything was made.)
             for i in 0..rec.subnets.len() {
                 self.delete(
                     "Subnets_Delete",
