@@ -203,7 +203,16 @@ fn read_hashes(path: &Path) -> Option<Vec<[u8; 32]>> {
 impl Aws {
     /// Loads the default AWS configuration (environment, profile, instance role).
     pub async fn load() -> Self {
-        let conf = aws_config::load_from_env().await;
+        use aws_smithy_http_client::tls;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .http_client(http)
+            .load()
+            .await;
         tracing::info!(region = ?conf.region(), "aws provider configured from the default chain");
         Self {
             ec2: aws_sdk_ec2::Client::new(&conf),
