@@ -832,6 +832,31 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> R
     bail!("timed out waiting for {what}")
 }
 
+/// Fails unless no loop device is backed by a file under `dir` within a few seconds: a
+/// detach the kernel deferred (another process had the device open for a moment, as
+/// `blkid` in a test running beside this one may) is not a leak, one that stays is.
+pub fn no_loop_device_under(dir: &Path) -> Result<()> {
+    let dir = dir.display().to_string();
+    let attached = || -> Result<Vec<String>> {
+        Ok(bash("losetup -a")?
+            .lines()
+            .filter(|l| l.contains(&dir))
+            .map(str::to_string)
+            .collect())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = attached()?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("a loop device was left attached: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A scratch directory under /tmp (tests run as root and mount things under it).
 pub fn scratch(name: &str) -> Result<tempfile::TempDir> {
     // FERRY_TEST_KEEP=1 keeps the directory (logs, state) for a post-mortem.

@@ -219,10 +219,7 @@ fn a_system_without_a_kernel_is_refused_before_booting_and_leaves_nothing() -> R
         !out.with_extension("work").exists(),
         "the work directory was left behind"
     );
-    ensure!(
-        !bash("losetup -a")?.contains(&tmp.path().display().to_string()),
-        "a loop device was left attached"
-    );
+    no_loop_device_under(tmp.path())?;
     Ok(())
 }
 
@@ -579,9 +576,6 @@ fn a_guest_boot_grub_symlinked_to_the_host_is_refused_and_nothing_is_written_the
         "something was written into the host directory"
     );
     assert!(!out.exists());
-    ensure!(
-        !bash("losetup -a")?.contains(&tmp.path().display().to_string()),
-        "a loop device was left attached"
-    );
+    no_loop_device_under(tmp.path())?;
     Ok(())
 }
