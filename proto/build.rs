@@ -4,7 +4,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=proto/ferry.proto");
     let serde = "#[derive(serde::Serialize)]";
+    // The descriptors the servers' reflection service hands out (grpcurl lists them).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_build::configure()
+        .file_descriptor_set_path(out.join("ferry_descriptor.bin"))
         .type_attribute("ferry.v1.FsStatus", serde)
         .type_attribute("ferry.v1.TokenInfo", serde)
         .type_attribute("ferry.v1.SiteInfo", serde)
@@ -26,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("ferry.v1.Nic", serde)
         .type_attribute("ferry.v1.ProbedFs", serde)
         .type_attribute("ferry.v1.BootInfo", serde)
+        .type_attribute("ferry.v1.ComponentVersion", serde)
         .field_attribute("ferry.v1.FileDbFile.content", "#[serde(skip)]")
         // Enum fields print by their short names (`public`, `in-sync`), not numbers.
         .field_attribute(

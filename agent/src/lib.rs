@@ -343,11 +343,19 @@ async fn register(
             })
             .collect(),
         fresh_state,
+        agent: ferry_common::version::product_tokens(),
     };
     let reg = retry("register", shutdown, || {
         let mut c = client.clone();
         let r = register.clone();
-        async move { c.register(r).await.map(|r| r.into_inner()) }
+        async move {
+            let answer = c.register(r).await?;
+            // The manager refuses an agent it cannot speak to; the agent refuses a
+            // manager it cannot speak to the same way.
+            ferry_common::version::check_server(answer.metadata())
+                .map_err(tonic::Status::failed_precondition)?;
+            Ok(answer.into_inner())
+        }
     })
     .await?;
     tracing::info!(system = %name, accepted = reg.accepted_epoch, durable = reg.durable_epoch, filesystems = filesystems.len(), "registered");

@@ -74,6 +74,7 @@ fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
 fn main() -> ExitCode {
     let args = Args::parse();
     ferry_common::telemetry::init(args.log_format);
+    ferry_common::version::set_component("ferry-agent");
     match args.cmd {
         Cmd::Probe { root } => match ferry_agent::probe::probe(&root) {
             Ok(h) => {

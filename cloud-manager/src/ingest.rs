@@ -63,6 +63,18 @@ pub struct Enrolled {
     pub ca_pem: String,
 }
 
+/// One component's release, as `versions` lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentVersion {
+    pub component: String,
+    pub name: String,
+    /// Empty when it never said.
+    pub release: String,
+    /// 0 when it never said.
+    pub protocol: u32,
+    pub compatible: bool,
+}
+
 /// A system's registration: its probe and its file systems.
 #[derive(Debug, Clone, Default)]
 pub struct Registration {
@@ -72,6 +84,8 @@ pub struct Registration {
     pub filesystems: Vec<FsRecord>,
     /// The agent's state is new: it knows nothing of what the replica holds.
     pub fresh_state: bool,
+    /// The agent's product tokens (`ferry-agent/0.1.0 ferry-protocol/1`), as sent.
+    pub agent: String,
 }
 
 /// One chunk as it arrived: its claimed hash and its (maybe compressed) bytes.
@@ -314,6 +328,9 @@ pub struct Ingest {
     identities: std::sync::Mutex<()>,
     /// Each site's dead letters, as it last reported them.
     dead_letters: std::sync::Mutex<std::collections::BTreeMap<String, Vec<DeadLetter>>>,
+    /// What each site said it is on its last report since this manager started.
+    site_versions:
+        std::sync::Mutex<std::collections::BTreeMap<String, ferry_common::version::Peer>>,
     counters: Arc<Counters>,
     data_dir: PathBuf,
 }
@@ -354,6 +371,7 @@ impl Ingest {
             revoked,
             identities: Default::default(),
             dead_letters: Default::default(),
+            site_versions: Default::default(),
             counters,
             data_dir,
         })
@@ -407,6 +425,50 @@ impl Ingest {
             }
         }
         Ok(self.meta.set_flag("site-relays-v1")?)
+    }
+
+    /// Which release this cloud manager, each site (as it last reported since this
+    /// manager started) and each system's agent (as it last registered) run.
+    pub fn versions(&self) -> Result<Vec<ComponentVersion>> {
+        use ferry_common::version::{Peer, PROTOCOL, VERSION};
+        let of = |component: &str, name: String, peer: Option<Peer>| {
+            let peer = peer.unwrap_or(Peer {
+                version: String::new(),
+                protocol: 0,
+            });
+            ComponentVersion {
+                component: component.into(),
+                name,
+                release: peer
+                    .version
+                    .rsplit_once('/')
+                    .map(|(_, r)| r.to_string())
+                    .unwrap_or_default(),
+                compatible: peer.incompatible().is_none(),
+                protocol: peer.protocol,
+            }
+        };
+        let mut all = vec![ComponentVersion {
+            component: "ferry-cloud".into(),
+            name: String::new(),
+            release: VERSION.into(),
+            protocol: PROTOCOL,
+            compatible: true,
+        }];
+        let reported = self
+            .site_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (site, _) in self.sites()? {
+            let peer = reported.get(&site).cloned();
+            all.push(of("ferry-site", site, peer));
+        }
+        for rec in self.replication.all()? {
+            let peer = Peer::from_tokens(&rec.agent);
+            all.push(of("ferry-agent", rec.name, peer));
+        }
+        Ok(all)
     }
 
     /// Join tokens and their state (never their secrets).
@@ -674,8 +736,17 @@ impl Ingest {
     /// cannot speak of others). A batch dead-lettered beyond its system's durable epoch
     /// is a gap the next batch may be long in showing: the agent is asked for a resync
     /// now.
-    pub async fn site_report(&self, peer: &Identity, letters: Vec<DeadLetter>) -> Result<()> {
+    pub async fn site_report(
+        &self,
+        peer: &Identity,
+        letters: Vec<DeadLetter>,
+        version: Option<ferry_common::version::Peer>,
+    ) -> Result<()> {
         let kept = self.record_report(peer, letters)?;
+        if let Some(v) = version {
+            let mut sites = self.site_versions.lock().unwrap_or_else(|p| p.into_inner());
+            sites.insert(peer.name.clone(), v);
+        }
         // The latest dead-lettered batch of each system.
         let mut latest: std::collections::BTreeMap<&str, &DeadLetter> = Default::default();
         for l in kept.iter().filter(|l| l.kind == "batch") {
@@ -771,6 +842,12 @@ impl Ingest {
             });
         check_file_systems(&rec, &req.filesystems)?;
         rec.probe = req.probe;
+        rec.agent = req
+            .agent
+            .chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .take(128)
+            .collect();
         if req.fresh_state && rec.durable_epoch > 0 && rec.resync_from == 0 {
             // A lost agent index would otherwise leave whatever the source deleted
             // meanwhile in the replica for good.

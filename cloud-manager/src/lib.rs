@@ -64,6 +64,8 @@ pub enum RunError {
     Chunk(#[from] ferry_common::chunks::ChunkError),
     #[error("grpc server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Standard(#[from] ferry_common::standard::StandardError),
     #[error("the state store failed (see the log); stopped so that the manager is restarted")]
     StoreFailed,
 }
@@ -272,7 +274,7 @@ pub async fn run(
     }
     tracing::info!(listen = %bound, data_dir = %dir.display(), ca = %fingerprint, "cloud manager serving");
     ferry_common::notify::ready(&format!("serving on {bound}"));
-    let result = grpc::serve(cloud.clone(), listener, tls, shutdown).await;
+    let result = grpc::serve(cloud.clone(), listener, tls, &tracker, shutdown).await;
     tracker.close();
     tracker.wait().await;
     if ferry_common::store::has_failed() {
@@ -283,7 +285,7 @@ pub async fn run(
     }
     cloud.stop()?;
     tracing::info!("cloud manager stopped");
-    Ok(result?)
+    result
 }
 
 #[cfg(test)]

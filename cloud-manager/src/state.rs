@@ -48,6 +48,10 @@ pub struct SystemRecord {
     /// as JSON text under `probe_json`).
     #[serde(default, alias = "probe_json", deserialize_with = "probe_compat")]
     pub probe: HostInfo,
+    /// The agent's product tokens at its last registration (`ferry-agent/0.1.0
+    /// ferry-protocol/1`); empty for agents from before they said.
+    #[serde(default)]
+    pub agent: String,
     pub filesystems: Vec<FsRecord>,
     pub durable_epoch: u64,
     pub last_durable_ms: i64,

@@ -100,7 +100,14 @@ pub async fn ensure_enrolled(
         sans: sans.to_vec(),
     };
     let resp = match client.enroll(req).await {
-        Ok(r) => r.into_inner(),
+        Ok(r) => {
+            // The token is spent by now: the identity is kept, and the first call made
+            // with it refuses the manager if it must; said here already.
+            if let Err(why) = crate::version::check_server(r.metadata()) {
+                tracing::warn!(error = %why, "enrolled with a manager of another protocol");
+            }
+            r.into_inner()
+        }
         // Not reached, or turned away for now (a full house of anonymous peers, too
         // many enrollments at once): tried again.
         Err(s)

@@ -17,10 +17,12 @@ pub mod pki;
 pub mod revoke;
 pub mod safepath;
 pub mod shutdown;
+pub mod standard;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod version;
 
 /// Current time as Unix milliseconds.
 pub fn now_ms() -> i64 {

@@ -621,6 +621,8 @@ pub fn channel(url: &str, config: Arc<ClientConfig>) -> Result<Channel, TlsError
     // tonic only sees a plain h2 connection: TLS is done by the connector below.
     let endpoint = Endpoint::from_shared(format!("http://{hostport}"))
         .map_err(|_| TlsError::Url(url.into()))?
+        .user_agent(crate::version::product_tokens())
+        .map_err(|_| TlsError::Url(url.into()))?
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(15))
@@ -667,9 +669,11 @@ pub fn grpc_server(
 }
 
 /// Answers a call from a peer without a client certificate with `UNAUTHENTICATED`
-/// unless it is an enrollment, and a call whose certificate was revoked or has expired
-/// since the handshake the same way: from the connection's peer and the path alone,
-/// before any of the request's body is read or decoded.
+/// unless it is an enrollment or a health check, and a call whose certificate was
+/// revoked or has expired since the handshake the same way; then a Ferry caller whose
+/// protocol this build does not speak with `FAILED_PRECONDITION`: from the connection's
+/// peer, the path and the headers alone, before any of the request's body is read or
+/// decoded. Every answer names this server (`crate::version`).
 #[derive(Debug, Clone)]
 pub struct EnrollOnlyWhenAnonymous {
     pub revoked: Revoked,
@@ -692,8 +696,10 @@ pub struct EnrollOnly<S> {
     revoked: Revoked,
 }
 
-/// The one service anonymous peers may call.
+/// The services anonymous peers may call: enrollment, and the standard health check
+/// (load balancers and probes hold no client certificate; it tells only serving or not).
 const ENROLLMENT: &str = "/ferry.v1.Enrollment/";
+const HEALTH: &str = "/grpc.health.v1.Health/";
 
 /// The largest enrollment request a server decodes (a token, a name, a CSR, a few
 /// names): anonymous peers cannot make it buffer more.
@@ -705,8 +711,10 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future =
-        futures::future::Either<futures::future::Ready<Result<S::Response, S::Error>>, S::Future>;
+    type Future = futures::future::Either<
+        futures::future::Ready<Result<S::Response, S::Error>>,
+        futures::future::MapOk<S::Future, fn(S::Response) -> S::Response>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -717,20 +725,27 @@ where
             .extensions()
             .get::<PeerInfo>()
             .and_then(|p| p.cert.as_ref());
+        let path = req.uri().path();
         let refusal = match cert {
             Some(c) => self
                 .revoked
                 .check_live(c, crate::pki::unix_now())
                 .err()
-                .map(|r| r.to_string()),
-            None if req.uri().path().starts_with(ENROLLMENT) => None,
-            None => Some("client certificate required: enroll with a join token first".into()),
+                .map(|r| tonic::Status::unauthenticated(r.to_string())),
+            None if path.starts_with(ENROLLMENT) || path.starts_with(HEALTH) => None,
+            None => Some(tonic::Status::unauthenticated(
+                "client certificate required: enroll with a join token first",
+            )),
         };
+        let refusal = refusal.or_else(|| crate::version::refusal(req.headers()));
         match refusal {
-            None => futures::future::Either::Right(self.inner.call(req)),
-            Some(why) => {
-                let status = tonic::Status::unauthenticated(why);
-                futures::future::Either::Left(futures::future::ready(Ok(status.into_http())))
+            None => futures::future::Either::Right(futures::TryFutureExt::map_ok(
+                self.inner.call(req),
+                crate::version::stamp_answer as fn(S::Response) -> S::Response,
+            )),
+            Some(status) => {
+                let answer = crate::version::stamp_answer(status.into_http());
+                futures::future::Either::Left(futures::future::ready(Ok(answer)))
             }
         }
     }

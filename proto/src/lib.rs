@@ -6,6 +6,9 @@ pub mod v1 {
     tonic::include_proto!("ferry.v1");
 }
 
+/// The `ferry.v1` descriptors, for the servers' reflection service.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ferry_descriptor");
+
 /// Largest gRPC message any Ferry service accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 

@@ -395,8 +395,18 @@ pub async fn talk_upstream(
         let report = pb::SiteReportRequest {
             dead_letters: crate::deadletter::list(&relay, &Default::default()),
         };
-        if let Err(e) = relay.client().site_report(report).await {
-            tracing::debug!(error = %e, "cannot report dead letters yet");
+        // The report is also where a site and its cloud manager find out whether they
+        // speak one protocol (each names itself in its headers): said loudly if not.
+        match relay.client().site_report(report).await {
+            Ok(answer) => {
+                if let Err(why) = ferry_common::version::check_server(answer.metadata()) {
+                    tracing::error!(error = %why, "the cloud manager speaks another protocol");
+                }
+            }
+            Err(e) if e.code() == tonic::Code::FailedPrecondition => {
+                tracing::error!(error = %e.message(), "the cloud manager refuses this site");
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot report dead letters yet"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

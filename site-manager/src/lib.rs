@@ -50,6 +50,8 @@ pub enum SiteError {
     },
     #[error("grpc server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Standard(#[from] ferry_common::standard::StandardError),
     #[error("the site's state store failed (see the log); stopped so that it is restarted")]
     StoreFailed,
 }
@@ -144,7 +146,7 @@ pub async fn run(
         config.upstream
     ));
     let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
-    let result = ferry_common::tls::grpc_server(revoked)
+    let router = ferry_common::tls::grpc_server(revoked)
         .add_service(
             pb::enrollment_server::EnrollmentServer::new(svc.clone())
                 .max_decoding_message_size(ferry_common::tls::ENROLL_MESSAGE_BYTES),
@@ -153,7 +155,15 @@ pub async fn run(
             pb::ingest_server::IngestServer::new(svc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        );
+    const SERVED: &[&str] = &["ferry.v1.Enrollment", "ferry.v1.Ingest"];
+    let (router, health) = ferry_common::standard::add(router, SERVED)?;
+    tracker.spawn(ferry_common::standard::watch(
+        health,
+        SERVED,
+        shutdown.clone(),
+    ));
+    let result = router
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     tracker.close();

@@ -117,6 +117,7 @@ fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
 fn main() -> ExitCode {
     let args = Args::parse();
     ferry_common::telemetry::init(args.log_format);
+    ferry_common::version::set_component("ferry-site");
     let cmd = match args.cmd {
         Cmd::Deadletter { cmd } => return deadletter(cmd),
         serve @ Cmd::Serve { .. } => serve,

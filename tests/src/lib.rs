@@ -927,6 +927,7 @@ pub fn register(system: &str, uuid: &str) -> ferry_proto::v1::RegisterRequest {
             ..Default::default()
         }],
         fresh_state: false,
+        agent: String::new(),
     }
 }
 

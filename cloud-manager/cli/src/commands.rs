@@ -77,6 +77,12 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: OperatorsCmd,
     },
+    /// The release and wire protocol of this CLI, the cloud manager, each site (as it
+    /// last reported) and each system's agent (as it last registered).
+    Version {
+        #[arg(long)]
+        json: bool,
+    },
     /// Every revoked identity and when it was revoked.
     Revocations {
         #[arg(long)]
@@ -450,6 +456,24 @@ async fn dispatch(client: &mut Client, cmd: Cmd) -> Result<(), CliError> {
             print_done(&r.into_inner().done);
             Ok(())
         }
+        Cmd::Version { json } => {
+            use ferry_common::version::{PROTOCOL, VERSION};
+            let answer = client.versions(pb::VersionsRequest {}).await?;
+            let server = ferry_common::version::check_server(answer.metadata());
+            let mut all = vec![pb::ComponentVersion {
+                component: "ferry".into(),
+                name: String::new(),
+                release: VERSION.into(),
+                protocol: PROTOCOL,
+                compatible: server.is_ok(),
+            }];
+            all.extend(answer.into_inner().components);
+            print_as(json, &all, || render_versions(&all));
+            if let Err(why) = server {
+                eprintln!("ferry: {why}");
+            }
+            Ok(())
+        }
         Cmd::Revocations { json } => {
             let r = client
                 .list_revoked(pb::RevocationsRequest {})
@@ -464,6 +488,33 @@ async fn dispatch(client: &mut Client, cmd: Cmd) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// `ferry version` as a table: one line per component, what is wrong said at its end.
+fn render_versions(all: &[pb::ComponentVersion]) -> String {
+    let mut out = format!(
+        "{:<12} {:<20} {:<10} {:<8}\n",
+        "COMPONENT", "NAME", "RELEASE", "PROTOCOL"
+    );
+    for c in all {
+        let (release, protocol, note) = if c.protocol == 0 {
+            (
+                "-",
+                "-".to_string(),
+                "  (not known yet: a site reports every 15 s, an agent when it registers)",
+            )
+        } else if !c.compatible {
+            (c.release.as_str(), c.protocol.to_string(), "  INCOMPATIBLE")
+        } else {
+            (c.release.as_str(), c.protocol.to_string(), "")
+        };
+        let name = if c.name.is_empty() { "-" } else { &c.name };
+        out += &format!(
+            "{:<12} {:<20} {:<10} {:<8}{note}\n",
+            c.component, name, release, protocol
+        );
+    }
+    out
 }
 
 fn print_done(done: &[String]) {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let args = ferry_cli::commands::Args::parse();
+    ferry_common::version::set_component("ferry");
     match ferry_cli::commands::run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

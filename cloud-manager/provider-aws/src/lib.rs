@@ -1188,21 +1188,7 @@ impl Aws {
     /// subnets. In the operator's VPC this is all of the clone; in its own VPC, what
     /// `delete_vpc` would otherwise find.
     async fn delete_tagged(&self, name: &str) -> Result<(), ProviderError> {
-        let sgs = self
-            .ec2
-            .describe_security_groups()
-            .filters(by_clone(name))
-            .send()
-            .await
-            .map_err(sdk_err("DescribeSecurityGroups"))?;
-        for g in sgs.security_groups() {
-            self.ec2
-                .delete_security_group()
-                .set_group_id(g.group_id().map(str::to_string))
-                .send()
-                .await
-                .map_err(sdk_err("DeleteSecurityGroup"))?;
-        }
+        self.delete_security_groups(by_clone(name)).await?;
         let rts = self
             .ec2
             .describe_route_tables()
@@ -1226,22 +1212,7 @@ impl Aws {
                 .await
                 .map_err(sdk_err("DeleteRouteTable"))?;
         }
-        let subnets = self
-            .ec2
-            .describe_subnets()
-            .filters(by_clone(name))
-            .send()
-            .await
-            .map_err(sdk_err("DescribeSubnets"))?;
-        for sub in subnets.subnets() {
-            self.ec2
-                .delete_subnet()
-                .set_subnet_id(sub.subnet_id().map(str::to_string))
-                .send()
-                .await
-                .map_err(sdk_err("DeleteSubnet"))?;
-        }
-        Ok(())
+        self.delete_subnets(by_clone(name)).await
     }
 
     /// One VPC of the clone with its security groups, internet gateways and subnets.
@@ -1250,25 +1221,7 @@ impl Aws {
             .name("vpc-id")
             .values(vpc_id)
             .build();
-        let sgs = self
-            .ec2
-            .describe_security_groups()
-            .filters(in_vpc.clone())
-            .send()
-            .await
-            .map_err(sdk_err("DescribeSecurityGroups"))?;
-        for g in sgs
-            .security_groups()
-            .iter()
-            .filter(|g| g.group_name() != Some("default"))
-        {
-            self.ec2
-                .delete_security_group()
-                .set_group_id(g.group_id().map(str::to_string))
-                .send()
-                .await
-                .map_err(sdk_err("DeleteSecurityGroup"))?;
-        }
+        self.delete_security_groups(in_vpc.clone()).await?;
         for id in self.internet_gateways(vpc_id).await? {
             let id = id.as_str();
             self.ec2
@@ -1285,10 +1238,47 @@ impl Aws {
                 .await
                 .map_err(sdk_err("DeleteInternetGateway"))?;
         }
+        self.delete_subnets(in_vpc).await?;
+        self.ec2
+            .delete_vpc()
+            .vpc_id(vpc_id)
+            .send()
+            .await
+            .map_err(sdk_err("DeleteVpc"))?;
+        Ok(())
+    }
+
+    /// The security groups `filter` selects, but a VPC's default group (AWS deletes it
+    /// with its VPC, and refuses to before).
+    async fn delete_security_groups(&self, filter: ec2t::Filter) -> Result<(), ProviderError> {
+        let sgs = self
+            .ec2
+            .describe_security_groups()
+            .filters(filter)
+            .send()
+            .await
+            .map_err(sdk_err("DescribeSecurityGroups"))?;
+        for g in sgs
+            .security_groups()
+            .iter()
+            .filter(|g| g.group_name() != Some("default"))
+        {
+            self.ec2
+                .delete_security_group()
+                .set_group_id(g.group_id().map(str::to_string))
+                .send()
+                .await
+                .map_err(sdk_err("DeleteSecurityGroup"))?;
+        }
+        Ok(())
+    }
+
+    /// The subnets `filter` selects.
+    async fn delete_subnets(&self, filter: ec2t::Filter) -> Result<(), ProviderError> {
         let subnets = self
             .ec2
             .describe_subnets()
-            .filters(in_vpc)
+            .filters(filter)
             .send()
             .await
             .map_err(sdk_err("DescribeSubnets"))?;
@@ -1300,12 +1290,6 @@ impl Aws {
                 .await
                 .map_err(sdk_err("DeleteSubnet"))?;
         }
-        self.ec2
-            .delete_vpc()
-            .vpc_id(vpc_id)
-            .send()
-            .await
-            .map_err(sdk_err("DeleteVpc"))?;
         Ok(())
     }
 }

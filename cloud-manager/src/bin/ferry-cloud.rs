@@ -223,6 +223,7 @@ fn show(json: bool, value: &impl serde::Serialize, text: impl FnOnce() -> String
 fn main() -> ExitCode {
     let args = Args::parse();
     ferry_common::telemetry::init(args.log_format);
+    ferry_common::version::set_component("ferry-cloud");
     match args.cmd {
         Cmd::Customize {
             root,

@@ -66,18 +66,20 @@ pub fn operator_only(
     }
 }
 
-/// Serves the three APIs over mTLS on `listener` until `shutdown`.
+/// Serves the three APIs, with health and reflection, over mTLS on `listener` until
+/// `shutdown`.
 pub async fn serve(
     cloud: Arc<Cloud>,
     listener: tokio::net::TcpListener,
     tls: ferry_common::tls::ServerTls,
+    tracker: &tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), crate::RunError> {
     let grpc = Grpc {
         cloud: cloud.clone(),
     };
     let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
-    ferry_common::tls::grpc_server(cloud.ingest.revoked.clone())
+    let router = ferry_common::tls::grpc_server(cloud.ingest.revoked.clone())
         .add_service(
             pb::enrollment_server::EnrollmentServer::new(grpc.clone())
                 .max_decoding_message_size(ferry_common::tls::ENROLL_MESSAGE_BYTES),
@@ -91,9 +93,18 @@ pub async fn serve(
             pb::control_server::ControlServer::new(grpc)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
             operator_only(cloud),
-        ))
+        ));
+    const SERVED: &[&str] = &["ferry.v1.Enrollment", "ferry.v1.Ingest", "ferry.v1.Control"];
+    let (router, health) = ferry_common::standard::add(router, SERVED)?;
+    tracker.spawn(ferry_common::standard::watch(
+        health,
+        SERVED,
+        shutdown.clone(),
+    ));
+    router
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await
+        .await?;
+    Ok(())
 }
 
 impl Grpc {
@@ -254,9 +265,14 @@ impl pb::ingest_server::Ingest for Grpc {
         let who = identity(&req);
         let r = async {
             let id = require_ingest(who.as_ref())?;
+            let version = req
+                .metadata()
+                .get("user-agent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(ferry_common::version::Peer::from_tokens);
             let letters = req.into_inner().dead_letters;
             let letters = letters.into_iter().map(Into::into).collect();
-            self.cloud.ingest.site_report(id, letters).await
+            self.cloud.ingest.site_report(id, letters, version).await
         }
         .await;
         self.reply("site-report", who, r.map(|()| pb::SiteReportResponse {}))
@@ -369,6 +385,20 @@ impl pb::control_server::Control for Grpc {
             .revoke_token(&req.get_ref().id)
             .map(|()| pb::RevokeTokenResponse {});
         self.reply("revoke-token", who, r)
+    }
+
+    async fn versions(
+        &self,
+        req: Request<pb::VersionsRequest>,
+    ) -> Result<Response<pb::VersionsResponse>, Status> {
+        let r = self
+            .cloud
+            .ingest
+            .versions()
+            .map(|all| pb::VersionsResponse {
+                components: all.into_iter().map(Into::into).collect(),
+            });
+        self.reply("versions", identity(&req), r)
     }
 
     async fn list_sites(

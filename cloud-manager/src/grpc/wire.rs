@@ -4,7 +4,8 @@ use crate::clones::{CloneView, TunnelDetails};
 use crate::error::{CloudError, Result};
 use crate::images::{FileContent, FileDbListing, PrepareSpec, Prepared};
 use crate::ingest::{
-    Ack, Batch, DeadLetter, Enrolled, Enrollment, Frame, PassProgress, Registration, Renewal,
+    Ack, Batch, ComponentVersion, DeadLetter, Enrolled, Enrollment, Frame, PassProgress,
+    Registration, Renewal,
 };
 use crate::replication::SystemStatus;
 use crate::state::{AppRecord, CounterValues, FsRecord, ImageRecord, Settings, Target};
@@ -130,6 +131,18 @@ impl From<Enrolled> for pb::EnrollResponse {
     }
 }
 
+impl From<ComponentVersion> for pb::ComponentVersion {
+    fn from(v: ComponentVersion) -> Self {
+        Self {
+            component: v.component,
+            name: v.name,
+            release: v.release,
+            protocol: v.protocol,
+            compatible: v.compatible,
+        }
+    }
+}
+
 impl From<pb::RegisterRequest> for Registration {
     fn from(r: pb::RegisterRequest) -> Self {
         Self {
@@ -153,6 +166,7 @@ impl From<pb::RegisterRequest> for Registration {
                 })
                 .collect(),
             fresh_state: r.fresh_state,
+            agent: r.agent,
         }
     }
 }

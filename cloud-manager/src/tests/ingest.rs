@@ -29,6 +29,7 @@ async fn an_agent_writes_only_its_own_system_and_a_site_only_those_bound_to_it()
         fresh_state: false,
         probe: HostInfo::default(),
         filesystems: vec![root_fs()],
+        ..Default::default()
     };
     let r = h.cloud.ingest.register(&agent("db01"), reg.clone()).await;
     assert_eq!(kind(r), Kind::PermissionDenied);
@@ -75,6 +76,7 @@ async fn a_registration_with_no_or_too_many_file_systems_stores_nothing() {
                     ..root_fs()
                 })
                 .collect(),
+            ..Default::default()
         };
         let r = h.cloud.ingest.register(&agent("web01"), reg).await;
         assert_eq!(kind(r), Kind::InvalidArgument, "{n} file systems");
@@ -93,6 +95,7 @@ async fn an_unsupported_file_system_type_is_refused_before_anything_is_stored() 
             fstype: "zfs".into(),
             ..root_fs()
         }],
+        ..Default::default()
     };
     let r = h.cloud.ingest.register(&agent("web01"), reg).await;
     assert_eq!(kind(r), Kind::InvalidArgument);
@@ -140,6 +143,7 @@ async fn a_re_registration_keeps_the_durable_epoch_and_updates_usage() {
             used_bytes: 5 << 20,
             ..root_fs()
         }],
+        ..Default::default()
     };
     let ack = ingest.register(&agent("web01"), reg).await.unwrap();
     assert_eq!(ack.durable_epoch, 1);
@@ -340,6 +344,7 @@ async fn an_epoch_gap_or_an_agent_with_new_state_asks_for_a_resync() {
         fresh_state: true,
         probe: HostInfo::default(),
         filesystems: vec![root_fs()],
+        ..Default::default()
     };
     let ack = ingest
         .register(&agent("web01"), fresh.clone())
@@ -655,6 +660,7 @@ async fn a_mount_point_that_is_not_absolute_and_normalized_is_refused_at_the_doo
                 mount_point: mp.to_vec(),
                 ..root_fs()
             }],
+            ..Default::default()
         };
         let r = h.cloud.ingest.register(&agent("web01"), reg).await;
         assert_eq!(
@@ -689,6 +695,7 @@ async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
                 ..var.clone()
             },
         ],
+        ..Default::default()
     };
     let r = h.cloud.ingest.register(&agent("web01"), twice).await;
     assert_eq!(kind(r), Kind::InvalidArgument);
@@ -702,6 +709,7 @@ async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
             mount_point: b"/etc".to_vec(),
             ..root_fs()
         }],
+        ..Default::default()
     };
     let r = h.cloud.ingest.register(&agent("web01"), moved).await;
     assert_eq!(kind(r), Kind::InvalidArgument);
@@ -717,6 +725,7 @@ async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
             fs_id: "other".into(),
             ..root_fs()
         }],
+        ..Default::default()
     };
     let r = h.cloud.ingest.register(&agent("web01"), taken).await;
     assert_eq!(kind(r), Kind::InvalidArgument);
@@ -734,6 +743,7 @@ async fn a_moved_file_system_registers_only_once_the_operator_allows_that_move()
             mount_point: mp.to_vec(),
             ..root_fs()
         }],
+        ..Default::default()
     };
     let err = (h.cloud.ingest)
         .register(&agent("web01"), moved(b"/srv"))
@@ -862,6 +872,7 @@ async fn a_file_system_larger_than_a_replica_volume_holds_is_refused_at_the_door
             capacity_bytes: crate::ingest::MAX_VOLUME + 1,
             ..root_fs()
         }],
+        ..Default::default()
     };
     let err = h
         .cloud

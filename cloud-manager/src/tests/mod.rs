@@ -176,6 +176,7 @@ pub async fn register(h: &Harness, name: &str, cidr: &str) -> crate::ingest::Ack
         fresh_state: false,
         probe: probe(name, cidr),
         filesystems: vec![root_fs()],
+        ..Default::default()
     };
     h.cloud.ingest.register(&agent(name), reg).await.unwrap()
 }
