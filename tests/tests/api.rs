@@ -163,17 +163,13 @@ fn others_find_and_call_the_api_and_every_component_says_its_version() -> Result
         (cloud.as_str(), "ferry.v1.Control/Versions"),
         (site.as_str(), "ferry.v1.Ingest/Progress"),
     ] {
-        let newer = grpc(
-            &creds,
-            &[
-                "call",
-                target,
-                method,
-                "{}",
-                "--user-agent",
-                "ferry-agent/9.9.9 ferry-protocol/99",
-            ],
-        )?;
+        let claiming = |user_agent: &str| {
+            grpc(
+                &creds,
+                &["call", target, method, "{}", "--user-agent", user_agent],
+            )
+        };
+        let newer = claiming("ferry-agent/9.9.9 ferry-protocol/99")?;
         assert_eq!(newer["code"], "FAILED_PRECONDITION", "{newer}");
         let why = newer["details"].as_str().unwrap_or_default();
         assert!(
@@ -181,17 +177,8 @@ fn others_find_and_call_the_api_and_every_component_says_its_version() -> Result
                 && why.contains(": upgrade ferry-"),
             "{why}"
         );
-        let older = grpc(
-            &creds,
-            &[
-                "call",
-                target,
-                method,
-                "{}",
-                "--user-agent",
-                "ferry-agent/0.0.1 ferry-protocol/0",
-            ],
-        )?;
+        let older = claiming("ferry-agent/0.0.1 ferry-protocol/0")?;
+        assert_eq!(older["code"], "FAILED_PRECONDITION", "{older}");
         let why = older["details"].as_str().unwrap_or_default();
         assert!(why.ends_with("upgrade ferry-agent/0.0.1"), "{older}");
     }
