@@ -25,6 +25,8 @@ pub struct Gate {
     resync_from: AtomicU64,
     resynced: AtomicU64,
     resync_wake: tokio::sync::Notify,
+    /// Told of each answer and failure, for `/healthz`.
+    upstream: std::sync::Arc<ferry_common::health::Upstream>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -41,6 +43,7 @@ impl Gate {
         client: crate::sender::Client,
         system: &str,
         lag: std::sync::Arc<crate::lag::Lag>,
+        upstream: std::sync::Arc<ferry_common::health::Upstream>,
     ) -> Self {
         Self {
             client,
@@ -52,6 +55,7 @@ impl Gate {
             resync_from: AtomicU64::new(0),
             resynced: AtomicU64::new(0),
             resync_wake: tokio::sync::Notify::new(),
+            upstream,
         }
     }
 
@@ -116,17 +120,21 @@ impl Gate {
     pub async fn refresh(&self) {
         let mut c = self.client.clone();
         let lag = self.lag.report();
-        if let Ok(r) = c
+        let answer = c
             .progress(ProgressRequest {
                 system: self.system.clone(),
                 pending_since_ms: lag.pending_since_ms,
                 pending_bytes: lag.pending_bytes,
             })
-            .await
-        {
-            let r = r.into_inner();
-            self.lag.durable(r.durable_epoch);
-            self.update(r.settings.as_ref());
+            .await;
+        match answer {
+            Ok(r) => {
+                self.upstream.answered();
+                let r = r.into_inner();
+                self.lag.durable(r.durable_epoch);
+                self.update(r.settings.as_ref());
+            }
+            Err(s) => self.upstream.failed(s.message()),
         }
     }
 

@@ -81,6 +81,11 @@ impl Lag {
         }
     }
 
+    /// The last epoch known durable (from batch answers and settings refreshes).
+    pub fn durable_epoch(&self) -> u64 {
+        self.state().durable
+    }
+
     pub fn report(&self) -> Report {
         let s = self.state();
         let seen = [s.unseen_since, s.current.map_or(0, |c| c.0)]

@@ -8,6 +8,7 @@ pub mod consistency;
 pub mod gate;
 pub mod index;
 pub mod lag;
+pub mod metrics;
 pub mod probe;
 pub mod scan;
 pub mod sender;
@@ -110,11 +111,21 @@ fn db_err(path: &Path, source: sled::Error) -> AgentError {
     }
 }
 
-/// Runs the agent until shutdown (or, with `once`, until the first pass is durable).
+/// Runs the agent until shutdown (or, with `once`, until the first pass is durable);
+/// `http`, when given, serves `/metrics` and `/healthz` from the start.
 pub async fn run(
     config: RunConfig,
+    http: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<Option<Summary>, AgentError> {
+    let telemetry = Arc::new(metrics::Telemetry::new(
+        config.state_dir.clone(),
+        &config.manager,
+    ));
+    if let Some(http) = http {
+        tracing::info!(listen = ?http.local_addr().ok(), "metrics on /metrics");
+        tokio::spawn(metrics::serve(http, telemetry.clone(), shutdown.clone()));
+    }
     let host = probe::probe(&config.root)?;
     let name = config
         .name
@@ -134,9 +145,15 @@ pub async fn run(
     // No epoch ever built here: a first run, or an index that was lost.
     let fresh = meta.get("next_epoch").ok().flatten().is_none();
     let reg = register(&client, &name, &host, &filesystems, fresh, &shutdown).await?;
+    telemetry.upstream.answered();
 
-    let lag = Arc::new(lag::Lag::default());
-    let gate = Arc::new(gate::Gate::new(client.clone(), &name, lag.clone()));
+    let lag = telemetry.lag.clone();
+    let gate = Arc::new(gate::Gate::new(
+        client.clone(),
+        &name,
+        lag.clone(),
+        telemetry.upstream.clone(),
+    ));
     gate.update(reg.settings.as_ref());
     if !config.once {
         tokio::spawn(gate.clone().follow(shutdown.clone()));
@@ -153,11 +170,14 @@ pub async fn run(
     let next_epoch = Arc::new(AtomicU64::new(
         get_u64("next_epoch").max(reg.accepted_epoch + 1).max(1),
     ));
-    let accepted = Arc::new(AtomicU64::new(
+    let accepted = telemetry.accepted.clone();
+    accepted.store(
         reg.accepted_epoch.max(get_u64("accepted_epoch")),
-    ));
-    let durable = Arc::new(AtomicU64::new(reg.durable_epoch));
-    let stats = Arc::new(Stats::default());
+        Ordering::SeqCst,
+    );
+    let durable = telemetry.durable.clone();
+    durable.store(reg.durable_epoch, Ordering::SeqCst);
+    let stats = telemetry.stats.clone();
     let exclude = vec![config
         .state_dir
         .canonicalize()
@@ -191,6 +211,7 @@ pub async fn run(
         accepted,
         durable,
         stats,
+        telemetry,
         exclude,
         watcher,
         shutdown,
@@ -198,7 +219,10 @@ pub async fn run(
     let mut work = Work::Full;
     let mut first = true;
     loop {
+        let started = std::time::Instant::now();
         let (outcome, retry_dirs, wire) = r.pass(&work, first, &mut summary).await;
+        r.telemetry
+            .pass_done(outcome.is_ok(), started.elapsed().as_millis() as u64);
         match outcome {
             Ok(()) => {}
             Err(AgentError::Send(SendError::Stopped)) if r.shutdown.is_cancelled() => {
@@ -382,6 +406,7 @@ struct Replicator<'a> {
     accepted: Arc<AtomicU64>,
     durable: Arc<AtomicU64>,
     stats: Arc<Stats>,
+    telemetry: Arc<metrics::Telemetry>,
     exclude: Vec<PathBuf>,
     watcher: Option<Arc<watch::Watcher>>,
     shutdown: CancellationToken,
@@ -462,6 +487,9 @@ impl Replicator<'_> {
                 Ok((st, retry)) => {
                     summary.files_sent_this_run += st.files_sent;
                     summary.bytes_read_this_run += st.bytes_read;
+                    let t = &self.telemetry;
+                    t.files_sent.fetch_add(st.files_sent, Ordering::Relaxed);
+                    t.bytes_read.fetch_add(st.bytes_read, Ordering::Relaxed);
                     for dir in retry {
                         retry_dirs.entry(i).or_default().insert(dir, None);
                     }

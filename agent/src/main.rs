@@ -45,6 +45,9 @@ enum Cmd {
         /// For database systems: fsfreeze each file system while a pass reads it.
         #[arg(long)]
         consistency: Option<ferry_agent::consistency::Consistency>,
+        /// Plain HTTP listen address for /metrics and /healthz (off by default).
+        #[arg(long)]
+        http: Option<String>,
     },
     /// Print this host's configuration as JSON.
     Probe {
@@ -64,6 +67,7 @@ struct RunFile {
     name: Option<String>,
     rescan_interval: Option<u64>,
     consistency: Option<ferry_agent::consistency::Consistency>,
+    http: Option<String>,
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
             once,
             rescan_interval,
             consistency,
+            http,
         } => {
             let file: RunFile = match config
                 .as_deref()
@@ -126,15 +131,22 @@ fn main() -> ExitCode {
                 ),
                 consistency: consistency.or(file.consistency).unwrap_or_default(),
             };
-            run(config)
+            run(config, http.or(file.http))
         }
     }
 }
 
 #[tokio::main]
-async fn run(config: RunConfig) -> ExitCode {
+async fn run(config: RunConfig, http: Option<String>) -> ExitCode {
+    let http = match http {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(&addr).await {
+            Ok(l) => Some(l),
+            Err(e) => return fail(format!("cannot listen on {addr} (http): {e}"), 1),
+        },
+    };
     let shutdown = ferry_common::shutdown::on_signals();
-    match ferry_agent::run(config, shutdown).await {
+    match ferry_agent::run(config, http, shutdown).await {
         Ok(Some(summary)) => {
             println!("{}", serde_json::to_string(&summary).unwrap_or_default());
             ExitCode::SUCCESS

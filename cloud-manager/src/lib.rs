@@ -268,13 +268,26 @@ pub async fn run(
         shutdown.clone(),
     ));
     tracker.spawn(cloud.ingest.chunks.clone().sync_behind(shutdown.clone()));
+    let serving = Arc::new(ferry_common::health::Serving::default());
     if let Some(http) = http {
         tracing::info!(listen = ?http.local_addr().ok(), "metrics on /metrics");
-        tracker.spawn(metrics::serve(http, cloud.clone(), shutdown.clone()));
+        let health = metrics::CloudHealth {
+            data_dir: dir.clone(),
+            serving: serving.clone(),
+            listen: bound.to_string(),
+        };
+        tracker.spawn(metrics::serve(
+            http,
+            cloud.clone(),
+            health,
+            shutdown.clone(),
+        ));
     }
     tracing::info!(listen = %bound, data_dir = %dir.display(), ca = %fingerprint, "cloud manager serving");
     ferry_common::notify::ready(&format!("serving on {bound}"));
+    serving.set(true);
     let result = grpc::serve(cloud.clone(), listener, tls, &tracker, shutdown).await;
+    serving.set(false);
     tracker.close();
     tracker.wait().await;
     if ferry_common::store::has_failed() {

@@ -1,23 +1,49 @@
 //! Prometheus metrics of the cloud manager on the optional `--http` listener: transfer
-//! counters and per-system replication state, read from the cloud at each scrape and
-//! served with `/healthz` by `ferry_common::metrics`.
+//! counters and per-system replication state, read from the cloud at each scrape, and
+//! its health (the state store takes writes, the gRPC listener serves), served by
+//! `ferry_common::metrics`.
 use crate::cloud::Cloud;
 use crate::replication::SystemStatus;
 use crate::state::{CounterValues, FsRecord};
+use ferry_common::health::{self, Check, Health, Serving};
+use ferry_common::metrics::{counter, gauge};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Serves until shutdown.
-pub async fn serve(listener: TcpListener, cloud: Arc<Cloud>, shutdown: CancellationToken) {
-    ferry_common::metrics::serve(listener, Arc::new(registry(cloud)), shutdown).await
+pub async fn serve(
+    listener: TcpListener,
+    cloud: Arc<Cloud>,
+    health: CloudHealth,
+    shutdown: CancellationToken,
+) {
+    let registry = Arc::new(registry(cloud));
+    ferry_common::metrics::serve(listener, registry, Arc::new(health), shutdown).await
+}
+
+/// What `/healthz` checks on the cloud manager.
+#[derive(Debug)]
+pub struct CloudHealth {
+    pub data_dir: PathBuf,
+    pub serving: Arc<Serving>,
+    /// The gRPC listener's address, as the check names it.
+    pub listen: String,
+}
+
+impl Health for CloudHealth {
+    fn checks(&self) -> Vec<Check> {
+        vec![
+            health::store_writable(&self.data_dir),
+            self.serving
+                .check("listeners", &format!("grpc on {}", self.listen)),
+        ]
+    }
 }
 
 /// A registry holding the cloud's collector.
@@ -36,36 +62,6 @@ impl fmt::Debug for CloudCollector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CloudCollector").finish_non_exhaustive()
     }
-}
-
-type Labels<'a> = Vec<(&'static str, &'a str)>;
-
-/// One gauge family with one series per `(labels, value)`.
-fn gauge<'a, N: EncodeGaugeValue>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: impl IntoIterator<Item = (Labels<'a>, N)>,
-) -> fmt::Result {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in series {
-        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
-}
-
-/// One counter family with one series per system.
-fn per_system_counter<'a>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: impl IntoIterator<Item = (Labels<'a>, u64)>,
-) -> fmt::Result {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, v) in series {
-        ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
 }
 
 impl Collector for CloudCollector {
@@ -139,8 +135,7 @@ fn encode_counters(encoder: &mut DescriptorEncoder, c: &CounterValues) -> fmt::R
         ),
     ];
     for (name, help, v) in counters {
-        let counter = ConstCounter::new(v);
-        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        counter(encoder, name, help, [(Vec::new(), v)])?;
     }
     Ok(())
 }
@@ -200,7 +195,7 @@ fn encode_systems(encoder: &mut DescriptorEncoder, systems: &[SystemStatus]) -> 
         "Operator rate limit in bytes per second (0: none).",
         by_system(|s| s.record.rate_limit_bps),
     )?;
-    per_system_counter(
+    counter(
         e,
         "ferry_system_resyncs",
         "Batches the replica refused as disagreeing with the agent, each answered by a resync pass.",

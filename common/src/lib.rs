@@ -10,6 +10,7 @@ pub mod enroll;
 pub mod entry;
 pub mod error;
 pub mod guestmount;
+pub mod health;
 pub mod metrics;
 pub mod names;
 pub mod notify;

@@ -1,7 +1,13 @@
 //! The one Prometheus exporter of Ferry's daemons: a `prometheus_client` registry rendered
-//! as OpenMetrics text on `/metrics`, `ok` on `/healthz`, by a small read-only HTTP/1.1
-//! responder that answers one bounded request per connection.
+//! as OpenMetrics text on `/metrics`, the daemon's health checks on `/healthz` (200 when
+//! all pass, 503 naming what failed), by a small read-only HTTP/1.1 responder that answers
+//! one bounded request per connection.
+use crate::health::{Check, Health};
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +40,39 @@ pub enum MetricsError {
     Encode(#[source] std::fmt::Error),
 }
 
+/// A series' labels, as collectors build them at scrape time.
+pub type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+/// One gauge family with one series per `(labels, value)` (collectors read their
+/// daemon's state at scrape time, so nothing is kept in step).
+pub fn gauge<'a, N: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels<'a>, N)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in series {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// One counter family with one series per `(labels, value)`; the encoder appends
+/// `_total` to `name`.
+pub fn counter<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels<'a>, u64)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// The registry as OpenMetrics text, ending with `# EOF`.
 pub fn render(registry: &Registry) -> Result<String, MetricsError> {
     let mut out = String::new();
@@ -41,8 +80,13 @@ pub fn render(registry: &Registry) -> Result<String, MetricsError> {
     Ok(out)
 }
 
-/// Serves `registry` on `listener` until `shutdown` fires.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: CancellationToken) {
+/// Serves `registry` and `health` on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    health: Arc<dyn Health>,
+    shutdown: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -64,10 +108,10 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
                 }
             },
         };
-        let registry = registry.clone();
+        let (registry, health) = (registry.clone(), health.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(TIMEOUT, handle(stream, &registry)).await {
+            match tokio::time::timeout(TIMEOUT, handle(stream, &registry, health)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "metrics request failed"),
                 Err(_) => tracing::debug!("metrics request timed out"),
@@ -76,7 +120,11 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>, shutdown: Can
     }
 }
 
-async fn handle(mut stream: TcpStream, registry: &Registry) -> Result<(), MetricsError> {
+async fn handle(
+    mut stream: TcpStream,
+    registry: &Registry,
+    health: Arc<dyn Health>,
+) -> Result<(), MetricsError> {
     let head = match read_head(&mut stream).await {
         Ok(h) => h,
         Err(MetricsError::TooLarge) => {
@@ -109,7 +157,15 @@ async fn handle(mut stream: TcpStream, registry: &Registry) -> Result<(), Metric
                 )
             }
         },
-        ("GET", "/healthz") => ("200 OK", "text/plain", text("ok\n")),
+        ("GET", "/healthz") => {
+            let checks = tokio::task::spawn_blocking(move || health.checks())
+                .await
+                .unwrap_or_else(|_| vec![Check::failed("checks", "a health check panicked")]);
+            match crate::health::render(&checks) {
+                (true, body) => ("200 OK", "text/plain", body),
+                (false, body) => ("503 Service Unavailable", "text/plain", body),
+            }
+        }
         ("GET", _) => ("404 Not Found", "text/plain", text("not found\n")),
         _ => (
             "405 Method Not Allowed",
@@ -179,8 +235,22 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve(listener, Arc::new(registry), shutdown.clone()));
+        tokio::spawn(serve(
+            listener,
+            Arc::new(registry),
+            Arc::new(Fixed(Vec::new())),
+            shutdown.clone(),
+        ));
         (addr, shutdown)
+    }
+
+    /// Checks that answer the same each time.
+    struct Fixed(Vec<Check>);
+
+    impl Health for Fixed {
+        fn checks(&self) -> Vec<Check> {
+            self.0.clone()
+        }
     }
 
     async fn raw(addr: std::net::SocketAddr, request: &[u8]) -> String {
@@ -244,6 +314,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failed_check_makes_healthz_503_and_names_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let checks = vec![
+            Check::ok("store", ""),
+            Check::failed("upstream", "https://cloud:7443 has never answered"),
+        ];
+        tokio::spawn(serve(
+            listener,
+            Arc::new(Registry::default()),
+            Arc::new(Fixed(checks)),
+            shutdown.clone(),
+        ));
+        let out = raw(addr, b"GET /healthz HTTP/1.0\r\n\r\n").await;
+        assert!(out.starts_with("HTTP/1.1 503 "), "{out}");
+        assert!(
+            out.ends_with(
+                "\r\n\r\nunhealthy\nstore: ok\nupstream: FAILED: https://cloud:7443 has never answered\n"
+            ),
+            "{out}"
+        );
+        shutdown.cancel();
+    }
+
+    #[tokio::test]
     async fn oversize_request_is_refused() {
         let (addr, shutdown) = start(Registry::default()).await;
         let mut request = b"GET /metrics HTTP/1.1\r\nX-Pad: ".to_vec();
@@ -260,6 +356,7 @@ mod tests {
         let task = tokio::spawn(serve(
             listener,
             Arc::new(Registry::default()),
+            Arc::new(Fixed(Vec::new())),
             shutdown.clone(),
         ));
         shutdown.cancel();

@@ -40,6 +40,17 @@ fn split_key(key: &[u8]) -> Option<(String, u64)> {
     Some((String::from_utf8_lossy(&key[..nul]).into_owned(), seq))
 }
 
+/// How many dead letters each system has.
+pub fn counts(relay: &Relay) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for key in relay.dead.iter().keys().filter_map(|k| k.ok()) {
+        if let Some((system, _)) = split_key(&key) {
+            *out.entry(system).or_default() += 1;
+        }
+    }
+    out
+}
+
 fn selected(sel: &pb::DeadLetterSelection, system: &str, seq: u64) -> bool {
     (sel.system.is_empty() || sel.system == system) && (!sel.has_seq || sel.seq == seq)
 }

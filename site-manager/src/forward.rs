@@ -2,7 +2,7 @@
 //! registrations, then for each batch the chunks upstream lacks, then the batch itself.
 //! An item leaves its queue only when the cloud manager has made it durable. Chunks also
 //! go upstream as they arrive.
-use crate::relay::{QueueItem, Relay};
+use crate::relay::{Counters, QueueItem, Relay};
 use ferry_common::backoff::Backoff;
 use ferry_common::chunks;
 use ferry_common::tls::SwapChannel;
@@ -79,11 +79,15 @@ async fn forward_system(
         };
         match outcome {
             Outcome::Done => {
+                relay.upstream_seen.answered();
                 backoff.connected();
                 let _ = relay.queue.remove(&key);
                 let _ = relay.flush();
             }
             Outcome::Retry(s) => {
+                if ferry_common::error::is_transient(&s) {
+                    relay.upstream_seen.failed(s.message());
+                }
                 let d = backoff.next_delay();
                 tracing::warn!(system, error = %s.message(), retry_in_ms = d.as_millis() as u64, queued = relay.queue_len(), "upstream cannot take this system's next item yet; holding its queue");
                 tokio::select! {
@@ -136,6 +140,11 @@ async fn forward_one(relay: &Relay, item: &QueueItem) -> Outcome {
                 "batch forwarded"
             );
             let r = r.into_inner();
+            Counters::add(&relay.counters.batches_forwarded, 1);
+            Counters::add(
+                &relay.counters.forward_ms,
+                started.elapsed().as_millis() as u64,
+            );
             let mut pos = relay.positions(&batch.system);
             pos.durable = pos.durable.max(r.durable_epoch);
             pos.learn(r.settings.as_ref());
@@ -255,6 +264,7 @@ async fn push_group(
             {
                 return Err(classify(s));
             }
+            Counters::add(&relay.counters.chunk_bytes_forwarded, bytes as u64);
             bytes = 0;
         }
     }
@@ -262,6 +272,7 @@ async fn push_group(
         if let Err(s) = c.put_chunks(tokio_stream::iter(frames)).await {
             return Err(classify(s));
         }
+        Counters::add(&relay.counters.chunk_bytes_forwarded, bytes as u64);
     }
     if durable {
         // Uploaded chunks are only published upstream; asking again syncs them.
@@ -380,6 +391,7 @@ pub async fn talk_upstream(
         let mut c = EnrollmentClient::new(relay.upstream.clone());
         match c.revocations(pb::RevocationsRequest {}).await {
             Ok(r) => {
+                relay.upstream_seen.answered();
                 let kept: Vec<(String, u64)> = (r.into_inner().revoked.into_iter())
                     .map(|r| (r.identity, r.revoked_at))
                     .collect();
@@ -390,7 +402,10 @@ pub async fn talk_upstream(
                     Some((ferry_common::pki::Identity::parse(&id).ok()?, at))
                 }));
             }
-            Err(e) => tracing::debug!(error = %e, "cannot fetch revocations yet"),
+            Err(e) => {
+                relay.upstream_seen.failed(e.message());
+                tracing::debug!(error = %e, "cannot fetch revocations yet")
+            }
         }
         let report = pb::SiteReportRequest {
             dead_letters: crate::deadletter::list(&relay, &Default::default()),

@@ -7,6 +7,7 @@
 
 pub mod deadletter;
 pub mod forward;
+pub mod metrics;
 pub mod relay;
 
 use ferry_common::config::Secret;
@@ -56,12 +57,25 @@ pub enum SiteError {
     StoreFailed,
 }
 
-/// Serves agents on `listener` until `shutdown`.
+/// The sockets the site serves on, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC over mTLS: agents.
+    pub grpc: TcpListener,
+    /// Plain HTTP for `/metrics` and `/healthz`.
+    pub http: Option<TcpListener>,
+}
+
+/// Serves agents until `shutdown`.
 pub async fn run(
     config: SiteConfig,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), SiteError> {
+    let Listeners {
+        grpc: listener,
+        http,
+    } = listeners;
     let dir = &config.data_dir;
     let io = |source| SiteError::DataDir {
         path: dir.display().to_string(),
@@ -102,6 +116,7 @@ pub async fn run(
     let relay = Arc::new(relay::Relay::open(
         dir,
         upstream.clone(),
+        &config.upstream,
         config.spool_limit,
     )?);
     revoked.replace(relay.revocations());
@@ -136,6 +151,17 @@ pub async fn run(
     ));
     let admin = deadletter::bind(dir)?;
     tracker.spawn(deadletter::serve(admin, relay.clone(), shutdown.clone()));
+    let serving = Arc::new(ferry_common::health::Serving::default());
+    if let Some(http) = http {
+        tracing::info!(listen = ?http.local_addr().ok(), "metrics on /metrics");
+        tracker.spawn(metrics::serve(
+            http,
+            relay.clone(),
+            serving.clone(),
+            bound.to_string(),
+            shutdown.clone(),
+        ));
+    }
     tracing::info!(listen = %bound, upstream = %config.upstream, queued = relay.queue_len(), "site manager serving");
 
     let svc = relay::Service {
@@ -163,9 +189,11 @@ pub async fn run(
         SERVED,
         shutdown.clone(),
     ));
+    serving.set(true);
     let result = router
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
+    serving.set(false);
     tracker.close();
     tracker.wait().await;
     if ferry_common::store::has_failed() {

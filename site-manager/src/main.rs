@@ -45,6 +45,9 @@ enum Cmd {
         /// Most chunk data spooled on disk (K, M, G suffixes) before agents are slowed.
         #[arg(long, value_parser = ferry_common::config::parse_bytes)]
         spool_limit: Option<u64>,
+        /// Plain HTTP listen address for /metrics and /healthz (off by default).
+        #[arg(long)]
+        http: Option<String>,
     },
     /// What upstream refused for good: list it, put it back in its queue, or drop it
     /// (talks to the running site through DATA_DIR/admin.sock).
@@ -107,6 +110,7 @@ struct SiteFile {
     #[serde(default)]
     san: Vec<String>,
     spool_limit: Option<u64>,
+    http: Option<String>,
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -131,6 +135,7 @@ fn main() -> ExitCode {
         name,
         san,
         spool_limit,
+        http,
     } = cmd
     else {
         return fail("unreachable", 2);
@@ -169,7 +174,7 @@ fn main() -> ExitCode {
             .or(file.spool_limit)
             .unwrap_or(DEFAULT_SPOOL_LIMIT),
     };
-    serve(config, listen)
+    serve(config, listen, http.or(file.http))
 }
 
 /// Chunk data a site keeps on disk while its upstream is slow or away.
@@ -182,13 +187,21 @@ fn host_name() -> String {
 }
 
 #[tokio::main]
-async fn serve(config: SiteConfig, listen: String) -> ExitCode {
-    let listener = match tokio::net::TcpListener::bind(&listen).await {
+async fn serve(config: SiteConfig, listen: String, http: Option<String>) -> ExitCode {
+    let grpc = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
         Err(e) => return fail(format!("cannot listen on {listen}: {e}"), 1),
     };
+    let http = match http {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(&addr).await {
+            Ok(l) => Some(l),
+            Err(e) => return fail(format!("cannot listen on {addr} (http): {e}"), 1),
+        },
+    };
     let shutdown = ferry_common::shutdown::on_signals();
-    let run = ferry_site_manager::run(config, listener, shutdown.clone());
+    let listeners = ferry_site_manager::Listeners { grpc, http };
+    let run = ferry_site_manager::run(config, listeners, shutdown.clone());
     tokio::pin!(run);
     let stop = ferry_common::shutdown::or_store_failure(&shutdown);
     let result = tokio::select! {

@@ -11,6 +11,7 @@ use ferry_proto::v1::{
 };
 use prost::Message;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status, Streaming};
@@ -133,6 +134,10 @@ pub struct Relay {
     /// Held while chunks go upstream, so the write-through and a batch's forwarding
     /// never send the same chunk twice.
     pub push_lock: tokio::sync::Mutex<()>,
+    /// What went through, for the metrics.
+    pub counters: Counters,
+    /// When the cloud manager last answered, for `/healthz` and the metrics.
+    pub upstream_seen: ferry_common::health::Upstream,
     /// Hashes of chunks just stored, for the write-through to upstream.
     fresh: tokio::sync::mpsc::Sender<Vec<Vec<u8>>>,
     fresh_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Vec<Vec<u8>>>>>,
@@ -141,6 +146,27 @@ pub struct Relay {
 impl std::fmt::Debug for Relay {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Relay").finish_non_exhaustive()
+    }
+}
+
+/// What went through the site since it started.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Batches accepted from agents and queued.
+    pub batches_queued: AtomicU64,
+    /// Compressed bytes of the new chunks agents uploaded.
+    pub chunk_bytes_received: AtomicU64,
+    /// Batches the cloud manager made durable.
+    pub batches_forwarded: AtomicU64,
+    /// Compressed bytes of the chunks sent upstream.
+    pub chunk_bytes_forwarded: AtomicU64,
+    /// Milliseconds the forwarded batches took, from the first chunk question to durable.
+    pub forward_ms: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -186,7 +212,12 @@ impl QueueItem {
 }
 
 impl Relay {
-    pub fn open(dir: &Path, upstream: SwapChannel, spool_limit: u64) -> Result<Self> {
+    pub fn open(
+        dir: &Path,
+        upstream: SwapChannel,
+        upstream_url: &str,
+        spool_limit: u64,
+    ) -> Result<Self> {
         let store = Store::open(&dir.join("db"))?;
         let (fresh, fresh_rx) = tokio::sync::mpsc::channel(FRESH_QUEUE);
         let relay = Self {
@@ -208,6 +239,8 @@ impl Relay {
             push_lock: tokio::sync::Mutex::new(()),
             fresh,
             fresh_rx: std::sync::Mutex::new(Some(fresh_rx)),
+            counters: Counters::default(),
+            upstream_seen: ferry_common::health::Upstream::new(upstream_url),
         };
         relay.split_old_queue()?;
         Ok(relay)
@@ -274,6 +307,22 @@ impl Relay {
             from.push(1);
         }
         out
+    }
+
+    /// The data dir.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How many items each system has queued.
+    pub fn queue_depths(&self) -> Vec<(String, u64)> {
+        self.queued_systems()
+            .into_iter()
+            .map(|system| {
+                let n = self.queue.scan_prefix(queue_prefix(&system)).count() as u64;
+                (system, n)
+            })
+            .collect()
     }
 
     /// The receiving end of the write-through queue (once).
@@ -592,6 +641,10 @@ impl pb::ingest_server::Ingest for Service {
             })();
             match step {
                 Ok(Some(s)) => {
+                    Counters::add(
+                        &self.relay.counters.chunk_bytes_received,
+                        f.zdata.len() as u64,
+                    );
                     staged.push(s);
                     fresh.push(f.hash);
                 }
@@ -663,6 +716,7 @@ impl pb::ingest_server::Ingest for Service {
                     register: None,
                     batch: Some(batch.clone()),
                 })?;
+                Counters::add(&self.relay.counters.batches_queued, 1);
             }
             self.relay.touch_put();
             tracing::debug!(
@@ -717,7 +771,13 @@ mod tests {
 
     fn relay(dir: &Path) -> Relay {
         let upstream = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
-        Relay::open(dir, SwapChannel::new(upstream), 1 << 30).unwrap()
+        Relay::open(
+            dir,
+            SwapChannel::new(upstream),
+            "https://cloud:7443",
+            1 << 30,
+        )
+        .unwrap()
     }
 
     fn batch(system: &str, epoch: u64) -> QueueItem {

@@ -143,6 +143,40 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `GET path` on a daemon's plain HTTP listener on loopback: the status and the body.
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: ferry\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP answer: {out:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// The Prometheus text a daemon serves on `port`.
+pub fn metrics_at(port: u16) -> Result<String> {
+    let (status, body) = http_get(port, "/metrics")?;
+    anyhow::ensure!(status == 200, "metrics answered {status}: {body}");
+    Ok(body)
+}
+
+/// The value of one series (`name{labels}` exactly as exposed) in Prometheus text.
+pub fn series(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        (n == name).then(|| v.parse().ok()).flatten()
+    })
+}
+
 /// A file system image loop-mounted at `mnt`; unmounted and removed on drop.
 pub struct LoopFs {
     pub image: PathBuf,
@@ -577,13 +611,7 @@ impl CloudMgr {
 
     /// The Prometheus text from `/metrics`.
     pub fn metrics(&self) -> Result<String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: ferry\r\n\r\n")?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        anyhow::ensure!(out.starts_with("HTTP/1.1 200"), "metrics answered {out:?}");
-        Ok(out)
+        metrics_at(self.http_port)
     }
 
     /// Waits until `system` reports in-sync and its root replica matches `src`; returns

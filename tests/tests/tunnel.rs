@@ -271,11 +271,8 @@ impl Scene {
     }
 }
 
-fn counter(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+fn counter(metrics: &str, name: &str) -> f64 {
+    series(metrics, name).unwrap_or(0.0)
 }
 
 #[test]

@@ -11,7 +11,9 @@ pub mod udp;
 pub use ferry_tunnel_config::{config, ini, keys};
 
 use config::AnyConfig;
+use ferry_common::health::{Check, Health, Serving};
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -59,20 +61,51 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), TunnelError> {
     let m = metrics::Metrics::default();
+    let running = Arc::new(Serving::default());
     if let Some(l) = listeners.metrics {
+        let health = RoleHealth {
+            role: config.role(),
+            running: running.clone(),
+        };
         tokio::spawn(ferry_common::metrics::serve(
             l,
             m.registry(),
+            Arc::new(health),
             shutdown.clone(),
         ));
     }
+    running.set(true);
+    let r = run_role(config, table_path, listeners.main, m, shutdown).await;
+    running.set(false);
+    r
+}
+
+/// `/healthz` of a tunnel: its role runs (it ends only on shutdown or a fatal error).
+struct RoleHealth {
+    role: &'static str,
+    running: Arc<Serving>,
+}
+
+impl Health for RoleHealth {
+    fn checks(&self) -> Vec<Check> {
+        vec![self.running.check("role", &format!("{} role", self.role))]
+    }
+}
+
+async fn run_role(
+    config: AnyConfig,
+    table_path: PathBuf,
+    main: Option<TcpListener>,
+    m: metrics::Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), TunnelError> {
     match config {
         AnyConfig::Gateway(g) => {
-            let l = listeners.main.ok_or(TunnelError::NoListener("gateway"))?;
+            let l = main.ok_or(TunnelError::NoListener("gateway"))?;
             gateway::run(g, l, m, shutdown).await;
         }
         AnyConfig::App(t) => {
-            let l = listeners.main.ok_or(TunnelError::NoListener("app"))?;
+            let l = main.ok_or(TunnelError::NoListener("app"))?;
             app::run(table_path, t, l, m, shutdown).await?;
         }
         AnyConfig::Enterprise(a) => enterprise::run(a, m, shutdown).await?,

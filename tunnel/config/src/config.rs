@@ -233,6 +233,17 @@ pub enum AnyConfig {
     Gateway(GatewayConfig),
 }
 
+impl AnyConfig {
+    /// The role's name, as `ferry-tunnel` and its logs say it.
+    pub fn role(&self) -> &'static str {
+        match self {
+            AnyConfig::Enterprise(_) => "enterprise",
+            AnyConfig::App(_) => "app",
+            AnyConfig::Gateway(_) => "gateway",
+        }
+    }
+}
+
 pub const KEYS_TABLE_A: &[&str] = &[
     "remote_ssh_ip",
     "remote_ssh_port",
