@@ -22,7 +22,7 @@ WEB_IP=198.18.80.10
 # Stops and removes what a run made: daemons, clones, the source database, mounts.
 clean() {
   if [ -x "${B:-}/ferry" ] && [ -f "$DEMO/cloud/operator.toml" ]; then
-    for c in $(FERRY_CREDENTIALS=$DEMO/cloud/operator.toml timeout 20 "$B/ferry" clone list --json 2>/dev/null \
+    for c in $(FERRY_CREDENTIALS=$DEMO/cloud/operator.toml timeout 20 "$B/ferry" clone list --output json 2>/dev/null \
       | python3 -c 'import json,sys; print(" ".join(c["name"] for c in json.load(sys.stdin)))' 2>/dev/null); do
       FERRY_CREDENTIALS=$DEMO/cloud/operator.toml timeout 120 "$B/ferry" clone terminate "$c" >/dev/null 2>&1 || true
     done
@@ -127,7 +127,7 @@ for name in web db; do
 done
 
 step "replicating both systems through the site"
-in_sync() { ferry systems show "$1" --json | json 'd["state"]' | grep -qx in-sync; }
+in_sync() { ferry systems show "$1" --output json | json 'd["state"]' | grep -qx in-sync; }
 wait_until 600 "web in sync" in_sync web
 wait_until 600 "db in sync" in_sync db
 ferry sync status
@@ -142,7 +142,7 @@ ferry image build shop
 step "two clones side by side"
 page() { curl -sS --max-time 5 "http://$1/"; }
 for c in a b; do
-  ferry clone create shop --name "$c" --json > "$DEMO/clone-$c.json"
+  ferry clone create shop --name "$c" --output json > "$DEMO/clone-$c.json"
   ip=$(json 'd["instances"][0]["public_ip"]' < "$DEMO/clone-$c.json")
   accel=$(json 'd["instances"][0]["accel"]' < "$DEMO/clone-$c.json")
   wait_until 180 "clone $c's web page with its database's row" sh -c "curl -sS --max-time 5 http://$ip/ | grep -q 'version 1'"
@@ -166,12 +166,12 @@ echo "source database: $(src_sql 'select msg from greeting')"
 replica_db=$(ferry replica path db /)
 durable() {
   grep -rqa 'database, version 2' "$replica_db/var/lib/postgresql/15/main/base" &&
-    ferry systems show db --json | json 'd["state"]' | grep -qx in-sync
+    ferry systems show db --output json | json 'd["state"]' | grep -qx in-sync
 }
 wait_until 300 "the change to be durable" durable
 ferry clone terminate b >/dev/null
 ferry image build shop >/dev/null
-ferry clone create shop --name c --json > "$DEMO/clone-c.json"
+ferry clone create shop --name c --output json > "$DEMO/clone-c.json"
 ip_c=$(json 'd["instances"][0]["public_ip"]' < "$DEMO/clone-c.json")
 wait_until 180 "clone c's web page with the new row" sh -c "curl -sS --max-time 5 http://$ip_c/ | grep -q 'version 2'"
 echo "clone c: curl http://$ip_c/"

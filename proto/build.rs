@@ -30,6 +30,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("ferry.v1.ProbedFs", serde)
         .type_attribute("ferry.v1.BootInfo", serde)
         .type_attribute("ferry.v1.ComponentVersion", serde)
+        .type_attribute("ferry.v1.SetReplicationResponse", serde)
+        .type_attribute("ferry.v1.ReplicaPathResponse", serde)
+        .type_attribute("ferry.v1.ResizeReplicaResponse", serde)
+        .type_attribute("ferry.v1.DeleteAppResponse", serde)
         .field_attribute("ferry.v1.FileDbFile.content", "#[serde(skip)]")
         // Enum fields print by their short names (`public`, `in-sync`), not numbers.
         .field_attribute(

@@ -20,8 +20,10 @@ struct Args {
 enum Cmd {
     /// Replicate this host's file systems and keep them in sync.
     Run {
+        /// A TOML file with the same keys as these flags (flags win).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Where the identity and the index of what was sent are kept.
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// https://HOST:PORT of a site manager or the cloud manager.
@@ -51,6 +53,7 @@ enum Cmd {
     },
     /// Print this host's configuration as JSON.
     Probe {
+        /// Probe the system under this directory instead of /.
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },

@@ -148,7 +148,7 @@ impl Collector for AgentCollector {
         )?;
         let lag = t.lag.report();
         let lag_seconds = if lag.pending_since_ms > 0 {
-            (ferry_common::now_ms() as i64 - lag.pending_since_ms).max(0) as f64 / 1000.0
+            (ferry_common::now_ms() - lag.pending_since_ms).max(0) as f64 / 1000.0
         } else {
             0.0
         };

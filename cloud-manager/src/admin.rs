@@ -41,6 +41,7 @@ pub struct ServeFlags {
     pub azure: [Option<String>; 4],
     pub cert_lifetime: Option<String>,
     pub ca_lifetime: Option<String>,
+    pub log_format: Option<ferry_common::telemetry::LogFormat>,
 }
 
 /// Loads the config file (if any), puts the flags over it and validates the result.
@@ -63,7 +64,7 @@ pub fn serve_config(flags: ServeFlags) -> Result<ServeConfig, ConfigError> {
         },
         clone_prefix: flags.clone_prefix.or(file.clone_prefix),
         public_cidr: flags.public_cidr.or(file.public_cidr),
-        log_format: None,
+        log_format: flags.log_format.or(file.log_format),
         azure: crate::config::merge_azure(file.azure, flags.azure),
         cert_lifetime: flags.cert_lifetime.or(file.cert_lifetime),
         ca_lifetime: flags.ca_lifetime.or(file.ca_lifetime),

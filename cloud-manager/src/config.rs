@@ -41,6 +41,8 @@ pub struct ServeConfig {
     /// The providers' settings and the default for new apps.
     pub providers: ferry_provider::Settings,
     pub lifetimes: ferry_common::pki::Lifetimes,
+    /// `--log-format` over the file's `log_format`; plain by default.
+    pub log_format: LogFormat,
 }
 
 /// The `[azure]` settings with the `--azure-*` flags over them; none when neither
@@ -138,6 +140,7 @@ impl ServeConfig {
             http: file.http,
             san: file.san,
             lifetimes,
+            log_format: file.log_format.unwrap_or_default(),
         })
     }
 }

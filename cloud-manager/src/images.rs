@@ -401,6 +401,7 @@ impl Images {
         for p in [
             PathBuf::from(&rec.path),
             PathBuf::from(&rec.path).with_extension("console.log"),
+            ferry_image::firmware_log_of(&PathBuf::from(&rec.path).with_extension("console.log")),
             PathBuf::from(&rec.path).with_extension("blocks"),
         ] {
             match std::fs::remove_file(&p) {

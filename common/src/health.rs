@@ -111,7 +111,7 @@ impl Upstream {
     pub fn new(url: &str) -> Self {
         Self {
             url: url.to_string(),
-            since_ms: crate::now_ms() as i64,
+            since_ms: crate::now_ms(),
             last_ok_ms: AtomicI64::new(0),
             last_error: Mutex::new(None),
         }
@@ -119,8 +119,7 @@ impl Upstream {
 
     /// The upstream answered a call.
     pub fn answered(&self) {
-        self.last_ok_ms
-            .store(crate::now_ms() as i64, Ordering::Relaxed);
+        self.last_ok_ms.store(crate::now_ms(), Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
@@ -132,19 +131,19 @@ impl Upstream {
     /// Whether the upstream answered within `stale`.
     pub fn up(&self, stale: Duration) -> bool {
         let last = self.last_ok_ms.load(Ordering::Relaxed);
-        last > 0 && (crate::now_ms() as i64 - last) <= stale.as_millis() as i64
+        last > 0 && (crate::now_ms() - last) <= stale.as_millis() as i64
     }
 
     /// Seconds since the last answer (`None`: never answered).
     pub fn age_seconds(&self) -> Option<f64> {
         let last = self.last_ok_ms.load(Ordering::Relaxed);
-        (last > 0).then(|| (crate::now_ms() as i64 - last).max(0) as f64 / 1000.0)
+        (last > 0).then(|| (crate::now_ms() - last).max(0) as f64 / 1000.0)
     }
 
     /// Fine when it answered within `stale`, or when watching began less than `stale` ago.
     pub fn check(&self, stale: Duration) -> Check {
         const NAME: &str = "upstream";
-        let now = crate::now_ms() as i64;
+        let now = crate::now_ms();
         let error = self
             .last_error
             .lock()

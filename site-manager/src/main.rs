@@ -14,6 +14,7 @@ use std::process::ExitCode;
     about = "Ferry site manager (durable relay)"
 )]
 struct Args {
+    /// Log format: plain or json.
     #[arg(long, global = true, default_value = "plain")]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -24,10 +25,13 @@ struct Args {
 enum Cmd {
     /// Accept agents and relay them to the cloud manager.
     Serve {
+        /// A TOML file with the same keys as these flags (flags win).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Where the queue, the chunk spool and the identity are kept.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Where agents connect (default 0.0.0.0:7444).
         #[arg(long)]
         listen: Option<String>,
         /// https://HOST:PORT of the cloud manager.
@@ -59,9 +63,11 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum DeadCmd {
+    /// Each dead letter: its system, sequence number, kind and why it was refused.
     List {
         #[command(flatten)]
         sel: Selection,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -79,6 +85,7 @@ enum DeadCmd {
 
 #[derive(clap::Args)]
 struct Selection {
+    /// The running site's data dir (its admin.sock is there).
     #[arg(long)]
     data_dir: PathBuf,
     /// Only this system's.

@@ -45,9 +45,9 @@ for s in web:198.18.90.10 app:198.18.90.11 db:198.18.90.20; do
     --root "$mnt" --name "$name" --once >/dev/null
 done
 "$B/ferry" app create three --system web:public --system app:private --system db:private >/dev/null
-"$B/ferry" image build three --json > "$W/images.json"
+"$B/ferry" image build three --output json > "$W/images.json"
 t0=$(date +%s.%N)
-"$B/ferry" clone create three --name bench --json > "$W/clone.json"
+"$B/ferry" clone create three --name bench --output json > "$W/clone.json"
 t1=$(date +%s.%N)
 # The baseline: one boot of the db image, alone, no network or overlay.
 qemu-img create -q -f qcow2 -F qcow2 -b "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[2]["path"])' "$W/images.json")" "$W/plain.qcow2"

@@ -102,7 +102,7 @@ rsync_rerun() { # prints seconds and bytes sent
   echo "$(echo "$t1 - $t0" | bc) $(echo "$out" | awk -F': ' '/Total bytes sent/ {gsub(/,/,"",$2); print $2}')"
 }
 export FERRY_CREDENTIALS="$W/inc-cloud/operator.toml"
-wire() { "$B/ferry" sync status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["counters"]["chunk_wire_bytes"])'; }
+wire() { "$B/ferry" sync status --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["counters"]["chunk_wire_bytes"])'; }
 replica=$("$B/ferry" replica path bench /)
 
 # 1. A following agent (the normal case), in ROUNDS rounds (default 5): each changes a

@@ -35,7 +35,7 @@ sleep 1
 FERRY_TOKEN=$("$B/ferry-cloud" token create --data-dir "$W/lat-cloud") \
   "$B/ferry-agent" run --state-dir "$W/lat-agent" --manager https://127.0.0.1:18782 --root "$W/lat-src" --name bench 2>"$W/lat-agent.log" &
 export FERRY_CREDENTIALS="$W/lat-cloud/operator.toml"
-until "$B/ferry" systems show bench --json 2>/dev/null | grep -q '"state": *"in-sync"'; do sleep 1; done
+until "$B/ferry" systems show bench --output json 2>/dev/null | grep -q '"state": *"in-sync"'; do sleep 1; done
 REPLICA=$("$B/ferry" replica path bench /)
 
 python3 - "$W/lat-src" "$REPLICA" "$PROBES" <<'PY'

@@ -562,13 +562,13 @@ impl CloudMgr {
     pub fn creds(&self) -> PathBuf {
         self.dir.join("operator.toml")
     }
-    /// `ferry ARGS --json`, parsed.
+    /// `ferry ARGS --output json`, parsed.
     pub fn ferry_json(&self, args: &[&str]) -> Result<serde_json::Value> {
         let out = sh(Command::new(bin("ferry"))
             .arg("--credentials")
             .arg(self.creds())
             .args(args)
-            .arg("--json"))?;
+            .args(["--output", "json"]))?;
         Ok(serde_json::from_str(&out)?)
     }
     /// Replicates the system at `root` once with an agent enrolled by a fresh join token

@@ -267,7 +267,9 @@ fn azure_images_upload_as_vhd_and_clones_get_their_own_vnet() -> Result<()> {
     let mut build = Command::new(bin("ferry"))
         .arg("--credentials")
         .arg(cloud.creds())
-        .args(["image", "build", "web", "--target", "azure", "--json"])
+        .args([
+            "image", "build", "web", "--target", "azure", "--output", "json",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()?;

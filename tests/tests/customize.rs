@@ -434,7 +434,8 @@ fn operator_file_database_entries_reach_the_customization() -> Result<()> {
         &spec,
         "--note",
         "CentOS 5 on Xen",
-        "--json",
+        "--output",
+        "json",
     ])?;
     ensure!(
         out.status.success(),
@@ -446,7 +447,7 @@ fn operator_file_database_entries_reach_the_customization() -> Result<()> {
     assert_eq!(added["files"][0]["mode"], 0o755);
     assert_eq!(added["files"][0]["size"], std::fs::metadata(&local)?.len());
     let list: serde_json::Value =
-        serde_json::from_slice(&ferry(&["filedb", "list", "--json"])?.stdout)?;
+        serde_json::from_slice(&ferry(&["filedb", "list", "--output", "json"])?.stdout)?;
     let n = list.as_array().map(Vec::len).unwrap_or(0);
     assert!(n >= 6, "built-in entries missing: {list}");
     let index = added["index"].as_u64().unwrap_or(0).to_string();
@@ -485,7 +486,7 @@ fn operator_file_database_entries_reach_the_customization() -> Result<()> {
         );
     }
     let again: serde_json::Value =
-        serde_json::from_slice(&ferry(&["filedb", "list", "--json"])?.stdout)?;
+        serde_json::from_slice(&ferry(&["filedb", "list", "--output", "json"])?.stdout)?;
     assert_eq!(again.as_array().map(Vec::len), Some(n));
 
     // The customizer places the file for CentOS 5.3 on AWS, from the manager's database.

@@ -376,6 +376,32 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(modules > 100, "{modules} GRUB files");
+    // Options that would not take effect are refused, and each failure has its status.
+    for (args, code, why) in [
+        (
+            vec!["image", "build", "shop", "--target", "aws"],
+            2,
+            "builds for its provider, local, not aws",
+        ),
+        (
+            vec![
+                "image",
+                "build",
+                "shop",
+                "--service",
+                "198.18.60.9:1=127.0.0.1:9",
+            ],
+            2,
+            "its own services",
+        ),
+        (vec!["clone", "create", "shop"], 1, "has no image"),
+        (vec!["app", "show", "nope"], 3, "no app"),
+    ] {
+        let out = ferry(&cloud, &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
     let imgs = cloud.ferry_json(&["image", "build", "shop"])?;
     let img = &imgs[0];
     assert_eq!(img["system"], "web01");
@@ -393,6 +419,14 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     assert!(path.exists(), "{img}");
     let console = std::fs::read_to_string(path.with_extension("console.log"))?;
     assert!(console.contains("web01 login:"), "{console}");
+    // GRUB speaks on the serial console from its first line, and the firmware's own log
+    // is kept beside: a boot that stops early still says how far it got.
+    assert!(
+        console.contains("ferry: GRUB loaded; looking for the boot file system"),
+        "{console}"
+    );
+    let firmware = std::fs::read_to_string(path.with_extension("console.firmware.log"))?;
+    assert!(firmware.contains("Booting from Hard Disk"), "{firmware}");
     // The image's Table B is the edited one (read from the customized copy it was made of).
     let copy = t.join("cloud/prepared/web01").join(format!("{UUID}.img"));
     let mnt = t.join("copy");

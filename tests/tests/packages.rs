@@ -281,7 +281,7 @@ fn the_debs_install_on_fresh_debian_and_replicate_with_their_example_configs() -
         ))
     };
     let synced = wait_for("pkg01 in sync", Duration::from_secs(180), || {
-        ferry("systems show pkg01 --json").is_ok_and(|o| o.contains("\"in-sync\""))
+        ferry("systems show pkg01 --output json").is_ok_and(|o| o.contains("\"in-sync\""))
     });
     ensure!(
         synced.is_ok(),
@@ -293,7 +293,7 @@ fn the_debs_install_on_fresh_debian_and_replicate_with_their_example_configs() -
     let replica = ferry("replica path pkg01 /")?;
     let replica = root.join(replica.trim().trim_start_matches('/'));
     converged_within(&data.mnt, &replica, Duration::from_secs(30))?;
-    let via = ferry("systems show pkg01 --json")?;
+    let via = ferry("systems show pkg01 --output json")?;
     ensure!(via.contains("site1"), "not relayed by the site: {via}");
     cloud.stop()?;
     Ok(())

@@ -208,7 +208,7 @@ fn each_daemon_is_ready_only_when_it_serves_and_says_when_it_stops() -> Result<(
     let shown = sh(Command::new(bin("ferry"))
         .arg("--credentials")
         .arg(cloud_dir.join("operator.toml"))
-        .args(["systems", "show", "app01", "--json"]))?;
+        .args(["systems", "show", "app01", "--output", "json"]))?;
     ensure!(
         shown.contains("\"app01\""),
         "said registered, yet not registered: {shown}"

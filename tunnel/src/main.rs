@@ -19,6 +19,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Ferry tunnels to the services that stay in the enterprise"
 )]
 struct Args {
+    /// Log format: plain or json.
     #[arg(long, global = true, default_value = "plain")]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -29,26 +30,31 @@ struct Args {
 enum Cmd {
     /// Beside the enterprise services: dial out, fetch the service table, serve services (Table A file).
     Enterprise {
+        /// The Table A file.
         #[arg(long)]
         config: PathBuf,
     },
     /// At the clone's public edge: splice first tunnels to the clone's app servers ([gateway] file).
     Gateway {
+        /// The [gateway] file.
         #[arg(long)]
         config: PathBuf,
     },
     /// On the cloned app server: the SSH endpoint and the service listeners (Table B file).
     App {
+        /// The Table B file.
         #[arg(long)]
         config: PathBuf,
     },
     /// Validate a file without starting anything and print what it says.
     Check {
+        /// The file to check (any of the three kinds).
         #[arg(long)]
         config: PathBuf,
     },
     /// Write a host key for the app role and a client key for the enterprise side.
     Keys {
+        /// Directory for the key files.
         #[arg(long)]
         out: PathBuf,
     },

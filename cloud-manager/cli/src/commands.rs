@@ -10,13 +10,32 @@ use ferry_proto::ShortName;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Operate a Ferry cloud manager")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Operate a Ferry cloud manager",
+    after_help = crate::EXIT_CODES
+)]
 pub struct Args {
-    /// Operator credentials written by `ferry-cloud serve` (DIR/operator.toml).
+    /// Operator credentials written by `ferry-cloud serve` (DIR/operator.toml; default
+    /// $FERRY_CREDENTIALS, then /var/lib/ferry/cloud/operator.toml).
     #[arg(long, global = true)]
     pub credentials: Option<PathBuf>,
+    /// How results are printed: table (for people) or json (for scripts).
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Same as --output json.
+    #[arg(long, global = true, hide = true)]
+    pub json: bool,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+/// How `ferry` prints what the control API answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -79,49 +98,48 @@ pub enum Cmd {
     },
     /// The release and wire protocol of this CLI, the cloud manager, each site (as it
     /// last reported) and each system's agent (as it last registered).
-    Version {
-        #[arg(long)]
-        json: bool,
-    },
+    Version,
     /// Every revoked identity and when it was revoked.
-    Revocations {
-        #[arg(long)]
-        json: bool,
-    },
+    Revocations,
 }
 
 #[derive(Subcommand)]
 pub enum OperatorsCmd {
     /// Revoke an operator: its certificates are refused from now on.
-    Revoke { name: String },
+    Revoke {
+        /// The operator's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum TokenCmd {
     /// Every token with its scope and state (never its secret).
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Revoke a token not used yet: it enrolls nothing from now on.
-    Revoke { id: String },
+    Revoke {
+        /// The token's id (from `ferry token list`).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum SitesCmd {
     /// Every site and the systems it may relay for.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Let a site relay for more systems.
     Bind {
+        /// The site's name.
         site: String,
+        /// The systems it may relay for.
         #[arg(required = true)]
         systems: Vec<String>,
     },
     /// Revoke a site: its certificates are refused and it relays for nothing.
-    Revoke { name: String },
+    Revoke {
+        /// The site's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -129,6 +147,7 @@ pub enum TunnelCmd {
     /// Show or edit an app's service table (what its images' Table B lists). Images
     /// built afterwards carry the change: run `ferry image build APP` after editing.
     Services {
+        /// The application.
         app: String,
         /// Add HOST:PORT[/udp][=PROXY_HOST:PROXY_PORT] (repeatable).
         #[arg(long)]
@@ -136,13 +155,12 @@ pub enum TunnelCmd {
         /// Remove the service with this real endpoint, HOST:PORT[/udp] (repeatable).
         #[arg(long)]
         remove: Vec<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// Write what the enterprise side needs to reach a clone: DIR/table-a.ini (the
     /// clone's gateway and app server, the pinned host key) and DIR/client_key (0600).
     /// Then run `ferry-tunnel enterprise --config DIR/table-a.ini` beside the services.
     Connect {
+        /// The clone.
         clone: String,
         /// The app server (default: the app's first system).
         #[arg(long)]
@@ -150,8 +168,6 @@ pub enum TunnelCmd {
         /// Directory for table-a.ini and client_key.
         #[arg(long)]
         out: PathBuf,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -160,6 +176,7 @@ pub enum CloneCmd {
     /// Launch a clone of an application from its newest images; waits until every
     /// instance reached userspace.
     Create {
+        /// The application to clone.
         app: String,
         /// The clone's name (default APP-N).
         #[arg(long)]
@@ -172,37 +189,28 @@ pub enum CloneCmd {
         /// removed with it; the network stays (default: a network of its own).
         #[arg(long)]
         network: Option<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// Every clone: state, instances and addresses.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// One clone.
     Show {
+        /// The clone.
         name: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Pause every instance (memory and disks stay).
     Suspend {
+        /// The clone.
         name: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Continue paused instances and start stopped ones.
     Resume {
+        /// The clone.
         name: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Remove the clone: instances, disks and network.
     Terminate {
+        /// The clone.
         name: String,
-        #[arg(long)]
-        json: bool,
     },
 }
 
@@ -210,6 +218,7 @@ pub enum CloneCmd {
 pub enum AppCmd {
     /// Define an application from replicated systems.
     Create {
+        /// The application's name (letters, digits, '.', '-', '_').
         name: String,
         /// A system and its visibility: SYSTEM:public or SYSTEM:private (repeatable).
         #[arg(long = "system", value_name = "SYSTEM:public|private", required = true)]
@@ -234,22 +243,19 @@ pub enum AppCmd {
         /// Who may reach those ports, a CIDR (repeatable; none: nobody outside).
         #[arg(long = "allow-from", value_name = "CIDR")]
         allow_from: Vec<String>,
-        #[arg(long)]
-        json: bool,
     },
     /// One application.
     Show {
+        /// The application.
         name: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Every application.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Remove an application and its images.
-    Delete { name: String },
+    Delete {
+        /// The application.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -260,25 +266,25 @@ pub enum ImageCmd {
     Build {
         /// An application or a system.
         name: String,
-        /// local, aws or azure.
-        #[arg(long, default_value = "local")]
-        target: Target,
-        /// A service that stays behind: HOST:PORT[/udp]=PROXY_HOST:PROXY_PORT (repeatable).
+        /// For a system: local, aws or azure (default local). An application builds for
+        /// its own provider; a different one is refused.
+        #[arg(long)]
+        target: Option<Target>,
+        /// For a system: a service that stays behind, HOST:PORT[/udp]=PROXY_HOST:PROXY_PORT
+        /// (repeatable). An application's are its own (`ferry tunnel services APP`).
         #[arg(long = "service")]
         services: Vec<String>,
         /// Keep the image without booting it first (it is then unverified).
         #[arg(long)]
         no_boot_check: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Built images.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// Remove an image and its file.
-    Delete { id: String },
+    Delete {
+        /// The image's id (from `ferry image list`).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -301,44 +307,36 @@ pub enum FiledbCmd {
         /// 16 MiB in all).
         #[arg(long = "file", value_name = "PATH=LOCAL_FILE[:MODE]")]
         files: Vec<String>,
+        /// A note for the operators who read the entry later.
         #[arg(long, default_value = "")]
         note: String,
         /// The target cannot boot this OS as it is: set /boot aside and use this entry's
         /// /boot files instead.
         #[arg(long)]
         replace_boot: bool,
-        #[arg(long)]
-        json: bool,
     },
     /// Every entry, built-in ones first.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// One entry by its index in the list.
     Show {
+        /// The entry's index (from `ferry filedb list`).
         index: u32,
-        #[arg(long)]
-        json: bool,
     },
 }
 
 #[derive(Subcommand)]
 pub enum SystemsCmd {
     /// Every system with its file systems and state.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List,
     /// One system, including its probed configuration.
     Show {
+        /// The system.
         name: String,
-        #[arg(long)]
-        json: bool,
     },
     /// Remove a system no app uses: its agent is revoked, and its replica, images and
     /// record are deleted.
     Remove {
+        /// The system.
         name: String,
         /// Yes, delete the replica.
         #[arg(long)]
@@ -347,6 +345,7 @@ pub enum SystemsCmd {
     /// Customize a copy of the system's replica for a target (the replica keeps
     /// mirroring); prints the report and the customized images.
     Customize {
+        /// The system.
         name: String,
         /// local, aws or azure.
         #[arg(long)]
@@ -354,28 +353,32 @@ pub enum SystemsCmd {
         /// A service that stays behind: HOST:PORT[/udp]=PROXY_HOST:PROXY_PORT (repeatable).
         #[arg(long = "service")]
         services: Vec<String>,
+        /// Report what would change without changing the copy.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long)]
-        json: bool,
     },
 }
 
 #[derive(Subcommand)]
 pub enum SyncCmd {
     /// Progress of every system plus the transfer counters.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// Stop a system's agent from replicating until resumed (changes are kept).
-    Pause { system: String },
+    Pause {
+        /// The system.
+        system: String,
+    },
     /// Let a paused system replicate again.
-    Resume { system: String },
+    Resume {
+        /// The system.
+        system: String,
+    },
     /// Limit the chunk data a system's agent sends, in bytes per second (K, M, G
     /// suffixes; 0 removes the limit).
     Limit {
+        /// The system.
         system: String,
+        /// Bytes per second (K, M, G suffixes); 0 removes the limit.
         #[arg(value_parser = ferry_common::config::parse_bytes)]
         rate: u64,
     },
@@ -384,19 +387,30 @@ pub enum SyncCmd {
 #[derive(Subcommand)]
 pub enum ReplicaCmd {
     /// Where a system's file system is mounted on the cloud manager.
-    Path { system: String, mount_point: String },
+    Path {
+        /// The system.
+        system: String,
+        /// The file system's mount point on the source (e.g. / or /var).
+        mount_point: String,
+    },
     /// Let a file system register once at another mount point: the source really moved
     /// it (a moved mount point is otherwise refused).
     AllowMove {
+        /// The system.
         system: String,
+        /// The file system's id (from `ferry systems show`).
         fs_id: String,
+        /// The mount point it may register at.
         mount_point: String,
     },
     /// Set the size of a file system's replica volume (by default the source's capacity)
     /// and grow it now; volumes only grow. SIZE takes K, M, G, T suffixes (powers of 1024).
     Resize {
+        /// The system.
         system: String,
+        /// The file system's id (from `ferry systems show`).
         fs_id: String,
+        /// The new size, e.g. 20G.
         #[arg(value_parser = parse_size)]
         size: u64,
     },
@@ -429,34 +443,40 @@ fn parse_size(s: &str) -> Result<u64, String> {
 pub async fn run(args: Args) -> Result<(), CliError> {
     let path = crate::credentials_path(args.credentials);
     let mut client = crate::connect(&path).await?;
-    match dispatch(&mut client, args.cmd).await {
+    match dispatch(
+        &mut client,
+        args.cmd,
+        args.output == Output::Json || args.json,
+    )
+    .await
+    {
         Err(e) => Err(crate::explain(e, &path).await),
         ok => ok,
     }
 }
 
-async fn dispatch(client: &mut Client, cmd: Cmd) -> Result<(), CliError> {
+async fn dispatch(client: &mut Client, cmd: Cmd, json: bool) -> Result<(), CliError> {
     match cmd {
-        Cmd::Systems { cmd } => systems(client, cmd).await,
-        Cmd::Sync { cmd } => sync(client, cmd).await,
-        Cmd::Replica { cmd } => replica(client, cmd).await,
-        Cmd::Filedb { cmd } => filedb(client, cmd).await,
-        Cmd::App { cmd } => app(client, cmd).await,
-        Cmd::Image { cmd } => image(client, cmd).await,
-        Cmd::Clone { cmd } => clone(client, cmd).await,
-        Cmd::Tunnel { cmd } => tunnel(client, cmd).await,
-        Cmd::Token { cmd } => token(client, cmd).await,
-        Cmd::Sites { cmd } => sites(client, cmd).await,
+        Cmd::Systems { cmd } => systems(client, cmd, json).await,
+        Cmd::Sync { cmd } => sync(client, cmd, json).await,
+        Cmd::Replica { cmd } => replica(client, cmd, json).await,
+        Cmd::Filedb { cmd } => filedb(client, cmd, json).await,
+        Cmd::App { cmd } => app(client, cmd, json).await,
+        Cmd::Image { cmd } => image(client, cmd, json).await,
+        Cmd::Clone { cmd } => clone(client, cmd, json).await,
+        Cmd::Tunnel { cmd } => tunnel(client, cmd, json).await,
+        Cmd::Token { cmd } => token(client, cmd, json).await,
+        Cmd::Sites { cmd } => sites(client, cmd, json).await,
         Cmd::Operators {
             cmd: OperatorsCmd::Revoke { name },
         } => {
             let r = client
                 .revoke_operator(pb::RevokeOperatorRequest { name })
                 .await?;
-            print_done(&r.into_inner().done);
+            print_done(json, &r.into_inner().done);
             Ok(())
         }
-        Cmd::Version { json } => {
+        Cmd::Version => {
             use ferry_common::version::{PROTOCOL, VERSION};
             let answer = client.versions(pb::VersionsRequest {}).await?;
             let server = ferry_common::version::check_server(answer.metadata());
@@ -474,7 +494,7 @@ async fn dispatch(client: &mut Client, cmd: Cmd) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Cmd::Revocations { json } => {
+        Cmd::Revocations => {
             let r = client
                 .list_revoked(pb::RevocationsRequest {})
                 .await?
@@ -517,23 +537,24 @@ fn render_versions(all: &[pb::ComponentVersion]) -> String {
     out
 }
 
-fn print_done(done: &[String]) {
-    for line in done {
-        println!("{line}");
-    }
+/// What a removal or revocation did, a line each (or a JSON list).
+fn print_done(json: bool, done: &[String]) {
+    print_as(json, &done, || {
+        done.iter().map(|l| format!("{l}\n")).collect()
+    });
 }
 
 /// `ferry systems list|show|remove|customize`.
-pub async fn systems(client: &mut Client, cmd: SystemsCmd) -> Result<(), CliError> {
+pub async fn systems(client: &mut Client, cmd: SystemsCmd, json: bool) -> Result<(), CliError> {
     match cmd {
-        SystemsCmd::List { json } => {
+        SystemsCmd::List => {
             let r = client
                 .list_systems(pb::ListSystemsRequest::default())
                 .await?
                 .into_inner();
             print_as(json, &r.systems, || render_systems(&r.systems));
         }
-        SystemsCmd::Show { name, json } => {
+        SystemsCmd::Show { name } => {
             let r = client
                 .list_systems(pb::ListSystemsRequest { name })
                 .await?
@@ -556,14 +577,13 @@ pub async fn systems(client: &mut Client, cmd: SystemsCmd) -> Result<(), CliErro
             let r = client
                 .remove_system(pb::RemoveSystemRequest { name })
                 .await?;
-            print_done(&r.into_inner().done);
+            print_done(json, &r.into_inner().done);
         }
         SystemsCmd::Customize {
             name,
             target,
             services,
             dry_run,
-            json,
         } => {
             let req = pb::PrepareSystemRequest {
                 system: name,
@@ -599,9 +619,9 @@ async fn customize(
 }
 
 /// `ferry sync status|pause|resume|limit`.
-pub async fn sync(client: &mut Client, cmd: SyncCmd) -> Result<(), CliError> {
+pub async fn sync(client: &mut Client, cmd: SyncCmd, json: bool) -> Result<(), CliError> {
     match cmd {
-        SyncCmd::Status { json } => {
+        SyncCmd::Status => {
             let r = client
                 .sync_status(pb::SyncStatusRequest {})
                 .await?
@@ -624,8 +644,8 @@ pub async fn sync(client: &mut Client, cmd: SyncCmd) -> Result<(), CliError> {
                 }
             }
         }
-        SyncCmd::Pause { system } => set_paused(client, system, true).await?,
-        SyncCmd::Resume { system } => set_paused(client, system, false).await?,
+        SyncCmd::Pause { system } => set_paused(client, system, true, json).await?,
+        SyncCmd::Resume { system } => set_paused(client, system, false, json).await?,
         SyncCmd::Limit { system, rate } => {
             let r = set(
                 client,
@@ -637,14 +657,21 @@ pub async fn sync(client: &mut Client, cmd: SyncCmd) -> Result<(), CliError> {
                 },
             )
             .await?;
-            println!("rate limit: {} bytes/s", r.rate_limit_bps);
+            print_as(json, &r, || {
+                format!("rate limit: {} bytes/s\n", r.rate_limit_bps)
+            });
         }
     }
     Ok(())
 }
 
 /// `ferry sync pause|resume`: sets whether the system's agent replicates.
-async fn set_paused(client: &mut Client, system: String, paused: bool) -> Result<(), CliError> {
+async fn set_paused(
+    client: &mut Client,
+    system: String,
+    paused: bool,
+    json: bool,
+) -> Result<(), CliError> {
     let req = pb::SetReplicationRequest {
         system,
         set_paused: true,
@@ -652,12 +679,12 @@ async fn set_paused(client: &mut Client, system: String, paused: bool) -> Result
         ..Default::default()
     };
     let r = set(client, req).await?;
-    println!("paused: {}", r.paused);
+    print_as(json, &r, || format!("paused: {}\n", r.paused));
     Ok(())
 }
 
 /// `ferry replica path|allow-move|resize`.
-pub async fn replica(client: &mut Client, cmd: ReplicaCmd) -> Result<(), CliError> {
+pub async fn replica(client: &mut Client, cmd: ReplicaCmd, json: bool) -> Result<(), CliError> {
     match cmd {
         ReplicaCmd::Path {
             system,
@@ -670,7 +697,7 @@ pub async fn replica(client: &mut Client, cmd: ReplicaCmd) -> Result<(), CliErro
                 })
                 .await?
                 .into_inner();
-            println!("{}", r.path);
+            print_as(json, &r, || format!("{}\n", r.path));
         }
         ReplicaCmd::AllowMove {
             system,
@@ -684,7 +711,11 @@ pub async fn replica(client: &mut Client, cmd: ReplicaCmd) -> Result<(), CliErro
                     mount_point: mount_point.clone().into_bytes(),
                 })
                 .await?;
-            println!("{system}: {fs_id} may register at {mount_point} once");
+            let v =
+                serde_json::json!({"system": system, "fs_id": fs_id, "mount_point": mount_point});
+            print_as(json, &v, || {
+                format!("{system}: {fs_id} may register at {mount_point} once\n")
+            });
         }
         ReplicaCmd::Resize {
             system,
@@ -699,17 +730,19 @@ pub async fn replica(client: &mut Client, cmd: ReplicaCmd) -> Result<(), CliErro
                 })
                 .await?
                 .into_inner();
-            println!(
-                "{system}: {fs_id} replica volume is {} bytes, {} free",
-                r.size_bytes, r.free_bytes
-            );
+            print_as(json, &r, || {
+                format!(
+                    "{system}: {fs_id} replica volume is {} bytes, {} free\n",
+                    r.size_bytes, r.free_bytes
+                )
+            });
         }
     }
     Ok(())
 }
 
 /// `ferry filedb add|list|show`.
-pub async fn filedb(client: &mut Client, cmd: FiledbCmd) -> Result<(), CliError> {
+pub async fn filedb(client: &mut Client, cmd: FiledbCmd, json: bool) -> Result<(), CliError> {
     match cmd {
         FiledbCmd::Add {
             os,
@@ -719,7 +752,6 @@ pub async fn filedb(client: &mut Client, cmd: FiledbCmd) -> Result<(), CliError>
             files,
             note,
             replace_boot,
-            json,
         } => {
             let files = files
                 .iter()
@@ -741,14 +773,14 @@ pub async fn filedb(client: &mut Client, cmd: FiledbCmd) -> Result<(), CliError>
                 .into_inner();
             print_as(json, &r, || render_filedb(std::slice::from_ref(&r)));
         }
-        FiledbCmd::List { json } => {
+        FiledbCmd::List => {
             let r = client
                 .file_db_list(pb::FileDbListRequest {})
                 .await?
                 .into_inner();
             print_as(json, &r.entries, || render_filedb(&r.entries));
         }
-        FiledbCmd::Show { index, json } => {
+        FiledbCmd::Show { index } => {
             let r = client
                 .file_db_list(pb::FileDbListRequest {})
                 .await?
@@ -757,7 +789,7 @@ pub async fn filedb(client: &mut Client, cmd: FiledbCmd) -> Result<(), CliError>
                 .entries
                 .into_iter()
                 .find(|e| e.index == index)
-                .ok_or_else(|| CliError::Usage(format!("no file database entry {index}")))?;
+                .ok_or_else(|| CliError::NotFound(format!("no file database entry {index}")))?;
             print_as(json, &e, || render_filedb(std::slice::from_ref(&e)));
         }
     }
@@ -765,7 +797,7 @@ pub async fn filedb(client: &mut Client, cmd: FiledbCmd) -> Result<(), CliError>
 }
 
 /// `ferry app create|show|list|delete`.
-pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
+pub async fn app(client: &mut Client, cmd: AppCmd, json: bool) -> Result<(), CliError> {
     match cmd {
         AppCmd::Create {
             name,
@@ -776,7 +808,6 @@ pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
             provider,
             public_ports,
             allow_from,
-            json,
         } => {
             let app = client
                 .create_app(pb::AppInfo {
@@ -798,11 +829,11 @@ pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
             }
             print_as(json, &app, || render_apps(std::slice::from_ref(&app)));
         }
-        AppCmd::Show { name, json } => {
+        AppCmd::Show { name } => {
             let app = find_app(client, &name).await?;
             print_as(json, &app, || render_apps(std::slice::from_ref(&app)));
         }
-        AppCmd::List { json } => {
+        AppCmd::List => {
             let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
             print_as(json, &apps.apps, || render_apps(&apps.apps));
         }
@@ -811,7 +842,9 @@ pub async fn app(client: &mut Client, cmd: AppCmd) -> Result<(), CliError> {
                 .delete_app(pb::DeleteAppRequest { name: name.clone() })
                 .await?
                 .into_inner();
-            println!("deleted {name} and {} image(s)", r.images_deleted.len());
+            print_as(json, &r, || {
+                format!("deleted {name} and {} image(s)\n", r.images_deleted.len())
+            });
         }
     }
     Ok(())
@@ -846,21 +879,31 @@ async fn find_app(client: &mut Client, name: &str) -> Result<pb::AppInfo, CliErr
     apps.apps
         .into_iter()
         .find(|a| a.name == name)
-        .ok_or_else(|| CliError::Usage(format!("no app {name:?}")))
+        .ok_or_else(|| CliError::NotFound(format!("no app {name:?}")))
 }
 
 /// `ferry image build|list|delete`.
-pub async fn image(client: &mut Client, cmd: ImageCmd) -> Result<(), CliError> {
+pub async fn image(client: &mut Client, cmd: ImageCmd, json: bool) -> Result<(), CliError> {
     match cmd {
         ImageCmd::Build {
             name,
             target,
             services,
             no_boot_check,
-            json,
         } => {
             let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
-            let images = if apps.apps.iter().any(|a| a.name == name) {
+            let images = if let Some(app) = apps.apps.iter().find(|a| a.name == name) {
+                if !services.is_empty() {
+                    return Err(CliError::Usage(format!(
+                        "app {name} builds with its own services: edit them with `ferry tunnel services {name}`"
+                    )));
+                }
+                if let Some(t) = target.filter(|&t| wire_target(t) != app.provider) {
+                    let theirs = ferry_proto::short_name::<pb::Target>(app.provider);
+                    return Err(CliError::Usage(format!(
+                        "app {name} builds for its provider, {theirs}, not {t}: --target is for a single system"
+                    )));
+                }
                 client
                     .build_app_images(pb::BuildAppImagesRequest {
                         app: name,
@@ -873,7 +916,7 @@ pub async fn image(client: &mut Client, cmd: ImageCmd) -> Result<(), CliError> {
                 vec![client
                     .build_image(pb::BuildImageRequest {
                         system: name,
-                        target: wire_target(target),
+                        target: wire_target(target.unwrap_or(Target::Local)),
                         services,
                         skip_boot_check: no_boot_check,
                     })
@@ -882,7 +925,7 @@ pub async fn image(client: &mut Client, cmd: ImageCmd) -> Result<(), CliError> {
             };
             print_images(json, &images);
         }
-        ImageCmd::List { json } => {
+        ImageCmd::List => {
             let r = client
                 .list_images(pb::ListImagesRequest {})
                 .await?
@@ -893,21 +936,21 @@ pub async fn image(client: &mut Client, cmd: ImageCmd) -> Result<(), CliError> {
             client
                 .delete_image(pb::DeleteImageRequest { id: id.clone() })
                 .await?;
-            println!("deleted {id}");
+            let v = serde_json::json!({ "deleted": id });
+            print_as(json, &v, || format!("deleted {id}\n"));
         }
     }
     Ok(())
 }
 
 /// `ferry clone create|list|show|suspend|resume|terminate`.
-pub async fn clone(client: &mut Client, cmd: CloneCmd) -> Result<(), CliError> {
-    let (json, c) = match cmd {
+pub async fn clone(client: &mut Client, cmd: CloneCmd, json: bool) -> Result<(), CliError> {
+    let c = match cmd {
         CloneCmd::Create {
             app,
             name,
             instance_type,
             network,
-            json,
         } => {
             let req = pb::CreateCloneRequest {
                 app,
@@ -915,9 +958,9 @@ pub async fn clone(client: &mut Client, cmd: CloneCmd) -> Result<(), CliError> {
                 instance_type: instance_type.unwrap_or_default(),
                 network: network.unwrap_or_default(),
             };
-            (json, client.create_clone(req).await?.into_inner())
+            client.create_clone(req).await?.into_inner()
         }
-        CloneCmd::List { json } => {
+        CloneCmd::List => {
             let r = client
                 .list_clones(pb::ListClonesRequest {})
                 .await?
@@ -925,18 +968,18 @@ pub async fn clone(client: &mut Client, cmd: CloneCmd) -> Result<(), CliError> {
             print_as(json, &r.clones, || render_clones(&r.clones));
             return Ok(());
         }
-        CloneCmd::Show { name, json } => (json, find_clone(client, &name).await?),
-        CloneCmd::Suspend { name, json } => {
+        CloneCmd::Show { name } => find_clone(client, &name).await?,
+        CloneCmd::Suspend { name } => {
             let req = pb::CloneRequest { name };
-            (json, client.suspend_clone(req).await?.into_inner())
+            client.suspend_clone(req).await?.into_inner()
         }
-        CloneCmd::Resume { name, json } => {
+        CloneCmd::Resume { name } => {
             let req = pb::CloneRequest { name };
-            (json, client.resume_clone(req).await?.into_inner())
+            client.resume_clone(req).await?.into_inner()
         }
-        CloneCmd::Terminate { name, json } => {
+        CloneCmd::Terminate { name } => {
             let req = pb::CloneRequest { name };
-            (json, client.terminate_clone(req).await?.into_inner())
+            client.terminate_clone(req).await?.into_inner()
         }
     };
     print_as(json, &c, || render_clones(std::slice::from_ref(&c)));
@@ -952,13 +995,13 @@ async fn find_clone(client: &mut Client, name: &str) -> Result<pb::CloneInfo, Cl
     r.clones
         .into_iter()
         .find(|c| c.name == name)
-        .ok_or_else(|| CliError::Usage(format!("no clone {name:?}")))
+        .ok_or_else(|| CliError::NotFound(format!("no clone {name:?}")))
 }
 
 /// `ferry token list|revoke`.
-pub async fn token(client: &mut Client, cmd: TokenCmd) -> Result<(), CliError> {
+pub async fn token(client: &mut Client, cmd: TokenCmd, json: bool) -> Result<(), CliError> {
     match cmd {
-        TokenCmd::List { json } => {
+        TokenCmd::List => {
             let t = client
                 .list_tokens(pb::ListTokensRequest {})
                 .await?
@@ -993,16 +1036,17 @@ pub async fn token(client: &mut Client, cmd: TokenCmd) -> Result<(), CliError> {
             client
                 .revoke_token(pb::RevokeTokenRequest { id: id.clone() })
                 .await?;
-            println!("token {id} revoked");
+            let v = serde_json::json!({ "revoked": id });
+            print_as(json, &v, || format!("token {id} revoked\n"));
         }
     }
     Ok(())
 }
 
 /// `ferry sites list|bind|revoke`.
-pub async fn sites(client: &mut Client, cmd: SitesCmd) -> Result<(), CliError> {
+pub async fn sites(client: &mut Client, cmd: SitesCmd, json: bool) -> Result<(), CliError> {
     match cmd {
-        SitesCmd::List { json } => {
+        SitesCmd::List => {
             let s = client
                 .list_sites(pb::ListSitesRequest {})
                 .await?
@@ -1021,25 +1065,23 @@ pub async fn sites(client: &mut Client, cmd: SitesCmd) -> Result<(), CliError> {
                     systems: systems.clone(),
                 })
                 .await?;
-            println!("site:{site} may relay for {}", systems.join(", "));
+            let v = serde_json::json!({ "site": site, "systems": systems });
+            print_as(json, &v, || {
+                format!("site:{site} may relay for {}\n", systems.join(", "))
+            });
         }
         SitesCmd::Revoke { name } => {
             let r = client.revoke_site(pb::RevokeSiteRequest { name }).await?;
-            print_done(&r.into_inner().done);
+            print_done(json, &r.into_inner().done);
         }
     }
     Ok(())
 }
 
 /// `ferry tunnel services|connect`.
-pub async fn tunnel(client: &mut Client, cmd: TunnelCmd) -> Result<(), CliError> {
+pub async fn tunnel(client: &mut Client, cmd: TunnelCmd, json: bool) -> Result<(), CliError> {
     match cmd {
-        TunnelCmd::Services {
-            app,
-            add,
-            remove,
-            json,
-        } => {
+        TunnelCmd::Services { app, add, remove } => {
             let a = if add.is_empty() && remove.is_empty() {
                 find_app(client, &app).await?
             } else {
@@ -1052,12 +1094,9 @@ pub async fn tunnel(client: &mut Client, cmd: TunnelCmd) -> Result<(), CliError>
                 a.services.iter().map(|s| format!("{s}\n")).collect()
             });
         }
-        TunnelCmd::Connect {
-            clone,
-            system,
-            out,
-            json,
-        } => tunnel_connect(client, clone, system, out, json).await?,
+        TunnelCmd::Connect { clone, system, out } => {
+            tunnel_connect(client, clone, system, out, json).await?
+        }
     }
     Ok(())
 }
@@ -1136,7 +1175,7 @@ fn filedb_file(spec: &str) -> Result<pb::FileDbFile, CliError> {
     })
 }
 
-/// Prints `v` as JSON (`--json`) or as its rendered text.
+/// Prints `v` as JSON (`--output json`) or as its rendered text.
 fn print_as<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce() -> String) {
     if json {
         println!("{}", to_json(v));
@@ -1145,7 +1184,7 @@ fn print_as<T: serde::Serialize>(json: bool, v: &T, text: impl FnOnce() -> Strin
     }
 }
 
-/// Prints images as JSON (`--json`, boot checks expanded) or as a table.
+/// Prints images as JSON (`--output json`, boot checks expanded) or as a table.
 fn print_images(json: bool, images: &[pb::ImageInfo]) {
     if json {
         let v: Vec<_> = images.iter().map(image_json).collect();

@@ -34,6 +34,46 @@ pub enum CliError {
     Api(#[source] Box<tonic::Status>),
     #[error("{0}")]
     Usage(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The cloud manager turned this operator away (certificate refused or expired).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What `ferry`'s exit status means (shown by `ferry --help`).
+pub const EXIT_CODES: &str = "Exit status:
+  0  done
+  1  failed: the operation was tried and did not succeed (boot check, provider, disk)
+  2  usage: a wrong command line, or credentials that cannot be read
+  3  not found: no such system, app, clone, image, token or site
+  4  refused: the cloud manager refused the request (invalid, exists already,
+     not allowed, or this operator's certificate)
+  5  unreachable: the cloud manager did not answer";
+
+impl CliError {
+    /// The exit status for this error (see `EXIT_CODES`).
+    pub fn exit_code(&self) -> u8 {
+        use tonic::Code;
+        match self {
+            CliError::Io { .. } => 1,
+            CliError::Credentials { .. } | CliError::CredentialsSyntax { .. } => 2,
+            CliError::Usage(_) => 2,
+            CliError::NotFound(_) => 3,
+            CliError::Refused(_) | CliError::Pki(_) | CliError::Tls(_) => 4,
+            CliError::Api(status) => match status.code() {
+                Code::NotFound => 3,
+                Code::InvalidArgument
+                | Code::AlreadyExists
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+                | Code::OutOfRange
+                | Code::Unimplemented => 4,
+                Code::Unavailable | Code::DeadlineExceeded => 5,
+                _ => 1,
+            },
+        }
+    }
 }
 
 /// Boxed: a `Status` is large, and every call answers one.
@@ -41,7 +81,7 @@ impl From<tonic::Status> for CliError {
     fn from(status: tonic::Status) -> Self {
         // A refused handshake says only "transport error" unless asked.
         if let Some(why) = ferry_common::tls::certificate_refused(&status) {
-            return CliError::Usage(format!(
+            return CliError::Refused(format!(
                 "the cloud manager refused this operator's certificate ({why})"
             ));
         }
@@ -71,7 +111,7 @@ pub async fn connect(path: &Path) -> Result<Client, CliError> {
     let info = ferry_common::pki::CertInfo::from_pem(&creds.cert_pem)?;
     let now = ferry_common::pki::unix_now();
     if info.expired(now) {
-        return Err(CliError::Usage(format!(
+        return Err(CliError::Refused(format!(
             "the certificate of {} in {shown} has expired: on the cloud manager, \
              `ferry-cloud operator add {}` issues a new one",
             info.identity, info.identity.name
@@ -135,7 +175,7 @@ pub async fn explain(err: CliError, path: &Path) -> CliError {
         return err;
     };
     match ferry_common::tls::handshake_refusal(&creds.endpoint, cfg).await {
-        Some(why) => CliError::Usage(format!(
+        Some(why) => CliError::Refused(format!(
             "the cloud manager refused this operator's certificate ({why})"
         )),
         None => err,

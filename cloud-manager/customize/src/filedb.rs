@@ -319,6 +319,16 @@ fn parse_bounds(spec: &str) -> Result<Vec<(&str, &str)>, String> {
         if v.is_empty() {
             return Err(format!("version bound {b:?} has no version"));
         }
+        // A release as os-release gives it (12, 22.04, 7.9.2009, 15-SP4): anything else
+        // would compare in ways nobody meant.
+        let release = v.starts_with(|c: char| c.is_ascii_digit())
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        if !release {
+            return Err(format!(
+                "version bound {b:?}: {v:?} is not a release number (e.g. 12, 22.04, 7.9)"
+            ));
+        }
         out.push((op, v));
     }
     Ok(out)
@@ -355,6 +365,18 @@ mod tests {
         assert!(!version_matches("22.04", "<14.04"));
         assert!(version_matches("9.3", ""));
         assert!(compare_versions("5.10", "5.9").is_gt());
+        for bad in [
+            ">>>5",
+            ">=x",
+            "=",
+            "banana",
+            ">=5, <",
+            "<=1 2",
+            ">=$(reboot)",
+        ] {
+            assert!(parse_bounds(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(parse_bounds(">=15-SP4, <22.04").is_ok());
     }
 
     #[test]

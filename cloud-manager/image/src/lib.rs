@@ -475,7 +475,11 @@ pub fn assemble(
     std::fs::write(
         &early,
         format!(
-            "search --no-floppy --fs-uuid --set=root {u}\nset prefix=($root){prefix}/grub\nconfigfile ($root){prefix}/grub/grub.cfg\n",
+            // On the serial console from the first line, so a boot that stops before
+            // grub.cfg (a file system GRUB cannot find or read) says why there.
+            "serial --unit=0 --speed=115200\nterminal_input serial console\nterminal_output serial console\n\
+             echo \"ferry: GRUB loaded; looking for the boot file system {u}\"\n\
+             search --no-floppy --fs-uuid --set=root {u}\nset prefix=($root){prefix}/grub\nconfigfile ($root){prefix}/grub/grub.cfg\n",
             u = boot_part.uuid
         ),
     )
@@ -863,6 +867,25 @@ pub fn wait_for_login(
     }
 }
 
+/// Where the firmware's messages of a boot check go: beside its console log.
+pub fn firmware_log_of(console_log: &Path) -> PathBuf {
+    console_log.with_extension("firmware.log")
+}
+
+/// The last lines of a failed boot's console for its error; when the console stayed
+/// empty, the firmware's last lines instead, which say whether the disk was booted.
+fn failed_console(log: &Path, text: &str) -> String {
+    if !text.trim().is_empty() {
+        return tail(text, 40);
+    }
+    let firmware = console_tail(&firmware_log_of(log), 15);
+    if firmware.trim().is_empty() {
+        "(the console and the firmware's log stayed empty: the machine never ran)".into()
+    } else {
+        format!("(the console stayed empty; the firmware's log ends)\n{firmware}")
+    }
+}
+
 /// The last lines of a console log, for an error message.
 pub fn console_tail(log: &Path, lines: usize) -> String {
     tail(
@@ -880,6 +903,8 @@ fn boot_once(
     timeout: Duration,
 ) -> Result<f64, String> {
     let _ = std::fs::remove_file(log);
+    let firmware_log = firmware_log_of(log);
+    let _ = std::fs::remove_file(&firmware_log);
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(accel_args(accel))
         .args(firmware.qemu_args())
@@ -887,6 +912,11 @@ fn boot_once(
         .args(["-no-reboot", "-nic", "none"])
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
+        // The firmware's own messages (SeaBIOS writes them to port 0x402), so a console
+        // that stays empty still shows how far the machine got.
+        .arg("-debugcon")
+        .arg(format!("file:{}", firmware_log.display()))
+        .args(["-global", "isa-debugcon.iobase=0x402"])
         .arg("-drive")
         // snapshot=on: the check never changes the image it approves.
         .arg(format!(
@@ -959,7 +989,7 @@ pub fn boot_check(
                     accel: accel.into(),
                     seconds: started.elapsed().as_secs_f64(),
                     reason: reason.clone(),
-                    console: tail(&text, 40),
+                    console: failed_console(log, &text),
                 };
                 // A guest that fails is the image's fault, whatever ran it; only a
                 // failure of KVM itself is worth a retry under TCG.
@@ -1020,6 +1050,27 @@ mod tests {
             uuid: "u".into(),
             bytes: mib << 20,
         }
+    }
+
+    #[test]
+    fn an_empty_console_is_explained_by_the_firmware_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("img.console.log");
+        assert!(failed_console(&log, "").contains("the machine never ran"));
+        std::fs::write(
+            firmware_log_of(&log),
+            "SeaBIOS\nBooting from Hard Disk...\nBoot failed: not a bootable disk\n",
+        )
+        .unwrap();
+        let shown = failed_console(&log, "");
+        assert!(
+            shown.contains("firmware's log ends") && shown.ends_with("not a bootable disk"),
+            "{shown}"
+        );
+        assert_eq!(
+            failed_console(&log, "GRUB\nerror: no such device"),
+            "GRUB\nerror: no such device"
+        );
     }
 
     #[test]

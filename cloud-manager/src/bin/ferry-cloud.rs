@@ -10,9 +10,9 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "ferry-cloud", version, about = "Ferry cloud manager")]
 struct Args {
-    /// Log format: plain or json.
-    #[arg(long, global = true, default_value = "plain")]
-    log_format: LogFormat,
+    /// Log format: plain or json (default plain, or `serve`'s `log_format` key).
+    #[arg(long, global = true)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -21,8 +21,10 @@ struct Args {
 enum Cmd {
     /// Run the cloud manager.
     Serve {
+        /// A TOML file with the same keys as these flags (flags win).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Where the CA, the state, the chunks and the replica volumes are kept.
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// gRPC listen address (agents, sites and operators).
@@ -125,7 +127,9 @@ enum OperatorCmd {
     /// Issue a named operator its own certificate and write its credentials file (for
     /// `ferry --credentials FILE`); `ferry operators revoke NAME` takes it back.
     Add {
+        /// The operator's name.
         name: String,
+        /// The cloud manager's data dir (its CA signs the certificate).
         #[arg(long)]
         data_dir: PathBuf,
         /// Where to write the credentials (default DATA_DIR/operators/NAME.toml).
@@ -144,6 +148,7 @@ enum OperatorCmd {
 enum TokenCmd {
     /// Print a one-time join token for an agent (by default) or a site manager.
     Create {
+        /// The cloud manager's data dir (the token is kept there).
         #[arg(long)]
         data_dir: PathBuf,
         /// How long the token stays valid, in hours.
@@ -196,6 +201,7 @@ enum ImageCmd {
         /// (with a BIOS boot partition when it boots by BIOS).
         #[arg(long, default_value = "")]
         partition_table: String,
+        /// Print JSON instead of a summary.
         #[arg(long)]
         json: bool,
     },
@@ -222,7 +228,10 @@ fn show(json: bool, value: &impl serde::Serialize, text: impl FnOnce() -> String
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    ferry_common::telemetry::init(args.log_format);
+    // `serve` may take its format from its config file, read first.
+    if !matches!(args.cmd, Cmd::Serve { .. }) {
+        ferry_common::telemetry::init(args.log_format.unwrap_or_default());
+    }
     ferry_common::version::set_component("ferry-cloud");
     match args.cmd {
         Cmd::Customize {
@@ -353,9 +362,13 @@ fn main() -> ExitCode {
                 ],
                 cert_lifetime,
                 ca_lifetime,
+                log_format: args.log_format,
             };
             match admin::serve_config(flags) {
-                Ok(config) => serve(config),
+                Ok(config) => {
+                    ferry_common::telemetry::init(config.log_format);
+                    serve(config)
+                }
                 Err(e) => fail(e, ExitCode::from(2)),
             }
         }
