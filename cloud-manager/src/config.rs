@@ -224,4 +224,26 @@ mod tests {
         assert_eq!(flags.subscription_id, "s");
         assert!(merge_azure(None, [None, None, None, None]).is_none());
     }
+
+    #[test]
+    fn the_files_log_format_takes_effect_unless_a_flag_says_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.toml");
+        std::fs::write(&path, "data_dir = \"/d\"\nlog_format = \"json\"\n").unwrap();
+        let flags = |log_format| crate::admin::ServeFlags {
+            config: Some(path.clone()),
+            log_format,
+            ..Default::default()
+        };
+        let from_file = crate::admin::serve_config(flags(None)).unwrap();
+        assert_eq!(from_file.log_format, LogFormat::Json);
+        let flag = crate::admin::serve_config(flags(Some(LogFormat::Plain))).unwrap();
+        assert_eq!(flag.log_format, LogFormat::Plain);
+        assert_eq!(
+            ServeConfig::resolve(file("data_dir = \"/d\"\n"))
+                .unwrap()
+                .log_format,
+            LogFormat::Plain
+        );
+    }
 }
