@@ -34,6 +34,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("ferry.v1.ReplicaPathResponse", serde)
         .type_attribute("ferry.v1.ResizeReplicaResponse", serde)
         .type_attribute("ferry.v1.DeleteAppResponse", serde)
+        .type_attribute("ferry.v1.PrepareSystemResponse", serde)
+        .type_attribute("ferry.v1.ListImagesResponse", serde)
+        .type_attribute("ferry.v1.JobStep", serde)
+        .type_attribute("ferry.v1.JobLine", serde)
         .field_attribute("ferry.v1.FileDbFile.content", "#[serde(skip)]")
         // Enum fields print by their short names (`public`, `in-sync`), not numbers.
         .field_attribute(

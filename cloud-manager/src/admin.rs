@@ -256,6 +256,7 @@ pub fn image_build(
         kernel_args,
         partition_table,
         timeout,
+        &|| false,
     )?;
     Ok(serde_json::json!({ "image": made, "boot_check": report }))
 }

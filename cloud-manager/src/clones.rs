@@ -2,6 +2,7 @@
 //! list, suspend, resume, terminate), the reconciliation of the stored clones against
 //! their provider when the cloud manager starts, and the enterprise side's tunnel details.
 use crate::error::{blocking, CloudError, Result};
+use crate::jobs::JobCtx;
 use crate::providers::Providers;
 use crate::replication::Replication;
 use crate::state::{
@@ -27,7 +28,7 @@ pub struct CloneSpec {
 
 /// A clone as the operator sees it: its record, and where each instance's console is
 /// logged on this host (local clones only), in the record's order.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CloneView {
     pub record: CloneRecord,
     pub console_logs: Vec<Option<PathBuf>>,
@@ -231,8 +232,12 @@ impl Clones {
         app: &AppRecord,
         images: &[ImageRecord],
         spec: &CloneSpec,
+        job: &JobCtx,
     ) -> Result<CloneView> {
+        job.plan(2);
+        job.step("wait for other clone operations");
         let _ops = self.ops.lock().await;
+        job.check()?;
         let others = self.clones.all()?;
         let name = Self::name_for(app, &spec.name, &others)?;
         if app.provider == Target::Local && !spec.network.is_empty() {
@@ -268,8 +273,26 @@ impl Clones {
         // next start reconciles (and `terminate` can clean up).
         self.clones.put(&rec)?;
         let started = Instant::now();
+        job.step(&format!(
+            "launch {} instance(s) on {} and wait for userspace",
+            rec.instances.len(),
+            app.provider
+        ));
+        let (records, job2) = (self.clones.clone(), job.clone());
         let (mut rec, r) = blocking(move || {
-            let r = provider.create(&mut rec, &others);
+            // The record is saved as it grows (a restart then finds what exists).
+            let save = |r: &CloneRecord| {
+                if let Err(e) = records.put(r) {
+                    tracing::error!(clone = %r.name, error = %e, "cannot save the clone record");
+                }
+            };
+            let note = |line: &str| job2.log(line);
+            let ctx = provider::Ctx {
+                cancel: job2.cancel_token(),
+                save: &save,
+                note: &note,
+            };
+            let r = provider.create(&mut rec, &others, &ctx);
             Ok((rec, r))
         })
         .await?;
@@ -277,7 +300,10 @@ impl Clones {
             // The provider removed what it made; so goes the record.
             self.clones.remove(&name)?;
             tracing::warn!(clone = %name, error = %e, "clone creation failed");
-            return Err(e.into());
+            return Err(match e {
+                ProviderError::Cancelled => CloudError::Cancelled,
+                e => e.into(),
+            });
         }
         rec.create_seconds = started.elapsed().as_secs_f64();
         self.clones.put(&rec)?;
@@ -373,9 +399,25 @@ impl Clones {
             let rec = blocking(move || {
                 let mut rec = rec;
                 if rec.state == CloneState::Creating {
-                    // Cut short by a crash: nothing of it can be trusted.
-                    provider.terminate(&rec)?;
-                    rec.state = CloneState::Terminated;
+                    // Cut short by a restart. Finished work is kept: a clone whose every
+                    // instance runs is adopted as it is. Anything less is half-made,
+                    // and goes.
+                    let seen = provider.observe(&mut rec);
+                    let finished = seen.is_ok()
+                        && !rec.instances.is_empty()
+                        && rec
+                            .instances
+                            .iter()
+                            .all(|i| i.state == InstanceState::Running);
+                    if finished {
+                        rec.state = CloneState::Running;
+                        rec.warnings.push(
+                            "its creation was cut short by a restart of the cloud manager after every instance was running: kept as it was".into(),
+                        );
+                    } else {
+                        provider.terminate(&rec)?;
+                        rec.state = CloneState::Terminated;
+                    }
                 } else {
                     provider.observe(&mut rec)?;
                 }
@@ -385,7 +427,11 @@ impl Clones {
             match rec {
                 Ok(rec) if rec.state == CloneState::Terminated => {
                     self.clones.remove(&name)?;
-                    tracing::warn!(clone = %name, "clone creation was interrupted; its resources were removed");
+                    tracing::warn!(clone = %name, "clone creation was interrupted half-way; its resources were removed");
+                }
+                Ok(rec) if before == CloneState::Creating => {
+                    tracing::warn!(clone = %name, "clone creation was interrupted after every instance was running; the clone is kept");
+                    self.clones.put(&rec)?;
                 }
                 Ok(rec) => {
                     if rec.state != before {

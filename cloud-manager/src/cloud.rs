@@ -6,6 +6,7 @@ use crate::clones::{CloneSpec, CloneView, Clones};
 use crate::error::{CloudError, Result};
 use crate::images::{Images, PrepareSpec};
 use crate::ingest::Ingest;
+use crate::jobs::{JobCtx, Jobs};
 use crate::providers::Providers;
 use crate::replication::Replication;
 use crate::state::{Counters, ImageRecord, Meta, Records};
@@ -37,6 +38,7 @@ pub struct Cloud {
     pub apps: Apps,
     pub images: Images,
     pub clones: Clones,
+    pub jobs: Jobs,
     pub counters: Arc<Counters>,
 }
 
@@ -87,6 +89,7 @@ impl Cloud {
                 providers,
                 dir,
             ),
+            jobs: Jobs::open(Records::open(&store, "jobs", true)?)?,
             replication,
             counters,
         })
@@ -118,8 +121,16 @@ impl Cloud {
         &self,
         app: &str,
         skip_boot_check: bool,
+        job: &JobCtx,
     ) -> Result<Vec<ImageRecord>> {
         let app = self.apps.require(app)?;
+        // Per system: copy, customize, assemble (and boot-check), and register on a cloud.
+        let per_system = if app.provider == crate::state::Target::Local {
+            3
+        } else {
+            4
+        };
+        job.plan(per_system * app.systems.len() as u32);
         // The gateway splices only to the app's own app servers.
         let mut app_servers = Vec::new();
         if app.gateway_system().is_some() {
@@ -150,7 +161,11 @@ impl Cloud {
                 },
                 dry_run: false,
             };
-            images.push(self.images.build(spec, skip_boot_check, &app.name).await?);
+            images.push(
+                self.images
+                    .build(spec, skip_boot_check, &app.name, job)
+                    .await?,
+            );
         }
         Ok(images)
     }
@@ -167,7 +182,7 @@ impl Cloud {
 
     /// Removes an application without clones and every image built for it; returns
     /// the images removed.
-    pub async fn delete_app(&self, name: &str) -> Result<Vec<String>> {
+    pub async fn delete_app(&self, name: &str, job: &JobCtx) -> Result<Vec<String>> {
         self.apps.require(name)?;
         let clones = self.clones.of_app(name)?;
         if !clones.is_empty() {
@@ -177,20 +192,33 @@ impl Cloud {
             )));
         }
         let mut deleted = Vec::new();
-        for img in self.images.list()?.into_iter().filter(|i| i.app == name) {
+        let images: Vec<_> = (self.images.list()?.into_iter())
+            .filter(|i| i.app == name)
+            .collect();
+        job.plan(images.len() as u32 + 1);
+        for img in images {
+            // Between images, not inside one: an image is removed whole or not at all.
+            job.check()?;
+            job.step(&format!("delete image {}", img.id));
             self.delete_image(&img.id).await?;
             deleted.push(img.id);
         }
+        job.step(&format!("delete app {name}"));
         self.apps.remove(name)?;
         tracing::info!(app = %name, images = deleted.len(), "app deleted");
         Ok(deleted)
     }
 
     /// Launches a clone of an app from its newest images.
-    pub async fn create_clone(&self, app: &str, spec: &CloneSpec) -> Result<CloneView> {
+    pub async fn create_clone(
+        &self,
+        app: &str,
+        spec: &CloneSpec,
+        job: &JobCtx,
+    ) -> Result<CloneView> {
         let app = self.apps.require(app)?;
         let images = self.images.list()?;
-        self.clones.create(&app, &images, spec).await
+        self.clones.create(&app, &images, spec, job).await
     }
 
     /// The enterprise side's details for a clone's tunnel, allowing exactly the

@@ -51,6 +51,8 @@ pub enum CloudError {
     TooMany(&'static str),
     #[error("{0}")]
     Failed(String),
+    #[error("cancelled by the operator")]
+    Cancelled,
 }
 
 impl ErrorKind for CloudError {
@@ -84,7 +86,7 @@ impl ErrorKind for CloudError {
             },
             CloudError::Worker(_) => Kind::Internal,
             CloudError::NoSpace(_) | CloudError::TooMany(_) => Kind::ResourceExhausted,
-            CloudError::Failed(_) => Kind::FailedPrecondition,
+            CloudError::Failed(_) | CloudError::Cancelled => Kind::FailedPrecondition,
         }
     }
 }

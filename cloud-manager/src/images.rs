@@ -2,6 +2,7 @@
 //! from them, boot-checked here and registered with their provider, the operator's
 //! file database, and the sweep of what a crashed build left behind.
 use crate::error::{blocking, built_in, CloudError, Result};
+use crate::jobs::JobCtx;
 use crate::prepare;
 use crate::providers::Providers;
 use crate::replication::Replication;
@@ -134,7 +135,7 @@ impl Images {
     }
 
     /// Customizes a copy of a system's replica for a target (see `prepare`).
-    pub async fn prepare(&self, spec: PrepareSpec) -> Result<Prepared> {
+    pub async fn prepare(&self, spec: PrepareSpec, job: &JobCtx) -> Result<Prepared> {
         let target = spec.target;
         let services = Plan::from_flags(target, &[], &[], &spec.services)
             .map_err(|e| CloudError::Invalid(e.to_string()))?
@@ -152,7 +153,16 @@ impl Images {
             plan.gateway = spec.gateway.clone();
         }
         let work = self.data_dir.join("prepared").join(&rec.name);
+        job.check()?;
+        job.step(&format!("copy the replicas of {}", rec.name));
         let (images, epoch) = self.copy_replicas(&rec, &work).await?;
+        job.log(&format!(
+            "{}: {} file system(s) copied at epoch {epoch}",
+            rec.name,
+            images.len()
+        ));
+        job.check()?;
+        job.step(&format!("customize {} for {}", rec.name, spec.target));
         let (name, dry_run, images2) = (rec.name.clone(), spec.dry_run, images.clone());
         let report = blocking(move || {
             prepare::customize_copies(&name, &work, &images2, &plan, dry_run)
@@ -160,6 +170,12 @@ impl Images {
         })
         .await?;
         tracing::info!(system = %rec.name, epoch, target = %spec.target, changed = report.changed.len(), "copy customized");
+        job.log(&format!(
+            "{}: {} change(s) for {}",
+            rec.name,
+            report.changed.len(),
+            spec.target
+        ));
         Ok(Prepared {
             epoch,
             images: images.into_iter().map(|(_, p)| p).collect(),
@@ -217,14 +233,18 @@ impl Images {
         spec: PrepareSpec,
         skip_boot_check: bool,
         app: &str,
+        job: &JobCtx,
     ) -> Result<ImageRecord> {
         let target = spec.target;
         built_in(target)?; // before minutes of customizing and boot checking
         let prepared = self
-            .prepare(PrepareSpec {
-                dry_run: false,
-                ..spec.clone()
-            })
+            .prepare(
+                PrepareSpec {
+                    dry_run: false,
+                    ..spec.clone()
+                },
+                job,
+            )
             .await?;
         let sys = self.replication.require(&spec.system)?;
         let base = if app.is_empty() {
@@ -234,7 +254,28 @@ impl Images {
         };
         let id = self.unused_id(&base)?;
         let check = !skip_boot_check;
-        let (made, boot) = self.assemble(&sys, &id, target, &prepared, check).await?;
+        job.check()?;
+        job.step(&if check {
+            format!("assemble and boot-check {id}")
+        } else {
+            format!("assemble {id}")
+        });
+        let (made, boot) = self
+            .assemble(
+                &sys,
+                &id,
+                target,
+                &prepared,
+                check,
+                job.cancel_token().clone(),
+            )
+            .await?;
+        if let Some(b) = &boot {
+            job.log(&format!(
+                "{id}: login prompt after {:.0} s ({})",
+                b.seconds, b.accel
+            ));
+        }
         let mut rec = ImageRecord {
             id,
             system: sys.name.clone(),
@@ -253,7 +294,12 @@ impl Images {
             boot_loader: made.boot_loader.clone(),
             ..Default::default()
         };
+        if job.check().is_err() {
+            let _ = std::fs::remove_file(&rec.path);
+            return Err(CloudError::Cancelled);
+        }
         if let Some(register) = self.registration(target, &rec).await? {
+            job.step(&format!("register {} on {target}", rec.id));
             // Registered only once it booted here; an image that fails it is removed.
             let path = rec.path.clone();
             let registered = blocking(move || {
@@ -298,6 +344,7 @@ impl Images {
         target: Target,
         prepared: &Prepared,
         check: bool,
+        cancel: tokio_util::sync::CancellationToken,
     ) -> Result<(ferry_image::Assembled, Option<ferry_image::BootReport>)> {
         let dir = self.data_dir.join("images");
         let out = dir.join(format!("{id}.qcow2"));
@@ -324,14 +371,23 @@ impl Images {
                 parts.push(ferry_image::Part::probe(path, &mp)?);
             }
             let timeout = check.then_some(BOOT_TIMEOUT);
-            Ok(ferry_image::build(
+            let built = ferry_image::build(
                 &parts,
                 &out,
                 target.console(),
                 &kernel_args,
                 &source_table,
                 timeout,
-            )?)
+                &|| cancel.is_cancelled(),
+            );
+            match built {
+                Err(_) if cancel.is_cancelled() => {
+                    // A cancel during the boot check: the image is already gone.
+                    let _ = std::fs::remove_file(&out);
+                    Err(CloudError::Cancelled)
+                }
+                r => Ok(r?),
+            }
         })
         .await
     }

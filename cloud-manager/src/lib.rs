@@ -17,6 +17,7 @@ pub mod error;
 pub mod grpc;
 pub mod images;
 pub mod ingest;
+pub mod jobs;
 pub mod metrics;
 pub mod prepare;
 pub mod providers;

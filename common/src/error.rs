@@ -2,7 +2,7 @@
 use std::fmt::Display;
 
 /// What kind of failure an error is, independent of transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     InvalidArgument,
     Unauthenticated,
@@ -37,17 +37,21 @@ pub fn io_kind(err: &(dyn std::error::Error + 'static)) -> Kind {
 
 /// Maps an error to a `tonic::Status`; the message is the error's display text.
 pub fn to_status<E: ErrorKind + ?Sized>(err: &E) -> tonic::Status {
-    let msg = err.to_string();
-    match err.kind() {
-        Kind::InvalidArgument => tonic::Status::invalid_argument(msg),
-        Kind::Unauthenticated => tonic::Status::unauthenticated(msg),
-        Kind::PermissionDenied => tonic::Status::permission_denied(msg),
-        Kind::NotFound => tonic::Status::not_found(msg),
-        Kind::AlreadyExists => tonic::Status::already_exists(msg),
-        Kind::FailedPrecondition => tonic::Status::failed_precondition(msg),
-        Kind::ResourceExhausted => tonic::Status::resource_exhausted(msg),
-        Kind::Unavailable => tonic::Status::unavailable(msg),
-        Kind::Internal => tonic::Status::internal(msg),
+    tonic::Status::new(code(err.kind()), err.to_string())
+}
+
+/// The gRPC code of a kind of failure (also what a failed job reports).
+pub fn code(kind: Kind) -> tonic::Code {
+    match kind {
+        Kind::InvalidArgument => tonic::Code::InvalidArgument,
+        Kind::Unauthenticated => tonic::Code::Unauthenticated,
+        Kind::PermissionDenied => tonic::Code::PermissionDenied,
+        Kind::NotFound => tonic::Code::NotFound,
+        Kind::AlreadyExists => tonic::Code::AlreadyExists,
+        Kind::FailedPrecondition => tonic::Code::FailedPrecondition,
+        Kind::ResourceExhausted => tonic::Code::ResourceExhausted,
+        Kind::Unavailable => tonic::Code::Unavailable,
+        Kind::Internal => tonic::Code::Internal,
     }
 }
 

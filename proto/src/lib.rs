@@ -65,6 +65,12 @@ short_names! {
         Failed => "failed",
         Terminated => "terminated",
     }
+    JobState {
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Cancelled => "cancelled",
+    }
 }
 
 /// The short name of an enum field's value (`unknown` for a value this build lacks).

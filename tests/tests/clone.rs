@@ -115,6 +115,165 @@ fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
 }
 
+/// `ferry ARGS` against `cloud`, spawned with its output captured.
+fn ferry_spawn(cloud: &CloudMgr, args: &[&str]) -> Result<std::process::Child> {
+    Ok(Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?)
+}
+
+/// The job started by `ferry ... --no-wait --output json`.
+fn started_job(cloud: &CloudMgr, args: &[&str]) -> Result<String> {
+    let mut all = args.to_vec();
+    all.push("--no-wait");
+    let job = cloud.ferry_json(&all)?;
+    assert_eq!(job["state"], "running", "{job}");
+    Ok(job["id"].as_str().unwrap_or_default().to_string())
+}
+
+/// Waits until job `id` has a step whose name starts with `step`.
+fn wait_step(cloud: &CloudMgr, id: &str, step: &str) -> Result<serde_json::Value> {
+    let mut last = serde_json::Value::Null;
+    wait_for(
+        &format!("job {id} at {step:?}"),
+        Duration::from_secs(120),
+        || {
+            last = cloud.ferry_json(&["job", "show", id]).unwrap_or_default();
+            last["steps"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|s| s["name"].as_str().unwrap_or_default().starts_with(step))
+            })
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}: {last}"))?;
+    Ok(last)
+}
+
+/// Nothing of clone `name` is left: no namespace, directory or process.
+fn nothing_left_of(prefix: &str, data: &Path, name: &str) -> Result<()> {
+    let ns = format!("{prefix}-{name}");
+    ensure!(!netns_exists(&ns), "namespace {ns} left behind");
+    ensure!(
+        !data.join("clones").join(name).exists(),
+        "clones/{name} left behind"
+    );
+    let left = bash(&format!("pgrep -f '[f]erry:{ns}:' || true"))?;
+    ensure!(
+        left.trim().is_empty(),
+        "processes of {ns} left behind: {left}"
+    );
+    Ok(())
+}
+
+/// Long operations are jobs: a client interrupted with SIGINT detaches while the clone
+/// is made anyway; a cancel removes everything the creation made; a manager SIGKILLed
+/// while instances boot keeps them when it comes back, and the job says it was cut short.
+fn jobs_outlive_their_client_stop_when_cancelled_and_survive_a_restart(
+    cloud: &mut CloudMgr,
+    prefix: &str,
+    data: &Path,
+) -> Result<()> {
+    // SIGINT: the client detaches and says how to follow the job again.
+    let client = ferry_spawn(cloud, &["clone", "create", "shop", "--name", "d"])?;
+    let mut id = String::new();
+    wait_for("the clone-create job", Duration::from_secs(60), || {
+        let jobs = cloud.ferry_json(&["job", "list"]).unwrap_or_default();
+        let found = jobs.as_array().and_then(|l| {
+            l.iter()
+                .find(|j| j["kind"] == "clone-create" && j["state"] == "running")
+                .map(|j| j["id"].as_str().unwrap_or_default().to_string())
+        });
+        found.map(|f| id = f).is_some()
+    })?;
+    wait_step(cloud, &id, "launch")?;
+    sh(Command::new("kill").args(["-INT", &client.id().to_string()]))?;
+    let out = client.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains(&format!("detached from job {id}"))
+            && err.contains(&format!("ferry job wait {id}")),
+        "{err}"
+    );
+    let d = cloud.ferry_json(&["job", "wait", &id])?;
+    assert_eq!(
+        (d["name"].as_str(), d["state"].as_str()),
+        (Some("d"), Some("running")),
+        "{d}"
+    );
+    let job = cloud.ferry_json(&["job", "show", &id])?;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert!(
+        job["log"].to_string().contains("reached userspace"),
+        "the job's log says nothing of its instances: {job}"
+    );
+    let gone = started_job(cloud, &["clone", "terminate", "d"])?;
+    assert_eq!(
+        cloud.ferry_json(&["job", "wait", &gone])?["state"],
+        "terminated"
+    );
+    nothing_left_of(prefix, data, "d")?;
+
+    // Cancel while the instances boot: nothing of the clone is left.
+    let id = started_job(cloud, &["clone", "create", "shop", "--name", "e"])?;
+    wait_step(cloud, &id, "launch")?;
+    wait_for(
+        "clone e's instances to start",
+        Duration::from_secs(60),
+        || bash(&format!("pgrep -fc '[f]erry:{prefix}-e:' || true")).is_ok_and(|n| n.trim() == "2"),
+    )?;
+    let cancelled = cloud.ferry_json(&["job", "cancel", &id, "--wait"])?;
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert!(
+        cancelled["cancel_requested"].as_bool().unwrap_or(false),
+        "{cancelled}"
+    );
+    nothing_left_of(prefix, data, "e")?;
+    assert!(cloud
+        .ferry_json(&["clone", "list"])?
+        .as_array()
+        .is_some_and(Vec::is_empty));
+    let again = cloud.ferry_fails(&["job", "cancel", &id]);
+    assert!(again.contains("has ended (cancelled)"), "{again}");
+
+    // SIGKILL of the manager while instances boot: they are kept, the job is failed.
+    let id = started_job(cloud, &["clone", "create", "shop", "--name", "f"])?;
+    wait_for(
+        "clone f's instances to start",
+        Duration::from_secs(120),
+        || bash(&format!("pgrep -fc '[f]erry:{prefix}-f:' || true")).is_ok_and(|n| n.trim() == "2"),
+    )?;
+    let pids = bash(&format!("pgrep -f '[f]erry:{prefix}-f:' | sort"))?;
+    cloud.restart()?;
+    let job = cloud.ferry_json(&["job", "show", &id])?;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(
+        job["error"]
+            .to_string()
+            .contains("stopped while this job ran"),
+        "{job}"
+    );
+    let f = cloud.ferry_json(&["clone", "show", "f"])?;
+    assert_eq!(f["state"], "running", "{f}");
+    assert!(f["warnings"].to_string().contains("kept as it was"), "{f}");
+    assert_eq!(
+        bash(&format!("pgrep -f '[f]erry:{prefix}-f:' | sort"))?,
+        pids,
+        "clone f's instances were restarted or torn down"
+    );
+    let gone = started_job(cloud, &["clone", "terminate", "f"])?;
+    assert_eq!(
+        cloud.ferry_json(&["job", "wait", &gone])?["state"],
+        "terminated"
+    );
+    nothing_left_of(prefix, data, "f")?;
+    Ok(())
+}
+
 #[test]
 fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<()> {
     let tmp = scratch("clone")?;
@@ -523,6 +682,10 @@ fn clones_of_a_replicated_two_system_app_boot_serve_and_stay_apart() -> Result<(
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     cloud.ferry_json(&["clone", "terminate", "b"])?;
     drop(outsider);
+
+    jobs_outlive_their_client_stop_when_cancelled_and_survive_a_restart(
+        &mut cloud, &prefix, &data,
+    )?;
 
     // A creation that fails half-way (the database's image is lost after the network
     // is up) says why and leaves nothing: no record, namespace, process or directory.

@@ -96,11 +96,51 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: OperatorsCmd,
     },
+    /// Long operations (customize, image build, clone create/suspend/resume/terminate,
+    /// app delete) run as jobs on the cloud manager: list, show, follow or cancel them.
+    Job {
+        #[command(subcommand)]
+        cmd: JobCmd,
+    },
     /// The release and wire protocol of this CLI, the cloud manager, each site (as it
     /// last reported) and each system's agent (as it last registered).
     Version,
     /// Every revoked identity and when it was revoked.
     Revocations,
+}
+
+/// How a command that starts a job waits for it.
+#[derive(clap::Args, Debug, Default)]
+pub struct Wait {
+    /// Print the job's id and return at once; the job goes on (`ferry job wait ID`).
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Subcommand)]
+pub enum JobCmd {
+    /// Every job kept, newest first: running ones and the last 200 that ended.
+    List,
+    /// One job: its steps, its log, how it ended.
+    Show {
+        /// The job's id.
+        id: String,
+    },
+    /// Follow a job until it ends, then print its result as the command that started it
+    /// would (Ctrl-C detaches again).
+    Wait {
+        /// The job's id.
+        id: String,
+    },
+    /// Stop a running job: the operation removes what it made (a clone's instances and
+    /// network, an image being built), then the job ends as cancelled.
+    Cancel {
+        /// The job's id.
+        id: String,
+        /// Wait until the job ended and what it made is gone.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -189,6 +229,8 @@ pub enum CloneCmd {
         /// removed with it; the network stays (default: a network of its own).
         #[arg(long)]
         network: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Every clone: state, instances and addresses.
     List,
@@ -201,16 +243,22 @@ pub enum CloneCmd {
     Suspend {
         /// The clone.
         name: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Continue paused instances and start stopped ones.
     Resume {
         /// The clone.
         name: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Remove the clone: instances, disks and network.
     Terminate {
         /// The clone.
         name: String,
+        #[command(flatten)]
+        wait: Wait,
     },
 }
 
@@ -255,6 +303,8 @@ pub enum AppCmd {
     Delete {
         /// The application.
         name: String,
+        #[command(flatten)]
+        wait: Wait,
     },
 }
 
@@ -277,6 +327,8 @@ pub enum ImageCmd {
         /// Keep the image without booting it first (it is then unverified).
         #[arg(long)]
         no_boot_check: bool,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Built images.
     List,
@@ -356,6 +408,8 @@ pub enum SystemsCmd {
         /// Report what would change without changing the copy.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        wait: Wait,
     },
 }
 
@@ -467,6 +521,7 @@ async fn dispatch(client: &mut Client, cmd: Cmd, json: bool) -> Result<(), CliEr
         Cmd::Tunnel { cmd } => tunnel(client, cmd, json).await,
         Cmd::Token { cmd } => token(client, cmd, json).await,
         Cmd::Sites { cmd } => sites(client, cmd, json).await,
+        Cmd::Job { cmd } => job(client, cmd, json).await,
         Cmd::Operators {
             cmd: OperatorsCmd::Revoke { name },
         } => {
@@ -508,6 +563,53 @@ async fn dispatch(client: &mut Client, cmd: Cmd, json: bool) -> Result<(), CliEr
             Ok(())
         }
     }
+}
+
+/// `ferry job list|show|wait|cancel`.
+pub async fn job(client: &mut Client, cmd: JobCmd, json: bool) -> Result<(), CliError> {
+    use crate::jobs::{job_json, render_job, render_jobs};
+    match cmd {
+        JobCmd::List => {
+            let jobs = client
+                .list_jobs(pb::ListJobsRequest {})
+                .await?
+                .into_inner()
+                .jobs;
+            let v: Vec<_> = jobs.iter().map(job_json).collect();
+            print_as(json, &v, || render_jobs(&jobs));
+        }
+        JobCmd::Show { id } => {
+            let j = client.get_job(pb::JobRequest { id }).await?.into_inner();
+            print_as(json, &job_json(&j), || render_job(&j));
+        }
+        JobCmd::Wait { id } => {
+            let j = client.get_job(pb::JobRequest { id }).await?.into_inner();
+            run_job(client, j, &Wait::default(), json).await?;
+        }
+        JobCmd::Cancel { id, wait } => {
+            let j = client
+                .cancel_job(pb::JobRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            if !wait {
+                print_as(json, &job_json(&j), || {
+                    format!("job {id}: cancel requested; `ferry job wait {id}` follows it\n")
+                });
+                return Ok(());
+            }
+            match crate::jobs::follow(client, j).await {
+                // Cancelled as asked: done.
+                Err(CliError::JobCancelled(_)) => {
+                    let j = client.get_job(pb::JobRequest { id }).await?.into_inner();
+                    print_as(json, &job_json(&j), || render_job(&j));
+                }
+                // It ended before the cancel took: say how.
+                Ok(j) => print_result(&j, json),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `ferry version` as a table: one line per component, what is wrong said at its end.
@@ -584,6 +686,7 @@ pub async fn systems(client: &mut Client, cmd: SystemsCmd, json: bool) -> Result
             target,
             services,
             dry_run,
+            wait,
         } => {
             let req = pb::PrepareSystemRequest {
                 system: name,
@@ -591,19 +694,15 @@ pub async fn systems(client: &mut Client, cmd: SystemsCmd, json: bool) -> Result
                 services,
                 dry_run,
             };
-            customize(client, req, json).await?;
+            let job = client.prepare_system(req).await?.into_inner();
+            run_job(client, job, &wait, json).await?;
         }
     }
     Ok(())
 }
 
 /// `ferry systems customize`: prepares the copy and prints its report.
-async fn customize(
-    client: &mut Client,
-    req: pb::PrepareSystemRequest,
-    json: bool,
-) -> Result<(), CliError> {
-    let r = client.prepare_system(req).await?.into_inner();
+fn print_prepared(r: &pb::PrepareSystemResponse, json: bool) {
     let report: serde_json::Value = serde_json::from_str(&r.report_json).unwrap_or_default();
     if json {
         let out = serde_json::json!({
@@ -613,9 +712,56 @@ async fn customize(
         });
         println!("{}", to_json(&out));
     } else {
-        print!("{}", render_prepared(&r, &report));
+        print!("{}", render_prepared(r, &report));
     }
+}
+
+/// A job just started: its id alone with `--no-wait`; otherwise followed to its end and
+/// its result printed as the command that started it prints it.
+async fn run_job(
+    client: &mut Client,
+    job: pb::JobInfo,
+    wait: &Wait,
+    json: bool,
+) -> Result<(), CliError> {
+    if wait.no_wait {
+        let text = || {
+            format!(
+                "job {} ({} {}) started: `ferry job wait {}` follows it\n",
+                job.id, job.kind, job.target, job.id
+            )
+        };
+        print_as(json, &crate::jobs::job_json(&job), text);
+        return Ok(());
+    }
+    let job = crate::jobs::follow(client, job).await?;
+    print_result(&job, json);
     Ok(())
+}
+
+/// What a job that succeeded made, printed as its command prints it.
+fn print_result(job: &pb::JobInfo, json: bool) {
+    use pb::job_info::Result as R;
+    match &job.result {
+        Some(R::Prepared(p)) => print_prepared(p, json),
+        Some(R::Images(i)) => print_images(json, &i.images),
+        Some(R::Clone(c)) => {
+            for w in &c.warnings {
+                eprintln!("warning: {w}");
+            }
+            print_as(json, c, || render_clones(std::slice::from_ref(c)));
+        }
+        Some(R::AppDeleted(r)) => print_as(json, r, || {
+            format!(
+                "deleted {} and {} image(s)\n",
+                job.target,
+                r.images_deleted.len()
+            )
+        }),
+        None => print_as(json, &crate::jobs::job_json(job), || {
+            crate::jobs::render_job(job)
+        }),
+    }
 }
 
 /// `ferry sync status|pause|resume|limit`.
@@ -837,14 +983,12 @@ pub async fn app(client: &mut Client, cmd: AppCmd, json: bool) -> Result<(), Cli
             let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
             print_as(json, &apps.apps, || render_apps(&apps.apps));
         }
-        AppCmd::Delete { name } => {
-            let r = client
-                .delete_app(pb::DeleteAppRequest { name: name.clone() })
+        AppCmd::Delete { name, wait } => {
+            let job = client
+                .delete_app(pb::DeleteAppRequest { name })
                 .await?
                 .into_inner();
-            print_as(json, &r, || {
-                format!("deleted {name} and {} image(s)\n", r.images_deleted.len())
-            });
+            run_job(client, job, &wait, json).await?;
         }
     }
     Ok(())
@@ -890,9 +1034,10 @@ pub async fn image(client: &mut Client, cmd: ImageCmd, json: bool) -> Result<(),
             target,
             services,
             no_boot_check,
+            wait,
         } => {
             let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
-            let images = if let Some(app) = apps.apps.iter().find(|a| a.name == name) {
+            let job = if let Some(app) = apps.apps.iter().find(|a| a.name == name) {
                 if !services.is_empty() {
                     return Err(CliError::Usage(format!(
                         "app {name} builds with its own services: edit them with `ferry tunnel services {name}`"
@@ -911,9 +1056,8 @@ pub async fn image(client: &mut Client, cmd: ImageCmd, json: bool) -> Result<(),
                     })
                     .await?
                     .into_inner()
-                    .images
             } else {
-                vec![client
+                client
                     .build_image(pb::BuildImageRequest {
                         system: name,
                         target: wire_target(target.unwrap_or(Target::Local)),
@@ -921,9 +1065,9 @@ pub async fn image(client: &mut Client, cmd: ImageCmd, json: bool) -> Result<(),
                         skip_boot_check: no_boot_check,
                     })
                     .await?
-                    .into_inner()]
+                    .into_inner()
             };
-            print_images(json, &images);
+            run_job(client, job, &wait, json).await?;
         }
         ImageCmd::List => {
             let r = client
@@ -945,12 +1089,13 @@ pub async fn image(client: &mut Client, cmd: ImageCmd, json: bool) -> Result<(),
 
 /// `ferry clone create|list|show|suspend|resume|terminate`.
 pub async fn clone(client: &mut Client, cmd: CloneCmd, json: bool) -> Result<(), CliError> {
-    let c = match cmd {
+    let (job, wait) = match cmd {
         CloneCmd::Create {
             app,
             name,
             instance_type,
             network,
+            wait,
         } => {
             let req = pb::CreateCloneRequest {
                 app,
@@ -958,7 +1103,7 @@ pub async fn clone(client: &mut Client, cmd: CloneCmd, json: bool) -> Result<(),
                 instance_type: instance_type.unwrap_or_default(),
                 network: network.unwrap_or_default(),
             };
-            client.create_clone(req).await?.into_inner()
+            (client.create_clone(req).await?.into_inner(), wait)
         }
         CloneCmd::List => {
             let r = client
@@ -968,22 +1113,25 @@ pub async fn clone(client: &mut Client, cmd: CloneCmd, json: bool) -> Result<(),
             print_as(json, &r.clones, || render_clones(&r.clones));
             return Ok(());
         }
-        CloneCmd::Show { name } => find_clone(client, &name).await?,
-        CloneCmd::Suspend { name } => {
-            let req = pb::CloneRequest { name };
-            client.suspend_clone(req).await?.into_inner()
+        CloneCmd::Show { name } => {
+            let c = find_clone(client, &name).await?;
+            print_as(json, &c, || render_clones(std::slice::from_ref(&c)));
+            return Ok(());
         }
-        CloneCmd::Resume { name } => {
+        CloneCmd::Suspend { name, wait } => {
             let req = pb::CloneRequest { name };
-            client.resume_clone(req).await?.into_inner()
+            (client.suspend_clone(req).await?.into_inner(), wait)
         }
-        CloneCmd::Terminate { name } => {
+        CloneCmd::Resume { name, wait } => {
             let req = pb::CloneRequest { name };
-            client.terminate_clone(req).await?.into_inner()
+            (client.resume_clone(req).await?.into_inner(), wait)
+        }
+        CloneCmd::Terminate { name, wait } => {
+            let req = pb::CloneRequest { name };
+            (client.terminate_clone(req).await?.into_inner(), wait)
         }
     };
-    print_as(json, &c, || render_clones(std::slice::from_ref(&c)));
-    Ok(())
+    run_job(client, job, &wait, json).await
 }
 
 /// The clone called `name`, or a usage error.

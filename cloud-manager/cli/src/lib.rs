@@ -5,6 +5,7 @@ use ferry_proto::v1 as pb;
 use std::path::{Path, PathBuf};
 
 pub mod commands;
+pub mod jobs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -39,6 +40,18 @@ pub enum CliError {
     /// The cloud manager turned this operator away (certificate refused or expired).
     #[error("{0}")]
     Refused(String),
+    /// A job this command followed failed; `code` is the gRPC code of its failure.
+    #[error("job {id} failed: {message}")]
+    JobFailed {
+        id: String,
+        message: String,
+        code: i32,
+    },
+    #[error("job {0} was cancelled; what it had made was removed")]
+    JobCancelled(String),
+    /// Ctrl-C while following a job: the job goes on.
+    #[error("detached from job {0}; it goes on: `ferry job wait {0}` follows it again, `ferry job cancel {0}` stops it")]
+    Detached(String),
 }
 
 /// What `ferry`'s exit status means (shown by `ferry --help`).
@@ -49,7 +62,9 @@ pub const EXIT_CODES: &str = "Exit status:
   3  not found: no such system, app, clone, image, token or site
   4  refused: the cloud manager refused the request (invalid, exists already,
      not allowed, or this operator's certificate)
-  5  unreachable: the cloud manager did not answer";
+  5  unreachable: the cloud manager did not answer
+  130  detached: Ctrl-C while following a job, which goes on (`ferry job wait ID`)
+A job that fails exits as its failure would (1, 3, 4 or 5); a cancelled one exits 1.";
 
 impl CliError {
     /// The exit status for this error (see `EXIT_CODES`).
@@ -61,18 +76,27 @@ impl CliError {
             CliError::Usage(_) => 2,
             CliError::NotFound(_) => 3,
             CliError::Refused(_) | CliError::Pki(_) | CliError::Tls(_) => 4,
-            CliError::Api(status) => match status.code() {
-                Code::NotFound => 3,
-                Code::InvalidArgument
-                | Code::AlreadyExists
-                | Code::PermissionDenied
-                | Code::Unauthenticated
-                | Code::OutOfRange
-                | Code::Unimplemented => 4,
-                Code::Unavailable | Code::DeadlineExceeded => 5,
-                _ => 1,
-            },
+            CliError::Api(status) => code_exit(status.code()),
+            CliError::JobFailed { code, .. } => code_exit(Code::from_i32(*code)),
+            CliError::JobCancelled(_) => 1,
+            CliError::Detached(_) => 130,
         }
+    }
+}
+
+/// The exit status of a failure with gRPC code `code`.
+fn code_exit(code: tonic::Code) -> u8 {
+    use tonic::Code;
+    match code {
+        Code::NotFound => 3,
+        Code::InvalidArgument
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::OutOfRange
+        | Code::Unimplemented => 4,
+        Code::Unavailable | Code::DeadlineExceeded => 5,
+        _ => 1,
     }
 }
 

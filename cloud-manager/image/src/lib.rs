@@ -901,6 +901,7 @@ fn boot_once(
     accel: &str,
     log: &Path,
     timeout: Duration,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<f64, String> {
     let _ = std::fs::remove_file(log);
     let firmware_log = firmware_log_of(log);
@@ -929,6 +930,7 @@ fn boot_once(
         .spawn()
         .map_err(|e| format!("cannot start qemu: {e}"))?;
     let result = wait_for_login(log, accel, timeout, || match child.try_wait() {
+        _ if cancelled() => Some(CANCELLED.to_string()),
         Ok(Some(st)) => {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {
@@ -943,22 +945,27 @@ fn boot_once(
     result
 }
 
+/// Why a boot check stopped when its caller cancelled it.
+pub const CANCELLED: &str = "cancelled";
+
 /// Boots the image once and requires a login prompt with the root file system named by
 /// UUID. KVM is tried first when /dev/kvm exists; nested KVM fails on some hosts (an
 /// emulation failure, a hang), so a KVM failure is retried under TCG, and the report
-/// says which was used and why.
+/// says which was used and why. `cancelled` is asked while the guest boots: it stops the
+/// check.
 pub fn boot_check(
     image: &Path,
     firmware: Firmware,
     root_uuid: &str,
     log: &Path,
     timeout: Duration,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<BootReport, ImageError> {
     let (accels, mut kvm_note) = accel_order();
     let mut last = None;
     for accel in accels {
         let started = Instant::now();
-        match boot_once(image, firmware, accel, log, timeout) {
+        match boot_once(image, firmware, accel, log, timeout, cancelled) {
             Ok(seconds) => {
                 let text =
                     String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
@@ -1006,8 +1013,9 @@ pub fn boot_check(
 }
 
 /// Assembles `out` and, with `boot_timeout`, boot-checks it. The work directory is always
-/// removed, and an image that fails its check is deleted: it is never left where it
-/// could be used. The console log goes beside the image (`ID.console.log`).
+/// removed, and an image that fails its check (or whose check was cancelled) is deleted:
+/// it is never left where it could be used. The console log goes beside the image
+/// (`ID.console.log`).
 pub fn build(
     parts: &[Part],
     out: &Path,
@@ -1015,6 +1023,7 @@ pub fn build(
     extra: &[String],
     source_table: &str,
     boot_timeout: Option<Duration>,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<(Assembled, Option<BootReport>), ImageError> {
     let work = out.with_extension("work");
     let made = assemble(parts, out, &work, console, extra, source_table);
@@ -1029,6 +1038,7 @@ pub fn build(
         &made.root_uuid,
         &out.with_extension("console.log"),
         timeout,
+        cancelled,
     ) {
         Ok(report) => Ok((made, Some(report))),
         Err(e) => {

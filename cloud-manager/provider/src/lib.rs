@@ -85,6 +85,37 @@ pub enum ProviderError {
     Unavailable(String),
     #[error("{call}: {message}")]
     Api { call: &'static str, message: String },
+    #[error("cancelled by the operator")]
+    Cancelled,
+}
+
+/// What a clone's creation may use of the job that runs it: whether the operator
+/// cancelled it (checked between steps and while instances boot; what was made is then
+/// removed), a place to save the record as it grows (so a restart finds what exists),
+/// and a line for the job's log.
+pub struct Ctx<'a> {
+    pub cancel: &'a tokio_util::sync::CancellationToken,
+    pub save: &'a (dyn Fn(&CloneRecord) + Sync),
+    pub note: &'a (dyn Fn(&str) + Sync),
+}
+
+impl Ctx<'_> {
+    /// `Err(Cancelled)` once the operator cancelled.
+    pub fn check(&self) -> Result<(), ProviderError> {
+        if self.cancel.is_cancelled() {
+            Err(ProviderError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl std::fmt::Debug for Ctx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("cancelled", &self.cancel.is_cancelled())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What every provider does with a clone. Calls block; the caller runs them off the
@@ -93,8 +124,13 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     /// Creates the clone's network and instances (the record names the systems, images
     /// and enterprise addresses) and waits until every instance reached userspace. On
-    /// error, everything this call created is removed again.
-    fn create(&self, rec: &mut CloneRecord, others: &[CloneRecord]) -> Result<(), ProviderError>;
+    /// error, a cancel included, everything this call created is removed again.
+    fn create(
+        &self,
+        rec: &mut CloneRecord,
+        others: &[CloneRecord],
+        ctx: &Ctx<'_>,
+    ) -> Result<(), ProviderError>;
     /// Stops the instances' CPUs; their memory and disks stay.
     fn suspend(&self, rec: &mut CloneRecord) -> Result<(), ProviderError>;
     /// Continues suspended instances and starts stopped ones again.
@@ -173,7 +209,13 @@ impl<T: CloudApi> Provider for T {
         self.cloud()
     }
 
-    fn create(&self, rec: &mut CloneRecord, _others: &[CloneRecord]) -> Result<(), ProviderError> {
+    fn create(
+        &self,
+        rec: &mut CloneRecord,
+        _others: &[CloneRecord],
+        ctx: &Ctx<'_>,
+    ) -> Result<(), ProviderError> {
+        ctx.check()?;
         if rec.needs_gateway && rec.gateway_system.is_empty() {
             return Err(ProviderError::Invalid(format!(
                 "clone {}: its tunnel gateway needs a public system on {}",
@@ -182,6 +224,9 @@ impl<T: CloudApi> Provider for T {
             )));
         }
         let made = self.runtime().block_on(self.launch(rec));
+        (ctx.save)(rec);
+        // A cancel during the launch is honoured when it returns: what it made goes.
+        let made = made.and_then(|()| ctx.check());
         settle(self, rec, made)?;
         if rec.needs_gateway {
             // The gateway role runs on that system's image; the enterprise side dials

@@ -574,6 +574,7 @@ impl Local {
         &self,
         rec: &CloneRecord,
         n: usize,
+        cancel: Option<&tokio_util::sync::CancellationToken>,
     ) -> Result<(String, String, f64, i32), ProviderError> {
         let inst = &rec.instances[n];
         let p = self.paths(&rec.name, &inst.system);
@@ -592,10 +593,17 @@ impl Local {
                 Err(e) => return Err(e),
             };
             let waited = image::wait_for_login(&p.console, accel, self.cfg.boot_timeout, || {
+                if cancel.is_some_and(|c| c.is_cancelled()) {
+                    return Some("cancelled".to_string());
+                }
                 Self::live_pid(&p.pid, &marker)
                     .is_none()
                     .then(|| "the process is gone".to_string())
             });
+            if cancel.is_some_and(|c| c.is_cancelled()) {
+                Self::kill(&p.pid, &marker);
+                return Err(ProviderError::Cancelled);
+            }
             match waited {
                 Ok(secs) => return Ok((accel.into(), note.unwrap_or_default(), secs, pid)),
                 Err(reason) => {
@@ -620,14 +628,22 @@ impl Local {
     }
 
     /// Boots the given instances in parallel and records what each did.
-    fn boot_all(&self, rec: &mut CloneRecord, which: &[usize]) -> Result<(), ProviderError> {
+    /// `ctx`: the creation's, whose cancel stops the waiting and whose log hears of each
+    /// instance.
+    fn boot_all(
+        &self,
+        rec: &mut CloneRecord,
+        which: &[usize],
+        ctx: Option<&crate::Ctx<'_>>,
+    ) -> Result<(), ProviderError> {
         let snapshot = rec.clone();
+        let cancel = ctx.map(|c| c.cancel);
         let results: Vec<(usize, Result<_, ProviderError>)> = std::thread::scope(|s| {
             let handles: Vec<_> = which
                 .iter()
                 .map(|&n| {
                     let snap = &snapshot;
-                    (n, s.spawn(move || self.boot(snap, n)))
+                    (n, s.spawn(move || self.boot(snap, n, cancel)))
                 })
                 .collect();
             handles
@@ -647,6 +663,12 @@ impl Local {
             let inst = &mut rec.instances[n];
             match r {
                 Ok((accel, note, secs, pid)) => {
+                    if let Some(ctx) = ctx {
+                        (ctx.note)(&format!(
+                            "instance {} reached userspace in {secs:.0} s ({accel})",
+                            inst.system
+                        ));
+                    }
                     inst.accel = accel;
                     inst.accel_note = note;
                     inst.boot_seconds = secs;
@@ -663,11 +685,18 @@ impl Local {
         first_err.map_or(Ok(()), Err)
     }
 
-    fn create_inner(&self, rec: &mut CloneRecord) -> Result<(), ProviderError> {
+    fn create_inner(
+        &self,
+        rec: &mut CloneRecord,
+        ctx: &crate::Ctx<'_>,
+    ) -> Result<(), ProviderError> {
         let dir = self.clone_dir(&rec.name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        ctx.check()?;
         self.create_network(rec)?;
+        (ctx.note)(&format!("network {} made", rec.network));
         for inst in &rec.instances {
+            ctx.check()?;
             let p = self.paths(&rec.name, &inst.system);
             // A copy-on-write overlay: the clone writes there, the image stays as built.
             run(Command::new("qemu-img")
@@ -680,7 +709,8 @@ impl Local {
             })?;
         }
         let all: Vec<usize> = (0..rec.instances.len()).collect();
-        self.boot_all(rec, &all)
+        self.boot_all(rec, &all, Some(ctx))?;
+        ctx.check()
     }
 
     /// The state of one instance from its process and QMP.
@@ -738,19 +768,26 @@ impl Provider for Local {
         Some(Local::console_log(self, clone, system))
     }
 
-    fn create(&self, rec: &mut CloneRecord, others: &[CloneRecord]) -> Result<(), ProviderError> {
+    fn create(
+        &self,
+        rec: &mut CloneRecord,
+        others: &[CloneRecord],
+        ctx: &crate::Ctx<'_>,
+    ) -> Result<(), ProviderError> {
         for inst in rec.instances.iter_mut() {
             inst.mac = mac_for(&rec.name, &inst.system);
             inst.state = InstanceState::Booting;
         }
         self.allocate(rec, others)?;
+        // Its network and index are known from here: a restart finds what they name.
+        (ctx.save)(rec);
         if Path::new("/run/netns").join(&rec.network).exists() {
             return Err(ProviderError::Invalid(format!(
                 "network namespace {} exists already: another clone of that name is running",
                 rec.network
             )));
         }
-        let made = self.create_inner(rec);
+        let made = self.create_inner(rec, ctx);
         crate::settle(self, rec, made)
     }
 
@@ -784,7 +821,7 @@ impl Provider for Local {
                     rec.network
                 )));
             }
-            self.boot_all(rec, &stopped)?;
+            self.boot_all(rec, &stopped, None)?;
         }
         self.start_edge(rec)?;
         rec.state = clone_state(&rec.instances);

@@ -7,6 +7,7 @@ mod wire;
 use crate::cloud::Cloud;
 use crate::error::{CloudError, Result};
 use crate::ingest::{require_ingest, Enrollment};
+use crate::jobs::{JobKind, JobResult, JobState};
 use crate::replication::SettingsChange;
 use ferry_common::error::{to_status, ErrorKind, Kind};
 use ferry_common::pki::{Identity, Role};
@@ -107,9 +108,49 @@ pub async fn serve(
     Ok(())
 }
 
+/// Who started a job, as its record says.
+fn operator(who: &Option<Identity>) -> String {
+    who.as_ref().map(|i| i.to_string()).unwrap_or_default()
+}
+
+/// The one-step clone operations run as jobs.
+#[derive(Debug, Clone, Copy)]
+enum CloneOp {
+    Suspend,
+    Resume,
+    Terminate,
+}
+
 impl Grpc {
     fn fail(&self, op: &str, who: Option<&Identity>, e: CloudError) -> Status {
         fail(&self.cloud, op, who, e)
+    }
+
+    /// Suspends, resumes or terminates a clone as a job of one step.
+    #[allow(clippy::result_large_err)] // what every tonic handler returns
+    fn clone_job(
+        &self,
+        req: Request<pb::CloneRequest>,
+        kind: JobKind,
+        op: CloneOp,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let who = identity(&req);
+        let name = req.into_inner().name;
+        let r = self.cloud.clones.require(&name).and_then(|_| {
+            let (cloud, clone) = (self.cloud.clone(), name.clone());
+            self.cloud
+                .jobs
+                .start(kind, &name, &operator(&who), move |job| async move {
+                    job.step(&format!("{kind} {clone}"));
+                    let view = match op {
+                        CloneOp::Suspend => cloud.clones.suspend(&clone).await?,
+                        CloneOp::Resume => cloud.clones.resume(&clone).await?,
+                        CloneOp::Terminate => cloud.clones.terminate(&clone).await?,
+                    };
+                    Ok(JobResult::Clone(Box::new(view)))
+                })
+        });
+        self.reply(kind.as_str(), who, r.map(wire::job))
     }
 
     /// A call's result as its answer.
@@ -528,22 +569,31 @@ impl pb::control_server::Control for Grpc {
     async fn prepare_system(
         &self,
         req: Request<pb::PrepareSystemRequest>,
-    ) -> Result<Response<pb::PrepareSystemResponse>, Status> {
+    ) -> Result<Response<pb::JobInfo>, Status> {
         let who = identity(&req);
-        let r = async {
-            let spec = req.into_inner().try_into()?;
-            self.cloud.images.prepare(spec).await
-        }
-        .await;
-        self.reply("prepare-system", who, r)
+        let r = (|| {
+            let spec: crate::images::PrepareSpec = req.into_inner().try_into()?;
+            self.cloud.replication.require(&spec.system)?;
+            let (cloud, system) = (self.cloud.clone(), spec.system.clone());
+            self.cloud.jobs.start(
+                JobKind::Customize,
+                &system,
+                &operator(&who),
+                move |job| async move {
+                    let prepared = cloud.images.prepare(spec, &job).await?;
+                    Ok(JobResult::from(prepared))
+                },
+            )
+        })();
+        self.reply("prepare-system", who, r.map(wire::job))
     }
 
     async fn build_image(
         &self,
         req: Request<pb::BuildImageRequest>,
-    ) -> Result<Response<pb::ImageInfo>, Status> {
+    ) -> Result<Response<pb::JobInfo>, Status> {
         let who = identity(&req);
-        let r = async {
+        let r = (|| {
             let q = req.into_inner();
             let spec = crate::images::PrepareSpec {
                 system: q.system,
@@ -552,10 +602,25 @@ impl pb::control_server::Control for Grpc {
                 gateway: Vec::new(),
                 dry_run: false,
             };
-            self.cloud.images.build(spec, q.skip_boot_check, "").await
-        }
-        .await;
-        self.reply("build-image", who, r.map(wire::image))
+            self.cloud.replication.require(&spec.system)?;
+            let (cloud, system, skip) =
+                (self.cloud.clone(), spec.system.clone(), q.skip_boot_check);
+            self.cloud.jobs.start(
+                JobKind::ImageBuild,
+                &system,
+                &operator(&who),
+                move |job| async move {
+                    job.plan(if spec.target == crate::state::Target::Local {
+                        3
+                    } else {
+                        4
+                    });
+                    let image = cloud.images.build(spec, skip, "", &job).await?;
+                    Ok(JobResult::Images(vec![image]))
+                },
+            )
+        })();
+        self.reply("build-image", who, r.map(wire::job))
     }
 
     async fn list_images(
@@ -597,10 +662,18 @@ impl pb::control_server::Control for Grpc {
     async fn delete_app(
         &self,
         req: Request<pb::DeleteAppRequest>,
-    ) -> Result<Response<pb::DeleteAppResponse>, Status> {
-        let r = self.cloud.delete_app(&req.get_ref().name).await;
-        let r = r.map(|images_deleted| pb::DeleteAppResponse { images_deleted });
-        self.reply("delete-app", identity(&req), r)
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let who = identity(&req);
+        let name = req.into_inner().name;
+        let r = self.cloud.apps.require(&name).and_then(|_| {
+            let (cloud, app) = (self.cloud.clone(), name.clone());
+            self.cloud
+                .jobs
+                .start(JobKind::AppDelete, &name, &operator(&who), move |job| async move {
+                    Ok(JobResult::AppDeleted(cloud.delete_app(&app, &job).await?))
+                })
+        });
+        self.reply("delete-app", who, r.map(wire::job))
     }
 
     async fn edit_services(
@@ -615,24 +688,50 @@ impl pb::control_server::Control for Grpc {
     async fn build_app_images(
         &self,
         req: Request<pb::BuildAppImagesRequest>,
-    ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        let q = req.get_ref();
-        let r = self.cloud.build_app_images(&q.app, q.skip_boot_check).await;
-        self.reply("build-app-images", identity(&req), r.map(wire::images))
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let who = identity(&req);
+        let q = req.into_inner();
+        let r = self.cloud.apps.require(&q.app).and_then(|_| {
+            let (cloud, app, skip) = (self.cloud.clone(), q.app.clone(), q.skip_boot_check);
+            self.cloud.jobs.start(
+                JobKind::ImageBuild,
+                &q.app,
+                &operator(&who),
+                move |job| async move {
+                    Ok(JobResult::Images(
+                        cloud.build_app_images(&app, skip, &job).await?,
+                    ))
+                },
+            )
+        });
+        self.reply("build-app-images", who, r.map(wire::job))
     }
 
     async fn create_clone(
         &self,
         req: Request<pb::CreateCloneRequest>,
-    ) -> Result<Response<pb::CloneInfo>, Status> {
-        let q = req.get_ref();
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let who = identity(&req);
+        let q = req.into_inner();
         let spec = crate::clones::CloneSpec {
             name: q.name.clone(),
             instance_type: q.instance_type.clone(),
             network: q.network.clone(),
         };
-        let r = self.cloud.create_clone(&q.app, &spec).await;
-        self.reply("create-clone", identity(&req), r)
+        let r = self.cloud.apps.require(&q.app).and_then(|_| {
+            let (cloud, app) = (self.cloud.clone(), q.app.clone());
+            self.cloud.jobs.start(
+                JobKind::CloneCreate,
+                &q.app,
+                &operator(&who),
+                move |job| async move {
+                    Ok(JobResult::Clone(Box::new(
+                        cloud.create_clone(&app, &spec, &job).await?,
+                    )))
+                },
+            )
+        });
+        self.reply("create-clone", who, r.map(wire::job))
     }
 
     async fn list_clones(
@@ -648,25 +747,88 @@ impl pb::control_server::Control for Grpc {
     async fn suspend_clone(
         &self,
         req: Request<pb::CloneRequest>,
-    ) -> Result<Response<pb::CloneInfo>, Status> {
-        let r = self.cloud.clones.suspend(&req.get_ref().name).await;
-        self.reply("suspend-clone", identity(&req), r)
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        self.clone_job(req, JobKind::CloneSuspend, CloneOp::Suspend)
     }
 
     async fn resume_clone(
         &self,
         req: Request<pb::CloneRequest>,
-    ) -> Result<Response<pb::CloneInfo>, Status> {
-        let r = self.cloud.clones.resume(&req.get_ref().name).await;
-        self.reply("resume-clone", identity(&req), r)
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        self.clone_job(req, JobKind::CloneResume, CloneOp::Resume)
     }
 
     async fn terminate_clone(
         &self,
         req: Request<pb::CloneRequest>,
-    ) -> Result<Response<pb::CloneInfo>, Status> {
-        let r = self.cloud.clones.terminate(&req.get_ref().name).await;
-        self.reply("terminate-clone", identity(&req), r)
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        self.clone_job(req, JobKind::CloneTerminate, CloneOp::Terminate)
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let r = self.cloud.jobs.list().map(|jobs| pb::ListJobsResponse {
+            jobs: jobs.into_iter().map(wire::job).collect(),
+        });
+        self.reply("list-jobs", identity(&req), r)
+    }
+
+    async fn get_job(&self, req: Request<pb::JobRequest>) -> Result<Response<pb::JobInfo>, Status> {
+        let r = self.cloud.jobs.get(&req.get_ref().id).map(wire::job);
+        self.reply("get-job", identity(&req), r)
+    }
+
+    type WatchJobStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::JobInfo, Status>> + Send>>;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::JobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let who = identity(&req);
+        let id = req.into_inner().id;
+        let rx = match self.cloud.jobs.watch(&id) {
+            Ok(rx) => rx,
+            Err(e) => return Err(self.fail("watch-job", who.as_ref(), e)),
+        };
+        let Some(rx) = rx else {
+            // Ended already: its record, once.
+            let r = self.cloud.jobs.get(&id).map(wire::job);
+            let r = r.map_err(|e| self.fail("watch-job", who.as_ref(), e))?;
+            return Ok(Response::new(Box::pin(futures::stream::once(async {
+                Ok(r)
+            }))));
+        };
+        // The current record, then each change, until one says the job ended.
+        let cloud = self.cloud.clone();
+        let updates = futures::stream::unfold((rx, true, false), move |(mut rx, first, done)| {
+            let (cloud, id) = (cloud.clone(), id.clone());
+            async move {
+                if done {
+                    return None;
+                }
+                let rec = if first || rx.changed().await.is_ok() {
+                    rx.borrow_and_update().clone()
+                } else {
+                    // The job's task let go: its record holds how it ended.
+                    cloud.jobs.get(&id).ok()?
+                };
+                let ended = rec.state != JobState::Running;
+                Some((Ok(wire::job(rec)), (rx, false, ended)))
+            }
+        });
+        Ok(Response::new(Box::pin(updates)))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::JobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let who = identity(&req);
+        let r = self.cloud.jobs.cancel(&req.get_ref().id, &operator(&who));
+        self.reply("cancel-job", who, r.map(wire::job))
     }
 
     async fn tunnel_connect(

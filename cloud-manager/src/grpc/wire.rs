@@ -2,11 +2,12 @@
 use crate::apps::AppSpec;
 use crate::clones::{CloneView, TunnelDetails};
 use crate::error::{CloudError, Result};
-use crate::images::{FileContent, FileDbListing, PrepareSpec, Prepared};
+use crate::images::{FileContent, FileDbListing, PrepareSpec};
 use crate::ingest::{
     Ack, Batch, ComponentVersion, DeadLetter, Enrolled, Enrollment, Frame, PassProgress,
     Registration, Renewal,
 };
+use crate::jobs::{JobRecord, JobResult, JobState};
 use crate::replication::SystemStatus;
 use crate::state::{AppRecord, CounterValues, FsRecord, ImageRecord, Settings, Target};
 use ferry_common::chunks::hash_from_bytes;
@@ -387,13 +388,62 @@ impl TryFrom<pb::PrepareSystemRequest> for PrepareSpec {
     }
 }
 
-impl From<Prepared> for pb::PrepareSystemResponse {
-    fn from(p: Prepared) -> Self {
-        Self {
-            epoch: p.epoch,
-            images: p.images.iter().map(|p| p.display().to_string()).collect(),
-            report_json: serde_json::to_string(&p.report).unwrap_or_default(),
+/// A job as the wire shows it, its result in the field of its kind.
+pub fn job(r: JobRecord) -> pb::JobInfo {
+    use pb::job_info::Result as R;
+    let (steps_done, steps_total) = r.progress();
+    let state = match r.state {
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    };
+    let result = r.result.map(|res| match res {
+        JobResult::Prepared {
+            epoch,
+            images,
+            report,
+        } => R::Prepared(pb::PrepareSystemResponse {
+            epoch,
+            images,
+            report_json: report.to_string(),
+        }),
+        JobResult::Images(v) => R::Images(images(v)),
+        JobResult::Clone(c) => R::Clone((*c).into()),
+        JobResult::AppDeleted(images_deleted) => {
+            R::AppDeleted(pb::DeleteAppResponse { images_deleted })
         }
+    });
+    pb::JobInfo {
+        id: r.id,
+        kind: r.kind.to_string(),
+        target: r.target,
+        operator: r.operator,
+        state: state.into(),
+        created_ms: r.created_ms,
+        finished_ms: r.finished_ms,
+        steps: (r.steps.into_iter())
+            .map(|s| pb::JobStep {
+                name: s.name,
+                started_ms: s.started_ms,
+                finished_ms: s.finished_ms,
+            })
+            .collect(),
+        steps_done,
+        steps_total,
+        log: (r.log.into_iter())
+            .map(|l| pb::JobLine {
+                at_ms: l.at_ms,
+                text: l.text,
+            })
+            .collect(),
+        log_dropped: r.log_dropped,
+        cancel_requested: r.cancel_requested,
+        error: r.error,
+        error_code: r
+            .error_kind
+            .map_or(0, |k| ferry_common::error::code(k) as i32),
+        result,
     }
 }
 

@@ -2,6 +2,7 @@
 use super::*;
 use crate::apps::AppSpec;
 use crate::error::CloudError;
+use crate::jobs::JobCtx;
 use crate::state::{CloneState, InstanceState, Target};
 use ferry_common::error::{ErrorKind, Kind};
 
@@ -152,10 +153,17 @@ async fn a_clone_needs_an_image_of_every_system() {
         .apps
         .create(spec("shop", &[("web01", "public")]))
         .unwrap();
-    let r = h.cloud.create_clone("shop", &named("")).await;
+    let r = h
+        .cloud
+        .create_clone("shop", &named(""), &JobCtx::detached())
+        .await;
     assert_eq!(kind(r), Kind::FailedPrecondition);
     assert_eq!(
-        kind(h.cloud.create_clone("nope", &named("")).await),
+        kind(
+            h.cloud
+                .create_clone("nope", &named(""), &JobCtx::detached())
+                .await
+        ),
         Kind::NotFound
     );
     assert!(h.cloud.clones.list().unwrap().is_empty());
@@ -168,7 +176,7 @@ async fn clones_are_named_after_their_app_and_run_from_the_newest_images() {
     let newer = image(&h, "shop", "web01", 7);
     let first = h
         .cloud
-        .create_clone("shop", &named(""))
+        .create_clone("shop", &named(""), &JobCtx::detached())
         .await
         .unwrap()
         .record;
@@ -189,7 +197,7 @@ async fn clones_are_named_after_their_app_and_run_from_the_newest_images() {
     assert_eq!(first.subnets.len(), 1);
     let second = h
         .cloud
-        .create_clone("shop", &named(""))
+        .create_clone("shop", &named(""), &JobCtx::detached())
         .await
         .unwrap()
         .record;
@@ -203,16 +211,31 @@ async fn a_clone_name_is_checked_before_anything_is_made() {
     shop(&h).await;
     let long = "x".repeat(41);
     assert_eq!(
-        kind(h.cloud.create_clone("shop", &named(&long)).await),
+        kind(
+            h.cloud
+                .create_clone("shop", &named(&long), &JobCtx::detached())
+                .await
+        ),
         Kind::InvalidArgument
     );
     assert_eq!(
-        kind(h.cloud.create_clone("shop", &named("../x")).await),
+        kind(
+            h.cloud
+                .create_clone("shop", &named("../x"), &JobCtx::detached())
+                .await
+        ),
         Kind::InvalidArgument
     );
-    h.cloud.create_clone("shop", &named("qa")).await.unwrap();
+    h.cloud
+        .create_clone("shop", &named("qa"), &JobCtx::detached())
+        .await
+        .unwrap();
     assert_eq!(
-        kind(h.cloud.create_clone("shop", &named("qa")).await),
+        kind(
+            h.cloud
+                .create_clone("shop", &named("qa"), &JobCtx::detached())
+                .await
+        ),
         Kind::AlreadyExists
     );
     assert_eq!(h.provider.script().created, ["qa"]);
@@ -228,7 +251,11 @@ async fn two_systems_with_one_address_cannot_be_cloned() {
     image(&h, "pair", "web01", 1);
     image(&h, "pair", "web02", 1);
     assert_eq!(
-        kind(h.cloud.create_clone("pair", &named("")).await),
+        kind(
+            h.cloud
+                .create_clone("pair", &named(""), &JobCtx::detached())
+                .await
+        ),
         Kind::InvalidArgument
     );
     assert!(h.provider.script().created.is_empty());
@@ -239,7 +266,11 @@ async fn a_failed_creation_leaves_no_record() {
     let h = harness();
     shop(&h).await;
     h.provider.script().fail_create = Some("no room".into());
-    assert!(h.cloud.create_clone("shop", &named("")).await.is_err());
+    assert!(h
+        .cloud
+        .create_clone("shop", &named(""), &JobCtx::detached())
+        .await
+        .is_err());
     assert!(h.cloud.clones.list().unwrap().is_empty());
 }
 
@@ -247,7 +278,10 @@ async fn a_failed_creation_leaves_no_record() {
 async fn suspend_resume_and_terminate_move_a_clone_through_its_states() {
     let h = harness();
     shop(&h).await;
-    h.cloud.create_clone("shop", &named("")).await.unwrap();
+    h.cloud
+        .create_clone("shop", &named(""), &JobCtx::detached())
+        .await
+        .unwrap();
     let clones = &h.cloud.clones;
     let c = clones.suspend("shop-1").await.unwrap().record;
     assert_eq!(c.state, CloneState::Suspended);
@@ -269,7 +303,10 @@ async fn suspend_resume_and_terminate_move_a_clone_through_its_states() {
 async fn after_a_failed_operation_the_record_holds_what_the_provider_has() {
     let h = harness();
     shop(&h).await;
-    h.cloud.create_clone("shop", &named("")).await.unwrap();
+    h.cloud
+        .create_clone("shop", &named(""), &JobCtx::detached())
+        .await
+        .unwrap();
     {
         let mut s = h.provider.script();
         s.fail_suspend = Some("api down".into());
@@ -286,7 +323,10 @@ async fn after_a_failed_operation_the_record_holds_what_the_provider_has() {
 async fn a_restart_removes_interrupted_creations_and_observes_the_rest() {
     let h = harness();
     shop(&h).await;
-    h.cloud.create_clone("shop", &named("")).await.unwrap();
+    h.cloud
+        .create_clone("shop", &named(""), &JobCtx::detached())
+        .await
+        .unwrap();
     let cut_short = CloneRecord {
         name: "shop-9".into(),
         app: "shop".into(),
@@ -313,19 +353,27 @@ async fn a_restart_removes_interrupted_creations_and_observes_the_rest() {
 async fn images_and_apps_in_use_by_a_clone_are_kept() {
     let h = harness();
     shop(&h).await;
-    let view = h.cloud.create_clone("shop", &named("")).await.unwrap();
+    let view = h
+        .cloud
+        .create_clone("shop", &named(""), &JobCtx::detached())
+        .await
+        .unwrap();
     let used = view.record.instances[0].image.clone();
     assert_eq!(
         kind(h.cloud.delete_image(&used).await),
         Kind::FailedPrecondition
     );
     assert_eq!(
-        kind(h.cloud.delete_app("shop").await),
+        kind(h.cloud.delete_app("shop", &JobCtx::detached()).await),
         Kind::FailedPrecondition
     );
     assert_eq!(h.cloud.images.list().unwrap().len(), 2);
     h.cloud.clones.terminate("shop-1").await.unwrap();
-    let deleted = h.cloud.delete_app("shop").await.unwrap();
+    let deleted = h
+        .cloud
+        .delete_app("shop", &JobCtx::detached())
+        .await
+        .unwrap();
     assert_eq!(deleted.len(), 2);
     assert!(h.cloud.images.list().unwrap().is_empty());
     assert!(h.cloud.apps.get("shop").unwrap().is_none());
@@ -335,7 +383,10 @@ async fn images_and_apps_in_use_by_a_clone_are_kept() {
 async fn tunnel_details_need_a_gateway_and_an_absolute_key_path() {
     let h = harness();
     shop(&h).await;
-    h.cloud.create_clone("shop", &named("")).await.unwrap();
+    h.cloud
+        .create_clone("shop", &named(""), &JobCtx::detached())
+        .await
+        .unwrap();
     let r = h
         .cloud
         .clones
@@ -380,7 +431,10 @@ async fn public_ports_and_their_sources_are_checked_and_reach_the_clone() {
         "{:?}",
         closed.warnings()
     );
-    h.cloud.delete_app("shop").await.unwrap();
+    h.cloud
+        .delete_app("shop", &JobCtx::detached())
+        .await
+        .unwrap();
     let app = h
         .cloud
         .apps
@@ -390,7 +444,11 @@ async fn public_ports_and_their_sources_are_checked_and_reach_the_clone() {
     assert_eq!(app.allow_from, ["203.0.113.0/24"]);
     image(&h, "shop", "web01", 1);
     image(&h, "shop", "db01", 1);
-    let view = h.cloud.create_clone("shop", &named("")).await.unwrap();
+    let view = h
+        .cloud
+        .create_clone("shop", &named(""), &JobCtx::detached())
+        .await
+        .unwrap();
     let rec = &view.record;
     assert_eq!(rec.allow_from, ["203.0.113.0/24"]);
     assert_eq!(rec.ports_for("web01"), [(53, true), (443, false)]);

@@ -2,6 +2,7 @@
 //! replicas in plain directories and a scripted provider, so they need no root.
 mod apps_clones;
 mod ingest;
+mod jobs;
 
 use crate::cloud::{Cloud, Parts};
 use crate::ingest::{Batch, Registration};
@@ -49,7 +50,13 @@ impl Provider for Scripted {
     fn name(&self) -> &'static str {
         "local"
     }
-    fn create(&self, rec: &mut CloneRecord, _others: &[CloneRecord]) -> Result<(), ProviderError> {
+    fn create(
+        &self,
+        rec: &mut CloneRecord,
+        _others: &[CloneRecord],
+        ctx: &ferry_provider::Ctx<'_>,
+    ) -> Result<(), ProviderError> {
+        ctx.check()?;
         let mut s = self.script();
         if let Some(m) = &s.fail_create {
             return Err(ProviderError::Invalid(m.clone()));
@@ -85,7 +92,7 @@ pub struct Harness {
     pub dir: tempfile::TempDir,
     pub volumes: Arc<DirVolumes>,
     pub chunks: ferry_common::chunks::ChunkStore,
-    pub cloud: Cloud,
+    pub cloud: Arc<Cloud>,
     pub provider: Arc<Scripted>,
     pub store: ferry_common::store::Store,
 }
@@ -128,7 +135,7 @@ pub fn harness() -> Harness {
         dir,
         volumes,
         chunks,
-        cloud,
+        cloud: Arc::new(cloud),
         provider,
         store,
     }
