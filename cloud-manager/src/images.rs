@@ -161,14 +161,29 @@ impl Images {
             rec.name,
             images.len()
         ));
-        job.check()?;
+        // A copy that is not customized yet is no use to anyone: a cancel removes it.
+        let drop_copy = |work: &std::path::Path| {
+            for (_, image) in &images {
+                let _ = std::fs::remove_file(image);
+            }
+            let _ = std::fs::remove_dir(work);
+        };
+        if job.check().is_err() {
+            drop_copy(&work);
+            return Err(CloudError::Cancelled);
+        }
         job.step(&format!("customize {} for {}", rec.name, spec.target));
-        let (name, dry_run, images2) = (rec.name.clone(), spec.dry_run, images.clone());
+        let (name, dry_run, images2, work2) =
+            (rec.name.clone(), spec.dry_run, images.clone(), work.clone());
         let report = blocking(move || {
-            prepare::customize_copies(&name, &work, &images2, &plan, dry_run)
+            prepare::customize_copies(&name, &work2, &images2, &plan, dry_run)
                 .map_err(CloudError::from)
         })
         .await?;
+        if job.check().is_err() {
+            drop_copy(&work);
+            return Err(CloudError::Cancelled);
+        }
         tracing::info!(system = %rec.name, epoch, target = %spec.target, changed = report.changed.len(), "copy customized");
         job.log(&format!(
             "{}: {} change(s) for {}",

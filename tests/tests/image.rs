@@ -8,6 +8,7 @@ use anyhow::{ensure, Result};
 use ferry_tests::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 const UUID: &str = "5a1c0de0-0000-4000-8000-00000000d12e";
 
@@ -446,6 +447,54 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     // The replica is untouched: it is still the source's, not the customized copy.
     let replica = cloud.replica_path("web01", "/")?;
     assert_eq!(rsync_diff(&src.mnt, &replica)?, "");
+
+    // An image build cancelled during its boot check leaves no image, file or guest.
+    let job = cloud.ferry_json(&["image", "build", "shop", "--no-wait"])?;
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    let mut image_id = String::new();
+    wait_for("the boot check to start", Duration::from_secs(300), || {
+        let j = cloud.ferry_json(&["job", "show", &id]).unwrap_or_default();
+        let step = j["steps"]
+            .as_array()
+            .and_then(|s| s.last())
+            .cloned()
+            .unwrap_or_default();
+        let name = step["name"].as_str().unwrap_or_default();
+        image_id = name
+            .strip_prefix("assemble and boot-check ")
+            .unwrap_or_default()
+            .to_string();
+        !image_id.is_empty()
+            && bash(&format!(
+                "pgrep -f '[q]emu-system-x86_64.*{image_id}.qcow2' || true"
+            ))
+            .is_ok_and(|p| !p.trim().is_empty())
+    })?;
+    let cancelled = cloud.ferry_json(&["job", "cancel", &id, "--wait"])?;
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert_eq!(
+        cloud
+            .ferry_json(&["image", "list"])?
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    let images_dir = t.join("cloud/images");
+    assert!(
+        !images_dir.join(format!("{image_id}.qcow2")).exists(),
+        "{image_id} was kept"
+    );
+    let files: Vec<String> = std::fs::read_dir(&images_dir)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".qcow2"))
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(bash(&format!(
+        "pgrep -f '[q]emu-system-x86_64.*{image_id}.qcow2' || true"
+    ))?
+    .trim()
+    .is_empty());
 
     // A system's own image, unchecked, beside the app's; deleting the app removes only
     // the app's image.

@@ -5,6 +5,7 @@ pub mod host;
 pub mod hosts;
 pub mod mountinfo;
 pub mod net;
+pub mod netstat;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
