@@ -37,6 +37,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("ferry.v1.PrepareSystemResponse", serde)
         .type_attribute("ferry.v1.ListImagesResponse", serde)
         .type_attribute("ferry.v1.JobStep", serde)
+        .type_attribute("ferry.v1.GraphService", serde)
+        .type_attribute("ferry.v1.DiscoveredSystem", serde)
+        .type_attribute("ferry.v1.GraphEdge", serde)
+        .type_attribute("ferry.v1.DiscoverResponse", serde)
         .type_attribute("ferry.v1.JobLine", serde)
         .field_attribute("ferry.v1.FileDbFile.content", "#[serde(skip)]")
         // Enum fields print by their short names (`public`, `in-sync`), not numbers.

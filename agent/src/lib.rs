@@ -5,6 +5,7 @@
 //! system, `index` remembers what was sent, `sender` talks the ingest protocol.
 
 pub mod consistency;
+pub mod discovery;
 pub mod gate;
 pub mod index;
 pub mod lag;
@@ -37,6 +38,8 @@ pub struct RunConfig {
     pub rescan_interval: Duration,
     /// Systems marked as databases freeze each file system while a pass reads it.
     pub consistency: consistency::Consistency,
+    /// How the host's sockets are sampled and reported; `None`: not at all.
+    pub discovery: Option<discovery::Config>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +160,14 @@ pub async fn run(
     gate.update(reg.settings.as_ref());
     if !config.once {
         tokio::spawn(gate.clone().follow(shutdown.clone()));
+        if let Some(d) = config.discovery {
+            tokio::spawn(discovery::run(
+                client.clone(),
+                name.clone(),
+                d,
+                shutdown.clone(),
+            ));
+        }
     }
     let get_u64 = |k: &str| {
         meta.get(k)

@@ -50,6 +50,13 @@ enum Cmd {
         /// Plain HTTP listen address for /metrics and /healthz (off by default).
         #[arg(long)]
         http: Option<String>,
+        /// Seconds between two readings of the host's sockets for discovery (default 60).
+        #[arg(long)]
+        discovery_sample: Option<u64>,
+        /// Seconds of sockets each discovery report covers (default 600; 0 turns
+        /// discovery off).
+        #[arg(long)]
+        discovery_window: Option<u64>,
     },
     /// Print this host's configuration as JSON.
     Probe {
@@ -71,6 +78,8 @@ struct RunFile {
     rescan_interval: Option<u64>,
     consistency: Option<ferry_agent::consistency::Consistency>,
     http: Option<String>,
+    discovery_sample: Option<u64>,
+    discovery_window: Option<u64>,
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -101,6 +110,8 @@ fn main() -> ExitCode {
             rescan_interval,
             consistency,
             http,
+            discovery_sample,
+            discovery_window,
         } => {
             let file: RunFile = match config
                 .as_deref()
@@ -133,10 +144,31 @@ fn main() -> ExitCode {
                         .max(1),
                 ),
                 consistency: consistency.or(file.consistency).unwrap_or_default(),
+                discovery: discovery_config(
+                    discovery_sample.or(file.discovery_sample),
+                    discovery_window.or(file.discovery_window),
+                ),
             };
             run(config, http.or(file.http))
         }
     }
+}
+
+/// Discovery's timing from the flags and file; a window of 0 turns it off.
+fn discovery_config(
+    sample: Option<u64>,
+    window: Option<u64>,
+) -> Option<ferry_agent::discovery::Config> {
+    let d = ferry_agent::discovery::Config::default();
+    let window = window.map_or(d.window, std::time::Duration::from_secs);
+    if window.is_zero() {
+        return None;
+    }
+    let sample = sample.map_or(d.sample, std::time::Duration::from_secs);
+    Some(ferry_agent::discovery::Config {
+        sample: sample.clamp(std::time::Duration::from_secs(1), window),
+        window,
+    })
 }
 
 #[tokio::main]

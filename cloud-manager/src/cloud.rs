@@ -3,6 +3,7 @@
 //! layer (`grpc`) is the only code that turns wire types into these calls.
 use crate::apps::Apps;
 use crate::clones::{CloneSpec, CloneView, Clones};
+use crate::discovery::{Discovery, DiscoveryRecord};
 use crate::error::{CloudError, Result};
 use crate::images::{Images, PrepareSpec};
 use crate::ingest::Ingest;
@@ -39,6 +40,7 @@ pub struct Cloud {
     pub images: Images,
     pub clones: Clones,
     pub jobs: Jobs,
+    pub discovery: Discovery,
     pub counters: Arc<Counters>,
 }
 
@@ -90,6 +92,10 @@ impl Cloud {
                 dir,
             ),
             jobs: Jobs::open(Records::open(&store, "jobs", true)?)?,
+            discovery: Discovery::new(
+                Records::open(&store, "discovery", true)?,
+                replication.clone(),
+            ),
             replication,
             counters,
         })
@@ -109,6 +115,16 @@ impl Cloud {
             tracing::error!(error = %e, "cannot reconcile clones with their providers");
         }
         Ok(())
+    }
+
+    /// Keeps a system's discovery report, from its agent or a site bound to it.
+    pub fn report_discovery(
+        &self,
+        peer: &ferry_common::pki::Identity,
+        rec: DiscoveryRecord,
+    ) -> Result<()> {
+        self.ingest.authorize(peer, &rec.system)?;
+        self.discovery.report(rec)
     }
 
     /// A request refused as invalid or unauthorized, for the metrics.

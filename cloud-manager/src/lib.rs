@@ -13,6 +13,7 @@ pub mod apps;
 pub mod clones;
 pub mod cloud;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod grpc;
 pub mod images;

@@ -763,6 +763,24 @@ impl pb::ingest_server::Ingest for Service {
             settings: p.settings(),
         }))
     }
+
+    /// A discovery report goes on to the cloud manager as it is, for the agent's own
+    /// system only; it is not queued: the agent sends a fresh one next window.
+    async fn report_discovery(
+        &self,
+        req: Request<pb::DiscoveryReport>,
+    ) -> Result<Response<pb::DiscoveryAck>, Status> {
+        let id = who(&req);
+        let system = req.get_ref().system.clone();
+        authorize(id.as_ref(), &system).map_err(|e| fail("report-discovery", id.as_ref(), e))?;
+        let mut c = self.relay.client();
+        match tokio::time::timeout(UPSTREAM_QUICK, c.report_discovery(req.into_inner())).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::unavailable(
+                "the cloud manager did not answer: the report is dropped, the next window brings another",
+            )),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -96,6 +96,13 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: OperatorsCmd,
     },
+    /// The application graph the agents discovered: each system's services (with a
+    /// guessed role: postgresql, ldap, http, ...), who talks to whom, and the hosts
+    /// that are not registered.
+    Discover {
+        /// Only this system and its neighbours.
+        system: Option<String>,
+    },
     /// Long operations (customize, image build, clone create/suspend/resume/terminate,
     /// app delete) run as jobs on the cloud manager: list, show, follow or cancel them.
     Job {
@@ -299,6 +306,16 @@ pub enum AppCmd {
     },
     /// Every application.
     List,
+    /// Propose an application from what a system talks to (its discovery reports): the
+    /// systems it reaches, public where they serve HTTP, databases, and the unregistered
+    /// services to tunnel. Prints the `ferry app create` command that makes it.
+    Propose {
+        /// The new application's name.
+        name: String,
+        /// The system to start from (usually the web or application server).
+        #[arg(long)]
+        from: String,
+    },
     /// Remove an application and its images.
     Delete {
         /// The application.
@@ -522,6 +539,16 @@ async fn dispatch(client: &mut Client, cmd: Cmd, json: bool) -> Result<(), CliEr
         Cmd::Token { cmd } => token(client, cmd, json).await,
         Cmd::Sites { cmd } => sites(client, cmd, json).await,
         Cmd::Job { cmd } => job(client, cmd, json).await,
+        Cmd::Discover { system } => {
+            let g = client
+                .discover(pb::DiscoverRequest {
+                    system: system.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            print_as(json, &g, || crate::render_graph(&g));
+            Ok(())
+        }
         Cmd::Operators {
             cmd: OperatorsCmd::Revoke { name },
         } => {
@@ -982,6 +1009,22 @@ pub async fn app(client: &mut Client, cmd: AppCmd, json: bool) -> Result<(), Cli
         AppCmd::List => {
             let apps = client.list_apps(pb::ListAppsRequest {}).await?.into_inner();
             print_as(json, &apps.apps, || render_apps(&apps.apps));
+        }
+        AppCmd::Propose { name, from } => {
+            let p = client
+                .propose_app(pb::ProposeAppRequest { name, from })
+                .await?
+                .into_inner();
+            let app = p.app.clone().unwrap_or_default();
+            let v = serde_json::json!({ "app": app, "notes": p.notes, "command": p.command });
+            print_as(json, &v, || {
+                let mut out = render_apps(std::slice::from_ref(&app));
+                for n in &p.notes {
+                    out += &format!("  {n}\n");
+                }
+                out += &format!("to make it (edit first as you see fit):\n  {}\n", p.command);
+                out
+            });
         }
         AppCmd::Delete { name, wait } => {
             let job = client

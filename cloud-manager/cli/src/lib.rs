@@ -496,3 +496,58 @@ pub fn render_clones(clones: &[pb::CloneInfo]) -> String {
     }
     out
 }
+
+/// The application graph: systems and their services, then who talks to whom.
+pub fn render_graph(g: &pb::DiscoverResponse) -> String {
+    let now = ferry_common::now_ms();
+    let mut out = String::new();
+    for s in &g.systems {
+        let age = (now - s.reported_ms).max(0) / 1000;
+        let mut tags = Vec::new();
+        if s.public {
+            tags.push("public");
+        }
+        if s.database {
+            tags.push("database");
+        }
+        out += &format!(
+            "{}  (reported {age} s ago, {} samples over {} s){}\n",
+            s.name,
+            s.samples,
+            s.window_seconds,
+            if tags.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", tags.join(", "))
+            }
+        );
+        for v in &s.services {
+            let role = if v.role.is_empty() { "-" } else { &v.role };
+            let process = if v.process.is_empty() {
+                "?"
+            } else {
+                &v.process
+            };
+            out += &format!(
+                "  serves {}:{}/{}  {role}  ({process})\n",
+                v.address, v.port, v.proto
+            );
+        }
+    }
+    if !g.edges.is_empty() {
+        out += "connections:\n";
+    }
+    for e in &g.edges {
+        let role = if e.role.is_empty() { "-" } else { &e.role };
+        let note = match (e.from_registered, e.to_registered) {
+            (true, false) => "  (not registered: install an agent there, or keep it and tunnel it)",
+            (false, true) => "  (a client that is not registered)",
+            _ => "",
+        };
+        out += &format!(
+            "  {} -> {}:{}/{}  {role}  x{}{note}\n",
+            e.from, e.to, e.port, e.proto, e.count
+        );
+    }
+    out
+}

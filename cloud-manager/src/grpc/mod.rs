@@ -319,6 +319,18 @@ impl pb::ingest_server::Ingest for Grpc {
         self.reply("site-report", who, r.map(|()| pb::SiteReportResponse {}))
     }
 
+    async fn report_discovery(
+        &self,
+        req: Request<pb::DiscoveryReport>,
+    ) -> Result<Response<pb::DiscoveryAck>, Status> {
+        let who = identity(&req);
+        let r = require_ingest(who.as_ref()).and_then(|id| {
+            let rec = req.into_inner().try_into()?;
+            self.cloud.report_discovery(id, rec)
+        });
+        self.reply("report-discovery", who, r.map(|()| pb::DiscoveryAck {}))
+    }
+
     async fn progress(
         &self,
         req: Request<pb::ProgressRequest>,
@@ -763,6 +775,23 @@ impl pb::control_server::Control for Grpc {
         req: Request<pb::CloneRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
         self.clone_job(req, JobKind::CloneTerminate, CloneOp::Terminate)
+    }
+
+    async fn discover(
+        &self,
+        req: Request<pb::DiscoverRequest>,
+    ) -> Result<Response<pb::DiscoverResponse>, Status> {
+        let r = self.cloud.discovery.graph(&req.get_ref().system);
+        self.reply("discover", identity(&req), r.map(wire::graph))
+    }
+
+    async fn propose_app(
+        &self,
+        req: Request<pb::ProposeAppRequest>,
+    ) -> Result<Response<pb::ProposeAppResponse>, Status> {
+        let q = req.get_ref();
+        let r = self.cloud.discovery.propose(&q.name, &q.from);
+        self.reply("propose-app", identity(&req), r.map(wire::proposal))
     }
 
     async fn list_jobs(

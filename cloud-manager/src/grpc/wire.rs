@@ -1,6 +1,7 @@
 //! Wire types to domain types and back: the one place the services' types meet `pb::`.
 use crate::apps::AppSpec;
 use crate::clones::{CloneView, TunnelDetails};
+use crate::discovery::{DiscoveryRecord, Graph, Proposal};
 use crate::error::{CloudError, Result};
 use crate::images::{FileContent, FileDbListing, PrepareSpec};
 use crate::ingest::{
@@ -388,6 +389,119 @@ impl TryFrom<pb::PrepareSystemRequest> for PrepareSpec {
     }
 }
 
+/// A discovery report as the service keeps it; what does not parse is refused.
+impl TryFrom<pb::DiscoveryReport> for DiscoveryRecord {
+    type Error = CloudError;
+    fn try_from(r: pb::DiscoveryReport) -> Result<Self> {
+        use ferry_sysconf::netstat::{Direction, Listener, Peer, Proto};
+        let bad = |what: &str, v: &str| CloudError::Invalid(format!("discovery: {what} {v:?}"));
+        let proto = |p: &str| match p {
+            "tcp" => Ok(Proto::Tcp),
+            "udp" => Ok(Proto::Udp),
+            other => Err(bad("protocol", other)),
+        };
+        let ip = |a: &str| a.parse().map_err(|_| bad("address", a));
+        let port = |p: u32| u16::try_from(p).map_err(|_| bad("port", &p.to_string()));
+        if r.listeners.len() > crate::discovery::MAX_LISTENERS
+            || r.peers.len() > ferry_sysconf::netstat::MAX_PEERS
+        {
+            return Err(CloudError::Invalid(
+                "discovery: too many services or peers in one report".into(),
+            ));
+        }
+        Ok(DiscoveryRecord {
+            system: r.system,
+            reported_ms: 0,
+            samples: r.samples,
+            window_seconds: r.window_seconds,
+            skipped_lines: r.skipped_lines,
+            listeners: (r.listeners.iter())
+                .map(|l| {
+                    Ok(Listener {
+                        proto: proto(&l.proto)?,
+                        address: ip(&l.address)?,
+                        port: port(l.port)?,
+                        process: l.process.clone(),
+                    })
+                })
+                .collect::<Result<_>>()?,
+            peers: (r.peers.iter())
+                .map(|p| {
+                    Ok(Peer {
+                        address: ip(&p.address)?,
+                        port: port(p.port)?,
+                        proto: proto(&p.proto)?,
+                        direction: match p.direction.as_str() {
+                            "in" => Direction::In,
+                            "out" => Direction::Out,
+                            other => return Err(bad("direction", other)),
+                        },
+                        count: p.count,
+                        process: p.process.clone(),
+                    })
+                })
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// The application graph as the wire shows it.
+pub fn graph(g: Graph) -> pb::DiscoverResponse {
+    pb::DiscoverResponse {
+        systems: (g.systems.into_iter())
+            .map(|s| pb::DiscoveredSystem {
+                name: s.record.system,
+                reported_ms: s.record.reported_ms,
+                samples: s.record.samples,
+                window_seconds: s.record.window_seconds,
+                services: (s.services.into_iter())
+                    .map(|v| pb::GraphService {
+                        proto: v.listener.proto.to_string(),
+                        address: v.listener.address.to_string(),
+                        port: v.listener.port.into(),
+                        process: v.listener.process,
+                        role: v.role.into(),
+                    })
+                    .collect(),
+                database: s.database,
+                public: s.public,
+                skipped_lines: s.record.skipped_lines,
+            })
+            .collect(),
+        edges: (g.edges.into_iter())
+            .map(|e| pb::GraphEdge {
+                from: e.from,
+                to: e.to,
+                port: e.port.into(),
+                proto: e.proto.to_string(),
+                count: e.count,
+                role: e.role.into(),
+                from_registered: e.from_registered,
+                to_registered: e.to_registered,
+            })
+            .collect(),
+    }
+}
+
+/// A proposed application as the wire shows it.
+pub fn proposal(p: Proposal) -> pb::ProposeAppResponse {
+    pb::ProposeAppResponse {
+        app: Some(pb::AppInfo {
+            name: p.name,
+            systems: (p.systems.into_iter())
+                .map(|(system, v)| pb::AppSystem {
+                    system,
+                    visibility: wire::<pb::Visibility>(v.as_str()),
+                })
+                .collect(),
+            services: p.services,
+            ..Default::default()
+        }),
+        notes: p.notes,
+        command: p.command,
+    }
+}
+
 /// A job as the wire shows it, its result in the field of its kind.
 pub fn job(r: JobRecord) -> pb::JobInfo {
     use pb::job_info::Result as R;
@@ -552,5 +666,55 @@ impl From<TunnelDetails> for pb::TunnelConnectResponse {
             system: t.system,
             host_key_fingerprint: t.host_key_fingerprint,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> pb::DiscoveryReport {
+        pb::DiscoveryReport {
+            system: "web".into(),
+            listeners: vec![pb::DiscoveredListener {
+                proto: "tcp".into(),
+                address: "0.0.0.0".into(),
+                port: 80,
+                process: "nginx".into(),
+            }],
+            peers: vec![pb::DiscoveredPeer {
+                address: "198.18.0.7".into(),
+                port: 389,
+                proto: "tcp".into(),
+                direction: "out".into(),
+                count: 2,
+                process: String::new(),
+            }],
+            samples: 3,
+            window_seconds: 3,
+            skipped_lines: 0,
+        }
+    }
+
+    #[test]
+    fn a_discovery_report_that_does_not_parse_is_refused() {
+        let ok: DiscoveryRecord = report().try_into().unwrap();
+        assert_eq!(ok.peers[0].port, 389);
+        let bad: [fn(&mut pb::DiscoveryReport); 5] = [
+            |r| r.listeners[0].proto = "sctp".into(),
+            |r| r.listeners[0].address = "300.0.0.1".into(),
+            |r| r.listeners[0].port = 70_000,
+            |r| r.peers[0].direction = "sideways".into(),
+            |r| r.peers[0].address = "$(reboot)".into(),
+        ];
+        for (n, spoil) in bad.iter().enumerate() {
+            let mut r = report();
+            spoil(&mut r);
+            let err = DiscoveryRecord::try_from(r).unwrap_err();
+            assert!(matches!(err, CloudError::Invalid(_)), "{n}: {err}");
+        }
+        let mut many = report();
+        many.listeners = vec![many.listeners[0].clone(); crate::discovery::MAX_LISTENERS + 1];
+        assert!(DiscoveryRecord::try_from(many).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! Unit tests of the orchestration core: the services wired as `run` wires them, with
 //! replicas in plain directories and a scripted provider, so they need no root.
 mod apps_clones;
+mod discovery;
 mod ingest;
 mod jobs;
 
