@@ -76,7 +76,8 @@ fn site_and_agent_metrics_and_health_follow_what_happens() -> Result<()> {
             "web01",
         )
         .arg("--http")
-        .arg(format!("127.0.0.1:{agent_http}")),
+        .arg(format!("127.0.0.1:{agent_http}"))
+        .args(["--discovery-sample", "1", "--discovery-window", "2"]),
         &t.join("agent.log"),
     )?;
     let replica = cloud.wait_in_sync("web01", &src.mnt)?;
@@ -145,6 +146,17 @@ fn site_and_agent_metrics_and_health_follow_what_happens() -> Result<()> {
     );
     let (_, body) = healthz(cloud.http_port)?;
     ensure!(body.contains("listeners: ok (grpc on 127.0.0.1:"), "{body}");
+
+    // The agent's discovery reports reach the cloud manager through the site.
+    wait_for(
+        "a discovery report through the site",
+        Duration::from_secs(60),
+        || {
+            cloud.ferry_json(&["discover", "web01"]).is_ok_and(|g| {
+                g["systems"][0]["name"] == "web01" && g["systems"][0]["samples"].as_u64() >= Some(1)
+            })
+        },
+    )?;
 
     // A data dir that takes no write is reported, and recovers.
     for (port, dir, who) in [
