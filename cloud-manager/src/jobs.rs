@@ -114,6 +114,27 @@ impl Keyed for JobRecord {
 }
 
 impl JobRecord {
+    /// A job that starts now.
+    pub fn new(id: &str, kind: JobKind, target: &str, operator: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            kind,
+            target: target.to_string(),
+            operator: operator.to_string(),
+            state: JobState::Running,
+            created_ms: ferry_common::now_ms(),
+            finished_ms: 0,
+            steps: Vec::new(),
+            planned_steps: 0,
+            log: Vec::new(),
+            log_dropped: 0,
+            cancel_requested: false,
+            result: None,
+            error: String::new(),
+            error_kind: None,
+        }
+    }
+
     /// Finished steps and the total they count towards.
     pub fn progress(&self) -> (u32, u32) {
         let done = self.steps.iter().filter(|s| s.finished_ms > 0).count() as u32;
@@ -290,23 +311,7 @@ impl Jobs {
         Fut: Future<Output = Result<JobResult>> + Send + 'static,
     {
         self.prune()?;
-        let rec = JobRecord {
-            id: self.new_id(),
-            kind,
-            target: target.to_string(),
-            operator: operator.to_string(),
-            state: JobState::Running,
-            created_ms: ferry_common::now_ms(),
-            finished_ms: 0,
-            steps: Vec::new(),
-            planned_steps: 0,
-            log: Vec::new(),
-            log_dropped: 0,
-            cancel_requested: false,
-            result: None,
-            error: String::new(),
-            error_kind: None,
-        };
+        let rec = JobRecord::new(&self.new_id(), kind, target, operator);
         self.records.put(&rec)?;
         let (tx, _) = watch::channel(rec.clone());
         let shared = Arc::new(Shared {

@@ -30,7 +30,7 @@ fn spec(name: &str, systems: &[(&str, &str)]) -> AppSpec {
 }
 
 /// Two registered systems and an app of them with an image each.
-async fn shop(h: &Harness) {
+pub(super) async fn shop(h: &Harness) {
     register(h, "web01", "10.0.0.5/24").await;
     register(h, "db01", "10.0.0.6/24").await;
     let app = spec("shop", &[("web01", "public"), ("db01", "private")]);

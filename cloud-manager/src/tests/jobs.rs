@@ -125,23 +125,7 @@ async fn cancel_stops_a_running_job_once_and_unknown_jobs_are_not_found() {
 async fn a_job_running_when_the_manager_stopped_is_marked_failed_at_the_next_start() {
     let h = harness();
     let records = Records::<JobRecord>::open(&h.store, "jobs-test", true).unwrap();
-    let cut = JobRecord {
-        id: "j1-0".into(),
-        kind: JobKind::CloneCreate,
-        target: "shop".into(),
-        operator: String::new(),
-        state: JobState::Running,
-        created_ms: 1,
-        finished_ms: 0,
-        steps: Vec::new(),
-        planned_steps: 0,
-        log: Vec::new(),
-        log_dropped: 0,
-        cancel_requested: false,
-        result: None,
-        error: String::new(),
-        error_kind: None,
-    };
+    let cut = JobRecord::new("j1-0", JobKind::CloneCreate, "shop", "");
     records.put(&cut).unwrap();
     let rec = jobs(&h).get("j1-0").unwrap();
     assert_eq!(rec.state, JobState::Failed);
@@ -171,22 +155,7 @@ async fn a_job_log_keeps_its_newest_lines() {
     assert_eq!(done.log[0].text, "line 7");
 }
 
-/// Two registered systems and an app of them with an image each.
-async fn shop(h: &Harness) {
-    register(h, "web01", "10.0.0.5/24").await;
-    register(h, "db01", "10.0.0.6/24").await;
-    let app = crate::apps::AppSpec {
-        name: "shop".into(),
-        systems: vec![
-            ("web01".into(), "public".parse().unwrap()),
-            ("db01".into(), "private".parse().unwrap()),
-        ],
-        ..Default::default()
-    };
-    h.cloud.apps.create(app).unwrap();
-    image(h, "shop", "web01", 1);
-    image(h, "shop", "db01", 1);
-}
+use super::apps_clones::shop;
 
 #[tokio::test]
 async fn a_clone_creation_cancelled_before_its_launch_leaves_nothing() {
