@@ -85,6 +85,7 @@ is_first_establish_forward_tunnel=${FERRY_FIRST_TUNNEL:-True}
 ssh_key_file=$W/keys/client_key
 host_key=$FP
 service_table=$W/table.ini
+allow=127.0.0.1:15201,127.0.0.1:17000,127.0.0.1:15353/udp
 EOF
 RUST_LOG=warn $E1 "$B/ferry-tunnel" app --config "$W/table.ini" 2>"$W/app.log" &
 RUST_LOG=warn $E1 "$B/ferry-tunnel" gateway --config "$W/gateway.ini" 2>"$W/gateway.log" &
