@@ -49,9 +49,16 @@ pub fn plan_for(
         .map(|f| (f.device.clone(), f.uuid.to_ascii_lowercase()))
         .collect();
     let hosts = all.iter().filter_map(host_of).collect();
+    let root = (rec.filesystems.iter())
+        .find(|f| f.mount_point == b"/" && !f.uuid.is_empty())
+        .map(|f| customize::RootFs {
+            uuid: f.uuid.to_ascii_lowercase(),
+            fstype: f.fstype.clone(),
+        });
     Plan {
         target,
         filesystems,
+        root,
         hosts,
         services,
         filedb: None,

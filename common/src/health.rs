@@ -202,6 +202,8 @@ mod tests {
         let u = Upstream::new("https://cloud:7443");
         assert_eq!(u.check(Duration::from_secs(60)).problem, None);
         u.failed("connection refused");
+        // Past the (millisecond) moment watching began.
+        std::thread::sleep(Duration::from_millis(5));
         let c = u.check(Duration::ZERO);
         assert!(
             c.problem

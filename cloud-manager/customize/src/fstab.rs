@@ -119,9 +119,16 @@ fn rejected(fstype: &str, opt: &str) -> bool {
 
 /// The fstab and crypttab step.
 pub fn step(tree: &mut Tree, ctx: &mut Ctx<'_>) {
-    if let Some(text) = ctx.read(tree, "/etc/fstab") {
-        let out = fix_fstab(&text, ctx);
-        tree.write("/etc/fstab", out);
+    match ctx.read(tree, "/etc/fstab") {
+        Some(text) => {
+            let out = fix_fstab(&text, ctx);
+            tree.write("/etc/fstab", out);
+        }
+        None => {
+            if let Some(line) = root_line(ctx, "the source has no /etc/fstab") {
+                tree.write("/etc/fstab", line);
+            }
+        }
     }
     if let Some(text) = ctx.read(tree, "/etc/crypttab") {
         let mut lines = parse(&text);
@@ -152,8 +159,28 @@ fn by_uuid(l: &mut Line, i: usize, spec: &str, path: &str, ctx: &mut Ctx<'_>) {
     }
 }
 
+/// The line that mounts the root file system by UUID, noted with `why`; `None` when the
+/// plan does not know the root file system.
+fn root_line(ctx: &mut Ctx<'_>, why: &str) -> Option<String> {
+    let root = ctx.plan.root.clone()?;
+    ctx.note(
+        "/etc/fstab",
+        format!(
+            "added / as UUID={} ({}): {why}, and a root no line names stays read-only after boot",
+            root.uuid, root.fstype
+        ),
+    );
+    Some(format!(
+        "UUID={} / {} defaults 0 1\n",
+        root.uuid, root.fstype
+    ))
+}
+
 fn fix_fstab(text: &str, ctx: &mut Ctx<'_>) -> String {
     let mut lines = parse(text);
+    let has_root = lines
+        .iter()
+        .any(|l| l.fields.len() >= 3 && l.field(1) == Some("/"));
     for l in &mut lines {
         if l.fields.len() < 3 {
             if !l.fields.is_empty() {
@@ -196,7 +223,16 @@ fn fix_fstab(text: &str, ctx: &mut Ctx<'_>) -> String {
             l.set(3, list.join(","));
         }
     }
-    render(&lines)
+    let mut out = render(&lines);
+    if !has_root {
+        if let Some(line) = root_line(ctx, "the source's fstab has no line for /") {
+            if !out.is_empty() && !out.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(&line);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

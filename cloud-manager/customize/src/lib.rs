@@ -71,6 +71,9 @@ pub struct Plan {
     pub target: Target,
     /// Source device name -> file system UUID.
     pub filesystems: Vec<(String, String)>,
+    /// The root file system, when known: a source whose fstab has no line for `/` gets
+    /// one, or its root would stay read-only after boot.
+    pub root: Option<RootFs>,
     /// Every system of the application: address and fully qualified name.
     pub hosts: Vec<(IpAddr, String)>,
     pub services: Vec<ServiceMap>,
@@ -85,6 +88,13 @@ pub struct Plan {
     /// What each guest tool may use in its sandbox.
     #[serde(skip)]
     pub limits: sandbox::Limits,
+}
+
+/// The root file system of the system being customized.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RootFs {
+    pub uuid: String,
+    pub fstype: String,
 }
 
 /// The tunnel's app role for an image: the host key and the client keys the cloud
@@ -158,6 +168,7 @@ impl Plan {
             limits: sandbox::Limits::default(),
             target,
             filesystems: Vec::new(),
+            root: None,
             hosts: Vec::new(),
             services: Vec::new(),
             filedb: None,
@@ -446,6 +457,65 @@ mod tests {
             &[],
         )
         .unwrap()
+    }
+
+    #[test]
+    fn a_root_no_fstab_line_names_gets_one_by_uuid_once() {
+        let uuid = "3c1f0a6e-0000-4000-8000-000000000002";
+        let mut p = plan();
+        p.root = Some(RootFs {
+            uuid: uuid.into(),
+            fstype: "ext4".into(),
+        });
+        let line = format!("UUID={uuid} / ext4 defaults 0 1\n");
+        // An fstab without / (and without a last newline) gets the line at its end.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("etc")).unwrap();
+        let fstab = dir.path().join("etc/fstab");
+        std::fs::write(
+            &fstab,
+            "proc /proc proc defaults 0 0\n/dev/sdb1 /data xfs defaults 0 0",
+        )
+        .unwrap();
+        let r = run(dir.path(), &p, false).unwrap();
+        let text = std::fs::read_to_string(&fstab).unwrap();
+        assert!(
+            text.starts_with("proc /proc proc defaults 0 0\n/dev/sdb1 /data xfs defaults 0 0\n"),
+            "{text}"
+        );
+        assert!(text.ends_with(&line), "{text}");
+        assert!(
+            r.notes
+                .iter()
+                .any(|n| n.message.starts_with(&format!("added / as UUID={uuid}"))),
+            "{:?}",
+            r.notes
+        );
+        assert!(run(dir.path(), &p, false).unwrap().changed.is_empty());
+        // No fstab at all: one with the root.
+        let bare = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(bare.path().join("etc")).unwrap();
+        run(bare.path(), &p, false).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(bare.path().join("etc/fstab")).unwrap(),
+            line
+        );
+        // A root named already (by device) is pointed at its UUID, not added again.
+        let named = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(named.path().join("etc")).unwrap();
+        std::fs::write(
+            named.path().join("etc/fstab"),
+            "/dev/sda1 / ext4 defaults 0 1\n",
+        )
+        .unwrap();
+        run(named.path(), &p, false).unwrap();
+        let text = std::fs::read_to_string(named.path().join("etc/fstab")).unwrap();
+        assert_eq!(text.matches(" / ").count(), 1, "{text}");
+        // Without a known root nothing is added.
+        let unknown = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(unknown.path().join("etc")).unwrap();
+        run(unknown.path(), &plan(), false).unwrap();
+        assert!(!unknown.path().join("etc/fstab").exists());
     }
 
     proptest! {
