@@ -344,8 +344,16 @@ fn the_rpms_carry_their_files_and_requirements() -> Result<()> {
         // systemd learns of the units at install, stops them at erase (not upgrade), and
         // restarts them after an upgrade.
         let scripts = sh(Command::new("rpm").args(["-qp", "--scripts"]).arg(&rpm))?;
-        for want in ["daemon-reload", "disable --now", "try-restart", "\"$1\" = 0"] {
-            ensure!(scripts.contains(want), "{name}'s scriptlets lack {want:?}: {scripts}");
+        for want in [
+            "daemon-reload",
+            "disable --now",
+            "try-restart",
+            "\"$1\" = 0",
+        ] {
+            ensure!(
+                scripts.contains(want),
+                "{name}'s scriptlets lack {want:?}: {scripts}"
+            );
         }
         // Static: no C library of any version is required of the host.
         let requires = sh(Command::new("rpm").args(["-qpR"]).arg(&rpm))?;
