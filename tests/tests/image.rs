@@ -432,10 +432,18 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     let copy = t.join("cloud/prepared/web01").join(format!("{UUID}.img"));
     let mnt = t.join("copy");
     std::fs::create_dir_all(&mnt)?;
-    sh(Command::new("mount")
+    // Tests beside this one attach loop devices too: a free device taken between
+    // mount's look and its attach is "busy", and the next try finds another.
+    let mut tries = 0;
+    while let Err(e) = sh(Command::new("mount")
         .args(["-o", "ro,loop"])
         .arg(&copy)
-        .arg(&mnt))?;
+        .arg(&mnt))
+    {
+        tries += 1;
+        ensure!(tries < 5 && e.to_string().contains("busy"), "{e}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
     let table_b = std::fs::read_to_string(mnt.join("etc/ferry/tunnel-services.ini"));
     sh(Command::new("umount").arg(&mnt))?;
     let table_b = table_b?;

@@ -841,12 +841,20 @@ impl Provider for Local {
         // Named from the clone, not from the record: a creation cut short by a crash was
         // stored before its network was named.
         let ns = self.netns(&rec.name);
+        // The host end of the veth first: deleting it takes its peer along at once. A
+        // namespace deleted first takes its links down in the background, so the host
+        // end could vanish between a look and its delete, and the bridge keep a port.
+        let veth = self.host_veth(rec.index);
+        let present = || Path::new("/sys/class/net").join(&veth).exists();
+        if rec.index > 0 && present() {
+            if let Err(e) = run(Command::new("ip").args(["link", "del", &veth])) {
+                if present() {
+                    return Err(e.into());
+                }
+            }
+        }
         if Path::new("/run/netns").join(&ns).exists() {
             run(Command::new("ip").args(["netns", "del", &ns]))?;
-        }
-        let veth = self.host_veth(rec.index);
-        if rec.index > 0 && Path::new("/sys/class/net").join(&veth).exists() {
-            run(Command::new("ip").args(["link", "del", &veth]))?;
         }
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
