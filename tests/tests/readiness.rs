@@ -160,7 +160,7 @@ fn each_daemon_is_ready_only_when_it_serves_and_says_when_it_stops() -> Result<(
 
     // The cloud manager is back on its port: the site enrolls and is ready.
     let mut cloud_notify = NotifySocket::new(t, "cloud-again")?;
-    let _cloud = Proc::spawn(
+    let mut cloud = Proc::spawn(
         &mut cloud_cmd(&cloud_dir, cloud_port, &cloud_notify),
         &t.join("cloud.log"),
     )?;
@@ -232,6 +232,16 @@ fn each_daemon_is_ready_only_when_it_serves_and_says_when_it_stops() -> Result<(
         &t.join("gateway.log"),
     )?;
     ready_and_listening(&mut gw_notify, gw_port, "ferry-tunnel gateway")?;
+    // Stopped, not killed: a cloud manager that stops unmounts its replica volumes,
+    // which would otherwise stay mounted on this host after the test.
+    cloud.stop()?;
+    let volumes = cloud_dir.join("volumes");
+    let left = std::fs::read_to_string("/proc/self/mountinfo")?;
+    ensure!(
+        !left.contains(&volumes.display().to_string()),
+        "replica volumes left mounted under {}",
+        volumes.display()
+    );
     Ok(())
 }
 
