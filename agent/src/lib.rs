@@ -186,8 +186,8 @@ pub async fn run(
         reg.accepted_epoch.max(get_u64("accepted_epoch")),
         Ordering::SeqCst,
     );
-    let durable = telemetry.durable.clone();
-    durable.store(reg.durable_epoch, Ordering::SeqCst);
+    let durable = Arc::new(AtomicU64::new(reg.durable_epoch));
+    lag.durable(reg.durable_epoch);
     let stats = telemetry.stats.clone();
     let exclude = vec![config
         .state_dir

@@ -26,7 +26,6 @@ pub struct Telemetry {
     pub stats: Arc<Stats>,
     pub lag: Arc<Lag>,
     pub accepted: Arc<AtomicU64>,
-    pub durable: Arc<AtomicU64>,
     pub upstream: Arc<Upstream>,
     pub passes_ok: AtomicU64,
     pub passes_failed: AtomicU64,
@@ -44,7 +43,6 @@ impl Telemetry {
             stats: Default::default(),
             lag: Default::default(),
             accepted: Default::default(),
-            durable: Default::default(),
             upstream: Arc::new(Upstream::new(manager)),
             passes_ok: Default::default(),
             passes_failed: Default::default(),
@@ -174,7 +172,7 @@ impl Collector for AgentCollector {
             e,
             "ferry_agent_durable_epoch",
             "Last epoch durable on the cloud side.",
-            [(Vec::new(), load(&t.durable).max(t.lag.durable_epoch()))],
+            [(Vec::new(), t.lag.durable_epoch())],
         )?;
         gauge(
             e,

@@ -140,13 +140,7 @@ impl Cloud {
         job: &JobCtx,
     ) -> Result<Vec<ImageRecord>> {
         let app = self.apps.require(app)?;
-        // Per system: copy, customize, assemble (and boot-check), and register on a cloud.
-        let per_system = if app.provider == crate::state::Target::Local {
-            3
-        } else {
-            4
-        };
-        job.plan(per_system * app.systems.len() as u32);
+        job.plan(crate::images::build_steps(app.provider) * app.systems.len() as u32);
         // The gateway splices only to the app's own app servers.
         let mut app_servers = Vec::new();
         if app.gateway_system().is_some() {

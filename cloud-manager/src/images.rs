@@ -29,6 +29,16 @@ pub struct PrepareSpec {
     pub dry_run: bool,
 }
 
+/// The steps of one system's image build, as its job reports them: copy, customize,
+/// assemble (and boot-check), and, on a cloud, register.
+pub fn build_steps(target: Target) -> u32 {
+    if target == Target::Local {
+        3
+    } else {
+        4
+    }
+}
+
 /// The customized copies: the epoch they were taken at, one image per file system (in
 /// the record's order), and what was changed.
 #[derive(Debug, Clone)]

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 ferry_common::named_enum! {
     /// What a job does.
@@ -153,7 +152,6 @@ pub const KEEP_FINISHED: usize = 200;
 pub struct Jobs {
     records: Records<JobRecord>,
     live: Arc<Mutex<HashMap<String, Arc<Shared>>>>,
-    tracker: TaskTracker,
     seq: AtomicU64,
 }
 
@@ -286,7 +284,6 @@ impl Jobs {
         Ok(Self {
             records,
             live: Default::default(),
-            tracker: TaskTracker::new(),
             seq: AtomicU64::new(0),
         })
     }
@@ -328,7 +325,9 @@ impl Jobs {
         let live = self.live.clone();
         let id = rec.id.clone();
         tracing::info!(job = %id, %kind, target, operator, "job started");
-        self.tracker.spawn(async move {
+        // Not waited for at shutdown: a job cut short is marked failed at the next start,
+        // and what it made is reconciled there.
+        tokio::spawn(async move {
             // Its own task: a panic in the operation fails the job, not the manager.
             let outcome = tokio::spawn(op(ctx)).await;
             let now = ferry_common::now_ms();
@@ -445,11 +444,5 @@ impl Jobs {
         s.cancel.cancel();
         let rec = s.rec.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Ok(rec)
-    }
-
-    /// Waits for the running jobs (at shutdown, within the grace period).
-    pub async fn wait(&self) {
-        self.tracker.close();
-        self.tracker.wait().await;
     }
 }

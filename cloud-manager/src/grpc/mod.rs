@@ -622,11 +622,7 @@ impl pb::control_server::Control for Grpc {
                 &system,
                 &operator(&who),
                 move |job| async move {
-                    job.plan(if spec.target == crate::state::Target::Local {
-                        3
-                    } else {
-                        4
-                    });
+                    job.plan(crate::images::build_steps(spec.target));
                     let image = cloud.images.build(spec, skip, "", &job).await?;
                     Ok(JobResult::Images(vec![image]))
                 },
