@@ -221,11 +221,15 @@ impl Images {
         let (work, volumes) = (work.to_path_buf(), self.replication.volumes().clone());
         let (fss, name) = (rec.filesystems.clone(), rec.name.clone());
         let images = blocking(move || -> Result<Vec<(FsRecord, PathBuf)>> {
-            if crate::volumes::is_mounted(&work.join("root")) {
-                let _ = std::process::Command::new("umount")
-                    .arg("-R")
-                    .arg(work.join("root"))
-                    .status();
+            // Left by a manager that stopped mid-customization: its mounts, and the
+            // shared bind of the directory they are under.
+            for left in [work.join("root"), work.clone()] {
+                if crate::volumes::is_mounted(&left) {
+                    let _ = std::process::Command::new("umount")
+                        .arg("-R")
+                        .arg(&left)
+                        .status();
+                }
             }
             let _ = std::fs::remove_dir_all(&work);
             std::fs::create_dir_all(&work).map_err(|source| CloudError::Io {

@@ -255,6 +255,9 @@ fn mount_and_run(
             })
         })
     };
+    // Beneath a shared mount, so that unmounting reaches the copies other namespaces
+    // take meanwhile (the clones' and sandboxes' own).
+    let _shared = ferry_common::guestmount::SharedDir::new(work)?;
     let mut tree = open_tree()?;
     let mut mounts = Mounts(Vec::new());
     for (fs, image) in ordered {

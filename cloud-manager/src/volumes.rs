@@ -23,6 +23,8 @@ pub enum VolumeError {
     CannotGrow(String),
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error(transparent)]
+    Share(#[from] ferry_common::guestmount::GuestMountError),
 }
 
 impl ferry_common::error::ErrorKind for VolumeError {
@@ -179,6 +181,9 @@ pub struct Volumes {
     /// Images whose cut-short grow this process has tried to finish (once each: a grow
     /// that fails for good must not be retried on every batch).
     finishing: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
+    /// The volumes' directory as a shared mount while volumes are mounted there: the
+    /// copies of them that clones and sandboxes take go when they are unmounted.
+    shared: std::sync::Arc<std::sync::Mutex<Option<ferry_common::guestmount::SharedDir>>>,
 }
 
 impl Volumes {
@@ -186,6 +191,7 @@ impl Volumes {
         Self {
             root: data_dir.join("volumes"),
             finishing: Default::default(),
+            shared: Default::default(),
         }
     }
 
@@ -238,10 +244,19 @@ impl Volumes {
                 loops: attached.trim().replace('\n', "; "),
             });
         }
+        self.share()?;
         mount(&image, &mnt, &fs.fstype)?;
         tracing::info!(system, fs_id = %fs.fs_id, mount = %mnt.display(), "volume mounted");
         self.grow_or_warn(&image, &mnt, fs, true);
         Ok(mnt)
+    }
+
+    fn share(&self) -> Result<(), VolumeError> {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if shared.is_none() {
+            *shared = Some(ferry_common::guestmount::SharedDir::new(&self.root)?);
+        }
+        Ok(())
     }
 
     /// A volume that cannot grow now is still the replica, at its old size: replication
@@ -324,7 +339,7 @@ impl Volumes {
                 // the volume grows offline (the system's lock keeps its writers away).
                 if let Err(e) = run(Command::new("resize2fs").arg(dev)) {
                     tracing::warn!(image = %image.display(), error = %e, "online resize refused; resizing offline");
-                    run(Command::new("umount").arg(mnt))?;
+                    unmount(mnt)?;
                     let offline = fsck_ext(image).and_then(|()| {
                         run(Command::new("resize2fs").arg(image))?;
                         Ok(())
@@ -439,7 +454,7 @@ impl Volumes {
     pub fn remove(&self, system: &str, fs_id: &str) -> Result<(), VolumeError> {
         let (image, mnt) = (self.image(system, fs_id), self.mount_point(system, fs_id));
         if is_mounted(&mnt) {
-            run(Command::new("umount").arg(&mnt))?;
+            unmount(&mnt)?;
         }
         let gone = |p: &Path, r: std::io::Result<()>| match r {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(VolumeError::Io {
@@ -463,6 +478,7 @@ impl Volumes {
         let Ok(systems) = std::fs::read_dir(&self.root) else {
             return;
         };
+        let mut left = false;
         for sys in systems.flatten() {
             let Ok(entries) = std::fs::read_dir(sys.path()) else {
                 continue;
@@ -470,11 +486,16 @@ impl Volumes {
             for e in entries.flatten() {
                 let p = e.path();
                 if p.is_dir() && is_mounted(&p) {
-                    if let Err(err) = run(Command::new("umount").arg(&p)) {
+                    if let Err(err) = unmount(&p) {
                         tracing::warn!(mount = %p.display(), error = %err, "cannot unmount volume");
+                        left = true;
                     }
                 }
             }
+        }
+        // The shared bind goes only from under no volume (undoing it would detach one).
+        if !left {
+            self.shared.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
     }
 }
@@ -517,6 +538,16 @@ fn mount(image: &Path, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
         .arg(format!("{opts},{CONTAINED}"))
         .arg(image)
         .arg(mnt))?;
+    Ok(())
+}
+
+/// Unmounts a volume, made read-only first: everything is then in its image, and nothing
+/// is written to it after, even by a mount namespace that still holds a copy.
+fn unmount(mnt: &Path) -> Result<(), VolumeError> {
+    if let Err(e) = run(Command::new("mount").args(["-o", "remount,ro"]).arg(mnt)) {
+        tracing::warn!(mount = %mnt.display(), error = %e, "cannot make a volume read-only before unmounting it");
+    }
+    run(Command::new("umount").arg(mnt))?;
     Ok(())
 }
 

@@ -11,6 +11,12 @@ use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuestMountError {
+    #[error("make {dir} a shared mount: {source}")]
+    Share {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("mount point {mount_point:?} in the guest tree: {source}")]
     Place {
         mount_point: String,
@@ -111,6 +117,11 @@ impl GuestMount {
 impl Drop for GuestMount {
     fn drop(&mut self) {
         let Some(root) = self.root.take() else { return };
+        // Read-only first: that writes everything back to the image, and nothing is
+        // written after, even by a mount namespace that copied this mount and keeps it.
+        if let Err(e) = read_only(&root) {
+            tracing::warn!(mount = %self.shown, error = %e, "cannot make a guest file system read-only before unmounting it");
+        }
         // Detached through the descriptor (which itself keeps the mount busy); the file
         // system goes once the descriptor is closed, right after.
         if let Err(e) = rustix::mount::unmount(fd_path(&root), UnmountFlags::DETACH) {
@@ -119,6 +130,70 @@ impl Drop for GuestMount {
         }
         drop(root);
         detach(&self.loop_device);
+    }
+}
+
+/// Makes the file system under `root` read-only (the superblock, in every mount of it).
+fn read_only(root: &OwnedFd) -> rustix::io::Result<()> {
+    use rustix::mount as m;
+    let fs = m::fspick(
+        root,
+        "",
+        m::FsPickFlags::FSPICK_EMPTY_PATH | m::FsPickFlags::FSPICK_CLOEXEC,
+    )?;
+    m::fsconfig_set_flag(&fs, "ro")?;
+    m::fsconfig_reconfigure(&fs)
+}
+
+/// A directory made a shared mount (bound onto itself when it is not a mount point) for
+/// as long as this lives. Other mount namespaces copy every mount there is when they are
+/// made (`ip netns exec`, bubblewrap, the clones' QEMU under them); on a host whose `/`
+/// is private, as in most containers, such a copy keeps a file system and its loop
+/// device alive after we unmount it (its image is not final, XFS refuses to mount it
+/// again). Beneath a shared mount, an unmount reaches the copies too.
+#[derive(Debug)]
+pub struct SharedDir {
+    dir: PathBuf,
+    /// Whether the bind onto itself is ours (and goes on drop).
+    bound: bool,
+}
+
+impl SharedDir {
+    pub fn new(dir: &Path) -> Result<Self, GuestMountError> {
+        use rustix::mount as m;
+        let err = |source: rustix::io::Errno| GuestMountError::Share {
+            dir: dir.to_path_buf(),
+            source: source.into(),
+        };
+        let st = rustix::fs::statx(
+            rustix::fs::CWD,
+            dir,
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            rustix::fs::StatxFlags::empty(),
+        )
+        .map_err(err)?;
+        let root = rustix::fs::StatxAttributes::MOUNT_ROOT;
+        let bound = st.stx_attributes_mask.contains(root) && !st.stx_attributes.contains(root);
+        if bound {
+            // Recursive: what is already mounted beneath stays visible.
+            m::mount_bind_recursive(dir, dir).map_err(err)?;
+        }
+        let shared = Self {
+            dir: dir.to_path_buf(),
+            bound,
+        };
+        m::mount_change(dir, m::MountPropagationFlags::SHARED).map_err(err)?;
+        Ok(shared)
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        if self.bound {
+            if let Err(e) = rustix::mount::unmount(&self.dir, UnmountFlags::DETACH) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot undo a shared bind");
+            }
+        }
     }
 }
 
@@ -234,6 +309,82 @@ mod tests {
             !String::from_utf8_lossy(&Command::new("losetup").arg("-a").output().unwrap().stdout)
                 .contains(&img.display().to_string()),
             "loop device freed on drop"
+        );
+    }
+
+    fn has_mount(pid: u32, at: &Path) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+            .unwrap()
+            .contains(&format!(" {} ", at.display()))
+    }
+
+    /// Needs root. Namespaces made while a guest file system is mounted copy it: a slave
+    /// copy (as `ip netns exec` and bubblewrap make) loses it when it is unmounted beneath
+    /// a `SharedDir`; a private copy, which nothing reaches, still finds the image final.
+    #[test]
+    fn an_unmount_reaches_namespaces_copied_meanwhile_and_leaves_a_final_image() {
+        let t = tempfile::tempdir().unwrap();
+        let img = ext4(&t.path().join("img"));
+        let tree_dir = t.path().join("tree");
+        std::fs::create_dir_all(&tree_dir).unwrap();
+        let shared = SharedDir::new(t.path()).unwrap();
+        let tree = Root::open(&tree_dir).unwrap();
+        let m = GuestMount::new(&tree, "/data", &img, "ext4", &[]).unwrap();
+        let at = tree_dir.join("data");
+        std::fs::write(at.join("written"), "kept").unwrap();
+        let copy = |propagation| {
+            Command::new("unshare")
+                .args(["--mount", "--propagation", propagation, "sleep", "60"])
+                .spawn()
+                .unwrap()
+        };
+        let (mut slave, mut private) = (copy("slave"), copy("private"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(has_mount(slave.id(), &at) && has_mount(private.id(), &at)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the copies never had the mount"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        drop(m);
+        let slave_kept = has_mount(slave.id(), &at);
+        let private_kept = has_mount(private.id(), &at);
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&img)
+            .output()
+            .unwrap();
+        let cat = Command::new("debugfs")
+            .args(["-R", "cat /written"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        for c in [&mut slave, &mut private] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        drop(shared);
+        assert!(!slave_kept, "a slave copy kept the unmounted file system");
+        assert!(private_kept, "the private copy was expected to keep it");
+        assert!(
+            fsck.status.success(),
+            "the image is not clean while a copy holds it: {}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        assert_eq!(String::from_utf8_lossy(&cat.stdout), "kept");
+        assert!(
+            !String::from_utf8_lossy(
+                &Command::new("findmnt")
+                    .arg("-rno")
+                    .arg("TARGET")
+                    .output()
+                    .unwrap()
+                    .stdout
+            )
+            .lines()
+            .any(|l| l == t.path().display().to_string()),
+            "the shared bind was left"
         );
     }
 }

@@ -74,8 +74,11 @@ fi
 
 work=$(mktemp -d "$out/build.XXXXXX")
 r=$work/root
-cleanup() { unmount_under "$work"; rm -rf --one-file-system "$work"; }
+cleanup() { unmount_under "$work"; umount -l "$work" 2>/dev/null; rm -rf --one-file-system "$work"; }
 trap cleanup EXIT
+# A shared mount: unmounting what is mounted here also unmounts the copies that mount
+# namespaces made meanwhile take (ip netns exec, bwrap), which would keep it alive.
+mount --bind "$work" "$work" && mount --make-shared "$work"
 uuid=$(cat /proc/sys/kernel/random/uuid)
 truncate -s 2G "$work/root.img"
 mkfs.ext4 -F -q -L ferry-root -U "$uuid" "$work/root.img"
@@ -121,6 +124,8 @@ menuentry 'Ferry site appliance' {
 }
 CFG
 [ -e "$r/vmlinuz" ] && [ -e "$r/initrd.img" ] || { echo "the base has no /vmlinuz and /initrd.img links" >&2; exit 1; }
+# Read-only first: everything is in root.img then, whoever else still holds the mount.
+mount -o remount,ro "$r"
 umount "$r"
 
 "$cloud" image build --part "/=$work/root.img" --out "$work/disk.qcow2" --target local "${check[@]}" >&2

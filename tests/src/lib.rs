@@ -177,12 +177,15 @@ pub fn series(metrics: &str, name: &str) -> Option<f64> {
     })
 }
 
-/// A file system image loop-mounted at `mnt`; unmounted and removed on drop.
+/// A file system image loop-mounted at `mnt`; unmounted and removed on drop. It is
+/// mounted over a shared bind of `mnt`, so that its unmount reaches the copies the
+/// namespaces of other tests take meanwhile (which would keep it, and its UUID, alive).
 pub struct LoopFs {
     pub image: PathBuf,
     pub mnt: PathBuf,
     pub fstype: String,
     pub uuid: String,
+    _shared: ferry_common::guestmount::SharedDir,
 }
 
 impl LoopFs {
@@ -202,6 +205,7 @@ impl LoopFs {
                 .args(["-F", "-q", "-U", uuid])
                 .arg(&image))?,
         };
+        let shared = ferry_common::guestmount::SharedDir::new(&mnt)?;
         sh(Command::new("mount")
             .args(["-o", "loop"])
             .arg(&image)
@@ -211,6 +215,7 @@ impl LoopFs {
             mnt,
             fstype: fstype.into(),
             uuid: uuid.into(),
+            _shared: shared,
         })
     }
 }
@@ -905,8 +910,9 @@ impl Drop for CloudMgr {
         }
         // After a SIGKILL the volumes stay mounted: take them down with the test.
         let _ = bash(&format!(
-            "grep -o ' {}/volumes/[^ ]*' /proc/self/mountinfo | while read m; do umount -l \"$m\"; done",
-            self.dir.display()
+            "grep -o ' {d}/volumes/[^ ]*' /proc/self/mountinfo | while read m; do umount -l \"$m\"; done
+             umount -l '{d}/volumes' 2>/dev/null || true",
+            d = self.dir.display()
         ));
     }
 }

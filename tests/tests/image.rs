@@ -430,6 +430,10 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     assert!(firmware.contains("Booting from Hard Disk"), "{firmware}");
     // The image's Table B is the edited one (read from the customized copy it was made of).
     let copy = t.join("cloud/prepared/web01").join(format!("{UUID}.img"));
+    // Its file systems are gone everywhere: no loop device is left on it, even with
+    // tests beside this one taking copies of every mount into their namespaces.
+    let attached = sh(Command::new("losetup").arg("-j").arg(&copy))?;
+    assert_eq!(attached.trim(), "", "the customized copy is still attached");
     let mnt = t.join("copy");
     std::fs::create_dir_all(&mnt)?;
     // Tests beside this one attach loop devices too: a free device taken between

@@ -88,6 +88,8 @@ pub enum SandboxError {
     Path(#[from] PathError),
     #[error("sandbox setup: {0}")]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("sandbox setup: {0}")]
+    Share(#[from] ferry_common::guestmount::GuestMountError),
     #[error("{} ended with {} after {:.1} s in the sandbox: {}", .0.command, .0.status, .0.seconds, .0.tail)]
     Failed(Box<Ran>),
 }
@@ -381,6 +383,9 @@ fn id_map(uid: u32) -> Result<OwnedFd, SandboxError> {
 /// The guest tree seen through idmapped mounts (each of its file systems), attached at
 /// `root` inside a directory only root can enter; detached on drop.
 struct IdmappedTree {
+    /// Detaching the tree reaches the copies other namespaces took (then the directory
+    /// goes).
+    _shared: ferry_common::guestmount::SharedDir,
     dir: Option<tempfile::TempDir>,
     root: PathBuf,
 }
@@ -395,6 +400,7 @@ impl IdmappedTree {
         std::fs::create_dir(&at).map_err(setup("make the sandbox root"))?;
         let tree = Root::open(root)?;
         let view = Self {
+            _shared: ferry_common::guestmount::SharedDir::new(dir.path())?,
             dir: Some(dir),
             root: at,
         };

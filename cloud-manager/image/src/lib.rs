@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub enum ImageError {
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error(transparent)]
+    Share(#[from] ferry_common::guestmount::GuestMountError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -213,6 +215,11 @@ struct Mounted(PathBuf);
 
 impl Drop for Mounted {
     fn drop(&mut self) {
+        // Read-only first: all is in the disk then, whoever else still holds the mount.
+        let _ = Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.0)
+            .status();
         let _ = Command::new("umount").arg(&self.0).status();
     }
 }
@@ -421,6 +428,8 @@ pub fn assemble(
     let bios_gpt = firmware == Firmware::Bios && table == Table::Gpt;
     let spans = layout(&parts, if bios_gpt { 2 * FIRST } else { FIRST });
     std::fs::create_dir_all(work).map_err(io(work))?;
+    // What is mounted here is unmounted from the copies other namespaces take too.
+    let _shared = ferry_common::guestmount::SharedDir::new(work)?;
     let raw = work.join("disk.raw");
     let _ = std::fs::remove_file(&raw);
     // A GPT keeps a backup header at the end of the disk: a MiB is left for it.
