@@ -42,6 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute("ferry.v1.GraphEdge", serde)
         .type_attribute("ferry.v1.DiscoverResponse", serde)
         .type_attribute("ferry.v1.JobLine", serde)
+        .type_attribute("ferry.v1.ConsoleLoginResponse", serde)
         .field_attribute("ferry.v1.FileDbFile.content", "#[serde(skip)]")
         // Enum fields print by their short names (`public`, `in-sync`), not numbers.
         .field_attribute(

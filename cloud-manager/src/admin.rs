@@ -32,6 +32,9 @@ pub struct ServeFlags {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
     pub http: Option<String>,
+    pub console: Option<String>,
+    pub console_url: Option<String>,
+    pub console_session: Option<String>,
     pub provider: Option<String>,
     pub san: Vec<String>,
     pub clone_prefix: Option<String>,
@@ -56,6 +59,9 @@ pub fn serve_config(flags: ServeFlags) -> Result<ServeConfig, ConfigError> {
         data_dir: flags.data_dir.or(file.data_dir),
         listen: flags.listen.or(file.listen),
         http: flags.http.or(file.http),
+        console: flags.console.or(file.console),
+        console_url: flags.console_url.or(file.console_url),
+        console_session: flags.console_session.or(file.console_session),
         provider: flags.provider.or(file.provider),
         san: if flags.san.is_empty() {
             file.san

@@ -18,6 +18,10 @@ pub struct AppSpec {
     /// `[SYSTEM:]PORT[/udp]` the public systems open, and the CIDRs that may reach them.
     pub public_ports: Vec<String>,
     pub allow_from: Vec<String>,
+    /// Which of `systems` are database servers (they must be private).
+    pub databases: Vec<String>,
+    /// Registered systems that stay in the enterprise: each needs a service in the table.
+    pub stays: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -117,6 +121,12 @@ fn add_services(services: &mut Vec<String>, new: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn dedup(mut v: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|x| seen.insert(x.clone()));
+    v
+}
+
 /// The load balancer's ports: each 1 to 65535, once; 80 when it is asked for without.
 fn load_balancer_ports(spec: &AppSpec) -> Result<Vec<u16>> {
     let mut ports = Vec::new();
@@ -194,9 +204,27 @@ impl Apps {
                 spec.name
             )));
         }
+        let rec = self.record(spec, ferry_common::now_ms())?;
+        self.apps.put(&rec)?;
+        tracing::info!(app = %rec.name, systems = rec.systems.len(), "app created");
+        Ok(rec)
+    }
+
+    /// Replaces an app's definition (its name and creation time stay); checked as a new
+    /// one is. Images built before carry the old one until they are built again.
+    pub fn update(&self, spec: AppSpec) -> Result<AppRecord> {
+        let old = self.require(&spec.name)?;
+        let rec = self.record(spec, old.created_unix_ms)?;
+        self.apps.put(&rec)?;
+        tracing::info!(app = %rec.name, systems = rec.systems.len(), "app changed");
+        Ok(rec)
+    }
+
+    /// The record `spec` makes, or why it cannot be one.
+    fn record(&self, spec: AppSpec, created_unix_ms: i64) -> Result<AppRecord> {
         if spec.systems.is_empty() {
             return Err(CloudError::Invalid(
-                "an app needs at least one --system".into(),
+                "an app needs at least one system to clone".into(),
             ));
         }
         let mut systems: Vec<(String, Visibility)> = Vec::new();
@@ -207,10 +235,27 @@ impl Apps {
             }
             systems.push((system.clone(), *visibility));
         }
+        self.addresses_differ(&systems)?;
+        for db in &spec.databases {
+            match systems.iter().find(|(n, _)| n == db) {
+                None => {
+                    return Err(CloudError::Invalid(format!(
+                        "database server {db} is not one of the app's systems"
+                    )))
+                }
+                Some((_, Visibility::Public)) => {
+                    return Err(CloudError::Invalid(format!(
+                        "database server {db} must be private"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
         let provider = spec.provider.unwrap_or(self.default_provider);
         built_in(provider)?;
         let mut services = Vec::new();
         add_services(&mut services, &spec.services)?;
+        self.stays_are_reached(&spec.stays, &systems, &services)?;
         let load_balancer_ports = load_balancer_ports(&spec)?;
         let (public_ports, allow_from) = exposure(&spec, &systems)?;
         let rec = AppRecord {
@@ -220,16 +265,83 @@ impl Apps {
             load_balancer: spec.load_balancer,
             load_balancer_ports,
             provider,
-            created_unix_ms: ferry_common::now_ms(),
+            created_unix_ms,
             public_ports,
             allow_from,
+            databases: dedup(spec.databases),
+            stays: dedup(spec.stays),
         };
         for w in rec.warnings() {
             tracing::warn!(app = %rec.name, "{w}");
         }
-        self.apps.put(&rec)?;
-        tracing::info!(app = %rec.name, systems = rec.systems.len(), "app created");
         Ok(rec)
+    }
+
+    /// Clones keep their systems' addresses, all in one network: two systems on one
+    /// address cannot be cloned together (`Cloud::create_clone` checks it again, since
+    /// a system's address may change after).
+    fn addresses_differ(&self, systems: &[(String, Visibility)]) -> Result<()> {
+        let mut seen: Vec<(std::net::Ipv4Addr, &str)> = Vec::new();
+        for (name, _) in systems {
+            let rec = self.replication.require(name)?;
+            let Some(addr) = crate::prepare::address_of(&rec) else {
+                continue;
+            };
+            if let Some((_, other)) = seen.iter().find(|(ip, _)| *ip == addr.ip) {
+                return Err(CloudError::Invalid(format!(
+                    "systems {other} and {name} have the same address {}: their clones would too",
+                    addr.ip
+                )));
+            }
+            seen.push((addr.ip, name));
+        }
+        Ok(())
+    }
+
+    /// A system that stays in the enterprise is registered, not also cloned, and named
+    /// by a service of the table (by one of its addresses or names).
+    fn stays_are_reached(
+        &self,
+        stays: &[String],
+        systems: &[(String, Visibility)],
+        services: &[String],
+    ) -> Result<()> {
+        for name in stays {
+            let rec = self.replication.require(name)?;
+            if systems.iter().any(|(n, _)| n == name) {
+                return Err(CloudError::Invalid(format!(
+                    "{name} cannot both stay in the enterprise and be cloned"
+                )));
+            }
+            let mut names: Vec<String> = rec
+                .probe
+                .nics
+                .iter()
+                .flat_map(|n| {
+                    n.addresses
+                        .iter()
+                        .map(|a| a.split('/').next().unwrap_or(a).to_string())
+                })
+                .collect();
+            names.extend([
+                rec.probe.hostname.clone(),
+                rec.probe.fqdn.clone(),
+                name.clone(),
+            ]);
+            let reached = services.iter().any(|s| {
+                let key = service_key(s);
+                let host = key.rsplit_once(':').map(|(h, _)| h).unwrap_or(&key);
+                names
+                    .iter()
+                    .any(|n| !n.is_empty() && n.eq_ignore_ascii_case(host))
+            });
+            if !reached {
+                return Err(CloudError::Invalid(format!(
+                    "{name} stays in the enterprise: add a service the clones reach on it (HOST:PORT)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The operator's edit of an app's service table (`ferry tunnel services`): removes,

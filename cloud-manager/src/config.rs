@@ -13,6 +13,13 @@ pub struct ServeFile {
     pub listen: Option<String>,
     /// Plain HTTP for `/metrics` and `/healthz`.
     pub http: Option<String>,
+    /// HTTPS for the web console (the manager's own certificate).
+    pub console: Option<String>,
+    /// How operators' browsers reach the console (https://NAME:PORT), when it is not
+    /// the listen address (a proxy or a NAT in front).
+    pub console_url: Option<String>,
+    /// How long a console session lasts from sign-in (default 8h).
+    pub console_session: Option<String>,
     pub provider: Option<String>,
     #[serde(default)]
     pub san: Vec<String>,
@@ -36,6 +43,9 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub listen: String,
     pub http: Option<String>,
+    pub console: Option<String>,
+    pub console_url: Option<String>,
+    pub console_session: std::time::Duration,
     /// Extra names and addresses for the server certificate.
     pub san: Vec<String>,
     /// The providers' settings and the default for new apps.
@@ -107,6 +117,37 @@ impl ServeConfig {
                     message: format!("{http:?} is not HOST:PORT with an IP address"),
                 })?;
         }
+        if let Some(console) = &file.console {
+            console
+                .parse::<std::net::SocketAddr>()
+                .map_err(|_| ConfigError::Invalid {
+                    key: "console",
+                    message: format!("{console:?} is not HOST:PORT with an IP address"),
+                })?;
+        }
+        if let Some(url) = &file.console_url {
+            if !url.starts_with("https://") || url.contains(char::is_whitespace) {
+                return Err(ConfigError::Invalid {
+                    key: "console_url",
+                    message: format!("{url:?} is not an https:// URL"),
+                });
+            }
+        }
+        let console_session = match &file.console_session {
+            None => crate::console::auth::SESSION_TTL,
+            Some(s) => {
+                ferry_common::config::parse_duration(s).map_err(|message| ConfigError::Invalid {
+                    key: "console_session",
+                    message,
+                })?
+            }
+        };
+        if console_session < std::time::Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "console_session",
+                message: "is shorter than a second".into(),
+            });
+        }
         let provider = provider(file.provider.as_deref().unwrap_or("local"))?;
         if let Some(az) = &file.azure {
             az.validate().map_err(|message| ConfigError::Invalid {
@@ -138,6 +179,11 @@ impl ServeConfig {
             data_dir,
             listen,
             http: file.http,
+            console: file.console,
+            console_url: file
+                .console_url
+                .map(|u| u.trim_end_matches('/').to_string()),
+            console_session,
             san: file.san,
             lifetimes,
             log_format: file.log_format.unwrap_or_default(),

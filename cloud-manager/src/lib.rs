@@ -7,12 +7,14 @@
 //! replicas, `volumes` makes and mounts them, `prepare` customizes copies, `providers`
 //! reaches local, aws and azure, `state` is the sled schema.
 
+pub mod actions;
 pub mod admin;
 pub mod apply;
 pub mod apps;
 pub mod clones;
 pub mod cloud;
 pub mod config;
+pub mod console;
 pub mod discovery;
 pub mod error;
 pub mod grpc;
@@ -190,6 +192,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Plain HTTP for `/metrics` and `/healthz`.
     pub http: Option<TcpListener>,
+    /// HTTPS for the web console.
+    pub console: Option<TcpListener>,
 }
 
 /// Serves until `shutdown` is cancelled, then unmounts the volumes.
@@ -201,6 +205,7 @@ pub async fn run(
     let Listeners {
         grpc: listener,
         http,
+        console,
     } = listeners;
     let dir = &config.data_dir;
     let io = |source| RunError::DataDir {
@@ -264,7 +269,7 @@ pub async fn run(
     let tracker = tokio_util::task::TaskTracker::new();
     tracker.spawn(renew_own_certificate(
         cloud.clone(),
-        slot,
+        slot.clone(),
         names,
         cert_info,
         shutdown.clone(),
@@ -285,10 +290,33 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
+    let console = match console {
+        None => None,
+        Some(l) => {
+            let at = l.local_addr().map_err(io)?;
+            let url = config.console_url.clone().unwrap_or_else(|| {
+                let host = if at.ip().is_unspecified() {
+                    host.clone()
+                } else {
+                    at.ip().to_string()
+                };
+                format!("https://{host}:{}", at.port())
+            });
+            tracing::info!(listen = %at, %url, "web console");
+            let c = Arc::new(console::Console::new(url, config.console_session));
+            let (cloud, c2, shutdown) = (cloud.clone(), c.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                if let Err(e) = console::serve(cloud, c2, l, slot, shutdown).await {
+                    tracing::error!(error = %e, "the web console stopped");
+                }
+            });
+            Some(c)
+        }
+    };
     tracing::info!(listen = %bound, data_dir = %dir.display(), ca = %fingerprint, "cloud manager serving");
     ferry_common::notify::ready(&format!("serving on {bound}"));
     serving.set(true);
-    let result = grpc::serve(cloud.clone(), listener, tls, &tracker, shutdown).await;
+    let result = grpc::serve(cloud.clone(), console, listener, tls, &tracker, shutdown).await;
     serving.set(false);
     tracker.close();
     tracker.wait().await;

@@ -298,6 +298,13 @@ pub struct AppRecord {
     pub public_ports: Vec<PublicPort>,
     #[serde(default)]
     pub allow_from: Vec<String>,
+    /// Which of its systems are database servers (always private).
+    #[serde(default)]
+    pub databases: Vec<String>,
+    /// Registered systems that stay in the enterprise (not cloned; their services are in
+    /// the table).
+    #[serde(default)]
+    pub stays: Vec<String>,
 }
 
 impl AppRecord {

@@ -145,6 +145,17 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// Server side for browsers (the web console): the same certificate, and no client
+/// certificate asked for (operators sign in with a one-time link instead).
+pub fn web_server_config(cert: Arc<CertSlot>) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// Whether `der` is a certificate of the Ferry CA in `ca_pem`, valid now (chain and
 /// dates, as a server's handshake checks them).
 pub fn verify_chain(ca_pem: &str, der: &[u8]) -> Result<(), TlsError> {

@@ -251,7 +251,9 @@ async fn a_site_whose_store_fails_exits_non_zero_and_loses_nothing() -> Result<(
     let dev = sh(Command::new("findmnt")
         .args(["-n", "-o", "SOURCE"])
         .arg(&disk.mnt))?;
-    let dev = dev.trim().trim_start_matches("/dev/");
+    // The loop device: the last mount there (LoopFs mounts over a bind of its directory).
+    let dev = dev.lines().last().unwrap_or_default().trim();
+    let dev = dev.trim_start_matches("/dev/");
     std::fs::write(format!("/sys/fs/ext4/{dev}/trigger_fs_error"), "1")?;
     for i in 0..20 {
         std::fs::write(src.join(format!("while-ro-{i}")), vec![b'x'; 50_000 + i])?;

@@ -114,6 +114,18 @@ pub enum Cmd {
     Version,
     /// Every revoked identity and when it was revoked.
     Revocations,
+    /// The web console (`ferry-cloud serve --console ADDR`).
+    Console {
+        #[command(subcommand)]
+        cmd: ConsoleCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ConsoleCmd {
+    /// Print a one-time link that signs you in to the web console as this operator
+    /// (opened once, within 10 minutes).
+    Login,
 }
 
 /// How a command that starts a job waits for it.
@@ -275,9 +287,18 @@ pub enum AppCmd {
     Create {
         /// The application's name (letters, digits, '.', '-', '_').
         name: String,
-        /// A system and its visibility: SYSTEM:public or SYSTEM:private (repeatable).
-        #[arg(long = "system", value_name = "SYSTEM:public|private", required = true)]
+        /// A system and its group: SYSTEM:public, SYSTEM:private, or SYSTEM:database (a
+        /// private database server) (repeatable).
+        #[arg(
+            long = "system",
+            value_name = "SYSTEM:public|private|database",
+            required = true
+        )]
         systems: Vec<String>,
+        /// A registered system that stays in the enterprise (not cloned; a --service
+        /// must name it) (repeatable).
+        #[arg(long = "stays", value_name = "SYSTEM")]
+        stays: Vec<String>,
         /// A service that stays in the enterprise: HOST:PORT[/udp][=PROXY_HOST:PROXY_PORT]
         /// (repeatable; a proxy is assigned when none is given).
         #[arg(long = "service")]
@@ -539,6 +560,16 @@ async fn dispatch(client: &mut Client, cmd: Cmd, json: bool) -> Result<(), CliEr
         Cmd::Token { cmd } => token(client, cmd, json).await,
         Cmd::Sites { cmd } => sites(client, cmd, json).await,
         Cmd::Job { cmd } => job(client, cmd, json).await,
+        Cmd::Console {
+            cmd: ConsoleCmd::Login,
+        } => {
+            let link = client
+                .console_login(pb::ConsoleLoginRequest {})
+                .await?
+                .into_inner();
+            print_as(json, &link, || format!("{}\n", link.url));
+            Ok(())
+        }
         Cmd::Discover { system } => {
             let g = client
                 .discover(pb::DiscoverRequest {
@@ -975,6 +1006,7 @@ pub async fn app(client: &mut Client, cmd: AppCmd, json: bool) -> Result<(), Cli
         AppCmd::Create {
             name,
             systems,
+            stays,
             services,
             load_balancer,
             lb_ports,
@@ -982,10 +1014,13 @@ pub async fn app(client: &mut Client, cmd: AppCmd, json: bool) -> Result<(), Cli
             public_ports,
             allow_from,
         } => {
+            let (systems, databases) = app_systems(&systems).map_err(CliError::Usage)?;
             let app = client
                 .create_app(pb::AppInfo {
                     name,
-                    systems: app_systems(&systems).map_err(CliError::Usage)?,
+                    systems,
+                    databases,
+                    stays,
                     services,
                     load_balancer,
                     provider: provider.map_or(0, wire_target),
@@ -1042,22 +1077,28 @@ fn wire_target(t: Target) -> i32 {
     pb::Target::from_short(t.as_str()).map_or(0, Into::into)
 }
 
-/// Reads `--system SYSTEM:public|private` arguments into an app's systems.
-fn app_systems(systems: &[String]) -> Result<Vec<pb::AppSystem>, String> {
-    let mut list = Vec::new();
+/// Reads `--system SYSTEM:public|private|database` arguments into an app's systems and
+/// its database servers.
+fn app_systems(systems: &[String]) -> Result<(Vec<pb::AppSystem>, Vec<String>), String> {
+    let (mut list, mut databases) = (Vec::new(), Vec::new());
     for s in systems {
-        let (system, visibility) = s
-            .split_once(':')
-            .ok_or_else(|| format!("--system {s:?}: expected SYSTEM:public or SYSTEM:private"))?;
-        let v = pb::Visibility::from_short(visibility).ok_or_else(|| {
-            format!("--system {s:?}: visibility must be public or private, not {visibility:?}")
+        let (system, group) = s.split_once(':').ok_or_else(|| {
+            format!("--system {s:?}: expected SYSTEM:public, SYSTEM:private or SYSTEM:database")
         })?;
+        let v = if group == "database" {
+            databases.push(system.to_string());
+            pb::Visibility::Private
+        } else {
+            pb::Visibility::from_short(group).ok_or_else(|| {
+                format!("--system {s:?}: the group is public, private or database, not {group:?}")
+            })?
+        };
         list.push(pb::AppSystem {
             system: system.to_string(),
             visibility: v.into(),
         });
     }
-    Ok(list)
+    Ok((list, databases))
 }
 
 /// The application called `name`, or a usage error.

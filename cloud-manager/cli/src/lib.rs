@@ -441,11 +441,15 @@ pub fn render_apps(apps: &[pb::AppInfo]) -> String {
             }
         ));
         for s in &a.systems {
-            out.push_str(&format!(
-                "  system {} {}\n",
-                s.system,
+            let group = if a.databases.contains(&s.system) {
+                "database"
+            } else {
                 short_name::<pb::Visibility>(s.visibility)
-            ));
+            };
+            out.push_str(&format!("  system {} {group}\n", s.system));
+        }
+        for s in &a.stays {
+            out.push_str(&format!("  stays {s}\n"));
         }
         for s in &a.services {
             out.push_str(&format!("  service {s}\n"));

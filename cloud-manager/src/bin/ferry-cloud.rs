@@ -17,6 +17,8 @@ struct Args {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of `serve`'s flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the cloud manager.
@@ -33,6 +35,17 @@ enum Cmd {
         /// Plain HTTP listen address for /metrics and /healthz.
         #[arg(long)]
         http: Option<String>,
+        /// HTTPS listen address for the web console (sign in with `ferry console
+        /// login`).
+        #[arg(long)]
+        console: Option<String>,
+        /// How browsers reach the console, when not at its listen address:
+        /// https://NAME:PORT.
+        #[arg(long)]
+        console_url: Option<String>,
+        /// How long a console session lasts from sign-in, e.g. 8h (default) or 30m.
+        #[arg(long)]
+        console_session: Option<String>,
         /// local, aws or azure.
         #[arg(long)]
         provider: Option<String>,
@@ -334,6 +347,9 @@ fn main() -> ExitCode {
             data_dir,
             listen,
             http,
+            console,
+            console_url,
+            console_session,
             provider,
             san,
             clone_prefix,
@@ -350,6 +366,9 @@ fn main() -> ExitCode {
                 data_dir,
                 listen,
                 http,
+                console,
+                console_url,
+                console_session,
                 provider,
                 san,
                 clone_prefix,
@@ -391,10 +410,18 @@ async fn serve(config: ServeConfig) -> ExitCode {
             Err(e) => return fail(format!("cannot listen on {addr}: {e}"), ExitCode::FAILURE),
         },
     };
+    let console = match &config.console {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => return fail(format!("cannot listen on {addr}: {e}"), ExitCode::FAILURE),
+        },
+    };
     let shutdown = ferry_common::shutdown::on_signals();
     let listeners = ferry_cloud_manager::Listeners {
         grpc: listener,
         http,
+        console,
     };
     match admin::serve(config, listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

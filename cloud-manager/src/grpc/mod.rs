@@ -4,6 +4,7 @@
 //! become statuses through `fail` (`to_status`), nowhere else.
 mod wire;
 
+use crate::actions::CloneOp;
 use crate::cloud::Cloud;
 use crate::error::{CloudError, Result};
 use crate::ingest::{require_ingest, Enrollment};
@@ -21,6 +22,8 @@ use tonic::{Request, Response, Status, Streaming};
 #[derive(Debug, Clone)]
 pub struct Grpc {
     pub cloud: Arc<Cloud>,
+    /// The web console, when it is served.
+    pub console: Option<Arc<crate::console::Console>>,
 }
 
 fn identity<T>(req: &Request<T>) -> Option<Identity> {
@@ -71,6 +74,7 @@ pub fn operator_only(
 /// `shutdown`.
 pub async fn serve(
     cloud: Arc<Cloud>,
+    console: Option<Arc<crate::console::Console>>,
     listener: tokio::net::TcpListener,
     tls: ferry_common::tls::ServerTls,
     tracker: &tokio_util::task::TaskTracker,
@@ -78,6 +82,7 @@ pub async fn serve(
 ) -> Result<(), crate::RunError> {
     let grpc = Grpc {
         cloud: cloud.clone(),
+        console,
     };
     let incoming = ferry_common::tls::incoming(listener, tls, shutdown.clone());
     let router = ferry_common::tls::grpc_server(cloud.ingest.revoked.clone())
@@ -113,14 +118,6 @@ fn operator(who: &Option<Identity>) -> String {
     who.as_ref().map(|i| i.to_string()).unwrap_or_default()
 }
 
-/// The one-step clone operations run as jobs.
-#[derive(Debug, Clone, Copy)]
-enum CloneOp {
-    Suspend,
-    Resume,
-    Terminate,
-}
-
 impl Grpc {
     fn fail(&self, op: &str, who: Option<&Identity>, e: CloudError) -> Status {
         fail(&self.cloud, op, who, e)
@@ -131,26 +128,12 @@ impl Grpc {
     fn clone_job(
         &self,
         req: Request<pb::CloneRequest>,
-        kind: JobKind,
         op: CloneOp,
     ) -> Result<Response<pb::JobInfo>, Status> {
         let who = identity(&req);
         let name = req.into_inner().name;
-        let r = self.cloud.clones.require(&name).and_then(|_| {
-            let (cloud, clone) = (self.cloud.clone(), name.clone());
-            self.cloud
-                .jobs
-                .start(kind, &name, &operator(&who), move |job| async move {
-                    job.step(&format!("{kind} {clone}"));
-                    let view = match op {
-                        CloneOp::Suspend => cloud.clones.suspend(&clone).await?,
-                        CloneOp::Resume => cloud.clones.resume(&clone).await?,
-                        CloneOp::Terminate => cloud.clones.terminate(&clone).await?,
-                    };
-                    Ok(JobResult::Clone(Box::new(view)))
-                })
-        });
-        self.reply(kind.as_str(), who, r.map(wire::job))
+        let r = self.cloud.start_clone_op(&name, op, &operator(&who));
+        self.reply(op.kind().as_str(), who, r.map(wire::job))
     }
 
     /// A call's result as its answer.
@@ -673,14 +656,7 @@ impl pb::control_server::Control for Grpc {
     ) -> Result<Response<pb::JobInfo>, Status> {
         let who = identity(&req);
         let name = req.into_inner().name;
-        let r = self.cloud.apps.require(&name).and_then(|_| {
-            let (cloud, app) = (self.cloud.clone(), name.clone());
-            self.cloud
-                .jobs
-                .start(JobKind::AppDelete, &name, &operator(&who), move |job| async move {
-                    Ok(JobResult::AppDeleted(cloud.delete_app(&app, &job).await?))
-                })
-        });
+        let r = self.cloud.start_app_delete(&name, &operator(&who));
         self.reply("delete-app", who, r.map(wire::job))
     }
 
@@ -699,19 +675,7 @@ impl pb::control_server::Control for Grpc {
     ) -> Result<Response<pb::JobInfo>, Status> {
         let who = identity(&req);
         let q = req.into_inner();
-        let r = self.cloud.apps.require(&q.app).and_then(|_| {
-            let (cloud, app, skip) = (self.cloud.clone(), q.app.clone(), q.skip_boot_check);
-            self.cloud.jobs.start(
-                JobKind::ImageBuild,
-                &q.app,
-                &operator(&who),
-                move |job| async move {
-                    Ok(JobResult::Images(
-                        cloud.build_app_images(&app, skip, &job).await?,
-                    ))
-                },
-            )
-        });
+        let r = (self.cloud).start_app_images(&q.app, q.skip_boot_check, &operator(&who));
         self.reply("build-app-images", who, r.map(wire::job))
     }
 
@@ -726,19 +690,7 @@ impl pb::control_server::Control for Grpc {
             instance_type: q.instance_type.clone(),
             network: q.network.clone(),
         };
-        let r = self.cloud.apps.require(&q.app).and_then(|_| {
-            let (cloud, app) = (self.cloud.clone(), q.app.clone());
-            self.cloud.jobs.start(
-                JobKind::CloneCreate,
-                &q.app,
-                &operator(&who),
-                move |job| async move {
-                    Ok(JobResult::Clone(Box::new(
-                        cloud.create_clone(&app, &spec, &job).await?,
-                    )))
-                },
-            )
-        });
+        let r = self.cloud.start_clone_create(&q.app, spec, &operator(&who));
         self.reply("create-clone", who, r.map(wire::job))
     }
 
@@ -756,21 +708,21 @@ impl pb::control_server::Control for Grpc {
         &self,
         req: Request<pb::CloneRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
-        self.clone_job(req, JobKind::CloneSuspend, CloneOp::Suspend)
+        self.clone_job(req, CloneOp::Suspend)
     }
 
     async fn resume_clone(
         &self,
         req: Request<pb::CloneRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
-        self.clone_job(req, JobKind::CloneResume, CloneOp::Resume)
+        self.clone_job(req, CloneOp::Resume)
     }
 
     async fn terminate_clone(
         &self,
         req: Request<pb::CloneRequest>,
     ) -> Result<Response<pb::JobInfo>, Status> {
-        self.clone_job(req, JobKind::CloneTerminate, CloneOp::Terminate)
+        self.clone_job(req, CloneOp::Terminate)
     }
 
     async fn discover(
@@ -779,6 +731,21 @@ impl pb::control_server::Control for Grpc {
     ) -> Result<Response<pb::DiscoverResponse>, Status> {
         let r = self.cloud.discovery.graph(&req.get_ref().system);
         self.reply("discover", identity(&req), r.map(wire::graph))
+    }
+
+    async fn console_login(
+        &self,
+        req: Request<pb::ConsoleLoginRequest>,
+    ) -> Result<Response<pb::ConsoleLoginResponse>, Status> {
+        let who = identity(&req);
+        let r = match &self.console {
+            None => Err(CloudError::Failed(
+                "this cloud manager serves no console (ferry-cloud serve --console ADDR)".into(),
+            )),
+            Some(c) => c.login_link(&operator(&who)),
+        };
+        let r = r.map(|(url, expires_unix)| pb::ConsoleLoginResponse { url, expires_unix });
+        self.reply("console-login", who, r)
     }
 
     async fn propose_app(

@@ -584,6 +584,8 @@ impl TryFrom<pb::AppInfo> for AppSpec {
             provider: domain::<pb::Target, _>(r.provider, "provider")?,
             public_ports: r.public_ports,
             allow_from: r.allow_from,
+            databases: r.databases,
+            stays: r.stays,
         })
     }
 }
@@ -595,6 +597,8 @@ impl From<AppRecord> for pb::AppInfo {
             warnings,
             public_ports: r.public_ports.iter().map(ToString::to_string).collect(),
             allow_from: r.allow_from,
+            databases: r.databases,
+            stays: r.stays,
             name: r.name,
             systems: r
                 .systems

@@ -245,9 +245,11 @@ async fn a_clone_name_is_checked_before_anything_is_made() {
 async fn two_systems_with_one_address_cannot_be_cloned() {
     let h = harness();
     register(&h, "web01", "10.0.0.5/24").await;
-    register(&h, "web02", "10.0.0.5/24").await;
+    register(&h, "web02", "10.0.0.6/24").await;
     let app = spec("pair", &[("web01", "public"), ("web02", "public")]);
     h.cloud.apps.create(app).unwrap();
+    // web02 moved to web01's address after the app was defined.
+    register(&h, "web02", "10.0.0.5/24").await;
     image(&h, "pair", "web01", 1);
     image(&h, "pair", "web02", 1);
     assert_eq!(
@@ -452,4 +454,66 @@ async fn public_ports_and_their_sources_are_checked_and_reach_the_clone() {
     let rec = &view.record;
     assert_eq!(rec.allow_from, ["203.0.113.0/24"]);
     assert_eq!(rec.ports_for("web01"), [(53, true), (443, false)]);
+}
+
+#[tokio::test]
+async fn the_fig_4a_groups_are_checked_and_an_app_changes_in_place() {
+    let h = harness();
+    for (name, ip) in [
+        ("web01", "10.0.0.5/24"),
+        ("web02", "10.0.0.5/24"),
+        ("db01", "10.0.0.6/24"),
+        ("ldap01", "10.0.0.7/24"),
+    ] {
+        register(&h, name, ip).await;
+    }
+    let apps = &h.cloud.apps;
+    let refused = |s: AppSpec, why: &str| {
+        let e = apps.create(s).unwrap_err();
+        assert_eq!(e.kind(), Kind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains(why), "{e}");
+    };
+    // Clones keep addresses: two systems on one cannot be cloned together.
+    refused(
+        spec("shop", &[("web01", "public"), ("web02", "private")]),
+        "web01 and web02 have the same address 10.0.0.5",
+    );
+    let mut s = spec("shop", &[("web01", "public"), ("db01", "public")]);
+    s.databases = vec!["db01".into()];
+    refused(s, "database server db01 must be private");
+    let mut s = spec("shop", &[("web01", "public")]);
+    s.databases = vec!["db01".into()];
+    refused(s, "not one of the app's systems");
+    let mut s = spec("shop", &[("web01", "public"), ("db01", "private")]);
+    s.databases = vec!["db01".into()];
+    s.stays = vec!["ldap01".into()];
+    refused(s.clone(), "ldap01 stays in the enterprise");
+    let mut both = s.clone();
+    both.stays = vec!["db01".into()];
+    both.services = vec!["10.0.0.6:5432".into()];
+    refused(both, "cannot both stay in the enterprise and be cloned");
+    s.services = vec!["10.0.0.7:389".into()];
+    let app = apps.create(s).unwrap();
+    assert_eq!(
+        (app.databases.as_slice(), app.stays.as_slice()),
+        (&["db01".to_string()][..], &["ldap01".to_string()][..])
+    );
+
+    // A change is checked as a new app is, and keeps the name and creation time.
+    let changed = h
+        .cloud
+        .update_app(spec("shop", &[("web02", "public"), ("db01", "private")]))
+        .unwrap();
+    assert_eq!(changed.created_unix_ms, app.created_unix_ms);
+    assert!(changed.stays.is_empty() && changed.databases.is_empty());
+    assert_eq!(apps.require("shop").unwrap().systems.len(), 2);
+    let e = h
+        .cloud
+        .update_app(spec("shop", &[("web01", "public"), ("web02", "private")]))
+        .unwrap_err();
+    assert!(e.to_string().contains("same address"), "{e}");
+    assert_eq!(
+        kind(h.cloud.update_app(spec("nope", &[("web01", "public")]))),
+        Kind::NotFound
+    );
 }
