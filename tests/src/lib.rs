@@ -134,6 +134,20 @@ pub fn debian12_source(dir: &Path, name: &str, uuid: &str, ip: &str) -> Result<L
     Ok(src)
 }
 
+/// A small source system (64 MB ext4, `populate`d with `seed`) named `name`, whose
+/// network configuration gives eth0 the static address `ip/24`.
+pub fn small_source(dir: &Path, name: &str, uuid: &str, ip: &str, seed: u32) -> Result<LoopFs> {
+    let fs = LoopFs::new(dir, name, "ext4", uuid, 64)?;
+    populate(&fs.mnt, seed)?;
+    std::fs::create_dir_all(fs.mnt.join("etc/network"))?;
+    std::fs::write(fs.mnt.join("etc/hostname"), format!("{name}\n"))?;
+    std::fs::write(
+        fs.mnt.join("etc/network/interfaces"),
+        format!("auto eth0\niface eth0 inet static\n    address {ip}/24\n"),
+    )?;
+    Ok(fs)
+}
+
 /// A free loopback port (bound and released; the daemons rebind it).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -400,6 +414,30 @@ pub fn enterprise_dns(mut cmd: Command, dir: &Path, port: u16) -> Result<Proc> {
         ),
     ]);
     Proc::spawn(&mut cmd, &dir.join(format!("dns-{port}.log")))
+}
+
+/// Local-provider clones: removes whatever a failed run left: QEMU, dnsmasq, HAProxy and gateways of this
+/// test's prefix, their cgroups, its namespaces and its host bridge.
+pub struct Leftovers {
+    pub prefix: String,
+    pub data: String,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let _ = bash(&format!(
+            "pkill -9 -f '[f]erry:{p}-' || true
+             pkill -9 -f '[d]nsmasq.*{d}' || true
+             pkill -9 -f '[h]aproxy -f {d}' || true
+             pkill -9 -f '[g]ateway --config {d}' || true
+             sleep 0.5
+             rmdir /sys/fs/cgroup/*/ferry-clones/{p}-* /sys/fs/cgroup/ferry-clones/{p}-* 2>/dev/null || true
+             for ns in $(ip netns list | awk '{{print $1}}' | grep '^{p}-'); do ip netns del $ns; done
+             ip link del {p}-pub 2>/dev/null || true",
+            p = self.prefix,
+            d = self.data
+        ));
+    }
 }
 
 /// A cloud manager on loopback with its data dir.

@@ -52,30 +52,6 @@ fn socket_service(root: &Path, name: &str, port: u16, script: &str) -> Result<()
     Ok(())
 }
 
-/// Removes whatever a failed run left: QEMU, dnsmasq, HAProxy and gateways of this
-/// test's prefix, their cgroups, its namespaces and its host bridge.
-struct Leftovers {
-    prefix: String,
-    data: String,
-}
-
-impl Drop for Leftovers {
-    fn drop(&mut self) {
-        let _ = bash(&format!(
-            "pkill -9 -f '[f]erry:{p}-' || true
-             pkill -9 -f '[d]nsmasq.*{d}' || true
-             pkill -9 -f '[h]aproxy -f {d}' || true
-             pkill -9 -f '[g]ateway --config {d}' || true
-             sleep 0.5
-             rmdir /sys/fs/cgroup/*/ferry-clones/{p}-* /sys/fs/cgroup/ferry-clones/{p}-* 2>/dev/null || true
-             for ns in $(ip netns list | awk '{{print $1}}' | grep '^{p}-'); do ip netns del $ns; done
-             ip link del {p}-pub 2>/dev/null || true",
-            p = self.prefix,
-            d = self.data
-        ));
-    }
-}
-
 /// `curl` from this machine (or from a namespace): the body, or the error.
 fn http(netns: Option<&str>, url: &str) -> std::result::Result<String, String> {
     let mut c = match netns {

@@ -321,19 +321,6 @@ async fn job_done(c: &Client, what: &str, timeout: Duration) -> Result<String> {
     }
 }
 
-/// A small registered source system with a static address.
-fn small_source(t: &Path, name: &str, uuid: &str, ip: &str) -> Result<LoopFs> {
-    let fs = LoopFs::new(t, name, "ext4", uuid, 64)?;
-    populate(&fs.mnt, 7)?;
-    std::fs::create_dir_all(fs.mnt.join("etc/network"))?;
-    std::fs::write(fs.mnt.join("etc/hostname"), format!("{name}\n"))?;
-    std::fs::write(
-        fs.mnt.join("etc/network/interfaces"),
-        format!("auto eth0\niface eth0 inet static\n    address {ip}/24\n"),
-    )?;
-    Ok(fs)
-}
-
 /// Chromium, headless, through chromedriver on loopback; it reaches nothing but
 /// loopback (everything else goes to a proxy that is not there).
 async fn browser(driver_port: u16) -> Result<Client> {
@@ -366,9 +353,22 @@ fn an_operator_defines_clones_and_removes_an_application_in_the_console() -> Res
     let tmp = scratch("console")?;
     let t = tmp.path().to_path_buf();
     let port = free_port();
+    let prefix = format!("fk{}", std::process::id() % 100_000);
+    let data = t.join("cloud");
+    let _leftovers = Leftovers {
+        prefix: prefix.clone(),
+        data: data.display().to_string(),
+    };
     let cloud = CloudMgr::start_args(
-        &t.join("cloud"),
-        &["--console", &format!("127.0.0.1:{port}")],
+        &data,
+        &[
+            "--console",
+            &format!("127.0.0.1:{port}"),
+            "--clone-prefix",
+            &prefix,
+            "--public-cidr",
+            "198.19.78.0/24",
+        ],
     )?;
     // Replicated systems: a real Debian 12 web server (it boots), an application server,
     // a database server, and an old web server on the web server's address.
@@ -383,18 +383,21 @@ fn an_operator_defines_clones_and_removes_an_application_in_the_console() -> Res
         "app",
         "0a1b2c3d-0000-4000-8000-0000000000c2",
         "198.18.62.11",
+        7,
     )?;
     let db = small_source(
         &t,
         "db",
         "0a1b2c3d-0000-4000-8000-0000000000c3",
         "198.18.62.12",
+        7,
     )?;
     let old = small_source(
         &t,
         "web-old",
         "0a1b2c3d-0000-4000-8000-0000000000c4",
         "198.18.62.10",
+        7,
     )?;
     for (fs, name) in [(&web, "web"), (&app, "app"), (&db, "db"), (&old, "web-old")] {
         cloud.replicate(&t, &fs.mnt, name)?;
@@ -409,6 +412,7 @@ fn an_operator_defines_clones_and_removes_an_application_in_the_console() -> Res
     })?;
     let (link, _) = login_link(&cloud)?;
     let base = format!("https://127.0.0.1:{port}");
+    let _ = std::fs::remove_file(shots_dir().join("failure.png"));
     let rt = tokio::runtime::Runtime::new()?;
     let c = rt.block_on(browser(driver_port))?;
     let result = rt.block_on(operator_path(&c, &cloud, &base, &link));
@@ -582,24 +586,33 @@ async fn operator_path(c: &Client, cloud: &CloudMgr, base: &str, link: &str) -> 
         c.goto(&format!("{base}/apps")).await?;
         wait_text(c, &format!(">{state}<"), Duration::from_secs(10)).await?;
     }
-    // The page at a phone's width: nothing wider than the screen but the tables' own
+    // Every page at a phone's width: nothing wider than the screen but the tables' own
     // scrolling boxes.
     c.set_window_size(390, 844).await?;
-    c.goto(&format!("{base}/apps")).await?;
-    wait_text(c, "data-clone=\"c1\"", Duration::from_secs(10)).await?;
-    let fits = c
-        .execute(
-            "return document.documentElement.scrollWidth <= window.innerWidth + 1;",
-            vec![],
-        )
-        .await?;
-    shot(c, "fig4b-phone").await?;
-    ensure!(
-        fits == serde_json::Value::Bool(true),
-        "the page is wider than a phone"
-    );
+    for (path, mark, name) in [
+        ("/apps", "data-clone=\"c1\"", "fig4b-phone"),
+        ("/apps/new", "Stay in the enterprise", "fig4a-phone"),
+        ("/systems", "data-system=\"web\"", "systems-phone"),
+        ("/jobs", "clone-create", "jobs-phone"),
+    ] {
+        c.goto(&format!("{base}{path}")).await?;
+        wait_text(c, mark, Duration::from_secs(10)).await?;
+        let fits = c
+            .execute(
+                "return document.documentElement.scrollWidth <= window.innerWidth + 1;",
+                vec![],
+            )
+            .await?;
+        shot(c, name).await?;
+        ensure!(
+            fits == serde_json::Value::Bool(true),
+            "{path} is wider than a phone"
+        );
+    }
     c.set_window_size(1280, 1000).await?;
 
+    c.goto(&format!("{base}/apps")).await?;
+    wait_text(c, "data-clone=\"c1\"", Duration::from_secs(10)).await?;
     click(c, "form[action='/clones/c1/terminate'] button").await?;
     job_done(c, "terminate", Duration::from_secs(300)).await?;
     let gone = cloud.ferry_json(&["clone", "list"])?;

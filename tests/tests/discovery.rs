@@ -43,19 +43,6 @@ fn lan(lan: &Netns, hosts: &[(&Netns, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// A small source tree whose network configuration names `ip`.
-fn source(t: &Path, name: &str, uuid: &str, ip: &str, seed: u32) -> Result<LoopFs> {
-    let fs = LoopFs::new(t, name, "ext4", uuid, 64)?;
-    populate(&fs.mnt, seed)?;
-    std::fs::create_dir_all(fs.mnt.join("etc/network"))?;
-    std::fs::write(fs.mnt.join("etc/hostname"), format!("{name}\n"))?;
-    std::fs::write(
-        fs.mnt.join("etc/network/interfaces"),
-        format!("auto eth0\niface eth0 inet static\n    address {ip}/24\n"),
-    )?;
-    Ok(fs)
-}
-
 /// A TCP server on `port` that keeps every connection open, as a directory server's
 /// clients keep theirs.
 const HOLDING_SERVER: &str = r#"
@@ -102,8 +89,8 @@ fn agents_discover_who_talks_to_whom_and_an_application_is_proposed() -> Result<
         &[(&web, &web_ip), (&db, &db_ip), (&ldap, &ldap_ip)],
     )?;
     let cloud = CloudMgr::start_at(&t.join("cloud"), &format!("{NET}.1"), free_port())?;
-    let web_fs = source(t, "web", "0a1b2c3d-0000-4000-8000-0000000000d1", &web_ip, 3)?;
-    let db_fs = source(t, "db", "0a1b2c3d-0000-4000-8000-0000000000d2", &db_ip, 4)?;
+    let web_fs = small_source(t, "web", "0a1b2c3d-0000-4000-8000-0000000000d1", &web_ip, 3)?;
+    let db_fs = small_source(t, "db", "0a1b2c3d-0000-4000-8000-0000000000d2", &db_ip, 4)?;
 
     // The services: PostgreSQL on db, a directory server on the LDAP host (no agent
     // there), HTTP on web; web holds connections to the other two.

@@ -5,13 +5,14 @@ use crate::replication::SystemStatus;
 use crate::state::{AppRecord, ImageRecord, Target, Visibility};
 use maud::{html, Markup, DOCTYPE};
 
-/// The groups of FIG. 4A, in the order the page shows them.
-pub const GROUPS: &[(&str, &str)] = &[
-    ("private", "Private systems"),
-    ("public", "Public systems"),
-    ("database", "Database servers"),
-    ("stays", "Stay in the enterprise"),
-    ("excluded", "Excluded"),
+/// The groups of FIG. 4A, in the order the page shows them: the value, the group's
+/// title and its name in a system's menu.
+pub const GROUPS: &[(&str, &str, &str)] = &[
+    ("private", "Private systems", "Private"),
+    ("public", "Public systems", "Public"),
+    ("database", "Database servers", "Database"),
+    ("stays", "Stay in the enterprise", "Stays"),
+    ("excluded", "Excluded", "Excluded"),
 ];
 
 /// What the page knows of the signed-in operator.
@@ -273,7 +274,7 @@ pub fn app_form(
                 input type="text" name="name" value=(f.name) readonly[editing] autocomplete="off";
             }
             section.groups {
-                @for (group, title) in GROUPS {
+                @for (group, title, _) in GROUPS {
                     fieldset.group data-group=(group) {
                         legend { (title) }
                         @for (system, g) in &f.groups {
@@ -281,7 +282,7 @@ pub fn app_form(
                                 div.system data-system=(system) {
                                     span { (system) }
                                     select name=(format!("group.{system}")) aria-label=(format!("group of {system}")) {
-                                        @for (value, label) in GROUPS {
+                                        @for (value, _, label) in GROUPS {
                                             option value=(value) selected[g == value] { (label) }
                                         }
                                     }
