@@ -6,7 +6,6 @@
 use anyhow::{ensure, Result};
 use ferry_tests::netns::Netns;
 use ferry_tests::*;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
