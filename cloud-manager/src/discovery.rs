@@ -80,6 +80,8 @@ type EdgeSeen = (u64, bool, bool);
 pub struct Proposal {
     pub name: String,
     pub systems: Vec<(String, Visibility)>,
+    /// Which of `systems` serve a database (they stay private).
+    pub databases: Vec<String>,
     /// `HOST:PORT[/udp]` of the services that stay in the enterprise.
     pub services: Vec<String>,
     pub notes: Vec<String>,
@@ -302,7 +304,11 @@ impl Discovery {
         };
         for m in &members {
             let sys = graph.systems.iter().find(|s| &s.record.system == m);
-            let public = sys.is_some_and(|s| s.public);
+            let database = sys.is_some_and(|s| s.services.iter().any(|x| is_database(x.role)));
+            let public = sys.is_some_and(|s| s.public) && !database;
+            if database {
+                p.databases.push(m.clone());
+            }
             p.systems.push((
                 m.clone(),
                 if public {
@@ -349,7 +355,11 @@ impl Discovery {
         }
         let mut cmd = format!("ferry app create {name}");
         for (s, v) in &p.systems {
-            cmd += &format!(" --system {s}:{v}");
+            if p.databases.contains(s) {
+                cmd += &format!(" --system {s}:database");
+            } else {
+                cmd += &format!(" --system {s}:{v}");
+            }
         }
         for s in &p.services {
             cmd += &format!(" --service {s}");

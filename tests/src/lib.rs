@@ -2,6 +2,7 @@
 //! trees, the real daemons as child processes on loopback, and the checks (rsync,
 //! blkid, fsck) that say whether a replica matches its source.
 pub mod churn;
+pub mod console;
 pub mod netns;
 pub mod pg;
 pub mod syscalls;
@@ -543,6 +544,11 @@ impl CloudMgr {
     /// Listens on `host` (an address of this machine's namespace) instead of loopback.
     pub fn start_at(dir: &Path, host: &str, port: u16) -> Result<Self> {
         Self::start_full(dir, host, port, Vec::new(), None)
+    }
+    /// On `host` with extra `serve` flags.
+    pub fn start_at_args(dir: &Path, host: &str, port: u16, extra: &[&str]) -> Result<Self> {
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_full(dir, host, port, extra, None)
     }
     fn start_full(
         dir: &Path,

@@ -87,7 +87,13 @@ fn agents_discover_who_talks_to_whom_and_an_application_is_proposed() -> Result<
         &lan_ns,
         &[(&web, &web_ip), (&db, &db_ip), (&ldap, &ldap_ip)],
     )?;
-    let cloud = CloudMgr::start_at(&t.join("cloud"), &format!("{NET}.1"), free_port())?;
+    let console_port = free_port();
+    let cloud = CloudMgr::start_at_args(
+        &t.join("cloud"),
+        &format!("{NET}.1"),
+        free_port(),
+        &["--console", &format!("127.0.0.1:{console_port}")],
+    )?;
     let web_fs = small_source(t, "web", "0a1b2c3d-0000-4000-8000-0000000000d1", &web_ip, 3)?;
     let db_fs = small_source(t, "db", "0a1b2c3d-0000-4000-8000-0000000000d2", &db_ip, 4)?;
 
@@ -226,14 +232,38 @@ fn agents_discover_who_talks_to_whom_and_an_application_is_proposed() -> Result<
         serde_json::json!([format!("{ldap_ip}:389")]),
         "{p}"
     );
+    assert_eq!(p["app"]["databases"], serde_json::json!(["db"]), "{p}");
     assert!(
         p["notes"].to_string().contains("db: database (postgresql"),
         "{p}"
+    );
+    // FIG. 4A's discover control fills the page's groups the same way.
+    let curl = ferry_tests::console::Curl::new(&cloud, console_port, t)?;
+    let cookie = ferry_tests::console::sign_in(&cloud, &curl)?;
+    let page = curl.get("/apps/new?discover=web", Some(&cookie))?;
+    assert_eq!(page.status, 200, "{}", page.body);
+    for (group, system) in [("public", "web"), ("database", "db")] {
+        let at = page
+            .body
+            .find(&format!("data-group=\"{group}\""))
+            .unwrap_or(0);
+        let end = at + page.body[at..].find("</fieldset>").unwrap_or(0);
+        assert!(
+            page.body[at..end].contains(&format!("data-system=\"{system}\"")),
+            "{system} is not in the {group} group: {}",
+            page.body
+        );
+    }
+    assert!(
+        page.body.contains(&format!("{ldap_ip}:389")),
+        "{}",
+        page.body
     );
     let command = p["command"].as_str().unwrap_or_default().to_string();
     let args: Vec<&str> = command.split_whitespace().skip(1).collect();
     let made = cloud.ferry_json(&args)?;
     assert_eq!(made["name"], "shop", "{made}");
+    assert_eq!(made["databases"], serde_json::json!(["db"]), "{made}");
     assert_eq!(
         made["services"][0],
         format!("{ldap_ip}:389=127.0.0.1:50100"),

@@ -478,6 +478,7 @@ fn app_form_page(
     form: &pages::AppForm,
     editing: bool,
     error: Option<&str>,
+    notes: &[String],
 ) -> Response {
     let (title, action) = if editing {
         (
@@ -488,6 +489,7 @@ fn app_form_page(
         ("New application".to_string(), "/apps/new".to_string())
     };
     let apps = app_names(web).unwrap_or_default();
+    let systems = system_names(web).unwrap_or_default();
     let status = if error.is_some() {
         StatusCode::UNPROCESSABLE_ENTITY
     } else {
@@ -497,7 +499,18 @@ fn app_form_page(
         status,
         &title,
         Some(&s.who()),
-        pages::app_form(&s.who(), form, &action, editing, error, &apps),
+        pages::app_form(
+            &s.who(),
+            form,
+            &action,
+            editing,
+            error,
+            &pages::FormContext {
+                apps: &apps,
+                systems: &systems,
+                notes,
+            },
+        ),
     )
 }
 
@@ -510,6 +523,21 @@ async fn new_app_page(
         Ok(n) => n,
         Err(e) => return failed(&s.who(), &e),
     };
+    if let Some(from) = q.get("discover").filter(|f| !f.is_empty()) {
+        // FIG. 4A's discover control: the groups as discovery proposes them (edited
+        // before saving), or why there is nothing to propose.
+        let name = format!("{from}-app");
+        return match web.cloud.discovery.propose(&name, from) {
+            Ok(p) => {
+                let form = pages::AppForm::proposed(&systems, &p);
+                app_form_page(&web, &s, &form, false, None, &p.notes)
+            }
+            Err(e) => {
+                let form = pages::AppForm::new(&systems, None, "");
+                app_form_page(&web, &s, &form, false, Some(&e.to_string()), &[])
+            }
+        };
+    }
     let form = match q.get("from").filter(|f| !f.is_empty()) {
         None => pages::AppForm::new(&systems, None, ""),
         Some(from) => match web.cloud.apps.require(from) {
@@ -517,7 +545,7 @@ async fn new_app_page(
             Err(e) => return failed(&s.who(), &e),
         },
     };
-    app_form_page(&web, &s, &form, false, None)
+    app_form_page(&web, &s, &form, false, None, &[])
 }
 
 async fn edit_app_page(State(web): State<Web>, s: Signed, Path(name): Path<String>) -> Response {
@@ -527,7 +555,7 @@ async fn edit_app_page(State(web): State<Web>, s: Signed, Path(name): Path<Strin
             Err(e) => return failed(&s.who(), &e),
         };
     let form = pages::AppForm::new(&systems, Some(&app), &name);
-    app_form_page(&web, &s, &form, true, None)
+    app_form_page(&web, &s, &form, true, None, &[])
 }
 
 /// The posted FIG. 4A form as shown back, and the app it asks for (or what is wrong).
@@ -640,7 +668,7 @@ async fn save_app(web: Web, s: Signed, form: Vec<(String, String)>, editing: boo
             tracing::info!(app = %app.name, operator = %s.session.operator, "app saved from the console");
             Redirect::to("/apps").into_response()
         }
-        Err(e) => app_form_page(&web, &s, &shown, editing, Some(&e)),
+        Err(e) => app_form_page(&web, &s, &shown, editing, Some(&e), &[]),
     }
 }
 

@@ -204,6 +204,29 @@ pub struct AppForm {
 }
 
 impl AppForm {
+    /// The form a discovery proposal fills (FIG. 4A's "discover" control).
+    pub fn proposed(systems: &[String], p: &crate::discovery::Proposal) -> Self {
+        let group = |s: &str| -> &'static str {
+            if p.databases.iter().any(|d| d == s) {
+                return "database";
+            }
+            match p.systems.iter().find(|(n, _)| n == s) {
+                Some((_, Visibility::Public)) => "public",
+                Some(_) => "private",
+                None => "excluded",
+            }
+        };
+        Self {
+            name: p.name.clone(),
+            groups: systems
+                .iter()
+                .map(|s| (s.clone(), group(s).to_string()))
+                .collect(),
+            services: p.services.join("\n"),
+            ..Default::default()
+        }
+    }
+
     /// The form for a new app over `systems` (all excluded at first), or a copy of
     /// `from` (named `name`).
     pub fn new(systems: &[String], from: Option<&AppRecord>, name: &str) -> Self {
@@ -250,23 +273,46 @@ impl AppForm {
 }
 
 /// FIG. 4A: define (or change) an application. `action` is where it is posted.
+/// What the FIG. 4A page offers beside the form: the applications to copy, the systems
+/// discovery can start from, and the notes of a proposal it made.
+pub struct FormContext<'a> {
+    pub apps: &'a [String],
+    pub systems: &'a [String],
+    pub notes: &'a [String],
+}
+
 pub fn app_form(
     w: &Who,
     f: &AppForm,
     action: &str,
     editing: bool,
     error: Option<&str>,
-    apps: &[String],
+    ctx: &FormContext,
 ) -> Markup {
     html! {
         @if let Some(e) = error { (message("error", e)) }
-        @if !editing && !apps.is_empty() {
-            form.copy method="get" action="/apps/new" {
-                label { "Copy an application: "
-                    select name="from" { @for a in apps { option value=(a) { (a) } } }
+        @if !editing {
+            div.row {
+                @if !ctx.apps.is_empty() {
+                    form.copy method="get" action="/apps/new" {
+                        label { "Copy an application: "
+                            select name="from" { @for a in ctx.apps { option value=(a) { (a) } } }
+                        }
+                        " " button type="submit" { "Copy" }
+                    }
                 }
-                button type="submit" { "Copy" }
+                @if !ctx.systems.is_empty() {
+                    form.discover method="get" action="/apps/new" {
+                        label { "Discover from: "
+                            select name="discover" { @for s in ctx.systems { option value=(s) { (s) } } }
+                        }
+                        " " button type="submit" { "Discover" }
+                    }
+                }
             }
+        }
+        @if !ctx.notes.is_empty() {
+            ul.notes { @for n in ctx.notes { li { (n) } } }
         }
         form id="app-form" method="post" action=(action) {
             (csrf(w))

@@ -495,6 +495,7 @@ pub fn proposal(p: Proposal) -> pb::ProposeAppResponse {
                 })
                 .collect(),
             services: p.services,
+            databases: p.databases,
             ..Default::default()
         }),
         notes: p.notes,

@@ -160,6 +160,7 @@ async fn a_proposal_follows_what_a_system_reaches() {
     let p = h.cloud.discovery.propose("shop", "web").unwrap();
     let systems: Vec<String> = p.systems.iter().map(|(s, v)| format!("{s}:{v}")).collect();
     assert_eq!(systems, ["web:public", "db:private"]);
+    assert_eq!(p.databases, ["db"]);
     assert_eq!(p.services, ["10.0.0.7:389"]);
     assert!(
         p.notes
@@ -170,16 +171,17 @@ async fn a_proposal_follows_what_a_system_reaches() {
     );
     assert_eq!(
         p.command,
-        "ferry app create shop --system web:public --system db:private --service 10.0.0.7:389"
+        "ferry app create shop --system web:public --system db:database --service 10.0.0.7:389"
     );
     // The proposal is what `app create` takes.
     let spec = crate::apps::AppSpec {
         name: p.name.clone(),
         systems: p.systems.clone(),
         services: p.services.clone(),
+        databases: p.databases.clone(),
         ..Default::default()
     };
-    h.cloud.apps.create(spec).unwrap();
+    assert_eq!(h.cloud.apps.create(spec).unwrap().databases, ["db"]);
     // A system without a report, or an unknown one, cannot be a start.
     let err = h
         .cloud
