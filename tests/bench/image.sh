@@ -2,12 +2,18 @@
 # Image build benchmark (not a test): a 2 GiB ext4 file system made from the cached
 # Debian 12 tree with `mkfs.ext4 -d` (the baseline), then `ferry-cloud image build` of
 # it into a bootable qcow2, without and with the boot check. Needs root, qemu, grub.
-# Usage: tests/bench/image.sh [WORKDIR]
+# Usage: [PROFILE=debug] tests/bench/image.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench/image}
-B=${CARGO_TARGET_DIR:-$PWD/target}/release
-cargo build --release -p ferry-cloud-manager --bins >/dev/null
+# PROFILE=debug measures the debug build (the work is in mkfs, copy, grub and qemu-img).
+PROFILE=${PROFILE:-release}
+B=${CARGO_TARGET_DIR:-$PWD/target}/$PROFILE
+if [ "$PROFILE" = release ]; then
+  cargo build --release -p ferry-cloud-manager --bins >/dev/null
+else
+  cargo build -p ferry-cloud-manager --bins >/dev/null
+fi
 T=$(tests/bench/debian12_tree.sh)
 rm -rf "$W"; mkdir -p "$W"
 UUID=5a1c0de0-0000-4000-8000-00000000d12e

@@ -283,7 +283,7 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
         ),
         (
             vec!["app", "create", "x", "--system", "web01:open"],
-            "public or private",
+            "public, private or database",
         ),
         (
             vec![

@@ -60,7 +60,8 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: FiledbCmd,
     },
-    /// Applications: systems (public or private), services that stay behind, provider.
+    /// Applications: systems (public, private or database), services that stay behind,
+    /// provider.
     App {
         #[command(subcommand)]
         cmd: AppCmd,
