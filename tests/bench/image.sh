@@ -16,6 +16,8 @@ else
 fi
 T=$(tests/bench/debian12_tree.sh)
 rm -rf "$W"; mkdir -p "$W"
+# Nothing is left behind but what KEEP=1 asks for.
+[ "${KEEP:-}" = 1 ] || trap 'rm -rf "$W"' EXIT
 UUID=5a1c0de0-0000-4000-8000-00000000d12e
 truncate -s 2G "$W/root.img"
 t0=$(date +%s.%N)

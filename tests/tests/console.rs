@@ -353,6 +353,12 @@ async fn operator_path(c: &Client, cloud: &CloudMgr, base: &str, link: &str) -> 
     .await?;
     wait_text(c, "/systems/db/pause", Duration::from_secs(10)).await?;
     ensure!(cloud.ferry_json(&["systems", "show", "db"])?["paused"] != true);
+    // And limit it: 5 MiB/s, which the API reports.
+    set_text(c, "tr[data-system='db'] input[name=mib_per_second]", "5").await?;
+    click(c, "form[action='/systems/db/limit'] button").await?;
+    wait_text(c, "limit 5.0 MiB/s", Duration::from_secs(10)).await?;
+    let db = cloud.ferry_json(&["systems", "show", "db"])?;
+    ensure!(db["rate_limit_bps"] == 5 << 20, "{db}");
 
     // FIG. 4A. Discovery proposes nothing for a system that sent no report, and says so.
     c.goto(&format!("{base}/apps/new")).await?;
