@@ -40,12 +40,6 @@ pub struct Auth {
     session_ttl: Duration,
 }
 
-impl Default for Auth {
-    fn default() -> Self {
-        Self::new(LINK_TTL, SESSION_TTL)
-    }
-}
-
 /// 32 random bytes, hex.
 fn secret() -> String {
     let mut b = [0u8; 32];

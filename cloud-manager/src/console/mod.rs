@@ -265,6 +265,27 @@ impl FromRequestParts<Web> for Signed {
     }
 }
 
+/// A change: a signed-in operator's form, which carries its session's token.
+struct Change {
+    s: Signed,
+    form: Vec<(String, String)>,
+}
+
+impl axum::extract::FromRequest<Web> for Change {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, web: &Web) -> Result<Self, Response> {
+        let (mut parts, body) = req.into_parts();
+        let s = Signed::from_request_parts(&mut parts, web).await?;
+        let Form(form) =
+            Form::<Vec<(String, String)>>::from_request(Request::from_parts(parts, body), web)
+                .await
+                .map_err(IntoResponse::into_response)?;
+        s.check(&form)?;
+        Ok(Self { s, form })
+    }
+}
+
 /// A form's value for `name` ("" when absent).
 fn field<'a>(form: &'a [(String, String)], name: &str) -> &'a str {
     form.iter()
@@ -353,14 +374,7 @@ async fn login(State(web): State<Web>, Form(form): Form<Vec<(String, String)>>) 
     }
 }
 
-async fn logout(
-    State(web): State<Web>,
-    s: Signed,
-    Form(form): Form<Vec<(String, String)>>,
-) -> Response {
-    if let Err(r) = s.check(&form) {
-        return r;
-    }
+async fn logout(State(web): State<Web>, Change { s, .. }: Change) -> Response {
     web.console.auth.end(&s.sid);
     let mut res = Redirect::to("/login").into_response();
     res.headers_mut().insert(
@@ -386,13 +400,9 @@ async fn systems_page(State(web): State<Web>, s: Signed) -> Response {
 
 async fn system_action(
     State(web): State<Web>,
-    s: Signed,
     Path((name, action)): Path<(String, String)>,
-    Form(form): Form<Vec<(String, String)>>,
+    Change { s, form }: Change,
 ) -> Response {
-    if let Err(r) = s.check(&form) {
-        return r;
-    }
     let change = match action.as_str() {
         "pause" => SettingsChange {
             paused: Some(true),
@@ -489,7 +499,8 @@ fn app_form_page(
         ("New application".to_string(), "/apps/new".to_string())
     };
     let apps = app_names(web).unwrap_or_default();
-    let systems = system_names(web).unwrap_or_default();
+    // Every registered system is in the form's groups.
+    let systems: Vec<String> = form.groups.iter().map(|(s, _)| s.clone()).collect();
     let status = if error.is_some() {
         StatusCode::UNPROCESSABLE_ENTITY
     } else {
@@ -629,19 +640,14 @@ fn read_app_form(
     (shown, spec)
 }
 
-async fn new_app(
-    State(web): State<Web>,
-    s: Signed,
-    Form(form): Form<Vec<(String, String)>>,
-) -> Response {
+async fn new_app(State(web): State<Web>, Change { s, form }: Change) -> Response {
     save_app(web, s, form, false).await
 }
 
 async fn edit_app(
     State(web): State<Web>,
-    s: Signed,
     Path(name): Path<String>,
-    Form(mut form): Form<Vec<(String, String)>>,
+    Change { s, mut form }: Change,
 ) -> Response {
     // The name is the page's, whatever the form says.
     form.retain(|(k, _)| k != "name");
@@ -650,9 +656,6 @@ async fn edit_app(
 }
 
 async fn save_app(web: Web, s: Signed, form: Vec<(String, String)>, editing: bool) -> Response {
-    if let Err(r) = s.check(&form) {
-        return r;
-    }
     let systems = match system_names(&web) {
         Ok(n) => n,
         Err(e) => return failed(&s.who(), &e),
@@ -674,13 +677,9 @@ async fn save_app(web: Web, s: Signed, form: Vec<(String, String)>, editing: boo
 
 async fn app_action(
     State(web): State<Web>,
-    s: Signed,
     Path((name, action)): Path<(String, String)>,
-    Form(form): Form<Vec<(String, String)>>,
+    Change { s, form }: Change,
 ) -> Response {
-    if let Err(r) = s.check(&form) {
-        return r;
-    }
     let operator = &s.session.operator;
     let started = match action.as_str() {
         "clone" => {
@@ -703,14 +702,10 @@ async fn app_action(
 
 async fn clone_action(
     State(web): State<Web>,
-    s: Signed,
     Path((name, action)): Path<(String, String)>,
-    Form(form): Form<Vec<(String, String)>>,
+    Change { s, .. }: Change,
 ) -> Response {
     use crate::actions::CloneOp;
-    if let Err(r) = s.check(&form) {
-        return r;
-    }
     let op = match action.as_str() {
         "suspend" => CloneOp::Suspend,
         "resume" => CloneOp::Resume,
@@ -758,13 +753,9 @@ async fn job_part(State(web): State<Web>, s: Signed, Path(id): Path<String>) -> 
 
 async fn job_cancel(
     State(web): State<Web>,
-    s: Signed,
     Path(id): Path<String>,
-    Form(form): Form<Vec<(String, String)>>,
+    Change { s, .. }: Change,
 ) -> Response {
-    if let Err(r) = s.check(&form) {
-        return r;
-    }
     match web.cloud.jobs.cancel(&id, &s.session.operator) {
         Ok(j) => to_job(&j),
         Err(e) => failed(&s.who(), &e),
