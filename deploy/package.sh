@@ -37,14 +37,17 @@ rustup target add "$musl" >/dev/null 2>&1 || true
 command -v musl-gcc >/dev/null || apt-get install -y -qq musl-tools
 cargo build --profile "$profile" --target "$musl" -p ferry-agent -p ferry-tunnel
 rm -f "$out"/ferry-*.deb "$out"/ferry-*.rpm
+# The release profile keeps line tables for backtraces; packages go without them
+# (cargo-generate-rpm does not strip).
+strip --strip-debug "$CARGO_TARGET_DIR/$musl/$dir/ferry-agent" "$CARGO_TARGET_DIR/$musl/$dir/ferry-tunnel"
+# The site carries the static agent for `ferry agents install` (/usr/lib/ferry), staged
+# where its manifest names it.
+cp "$CARGO_TARGET_DIR/$musl/$dir/ferry-agent" "$CARGO_TARGET_DIR/$dir/ferry-agent-static"
 # The manifests name target/release/...: cargo-deb points that at the profile packaged,
 # or at the musl build.
 for pkg in ferry-site-manager ferry-cloud-manager; do
   cargo deb --no-build --strip --profile "$profile" -p "$pkg" -o "$out" >/dev/null
 done
-# The release profile keeps line tables for backtraces; packages go without them
-# (cargo-generate-rpm does not strip).
-strip --strip-debug "$CARGO_TARGET_DIR/$musl/$dir/ferry-agent" "$CARGO_TARGET_DIR/$musl/$dir/ferry-tunnel"
 for pkg in ferry-agent ferry-tunnel; do
   cargo deb --no-build --target "$musl" --profile "$profile" -p "$pkg" -o "$out" >/dev/null
 done

@@ -10,7 +10,7 @@ pub mod gate;
 pub mod index;
 pub mod lag;
 pub mod metrics;
-pub mod probe;
+pub use ferry_sysconf::probe;
 pub mod scan;
 pub mod sender;
 pub mod watch;
@@ -91,13 +91,7 @@ pub struct Summary {
 
 /// Stable id of a file system: its UUID, or a digest of its mount point.
 pub fn fs_id(fs: &probe::FsInfo) -> String {
-    match &fs.uuid {
-        Some(u) if !u.is_empty() => u.to_ascii_lowercase(),
-        _ => format!(
-            "mnt-{}",
-            &blake3::hash(fs.mount_point.as_bytes()).to_hex()[..16]
-        ),
-    }
+    fs.id()
 }
 
 fn state_err(path: &Path, source: std::io::Error) -> AgentError {
@@ -364,21 +358,11 @@ async fn register(
         probe: Some(host.clone().into()),
         filesystems: filesystems
             .iter()
-            .map(|(_, f)| pb::FileSystem {
-                fs_id: fs_id(f),
-                mount_point: f.mount_point.as_bytes().to_vec(),
-                fstype: f.fstype.clone(),
-                capacity_bytes: f.capacity_bytes,
-                used_bytes: f.used_bytes,
-                inodes_total: f.inodes_total,
-                inodes_used: f.inodes_used,
-                uuid: f.uuid.clone().unwrap_or_default(),
-                label: f.label.clone().unwrap_or_default(),
-                device: f.device.clone(),
-            })
+            .map(|(_, f)| pb::FileSystem::from(f))
             .collect(),
         fresh_state,
         agent: ferry_common::version::product_tokens(),
+        not_carried: Vec::new(),
     };
     let reg = retry("register", shutdown, || {
         let mut c = client.clone();
@@ -741,66 +725,6 @@ impl scan::Sink for ChanSink {
 const BATCH_ENTRIES: usize = 4096;
 const BATCH_BYTES: u64 = 64 << 20;
 
-/// Chunk references one entry carries at most (about 8 MiB of a 16 MiB message); a
-/// file with more goes in parts. FERRY_TEST_MAX_REFS lowers it, for tests only: a file
-/// that crosses the real limit holds over 12 GiB.
-fn max_refs() -> usize {
-    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *MAX.get_or_init(|| {
-        std::env::var("FERRY_TEST_MAX_REFS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or(200_000)
-    })
-}
-
-/// Cuts a file entry with more than `max` chunk references into parts: returns every
-/// part but the last (in order), and leaves the last in `e`. Other entries stay whole.
-fn split_parts(e: &mut pb::Entry, max: usize) -> Vec<pb::Entry> {
-    let refs: usize = e.segments.iter().map(|s| s.chunks.len()).sum();
-    if e.kind != pb::EntryKind::File as i32 || refs <= max {
-        return Vec::new();
-    }
-    let mut parts: Vec<Vec<pb::Segment>> = vec![Vec::new()];
-    let mut in_part = 0;
-    for seg in std::mem::take(&mut e.segments) {
-        let mut offset = seg.offset;
-        let mut chunks = seg.chunks.into_iter().peekable();
-        while chunks.peek().is_some() {
-            if in_part == max {
-                parts.push(Vec::new());
-                in_part = 0;
-            }
-            let piece: Vec<pb::ChunkRef> = chunks.by_ref().take(max - in_part).collect();
-            in_part += piece.len();
-            let len: u64 = piece.iter().map(|c| u64::from(c.len)).sum();
-            if let Some(p) = parts.last_mut() {
-                p.push(pb::Segment {
-                    offset,
-                    chunks: piece,
-                });
-            }
-            offset += len;
-        }
-    }
-    let last = parts.pop().unwrap_or_default();
-    let early = parts
-        .into_iter()
-        .enumerate()
-        .map(|(i, segments)| pb::Entry {
-            segments,
-            part: i as u32,
-            more_parts: true,
-            ..e.clone()
-        })
-        .collect::<Vec<_>>();
-    e.part = early.len() as u32;
-    e.more_parts = false;
-    e.segments = last;
-    early
-}
-
 /// What the scanner thread hands back once it is done.
 type ScanOutcome = Result<(scan::ScanStats, Vec<Vec<u8>>), scan::ScanError>;
 
@@ -908,7 +832,9 @@ async fn pass_fs(
             let mut unit = unit;
             let early: Vec<pb::Entry> = unit
                 .iter_mut()
-                .flat_map(|(e, _)| split_parts(e, max_refs()))
+                .flat_map(|(e, _)| {
+                    ferry_common::entry::split_parts(e, ferry_common::entry::max_refs())
+                })
                 .collect();
             if !early.is_empty() {
                 let pending = (std::mem::take(&mut entries), std::mem::take(&mut records));
@@ -1070,7 +996,7 @@ mod tests {
             ..Default::default()
         };
         let whole = e.clone();
-        let early = split_parts(&mut e, 3);
+        let early = ferry_common::entry::split_parts(&mut e, 3);
         assert_eq!(early.len(), 2);
         assert!(early.iter().all(|p| p.more_parts));
         assert_eq!((e.part, e.more_parts), (2, false));
@@ -1097,7 +1023,7 @@ mod tests {
         assert_eq!(placed(&all), placed(&[&whole]));
         // Under the limit, or not a file: whole.
         let mut small = whole.clone();
-        assert!(split_parts(&mut small, 9).is_empty());
+        assert!(ferry_common::entry::split_parts(&mut small, 9).is_empty());
         assert_eq!(small, whole);
     }
 }

@@ -2,7 +2,7 @@
 //! into other mounts, turns what changed into entries, and cuts file contents into
 //! content-defined chunks named by BLAKE3 (compressed later, only if they are sent).
 use crate::index::{Index, Record};
-use ferry_proto::v1::{ChunkFrame, ChunkRef, Entry, EntryKind, Segment, Xattr};
+use ferry_proto::v1::{ChunkFrame, Entry, EntryKind, Segment, Xattr};
 use std::collections::HashMap;
 use std::io::{Read, Seek};
 use std::os::fd::AsFd;
@@ -10,12 +10,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Content-defined chunk sizes (min, average, max). Files up to `SMALL_CHUNKS_UP_TO`
-/// use small chunks, so an edit costs about 8 KiB on the wire; bigger files use large
-/// ones, so a big image does not cost a chunk record per 8 KiB.
-pub const CDC_SMALL: (u32, u32, u32) = (2 * 1024, 8 * 1024, 32 * 1024);
-pub const CDC_LARGE: (u32, u32, u32) = (16 * 1024, 64 * 1024, 256 * 1024);
-pub const SMALL_CHUNKS_UP_TO: u64 = 16 << 20;
 /// How often a file that keeps changing while read is re-read before it waits for the next scan.
 const TORN_RETRIES: usize = 3;
 
@@ -1017,36 +1011,23 @@ impl<'a, S: Sink> Scanner<'a, S> {
             let mut rd = f;
             rd.seek(std::io::SeekFrom::Start(start))?;
             let limited = rd.take(end - start);
-            let mut seg = Segment {
-                offset: start,
-                chunks: Vec::new(),
-            };
-            let (min, avg, max) = if size <= SMALL_CHUNKS_UP_TO {
-                CDC_SMALL
-            } else {
-                CDC_LARGE
-            };
-            for chunk in fastcdc::v2020::StreamCDC::new(limited, min, avg, max) {
-                let chunk = chunk.map_err(std::io::Error::from)?;
-                let hash = blake3::hash(&chunk.data);
-                let len = chunk.data.len() as u32;
+            let seg = ferry_common::cdc::chunk_run(limited, start, size, |hash, data| {
+                let len = data.len() as u32;
                 self.stats.bytes_read += len as u64;
-                seg.chunks.push(ChunkRef {
-                    hash: hash.as_bytes().to_vec(),
-                    len,
-                });
                 // Left raw: the uploader compresses only what the receiver lacks.
                 let frame = ChunkFrame {
-                    hash: hash.as_bytes().to_vec(),
-                    zdata: chunk.data,
+                    hash: hash.to_vec(),
+                    zdata: data,
                     raw_len: len,
                     raw: true,
                 };
                 self.unreported += len as u64;
-                if !self.sink.send(Item::Chunk(frame)) {
-                    return Err(std::io::Error::other("sender stopped"));
+                if self.sink.send(Item::Chunk(frame)) {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("sender stopped"))
                 }
-            }
+            })?;
             if !seg.chunks.is_empty() {
                 out.push(seg);
             }

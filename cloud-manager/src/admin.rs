@@ -35,6 +35,7 @@ pub struct ServeFlags {
     pub console: Option<String>,
     pub console_url: Option<String>,
     pub console_session: Option<String>,
+    pub chunk_retention: Option<String>,
     pub provider: Option<String>,
     pub san: Vec<String>,
     pub clone_prefix: Option<String>,
@@ -62,6 +63,7 @@ pub fn serve_config(flags: ServeFlags) -> Result<ServeConfig, ConfigError> {
         console: flags.console.or(file.console),
         console_url: flags.console_url.or(file.console_url),
         console_session: flags.console_session.or(file.console_session),
+        chunk_retention: flags.chunk_retention.or(file.chunk_retention),
         provider: flags.provider.or(file.provider),
         san: if flags.san.is_empty() {
             file.san

@@ -774,7 +774,6 @@ pub(crate) mod tests {
         }
     }
 
-    /// A file entry of `data` in one chunk, the chunk stored.
     /// A file entry for `data`, its one chunk put in `chunks`.
     pub(crate) fn stored_file(chunks: &ChunkStore, path: &[u8], data: &[u8]) -> Entry {
         use ferry_proto::v1::{ChunkRef, Segment};

@@ -42,6 +42,8 @@ pub struct Cloud {
     pub jobs: Jobs,
     pub discovery: Discovery,
     pub counters: Arc<Counters>,
+    /// The sites' task streams (agent installs).
+    pub tasks: crate::agents::SiteTasks,
 }
 
 impl Cloud {
@@ -68,6 +70,7 @@ impl Cloud {
                 replication.clone(),
                 meta,
                 chunks,
+                crate::located::Located::new(store.tree("located")?),
                 tokens,
                 ca,
                 lifetime,
@@ -98,6 +101,7 @@ impl Cloud {
             ),
             replication,
             counters,
+            tasks: Default::default(),
         })
     }
 

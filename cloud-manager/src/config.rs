@@ -20,6 +20,9 @@ pub struct ServeFile {
     pub console_url: Option<String>,
     /// How long a console session lasts from sign-in (default 8h).
     pub console_session: Option<String>,
+    /// How long received chunks stay in the chunk store after their pack was last
+    /// written (default 15m); the replicas hold them after that.
+    pub chunk_retention: Option<String>,
     pub provider: Option<String>,
     #[serde(default)]
     pub san: Vec<String>,
@@ -46,6 +49,7 @@ pub struct ServeConfig {
     pub console: Option<String>,
     pub console_url: Option<String>,
     pub console_session: std::time::Duration,
+    pub chunk_retention: std::time::Duration,
     /// Extra names and addresses for the server certificate.
     pub san: Vec<String>,
     /// The providers' settings and the default for new apps.
@@ -77,6 +81,29 @@ pub fn merge_azure(
         }
     }
     Some(c)
+}
+
+/// How long a chunk pack stays after its last write unless `chunk_retention` says.
+pub const DEFAULT_CHUNK_RETENTION: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// A duration setting of at least a second, `default` when unset.
+fn duration(
+    key: &'static str,
+    value: &Option<String>,
+    default: std::time::Duration,
+) -> Result<std::time::Duration, ConfigError> {
+    let d = match value {
+        None => default,
+        Some(s) => ferry_common::config::parse_duration(s)
+            .map_err(|message| ConfigError::Invalid { key, message })?,
+    };
+    if d < std::time::Duration::from_secs(1) {
+        return Err(ConfigError::Invalid {
+            key,
+            message: "is shorter than a second".into(),
+        });
+    }
+    Ok(d)
 }
 
 /// Checks a provider name: one this build has.
@@ -133,21 +160,17 @@ impl ServeConfig {
                 });
             }
         }
-        let console_session = match &file.console_session {
-            None => crate::console::auth::SESSION_TTL,
-            Some(s) => {
-                ferry_common::config::parse_duration(s).map_err(|message| ConfigError::Invalid {
-                    key: "console_session",
-                    message,
-                })?
-            }
-        };
-        if console_session < std::time::Duration::from_secs(1) {
-            return Err(ConfigError::Invalid {
-                key: "console_session",
-                message: "is shorter than a second".into(),
-            });
-        }
+        let console_session = duration(
+            "console_session",
+            &file.console_session,
+            crate::console::auth::SESSION_TTL,
+        )?;
+        // A promise to a sender must outlive the batch it is for.
+        let chunk_retention = duration(
+            "chunk_retention",
+            &file.chunk_retention,
+            DEFAULT_CHUNK_RETENTION,
+        )?;
         let provider = provider(file.provider.as_deref().unwrap_or("local"))?;
         if let Some(az) = &file.azure {
             az.validate().map_err(|message| ConfigError::Invalid {
@@ -184,6 +207,7 @@ impl ServeConfig {
                 .console_url
                 .map(|u| u.trim_end_matches('/').to_string()),
             console_session,
+            chunk_retention,
             san: file.san,
             lifetimes,
             log_format: file.log_format.unwrap_or_default(),
@@ -243,6 +267,24 @@ mod tests {
 
     fn file(toml: &str) -> ServeFile {
         toml::from_str(toml).unwrap()
+    }
+
+    #[test]
+    fn durations_are_checked_at_load() {
+        let load = |extra: &str| ServeConfig::resolve(file(&format!("data_dir = \"/d\"\n{extra}")));
+        let c = load("").unwrap();
+        assert_eq!(c.chunk_retention, DEFAULT_CHUNK_RETENTION);
+        let c = load("chunk_retention = \"2h\"\nconsole_session = \"30m\"\n").unwrap();
+        assert_eq!(c.chunk_retention, std::time::Duration::from_secs(7200));
+        assert_eq!(c.console_session, std::time::Duration::from_secs(1800));
+        for (bad, key) in [
+            ("chunk_retention = \"500ms\"", "chunk_retention"),
+            ("chunk_retention = \"soon\"", "chunk_retention"),
+            ("console_session = \"0s\"", "console_session"),
+        ] {
+            let err = load(bad).unwrap_err().to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! replicas.
 use crate::apply;
 use crate::error::{blocking, CloudError, Result};
+use crate::located::{self, Located};
 use crate::replication::{LagReport, Replication};
 use crate::state::{Counters, FsRecord, Meta, Settings, SystemRecord};
 use crate::volumes::{self, VolumeStore};
@@ -15,6 +16,8 @@ use ferry_sysconf::host::HostInfo;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// Most bytes one MissingChunks call copies back from the replicas into the store.
+const READ_BACK_MAX: u64 = 64 << 20;
 /// Most hashes one MissingChunks call may ask about.
 pub const MAX_HASHES: usize = 65536;
 /// Most entries in one batch.
@@ -86,6 +89,8 @@ pub struct Registration {
     pub fresh_state: bool,
     /// The agent's product tokens (`ferry-agent/0.1.0 ferry-protocol/1`), as sent.
     pub agent: String,
+    /// What the source has that the replica will not.
+    pub not_carried: Vec<String>,
 }
 
 /// One chunk as it arrived: its claimed hash and its (maybe compressed) bytes.
@@ -318,6 +323,8 @@ pub struct Ingest {
     enroll_budget: std::sync::Mutex<(f64, std::time::Instant)>,
     meta: Meta,
     pub chunks: ChunkStore,
+    /// Where applied chunks sit in the replicas.
+    located: Located,
     tokens: TokenStore,
     pub ca: Ca,
     /// How long the certificates it signs live.
@@ -347,6 +354,7 @@ impl Ingest {
         replication: Arc<Replication>,
         meta: Meta,
         chunks: ChunkStore,
+        located: Located,
         tokens: TokenStore,
         ca: Ca,
         lifetime: std::time::Duration,
@@ -365,6 +373,7 @@ impl Ingest {
             enroll_budget: std::sync::Mutex::new((ENROLL_BURST, std::time::Instant::now())),
             meta,
             chunks,
+            located,
             tokens,
             ca,
             lifetime,
@@ -474,6 +483,28 @@ impl Ingest {
     /// Join tokens and their state (never their secrets).
     pub fn tokens(&self) -> Result<Vec<ferry_common::token::TokenInfo>> {
         Ok(self.tokens.list()?)
+    }
+
+    /// A one-time token for the agent of `system`, bound to `site` (an install's).
+    pub fn agent_token(
+        &self,
+        system: &str,
+        site: &str,
+        ttl: std::time::Duration,
+    ) -> Result<ferry_common::token::JoinToken> {
+        let scope = ferry_common::token::Scope {
+            role: "agent".into(),
+            name: system.into(),
+            systems: Vec::new(),
+            site: site.into(),
+        };
+        scope.validate().map_err(CloudError::Invalid)?;
+        Ok(self.tokens.create(&self.ca.fingerprint(), ttl, scope)?)
+    }
+
+    /// Whether the token `id` has enrolled its holder.
+    pub fn token_used(&self, id: &str) -> bool {
+        self.tokens.used(id)
     }
 
     pub fn revoke_token(&self, id: &str) -> Result<()> {
@@ -848,6 +879,12 @@ impl Ingest {
             .filter(|c| c.is_ascii_graphic() || *c == ' ')
             .take(128)
             .collect();
+        rec.not_carried = req
+            .not_carried
+            .into_iter()
+            .take(32)
+            .map(ferry_common::push::bounded)
+            .collect();
         if req.fresh_state && rec.durable_epoch > 0 && rec.resync_from == 0 {
             // A lost agent index would otherwise leave whatever the source deleted
             // meanwhile in the replica for good.
@@ -901,7 +938,49 @@ impl Ingest {
             )));
         }
         let store = self.chunks.clone();
-        let missing = blocking(move || Ok(store.missing(&hashes, !asker_keeps_copy)?)).await?;
+        let (located, volumes) = (self.located.clone(), self.volumes().clone());
+        // Copies back count against the data dir's reserve like any upload: without
+        // room, what the store lacks is simply reported missing.
+        let room = self
+            .ensure_room(READ_BACK_MAX, "chunks read back from the replicas")
+            .is_ok();
+        let missing = blocking(move || {
+            let promise = !asker_keeps_copy;
+            let missing = store.missing(&hashes, promise)?;
+            // What a replica still holds is copied back into the store rather than sent
+            // again: the store forgets chunks once their packs age out.
+            let mut still = Vec::with_capacity(missing.len());
+            let mut staged = Vec::new();
+            let mut copied = 0u64;
+            for i in missing {
+                let hash = &hashes[i];
+                if !room || copied >= READ_BACK_MAX {
+                    still.push(i);
+                    continue;
+                }
+                let raw = located.get(hash).and_then(|place| {
+                    let mnt = volumes.mount_point(&place.system, &place.fs_id);
+                    located::read_back(&mnt, &place, hash)
+                });
+                match raw {
+                    Some(raw) => {
+                        copied += raw.len() as u64;
+                        let (z, is_raw) = chunks::compress(&raw);
+                        staged.push(store.stage(*hash, &z, raw.len() as u32, is_raw)?);
+                    }
+                    None => still.push(i),
+                }
+            }
+            if !staged.is_empty() {
+                tracing::debug!(chunks = staged.len(), "chunks found again in the replicas");
+                store.publish(staged)?;
+                if promise {
+                    store.sync()?;
+                }
+            }
+            Ok(still)
+        })
+        .await?;
         Ok(missing.into_iter().map(|i| i as u32).collect())
     }
 
@@ -1014,9 +1093,17 @@ impl Ingest {
         let store = self.chunks.clone();
         // A resync pass is the truth about the tree: what stands in its way goes.
         let replace = batch.resync_for > 0;
-        let applied =
-            blocking(move || apply_durably(&mnt, &store, &entries, (resumed, replace), begun_ms))
-                .await;
+        let (located, fs_id) = (self.located.clone(), fs.fs_id.clone());
+        let name = rec.name.clone();
+        let applied = blocking(move || {
+            let applied = apply_durably(&mnt, &store, &entries, (resumed, replace), begun_ms)?;
+            // A lost hint costs a chunk sent again, never the batch.
+            if let Err(e) = located.record(&name, &fs_id, &entries) {
+                tracing::warn!(system = %name, error = %e, "chunk places not recorded");
+            }
+            Ok(applied)
+        })
+        .await;
         let applied = match applied {
             Ok(a) => a,
             Err(e) if replica_disagrees(&e) => {

@@ -26,6 +26,8 @@ ferry_common::named_enum! {
         CloneResume => "clone-resume",
         CloneTerminate => "clone-terminate",
         AppDelete => "app-delete",
+        AgentInstall => "agent-install",
+        AgentUninstall => "agent-uninstall",
     }
 }
 
@@ -68,6 +70,8 @@ pub enum JobResult {
     Clone(Box<CloneView>),
     /// The images an app's deletion removed.
     AppDeleted(Vec<String>),
+    /// Each host an agent was installed on or removed from.
+    Hosts(Vec<crate::agents::AgentHost>),
 }
 
 impl From<crate::images::Prepared> for JobResult {

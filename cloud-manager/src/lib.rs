@@ -9,6 +9,7 @@
 
 pub mod actions;
 pub mod admin;
+pub mod agents;
 pub mod apply;
 pub mod apps;
 pub mod clones;
@@ -21,6 +22,7 @@ pub mod grpc;
 pub mod images;
 pub mod ingest;
 pub mod jobs;
+pub mod located;
 pub mod metrics;
 pub mod prepare;
 pub mod providers;
@@ -149,6 +151,32 @@ pub fn write_credentials(path: &Path, creds: &OperatorCredentials) -> Result<(),
     Ok(ferry_common::pki::write_private(path, &text)?)
 }
 
+/// Lets the chunk store forget the packs that aged out: what they held is in the
+/// replicas, where `located` finds it again.
+async fn drop_aged_chunks(
+    chunks: ferry_common::chunks::ChunkStore,
+    keep: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let every = (keep / 4).clamp(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(60),
+    );
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let store = chunks.clone();
+        match tokio::task::spawn_blocking(move || store.retain()).await {
+            Ok(Ok((0, 0))) => {}
+            Ok(Ok((n, bytes))) => tracing::info!(chunks = n, bytes, "aged chunk packs dropped"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot drop aged chunk packs yet"),
+            Err(e) => tracing::warn!(error = %e, "dropping aged chunk packs failed"),
+        }
+    }
+}
+
 /// Issues the manager's own server certificate again whenever a third of its life is
 /// left, into the slot handshakes read, until `shutdown`.
 async fn renew_own_certificate(
@@ -244,7 +272,8 @@ pub async fn run(
 
     let store = ferry_common::store::Store::open(&dir.join("db"))?;
     let chunks =
-        ferry_common::chunks::ChunkStore::open(&dir.join("chunks"), store.tree("chunks")?)?;
+        ferry_common::chunks::ChunkStore::open(&dir.join("chunks"), store.tree("chunks")?)?
+            .with_retention(config.chunk_retention);
     let fingerprint = ca.fingerprint();
     let cloud = Arc::new(Cloud::new(
         dir,
@@ -275,6 +304,11 @@ pub async fn run(
         shutdown.clone(),
     ));
     tracker.spawn(cloud.ingest.chunks.clone().sync_behind(shutdown.clone()));
+    tracker.spawn(drop_aged_chunks(
+        cloud.ingest.chunks.clone(),
+        config.chunk_retention,
+        shutdown.clone(),
+    ));
     let serving = Arc::new(ferry_common::health::Serving::default());
     if let Some(http) = http {
         tracing::info!(listen = ?http.local_addr().ok(), "metrics on /metrics");

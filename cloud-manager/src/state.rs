@@ -52,6 +52,10 @@ pub struct SystemRecord {
     /// ferry-protocol/1`); empty for agents from before they said.
     #[serde(default)]
     pub agent: String,
+    /// What the source has that the replica will not, as its last registration said
+    /// (a site replicating agentless names what the host's tools cannot give).
+    #[serde(default)]
+    pub not_carried: Vec<String>,
     pub filesystems: Vec<FsRecord>,
     pub durable_epoch: u64,
     pub last_durable_ms: i64,

@@ -525,11 +525,13 @@ fn fsck_ext(image: &Path) -> Result<(), VolumeError> {
 fn mount(image: &Path, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
     // The source may be mounted on this very host with the same XFS UUID. On ext4, no
     // flush on every rename over a file: each batch ends with one syncfs anyway, and a
-    // batch cut short is applied again before it is acknowledged.
+    // batch cut short is applied again before it is acknowledged. Blocks the replica
+    // frees are discarded, which punches them out of the sparse image: what the source
+    // deletes leaves the cloud's disk too.
     let opts = match fstype {
-        "xfs" => "loop,nouuid",
-        "ext4" => "loop,noauto_da_alloc",
-        _ => "loop",
+        "xfs" => "loop,nouuid,discard",
+        "ext4" => "loop,noauto_da_alloc,discard",
+        _ => "loop,discard",
     };
     run(Command::new("mount")
         .arg("-t")

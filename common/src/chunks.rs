@@ -3,6 +3,11 @@
 //! A staged frame is published (readable, but lost by a crash) and later synced (pack
 //! `fdatasync`, index flushed) by a task behind the uploads, so no upload waits on the
 //! disk. Whoever promises a peer that a chunk is held syncs first.
+//!
+//! With a retention (the cloud's), the store is a staging area, not an archive: a pack
+//! nothing was appended to for that long goes, and a chunk promised again from an old
+//! pack is first copied into the current one, so a promise always outlives the
+//! retention's half.
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -205,6 +210,7 @@ struct Writer {
     id: u32,
     file: Arc<std::fs::File>,
     len: u64,
+    opened: std::time::Instant,
 }
 
 /// A stored frame.
@@ -230,6 +236,8 @@ pub struct ChunkStore {
     syncing: Arc<Mutex<()>>,
     writer: Arc<Mutex<Writer>>,
     packs: Arc<RwLock<HashMap<u32, Arc<std::fs::File>>>>,
+    /// How long a pack stays after its last append (`None`: until `clear`).
+    retention: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -283,7 +291,14 @@ impl ChunkStore {
             syncing: Default::default(),
             writer: Arc::new(Mutex::new(writer)),
             packs: Arc::new(RwLock::new(packs)),
+            retention: None,
         })
+    }
+
+    /// Keeps packs only `keep` after their last append (see `retain`).
+    pub fn with_retention(mut self, keep: std::time::Duration) -> Self {
+        self.retention = Some(keep);
+        self
     }
 
     fn new_pack(dir: &Path, id: u32) -> Result<Writer, ChunkError> {
@@ -299,6 +314,7 @@ impl ChunkStore {
             id,
             file: Arc::new(file),
             len,
+            opened: std::time::Instant::now(),
         })
     }
 
@@ -316,20 +332,138 @@ impl ChunkStore {
     pub fn missing(&self, hashes: &[[u8; 32]], promise: bool) -> Result<Vec<usize>, ChunkError> {
         let mut missing = Vec::new();
         let mut unsynced = false;
+        let mut aging = Vec::new();
         {
             let pending = self.unsynced_mut();
             for (i, h) in hashes.iter().enumerate() {
                 if pending.contains_key(h) {
                     unsynced = true;
-                } else if !self.index.contains_key(h)? {
-                    missing.push(i);
+                    continue;
+                }
+                match self.index.get(h)?.and_then(|v| Location::decode(&v)) {
+                    None => missing.push(i),
+                    Some(loc) => aging.push((i, *h, loc)),
                 }
             }
         }
-        if unsynced && promise {
+        // A chunk held in a pack about to age out is promised from a fresh copy.
+        let (renewed, lost) = self.renew(aging)?;
+        if !lost.is_empty() {
+            missing.extend(lost);
+            missing.sort_unstable();
+        }
+        if (unsynced || renewed > 0) && promise {
             self.sync()?;
         }
         Ok(missing)
+    }
+
+    /// Copies the frames among `held` (position, hash, where) whose pack is older than
+    /// half the retention into a fresh pack. Returns how many it copied and the
+    /// positions of those whose pack went meanwhile.
+    fn renew(
+        &self,
+        held: Vec<(usize, [u8; 32], Location)>,
+    ) -> Result<(usize, Vec<usize>), ChunkError> {
+        let Some(keep) = self.retention else {
+            return Ok((0, Vec::new()));
+        };
+        let mut ages: HashMap<u32, bool> = HashMap::new();
+        let old: Vec<_> = held
+            .into_iter()
+            .filter(|(_, _, loc)| {
+                *ages
+                    .entry(loc.pack)
+                    .or_insert_with(|| self.pack_idle(loc.pack).is_none_or(|idle| idle >= keep / 2))
+            })
+            .collect();
+        if old.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        // Copies into an aging current pack would age out with it.
+        self.rotate_due()?;
+        let current = self.writer.lock().unwrap_or_else(|p| p.into_inner()).id;
+        let (mut staged, mut lost) = (Vec::new(), Vec::new());
+        for (i, hash, loc) in old {
+            if loc.pack == current {
+                continue;
+            }
+            match self.read_frame(&hash) {
+                Ok(f) => staged.push(self.stage(hash, &f.data, f.raw_len, f.raw)?),
+                Err(ChunkError::Missing(_)) => lost.push(i),
+                Err(e) => return Err(e),
+            }
+        }
+        if staged.is_empty() {
+            return Ok((0, lost));
+        }
+        Ok((self.publish(staged)?, lost))
+    }
+
+    /// How long since `pack` was last appended to (`None`: unknown).
+    fn pack_idle(&self, pack: u32) -> Option<std::time::Duration> {
+        let file = self
+            .packs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pack)
+            .cloned()?;
+        file.metadata().ok()?.modified().ok()?.elapsed().ok()
+    }
+
+    /// Drops the packs nothing was appended to for the retention, their frames with
+    /// them (the current pack always stays). Returns the chunks and bytes it dropped.
+    pub fn retain(&self) -> Result<(usize, u64), ChunkError> {
+        let Some(keep) = self.retention else {
+            return Ok((0, 0));
+        };
+        let _one = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        // An idle current pack is rotated out here too, or it would never age out.
+        self.rotate_due()?;
+        let current = self.writer.lock().unwrap_or_else(|p| p.into_inner()).id;
+        let ids: Vec<u32> = self
+            .packs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        let doomed: std::collections::HashSet<u32> = ids
+            .into_iter()
+            .filter(|&id| id != current && self.pack_idle(id).is_some_and(|idle| idle >= keep))
+            .collect();
+        if doomed.is_empty() {
+            return Ok((0, 0));
+        }
+        // Out of the map first, so that no publish points at them from here on; then
+        // the index forgets their frames before the files go: a crash in between
+        // leaves a pack nothing points at, dropped by the next call.
+        self.packs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| !doomed.contains(id));
+        let mut b = sled::Batch::default();
+        let mut chunks = 0;
+        for kv in self.index.iter() {
+            let (k, v) = kv?;
+            if Location::decode(&v).is_some_and(|l| doomed.contains(&l.pack)) {
+                b.remove(k);
+                chunks += 1;
+            }
+        }
+        self.index.apply_batch(b)?;
+        self.index.flush()?;
+        self.unsynced_mut().retain(|_, l| !doomed.contains(&l.pack));
+        let mut bytes = 0;
+        for id in doomed {
+            let p = self.dir.join(pack_name(id));
+            bytes += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&p, e)),
+                _ => {}
+            }
+        }
+        Ok((chunks, bytes))
     }
 
     /// Appends a verified frame to the current pack.
@@ -366,11 +500,19 @@ impl ChunkStore {
     /// Makes staged frames readable (and `has` true) without waiting for the disk; a
     /// crash before the next `sync` forgets them.
     pub fn publish(&self, staged: Vec<Staged>) -> Result<usize, ChunkError> {
-        let n = staged.len();
-        let over = {
+        let (n, over) = {
+            // A frame whose pack aged out while its upload was still open is dropped,
+            // not pointed at: its sender finds it missing and sends it again. The packs
+            // stay read-locked so that `retain` cannot remove one in between.
+            let packs = self.packs.read().unwrap_or_else(|p| p.into_inner());
+            let live: Vec<_> = staged
+                .into_iter()
+                .filter(|s| packs.contains_key(&s.loc.pack))
+                .collect();
+            let n = live.len();
             let mut pending = self.unsynced_mut();
-            pending.extend(staged.into_iter().map(|s| (s.hash, s.loc)));
-            pending.len() > UNSYNCED_MAX
+            pending.extend(live.into_iter().map(|s| (s.hash, s.loc)));
+            (n, pending.len() > UNSYNCED_MAX)
         };
         self.generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -427,20 +569,7 @@ impl ChunkStore {
             }
             return Err(io_err(&self.dir, e));
         }
-        {
-            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-            // Only a synced pack is rotated out (once a GiB, under the lock), so older
-            // packs need no sync here.
-            if w.len >= PACK_LIMIT {
-                w.file.sync_data().map_err(|e| io_err(&self.dir, e))?;
-                let next = Self::new_pack(&self.dir, w.id + 1)?;
-                self.packs
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(next.id, next.file.clone());
-                *w = next;
-            }
-        }
+        self.rotate_due()?;
         let mut b = sled::Batch::default();
         for (h, loc) in &batch {
             b.insert(&h[..], &loc.encode()[..]);
@@ -453,6 +582,32 @@ impl ChunkStore {
             pending.remove(h);
         }
         Ok(batch.len())
+    }
+
+    /// Starts a new pack once the current one holds a GiB, or with a retention once it
+    /// is a quarter of that old (so that it can age out). Only a synced pack is rotated
+    /// out, under the writer's lock, so older packs never need a sync.
+    fn rotate_due(&self) -> Result<(), ChunkError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let aged = self
+            .retention
+            .is_some_and(|keep| w.len > 0 && w.opened.elapsed() >= keep / 4);
+        if w.len >= PACK_LIMIT || aged {
+            if let Err(e) = w.file.sync_data() {
+                // As in `sync`: a failed writeback is reported once, so the frames it
+                // held are forgotten and sent again rather than indexed by a later sync.
+                let id = w.id;
+                self.unsynced_mut().retain(|_, l| l.pack != id);
+                return Err(io_err(&self.dir, e));
+            }
+            let next = Self::new_pack(&self.dir, w.id + 1)?;
+            self.packs
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(next.id, next.file.clone());
+            *w = next;
+        }
+        Ok(())
     }
 
     /// Publishes and syncs staged frames.
@@ -657,6 +812,100 @@ mod tests {
         assert_eq!(s.read_raw(&a).unwrap(), raw_a);
         assert_eq!(s.read_raw(&b).unwrap(), raw_b, "synced along with a");
         assert!(!s.has(blake3::hash(b"after the promise").as_bytes()));
+    }
+
+    /// With a retention, packs age out once nothing was written to them for that long;
+    /// a chunk promised again from an aging pack is copied forward first and stays.
+    #[test]
+    fn aged_packs_go_and_promised_chunks_are_copied_forward() {
+        let keep = std::time::Duration::from_millis(1600);
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let open = || {
+            ChunkStore::open(dir.path(), db.open_tree("chunks").unwrap())
+                .unwrap()
+                .with_retention(keep)
+        };
+        let s = open();
+        let put = |s: &ChunkStore, raw: &[u8]| {
+            let h = *blake3::hash(raw).as_bytes();
+            let st = s.stage(h, raw, raw.len() as u32, true).unwrap();
+            s.commit(vec![st]).unwrap();
+            h
+        };
+        let packs = || {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().path().extension() == Some("pack".as_ref()))
+                .count()
+        };
+        let (raw_a, raw_b) = (
+            b"promised again".to_vec(),
+            b"never asked for again".to_vec(),
+        );
+        let a = put(&s, &raw_a);
+        let b = put(&s, &raw_b);
+        assert_eq!(s.retain().unwrap(), (0, 0), "nothing is old yet");
+        std::thread::sleep(keep / 2 + keep / 8);
+        // Half the retention on, `a` is promised: it moves to a fresh pack.
+        assert_eq!(s.missing(&[a], true).unwrap(), Vec::<usize>::new());
+        std::thread::sleep(keep / 2);
+        let (dropped, bytes) = s.retain().unwrap();
+        assert_eq!(dropped, 1, "only b's entry pointed at the aged pack");
+        assert!(bytes >= (raw_a.len() + raw_b.len()) as u64);
+        assert!(!s.has(&b));
+        assert!(matches!(s.read_raw(&b), Err(ChunkError::Missing(_))));
+        assert_eq!(s.missing(&[a, b], true).unwrap(), [1]);
+        assert_eq!(s.read_raw(&a).unwrap(), raw_a);
+        // What survived is durable: a reopened store (a restart) still has it.
+        drop(s);
+        let s = open();
+        assert_eq!(s.read_raw(&a).unwrap(), raw_a);
+        // Left alone, everything goes in the end, the idle current pack too; an empty
+        // current pack stays for the next writes.
+        std::thread::sleep(keep + keep / 4);
+        s.retain().unwrap();
+        std::thread::sleep(keep + keep / 4);
+        s.retain().unwrap();
+        assert!(s.is_empty(), "{} chunks left", s.len());
+        assert_eq!(packs(), 1);
+        let c = put(&s, b"after");
+        assert!(s.has(&c));
+        // Without a retention nothing ages out.
+        let plain = tempfile::tempdir().unwrap();
+        let p = store(plain.path());
+        let d = put(&p, b"kept");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(p.retain().unwrap(), (0, 0));
+        assert!(p.has(&d));
+    }
+
+    /// An upload held open past the retention: its pack aged out meanwhile, so its frame
+    /// is dropped when it is published, never indexed pointing at a removed pack.
+    #[test]
+    fn a_frame_whose_pack_aged_out_before_its_publish_is_dropped() {
+        let keep = std::time::Duration::from_millis(400);
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path()).with_retention(keep);
+        let raw = b"uploaded slowly";
+        let h = *blake3::hash(raw).as_bytes();
+        let staged = s.stage(h, raw, raw.len() as u32, true).unwrap();
+        std::thread::sleep(keep / 2);
+        assert_eq!(
+            s.retain().unwrap(),
+            (0, 0),
+            "rotated out, not yet idle long enough"
+        );
+        std::thread::sleep(keep);
+        let (_, bytes) = s.retain().unwrap();
+        assert!(bytes >= raw.len() as u64);
+        assert_eq!(s.publish(vec![staged]).unwrap(), 0);
+        s.sync().unwrap();
+        assert!(!s.has(&h));
+        assert_eq!(s.missing(&[h], true).unwrap(), [0]);
+        let again = s.stage(h, raw, raw.len() as u32, true).unwrap();
+        assert_eq!(s.commit(vec![again]).unwrap(), 1);
+        assert_eq!(s.read_raw(&h).unwrap(), raw);
     }
 
     #[test]

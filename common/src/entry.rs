@@ -1,7 +1,7 @@
 //! Checks a wire entry before anything touches a disk: its path (through `safepath`),
 //! kind, xattrs, segments and child names. Sites and the cloud manager both call it.
 use crate::safepath::{self, PathError};
-use ferry_proto::v1::{ChunkRef, Entry, EntryKind};
+use ferry_proto::v1::{self as pb, ChunkRef, Entry, EntryKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EntryError {
@@ -119,6 +119,66 @@ pub fn chunk_refs(entries: &[Entry]) -> impl Iterator<Item = &ChunkRef> {
         .iter()
         .flat_map(|e| e.segments.iter())
         .flat_map(|s| s.chunks.iter())
+}
+
+/// Chunk references one entry carries at most (about 8 MiB of a 16 MiB message); a
+/// file with more goes in parts. FERRY_TEST_MAX_REFS lowers it, for tests only: a file
+/// that crosses the real limit holds over 12 GiB.
+pub fn max_refs() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::env::var("FERRY_TEST_MAX_REFS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(200_000)
+    })
+}
+
+/// Cuts a file entry with more than `max` chunk references into parts: returns every
+/// part but the last (in order), and leaves the last in `e`. Other entries stay whole.
+pub fn split_parts(e: &mut pb::Entry, max: usize) -> Vec<pb::Entry> {
+    let refs: usize = e.segments.iter().map(|s| s.chunks.len()).sum();
+    if e.kind != pb::EntryKind::File as i32 || refs <= max {
+        return Vec::new();
+    }
+    let mut parts: Vec<Vec<pb::Segment>> = vec![Vec::new()];
+    let mut in_part = 0;
+    for seg in std::mem::take(&mut e.segments) {
+        let mut offset = seg.offset;
+        let mut chunks = seg.chunks.into_iter().peekable();
+        while chunks.peek().is_some() {
+            if in_part == max {
+                parts.push(Vec::new());
+                in_part = 0;
+            }
+            let piece: Vec<pb::ChunkRef> = chunks.by_ref().take(max - in_part).collect();
+            in_part += piece.len();
+            let len: u64 = piece.iter().map(|c| u64::from(c.len)).sum();
+            if let Some(p) = parts.last_mut() {
+                p.push(pb::Segment {
+                    offset,
+                    chunks: piece,
+                });
+            }
+            offset += len;
+        }
+    }
+    let last = parts.pop().unwrap_or_default();
+    let early = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, segments)| pb::Entry {
+            segments,
+            part: i as u32,
+            more_parts: true,
+            ..e.clone()
+        })
+        .collect::<Vec<_>>();
+    e.part = early.len() as u32;
+    e.more_parts = false;
+    e.segments = last;
+    early
 }
 
 #[cfg(test)]

@@ -265,10 +265,21 @@ mod tests {
         (!o.is_empty()).then_some(o)
     }
 
+    /// The tests that mount run one at a time: a namespace one of them makes copies the
+    /// other's mounts, and the copy keeps that one's loop device.
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn mounting() -> std::sync::MutexGuard<'static, ()> {
+        MOUNTING.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Needs root (loop devices, mount), as the cloud manager does.
     #[test]
     fn a_guest_symlink_on_the_way_is_refused_and_a_real_path_is_mounted_inert() {
+        let _one = mounting();
         let t = tempfile::tempdir().unwrap();
+        // As the manager does: slave copies other processes make meanwhile lose the mount.
+        let _shared = SharedDir::new(t.path()).unwrap();
         let img = ext4(t.path());
         let host = t.path().join("host-etc");
         std::fs::create_dir_all(&host).unwrap();
@@ -323,6 +334,7 @@ mod tests {
     /// a `SharedDir`; a private copy, which nothing reaches, still finds the image final.
     #[test]
     fn an_unmount_reaches_namespaces_copied_meanwhile_and_leaves_a_final_image() {
+        let _one = mounting();
         let t = tempfile::tempdir().unwrap();
         let img = ext4(&t.path().join("img"));
         let tree_dir = t.path().join("tree");

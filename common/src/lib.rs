@@ -3,6 +3,7 @@
 //! the one Prometheus exporter.
 
 pub mod backoff;
+pub mod cdc;
 pub mod chunks;
 pub mod cmd;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod names;
 pub mod notify;
 pub mod pki;
+pub mod push;
 pub mod revoke;
 pub mod safepath;
 pub mod shutdown;

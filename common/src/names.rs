@@ -74,6 +74,17 @@ impl Target {
             Target::Azure => "ttyS0,115200n8",
         }
     }
+
+    /// Kernel arguments a guest needs on this target. Under QEMU (KVM, or TCG on a busy
+    /// host) the early IO-APIC timer check can miss its ticks and panic the kernel
+    /// ("IO-APIC + timer doesn't work!"), so the check is skipped, as QEMU cloud images
+    /// do.
+    pub fn kernel_args(self) -> &'static [&'static str] {
+        match self {
+            Target::Local => &["no_timer_check"],
+            Target::Aws | Target::Azure => &[],
+        }
+    }
 }
 
 #[cfg(test)]

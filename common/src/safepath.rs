@@ -142,11 +142,14 @@ impl Root {
                     if create && self.replace =>
                 {
                     // Entries are applied on several threads: another may have made the
-                    // directory meanwhile. Only a non-directory is unlinked.
+                    // directory meanwhile, even between this stat and the unlink (which
+                    // then finds a directory). Only a non-directory is unlinked.
                     match rustix::fs::statat(cur.as_fd(), *c, AtFlags::SYMLINK_NOFOLLOW) {
                         Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::Directory => {
                             match rustix::fs::unlinkat(cur.as_fd(), *c, AtFlags::empty()) {
-                                Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+                                Ok(())
+                                | Err(rustix::io::Errno::NOENT)
+                                | Err(rustix::io::Errno::ISDIR) => {}
                                 Err(e) => return Err(io(path, e)),
                             }
                         }
@@ -285,5 +288,33 @@ mod tests {
         assert!(dir.path().join("file").is_dir());
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
         assert!(root.parent(b"evil2/x", false).is_err());
+    }
+
+    /// A resync applies a directory's entries on several threads; each finds the file
+    /// that stands where the directory belongs, and only one may replace it. The others
+    /// must take the directory it made, never fail on it.
+    #[test]
+    fn threads_replacing_the_same_file_with_a_directory_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::sync::Arc::new(Root::open(dir.path()).unwrap().replacing(true));
+        for round in 0..200 {
+            let d = format!("d{round}");
+            std::fs::write(dir.path().join(&d), b"not a directory").unwrap();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let threads: Vec<_> = (0..4)
+                .map(|i| {
+                    let (root, barrier) = (root.clone(), barrier.clone());
+                    let path = format!("{d}/f{i}");
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        root.parent(path.as_bytes(), true).map(|p| p.is_some())
+                    })
+                })
+                .collect();
+            for t in threads {
+                assert!(matches!(t.join().unwrap(), Ok(true)), "round {round}");
+            }
+            assert!(dir.path().join(&d).is_dir());
+        }
     }
 }

@@ -234,6 +234,11 @@ impl TokenStore {
         }
     }
 
+    /// Whether the token `id` was used to enroll (one file looked up, not the list).
+    pub fn used(&self, id: &str) -> bool {
+        is_hex(id, 8) && self.dir.join("used").join(id).is_file()
+    }
+
     /// Every token, newest expiry first, with its state.
     pub fn list(&self) -> Result<Vec<TokenInfo>, TokenError> {
         let mut out = Vec::new();
@@ -287,7 +292,10 @@ mod tests {
         assert!(!format!("{parsed:?}").contains(parsed.secret.expose()));
         let wrong = format!("{}.{}", parsed.id, "0".repeat(32));
         assert!(matches!(store.consume(&wrong), Err(TokenError::Rejected)));
+        assert!(!store.used(&parsed.id));
         store.consume(&parsed.credential()).unwrap();
+        assert!(store.used(&parsed.id));
+        assert!(!store.used("../used"));
         assert!(matches!(
             store.consume(&parsed.credential()),
             Err(TokenError::Rejected)

@@ -5,10 +5,13 @@
 //!
 //! Layout: `relay` holds the queue and the services, `forward` drains it upstream.
 
+pub mod agentless;
 pub mod deadletter;
 pub mod forward;
 pub mod metrics;
+pub mod push;
 pub mod relay;
+pub mod ssh;
 
 use ferry_common::config::Secret;
 use ferry_common::pki::{IdentityFiles, Role};
@@ -30,6 +33,10 @@ pub struct SiteConfig {
     pub san: Vec<String>,
     /// Most bytes of chunks spooled on disk before agents are slowed.
     pub spool_limit: u64,
+    /// The static agent `ferry agents install` copies to hosts.
+    pub agent_binary: PathBuf,
+    /// The URL installed agents reach the site at (default: the site's address).
+    pub agent_url: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +156,21 @@ pub async fn run(
         revoked.clone(),
         shutdown.clone(),
     ));
+    let push = push::PushSettings {
+        agent_binary: config.agent_binary.clone(),
+        agent_url: config.agent_url.clone(),
+        known_hosts: dir.join("known_hosts"),
+        site_name: config.name.clone(),
+        bound,
+    };
+    let agentless =
+        agentless::Agentless::open(relay.clone(), dir.join("known_hosts"), shutdown.clone())?;
+    tracker.spawn(push::take_tasks(
+        relay.clone(),
+        Arc::new(push),
+        agentless.clone(),
+        shutdown.clone(),
+    ));
     let admin = deadletter::bind(dir)?;
     tracker.spawn(deadletter::serve(admin, relay.clone(), shutdown.clone()));
     let serving = Arc::new(ferry_common::health::Serving::default());
@@ -196,6 +218,7 @@ pub async fn run(
     serving.set(false);
     tracker.close();
     tracker.wait().await;
+    agentless.wait().await;
     if ferry_common::store::has_failed() {
         // sled cannot close a log it cannot sync (it panics): the process ends anyway.
         std::mem::forget(relay);

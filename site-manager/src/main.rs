@@ -52,6 +52,14 @@ enum Cmd {
         /// Plain HTTP listen address for /metrics and /healthz (off by default).
         #[arg(long)]
         http: Option<String>,
+        /// The static agent `ferry agents install` copies to hosts (default
+        /// /usr/lib/ferry/ferry-agent, from the package).
+        #[arg(long)]
+        agent_binary: Option<PathBuf>,
+        /// https://HOST:PORT installed agents reach this site at (default: the site's
+        /// listen address, or the address hosts see its SSH connections come from).
+        #[arg(long)]
+        agent_url: Option<String>,
     },
     /// What upstream refused for good: list it, put it back in its queue, or drop it
     /// (talks to the running site through DATA_DIR/admin.sock).
@@ -118,6 +126,8 @@ struct SiteFile {
     san: Vec<String>,
     spool_limit: Option<u64>,
     http: Option<String>,
+    agent_binary: Option<PathBuf>,
+    agent_url: Option<String>,
 }
 
 fn fail(msg: impl std::fmt::Display, code: u8) -> ExitCode {
@@ -143,6 +153,8 @@ fn main() -> ExitCode {
         san,
         spool_limit,
         http,
+        agent_binary,
+        agent_url,
     } = cmd
     else {
         return fail("unreachable", 2);
@@ -167,6 +179,12 @@ fn main() -> ExitCode {
     let listen = listen
         .or(file.listen)
         .unwrap_or_else(|| "0.0.0.0:7444".into());
+    let agent_url = agent_url.or(file.agent_url);
+    if let Some(url) = &agent_url {
+        if let Err(e) = validate_url("agent_url", url) {
+            return fail(e, 2);
+        }
+    }
     let name = name.or(file.name).unwrap_or_else(host_name);
     if let Err(e) = ferry_common::pki::validate_name(&name) {
         return fail(e, 2);
@@ -180,6 +198,10 @@ fn main() -> ExitCode {
         spool_limit: spool_limit
             .or(file.spool_limit)
             .unwrap_or(DEFAULT_SPOOL_LIMIT),
+        agent_binary: agent_binary
+            .or(file.agent_binary)
+            .unwrap_or_else(|| "/usr/lib/ferry/ferry-agent".into()),
+        agent_url,
     };
     serve(config, listen, http.or(file.http))
 }

@@ -122,6 +122,11 @@ impl Collector for SiteCollector {
                 load(&c.chunk_bytes_forwarded),
             ),
             (
+                "ferry_site_agentless_read_bytes",
+                "File bytes read from hosts the site replicates agentless.",
+                load(&c.agentless_read_bytes),
+            ),
+            (
                 "ferry_site_forward_milliseconds",
                 "Time spent forwarding batches, from the chunk question to durable.",
                 load(&c.forward_ms),

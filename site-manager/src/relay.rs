@@ -55,6 +55,16 @@ impl From<sled::Error> for RelayError {
     }
 }
 
+/// Why a registration was not taken: upstream refused it for good (its answer is passed
+/// on as it is), or the site could not keep it.
+#[derive(Debug, thiserror::Error)]
+pub enum Accept {
+    #[error("the cloud manager refused: {}", .0.message())]
+    Upstream(tonic::Status),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
+}
+
 impl ErrorKind for RelayError {
     fn kind(&self) -> Kind {
         match self {
@@ -162,6 +172,8 @@ pub struct Counters {
     pub chunk_bytes_forwarded: AtomicU64,
     /// Milliseconds the forwarded batches took, from the first chunk question to durable.
     pub forward_ms: AtomicU64,
+    /// File bytes read from hosts replicated agentless.
+    pub agentless_read_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -244,6 +256,108 @@ impl Relay {
         };
         relay.split_old_queue()?;
         Ok(relay)
+    }
+
+    /// A system's registration: passed upstream when the cloud manager answers quickly
+    /// (learning its positions), else queued so it reaches the cloud first. Answers with
+    /// the site's positions. The caller has checked who may register the system.
+    pub async fn accept_register(
+        &self,
+        r: pb::RegisterRequest,
+    ) -> std::result::Result<pb::RegisterResponse, Accept> {
+        let mut pos = self.positions(&r.system);
+        let mut c = self.client();
+        match tokio::time::timeout(UPSTREAM_QUICK, c.register(r.clone())).await {
+            Ok(Ok(up)) => {
+                let up = up.into_inner();
+                pos.durable = pos.durable.max(up.durable_epoch);
+                pos.accepted = pos.accepted.max(up.accepted_epoch);
+                pos.learn(up.settings.as_ref());
+                self.set_positions(&r.system, pos)?;
+            }
+            Ok(Err(s)) if !ferry_common::error::is_transient(&s) => {
+                return Err(Accept::Upstream(s))
+            }
+            _ => {
+                // Upstream is away: queue the registration so it reaches the cloud first.
+                self.enqueue(&QueueItem {
+                    register: Some(r.clone()),
+                    batch: None,
+                })?;
+            }
+        }
+        Ok(pb::RegisterResponse {
+            accepted_epoch: pos.accepted,
+            durable_epoch: pos.durable,
+            settings: pos.settings(),
+        })
+    }
+
+    /// A batch: its entries checked, every chunk it names durable here, then queued
+    /// (once: an epoch at or below the accepted one is answered, not queued again). The
+    /// caller has checked who may write the system.
+    pub async fn accept_batch(&self, batch: pb::Batch) -> Result<pb::BatchResponse> {
+        let started = std::time::Instant::now();
+        ferry_common::pki::validate_name(&batch.system).map_err(RelayError::Invalid)?;
+        for e in &batch.entries {
+            ferry_common::entry::validate(e)?;
+        }
+        let hashes: Vec<Vec<u8>> = ferry_common::entry::chunk_refs(&batch.entries)
+            .map(|c| c.hash.clone())
+            .collect();
+        for chunk in hashes.chunks(65536) {
+            if let Some(&i) = self.missing(chunk, true).await?.first() {
+                return Err(RelayError::MissingChunk(hex::encode(&chunk[i as usize])));
+            }
+        }
+        // The batch is spooled only with every chunk it needs from here on disk.
+        let store = self.chunks.clone();
+        tokio::task::spawn_blocking(move || store.sync())
+            .await
+            .map_err(RelayError::Task)??;
+        let checked_ms = started.elapsed().as_millis() as u64;
+        let _g = self.order.lock().await;
+        let mut pos = self.positions(&batch.system);
+        if batch.epoch > pos.accepted {
+            pos.accepted = batch.epoch;
+            self.set_positions(&batch.system, pos)?;
+            self.enqueue(&QueueItem {
+                register: None,
+                batch: Some(batch.clone()),
+            })?;
+            Counters::add(&self.counters.batches_queued, 1);
+        }
+        self.touch_put();
+        tracing::debug!(
+            epoch = batch.epoch,
+            checked_ms,
+            queued_ms = started.elapsed().as_millis() as u64,
+            "batch queued"
+        );
+        Ok(pb::BatchResponse {
+            accepted_epoch: pos.accepted,
+            durable_epoch: pos.durable,
+            settings: pos.settings(),
+        })
+    }
+
+    /// A lag report goes on to the cloud manager; answered with fresh positions and
+    /// settings when upstream answers quickly, the last known ones otherwise.
+    pub async fn progress(&self, req: pb::ProgressRequest) -> pb::ProgressResponse {
+        let system = req.system.clone();
+        let mut p = self.positions(&system);
+        let mut c = self.client();
+        if let Ok(Ok(up)) = tokio::time::timeout(UPSTREAM_QUICK, c.progress(req)).await {
+            let up = up.into_inner();
+            p.durable = p.durable.max(up.durable_epoch);
+            p.learn(up.settings.as_ref());
+            let _ = self.set_positions(&system, p);
+        }
+        pb::ProgressResponse {
+            accepted_epoch: p.accepted,
+            durable_epoch: p.durable,
+            settings: p.settings(),
+        }
     }
 
     /// Moves items a site from before per-system queues kept (key: the seq alone) into
@@ -554,6 +668,25 @@ impl pb::ingest_server::Ingest for Service {
         Err(fail("site-report", who(&req).as_ref(), e))
     }
 
+    type SiteTasksStream = tokio_stream::Empty<Result<pb::SiteTask, Status>>;
+
+    /// Tasks come from the cloud manager to sites; a site hands out none.
+    async fn site_tasks(
+        &self,
+        req: Request<pb::SiteTasksRequest>,
+    ) -> Result<Response<Self::SiteTasksStream>, Status> {
+        let e = RelayError::PermissionDenied("a site hands out no tasks".into());
+        Err(fail("site-tasks", who(&req).as_ref(), e))
+    }
+
+    async fn site_task_done(
+        &self,
+        req: Request<pb::SiteTaskOutcome>,
+    ) -> Result<Response<pb::SiteTaskAck>, Status> {
+        let e = RelayError::PermissionDenied("a site hands out no tasks".into());
+        Err(fail("site-task-done", who(&req).as_ref(), e))
+    }
+
     async fn register(
         &self,
         req: Request<pb::RegisterRequest>,
@@ -561,34 +694,14 @@ impl pb::ingest_server::Ingest for Service {
         let id = who(&req);
         let r = req.into_inner();
         authorize(id.as_ref(), &r.system).map_err(|e| fail("register", id.as_ref(), e))?;
-        let mut pos = self.relay.positions(&r.system);
-        let mut c = self.relay.client();
-        match tokio::time::timeout(UPSTREAM_QUICK, c.register(r.clone())).await {
-            Ok(Ok(up)) => {
-                let up = up.into_inner();
-                pos.durable = pos.durable.max(up.durable_epoch);
-                pos.accepted = pos.accepted.max(up.accepted_epoch);
-                pos.learn(up.settings.as_ref());
-                self.relay
-                    .set_positions(&r.system, pos)
-                    .map_err(|e| fail("register", id.as_ref(), e))?;
-            }
-            Ok(Err(s)) if !ferry_common::error::is_transient(&s) => return Err(s),
-            _ => {
-                // Upstream is away: queue the registration so it reaches the cloud first.
-                self.relay
-                    .enqueue(&QueueItem {
-                        register: Some(r.clone()),
-                        batch: None,
-                    })
-                    .map_err(|e| fail("register", id.as_ref(), e))?;
-            }
-        }
-        Ok(Response::new(pb::RegisterResponse {
-            accepted_epoch: pos.accepted,
-            durable_epoch: pos.durable,
-            settings: pos.settings(),
-        }))
+        self.relay
+            .accept_register(r)
+            .await
+            .map(Response::new)
+            .map_err(|e| match e {
+                Accept::Upstream(s) => s,
+                Accept::Relay(e) => fail("register", id.as_ref(), e),
+            })
     }
 
     async fn missing_chunks(
@@ -686,53 +799,11 @@ impl pb::ingest_server::Ingest for Service {
     ) -> Result<Response<pb::BatchResponse>, Status> {
         let id = who(&req);
         let batch = req.into_inner();
-        let started = std::time::Instant::now();
-        let r = async {
-            authorize(id.as_ref(), &batch.system)?;
-            ferry_common::pki::validate_name(&batch.system).map_err(RelayError::Invalid)?;
-            for e in &batch.entries {
-                ferry_common::entry::validate(e)?;
-            }
-            let hashes: Vec<Vec<u8>> = ferry_common::entry::chunk_refs(&batch.entries)
-                .map(|c| c.hash.clone())
-                .collect();
-            for chunk in hashes.chunks(65536) {
-                if let Some(&i) = self.relay.missing(chunk, true).await?.first() {
-                    return Err(RelayError::MissingChunk(hex::encode(&chunk[i as usize])));
-                }
-            }
-            // The batch is spooled only with every chunk it needs from here on disk.
-            let store = self.relay.chunks.clone();
-            tokio::task::spawn_blocking(move || store.sync())
-                .await
-                .map_err(RelayError::Task)??;
-            let checked_ms = started.elapsed().as_millis() as u64;
-            let _g = self.relay.order.lock().await;
-            let mut pos = self.relay.positions(&batch.system);
-            if batch.epoch > pos.accepted {
-                pos.accepted = batch.epoch;
-                self.relay.set_positions(&batch.system, pos)?;
-                self.relay.enqueue(&QueueItem {
-                    register: None,
-                    batch: Some(batch.clone()),
-                })?;
-                Counters::add(&self.relay.counters.batches_queued, 1);
-            }
-            self.relay.touch_put();
-            tracing::debug!(
-                epoch = batch.epoch,
-                checked_ms,
-                queued_ms = started.elapsed().as_millis() as u64,
-                "batch queued"
-            );
-            Ok(pb::BatchResponse {
-                accepted_epoch: pos.accepted,
-                durable_epoch: pos.durable,
-                settings: pos.settings(),
-            })
-        }
-        .await;
-        r.map(Response::new)
+        authorize(id.as_ref(), &batch.system).map_err(|e| fail("apply-batch", id.as_ref(), e))?;
+        self.relay
+            .accept_batch(batch)
+            .await
+            .map(Response::new)
             .map_err(|e| fail("apply-batch", id.as_ref(), e))
     }
 
@@ -743,25 +814,7 @@ impl pb::ingest_server::Ingest for Service {
         let id = who(&req);
         let system = req.get_ref().system.clone();
         authorize(id.as_ref(), &system).map_err(|e| fail("progress", id.as_ref(), e))?;
-        let mut p = self.relay.positions(&system);
-        // Fresh settings when upstream answers quickly; the last known ones otherwise.
-        let mut c = self.relay.client();
-        // The agent's lag report travels on to the cloud manager.
-        let req = pb::ProgressRequest {
-            system: system.clone(),
-            ..req.into_inner()
-        };
-        if let Ok(Ok(up)) = tokio::time::timeout(UPSTREAM_QUICK, c.progress(req)).await {
-            let up = up.into_inner();
-            p.durable = p.durable.max(up.durable_epoch);
-            p.learn(up.settings.as_ref());
-            let _ = self.relay.set_positions(&system, p);
-        }
-        Ok(Response::new(pb::ProgressResponse {
-            accepted_epoch: p.accepted,
-            durable_epoch: p.durable,
-            settings: p.settings(),
-        }))
+        Ok(Response::new(self.relay.progress(req.into_inner()).await))
     }
 
     /// A discovery report goes on to the cloud manager as it is, for the agent's own

@@ -5,6 +5,7 @@ pub mod churn;
 pub mod console;
 pub mod netns;
 pub mod pg;
+pub mod sshhost;
 pub mod syscalls;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -101,6 +102,37 @@ pub fn sh(cmd: &mut Command) -> Result<String> {
 
 pub fn bash(script: &str) -> Result<String> {
     sh(Command::new("bash").arg("-euc").arg(script))
+}
+
+/// The static build of the tests' own profile (debug or release), as `deploy/package.sh`
+/// makes it for the packages.
+pub fn static_bin(name: &str) -> Result<PathBuf> {
+    let dir = bin("ferry-cloud");
+    let profile = dir
+        .parent()
+        .and_then(Path::file_name)
+        .context("profile dir")?;
+    let target = dir
+        .parent()
+        .and_then(Path::parent)
+        .context("target dir")?
+        .join("x86_64-unknown-linux-musl")
+        .join(profile)
+        .join(name);
+    anyhow::ensure!(
+        target.exists(),
+        "no static {name} at {} (deploy/package.sh --profile dev builds it, as .ci/run does)",
+        target.display()
+    );
+    Ok(target)
+}
+
+/// The cached Debian 12 tree with OpenSSH's server and sudo (a host to log in to).
+pub fn ssh_host_tree() -> Result<PathBuf> {
+    let out = sh(&mut Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/ssh_host_tree.sh"),
+    ))?;
+    Ok(PathBuf::from(out.trim()))
 }
 
 /// The cached real Debian 12 tree (debootstrap with the cloud kernel), made on first use.
@@ -373,10 +405,6 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-fn wait_port(port: u16, what: &str) -> Result<()> {
-    wait_port_at("127.0.0.1", port, what)
 }
 
 fn wait_port_at(host: &str, port: u16, what: &str) -> Result<()> {
@@ -666,14 +694,53 @@ impl CloudMgr {
     /// Waits until `system` reports in-sync and its root replica matches `src`; returns
     /// where the replica is mounted.
     pub fn wait_in_sync(&self, system: &str, src: &Path) -> Result<PathBuf> {
-        wait_for("initial sync", Duration::from_secs(120), || {
+        let replica = self.wait_synced(system, Duration::from_secs(120))?;
+        converged_within(src, &replica, Duration::from_secs(10))?;
+        Ok(replica)
+    }
+
+    /// Waits until `system` reports in-sync; returns where its root replica is mounted.
+    pub fn wait_synced(&self, system: &str, limit: Duration) -> Result<PathBuf> {
+        wait_for("initial sync", limit, || {
             self.ferry_json(&["systems", "show", system])
                 .map(|v| v["state"] == "in-sync")
                 .unwrap_or(false)
         })?;
-        let replica = self.replica_path(system, "/")?;
-        converged_within(src, &replica, Duration::from_secs(10))?;
-        Ok(replica)
+        self.replica_path(system, "/")
+    }
+
+    /// Waits until a site has opened its task stream here: before that, an install
+    /// through it is refused as "not connected".
+    pub fn wait_site_takes_tasks(&self) -> Result<()> {
+        wait_for("a site to take tasks", Duration::from_secs(60), || {
+            self.proc.log_text().contains("site takes tasks")
+        })
+    }
+
+    /// Waits until nothing is being applied to `system`: no resync outstanding and the
+    /// durable epoch unchanged for a second. A replica that matches its source may still
+    /// be in the middle of applying the batch that made it so; a test that changes the
+    /// replica behind the agent's back waits for this first.
+    pub fn wait_settled(&self, system: &str) -> Result<()> {
+        let epoch = || -> Option<u64> {
+            let v = self.ferry_json(&["sync", "status"]).ok()?;
+            let sys = v["systems"]
+                .as_array()?
+                .iter()
+                .find(|s| s["name"] == system)?
+                .clone();
+            (sys["resync_from"].as_u64() == Some(0)).then(|| sys["durable_epoch"].as_u64())?
+        };
+        let mut last = None;
+        wait_for("the replica to settle", Duration::from_secs(30), || {
+            let now = epoch();
+            let settled = now.is_some() && now == last;
+            last = now;
+            if !settled {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            settled
+        })
     }
 
     /// Kills the manager (and, run as a service, everything left in its cgroup, as a
@@ -714,12 +781,23 @@ impl SiteMgr {
         token: Option<&str>,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_listening(dir, "127.0.0.1", port, upstream, token, extra)
+    }
+    /// Like `start_with`, listening on `host` (an address of this namespace).
+    pub fn start_listening(
+        dir: &Path,
+        host: &str,
+        port: u16,
+        upstream: &str,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let mut cmd = Command::new(bin("ferry-site"));
         cmd.arg("serve").args(extra);
         cmd.arg("--data-dir")
             .arg(dir)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"));
+            .arg(format!("{host}:{port}"));
         cmd.arg("--upstream")
             .arg(upstream)
             .arg("--name")
@@ -728,7 +806,7 @@ impl SiteMgr {
             cmd.env("FERRY_TOKEN", t);
         }
         let proc = Proc::spawn(&mut cmd, &dir.with_extension("log"))?;
-        wait_port(port, "ferry-site")?;
+        wait_port_at(host, port, "ferry-site")?;
         Ok(Self {
             dir: dir.to_path_buf(),
             port,
@@ -1006,6 +1084,7 @@ pub fn register(system: &str, uuid: &str) -> ferry_proto::v1::RegisterRequest {
         }],
         fresh_state: false,
         agent: String::new(),
+        not_carried: Vec::new(),
     }
 }
 
@@ -1029,11 +1108,22 @@ pub fn follow(name: &str, fstype: &str, uuid: &str) -> Result<Following> {
 
 /// `follow` on a source file system of `size_mb`.
 pub fn follow_sized(name: &str, fstype: &str, uuid: &str, size_mb: u64) -> Result<Following> {
+    follow_with(name, fstype, uuid, size_mb, &[])
+}
+
+/// `follow_sized` with extra `serve` flags for the cloud manager.
+pub fn follow_with(
+    name: &str,
+    fstype: &str,
+    uuid: &str,
+    size_mb: u64,
+    cloud_args: &[&str],
+) -> Result<Following> {
     let tmp = scratch(name)?;
     let t = tmp.path().to_path_buf();
     let src = LoopFs::new(&t, "src", fstype, uuid, size_mb)?;
     populate(&src.mnt, 3)?;
-    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let cloud = CloudMgr::start_at_args(&t.join("cloud"), "127.0.0.1", free_port(), cloud_args)?;
     let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
     let state = t.join("agent");
     let agent = Proc::spawn(

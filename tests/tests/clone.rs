@@ -145,6 +145,30 @@ fn nothing_left_of(prefix: &str, data: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Waits until clone `name` runs `n` QEMU processes and they are daemons its pid
+/// files name (a daemonizing QEMU shows twice for a moment, with its parent); returns
+/// their pids, sorted, a line each.
+fn settled_instances(
+    prefix: &str,
+    data: &Path,
+    name: &str,
+    n: usize,
+    limit: Duration,
+) -> Result<String> {
+    let dir = data.join("clones").join(name);
+    let mut pids = String::new();
+    wait_for(&format!("clone {name}'s instances to start"), limit, || {
+        let running =
+            bash(&format!("pgrep -f '[f]erry:{prefix}-{name}:' | sort")).unwrap_or_default();
+        let filed =
+            bash(&format!("cat {}/*.pid 2>/dev/null | sort", dir.display())).unwrap_or_default();
+        pids = running.clone();
+        // The clone's dnsmasq and HAProxy keep pid files there too.
+        running.lines().count() == n && running.lines().all(|p| filed.lines().any(|f| f == p))
+    })?;
+    Ok(pids)
+}
+
 /// Long operations are jobs: a client interrupted with SIGINT detaches while the clone
 /// is made anyway; a cancel removes everything the creation made; a manager SIGKILLed
 /// while instances boot keeps them when it comes back, and the job says it was cut short.
@@ -197,11 +221,7 @@ fn jobs_outlive_their_client_stop_when_cancelled_and_survive_a_restart(
     // Cancel while the instances boot: nothing of the clone is left.
     let id = started_job(cloud, &["clone", "create", "shop", "--name", "e"])?;
     wait_step(cloud, &id, "launch")?;
-    wait_for(
-        "clone e's instances to start",
-        Duration::from_secs(60),
-        || bash(&format!("pgrep -fc '[f]erry:{prefix}-e:' || true")).is_ok_and(|n| n.trim() == "2"),
-    )?;
+    settled_instances(prefix, data, "e", 2, Duration::from_secs(60))?;
     let cancelled = cloud.ferry_json(&["job", "cancel", &id, "--wait"])?;
     assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
     assert!(
@@ -218,12 +238,7 @@ fn jobs_outlive_their_client_stop_when_cancelled_and_survive_a_restart(
 
     // SIGKILL of the manager while instances boot: they are kept, the job is failed.
     let id = started_job(cloud, &["clone", "create", "shop", "--name", "f"])?;
-    wait_for(
-        "clone f's instances to start",
-        Duration::from_secs(120),
-        || bash(&format!("pgrep -fc '[f]erry:{prefix}-f:' || true")).is_ok_and(|n| n.trim() == "2"),
-    )?;
-    let pids = bash(&format!("pgrep -f '[f]erry:{prefix}-f:' | sort"))?;
+    let pids = settled_instances(prefix, data, "f", 2, Duration::from_secs(120))?;
     cloud.restart()?;
     let job = cloud.ferry_json(&["job", "show", &id])?;
     assert_eq!(job["state"], "failed", "{job}");

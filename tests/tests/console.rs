@@ -544,8 +544,10 @@ async fn operator_path(c: &Client, cloud: &CloudMgr, base: &str, link: &str) -> 
     ensure!(!src.contains("data-app=\"solo\""), "solo is still listed");
     ensure!(cloud.ferry_fails(&["app", "show", "solo"]).contains("solo"));
 
-    // Sign out: the session is gone.
+    // Sign out: the session is gone. The logout lands on the login page; a navigation
+    // started before it lands could cancel the form's submission.
     click(c, "form.logout button").await?;
+    wait_text(c, "ferry console login", Duration::from_secs(10)).await?;
     c.goto(&format!("{base}/apps")).await?;
     wait_text(c, "ferry console login", Duration::from_secs(10)).await?;
     Ok(())

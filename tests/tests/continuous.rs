@@ -348,14 +348,16 @@ fn a_replica_that_disagrees_with_its_agent_is_repaired_by_a_resync() -> Result<(
         "cd {m} && mkdir -p d/sub && echo one > d/sub/f && echo two > d/g"
     ))?;
     converged_within(&s.src.mnt, &s.replica, Duration::from_secs(10))?;
+    s.cloud.wait_settled("live")?;
     std::fs::remove_dir_all(s.replica.join("d"))?;
     // The agent sends a rename of a directory the replica no longer has.
     bash(&format!("cd {m} && mv d e && echo three > e/h"))?;
     let took = converged_within(&s.src.mnt, &s.replica, Duration::from_secs(30))?;
     eprintln!("repaired {took:?} after the refused rename");
+    s.cloud.wait_settled("live")?;
     let status = s.cloud.ferry_json(&["sync", "status"])?;
     let sys = &status["systems"][0];
-    assert_eq!(sys["resyncs"], 1, "{status}");
+    assert_eq!(sys["resyncs"], 1, "{status}\n{}", resync_story(&s));
     assert_eq!(sys["resync_from"].as_u64().unwrap_or(0), 0, "{status}");
     assert_eq!(sys["last_error"], "", "{status}");
     assert!(
@@ -365,13 +367,37 @@ fn a_replica_that_disagrees_with_its_agent_is_repaired_by_a_resync() -> Result<(
     // Replication goes on as before afterwards.
     bash(&format!("cd {m} && echo four > e/i && mv e/sub e/sub2"))?;
     converged_within(&s.src.mnt, &s.replica, Duration::from_secs(10))?;
+    s.cloud.wait_settled("live")?;
     // A file where the replica should have a directory: the batch writing into it is
     // refused, and the resync puts the directory back in its place.
     std::fs::remove_dir_all(s.replica.join("e/sub2"))?;
     std::fs::write(s.replica.join("e/sub2"), "not a directory")?;
     bash(&format!("cd {m} && echo five > e/sub2/new"))?;
     converged_within(&s.src.mnt, &s.replica, Duration::from_secs(30))?;
+    s.cloud.wait_settled("live")?;
     let status = s.cloud.ferry_json(&["sync", "status"])?;
-    assert_eq!(status["systems"][0]["resyncs"], 2, "{status}");
+    assert_eq!(
+        status["systems"][0]["resyncs"],
+        2,
+        "{status}\n{}",
+        resync_story(&s)
+    );
     Ok(())
+}
+
+/// What the agent, site and cloud logged about refusals and resyncs, for a failure.
+fn resync_story(s: &Following) -> String {
+    let mut story = String::new();
+    for (who, log) in [
+        ("agent", s.agent.log_text()),
+        ("site", s.site.proc.log_text()),
+        ("cloud", s.cloud.proc.log_text()),
+    ] {
+        for line in log.lines().filter(|l| {
+            l.contains("resync") || l.contains("refused") || l.contains("never arrived")
+        }) {
+            story.push_str(&format!("{who}: {line}\n"));
+        }
+    }
+    story
 }

@@ -161,7 +161,14 @@ fn agents_discover_who_talks_to_whom_and_an_application_is_proposed() -> Result<
         Duration::from_secs(120),
         || {
             g = cloud.ferry_json(&["discover"]).unwrap_or_default();
-            edge(&g, "web", "db", 5432).is_some() && edge(&g, "web", &ldap_ip, 389).is_some()
+            // web's report alone shows both edges (db is registered): db's own report,
+            // with its PostgreSQL service, is waited for too.
+            let db_serves = (g["systems"].as_array().into_iter().flatten()).any(|s| {
+                s["name"] == "db" && s["services"].as_array().is_some_and(|v| !v.is_empty())
+            });
+            db_serves
+                && edge(&g, "web", "db", 5432).is_some()
+                && edge(&g, "web", &ldap_ip, 389).is_some()
         },
     )
     .map_err(|e| anyhow::anyhow!("{e}: {g}"))?;

@@ -181,8 +181,13 @@ fn the_debs_install_on_fresh_debian_and_replicate_with_their_example_configs() -
     ] {
         ensure!(modes.contains(want), "want {want}: {modes}");
     }
-    // The agent and the tunnel (which the cloud manager puts into guests) are static.
-    for b in ["usr/bin/ferry-agent", "usr/bin/ferry-tunnel"] {
+    // The agent and the tunnel (which the cloud manager puts into guests) are static, and
+    // so is the agent the site installs on hosts.
+    for b in [
+        "usr/bin/ferry-agent",
+        "usr/bin/ferry-tunnel",
+        "usr/lib/ferry/ferry-agent",
+    ] {
         let headers = sh(Command::new("readelf").arg("-lW").arg(root.join(b)))?;
         ensure!(!headers.contains("INTERP"), "{b} is not static");
     }

@@ -9,35 +9,12 @@ use ferry_tests::syscalls::{from_strace_summary, oldest_kernel};
 use ferry_tests::*;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 /// The oldest kernel ARCHITECTURE.md states for the static agent and tunnel.
 const STATED: &str = "2.6.28";
-
-/// The static build of the tests' own profile (debug or release), as `deploy/package.sh`
-/// makes it for the packages.
-fn static_bin(name: &str) -> Result<PathBuf> {
-    let dir = bin("ferry-cloud");
-    let profile = dir
-        .parent()
-        .and_then(Path::file_name)
-        .context("profile dir")?;
-    let target = dir
-        .parent()
-        .and_then(Path::parent)
-        .context("target dir")?
-        .join("x86_64-unknown-linux-musl")
-        .join(profile)
-        .join(name);
-    ensure!(
-        target.exists(),
-        "no static {name} at {} (deploy/package.sh --profile dev builds it, as .ci/run does)",
-        target.display()
-    );
-    Ok(target)
-}
 
 /// `program ARGS` under `strace -f -c`, its summary in `out`.
 fn traced(out: &Path, program: &Path) -> Command {

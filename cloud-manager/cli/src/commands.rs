@@ -91,6 +91,11 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: SitesCmd,
     },
+    /// Install agents on hosts, or remove them, through a site over SSH.
+    Agents {
+        #[command(subcommand)]
+        cmd: AgentsCmd,
+    },
     /// Operators of the control API (added with `ferry-cloud operator add` on the
     /// manager).
     Operators {
@@ -181,6 +186,109 @@ pub enum TokenCmd {
         /// The token's id (from `ferry token list`).
         id: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum AgentsCmd {
+    /// Copy the agent to each host through the site, start it (a systemd unit, or a
+    /// SysV init script where there is no systemd) with a token bound to its system,
+    /// and wait until it registers. A host that fails a check is left as it was.
+    /// With --agentless nothing is installed: the site replicates the host over SSH.
+    Install {
+        #[command(flatten)]
+        push: Push,
+        /// Install nothing: the site keeps the key login and replicates the host itself
+        /// over SSH with the host's own tools (find, tar, getfattr), rescanning it
+        /// periodically; for hosts the agent cannot or may not run on (an old kernel).
+        #[arg(long, requires = "ssh_key")]
+        agentless: bool,
+        /// Seconds between an agentless host's rescans.
+        #[arg(long, default_value_t = 300, requires = "agentless")]
+        rescan: u32,
+    },
+    /// Stop the agent an install put on each host and remove what it added.
+    Uninstall {
+        #[command(flatten)]
+        push: Push,
+    },
+}
+
+/// Which hosts, through which site, and how the site logs in.
+#[derive(clap::Args, Debug)]
+pub struct Push {
+    /// NAME=ADDRESS (the system NAME at ADDRESS), or a host name the site resolves
+    /// (the system is named by its first label).
+    #[arg(required = true)]
+    pub hosts: Vec<String>,
+    /// The site that reaches the hosts.
+    #[arg(long)]
+    pub site: String,
+    /// The user the site logs in as.
+    #[arg(long)]
+    pub ssh_user: String,
+    /// The SSH port of every host.
+    #[arg(long, default_value_t = 22)]
+    pub ssh_port: u16,
+    /// A private key file (unencrypted OpenSSH or PEM) the site logs in with.
+    #[arg(
+        long,
+        required_unless_present = "password_stdin",
+        conflicts_with = "password_stdin"
+    )]
+    pub ssh_key: Option<PathBuf>,
+    /// Read the login password from the first line of standard input. It is used for
+    /// this run only: never stored, logged, or shown in a process list.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// Become root with sudo (with the password, when one is given).
+    #[arg(long)]
+    pub sudo: bool,
+    /// The hosts' key fingerprint (SHA256:..., as `ssh-keygen -lf` prints), instead of
+    /// the site's known_hosts file.
+    #[arg(long)]
+    pub host_key: Option<String>,
+    /// Trust and record a host key the site's known_hosts does not hold yet (a changed
+    /// key is refused all the same).
+    #[arg(long)]
+    pub accept_new_host_key: bool,
+    #[command(flatten)]
+    pub wait: Wait,
+}
+
+impl Push {
+    fn request(&self) -> Result<pb::InstallAgentsRequest, CliError> {
+        use pb::ssh_login::Secret;
+        let secret = match &self.ssh_key {
+            Some(path) => Secret::PrivateKey(std::fs::read_to_string(path).map_err(|e| {
+                CliError::Usage(format!("cannot read the key {}: {e}", path.display()))
+            })?),
+            None => {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .map_err(|e| CliError::Usage(format!("cannot read the password: {e}")))?;
+                let password = line.trim_end_matches(['\n', '\r']).to_string();
+                if password.is_empty() {
+                    return Err(CliError::Usage("no password on standard input".into()));
+                }
+                Secret::Password(password)
+            }
+        };
+        Ok(pb::InstallAgentsRequest {
+            hosts: self.hosts.clone(),
+            site: self.site.clone(),
+            port: self.ssh_port.into(),
+            login: Some(pb::SshLogin {
+                user: self.ssh_user.clone(),
+                secret: Some(secret),
+                sudo: self.sudo,
+                host_key: self.host_key.clone().unwrap_or_default(),
+                accept_new_host_key: self.accept_new_host_key,
+            }),
+            agentless: false,
+            rescan_secs: 0,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -560,6 +668,7 @@ async fn dispatch(client: &mut Client, cmd: Cmd, json: bool) -> Result<(), CliEr
         Cmd::Tunnel { cmd } => tunnel(client, cmd, json).await,
         Cmd::Token { cmd } => token(client, cmd, json).await,
         Cmd::Sites { cmd } => sites(client, cmd, json).await,
+        Cmd::Agents { cmd } => agents(client, cmd, json).await,
         Cmd::Job { cmd } => job(client, cmd, json).await,
         Cmd::Console {
             cmd: ConsoleCmd::Login,
@@ -817,10 +926,32 @@ fn print_result(job: &pb::JobInfo, json: bool) {
                 r.images_deleted.len()
             )
         }),
+        Some(R::Hosts(h)) => print_as(json, &h.hosts, || render_hosts(&h.hosts)),
         None => print_as(json, &crate::jobs::job_json(job), || {
             crate::jobs::render_job(job)
         }),
     }
+}
+
+/// `ferry agents install|uninstall`.
+pub async fn agents(client: &mut Client, cmd: AgentsCmd, json: bool) -> Result<(), CliError> {
+    let job = match &cmd {
+        AgentsCmd::Install {
+            push,
+            agentless,
+            rescan,
+        } => {
+            let req = pb::InstallAgentsRequest {
+                agentless: *agentless,
+                rescan_secs: *rescan,
+                ..push.request()?
+            };
+            client.install_agents(req).await?
+        }
+        AgentsCmd::Uninstall { push } => client.uninstall_agents(push.request()?).await?,
+    };
+    let (AgentsCmd::Install { push, .. } | AgentsCmd::Uninstall { push }) = &cmd;
+    run_job(client, job.into_inner(), &push.wait, json).await
 }
 
 /// `ferry sync status|pause|resume|limit`.
@@ -1448,6 +1579,24 @@ async fn set(
     req: pb::SetReplicationRequest,
 ) -> Result<pb::SetReplicationResponse, CliError> {
     Ok(client.set_replication(req).await?.into_inner())
+}
+
+/// Each host of an agent install: its system, address, what it runs, and how it went.
+fn render_hosts(hosts: &[pb::AgentHost]) -> String {
+    let mut out = String::new();
+    for h in hosts {
+        let f = h.facts.clone().unwrap_or_default();
+        let result = if h.failure.is_empty() {
+            "ok".to_string()
+        } else {
+            format!("{}: {}", h.failure, h.message)
+        };
+        out += &format!(
+            "{}\t{}\t{} {} ({} init)\t{result}\n",
+            h.system, h.address, f.os, f.kernel, f.init
+        );
+    }
+    out
 }
 
 #[cfg(test)]

@@ -154,6 +154,7 @@ pub fn job_json(j: &pb::JobInfo) -> serde_json::Value {
         Some(R::Images(i)) => serde_json::to_value(i).unwrap_or_default(),
         Some(R::Clone(c)) => serde_json::to_value(c).unwrap_or_default(),
         Some(R::AppDeleted(d)) => serde_json::to_value(d).unwrap_or_default(),
+        Some(R::Hosts(h)) => serde_json::to_value(h).unwrap_or_default(),
     };
     serde_json::json!({
         "id": j.id,

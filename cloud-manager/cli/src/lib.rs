@@ -263,13 +263,21 @@ pub fn render_systems(systems: &[pb::SystemStatus]) -> String {
     }
     for s in systems {
         out.push_str(&format!(
-            "{}  {}  epoch {}  durable {}  via {}\n",
+            "{}  {}  epoch {}  durable {}  via {}{}\n",
             s.name,
             short_name::<pb::SystemState>(s.state),
             s.durable_epoch,
             when(s.last_durable_unix_ms),
-            if s.via.is_empty() { "-" } else { &s.via }
+            if s.via.is_empty() { "-" } else { &s.via },
+            if s.agent.starts_with("ferry-agentless/") {
+                " (agentless)"
+            } else {
+                ""
+            }
         ));
+        for n in &s.not_carried {
+            out.push_str(&format!("  not carried: {n}\n"));
+        }
         if s.lag_seconds > 0.0 || s.pending_bytes > 0 {
             out.push_str(&format!(
                 "  lag {:.1}s  pending {}\n",

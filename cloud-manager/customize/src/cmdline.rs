@@ -55,6 +55,14 @@ pub fn edit(args: &str, want: Want, path: &str, ctx: &mut Ctx<'_>) -> String {
             format!("added the serial console {}", want.target.console()),
         );
     }
+    if want.console {
+        for arg in want.target.kernel_args() {
+            if !words.iter().any(|w| w == arg) {
+                words.push(arg.to_string());
+                ctx.note(path, format!("added {arg}: needed on {}", want.target));
+            }
+        }
+    }
     if want.pin_eth_names {
         for pin in PIN_ETH_ARGS {
             let key = pin.split('=').next().unwrap_or(pin);

@@ -336,11 +336,12 @@ pub fn run(root: &Path, plan: &Plan, dry_run: bool) -> Result<Report, CustomizeE
         notes.extend(ctx.notes);
         actions.extend(ctx.actions);
     }
-    let kernel_args = if net::uses_eth_names(&tree) {
+    let mut kernel_args = if net::uses_eth_names(&tree) {
         cmdline::PIN_ETH_ARGS.map(String::from).to_vec()
     } else {
         Vec::new()
     };
+    kernel_args.extend(plan.target.kernel_args().iter().map(|a| a.to_string()));
     let mut diff = String::new();
     let mut changed = Vec::new();
     for (path, before, after) in tree.edits() {
@@ -457,6 +458,36 @@ mod tests {
             &[],
         )
         .unwrap()
+    }
+
+    /// A local clone's kernel skips the early timer check that a busy QEMU host can fail
+    /// (a kernel panic at boot); the clouds' kernels keep it.
+    #[test]
+    fn local_targets_get_no_timer_check_and_clouds_do_not() {
+        for (target, wanted) in [
+            (Target::Local, true),
+            (Target::Aws, false),
+            (Target::Azure, false),
+        ] {
+            let mut p = plan();
+            p.target = target;
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("etc/default")).unwrap();
+            let grub = dir.path().join("etc/default/grub");
+            std::fs::write(&grub, "GRUB_CMDLINE_LINUX=\"quiet\"\n").unwrap();
+            let r = run(dir.path(), &p, false).unwrap();
+            let text = std::fs::read_to_string(&grub).unwrap();
+            assert_eq!(text.contains("no_timer_check"), wanted, "{target}: {text}");
+            assert_eq!(
+                r.kernel_args.iter().any(|a| a == "no_timer_check"),
+                wanted,
+                "{target}"
+            );
+            // Applied twice, it is there once.
+            run(dir.path(), &p, false).unwrap();
+            let again = std::fs::read_to_string(&grub).unwrap();
+            assert_eq!(again.matches("no_timer_check").count(), usize::from(wanted));
+        }
     }
 
     #[test]

@@ -46,6 +46,10 @@ enum Cmd {
         /// How long a console session lasts from sign-in, e.g. 8h (default) or 30m.
         #[arg(long)]
         console_session: Option<String>,
+        /// How long received chunks stay in the chunk store after their pack was last
+        /// written, e.g. 15m (default); the replicas hold them after that.
+        #[arg(long)]
+        chunk_retention: Option<String>,
         /// local, aws or azure.
         #[arg(long)]
         provider: Option<String>,
@@ -350,6 +354,7 @@ fn main() -> ExitCode {
             console,
             console_url,
             console_session,
+            chunk_retention,
             provider,
             san,
             clone_prefix,
@@ -369,6 +374,7 @@ fn main() -> ExitCode {
                 console,
                 console_url,
                 console_session,
+                chunk_retention,
                 provider,
                 san,
                 clone_prefix,

@@ -56,6 +56,17 @@ pub fn require_operator(peer: Option<&Identity>) -> Result<&Identity> {
     }
 }
 
+/// The name of the site calling: tasks are for sites alone.
+fn require_site(peer: Option<&Identity>) -> Result<String> {
+    match peer {
+        Some(id) if id.role == Role::Site => Ok(id.name.clone()),
+        Some(id) => Err(CloudError::PermissionDenied(format!(
+            "{id} is no site: tasks are for sites"
+        ))),
+        None => Err(CloudError::Unauthenticated),
+    }
+}
+
 /// The control API is the operator's alone: one check in front of every call.
 #[allow(clippy::result_large_err)] // tonic's interceptor answers with a `Status`
 pub fn operator_only(
@@ -134,6 +145,25 @@ impl Grpc {
         let name = req.into_inner().name;
         let r = self.cloud.start_clone_op(&name, op, &operator(&who));
         self.reply(op.kind().as_str(), who, r.map(wire::job))
+    }
+
+    #[allow(clippy::result_large_err)] // what every tonic handler returns
+    fn push_job(
+        &self,
+        req: Request<pb::InstallAgentsRequest>,
+        uninstall: bool,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        let who = identity(&req);
+        let op = if uninstall {
+            "uninstall-agents"
+        } else {
+            "install-agents"
+        };
+        let r = wire::push_spec(req.into_inner()).and_then(|spec| {
+            self.cloud
+                .start_agent_push(spec, uninstall, &operator(&who))
+        });
+        self.reply(op, who, r.map(wire::job))
     }
 
     /// A call's result as its answer.
@@ -312,6 +342,41 @@ impl pb::ingest_server::Ingest for Grpc {
             self.cloud.report_discovery(id, rec)
         });
         self.reply("report-discovery", who, r.map(|()| pb::DiscoveryAck {}))
+    }
+
+    type SiteTasksStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::SiteTask, Status>> + Send>>;
+
+    async fn site_tasks(
+        &self,
+        req: Request<pb::SiteTasksRequest>,
+    ) -> Result<Response<Self::SiteTasksStream>, Status> {
+        let who = identity(&req);
+        let site = match require_site(who.as_ref()) {
+            Ok(site) => site,
+            Err(e) => return Err(self.fail("site-tasks", who.as_ref(), e)),
+        };
+        let Some(cert) = peer(&req).and_then(|p| p.cert.clone()) else {
+            return Err(self.fail("site-tasks", who.as_ref(), CloudError::Unauthenticated));
+        };
+        let rx = self.cloud.tasks.attach(&site, cert);
+        let tasks = tokio_stream::wrappers::ReceiverStream::new(rx);
+        #[allow(clippy::result_large_err)] // a stream item is what tonic takes
+        let tasks = futures::StreamExt::map(tasks, |t| Ok(pb::SiteTask::from(t)));
+        Ok(Response::new(Box::pin(tasks)))
+    }
+
+    async fn site_task_done(
+        &self,
+        req: Request<pb::SiteTaskOutcome>,
+    ) -> Result<Response<pb::SiteTaskAck>, Status> {
+        let who = identity(&req);
+        let r = require_site(who.as_ref()).and_then(|site| {
+            let outcome = (req.into_inner().try_into())
+                .map_err(|e: ferry_common::push::Malformed| CloudError::Invalid(e.to_string()))?;
+            self.cloud.tasks.done(&site, outcome)
+        });
+        self.reply("site-task-done", who, r.map(|()| pb::SiteTaskAck {}))
     }
 
     async fn progress(
@@ -746,6 +811,20 @@ impl pb::control_server::Control for Grpc {
         };
         let r = r.map(|(url, expires_unix)| pb::ConsoleLoginResponse { url, expires_unix });
         self.reply("console-login", who, r)
+    }
+
+    async fn install_agents(
+        &self,
+        req: Request<pb::InstallAgentsRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        self.push_job(req, false)
+    }
+
+    async fn uninstall_agents(
+        &self,
+        req: Request<pb::InstallAgentsRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
+        self.push_job(req, true)
     }
 
     async fn propose_app(

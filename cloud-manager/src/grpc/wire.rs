@@ -169,6 +169,7 @@ impl From<pb::RegisterRequest> for Registration {
                 .collect(),
             fresh_state: r.fresh_state,
             agent: r.agent,
+            not_carried: r.not_carried,
         }
     }
 }
@@ -280,6 +281,8 @@ impl From<SystemStatus> for pb::SystemStatus {
             last_report_unix_ms: s.report.at_ms,
             resyncs: rec.resyncs,
             resync_from: rec.resync_from,
+            agent: rec.agent,
+            not_carried: rec.not_carried,
         }
     }
 }
@@ -528,6 +531,9 @@ pub fn job(r: JobRecord) -> pb::JobInfo {
         JobResult::AppDeleted(images_deleted) => {
             R::AppDeleted(pb::DeleteAppResponse { images_deleted })
         }
+        JobResult::Hosts(hosts) => R::Hosts(pb::AgentHosts {
+            hosts: hosts.into_iter().map(agent_host).collect(),
+        }),
     });
     pb::JobInfo {
         id: r.id,
@@ -672,6 +678,42 @@ impl From<TunnelDetails> for pb::TunnelConnectResponse {
             host_key_fingerprint: t.host_key_fingerprint,
         }
     }
+}
+
+fn agent_host(h: crate::agents::AgentHost) -> pb::AgentHost {
+    pb::AgentHost {
+        system: h.system,
+        address: h.address,
+        failure: h.failure.map(|f| f.to_string()).unwrap_or_default(),
+        message: h.message,
+        facts: Some(h.facts.into()),
+    }
+}
+
+/// An install or uninstall request as the agents service takes it.
+pub fn push_spec(r: pb::InstallAgentsRequest) -> Result<crate::agents::PushSpec> {
+    let port = match r.port {
+        0 => 22,
+        p => u16::try_from(p).map_err(|_| CloudError::Invalid(format!("port {p}")))?,
+    };
+    let hosts = (r.hosts.iter())
+        .map(|h| crate::agents::parse_host(h, port))
+        .collect::<Result<Vec<_>>>()?;
+    let login = r
+        .login
+        .ok_or_else(|| CloudError::Invalid("no SSH login given".into()))?
+        .try_into()
+        .map_err(|e: ferry_common::push::Malformed| CloudError::Invalid(e.to_string()))?;
+    let agentless = r.agentless.then(|| match r.rescan_secs {
+        0 => ferry_common::push::DEFAULT_RESCAN,
+        s => std::time::Duration::from_secs(s.into()),
+    });
+    Ok(crate::agents::PushSpec {
+        hosts,
+        site: r.site,
+        login,
+        agentless,
+    })
 }
 
 #[cfg(test)]

@@ -1096,3 +1096,57 @@ fn a_renewal_is_only_for_a_certificate_whose_key_signs_it() {
     let r = ingest.renew(&site, &site_der, relayed(&web_der, &web_key));
     assert_eq!(kind(r), Kind::PermissionDenied);
 }
+
+/// The chunk store forgets what the replicas hold (its packs age out); a chunk asked
+/// about again, by the same system or another, is found where apply wrote it, checked
+/// and copied back, so it is not sent again. Once that copy changed, it is missing.
+#[tokio::test]
+async fn a_chunk_the_store_forgot_is_found_again_in_a_replica_while_unchanged() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    register(&h, "web02", "10.0.0.6/24").await;
+    let ingest = &h.cloud.ingest;
+    let data: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let hash = *blake3::hash(&data).as_bytes();
+    let stored = crate::apply::tests::stored_file(&h.chunks, b"f", &data);
+    let file = |path: &str| Entry {
+        path: path.as_bytes().to_vec(),
+        ..stored.clone()
+    };
+    let ack = ingest
+        .apply_batch(&agent("web01"), batch("web01", 1, vec![file("f")]))
+        .await
+        .unwrap();
+    assert_eq!(ack.durable_epoch, 1);
+    let forget = || assert!(h.chunks.clear(h.chunks.generation()).unwrap().is_some());
+    forget();
+    assert!(!h.chunks.has(&hash));
+    // Another system's sender asks: web01's replica holds it.
+    assert!(ingest.missing(vec![hash], true).await.unwrap().is_empty());
+    assert!(
+        h.chunks.has(&hash),
+        "copied back for the batch that relies on it"
+    );
+    let ack = ingest
+        .apply_batch(&agent("web02"), batch("web02", 1, vec![file("g")]))
+        .await
+        .unwrap();
+    assert_eq!(ack.durable_epoch, 1);
+    let web02 = h.cloud.replication.replica_path("web02", "/").unwrap();
+    assert_eq!(std::fs::read(web02.join("g")).unwrap(), data);
+    // Both copies changed behind the index's back: the hash check finds out.
+    forget();
+    let web01 = h.cloud.replication.replica_path("web01", "/").unwrap();
+    std::fs::write(web01.join("f"), vec![0u8; data.len()]).unwrap();
+    std::fs::write(web02.join("g"), b"short").unwrap();
+    assert_eq!(ingest.missing(vec![hash], true).await.unwrap(), [0]);
+    // A batch relying on a chunk that is gone is refused as such (its sender asks
+    // again and uploads it), and nothing of it is applied.
+    let r = ingest
+        .apply_batch(&agent("web02"), batch("web02", 2, vec![file("h")]))
+        .await;
+    assert_eq!(kind(r), Kind::FailedPrecondition);
+    assert!(!web02.join("h").exists());
+    let rec = h.cloud.replication.system("web02").unwrap().unwrap();
+    assert_eq!(rec.durable_epoch, 1);
+}

@@ -147,6 +147,36 @@ impl From<pb::Probe> for HostInfo {
     }
 }
 
+impl FsInfo {
+    /// Stable id of a file system: its UUID, or a digest of its mount point.
+    pub fn id(&self) -> String {
+        match &self.uuid {
+            Some(u) if !u.is_empty() => u.to_ascii_lowercase(),
+            _ => format!(
+                "mnt-{}",
+                &blake3::hash(self.mount_point.as_bytes()).to_hex()[..16]
+            ),
+        }
+    }
+}
+
+impl From<&FsInfo> for pb::FileSystem {
+    fn from(f: &FsInfo) -> Self {
+        pb::FileSystem {
+            fs_id: f.id(),
+            mount_point: f.mount_point.as_bytes().to_vec(),
+            fstype: f.fstype.clone(),
+            capacity_bytes: f.capacity_bytes,
+            used_bytes: f.used_bytes,
+            inodes_total: f.inodes_total,
+            inodes_used: f.inodes_used,
+            uuid: f.uuid.clone().unwrap_or_default(),
+            label: f.label.clone().unwrap_or_default(),
+            device: f.device.clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@ pub mod hosts;
 pub mod mountinfo;
 pub mod net;
 pub mod netstat;
+pub mod probe;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

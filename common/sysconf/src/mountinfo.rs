@@ -19,8 +19,8 @@ pub struct MountRow {
 }
 
 /// Undoes mountinfo's octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` backslash).
-pub fn unescape_octal(field: &str) -> Vec<u8> {
-    let b = field.as_bytes();
+pub fn unescape_octal(field: impl AsRef<[u8]>) -> Vec<u8> {
+    let b = field.as_ref();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {

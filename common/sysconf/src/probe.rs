@@ -1,5 +1,6 @@
-//! Probe: the agent's configuration reader (host name, OS, kernel, CPUs, memory,
-//! NICs, file systems) for the live host or for a tree given with `--root`.
+//! Probe: reads a system's configuration (host name, OS, kernel, CPUs, memory, NICs,
+//! file systems) for the live host, a tree given to the agent with `--root`, or the
+//! files a site fetched from a host it replicates agentless (with that host's facts).
 //!
 //! Everything under `root` is read the way a chroot would see it: symlinks
 //! with absolute targets are resolved inside the tree, never on the live host.
@@ -13,10 +14,10 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
-pub use ferry_sysconf::mountinfo::{parse_mountinfo, MountRow};
-use ferry_sysconf::{compare_versions, parse_shell_vars, OsInfo};
+pub use crate::mountinfo::{parse_mountinfo, MountRow};
+use crate::{compare_versions, parse_shell_vars, OsInfo};
 
-pub use ferry_sysconf::host::{BootInfo, FsInfo, HostInfo};
+pub use crate::host::{BootInfo, FsInfo, HostInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -37,7 +38,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ProbeError + '_ {
     }
 }
 
-use ferry_sysconf::net::{
+use crate::net::{
     ifcfg_device, merge_nic, new_nic, normalize_mac, parse_ifcfg, parse_interfaces, parse_netplan,
     parse_nmconnection, Nic, IFCFG_DIRS, STATIC, UNKNOWN,
 };
@@ -78,6 +79,172 @@ pub fn probe(root: &Path) -> Result<HostInfo, ProbeError> {
         boot: probe_boot(live, &filesystems),
         filesystems,
     })
+}
+
+/// What a host's own commands told a site that replicates it agentless: the parts of
+/// a probe that come from the running system rather than its files.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteFacts {
+    /// `uname -n`, `uname -r`.
+    pub nodename: String,
+    pub kernel: String,
+    /// Lines of /proc/cpuinfo starting with `processor`.
+    pub cpus: u32,
+    /// /proc/meminfo's `MemTotal:` line.
+    pub meminfo: String,
+    /// `ip -o addr show` (empty where `ip` is missing).
+    pub ip_addr: String,
+    /// `NAME MAC` lines from /sys/class/net/*/address.
+    pub macs: String,
+    /// /proc/mounts.
+    pub mounts: String,
+    /// `df -P -k` and `df -P -i`.
+    pub df_blocks: String,
+    pub df_inodes: String,
+    /// `blkid` (as root; empty where it is missing).
+    pub blkid: String,
+    /// Whether /sys/firmware/efi exists.
+    pub efi: bool,
+}
+
+/// Probes a host replicated agentless: its configuration files as fetched into `root`
+/// (regular files and directories only), and `facts` from its commands.
+pub fn probe_fetched(root: &Path, facts: &RemoteFacts) -> HostInfo {
+    let mut hostname = probe_hostname(root, false);
+    if hostname.is_empty() {
+        hostname = facts.nodename.clone();
+    }
+    let fqdn = if hostname.contains('.') {
+        hostname.clone()
+    } else {
+        read_text(root, "/etc/hosts")
+            .and_then(|hosts| fqdn_from_hosts(&hostname, &hosts))
+            .unwrap_or_else(|| hostname.clone())
+    };
+    let addresses = parse_ip_addr(&facts.ip_addr);
+    let mut live: Vec<Nic> = facts
+        .macs
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(name, _)| *name != "lo")
+        .map(|(name, mac)| {
+            let mut nic = new_nic(name);
+            nic.mac = normalize_mac(mac);
+            nic.addresses = addresses.get(name).cloned().unwrap_or_default();
+            nic
+        })
+        .collect();
+    live.sort_by(|a, b| a.name.cmp(&b.name));
+    let memory_bytes = facts
+        .meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024);
+    HostInfo {
+        hostname,
+        fqdn,
+        os: probe_os(root),
+        kernel: facts.kernel.clone(),
+        cpus: facts.cpus.max(1),
+        memory_bytes,
+        nics: merge_live_nics(live, config_nics(root)),
+        filesystems: remote_filesystems(facts),
+        boot: BootInfo {
+            firmware: if facts.efi { "efi" } else { "bios" }.into(),
+            partition_table: String::new(),
+        },
+    }
+}
+
+/// The local file systems in a host's /proc/mounts (which a 2.6.18 kernel has, where
+/// mountinfo came later), each mount point once and each device once (a bind mount of
+/// part of a file system shows its device again: the shortest mount point stands for
+/// it; btrfs subvolumes share a device and stay apart), with `df`'s sizes and `blkid`'s
+/// ids.
+fn remote_filesystems(facts: &RemoteFacts) -> Vec<FsInfo> {
+    let unescape =
+        |f: &str| String::from_utf8_lossy(&crate::mountinfo::unescape_octal(f)).into_owned();
+    let mut by_point: BTreeMap<String, FsInfo> = BTreeMap::new();
+    for line in facts.mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 3 || !is_local_fstype(f[2]) || !f[1].starts_with('/') {
+            continue;
+        }
+        let mount_point = unescape(f[1]);
+        // A later mount on the same point hides the earlier one.
+        by_point.insert(
+            mount_point.clone(),
+            FsInfo {
+                device: unescape(f[0]),
+                mount_point,
+                fstype: f[2].to_string(),
+                capacity_bytes: 0,
+                used_bytes: 0,
+                inodes_total: 0,
+                inodes_used: 0,
+                uuid: None,
+                label: None,
+            },
+        );
+    }
+    // df -P: "Filesystem 1024-blocks Used Available Capacity Mounted-on".
+    let df = |text: &str| -> HashMap<String, (u64, u64)> {
+        text.lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let point = f.get(5..)?.join(" ");
+                Some((point, (f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?)))
+            })
+            .collect()
+    };
+    let mut seen = BTreeSet::new();
+    // In mount point order, so the shortest of a device's mount points comes first.
+    by_point.retain(|_, f| f.fstype == "btrfs" || seen.insert(f.device.clone()));
+    let (blocks, inodes) = (df(&facts.df_blocks), df(&facts.df_inodes));
+    let ids = parse_blkid(&facts.blkid);
+    for fsi in by_point.values_mut() {
+        if let Some((total, used)) = blocks.get(&fsi.mount_point) {
+            fsi.capacity_bytes = total * 1024;
+            fsi.used_bytes = used * 1024;
+        }
+        if let Some((total, used)) = inodes.get(&fsi.mount_point) {
+            fsi.inodes_total = *total;
+            fsi.inodes_used = *used;
+        }
+        if let Some((uuid, label)) = ids.get(&fsi.device) {
+            fsi.uuid = uuid.clone();
+            fsi.label = label.clone();
+        }
+    }
+    by_point.into_values().collect()
+}
+
+/// `blkid`'s lines (`/dev/sda1: UUID="…" TYPE="ext4" LABEL="…"`): device → (uuid, label).
+fn parse_blkid(text: &str) -> HashMap<String, (Option<String>, Option<String>)> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let Some((dev, mut rest)) = line.split_once(": ") else {
+            continue;
+        };
+        let (mut uuid, mut label) = (None, None);
+        // KEY="value" pairs; a value may hold spaces.
+        while let Some((key, after)) = rest.trim_start().split_once("=\"") {
+            let Some((value, more)) = after.split_once('"') else {
+                break;
+            };
+            match key {
+                "UUID" if !value.is_empty() => uuid = Some(value.to_string()),
+                "LABEL" if !value.is_empty() => label = Some(value.to_string()),
+                _ => {}
+            }
+            rest = more;
+        }
+        out.insert(dev.to_string(), (uuid, label));
+    }
+    out
 }
 
 fn probe_boot(live: bool, filesystems: &[FsInfo]) -> BootInfo {
@@ -225,7 +392,7 @@ fn first_word(text: &str) -> Option<String> {
 // OS
 
 fn probe_os(root: &Path) -> OsInfo {
-    ferry_sysconf::detect_os(|rel| read_text(root, rel))
+    crate::detect_os(|rel| read_text(root, rel))
 }
 
 // ---------------------------------------------------------------------------
@@ -264,7 +431,7 @@ fn probe_hostname(root: &Path, live: bool) -> String {
 
 /// The dotted name on an /etc/hosts line that lists `hostname`, preferring `hostname.domain`.
 fn fqdn_from_hosts(hostname: &str, hosts: &str) -> Option<String> {
-    use ferry_sysconf::hosts::{parse, Line};
+    use crate::hosts::{parse, Line};
     if hostname.is_empty() {
         return None;
     }
@@ -955,6 +1122,65 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_fetched_tree_and_a_hosts_commands_make_its_probe() {
+        let dir = tree(&[
+            ("etc/redhat-release", "CentOS release 5.11 (Final)\n"),
+            ("etc/sysconfig/network", "HOSTNAME=old01.corp.example\n"),
+            (
+                "etc/sysconfig/network-scripts/ifcfg-eth0",
+                "DEVICE=eth0\nBOOTPROTO=static\nIPADDR=198.18.9.5\nNETMASK=255.255.255.0\n",
+            ),
+        ]);
+        let facts = RemoteFacts {
+            nodename: "ignored".into(),
+            kernel: "2.6.18-398.el5".into(),
+            cpus: 2,
+            meminfo: "MemTotal:        1016232 kB\n".into(),
+            ip_addr: "2: eth0    inet 198.18.9.5/24 brd 198.18.9.255 scope global eth0\n".into(),
+            macs: "eth0 52:54:00:AA:BB:CC\nlo 00:00:00:00:00:00\n".into(),
+            mounts: "rootfs / rootfs rw 0 0\n/dev/root / ext3 rw 0 0\nproc /proc proc rw 0 0\n\
+                     /dev/sda1 /boot ext3 rw 0 0\n/dev/sdb1 /srv/my\\040data xfs rw 0 0\n\
+                     /dev/sdb1 /var/www xfs rw 0 0\n"
+                .into(),
+            df_blocks: "Filesystem 1024-blocks Used Available Capacity Mounted on\n\
+                        /dev/root 1000 400 600 40% /\n/dev/sdb1 2000 1 1999 1% /srv/my data\n"
+                .into(),
+            df_inodes: "Filesystem Inodes IUsed IFree IUse% Mounted on\n/dev/root 64 10 54 16% /\n"
+                .into(),
+            blkid: "/dev/sda1: LABEL=\"my boot\" UUID=\"AB-12\" TYPE=\"ext3\"\n".into(),
+            efi: false,
+        };
+        let h = probe_fetched(dir.path(), &facts);
+        assert_eq!(h.hostname, "old01.corp.example");
+        assert_eq!(
+            (h.os.family.as_str(), h.os.version.as_str()),
+            ("rhel", "5.11")
+        );
+        assert_eq!((h.kernel.as_str(), h.cpus), ("2.6.18-398.el5", 2));
+        assert_eq!(h.memory_bytes, 1016232 * 1024);
+        assert_eq!(h.nics.len(), 1);
+        assert_eq!(h.nics[0].mac.as_deref(), Some("52:54:00:aa:bb:cc"));
+        assert_eq!(h.nics[0].config, STATIC);
+        let points: Vec<&str> = h
+            .filesystems
+            .iter()
+            .map(|f| f.mount_point.as_str())
+            .collect();
+        assert_eq!(points, ["/", "/boot", "/srv/my data"]);
+        assert_eq!(
+            (
+                h.filesystems[0].capacity_bytes,
+                h.filesystems[0].inodes_used
+            ),
+            (1000 * 1024, 10)
+        );
+        assert_eq!(h.filesystems[1].uuid.as_deref(), Some("AB-12"));
+        assert_eq!(h.filesystems[1].label.as_deref(), Some("my boot"));
+        assert_eq!(h.filesystems[2].fstype, "xfs");
+        assert_eq!(h.boot.firmware, "bios");
+    }
+
+    #[test]
     fn partition_tables_are_told_apart_by_their_signatures() {
         let mut head = [0u8; 1024];
         assert_eq!(partition_table(&head), None);
@@ -986,7 +1212,7 @@ mod tests {
             assert_eq!(partition_table(&head), Some(want));
         }
     }
-    use ferry_sysconf::{os_from_redhat_release, os_from_suse_release};
+    use crate::{os_from_redhat_release, os_from_suse_release};
     use std::cmp::Ordering;
     use std::os::unix::fs::symlink;
 
@@ -1497,7 +1723,7 @@ bad line
         );
         assert_eq!(rows[3].mount_point, Path::new("/srv/my data"));
         assert_eq!(
-            ferry_sysconf::mountinfo::unescape_octal(r"a\011b\134c\012"),
+            crate::mountinfo::unescape_octal(r"a\011b\134c\012"),
             b"a\tb\\c\n"
         );
     }
