@@ -8,6 +8,7 @@ pub mod consistency;
 pub mod discovery;
 pub mod gate;
 pub mod index;
+pub mod inodes;
 pub mod lag;
 pub mod metrics;
 pub use ferry_sysconf::probe;
@@ -189,9 +190,18 @@ pub async fn run(
         .unwrap_or(config.state_dir.clone())];
 
     let (hint_tx, mut hint_rx) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = (!config.once)
-        .then(|| Arc::new(watch::Watcher::new(hint_tx, exclude.clone(), lag.clone())));
+    let watcher = (!config.once).then(|| {
+        Arc::new(watch::Watcher::new(
+            hint_tx.clone(),
+            exclude.clone(),
+            lag.clone(),
+        ))
+    });
     let roots: Vec<PathBuf> = filesystems.iter().map(|(p, _)| p.clone()).collect();
+    // Marked before the first pass reads anything, like the directory watches.
+    let _inodes = (!config.once)
+        .then(|| inodes::InodeWatch::start(&roots, &exclude, hint_tx.clone(), lag.clone()))
+        .flatten();
     let mut summary = Summary {
         system: name.clone(),
         durable_epoch: 0,
@@ -533,6 +543,16 @@ impl Replicator<'_> {
         Ok(true)
     }
 
+    /// Every name the index of file system `fs` recorded for inode `ino`.
+    fn names_of(&self, fs: usize, ino: u64) -> Vec<Vec<u8>> {
+        let Some((_, info)) = self.filesystems.get(fs) else {
+            return Vec::new();
+        };
+        index::Index::open(&self.db, &fs_id(info))
+            .map(|idx| idx.names_of(ino))
+            .unwrap_or_default()
+    }
+
     /// Waits for what the next pass should look at; `None` once shut down.
     async fn next_work(
         &self,
@@ -558,24 +578,26 @@ impl Replicator<'_> {
             while let Ok(h) = hint_rx.try_recv() {
                 hints.push(h);
             }
-            return Some(match Work::from_hints(hints, roots) {
-                Work::Dirs(mut d) => {
-                    for (i, dirs) in retry_dirs {
-                        let into = d.entry(i).or_default();
-                        for (dir, names) in dirs {
-                            scan::mark(into, dir, names);
+            return Some(
+                match Work::from_hints(hints, roots, |fs, ino| self.names_of(fs, ino)) {
+                    Work::Dirs(mut d) => {
+                        for (i, dirs) in retry_dirs {
+                            let into = d.entry(i).or_default();
+                            for (dir, names) in dirs {
+                                scan::mark(into, dir, names);
+                            }
                         }
+                        Work::Dirs(d)
                     }
-                    Work::Dirs(d)
-                }
-                Work::Full => Work::Full,
-            });
+                    Work::Full => Work::Full,
+                },
+            );
         }
         tokio::select! {
             _ = self.shutdown.cancelled() => None,
             _ = tokio::time::sleep(interval) => Some(Work::Full),
             _ = self.gate.resync_requested() => Some(Work::Full),
-            Some(h) = hint_rx.recv() => Some(Work::from_hints(gather(h, hint_rx).await, roots)),
+            Some(h) = hint_rx.recv() => Some(Work::from_hints(gather(h, hint_rx).await, roots, |fs, ino| self.names_of(fs, ino))),
         }
     }
 }
@@ -623,12 +645,31 @@ enum Work {
 }
 
 impl Work {
-    fn from_hints(hints: Vec<watch::Hint>, roots: &[PathBuf]) -> Self {
+    /// `names_of(fs, ino)`: every name the index recorded for an inode (relative paths).
+    fn from_hints(
+        hints: Vec<watch::Hint>,
+        roots: &[PathBuf],
+        names_of: impl Fn(usize, u64) -> Vec<Vec<u8>>,
+    ) -> Self {
         use std::os::unix::ffi::OsStrExt;
         let mut dirs: DirtyDirs = Default::default();
         for h in hints {
             let (abs, name) = match h {
                 watch::Hint::Rescan => return Work::Full,
+                // A file changed through some name: each name the replica has is looked
+                // at. An inode the index does not know is new, and its name's directory
+                // reports it.
+                watch::Hint::Inode(fs, ino) => {
+                    for path in names_of(fs, ino) {
+                        let (dir, name) = match path.iter().rposition(|&b| b == b'/') {
+                            Some(i) => (path[..i].to_vec(), path[i + 1..].to_vec()),
+                            None => (Vec::new(), path),
+                        };
+                        let names = Some(std::iter::once(name).collect());
+                        scan::mark(dirs.entry(fs).or_default(), dir, names);
+                    }
+                    continue;
+                }
                 watch::Hint::Dirty(abs) => (abs, None),
                 watch::Hint::Named(abs, name) => (abs, Some(name)),
             };

@@ -110,6 +110,23 @@ fn a_hard_link_group_stays_one_inode_through_changes_through_any_name() -> Resul
         "the populated group",
         "echo changed >> home/alice/hardlink2",
     )?;
+    // A name that comes and goes between two passes: the change made through it is
+    // reported for no other name by inotify, and the agent never recorded the name.
+    for (i, how) in [
+        "echo through-a-passing-name >> g/passing",
+        "printf ZZ | dd of=g/passing bs=1 seek=3 conv=notrunc status=none",
+        "chmod 0600 g/passing",
+        "setfattr -n user.passing -v yes g/passing",
+    ]
+    .iter()
+    .enumerate()
+    {
+        run(
+            &s,
+            &format!("change {i} through a name that came and went: {how}"),
+            &format!("ln g/x/a g/passing && {how} && rm g/passing"),
+        )?;
+    }
     // Linked names across directories, renamed while the agent follows.
     run(
         &s,
