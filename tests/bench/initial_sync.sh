@@ -5,7 +5,10 @@
 #   2. rsync -aHAXS to an rsync daemon on loopback,
 #   3. tar c | tar x (the floor),
 # each into a fresh ext4 file system, with a warm page cache. Prints a markdown table.
-# Needs root. Usage: tests/bench/initial_sync.sh [WORKDIR]
+# With PERF=1 it also prints where each process spent its CPU during Ferry's copy: user
+# and system seconds, and the top symbols from `perf record` (sampling every CPU; the
+# copy runs slower under it, so take its wall time from a run without).
+# Needs root. Usage: [PERF=1] tests/bench/initial_sync.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench}
@@ -69,14 +72,32 @@ rsync_bytes=$(echo "$rs" | awk -F': ' '/Total bytes sent/ {gsub(/,/,"",$2); prin
 # ferry: agent -> site -> cloud, fresh state each run
 rm -rf "$W/cloud" "$W/site" "$W/agent"
 "$B/ferry-cloud" serve --data-dir "$W/cloud" --listen 127.0.0.1:18731 2>"$W/cloud.log" &
+cloud_pid=$!
 for _ in $(seq 1 100); do [ -f "$W/cloud/operator.toml" ] && break; sleep 0.1; done
 FERRY_TOKEN=$("$B/ferry-cloud" token create --role site --name bench --data-dir "$W/cloud") \
   "$B/ferry-site" serve --data-dir "$W/site" --listen 127.0.0.1:18732 --upstream https://127.0.0.1:18731 --name bench 2>"$W/site.log" &
+site_pid=$!
 sleep 1; sync
 tok=$("$B/ferry-cloud" token create --data-dir "$W/cloud")
+# User and system CPU seconds of a process so far (fields 14 and 15 of its stat).
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f %.2f", $14 / hz, $15 / hz}' "/proc/$1/stat"; }
+read -r cloud_u0 cloud_s0 <<<"$(cpu "$cloud_pid")"
+read -r site_u0 site_s0 <<<"$(cpu "$site_pid")"
+perf_pid= agent_perf=()
+if [ "${PERF:-0}" = 1 ]; then
+  echo 0 > /proc/sys/kernel/kptr_restrict 2>/dev/null || true
+  perf record -q -F 497 -p "$cloud_pid,$site_pid" -o "$W/perf-managers.data" 2>/dev/null &
+  perf_pid=$!
+  agent_perf=(perf record -q -F 497 -o "$W/perf-agent.data" --)
+  sleep 1
+fi
 t0=$(now)
-summary=$(FERRY_TOKEN=$tok "$B/ferry-agent" run --state-dir "$W/agent" --manager https://127.0.0.1:18732 --root "$SRC" --name bench --once 2>"$W/agent.log")
+summary=$(FERRY_TOKEN=$tok "${agent_perf[@]}" /usr/bin/time -f '%U %S' -o "$W/agent.cpu" \
+  "$B/ferry-agent" run --state-dir "$W/agent" --manager https://127.0.0.1:18732 --root "$SRC" --name bench --once 2>"$W/agent.log")
 t1=$(now)
+if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
+read -r cloud_u1 cloud_s1 <<<"$(cpu "$cloud_pid")"
+read -r site_u1 site_s1 <<<"$(cpu "$site_pid")"
 ferry_s=$(echo "$t1 - $t0" | bc)
 ferry_bytes=$(echo "$summary" | python3 -c 'import json,sys; print(json.load(sys.stdin)["chunk_wire_bytes_this_run"])')
 replica=$(FERRY_CREDENTIALS="$W/cloud/operator.toml" "$B/ferry" replica path bench /)
@@ -92,3 +113,14 @@ echo "| rsync -aHAXS to daemon | $rsync_s | $(ratio "$rsync_s" "$tar_s") | 1.00 
 echo "| ferry agent -> site -> cloud | $ferry_s | $(ratio "$ferry_s" "$tar_s") | $(ratio "$ferry_s" "$rsync_s") | $ferry_bytes (zstd chunks) |"
 echo
 echo "ferry replica vs source: $diff rsync -c differences"
+echo
+echo "CPU seconds during ferry's copy (user / system):"
+echo "- agent: $(cat "$W/agent.cpu")"
+echo "- site: $(echo "$site_u1 - $site_u0" | bc) / $(echo "$site_s1 - $site_s0" | bc)"
+echo "- cloud: $(echo "$cloud_u1 - $cloud_u0" | bc) / $(echo "$cloud_s1 - $cloud_s0" | bc)"
+if [ -n "$perf_pid" ]; then
+  top() { perf report -i "$1" "${@:2}" --stdio -q --sort dso,sym --percent-limit 1.5 2>/dev/null | head -20; }
+  echo; echo "agent, top symbols (share of its samples):"; top "$W/perf-agent.data"
+  echo; echo "site, top symbols (share of the managers' samples):"; top "$W/perf-managers.data" --pid "$site_pid"
+  echo; echo "cloud, top symbols (share of the managers' samples):"; top "$W/perf-managers.data" --pid "$cloud_pid"
+fi

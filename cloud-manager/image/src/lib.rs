@@ -844,6 +844,11 @@ fn tail(text: &str, lines: usize) -> String {
 static KVM_FAILED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 /// Under KVM a kernel prints within seconds; silence this long means a hung guest.
 const KVM_FIRST_OUTPUT: Duration = Duration::from_secs(30);
+/// Nor does a console that has printed stop growing this long under KVM while the guest
+/// boots: on some hosts KVM stops the guest right after the boot loader hands over (an
+/// emulation failure pauses it and QEMU stays up), which would otherwise cost the whole
+/// boot timeout before TCG is tried.
+const KVM_STALL: Duration = Duration::from_secs(45);
 
 /// Whether a failed attempt is KVM's fault (nested KVM aborts, emulation failures,
 /// hangs) rather than the guest's.
@@ -851,7 +856,7 @@ pub fn kvm_fault(reason: &str) -> bool {
     reason.starts_with("qemu exited")
         || reason.starts_with("cannot start qemu")
         || reason.contains("emulation failed")
-        || reason.starts_with("no console output")
+        || reason.ends_with("(hung guest)")
 }
 
 /// The accelerators to try, best first, and why KVM is not among them when it is not.
@@ -893,12 +898,27 @@ pub fn wait_for_login(
     log: &Path,
     accel: &str,
     timeout: Duration,
+    exited: impl FnMut() -> Option<String>,
+) -> Result<f64, String> {
+    wait_for_login_within(log, accel, timeout, KVM_STALL, exited)
+}
+
+/// `wait_for_login` with the longest silence a KVM guest's console may keep.
+fn wait_for_login_within(
+    log: &Path,
+    accel: &str,
+    timeout: Duration,
+    stall: Duration,
     mut exited: impl FnMut() -> Option<String>,
 ) -> Result<f64, String> {
     let start = Instant::now();
+    let (mut printed, mut grew) = (0, Instant::now());
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
+        if text.len() != printed {
+            (printed, grew) = (text.len(), Instant::now());
+        }
         if text.contains("login:") {
             return Ok(start.elapsed().as_secs_f64());
         }
@@ -915,6 +935,12 @@ pub fn wait_for_login(
             return Err(format!(
                 "no console output within {}s (hung guest)",
                 KVM_FIRST_OUTPUT.as_secs()
+            ));
+        }
+        if accel == "kvm" && !text.is_empty() && grew.elapsed() > stall {
+            return Err(format!(
+                "the console stopped for {}s under kvm (hung guest)",
+                stall.as_secs()
             ));
         }
     }
@@ -1147,6 +1173,36 @@ mod tests {
             uuid: "u".into(),
             bytes: mib << 20,
         }
+    }
+
+    /// A KVM guest whose console stops after the boot loader is a KVM fault (retried
+    /// under TCG) well before the boot timeout; under TCG the same silence is waited out.
+    #[test]
+    fn a_console_that_stops_under_kvm_is_a_kvm_fault() {
+        let t = tempfile::tempdir().unwrap();
+        let log = t.path().join("console.log");
+        std::fs::write(&log, "GNU GRUB  version 2.06\n  Booting `ferry'\n").unwrap();
+        let start = Instant::now();
+        let kvm = wait_for_login_within(
+            &log,
+            "kvm",
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+            || None,
+        );
+        let reason = kvm.unwrap_err();
+        assert!(kvm_fault(&reason), "{reason}");
+        assert!(start.elapsed() < Duration::from_secs(5), "{reason}");
+        let tcg = wait_for_login_within(
+            &log,
+            "tcg",
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+            || None,
+        );
+        let reason = tcg.unwrap_err();
+        assert!(reason.starts_with("no login prompt"), "{reason}");
+        assert!(!kvm_fault(&reason), "{reason}");
     }
 
     #[test]
