@@ -19,7 +19,7 @@ NS=ferry-bench-agentless
 SITE_IP=198.18.79.1
 HOST_IP=198.18.79.2
 RESCAN=15
-cargo build --release --workspace --bins >/dev/null
+tests/bench/build_sync_bins.sh
 TREE=$(tests/bench/ssh_host_tree.sh)
 
 cleanup() {

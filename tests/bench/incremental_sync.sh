@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench}
 B=${CARGO_TARGET_DIR:-$PWD/target}/release
 [ -f "$W/src.img" ] || { echo "run tests/bench/initial_sync.sh first" >&2; exit 1; }
-cargo build --release --workspace --bins >/dev/null
+tests/bench/build_sync_bins.sh
 
 cleanup() {
   pkill -f "ferry-(cloud|site) serve --data-dir $W/inc-" 2>/dev/null || true

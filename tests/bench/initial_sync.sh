@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench}
 B=${CARGO_TARGET_DIR:-$PWD/target}/release
 GEN=$(cd ../shared/bench && pwd)/make_bench_tree.py
-cargo build --release --workspace --bins >/dev/null
+tests/bench/build_sync_bins.sh
 
 cleanup() {
   pkill -f "ferry-(cloud|site) serve --data-dir $W" 2>/dev/null || true

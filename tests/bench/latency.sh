@@ -12,7 +12,7 @@ W=${1:-/tmp/ferry-bench}
 PROBES=${2:-200}
 B=${CARGO_TARGET_DIR:-$PWD/target}/release
 [ -f "$W/src.img" ] || { echo "run tests/bench/initial_sync.sh first" >&2; exit 1; }
-cargo build --release --workspace --bins >/dev/null
+tests/bench/build_sync_bins.sh
 
 cleanup() {
   pkill -f "ferry-agent run --state-dir $W/lat-" 2>/dev/null || true

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench-mem}
 N=${2:-1000000}
 B=${CARGO_TARGET_DIR:-$PWD/target}/release
-cargo build --release --workspace --bins >/dev/null
+tests/bench/build_sync_bins.sh
 
 cleanup() {
   pkill -f "ferry-cloud serve --data-dir $W" 2>/dev/null || true

@@ -13,7 +13,7 @@ W=${1:-/tmp/ferry-bench}
 B=${CARGO_TARGET_DIR:-$PWD/target}/release
 RETENTION=${RETENTION:-40}
 [ -f "$W/src.img" ] || { echo "run tests/bench/initial_sync.sh first" >&2; exit 1; }
-cargo build --release --workspace --bins >/dev/null
+tests/bench/build_sync_bins.sh
 
 cleanup() {
   pkill -f "ferry-(cloud|site) serve --data-dir $W/sto-" 2>/dev/null || true

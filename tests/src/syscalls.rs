@@ -42,6 +42,8 @@ const INTRODUCED: &[(&str, &str)] = &[
     ("faccessat", "2.6.16"),
     ("fadvise64", "2.6.0"),
     ("fallocate", "2.6.23"),
+    ("fanotify_init", "2.6.37"),
+    ("fanotify_mark", "2.6.37"),
     ("fchdir", "2.4"),
     ("fchmod", "2.4"),
     ("fchmodat", "2.6.16"),
@@ -99,6 +101,7 @@ const INTRODUCED: &[(&str, &str)] = &[
     ("nanosleep", "2.4"),
     ("newfstatat", "2.6.16"),
     ("open", "2.4"),
+    ("open_by_handle_at", "2.6.39"),
     ("openat", "2.6.16"),
     ("pipe", "2.4"),
     ("pipe2", "2.6.27"),
@@ -165,13 +168,17 @@ const INTRODUCED: &[(&str, &str)] = &[
 ];
 
 /// Calls the Rust standard library or the `getrandom` crate try first and replace with
-/// older ones when the kernel answers ENOSYS: they do not raise the oldest kernel.
+/// older ones when the kernel answers ENOSYS, and the agent's inode watch (fanotify),
+/// without which it relies on inotify and rescans: they do not raise the oldest kernel.
 pub const WITH_FALLBACK: &[&str] = &[
     "getrandom",
     "statx",
     "clone3",
     "copy_file_range",
     "close_range",
+    "fanotify_init",
+    "fanotify_mark",
+    "open_by_handle_at",
 ];
 
 fn version(v: &str) -> Vec<u32> {
