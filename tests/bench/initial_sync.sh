@@ -86,7 +86,7 @@ read -r site_u0 site_s0 <<<"$(cpu "$site_pid")"
 perf_pid= agent_perf=()
 if [ "${PERF:-0}" = 1 ]; then
   echo 0 > /proc/sys/kernel/kptr_restrict 2>/dev/null || true
-  perf record -q -F 497 -p "$cloud_pid,$site_pid" -o "$W/perf-managers.data" 2>/dev/null &
+  perf record -q -g -F 497 -p "$cloud_pid,$site_pid" -o "$W/perf-managers.data" 2>/dev/null &
   perf_pid=$!
   agent_perf=(perf record -q -F 497 -o "$W/perf-agent.data" --)
   sleep 1
