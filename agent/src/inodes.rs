@@ -3,44 +3,47 @@
 //! written or changed through a hard link that came and went between two passes reached
 //! no name the index knows, and the replica kept the old content until the periodic
 //! rescan. A file system mark reports the inode itself, whatever name was used; the
-//! replication loop asks the index for every name it recorded for that inode.
+//! reader turns it into the names the index recorded for that inode, as inotify hints.
+//! An inode the index does not know (a new file, a file outside the replicated tree, the
+//! agent's own state) gives no hint: its own names' directories report what matters.
 //!
 //! Without fanotify (older kernels, file systems without file handles, no
 //! `CAP_SYS_ADMIN`) the agent says so once per file system and those changes wait for
 //! the periodic rescan, as before.
+use crate::index::Index;
 use crate::watch::Hint;
 use fanotify_fid::prelude::{
     fsid_of_fd, open_by_handle_at, Fanotify, Fsid, FAN_ATTRIB, FAN_CLASS_NOTIF, FAN_CLOEXEC,
     FAN_MARK_ADD, FAN_MARK_FILESYSTEM, FAN_MODIFY, FAN_NONBLOCK, FAN_REPORT_FID,
 };
 use std::collections::BTreeSet;
-use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// How often the reader looks at its stop flag while no event comes.
 const POLL: Duration = Duration::from_millis(250);
 /// One read's worth of events; the kernel merges repeated events of one inode meanwhile.
 const READ_BUF: usize = 64 * 1024;
+/// A queue overflow loses only what this watch adds over inotify, so it asks for a full
+/// rescan at most this often (a write-heavy host would otherwise rescan over and over).
+const OVERFLOW_RESCAN: Duration = Duration::from_secs(60);
 
-/// A file system the group marks: where its handles open, and what the agent excludes.
+/// A replicated file system the group marks.
 struct Marked {
-    fs: usize,
+    root: PathBuf,
     fsid: Fsid,
-    /// The root directory: handles are opened relative to it.
-    mount: std::fs::File,
-    /// The agent's own state when it lives on this file system (found by path).
-    exclude: Vec<PathBuf>,
+    dev: u64,
+    index: Index,
 }
 
-/// The reader thread of one fanotify group; stopped and joined on drop.
+/// The reader thread of one fanotify group; it ends within `POLL` of being dropped.
 pub struct InodeWatch {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for InodeWatch {
@@ -52,19 +55,15 @@ impl std::fmt::Debug for InodeWatch {
 impl Drop for InodeWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
 impl InodeWatch {
-    /// Marks every file system in `roots` (index = the file system's number in hints)
-    /// before returning, so a pass started afterwards misses no change; `None` when
-    /// none could be marked.
+    /// Marks each file system (its root, and the index of what was sent from it) before
+    /// returning, so a pass started afterwards misses no change; `None` when none could
+    /// be marked.
     pub fn start(
-        roots: &[PathBuf],
-        exclude: &[PathBuf],
+        filesystems: Vec<(PathBuf, Index)>,
         tx: UnboundedSender<Hint>,
         lag: Arc<crate::lag::Lag>,
     ) -> Option<Self> {
@@ -77,9 +76,14 @@ impl InodeWatch {
             }
         };
         let mut marked = Vec::new();
-        for (fs, root) in roots.iter().enumerate() {
-            match mark(&fan, fs, root, exclude) {
-                Ok(m) => marked.push(m),
+        for (root, index) in filesystems {
+            match mark(&fan, &root) {
+                Ok((fsid, dev)) => marked.push(Marked {
+                    root,
+                    fsid,
+                    dev,
+                    index,
+                }),
                 Err(e) => tracing::warn!(
                     root = %root.display(),
                     error = %e,
@@ -93,15 +97,12 @@ impl InodeWatch {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("ferry-inodes".into())
             .spawn(move || read_loop(&fan, &marked, &tx, &lag, &flag))
             .map_err(|e| tracing::warn!(error = %e, "cannot start the inode watch"))
             .ok()?;
-        Some(Self {
-            stop,
-            thread: Some(thread),
-        })
+        Some(Self { stop })
     }
 }
 
@@ -114,32 +115,19 @@ enum MarkError {
     Mark(#[source] fanotify_fid::FanotifyError),
 }
 
-fn mark(
-    fan: &Fanotify,
-    fs: usize,
-    root: &std::path::Path,
-    exclude: &[PathBuf],
-) -> Result<Marked, MarkError> {
-    let mount = std::fs::File::open(root).map_err(MarkError::Root)?;
-    let fsid = fsid_of_fd(&mount).map_err(MarkError::Root)?;
-    let dev = mount.metadata().map_err(MarkError::Root)?.dev();
+/// Marks the file system holding `root`; its fsid (as events carry it) and device.
+fn mark(fan: &Fanotify, root: &Path) -> Result<(Fsid, u64), MarkError> {
+    // Opened only while marking: a descriptor kept open would make `umount` busy.
+    let dir = std::fs::File::open(root).map_err(MarkError::Root)?;
+    let fsid = fsid_of_fd(&dir).map_err(MarkError::Root)?;
+    let dev = dir.metadata().map_err(MarkError::Root)?.dev();
     fan.mark(
         FAN_MARK_ADD | FAN_MARK_FILESYSTEM,
         FAN_MODIFY | FAN_ATTRIB,
         root,
     )
     .map_err(MarkError::Mark)?;
-    let exclude = exclude
-        .iter()
-        .filter(|x| std::fs::metadata(x).is_ok_and(|m| m.dev() == dev))
-        .cloned()
-        .collect();
-    Ok(Marked {
-        fs,
-        fsid,
-        mount,
-        exclude,
-    })
+    Ok((fsid, dev))
 }
 
 fn read_loop(
@@ -150,7 +138,7 @@ fn read_loop(
     stop: &AtomicBool,
 ) {
     let mut buf = Vec::with_capacity(READ_BUF);
-    let mut overflow_logged = false;
+    let mut last_overflow: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) && !tx.is_closed() {
         match fan.wait_readable(Some(POLL)) {
             Ok(true) => {}
@@ -171,97 +159,122 @@ fn read_loop(
                 return;
             }
         };
-        // One hint per inode of the read, however many times it changed.
-        let mut changed = BTreeSet::new();
+        // Each changed object once per read, however many events it had.
+        let mut handles = BTreeSet::new();
         let mut lost = false;
         for ev in &events {
             if ev.is_overflow() {
                 lost = true;
-                continue;
-            }
-            let (Some(fsid), Some(handle)) = (ev.fsid(), ev.self_handle()) else {
-                continue;
-            };
-            let Some(m) = marked.iter().find(|m| m.fsid == fsid) else {
-                continue;
-            };
-            if let Some(ino) = inode_of(m, handle) {
-                changed.insert((m.fs, ino));
+            } else if let (Some(fsid), Some(handle)) = (ev.fsid(), ev.self_handle()) {
+                handles.insert((fsid, handle));
             }
         }
-        if lost {
-            if !std::mem::replace(&mut overflow_logged, true) {
-                tracing::warn!("fanotify queue overflowed; falling back to a rescan");
+        if lost && last_overflow.is_none_or(|t| t.elapsed() >= OVERFLOW_RESCAN) {
+            if last_overflow.is_none() {
+                tracing::warn!("fanotify queue overflowed; rescanning (at most once a minute)");
             }
+            last_overflow = Some(Instant::now());
             let _ = tx.send(Hint::Rescan);
         }
-        if !changed.is_empty() {
+        let mut hints = Vec::new();
+        for (fsid, handle) in handles {
+            for m in marked.iter().filter(|m| m.fsid == fsid) {
+                names_for(m, handle, &mut hints);
+            }
+        }
+        if !hints.is_empty() {
             lag.hint(ferry_common::now_ms());
         }
-        for (fs, ino) in changed {
-            let _ = tx.send(Hint::Inode(fs, ino));
+        for h in hints {
+            let _ = tx.send(h);
         }
     }
 }
 
-/// The inode number of a changed file that may have a name the index knows: not a
-/// directory (inotify reports their entries), not gone (its names' removals are
-/// reported), not the agent's own state.
-fn inode_of(m: &Marked, handle: &[u8]) -> Option<u64> {
-    let fd = open_by_handle_at(&m.mount, handle).ok()?;
-    let st = rustix::fs::fstat(&fd).ok()?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() {
-        return None;
+/// The hints for a changed object of `m`'s file system: every name the index recorded
+/// for its inode. None for a directory (inotify reports its entries), an object gone
+/// (its names' removals are reported), or an inode of another device (a nested btrfs
+/// subvolume shares the fsid but not the inode numbers).
+fn names_for(m: &Marked, handle: &[u8], out: &mut Vec<Hint>) {
+    let Ok(root) = std::fs::File::open(&m.root) else {
+        return;
+    };
+    let Ok(fd) = open_by_handle_at(&root, handle) else {
+        return;
+    };
+    let Ok(st) = rustix::fs::fstat(&fd) else {
+        return;
+    };
+    if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() || st.st_dev != m.dev {
+        return;
     }
-    if !m.exclude.is_empty() {
-        let path = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
-        if m.exclude.iter().any(|x| path.starts_with(x)) {
-            return None;
-        }
+    for path in m.index.names_of(st.st_ino) {
+        let (dir, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&path[..0], &path[..]),
+        };
+        let dir = match dir {
+            [] => m.root.clone(),
+            d => m.root.join(std::ffi::OsStr::from_bytes(d)),
+        };
+        out.push(Hint::Named(
+            dir,
+            std::ffi::OsStr::from_bytes(name).to_os_string(),
+        ));
     }
-    Some(st.st_ino)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A file written and chmod'ed through a second name is reported by its inode; the
-    /// excluded state directory on the same file system is not. Needs root (fanotify
-    /// file system marks); the tests run as root.
+    /// A file appended to through a name the index never recorded is reported under the
+    /// name it did record; a file the index does not know (the agent's own state, say)
+    /// gives no hint. Needs root (fanotify file system marks); the tests run as root.
     #[tokio::test]
-    async fn a_change_through_any_name_is_reported_by_inode() {
+    async fn a_change_through_an_unrecorded_name_is_reported_under_the_recorded_one() {
         let t = tempfile::tempdir().unwrap();
         let root = t.path().canonicalize().unwrap();
-        std::fs::create_dir_all(root.join("state")).unwrap();
-        std::fs::write(root.join("a"), b"x").unwrap();
-        std::fs::hard_link(root.join("a"), root.join("b")).unwrap();
-        let ino = std::fs::metadata(root.join("a")).unwrap().ino();
+        std::fs::create_dir_all(root.join("d/state")).unwrap();
+        std::fs::write(root.join("d/a"), b"x").unwrap();
+        std::fs::hard_link(root.join("d/a"), root.join("b")).unwrap();
+        // The index holds d/a only, as if b had appeared after the last pass.
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let index = Index::open(&db, "fs").unwrap();
+        let meta = std::fs::metadata(root.join("d/a")).unwrap();
+        let rec = crate::index::Record::from_meta(&meta, 1);
+        index
+            .apply(&[crate::index::Op::Put(b"d/a".to_vec(), rec)], 1)
+            .unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        // The file system holding the temp dir: its root is what gets marked.
+        // The mark covers the whole file system holding the temp dir.
         let w = InodeWatch::start(
-            std::slice::from_ref(&root),
-            &[root.join("state")],
+            vec![(root.clone(), index)],
             tx,
             Arc::new(crate::lag::Lag::default()),
         )
         .expect("fanotify file system marks (run as root)");
-        std::fs::write(root.join("state/db"), b"own state").unwrap();
+        std::fs::write(root.join("d/state/db"), b"own state").unwrap();
         std::fs::OpenOptions::new()
             .append(true)
             .open(root.join("b"))
             .and_then(|mut f| std::io::Write::write_all(&mut f, b"more"))
             .unwrap();
-        let state_ino = std::fs::metadata(root.join("state/db")).unwrap().ino();
+        let want = Hint::Named(root.join("d"), "a".into());
         let mut got = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !got.contains(&Hint::Inode(0, ino)) {
+        while !got.contains(&want) {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(h)) => got.push(h),
-                _ => panic!("no inode hint for the append through b: {got:?}"),
+                _ => panic!("no hint for d/a after the append through b: {got:?}"),
             }
         }
-        assert!(!got.contains(&Hint::Inode(0, state_ino)), "{got:?}");
+        // Everything else the file system did meanwhile named nothing of this index.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while let Ok(h) = rx.try_recv() {
+            got.push(h);
+        }
+        assert!(got.iter().all(|h| *h == want), "{got:?}");
         drop(w);
     }
 }

@@ -199,9 +199,16 @@ pub async fn run(
     });
     let roots: Vec<PathBuf> = filesystems.iter().map(|(p, _)| p.clone()).collect();
     // Marked before the first pass reads anything, like the directory watches.
-    let _inodes = (!config.once)
-        .then(|| inodes::InodeWatch::start(&roots, &exclude, hint_tx.clone(), lag.clone()))
-        .flatten();
+    let _inodes = if config.once {
+        None
+    } else {
+        let mut marked = Vec::new();
+        for (root, fs) in &filesystems {
+            let index = index::Index::open(&db, &fs_id(fs)).map_err(|e| db_err(root, e))?;
+            marked.push((root.clone(), index));
+        }
+        inodes::InodeWatch::start(marked, hint_tx.clone(), lag.clone())
+    };
     let mut summary = Summary {
         system: name.clone(),
         durable_epoch: 0,
@@ -543,16 +550,6 @@ impl Replicator<'_> {
         Ok(true)
     }
 
-    /// Every name the index of file system `fs` recorded for inode `ino`.
-    fn names_of(&self, fs: usize, ino: u64) -> Vec<Vec<u8>> {
-        let Some((_, info)) = self.filesystems.get(fs) else {
-            return Vec::new();
-        };
-        index::Index::open(&self.db, &fs_id(info))
-            .map(|idx| idx.names_of(ino))
-            .unwrap_or_default()
-    }
-
     /// Waits for what the next pass should look at; `None` once shut down.
     async fn next_work(
         &self,
@@ -578,26 +575,24 @@ impl Replicator<'_> {
             while let Ok(h) = hint_rx.try_recv() {
                 hints.push(h);
             }
-            return Some(
-                match Work::from_hints(hints, roots, |fs, ino| self.names_of(fs, ino)) {
-                    Work::Dirs(mut d) => {
-                        for (i, dirs) in retry_dirs {
-                            let into = d.entry(i).or_default();
-                            for (dir, names) in dirs {
-                                scan::mark(into, dir, names);
-                            }
+            return Some(match Work::from_hints(hints, roots) {
+                Work::Dirs(mut d) => {
+                    for (i, dirs) in retry_dirs {
+                        let into = d.entry(i).or_default();
+                        for (dir, names) in dirs {
+                            scan::mark(into, dir, names);
                         }
-                        Work::Dirs(d)
                     }
-                    Work::Full => Work::Full,
-                },
-            );
+                    Work::Dirs(d)
+                }
+                Work::Full => Work::Full,
+            });
         }
         tokio::select! {
             _ = self.shutdown.cancelled() => None,
             _ = tokio::time::sleep(interval) => Some(Work::Full),
             _ = self.gate.resync_requested() => Some(Work::Full),
-            Some(h) = hint_rx.recv() => Some(Work::from_hints(gather(h, hint_rx).await, roots, |fs, ino| self.names_of(fs, ino))),
+            Some(h) = hint_rx.recv() => Some(Work::from_hints(gather(h, hint_rx).await, roots)),
         }
     }
 }
@@ -645,31 +640,12 @@ enum Work {
 }
 
 impl Work {
-    /// `names_of(fs, ino)`: every name the index recorded for an inode (relative paths).
-    fn from_hints(
-        hints: Vec<watch::Hint>,
-        roots: &[PathBuf],
-        names_of: impl Fn(usize, u64) -> Vec<Vec<u8>>,
-    ) -> Self {
+    fn from_hints(hints: Vec<watch::Hint>, roots: &[PathBuf]) -> Self {
         use std::os::unix::ffi::OsStrExt;
         let mut dirs: DirtyDirs = Default::default();
         for h in hints {
             let (abs, name) = match h {
                 watch::Hint::Rescan => return Work::Full,
-                // A file changed through some name: each name the replica has is looked
-                // at. An inode the index does not know is new, and its name's directory
-                // reports it.
-                watch::Hint::Inode(fs, ino) => {
-                    for path in names_of(fs, ino) {
-                        let (dir, name) = match path.iter().rposition(|&b| b == b'/') {
-                            Some(i) => (path[..i].to_vec(), path[i + 1..].to_vec()),
-                            None => (Vec::new(), path),
-                        };
-                        let names = Some(std::iter::once(name).collect());
-                        scan::mark(dirs.entry(fs).or_default(), dir, names);
-                    }
-                    continue;
-                }
                 watch::Hint::Dirty(abs) => (abs, None),
                 watch::Hint::Named(abs, name) => (abs, Some(name)),
             };

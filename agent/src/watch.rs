@@ -22,9 +22,6 @@ pub enum Hint {
     Dirty(PathBuf),
     /// The entry `name` in directory `dir` (absolute) changed, appeared or went.
     Named(PathBuf, OsString),
-    /// A file of file system number `.0` (not a directory) changed, through whichever of
-    /// its names: inode `.1` (from `crate::inodes`).
-    Inode(usize, u64),
     /// Events were lost: only a rescan can tell what changed.
     Rescan,
 }

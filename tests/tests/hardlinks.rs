@@ -121,10 +121,14 @@ fn a_hard_link_group_stays_one_inode_through_changes_through_any_name() -> Resul
     .iter()
     .enumerate()
     {
+        // The agent is stopped meanwhile, so no pass can see the passing name.
+        let pid = s.agent.child.id();
         run(
             &s,
             &format!("change {i} through a name that came and went: {how}"),
-            &format!("ln g/x/a g/passing && {how} && rm g/passing"),
+            &format!(
+                "trap 'kill -CONT {pid}' EXIT; kill -STOP {pid} && ln g/x/a g/passing && {how} && rm g/passing"
+            ),
         )?;
     }
     // Linked names across directories, renamed while the agent follows.
