@@ -176,10 +176,21 @@ fn read_loop(
             last_overflow = Some(Instant::now());
             let _ = tx.send(Hint::Rescan);
         }
+        // Each root opened once per read, and closed again (an open descriptor would make
+        // `umount` busy).
+        let roots: Vec<Option<std::fs::File>> = marked
+            .iter()
+            .map(|m| {
+                let wanted = handles.iter().any(|(fsid, _)| *fsid == m.fsid);
+                wanted.then(|| std::fs::File::open(&m.root).ok()).flatten()
+            })
+            .collect();
         let mut hints = Vec::new();
         for (fsid, handle) in handles {
-            for m in marked.iter().filter(|m| m.fsid == fsid) {
-                names_for(m, handle, &mut hints);
+            for (m, root) in marked.iter().zip(&roots) {
+                if let (true, Some(root)) = (m.fsid == fsid, root) {
+                    names_for(m, root, handle, &mut hints);
+                }
             }
         }
         if !hints.is_empty() {
@@ -195,11 +206,8 @@ fn read_loop(
 /// for its inode. None for a directory (inotify reports its entries), an object gone
 /// (its names' removals are reported), or an inode of another device (a nested btrfs
 /// subvolume shares the fsid but not the inode numbers).
-fn names_for(m: &Marked, handle: &[u8], out: &mut Vec<Hint>) {
-    let Ok(root) = std::fs::File::open(&m.root) else {
-        return;
-    };
-    let Ok(fd) = open_by_handle_at(&root, handle) else {
+fn names_for(m: &Marked, root: &std::fs::File, handle: &[u8], out: &mut Vec<Hint>) {
+    let Ok(fd) = open_by_handle_at(root, handle) else {
         return;
     };
     let Ok(st) = rustix::fs::fstat(&fd) else {
