@@ -390,6 +390,36 @@ impl Prober {
     }
 }
 
+/// Four uploads of 96 MiB to the never-reading destination, and two clients that ask
+/// PostgreSQL (trust auth, protocol 3.0) for 200 MiB each and never read an answer.
+const STUCK_CLIENTS: &str = "\
+import socket,struct,threading,time
+def upload():
+    c=socket.create_connection(('127.0.0.1',50666))
+    c.sendall(b'x'*(96<<20))
+def query():
+    c=socket.create_connection(('127.0.0.1',50100))
+    p=struct.pack('!I',196608)+b'user\\0postgres\\0database\\0postgres\\0\\0'
+    c.sendall(struct.pack('!I',len(p)+4)+p)
+    q=b\"select repeat('x',1048576) from generate_series(1,200)\\0\"
+    c.sendall(b'Q'+struct.pack('!I',len(q)+4)+q)
+    time.sleep(60)
+for f in [upload]*4+[query]*2:
+    threading.Thread(target=f,daemon=True).start()
+time.sleep(60)
+";
+
+/// Resident memory of a process, in MiB.
+fn rss_mib(p: &Proc) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.child.id()))?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024)
+}
+
 /// Checks that a probe run failed only inside [from, until], and that it recovered.
 fn only_failed_during(samples: &[(Instant, bool)], from: Instant, until: Instant) -> Result<()> {
     let mut failed_inside = false;
@@ -420,22 +450,35 @@ fn only_failed_during(samples: &[(Instant, bool)], from: Instant, until: Instant
 fn link_cut_gateway_restart_and_a_silent_destination_do_not_break_the_tunnel() -> Result<()> {
     let mut s = Scene::new("t2")?;
 
-    // A destination that accepts but never answers does not slow the other services.
+    // Destinations and clients that stop reading hold back only their own connections:
+    // uploads to a destination that accepts but never reads, and clients that ask
+    // PostgreSQL for a large result and never read it, each far beyond what socket
+    // buffers hold. The other services stay fast and neither role buffers without bound.
     let mut stuck = Proc::spawn(
-        s.app_ns.cmd("python3").args([
-            "-c",
-            "import socket,time\ncs=[]\nfor i in range(20):\n    c=socket.create_connection(('127.0.0.1',50666))\n    c.setblocking(False)\n    try:\n        c.send(b'x'*(4<<20))\n    except BlockingIOError:\n        pass\n    cs.append(c)\ntime.sleep(60)\n",
-        ]),
+        s.app_ns.cmd("python3").args(["-c", STUCK_CLIENTS]),
         &s.dir.path().join("stuck.log"),
     )?;
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(3));
     for _ in 0..5 {
         let t = Instant::now();
         assert_eq!(s.psql(50100, "select 1")?, "1");
         assert!(
             t.elapsed() < Duration::from_secs(1),
-            "psql took {:?} beside a stuck service",
+            "psql took {:?} beside stuck connections",
             t.elapsed()
+        );
+    }
+    let (ent_rss, app_rss) = (
+        rss_mib(s.enterprise.as_ref().context("enterprise")?)?,
+        rss_mib(&s.app)?,
+    );
+    eprintln!("beside stuck connections: enterprise role {ent_rss} MiB, app role {app_rss} MiB");
+    // Each stuck channel may hold one 16 MiB window and its queue; unbounded buffering
+    // would hold the 384 MiB uploaded and the 400 MiB of results.
+    for (role, rss) in [("enterprise", ent_rss), ("app", app_rss)] {
+        assert!(
+            rss < 200,
+            "the {role} role holds {rss} MiB for stuck connections"
         );
     }
     stuck.kill9();
