@@ -483,6 +483,24 @@ fn link_cut_gateway_restart_and_a_silent_destination_do_not_break_the_tunnel() -
     }
     stuck.kill9();
 
+    // A reader that stalls holds its channel's window shut; once it reads again it gets
+    // every byte, in order: 64 MiB through a pipe that psql cannot write to for 3 s.
+    let q =
+        "\\copy (select i || repeat(md5(i::text), 32768) from generate_series(1,64) i) to stdout";
+    let psql = |host: &str, port: u16| {
+        format!("PGCONNECT_TIMEOUT=5 psql -h {host} -p {port} -U postgres -Atc \"{q}\" postgres")
+    };
+    let t = Instant::now();
+    let through = s.app_ns.bash(&format!(
+        "set -o pipefail; {} | (sleep 3; md5sum)",
+        psql("127.0.0.1", 50100)
+    ))?;
+    eprintln!("a stalled reader's 64 MiB arrived in {:?}", t.elapsed());
+    let direct = s
+        .ent
+        .bash(&format!("set -o pipefail; {} | md5sum", psql(ENT, 5432)))?;
+    assert_eq!(through, direct, "the stalled reader's copy differs");
+
     // Cut the enterprise-gateway link for 30 s: sessions recover by themselves.
     let probe = Prober::start(&s.app_ns.name);
     std::thread::sleep(Duration::from_secs(3));

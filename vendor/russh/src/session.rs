@@ -334,8 +334,8 @@ impl Encrypted {
     }
 
     /// Opens the channel's receive window back to `target` once it has fallen below half
-    /// of it. Called only when the channel's reader keeps up, so the window follows what
-    /// the reader took, not what arrived.
+    /// of it. Callers pass the full window less what waits for the channel's reader, so
+    /// the window follows what the reader took, not what arrived.
     pub(crate) fn replenish_window(
         &mut self,
         channel: ChannelId,

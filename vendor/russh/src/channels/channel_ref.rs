@@ -20,7 +20,20 @@ pub struct ChannelRef {
     backlog: VecDeque<ChannelMsg>,
     /// A window adjustment was held back while the backlog was not empty.
     pub(crate) window_withheld: bool,
+    /// Backlogged messages that are not data, which no window bounds.
+    backlog_other: usize,
+    /// Bytes of data in the backlog: the window offered is the target less these.
+    backlog_bytes: usize,
 }
+
+/// Backlogged data packets smaller than this are merged with the data before them, up
+/// to `MERGE_UP_TO`, so a peer's tiny packets cost an entry per 16 KiB, not one each;
+/// full-size packets are queued as they are, without a copy.
+const MERGE_BELOW: usize = 1024;
+const MERGE_UP_TO: usize = 16 * 1024;
+/// Backlogged messages other than data (requests, replies, EOF) kept at most; past this
+/// a peer is flooding a channel whose reader has stopped, and they are dropped.
+const MAX_BACKLOG_OTHER: usize = 1024;
 
 impl ChannelRef {
     pub fn new(sender: Sender<ChannelMsg>) -> Self {
@@ -29,6 +42,8 @@ impl ChannelRef {
             window_size: WindowSizeRef::new(0),
             backlog: VecDeque::new(),
             window_withheld: false,
+            backlog_other: 0,
+            backlog_bytes: 0,
         }
     }
 
@@ -39,13 +54,37 @@ impl ChannelRef {
     /// Hands `msg` to the channel's reader without waiting: when its queue is full the
     /// message waits here, behind any that already wait, so order is kept.
     pub(crate) fn deliver(&mut self, msg: ChannelMsg) {
-        if self.backlog.is_empty() {
+        let msg = if self.backlog.is_empty() {
             match self.sender.try_send(msg) {
                 Ok(()) | Err(TrySendError::Closed(_)) => return,
-                Err(TrySendError::Full(msg)) => self.backlog.push_back(msg),
+                Err(TrySendError::Full(msg)) => msg,
             }
         } else {
-            self.backlog.push_back(msg);
+            msg
+        };
+        self.push_backlog(msg);
+    }
+
+    fn push_backlog(&mut self, msg: ChannelMsg) {
+        self.backlog_bytes += data_len(&msg);
+        match (self.backlog.back_mut(), msg) {
+            (Some(ChannelMsg::Data { data: last }), ChannelMsg::Data { data })
+                if data.len() < MERGE_BELOW && last.len() + data.len() <= MERGE_UP_TO =>
+            {
+                let mut merged = bytes::BytesMut::with_capacity(last.len() + data.len());
+                merged.extend_from_slice(last);
+                merged.extend_from_slice(&data);
+                *last = merged.freeze();
+            }
+            (_, msg @ (ChannelMsg::Data { .. } | ChannelMsg::ExtendedData { .. })) => {
+                self.backlog.push_back(msg)
+            }
+            (_, msg) if self.backlog_other < MAX_BACKLOG_OTHER => {
+                self.backlog_other += 1;
+                self.backlog.push_back(msg);
+            }
+            (_, msg) => log::warn!("channel reader lags and the peer floods it: dropped {msg:?}"),
+            // (a dropped message is not data: backlog_bytes is unchanged by it)
         }
     }
 
@@ -53,9 +92,21 @@ impl ChannelRef {
     /// A reader that has gone away takes nothing: its backlog is dropped.
     pub(crate) fn drain(&mut self) -> bool {
         while let Some(msg) = self.backlog.pop_front() {
+            let len = data_len(&msg);
+            let other = !matches!(
+                msg,
+                ChannelMsg::Data { .. } | ChannelMsg::ExtendedData { .. }
+            );
             match self.sender.try_send(msg) {
-                Ok(()) => {}
-                Err(TrySendError::Closed(_)) => self.backlog.clear(),
+                Ok(()) => {
+                    self.backlog_other -= usize::from(other);
+                    self.backlog_bytes -= len;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    self.backlog_other = 0;
+                    self.backlog_bytes = 0;
+                }
                 Err(TrySendError::Full(msg)) => {
                     self.backlog.push_front(msg);
                     return false;
@@ -63,6 +114,13 @@ impl ChannelRef {
             }
         }
         true
+    }
+
+    /// The receive window to offer: `target` less what waits for the reader, so the
+    /// peer may keep sending while the reader catches up and stops once a whole window
+    /// waits here.
+    fn window_target(&self, target: u32) -> u32 {
+        target.saturating_sub(u32::try_from(self.backlog_bytes).unwrap_or(u32::MAX))
     }
 
     /// Whether messages wait for room in the reader's queue.
@@ -112,13 +170,30 @@ pub(crate) fn receive_data(
         return Ok(false);
     }
     chan.deliver(msg);
-    if chan.is_backlogged() {
-        chan.window_withheld = true;
-        return Ok(false);
-    }
+    chan.window_withheld = chan.is_backlogged();
     match enc {
-        Some(enc) => enc.replenish_window(id, target),
+        Some(enc) => enc.replenish_window(id, chan.window_target(target)),
         None => Ok(false),
+    }
+}
+
+/// Resolves as soon as the reader of some backlogged channel has taken a message (or
+/// gone away), so the loop refills that reader's queue at once instead of on its next
+/// packet or poll.
+pub(crate) fn backlog_room(
+    channels: &std::collections::HashMap<crate::ChannelId, ChannelRef>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let waits: Vec<_> = channels
+        .values()
+        .filter(|c| c.is_backlogged())
+        .map(|c| Box::pin(c.sender.clone().reserve_owned()))
+        .collect();
+    async move {
+        if waits.is_empty() {
+            return std::future::pending().await;
+        }
+        // The permit is dropped at once: the slot goes back to the queue for the drain.
+        let _ = futures::future::select_all(waits).await;
     }
 }
 
@@ -138,34 +213,54 @@ pub(crate) fn drain_backlogs(
     kex_active: bool,
 ) -> Result<(), crate::Error> {
     for (id, chan) in channels.iter_mut() {
-        if !chan.needs_drain() || !chan.drain() || kex_active {
+        if !chan.needs_drain() {
             continue;
         }
-        chan.window_withheld = false;
+        let caught_up = chan.drain();
+        if kex_active {
+            continue;
+        }
+        chan.window_withheld = !caught_up;
         if let Some(enc) = enc.as_deref_mut() {
-            enc.replenish_window(*id, target)?;
+            enc.replenish_window(*id, chan.window_target(target))?;
         }
     }
     Ok(())
 }
 
-/// Ends a channel the peer closed: `Close` follows whatever still waits, handed over by
-/// a task of its own so the session loop does not wait for a slow reader.
+/// Ends a channel the peer closed: `Close` follows whatever still waits.
 pub(crate) fn deliver_close(chan: Option<ChannelRef>) {
-    let Some(mut chan) = chan else {
-        return;
-    };
-    chan.deliver(ChannelMsg::Close);
-    if !chan.is_backlogged() {
-        return;
+    if let Some(mut chan) = chan {
+        chan.deliver(ChannelMsg::Close);
     }
-    let backlog = std::mem::take(&mut chan.backlog);
-    let sender = chan.sender.clone();
-    russh_util::runtime::spawn(async move {
-        for msg in backlog {
-            if sender.send(msg).await.is_err() {
-                break;
-            }
+}
+
+impl Drop for ChannelRef {
+    /// A channel leaves the session (closed, or the session ended) with messages still
+    /// waiting: a task of its own hands them to the reader, so the tail is not lost and
+    /// the session loop does not wait for a slow reader.
+    fn drop(&mut self) {
+        if self.backlog.is_empty() {
+            return;
         }
-    });
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backlog = std::mem::take(&mut self.backlog);
+        let sender = self.sender.clone();
+        runtime.spawn(async move {
+            for msg in backlog {
+                if sender.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn data_len(msg: &ChannelMsg) -> usize {
+    match msg {
+        ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => data.len(),
+        _ => 0,
+    }
 }

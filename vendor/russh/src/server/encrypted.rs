@@ -1622,7 +1622,9 @@ impl Session {
                     // Use try_send to avoid blocking the session loop when channel buffer is full.
                     // WindowAdjusted is informational - the critical side effect (updating
                     // WindowSizeRef and notifying ChannelTx) already happens in grow().
-                    let _ = chan.try_send(ChannelMsg::WindowAdjusted { new_size });
+                    if !chan.is_backlogged() {
+                        let _ = chan.try_send(ChannelMsg::WindowAdjusted { new_size });
+                    }
                 }
                 debug!("handler.window_adjusted {channel_num:?}");
                 handler.window_adjusted(channel_num, new_size, self).await

@@ -715,6 +715,13 @@ impl Session {
             let rekey_timer = future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
             pin!(rekey_timer);
             let backlogged = crate::channels::any_backlog(&self.channels);
+            let mut backlog_poll = false;
+            let backlog_room = crate::channels::backlog_room(&self.channels);
+            // Only while something waits: no timer per turn otherwise.
+            let backlog_poll_timer = future_or_pending(
+                backlogged.then_some(crate::channels::BACKLOG_POLL),
+                tokio::time::sleep,
+            );
 
             tokio::select! {
                 r = &mut reading => {
@@ -769,13 +776,13 @@ impl Session {
                     // The flush after the select sees the elapsed limit.
                     debug!("rekey time limit reached");
                 }
-                () = tokio::time::sleep(crate::channels::BACKLOG_POLL), if backlogged => {
-                    crate::channels::drain_backlogs(
-                        &mut self.channels,
-                        self.common.encrypted.as_mut(),
-                        self.target_window_size,
-                        self.kex.active(),
-                    )?;
+                () = backlog_room, if backlogged => {
+                    // A reader made room: the drain below refills it.
+                    backlog_poll = true;
+                }
+                () = backlog_poll_timer, if backlogged => {
+                    // Only to look at backlogs again: not activity of the peer.
+                    backlog_poll = true;
                 }
                 () = &mut keepalive_timer => {
                     self.common.alive_timeouts = self.common.alive_timeouts.saturating_add(1);
@@ -816,6 +823,16 @@ impl Session {
                     }
                 }
             }
+            if crate::channels::any_backlog(&self.channels) {
+                // Every turn, not only on the poll: a busy session would keep
+                // putting the poll off.
+                crate::channels::drain_backlogs(
+                    &mut self.channels,
+                    self.common.encrypted.as_mut(),
+                    self.target_window_size,
+                    self.kex.active(),
+                )?;
+            }
             self.flush()?;
 
             crate::flush_or_timeout(
@@ -842,6 +859,7 @@ impl Session {
                 sleep.as_mut().reset(tokio::time::Instant::now() + d);
             }
             if !sent_keepalive
+                && !backlog_poll
                 && let (futures::future::Either::Right(ref mut sleep), Some(d)) = (
                     inactivity_timer.as_mut().as_pin_mut(),
                     self.common.config.inactivity_timeout,
