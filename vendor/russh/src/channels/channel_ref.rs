@@ -31,9 +31,33 @@ pub struct ChannelRef {
 /// full-size packets are queued as they are, without a copy.
 const MERGE_BELOW: usize = 1024;
 const MERGE_UP_TO: usize = 16 * 1024;
-/// Backlogged messages other than data (requests, replies, EOF) kept at most; past this
-/// a peer is flooding a channel whose reader has stopped, and they are dropped.
+/// Backlogged requests and replies kept at most; past this a peer is flooding a channel
+/// whose reader has stopped, and they are dropped (EOF, close and exit status never are).
 const MAX_BACKLOG_OTHER: usize = 1024;
+/// Backlogged data entries kept at most: one window in full-size packets takes a few
+/// hundred; only a peer alternating tiny packets of different kinds gets near this.
+const MAX_BACKLOG_DATA_ENTRIES: usize = 65_536;
+
+/// Appends a small data packet to the backlogged entry before it, if that is data of
+/// the same kind with room; false if it is to be queued on its own.
+fn merge(last: &mut ChannelMsg, msg: &ChannelMsg) -> bool {
+    let (last, data) = match (last, msg) {
+        (ChannelMsg::Data { data: last }, ChannelMsg::Data { data }) => (last, data),
+        (
+            ChannelMsg::ExtendedData { data: last, ext: a },
+            ChannelMsg::ExtendedData { data, ext: b },
+        ) if a == b => (last, data),
+        _ => return false,
+    };
+    if data.len() >= MERGE_BELOW || last.len() + data.len() > MERGE_UP_TO {
+        return false;
+    }
+    let mut merged = bytes::BytesMut::with_capacity(last.len() + data.len());
+    merged.extend_from_slice(last);
+    merged.extend_from_slice(data);
+    *last = merged.freeze();
+    true
+}
 
 impl ChannelRef {
     pub fn new(sender: Sender<ChannelMsg>) -> Self {
@@ -66,25 +90,38 @@ impl ChannelRef {
     }
 
     fn push_backlog(&mut self, msg: ChannelMsg) {
-        self.backlog_bytes += data_len(&msg);
-        match (self.backlog.back_mut(), msg) {
-            (Some(ChannelMsg::Data { data: last }), ChannelMsg::Data { data })
-                if data.len() < MERGE_BELOW && last.len() + data.len() <= MERGE_UP_TO =>
-            {
-                let mut merged = bytes::BytesMut::with_capacity(last.len() + data.len());
-                merged.extend_from_slice(last);
-                merged.extend_from_slice(&data);
-                *last = merged.freeze();
+        let len = data_len(&msg);
+        match msg {
+            ChannelMsg::Data { .. } | ChannelMsg::ExtendedData { .. } => {
+                if len == 0 {
+                    return; // nothing to deliver, and it would cost an entry
+                }
+                if let Some(last) = self.backlog.back_mut()
+                    && merge(last, &msg)
+                {
+                    self.backlog_bytes += len;
+                    return;
+                }
+                if self.backlog.len() - self.backlog_other >= MAX_BACKLOG_DATA_ENTRIES {
+                    log::warn!("channel reader lags and the peer floods it: dropped {len} bytes");
+                    return;
+                }
+                self.backlog_bytes += len;
+                self.backlog.push_back(msg);
             }
-            (_, msg @ (ChannelMsg::Data { .. } | ChannelMsg::ExtendedData { .. })) => {
-                self.backlog.push_back(msg)
-            }
-            (_, msg) if self.backlog_other < MAX_BACKLOG_OTHER => {
+            // At most one of each per channel, and the reader must see them.
+            ChannelMsg::Eof
+            | ChannelMsg::Close
+            | ChannelMsg::ExitStatus { .. }
+            | ChannelMsg::ExitSignal { .. } => {
                 self.backlog_other += 1;
                 self.backlog.push_back(msg);
             }
-            (_, msg) => log::warn!("channel reader lags and the peer floods it: dropped {msg:?}"),
-            // (a dropped message is not data: backlog_bytes is unchanged by it)
+            msg if self.backlog_other < MAX_BACKLOG_OTHER => {
+                self.backlog_other += 1;
+                self.backlog.push_back(msg);
+            }
+            msg => log::warn!("channel reader lags and the peer floods it: dropped {msg:?}"),
         }
     }
 
@@ -195,6 +232,16 @@ pub(crate) fn backlog_room(
         // The permit is dropped at once: the slot goes back to the queue for the drain.
         let _ = futures::future::select_all(waits).await;
     }
+}
+
+/// Whether a channel's window is held back with nothing left to drain (the backlog
+/// emptied during a key exchange): only a poll reopens it.
+pub(crate) fn any_window_withheld(
+    channels: &std::collections::HashMap<crate::ChannelId, ChannelRef>,
+) -> bool {
+    channels
+        .values()
+        .any(|c| c.window_withheld && !c.is_backlogged())
 }
 
 /// Whether any channel waits for its reader.

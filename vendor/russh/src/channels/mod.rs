@@ -11,7 +11,7 @@ pub mod io;
 
 mod channel_ref;
 pub use channel_ref::ChannelRef;
-pub(crate) use channel_ref::{any_backlog, backlog_room, deliver_close, drain_backlogs, receive_data, BACKLOG_POLL};
+pub(crate) use channel_ref::{any_backlog, any_window_withheld, backlog_room, deliver_close, drain_backlogs, receive_data, BACKLOG_POLL};
 
 mod channel_stream;
 pub use channel_stream::ChannelStream;

@@ -1436,9 +1436,11 @@ impl Session {
             let backlogged = crate::channels::any_backlog(&self.channels);
             let mut backlog_poll = false;
             let backlog_room = crate::channels::backlog_room(&self.channels);
-            // Only while something waits: no timer per turn otherwise.
+            // Only for a window held back during a key exchange: a reader taking a
+            // message wakes the loop through `backlog_room`.
             let backlog_poll_timer = crate::future_or_pending(
-                backlogged.then_some(crate::channels::BACKLOG_POLL),
+                crate::channels::any_window_withheld(&self.channels)
+                    .then_some(crate::channels::BACKLOG_POLL),
                 tokio::time::sleep,
             );
             tokio::select! {
@@ -1491,7 +1493,7 @@ impl Session {
                     // A reader made room: the drain below refills it.
                     backlog_poll = true;
                 }
-                () = backlog_poll_timer, if backlogged => {
+                () = backlog_poll_timer => {
                     // Only to look at backlogs again: not activity of the peer.
                     backlog_poll = true;
                 }
