@@ -179,13 +179,14 @@ impl std::ops::Deref for ChannelRef {
     }
 }
 
-/// How often a session loop looks at backlogged channels, only while there are any.
+/// How often a session loop looks again at a window it held back during a key exchange
+/// (a reader taking a message wakes the loop through `backlog_room` otherwise).
 pub(crate) const BACKLOG_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// Hands received channel data to its reader. The window is debited now; it is opened
-/// again only if the reader took the data at once. A peer that overruns the window of a
-/// channel that already has a backlog loses that data (RFC 4254 5.2 lets a receiver
-/// ignore it), so memory per channel stays bounded by the window.
+/// Hands received channel data to its reader. The window is debited now and offered
+/// back less what waits in the backlog (`window_target`). A peer that overruns the
+/// window of a channel that already has a backlog loses that data (RFC 4254 5.2 lets a
+/// receiver ignore it), so memory per channel stays bounded by the window.
 pub(crate) fn receive_data(
     channels: &mut std::collections::HashMap<crate::ChannelId, ChannelRef>,
     enc: Option<&mut crate::session::Encrypted>,
