@@ -1063,27 +1063,8 @@ pub fn data_runs(f: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)
     Ok(runs)
 }
 
-fn parse_names(list: &[u8]) -> impl Iterator<Item = &[u8]> {
-    list.split(|&b| b == 0).filter(|n| !n.is_empty())
-}
-
 fn read_fd_xattrs(f: &std::fs::File) -> Vec<Xattr> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let Ok(n) = rustix::fs::flistxattr(f, &mut buf[..]) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for name in parse_names(&buf[..n]) {
-        let mut val = vec![0u8; 64 * 1024];
-        if let Ok(len) = rustix::fs::fgetxattr(f, name, &mut val[..]) {
-            val.truncate(len);
-            out.push(Xattr {
-                name: name.to_vec(),
-                value: val,
-            });
-        }
-    }
-    out
+    ferry_common::xattrs::of_fd(f)
 }
 
 fn read_xattrs(p: &Path) -> Vec<Xattr> {
@@ -1094,22 +1075,7 @@ fn read_xattrs(p: &Path) -> Vec<Xattr> {
 }
 
 fn read_link_xattrs(p: &Path) -> Vec<Xattr> {
-    let mut buf = vec![0u8; 64 * 1024];
-    let Ok(n) = rustix::fs::llistxattr(p, &mut buf[..]) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for name in parse_names(&buf[..n]) {
-        let mut val = vec![0u8; 64 * 1024];
-        if let Ok(len) = rustix::fs::lgetxattr(p, name, &mut val[..]) {
-            val.truncate(len);
-            out.push(Xattr {
-                name: name.to_vec(),
-                value: val,
-            });
-        }
-    }
-    out
+    ferry_common::xattrs::of_path(p)
 }
 
 #[cfg(test)]

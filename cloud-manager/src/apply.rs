@@ -1,6 +1,7 @@
 //! Applies a batch of entries to a mounted replica volume, crash-safely: every file is
 //! built in a temp file beside its target, given its metadata, then renamed into place.
-//! The caller makes the batch durable with one `syncfs`.
+//! The caller makes the batch durable with one `syncfs`. The same code brings a kept
+//! copy up to date from the replica (`mirror`), the bytes then read from the replica.
 use ferry_common::chunks::{ChunkError, ChunkStore};
 use ferry_common::entry::{validate, EntryError};
 use ferry_common::safepath::{self, PathError, Root};
@@ -64,6 +65,15 @@ fn show(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
 
+/// Where a file entry's bytes come from.
+#[derive(Clone, Copy)]
+enum Source<'a> {
+    /// The chunks its segments name (a batch from an agent).
+    Chunks(&'a ChunkStore),
+    /// The file of the same path in another tree, `size` bytes of it.
+    Tree(&'a Root),
+}
+
 /// Applies entries in order under `root`. `resumed`: this batch was being applied when
 /// the manager stopped, so a rename whose source is gone may already be done.
 pub fn apply(
@@ -87,7 +97,7 @@ pub fn apply(
             done.file_bytes += apply_run(root, chunks, run, resumed)?;
         } else {
             for e in run {
-                done.file_bytes += apply_one(root, chunks, e, resumed)?;
+                done.file_bytes += apply_one(root, Source::Chunks(chunks), e, resumed)?;
             }
         }
         done.entries += run.len() as u64;
@@ -217,7 +227,7 @@ fn apply_run(
                         let Some(e) = files.get(i) else {
                             return Ok(bytes);
                         };
-                        match apply_one(root, chunks, e, resumed) {
+                        match apply_one(root, Source::Chunks(chunks), e, resumed) {
                             Ok(n) => bytes += n,
                             Err(err) => {
                                 // The others stop too: the batch is retried as a whole.
@@ -323,6 +333,65 @@ fn write_segments(fd: &OwnedFd, chunks: &ChunkStore, e: &Entry) -> Result<u64, A
         }
     }
     Ok(written)
+}
+
+/// Copies the entry's file from `from` (the same path there) into `fd`: its data ranges,
+/// in the kernel. The file there must still be a regular file of the entry's size.
+fn copy_from_tree(fd: &OwnedFd, from: &Root, e: &Entry) -> Result<u64, ApplyError> {
+    let path = e.path.as_slice();
+    let (dir, name) = from
+        .parent(path, false)?
+        .ok_or_else(|| ApplyError::Invalid {
+            path: show(path),
+            message: "the root is not a file".into(),
+        })?;
+    let src = rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io_at(path, "open the source"))?;
+    let st = rustix::fs::fstat(&src).map_err(io_at(path, "stat the source"))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_size as u64 != e.size {
+        return Err(ApplyError::Invalid {
+            path: show(path),
+            message: "the source changed while it was copied".into(),
+        });
+    }
+    ferry_common::sparse::copy_data(&src, fd, e.size, 0).map_err(|errno| ApplyError::Io {
+        path: show(path),
+        op: "copy",
+        errno,
+    })?;
+    Ok(e.size)
+}
+
+/// Makes `entries` (paths in both trees, in path order) under `root` what they are under
+/// `from`: file bytes are copied from there, the rest comes from the entries. Directory
+/// entries are metadata only (what went is in the entries as deletes); their times are
+/// set again last, deepest first, after what was written inside them.
+pub fn mirror(root: &Root, from: &Root, entries: &[Entry]) -> Result<Applied, ApplyError> {
+    for e in entries {
+        validate(e)?;
+        if e.kind == EntryKind::Dir as i32 || e.kind == EntryKind::Rename as i32 {
+            return Err(ApplyError::Invalid {
+                path: show(&e.path),
+                message: "a mirror takes directory metadata, not listings or renames".into(),
+            });
+        }
+    }
+    let mut done = Applied::default();
+    for e in entries {
+        done.file_bytes += apply_one(root, Source::Tree(from), e, false)?;
+        done.entries += 1;
+    }
+    for e in entries.iter().rev() {
+        if e.kind == EntryKind::DirMeta as i32 {
+            apply_dir(root, e, false)?;
+        }
+    }
+    Ok(done)
 }
 
 /// Whole files this large may have been sent in parts before (a pass cut short, a file
@@ -441,12 +510,7 @@ fn apply_part(
     Ok(written)
 }
 
-fn apply_one(
-    root: &Root,
-    chunks: &ChunkStore,
-    e: &Entry,
-    resumed: bool,
-) -> Result<u64, ApplyError> {
+fn apply_one(root: &Root, src: Source<'_>, e: &Entry, resumed: bool) -> Result<u64, ApplyError> {
     let kind = EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified);
     let path = e.path.as_slice();
     if kind == EntryKind::Delete {
@@ -460,6 +524,12 @@ fn apply_one(
         return Ok(0);
     }
     if kind == EntryKind::File && (e.part > 0 || e.more_parts) {
+        let Source::Chunks(chunks) = src else {
+            return Err(ApplyError::Invalid {
+                path: show(path),
+                message: "a file in parts from a tree".into(),
+            });
+        };
         return apply_part(root, chunks, e, resumed);
     }
     if kind == EntryKind::Rename {
@@ -489,7 +559,10 @@ fn apply_one(
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(io_at(path, "create"))?;
-                written += write_segments(&fd, chunks, e)?;
+                written += match src {
+                    Source::Chunks(chunks) => write_segments(&fd, chunks, e)?,
+                    Source::Tree(from) => copy_from_tree(&fd, from, e)?,
+                };
                 rustix::fs::ftruncate(&fd, e.size).map_err(io_at(path, "truncate"))?;
                 set_meta_fd(&fd, e)?;
             }

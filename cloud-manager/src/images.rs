@@ -3,6 +3,7 @@
 //! file database, and the sweep of what a crashed build left behind.
 use crate::error::{blocking, built_in, CloudError, Result};
 use crate::jobs::JobCtx;
+use crate::kept;
 use crate::prepare;
 use crate::providers::Providers;
 use crate::replication::Replication;
@@ -163,20 +164,35 @@ impl Images {
             plan.gateway = spec.gateway.clone();
         }
         let work = self.data_dir.join("prepared").join(&rec.name);
+        // A dry run leaves the copy as the replica was: it is not kept for the next build.
+        let key = (!spec.dry_run).then(|| kept::plan_key(&plan));
         job.check()?;
         job.step(&format!("copy the replicas of {}", rec.name));
-        let (images, epoch) = self.copy_replicas(&rec, &work).await?;
-        job.log(&format!(
-            "{}: {} file system(s) copied at epoch {epoch}",
-            rec.name,
-            images.len()
-        ));
+        let (images, epoch, refreshed) = self.copy_replicas(&rec, &work, key.clone()).await?;
+        job.log(&match &refreshed {
+            Some(r) => format!(
+                "{}: the copy kept from the last build brought up to epoch {epoch}: {} path(s) changed, {} byte(s) copied{}",
+                rec.name,
+                r.paths,
+                r.bytes,
+                if r.initrds_rebuilt {
+                    "; kernels or initrd configuration changed, the initrds are built again"
+                } else {
+                    ""
+                }
+            ),
+            None => format!(
+                "{}: {} file system(s) copied at epoch {epoch}",
+                rec.name,
+                images.len()
+            ),
+        });
+        if let Some(r) = &refreshed {
+            tracing::info!(system = %rec.name, epoch, paths = r.paths, bytes = r.bytes, initrds_rebuilt = r.initrds_rebuilt, "kept copy brought up to date");
+        }
         // A copy that is not customized yet is no use to anyone: a cancel removes it.
         let drop_copy = |work: &std::path::Path| {
-            for (_, image) in &images {
-                let _ = std::fs::remove_file(image);
-            }
-            let _ = std::fs::remove_dir(work);
+            let _ = std::fs::remove_dir_all(work);
         };
         if job.check().is_err() {
             drop_copy(&work);
@@ -194,6 +210,12 @@ impl Images {
             drop_copy(&work);
             return Err(CloudError::Cancelled);
         }
+        if let Some(key) = &key {
+            let fss: Vec<FsRecord> = images.iter().map(|(f, _)| f.clone()).collect();
+            if let Err(e) = kept::keep(&work, key, &fss) {
+                tracing::warn!(system = %rec.name, error = %e, "the customized copy is not kept for the next build");
+            }
+        }
         tracing::info!(system = %rec.name, epoch, target = %spec.target, changed = report.changed.len(), "copy customized");
         job.log(&format!(
             "{}: {} change(s) for {}",
@@ -209,18 +231,41 @@ impl Images {
     }
 
     /// A consistent copy of every replica of a system into `work`: no batch is applied
-    /// to it while its images are read.
+    /// to it while its images are read. With `key` (the plan), the copy kept from the
+    /// last build for that plan is brought up to date instead when there is one, and the
+    /// replicas' signatures are saved for the next build.
     async fn copy_replicas(
         &self,
         rec: &SystemRecord,
         work: &std::path::Path,
-    ) -> Result<(Vec<(FsRecord, PathBuf)>, u64)> {
+        key: Option<String>,
+    ) -> Result<(Vec<(FsRecord, PathBuf)>, u64, Option<kept::Refreshed>)> {
         let lock = self.replication.lock(&rec.name);
         let _g = lock.lock().await;
         let rec = self.replication.system(&rec.name)?.unwrap_or(rec.clone());
         let (work, volumes) = (work.to_path_buf(), self.replication.volumes().clone());
         let (fss, name) = (rec.filesystems.clone(), rec.name.clone());
-        let images = blocking(move || -> Result<Vec<(FsRecord, PathBuf)>> {
+        let (images, refreshed) = blocking(move || -> Result<_> {
+            if let Some(key) = &key {
+                let replicas: Vec<kept::Replica<'_>> = fss
+                    .iter()
+                    .map(|fs| kept::Replica {
+                        fs,
+                        image: volumes.image(&name, &fs.fs_id),
+                        mount: volumes.mount_point(&name, &fs.fs_id),
+                    })
+                    .collect();
+                match kept::refresh(&work, key, &replicas) {
+                    Ok(Some(r)) => {
+                        let images = fss.iter().cloned().zip(r.images.clone()).collect();
+                        return Ok((images, Some(r)));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(system = %name, error = %e, "the kept copy could not be brought up to date: the replicas are copied whole");
+                    }
+                }
+            }
             // Left by a manager that stopped mid-customization: its mounts, and the
             // shared bind of the directory they are under.
             for left in [work.join("root"), work.clone()] {
@@ -246,12 +291,19 @@ impl Images {
                 }
                 let to = work.join(format!("{}.img", fs.fs_id));
                 prepare::copy_image(&volumes.image(&name, &fs.fs_id), &to)?;
+                if key.is_some() && crate::volumes::is_mounted(&mnt) {
+                    let saved = kept::signature(&mnt)
+                        .and_then(|sig| kept::save_signature(&work, &fs.fs_id, &sig));
+                    if let Err(e) = saved {
+                        tracing::warn!(system = %name, fs = %fs.fs_id, error = %e, "no signature of the replica: the next build copies it whole");
+                    }
+                }
                 out.push((fs, to));
             }
-            Ok(out)
+            Ok((out, None))
         })
         .await?;
-        Ok((images, rec.durable_epoch))
+        Ok((images, rec.durable_epoch, refreshed))
     }
 
     /// Prepares the system's copy, assembles its qcow2 and boot-checks it, then

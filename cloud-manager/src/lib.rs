@@ -22,6 +22,7 @@ pub mod grpc;
 pub mod images;
 pub mod ingest;
 pub mod jobs;
+pub mod kept;
 pub mod located;
 pub mod metrics;
 pub mod prepare;

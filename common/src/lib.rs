@@ -20,12 +20,14 @@ pub mod push;
 pub mod revoke;
 pub mod safepath;
 pub mod shutdown;
+pub mod sparse;
 pub mod standard;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod version;
+pub mod xattrs;
 
 /// Current time as Unix milliseconds.
 pub fn now_ms() -> i64 {

@@ -201,27 +201,53 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         "moto holds what was sent: {seen}"
     );
 
-    // A changed system: the next image sends only the blocks that changed since the
-    // parent snapshot.
-    std::fs::write(web.mnt.join("etc/motd"), "changed after the first image\n")?;
+    // A changed system: one 1 MiB file. The next image starts from the copy the last
+    // build customized (its initrds stay as they were), and sends only the blocks that
+    // changed since the parent snapshot: at most 8 MiB (issue 20).
+    let token: u64 = rand::random();
+    let changed: String = (0..16_384)
+        .map(|i| format!("{token:016x} {i:046}\n"))
+        .collect();
+    assert_eq!(changed.len(), 1 << 20);
+    std::fs::write(web.mnt.join("srv/changed.txt"), &changed)?;
     agent(&web, "web")?;
-    let again = cloud.ferry_json(&["image", "build", "web", "--target", "aws"])?;
-    let inc = &again[0];
+    let again = cloud.ferry_json(&["image", "build", "shop"])?;
+    let (inc, db_inc) = (&again[0], &again[1]);
     assert_eq!(
         inc["parent_snapshot"], web_img["provider_snapshot"],
         "{inc}"
     );
+    // The system that did not change sends next to nothing.
+    assert_eq!(
+        db_inc["parent_snapshot"], db_img["provider_snapshot"],
+        "{db_inc}"
+    );
+    let db_bytes = db_inc["uploaded_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        db_bytes <= 8 << 20,
+        "unchanged db: {db_bytes} bytes uploaded"
+    );
     let inc_bytes = inc["uploaded_bytes"].as_u64().unwrap_or(0);
     assert!(
-        inc_bytes > 0 && inc_bytes * 4 < full,
-        "incremental {inc_bytes} vs full {full}"
+        inc_bytes > 0 && inc_bytes <= 8 << 20,
+        "incremental {inc_bytes} vs full {full}: more than 8 MiB for a 1 MiB change"
     );
+    assert_eq!(
+        file_in_image(&s(&inc["path"]), "/srv/changed.txt", t)?,
+        changed,
+        "the changed file in the next image"
+    );
+    // The kept copy was customized again: the gateway is still in the image.
+    let gw_again = file_in_image(&s(&inc["path"]), "/etc/ferry/tunnel-gateway.ini", t)?;
+    assert_eq!(gw_again, gw);
     let inc_blocks = moto.ask(&format!(
         "out = len(ebs.list_snapshot_blocks(SnapshotId='{}', MaxResults=10000)['Blocks'])",
         s(&inc["provider_snapshot"])
     ))?;
     assert_eq!(inc_blocks.as_u64(), Some(inc_bytes / BLOCK));
-    println!("aws upload: full {full} bytes, incremental {inc_bytes} bytes");
+    println!(
+        "aws upload: full {full} bytes, incremental {inc_bytes} bytes (1 MiB file changed), unchanged system {db_bytes} bytes"
+    );
 
     // A clone: its own VPC with the enterprise range, the enterprise addresses, a public
     // address on the public system only, the load balancer's target group.
@@ -242,8 +268,13 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
     assert_eq!(got["cidrs"], serde_json::json!(["198.18.80.0/24"]), "{got}");
     assert_eq!(got["inst"][&web_id]["ip"], "198.18.80.10", "{got}");
     assert_eq!(got["inst"][&db_id]["ip"], "198.18.80.20", "{got}");
+    // The app's newest images.
     assert_eq!(
-        got["inst"][&web_id]["image"], web_img["provider_image"],
+        got["inst"][&web_id]["image"], inc["provider_image"],
+        "{got}"
+    );
+    assert_eq!(
+        got["inst"][&db_id]["image"], db_inc["provider_image"],
         "{got}"
     );
     // Sized from the source's probe (CPUs, memory), and moto ran what Ferry reports.
@@ -453,16 +484,8 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         serde_json::json!({"vpcs": 0, "inst": 0, "eips": 0, "lbs": 0, "tgs": 0})
     );
 
-    // Deleting the app deregisters its AMIs and deletes their snapshots; so does
-    // deleting the system's own image.
-    let out = Command::new(bin("ferry"))
-        .arg("--credentials")
-        .arg(cloud.creds())
-        .args(["app", "delete", "shop"])
-        .output()?;
-    if !out.status.success() {
-        bail!("app delete: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    // Deleting one image deregisters its AMI and deletes its snapshot; deleting the app
+    // does so for the rest of its images.
     let out = Command::new(bin("ferry"))
         .arg("--credentials")
         .arg(cloud.creds())
@@ -471,7 +494,15 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
     if !out.status.success() {
         bail!("image delete: {}", String::from_utf8_lossy(&out.stderr));
     }
-    let ours: Vec<String> = [web_img, db_img, inc]
+    let out = Command::new(bin("ferry"))
+        .arg("--credentials")
+        .arg(cloud.creds())
+        .args(["app", "delete", "shop"])
+        .output()?;
+    if !out.status.success() {
+        bail!("app delete: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let ours: Vec<String> = [web_img, db_img, inc, db_inc]
         .iter()
         .map(|i| s(&i["provider_snapshot"]))
         .collect();

@@ -6,7 +6,8 @@
 use super::filedb::FileDb;
 use super::{Ctx, Found, Tree};
 
-const STAMP: &str = "/etc/ferry/initrd.stamp";
+/// What the initrds were last built for; without it the next run rebuilds them.
+pub const STAMP: &str = "/etc/ferry/initrd.stamp";
 const INITRAMFS_MODULES: &str = "/etc/initramfs-tools/modules";
 const DRACUT_CONF: &str = "/etc/dracut.conf.d/90-ferry.conf";
 /// Where this step's notes point.

@@ -568,48 +568,13 @@ fn write_partitions(
 /// the kernel (`copy_file_range`: shared extents where the file system can, no trip
 /// through user space where it cannot).
 fn place(image: &Path, raw: &Path, at: u64) -> Result<(), ImageError> {
-    use rustix::fs::{copy_file_range, seek, SeekFrom};
     let src = std::fs::File::open(image).map_err(io(image))?;
     let dst = std::fs::OpenOptions::new()
         .write(true)
         .open(raw)
         .map_err(io(raw))?;
     let len = src.metadata().map_err(io(image))?.len();
-    fn errno(path: &Path) -> impl Fn(rustix::io::Errno) -> ImageError + '_ {
-        move |e| ImageError::Io {
-            path: path.to_path_buf(),
-            source: e.into(),
-        }
-    }
-    let mut pos = 0u64;
-    while pos < len {
-        // The next data range [data, hole); none left past the last one.
-        let data = match seek(&src, SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(errno(image)(e)),
-        };
-        let hole = seek(&src, SeekFrom::Hole(data)).map_err(errno(image))?;
-        let (mut from, mut to) = (data, at + data);
-        while from < hole {
-            let want = usize::try_from(hole - from)
-                .unwrap_or(usize::MAX)
-                .min(1 << 30);
-            let n = copy_file_range(&src, Some(&mut from), &dst, Some(&mut to), want)
-                .map_err(errno(raw))?;
-            if n == 0 {
-                return Err(ImageError::Io {
-                    path: image.to_path_buf(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the image ended while it was copied",
-                    ),
-                });
-            }
-        }
-        pos = hole;
-    }
-    Ok(())
+    ferry_common::sparse::copy_data(&src, &dst, len, at).map_err(io(image))
 }
 
 /// Mounts the boot file system (`span` of `raw`) and finds its kernel. Writes Ferry's
