@@ -508,6 +508,104 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     .trim()
     .is_empty());
 
+    // The next build starts from the copy the last one customized and kept: the
+    // source's changes reach it (a new file, a removed one, an edited one), and a change
+    // to the initrd tools' configuration builds the initrds again.
+    let initrd = |root: &Path| -> Result<Vec<PathBuf>> {
+        Ok(std::fs::read_dir(root.join("boot"))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains("initrd.img-"))
+            .collect())
+    };
+    let peek = |what: &dyn Fn(&Path) -> Result<String>| -> Result<String> {
+        let mut tries = 0;
+        while let Err(e) = sh(Command::new("mount")
+            .args(["-o", "ro,loop"])
+            .arg(&copy)
+            .arg(&mnt))
+        {
+            tries += 1;
+            ensure!(tries < 5 && e.to_string().contains("busy"), "{e}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let got = what(&mnt);
+        sh(Command::new("umount").arg(&mnt))?;
+        got
+    };
+    let initrd_before = peek(&|m| {
+        let f = initrd(m)?;
+        Ok(format!("{:?}", std::fs::metadata(&f[0])?.modified()?))
+    })?;
+    std::fs::write(src.mnt.join("srv/new.txt"), "new after the first image\n")?;
+    std::fs::remove_file(src.mnt.join("etc/hostname"))?;
+    std::fs::write(src.mnt.join("etc/hostname"), "web01-renamed\n")?;
+    std::fs::remove_file(src.mnt.join("etc/motd"))?;
+    agent_once(
+        &t.join("agent"),
+        &cloud.url(),
+        Some(&cloud.token()?),
+        &src.mnt,
+        "web01",
+    )?;
+    let job = cloud.ferry_json(&["image", "build", "shop", "--no-boot-check", "--no-wait"])?;
+    let job_id = job["id"].as_str().unwrap_or_default().to_string();
+    cloud.ferry_json(&["job", "wait", &job_id])?;
+    let log = cloud.ferry_json(&["job", "show", &job_id])?["log"].to_string();
+    assert!(
+        log.contains("the copy kept from the last build brought up to epoch")
+            && !log.contains("initrds are built again"),
+        "{log}"
+    );
+    let seen = peek(&|m| {
+        Ok(format!(
+            "{}|{}|{}",
+            std::fs::read_to_string(m.join("srv/new.txt"))?,
+            std::fs::read_to_string(m.join("etc/hostname"))?,
+            m.join("etc/motd").exists()
+        ))
+    })?;
+    assert_eq!(seen, "new after the first image\n|web01-renamed\n|false");
+    // The customization the copy kept is still there.
+    assert!(peek(&|m| Ok(std::fs::read_to_string(
+        m.join("etc/ferry/tunnel-services.ini")
+    )?))?
+    .contains("real_server_port=389"));
+    assert_eq!(
+        peek(&|m| Ok(format!(
+            "{:?}",
+            std::fs::metadata(&initrd(m)?[0])?.modified()?
+        )))?,
+        initrd_before,
+        "the initrd was rebuilt though no kernel or its configuration changed"
+    );
+    let modules = src.mnt.join("etc/initramfs-tools/modules");
+    let mut text = std::fs::read_to_string(&modules).unwrap_or_default();
+    text.push_str("# edited on the source\n");
+    std::fs::write(&modules, text)?;
+    agent_once(
+        &t.join("agent"),
+        &cloud.url(),
+        Some(&cloud.token()?),
+        &src.mnt,
+        "web01",
+    )?;
+    let job = cloud.ferry_json(&["image", "build", "shop", "--no-boot-check", "--no-wait"])?;
+    let job_id = job["id"].as_str().unwrap_or_default().to_string();
+    cloud.ferry_json(&["job", "wait", &job_id])?;
+    let log = cloud.ferry_json(&["job", "show", &job_id])?["log"].to_string();
+    assert!(log.contains("initrds are built again"), "{log}");
+    assert_ne!(
+        peek(&|m| Ok(format!(
+            "{:?}",
+            std::fs::metadata(&initrd(m)?[0])?.modified()?
+        )))?,
+        initrd_before,
+        "the initrd was not rebuilt after its configuration changed"
+    );
+    let built = cloud.ferry_json(&["image", "list"])?;
+    assert_eq!(built.as_array().map(Vec::len), Some(3), "{built}");
+
     // A system's own image, unchecked, beside the app's; deleting the app removes only
     // the app's image.
     let single = cloud.ferry_json(&["image", "build", "web01", "--no-boot-check"])?;
@@ -517,7 +615,7 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
             .ferry_json(&["image", "list"])?
             .as_array()
             .map(Vec::len),
-        Some(2)
+        Some(4)
     );
     let out = ferry(&cloud, &["app", "delete", "shop"]);
     ensure!(
