@@ -163,8 +163,12 @@ impl Images {
             plan.tunnel = Some(ferry_customize::TunnelInstall::issue(&dir)?);
             plan.gateway = spec.gateway.clone();
         }
-        let work = self.data_dir.join("prepared").join(&rec.name);
-        // A dry run leaves the copy as the replica was: it is not kept for the next build.
+        // A dry run works on a copy of its own, removed once it has reported: the copy
+        // kept for the next build stays as it was.
+        let work = self
+            .data_dir
+            .join(if spec.dry_run { "previews" } else { "prepared" })
+            .join(&rec.name);
         let key = (!spec.dry_run).then(|| kept::plan_key(&plan));
         job.check()?;
         job.step(&format!("copy the replicas of {}", rec.name));
@@ -223,6 +227,14 @@ impl Images {
             report.changed.len(),
             spec.target
         ));
+        if spec.dry_run {
+            drop_copy(&work);
+            return Ok(Prepared {
+                epoch,
+                images: Vec::new(),
+                report,
+            });
+        }
         Ok(Prepared {
             epoch,
             images: images.into_iter().map(|(_, p)| p).collect(),

@@ -579,6 +579,18 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
         initrd_before,
         "the initrd was rebuilt though no kernel or its configuration changed"
     );
+    // A preview (dry run) between builds works on its own copy, which it removes, and
+    // leaves the kept one to the next build.
+    let preview = cloud.ferry_json(&[
+        "systems",
+        "customize",
+        "web01",
+        "--target",
+        "local",
+        "--dry-run",
+    ])?;
+    assert_eq!(preview["images"], serde_json::json!([]), "{preview}");
+    assert!(!t.join("cloud/previews/web01").exists());
     let modules = src.mnt.join("etc/initramfs-tools/modules");
     let mut text = std::fs::read_to_string(&modules).unwrap_or_default();
     text.push_str("# edited on the source\n");
@@ -594,7 +606,11 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     let job_id = job["id"].as_str().unwrap_or_default().to_string();
     cloud.ferry_json(&["job", "wait", &job_id])?;
     let log = cloud.ferry_json(&["job", "show", &job_id])?["log"].to_string();
-    assert!(log.contains("initrds are built again"), "{log}");
+    assert!(
+        log.contains("the copy kept from the last build brought up to epoch")
+            && log.contains("initrds are built again"),
+        "{log}"
+    );
     assert_ne!(
         peek(&|m| Ok(format!(
             "{:?}",
