@@ -245,13 +245,16 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
         .arg(&src.mnt))?;
     std::fs::write(src.mnt.join("etc/hostname"), "web01\n")?;
     let cloud = CloudMgr::start(&t.join("cloud"))?;
-    agent_once(
-        &t.join("agent"),
-        &cloud.url(),
-        Some(&cloud.token()?),
-        &src.mnt,
-        "web01",
-    )?;
+    let replicate = || -> Result<serde_json::Value> {
+        agent_once(
+            &t.join("agent"),
+            &cloud.url(),
+            Some(&cloud.token()?),
+            &src.mnt,
+            "web01",
+        )
+    };
+    replicate()?;
 
     // The application: one public system and a database that stays behind.
     let app = cloud.ferry_json(&[
@@ -436,21 +439,29 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     assert_eq!(attached.trim(), "", "the customized copy is still attached");
     let mnt = t.join("copy");
     std::fs::create_dir_all(&mnt)?;
-    // Tests beside this one attach loop devices too: a free device taken between
-    // mount's look and its attach is "busy", and the next try finds another.
-    let mut tries = 0;
-    while let Err(e) = sh(Command::new("mount")
-        .args(["-o", "ro,loop"])
-        .arg(&copy)
-        .arg(&mnt))
-    {
-        tries += 1;
-        ensure!(tries < 5 && e.to_string().contains("busy"), "{e}");
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    let table_b = std::fs::read_to_string(mnt.join("etc/ferry/tunnel-services.ini"));
-    sh(Command::new("umount").arg(&mnt))?;
-    let table_b = table_b?;
+    // What `what` finds in the customized copy, mounted read-only for it. Tests beside
+    // this one attach loop devices too: a free device taken between mount's look and
+    // its attach is "busy", and the next try finds another.
+    let peek = |what: &dyn Fn(&Path) -> Result<String>| -> Result<String> {
+        let mut tries = 0;
+        while let Err(e) = sh(Command::new("mount")
+            .args(["-o", "ro,loop"])
+            .arg(&copy)
+            .arg(&mnt))
+        {
+            tries += 1;
+            ensure!(tries < 5 && e.to_string().contains("busy"), "{e}");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let got = what(&mnt);
+        sh(Command::new("umount").arg(&mnt))?;
+        got
+    };
+    let table_b = peek(&|m| {
+        Ok(std::fs::read_to_string(
+            m.join("etc/ferry/tunnel-services.ini"),
+        )?)
+    })?;
     assert!(
         table_b.contains("real_server_port=389") && table_b.contains("protocol=UDP"),
         "{table_b}"
@@ -518,20 +529,14 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
             .filter(|p| p.to_string_lossy().contains("initrd.img-"))
             .collect())
     };
-    let peek = |what: &dyn Fn(&Path) -> Result<String>| -> Result<String> {
-        let mut tries = 0;
-        while let Err(e) = sh(Command::new("mount")
-            .args(["-o", "ro,loop"])
-            .arg(&copy)
-            .arg(&mnt))
-        {
-            tries += 1;
-            ensure!(tries < 5 && e.to_string().contains("busy"), "{e}");
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        let got = what(&mnt);
-        sh(Command::new("umount").arg(&mnt))?;
-        got
+    // The source's changes replicated, the app's images built again unchecked: the
+    // build job's log.
+    let replicate_and_build = || -> Result<String> {
+        replicate()?;
+        let job = cloud.ferry_json(&["image", "build", "shop", "--no-boot-check", "--no-wait"])?;
+        let job_id = job["id"].as_str().unwrap_or_default().to_string();
+        cloud.ferry_json(&["job", "wait", &job_id])?;
+        Ok(cloud.ferry_json(&["job", "show", &job_id])?["log"].to_string())
     };
     let initrd_before = peek(&|m| {
         let f = initrd(m)?;
@@ -541,17 +546,7 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     std::fs::remove_file(src.mnt.join("etc/hostname"))?;
     std::fs::write(src.mnt.join("etc/hostname"), "web01-renamed\n")?;
     std::fs::remove_file(src.mnt.join("etc/motd"))?;
-    agent_once(
-        &t.join("agent"),
-        &cloud.url(),
-        Some(&cloud.token()?),
-        &src.mnt,
-        "web01",
-    )?;
-    let job = cloud.ferry_json(&["image", "build", "shop", "--no-boot-check", "--no-wait"])?;
-    let job_id = job["id"].as_str().unwrap_or_default().to_string();
-    cloud.ferry_json(&["job", "wait", &job_id])?;
-    let log = cloud.ferry_json(&["job", "show", &job_id])?["log"].to_string();
+    let log = replicate_and_build()?;
     assert!(
         log.contains("the copy kept from the last build brought up to epoch")
             && !log.contains("initrds are built again"),
@@ -595,17 +590,7 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     let mut text = std::fs::read_to_string(&modules).unwrap_or_default();
     text.push_str("# edited on the source\n");
     std::fs::write(&modules, text)?;
-    agent_once(
-        &t.join("agent"),
-        &cloud.url(),
-        Some(&cloud.token()?),
-        &src.mnt,
-        "web01",
-    )?;
-    let job = cloud.ferry_json(&["image", "build", "shop", "--no-boot-check", "--no-wait"])?;
-    let job_id = job["id"].as_str().unwrap_or_default().to_string();
-    cloud.ferry_json(&["job", "wait", &job_id])?;
-    let log = cloud.ferry_json(&["job", "show", &job_id])?["log"].to_string();
+    let log = replicate_and_build()?;
     assert!(
         log.contains("the copy kept from the last build brought up to epoch")
             && log.contains("initrds are built again"),
