@@ -590,7 +590,11 @@ fn apply_one(root: &Root, src: Source<'_>, e: &Entry, resumed: bool) -> Result<u
             }
         }
         replace_at(dir.as_fd(), &tmp, name).map_err(io_at(path, "rename"))?;
-        if kind == EntryKind::File && e.size >= ABANDONED_PARTS_FROM {
+        // A mirror copies a replica's staging file like any other (a fresh copy has it).
+        if kind == EntryKind::File
+            && e.size >= ABANDONED_PARTS_FROM
+            && matches!(src, Source::Chunks(_))
+        {
             drop_abandoned_part(dir.as_fd(), path);
         }
         if kind == EntryKind::Hardlink {

@@ -145,8 +145,11 @@ impl Images {
         Ok(removed)
     }
 
-    /// Customizes a copy of a system's replica for a target (see `prepare`).
-    pub async fn prepare(&self, spec: PrepareSpec, job: &JobCtx) -> Result<Prepared> {
+    /// Customizes a copy of a system's replica for a target (see `prepare`). With
+    /// `reuse`, the copy kept from the last build for the same plan is brought up to date
+    /// and customized again (its report then shows only what changed since); without,
+    /// the replicas are copied whole and the report shows every change.
+    pub async fn prepare(&self, spec: PrepareSpec, job: &JobCtx, reuse: bool) -> Result<Prepared> {
         let target = spec.target;
         let services = Plan::from_flags(target, &[], &[], &spec.services)
             .map_err(|e| CloudError::Invalid(e.to_string()))?
@@ -172,18 +175,12 @@ impl Images {
         let key = (!spec.dry_run).then(|| kept::plan_key(&plan));
         job.check()?;
         job.step(&format!("copy the replicas of {}", rec.name));
-        let (images, epoch, refreshed) = self.copy_replicas(&rec, &work, key.clone()).await?;
+        let (images, epoch, refreshed) =
+            self.copy_replicas(&rec, &work, key.clone(), reuse).await?;
         job.log(&match &refreshed {
             Some(r) => format!(
-                "{}: the copy kept from the last build brought up to epoch {epoch}: {} path(s) changed, {} byte(s) copied{}",
-                rec.name,
-                r.paths,
-                r.bytes,
-                if r.initrds_rebuilt {
-                    "; kernels or initrd configuration changed, the initrds are built again"
-                } else {
-                    ""
-                }
+                "{}: the copy kept from the last build brought up to epoch {epoch}: {} path(s) brought over, {} byte(s) copied",
+                rec.name, r.paths, r.bytes
             ),
             None => format!(
                 "{}: {} file system(s) copied at epoch {epoch}",
@@ -192,11 +189,18 @@ impl Images {
             ),
         });
         if let Some(r) = &refreshed {
-            tracing::info!(system = %rec.name, epoch, paths = r.paths, bytes = r.bytes, initrds_rebuilt = r.initrds_rebuilt, "kept copy brought up to date");
+            tracing::info!(system = %rec.name, epoch, paths = r.paths, bytes = r.bytes, "kept copy brought up to date");
         }
-        // A copy that is not customized yet is no use to anyone: a cancel removes it.
+        // A copy that is not customized yet is no use to anyone: a cancel removes it (the
+        // files only: nothing recursive where a guest file system may still be mounted).
         let drop_copy = |work: &std::path::Path| {
-            let _ = std::fs::remove_dir_all(work);
+            let _ = kept::forget(work);
+            for (fs, image) in &images {
+                let _ = std::fs::remove_file(image);
+                kept::drop_signature(work, &fs.fs_id);
+            }
+            let _ = std::fs::remove_dir(work.join("root"));
+            let _ = std::fs::remove_dir(work);
         };
         if job.check().is_err() {
             drop_copy(&work);
@@ -251,6 +255,7 @@ impl Images {
         rec: &SystemRecord,
         work: &std::path::Path,
         key: Option<String>,
+        reuse: bool,
     ) -> Result<(Vec<(FsRecord, PathBuf)>, u64, Option<kept::Refreshed>)> {
         let lock = self.replication.lock(&rec.name);
         let _g = lock.lock().await;
@@ -258,7 +263,7 @@ impl Images {
         let (work, volumes) = (work.to_path_buf(), self.replication.volumes().clone());
         let (fss, name) = (rec.filesystems.clone(), rec.name.clone());
         let (images, refreshed) = blocking(move || -> Result<_> {
-            if let Some(key) = &key {
+            if let Some(key) = key.as_ref().filter(|_| reuse) {
                 let replicas: Vec<kept::Replica<'_>> = fss
                     .iter()
                     .map(|fs| kept::Replica {
@@ -307,6 +312,7 @@ impl Images {
                     let saved = kept::signature(&mnt)
                         .and_then(|sig| kept::save_signature(&work, &fs.fs_id, &sig));
                     if let Err(e) = saved {
+                        kept::drop_signature(&work, &fs.fs_id);
                         tracing::warn!(system = %name, fs = %fs.fs_id, error = %e, "no signature of the replica: the next build copies it whole");
                     }
                 }
@@ -337,6 +343,7 @@ impl Images {
                     ..spec.clone()
                 },
                 job,
+                true,
             )
             .await?;
         let sys = self.replication.require(&spec.system)?;

@@ -2,12 +2,14 @@
 //! with a signature of the replica it came from: each path's inode, change time, size
 //! and mode. The next build for the same plan brings only the paths whose signature
 //! changed onto it (`apply::mirror`, bytes read from the replica) and customizes it
-//! again, which finds little to do: an unchanged kernel set keeps its initrd, and the
-//! next image differs from the last by about what the source changed.
+//! again, which finds little to do: the initrd stays, and the next image differs from
+//! the last by about what the source changed.
 //!
 //! A change time is set by this host's kernel whenever apply touches an inode, so an
-//! agent cannot hide a change from it; what it cannot see (a replica made anew, a grown
-//! volume, another plan, a copy left mid-way) falls back to copying the replica whole.
+//! agent cannot hide a change from it (a replica made anew changes every path's). What
+//! customization would do differently from scratch is not reused: another plan, file
+//! database or cloud manager build, a kernel or boot change on the source, a grown
+//! volume, or a copy left mid-way all copy the replicas whole.
 use crate::apply::{self, ApplyError};
 use crate::state::FsRecord;
 use ferry_common::guestmount::{GuestMount, GuestMountError, SharedDir};
@@ -21,13 +23,15 @@ use std::path::{Path, PathBuf};
 /// Written once a kept copy is customized; removed before it changes.
 const STATE: &str = "kept.json";
 
-/// Guest paths whose change means the initrds are built again: the kernels, their
-/// modules and the initrd tools' configuration (a source's own package triggers
-/// rebuild its initrd for these; its initrd itself is under /boot).
-const INITRD_INPUTS: &[&str] = &[
+/// Guest paths whose change sends the build back to a whole copy: the kernels and boot
+/// files, their modules and firmware, and everything an initrd is built from (a copy
+/// customized from scratch rebuilds its initrds from these; a kept one would not).
+const BOOT_INPUTS: &[&str] = &[
     "/boot",
     "/lib/modules",
     "/usr/lib/modules",
+    "/lib/firmware",
+    "/usr/lib/firmware",
     "/etc/initramfs-tools",
     "/usr/share/initramfs-tools",
     "/etc/dracut.conf",
@@ -36,7 +40,18 @@ const INITRD_INPUTS: &[&str] = &[
     "/etc/modprobe.d",
     "/lib/modprobe.d",
     "/usr/lib/modprobe.d",
+    "/etc/modules-load.d",
+    "/etc/modules",
     "/etc/sysconfig/kernel",
+    "/etc/crypttab",
+    "/etc/mdadm",
+    "/etc/mdadm.conf",
+    "/etc/lvm",
+    "/etc/udev",
+    "/lib/udev",
+    "/usr/lib/udev",
+    "/etc/fstab",
+    "/etc/default/grub",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +68,12 @@ pub enum KeptError {
     Mount(#[from] GuestMountError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error("{path}: {source}")]
+    State {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 fn io(path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> KeptError {
@@ -73,15 +94,55 @@ struct State {
 }
 
 /// What the customization depends on besides the tree: the plan (target, mounts, hosts,
-/// services, gateway) and the tunnel keys it installs.
+/// services, gateway), the tunnel keys it installs, the file database's contents and
+/// this build of the cloud manager (its customization code).
 pub fn plan_key(plan: &ferry_customize::Plan) -> String {
     let mut h = blake3::Hasher::new();
-    h.update(serde_json::to_string(plan).unwrap_or_default().as_bytes());
+    let Ok(json) = serde_json::to_string(plan) else {
+        // A plan that cannot be written down matches no kept copy.
+        return format!("unkeyed-{:016x}", rand::random::<u64>());
+    };
+    h.update(json.as_bytes());
     if let Some(t) = &plan.tunnel {
         h.update(t.host_public_key.as_bytes());
         h.update(t.authorized_keys.as_bytes());
     }
+    if let Some(db) = &plan.filedb {
+        hash_tree(&mut h, db);
+    }
+    h.update(ferry_common::version::VERSION.as_bytes());
+    if let Some(m) = std::env::current_exe()
+        .ok()
+        .and_then(|e| std::fs::metadata(e).ok())
+    {
+        use std::os::unix::fs::MetadataExt;
+        h.update(format!("{} {} {}", m.len(), m.mtime(), m.mtime_nsec()).as_bytes());
+    }
     h.finalize().to_hex().to_string()
+}
+
+/// Every file's path and bytes under `dir` (the operator's file database), in order.
+fn hash_tree(h: &mut blake3::Hasher, dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        let mut names: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        names.sort();
+        for p in names {
+            h.update(p.as_os_str().as_encoded_bytes());
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => stack.push(p),
+                Ok(m) if m.is_file() => {
+                    if let Ok(bytes) = std::fs::read(&p) {
+                        h.update(&bytes);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// One path's identity in a replica: a change to its content, metadata, links or name
@@ -172,7 +233,32 @@ fn sig_file(work: &Path, fs_id: &str) -> PathBuf {
     work.join(format!("{fs_id}.sig"))
 }
 
-/// Writes a signature as text lines: inode, change time, size, mode, hex path.
+/// Writes `bytes` to `path` so that a crash or power loss leaves the old file or the new
+/// one whole: a temp file, synced, renamed, the directory synced.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), KeptError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io(tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io(tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(io(path.display()))?;
+    sync_dir(path)
+}
+
+/// Syncs the directory holding `path` (a rename or removal in it is then durable).
+fn sync_dir(path: &Path) -> Result<(), KeptError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir.display()))
+}
+
+/// The last line of a signature file: how many lines came before it.
+const END: &str = "end";
+
+/// Writes a signature as text lines (inode, change time, size, mode, hex path), ended by
+/// a line with their count, so a file cut short is not taken for a smaller tree.
 pub fn save_signature(work: &Path, fs_id: &str, sig: &Signature) -> Result<(), KeptError> {
     let mut text = String::with_capacity(sig.len() * 64);
     for (p, s) in sig {
@@ -188,15 +274,31 @@ pub fn save_signature(work: &Path, fs_id: &str, sig: &Signature) -> Result<(), K
             hex::encode(p)
         );
     }
-    let path = sig_file(work, fs_id);
-    std::fs::write(&path, text).map_err(io(path.display()))
+    text.push_str(&format!("{END} {}\n", sig.len()));
+    write_durably(&sig_file(work, fs_id), text.as_bytes())
 }
 
-/// A saved signature; `None` if it is missing or unreadable.
+/// Removes a saved signature (the copy beside it no longer matches it).
+pub fn drop_signature(work: &Path, fs_id: &str) {
+    let _ = std::fs::remove_file(sig_file(work, fs_id));
+}
+
+/// A saved signature; `None` if it is missing, cut short or unreadable.
 fn load_signature(work: &Path, fs_id: &str) -> Option<Signature> {
     let text = std::fs::read_to_string(sig_file(work, fs_id)).ok()?;
     let mut out = Signature::new();
+    let mut ended = false;
     for line in text.lines() {
+        if ended {
+            return None;
+        }
+        if let Some(n) = line.strip_prefix(&format!("{END} ")) {
+            if n.parse::<usize>().ok()? != out.len() {
+                return None;
+            }
+            ended = true;
+            continue;
+        }
         let f: Vec<&str> = line.split(' ').collect();
         let [ino, cs, cn, size, mode, path] = f.as_slice() else {
             return None;
@@ -211,7 +313,8 @@ fn load_signature(work: &Path, fs_id: &str) -> Option<Signature> {
             },
         );
     }
-    Some(out)
+    // Every tree has its root; a signature without it is not one.
+    (ended && out.contains_key(&Vec::new())).then_some(out)
 }
 
 /// Records that the copies in `work` are customized for `plan`, with the signatures
@@ -224,17 +327,21 @@ pub fn keep(work: &Path, plan: &str, fss: &[FsRecord]) -> Result<(), KeptError> 
         plan: plan.to_string(),
         filesystems: fss.iter().map(|f| f.fs_id.clone()).collect(),
     };
-    let tmp = work.join(format!("{STATE}.tmp"));
-    let text = serde_json::to_vec(&state).map_err(|e| io(tmp.display())(e.into()))?;
-    std::fs::write(&tmp, text).map_err(io(tmp.display()))?;
-    std::fs::rename(&tmp, work.join(STATE)).map_err(io(work.join(STATE).display()))
+    let path = work.join(STATE);
+    let text = serde_json::to_vec(&state).map_err(|source| KeptError::State {
+        path: path.display().to_string(),
+        source,
+    })?;
+    write_durably(&path, &text)
 }
 
-/// Forgets that the copies in `work` are customized (they are about to change).
+/// Forgets, durably, that the copies in `work` are customized (they are about to
+/// change).
 pub fn forget(work: &Path) -> Result<(), KeptError> {
     match std::fs::remove_file(work.join(STATE)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(work.display())(e)),
-        _ => Ok(()),
+        Ok(()) => sync_dir(&work.join(STATE)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(work.display())(e)),
     }
 }
 
@@ -250,11 +357,10 @@ pub struct Replica<'a> {
 pub struct Refreshed {
     /// The copies, one per file system, in the record's order.
     pub images: Vec<PathBuf>,
-    /// Paths changed, copied bytes.
+    /// Paths brought over (changed, gone, or the directory of one of those).
     pub paths: u64,
+    /// File bytes copied from the replicas.
     pub bytes: u64,
-    /// The initrds are built again (their inputs changed on the source).
-    pub initrds_rebuilt: bool,
 }
 
 /// Brings the copies kept in `work` up to date with the replicas (mounted, and not
@@ -298,22 +404,23 @@ pub fn refresh(
         let rel = String::from_utf8_lossy(rel);
         format!("{}/{rel}", mp.trim_end_matches('/'))
     };
-    let initrds_rebuilt = plans.iter().any(|(r, _, _, changed)| {
+    let boot_changed = plans.iter().any(|(r, _, _, changed)| {
         changed.iter().any(|(p, _)| {
             let g = guest_path(r.fs, p);
-            INITRD_INPUTS
+            BOOT_INPUTS
                 .iter()
                 .any(|i| g == *i || g.strip_prefix(i).is_some_and(|t| t.starts_with('/')))
         })
     });
+    if boot_changed {
+        tracing::info!(work = %work.display(), "kernels, boot or initrd inputs changed on the source: the kept copy is not used");
+        return Ok(None);
+    }
     forget(work)?;
     let sync = work.join("sync");
     std::fs::create_dir_all(&sync).map_err(io(sync.display()))?;
     let _shared = SharedDir::new(work)?;
-    let mut out = Refreshed {
-        initrds_rebuilt,
-        ..Default::default()
-    };
+    let mut out = Refreshed::default();
     for (r, copy, now, changed) in plans {
         let tree = Root::open(&sync)?;
         let flags: &[&str] = if r.fs.fstype == "xfs" {
@@ -327,21 +434,16 @@ pub fn refresh(
         let src = Root::open(&r.mount)?;
         let entries = entries(&src, &changed)?;
         let done = apply::mirror(&dst, &src, &entries)?;
-        if initrds_rebuilt && r.fs.mount_point == b"/" {
-            let stamp = ferry_customize::kernel::STAMP
-                .trim_start_matches('/')
-                .as_bytes();
-            if let Some((dir, name)) = dst.parent(stamp, false).ok().flatten() {
-                safepath::remove_at(&dir, name).map_err(|e| io("initrd stamp")(e.into()))?;
-            }
-        }
         drop(mounted);
         save_signature(work, &r.fs.fs_id, &now)?;
-        out.paths += changed.len() as u64;
+        out.paths += entries.len() as u64;
         out.bytes += done.file_bytes;
         out.images.push(copy);
+        // Only the empty mount point: never a recursive removal where a copy may still be
+        // mounted.
+        let _ = std::fs::remove_dir(sync.join(&r.fs.fs_id));
     }
-    let _ = std::fs::remove_dir_all(&sync);
+    let _ = std::fs::remove_dir(&sync);
     Ok(Some(out))
 }
 
@@ -390,11 +492,14 @@ fn entries(src: &Root, changed: &[(Vec<u8>, bool)]) -> Result<Vec<Entry>, KeptEr
             mtime_nsec: st.st_mtime_nsec as u32,
             ..Default::default()
         };
+        // An attribute that cannot be read fails the refresh (a whole copy follows):
+        // taken for none, it would be removed from the copy.
         e.xattrs = if name.is_empty() {
             ferry_common::xattrs::of_fd(&dir)
         } else {
             ferry_common::xattrs::of_name_at(&dir, &name)
-        };
+        }
+        .map_err(|err| io(shown())(err.into()))?;
         match ft {
             FileType::Directory => e.kind = EntryKind::DirMeta as i32,
             FileType::RegularFile => match first_of.get(&st.st_ino) {
@@ -482,7 +587,7 @@ mod tests {
              echo one > etc/a; echo 'root / ext4' > etc/fstab\n\
              echo x > d/x; echo y > d/y; echo z > gone/deep/z; echo q > q/file\n\
              echo same > same/file; echo h > h1; ln h1 h2; ln -s etc/a s\n\
-             echo f > kind/f2d; mkdir kind/d2f; echo in > kind/d2f/in\n\
+             echo f > kind/f2d; mkdir kind/d2f; echo in > kind/d2f/in; echo o > own\n\
              ln -s ../etc kind/l2d\n\
              truncate -s 3M big; printf head | dd of=big conv=notrunc status=none\n\
              printf tail | dd of=big bs=1 seek=3000000 conv=notrunc status=none",
@@ -509,7 +614,8 @@ mod tests {
         sh(
             "echo two > etc/a; mkdir -p new/sub; echo n > new/sub/n\n\
              rm -r gone; ln h1 h3; chmod 600 d/x; mv d/y d/y2\n\
-             setfattr -n user.k -v v d/x\n\
+             setfattr -n user.k -v v d/x; setfattr -n user.dir -v 1 kind\n\
+             chown 4321:4321 own\n\
              rm kind/f2d; mkdir kind/f2d; echo c > kind/f2d/c\n\
              rm -r kind/d2f; echo now-a-file > kind/d2f\n\
              rm kind/l2d; mkdir kind/l2d; echo l > kind/l2d/l\n\
@@ -580,8 +686,18 @@ mod tests {
         let sig = signature(&tree).unwrap();
         save_signature(t.path(), "fs1", &sig).unwrap();
         assert_eq!(load_signature(t.path(), "fs1"), Some(sig));
-        std::fs::write(t.path().join("fs1.sig"), "1 2 3\n").unwrap();
-        assert_eq!(load_signature(t.path(), "fs1"), None);
+        // Cut short anywhere, even at a line's end, or empty: no signature.
+        let text = std::fs::read_to_string(t.path().join("fs1.sig")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for cut in [
+            String::new(),
+            "1 2 3\n".to_string(),
+            format!("{}\n", lines[..lines.len() - 1].join("\n")),
+            format!("{}\n", lines[1..].join("\n")),
+        ] {
+            std::fs::write(t.path().join("fs1.sig"), &cut).unwrap();
+            assert_eq!(load_signature(t.path(), "fs1"), None, "{cut:?}");
+        }
         assert_eq!(load_signature(t.path(), "missing"), None);
     }
 

@@ -184,7 +184,10 @@ pub fn customize_copies(
     let mut wanted = Vec::new();
     for (fs, image) in images {
         let uuid = if fs.uuid.is_empty() {
-            let u = uuid_v4();
+            // The copy's own UUID when it has one (set by the last customization of a
+            // kept copy, or the replica volume's): the same from build to build, so a
+            // kept copy's fstab and boot loader keep naming it.
+            let u = image_uuid(image).unwrap_or_else(uuid_v4);
             if fs.device.starts_with("/dev/") {
                 plan.filesystems.push((fs.device.clone(), u.clone()));
             }

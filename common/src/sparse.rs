@@ -28,8 +28,7 @@ pub fn copy_data(src: impl AsFd, dst: impl AsFd, len: u64, dst_offset: u64) -> s
                 Err(
                     rustix::io::Errno::XDEV
                     | rustix::io::Errno::NOSYS
-                    | rustix::io::Errno::OPNOTSUPP
-                    | rustix::io::Errno::INVAL,
+                    | rustix::io::Errno::OPNOTSUPP,
                 ) => copy_buffered(src, &mut from, dst, &mut to, want)?,
                 Err(e) => return Err(e.into()),
             };

@@ -640,7 +640,8 @@ impl pb::control_server::Control for Grpc {
                 &system,
                 &operator(&who),
                 move |job| async move {
-                    let prepared = cloud.images.prepare(spec, &job).await?;
+                    // A fresh copy: the report shows every change customization makes.
+                    let prepared = cloud.images.prepare(spec, &job, false).await?;
                     Ok(JobResult::from(prepared))
                 },
             )
