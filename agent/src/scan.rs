@@ -1063,10 +1063,9 @@ pub fn data_runs(f: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)
     Ok(runs)
 }
 
-// The agent sends what it can read: a file whose attributes cannot be listed goes
-// without them, as it always did.
+// The agent sends what it can read: an attribute that cannot be read is left out.
 fn read_fd_xattrs(f: &std::fs::File) -> Vec<Xattr> {
-    ferry_common::xattrs::of_fd(f).unwrap_or_default()
+    ferry_common::xattrs::of_fd(f, ferry_common::xattrs::OnError::Skip).unwrap_or_default()
 }
 
 fn read_xattrs(p: &Path) -> Vec<Xattr> {
@@ -1077,7 +1076,7 @@ fn read_xattrs(p: &Path) -> Vec<Xattr> {
 }
 
 fn read_link_xattrs(p: &Path) -> Vec<Xattr> {
-    ferry_common::xattrs::of_path(p).unwrap_or_default()
+    ferry_common::xattrs::of_path(p, ferry_common::xattrs::OnError::Skip).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ pub enum CloudError {
     #[error(transparent)]
     Prepare(#[from] crate::prepare::PrepareError),
     #[error(transparent)]
+    Kept(#[from] crate::kept::KeptError),
+    #[error(transparent)]
     Customize(#[from] ferry_customize::CustomizeError),
     #[error(transparent)]
     Image(#[from] ferry_image::ImageError),
@@ -85,6 +87,7 @@ impl ErrorKind for CloudError {
                 _ => Kind::FailedPrecondition,
             },
             CloudError::Worker(_) => Kind::Internal,
+            CloudError::Kept(_) => ferry_common::error::io_kind(self),
             CloudError::NoSpace(_) | CloudError::TooMany(_) => Kind::ResourceExhausted,
             CloudError::Failed(_) | CloudError::Cancelled => Kind::FailedPrecondition,
         }

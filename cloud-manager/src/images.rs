@@ -69,6 +69,9 @@ pub struct Images {
     #[cfg_attr(not(any(feature = "aws", feature = "azure")), allow(dead_code))]
     providers: Arc<Providers>,
     data_dir: PathBuf,
+    /// One preparation or build of a system at a time: they share its copy in
+    /// `DATA/prepared/SYSTEM`, from the copy to the image read from it.
+    building: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Images {
@@ -91,7 +94,14 @@ impl Images {
             replication,
             providers,
             data_dir,
+            building: Default::default(),
         }
+    }
+
+    /// The lock a system's preparations and builds take in turn.
+    fn building(&self, system: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.building.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(system.to_string()).or_default().clone()
     }
 
     /// Every image, by id.
@@ -150,6 +160,18 @@ impl Images {
     /// and customized again (its report then shows only what changed since); without,
     /// the replicas are copied whole and the report shows every change.
     pub async fn prepare(&self, spec: PrepareSpec, job: &JobCtx, reuse: bool) -> Result<Prepared> {
+        let lock = self.building(&spec.system);
+        let _one = lock.lock().await;
+        self.prepare_locked(spec, job, reuse).await
+    }
+
+    /// `prepare`, with the system's building lock held by the caller.
+    async fn prepare_locked(
+        &self,
+        spec: PrepareSpec,
+        job: &JobCtx,
+        reuse: bool,
+    ) -> Result<Prepared> {
         let target = spec.target;
         let services = Plan::from_flags(target, &[], &[], &spec.services)
             .map_err(|e| CloudError::Invalid(e.to_string()))?
@@ -283,6 +305,9 @@ impl Images {
                     }
                 }
             }
+            // Whatever was kept there is replaced: forgotten first, so a stop from here
+            // on leaves nothing a later build would take for a customized copy.
+            kept::forget(&work)?;
             // Left by a manager that stopped mid-customization: its mounts, and the
             // shared bind of the directory they are under.
             for left in [work.join("root"), work.clone()] {
@@ -292,6 +317,13 @@ impl Images {
                         .arg(&left)
                         .status();
                 }
+            }
+            // Never a recursive removal through a file system still mounted there.
+            if let Some(m) = crate::volumes::mount_under(&work) {
+                return Err(CloudError::Failed(format!(
+                    "{} is still mounted: the copy of {name} is not replaced",
+                    m.display()
+                )));
             }
             let _ = std::fs::remove_dir_all(&work);
             std::fs::create_dir_all(&work).map_err(|source| CloudError::Io {
@@ -336,8 +368,10 @@ impl Images {
     ) -> Result<ImageRecord> {
         let target = spec.target;
         built_in(target)?; // before minutes of customizing and boot checking
+        let lock = self.building(&spec.system);
+        let _one = lock.lock().await;
         let prepared = self
-            .prepare(
+            .prepare_locked(
                 PrepareSpec {
                     dry_run: false,
                     ..spec.clone()

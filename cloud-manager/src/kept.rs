@@ -8,8 +8,8 @@
 //! A change time is set by this host's kernel whenever apply touches an inode, so an
 //! agent cannot hide a change from it (a replica made anew changes every path's). What
 //! customization would do differently from scratch is not reused: another plan, file
-//! database or cloud manager build, a kernel or boot change on the source, a grown
-//! volume, or a copy left mid-way all copy the replicas whole.
+//! database or cloud manager build, a change to the system's own files on the source
+//! (`SYSTEM_DIRS`), a grown volume, or a copy left mid-way all copy the replicas whole.
 use crate::apply::{self, ApplyError};
 use crate::state::FsRecord;
 use ferry_common::guestmount::{GuestMount, GuestMountError, SharedDir};
@@ -23,35 +23,14 @@ use std::path::{Path, PathBuf};
 /// Written once a kept copy is customized; removed before it changes.
 const STATE: &str = "kept.json";
 
-/// Guest paths whose change sends the build back to a whole copy: the kernels and boot
-/// files, their modules and firmware, and everything an initrd is built from (a copy
-/// customized from scratch rebuilds its initrds from these; a kept one would not).
-const BOOT_INPUTS: &[&str] = &[
-    "/boot",
-    "/lib/modules",
-    "/usr/lib/modules",
-    "/lib/firmware",
-    "/usr/lib/firmware",
-    "/etc/initramfs-tools",
-    "/usr/share/initramfs-tools",
-    "/etc/dracut.conf",
-    "/etc/dracut.conf.d",
-    "/usr/lib/dracut",
-    "/etc/modprobe.d",
-    "/lib/modprobe.d",
-    "/usr/lib/modprobe.d",
-    "/etc/modules-load.d",
-    "/etc/modules",
-    "/etc/sysconfig/kernel",
-    "/etc/crypttab",
-    "/etc/mdadm",
-    "/etc/mdadm.conf",
-    "/etc/lvm",
-    "/etc/udev",
-    "/lib/udev",
-    "/usr/lib/udev",
-    "/etc/fstab",
-    "/etc/default/grub",
+/// Guest directories whose change sends the build back to a whole copy: the system
+/// itself (kernels and boot files, programs and libraries, configuration). A fresh copy
+/// rebuilds the initrds from all of these and customization reads its decisions from
+/// them (network names, mounts, OS release, drivers); a kept copy would keep the old
+/// ones. Changes elsewhere (the data under /srv, /var, /home, /opt, other file systems)
+/// are what a kept copy takes, and what changes between builds of a running system.
+const SYSTEM_DIRS: &[&str] = &[
+    "/boot", "/etc", "/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -404,16 +383,16 @@ pub fn refresh(
         let rel = String::from_utf8_lossy(rel);
         format!("{}/{rel}", mp.trim_end_matches('/'))
     };
-    let boot_changed = plans.iter().any(|(r, _, _, changed)| {
+    let system_changed = plans.iter().any(|(r, _, _, changed)| {
         changed.iter().any(|(p, _)| {
             let g = guest_path(r.fs, p);
-            BOOT_INPUTS
+            SYSTEM_DIRS
                 .iter()
                 .any(|i| g == *i || g.strip_prefix(i).is_some_and(|t| t.starts_with('/')))
         })
     });
-    if boot_changed {
-        tracing::info!(work = %work.display(), "kernels, boot or initrd inputs changed on the source: the kept copy is not used");
+    if system_changed {
+        tracing::info!(work = %work.display(), "the system's own files changed on the source (boot, programs, configuration): the kept copy is not used");
         return Ok(None);
     }
     forget(work)?;
@@ -495,7 +474,7 @@ fn entries(src: &Root, changed: &[(Vec<u8>, bool)]) -> Result<Vec<Entry>, KeptEr
         // An attribute that cannot be read fails the refresh (a whole copy follows):
         // taken for none, it would be removed from the copy.
         e.xattrs = if name.is_empty() {
-            ferry_common::xattrs::of_fd(&dir)
+            ferry_common::xattrs::of_fd(&dir, ferry_common::xattrs::OnError::Fail)
         } else {
             ferry_common::xattrs::of_name_at(&dir, &name)
         }

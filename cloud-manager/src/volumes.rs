@@ -3,6 +3,7 @@
 //! under the data dir.
 use crate::state::FsRecord;
 use ferry_common::cmd::{run, CommandError};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -561,6 +562,37 @@ pub const CONTAINED: &str = "nodev,nosuid,noexec";
 fn contained(mnt: &Path) -> bool {
     use rustix::fs::StatVfsMountFlags as F;
     rustix::fs::statvfs(mnt).is_ok_and(|s| s.f_flag.contains(F::NODEV | F::NOSUID | F::NOEXEC))
+}
+
+/// A mount point at or below `dir`, if there is one (from this process's mount table).
+pub fn mount_under(dir: &Path) -> Option<PathBuf> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    table.lines().find_map(|line| {
+        // The fifth field, with spaces and the like escaped in octal (`\040`).
+        let field = line.split(' ').nth(4)?;
+        let mut bytes = Vec::with_capacity(field.len());
+        let raw = field.as_bytes();
+        let mut i = 0;
+        while i < raw.len() {
+            let octal = raw.get(i + 1..i + 4).and_then(|d| {
+                std::str::from_utf8(d)
+                    .ok()
+                    .and_then(|d| u8::from_str_radix(d, 8).ok())
+            });
+            match (raw[i], octal) {
+                (b'\\', Some(b)) => {
+                    bytes.push(b);
+                    i += 4;
+                }
+                (b, _) => {
+                    bytes.push(b);
+                    i += 1;
+                }
+            }
+        }
+        let point = PathBuf::from(std::ffi::OsString::from_vec(bytes));
+        point.starts_with(dir).then_some(point)
+    })
 }
 
 /// Whether `path` is a mount point (util-linux `mountpoint`).

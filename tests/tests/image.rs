@@ -244,6 +244,8 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
         .arg(format!("{}/.", cached.display()))
         .arg(&src.mnt))?;
     std::fs::write(src.mnt.join("etc/hostname"), "web01\n")?;
+    std::fs::write(src.mnt.join("srv/kept.txt"), "first\n")?;
+    std::fs::write(src.mnt.join("srv/gone.txt"), "to be removed\n")?;
     let cloud = CloudMgr::start(&t.join("cloud"))?;
     let replicate = || -> Result<serde_json::Value> {
         agent_once(
@@ -519,9 +521,11 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
     .trim()
     .is_empty());
 
-    // The next build starts from the copy the last one customized and kept: the
-    // source's changes reach it (a new file, a removed one, an edited one). A change to
-    // the initrd tools' configuration sends the build back to a whole copy, whose
+    // The next build starts from the copy the last one customized and kept when only
+    // data changed on the source: a new file, a removed one, an edited one reach it, and
+    // customization runs again on it (a new config file naming the directory server that
+    // stays behind is pointed at its tunnel endpoint). A change to the system's own files
+    // (here the initrd tools' configuration) sends the build back to a whole copy, whose
     // initrds are built anew.
     let initrd = |root: &Path| -> Result<Vec<PathBuf>> {
         Ok(std::fs::read_dir(root.join("boot"))?
@@ -544,9 +548,12 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
         Ok(format!("{:?}", std::fs::metadata(&f[0])?.modified()?))
     })?;
     std::fs::write(src.mnt.join("srv/new.txt"), "new after the first image\n")?;
-    std::fs::remove_file(src.mnt.join("etc/hostname"))?;
-    std::fs::write(src.mnt.join("etc/hostname"), "web01-renamed\n")?;
-    std::fs::remove_file(src.mnt.join("etc/motd"))?;
+    std::fs::write(
+        src.mnt.join("srv/app.ini"),
+        "[ldap]\nurl = 198.18.60.2:389\n",
+    )?;
+    std::fs::write(src.mnt.join("srv/kept.txt"), "edited\n")?;
+    std::fs::remove_file(src.mnt.join("srv/gone.txt"))?;
     let log = replicate_and_build()?;
     assert!(
         log.contains("the copy kept from the last build brought up to epoch")
@@ -557,11 +564,16 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
         Ok(format!(
             "{}|{}|{}",
             std::fs::read_to_string(m.join("srv/new.txt"))?,
-            std::fs::read_to_string(m.join("etc/hostname"))?,
-            m.join("etc/motd").exists()
+            std::fs::read_to_string(m.join("srv/kept.txt"))?,
+            m.join("srv/gone.txt").exists()
         ))
     })?;
-    assert_eq!(seen, "new after the first image\n|web01-renamed\n|false");
+    assert_eq!(seen, "new after the first image\n|edited\n|false");
+    let app_ini = peek(&|m| Ok(std::fs::read_to_string(m.join("srv/app.ini"))?))?;
+    assert_eq!(
+        app_ini, "[ldap]\nurl = 127.0.0.1:50101\n",
+        "not customized again: {log}"
+    );
     // The customization the copy kept is still there.
     assert!(peek(&|m| Ok(std::fs::read_to_string(
         m.join("etc/ferry/tunnel-services.ini")

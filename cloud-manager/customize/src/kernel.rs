@@ -6,8 +6,7 @@
 use super::filedb::FileDb;
 use super::{Ctx, Found, Tree};
 
-/// What the initrds were last built for; without it the next run rebuilds them.
-pub const STAMP: &str = "/etc/ferry/initrd.stamp";
+const STAMP: &str = "/etc/ferry/initrd.stamp";
 const INITRAMFS_MODULES: &str = "/etc/initramfs-tools/modules";
 const DRACUT_CONF: &str = "/etc/dracut.conf.d/90-ferry.conf";
 /// Where this step's notes point.
