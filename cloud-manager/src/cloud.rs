@@ -254,8 +254,9 @@ impl Cloud {
     }
 
     /// Removes a system no app uses: revokes its agent, unbinds it from its sites,
-    /// voids its unused tokens, deletes its images no clone uses, its record and its
-    /// replica volumes. Returns what was done.
+    /// voids its unused tokens, deletes its images no clone uses, the customized copy
+    /// kept for its next build, its record and its replica volumes. Returns what was
+    /// done.
     pub async fn remove_system(&self, name: &str) -> Result<Vec<String>> {
         // An agent that enrolled and never registered is removed too.
         let record = self.replication.system(name)?.is_some();
@@ -274,6 +275,9 @@ impl Cloud {
         for img in self.images.list()?.into_iter().filter(|i| i.system == name) {
             self.delete_image(&img.id).await?;
             done.push(format!("image {} deleted", img.id));
+        }
+        if self.images.drop_prepared(name).await? {
+            done.push("customized copy kept for the next build deleted".into());
         }
         if record {
             let volumes = self.replication.remove(name).await?;

@@ -268,6 +268,32 @@ impl Images {
         })
     }
 
+    /// Removes the copy kept for a system's next build (the system is being removed);
+    /// whether there was one.
+    pub async fn drop_prepared(&self, system: &str) -> Result<bool> {
+        let lock = self.building(system);
+        let _one = lock.lock().await;
+        let work = self.data_dir.join("prepared").join(system);
+        blocking(move || {
+            if !work.exists() {
+                return Ok(false);
+            }
+            kept::forget(&work)?;
+            if let Some(m) = crate::volumes::mount_under(&work) {
+                return Err(CloudError::Failed(format!(
+                    "{} is still mounted: the customized copy is not removed",
+                    m.display()
+                )));
+            }
+            std::fs::remove_dir_all(&work).map_err(|source| CloudError::Io {
+                path: work.display().to_string(),
+                source,
+            })?;
+            Ok(true)
+        })
+        .await
+    }
+
     /// A consistent copy of every replica of a system into `work`: no batch is applied
     /// to it while its images are read. With `key` (the plan), the copy kept from the
     /// last build for that plan is brought up to date instead when there is one, and the

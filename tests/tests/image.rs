@@ -652,6 +652,21 @@ fn an_application_of_a_replicated_debian_12_system_gets_boot_checked_images() ->
             .contains("no image")
     );
     assert_eq!(cloud.ferry_json(&["app", "list"])?, serde_json::json!([]));
+    // Removing the system removes the copy kept for its next build too.
+    assert!(t.join("cloud/prepared/web01").exists());
+    let out = ferry(&cloud, &["systems", "remove", "web01", "--yes"]);
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("customized copy kept for the next build deleted"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!t.join("cloud/prepared/web01").exists());
     Ok(())
 }
 
