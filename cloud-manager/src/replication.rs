@@ -267,11 +267,7 @@ impl Replication {
         self.systems.put(&rec)?;
         self.systems.flush()?;
         let (v, name, f) = (self.volumes.clone(), system.to_string(), fs.clone());
-        let grown = crate::error::blocking(move || {
-            v.ensure(&name, &f)?;
-            Ok(v.grow(&name, &f)?)
-        })
-        .await;
+        let grown = crate::error::blocking(move || Ok(v.grow(&name, &f)?)).await;
         if let Err(e) = grown {
             if let Some(f) = rec.fs_mut(fs_id) {
                 f.cap_bytes = before;

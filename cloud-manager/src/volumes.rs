@@ -204,8 +204,18 @@ impl Volumes {
         self.root.join(system).join(fs_id)
     }
 
-    /// Creates, formats and mounts the volume as needed; returns where it is mounted.
+    /// Creates, formats and mounts the volume as needed, and grows it to its size if it
+    /// can (a volume that cannot grow now is still the replica); returns where it is
+    /// mounted.
     pub fn ensure(&self, system: &str, fs: &FsRecord) -> Result<PathBuf, VolumeError> {
+        let (mnt, finish) = self.mounted(system, fs)?;
+        self.grow_or_warn(&self.image(system, &fs.fs_id), &mnt, fs, finish);
+        Ok(mnt)
+    }
+
+    /// Creates, formats and mounts the volume as needed; returns where it is mounted and
+    /// whether a grow cut short is to be finished now (once per process and image).
+    fn mounted(&self, system: &str, fs: &FsRecord) -> Result<(PathBuf, bool), VolumeError> {
         if !supported(&fs.fstype) {
             return Err(VolumeError::Unsupported(fs.fstype.clone()));
         }
@@ -231,25 +241,25 @@ impl Volumes {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(image.clone());
-            self.grow_or_warn(&image, &mnt, fs, first);
-            return Ok(mnt);
+            return Ok((mnt, first));
         }
         if !image.exists() {
             self.format(&image, fs)?;
         }
-        // A second mount of one image (XFS allows it with nouuid) would corrupt it.
-        let attached = run(Command::new("losetup").arg("-j").arg(&image))?;
-        if !attached.trim().is_empty() {
+        // A second mount of one image (XFS allows it with nouuid) would corrupt it. A
+        // loop device the kernel is still releasing (from an unmount just before) is
+        // waited for, not taken for another user.
+        let attached = loops_of(&image, LOOP_RELEASE)?;
+        if !attached.is_empty() {
             return Err(VolumeError::Busy {
                 image: image.display().to_string(),
-                loops: attached.trim().replace('\n', "; "),
+                loops: attached.join("; "),
             });
         }
         self.share()?;
         mount(&image, &mnt, &fs.fstype)?;
         tracing::info!(system, fs_id = %fs.fs_id, mount = %mnt.display(), "volume mounted");
-        self.grow_or_warn(&image, &mnt, fs, true);
-        Ok(mnt)
+        Ok((mnt, true))
     }
 
     fn share(&self) -> Result<(), VolumeError> {
@@ -268,13 +278,11 @@ impl Volumes {
         }
     }
 
-    /// Grows the mounted volume of `fs` to its size now (the operator's resize).
+    /// Mounts the volume of `fs` if need be and grows it to its size now (the operator's
+    /// resize): unlike `ensure`, a grow that fails is the caller's error.
     pub fn grow_now(&self, system: &str, fs: &FsRecord) -> Result<(), VolumeError> {
-        let (image, mnt) = (
-            self.image(system, &fs.fs_id),
-            self.mount_point(system, &fs.fs_id),
-        );
-        self.grow(&image, &mnt, fs, true)
+        let (mnt, _) = self.mounted(system, fs)?;
+        self.grow(&self.image(system, &fs.fs_id), &mnt, fs, true)
     }
 
     /// Grows a mounted volume to `size_for(fs)` (the source grew, or the operator raised
@@ -304,8 +312,14 @@ impl Volumes {
         ) {
             return Err(VolumeError::CannotGrow(fs.fstype.clone()));
         }
-        let attached = run(Command::new("losetup").arg("-j").arg(image))?;
-        let Some(dev) = attached.lines().next().and_then(|l| l.split(':').next()) else {
+        if !is_mounted(mnt) {
+            return Err(io(std::io::Error::other(format!(
+                "not mounted at {}",
+                mnt.display()
+            ))));
+        }
+        let attached = loops_of(image, std::time::Duration::ZERO)?;
+        let Some(dev) = attached.first().cloned() else {
             return Err(io(std::io::Error::other("mounted, but on no loop device")));
         };
         std::fs::File::create(&marker)
@@ -325,7 +339,7 @@ impl Volumes {
             f.set_len(want).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
-        run(Command::new("losetup").arg("-c").arg(dev))?;
+        run(Command::new("losetup").arg("-c").arg(&dev))?;
         match fs.fstype.as_str() {
             "xfs" => {
                 run(Command::new("xfs_growfs").arg(mnt))?;
@@ -338,13 +352,18 @@ impl Volumes {
             ext => {
                 // Online growth needs CAP_SYS_RESOURCE, which a container may lack: then
                 // the volume grows offline (the system's lock keeps its writers away).
-                if let Err(e) = run(Command::new("resize2fs").arg(dev)) {
+                if let Err(e) = run(Command::new("resize2fs").arg(&dev)) {
                     tracing::warn!(image = %image.display(), error = %e, "online resize refused; resizing offline");
                     unmount(mnt)?;
-                    let offline = fsck_ext(image).and_then(|()| {
-                        run(Command::new("resize2fs").arg(image))?;
-                        Ok(())
-                    });
+                    // The loop device goes with the mount, but the kernel may release it
+                    // a moment later: the image is checked, grown and mounted again only
+                    // once nothing else has it open.
+                    let offline = release_loop(image, &dev)
+                        .and_then(|()| fsck_ext(image))
+                        .and_then(|()| {
+                            run(Command::new("resize2fs").arg(image))?;
+                            Ok(())
+                        });
                     let mounted = mount(image, mnt, ext);
                     if let Err(e) = &offline {
                         tracing::error!(image = %image.display(), error = %e, "offline resize failed");
@@ -498,6 +517,44 @@ impl Volumes {
         if !left {
             self.shared.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
+    }
+}
+
+/// How long an unmounted volume's loop device may take to be released by the kernel.
+const LOOP_RELEASE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The loop devices `image` is attached to (`losetup -j`), waiting up to `wait` for them
+/// to be released.
+fn loops_of(image: &Path, wait: std::time::Duration) -> Result<Vec<String>, VolumeError> {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        let out = run(Command::new("losetup").arg("-j").arg(image))?;
+        let devs: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split(':').next())
+            .map(str::to_string)
+            .collect();
+        if devs.is_empty() || std::time::Instant::now() >= until {
+            return Ok(devs);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Detaches `dev` from an unmounted `image` (autoclear does it too, perhaps later) and
+/// waits until no loop device holds the image.
+fn release_loop(image: &Path, dev: &str) -> Result<(), VolumeError> {
+    if let Err(e) = run(Command::new("losetup").arg("-d").arg(dev)) {
+        tracing::debug!(dev, error = %e, "loop device already released");
+    }
+    let left = loops_of(image, LOOP_RELEASE)?;
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(VolumeError::Busy {
+            image: image.display().to_string(),
+            loops: left.join("; "),
+        })
     }
 }
 
