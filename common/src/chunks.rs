@@ -105,20 +105,80 @@ pub fn unframe(data: &[u8], raw_len: u32, raw: bool) -> Result<Vec<u8>, ChunkErr
     Ok(out)
 }
 
-/// Unframes a chunk from the wire and checks its name.
+/// Checks a chunk from the wire against its name and declared size without keeping it:
+/// a zstd frame is decompressed through a small reused buffer straight into the hash
+/// (no allocation per chunk, nothing the size of the chunk to fault in).
 pub fn verify_frame(
     hash: &[u8; 32],
     data: &[u8],
     raw_len: u32,
     raw: bool,
-) -> Result<Vec<u8>, ChunkError> {
-    let out = unframe(data, raw_len, raw)?;
-    if blake3::hash(&out).as_bytes() != hash {
+) -> Result<(), ChunkError> {
+    if raw_len as usize > MAX_CHUNK {
+        return Err(ChunkError::Malformed(format!(
+            "chunk of {raw_len} bytes exceeds {MAX_CHUNK}"
+        )));
+    }
+    let got = if raw {
+        if data.len() != raw_len as usize {
+            return Err(ChunkError::Malformed("chunk length does not match".into()));
+        }
+        blake3::hash(data)
+    } else {
+        hash_zstd(data, raw_len as u64)?
+    };
+    if got.as_bytes() != hash {
         return Err(ChunkError::Malformed(
             "chunk content does not match its hash".into(),
         ));
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Output piece of the streaming check: fits the caches, reused per thread.
+const VERIFY_PIECE: usize = 128 << 10;
+
+/// The BLAKE3 of what the zstd frames in `data` decompress to, which must be `raw_len`
+/// bytes: more is refused as soon as it appears, less when the input ends.
+fn hash_zstd(data: &[u8], raw_len: u64) -> Result<blake3::Hash, ChunkError> {
+    use zstd::stream::raw::Operation;
+    let frame = ChunkError::Frame;
+    VERIFIER.with(|v| {
+        let mut v = v.borrow_mut();
+        if v.is_none() {
+            *v = Some((
+                zstd::stream::raw::Decoder::new().map_err(frame)?,
+                vec![0u8; VERIFY_PIECE],
+            ));
+        }
+        let Some((dec, piece)) = v.as_mut() else {
+            return Err(frame(std::io::Error::other("no zstd context")));
+        };
+        // A frame cut short by an earlier error leaves state behind.
+        dec.reinit().map_err(frame)?;
+        let mut hasher = blake3::Hasher::new();
+        let (mut input, mut total) = (data, 0u64);
+        loop {
+            let st = dec.run_on_buffers(input, piece).map_err(frame)?;
+            input = &input[st.bytes_read..];
+            total += st.bytes_written as u64;
+            if total > raw_len {
+                return Err(ChunkError::Malformed("chunk length does not match".into()));
+            }
+            hasher.update(&piece[..st.bytes_written]);
+            if input.is_empty() && st.remaining == 0 {
+                break;
+            }
+            if st.bytes_read == 0 && st.bytes_written == 0 {
+                // Input gone mid-frame: a truncated frame.
+                return Err(ChunkError::Malformed("chunk frame is truncated".into()));
+            }
+        }
+        if total != raw_len {
+            return Err(ChunkError::Malformed("chunk length does not match".into()));
+        }
+        Ok(hasher.finalize())
+    })
 }
 
 thread_local! {
@@ -127,6 +187,9 @@ thread_local! {
     static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
         const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    #[allow(clippy::type_complexity)]
+    static VERIFIER: std::cell::RefCell<Option<(zstd::stream::raw::Decoder<'static>, Vec<u8>)>> =
         const { std::cell::RefCell::new(None) };
 }
 
@@ -737,10 +800,7 @@ mod tests {
         for raw in [text, noise] {
             let hash = *blake3::hash(&raw).as_bytes();
             let (z, is_raw) = compress(&raw);
-            assert_eq!(
-                verify_frame(&hash, &z, raw.len() as u32, is_raw).unwrap(),
-                raw
-            );
+            verify_frame(&hash, &z, raw.len() as u32, is_raw).unwrap();
             let staged = store.stage(hash, &z, raw.len() as u32, is_raw).unwrap();
             assert!(!store.has(&hash));
             store.commit(vec![staged]).unwrap();
@@ -919,5 +979,46 @@ mod tests {
         assert!(verify_frame(&hash, b"not zstd", 1000, false).is_err());
         assert!(verify_frame(&hash, &z, (MAX_CHUNK + 1) as u32, false).is_err());
         assert!(verify_frame(&hash, &raw[..999], 1000, true).is_err());
+        verify_frame(&hash, &z, 1000, false).unwrap();
+    }
+
+    /// The streaming check agrees with decompressing whole: on chunks larger than its
+    /// piece, on frames cut short, extended, concatenated or corrupted, and after a
+    /// failure has left its context mid-frame.
+    #[test]
+    fn streaming_check_agrees_with_unframe() {
+        let text: Vec<u8> = (0..(3 * VERIFY_PIECE as u32 + 17))
+            .map(|i| b"ferry chunk text "[(i % 17) as usize] ^ ((i / 4099) as u8))
+            .collect();
+        let hash = *blake3::hash(&text).as_bytes();
+        let (z, r) = compress(&text);
+        assert!(!r);
+        let n = text.len() as u32;
+        verify_frame(&hash, &z, n, false).unwrap();
+        assert_eq!(unframe(&z, n, false).unwrap(), text);
+        // Declared one byte short or long.
+        assert!(verify_frame(&hash, &z, n - 1, false).is_err());
+        assert!(verify_frame(&hash, &z, n + 1, false).is_err());
+        // Cut short, at several places: refused, and the next check is not confused.
+        for cut in [1, z.len() / 2, z.len() - 1] {
+            assert!(verify_frame(&hash, &z[..cut], n, false).is_err(), "{cut}");
+            verify_frame(&hash, &z, n, false).unwrap();
+        }
+        // Trailing garbage and a second frame after the first.
+        let mut tail = z.clone();
+        tail.extend_from_slice(b"garbage");
+        assert!(verify_frame(&hash, &tail, n, false).is_err());
+        let mut two = z.clone();
+        two.extend_from_slice(&z);
+        assert!(verify_frame(&hash, &two, n, false).is_err());
+        let mut both = text.clone();
+        both.extend_from_slice(&text);
+        verify_frame(blake3::hash(&both).as_bytes(), &two, 2 * n, false).unwrap();
+        // A flipped byte inside the compressed data.
+        let mut bad = z.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x55;
+        assert!(verify_frame(&hash, &bad, n, false).is_err());
+        verify_frame(&hash, &z, n, false).unwrap();
     }
 }
