@@ -354,7 +354,15 @@ impl Volumes {
                 // the volume grows offline (the system's lock keeps its writers away).
                 if let Err(e) = run(Command::new("resize2fs").arg(&dev)) {
                     tracing::warn!(image = %image.display(), error = %e, "online resize refused; resizing offline");
-                    unmount(mnt)?;
+                    if let Err(e) = unmount(mnt) {
+                        // Busy: it stays the replica, writable again, at its old size.
+                        if let Err(e) =
+                            run(Command::new("mount").args(["-o", "remount,rw"]).arg(mnt))
+                        {
+                            tracing::error!(mount = %mnt.display(), error = %e, "a volume that could not be unmounted stays read-only");
+                        }
+                        return Err(e);
+                    }
                     // The loop device goes with the mount, but the kernel may release it
                     // a moment later: the image is checked, grown and mounted again only
                     // once nothing else has it open.

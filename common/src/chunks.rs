@@ -105,18 +105,20 @@ pub fn unframe(data: &[u8], raw_len: u32, raw: bool) -> Result<Vec<u8>, ChunkErr
     Ok(out)
 }
 
-/// Checks a chunk from the wire against its name and declared size without keeping it:
-/// a zstd frame is decompressed through a small reused buffer straight into the hash
-/// (no allocation per chunk, nothing the size of the chunk to fault in).
+/// Checks a chunk from the wire against its name and declared size without keeping it.
+/// A zstd frame is decompressed by the very decoder apply uses (so nothing passes here
+/// that apply would refuse) into a buffer of this thread's, reused: no allocation, and
+/// no page to fault in, per chunk.
 pub fn verify_frame(
     hash: &[u8; 32],
     data: &[u8],
     raw_len: u32,
     raw: bool,
 ) -> Result<(), ChunkError> {
-    if raw_len as usize > MAX_CHUNK {
+    if raw_len as usize > MAX_CHUNK || data.len() > MAX_CHUNK {
         return Err(ChunkError::Malformed(format!(
-            "chunk of {raw_len} bytes exceeds {MAX_CHUNK}"
+            "chunk of {} bytes exceeds {MAX_CHUNK}",
+            (raw_len as usize).max(data.len())
         )));
     }
     let got = if raw {
@@ -125,7 +127,12 @@ pub fn verify_frame(
         }
         blake3::hash(data)
     } else {
-        hash_zstd(data, raw_len as u64)?
+        VERIFY_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let out = grown(&mut b, raw_len as usize);
+            decompress_into(data, out)?;
+            Ok::<_, ChunkError>(blake3::hash(out))
+        })?
     };
     if got.as_bytes() != hash {
         return Err(ChunkError::Malformed(
@@ -135,50 +142,24 @@ pub fn verify_frame(
     Ok(())
 }
 
-/// Output piece of the streaming check: fits the caches, reused per thread.
-const VERIFY_PIECE: usize = 128 << 10;
-
-/// The BLAKE3 of what the zstd frames in `data` decompress to, which must be `raw_len`
-/// bytes: more is refused as soon as it appears, less when the input ends.
-fn hash_zstd(data: &[u8], raw_len: u64) -> Result<blake3::Hash, ChunkError> {
-    use zstd::stream::raw::Operation;
-    let frame = ChunkError::Frame;
-    VERIFIER.with(|v| {
-        let mut v = v.borrow_mut();
-        if v.is_none() {
-            *v = Some((
-                zstd::stream::raw::Decoder::new().map_err(frame)?,
-                vec![0u8; VERIFY_PIECE],
-            ));
-        }
-        let Some((dec, piece)) = v.as_mut() else {
-            return Err(frame(std::io::Error::other("no zstd context")));
-        };
-        // A frame cut short by an earlier error leaves state behind.
-        dec.reinit().map_err(frame)?;
-        let mut hasher = blake3::Hasher::new();
-        let (mut input, mut total) = (data, 0u64);
-        loop {
-            let st = dec.run_on_buffers(input, piece).map_err(frame)?;
-            input = &input[st.bytes_read..];
-            total += st.bytes_written as u64;
-            if total > raw_len {
-                return Err(ChunkError::Malformed("chunk length does not match".into()));
+/// Decompresses the zstd frame `data` into `out`, which it must fill exactly.
+fn decompress_into(data: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+    let n = DECOMPRESSOR
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some(zstd::bulk::Decompressor::new()?);
             }
-            hasher.update(&piece[..st.bytes_written]);
-            if input.is_empty() && st.remaining == 0 {
-                break;
+            match d.as_mut() {
+                Some(d) => d.decompress_to_buffer(data, out),
+                None => Err(std::io::Error::other("no zstd context")),
             }
-            if st.bytes_read == 0 && st.bytes_written == 0 {
-                // Input gone mid-frame: a truncated frame.
-                return Err(ChunkError::Malformed("chunk frame is truncated".into()));
-            }
-        }
-        if total != raw_len {
-            return Err(ChunkError::Malformed("chunk length does not match".into()));
-        }
-        Ok(hasher.finalize())
-    })
+        })
+        .map_err(ChunkError::Frame)?;
+    if n != out.len() {
+        return Err(ChunkError::Malformed("chunk length does not match".into()));
+    }
+    Ok(())
 }
 
 thread_local! {
@@ -188,9 +169,8 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
-    #[allow(clippy::type_complexity)]
-    static VERIFIER: std::cell::RefCell<Option<(zstd::stream::raw::Decoder<'static>, Vec<u8>)>> =
-        const { std::cell::RefCell::new(None) };
+    // What `verify_frame` decompresses into: at most `MAX_CHUNK`, kept per thread.
+    static VERIFY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -735,21 +715,7 @@ impl ChunkStore {
         let frame = grown(&mut bufs.frame, loc.len as usize);
         file.read_exact_at(frame, loc.offset)
             .map_err(|e| io_err(&pack(), e))?;
-        let n = DECOMPRESSOR
-            .with(|d| {
-                let mut d = d.borrow_mut();
-                if d.is_none() {
-                    *d = Some(zstd::bulk::Decompressor::new()?);
-                }
-                match d.as_mut() {
-                    Some(d) => d.decompress_to_buffer(&*frame, &mut *raw),
-                    None => Err(std::io::Error::other("no zstd context")),
-                }
-            })
-            .map_err(ChunkError::Frame)?;
-        if n != raw.len() {
-            return Err(ChunkError::Malformed("chunk length does not match".into()));
-        }
+        decompress_into(frame, raw)?;
         Ok(raw)
     }
 
@@ -1081,12 +1047,11 @@ mod tests {
         verify_frame(&hash, &z, 1000, false).unwrap();
     }
 
-    /// The streaming check agrees with decompressing whole: on chunks larger than its
-    /// piece, on frames cut short, extended, concatenated or corrupted, and after a
-    /// failure has left its context mid-frame.
+    /// The check agrees with decompressing whole: on frames cut short, extended,
+    /// concatenated, padded past the largest chunk or corrupted, and after a failure.
     #[test]
-    fn streaming_check_agrees_with_unframe() {
-        let text: Vec<u8> = (0..(3 * VERIFY_PIECE as u32 + 17))
+    fn check_agrees_with_unframe() {
+        let text: Vec<u8> = (0..(3 * 131_072 + 17))
             .map(|i| b"ferry chunk text "[(i % 17) as usize] ^ ((i / 4099) as u8))
             .collect();
         let hash = *blake3::hash(&text).as_bytes();
@@ -1119,5 +1084,12 @@ mod tests {
         bad[mid] ^= 0x55;
         assert!(verify_frame(&hash, &bad, n, false).is_err());
         verify_frame(&hash, &z, n, false).unwrap();
+        // A right frame padded with a skippable frame beyond the largest chunk: refused
+        // here, so no store holds a frame that reading it back would refuse.
+        let mut padded = z.clone();
+        padded.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
+        padded.extend_from_slice(&(MAX_CHUNK as u32).to_le_bytes());
+        padded.resize(padded.len() + MAX_CHUNK, 0);
+        assert!(verify_frame(&hash, &padded, n, false).is_err());
     }
 }

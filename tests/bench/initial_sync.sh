@@ -85,7 +85,7 @@ for round in $(seq 1 "$rounds"); do
 
   # ferry: agent -> site -> cloud, fresh state each round (the last round's cloud
   # unmounted its volumes as it stopped; anything left is unmounted before the rm)
-  for m in $(grep -o " $W/cloud/[^ ]*" /proc/self/mountinfo | sort -r); do umount -l "$m"; done
+  for m in $(grep -o " $W/cloud/[^ ]*" /proc/self/mountinfo | sort -ru); do umount -l "$m" || true; done
   rm -rf "$W/cloud" "$W/site" "$W/agent"
   "$B/ferry-cloud" serve --data-dir "$W/cloud" --listen 127.0.0.1:18731 2>"$W/cloud.log" &
   cloud_pid=$!
@@ -115,7 +115,7 @@ for round in $(seq 1 "$rounds"); do
   ferry_s=$(echo "$t1 - $t0" | bc)
   ferry_bytes=$(echo "$summary" | python3 -c 'import json,sys; print(json.load(sys.stdin)["chunk_wire_bytes_this_run"])')
   replica=$(FERRY_CREDENTIALS="$W/cloud/operator.toml" "$B/ferry" replica path bench /)
-  diff=$(rsync -naHAXc --delete --numeric-ids -i "$SRC/" "$replica/" | wc -l)
+  diff=$( (rsync -naHAXc --delete --numeric-ids -i "$SRC/" "$replica/" || echo "rsync failed: $?") | wc -l)
   diffs=$((diffs + diff))
   read -r agent_u agent_s < "$W/agent.cpu"
   cpu_rows+=("| $round | $agent_u / $agent_s | $(echo "$site_u1 - $site_u0" | bc) / $(echo "$site_s1 - $site_s0" | bc) | $(echo "$cloud_u1 - $cloud_u0" | bc) / $(echo "$cloud_s1 - $cloud_s0" | bc) |")
