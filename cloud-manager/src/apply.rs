@@ -312,36 +312,27 @@ fn is_tmp_name(name: &[u8]) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
 }
 
-thread_local! {
-    // Chunks are read through one pair of buffers per applying thread.
-    static READ_BUFS: std::cell::RefCell<ferry_common::chunks::ReadBufs> =
-        std::cell::RefCell::default();
-}
-
 /// Writes an entry's data segments into `fd` from the chunk store; returns the bytes.
 fn write_segments(fd: &OwnedFd, chunks: &ChunkStore, e: &Entry) -> Result<u64, ApplyError> {
     let path = e.path.as_slice();
-    READ_BUFS.with(|bufs| {
-        let bufs = &mut *bufs.borrow_mut();
-        let mut written = 0;
-        for seg in &e.segments {
-            let mut off = seg.offset;
-            for c in &seg.chunks {
-                let hash = ferry_common::chunks::hash_from_bytes(&c.hash)?;
-                let raw = chunks.read_raw_into(&hash, bufs)?;
-                if raw.len() != c.len as usize {
-                    return Err(ApplyError::Invalid {
-                        path: show(path),
-                        message: "chunk length does not match".into(),
-                    });
-                }
-                write_all_at(fd, raw, off).map_err(io_at(path, "write"))?;
-                off += raw.len() as u64;
-                written += raw.len() as u64;
+    let mut written = 0;
+    for seg in &e.segments {
+        let mut off = seg.offset;
+        for c in &seg.chunks {
+            let hash = ferry_common::chunks::hash_from_bytes(&c.hash)?;
+            let raw = chunks.read_raw(&hash)?;
+            if raw.len() != c.len as usize {
+                return Err(ApplyError::Invalid {
+                    path: show(path),
+                    message: "chunk length does not match".into(),
+                });
             }
+            write_all_at(fd, &raw, off).map_err(io_at(path, "write"))?;
+            off += raw.len() as u64;
+            written += raw.len() as u64;
         }
-        Ok(written)
-    })
+    }
+    Ok(written)
 }
 
 /// Copies the entry's file from `from` (the same path there) into `fd`: its data ranges,

@@ -105,61 +105,20 @@ pub fn unframe(data: &[u8], raw_len: u32, raw: bool) -> Result<Vec<u8>, ChunkErr
     Ok(out)
 }
 
-/// Checks a chunk from the wire against its name and declared size without keeping it.
-/// A zstd frame is decompressed by the very decoder apply uses (so nothing passes here
-/// that apply would refuse) into a buffer of this thread's, reused: no allocation, and
-/// no page to fault in, per chunk.
+/// Unframes a chunk from the wire and checks its name.
 pub fn verify_frame(
     hash: &[u8; 32],
     data: &[u8],
     raw_len: u32,
     raw: bool,
-) -> Result<(), ChunkError> {
-    if raw_len as usize > MAX_CHUNK || data.len() > MAX_CHUNK {
-        return Err(ChunkError::Malformed(format!(
-            "chunk of {} bytes exceeds {MAX_CHUNK}",
-            (raw_len as usize).max(data.len())
-        )));
-    }
-    let got = if raw {
-        if data.len() != raw_len as usize {
-            return Err(ChunkError::Malformed("chunk length does not match".into()));
-        }
-        blake3::hash(data)
-    } else {
-        VERIFY_BUF.with(|b| {
-            let mut b = b.borrow_mut();
-            let out = grown(&mut b, raw_len as usize);
-            decompress_into(data, out)?;
-            Ok::<_, ChunkError>(blake3::hash(out))
-        })?
-    };
-    if got.as_bytes() != hash {
+) -> Result<Vec<u8>, ChunkError> {
+    let out = unframe(data, raw_len, raw)?;
+    if blake3::hash(&out).as_bytes() != hash {
         return Err(ChunkError::Malformed(
             "chunk content does not match its hash".into(),
         ));
     }
-    Ok(())
-}
-
-/// Decompresses the zstd frame `data` into `out`, which it must fill exactly.
-fn decompress_into(data: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
-    let n = DECOMPRESSOR
-        .with(|d| {
-            let mut d = d.borrow_mut();
-            if d.is_none() {
-                *d = Some(zstd::bulk::Decompressor::new()?);
-            }
-            match d.as_mut() {
-                Some(d) => d.decompress_to_buffer(data, out),
-                None => Err(std::io::Error::other("no zstd context")),
-            }
-        })
-        .map_err(ChunkError::Frame)?;
-    if n != out.len() {
-        return Err(ChunkError::Malformed("chunk length does not match".into()));
-    }
-    Ok(())
+    Ok(out)
 }
 
 thread_local! {
@@ -169,8 +128,6 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
-    // What `verify_frame` decompresses into: at most `MAX_CHUNK`, kept per thread.
-    static VERIFY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -213,21 +170,6 @@ pub fn compress(raw: &[u8]) -> (Vec<u8>, bool) {
         Ok(z) if z.len() < raw.len() => (z, false),
         _ => (raw.to_vec(), true),
     }
-}
-
-/// Buffers `ChunkStore::read_raw_into` reads chunks through.
-#[derive(Debug, Default)]
-pub struct ReadBufs {
-    frame: Vec<u8>,
-    raw: Vec<u8>,
-}
-
-/// The first `n` bytes of `buf`, which only grows (so it is zeroed only once).
-fn grown(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
-    if buf.len() < n {
-        buf.resize(n, 0);
-    }
-    &mut buf[..n]
 }
 
 /// Where a frame lives: pack, offset, length, raw length, raw flag.
@@ -677,50 +619,6 @@ impl ChunkStore {
 
     /// The stored frame.
     pub fn read_frame(&self, hash: &[u8; 32]) -> Result<Frame, ChunkError> {
-        let (loc, file) = self.locate(hash)?;
-        let mut data = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut data, loc.offset)
-            .map_err(|e| io_err(&self.dir.join(pack_name(loc.pack)), e))?;
-        Ok(Frame {
-            data,
-            raw_len: loc.raw_len,
-            raw: loc.raw,
-        })
-    }
-
-    /// The raw chunk, read (and decompressed) into `bufs`, which are reused from one
-    /// chunk to the next: no allocation, and no page to fault in, per chunk.
-    pub fn read_raw_into<'a>(
-        &self,
-        hash: &[u8; 32],
-        bufs: &'a mut ReadBufs,
-    ) -> Result<&'a [u8], ChunkError> {
-        let (loc, file) = self.locate(hash)?;
-        let pack = || self.dir.join(pack_name(loc.pack));
-        if loc.raw_len as usize > MAX_CHUNK || loc.len as usize > MAX_CHUNK {
-            return Err(ChunkError::Malformed(format!(
-                "stored chunk of {} bytes exceeds {MAX_CHUNK}",
-                loc.raw_len.max(loc.len)
-            )));
-        }
-        let raw = grown(&mut bufs.raw, loc.raw_len as usize);
-        if loc.raw {
-            if loc.len != loc.raw_len {
-                return Err(ChunkError::Malformed("chunk length does not match".into()));
-            }
-            file.read_exact_at(raw, loc.offset)
-                .map_err(|e| io_err(&pack(), e))?;
-            return Ok(raw);
-        }
-        let frame = grown(&mut bufs.frame, loc.len as usize);
-        file.read_exact_at(frame, loc.offset)
-            .map_err(|e| io_err(&pack(), e))?;
-        decompress_into(frame, raw)?;
-        Ok(raw)
-    }
-
-    /// Where a stored chunk's frame is, and its pack.
-    fn locate(&self, hash: &[u8; 32]) -> Result<(Location, Arc<std::fs::File>), ChunkError> {
         let published = self.unsynced_mut().get(hash).copied();
         let loc = match published {
             Some(loc) => loc,
@@ -737,7 +635,14 @@ impl ChunkStore {
             .get(&loc.pack)
             .cloned()
             .ok_or_else(|| ChunkError::Missing(hex::encode(hash)))?;
-        Ok((loc, file))
+        let mut data = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut data, loc.offset)
+            .map_err(|e| io_err(&self.dir.join(pack_name(loc.pack)), e))?;
+        Ok(Frame {
+            data,
+            raw_len: loc.raw_len,
+            raw: loc.raw,
+        })
     }
 
     /// The raw chunk.
@@ -832,7 +737,10 @@ mod tests {
         for raw in [text, noise] {
             let hash = *blake3::hash(&raw).as_bytes();
             let (z, is_raw) = compress(&raw);
-            verify_frame(&hash, &z, raw.len() as u32, is_raw).unwrap();
+            assert_eq!(
+                verify_frame(&hash, &z, raw.len() as u32, is_raw).unwrap(),
+                raw
+            );
             let staged = store.stage(hash, &z, raw.len() as u32, is_raw).unwrap();
             assert!(!store.has(&hash));
             store.commit(vec![staged]).unwrap();
@@ -851,39 +759,6 @@ mod tests {
         );
         assert_eq!(store.clear(store.generation()).unwrap(), Some(2));
         assert!(store.is_empty());
-    }
-
-    /// One pair of buffers reads chunks of every kind and size in turn, each whole and
-    /// no longer than itself (a small chunk after a large one shows none of the latter).
-    #[test]
-    fn read_raw_into_reuses_its_buffers() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store(dir.path());
-        let big_text = b"a large compressible chunk ".repeat(30_000);
-        let noise: Vec<u8> = (0..300_000u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
-        let chunks = [big_text, b"tiny".to_vec(), noise, b"x".repeat(5000), vec![]];
-        let mut staged = Vec::new();
-        for raw in &chunks {
-            let (z, is_raw) = compress(raw);
-            let h = *blake3::hash(raw).as_bytes();
-            if !store.has(&h) {
-                staged.push(store.stage(h, &z, raw.len() as u32, is_raw).unwrap());
-            }
-        }
-        store.commit(staged).unwrap();
-        let mut bufs = ReadBufs::default();
-        for _ in 0..2 {
-            for raw in &chunks {
-                let h = *blake3::hash(raw).as_bytes();
-                assert_eq!(store.read_raw_into(&h, &mut bufs).unwrap(), &raw[..]);
-            }
-        }
-        assert!(matches!(
-            store.read_raw_into(&[9; 32], &mut bufs),
-            Err(ChunkError::Missing(_))
-        ));
     }
 
     #[test]
@@ -1044,52 +919,5 @@ mod tests {
         assert!(verify_frame(&hash, b"not zstd", 1000, false).is_err());
         assert!(verify_frame(&hash, &z, (MAX_CHUNK + 1) as u32, false).is_err());
         assert!(verify_frame(&hash, &raw[..999], 1000, true).is_err());
-        verify_frame(&hash, &z, 1000, false).unwrap();
-    }
-
-    /// The check agrees with decompressing whole: on frames cut short, extended,
-    /// concatenated, padded past the largest chunk or corrupted, and after a failure.
-    #[test]
-    fn check_agrees_with_unframe() {
-        let text: Vec<u8> = (0..(3 * 131_072 + 17))
-            .map(|i| b"ferry chunk text "[(i % 17) as usize] ^ ((i / 4099) as u8))
-            .collect();
-        let hash = *blake3::hash(&text).as_bytes();
-        let (z, r) = compress(&text);
-        assert!(!r);
-        let n = text.len() as u32;
-        verify_frame(&hash, &z, n, false).unwrap();
-        assert_eq!(unframe(&z, n, false).unwrap(), text);
-        // Declared one byte short or long.
-        assert!(verify_frame(&hash, &z, n - 1, false).is_err());
-        assert!(verify_frame(&hash, &z, n + 1, false).is_err());
-        // Cut short, at several places: refused, and the next check is not confused.
-        for cut in [1, z.len() / 2, z.len() - 1] {
-            assert!(verify_frame(&hash, &z[..cut], n, false).is_err(), "{cut}");
-            verify_frame(&hash, &z, n, false).unwrap();
-        }
-        // Trailing garbage and a second frame after the first.
-        let mut tail = z.clone();
-        tail.extend_from_slice(b"garbage");
-        assert!(verify_frame(&hash, &tail, n, false).is_err());
-        let mut two = z.clone();
-        two.extend_from_slice(&z);
-        assert!(verify_frame(&hash, &two, n, false).is_err());
-        let mut both = text.clone();
-        both.extend_from_slice(&text);
-        verify_frame(blake3::hash(&both).as_bytes(), &two, 2 * n, false).unwrap();
-        // A flipped byte inside the compressed data.
-        let mut bad = z.clone();
-        let mid = bad.len() / 2;
-        bad[mid] ^= 0x55;
-        assert!(verify_frame(&hash, &bad, n, false).is_err());
-        verify_frame(&hash, &z, n, false).unwrap();
-        // A right frame padded with a skippable frame beyond the largest chunk: refused
-        // here, so no store holds a frame that reading it back would refuse.
-        let mut padded = z.clone();
-        padded.extend_from_slice(&0x184D_2A50u32.to_le_bytes());
-        padded.extend_from_slice(&(MAX_CHUNK as u32).to_le_bytes());
-        padded.resize(padded.len() + MAX_CHUNK, 0);
-        assert!(verify_frame(&hash, &padded, n, false).is_err());
     }
 }
