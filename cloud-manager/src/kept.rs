@@ -351,15 +351,23 @@ pub fn refresh(
     plan: &str,
     replicas: &[Replica<'_>],
 ) -> Result<Option<Refreshed>, KeptError> {
+    // Why a whole copy is taken instead, for the operator who wonders at a large upload.
+    let not_used = |why: &str| {
+        tracing::info!(work = %work.display(), why, "the kept copy is not used: the replicas are copied whole");
+        Ok(None)
+    };
     let Some(state) = std::fs::read(work.join(STATE))
         .ok()
         .and_then(|b| serde_json::from_slice::<State>(&b).ok())
     else {
-        return Ok(None);
+        return not_used("no customized copy is kept");
     };
     let ids: Vec<String> = replicas.iter().map(|r| r.fs.fs_id.clone()).collect();
-    if state.plan != plan || state.filesystems != ids {
-        return Ok(None);
+    if state.plan != plan {
+        return not_used("the plan changed since the last build");
+    }
+    if state.filesystems != ids {
+        return not_used("the system's file systems changed");
     }
     let mut plans = Vec::new();
     for r in replicas {
@@ -369,10 +377,13 @@ pub fn refresh(
             _ => false,
         };
         let Some(before) = load_signature(work, &r.fs.fs_id) else {
-            return Ok(None);
+            return not_used("a replica's signature is missing or cut short");
         };
-        if !same_size || !crate::volumes::is_mounted(&r.mount) {
-            return Ok(None);
+        if !same_size {
+            return not_used("a replica volume was resized");
+        }
+        if !crate::volumes::is_mounted(&r.mount) {
+            return not_used("a replica is not mounted");
         }
         let now = signature(&r.mount)?;
         let changed = delta(&before, &now);
@@ -392,8 +403,9 @@ pub fn refresh(
         })
     });
     if system_changed {
-        tracing::info!(work = %work.display(), "the system's own files changed on the source (boot, programs, configuration): the kept copy is not used");
-        return Ok(None);
+        return not_used(
+            "the system's own files changed on the source (boot, programs, configuration)",
+        );
     }
     forget(work)?;
     let sync = work.join("sync");
@@ -408,7 +420,16 @@ pub fn refresh(
             &[]
         };
         let at = format!("/{}", r.fs.fs_id);
-        let mounted = GuestMount::new(&tree, &at, &copy, &r.fs.fstype, flags)?;
+        // Once more after a moment: a loop device the last build's mount left is
+        // released by the kernel a little later.
+        let mounted = match GuestMount::new(&tree, &at, &copy, &r.fs.fstype, flags) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(copy = %copy.display(), error = %e, "kept copy not mounted; trying again");
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                GuestMount::new(&tree, &at, &copy, &r.fs.fstype, flags)?
+            }
+        };
         let dst = Root::open(&sync.join(&r.fs.fs_id))?.replacing(true);
         let src = Root::open(&r.mount)?;
         let entries = entries(&src, &changed)?;

@@ -223,14 +223,25 @@ fn aws_images_upload_changed_blocks_and_clones_get_their_own_vpc() -> Result<()>
         "{db_inc}"
     );
     let db_bytes = db_inc["uploaded_bytes"].as_u64().unwrap_or(u64::MAX);
+    // What the cloud said about its kept copies, should a bound below fail.
+    let kept_said = || -> String {
+        std::fs::read_to_string(t.join("cloud.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("kept copy") || l.contains("copied whole"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert!(
         db_bytes <= 8 << 20,
-        "unchanged db: {db_bytes} bytes uploaded"
+        "unchanged db: {db_bytes} bytes uploaded; the cloud said:\n{}",
+        kept_said()
     );
     let inc_bytes = inc["uploaded_bytes"].as_u64().unwrap_or(0);
     assert!(
         inc_bytes > 0 && inc_bytes <= 8 << 20,
-        "incremental {inc_bytes} vs full {full}: more than 8 MiB for a 1 MiB change"
+        "incremental {inc_bytes} vs full {full}: more than 8 MiB for a 1 MiB change; the cloud said:\n{}",
+        kept_said()
     );
     assert_eq!(
         file_in_image(&s(&inc["path"]), "/srv/changed.txt", t)?,
