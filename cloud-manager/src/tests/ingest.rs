@@ -676,6 +676,31 @@ async fn a_mount_point_that_is_not_absolute_and_normalized_is_refused_at_the_doo
     }
 }
 
+/// A file system's id names its replica volume's image and mount point under the data
+/// dir (and the volume commands run on them): an id that is not a plain name is refused
+/// before anything is made, and nothing appears outside the volumes' directory.
+#[tokio::test]
+async fn a_file_system_id_that_is_not_a_plain_name_is_refused_at_the_door() {
+    let h = harness();
+    for id in ["../escape", "a/b", "/abs", ".hidden", "", "x\0y", "-opt"] {
+        let reg = Registration {
+            system: "web01".into(),
+            fresh_state: false,
+            probe: HostInfo::default(),
+            filesystems: vec![FsRecord {
+                fs_id: id.into(),
+                ..root_fs()
+            }],
+            ..Default::default()
+        };
+        let r = h.cloud.ingest.register(&agent("web01"), reg).await;
+        assert_eq!(kind(r), Kind::InvalidArgument, "{id:?}");
+    }
+    assert!(h.cloud.replication.system("web01").unwrap().is_none());
+    assert!(!h.dir.path().join("escape").exists());
+    assert!(!h.volumes.root.join("web01").exists());
+}
+
 #[tokio::test]
 async fn two_file_systems_at_one_mount_point_or_a_moved_one_are_refused() {
     let h = harness();
