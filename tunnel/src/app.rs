@@ -158,7 +158,9 @@ async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener, slot: Slot) {
             sh.metrics.inc("ferry_tunnel_connections_total", &[("service", &name)]);
             sh.metrics.add("ferry_tunnel_active_connections", &[("service", &name)], 1.0);
             tokio::select! {
-                _ = net::splice(conn, ch.into_stream(), &sh.metrics, &name) => {}
+                (to_real, from_real) = net::splice_channel(conn, ch) => {
+                    net::count(&sh.metrics, &name, to_real, from_real);
+                }
                 _ = sh.shutdown.cancelled() => {}
             }
             sh.metrics.add("ferry_tunnel_active_connections", &[("service", &name)], -1.0);

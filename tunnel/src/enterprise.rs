@@ -168,7 +168,8 @@ impl russh::client::Handler for Client {
                         &[("service", &name)],
                         1.0,
                     );
-                    net::splice(channel.into_stream(), real, &metrics, &name).await;
+                    let (from_real, to_real) = net::splice_channel(real, channel).await;
+                    net::count(&metrics, &name, to_real, from_real);
                     metrics.add(
                         "ferry_tunnel_active_connections",
                         &[("service", &name)],

@@ -1,8 +1,12 @@
 //! Socket plumbing shared by the roles: TCP options, the first tunnel's one-line
-//! handshake, and byte splicing with per-service counters.
+//! handshake, and byte splicing (TCP with a channel, TCP with TCP) with per-service counters.
 use crate::metrics::Metrics;
+use bytes::{Bytes, BytesMut};
+use russh::{Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 /// The next connection, or None once `shutdown` fires. Accept errors (EMFILE, aborted
@@ -26,7 +30,7 @@ pub async fn accept(
 }
 
 /// Adds a finished splice's byte counts under the service's name.
-fn count(metrics: &Metrics, service: &str, up: u64, down: u64) {
+pub fn count(metrics: &Metrics, service: &str, up: u64, down: u64) {
     metrics.add(
         "ferry_tunnel_bytes_total",
         &[("service", service), ("direction", "in")],
@@ -74,63 +78,84 @@ pub async fn read_line<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Strin
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "handshake not utf-8"))
 }
 
-/// Copies both ways until both sides are done, counting bytes under the service's name.
-/// Half-closes are passed on, so request/response protocols that shut down writing work.
-pub async fn splice<A, B>(a: A, b: B, metrics: &Metrics, service: &str)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
-    let up = async {
-        let n = copy(&mut ar, &mut bw).await;
-        let _ = bw.shutdown().await;
-        n
-    };
-    let down = async {
-        let n = copy(&mut br, &mut aw).await;
-        let _ = aw.shutdown().await;
-        n
-    };
-    let (u, d) = tokio::join!(up, down);
-    count(metrics, service, u, d);
-}
-
 /// Bytes gathered before one write: several SSH packets' worth.
 const COPY_BUF: usize = 256 * 1024;
 /// What an idle connection holds per direction while it waits for data.
 const IDLE_BUF: usize = 4096;
+/// Channel messages written to TCP with one `writev`.
+const MAX_SLICES: usize = 64;
 
-/// Copies until EOF. A connection waits with a small buffer; when a read fills it, a
-/// burst is under way and a large buffer, kept until the burst ends, takes whatever else
-/// is already readable, so a run of SSH packets becomes one write instead of one each.
-async fn copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W) -> u64 {
+/// Splices a TCP connection and an SSH channel both ways until both are done, passing
+/// half-closes on, and closes the channel at the end (or when dropped). Returns the bytes
+/// moved (TCP to channel, channel to TCP). Bytes are not copied on the way: what is read
+/// from TCP is sent as it is, and the channel's messages are written from their own buffers.
+pub async fn splice_channel<S>(mut tcp: TcpStream, channel: Channel<S>) -> (u64, u64)
+where
+    S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
+    let (rx, tx) = channel.split();
+    let tx = CloseOnDrop(Some(tx));
+    let (mut tr, mut tw) = tcp.split();
+    tokio::join!(
+        async {
+            let n = tcp_to_channel(&mut tr, tx.half()).await;
+            let _ = tx.half().eof().await;
+            n
+        },
+        async {
+            let n = channel_to_tcp(rx, &mut tw).await;
+            let _ = tw.shutdown().await;
+            n
+        }
+    )
+}
+
+/// The channel's write half, which sends Close when the splice ends or is dropped (a
+/// shutdown cancels it), as a channel stream would.
+struct CloseOnDrop<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static>(
+    Option<ChannelWriteHalf<S>>,
+);
+
+impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> CloseOnDrop<S> {
+    fn half(&self) -> &ChannelWriteHalf<S> {
+        self.0.as_ref().expect("taken only on drop")
+    }
+}
+
+impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Drop for CloseOnDrop<S> {
+    fn drop(&mut self) {
+        if let (Some(half), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = half.close().await;
+            });
+        }
+    }
+}
+
+/// TCP to channel until EOF. A connection waits with a small buffer; when a read fills
+/// it, a burst is under way and reads take up to `COPY_BUF` of whatever is readable, so a
+/// run of segments becomes one send, split into SSH packets without copying.
+async fn tcp_to_channel<S>(r: &mut ReadHalf<'_>, w: &ChannelWriteHalf<S>) -> u64
+where
+    S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
+{
     use futures::FutureExt;
-    let mut small = [0u8; IDLE_BUF];
-    let mut big: Vec<u8> = Vec::new();
+    let mut buf = BytesMut::new();
+    let mut want = IDLE_BUF;
     let mut total = 0u64;
     loop {
-        let mut n = if big.is_empty() {
-            let n = match r.read(&mut small).await {
-                Ok(0) | Err(_) => return total,
-                Ok(n) => n,
-            };
-            if n == IDLE_BUF {
-                big = vec![0u8; COPY_BUF];
-                big[..n].copy_from_slice(&small);
-            }
-            n
-        } else {
-            match r.read(&mut big).await {
-                Ok(0) | Err(_) => return total,
-                Ok(n) => n,
-            }
+        buf.reserve(want);
+        let offered = buf.capacity();
+        let mut n = match r.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => n,
         };
         let mut eof = false;
-        if !big.is_empty() {
-            while n < big.len() {
-                match r.read(&mut big[n..]).now_or_never() {
+        if n == offered {
+            want = COPY_BUF;
+            while n < COPY_BUF {
+                buf.reserve(COPY_BUF - n);
+                match r.read_buf(&mut buf).now_or_never() {
                     Some(Ok(0)) | Some(Err(_)) => {
                         eof = true;
                         break;
@@ -139,24 +164,103 @@ async fn copy<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W)
                     None => break,
                 }
             }
+        } else if n < IDLE_BUF {
+            // The burst is over: an idle connection keeps only a small buffer.
+            want = IDLE_BUF;
+            let data = buf.split().freeze();
+            buf = BytesMut::new();
+            if w.data_bytes(data).await.is_err() {
+                return total;
+            }
+            total += n as u64;
+            continue;
         }
-        let data = if big.is_empty() {
-            &small[..n]
-        } else {
-            &big[..n]
-        };
-        if w.write_all(data).await.is_err() || w.flush().await.is_err() {
+        if w.data_bytes(buf.split().freeze()).await.is_err() {
             return total;
         }
         total += n as u64;
         if eof {
             return total;
         }
-        if n < IDLE_BUF {
-            // The burst is over: an idle connection keeps only the small buffer.
-            big = Vec::new();
+    }
+}
+
+/// Channel to TCP until the channel's EOF or close. Messages that have already arrived
+/// are written together, with one `writev`, straight from the buffers they came in.
+async fn channel_to_tcp(mut r: ChannelReadHalf, w: &mut WriteHalf<'_>) -> u64 {
+    use futures::FutureExt;
+    let mut queued: VecDeque<Bytes> = VecDeque::new();
+    let mut total = 0u64;
+    loop {
+        let mut end = match r.wait().await {
+            Some(msg) => take(msg, &mut queued),
+            None => true,
+        };
+        let mut size: usize = queued.iter().map(Bytes::len).sum();
+        while !end && size < COPY_BUF {
+            match r.wait().now_or_never() {
+                Some(Some(msg)) => {
+                    end = take(msg, &mut queued);
+                    size = queued.iter().map(Bytes::len).sum();
+                }
+                Some(None) => end = true,
+                None => break,
+            }
+        }
+        if write_all(w, &mut queued).await.is_err() {
+            return total;
+        }
+        total += size as u64;
+        if end {
+            // Dropping the read half refuses what the session would still hand it.
+            return total;
         }
     }
+}
+
+/// Queues a channel message's data; true when the message ends the stream (EOF, close).
+/// Extended data and requests are not part of a forwarded connection's bytes.
+fn take(msg: ChannelMsg, queued: &mut VecDeque<Bytes>) -> bool {
+    match msg {
+        ChannelMsg::Data { data } => {
+            if !data.is_empty() {
+                queued.push_back(data);
+            }
+            false
+        }
+        ChannelMsg::Eof | ChannelMsg::Close => true,
+        _ => false,
+    }
+}
+
+/// Writes every queued buffer, several per `writev`.
+async fn write_all(w: &mut WriteHalf<'_>, queued: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+    use bytes::Buf;
+    while !queued.is_empty() {
+        let mut slices = [std::io::IoSlice::new(&[]); MAX_SLICES];
+        let mut k = 0;
+        for (slot, b) in slices.iter_mut().zip(queued.iter()) {
+            *slot = std::io::IoSlice::new(b);
+            k += 1;
+        }
+        let mut n = w.write_vectored(&slices[..k]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(front) = queued.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                queued.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads the SSH transport through a buffer: russh reads each packet's length and body

@@ -1,3 +1,4 @@
+// Modified for Ferry (vendor/README.md): channel data is decoded with one copy (`decode_data`).
 use std::fmt::Debug;
 
 use ssh_encoding::{Decode, Encode};
@@ -175,6 +176,19 @@ mod name_list {
             assert!(NameList::from_encoded_string("a,,").is_err());
         }
     }
+}
+
+/// Ferry: the data string of a channel data message, copied once out of the packet.
+/// `Bytes::decode` (through `Vec<u8>`) zeroes a new vector and then copies into it, a
+/// memset of every tunnelled byte on top of the copy.
+pub(crate) fn decode_data(r: &mut &[u8]) -> Result<bytes::Bytes, ssh_encoding::Error> {
+    let len = usize::try_from(u32::decode(r)?).map_err(|_| ssh_encoding::Error::Length)?;
+    let Some((data, rest)) = r.split_at_checked(len) else {
+        return Err(ssh_encoding::Error::Length);
+    };
+    let data = bytes::Bytes::copy_from_slice(data);
+    *r = rest;
+    Ok(data)
 }
 
 pub use limited_string::LimitedString;

@@ -1,5 +1,6 @@
 // Modified for Ferry (vendor/README.md): channel messages are delivered without waiting for
-// the reader, and a lagging reader holds back only its own channel's window.
+// the reader, and a lagging reader holds back only its own channel's window; channel data
+// is decoded with one copy.
 // Copyright 2016 Pierre-Étienne Meunier
 //
 // Licensed under the Apache License, Version 2.0 (the "License");
@@ -1512,11 +1513,11 @@ async fn reply_userauth_info_response(
 }
 
 impl Session {
-    async fn server_read_authenticated<H: Handler + Send, R: Reader>(
+    async fn server_read_authenticated<H: Handler + Send>(
         &mut self,
         handler: &mut H,
         msg: u8,
-        r: &mut R,
+        r: &mut &[u8],
     ) -> Result<(), H::Error> {
         match msg {
             msg::CHANNEL_OPEN => self.server_handle_channel_open(handler, r).await,
@@ -1561,7 +1562,7 @@ impl Session {
                     Some(map_err!(u32::decode(r))?)
                 };
                 trace!("handler.data {ext:?} {channel_num:?}");
-                let data = map_err!(Bytes::decode(r))?;
+                let data = map_err!(crate::helpers::decode_data(r))?;
                 map_err!(ensure_end(r))?;
                 let target = self.target_window_size;
                 let msg = match ext {

@@ -1,0 +1,174 @@
+//! Forwarded TCP connections through a real app role and enterprise side (SSH over
+//! loopback, no gateway): bytes arrive intact and in order both ways, and a half-close
+//! from either end reaches the other end while the other direction keeps flowing.
+use anyhow::{ensure, Context, Result};
+use ferry_tunnel::config::{Allowed, HostKeyPin, HostPort, Protocol, TableA};
+use ferry_tunnel::metrics::Metrics;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// Bytes the client sends and the real service sends back, in sizes that end mid-packet.
+const UP: usize = 40 * 1024 * 1024 + 12_345;
+const DOWN: usize = 24 * 1024 * 1024 + 777;
+
+/// Deterministic bytes that differ at every offset and between streams.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The real service. First byte 'c': the client closes first (read to EOF, then answer
+/// with the count and DOWN bytes, then close). 's': the service closes first (send DOWN
+/// bytes, shut down writing, then read to EOF). Either way it reports what it received.
+async fn serve(listener: TcpListener, got: mpsc::UnboundedSender<Vec<u8>>) {
+    while let Ok((mut c, _)) = listener.accept().await {
+        let got = got.clone();
+        tokio::spawn(async move {
+            let mut mode = [0u8; 1];
+            if c.read_exact(&mut mode).await.is_err() {
+                return;
+            }
+            let mut received = Vec::new();
+            if mode[0] == b's' {
+                let _ = c.write_all(&pattern(2, DOWN)).await;
+                let _ = c.shutdown().await;
+                let _ = c.read_to_end(&mut received).await;
+            } else {
+                let _ = c.read_to_end(&mut received).await;
+                let _ = c.write_all(&received.len().to_be_bytes()).await;
+                let _ = c.write_all(&pattern(2, DOWN)).await;
+                let _ = c.shutdown().await;
+            }
+            let _ = got.send(received);
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = ferry_tunnel::keys::write_set(&dir.path().join("keys"))?;
+    let real = TcpListener::bind("127.0.0.1:0").await?;
+    let real_port = real.local_addr()?.port();
+    let (got_tx, mut got) = mpsc::unbounded_channel();
+    tokio::spawn(serve(real, got_tx));
+
+    // The proxy endpoint on a loopback address of its own, so other tests' ports do not
+    // collide with it.
+    let proxy = "127.0.0.93:50100";
+    let table = dir.path().join("table.ini");
+    std::fs::write(
+        &table,
+        format!(
+            "[ssh_tunnel]\nlisten_ip=127.0.0.1\nlisten_port=22\nhost_key_file={}\n\
+             authorized_keys_file={}\n\
+             [service_data]\nprotocol=TCP\nreal_server_ip=127.0.0.1\nreal_server_port={real_port}\n\
+             proxy_server_ip=127.0.0.93\nproxy_server_port=50100\n",
+            keys.host_key_file.display(),
+            keys.authorized_keys_file.display(),
+        ),
+    )?;
+    let parsed = ferry_tunnel::config::parse_table_b(&std::fs::read_to_string(&table)?)?;
+    let ssh = TcpListener::bind("127.0.0.1:0").await?;
+    let app = HostPort {
+        host: "127.0.0.1".into(),
+        port: ssh.local_addr()?.port(),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(ferry_tunnel::app::run(
+        table.clone(),
+        parsed,
+        ssh,
+        Metrics::default(),
+        shutdown.clone(),
+    ));
+    let cfg = TableA {
+        gateway: app.clone(),
+        app,
+        first_tunnel: false,
+        key_file: keys.client_key_file.clone(),
+        host_key: HostKeyPin::Fingerprint(keys.host_key_fingerprint.clone()),
+        service_table: table.to_string_lossy().into_owned(),
+        user: "ferry".into(),
+        metrics_listen: None,
+        keepalive: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+        allow: vec![Allowed {
+            host: "127.0.0.1".into(),
+            port: real_port,
+            protocol: Protocol::Tcp,
+        }],
+    };
+    let enterprise = tokio::spawn(ferry_tunnel::enterprise::run(
+        cfg,
+        Metrics::default(),
+        shutdown.clone(),
+    ));
+
+    // The app role opens the proxy port once the enterprise side asked for it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let connect = || async {
+        loop {
+            if let Ok(c) = TcpStream::connect(proxy).await {
+                return Ok(c);
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the proxy port never opened"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let up = pattern(1, UP);
+
+    // The client closes first: its EOF reaches the service, whose answer still arrives.
+    let mut c = connect().await?;
+    c.write_all(b"c").await?;
+    c.write_all(&up).await?;
+    c.shutdown().await?;
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), c.read_to_end(&mut back))
+        .await
+        .context("the answer after the client's EOF never ended")??;
+    let received = got.recv().await.context("service gone")?;
+    ensure!(received == up, "the service received other bytes than sent");
+    ensure!(back.len() == 8 + DOWN, "answer of {} bytes", back.len());
+    ensure!(
+        back[..8] == UP.to_be_bytes(),
+        "the service counted other bytes"
+    );
+    ensure!(back[8..] == pattern(2, DOWN), "the answer differs");
+
+    // The service closes first: the client sees EOF and can still send everything.
+    let mut c = connect().await?;
+    c.write_all(b"s").await?;
+    let mut first = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), c.read_to_end(&mut first))
+        .await
+        .context("the service's EOF never reached the client")??;
+    ensure!(first == pattern(2, DOWN), "the service's bytes differ");
+    c.write_all(&up).await?;
+    c.shutdown().await?;
+    let received = tokio::time::timeout(Duration::from_secs(60), got.recv())
+        .await
+        .context("the client's bytes after the service's EOF never all arrived")?
+        .context("service gone")?;
+    ensure!(
+        received == up,
+        "after the service's EOF, the service received {} bytes, not the {UP} sent",
+        received.len()
+    );
+
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), enterprise).await;
+    Ok(())
+}
