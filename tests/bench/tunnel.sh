@@ -128,16 +128,19 @@ iperf() { # PORT STREAMS -> Gbit/s received
   $E0 iperf3 -c 127.0.0.1 -p "$1" -P "$2" -t 5 -J | python3 -c \
     "import json,sys;print('%.2f' % (json.load(sys.stdin)['end']['sum_received']['bits_per_second']/1e9))"
 }
-pingpong() { # PORT -> "p50 p99" in microseconds
-  $E0 python3 - "$1" <<'EOF'
+pingpong() { # PORT [SECONDS] -> "p50 p99" in microseconds (and the count when timed)
+  # 3000 round trips; with SECONDS, as many as fit in that time and no more, so that
+  # beside a bulk transfer every one is measured while the bulk runs.
+  $E0 python3 - "$1" "${2:-0}" <<'EOF'
 import socket, sys, time
 c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+secs = float(sys.argv[2]); end = time.perf_counter() + secs
 ts = []
-for i in range(3000):
+while (len(ts) < 3000) if secs == 0 else (time.perf_counter() < end):
     t = time.perf_counter(); c.sendall(b"x"); c.recv(1); ts.append(time.perf_counter() - t)
-ts = sorted(ts[200:])
-print("%.0f %.0f" % (ts[len(ts)//2]*1e6, ts[int(len(ts)*0.99)]*1e6))
+ts = sorted(ts[200:] if secs == 0 else ts[20:])
+print("%.0f %.0f" % (ts[len(ts)//2]*1e6, ts[int(len(ts)*0.99)]*1e6) + ("" if secs == 0 else " (%d round trips)" % len(ts)))
 EOF
 }
 rss_kb() { # PIDS... -> total RSS in KiB
@@ -183,11 +186,11 @@ printf 'direct   %s\n' "$(pingpong 17000)"
 printf 'openssh  %s\n' "$(pingpong 37000)"
 printf 'ferry    %s\n' "$(pingpong 27000)"
 
-echo "== ping-pong beside bulk on another service (us), p50 p99"
+echo "== ping-pong beside bulk on another service (us), p50 p99: 5 s of round trips inside 8 s of bulk"
 $E0 iperf3 -c 127.0.0.1 -p 35201 -t 8 >/dev/null & bulk=$!; sleep 1
-printf 'openssh  %s\n' "$(pingpong 37000)"; wait $bulk
+printf 'openssh  %s\n' "$(pingpong 37000 5)"; wait $bulk
 $E0 iperf3 -c 127.0.0.1 -p 25201 -t 8 >/dev/null & bulk=$!; sleep 1
-printf 'ferry    %s\n' "$(pingpong 27000)"; wait $bulk
+printf 'ferry    %s\n' "$(pingpong 27000 5)"; wait $bulk
 
 echo "== RSS (KiB), idle / 1000 idle connections"
 ferry_idle=$(rss_kb $FERRY_PIDS); ssh_idle=$(rss_kb $(ssh_pids))

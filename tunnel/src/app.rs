@@ -630,7 +630,7 @@ pub async fn run(
             .as_deref()
             .ok_or(AppError::Missing("authorized_keys_file"))?,
     )?;
-    let config = Arc::new(ssh_config(host_key, table.keepalive));
+    let config = Arc::new(ssh_config(host_key, table.keepalive, table.window));
     // The enterprise side asks for the table by its absolute path.
     let table_path = std::fs::canonicalize(&table_path).unwrap_or(table_path);
     let shared = Arc::new(Shared {
@@ -677,7 +677,11 @@ pub async fn run(
     Ok(())
 }
 
-fn ssh_config(host_key: russh::keys::PrivateKey, keepalive: Duration) -> russh::server::Config {
+fn ssh_config(
+    host_key: russh::keys::PrivateKey,
+    keepalive: Duration,
+    window: u32,
+) -> russh::server::Config {
     russh::server::Config {
         server_id: russh::SshId::Standard("SSH-2.0-ferry-tunnel".into()),
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
@@ -689,7 +693,7 @@ fn ssh_config(host_key: russh::keys::PrivateKey, keepalive: Duration) -> russh::
         keepalive_interval: Some(keepalive),
         keepalive_max: 3,
         inactivity_timeout: Some(keepalive * 4),
-        window_size: crate::WINDOW,
+        window_size: window,
         maximum_packet_size: crate::MAX_PACKET,
         channel_buffer_size: 64,
         nodelay: true,

@@ -298,7 +298,7 @@ async fn session(
         metrics: metrics.clone(),
         connect_timeout: cfg.connect_timeout,
     };
-    let ssh = Arc::new(client_config(cfg.keepalive));
+    let ssh = Arc::new(client_config(cfg.keepalive, cfg.window));
     let mut handle = tokio::time::timeout(
         cfg.connect_timeout,
         russh::client::connect_stream(ssh, net::buffered(stream), client),
@@ -403,13 +403,13 @@ async fn fetch_table(
     })
 }
 
-fn client_config(keepalive: Duration) -> russh::client::Config {
+fn client_config(keepalive: Duration, window: u32) -> russh::client::Config {
     russh::client::Config {
         client_id: russh::SshId::Standard("SSH-2.0-ferry-tunnel".into()),
         keepalive_interval: Some(keepalive),
         keepalive_max: 3,
         inactivity_timeout: Some(keepalive * 4),
-        window_size: crate::WINDOW,
+        window_size: window,
         maximum_packet_size: crate::MAX_PACKET,
         channel_buffer_size: 64,
         nodelay: true,

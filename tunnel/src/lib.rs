@@ -17,8 +17,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Channel window: sized so a 100 ms round trip can carry ~160 MB/s per channel.
-pub const WINDOW: u32 = 16 * 1024 * 1024;
 /// Largest SSH packet; bigger packets mean fewer seals per byte.
 pub const MAX_PACKET: u32 = 65_535;
 

@@ -178,6 +178,7 @@ async fn the_enterprise_side_refuses_channels_for_addresses_not_in_its_table() -
         user: "ferry".into(),
         metrics_listen: None,
         keepalive: Duration::from_secs(5),
+        window: ferry_tunnel::config::DEFAULT_WINDOW,
         connect_timeout: Duration::from_secs(5),
         allow: vec![Allowed {
             host: "127.0.0.1".into(),

@@ -101,6 +101,7 @@ async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Resul
         user: "ferry".into(),
         metrics_listen: None,
         keepalive: Duration::from_secs(5),
+        window: ferry_tunnel::config::DEFAULT_WINDOW,
         connect_timeout: Duration::from_secs(5),
         allow: vec![Allowed {
             host: "127.0.0.1".into(),
