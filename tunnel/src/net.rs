@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 /// The next connection, or None once `shutdown` fires. Accept errors (EMFILE, aborted
 /// handshakes) are logged and retried after a pause instead of ending the listener.
@@ -89,6 +90,9 @@ const MAX_SLICES: usize = 64;
 /// half-closes on, and closes the channel at the end (or when dropped). Returns the bytes
 /// moved (TCP to channel, channel to TCP). Bytes are not copied on the way: what is read
 /// from TCP is sent as it is, and the channel's messages are written from their own buffers.
+/// A channel the peer closes (or whose session ends) ends both directions: what TCP still
+/// sends has nowhere to go, and waiting for window that never comes would hold the
+/// connection forever.
 pub async fn splice_channel<S>(mut tcp: TcpStream, channel: Channel<S>) -> (u64, u64)
 where
     S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
@@ -96,15 +100,25 @@ where
     let (rx, tx) = channel.split();
     let tx = CloseOnDrop(Some(tx));
     let (mut tr, mut tw) = tcp.split();
+    let closed = CancellationToken::new();
+    let sent_all = CancellationToken::new();
     tokio::join!(
         async {
-            let n = tcp_to_channel(&mut tr, tx.half()).await;
-            let _ = tx.half().eof().await;
+            let mut n = 0;
+            tokio::select! {
+                () = tcp_to_channel(&mut tr, tx.half(), &mut n) => {
+                    let _ = tx.half().eof().await;
+                }
+                () = closed.cancelled() => {}
+            }
+            sent_all.cancel();
             n
         },
         async {
-            let n = channel_to_tcp(rx, &mut tw).await;
-            let _ = tw.shutdown().await;
+            let (n, end) = channel_to_tcp(rx, &mut tw, &sent_all).await;
+            if end == End::Closed {
+                closed.cancel();
+            }
             n
         }
     )
@@ -135,19 +149,19 @@ impl<S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static> Drop for CloseOnD
 /// TCP to channel until EOF. A connection waits with a small buffer; when a read fills
 /// it, a burst is under way and reads take up to `COPY_BUF` of whatever is readable, so a
 /// run of segments becomes one send, split into SSH packets without copying.
-async fn tcp_to_channel<S>(r: &mut ReadHalf<'_>, w: &ChannelWriteHalf<S>) -> u64
+/// `total` counts the bytes handed to the channel.
+async fn tcp_to_channel<S>(r: &mut ReadHalf<'_>, w: &ChannelWriteHalf<S>, total: &mut u64)
 where
     S: From<(ChannelId, ChannelMsg)> + Send + Sync + 'static,
 {
     use futures::FutureExt;
     let mut buf = BytesMut::new();
     let mut want = IDLE_BUF;
-    let mut total = 0u64;
     loop {
         buf.reserve(want);
         let offered = buf.capacity();
         let mut n = match r.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => return total,
+            Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
         let mut eof = false;
@@ -170,66 +184,95 @@ where
             let data = buf.split().freeze();
             buf = BytesMut::new();
             if w.data_bytes(data).await.is_err() {
-                return total;
+                return;
             }
-            total += n as u64;
+            *total += n as u64;
             continue;
         }
         if w.data_bytes(buf.split().freeze()).await.is_err() {
-            return total;
+            return;
         }
-        total += n as u64;
+        *total += n as u64;
         if eof {
-            return total;
+            return;
         }
     }
 }
 
-/// Channel to TCP until the channel's EOF or close. Messages that have already arrived
-/// are written together, with one `writev`, straight from the buffers they came in.
-async fn channel_to_tcp(mut r: ChannelReadHalf, w: &mut WriteHalf<'_>) -> u64 {
+/// How the channel's side of a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The peer sent EOF: it sends no more, but may still take what TCP sends.
+    Eof,
+    /// The peer closed the channel, or its session ended.
+    Closed,
+}
+
+/// Channel to TCP until the channel's EOF or close, then shuts down TCP's writing side.
+/// Messages that have already arrived are written together, with one `writev`, straight
+/// from the buffers they came in. After an EOF it waits for the peer's close until this
+/// side has sent everything (`sent_all`), so that a close can still stop the other way.
+async fn channel_to_tcp(
+    mut r: ChannelReadHalf,
+    w: &mut WriteHalf<'_>,
+    sent_all: &CancellationToken,
+) -> (u64, End) {
     use futures::FutureExt;
     let mut queued: VecDeque<Bytes> = VecDeque::new();
     let mut total = 0u64;
-    loop {
+    let end = loop {
         let mut end = match r.wait().await {
             Some(msg) => take(msg, &mut queued),
-            None => true,
+            None => Some(End::Closed),
         };
         let mut size: usize = queued.iter().map(Bytes::len).sum();
-        while !end && size < COPY_BUF {
+        while end.is_none() && size < COPY_BUF {
             match r.wait().now_or_never() {
                 Some(Some(msg)) => {
                     end = take(msg, &mut queued);
                     size = queued.iter().map(Bytes::len).sum();
                 }
-                Some(None) => end = true,
+                Some(None) => end = Some(End::Closed),
                 None => break,
             }
         }
         if write_all(w, &mut queued).await.is_err() {
-            return total;
+            // TCP is gone: the channel's data has nowhere to go either.
+            break End::Closed;
         }
         total += size as u64;
-        if end {
-            // Dropping the read half refuses what the session would still hand it.
-            return total;
+        if let Some(end) = end {
+            break end;
+        }
+    };
+    let _ = w.shutdown().await;
+    if end == End::Closed {
+        return (total, end);
+    }
+    loop {
+        tokio::select! {
+            m = r.wait() => match m {
+                Some(ChannelMsg::Close) | None => return (total, End::Closed),
+                Some(_) => {}
+            },
+            () = sent_all.cancelled() => return (total, End::Eof),
         }
     }
 }
 
-/// Queues a channel message's data; true when the message ends the stream (EOF, close).
-/// Extended data and requests are not part of a forwarded connection's bytes.
-fn take(msg: ChannelMsg, queued: &mut VecDeque<Bytes>) -> bool {
+/// Queues a channel message's data; the end it marks, if any. Extended data and requests
+/// are not part of a forwarded connection's bytes.
+fn take(msg: ChannelMsg, queued: &mut VecDeque<Bytes>) -> Option<End> {
     match msg {
         ChannelMsg::Data { data } => {
             if !data.is_empty() {
                 queued.push_back(data);
             }
-            false
+            None
         }
-        ChannelMsg::Eof | ChannelMsg::Close => true,
-        _ => false,
+        ChannelMsg::Eof => Some(End::Eof),
+        ChannelMsg::Close => Some(End::Closed),
+        _ => None,
     }
 }
 

@@ -1,6 +1,8 @@
 //! Forwarded TCP connections through a real app role and enterprise side (SSH over
-//! loopback, no gateway): bytes arrive intact and in order both ways, and a half-close
-//! from either end reaches the other end while the other direction keeps flowing.
+//! loopback, no gateway): bytes arrive intact and in order both ways, a half-close from
+//! either end reaches the other end while the other direction keeps flowing, both sides
+//! count the bytes under the right direction, and a destination that resets mid-upload
+//! ends the client's connection instead of leaving it waiting for window forever.
 use anyhow::{ensure, Context, Result};
 use ferry_tunnel::config::{Allowed, HostKeyPin, HostPort, Protocol, TableA};
 use ferry_tunnel::metrics::Metrics;
@@ -29,6 +31,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// The real service. First byte 'c': the client closes first (read to EOF, then answer
 /// with the count and DOWN bytes, then close). 's': the service closes first (send DOWN
 /// bytes, shut down writing, then read to EOF). Either way it reports what it received.
+/// 'r': it reads a little and resets the connection.
 async fn serve(listener: TcpListener, got: mpsc::UnboundedSender<Vec<u8>>) {
     while let Ok((mut c, _)) = listener.accept().await {
         let got = got.clone();
@@ -38,6 +41,12 @@ async fn serve(listener: TcpListener, got: mpsc::UnboundedSender<Vec<u8>>) {
                 return;
             }
             let mut received = Vec::new();
+            if mode[0] == b'r' {
+                let mut some = [0u8; 4096];
+                let _ = c.read_exact(&mut some).await;
+                let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+                return;
+            }
             if mode[0] == b's' {
                 let _ = c.write_all(&pattern(2, DOWN)).await;
                 let _ = c.shutdown().await;
@@ -62,9 +71,8 @@ async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Resul
     let (got_tx, mut got) = mpsc::unbounded_channel();
     tokio::spawn(serve(real, got_tx));
 
-    // The proxy endpoint on a loopback address of its own, so other tests' ports do not
-    // collide with it.
-    let proxy = "127.0.0.93:50100";
+    // A proxy port that was free a moment ago.
+    let proxy = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let table = dir.path().join("table.ini");
     std::fs::write(
         &table,
@@ -72,9 +80,10 @@ async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Resul
             "[ssh_tunnel]\nlisten_ip=127.0.0.1\nlisten_port=22\nhost_key_file={}\n\
              authorized_keys_file={}\n\
              [service_data]\nprotocol=TCP\nreal_server_ip=127.0.0.1\nreal_server_port={real_port}\n\
-             proxy_server_ip=127.0.0.93\nproxy_server_port=50100\n",
+             proxy_server_ip=127.0.0.1\nproxy_server_port={}\n",
             keys.host_key_file.display(),
             keys.authorized_keys_file.display(),
+            proxy.port(),
         ),
     )?;
     let parsed = ferry_tunnel::config::parse_table_b(&std::fs::read_to_string(&table)?)?;
@@ -84,11 +93,12 @@ async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Resul
         port: ssh.local_addr()?.port(),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
+    let (app_metrics, ent_metrics) = (Metrics::default(), Metrics::default());
     tokio::spawn(ferry_tunnel::app::run(
         table.clone(),
         parsed,
         ssh,
-        Metrics::default(),
+        app_metrics.clone(),
         shutdown.clone(),
     ));
     let cfg = TableA {
@@ -111,7 +121,7 @@ async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Resul
     };
     let enterprise = tokio::spawn(ferry_tunnel::enterprise::run(
         cfg,
-        Metrics::default(),
+        ent_metrics.clone(),
         shutdown.clone(),
     ));
 
@@ -167,6 +177,57 @@ async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Resul
         received == up,
         "after the service's EOF, the service received {} bytes, not the {UP} sent",
         received.len()
+    );
+
+    // Both sides count each connection once it is over: toward the real service "in".
+    let service = [("service", "data")];
+    let idle = || {
+        [&app_metrics, &ent_metrics]
+            .iter()
+            .all(|m| m.get("ferry_tunnel_active_connections", &service) == 0.0)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !idle() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "connections still open on a side"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (side, m) in [("app", &app_metrics), ("enterprise", &ent_metrics)] {
+        let bytes = |d: &str| {
+            m.get(
+                "ferry_tunnel_bytes_total",
+                &[("service", "data"), ("direction", d)],
+            )
+        };
+        ensure!(
+            bytes("in") == (2 * (1 + UP)) as f64,
+            "{side} counted {} bytes in",
+            bytes("in")
+        );
+        ensure!(
+            bytes("out") == (8 + 2 * DOWN) as f64,
+            "{side} counted {} bytes out",
+            bytes("out")
+        );
+    }
+
+    // A destination that resets while the client is still uploading: the client's
+    // connection ends (it is not left waiting for a window the closed channel never gets).
+    let mut c = connect().await?;
+    c.write_all(b"r").await?;
+    let upload = async {
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..256 {
+            c.write_all(&chunk).await?;
+        }
+        anyhow::Ok(())
+    };
+    let ended = tokio::time::timeout(Duration::from_secs(30), upload).await;
+    ensure!(
+        matches!(ended, Ok(Err(_))),
+        "256 MiB went to a reset destination without an error: {ended:?}"
     );
 
     shutdown.cancel();

@@ -1,4 +1,5 @@
-// Modified for Ferry (vendor/README.md): channel data is decoded with one copy (`decode_data`).
+// Modified for Ferry (vendor/README.md): channel data is decoded with one copy (`decode_data`);
+// the bound on what a peer sends during a key exchange (`rekey_pending_bound`).
 use std::fmt::Debug;
 
 use ssh_encoding::{Decode, Encode};
@@ -189,6 +190,19 @@ pub(crate) fn decode_data(r: &mut &[u8]) -> Result<bytes::Bytes, ssh_encoding::E
     let data = bytes::Bytes::copy_from_slice(data);
     *r = rest;
     Ok(data)
+}
+
+/// Ferry: the bytes a peer may send after this side began a key exchange and before the
+/// peer's KEXINIT arrives. Each open channel may legitimately have a whole window in
+/// flight, so a bound of two windows for the whole session (upstream) ended busy
+/// sessions with several channels at every rekey once windows were small. Twice every
+/// channel's window, and never less than 32 MiB, still bounds a peer that stalls the
+/// exchange and floods.
+pub(crate) fn rekey_pending_bound(window: u32, channels: usize) -> u64 {
+    let channels = u64::try_from(channels).unwrap_or(u64::MAX);
+    (2 * u64::from(window))
+        .saturating_mul(channels.saturating_add(1))
+        .max(32 << 20)
 }
 
 pub use limited_string::LimitedString;

@@ -1,3 +1,5 @@
+// Modified for Ferry (vendor/README.md): what a peer may send during a key exchange is
+// bounded by the windows of all open channels.
 // Copyright 2016 Pierre-Étienne Meunier
 //
 // Licensed under the Apache License, Version 2.0 (the "License");
@@ -1228,7 +1230,11 @@ async fn reply<H: Handler + Send>(
                     return Err(crate::Error::Inconsistent.into());
                 }
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
-                if u64::from(session.pending_len) > 2 * u64::from(session.common.config.window_size)
+                if u64::from(session.pending_len)
+                    > crate::helpers::rekey_pending_bound(
+                        session.common.config.window_size,
+                        session.channels.len(),
+                    )
                 {
                     return Err(crate::Error::Pending.into());
                 }
