@@ -178,23 +178,19 @@ where
                     None => break,
                 }
             }
-        } else if n < IDLE_BUF {
-            // The burst is over: an idle connection keeps only a small buffer.
-            want = IDLE_BUF;
-            let data = buf.split().freeze();
-            buf = BytesMut::new();
-            if w.data_bytes(data).await.is_err() {
-                return;
-            }
-            *total += n as u64;
-            continue;
         }
+        let burst_over = n < IDLE_BUF;
         if w.data_bytes(buf.split().freeze()).await.is_err() {
             return;
         }
         *total += n as u64;
         if eof {
             return;
+        }
+        if burst_over {
+            // An idle connection keeps only a small buffer.
+            want = IDLE_BUF;
+            buf = BytesMut::new();
         }
     }
 }
@@ -221,17 +217,14 @@ async fn channel_to_tcp(
     let mut queued: VecDeque<Bytes> = VecDeque::new();
     let mut total = 0u64;
     let end = loop {
+        let mut size = 0;
         let mut end = match r.wait().await {
-            Some(msg) => take(msg, &mut queued),
+            Some(msg) => take(msg, &mut queued, &mut size),
             None => Some(End::Closed),
         };
-        let mut size: usize = queued.iter().map(Bytes::len).sum();
         while end.is_none() && size < COPY_BUF {
             match r.wait().now_or_never() {
-                Some(Some(msg)) => {
-                    end = take(msg, &mut queued);
-                    size = queued.iter().map(Bytes::len).sum();
-                }
+                Some(Some(msg)) => end = take(msg, &mut queued, &mut size),
                 Some(None) => end = Some(End::Closed),
                 None => break,
             }
@@ -260,12 +253,13 @@ async fn channel_to_tcp(
     }
 }
 
-/// Queues a channel message's data; the end it marks, if any. Extended data and requests
-/// are not part of a forwarded connection's bytes.
-fn take(msg: ChannelMsg, queued: &mut VecDeque<Bytes>) -> Option<End> {
+/// Queues a channel message's data, adding its length to `size`; the end it marks, if
+/// any. Extended data and requests are not part of a forwarded connection's bytes.
+fn take(msg: ChannelMsg, queued: &mut VecDeque<Bytes>, size: &mut usize) -> Option<End> {
     match msg {
         ChannelMsg::Data { data } => {
             if !data.is_empty() {
+                *size += data.len();
                 queued.push_back(data);
             }
             None
