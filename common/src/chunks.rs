@@ -87,6 +87,32 @@ pub fn hash_from_bytes(b: &[u8]) -> Result<[u8; 32], ChunkError> {
         .map_err(|_| ChunkError::Malformed(format!("hash of {} bytes", b.len())))
 }
 
+/// What can be told of a frame without opening it: a 32-byte name, a declared size
+/// within bounds, and no more data than zstd makes of that size. A relay that leaves
+/// the full check to the next hop still refuses these here.
+pub fn check_shape(
+    hash: &[u8],
+    data_len: usize,
+    raw_len: u32,
+    raw: bool,
+) -> Result<[u8; 32], ChunkError> {
+    let hash = hash_from_bytes(hash)?;
+    let n = raw_len as usize;
+    if n > MAX_CHUNK {
+        return Err(ChunkError::Malformed(format!(
+            "chunk of {raw_len} bytes exceeds {MAX_CHUNK}"
+        )));
+    }
+    // ZSTD_compressBound: the most a frame of `n` bytes can take.
+    let bound = n + (n >> 8) + ((128 << 10) - n.min(128 << 10)) / 2048 + 64;
+    if (raw && data_len != n) || data_len > bound {
+        return Err(ChunkError::Malformed(format!(
+            "frame of {data_len} bytes for a chunk of {raw_len}"
+        )));
+    }
+    Ok(hash)
+}
+
 /// The raw chunk inside a frame, bounded by its declared size.
 pub fn unframe(data: &[u8], raw_len: u32, raw: bool) -> Result<Vec<u8>, ChunkError> {
     if raw_len as usize > MAX_CHUNK {
@@ -919,5 +945,21 @@ mod tests {
         assert!(verify_frame(&hash, b"not zstd", 1000, false).is_err());
         assert!(verify_frame(&hash, &z, (MAX_CHUNK + 1) as u32, false).is_err());
         assert!(verify_frame(&hash, &raw[..999], 1000, true).is_err());
+    }
+
+    #[test]
+    fn frames_of_impossible_shape_are_refused_unopened() {
+        let raw: Vec<u8> = (0..MAX_CHUNK).map(|i| (i * 7919 % 251) as u8).collect();
+        let (z, r) = compress(&raw);
+        assert!(check_shape(&[1; 32], z.len(), raw.len() as u32, r).is_ok());
+        // The most zstd can make of a chunk passes; a byte more does not.
+        for n in [0, 1, 1000, 128 << 10, MAX_CHUNK] {
+            let bound = zstd::zstd_safe::compress_bound(n);
+            assert!(check_shape(&[1; 32], bound, n as u32, false).is_ok(), "{n}");
+            assert!(check_shape(&[1; 32], bound + 65, n as u32, false).is_err());
+        }
+        assert!(check_shape(&[1; 31], 10, 10, true).is_err());
+        assert!(check_shape(&[1; 32], 9, 10, true).is_err());
+        assert!(check_shape(&[1; 32], 10, (MAX_CHUNK + 1) as u32, false).is_err());
     }
 }

@@ -33,6 +33,9 @@ pub struct SiteConfig {
     pub san: Vec<String>,
     /// Most bytes of chunks spooled on disk before agents are slowed.
     pub spool_limit: u64,
+    /// Spool every uploaded chunk, even while the cloud manager answers (off: uploads
+    /// stream straight through to it then).
+    pub spool_always: bool,
     /// The static agent `ferry agents install` copies to hosts.
     pub agent_binary: PathBuf,
     /// The URL installed agents reach the site at (default: the site's address).
@@ -125,6 +128,7 @@ pub async fn run(
         upstream.clone(),
         &config.upstream,
         config.spool_limit,
+        !config.spool_always,
     )?);
     revoked.replace(relay.revocations());
     // From here on a failed store stops the site as a signal would, then fails it.

@@ -49,6 +49,11 @@ enum Cmd {
         /// Most chunk data spooled on disk (K, M, G suffixes) before agents are slowed.
         #[arg(long, value_parser = ferry_common::config::parse_bytes)]
         spool_limit: Option<u64>,
+        /// Spool every uploaded chunk here before it goes upstream, even while the cloud
+        /// manager answers (by default uploads then stream straight through to it, and
+        /// only what arrives while it is away is spooled).
+        #[arg(long)]
+        spool_always: bool,
         /// Plain HTTP listen address for /metrics and /healthz (off by default).
         #[arg(long)]
         http: Option<String>,
@@ -125,6 +130,8 @@ struct SiteFile {
     #[serde(default)]
     san: Vec<String>,
     spool_limit: Option<u64>,
+    #[serde(default)]
+    spool_always: bool,
     http: Option<String>,
     agent_binary: Option<PathBuf>,
     agent_url: Option<String>,
@@ -152,6 +159,7 @@ fn main() -> ExitCode {
         name,
         san,
         spool_limit,
+        spool_always,
         http,
         agent_binary,
         agent_url,
@@ -198,6 +206,7 @@ fn main() -> ExitCode {
         spool_limit: spool_limit
             .or(file.spool_limit)
             .unwrap_or(DEFAULT_SPOOL_LIMIT),
+        spool_always: spool_always || file.spool_always,
         agent_binary: agent_binary
             .or(file.agent_binary)
             .unwrap_or_else(|| "/usr/lib/ferry/ferry-agent".into()),

@@ -112,6 +112,11 @@ impl Collector for SiteCollector {
                 load(&c.chunk_bytes_received),
             ),
             (
+                "ferry_site_chunk_bytes_passed_through",
+                "Compressed bytes of chunks streamed straight through to the cloud manager, unspooled.",
+                load(&c.chunk_bytes_passed),
+            ),
+            (
                 "ferry_site_batches_forwarded",
                 "Batches the cloud manager made durable.",
                 load(&c.batches_forwarded),
@@ -134,6 +139,12 @@ impl Collector for SiteCollector {
         ] {
             counter(e, name, help, [(Vec::new(), v)])?;
         }
+        gauge(
+            e,
+            "ferry_site_passing_through",
+            "1 while uploads stream straight through to the cloud manager, 0 while they are spooled here.",
+            [(Vec::new(), u64::from(r.passes_through()))],
+        )?;
         gauge(
             e,
             "ferry_site_upstream_up",

@@ -1,5 +1,7 @@
-//! The site's durable queue and its ingest and enrollment services. A batch is
-//! acknowledged to the agent only after it, and every chunk it needs, is on disk here.
+//! The site's durable queue and its ingest and enrollment services. While the cloud
+//! manager answers, uploaded chunks stream straight through to it; while it is away they
+//! are spooled here. A batch is acknowledged to the agent only after it is on disk here
+//! and every chunk it needs is on disk here or durable upstream.
 use ferry_common::chunks::{self, ChunkStore};
 use ferry_common::error::{to_status, ErrorKind, Kind};
 use ferry_common::pki::{Identity, Role};
@@ -46,6 +48,14 @@ pub enum RelayError {
     NoRoom { free: u64, reserve: u64 },
     #[error("a background task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
+    #[error("upload from the agent broke off: {}", .0.message())]
+    Upload(#[source] tonic::Status),
+    #[error("the cloud manager refused a chunk streamed through: {}", .0.message())]
+    ChunkRefused(#[source] tonic::Status),
+    #[error("the cloud manager did not take chunks streamed through ({}); send them again, the site spools them for now", .0.message())]
+    PassAway(#[source] tonic::Status),
+    #[error("the cloud manager stalled for {} s taking chunks streamed through; send them again, the site spools them for now", PASS_STALL.as_secs())]
+    PassStalled,
 }
 
 impl From<sled::Error> for RelayError {
@@ -76,6 +86,10 @@ impl ErrorKind for RelayError {
             RelayError::Invalid(_) => Kind::InvalidArgument,
             RelayError::MissingChunk(_) => Kind::FailedPrecondition,
             RelayError::SpoolFull { .. } | RelayError::NoRoom { .. } => Kind::ResourceExhausted,
+            RelayError::ChunkRefused(_) => Kind::InvalidArgument,
+            RelayError::Upload(_) | RelayError::PassAway(_) | RelayError::PassStalled => {
+                Kind::Unavailable
+            }
         }
     }
 }
@@ -148,6 +162,11 @@ pub struct Relay {
     pub counters: Counters,
     /// When the cloud manager last answered, for `/healthz` and the metrics.
     pub upstream_seen: ferry_common::health::Upstream,
+    /// Whether uploads may stream straight through to a cloud manager that answers
+    /// (off: every chunk is spooled here first).
+    pass_through: bool,
+    /// Until when uploads are spooled after streaming them through failed.
+    pass_held_until: std::sync::Mutex<Option<Instant>>,
     /// Hashes of chunks just stored, for the write-through to upstream.
     fresh: tokio::sync::mpsc::Sender<Vec<Vec<u8>>>,
     fresh_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Vec<Vec<u8>>>>>,
@@ -166,6 +185,8 @@ pub struct Counters {
     pub batches_queued: AtomicU64,
     /// Compressed bytes of the new chunks agents uploaded.
     pub chunk_bytes_received: AtomicU64,
+    /// Compressed bytes of chunks streamed straight through to the cloud manager.
+    pub chunk_bytes_passed: AtomicU64,
     /// Batches the cloud manager made durable.
     pub batches_forwarded: AtomicU64,
     /// Compressed bytes of the chunks sent upstream.
@@ -192,6 +213,15 @@ pub struct QueueItem {
 }
 
 const UPSTREAM_QUICK: Duration = Duration::from_secs(5);
+/// Uploads stream through only to a cloud manager that answered this recently.
+const PASS_FRESH: Duration = Duration::from_secs(30);
+/// After streaming through failed, uploads are spooled this long before trying again.
+const PASS_HOLD: Duration = Duration::from_secs(30);
+/// How long an upload streaming through may wait on the cloud manager for one frame,
+/// or for its answer, before it counts as away.
+const PASS_STALL: Duration = Duration::from_secs(30);
+/// Frames in flight between an agent's upload and its stream to the cloud manager.
+const PASS_DEPTH: usize = 16;
 /// Free space the data dir keeps beyond the spool, for the queue and its database.
 pub const RESERVE: u64 = 32 << 20;
 /// Uploads waiting for the write-through; more are left to the batches' forwarding.
@@ -229,6 +259,7 @@ impl Relay {
         upstream: SwapChannel,
         upstream_url: &str,
         spool_limit: u64,
+        pass_through: bool,
     ) -> Result<Self> {
         let store = Store::open(&dir.join("db"))?;
         let (fresh, fresh_rx) = tokio::sync::mpsc::channel(FRESH_QUEUE);
@@ -249,6 +280,8 @@ impl Relay {
             last_put: std::sync::Mutex::new(Instant::now()),
             order: tokio::sync::Mutex::new(()),
             push_lock: tokio::sync::Mutex::new(()),
+            pass_through,
+            pass_held_until: std::sync::Mutex::new(None),
             fresh,
             fresh_rx: std::sync::Mutex::new(Some(fresh_rx)),
             counters: Counters::default(),
@@ -269,6 +302,7 @@ impl Relay {
         let mut c = self.client();
         match tokio::time::timeout(UPSTREAM_QUICK, c.register(r.clone())).await {
             Ok(Ok(up)) => {
+                self.upstream_seen.answered();
                 let up = up.into_inner();
                 pos.durable = pos.durable.max(up.durable_epoch);
                 pos.accepted = pos.accepted.max(up.accepted_epoch);
@@ -565,14 +599,104 @@ impl Relay {
         )
         .await
         {
-            Ok(Ok(r)) => Ok(r
-                .into_inner()
-                .missing
-                .into_iter()
-                .filter_map(|j| local_missing.get(j as usize).copied())
-                .collect()),
-            _ => Ok(local_missing),
+            Ok(Ok(r)) => {
+                self.upstream_seen.answered();
+                Ok(r.into_inner()
+                    .missing
+                    .into_iter()
+                    .filter_map(|j| local_missing.get(j as usize).copied())
+                    .collect())
+            }
+            Ok(Err(s)) => {
+                if ferry_common::error::is_transient(&s) {
+                    self.upstream_seen.failed(s.message());
+                }
+                Ok(local_missing)
+            }
+            Err(_) => {
+                self.upstream_seen
+                    .failed("no answer to a chunk question within 5 s");
+                Ok(local_missing)
+            }
         }
+    }
+
+    /// Whether an upload streams straight through: allowed, the cloud manager answered
+    /// lately and has not failed since, and no failed attempt is being waited out.
+    pub fn passes_through(&self) -> bool {
+        let held = self
+            .pass_held_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.pass_through
+            && held.is_none_or(|until| Instant::now() >= until)
+            && self.upstream_seen.up(PASS_FRESH)
+            && !self.upstream_seen.failing()
+    }
+
+    /// Streams an agent's upload to the cloud manager, which checks every chunk in full
+    /// and makes them durable when a batch that needs them is accepted here (`missing`
+    /// with `durable`). Only a frame's shape is checked here. When the cloud manager fails
+    /// or stalls, the upload is refused as unavailable and uploads are spooled here for
+    /// `PASS_HOLD`: the agent still has the chunks and sends them again.
+    async fn pass(&self, mut from: Streaming<pb::ChunkFrame>) -> Result<pb::PutChunksResponse> {
+        let (tx, rx) = tokio::sync::mpsc::channel(PASS_DEPTH);
+        let mut c = self.client();
+        let call = c.put_chunks(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let pump = async move {
+            let mut bytes = 0u64;
+            while let Some(f) = from.message().await.map_err(RelayError::Upload)? {
+                chunks::check_shape(&f.hash, f.zdata.len(), f.raw_len, f.raw)?;
+                bytes += f.zdata.len() as u64;
+                self.touch_put();
+                match tokio::time::timeout(PASS_STALL, tx.send(f)).await {
+                    Ok(Ok(())) => {}
+                    // The call upstream ended: its answer says why.
+                    Ok(Err(_)) => break,
+                    Err(_) => return Err(RelayError::PassStalled),
+                }
+            }
+            Ok(bytes)
+        };
+        tokio::pin!(call, pump);
+        let upstream = |s: tonic::Status| match s.code() {
+            tonic::Code::InvalidArgument => RelayError::ChunkRefused(s),
+            _ => RelayError::PassAway(s),
+        };
+        // A failed upload drops the call, which cancels it upstream: nothing of it is kept.
+        let outcome = tokio::select! {
+            pumped = &mut pump => match pumped {
+                Err(e) => Err(e),
+                Ok(bytes) => match tokio::time::timeout(PASS_STALL, &mut call).await {
+                    Ok(Ok(r)) => {
+                        Counters::add(&self.counters.chunk_bytes_received, bytes);
+                        Counters::add(&self.counters.chunk_bytes_passed, bytes);
+                        Counters::add(&self.counters.chunk_bytes_forwarded, bytes);
+                        Ok(r.into_inner())
+                    }
+                    Ok(Err(s)) => Err(upstream(s)),
+                    Err(_) => Err(RelayError::PassStalled),
+                },
+            },
+            answered = &mut call => Err(match answered {
+                Err(s) => upstream(s),
+                // Upstream reads to the end before it answers; anything else is a fault.
+                Ok(_) => RelayError::PassAway(Status::internal("answered before the upload ended")),
+            }),
+        };
+        match &outcome {
+            Ok(_) => self.upstream_seen.answered(),
+            Err(e @ (RelayError::PassAway(_) | RelayError::PassStalled)) => {
+                self.upstream_seen.failed(&e.to_string());
+                *self
+                    .pass_held_until
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + PASS_HOLD);
+                tracing::warn!(error = %e, hold_s = PASS_HOLD.as_secs(), "cannot stream uploads through; spooling them here for now");
+            }
+            Err(_) => {}
+        }
+        outcome
     }
 }
 
@@ -731,6 +855,14 @@ impl pb::ingest_server::Ingest for Service {
     ) -> Result<Response<pb::PutChunksResponse>, Status> {
         let id = who(&req);
         ingest_peer(id.as_ref()).map_err(|e| fail("put-chunks", id.as_ref(), e))?;
+        if self.relay.passes_through() {
+            return self
+                .relay
+                .pass(req.into_inner())
+                .await
+                .map(Response::new)
+                .map_err(|e| fail("put-chunks", id.as_ref(), e));
+        }
         if let Some(full) = self.relay.spool_full() {
             self.relay.wake.notify_one();
             return Err(fail("put-chunks", id.as_ref(), full));
@@ -847,6 +979,7 @@ mod tests {
             SwapChannel::new(upstream),
             "https://cloud:7443",
             1 << 30,
+            true,
         )
         .unwrap()
     }

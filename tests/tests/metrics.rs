@@ -112,6 +112,7 @@ fn site_and_agent_metrics_and_health_follow_what_happens() -> Result<()> {
     for (name, min) in [
         ("ferry_site_batches_queued_total", 1.0),
         ("ferry_site_chunk_bytes_received_total", 1.0),
+        ("ferry_site_chunk_bytes_passed_through_total", 1.0),
         ("ferry_site_chunk_bytes_sent_total", 1.0),
         ("ferry_site_upstream_up", 1.0),
         ("ferry_site_spool_limit_bytes", 1.0),

@@ -1,5 +1,6 @@
-//! Kill the site manager, then the cloud manager, with SIGKILL in the middle of an initial
-//! sync; restart each. The sync completes byte-identical without starting over. A system
+//! Kill the site manager (spooling every upload), then the cloud manager (with uploads
+//! streaming through the site to it), with SIGKILL in the middle of an initial sync;
+//! restart each. The sync completes byte-identical without starting over. A system
 //! upstream holds back (its replica volume full) holds back no other at the site.
 use anyhow::Result;
 use ferry_tests::*;
@@ -31,11 +32,17 @@ struct Sync {
     agent: Proc,
 }
 
-fn start_sync(t: &std::path::Path, fstype: &str, uuid: &str) -> Result<Sync> {
+fn start_sync(t: &std::path::Path, fstype: &str, uuid: &str, site_args: &[&str]) -> Result<Sync> {
     let src = LoopFs::new(t, "src", fstype, uuid, 800)?;
     big_tree(&src)?;
     let cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
+    let site = SiteMgr::start_with(
+        &t.join("site"),
+        free_port(),
+        &cloud.url(),
+        Some(&cloud.site_token()?),
+        site_args,
+    )?;
     let agent = Proc::spawn(
         agent_cmd(
             &t.join("agent"),
@@ -64,7 +71,12 @@ fn site_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
         cloud,
         mut site,
         mut agent,
-    } = start_sync(t, "ext4", "0a1b2c3d-0000-4000-8000-0000000000c1")?;
+    } = start_sync(
+        t,
+        "ext4",
+        "0a1b2c3d-0000-4000-8000-0000000000c1",
+        &["--spool-always"],
+    )?;
     // Kill once a good part has reached the site.
     let site_chunks = site.dir.join("chunks");
     wait_for(
@@ -95,12 +107,18 @@ fn site_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
 fn cloud_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
     let tmp = scratch("kill-cloud")?;
     let t = tmp.path();
+    let site_http = free_port();
     let Sync {
         src,
         mut cloud,
-        site: _site,
+        site,
         mut agent,
-    } = start_sync(t, "xfs", "0a1b2c3d-0000-4000-8000-0000000000c2")?;
+    } = start_sync(
+        t,
+        "xfs",
+        "0a1b2c3d-0000-4000-8000-0000000000c2",
+        &["--http", &format!("127.0.0.1:{site_http}")],
+    )?;
     let cloud_chunks = cloud.dir.join("chunks");
     wait_for(
         "a third of the data at the cloud",
@@ -118,6 +136,18 @@ fn cloud_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
     assert!(diff.is_empty(), "replica differs:\n{diff}");
     let sent = wire_total(&out);
     assert!(sent < DATA + DATA / 4, "agent sent {sent} bytes for {DATA}");
+    // Streamed through while the cloud answered, spooled at the site only while it was
+    // away: the site never held more than the uploads of that outage.
+    let m = metrics_at(site_http)?;
+    let passed = series(&m, "ferry_site_chunk_bytes_passed_through_total").unwrap_or(0.0);
+    assert!(
+        passed >= (DATA / 3) as f64,
+        "only {passed} bytes streamed through"
+    );
+    assert!(
+        site.proc.log_text().contains("spooling them here for now"),
+        "the site never fell back to its spool while the cloud was away"
+    );
     // What the cloud held before the crash was kept: its store did not grow by a full copy.
     let after = dir_bytes(&cloud_chunks);
     assert!(
@@ -198,7 +228,7 @@ fn a_full_site_spool_slows_the_agent_without_losing_anything() -> Result<()> {
         free_port(),
         &cloud.url(),
         Some(&cloud.site_token()?),
-        &["--spool-limit", "24M"],
+        &["--spool-limit", "24M", "--spool-always"],
     )?;
     let mut agent = spooled_agent(t, &site, &cloud, &src)?;
     // Watch the spool while the agent runs.
@@ -241,7 +271,13 @@ fn a_site_disk_smaller_than_the_data_keeps_its_reserve() -> Result<()> {
         96,
     )?;
     let cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&disk.mnt, &cloud.url(), Some(&cloud.site_token()?))?;
+    let site = SiteMgr::start_with(
+        &disk.mnt,
+        free_port(),
+        &cloud.url(),
+        Some(&cloud.site_token()?),
+        &["--spool-always"],
+    )?;
     let mut agent = spooled_agent(t, &site, &cloud, &src)?;
     let free = || rustix::fs::statvfs(&disk.mnt).map_or(u64::MAX, |s| s.f_bavail * s.f_frsize);
     let mut least = u64::MAX;

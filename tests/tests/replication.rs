@@ -1,8 +1,10 @@
 //! End-to-end replication through a site manager into real volumes, cross-system chunk
-//! dedup, and the site writing chunks through to the cloud, with the real daemons.
+//! dedup, the site streaming uploads through to a cloud that answers and spooling them
+//! while it is away, and the site writing spooled chunks through, with the real daemons.
 use anyhow::Result;
 use ferry_proto::v1 as pb;
 use ferry_tests::*;
+use std::time::Duration;
 
 #[test]
 fn three_systems_replicate_byte_identical_through_a_site() -> Result<()> {
@@ -160,7 +162,14 @@ async fn a_site_writes_chunks_through_before_their_batch_and_the_cloud_keeps_wha
     let tmp = scratch("write-through")?;
     let t = tmp.path();
     let mut cloud = CloudMgr::start(&t.join("cloud"))?;
-    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
+    // Spooling every upload: the write-through is what takes them to the cloud.
+    let site = SiteMgr::start_with(
+        &t.join("site"),
+        free_port(),
+        &cloud.url(),
+        Some(&cloud.site_token()?),
+        &["--spool-always"],
+    )?;
     let mut agent =
         enrolled_client(&site.url(), &cloud.token()?, "alpha", &t.join("alpha")).await?;
     agent
@@ -198,6 +207,130 @@ async fn a_site_writes_chunks_through_before_their_batch_and_the_cloud_keeps_wha
     cloud.restart()?;
     let mut probe = enrolled_client(&cloud.url(), &cloud.token()?, "probe", &cloud_id).await?;
     assert!(lacks(&mut probe, &hashes, false).await?.is_empty());
+    Ok(())
+}
+
+/// `n` frames of random raw chunks of 64 KiB.
+fn random_frames(n: usize) -> Vec<pb::ChunkFrame> {
+    (0..n)
+        .map(|_| {
+            let data: Vec<u8> = (0..65536).map(|_| rand::random::<u8>()).collect();
+            pb::ChunkFrame {
+                hash: blake3::hash(&data).as_bytes().to_vec(),
+                raw_len: data.len() as u32,
+                zdata: data,
+                raw: true,
+            }
+        })
+        .collect()
+}
+
+fn hashes_of(frames: &[pb::ChunkFrame]) -> Vec<Vec<u8>> {
+    frames.iter().map(|f| f.hash.clone()).collect()
+}
+
+/// One series of the site's metrics.
+fn site_series(port: u16, name: &str) -> Result<f64> {
+    let m = metrics_at(port)?;
+    series(&m, name).ok_or_else(|| anyhow::anyhow!("no {name} in\n{m}"))
+}
+
+/// While the cloud answers, uploads stream through the site: the cloud holds them at
+/// once and the site spools nothing. A chunk whose content is not its name, and a frame
+/// of impossible shape, are refused, and neither stops the streaming. With the cloud
+/// away, an upload is refused as unavailable and the next is spooled; once the cloud is
+/// back and the hold is over, uploads stream through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_streams_uploads_through_to_a_cloud_that_answers_and_spools_while_it_is_away(
+) -> Result<()> {
+    let tmp = scratch("pass-through")?;
+    let t = tmp.path();
+    let mut cloud = CloudMgr::start(&t.join("cloud"))?;
+    let http = free_port();
+    let site = SiteMgr::start_with(
+        &t.join("site"),
+        free_port(),
+        &cloud.url(),
+        Some(&cloud.site_token()?),
+        &["--http", &format!("127.0.0.1:{http}")],
+    )?;
+    let mut agent =
+        enrolled_client(&site.url(), &cloud.token()?, "alpha", &t.join("alpha")).await?;
+    agent
+        .register(register("alpha", "0a1b2c3d-0000-4000-8000-0000000000a2"))
+        .await?;
+    let cloud_id = t.join("probe");
+    let mut probe = enrolled_client(&cloud.url(), &cloud.token()?, "probe", &cloud_id).await?;
+    let passing = || site_series(http, "ferry_site_passing_through").unwrap_or(0.0) == 1.0;
+    wait_for(
+        "the site to stream uploads through",
+        Duration::from_secs(30),
+        passing,
+    )?;
+
+    // Held by the cloud as soon as the upload returns; nothing spooled at the site.
+    let frames = random_frames(3);
+    let hashes = hashes_of(&frames);
+    agent.put_chunks(tokio_stream::iter(frames)).await?;
+    assert!(lacks(&mut probe, &hashes, false).await?.is_empty());
+    assert_eq!(site_series(http, "ferry_site_spool_chunks")?, 0.0);
+    let passed = site_series(http, "ferry_site_chunk_bytes_passed_through_total")?;
+    assert!(passed >= (3 * 65536) as f64, "{passed}");
+
+    // Content that is not its name: refused by the cloud, and said so to the agent.
+    let mut bad = random_frames(2);
+    bad[1].zdata[0] ^= 1;
+    let bad_hashes = hashes_of(&bad);
+    let e = agent
+        .put_chunks(tokio_stream::iter(bad))
+        .await
+        .expect_err("a chunk that is not its name was taken");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("refused a chunk"), "{e}");
+    // A frame that cannot be a chunk: refused by the site, unopened.
+    let mut odd = random_frames(1);
+    odd[0].raw_len = 1000;
+    let e = agent
+        .put_chunks(tokio_stream::iter(odd))
+        .await
+        .expect_err("a frame of impossible shape was taken");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(lacks(&mut probe, &bad_hashes, false).await?.contains(&1));
+    assert!(
+        passing(),
+        "a hostile upload stopped the streaming for everyone"
+    );
+
+    // The cloud away: the upload is refused as unavailable, the next one spooled.
+    cloud.proc.kill9();
+    let frames = random_frames(2);
+    let away = hashes_of(&frames);
+    let e = agent
+        .put_chunks(tokio_stream::iter(frames.clone()))
+        .await
+        .expect_err("an upload streamed into a cloud that is away was taken");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    agent.put_chunks(tokio_stream::iter(frames)).await?;
+    assert!(site_series(http, "ferry_site_spool_chunks")? >= 2.0);
+    assert_eq!(site_series(http, "ferry_site_passing_through")?, 0.0);
+
+    // Back: after the hold, uploads stream through again.
+    cloud.restart()?;
+    let mut probe = enrolled_client(&cloud.url(), &cloud.token()?, "probe", &cloud_id).await?;
+    // The site hears of it at its next talk upstream (every 15 s) or chunk question.
+    wait_for(
+        "the site to stream through again",
+        Duration::from_secs(90),
+        passing,
+    )?;
+    assert!(lacks(&mut agent, &away, false).await?.is_empty());
+    let before = site_series(http, "ferry_site_chunk_bytes_passed_through_total")?;
+    let frames = random_frames(2);
+    let hashes = hashes_of(&frames);
+    agent.put_chunks(tokio_stream::iter(frames)).await?;
+    assert!(lacks(&mut probe, &hashes, false).await?.is_empty());
+    let after = site_series(http, "ferry_site_chunk_bytes_passed_through_total")?;
+    assert!(after >= before + (2 * 65536) as f64, "{before} -> {after}");
     Ok(())
 }
 
