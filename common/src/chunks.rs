@@ -103,7 +103,7 @@ pub fn check_shape(
             "chunk of {raw_len} bytes exceeds {MAX_CHUNK}"
         )));
     }
-    // ZSTD_compressBound: the most a frame of `n` bytes can take.
+    // ZSTD_COMPRESSBOUND (the most zstd makes of `n` bytes), and a margin.
     let bound = n + (n >> 8) + ((128 << 10) - n.min(128 << 10)) / 2048 + 64;
     if (raw && data_len != n) || data_len > bound {
         return Err(ChunkError::Malformed(format!(
@@ -952,7 +952,7 @@ mod tests {
         let raw: Vec<u8> = (0..MAX_CHUNK).map(|i| (i * 7919 % 251) as u8).collect();
         let (z, r) = compress(&raw);
         assert!(check_shape(&[1; 32], z.len(), raw.len() as u32, r).is_ok());
-        // The most zstd can make of a chunk passes; a byte more does not.
+        // The most zstd can make of a chunk passes; beyond the margin, nothing does.
         for n in [0, 1, 1000, 128 << 10, MAX_CHUNK] {
             let bound = zstd::zstd_safe::compress_bound(n);
             assert!(check_shape(&[1; 32], bound, n as u32, false).is_ok(), "{n}");

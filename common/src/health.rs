@@ -128,14 +128,6 @@ impl Upstream {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_string());
     }
 
-    /// Whether a call failed for want of the upstream since it last answered.
-    pub fn failing(&self) -> bool {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-    }
-
     /// Whether the upstream answered within `stale`.
     pub fn up(&self, stale: Duration) -> bool {
         let last = self.last_ok_ms.load(Ordering::Relaxed);

@@ -79,6 +79,7 @@ async fn forward_system(
         };
         match outcome {
             Outcome::Done => {
+                relay.queue_moved(&system);
                 relay.upstream_seen.answered();
                 backoff.connected();
                 let _ = relay.queue.remove(&key);

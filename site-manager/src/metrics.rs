@@ -142,8 +142,8 @@ impl Collector for SiteCollector {
         gauge(
             e,
             "ferry_site_passing_through",
-            "1 while uploads stream straight through to the cloud manager, 0 while they are spooled here.",
-            [(Vec::new(), u64::from(r.passes_through()))],
+            "1 while uploads of a system with nothing queued stream straight through to the cloud manager, 0 while they are spooled here.",
+            [(Vec::new(), u64::from(r.passing_through()))],
         )?;
         gauge(
             e,

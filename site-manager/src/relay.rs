@@ -39,6 +39,10 @@ pub enum RelayError {
     #[error("chunk {0} is held neither here nor upstream")]
     MissingChunk(String),
     #[error(
+        "chunk {0} is not held here, and the cloud manager did not answer whether it holds it"
+    )]
+    UnconfirmedChunk(String),
+    #[error(
         "site spool is full ({used} of {limit} bytes); slowing agents until upstream drains it"
     )]
     SpoolFull { used: u64, limit: u64 },
@@ -48,14 +52,21 @@ pub enum RelayError {
     NoRoom { free: u64, reserve: u64 },
     #[error("a background task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
-    #[error("upload from the agent broke off: {}", .0.message())]
-    Upload(#[source] tonic::Status),
+    /// The agent's own upload failed: answered with its status as it is.
+    #[error("upload from the agent failed: {}", .0.message())]
+    Upload(#[source] Box<tonic::Status>),
+    #[error("the agent sent nothing for {} s", PASS_STALL.as_secs())]
+    UploadStalled,
     #[error("the cloud manager refused a chunk streamed through: {}", .0.message())]
-    ChunkRefused(#[source] tonic::Status),
+    ChunkRefused(#[source] Box<tonic::Status>),
     #[error("the cloud manager did not take chunks streamed through ({}); send them again, the site spools them for now", .0.message())]
-    PassAway(#[source] tonic::Status),
+    PassAway(#[source] Box<tonic::Status>),
     #[error("the cloud manager stalled for {} s taking chunks streamed through; send them again, the site spools them for now", PASS_STALL.as_secs())]
     PassStalled,
+    #[error(
+        "the cloud manager answered before the upload streamed through had ended; send it again"
+    )]
+    PassCutShort,
 }
 
 impl From<sled::Error> for RelayError {
@@ -84,12 +95,17 @@ impl ErrorKind for RelayError {
             RelayError::Unauthenticated => Kind::Unauthenticated,
             RelayError::PermissionDenied(_) | RelayError::NotAgent => Kind::PermissionDenied,
             RelayError::Invalid(_) => Kind::InvalidArgument,
-            RelayError::MissingChunk(_) => Kind::FailedPrecondition,
+            // Sent again, the chunk goes to the spool or to a cloud that answers.
+            RelayError::MissingChunk(_) | RelayError::UnconfirmedChunk(_) => {
+                Kind::FailedPrecondition
+            }
             RelayError::SpoolFull { .. } | RelayError::NoRoom { .. } => Kind::ResourceExhausted,
             RelayError::ChunkRefused(_) => Kind::InvalidArgument,
-            RelayError::Upload(_) | RelayError::PassAway(_) | RelayError::PassStalled => {
-                Kind::Unavailable
-            }
+            RelayError::Upload(_)
+            | RelayError::UploadStalled
+            | RelayError::PassAway(_)
+            | RelayError::PassStalled
+            | RelayError::PassCutShort => Kind::Unavailable,
         }
     }
 }
@@ -167,6 +183,12 @@ pub struct Relay {
     pass_through: bool,
     /// Until when uploads are spooled after streaming them through failed.
     pass_held_until: std::sync::Mutex<Option<Instant>>,
+    /// Uploads streaming through now: they share the one connection upstream with the
+    /// forwarders, so beyond these, uploads are spooled.
+    pass_permits: Arc<tokio::sync::Semaphore>,
+    /// When each system's queue last moved (an item forwarded, or queued into an empty
+    /// queue): a system whose queue stands still is not streamed through.
+    moved: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     /// Hashes of chunks just stored, for the write-through to upstream.
     fresh: tokio::sync::mpsc::Sender<Vec<Vec<u8>>>,
     fresh_rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Vec<Vec<u8>>>>>,
@@ -218,10 +240,17 @@ const PASS_FRESH: Duration = Duration::from_secs(30);
 /// After streaming through failed, uploads are spooled this long before trying again.
 const PASS_HOLD: Duration = Duration::from_secs(30);
 /// How long an upload streaming through may wait on the cloud manager for one frame,
-/// or for its answer, before it counts as away.
+/// or for its answer, or on the agent for its next frame, before it is given up.
 const PASS_STALL: Duration = Duration::from_secs(30);
 /// Frames in flight between an agent's upload and its stream to the cloud manager.
-const PASS_DEPTH: usize = 16;
+const PASS_DEPTH: usize = 4;
+/// Uploads streaming through at once, well below the streams one connection to the
+/// cloud manager carries (64), so the forwarders and chunk questions always get one.
+const PASS_PERMITS: usize = 24;
+/// A system whose queue has not moved for this long has its uploads spooled: the
+/// cloud keeps chunks it was sent only for a while (its chunk retention), and batches
+/// waiting upstream need their chunks here.
+const PASS_QUEUE_STILL: Duration = Duration::from_secs(120);
 /// Free space the data dir keeps beyond the spool, for the queue and its database.
 pub const RESERVE: u64 = 32 << 20;
 /// Uploads waiting for the write-through; more are left to the batches' forwarding.
@@ -282,6 +311,8 @@ impl Relay {
             push_lock: tokio::sync::Mutex::new(()),
             pass_through,
             pass_held_until: std::sync::Mutex::new(None),
+            pass_permits: Arc::new(tokio::sync::Semaphore::new(PASS_PERMITS)),
+            moved: Default::default(),
             fresh,
             fresh_rx: std::sync::Mutex::new(Some(fresh_rx)),
             counters: Counters::default(),
@@ -327,7 +358,7 @@ impl Relay {
         })
     }
 
-    /// A batch: its entries checked, every chunk it names durable here, then queued
+    /// A batch: its entries checked, every chunk it names durable here or upstream, then queued
     /// (once: an epoch at or below the accepted one is answered, not queued again). The
     /// caller has checked who may write the system.
     pub async fn accept_batch(&self, batch: pb::Batch) -> Result<pb::BatchResponse> {
@@ -340,8 +371,14 @@ impl Relay {
             .map(|c| c.hash.clone())
             .collect();
         for chunk in hashes.chunks(65536) {
-            if let Some(&i) = self.missing(chunk, true).await?.first() {
-                return Err(RelayError::MissingChunk(hex::encode(&chunk[i as usize])));
+            let (missing, answered) = self.missing(chunk, true).await?;
+            if let Some(&i) = missing.first() {
+                let name = hex::encode(&chunk[i as usize]);
+                return Err(if answered {
+                    RelayError::MissingChunk(name)
+                } else {
+                    RelayError::UnconfirmedChunk(name)
+                });
             }
         }
         // The batch is spooled only with every chunk it needs from here on disk.
@@ -530,6 +567,9 @@ impl Relay {
 
     /// Appends to the queue and makes it durable before returning.
     fn enqueue(&self, item: &QueueItem) -> Result<()> {
+        if self.head(item.system()).is_none() {
+            self.queue_moved(item.system());
+        }
         let seq = self.store.db().generate_id()?;
         self.queue
             .insert(queue_key(item.system(), seq), item.encode_to_vec())?;
@@ -568,9 +608,10 @@ impl Relay {
             .elapsed()
     }
 
-    /// Indexes of `hashes` held neither here nor (if reachable) upstream. `durable`: the
-    /// caller relies on upstream's copies, so upstream makes them durable first.
-    async fn missing(&self, hashes: &[Vec<u8>], durable: bool) -> Result<Vec<u32>> {
+    /// Indexes of `hashes` held neither here nor (if reachable) upstream, and whether
+    /// upstream was asked and answered (or need not be). `durable`: the caller relies on
+    /// upstream's copies, so upstream makes them durable first, which may take a sync.
+    async fn missing(&self, hashes: &[Vec<u8>], durable: bool) -> Result<(Vec<u32>, bool)> {
         let parsed = hashes
             .iter()
             .map(|h| chunks::hash_from_bytes(h))
@@ -583,15 +624,16 @@ impl Relay {
             .map(|i| i as u32)
             .collect();
         if local_missing.is_empty() {
-            return Ok(local_missing);
+            return Ok((local_missing, true));
         }
         let ask: Vec<Vec<u8>> = local_missing
             .iter()
             .map(|&i| hashes[i as usize].clone())
             .collect();
         let mut c = self.client();
+        let wait = if durable { PASS_STALL } else { UPSTREAM_QUICK };
         match tokio::time::timeout(
-            UPSTREAM_QUICK,
+            wait,
             c.missing_chunks(pb::MissingChunksRequest {
                 hashes: ask,
                 asker_keeps_copy: !durable,
@@ -601,37 +643,54 @@ impl Relay {
         {
             Ok(Ok(r)) => {
                 self.upstream_seen.answered();
-                Ok(r.into_inner()
-                    .missing
-                    .into_iter()
-                    .filter_map(|j| local_missing.get(j as usize).copied())
-                    .collect())
+                let missing = r.into_inner().missing.into_iter();
+                let missing = missing.filter_map(|j| local_missing.get(j as usize).copied());
+                Ok((missing.collect(), true))
             }
             Ok(Err(s)) => {
                 if ferry_common::error::is_transient(&s) {
                     self.upstream_seen.failed(s.message());
                 }
-                Ok(local_missing)
+                Ok((local_missing, false))
             }
             Err(_) => {
-                self.upstream_seen
-                    .failed("no answer to a chunk question within 5 s");
-                Ok(local_missing)
+                let why = format!("no answer to a chunk question within {} s", wait.as_secs());
+                self.upstream_seen.failed(&why);
+                Ok((local_missing, false))
             }
         }
     }
 
-    /// Whether an upload streams straight through: allowed, the cloud manager answered
-    /// lately and has not failed since, and no failed attempt is being waited out.
-    pub fn passes_through(&self) -> bool {
-        let held = self
+    /// Whether `system`'s uploads stream straight through: allowed, the cloud manager
+    /// answered within `PASS_FRESH`, no failed attempt is being waited out, and the
+    /// system's queue is empty or moved within `PASS_QUEUE_STILL`.
+    pub fn passes_through(&self, system: &str) -> bool {
+        let now = Instant::now();
+        let held = *self
             .pass_held_until
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let still = || {
+            let moved = self.moved.lock().unwrap_or_else(|p| p.into_inner());
+            let moved = moved.get(system).copied();
+            self.head(system).is_some()
+                && moved.is_none_or(|at| now.duration_since(at) > PASS_QUEUE_STILL)
+        };
         self.pass_through
-            && held.is_none_or(|until| Instant::now() >= until)
+            && held.is_none_or(|until| now >= until)
             && self.upstream_seen.up(PASS_FRESH)
-            && !self.upstream_seen.failing()
+            && !still()
+    }
+
+    /// Whether uploads stream through now for a system with nothing queued (metrics).
+    pub fn passing_through(&self) -> bool {
+        self.passes_through("")
+    }
+
+    /// Notes that `system`'s queue moved.
+    pub fn queue_moved(&self, system: &str) {
+        let mut moved = self.moved.lock().unwrap_or_else(|p| p.into_inner());
+        moved.insert(system.to_string(), Instant::now());
     }
 
     /// Streams an agent's upload to the cloud manager, which checks every chunk in full
@@ -639,35 +698,46 @@ impl Relay {
     /// with `durable`). Only a frame's shape is checked here. When the cloud manager fails
     /// or stalls, the upload is refused as unavailable and uploads are spooled here for
     /// `PASS_HOLD`: the agent still has the chunks and sends them again.
-    async fn pass(&self, mut from: Streaming<pb::ChunkFrame>) -> Result<pb::PutChunksResponse> {
+    async fn pass(
+        &self,
+        mut from: Streaming<pb::ChunkFrame>,
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<pb::PutChunksResponse> {
         let (tx, rx) = tokio::sync::mpsc::channel(PASS_DEPTH);
         let mut c = self.client();
         let call = c.put_chunks(tokio_stream::wrappers::ReceiverStream::new(rx));
+        // Every frame of the upload, or whether upstream ended the call before the last.
         let pump = async move {
             let mut bytes = 0u64;
-            while let Some(f) = from.message().await.map_err(RelayError::Upload)? {
+            loop {
+                let next = tokio::time::timeout(PASS_STALL, from.message()).await;
+                let f = match next.map_err(|_| RelayError::UploadStalled)? {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return Ok((bytes, false)),
+                    Err(s) => return Err(RelayError::Upload(Box::new(s))),
+                };
                 chunks::check_shape(&f.hash, f.zdata.len(), f.raw_len, f.raw)?;
                 bytes += f.zdata.len() as u64;
-                self.touch_put();
                 match tokio::time::timeout(PASS_STALL, tx.send(f)).await {
                     Ok(Ok(())) => {}
                     // The call upstream ended: its answer says why.
-                    Ok(Err(_)) => break,
+                    Ok(Err(_)) => return Ok((bytes, true)),
                     Err(_) => return Err(RelayError::PassStalled),
                 }
             }
-            Ok(bytes)
         };
         tokio::pin!(call, pump);
         let upstream = |s: tonic::Status| match s.code() {
-            tonic::Code::InvalidArgument => RelayError::ChunkRefused(s),
-            _ => RelayError::PassAway(s),
+            tonic::Code::InvalidArgument => RelayError::ChunkRefused(Box::new(s)),
+            _ => RelayError::PassAway(Box::new(s)),
         };
-        // A failed upload drops the call, which cancels it upstream: nothing of it is kept.
+        // What the cloud took of an upload that failed stays there: it checked it, and
+        // a chunk is named by its content.
         let outcome = tokio::select! {
             pumped = &mut pump => match pumped {
                 Err(e) => Err(e),
-                Ok(bytes) => match tokio::time::timeout(PASS_STALL, &mut call).await {
+                Ok((bytes, cut_short)) => match tokio::time::timeout(PASS_STALL, &mut call).await {
+                    Ok(Ok(_)) if cut_short => Err(RelayError::PassCutShort),
                     Ok(Ok(r)) => {
                         Counters::add(&self.counters.chunk_bytes_received, bytes);
                         Counters::add(&self.counters.chunk_bytes_passed, bytes);
@@ -681,12 +751,14 @@ impl Relay {
             answered = &mut call => Err(match answered {
                 Err(s) => upstream(s),
                 // Upstream reads to the end before it answers; anything else is a fault.
-                Ok(_) => RelayError::PassAway(Status::internal("answered before the upload ended")),
+                Ok(_) => RelayError::PassCutShort,
             }),
         };
         match &outcome {
             Ok(_) => self.upstream_seen.answered(),
-            Err(e @ (RelayError::PassAway(_) | RelayError::PassStalled)) => {
+            Err(
+                e @ (RelayError::PassAway(_) | RelayError::PassStalled | RelayError::PassCutShort),
+            ) => {
                 self.upstream_seen.failed(&e.to_string());
                 *self
                     .pass_held_until
@@ -841,7 +913,7 @@ impl pb::ingest_server::Ingest for Service {
                 RelayError::Invalid("at most 65536 hashes per call".into()),
             ));
         }
-        let missing = self
+        let (missing, _) = self
             .relay
             .missing(&req.get_ref().hashes, false)
             .await
@@ -855,13 +927,14 @@ impl pb::ingest_server::Ingest for Service {
     ) -> Result<Response<pb::PutChunksResponse>, Status> {
         let id = who(&req);
         ingest_peer(id.as_ref()).map_err(|e| fail("put-chunks", id.as_ref(), e))?;
-        if self.relay.passes_through() {
-            return self
-                .relay
-                .pass(req.into_inner())
-                .await
-                .map(Response::new)
-                .map_err(|e| fail("put-chunks", id.as_ref(), e));
+        let system = id.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+        let permit = self.relay.pass_permits.clone().try_acquire_owned().ok();
+        if let Some(permit) = permit.filter(|_| self.relay.passes_through(&system)) {
+            return match self.relay.pass(req.into_inner(), permit).await {
+                Ok(r) => Ok(Response::new(r)),
+                Err(RelayError::Upload(s)) => Err(*s),
+                Err(e) => Err(fail("put-chunks", id.as_ref(), e)),
+            };
         }
         if let Some(full) = self.relay.spool_full() {
             self.relay.wake.notify_one();
@@ -997,6 +1070,43 @@ mod tests {
 
     fn epoch(v: &[u8]) -> u64 {
         QueueItem::decode(v).unwrap().batch.unwrap().epoch
+    }
+
+    #[tokio::test]
+    async fn uploads_stream_through_only_to_an_answering_cloud_past_a_moving_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = relay(dir.path());
+        assert!(!r.passes_through("a"), "never heard from upstream");
+        r.upstream_seen.answered();
+        assert!(r.passes_through("a") && r.passing_through());
+        // Queued into an empty queue: it moved just now.
+        r.enqueue(&batch("a", 1)).unwrap();
+        assert!(r.passes_through("a"));
+        // Standing still too long: that system's uploads are spooled, no other's.
+        let long_ago = Instant::now() - PASS_QUEUE_STILL - Duration::from_secs(1);
+        r.moved.lock().unwrap().insert("a".into(), long_ago);
+        assert!(!r.passes_through("a"));
+        assert!(r.passes_through("b"));
+        r.queue_moved("a");
+        assert!(r.passes_through("a"));
+        // A failed attempt is waited out, for every system.
+        *r.pass_held_until.lock().unwrap() = Some(Instant::now() + PASS_HOLD);
+        assert!(!r.passes_through("b"));
+        *r.pass_held_until.lock().unwrap() = Some(Instant::now());
+        assert!(r.passes_through("b"));
+        // Not allowed at all: always spooled.
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = tonic::transport::Endpoint::from_static("http://127.0.0.1:9");
+        let off = Relay::open(
+            dir.path(),
+            SwapChannel::new(upstream.connect_lazy()),
+            "https://cloud:7443",
+            1 << 30,
+            false,
+        )
+        .unwrap();
+        off.upstream_seen.answered();
+        assert!(!off.passes_through("a"));
     }
 
     #[tokio::test]

@@ -148,6 +148,9 @@ fn cloud_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
         site.proc.log_text().contains("spooling them here for now"),
         "the site never fell back to its spool while the cloud was away"
     );
+    // No batch was accepted on a promise the cloud then broke.
+    let dead = series(&m, r#"ferry_site_dead_letters{system="victim"}"#).unwrap_or(0.0);
+    assert_eq!(dead, 0.0, "{m}");
     // What the cloud held before the crash was kept: its store did not grow by a full copy.
     let after = dir_bytes(&cloud_chunks);
     assert!(

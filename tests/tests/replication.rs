@@ -312,6 +312,8 @@ async fn a_site_streams_uploads_through_to_a_cloud_that_answers_and_spools_while
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
     agent.put_chunks(tokio_stream::iter(frames)).await?;
     assert!(site_series(http, "ferry_site_spool_chunks")? >= 2.0);
+    // Held at the site, as the agent's next question hears while the cloud is away.
+    assert!(lacks(&mut agent, &away, false).await?.is_empty());
     assert_eq!(site_series(http, "ferry_site_passing_through")?, 0.0);
 
     // Back: after the hold, uploads stream through again.
@@ -323,7 +325,6 @@ async fn a_site_streams_uploads_through_to_a_cloud_that_answers_and_spools_while
         Duration::from_secs(90),
         passing,
     )?;
-    assert!(lacks(&mut agent, &away, false).await?.is_empty());
     let before = site_series(http, "ferry_site_chunk_bytes_passed_through_total")?;
     let frames = random_frames(2);
     let hashes = hashes_of(&frames);
