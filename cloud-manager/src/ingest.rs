@@ -967,6 +967,7 @@ impl Ingest {
                         copied += raw.len() as u64;
                         let (z, is_raw) = chunks::compress(&raw);
                         staged.push(store.stage(*hash, &z, raw.len() as u32, is_raw)?);
+                        store.remember(*hash, raw);
                     }
                     None => still.push(i),
                 }
@@ -986,8 +987,10 @@ impl Ingest {
 
     /// Verifies and stages one frame; duplicates are counted and dropped.
     pub fn stage_frame(&self, f: &Frame) -> Result<Option<chunks::Staged>> {
-        chunks::verify_frame(&f.hash, &f.zdata, f.raw_len, f.raw)?;
+        let raw = chunks::verify_frame(&f.hash, &f.zdata, f.raw_len, f.raw)?;
         Counters::add(&self.counters.chunk_wire_bytes, f.zdata.len() as u64);
+        // Its batch usually comes next: applying it then needs no second decompression.
+        self.chunks.remember(f.hash, raw);
         if self.chunks.has(&f.hash) {
             Counters::add(&self.counters.chunks_duplicate, 1);
             return Ok(None);

@@ -41,6 +41,10 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Raw bytes of chunks just checked that the store keeps for their batch: two of an
+/// agent's batches (64 MiB each), so an initial sync decompresses each chunk once.
+const RECENT_CHUNKS: usize = 128 << 20;
+
 /// Whether the cloud provider `name` (aws, azure) was built in: each is a cargo feature,
 /// both on by default; the embedded local provider always is.
 pub fn built_in(target: ferry_common::names::Target) -> bool {
@@ -274,7 +278,8 @@ pub async fn run(
     let store = ferry_common::store::Store::open(&dir.join("db"))?;
     let chunks =
         ferry_common::chunks::ChunkStore::open(&dir.join("chunks"), store.tree("chunks")?)?
-            .with_retention(config.chunk_retention);
+            .with_retention(config.chunk_retention)
+            .with_recent(RECENT_CHUNKS);
     let fingerprint = ca.fingerprint();
     let cloud = Arc::new(Cloud::new(
         dir,

@@ -65,7 +65,13 @@ impl fmt::Debug for CloudCollector {
 }
 
 impl Collector for CloudCollector {
-    fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        counter(
+            &mut encoder,
+            "ferry_chunks_read_from_memory",
+            "Chunks applied from the raw copy kept when they were checked, not read and decompressed again.",
+            [(Vec::new(), self.cloud.ingest.chunks.recent_hits())],
+        )?;
         let systems = self.cloud.replication.list("").unwrap_or_default();
         let dead = self.cloud.ingest.dead_letters();
         encode_state(encoder, &self.cloud.counters.snapshot(), &systems, &dead)

@@ -8,7 +8,11 @@
 //! nothing was appended to for that long goes, and a chunk promised again from an old
 //! pack is first copied into the current one, so a promise always outlives the
 //! retention's half.
-use std::collections::HashMap;
+//!
+//! A store may also keep the raw contents of chunks it just checked (`with_recent`),
+//! within a byte budget, so that applying them soon after reads and decompresses
+//! nothing: they are named by their content, so a copy is as good as the pack.
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -264,6 +268,54 @@ pub struct ChunkStore {
     packs: Arc<RwLock<HashMap<u32, Arc<std::fs::File>>>>,
     /// How long a pack stays after its last append (`None`: until `clear`).
     retention: Option<std::time::Duration>,
+    /// Raw contents of chunks just checked, taken by the first read.
+    recent: Arc<Mutex<Recent>>,
+    /// Reads answered from `recent`.
+    recent_hits: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Raw chunks kept within a byte budget, the oldest dropped first.
+#[derive(Debug, Default)]
+struct Recent {
+    budget: usize,
+    bytes: usize,
+    order: VecDeque<[u8; 32]>,
+    raw: HashMap<[u8; 32], Vec<u8>>,
+}
+
+impl Recent {
+    fn put(&mut self, hash: [u8; 32], raw: Vec<u8>) {
+        if raw.len() > self.budget || self.raw.contains_key(&hash) {
+            return;
+        }
+        self.bytes += raw.len();
+        self.raw.insert(hash, raw);
+        self.order.push_back(hash);
+        // Names whose chunk was taken linger in `order`: they are dropped as they reach
+        // the front, and the whole queue is bounded by what the budget could hold.
+        let most = 1024 + self.budget / 4096;
+        while self.bytes > self.budget || self.order.len() > most {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(v) = self.raw.remove(&old) {
+                self.bytes -= v.len();
+            }
+        }
+    }
+
+    fn take(&mut self, hash: &[u8; 32]) -> Option<Vec<u8>> {
+        let v = self.raw.remove(hash)?;
+        self.bytes -= v.len();
+        while self
+            .order
+            .front()
+            .is_some_and(|h| !self.raw.contains_key(h))
+        {
+            self.order.pop_front();
+        }
+        Some(v)
+    }
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -318,7 +370,27 @@ impl ChunkStore {
             writer: Arc::new(Mutex::new(writer)),
             packs: Arc::new(RwLock::new(packs)),
             retention: None,
+            recent: Default::default(),
+            recent_hits: Default::default(),
         })
+    }
+
+    /// Keeps the raw contents of up to `budget` bytes of chunks just checked
+    /// (`remember`) for the next read of each.
+    pub fn with_recent(self, budget: usize) -> Self {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).budget = budget;
+        self
+    }
+
+    /// How many reads were answered from what `remember` kept.
+    pub fn recent_hits(&self) -> u64 {
+        self.recent_hits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Keeps `raw`, whose BLAKE3 the caller checked is `hash`, for the next read of it.
+    pub fn remember(&self, hash: [u8; 32], raw: Vec<u8>) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.put(hash, raw);
     }
 
     /// Keeps packs only `keep` after their last append (see `retain`).
@@ -671,8 +743,18 @@ impl ChunkStore {
         })
     }
 
-    /// The raw chunk.
+    /// The raw chunk (kept by `remember`, or read from its pack).
     pub fn read_raw(&self, hash: &[u8; 32]) -> Result<Vec<u8>, ChunkError> {
+        let kept = self
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(hash);
+        if let Some(raw) = kept {
+            self.recent_hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(raw);
+        }
         let f = self.read_frame(hash)?;
         unframe(&f.data, f.raw_len, f.raw)
     }
@@ -945,6 +1027,41 @@ mod tests {
         assert!(verify_frame(&hash, b"not zstd", 1000, false).is_err());
         assert!(verify_frame(&hash, &z, (MAX_CHUNK + 1) as u32, false).is_err());
         assert!(verify_frame(&hash, &raw[..999], 1000, true).is_err());
+    }
+
+    #[test]
+    fn chunks_just_checked_are_read_once_from_memory_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path()).with_recent(3 << 10);
+        let chunk = |b: u8| vec![b; 1024];
+        let name = |b: u8| *blake3::hash(&chunk(b)).as_bytes();
+        for b in 0..4 {
+            s.remember(name(b), chunk(b));
+        }
+        // Only what the budget holds, the oldest dropped; each read once from memory.
+        assert_eq!(s.read_raw(&name(3)).unwrap(), chunk(3));
+        assert_eq!(s.read_raw(&name(1)).unwrap(), chunk(1));
+        assert_eq!(s.recent_hits(), 2);
+        for b in [0, 1, 3] {
+            assert!(
+                matches!(s.read_raw(&name(b)), Err(ChunkError::Missing(_))),
+                "{b}"
+            );
+        }
+        // Stored, it is read from its pack once the kept copy was taken.
+        let staged = s.stage(name(2), &chunk(2), 1024, true).unwrap();
+        s.commit(vec![staged]).unwrap();
+        assert_eq!(s.read_raw(&name(2)).unwrap(), chunk(2));
+        assert_eq!(s.read_raw(&name(2)).unwrap(), chunk(2));
+        // Names whose chunks were taken do not pile up.
+        for i in 0..10_000u32 {
+            let raw = i.to_le_bytes().to_vec();
+            let h = *blake3::hash(&raw).as_bytes();
+            s.remember(h, raw);
+            s.read_raw(&h).unwrap();
+        }
+        let recent = s.recent.lock().unwrap();
+        assert!(recent.order.len() <= 1024 + 1 && recent.bytes <= 3 << 10);
     }
 
     #[test]

@@ -128,6 +128,11 @@ fn site_and_agent_metrics_and_health_follow_what_happens() -> Result<()> {
         "agent sent {sent_by_agent}, site received {received}, forwarded {forwarded}"
     );
 
+    // The cloud applied chunks from the copies it kept when it checked them.
+    let cloud_m = metrics_at(cloud.http_port)?;
+    let from_memory = series(&cloud_m, "ferry_chunks_read_from_memory_total");
+    ensure!(from_memory.is_some_and(|v| v >= 1.0), "{cloud_m}");
+
     // Every daemon is healthy and says why.
     for (port, who) in [
         (cloud.http_port, "cloud"),
