@@ -41,8 +41,9 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Raw bytes of chunks just checked that the store keeps for their batch: two of an
-/// agent's batches (64 MiB each), so an initial sync decompresses each chunk once.
+/// Raw bytes of chunks just checked that the store keeps for their batches (shared by
+/// every system): two of an agent's batches of 64 MiB, so an initial sync decompresses
+/// each chunk once.
 const RECENT_CHUNKS: usize = 128 << 20;
 
 /// Whether the cloud provider `name` (aws, azure) was built in: each is a cargo feature,

@@ -279,42 +279,57 @@ pub struct ChunkStore {
 struct Recent {
     budget: usize,
     bytes: usize,
-    order: VecDeque<[u8; 32]>,
-    raw: HashMap<[u8; 32], Vec<u8>>,
+    /// Bumped by every `put`, so that an entry of `order` names one keeping of a chunk,
+    /// not a later one of the same chunk.
+    seq: u64,
+    order: VecDeque<([u8; 32], u64)>,
+    raw: HashMap<[u8; 32], (u64, Vec<u8>)>,
 }
 
 impl Recent {
     fn put(&mut self, hash: [u8; 32], raw: Vec<u8>) {
-        if raw.len() > self.budget || self.raw.contains_key(&hash) {
+        if self.budget == 0 || raw.len() > self.budget || self.raw.contains_key(&hash) {
             return;
         }
+        self.seq += 1;
         self.bytes += raw.len();
-        self.raw.insert(hash, raw);
-        self.order.push_back(hash);
-        // Names whose chunk was taken linger in `order`: they are dropped as they reach
-        // the front, and the whole queue is bounded by what the budget could hold.
+        self.raw.insert(hash, (self.seq, raw));
+        self.order.push_back((hash, self.seq));
+        // Entries whose chunk was taken linger in `order` until they reach its front;
+        // the whole queue is bounded by what the budget could hold.
         let most = 1024 + self.budget / 4096;
         while self.bytes > self.budget || self.order.len() > most {
             let Some(old) = self.order.pop_front() else {
                 break;
             };
-            if let Some(v) = self.raw.remove(&old) {
+            self.drop_kept(old);
+        }
+    }
+
+    /// Drops the keeping `entry` of `order` names, if it is still the one kept.
+    fn drop_kept(&mut self, (hash, seq): ([u8; 32], u64)) {
+        if self.raw.get(&hash).is_some_and(|(s, _)| *s == seq) {
+            if let Some((_, v)) = self.raw.remove(&hash) {
                 self.bytes -= v.len();
             }
         }
     }
 
+    fn is_kept(&self, (hash, seq): &([u8; 32], u64)) -> bool {
+        self.raw.get(hash).is_some_and(|(s, _)| s == seq)
+    }
+
     fn take(&mut self, hash: &[u8; 32]) -> Option<Vec<u8>> {
-        let v = self.raw.remove(hash)?;
+        let (_, v) = self.raw.remove(hash)?;
         self.bytes -= v.len();
-        while self
-            .order
-            .front()
-            .is_some_and(|h| !self.raw.contains_key(h))
-        {
+        while self.order.front().is_some_and(|e| !self.is_kept(e)) {
             self.order.pop_front();
         }
         Some(v)
+    }
+
+    fn clear(&mut self) {
+        (self.bytes, self.order, self.raw) = (0, VecDeque::new(), HashMap::new());
     }
 }
 
@@ -793,6 +808,10 @@ impl ChunkStore {
             pending.clear();
             n
         };
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.index.clear()?;
         self.index.flush()?;
         let mut packs = self.packs.write().unwrap_or_else(|p| p.into_inner());
@@ -1053,6 +1072,16 @@ mod tests {
         s.commit(vec![staged]).unwrap();
         assert_eq!(s.read_raw(&name(2)).unwrap(), chunk(2));
         assert_eq!(s.read_raw(&name(2)).unwrap(), chunk(2));
+        // Kept again after it was taken, a chunk is not dropped by its first keeping.
+        for b in 5..8 {
+            s.remember(name(b), chunk(b));
+        }
+        s.read_raw(&name(6)).unwrap();
+        s.remember(name(6), chunk(6));
+        s.remember(name(8), chunk(8));
+        s.remember(name(9), chunk(9));
+        assert_eq!(s.read_raw(&name(6)).unwrap(), chunk(6));
+        assert!(matches!(s.read_raw(&name(7)), Err(ChunkError::Missing(_))));
         // Names whose chunks were taken do not pile up.
         for i in 0..10_000u32 {
             let raw = i.to_le_bytes().to_vec();

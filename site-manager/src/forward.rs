@@ -97,6 +97,7 @@ async fn forward_system(
                 }
             }
             Outcome::Poison(s) => {
+                relay.queue_moved(&system);
                 tracing::error!(system, error = %s.message(), "upstream refused a queued item; kept in the dead-letter tree");
                 crate::deadletter::put(&relay, &key, value, s.message());
             }

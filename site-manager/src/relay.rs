@@ -363,6 +363,9 @@ impl Relay {
     /// caller has checked who may write the system.
     pub async fn accept_batch(&self, batch: pb::Batch) -> Result<pb::BatchResponse> {
         let started = std::time::Instant::now();
+        // The spooled chunks found below stay until the batch is queued: collection
+        // waits for a minute without uploads or batches (`maybe_collect`).
+        self.touch_put();
         ferry_common::pki::validate_name(&batch.system).map_err(RelayError::Invalid)?;
         for e in &batch.entries {
             ferry_common::entry::validate(e)?;
@@ -671,10 +674,10 @@ impl Relay {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let still = || {
+            let queued = self.head(system).is_some();
             let moved = self.moved.lock().unwrap_or_else(|p| p.into_inner());
             let moved = moved.get(system).copied();
-            self.head(system).is_some()
-                && moved.is_none_or(|at| now.duration_since(at) > PASS_QUEUE_STILL)
+            queued && moved.is_none_or(|at| now.duration_since(at) > PASS_QUEUE_STILL)
         };
         self.pass_through
             && held.is_none_or(|until| now >= until)
@@ -718,6 +721,8 @@ impl Relay {
                 };
                 chunks::check_shape(&f.hash, f.zdata.len(), f.raw_len, f.raw)?;
                 bytes += f.zdata.len() as u64;
+                // Spooled chunks stay while any upload is going on (`maybe_collect`).
+                self.touch_put();
                 match tokio::time::timeout(PASS_STALL, tx.send(f)).await {
                     Ok(Ok(())) => {}
                     // The call upstream ended: its answer says why.
@@ -731,8 +736,8 @@ impl Relay {
             tonic::Code::InvalidArgument => RelayError::ChunkRefused(Box::new(s)),
             _ => RelayError::PassAway(Box::new(s)),
         };
-        // What the cloud took of an upload that failed stays there: it checked it, and
-        // a chunk is named by its content.
+        // Of an upload that failed, the cloud may or may not keep what it had taken:
+        // either is safe (it checked each chunk), and the agent sends it all again.
         let outcome = tokio::select! {
             pumped = &mut pump => match pumped {
                 Err(e) => Err(e),
