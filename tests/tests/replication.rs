@@ -175,18 +175,8 @@ async fn a_site_writes_chunks_through_before_their_batch_and_the_cloud_keeps_wha
     agent
         .register(register("alpha", "0a1b2c3d-0000-4000-8000-0000000000a1"))
         .await?;
-    let frames: Vec<pb::ChunkFrame> = (0..3)
-        .map(|_| {
-            let data: Vec<u8> = (0..65536).map(|_| rand::random::<u8>()).collect();
-            pb::ChunkFrame {
-                hash: blake3::hash(&data).as_bytes().to_vec(),
-                raw_len: data.len() as u32,
-                zdata: data,
-                raw: true,
-            }
-        })
-        .collect();
-    let hashes: Vec<Vec<u8>> = frames.iter().map(|f| f.hash.clone()).collect();
+    let frames = random_frames(3);
+    let hashes = hashes_of(&frames);
     let cloud_id = t.join("probe");
     let mut probe = enrolled_client(&cloud.url(), &cloud.token()?, "probe", &cloud_id).await?;
     assert_eq!(lacks(&mut probe, &hashes, false).await?, [0, 1, 2]);
