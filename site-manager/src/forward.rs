@@ -68,6 +68,7 @@ async fn forward_system(
             Ok(i) => i,
             Err(e) => {
                 tracing::error!(system, error = %e, "undecodable queue item moved aside");
+                relay.queue_moved(&system);
                 let why = format!("undecodable queue item: {e}");
                 crate::deadletter::put(&relay, &key, value, &why);
                 continue;
@@ -171,6 +172,16 @@ async fn maybe_collect(relay: &Relay) {
     {
         return;
     }
+    // A batch being checked may rely on chunks it found here (a full spool is handed
+    // upstream durably first, so that one is collected regardless).
+    let _no_check = if full {
+        None
+    } else {
+        match relay.collect_gate.try_write() {
+            Ok(g) => Some(g),
+            Err(_) => return,
+        }
+    };
     let generation = relay.chunks.generation();
     if full {
         let hashes: Vec<Vec<u8>> = relay.chunks.hashes().iter().map(|h| h.to_vec()).collect();

@@ -171,6 +171,9 @@ pub struct Relay {
     dir: std::path::PathBuf,
     last_put: std::sync::Mutex<Instant>,
     order: tokio::sync::Mutex<()>,
+    /// Read by each batch check until its batch is queued, written by the collection of
+    /// the spool: what a check found here is not collected under it.
+    pub collect_gate: tokio::sync::RwLock<()>,
     /// Held while chunks go upstream, so the write-through and a batch's forwarding
     /// never send the same chunk twice.
     pub push_lock: tokio::sync::Mutex<()>,
@@ -309,6 +312,7 @@ impl Relay {
             last_put: std::sync::Mutex::new(Instant::now()),
             order: tokio::sync::Mutex::new(()),
             push_lock: tokio::sync::Mutex::new(()),
+            collect_gate: tokio::sync::RwLock::new(()),
             pass_through,
             pass_held_until: std::sync::Mutex::new(None),
             pass_permits: Arc::new(tokio::sync::Semaphore::new(PASS_PERMITS)),
@@ -363,13 +367,14 @@ impl Relay {
     /// caller has checked who may write the system.
     pub async fn accept_batch(&self, batch: pb::Batch) -> Result<pb::BatchResponse> {
         let started = std::time::Instant::now();
-        // The spooled chunks found below stay until the batch is queued: collection
-        // waits for a minute without uploads or batches (`maybe_collect`).
-        self.touch_put();
         ferry_common::pki::validate_name(&batch.system).map_err(RelayError::Invalid)?;
         for e in &batch.entries {
             ferry_common::entry::validate(e)?;
         }
+        // The spooled chunks found below stay until the batch is queued: collection
+        // waits for this check to end (`maybe_collect`).
+        let _checking = self.collect_gate.read().await;
+        self.touch_put();
         let hashes: Vec<Vec<u8>> = ferry_common::entry::chunk_refs(&batch.entries)
             .map(|c| c.hash.clone())
             .collect();
