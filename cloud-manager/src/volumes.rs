@@ -18,6 +18,8 @@ pub enum VolumeError {
     },
     #[error("volume image {image} is attached to a loop device but not mounted here ({loops}); refusing to mount it twice")]
     Busy { image: String, loops: String },
+    #[error("volume image {image} cannot be grown offline: its file system stays alive after an unmount here, held {holders}; it is mounted here again at its size, and grows once they let it go")]
+    HeldElsewhere { image: String, holders: String },
     #[error("a replica volume only grows: {fs_id} is {have} bytes, {want} asked")]
     Shrink { fs_id: String, have: u64, want: u64 },
     #[error("a {0} replica volume cannot grow in place (ext2, ext3, ext4, xfs and btrfs can)")]
@@ -35,7 +37,9 @@ impl ferry_common::error::ErrorKind for VolumeError {
             VolumeError::Io { source, .. } if source.raw_os_error() == Some(28) => {
                 ferry_common::error::Kind::ResourceExhausted
             }
-            VolumeError::Busy { .. } => ferry_common::error::Kind::Unavailable,
+            VolumeError::Busy { .. } | VolumeError::HeldElsewhere { .. } => {
+                ferry_common::error::Kind::Unavailable
+            }
             VolumeError::Shrink { .. } | VolumeError::CannotGrow(_) => {
                 ferry_common::error::Kind::InvalidArgument
             }
@@ -250,6 +254,21 @@ impl Volumes {
         // loop device the kernel is still releasing (from an unmount just before) is
         // waited for, not taken for another user.
         let attached = loops_of(&image, LOOP_RELEASE)?;
+        if let [dev] = attached.as_slice() {
+            // Its file system lives on after an unmount here (another mount namespace
+            // copied the mount): that same file system, on its one loop device, is
+            // mounted here again, never a second one.
+            self.share()?;
+            match reattach(dev, &mnt, &fs.fstype) {
+                Ok(()) => {
+                    tracing::warn!(system, fs_id = %fs.fs_id, dev, holders = %shown(&holders(dev)), "volume still alive after its unmount; mounted here again");
+                    return Ok((mnt, true));
+                }
+                Err(e) => {
+                    tracing::warn!(system, fs_id = %fs.fs_id, dev, error = %e, "volume's loop device cannot be mounted again");
+                }
+            }
+        }
         if !attached.is_empty() {
             return Err(VolumeError::Busy {
                 image: image.display().to_string(),
@@ -366,12 +385,23 @@ impl Volumes {
                     // The loop device goes with the mount, but the kernel may release it
                     // a moment later: the image is checked, grown and mounted again only
                     // once nothing else has it open.
-                    let offline = release_loop(image, &dev)
-                        .and_then(|()| fsck_ext(image))
-                        .and_then(|()| {
-                            run(Command::new("resize2fs").arg(image))?;
-                            Ok(())
+                    if let Err(e) = release_loop(image, &dev) {
+                        // Still alive (another namespace copied the mount): checking or
+                        // resizing the image under that file system would corrupt it.
+                        // The same file system goes back here, writable, at its size.
+                        if loops_of(image, std::time::Duration::ZERO)? != [dev.clone()] {
+                            return Err(e);
+                        }
+                        reattach(&dev, mnt, ext)?;
+                        return Err(VolumeError::HeldElsewhere {
+                            image: image.display().to_string(),
+                            holders: shown(&holders(&dev)),
                         });
+                    }
+                    let offline = fsck_ext(image).and_then(|()| {
+                        run(Command::new("resize2fs").arg(image))?;
+                        Ok(())
+                    });
                     let mounted = mount(image, mnt, ext);
                     if let Err(e) = &offline {
                         tracing::error!(image = %image.display(), error = %e, "offline resize failed");
@@ -609,6 +639,76 @@ fn mount(image: &Path, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
     Ok(())
 }
 
+/// Mounts at `mnt` the file system that lives on on loop device `dev` after its unmount
+/// here (another namespace holds it): the same superblock, so nothing is mounted twice.
+/// Read-only first, as the unmount left it (a writable mount of a read-only superblock
+/// is refused), then writable again.
+fn reattach(dev: &str, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
+    let attach = |mode: &str| {
+        run(Command::new("mount")
+            .arg("-t")
+            .arg(fstype)
+            .arg("-o")
+            .arg(format!("{mode},{CONTAINED}"))
+            .arg(dev)
+            .arg(mnt))
+    };
+    if let Err(e) = attach("ro") {
+        // Made writable again by its holder.
+        tracing::debug!(dev, error = %e, "read-only mount refused; mounting writable");
+        attach("rw")?;
+    }
+    run(Command::new("mount")
+        .args(["-o", &format!("remount,rw,{CONTAINED}")])
+        .arg(mnt))?;
+    tracing::info!(dev, mount = %mnt.display(), "volume mounted again from the file system another namespace holds");
+    Ok(())
+}
+
+/// Who keeps a volume alive, for the operator.
+fn shown(holders: &[String]) -> String {
+    if holders.is_empty() {
+        "in no mount namespace: a detached mount or an open file".to_string()
+    } else {
+        format!("by {}", holders.join(", "))
+    }
+}
+
+/// The processes (one per mount namespace, ours included) that have loop device `dev`
+/// mounted. A private copy of a volume's mount, made by a namespace created while it was
+/// mounted here (`unshare -m`, say), keeps its file system alive after it is unmounted
+/// here; copies of the shared volumes directory are unmounted with it.
+fn holders(dev: &str) -> Vec<String> {
+    let name = dev.trim_start_matches("/dev/");
+    let Ok(number) = std::fs::read_to_string(format!("/sys/block/{name}/dev")) else {
+        return Vec::new();
+    };
+    let number = number.trim();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(ns) = std::fs::read_link(p.path().join("ns/mnt")) else {
+            continue;
+        };
+        if seen.contains(&ns) {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(p.path().join("mountinfo")) else {
+            continue;
+        };
+        seen.insert(ns);
+        if info.lines().any(|l| l.split(' ').nth(2) == Some(number)) {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            out.push(format!("pid {pid} ({})", comm.trim()));
+        }
+    }
+    out
+}
+
 /// Unmounts a volume, made read-only first: everything is then in its image, and nothing
 /// is written to it after, even by a mount namespace that still holds a copy.
 fn unmount(mnt: &Path) -> Result<(), VolumeError> {
@@ -668,4 +768,123 @@ pub fn is_mounted(path: &Path) -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    fn size_of(mnt: &Path) -> u64 {
+        let st = rustix::fs::statvfs(mnt).unwrap();
+        st.f_blocks * st.f_frsize
+    }
+
+    /// A copy of the volume's mount that no unmount here reaches, as a namespace made
+    /// with private propagation holds one; only this volume's, so nothing else is held.
+    fn pin(mnt: &Path) -> OwnedFd {
+        use rustix::mount::OpenTreeFlags as F;
+        rustix::mount::open_tree(
+            rustix::fs::CWD,
+            mnt,
+            F::OPEN_TREE_CLONE | F::OPEN_TREE_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    /// Needs root, as the cloud manager does. Where online growth is refused (no
+    /// CAP_SYS_RESOURCE, as in a container), a volume grows offline: one whose file
+    /// system another namespace keeps alive is not checked or resized under it but
+    /// mounted again, writable, with an error saying so; a volume left unmounted so is
+    /// mounted again by the next `ensure`; once let go, the volume grows with its data.
+    #[test]
+    fn a_volume_held_elsewhere_is_mounted_again_and_grows_once_let_go() {
+        std::thread::spawn(|| {
+            // This thread and what it runs: as in a container.
+            rustix::thread::remove_capability_from_bounding_set(
+                rustix::thread::CapabilitySet::SYS_RESOURCE,
+            )
+            .unwrap();
+            let t = tempfile::tempdir().unwrap();
+            let v = Volumes::new(t.path());
+            // Nothing left mounted should an assertion fail.
+            struct Unmount(Volumes);
+            impl Drop for Unmount {
+                fn drop(&mut self) {
+                    self.0.unmount_all();
+                }
+            }
+            let _unmount = Unmount(v.clone());
+            let mut fs = FsRecord {
+                fs_id: "data".into(),
+                fstype: "ext4".into(),
+                capacity_bytes: 64 << 20,
+                ..Default::default()
+            };
+            let mnt = v.ensure("sys", &fs).unwrap();
+            std::fs::write(mnt.join("kept"), "kept").unwrap();
+            let image = v.image("sys", "data");
+            let dev = loops_of(&image, std::time::Duration::ZERO)
+                .unwrap()
+                .remove(0);
+
+            // A namespace made with private propagation names itself as a holder.
+            let mut private = Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "sleep", "60"])
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let named = loop {
+                let h = holders(&dev);
+                if h.iter()
+                    .any(|h| h.starts_with(&format!("pid {} ", private.id())))
+                {
+                    break true;
+                }
+                if std::time::Instant::now() > deadline {
+                    break false;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            let _ = private.kill();
+            let _ = private.wait();
+            assert!(named, "the private namespace was not named as a holder");
+
+            // Held: the grow is refused, the volume stays mounted and writable.
+            let held = pin(&mnt);
+            fs.cap_bytes = 96 << 20;
+            let err = v.grow_now("sys", &fs).unwrap_err();
+            assert!(matches!(err, VolumeError::HeldElsewhere { .. }), "{err}");
+            assert!(is_mounted(&mnt) && contained(&mnt));
+            std::fs::write(mnt.join("written while held"), "yes").unwrap();
+            assert!(size_of(&mnt) < 70 << 20);
+
+            // Unmounted here while held: the next ensure mounts that same file system.
+            unmount(&mnt).unwrap();
+            assert!(!is_mounted(&mnt));
+            let again = v.ensure("sys", &fs).unwrap();
+            assert!(is_mounted(&again) && contained(&again));
+            assert_eq!(std::fs::read_to_string(again.join("kept")).unwrap(), "kept");
+            std::fs::write(again.join("written after"), "yes").unwrap();
+
+            // Let go: it grows offline, everything on it.
+            drop(held);
+            v.grow_now("sys", &fs).unwrap();
+            assert!(size_of(&mnt) > 80 << 20, "{}", size_of(&mnt));
+            for f in ["kept", "written while held", "written after"] {
+                assert!(mnt.join(f).exists(), "{f} lost");
+            }
+            assert!(!image.with_extension("img.growing").exists());
+            v.unmount_all();
+            assert!(!is_mounted(&mnt));
+            let fsck = Command::new("e2fsck")
+                .arg("-fn")
+                .arg(&image)
+                .output()
+                .unwrap();
+            assert!(fsck.status.success(), "{fsck:?}");
+        })
+        .join()
+        .unwrap();
+    }
 }

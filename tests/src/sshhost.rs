@@ -87,9 +87,10 @@ impl SshHost {
             Some(&h.ns),
             host_ip,
         )?;
-        // Its own mount namespace (private: nothing mounted there reaches this one), the
-        // host's /proc, /dev, /run and /sys, its other file systems, and sshd chrooted
-        // into its tree.
+        // Its own mount namespace (a slave: nothing mounted there reaches this one, and
+        // what other tests' managers unmount here leaves it too, where a private copy
+        // would keep their volumes alive), the host's /proc, /dev, /run and /sys, its
+        // other file systems, and sshd chrooted into its tree.
         let script = format!(
             "{}
              exec chroot {} /usr/sbin/sshd -D -e",
@@ -97,7 +98,7 @@ impl SshHost {
             h.root().display()
         );
         let mut cmd = h.ns.cmd("unshare");
-        cmd.args(["-m", "--propagation", "private", "sh", "-euc", &script]);
+        cmd.args(["-m", "--propagation", "slave", "sh", "-euc", &script]);
         h.sshd = Some(Proc::spawn(
             &mut cmd,
             &dir.join(format!("{name}-sshd.log")),
@@ -172,7 +173,7 @@ impl SshHost {
         // Into the network namespace with nsenter, not `ip netns exec`, whose fresh
         // /sys would hide the cgroup hierarchies.
         let mut cmd = Command::new("unshare");
-        cmd.args(["-m", "-p", "-f", "--propagation", "private", "nsenter"])
+        cmd.args(["-m", "-p", "-f", "--propagation", "slave", "nsenter"])
             .arg(format!("--net=/run/netns/{}", self.ns.name))
             .args(["sh", "-euc", &script]);
         let log = dir.join(format!("{}-systemd.log", self.ns.name));

@@ -258,10 +258,11 @@ fn bad_flags_get_one_clear_line() -> Result<()> {
     Ok(())
 }
 
-/// Runs a command chrooted in `root` the way the customizer does (private mounts).
+/// Runs a command chrooted in `root` the way the customizer does (its mounts its own; a
+/// slave, so other tests' unmounts reach it).
 fn in_chroot(root: &Path, argv: &[&str]) -> Result<String> {
     let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--pid", "--fork", "--"])
+        .args(["--mount", "--propagation", "slave", "--pid", "--fork", "--"])
         .args([
             "sh",
             "-c",
