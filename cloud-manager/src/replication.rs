@@ -263,11 +263,15 @@ impl Replication {
         fs.cap_bytes = want;
         let fs = fs.clone();
         // Kept first: a grow cut short is finished by the next `ensure`. A grow that
-        // fails for good gives the old cap back.
+        // fails for good gives the old cap back; one another mount namespace holds off
+        // is only put off, and keeps the new one.
         self.systems.put(&rec)?;
         self.systems.flush()?;
         let (v, name, f) = (self.volumes.clone(), system.to_string(), fs.clone());
         let grown = crate::error::blocking(move || Ok(v.grow(&name, &f)?)).await;
+        if let Err(e @ CloudError::Volume(VolumeError::HeldElsewhere { .. })) = grown {
+            return Err(e);
+        }
         if let Err(e) = grown {
             if let Some(f) = rec.fs_mut(fs_id) {
                 f.cap_bytes = before;

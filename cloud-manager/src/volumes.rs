@@ -18,7 +18,7 @@ pub enum VolumeError {
     },
     #[error("volume image {image} is attached to a loop device but not mounted here ({loops}); refusing to mount it twice")]
     Busy { image: String, loops: String },
-    #[error("volume image {image} cannot be grown offline: its file system stays alive after an unmount here, held {holders}; it is mounted here again at its size, and grows once they let it go")]
+    #[error("volume image {image} cannot be grown offline now: another mount namespace keeps its file system alive after an unmount here ({holders}); it stays mounted here at its size, and the grow is tried again in a minute and by the operator's next resize")]
     HeldElsewhere { image: String, holders: String },
     #[error("a replica volume only grows: {fs_id} is {have} bytes, {want} asked")]
     Shrink { fs_id: String, have: u64, want: u64 },
@@ -183,9 +183,12 @@ impl VolumeStore for DirVolumes {
 #[derive(Debug, Clone)]
 pub struct Volumes {
     root: PathBuf,
-    /// Images whose cut-short grow this process has tried to finish (once each: a grow
-    /// that fails for good must not be retried on every batch).
-    finishing: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
+    /// Images whose cut-short grow this process has tried to finish, and when `ensure`
+    /// may try again: never (a grow that fails for good must not be retried on every
+    /// batch), or a minute after one another namespace held off.
+    finishing: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<PathBuf, Option<std::time::Instant>>>,
+    >,
     /// The volumes' directory as a shared mount while volumes are mounted there: the
     /// copies of them that clones and sandboxes take go when they are unmounted.
     shared: std::sync::Arc<std::sync::Mutex<Option<ferry_common::guestmount::SharedDir>>>,
@@ -239,12 +242,17 @@ impl Volumes {
                 tracing::info!(system, fs_id = %fs.fs_id, "volume remounted nodev,nosuid,noexec");
             }
             // Mounted and in use: a real increase is worth a resize here; a grow cut short
-            // is finished once per process (then by the operator's resize).
-            let first = self
-                .finishing
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(image.clone());
+            // is finished once per process (then by the operator's resize), or again
+            // after a minute when another namespace held it off.
+            let mut finishing = self.finishing.lock().unwrap_or_else(|p| p.into_inner());
+            let first = match finishing.get(&image) {
+                Some(None) => false,
+                Some(Some(at)) if std::time::Instant::now() < *at => false,
+                _ => {
+                    finishing.insert(image.clone(), None);
+                    true
+                }
+            };
             return Ok((mnt, first));
         }
         if !image.exists() {
@@ -257,12 +265,14 @@ impl Volumes {
         if let [dev] = attached.as_slice() {
             // Its file system lives on after an unmount here (another mount namespace
             // copied the mount): that same file system, on its one loop device, is
-            // mounted here again, never a second one.
+            // mounted here again, never a second one. Not grown now: whatever holds it
+            // most likely still does.
+            let held = copies(dev, None);
             self.share()?;
-            match reattach(dev, &mnt, &fs.fstype) {
+            match reattach(dev, &image, &mnt, &fs.fstype) {
                 Ok(()) => {
-                    tracing::warn!(system, fs_id = %fs.fs_id, dev, holders = %shown(&holders(dev)), "volume still alive after its unmount; mounted here again");
-                    return Ok((mnt, true));
+                    tracing::warn!(system, fs_id = %fs.fs_id, dev, holders = %shown(&held), "volume still alive after its unmount; mounted here again");
+                    return Ok((mnt, false));
                 }
                 Err(e) => {
                     tracing::warn!(system, fs_id = %fs.fs_id, dev, error = %e, "volume's loop device cannot be mounted again");
@@ -373,6 +383,13 @@ impl Volumes {
                 // the volume grows offline (the system's lock keeps its writers away).
                 if let Err(e) = run(Command::new("resize2fs").arg(&dev)) {
                     tracing::warn!(image = %image.display(), error = %e, "online resize refused; resizing offline");
+                    // A copy of the mount that another namespace made private outlives
+                    // an unmount here, its file system alive: the image is not touched
+                    // under it, and the volume is not even unmounted.
+                    let pinned = copies(&dev, peer_group(mnt).as_deref());
+                    if !pinned.is_empty() {
+                        return Err(self.held_off(image, &pinned));
+                    }
                     if let Err(e) = unmount(mnt) {
                         // Busy: it stays the replica, writable again, at its old size.
                         if let Err(e) =
@@ -386,17 +403,27 @@ impl Volumes {
                     // a moment later: the image is checked, grown and mounted again only
                     // once nothing else has it open.
                     if let Err(e) = release_loop(image, &dev) {
-                        // Still alive (another namespace copied the mount): checking or
-                        // resizing the image under that file system would corrupt it.
-                        // The same file system goes back here, writable, at its size.
-                        if loops_of(image, std::time::Duration::ZERO)? != [dev.clone()] {
+                        // Still alive, held by what the scan above could not see (a copy
+                        // made since, a detached mount): checking or resizing the image
+                        // under that file system would corrupt it. The same file system
+                        // goes back here, writable, at its size.
+                        let now = loops_of(image, std::time::Duration::ZERO)?;
+                        if now.len() > 1 || now.first().is_some_and(|d| *d != dev) {
                             return Err(e);
                         }
-                        reattach(&dev, mnt, ext)?;
-                        return Err(VolumeError::HeldElsewhere {
-                            image: image.display().to_string(),
-                            holders: shown(&holders(&dev)),
-                        });
+                        if !now.is_empty() {
+                            let held = copies(&dev, None);
+                            match reattach(&dev, image, mnt, ext) {
+                                Ok(()) => return Err(self.held_off(image, &held)),
+                                // Let go meanwhile: the grow goes on.
+                                Err(re)
+                                    if loops_of(image, std::time::Duration::ZERO)?.is_empty() =>
+                                {
+                                    tracing::debug!(error = %re, "volume let go while mounted again");
+                                }
+                                Err(re) => return Err(re),
+                            }
+                        }
                     }
                     let offline = fsck_ext(image).and_then(|()| {
                         run(Command::new("resize2fs").arg(image))?;
@@ -414,6 +441,21 @@ impl Volumes {
         std::fs::remove_file(&marker).map_err(io)?;
         tracing::info!(image = %image.display(), from = have, to = want.max(have), "volume grown");
         Ok(())
+    }
+
+    /// A grow another namespace holds off: `ensure` tries again in a minute.
+    fn held_off(&self, image: &Path, holders: &[String]) -> VolumeError {
+        self.finishing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                image.to_path_buf(),
+                Some(std::time::Instant::now() + HELD_RETRY),
+            );
+        VolumeError::HeldElsewhere {
+            image: image.display().to_string(),
+            holders: shown(holders),
+        }
     }
 
     pub fn space(&self, system: &str, fs_id: &str) -> Result<Space, VolumeError> {
@@ -558,6 +600,9 @@ impl Volumes {
     }
 }
 
+/// When `ensure` tries again a grow that another mount namespace held off.
+const HELD_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long an unmounted volume's loop device may take to be released by the kernel.
 const LOOP_RELEASE: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -624,32 +669,52 @@ fn mount(image: &Path, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
     // batch cut short is applied again before it is acknowledged. Blocks the replica
     // frees are discarded, which punches them out of the sparse image: what the source
     // deletes leaves the cloud's disk too.
-    let opts = match fstype {
-        "xfs" => "loop,nouuid,discard",
-        "ext4" => "loop,noauto_da_alloc,discard",
-        _ => "loop,discard",
-    };
     run(Command::new("mount")
         .arg("-t")
         .arg(fstype)
         .arg("-o")
-        .arg(format!("{opts},{CONTAINED}"))
+        .arg(format!("loop,{},{CONTAINED}", options(fstype)))
         .arg(image)
         .arg(mnt))?;
     Ok(())
 }
 
+/// A volume's mount options (see `mount`).
+fn options(fstype: &str) -> &'static str {
+    match fstype {
+        "xfs" => "nouuid,discard",
+        "ext4" => "noauto_da_alloc,discard",
+        _ => "discard",
+    }
+}
+
 /// Mounts at `mnt` the file system that lives on on loop device `dev` after its unmount
 /// here (another namespace holds it): the same superblock, so nothing is mounted twice.
-/// Read-only first, as the unmount left it (a writable mount of a read-only superblock
-/// is refused), then writable again.
-fn reattach(dev: &str, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
+/// The device is held open meanwhile (it cannot be detached and taken for another
+/// image) and must still be `image`'s. Read-only first, as the unmount left it (a
+/// writable mount of a read-only superblock is refused), then writable again.
+fn reattach(dev: &str, image: &Path, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
+    let io = |source| VolumeError::Io {
+        path: dev.to_string(),
+        source,
+    };
+    let _held = std::fs::File::open(dev).map_err(io)?;
+    let name = dev.trim_start_matches("/dev/");
+    let backing =
+        std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).map_err(io)?;
+    let ours = std::fs::canonicalize(image).map_err(io)?;
+    if Path::new(backing.trim_end_matches('\n')) != ours {
+        return Err(VolumeError::Busy {
+            image: image.display().to_string(),
+            loops: format!("{dev} now backs {}", backing.trim_end()),
+        });
+    }
     let attach = |mode: &str| {
         run(Command::new("mount")
             .arg("-t")
             .arg(fstype)
             .arg("-o")
-            .arg(format!("{mode},{CONTAINED}"))
+            .arg(format!("{mode},{},{CONTAINED}", options(fstype)))
             .arg(dev)
             .arg(mnt))
     };
@@ -658,9 +723,16 @@ fn reattach(dev: &str, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
         tracing::debug!(dev, error = %e, "read-only mount refused; mounting writable");
         attach("rw")?;
     }
-    run(Command::new("mount")
+    if let Err(e) = run(Command::new("mount")
         .args(["-o", &format!("remount,rw,{CONTAINED}")])
-        .arg(mnt))?;
+        .arg(mnt))
+    {
+        // Never left mounted read-only, where the next `ensure` would take it as is.
+        if let Err(u) = run(Command::new("umount").arg(mnt)) {
+            tracing::error!(mount = %mnt.display(), error = %u, "a volume mounted again read-only cannot be unmounted");
+        }
+        return Err(e.into());
+    }
     tracing::info!(dev, mount = %mnt.display(), "volume mounted again from the file system another namespace holds");
     Ok(())
 }
@@ -668,22 +740,59 @@ fn reattach(dev: &str, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
 /// Who keeps a volume alive, for the operator.
 fn shown(holders: &[String]) -> String {
     if holders.is_empty() {
-        "in no mount namespace: a detached mount or an open file".to_string()
+        "none found in a mount namespace: a detached mount or an open file".to_string()
     } else {
-        format!("by {}", holders.join(", "))
+        format!("held by {}", holders.join(", "))
     }
 }
 
-/// The processes (one per mount namespace, ours included) that have loop device `dev`
-/// mounted. A private copy of a volume's mount, made by a namespace created while it was
-/// mounted here (`unshare -m`, say), keeps its file system alive after it is unmounted
-/// here; copies of the shared volumes directory are unmounted with it.
-fn holders(dev: &str) -> Vec<String> {
+/// The peer group of the shared mount at `mnt` (`shared:N` in our mountinfo).
+fn peer_group(mnt: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let at = escaped(mnt);
+    info.lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(at.as_str()))?
+        .split(" - ")
+        .next()?
+        .split(' ')
+        .skip(6)
+        .find_map(|f| f.strip_prefix("shared:"))
+        .map(str::to_string)
+}
+
+/// A path as mountinfo writes it (space, tab, newline and backslash octal-escaped).
+fn escaped(p: &Path) -> String {
+    let mut out = String::new();
+    for c in p.to_string_lossy().chars() {
+        match c {
+            ' ' | '\t' | '\n' | '\\' => out.push_str(&format!("\\{:03o}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The processes, one per mount namespace other than ours, with a copy of a mount of
+/// loop device `dev` that an unmount here does not reach: every copy, or with `group`
+/// (our mount's peer group), those that are neither its peers nor its slaves. A
+/// namespace made with private propagation (`unshare -m`) while a volume was mounted
+/// holds such a copy; those `ip netns exec`, bubblewrap and systemd make are slaves.
+/// Only what this process may read is found.
+fn copies(dev: &str, group: Option<&str>) -> Vec<String> {
     let name = dev.trim_start_matches("/dev/");
-    let Ok(number) = std::fs::read_to_string(format!("/sys/block/{name}/dev")) else {
-        return Vec::new();
-    };
+    let number = std::fs::read_to_string(format!("/sys/block/{name}/dev")).unwrap_or_default();
     let number = number.trim();
+    let ours = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let reached = |fields: &str| {
+        group.is_some_and(|g| {
+            fields.split(' ').skip(6).any(|f| {
+                f.strip_prefix("shared:")
+                    .or_else(|| f.strip_prefix("master:"))
+                    == Some(g)
+            })
+        })
+    };
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -694,14 +803,23 @@ fn holders(dev: &str) -> Vec<String> {
         let Ok(ns) = std::fs::read_link(p.path().join("ns/mnt")) else {
             continue;
         };
-        if seen.contains(&ns) {
+        if Some(&ns) == ours.as_ref() || seen.contains(&ns) {
             continue;
         }
         let Ok(info) = std::fs::read_to_string(p.path().join("mountinfo")) else {
             continue;
         };
         seen.insert(ns);
-        if info.lines().any(|l| l.split(' ').nth(2) == Some(number)) {
+        // btrfs shows an anonymous device number; its source is the loop device.
+        let holds = info.lines().any(|l| {
+            let Some((fields, fs)) = l.split_once(" - ") else {
+                return false;
+            };
+            let of_dev =
+                fields.split(' ').nth(2) == Some(number) || fs.split(' ').nth(1) == Some(dev);
+            of_dev && !reached(fields)
+        });
+        if holds {
             let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
             out.push(format!("pid {pid} ({})", comm.trim()));
         }
@@ -780,6 +898,28 @@ mod tests {
         st.f_blocks * st.f_frsize
     }
 
+    fn has_mount(pid: u32, mnt: &Path) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).is_ok_and(|i| {
+            i.lines()
+                .any(|l| l.split(' ').nth(4) == Some(&escaped(mnt)))
+        })
+    }
+
+    /// The unique id of the mount at `mnt` here (`STATX_MNT_ID_UNIQUE`, never reused,
+    /// unlike mountinfo's): another one after an unmount and a mount.
+    fn mount_id(mnt: &Path) -> u64 {
+        const UNIQUE: u32 = 0x4000;
+        let st = rustix::fs::statx(
+            rustix::fs::CWD,
+            mnt,
+            rustix::fs::AtFlags::empty(),
+            rustix::fs::StatxFlags::from_bits_retain(UNIQUE),
+        )
+        .unwrap();
+        assert!(st.stx_mask & UNIQUE != 0, "no unique mount ids here");
+        st.stx_mnt_id
+    }
+
     /// A copy of the volume's mount that no unmount here reaches, as a namespace made
     /// with private propagation holds one; only this volume's, so nothing else is held.
     fn pin(mnt: &Path) -> OwnedFd {
@@ -793,10 +933,11 @@ mod tests {
     }
 
     /// Needs root, as the cloud manager does. Where online growth is refused (no
-    /// CAP_SYS_RESOURCE, as in a container), a volume grows offline: one whose file
-    /// system another namespace keeps alive is not checked or resized under it but
-    /// mounted again, writable, with an error saying so; a volume left unmounted so is
-    /// mounted again by the next `ensure`; once let go, the volume grows with its data.
+    /// CAP_SYS_RESOURCE, as in a container), a volume grows offline. One whose file
+    /// system another namespace keeps alive is not checked or resized under it: a
+    /// holder seen is named and the volume stays mounted, one unseen leaves it mounted
+    /// again, writable; a volume left unmounted so is mounted again by the next
+    /// `ensure`; once let go, the volume grows with its data.
     #[test]
     fn a_volume_held_elsewhere_is_mounted_again_and_grows_once_let_go() {
         std::thread::spawn(|| {
@@ -824,38 +965,51 @@ mod tests {
             let mnt = v.ensure("sys", &fs).unwrap();
             std::fs::write(mnt.join("kept"), "kept").unwrap();
             let image = v.image("sys", "data");
-            let dev = loops_of(&image, std::time::Duration::ZERO)
-                .unwrap()
-                .remove(0);
 
-            // A namespace made with private propagation names itself as a holder.
-            let mut private = Command::new("unshare")
-                .args(["--mount", "--propagation", "private", "sleep", "60"])
-                .spawn()
-                .unwrap();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            let named = loop {
-                let h = holders(&dev);
-                if h.iter()
-                    .any(|h| h.starts_with(&format!("pid {} ", private.id())))
-                {
-                    break true;
-                }
-                if std::time::Instant::now() > deadline {
-                    break false;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(20));
+            // A namespace made with private propagation holds a copy that no unmount
+            // here reaches: the grow is refused, naming it, without even unmounting the
+            // volume. One made with slave propagation (`ip netns exec`) holds nothing.
+            let spawn = |propagation: &str| {
+                Command::new("unshare")
+                    .args(["--mount", "--propagation", propagation, "sleep", "60"])
+                    .spawn()
+                    .unwrap()
             };
-            let _ = private.kill();
-            let _ = private.wait();
-            assert!(named, "the private namespace was not named as a holder");
-
-            // Held: the grow is refused, the volume stays mounted and writable.
-            let held = pin(&mnt);
+            let (mut slave, mut private) = (spawn("slave"), spawn("private"));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !(has_mount(slave.id(), &mnt) && has_mount(private.id(), &mnt))
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let before = mount_id(&mnt);
             fs.cap_bytes = 96 << 20;
+            let refused = v.grow_now("sys", &fs);
+            for c in [&mut slave, &mut private] {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let err = refused.unwrap_err();
+            let named = |pid: u32| err.to_string().contains(&format!("pid {pid} "));
+            assert!(
+                matches!(err, VolumeError::HeldElsewhere { .. })
+                    && named(private.id())
+                    && !named(slave.id()),
+                "{err}"
+            );
+            assert_eq!(mount_id(&mnt), before, "the volume was unmounted");
+
+            // Held where no scan sees it (a detached copy): unmounted, not released, so
+            // neither checked nor resized but mounted again, writable, at its size.
+            let held = pin(&mnt);
             let err = v.grow_now("sys", &fs).unwrap_err();
-            assert!(matches!(err, VolumeError::HeldElsewhere { .. }), "{err}");
+            assert!(
+                matches!(err, VolumeError::HeldElsewhere { .. })
+                    && err.to_string().contains("none found"),
+                "{err}"
+            );
             assert!(is_mounted(&mnt) && contained(&mnt));
+            assert_ne!(mount_id(&mnt), before);
             std::fs::write(mnt.join("written while held"), "yes").unwrap();
             assert!(size_of(&mnt) < 70 << 20);
 

@@ -71,7 +71,7 @@ ip link set fbal1 netns "$NS"
 ip addr add "$SITE_IP/24" dev fbal0; ip link set fbal0 up
 ip netns exec "$NS" sh -c "ip link set lo up; ip addr add $HOST_IP/24 dev fbal1; ip link set fbal1 up"
 r="$W/host"
-ip netns exec "$NS" unshare -m --propagation private sh -euc "
+ip netns exec "$NS" unshare -m --propagation slave sh -euc "
   mount -t proc proc $r/proc; mount --rbind /dev $r/dev; mount -t tmpfs tmpfs $r/run
   mount -t sysfs sys $r/sys; mkdir -p $r/run/sshd; mount --bind $SRC $r/srv/bench
   exec chroot $r /usr/sbin/sshd -D -e" 2>"$W/sshd.log" &

@@ -19,7 +19,7 @@ W=$(mktemp -d /tmp/ferry-bench-customize.XXXX)
 trap 'rm -rf "$W"' EXIT
 cp -a "$SRC" "$W/root"
 chroot_run() {
-  unshare --mount --propagation private --pid --fork --net -- sh -c \
+  unshare --mount --propagation slave --pid --fork --net -- sh -c \
     'r=$1; shift; mount -t proc proc "$r/proc" && mount --rbind /sys "$r/sys" && mount --rbind /dev "$r/dev" && exec chroot "$r" "$@"' \
     sh "$W/root" "$@"
 }

@@ -11,7 +11,10 @@
 # rsync -c. With PERF=1 (one round unless ROUNDS is set) it also prints where each process
 # spent its CPU during Ferry's copy: the top symbols from `perf record` (sampling every
 # CPU; the copy runs slower under it, so take its wall time from a run without).
-# Needs root. Usage: [ROUNDS=N] [PERF=1] tests/bench/initial_sync.sh [WORKDIR]
+# With FILES=N the tree is N small files in directories of 1,000 instead (the memory
+# benchmark's tree; FILES=1000000 for issue 20's small-file goal), on 8 GiB file systems
+# with inodes enough. Needs root.
+# Usage: [ROUNDS=N] [PERF=1] [FILES=N] tests/bench/initial_sync.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench}
@@ -29,19 +32,31 @@ trap cleanup EXIT
 cleanup
 mkdir -p "$W"
 
-fresh_fs() { # name size
+FILES=${FILES:-}
+if [ -n "$FILES" ]; then
+  SRC_IMG="$W/src-small-$FILES.img" SRC_SIZE=8G DST_SIZE=8G
+  MKFS_N=(-N $((FILES + FILES / 5 + 10000)))
+else
+  SRC_IMG="$W/src.img" SRC_SIZE=2G DST_SIZE=3G MKFS_N=()
+fi
+fresh_fs() { # name
   umount -l "$W/$1" 2>/dev/null || true
-  rm -f "$W/$1.img"; truncate -s "$2" "$W/$1.img"; mkfs.ext4 -F -q "$W/$1.img"
+  rm -f "$W/$1.img"; truncate -s "$DST_SIZE" "$W/$1.img"; mkfs.ext4 -F -q "${MKFS_N[@]}" "$W/$1.img"
   mkdir -p "$W/$1"; mount -o loop "$W/$1.img" "$W/$1"
 }
 
 # Source tree, generated once and kept.
-if [ ! -f "$W/src.img" ]; then
-  truncate -s 2G "$W/src.img"; mkfs.ext4 -F -q -U 6b656e63-0000-4000-8000-000000000001 "$W/src.img"
-  mkdir -p "$W/src"; mount -o loop "$W/src.img" "$W/src"
-  python3 "$GEN" "$W/src/tree" 1 >/dev/null
+if [ ! -f "$SRC_IMG" ]; then
+  truncate -s "$SRC_SIZE" "$SRC_IMG"
+  mkfs.ext4 -F -q "${MKFS_N[@]}" -U 6b656e63-0000-4000-8000-000000000001 "$SRC_IMG"
+  mkdir -p "$W/src"; mount -o loop "$SRC_IMG" "$W/src"
+  if [ -n "$FILES" ]; then
+    python3 tests/bench/make_small_tree.py "$W/src" "$FILES"
+  else
+    python3 "$GEN" "$W/src/tree" 1 >/dev/null
+  fi
 else
-  mkdir -p "$W/src"; mount -o loop "$W/src.img" "$W/src"
+  mkdir -p "$W/src"; mount -o loop "$SRC_IMG" "$W/src"
 fi
 SRC="$W/src"
 bytes=$(du -sb "$SRC" | cut -f1); files=$(find "$SRC" -type f | wc -l)
@@ -69,13 +84,13 @@ rounds=${ROUNDS:-5}
 rows=() vs_rsync=() vs_tar=() diffs=0 cpu_rows=()
 for round in $(seq 1 "$rounds"); do
   # tar
-  fresh_fs tar 3G; sync
+  fresh_fs tar; sync
   t0=$(now); (cd "$SRC" && tar cf - .) | (cd "$W/tar" && tar xf -); sync -f "$W/tar"; t1=$(now)
   tar_s=$(echo "$t1 - $t0" | bc)
   umount -l "$W/tar"; rm -f "$W/tar.img"
 
   # rsync daemon
-  fresh_fs rsyncdst 3G
+  fresh_fs rsyncdst
   rsync --daemon --config="$W/rsyncd.conf"; sleep 1; sync
   t0=$(now); rs=$(rsync -aHAXS --stats "$SRC/" rsync://127.0.0.1:18730/dst/); sync -f "$W/rsyncdst"; t1=$(now)
   rsync_s=$(echo "$t1 - $t0" | bc)

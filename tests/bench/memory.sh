@@ -23,16 +23,7 @@ if [ ! -f "$W/src-$N.img" ]; then
   truncate -s 8G "$W/src-$N.img"
   mkfs.ext4 -F -q -N $((N + N / 5 + 10000)) -U 6b656e63-0000-4000-8000-00000000000$((N % 10)) "$W/src-$N.img"
   mkdir -p "$W/src"; mount -o loop "$W/src-$N.img" "$W/src"
-  python3 - "$W/src" "$N" <<'PY'
-import os, sys
-root, n = sys.argv[1], int(sys.argv[2])
-per = 1000
-for i in range(n):
-    if i % per == 0:
-        d = os.path.join(root, "d%04d" % (i // per)); os.mkdir(d)
-    with open(os.path.join(d, "f%04d" % (i % per)), "w") as f:
-        f.write("file %d\n" % i)
-PY
+  python3 tests/bench/make_small_tree.py "$W/src" "$N"
   umount "$W/src"
 fi
 mkdir -p "$W/src"; mount -o loop "$W/src-$N.img" "$W/src"

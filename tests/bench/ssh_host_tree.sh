@@ -16,7 +16,7 @@ if ! made; then
     cp -a "$base" "$T.tmp"
     # In a mount namespace of its own: nothing mounted for apt outlives it, and the
     # host's /dev is never unmounted by accident.
-    unshare -m --propagation private bash -euc '
+    unshare -m --propagation slave bash -euc '
       r=$1
       mount -t proc proc "$r/proc"; mount --rbind /dev "$r/dev"; mount -t tmpfs tmpfs "$r/run"
       cp /etc/resolv.conf "$r/etc/resolv.conf"
