@@ -664,28 +664,35 @@ fn fsck_ext(image: &Path) -> Result<(), VolumeError> {
 
 /// Loop-mounts a volume image, contained.
 fn mount(image: &Path, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
+    mount_as(image.as_os_str(), "loop", mnt, fstype)?;
+    Ok(())
+}
+
+/// Mounts `source` at `mnt` with a volume's options after `first` (`loop`, or how a
+/// loop device is mounted again), contained.
+fn mount_as(
+    source: &std::ffi::OsStr,
+    first: &str,
+    mnt: &Path,
+    fstype: &str,
+) -> Result<String, CommandError> {
     // The source may be mounted on this very host with the same XFS UUID. On ext4, no
     // flush on every rename over a file: each batch ends with one syncfs anyway, and a
     // batch cut short is applied again before it is acknowledged. Blocks the replica
     // frees are discarded, which punches them out of the sparse image: what the source
     // deletes leaves the cloud's disk too.
+    let options = match fstype {
+        "xfs" => "nouuid,discard",
+        "ext4" => "noauto_da_alloc,discard",
+        _ => "discard",
+    };
     run(Command::new("mount")
         .arg("-t")
         .arg(fstype)
         .arg("-o")
-        .arg(format!("loop,{},{CONTAINED}", options(fstype)))
-        .arg(image)
-        .arg(mnt))?;
-    Ok(())
-}
-
-/// A volume's mount options (see `mount`).
-fn options(fstype: &str) -> &'static str {
-    match fstype {
-        "xfs" => "nouuid,discard",
-        "ext4" => "noauto_da_alloc,discard",
-        _ => "discard",
-    }
+        .arg(format!("{first},{options},{CONTAINED}"))
+        .arg(source)
+        .arg(mnt))
 }
 
 /// Mounts at `mnt` the file system that lives on on loop device `dev` after its unmount
@@ -709,15 +716,7 @@ fn reattach(dev: &str, image: &Path, mnt: &Path, fstype: &str) -> Result<(), Vol
             loops: format!("{dev} now backs {}", backing.trim_end()),
         });
     }
-    let attach = |mode: &str| {
-        run(Command::new("mount")
-            .arg("-t")
-            .arg(fstype)
-            .arg("-o")
-            .arg(format!("{mode},{},{CONTAINED}", options(fstype)))
-            .arg(dev)
-            .arg(mnt))
-    };
+    let attach = |mode: &str| mount_as(dev.as_ref(), mode, mnt, fstype);
     if let Err(e) = attach("ro") {
         // Made writable again by its holder.
         tracing::debug!(dev, error = %e, "read-only mount refused; mounting writable");
