@@ -24,6 +24,8 @@ pub struct Gate {
     /// The epoch the replica refused (0: none), and the last one a resync pass answered.
     resync_from: AtomicU64,
     resynced: AtomicU64,
+    /// The largest file every hop takes inline (0: send every file as chunks).
+    inline_max: AtomicU64,
     resync_wake: tokio::sync::Notify,
     /// Told of each answer and failure, for `/healthz`.
     upstream: std::sync::Arc<ferry_common::health::Upstream>,
@@ -54,6 +56,7 @@ impl Gate {
             lag,
             resync_from: AtomicU64::new(0),
             resynced: AtomicU64::new(0),
+            inline_max: AtomicU64::new(0),
             resync_wake: tokio::sync::Notify::new(),
             upstream,
         }
@@ -75,6 +78,9 @@ impl Gate {
                 "rate limit changed by the operator"
             );
         }
+        // Never more than this agent takes either, whatever a hop says.
+        let inline = s.inline_max.min(ferry_common::entry::INLINE_MAX);
+        self.inline_max.store(u64::from(inline), Ordering::Relaxed);
         let before = self.resync_from.swap(s.resync_from, Ordering::Relaxed);
         if s.resync_from > before && s.resync_from > self.resynced.load(Ordering::Relaxed) {
             tracing::warn!(
@@ -99,6 +105,11 @@ impl Gate {
     /// Returns once the replica asks for a resync.
     pub async fn resync_requested(&self) {
         self.resync_wake.notified().await;
+    }
+
+    /// The largest file to send with its contents inline, as the last answer said.
+    pub fn inline_max(&self) -> u64 {
+        self.inline_max.load(Ordering::Relaxed)
     }
 
     pub fn paused(&self) -> bool {

@@ -87,6 +87,10 @@ pub struct Summary {
     pub chunks_sent_this_run: u64,
     pub chunks_skipped_this_run: u64,
     pub files_sent_this_run: u64,
+    /// Of them, sent with their contents inline in their entries (no chunk), and those
+    /// contents' bytes (not in the chunk figures).
+    pub inline_files_this_run: u64,
+    pub inline_bytes_this_run: u64,
     pub bytes_read_this_run: u64,
 }
 
@@ -217,6 +221,8 @@ pub async fn run(
         chunks_sent_this_run: 0,
         chunks_skipped_this_run: 0,
         files_sent_this_run: 0,
+        inline_files_this_run: 0,
+        inline_bytes_this_run: 0,
         bytes_read_this_run: 0,
     };
     let r = Replicator {
@@ -494,10 +500,13 @@ impl Replicator<'_> {
                 seen_ms,
                 lag: &self.lag,
                 resync_for: resync.unwrap_or(0),
+                inline_max: self.gate.inline_max(),
             };
             match pass_fs(ctx, &mut uploader, &tx).await {
                 Ok((st, retry)) => {
                     summary.files_sent_this_run += st.files_sent;
+                    summary.inline_files_this_run += st.inline_files;
+                    summary.inline_bytes_this_run += st.inline_bytes;
                     summary.bytes_read_this_run += st.bytes_read;
                     let t = &self.telemetry;
                     t.files_sent.fetch_add(st.files_sent, Ordering::Relaxed);
@@ -725,6 +734,8 @@ struct PassCtx<'a> {
     lag: &'a lag::Lag,
     /// Nonzero: trusts nothing recorded, answering the replica's refusal of this epoch.
     resync_for: u64,
+    /// Files up to this size go with their contents inline (0: none), as every hop said.
+    inline_max: u64,
 }
 
 /// The scanner's way out, with the time it spent waiting on the uploader.
@@ -741,6 +752,9 @@ impl scan::Sink for ChanSink {
 
 const BATCH_ENTRIES: usize = 4096;
 const BATCH_BYTES: u64 = 64 << 20;
+/// A batch's entries, encoded, are cut before this (inline contents, long child lists):
+/// well inside the largest message, with room for the batch's own fields.
+const BATCH_MESSAGE_BYTES: usize = ferry_proto::MAX_MESSAGE_BYTES * 3 / 4;
 
 /// What the scanner thread hands back once it is done.
 type ScanOutcome = Result<(scan::ScanStats, Vec<Vec<u8>>), scan::ScanError>;
@@ -764,7 +778,7 @@ fn spawn_scanner(
         ctx.accepted,
         ctx.exclude.clone(),
     );
-    let (targets, watcher) = (ctx.targets.clone(), ctx.watcher.clone());
+    let (targets, watcher, inline_max) = (ctx.targets.clone(), ctx.watcher.clone(), ctx.inline_max);
     // Thawed when the scanner is done reading, whatever way it ends.
     let frozen = if ctx.freeze {
         Some(consistency::freeze(&ctx.root, &ctx.state_dir)?)
@@ -778,7 +792,8 @@ fn spawn_scanner(
             let _frozen = frozen;
             let mut sink = ChanSink(itx, Duration::ZERO);
             let mut s = scan::Scanner::new(&root, &idx, accepted, &mut sink, exclude)?
-                .with_watcher(watcher.as_deref());
+                .with_watcher(watcher.as_deref())
+                .with_inline(inline_max);
             let t = std::time::Instant::now();
             match targets {
                 None => s.run()?,
@@ -815,6 +830,7 @@ async fn pass_fs(
     let mut entries = Vec::new();
     let mut records = Vec::new();
     let mut batch_bytes = 0u64;
+    let mut message_bytes = 0usize;
     // When the changes this pass carries were noticed: their first hint, or now.
     let observed_ms = if ctx.seen_ms > 0 {
         ctx.seen_ms
@@ -837,7 +853,8 @@ async fn pass_fs(
                 scan::Item::Entry(e, rec) => vec![(e, rec)],
                 scan::Item::Group(unit) => unit,
             };
-            ctx.lag.found(ferry_common::now_ms(), 0);
+            let unit_inline: u64 = unit.iter().map(|(e, _)| e.data.len() as u64).sum();
+            ctx.lag.found(ferry_common::now_ms(), unit_inline);
             let progress = |done: u64| pb::FsProgress {
                 fs_id: ctx.fs_id.clone(),
                 phase: phase.into(),
@@ -881,13 +898,22 @@ async fn pass_fs(
                     .await?;
                 }
                 batch_bytes = 0;
+                message_bytes = 0;
             }
             // A group is never cut: a batch ends only between items, and before a group
-            // that would take it past its size.
+            // that would take it past its size. An entry's key and length prefix: 8 bytes.
+            let unit_message: usize = unit
+                .iter()
+                .map(|(e, _)| prost::Message::encoded_len(e) + 8)
+                .sum();
             let mut unit = Some(unit);
             loop {
                 let cut = match &unit {
-                    Some(u) => !entries.is_empty() && entries.len() + u.len() > BATCH_ENTRIES,
+                    Some(u) => {
+                        !entries.is_empty()
+                            && (entries.len() + u.len() > BATCH_ENTRIES
+                                || message_bytes + unit_message > BATCH_MESSAGE_BYTES)
+                    }
                     None => entries.len() >= BATCH_ENTRIES || batch_bytes >= BATCH_BYTES,
                 };
                 if cut {
@@ -902,10 +928,12 @@ async fn pass_fs(
                     )
                     .await?;
                     batch_bytes = 0;
+                    message_bytes = 0;
                 }
                 let Some(u) = unit.take() else {
                     break;
                 };
+                message_bytes += unit_message;
                 for (e, rec) in u {
                     index::ops_for(&e, rec, &mut records);
                     entries.push(e);
@@ -958,6 +986,10 @@ async fn queue(
     (observed_ms, ends_pass): (i64, bool),
 ) -> Result<(), SendError> {
     up.barrier().await?;
+    let inline: u64 = entries.iter().map(|e| e.data.len() as u64).sum();
+    if inline > 0 {
+        up.admit(inline).await;
+    }
     let epoch = ctx.next_epoch.fetch_add(1, Ordering::SeqCst);
     ctx.meta.insert("next_epoch", &(epoch + 1).to_le_bytes())?;
     let batch = pb::Batch {

@@ -15,6 +15,10 @@ const TORN_RETRIES: usize = 3;
 
 /// What the scanner hands to the sender, in order.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "items only pass through a short channel; a box would cost an allocation per file"
+)]
 pub enum Item {
     /// A chunk that an entry after it refers to.
     Chunk(ChunkFrame),
@@ -62,6 +66,8 @@ pub struct Scanner<'a, S: Sink> {
     shallow: bool,
     visited: std::collections::HashSet<Vec<u8>>,
     watcher: Option<&'a crate::watch::Watcher>,
+    /// Files up to this size go with their contents in the entry, as no chunk (0: none).
+    inline_max: u64,
     /// Renames sent in this pass, which the index learns only once they are accepted.
     moved: Moved,
     /// Bytes looked at but not yet reported: one message per entry sent, not per file.
@@ -75,6 +81,9 @@ pub struct Scanner<'a, S: Sink> {
 pub struct ScanStats {
     pub entries_sent: u64,
     pub files_sent: u64,
+    /// Of them, sent with their contents inline, and those contents' bytes.
+    pub inline_files: u64,
+    pub inline_bytes: u64,
     pub bytes_read: u64,
     pub unchanged: u64,
     pub skipped_sockets: u64,
@@ -269,6 +278,7 @@ impl<'a, S: Sink> Scanner<'a, S> {
             shallow: false,
             visited: Default::default(),
             watcher: None,
+            inline_max: 0,
             moved: Moved::default(),
             unreported: 0,
             stats: ScanStats::default(),
@@ -279,6 +289,12 @@ impl<'a, S: Sink> Scanner<'a, S> {
     /// Watches every directory the scan visits.
     pub fn with_watcher(mut self, w: Option<&'a crate::watch::Watcher>) -> Self {
         self.watcher = w;
+        self
+    }
+
+    /// Sends files up to `max` bytes with their contents inline (what every hop takes).
+    pub fn with_inline(mut self, max: u64) -> Self {
+        self.inline_max = max;
         self
     }
 
@@ -972,9 +988,25 @@ impl<'a, S: Sink> Scanner<'a, S> {
             if !before.file_type().is_file() {
                 return Ok(None);
             }
-            let mut e = base(&before, rel.clone(), EntryKind::File);
-            e.size = before.size();
-            e.segments = self.segments(&f, before.size()).map_err(io)?;
+            let size = before.size();
+            let mut e = if self.inline_max > 0 && size <= self.inline_max {
+                let mut e = base(&before, rel.clone(), EntryKind::InlineFile);
+                let mut data = Vec::with_capacity(size as usize);
+                (&f).take(size).read_to_end(&mut data).map_err(io)?;
+                if data.len() as u64 != size {
+                    // Cut short meanwhile: never sent with another length than its size.
+                    continue;
+                }
+                self.stats.bytes_read += size;
+                self.unreported += size;
+                e.data = data;
+                e
+            } else {
+                let mut e = base(&before, rel.clone(), EntryKind::File);
+                e.segments = self.segments(&f, size).map_err(io)?;
+                e
+            };
+            e.size = size;
             e.xattrs = read_fd_xattrs(&f);
             // Gone meanwhile: the event of its removal or rename brings it in.
             let after = match std::fs::symlink_metadata(&abs) {
@@ -989,6 +1021,10 @@ impl<'a, S: Sink> Scanner<'a, S> {
                 && after.ctime() == before.ctime()
                 && after.ctime_nsec() == before.ctime_nsec()
             {
+                if e.kind == EntryKind::InlineFile as i32 {
+                    self.stats.inline_files += 1;
+                    self.stats.inline_bytes += size;
+                }
                 return Ok(Some((e, before)));
             }
             tracing::debug!(path = %abs.display(), "file changed while read, reading again");
@@ -1177,6 +1213,67 @@ mod tests {
             Some(std::iter::once(name.as_bytes().to_vec()).collect()),
         );
         d
+    }
+
+    /// Files up to the inline limit every hop takes go with their contents and no chunk;
+    /// larger ones, and every file when no limit was given, go as chunks.
+    #[test]
+    fn small_files_go_inline_only_up_to_the_limit_given() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::write(root.join("empty"), b"").unwrap();
+        std::fs::write(root.join("small"), b"small").unwrap();
+        std::fs::write(root.join("at"), vec![b'a'; 4096]).unwrap();
+        std::fs::write(root.join("over"), vec![b'o'; 4097]).unwrap();
+        std::fs::hard_link(root.join("small"), root.join("small2")).unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let scan = |inline: u64| {
+            let index = Index::open(&db, &format!("fs{inline}")).unwrap();
+            let mut items = Vec::new();
+            Scanner::new(root, &index, 1, &mut items, Vec::new())
+                .unwrap()
+                .with_inline(inline)
+                .run()
+                .unwrap();
+            let chunks = items.iter().filter(|i| matches!(i, Item::Chunk(_))).count();
+            let entries: Vec<Entry> = items
+                .into_iter()
+                .flat_map(|i| match i {
+                    Item::Entry(e, _) => vec![e],
+                    Item::Group(unit) => unit.into_iter().map(|(e, _)| e).collect(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            (chunks, entries)
+        };
+        let (chunks, entries) = scan(4096);
+        let of = |name: &str| entries.iter().find(|e| e.path == name.as_bytes()).unwrap();
+        // One name of the linked pair carries the contents, the other links to it.
+        let (small, linked) = match of("small").kind == EntryKind::Hardlink as i32 {
+            true => ("small2", "small"),
+            false => ("small", "small2"),
+        };
+        assert_eq!(of(linked).kind, EntryKind::Hardlink as i32);
+        for (name, data) in [
+            ("empty", &b""[..]),
+            (small, b"small"),
+            ("at", &[b'a'; 4096][..]),
+        ] {
+            let e = of(name);
+            assert_eq!(e.kind, EntryKind::InlineFile as i32, "{name}");
+            assert_eq!((e.data.as_slice(), e.size), (data, data.len() as u64));
+            assert!(e.segments.is_empty());
+            ferry_common::entry::validate(e).unwrap();
+        }
+        assert_eq!(of("over").kind, EntryKind::File as i32);
+        assert!(of("over").data.is_empty() && !of("over").segments.is_empty());
+        assert_eq!(chunks, 1, "only the file over the limit is chunked");
+
+        let (chunks, entries) = scan(0);
+        assert!(entries
+            .iter()
+            .all(|e| e.data.is_empty() && e.kind != EntryKind::InlineFile as i32));
+        assert_eq!(chunks, 3, "small, at and over: an empty file has no chunk");
     }
 
     #[test]

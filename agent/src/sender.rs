@@ -176,6 +176,12 @@ impl Uploader {
         Ok(())
     }
 
+    /// Waits as the rate limit asks before `bytes` of contents that travel in a batch
+    /// (inline files) are sent, as chunk data waits before it is uploaded.
+    pub async fn admit(&self, bytes: u64) {
+        self.gate.admit(bytes, &self.shutdown).await;
+    }
+
     /// Uploads everything buffered and waits until the receiver holds it all.
     pub async fn barrier(&mut self) -> Result<(), SendError> {
         self.flush().await?;

@@ -116,13 +116,14 @@ const AT_ONCE: usize = 2;
 pub fn room_needed(root: &Root, entries: &[Entry]) -> u64 {
     let mut growth = 0u64;
     let mut kept: Vec<u64> = Vec::new();
-    for e in entries.iter().filter(|e| e.kind == EntryKind::File as i32) {
+    for e in entries.iter().filter(|e| is_file(e)) {
         let data: u64 = e
             .segments
             .iter()
             .flat_map(|s| s.chunks.iter())
             .map(|c| u64::from(c.len))
-            .sum();
+            .sum::<u64>()
+            + e.data.len() as u64;
         let new = data.div_ceil(4096) * 4096;
         if e.part > 0 || e.more_parts {
             // A part adds to a file beside the old one, which stays until the last.
@@ -179,6 +180,11 @@ fn sweep_temp_files(root: &Root, entries: &[Entry]) -> Result<(), ApplyError> {
     Ok(())
 }
 
+/// A regular file's entry: its contents in chunks, or inline.
+fn is_file(e: &Entry) -> bool {
+    e.kind == EntryKind::File as i32 || e.kind == EntryKind::InlineFile as i32
+}
+
 /// Runs shorter than this are applied one entry at a time.
 const PARALLEL_FROM: usize = 16;
 
@@ -191,7 +197,10 @@ fn files_and_dirs(entries: &[Entry]) -> usize {
         .take_while(|e| {
             matches!(
                 EntryKind::try_from(e.kind),
-                Ok(EntryKind::File) | Ok(EntryKind::Dir) | Ok(EntryKind::DirMeta)
+                Ok(EntryKind::File)
+                    | Ok(EntryKind::InlineFile)
+                    | Ok(EntryKind::Dir)
+                    | Ok(EntryKind::DirMeta)
             ) && seen.insert(e.path.as_slice())
         })
         .count()
@@ -207,10 +216,7 @@ fn apply_run(
     run: &[Entry],
     resumed: bool,
 ) -> Result<u64, ApplyError> {
-    let files: Vec<&Entry> = run
-        .iter()
-        .filter(|e| e.kind == EntryKind::File as i32)
-        .collect();
+    let files: Vec<&Entry> = run.iter().filter(|e| is_file(e)).collect();
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -252,7 +258,7 @@ fn apply_run(
             .sum::<Result<u64, ApplyError>>()
     })?;
     let files_ms = t.elapsed().as_millis() as u64;
-    for e in run.iter().filter(|e| e.kind != EntryKind::File as i32) {
+    for e in run.iter().filter(|e| !is_file(e)) {
         apply_dir(root, e, resumed)?;
     }
     tracing::debug!(
@@ -547,7 +553,7 @@ fn apply_one(root: &Root, src: Source<'_>, e: &Entry, resumed: bool) -> Result<u
     let result = (|| -> Result<u64, ApplyError> {
         let mut written = 0;
         match kind {
-            EntryKind::File => {
+            EntryKind::File | EntryKind::InlineFile => {
                 let fd = rustix::fs::openat(
                     &dir,
                     tmp.as_slice(),
@@ -560,6 +566,11 @@ fn apply_one(root: &Root, src: Source<'_>, e: &Entry, resumed: bool) -> Result<u
                 )
                 .map_err(io_at(path, "create"))?;
                 written += match src {
+                    // Checked against its size with the entry.
+                    _ if kind == EntryKind::InlineFile => {
+                        write_all_at(&fd, &e.data, 0).map_err(io_at(path, "write"))?;
+                        e.data.len() as u64
+                    }
                     Source::Chunks(chunks) => write_segments(&fd, chunks, e)?,
                     Source::Tree(from) => copy_from_tree(&fd, from, e)?,
                 };
@@ -926,10 +937,24 @@ pub(crate) mod tests {
                 let name = format!("f{f:02}");
                 let data = format!("file {d}/{f} ").repeat(100 * (f + 1)).into_bytes();
                 let path = format!("d{d}/{name}").into_bytes();
+                let file = if f % 2 == 0 && data.len() <= ferry_common::entry::INLINE_MAX as usize {
+                    // Small ones with their contents inline, as the agent sends them.
+                    Entry {
+                        path: path.clone(),
+                        kind: EntryKind::InlineFile as i32,
+                        uid,
+                        gid,
+                        size: data.len() as u64,
+                        data: data.clone(),
+                        ..Default::default()
+                    }
+                } else {
+                    stored_file(&chunks, &path, &data)
+                };
                 entries.push(Entry {
                     mode: 0o100640,
                     mtime_sec: 1_600_000_000 + f as i64,
-                    ..stored_file(&chunks, &path, &data)
+                    ..file
                 });
                 want.push((path, data));
                 children.push(name.into_bytes());
@@ -948,9 +973,19 @@ pub(crate) mod tests {
         assert!(files_and_dirs(&entries) >= PARALLEL_FROM);
         let done = apply(&root, &chunks, &entries, false).unwrap();
         assert_eq!(done.entries, entries.len() as u64);
+        assert!(
+            entries
+                .iter()
+                .filter(|e| e.kind == EntryKind::InlineFile as i32)
+                .count()
+                >= 6
+        );
         for (path, data) in &want {
             let p = tree.join(String::from_utf8_lossy(path).as_ref());
             assert_eq!(&std::fs::read(&p).unwrap(), data, "{}", p.display());
+            let m = std::fs::metadata(&p).unwrap();
+            assert_eq!(m.mode() & 0o7777, 0o640, "{}", p.display());
+            assert!(m.mtime() >= 1_600_000_000, "{}", p.display());
         }
         for d in 1..=3 {
             let m = std::fs::metadata(tree.join(format!("d{d}"))).unwrap();

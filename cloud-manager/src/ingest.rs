@@ -1089,6 +1089,7 @@ impl Ingest {
             self.storage_error(&e);
             return Err(e);
         }
+        let inline: u64 = entries.iter().map(|e| e.data.len() as u64).sum();
         // A retry of an epoch whose application was cut short may find some of its
         // entries (renames) already done.
         let resumed = self.meta.begin_apply(&rec.name, batch.epoch)?;
@@ -1148,6 +1149,7 @@ impl Ingest {
         self.replication.clear_storage_error();
         Counters::add(&self.counters.batches_applied, 1);
         Counters::add(&self.counters.file_bytes_written, applied.file_bytes);
+        Counters::add(&self.counters.inline_file_bytes, inline);
         rec.durable_epoch = batch.epoch;
         rec.last_durable_ms = ferry_common::now_ms();
         if batch.source_time_ms > 0 {
@@ -1196,9 +1198,14 @@ impl Ingest {
     /// Refuses a batch whose data would not fit in the data dir: a sparse volume image
     /// that cannot grow would fail inside its file system instead of cleanly here.
     fn check_space(&self, entries: &[Entry]) -> Result<()> {
+        // Inline contents land in the volumes under the data dir too, a block each.
         let need: u64 = ferry_common::entry::chunk_refs(entries)
             .map(|c| c.len as u64)
-            .sum::<u64>();
+            .sum::<u64>()
+            + entries
+                .iter()
+                .map(|e| (e.data.len() as u64).div_ceil(4096) * 4096)
+                .sum::<u64>();
         self.ensure_room(need, "the batch")
     }
 

@@ -120,6 +120,11 @@ fn encode_counters(encoder: &mut DescriptorEncoder, c: &CounterValues) -> fmt::R
         ),
         ("ferry_chunks_stored", "Chunks stored.", c.chunks_stored),
         (
+            "ferry_inline_file_bytes",
+            "Contents of small files received inline in their entries, not as chunks.",
+            c.inline_file_bytes,
+        ),
+        (
             "ferry_chunks_duplicate",
             "Chunks sent although already held.",
             c.chunks_duplicate,

@@ -166,6 +166,7 @@ pub struct CounterValues {
     pub batches_applied: u64,
     pub file_bytes_written: u64,
     pub refused_requests: u64,
+    pub inline_file_bytes: u64,
 }
 
 /// Transfer counters, persisted with every durable batch.
@@ -178,6 +179,9 @@ pub struct Counters {
     pub batches_applied: AtomicU64,
     pub file_bytes_written: AtomicU64,
     pub refused_requests: AtomicU64,
+    /// Contents of small files that came inline in their entries, not as chunks.
+    #[serde(default)]
+    pub inline_file_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -194,6 +198,7 @@ impl Counters {
             batches_applied: g(&self.batches_applied),
             file_bytes_written: g(&self.file_bytes_written),
             refused_requests: g(&self.refused_requests),
+            inline_file_bytes: g(&self.inline_file_bytes),
         }
     }
 }

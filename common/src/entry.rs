@@ -25,6 +25,10 @@ fn show(p: &[u8]) -> String {
 }
 
 const MAX_XATTR_VALUE: usize = 64 * 1024;
+
+/// The largest file sent with its contents inline in its entry: below it, a chunk's
+/// index entry, pack record and missing-chunk question cost more than the bytes.
+pub const INLINE_MAX: u32 = 4096;
 const MAX_XATTRS: usize = 256;
 
 /// Checks an entry before anything touches the disk.
@@ -54,6 +58,9 @@ pub fn validate(e: &Entry) -> Result<(), EntryError> {
     if (e.part > 0 || e.more_parts) && kind != EntryKind::File {
         return Err(invalid("only a file comes in parts"));
     }
+    if !e.data.is_empty() && kind != EntryKind::InlineFile {
+        return Err(invalid("only an inline file carries contents"));
+    }
     match kind {
         EntryKind::Unspecified => return Err(invalid("entry kind missing")),
         EntryKind::File => {
@@ -68,6 +75,17 @@ pub fn validate(e: &Entry) -> Result<(), EntryError> {
                 {
                     return Err(invalid("malformed chunk reference"));
                 }
+            }
+        }
+        EntryKind::InlineFile => {
+            if !e.segments.is_empty() {
+                return Err(invalid("an inline file carries no chunk references"));
+            }
+            if e.size > u64::from(INLINE_MAX) {
+                return Err(invalid("an inline file over the inline limit"));
+            }
+            if e.data.len() as u64 != e.size {
+                return Err(invalid("an inline file's contents are not its size"));
             }
         }
         EntryKind::Symlink
@@ -179,6 +197,61 @@ pub fn split_parts(e: &mut pb::Entry, max: usize) -> Vec<pb::Entry> {
     e.more_parts = false;
     e.segments = last;
     early
+}
+
+#[cfg(test)]
+mod inline_tests {
+    use super::*;
+
+    fn inline(size: u64, data: &[u8]) -> Entry {
+        Entry {
+            path: b"f".to_vec(),
+            kind: EntryKind::InlineFile as i32,
+            size,
+            data: data.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_inline_file_carries_exactly_its_contents_within_the_limit() {
+        assert!(validate(&inline(0, b"")).is_ok());
+        assert!(validate(&inline(3, b"abc")).is_ok());
+        let max = vec![7u8; INLINE_MAX as usize];
+        assert!(validate(&inline(max.len() as u64, &max)).is_ok());
+        let over = vec![7u8; INLINE_MAX as usize + 1];
+        let refused = |e: &Entry, why: &str| {
+            let err = validate(e).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        };
+        refused(&inline(over.len() as u64, &over), "over the inline limit");
+        // Contents that are not the size: a receiver would write a shorter or longer file.
+        refused(&inline(4, b"abc"), "not its size");
+        refused(&inline(2, b"abc"), "not its size");
+        let mut with_refs = inline(3, b"abc");
+        with_refs.segments.push(pb::Segment {
+            offset: 0,
+            chunks: vec![ChunkRef {
+                hash: vec![0; 32],
+                len: 3,
+            }],
+        });
+        refused(&with_refs, "no chunk references");
+        let mut in_parts = inline(3, b"abc");
+        in_parts.more_parts = true;
+        refused(&in_parts, "only a file comes in parts");
+        // Contents on any other kind are refused, not ignored.
+        for kind in [EntryKind::File, EntryKind::Symlink, EntryKind::Dir] {
+            let mut e = inline(3, b"abc");
+            e.kind = kind as i32;
+            e.link_target = b"t".to_vec();
+            refused(&e, "only an inline file carries contents");
+        }
+        // A receiver that predates the kind refuses it as unknown, never as an empty file.
+        let mut future = inline(3, b"abc");
+        future.kind = 99;
+        refused(&future, "unknown entry kind");
+    }
 }
 
 #[cfg(test)]

@@ -125,6 +125,9 @@ pub struct Positions {
     /// The epoch the replica refused, until the agent's resync pass reaches it.
     #[serde(default)]
     pub resync_from: u64,
+    /// The largest inline file upstream takes (0: none, or not heard yet).
+    #[serde(default)]
+    pub inline_max: u32,
 }
 
 impl Positions {
@@ -134,13 +137,17 @@ impl Positions {
             self.paused = s.paused;
             self.rate_limit_bps = s.rate_limit_bps;
             self.resync_from = s.resync_from;
+            self.inline_max = s.inline_max;
         }
     }
+    /// The settings for the agent: inline files only as large as this site and its
+    /// upstream both take.
     pub fn settings(&self) -> Option<pb::Settings> {
         Some(pb::Settings {
             paused: self.paused,
             rate_limit_bps: self.rate_limit_bps,
             resync_from: self.resync_from,
+            inline_max: self.inline_max.min(ferry_common::entry::INLINE_MAX),
         })
     }
 }
@@ -370,6 +377,14 @@ impl Relay {
         ferry_common::pki::validate_name(&batch.system).map_err(RelayError::Invalid)?;
         for e in &batch.entries {
             ferry_common::entry::validate(e)?;
+        }
+        // Inline contents are spooled with the batch, in the queue: they count toward the
+        // spool's limit with the queue, as chunks do, and slow the agent the same way.
+        if batch.entries.iter().any(|e| !e.data.is_empty()) {
+            if let Some(full) = self.batches_full() {
+                self.wake.notify_one();
+                return Err(full);
+            }
         }
         // The spooled chunks found below stay until the batch is queued: collection
         // waits for this check to end (`maybe_collect`).
@@ -603,6 +618,19 @@ impl Relay {
             free,
             reserve: RESERVE,
         })
+    }
+
+    /// Whether the spool is full counting the queued batches too (their inline files).
+    pub fn batches_full(&self) -> Option<RelayError> {
+        let queued = self.store.size_on_disk().unwrap_or(0);
+        let used = self.chunks.disk_bytes() + queued;
+        if used >= self.spool_limit {
+            return Some(RelayError::SpoolFull {
+                used,
+                limit: self.spool_limit,
+            });
+        }
+        self.spool_full()
     }
 
     pub fn touch_put(&self) {
@@ -1065,6 +1093,25 @@ mod tests {
             true,
         )
         .unwrap()
+    }
+
+    /// The agent hears of inline files only as large as both this site and its upstream
+    /// take, and of none before upstream has said.
+    #[test]
+    fn the_inline_limit_passed_on_is_the_smaller_of_upstreams_and_ours() {
+        let max = ferry_common::entry::INLINE_MAX;
+        let mut pos = Positions::default();
+        assert_eq!(pos.settings().map(|s| s.inline_max), Some(0));
+        for (upstream, passed) in [(100, 100), (max, max), (u32::MAX, max), (0, 0)] {
+            pos.learn(Some(&pb::Settings {
+                inline_max: upstream,
+                ..Default::default()
+            }));
+            assert_eq!(pos.settings().map(|s| s.inline_max), Some(passed));
+        }
+        // Positions saved before the field read as none.
+        let old: Positions = serde_json::from_str(r#"{"accepted":3,"durable":2}"#).unwrap();
+        assert_eq!(old.inline_max, 0);
     }
 
     fn batch(system: &str, epoch: u64) -> QueueItem {

@@ -102,7 +102,7 @@ rsync_rerun() { # prints seconds and bytes sent
   echo "$(echo "$t1 - $t0" | bc) $(echo "$out" | awk -F': ' '/Total bytes sent/ {gsub(/,/,"",$2); print $2}')"
 }
 export FERRY_CREDENTIALS="$W/inc-cloud/operator.toml"
-wire() { "$B/ferry" sync status --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["counters"]["chunk_wire_bytes"])'; }
+wire() { "$B/ferry" sync status --output json | python3 -c 'import json,sys; c=json.load(sys.stdin)["counters"]; print(c["chunk_wire_bytes"] + c.get("inline_file_bytes", 0))'; }
 replica=$("$B/ferry" replica path bench /)
 
 # 1. A following agent (the normal case), in ROUNDS rounds (default 5): each changes a
@@ -132,7 +132,7 @@ sync; find "$SRC" -type f -exec cat {} + >/dev/null
 t0=$(now)
 summary=$("$B/ferry-agent" run --state-dir "$W/inc-agent" --manager https://127.0.0.1:18762 --root "$SRC" --name bench --once 2>>"$W/inc-agent.log")
 t1=$(now); once_s=$(echo "$t1 - $t0" | bc)
-once_bytes=$(echo "$summary" | python3 -c 'import json,sys; print(json.load(sys.stdin)["chunk_wire_bytes_this_run"])')
+once_bytes=$(echo "$summary" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["chunk_wire_bytes_this_run"] + s.get("inline_bytes_this_run", 0))')
 read -r rsync2_s rsync2_bytes < <(rsync_rerun)
 diff=$(rsync -naHAXc --delete --numeric-ids -i "$SRC/" "$replica/" | wc -l)
 median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }

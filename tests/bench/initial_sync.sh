@@ -128,7 +128,7 @@ for round in $(seq 1 "$rounds"); do
   read -r cloud_u1 cloud_s1 <<<"$(cpu "$cloud_pid")"
   read -r site_u1 site_s1 <<<"$(cpu "$site_pid")"
   ferry_s=$(echo "$t1 - $t0" | bc)
-  ferry_bytes=$(echo "$summary" | python3 -c 'import json,sys; print(json.load(sys.stdin)["chunk_wire_bytes_this_run"])')
+  ferry_bytes=$(echo "$summary" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["chunk_wire_bytes_this_run"] + s.get("inline_bytes_this_run", 0))')
   replica=$(FERRY_CREDENTIALS="$W/cloud/operator.toml" "$B/ferry" replica path bench /)
   diff=$( (rsync -naHAXc --delete --numeric-ids -i "$SRC/" "$replica/" || echo "rsync failed: $?") | wc -l)
   diffs=$((diffs + diff))
@@ -143,7 +143,7 @@ done
 
 echo "tree: $bytes bytes, $files files ($(nproc) cores), $rounds paired rounds"
 echo
-echo "| round | tar s | rsync s | ferry s | ferry / rsync | ferry / tar | rsync bytes sent | ferry bytes sent (zstd chunks) | rsync -c differences |"
+echo "| round | tar s | rsync s | ferry s | ferry / rsync | ferry / tar | rsync bytes sent | ferry bytes sent (zstd chunks, inline files) | rsync -c differences |"
 echo "|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo "| median | | | | $(median "${vs_rsync[@]}") | $(median "${vs_tar[@]}") | | | |"

@@ -310,6 +310,38 @@ async fn hostile_and_unauthorized_requests_are_refused() -> Result<()> {
         epoch += 2;
     }
 
+    // Inline contents that are not the file's size, over the limit, or on a kind that
+    // carries none: refused whole, nothing written (a receiver must never write a file
+    // other than what was read).
+    let inline = |name: &[u8], kind: pb::EntryKind, size: u64, data: Vec<u8>| pb::Entry {
+        size,
+        data,
+        ..entry(name, kind)
+    };
+    let max = u64::from(ferry_common::entry::INLINE_MAX);
+    for hostile in [
+        inline(b"short", pb::EntryKind::InlineFile, 10, b"abc".to_vec()),
+        inline(b"long", pb::EntryKind::InlineFile, 1, b"abc".to_vec()),
+        inline(
+            b"over",
+            pb::EntryKind::InlineFile,
+            max + 1,
+            vec![1; max as usize + 1],
+        ),
+        inline(b"onfile", pb::EntryKind::File, 3, b"abc".to_vec()),
+    ] {
+        let name = String::from_utf8_lossy(&hostile.path).into_owned();
+        let err = alpha
+            .apply_batch(batch("alpha", fs, epoch, vec![hostile]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+        assert!(
+            !cloud.replica_path("alpha", "/")?.join(&name).exists(),
+            "{name} was written"
+        );
+    }
+
     // Oversized frame: refused by the size limit, not buffered.
     let mut big = entry(b"big", pb::EntryKind::File);
     big.xattrs.push(pb::Xattr {

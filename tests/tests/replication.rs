@@ -35,6 +35,12 @@ fn three_systems_replicate_byte_identical_through_a_site() -> Result<()> {
             summary["durable_epoch"].as_u64().unwrap_or(0) >= 1,
             "{summary}"
         );
+        // The small files (200 pages, the empty and tiny ones) went with their contents
+        // inline: the cloud said it takes them and the site passed that on.
+        assert!(
+            summary["inline_files_this_run"].as_u64().unwrap_or(0) >= 200,
+            "{summary}"
+        );
     }
     // Status shows every system in sync with a durable epoch time.
     let status = cloud.ferry_json(&["sync", "status"])?;

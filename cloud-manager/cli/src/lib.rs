@@ -331,10 +331,11 @@ pub fn render_systems(systems: &[pb::SystemStatus]) -> String {
 
 pub fn render_counters(c: &pb::Counters) -> String {
     format!(
-        "chunks stored {} ({} raw, {} on the wire), duplicates sent {}, batches {}, file bytes written {}, refused requests {}\n",
+        "chunks stored {} ({} raw, {} on the wire), small files inline {}, duplicates sent {}, batches {}, file bytes written {}, refused requests {}\n",
         c.chunks_stored,
         human_bytes(c.chunk_raw_bytes),
         human_bytes(c.chunk_wire_bytes),
+        human_bytes(c.inline_file_bytes),
         c.chunks_duplicate,
         c.batches_applied,
         human_bytes(c.file_bytes_written),

@@ -179,6 +179,8 @@ pub fn settings(s: Settings) -> pb::Settings {
         paused: s.paused,
         rate_limit_bps: s.rate_limit_bps,
         resync_from: s.resync_from,
+        // Every answer says so: an agent learns it with its registration.
+        inline_max: ferry_common::entry::INLINE_MAX,
     }
 }
 
@@ -297,6 +299,7 @@ impl From<CounterValues> for pb::Counters {
             batches_applied: c.batches_applied,
             file_bytes_written: c.file_bytes_written,
             refused_requests: c.refused_requests,
+            inline_file_bytes: c.inline_file_bytes,
         }
     }
 }
