@@ -169,11 +169,6 @@ impl Store {
     }
 
     /// Makes everything written so far durable.
-    /// Bytes the store takes on disk (its log and blobs).
-    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
-        Ok(self.db.size_on_disk()?)
-    }
-
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())

@@ -378,10 +378,12 @@ impl Relay {
         for e in &batch.entries {
             ferry_common::entry::validate(e)?;
         }
-        // Inline contents are spooled with the batch, in the queue: they count toward the
-        // spool's limit with the queue, as chunks do, and slow the agent the same way.
+        // Inline contents are spooled with the batch, in the queue: while the spool is
+        // full or the disk at its reserve they slow the agent as chunks do. (The queue's
+        // own size is not held to the limit: sled never gives its files back, so that
+        // would refuse such batches for good after one large backlog.)
         if batch.entries.iter().any(|e| !e.data.is_empty()) {
-            if let Some(full) = self.batches_full() {
+            if let Some(full) = self.spool_full() {
                 self.wake.notify_one();
                 return Err(full);
             }
@@ -618,19 +620,6 @@ impl Relay {
             free,
             reserve: RESERVE,
         })
-    }
-
-    /// Whether the spool is full counting the queued batches too (their inline files).
-    pub fn batches_full(&self) -> Option<RelayError> {
-        let queued = self.store.size_on_disk().unwrap_or(0);
-        let used = self.chunks.disk_bytes() + queued;
-        if used >= self.spool_limit {
-            return Some(RelayError::SpoolFull {
-                used,
-                limit: self.spool_limit,
-            });
-        }
-        self.spool_full()
     }
 
     pub fn touch_put(&self) {
