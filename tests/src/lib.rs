@@ -181,13 +181,42 @@ pub fn small_source(dir: &Path, name: &str, uuid: &str, ip: &str, seed: u32) -> 
     Ok(fs)
 }
 
-/// A free loopback port (bound and released; the daemons rebind it).
+/// A free loopback port (bound and released; the daemons rebind it). It is drawn below
+/// the kernel's ephemeral range: a port the kernel hands out for `bind(0)` is also one
+/// it hands to outgoing connections, and under the other lane's load one of those took
+/// a daemon's port between the check and its bind. Never the same port twice in a process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    use rand::Rng;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let mut given = GIVEN.lock().expect("ports");
+    if low > 12_000 {
+        let mut rng = rand::thread_rng();
+        for _ in 0..1000 {
+            let port = rng.gen_range(10_000..low);
+            if given.contains(&port) {
+                continue;
+            }
+            // Both protocols: dnsmasq listens on UDP as well.
+            if TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            {
+                given.push(port);
+                return port;
+            }
+        }
+    }
+    let port = TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
-        .port()
+        .port();
+    given.push(port);
+    port
 }
 
 /// `GET path` on a daemon's plain HTTP listener on loopback: the status and the body.
@@ -407,15 +436,26 @@ impl Drop for Proc {
     }
 }
 
-fn wait_port_at(host: &str, port: u16, what: &str) -> Result<()> {
+/// Waits for `proc` to listen on `host:port`; if it exits or does not listen within
+/// 30 s, the error carries the end of its log (why it did not).
+fn wait_port_at(proc: &mut Proc, host: &str, port: u16, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
+    let why = loop {
         if std::net::TcpStream::connect((host, port)).is_ok() {
             return Ok(());
         }
+        if let Some(st) = proc.child.try_wait()? {
+            break format!("exited ({st})");
+        }
+        if Instant::now() >= deadline {
+            break "timed out after 30 s".to_string();
+        }
         std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{what} did not listen on {port}")
+    };
+    let log = proc.log_text();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    bail!("{what} did not listen on {host}:{port}: {why}; its log ends:\n{tail}")
 }
 
 /// The name the enterprise DNS of the tunnel scenarios answers, and its address.
@@ -600,8 +640,8 @@ impl CloudMgr {
         if let Some(service) = &service {
             serve = service.command(&serve);
         }
-        let proc = Proc::spawn(&mut serve, &dir.with_extension("log"))?;
-        wait_port_at(host, port, "ferry-cloud")?;
+        let mut proc = Proc::spawn(&mut serve, &dir.with_extension("log"))?;
+        wait_port_at(&mut proc, host, port, "ferry-cloud")?;
         wait_for("operator credentials", Duration::from_secs(30), || {
             dir.join("operator.toml").exists()
         })?;
@@ -805,8 +845,8 @@ impl SiteMgr {
         if let Some(t) = token {
             cmd.env("FERRY_TOKEN", t);
         }
-        let proc = Proc::spawn(&mut cmd, &dir.with_extension("log"))?;
-        wait_port_at(host, port, "ferry-site")?;
+        let mut proc = Proc::spawn(&mut cmd, &dir.with_extension("log"))?;
+        wait_port_at(&mut proc, host, port, "ferry-site")?;
         Ok(Self {
             dir: dir.to_path_buf(),
             port,
