@@ -97,7 +97,7 @@ pub fn apply(
             done.file_bytes += apply_run(root, chunks, run, resumed)?;
         } else {
             for e in run {
-                done.file_bytes += apply_one(root, Source::Chunks(chunks), e, resumed)?;
+                done.file_bytes += apply_one(root, Source::Chunks(chunks), e, resumed, None)?;
             }
         }
         done.entries += run.len() as u64;
@@ -228,12 +228,13 @@ fn apply_run(
             .map(|_| {
                 s.spawn(|| -> Result<u64, ApplyError> {
                     let mut bytes = 0;
+                    let mut last = LastDir::default();
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(e) = files.get(i) else {
                             return Ok(bytes);
                         };
-                        match apply_one(root, Source::Chunks(chunks), e, resumed) {
+                        match apply_in_run(root, chunks, e, resumed, &mut last) {
                             Ok(n) => bytes += n,
                             Err(err) => {
                                 // The others stop too: the batch is retried as a whole.
@@ -280,7 +281,7 @@ fn io_at<'a>(path: &'a [u8], op: &'static str) -> impl Fn(Errno) -> ApplyError +
 }
 
 /// Links `tmp` in `dir` to the inode at the entry's link target.
-fn link_at(root: &Root, e: &Entry, dir: &OwnedFd, tmp: &[u8]) -> Result<(), ApplyError> {
+fn link_at(root: &Root, e: &Entry, dir: BorrowedFd<'_>, tmp: &[u8]) -> Result<(), ApplyError> {
     let missing = || ApplyError::LinkTargetMissing {
         path: show(&e.path),
         target: show(&e.link_target),
@@ -389,7 +390,7 @@ pub fn mirror(root: &Root, from: &Root, entries: &[Entry]) -> Result<Applied, Ap
     }
     let mut done = Applied::default();
     for e in entries {
-        done.file_bytes += apply_one(root, Source::Tree(from), e, false)?;
+        done.file_bytes += apply_one(root, Source::Tree(from), e, false, None)?;
         done.entries += 1;
     }
     for e in entries.iter().rev() {
@@ -425,6 +426,43 @@ fn file_parent<'p>(root: &Root, path: &'p [u8]) -> Result<(OwnedFd, &'p [u8]), A
         path: String::new(),
         message: "the root can only be a directory".into(),
     })
+}
+
+/// The directory the last file of a worker went into, kept open for the next one: the
+/// files of a run come a directory at a time, and opening every component of the path
+/// again was a fifth of the calls per small file. The fd is the directory itself, not
+/// its path, so whatever happens to the path meanwhile a write stays in the replica.
+#[derive(Default)]
+struct LastDir {
+    dir: Vec<u8>,
+    fd: Option<OwnedFd>,
+    /// The last lookup reused the kept directory.
+    hit: bool,
+}
+
+impl LastDir {
+    /// `file_parent`, reusing the directory when `path` is in the same one.
+    fn parent<'a, 'p>(
+        &'a mut self,
+        root: &Root,
+        path: &'p [u8],
+    ) -> Result<(BorrowedFd<'a>, &'p [u8]), ApplyError> {
+        let (dir, name) = match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => (&path[..0], path),
+        };
+        self.hit = self.fd.is_some() && self.dir == dir;
+        if self.hit {
+            // The directory part was checked when it was opened; the name is new.
+            safepath::check_name(name)?;
+        } else {
+            let (fd, _) = file_parent(root, path)?;
+            self.dir = dir.to_vec();
+            self.fd = Some(fd);
+        }
+        let fd = self.fd.as_ref().expect("opened above").as_fd();
+        Ok((fd, name))
+    }
 }
 
 /// The xattr on a file being assembled that names the part due next.
@@ -516,7 +554,34 @@ fn apply_part(
     Ok(written)
 }
 
-fn apply_one(root: &Root, src: Source<'_>, e: &Entry, resumed: bool) -> Result<u64, ApplyError> {
+/// Applies a file of a run into the directory `last` keeps when it is the same one.
+fn apply_in_run(
+    root: &Root,
+    chunks: &ChunkStore,
+    e: &Entry,
+    resumed: bool,
+    last: &mut LastDir,
+) -> Result<u64, ApplyError> {
+    let src = Source::Chunks(chunks);
+    match apply_one(root, src, e, resumed, Some(last)) {
+        // The kept directory may have been removed meanwhile (by a file of the same name
+        // in this run, from a source that changed under its scan): look it up again.
+        Err(_) if last.hit => {
+            *last = LastDir::default();
+            apply_one(root, src, e, resumed, Some(last))
+        }
+        r => r,
+    }
+}
+
+/// Applies one entry; a file goes into the directory `last` keeps when it is the same.
+fn apply_one(
+    root: &Root,
+    src: Source<'_>,
+    e: &Entry,
+    resumed: bool,
+    last: Option<&mut LastDir>,
+) -> Result<u64, ApplyError> {
     let kind = EntryKind::try_from(e.kind).unwrap_or(EntryKind::Unspecified);
     let path = e.path.as_slice();
     if kind == EntryKind::Delete {
@@ -548,14 +613,21 @@ fn apply_one(root: &Root, src: Source<'_>, e: &Entry, resumed: bool) -> Result<u
         }
         return Ok(0);
     }
-    let (dir, name) = file_parent(root, path)?;
+    let opened;
+    let (dir, name) = match last {
+        Some(last) => last.parent(root, path)?,
+        None => {
+            opened = file_parent(root, path)?;
+            (opened.0.as_fd(), opened.1)
+        }
+    };
     let tmp = tmp_name();
     let result = (|| -> Result<u64, ApplyError> {
         let mut written = 0;
         match kind {
             EntryKind::File | EntryKind::InlineFile => {
                 let fd = rustix::fs::openat(
-                    &dir,
+                    dir,
                     tmp.as_slice(),
                     OFlags::WRONLY
                         | OFlags::CREATE
@@ -565,31 +637,33 @@ fn apply_one(root: &Root, src: Source<'_>, e: &Entry, resumed: bool) -> Result<u
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(io_at(path, "create"))?;
-                written += match src {
-                    // Checked against its size with the entry.
-                    _ if kind == EntryKind::InlineFile => {
-                        write_all_at(&fd, &e.data, 0).map_err(io_at(path, "write"))?;
-                        e.data.len() as u64
-                    }
-                    Source::Chunks(chunks) => write_segments(&fd, chunks, e)?,
-                    Source::Tree(from) => copy_from_tree(&fd, from, e)?,
-                };
-                rustix::fs::ftruncate(&fd, e.size).map_err(io_at(path, "truncate"))?;
+                if kind == EntryKind::InlineFile {
+                    // Its contents are its whole size (checked with the entry).
+                    write_all_at(&fd, &e.data, 0).map_err(io_at(path, "write"))?;
+                    written += e.data.len() as u64;
+                } else {
+                    written += match src {
+                        Source::Chunks(chunks) => write_segments(&fd, chunks, e)?,
+                        Source::Tree(from) => copy_from_tree(&fd, from, e)?,
+                    };
+                    // A hole at the end is no write.
+                    rustix::fs::ftruncate(&fd, e.size).map_err(io_at(path, "truncate"))?;
+                }
                 set_meta_fd(&fd, e)?;
             }
             EntryKind::Symlink => {
-                rustix::fs::symlinkat(e.link_target.as_slice(), &dir, tmp.as_slice())
+                rustix::fs::symlinkat(e.link_target.as_slice(), dir, tmp.as_slice())
                     .map_err(io_at(path, "symlink"))?;
                 set_meta_at(dir.as_fd(), &tmp, e, true)?;
             }
-            EntryKind::Hardlink => link_at(root, e, &dir, &tmp)?,
+            EntryKind::Hardlink => link_at(root, e, dir, &tmp)?,
             EntryKind::Fifo | EntryKind::Char | EntryKind::Block => {
                 let ft = match kind {
                     EntryKind::Fifo => FileType::Fifo,
                     EntryKind::Char => FileType::CharacterDevice,
                     _ => FileType::BlockDevice,
                 };
-                rustix::fs::mknodat(&dir, tmp.as_slice(), ft, Mode::from_raw_mode(0o600), e.rdev)
+                rustix::fs::mknodat(dir, tmp.as_slice(), ft, Mode::from_raw_mode(0o600), e.rdev)
                     .map_err(io_at(path, "mknod"))?;
                 set_meta_at(dir.as_fd(), &tmp, e, false)?;
             }
@@ -611,7 +685,7 @@ fn apply_one(root: &Root, src: Source<'_>, e: &Entry, resumed: bool) -> Result<u
         if kind == EntryKind::Hardlink {
             // A rename onto another name of the same inode does nothing and keeps the
             // temp name (a link sent again, or a batch applied again after a crash).
-            match rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty()) {
+            match rustix::fs::unlinkat(dir, tmp.as_slice(), AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => {}
                 Err(err) => return Err(io_at(path, "unlink")(err)),
             }
@@ -619,7 +693,7 @@ fn apply_one(root: &Root, src: Source<'_>, e: &Entry, resumed: bool) -> Result<u
         Ok(written)
     })();
     if result.is_err() {
-        let _ = rustix::fs::unlinkat(&dir, tmp.as_slice(), AtFlags::empty());
+        let _ = rustix::fs::unlinkat(dir, tmp.as_slice(), AtFlags::empty());
     }
     result
 }
@@ -755,18 +829,18 @@ fn set_meta_fd(fd: &OwnedFd, e: &Entry) -> Result<(), ApplyError> {
     rustix::fs::fchown(fd, u, g).map_err(io_at(p, "chown"))?;
     sync_xattrs(
         e,
-        || {
-            let mut buf = vec![0u8; 64 * 1024];
-            let len = rustix::fs::flistxattr(fd, &mut buf[..])?;
-            buf.truncate(len);
-            Ok(buf)
-        },
+        || list_xattrs(fd),
         |n, v| rustix::fs::fsetxattr(fd, n, v, rustix::fs::XattrFlags::empty()),
         |n| rustix::fs::fremovexattr(fd, n),
     )?;
     rustix::fs::fchmod(fd, Mode::from_raw_mode(e.mode & 0o7777)).map_err(io_at(p, "chmod"))?;
     rustix::fs::futimens(fd, &times(e)).map_err(io_at(p, "utimens"))?;
     Ok(())
+}
+
+/// The names of a file's xattrs, each ended by a nul, in a buffer of their size.
+fn list_xattrs(fd: &OwnedFd) -> Result<Vec<u8>, Errno> {
+    ferry_common::xattrs::read_sized(|b| rustix::fs::flistxattr(fd, b))
 }
 
 /// Metadata of a symlink or special file named `name` in `dir`.
@@ -1002,6 +1076,51 @@ pub(crate) mod tests {
         let mut twice = entries[..2].to_vec();
         twice.push(entries[0].clone());
         assert_eq!(files_and_dirs(&twice), 2);
+    }
+
+    #[test]
+    fn a_run_keeps_its_directory_open_and_looks_it_up_again_once_it_is_gone() {
+        let Fixture {
+            _dir,
+            tree,
+            chunks,
+            root,
+        } = fixture(&[]);
+        let inline = |path: &str, data: &[u8]| Entry {
+            path: path.as_bytes().to_vec(),
+            kind: EntryKind::InlineFile as i32,
+            mode: 0o100644,
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            size: data.len() as u64,
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        let mut last = LastDir::default();
+        apply_in_run(&root, &chunks, &inline("a/b/x", b"one"), false, &mut last).unwrap();
+        assert!(!last.hit);
+        apply_in_run(&root, &chunks, &inline("a/b/y", b"two"), false, &mut last).unwrap();
+        assert!(last.hit, "the second file of a directory reuses it");
+        // A name that is no single name is refused in the kept directory too.
+        for bad in ["a/b/..", "a/b/."] {
+            let err = apply_in_run(&root, &chunks, &inline(bad, b"x"), false, &mut last);
+            assert!(matches!(err, Err(ApplyError::Path(_))), "{bad}: {err:?}");
+        }
+        // The directory is removed and made again (a file of its name came in the same
+        // run, from a source that changed under its scan): the file goes into the new one.
+        apply_in_run(&root, &chunks, &inline("a/b/x", b"one"), false, &mut last).unwrap();
+        std::fs::remove_dir_all(tree.join("a/b")).unwrap();
+        apply_in_run(&root, &chunks, &inline("a/b/z", b"three"), false, &mut last).unwrap();
+        assert!(!last.hit, "looked up again");
+        assert_eq!(std::fs::read(tree.join("a/b/z")).unwrap(), b"three");
+        // Another directory, then the first again.
+        apply_in_run(&root, &chunks, &inline("c", b"four"), false, &mut last).unwrap();
+        apply_in_run(&root, &chunks, &inline("a/b/w", b"five"), false, &mut last).unwrap();
+        assert!(!last.hit);
+        for (p, want) in [("c", &b"four"[..]), ("a/b/w", b"five"), ("a/b/z", b"three")] {
+            assert_eq!(std::fs::read(tree.join(p)).unwrap(), want, "{p}");
+        }
+        assert!(!tree.join("a/b/y").exists(), "removed with the directory");
     }
 
     #[test]
