@@ -750,7 +750,7 @@ impl scan::Sink for ChanSink {
     }
 }
 
-const BATCH_ENTRIES: usize = 4096;
+const BATCH_ENTRIES: usize = 16384;
 const BATCH_BYTES: u64 = 64 << 20;
 /// A batch's entries, encoded, are cut before this (inline contents, long child lists):
 /// well inside the largest message, with room for the batch's own fields.

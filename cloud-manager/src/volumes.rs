@@ -662,9 +662,16 @@ fn fsck_ext(image: &Path) -> Result<(), VolumeError> {
     }
 }
 
-/// Loop-mounts a volume image, contained.
+/// Loop-mounts a volume image, contained, its loop device writing to the image directly
+/// (where the image's file system takes direct I/O): through the page cache, each block
+/// of a batch was copied into the image's pages as well and written out from there.
 fn mount(image: &Path, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
     mount_as(image.as_os_str(), "loop", mnt, fstype)?;
+    for dev in loops_of(image, std::time::Duration::ZERO)? {
+        if let Err(error) = run(Command::new("losetup").arg("--direct-io=on").arg(&dev)) {
+            tracing::debug!(dev, %error, "loop device left on the page cache");
+        }
+    }
     Ok(())
 }
 
@@ -964,6 +971,15 @@ mod tests {
             let mnt = v.ensure("sys", &fs).unwrap();
             std::fs::write(mnt.join("kept"), "kept").unwrap();
             let image = v.image("sys", "data");
+            // Its loop device writes to the image directly (the test's data dir, like
+            // the cloud's, is on a file system that takes direct I/O).
+            let direct_io = || {
+                let devs = loops_of(&image, std::time::Duration::ZERO).unwrap();
+                assert_eq!(devs.len(), 1, "{devs:?}");
+                let name = devs[0].trim_start_matches("/dev/");
+                std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap()
+            };
+            assert_eq!(direct_io().trim(), "1");
 
             // A namespace made with private propagation holds a copy that no unmount
             // here reaches: the grow is refused, naming it, without even unmounting the
@@ -1027,6 +1043,7 @@ mod tests {
             for f in ["kept", "written while held", "written after"] {
                 assert!(mnt.join(f).exists(), "{f} lost");
             }
+            assert_eq!(direct_io().trim(), "1", "mounted again after the grow");
             assert!(!image.with_extension("img.growing").exists());
             v.unmount_all();
             assert!(!is_mounted(&mnt));
