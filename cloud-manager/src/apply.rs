@@ -563,10 +563,15 @@ fn apply_in_run(
     last: &mut LastDir,
 ) -> Result<u64, ApplyError> {
     let src = Source::Chunks(chunks);
+    // Only a lookup here sets it (a file's last part goes through its staging file).
+    last.hit = false;
     match apply_one(root, src, e, resumed, Some(last)) {
         // The kept directory may have been removed meanwhile (by a file of the same name
         // in this run, from a source that changed under its scan): look it up again.
-        Err(_) if last.hit => {
+        // Nothing else is tried twice: a second try could find half of the first done.
+        Err(ApplyError::Io { ref errno, .. })
+            if last.hit && errno.kind() == std::io::ErrorKind::NotFound =>
+        {
             *last = LastDir::default();
             apply_one(root, src, e, resumed, Some(last))
         }
@@ -1101,6 +1106,24 @@ pub(crate) mod tests {
         assert!(!last.hit);
         apply_in_run(&root, &chunks, &inline("a/b/y", b"two"), false, &mut last).unwrap();
         assert!(last.hit, "the second file of a directory reuses it");
+        // A later part of a file goes through its staging file, not the kept directory:
+        // its error is its own (here: no part 0 came), and it is not tried again.
+        let part = Entry {
+            part: 1,
+            ..stored_file(&chunks, b"a/b/big", b"the tail")
+        };
+        let err = apply_in_run(&root, &chunks, &part, false, &mut last);
+        assert!(
+            matches!(
+                &err,
+                Err(ApplyError::Io {
+                    op: "open part",
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert!(!last.hit);
         // A name that is no single name is refused in the kept directory too.
         for bad in ["a/b/..", "a/b/."] {
             let err = apply_in_run(&root, &chunks, &inline(bad, b"x"), false, &mut last);

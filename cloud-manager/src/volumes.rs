@@ -667,7 +667,12 @@ fn fsck_ext(image: &Path) -> Result<(), VolumeError> {
 /// of a batch was copied into the image's pages as well and written out from there.
 fn mount(image: &Path, mnt: &Path, fstype: &str) -> Result<(), VolumeError> {
     mount_as(image.as_os_str(), "loop", mnt, fstype)?;
-    for dev in loops_of(image, std::time::Duration::ZERO)? {
+    // Mounted either way: a failure here only leaves the device as it was.
+    let devs = loops_of(image, std::time::Duration::ZERO).unwrap_or_else(|error| {
+        tracing::debug!(%error, "loop device of a volume not found");
+        Vec::new()
+    });
+    for dev in devs {
         if let Err(error) = run(Command::new("losetup").arg("--direct-io=on").arg(&dev)) {
             tracing::debug!(dev, %error, "loop device left on the page cache");
         }
@@ -971,15 +976,25 @@ mod tests {
             let mnt = v.ensure("sys", &fs).unwrap();
             std::fs::write(mnt.join("kept"), "kept").unwrap();
             let image = v.image("sys", "data");
-            // Its loop device writes to the image directly (the test's data dir, like
-            // the cloud's, is on a file system that takes direct I/O).
+            // Its loop device writes to the image directly where the data dir's file
+            // system takes direct I/O (this machine's does: then "1" is required).
+            let takes_direct_io = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                    .open(t.path().join("direct-io-probe"))
+                    .is_ok()
+            };
+            let want = if takes_direct_io { "1" } else { "0" };
             let direct_io = || {
                 let devs = loops_of(&image, std::time::Duration::ZERO).unwrap();
                 assert_eq!(devs.len(), 1, "{devs:?}");
                 let name = devs[0].trim_start_matches("/dev/");
                 std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap()
             };
-            assert_eq!(direct_io().trim(), "1");
+            assert_eq!(direct_io().trim(), want);
 
             // A namespace made with private propagation holds a copy that no unmount
             // here reaches: the grow is refused, naming it, without even unmounting the
@@ -1043,7 +1058,7 @@ mod tests {
             for f in ["kept", "written while held", "written after"] {
                 assert!(mnt.join(f).exists(), "{f} lost");
             }
-            assert_eq!(direct_io().trim(), "1", "mounted again after the grow");
+            assert_eq!(direct_io().trim(), want, "mounted again after the grow");
             assert!(!image.with_extension("img.growing").exists());
             v.unmount_all();
             assert!(!is_mounted(&mnt));

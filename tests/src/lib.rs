@@ -186,6 +186,12 @@ pub fn small_source(dir: &Path, name: &str, uuid: &str, ip: &str, seed: u32) -> 
 /// it hands to outgoing connections, and under the other lane's load one of those took
 /// a daemon's port between the check and its bind. Never the same port twice in a process.
 pub fn free_port() -> u16 {
+    free_ports(1)
+}
+
+/// The first of `n` consecutive free loopback ports, free on TCP and UDP (dnsmasq
+/// listens on both), all below the ephemeral range (see `free_port`).
+pub fn free_ports(n: u16) -> u16 {
     use rand::Rng;
     use std::sync::Mutex;
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
@@ -193,30 +199,22 @@ pub fn free_port() -> u16 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(32768);
-    let mut given = GIVEN.lock().expect("ports");
-    if low > 12_000 {
-        let mut rng = rand::thread_rng();
-        for _ in 0..1000 {
-            let port = rng.gen_range(10_000..low);
-            if given.contains(&port) {
-                continue;
-            }
-            // Both protocols: dnsmasq listens on UDP as well.
-            if TcpListener::bind(("127.0.0.1", port)).is_ok()
-                && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-            {
-                given.push(port);
-                return port;
-            }
+    let free = |p: u16| {
+        TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+    };
+    // A test that panicked while holding it left the list as good as ever.
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let first = rng.gen_range(10_000..low.max(10_000 + n + 1) - n);
+        let ports = first..first + n;
+        if ports.clone().all(|p| !given.contains(&p) && free(p)) {
+            given.extend(ports);
+            return first;
         }
     }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    given.push(port);
-    port
+    panic!("no {n} free consecutive ports between 10000 and {low}")
 }
 
 /// `GET path` on a daemon's plain HTTP listener on loopback: the status and the body.

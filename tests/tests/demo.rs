@@ -8,17 +8,6 @@ use ferry_tests::*;
 use std::path::Path;
 use std::process::Command;
 
-/// Three consecutive free ports on loopback (cloud, site, DNS).
-fn free_ports() -> Result<u16> {
-    for _ in 0..50 {
-        let p = free_port();
-        if p < 65000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", p + i)).is_ok()) {
-            return Ok(p);
-        }
-    }
-    anyhow::bail!("no three free ports in a row")
-}
-
 fn demo(dir: &Path, prefix: &str, port: u16, arg: Option<&str>) -> Command {
     let mut c = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/demo.sh"));
     c.args(arg)
@@ -48,7 +37,7 @@ fn the_readme_demo_migrates_clones_and_cleans_up() -> Result<()> {
     let tmp = scratch("demo")?;
     let dir = tmp.path().join("demo");
     let prefix = format!("fd{}", std::process::id() % 100_000);
-    let port = free_ports()?;
+    let port = free_ports(3);
     let out = output(&mut demo(&dir, &prefix, port, None))?;
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     let cleaned = output(&mut demo(&dir, &prefix, port, Some("clean")));
