@@ -26,6 +26,8 @@ pub struct Gate {
     resynced: AtomicU64,
     /// The largest file every hop takes inline (0: send every file as chunks).
     inline_max: AtomicU64,
+    /// The receiver compresses for the link beyond it: frames go out as read.
+    frames_raw: AtomicBool,
     resync_wake: tokio::sync::Notify,
     /// Told of each answer and failure, for `/healthz`.
     upstream: std::sync::Arc<ferry_common::health::Upstream>,
@@ -57,6 +59,7 @@ impl Gate {
             resync_from: AtomicU64::new(0),
             resynced: AtomicU64::new(0),
             inline_max: AtomicU64::new(0),
+            frames_raw: AtomicBool::new(false),
             resync_wake: tokio::sync::Notify::new(),
             upstream,
         }
@@ -81,6 +84,17 @@ impl Gate {
         // Never more than this agent takes either, whatever a hop says.
         let inline = s.inline_max.min(ferry_common::entry::INLINE_MAX);
         self.inline_max.store(u64::from(inline), Ordering::Relaxed);
+        if self.frames_raw.swap(s.frames_raw, Ordering::Relaxed) != s.frames_raw {
+            tracing::info!(
+                frames_raw = s.frames_raw,
+                "chunks go out {}",
+                if s.frames_raw {
+                    "uncompressed: the receiver compresses for the link beyond it"
+                } else {
+                    "compressed"
+                }
+            );
+        }
         let before = self.resync_from.swap(s.resync_from, Ordering::Relaxed);
         if s.resync_from > before && s.resync_from > self.resynced.load(Ordering::Relaxed) {
             tracing::warn!(
@@ -110,6 +124,11 @@ impl Gate {
     /// The largest file to send with its contents inline, as the last answer said.
     pub fn inline_max(&self) -> u64 {
         self.inline_max.load(Ordering::Relaxed)
+    }
+
+    /// Whether chunks go out uncompressed, as the last answer said.
+    pub fn frames_raw(&self) -> bool {
+        self.frames_raw.load(Ordering::Relaxed)
     }
 
     pub fn paused(&self) -> bool {

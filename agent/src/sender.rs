@@ -230,11 +230,15 @@ async fn upload(
     stats
         .chunks_skipped
         .fetch_add((frames.len() - send.len()) as u64, Ordering::Relaxed);
-    // Off the scanner's thread, and only for chunks that go out.
-    let send: Vec<ChunkFrame> =
+    // Off the scanner's thread, and only for chunks that go out; not at all when the
+    // receiver compresses for the link beyond it (a site on this host's network).
+    let send: Vec<ChunkFrame> = if gate.frames_raw() {
+        send
+    } else {
         tokio::task::spawn_blocking(move || send.into_iter().map(compressed).collect())
             .await
-            .map_err(|_| SendError::Stopped)?;
+            .map_err(|_| SendError::Stopped)?
+    };
     if !send.is_empty() {
         let bytes: u64 = send.iter().map(|f| f.zdata.len() as u64).sum();
         let n = send.len() as u64;

@@ -244,6 +244,15 @@ async fn push_group(
         return Ok(());
     }
     let mut frames = Vec::new();
+    // Spooled as the agents sent them; compressed, where they came raw, on the way up.
+    let up = |frames: Vec<pb::ChunkFrame>| async {
+        let frames = relay
+            .for_upstream(frames)
+            .await
+            .map_err(|e| Outcome::Retry(tonic::Status::internal(e.to_string())))?;
+        let bytes: usize = frames.iter().map(|f| f.zdata.len()).sum();
+        Ok::<_, Outcome>((frames, bytes as u64))
+    };
     let mut bytes = 0;
     for i in missing {
         let Some(h) = group.get(i as usize) else {
@@ -271,21 +280,20 @@ async fn push_group(
             }
         }
         if bytes >= 8 << 20 {
-            if let Err(s) = c
-                .put_chunks(tokio_stream::iter(std::mem::take(&mut frames)))
-                .await
-            {
+            let (frames, sent) = up(std::mem::take(&mut frames)).await?;
+            if let Err(s) = c.put_chunks(tokio_stream::iter(frames)).await {
                 return Err(classify(s));
             }
-            Counters::add(&relay.counters.chunk_bytes_forwarded, bytes as u64);
+            Counters::add(&relay.counters.chunk_bytes_forwarded, sent);
             bytes = 0;
         }
     }
     if !frames.is_empty() {
+        let (frames, sent) = up(frames).await?;
         if let Err(s) = c.put_chunks(tokio_stream::iter(frames)).await {
             return Err(classify(s));
         }
-        Counters::add(&relay.counters.chunk_bytes_forwarded, bytes as u64);
+        Counters::add(&relay.counters.chunk_bytes_forwarded, sent);
     }
     if durable {
         // Uploaded chunks are only published upstream; asking again syncs them.

@@ -36,10 +36,36 @@ pub struct SiteConfig {
     /// Spool every uploaded chunk, even while the cloud manager answers (off: uploads
     /// stream straight through to it then).
     pub spool_always: bool,
+    /// How chunks go to the cloud manager. Agents send them to the site uncompressed
+    /// (sparing the source hosts' CPU); the site compresses them for its upstream link.
+    pub upstream_compression: Compression,
     /// The static agent `ferry agents install` copies to hosts.
     pub agent_binary: PathBuf,
     /// The URL installed agents reach the site at (default: the site's address).
     pub agent_url: Option<String>,
+}
+
+/// Whether the site compresses chunks for its upstream link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// zstd (level 1), for a link slower than a core compresses: a WAN or VPN.
+    #[default]
+    Zstd,
+    /// As the agents sent them: for a link faster than that (the cloud manager in the
+    /// same data centre), where compressing costs more time than it saves.
+    None,
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "zstd" => Ok(Self::Zstd),
+            "none" => Ok(Self::None),
+            other => Err(format!("unknown compression {other:?} (zstd or none)")),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +155,7 @@ pub async fn run(
         &config.upstream,
         config.spool_limit,
         !config.spool_always,
+        config.upstream_compression == Compression::Zstd,
     )?);
     revoked.replace(relay.revocations());
     // From here on a failed store stops the site as a signal would, then fails it.

@@ -54,6 +54,11 @@ enum Cmd {
         /// only what arrives while it is away is spooled).
         #[arg(long)]
         spool_always: bool,
+        /// How chunks go to the cloud manager: zstd (default; for a WAN or VPN link) or
+        /// none (for a link faster than a core compresses). Agents send them to the site
+        /// uncompressed either way.
+        #[arg(long)]
+        upstream_compression: Option<ferry_site_manager::Compression>,
         /// Plain HTTP listen address for /metrics and /healthz (off by default).
         #[arg(long)]
         http: Option<String>,
@@ -132,6 +137,7 @@ struct SiteFile {
     spool_limit: Option<u64>,
     #[serde(default)]
     spool_always: bool,
+    upstream_compression: Option<ferry_site_manager::Compression>,
     http: Option<String>,
     agent_binary: Option<PathBuf>,
     agent_url: Option<String>,
@@ -160,6 +166,7 @@ fn main() -> ExitCode {
         san,
         spool_limit,
         spool_always,
+        upstream_compression,
         http,
         agent_binary,
         agent_url,
@@ -207,6 +214,9 @@ fn main() -> ExitCode {
             .or(file.spool_limit)
             .unwrap_or(DEFAULT_SPOOL_LIMIT),
         spool_always: spool_always || file.spool_always,
+        upstream_compression: upstream_compression
+            .or(file.upstream_compression)
+            .unwrap_or_default(),
         agent_binary: agent_binary
             .or(file.agent_binary)
             .unwrap_or_else(|| "/usr/lib/ferry/ferry-agent".into()),

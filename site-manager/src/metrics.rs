@@ -108,12 +108,12 @@ impl Collector for SiteCollector {
             ),
             (
                 "ferry_site_chunk_bytes_received",
-                "Compressed bytes of new chunks agents uploaded.",
+                "Bytes of new chunk frames agents uploaded, as they sent them (uncompressed to a site).",
                 load(&c.chunk_bytes_received),
             ),
             (
                 "ferry_site_chunk_bytes_passed_through",
-                "Compressed bytes of chunks streamed straight through to the cloud manager, unspooled.",
+                "Bytes of uploaded chunk frames streamed straight through to the cloud manager, unspooled (as the agents sent them).",
                 load(&c.chunk_bytes_passed),
             ),
             (
@@ -123,7 +123,7 @@ impl Collector for SiteCollector {
             ),
             (
                 "ferry_site_chunk_bytes_sent",
-                "Compressed bytes of chunks sent to the cloud manager.",
+                "Bytes of chunk frames sent to the cloud manager (zstd unless upstream_compression is none).",
                 load(&c.chunk_bytes_forwarded),
             ),
             (

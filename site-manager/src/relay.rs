@@ -148,6 +148,8 @@ impl Positions {
             rate_limit_bps: self.rate_limit_bps,
             resync_from: self.resync_from,
             inline_max: self.inline_max.min(ferry_common::entry::INLINE_MAX),
+            // The site compresses for its upstream link (or was told it need not).
+            frames_raw: true,
         })
     }
 }
@@ -191,6 +193,8 @@ pub struct Relay {
     /// Whether uploads may stream straight through to a cloud manager that answers
     /// (off: every chunk is spooled here first).
     pass_through: bool,
+    /// Raw frames are compressed on their way upstream.
+    compress_upstream: bool,
     /// Until when uploads are spooled after streaming them through failed.
     pass_held_until: std::sync::Mutex<Option<Instant>>,
     /// Uploads streaming through now: they share the one connection upstream with the
@@ -299,6 +303,7 @@ impl Relay {
         upstream_url: &str,
         spool_limit: u64,
         pass_through: bool,
+        compress_upstream: bool,
     ) -> Result<Self> {
         let store = Store::open(&dir.join("db"))?;
         let (fresh, fresh_rx) = tokio::sync::mpsc::channel(FRESH_QUEUE);
@@ -321,6 +326,7 @@ impl Relay {
             push_lock: tokio::sync::Mutex::new(()),
             collect_gate: tokio::sync::RwLock::new(()),
             pass_through,
+            compress_upstream,
             pass_held_until: std::sync::Mutex::new(None),
             pass_permits: Arc::new(tokio::sync::Semaphore::new(PASS_PERMITS)),
             moved: Default::default(),
@@ -718,6 +724,25 @@ impl Relay {
         moved.insert(system.to_string(), Instant::now());
     }
 
+    /// Frames as they go upstream: zstd where they came uncompressed and the site
+    /// compresses for its upstream (agents leave that to the site), unless that does not
+    /// make them smaller. Off the async threads: a chunk takes a millisecond or more.
+    pub async fn for_upstream(&self, frames: Vec<pb::ChunkFrame>) -> Result<Vec<pb::ChunkFrame>> {
+        if !self.compress_upstream || frames.iter().all(|f| !f.raw) {
+            return Ok(frames);
+        }
+        let compress = |f: pb::ChunkFrame| {
+            if !f.raw {
+                return f;
+            }
+            let (zdata, raw) = chunks::compress(&f.zdata);
+            pb::ChunkFrame { zdata, raw, ..f }
+        };
+        tokio::task::spawn_blocking(move || frames.into_iter().map(compress).collect())
+            .await
+            .map_err(RelayError::Task)
+    }
+
     /// Streams an agent's upload to the cloud manager, which checks every chunk in full
     /// and makes them durable when a batch that needs them is accepted here (`missing`
     /// with `durable`). Only a frame's shape is checked here. When the cloud manager fails
@@ -732,23 +757,28 @@ impl Relay {
         let mut c = self.client();
         let call = c.put_chunks(tokio_stream::wrappers::ReceiverStream::new(rx));
         // Every frame of the upload, or whether upstream ended the call before the last.
+        // Bytes received, bytes sent on (fewer where the site compressed), cut short.
         let pump = async move {
-            let mut bytes = 0u64;
+            let (mut bytes, mut sent) = (0u64, 0u64);
             loop {
                 let next = tokio::time::timeout(PASS_STALL, from.message()).await;
                 let f = match next.map_err(|_| RelayError::UploadStalled)? {
                     Ok(Some(f)) => f,
-                    Ok(None) => return Ok((bytes, false)),
+                    Ok(None) => return Ok((bytes, sent, false)),
                     Err(s) => return Err(RelayError::Upload(Box::new(s))),
                 };
                 chunks::check_shape(&f.hash, f.zdata.len(), f.raw_len, f.raw)?;
                 bytes += f.zdata.len() as u64;
                 // Spooled chunks stay while any upload is going on (`maybe_collect`).
                 self.touch_put();
+                let Some(f) = self.for_upstream(vec![f]).await?.pop() else {
+                    continue;
+                };
+                sent += f.zdata.len() as u64;
                 match tokio::time::timeout(PASS_STALL, tx.send(f)).await {
                     Ok(Ok(())) => {}
                     // The call upstream ended: its answer says why.
-                    Ok(Err(_)) => return Ok((bytes, true)),
+                    Ok(Err(_)) => return Ok((bytes, sent, true)),
                     Err(_) => return Err(RelayError::PassStalled),
                 }
             }
@@ -763,12 +793,12 @@ impl Relay {
         let outcome = tokio::select! {
             pumped = &mut pump => match pumped {
                 Err(e) => Err(e),
-                Ok((bytes, cut_short)) => match tokio::time::timeout(PASS_STALL, &mut call).await {
+                Ok((bytes, sent, cut_short)) => match tokio::time::timeout(PASS_STALL, &mut call).await {
                     Ok(Ok(_)) if cut_short => Err(RelayError::PassCutShort),
                     Ok(Ok(r)) => {
                         Counters::add(&self.counters.chunk_bytes_received, bytes);
                         Counters::add(&self.counters.chunk_bytes_passed, bytes);
-                        Counters::add(&self.counters.chunk_bytes_forwarded, bytes);
+                        Counters::add(&self.counters.chunk_bytes_forwarded, sent);
                         Ok(r.into_inner())
                     }
                     Ok(Err(s)) => Err(upstream(s)),
@@ -1080,8 +1110,70 @@ mod tests {
             "https://cloud:7443",
             1 << 30,
             true,
+            true,
         )
         .unwrap()
+    }
+
+    /// Frames that came raw go upstream compressed where that makes them smaller, and
+    /// still hold their chunk; compressed ones, and every one with compression off, go as
+    /// they came. The agent is told to leave compressing to the site.
+    #[tokio::test]
+    async fn raw_frames_are_compressed_on_their_way_upstream_only_where_it_pays() {
+        let frame = |data: Vec<u8>, raw: bool| pb::ChunkFrame {
+            hash: data.iter().take(32).copied().collect(),
+            raw_len: data.len() as u32,
+            zdata: data,
+            raw,
+        };
+        let text: Vec<u8> = (0..20_000)
+            .flat_map(|i| format!("line {i} of the log\n").into_bytes())
+            .collect();
+        let mut noise = vec![0u8; 100_000];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").unwrap(),
+            &mut noise,
+        )
+        .unwrap();
+        let (z, _) = chunks::compress(&text);
+        let frames = vec![
+            frame(text.clone(), true),
+            frame(noise.clone(), true),
+            pb::ChunkFrame {
+                zdata: z.clone(),
+                raw: false,
+                ..frame(text.clone(), true)
+            },
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let on = relay(dir.path());
+        assert!(Positions::default()
+            .settings()
+            .is_some_and(|s| s.frames_raw));
+        let up = on.for_upstream(frames.clone()).await.unwrap();
+        assert!(
+            !up[0].raw && up[0].zdata.len() < text.len() / 4,
+            "{}",
+            up[0].zdata.len()
+        );
+        let back = chunks::unframe(&up[0].zdata, up[0].raw_len, up[0].raw).unwrap();
+        assert_eq!(back, text);
+        assert_eq!(up[0].hash, frames[0].hash);
+        assert_eq!(up[1], frames[1], "incompressible data stays raw");
+        assert_eq!(up[2], frames[2], "a compressed frame goes as it came");
+        drop(on);
+        let off = Relay::open(
+            dir.path(),
+            SwapChannel::new(
+                tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
+            ),
+            "https://cloud:7443",
+            1 << 30,
+            true,
+            false,
+        )
+        .unwrap();
+        assert_eq!(off.for_upstream(frames.clone()).await.unwrap(), frames);
     }
 
     /// The agent hears of inline files only as large as both this site and its upstream
@@ -1149,6 +1241,7 @@ mod tests {
             "https://cloud:7443",
             1 << 30,
             false,
+            true,
         )
         .unwrap();
         off.upstream_seen.answered();

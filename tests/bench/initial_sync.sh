@@ -14,7 +14,8 @@
 # With FILES=N the tree is N small files in directories of 1,000 instead (the memory
 # benchmark's tree; FILES=1000000 for issue 20's small-file goal), on 8 GiB file systems
 # with inodes enough. Needs root.
-# Usage: [ROUNDS=N] [PERF=1] [FILES=N] tests/bench/initial_sync.sh [WORKDIR]
+# UPSTREAM_COMPRESSION=none runs the site with --upstream-compression none.
+# Usage: [ROUNDS=N] [PERF=1] [FILES=N] [UPSTREAM_COMPRESSION=zstd|none] tests/bench/initial_sync.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench}
@@ -32,6 +33,9 @@ trap cleanup EXIT
 cleanup
 mkdir -p "$W"
 
+# The site's compression for its upstream link: zstd (the default, for a WAN) or none
+# (a link faster than a core compresses, as loopback here is).
+UPSTREAM_COMPRESSION=${UPSTREAM_COMPRESSION:-zstd}
 FILES=${FILES:-}
 if [ -n "$FILES" ]; then
   SRC_IMG="$W/src-small-$FILES.img" SRC_SIZE=8G DST_SIZE=8G
@@ -106,7 +110,8 @@ for round in $(seq 1 "$rounds"); do
   cloud_pid=$!
   for _ in $(seq 1 100); do [ -f "$W/cloud/operator.toml" ] && break; sleep 0.1; done
   FERRY_TOKEN=$("$B/ferry-cloud" token create --role site --name bench --data-dir "$W/cloud") \
-    "$B/ferry-site" serve --data-dir "$W/site" --listen 127.0.0.1:18732 --upstream https://127.0.0.1:18731 --name bench 2>"$W/site.log" &
+    "$B/ferry-site" serve --data-dir "$W/site" --listen 127.0.0.1:18732 --upstream https://127.0.0.1:18731 --name bench \
+      --upstream-compression "$UPSTREAM_COMPRESSION" 2>"$W/site.log" &
   site_pid=$!
   sleep 1; sync
   tok=$("$B/ferry-cloud" token create --data-dir "$W/cloud")

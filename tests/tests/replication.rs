@@ -398,3 +398,83 @@ fn a_file_too_large_for_one_message_replicates_in_parts() -> Result<()> {
     assert!(left.trim().is_empty(), "assembly left behind: {left}");
     Ok(())
 }
+
+/// Chunks are compressed once, on the link that needs it: an agent sends them to its site
+/// as read (no CPU spent on the source host), the site compresses them for the cloud
+/// (unless told its upstream link is fast), and an agent that reaches the cloud directly
+/// compresses them itself. Every replica matches its source.
+#[test]
+fn chunks_are_compressed_once_on_the_link_beyond_the_site() -> Result<()> {
+    let tmp = scratch("compress")?;
+    let t = tmp.path();
+    const TEXT: u64 = 6 << 20;
+    // Three sources, each with its own text (numbered lines: compressible, yet no two
+    // chunks alike) and a random file.
+    let mut sources = Vec::new();
+    for (i, name) in ["via-site", "via-fast-site", "direct"].iter().enumerate() {
+        let uuid = format!("0a1b2c3d-0000-4000-8000-00000000c0{i:02}");
+        let fs = LoopFs::new(t, name, "ext4", &uuid, 100)?;
+        bash(&format!(
+            "cd '{m}' && mkdir -p var/log && seq -f 'line %.0f of {name}: the same words again' 1 400000 | head -c {TEXT} > var/log/app.log \
+             && head -c 1000000 /dev/urandom > var/log/noise.bin",
+            m = fs.mnt.display()
+        ))?;
+        sources.push((*name, fs));
+    }
+    let cloud = CloudMgr::start(&t.join("cloud"))?;
+    let site = SiteMgr::start(&t.join("site"), &cloud.url(), Some(&cloud.site_token()?))?;
+    let fast = SiteMgr::start_with(
+        &t.join("site-fast"),
+        free_port(),
+        &cloud.url(),
+        Some(&cloud.site_token()?),
+        &["--upstream-compression", "none"],
+    )?;
+    // (agent's bytes on the wire, bytes that reached the cloud) per system.
+    let mut seen = Vec::new();
+    for ((name, fs), manager) in sources.iter().zip([site.url(), fast.url(), cloud.url()]) {
+        let before = cloud.counter("chunk_wire_bytes")?;
+        let summary = agent_once(
+            &t.join(format!("agent-{name}")),
+            &manager,
+            Some(&cloud.token()?),
+            &fs.mnt,
+            name,
+        )?;
+        let sent = summary["chunk_wire_bytes_this_run"].as_u64().unwrap_or(0);
+        // The site may still be passing the last frames on when the agent is done.
+        let mut arrived = 0;
+        wait_for("the chunks at the cloud", Duration::from_secs(60), || {
+            arrived = cloud.counter("chunk_wire_bytes").unwrap_or(0) - before;
+            arrived >= 1_000_000
+        })?;
+        let diff = rsync_diff(&fs.mnt, &cloud.replica_path(name, "/")?)?;
+        assert!(diff.is_empty(), "{name} differs:\n{diff}");
+        seen.push((sent, cloud.counter("chunk_wire_bytes")? - before));
+    }
+    let [(a_sent, a_cloud), (b_sent, b_cloud), (c_sent, c_cloud)] = seen[..] else {
+        anyhow::bail!("{seen:?}")
+    };
+    // Through the site: the agent sent the text as it is, the site compressed it.
+    assert!(
+        a_sent >= TEXT + 1_000_000,
+        "agent compressed for a site: {a_sent}"
+    );
+    assert!(
+        a_cloud < 1_500_000,
+        "site did not compress: {a_cloud} bytes reached the cloud"
+    );
+    // Through a site whose upstream is fast: as the agent sent it, all the way.
+    assert!(
+        b_sent >= TEXT + 1_000_000,
+        "agent compressed for a site: {b_sent}"
+    );
+    assert!(b_cloud >= TEXT + 1_000_000, "site compressed: {b_cloud}");
+    // Straight to the cloud: the agent compressed it.
+    assert!(
+        c_sent < 1_500_000,
+        "agent sent {c_sent} bytes straight to the cloud"
+    );
+    assert!(c_cloud < 1_500_000, "{c_cloud}");
+    Ok(())
+}

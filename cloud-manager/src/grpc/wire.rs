@@ -181,6 +181,8 @@ pub fn settings(s: Settings) -> pb::Settings {
         resync_from: s.resync_from,
         // Every answer says so: an agent learns it with its registration.
         inline_max: ferry_common::entry::INLINE_MAX,
+        // An agent that reaches the cloud directly crosses the slow link itself.
+        frames_raw: false,
     }
 }
 
