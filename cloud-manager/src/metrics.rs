@@ -110,7 +110,7 @@ fn encode_counters(encoder: &mut DescriptorEncoder, c: &CounterValues) -> fmt::R
     let counters = [
         (
             "ferry_chunk_wire_bytes",
-            "Chunk bytes received over the wire (compressed).",
+            "Chunk bytes received over the wire (zstd frames, or raw where they did not compress or a site was told not to).",
             c.chunk_wire_bytes,
         ),
         (

@@ -249,7 +249,7 @@ async fn push_group(
         let frames = relay
             .for_upstream(frames)
             .await
-            .map_err(|e| Outcome::Retry(tonic::Status::internal(e.to_string())))?;
+            .map_err(|e| Outcome::Retry(ferry_common::error::to_status(&e)))?;
         let bytes: usize = frames.iter().map(|f| f.zdata.len()).sum();
         Ok::<_, Outcome>((frames, bytes as u64))
     };

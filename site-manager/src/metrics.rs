@@ -108,7 +108,7 @@ impl Collector for SiteCollector {
             ),
             (
                 "ferry_site_chunk_bytes_received",
-                "Bytes of new chunk frames agents uploaded, as they sent them (uncompressed to a site).",
+                "Bytes of new chunk frames agents uploaded, as they sent them (uncompressed, by agents that leave compressing to the site).",
                 load(&c.chunk_bytes_received),
             ),
             (

@@ -219,13 +219,13 @@ impl std::fmt::Debug for Relay {
 pub struct Counters {
     /// Batches accepted from agents and queued.
     pub batches_queued: AtomicU64,
-    /// Compressed bytes of the new chunks agents uploaded.
+    /// Bytes of the new chunk frames agents uploaded, as they sent them.
     pub chunk_bytes_received: AtomicU64,
-    /// Compressed bytes of chunks streamed straight through to the cloud manager.
+    /// Bytes, as the agents sent them, of frames streamed straight through upstream.
     pub chunk_bytes_passed: AtomicU64,
     /// Batches the cloud manager made durable.
     pub batches_forwarded: AtomicU64,
-    /// Compressed bytes of the chunks sent upstream.
+    /// Bytes of the chunk frames sent upstream (zstd unless `upstream_compression` is none).
     pub chunk_bytes_forwarded: AtomicU64,
     /// Milliseconds the forwarded batches took, from the first chunk question to durable.
     pub forward_ms: AtomicU64,
@@ -726,7 +726,7 @@ impl Relay {
 
     /// Frames as they go upstream: zstd where they came uncompressed and the site
     /// compresses for its upstream (agents leave that to the site), unless that does not
-    /// make them smaller. Off the async threads: a chunk takes a millisecond or more.
+    /// make them smaller. Off the async threads: a large chunk takes a millisecond or more.
     pub async fn for_upstream(&self, frames: Vec<pb::ChunkFrame>) -> Result<Vec<pb::ChunkFrame>> {
         if !self.compress_upstream || frames.iter().all(|f| !f.raw) {
             return Ok(frames);
@@ -1010,6 +1010,11 @@ impl pb::ingest_server::Ingest for Service {
                 if self.relay.chunks.has(&hash) {
                     return Ok(None);
                 }
+                // Spooled as it goes upstream: the spool limit counts what the link carries.
+                if f.raw && self.relay.compress_upstream {
+                    let (z, raw) = chunks::compress(&f.zdata);
+                    return Ok(Some(self.relay.chunks.stage(hash, &z, f.raw_len, raw)?));
+                }
                 Ok(Some(
                     self.relay.chunks.stage(hash, &f.zdata, f.raw_len, f.raw)?,
                 ))
@@ -1161,7 +1166,7 @@ mod tests {
         assert_eq!(up[0].hash, frames[0].hash);
         assert_eq!(up[1], frames[1], "incompressible data stays raw");
         assert_eq!(up[2], frames[2], "a compressed frame goes as it came");
-        drop(on);
+        let dir = tempfile::tempdir().unwrap();
         let off = Relay::open(
             dir.path(),
             SwapChannel::new(

@@ -148,7 +148,7 @@ done
 
 echo "tree: $bytes bytes, $files files ($(nproc) cores), $rounds paired rounds"
 echo
-echo "| round | tar s | rsync s | ferry s | ferry / rsync | ferry / tar | rsync bytes sent | ferry bytes sent (zstd chunks, inline files) | rsync -c differences |"
+echo "| round | tar s | rsync s | ferry s | ferry / rsync | ferry / tar | rsync bytes sent | agent bytes sent (chunks as it sent them: raw to a site, inline files) | rsync -c differences |"
 echo "|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo "| median | | | | $(median "${vs_rsync[@]}") | $(median "${vs_tar[@]}") | | | |"

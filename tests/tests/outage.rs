@@ -133,17 +133,18 @@ fn cloud_manager_killed_mid_sync_resumes_without_resending() -> Result<()> {
     // The cloud stays away until the site has taken uploads into its own spool: whether an
     // upload was streaming through at the kill (and failed) or the next one found the
     // cloud gone, the site must keep taking them.
-    cloud.proc.kill9();
     let spooled = || -> Result<f64> {
         let m = metrics_at(site_http)?;
         let got = |name| series(&m, name).unwrap_or(0.0);
         Ok(got("ferry_site_chunk_bytes_received_total")
             - got("ferry_site_chunk_bytes_passed_through_total"))
     };
+    let spooled_before = spooled()?;
+    cloud.proc.kill9();
     wait_for(
         "the site spooling uploads while the cloud is away",
         Duration::from_secs(120),
-        || spooled().is_ok_and(|b| b > 0.0),
+        || spooled().is_ok_and(|b| b > spooled_before),
     )?;
     cloud.restart()?;
     let out = wait_agent(&mut agent)?;

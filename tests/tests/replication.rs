@@ -411,7 +411,10 @@ fn chunks_are_compressed_once_on_the_link_beyond_the_site() -> Result<()> {
     // Three sources, each with its own text (numbered lines: compressible, yet no two
     // chunks alike) and a random file.
     let mut sources = Vec::new();
-    for (i, name) in ["via-site", "via-fast-site", "direct"].iter().enumerate() {
+    for (i, name) in ["via-site", "via-fast-site", "direct", "via-spool"]
+        .iter()
+        .enumerate()
+    {
         let uuid = format!("0a1b2c3d-0000-4000-8000-00000000c0{i:02}");
         let fs = LoopFs::new(t, name, "ext4", &uuid, 100)?;
         bash(&format!(
@@ -430,9 +433,17 @@ fn chunks_are_compressed_once_on_the_link_beyond_the_site() -> Result<()> {
         Some(&cloud.site_token()?),
         &["--upstream-compression", "none"],
     )?;
+    let spooling = SiteMgr::start_with(
+        &t.join("site-spool"),
+        free_port(),
+        &cloud.url(),
+        Some(&cloud.site_token()?),
+        &["--spool-always"],
+    )?;
     // (agent's bytes on the wire, bytes that reached the cloud) per system.
     let mut seen = Vec::new();
-    for ((name, fs), manager) in sources.iter().zip([site.url(), fast.url(), cloud.url()]) {
+    let managers = [site.url(), fast.url(), cloud.url(), spooling.url()];
+    for ((name, fs), manager) in sources.iter().zip(managers) {
         let before = cloud.counter("chunk_wire_bytes")?;
         let summary = agent_once(
             &t.join(format!("agent-{name}")),
@@ -442,17 +453,14 @@ fn chunks_are_compressed_once_on_the_link_beyond_the_site() -> Result<()> {
             name,
         )?;
         let sent = summary["chunk_wire_bytes_this_run"].as_u64().unwrap_or(0);
-        // The site may still be passing the last frames on when the agent is done.
-        let mut arrived = 0;
-        wait_for("the chunks at the cloud", Duration::from_secs(60), || {
-            arrived = cloud.counter("chunk_wire_bytes").unwrap_or(0) - before;
-            arrived >= 1_000_000
-        })?;
+        // `--once` returns once its batches are durable at the cloud, chunks and all.
         let diff = rsync_diff(&fs.mnt, &cloud.replica_path(name, "/")?)?;
         assert!(diff.is_empty(), "{name} differs:\n{diff}");
-        seen.push((sent, cloud.counter("chunk_wire_bytes")? - before));
+        let arrived = cloud.counter("chunk_wire_bytes")?.saturating_sub(before);
+        seen.push((sent, arrived));
     }
-    let [(a_sent, a_cloud), (b_sent, b_cloud), (c_sent, c_cloud)] = seen[..] else {
+    let [(a_sent, a_cloud), (b_sent, b_cloud), (c_sent, c_cloud), (d_sent, d_cloud)] = seen[..]
+    else {
         anyhow::bail!("{seen:?}")
     };
     // Through the site: the agent sent the text as it is, the site compressed it.
@@ -476,5 +484,14 @@ fn chunks_are_compressed_once_on_the_link_beyond_the_site() -> Result<()> {
         "agent sent {c_sent} bytes straight to the cloud"
     );
     assert!(c_cloud < 1_500_000, "{c_cloud}");
+    // Through a site that spools every upload: compressed into the spool, sent on so.
+    assert!(
+        d_sent >= TEXT + 1_000_000,
+        "agent compressed for a site: {d_sent}"
+    );
+    assert!(
+        d_cloud < 1_500_000,
+        "spooled chunks went up uncompressed: {d_cloud}"
+    );
     Ok(())
 }

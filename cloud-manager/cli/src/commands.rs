@@ -574,7 +574,8 @@ pub enum SyncCmd {
         /// The system.
         system: String,
     },
-    /// Limit the chunk data a system's agent sends, in bytes per second (K, M, G
+    /// Limit the chunk data a system's agent sends, in bytes per second (uncompressed
+    /// bytes when it sends through a site, which compresses them upstream; K, M, G
     /// suffixes; 0 removes the limit).
     Limit {
         /// The system.
