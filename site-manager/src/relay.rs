@@ -726,6 +726,11 @@ impl Relay {
         moved.insert(system.to_string(), Instant::now());
     }
 
+    /// Whether chunks go upstream compressed (`upstream_compression`).
+    pub fn compresses_upstream(&self) -> bool {
+        self.compress_upstream
+    }
+
     /// Frames as they go upstream: zstd where they came uncompressed and the site
     /// compresses for its upstream (agents leave that to the site), unless that does not
     /// make them smaller. Up to `COMPRESS_INLINE` bytes in all on this thread (a thread

@@ -71,17 +71,20 @@ impl Read for Pipe {
 
 /// Reads a tar stream of `expected` names (in order, each with whether it has holes; a
 /// name the host could not read is missing from it) and returns each one's content, or
-/// none when it was not there. Also returns the raw bytes read.
+/// none when it was not there. Also returns the raw bytes read. Chunks are spooled
+/// compressed when `compress` (the site compresses for its upstream), else as read.
 pub fn read_stream(
     input: impl Read,
     expected: &[(Vec<u8>, bool)],
     store: &ChunkStore,
+    compress: bool,
 ) -> std::io::Result<(Vec<Option<Content>>, u64)> {
     let mut out: Vec<Option<Content>> = vec![None; expected.len()];
     let mut next = 0;
     let mut bytes = 0;
     let mut stager = Stager {
         store,
+        compress,
         staged: Vec::new(),
         seen: HashSet::new(),
     };
@@ -119,6 +122,7 @@ pub fn read_stream(
 
 struct Stager<'a> {
     store: &'a ChunkStore,
+    compress: bool,
     staged: Vec<Staged>,
     /// Staged here and not yet published (`has` does not see them yet).
     seen: HashSet<[u8; 32]>,
@@ -129,7 +133,11 @@ impl Stager<'_> {
         if self.seen.contains(&hash) || self.store.has(&hash) {
             return Ok(());
         }
-        let (data, is_raw) = compress(raw);
+        let (data, is_raw) = if self.compress {
+            compress(raw)
+        } else {
+            (raw.to_vec(), true)
+        };
         let staged = self
             .store
             .stage(hash, &data, raw.len() as u32, is_raw)
@@ -332,7 +340,7 @@ mod tests {
             (b"s".to_vec(), true),
             (b"copy".to_vec(), false),
         ];
-        let (got, bytes) = read_stream(&stream[..], &names, &store).unwrap();
+        let (got, bytes) = read_stream(&stream[..], &names, &store, true).unwrap();
         assert_eq!(bytes, (noise.len() * 2 + sparse.len()) as u64);
         assert!(got[1].is_none(), "a name the host did not send");
         let a = got[0].clone().unwrap();
@@ -368,7 +376,7 @@ mod tests {
         // A file without holes keeps its zeros (a swap file stays whole).
         let names = [(b"s".to_vec(), false)];
         let whole = tar_of(&[("./s", sparse.clone())]);
-        let (got, _) = read_stream(&whole[..], &names, &store).unwrap();
+        let (got, _) = read_stream(&whole[..], &names, &store, false).unwrap();
         let s = got[0].clone().unwrap();
         assert_eq!(s.segments.len(), 1);
         let covered: u64 = s.segments[0].chunks.iter().map(|c| u64::from(c.len)).sum();
@@ -378,7 +386,7 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.blocking_send(whole.clone()).unwrap();
         drop(tx);
-        let err = read_stream(Pipe::new(rx, 1000), &names, &store).unwrap_err();
+        let err = read_stream(Pipe::new(rx, 1000), &names, &store, true).unwrap_err();
         assert!(err.to_string().contains("larger than"), "{err}");
     }
 }

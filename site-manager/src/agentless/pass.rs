@@ -506,9 +506,10 @@ impl Pass<'_> {
         // Old tars read a whole sparse file before its header: long silences are normal.
         stream.set_idle(std::time::Duration::from_secs(3600));
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-        let store = self.relay.chunks.clone();
-        let reader =
-            tokio::task::spawn_blocking(move || read_stream(Pipe::new(rx, limit), &wanted, &store));
+        let (store, compress) = (self.relay.chunks.clone(), self.relay.compresses_upstream());
+        let reader = tokio::task::spawn_blocking(move || {
+            read_stream(Pipe::new(rx, limit), &wanted, &store, compress)
+        });
         let mut cut = None;
         let (started, mut got) = (tokio::time::Instant::now(), 0u64);
         loop {
