@@ -93,7 +93,7 @@ impl Collector for AgentCollector {
         for (name, help, v) in [
             (
                 "ferry_agent_chunk_wire_bytes",
-                "Chunk bytes sent to the manager (zstd frames, or uncompressed to a site that compresses them itself).",
+                "Chunk bytes sent to the manager (zstd frames straight to the cloud, uncompressed to a site).",
                 load(&t.stats.chunk_wire_bytes),
             ),
             (

@@ -244,7 +244,8 @@ async fn push_group(
         return Ok(());
     }
     let mut frames = Vec::new();
-    // Spooled as the agents sent them; compressed, where they came raw, on the way up.
+    // Spooled compressed where that paid; raw ones are tried again on the way up, for
+    // spools written with compression off or before the site compressed.
     let up = |frames: Vec<pb::ChunkFrame>| async {
         let frames = relay
             .for_upstream(frames)

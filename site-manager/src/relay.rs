@@ -726,6 +726,22 @@ impl Relay {
         moved.insert(system.to_string(), Instant::now());
     }
 
+    /// Checks an uploaded frame in full and stages it in the spool (published later by
+    /// the caller), or `None` when the spool already holds it. Spooled as it goes
+    /// upstream, compressed where it came raw: the spool limit counts what the link
+    /// carries.
+    pub async fn spool_frame(&self, f: pb::ChunkFrame) -> Result<Option<chunks::Staged>> {
+        let hash = chunks::hash_from_bytes(&f.hash)?;
+        chunks::verify_frame(&hash, &f.zdata, f.raw_len, f.raw)?;
+        if self.chunks.has(&hash) {
+            return Ok(None);
+        }
+        let Some(f) = self.for_upstream(vec![f]).await?.pop() else {
+            return Ok(None);
+        };
+        Ok(Some(self.chunks.stage(hash, &f.zdata, f.raw_len, f.raw)?))
+    }
+
     /// Whether chunks go upstream compressed (`upstream_compression`).
     pub fn compresses_upstream(&self) -> bool {
         self.compress_upstream
@@ -1016,29 +1032,12 @@ impl pb::ingest_server::Ingest for Service {
         let mut full = None;
         while let Some(f) = stream.message().await? {
             self.relay.touch_put();
-            let step = (|| -> Result<Option<chunks::Staged>> {
-                let hash = chunks::hash_from_bytes(&f.hash)?;
-                chunks::verify_frame(&hash, &f.zdata, f.raw_len, f.raw)?;
-                if self.relay.chunks.has(&hash) {
-                    return Ok(None);
-                }
-                // Spooled as it goes upstream: the spool limit counts what the link carries.
-                if f.raw && self.relay.compress_upstream {
-                    let (z, raw) = chunks::compress(&f.zdata);
-                    return Ok(Some(self.relay.chunks.stage(hash, &z, f.raw_len, raw)?));
-                }
-                Ok(Some(
-                    self.relay.chunks.stage(hash, &f.zdata, f.raw_len, f.raw)?,
-                ))
-            })();
-            match step {
+            let (hash, received) = (f.hash.clone(), f.zdata.len() as u64);
+            match self.relay.spool_frame(f).await {
                 Ok(Some(s)) => {
-                    Counters::add(
-                        &self.relay.counters.chunk_bytes_received,
-                        f.zdata.len() as u64,
-                    );
+                    Counters::add(&self.relay.counters.chunk_bytes_received, received);
                     staged.push(s);
-                    fresh.push(f.hash);
+                    fresh.push(hash);
                 }
                 Ok(None) => duplicate += 1,
                 Err(e) => return Err(fail("put-chunks", id.as_ref(), e)),
@@ -1120,16 +1119,28 @@ mod tests {
     use super::*;
 
     fn relay(dir: &Path) -> Relay {
-        let upstream = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
-        Relay::open(
-            dir,
-            SwapChannel::new(upstream),
-            "https://cloud:7443",
-            1 << 30,
-            true,
-            true,
-        )
-        .unwrap()
+        // A relay just dropped in this process may hold sled's file lock for a moment
+        // (its flusher thread ends on its own time): reopened tests wait for it.
+        let mut tries = 0;
+        loop {
+            let upstream =
+                tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+            match Relay::open(
+                dir,
+                SwapChannel::new(upstream),
+                "https://cloud:7443",
+                1 << 30,
+                true,
+                true,
+            ) {
+                Ok(r) => return r,
+                Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     /// Frames that came raw go upstream compressed where that makes them smaller, and
@@ -1178,7 +1189,7 @@ mod tests {
         assert_eq!(up[0].hash, frames[0].hash);
         assert_eq!(up[1], frames[1], "incompressible data stays raw");
         assert_eq!(up[2], frames[2], "a compressed frame goes as it came");
-        // One small frame, as a streamed upload brings them, is compressed on this thread.
+        // One small frame at a time, as a streamed upload brings them.
         let small = text[..COMPRESS_INLINE / 2].to_vec();
         let up = on
             .for_upstream(vec![frame(small.clone(), true)])
@@ -1202,6 +1213,49 @@ mod tests {
         )
         .unwrap();
         assert_eq!(off.for_upstream(frames.clone()).await.unwrap(), frames);
+    }
+
+    /// An upload spooled here is checked in full, then kept as it will go upstream:
+    /// compressed where it came raw and the site compresses, as it came where not. A frame
+    /// whose bytes are not its name is refused, and one already held is not kept twice.
+    #[tokio::test]
+    async fn a_spooled_upload_is_checked_and_kept_as_it_goes_upstream() {
+        let text: Vec<u8> = (0..30_000)
+            .flat_map(|i| format!("spooled line {i}\n").into_bytes())
+            .collect();
+        let raw = |data: &[u8]| pb::ChunkFrame {
+            hash: blake3::hash(data).as_bytes().to_vec(),
+            raw_len: data.len() as u32,
+            zdata: data.to_vec(),
+            raw: true,
+        };
+        for compress in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let r = Relay::open(
+                dir.path(),
+                SwapChannel::new(
+                    tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
+                ),
+                "https://cloud:7443",
+                1 << 30,
+                true,
+                compress,
+            )
+            .unwrap();
+            let mut forged = raw(&text);
+            forged.zdata[0] ^= 1;
+            assert!(r.spool_frame(forged).await.is_err());
+            let staged = r.spool_frame(raw(&text)).await.unwrap().unwrap();
+            r.chunks.publish(vec![staged]).unwrap();
+            let hash = *blake3::hash(&text).as_bytes();
+            let kept = r.chunks.read_frame(&hash).unwrap();
+            assert_eq!(kept.raw, !compress);
+            if compress {
+                assert!(kept.data.len() < text.len() / 4, "{}", kept.data.len());
+            }
+            assert_eq!(r.chunks.read_raw(&hash).unwrap(), text);
+            assert!(r.spool_frame(raw(&text)).await.unwrap().is_none());
+        }
     }
 
     /// The agent hears of inline files only as large as both this site and its upstream

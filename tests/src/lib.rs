@@ -836,10 +836,12 @@ impl SiteMgr {
             .arg(dir)
             .arg("--listen")
             .arg(format!("{host}:{port}"));
-        cmd.arg("--upstream")
-            .arg(upstream)
-            .arg("--name")
-            .arg("site1");
+        cmd.arg("--upstream").arg(upstream);
+        // A second site needs a name of its own: enrolling one under a name revokes the
+        // certificate the name had.
+        if !extra.contains(&"--name") {
+            cmd.arg("--name").arg("site1");
+        }
         if let Some(t) = token {
             cmd.env("FERRY_TOKEN", t);
         }

@@ -408,7 +408,7 @@ fn chunks_are_compressed_once_on_the_link_beyond_the_site() -> Result<()> {
     let tmp = scratch("compress")?;
     let t = tmp.path();
     const TEXT: u64 = 6 << 20;
-    // Three sources, each with its own text (numbered lines: compressible, yet no two
+    // Four sources, each with its own text (numbered lines: compressible, yet no two
     // chunks alike) and a random file.
     let mut sources = Vec::new();
     for (i, name) in ["via-site", "via-fast-site", "direct", "via-spool"]
@@ -430,15 +430,15 @@ fn chunks_are_compressed_once_on_the_link_beyond_the_site() -> Result<()> {
         &t.join("site-fast"),
         free_port(),
         &cloud.url(),
-        Some(&cloud.site_token()?),
-        &["--upstream-compression", "none"],
+        Some(&cloud.token_with(&["--role", "site", "--name", "site-fast"])?),
+        &["--upstream-compression", "none", "--name", "site-fast"],
     )?;
     let spooling = SiteMgr::start_with(
         &t.join("site-spool"),
         free_port(),
         &cloud.url(),
-        Some(&cloud.site_token()?),
-        &["--spool-always"],
+        Some(&cloud.token_with(&["--role", "site", "--name", "site-spool"])?),
+        &["--spool-always", "--name", "site-spool"],
     )?;
     // (agent's bytes on the wire, bytes that reached the cloud) per system.
     let mut seen = Vec::new();
@@ -469,7 +469,7 @@ fn chunks_are_compressed_once_on_the_link_beyond_the_site() -> Result<()> {
         "agent compressed for a site: {a_sent}"
     );
     assert!(
-        a_cloud < 1_500_000,
+        (1_000_000..2_500_000).contains(&a_cloud),
         "site did not compress: {a_cloud} bytes reached the cloud"
     );
     // Through a site whose upstream is fast: as the agent sent it, all the way.
@@ -480,17 +480,17 @@ fn chunks_are_compressed_once_on_the_link_beyond_the_site() -> Result<()> {
     assert!(b_cloud >= TEXT + 1_000_000, "site compressed: {b_cloud}");
     // Straight to the cloud: the agent compressed it.
     assert!(
-        c_sent < 1_500_000,
+        (1_000_000..2_500_000).contains(&c_sent),
         "agent sent {c_sent} bytes straight to the cloud"
     );
-    assert!(c_cloud < 1_500_000, "{c_cloud}");
+    assert!((1_000_000..2_500_000).contains(&c_cloud), "{c_cloud}");
     // Through a site that spools every upload: compressed into the spool, sent on so.
     assert!(
         d_sent >= TEXT + 1_000_000,
         "agent compressed for a site: {d_sent}"
     );
     assert!(
-        d_cloud < 1_500_000,
+        (1_000_000..2_500_000).contains(&d_cloud),
         "spooled chunks went up uncompressed: {d_cloud}"
     );
     Ok(())

@@ -575,7 +575,7 @@ pub enum SyncCmd {
         system: String,
     },
     /// Limit the chunk data a system's agent sends, in bytes per second (uncompressed
-    /// bytes when it sends through a site, which compresses them upstream; K, M, G
+    /// bytes when it sends through a site; K, M, G
     /// suffixes; 0 removes the limit).
     Limit {
         /// The system.

@@ -309,6 +309,36 @@ mod tests {
         b.into_inner().unwrap()
     }
 
+    /// A host's file is spooled compressed when the site compresses for its upstream,
+    /// and as read when it does not; either way it reads back whole.
+    #[test]
+    fn contents_are_spooled_compressed_only_when_the_site_compresses_upstream() {
+        let text: Vec<u8> = (0..40_000)
+            .flat_map(|i| format!("host log line {i}\n").into_bytes())
+            .collect();
+        for compress in [true, false] {
+            let t = tempfile::tempdir().unwrap();
+            let store = store(t.path());
+            let names = [(b"log".to_vec(), false)];
+            let (got, _) = read_stream(
+                &tar_of(&[("./log", text.clone())])[..],
+                &names,
+                &store,
+                compress,
+            )
+            .unwrap();
+            let content = got[0].clone().unwrap();
+            let mut back = Vec::new();
+            for c in content.segments.iter().flat_map(|s| &s.chunks) {
+                let h = ferry_common::chunks::hash_from_bytes(&c.hash).unwrap();
+                let frame = store.read_frame(&h).unwrap();
+                assert_eq!(frame.raw, !compress, "compress {compress}");
+                back.extend(store.read_raw(&h).unwrap());
+            }
+            assert_eq!(back, text);
+        }
+    }
+
     #[test]
     fn contents_are_chunked_with_holes_and_stored_once() {
         let t = tempfile::tempdir().unwrap();
