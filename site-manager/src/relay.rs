@@ -1119,6 +1119,11 @@ mod tests {
     use super::*;
 
     fn relay(dir: &Path) -> Relay {
+        relay_with(dir, true, true)
+    }
+
+    /// A relay whose upstream never answers, streaming through and compressing as told.
+    fn relay_with(dir: &Path, pass_through: bool, compress: bool) -> Relay {
         // A relay just dropped in this process may hold sled's file lock for a moment
         // (its flusher thread ends on its own time): reopened tests wait for it.
         let mut tries = 0;
@@ -1130,8 +1135,8 @@ mod tests {
                 SwapChannel::new(upstream),
                 "https://cloud:7443",
                 1 << 30,
-                true,
-                true,
+                pass_through,
+                compress,
             ) {
                 Ok(r) => return r,
                 Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
@@ -1201,17 +1206,7 @@ mod tests {
             small
         );
         let dir = tempfile::tempdir().unwrap();
-        let off = Relay::open(
-            dir.path(),
-            SwapChannel::new(
-                tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
-            ),
-            "https://cloud:7443",
-            1 << 30,
-            true,
-            false,
-        )
-        .unwrap();
+        let off = relay_with(dir.path(), true, false);
         assert_eq!(off.for_upstream(frames.clone()).await.unwrap(), frames);
     }
 
@@ -1231,17 +1226,7 @@ mod tests {
         };
         for compress in [true, false] {
             let dir = tempfile::tempdir().unwrap();
-            let r = Relay::open(
-                dir.path(),
-                SwapChannel::new(
-                    tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
-                ),
-                "https://cloud:7443",
-                1 << 30,
-                true,
-                compress,
-            )
-            .unwrap();
+            let r = relay_with(dir.path(), true, compress);
             let mut forged = raw(&text);
             forged.zdata[0] ^= 1;
             assert!(r.spool_frame(forged).await.is_err());
@@ -1316,16 +1301,7 @@ mod tests {
         assert!(r.passes_through("b"));
         // Not allowed at all: always spooled.
         let dir = tempfile::tempdir().unwrap();
-        let upstream = tonic::transport::Endpoint::from_static("http://127.0.0.1:9");
-        let off = Relay::open(
-            dir.path(),
-            SwapChannel::new(upstream.connect_lazy()),
-            "https://cloud:7443",
-            1 << 30,
-            false,
-            true,
-        )
-        .unwrap();
+        let off = relay_with(dir.path(), false, true);
         off.upstream_seen.answered();
         assert!(!off.passes_through("a"));
     }
