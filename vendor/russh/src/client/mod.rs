@@ -1467,7 +1467,7 @@ impl Session {
                             self.common.received_data = true;
                             let kex_was_active = self.kex.active();
                             reply(self, handler, kex_done_signal, &mut pkt).await?;
-                            buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
+                            buffer.seqn = pkt.seqn; // reply() changes the sequence number inside the packet
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;
@@ -1861,9 +1861,10 @@ impl Session {
                 self.finalize_server_channel_open_reply(pending, result)?;
             }
             msg => {
-                // should be unreachable, since the receiver only gets
-                // messages from methods implemented within russh
-                unimplemented!("unimplemented (server-only?) message: {:?}", msg)
+                // Only russh's own handle methods send here; one meant for a server
+                // session ends this session with an error instead of a panic (Ferry).
+                error!("a server-side message reached a client session: {:?}", msg);
+                return Err(crate::Error::Inconsistent);
             }
         }
         Ok(())

@@ -1,3 +1,4 @@
+// Modified for Ferry (vendor/README.md): a comment restated.
 // Copyright 2016 Pierre-Étienne Meunier
 //
 // Licensed under the Apache License, Version 2.0 (the "License");
@@ -76,7 +77,7 @@ impl<K> SessionKexState<K> {
     }
 
     pub fn take(&mut self) -> Self {
-        // TODO maybe make this take a guarded closure
+        // Upstream note: a guarded closure could replace this take.
         std::mem::replace(
             self,
             match self {

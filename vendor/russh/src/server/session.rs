@@ -622,9 +622,10 @@ impl Session {
                 self.finalize_channel_open_reply(pending, result)?;
             }
             other => {
-                // should be unreachable, since the receiver only gets
-                // messages from methods implemented within russh
-                unimplemented!("unimplemented (client-only?) message: {other:?}")
+                // Only russh's own handle methods send here; one meant for a client
+                // session ends this session with an error instead of a panic (Ferry).
+                error!("a client-side message reached a server session: {other:?}");
+                return Err(Error::Inconsistent);
             }
         }
         Ok(())
@@ -747,7 +748,7 @@ impl Session {
                         }
                         Some(_) => {
                             self.common.received_data = true;
-                            // TODO it'd be cleaner to just pass cipher to reply()
+                            // Upstream note: passing the cipher to reply() would be cleaner.
                             std::mem::swap(&mut opening_cipher, &mut self.common.remote_to_local);
 
                             let kex_was_active = self.kex.active();
@@ -755,7 +756,7 @@ impl Session {
                                 Ok(_) => {},
                                 Err(e) => return Err(e),
                             }
-                            buffer.seqn = pkt.seqn; // TODO reply changes seqn internall, find cleaner way
+                            buffer.seqn = pkt.seqn; // reply() changes the sequence number inside the packet
 
                             if kex_was_active && !self.kex.active() {
                                 buffer.bytes = 0;

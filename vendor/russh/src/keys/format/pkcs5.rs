@@ -1,3 +1,4 @@
+// Modified for Ferry (vendor/README.md): no panic on an AES-256-CBC key.
 use aes::*;
 use ssh_key::PrivateKey;
 
@@ -26,9 +27,10 @@ pub fn decode_pkcs5(
                 let mut dec = secret.to_vec();
                 c.decrypt_padded::<Pkcs7>(&mut dec)?.to_vec()
             }
-            Encryption::Aes256Cbc(_) => unimplemented!(),
+            // Not supported: an error for the caller, not a panic (Ferry).
+            Encryption::Aes256Cbc(_) => return Err(Error::CouldNotReadKey),
         };
-        // TODO: presumably pkcs5 could contain non-RSA keys?
+        // PKCS#5 here holds RSA keys only.
         #[cfg(feature = "rsa")]
         {
             super::decode_rsa_pkcs1_der(&sec).map(Into::into)
