@@ -7,6 +7,8 @@
 # service), RSS idle and with 1,000 idle connections, and DNS through the UDP path
 # (OpenSSH has no UDP forwarding). Needs root, iperf3, openssh-server, dnsmasq.
 # Usage: tests/bench/tunnel.sh [WORKDIR]
+# Env: FERRY_FIRST_TUNNEL=False (one hop), WINDOW_KIB (both tables' window_kib),
+# TUNNEL_LOG (RUST_LOG of the three roles, warn by default).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench/tunnel}
@@ -54,6 +56,7 @@ cat > "$W/table.ini" <<EOF
 [ssh_tunnel]
 listen_ip=127.0.0.1
 listen_port=17022
+${WINDOW_KIB:+window_kib=$WINDOW_KIB}
 host_key_file=$W/keys/host_key
 authorized_keys_file=$W/keys/authorized_keys
 [service_iperf]
@@ -86,10 +89,11 @@ ssh_key_file=$W/keys/client_key
 host_key=$FP
 service_table=$W/table.ini
 allow=127.0.0.1:15201,127.0.0.1:17000,127.0.0.1:15353/udp
+${WINDOW_KIB:+window_kib=$WINDOW_KIB}
 EOF
-RUST_LOG=warn $E1 "$B/ferry-tunnel" app --config "$W/table.ini" 2>"$W/app.log" &
-RUST_LOG=warn $E1 "$B/ferry-tunnel" gateway --config "$W/gateway.ini" 2>"$W/gateway.log" &
-RUST_LOG=warn $E1 "$B/ferry-tunnel" enterprise --config "$W/table-a.ini" 2>"$W/enterprise.log" &
+RUST_LOG=${TUNNEL_LOG:-warn} $E1 "$B/ferry-tunnel" app --config "$W/table.ini" 2>"$W/app.log" &
+RUST_LOG=${TUNNEL_LOG:-warn} $E1 "$B/ferry-tunnel" gateway --config "$W/gateway.ini" 2>"$W/gateway.log" &
+RUST_LOG=${TUNNEL_LOG:-warn} $E1 "$B/ferry-tunnel" enterprise --config "$W/table-a.ini" 2>"$W/enterprise.log" &
 
 # OpenSSH: its own sshd on 127.0.0.1:17023 and a client forwarding the same endpoints.
 mkdir -p /run/sshd

@@ -264,6 +264,11 @@ struct Conn {
     id: u64,
     peer: Option<SocketAddr>,
     sessions: HashMap<ChannelId, Channel<Msg>>,
+    /// The windows this side offers the enterprise side's channels, sized from the round
+    /// trip its own pings measure.
+    windows: crate::window::Windows,
+    rtt: Arc<crate::window::PathRtt>,
+    keepalive: Duration,
 }
 
 impl Drop for Conn {
@@ -318,6 +323,39 @@ impl Conn {
 
 impl russh::server::Handler for Conn {
     type Error = russh::Error;
+
+    fn channel_window(&mut self, channel: ChannelId, received: usize) -> Option<u32> {
+        self.windows.on_data(channel, received)
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.windows.forget(channel);
+        Ok(())
+    }
+
+    /// Times this side's own pings for the windows, from now until the session ends.
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        let handle = session.handle();
+        let rtt = self.rtt.clone();
+        let shared = self.shared.clone();
+        let every = self.keepalive;
+        self.shared.tracker.spawn(async move {
+            crate::window::measure(
+                &rtt,
+                &shared.metrics,
+                every,
+                every * 3,
+                &shared.shutdown,
+                || handle.send_ping(),
+            )
+            .await;
+        });
+        Ok(())
+    }
 
     async fn auth_publickey_offered(
         &mut self,
@@ -630,7 +668,11 @@ pub async fn run(
             .as_deref()
             .ok_or(AppError::Missing("authorized_keys_file"))?,
     )?;
-    let config = Arc::new(ssh_config(host_key, table.keepalive, table.window));
+    let config = Arc::new(ssh_config(
+        host_key,
+        table.keepalive,
+        crate::window::initial(table.window),
+    ));
     // The enterprise side asks for the table by its absolute path.
     let table_path = std::fs::canonicalize(&table_path).unwrap_or(table_path);
     let shared = Arc::new(Shared {
@@ -650,11 +692,15 @@ pub async fn run(
             break;
         };
         net::tune(&conn, table.keepalive);
+        let rtt = Arc::new(crate::window::PathRtt::default());
         let handler = Conn {
             shared: shared.clone(),
             id: shared.next_session.fetch_add(1, Ordering::Relaxed),
             peer: Some(peer),
             sessions: HashMap::new(),
+            windows: crate::window::Windows::new(rtt.clone(), table.window, shared.metrics.clone()),
+            rtt,
+            keepalive: table.keepalive,
         };
         let cfg = config.clone();
         let stop = shutdown.clone();

@@ -7,10 +7,11 @@ use crate::config::{Protocol, ServiceTable, TableA};
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::net::{self, HELLO};
+use crate::window::PathRtt;
 use ferry_common::backoff::Backoff;
 use russh::client::{Msg, Session};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
-use russh::{Channel, ChannelOpenFailure};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -57,6 +58,8 @@ struct Client {
     allowed: Arc<TableA>,
     metrics: Metrics,
     connect_timeout: Duration,
+    /// The windows this side offers the app role's channels.
+    windows: crate::window::Windows,
 }
 
 impl Client {
@@ -106,6 +109,19 @@ async fn connect_real(host: &str, port: u16, timeout: Duration) -> std::io::Resu
 
 impl russh::client::Handler for Client {
     type Error = russh::Error;
+
+    fn channel_window(&mut self, channel: ChannelId, received: usize) -> Option<u32> {
+        self.windows.on_data(channel, received)
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.windows.forget(channel);
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
@@ -291,14 +307,19 @@ async fn session(
         }
     }
     let table: Table = Arc::default();
+    let rtt = Arc::new(PathRtt::default());
     let client = Client {
         pin: cfg.host_key.fingerprint(),
         table: table.clone(),
         allowed: cfg.clone(),
         metrics: metrics.clone(),
         connect_timeout: cfg.connect_timeout,
+        windows: crate::window::Windows::new(rtt.clone(), cfg.window, metrics.clone()),
     };
-    let ssh = Arc::new(client_config(cfg.keepalive, cfg.window));
+    let ssh = Arc::new(client_config(
+        cfg.keepalive,
+        crate::window::initial(cfg.window),
+    ));
     let mut handle = tokio::time::timeout(
         cfg.connect_timeout,
         russh::client::connect_stream(ssh, net::buffered(stream), client),
@@ -312,6 +333,11 @@ async fn session(
         .map_err(|e| SessionError::Ssh(e.to_string()))?;
     if !auth.success() {
         return Err(SessionError::AuthRefused);
+    }
+    // The path's round trip, timed before any channel carries data, sizes the windows.
+    let mut ping = || handle.send_ping();
+    if !crate::window::probe(&rtt, metrics, cfg.keepalive * 3, &mut ping).await {
+        return Err(SessionError::Closed);
     }
     let fetched = fetch_table(&handle, &cfg.service_table).await?;
     tracing::info!(services = fetched.services.len(), path = %cfg.service_table, "fetched the service table");
@@ -339,7 +365,7 @@ async fn session(
     }
     backoff.connected();
     metrics.set("ferry_tunnel_up", &[], 1.0);
-    let result = heartbeat(&handle, cfg.keepalive, metrics, shutdown).await;
+    let result = heartbeat(&handle, &rtt, cfg.keepalive, metrics, shutdown).await;
     metrics.set("ferry_tunnel_up", &[], 0.0);
     let _ = handle
         .disconnect(russh::Disconnect::ByApplication, "", "en")
@@ -349,8 +375,10 @@ async fn session(
 }
 
 /// Pings the app role every `every`; three intervals without an answer end the session.
+/// Each answer's round trip also goes to the windows' `rtt`.
 async fn heartbeat(
     handle: &russh::client::Handle<Client>,
+    rtt: &PathRtt,
     every: Duration,
     metrics: &Metrics,
     shutdown: &CancellationToken,
@@ -366,7 +394,9 @@ async fn heartbeat(
         }
         let t = Instant::now();
         match tokio::time::timeout(limit, handle.send_ping()).await {
-            Ok(Ok(())) => metrics.set("ferry_tunnel_rtt_seconds", &[], t.elapsed().as_secs_f64()),
+            Ok(Ok(())) => {
+                crate::window::record(rtt, metrics, t.elapsed());
+            }
             Ok(Err(_)) => return Err(SessionError::Closed),
             Err(_) => return Err(SessionError::Heartbeat(limit)),
         }

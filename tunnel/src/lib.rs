@@ -7,6 +7,7 @@ pub mod gateway;
 pub mod metrics;
 pub mod net;
 pub mod udp;
+pub mod window;
 
 pub use ferry_tunnel_config::{config, ini, keys};
 

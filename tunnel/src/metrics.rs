@@ -63,6 +63,18 @@ const DEFS: &[(&str, Kind, &[&str], &str)] = &[
         "Round-trip time of the last heartbeat",
     ),
     (
+        "ferry_tunnel_path_rtt_seconds",
+        Kind::Gauge,
+        &[],
+        "Smallest round trip of the session, which sizes channel windows",
+    ),
+    (
+        "ferry_tunnel_channel_window_peak_bytes",
+        Kind::Gauge,
+        &[],
+        "Largest receive window a channel was offered",
+    ),
+    (
         "ferry_tunnel_up",
         Kind::Gauge,
         &[],

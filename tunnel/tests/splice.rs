@@ -3,12 +3,12 @@
 //! either end reaches the other end while the other direction keeps flowing, both sides
 //! count the bytes under the right direction, and a destination that resets mid-upload
 //! ends the client's connection instead of leaving it waiting for window forever.
+mod common;
+
 use anyhow::{ensure, Context, Result};
-use ferry_tunnel::config::{Allowed, HostKeyPin, HostPort, Protocol, TableA};
-use ferry_tunnel::metrics::Metrics;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// Bytes the client sends and the real service sends back, in sizes that end mid-packet.
@@ -65,80 +65,18 @@ async fn serve(listener: TcpListener, got: mpsc::UnboundedSender<Vec<u8>>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let keys = ferry_tunnel::keys::write_set(&dir.path().join("keys"))?;
     let real = TcpListener::bind("127.0.0.1:0").await?;
     let real_port = real.local_addr()?.port();
     let (got_tx, mut got) = mpsc::unbounded_channel();
     tokio::spawn(serve(real, got_tx));
-
-    // A proxy port that was free a moment ago.
-    let proxy = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
-    let table = dir.path().join("table.ini");
-    std::fs::write(
-        &table,
-        format!(
-            "[ssh_tunnel]\nlisten_ip=127.0.0.1\nlisten_port=22\nhost_key_file={}\n\
-             authorized_keys_file={}\n\
-             [service_data]\nprotocol=TCP\nreal_server_ip=127.0.0.1\nreal_server_port={real_port}\n\
-             proxy_server_ip=127.0.0.1\nproxy_server_port={}\n",
-            keys.host_key_file.display(),
-            keys.authorized_keys_file.display(),
-            proxy.port(),
-        ),
-    )?;
-    let parsed = ferry_tunnel::config::parse_table_b(&std::fs::read_to_string(&table)?)?;
-    let ssh = TcpListener::bind("127.0.0.1:0").await?;
-    let app = HostPort {
-        host: "127.0.0.1".into(),
-        port: ssh.local_addr()?.port(),
-    };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let (app_metrics, ent_metrics) = (Metrics::default(), Metrics::default());
-    tokio::spawn(ferry_tunnel::app::run(
-        table.clone(),
-        parsed,
-        ssh,
-        app_metrics.clone(),
-        shutdown.clone(),
-    ));
-    let cfg = TableA {
-        gateway: app.clone(),
-        app,
-        first_tunnel: false,
-        key_file: keys.client_key_file.clone(),
-        host_key: HostKeyPin::Fingerprint(keys.host_key_fingerprint.clone()),
-        service_table: table.to_string_lossy().into_owned(),
-        user: "ferry".into(),
-        metrics_listen: None,
-        keepalive: Duration::from_secs(5),
-        window: ferry_tunnel::config::DEFAULT_WINDOW,
-        connect_timeout: Duration::from_secs(5),
-        allow: vec![Allowed {
-            host: "127.0.0.1".into(),
-            port: real_port,
-            protocol: Protocol::Tcp,
-        }],
-    };
-    let enterprise = tokio::spawn(ferry_tunnel::enterprise::run(
-        cfg,
-        ent_metrics.clone(),
-        shutdown.clone(),
-    ));
-
-    // The app role opens the proxy port once the enterprise side asked for it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let connect = || async {
-        loop {
-            if let Ok(c) = TcpStream::connect(proxy).await {
-                return Ok(c);
-            }
-            ensure!(
-                tokio::time::Instant::now() < deadline,
-                "the proxy port never opened"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
+    let pair = common::Pair::start(
+        dir.path(),
+        real_port,
+        ferry_tunnel::config::DEFAULT_WINDOW,
+        None,
+    )
+    .await?;
+    let connect = || pair.connect();
     let up = pattern(1, UP);
 
     // The client closes first: its EOF reaches the service, whose answer still arrives.
@@ -182,7 +120,7 @@ async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Resul
     // Both sides count each connection once it is over: toward the real service "in".
     let service = [("service", "data")];
     let idle = || {
-        [&app_metrics, &ent_metrics]
+        [&pair.app_metrics, &pair.ent_metrics]
             .iter()
             .all(|m| m.get("ferry_tunnel_active_connections", &service) == 0.0)
     };
@@ -194,7 +132,10 @@ async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Resul
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for (side, m) in [("app", &app_metrics), ("enterprise", &ent_metrics)] {
+    for (side, m) in [
+        ("app", &pair.app_metrics),
+        ("enterprise", &pair.ent_metrics),
+    ] {
         let bytes = |d: &str| {
             m.get(
                 "ferry_tunnel_bytes_total",
@@ -230,7 +171,6 @@ async fn forwarded_bytes_arrive_intact_and_half_closes_pass_both_ways() -> Resul
         "256 MiB went to a reset destination without an error: {ended:?}"
     );
 
-    shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), enterprise).await;
+    pair.stop().await;
     Ok(())
 }

@@ -89,7 +89,8 @@ pub struct ServiceTable {
     pub authorized_keys_file: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub keepalive: Duration,
-    /// The SSH channel window this side offers, in bytes (`window_kib`).
+    /// The largest SSH channel window this side offers, in bytes (`window_kib`); each
+    /// channel's window follows the path's round trip up to it.
     pub window: u32,
     pub services: Vec<Service>,
 }
@@ -123,7 +124,8 @@ pub struct TableA {
     pub user: String,
     pub metrics_listen: Option<SocketAddr>,
     pub keepalive: Duration,
-    /// The SSH channel window this side offers, in bytes (`window_kib`).
+    /// The largest SSH channel window this side offers, in bytes (`window_kib`); each
+    /// channel's window follows the path's round trip up to it.
     pub window: u32,
     pub connect_timeout: Duration,
     /// The enterprise services the clone may reach (`allow=host:port[/udp],…`), whatever
@@ -358,13 +360,11 @@ fn secs(e: &ini::Entry, max: u64) -> Result<Duration, IniError> {
     }
 }
 
-/// The channel window a side offers unless its table says otherwise. Every byte in flight
-/// on a channel waits, in the one SSH stream, ahead of every other connection's next
-/// packet: beside a bulk transfer, a 16 MiB window made each round trip of another
-/// service take 20-30 ms on loopback, 1 MiB takes 2-5 ms (OpenSSH's 2 MiB: 0.4-5 ms).
-/// The price is bulk throughput per connection on long paths: a window per round trip,
-/// 10 MB/s at 100 ms, which `window_kib` raises.
-pub const DEFAULT_WINDOW: u32 = 1024 * 1024;
+/// The largest channel window a side offers unless its table says otherwise. A channel's
+/// window starts at 256 KiB and grows only while the channel fills it within a round
+/// trip of the path (the tunnel's `window` module), so this cap matters on long paths:
+/// one connection moves at most a window per round trip, 16 MiB is 160 MB/s at 100 ms.
+pub const DEFAULT_WINDOW: u32 = 16 * 1024 * 1024;
 const WINDOW_KIB: std::ops::RangeInclusive<u32> = 64..=65_536;
 
 /// `window_kib`: 64 KiB to 64 MiB, in bytes.
@@ -803,20 +803,20 @@ is_first_establish_forward_tunnel=True
     }
 
     #[test]
-    fn the_channel_window_is_one_mib_unless_a_table_says_otherwise() {
+    fn the_largest_channel_window_is_16_mib_unless_a_table_says_otherwise() {
         let a = format!(
             "{SEED_A}ssh_key_file=/k\nhost_key=SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n"
         );
         let AnyConfig::Enterprise(plain) = parse_any(&a).unwrap() else {
             panic!("not table a")
         };
-        assert_eq!(plain.window, 1 << 20);
-        let AnyConfig::Enterprise(wide) = parse_any(&format!("{a}window_kib=16384\n")).unwrap()
+        assert_eq!(plain.window, 16 << 20);
+        let AnyConfig::Enterprise(wide) = parse_any(&format!("{a}window_kib=1024\n")).unwrap()
         else {
             panic!("not table a")
         };
-        assert_eq!(wide.window, 16 << 20);
-        assert_eq!(parse_table_b(SEED_B).unwrap().window, 1 << 20);
+        assert_eq!(wide.window, 1 << 20);
+        assert_eq!(parse_table_b(SEED_B).unwrap().window, 16 << 20);
         let b = SEED_B.replacen("[ssh_tunnel]\n", "[ssh_tunnel]\nwindow_kib=64\n", 1);
         assert_eq!(parse_table_b(&b).unwrap().window, 64 << 10);
         for bad in ["0", "63", "65537", "1M", "-1", ""] {

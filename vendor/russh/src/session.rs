@@ -1,3 +1,5 @@
+// Modified for Ferry (vendor/README.md): the window is debited and replenished in two
+// steps, and opened again after three full packets as OpenSSH does.
 // Copyright 2016 Pierre-Étienne Meunier
 //
 // Licensed under the Apache License, Version 2.0 (the "License");
@@ -334,8 +336,10 @@ impl Encrypted {
     }
 
     /// Opens the channel's receive window back to `target` once it has fallen below half
-    /// of it. Callers pass the full window less what waits for the channel's reader, so
-    /// the window follows what the reader took, not what arrived.
+    /// of it, or once more than three of this side's largest packets were taken from it
+    /// (Ferry: OpenSSH's rule; with only the first, a large window on a long path keeps
+    /// half of itself idle). Callers pass the full window less what waits for the
+    /// channel's reader, so the window follows what the reader took, not what arrived.
     pub(crate) fn replenish_window(
         &mut self,
         channel: ChannelId,
@@ -346,7 +350,10 @@ impl Encrypted {
                 "replenish_window, channel = {}, size = {},",
                 channel.sender_channel, target
             );
-            if channel.sender_window_size < target / 2 {
+            let taken = target.saturating_sub(channel.sender_window_size);
+            if channel.sender_window_size < target / 2
+                || taken > channel.sender_maximum_packet_size.saturating_mul(3)
+            {
                 debug!(
                     "sender_window_size {:?}, target {:?}",
                     channel.sender_window_size, target

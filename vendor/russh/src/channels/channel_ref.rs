@@ -1,5 +1,6 @@
 // Modified for Ferry (vendor/README.md): a backlog per channel, so the session loop hands
-// messages to a channel's reader without waiting for it.
+// messages to a channel's reader without waiting for it; a channel may have a window
+// target of its own.
 use std::collections::VecDeque;
 
 use tokio::sync::mpsc::Sender;
@@ -24,6 +25,9 @@ pub struct ChannelRef {
     backlog_other: usize,
     /// Bytes of data in the backlog: the window offered is the target less these.
     backlog_bytes: usize,
+    /// This channel's own receive-window target, once the handler set one
+    /// (`channel_window`); the session's target until then.
+    window: Option<u32>,
 }
 
 /// Backlogged data packets smaller than this are merged with the data before them, up
@@ -68,6 +72,7 @@ impl ChannelRef {
             window_withheld: false,
             backlog_other: 0,
             backlog_bytes: 0,
+            window: None,
         }
     }
 
@@ -157,7 +162,9 @@ impl ChannelRef {
     /// peer may keep sending while the reader catches up and stops once a whole window
     /// waits here.
     fn window_target(&self, target: u32) -> u32 {
-        target.saturating_sub(u32::try_from(self.backlog_bytes).unwrap_or(u32::MAX))
+        self.window
+            .unwrap_or(target)
+            .saturating_sub(u32::try_from(self.backlog_bytes).unwrap_or(u32::MAX))
     }
 
     /// Whether messages wait for room in the reader's queue.
@@ -186,7 +193,8 @@ pub(crate) const BACKLOG_POLL: std::time::Duration = std::time::Duration::from_m
 /// Hands received channel data to its reader. The window is debited now and offered
 /// back less what waits in the backlog (`window_target`). A peer that overruns the
 /// window of a channel that already has a backlog loses that data (RFC 4254 5.2 lets a
-/// receiver ignore it), so memory per channel stays bounded by the window.
+/// receiver ignore it), so memory per channel stays bounded by the window. `window`,
+/// when the handler gave one, becomes this channel's own target from now on.
 pub(crate) fn receive_data(
     channels: &mut std::collections::HashMap<crate::ChannelId, ChannelRef>,
     enc: Option<&mut crate::session::Encrypted>,
@@ -194,6 +202,7 @@ pub(crate) fn receive_data(
     msg: ChannelMsg,
     len: usize,
     target: u32,
+    window: Option<u32>,
 ) -> Result<bool, crate::Error> {
     let mut enc = enc;
     let within = match enc.as_deref_mut() {
@@ -206,6 +215,9 @@ pub(crate) fn receive_data(
     if chan.is_backlogged() && !within {
         log::warn!("channel {id:?}: peer sent past the window while its reader lags, dropped");
         return Ok(false);
+    }
+    if window.is_some() {
+        chan.window = window;
     }
     chan.deliver(msg);
     chan.window_withheld = chan.is_backlogged();

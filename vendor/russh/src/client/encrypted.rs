@@ -614,6 +614,10 @@ impl Session {
                     return Ok(());
                 }
                 let target = self.common.config.window_size;
+                let window = client.channel_window(channel_num, data.len());
+                if let Some(w) = window {
+                    self.peak_window = self.peak_window.max(w);
+                }
                 if crate::channels::receive_data(
                     &mut self.channels,
                     self.common.encrypted.as_mut(),
@@ -621,6 +625,7 @@ impl Session {
                     ChannelMsg::Data { data: data.clone() },
                     data.len(),
                     target,
+                    window,
                 )? {
                     let next_window = client.adjust_window(channel_num, self.target_window_size);
                     if next_window > 0 {
@@ -640,6 +645,10 @@ impl Session {
                     return Ok(());
                 }
                 let target = self.common.config.window_size;
+                let window = client.channel_window(channel_num, data.len());
+                if let Some(w) = window {
+                    self.peak_window = self.peak_window.max(w);
+                }
                 if crate::channels::receive_data(
                     &mut self.channels,
                     self.common.encrypted.as_mut(),
@@ -650,6 +659,7 @@ impl Session {
                     },
                     data.len(),
                     target,
+                    window,
                 )? {
                     let next_window = client.adjust_window(channel_num, self.target_window_size);
                     if next_window > 0 {

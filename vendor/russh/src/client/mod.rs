@@ -1,5 +1,6 @@
 // Modified for Ferry (vendor/README.md): the loop drains channel backlogs; what a peer
-// may send during a key exchange is bounded by the windows of all open channels.
+// may send during a key exchange is bounded by the windows of all open channels; a
+// handler may size each channel's window (`channel_window`).
 // Copyright 2016 Pierre-Étienne Meunier
 //
 // Licensed under the Apache License, Version 2.0 (the "License");
@@ -95,6 +96,9 @@ pub struct Session {
     sender: UnboundedSender<Reply>,
     channels: HashMap<ChannelId, ChannelRef>,
     target_window_size: u32,
+    /// The largest receive window any channel was offered (Ferry: windows vary per
+    /// channel, `Handler::channel_window`); bounds what may arrive during a key exchange.
+    peak_window: u32,
     pending_reads: Vec<Vec<u8>>,
     pending_len: u32,
     priority_sender: UnboundedSender<Msg>,
@@ -1097,8 +1101,9 @@ impl<H: Handler> Handle<H> {
             })
             .await
             .map_err(|_| Error::SendError)?;
-        let _ = receiver.await;
-        Ok(())
+        // Ferry: a session that ended before the answer is an error, not a pong (a
+        // round trip is timed from this).
+        receiver.await.map_err(|_| Error::SendError)
     }
 
     /// Send a no-more-sessions request to the remote peer.
@@ -1328,6 +1333,7 @@ impl Session {
             sender,
             kex: SessionKexState::Idle,
             target_window_size,
+            peak_window: target_window_size,
             priority_sender,
             priority_receiver,
             inbound_channel_sender,
@@ -2038,7 +2044,7 @@ async fn reply<H: Handler>(
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
                 if u64::from(session.pending_len)
                     > crate::helpers::rekey_pending_bound(
-                        session.common.config.window_size,
+                        session.peak_window.max(session.common.config.window_size),
                         session.channels.len(),
                     )
                 {
@@ -3237,6 +3243,15 @@ pub trait Handler: Sized + Send {
         session: &mut Session,
     ) -> impl Future<Output = Result<(), Self::Error>> + Send {
         async { Ok(()) }
+    }
+
+    /// Ferry: called as `received` bytes of data arrive on `channel`, before its window
+    /// is replenished. `Some` sets that channel's own receive-window target from now on
+    /// (the largest one also bounds what may arrive during a key exchange); `None`
+    /// keeps the one it has.
+    #[allow(unused_variables)]
+    fn channel_window(&mut self, channel: ChannelId, received: usize) -> Option<u32> {
+        None
     }
 
     /// Called when this client adjusts the network window. Return the

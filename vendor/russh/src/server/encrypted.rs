@@ -911,6 +911,7 @@ mod tests {
 
         Session {
             target_window_size: config.window_size,
+            peak_window: config.window_size,
             common: CommonSession {
                 packet_writer: PacketWriter::clear(),
                 auth_user: String::new(),
@@ -1572,6 +1573,10 @@ impl Session {
                     },
                     None => ChannelMsg::Data { data: data.clone() },
                 };
+                let window = handler.channel_window(channel_num, data.len());
+                if let Some(w) = window {
+                    self.peak_window = self.peak_window.max(w);
+                }
                 if crate::channels::receive_data(
                     &mut self.channels,
                     self.common.encrypted.as_mut(),
@@ -1579,6 +1584,7 @@ impl Session {
                     msg,
                     data.len(),
                     target,
+                    window,
                 )? {
                     let window = handler.adjust_window(channel_num, self.target_window_size);
                     if window > 0 {

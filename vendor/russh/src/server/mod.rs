@@ -1,5 +1,6 @@
 // Modified for Ferry (vendor/README.md): what a peer may send during a key exchange is
-// bounded by the windows of all open channels.
+// bounded by the windows of all open channels; a handler may size each channel's window
+// (`channel_window`).
 // Copyright 2016 Pierre-Étienne Meunier
 //
 // Licensed under the Apache License, Version 2.0 (the "License");
@@ -540,6 +541,15 @@ pub trait Handler: Sized {
 
     /// Called when this server adjusts the network window. Return the
     /// next target window.
+    /// Ferry: called as `received` bytes of data arrive on `channel`, before its window
+    /// is replenished. `Some` sets that channel's own receive-window target from now on
+    /// (the largest one also bounds what may arrive during a key exchange); `None`
+    /// keeps the one it has.
+    #[allow(unused_variables)]
+    fn channel_window(&mut self, channel: ChannelId, received: usize) -> Option<u32> {
+        None
+    }
+
     #[allow(unused_variables)]
     fn adjust_window(&mut self, channel: ChannelId, current: u32) -> u32 {
         current
@@ -1119,6 +1129,7 @@ where
     let common = read_ssh_id(config, &mut stream).await?;
     let mut session = Session {
         target_window_size: common.config.window_size,
+        peak_window: common.config.window_size,
         common,
         priority_receiver,
         receiver,
@@ -1232,7 +1243,7 @@ async fn reply<H: Handler + Send>(
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
                 if u64::from(session.pending_len)
                     > crate::helpers::rekey_pending_bound(
-                        session.common.config.window_size,
+                        session.peak_window.max(session.common.config.window_size),
                         session.channels.len(),
                     )
                 {

@@ -1,4 +1,5 @@
-// Modified for Ferry (vendor/README.md): the loop drains channel backlogs.
+// Modified for Ferry (vendor/README.md): the loop drains channel backlogs; the handle
+// can ping the client and wait for its answer.
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::sync::Arc;
@@ -25,6 +26,9 @@ pub struct Session {
     pub(crate) priority_receiver: UnboundedReceiver<Msg>,
     pub(crate) receiver: Receiver<Msg>,
     pub(crate) target_window_size: u32,
+    /// The largest receive window any channel was offered (Ferry: windows vary per
+    /// channel, `Handler::channel_window`); bounds what may arrive during a key exchange.
+    pub(crate) peak_window: u32,
     pub(crate) pending_reads: Vec<Vec<u8>>,
     pub(crate) pending_len: u32,
     pub(crate) channels: HashMap<ChannelId, ChannelRef>,
@@ -88,6 +92,10 @@ pub enum Msg {
     ChannelOpenReply {
         pending: PendingChannelOpen,
         result: Result<(), ChannelOpenFailure>,
+    },
+    /// Ferry: a keepalive whose answer is reported (`Handle::send_ping`).
+    Ping {
+        reply_channel: oneshot::Sender<()>,
     },
 }
 
@@ -454,6 +462,19 @@ impl Handle {
             .map_err(|_| ())
     }
 
+    /// Ferry: sends a keepalive to the client and waits for its answer, so a caller can
+    /// time the round trip. A session that ends first is an error.
+    pub async fn send_ping(&self) -> Result<(), Error> {
+        let (sender, receiver) = oneshot::channel();
+        self.sender
+            .send(Msg::Ping {
+                reply_channel: sender,
+            })
+            .await
+            .map_err(|_| Error::SendError)?;
+        receiver.await.map_err(|_| Error::SendError)
+    }
+
     /// Allows a server to disconnect a client session
     pub async fn disconnect(
         &self,
@@ -620,6 +641,9 @@ impl Session {
             }
             Msg::ChannelOpenReply { pending, result } => {
                 self.finalize_channel_open_reply(pending, result)?;
+            }
+            Msg::Ping { reply_channel } => {
+                self.send_ping(reply_channel)?;
             }
             other => {
                 // Only russh's own handle methods send here; one meant for a client
@@ -1698,6 +1722,7 @@ mod tests {
             priority_receiver,
             receiver,
             target_window_size: config.window_size,
+            peak_window: config.window_size,
             pending_reads: Vec::new(),
             pending_len: 0,
             channels: HashMap::new(),
