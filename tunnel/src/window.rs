@@ -160,9 +160,17 @@ pub struct Windows<K = ChannelId> {
 
 impl<K: std::hash::Hash + Eq> Windows<K> {
     pub fn new(rtt: Arc<PathRtt>, cap: u32, metrics: Metrics) -> Self {
+        let floor = initial(cap);
+        if metrics.get("ferry_tunnel_channel_window_peak_bytes", &[]) < f64::from(floor) {
+            metrics.set(
+                "ferry_tunnel_channel_window_peak_bytes",
+                &[],
+                f64::from(floor),
+            );
+        }
         Self {
             rtt,
-            floor: initial(cap),
+            floor,
             cap,
             channels: HashMap::new(),
             metrics,
@@ -323,7 +331,10 @@ mod tests {
             100 * 1024,
         );
         assert_eq!(got, None);
-        assert_eq!(m.get("ferry_tunnel_channel_window_peak_bytes", &[]), 0.0);
+        assert_eq!(
+            m.get("ferry_tunnel_channel_window_peak_bytes", &[]),
+            f64::from(FLOOR)
+        );
     }
 
     #[test]

@@ -185,6 +185,10 @@ async fn on_loopback_windows_stay_near_their_floor() -> Result<()> {
     // Grown to the 16 MiB cap, a window would queue 16 MiB ahead of every other service.
     for (side, p) in ["app", "enterprise"].iter().zip(peak) {
         ensure!(
+            p >= f64::from(ferry_tunnel::window::FLOOR),
+            "the {side} side offered {p} B"
+        );
+        ensure!(
             p <= (4 * MIB) as f64,
             "the {side} side's windows grew to {p} B on loopback"
         );
