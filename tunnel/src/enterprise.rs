@@ -336,8 +336,11 @@ async fn session(
     }
     // The path's round trip, timed before any channel carries data, sizes the windows.
     let mut ping = || handle.send_ping();
-    if !crate::window::probe(&rtt, metrics, cfg.keepalive * 3, &mut ping).await {
-        return Err(SessionError::Closed);
+    let limit = cfg.keepalive * 3;
+    match crate::window::probe(&rtt, metrics, limit, &mut ping).await {
+        Ok(()) => {}
+        Err(crate::window::PingEnd::Closed) => return Err(SessionError::Closed),
+        Err(crate::window::PingEnd::TimedOut) => return Err(SessionError::Heartbeat(limit)),
     }
     let fetched = fetch_table(&handle, &cfg.service_table).await?;
     tracing::info!(services = fetched.services.len(), path = %cfg.service_table, "fetched the service table");

@@ -75,6 +75,12 @@ const DEFS: &[(&str, Kind, &[&str], &str)] = &[
         "Largest receive window a channel was offered",
     ),
     (
+        "ferry_tunnel_sized_channels",
+        Kind::Gauge,
+        &[],
+        "Open channels whose receive windows are being sized (those that carried data)",
+    ),
+    (
         "ferry_tunnel_up",
         Kind::Gauge,
         &[],

@@ -1,7 +1,7 @@
 //! Channel receive windows that follow the path, the way Linux sizes a TCP receive buffer
-//! (dynamic right-sizing, `tcp_rcv_space_adjust`): a channel starts small and doubles its
-//! window whenever it received more than half of it within one round trip, up to the
-//! table's `window_kib`.
+//! (dynamic right-sizing, `tcp_rcv_space_adjust`): a channel starts small, and whenever
+//! more than half its window arrived within one round trip the window grows to twice what
+//! arrived, up to the table's `window_kib`.
 //!
 //! Every byte a channel has in flight waits, in the one SSH stream, ahead of every other
 //! connection's next packet; so a window no larger than the path needs keeps a bulk
@@ -11,6 +11,7 @@
 //! The round trip is the smallest SSH ping time of the session, measured by each side
 //! for itself: a peer can only make this side offer more window, never past its cap.
 use russh::ChannelId;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,28 +67,35 @@ impl PathRtt {
     }
 }
 
-/// Times `PROBES` pings back to back into `rtt`; false when one failed or took longer
-/// than `limit`.
+/// Why a timed ping gave no round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PingEnd {
+    /// The session ended before the answer.
+    Closed,
+    /// No answer within the limit.
+    TimedOut,
+}
+
+/// Times `PROBES` pings back to back into `rtt`.
 pub async fn probe<F, Fut, E>(
     rtt: &PathRtt,
     metrics: &Metrics,
     limit: Duration,
     ping: &mut F,
-) -> bool
+) -> Result<(), PingEnd>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>>,
 {
     for _ in 0..PROBES {
-        if !timed(rtt, metrics, limit, ping).await {
-            return false;
-        }
+        timed(rtt, metrics, limit, ping).await?;
     }
-    true
+    Ok(())
 }
 
-/// Times pings into `rtt`: `PROBES` at once, then one per `every`, until a ping fails or
-/// takes longer than `limit` (the session's own keepalive ends a dead session), or `stop`.
+/// Times pings into `rtt`: `PROBES` at once, then one per `every`, until the session
+/// ends or `stop`. A ping unanswered within `limit` is let go (the session's own
+/// keepalive ends a dead session).
 pub async fn measure<F, Fut, E>(
     rtt: &PathRtt,
     metrics: &Metrics,
@@ -99,7 +107,7 @@ pub async fn measure<F, Fut, E>(
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>>,
 {
-    if !probe(rtt, metrics, limit, &mut ping).await {
+    if probe(rtt, metrics, limit, &mut ping).await == Err(PingEnd::Closed) {
         return;
     }
     loop {
@@ -107,13 +115,18 @@ pub async fn measure<F, Fut, E>(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if !timed(rtt, metrics, limit, &mut ping).await {
+        if timed(rtt, metrics, limit, &mut ping).await == Err(PingEnd::Closed) {
             return;
         }
     }
 }
 
-async fn timed<F, Fut, E>(rtt: &PathRtt, metrics: &Metrics, limit: Duration, ping: &mut F) -> bool
+async fn timed<F, Fut, E>(
+    rtt: &PathRtt,
+    metrics: &Metrics,
+    limit: Duration,
+    ping: &mut F,
+) -> Result<(), PingEnd>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), E>>,
@@ -122,9 +135,10 @@ where
     match tokio::time::timeout(limit, ping()).await {
         Ok(Ok(())) => {
             record(rtt, metrics, t.elapsed());
-            true
+            Ok(())
         }
-        _ => false,
+        Ok(Err(_)) => Err(PingEnd::Closed),
+        Err(_) => Err(PingEnd::TimedOut),
     }
 }
 
@@ -186,11 +200,17 @@ impl<K: std::hash::Hash + Eq> Windows<K> {
         // Without a round trip yet, every channel keeps the floor it opened with.
         let rtt = self.rtt.get()?;
         let floor = self.floor;
-        let s = self.channels.entry(channel).or_insert(Sizing {
-            window: floor,
-            bytes: 0,
-            since: now,
-        });
+        let s = match self.channels.entry(channel) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                self.metrics.add("ferry_tunnel_sized_channels", &[], 1.0);
+                e.insert(Sizing {
+                    window: floor,
+                    bytes: 0,
+                    since: now,
+                })
+            }
+        };
         s.bytes = s.bytes.saturating_add(received as u64);
         let elapsed = now.saturating_duration_since(s.since);
         if elapsed < rtt.max(MIN_INTERVAL) {
@@ -228,7 +248,17 @@ impl<K: std::hash::Hash + Eq> Windows<K> {
 
     /// The channel closed: its sizing goes with it.
     pub fn forget(&mut self, channel: K) {
-        self.channels.remove(&channel);
+        if self.channels.remove(&channel).is_some() {
+            self.metrics.add("ferry_tunnel_sized_channels", &[], -1.0);
+        }
+    }
+}
+
+impl<K> Drop for Windows<K> {
+    /// The session ended: the channels it still sized are no longer counted.
+    fn drop(&mut self) {
+        let n = self.channels.len() as f64;
+        self.metrics.add("ferry_tunnel_sized_channels", &[], -n);
     }
 }
 
@@ -408,8 +438,10 @@ mod tests {
             FLOOR as usize,
         );
         let first = got.expect("grew");
+        assert_eq!(w.metrics.get("ferry_tunnel_sized_channels", &[]), 1.0);
         w.forget(ch);
         assert!(w.channels.is_empty());
+        assert_eq!(w.metrics.get("ferry_tunnel_sized_channels", &[]), 0.0);
         let (_, again) = run(
             &mut w,
             ch,
@@ -419,5 +451,12 @@ mod tests {
             FLOOR as usize,
         );
         assert_eq!(again, Some(first), "sized again from the floor");
+        let m = w.metrics.clone();
+        drop(w);
+        assert_eq!(
+            m.get("ferry_tunnel_sized_channels", &[]),
+            0.0,
+            "the session ended"
+        );
     }
 }

@@ -1,7 +1,8 @@
-//! Channel windows follow the path: through a 50 ms delay line a bulk transfer in either
-//! direction grows its window past what a fixed 1 MiB window allows and moves faster than
-//! one could; a table's `window_kib` holds every window at or under it however slow the
-//! peer answers; on loopback windows stay near their 256 KiB floor.
+//! Channel windows follow the path: through a 100 ms delay line a bulk transfer in either
+//! direction grows its window and moves faster than a fixed 1 MiB window could; a table's
+//! `window_kib` holds every window at or under it however slow the peer answers; on
+//! loopback windows stay near their 256 KiB floor; closed channels are forgotten on both
+//! sides. The tests run one at a time: their bounds are times on a 2-core machine.
 mod common;
 
 use anyhow::{ensure, Context, Result};
@@ -10,8 +11,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const MIB: usize = 1 << 20;
-/// Each way of the delay line: a 50 ms round trip.
-const DELAY: Duration = Duration::from_millis(25);
+/// Each way of the delay line: a 100 ms round trip.
+const DELAY: Duration = Duration::from_millis(50);
+const RTT: f64 = 0.1;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The real service: 'u' reads to EOF and answers with the count, 'd' + a u64 sends that
 /// many bytes and closes.
@@ -108,24 +112,58 @@ fn gauges(pair: &common::Pair, name: &str) -> [f64; 2] {
     ]
 }
 
+/// Waits until `ok` holds for both sides' `name`.
+async fn until(
+    pair: &common::Pair,
+    name: &str,
+    what: &str,
+    ok: impl Fn(f64) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let g = gauges(pair, name);
+        if g.iter().all(|v| ok(*v)) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{what}: {name} is {g:?} (app, enterprise)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every channel that carried data was forgotten once its connection closed, whichever
+/// side closed it first.
+async fn all_forgotten(pair: &common::Pair) -> Result<()> {
+    until(
+        pair,
+        "ferry_tunnel_sized_channels",
+        "channels still sized after their connections closed",
+        |v| v == 0.0,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_path_grows_the_windows_and_a_bulk_transfer_outruns_a_fixed_mib() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir()?;
     let pair = start(&dir, ferry_tunnel::config::DEFAULT_WINDOW, Some(DELAY)).await?;
     let len = 64 * MIB;
     let (up, down) = transfer(&pair, len).await?;
     let rtt = gauges(&pair, "ferry_tunnel_path_rtt_seconds");
     let peak = gauges(&pair, "ferry_tunnel_channel_window_peak_bytes");
-    eprintln!("64 MiB over a 50 ms path: up {up:.2} s, down {down:.2} s; path rtt app/enterprise {rtt:?} s; peak window {peak:?} B");
+    eprintln!("64 MiB over a 100 ms path: up {up:.2} s, down {down:.2} s; path rtt app/enterprise {rtt:?} s; peak window {peak:?} B");
     for (side, r) in ["app", "enterprise"].iter().zip(rtt) {
         ensure!(
-            (0.05..0.5).contains(&r),
+            (RTT..RTT * 5.0).contains(&r),
             "the {side} side measured a {r} s round trip"
         );
     }
     for (side, p) in ["app", "enterprise"].iter().zip(peak) {
         ensure!(
-            p >= (4 * MIB) as f64,
+            p >= (2 * MIB) as f64,
             "the {side} side's windows peaked at {p} B"
         );
         ensure!(
@@ -133,33 +171,35 @@ async fn a_long_path_grows_the_windows_and_a_bulk_transfer_outruns_a_fixed_mib()
             "the {side} side went past its cap: {p}"
         );
     }
-    // A fixed 1 MiB window moves at most 1 MiB per 50 ms round trip: 3.2 s for 64 MiB.
-    let fixed = (len / MIB) as f64 * 0.05;
+    // A fixed 1 MiB window moves at most 1 MiB per 100 ms round trip: 6.4 s for 64 MiB.
+    let fixed = (len / MIB) as f64 * RTT;
     ensure!(
         up < fixed && down < fixed,
         "up {up:.2} s, down {down:.2} s: no faster than a fixed 1 MiB window ({fixed} s)"
     );
+    all_forgotten(&pair).await?;
     pair.stop().await;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tables_cap_bounds_every_window_however_slow_the_path() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir()?;
     let cap = 1024 * 1024;
     let pair = start(&dir, cap as u32, Some(DELAY)).await?;
     let len = 16 * MIB;
     let (up, down) = transfer(&pair, len).await?;
     let peak = gauges(&pair, "ferry_tunnel_channel_window_peak_bytes");
-    eprintln!("16 MiB over a 50 ms path, 1 MiB cap: up {up:.2} s, down {down:.2} s; peak window {peak:?} B");
+    eprintln!("16 MiB over a 100 ms path, 1 MiB cap: up {up:.2} s, down {down:.2} s; peak window {peak:?} B");
     for (side, p) in ["app", "enterprise"].iter().zip(peak) {
         ensure!(
             p == cap as f64,
             "the {side} side's windows peaked at {p} B, not at its {cap} B cap"
         );
     }
-    // The cap holds on the wire: at most 1 MiB per round trip, so 16 MiB take 0.8 s.
-    let least = (len / MIB) as f64 * DELAY.as_secs_f64() * 2.0;
+    // The cap holds on the wire: at most 1 MiB per round trip, so 16 MiB take 1.6 s.
+    let least = (len / MIB) as f64 * RTT;
     ensure!(
         up >= least && down >= least,
         "up {up:.2} s, down {down:.2} s: faster than a 1 MiB window allows ({least} s)"
@@ -170,18 +210,22 @@ async fn the_tables_cap_bounds_every_window_however_slow_the_path() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_loopback_windows_stay_near_their_floor() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let dir = tempfile::tempdir()?;
     let pair = start(&dir, ferry_tunnel::config::DEFAULT_WINDOW, None).await?;
+    // Under load the first pings can take milliseconds; each side pings every 2 s, and
+    // the smallest answer is the path's.
+    until(
+        &pair,
+        "ferry_tunnel_path_rtt_seconds",
+        "no fast ping on loopback",
+        |v| v > 0.0 && v < 0.002,
+    )
+    .await?;
     let (up, down) = transfer(&pair, 64 * MIB).await?;
     let rtt = gauges(&pair, "ferry_tunnel_path_rtt_seconds");
     let peak = gauges(&pair, "ferry_tunnel_channel_window_peak_bytes");
     eprintln!("64 MiB on loopback: up {up:.2} s, down {down:.2} s; path rtt {rtt:?} s; peak window {peak:?} B");
-    for (side, r) in ["app", "enterprise"].iter().zip(rtt) {
-        ensure!(
-            r > 0.0 && r < 0.02,
-            "the {side} side measured a {r} s round trip on loopback"
-        );
-    }
     // Grown to the 16 MiB cap, a window would queue 16 MiB ahead of every other service.
     for (side, p) in ["app", "enterprise"].iter().zip(peak) {
         ensure!(
@@ -193,6 +237,7 @@ async fn on_loopback_windows_stay_near_their_floor() -> Result<()> {
             "the {side} side's windows grew to {p} B on loopback"
         );
     }
+    all_forgotten(&pair).await?;
     pair.stop().await;
     Ok(())
 }

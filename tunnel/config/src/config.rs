@@ -361,8 +361,8 @@ fn secs(e: &ini::Entry, max: u64) -> Result<Duration, IniError> {
 }
 
 /// The largest channel window a side offers unless its table says otherwise. A channel's
-/// window starts at 256 KiB and grows only while the channel fills it within a round
-/// trip of the path (the tunnel's `window` module), so this cap matters on long paths:
+/// window starts at 256 KiB and grows only while more than half of it arrives within a
+/// round trip of the path (the tunnel's `window` module), so this cap matters on long paths:
 /// one connection moves at most a window per round trip, 16 MiB is 160 MB/s at 100 ms.
 pub const DEFAULT_WINDOW: u32 = 16 * 1024 * 1024;
 const WINDOW_KIB: std::ops::RangeInclusive<u32> = 64..=65_536;

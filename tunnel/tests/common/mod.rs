@@ -41,7 +41,7 @@ impl Pair {
             &table,
             format!(
                 "[ssh_tunnel]\nlisten_ip=127.0.0.1\nlisten_port=22\nhost_key_file={}\n\
-                 authorized_keys_file={}\nwindow_kib={}\n\
+                 authorized_keys_file={}\nwindow_kib={}\nkeepalive_secs=2\n\
                  [service_data]\nprotocol=TCP\nreal_server_ip=127.0.0.1\nreal_server_port={real_port}\n\
                  proxy_server_ip=127.0.0.1\nproxy_server_port={}\n",
                 keys.host_key_file.display(),
@@ -81,7 +81,7 @@ impl Pair {
             service_table: table.to_string_lossy().into_owned(),
             user: "ferry".into(),
             metrics_listen: None,
-            keepalive: Duration::from_secs(5),
+            keepalive: Duration::from_secs(2),
             window,
             connect_timeout: Duration::from_secs(5),
             allow: vec![Allowed {

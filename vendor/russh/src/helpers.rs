@@ -193,15 +193,22 @@ pub(crate) fn decode_data(r: &mut &[u8]) -> Result<bytes::Bytes, ssh_encoding::E
 }
 
 /// Ferry: the bytes a peer may send after this side began a key exchange and before the
-/// peer's KEXINIT arrives. Each open channel may legitimately have a whole window in
+/// peer's KEXINIT arrives. Each open channel may legitimately have its whole window in
 /// flight, so a bound of two windows for the whole session (upstream) ended busy
-/// sessions with several channels at every rekey once windows were small. Twice every
-/// channel's window, and never less than 32 MiB, still bounds a peer that stalls the
-/// exchange and floods.
-pub(crate) fn rekey_pending_bound(window: u32, channels: usize) -> u64 {
-    let channels = u64::try_from(channels).unwrap_or(u64::MAX);
-    (2 * u64::from(window))
-        .saturating_mul(channels.saturating_add(1))
+/// sessions with several channels at every rekey once windows were small. Twice the sum
+/// of every channel's own window (plus one more for a channel opened meanwhile), and
+/// never less than 32 MiB, still bounds a peer that stalls the exchange and floods.
+pub(crate) fn rekey_pending_bound(
+    channels: &std::collections::HashMap<crate::ChannelId, crate::channels::ChannelRef>,
+    target: u32,
+) -> u64 {
+    let windows: u64 = channels
+        .values()
+        .map(|c| u64::from(c.window_or(target)))
+        .sum();
+    windows
+        .saturating_add(u64::from(target))
+        .saturating_mul(2)
         .max(32 << 20)
 }
 

@@ -151,6 +151,14 @@ impl<C> CommonSession<C> {
             .is_some_and(|channel| channel.confirmed)
     }
 
+    /// Ferry: whether the channel is in the encrypted state at all (confirmed or not);
+    /// this side's own close takes it out.
+    pub(crate) fn has_channel(&self, channel: ChannelId) -> bool {
+        self.encrypted
+            .as_ref()
+            .is_some_and(|enc| enc.channels.contains_key(&channel))
+    }
+
     /// `CHANNEL_OPEN_CONFIRMATION` and `CHANNEL_OPEN_FAILURE` are only valid
     /// as the reply to a local open that is still waiting for one. Channels
     /// opened by the peer are inserted already confirmed, so they never match.

@@ -162,9 +162,13 @@ impl ChannelRef {
     /// peer may keep sending while the reader catches up and stops once a whole window
     /// waits here.
     fn window_target(&self, target: u32) -> u32 {
-        self.window
-            .unwrap_or(target)
+        self.window_or(target)
             .saturating_sub(u32::try_from(self.backlog_bytes).unwrap_or(u32::MAX))
+    }
+
+    /// This channel's receive-window target: its own, or the session's `target`.
+    pub(crate) fn window_or(&self, target: u32) -> u32 {
+        self.window.unwrap_or(target)
     }
 
     /// Whether messages wait for room in the reader's queue.
@@ -212,12 +216,13 @@ pub(crate) fn receive_data(
     let Some(chan) = channels.get_mut(&id) else {
         return Ok(false);
     };
+    // Taken even when the data is dropped below: the handler counts on it from now on.
+    if window.is_some() {
+        chan.window = window;
+    }
     if chan.is_backlogged() && !within {
         log::warn!("channel {id:?}: peer sent past the window while its reader lags, dropped");
         return Ok(false);
-    }
-    if window.is_some() {
-        chan.window = window;
     }
     chan.deliver(msg);
     chan.window_withheld = chan.is_backlogged();

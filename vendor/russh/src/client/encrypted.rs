@@ -552,6 +552,15 @@ impl Session {
                 let channel_num = map_err!(ChannelId::decode(&mut r))?;
                 map_err!(ensure_end(&r))?;
                 if !self.common.is_established_channel(channel_num) {
+                    // Ferry: the answer to this side's own close, which already took the
+                    // channel out of the encrypted state; its reader's entry goes now, or
+                    // every channel closed from this side stayed for the session's life.
+                    if !self.common.has_channel(channel_num) {
+                        if let Some(chan) = self.channels.remove(&channel_num) {
+                            crate::channels::deliver_close(Some(chan));
+                            return client.channel_close(channel_num, self).await;
+                        }
+                    }
                     return Ok(());
                 }
                 if let Some(ref mut enc) = self.common.encrypted {
@@ -615,9 +624,6 @@ impl Session {
                 }
                 let target = self.common.config.window_size;
                 let window = client.channel_window(channel_num, data.len());
-                if let Some(w) = window {
-                    self.peak_window = self.peak_window.max(w);
-                }
                 if crate::channels::receive_data(
                     &mut self.channels,
                     self.common.encrypted.as_mut(),
@@ -646,9 +652,6 @@ impl Session {
                 }
                 let target = self.common.config.window_size;
                 let window = client.channel_window(channel_num, data.len());
-                if let Some(w) = window {
-                    self.peak_window = self.peak_window.max(w);
-                }
                 if crate::channels::receive_data(
                     &mut self.channels,
                     self.common.encrypted.as_mut(),

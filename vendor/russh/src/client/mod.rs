@@ -96,9 +96,6 @@ pub struct Session {
     sender: UnboundedSender<Reply>,
     channels: HashMap<ChannelId, ChannelRef>,
     target_window_size: u32,
-    /// The largest receive window any channel was offered (Ferry: windows vary per
-    /// channel, `Handler::channel_window`); bounds what may arrive during a key exchange.
-    peak_window: u32,
     pending_reads: Vec<Vec<u8>>,
     pending_len: u32,
     priority_sender: UnboundedSender<Msg>,
@@ -1333,7 +1330,6 @@ impl Session {
             sender,
             kex: SessionKexState::Idle,
             target_window_size,
-            peak_window: target_window_size,
             priority_sender,
             priority_receiver,
             inbound_channel_sender,
@@ -2044,8 +2040,8 @@ async fn reply<H: Handler>(
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
                 if u64::from(session.pending_len)
                     > crate::helpers::rekey_pending_bound(
-                        session.peak_window.max(session.common.config.window_size),
-                        session.channels.len(),
+                        &session.channels,
+                        session.common.config.window_size,
                     )
                 {
                     return Err(crate::Error::Pending.into());

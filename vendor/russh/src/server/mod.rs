@@ -1129,7 +1129,6 @@ where
     let common = read_ssh_id(config, &mut stream).await?;
     let mut session = Session {
         target_window_size: common.config.window_size,
-        peak_window: common.config.window_size,
         common,
         priority_receiver,
         receiver,
@@ -1243,8 +1242,8 @@ async fn reply<H: Handler + Send>(
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
                 if u64::from(session.pending_len)
                     > crate::helpers::rekey_pending_bound(
-                        session.peak_window.max(session.common.config.window_size),
-                        session.channels.len(),
+                        &session.channels,
+                        session.common.config.window_size,
                     )
                 {
                     return Err(crate::Error::Pending.into());

@@ -26,9 +26,6 @@ pub struct Session {
     pub(crate) priority_receiver: UnboundedReceiver<Msg>,
     pub(crate) receiver: Receiver<Msg>,
     pub(crate) target_window_size: u32,
-    /// The largest receive window any channel was offered (Ferry: windows vary per
-    /// channel, `Handler::channel_window`); bounds what may arrive during a key exchange.
-    pub(crate) peak_window: u32,
     pub(crate) pending_reads: Vec<Vec<u8>>,
     pub(crate) pending_len: u32,
     pub(crate) channels: HashMap<ChannelId, ChannelRef>,
@@ -1722,7 +1719,6 @@ mod tests {
             priority_receiver,
             receiver,
             target_window_size: config.window_size,
-            peak_window: config.window_size,
             pending_reads: Vec::new(),
             pending_len: 0,
             channels: HashMap::new(),
