@@ -2,8 +2,10 @@
 //! its table, opens channels naming addresses the table does not list, and one its table
 //! lists but Table A does not allow. The enterprise side must refuse them, count the
 //! refusals, reach nothing it refused, and still carry the allowed service.
+mod common;
+
 use anyhow::{Context, Result};
-use ferry_tunnel::config::{Allowed, HostKeyPin, HostPort, Protocol, TableA};
+use ferry_tunnel::config::HostPort;
 use ferry_tunnel::metrics::Metrics;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId};
@@ -168,24 +170,8 @@ async fn the_enterprise_side_refuses_channels_for_addresses_not_in_its_table() -
         host: "127.0.0.1".into(),
         port,
     };
-    let cfg = TableA {
-        gateway: app.clone(),
-        app,
-        first_tunnel: false,
-        key_file: keys.client_key_file.clone(),
-        host_key: HostKeyPin::Fingerprint(keys.host_key_fingerprint.clone()),
-        service_table: table.to_string_lossy().into_owned(),
-        user: "ferry".into(),
-        metrics_listen: None,
-        keepalive: Duration::from_secs(5),
-        window: ferry_tunnel::config::DEFAULT_WINDOW,
-        connect_timeout: Duration::from_secs(5),
-        allow: vec![Allowed {
-            host: "127.0.0.1".into(),
-            port: echo_port,
-            protocol: Protocol::Tcp,
-        }],
-    };
+    let mut cfg = common::table_a(app, &keys, &table, echo_port);
+    cfg.keepalive = Duration::from_secs(5);
     let metrics = Metrics::default();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(ferry_tunnel::enterprise::run(

@@ -4,6 +4,7 @@
 
 use anyhow::{ensure, Result};
 use ferry_tunnel::config::{Allowed, HostKeyPin, HostPort, Protocol, TableA};
+use ferry_tunnel::keys::KeySet;
 use ferry_tunnel::metrics::Metrics;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -72,24 +73,8 @@ impl Pair {
             app_metrics.clone(),
             shutdown.clone(),
         ));
-        let cfg = TableA {
-            gateway: app.clone(),
-            app,
-            first_tunnel: false,
-            key_file: keys.client_key_file.clone(),
-            host_key: HostKeyPin::Fingerprint(keys.host_key_fingerprint.clone()),
-            service_table: table.to_string_lossy().into_owned(),
-            user: "ferry".into(),
-            metrics_listen: None,
-            keepalive: Duration::from_secs(2),
-            window,
-            connect_timeout: Duration::from_secs(5),
-            allow: vec![Allowed {
-                host: "127.0.0.1".into(),
-                port: real_port,
-                protocol: Protocol::Tcp,
-            }],
-        };
+        let mut cfg = table_a(app, &keys, &table, real_port);
+        cfg.window = window;
         let enterprise = tokio::spawn(ferry_tunnel::enterprise::run(
             cfg,
             ent_metrics.clone(),
@@ -123,6 +108,29 @@ impl Pair {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.enterprise).await;
+    }
+}
+
+/// Table A for an enterprise side that dials `app` directly (no gateway), pins the host
+/// key of `keys`, fetches the table at `table` and may reach `127.0.0.1:real_port`.
+pub fn table_a(app: HostPort, keys: &KeySet, table: &Path, real_port: u16) -> TableA {
+    TableA {
+        gateway: app.clone(),
+        app,
+        first_tunnel: false,
+        key_file: keys.client_key_file.clone(),
+        host_key: HostKeyPin::Fingerprint(keys.host_key_fingerprint.clone()),
+        service_table: table.to_string_lossy().into_owned(),
+        user: "ferry".into(),
+        metrics_listen: None,
+        keepalive: Duration::from_secs(2),
+        window: ferry_tunnel::config::DEFAULT_WINDOW,
+        connect_timeout: Duration::from_secs(5),
+        allow: vec![Allowed {
+            host: "127.0.0.1".into(),
+            port: real_port,
+            protocol: Protocol::Tcp,
+        }],
     }
 }
 
