@@ -267,7 +267,6 @@ struct Conn {
     /// The windows this side offers the enterprise side's channels, sized from the round
     /// trip its own pings measure.
     windows: crate::window::Windows,
-    rtt: Arc<crate::window::PathRtt>,
     keepalive: Duration,
 }
 
@@ -340,7 +339,7 @@ impl russh::server::Handler for Conn {
     /// Times this side's own pings for the windows, from now until the session ends.
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         let handle = session.handle();
-        let rtt = self.rtt.clone();
+        let rtt = self.windows.rtt();
         let shared = self.shared.clone();
         let every = self.keepalive;
         self.shared.tracker.spawn(async move {
@@ -692,14 +691,16 @@ pub async fn run(
             break;
         };
         net::tune(&conn, table.keepalive);
-        let rtt = Arc::new(crate::window::PathRtt::default());
         let handler = Conn {
             shared: shared.clone(),
             id: shared.next_session.fetch_add(1, Ordering::Relaxed),
             peer: Some(peer),
             sessions: HashMap::new(),
-            windows: crate::window::Windows::new(rtt.clone(), table.window, shared.metrics.clone()),
-            rtt,
+            windows: crate::window::Windows::new(
+                Arc::default(),
+                table.window,
+                shared.metrics.clone(),
+            ),
             keepalive: table.keepalive,
         };
         let cfg = config.clone();

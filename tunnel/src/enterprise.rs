@@ -14,7 +14,7 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
@@ -337,11 +337,9 @@ async fn session(
     // The path's round trip, timed before any channel carries data, sizes the windows.
     let mut ping = || handle.send_ping();
     let limit = cfg.keepalive * 3;
-    match crate::window::probe(&rtt, metrics, limit, &mut ping).await {
-        Ok(()) => {}
-        Err(crate::window::PingEnd::Closed) => return Err(SessionError::Closed),
-        Err(crate::window::PingEnd::TimedOut) => return Err(SessionError::Heartbeat(limit)),
-    }
+    crate::window::probe(&rtt, metrics, limit, &mut ping)
+        .await
+        .map_err(|e| ping_failed(e, limit))?;
     let fetched = fetch_table(&handle, &cfg.service_table).await?;
     tracing::info!(services = fetched.services.len(), path = %cfg.service_table, "fetched the service table");
     let services = fetched.services.clone();
@@ -395,14 +393,17 @@ async fn heartbeat(
         if handle.is_closed() {
             return Err(SessionError::Closed);
         }
-        let t = Instant::now();
-        match tokio::time::timeout(limit, handle.send_ping()).await {
-            Ok(Ok(())) => {
-                crate::window::record(rtt, metrics, t.elapsed());
-            }
-            Ok(Err(_)) => return Err(SessionError::Closed),
-            Err(_) => return Err(SessionError::Heartbeat(limit)),
-        }
+        crate::window::timed(rtt, metrics, limit, &mut || handle.send_ping())
+            .await
+            .map_err(|e| ping_failed(e, limit))?;
+    }
+}
+
+/// A heartbeat that got no answer ends the session.
+fn ping_failed(e: crate::window::PingEnd, limit: Duration) -> SessionError {
+    match e {
+        crate::window::PingEnd::Closed => SessionError::Closed,
+        crate::window::PingEnd::TimedOut => SessionError::Heartbeat(limit),
     }
 }
 

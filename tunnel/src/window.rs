@@ -121,7 +121,8 @@ pub async fn measure<F, Fut, E>(
     }
 }
 
-async fn timed<F, Fut, E>(
+/// Times one ping into `rtt`, unless it fails or takes longer than `limit`.
+pub async fn timed<F, Fut, E>(
     rtt: &PathRtt,
     metrics: &Metrics,
     limit: Duration,
@@ -142,16 +143,13 @@ where
     }
 }
 
-/// Records a timed ping in `rtt` and the role's gauges; true when it lowered the path's
-/// round trip.
-pub fn record(rtt: &PathRtt, metrics: &Metrics, took: Duration) -> bool {
+/// Records a timed ping in `rtt` and the role's gauges.
+fn record(rtt: &PathRtt, metrics: &Metrics, took: Duration) {
     metrics.set("ferry_tunnel_rtt_seconds", &[], took.as_secs_f64());
-    let lower = rtt.sample(took);
-    if lower {
+    if rtt.sample(took) {
         metrics.set("ferry_tunnel_path_rtt_seconds", &[], took.as_secs_f64());
         tracing::debug!(rtt_us = took.as_micros(), "path round trip");
     }
-    lower
 }
 
 /// One channel's sizing: its window, and what arrived since the round trip began.
@@ -189,6 +187,11 @@ impl<K: std::hash::Hash + Eq> Windows<K> {
             channels: HashMap::new(),
             metrics,
         }
+    }
+
+    /// The session's round trip these windows follow.
+    pub fn rtt(&self) -> Arc<PathRtt> {
+        self.rtt.clone()
     }
 
     /// `received` bytes arrived on `channel`: its new window when it grows.
