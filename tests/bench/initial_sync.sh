@@ -14,6 +14,7 @@
 # With FILES=N the tree is N small files in directories of 1,000 instead (the memory
 # benchmark's tree; FILES=1000000 for issue 20's small-file goal), on 8 GiB file systems
 # with inodes enough. Needs root.
+# PERF_CALLGRAPH=dwarf records the managers' call chains through Rust code (larger files).
 # UPSTREAM_COMPRESSION=none runs the site with --upstream-compression none.
 # Usage: [ROUNDS=N] [PERF=1] [FILES=N] [UPSTREAM_COMPRESSION=zstd|none] tests/bench/initial_sync.sh [WORKDIR]
 set -euo pipefail
@@ -120,7 +121,7 @@ for round in $(seq 1 "$rounds"); do
   perf_pid= agent_perf=()
   if [ "${PERF:-0}" = 1 ]; then
     echo 0 > /proc/sys/kernel/kptr_restrict 2>/dev/null || true
-    perf record -q -g -F 497 -p "$cloud_pid,$site_pid" -o "$W/perf-managers.data" 2>/dev/null &
+    perf record -q --call-graph "${PERF_CALLGRAPH:-fp}" -F 497 -p "$cloud_pid,$site_pid" -o "$W/perf-managers.data" 2>/dev/null &
     perf_pid=$!
     agent_perf=(perf record -q -F 497 -o "$W/perf-agent.data" --)
     sleep 1
@@ -161,7 +162,8 @@ echo "| round | agent | site | cloud |"
 echo "|---|---|---|---|"
 printf '%s\n' "${cpu_rows[@]}"
 if [ -n "$perf_pid" ]; then
-  top() { perf report -i "$1" "${@:2}" --stdio -q --sort dso,sym --percent-limit 1.5 2>/dev/null | head -20; }
+  # Flat profiles (no call chains); `|| true` because head closes the pipe early.
+  top() { perf report -i "$1" "${@:2}" --stdio -q --no-children -g none --sort dso,sym --percent-limit 1.5 2>/dev/null | head -20 || true; }
   echo; echo "agent, top symbols (share of its samples):"; top "$W/perf-agent.data"
   echo; echo "site, top symbols (share of the managers' samples):"; top "$W/perf-managers.data" --pid "$site_pid"
   echo; echo "cloud, top symbols (share of the managers' samples):"; top "$W/perf-managers.data" --pid "$cloud_pid"
