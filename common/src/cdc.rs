@@ -9,7 +9,7 @@ use std::io::Read;
 /// ones. Every chunk costs the cloud manager index work (about 30 µs of CPU, most of it
 /// in its chunk and place indexes) and an index record on every hop, so 8 KiB chunks in
 /// files of megabytes cost more than their bytes: with the cut at 16 MiB, the 1 GiB
-/// bench tree made 57,000 chunks and its first copy took 15% longer (BENCHMARKS.md).
+/// bench tree made 57,000 chunks and its first copy took a quarter longer (BENCHMARKS.md).
 pub const CDC_SMALL: (u32, u32, u32) = (2 * 1024, 8 * 1024, 32 * 1024);
 pub const CDC_LARGE: (u32, u32, u32) = (16 * 1024, 64 * 1024, 256 * 1024);
 pub const SMALL_CHUNKS_UP_TO: u64 = 256 << 10;

@@ -16,7 +16,8 @@
 # with inodes enough. Needs root.
 # PERF_CALLGRAPH=dwarf records the managers' call chains through Rust code (larger files).
 # UPSTREAM_COMPRESSION=none runs the site with --upstream-compression none.
-# Usage: [ROUNDS=N] [PERF=1] [FILES=N] [UPSTREAM_COMPRESSION=zstd|none] tests/bench/initial_sync.sh [WORKDIR]
+# Usage: [ROUNDS=N] [PERF=1 [PERF_CALLGRAPH=dwarf]] [FILES=N] [UPSTREAM_COMPRESSION=zstd|none]
+#        tests/bench/initial_sync.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench}
