@@ -73,4 +73,26 @@ mod tests {
         assert_eq!(again, seg);
         assert!(seg.chunks.iter().all(|c| c.len <= CDC_LARGE.2));
     }
+
+    #[test]
+    fn small_files_get_small_chunks_and_larger_ones_large_chunks() {
+        let data: Vec<u8> = (0..(1u32 << 18))
+            .flat_map(|i| i.wrapping_mul(2654435761).rotate_left(i % 29).to_le_bytes())
+            .collect();
+        let lens = |bytes: &[u8]| {
+            let seg = chunk_run(bytes, 0, bytes.len() as u64, |_, _| Ok(())).unwrap();
+            seg.chunks.iter().map(|c| c.len).collect::<Vec<u32>>()
+        };
+        // At the cut: every chunk within the small sizes, and many of them.
+        let small = lens(&data[..SMALL_CHUNKS_UP_TO as usize]);
+        assert!(small.iter().all(|&l| l <= CDC_SMALL.2), "{small:?}");
+        assert!(small.len() >= 16, "{} chunks", small.len());
+        // Just past it (1 MiB): every chunk but the last at least the large minimum.
+        let large = lens(&data);
+        assert!(
+            large[..large.len() - 1].iter().all(|&l| l >= CDC_LARGE.0),
+            "{large:?}"
+        );
+        assert!(large.len() <= 1024 * 1024 / CDC_LARGE.0 as usize);
+    }
 }
