@@ -101,6 +101,9 @@ pub struct Uploader {
     /// Hashes in `pending`, so a repeated chunk is found without a scan.
     pending_hashes: HashSet<[u8; 32]>,
     pending_bytes: usize,
+    /// Chunks this pass uploaded or found held, not asked about again. A receiver that
+    /// loses one (a crash before its sync) refuses the batch that needs it; the next
+    /// pass starts with a new `Uploader` and asks again.
     known: HashSet<[u8; 32]>,
     inflight: tokio::task::JoinSet<Result<Vec<[u8; 32]>, SendError>>,
     gate: Arc<crate::gate::Gate>,
@@ -148,11 +151,6 @@ impl Uploader {
             self.flush().await?;
         }
         Ok(())
-    }
-
-    /// Forgets what the receiver was believed to hold (after it reported a missing chunk).
-    pub fn forget(&mut self) {
-        self.known.clear();
     }
 
     /// Starts uploading what is buffered; waits only if too many uploads are in flight.

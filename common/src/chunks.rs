@@ -1,7 +1,10 @@
 //! Content-addressed chunk store: frames (zstd, or raw when a chunk does not compress)
-//! named by the BLAKE3 of their raw bytes, appended to pack files and indexed in sled.
+//! named by the BLAKE3 of their raw bytes, appended to pack files. Each pack has its own
+//! index beside it, an append-only file of fixed records, read into memory at open: a
+//! sled lookup and insert per chunk asked about, uploaded and applied cost a quarter of
+//! the cloud's CPU, and a pack's index goes with the pack.
 //! A staged frame is published (readable, but lost by a crash) and later synced (pack
-//! `fdatasync`, index flushed) by a task behind the uploads, so no upload waits on the
+//! `fdatasync`, its index appended) by a task behind the uploads, so no upload waits on the
 //! disk. Whoever promises a peer that a chunk is held syncs first.
 //!
 //! With a retention (the cloud's), the store is a staging area, not an archive: a pack
@@ -213,6 +216,8 @@ struct Location {
 }
 
 impl Location {
+    /// The sled form, which only stores from before the packs' own indexes have.
+    #[cfg(test)]
     fn encode(&self) -> [u8; 21] {
         let mut b = [0u8; 21];
         b[..4].copy_from_slice(&self.pack.to_le_bytes());
@@ -256,13 +261,15 @@ pub struct ChunkStore {
     /// Bumped by every append and publish, so a caller can tell whether chunks arrived.
     generation: Arc<std::sync::atomic::AtomicU64>,
     dir: PathBuf,
-    index: sled::Tree,
-    /// Published frames not yet in the index: readable here, gone after a crash.
+    /// What the packs' indexes hold: every lookup is answered here. Taken after
+    /// `unsynced` when both are held.
+    held: Arc<RwLock<HashMap<[u8; 32], Location>>>,
+    /// Published frames not yet in an index: readable here, gone after a crash.
     unsynced: Arc<Mutex<HashMap<[u8; 32], Location>>>,
     /// Wakes `sync_behind` after a publish.
     published: Arc<tokio::sync::Notify>,
     /// Held through a whole sync, so `clear` never runs between its snapshot and its
-    /// index writes (which would point the index at removed packs).
+    /// index appends (which would point entries at removed packs).
     syncing: Arc<Mutex<()>>,
     writer: Arc<Mutex<Writer>>,
     packs: Arc<RwLock<HashMap<u32, Arc<std::fs::File>>>>,
@@ -352,10 +359,129 @@ fn pack_name(id: u32) -> String {
     format!("{id:08}.pack")
 }
 
+fn idx_name(id: u32) -> String {
+    format!("{id:08}.idx")
+}
+
+/// One entry of a pack's index: hash, offset, frame length, raw length, raw flag, and
+/// the first 7 bytes of the BLAKE3 of those 49, which tell an entry from a torn tail.
+const RECORD: usize = 56;
+
+fn encode_record(hash: &[u8; 32], loc: &Location) -> [u8; RECORD] {
+    let mut r = [0u8; RECORD];
+    r[..32].copy_from_slice(hash);
+    r[32..40].copy_from_slice(&loc.offset.to_le_bytes());
+    r[40..44].copy_from_slice(&loc.len.to_le_bytes());
+    r[44..48].copy_from_slice(&loc.raw_len.to_le_bytes());
+    r[48] = loc.raw as u8;
+    let check = blake3::hash(&r[..49]);
+    r[49..].copy_from_slice(&check.as_bytes()[..7]);
+    r
+}
+
+/// The entry in `r`, if it is whole and points inside a pack of `pack_len` bytes.
+fn decode_record(pack: u32, pack_len: u64, r: &[u8]) -> Option<([u8; 32], Location)> {
+    if r.len() != RECORD || blake3::hash(&r[..49]).as_bytes()[..7] != r[49..] {
+        return None;
+    }
+    let loc = Location {
+        pack,
+        offset: u64::from_le_bytes(r[32..40].try_into().ok()?),
+        len: u32::from_le_bytes(r[40..44].try_into().ok()?),
+        raw_len: u32::from_le_bytes(r[44..48].try_into().ok()?),
+        raw: r[48] != 0,
+    };
+    let end = loc.offset.checked_add(u64::from(loc.len))?;
+    (end <= pack_len && loc.raw_len as usize <= MAX_CHUNK)
+        .then_some((r[..32].try_into().ok()?, loc))
+}
+
+/// The entries of pack `id`'s index. A tail that is not a whole entry (a crash during
+/// an append) is cut off, so that nothing is ever appended behind it.
+fn read_index(dir: &Path, id: u32, pack_len: u64) -> Result<Vec<([u8; 32], Location)>, ChunkError> {
+    let p = dir.join(idx_name(id));
+    let data = match std::fs::read(&p) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(&p, e)),
+    };
+    let mut out = Vec::with_capacity(data.len() / RECORD);
+    for r in data.chunks(RECORD) {
+        match decode_record(id, pack_len, r) {
+            Some(e) => out.push(e),
+            None => break,
+        }
+    }
+    let good = (out.len() * RECORD) as u64;
+    if good < data.len() as u64 {
+        tracing::warn!(index = %p.display(), entries = out.len(), "chunk index ends in a torn entry; cut off");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(|e| io_err(&p, e))?;
+        f.set_len(good).map_err(|e| io_err(&p, e))?;
+        f.sync_data().map_err(|e| io_err(&p, e))?;
+    }
+    Ok(out)
+}
+
+/// Moves the entries of a sled index (a store from before the packs had their own)
+/// into the packs' indexes, then empties it. A crash in between moves them again: an
+/// entry twice in an index is harmless.
+fn migrate(
+    dir: &Path,
+    packs: &HashMap<u32, Arc<std::fs::File>>,
+    legacy: &sled::Tree,
+) -> Result<(), ChunkError> {
+    if legacy.is_empty() {
+        return Ok(());
+    }
+    let mut by_pack: std::collections::BTreeMap<u32, Vec<u8>> = Default::default();
+    for kv in legacy.iter() {
+        let (k, v) = kv?;
+        if let (Ok(hash), Some(loc)) = (<[u8; 32]>::try_from(k.as_ref()), Location::decode(&v)) {
+            if packs.contains_key(&loc.pack) {
+                by_pack
+                    .entry(loc.pack)
+                    .or_default()
+                    .extend_from_slice(&encode_record(&hash, &loc));
+            }
+        }
+    }
+    for (id, records) in by_pack {
+        append_index(dir, id, &records)?;
+    }
+    legacy.clear()?;
+    legacy.flush()?;
+    Ok(())
+}
+
+/// Appends `records` to pack `id`'s index and makes them durable (with the directory
+/// entry when the index is new). A failed append is cut off again.
+fn append_index(dir: &Path, id: u32, records: &[u8]) -> Result<(), ChunkError> {
+    let p = dir.join(idx_name(id));
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&p)
+        .map_err(|e| io_err(&p, e))?;
+    let start = f.metadata().map_err(|e| io_err(&p, e))?.len();
+    if let Err(e) = (&f).write_all(records).and_then(|()| f.sync_data()) {
+        let _ = f.set_len(start);
+        return Err(io_err(&p, e));
+    }
+    if start == 0 {
+        let d = std::fs::File::open(dir).map_err(|e| io_err(dir, e))?;
+        d.sync_all().map_err(|e| io_err(dir, e))?;
+    }
+    Ok(())
+}
+
 impl ChunkStore {
-    /// Opens the store in `dir` with its index in `index`. Appends go to a new pack, so
-    /// a torn tail of a crashed run is never built upon.
-    pub fn open(dir: &Path, index: sled::Tree) -> Result<Self, ChunkError> {
+    /// Opens the store in `dir`. Appends go to a new pack, so a torn tail of a crashed
+    /// run is never built upon. `legacy` is the sled index of a store from before the
+    /// packs had their own: its entries are moved into them and it is emptied.
+    pub fn open(dir: &Path, legacy: sled::Tree) -> Result<Self, ChunkError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let mut packs = HashMap::new();
         let mut max = 0;
@@ -373,12 +499,37 @@ impl ChunkStore {
                 max = max.max(id);
             }
         }
+        migrate(dir, &packs, &legacy)?;
+        // Indexes whose pack went (a crash inside `retain` or `clear`) go too.
+        for e in std::fs::read_dir(dir)
+            .map_err(|e| io_err(dir, e))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name
+                .strip_suffix(".idx")
+                .and_then(|n| n.parse::<u32>().ok())
+            {
+                if !packs.contains_key(&id) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        // Older packs first, so a frame copied forward is found in its newest copy.
+        let mut ids: Vec<u32> = packs.keys().copied().collect();
+        ids.sort_unstable();
+        let mut held = HashMap::new();
+        for id in ids {
+            let p = dir.join(pack_name(id));
+            let len = packs[&id].metadata().map_err(|e| io_err(&p, e))?.len();
+            held.extend(read_index(dir, id, len)?);
+        }
         let writer = Self::new_pack(dir, max + 1)?;
         packs.insert(writer.id, writer.file.clone());
         Ok(Self {
             generation: Default::default(),
             dir: dir.to_path_buf(),
-            index,
+            held: Arc::new(RwLock::new(held)),
             unsynced: Default::default(),
             published: Default::default(),
             syncing: Default::default(),
@@ -433,7 +584,15 @@ impl ChunkStore {
 
     /// Whether the chunk is here, synced or only published.
     pub fn has(&self, hash: &[u8; 32]) -> bool {
-        self.unsynced_mut().contains_key(hash) || self.index.contains_key(hash).unwrap_or(false)
+        self.unsynced_mut().contains_key(hash) || self.held().contains_key(hash)
+    }
+
+    fn held(&self) -> std::sync::RwLockReadGuard<'_, HashMap<[u8; 32], Location>> {
+        self.held.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn held_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<[u8; 32], Location>> {
+        self.held.write().unwrap_or_else(|p| p.into_inner())
     }
 
     fn unsynced_mut(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Location>> {
@@ -448,14 +607,15 @@ impl ChunkStore {
         let mut aging = Vec::new();
         {
             let pending = self.unsynced_mut();
+            let held = self.held();
             for (i, h) in hashes.iter().enumerate() {
                 if pending.contains_key(h) {
                     unsynced = true;
                     continue;
                 }
-                match self.index.get(h)?.and_then(|v| Location::decode(&v)) {
+                match held.get(h) {
                     None => missing.push(i),
-                    Some(loc) => aging.push((i, *h, loc)),
+                    Some(loc) => aging.push((i, *h, *loc)),
                 }
             }
         }
@@ -549,31 +709,31 @@ impl ChunkStore {
             return Ok((0, 0));
         }
         // Out of the map first, so that no publish points at them from here on; then
-        // the index forgets their frames before the files go: a crash in between
-        // leaves a pack nothing points at, dropped by the next call.
+        // their frames are forgotten and the files go.
         self.packs
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|id, _| !doomed.contains(id));
-        let mut b = sled::Batch::default();
-        let mut chunks = 0;
-        for kv in self.index.iter() {
-            let (k, v) = kv?;
-            if Location::decode(&v).is_some_and(|l| doomed.contains(&l.pack)) {
-                b.remove(k);
-                chunks += 1;
-            }
-        }
-        self.index.apply_batch(b)?;
-        self.index.flush()?;
+        let chunks = {
+            let mut held = self.held_mut();
+            let before = held.len();
+            held.retain(|_, l| !doomed.contains(&l.pack));
+            before - held.len()
+        };
         self.unsynced_mut().retain(|_, l| !doomed.contains(&l.pack));
+        // The pack before its index: a crash in between leaves an index without its
+        // pack, which the next open drops.
         let mut bytes = 0;
         for id in doomed {
             let p = self.dir.join(pack_name(id));
             bytes += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-            match std::fs::remove_file(&p) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&p, e)),
-                _ => {}
+            for p in [p, self.dir.join(idx_name(id))] {
+                match std::fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io_err(&p, e))
+                    }
+                    _ => {}
+                }
             }
         }
         Ok((chunks, bytes))
@@ -656,8 +816,9 @@ impl ChunkStore {
         }
     }
 
-    /// Makes every published frame durable: one `fdatasync` of the pack and one index
-    /// flush. Returns how many frames it moved into the index.
+    /// Makes every published frame durable: one `fdatasync` of the pack, then its
+    /// entries appended to the pack's index and that synced. Returns how many frames it
+    /// moved into the index.
     pub fn sync(&self) -> Result<usize, ChunkError> {
         let _one = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         // Taken before the pack is synced: every frame in it was written before.
@@ -683,12 +844,18 @@ impl ChunkStore {
             return Err(io_err(&self.dir, e));
         }
         self.rotate_due()?;
-        let mut b = sled::Batch::default();
+        // Frames published before a rotation sit in the pack before the current one.
+        let mut by_pack: std::collections::BTreeMap<u32, Vec<u8>> = Default::default();
         for (h, loc) in &batch {
-            b.insert(&h[..], &loc.encode()[..]);
+            by_pack
+                .entry(loc.pack)
+                .or_default()
+                .extend_from_slice(&encode_record(h, loc));
         }
-        self.index.apply_batch(b)?;
-        self.index.flush()?;
+        for (id, records) in by_pack {
+            append_index(&self.dir, id, &records)?;
+        }
+        self.held_mut().extend(batch.iter().copied());
         // Readable from both places until now, so no reader misses one meanwhile.
         let mut pending = self.unsynced_mut();
         for (h, _) in &batch {
@@ -736,9 +903,9 @@ impl ChunkStore {
         let loc = match published {
             Some(loc) => loc,
             None => self
-                .index
-                .get(hash)?
-                .and_then(|v| Location::decode(&v))
+                .held()
+                .get(hash)
+                .copied()
                 .ok_or_else(|| ChunkError::Missing(hex::encode(hash)))?,
         };
         let file = self
@@ -783,13 +950,7 @@ impl ChunkStore {
     pub fn hashes(&self) -> Vec<[u8; 32]> {
         let mut all: std::collections::HashSet<[u8; 32]> =
             self.unsynced_mut().keys().copied().collect();
-        all.extend(
-            self.index
-                .iter()
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter_map(|k| <[u8; 32]>::try_from(k.as_ref()).ok()),
-        );
+        all.extend(self.held().keys().copied());
         all.into_iter().collect()
     }
 
@@ -804,19 +965,20 @@ impl ChunkStore {
         }
         let n = {
             let mut pending = self.unsynced_mut();
-            let n = self.index.len() + pending.len();
+            let mut held = self.held_mut();
+            let n = held.len() + pending.len();
             pending.clear();
+            held.clear();
             n
         };
         self.recent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        self.index.clear()?;
-        self.index.flush()?;
         let mut packs = self.packs.write().unwrap_or_else(|p| p.into_inner());
         for id in packs.keys() {
             let _ = std::fs::remove_file(self.dir.join(pack_name(*id)));
+            let _ = std::fs::remove_file(self.dir.join(idx_name(*id)));
         }
         packs.clear();
         let next = Self::new_pack(&self.dir, w.id + 1)?;
@@ -836,11 +998,12 @@ impl ChunkStore {
     }
 
     pub fn len(&self) -> usize {
-        self.index.len() + self.unsynced_mut().len()
+        let pending = self.unsynced_mut().len();
+        pending + self.held().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty() && self.unsynced_mut().is_empty()
+        self.len() == 0
     }
 }
 
@@ -886,6 +1049,99 @@ mod tests {
         );
         assert_eq!(store.clear(store.generation()).unwrap(), Some(2));
         assert!(store.is_empty());
+    }
+
+    #[test]
+    fn an_old_sled_index_is_moved_into_the_packs_and_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let raw = vec![5u8; 9000];
+        let hash = *blake3::hash(&raw).as_bytes();
+        let loc = {
+            let s = ChunkStore::open(dir.path(), db.open_tree("chunks").unwrap()).unwrap();
+            let (z, r) = compress(&raw);
+            s.commit(vec![s.stage(hash, &z, 9000, r).unwrap()]).unwrap();
+            let loc = s.held()[&hash];
+            loc
+        };
+        // The store as an older release left it: its index in sled, none beside the pack.
+        std::fs::remove_file(dir.path().join(idx_name(loc.pack))).unwrap();
+        let legacy = db.open_tree("chunks").unwrap();
+        legacy.insert(hash, &loc.encode()[..]).unwrap();
+        // An entry for a pack that is gone is dropped.
+        legacy
+            .insert([9u8; 32], &Location { pack: 77, ..loc }.encode()[..])
+            .unwrap();
+        let s = ChunkStore::open(dir.path(), db.open_tree("chunks").unwrap()).unwrap();
+        assert_eq!(s.read_raw(&hash).unwrap(), raw);
+        assert!(!s.has(&[9u8; 32]));
+        assert!(
+            db.open_tree("chunks").unwrap().is_empty(),
+            "sled was emptied"
+        );
+        drop(s);
+        let s = ChunkStore::open(dir.path(), db.open_tree("chunks").unwrap()).unwrap();
+        assert_eq!(
+            s.read_raw(&hash).unwrap(),
+            raw,
+            "the pack's own index has it now"
+        );
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn a_torn_or_damaged_index_tail_is_cut_off_and_the_entries_before_it_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let open = || ChunkStore::open(dir.path(), db.open_tree("chunks").unwrap()).unwrap();
+        let raws: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 3000 + i as usize]).collect();
+        let hashes: Vec<[u8; 32]> = raws.iter().map(|r| *blake3::hash(r).as_bytes()).collect();
+        let pack = {
+            let s = open();
+            for (h, r) in hashes.iter().zip(&raws) {
+                s.commit(vec![s.stage(*h, r, r.len() as u32, true).unwrap()])
+                    .unwrap();
+            }
+            let pack = s.held()[&hashes[0]].pack;
+            pack
+        };
+        let idx = dir.path().join(idx_name(pack));
+        assert_eq!(std::fs::metadata(&idx).unwrap().len(), 3 * RECORD as u64);
+        // A crash mid-append leaves part of an entry; a bad disk, a changed byte.
+        let mut data = std::fs::read(&idx).unwrap();
+        data[2 * RECORD + 40] ^= 1;
+        data.extend_from_slice(&[0xab; 20]);
+        std::fs::write(&idx, &data).unwrap();
+        let s = open();
+        assert_eq!(s.read_raw(&hashes[0]).unwrap(), raws[0]);
+        assert_eq!(s.read_raw(&hashes[1]).unwrap(), raws[1]);
+        assert!(!s.has(&hashes[2]), "a damaged entry is not trusted");
+        assert_eq!(std::fs::metadata(&idx).unwrap().len(), 2 * RECORD as u64);
+        // An entry pointing past its pack's end is not trusted either.
+        let mut beyond = std::fs::read(&idx).unwrap();
+        let far = Location {
+            pack,
+            offset: 1 << 40,
+            len: 10,
+            raw_len: 10,
+            raw: true,
+        };
+        beyond.extend_from_slice(&encode_record(&[7u8; 32], &far));
+        std::fs::write(&idx, &beyond).unwrap();
+        drop(s);
+        let s = open();
+        assert!(!s.has(&[7u8; 32]));
+        assert_eq!(s.len(), 2);
+        // An index whose pack is gone goes too.
+        std::fs::write(
+            dir.path().join(idx_name(999)),
+            encode_record(&[8u8; 32], &far),
+        )
+        .unwrap();
+        drop(s);
+        let s = open();
+        assert!(!s.has(&[8u8; 32]));
+        assert!(!dir.path().join(idx_name(999)).exists());
     }
 
     #[test]
@@ -960,10 +1216,10 @@ mod tests {
             s.commit(vec![st]).unwrap();
             h
         };
-        let packs = || {
+        let files = |ext: &str| {
             std::fs::read_dir(dir.path())
                 .unwrap()
-                .filter(|e| e.as_ref().unwrap().path().extension() == Some("pack".as_ref()))
+                .filter(|e| e.as_ref().unwrap().path().extension() == Some(ext.as_ref()))
                 .count()
         };
         let (raw_a, raw_b) = (
@@ -995,7 +1251,8 @@ mod tests {
         std::thread::sleep(keep + keep / 4);
         s.retain().unwrap();
         assert!(s.is_empty(), "{} chunks left", s.len());
-        assert_eq!(packs(), 1);
+        assert_eq!(files("pack"), 1);
+        assert_eq!(files("idx"), 0, "each pack's index went with it");
         let c = put(&s, b"after");
         assert!(s.has(&c));
         // Without a retention nothing ages out.

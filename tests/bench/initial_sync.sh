@@ -16,14 +16,21 @@
 # with inodes enough. Needs root.
 # PERF_CALLGRAPH=dwarf records the managers' call chains through Rust code (larger files).
 # UPSTREAM_COMPRESSION=none runs the site with --upstream-compression none.
+# BIN=DIR runs the ferry, ferry-agent, ferry-site and ferry-cloud binaries copied into DIR
+# instead of building them: alternating ROUNDS=1 runs of two builds compares them within
+# the same minutes.
 # Usage: [ROUNDS=N] [PERF=1 [PERF_CALLGRAPH=dwarf]] [FILES=N] [UPSTREAM_COMPRESSION=zstd|none]
-#        tests/bench/initial_sync.sh [WORKDIR]
+#        [BIN=DIR] tests/bench/initial_sync.sh [WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 W=${1:-/tmp/ferry-bench}
-B=${CARGO_TARGET_DIR:-$PWD/target}/release
 GEN=$(cd ../shared/bench && pwd)/make_bench_tree.py
-tests/bench/build_sync_bins.sh
+if [ -n "${BIN:-}" ]; then
+  B=$BIN
+else
+  B=${CARGO_TARGET_DIR:-$PWD/target}/release
+  tests/bench/build_sync_bins.sh
+fi
 
 cleanup() {
   pkill -f "ferry-(cloud|site) serve --data-dir $W" 2>/dev/null || true
