@@ -425,6 +425,19 @@ fn read_index(dir: &Path, id: u32, pack_len: u64) -> Result<Vec<([u8; 32], Locat
     Ok(out)
 }
 
+/// The files in `dir` named by a number and `suffix`, with their numbers.
+fn numbered(dir: &Path, suffix: &str) -> Result<Vec<(u32, PathBuf)>, ChunkError> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| io_err(dir, e))?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_suffix(suffix)?.parse::<u32>().ok()?;
+            Some((id, e.path()))
+        })
+        .collect())
+}
+
 /// Moves the entries of a sled index (a store from before the packs had their own)
 /// into the packs' indexes, then empties it. A crash in between moves them again: an
 /// entry twice in an index is harmless.
@@ -485,34 +498,16 @@ impl ChunkStore {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
         let mut packs = HashMap::new();
         let mut max = 0;
-        for e in std::fs::read_dir(dir)
-            .map_err(|e| io_err(dir, e))?
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name
-                .strip_suffix(".pack")
-                .and_then(|n| n.parse::<u32>().ok())
-            {
-                let f = std::fs::File::open(e.path()).map_err(|err| io_err(&e.path(), err))?;
-                packs.insert(id, Arc::new(f));
-                max = max.max(id);
-            }
+        for (id, path) in numbered(dir, ".pack")? {
+            let f = std::fs::File::open(&path).map_err(|err| io_err(&path, err))?;
+            packs.insert(id, Arc::new(f));
+            max = max.max(id);
         }
         migrate(dir, &packs, &legacy)?;
         // Indexes whose pack went (a crash inside `retain` or `clear`) go too.
-        for e in std::fs::read_dir(dir)
-            .map_err(|e| io_err(dir, e))?
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name
-                .strip_suffix(".idx")
-                .and_then(|n| n.parse::<u32>().ok())
-            {
-                if !packs.contains_key(&id) {
-                    let _ = std::fs::remove_file(e.path());
-                }
+        for (id, path) in numbered(dir, ".idx")? {
+            if !packs.contains_key(&id) {
+                let _ = std::fs::remove_file(path);
             }
         }
         // Older packs first, so a frame copied forward is found in its newest copy.
