@@ -449,23 +449,33 @@ fn migrate(
     if legacy.is_empty() {
         return Ok(());
     }
-    let mut by_pack: std::collections::BTreeMap<u32, Vec<u8>> = Default::default();
+    let mut entries = Vec::new();
     for kv in legacy.iter() {
         let (k, v) = kv?;
         if let (Ok(hash), Some(loc)) = (<[u8; 32]>::try_from(k.as_ref()), Location::decode(&v)) {
             if packs.contains_key(&loc.pack) {
-                by_pack
-                    .entry(loc.pack)
-                    .or_default()
-                    .extend_from_slice(&encode_record(&hash, &loc));
+                entries.push((hash, loc));
             }
         }
+    }
+    append_entries(dir, &entries)?;
+    legacy.clear()?;
+    legacy.flush()?;
+    Ok(())
+}
+
+/// Appends each entry to its own pack's index, one append per pack.
+fn append_entries(dir: &Path, entries: &[([u8; 32], Location)]) -> Result<(), ChunkError> {
+    let mut by_pack: std::collections::BTreeMap<u32, Vec<u8>> = Default::default();
+    for (h, loc) in entries {
+        by_pack
+            .entry(loc.pack)
+            .or_default()
+            .extend_from_slice(&encode_record(h, loc));
     }
     for (id, records) in by_pack {
         append_index(dir, id, &records)?;
     }
-    legacy.clear()?;
-    legacy.flush()?;
     Ok(())
 }
 
@@ -840,16 +850,7 @@ impl ChunkStore {
         }
         self.rotate_due()?;
         // Frames published before a rotation sit in the pack before the current one.
-        let mut by_pack: std::collections::BTreeMap<u32, Vec<u8>> = Default::default();
-        for (h, loc) in &batch {
-            by_pack
-                .entry(loc.pack)
-                .or_default()
-                .extend_from_slice(&encode_record(h, loc));
-        }
-        for (id, records) in by_pack {
-            append_index(&self.dir, id, &records)?;
-        }
+        append_entries(&self.dir, &batch)?;
         self.held_mut().extend(batch.iter().copied());
         // Readable from both places until now, so no reader misses one meanwhile.
         let mut pending = self.unsynced_mut();
