@@ -8,6 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_build::configure()
         .file_descriptor_set_path(out.join("ferry_descriptor.bin"))
+        // Chunk bytes are shared, not copied, as frames are queued, retried and decoded.
+        .bytes(["ferry.v1.ChunkFrame.zdata"])
         .type_attribute("ferry.v1.FsStatus", serde)
         .type_attribute("ferry.v1.AgentHosts", serde)
         .type_attribute("ferry.v1.AgentHost", serde)

@@ -261,8 +261,14 @@ fn compressed(f: ChunkFrame) -> ChunkFrame {
     if !f.raw {
         return f;
     }
-    let (zdata, raw) = ferry_common::chunks::compress(&f.zdata);
-    ChunkFrame { zdata, raw, ..f }
+    match ferry_common::chunks::compress(&f.zdata) {
+        (_, true) => f,
+        (zdata, raw) => ChunkFrame {
+            zdata: zdata.into(),
+            raw,
+            ..f
+        },
+    }
 }
 
 /// A batch ready to apply, with the index records it vouches for.

@@ -97,7 +97,7 @@ pub struct Registration {
 #[derive(Debug, Clone)]
 pub struct Frame {
     pub hash: [u8; 32],
-    pub zdata: Vec<u8>,
+    pub zdata: bytes::Bytes,
     pub raw_len: u32,
     pub raw: bool,
 }
@@ -967,7 +967,7 @@ impl Ingest {
                         copied += raw.len() as u64;
                         let (z, is_raw) = chunks::compress(&raw);
                         staged.push(store.stage(*hash, &z, raw.len() as u32, is_raw)?);
-                        store.remember(*hash, raw);
+                        store.remember(*hash, raw.into());
                     }
                     None => still.push(i),
                 }

@@ -1,6 +1,7 @@
 //! How file contents become chunks, for the agent's scanner and the site's agentless
 //! reader alike: content-defined cuts (FastCDC) named by BLAKE3, so the same bytes make
 //! the same chunks whoever read them, and deduplication holds across both.
+use bytes::Bytes;
 use ferry_proto::v1::{ChunkRef, Segment};
 use std::io::Read;
 
@@ -27,30 +28,65 @@ pub fn params(file_size: u64) -> (u32, u32, u32) {
     }
 }
 
+/// Bytes read from a run at a time. Chunks are slices of this buffer, not copies; only
+/// the tail after the last cut (less than one chunk) is copied into the next one. A
+/// chunk still queued keeps its whole buffer alive, so it is not larger.
+const READ_BUF: usize = 2 << 20;
+
 /// Cuts one run of data (read from `run`, which starts at `offset` in a file of
 /// `file_size` bytes) into chunks, handing each chunk's hash and bytes to `each` in
 /// order; returns the run's segment (no chunks for an empty run).
+///
+/// The cuts are FastCDC's over the whole run: each is made with at least a maximum
+/// chunk's bytes ahead of it, or all that is left, as `fastcdc::v2020::StreamCDC` makes
+/// them (so chunks stored by earlier releases are found again). StreamCDC moved its
+/// whole buffer after every chunk and copied each chunk out, which was most of the
+/// agent's `memmove`.
 pub fn chunk_run(
-    run: impl Read,
+    mut run: impl Read,
     offset: u64,
     file_size: u64,
-    mut each: impl FnMut([u8; 32], Vec<u8>) -> std::io::Result<()>,
+    mut each: impl FnMut([u8; 32], Bytes) -> std::io::Result<()>,
 ) -> std::io::Result<Segment> {
     let (min, avg, max) = params(file_size);
+    let max_len = max as usize;
+    let cap = usize::try_from(file_size)
+        .unwrap_or(usize::MAX)
+        .clamp(max_len, READ_BUF.max(max_len));
+    let mut buf = Bytes::new();
+    let (mut pos, mut eof) = (0usize, false);
     let mut seg = Segment {
         offset,
         chunks: Vec::new(),
     };
-    for chunk in fastcdc::v2020::StreamCDC::new(run, min, avg, max) {
-        let chunk = chunk.map_err(std::io::Error::from)?;
-        let hash = *blake3::hash(&chunk.data).as_bytes();
-        seg.chunks.push(ChunkRef {
-            hash: hash.to_vec(),
-            len: chunk.data.len() as u32,
-        });
-        each(hash, chunk.data)?;
+    loop {
+        if !eof && buf.len() - pos < max_len {
+            let mut next = Vec::with_capacity(cap);
+            next.extend_from_slice(&buf[pos..]);
+            // Reads into the spare capacity without zeroing it first; short only at the end.
+            let want = cap - next.len();
+            let got = (&mut run).take(want as u64).read_to_end(&mut next)?;
+            eof = got < want;
+            buf = Bytes::from(next);
+            pos = 0;
+        }
+        if pos == buf.len() {
+            return Ok(seg);
+        }
+        let len = buf.len();
+        let cdc = fastcdc::v2020::FastCDC::new(&buf, min, avg, max);
+        while pos < len && (eof || len - pos >= max_len) {
+            let (_, end) = cdc.cut(pos, len - pos);
+            let data = buf.slice(pos..end);
+            pos = end;
+            let hash = *blake3::hash(&data).as_bytes();
+            seg.chunks.push(ChunkRef {
+                hash: hash.to_vec(),
+                len: data.len() as u32,
+            });
+            each(hash, data)?;
+        }
     }
-    Ok(seg)
 }
 
 #[cfg(test)]
@@ -76,6 +112,62 @@ mod tests {
         let again = chunk_run(&data[..], 4096, data.len() as u64, |_, _| Ok(())).unwrap();
         assert_eq!(again, seg);
         assert!(seg.chunks.iter().all(|c| c.len <= CDC_LARGE.2));
+    }
+
+    /// A reader that hands out at most `step` bytes per call, as a pipe or a slow disk may.
+    struct Dribble<'a>(&'a [u8], usize);
+    impl Read for Dribble<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = out.len().min(self.1).min(self.0.len());
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_cuts_are_streamcdcs_whatever_the_reads() {
+        // Cuts must not move between releases: chunks already held are found by hash.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..(9usize << 20) + 12_345)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        for (len, size) in [
+            (0usize, 0u64),
+            (100, 100),
+            (40_000, 40_000),
+            (SMALL_CHUNKS_UP_TO as usize, SMALL_CHUNKS_UP_TO),
+            (3 << 20, 3 << 20),
+            (data.len(), MEDIUM_CHUNKS_UP_TO + 1),
+            // A run shorter than its file (the rest is a hole).
+            (700_000, 64 << 20),
+        ] {
+            let (min, avg, max) = params(size);
+            let want: Vec<(usize, usize)> =
+                fastcdc::v2020::StreamCDC::new(&data[..len], min, avg, max)
+                    .map(|c| c.unwrap())
+                    .map(|c| (c.offset as usize, c.length))
+                    .collect();
+            for step in [usize::MAX, 65_536, 4_093] {
+                let mut at = 0;
+                let mut got = Vec::new();
+                let seg = chunk_run(Dribble(&data[..len], step), 0, size, |h, b| {
+                    assert_eq!(h, *blake3::hash(&data[at..at + b.len()]).as_bytes());
+                    assert_eq!(b, data[at..at + b.len()]);
+                    got.push((at, b.len()));
+                    at += b.len();
+                    Ok(())
+                })
+                .unwrap();
+                assert_eq!(got, want, "run of {len} bytes, reads of {step}");
+                assert_eq!(seg.chunks.len(), want.len());
+            }
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! A store may also keep the raw contents of chunks it just checked (`with_recent`),
 //! within a byte budget, so that applying them soon after reads and decompresses
 //! nothing: they are named by their content, so a copy is as good as the pack.
+use bytes::Bytes;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -139,13 +140,19 @@ pub fn unframe(data: &[u8], raw_len: u32, raw: bool) -> Result<Vec<u8>, ChunkErr
 }
 
 /// Unframes a chunk from the wire and checks its name.
+/// A raw frame's bytes are returned as they came, shared, not copied.
 pub fn verify_frame(
     hash: &[u8; 32],
-    data: &[u8],
+    data: &Bytes,
     raw_len: u32,
     raw: bool,
-) -> Result<Vec<u8>, ChunkError> {
-    let out = unframe(data, raw_len, raw)?;
+) -> Result<Bytes, ChunkError> {
+    let out = if raw {
+        check_shape(hash, data.len(), raw_len, raw)?;
+        data.clone()
+    } else {
+        unframe(data, raw_len, raw)?.into()
+    };
     if blake3::hash(&out).as_bytes() != hash {
         return Err(ChunkError::Malformed(
             "chunk content does not match its hash".into(),
@@ -290,11 +297,11 @@ struct Recent {
     /// not a later one of the same chunk.
     seq: u64,
     order: VecDeque<([u8; 32], u64)>,
-    raw: HashMap<[u8; 32], (u64, Vec<u8>)>,
+    raw: HashMap<[u8; 32], (u64, Bytes)>,
 }
 
 impl Recent {
-    fn put(&mut self, hash: [u8; 32], raw: Vec<u8>) {
+    fn put(&mut self, hash: [u8; 32], raw: Bytes) {
         if self.budget == 0 || raw.len() > self.budget || self.raw.contains_key(&hash) {
             return;
         }
@@ -326,7 +333,7 @@ impl Recent {
         self.raw.get(hash).is_some_and(|(s, _)| s == seq)
     }
 
-    fn take(&mut self, hash: &[u8; 32]) -> Option<Vec<u8>> {
+    fn take(&mut self, hash: &[u8; 32]) -> Option<Bytes> {
         let (_, v) = self.raw.remove(hash)?;
         self.bytes -= v.len();
         while self.order.front().is_some_and(|e| !self.is_kept(e)) {
@@ -559,7 +566,7 @@ impl ChunkStore {
     }
 
     /// Keeps `raw`, whose BLAKE3 the caller checked is `hash`, for the next read of it.
-    pub fn remember(&self, hash: [u8; 32], raw: Vec<u8>) {
+    pub fn remember(&self, hash: [u8; 32], raw: Bytes) {
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         recent.put(hash, raw);
     }
@@ -922,7 +929,7 @@ impl ChunkStore {
     }
 
     /// The raw chunk (kept by `remember`, or read from its pack).
-    pub fn read_raw(&self, hash: &[u8; 32]) -> Result<Vec<u8>, ChunkError> {
+    pub fn read_raw(&self, hash: &[u8; 32]) -> Result<Bytes, ChunkError> {
         let kept = self
             .recent
             .lock()
@@ -934,7 +941,7 @@ impl ChunkStore {
             return Ok(raw);
         }
         let f = self.read_frame(hash)?;
-        unframe(&f.data, f.raw_len, f.raw)
+        Ok(unframe(&f.data, f.raw_len, f.raw)?.into())
     }
 
     /// Changes with every append and every publish.
@@ -1024,7 +1031,7 @@ mod tests {
             let hash = *blake3::hash(&raw).as_bytes();
             let (z, is_raw) = compress(&raw);
             assert_eq!(
-                verify_frame(&hash, &z, raw.len() as u32, is_raw).unwrap(),
+                verify_frame(&hash, &Bytes::from(z.clone()), raw.len() as u32, is_raw).unwrap(),
                 raw
             );
             let staged = store.stage(hash, &z, raw.len() as u32, is_raw).unwrap();
@@ -1285,7 +1292,7 @@ mod tests {
         assert_eq!(s.missing(&[h], true).unwrap(), [0]);
         let again = s.stage(h, raw, raw.len() as u32, true).unwrap();
         assert_eq!(s.commit(vec![again]).unwrap(), 1);
-        assert_eq!(s.read_raw(&h).unwrap(), raw);
+        assert_eq!(s.read_raw(&h).unwrap(), raw[..]);
     }
 
     #[test]
@@ -1294,11 +1301,17 @@ mod tests {
         let hash = *blake3::hash(&raw).as_bytes();
         let (z, r) = compress(&raw);
         assert!(!r);
+        let z = Bytes::from(z);
         assert!(verify_frame(&hash, &z, 999, false).is_err());
         assert!(verify_frame(&[0; 32], &z, 1000, false).is_err());
-        assert!(verify_frame(&hash, b"not zstd", 1000, false).is_err());
+        assert!(verify_frame(&hash, &Bytes::from_static(b"not zstd"), 1000, false).is_err());
         assert!(verify_frame(&hash, &z, (MAX_CHUNK + 1) as u32, false).is_err());
-        assert!(verify_frame(&hash, &raw[..999], 1000, true).is_err());
+        let raw = Bytes::from(raw);
+        assert!(verify_frame(&hash, &raw.slice(..999), 1000, true).is_err());
+        assert!(verify_frame(&[0; 32], &raw, 1000, true).is_err());
+        // A raw frame that is its name comes back as it came: shared, not copied.
+        let out = verify_frame(&hash, &raw, 1000, true).unwrap();
+        assert_eq!(out.as_ptr(), raw.as_ptr());
     }
 
     #[test]
@@ -1308,7 +1321,7 @@ mod tests {
         let chunk = |b: u8| vec![b; 1024];
         let name = |b: u8| *blake3::hash(&chunk(b)).as_bytes();
         for b in 0..4 {
-            s.remember(name(b), chunk(b));
+            s.remember(name(b), chunk(b).into());
         }
         // Only what the budget holds, the oldest dropped; each read once from memory.
         assert_eq!(s.read_raw(&name(3)).unwrap(), chunk(3));
@@ -1327,19 +1340,19 @@ mod tests {
         assert_eq!(s.read_raw(&name(2)).unwrap(), chunk(2));
         // Kept again after it was taken, a chunk is not dropped by its first keeping.
         for b in 5..8 {
-            s.remember(name(b), chunk(b));
+            s.remember(name(b), chunk(b).into());
         }
         s.read_raw(&name(6)).unwrap();
-        s.remember(name(6), chunk(6));
-        s.remember(name(8), chunk(8));
-        s.remember(name(9), chunk(9));
+        s.remember(name(6), chunk(6).into());
+        s.remember(name(8), chunk(8).into());
+        s.remember(name(9), chunk(9).into());
         assert_eq!(s.read_raw(&name(6)).unwrap(), chunk(6));
         assert!(matches!(s.read_raw(&name(7)), Err(ChunkError::Missing(_))));
         // Names whose chunks were taken do not pile up.
         for i in 0..10_000u32 {
             let raw = i.to_le_bytes().to_vec();
             let h = *blake3::hash(&raw).as_bytes();
-            s.remember(h, raw);
+            s.remember(h, raw.into());
             s.read_raw(&h).unwrap();
         }
         let recent = s.recent.lock().unwrap();

@@ -267,7 +267,7 @@ async fn push_group(
                 bytes += f.data.len();
                 frames.push(pb::ChunkFrame {
                     hash: h.clone(),
-                    zdata: f.data,
+                    zdata: f.data.into(),
                     raw_len: f.raw_len,
                     raw: f.raw,
                 });

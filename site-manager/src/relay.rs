@@ -759,8 +759,14 @@ impl Relay {
             if !f.raw {
                 return f;
             }
-            let (zdata, raw) = chunks::compress(&f.zdata);
-            pb::ChunkFrame { zdata, raw, ..f }
+            match chunks::compress(&f.zdata) {
+                (_, true) => f,
+                (zdata, raw) => pb::ChunkFrame {
+                    zdata: zdata.into(),
+                    raw,
+                    ..f
+                },
+            }
         };
         let bytes: usize = frames.iter().map(|f| f.zdata.len()).sum();
         if bytes <= COMPRESS_INLINE {
@@ -1156,7 +1162,7 @@ mod tests {
         let frame = |data: Vec<u8>, raw: bool| pb::ChunkFrame {
             hash: data.iter().take(32).copied().collect(),
             raw_len: data.len() as u32,
-            zdata: data,
+            zdata: data.into(),
             raw,
         };
         let text: Vec<u8> = (0..20_000)
@@ -1173,7 +1179,7 @@ mod tests {
             frame(text.clone(), true),
             frame(noise.clone(), true),
             pb::ChunkFrame {
-                zdata: z.clone(),
+                zdata: z.clone().into(),
                 raw: false,
                 ..frame(text.clone(), true)
             },
@@ -1221,14 +1227,16 @@ mod tests {
         let raw = |data: &[u8]| pb::ChunkFrame {
             hash: blake3::hash(data).as_bytes().to_vec(),
             raw_len: data.len() as u32,
-            zdata: data.to_vec(),
+            zdata: bytes::Bytes::copy_from_slice(data),
             raw: true,
         };
         for compress in [true, false] {
             let dir = tempfile::tempdir().unwrap();
             let r = relay_with(dir.path(), true, compress);
             let mut forged = raw(&text);
-            forged.zdata[0] ^= 1;
+            let mut z = forged.zdata.to_vec();
+            z[0] ^= 1;
+            forged.zdata = z.into();
             assert!(r.spool_frame(forged).await.is_err());
             let staged = r.spool_frame(raw(&text)).await.unwrap().unwrap();
             r.chunks.publish(vec![staged]).unwrap();

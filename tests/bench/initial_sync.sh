@@ -14,7 +14,7 @@
 # With FILES=N the tree is N small files in directories of 1,000 instead (the memory
 # benchmark's tree; FILES=1000000 for issue 20's small-file goal), on 8 GiB file systems
 # with inodes enough. Needs root.
-# PERF_CALLGRAPH=dwarf records the managers' call chains through Rust code (larger files).
+# PERF_CALLGRAPH=dwarf records every process's call chains through Rust code (larger files).
 # UPSTREAM_COMPRESSION=none runs the site with --upstream-compression none.
 # BIN=DIR runs the ferry, ferry-agent, ferry-site and ferry-cloud binaries copied into DIR
 # instead of building them: alternating ROUNDS=1 runs of two builds compares them within
@@ -131,7 +131,7 @@ for round in $(seq 1 "$rounds"); do
     echo 0 > /proc/sys/kernel/kptr_restrict 2>/dev/null || true
     perf record -q --call-graph "${PERF_CALLGRAPH:-fp}" -F 497 -p "$cloud_pid,$site_pid" -o "$W/perf-managers.data" 2>/dev/null &
     perf_pid=$!
-    agent_perf=(perf record -q -F 497 -o "$W/perf-agent.data" --)
+    agent_perf=(perf record -q ${PERF_CALLGRAPH:+--call-graph "$PERF_CALLGRAPH"} -F 497 -o "$W/perf-agent.data" --)
     sleep 1
   fi
   t0=$(now)

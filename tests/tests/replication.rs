@@ -214,7 +214,7 @@ fn random_frames(n: usize) -> Vec<pb::ChunkFrame> {
             pb::ChunkFrame {
                 hash: blake3::hash(&data).as_bytes().to_vec(),
                 raw_len: data.len() as u32,
-                zdata: data,
+                zdata: data.into(),
                 raw: true,
             }
         })
@@ -275,7 +275,9 @@ async fn a_site_streams_uploads_through_to_a_cloud_that_answers_and_spools_while
 
     // Content that is not its name: refused by the cloud, and said so to the agent.
     let mut bad = random_frames(2);
-    bad[1].zdata[0] ^= 1;
+    let mut z = bad[1].zdata.to_vec();
+    z[0] ^= 1;
+    bad[1].zdata = z.into();
     let bad_hashes = hashes_of(&bad);
     let e = agent
         .put_chunks(tokio_stream::iter(bad))

@@ -533,7 +533,7 @@ async fn missing_chunks_are_named_by_index_and_the_ask_is_bounded() {
     let (z, raw) = ferry_common::chunks::compress(data);
     let frame = Frame {
         hash,
-        zdata: z,
+        zdata: z.into(),
         raw_len: data.len() as u32,
         raw,
     };
@@ -559,7 +559,7 @@ async fn a_frame_whose_bytes_do_not_match_its_hash_is_refused() {
     let (z, raw) = ferry_common::chunks::compress(b"real");
     let frame = Frame {
         hash: *blake3::hash(b"claimed").as_bytes(),
-        zdata: z,
+        zdata: z.into(),
         raw_len: 4,
         raw,
     };
