@@ -67,6 +67,11 @@ pub fn chunk_run(
             let want = cap - next.len();
             let got = (&mut run).take(want as u64).read_to_end(&mut next)?;
             eof = got < want;
+            if eof {
+                // A small file's chunks would otherwise each hold a buffer of the
+                // largest chunk's size while they wait to be sent.
+                next.shrink_to_fit();
+            }
             buf = Bytes::from(next);
             pos = 0;
         }
@@ -168,6 +173,22 @@ mod tests {
                 assert_eq!(seg.chunks.len(), want.len());
             }
         }
+    }
+
+    #[test]
+    fn a_small_files_chunk_holds_no_more_memory_than_its_bytes() {
+        let data = vec![5u8; 1000];
+        let mut kept = Vec::new();
+        chunk_run(&data[..], 0, data.len() as u64, |_, b| {
+            kept.push(b);
+            Ok(())
+        })
+        .unwrap();
+        let chunk = kept.pop().unwrap();
+        let owned = chunk
+            .try_into_mut()
+            .expect("the chunk alone holds its buffer");
+        assert_eq!((owned.len(), owned.capacity()), (1000, 1000));
     }
 
     #[test]
