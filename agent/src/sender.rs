@@ -233,9 +233,13 @@ async fn upload(
     let send: Vec<ChunkFrame> = if gate.frames_raw() {
         send
     } else {
-        tokio::task::spawn_blocking(move || send.into_iter().map(compressed).collect())
-            .await
-            .map_err(|_| SendError::Stopped)?
+        tokio::task::spawn_blocking(move || {
+            send.into_iter()
+                .map(ferry_common::chunks::compressed_frame)
+                .collect()
+        })
+        .await
+        .map_err(|_| SendError::Stopped)?
     };
     if !send.is_empty() {
         let bytes: u64 = send.iter().map(|f| f.zdata.len() as u64).sum();
@@ -254,21 +258,6 @@ async fn upload(
         .iter()
         .filter_map(|f| <[u8; 32]>::try_from(f.hash.as_slice()).ok())
         .collect())
-}
-
-/// A frame the scanner left raw, compressed for the wire (zstd unless that does not help).
-fn compressed(f: ChunkFrame) -> ChunkFrame {
-    if !f.raw {
-        return f;
-    }
-    match ferry_common::chunks::compress(&f.zdata) {
-        (_, true) => f,
-        (zdata, raw) => ChunkFrame {
-            zdata: zdata.into(),
-            raw,
-            ..f
-        },
-    }
 }
 
 /// A batch ready to apply, with the index records it vouches for.

@@ -212,6 +212,22 @@ pub fn compress(raw: &[u8]) -> (Vec<u8>, bool) {
     }
 }
 
+/// A frame as it goes on a slow link: a raw one zstd-compressed where that makes it
+/// smaller, any other as it came (its bytes shared, not copied).
+pub fn compressed_frame(f: ferry_proto::v1::ChunkFrame) -> ferry_proto::v1::ChunkFrame {
+    if !f.raw {
+        return f;
+    }
+    match compress(&f.zdata) {
+        (_, true) => f,
+        (zdata, raw) => ferry_proto::v1::ChunkFrame {
+            zdata: zdata.into(),
+            raw,
+            ..f
+        },
+    }
+}
+
 /// Where a frame lives: pack, offset, length, raw length, raw flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Location {

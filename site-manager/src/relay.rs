@@ -755,26 +755,15 @@ impl Relay {
         if !self.compress_upstream || frames.iter().all(|f| !f.raw) {
             return Ok(frames);
         }
-        let compress = |f: pb::ChunkFrame| {
-            if !f.raw {
-                return f;
-            }
-            match chunks::compress(&f.zdata) {
-                (_, true) => f,
-                (zdata, raw) => pb::ChunkFrame {
-                    zdata: zdata.into(),
-                    raw,
-                    ..f
-                },
-            }
-        };
         let bytes: usize = frames.iter().map(|f| f.zdata.len()).sum();
         if bytes <= COMPRESS_INLINE {
-            return Ok(frames.into_iter().map(compress).collect());
+            return Ok(frames.into_iter().map(chunks::compressed_frame).collect());
         }
-        tokio::task::spawn_blocking(move || frames.into_iter().map(compress).collect())
-            .await
-            .map_err(RelayError::Task)
+        tokio::task::spawn_blocking(move || {
+            frames.into_iter().map(chunks::compressed_frame).collect()
+        })
+        .await
+        .map_err(RelayError::Task)
     }
 
     /// Streams an agent's upload to the cloud manager, which checks every chunk in full
@@ -1227,7 +1216,7 @@ mod tests {
         let raw = |data: &[u8]| pb::ChunkFrame {
             hash: blake3::hash(data).as_bytes().to_vec(),
             raw_len: data.len() as u32,
-            zdata: bytes::Bytes::copy_from_slice(data),
+            zdata: data.to_vec().into(),
             raw: true,
         };
         for compress in [true, false] {
