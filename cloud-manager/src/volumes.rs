@@ -3,7 +3,7 @@
 //! under the data dir.
 use crate::state::FsRecord;
 use ferry_common::cmd::{run, CommandError};
-use std::os::unix::ffi::OsStringExt;
+use ferry_sysconf::mountinfo::{self, MountRow};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -759,29 +759,13 @@ fn shown(holders: &[String]) -> String {
 
 /// The peer group of the shared mount at `mnt` (`shared:N` in our mountinfo).
 fn peer_group(mnt: &Path) -> Option<String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let at = escaped(mnt);
-    info.lines()
+    mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo"))
+        .ok()?
+        .into_iter()
         .rev()
-        .find(|l| l.split(' ').nth(4) == Some(at.as_str()))?
-        .split(" - ")
-        .next()?
-        .split(' ')
-        .skip(6)
-        .find_map(|f| f.strip_prefix("shared:"))
+        .find(|r| r.mount_point == mnt)?
+        .tag("shared")
         .map(str::to_string)
-}
-
-/// A path as mountinfo writes it (space, tab, newline and backslash octal-escaped).
-fn escaped(p: &Path) -> String {
-    let mut out = String::new();
-    for c in p.to_string_lossy().chars() {
-        match c {
-            ' ' | '\t' | '\n' | '\\' => out.push_str(&format!("\\{:03o}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// The processes, one per mount namespace other than ours, with a copy of a mount of
@@ -795,14 +779,8 @@ fn copies(dev: &str, group: Option<&str>) -> Vec<String> {
     let number = std::fs::read_to_string(format!("/sys/block/{name}/dev")).unwrap_or_default();
     let number = number.trim();
     let ours = std::fs::read_link("/proc/self/ns/mnt").ok();
-    let reached = |fields: &str| {
-        group.is_some_and(|g| {
-            fields.split(' ').skip(6).any(|f| {
-                f.strip_prefix("shared:")
-                    .or_else(|| f.strip_prefix("master:"))
-                    == Some(g)
-            })
-        })
+    let reached = |row: &MountRow| {
+        group.is_some_and(|g| row.tag("shared") == Some(g) || row.tag("master") == Some(g))
     };
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
@@ -817,18 +795,14 @@ fn copies(dev: &str, group: Option<&str>) -> Vec<String> {
         if Some(&ns) == ours.as_ref() || seen.contains(&ns) {
             continue;
         }
-        let Ok(info) = std::fs::read_to_string(p.path().join("mountinfo")) else {
+        let Ok(rows) = mountinfo::read_mountinfo(&p.path().join("mountinfo")) else {
             continue;
         };
         seen.insert(ns);
         // btrfs shows an anonymous device number; its source is the loop device.
-        let holds = info.lines().any(|l| {
-            let Some((fields, fs)) = l.split_once(" - ") else {
-                return false;
-            };
-            let of_dev =
-                fields.split(' ').nth(2) == Some(number) || fs.split(' ').nth(1) == Some(dev);
-            of_dev && !reached(fields)
+        let holds = rows.iter().any(|r| {
+            let of_dev = format!("{}:{}", r.major, r.minor) == number || r.source == dev;
+            of_dev && !reached(r)
         });
         if holds {
             let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
@@ -860,33 +834,11 @@ fn contained(mnt: &Path) -> bool {
 
 /// A mount point at or below `dir`, if there is one (from this process's mount table).
 pub fn mount_under(dir: &Path) -> Option<PathBuf> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    table.lines().find_map(|line| {
-        // The fifth field, with spaces and the like escaped in octal (`\040`).
-        let field = line.split(' ').nth(4)?;
-        let mut bytes = Vec::with_capacity(field.len());
-        let raw = field.as_bytes();
-        let mut i = 0;
-        while i < raw.len() {
-            let octal = raw.get(i + 1..i + 4).and_then(|d| {
-                std::str::from_utf8(d)
-                    .ok()
-                    .and_then(|d| u8::from_str_radix(d, 8).ok())
-            });
-            match (raw[i], octal) {
-                (b'\\', Some(b)) => {
-                    bytes.push(b);
-                    i += 4;
-                }
-                (b, _) => {
-                    bytes.push(b);
-                    i += 1;
-                }
-            }
-        }
-        let point = PathBuf::from(std::ffi::OsString::from_vec(bytes));
-        point.starts_with(dir).then_some(point)
-    })
+    mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo"))
+        .ok()?
+        .into_iter()
+        .map(|r| r.mount_point)
+        .find(|point| point.starts_with(dir))
 }
 
 /// Whether `path` is a mount point (util-linux `mountpoint`).
@@ -910,10 +862,8 @@ mod tests {
     }
 
     fn has_mount(pid: u32, mnt: &Path) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).is_ok_and(|i| {
-            i.lines()
-                .any(|l| l.split(' ').nth(4) == Some(&escaped(mnt)))
-        })
+        mountinfo::read_mountinfo(Path::new(&format!("/proc/{pid}/mountinfo")))
+            .is_ok_and(|rows| rows.iter().any(|r| r.mount_point == mnt))
     }
 
     /// The unique id of the mount at `mnt` here (`STATX_MNT_ID_UNIQUE`, never reused,

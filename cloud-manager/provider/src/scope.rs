@@ -5,6 +5,7 @@
 //! (a dash nests slices); elsewhere a cgroup
 //! `ferry-clones/NETNS` in each hierarchy that tracks processes (cgroup2, and v1's
 //! `name=systemd`). The manager finds the processes again by pid file, as before.
+use ferry_sysconf::mountinfo::parse_mountinfo;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -120,30 +121,17 @@ fn make_dir(dir: &Path) -> bool {
     }
 }
 
-/// Mount points of the cgroup2 hierarchy and of v1's `name=systemd` hierarchy, from
-/// `/proc/self/mountinfo` (fields: ... mount point (5th) ... ` - ` fstype source options).
+/// Mount points of the cgroup2 hierarchy and of v1's `name=systemd` hierarchy.
 fn tracking_hierarchies(mountinfo: &str) -> Vec<PathBuf> {
-    let mut roots = Vec::new();
-    for line in mountinfo.lines() {
-        let Some((head, tail)) = line.split_once(" - ") else {
-            continue;
-        };
-        let Some(point) = head.split(' ').nth(4) else {
-            continue;
-        };
-        let mut tail = tail.split(' ');
-        let (fstype, options) = (tail.next(), tail.nth(1).unwrap_or(""));
-        let tracks = match fstype {
-            Some("cgroup2") => true,
-            Some("cgroup") => options.split(',').any(|o| o == "name=systemd"),
+    parse_mountinfo(mountinfo)
+        .into_iter()
+        .filter(|r| match r.fstype.as_str() {
+            "cgroup2" => true,
+            "cgroup" => r.super_options.split(',').any(|o| o == "name=systemd"),
             _ => false,
-        };
-        // Mount points escape spaces as \040; cgroup roots have none.
-        if tracks && !point.contains('\\') {
-            roots.push(PathBuf::from(point));
-        }
-    }
-    roots
+        })
+        .map(|r| r.mount_point)
+        .collect()
 }
 
 #[cfg(test)]
@@ -169,6 +157,12 @@ mod tests {
         assert_eq!(
             tracking_hierarchies(unified),
             vec![PathBuf::from("/sys/fs/cgroup")]
+        );
+        // A mount point with a space is written escaped; it is found by its real name.
+        let spaced = "30 1 0:26 / /run/my\\040cg rw shared:4 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            tracking_hierarchies(spaced),
+            vec![PathBuf::from("/run/my cg")]
         );
     }
 

@@ -16,6 +16,24 @@ pub struct MountRow {
     pub mount_point: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// The optional fields: propagation tags such as `shared:N` and `master:N`.
+    pub tags: Vec<String>,
+    /// The file system's own options (after the source), such as `name=systemd`.
+    pub super_options: String,
+}
+
+impl MountRow {
+    /// The value of propagation tag `name` (`shared`, `master`...), if the mount has it.
+    pub fn tag(&self, name: &str) -> Option<&str> {
+        self.tags
+            .iter()
+            .find_map(|t| t.strip_prefix(name)?.strip_prefix(':'))
+    }
+}
+
+/// This process's mount table (`/proc/self/mountinfo`), or another's.
+pub fn read_mountinfo(path: &std::path::Path) -> std::io::Result<Vec<MountRow>> {
+    Ok(parse_mountinfo(&std::fs::read_to_string(path)?))
 }
 
 /// Undoes mountinfo's octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` backslash).
@@ -65,6 +83,8 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountRow> {
                 fstype: f.get(sep + 1)?.to_string(),
                 source: String::from_utf8_lossy(&unescape_octal(f.get(sep + 2).unwrap_or(&"")))
                     .into_owned(),
+                tags: f[6..sep].iter().map(|t| t.to_string()).collect(),
+                super_options: f.get(sep + 3).unwrap_or(&"").to_string(),
             })
         })
         .collect()

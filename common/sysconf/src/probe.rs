@@ -1718,9 +1718,17 @@ bad line
                 root: "/".into(),
                 mount_point: "/boot".into(),
                 fstype: "ext4".into(),
-                source: "/dev/sda1".into()
+                source: "/dev/sda1".into(),
+                tags: vec!["shared:2".into(), "master:3".into()],
+                super_options: "rw".into(),
             }
         );
+        assert_eq!(
+            (rows[2].tag("shared"), rows[2].tag("master")),
+            (Some("2"), Some("3"))
+        );
+        assert_eq!(rows[1].tag("master"), None);
+        assert_eq!(rows[1].super_options, "rw,discard");
         assert_eq!(rows[3].mount_point, Path::new("/srv/my data"));
         assert_eq!(
             crate::mountinfo::unescape_octal(r"a\011b\134c\012"),
