@@ -58,6 +58,10 @@ impl Cloud {
             providers,
         } = parts;
         let meta = Meta::open(&store)?;
+        // An earlier release's places say nothing of their file's version: only hints go.
+        if let Err(e) = store.db().drop_tree(crate::located::OLD_TREE) {
+            tracing::warn!(error = %e, "cannot drop the earlier release's chunk places");
+        }
         let counters = Arc::new(meta.load_counters()?);
         let providers = Arc::new(providers);
         let replication = Arc::new(Replication::new(
@@ -70,7 +74,7 @@ impl Cloud {
                 replication.clone(),
                 meta,
                 chunks,
-                crate::located::Located::new(store.tree("located")?),
+                crate::located::Located::new(store.tree(crate::located::TREE)?),
                 tokens,
                 ca,
                 lifetime,

@@ -959,8 +959,12 @@ impl Ingest {
                     continue;
                 }
                 let raw = located.get(hash).and_then(|place| {
-                    let mnt = volumes.mount_point(&place.system, &place.fs_id);
-                    located::read_back(&mnt, &place, hash)
+                    let mnt = volumes.present(&place.system, &place.fs_id)?;
+                    let raw = located::read_back(&mnt, &place, hash);
+                    if raw.is_none() {
+                        located.forget(hash, &place);
+                    }
+                    raw
                 });
                 match raw {
                     Some(raw) => {
@@ -983,6 +987,31 @@ impl Ingest {
         })
         .await?;
         Ok(missing.into_iter().map(|i| i as u32).collect())
+    }
+
+    /// Whether the index of chunk places is due a sweep (`Located::sweep_due`).
+    pub fn places_sweep_due(&self) -> bool {
+        self.located.sweep_due()
+    }
+
+    /// Drops the chunk places whose file was replaced or removed since, or whose system
+    /// or file system was removed; a replica not mounted now keeps its places.
+    pub fn sweep_places(&self, stop: impl Fn() -> bool) -> Result<located::Swept> {
+        let (replication, volumes) = (&self.replication, self.volumes());
+        let replica = |system: &str, fs_id: &str| match replication.system(system) {
+            Ok(Some(rec)) if rec.fs(fs_id).is_some() => match volumes.present(system, fs_id) {
+                Some(mnt) => located::Replica::Mounted(mnt),
+                None => located::Replica::Away,
+            },
+            Ok(_) => located::Replica::Gone,
+            // Unreadable records prove nothing.
+            Err(_) => located::Replica::Away,
+        };
+        let swept = self
+            .located
+            .sweep(replica, stop)
+            .map_err(ferry_common::store::StoreError::from)?;
+        Ok(swept)
     }
 
     /// Verifies and stages one frame; duplicates are counted and dropped.

@@ -183,6 +183,38 @@ async fn drop_aged_chunks(
     }
 }
 
+/// Keeps the index of chunk places to what the replicas hold: swept once as much was
+/// recorded since as half of what the last sweep kept, and every six hours.
+async fn sweep_chunk_places(cloud: Arc<Cloud>, shutdown: CancellationToken) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+    let mut last = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
+        if !cloud.ingest.places_sweep_due() && last.elapsed() < EVERY {
+            continue;
+        }
+        let (c, stop) = (cloud.clone(), shutdown.clone());
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || c.ingest.sweep_places(|| stop.is_cancelled()))
+            .await
+        {
+            Ok(Ok(s)) => tracing::info!(
+                kept = s.kept,
+                dropped = s.dropped,
+                cut_short = s.cut_short,
+                ms = started.elapsed().as_millis() as u64,
+                "chunk places swept"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep chunk places"),
+            Err(e) => tracing::warn!(error = %e, "sweeping chunk places failed"),
+        }
+        last = std::time::Instant::now();
+    }
+}
+
 /// Issues the manager's own server certificate again whenever a third of its life is
 /// left, into the slot handshakes read, until `shutdown`.
 async fn renew_own_certificate(
@@ -311,6 +343,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     tracker.spawn(cloud.ingest.chunks.clone().sync_behind(shutdown.clone()));
+    tracker.spawn(sweep_chunk_places(cloud.clone(), shutdown.clone()));
     tracker.spawn(drop_aged_chunks(
         cloud.ingest.chunks.clone(),
         config.chunk_retention,

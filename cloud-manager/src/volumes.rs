@@ -85,6 +85,8 @@ pub trait VolumeStore: std::fmt::Debug + Send + Sync {
     fn ensure(&self, system: &str, fs: &FsRecord) -> Result<PathBuf, VolumeError>;
     /// Where the replica of a file system is seen.
     fn mount_point(&self, system: &str, fs_id: &str) -> PathBuf;
+    /// Where the replica of a file system is seen, if it is there now (mounted).
+    fn present(&self, system: &str, fs_id: &str) -> Option<PathBuf>;
     /// The file holding the replica's file system.
     fn image(&self, system: &str, fs_id: &str) -> PathBuf;
     /// The volume's size and free space.
@@ -103,6 +105,13 @@ impl VolumeStore for Volumes {
     }
     fn mount_point(&self, system: &str, fs_id: &str) -> PathBuf {
         Volumes::mount_point(self, system, fs_id)
+    }
+    fn present(&self, system: &str, fs_id: &str) -> Option<PathBuf> {
+        // A mounted volume is another device than the directory it is mounted in.
+        let mnt = Volumes::mount_point(self, system, fs_id);
+        let dev = |p: &Path| rustix::fs::lstat(p).ok().map(|st| st.st_dev);
+        let parent = dev(mnt.parent()?)?;
+        (dev(&mnt)? != parent).then_some(mnt)
     }
     fn image(&self, system: &str, fs_id: &str) -> PathBuf {
         Volumes::image(self, system, fs_id)
@@ -155,6 +164,10 @@ impl VolumeStore for DirVolumes {
     }
     fn mount_point(&self, system: &str, fs_id: &str) -> PathBuf {
         self.root.join(system).join(fs_id)
+    }
+    fn present(&self, system: &str, fs_id: &str) -> Option<PathBuf> {
+        let dir = self.mount_point(system, fs_id);
+        dir.is_dir().then_some(dir)
     }
     fn image(&self, system: &str, fs_id: &str) -> PathBuf {
         self.root.join(system).join(format!("{fs_id}.img"))

@@ -1175,3 +1175,74 @@ async fn a_chunk_the_store_forgot_is_found_again_in_a_replica_while_unchanged() 
     let rec = h.cloud.replication.system("web02").unwrap().unwrap();
     assert_eq!(rec.durable_epoch, 1);
 }
+
+/// A file of one chunk per part of `data`, whose chunks the store is given first.
+async fn chunked_file(h: &Harness, path: &str, data: &[&[u8]], mtime_sec: i64) -> Entry {
+    let ingest = &h.cloud.ingest;
+    let mut chunks = Vec::new();
+    for part in data {
+        let (z, raw) = ferry_common::chunks::compress(part);
+        let hash = *blake3::hash(part).as_bytes();
+        let frame = Frame {
+            hash,
+            zdata: z.into(),
+            raw_len: part.len() as u32,
+            raw,
+        };
+        if let Some(s) = ingest.stage_frame(&frame).unwrap() {
+            ingest.publish_chunks(vec![s]).await.unwrap();
+        }
+        chunks.push(ferry_proto::v1::ChunkRef {
+            hash: hash.to_vec(),
+            len: part.len() as u32,
+        });
+    }
+    Entry {
+        path: path.as_bytes().to_vec(),
+        kind: EntryKind::File as i32,
+        mode: 0o100644,
+        uid: rustix::process::getuid().as_raw(),
+        gid: rustix::process::getgid().as_raw(),
+        mtime_sec,
+        size: data.iter().map(|d| d.len() as u64).sum(),
+        segments: vec![ferry_proto::v1::Segment { offset: 0, chunks }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn chunk_places_follow_the_replicas_files_and_go_with_their_system() {
+    let h = harness();
+    register(&h, "web01", "10.0.0.5/24").await;
+    let (a, b, b2) = (vec![1u8; 9000], vec![2u8; 9000], vec![3u8; 12000]);
+    let entries = vec![
+        chunked_file(&h, "a", &[&a], 1_600_000_000).await,
+        chunked_file(&h, "b", &[&b], 1_600_000_000).await,
+    ];
+    let ingest = &h.cloud.ingest;
+    ingest
+        .apply_batch(&agent("web01"), batch("web01", 1, entries))
+        .await
+        .unwrap();
+    // b is written again with other contents (and the source's time, unchanged).
+    let again = chunked_file(&h, "b", &[&b2], 1_600_000_000).await;
+    ingest
+        .apply_batch(&agent("web01"), batch("web01", 2, vec![again]))
+        .await
+        .unwrap();
+    let swept = ingest.sweep_places(|| false).unwrap();
+    assert_eq!((swept.kept, swept.dropped), (2, 1), "{swept:?}");
+    // What is left still lets a lost chunk be found in the replica again.
+    let mut want = vec![*blake3::hash(&a).as_bytes(), *blake3::hash(&b).as_bytes()];
+    want.push(*blake3::hash(&b2).as_bytes());
+    h.cloud
+        .ingest
+        .chunks
+        .clear(h.cloud.ingest.chunks.generation())
+        .unwrap();
+    assert_eq!(ingest.missing(want, false).await.unwrap(), vec![1]);
+    // A removed system's places go with it.
+    h.cloud.remove_system("web01").await.unwrap();
+    let swept = ingest.sweep_places(|| false).unwrap();
+    assert_eq!((swept.kept, swept.dropped), (0, 2), "{swept:?}");
+}
