@@ -1014,6 +1014,19 @@ impl Ingest {
         Ok(swept)
     }
 
+    /// Verifies and stages frames in order; returns the staged ones and how many were
+    /// duplicates. Blocking: it hashes, decompresses and writes.
+    pub fn stage_frames(&self, frames: Vec<Frame>) -> Result<(Vec<chunks::Staged>, u64)> {
+        let (mut staged, mut duplicate) = (Vec::with_capacity(frames.len()), 0);
+        for f in &frames {
+            match self.stage_frame(f)? {
+                Some(s) => staged.push(s),
+                None => duplicate += 1,
+            }
+        }
+        Ok((staged, duplicate))
+    }
+
     /// Verifies and stages one frame; duplicates are counted and dropped.
     pub fn stage_frame(&self, f: &Frame) -> Result<Option<chunks::Staged>> {
         let raw = chunks::verify_frame(&f.hash, &f.zdata, f.raw_len, f.raw)?;

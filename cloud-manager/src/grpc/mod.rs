@@ -230,6 +230,16 @@ impl pb::enrollment_server::Enrollment for Grpc {
     }
 }
 
+/// Bytes of frames checked and staged together, off the async workers.
+const STAGE_GROUP: usize = 4 << 20;
+
+/// What a group of frames staged: the staged chunks and the duplicates.
+async fn staged_group(
+    h: tokio::task::JoinHandle<Result<(Vec<ferry_common::chunks::Staged>, u64)>>,
+) -> Result<(Vec<ferry_common::chunks::Staged>, u64)> {
+    h.await.map_err(CloudError::Worker)?
+}
+
 #[tonic::async_trait]
 impl pb::ingest_server::Ingest for Grpc {
     async fn register(
@@ -274,23 +284,46 @@ impl pb::ingest_server::Ingest for Grpc {
         let who = identity(&req);
         require_ingest(who.as_ref()).map_err(|e| self.fail("put-chunks", who.as_ref(), e))?;
         let ingest = &self.cloud.ingest;
-        let mut stream = req.into_inner();
-        let mut staged = Vec::new();
-        let mut duplicate = 0;
-        while let Some(frame) = stream.message().await? {
-            match wire::frame(frame).and_then(|f| ingest.stage_frame(&f)) {
-                Ok(Some(s)) => staged.push(s),
-                Ok(None) => duplicate += 1,
-                Err(e) => {
-                    ingest.storage_error(&e);
-                    return Err(self.fail("put-chunks", who.as_ref(), e));
-                }
-            }
-        }
-        let stored = ingest.publish_chunks(staged).await.map_err(|e| {
+        let fail = |e: CloudError| {
             ingest.storage_error(&e);
             self.fail("put-chunks", who.as_ref(), e)
-        })?;
+        };
+        let mut stream = req.into_inner();
+        let (mut staged, mut duplicate) = (Vec::new(), 0);
+        // Frames are checked and written in groups off the async workers: one group
+        // while the next is received.
+        let (mut group, mut group_bytes) = (Vec::new(), 0);
+        let mut in_hand = None;
+        loop {
+            let frame = stream.message().await?;
+            let end = frame.is_none();
+            if let Some(frame) = frame {
+                let f = wire::frame(frame).map_err(fail)?;
+                group_bytes += f.zdata.len();
+                group.push(f);
+            }
+            if group_bytes >= STAGE_GROUP || (end && !group.is_empty()) {
+                if let Some(h) = in_hand.take() {
+                    let (s, d) = staged_group(h).await.map_err(fail)?;
+                    staged.extend(s);
+                    duplicate += d;
+                }
+                let (cloud, frames) = (self.cloud.clone(), std::mem::take(&mut group));
+                group_bytes = 0;
+                in_hand = Some(tokio::task::spawn_blocking(move || {
+                    cloud.ingest.stage_frames(frames)
+                }));
+            }
+            if end {
+                break;
+            }
+        }
+        if let Some(h) = in_hand {
+            let (s, d) = staged_group(h).await.map_err(fail)?;
+            staged.extend(s);
+            duplicate += d;
+        }
+        let stored = ingest.publish_chunks(staged).await.map_err(fail)?;
         Ok(Response::new(pb::PutChunksResponse { stored, duplicate }))
     }
 
