@@ -470,5 +470,34 @@ mod tests {
         assert!(!located.sweep_due());
         located.recorded.fetch_add(1, Ordering::Relaxed);
         assert!(located.sweep_due());
+        // A sweep stopped by shutdown drops nothing more and leaves the next one due.
+        let stale = Place::decode(&located.tree.iter().next().unwrap().unwrap().1).unwrap();
+        for i in 0..5000u32 {
+            let place = Place {
+                path: format!("gone{i}").into_bytes(),
+                ..stale.clone()
+            };
+            located
+                .tree
+                .insert(blake3::hash(&i.to_le_bytes()).as_bytes(), place.encode())
+                .unwrap();
+        }
+        let s = located
+            .sweep(|_, _| Replica::Mounted(mnt.clone()), || true)
+            .unwrap();
+        assert!(s.cut_short && s.kept + s.dropped == 4095, "{s:?}");
+        assert!(
+            located.sweep_due(),
+            "what was not looked at counts for the next sweep"
+        );
+        let s = located
+            .sweep(|_, _| Replica::Mounted(mnt.clone()), || false)
+            .unwrap();
+        assert_eq!((s.kept, s.cut_short), (1, false));
+        assert_eq!(
+            located.len(),
+            1,
+            "every stale place is gone after the next sweep"
+        );
     }
 }
