@@ -198,7 +198,9 @@ impl Located {
         stop: impl Fn() -> bool,
     ) -> Result<Swept, sled::Error> {
         let recorded_before = self.recorded.swap(0, Ordering::Relaxed);
-        let mut roots: HashMap<(String, String), Option<Result<Root, ()>>> = HashMap::new();
+        // Only the answers are kept, no open directory: an unmount must not find the
+        // volume busy because a sweep holds it.
+        let mut replicas: HashMap<(String, String), Replica> = HashMap::new();
         let mut out = Swept::default();
         for (i, kv) in self.tree.iter().enumerate() {
             if i % 4096 == 4095 && stop() {
@@ -209,17 +211,13 @@ impl Located {
             }
             let (key, value) = kv?;
             let keep = Place::decode(&value).is_some_and(|place| {
-                let root = roots
+                let at = replicas
                     .entry((place.system.clone(), place.fs_id.clone()))
-                    .or_insert_with(|| match replica(&place.system, &place.fs_id) {
-                        Replica::Mounted(mnt) => Some(Root::open(&mnt).map_err(|_| ())),
-                        Replica::Away => None,
-                        Replica::Gone => Some(Err(())),
-                    });
-                match root {
-                    None => true,
-                    Some(Ok(root)) => place.still_there(root),
-                    Some(Err(())) => false,
+                    .or_insert_with(|| replica(&place.system, &place.fs_id));
+                match at {
+                    Replica::Mounted(mnt) => Root::open(mnt).is_ok_and(|r| place.still_there(&r)),
+                    Replica::Away => true,
+                    Replica::Gone => false,
                 }
             });
             if keep {
