@@ -255,6 +255,11 @@ const PASS_FRESH: Duration = Duration::from_secs(30);
 const PASS_HOLD: Duration = Duration::from_secs(30);
 /// Raw bytes compressed on an async thread at once: about a quarter of a millisecond.
 const COMPRESS_INLINE: usize = 128 << 10;
+/// Bytes of an upload checked and spooled together, off the async workers.
+const SPOOL_GROUP: usize = 4 << 20;
+
+/// A spooled frame: its hash, its bytes as received, and what was staged.
+type Spooled = (Vec<u8>, u64, Option<chunks::Staged>);
 /// How long an upload streaming through may wait on the cloud manager for one frame,
 /// or for its answer, or on the agent for its next frame, before it is given up.
 const PASS_STALL: Duration = Duration::from_secs(30);
@@ -730,16 +735,31 @@ impl Relay {
     /// the caller), or `None` when the spool already holds it. Spooled as it goes
     /// upstream, compressed where it came raw: the spool limit counts what the link
     /// carries.
-    pub async fn spool_frame(&self, f: pb::ChunkFrame) -> Result<Option<chunks::Staged>> {
+    /// Blocking: it hashes, may compress, and writes.
+    pub fn spool_frame(&self, f: pb::ChunkFrame) -> Result<Option<chunks::Staged>> {
         let hash = chunks::hash_from_bytes(&f.hash)?;
         chunks::verify_frame(&hash, &f.zdata, f.raw_len, f.raw)?;
         if self.chunks.has(&hash) {
             return Ok(None);
         }
-        let Some(f) = self.for_upstream(vec![f]).await?.pop() else {
-            return Ok(None);
+        let f = if self.compress_upstream {
+            chunks::compressed_frame(f)
+        } else {
+            f
         };
         Ok(Some(self.chunks.stage(hash, &f.zdata, f.raw_len, f.raw)?))
+    }
+
+    /// Spools frames in order (`spool_frame`): each one's hash, its bytes as received,
+    /// and what was staged (`None`: held already). Blocking.
+    fn spool_frames(&self, frames: Vec<pb::ChunkFrame>) -> Result<Vec<Spooled>> {
+        frames
+            .into_iter()
+            .map(|f| {
+                let (hash, received) = (f.hash.clone(), f.zdata.len() as u64);
+                Ok((hash, received, self.spool_frame(f)?))
+            })
+            .collect()
     }
 
     /// Whether chunks go upstream compressed (`upstream_compression`).
@@ -1022,25 +1042,59 @@ impl pb::ingest_server::Ingest for Service {
         }
         let mut stream = req.into_inner();
         let (mut staged, mut duplicate, mut fresh) = (Vec::new(), 0, Vec::new());
-        // Checked after every frame, not only at the start: a long upload stops at the
-        // limit (what it brought so far is kept, the agent sends the rest later).
-        let mut full = None;
-        while let Some(f) = stream.message().await? {
-            self.relay.touch_put();
-            let (hash, received) = (f.hash.clone(), f.zdata.len() as u64);
-            match self.relay.spool_frame(f).await {
-                Ok(Some(s)) => {
-                    Counters::add(&self.relay.counters.chunk_bytes_received, received);
-                    staged.push(s);
-                    fresh.push(hash);
+        let mut took = |done: Vec<Spooled>| {
+            for (hash, received, s) in done {
+                match s {
+                    Some(s) => {
+                        Counters::add(&self.relay.counters.chunk_bytes_received, received);
+                        staged.push(s);
+                        fresh.push(hash);
+                    }
+                    None => duplicate += 1,
                 }
-                Ok(None) => duplicate += 1,
-                Err(e) => return Err(fail("put-chunks", id.as_ref(), e)),
             }
-            if let Some(f) = self.relay.spool_full() {
-                full = Some(f);
+        };
+        // Frames are checked and written in groups off the async workers, one group while
+        // the next is received. The limit is checked after every group, not only at the
+        // start: a long upload stops there (what it brought so far is kept, the agent
+        // sends the rest later).
+        let mut full = None;
+        let (mut group, mut group_bytes) = (Vec::new(), 0);
+        let mut in_hand: Option<tokio::task::JoinHandle<Result<Vec<Spooled>>>> = None;
+        let joined = |h: tokio::task::JoinHandle<Result<Vec<Spooled>>>| async {
+            h.await
+                .map_err(RelayError::Task)
+                .and_then(|r| r)
+                .map_err(|e| fail("put-chunks", id.as_ref(), e))
+        };
+        loop {
+            let f = stream.message().await?;
+            let end = f.is_none();
+            if let Some(f) = f {
+                self.relay.touch_put();
+                group_bytes += f.zdata.len();
+                group.push(f);
+            }
+            if group_bytes >= SPOOL_GROUP || (end && !group.is_empty()) {
+                if let Some(h) = in_hand.take() {
+                    took(joined(h).await?);
+                }
+                full = self.relay.spool_full();
+                if full.is_some() {
+                    break;
+                }
+                let (relay, frames) = (self.relay.clone(), std::mem::take(&mut group));
+                group_bytes = 0;
+                in_hand = Some(tokio::task::spawn_blocking(move || {
+                    relay.spool_frames(frames)
+                }));
+            }
+            if end {
                 break;
             }
+        }
+        if let Some(h) = in_hand {
+            took(joined(h).await?);
         }
         // Published, not synced: a batch that refers to them syncs them before it is
         // accepted (a crash meanwhile costs a resend, not data).
@@ -1226,8 +1280,8 @@ mod tests {
             let mut z = forged.zdata.to_vec();
             z[0] ^= 1;
             forged.zdata = z.into();
-            assert!(r.spool_frame(forged).await.is_err());
-            let staged = r.spool_frame(raw(&text)).await.unwrap().unwrap();
+            assert!(r.spool_frame(forged).is_err());
+            let staged = r.spool_frame(raw(&text)).unwrap().unwrap();
             r.chunks.publish(vec![staged]).unwrap();
             let hash = *blake3::hash(&text).as_bytes();
             let kept = r.chunks.read_frame(&hash).unwrap();
@@ -1236,7 +1290,7 @@ mod tests {
                 assert!(kept.data.len() < text.len() / 4, "{}", kept.data.len());
             }
             assert_eq!(r.chunks.read_raw(&hash).unwrap(), text);
-            assert!(r.spool_frame(raw(&text)).await.unwrap().is_none());
+            assert!(r.spool_frame(raw(&text)).unwrap().is_none());
         }
     }
 
