@@ -470,7 +470,7 @@ const NEXT_PART: &str = "user.ferry.next-part";
 
 /// Where a file sent in parts is assembled: beside it, under a name of its own path's
 /// (so each part finds it), until the last part puts it in place.
-fn part_name(path: &[u8]) -> Vec<u8> {
+pub(crate) fn part_name(path: &[u8]) -> Vec<u8> {
     let h = blake3::hash(path);
     format!(".ferry-part-{}", &h.to_hex()[..16]).into_bytes()
 }

@@ -961,7 +961,8 @@ impl Ingest {
                 let raw = located.get(hash).and_then(|place| {
                     let mnt = volumes.present(&place.system, &place.fs_id)?;
                     let raw = located::read_back(&mnt, &place, hash);
-                    if raw.is_none() {
+                    // Not while the volume is away (unmounted for a resize, say).
+                    if raw.is_none() && volumes.present(&place.system, &place.fs_id).is_some() {
                         located.forget(hash, &place);
                     }
                     raw

@@ -83,18 +83,35 @@ impl Place {
     }
 
     /// Whether the replica mounted at `root` still has the file apply wrote here: a
-    /// regular file of the same size and modification time. Never follows a symlink.
+    /// regular file of the same size and modification time (to the second where the
+    /// file system keeps no finer time, as vfat and small inodes do), or, for a file
+    /// that comes in parts, the file being assembled. Never follows a symlink.
     fn still_there(&self, root: &Root) -> bool {
         let Ok(Some((dir, name))) = root.parent(&self.path, false) else {
             return false;
         };
-        rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
-            FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
-                && st.st_size as u64 == self.size
-                && st.st_mtime == self.mtime_sec
-                && st.st_mtime_nsec as u32 == self.mtime_nsec
-        })
+        let regular = |name: &[u8]| {
+            rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                .ok()
+                .filter(|st| FileType::from_raw_mode(st.st_mode) == FileType::RegularFile)
+        };
+        if let Some(st) = regular(name) {
+            let exact = st.st_mtime == self.mtime_sec && st.st_mtime_nsec as u32 == self.mtime_nsec;
+            let coarse = st.st_mtime_nsec == 0 && (st.st_mtime - self.mtime_sec).abs() <= 2;
+            if st.st_size as u64 == self.size && (exact || coarse) {
+                return true;
+            }
+        }
+        regular(&crate::apply::part_name(&self.path)).is_some()
     }
+}
+
+/// What a sweep made of a replica: its places checked on the file system it had then
+/// (device), kept unchecked, or dropped.
+enum Judged {
+    Check { mnt: PathBuf, dev: u64 },
+    Keep,
+    Drop,
 }
 
 /// What a sweep finds of a replica.
@@ -198,26 +215,54 @@ impl Located {
         stop: impl Fn() -> bool,
     ) -> Result<Swept, sled::Error> {
         let recorded_before = self.recorded.swap(0, Ordering::Relaxed);
+        let swept = self.sweep_all(replica, stop);
+        match swept {
+            Ok(out) if !out.cut_short => self.kept.store(out.kept, Ordering::Relaxed),
+            // What was not looked at still counts towards the next sweep.
+            _ => {
+                self.recorded.fetch_add(recorded_before, Ordering::Relaxed);
+            }
+        }
+        swept
+    }
+
+    fn sweep_all(
+        &self,
+        replica: impl Fn(&str, &str) -> Replica,
+        stop: impl Fn() -> bool,
+    ) -> Result<Swept, sled::Error> {
         // Only the answers are kept, no open directory: an unmount must not find the
         // volume busy because a sweep holds it.
-        let mut replicas: HashMap<(String, String), Replica> = HashMap::new();
+        let mut replicas: HashMap<(String, String), Judged> = HashMap::new();
         let mut out = Swept::default();
         for (i, kv) in self.tree.iter().enumerate() {
             if i % 4096 == 4095 && stop() {
                 out.cut_short = true;
-                // What was not looked at still counts towards the next sweep.
-                self.recorded.fetch_add(recorded_before, Ordering::Relaxed);
                 return Ok(out);
             }
             let (key, value) = kv?;
             let keep = Place::decode(&value).is_some_and(|place| {
-                let at = replicas
+                let judged = replicas
                     .entry((place.system.clone(), place.fs_id.clone()))
-                    .or_insert_with(|| replica(&place.system, &place.fs_id));
-                match at {
-                    Replica::Mounted(mnt) => Root::open(mnt).is_ok_and(|r| place.still_there(&r)),
-                    Replica::Away => true,
-                    Replica::Gone => false,
+                    .or_insert_with(|| match replica(&place.system, &place.fs_id) {
+                        Replica::Mounted(mnt) => match rustix::fs::stat(&mnt) {
+                            Ok(st) => Judged::Check {
+                                mnt,
+                                dev: st.st_dev,
+                            },
+                            Err(_) => Judged::Keep,
+                        },
+                        Replica::Away => Judged::Keep,
+                        Replica::Gone => Judged::Drop,
+                    });
+                match judged {
+                    // Unmounted since (a resize, say): its empty mount point proves nothing.
+                    Judged::Check { mnt, dev } => Root::open(mnt).map_or(true, |r| {
+                        let same = rustix::fs::fstat(r.fd()).is_ok_and(|st| st.st_dev == *dev);
+                        !same || place.still_there(&r)
+                    }),
+                    Judged::Keep => true,
+                    Judged::Drop => false,
                 }
             });
             if keep {
@@ -233,7 +278,6 @@ impl Located {
                 }
             }
         }
-        self.kept.store(out.kept, Ordering::Relaxed);
         Ok(out)
     }
 
@@ -429,6 +473,27 @@ mod tests {
         for gone in [h(&b), h(&c), h(&d), h(&e[..8192])] {
             assert!(located.get(&gone).is_none());
         }
+        // A file system that keeps only seconds: the time to the second will do.
+        let coarse = written(&mnt, "coarse", &[&vec![6u8; 9000]]);
+        let when = std::time::UNIX_EPOCH + std::time::Duration::new(coarse.mtime_sec as u64, 0);
+        let f = std::fs::File::options()
+            .write(true)
+            .open(mnt.join("coarse"));
+        f.unwrap().set_modified(when).unwrap();
+        // A file in parts: its first parts' places stand for the file being assembled.
+        let parts = written(&mnt, "big", &[&vec![7u8; 9000]]);
+        std::fs::rename(
+            mnt.join("big"),
+            mnt.join(String::from_utf8(crate::apply::part_name(b"big")).unwrap()),
+        )
+        .unwrap();
+        let coarse = Entry {
+            mtime_nsec: 123_456_789,
+            ..coarse
+        };
+        located.record("sys", "fs", &[coarse, parts]).unwrap();
+        assert_eq!(located.sweep(&replica, || false).unwrap().dropped, 0);
+        assert!(located.get(&h(&[6u8; 9000])).is_some() && located.get(&h(&[7u8; 9000])).is_some());
         // A second sweep finds nothing more to drop.
         assert_eq!(located.sweep(&replica, || false).unwrap().dropped, 0);
         // A stale place found on a read is forgotten, but not one recorded since.
@@ -497,5 +562,45 @@ mod tests {
             1,
             "every stale place is gone after the next sweep"
         );
+    }
+
+    /// Needs root. A replica unmounted while a sweep runs (for a resize, say) leaves an
+    /// empty mount point: its places are kept, not judged against that.
+    #[test]
+    fn a_replica_unmounted_during_a_sweep_keeps_its_places() {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mount = |args: &[&str]| {
+            let ok = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .status();
+            assert!(ok.unwrap().success(), "{args:?}");
+        };
+        let at = mnt.to_str().unwrap();
+        mount(&["mount", "-t", "tmpfs", "tmpfs", at]);
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let located = Located::new(db.open_tree(TREE).unwrap());
+        let e = written(&mnt, "f", &[&vec![1u8; 9000]]);
+        located.record("sys", "fs", &[e]).unwrap();
+        let place = Place::decode(&located.tree.iter().next().unwrap().unwrap().1).unwrap();
+        for i in 0..5000u32 {
+            let key = blake3::hash(&i.to_le_bytes());
+            located.tree.insert(key.as_bytes(), place.encode()).unwrap();
+        }
+        let unmounted = std::cell::Cell::new(false);
+        let s = located
+            .sweep(
+                |_, _| Replica::Mounted(mnt.clone()),
+                || {
+                    if !unmounted.replace(true) {
+                        mount(&["umount", at]);
+                    }
+                    false
+                },
+            )
+            .unwrap();
+        assert!(unmounted.get());
+        assert_eq!((s.kept, s.dropped), (5001, 0), "{s:?}");
     }
 }

@@ -256,7 +256,7 @@ const PASS_HOLD: Duration = Duration::from_secs(30);
 /// Raw bytes compressed on an async thread at once: about a quarter of a millisecond.
 const COMPRESS_INLINE: usize = 128 << 10;
 /// Bytes of an upload checked and spooled together, off the async workers.
-const SPOOL_GROUP: usize = 4 << 20;
+const SPOOL_GROUP: u64 = 4 << 20;
 
 /// A spooled frame: its hash, its bytes as received, and what was staged.
 type Spooled = (Vec<u8>, u64, Option<chunks::Staged>);
@@ -619,7 +619,13 @@ impl Relay {
     /// Whether the spool has room for more chunks: within its limit, and leaving the
     /// data dir its reserve (so the queue can always be written).
     pub fn spool_full(&self) -> Option<RelayError> {
-        let used = self.chunks.disk_bytes();
+        self.spool_full_after(0)
+    }
+
+    /// Whether the spool is full once `pending` more bytes, received and not written
+    /// yet, are in it.
+    pub fn spool_full_after(&self, pending: u64) -> Option<RelayError> {
+        let used = self.chunks.disk_bytes() + pending;
         if used >= self.spool_limit {
             return Some(RelayError::SpoolFull {
                 used,
@@ -628,7 +634,8 @@ impl Relay {
         }
         let free = rustix::fs::statvfs(&self.dir)
             .map(|st| st.f_bavail * st.f_frsize)
-            .unwrap_or(u64::MAX);
+            .unwrap_or(u64::MAX)
+            .saturating_sub(pending);
         (free < RESERVE).then_some(RelayError::NoRoom {
             free,
             reserve: RESERVE,
@@ -1055,11 +1062,11 @@ impl pb::ingest_server::Ingest for Service {
             }
         };
         // Frames are checked and written in groups off the async workers, one group while
-        // the next is received. The limit is checked after every group, not only at the
-        // start: a long upload stops there (what it brought so far is kept, the agent
-        // sends the rest later).
+        // the next is received. The limit is checked after every frame, counting what is
+        // received but not written yet, not only at the start: a long upload stops there
+        // (what it brought so far is kept, the agent sends the rest later).
         let mut full = None;
-        let (mut group, mut group_bytes) = (Vec::new(), 0);
+        let (mut group, mut group_bytes, mut in_hand_bytes) = (Vec::new(), 0, 0);
         let mut in_hand: Option<tokio::task::JoinHandle<Result<Vec<Spooled>>>> = None;
         let joined = |h: tokio::task::JoinHandle<Result<Vec<Spooled>>>| async {
             h.await
@@ -1072,24 +1079,22 @@ impl pb::ingest_server::Ingest for Service {
             let end = f.is_none();
             if let Some(f) = f {
                 self.relay.touch_put();
-                group_bytes += f.zdata.len();
+                group_bytes += f.zdata.len() as u64;
                 group.push(f);
+                full = self.relay.spool_full_after(group_bytes + in_hand_bytes);
             }
-            if group_bytes >= SPOOL_GROUP || (end && !group.is_empty()) {
+            let last = end || full.is_some();
+            if (group_bytes >= SPOOL_GROUP || last) && !group.is_empty() {
                 if let Some(h) = in_hand.take() {
                     took(joined(h).await?);
                 }
-                full = self.relay.spool_full();
-                if full.is_some() {
-                    break;
-                }
                 let (relay, frames) = (self.relay.clone(), std::mem::take(&mut group));
-                group_bytes = 0;
+                (in_hand_bytes, group_bytes) = (group_bytes, 0);
                 in_hand = Some(tokio::task::spawn_blocking(move || {
                     relay.spool_frames(frames)
                 }));
             }
-            if end {
+            if last {
                 break;
             }
         }
