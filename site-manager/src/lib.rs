@@ -194,8 +194,12 @@ pub async fn run(
         site_name: config.name.clone(),
         bound,
     };
-    let agentless =
-        agentless::Agentless::open(relay.clone(), dir.join("known_hosts"), shutdown.clone())?;
+    let agentless = agentless::Agentless::open(
+        relay.clone(),
+        dir.join("known_hosts"),
+        dir.join("agentless-config"),
+        shutdown.clone(),
+    )?;
     tracker.spawn(push::take_tasks(
         relay.clone(),
         Arc::new(push),

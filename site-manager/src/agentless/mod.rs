@@ -97,6 +97,9 @@ pub struct Agentless {
     hosts: sled::Tree,
     index: pass::Index,
     known_hosts: PathBuf,
+    /// Where a round's fetched configuration files go: in the data dir, emptied at
+    /// start, so a site killed mid-round leaves nothing behind in /tmp.
+    scratch: PathBuf,
     running: Mutex<HashMap<String, (CancellationToken, tokio::task::JoinHandle<()>)>>,
     tracker: tokio_util::task::TaskTracker,
     shutdown: CancellationToken,
@@ -106,8 +109,20 @@ impl Agentless {
     pub fn open(
         relay: Arc<Relay>,
         known_hosts: PathBuf,
+        scratch: PathBuf,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, RelayError> {
+        // What a round cut short by a kill left.
+        match std::fs::remove_dir_all(&scratch) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %scratch.display(), error = %e, "cannot empty the agentless scratch dir")
+            }
+        }
+        if let Err(e) = std::fs::create_dir_all(&scratch) {
+            tracing::warn!(dir = %scratch.display(), error = %e, "cannot make the agentless scratch dir");
+        }
         let store = &relay.store;
         let this = Arc::new(Self {
             hosts: store.tree("agentless-hosts")?,
@@ -117,6 +132,7 @@ impl Agentless {
             },
             relay: relay.clone(),
             known_hosts,
+            scratch,
             running: Mutex::new(HashMap::new()),
             tracker: tokio_util::task::TaskTracker::new(),
             shutdown,
@@ -523,7 +539,8 @@ impl Agentless {
                 "fetching the host's configuration files failed (status {status:?})"
             )));
         }
-        let dir = tempfile::tempdir().map_err(|e| AgentlessError::Host(e.to_string()))?;
+        let dir = tempfile::tempdir_in(&self.scratch)
+            .map_err(|e| AgentlessError::Host(format!("{}: {e}", self.scratch.display())))?;
         let root = dir.path().to_path_buf();
         let unpacked = tokio::task::spawn_blocking(move || unpack_config(&data, &root))
             .await
@@ -614,6 +631,38 @@ pub fn agentless_tokens() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A site killed mid-round leaves the host's fetched configuration files in its
+    /// scratch dir (in its data dir, not /tmp); the next start empties it.
+    #[tokio::test]
+    async fn what_a_killed_round_fetched_is_gone_at_the_next_start() {
+        let t = tempfile::tempdir().unwrap();
+        let scratch = t.path().join("agentless-config");
+        std::fs::create_dir_all(scratch.join(".tmpLeft/etc")).unwrap();
+        std::fs::write(scratch.join(".tmpLeft/etc/hostname"), "old01\n").unwrap();
+        let upstream = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let relay = Relay::open(
+            &t.path().join("site"),
+            ferry_common::tls::SwapChannel::new(upstream),
+            "https://cloud:7443",
+            1 << 30,
+            true,
+            true,
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let a = Agentless::open(
+            Arc::new(relay),
+            t.path().join("known_hosts"),
+            scratch.clone(),
+            shutdown.clone(),
+        )
+        .unwrap();
+        assert!(scratch.is_dir());
+        assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0);
+        shutdown.cancel();
+        drop(a);
+    }
 
     #[test]
     fn a_hosts_configuration_tar_makes_only_files_inside_the_directory() {
