@@ -212,6 +212,65 @@ pub fn compress(raw: &[u8]) -> (Vec<u8>, bool) {
     }
 }
 
+/// An upload's frames gathered into groups of about `limit` bytes, each group handed to
+/// a blocking job (check, compress, write) that runs while the next one is received, so
+/// no async worker hashes and no more than one group waits.
+pub struct Groups<T, R> {
+    limit: u64,
+    group: Vec<T>,
+    bytes: u64,
+    in_hand: Option<(tokio::task::JoinHandle<R>, u64)>,
+}
+
+impl<T: Send + 'static, R: Send + 'static> Groups<T, R> {
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            group: Vec::new(),
+            bytes: 0,
+            in_hand: None,
+        }
+    }
+
+    /// Adds a frame of `bytes`; returns the bytes received and not yet done with.
+    pub fn push(&mut self, frame: T, bytes: u64) -> u64 {
+        self.group.push(frame);
+        self.bytes += bytes;
+        self.bytes + self.in_hand.as_ref().map_or(0, |(_, b)| *b)
+    }
+
+    /// Whether the group being gathered is due to be handed on.
+    pub fn full(&self) -> bool {
+        self.bytes >= self.limit
+    }
+
+    /// Waits for the group in hand, then hands the gathered one (if any) to `job` on a
+    /// blocking thread; returns what the group in hand came to.
+    pub async fn hand(
+        &mut self,
+        job: impl FnOnce(Vec<T>) -> R + Send + 'static,
+    ) -> Result<Option<R>, tokio::task::JoinError> {
+        let done = match self.in_hand.take() {
+            Some((h, _)) => Some(h.await?),
+            None => None,
+        };
+        if !self.group.is_empty() {
+            let group = std::mem::take(&mut self.group);
+            let h = tokio::task::spawn_blocking(move || job(group));
+            self.in_hand = Some((h, std::mem::take(&mut self.bytes)));
+        }
+        Ok(done)
+    }
+
+    /// What the group in hand came to, once it is done.
+    pub async fn finish(mut self) -> Result<Option<R>, tokio::task::JoinError> {
+        match self.in_hand.take() {
+            Some((h, _)) => Ok(Some(h.await?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// A frame as it goes on a slow link: a raw one zstd-compressed where that makes it
 /// smaller, any other as it came (its bytes shared, not copied).
 pub fn compressed_frame(f: ferry_proto::v1::ChunkFrame) -> ferry_proto::v1::ChunkFrame {
@@ -1309,6 +1368,27 @@ mod tests {
         let again = s.stage(h, raw, raw.len() as u32, true).unwrap();
         assert_eq!(s.commit(vec![again]).unwrap(), 1);
         assert_eq!(s.read_raw(&h).unwrap(), raw[..]);
+    }
+
+    /// Groups go to their job whole and in order, one in hand while the next gathers,
+    /// and the bytes not yet done with count both.
+    #[tokio::test]
+    async fn frames_go_in_groups_one_in_hand_while_the_next_gathers() {
+        let mut g: Groups<u32, Vec<u32>> = Groups::new(10);
+        assert_eq!(g.push(1, 6), 6);
+        assert!(!g.full());
+        assert_eq!(g.push(2, 6), 12);
+        assert!(g.full());
+        assert_eq!(g.hand(|v| v).await.unwrap(), None, "nothing was in hand");
+        assert!(!g.full());
+        assert_eq!(g.push(3, 1), 13, "the group in hand still counts");
+        assert_eq!(g.hand(|v| v).await.unwrap(), Some(vec![1, 2]));
+        assert_eq!(g.hand(|v| v).await.unwrap(), Some(vec![3]));
+        assert_eq!(
+            g.finish().await.unwrap(),
+            None,
+            "an empty group is not handed on"
+        );
     }
 
     #[test]

@@ -1066,41 +1066,31 @@ impl pb::ingest_server::Ingest for Service {
         // received but not written yet, not only at the start: a long upload stops there
         // (what it brought so far is kept, the agent sends the rest later).
         let mut full = None;
-        let (mut group, mut group_bytes, mut in_hand_bytes) = (Vec::new(), 0, 0);
-        let mut in_hand: Option<tokio::task::JoinHandle<Result<Vec<Spooled>>>> = None;
-        let joined = |h: tokio::task::JoinHandle<Result<Vec<Spooled>>>| async {
-            h.await
-                .map_err(RelayError::Task)
-                .and_then(|r| r)
-                .map_err(|e| fail("put-chunks", id.as_ref(), e))
+        let mut groups = chunks::Groups::new(SPOOL_GROUP);
+        let joined = |r: std::result::Result<Option<Result<Vec<Spooled>>>, _>| {
+            let done = r.map_err(RelayError::Task).and_then(|r| r.transpose());
+            done.map(Option::unwrap_or_default)
         };
+        let refused = |e| fail("put-chunks", id.as_ref(), e);
         loop {
             let f = stream.message().await?;
             let end = f.is_none();
             if let Some(f) = f {
                 self.relay.touch_put();
-                group_bytes += f.zdata.len() as u64;
-                group.push(f);
-                full = self.relay.spool_full_after(group_bytes + in_hand_bytes);
+                let n = f.zdata.len() as u64;
+                full = self.relay.spool_full_after(groups.push(f, n));
             }
             let last = end || full.is_some();
-            if (group_bytes >= SPOOL_GROUP || last) && !group.is_empty() {
-                if let Some(h) = in_hand.take() {
-                    took(joined(h).await?);
-                }
-                let (relay, frames) = (self.relay.clone(), std::mem::take(&mut group));
-                (in_hand_bytes, group_bytes) = (group_bytes, 0);
-                in_hand = Some(tokio::task::spawn_blocking(move || {
-                    relay.spool_frames(frames)
-                }));
+            if groups.full() || last {
+                let relay = self.relay.clone();
+                let r = groups.hand(move |frames| relay.spool_frames(frames)).await;
+                took(joined(r).map_err(refused)?);
             }
             if last {
                 break;
             }
         }
-        if let Some(h) = in_hand {
-            took(joined(h).await?);
-        }
+        took(joined(groups.finish().await).map_err(refused)?);
         // Published, not synced: a batch that refers to them syncs them before it is
         // accepted (a crash meanwhile costs a resend, not data).
         let store = self.relay.chunks.clone();

@@ -231,14 +231,7 @@ impl pb::enrollment_server::Enrollment for Grpc {
 }
 
 /// Bytes of frames checked and staged together, off the async workers.
-const STAGE_GROUP: usize = 4 << 20;
-
-/// What a group of frames staged: the staged chunks and the duplicates.
-async fn staged_group(
-    h: tokio::task::JoinHandle<Result<(Vec<ferry_common::chunks::Staged>, u64)>>,
-) -> Result<(Vec<ferry_common::chunks::Staged>, u64)> {
-    h.await.map_err(CloudError::Worker)?
-}
+const STAGE_GROUP: u64 = 4 << 20;
 
 #[tonic::async_trait]
 impl pb::ingest_server::Ingest for Grpc {
@@ -290,39 +283,36 @@ impl pb::ingest_server::Ingest for Grpc {
         };
         let mut stream = req.into_inner();
         let (mut staged, mut duplicate) = (Vec::new(), 0);
-        // Frames are checked and written in groups off the async workers: one group
-        // while the next is received.
-        let (mut group, mut group_bytes) = (Vec::new(), 0);
-        let mut in_hand = None;
+        let mut took = |r: Option<Result<(Vec<ferry_common::chunks::Staged>, u64)>>| {
+            let (s, d) = r.transpose()?.unwrap_or_default();
+            staged.extend(s);
+            duplicate += d;
+            Ok::<_, CloudError>(())
+        };
+        let mut groups = ferry_common::chunks::Groups::new(STAGE_GROUP);
         loop {
             let frame = stream.message().await?;
             let end = frame.is_none();
             if let Some(frame) = frame {
                 let f = wire::frame(frame).map_err(fail)?;
-                group_bytes += f.zdata.len();
-                group.push(f);
+                let n = f.zdata.len() as u64;
+                groups.push(f, n);
             }
-            if group_bytes >= STAGE_GROUP || (end && !group.is_empty()) {
-                if let Some(h) = in_hand.take() {
-                    let (s, d) = staged_group(h).await.map_err(fail)?;
-                    staged.extend(s);
-                    duplicate += d;
-                }
-                let (cloud, frames) = (self.cloud.clone(), std::mem::take(&mut group));
-                group_bytes = 0;
-                in_hand = Some(tokio::task::spawn_blocking(move || {
-                    cloud.ingest.stage_frames(frames)
-                }));
+            if groups.full() || end {
+                let cloud = self.cloud.clone();
+                let r = groups.hand(move |frames| cloud.ingest.stage_frames(frames));
+                took(r.await.map_err(CloudError::Worker).map_err(fail)?).map_err(fail)?;
             }
             if end {
                 break;
             }
         }
-        if let Some(h) = in_hand {
-            let (s, d) = staged_group(h).await.map_err(fail)?;
-            staged.extend(s);
-            duplicate += d;
-        }
+        let r = groups
+            .finish()
+            .await
+            .map_err(CloudError::Worker)
+            .map_err(fail)?;
+        took(r).map_err(fail)?;
         let stored = ingest.publish_chunks(staged).await.map_err(fail)?;
         Ok(Response::new(pb::PutChunksResponse { stored, duplicate }))
     }
