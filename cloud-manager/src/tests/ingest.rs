@@ -1197,16 +1197,14 @@ async fn chunked_file(h: &Harness, path: &str, data: &[&[u8]], mtime_sec: i64) -
             len: part.len() as u32,
         });
     }
+    // Owned like the directory entries, by whoever runs the tests.
     Entry {
-        path: path.as_bytes().to_vec(),
         kind: EntryKind::File as i32,
         mode: 0o100644,
-        uid: rustix::process::getuid().as_raw(),
-        gid: rustix::process::getgid().as_raw(),
         mtime_sec,
         size: data.iter().map(|d| d.len() as u64).sum(),
         segments: vec![ferry_proto::v1::Segment { offset: 0, chunks }],
-        ..Default::default()
+        ..dir_entry(path)
     }
 }
 
