@@ -2,7 +2,7 @@
 //! built in a temp file beside its target, given its metadata, then renamed into place.
 //! The caller makes the batch durable with one `syncfs`. The same code brings a kept
 //! copy up to date from the replica (`mirror`), the bytes then read from the replica.
-use ferry_common::chunks::{ChunkError, ChunkStore};
+use ferry_common::chunks::{ChunkError, ChunkStore, GATHER_BUFS, GATHER_BYTES};
 use ferry_common::entry::{validate, EntryError};
 use ferry_common::safepath::{self, PathError, Root};
 use ferry_proto::v1::{Entry, EntryKind, Xattr};
@@ -320,12 +320,16 @@ fn is_tmp_name(name: &[u8]) -> bool {
 }
 
 /// Writes an entry's data segments into `fd` from the chunk store; returns the bytes.
+/// A segment's chunks go in runs of up to `GATHER_BYTES`, each in one `pwritev`: a write
+/// into a new page-cache folio zeroes what it leaves of the folio, so a write per chunk
+/// zeroed each chunk's neighbours before they were written, and cost a call per chunk.
 fn write_segments(fd: &OwnedFd, chunks: &ChunkStore, e: &Entry) -> Result<u64, ApplyError> {
     let path = e.path.as_slice();
     let mut written = 0;
+    let (mut run, mut held): (Vec<bytes::Bytes>, usize) = (Vec::new(), 0);
     for seg in &e.segments {
         let mut off = seg.offset;
-        for c in &seg.chunks {
+        for (i, c) in seg.chunks.iter().enumerate() {
             let hash = ferry_common::chunks::hash_from_bytes(&c.hash)?;
             let raw = chunks.read_raw(&hash)?;
             if raw.len() != c.len as usize {
@@ -334,12 +338,41 @@ fn write_segments(fd: &OwnedFd, chunks: &ChunkStore, e: &Entry) -> Result<u64, A
                     message: "chunk length does not match".into(),
                 });
             }
-            write_all_at(fd, &raw, off).map_err(io_at(path, "write"))?;
-            off += raw.len() as u64;
-            written += raw.len() as u64;
+            if !run.is_empty() && held + raw.len() > GATHER_BYTES {
+                written += write_run(fd, &mut run, &mut off).map_err(io_at(path, "write"))?;
+                held = 0;
+            }
+            held += raw.len();
+            run.push(raw);
+            if i + 1 == seg.chunks.len() || run.len() == GATHER_BUFS {
+                written += write_run(fd, &mut run, &mut off).map_err(io_at(path, "write"))?;
+                held = 0;
+            }
         }
     }
     Ok(written)
+}
+
+/// Writes `run` at `off` in as few `pwritev` calls as the kernel takes it, moves `off`
+/// past it and empties it; returns its bytes.
+fn write_run(fd: &OwnedFd, run: &mut Vec<bytes::Bytes>, off: &mut u64) -> Result<u64, Errno> {
+    let mut slices: Vec<std::io::IoSlice<'_>> =
+        run.iter().map(|b| std::io::IoSlice::new(b)).collect();
+    let mut left = &mut slices[..];
+    std::io::IoSlice::advance_slices(&mut left, 0);
+    let mut bytes = 0;
+    while !left.is_empty() {
+        let n = rustix::io::pwritev(fd, left, *off + bytes)?;
+        if n == 0 {
+            return Err(Errno::IO);
+        }
+        bytes += n as u64;
+        std::io::IoSlice::advance_slices(&mut left, n);
+    }
+    drop(slices);
+    run.clear();
+    *off += bytes;
+    Ok(bytes)
 }
 
 /// Copies the entry's file from `from` (the same path there) into `fd`: its data ranges,
@@ -963,6 +996,73 @@ pub(crate) mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn chunks_are_written_in_gathered_runs_across_segments_and_holes() {
+        use ferry_proto::v1::{ChunkRef, Segment};
+        let Fixture {
+            _dir,
+            tree,
+            chunks,
+            root,
+        } = fixture(&[]);
+        // More small chunks than one write gathers, then more bytes than one write
+        // gathers in chunks of 64 KiB; one small chunk is named twice.
+        let small: Vec<Vec<u8>> = (0..GATHER_BUFS as u32 * 2 + 300)
+            .map(|i| {
+                (0..100 + i * 7 % 5000)
+                    .map(|j| (i * 31 + j) as u8)
+                    .collect()
+            })
+            .collect();
+        let big: Vec<Vec<u8>> = (0..(GATHER_BYTES >> 16) as u32 + 40)
+            .map(|i| vec![i as u8; 64 << 10])
+            .collect();
+        let frames: Vec<_> = small
+            .iter()
+            .chain(&big)
+            .map(|d| (*blake3::hash(d).as_bytes(), &d[..], d.len() as u32, true))
+            .collect();
+        chunks.commit(chunks.stage_all(&frames).unwrap()).unwrap();
+        let refs = |ds: &[Vec<u8>]| -> Vec<ChunkRef> {
+            ds.iter()
+                .map(|d| ChunkRef {
+                    hash: blake3::hash(d).as_bytes().to_vec(),
+                    len: d.len() as u32,
+                })
+                .collect()
+        };
+        let mut first = refs(&small);
+        first.push(first[3].clone());
+        let mut want = small.concat();
+        want.extend_from_slice(&small[3]);
+        // A hole of a MiB between the segments.
+        let second_at = want.len() + (1 << 20);
+        want.resize(second_at, 0);
+        want.extend(big.concat());
+        let e = Entry {
+            path: b"f".to_vec(),
+            kind: EntryKind::File as i32,
+            mode: 0o100644,
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            size: want.len() as u64,
+            segments: vec![
+                Segment {
+                    offset: 0,
+                    chunks: first,
+                },
+                Segment {
+                    offset: second_at as u64,
+                    chunks: refs(&big),
+                },
+            ],
+            ..Default::default()
+        };
+        let done = apply(&root, &chunks, &[e], false).unwrap();
+        assert_eq!(done.file_bytes, (want.len() - (1 << 20)) as u64);
+        assert!(std::fs::read(tree.join("f")).unwrap() == want);
     }
 
     #[test]

@@ -1018,31 +1018,42 @@ impl Ingest {
     /// Verifies and stages frames in order; returns the staged ones and how many were
     /// duplicates. Blocking: it hashes, decompresses and writes.
     pub fn stage_frames(&self, frames: Vec<Frame>) -> Result<(Vec<chunks::Staged>, u64)> {
-        let (mut staged, mut duplicate) = (Vec::with_capacity(frames.len()), 0);
+        let mut fresh = Vec::with_capacity(frames.len());
         for f in &frames {
-            match self.stage_frame(f)? {
-                Some(s) => staged.push(s),
-                None => duplicate += 1,
+            if self.check_frame(f)? {
+                fresh.push((f.hash, &f.zdata[..], f.raw_len, f.raw));
             }
         }
-        Ok((staged, duplicate))
+        let duplicate = (frames.len() - fresh.len()) as u64;
+        if fresh.is_empty() {
+            return Ok((Vec::new(), duplicate));
+        }
+        // A chunk store that hits ENOSPC mid-write leaves its index behind; the reserve
+        // keeps that from happening, and the sender retries once space is freed.
+        let bytes = fresh.iter().map(|f| f.1.len() as u64).sum();
+        self.ensure_room(bytes, "chunks")?;
+        let raw: u64 = fresh.iter().map(|f| u64::from(f.2)).sum();
+        Counters::add(&self.counters.chunk_raw_bytes, raw);
+        Ok((self.chunks.stage_all(&fresh)?, duplicate))
     }
 
     /// Verifies and stages one frame; duplicates are counted and dropped.
     pub fn stage_frame(&self, f: &Frame) -> Result<Option<chunks::Staged>> {
+        Ok(self.stage_frames(vec![f.clone()])?.0.pop())
+    }
+
+    /// Verifies one frame and keeps its raw bytes for the apply that usually follows;
+    /// whether the store still lacks it (a duplicate is counted).
+    fn check_frame(&self, f: &Frame) -> Result<bool> {
         let raw = chunks::verify_frame(&f.hash, &f.zdata, f.raw_len, f.raw)?;
         Counters::add(&self.counters.chunk_wire_bytes, f.zdata.len() as u64);
         // Its batch usually comes next: applying it then needs no second decompression.
         self.chunks.remember(f.hash, raw);
         if self.chunks.has(&f.hash) {
             Counters::add(&self.counters.chunks_duplicate, 1);
-            return Ok(None);
+            return Ok(false);
         }
-        // A chunk store that hits ENOSPC mid-write leaves its index behind; the reserve
-        // keeps that from happening, and the sender retries once space is freed.
-        self.ensure_room(f.zdata.len() as u64, "a chunk")?;
-        Counters::add(&self.counters.chunk_raw_bytes, f.raw_len as u64);
-        Ok(Some(self.chunks.stage(f.hash, &f.zdata, f.raw_len, f.raw)?))
+        Ok(true)
     }
 
     /// Makes staged chunks readable; they are synced once someone is told they are held.

@@ -738,35 +738,40 @@ impl Relay {
         moved.insert(system.to_string(), Instant::now());
     }
 
-    /// Checks an uploaded frame in full and stages it in the spool (published later by
-    /// the caller), or `None` when the spool already holds it. Spooled as it goes
-    /// upstream, compressed where it came raw: the spool limit counts what the link
-    /// carries.
-    /// Blocking: it hashes, may compress, and writes.
+    /// Checks an uploaded frame in full and stages it in the spool (`spool_frames`).
     pub fn spool_frame(&self, f: pb::ChunkFrame) -> Result<Option<chunks::Staged>> {
-        let hash = chunks::hash_from_bytes(&f.hash)?;
-        chunks::verify_frame(&hash, &f.zdata, f.raw_len, f.raw)?;
-        if self.chunks.has(&hash) {
-            return Ok(None);
-        }
-        let f = if self.compress_upstream {
-            chunks::compressed_frame(f)
-        } else {
-            f
-        };
-        Ok(Some(self.chunks.stage(hash, &f.zdata, f.raw_len, f.raw)?))
+        Ok(self.spool_frames(vec![f])?.pop().and_then(|(_, _, s)| s))
     }
 
-    /// Spools frames in order (`spool_frame`): each one's hash, its bytes as received,
-    /// and what was staged (`None`: held already). Blocking.
+    /// Checks uploaded frames in full and stages the ones the spool lacks, in one append
+    /// (published later by the caller): each one's hash, its bytes as received, and what
+    /// was staged (`None`: held already). Spooled as they go upstream, compressed where
+    /// they came raw: the spool limit counts what the link carries.
+    /// Blocking: it hashes, may compress, and writes.
     fn spool_frames(&self, frames: Vec<pb::ChunkFrame>) -> Result<Vec<Spooled>> {
-        frames
+        let mut checked = Vec::with_capacity(frames.len());
+        for f in frames {
+            let hash = chunks::hash_from_bytes(&f.hash)?;
+            chunks::verify_frame(&hash, &f.zdata, f.raw_len, f.raw)?;
+            let (name, received) = (f.hash.clone(), f.zdata.len() as u64);
+            let keep = if self.chunks.has(&hash) {
+                None
+            } else if self.compress_upstream {
+                Some(chunks::compressed_frame(f))
+            } else {
+                Some(f)
+            };
+            checked.push((hash, name, received, keep));
+        }
+        let fresh: Vec<_> = checked
+            .iter()
+            .filter_map(|(h, _, _, k)| k.as_ref().map(|f| (*h, &f.zdata[..], f.raw_len, f.raw)))
+            .collect();
+        let mut staged = self.chunks.stage_all(&fresh)?.into_iter();
+        Ok(checked
             .into_iter()
-            .map(|f| {
-                let (hash, received) = (f.hash.clone(), f.zdata.len() as u64);
-                Ok((hash, received, self.spool_frame(f)?))
-            })
-            .collect()
+            .map(|(_, name, received, keep)| (name, received, keep.and_then(|_| staged.next())))
+            .collect())
     }
 
     /// Whether chunks go upstream compressed (`upstream_compression`).
