@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Write-path benchmark (not a test): what the cloud's apply pays to write a file's chunks
-# one `pwrite` each, against one `pwritev` per run of chunks of up to 512 KiB (what apply
-# and the chunk store do, `chunks::GATHER_BYTES`) and per whole file, on a fresh ext4 on a
+# one `pwrite` each, against one `pwritev` per run of chunks of up to 128, 256 and 512 KiB
+# (apply and the chunk store: `chunks::GATHER_BYTES`) and per whole file, on a fresh ext4 on a
 # direct-I/O loop device (as the cloud's replica volumes are). 400 files of 2 MiB, each
 # cut into chunks of 4-64 KiB (Ferry's medium-file sizes), written ROUNDS times each way,
 # alternating; prints the CPU and wall seconds of each round (the writes and one sync).
@@ -57,7 +57,7 @@ PY
 echo "| writes | CPU s | wall s |"
 echo "|---|---|---|"
 for _ in $(seq 1 "$ROUNDS"); do
-  for mode in pwrite "pwritev 524288" "pwritev 2097152"; do
+  for mode in pwrite "pwritev 131072" "pwritev 262144" "pwritev 524288" "pwritev 2097152"; do
     rm -f "$W"/m/f*; sync
     python3 "$W/write.py" "$mode" "$W/m"
   done
