@@ -2,7 +2,7 @@
 //! built in a temp file beside its target, given its metadata, then renamed into place.
 //! The caller makes the batch durable with one `syncfs`. The same code brings a kept
 //! copy up to date from the replica (`mirror`), the bytes then read from the replica.
-use ferry_common::chunks::{ChunkError, ChunkStore, GATHER_BUFS, GATHER_BYTES};
+use ferry_common::chunks::{write_gathered, ChunkError, ChunkStore, GATHER_BUFS, GATHER_BYTES};
 use ferry_common::entry::{validate, EntryError};
 use ferry_common::safepath::{self, PathError, Root};
 use ferry_proto::v1::{Entry, EntryKind, Xattr};
@@ -353,23 +353,14 @@ fn write_segments(fd: &OwnedFd, chunks: &ChunkStore, e: &Entry) -> Result<u64, A
     Ok(written)
 }
 
-/// Writes `run` at `off` in as few `pwritev` calls as the kernel takes it, moves `off`
-/// past it and empties it; returns its bytes.
+/// Writes `run` at `off` (`chunks::write_gathered`), moves `off` past it and empties
+/// it; returns its bytes.
 fn write_run(fd: &OwnedFd, run: &mut Vec<bytes::Bytes>, off: &mut u64) -> Result<u64, Errno> {
-    let mut slices: Vec<std::io::IoSlice<'_>> =
-        run.iter().map(|b| std::io::IoSlice::new(b)).collect();
-    let mut left = &mut slices[..];
-    std::io::IoSlice::advance_slices(&mut left, 0);
-    let mut bytes = 0;
-    while !left.is_empty() {
-        let n = rustix::io::pwritev(fd, left, *off + bytes)?;
-        if n == 0 {
-            return Err(Errno::IO);
-        }
-        bytes += n as u64;
-        std::io::IoSlice::advance_slices(&mut left, n);
-    }
-    drop(slices);
+    let at = *off;
+    let bytes = write_gathered(run.iter().map(|b| &b[..]), |s, done| {
+        Ok(rustix::io::pwritev(fd, s, at + done)?)
+    })
+    .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
     run.clear();
     *off += bytes;
     Ok(bytes)

@@ -31,6 +31,33 @@ pub const GATHER_BYTES: usize = 512 << 10;
 /// Most buffers in one gathered write (the kernel takes 1,024).
 pub const GATHER_BUFS: usize = 512;
 
+/// Writes all of `bufs` through `write`, a `writev` or a `pwritev` given the bytes
+/// already written, in as few calls as it takes them; returns the bytes. One loop for
+/// the pack's appends and the replica's files: short counts and `EINTR` resume where the
+/// last call stopped.
+pub fn write_gathered<'a>(
+    bufs: impl IntoIterator<Item = &'a [u8]>,
+    mut write: impl FnMut(&[std::io::IoSlice<'_>], u64) -> std::io::Result<usize>,
+) -> std::io::Result<u64> {
+    let mut slices: Vec<std::io::IoSlice<'a>> =
+        bufs.into_iter().map(std::io::IoSlice::new).collect();
+    let mut left = &mut slices[..];
+    std::io::IoSlice::advance_slices(&mut left, 0);
+    let mut done = 0;
+    while !left.is_empty() {
+        match write(left, done) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                done += n as u64;
+                std::io::IoSlice::advance_slices(&mut left, n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 /// Largest raw chunk accepted from the wire (FastCDC's maximum is far below).
 pub const MAX_CHUNK: usize = 1 << 20;
 /// A pack is closed for appends beyond this size.
@@ -872,20 +899,11 @@ impl ChunkStore {
             }
             let (run, after) = rest.split_at(n);
             rest = after;
-            let mut slices: Vec<std::io::IoSlice<'_>> =
-                run.iter().map(|f| std::io::IoSlice::new(f.1)).collect();
-            let mut left = &mut slices[..];
-            std::io::IoSlice::advance_slices(&mut left, 0);
-            while !left.is_empty() {
-                let e = match (&*w.file).write_vectored(left) {
-                    Ok(0) => std::io::ErrorKind::WriteZero.into(),
-                    Ok(n) => {
-                        std::io::IoSlice::advance_slices(&mut left, n);
-                        continue;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => e,
-                };
+            let file = &*w.file;
+            if let Err(e) = write_gathered(run.iter().map(|f| f.1), |s, _| {
+                let mut file = file;
+                file.write_vectored(s)
+            }) {
                 // A partial append must not shift the offsets of the frames after it.
                 let _ = w.file.set_len(start);
                 return Err(io_err(&self.dir, e));
@@ -1183,6 +1201,32 @@ mod tests {
         );
         assert_eq!(store.clear(store.generation()).unwrap(), Some(2));
         assert!(store.is_empty());
+    }
+
+    /// A writer that takes a few bytes a call and is interrupted now and then still
+    /// gets every byte once, in order.
+    #[test]
+    fn a_gathered_write_resumes_after_short_counts_and_interruptions() {
+        let bufs: Vec<Vec<u8>> = (1..=40u8).map(|i| vec![i; i as usize * 3]).collect();
+        let (mut out, mut calls) = (Vec::new(), 0);
+        let n = write_gathered(bufs.iter().map(|b| &b[..]), |s, done| {
+            assert_eq!(done, out.len() as u64, "told where the last call stopped");
+            calls += 1;
+            if calls % 5 == 0 {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            let mut took = 0;
+            for b in s.iter().flat_map(|s| s.iter()).take(7) {
+                out.push(*b);
+                took += 1;
+            }
+            Ok(took)
+        })
+        .unwrap();
+        assert_eq!(out, bufs.concat());
+        assert_eq!(n, out.len() as u64);
+        let stuck = write_gathered([&b"x"[..]], |_, _| Ok(0)).unwrap_err();
+        assert_eq!(stuck.kind(), std::io::ErrorKind::WriteZero);
     }
 
     #[test]
